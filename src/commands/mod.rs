@@ -1,0 +1,1 @@
+//! One module per subcommand: glue from arguments to library calls and a report.

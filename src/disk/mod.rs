@@ -1,0 +1,5 @@
+//! Targets (image files and block devices), partition tables and filesystems.
+pub mod ext4;
+pub mod fat;
+pub mod partition;
+pub mod target;

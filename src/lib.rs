@@ -1,0 +1,15 @@
+//! livestick: write Fedora-style live ISOs to USB sticks (or image files) with
+//! persistence, and maintain those sticks, entirely in user space.
+//!
+//! The shape of every write command is `inspect → plan → apply → verify → report`
+//! (see `DESIGN.md`). Every on-disk format lives in its own module and works on
+//! `Read + Write + Seek`, so most of it is tested without devices or root.
+
+pub mod boot;
+pub mod commands;
+pub mod disk;
+pub mod io;
+pub mod persist;
+pub mod progress;
+pub mod size;
+pub mod source;

@@ -1,0 +1,2 @@
+//! Persistence on the stick: the dm-snapshot overlay store, its maintenance, home.img.
+pub mod snapshot;

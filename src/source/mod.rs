@@ -1,0 +1,4 @@
+//! Reading the source live ISO.
+pub mod checksum;
+pub mod iso;
+pub mod live;
