@@ -1,1 +1,305 @@
-//! (in progress)
+//! I/O adapters shared by the formats.
+//!
+//! [`PartitionWindow`] is how every filesystem on the stick is reached: a
+//! `Read + Write + Seek` view of one partition of a whole device or image file,
+//! so no partition device node (`/dev/sdb1`, `/dev/loop0p1`) is ever needed.
+//! It also makes `fatfs` fast: `fatfs` allocates clusters one at a time and
+//! updates both FAT copies with 4-byte writes, and writes file data one cluster
+//! per call. Holding the FAT region in memory and coalescing sequential data
+//! writes turns that into a few large writes.
+
+use std::io::{self, Read, Seek, SeekFrom, Write};
+
+/// Data writes are gathered up to this size before they reach the device.
+const WRITE_COALESCE: usize = 8 << 20;
+/// Sequential reads are served from a read-ahead buffer of this size.
+const READ_AHEAD: usize = 1 << 20;
+
+/// A bounded window `[start, start + len)` onto `inner`.
+pub struct PartitionWindow<F> {
+    inner: F,
+    start: u64,
+    len: u64,
+    pos: u64,
+    meta: Vec<u8>,
+    meta_dirty: Option<(usize, usize)>,
+    wbuf: Vec<u8>,
+    wbuf_at: u64,
+    rbuf: Vec<u8>,
+    rbuf_at: u64,
+}
+
+impl<F: Read + Write + Seek> PartitionWindow<F> {
+    pub fn new(inner: F, start: u64, len: u64) -> Self {
+        PartitionWindow {
+            inner,
+            start,
+            len,
+            pos: 0,
+            meta: Vec::new(),
+            meta_dirty: None,
+            wbuf: Vec::new(),
+            wbuf_at: 0,
+            rbuf: Vec::new(),
+            rbuf_at: 0,
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// Holds bytes `[0, bytes)` of the window in memory until [`Write::flush`].
+    /// Used for the FAT region, which `fatfs` touches with tiny scattered writes.
+    pub fn cache_prefix(&mut self, bytes: u64) -> io::Result<()> {
+        self.flush()?;
+        let bytes = bytes.min(self.len);
+        let mut meta = vec![0u8; bytes as usize];
+        self.inner.seek(SeekFrom::Start(self.start))?;
+        self.inner.read_exact(&mut meta)?;
+        self.meta = meta;
+        self.meta_dirty = None;
+        self.rbuf.clear();
+        Ok(())
+    }
+
+    /// Flushes and returns the underlying device or file.
+    pub fn into_inner(mut self) -> io::Result<F> {
+        self.flush()?;
+        Ok(self.inner)
+    }
+
+    pub fn get_mut(&mut self) -> &mut F {
+        &mut self.inner
+    }
+
+    fn meta_len(&self) -> u64 {
+        self.meta.len() as u64
+    }
+
+    fn flush_writes(&mut self) -> io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.inner.seek(SeekFrom::Start(self.start + self.wbuf_at))?;
+            self.inner.write_all(&self.wbuf)?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    fn out_of_window(&self, what: &str, at: u64, n: usize) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{what} of {n} bytes at offset {at} would cross the end of the partition \
+                 ({} bytes); the filesystem on it is larger than its partition",
+                self.len
+            ),
+        )
+    }
+}
+
+impl<F: Read + Write + Seek> Read for PartitionWindow<F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.len || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = buf.len().min((self.len - self.pos) as usize);
+        let pos = self.pos;
+        let n = if pos < self.meta_len() {
+            let n = want.min((self.meta_len() - pos) as usize);
+            buf[..n].copy_from_slice(&self.meta[pos as usize..pos as usize + n]);
+            n
+        } else {
+            let end = pos + want as u64;
+            if !self.wbuf.is_empty()
+                && pos < self.wbuf_at + self.wbuf.len() as u64
+                && end > self.wbuf_at
+            {
+                self.flush_writes()?;
+            }
+            let in_rbuf = pos >= self.rbuf_at && pos < self.rbuf_at + self.rbuf.len() as u64;
+            if in_rbuf {
+                let off = (pos - self.rbuf_at) as usize;
+                let n = want.min(self.rbuf.len() - off);
+                buf[..n].copy_from_slice(&self.rbuf[off..off + n]);
+                n
+            } else if want >= READ_AHEAD {
+                self.inner.seek(SeekFrom::Start(self.start + pos))?;
+                self.inner.read(&mut buf[..want])?
+            } else {
+                let fill = READ_AHEAD.min((self.len - pos) as usize);
+                self.rbuf.resize(fill, 0);
+                self.inner.seek(SeekFrom::Start(self.start + pos))?;
+                let mut got = 0;
+                while got < fill {
+                    let r = self.inner.read(&mut self.rbuf[got..])?;
+                    if r == 0 {
+                        break;
+                    }
+                    got += r;
+                }
+                self.rbuf.truncate(got);
+                self.rbuf_at = pos;
+                let n = want.min(got);
+                buf[..n].copy_from_slice(&self.rbuf[..n]);
+                n
+            }
+        };
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<F: Read + Write + Seek> Write for PartitionWindow<F> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let pos = self.pos;
+        if pos + buf.len() as u64 > self.len {
+            return Err(self.out_of_window("write", pos, buf.len()));
+        }
+        let n = if pos < self.meta_len() {
+            let n = buf.len().min((self.meta_len() - pos) as usize);
+            let at = pos as usize;
+            self.meta[at..at + n].copy_from_slice(&buf[..n]);
+            self.meta_dirty = Some(match self.meta_dirty {
+                Some((lo, hi)) => (lo.min(at), hi.max(at + n)),
+                None => (at, at + n),
+            });
+            n
+        } else {
+            let end = pos + buf.len() as u64;
+            if !self.rbuf.is_empty()
+                && pos < self.rbuf_at + self.rbuf.len() as u64
+                && end > self.rbuf_at
+            {
+                self.rbuf.clear();
+            }
+            let appends = !self.wbuf.is_empty() && pos == self.wbuf_at + self.wbuf.len() as u64;
+            if !appends || self.wbuf.len() + buf.len() > WRITE_COALESCE {
+                self.flush_writes()?;
+            }
+            if self.wbuf.is_empty() {
+                if buf.len() >= WRITE_COALESCE {
+                    self.inner.seek(SeekFrom::Start(self.start + pos))?;
+                    self.inner.write_all(buf)?;
+                    self.pos += buf.len() as u64;
+                    return Ok(buf.len());
+                }
+                self.wbuf_at = pos;
+            }
+            self.wbuf.extend_from_slice(buf);
+            buf.len()
+        };
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_writes()?;
+        if let Some((lo, hi)) = self.meta_dirty.take() {
+            self.inner.seek(SeekFrom::Start(self.start + lo as u64))?;
+            self.inner.write_all(&self.meta[lo..hi])?;
+        }
+        self.inner.flush()
+    }
+}
+
+impl<F: Read + Write + Seek> Seek for PartitionWindow<F> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+        };
+        match target {
+            Some(p) => {
+                self.pos = p;
+                Ok(p)
+            }
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the partition",
+            )),
+        }
+    }
+}
+
+/// Copies everything from `reader` into `writer` with large buffers, calling
+/// `progress` with the running total. Returns the number of bytes copied.
+pub fn copy_with_progress<R: Read + ?Sized, W: Write + ?Sized>(
+    reader: &mut R,
+    writer: &mut W,
+    mut progress: impl FnMut(u64),
+) -> io::Result<u64> {
+    let mut buf = vec![0u8; 4 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        writer.write_all(&buf[..n])?;
+        total += n as u64;
+        progress(total);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    #[test]
+    fn window_reads_and_writes_only_inside() {
+        let mut disk = Cursor::new(vec![0u8; 4096]);
+        {
+            let mut w = PartitionWindow::new(&mut disk, 1024, 2048);
+            w.write_all(&[7u8; 2048]).unwrap();
+            assert!(w.write_all(&[1u8]).is_err());
+            w.flush().unwrap();
+        }
+        let bytes = disk.into_inner();
+        assert!(bytes[..1024].iter().all(|&b| b == 0));
+        assert!(bytes[1024..3072].iter().all(|&b| b == 7));
+        assert!(bytes[3072..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn cached_prefix_and_coalesced_writes_round_trip() {
+        let mut disk = Cursor::new(vec![0u8; 64 * 1024]);
+        let mut w = PartitionWindow::new(&mut disk, 512, 60 * 1024);
+        w.cache_prefix(4096).unwrap();
+        w.seek(SeekFrom::Start(100)).unwrap();
+        w.write_all(b"fat entry").unwrap();
+        w.seek(SeekFrom::Start(8192)).unwrap();
+        for i in 0..100u8 {
+            w.write_all(&[i; 100]).unwrap();
+        }
+        // Reads see pending writes before they are flushed.
+        let mut back = [0u8; 9];
+        w.seek(SeekFrom::Start(100)).unwrap();
+        w.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"fat entry");
+        let mut data = vec![0u8; 10_000];
+        w.seek(SeekFrom::Start(8192)).unwrap();
+        w.read_exact(&mut data).unwrap();
+        assert_eq!(data[9_999], 99);
+        w.flush().unwrap();
+        drop(w);
+        let bytes = disk.into_inner();
+        assert_eq!(&bytes[612..621], b"fat entry");
+        assert_eq!(bytes[512 + 8192 + 150], 1);
+    }
+}

@@ -1,1 +1,401 @@
-//! (in progress)
+//! The stick's FAT32 filesystem, written with `fatfs` through a
+//! [`PartitionWindow`]: no mount, no loop device, no root for image files.
+
+use std::io::{self, Read, Seek, SeekFrom, Write};
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::io::PartitionWindow;
+
+/// FAT32 cannot hold a file of 4 GiB or more.
+pub const FAT_MAX_FILE: u64 = u32::MAX as u64;
+/// FAT32 needs at least this many clusters, or drivers take it for FAT16.
+const FAT32_MIN_CLUSTERS: u64 = 65_525;
+
+pub type FatFs<'a, F> = fatfs::FileSystem<&'a mut PartitionWindow<F>>;
+
+#[derive(Debug, Error)]
+pub enum FatError {
+    #[error(
+        "invalid label {0:?}: a FAT label has 1 to 11 characters from A-Z, a-z, 0-9, '_' and '-'"
+    )]
+    InvalidLabel(String),
+    #[error(
+        "the partition ({0} bytes) is too small for FAT32; use a target of at least 64 MiB"
+    )]
+    TooSmall(u64),
+    #[error("no FAT filesystem in the partition: {0}; write the stick with --format")]
+    NotFat(io::Error),
+    #[error("{path}: {source}")]
+    File { path: String, source: io::Error },
+    #[error("{path} is {size} bytes; FAT32 files must stay below 4 GiB (4095 MiB)")]
+    FileTooLarge { path: String, size: u64 },
+    #[error("I/O error on the FAT filesystem: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Checks a FAT volume label. Lower case is kept as given: dracut and udev
+/// match `LABEL=` exactly, so we must not change what the user asked for.
+pub fn validate_label(label: &str) -> Result<(), FatError> {
+    let ok = !label.is_empty()
+        && label.len() <= 11
+        && label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(FatError::InvalidLabel(label.to_string()))
+    }
+}
+
+/// `ABCD-1234`, the way blkid and dracut spell a FAT volume id.
+pub fn format_volume_id(id: u32) -> String {
+    format!("{:04X}-{:04X}", id >> 16, id & 0xffff)
+}
+
+/// Parses `ABCD-1234` back into a volume id.
+pub fn parse_volume_id(text: &str) -> Option<u32> {
+    let (hi, lo) = text.split_once('-')?;
+    if hi.len() != 4 || lo.len() != 4 {
+        return None;
+    }
+    let hi = u32::from_str_radix(hi, 16).ok()?;
+    let lo = u32::from_str_radix(lo, 16).ok()?;
+    Some(hi << 16 | lo)
+}
+
+/// Cluster size as Windows and mkfs.fat choose it, shrunk where the partition
+/// is small so FAT32 keeps its minimum cluster count.
+pub fn cluster_size_for(len: u64) -> Result<u32, FatError> {
+    let mut cluster: u64 = match len {
+        l if l <= 8 << 30 => 4096,
+        l if l <= 16 << 30 => 8192,
+        l if l <= 32 << 30 => 16384,
+        _ => 32768,
+    };
+    while cluster > 512 && len / cluster < FAT32_MIN_CLUSTERS + 1024 {
+        cluster /= 2;
+    }
+    if len / cluster < FAT32_MIN_CLUSTERS + 1024 {
+        return Err(FatError::TooSmall(len));
+    }
+    Ok(cluster as u32)
+}
+
+/// Formats the window as FAT32. `hidden_sectors` is the partition's first LBA:
+/// BIOS boot code (syslinux's boot sector) adds it to find its own sectors.
+pub fn format<F: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+    label: &str,
+    volume_id: u32,
+    hidden_sectors: u32,
+) -> Result<(), FatError> {
+    validate_label(label)?;
+    let len = window.len();
+    let cluster = cluster_size_for(len)?;
+    let mut label_bytes = [b' '; 11];
+    label_bytes[..label.len()].copy_from_slice(label.as_bytes());
+    let options = fatfs::FormatVolumeOptions::new()
+        .fat_type(fatfs::FatType::Fat32)
+        .bytes_per_cluster(cluster)
+        .total_sectors(u32::try_from(len / 512).map_err(|_| FatError::TooSmall(len))?)
+        .volume_id(volume_id)
+        .volume_label(label_bytes);
+    window.seek(SeekFrom::Start(0))?;
+    fatfs::format_volume(&mut *window, options)?;
+    // fatfs writes 0 hidden sectors; patch the boot sector and its FAT32 backup.
+    let mut sector = [0u8; 512];
+    window.seek(SeekFrom::Start(0))?;
+    window.read_exact(&mut sector)?;
+    let backup = u16::from_le_bytes([sector[0x32], sector[0x33]]) as u64;
+    for at in [0, backup * 512] {
+        window.seek(SeekFrom::Start(at + 0x1c))?;
+        window.write_all(&hidden_sectors.to_le_bytes())?;
+    }
+    window.flush()?;
+    Ok(())
+}
+
+/// Bytes from the start of the partition to the first data cluster: the
+/// reserved sectors and the FATs, which `fatfs` updates with tiny writes.
+pub fn metadata_len<F: Read + Write + Seek>(window: &mut PartitionWindow<F>) -> io::Result<u64> {
+    let mut bpb = [0u8; 512];
+    window.seek(SeekFrom::Start(0))?;
+    window.read_exact(&mut bpb)?;
+    let bytes_per_sector = u16::from_le_bytes([bpb[11], bpb[12]]) as u64;
+    let reserved = u16::from_le_bytes([bpb[14], bpb[15]]) as u64;
+    let fats = bpb[16] as u64;
+    let fat16_size = u16::from_le_bytes([bpb[22], bpb[23]]) as u64;
+    let fat32_size = u32::from_le_bytes([bpb[36], bpb[37], bpb[38], bpb[39]]) as u64;
+    let fat_size = if fat16_size != 0 {
+        fat16_size
+    } else {
+        fat32_size
+    };
+    Ok((reserved + fats * fat_size) * bytes_per_sector)
+}
+
+/// Opens the FAT filesystem in the window, holding its FAT region in memory.
+pub fn open<F: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+) -> Result<FatFs<'_, F>, FatError> {
+    let meta = metadata_len(window).map_err(FatError::NotFat)?;
+    if meta == 0 || meta > window.len() || meta > 256 << 20 {
+        return Err(FatError::NotFat(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "boot sector does not describe a FAT filesystem",
+        )));
+    }
+    window.cache_prefix(meta)?;
+    window.seek(SeekFrom::Start(0))?;
+    fatfs::FileSystem::new(window, fatfs::FsOptions::new()).map_err(FatError::NotFat)
+}
+
+fn components(path: &str) -> Vec<&str> {
+    path.split('/').filter(|c| !c.is_empty()).collect()
+}
+
+/// Creates `path` and its parents.
+pub fn create_dir_all<F: Read + Write + Seek>(fs: &FatFs<'_, F>, path: &str) -> Result<(), FatError> {
+    let mut dir = fs.root_dir();
+    for part in components(path) {
+        dir = dir.create_dir(part).map_err(|source| FatError::File {
+            path: path.to_string(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn parent_of(path: &str) -> &str {
+    path.trim_end_matches('/')
+        .rsplit_once('/')
+        .map(|(p, _)| p)
+        .unwrap_or("")
+}
+
+/// Writes `reader` to `path` (replacing it), returning the sha256 of the bytes
+/// written; `progress` gets the byte count of each chunk as it lands.
+pub fn write_file<F: Read + Write + Seek, R: Read + ?Sized>(
+    fs: &FatFs<'_, F>,
+    path: &str,
+    reader: &mut R,
+    size_hint: u64,
+    mut progress: impl FnMut(u64),
+) -> Result<[u8; 32], FatError> {
+    if size_hint > FAT_MAX_FILE {
+        return Err(FatError::FileTooLarge {
+            path: path.to_string(),
+            size: size_hint,
+        });
+    }
+    create_dir_all(fs, parent_of(path))?;
+    let err = |source| FatError::File {
+        path: path.to_string(),
+        source,
+    };
+    let mut file = fs.root_dir().create_file(path.trim_start_matches('/')).map_err(err)?;
+    file.truncate().map_err(err)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(err(e)),
+        };
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n]).map_err(err)?;
+        progress(n as u64);
+    }
+    file.flush().map_err(err)?;
+    Ok(hasher.finalize().into())
+}
+
+/// Writes `len` zero bytes to `path` (replacing it). FAT has no sparse files,
+/// so an overlay or home image must be allocated in full.
+pub fn write_zeros<F: Read + Write + Seek>(
+    fs: &FatFs<'_, F>,
+    path: &str,
+    len: u64,
+    progress: impl FnMut(u64),
+) -> Result<[u8; 32], FatError> {
+    let mut zeros = io::repeat(0).take(len);
+    write_file(fs, path, &mut zeros, len, progress)
+}
+
+/// The sha256 and length of a file on the FAT filesystem.
+pub fn hash_file<F: Read + Write + Seek>(
+    fs: &FatFs<'_, F>,
+    path: &str,
+    mut progress: impl FnMut(u64),
+) -> Result<([u8; 32], u64), FatError> {
+    let err = |source| FatError::File {
+        path: path.to_string(),
+        source,
+    };
+    let mut file = fs.root_dir().open_file(path.trim_start_matches('/')).map_err(err)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(err)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+        progress(n as u64);
+    }
+    Ok((hasher.finalize().into(), total))
+}
+
+/// Reads a small file entirely.
+pub fn read_file<F: Read + Write + Seek>(fs: &FatFs<'_, F>, path: &str) -> Result<Vec<u8>, FatError> {
+    let err = |source| FatError::File {
+        path: path.to_string(),
+        source,
+    };
+    let mut file = fs.root_dir().open_file(path.trim_start_matches('/')).map_err(err)?;
+    let mut out = Vec::new();
+    file.read_to_end(&mut out).map_err(err)?;
+    Ok(out)
+}
+
+/// Whether `path` exists (file or directory).
+pub fn exists<F: Read + Write + Seek>(fs: &FatFs<'_, F>, path: &str) -> bool {
+    let parts = components(path);
+    let Some((last, parents)) = parts.split_last() else {
+        return true;
+    };
+    let mut dir = fs.root_dir();
+    for part in parents {
+        match dir.open_dir(part) {
+            Ok(d) => dir = d,
+            Err(_) => return false,
+        }
+    }
+    dir.iter()
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().eq_ignore_ascii_case(last))
+}
+
+/// One directory entry, for listings and plans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FatEntry {
+    pub path: String,
+    pub is_dir: bool,
+    pub size: u64,
+}
+
+/// Lists `path` (not recursive). A missing directory lists as empty.
+pub fn list_dir<F: Read + Write + Seek>(fs: &FatFs<'_, F>, path: &str) -> Vec<FatEntry> {
+    let dir = if components(path).is_empty() {
+        fs.root_dir()
+    } else {
+        match fs.root_dir().open_dir(path.trim_start_matches('/')) {
+            Ok(d) => d,
+            Err(_) => return Vec::new(),
+        }
+    };
+    let base = path.trim_end_matches('/');
+    dir.iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name() != "." && e.file_name() != "..")
+        .map(|e| FatEntry {
+            path: format!("{base}/{}", e.file_name()),
+            is_dir: e.is_dir(),
+            size: e.len(),
+        })
+        .collect()
+}
+
+/// Removes a file, or a directory with everything below it. Missing is fine.
+pub fn remove_all<F: Read + Write + Seek>(fs: &FatFs<'_, F>, path: &str) -> Result<(), FatError> {
+    if !exists(fs, path) {
+        return Ok(());
+    }
+    let trimmed = path.trim_start_matches('/');
+    let is_dir = fs.root_dir().open_dir(trimmed).is_ok();
+    if is_dir {
+        for entry in list_dir(fs, path) {
+            remove_all(fs, &entry.path)?;
+        }
+    }
+    fs.root_dir().remove(trimmed).map_err(|source| FatError::File {
+        path: path.to_string(),
+        source,
+    })
+}
+
+/// Renames a file within the filesystem (replacing nothing: the target must not exist).
+pub fn rename<F: Read + Write + Seek>(fs: &FatFs<'_, F>, from: &str, to: &str) -> Result<(), FatError> {
+    let root = fs.root_dir();
+    root.rename(from.trim_start_matches('/'), &root, to.trim_start_matches('/'))
+        .map_err(|source| FatError::File {
+            path: format!("{from} -> {to}"),
+            source,
+        })
+}
+
+/// Free bytes on the filesystem.
+pub fn free_bytes<F: Read + Write + Seek>(fs: &FatFs<'_, F>) -> Result<u64, FatError> {
+    let stats = fs.stats()?;
+    Ok(stats.free_clusters() as u64 * stats.cluster_size() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_and_ids() {
+        assert!(validate_label("LIVE").is_ok());
+        assert!(validate_label("Fedora_37-x").is_ok());
+        assert!(validate_label("").is_err());
+        assert!(validate_label("TWELVE_CHARS").is_err());
+        assert!(validate_label("bad label").is_err());
+        assert_eq!(format_volume_id(0xabcd_1234), "ABCD-1234");
+        assert_eq!(parse_volume_id("ABCD-1234"), Some(0xabcd_1234));
+        assert_eq!(parse_volume_id("ABCD1234"), None);
+    }
+
+    #[test]
+    fn cluster_sizes_keep_fat32_valid() {
+        assert_eq!(cluster_size_for(4 << 30).unwrap(), 4096);
+        assert_eq!(cluster_size_for(64 << 20).unwrap(), 512);
+        assert_eq!(cluster_size_for(64 << 30).unwrap(), 32768);
+        assert!(cluster_size_for(16 << 20).is_err());
+    }
+
+    #[test]
+    fn format_write_read_back() {
+        let mut disk = tempfile::tempfile().unwrap();
+        disk.set_len(80 << 20).unwrap();
+        let mut window = PartitionWindow::new(&mut disk, 1 << 20, 79 << 20);
+        format(&mut window, "LIVE", 0x1234_abcd, 2048).unwrap();
+        {
+            let fs = open(&mut window).unwrap();
+            assert_eq!(fs.volume_id(), 0x1234_abcd);
+            let data = vec![42u8; 3 << 20];
+            let sum = write_file(&fs, "/LiveOS/squashfs.img", &mut &data[..], 3 << 20, |_| {})
+                .unwrap();
+            write_zeros(&fs, "/LiveOS/overlay-LIVE-1234-ABCD", 1 << 20, |_| {}).unwrap();
+            assert_eq!(hash_file(&fs, "/LiveOS/squashfs.img", |_| {}).unwrap(), (sum, 3 << 20));
+            assert!(exists(&fs, "/liveos/SQUASHFS.IMG"));
+            assert_eq!(list_dir(&fs, "/LiveOS").len(), 2);
+            rename(&fs, "/LiveOS/overlay-LIVE-1234-ABCD", "/LiveOS/overlay-X").unwrap();
+            remove_all(&fs, "/LiveOS").unwrap();
+            assert!(!exists(&fs, "/LiveOS"));
+            fs.unmount().unwrap();
+        }
+        window.flush().unwrap();
+        let mut sector = [0u8; 512];
+        disk.seek(SeekFrom::Start((1 << 20) + 0x1c)).unwrap();
+        disk.read_exact(&mut sector[..4]).unwrap();
+        assert_eq!(u32::from_le_bytes([sector[0], sector[1], sector[2], sector[3]]), 2048);
+    }
+}
