@@ -1,2 +1,3 @@
 //! Persistence on the stick: the dm-snapshot overlay store, its maintenance, home.img.
 pub mod snapshot;
+pub mod luks;

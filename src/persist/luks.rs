@@ -1,0 +1,1564 @@
+//! A pure-Rust LUKS2 writer and reader for `home.img`.
+//!
+//! livecd-iso-to-disk encrypts home.img with `cryptsetup luksFormat` on a loop
+//! device and fills it through device-mapper, which needs root. We write the
+//! same on-disk format in user space instead: two binary headers with their
+//! JSON metadata, one keyslot, and the data segment encrypted sector by sector
+//! with aes-xts-plain64, so `cryptsetup open` (and the live system's
+//! `livesys` script) opens the result like one made by cryptsetup itself.
+//!
+//! Layout written by [`format_luks2`] (the same as cryptsetup's defaults):
+//!
+//! | offset        | size        | content                                     |
+//! |---------------|-------------|---------------------------------------------|
+//! | 0             | 16 KiB      | primary header: 4 KiB binary + 12 KiB JSON |
+//! | 16 KiB        | 16 KiB      | secondary header (same JSON)                |
+//! | 32 KiB        | 252 KiB     | keyslot 0: AF-split volume key, encrypted   |
+//! | …             | zeros       | rest of the keyslots area                   |
+//! | 16 MiB        | plain_len   | data segment (`size: dynamic`)              |
+//!
+//! The data segment uses 4096-byte sectors by default: that is what
+//! cryptsetup 2.4+ itself picks for a regular file, it is faster, and LUKS2
+//! then always means dm-crypt's `iv_large_sectors` (the plain64 IV counts
+//! 4096-byte sectors, not 512-byte ones). 512-byte sectors are available
+//! through [`LuksParams::sector_size`]; the reader handles both.
+//!
+//! Every buffer that holds key material (volume key, derived keys, the
+//! AF-split keyslot plaintext) is a [`Zeroizing`] buffer, and the AES key
+//! schedules are wiped on drop by the `aes` crate's `zeroize` feature.
+
+use std::io::{self, Read, Seek, SeekFrom, Write};
+
+use aes::cipher::KeyInit;
+use aes::cipher::generic_array::GenericArray;
+use aes::{Aes128, Aes256};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use rand::RngCore;
+use rand::rngs::OsRng;
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+use xts_mode::{Xts128, get_tweak_default};
+use zeroize::Zeroizing;
+
+/// Size of one header copy: 4 KiB binary header + 12 KiB JSON area (cryptsetup's default).
+pub const HEADER_SIZE: u64 = 16 * 1024;
+/// Where the encrypted data starts; everything before it is LUKS metadata.
+pub const DATA_OFFSET: u64 = 16 * 1024 * 1024;
+/// Offset of keyslot 0's area (right after both header copies).
+const KEYSLOT_OFFSET: u64 = 2 * HEADER_SIZE;
+/// Size of the binary part of a header.
+const BIN_HEADER_SIZE: usize = 4096;
+/// Volume key length: aes-xts-plain64 with two AES-256 keys.
+const VOLUME_KEY_LEN: usize = 64;
+/// Anti-forensic stripes, as in LUKS1 and cryptsetup's LUKS2 default.
+const AF_STRIPES: usize = 4000;
+/// Salt length for the keyslot KDF and the digest.
+const SALT_LEN: usize = 32;
+/// Keyslot areas are always encrypted with 512-byte sectors.
+const KEYSLOT_SECTOR: usize = 512;
+/// Stream in chunks of this size: big enough for throughput, small enough for memory.
+const CHUNK: usize = 1024 * 1024;
+
+const MAGIC_PRIMARY: &[u8; 6] = b"LUKS\xba\xbe";
+const MAGIC_SECONDARY: &[u8; 6] = b"SKUL\xba\xbe";
+/// Header sizes the LUKS2 specification allows; the secondary header sits at one of these.
+const VALID_HEADER_SIZES: [u64; 9] = [
+    0x4000, 0x8000, 0x10000, 0x20000, 0x40000, 0x80000, 0x100000, 0x200000, 0x400000,
+];
+
+/// cryptsetup's minimum and default costs (libcryptsetup `crypt_pbkdf_get_limits`
+/// and `DEFAULT_LUKS2_*` in its configure defaults).
+pub const DEFAULT_ITER_TIME_MS: u32 = 2000;
+pub const DEFAULT_ARGON2_MEMORY_KIB: u32 = 1024 * 1024;
+pub const DEFAULT_ARGON2_MAX_PARALLEL: u32 = 4;
+pub const MIN_ARGON2_TIME: u32 = 4;
+pub const MIN_ARGON2_MEMORY_KIB: u32 = 32;
+pub const MAX_ARGON2_MEMORY_KIB: u32 = 4 * 1024 * 1024;
+pub const MIN_PBKDF2_ITERATIONS: u32 = 1000;
+/// The digest is given 1/16 of the default unlock time, like cryptsetup's 125 ms.
+const DIGEST_TIME_MS: u32 = 125;
+
+/// Reference speeds for deriving costs without a benchmark. They describe a
+/// modest x86-64 machine of the kind a live stick is booted on: PBKDF2-SHA256
+/// iterations per millisecond, and KiB of Argon2 memory filled per
+/// millisecond per lane. A faster machine unlocks sooner; the cost never
+/// drops below cryptsetup's minimum.
+const REF_PBKDF2_SHA256_PER_MS: u64 = 1000;
+const REF_ARGON2_KIB_PER_MS_PER_LANE: u64 = 512;
+
+/// Errors from formatting or opening a LUKS2 container.
+#[derive(Debug, thiserror::Error)]
+pub enum LuksError {
+    #[error("the passphrase is empty: choose a non-empty passphrase for the encrypted home")]
+    EmptyPassphrase,
+    #[error(
+        "no keyslot opens with this passphrase: check the passphrase (a passphrase file is used byte for byte, only one final newline is dropped)"
+    )]
+    WrongPassphrase,
+    #[error("not a LUKS2 container: {0}")]
+    NotLuks2(String),
+    #[error(
+        "both LUKS2 header copies are damaged ({0}); restore a header backup with `cryptsetup luksHeaderRestore`"
+    )]
+    DamagedHeader(String),
+    #[error("LUKS2 metadata is invalid: {0}")]
+    InvalidMetadata(String),
+    #[error(
+        "unsupported LUKS2 feature: {0}; only aes-xts-plain64 with pbkdf2/argon2 keyslots is handled"
+    )]
+    Unsupported(String),
+    #[error("invalid LUKS parameters: {0}")]
+    BadParams(String),
+    #[error(
+        "the plaintext size {plain_len} bytes is not a multiple of the {sector_size}-byte encryption sector; make the filesystem image a whole number of sectors"
+    )]
+    UnalignedPlaintext { plain_len: u64, sector_size: u32 },
+    #[error("the plaintext ended after {got} of {expected} bytes; was the source image truncated?")]
+    ShortPlaintext { expected: u64, got: u64 },
+    #[error("key derivation failed: {0}")]
+    Kdf(String),
+    #[error("I/O error on the LUKS container: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Which key-derivation function protects the keyslot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PbkdfKind {
+    Argon2id,
+    Argon2i,
+    Pbkdf2,
+}
+
+impl PbkdfKind {
+    fn json_name(self) -> &'static str {
+        match self {
+            PbkdfKind::Argon2id => "argon2id",
+            PbkdfKind::Argon2i => "argon2i",
+            PbkdfKind::Pbkdf2 => "pbkdf2",
+        }
+    }
+}
+
+impl std::str::FromStr for PbkdfKind {
+    type Err = LuksError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "argon2id" => Ok(PbkdfKind::Argon2id),
+            "argon2i" => Ok(PbkdfKind::Argon2i),
+            "pbkdf2" => Ok(PbkdfKind::Pbkdf2),
+            other => Err(LuksError::BadParams(format!(
+                "unknown PBKDF {other:?}: use argon2id, argon2i or pbkdf2"
+            ))),
+        }
+    }
+}
+
+/// Parameters of a new container. `Default` gives cryptsetup's LUKS2 defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LuksParams {
+    pub pbkdf: PbkdfKind,
+    /// Target unlock time in milliseconds (cryptsetup `--iter-time`).
+    pub iter_time_ms: u32,
+    /// Argon2 memory in KiB (cryptsetup `--pbkdf-memory`); capped at half the RAM, like cryptsetup.
+    pub memory_kib: u32,
+    /// Argon2 lanes (cryptsetup `--pbkdf-parallel`).
+    pub parallel: u32,
+    /// Fixed Argon2 time cost or PBKDF2 iteration count (cryptsetup
+    /// `--pbkdf-force-iterations`); `None` derives it from `iter_time_ms`.
+    pub force_iterations: Option<u32>,
+    /// Data-segment encryption sector: 512 or 4096 bytes.
+    pub sector_size: u32,
+    /// LUKS2 header label (empty by default).
+    pub label: String,
+    /// Container UUID; random when `None`.
+    pub uuid: Option<uuid::Uuid>,
+}
+
+impl Default for LuksParams {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        LuksParams {
+            pbkdf: PbkdfKind::Argon2id,
+            iter_time_ms: DEFAULT_ITER_TIME_MS,
+            memory_kib: DEFAULT_ARGON2_MEMORY_KIB,
+            parallel: cpus.clamp(1, DEFAULT_ARGON2_MAX_PARALLEL),
+            force_iterations: None,
+            sector_size: 4096,
+            label: String::new(),
+            uuid: None,
+        }
+    }
+}
+
+impl LuksParams {
+    /// Deliberately weak settings for tests and emulated boots: Argon2id with
+    /// 64 KiB and 4 passes, one lane. Never use them for real data.
+    pub fn insecure_fast() -> Self {
+        LuksParams {
+            pbkdf: PbkdfKind::Argon2id,
+            memory_kib: 64,
+            parallel: 1,
+            force_iterations: Some(MIN_ARGON2_TIME),
+            ..LuksParams::default()
+        }
+    }
+
+    /// The keyslot KDF costs these parameters lead to, without running a benchmark.
+    pub fn resolve_kdf(&self) -> Result<KdfCost, LuksError> {
+        if self.sector_size != 512 && self.sector_size != 4096 {
+            return Err(LuksError::BadParams(format!(
+                "sector size {} is not supported: use 512 or 4096",
+                self.sector_size
+            )));
+        }
+        match self.pbkdf {
+            PbkdfKind::Pbkdf2 => {
+                let iterations = match self.force_iterations {
+                    Some(n) if n < MIN_PBKDF2_ITERATIONS => {
+                        return Err(LuksError::BadParams(format!(
+                            "{n} PBKDF2 iterations is below cryptsetup's minimum of {MIN_PBKDF2_ITERATIONS}"
+                        )));
+                    }
+                    Some(n) => n,
+                    None => pbkdf2_iterations_for(self.iter_time_ms),
+                };
+                Ok(KdfCost::Pbkdf2 { iterations })
+            }
+            PbkdfKind::Argon2id | PbkdfKind::Argon2i => {
+                if self.parallel == 0 || self.parallel > 16 {
+                    return Err(LuksError::BadParams(format!(
+                        "Argon2 parallel cost {} is out of range: use 1 to 16",
+                        self.parallel
+                    )));
+                }
+                let max = MAX_ARGON2_MEMORY_KIB.min(half_physical_memory_kib());
+                let memory = self.memory_kib.min(max);
+                let min = MIN_ARGON2_MEMORY_KIB.max(8 * self.parallel);
+                if memory < min {
+                    return Err(LuksError::BadParams(format!(
+                        "Argon2 memory {} KiB is below the minimum of {min} KiB for {} lane(s)",
+                        self.memory_kib, self.parallel
+                    )));
+                }
+                let time = match self.force_iterations {
+                    Some(t) if t < MIN_ARGON2_TIME => {
+                        return Err(LuksError::BadParams(format!(
+                            "Argon2 time cost {t} is below cryptsetup's minimum of {MIN_ARGON2_TIME}"
+                        )));
+                    }
+                    Some(t) => t,
+                    None => argon2_time_for(self.iter_time_ms, memory, self.parallel),
+                };
+                Ok(KdfCost::Argon2 {
+                    kind: self.pbkdf,
+                    time,
+                    memory_kib: memory,
+                    parallel: self.parallel,
+                })
+            }
+        }
+    }
+
+    /// PBKDF2 iterations for the volume-key digest. Like cryptsetup, forced
+    /// (test) iterations give the minimum, otherwise about 125 ms.
+    fn digest_iterations(&self) -> u32 {
+        if self.force_iterations.is_some() {
+            MIN_PBKDF2_ITERATIONS
+        } else {
+            pbkdf2_iterations_for(DIGEST_TIME_MS)
+        }
+    }
+}
+
+/// A resolved keyslot KDF with its costs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KdfCost {
+    Pbkdf2 {
+        iterations: u32,
+    },
+    Argon2 {
+        kind: PbkdfKind,
+        time: u32,
+        memory_kib: u32,
+        parallel: u32,
+    },
+}
+
+fn pbkdf2_iterations_for(ms: u32) -> u32 {
+    let n = u64::from(ms) * REF_PBKDF2_SHA256_PER_MS;
+    u32::try_from(n)
+        .unwrap_or(u32::MAX)
+        .max(MIN_PBKDF2_ITERATIONS)
+}
+
+/// Argon2 passes so that `time × memory` fills take `ms` at the reference speed
+/// with all lanes running in parallel (as libargon2 does at unlock time).
+fn argon2_time_for(ms: u32, memory_kib: u32, parallel: u32) -> u32 {
+    let budget = u64::from(ms) * REF_ARGON2_KIB_PER_MS_PER_LANE * u64::from(parallel);
+    let passes = budget / u64::from(memory_kib.max(1));
+    u32::try_from(passes)
+        .unwrap_or(u32::MAX)
+        .max(MIN_ARGON2_TIME)
+}
+
+/// Half of MemTotal, as cryptsetup caps Argon2 memory; unlimited if unknown.
+fn half_physical_memory_kib() -> u32 {
+    let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else {
+        return u32::MAX;
+    };
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| u32::try_from(kib / 2).unwrap_or(u32::MAX))
+        .unwrap_or(u32::MAX)
+}
+
+/// What [`format_luks2`] produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LuksFormatted {
+    pub uuid: uuid::Uuid,
+    /// Total container size: [`DATA_OFFSET`] + plaintext length.
+    pub total_len: u64,
+    pub kdf: KdfCost,
+    pub sector_size: u32,
+}
+
+/// The data cipher: aes-xts-plain64 with a 256- or 512-bit key.
+enum XtsCipher {
+    Aes128(Box<Xts128<Aes128>>),
+    Aes256(Box<Xts128<Aes256>>),
+}
+
+impl XtsCipher {
+    fn new(key: &[u8]) -> Result<Self, LuksError> {
+        match key.len() {
+            32 => Ok(XtsCipher::Aes128(Box::new(Xts128::new(
+                Aes128::new(GenericArray::from_slice(&key[..16])),
+                Aes128::new(GenericArray::from_slice(&key[16..])),
+            )))),
+            64 => Ok(XtsCipher::Aes256(Box::new(Xts128::new(
+                Aes256::new(GenericArray::from_slice(&key[..32])),
+                Aes256::new(GenericArray::from_slice(&key[32..])),
+            )))),
+            n => Err(LuksError::Unsupported(format!(
+                "aes-xts-plain64 with a {}-bit key",
+                n * 8
+            ))),
+        }
+    }
+
+    /// Encrypt whole sectors; `first_sector` is the plain64 IV of the first one.
+    fn encrypt(&self, buf: &mut [u8], sector_size: usize, first_sector: u64) {
+        let first = u128::from(first_sector);
+        match self {
+            XtsCipher::Aes128(x) => x.encrypt_area(buf, sector_size, first, get_tweak_default),
+            XtsCipher::Aes256(x) => x.encrypt_area(buf, sector_size, first, get_tweak_default),
+        }
+    }
+
+    fn decrypt(&self, buf: &mut [u8], sector_size: usize, first_sector: u64) {
+        let first = u128::from(first_sector);
+        match self {
+            XtsCipher::Aes128(x) => x.decrypt_area(buf, sector_size, first, get_tweak_default),
+            XtsCipher::Aes256(x) => x.decrypt_area(buf, sector_size, first, get_tweak_default),
+        }
+    }
+}
+
+/// The LUKS2 "diffuse" step of the anti-forensic splitter with SHA-256:
+/// each 32-byte chunk `i` becomes SHA-256(be32(i) ‖ chunk), a short last
+/// chunk keeps only as many bytes of its hash.
+fn af_diffuse(buf: &mut [u8]) {
+    for (i, chunk) in buf.chunks_mut(32).enumerate() {
+        let mut h = Sha256::new();
+        h.update((i as u32).to_be_bytes());
+        h.update(&*chunk);
+        let out = h.finalize();
+        let n = chunk.len();
+        chunk.copy_from_slice(&out[..n]);
+    }
+}
+
+/// AF-split `key` into `stripes` stripes: all but the last are random, the
+/// last is the key XOR the diffused XOR-chain of the others.
+fn af_split(key: &[u8], stripes: usize) -> Zeroizing<Vec<u8>> {
+    let bs = key.len();
+    let mut out = Zeroizing::new(vec![0u8; bs * stripes]);
+    OsRng.fill_bytes(&mut out[..bs * (stripes - 1)]);
+    let mut d = Zeroizing::new(vec![0u8; bs]);
+    for stripe in out[..bs * (stripes - 1)].chunks(bs) {
+        xor_into(&mut d, stripe);
+        af_diffuse(&mut d);
+    }
+    let last = &mut out[bs * (stripes - 1)..];
+    last.copy_from_slice(&d);
+    xor_into(last, key);
+    out
+}
+
+fn af_merge(material: &[u8], bs: usize, stripes: usize) -> Zeroizing<Vec<u8>> {
+    let mut d = Zeroizing::new(vec![0u8; bs]);
+    for stripe in material[..bs * (stripes - 1)].chunks(bs) {
+        xor_into(&mut d, stripe);
+        af_diffuse(&mut d);
+    }
+    xor_into(&mut d, &material[bs * (stripes - 1)..bs * stripes]);
+    d
+}
+
+fn xor_into(dst: &mut [u8], src: &[u8]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d ^= *s;
+    }
+}
+
+/// Bytes the AF-split material takes, rounded up to whole 512-byte sectors
+/// (the keyslot area is encrypted sector by sector).
+fn af_sectors_len(key_len: usize, stripes: usize) -> usize {
+    (key_len * stripes).div_ceil(KEYSLOT_SECTOR) * KEYSLOT_SECTOR
+}
+
+fn derive_key(
+    passphrase: &[u8],
+    salt: &[u8],
+    kdf: &KdfCost,
+    out_len: usize,
+) -> Result<Zeroizing<Vec<u8>>, LuksError> {
+    let mut out = Zeroizing::new(vec![0u8; out_len]);
+    match *kdf {
+        KdfCost::Pbkdf2 { iterations } => {
+            pbkdf2::pbkdf2_hmac::<Sha256>(passphrase, salt, iterations, &mut out);
+        }
+        KdfCost::Argon2 {
+            kind,
+            time,
+            memory_kib,
+            parallel,
+        } => {
+            let alg = if kind == PbkdfKind::Argon2i {
+                argon2::Algorithm::Argon2i
+            } else {
+                argon2::Algorithm::Argon2id
+            };
+            let params = argon2::Params::new(memory_kib, time, parallel, Some(out_len))
+                .map_err(|e| LuksError::Kdf(format!("Argon2 parameters: {e}")))?;
+            argon2::Argon2::new(alg, argon2::Version::V0x13, params)
+                .hash_password_into(passphrase, salt, &mut out)
+                .map_err(|e| LuksError::Kdf(format!("Argon2: {e}")))?;
+        }
+    }
+    Ok(out)
+}
+
+fn digest_of(volume_key: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+    let mut d = [0u8; 32];
+    pbkdf2::pbkdf2_hmac::<Sha256>(volume_key, salt, iterations, &mut d);
+    d
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    OsRng.fill_bytes(&mut b);
+    b
+}
+
+/// Everything of a new container that comes before the data segment, held
+/// in memory (headers and keyslot material, ~290 KiB), plus the data cipher.
+struct Prepared {
+    /// Bytes `0..KEYSLOT_OFFSET + keyslot area`: both headers, then the keyslot.
+    meta: Vec<u8>,
+    cipher: XtsCipher,
+    sector_size: u32,
+    uuid: uuid::Uuid,
+    kdf: KdfCost,
+}
+
+fn prepare(
+    passphrase: &[u8],
+    params: &LuksParams,
+    volume_key: &[u8],
+) -> Result<Prepared, LuksError> {
+    if passphrase.is_empty() {
+        return Err(LuksError::EmptyPassphrase);
+    }
+    if params.label.len() >= 48 {
+        return Err(LuksError::BadParams(format!(
+            "LUKS label {:?} is longer than 47 bytes",
+            params.label
+        )));
+    }
+    let kdf = params.resolve_kdf()?;
+    let uuid = params.uuid.unwrap_or_else(uuid::Uuid::new_v4);
+
+    // Keyslot: KDF(passphrase) encrypts the AF-split volume key.
+    let ks_salt = random_bytes::<SALT_LEN>();
+    let slot_key = derive_key(passphrase, &ks_salt, &kdf, VOLUME_KEY_LEN)?;
+    let area_len = af_sectors_len(VOLUME_KEY_LEN, AF_STRIPES);
+    let mut material = af_split(volume_key, AF_STRIPES);
+    material.resize(area_len, 0);
+    XtsCipher::new(&slot_key)?.encrypt(&mut material, KEYSLOT_SECTOR, 0);
+    // The keyslot area is sized in 4 KiB units, as cryptsetup does.
+    let area_size = (area_len as u64).div_ceil(4096) * 4096;
+
+    let dg_salt = random_bytes::<SALT_LEN>();
+    let dg_iter = params.digest_iterations();
+    let digest = digest_of(volume_key, &dg_salt, dg_iter);
+
+    let kdf_json = match kdf {
+        KdfCost::Pbkdf2 { iterations } => json!({
+            "type": "pbkdf2", "hash": "sha256", "iterations": iterations,
+            "salt": BASE64.encode(ks_salt),
+        }),
+        KdfCost::Argon2 {
+            kind,
+            time,
+            memory_kib,
+            parallel,
+        } => json!({
+            "type": kind.json_name(), "time": time, "memory": memory_kib,
+            "cpus": parallel, "salt": BASE64.encode(ks_salt),
+        }),
+    };
+    let metadata = json!({
+        "keyslots": { "0": {
+            "type": "luks2",
+            "key_size": VOLUME_KEY_LEN,
+            "af": { "type": "luks1", "stripes": AF_STRIPES, "hash": "sha256" },
+            "area": {
+                "type": "raw", "offset": KEYSLOT_OFFSET.to_string(), "size": area_size.to_string(),
+                "encryption": "aes-xts-plain64", "key_size": VOLUME_KEY_LEN,
+            },
+            "kdf": kdf_json,
+        }},
+        "tokens": {},
+        "segments": { "0": {
+            "type": "crypt", "offset": DATA_OFFSET.to_string(), "size": "dynamic",
+            "iv_tweak": "0", "encryption": "aes-xts-plain64", "sector_size": params.sector_size,
+        }},
+        "digests": { "0": {
+            "type": "pbkdf2", "keyslots": ["0"], "segments": ["0"], "hash": "sha256",
+            "iterations": dg_iter, "salt": BASE64.encode(dg_salt), "digest": BASE64.encode(digest),
+        }},
+        "config": {
+            "json_size": (HEADER_SIZE - BIN_HEADER_SIZE as u64).to_string(),
+            "keyslots_size": (DATA_OFFSET - KEYSLOT_OFFSET).to_string(),
+        },
+    });
+    let json_text = serde_json::to_vec(&metadata)
+        .map_err(|e| LuksError::InvalidMetadata(format!("serialising JSON: {e}")))?;
+
+    let uuid_text = uuid.hyphenated().to_string();
+    let mut meta = vec![0u8; (KEYSLOT_OFFSET + area_size) as usize];
+    for (magic, offset) in [(MAGIC_PRIMARY, 0u64), (MAGIC_SECONDARY, HEADER_SIZE)] {
+        let hdr = binary_header(magic, offset, 1, &uuid_text, &params.label, &json_text)?;
+        meta[offset as usize..(offset + HEADER_SIZE) as usize].copy_from_slice(&hdr);
+    }
+    meta[KEYSLOT_OFFSET as usize..KEYSLOT_OFFSET as usize + area_len].copy_from_slice(&material);
+
+    Ok(Prepared {
+        meta,
+        cipher: XtsCipher::new(volume_key)?,
+        sector_size: params.sector_size,
+        uuid,
+        kdf,
+    })
+}
+
+/// One header copy (binary header + JSON area) with its SHA-256 checksum.
+fn binary_header(
+    magic: &[u8; 6],
+    hdr_offset: u64,
+    seqid: u64,
+    uuid: &str,
+    label: &str,
+    json_text: &[u8],
+) -> Result<Vec<u8>, LuksError> {
+    let json_area = HEADER_SIZE as usize - BIN_HEADER_SIZE;
+    // The JSON must end with at least one NUL inside its area.
+    if json_text.len() >= json_area {
+        return Err(LuksError::InvalidMetadata(format!(
+            "JSON metadata of {} bytes does not fit the {json_area}-byte area",
+            json_text.len()
+        )));
+    }
+    let mut h = vec![0u8; HEADER_SIZE as usize];
+    h[0..6].copy_from_slice(magic);
+    h[6..8].copy_from_slice(&2u16.to_be_bytes());
+    h[8..16].copy_from_slice(&HEADER_SIZE.to_be_bytes());
+    h[16..24].copy_from_slice(&seqid.to_be_bytes());
+    h[24..24 + label.len()].copy_from_slice(label.as_bytes());
+    h[72..78].copy_from_slice(b"sha256");
+    h[104..168].copy_from_slice(&random_bytes::<64>());
+    h[168..168 + uuid.len()].copy_from_slice(uuid.as_bytes());
+    h[256..264].copy_from_slice(&hdr_offset.to_be_bytes());
+    h[BIN_HEADER_SIZE..BIN_HEADER_SIZE + json_text.len()].copy_from_slice(json_text);
+    // Checksum over the whole header copy with the checksum field zeroed.
+    let csum = Sha256::digest(&h);
+    h[448..480].copy_from_slice(&csum);
+    Ok(h)
+}
+
+/// Encrypt `plain_len` bytes of `plain` (an ext4 image) into a new LUKS2
+/// container written to `out` from offset 0; the container is
+/// [`DATA_OFFSET`] + `plain_len` bytes long. Data is written first and the
+/// headers last, so an interrupted run never leaves something that looks
+/// like a valid container.
+pub fn format_luks2<R: Read, W: Write + Seek>(
+    plain: &mut R,
+    plain_len: u64,
+    out: &mut W,
+    passphrase: &[u8],
+    params: &LuksParams,
+) -> Result<LuksFormatted, LuksError> {
+    let mut volume_key = Zeroizing::new([0u8; VOLUME_KEY_LEN]);
+    OsRng.fill_bytes(&mut volume_key[..]);
+    format_with_key(plain, plain_len, out, passphrase, params, &volume_key[..])
+}
+
+fn format_with_key<R: Read, W: Write + Seek>(
+    plain: &mut R,
+    plain_len: u64,
+    out: &mut W,
+    passphrase: &[u8],
+    params: &LuksParams,
+    volume_key: &[u8],
+) -> Result<LuksFormatted, LuksError> {
+    if plain_len % u64::from(params.sector_size) != 0 {
+        return Err(LuksError::UnalignedPlaintext {
+            plain_len,
+            sector_size: params.sector_size,
+        });
+    }
+    let prep = prepare(passphrase, params, volume_key)?;
+    let ss = prep.sector_size as usize;
+
+    // Metadata region: zeros first (wipes any older header), filled in at the end.
+    out.seek(SeekFrom::Start(0))?;
+    let zeros = vec![0u8; CHUNK];
+    let mut left = DATA_OFFSET;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        out.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0u64;
+    while done < plain_len {
+        let want = (plain_len - done).min(CHUNK as u64) as usize;
+        let got = read_full(plain, &mut buf[..want])?;
+        if got < want {
+            return Err(LuksError::ShortPlaintext {
+                expected: plain_len,
+                got: done + got as u64,
+            });
+        }
+        prep.cipher.encrypt(&mut buf[..want], ss, done / ss as u64);
+        out.write_all(&buf[..want])?;
+        done += want as u64;
+    }
+    out.flush()?;
+
+    // Keyslot, secondary header, then the primary header last.
+    let ks = KEYSLOT_OFFSET as usize;
+    out.seek(SeekFrom::Start(KEYSLOT_OFFSET))?;
+    out.write_all(&prep.meta[ks..])?;
+    out.seek(SeekFrom::Start(HEADER_SIZE))?;
+    out.write_all(&prep.meta[HEADER_SIZE as usize..ks])?;
+    out.flush()?;
+    out.seek(SeekFrom::Start(0))?;
+    out.write_all(&prep.meta[..HEADER_SIZE as usize])?;
+    out.flush()?;
+    Ok(LuksFormatted {
+        uuid: prep.uuid,
+        total_len: DATA_OFFSET + plain_len,
+        kdf: prep.kdf,
+        sector_size: prep.sector_size,
+    })
+}
+
+/// Test hook: format with a caller-chosen volume key, so a test can compare
+/// it with what `cryptsetup luksDump --dump-volume-key` recovers.
+#[doc(hidden)]
+pub fn format_luks2_with_volume_key<R: Read, W: Write + Seek>(
+    plain: &mut R,
+    plain_len: u64,
+    out: &mut W,
+    passphrase: &[u8],
+    params: &LuksParams,
+    volume_key: &[u8; 64],
+) -> Result<LuksFormatted, LuksError> {
+    format_with_key(plain, plain_len, out, passphrase, params, volume_key)
+}
+
+/// Read until `buf` is full or EOF; returns the number of bytes read.
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// A ciphertext view of a plaintext image: the LUKS2 container that
+/// [`format_luks2`] would write, produced on the fly as `Read + Seek`, so a
+/// caller can stream it straight into a FAT file without a second temp file.
+pub struct LuksEncryptingReader<R> {
+    prep: Prepared,
+    plain: R,
+    plain_len: u64,
+    pos: u64,
+    buf: Vec<u8>,
+}
+
+impl<R: Read + Seek> LuksEncryptingReader<R> {
+    /// Set up the container for `plain_len` bytes of `plain` with a fresh random volume key.
+    pub fn new(
+        plain: R,
+        plain_len: u64,
+        passphrase: &[u8],
+        params: &LuksParams,
+    ) -> Result<Self, LuksError> {
+        if plain_len % u64::from(params.sector_size) != 0 {
+            return Err(LuksError::UnalignedPlaintext {
+                plain_len,
+                sector_size: params.sector_size,
+            });
+        }
+        let mut volume_key = Zeroizing::new([0u8; VOLUME_KEY_LEN]);
+        OsRng.fill_bytes(&mut volume_key[..]);
+        let prep = prepare(passphrase, params, &volume_key[..])?;
+        Ok(LuksEncryptingReader {
+            prep,
+            plain,
+            plain_len,
+            pos: 0,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Total size of the container in bytes.
+    pub fn len(&self) -> u64 {
+        DATA_OFFSET + self.plain_len
+    }
+
+    /// Never true: a container always has its metadata.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn uuid(&self) -> uuid::Uuid {
+        self.prep.uuid
+    }
+
+    pub fn kdf(&self) -> KdfCost {
+        self.prep.kdf
+    }
+}
+
+impl<R: Read + Seek> Read for LuksEncryptingReader<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let total = self.len();
+        if out.is_empty() || self.pos >= total {
+            return Ok(0);
+        }
+        if self.pos < DATA_OFFSET {
+            // Metadata: headers and keyslot from memory, zeros after them.
+            let meta_len = self.prep.meta.len() as u64;
+            let n = (DATA_OFFSET - self.pos).min(out.len() as u64) as usize;
+            let n = if self.pos < meta_len {
+                let m = n.min((meta_len - self.pos) as usize);
+                let p = self.pos as usize;
+                out[..m].copy_from_slice(&self.prep.meta[p..p + m]);
+                m
+            } else {
+                out[..n].fill(0);
+                n
+            };
+            self.pos += n as u64;
+            return Ok(n);
+        }
+        let ss = u64::from(self.prep.sector_size);
+        let rel = self.pos - DATA_OFFSET;
+        let sector = rel / ss;
+        let within = (rel % ss) as usize;
+        let want = (self.plain_len - rel).min(out.len() as u64) as usize;
+        let nsect = (within + want)
+            .div_ceil(ss as usize)
+            .min(CHUNK / ss as usize)
+            .max(1);
+        let len = nsect * ss as usize;
+        self.buf.resize(len, 0);
+        self.plain.seek(SeekFrom::Start(sector * ss))?;
+        let got = read_full(&mut self.plain, &mut self.buf[..len])?;
+        if got < len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "plaintext image is shorter than the {} bytes it was declared with",
+                    self.plain_len
+                ),
+            ));
+        }
+        self.prep
+            .cipher
+            .encrypt(&mut self.buf[..len], ss as usize, sector);
+        let n = want.min(len - within);
+        out[..n].copy_from_slice(&self.buf[within..within + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Read + Seek> Seek for LuksEncryptingReader<R> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.pos = seek_target(self.pos, self.len(), pos)?;
+        Ok(self.pos)
+    }
+}
+
+fn seek_target(cur: u64, len: u64, pos: SeekFrom) -> io::Result<u64> {
+    let target = match pos {
+        SeekFrom::Start(p) => Some(p),
+        SeekFrom::End(d) => len.checked_add_signed(d),
+        SeekFrom::Current(d) => cur.checked_add_signed(d),
+    };
+    target.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "seek to a negative or overflowing position",
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Reader
+// ---------------------------------------------------------------------------
+
+/// Summary of an opened container, for `home info`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LuksInfo {
+    pub uuid: String,
+    pub label: String,
+    pub cipher: String,
+    pub key_bits: u32,
+    pub sector_size: u32,
+    pub data_offset: u64,
+    /// KDF of the keyslot that opened the container ("argon2id", "pbkdf2", …).
+    pub keyslot_kdf: String,
+    pub keyslot: String,
+}
+
+/// An opened container: a decrypting (and, over a writable device,
+/// encrypting) `Read + Seek` view of the plaintext.
+pub struct LuksVolume<R> {
+    inner: R,
+    cipher: XtsCipher,
+    data_offset: u64,
+    len: u64,
+    sector_size: u64,
+    iv_tweak: u64,
+    pos: u64,
+    /// Holds decrypted plaintext, so it is wiped when dropped.
+    buf: Zeroizing<Vec<u8>>,
+    info: LuksInfo,
+}
+
+struct ParsedHeader {
+    seqid: u64,
+    uuid: String,
+    label: String,
+    json: Value,
+}
+
+/// Read and check one header copy at `offset`.
+fn read_header<R: Read + Seek>(
+    r: &mut R,
+    offset: u64,
+    magic: &[u8; 6],
+) -> Result<ParsedHeader, String> {
+    let mut bin = vec![0u8; BIN_HEADER_SIZE];
+    r.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
+    if read_full(r, &mut bin).map_err(|e| e.to_string())? < BIN_HEADER_SIZE {
+        return Err(format!(
+            "no LUKS2 magic at offset {offset}: the file ends before it"
+        ));
+    }
+    if &bin[0..6] != magic {
+        return Err(format!("no LUKS2 magic at offset {offset}"));
+    }
+    let version = u16::from_be_bytes([bin[6], bin[7]]);
+    if version != 2 {
+        return Err(format!("header at {offset} has version {version}, not 2"));
+    }
+    let hdr_size = be_u64(&bin[8..16]);
+    if !VALID_HEADER_SIZES.contains(&hdr_size) {
+        return Err(format!("header at {offset} has an invalid size {hdr_size}"));
+    }
+    let hdr_offset = be_u64(&bin[256..264]);
+    if hdr_offset != offset {
+        return Err(format!(
+            "header at {offset} says it is at offset {hdr_offset}"
+        ));
+    }
+    let alg = c_str(&bin[72..104]);
+    if alg != "sha256" {
+        return Err(format!(
+            "header checksum algorithm {alg:?} is not supported"
+        ));
+    }
+    let mut full = bin;
+    full.resize(hdr_size as usize, 0);
+    if read_full(r, &mut full[BIN_HEADER_SIZE..]).map_err(|e| e.to_string())?
+        < hdr_size as usize - BIN_HEADER_SIZE
+    {
+        return Err(format!("JSON area at {offset} is cut short"));
+    }
+    let mut stored = [0u8; 32];
+    stored.copy_from_slice(&full[448..480]);
+    full[448..512].fill(0);
+    if Sha256::digest(&full)[..] != stored {
+        return Err(format!("header at {offset} has a wrong checksum"));
+    }
+    let json_bytes = &full[BIN_HEADER_SIZE..];
+    let end = json_bytes
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| format!("JSON area at {offset} is not NUL-terminated"))?;
+    let json: Value = serde_json::from_slice(&json_bytes[..end])
+        .map_err(|e| format!("JSON at {offset} does not parse: {e}"))?;
+    Ok(ParsedHeader {
+        seqid: be_u64(&full[16..24]),
+        uuid: c_str(&full[168..208]),
+        label: c_str(&full[24..72]),
+        json,
+    })
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+fn c_str(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// JSON numbers that LUKS2 stores as strings (u64 offsets and sizes) or as numbers.
+fn json_u64(v: &Value, what: &str) -> Result<u64, LuksError> {
+    match v {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_u64(),
+        _ => None,
+    }
+    .ok_or_else(|| LuksError::InvalidMetadata(format!("{what} is missing or not a number")))
+}
+
+fn json_u32(v: &Value, what: &str) -> Result<u32, LuksError> {
+    u32::try_from(json_u64(v, what)?)
+        .map_err(|_| LuksError::InvalidMetadata(format!("{what} is out of range")))
+}
+
+fn json_str<'a>(v: &'a Value, what: &str) -> Result<&'a str, LuksError> {
+    v.as_str()
+        .ok_or_else(|| LuksError::InvalidMetadata(format!("{what} is missing or not a string")))
+}
+
+fn json_b64(v: &Value, what: &str) -> Result<Vec<u8>, LuksError> {
+    BASE64
+        .decode(json_str(v, what)?)
+        .map_err(|e| LuksError::InvalidMetadata(format!("{what} is not base64: {e}")))
+}
+
+/// Sort JSON object keys ("0", "1", …, "10") numerically.
+fn numbered(obj: &Value) -> Vec<(u32, &Value)> {
+    let mut v: Vec<(u32, &Value)> = obj
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| k.parse().ok().map(|n| (n, v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_by_key(|(n, _)| *n);
+    v
+}
+
+/// Read the newest valid header copy: the primary at 0, else a secondary at one
+/// of the offsets the specification allows.
+fn read_metadata<R: Read + Seek>(r: &mut R) -> Result<ParsedHeader, LuksError> {
+    let primary = read_header(r, 0, MAGIC_PRIMARY);
+    if primary.is_err() {
+        // A LUKS1 header has the same magic: say so rather than "damaged".
+        let mut magic = [0u8; 6];
+        r.seek(SeekFrom::Start(0))?;
+        let n = read_full(r, &mut magic)?;
+        if n == 6 && &magic == MAGIC_PRIMARY && r.seek(SeekFrom::Start(6)).is_ok() {
+            let mut v = [0u8; 2];
+            if read_full(r, &mut v)? == 2 && u16::from_be_bytes(v) == 1 {
+                return Err(LuksError::NotLuks2(
+                    "this is a LUKS1 container; convert it with `cryptsetup convert --type luks2`"
+                        .into(),
+                ));
+            }
+        }
+    }
+    let mut secondary = Err(String::from("no secondary header found"));
+    for off in VALID_HEADER_SIZES {
+        match read_header(r, off, MAGIC_SECONDARY) {
+            Ok(h) => {
+                secondary = Ok(h);
+                break;
+            }
+            Err(e) if !e.starts_with("no LUKS2 magic") => secondary = Err(e),
+            Err(_) => {}
+        }
+    }
+    match (primary, secondary) {
+        (Ok(p), Ok(s)) => Ok(if s.seqid > p.seqid { s } else { p }),
+        (Ok(p), Err(_)) => Ok(p),
+        (Err(_), Ok(s)) => Ok(s),
+        (Err(pe), Err(se)) => {
+            if pe.starts_with("no LUKS2 magic") && se == "no secondary header found" {
+                Err(LuksError::NotLuks2(
+                    "no LUKS header at the start of the file".into(),
+                ))
+            } else {
+                Err(LuksError::DamagedHeader(format!("{pe}; {se}")))
+            }
+        }
+    }
+}
+
+/// Open a LUKS2 container with `passphrase`, trying every keyslot.
+pub fn open_luks2<R: Read + Seek>(mut r: R, passphrase: &[u8]) -> Result<LuksVolume<R>, LuksError> {
+    if passphrase.is_empty() {
+        return Err(LuksError::EmptyPassphrase);
+    }
+    let hdr = read_metadata(&mut r)?;
+    let j = &hdr.json;
+
+    let (seg_id, seg) = numbered(&j["segments"])
+        .into_iter()
+        .next()
+        .ok_or_else(|| LuksError::InvalidMetadata("no data segment".into()))?;
+    if json_str(&seg["type"], "segment type")? != "crypt" {
+        return Err(LuksError::Unsupported(format!(
+            "segment type {}",
+            seg["type"]
+        )));
+    }
+    let seg_cipher = json_str(&seg["encryption"], "segment encryption")?;
+    if seg_cipher != "aes-xts-plain64" {
+        return Err(LuksError::Unsupported(format!("data cipher {seg_cipher}")));
+    }
+    let data_offset = json_u64(&seg["offset"], "segment offset")?;
+    let sector_size = json_u64(&seg["sector_size"], "segment sector_size")?;
+    if !matches!(sector_size, 512 | 1024 | 2048 | 4096) {
+        return Err(LuksError::InvalidMetadata(format!(
+            "segment sector size {sector_size}"
+        )));
+    }
+    let iv_tweak = json_u64(&seg["iv_tweak"], "segment iv_tweak")?;
+    let device_len = r.seek(SeekFrom::End(0))?;
+    let len = match &seg["size"] {
+        Value::String(s) if s == "dynamic" => device_len.saturating_sub(data_offset),
+        v => json_u64(v, "segment size")?,
+    } / sector_size
+        * sector_size;
+
+    // Digests that cover our segment, with the keyslots they vouch for.
+    let seg_key = seg_id.to_string();
+    let digests: Vec<&Value> = numbered(&j["digests"])
+        .into_iter()
+        .map(|(_, d)| d)
+        .filter(|d| {
+            d["segments"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|s| s.as_str() == Some(&seg_key)))
+        })
+        .collect();
+    if digests.is_empty() {
+        return Err(LuksError::InvalidMetadata(
+            "no digest covers the data segment".into(),
+        ));
+    }
+
+    let mut unsupported = None;
+    for (ks_id, ks) in numbered(&j["keyslots"]) {
+        let ks_key = ks_id.to_string();
+        let Some(digest) = digests.iter().find(|d| {
+            d["keyslots"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|s| s.as_str() == Some(&ks_key)))
+        }) else {
+            continue;
+        };
+        match try_keyslot(&mut r, ks, digest, passphrase) {
+            Ok(Some((vk, kdf_name))) => {
+                let cipher = XtsCipher::new(&vk)?;
+                let info = LuksInfo {
+                    uuid: hdr.uuid.clone(),
+                    label: hdr.label.clone(),
+                    cipher: seg_cipher.to_string(),
+                    key_bits: (vk.len() * 8) as u32,
+                    sector_size: sector_size as u32,
+                    data_offset,
+                    keyslot_kdf: kdf_name,
+                    keyslot: ks_key,
+                };
+                return Ok(LuksVolume {
+                    inner: r,
+                    cipher,
+                    data_offset,
+                    len,
+                    sector_size,
+                    iv_tweak,
+                    pos: 0,
+                    buf: Zeroizing::new(Vec::new()),
+                    info,
+                });
+            }
+            Ok(None) => {}
+            Err(LuksError::Unsupported(what)) => unsupported = Some(what),
+            Err(e) => return Err(e),
+        }
+    }
+    match unsupported {
+        Some(what) => Err(LuksError::Unsupported(what)),
+        None => Err(LuksError::WrongPassphrase),
+    }
+}
+
+/// Try one keyslot; `Ok(None)` when the passphrase does not open it.
+fn try_keyslot<R: Read + Seek>(
+    r: &mut R,
+    ks: &Value,
+    digest: &Value,
+    passphrase: &[u8],
+) -> Result<Option<(Zeroizing<Vec<u8>>, String)>, LuksError> {
+    if json_str(&ks["type"], "keyslot type")? != "luks2" {
+        return Err(LuksError::Unsupported(format!(
+            "keyslot type {}",
+            ks["type"]
+        )));
+    }
+    let key_size = json_u64(&ks["key_size"], "keyslot key_size")? as usize;
+    let af = &ks["af"];
+    if json_str(&af["type"], "af type")? != "luks1" || json_str(&af["hash"], "af hash")? != "sha256"
+    {
+        return Err(LuksError::Unsupported(format!(
+            "anti-forensic splitter {} with hash {}",
+            af["type"], af["hash"]
+        )));
+    }
+    let stripes = json_u64(&af["stripes"], "af stripes")? as usize;
+    let area = &ks["area"];
+    if json_str(&area["type"], "area type")? != "raw"
+        || json_str(&area["encryption"], "area encryption")? != "aes-xts-plain64"
+    {
+        return Err(LuksError::Unsupported(format!(
+            "keyslot area {} encrypted with {}",
+            area["type"], area["encryption"]
+        )));
+    }
+    let area_offset = json_u64(&area["offset"], "area offset")?;
+    let area_size = json_u64(&area["size"], "area size")?;
+    let area_key_size = json_u64(&area["key_size"], "area key_size")? as usize;
+    if key_size == 0 || key_size > 128 || stripes == 0 || stripes > 100_000 {
+        return Err(LuksError::InvalidMetadata(format!(
+            "keyslot key size {key_size} or stripes {stripes} out of range"
+        )));
+    }
+    let mat_len = af_sectors_len(key_size, stripes);
+    if mat_len as u64 > area_size {
+        return Err(LuksError::InvalidMetadata(format!(
+            "keyslot area of {area_size} bytes is too small for {stripes} stripes"
+        )));
+    }
+
+    let kdf = &ks["kdf"];
+    let kdf_name = json_str(&kdf["type"], "kdf type")?.to_string();
+    let salt = json_b64(&kdf["salt"], "kdf salt")?;
+    let cost = match kdf_name.as_str() {
+        "pbkdf2" => {
+            let hash = json_str(&kdf["hash"], "kdf hash")?;
+            if hash != "sha256" {
+                return Err(LuksError::Unsupported(format!("PBKDF2 with {hash}")));
+            }
+            KdfCost::Pbkdf2 {
+                iterations: json_u32(&kdf["iterations"], "kdf iterations")?,
+            }
+        }
+        "argon2id" | "argon2i" => KdfCost::Argon2 {
+            kind: if kdf_name == "argon2i" {
+                PbkdfKind::Argon2i
+            } else {
+                PbkdfKind::Argon2id
+            },
+            time: json_u32(&kdf["time"], "kdf time")?,
+            memory_kib: json_u32(&kdf["memory"], "kdf memory")?,
+            parallel: json_u32(&kdf["cpus"], "kdf cpus")?,
+        },
+        other => return Err(LuksError::Unsupported(format!("keyslot KDF {other}"))),
+    };
+
+    let slot_key = derive_key(passphrase, &salt, &cost, area_key_size)?;
+    let mut material = Zeroizing::new(vec![0u8; mat_len]);
+    r.seek(SeekFrom::Start(area_offset))?;
+    if read_full(r, &mut material)? < mat_len {
+        return Err(LuksError::InvalidMetadata(
+            "keyslot area lies beyond the end of the container".into(),
+        ));
+    }
+    XtsCipher::new(&slot_key)?.decrypt(&mut material, KEYSLOT_SECTOR, 0);
+    let vk = af_merge(&material, key_size, stripes);
+
+    if json_str(&digest["type"], "digest type")? != "pbkdf2"
+        || json_str(&digest["hash"], "digest hash")? != "sha256"
+    {
+        return Err(LuksError::Unsupported(format!(
+            "digest {} with {}",
+            digest["type"], digest["hash"]
+        )));
+    }
+    let dg_salt = json_b64(&digest["salt"], "digest salt")?;
+    let dg_iter = json_u32(&digest["iterations"], "digest iterations")?;
+    let expected = json_b64(&digest["digest"], "digest value")?;
+    let mut got = Zeroizing::new(vec![0u8; expected.len()]);
+    pbkdf2::pbkdf2_hmac::<Sha256>(&vk, &dg_salt, dg_iter, &mut got);
+    if got[..] == expected[..] {
+        Ok(Some((vk, kdf_name)))
+    } else {
+        Ok(None)
+    }
+}
+
+impl<R> LuksVolume<R> {
+    /// Plaintext size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn info(&self) -> &LuksInfo {
+        &self.info
+    }
+
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
+    /// Re-read the data segment size from the device after the container file grew.
+    pub fn refresh_len(&mut self) -> io::Result<()>
+    where
+        R: Seek,
+    {
+        let dev = self.inner.seek(SeekFrom::End(0))?;
+        self.len = dev.saturating_sub(self.data_offset) / self.sector_size * self.sector_size;
+        Ok(())
+    }
+
+    /// The sectors covering `[pos, pos + want)`, capped to one chunk.
+    fn span(&self, want: usize) -> (u64, usize, usize) {
+        let ss = self.sector_size;
+        let sector = self.pos / ss;
+        let within = (self.pos % ss) as usize;
+        let nsect = (within + want)
+            .div_ceil(ss as usize)
+            .min(CHUNK / ss as usize)
+            .max(1);
+        (sector, within, nsect * ss as usize)
+    }
+}
+
+impl<R: Read + Seek> LuksVolume<R> {
+    fn load(&mut self, sector: u64, len: usize) -> io::Result<()> {
+        self.buf.resize(len, 0);
+        self.inner.seek(SeekFrom::Start(
+            self.data_offset + sector * self.sector_size,
+        ))?;
+        if read_full(&mut self.inner, &mut self.buf[..len])? < len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "LUKS data segment is shorter than its metadata says",
+            ));
+        }
+        self.cipher.decrypt(
+            &mut self.buf[..len],
+            self.sector_size as usize,
+            sector + self.iv_tweak,
+        );
+        Ok(())
+    }
+}
+
+impl<R: Read + Seek> Read for LuksVolume<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() || self.pos >= self.len {
+            return Ok(0);
+        }
+        let want = (self.len - self.pos).min(out.len() as u64) as usize;
+        let (sector, within, len) = self.span(want);
+        self.load(sector, len)?;
+        let n = want.min(len - within);
+        out[..n].copy_from_slice(&self.buf[within..within + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Read + Write + Seek> Write for LuksVolume<R> {
+    /// Encrypt and write; partial sectors are read, decrypted and merged first.
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        if self.pos >= self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!(
+                    "write at {} is past the end of the {}-byte LUKS data segment; grow the container first",
+                    self.pos, self.len
+                ),
+            ));
+        }
+        let want = (self.len - self.pos).min(data.len() as u64) as usize;
+        let (sector, within, len) = self.span(want);
+        let n = want.min(len - within);
+        if within != 0 || n != len {
+            self.load(sector, len)?;
+        } else {
+            self.buf.resize(len, 0);
+        }
+        self.buf[within..within + n].copy_from_slice(&data[..n]);
+        self.cipher.encrypt(
+            &mut self.buf[..len],
+            self.sector_size as usize,
+            sector + self.iv_tweak,
+        );
+        self.inner.seek(SeekFrom::Start(
+            self.data_offset + sector * self.sector_size,
+        ))?;
+        self.inner.write_all(&self.buf[..len])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<R: Seek> Seek for LuksVolume<R> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.pos = seek_target(self.pos, self.len, pos)?;
+        Ok(self.pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn cheap() -> LuksParams {
+        LuksParams {
+            pbkdf: PbkdfKind::Pbkdf2,
+            force_iterations: Some(1000),
+            ..LuksParams::default()
+        }
+    }
+
+    #[test]
+    fn af_split_merge_roundtrip() {
+        let key: Vec<u8> = (0..64u8).collect();
+        let m = af_split(&key, 4000);
+        assert_eq!(&af_merge(&m, 64, 4000)[..], &key[..]);
+        // A short last diffuse chunk (key not a multiple of 32) also round-trips.
+        let key: Vec<u8> = (0..40u8).collect();
+        let m = af_split(&key, 7);
+        assert_eq!(&af_merge(&m, 40, 7)[..], &key[..]);
+    }
+
+    #[test]
+    fn format_then_open_roundtrip_both_sector_sizes() {
+        for ss in [512u32, 4096] {
+            let plain: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+            let mut out = Cursor::new(Vec::new());
+            let params = LuksParams {
+                sector_size: ss,
+                ..cheap()
+            };
+            let f = format_luks2(
+                &mut plain.as_slice(),
+                plain.len() as u64,
+                &mut out,
+                b"pw",
+                &params,
+            )
+            .unwrap();
+            assert_eq!(f.total_len, out.get_ref().len() as u64);
+            // Ciphertext differs from plaintext.
+            assert_ne!(
+                &out.get_ref()[DATA_OFFSET as usize..][..4096],
+                &plain[..4096]
+            );
+            let mut vol = open_luks2(Cursor::new(out.into_inner()), b"pw").unwrap();
+            assert_eq!(vol.len(), plain.len() as u64);
+            assert_eq!(vol.info().sector_size, ss);
+            let mut back = Vec::new();
+            vol.read_to_end(&mut back).unwrap();
+            assert_eq!(back, plain);
+            // Unaligned random access.
+            vol.seek(SeekFrom::Start(1000)).unwrap();
+            let mut b = [0u8; 5000];
+            vol.read_exact(&mut b).unwrap();
+            assert_eq!(&b[..], &plain[1000..6000]);
+        }
+    }
+
+    #[test]
+    fn encrypting_reader_matches_format_layout() {
+        let plain: Vec<u8> = (0..32 * 1024u32).map(|i| (i % 253) as u8).collect();
+        let enc = LuksEncryptingReader::new(
+            Cursor::new(plain.clone()),
+            plain.len() as u64,
+            b"pw",
+            &cheap(),
+        )
+        .unwrap();
+        assert_eq!(enc.len(), DATA_OFFSET + plain.len() as u64);
+        let mut bytes = Vec::new();
+        let mut enc = enc;
+        // Read in odd-sized pieces to exercise the boundaries.
+        let mut piece = vec![0u8; 3333];
+        loop {
+            let n = enc.read(&mut piece).unwrap();
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&piece[..n]);
+        }
+        assert_eq!(bytes.len() as u64, DATA_OFFSET + plain.len() as u64);
+        let mut vol = open_luks2(Cursor::new(bytes), b"pw").unwrap();
+        let mut back = Vec::new();
+        vol.read_to_end(&mut back).unwrap();
+        assert_eq!(back, plain);
+    }
+
+    #[test]
+    fn wrong_and_empty_passphrase() {
+        let plain = vec![0u8; 8192];
+        let mut out = Cursor::new(Vec::new());
+        assert!(matches!(
+            format_luks2(&mut plain.as_slice(), 8192, &mut out, b"", &cheap()),
+            Err(LuksError::EmptyPassphrase)
+        ));
+        format_luks2(&mut plain.as_slice(), 8192, &mut out, b"right", &cheap()).unwrap();
+        let bytes = out.into_inner();
+        assert!(matches!(
+            open_luks2(Cursor::new(bytes.clone()), b"wrong"),
+            Err(LuksError::WrongPassphrase)
+        ));
+        assert!(matches!(
+            open_luks2(Cursor::new(bytes), b""),
+            Err(LuksError::EmptyPassphrase)
+        ));
+    }
+
+    #[test]
+    fn write_through_volume_partial_sectors() {
+        let plain = vec![0u8; 16384];
+        let mut out = Cursor::new(Vec::new());
+        format_luks2(&mut plain.as_slice(), 16384, &mut out, b"pw", &cheap()).unwrap();
+        let mut vol = open_luks2(Cursor::new(out.into_inner()), b"pw").unwrap();
+        vol.seek(SeekFrom::Start(4000)).unwrap();
+        vol.write_all(&[0xAB; 300]).unwrap();
+        let mut inner = vol.into_inner();
+        inner.set_position(0);
+        let mut vol = open_luks2(inner, b"pw").unwrap();
+        let mut back = Vec::new();
+        vol.read_to_end(&mut back).unwrap();
+        let mut expect = vec![0u8; 16384];
+        expect[4000..4300].fill(0xAB);
+        assert_eq!(back, expect);
+    }
+
+    #[test]
+    fn damaged_primary_falls_back_to_secondary() {
+        let plain = vec![1u8; 4096];
+        let mut out = Cursor::new(Vec::new());
+        format_luks2(&mut plain.as_slice(), 4096, &mut out, b"pw", &cheap()).unwrap();
+        let mut bytes = out.into_inner();
+        bytes[5000] ^= 0xFF; // inside the primary JSON area
+        let mut vol = open_luks2(Cursor::new(bytes.clone()), b"pw").unwrap();
+        let mut back = Vec::new();
+        vol.read_to_end(&mut back).unwrap();
+        assert_eq!(back, plain);
+        bytes[HEADER_SIZE as usize + 5000] ^= 0xFF;
+        assert!(matches!(
+            open_luks2(Cursor::new(bytes), b"pw"),
+            Err(LuksError::DamagedHeader(_))
+        ));
+    }
+
+    #[test]
+    fn not_luks() {
+        assert!(matches!(
+            open_luks2(Cursor::new(vec![0u8; 1 << 20]), b"pw"),
+            Err(LuksError::NotLuks2(_))
+        ));
+    }
+
+    #[test]
+    fn unaligned_plaintext_refused() {
+        let plain = vec![0u8; 1000];
+        let mut out = Cursor::new(Vec::new());
+        assert!(matches!(
+            format_luks2(&mut plain.as_slice(), 1000, &mut out, b"pw", &cheap()),
+            Err(LuksError::UnalignedPlaintext { .. })
+        ));
+    }
+
+    #[test]
+    fn derived_costs_follow_cryptsetup_floors() {
+        assert_eq!(pbkdf2_iterations_for(0), MIN_PBKDF2_ITERATIONS);
+        assert_eq!(pbkdf2_iterations_for(2000), 2_000_000);
+        // 1 GiB, 4 lanes, 2 s at the reference speed: cryptsetup's floor of 4 passes.
+        assert_eq!(argon2_time_for(2000, 1 << 20, 4), 4);
+        assert_eq!(argon2_time_for(2000, 64 * 1024, 1), 15);
+        let p = LuksParams {
+            pbkdf: PbkdfKind::Argon2id,
+            force_iterations: Some(2),
+            ..LuksParams::default()
+        };
+        assert!(matches!(p.resolve_kdf(), Err(LuksError::BadParams(_))));
+        let p = LuksParams {
+            sector_size: 1024,
+            ..LuksParams::default()
+        };
+        assert!(matches!(p.resolve_kdf(), Err(LuksError::BadParams(_))));
+    }
+}
