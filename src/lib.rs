@@ -8,8 +8,10 @@
 pub mod boot;
 pub mod commands;
 pub mod disk;
+pub mod apply;
 pub mod io;
 pub mod persist;
+pub mod plan;
 pub mod progress;
 pub mod size;
 pub mod source;

@@ -1,1 +1,92 @@
-//! (in progress)
+//! Progress reporting: indicatif bars for people, NDJSON events for scripts,
+//! or nothing. Bars hide themselves when stderr is not a terminal.
+
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressMode {
+    Bar,
+    Quiet,
+    /// One JSON object per phase on stderr (stdout stays the final report).
+    Json,
+}
+
+pub struct Progress {
+    mode: ProgressMode,
+    bar: Option<ProgressBar>,
+    device: String,
+}
+
+impl Progress {
+    pub fn new(mode: ProgressMode, device: impl Into<String>) -> Self {
+        let bar = (mode == ProgressMode::Bar).then(|| {
+            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix:>8} [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(Duration::from_millis(250));
+            bar
+        });
+        Progress {
+            mode,
+            bar,
+            device: device.into(),
+        }
+    }
+
+    pub fn hidden() -> Self {
+        Progress::new(ProgressMode::Quiet, "")
+    }
+
+    /// Starts a phase of `total` bytes (`copy`, `verify`, `md5`).
+    pub fn phase(&self, name: &str, total: u64) {
+        match self.mode {
+            ProgressMode::Bar => {
+                if let Some(bar) = &self.bar {
+                    bar.set_prefix(name.to_string());
+                    bar.set_length(total);
+                    bar.set_position(0);
+                    bar.reset_eta();
+                }
+            }
+            ProgressMode::Json => {
+                let event = serde_json::json!({
+                    "event": "phase", "device": self.device, "phase": name, "total": total,
+                });
+                eprintln!("{event}");
+            }
+            ProgressMode::Quiet => {}
+        }
+    }
+
+    pub fn inc(&self, bytes: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(bytes);
+        }
+    }
+
+    /// A line of text that should not tear the bar.
+    pub fn note(&self, text: &str) {
+        match (&self.bar, self.mode) {
+            (Some(bar), _) => bar.set_message(text.to_string()),
+            (None, ProgressMode::Json) => {
+                let event =
+                    serde_json::json!({"event": "note", "device": self.device, "text": text});
+                eprintln!("{event}");
+            }
+            _ => {}
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,1 +1,399 @@
-//! (in progress)
+//! The live image model: what a Fedora-style live ISO holds and how it boots.
+//!
+//! `inspect` reads only directory records, boot menus and a few superblock
+//! bytes; the squashfs image itself is not read until it is copied.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::boot::menu::{self, BootMenu};
+use crate::source::checksum;
+use crate::source::iso::{IsoEntry, IsoError, IsoImage};
+
+/// Menus larger than this are not boot menus.
+const MENU_LIMIT: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LayoutKind {
+    /// isolinux for BIOS, `EFI/BOOT` for UEFI (Fedora ≤ 36 and most remixes).
+    Isolinux,
+    /// GRUB for both, kernel in `images/pxeboot` (Fedora ≥ 37).
+    GrubOnly,
+    /// kiwi-built: `boot/x86_64/loader/{linux,initrd}` (Fedora ≥ 42 spins).
+    Kiwi,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum RootKind {
+    /// squashfs.img holds `LiveOS/rootfs.img` (or `ext3fs.img`): a dm-snapshot overlay works.
+    Nested { image: String },
+    /// The root filesystem is the squashfs itself: only an OverlayFS overlay works.
+    Flat,
+    /// The root image is EROFS rather than squashfs.
+    Erofs,
+    /// Could not be determined (unsquashfs missing, or the image is fragmented in the ISO).
+    Unknown { reason: String },
+}
+
+/// A boot menu found on the ISO, with the path it was read from.
+#[derive(Debug, Clone, Serialize)]
+pub struct MenuFile {
+    pub path: String,
+    pub menu: BootMenu,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileInfo {
+    pub path: String,
+    pub size: u64,
+}
+
+impl From<&IsoEntry> for FileInfo {
+    fn from(e: &IsoEntry) -> Self {
+        FileInfo {
+            path: e.path.clone(),
+            size: e.size,
+        }
+    }
+}
+
+/// Everything livestick needs to know about a live ISO.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveImage {
+    pub path: PathBuf,
+    pub label: String,
+    pub volume_size: u64,
+    pub layout: LayoutKind,
+    /// The directory holding squashfs.img on the ISO, normally `LiveOS`.
+    pub live_dir: String,
+    pub squashfs: FileInfo,
+    pub root: RootKind,
+    /// The squashfs compressor (`xz`, `zstd`, …), from its superblock.
+    pub compressor: Option<String>,
+    pub menus: Vec<MenuFile>,
+    pub kernels: Vec<String>,
+    pub initrds: Vec<String>,
+    /// The kernels and initrds the menus name that exist on the ISO.
+    pub boot_files: Vec<FileInfo>,
+    /// Things worth knowing that do not stop a write (a menu naming a missing kernel).
+    pub warnings: Vec<String>,
+    pub efi_files: Vec<FileInfo>,
+    /// Every file of the live directory (squashfs.img, osmin.img, …).
+    pub live_files: Vec<FileInfo>,
+    pub implanted_md5: bool,
+    #[serde(skip)]
+    pub(crate) squashfs_entry: IsoEntry,
+}
+
+#[derive(Debug, Error)]
+pub enum LiveError {
+    #[error("source ISO {0} does not exist")]
+    Missing(PathBuf),
+    #[error("cannot read source ISO {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Iso { path: PathBuf, source: IsoError },
+    #[error(
+        "{0} has no LiveOS/squashfs.img: it is not a live image (an installer DVD or netinst ISO cannot be made into a live stick)"
+    )]
+    NotLive(PathBuf),
+    #[error(
+        "{0} has no boot menu (isolinux/isolinux.cfg, EFI/BOOT/grub.cfg or boot/grub2/grub.cfg), so there is nothing to say how to boot it"
+    )]
+    NoMenu(PathBuf),
+    #[error("{path}: boot menu {menu}: {message}")]
+    Menu {
+        path: PathBuf,
+        menu: String,
+        message: String,
+    },
+}
+
+fn iso_err(path: &Path) -> impl FnOnce(IsoError) -> LiveError + '_ {
+    move |source| LiveError::Iso {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Opens the ISO file as an [`IsoImage`].
+pub fn open_iso(path: &Path) -> Result<IsoImage<BufReader<File>>, LiveError> {
+    let file = File::open(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            LiveError::Missing(path.to_path_buf())
+        } else {
+            LiveError::Open {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })?;
+    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+        return Err(LiveError::Open {
+            path: path.to_path_buf(),
+            source: std::io::Error::other("is a directory, not an ISO image"),
+        });
+    }
+    IsoImage::open(BufReader::with_capacity(64 * 1024, file)).map_err(iso_err(path))
+}
+
+/// Reads the ISO's structure into a [`LiveImage`].
+pub fn inspect(path: &Path) -> Result<LiveImage, LiveError> {
+    let mut iso = open_iso(path)?;
+    let live_dir = "LiveOS".to_string();
+    let squashfs_entry = iso
+        .lookup(&format!("/{live_dir}/squashfs.img"))
+        .map_err(iso_err(path))?
+        .filter(|e| !e.is_dir)
+        .ok_or_else(|| LiveError::NotLive(path.to_path_buf()))?;
+
+    let mut menus = Vec::new();
+    for (menu_path, is_grub) in [
+        ("/isolinux/isolinux.cfg", false),
+        ("/syslinux/syslinux.cfg", false),
+        ("/EFI/BOOT/grub.cfg", true),
+        ("/boot/grub2/grub.cfg", true),
+    ] {
+        let Some(entry) = iso.lookup(menu_path).map_err(iso_err(path))? else {
+            continue;
+        };
+        if entry.is_dir {
+            continue;
+        }
+        let bytes = iso.read_to_vec(&entry, MENU_LIMIT).map_err(iso_err(path))?;
+        let text = String::from_utf8_lossy(&bytes);
+        let cfg_dir = menu_path.rsplit_once('/').map(|(d, _)| d).unwrap_or("/");
+        let parsed = if is_grub {
+            menu::parse_grub(&text)
+        } else {
+            menu::parse_isolinux(&text, cfg_dir)
+        };
+        match parsed {
+            Ok(menu) => menus.push(MenuFile {
+                path: menu_path.to_string(),
+                menu,
+            }),
+            Err(e) => {
+                return Err(LiveError::Menu {
+                    path: path.to_path_buf(),
+                    menu: menu_path.to_string(),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    if menus.is_empty() {
+        return Err(LiveError::NoMenu(path.to_path_buf()));
+    }
+
+    let mut kernels = Vec::new();
+    let mut initrds = Vec::new();
+    for m in &menus {
+        for e in &m.menu.entries {
+            if !kernels.contains(&e.kernel) {
+                kernels.push(e.kernel.clone());
+            }
+            for i in &e.initrds {
+                if !initrds.contains(i) {
+                    initrds.push(i.clone());
+                }
+            }
+        }
+    }
+    let mut boot_files = Vec::new();
+    let mut warnings = Vec::new();
+    for p in kernels.iter().chain(initrds.iter()) {
+        match iso.lookup(p).map_err(iso_err(path))? {
+            Some(e) if !e.is_dir => boot_files.push(FileInfo::from(&e)),
+            _ => warnings.push(format!("a boot menu names {p}, which is not on the ISO")),
+        }
+    }
+    let has = |iso: &mut IsoImage<_>, p: &str| matches!(iso.lookup(p), Ok(Some(_)));
+    let layout = if has(&mut iso, "/boot/x86_64/loader") {
+        LayoutKind::Kiwi
+    } else if menus.iter().any(|m| m.path.starts_with("/isolinux")) {
+        LayoutKind::Isolinux
+    } else {
+        LayoutKind::GrubOnly
+    };
+    let efi_files = match iso.lookup("/EFI").map_err(iso_err(path))? {
+        Some(_) => iso
+            .walk("/EFI")
+            .map_err(iso_err(path))?
+            .iter()
+            .filter(|e| !e.is_dir)
+            .map(FileInfo::from)
+            .collect(),
+        None => Vec::new(),
+    };
+    let live_files = iso
+        .walk(&format!("/{live_dir}"))
+        .map_err(iso_err(path))?
+        .iter()
+        .filter(|e| !e.is_dir)
+        .map(FileInfo::from)
+        .collect();
+    let implanted_md5 = checksum::implanted_md5(iso.application_data()).is_some();
+    let label = iso.volume_id().to_string();
+    let volume_size = iso.volume_size();
+
+    let (root, compressor) = probe_root(&mut iso, path, &squashfs_entry);
+    Ok(LiveImage {
+        path: path.to_path_buf(),
+        label,
+        volume_size,
+        layout,
+        live_dir,
+        squashfs: FileInfo::from(&squashfs_entry),
+        root,
+        compressor,
+        menus,
+        kernels,
+        initrds,
+        boot_files,
+        warnings,
+        efi_files,
+        live_files,
+        implanted_md5,
+        squashfs_entry,
+    })
+}
+
+/// Squashfs compressor ids from the superblock (offset 20).
+fn compressor_name(id: u16) -> Option<&'static str> {
+    Some(match id {
+        1 => "gzip",
+        2 => "lzma",
+        3 => "lzo",
+        4 => "xz",
+        5 => "lz4",
+        6 => "zstd",
+        _ => return None,
+    })
+}
+
+fn probe_root<R: Read + Seek>(
+    iso: &mut IsoImage<R>,
+    iso_path: &Path,
+    squashfs: &IsoEntry,
+) -> (RootKind, Option<String>) {
+    let mut head = [0u8; 1028];
+    let read = {
+        let mut reader = iso.open_file(squashfs);
+        let mut got = 0;
+        while got < head.len() {
+            match reader.read(&mut head[got..]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        got
+    };
+    if read >= 1028 && head[1024..1028] == 0xE0F5_E1E2u32.to_le_bytes() {
+        return (RootKind::Erofs, Some("erofs".into()));
+    }
+    if read < 96 || &head[0..4] != b"hsqs" {
+        return (
+            RootKind::Unknown {
+                reason: "LiveOS/squashfs.img is neither squashfs nor EROFS".into(),
+            },
+            None,
+        );
+    }
+    let compressor = compressor_name(u16::from_le_bytes([head[20], head[21]])).map(String::from);
+    let root = match squashfs.extents.as_slice() {
+        [extent] => list_nested_root(iso_path, extent.offset),
+        _ => RootKind::Unknown {
+            reason: "squashfs.img is stored in several pieces in the ISO".into(),
+        },
+    };
+    (root, compressor)
+}
+
+/// Asks `unsquashfs` (reading the ISO in place at the image's offset) whether
+/// the squashfs holds a nested root filesystem image.
+fn list_nested_root(iso_path: &Path, offset: u64) -> RootKind {
+    let output = Command::new("unsquashfs")
+        .arg("-o")
+        .arg(offset.to_string())
+        .arg("-l")
+        .arg(iso_path)
+        .output();
+    let output = match output {
+        Ok(o) if o.status.success() => o,
+        Ok(o) => {
+            return RootKind::Unknown {
+                reason: format!(
+                    "unsquashfs could not list the image: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+            };
+        }
+        Err(_) => {
+            return RootKind::Unknown {
+                reason: "unsquashfs not found (install squashfs-tools)".into(),
+            };
+        }
+    };
+    let listing = String::from_utf8_lossy(&output.stdout);
+    for candidate in ["LiveOS/rootfs.img", "LiveOS/ext3fs.img"] {
+        if listing
+            .lines()
+            .any(|l| l.trim_end() == format!("squashfs-root/{candidate}"))
+        {
+            return RootKind::Nested {
+                image: candidate.to_string(),
+            };
+        }
+    }
+    RootKind::Flat
+}
+
+impl LiveImage {
+    /// The menu the stick's configs are rendered from: isolinux when the ISO
+    /// has it (it names every BIOS entry), else the EFI GRUB menu.
+    pub fn primary_menu(&self) -> &MenuFile {
+        self.menus
+            .iter()
+            .find(|m| m.path.ends_with("isolinux.cfg") || m.path.ends_with("syslinux.cfg"))
+            .or_else(|| self.menus.iter().find(|m| m.path == "/EFI/BOOT/grub.cfg"))
+            .unwrap_or(&self.menus[0])
+    }
+
+    /// The EFI GRUB menu when the ISO has one (its serial/terminal preamble and
+    /// entries are what UEFI users saw), else the primary menu.
+    pub fn efi_menu(&self) -> &MenuFile {
+        self.menus
+            .iter()
+            .find(|m| m.path == "/EFI/BOOT/grub.cfg")
+            .unwrap_or_else(|| self.primary_menu())
+    }
+
+    pub fn squashfs_entry(&self) -> &IsoEntry {
+        &self.squashfs_entry
+    }
+
+    /// Seeks a reader of the ISO to the squashfs image's first byte.
+    pub fn squashfs_offset(&self) -> Option<u64> {
+        self.squashfs_entry.extents.first().map(|e| e.offset)
+    }
+}
+
+/// Reads `len` bytes at `offset` of the ISO file (for small probes).
+pub fn read_at(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf)?;
+    Ok(buf)
+}

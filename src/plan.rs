@@ -1,0 +1,554 @@
+//! The write plan: everything `livestick write` will do, as plain data.
+//!
+//! Planning is a pure function of the [`LiveImage`], the target's probe (and,
+//! when installing into an existing stick, what its FAT filesystem holds) and
+//! the options. `--dry-run` prints it; `apply` executes it. Every check on the
+//! user's input happens here, before the first byte is written.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::boot::cmdline::{DracutNames, KernelArgs, OverlayBoot, StickArgs};
+use crate::boot::render::{self, RenderParams};
+use crate::disk::fat::{self, FAT_MAX_FILE};
+use crate::disk::partition::{self, PartitionLayout, TableKind};
+use crate::disk::target::{TargetKind, TargetProbe};
+use crate::size::{MIB, human, mib_ceil};
+use crate::source::live::{LiveImage, RootKind};
+
+/// Bytes reserved for directories, configs and the SYSLINUX files.
+const BOOT_SLACK: u64 = 2 * MIB;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FormatMode {
+    /// Format when the target has no usable FAT partition (new or empty).
+    Auto,
+    /// `--format`: always create a new partition table and filesystem.
+    Always,
+    /// `--noformat`/existing stick: never format.
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HomeEncryption {
+    None,
+    Luks,
+}
+
+/// What the user asked for.
+#[derive(Debug, Clone)]
+pub struct WriteOptions {
+    pub format: FormatMode,
+    pub table: TableKind,
+    pub label: Option<String>,
+    pub live_dir: String,
+    pub overlay_size: Option<u64>,
+    pub overlayfs: bool,
+    pub home_size: Option<u64>,
+    pub home_encryption: HomeEncryption,
+    pub swap_size: Option<u64>,
+    pub extra_args: KernelArgs,
+    pub timeout_secs: Option<u32>,
+    pub volume_id: u32,
+    pub bios: bool,
+}
+
+/// What is already on the target's FAT partition (no `--format`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ExistingFs {
+    pub table: TableKind,
+    pub partition_start: u64,
+    pub partition_len: u64,
+    pub label: String,
+    pub volume_id: u32,
+    pub cluster_size: u64,
+    pub free_bytes: u64,
+    /// Files (path, size) that this write replaces, whose space comes back.
+    pub replaced: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "from")]
+pub enum CopySource {
+    Iso { path: String },
+    Host { path: PathBuf },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CopyStep {
+    pub source: CopySource,
+    pub dest: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigStep {
+    pub dest: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OverlayStep {
+    pub path: String,
+    pub size: u64,
+    pub kind: OverlayBoot,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HomeStep {
+    pub path: String,
+    pub size: u64,
+    pub encryption: HomeEncryption,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SwapStep {
+    pub path: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetSummary {
+    pub path: PathBuf,
+    pub kind: TargetKind,
+    pub exists: bool,
+    pub size_before: u64,
+    pub size: u64,
+}
+
+/// Everything `apply` will do.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub source: PathBuf,
+    pub source_label: String,
+    pub target: TargetSummary,
+    /// A new partition table and filesystem, or `None` to install into the existing one.
+    pub format: Option<PartitionLayout>,
+    pub partition_start: u64,
+    pub partition_len: u64,
+    pub table: TableKind,
+    pub label: String,
+    pub fs_uuid: String,
+    pub volume_id: u32,
+    pub live_dir: String,
+    pub copies: Vec<CopyStep>,
+    pub configs: Vec<ConfigStep>,
+    pub overlay: Option<OverlayStep>,
+    pub home: Option<HomeStep>,
+    pub swap: Option<SwapStep>,
+    /// Install SYSLINUX and MBR boot code for BIOS boot.
+    pub bios: bool,
+    pub uefi: bool,
+    pub bytes_to_write: u64,
+    pub space_available: u64,
+    pub space_needed: u64,
+    pub free_after: u64,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Fat(#[from] fat::FatError),
+    #[error(transparent)]
+    Partition(#[from] partition::PartitionError),
+    #[error(
+        "the target is too small by {short_mib} MiB: this write needs {needed_mib} MiB but the partition holds {available_mib} MiB; use a larger stick or --size, or smaller --overlay-size-mb/--home-size-mb"
+    )]
+    TooSmall {
+        needed_mib: u64,
+        available_mib: u64,
+        short_mib: u64,
+    },
+    #[error(
+        "--{option} {mib} MiB is over the FAT32 limit of 4095 MiB for one file; choose at most 4095"
+    )]
+    OverFatLimit { option: &'static str, mib: u64 },
+    #[error("--{option} must be at least 1 MiB")]
+    ZeroSize { option: &'static str },
+    #[error(
+        "{0} is larger than 4 GiB and cannot be stored on FAT32; this ISO cannot be written in file mode"
+    )]
+    SourceFileTooLarge(String),
+    #[error(
+        "the ISO's root filesystem is directly in squashfs.img (no LiveOS/rootfs.img), where a device-mapper snapshot overlay cannot work; use --overlayfs for persistence"
+    )]
+    FlatNeedsOverlayFs,
+    #[error(
+        "the existing partition is labelled {existing:?}; changing the label to {wanted:?} needs --format (which erases the stick)"
+    )]
+    LabelChange { existing: String, wanted: String },
+    #[error("invalid --livedir {0:?}: use a single directory name of letters, digits, '_' or '-'")]
+    InvalidLiveDir(String),
+    #[error("rendering the boot configuration: {0}")]
+    Render(String),
+}
+
+/// Rounds a file size up to whole clusters, as FAT allocates it.
+fn on_disk(size: u64, cluster: u64) -> u64 {
+    size.div_ceil(cluster).max(1) * cluster
+}
+
+/// Usable data bytes of a FAT32 filesystem of `len` bytes with `cluster`-byte
+/// clusters: what is left after the reserved sectors and two FATs.
+fn fat32_data_bytes(len: u64, cluster: u64) -> u64 {
+    let reserved = 32 * 512;
+    let clusters = len / cluster;
+    let fat_bytes = (clusters + 2) * 4;
+    let fat_bytes = fat_bytes.div_ceil(512) * 512;
+    len.saturating_sub(reserved + 2 * fat_bytes)
+}
+
+fn check_size(option: &'static str, size: Option<u64>) -> Result<(), PlanError> {
+    if let Some(size) = size {
+        if size < MIB {
+            return Err(PlanError::ZeroSize { option });
+        }
+        if size > FAT_MAX_FILE {
+            return Err(PlanError::OverFatLimit {
+                option,
+                mib: size / MIB,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Builds the plan. `existing` is `Some` when the target already has a FAT
+/// partition and the user did not ask for `--format`.
+pub fn plan_write(
+    live: &LiveImage,
+    target: &TargetProbe,
+    target_size: u64,
+    existing: Option<ExistingFs>,
+    opts: &WriteOptions,
+    syslinux_modules: Option<&std::path::Path>,
+) -> Result<Plan, PlanError> {
+    check_size("overlay-size-mb", opts.overlay_size)?;
+    check_size("home-size-mb", opts.home_size)?;
+    check_size("swap-size-mb", opts.swap_size)?;
+    if opts.live_dir.is_empty()
+        || !opts
+            .live_dir
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(PlanError::InvalidLiveDir(opts.live_dir.clone()));
+    }
+    if let Some(label) = &opts.label {
+        fat::validate_label(label)?;
+    }
+    if opts.overlay_size.is_some()
+        && !opts.overlayfs
+        && matches!(live.root, RootKind::Flat | RootKind::Erofs)
+    {
+        return Err(PlanError::FlatNeedsOverlayFs);
+    }
+
+    let (format, table, part_start, part_len, label, volume_id, cluster, available) =
+        match &existing {
+            Some(fs) => {
+                if let Some(wanted) = &opts.label
+                    && wanted != &fs.label
+                {
+                    return Err(PlanError::LabelChange {
+                        existing: fs.label.clone(),
+                        wanted: wanted.clone(),
+                    });
+                }
+                let reclaimed: u64 = fs
+                    .replaced
+                    .iter()
+                    .map(|(_, s)| on_disk(*s, fs.cluster_size))
+                    .sum();
+                (
+                    None,
+                    fs.table,
+                    fs.partition_start,
+                    fs.partition_len,
+                    fs.label.clone(),
+                    fs.volume_id,
+                    fs.cluster_size,
+                    fs.free_bytes + reclaimed,
+                )
+            }
+            None => {
+                let layout = partition::layout_single(target_size, opts.table)?;
+                let cluster = fat::cluster_size_for(layout.len)? as u64;
+                let available = fat32_data_bytes(layout.len, cluster);
+                (
+                    Some(layout.clone()),
+                    opts.table,
+                    layout.start,
+                    layout.len,
+                    opts.label.clone().unwrap_or_else(|| "LIVE".to_string()),
+                    opts.volume_id,
+                    cluster,
+                    available,
+                )
+            }
+        };
+    let fs_uuid = fat::format_volume_id(volume_id);
+    let dir = &opts.live_dir;
+
+    let mut copies = Vec::new();
+    let add_iso = |copies: &mut Vec<CopyStep>, src: &str, dest: String, size: u64| {
+        if !copies.iter().any(|c: &CopyStep| c.dest == dest) {
+            copies.push(CopyStep {
+                source: CopySource::Iso {
+                    path: src.to_string(),
+                },
+                dest,
+                size,
+            });
+        }
+    };
+    for f in &live.live_files {
+        let rel = f
+            .path
+            .strip_prefix(&format!("/{}/", live.live_dir))
+            .unwrap_or(&f.path);
+        add_iso(&mut copies, &f.path, format!("/{dir}/{rel}"), f.size);
+    }
+    for f in &live.efi_files {
+        if f.path.eq_ignore_ascii_case("/EFI/BOOT/grub.cfg") {
+            continue;
+        }
+        add_iso(&mut copies, &f.path, f.path.clone(), f.size);
+    }
+    for f in &live.boot_files {
+        add_iso(&mut copies, &f.path, f.path.clone(), f.size);
+    }
+    for c in &copies {
+        if c.size > FAT_MAX_FILE {
+            return Err(PlanError::SourceFileTooLarge(c.dest.clone()));
+        }
+    }
+    let mut notes = Vec::new();
+    if opts.bios {
+        match syslinux_modules {
+            Some(modules) => {
+                for module in crate::boot::syslinux::MENU_MODULES {
+                    let path = modules.join(module);
+                    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                    copies.push(CopyStep {
+                        source: CopySource::Host { path },
+                        dest: format!("/syslinux/{module}"),
+                        size,
+                    });
+                }
+            }
+            None => notes.push("SYSLINUX not found on this host: the stick will not boot in BIOS mode".into()),
+        }
+    }
+
+    let overlay_kind = match (opts.overlay_size, opts.overlayfs) {
+        (None, _) => OverlayBoot::None,
+        (Some(_), false) => OverlayBoot::DmSnapshot,
+        (Some(_), true) => OverlayBoot::OverlayFs,
+    };
+    let overlay = opts.overlay_size.map(|size| OverlayStep {
+        path: format!("/{dir}/overlay-{label}-{fs_uuid}"),
+        size,
+        kind: overlay_kind,
+    });
+    let home = opts.home_size.map(|size| HomeStep {
+        path: format!("/{dir}/home.img"),
+        size,
+        encryption: opts.home_encryption,
+    });
+    let swap = opts.swap_size.map(|size| SwapStep {
+        path: format!("/{dir}/swap.img"),
+        size,
+    });
+
+    let stick = StickArgs {
+        fs_uuid: fs_uuid.clone(),
+        live_dir: dir.clone(),
+        overlay: overlay_kind,
+        dracut: DracutNames::Classic,
+        extra: opts.extra_args.clone(),
+    };
+    let primary = live.primary_menu();
+    let params = RenderParams {
+        title: primary
+            .menu
+            .title
+            .clone()
+            .unwrap_or_else(|| live.label.clone()),
+        label: label.clone(),
+        fs_uuid: fs_uuid.clone(),
+        timeout_secs: opts
+            .timeout_secs
+            .or(primary.menu.timeout_secs)
+            .unwrap_or(10),
+        stick,
+    };
+    let mut configs = Vec::new();
+    if opts.bios {
+        let text = render::render_syslinux(&primary.menu, &params)
+            .map_err(|e| PlanError::Render(e.to_string()))?;
+        configs.push(ConfigStep {
+            dest: "/syslinux/syslinux.cfg".into(),
+            content: text,
+        });
+    }
+    let uefi = live
+        .efi_files
+        .iter()
+        .any(|f| f.path.to_ascii_uppercase().starts_with("/EFI/BOOT/BOOT"));
+    if uefi {
+        let text = render::render_grub(&live.efi_menu().menu, &params)
+            .map_err(|e| PlanError::Render(e.to_string()))?;
+        if live.menus.iter().any(|m| m.path == "/boot/grub2/grub.cfg") {
+            configs.push(ConfigStep {
+                dest: "/boot/grub2/grub.cfg".into(),
+                content: text.clone(),
+            });
+        }
+        configs.push(ConfigStep {
+            dest: "/EFI/BOOT/grub.cfg".into(),
+            content: text,
+        });
+    } else {
+        notes.push("the ISO has no EFI/BOOT loader: the stick will not boot in UEFI mode".into());
+    }
+
+    let data_bytes: u64 = copies.iter().map(|c| c.size).sum::<u64>()
+        + overlay.as_ref().map_or(0, |o| o.size)
+        + home.as_ref().map_or(0, |h| h.size)
+        + swap.as_ref().map_or(0, |s| s.size);
+    let space_needed: u64 = copies
+        .iter()
+        .map(|c| on_disk(c.size, cluster))
+        .chain(configs.iter().map(|c| on_disk(c.content.len() as u64, cluster)))
+        .chain(overlay.iter().map(|o| on_disk(o.size, cluster)))
+        .chain(home.iter().map(|h| on_disk(h.size, cluster)))
+        .chain(swap.iter().map(|s| on_disk(s.size, cluster)))
+        .sum::<u64>()
+        + BOOT_SLACK;
+    if space_needed > available {
+        let needed_mib = mib_ceil(space_needed);
+        let available_mib = available / MIB;
+        return Err(PlanError::TooSmall {
+            needed_mib,
+            available_mib,
+            short_mib: needed_mib.saturating_sub(available_mib).max(1),
+        });
+    }
+    if target.kind == TargetKind::ImageFile && !target.exists {
+        notes.push(format!("creates the image file ({})", human(target_size)));
+    } else if target.kind == TargetKind::ImageFile && target_size > target.size {
+        notes.push(format!(
+            "grows the image file from {} to {}",
+            human(target.size),
+            human(target_size)
+        ));
+    }
+    Ok(Plan {
+        source: live.path.clone(),
+        source_label: live.label.clone(),
+        target: TargetSummary {
+            path: target.path.clone(),
+            kind: target.kind,
+            exists: target.exists,
+            size_before: target.size,
+            size: target_size,
+        },
+        format,
+        partition_start: part_start,
+        partition_len: part_len,
+        table,
+        label,
+        fs_uuid,
+        volume_id,
+        live_dir: dir.clone(),
+        copies,
+        configs,
+        overlay,
+        home,
+        swap,
+        bios: opts.bios,
+        uefi,
+        bytes_to_write: data_bytes,
+        space_available: available,
+        space_needed,
+        free_after: available - space_needed,
+        notes,
+    })
+}
+
+impl Plan {
+    /// The plan as people read it (`--dry-run`).
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        let t = &self.target;
+        out.push_str(&format!(
+            "Plan: {} ({}) -> {} ({:?}, {})\n",
+            self.source.display(),
+            self.source_label,
+            t.path.display(),
+            t.kind,
+            human(t.size)
+        ));
+        match &self.format {
+            Some(layout) => out.push_str(&format!(
+                "  partition table  new {} ; partition 1 FAT32 at {} MiB, {} , label {}, UUID {}, boot flag\n",
+                layout.table,
+                layout.start / MIB,
+                human(layout.len),
+                self.label,
+                self.fs_uuid
+            )),
+            None => out.push_str(&format!(
+                "  partition        existing {} partition at {} MiB, {}, label {}, UUID {} (files outside /{} and the boot dirs are kept)\n",
+                self.table,
+                self.partition_start / MIB,
+                human(self.partition_len),
+                self.label,
+                self.fs_uuid,
+                self.live_dir
+            )),
+        }
+        out.push_str("  files\n");
+        for c in &self.copies {
+            let from = match &c.source {
+                CopySource::Iso { path } => format!("iso:{path}"),
+                CopySource::Host { path } => format!("host:{}", path.display()),
+            };
+            out.push_str(&format!("    {:>10}  {}  <- {}\n", human(c.size), c.dest, from));
+        }
+        out.push_str("  configs\n");
+        for c in &self.configs {
+            out.push_str(&format!("    {:>10}  {}\n", human(c.content.len() as u64), c.dest));
+        }
+        if let Some(o) = &self.overlay {
+            out.push_str(&format!("  overlay          {} ({}, {:?})\n", o.path, human(o.size), o.kind));
+        }
+        if let Some(h) = &self.home {
+            out.push_str(&format!("  home             {} ({}, {:?})\n", h.path, human(h.size), h.encryption));
+        }
+        if let Some(s) = &self.swap {
+            out.push_str(&format!("  swap             {} ({})\n", s.path, human(s.size)));
+        }
+        out.push_str(&format!(
+            "  boot             BIOS: {}   UEFI: {}\n",
+            if self.bios { "SYSLINUX + MBR code" } else { "no" },
+            if self.uefi { "EFI/BOOT" } else { "no" }
+        ));
+        out.push_str(&format!(
+            "  space            {} needed of {}, {} free after\n",
+            human(self.space_needed),
+            human(self.space_available),
+            human(self.free_after)
+        ));
+        for n in &self.notes {
+            out.push_str(&format!("  note: {n}\n"));
+        }
+        out
+    }
+}
