@@ -15,3 +15,4 @@ pub mod plan;
 pub mod progress;
 pub mod size;
 pub mod source;
+pub mod squash;

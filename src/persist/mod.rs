@@ -1,3 +1,4 @@
 //! Persistence on the stick: the dm-snapshot overlay store, its maintenance, home.img.
 pub mod snapshot;
 pub mod luks;
+pub mod merge;
