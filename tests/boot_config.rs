@@ -127,10 +127,19 @@ submenu 'Troubleshooting -->' {
 /// Shaped like Fedora 42's boot/grub2/grub.cfg: `($root)` paths, plain
 /// `linux`/`initrd`, several initrds, a quoted argument with spaces, an
 /// entry with a title holding a quote.
-const F42_GRUB: &str = "set default=\"0\"
+const F42_GRUB: &str = "set btrfs_relative_path=\"y\"
+export btrfs_relative_path
+search --file --set=root /boot/0x4c533432
+set default=\"0\"
 set timeout=5
-search --no-floppy --set=root -l 'Fedora-KDE-Live-42-1-1'
+set timeout_style=menu
+if [ \"${grub_platform}\" = \"efi\" ]; then
+    echo \"Please press 't' to show the boot menu on this console\"
+fi
+insmod gzio
 menuentry 'Start Fedora-KDE-Live 42' --class fedora --class gnu-linux --class gnu --class os {
+    set gfxpayload=keep
+    echo Loading kernel...
 \tlinux ($root)/boot/x86_64/loader/linux root=live:CDLABEL=Fedora-KDE-Live-42-1-1 rd.live.image quiet rhgb \"systemd.setenv=GREETING=hello world\"
 \tinitrd ($root)/boot/x86_64/loader/initrd ($root)/boot/x86_64/loader/microcode.img
 }
@@ -144,6 +153,10 @@ submenu 'Troubleshooting -->' {
 \t\tinitrd ($root)/boot/x86_64/loader/initrd
 \t}
 \tmenuentry 'UEFI Firmware Settings' { fwsetup }
+}
+menuentry \"Start Fedora-KDE-Live 42 (Failsafe)\" --class fedora --class gnu-linux --class gnu --class os {
+    linux ($root)/boot/x86_64/loader/linux root=live:CDLABEL=Fedora-KDE-Live-42-1-1 rd.live.image nomodeset ide=nodma apm=off noresume edd=off nomodeset 3
+    initrd ($root)/boot/x86_64/loader/initrd
 }
 ";
 
@@ -254,7 +267,9 @@ fn fedora_grub_models() {
     );
 
     let f = parse_grub(F42_GRUB).expect("parses");
-    assert_eq!(f.entries.len(), 3);
+    assert_eq!(f.entries.len(), 4);
+    assert_eq!(f.entries[3].purpose, EntryPurpose::BasicGraphics);
+    assert_eq!(f.timeout_secs, Some(5));
     assert_eq!(f.entries[0].kernel, "/boot/x86_64/loader/linux");
     assert_eq!(
         f.entries[0].initrds,
@@ -373,6 +388,11 @@ fn grub_only_iso_gets_a_bios_config() {
     p.timeout_secs = WAIT_FOREVER;
     let cfg = render_syslinux(&menu, &p).expect("renders");
     assert!(cfg.contains("\nTIMEOUT 0\n"), "{cfg}");
+    // The failsafe entry's repeated nomodeset is written once.
+    assert!(
+        cfg.contains("rd.live.image nomodeset ide=nodma apm=off noresume edd=off 3 rd.live.ram=0"),
+        "{cfg}"
+    );
     assert!(cfg.contains(
         "  LINUX /boot/x86_64/loader/linux\n  APPEND initrd=/boot/x86_64/loader/initrd,/boot/x86_64/loader/microcode.img root=live:UUID=1A2B-3C4D rd.live.image rhgb systemd.setenv=\"GREETING=hello world\" rd.live.ram=0 quiet\n"
     ), "{cfg}");

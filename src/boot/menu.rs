@@ -572,6 +572,9 @@ struct GrubParser {
     menu: BootMenu,
     default: Option<String>,
     skipped: usize,
+    /// Targets of `configfile` commands (kiwi-built ISOs hand over to
+    /// boot/grub2/grub.cfg this way from EFI/BOOT/grub.cfg).
+    configfiles: Vec<String>,
 }
 
 /// GRUB paths may start with a device, `($root)/…` or `(hd0,1)/…`; on the
@@ -654,6 +657,12 @@ impl GrubParser {
                             // -1 (wait forever) becomes None.
                             self.menu.timeout_secs = u32::try_from(t).ok();
                         }
+                    }
+                }
+                "configfile" | "source" => {
+                    if let Some(target) = cmd.words.get(1) {
+                        let mut ignored = Vec::new();
+                        self.configfiles.push(grub_path(target, &mut ignored));
                     }
                 }
                 "serial" | "terminal_input" | "terminal_output" | "terminal" if depth == 0 => {
@@ -802,6 +811,23 @@ pub(crate) fn grub_quote(w: &str) -> String {
     }
 }
 
+/// The files a grub.cfg hands over to with `configfile` or `source`, as
+/// absolute paths (device prefixes such as `($root)` removed), so the caller
+/// can find the real menu of a kiwi-built ISO.
+pub fn grub_config_targets(text: &str) -> Vec<String> {
+    let mut ignored = Vec::new();
+    grub_commands(grub_tokens(text))
+        .into_iter()
+        .filter(|c| {
+            matches!(
+                c.words.first().map(String::as_str),
+                Some("configfile" | "source")
+            )
+        })
+        .filter_map(|c| c.words.get(1).map(|t| grub_path(t, &mut ignored)))
+        .collect()
+}
+
 /// Parses a grub.cfg. Submenus are flattened in order; entries without a
 /// `linux` line (chainloader, firmware setup) are skipped.
 pub fn parse_grub(text: &str) -> Result<BootMenu, MenuError> {
@@ -818,16 +844,29 @@ pub fn parse_grub(text: &str) -> Result<BootMenu, MenuError> {
         },
         default: None,
         skipped: 0,
+        configfiles: Vec::new(),
     };
     let items = p.block(0);
     if p.menu.entries.is_empty() {
+        let mut detail = format!(
+            "{} menuentry(s) without a `linux` line, none with one",
+            p.skipped
+        );
+        if !p.configfiles.is_empty() {
+            detail.push_str(&format!(
+                "; it loads {} with `configfile`, whose menu is the one to read",
+                p.configfiles.join(", ")
+            ));
+        }
         return Err(MenuError::NoBootableEntry {
             file: "grub.cfg".into(),
-            detail: format!(
-                "{} menuentry(s) without a `linux` line, none with one",
-                p.skipped
-            ),
+            detail,
         });
+    }
+    for c in &p.configfiles {
+        p.menu.warnings.push(format!(
+            "`configfile`/`source` {c} not followed; only entries in this file are used"
+        ));
     }
     if let Some(d) = p.default.take() {
         match resolve_grub_default(&items, &d) {
@@ -1136,6 +1175,21 @@ submenu 'Troubleshooting -->' {\n\
         assert!(
             err.to_string()
                 .contains("grub.cfg has no bootable Linux entry")
+        );
+    }
+
+    #[test]
+    fn grub_kiwi_efi_stub_points_at_the_real_menu() {
+        let stub = "set btrfs_relative_path=\"yes\"\n\
+            search --file --set=root /boot/0x4c533432\n\
+            set prefix=($root)/boot/grub2\n\
+            configfile ($root)/boot/grub2/grub.cfg\n";
+        assert_eq!(grub_config_targets(stub), ["/boot/grub2/grub.cfg"]);
+        let err = parse_grub(stub).expect_err("no entries in the stub");
+        assert!(
+            err.to_string()
+                .contains("/boot/grub2/grub.cfg with `configfile`"),
+            "{err}"
         );
     }
 
