@@ -219,6 +219,8 @@ pub fn apply(
         window
             .flush()
             .map_err(ApplyError::io("flushing the FAT filesystem"))?;
+        fat::repair_fatfs_quirks(&mut window)
+            .map_err(ApplyError::fat("finishing the FAT filesystem"))?;
     }
     file.sync_all().map_err(ApplyError::io("syncing the target"))?;
 
@@ -227,6 +229,9 @@ pub fn apply(
     {
         progress.note("installing SYSLINUX");
         syslinux::install(files, &probe.path, start, "/syslinux")?;
+        let mut window = PartitionWindow::new(&mut file, start, len);
+        fat::sync_backup_boot_sector(&mut window)
+            .map_err(ApplyError::fat("updating the backup boot sector"))?;
     }
 
     let mut verified = false;

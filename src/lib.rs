@@ -6,6 +6,7 @@
 //! `Read + Write + Seek`, so most of it is tested without devices or root.
 
 pub mod boot;
+pub mod cli;
 pub mod commands;
 pub mod disk;
 pub mod apply;

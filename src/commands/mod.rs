@@ -1,1 +1,21 @@
 //! One module per subcommand: glue from arguments to library calls and a report.
+pub mod inspect;
+pub mod write;
+
+use std::io::{BufRead, IsTerminal, Write};
+
+/// Asks a yes/no question on the terminal; `assume_yes` answers it. Without a
+/// terminal and without `--yes` the answer is no: scripts must opt in.
+pub fn confirm(question: &str, assume_yes: bool) -> anyhow::Result<bool> {
+    if assume_yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("{question}\nrefusing without confirmation: no terminal to ask on; add --yes to proceed");
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}

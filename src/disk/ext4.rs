@@ -57,6 +57,9 @@ pub struct Ext4Options {
     pub uuid: Option<uuid::Uuid>,
     /// Percentage of blocks reserved for root (`-m`); mke2fs's 5 % when `None`.
     pub reserved_percent: Option<u8>,
+    /// Block size in bytes (`-b`); mke2fs picks by size when `None` (1 KiB
+    /// for small images). Inside LUKS with 4096-byte sectors it must be 4096.
+    pub block_size: Option<u32>,
     /// Extra feature edits for `-O`, e.g. `^64bit` when extlinux must read it.
     pub features: Vec<String>,
 }
@@ -116,7 +119,7 @@ pub fn make_ext4_image(
     label: &str,
     opts: &Ext4Options,
 ) -> Result<(), Ext4Error> {
-    if size % 1024 != 0 || size < MIN_EXT4_SIZE {
+    if !size.is_multiple_of(1024) || size < MIN_EXT4_SIZE {
         return Err(Ext4Error::BadSize {
             size,
             min: MIN_EXT4_SIZE,
@@ -149,6 +152,9 @@ pub fn make_ext4_image(
     if let Some(u) = opts.uuid {
         args.extend(["-U".into(), u.hyphenated().to_string().into()]);
     }
+    if let Some(b) = opts.block_size {
+        args.extend(["-b".into(), b.to_string().into()]);
+    }
     if let Some(m) = opts.reserved_percent {
         args.extend(["-m".into(), m.to_string().into()]);
     }
@@ -178,7 +184,7 @@ pub fn check_ext4_image(path: &Path) -> Result<(), Ext4Error> {
 /// Grow the ext4 filesystem in the regular file `path` to `new_size` bytes,
 /// extending the file first. Shrinking is refused.
 pub fn grow_ext4_image(path: &Path, new_size: u64) -> Result<(), Ext4Error> {
-    if new_size % 1024 != 0 {
+    if !new_size.is_multiple_of(1024) {
         return Err(Ext4Error::BadSize {
             size: new_size,
             min: MIN_EXT4_SIZE,

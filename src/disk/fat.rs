@@ -347,6 +347,180 @@ pub fn free_bytes<F: Read + Write + Seek>(fs: &FatFs<'_, F>) -> Result<u64, FatE
     Ok(stats.free_clusters() as u64 * stats.cluster_size() as u64)
 }
 
+/// Geometry of a FAT32 filesystem, from its boot sector.
+#[derive(Debug, Clone, Copy)]
+struct Fat32Geometry {
+    bytes_per_sector: u64,
+    cluster_bytes: u64,
+    fat_offset: u64,
+    fat_bytes: u64,
+    fats: u64,
+    data_offset: u64,
+    root_cluster: u32,
+    fsinfo_sector: u64,
+    clusters: u32,
+}
+
+fn geometry<F: Read + Write + Seek>(window: &mut PartitionWindow<F>) -> io::Result<Fat32Geometry> {
+    let mut bpb = [0u8; 512];
+    window.seek(SeekFrom::Start(0))?;
+    window.read_exact(&mut bpb)?;
+    let bytes_per_sector = u16::from_le_bytes([bpb[11], bpb[12]]) as u64;
+    let sectors_per_cluster = bpb[13] as u64;
+    let reserved = u16::from_le_bytes([bpb[14], bpb[15]]) as u64;
+    let fats = bpb[16] as u64;
+    let fat_sectors = u32::from_le_bytes([bpb[36], bpb[37], bpb[38], bpb[39]]) as u64;
+    let total = u32::from_le_bytes([bpb[32], bpb[33], bpb[34], bpb[35]]) as u64;
+    if bytes_per_sector == 0 || sectors_per_cluster == 0 || fat_sectors == 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a FAT32 boot sector"));
+    }
+    let data_offset = (reserved + fats * fat_sectors) * bytes_per_sector;
+    let clusters = (total.saturating_sub(reserved + fats * fat_sectors) / sectors_per_cluster) as u32;
+    Ok(Fat32Geometry {
+        bytes_per_sector,
+        cluster_bytes: sectors_per_cluster * bytes_per_sector,
+        fat_offset: reserved * bytes_per_sector,
+        fat_bytes: fat_sectors * bytes_per_sector,
+        fats,
+        data_offset,
+        root_cluster: u32::from_le_bytes([bpb[44], bpb[45], bpb[46], bpb[47]]),
+        fsinfo_sector: u16::from_le_bytes([bpb[48], bpb[49]]) as u64,
+        clusters,
+    })
+}
+
+fn read_fat_entry<F: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+    g: &Fat32Geometry,
+    cluster: u32,
+) -> io::Result<u32> {
+    let mut entry = [0u8; 4];
+    window.seek(SeekFrom::Start(g.fat_offset + cluster as u64 * 4))?;
+    window.read_exact(&mut entry)?;
+    Ok(u32::from_le_bytes(entry) & 0x0fff_ffff)
+}
+
+/// Corrects what `fatfs` 0.3.6 gets wrong, so `fsck.fat` finds the volume clean:
+/// it writes long-name entries in front of every directory's `.` and `..`
+/// (which fsck and some firmware reject), and leaves the FSInfo free-cluster
+/// count unset. Run on a flushed, unmounted filesystem.
+pub fn repair_fatfs_quirks<F: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+) -> Result<(), FatError> {
+    let g = geometry(window)?;
+    let cluster_offset = |c: u32| g.data_offset + (c as u64 - 2) * g.cluster_bytes;
+    let max_cluster = g.clusters + 2;
+    // Walk every directory from the root; bounded by the cluster count so a
+    // damaged chain cannot loop forever.
+    let mut pending = vec![(g.root_cluster, true, false)];
+    let mut visited = 0u32;
+    while let Some((first, is_root, parent_is_root)) = pending.pop() {
+        visited += 1;
+        if visited > max_cluster {
+            break;
+        }
+        if !is_root {
+            let at = cluster_offset(first);
+            let mut head = [0u8; 128];
+            window.seek(SeekFrom::Start(at))?;
+            window.read_exact(&mut head)?;
+            let is_lfn = |i: usize| head[i * 32 + 11] == 0x0f;
+            let name = |i: usize| &head[i * 32..i * 32 + 11];
+            if is_lfn(0) && name(1) == b".          " && is_lfn(2) && name(3) == b"..         " {
+                let mut fixed = [0u8; 128];
+                fixed[0..32].copy_from_slice(&head[32..64]);
+                fixed[32..64].copy_from_slice(&head[96..128]);
+                fixed[64..96].copy_from_slice(&head[0..32]);
+                fixed[96..128].copy_from_slice(&head[64..96]);
+                fixed[64] = 0xe5;
+                fixed[96] = 0xe5;
+                window.seek(SeekFrom::Start(at))?;
+                window.write_all(&fixed)?;
+            }
+            // `..` of a directory in the root must point at cluster 0, not the root's cluster.
+            window.seek(SeekFrom::Start(at))?;
+            window.read_exact(&mut head)?;
+            if parent_is_root && &head[32..43] == b"..         " {
+                for b in [52usize, 53, 58, 59] {
+                    head[b] = 0;
+                }
+                window.seek(SeekFrom::Start(at + 32))?;
+                window.write_all(&head[32..64])?;
+            }
+        }
+        // Collect subdirectories of this directory.
+        let mut cluster = first;
+        let mut steps = 0;
+        let mut buf = vec![0u8; g.cluster_bytes as usize];
+        'chain: while (2..max_cluster).contains(&cluster) && steps < max_cluster {
+            steps += 1;
+            window.seek(SeekFrom::Start(cluster_offset(cluster)))?;
+            window.read_exact(&mut buf)?;
+            for entry in buf.chunks_exact(32) {
+                if entry[0] == 0 {
+                    break 'chain;
+                }
+                let attr = entry[11];
+                if entry[0] == 0xe5 || attr == 0x0f || attr & 0x10 == 0 || entry[0] == b'.' {
+                    continue;
+                }
+                let hi = u16::from_le_bytes([entry[20], entry[21]]) as u32;
+                let lo = u16::from_le_bytes([entry[26], entry[27]]) as u32;
+                let child = hi << 16 | lo;
+                if (2..max_cluster).contains(&child) {
+                    pending.push((child, false, is_root));
+                }
+            }
+            cluster = read_fat_entry(window, &g, cluster)?;
+        }
+    }
+    // FSInfo: free cluster count and next-free hint.
+    let mut free = 0u32;
+    let mut first_free = 0xffff_ffffu32;
+    let mut fat = vec![0u8; g.fat_bytes.min((max_cluster as u64) * 4) as usize];
+    window.seek(SeekFrom::Start(g.fat_offset))?;
+    window.read_exact(&mut fat)?;
+    for (i, e) in fat.chunks_exact(4).enumerate().skip(2) {
+        if u32::from_le_bytes([e[0], e[1], e[2], e[3]]) & 0x0fff_ffff == 0 {
+            free += 1;
+            if first_free == 0xffff_ffff {
+                first_free = i as u32;
+            }
+        }
+    }
+    if g.fsinfo_sector != 0 && g.fsinfo_sector != 0xffff {
+        let at = g.fsinfo_sector * g.bytes_per_sector;
+        let mut sig = [0u8; 4];
+        window.seek(SeekFrom::Start(at))?;
+        window.read_exact(&mut sig)?;
+        if &sig == b"RRaA" {
+            window.seek(SeekFrom::Start(at + 488))?;
+            window.write_all(&free.to_le_bytes())?;
+            window.write_all(&first_free.to_le_bytes())?;
+        }
+    }
+    let _ = g.fats;
+    window.flush()?;
+    Ok(())
+}
+
+/// Makes the FAT32 backup boot sector equal the primary again after a boot
+/// loader installer rewrote only the primary.
+pub fn sync_backup_boot_sector<F: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+) -> Result<(), FatError> {
+    let mut sector = [0u8; 512];
+    window.seek(SeekFrom::Start(0))?;
+    window.read_exact(&mut sector)?;
+    let backup = u16::from_le_bytes([sector[0x32], sector[0x33]]) as u64;
+    if backup != 0 && backup != 0xffff {
+        window.seek(SeekFrom::Start(backup * 512))?;
+        window.write_all(&sector)?;
+        window.flush()?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -158,6 +158,7 @@ pub fn inspect(path: &Path) -> Result<LiveImage, LiveError> {
         .ok_or_else(|| LiveError::NotLive(path.to_path_buf()))?;
 
     let mut menus = Vec::new();
+    let mut menu_errors = Vec::new();
     for (menu_path, is_grub) in [
         ("/isolinux/isolinux.cfg", false),
         ("/syslinux/syslinux.cfg", false),
@@ -183,17 +184,20 @@ pub fn inspect(path: &Path) -> Result<LiveImage, LiveError> {
                 path: menu_path.to_string(),
                 menu,
             }),
-            Err(e) => {
-                return Err(LiveError::Menu {
-                    path: path.to_path_buf(),
-                    menu: menu_path.to_string(),
-                    message: e.to_string(),
-                });
-            }
+            // A menu without entries (kiwi's EFI grub.cfg only chains to
+            // boot/grub2/grub.cfg) is fine as long as another menu has them.
+            Err(e) => menu_errors.push((menu_path.to_string(), e.to_string())),
         }
     }
     if menus.is_empty() {
-        return Err(LiveError::NoMenu(path.to_path_buf()));
+        return Err(match menu_errors.into_iter().next() {
+            Some((menu, message)) => LiveError::Menu {
+                path: path.to_path_buf(),
+                menu,
+                message,
+            },
+            None => LiveError::NoMenu(path.to_path_buf()),
+        });
     }
 
     let mut kernels = Vec::new();
@@ -211,7 +215,10 @@ pub fn inspect(path: &Path) -> Result<LiveImage, LiveError> {
         }
     }
     let mut boot_files = Vec::new();
-    let mut warnings = Vec::new();
+    let mut warnings: Vec<String> = menu_errors
+        .iter()
+        .map(|(menu, message)| format!("{menu} not used: {message}"))
+        .collect();
     for p in kernels.iter().chain(initrds.iter()) {
         match iso.lookup(p).map_err(iso_err(path))? {
             Some(e) if !e.is_dir => boot_files.push(FileInfo::from(&e)),

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the Debian packages livestick's tests and fixtures need, when any is
+# missing. Safe to run repeatedly; does nothing when all are present.
+set -euo pipefail
+
+packages=(
+  # what livestick itself runs: SYSLINUX installer (mtools-based), mke2fs,
+  # unsquashfs/mksquashfs for inspection and overlay merge
+  syslinux syslinux-common mtools e2fsprogs squashfs-tools
+  # independent inspection tools the tests use
+  fdisk dosfstools xorriso isomd5sum cryptsetup-bin util-linux zstd
+  # the fixture ISOs and the boot tests
+  isolinux grub-efi-amd64-bin grub-pc-bin linux-image-amd64 dracut dracut-live
+  busybox-static qemu-system-x86 ovmf erofs-utils cpio
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "missing Debian packages: ${missing[*]}" >&2
+    echo "run as root, or: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "installing: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
