@@ -18,10 +18,14 @@
 //! | 16 MiB        | plain_len   | data segment (`size: dynamic`)              |
 //!
 //! The data segment uses 4096-byte sectors by default: that is what
-//! cryptsetup 2.4+ itself picks for a regular file, it is faster, and LUKS2
-//! then always means dm-crypt's `iv_large_sectors` (the plain64 IV counts
-//! 4096-byte sectors, not 512-byte ones). 512-byte sectors are available
-//! through [`LuksParams::sector_size`]; the reader handles both.
+//! cryptsetup 2.4+ itself picks for a regular file, and it is faster. The
+//! plain64 IV still counts 512-byte units (4096-byte sector `n` has IV `8n`):
+//! LUKS2 does not use dm-crypt's `iv_large_sectors`, which cryptsetup offers
+//! for plain mode only. This was settled against cryptsetup's own
+//! encryption, not assumed (tests/luks_cryptsetup.rs). A filesystem inside
+//! must then use blocks of at least 4096 bytes. 512-byte sectors are
+//! available through [`LuksParams::sector_size`]; the reader handles
+//! 512 to 4096.
 //!
 //! Every buffer that holds key material (volume key, derived keys, the
 //! AF-split keyslot plaintext) is a [`Zeroizing`] buffer, and the AES key
@@ -358,20 +362,30 @@ impl XtsCipher {
         }
     }
 
-    /// Encrypt whole sectors; `first_sector` is the plain64 IV of the first one.
-    fn encrypt(&self, buf: &mut [u8], sector_size: usize, first_sector: u64) {
-        let first = u128::from(first_sector);
-        match self {
-            XtsCipher::Aes128(x) => x.encrypt_area(buf, sector_size, first, get_tweak_default),
-            XtsCipher::Aes256(x) => x.encrypt_area(buf, sector_size, first, get_tweak_default),
+    /// Encrypt whole sectors of `sector_size` bytes. `first_iv` is the plain64
+    /// IV of the first one, and the IV always counts 512-byte units: LUKS2
+    /// never uses dm-crypt's `iv_large_sectors` (that is a plain-mode option),
+    /// so a 4096-byte sector `n` has IV `8n`. cryptsetup's own encryption
+    /// agrees (tests/luks_cryptsetup.rs).
+    fn encrypt(&self, buf: &mut [u8], sector_size: usize, first_iv: u64) {
+        let step = (sector_size / 512) as u64;
+        for (i, sector) in buf.chunks_exact_mut(sector_size).enumerate() {
+            let tweak = get_tweak_default(u128::from(first_iv + i as u64 * step));
+            match self {
+                XtsCipher::Aes128(x) => x.encrypt_sector(sector, tweak),
+                XtsCipher::Aes256(x) => x.encrypt_sector(sector, tweak),
+            }
         }
     }
 
-    fn decrypt(&self, buf: &mut [u8], sector_size: usize, first_sector: u64) {
-        let first = u128::from(first_sector);
-        match self {
-            XtsCipher::Aes128(x) => x.decrypt_area(buf, sector_size, first, get_tweak_default),
-            XtsCipher::Aes256(x) => x.decrypt_area(buf, sector_size, first, get_tweak_default),
+    fn decrypt(&self, buf: &mut [u8], sector_size: usize, first_iv: u64) {
+        let step = (sector_size / 512) as u64;
+        for (i, sector) in buf.chunks_exact_mut(sector_size).enumerate() {
+            let tweak = get_tweak_default(u128::from(first_iv + i as u64 * step));
+            match self {
+                XtsCipher::Aes128(x) => x.decrypt_sector(sector, tweak),
+                XtsCipher::Aes256(x) => x.decrypt_sector(sector, tweak),
+            }
         }
     }
 }
@@ -634,7 +648,7 @@ fn format_with_key<R: Read, W: Write + Seek>(
     params: &LuksParams,
     volume_key: &[u8],
 ) -> Result<LuksFormatted, LuksError> {
-    if plain_len % u64::from(params.sector_size) != 0 {
+    if !plain_len.is_multiple_of(u64::from(params.sector_size)) {
         return Err(LuksError::UnalignedPlaintext {
             plain_len,
             sector_size: params.sector_size,
@@ -664,7 +678,7 @@ fn format_with_key<R: Read, W: Write + Seek>(
                 got: done + got as u64,
             });
         }
-        prep.cipher.encrypt(&mut buf[..want], ss, done / ss as u64);
+        prep.cipher.encrypt(&mut buf[..want], ss, done / 512);
         out.write_all(&buf[..want])?;
         done += want as u64;
     }
@@ -735,7 +749,7 @@ impl<R: Read + Seek> LuksEncryptingReader<R> {
         passphrase: &[u8],
         params: &LuksParams,
     ) -> Result<Self, LuksError> {
-        if plain_len % u64::from(params.sector_size) != 0 {
+        if !plain_len.is_multiple_of(u64::from(params.sector_size)) {
             return Err(LuksError::UnalignedPlaintext {
                 plain_len,
                 sector_size: params.sector_size,
@@ -818,7 +832,7 @@ impl<R: Read + Seek> Read for LuksEncryptingReader<R> {
         }
         self.prep
             .cipher
-            .encrypt(&mut self.buf[..len], ss as usize, sector);
+            .encrypt(&mut self.buf[..len], ss as usize, sector * ss / 512);
         let n = want.min(len - within);
         out[..n].copy_from_slice(&self.buf[within..within + n]);
         self.pos += n as u64;
@@ -1148,13 +1162,16 @@ pub fn open_luks2<R: Read + Seek>(mut r: R, passphrase: &[u8]) -> Result<LuksVol
     }
 }
 
+/// A volume key recovered from a keyslot, with the name of the keyslot's KDF.
+type Unlocked = (Zeroizing<Vec<u8>>, String);
+
 /// Try one keyslot; `Ok(None)` when the passphrase does not open it.
 fn try_keyslot<R: Read + Seek>(
     r: &mut R,
     ks: &Value,
     digest: &Value,
     passphrase: &[u8],
-) -> Result<Option<(Zeroizing<Vec<u8>>, String)>, LuksError> {
+) -> Result<Option<Unlocked>, LuksError> {
     if json_str(&ks["type"], "keyslot type")? != "luks2" {
         return Err(LuksError::Unsupported(format!(
             "keyslot type {}",
@@ -1308,7 +1325,7 @@ impl<R: Read + Seek> LuksVolume<R> {
         self.cipher.decrypt(
             &mut self.buf[..len],
             self.sector_size as usize,
-            sector + self.iv_tweak,
+            sector * self.sector_size / 512 + self.iv_tweak,
         );
         Ok(())
     }
@@ -1356,7 +1373,7 @@ impl<R: Read + Write + Seek> Write for LuksVolume<R> {
         self.cipher.encrypt(
             &mut self.buf[..len],
             self.sector_size as usize,
-            sector + self.iv_tweak,
+            sector * self.sector_size / 512 + self.iv_tweak,
         );
         self.inner.seek(SeekFrom::Start(
             self.data_offset + sector * self.sector_size,

@@ -1,4 +1,5 @@
 //! Persistence on the stick: the dm-snapshot overlay store, its maintenance, home.img.
 pub mod snapshot;
 pub mod luks;
+pub mod swap;
 pub mod merge;
