@@ -181,12 +181,12 @@ pub fn verify_implanted_md5<R: Read + Seek>(
         .map_err(|source| ChecksumError::Io { offset: 0, source })?;
 
     let count = md5.fragment_count;
-    let fragment_size = if count > 0 { total / (count + 1) } else { 0 };
-    let digits_per_fragment = if count > 0 {
-        FRAGMENT_SUMS_LEN / count
+    let fragment_size = if count > 0 {
+        total / count.saturating_add(1)
     } else {
         0
     };
+    let digits_per_fragment = FRAGMENT_SUMS_LEN.checked_div(count).unwrap_or(0);
     let mut previous_fragment = 0u64;
 
     let mut hasher = Md5::new();

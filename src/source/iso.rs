@@ -632,7 +632,8 @@ impl<R: Read + Seek> IsoImage<R> {
             let ident = rec[RECORD_FIXED_LEN..RECORD_FIXED_LEN + name_len].to_vec();
             // A padding byte follows even-length identifiers so the system
             // use area starts on an even offset.
-            let su_start = (RECORD_FIXED_LEN + name_len + usize::from(name_len % 2 == 0)).min(len);
+            let su_start =
+                (RECORD_FIXED_LEN + name_len + usize::from(name_len.is_multiple_of(2))).min(len);
             out.push(RawRecord {
                 at,
                 flags: rec[25],
@@ -1107,7 +1108,7 @@ mod tests {
     const ROOT: u32 = 18;
 
     fn record(ident: &[u8], lba: u32, size: u32, flags: u8, su: &[u8]) -> Vec<u8> {
-        let pad = usize::from(ident.len() % 2 == 0);
+        let pad = usize::from(ident.len().is_multiple_of(2));
         let len = 33 + ident.len() + pad + su.len();
         let mut r = vec![0u8; len];
         r[0] = len as u8;
