@@ -153,16 +153,12 @@ pub fn apply(
                             reason: "no longer on the ISO (did the file change?)".into(),
                         })?;
                     let mut reader = iso.open_file(&entry);
-                    fat::write_file(&fs, &copy.dest, &mut reader, copy.size, |n| {
-                        progress.inc(n)
-                    })
-                    .map_err(ApplyError::fat(step))?
+                    fat::write_file(&fs, &copy.dest, &mut reader, copy.size, |n| progress.inc(n))
+                        .map_err(ApplyError::fat(step))?
                 }
                 CopySource::Host { path } => {
-                    let mut host = File::open(path).map_err(ApplyError::io(format!(
-                        "reading {}",
-                        path.display()
-                    )))?;
+                    let mut host = File::open(path)
+                        .map_err(ApplyError::io(format!("reading {}", path.display())))?;
                     fat::write_file(&fs, &copy.dest, &mut host, copy.size, |n| progress.inc(n))
                         .map_err(ApplyError::fat(step))?
                 }
@@ -173,7 +169,9 @@ pub fn apply(
             let step = format!("allocating the overlay {}", overlay.path);
             let sum = match prepared.overlay_image.as_mut() {
                 Some(image) => {
-                    image.seek(SeekFrom::Start(0)).map_err(ApplyError::io(step.clone()))?;
+                    image
+                        .seek(SeekFrom::Start(0))
+                        .map_err(ApplyError::io(step.clone()))?;
                     fat::write_file(&fs, &overlay.path, image, overlay.size, |n| progress.inc(n))
                         .map_err(ApplyError::fat(step))?
                 }
@@ -201,7 +199,9 @@ pub fn apply(
                 continue;
             };
             let step = format!("writing the {step_name} {path}");
-            image.seek(SeekFrom::Start(0)).map_err(ApplyError::io(step.clone()))?;
+            image
+                .seek(SeekFrom::Start(0))
+                .map_err(ApplyError::io(step.clone()))?;
             let mut limited = image.take(size);
             let sum = fat::write_file(&fs, &path, &mut limited, size, |n| progress.inc(n))
                 .map_err(ApplyError::fat(step))?;
@@ -210,8 +210,14 @@ pub fn apply(
         for config in &plan.configs {
             let step = format!("writing {}", config.dest);
             let bytes = config.content.as_bytes();
-            let sum = fat::write_file(&fs, &config.dest, &mut &bytes[..], bytes.len() as u64, |_| {})
-                .map_err(ApplyError::fat(step))?;
+            let sum = fat::write_file(
+                &fs,
+                &config.dest,
+                &mut &bytes[..],
+                bytes.len() as u64,
+                |_| {},
+            )
+            .map_err(ApplyError::fat(step))?;
             written.push((config.dest.clone(), bytes.len() as u64, sum));
         }
         fs.unmount()
@@ -222,7 +228,8 @@ pub fn apply(
         fat::repair_fatfs_quirks(&mut window)
             .map_err(ApplyError::fat("finishing the FAT filesystem"))?;
     }
-    file.sync_all().map_err(ApplyError::io("syncing the target"))?;
+    file.sync_all()
+        .map_err(ApplyError::io("syncing the target"))?;
 
     if plan.bios
         && let Some(files) = &prepared.syslinux
@@ -241,7 +248,8 @@ pub fn apply(
         let total: u64 = written.iter().map(|w| w.1).sum();
         progress.phase("verify", total);
         let mut window = PartitionWindow::new(&mut file, start, len);
-        let fs = fat::open(&mut window).map_err(ApplyError::fat("reopening the FAT filesystem to verify"))?;
+        let fs = fat::open(&mut window)
+            .map_err(ApplyError::fat("reopening the FAT filesystem to verify"))?;
         for (path, _, expected) in &written {
             let (actual, _) = fat::hash_file(&fs, path, |n| progress.inc(n))
                 .map_err(ApplyError::fat(format!("reading back {path}")))?;
@@ -265,11 +273,12 @@ pub fn apply(
     let boot_code = if plan.bios { boot_code } else { None };
     match &plan.format {
         Some(layout) => {
-            partition::write_table(&mut file, layout, boot_code.as_ref(), plan.volume_id)
-                .map_err(|source| ApplyError::Partition {
+            partition::write_table(&mut file, layout, boot_code.as_ref(), plan.volume_id).map_err(
+                |source| ApplyError::Partition {
                     step: "writing the partition table".into(),
                     source,
-                })?
+                },
+            )?
         }
         None => {
             if let Some(code) = boot_code {
@@ -278,7 +287,8 @@ pub fn apply(
             }
         }
     }
-    file.sync_all().map_err(ApplyError::io("syncing the target"))?;
+    file.sync_all()
+        .map_err(ApplyError::io("syncing the target"))?;
     if probe.kind == TargetKind::BlockDevice
         && let Err(warning) = target::reread_partitions(&file)
     {
@@ -355,7 +365,8 @@ pub fn read_existing(
     // A read-only view: the window never writes unless asked to.
     let mut ro = ReadOnly(file);
     let mut window = PartitionWindow::new(&mut ro, part.start, part.len);
-    let fs = fat::open(&mut window).map_err(ApplyError::fat("opening the existing FAT filesystem"))?;
+    let fs =
+        fat::open(&mut window).map_err(ApplyError::fat("opening the existing FAT filesystem"))?;
     let label = fs.volume_label().trim_end().to_string();
     let volume_id = fs.volume_id();
     let cluster_size = fs.cluster_size() as u64;

@@ -34,7 +34,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Show what a live ISO holds: label, layout, squashfs, kernels, boot menus, EFI files
-    #[command(after_help = "Examples:\n  livestick inspect Fedora.iso\n  livestick inspect Fedora.iso --json | jq .label")]
+    #[command(
+        after_help = "Examples:\n  livestick inspect Fedora.iso\n  livestick inspect Fedora.iso --json | jq .label"
+    )]
     Inspect(InspectArgs),
     /// Write a live ISO to a stick or image file, with persistence
     #[command(after_help = EXAMPLES)]

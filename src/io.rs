@@ -87,7 +87,8 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
 
     fn flush_writes(&mut self) -> io::Result<()> {
         if !self.wbuf.is_empty() {
-            self.inner.seek(SeekFrom::Start(self.start + self.wbuf_at))?;
+            self.inner
+                .seek(SeekFrom::Start(self.start + self.wbuf_at))?;
             self.inner.write_all(&self.wbuf)?;
             self.wbuf.clear();
         }

@@ -342,7 +342,9 @@ pub fn plan_write(
                     });
                 }
             }
-            None => notes.push("SYSLINUX not found on this host: the stick will not boot in BIOS mode".into()),
+            None => notes.push(
+                "SYSLINUX not found on this host: the stick will not boot in BIOS mode".into(),
+            ),
         }
     }
 
@@ -425,7 +427,11 @@ pub fn plan_write(
     let space_needed: u64 = copies
         .iter()
         .map(|c| on_disk(c.size, cluster))
-        .chain(configs.iter().map(|c| on_disk(c.content.len() as u64, cluster)))
+        .chain(
+            configs
+                .iter()
+                .map(|c| on_disk(c.content.len() as u64, cluster)),
+        )
         .chain(overlay.iter().map(|o| on_disk(o.size, cluster)))
         .chain(home.iter().map(|h| on_disk(h.size, cluster)))
         .chain(swap.iter().map(|s| on_disk(s.size, cluster)))
@@ -520,24 +526,51 @@ impl Plan {
                 CopySource::Iso { path } => format!("iso:{path}"),
                 CopySource::Host { path } => format!("host:{}", path.display()),
             };
-            out.push_str(&format!("    {:>10}  {}  <- {}\n", human(c.size), c.dest, from));
+            out.push_str(&format!(
+                "    {:>10}  {}  <- {}\n",
+                human(c.size),
+                c.dest,
+                from
+            ));
         }
         out.push_str("  configs\n");
         for c in &self.configs {
-            out.push_str(&format!("    {:>10}  {}\n", human(c.content.len() as u64), c.dest));
+            out.push_str(&format!(
+                "    {:>10}  {}\n",
+                human(c.content.len() as u64),
+                c.dest
+            ));
         }
         if let Some(o) = &self.overlay {
-            out.push_str(&format!("  overlay          {} ({}, {:?})\n", o.path, human(o.size), o.kind));
+            out.push_str(&format!(
+                "  overlay          {} ({}, {:?})\n",
+                o.path,
+                human(o.size),
+                o.kind
+            ));
         }
         if let Some(h) = &self.home {
-            out.push_str(&format!("  home             {} ({}, {:?})\n", h.path, human(h.size), h.encryption));
+            out.push_str(&format!(
+                "  home             {} ({}, {:?})\n",
+                h.path,
+                human(h.size),
+                h.encryption
+            ));
         }
         if let Some(s) = &self.swap {
-            out.push_str(&format!("  swap             {} ({})\n", s.path, human(s.size)));
+            out.push_str(&format!(
+                "  swap             {} ({})\n",
+                s.path,
+                human(s.size)
+            ));
         }
         out.push_str(&format!(
             "  boot             BIOS: {}   UEFI: {}\n",
-            if self.bios { "SYSLINUX + MBR code" } else { "no" },
+            if self.bios {
+                "SYSLINUX + MBR code"
+            } else {
+                "no"
+            },
             if self.uefi { "EFI/BOOT" } else { "no" }
         ));
         out.push_str(&format!(

@@ -18,7 +18,9 @@ pub enum SizeError {
         "size {0:?} is not a number with a unit; use e.g. 4G, 512M, 512MiB, 1.5GiB or a byte count"
     )]
     Malformed(String),
-    #[error("size {0:?} has an unknown unit {1:?}; use K, M, G, T (or KiB/MiB/GiB/TiB, KB/MB/GB/TB)")]
+    #[error(
+        "size {0:?} has an unknown unit {1:?}; use K, M, G, T (or KiB/MiB/GiB/TiB, KB/MB/GB/TB)"
+    )]
     UnknownUnit(String, String),
     #[error("size {0:?} is too large")]
     Overflow(String),
@@ -120,7 +122,10 @@ mod tests {
     fn bad_sizes_say_what_is_wrong() {
         assert!(matches!(parse_size(""), Err(SizeError::Empty(_))));
         assert!(matches!(parse_size("G"), Err(SizeError::Malformed(_))));
-        assert!(matches!(parse_size("4X"), Err(SizeError::UnknownUnit(_, _))));
+        assert!(matches!(
+            parse_size("4X"),
+            Err(SizeError::UnknownUnit(_, _))
+        ));
         assert!(matches!(parse_size("1.2.3G"), Err(SizeError::Malformed(_))));
         assert!(matches!(
             parse_size("99999999999999999999T"),

@@ -36,7 +36,11 @@ pub fn table(image: &LiveImage) -> String {
     out.push_str(&format!("root           {root}\n"));
     out.push_str(&format!(
         "implanted MD5  {}\n",
-        if image.implanted_md5 { "present" } else { "absent" }
+        if image.implanted_md5 {
+            "present"
+        } else {
+            "absent"
+        }
     ));
     out.push_str(&format!("kernels        {}\n", image.kernels.join(", ")));
     out.push_str(&format!("initrds        {}\n", image.initrds.join(", ")));
@@ -57,7 +61,11 @@ pub fn table(image: &LiveImage) -> String {
         ));
         for e in &m.menu.entries {
             out.push_str(&format!("  [{:?}] {}\n", e.purpose, e.title));
-            out.push_str(&format!("      kernel {}  initrd {}\n", e.kernel, e.initrds.join(",")));
+            out.push_str(&format!(
+                "      kernel {}  initrd {}\n",
+                e.kernel,
+                e.initrds.join(",")
+            ));
             out.push_str(&format!("      args   {}\n", e.args));
         }
     }

@@ -1,5 +1,6 @@
 //! One module per subcommand: glue from arguments to library calls and a report.
 pub mod inspect;
+pub mod overlay;
 pub mod write;
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -11,7 +12,9 @@ pub fn confirm(question: &str, assume_yes: bool) -> anyhow::Result<bool> {
         return Ok(true);
     }
     if !std::io::stdin().is_terminal() {
-        anyhow::bail!("{question}\nrefusing without confirmation: no terminal to ask on; add --yes to proceed");
+        anyhow::bail!(
+            "{question}\nrefusing without confirmation: no terminal to ask on; add --yes to proceed"
+        );
     }
     eprint!("{question} [y/N] ");
     std::io::stderr().flush()?;

@@ -36,8 +36,10 @@ fn mib(option: &str, value: Option<u64>) -> anyhow::Result<Option<u64>> {
 
 fn options_from(args: &WriteArgs) -> anyhow::Result<WriteOptions> {
     let volume_id = match &args.volume_id {
-        Some(text) => u32::from_str_radix(text.trim_start_matches("0x").replace('-', "").as_str(), 16)
-            .map_err(|_| BadInput(format!("--volume-id {text:?} is not 8 hex digits")))?,
+        Some(text) => {
+            u32::from_str_radix(text.trim_start_matches("0x").replace('-', "").as_str(), 16)
+                .map_err(|_| BadInput(format!("--volume-id {text:?} is not 8 hex digits")))?
+        }
         None => rand::random(),
     };
     let format = if args.format {
@@ -102,7 +104,9 @@ pub fn make_plan(
                     args.target.display()
                 ))),
                 (Ok(None), _) => None,
-                (Err(e), FormatMode::Auto) if probe.kind == TargetKind::ImageFile && is_blank(&args.target) => {
+                (Err(e), FormatMode::Auto)
+                    if probe.kind == TargetKind::ImageFile && is_blank(&args.target) =>
+                {
                     let _ = e;
                     None
                 }
@@ -197,7 +201,8 @@ fn prepare(plan: &Plan, args: &WriteArgs, workdir: &Path) -> anyhow::Result<Prep
             root_dir: Some(root),
             ..Ext4Options::default()
         };
-        ext4::make_ext4_image(&path, overlay.size, "", &opts).context("making the OverlayFS overlay")?;
+        ext4::make_ext4_image(&path, overlay.size, "", &opts)
+            .context("making the OverlayFS overlay")?;
         prepared.overlay_image = Some(File::open(&path)?);
     }
     if plan.swap.is_some() {
@@ -293,7 +298,11 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
             "  {} files, {} {}; boots BIOS: {}, UEFI: {}",
             report.files.len(),
             human(report.files.iter().map(|f| f.size).sum()),
-            if report.verified { "verified by read-back" } else { "not verified" },
+            if report.verified {
+                "verified by read-back"
+            } else {
+                "not verified"
+            },
             if report.bios { "yes" } else { "no" },
             if report.uefi { "yes" } else { "no" }
         );

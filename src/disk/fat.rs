@@ -21,9 +21,7 @@ pub enum FatError {
         "invalid label {0:?}: a FAT label has 1 to 11 characters from A-Z, a-z, 0-9, '_' and '-'"
     )]
     InvalidLabel(String),
-    #[error(
-        "the partition ({0} bytes) is too small for FAT32; use a target of at least 64 MiB"
-    )]
+    #[error("the partition ({0} bytes) is too small for FAT32; use a target of at least 64 MiB")]
     TooSmall(u64),
     #[error("no FAT filesystem in the partition: {0}; write the stick with --format")]
     NotFat(io::Error),
@@ -158,7 +156,10 @@ fn components(path: &str) -> Vec<&str> {
 }
 
 /// Creates `path` and its parents.
-pub fn create_dir_all<F: Read + Write + Seek>(fs: &FatFs<'_, F>, path: &str) -> Result<(), FatError> {
+pub fn create_dir_all<F: Read + Write + Seek>(
+    fs: &FatFs<'_, F>,
+    path: &str,
+) -> Result<(), FatError> {
     let mut dir = fs.root_dir();
     for part in components(path) {
         dir = dir.create_dir(part).map_err(|source| FatError::File {
@@ -196,7 +197,10 @@ pub fn write_file<F: Read + Write + Seek, R: Read + ?Sized>(
         path: path.to_string(),
         source,
     };
-    let mut file = fs.root_dir().create_file(path.trim_start_matches('/')).map_err(err)?;
+    let mut file = fs
+        .root_dir()
+        .create_file(path.trim_start_matches('/'))
+        .map_err(err)?;
     file.truncate().map_err(err)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -237,7 +241,10 @@ pub fn hash_file<F: Read + Write + Seek>(
         path: path.to_string(),
         source,
     };
-    let mut file = fs.root_dir().open_file(path.trim_start_matches('/')).map_err(err)?;
+    let mut file = fs
+        .root_dir()
+        .open_file(path.trim_start_matches('/'))
+        .map_err(err)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
@@ -254,12 +261,18 @@ pub fn hash_file<F: Read + Write + Seek>(
 }
 
 /// Reads a small file entirely.
-pub fn read_file<F: Read + Write + Seek>(fs: &FatFs<'_, F>, path: &str) -> Result<Vec<u8>, FatError> {
+pub fn read_file<F: Read + Write + Seek>(
+    fs: &FatFs<'_, F>,
+    path: &str,
+) -> Result<Vec<u8>, FatError> {
     let err = |source| FatError::File {
         path: path.to_string(),
         source,
     };
-    let mut file = fs.root_dir().open_file(path.trim_start_matches('/')).map_err(err)?;
+    let mut file = fs
+        .root_dir()
+        .open_file(path.trim_start_matches('/'))
+        .map_err(err)?;
     let mut out = Vec::new();
     file.read_to_end(&mut out).map_err(err)?;
     Ok(out)
@@ -325,20 +338,30 @@ pub fn remove_all<F: Read + Write + Seek>(fs: &FatFs<'_, F>, path: &str) -> Resu
             remove_all(fs, &entry.path)?;
         }
     }
-    fs.root_dir().remove(trimmed).map_err(|source| FatError::File {
-        path: path.to_string(),
-        source,
-    })
+    fs.root_dir()
+        .remove(trimmed)
+        .map_err(|source| FatError::File {
+            path: path.to_string(),
+            source,
+        })
 }
 
 /// Renames a file within the filesystem (replacing nothing: the target must not exist).
-pub fn rename<F: Read + Write + Seek>(fs: &FatFs<'_, F>, from: &str, to: &str) -> Result<(), FatError> {
+pub fn rename<F: Read + Write + Seek>(
+    fs: &FatFs<'_, F>,
+    from: &str,
+    to: &str,
+) -> Result<(), FatError> {
     let root = fs.root_dir();
-    root.rename(from.trim_start_matches('/'), &root, to.trim_start_matches('/'))
-        .map_err(|source| FatError::File {
-            path: format!("{from} -> {to}"),
-            source,
-        })
+    root.rename(
+        from.trim_start_matches('/'),
+        &root,
+        to.trim_start_matches('/'),
+    )
+    .map_err(|source| FatError::File {
+        path: format!("{from} -> {to}"),
+        source,
+    })
 }
 
 /// Free bytes on the filesystem.
@@ -372,10 +395,14 @@ fn geometry<F: Read + Write + Seek>(window: &mut PartitionWindow<F>) -> io::Resu
     let fat_sectors = u32::from_le_bytes([bpb[36], bpb[37], bpb[38], bpb[39]]) as u64;
     let total = u32::from_le_bytes([bpb[32], bpb[33], bpb[34], bpb[35]]) as u64;
     if bytes_per_sector == 0 || sectors_per_cluster == 0 || fat_sectors == 0 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a FAT32 boot sector"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a FAT32 boot sector",
+        ));
     }
     let data_offset = (reserved + fats * fat_sectors) * bytes_per_sector;
-    let clusters = (total.saturating_sub(reserved + fats * fat_sectors) / sectors_per_cluster) as u32;
+    let clusters =
+        (total.saturating_sub(reserved + fats * fat_sectors) / sectors_per_cluster) as u32;
     Ok(Fat32Geometry {
         bytes_per_sector,
         cluster_bytes: sectors_per_cluster * bytes_per_sector,
@@ -555,10 +582,13 @@ mod tests {
             let fs = open(&mut window).unwrap();
             assert_eq!(fs.volume_id(), 0x1234_abcd);
             let data = vec![42u8; 3 << 20];
-            let sum = write_file(&fs, "/LiveOS/squashfs.img", &mut &data[..], 3 << 20, |_| {})
-                .unwrap();
+            let sum =
+                write_file(&fs, "/LiveOS/squashfs.img", &mut &data[..], 3 << 20, |_| {}).unwrap();
             write_zeros(&fs, "/LiveOS/overlay-LIVE-1234-ABCD", 1 << 20, |_| {}).unwrap();
-            assert_eq!(hash_file(&fs, "/LiveOS/squashfs.img", |_| {}).unwrap(), (sum, 3 << 20));
+            assert_eq!(
+                hash_file(&fs, "/LiveOS/squashfs.img", |_| {}).unwrap(),
+                (sum, 3 << 20)
+            );
             assert!(exists(&fs, "/liveos/SQUASHFS.IMG"));
             assert_eq!(list_dir(&fs, "/LiveOS").len(), 2);
             rename(&fs, "/LiveOS/overlay-LIVE-1234-ABCD", "/LiveOS/overlay-X").unwrap();
@@ -570,6 +600,9 @@ mod tests {
         let mut sector = [0u8; 512];
         disk.seek(SeekFrom::Start((1 << 20) + 0x1c)).unwrap();
         disk.read_exact(&mut sector[..4]).unwrap();
-        assert_eq!(u32::from_le_bytes([sector[0], sector[1], sector[2], sector[3]]), 2048);
+        assert_eq!(
+            u32::from_le_bytes([sector[0], sector[1], sector[2], sector[3]]),
+            2048
+        );
     }
 }

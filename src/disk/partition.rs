@@ -73,7 +73,9 @@ pub enum PartitionError {
          (this erases the stick) or pick another target"
     )]
     NoFatPartition,
-    #[error("partition {number} lies outside the target ({end} > {size} bytes); the table is damaged — use --format")]
+    #[error(
+        "partition {number} lies outside the target ({end} > {size} bytes); the table is damaged — use --format"
+    )]
     OutsideDisk { number: u32, end: u64, size: u64 },
     #[error("MBR: {0}")]
     Mbr(#[from] mbrman::Error),
@@ -156,7 +158,8 @@ pub fn write_table<D: Read + Write + Seek + std::fmt::Debug>(
                 GPT_LEGACY_BIOS_BOOTABLE,
             )
             .map_err(|e| PartitionError::Gpt(e.to_string()))?;
-            gpt.write().map_err(|e| PartitionError::Gpt(e.to_string()))?;
+            gpt.write()
+                .map_err(|e| PartitionError::Gpt(e.to_string()))?;
             let mut pmbr = gpt::mbr::ProtectiveMBR::with_lb_size(
                 u32::try_from(layout.disk_size / SECTOR - 1).unwrap_or(u32::MAX),
             );

@@ -37,7 +37,9 @@ pub struct TargetProbe {
 pub enum TargetError {
     #[error("target {0} is a directory; give an image file path or a block device")]
     IsDirectory(PathBuf),
-    #[error("target {0} does not exist; livestick never creates files under /dev — check the device name with `livestick devices`")]
+    #[error(
+        "target {0} does not exist; livestick never creates files under /dev — check the device name with `livestick devices`"
+    )]
     MissingDevice(PathBuf),
     #[error("target {0} is neither a regular file nor a block device")]
     NotFileOrDevice(PathBuf),
@@ -54,7 +56,10 @@ pub enum TargetError {
     #[error("--size applies to image files only; {0} is a block device")]
     SizeOnDevice(PathBuf),
     #[error("{path} is in use, refusing to write to it:\n{}", .findings.join("\n"))]
-    Busy { path: PathBuf, findings: Vec<String> },
+    Busy {
+        path: PathBuf,
+        findings: Vec<String>,
+    },
     #[error(
         "{0} is not a removable device; if you are sure it is the stick you want to erase, add --force"
     )]
@@ -305,7 +310,10 @@ mod tests {
         let new = dir.path().join("new.img");
         let p = probe(&new).unwrap();
         assert!(!p.exists);
-        assert!(matches!(planned_size(&p, None), Err(TargetError::NeedSize(_))));
+        assert!(matches!(
+            planned_size(&p, None),
+            Err(TargetError::NeedSize(_))
+        ));
         assert_eq!(planned_size(&p, Some(1 << 30)).unwrap(), 1 << 30);
         fs::write(&new, vec![0u8; 4096]).unwrap();
         let p = probe(&new).unwrap();
@@ -313,7 +321,10 @@ mod tests {
             planned_size(&p, Some(1024)),
             Err(TargetError::WouldShrink { .. })
         ));
-        assert!(matches!(probe(dir.path()), Err(TargetError::IsDirectory(_))));
+        assert!(matches!(
+            probe(dir.path()),
+            Err(TargetError::IsDirectory(_))
+        ));
         assert!(matches!(
             probe(Path::new("/dev/livestick-no-such-device")),
             Err(TargetError::MissingDevice(_))
