@@ -119,6 +119,9 @@ pub struct MergePlan {
     pub nothing_to_merge: bool,
     pub notes: Vec<String>,
     pub steps: Vec<String>,
+    /// Stop with an error right after this step (crash tests); from `LIVESTICK_FAILPOINT`.
+    #[serde(skip)]
+    pub failpoint: Option<String>,
 }
 
 /// Free bytes for an unprivileged user on the file system holding `path`.
@@ -309,6 +312,7 @@ pub fn plan_merge(req: &MergeRequest) -> Result<MergePlan, MergeError> {
         nothing_to_merge,
         notes,
         steps,
+        failpoint: std::env::var("LIVESTICK_FAILPOINT").ok(),
     })
 }
 
@@ -323,8 +327,8 @@ pub struct MergeReport {
     pub overlay_reset: bool,
 }
 
-fn failpoint(step: &'static str) -> Result<(), MergeError> {
-    if std::env::var("LIVESTICK_FAILPOINT").is_ok_and(|v| v == step) {
+fn failpoint(plan: &MergePlan, step: &'static str) -> Result<(), MergeError> {
+    if plan.failpoint.as_deref() == Some(step) {
         return Err(MergeError::Failpoint(step));
     }
     Ok(())
@@ -410,7 +414,7 @@ fn run_steps(
     progress("extract", 0, plan.root_image_bytes);
     squash::extract(&plan.squashfs, &tree)?;
     progress("extract", plan.root_image_bytes, plan.root_image_bytes);
-    failpoint("extract")?;
+    failpoint(plan, "extract")?;
 
     let root = tree.join(&plan.root_image);
     let mut origin = OpenOptions::new()
@@ -431,7 +435,7 @@ fn run_steps(
         Opened::Invalid { .. } => return Err(MergeError::OverlayInvalid),
     };
     drop(origin);
-    failpoint("apply")?;
+    failpoint(plan, "apply")?;
 
     let mut fsck_code = None;
     if plan.fsck {
@@ -464,7 +468,7 @@ fn run_steps(
             progress("fsck", 1, 1);
         }
     }
-    failpoint("fsck")?;
+    failpoint(plan, "fsck")?;
 
     let built = work.join("squashfs.img");
     progress("build", 0, 1);
@@ -472,11 +476,11 @@ fn run_steps(
     progress("build", 1, 1);
     // The extracted tree is no longer needed; free its space before staging.
     let _ = fs::remove_dir_all(&tree);
-    failpoint("build")?;
+    failpoint(plan, "build")?;
 
     let staged = staged_path(&plan.squashfs);
     let want = copy_hashed(&built, &staged, progress)?;
-    failpoint("stage")?;
+    failpoint(plan, "stage")?;
 
     let got = sha256_file(&staged, progress)?;
     if got != want {
@@ -487,14 +491,14 @@ fn run_steps(
             want,
         });
     }
-    failpoint("verify")?;
+    failpoint(plan, "verify")?;
 
     let new_len = fs::metadata(&staged).map_err(io_at(&staged))?.len();
     fs::rename(&staged, &plan.squashfs).map_err(io_at(&plan.squashfs))?;
     File::open(&plan.target_dir)
         .and_then(|d| d.sync_all())
         .map_err(io_at(&plan.target_dir))?;
-    failpoint("swap")?;
+    failpoint(plan, "swap")?;
 
     let mut ov = OpenOptions::new()
         .read(true)
@@ -502,7 +506,7 @@ fn run_steps(
         .open(&plan.overlay)
         .map_err(io_at(&plan.overlay))?;
     snapshot::reset_store(&mut ov, ov_len)?;
-    failpoint("reset")?;
+    failpoint(plan, "reset")?;
 
     Ok(MergeReport {
         exceptions_applied: applied,
