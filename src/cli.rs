@@ -55,12 +55,24 @@ pub enum TableArg {
     Gpt,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DracutNamesArg {
+    Auto,
+    Classic,
+    Renamed,
+}
+
 #[derive(Debug, Args)]
 pub struct WriteArgs {
     /// The live ISO image to write
     pub iso: PathBuf,
-    /// The stick (block device) or image file to write to
-    pub target: PathBuf,
+    /// The sticks (block devices) or image files to write to; several are
+    /// written at once from one read of the ISO
+    #[arg(required_unless_present = "wait_for", num_args = 1..)]
+    pub targets: Vec<PathBuf>,
+    /// Wait for N sticks to be plugged in and write each as it appears
+    #[arg(long, value_name = "N")]
+    pub wait_for: Option<usize>,
 
     /// Create or grow an image file to this size (4G, 8GiB, 512M, …)
     #[arg(long, value_name = "SIZE")]
@@ -112,6 +124,24 @@ pub struct WriteArgs {
     /// LUKS argon2 memory cost in KiB
     #[arg(long, value_name = "KIB")]
     pub luks_pbkdf_memory: Option<u32>,
+    /// On an existing stick: keep the overlay file but empty it (renamed to the new label/UUID)
+    #[arg(long)]
+    pub reset_overlay: bool,
+    /// On an existing stick: only rewrite boot configs and the boot loader
+    #[arg(long, alias = "reconfig")]
+    pub skipcopy: bool,
+    /// Delete an existing home.img instead of keeping it (asks first)
+    #[arg(long)]
+    pub delete_home: bool,
+    /// When the source is another stick: carry its overlay over
+    #[arg(long)]
+    pub copy_overlay: bool,
+    /// When the source is another stick: carry its home.img over
+    #[arg(long)]
+    pub copy_home: bool,
+    /// Overlay argument spelling for the ISO's dracut (auto detects it from the initrd)
+    #[arg(long, value_enum, default_value_t = DracutNamesArg::Auto)]
+    pub dracut_names: DracutNamesArg,
     /// Swap image of N MiB
     #[arg(long, value_name = "N")]
     pub swap_size_mb: Option<u64>,

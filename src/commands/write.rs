@@ -80,10 +80,11 @@ fn options_from(args: &WriteArgs) -> anyhow::Result<WriteOptions> {
 /// Builds the plan for one target; every input check happens here.
 pub fn make_plan(
     args: &WriteArgs,
+    target_path: &Path,
     opts: &WriteOptions,
     live: &live::LiveImage,
 ) -> anyhow::Result<(Plan, target::TargetProbe, Option<syslinux::SyslinuxFiles>)> {
-    let probe = target::probe(&args.target)?;
+    let probe = target::probe(target_path)?;
     let requested = match &args.size {
         Some(text) => Some(parse_size(text).map_err(|e| BadInput(format!("--size: {e}")))?),
         None => None,
@@ -96,16 +97,16 @@ pub fn make_plan(
         FormatMode::Always => None,
         FormatMode::Auto | FormatMode::Never if probe.exists && probe.size > 0 => {
             let names = [format!("/{}", opts.live_dir)];
-            let found = apply::read_existing(&args.target, &opts.live_dir, &names);
+            let found = apply::read_existing(target_path, &opts.live_dir, &names);
             match (found, opts.format) {
                 (Ok(Some(fs)), _) => Some(fs),
                 (Ok(None), FormatMode::Never) => bail!(BadInput(format!(
                     "{} has no partition table and --noformat was given; drop --noformat to create one",
-                    args.target.display()
+                    target_path.display()
                 ))),
                 (Ok(None), _) => None,
                 (Err(e), FormatMode::Auto)
-                    if probe.kind == TargetKind::ImageFile && is_blank(&args.target) =>
+                    if probe.kind == TargetKind::ImageFile && is_blank(target_path) =>
                 {
                     let _ = e;
                     None
@@ -115,7 +116,7 @@ pub fn make_plan(
         }
         FormatMode::Never => bail!(BadInput(format!(
             "{} is empty and --noformat was given; drop --noformat to format it",
-            args.target.display()
+            target_path.display()
         ))),
         FormatMode::Auto => None,
     };
@@ -214,9 +215,15 @@ fn prepare(plan: &Plan, args: &WriteArgs, workdir: &Path) -> anyhow::Result<Prep
 }
 
 pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
+    if args.targets.len() != 1 || args.wait_for.is_some() {
+        bail!(BadInput(
+            "writing several targets at once is not available in this build yet; give one target".into()
+        ));
+    }
+    let target = &args.targets[0];
     let opts = options_from(args)?;
     let live = live::inspect(&args.iso)?;
-    let (plan, probe, syslinux_files) = make_plan(args, &opts, &live)?;
+    let (plan, probe, syslinux_files) = make_plan(args, target, &opts, &live)?;
     if args.dry_run {
         if json {
             println!("{}", serde_json::to_string_pretty(&plan)?);
