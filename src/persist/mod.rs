@@ -3,3 +3,4 @@ pub mod snapshot;
 pub mod luks;
 pub mod swap;
 pub mod merge;
+pub mod home;

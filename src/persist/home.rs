@@ -1,0 +1,580 @@
+//! `LiveOS/home.img`: a persistent /home for the live system, plain ext4 or
+//! ext4 inside LUKS2, built entirely in user space.
+//!
+//! The live system's `livesys` script loop-mounts the file at boot, asking
+//! for the passphrase when blkid calls it `crypto_LUKS`, and mounts the ext4
+//! inside on /home (reference/livecd-iso-to-disk.md §4.6). Its label is
+//! `HOME`, as livecd-iso-to-disk makes it.
+//!
+//! [`build_home_image`] returns the finished image as a `Read + Seek` of
+//! exactly the requested size for the write command to stream into FAT. For
+//! LUKS the ciphertext is produced on the fly from a sparse plaintext ext4
+//! image, so no second full-size temporary file is written.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use crate::disk::ext4::{self, Ext4Error, Ext4Info, Ext4Options};
+use crate::persist::luks::{self, LuksEncryptingReader, LuksError, LuksInfo, LuksParams};
+
+const MIB: u64 = 1024 * 1024;
+/// The largest file FAT32 holds is 4 GiB − 1 byte; whole MiB below that.
+pub const FAT_MAX_FILE_MIB: u64 = 4095;
+/// The smallest plain home: room for ext4 with a journal and some files.
+pub const MIN_PLAIN_HOME_MIB: u64 = 16;
+/// The smallest encrypted home: 16 MiB of LUKS2 metadata plus 16 MiB of ext4.
+pub const MIN_LUKS_HOME_MIB: u64 = 32;
+/// The filesystem label livesys and livecd-iso-to-disk use.
+pub const HOME_LABEL: &str = "HOME";
+
+/// Errors from building, inspecting or resizing home.img.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    #[error(
+        "home size {size} bytes is not a whole number of MiB; give the size in MiB (e.g. --home-size-mb 1024)"
+    )]
+    NotWholeMib { size: u64 },
+    #[error("home size {mib} MiB is too small: an {kind} home needs at least {min} MiB")]
+    TooSmall {
+        mib: u64,
+        min: u64,
+        kind: &'static str,
+    },
+    #[error(
+        "home size {mib} MiB is too large: a file on FAT holds at most {max} MiB (4 GiB − 1 byte); choose {max} or less",
+        max = FAT_MAX_FILE_MIB
+    )]
+    TooLarge { mib: u64 },
+    #[error(
+        "home.img can only grow: it is {current_mib} MiB and {requested_mib} MiB was asked for"
+    )]
+    Shrink {
+        current_mib: u64,
+        requested_mib: u64,
+    },
+    #[error("cannot read the passphrase file {path}: {source}; check the path and its permissions")]
+    PassphraseFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the passphrase is empty: an encrypted home needs a non-empty passphrase (or use --unencrypted-home)"
+    )]
+    EmptyPassphrase,
+    #[error("the two passphrases differ; run again and type the same passphrase twice")]
+    PassphraseMismatch,
+    #[error(
+        "cannot ask for a passphrase: {0}; without a terminal use --passphrase-file FILE or --passphrase-stdin"
+    )]
+    NoTerminal(io::Error),
+    #[error("home.img is encrypted: a passphrase is needed to {0}")]
+    PassphraseNeeded(&'static str),
+    #[error("{path} is neither ext4 nor LUKS2: {detail}")]
+    UnknownFormat { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Luks(#[from] LuksError),
+    #[error(transparent)]
+    Ext4(#[from] Ext4Error),
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> HomeError + '_ {
+    move |source| HomeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// How home.img is protected.
+pub enum HomeEncryption {
+    /// Plain ext4 (`--unencrypted-home`).
+    None,
+    /// ext4 inside LUKS2 (the default, as in livecd-iso-to-disk).
+    Luks {
+        passphrase: Zeroizing<Vec<u8>>,
+        params: LuksParams,
+    },
+}
+
+/// Check a home size given in MiB and return it in bytes.
+pub fn home_size_from_mib(mib: u64, encrypted: bool) -> Result<u64, HomeError> {
+    let (min, kind) = if encrypted {
+        (MIN_LUKS_HOME_MIB, "encrypted")
+    } else {
+        (MIN_PLAIN_HOME_MIB, "unencrypted")
+    };
+    if mib < min {
+        return Err(HomeError::TooSmall { mib, min, kind });
+    }
+    if mib > FAT_MAX_FILE_MIB {
+        return Err(HomeError::TooLarge { mib });
+    }
+    Ok(mib * MIB)
+}
+
+fn check_size_bytes(size: u64, encrypted: bool) -> Result<u64, HomeError> {
+    if !size.is_multiple_of(MIB) {
+        return Err(HomeError::NotWholeMib { size });
+    }
+    home_size_from_mib(size / MIB, encrypted)
+}
+
+/// ext4 as home.img wants it: 4 KiB blocks (required under a 4096-byte LUKS
+/// sector, and right for the sizes involved) and no blocks reserved for root,
+/// which on a /home only waste 5 % of a small stick.
+fn home_ext4_options() -> Ext4Options {
+    Ext4Options {
+        block_size: Some(4096),
+        reserved_percent: Some(0),
+        ..Ext4Options::default()
+    }
+}
+
+enum Content {
+    Plain(File),
+    Luks(Box<LuksEncryptingReader<File>>),
+}
+
+/// A finished home.img, readable and seekable, exactly [`HomeImage::len`] bytes.
+/// Its temporary files are already unlinked and vanish when it is dropped.
+pub struct HomeImage {
+    content: Content,
+    size: u64,
+}
+
+impl HomeImage {
+    pub fn len(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        matches!(self.content, Content::Luks(_))
+    }
+
+    /// The LUKS container UUID, for an encrypted home.
+    pub fn luks_uuid(&self) -> Option<uuid::Uuid> {
+        match &self.content {
+            Content::Luks(r) => Some(r.uuid()),
+            Content::Plain(_) => None,
+        }
+    }
+}
+
+impl Read for HomeImage {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.content {
+            Content::Plain(f) => f.read(buf),
+            Content::Luks(r) => r.read(buf),
+        }
+    }
+}
+
+impl Seek for HomeImage {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        match &mut self.content {
+            Content::Plain(f) => f.seek(pos),
+            Content::Luks(r) => r.seek(pos),
+        }
+    }
+}
+
+/// Build home.img of exactly `size` bytes (whole MiB, at most 4095 MiB):
+/// ext4 labelled `HOME`, inside LUKS2 when asked. Temporary files go to
+/// `workdir`; the plaintext one is sparse (only ext4 metadata is written).
+pub fn build_home_image(
+    workdir: &Path,
+    size: u64,
+    encryption: HomeEncryption,
+) -> Result<HomeImage, HomeError> {
+    let encrypted = matches!(encryption, HomeEncryption::Luks { .. });
+    check_size_bytes(size, encrypted)?;
+    if let HomeEncryption::Luks { passphrase, .. } = &encryption
+        && passphrase.is_empty()
+    {
+        return Err(HomeError::EmptyPassphrase);
+    }
+    let fs_size = if encrypted {
+        size - luks::DATA_OFFSET
+    } else {
+        size
+    };
+    let tmp = tempfile::NamedTempFile::new_in(workdir).map_err(io_err(workdir))?;
+    ext4::make_ext4_image(tmp.path(), fs_size, HOME_LABEL, &home_ext4_options())?;
+    // Unlink the name now; the open handle keeps the data until we drop it.
+    let mut file = tmp.into_file();
+    file.seek(SeekFrom::Start(0)).map_err(io_err(workdir))?;
+    let content = match encryption {
+        HomeEncryption::None => Content::Plain(file),
+        HomeEncryption::Luks { passphrase, params } => Content::Luks(Box::new(
+            LuksEncryptingReader::new(file, fs_size, &passphrase, &params)?,
+        )),
+    };
+    Ok(HomeImage { content, size })
+}
+
+// ---------------------------------------------------------------------------
+// Passphrases
+// ---------------------------------------------------------------------------
+
+/// Where the passphrase of an encrypted home comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PassphraseSource {
+    /// `--passphrase-file FILE`: its bytes exactly, minus one final newline.
+    File(PathBuf),
+    /// `--passphrase-stdin`: all of standard input, minus one final newline.
+    Stdin,
+    /// Ask on the terminal without echo, twice (for a new container).
+    Terminal,
+    /// Ask on the terminal once (to unlock an existing container).
+    TerminalOnce,
+}
+
+/// Read a passphrase; an empty one is refused.
+pub fn read_passphrase(source: PassphraseSource) -> Result<Zeroizing<Vec<u8>>, HomeError> {
+    let pass = match source {
+        PassphraseSource::File(path) => {
+            let bytes = Zeroizing::new(std::fs::read(&path).map_err(|source| {
+                HomeError::PassphraseFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?);
+            strip_one_newline(bytes)
+        }
+        PassphraseSource::Stdin => read_passphrase_from(&mut io::stdin().lock())?,
+        PassphraseSource::Terminal => {
+            let first = ask("Passphrase for the encrypted home: ")?;
+            let second = ask("Type it again: ")?;
+            if first != second {
+                return Err(HomeError::PassphraseMismatch);
+            }
+            first
+        }
+        PassphraseSource::TerminalOnce => ask("Passphrase for the encrypted home: ")?,
+    };
+    if pass.is_empty() {
+        return Err(HomeError::EmptyPassphrase);
+    }
+    Ok(pass)
+}
+
+/// Read a whole passphrase from `r` (standard input in the CLI), dropping one
+/// final newline so `echo secret |` and a file ending in a newline both work.
+pub fn read_passphrase_from<R: Read>(r: &mut R) -> Result<Zeroizing<Vec<u8>>, HomeError> {
+    let mut bytes = Zeroizing::new(Vec::new());
+    r.read_to_end(&mut bytes)
+        .map_err(io_err(Path::new("<stdin>")))?;
+    let pass = strip_one_newline(bytes);
+    if pass.is_empty() {
+        return Err(HomeError::EmptyPassphrase);
+    }
+    Ok(pass)
+}
+
+fn strip_one_newline(mut bytes: Zeroizing<Vec<u8>>) -> Zeroizing<Vec<u8>> {
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+    }
+    bytes
+}
+
+/// One prompt on the controlling terminal with echo off.
+fn ask(prompt: &str) -> Result<Zeroizing<Vec<u8>>, HomeError> {
+    let answer = Zeroizing::new(rpassword::prompt_password(prompt).map_err(HomeError::NoTerminal)?);
+    Ok(Zeroizing::new(answer.as_bytes().to_vec()))
+}
+
+// ---------------------------------------------------------------------------
+// Inspecting and resizing an existing home.img
+// ---------------------------------------------------------------------------
+
+/// What a home.img holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HomeKind {
+    Plain,
+    Luks2,
+}
+
+/// What `livestick home info` reports.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HomeInfo {
+    /// Size of the home.img file.
+    pub file_size: u64,
+    pub encrypted: bool,
+    /// LUKS2 details, when encrypted and unlocked.
+    pub luks: Option<LuksInfo>,
+    /// The filesystem inside; `None` for a locked LUKS home (no passphrase given).
+    pub fs: Option<Ext4Info>,
+}
+
+/// Tell plain ext4 from LUKS by their signatures.
+pub fn detect_home_kind<R: Read + Seek>(r: &mut R) -> io::Result<Option<HomeKind>> {
+    let mut head = [0u8; 6];
+    r.seek(SeekFrom::Start(0))?;
+    if r.read(&mut head)? == 6 && &head == b"LUKS\xba\xbe" {
+        return Ok(Some(HomeKind::Luks2));
+    }
+    let mut magic = [0u8; 2];
+    r.seek(SeekFrom::Start(1024 + 0x38))?;
+    if r.read(&mut magic)? == 2 && magic == [0x53, 0xEF] {
+        return Ok(Some(HomeKind::Plain));
+    }
+    Ok(None)
+}
+
+/// Describe a home.img seen through any reader (e.g. a file inside the
+/// stick's FAT). The filesystem figures come from the ext4 superblock.
+pub fn home_info_from<R: Read + Seek>(
+    mut r: R,
+    passphrase: Option<&[u8]>,
+) -> Result<HomeInfo, HomeError> {
+    let path = Path::new("home.img");
+    let file_size = r.seek(SeekFrom::End(0)).map_err(io_err(path))?;
+    match detect_home_kind(&mut r).map_err(io_err(path))? {
+        Some(HomeKind::Plain) => Ok(HomeInfo {
+            file_size,
+            encrypted: false,
+            luks: None,
+            fs: Some(Ext4Info::read_from(&mut r)?),
+        }),
+        Some(HomeKind::Luks2) => {
+            let Some(pass) = passphrase else {
+                return Ok(HomeInfo {
+                    file_size,
+                    encrypted: true,
+                    luks: None,
+                    fs: None,
+                });
+            };
+            let mut vol = luks::open_luks2(r, pass)?;
+            let fs = Ext4Info::read_from(&mut vol)?;
+            Ok(HomeInfo {
+                file_size,
+                encrypted: true,
+                luks: Some(vol.info().clone()),
+                fs: Some(fs),
+            })
+        }
+        None => Err(HomeError::UnknownFormat {
+            path: path.to_path_buf(),
+            detail: "no LUKS header and no ext4 superblock".into(),
+        }),
+    }
+}
+
+/// Describe the home.img file at `path`; plain ext4 is read with `dumpe2fs`.
+pub fn home_info(path: &Path, passphrase: Option<&[u8]>) -> Result<HomeInfo, HomeError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    match detect_home_kind(&mut f).map_err(io_err(path))? {
+        Some(HomeKind::Plain) => Ok(HomeInfo {
+            file_size: f.metadata().map_err(io_err(path))?.len(),
+            encrypted: false,
+            luks: None,
+            fs: Some(ext4::ext4_info(path)?),
+        }),
+        Some(HomeKind::Luks2) => home_info_from(f, passphrase),
+        None => Err(HomeError::UnknownFormat {
+            path: path.to_path_buf(),
+            detail: "no LUKS header and no ext4 superblock".into(),
+        }),
+    }
+}
+
+/// Grow the home.img file at `path` (a regular file, not inside FAT) to
+/// `new_size` bytes, in place, and the ext4 filesystem with it.
+///
+/// Plain: `e2fsck -f -p` then `resize2fs` on the file. LUKS: the plaintext is
+/// decrypted into a sparse temporary file in `workdir` (mode 0600, unlinked
+/// on return; choose a private `workdir`, it briefly holds the decrypted
+/// filesystem), resized there, then the container is extended and only the
+/// blocks that changed, plus the new space, are encrypted back. The block
+/// holding the primary superblock is written last, after a sync, so an
+/// interruption leaves the old superblock describing the old size.
+pub fn home_resize(
+    path: &Path,
+    new_size: u64,
+    passphrase: Option<&[u8]>,
+    workdir: &Path,
+) -> Result<HomeInfo, HomeError> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    let current = f.metadata().map_err(io_err(path))?.len();
+    let kind = detect_home_kind(&mut f).map_err(io_err(path))?;
+    let encrypted = kind == Some(HomeKind::Luks2);
+    check_size_bytes(new_size, encrypted)?;
+    if new_size < current {
+        return Err(HomeError::Shrink {
+            current_mib: current / MIB,
+            requested_mib: new_size / MIB,
+        });
+    }
+    match kind {
+        Some(HomeKind::Plain) => {
+            drop(f);
+            ext4::grow_ext4_image(path, new_size)?;
+        }
+        Some(HomeKind::Luks2) => {
+            let pass = passphrase.ok_or(HomeError::PassphraseNeeded("resize it"))?;
+            grow_luks_home(f, path, new_size, pass, workdir)?;
+        }
+        None => {
+            return Err(HomeError::UnknownFormat {
+                path: path.to_path_buf(),
+                detail: "no LUKS header and no ext4 superblock".into(),
+            });
+        }
+    }
+    home_info(path, passphrase)
+}
+
+fn grow_luks_home(
+    f: File,
+    path: &Path,
+    new_size: u64,
+    pass: &[u8],
+    workdir: &Path,
+) -> Result<(), HomeError> {
+    const CHUNK: usize = 1024 * 1024;
+    // Unlock first: a wrong passphrase must fail before anything changes.
+    let mut vol = luks::open_luks2(f, pass)?;
+    let data_offset = vol.info().data_offset;
+    let old_plain = vol.len();
+    let new_plain = new_size - data_offset;
+
+    let tmp = tempfile::NamedTempFile::new_in(workdir).map_err(io_err(workdir))?;
+    let tpath = tmp.path().to_path_buf();
+    {
+        let mut t = tmp.as_file();
+        let mut buf = Zeroizing::new(vec![0u8; CHUNK]);
+        vol.seek(SeekFrom::Start(0)).map_err(io_err(path))?;
+        let mut off = 0u64;
+        while off < old_plain {
+            let n = (old_plain - off).min(CHUNK as u64) as usize;
+            vol.read_exact(&mut buf[..n]).map_err(io_err(path))?;
+            // Keep the copy sparse: free space stays holes, not zeros on disk.
+            if buf[..n].iter().any(|&b| b != 0) {
+                t.seek(SeekFrom::Start(off)).map_err(io_err(&tpath))?;
+                t.write_all(&buf[..n]).map_err(io_err(&tpath))?;
+            }
+            off += n as u64;
+        }
+        t.set_len(old_plain).map_err(io_err(&tpath))?;
+    }
+    ext4::grow_ext4_image(&tpath, new_plain)?;
+
+    // Extend the container, then write back what differs.
+    let file = vol.into_inner();
+    file.set_len(new_size).map_err(io_err(path))?;
+    let mut vol = luks::open_luks2(file, pass)?;
+    let mut t = File::open(&tpath).map_err(io_err(&tpath))?;
+    let mut new = Zeroizing::new(vec![0u8; CHUNK]);
+    let mut old = Zeroizing::new(vec![0u8; CHUNK]);
+    let mut first: Option<usize> = None;
+    let mut off = 0u64;
+    while off < new_plain {
+        let n = (new_plain - off).min(CHUNK as u64) as usize;
+        t.read_exact(&mut new[..n]).map_err(io_err(&tpath))?;
+        let changed = if off < old_plain {
+            vol.seek(SeekFrom::Start(off)).map_err(io_err(path))?;
+            vol.read_exact(&mut old[..n]).map_err(io_err(path))?;
+            old[..n] != new[..n]
+        } else {
+            true
+        };
+        if off == 0 {
+            first = changed.then_some(n);
+        } else if changed {
+            vol.seek(SeekFrom::Start(off)).map_err(io_err(path))?;
+            vol.write_all(&new[..n]).map_err(io_err(path))?;
+        }
+        off += n as u64;
+    }
+    let file = vol.into_inner();
+    file.sync_all().map_err(io_err(path))?;
+    let mut vol = luks::open_luks2(file, pass)?;
+    if let Some(n) = first {
+        t.seek(SeekFrom::Start(0)).map_err(io_err(&tpath))?;
+        t.read_exact(&mut new[..n]).map_err(io_err(&tpath))?;
+        vol.seek(SeekFrom::Start(0)).map_err(io_err(path))?;
+        vol.write_all(&new[..n]).map_err(io_err(path))?;
+    }
+    vol.flush().map_err(io_err(path))?;
+    vol.into_inner().sync_all().map_err(io_err(path))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_in_mib_with_limits() {
+        assert_eq!(home_size_from_mib(64, true).unwrap(), 64 * MIB);
+        assert_eq!(home_size_from_mib(4095, false).unwrap(), 4095 * MIB);
+        let e = home_size_from_mib(4096, true).unwrap_err();
+        assert!(e.to_string().contains("4096 MiB"), "{e}");
+        assert!(e.to_string().contains("4095"), "{e}");
+        let e = home_size_from_mib(20, true).unwrap_err();
+        assert!(e.to_string().contains("at least 32 MiB"), "{e}");
+        assert!(home_size_from_mib(20, false).is_ok());
+        assert!(matches!(
+            check_size_bytes(64 * MIB + 1, false),
+            Err(HomeError::NotWholeMib { .. })
+        ));
+    }
+
+    #[test]
+    fn passphrase_one_final_newline_stripped() {
+        let p = read_passphrase_from(&mut &b"secret\n"[..]).unwrap();
+        assert_eq!(&p[..], b"secret");
+        let p = read_passphrase_from(&mut &b"secret\n\n"[..]).unwrap();
+        assert_eq!(&p[..], b"secret\n");
+        let p = read_passphrase_from(&mut &b" sp ace\r\n"[..]).unwrap();
+        assert_eq!(&p[..], b" sp ace\r");
+        assert!(matches!(
+            read_passphrase_from(&mut &b"\n"[..]),
+            Err(HomeError::EmptyPassphrase)
+        ));
+        assert!(matches!(
+            read_passphrase_from(&mut &b""[..]),
+            Err(HomeError::EmptyPassphrase)
+        ));
+    }
+
+    #[test]
+    fn passphrase_file_missing_or_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let e = read_passphrase(PassphraseSource::File(missing.clone())).unwrap_err();
+        assert!(matches!(e, HomeError::PassphraseFile { .. }));
+        assert!(e.to_string().contains(missing.to_str().unwrap()));
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"\n").unwrap();
+        assert!(matches!(
+            read_passphrase(PassphraseSource::File(empty)),
+            Err(HomeError::EmptyPassphrase)
+        ));
+        let good = dir.path().join("good");
+        std::fs::write(&good, b"pass word\n").unwrap();
+        assert_eq!(
+            &read_passphrase(PassphraseSource::File(good)).unwrap()[..],
+            b"pass word"
+        );
+    }
+}
