@@ -531,6 +531,128 @@ pub fn repair_fatfs_quirks<F: Read + Write + Seek>(
     Ok(())
 }
 
+/// The data extents of a file as (offset in the partition, length), merging
+/// contiguous clusters: the file read in place by offset instead of through
+/// the FAT driver.
+pub fn file_extents<F: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+    path: &str,
+) -> Result<Vec<(u64, u64)>, FatError> {
+    let g = geometry(window)?;
+    let max_cluster = g.clusters + 2;
+    let not_found = || FatError::File {
+        path: path.to_string(),
+        source: io::Error::new(io::ErrorKind::NotFound, "no such file on the stick"),
+    };
+    // Walk the path through raw directory entries (short or long names).
+    let mut dir_cluster = g.root_cluster;
+    let parts = components(path);
+    let mut found: Option<(u32, u64)> = None;
+    for (i, part) in parts.iter().enumerate() {
+        let entry = find_raw_entry(window, &g, dir_cluster, part)?.ok_or_else(not_found)?;
+        if i + 1 == parts.len() {
+            found = Some(entry);
+        } else {
+            dir_cluster = entry.0;
+        }
+    }
+    let (mut cluster, size) = found.ok_or_else(not_found)?;
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    let mut remaining = size;
+    let mut steps = 0;
+    while remaining > 0 && (2..max_cluster).contains(&cluster) && steps < max_cluster {
+        steps += 1;
+        let offset = g.data_offset + (cluster as u64 - 2) * g.cluster_bytes;
+        let len = remaining.min(g.cluster_bytes);
+        match extents.last_mut() {
+            Some((o, l)) if *o + *l == offset => *l += len,
+            _ => extents.push((offset, len)),
+        }
+        remaining -= len;
+        cluster = read_fat_entry(window, &g, cluster)?;
+    }
+    if remaining > 0 {
+        return Err(FatError::File {
+            path: path.to_string(),
+            source: io::Error::new(
+                io::ErrorKind::InvalidData,
+                "cluster chain shorter than the file",
+            ),
+        });
+    }
+    Ok(extents)
+}
+
+/// Finds `name` in the directory starting at `dir_cluster`: (first cluster, size).
+fn find_raw_entry<F: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+    g: &Fat32Geometry,
+    dir_cluster: u32,
+    name: &str,
+) -> io::Result<Option<(u32, u64)>> {
+    let max_cluster = g.clusters + 2;
+    let mut cluster = dir_cluster;
+    let mut buf = vec![0u8; g.cluster_bytes as usize];
+    let mut lfn: Vec<(u8, [u16; 13])> = Vec::new();
+    let mut steps = 0;
+    while (2..max_cluster).contains(&cluster) && steps < max_cluster {
+        steps += 1;
+        window.seek(SeekFrom::Start(
+            g.data_offset + (cluster as u64 - 2) * g.cluster_bytes,
+        ))?;
+        window.read_exact(&mut buf)?;
+        for e in buf.chunks_exact(32) {
+            if e[0] == 0 {
+                return Ok(None);
+            }
+            if e[0] == 0xe5 {
+                lfn.clear();
+                continue;
+            }
+            if e[11] == 0x0f {
+                let mut chars = [0u16; 13];
+                let offsets = [1, 3, 5, 7, 9, 14, 16, 18, 20, 22, 24, 28, 30];
+                for (k, &o) in offsets.iter().enumerate() {
+                    chars[k] = u16::from_le_bytes([e[o], e[o + 1]]);
+                }
+                lfn.push((e[0] & 0x1f, chars));
+                continue;
+            }
+            let long = if lfn.is_empty() {
+                None
+            } else {
+                lfn.sort_by_key(|(seq, _)| *seq);
+                let units: Vec<u16> = lfn
+                    .iter()
+                    .flat_map(|(_, c)| c.iter().copied())
+                    .take_while(|&u| u != 0 && u != 0xffff)
+                    .collect();
+                Some(String::from_utf16_lossy(&units))
+            };
+            lfn.clear();
+            let base = String::from_utf8_lossy(&e[0..8]).trim_end().to_string();
+            let ext = String::from_utf8_lossy(&e[8..11]).trim_end().to_string();
+            let short = if ext.is_empty() {
+                base
+            } else {
+                format!("{base}.{ext}")
+            };
+            let matches = long
+                .as_deref()
+                .is_some_and(|l| l.eq_ignore_ascii_case(name))
+                || short.eq_ignore_ascii_case(name);
+            if matches {
+                let hi = u16::from_le_bytes([e[20], e[21]]) as u32;
+                let lo = u16::from_le_bytes([e[26], e[27]]) as u32;
+                let size = u32::from_le_bytes([e[28], e[29], e[30], e[31]]) as u64;
+                return Ok(Some((hi << 16 | lo, size)));
+            }
+        }
+        cluster = read_fat_entry(window, g, cluster)?;
+    }
+    Ok(None)
+}
+
 /// Makes the FAT32 backup boot sector equal the primary again after a boot
 /// loader installer rewrote only the primary.
 pub fn sync_backup_boot_sector<F: Read + Write + Seek>(
@@ -591,6 +713,23 @@ mod tests {
             );
             assert!(exists(&fs, "/liveos/SQUASHFS.IMG"));
             assert_eq!(list_dir(&fs, "/LiveOS").len(), 2);
+            fs.unmount().unwrap();
+        }
+        window.flush().unwrap();
+        {
+            // Raw extents read back the same bytes the FAT driver wrote.
+            let extents = file_extents(&mut window, "/liveos/squashfs.img").unwrap();
+            assert_eq!(extents.iter().map(|e| e.1).sum::<u64>(), 3 << 20);
+            let mut raw = Vec::new();
+            for (offset, len) in &extents {
+                let mut buf = vec![0u8; *len as usize];
+                window.seek(SeekFrom::Start(*offset)).unwrap();
+                window.read_exact(&mut buf).unwrap();
+                raw.extend(buf);
+            }
+            assert!(raw.iter().all(|&b| b == 42));
+            assert!(file_extents(&mut window, "/LiveOS/missing").is_err());
+            let fs = open(&mut window).unwrap();
             rename(&fs, "/LiveOS/overlay-LIVE-1234-ABCD", "/LiveOS/overlay-X").unwrap();
             remove_all(&fs, "/LiveOS").unwrap();
             assert!(!exists(&fs, "/LiveOS"));

@@ -2,4 +2,5 @@
 pub mod ext4;
 pub mod fat;
 pub mod partition;
+pub mod stick;
 pub mod target;
