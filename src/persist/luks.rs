@@ -33,8 +33,9 @@
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
-use aes::cipher::KeyInit;
+use aes::cipher::consts::U16;
 use aes::cipher::generic_array::GenericArray;
+use aes::cipher::{BlockDecrypt, BlockEncrypt, BlockSizeUser, KeyInit};
 use aes::{Aes128, Aes256};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -42,8 +43,7 @@ use rand::RngCore;
 use rand::rngs::OsRng;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
-use xts_mode::{Xts128, get_tweak_default};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Size of one header copy: 4 KiB binary header + 12 KiB JSON area (cryptsetup's default).
 pub const HEADER_SIZE: u64 = 16 * 1024;
@@ -339,19 +339,75 @@ pub struct LuksFormatted {
 }
 
 /// The data cipher: aes-xts-plain64 with a 256- or 512-bit key.
+///
+/// XTS is done here rather than with the `xts-mode` crate, which encrypts one
+/// AES block at a time: batching 32 blocks per call lets AES-NI pipeline them
+/// and makes streaming a home image about three times faster. `xts-mode`
+/// stays as the oracle in the unit tests, and cryptsetup in the
+/// integration tests.
 enum XtsCipher {
-    Aes128(Box<Xts128<Aes128>>),
-    Aes256(Box<Xts128<Aes256>>),
+    Aes128(Box<(Aes128, Aes128)>),
+    Aes256(Box<(Aes256, Aes256)>),
+}
+
+/// Blocks per AES batch: one 512-byte sector.
+const XTS_BATCH: usize = 32;
+
+/// Multiply an XTS tweak by α in GF(2¹²⁸) (little-endian convention).
+fn xts_next(t: u128) -> u128 {
+    (t << 1) ^ if t >> 127 == 1 { 0x87 } else { 0 }
+}
+
+/// One XTS sector in place. The tweak is E_k2(IV); each 16-byte block is
+/// `E_k1(P ⊕ T) ⊕ T` (or D_k1 for decryption), T advancing by α per block.
+/// Sector sizes here are multiples of 16, so no ciphertext stealing.
+fn xts_sector<C>(data_key: &C, tweak_key: &C, sector: &mut [u8], iv: u64, encrypt: bool)
+where
+    C: BlockEncrypt + BlockDecrypt + BlockSizeUser<BlockSize = U16>,
+{
+    let mut t = GenericArray::from(u128::from(iv).to_le_bytes());
+    tweak_key.encrypt_block(&mut t);
+    let mut tweak = u128::from_le_bytes(t.into());
+    let mut blocks = [GenericArray::<u8, U16>::default(); XTS_BATCH];
+    let mut tweaks = [0u128; XTS_BATCH];
+    for batch in sector.chunks_exact_mut(16 * XTS_BATCH) {
+        for ((block, tw), src) in blocks
+            .iter_mut()
+            .zip(&mut tweaks)
+            .zip(batch.chunks_exact(16))
+        {
+            *tw = tweak;
+            let mut b = [0u8; 16];
+            b.copy_from_slice(src);
+            *block = GenericArray::from((u128::from_le_bytes(b) ^ tweak).to_le_bytes());
+            tweak = xts_next(tweak);
+        }
+        if encrypt {
+            data_key.encrypt_blocks(&mut blocks);
+        } else {
+            data_key.decrypt_blocks(&mut blocks);
+        }
+        for ((block, tw), dst) in blocks.iter().zip(&tweaks).zip(batch.chunks_exact_mut(16)) {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(block);
+            dst.copy_from_slice(&(u128::from_le_bytes(b) ^ tw).to_le_bytes());
+        }
+    }
+    // The batch held plaintext and tweaks; leave neither on the stack.
+    for b in &mut blocks {
+        b.as_mut_slice().zeroize();
+    }
+    tweaks.zeroize();
 }
 
 impl XtsCipher {
     fn new(key: &[u8]) -> Result<Self, LuksError> {
         match key.len() {
-            32 => Ok(XtsCipher::Aes128(Box::new(Xts128::new(
+            32 => Ok(XtsCipher::Aes128(Box::new((
                 Aes128::new(GenericArray::from_slice(&key[..16])),
                 Aes128::new(GenericArray::from_slice(&key[16..])),
             )))),
-            64 => Ok(XtsCipher::Aes256(Box::new(Xts128::new(
+            64 => Ok(XtsCipher::Aes256(Box::new((
                 Aes256::new(GenericArray::from_slice(&key[..32])),
                 Aes256::new(GenericArray::from_slice(&key[32..])),
             )))),
@@ -362,31 +418,28 @@ impl XtsCipher {
         }
     }
 
-    /// Encrypt whole sectors of `sector_size` bytes. `first_iv` is the plain64
-    /// IV of the first one, and the IV always counts 512-byte units: LUKS2
-    /// never uses dm-crypt's `iv_large_sectors` (that is a plain-mode option),
-    /// so a 4096-byte sector `n` has IV `8n`. cryptsetup's own encryption
-    /// agrees (tests/luks_cryptsetup.rs).
-    fn encrypt(&self, buf: &mut [u8], sector_size: usize, first_iv: u64) {
+    /// Encrypt or decrypt whole sectors of `sector_size` bytes. `first_iv` is
+    /// the plain64 IV of the first one, and the IV always counts 512-byte
+    /// units: LUKS2 never uses dm-crypt's `iv_large_sectors` (that is a
+    /// plain-mode option), so a 4096-byte sector `n` has IV `8n`.
+    /// cryptsetup's own encryption agrees (tests/luks_cryptsetup.rs).
+    fn apply(&self, buf: &mut [u8], sector_size: usize, first_iv: u64, encrypt: bool) {
         let step = (sector_size / 512) as u64;
         for (i, sector) in buf.chunks_exact_mut(sector_size).enumerate() {
-            let tweak = get_tweak_default(u128::from(first_iv + i as u64 * step));
+            let iv = first_iv + i as u64 * step;
             match self {
-                XtsCipher::Aes128(x) => x.encrypt_sector(sector, tweak),
-                XtsCipher::Aes256(x) => x.encrypt_sector(sector, tweak),
+                XtsCipher::Aes128(k) => xts_sector(&k.0, &k.1, sector, iv, encrypt),
+                XtsCipher::Aes256(k) => xts_sector(&k.0, &k.1, sector, iv, encrypt),
             }
         }
     }
 
+    fn encrypt(&self, buf: &mut [u8], sector_size: usize, first_iv: u64) {
+        self.apply(buf, sector_size, first_iv, true);
+    }
+
     fn decrypt(&self, buf: &mut [u8], sector_size: usize, first_iv: u64) {
-        let step = (sector_size / 512) as u64;
-        for (i, sector) in buf.chunks_exact_mut(sector_size).enumerate() {
-            let tweak = get_tweak_default(u128::from(first_iv + i as u64 * step));
-            match self {
-                XtsCipher::Aes128(x) => x.decrypt_sector(sector, tweak),
-                XtsCipher::Aes256(x) => x.decrypt_sector(sector, tweak),
-            }
-        }
+        self.apply(buf, sector_size, first_iv, false);
     }
 }
 
@@ -1405,6 +1458,44 @@ mod tests {
             pbkdf: PbkdfKind::Pbkdf2,
             force_iterations: Some(1000),
             ..LuksParams::default()
+        }
+    }
+
+    /// Our batched XTS equals the `xts-mode` crate with plain64 tweaks, for
+    /// both key sizes and sector sizes, both ways.
+    #[test]
+    fn xts_matches_xts_mode_crate() {
+        use xts_mode::{Xts128, get_tweak_default};
+        let key: Vec<u8> = (0..64u8)
+            .map(|i| i.wrapping_mul(29).wrapping_add(3))
+            .collect();
+        let plain: Vec<u8> = (0..3 * 4096u32).map(|i| (i * 13 % 256) as u8).collect();
+        let ref256 = Xts128::new(
+            Aes256::new(GenericArray::from_slice(&key[..32])),
+            Aes256::new(GenericArray::from_slice(&key[32..])),
+        );
+        let ref128 = Xts128::new(
+            Aes128::new(GenericArray::from_slice(&key[..16])),
+            Aes128::new(GenericArray::from_slice(&key[16..32])),
+        );
+        for (ours, ss) in [
+            (XtsCipher::new(&key).unwrap(), 512usize),
+            (XtsCipher::new(&key).unwrap(), 4096),
+            (XtsCipher::new(&key[..32]).unwrap(), 4096),
+        ] {
+            let mut a = plain.clone();
+            ours.encrypt(&mut a, ss, 40);
+            let mut b = plain.clone();
+            for (i, sector) in b.chunks_exact_mut(ss).enumerate() {
+                let tweak = get_tweak_default(40 + (i * ss / 512) as u128);
+                match ours {
+                    XtsCipher::Aes256(_) => ref256.encrypt_sector(sector, tweak),
+                    XtsCipher::Aes128(_) => ref128.encrypt_sector(sector, tweak),
+                }
+            }
+            assert_eq!(a, b, "sector size {ss}");
+            ours.decrypt(&mut a, ss, 40);
+            assert_eq!(a, plain);
         }
     }
 
