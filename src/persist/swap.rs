@@ -33,12 +33,31 @@ pub enum SwapError {
         page = SWAP_PAGE_SIZE, min = MIN_SWAP_SIZE, min_kib = MIN_SWAP_SIZE / 1024
     )]
     BadSize { size: u64 },
+    #[error(
+        "swap size {mib} MiB is too large: a file on FAT holds at most {max} MiB (4 GiB − 1 byte); choose {max} or less",
+        max = FAT_MAX_FILE_MIB
+    )]
+    TooLarge { mib: u64 },
+    #[error("swap size 0 MiB: give --swap-size-mb a positive number of MiB")]
+    Zero,
     #[error("swap label {0:?} is longer than 16 bytes; choose a shorter label")]
     LabelTooLong(String),
     #[error("not a swap area: {0}")]
     NotSwap(String),
     #[error("I/O error writing the swap image: {0}")]
     Io(#[from] io::Error),
+}
+
+/// The largest file FAT32 holds is 4 GiB − 1 byte; whole MiB below that.
+pub const FAT_MAX_FILE_MIB: u64 = 4095;
+
+/// Check `--swap-size-mb` and return the size in bytes.
+pub fn swap_size_from_mib(mib: u64) -> Result<u64, SwapError> {
+    match mib {
+        0 => Err(SwapError::Zero),
+        m if m > FAT_MAX_FILE_MIB => Err(SwapError::TooLarge { mib: m }),
+        m => Ok(m * 1024 * 1024),
+    }
 }
 
 /// The identity of a swap area, as `swaplabel` shows it.
