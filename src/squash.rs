@@ -360,16 +360,30 @@ pub struct SquashEntry {
 
 /// Lists an image with `unsquashfs -lls` (sizes included).
 pub fn list(image: &Path) -> Result<Vec<SquashEntry>, SquashError> {
-    let (_, out) = run_tool(
-        UNSQUASHFS,
-        &[
-            "-lls".as_ref(),
-            "-d".as_ref(),
-            "".as_ref(),
-            image.as_os_str(),
-        ],
-        &[],
-    )?;
+    list_at(image, 0)
+}
+
+/// `unsquashfs` arguments that read the image starting `offset` bytes into `file` (a
+/// squashfs.img read in place on a stick).
+fn offset_args(offset: u64) -> Vec<std::ffi::OsString> {
+    if offset == 0 {
+        Vec::new()
+    } else {
+        vec!["-o".into(), offset.to_string().into()]
+    }
+}
+
+/// Lists the image that starts `offset` bytes into `file`.
+pub fn list_at(file: &Path, offset: u64) -> Result<Vec<SquashEntry>, SquashError> {
+    let off = offset_args(offset);
+    let mut args: Vec<&std::ffi::OsStr> = off.iter().map(|a| a.as_os_str()).collect();
+    args.extend([
+        "-lls".as_ref(),
+        "-d".as_ref(),
+        "".as_ref(),
+        file.as_os_str(),
+    ]);
+    let (_, out) = run_tool(UNSQUASHFS, &args, &[])?;
     let mut entries = Vec::new();
     for line in out.lines() {
         // `-rw-r--r-- root/root   6442450944 2024-04-14 12:00 /LiveOS/rootfs.img`
@@ -409,16 +423,22 @@ pub fn list(image: &Path) -> Result<Vec<SquashEntry>, SquashError> {
 
 /// Extracts the whole image into `dest` (which must not exist yet).
 pub fn extract(image: &Path, dest: &Path) -> Result<(), SquashError> {
-    run_tool(
-        UNSQUASHFS,
-        &[
-            "-no-progress".as_ref(),
-            "-d".as_ref(),
-            dest.as_os_str(),
-            image.as_os_str(),
-        ],
-        &[],
-    )?;
+    extract_at(image, 0, dest, &[])
+}
+
+/// Extracts the image that starts `offset` bytes into `file` into `dest` (which must
+/// not exist yet): everything, or only the paths in `only`.
+pub fn extract_at(file: &Path, offset: u64, dest: &Path, only: &[&str]) -> Result<(), SquashError> {
+    let off = offset_args(offset);
+    let mut args: Vec<&std::ffi::OsStr> = off.iter().map(|a| a.as_os_str()).collect();
+    args.extend([
+        "-no-progress".as_ref(),
+        "-d".as_ref(),
+        dest.as_os_str(),
+        file.as_os_str(),
+    ]);
+    args.extend(only.iter().map(std::ffi::OsStr::new));
+    run_tool(UNSQUASHFS, &args, &[])?;
     Ok(())
 }
 

@@ -1,5 +1,10 @@
 //! `livestick overlay status|merge|reset|recover|grow`: maintenance of the persistent
-//! dm-snapshot overlay, on a bare overlay file (with its squashfs.img or root image).
+//! overlay, on a stick (block device or image file, its FAT filesystem never mounted)
+//! or on a bare overlay file (with its squashfs.img or root image).
+//!
+//! On a stick the overlay is found as `LiveOS/overlay-<LABEL>-<UUID>` and read and
+//! written in place through its FAT extents; squashfs.img is replaced by a directory
+//! entry swap (see `persist::overlay_fatswap`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, IsTerminal, Read, Seek, SeekFrom, Write};
@@ -9,7 +14,10 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use crate::persist::merge::{self, MergeRequest};
+use crate::disk::fat;
+use crate::disk::stick::{self, Stick, StickError, StickInfo};
+use crate::persist::merge::{self, Located, MergeRequest, StickMergeRequest};
+use crate::persist::overlay_extent::ExtentFile;
 use crate::persist::snapshot::{
     self, FAT_MAX_FILE_BYTES, LIVEOS_CHUNK_SECTORS, Opened, RESET_BYTES, SECTOR_BYTES,
 };
@@ -49,18 +57,34 @@ pub struct OriginArgs {
     pub origin_size: Option<String>,
 }
 
+/// Which overlay on a stick (ignored for a bare overlay file).
+#[derive(Debug, Args)]
+pub struct StickSel {
+    /// Directory of the live files on the stick
+    #[arg(long, value_name = "DIR", default_value = "LiveOS")]
+    pub live_dir: String,
+    /// Work on this overlay file of the live dir instead of overlay-LABEL-UUID (e.g. an
+    /// orphaned one whose name no longer matches the stick)
+    #[arg(long, value_name = "NAME")]
+    pub overlay_file: Option<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Overlay file (LiveOS/overlay-LABEL-UUID)
+    /// Stick (block device or image file) or bare overlay file (LiveOS/overlay-LABEL-UUID)
     pub target: PathBuf,
+    #[command(flatten)]
+    pub sel: StickSel,
     #[command(flatten)]
     pub origin: OriginArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct MergeArgs {
-    /// Overlay file (LiveOS/overlay-LABEL-UUID)
+    /// Stick (block device or image file) or bare overlay file (LiveOS/overlay-LABEL-UUID)
     pub target: PathBuf,
+    #[command(flatten)]
+    pub sel: StickSel,
     /// Plumbing: merge into this bare root image (in place unless --output); no squashfs
     #[arg(long, value_name = "IMAGE", conflicts_with = "squashfs")]
     pub origin: Option<PathBuf>,
@@ -82,12 +106,17 @@ pub struct MergeArgs {
     /// Print the plan (with the space needed) and change nothing
     #[arg(long)]
     pub dry_run: bool,
+    /// Do not ask for confirmation (a merge on a stick rewrites its squashfs.img)
+    #[arg(long, short)]
+    pub yes: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct ResetArgs {
-    /// Overlay file (LiveOS/overlay-LABEL-UUID)
+    /// Stick (block device or image file) or bare overlay file (LiveOS/overlay-LABEL-UUID)
     pub target: PathBuf,
+    #[command(flatten)]
+    pub sel: StickSel,
     /// Do not ask for confirmation
     #[arg(long, short)]
     pub yes: bool,
@@ -98,13 +127,26 @@ pub struct ResetArgs {
 
 #[derive(Debug, Args)]
 pub struct RecoverArgs {
-    /// Overlay file (LiveOS/overlay-LABEL-UUID)
+    /// Stick (block device or image file) or bare overlay file (LiveOS/overlay-LABEL-UUID)
     pub target: PathBuf,
+    #[command(flatten)]
+    pub sel: StickSel,
     #[command(flatten)]
     pub origin: OriginArgs,
     /// Also grow the overlay by this many MiB (an overlay that ran full fails again at once)
     #[arg(long, value_name = "N")]
     pub add_mb: Option<u64>,
+    /// Then run `e2fsck -f -y` on the file system seen through the overlay and write
+    /// what it repaired into the overlay
+    #[arg(long)]
+    pub repair: bool,
+    /// With --repair on a bare overlay file: the squashfs.img holding the root image
+    /// (default: squashfs.img next to the overlay), unless --origin is given
+    #[arg(long, value_name = "PATH", conflicts_with = "origin")]
+    pub squashfs: Option<PathBuf>,
+    /// With --repair: where to build the repaired view (needs the root image's size)
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
+    pub workdir: PathBuf,
     /// Show what would be done and change nothing
     #[arg(long)]
     pub dry_run: bool,
@@ -113,8 +155,10 @@ pub struct RecoverArgs {
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("amount").required(true).args(["size_mb", "add_mb"])))]
 pub struct GrowArgs {
-    /// Overlay file (LiveOS/overlay-LABEL-UUID)
+    /// Stick (block device or image file) or bare overlay file (LiveOS/overlay-LABEL-UUID)
     pub target: PathBuf,
+    #[command(flatten)]
+    pub sel: StickSel,
     /// New total size in MiB (at most 4095: the FAT file size limit)
     #[arg(long, value_name = "N")]
     pub size_mb: Option<u64>,
@@ -151,7 +195,7 @@ fn overlay_file(path: &Path) -> anyhow::Result<PathBuf> {
     }
     if looks_like_disk {
         bail!(
-            "{} is a whole stick or disk image; pass the overlay file itself (LiveOS/overlay-LABEL-UUID on the mounted stick) for now",
+            "{} has a partition table (or is a block device) but no FAT partition with a live system: it is neither a live stick nor an overlay file",
             path.display()
         );
     }
@@ -230,6 +274,9 @@ impl Phases {
 }
 
 fn status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
+    if stick::looks_like_stick(&a.target) {
+        return stick_status(a, json);
+    }
     let path = overlay_file(&a.target)?;
     let (mut f, len) = open_ro(&path)?;
     let report = snapshot::status(
@@ -251,7 +298,12 @@ fn status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
             report: &report,
         });
     }
-    println!("overlay         {}", path.display());
+    print_status(&path.display().to_string(), &report);
+    Ok(())
+}
+
+fn print_status(overlay: &str, report: &snapshot::StatusReport) {
+    println!("overlay         {overlay}");
     println!("state           {}", report.state);
     println!("dmsetup status  {}", report.dm_status);
     println!(
@@ -290,10 +342,12 @@ fn status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
     for p in &report.problems {
         println!("problem         {p}");
     }
-    Ok(())
 }
 
 fn merge_cmd(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
+    if stick::looks_like_stick(&a.target) {
+        return stick_merge(a, json);
+    }
     let path = overlay_file(&a.target)?;
     if let Some(origin) = &a.origin {
         return merge_plumbing(&path, origin, a.output.as_deref(), a.dry_run, json);
@@ -320,6 +374,13 @@ fn merge_cmd(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
     };
     let plan = merge::plan_merge(&req)?;
     if a.dry_run || plan.nothing_to_merge {
+        return print_merge_plan(&plan, json);
+    }
+    run_merge_plan(&plan, json, &path)
+}
+
+fn print_merge_plan(plan: &merge::MergePlan, json: bool) -> anyhow::Result<()> {
+    {
         if json {
             return print_json(&plan);
         }
@@ -362,10 +423,13 @@ fn merge_cmd(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
         for (i, s) in plan.steps.iter().enumerate() {
             println!("  {}. {s}", i + 1);
         }
-        return Ok(());
+        Ok(())
     }
-    let mut phases = Phases::new(progress(json, &path));
-    let report = merge::execute_merge(&plan, &mut |p, d, t| phases.update(p, d, t));
+}
+
+fn run_merge_plan(plan: &merge::MergePlan, json: bool, path: &Path) -> anyhow::Result<()> {
+    let mut phases = Phases::new(progress(json, path));
+    let report = merge::execute_merge(plan, &mut |p, d, t| phases.update(p, d, t));
     phases.bar.finish();
     let report = report?;
     if json {
@@ -378,6 +442,12 @@ fn merge_cmd(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
         human(report.old_squashfs_bytes),
         human(report.new_squashfs_bytes)
     );
+    if report.fsck_chunks_folded > 0 {
+        println!(
+            "e2fsck changed {} chunks; they were written into the overlay before the swap",
+            report.fsck_chunks_folded
+        );
+    }
     Ok(())
 }
 
@@ -509,14 +579,27 @@ fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
 }
 
 fn reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
+    if stick::looks_like_stick(&a.target) {
+        return stick_reset(a, json);
+    }
     let path = overlay_file(&a.target)?;
     let (mut f, len) = if a.dry_run {
         open_ro(&path)?
     } else {
         open_rw(&path)?
     };
+    reset_common(&mut f, len, &path.display().to_string(), a, json)
+}
+
+fn reset_common<F: Read + Write + Seek + snapshot::SyncData>(
+    f: &mut F,
+    len: u64,
+    path: &str,
+    a: &ResetArgs,
+    json: bool,
+) -> anyhow::Result<()> {
     // A damaged store can still be reset; say what we can about what is lost.
-    let report = snapshot::status(&mut f, len, LIVEOS_CHUNK_SECTORS, None);
+    let report = snapshot::status(f, len, LIVEOS_CHUNK_SECTORS, None);
     let lost = match &report {
         Ok(r) if r.state == "uninitialised" => "nothing (it is already empty)".to_string(),
         Ok(r) => format!(
@@ -528,8 +611,7 @@ fn reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
         Err(e) => format!("an unreadable store ({e})"),
     };
     let question = format!(
-        "Reset {}? This discards {lost}: every change made in the live system since the last merge or reset.",
-        path.display()
+        "Reset {path}? This discards {lost}: every change made in the live system since the last merge or reset."
     );
     if a.dry_run {
         if json {
@@ -538,8 +620,7 @@ fn reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
             );
         }
         println!(
-            "would reset {} (zero the first {}), discarding {lost}",
-            path.display(),
+            "would reset {path} (zero the first {}), discarding {lost}",
             human(len.min(RESET_BYTES))
         );
         return Ok(());
@@ -547,35 +628,51 @@ fn reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
     if !confirm(&question, a.yes)? {
         bail!("not confirmed; nothing changed");
     }
-    snapshot::reset_store(&mut f, len)?;
+    snapshot::reset_store(f, len)?;
     if json {
         return print_json(&serde_json::json!({"overlay": path, "reset": true, "discarded": lost}));
     }
-    println!("reset {}: discarded {lost}", path.display());
+    println!("reset {path}: discarded {lost}");
     Ok(())
 }
 
 fn recover(a: &RecoverArgs, json: bool) -> anyhow::Result<()> {
+    if stick::looks_like_stick(&a.target) {
+        return stick_recover(a, json);
+    }
     let path = overlay_file(&a.target)?;
+    let show = path.display().to_string();
     let origin = origin_sectors(&a.origin)?;
+    // --repair needs the root image: --origin, or the one inside squashfs.img.
+    let repair_source = if a.repair {
+        if let Some(o) = &a.origin.origin {
+            Some((o.clone(), None))
+        } else {
+            let sq = match &a.squashfs {
+                Some(p) => p.clone(),
+                None => path.with_file_name("squashfs.img"),
+            };
+            if !sq.is_file() {
+                bail!(
+                    "--repair needs the root image: pass --origin IMAGE or --squashfs PATH (no squashfs.img next to {show})"
+                );
+            }
+            Some((PathBuf::new(), Some(sq)))
+        }
+    } else {
+        None
+    };
     let (mut f, len) = if a.dry_run {
         open_ro(&path)?
     } else {
         open_rw(&path)?
     };
     // Validate (dry run) first: nothing may change if the metadata itself is corrupt.
-    let check = snapshot::recover_invalid(&mut f, len, origin, true).with_context(|| {
-        format!(
-            "{}: the metadata is damaged; nothing was changed",
-            path.display()
-        )
-    })?;
+    let check = snapshot::recover_invalid(&mut f, len, origin, true)
+        .with_context(|| format!("{show}: the metadata is damaged; nothing was changed"))?;
     let mut grow_plan = None;
     if let Some(add) = a.add_mb {
-        let chunk = match snapshot::read_header(&mut f)? {
-            snapshot::HeaderState::Initialised(h) => h.chunk_sectors,
-            snapshot::HeaderState::Uninitialised => LIVEOS_CHUNK_SECTORS,
-        };
+        let chunk = chunk_sectors_of(&mut f)?;
         grow_plan = Some(snapshot::plan_grow(
             len,
             len.saturating_add(add.saturating_mul(MIB)),
@@ -583,73 +680,117 @@ fn recover(a: &RecoverArgs, json: bool) -> anyhow::Result<()> {
             FAT_MAX_FILE_BYTES,
         )?);
     }
-    let report = if a.dry_run {
-        check
-    } else {
-        // Grow first (§7): an overlay that ran full would fail again on its first write.
-        if let Some(p) = &grow_plan {
-            f.set_len(p.new_bytes)?;
-            f.sync_all()?;
+    if a.dry_run {
+        return recover_report(&show, &check, grow_plan.as_ref(), None, true, json);
+    }
+    // Grow first: an overlay that ran full would fail again on its first write.
+    if let Some(p) = &grow_plan {
+        f.set_len(p.new_bytes)?;
+        f.sync_all()?;
+    }
+    let new_len = grow_plan.as_ref().map_or(len, |p| p.new_bytes);
+    let report = snapshot::recover_invalid(&mut f, new_len, origin, false)?;
+    let repair = match repair_source {
+        None => None,
+        Some((origin_img, squashfs)) => {
+            let scratch = tempfile::Builder::new()
+                .prefix("livestick-repair-")
+                .tempdir_in(&a.workdir)
+                .with_context(|| format!("work dir {}", a.workdir.display()))?;
+            let origin_img = match squashfs {
+                Some(sq) => merge::extract_root_image(&Located::file(&sq)?, &sq, scratch.path())?,
+                None => origin_img,
+            };
+            let mut phases = Phases::new(progress(json, &path));
+            let r = merge::repair_view(
+                &origin_img,
+                &mut f,
+                new_len,
+                scratch.path(),
+                &mut |p, d, t| phases.update(p, d, t),
+            );
+            phases.bar.finish();
+            Some(r?)
         }
-        let new_len = grow_plan.as_ref().map_or(len, |p| p.new_bytes);
-        snapshot::recover_invalid(&mut f, new_len, origin, false)?
     };
+    recover_report(
+        &show,
+        &report,
+        grow_plan.as_ref(),
+        repair.as_ref(),
+        false,
+        json,
+    )
+}
+
+fn recover_report(
+    show: &str,
+    report: &snapshot::RecoverReport,
+    grow_plan: Option<&snapshot::GrowPlan>,
+    repair: Option<&merge::RepairReport>,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     if json {
-        return print_json(
-            &serde_json::json!({"overlay": path, "dry_run": a.dry_run, "recover": report, "grow": grow_plan}),
-        );
+        return print_json(&serde_json::json!({
+            "overlay": show, "dry_run": dry_run, "recover": report,
+            "grow": grow_plan, "repair": repair,
+        }));
     }
     if !report.was_invalid {
         println!(
-            "{} is not marked Invalid; nothing to recover ({})",
-            path.display(),
+            "{show} is not marked Invalid; nothing to recover ({})",
             report.dm_status_after
         );
-        return Ok(());
-    }
-    let verb = if a.dry_run {
-        "would recover"
     } else {
-        "recovered"
-    };
-    println!(
-        "{verb} {}: {} exceptions in {} metadata area(s); status now {}",
-        path.display(),
-        report.exceptions,
-        report.metadata_areas,
-        report.dm_status_after
-    );
-    if let Some(p) = &grow_plan {
+        let verb = if dry_run {
+            "would recover"
+        } else {
+            "recovered"
+        };
         println!(
-            "grown from {} to {}",
+            "{verb} {show}: {} exceptions in {} metadata area(s); status now {}",
+            report.exceptions, report.metadata_areas, report.dm_status_after
+        );
+    }
+    if let Some(p) = grow_plan {
+        println!(
+            "{} from {} to {}",
+            if dry_run { "would grow" } else { "grown" },
             human(p.current_bytes),
             human(p.new_bytes)
         );
     }
-    if report.full {
+    if report.full && grow_plan.is_none() {
         println!(
             "warning: the overlay is still full; the first new chunk invalidates it again. Add --add-mb N"
         );
     }
-    println!(
-        "writes after the failure were lost: check the file system before trusting it (e2fsck -f on the root image seen through the overlay), then merge"
-    );
+    match repair {
+        Some(r) => println!(
+            "e2fsck -f -y on the view exited {}: {} chunks changed, {} written into the overlay",
+            r.fsck_exit_code, r.chunks_changed, r.chunks_folded
+        ),
+        None if report.was_invalid => println!(
+            "writes after the failure were lost: check the file system before trusting it (`overlay recover --repair` runs e2fsck -f -y on the view and keeps its repairs), then merge"
+        ),
+        None => {}
+    }
     Ok(())
 }
 
 fn grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
+    if stick::looks_like_stick(&a.target) {
+        return stick_grow(a, json);
+    }
     let path = overlay_file(&a.target)?;
     let (mut f, len) = if a.dry_run {
         open_ro(&path)?
     } else {
         open_rw(&path)?
     };
-    let chunk = match snapshot::read_header(&mut f)
-        .with_context(|| format!("{} is not an overlay", path.display()))?
-    {
-        snapshot::HeaderState::Initialised(h) => h.chunk_sectors,
-        snapshot::HeaderState::Uninitialised => LIVEOS_CHUNK_SECTORS,
-    };
+    let chunk = chunk_sectors_of(&mut f)
+        .with_context(|| format!("{} is not an overlay", path.display()))?;
     let requested = match (a.size_mb, a.add_mb) {
         (Some(s), _) => s.saturating_mul(MIB),
         (None, Some(add)) => len.saturating_add(add.saturating_mul(MIB)),
@@ -666,15 +807,21 @@ fn grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
         phases.update("grow", plan.added_bytes, plan.added_bytes);
         phases.bar.finish();
     }
+    grow_report(&path.display().to_string(), &plan, a.dry_run, json)
+}
+
+fn grow_report(
+    show: &str,
+    plan: &snapshot::GrowPlan,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     if json {
-        return print_json(
-            &serde_json::json!({"overlay": path, "dry_run": a.dry_run, "grow": plan}),
-        );
+        return print_json(&serde_json::json!({"overlay": show, "dry_run": dry_run, "grow": plan}));
     }
-    let verb = if a.dry_run { "would grow" } else { "grew" };
+    let verb = if dry_run { "would grow" } else { "grew" };
     println!(
-        "{verb} {} from {} to {} ({} usable data chunks)",
-        path.display(),
+        "{verb} {show} from {} to {} ({} usable data chunks)",
         human(plan.current_bytes),
         human(plan.new_bytes),
         plan.usable_data_chunks_after
@@ -683,4 +830,500 @@ fn grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
         println!("note: {n}");
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Sticks: the overlay found by name on the FAT filesystem and reached in place.
+
+/// What an overlay file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum OverlayKind {
+    /// dm-snapshot exception store (or a zeroed, new one).
+    DmSnapshot,
+    /// An ext4 file system with `overlayfs/` and `ovlwork/` (rd.live.overlay.overlayfs).
+    Overlayfs,
+}
+
+/// A stick opened for an overlay command, with the overlay chosen.
+struct StickTarget {
+    stick: Stick,
+    info: StickInfo,
+    /// Path of the overlay on the FAT filesystem.
+    overlay: String,
+    overlay_bytes: u64,
+    /// The overlay's name does not match the label/UUID: dracut will not use it.
+    orphaned: bool,
+    kind: OverlayKind,
+}
+
+impl StickTarget {
+    fn show(&self) -> String {
+        format!("{}:{}", self.stick.path.display(), self.overlay)
+    }
+
+    /// The overlay, read and written in place on the stick.
+    fn overlay_file(&mut self) -> anyhow::Result<ExtentFile<&mut File>> {
+        let extents = self
+            .stick
+            .file_extents(&self.overlay)
+            .with_context(|| format!("locating {}", self.show()))?;
+        Ok(ExtentFile::new(self.stick.file_mut(), &extents))
+    }
+}
+
+fn ext4_magic<R: Read + Seek>(r: &mut R) -> bool {
+    let mut m = [0u8; 2];
+    r.seek(SeekFrom::Start(1080)).is_ok() && r.read_exact(&mut m).is_ok() && m == [0x53, 0xEF]
+}
+
+/// Opens `path` as a stick and picks its overlay: `--overlay-file`, else the one dracut
+/// will use. `allow_orphan` lets `status` fall back to a single orphaned overlay.
+fn open_stick(
+    path: &Path,
+    sel: &StickSel,
+    writable: bool,
+    allow_orphan: bool,
+) -> anyhow::Result<StickTarget> {
+    let mut stick = Stick::open(path, writable).map_err(|e| match e {
+        StickError::Target(crate::disk::target::TargetError::Busy { path, findings }) => {
+            anyhow::anyhow!(
+                "{} is in use ({}); unmount it (and detach loop devices) first: changing the overlay or squashfs.img under a running or mounted system corrupts them",
+                path.display(),
+                findings.join("; ")
+            )
+        }
+        e => anyhow::Error::from(e).context(format!(
+            "{} is not a live stick this command can work on",
+            path.display()
+        )),
+    })?;
+    let info = stick.info(&sel.live_dir)?;
+    if info.squashfs.is_none() {
+        bail!(StickError::NotLive {
+            path: path.to_path_buf(),
+            live_dir: sel.live_dir.clone(),
+        });
+    }
+    let names = || {
+        info.overlays
+            .iter()
+            .map(|(p, s)| format!("{p} ({})", human(*s)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let chosen = if let Some(name) = &sel.overlay_file {
+        let want = format!("/{}/{}", sel.live_dir, name.trim_start_matches('/'));
+        info.overlays
+            .iter()
+            .find(|(p, _)| p.eq_ignore_ascii_case(&want) || p.eq_ignore_ascii_case(name))
+            .cloned()
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} has no overlay {want}; overlays present: {}",
+                    path.display(),
+                    if info.overlays.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names()
+                    }
+                )
+            })?
+    } else if let Some(o) = info.overlay() {
+        o.clone()
+    } else {
+        let orphans = info.orphaned_overlays();
+        match orphans.as_slice() {
+            [] => bail!(
+                "{} has no persistent overlay (expected {}); it was written without --overlay-size-mb",
+                path.display(),
+                info.expected_overlay
+            ),
+            [one] if allow_orphan => (*one).clone(),
+            _ => bail!(
+                "{} has no overlay named {}, but has {}: its name no longer matches the stick's label/UUID, so the live system ignores it (its changes are orphaned). Rename it to {} to use it again, or pass --overlay-file NAME to work on it",
+                path.display(),
+                info.expected_overlay,
+                names(),
+                info.expected_overlay
+            ),
+        }
+    };
+    let orphaned = chosen.0 != info.expected_overlay;
+    let mut t = StickTarget {
+        stick,
+        overlay: chosen.0,
+        overlay_bytes: chosen.1,
+        orphaned,
+        kind: OverlayKind::DmSnapshot,
+        info,
+    };
+    let is_ext4 = {
+        let mut f = t.overlay_file()?;
+        ext4_magic(&mut f)
+    };
+    if is_ext4 {
+        t.kind = OverlayKind::Overlayfs;
+    }
+    Ok(t)
+}
+
+/// Size of the root image inside squashfs.img (for range checks), when unsquashfs is
+/// installed and the image can be read in place.
+fn stick_root_image_bytes(t: &mut StickTarget) -> Option<u64> {
+    let sq = format!("/{}/squashfs.img", t.info.live_dir);
+    let at = Located::on_stick(&mut t.stick, &sq).ok()?;
+    let off = at.contiguous_at()?;
+    let listing = crate::squash::list_at(&at.device, off).ok()?;
+    merge::ROOT_IMAGES
+        .iter()
+        .find_map(|n| listing.iter().find(|e| e.is_file && e.path == *n))
+        .map(|e| e.size)
+}
+
+fn refuse_overlayfs(t: &StickTarget, what: &str) -> anyhow::Result<()> {
+    if t.kind == OverlayKind::Overlayfs {
+        bail!(
+            "{} is an OverlayFS overlay (ext4 holding overlayfs/ and ovlwork/); {what} is implemented for device-mapper snapshot overlays only so far",
+            t.show()
+        );
+    }
+    Ok(())
+}
+
+/// Free and total bytes of the ext4 file system in an OverlayFS overlay.
+fn ext4_usage<R: Read + Seek>(r: &mut R) -> Option<(u64, u64)> {
+    let mut sb = [0u8; 1024];
+    r.seek(SeekFrom::Start(1024)).ok()?;
+    r.read_exact(&mut sb).ok()?;
+    let u32_at = |i: usize| u64::from(u32::from_le_bytes([sb[i], sb[i + 1], sb[i + 2], sb[i + 3]]));
+    let block = 1024u64.checked_shl(u32::try_from(u32_at(0x18)).ok()?)?;
+    let wide = u32_at(0x60) & 0x80 != 0; // INCOMPAT_64BIT: high halves are meaningful
+    let (hi_total, hi_free) = if wide {
+        (u32_at(0x150), u32_at(0x158))
+    } else {
+        (0, 0)
+    };
+    let total = (hi_total << 32 | u32_at(0x04)) * block;
+    let free = (hi_free << 32 | u32_at(0x0C)) * block;
+    Some((free, total))
+}
+
+fn stick_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
+    let mut t = open_stick(&a.target, &a.sel, false, true)?;
+    let orphans: Vec<String> = t
+        .info
+        .orphaned_overlays()
+        .iter()
+        .map(|(p, _)| p.clone())
+        .collect();
+    let mut notes = Vec::new();
+    if t.orphaned {
+        notes.push(format!(
+            "{} does not match the stick's label/UUID: the live system looks for {} and ignores this one (its changes are orphaned); rename it to use it again",
+            t.overlay, t.info.expected_overlay
+        ));
+    } else if !orphans.is_empty() {
+        notes.push(format!(
+            "orphaned overlay(s) the live system ignores: {}",
+            orphans.join(", ")
+        ));
+    }
+    if t.kind == OverlayKind::Overlayfs {
+        let usage = {
+            let mut f = t.overlay_file()?;
+            ext4_usage(&mut f)
+        };
+        let (free, total) = usage.unwrap_or((0, t.overlay_bytes));
+        let used = total.saturating_sub(free);
+        let percent = if total == 0 {
+            0.0
+        } else {
+            (used as f64 * 10000.0 / total as f64).round() / 100.0
+        };
+        if json {
+            return print_json(&serde_json::json!({
+                "stick": t.stick.path, "label": t.info.label, "fs_uuid": t.info.fs_uuid,
+                "overlay": t.overlay, "expected_overlay": t.info.expected_overlay,
+                "orphaned": t.orphaned, "orphaned_overlays": orphans, "kind": t.kind,
+                "size_bytes": t.overlay_bytes, "used_bytes": used, "bytes_free": free,
+                "percent_used": percent, "notes": notes,
+            }));
+        }
+        println!(
+            "stick           {} ({} {})",
+            t.stick.path.display(),
+            t.info.label,
+            t.info.fs_uuid
+        );
+        println!("overlay         {}", t.overlay);
+        println!("kind            OverlayFS (ext4 with overlayfs/ + ovlwork/)");
+        println!("size            {}", human(t.overlay_bytes));
+        println!("used            {:.2} % ({} free)", percent, human(free));
+        for n in &notes {
+            println!("note            {n}");
+        }
+        return Ok(());
+    }
+    let origin = match origin_sectors(&a.origin)? {
+        Some(s) => Some(s),
+        None => stick_root_image_bytes(&mut t).map(|b| b / SECTOR_BYTES),
+    };
+    let len = t.overlay_bytes;
+    let report = {
+        let mut f = t.overlay_file()?;
+        snapshot::status(&mut f, len, LIVEOS_CHUNK_SECTORS, origin)
+            .with_context(|| format!("{} is not a usable overlay", t.show()))?
+    };
+    if json {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            stick: &'a Path,
+            label: &'a str,
+            fs_uuid: &'a str,
+            overlay: &'a str,
+            expected_overlay: &'a str,
+            orphaned: bool,
+            orphaned_overlays: &'a [String],
+            kind: OverlayKind,
+            notes: &'a [String],
+            #[serde(flatten)]
+            report: &'a snapshot::StatusReport,
+        }
+        return print_json(&Out {
+            stick: &t.stick.path,
+            label: &t.info.label,
+            fs_uuid: &t.info.fs_uuid,
+            overlay: &t.overlay,
+            expected_overlay: &t.info.expected_overlay,
+            orphaned: t.orphaned,
+            orphaned_overlays: &orphans,
+            kind: t.kind,
+            notes: &notes,
+            report: &report,
+        });
+    }
+    println!(
+        "stick           {} (label {}, UUID {})",
+        t.stick.path.display(),
+        t.info.label,
+        t.info.fs_uuid
+    );
+    print_status(&t.overlay, &report);
+    for n in &notes {
+        println!("note            {n}");
+    }
+    Ok(())
+}
+
+fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
+    if a.origin.is_some() || a.squashfs.is_some() {
+        bail!(
+            "--origin and --squashfs are for bare files; on a stick the squashfs.img and overlay are found on it"
+        );
+    }
+    let (overlay, show) = {
+        let t = open_stick(&a.target, &a.sel, false, false)?;
+        refuse_overlayfs(&t, "merge")?;
+        (t.overlay.clone(), t.show())
+    };
+    let req = StickMergeRequest {
+        stick: a.target.clone(),
+        live_dir: a.sel.live_dir.clone(),
+        overlay,
+        workdir: a.workdir.clone(),
+        fsck: !a.no_fsck,
+        compress: a.compress,
+    };
+    let plan = merge::plan_stick_merge(&req)?;
+    if a.dry_run || plan.nothing_to_merge {
+        return print_merge_plan(&plan, json);
+    }
+    let question = format!(
+        "Merge {} chunks of {show} into a new {} and empty the overlay?",
+        plan.exceptions,
+        plan.squashfs.display()
+    );
+    if !confirm(&question, a.yes)? {
+        bail!("not confirmed; nothing changed");
+    }
+    run_merge_plan(&plan, json, &a.target)
+}
+
+fn stick_reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
+    let mut t = open_stick(&a.target, &a.sel, !a.dry_run, false)?;
+    refuse_overlayfs(&t, "reset")?;
+    let show = t.show();
+    let len = t.overlay_bytes;
+    let mut f = t.overlay_file()?;
+    reset_common(&mut f, len, &show, a, json)
+}
+
+fn stick_recover(a: &RecoverArgs, json: bool) -> anyhow::Result<()> {
+    let mut t = open_stick(&a.target, &a.sel, !a.dry_run, false)?;
+    refuse_overlayfs(&t, "recover")?;
+    let show = t.show();
+    let origin = match origin_sectors(&a.origin)? {
+        Some(s) => Some(s),
+        None => stick_root_image_bytes(&mut t).map(|b| b / SECTOR_BYTES),
+    };
+    let len = t.overlay_bytes;
+    let check = {
+        let mut f = t.overlay_file()?;
+        snapshot::recover_invalid(&mut f, len, origin, true)
+            .with_context(|| format!("{show}: the metadata is damaged; nothing was changed"))?
+    };
+    let mut grow_plan = None;
+    if let Some(add) = a.add_mb {
+        let chunk = {
+            let mut f = t.overlay_file()?;
+            chunk_sectors_of(&mut f)?
+        };
+        grow_plan = Some(stick_grow_plan(
+            &t,
+            len.saturating_add(add.saturating_mul(MIB)),
+            chunk,
+        )?);
+    }
+    if a.dry_run {
+        return recover_report(&show, &check, grow_plan.as_ref(), None, true, json);
+    }
+    if let Some(p) = &grow_plan {
+        grow_on_stick(&mut t, p, json)?;
+    }
+    let new_len = grow_plan.as_ref().map_or(len, |p| p.new_bytes);
+    let report = {
+        let mut f = t.overlay_file()?;
+        snapshot::recover_invalid(&mut f, new_len, origin, false)?
+    };
+    let repair = if a.repair {
+        let squashfs = format!("/{}/squashfs.img", t.info.live_dir);
+        let at = Located::on_stick(&mut t.stick, &squashfs)?;
+        let scratch = tempfile::Builder::new()
+            .prefix("livestick-repair-")
+            .tempdir_in(&a.workdir)
+            .with_context(|| format!("work dir {}", a.workdir.display()))?;
+        let origin_img = match &a.origin.origin {
+            Some(p) => p.clone(),
+            None => merge::extract_root_image(&at, Path::new(&squashfs), scratch.path())?,
+        };
+        let mut phases = Phases::new(progress(json, &a.target));
+        let mut f = t.overlay_file()?;
+        let r = merge::repair_view(
+            &origin_img,
+            &mut f,
+            new_len,
+            scratch.path(),
+            &mut |p, d, t| phases.update(p, d, t),
+        );
+        phases.bar.finish();
+        Some(r?)
+    } else {
+        None
+    };
+    recover_report(
+        &show,
+        &report,
+        grow_plan.as_ref(),
+        repair.as_ref(),
+        false,
+        json,
+    )
+}
+
+fn chunk_sectors_of<R: Read + Seek>(f: &mut R) -> anyhow::Result<u32> {
+    Ok(match snapshot::read_header(f)? {
+        snapshot::HeaderState::Initialised(h) => h.chunk_sectors,
+        snapshot::HeaderState::Uninitialised => LIVEOS_CHUNK_SECTORS,
+    })
+}
+
+/// A grow on a stick: the FAT file limit and the free space are hard errors with the
+/// figures, not silent caps: the user asked for a size the stick cannot give.
+fn stick_grow_plan(
+    t: &StickTarget,
+    requested: u64,
+    chunk: u32,
+) -> anyhow::Result<snapshot::GrowPlan> {
+    if requested > fat::FAT_MAX_FILE {
+        bail!(
+            "{} cannot grow to {} ({requested} bytes): a file on FAT32 must stay below 4 GiB, at most {} MiB ({} bytes)",
+            t.show(),
+            human(requested),
+            fat::FAT_MAX_FILE / MIB,
+            fat::FAT_MAX_FILE
+        );
+    }
+    let plan = snapshot::plan_grow(t.overlay_bytes, requested, chunk, FAT_MAX_FILE_BYTES)?;
+    if plan.added_bytes > t.info.free_bytes {
+        bail!(
+            "not enough free space on {} to grow {} by {} ({} bytes): {} ({} bytes) free",
+            t.stick.path.display(),
+            t.overlay,
+            human(plan.added_bytes),
+            plan.added_bytes,
+            human(t.info.free_bytes),
+            t.info.free_bytes
+        );
+    }
+    Ok(plan)
+}
+
+/// Appends zeros to the overlay through the FAT driver (new clusters, new size). The
+/// directory entry's size changes last, so a stop half way leaves the old, intact
+/// overlay (and some lost clusters fsck.fat frees).
+fn grow_on_stick(t: &mut StickTarget, plan: &snapshot::GrowPlan, json: bool) -> anyhow::Result<()> {
+    let path = t.overlay.clone();
+    let mut phases = Phases::new(progress(json, &t.stick.path));
+    phases.update("grow", 0, plan.added_bytes);
+    let added = plan.added_bytes;
+    t.stick.with_fs(|fs| {
+        let io = |source| StickError::Io {
+            path: PathBuf::from(&path),
+            source,
+        };
+        let mut f = fs
+            .root_dir()
+            .open_file(path.trim_start_matches('/'))
+            .map_err(io)?;
+        f.seek(SeekFrom::End(0)).map_err(io)?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut done = 0u64;
+        while done < added {
+            let n = (added - done).min(zeros.len() as u64) as usize;
+            f.write_all(&zeros[..n]).map_err(io)?;
+            done += n as u64;
+            phases.update("grow", done, added);
+        }
+        f.flush().map_err(io)?;
+        Ok(())
+    })?;
+    phases.bar.finish();
+    t.overlay_bytes = plan.new_bytes;
+    Ok(())
+}
+
+fn stick_grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
+    let mut t = open_stick(&a.target, &a.sel, !a.dry_run, false)?;
+    refuse_overlayfs(&t, "grow")?;
+    let len = t.overlay_bytes;
+    let chunk = {
+        let mut f = t.overlay_file()?;
+        chunk_sectors_of(&mut f).with_context(|| format!("{} is not an overlay", t.show()))?
+    };
+    let requested = match (a.size_mb, a.add_mb) {
+        (Some(s), _) => s.saturating_mul(MIB),
+        (None, Some(add)) => len.saturating_add(add.saturating_mul(MIB)),
+        (None, None) => bail!("give --size-mb N or --add-mb N"),
+    };
+    let plan = stick_grow_plan(&t, requested, chunk)?;
+    if !a.dry_run {
+        grow_on_stick(&mut t, &plan, json)?;
+    }
+    grow_report(&t.show(), &plan, a.dry_run, json)
+}
+
+/// For callers that need to know whether a path is a stick.
+pub fn is_stick(path: &Path) -> bool {
+    stick::looks_like_stick(path)
 }

@@ -1,30 +1,47 @@
 //! Merging a LiveOS overlay into a new `squashfs.img` ("image recompression and overlay
-//! refreshment"), in user space and crash-safe.
+//! refreshment"), in user space and crash-safe, on a pair of plain files or on a stick
+//! (block device or image file) whose FAT filesystem is never mounted.
 //!
 //! The plan is pure data ([`MergePlan`]); [`execute_merge`] runs it in steps:
-//! `extract → apply → fsck → build → stage → verify → swap → reset`. The old
-//! `squashfs.img` is replaced only by a rename after the new one is written, synced and
-//! read back; the overlay is reset only after that rename. So at every instant the
-//! directory holds the old image with the old overlay, or the new image (with the old
-//! overlay, whose chunks already equal the merged data, or with an empty one).
+//! `extract → apply → fsck → build → stage → verify → fold → swap → reset`. The old
+//! `squashfs.img` is replaced only after the new one is written, synced and read back;
+//! the overlay is reset only after that. So at every instant the stick holds the old
+//! image with the old overlay, or the new image with the old overlay (whose chunks equal
+//! the merged data: see `fold`), or the new image with an empty overlay.
+//!
+//! `fold`: e2fsck changes blocks of the merged image (at least the superblock's check
+//! time). Where such a block is also in the overlay, "new image + old overlay" would show
+//! the pre-fsck block on top of the post-fsck file system. So before the swap, every
+//! chunk e2fsck changed is written into the overlay through the copy-on-write writer:
+//! the old image + overlay then shows exactly the new image, as does the new image +
+//! overlay. `recover --repair` uses the same mechanism to fold `e2fsck -y`'s repairs in.
+//!
 //! `LIVESTICK_FAILPOINT=<step>` stops a run right after that step, for the crash tests.
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::hash::Hasher;
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::persist::snapshot::{self, LIVEOS_CHUNK_SECTORS, Opened, SnapshotError, StatusReport};
+use crate::disk::fat;
+use crate::disk::stick::{Stick, StickError};
+use crate::persist::overlay_extent::ExtentFile;
+use crate::persist::overlay_fatswap::{self, SwapError, SwapReport};
+use crate::persist::snapshot::{
+    self, CowWriter, LIVEOS_CHUNK_SECTORS, Opened, SnapshotError, StatusReport,
+};
 use crate::squash::{self, Compressor, ImageKind, SquashError, SquashInfo};
 
 /// Root images a dm-snapshot overlay can sit on, in the order dracut looks for them.
 pub const ROOT_IMAGES: [&str; 2] = ["LiveOS/rootfs.img", "LiveOS/ext3fs.img"];
 /// The steps of a merge, in order; also the names `LIVESTICK_FAILPOINT` accepts.
-pub const STEPS: [&str; 8] = [
-    "extract", "apply", "fsck", "build", "stage", "verify", "swap", "reset",
+pub const STEPS: [&str; 9] = [
+    "extract", "apply", "fsck", "build", "stage", "verify", "fold", "swap", "reset",
 ];
 
 #[derive(Debug, Error)]
@@ -33,6 +50,10 @@ pub enum MergeError {
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
     Squash(#[from] SquashError),
+    #[error(transparent)]
+    Stick(#[from] StickError),
+    #[error("replacing squashfs.img on the stick: {0}")]
+    Swap(#[from] SwapError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -55,7 +76,7 @@ pub enum MergeError {
     )]
     NoRootImage { squashfs: PathBuf, what: String },
     #[error(
-        "{0} is an EROFS image (Fedora 42+ kiwi spins); those use OverlayFS persistence, not a dm-snapshot overlay, and merging them is not implemented yet"
+        "{0} is an EROFS image (Fedora 42+ kiwi spins); those use OverlayFS persistence, not a dm-snapshot overlay; merging an OverlayFS overlay into EROFS is not implemented yet (it would rebuild the image with mkfs.erofs from erofs-utils)"
     )]
     Erofs(PathBuf),
     #[error(
@@ -76,6 +97,14 @@ pub enum MergeError {
         got: String,
         want: String,
     },
+    #[error(
+        "e2fsck changed {changed} chunks, {new_chunks} of them not yet in the overlay, which has room for {free} more; grow it (`livestick overlay grow --add-mb N`) and run again. Nothing was replaced"
+    )]
+    FoldNoRoom {
+        changed: u64,
+        new_chunks: u64,
+        free: u64,
+    },
     #[error("stopped at failpoint after step `{0}` (LIVESTICK_FAILPOINT)")]
     Failpoint(&'static str),
 }
@@ -87,7 +116,7 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> MergeError + '_ {
     }
 }
 
-/// What the user asked for.
+/// A merge of a bare pair of files: `squashfs.img` and its overlay.
 #[derive(Debug, Clone)]
 pub struct MergeRequest {
     pub squashfs: PathBuf,
@@ -97,17 +126,89 @@ pub struct MergeRequest {
     pub compress: Option<Compressor>,
 }
 
+/// A merge on a stick: its `squashfs.img` and `overlay-LABEL-UUID`, found by the caller.
+#[derive(Debug, Clone)]
+pub struct StickMergeRequest {
+    pub stick: PathBuf,
+    pub live_dir: String,
+    /// Path of the overlay on the FAT filesystem (`/LiveOS/overlay-LABEL-UUID`).
+    pub overlay: String,
+    pub workdir: PathBuf,
+    pub fsck: bool,
+    pub compress: Option<Compressor>,
+}
+
+/// Where on a stick the files of a merge are.
+#[derive(Debug, Clone, Serialize)]
+pub struct StickPlace {
+    pub stick: PathBuf,
+    pub partition_start: u64,
+    /// `/LiveOS/squashfs.img`
+    pub squashfs: String,
+    /// `/LiveOS/overlay-LABEL-UUID`
+    pub overlay: String,
+    pub cluster_bytes: u64,
+}
+
+/// Bytes of a file reached through a device (or a plain file) and extents in it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Located {
+    pub device: PathBuf,
+    pub extents: Vec<(u64, u64)>,
+}
+
+impl Located {
+    fn plain(path: &Path) -> Result<Located, MergeError> {
+        let len = fs::metadata(path).map_err(io_at(path))?.len();
+        Ok(Located {
+            device: path.to_path_buf(),
+            extents: vec![(0, len)],
+        })
+    }
+
+    /// Opens it for reading (and writing).
+    pub fn open(&self, write: bool) -> Result<ExtentFile<File>, MergeError> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(&self.device)
+            .map_err(io_at(&self.device))?;
+        Ok(ExtentFile::new(f, &self.extents))
+    }
+
+    pub fn len(&self) -> u64 {
+        self.extents.iter().map(|e| e.1).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The offset at which an external tool can read it, when it is one run of bytes.
+    pub fn contiguous_at(&self) -> Option<u64> {
+        match self.extents.as_slice() {
+            [(o, _)] => Some(*o),
+            _ => None,
+        }
+    }
+}
+
 /// Everything a merge will do, computed without changing anything.
 #[derive(Debug, Clone, Serialize)]
 pub struct MergePlan {
+    /// What to call the image in messages (a path, or `STICK:/LiveOS/squashfs.img`).
     pub squashfs: PathBuf,
+    pub squashfs_at: Located,
     pub squashfs_bytes: u64,
     pub squash: SquashInfo,
     pub root_image: String,
     pub root_image_bytes: u64,
     pub overlay: PathBuf,
+    pub overlay_at: Located,
     pub overlay_status: StatusReport,
     pub exceptions: u64,
+    /// Set for a merge on a stick; `None` for a pair of plain files.
+    pub stick: Option<StickPlace>,
     pub workdir: PathBuf,
     pub workdir_needed_bytes: u64,
     pub workdir_free_bytes: u64,
@@ -152,34 +253,139 @@ fn check_space(what: &'static str, path: &Path, needed: u64, free: u64) -> Resul
     Ok(())
 }
 
+/// Runs `f` on a path + offset where unsquashfs can read the image: in place when it is
+/// contiguous, else on a temporary copy in `workdir` (a fragmented squashfs.img on a
+/// stick that has seen many edits).
+fn with_readable_squashfs<T>(
+    at: &Located,
+    workdir: &Path,
+    f: impl FnOnce(&Path, u64) -> Result<T, MergeError>,
+) -> Result<T, MergeError> {
+    if let Some(off) = at.contiguous_at() {
+        return f(&at.device, off);
+    }
+    check_space(
+        "a copy of the fragmented squashfs.img",
+        workdir,
+        at.len(),
+        free_bytes(workdir)?,
+    )?;
+    let copy = workdir.join(format!("livestick-squashfs-{}.img", std::process::id()));
+    let result = (|| {
+        let mut src = at.open(false)?;
+        let mut dst = File::create(&copy).map_err(io_at(&copy))?;
+        io::copy(&mut src, &mut dst).map_err(io_at(&copy))?;
+        f(&copy, 0)
+    })();
+    let _ = fs::remove_file(&copy);
+    result
+}
+
+/// What planning needs to know about where the files are.
+struct Inputs {
+    squashfs: PathBuf,
+    squashfs_at: Located,
+    overlay: PathBuf,
+    overlay_at: Located,
+    stick: Option<StickPlace>,
+    target_dir: PathBuf,
+    target_free: u64,
+}
+
 /// Plans a merge of `overlay` into `squashfs` (a bare pair of files, or the files on a
 /// mounted or extracted stick). Checks the overlay, the image kind, the tools and the
 /// free space; changes nothing.
 pub fn plan_merge(req: &MergeRequest) -> Result<MergePlan, MergeError> {
-    let mut sq = File::open(&req.squashfs).map_err(io_at(&req.squashfs))?;
-    let squashfs_bytes = sq.metadata().map_err(io_at(&req.squashfs))?.len();
-    let what = req.squashfs.display().to_string();
-    let info = match squash::detect_image_kind(&mut sq, &what)? {
+    let target_dir = req
+        .squashfs
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let inputs = Inputs {
+        squashfs: req.squashfs.clone(),
+        squashfs_at: Located::plain(&req.squashfs)?,
+        overlay: req.overlay.clone(),
+        overlay_at: Located::plain(&req.overlay)?,
+        stick: None,
+        target_free: free_bytes(&target_dir)?,
+        target_dir,
+    };
+    plan_common(inputs, &req.workdir, req.fsck, req.compress)
+}
+
+/// Plans a merge on a stick. The squashfs image and the overlay are read in place
+/// through their FAT extents; nothing is changed.
+pub fn plan_stick_merge(req: &StickMergeRequest) -> Result<MergePlan, MergeError> {
+    let mut stick = Stick::open(&req.stick, false)?;
+    let info = stick.info(&req.live_dir)?;
+    let squashfs = format!("/{}/squashfs.img", req.live_dir);
+    if info.squashfs.is_none() {
+        return Err(StickError::NotLive {
+            path: req.stick.clone(),
+            live_dir: req.live_dir.clone(),
+        }
+        .into());
+    }
+    let sq_extents = stick.file_extents(&squashfs)?;
+    let ov_extents = stick.file_extents(&req.overlay)?;
+    let cluster_bytes = stick.with_fs(|fs| Ok(u64::from(fs.cluster_size())))?;
+    let show = |p: &str| PathBuf::from(format!("{}:{p}", req.stick.display()));
+    let inputs = Inputs {
+        squashfs: show(&squashfs),
+        squashfs_at: Located {
+            device: req.stick.clone(),
+            extents: sq_extents,
+        },
+        overlay: show(&req.overlay),
+        overlay_at: Located {
+            device: req.stick.clone(),
+            extents: ov_extents,
+        },
+        stick: Some(StickPlace {
+            stick: req.stick.clone(),
+            partition_start: stick.partition.start,
+            squashfs,
+            overlay: req.overlay.clone(),
+            cluster_bytes,
+        }),
+        target_dir: show(&format!("/{}", req.live_dir)),
+        target_free: info.free_bytes,
+    };
+    plan_common(inputs, &req.workdir, req.fsck, req.compress)
+}
+
+fn plan_common(
+    inp: Inputs,
+    workdir: &Path,
+    fsck: bool,
+    compress: Option<Compressor>,
+) -> Result<MergePlan, MergeError> {
+    let squashfs_bytes = inp.squashfs_at.len();
+    let what = inp.squashfs.display().to_string();
+    let info = match squash::detect_image_kind(&mut inp.squashfs_at.open(false)?, &what)? {
         ImageKind::Squashfs(info) => info,
-        ImageKind::Erofs => return Err(MergeError::Erofs(req.squashfs.clone())),
+        ImageKind::Erofs => return Err(MergeError::Erofs(inp.squashfs.clone())),
         other => {
             return Err(MergeError::NoRootImage {
-                squashfs: req.squashfs.clone(),
+                squashfs: inp.squashfs.clone(),
                 what: format!("{other:?}"),
             });
         }
     };
     squash::require_tool(squash::UNSQUASHFS)?;
     squash::require_tool(squash::MKSQUASHFS)?;
-    if req.fsck {
+    if fsck {
         squash::require_tool(squash::E2FSCK)?;
     }
-    let listing = squash::list(&req.squashfs)?;
+    let listing = with_readable_squashfs(&inp.squashfs_at, workdir, |p, off| {
+        Ok(squash::list_at(p, off)?)
+    })?;
     let root = ROOT_IMAGES
         .iter()
         .find_map(|name| listing.iter().find(|e| e.is_file && e.path == *name))
         .ok_or_else(|| MergeError::NoRootImage {
-            squashfs: req.squashfs.clone(),
+            squashfs: inp.squashfs.clone(),
             what: if listing
                 .iter()
                 .any(|e| e.path == "usr" || e.path.starts_with("usr/"))
@@ -191,8 +397,8 @@ pub fn plan_merge(req: &MergeRequest) -> Result<MergePlan, MergeError> {
         })?;
     let extracted_bytes: u64 = listing.iter().filter(|e| e.is_file).map(|e| e.size).sum();
 
-    let mut ov = File::open(&req.overlay).map_err(io_at(&req.overlay))?;
-    let ov_len = snapshot::stream_len(&mut ov).map_err(io_at(&req.overlay))?;
+    let mut ov = inp.overlay_at.open(false)?;
+    let ov_len = ov.len();
     let opened = snapshot::open_store(&mut ov, ov_len)?;
     let origin_sectors = root.size / snapshot::SECTOR_BYTES;
     let overlay_status =
@@ -211,7 +417,7 @@ pub fn plan_merge(req: &MergeRequest) -> Result<MergePlan, MergeError> {
 
     let mut args = info.mksquashfs_args();
     let mut notes = Vec::new();
-    if let Some(c) = req.compress
+    if let Some(c) = compress
         && c != info.compressor
     {
         // Options stored for the old compressor do not apply to another one.
@@ -233,82 +439,108 @@ pub fn plan_merge(req: &MergeRequest) -> Result<MergePlan, MergeError> {
                 .to_string(),
         );
     }
+    if inp.squashfs_at.contiguous_at().is_none() {
+        notes.push(
+            "squashfs.img is fragmented on the stick: it is copied to the work dir to be read"
+                .to_string(),
+        );
+    }
     // The new image is at most the old one plus the changed data, uncompressed.
     let new_image_estimate = squashfs_bytes.saturating_add(used_bytes);
-    let workdir_needed = extracted_bytes.saturating_add(new_image_estimate);
-    let target_dir = req
-        .squashfs
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let target_dir = if target_dir.as_os_str().is_empty() {
-        PathBuf::from(".")
+    let fragmented_copy = if inp.squashfs_at.contiguous_at().is_none() {
+        squashfs_bytes
     } else {
-        target_dir
+        0
     };
-    let workdir_free = free_bytes(&req.workdir)?;
-    let target_free = free_bytes(&target_dir)?;
+    let workdir_needed = extracted_bytes
+        .saturating_add(new_image_estimate)
+        .saturating_add(fragmented_copy);
+    let workdir_free = free_bytes(workdir)?;
     let nothing_to_merge = exceptions == 0;
+    let on_stick = inp.stick.is_some();
+    // On a stick the staged image sits next to the old one until the swap. Its exact
+    // size is checked again before it is written; here the old size is the estimate
+    // (recompressed images rarely grow by much).
+    let target_needed = if on_stick {
+        squashfs_bytes
+    } else {
+        new_image_estimate
+    };
     if !nothing_to_merge {
-        if same_fs(&req.workdir, &target_dir) {
+        if !on_stick && same_fs(workdir, &inp.target_dir) {
             check_space(
                 "the extracted image, the new squashfs and its staged copy",
-                &req.workdir,
+                workdir,
                 workdir_needed.saturating_add(new_image_estimate),
                 workdir_free,
             )?;
         } else {
             check_space(
                 "the extracted image and the new squashfs",
-                &req.workdir,
+                workdir,
                 workdir_needed,
                 workdir_free,
             )?;
             check_space(
                 "the new squashfs next to the old one",
-                &target_dir,
-                new_image_estimate,
-                target_free,
+                &inp.target_dir,
+                target_needed,
+                inp.target_free,
             )?;
         }
     }
+    let staged = match &inp.stick {
+        Some(s) => format!("{}.new", s.squashfs),
+        None => staged_path(&inp.squashfs).display().to_string(),
+    };
     let steps = vec![
         format!(
             "extract {} ({} bytes) from {} into {}",
             root.path,
             root.size,
-            req.squashfs.display(),
-            req.workdir.display()
+            inp.squashfs.display(),
+            workdir.display()
         ),
         format!("apply {exceptions} overlay chunks to it"),
-        if req.fsck {
+        if fsck {
             "e2fsck -f -p the merged image".to_string()
         } else {
             "skip e2fsck (--no-fsck)".to_string()
         },
         format!("mksquashfs {}", args.join(" ")),
-        format!("write {}.new, sync", req.squashfs.display()),
+        format!("write {staged}, sync"),
         "read it back and compare sha256".to_string(),
-        format!("rename it over {}", req.squashfs.display()),
-        format!("reset the overlay {}", req.overlay.display()),
+        "write the chunks e2fsck changed into the overlay too (old image + overlay = new image)"
+            .to_string(),
+        if on_stick {
+            format!(
+                "swap the directory entries of {staged} and squashfs.img (one sector write), remove the old image"
+            )
+        } else {
+            format!("rename it over {}", inp.squashfs.display())
+        },
+        format!("reset the overlay {}", inp.overlay.display()),
     ];
     Ok(MergePlan {
-        squashfs: req.squashfs.clone(),
+        squashfs: inp.squashfs,
+        squashfs_at: inp.squashfs_at,
         squashfs_bytes,
         squash: info,
         root_image: root.path.clone(),
         root_image_bytes: root.size,
-        overlay: req.overlay.clone(),
+        overlay: inp.overlay,
+        overlay_at: inp.overlay_at,
         overlay_status,
         exceptions,
-        workdir: req.workdir.clone(),
+        stick: inp.stick,
+        workdir: workdir.to_path_buf(),
         workdir_needed_bytes: workdir_needed,
         workdir_free_bytes: workdir_free,
-        target_dir,
-        target_needed_bytes: new_image_estimate,
-        target_free_bytes: target_free,
+        target_dir: inp.target_dir,
+        target_needed_bytes: target_needed,
+        target_free_bytes: inp.target_free,
         mksquashfs_args: args,
-        fsck: req.fsck,
+        fsck,
         nothing_to_merge,
         notes,
         steps,
@@ -321,9 +553,13 @@ pub fn plan_merge(req: &MergeRequest) -> Result<MergePlan, MergeError> {
 pub struct MergeReport {
     pub exceptions_applied: u64,
     pub fsck_exit_code: Option<i32>,
+    /// Chunks e2fsck changed, written into the overlay before the swap.
+    pub fsck_chunks_folded: u64,
     pub old_squashfs_bytes: u64,
     pub new_squashfs_bytes: u64,
     pub new_squashfs_sha256: String,
+    /// On a stick: whether the directory entries were swapped in one sector write.
+    pub swap: Option<SwapReport>,
     pub overlay_reset: bool,
 }
 
@@ -365,17 +601,18 @@ fn copy_hashed(
     Ok(hex(&hasher.finalize()))
 }
 
-pub fn sha256_file(
-    path: &Path,
+/// sha256 of everything `r` yields.
+fn sha256_reader(
+    r: &mut dyn Read,
+    what: &Path,
+    total: u64,
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<String, MergeError> {
-    let mut f = File::open(path).map_err(io_at(path))?;
-    let total = f.metadata().map_err(io_at(path))?.len();
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 4 << 20];
     let mut done = 0u64;
     loop {
-        let n = f.read(&mut buf).map_err(io_at(path))?;
+        let n = r.read(&mut buf).map_err(io_at(what))?;
         if n == 0 {
             break;
         }
@@ -386,8 +623,128 @@ pub fn sha256_file(
     Ok(hex(&hasher.finalize()))
 }
 
+pub fn sha256_file(
+    path: &Path,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<String, MergeError> {
+    let mut f = File::open(path).map_err(io_at(path))?;
+    let total = f.metadata().map_err(io_at(path))?.len();
+    sha256_reader(&mut f, path, total, progress)
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A cheap fingerprint of every `chunk_bytes` chunk of an image: enough to tell which
+/// chunks a tool (e2fsck) changed, without keeping a copy of the image.
+pub fn chunk_fingerprints(path: &Path, chunk_bytes: u64) -> Result<Vec<u64>, MergeError> {
+    let mut f = File::open(path).map_err(io_at(path))?;
+    let chunk = chunk_bytes as usize;
+    let mut buf = vec![0u8; (4 << 20) / chunk * chunk];
+    let mut out = Vec::new();
+    loop {
+        let got = read_full(&mut f, &mut buf).map_err(io_at(path))?;
+        if got == 0 {
+            break;
+        }
+        for c in buf[..got].chunks(chunk) {
+            let mut h = std::hash::DefaultHasher::new();
+            h.write(c);
+            out.push(h.finish());
+        }
+        if got < buf.len() {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// The chunks whose fingerprint differs between `before` and the image now.
+pub fn changed_chunks(
+    path: &Path,
+    chunk_bytes: u64,
+    before: &[u64],
+) -> Result<Vec<u64>, MergeError> {
+    let after = chunk_fingerprints(path, chunk_bytes)?;
+    Ok(after
+        .iter()
+        .enumerate()
+        .filter(|(i, h)| before.get(*i) != Some(h))
+        .map(|(i, _)| i as u64)
+        .collect())
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Writes chunks `changed` of `image` into the overlay as the live system would have:
+/// existing exceptions are overwritten in place, others become new exceptions. Checks
+/// first that there is room for all of them, so nothing is half done for lack of space.
+/// Returns the number of chunks written.
+pub fn fold_chunks<C>(
+    cow: &mut C,
+    cow_bytes: u64,
+    image: &Path,
+    changed: &[u64],
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u64, MergeError>
+where
+    C: Read + Write + Seek + snapshot::SyncData,
+{
+    if changed.is_empty() {
+        return Ok(0);
+    }
+    let store = match snapshot::open_store(cow, cow_bytes)? {
+        Opened::Valid(s) => *s,
+        Opened::Invalid { .. } => return Err(MergeError::OverlayInvalid),
+        Opened::Uninitialised { .. } => {
+            // A new store: initialise it as the kernel would, then add the chunks.
+            snapshot::create_new_store(cow, cow_bytes, LIVEOS_CHUNK_SECTORS)?;
+            match snapshot::open_store(cow, cow_bytes)? {
+                Opened::Valid(s) => *s,
+                _ => return Err(MergeError::OverlayInvalid),
+            }
+        }
+    };
+    let chunk_bytes = store.geometry.chunk_bytes();
+    let have: HashSet<u64> = store.exceptions.iter().map(|e| e.old_chunk).collect();
+    let new_chunks = changed.iter().filter(|c| !have.contains(c)).count() as u64;
+    let free = store.free_data_chunks();
+    if new_chunks > free {
+        return Err(MergeError::FoldNoRoom {
+            changed: changed.len() as u64,
+            new_chunks,
+            free,
+        });
+    }
+    let mut img = File::open(image).map_err(io_at(image))?;
+    let image_bytes = img.metadata().map_err(io_at(image))?.len();
+    let mut writer = CowWriter::new(store, image_bytes)?;
+    let view_bytes = image_bytes / snapshot::SECTOR_BYTES * snapshot::SECTOR_BYTES;
+    let mut buf = vec![0u8; chunk_bytes as usize];
+    for (i, &c) in changed.iter().enumerate() {
+        let at = c * chunk_bytes;
+        let n = chunk_bytes.min(view_bytes.saturating_sub(at)) as usize;
+        if n == 0 {
+            continue;
+        }
+        img.seek(SeekFrom::Start(at)).map_err(io_at(image))?;
+        img.read_exact(&mut buf[..n]).map_err(io_at(image))?;
+        writer.write_at(&mut img, cow, at, &buf[..n])?;
+        progress(i as u64 + 1, changed.len() as u64);
+    }
+    Ok(changed.len() as u64)
 }
 
 /// Runs a plan. `progress(step, done, total)` reports each step's progress.
@@ -404,6 +761,30 @@ pub fn execute_merge(
     result
 }
 
+/// Runs `e2fsck -f <mode>` on an image: Ok(exit code) when it is clean or was fixed.
+pub fn run_e2fsck(image: &Path, mode: &str) -> Result<i32, MergeError> {
+    // 1 = errors corrected, 2 = corrected and "reboot" (meaningless for an image).
+    match squash::run_tool(
+        squash::E2FSCK,
+        &["-f".as_ref(), mode.as_ref(), image.as_os_str()],
+        &[1, 2],
+    ) {
+        Ok((code, _)) => Ok(code),
+        Err(SquashError::ToolFailed { status, stderr, .. }) => {
+            let code = status
+                .rsplit(' ')
+                .next()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(-1);
+            Err(MergeError::FsckFailed {
+                code,
+                output: stderr,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn run_steps(
     plan: &MergePlan,
     work: &Path,
@@ -412,7 +793,9 @@ fn run_steps(
     fs::create_dir_all(work).map_err(io_at(work))?;
     let tree = work.join("tree");
     progress("extract", 0, plan.root_image_bytes);
-    squash::extract(&plan.squashfs, &tree)?;
+    with_readable_squashfs(&plan.squashfs_at, work, |p, off| {
+        Ok(squash::extract_at(p, off, &tree, &[])?)
+    })?;
     progress("extract", plan.root_image_bytes, plan.root_image_bytes);
     failpoint(plan, "extract")?;
 
@@ -423,21 +806,24 @@ fn run_steps(
         .open(&root)
         .map_err(io_at(&root))?;
     let origin_bytes = origin.metadata().map_err(io_at(&root))?.len();
-    let mut ov = File::open(&plan.overlay).map_err(io_at(&plan.overlay))?;
-    let ov_len = snapshot::stream_len(&mut ov).map_err(io_at(&plan.overlay))?;
-    let applied = match snapshot::open_store(&mut ov, ov_len)? {
-        Opened::Valid(store) => {
+    let mut ov = plan.overlay_at.open(false)?;
+    let ov_len = ov.len();
+    let (applied, chunk_bytes) = match snapshot::open_store(&mut ov, ov_len)? {
+        Opened::Valid(store) => (
             snapshot::apply_exceptions(&mut ov, &store, &mut origin, origin_bytes, &mut |d, t| {
                 progress("apply", d, t)
-            })?
-        }
-        Opened::Uninitialised { .. } => 0,
+            })?,
+            store.geometry.chunk_bytes(),
+        ),
+        Opened::Uninitialised { .. } => (0, u64::from(LIVEOS_CHUNK_SECTORS) * 512),
         Opened::Invalid { .. } => return Err(MergeError::OverlayInvalid),
     };
     drop(origin);
+    drop(ov);
     failpoint(plan, "apply")?;
 
     let mut fsck_code = None;
+    let mut fsck_changed = Vec::new();
     if plan.fsck {
         let kind = squash::detect_image_kind(
             &mut File::open(&root).map_err(io_at(&root))?,
@@ -445,26 +831,9 @@ fn run_steps(
         )?;
         if kind == ImageKind::Ext {
             progress("fsck", 0, 1);
-            // 1 = errors corrected, 2 = corrected and "reboot" (meaningless for an image).
-            match squash::run_tool(
-                squash::E2FSCK,
-                &["-f".as_ref(), "-p".as_ref(), root.as_os_str()],
-                &[1, 2],
-            ) {
-                Ok((code, _)) => fsck_code = Some(code),
-                Err(SquashError::ToolFailed { status, stderr, .. }) => {
-                    let code = status
-                        .rsplit(' ')
-                        .next()
-                        .and_then(|c| c.parse().ok())
-                        .unwrap_or(-1);
-                    return Err(MergeError::FsckFailed {
-                        code,
-                        output: stderr,
-                    });
-                }
-                Err(e) => return Err(e.into()),
-            }
+            let before = chunk_fingerprints(&root, chunk_bytes)?;
+            fsck_code = Some(run_e2fsck(&root, "-p")?);
+            fsck_changed = changed_chunks(&root, chunk_bytes, &before)?;
             progress("fsck", 1, 1);
         }
     }
@@ -474,12 +843,45 @@ fn run_steps(
     progress("build", 0, 1);
     squash::build(&tree, &built, &plan.mksquashfs_args)?;
     progress("build", 1, 1);
-    // The extracted tree is no longer needed; free its space before staging.
-    let _ = fs::remove_dir_all(&tree);
     failpoint(plan, "build")?;
 
+    let new_len = fs::metadata(&built).map_err(io_at(&built))?.len();
+    let mut report = MergeReport {
+        exceptions_applied: applied,
+        fsck_exit_code: fsck_code,
+        fsck_chunks_folded: 0,
+        old_squashfs_bytes: plan.squashfs_bytes,
+        new_squashfs_bytes: new_len,
+        new_squashfs_sha256: String::new(),
+        swap: None,
+        overlay_reset: false,
+    };
+    match &plan.stick {
+        None => dir_replace(plan, &built, &root, &fsck_changed, &mut report, progress)?,
+        Some(place) => stick_replace(
+            plan,
+            place,
+            &built,
+            &root,
+            &fsck_changed,
+            &mut report,
+            progress,
+        )?,
+    }
+    Ok(report)
+}
+
+/// Stage, verify, fold, swap and reset for a pair of plain files.
+fn dir_replace(
+    plan: &MergePlan,
+    built: &Path,
+    root: &Path,
+    fsck_changed: &[u64],
+    report: &mut MergeReport,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<(), MergeError> {
     let staged = staged_path(&plan.squashfs);
-    let want = copy_hashed(&built, &staged, progress)?;
+    let want = copy_hashed(built, &staged, progress)?;
     failpoint(plan, "stage")?;
 
     let got = sha256_file(&staged, progress)?;
@@ -493,29 +895,149 @@ fn run_steps(
     }
     failpoint(plan, "verify")?;
 
-    let new_len = fs::metadata(&staged).map_err(io_at(&staged))?.len();
+    let mut ov = plan.overlay_at.open(true)?;
+    let ov_len = ov.len();
+    report.fsck_chunks_folded = fold_chunks(&mut ov, ov_len, root, fsck_changed, &mut |d, t| {
+        progress("fold", d, t)
+    })?;
+    failpoint(plan, "fold")?;
+
     fs::rename(&staged, &plan.squashfs).map_err(io_at(&plan.squashfs))?;
     File::open(&plan.target_dir)
         .and_then(|d| d.sync_all())
         .map_err(io_at(&plan.target_dir))?;
     failpoint(plan, "swap")?;
 
-    let mut ov = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&plan.overlay)
-        .map_err(io_at(&plan.overlay))?;
     snapshot::reset_store(&mut ov, ov_len)?;
+    report.overlay_reset = true;
+    report.new_squashfs_sha256 = want;
     failpoint(plan, "reset")?;
+    Ok(())
+}
 
-    Ok(MergeReport {
-        exceptions_applied: applied,
-        fsck_exit_code: fsck_code,
-        old_squashfs_bytes: plan.squashfs_bytes,
-        new_squashfs_bytes: new_len,
-        new_squashfs_sha256: want,
-        overlay_reset: true,
-    })
+/// Drops the page cache of the stick so a read-back comes from the medium, not from
+/// the memory the write went through.
+fn drop_cache(f: &File) {
+    use std::os::fd::AsRawFd;
+    let _ = nix::fcntl::posix_fadvise(
+        f.as_raw_fd(),
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
+}
+
+/// Stage, verify, fold, swap and reset on a stick's FAT filesystem.
+fn stick_replace(
+    plan: &MergePlan,
+    place: &StickPlace,
+    built: &Path,
+    root: &Path,
+    fsck_changed: &[u64],
+    report: &mut MergeReport,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<(), MergeError> {
+    let staged = format!("{}.new", place.squashfs);
+    let new_len = report.new_squashfs_bytes;
+    if new_len > fat::FAT_MAX_FILE {
+        return Err(MergeError::NoSpace {
+            what: "the new squashfs.img (FAT32 files must stay below 4 GiB)",
+            path: plan.squashfs.clone(),
+            needed: new_len,
+            needed_mib: new_len.div_ceil(1 << 20),
+            free: fat::FAT_MAX_FILE,
+            free_mib: fat::FAT_MAX_FILE >> 20,
+        });
+    }
+    let mut stick = Stick::open(&place.stick, true)?;
+    let mut input = File::open(built).map_err(io_at(built))?;
+    let target_dir = plan.target_dir.clone();
+    let mut done = 0u64;
+    let staged_sum = stick.with_fs(|fs| {
+        Ok((|| {
+            // A stale staged image from a stopped run: it was never swapped in.
+            fat::remove_all(fs, &staged).map_err(|e| StickError::Fat {
+                path: place.stick.clone(),
+                source: e,
+            })?;
+            let free = fat::free_bytes(fs).map_err(|e| StickError::Fat {
+                path: place.stick.clone(),
+                source: e,
+            })?;
+            let needed = new_len.div_ceil(place.cluster_bytes) * place.cluster_bytes;
+            check_space(
+                "the new squashfs.img next to the old one",
+                &target_dir,
+                needed,
+                free,
+            )?;
+            let sum = fat::write_file(fs, &staged, &mut input, new_len, |n| {
+                done += n;
+                progress("stage", done, new_len);
+            })
+            .map_err(|e| StickError::Fat {
+                path: place.stick.clone(),
+                source: e,
+            })?;
+            Ok::<_, MergeError>(sum)
+        })())
+    })??;
+    let want = hex(&staged_sum);
+    failpoint(plan, "stage")?;
+
+    drop_cache(stick.file_mut());
+    let extents = stick.file_extents(&staged)?;
+    let got = {
+        let mut f = ExtentFile::new(&mut *stick.file_mut(), &extents);
+        let len = f.len();
+        sha256_reader(&mut f, &place.stick, len, progress)?
+    };
+    if got != want {
+        let _ = stick.with_fs(|fs| {
+            let _ = fat::remove_all(fs, &staged);
+            Ok(())
+        });
+        return Err(MergeError::VerifyMismatch {
+            path: PathBuf::from(format!("{}:{staged}", place.stick.display())),
+            got,
+            want,
+        });
+    }
+    failpoint(plan, "verify")?;
+
+    {
+        let mut ov = ExtentFile::new(&mut *stick.file_mut(), &plan.overlay_at.extents);
+        let ov_len = ov.len();
+        report.fsck_chunks_folded =
+            fold_chunks(&mut ov, ov_len, root, fsck_changed, &mut |d, t| {
+                progress("fold", d, t)
+            })?;
+    }
+    failpoint(plan, "fold")?;
+
+    let part = place.partition_start;
+    report.swap = Some(overlay_fatswap::swap_contents(
+        stick.file_mut(),
+        part,
+        &place.squashfs,
+        &staged,
+    )?);
+    // The staged name now holds the old image; free its clusters.
+    stick.with_fs(|fs| {
+        fat::remove_all(fs, &staged).map_err(|e| StickError::Fat {
+            path: place.stick.clone(),
+            source: e,
+        })
+    })?;
+    failpoint(plan, "swap")?;
+
+    let mut ov = ExtentFile::new(&mut *stick.file_mut(), &plan.overlay_at.extents);
+    let ov_len = ov.len();
+    snapshot::reset_store(&mut ov, ov_len)?;
+    report.overlay_reset = true;
+    report.new_squashfs_sha256 = want;
+    failpoint(plan, "reset")?;
+    Ok(())
 }
 
 /// `squashfs.img` → `squashfs.img.new`, in the same directory (so the rename is atomic).
@@ -526,4 +1048,138 @@ pub fn staged_path(squashfs: &Path) -> PathBuf {
         .unwrap_or_default();
     name.push(".new");
     squashfs.with_file_name(name)
+}
+
+/// What [`repair_view`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepairReport {
+    pub fsck_exit_code: i32,
+    pub chunks_changed: u64,
+    pub chunks_folded: u64,
+    pub fsck_output: String,
+}
+
+/// `e2fsck -f -y` on the snapshot view (origin + overlay, built in `workdir`), then the
+/// chunks it changed are written into the overlay as new or updated exceptions, so the
+/// live system sees the repaired file system on its next boot. The origin is not changed.
+pub fn repair_view<C>(
+    origin: &Path,
+    cow: &mut C,
+    cow_bytes: u64,
+    workdir: &Path,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<RepairReport, MergeError>
+where
+    C: Read + Write + Seek + snapshot::SyncData,
+{
+    squash::require_tool(squash::E2FSCK)?;
+    let origin_bytes = fs::metadata(origin).map_err(io_at(origin))?.len();
+    check_space(
+        "the file system seen through the overlay",
+        workdir,
+        origin_bytes,
+        free_bytes(workdir)?,
+    )?;
+    let store = match snapshot::open_store(cow, cow_bytes)? {
+        Opened::Valid(s) => s,
+        Opened::Invalid { .. } => return Err(MergeError::OverlayInvalid),
+        Opened::Uninitialised { .. } => {
+            return Ok(RepairReport {
+                fsck_exit_code: 0,
+                chunks_changed: 0,
+                chunks_folded: 0,
+                fsck_output: "the overlay is empty: nothing to repair in it".into(),
+            });
+        }
+    };
+    let view = workdir.join(format!("livestick-view-{}.img", std::process::id()));
+    let result = (|| {
+        {
+            let mut o = File::open(origin).map_err(io_at(origin))?;
+            let mut w =
+                io::BufWriter::with_capacity(4 << 20, File::create(&view).map_err(io_at(&view))?);
+            snapshot::write_view(&mut o, origin_bytes, cow, &store, &mut w, &mut |d, t| {
+                progress("view", d, t)
+            })?;
+            w.flush().map_err(io_at(&view))?;
+        }
+        let chunk_bytes = store.geometry.chunk_bytes();
+        let before = chunk_fingerprints(&view, chunk_bytes)?;
+        progress("fsck", 0, 1);
+        // -y fixes everything it can; exit 4 (errors left) is reported, not fatal:
+        // what it did fix is still worth keeping.
+        let (code, output) = match squash::run_tool(
+            squash::E2FSCK,
+            &["-f".as_ref(), "-y".as_ref(), view.as_os_str()],
+            &[1, 2, 4],
+        ) {
+            Ok(r) => r,
+            Err(SquashError::ToolFailed { status, stderr, .. }) => {
+                return Err(MergeError::FsckFailed {
+                    code: status
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(-1),
+                    output: stderr,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        progress("fsck", 1, 1);
+        let changed = changed_chunks(&view, chunk_bytes, &before)?;
+        let folded = fold_chunks(cow, cow_bytes, &view, &changed, &mut |d, t| {
+            progress("fold", d, t)
+        })?;
+        Ok(RepairReport {
+            fsck_exit_code: code,
+            chunks_changed: changed.len() as u64,
+            chunks_folded: folded,
+            fsck_output: output,
+        })
+    })();
+    let _ = fs::remove_file(&view);
+    result
+}
+
+/// Extracts the root image (`LiveOS/rootfs.img` or `ext3fs.img`) out of a squashfs image
+/// read in place, into `dest_dir`; returns its path.
+pub fn extract_root_image(
+    squashfs_at: &Located,
+    what: &Path,
+    dest_dir: &Path,
+) -> Result<PathBuf, MergeError> {
+    let tree = dest_dir.join("root");
+    with_readable_squashfs(squashfs_at, dest_dir, |p, off| {
+        let listing = squash::list_at(p, off)?;
+        let root = ROOT_IMAGES
+            .iter()
+            .find(|name| listing.iter().any(|e| e.is_file && e.path == **name))
+            .ok_or_else(|| MergeError::NoRootImage {
+                squashfs: what.to_path_buf(),
+                what: format!("{} entries, none of them a root image", listing.len()),
+            })?;
+        let size = listing
+            .iter()
+            .find(|e| e.path == *root)
+            .map_or(0, |e| e.size);
+        check_space("the root image", dest_dir, size, free_bytes(dest_dir)?)?;
+        squash::extract_at(p, off, &tree, &[root])?;
+        Ok(tree.join(root))
+    })
+}
+
+impl Located {
+    /// A file on a stick, by its FAT extents.
+    pub fn on_stick(stick: &mut Stick, path: &str) -> Result<Located, MergeError> {
+        Ok(Located {
+            device: stick.path.clone(),
+            extents: stick.file_extents(path)?,
+        })
+    }
+
+    /// A plain file.
+    pub fn file(path: &Path) -> Result<Located, MergeError> {
+        Located::plain(path)
+    }
 }

@@ -4,3 +4,5 @@ pub mod luks;
 pub mod swap;
 pub mod merge;
 pub mod home;
+pub mod overlay_extent;
+pub mod overlay_fatswap;

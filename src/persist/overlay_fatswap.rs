@@ -1,0 +1,294 @@
+//! Replacing a file on the stick's FAT filesystem without a moment where it is missing.
+//!
+//! FAT has no atomic rename-over: `fatfs` refuses to rename onto an existing name, and
+//! "remove old, rename new" leaves the stick without a `squashfs.img` in between. What
+//! a FAT file *is* lives in its 32-byte short directory entry: the first cluster and the
+//! size. So the new image is written under a second name, and then the two entries
+//! exchange their cluster/size/time fields. When both entries lie in one 512-byte sector
+//! (the usual case: they are neighbours in `LiveOS/`), that is one sector write, which
+//! a device performs whole or not at all: the stick boots the old image or the new one.
+//! Otherwise it takes two sector writes, with a sync between: after the first the name
+//! `squashfs.img` already means the new image (the stick boots new) and the two entries
+//! share a chain until the second write gives the staged name the old chain back.
+//! Names, attributes and long-name entries are never touched, so no checksum changes.
+
+use std::io::{self, Read, Seek, SeekFrom, Write};
+
+use thiserror::Error;
+
+const SECTOR: u64 = 512;
+
+#[derive(Debug, Error)]
+pub enum SwapError {
+    #[error("I/O error on the stick: {0}")]
+    Io(#[from] io::Error),
+    #[error("not a FAT filesystem this code can update in place: {0}")]
+    Unsupported(String),
+    #[error("{0} not found on the stick")]
+    NotFound(String),
+    #[error("{0} is a directory, not a file")]
+    IsDir(String),
+}
+
+/// Where a file's short directory entry is, and what it says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryLoc {
+    /// Device offset of the 32-byte short entry.
+    pub offset: u64,
+    pub first_cluster: u32,
+    pub size: u32,
+}
+
+/// How the swap went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SwapReport {
+    /// One sector write (true), or two with a sync between.
+    pub single_sector: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Geo {
+    cluster_bytes: u64,
+    fat_offset: u64,
+    fat32: bool,
+    data_offset: u64,
+    /// FAT32: the root directory's first cluster. FAT16: 0 (fixed region).
+    root_cluster: u32,
+    root_region: (u64, u64),
+    max_cluster: u32,
+}
+
+fn u16_at(b: &[u8], i: usize) -> u64 {
+    u64::from(u16::from_le_bytes([b[i], b[i + 1]]))
+}
+fn u32_at(b: &[u8], i: usize) -> u64 {
+    u64::from(u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]))
+}
+
+fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, SwapError> {
+    let mut bpb = [0u8; 512];
+    dev.seek(SeekFrom::Start(part))?;
+    dev.read_exact(&mut bpb)?;
+    let bps = u16_at(&bpb, 11);
+    let spc = u64::from(bpb[13]);
+    let reserved = u16_at(&bpb, 14);
+    let fats = u64::from(bpb[16]);
+    let root_entries = u16_at(&bpb, 17);
+    let total = match u16_at(&bpb, 19) {
+        0 => u32_at(&bpb, 32),
+        t => t,
+    };
+    let fat_sectors = match u16_at(&bpb, 22) {
+        0 => u32_at(&bpb, 36),
+        f => f,
+    };
+    if !(512..=4096).contains(&bps) || spc == 0 || fats == 0 || fat_sectors == 0 {
+        return Err(SwapError::Unsupported("boot sector is not FAT".into()));
+    }
+    let root_sectors = (root_entries * 32).div_ceil(bps);
+    let first_data = reserved + fats * fat_sectors + root_sectors;
+    let clusters = total.saturating_sub(first_data) / spc;
+    // The FAT type follows from the cluster count alone (Microsoft's rule).
+    if clusters < 4085 {
+        return Err(SwapError::Unsupported(
+            "FAT12 (a filesystem under 16 MiB cannot hold a live system)".into(),
+        ));
+    }
+    let fat32 = clusters >= 65525;
+    let root_start = part + (reserved + fats * fat_sectors) * bps;
+    Ok(Geo {
+        cluster_bytes: spc * bps,
+        fat_offset: part + reserved * bps,
+        fat32,
+        data_offset: part + first_data * bps,
+        root_cluster: if fat32 { u32_at(&bpb, 44) as u32 } else { 0 },
+        root_region: (root_start, root_entries * 32),
+        max_cluster: u32::try_from(clusters + 2).unwrap_or(u32::MAX),
+    })
+}
+
+fn next_cluster<D: Read + Seek>(dev: &mut D, g: &Geo, c: u32) -> io::Result<u32> {
+    if g.fat32 {
+        let mut e = [0u8; 4];
+        dev.seek(SeekFrom::Start(g.fat_offset + u64::from(c) * 4))?;
+        dev.read_exact(&mut e)?;
+        Ok(u32::from_le_bytes(e) & 0x0fff_ffff)
+    } else {
+        let mut e = [0u8; 2];
+        dev.seek(SeekFrom::Start(g.fat_offset + u64::from(c) * 2))?;
+        dev.read_exact(&mut e)?;
+        Ok(u32::from(u16::from_le_bytes(e)))
+    }
+}
+
+/// The byte runs (device offsets) of a directory: a cluster chain, or FAT16's fixed root.
+fn dir_runs<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<(u64, u64)>> {
+    if first == 0 {
+        return Ok(vec![g.root_region]);
+    }
+    let mut runs = Vec::new();
+    let mut c = first;
+    // Bounded by the cluster count, so a looping chain cannot hang us.
+    while (2..g.max_cluster).contains(&c) && runs.len() < g.max_cluster as usize {
+        runs.push((
+            g.data_offset + u64::from(c - 2) * g.cluster_bytes,
+            g.cluster_bytes,
+        ));
+        c = next_cluster(dev, g, c)?;
+    }
+    Ok(runs)
+}
+
+/// Finds `name` (long or short name, any case) in the directory at `first`:
+/// (entry location, is_dir).
+fn find_in_dir<D: Read + Seek>(
+    dev: &mut D,
+    g: &Geo,
+    first: u32,
+    name: &str,
+) -> io::Result<Option<(EntryLoc, bool)>> {
+    let mut lfn: Vec<(u8, [u16; 13])> = Vec::new();
+    for (at, len) in dir_runs(dev, g, first)? {
+        let mut buf = vec![0u8; len as usize];
+        dev.seek(SeekFrom::Start(at))?;
+        dev.read_exact(&mut buf)?;
+        for (i, e) in buf.chunks_exact(32).enumerate() {
+            if e[0] == 0 {
+                return Ok(None);
+            }
+            if e[0] == 0xe5 {
+                lfn.clear();
+                continue;
+            }
+            if e[11] == 0x0f {
+                let mut units = [0u16; 13];
+                for (k, o) in [1, 3, 5, 7, 9, 14, 16, 18, 20, 22, 24, 28, 30]
+                    .into_iter()
+                    .enumerate()
+                {
+                    units[k] = u16::from_le_bytes([e[o], e[o + 1]]);
+                }
+                lfn.push((e[0] & 0x1f, units));
+                continue;
+            }
+            if e[11] & 0x08 != 0 {
+                // The volume label entry.
+                lfn.clear();
+                continue;
+            }
+            lfn.sort_by_key(|(seq, _)| *seq);
+            let long: Vec<u16> = lfn
+                .iter()
+                .flat_map(|(_, u)| u.iter().copied())
+                .take_while(|&u| u != 0 && u != 0xffff)
+                .collect();
+            lfn.clear();
+            let base = String::from_utf8_lossy(&e[0..8]).trim_end().to_string();
+            let ext = String::from_utf8_lossy(&e[8..11]).trim_end().to_string();
+            let short = if ext.is_empty() {
+                base
+            } else {
+                format!("{base}.{ext}")
+            };
+            let hit = (!long.is_empty()
+                && String::from_utf16_lossy(&long).eq_ignore_ascii_case(name))
+                || short.eq_ignore_ascii_case(name);
+            if hit {
+                let hi = if g.fat32 { u16_at(e, 20) } else { 0 };
+                let loc = EntryLoc {
+                    offset: at + i as u64 * 32,
+                    first_cluster: (hi << 16 | u16_at(e, 26)) as u32,
+                    size: u32_at(e, 28) as u32,
+                };
+                return Ok(Some((loc, e[11] & 0x10 != 0)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Finds the short directory entry of the file at `path` (`/LiveOS/squashfs.img`) on the
+/// FAT filesystem starting at device offset `part`.
+pub fn find_entry<D: Read + Seek>(
+    dev: &mut D,
+    part: u64,
+    path: &str,
+) -> Result<EntryLoc, SwapError> {
+    let g = geometry(dev, part)?;
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let mut dir = g.root_cluster;
+    for (i, p) in parts.iter().enumerate() {
+        let (loc, is_dir) =
+            find_in_dir(dev, &g, dir, p)?.ok_or_else(|| SwapError::NotFound(path.to_string()))?;
+        if i + 1 == parts.len() {
+            if is_dir {
+                return Err(SwapError::IsDir(path.to_string()));
+            }
+            return Ok(loc);
+        }
+        if !is_dir {
+            return Err(SwapError::NotFound(path.to_string()));
+        }
+        dir = loc.first_cluster;
+        if dir == 0 && g.fat32 {
+            // `..` of a first-level directory: cluster 0 means the root.
+            dir = g.root_cluster;
+        }
+    }
+    Err(SwapError::NotFound(path.to_string()))
+}
+
+/// The bytes of a short entry that say what the file is: times, dates, first cluster
+/// (both halves) and size. Name (0..11), attributes (11) and case flags (12) stay.
+const CONTENT_FIELDS: std::ops::Range<usize> = 13..32;
+
+/// Makes `target` name the contents of `staged` and `staged` name the old contents of
+/// `target`, as described in the module documentation. Both must be files on the same
+/// filesystem; the caller has flushed and closed any FAT driver on it.
+pub fn swap_contents<D: Read + Write + Seek + crate::persist::snapshot::SyncData>(
+    dev: &mut D,
+    part: u64,
+    target: &str,
+    staged: &str,
+) -> Result<SwapReport, SwapError> {
+    let a = find_entry(dev, part, target)?;
+    let b = find_entry(dev, part, staged)?;
+    let sector_of = |o: u64| o / SECTOR * SECTOR;
+    let read_sector = |dev: &mut D, at: u64| -> io::Result<Vec<u8>> {
+        let mut s = vec![0u8; SECTOR as usize];
+        dev.seek(SeekFrom::Start(at))?;
+        dev.read_exact(&mut s)?;
+        Ok(s)
+    };
+    let write_sector = |dev: &mut D, at: u64, s: &[u8]| -> io::Result<()> {
+        dev.seek(SeekFrom::Start(at))?;
+        dev.write_all(s)?;
+        dev.flush()?;
+        dev.sync_data()
+    };
+    let (sa, sb) = (sector_of(a.offset), sector_of(b.offset));
+    let (ia, ib) = ((a.offset - sa) as usize, (b.offset - sb) as usize);
+    if sa == sb {
+        let mut s = read_sector(dev, sa)?;
+        let fa: Vec<u8> = s[ia + CONTENT_FIELDS.start..ia + CONTENT_FIELDS.end].to_vec();
+        let fb: Vec<u8> = s[ib + CONTENT_FIELDS.start..ib + CONTENT_FIELDS.end].to_vec();
+        s[ia + CONTENT_FIELDS.start..ia + CONTENT_FIELDS.end].copy_from_slice(&fb);
+        s[ib + CONTENT_FIELDS.start..ib + CONTENT_FIELDS.end].copy_from_slice(&fa);
+        write_sector(dev, sa, &s)?;
+        return Ok(SwapReport {
+            single_sector: true,
+        });
+    }
+    let mut s_a = read_sector(dev, sa)?;
+    let mut s_b = read_sector(dev, sb)?;
+    let fa: Vec<u8> = s_a[ia + CONTENT_FIELDS.start..ia + CONTENT_FIELDS.end].to_vec();
+    let fb: Vec<u8> = s_b[ib + CONTENT_FIELDS.start..ib + CONTENT_FIELDS.end].to_vec();
+    // The boot-relevant name first: from here on the stick boots the new image.
+    s_a[ia + CONTENT_FIELDS.start..ia + CONTENT_FIELDS.end].copy_from_slice(&fb);
+    write_sector(dev, sa, &s_a)?;
+    s_b[ib + CONTENT_FIELDS.start..ib + CONTENT_FIELDS.end].copy_from_slice(&fa);
+    write_sector(dev, sb, &s_b)?;
+    Ok(SwapReport {
+        single_sector: false,
+    })
+}
