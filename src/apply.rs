@@ -84,12 +84,51 @@ pub struct ApplyReport {
     pub warnings: Vec<String>,
 }
 
+/// Where the bytes of the ISO's files come from: the ISO itself, or (in a
+/// batch) a broadcast of one read of it to every target.
+pub trait IsoSource {
+    /// A reader of the ISO file at `path`, `size` bytes long.
+    fn open(&mut self, path: &str, size: u64) -> Result<Box<dyn Read + '_>, ApplyError>;
+}
+
+/// Reads the ISO directly.
+pub struct DirectIsoSource {
+    iso: crate::source::iso::IsoImage<std::io::BufReader<File>>,
+}
+
+impl DirectIsoSource {
+    pub fn open(path: &Path) -> Result<Self, ApplyError> {
+        let iso = live::open_iso(path).map_err(|e| ApplyError::Source {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(DirectIsoSource { iso })
+    }
+}
+
+impl IsoSource for DirectIsoSource {
+    fn open(&mut self, path: &str, _size: u64) -> Result<Box<dyn Read + '_>, ApplyError> {
+        let entry = self
+            .iso
+            .lookup(path)
+            .map_err(|e| ApplyError::Source {
+                path: path.to_string(),
+                reason: e.to_string(),
+            })?
+            .ok_or_else(|| ApplyError::Source {
+                path: path.to_string(),
+                reason: "no longer on the ISO (did the file change?)".into(),
+            })?;
+        Ok(Box::new(self.iso.open_file(&entry)))
+    }
+}
+
 /// Inputs prepared before the target is touched (they can fail on their own).
 pub struct Prepared {
     /// The home image, exactly `plan.home.size` bytes (plain ext4 or LUKS).
-    pub home: Option<File>,
+    pub home: Option<Box<dyn Read + Send>>,
     /// The swap image, exactly `plan.swap.size` bytes.
-    pub swap: Option<File>,
+    pub swap: Option<Box<dyn Read + Send>>,
     /// The overlay's content when it is not a fresh dm-snapshot store
     /// (an OverlayFS ext4 image), exactly `plan.overlay.size` bytes.
     pub overlay_image: Option<File>,
@@ -104,6 +143,7 @@ pub struct ApplyOptions {
 pub fn apply(
     plan: &Plan,
     probe: &TargetProbe,
+    source: &mut dyn IsoSource,
     mut prepared: Prepared,
     options: &ApplyOptions,
     progress: &Progress,
@@ -130,29 +170,35 @@ pub fn apply(
             fat::format(&mut window, &plan.label, plan.volume_id, hidden)
                 .map_err(ApplyError::fat("formatting the FAT32 filesystem"))?;
         }
+        if let Some(label) = &plan.relabel {
+            fat::set_label(&mut window, label).map_err(ApplyError::fat(format!(
+                "relabelling the filesystem to {label}"
+            )))?;
+        }
         let fs = fat::open(&mut window).map_err(ApplyError::fat("opening the FAT filesystem"))?;
+        for path in &plan.deletes {
+            fat::remove_all(&fs, path).map_err(ApplyError::fat(format!("deleting {path}")))?;
+        }
+        if let Some(kept) = &plan.kept_overlay {
+            if !kept.from.eq_ignore_ascii_case(&kept.to) {
+                fat::rename(&fs, &kept.from, &kept.to).map_err(ApplyError::fat(format!(
+                    "renaming the overlay {} to {}",
+                    kept.from, kept.to
+                )))?;
+            }
+            if kept.reset {
+                fat::reset_overlay_header(&fs, &kept.to)
+                    .map_err(ApplyError::fat(format!("emptying the overlay {}", kept.to)))?;
+            }
+        }
 
         let total = plan.bytes_to_write;
         progress.phase("write", total);
-        let mut iso = live::open_iso(&plan.source).map_err(|e| ApplyError::Source {
-            path: plan.source.display().to_string(),
-            reason: e.to_string(),
-        })?;
         for copy in &plan.copies {
             let step = format!("writing {}", copy.dest);
             let sum = match &copy.source {
                 CopySource::Iso { path } => {
-                    let entry = iso
-                        .lookup(path)
-                        .map_err(|e| ApplyError::Source {
-                            path: path.clone(),
-                            reason: e.to_string(),
-                        })?
-                        .ok_or_else(|| ApplyError::Source {
-                            path: path.clone(),
-                            reason: "no longer on the ISO (did the file change?)".into(),
-                        })?;
-                    let mut reader = iso.open_file(&entry);
+                    let mut reader = source.open(path, copy.size)?;
                     fat::write_file(&fs, &copy.dest, &mut reader, copy.size, |n| progress.inc(n))
                         .map_err(ApplyError::fat(step))?
                 }
@@ -199,9 +245,6 @@ pub fn apply(
                 continue;
             };
             let step = format!("writing the {step_name} {path}");
-            image
-                .seek(SeekFrom::Start(0))
-                .map_err(ApplyError::io(step.clone()))?;
             let mut limited = image.take(size);
             let sum = fat::write_file(&fs, &path, &mut limited, size, |n| progress.inc(n))
                 .map_err(ApplyError::fat(step))?;
@@ -345,11 +388,7 @@ fn write_boot_code(file: &mut File, code: &[u8; 440], plan: &Plan) -> io::Result
 }
 
 /// Reads what an existing stick's FAT partition holds, for planning without `--format`.
-pub fn read_existing(
-    path: &Path,
-    live_dir: &str,
-    replaced_names: &[String],
-) -> Result<Option<crate::plan::ExistingFs>, ApplyError> {
+pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, ApplyError> {
     let (mut file, probe) = target::open_existing(path, false)?;
     let size = probe.size;
     let part = match partition::find_fat_partition(&mut file, size) {
@@ -371,15 +410,11 @@ pub fn read_existing(
     let volume_id = fs.volume_id();
     let cluster_size = fs.cluster_size() as u64;
     let free_bytes = fat::free_bytes(&fs).map_err(ApplyError::fat("reading free space"))?;
-    let mut replaced = Vec::new();
-    for name in replaced_names {
-        for entry in walk(&fs, name) {
-            if !entry.is_dir {
-                replaced.push((entry.path, entry.size));
-            }
-        }
-    }
-    let _ = live_dir;
+    let files = walk(&fs, "")
+        .into_iter()
+        .filter(|e| !e.is_dir)
+        .map(|e| (e.path, e.size))
+        .collect();
     Ok(Some(crate::plan::ExistingFs {
         table: part.table,
         partition_start: part.start,
@@ -388,7 +423,7 @@ pub fn read_existing(
         volume_id,
         cluster_size,
         free_bytes,
-        replaced,
+        files,
     }))
 }
 
@@ -399,16 +434,6 @@ fn walk<F: Read + Write + Seek>(fs: &fat::FatFs<'_, F>, path: &str) -> Vec<fat::
             out.extend(walk(fs, &entry.path));
         }
         out.push(entry);
-    }
-    if out.is_empty() && fat::exists(fs, path) {
-        // A file rather than a directory.
-        if let Some((parent, name)) = path.rsplit_once('/') {
-            out.extend(
-                fat::list_dir(fs, if parent.is_empty() { "/" } else { parent })
-                    .into_iter()
-                    .filter(|e| e.path.rsplit('/').next() == Some(name)),
-            );
-        }
     }
     out
 }

@@ -5,6 +5,7 @@
 //! (see `DESIGN.md`). Every on-disk format lives in its own module and works on
 //! `Read + Write + Seek`, so most of it is tested without devices or root.
 
+pub mod batch;
 pub mod boot;
 pub mod cli;
 pub mod commands;

@@ -48,6 +48,13 @@ pub struct WriteOptions {
     pub live_dir: String,
     pub overlay_size: Option<u64>,
     pub overlayfs: bool,
+    /// Keep an existing overlay but empty it (`--reset-overlay`).
+    pub reset_overlay: bool,
+    /// Only rewrite boot configs and the boot loader (`--skipcopy`).
+    pub skipcopy: bool,
+    /// Delete an existing home.img (`--delete-home`).
+    pub delete_home: bool,
+    pub dracut: DracutNames,
     pub home_size: Option<u64>,
     pub home_encryption: HomeEncryption,
     pub swap_size: Option<u64>,
@@ -67,8 +74,18 @@ pub struct ExistingFs {
     pub volume_id: u32,
     pub cluster_size: u64,
     pub free_bytes: u64,
-    /// Files (path, size) that this write replaces, whose space comes back.
-    pub replaced: Vec<(String, u64)>,
+    /// Every file on the filesystem (path, size), to see what a write
+    /// replaces, keeps or deletes.
+    pub files: Vec<(String, u64)>,
+}
+
+impl ExistingFs {
+    fn size_of(&self, path: &str) -> Option<u64> {
+        self.files
+            .iter()
+            .find(|(p, _)| p.eq_ignore_ascii_case(path))
+            .map(|(_, s)| *s)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -105,6 +122,17 @@ pub struct HomeStep {
     pub encryption: HomeEncryption,
 }
 
+/// An overlay already on the stick that the write keeps.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeptOverlay {
+    pub from: String,
+    pub to: String,
+    pub size: u64,
+    /// Emptied (header zeroed): required whenever the root image changes,
+    /// because its blocks describe changes to the old image.
+    pub reset: bool,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SwapStep {
     pub path: String,
@@ -138,8 +166,15 @@ pub struct Plan {
     pub copies: Vec<CopyStep>,
     pub configs: Vec<ConfigStep>,
     pub overlay: Option<OverlayStep>,
+    pub kept_overlay: Option<KeptOverlay>,
     pub home: Option<HomeStep>,
+    /// An existing home.img that stays as it is.
+    pub kept_home: Option<String>,
     pub swap: Option<SwapStep>,
+    /// Files removed from the existing filesystem before writing.
+    pub deletes: Vec<String>,
+    /// New FAT label for an existing filesystem.
+    pub relabel: Option<String>,
     /// Install SYSLINUX and MBR boot code for BIOS boot.
     pub bios: bool,
     pub uefi: bool,
@@ -178,10 +213,12 @@ pub enum PlanError {
         "the ISO's root filesystem is directly in squashfs.img (no LiveOS/rootfs.img), where a device-mapper snapshot overlay cannot work; use --overlayfs for persistence"
     )]
     FlatNeedsOverlayFs,
+    #[error("{0} works on an existing stick only; the target is new or being formatted")]
+    NeedsExisting(&'static str),
     #[error(
-        "the existing partition is labelled {existing:?}; changing the label to {wanted:?} needs --format (which erases the stick)"
+        "{path} already exists on the stick; add --delete-home to replace it (its files are lost) or drop --home-size-mb to keep it"
     )]
-    LabelChange { existing: String, wanted: String },
+    HomeExists { path: String },
     #[error("invalid --livedir {0:?}: use a single directory name of letters, digits, '_' or '-'")]
     InvalidLiveDir(String),
     #[error("rendering the boot configuration: {0}")]
@@ -251,31 +288,16 @@ pub fn plan_write(
 
     let (format, table, part_start, part_len, label, volume_id, cluster, available) =
         match &existing {
-            Some(fs) => {
-                if let Some(wanted) = &opts.label
-                    && wanted != &fs.label
-                {
-                    return Err(PlanError::LabelChange {
-                        existing: fs.label.clone(),
-                        wanted: wanted.clone(),
-                    });
-                }
-                let reclaimed: u64 = fs
-                    .replaced
-                    .iter()
-                    .map(|(_, s)| on_disk(*s, fs.cluster_size))
-                    .sum();
-                (
-                    None,
-                    fs.table,
-                    fs.partition_start,
-                    fs.partition_len,
-                    fs.label.clone(),
-                    fs.volume_id,
-                    fs.cluster_size,
-                    fs.free_bytes + reclaimed,
-                )
-            }
+            Some(fs) => (
+                None,
+                fs.table,
+                fs.partition_start,
+                fs.partition_len,
+                opts.label.clone().unwrap_or_else(|| fs.label.clone()),
+                fs.volume_id,
+                fs.cluster_size,
+                fs.free_bytes,
+            ),
             None => {
                 let layout = partition::layout_single(target_size, opts.table)?;
                 let cluster = fat::cluster_size_for(layout.len)? as u64;
@@ -294,6 +316,17 @@ pub fn plan_write(
         };
     let fs_uuid = fat::format_volume_id(volume_id);
     let dir = &opts.live_dir;
+    if existing.is_none() {
+        for (flag, name) in [
+            (opts.reset_overlay, "--reset-overlay"),
+            (opts.skipcopy, "--skipcopy"),
+            (opts.delete_home, "--delete-home"),
+        ] {
+            if flag {
+                return Err(PlanError::NeedsExisting(name));
+            }
+        }
+    }
 
     let mut copies = Vec::new();
     let add_iso = |copies: &mut Vec<CopyStep>, src: &str, dest: String, size: u64| {
@@ -323,6 +356,9 @@ pub fn plan_write(
     for f in &live.boot_files {
         add_iso(&mut copies, &f.path, f.path.clone(), f.size);
     }
+    if opts.skipcopy {
+        copies.clear();
+    }
     for c in &copies {
         if c.size > FAT_MAX_FILE {
             return Err(PlanError::SourceFileTooLarge(c.dest.clone()));
@@ -348,18 +384,88 @@ pub fn plan_write(
         }
     }
 
-    let overlay_kind = match (opts.overlay_size, opts.overlayfs) {
-        (None, _) => OverlayBoot::None,
-        (Some(_), false) => OverlayBoot::DmSnapshot,
-        (Some(_), true) => OverlayBoot::OverlayFs,
+    let overlay_path = format!("/{dir}/overlay-{label}-{fs_uuid}");
+    let home_path = format!("/{dir}/home.img");
+    // What the existing stick holds that this write keeps, renames or deletes.
+    let mut deletes = Vec::new();
+    let mut kept_overlay = None;
+    let mut kept_home = None;
+    let mut relabel = None;
+    if let Some(fs) = &existing {
+        if label != fs.label {
+            relabel = Some(label.clone());
+        }
+        let live_prefix = format!("/{dir}/").to_ascii_lowercase();
+        let old_overlays: Vec<&(String, u64)> = fs
+            .files
+            .iter()
+            .filter(|(p, _)| {
+                let lower = p.to_ascii_lowercase();
+                lower.starts_with(&live_prefix)
+                    && lower[live_prefix.len()..].starts_with("overlay-")
+            })
+            .collect();
+        // The overlay dracut used until now: named for the current label/UUID.
+        let current = format!("/{dir}/overlay-{}-{fs_uuid}", fs.label);
+        let current = old_overlays
+            .iter()
+            .find(|(p, _)| p.eq_ignore_ascii_case(&current))
+            .or(old_overlays.first())
+            .map(|(p, s)| (p.clone(), *s));
+        match (&current, opts.overlay_size) {
+            (Some((path, size)), None) => {
+                kept_overlay = Some(KeptOverlay {
+                    from: path.clone(),
+                    to: overlay_path.clone(),
+                    size: *size,
+                    reset: opts.reset_overlay || !opts.skipcopy,
+                });
+            }
+            (Some((path, _)), Some(_)) => deletes.push(path.clone()),
+            (None, _) => {}
+        }
+        for (path, _) in &old_overlays {
+            if current.as_ref().is_none_or(|(c, _)| c != path) {
+                deletes.push(path.clone());
+            }
+        }
+        if fs.size_of(&home_path).is_some() {
+            if opts.delete_home {
+                deletes.push(home_path.clone());
+            } else if opts.home_size.is_some() {
+                return Err(PlanError::HomeExists { path: home_path });
+            } else {
+                kept_home = Some(home_path.clone());
+            }
+        }
+        // Old live files the new ISO does not have (e.g. osmin.img) would
+        // only waste space and confuse the next tool.
+        if !opts.skipcopy {
+            for (path, _) in &fs.files {
+                let lower = path.to_ascii_lowercase();
+                if lower.starts_with(&live_prefix)
+                    && !copies.iter().any(|c| c.dest.eq_ignore_ascii_case(path))
+                    && !old_overlays.iter().any(|(p, _)| p == path)
+                    && !path.eq_ignore_ascii_case(&home_path)
+                    && !path.eq_ignore_ascii_case(&format!("/{dir}/swap.img"))
+                {
+                    deletes.push(path.clone());
+                }
+            }
+        }
+    }
+    let overlay_kind = match (opts.overlay_size, opts.overlayfs, &kept_overlay) {
+        (None, _, None) => OverlayBoot::None,
+        (_, true, _) => OverlayBoot::OverlayFs,
+        _ => OverlayBoot::DmSnapshot,
     };
     let overlay = opts.overlay_size.map(|size| OverlayStep {
-        path: format!("/{dir}/overlay-{label}-{fs_uuid}"),
+        path: overlay_path.clone(),
         size,
         kind: overlay_kind,
     });
     let home = opts.home_size.map(|size| HomeStep {
-        path: format!("/{dir}/home.img"),
+        path: home_path.clone(),
         size,
         encryption: opts.home_encryption,
     });
@@ -372,7 +478,7 @@ pub fn plan_write(
         fs_uuid: fs_uuid.clone(),
         live_dir: dir.clone(),
         overlay: overlay_kind,
-        dracut: DracutNames::Classic,
+        dracut: opts.dracut,
         extra: opts.extra_args.clone(),
     };
     let primary = live.primary_menu();
@@ -437,6 +543,30 @@ pub fn plan_write(
         .chain(swap.iter().map(|s| on_disk(s.size, cluster)))
         .sum::<u64>()
         + BOOT_SLACK;
+    // Space that comes back on an existing stick: files this write replaces
+    // (same path) or deletes.
+    let available = match &existing {
+        Some(fs) => {
+            let reclaimed: u64 = fs
+                .files
+                .iter()
+                .filter(|(p, _)| {
+                    deletes.iter().any(|d| d.eq_ignore_ascii_case(p))
+                        || copies.iter().any(|c| c.dest.eq_ignore_ascii_case(p))
+                        || configs.iter().any(|c| c.dest.eq_ignore_ascii_case(p))
+                        || overlay
+                            .as_ref()
+                            .is_some_and(|o| o.path.eq_ignore_ascii_case(p))
+                        || swap
+                            .as_ref()
+                            .is_some_and(|s| s.path.eq_ignore_ascii_case(p))
+                })
+                .map(|(_, s)| on_disk(*s, cluster))
+                .sum();
+            available + reclaimed
+        }
+        None => available,
+    };
     if space_needed > available {
         let needed_mib = mib_ceil(space_needed);
         let available_mib = available / MIB;
@@ -476,8 +606,12 @@ pub fn plan_write(
         copies,
         configs,
         overlay,
+        kept_overlay,
         home,
+        kept_home,
         swap,
+        deletes,
+        relabel,
         bios: opts.bios,
         uefi,
         bytes_to_write: data_bytes,
@@ -548,6 +682,28 @@ impl Plan {
                 human(o.size),
                 o.kind
             ));
+        }
+        if let Some(k) = &self.kept_overlay {
+            out.push_str(&format!(
+                "  overlay          keeps {} as {} ({}){}\n",
+                k.from,
+                k.to,
+                human(k.size),
+                if k.reset {
+                    ", emptied: the root image changes"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if let Some(h) = &self.kept_home {
+            out.push_str(&format!("  home             keeps {h}\n"));
+        }
+        for d in &self.deletes {
+            out.push_str(&format!("  delete           {d}\n"));
+        }
+        if let Some(l) = &self.relabel {
+            out.push_str(&format!("  relabel          {l}\n"));
         }
         if let Some(h) = &self.home {
             out.push_str(&format!(

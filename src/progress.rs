@@ -40,6 +40,37 @@ impl Progress {
         }
     }
 
+    /// A bar inside a batch's `MultiProgress` (one line per device).
+    pub fn in_multi(
+        mode: ProgressMode,
+        multi: &indicatif::MultiProgress,
+        device: impl Into<String>,
+    ) -> Self {
+        let device = device.into();
+        let mut progress = Progress::new(
+            if mode == ProgressMode::Bar {
+                ProgressMode::Quiet
+            } else {
+                mode
+            },
+            device.clone(),
+        );
+        if mode == ProgressMode::Bar {
+            let bar = multi.add(ProgressBar::new(0));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg:<20} {prefix:>6} [{bar:24}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(device);
+            progress.bar = Some(bar);
+            progress.mode = ProgressMode::Bar;
+        }
+        progress
+    }
+
     pub fn hidden() -> Self {
         Progress::new(ProgressMode::Quiet, "")
     }

@@ -1,22 +1,29 @@
 //! `livestick write ISO TARGET`: inspect → plan → (dry run | apply) → report.
 
 use std::fs::File;
-use std::io::{BufReader, IsTerminal};
-use std::path::Path;
+use std::io::{BufReader, IsTerminal, Read};
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
 
 use anyhow::{Context, bail};
 
 use crate::apply::{self, ApplyOptions, Prepared};
+use crate::batch;
+use crate::boot::cmdline::DracutNames;
 use crate::boot::cmdline::KernelArgs;
 use crate::boot::syslinux;
-use crate::cli::{TableArg, WriteArgs};
+use crate::cli::{DracutNamesArg, TableArg, WriteArgs};
 use crate::disk::ext4::{self, Ext4Options};
 use crate::disk::partition::TableKind;
 use crate::disk::target::{self, TargetKind};
+use crate::persist::home::{self, PassphraseSource};
+use crate::persist::luks::{LuksParams, PbkdfKind};
+use crate::persist::swap;
 use crate::plan::{self, FormatMode, HomeEncryption, Plan, WriteOptions};
 use crate::progress::{Progress, ProgressMode};
 use crate::size::{MIB, human, parse_size};
-use crate::source::{checksum, live};
+use crate::source::{checksum, initrd, live};
 
 /// A problem with what the user gave us (exit code 2), as opposed to an I/O failure.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +41,33 @@ fn mib(option: &str, value: Option<u64>) -> anyhow::Result<Option<u64>> {
     }
 }
 
-fn options_from(args: &WriteArgs) -> anyhow::Result<WriteOptions> {
+/// The overlay argument spelling the ISO's initrd understands.
+fn resolve_dracut(args: &WriteArgs, live: &live::LiveImage) -> DracutNames {
+    match args.dracut_names {
+        DracutNamesArg::Classic => DracutNames::Classic,
+        DracutNamesArg::Renamed => DracutNames::Renamed,
+        DracutNamesArg::Auto => {
+            let initrd = live
+                .primary_menu()
+                .menu
+                .entries
+                .first()
+                .and_then(|e| e.initrds.first());
+            let version = initrd.and_then(|path| {
+                let mut iso = live::open_iso(&live.path).ok()?;
+                let entry = iso.lookup(path).ok()??;
+                let mut reader = iso.open_file(&entry);
+                initrd::dracut_version(&mut reader, 512 << 20)
+            });
+            match version {
+                Some(v) if initrd::uses_renamed_overlay_args(&v) => DracutNames::Renamed,
+                _ => DracutNames::Classic,
+            }
+        }
+    }
+}
+
+fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<WriteOptions> {
     let volume_id = match &args.volume_id {
         Some(text) => {
             u32::from_str_radix(text.trim_start_matches("0x").replace('-', "").as_str(), 16)
@@ -54,12 +87,23 @@ fn options_from(args: &WriteArgs) -> anyhow::Result<WriteOptions> {
     } else {
         TableKind::Mbr
     };
-    let home_size = mib("home-size-mb", args.home_size_mb)?;
     let home_encryption = if args.unencrypted_home {
         HomeEncryption::None
     } else {
         HomeEncryption::Luks
     };
+    let home_size = match args.home_size_mb {
+        Some(n) => Some(
+            home::home_size_from_mib(n, home_encryption == HomeEncryption::Luks)
+                .map_err(|e| BadInput(format!("--home-size-mb: {e}")))?,
+        ),
+        None => None,
+    };
+    if args.copy_overlay || args.copy_home {
+        bail!(BadInput(
+            "--copy-overlay/--copy-home need another stick as the source, which this build cannot read yet; write the ISO and keep the target's own overlay and home instead (they are kept by default)".into()
+        ));
+    }
     Ok(WriteOptions {
         format,
         table,
@@ -67,6 +111,10 @@ fn options_from(args: &WriteArgs) -> anyhow::Result<WriteOptions> {
         live_dir: args.livedir.clone(),
         overlay_size: mib("overlay-size-mb", args.overlay_size_mb)?,
         overlayfs: args.overlayfs,
+        reset_overlay: args.reset_overlay,
+        skipcopy: args.skipcopy,
+        delete_home: args.delete_home,
+        dracut: resolve_dracut(args, live),
         home_size,
         home_encryption,
         swap_size: mib("swap-size-mb", args.swap_size_mb)?,
@@ -96,8 +144,7 @@ pub fn make_plan(
     let existing = match opts.format {
         FormatMode::Always => None,
         FormatMode::Auto | FormatMode::Never if probe.exists && probe.size > 0 => {
-            let names = [format!("/{}", opts.live_dir)];
-            let found = apply::read_existing(target_path, &opts.live_dir, &names);
+            let found = apply::read_existing(target_path);
             match (found, opts.format) {
                 (Ok(Some(fs)), _) => Some(fs),
                 (Ok(None), FormatMode::Never) => bail!(BadInput(format!(
@@ -166,28 +213,60 @@ fn verify_iso(live: &live::LiveImage, progress: &Progress) -> anyhow::Result<Opt
     Ok(Some(md5.md5_hex()))
 }
 
-fn prepare(plan: &Plan, args: &WriteArgs, workdir: &Path) -> anyhow::Result<Prepared> {
+fn luks_params(args: &WriteArgs) -> LuksParams {
+    let mut params = LuksParams::default();
+    if let Some(kdf) = &args.luks_pbkdf {
+        params.pbkdf = if kdf == "pbkdf2" {
+            PbkdfKind::Pbkdf2
+        } else {
+            PbkdfKind::Argon2id
+        };
+    }
+    if let Some(ms) = args.luks_iter_time {
+        params.iter_time_ms = ms;
+    }
+    if let Some(kib) = args.luks_pbkdf_memory {
+        params.memory_kib = kib;
+    }
+    params
+}
+
+fn passphrase_source(args: &WriteArgs) -> PassphraseSource {
+    match (&args.passphrase_file, args.passphrase_stdin) {
+        (Some(path), _) => PassphraseSource::File(path.clone()),
+        (None, true) => PassphraseSource::Stdin,
+        (None, false) => PassphraseSource::Terminal,
+    }
+}
+
+fn prepare(
+    plan: &Plan,
+    args: &WriteArgs,
+    passphrase: Option<&Zeroizing<Vec<u8>>>,
+    workdir: &Path,
+) -> anyhow::Result<Prepared> {
     let mut prepared = Prepared {
         home: None,
         swap: None,
         overlay_image: None,
         syslinux: None,
     };
-    if let Some(home) = &plan.home {
-        match home.encryption {
-            HomeEncryption::None => {
-                let path = workdir.join("home.img");
-                ext4::make_ext4_image(&path, home.size, "HOME", &Ext4Options::default())
-                    .context("making home.img")?;
-                prepared.home = Some(File::open(&path)?);
-            }
+    if let Some(home_step) = &plan.home {
+        let encryption = match home_step.encryption {
+            HomeEncryption::None => home::HomeEncryption::None,
             HomeEncryption::Luks => {
-                let _ = args;
-                bail!(BadInput(
-                    "an encrypted home.img is not available in this build yet; add --unencrypted-home for a plain ext4 home".into()
-                ));
+                let passphrase = passphrase
+                    .cloned()
+                    .ok_or_else(|| BadInput("an encrypted home needs a passphrase".into()))?;
+                home::HomeEncryption::Luks {
+                    passphrase,
+                    params: luks_params(args),
+                }
             }
-        }
+        };
+        let image = home::build_home_image(workdir, home_step.size, encryption)
+            .context("building home.img")?;
+        prepared.home = Some(Box::new(image));
     }
     if let Some(overlay) = &plan.overlay
         && overlay.kind == crate::boot::cmdline::OverlayBoot::OverlayFs
@@ -206,45 +285,23 @@ fn prepare(plan: &Plan, args: &WriteArgs, workdir: &Path) -> anyhow::Result<Prep
             .context("making the OverlayFS overlay")?;
         prepared.overlay_image = Some(File::open(&path)?);
     }
-    if plan.swap.is_some() {
-        bail!(BadInput(
-            "--swap-size-mb is not available in this build yet".into()
+    if let Some(swap_step) = &plan.swap {
+        let header = swap::swap_header(swap_step.size, None, uuid::Uuid::new_v4())
+            .map_err(|e| BadInput(format!("--swap-size-mb: {e}")))?;
+        let rest = swap_step.size.saturating_sub(header.len() as u64);
+        prepared.swap = Some(Box::new(
+            std::io::Cursor::new(header).chain(std::io::repeat(0).take(rest)),
         ));
     }
     Ok(prepared)
 }
 
-pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
-    if args.targets.len() != 1 || args.wait_for.is_some() {
-        bail!(BadInput(
-            "writing several targets at once is not available in this build yet; give one target".into()
-        ));
-    }
-    let target = &args.targets[0];
-    let opts = options_from(args)?;
-    let live = live::inspect(&args.iso)?;
-    let (plan, probe, syslinux_files) = make_plan(args, target, &opts, &live)?;
-    if args.dry_run {
-        if json {
-            println!("{}", serde_json::to_string_pretty(&plan)?);
-        } else {
-            print!("{}", plan.to_table());
-        }
-        return Ok(());
-    }
-    let mode = if json {
-        ProgressMode::Json
-    } else if quiet || !std::io::stderr().is_terminal() {
-        ProgressMode::Quiet
-    } else {
-        ProgressMode::Bar
-    };
-    let progress = Progress::new(mode, probe.path.display().to_string());
-    let md5 = if args.noverify {
-        None
-    } else {
-        verify_iso(&live, &progress)?
-    };
+/// Asks before erasing a block device or deleting home.img (unless --yes).
+fn confirm_target(
+    plan: &Plan,
+    probe: &target::TargetProbe,
+    args: &WriteArgs,
+) -> anyhow::Result<()> {
     if probe.kind == TargetKind::BlockDevice {
         let question = format!(
             "Erase and write {} ({} {}, serial {})?",
@@ -257,68 +314,427 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
             bail!(BadInput("not confirmed; nothing was written".into()));
         }
     }
+    if let Some(home) = plan.deletes.iter().find(|d| d.ends_with("/home.img"))
+        && !super::confirm(
+            &format!(
+                "Delete {home} on {} with everything in it?",
+                probe.path.display()
+            ),
+            args.yes,
+        )?
+    {
+        bail!(BadInput("home.img not deleted; nothing was written".into()));
+    }
+    Ok(())
+}
+
+fn progress_mode(json: bool, quiet: bool) -> ProgressMode {
+    if json {
+        ProgressMode::Json
+    } else if quiet || !std::io::stderr().is_terminal() {
+        ProgressMode::Quiet
+    } else {
+        ProgressMode::Bar
+    }
+}
+
+/// Reads the home passphrase once (for every target of a batch).
+fn home_passphrase(
+    args: &WriteArgs,
+    plans: &[&Plan],
+) -> anyhow::Result<Option<Zeroizing<Vec<u8>>>> {
+    let needs = plans.iter().any(|p| {
+        p.home
+            .as_ref()
+            .is_some_and(|h| h.encryption == HomeEncryption::Luks)
+    });
+    if !needs {
+        return Ok(None);
+    }
+    let pass = home::read_passphrase(passphrase_source(args))
+        .map_err(|e| BadInput(format!("home passphrase: {e}")))?;
+    Ok(Some(pass))
+}
+
+fn incomplete(path: &Path) -> impl FnOnce(apply::ApplyError) -> anyhow::Error + '_ {
+    move |e| {
+        anyhow::Error::new(e).context(format!(
+            "writing {} did not complete; the stick is incomplete and will not boot — run the same command again",
+            path.display()
+        ))
+    }
+}
+
+pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
+    if args.targets.len() > 1 || args.wait_for.is_some() {
+        return run_batch(args, json, quiet);
+    }
+    let target = args
+        .targets
+        .first()
+        .ok_or_else(|| BadInput("give a target stick or image file".into()))?;
+    let live = live::inspect(&args.iso)?;
+    let opts = options_from(args, &live)?;
+    let (plan, probe, syslinux_files) = make_plan(args, target, &opts, &live)?;
+    if args.dry_run {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        } else {
+            print!("{}", plan.to_table());
+        }
+        return Ok(());
+    }
+    let progress = Progress::new(progress_mode(json, quiet), probe.path.display().to_string());
+    let md5 = if args.noverify {
+        None
+    } else {
+        verify_iso(&live, &progress)?
+    };
+    confirm_target(&plan, &probe, args)?;
+    let passphrase = home_passphrase(args, &[&plan])?;
     let workdir = tempfile::Builder::new()
         .prefix("livestick-")
         .tempdir()
         .context("creating a temporary directory")?;
-    let mut prepared = prepare(&plan, args, workdir.path())?;
+    let mut prepared = prepare(&plan, args, passphrase.as_ref(), workdir.path())?;
     prepared.syslinux = syslinux_files;
+    let mut source = apply::DirectIsoSource::open(&live.path)?;
     let report = apply::apply(
         &plan,
         &probe,
+        &mut source,
         prepared,
         &ApplyOptions {
             verify_write: !args.no_verify_write,
         },
         &progress,
     )
-    .map_err(|e| {
-        anyhow::Error::new(e).context(format!(
-            "writing {} did not complete; the stick is incomplete and will not boot — run the same command again",
-            probe.path.display()
-        ))
-    })?;
+    .map_err(incomplete(&probe.path))?;
     if json {
         let mut value = serde_json::to_value(&report)?;
         value["iso_md5"] = serde_json::json!(md5);
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else if !quiet {
-        println!(
-            "Wrote {} to {}: {} FAT32 \"{}\" UUID {}{}{}",
-            live.label,
-            report.target,
-            report.table,
-            report.label,
-            report.fs_uuid,
-            report
-                .overlay
-                .as_ref()
-                .map(|o| format!(", overlay {o}"))
-                .unwrap_or_default(),
-            report
-                .home
-                .as_ref()
-                .map(|h| format!(", home {h}"))
-                .unwrap_or_default()
-        );
-        println!(
-            "  {} files, {} {}; boots BIOS: {}, UEFI: {}",
-            report.files.len(),
-            human(report.files.iter().map(|f| f.size).sum()),
-            if report.verified {
-                "verified by read-back"
-            } else {
-                "not verified"
-            },
-            if report.bios { "yes" } else { "no" },
-            if report.uefi { "yes" } else { "no" }
-        );
-        if md5.is_some() {
-            println!("  ISO implanted MD5 checked: passed");
-        }
-        for w in &report.warnings {
-            println!("  warning: {w}");
-        }
+        print_report(&live, &report, md5.is_some());
     }
     Ok(())
+}
+
+fn print_report(live: &live::LiveImage, report: &apply::ApplyReport, md5_checked: bool) {
+    println!(
+        "Wrote {} to {}: {} FAT32 \"{}\" UUID {}{}{}",
+        live.label,
+        report.target,
+        report.table,
+        report.label,
+        report.fs_uuid,
+        report
+            .overlay
+            .as_ref()
+            .map(|o| format!(", overlay {o}"))
+            .unwrap_or_default(),
+        report
+            .home
+            .as_ref()
+            .map(|h| format!(", home {h}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "  {} files, {} {}; boots BIOS: {}, UEFI: {}",
+        report.files.len(),
+        human(report.files.iter().map(|f| f.size).sum()),
+        if report.verified {
+            "verified by read-back"
+        } else {
+            "not verified"
+        },
+        if report.bios { "yes" } else { "no" },
+        if report.uefi { "yes" } else { "no" }
+    );
+    if md5_checked {
+        println!("  ISO implanted MD5 checked: passed");
+    }
+    for w in &report.warnings {
+        println!("  warning: {w}");
+    }
+}
+
+/// Exit code for a batch where some targets failed and some succeeded.
+#[derive(Debug, thiserror::Error)]
+#[error("{failed} of {total} targets failed: {}", .details.join("; "))]
+pub struct PartialBatchFailure {
+    pub failed: usize,
+    pub total: usize,
+    pub details: Vec<String>,
+}
+
+/// The schema version of the NDJSON events `write --json` prints for a batch
+/// (docs/ndjson-events.md).
+pub const EVENTS_SCHEMA: u32 = 1;
+
+fn emit(json: bool, value: serde_json::Value) {
+    if json {
+        println!("{value}");
+    }
+}
+
+enum Outcome {
+    Done(Box<apply::ApplyReport>),
+    Failed(String),
+}
+
+/// Several targets from one read of the ISO: each target is planned, checked
+/// and written on its own thread; one that fails is reported and dropped while
+/// the others finish.
+fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
+    let live = live::inspect(&args.iso)?;
+    let opts = options_from(args, &live)?;
+    if let Some(n) = args.wait_for {
+        return run_wait_for(args, &live, &opts, n, json, quiet);
+    }
+    let mut outcomes: Vec<(PathBuf, Option<Outcome>)> = Vec::new();
+    let mut planned = Vec::new();
+    emit(
+        json,
+        serde_json::json!({"event": "start", "schema": EVENTS_SCHEMA, "iso": live.path,
+            "targets": args.targets}),
+    );
+    for target in &args.targets {
+        // Each target gets its own volume id (and so its own overlay name).
+        let mut own = opts.clone();
+        own.volume_id = if args.volume_id.is_some() {
+            opts.volume_id.wrapping_add(planned.len() as u32)
+        } else {
+            rand::random()
+        };
+        match make_plan(args, target, &own, &live) {
+            Ok(p) => {
+                planned.push((target.clone(), p));
+                outcomes.push((target.clone(), None));
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                emit(
+                    json,
+                    serde_json::json!({"event": "failed", "device": target, "phase": "plan", "error": msg}),
+                );
+                outcomes.push((target.clone(), Some(Outcome::Failed(msg))));
+            }
+        }
+    }
+    if args.dry_run {
+        let plans: Vec<&Plan> = planned.iter().map(|(_, (p, _, _))| p).collect();
+        if json {
+            println!("{}", serde_json::to_string_pretty(&plans)?);
+        } else {
+            for p in plans {
+                print!("{}", p.to_table());
+            }
+        }
+        return finish_batch(outcomes, json, quiet);
+    }
+    let md5 = if args.noverify {
+        None
+    } else {
+        verify_iso(&live, &Progress::new(progress_mode(json, quiet), "iso"))?
+    };
+    for (_, (plan, probe, _)) in &planned {
+        confirm_target(plan, probe, args)?;
+    }
+    let plans: Vec<&Plan> = planned.iter().map(|(_, (p, _, _))| p).collect();
+    let passphrase = home_passphrase(args, &plans)?;
+    let workdir = tempfile::Builder::new()
+        .prefix("livestick-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+
+    // Every plan copies the same ISO files in the same order (same ISO, same
+    // options), which is what lets one reader feed them all.
+    let iso_files: Vec<(String, u64)> = planned
+        .first()
+        .map(|(_, (p, _, _))| iso_files_of(p))
+        .unwrap_or_default();
+    let same = planned
+        .iter()
+        .all(|(_, (p, _, _))| iso_files_of(p) == iso_files);
+    let (reader, mut sources): (
+        Option<std::thread::JoinHandle<()>>,
+        Vec<Box<dyn apply::IsoSource + Send>>,
+    ) = if same {
+        let (handle, sources) = batch::broadcast(live.path.clone(), iso_files, planned.len());
+        (
+            Some(handle),
+            sources
+                .into_iter()
+                .map(|s| Box::new(s) as Box<dyn apply::IsoSource + Send>)
+                .collect(),
+        )
+    } else {
+        let mut v: Vec<Box<dyn apply::IsoSource + Send>> = Vec::new();
+        for _ in &planned {
+            v.push(Box::new(apply::DirectIsoSource::open(&live.path)?));
+        }
+        (None, v)
+    };
+
+    let multi = indicatif::MultiProgress::new();
+    let mode = progress_mode(json, quiet);
+    let results: Vec<(PathBuf, Outcome)> = std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for (i, (target, (plan, probe, syslinux_files))) in planned.iter().enumerate() {
+            let source = sources.remove(0);
+            let progress = Progress::in_multi(mode, &multi, target.display().to_string());
+            let passphrase = passphrase.clone();
+            let workdir = workdir.path().join(format!("target-{i}"));
+            handles.push(scope.spawn(move || {
+                let mut source = source;
+                let result = (|| -> anyhow::Result<apply::ApplyReport> {
+                    std::fs::create_dir_all(&workdir)?;
+                    let mut prepared = prepare(plan, args, passphrase.as_ref(), &workdir)?;
+                    prepared.syslinux = syslinux_files.clone();
+                    let report = apply::apply(
+                        plan,
+                        probe,
+                        source.as_mut(),
+                        prepared,
+                        &ApplyOptions {
+                            verify_write: !args.no_verify_write,
+                        },
+                        &progress,
+                    )
+                    .map_err(incomplete(&probe.path))?;
+                    Ok(report)
+                })();
+                // Dropping the source lets the reader skip this target.
+                drop(source);
+                progress.finish();
+                let outcome = match result {
+                    Ok(r) => Outcome::Done(Box::new(r)),
+                    Err(e) => Outcome::Failed(format!("{e:#}")),
+                };
+                (target.clone(), outcome)
+            }));
+        }
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    (
+                        PathBuf::from("?"),
+                        Outcome::Failed("writer thread panicked".into()),
+                    )
+                })
+            })
+            .collect()
+    });
+    if let Some(handle) = reader {
+        let _ = handle.join();
+    }
+    for (target, outcome) in results {
+        match &outcome {
+            Outcome::Done(r) => emit(
+                json,
+                serde_json::json!({"event": "done", "device": target, "report": r, "iso_md5": md5}),
+            ),
+            Outcome::Failed(e) => emit(
+                json,
+                serde_json::json!({"event": "failed", "device": target, "phase": "write", "error": e}),
+            ),
+        }
+        if let Some(slot) = outcomes
+            .iter_mut()
+            .find(|(t, o)| t == &target && o.is_none())
+        {
+            slot.1 = Some(outcome);
+        }
+    }
+    finish_batch(outcomes, json, quiet)
+}
+
+fn iso_files_of(plan: &Plan) -> Vec<(String, u64)> {
+    plan.copies
+        .iter()
+        .filter_map(|c| match &c.source {
+            crate::plan::CopySource::Iso { path } => Some((path.clone(), c.size)),
+            crate::plan::CopySource::Host { .. } => None,
+        })
+        .collect()
+}
+
+fn finish_batch(
+    outcomes: Vec<(PathBuf, Option<Outcome>)>,
+    json: bool,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let total = outcomes.len();
+    let mut details = Vec::new();
+    let mut rows = Vec::new();
+    for (target, outcome) in &outcomes {
+        match outcome {
+            Some(Outcome::Done(r)) => rows.push(serde_json::json!({"device": target, "ok": true,
+                "label": r.label, "fs_uuid": r.fs_uuid, "verified": r.verified})),
+            Some(Outcome::Failed(e)) => {
+                details.push(format!("{}: {e}", target.display()));
+                rows.push(serde_json::json!({"device": target, "ok": false, "error": e}));
+            }
+            None => rows.push(serde_json::json!({"device": target, "ok": true, "dry_run": true})),
+        }
+    }
+    emit(
+        json,
+        serde_json::json!({"event": "report", "targets": rows}),
+    );
+    if !json && !quiet {
+        println!("{:<32} {:<8} {}", "TARGET", "RESULT", "DETAIL");
+        for (target, outcome) in &outcomes {
+            let (result, detail) = match outcome {
+                Some(Outcome::Done(r)) => (
+                    "ok",
+                    format!(
+                        "{} UUID {} {}",
+                        r.label,
+                        r.fs_uuid,
+                        if r.verified {
+                            "verified"
+                        } else {
+                            "not verified"
+                        }
+                    ),
+                ),
+                Some(Outcome::Failed(e)) => ("FAILED", e.lines().next().unwrap_or("").to_string()),
+                None => ("planned", String::new()),
+            };
+            println!("{:<32} {:<8} {}", target.display(), result, detail);
+        }
+    }
+    let failed = details.len();
+    if failed == 0 {
+        Ok(())
+    } else if failed == total {
+        bail!("every target failed: {}", details.join("; "))
+    } else {
+        Err(PartialBatchFailure {
+            failed,
+            total,
+            details,
+        }
+        .into())
+    }
+}
+
+/// `--wait-for N`: write each stick as it is plugged in. The sticks arrive at
+/// different times, so each reads the ISO itself (from the page cache after
+/// the first).
+fn run_wait_for(
+    args: &WriteArgs,
+    live: &live::LiveImage,
+    opts: &WriteOptions,
+    n: usize,
+    json: bool,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let _ = (args, live, opts, n, json, quiet);
+    bail!(BadInput(
+        "--wait-for is not available in this build yet; plug the sticks in and list them as targets".into()
+    ))
 }

@@ -653,6 +653,75 @@ fn find_raw_entry<F: Read + Write + Seek>(
     Ok(None)
 }
 
+/// Empties a dm-snapshot overlay in place: zeros over its first 64 KiB, which
+/// clears the header and the first metadata area for every chunk size up to
+/// 32 KiB, so the kernel starts a new store on the next boot.
+pub fn reset_overlay_header<F: Read + Write + Seek>(
+    fs: &FatFs<'_, F>,
+    path: &str,
+) -> Result<(), FatError> {
+    let err = |source| FatError::File {
+        path: path.to_string(),
+        source,
+    };
+    let mut file = fs
+        .root_dir()
+        .open_file(path.trim_start_matches('/'))
+        .map_err(err)?;
+    let len = file.seek(SeekFrom::End(0)).map_err(err)?;
+    file.seek(SeekFrom::Start(0)).map_err(err)?;
+    let zeros = vec![0u8; len.min(64 * 1024) as usize];
+    file.write_all(&zeros).map_err(err)?;
+    file.flush().map_err(err)?;
+    Ok(())
+}
+
+/// Changes the volume label: the boot sector, its backup, and the label entry
+/// in the root directory (which `blkid` and Windows read).
+pub fn set_label<F: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+    label: &str,
+) -> Result<(), FatError> {
+    validate_label(label)?;
+    let mut padded = [b' '; 11];
+    padded[..label.len()].copy_from_slice(label.as_bytes());
+    let g = geometry(window)?;
+    let mut sector = [0u8; 512];
+    window.seek(SeekFrom::Start(0))?;
+    window.read_exact(&mut sector)?;
+    let backup = u16::from_le_bytes([sector[0x32], sector[0x33]]) as u64;
+    for at in [0, backup * 512] {
+        if at == 0 || (backup != 0 && backup != 0xffff) {
+            window.seek(SeekFrom::Start(at + 0x47))?;
+            window.write_all(&padded)?;
+        }
+    }
+    // The root directory's volume-label entry, if it has one.
+    let max_cluster = g.clusters + 2;
+    let mut cluster = g.root_cluster;
+    let mut buf = vec![0u8; g.cluster_bytes as usize];
+    let mut steps = 0;
+    'chain: while (2..max_cluster).contains(&cluster) && steps < max_cluster {
+        steps += 1;
+        let at = g.data_offset + (cluster as u64 - 2) * g.cluster_bytes;
+        window.seek(SeekFrom::Start(at))?;
+        window.read_exact(&mut buf)?;
+        for (i, e) in buf.chunks_exact(32).enumerate() {
+            if e[0] == 0 {
+                break 'chain;
+            }
+            if e[0] != 0xe5 && e[11] & 0x0f == 0x08 {
+                window.seek(SeekFrom::Start(at + i as u64 * 32))?;
+                window.write_all(&padded)?;
+                break 'chain;
+            }
+        }
+        cluster = read_fat_entry(window, &g, cluster)?;
+    }
+    window.flush()?;
+    Ok(())
+}
+
 /// Makes the FAT32 backup boot sector equal the primary again after a boot
 /// loader installer rewrote only the primary.
 pub fn sync_backup_boot_sector<F: Read + Write + Seek>(

@@ -1,4 +1,5 @@
 //! Reading the source live ISO.
 pub mod checksum;
+pub mod initrd;
 pub mod iso;
 pub mod live;

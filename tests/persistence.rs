@@ -1,0 +1,423 @@
+//! Persistence beyond the overlay, and re-provisioning existing sticks
+//! (issue 4): LUKS and plain home, swap, OverlayFS overlays, keeping home
+//! and host files across a rewrite, --skipcopy, --reset-overlay, relabel.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::*;
+
+const MIB: u64 = 1 << 20;
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("livestick-persist-")
+        .tempdir()
+        .unwrap()
+}
+
+fn write(args: &[&str]) -> std::process::Output {
+    let mut full = vec!["--json", "write"];
+    full.extend_from_slice(args);
+    livestick(&full)
+}
+
+fn ok(out: std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "livestick failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+fn part_start(image: &Path) -> u64 {
+    sfdisk(image)["partitiontable"]["partitions"][0]["start"]
+        .as_u64()
+        .unwrap()
+        * 512
+}
+
+fn new_stick(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+#[test]
+fn encrypted_home_opens_with_cryptsetup_and_holds_home() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let image = new_stick(dir.path(), "luks.img");
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "correct horse\n").unwrap();
+    ok(write(&[
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--home-size-mb",
+        "40",
+        "--passphrase-file",
+        pass.to_str().unwrap(),
+        "--luks-pbkdf",
+        "pbkdf2",
+        "--luks-iter-time",
+        "10",
+    ]));
+    let start = part_start(&image);
+    let home = dir.path().join("home.img");
+    fat_copy_out(&image, start, "/LiveOS/home.img", &home);
+    assert_eq!(std::fs::metadata(&home).unwrap().len(), 40 * MIB);
+    let dump = run("cryptsetup", &["luksDump", home.to_str().unwrap()]);
+    assert!(dump.contains("Version:       \t2"), "{dump}");
+    assert!(dump.contains("aes-xts-plain64"), "{dump}");
+    assert!(dump.contains("pbkdf2"), "{dump}");
+    // The key file holds the passphrase without its final newline.
+    let key = dir.path().join("key");
+    std::fs::write(&key, "correct horse").unwrap();
+    let status = Command::new("cryptsetup")
+        .args(["open", "--test-passphrase", "--key-file"])
+        .arg(&key)
+        .arg(&home)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cryptsetup rejects the right passphrase");
+    std::fs::write(&key, "wrong horse").unwrap();
+    let status = Command::new("cryptsetup")
+        .args(["open", "--test-passphrase", "--key-file"])
+        .arg(&key)
+        .arg(&home)
+        .status()
+        .unwrap();
+    assert!(!status.success(), "cryptsetup accepts a wrong passphrase");
+    // Our own LUKS reader shows ext4 labelled HOME inside.
+    let file = std::fs::File::open(&home).unwrap();
+    let mut volume = livestick::persist::luks::open_luks2(file, b"correct horse").unwrap();
+    let mut sb = vec![0u8; 2048];
+    use std::io::{Read, Seek, SeekFrom};
+    volume.seek(SeekFrom::Start(0)).unwrap();
+    volume.read_exact(&mut sb).unwrap();
+    assert_eq!(&sb[1024 + 0x38..1024 + 0x3a], &[0x53, 0xef], "ext4 magic");
+    assert_eq!(&sb[1024 + 0x78..1024 + 0x7c], b"HOME");
+    assert!(
+        livestick::persist::luks::open_luks2(std::fs::File::open(&home).unwrap(), b"nope").is_err()
+    );
+}
+
+#[test]
+fn swap_image_is_recognised_by_blkid() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let image = new_stick(dir.path(), "swap.img");
+    ok(write(&[
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--swap-size-mb",
+        "16",
+    ]));
+    let swap = dir.path().join("swap-out.img");
+    fat_copy_out(&image, part_start(&image), "/LiveOS/swap.img", &swap);
+    let blkid = run("blkid", &["-p", "-o", "export", swap.to_str().unwrap()]);
+    assert!(blkid.contains("TYPE=swap"), "{blkid}");
+}
+
+#[test]
+fn overlayfs_overlay_holds_ext4_with_upper_and_work_dirs() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let image = new_stick(dir.path(), "ovl.img");
+    ok(write(&[
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "32",
+        "--overlayfs",
+        "--volume-id",
+        "0000ABCD",
+    ]));
+    let start = part_start(&image);
+    let overlay = dir.path().join("overlay.img");
+    fat_copy_out(&image, start, "/LiveOS/overlay-LIVE-0000-ABCD", &overlay);
+    let listing = run("debugfs", &["-R", "ls -l /", overlay.to_str().unwrap()]);
+    assert!(listing.contains("overlayfs"), "{listing}");
+    assert!(listing.contains("ovlwork"), "{listing}");
+    let cfg = String::from_utf8(fat_read(&image, start, "/syslinux/syslinux.cfg")).unwrap();
+    assert!(cfg.contains("rd.live.overlay.overlayfs"), "{cfg}");
+}
+
+#[test]
+fn rewrite_keeps_home_and_host_files_and_resets_the_overlay() {
+    let iso_a = synthetic_iso("fedora-classic.iso");
+    let iso_b = synthetic_iso("fedora-grub.iso");
+    let dir = tmp();
+    let image = new_stick(dir.path(), "stick.img");
+    ok(write(&[
+        iso_a.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "16",
+        "--home-size-mb",
+        "16",
+        "--unencrypted-home",
+        "--volume-id",
+        "1111AAAA",
+    ]));
+    let start = part_start(&image);
+    // A file in home (debugfs -w on a copy, put back), a host file, and a
+    // non-empty overlay header as if the stick had been booted.
+    let home = dir.path().join("home.img");
+    fat_copy_out(&image, start, "/LiveOS/home.img", &home);
+    let note = dir.path().join("note.txt");
+    std::fs::write(&note, "persisted\n").unwrap();
+    run(
+        "debugfs",
+        &[
+            "-w",
+            "-R",
+            &format!("write {} note.txt", note.display()),
+            home.to_str().unwrap(),
+        ],
+    );
+    fat_put(&image, start, &home, "/LiveOS/home.img");
+    fat_put(&image, start, &note, "/host-file.txt");
+    let used = dir.path().join("used-overlay");
+    let mut bytes = fat_read(&image, start, "/LiveOS/overlay-LIVE-1111-AAAA");
+    bytes[..4].copy_from_slice(b"SnAp");
+    bytes[4] = 1;
+    std::fs::write(&used, &bytes).unwrap();
+    fat_put(&image, start, &used, "/LiveOS/overlay-LIVE-1111-AAAA");
+
+    // ISO B onto the same stick, no --format, new label.
+    let report = ok(write(&[
+        iso_b.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--label",
+        "NEWLIVE",
+    ]));
+    assert_eq!(report["formatted"], false);
+    assert_eq!(fat_read(&image, start, "/host-file.txt"), b"persisted\n");
+    fat_copy_out(&image, start, "/LiveOS/home.img", &home);
+    let cat = run("debugfs", &["-R", "cat note.txt", home.to_str().unwrap()]);
+    assert_eq!(cat, "persisted\n", "home.img content survived");
+    // The overlay follows the new label (never orphaned) and is empty.
+    let listing = fat_ls(&image, start, "/LiveOS").to_lowercase();
+    assert!(listing.contains("overlay-newlive-1111-aaaa"), "{listing}");
+    assert!(!listing.contains("overlay-live-1111-aaaa"), "{listing}");
+    let overlay = fat_read(&image, start, "/LiveOS/overlay-NEWLIVE-1111-AAAA");
+    assert_eq!(overlay.len() as u64, 16 * MIB);
+    assert!(
+        overlay[..64 * 1024].iter().all(|&b| b == 0),
+        "overlay was not reset"
+    );
+    let blkid = run(
+        "blkid",
+        &[
+            "-p",
+            "-o",
+            "export",
+            "--offset",
+            &start.to_string(),
+            image.to_str().unwrap(),
+        ],
+    );
+    assert!(blkid.contains("LABEL=NEWLIVE"), "{blkid}");
+    let cfg = String::from_utf8(fat_read(&image, start, "/syslinux/syslinux.cfg")).unwrap();
+    assert!(
+        cfg.contains("rd.live.overlay=UUID=1111-AAAA"),
+        "kept overlay is still used:\n{cfg}"
+    );
+    assert!(cfg.contains("Fedora-LS-Grub-1"), "{cfg}");
+    let part = run("sfdisk", &["--json", image.to_str().unwrap()]);
+    let (_, len) = (
+        start,
+        serde_json::from_str::<serde_json::Value>(&part).unwrap()["partitiontable"]["partitions"]
+            [0]["size"]
+            .as_u64()
+            .unwrap()
+            * 512,
+    );
+    fsck_fat(&image, start, len, dir.path());
+}
+
+#[test]
+fn skipcopy_rewrites_only_configs_and_keeps_the_overlay_content() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let image = new_stick(dir.path(), "skip.img");
+    ok(write(&[
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "8",
+        "--volume-id",
+        "2222BBBB",
+    ]));
+    let start = part_start(&image);
+    let overlay_path = "/LiveOS/overlay-LIVE-2222-BBBB";
+    let mut bytes = fat_read(&image, start, overlay_path);
+    bytes[..4].copy_from_slice(b"SnAp");
+    let used = dir.path().join("used");
+    std::fs::write(&used, &bytes).unwrap();
+    fat_put(&image, start, &used, overlay_path);
+    let report = ok(write(&[
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--skipcopy",
+        "--extra-kernel-args",
+        "systemd.unit=multi-user.target",
+    ]));
+    assert!(
+        report["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["path"] != "/LiveOS/squashfs.img"),
+        "--skipcopy copied squashfs.img"
+    );
+    assert_eq!(
+        &fat_read(&image, start, overlay_path)[..4],
+        b"SnAp",
+        "skipcopy reset the overlay"
+    );
+    let cfg = String::from_utf8(fat_read(&image, start, "/syslinux/syslinux.cfg")).unwrap();
+    assert!(cfg.contains("systemd.unit=multi-user.target"), "{cfg}");
+    // --reset-overlay empties it.
+    ok(write(&[
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--skipcopy",
+        "--reset-overlay",
+    ]));
+    assert_eq!(&fat_read(&image, start, overlay_path)[..4], &[0, 0, 0, 0]);
+}
+
+#[test]
+fn delete_home_replaces_it_and_an_existing_home_is_not_overwritten_silently() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let image = new_stick(dir.path(), "home.img");
+    ok(write(&[
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--home-size-mb",
+        "16",
+        "--unencrypted-home",
+    ]));
+    let out = write(&[
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--home-size-mb",
+        "24",
+        "--unencrypted-home",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--delete-home"));
+    ok(write(&[
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--home-size-mb",
+        "24",
+        "--unencrypted-home",
+        "--delete-home",
+        "--yes",
+    ]));
+    let home = fat_read(&image, part_start(&image), "/LiveOS/home.img");
+    assert_eq!(home.len() as u64, 24 * MIB);
+}
+
+#[test]
+fn persistence_bad_input() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let image = dir.path().join("bad.img");
+    let i = image.to_str().unwrap();
+    let iso_s = iso.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![iso_s, i, "--size", "256M", "--home-size-mb", "4096"],
+            "4095",
+        ),
+        (
+            vec![
+                iso_s,
+                i,
+                "--size",
+                "64M",
+                "--home-size-mb",
+                "200",
+                "--unencrypted-home",
+            ],
+            "too small",
+        ),
+        (
+            vec![
+                iso_s,
+                i,
+                "--size",
+                "256M",
+                "--home-size-mb",
+                "32",
+                "--passphrase-file",
+                "/nonexistent/pass",
+            ],
+            "passphrase",
+        ),
+        (
+            vec![iso_s, i, "--size", "256M", "--copy-home"],
+            "--copy-home",
+        ),
+        (
+            vec![iso_s, i, "--size", "256M", "--skipcopy"],
+            "existing stick",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = write(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: expected {needle:?} in {stderr}"
+        );
+        assert!(!image.exists(), "{args:?} created the image");
+    }
+    let empty = dir.path().join("empty-pass");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = write(&[
+        iso_s,
+        i,
+        "--size",
+        "256M",
+        "--home-size-mb",
+        "32",
+        "--passphrase-file",
+        empty.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .to_lowercase()
+            .contains("empty")
+    );
+    assert!(
+        !image.exists(),
+        "an empty passphrase left a half-written image"
+    );
+}
