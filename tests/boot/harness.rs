@@ -165,6 +165,10 @@ const FATAL: &[(&str, &str)] = &[
         "dracut is waiting at a prompt (overlay not found?)",
     ),
     ("Entering emergency mode", "dracut emergency shell"),
+    // dracut gives up at once but only drops to its shell after rd.retry.
+    ("dracut: FATAL", "dracut gave up (see the line above it)"),
+    ("Refusing to continue", "dracut gave up"),
+    ("dracut:/#", "dracut debug shell"),
     ("Could not boot.", "dracut could not find the root"),
     ("rdsosreport.txt", "dracut emergency shell"),
     ("Kernel panic", "kernel panic"),
