@@ -1,4 +1,5 @@
 //! One module per subcommand: glue from arguments to library calls and a report.
+pub mod devices;
 pub mod inspect;
 pub mod overlay;
 pub mod write;

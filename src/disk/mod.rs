@@ -1,4 +1,5 @@
 //! Targets (image files and block devices), partition tables and filesystems.
+pub mod devices;
 pub mod ext4;
 pub mod fat;
 pub mod partition;

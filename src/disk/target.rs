@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::disk::devices::{DevNum, Host, Transport};
+use crate::disk::partition;
+use crate::size::human;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TargetKind {
@@ -31,6 +35,52 @@ pub struct TargetProbe {
     pub serial: Option<String>,
     /// Mounts, swap and holders found on the device or its partitions.
     pub busy: Vec<String>,
+    pub vendor: Option<String>,
+    /// How a block device is attached; `None` for image files.
+    pub transport: Option<Transport>,
+    /// On an unpluggable bus (USB, SD slot) even if the removable flag is 0.
+    pub hotplug: Option<bool>,
+    /// The kernel marks the device read-only (write-protect switch, `losetup -r`).
+    pub read_only: bool,
+    /// 512 for image files.
+    pub logical_sector_size: u32,
+    pub physical_sector_size: u32,
+    /// Why the device is part of the running system (`/ is on /dev/vda`):
+    /// refused even with `--force`.
+    pub system: Vec<String>,
+    /// Set when the path names a partition: the whole disk it belongs to.
+    pub partition_of: Option<PathBuf>,
+}
+
+impl TargetProbe {
+    fn image(path: &Path, size: u64, exists: bool) -> TargetProbe {
+        TargetProbe {
+            path: path.to_path_buf(),
+            kind: TargetKind::ImageFile,
+            size,
+            exists,
+            removable: None,
+            model: None,
+            serial: None,
+            busy: Vec::new(),
+            vendor: None,
+            transport: None,
+            hotplug: None,
+            read_only: false,
+            logical_sector_size: 512,
+            physical_sector_size: 512,
+            system: Vec::new(),
+            partition_of: None,
+        }
+    }
+
+    /// Removable in the sense a stick writer cares about: the removable flag,
+    /// hotplug, or a USB/MMC transport (USB SSDs report removable = 0).
+    pub fn removable_class(&self) -> bool {
+        self.removable == Some(true)
+            || self.hotplug == Some(true)
+            || matches!(self.transport, Some(Transport::Usb | Transport::Mmc))
+    }
 }
 
 #[derive(Debug, Error)]
@@ -64,6 +114,34 @@ pub enum TargetError {
         "{0} is not a removable device; if you are sure it is the stick you want to erase, add --force"
     )]
     NotRemovable(PathBuf),
+    #[error(
+        "{path} holds the running system, refusing to write to it even with --force:\n{}\npick the stick by its model, size and serial in `livestick devices`",
+        .findings.join("\n")
+    )]
+    SystemDisk {
+        path: PathBuf,
+        findings: Vec<String>,
+    },
+    #[error(
+        "{path} is a partition of {}; livestick writes a whole stick (partition table included) — give {} instead",
+        .disk.display(), .disk.display()
+    )]
+    IsPartition { path: PathBuf, disk: PathBuf },
+    #[error(
+        "{0} is read-only (a write-protect switch on the stick or SD card, or a read-only loop device); unlock it and plug it in again"
+    )]
+    ReadOnly(PathBuf),
+    #[error("{0} has no medium (an empty card reader?); insert the card and try again")]
+    NoMedium(PathBuf),
+    #[error(
+        "{path} uses {logical}-byte logical sectors (a 4Kn device); livestick supports 512-byte logical sectors only — use another stick, or write an image file and copy it with a tool that handles 4Kn"
+    )]
+    SectorSize { path: PathBuf, logical: u32 },
+    #[error(
+        "{path} holds {} ({size} bytes), too small for a live stick (at least {} are needed); use a larger stick",
+        human(*.size), human(*.min)
+    )]
+    TooSmall { path: PathBuf, size: u64, min: u64 },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -76,23 +154,19 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TargetError + '_ {
 }
 
 /// Looks at a target without changing it.
+///
+/// Links (`/dev/disk/by-id/…`, `/dev/disk/by-uuid/…`, or any symlink) are
+/// resolved, and a block device is reported under its canonical name. A path
+/// that does not exist is an image file to create — unless it is, or a link
+/// leads, under `/dev`: nothing is ever created there.
 pub fn probe(path: &Path) -> Result<TargetProbe, TargetError> {
     let meta = match fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if path.starts_with("/dev") {
+            if would_land_in_dev(path) {
                 return Err(TargetError::MissingDevice(path.to_path_buf()));
             }
-            return Ok(TargetProbe {
-                path: path.to_path_buf(),
-                kind: TargetKind::ImageFile,
-                size: 0,
-                exists: false,
-                removable: None,
-                model: None,
-                serial: None,
-                busy: Vec::new(),
-            });
+            return Ok(TargetProbe::image(path, 0, false));
         }
         Err(e) => return Err(io_err(path)(e)),
     };
@@ -100,109 +174,221 @@ pub fn probe(path: &Path) -> Result<TargetProbe, TargetError> {
         return Err(TargetError::IsDirectory(path.to_path_buf()));
     }
     if meta.is_file() {
-        return Ok(TargetProbe {
-            path: path.to_path_buf(),
-            kind: TargetKind::ImageFile,
-            size: meta.len(),
-            exists: true,
-            removable: None,
-            model: None,
-            serial: None,
-            busy: Vec::new(),
-        });
+        return Ok(TargetProbe::image(path, meta.len(), true));
     }
     if !meta.file_type().is_block_device() {
         return Err(TargetError::NotFileOrDevice(path.to_path_buf()));
     }
     let canonical = fs::canonicalize(path).map_err(io_err(path))?;
-    let mut file = File::open(&canonical).map_err(io_err(path))?;
-    let size = file.seek(SeekFrom::End(0)).map_err(io_err(path))?;
-    let rdev = meta.rdev();
-    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
-    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
-    let read_attr = |rel: &str| {
-        fs::read_to_string(sys.join(rel))
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
+    let dev = DevNum::from_rdev(meta.rdev());
+    let host = Host::live();
+    let facts = host.facts(dev);
+    let system = system_findings(&host, dev, &canonical);
+    let (size, logical, physical) = match File::open(&canonical) {
+        Ok(file) => device_geometry(&file, &canonical)?,
+        // An empty card reader: probing succeeds, check_safe explains.
+        Err(e) if e.raw_os_error() == Some(libc::ENOMEDIUM) => (0, 512, 512),
+        // A system disk may be closed to us (sandboxes, LSMs); sysfs still
+        // knows it, and the refusal should name the real reason.
+        Err(_) if !system.is_empty() && facts.is_some() => facts
+            .as_ref()
+            .map(|f| (f.size, f.logical_sector_size, f.physical_sector_size))
+            .unwrap_or((0, 512, 512)),
+        Err(e) => return Err(io_err(path)(e)),
     };
-    let removable = read_attr("removable").map(|v| v == "1");
+    let whole = facts
+        .as_ref()
+        .and_then(|f| f.partition_of.clone())
+        .unwrap_or_else(|| canonical.clone());
     Ok(TargetProbe {
-        path: canonical,
         kind: TargetKind::BlockDevice,
         size,
         exists: true,
-        removable,
-        model: read_attr("device/model"),
-        serial: read_attr("device/serial"),
-        busy: busy_findings(&sys, major, minor),
+        removable: facts.as_ref().map(|f| f.removable),
+        model: facts.as_ref().and_then(|f| f.model.clone()),
+        serial: facts.as_ref().and_then(|f| f.serial.clone()),
+        busy: host.busy_findings(dev),
+        vendor: facts.as_ref().and_then(|f| f.vendor.clone()),
+        transport: facts.as_ref().map(|f| f.transport),
+        hotplug: facts.as_ref().map(|f| f.hotplug),
+        read_only: facts.as_ref().is_some_and(|f| f.read_only),
+        logical_sector_size: logical,
+        physical_sector_size: physical,
+        system,
+        partition_of: (whole != canonical).then_some(whole),
+        path: canonical,
     })
 }
 
-/// Mounts, swap areas and holders of the device and each of its partitions,
-/// matched by major:minor (never by name prefix), one finding per line.
-fn busy_findings(sys: &Path, major: u32, minor: u32) -> Vec<String> {
-    let mut devs = vec![(format!("{major}:{minor}"), sys.to_path_buf())];
-    if let Ok(entries) = fs::read_dir(sys) {
-        for entry in entries.flatten() {
-            let p = entry.path();
-            if p.join("partition").exists()
-                && let Ok(dev) = fs::read_to_string(p.join("dev"))
-            {
-                devs.push((dev.trim().to_string(), p));
+/// Whether creating `path` would create something under `/dev`: the path
+/// itself, the directory it would be created in, or where a dangling symlink
+/// points. (`open(O_CREAT)` follows a dangling link and creates its target.)
+fn would_land_in_dev(path: &Path) -> bool {
+    let dev = Path::new("/dev");
+    let absolute = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map(|d| d.join(p))
+                .unwrap_or_else(|_| p.to_path_buf())
+        }
+    };
+    let mut current = absolute(path);
+    // 40 links, as the kernel allows, before giving up on a loop.
+    for _ in 0..40 {
+        if current.starts_with(dev) {
+            return true;
+        }
+        if let Some(parent) = current.parent()
+            && let Ok(real) = fs::canonicalize(parent)
+            && real.starts_with(dev)
+        {
+            return true;
+        }
+        match fs::read_link(&current) {
+            Ok(target) => {
+                let base = current.parent().map(Path::to_path_buf).unwrap_or_default();
+                current = absolute(&base.join(target));
             }
+            Err(_) => return false,
         }
     }
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let swaps = fs::read_to_string("/proc/swaps").unwrap_or_default();
-    let mut findings = Vec::new();
-    for (dev, dir) in &devs {
-        let name = fs::canonicalize(dir)
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| dev.clone());
-        for line in mountinfo.lines() {
-            let fields: Vec<&str> = line.split(' ').collect();
-            if fields.len() > 4 && fields[2] == dev {
-                findings.push(format!("/dev/{name} is mounted on {}", fields[4]));
-            }
-        }
-        for line in swaps.lines().skip(1) {
-            if let Some(swap) = line.split_whitespace().next()
-                && let Ok(meta) = fs::metadata(swap)
-                && meta.file_type().is_block_device()
-                && format!("{}:{}", libc::major(meta.rdev()), libc::minor(meta.rdev())) == *dev
-            {
-                findings.push(format!("/dev/{name} is used as swap"));
-            }
-        }
-        if let Ok(holders) = fs::read_dir(dir.join("holders")) {
-            for holder in holders.flatten() {
-                findings.push(format!(
-                    "/dev/{name} is in use by /dev/{}",
-                    holder.file_name().to_string_lossy()
-                ));
-            }
-        }
-    }
-    findings
+    true
 }
 
-/// Refuses a block device that is busy, or not removable without `force`.
+/// Size in bytes and logical/physical sector sizes, asked of the device itself.
+fn device_geometry(file: &File, path: &Path) -> Result<(u64, u32, u32), TargetError> {
+    use std::os::fd::AsRawFd;
+    nix::ioctl_read_bad!(blksszget, nix::request_code_none!(0x12, 104), libc::c_int);
+    nix::ioctl_read_bad!(blkpbszget, nix::request_code_none!(0x12, 123), libc::c_uint);
+    let size = {
+        let mut f = file;
+        f.seek(SeekFrom::End(0)).map_err(io_err(path))?
+    };
+    let mut logical: libc::c_int = 0;
+    let mut physical: libc::c_uint = 0;
+    // SAFETY: both ioctls write one int through the pointer, which points at a
+    // live local of that type; the fd is an open block device.
+    let logical = match unsafe { blksszget(file.as_raw_fd(), &mut logical) } {
+        Ok(_) if logical > 0 => logical as u32,
+        _ => 512,
+    };
+    // SAFETY: as above.
+    let physical = match unsafe { blkpbszget(file.as_raw_fd(), &mut physical) } {
+        Ok(_) if physical > 0 => physical,
+        _ => logical,
+    };
+    Ok((size, logical, physical))
+}
+
+/// "/ is on /dev/vda" lines when the device, its disk, or anything it is part
+/// of carries a system mount point.
+fn system_findings(host: &Host, dev: DevNum, path: &Path) -> Vec<String> {
+    let disk = host
+        .facts(dev)
+        .and_then(|f| f.partition_of)
+        .and_then(|p| fs::metadata(p).ok())
+        .map(|m| DevNum::from_rdev(m.rdev()))
+        .unwrap_or(dev);
+    let mut out: Vec<String> = host
+        .system_disks()
+        .into_iter()
+        .filter(|u| u.dev == dev || u.dev == disk)
+        .map(|u| format!("{} is on {}", u.mount_point, path.display()))
+        .collect();
+    out.dedup();
+    out
+}
+
+/// Refuses a block device that must not be written, each rule with its
+/// reason and what to do. Only the removable rule yields to `force`: the
+/// running system, a busy device, a partition, a read-only or empty device,
+/// 4Kn sectors and a too-small capacity are refused whatever the flags.
 pub fn check_safe(probe: &TargetProbe, force: bool) -> Result<(), TargetError> {
     if probe.kind != TargetKind::BlockDevice {
         return Ok(());
     }
+    let path = || probe.path.clone();
+    if !probe.system.is_empty() {
+        return Err(TargetError::SystemDisk {
+            path: path(),
+            findings: probe.system.clone(),
+        });
+    }
+    if let Some(disk) = &probe.partition_of {
+        return Err(TargetError::IsPartition {
+            path: path(),
+            disk: disk.clone(),
+        });
+    }
     if !probe.busy.is_empty() {
         return Err(TargetError::Busy {
-            path: probe.path.clone(),
+            path: path(),
             findings: probe.busy.clone(),
         });
     }
-    if probe.removable != Some(true) && !force {
-        return Err(TargetError::NotRemovable(probe.path.clone()));
+    if probe.size == 0 {
+        return Err(TargetError::NoMedium(path()));
+    }
+    if probe.read_only {
+        return Err(TargetError::ReadOnly(path()));
+    }
+    if probe.logical_sector_size != 512 {
+        return Err(TargetError::SectorSize {
+            path: path(),
+            logical: probe.logical_sector_size,
+        });
+    }
+    if !probe.removable_class() && !force {
+        return Err(TargetError::NotRemovable(path()));
+    }
+    if probe.size < partition::MIN_DISK {
+        return Err(TargetError::TooSmall {
+            path: path(),
+            size: probe.size,
+            min: partition::MIN_DISK,
+        });
     }
     Ok(())
+}
+
+/// The confirmation question for erasing a target: names the model, size and
+/// serial, so the user can tell two sticks apart.
+pub fn confirm_text(probe: &TargetProbe) -> String {
+    if probe.kind == TargetKind::ImageFile {
+        return if probe.exists {
+            format!(
+                "Overwrite image file {} ({})?",
+                probe.path.display(),
+                human(probe.size)
+            )
+        } else {
+            format!("Create image file {}?", probe.path.display())
+        };
+    }
+    let name = match (&probe.vendor, &probe.model) {
+        (Some(v), Some(m)) if !m.starts_with(v.as_str()) => format!("{v} {m}"),
+        (_, Some(m)) => m.clone(),
+        (Some(v), None) => v.clone(),
+        (None, None) => "unknown model".to_string(),
+    };
+    let transport = probe
+        .transport
+        .map(|t| format!(", {t}"))
+        .unwrap_or_default();
+    let removable = if probe.removable_class() {
+        ""
+    } else {
+        ", NOT removable"
+    };
+    format!(
+        "Erase everything on {}: {name}, {} ({} bytes), serial {}{transport}{removable}?",
+        probe.path.display(),
+        human(probe.size),
+        probe.size,
+        probe.serial.as_deref().unwrap_or("unknown"),
+    )
 }
 
 /// The size the target will have once opened with `requested` (`--size`).
@@ -226,18 +412,27 @@ pub fn planned_size(probe: &TargetProbe, requested: Option<u64>) -> Result<u64, 
 }
 
 /// Opens the target for writing: creates or grows an image file to `size`, or
-/// opens a block device exclusively (a guard against automounters).
+/// opens a block device with `O_EXCL`. The exclusive open is a guard that
+/// keeps automounters off the device during the write; it is not the busy
+/// check (the kernel lets it succeed while a partition is mounted on some
+/// versions), which [`check_safe`] does by major:minor first.
 pub fn open_for_write(probe: &TargetProbe, size: u64) -> Result<File, TargetError> {
     let path = &probe.path;
     match probe.kind {
         TargetKind::ImageFile => {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(path)
-                .map_err(io_err(path))?;
+            // A new image is created with O_EXCL, which never follows a
+            // symlink: whatever appeared at the path since probing, nothing
+            // is created through it (under /dev or anywhere else).
+            let file = if probe.exists {
+                OpenOptions::new().read(true).write(true).open(path)
+            } else {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+            }
+            .map_err(io_err(path))?;
             if file.metadata().map_err(io_err(path))?.len() < size {
                 file.set_len(size).map_err(io_err(path))?;
             }
