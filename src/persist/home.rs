@@ -324,15 +324,24 @@ pub struct HomeInfo {
 pub fn detect_home_kind<R: Read + Seek>(r: &mut R) -> io::Result<Option<HomeKind>> {
     let mut head = [0u8; 6];
     r.seek(SeekFrom::Start(0))?;
-    if r.read(&mut head)? == 6 && &head == b"LUKS\xba\xbe" {
+    if read_exact_or_eof(r, &mut head)? && &head == b"LUKS\xba\xbe" {
         return Ok(Some(HomeKind::Luks2));
     }
     let mut magic = [0u8; 2];
     r.seek(SeekFrom::Start(1024 + 0x38))?;
-    if r.read(&mut magic)? == 2 && magic == [0x53, 0xEF] {
+    if read_exact_or_eof(r, &mut magic)? && magic == [0x53, 0xEF] {
         return Ok(Some(HomeKind::Plain));
     }
     Ok(None)
+}
+
+/// `read_exact`, but a file too short for the signature is `false`, not an error.
+fn read_exact_or_eof<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<bool> {
+    match r.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Describe a home.img seen through any reader (e.g. a file inside the
