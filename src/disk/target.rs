@@ -225,6 +225,10 @@ pub fn probe(path: &Path) -> Result<TargetProbe, TargetError> {
 /// points. (`open(O_CREAT)` follows a dangling link and creates its target.)
 fn would_land_in_dev(path: &Path) -> bool {
     let dev = Path::new("/dev");
+    // /dev/shm is a tmpfs for ordinary files (a fast place for test images),
+    // not a device directory.
+    let shm = Path::new("/dev/shm");
+    let in_dev = |p: &Path| p.starts_with(dev) && !p.starts_with(shm);
     let absolute = |p: &Path| {
         if p.is_absolute() {
             p.to_path_buf()
@@ -237,12 +241,12 @@ fn would_land_in_dev(path: &Path) -> bool {
     let mut current = absolute(path);
     // 40 links, as the kernel allows, before giving up on a loop.
     for _ in 0..40 {
-        if current.starts_with(dev) {
+        if in_dev(&current) {
             return true;
         }
         if let Some(parent) = current.parent()
             && let Ok(real) = fs::canonicalize(parent)
-            && real.starts_with(dev)
+            && in_dev(&real)
         {
             return true;
         }
