@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod boot;
 pub mod cli;
+pub mod compat;
 pub mod commands;
 pub mod disk;
 pub mod apply;

@@ -1,67 +1,128 @@
-//! The `livestick` binary: parse arguments, run one command, map errors to exit codes.
+//! The `livestick` binary: parse arguments, run one command, map errors to
+//! exit codes (docs/exit-codes.md). Invoked as `livecd-iso-to-disk` (a
+//! symlink), it reads that tool's command line instead.
 
+use std::ffi::OsString;
+use std::path::Path;
 use std::process::ExitCode;
 
-use clap::Parser;
-use livestick::cli::{Cli, Command};
+use livestick::cli::{self, Command, ErrorKind};
 use livestick::commands;
-
-/// Exit codes (docs/exit-codes.md).
-mod exit {
-    pub const USAGE: u8 = 1;
-    pub const BAD_INPUT: u8 = 2;
-    pub const REFUSED: u8 = 3;
-    pub const IO: u8 = 4;
-}
-
-fn exit_code(err: &anyhow::Error) -> u8 {
-    use livestick::disk::target::TargetError;
-    for cause in err.chain() {
-        if let Some(t) = cause.downcast_ref::<TargetError>() {
-            return match t {
-                TargetError::Busy { .. } | TargetError::NotRemovable(_) => exit::REFUSED,
-                TargetError::Io { .. } => exit::IO,
-                _ => exit::BAD_INPUT,
-            };
-        }
-        if cause.is::<commands::write::BadInput>()
-            || cause.is::<livestick::plan::PlanError>()
-            || cause.is::<livestick::source::live::LiveError>()
-            || cause.is::<livestick::size::SizeError>()
-        {
-            return exit::BAD_INPUT;
-        }
-    }
-    exit::IO
-}
+use livestick::compat;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let code = if e.use_stderr() { exit::USAGE } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
-    };
-    let result = match &cli.command {
-        Command::Inspect(args) => commands::inspect::run(args, cli.json),
-        Command::Write(args) => commands::write::run(args, cli.json, cli.quiet),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            let code = exit_code(&err);
-            if cli.json {
-                let causes: Vec<String> = err.chain().skip(1).map(|c| c.to_string()).collect();
-                let value = serde_json::json!({"error": err.to_string(), "causes": causes, "exit_code": code});
-                println!("{value}");
-            }
-            eprintln!("livestick: error: {err}");
-            for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            ExitCode::from(code)
-        }
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let program = argv
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("livestick");
+    if program == compat::PROGRAM {
+        return ExitCode::from(run_compat(&argv[1..], compat::PROGRAM, false, false));
     }
+    let (cli, step) = match cli::parse_with_step(&argv) {
+        Ok(parsed) => parsed,
+        Err(e) => return ExitCode::from(usage_error(e, wants_json(&argv))),
+    };
+    let (json, quiet) = (cli.json, cli.quiet);
+    let result = match cli.command {
+        Command::Inspect(args) => commands::inspect::run(&args, json),
+        Command::Write(args) => {
+            let pending = args.unimplemented_options();
+            if pending.is_empty() {
+                commands::write::run(&args, json, quiet)
+            } else {
+                Err(compat::CompatError::Pending(pending).into())
+            }
+        }
+        Command::Overlay { command } => commands::overlay::run(command, json),
+        Command::Devices(args) => commands::devices::run(&args, json),
+        Command::IsoToDisk(args) => {
+            return ExitCode::from(run_compat(&args.args, "livestick iso-to-disk", json, quiet));
+        }
+        Command::Doctor(args) => commands::doctor::run(&args, json),
+        Command::Completions(args) => commands::completions::run(&args),
+        Command::Man(args) => commands::man::run(&args),
+    };
+    ExitCode::from(finish(result, &step, json))
+}
+
+/// The livecd-iso-to-disk front end: its own parser, then the native write.
+fn run_compat(args: &[OsString], program: &str, json: bool, quiet: bool) -> u8 {
+    // Decided before parsing so that a usage error can be JSON too.
+    let json = json || wants_json(args);
+    let result = compat::prepare(args, program).map_err(anyhow::Error::from);
+    match result {
+        Ok(None) => 0,
+        Ok(Some((write, j, q))) => finish(
+            commands::write::run(&write, json || j, quiet || q),
+            "iso-to-disk",
+            json || j,
+        ),
+        Err(e) => finish(Err(e), "iso-to-disk", json),
+    }
+}
+
+/// `--json` anywhere before a `--` asks for a JSON error object too.
+fn wants_json(argv: &[OsString]) -> bool {
+    argv.iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--json")
+}
+
+fn usage_error(e: clap::Error, json: bool) -> u8 {
+    use clap::error::ErrorKind as K;
+    // --help and --version are "errors" to clap but successes to the user.
+    if matches!(
+        e.kind(),
+        K::DisplayHelp | K::DisplayVersion | K::DisplayHelpOnMissingArgumentOrSubcommand
+    ) && !e.use_stderr()
+    {
+        let _ = e.print();
+        return 0;
+    }
+    let code = ErrorKind::Usage.exit_code();
+    if json {
+        let rendered = e.to_string();
+        let first = rendered.lines().next().unwrap_or_default();
+        let message = first.strip_prefix("error: ").unwrap_or(first).to_string();
+        let value = serde_json::json!({
+            "error": message,
+            "detail": e.to_string(),
+            "step": "parsing the command line",
+            "kind": ErrorKind::Usage,
+            "causes": [],
+            "hint": ErrorKind::Usage.hint(),
+            "exit_code": code,
+        });
+        println!("{value}");
+    }
+    let _ = e.print();
+    code
+}
+
+/// Prints an error (the failing step, its causes, a hint; one JSON object on
+/// stdout with --json) and returns the exit code.
+fn finish(result: anyhow::Result<()>, step: &str, json: bool) -> u8 {
+    let Err(err) = result else { return 0 };
+    let kind = cli::error_kind(&err);
+    let code = kind.exit_code();
+    let causes: Vec<String> = err.chain().skip(1).map(|c| c.to_string()).collect();
+    if json {
+        let value = serde_json::json!({
+            "error": err.to_string(),
+            "step": step,
+            "kind": kind,
+            "causes": causes,
+            "hint": kind.hint(),
+            "exit_code": code,
+        });
+        println!("{value}");
+    }
+    eprintln!("livestick {step}: error: {err}");
+    for cause in &causes {
+        eprintln!("  caused by: {cause}");
+    }
+    eprintln!("  hint: {}", kind.hint());
+    code
 }

@@ -1,6 +1,9 @@
 //! One module per subcommand: glue from arguments to library calls and a report.
+pub mod completions;
 pub mod devices;
+pub mod doctor;
 pub mod inspect;
+pub mod man;
 pub mod overlay;
 pub mod write;
 

@@ -1,0 +1,342 @@
+//! `livestick doctor`: which external programs each feature needs, whether
+//! they are here (path and version), and which Debian and Fedora package
+//! provides each. livestick itself is user space only; these programs are the
+//! reference implementations of formats it does not own (DESIGN.md).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::cli::DoctorArgs;
+
+/// One thing to look for.
+struct Need {
+    feature: &'static str,
+    /// Needed by `livestick write` with default options: missing means the
+    /// basic write fails.
+    required: bool,
+    what: What,
+    debian: &'static str,
+    fedora: &'static str,
+}
+
+enum What {
+    Program {
+        name: &'static str,
+        version_args: &'static [&'static str],
+    },
+    /// Any one of these files.
+    File {
+        name: &'static str,
+        candidates: &'static [&'static str],
+    },
+    /// A running service, found by its socket or directory.
+    Service {
+        name: &'static str,
+        probe: &'static str,
+    },
+}
+
+const fn program(
+    feature: &'static str,
+    required: bool,
+    name: &'static str,
+    version_args: &'static [&'static str],
+    debian: &'static str,
+    fedora: &'static str,
+) -> Need {
+    Need {
+        feature,
+        required,
+        what: What::Program { name, version_args },
+        debian,
+        fedora,
+    }
+}
+
+const BIOS: &str = "BIOS boot (write)";
+const EXT4: &str = "home.img and OverlayFS overlays";
+const SQUASH: &str = "inspect and overlay merge (squashfs)";
+const EROFS: &str = "overlay merge of EROFS roots";
+const LUKS: &str = "LUKS home checks (optional)";
+const QEMU: &str = "boot tests (optional)";
+const DEVICES: &str = "device discovery";
+
+fn needs() -> Vec<Need> {
+    vec![
+        program(
+            BIOS,
+            true,
+            "syslinux",
+            &["--version"],
+            "syslinux",
+            "syslinux",
+        ),
+        program(BIOS, true, "mcopy", &["--version"], "mtools", "mtools"),
+        Need {
+            feature: BIOS,
+            required: true,
+            what: What::File {
+                name: "SYSLINUX mbr.bin",
+                candidates: &[
+                    "/usr/lib/syslinux/mbr/mbr.bin",
+                    "/usr/share/syslinux/mbr.bin",
+                    "/usr/lib/syslinux/mbr.bin",
+                ],
+            },
+            debian: "syslinux-common",
+            fedora: "syslinux-nonlinux",
+        },
+        Need {
+            feature: BIOS,
+            required: true,
+            what: What::File {
+                name: "SYSLINUX menu.c32",
+                candidates: &[
+                    "/usr/lib/syslinux/modules/bios/menu.c32",
+                    "/usr/share/syslinux/menu.c32",
+                    "/usr/lib/syslinux/bios/menu.c32",
+                ],
+            },
+            debian: "syslinux-common",
+            fedora: "syslinux-nonlinux",
+        },
+        program(EXT4, false, "mke2fs", &["-V"], "e2fsprogs", "e2fsprogs"),
+        program(EXT4, false, "resize2fs", &[], "e2fsprogs", "e2fsprogs"),
+        program(EXT4, false, "e2fsck", &["-V"], "e2fsprogs", "e2fsprogs"),
+        program(
+            SQUASH,
+            false,
+            "unsquashfs",
+            &["-version"],
+            "squashfs-tools",
+            "squashfs-tools",
+        ),
+        program(
+            SQUASH,
+            false,
+            "mksquashfs",
+            &["-version"],
+            "squashfs-tools",
+            "squashfs-tools",
+        ),
+        program(
+            EROFS,
+            false,
+            "mkfs.erofs",
+            &["-V"],
+            "erofs-utils",
+            "erofs-utils",
+        ),
+        program(
+            EROFS,
+            false,
+            "fsck.erofs",
+            &["-V"],
+            "erofs-utils",
+            "erofs-utils",
+        ),
+        program(
+            LUKS,
+            false,
+            "cryptsetup",
+            &["--version"],
+            "cryptsetup-bin",
+            "cryptsetup",
+        ),
+        program(
+            QEMU,
+            false,
+            "qemu-system-x86_64",
+            &["--version"],
+            "qemu-system-x86",
+            "qemu-system-x86-core",
+        ),
+        Need {
+            feature: QEMU,
+            required: false,
+            what: What::File {
+                name: "OVMF UEFI firmware",
+                candidates: &[
+                    "/usr/share/OVMF/OVMF_CODE_4M.fd",
+                    "/usr/share/OVMF/OVMF_CODE.fd",
+                    "/usr/share/edk2/ovmf/OVMF_CODE.fd",
+                    "/usr/share/edk2/x64/OVMF_CODE.fd",
+                ],
+            },
+            debian: "ovmf",
+            fedora: "edk2-ovmf",
+        },
+        Need {
+            feature: DEVICES,
+            required: false,
+            what: What::Service {
+                name: "udev",
+                probe: "/run/udev/control",
+            },
+            debian: "udev",
+            fedora: "systemd-udev",
+        },
+    ]
+}
+
+#[derive(Debug, Serialize)]
+pub struct Finding {
+    pub feature: &'static str,
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub required: bool,
+    pub found: bool,
+    pub path: Option<PathBuf>,
+    pub version: Option<String>,
+    pub debian: &'static str,
+    pub fedora: &'static str,
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub livestick: &'static str,
+    /// Every required item was found: `livestick write` can run.
+    pub ok: bool,
+    pub checks: Vec<Finding>,
+}
+
+/// Looks on PATH and in the sbin directories, which an ordinary user's PATH
+/// often lacks on Debian although the tools run fine from there.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The first non-empty line the program prints about itself. A program that
+/// hangs is killed after a few seconds: doctor must always finish.
+fn version_of(path: &Path, args: &[&str]) -> Option<String> {
+    let mut child = Command::new(path)
+        .args(args)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    let mut text = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_string(&mut text);
+    }
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut text);
+    }
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.to_ascii_lowercase().starts_with("usage"))
+        .map(|l| l.chars().take(100).collect())
+}
+
+fn check(need: &Need) -> Finding {
+    let (name, kind, path, version, note) = match &need.what {
+        What::Program { name, version_args } => {
+            let path = find_program(name);
+            let version = path.as_deref().and_then(|p| version_of(p, version_args));
+            (*name, "program", path, version, None)
+        }
+        What::File { name, candidates } => {
+            let path = candidates.iter().map(PathBuf::from).find(|p| p.is_file());
+            (*name, "file", path, None, None)
+        }
+        What::Service { name, probe } => {
+            let path = Some(PathBuf::from(probe)).filter(|p| p.exists());
+            let note = path.is_none().then(|| {
+                "no udev: running in a container? devices are then read from sysfs only".to_string()
+            });
+            (*name, "service", path, None, note)
+        }
+    };
+    Finding {
+        feature: need.feature,
+        name,
+        kind,
+        required: need.required,
+        found: path.is_some(),
+        path,
+        version,
+        debian: need.debian,
+        fedora: need.fedora,
+        note,
+    }
+}
+
+pub fn report() -> Report {
+    let checks: Vec<Finding> = needs().iter().map(check).collect();
+    Report {
+        livestick: env!("CARGO_PKG_VERSION"),
+        ok: checks.iter().all(|c| c.found || !c.required),
+        checks,
+    }
+}
+
+pub fn run(_args: &DoctorArgs, json: bool) -> anyhow::Result<()> {
+    let report = report();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let mut feature = "";
+    for c in &report.checks {
+        if c.feature != feature {
+            feature = c.feature;
+            println!("{feature}");
+        }
+        let mark = if c.found {
+            "ok  "
+        } else if c.required {
+            "MISSING"
+        } else {
+            "--  "
+        };
+        let detail = match (&c.path, &c.version) {
+            (Some(p), Some(v)) => format!("{}  ({v})", p.display()),
+            (Some(p), None) => p.display().to_string(),
+            (None, _) => format!(
+                "not found — Debian/Ubuntu: apt install {}; Fedora: dnf install {}",
+                c.debian, c.fedora
+            ),
+        };
+        println!("  {mark:<7} {:<20} {detail}", c.name);
+        if let Some(note) = &c.note {
+            println!("          {note}");
+        }
+    }
+    println!();
+    if report.ok {
+        println!(
+            "livestick write can run; features marked -- are unavailable until their package is installed."
+        );
+    } else {
+        println!("livestick write cannot run until the MISSING items are installed.");
+    }
+    Ok(())
+}
