@@ -14,6 +14,7 @@ use crate::boot::cmdline::DracutNames;
 use crate::boot::cmdline::KernelArgs;
 use crate::boot::syslinux;
 use crate::cli::{DracutNamesArg, TableArg, WriteArgs};
+use crate::disk::devices;
 use crate::disk::ext4::{self, Ext4Options};
 use crate::disk::partition::TableKind;
 use crate::disk::target::{self, TargetKind};
@@ -303,13 +304,7 @@ fn confirm_target(
     args: &WriteArgs,
 ) -> anyhow::Result<()> {
     if probe.kind == TargetKind::BlockDevice {
-        let question = format!(
-            "Erase and write {} ({} {}, serial {})?",
-            probe.path.display(),
-            probe.model.as_deref().unwrap_or("unknown model"),
-            human(probe.size),
-            probe.serial.as_deref().unwrap_or("unknown")
-        );
+        let question = target::confirm_text(probe);
         if !super::confirm(&question, args.yes)? {
             bail!(BadInput("not confirmed; nothing was written".into()));
         }
@@ -685,7 +680,7 @@ fn finish_batch(
         serde_json::json!({"event": "report", "targets": rows}),
     );
     if !json && !quiet {
-        println!("{:<32} {:<8} {}", "TARGET", "RESULT", "DETAIL");
+        println!("{:<32} {:<8} DETAIL", "TARGET", "RESULT");
         for (target, outcome) in &outcomes {
             let (result, detail) = match outcome {
                 Some(Outcome::Done(r)) => (
@@ -724,7 +719,7 @@ fn finish_batch(
 
 /// `--wait-for N`: write each stick as it is plugged in. The sticks arrive at
 /// different times, so each reads the ISO itself (from the page cache after
-/// the first).
+/// the first) instead of sharing one broadcast.
 fn run_wait_for(
     args: &WriteArgs,
     live: &live::LiveImage,
@@ -733,8 +728,95 @@ fn run_wait_for(
     json: bool,
     quiet: bool,
 ) -> anyhow::Result<()> {
-    let _ = (args, live, opts, n, json, quiet);
-    bail!(BadInput(
-        "--wait-for is not available in this build yet; plug the sticks in and list them as targets".into()
-    ))
+    if n == 0 {
+        bail!(BadInput("--wait-for needs at least 1 stick".into()));
+    }
+    if !args.yes || args.dry_run {
+        bail!(BadInput(
+            "--wait-for writes each stick as soon as it is plugged in, without asking: add --yes (and no --dry-run) to confirm that every new stick may be erased".into()
+        ));
+    }
+    let md5 = if args.noverify {
+        None
+    } else {
+        verify_iso(live, &Progress::new(progress_mode(json, quiet), "iso"))?
+    };
+    let passphrase = if opts.home_size.is_some() && opts.home_encryption == HomeEncryption::Luks {
+        Some(
+            home::read_passphrase(passphrase_source(args))
+                .map_err(|e| BadInput(format!("home passphrase: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let workdir = tempfile::Builder::new()
+        .prefix("livestick-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    emit(
+        json,
+        serde_json::json!({"event": "start", "schema": EVENTS_SCHEMA, "iso": live.path, "wait_for": n}),
+    );
+    if !json && !quiet {
+        eprintln!("Waiting for {n} stick(s) to be plugged in…");
+    }
+    let multi = indicatif::MultiProgress::new();
+    let mode = progress_mode(json, quiet);
+    let outcomes = std::sync::Mutex::new(Vec::<(PathBuf, Option<Outcome>)>::new());
+    let wait_result = std::thread::scope(|scope| {
+        let mut index = 0usize;
+        // With --force, fixed disks (and loop devices) that appear count too.
+        devices::wait_for_new_devices(n, None, args.force, |device| {
+            index += 1;
+            let mut own = opts.clone();
+            own.volume_id = rand::random();
+            let workdir = workdir.path().join(format!("target-{index}"));
+            let passphrase = passphrase.clone();
+            let progress = Progress::in_multi(mode, &multi, device.display().to_string());
+            let outcomes = &outcomes;
+            let md5 = md5.clone();
+            emit(
+                json,
+                serde_json::json!({"event": "plugged", "device": device}),
+            );
+            scope.spawn(move || {
+                let result = (|| -> anyhow::Result<apply::ApplyReport> {
+                    let (plan, probe, syslinux_files) = make_plan(args, &device, &own, live)?;
+                    std::fs::create_dir_all(&workdir)?;
+                    let mut prepared = prepare(&plan, args, passphrase.as_ref(), &workdir)?;
+                    prepared.syslinux = syslinux_files;
+                    let mut source = apply::DirectIsoSource::open(&live.path)?;
+                    apply::apply(
+                        &plan,
+                        &probe,
+                        &mut source,
+                        prepared,
+                        &ApplyOptions {
+                            verify_write: !args.no_verify_write,
+                        },
+                        &progress,
+                    )
+                    .map_err(incomplete(&probe.path))
+                })();
+                progress.finish();
+                let outcome = match result {
+                    Ok(r) => {
+                        emit(json, serde_json::json!({"event": "done", "device": device, "report": r, "iso_md5": md5}));
+                        Outcome::Done(Box::new(r))
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        emit(json, serde_json::json!({"event": "failed", "device": device, "phase": "write", "error": msg}));
+                        Outcome::Failed(msg)
+                    }
+                };
+                if let Ok(mut all) = outcomes.lock() {
+                    all.push((device, Some(outcome)));
+                }
+            });
+        })
+    });
+    let outcomes = outcomes.into_inner().unwrap_or_default();
+    wait_result.map_err(|e| BadInput(e.to_string()))?;
+    finish_batch(outcomes, json, quiet)
 }
