@@ -15,7 +15,11 @@ use crate::boot::syslinux::{self, SyslinuxFiles};
 use crate::disk::fat::{self, FatError};
 use crate::disk::partition::{self, PartitionError, TableKind};
 use crate::disk::target::{self, TargetError, TargetKind, TargetProbe};
-use crate::io::PartitionWindow;
+use crate::io::{BoundedDirty, PartitionWindow};
+
+/// Dirty data allowed in the page cache for a block device before we wait for
+/// it to reach the stick (see [`BoundedDirty`]).
+const DIRTY_LIMIT: u64 = 64 << 20;
 use crate::plan::{CopySource, Plan};
 use crate::progress::Progress;
 use crate::source::checksum::hex;
@@ -164,7 +168,12 @@ pub fn apply(
 
     let mut written: Vec<(String, u64, [u8; 32])> = Vec::new();
     {
-        let mut window = PartitionWindow::new(&mut file, start, len);
+        let dirty_limit = match probe.kind {
+            TargetKind::BlockDevice => DIRTY_LIMIT,
+            TargetKind::ImageFile => 0,
+        };
+        let mut bounded = BoundedDirty::new(&mut file, dirty_limit);
+        let mut window = PartitionWindow::new(&mut bounded, start, len);
         if plan.format.is_some() {
             let hidden = u32::try_from(start / partition::SECTOR).unwrap_or(u32::MAX);
             fat::format(&mut window, &plan.label, plan.volume_id, hidden)

@@ -235,6 +235,55 @@ impl<F: Read + Write + Seek> Seek for PartitionWindow<F> {
     }
 }
 
+/// A file that pushes its dirty data to the device every `limit` bytes
+/// written. On a USB stick the kernel would otherwise buffer gigabytes, the
+/// progress bar would reach 100 % long before the data is on the stick, and
+/// the final sync would take minutes with no sign of life.
+pub struct BoundedDirty<'a> {
+    file: &'a mut std::fs::File,
+    limit: u64,
+    since_sync: u64,
+}
+
+impl<'a> BoundedDirty<'a> {
+    /// `limit` 0 never syncs early (image files: the page cache is the point).
+    pub fn new(file: &'a mut std::fs::File, limit: u64) -> Self {
+        BoundedDirty {
+            file,
+            limit,
+            since_sync: 0,
+        }
+    }
+}
+
+impl Read for BoundedDirty<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read(buf)
+    }
+}
+
+impl Seek for BoundedDirty<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.file.seek(pos)
+    }
+}
+
+impl Write for BoundedDirty<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.since_sync += n as u64;
+        if self.limit > 0 && self.since_sync >= self.limit {
+            self.file.sync_data()?;
+            self.since_sync = 0;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// Copies everything from `reader` into `writer` with large buffers, calling
 /// `progress` with the running total. Returns the number of bytes copied.
 pub fn copy_with_progress<R: Read + ?Sized, W: Write + ?Sized>(
