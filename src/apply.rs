@@ -127,6 +127,31 @@ impl IsoSource for DirectIsoSource {
     }
 }
 
+impl IsoSource for crate::source::stick_source::StickSource {
+    fn open(&mut self, path: &str, _size: u64) -> Result<Box<dyn Read + '_>, ApplyError> {
+        let reader = self.reader(path).map_err(|e| ApplyError::Source {
+            path: path.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Box::new(reader))
+    }
+}
+
+/// The right reader for the write's source: the ISO, or another stick.
+pub fn open_source(live: &live::LiveImage) -> Result<Box<dyn IsoSource + Send>, ApplyError> {
+    match live.source_kind {
+        live::SourceKind::Iso => Ok(Box::new(DirectIsoSource::open(&live.path)?)),
+        live::SourceKind::Stick => Ok(Box::new(
+            crate::source::stick_source::StickSource::open(&live.path).map_err(|e| {
+                ApplyError::Source {
+                    path: live.path.display().to_string(),
+                    reason: e.to_string(),
+                }
+            })?,
+        )),
+    }
+}
+
 /// Inputs prepared before the target is touched (they can fail on their own).
 pub struct Prepared {
     /// The home image, exactly `plan.home.size` bytes (plain ext4 or LUKS).

@@ -7,12 +7,11 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
-use crate::apply::{ApplyError, DirectIsoSource, IsoSource};
+use crate::apply::{ApplyError, IsoSource};
 
 const CHUNK: usize = 4 << 20;
 /// Chunks buffered per target: enough to ride out a slow moment of one
@@ -34,7 +33,7 @@ pub struct BroadcastSource {
 /// Starts reading `files` (ISO paths, in the order every target will ask
 /// for them) from the ISO and returns one source per target.
 pub fn broadcast(
-    iso: PathBuf,
+    mut source: Box<dyn IsoSource + Send>,
     files: Vec<(String, u64)>,
     targets: usize,
 ) -> (JoinHandle<()>, Vec<BroadcastSource>) {
@@ -57,14 +56,6 @@ pub fn broadcast(
                     // That target stopped (failed or finished early): drop it.
                     *slot = None;
                 }
-            }
-        };
-        let mut source = match DirectIsoSource::open(&iso) {
-            Ok(s) => s,
-            Err(e) => {
-                let msg = e.to_string();
-                send_all(&mut senders, &|| Chunk::Failed(msg.clone()));
-                return;
             }
         };
         for (path, size) in files {

@@ -54,6 +54,10 @@ pub struct WriteOptions {
     pub skipcopy: bool,
     /// Delete an existing home.img (`--delete-home`).
     pub delete_home: bool,
+    /// Carry the source stick's overlay over (`--copy-overlay`).
+    pub copy_overlay: bool,
+    /// Carry the source stick's home.img over (`--copy-home`).
+    pub copy_home: bool,
     pub dracut: DracutNames,
     pub home_size: Option<u64>,
     pub home_encryption: HomeEncryption,
@@ -213,6 +217,12 @@ pub enum PlanError {
         "the ISO's root filesystem is directly in squashfs.img (no LiveOS/rootfs.img), where a device-mapper snapshot overlay cannot work; use --overlayfs for persistence"
     )]
     FlatNeedsOverlayFs,
+    #[error(
+        "--{0} was given but the source stick has no {1}; drop --{0} (or use --{2} to make a new one)"
+    )]
+    NothingToCopy(&'static str, &'static str, &'static str),
+    #[error("--{0} and --{1} both say what the new {2} should be; give one of them")]
+    Conflicting(&'static str, &'static str, &'static str),
     #[error("{0} works on an existing stick only; the target is new or being formatted")]
     NeedsExisting(&'static str),
     #[error(
@@ -359,6 +369,40 @@ pub fn plan_write(
     if opts.skipcopy {
         copies.clear();
     }
+    // Persistence carried over from a source stick, renamed for the new
+    // label and UUID so the live system finds it.
+    let mut copied_overlay = None;
+    if opts.copy_overlay {
+        if opts.overlay_size.is_some() {
+            return Err(PlanError::Conflicting(
+                "copy-overlay",
+                "overlay-size-mb",
+                "overlay",
+            ));
+        }
+        let src = live
+            .source_overlay
+            .as_ref()
+            .ok_or(PlanError::NothingToCopy(
+                "copy-overlay",
+                "overlay",
+                "overlay-size-mb",
+            ))?;
+        let dest = format!("/{dir}/overlay-{label}-{fs_uuid}");
+        add_iso(&mut copies, &src.path, dest.clone(), src.size);
+        copied_overlay = Some(dest);
+    }
+    if opts.copy_home {
+        if opts.home_size.is_some() {
+            return Err(PlanError::Conflicting("copy-home", "home-size-mb", "home"));
+        }
+        let src = live.source_home.as_ref().ok_or(PlanError::NothingToCopy(
+            "copy-home",
+            "home.img",
+            "home-size-mb",
+        ))?;
+        add_iso(&mut copies, &src.path, format!("/{dir}/home.img"), src.size);
+    }
     for c in &copies {
         if c.size > FAT_MAX_FILE {
             return Err(PlanError::SourceFileTooLarge(c.dest.clone()));
@@ -412,8 +456,9 @@ pub fn plan_write(
             .find(|(p, _)| p.eq_ignore_ascii_case(&current))
             .or(old_overlays.first())
             .map(|(p, s)| (p.clone(), *s));
-        match (&current, opts.overlay_size) {
-            (Some((path, size)), None) => {
+        let new_overlay = opts.overlay_size.is_some() || opts.copy_overlay;
+        match (&current, new_overlay) {
+            (Some((path, size)), false) => {
                 kept_overlay = Some(KeptOverlay {
                     from: path.clone(),
                     to: overlay_path.clone(),
@@ -421,7 +466,7 @@ pub fn plan_write(
                     reset: opts.reset_overlay || !opts.skipcopy,
                 });
             }
-            (Some((path, _)), Some(_)) => deletes.push(path.clone()),
+            (Some((path, _)), true) => deletes.push(path.clone()),
             (None, _) => {}
         }
         for (path, _) in &old_overlays {
@@ -432,7 +477,7 @@ pub fn plan_write(
         if fs.size_of(&home_path).is_some() {
             if opts.delete_home {
                 deletes.push(home_path.clone());
-            } else if opts.home_size.is_some() {
+            } else if opts.home_size.is_some() || opts.copy_home {
                 return Err(PlanError::HomeExists { path: home_path });
             } else {
                 kept_home = Some(home_path.clone());
@@ -455,7 +500,8 @@ pub fn plan_write(
         }
     }
     let overlay_kind = match (opts.overlay_size, opts.overlayfs, &kept_overlay) {
-        (None, _, None) => OverlayBoot::None,
+        _ if copied_overlay.is_some() && !opts.overlayfs => OverlayBoot::DmSnapshot,
+        (None, _, None) if copied_overlay.is_none() => OverlayBoot::None,
         (_, true, _) => OverlayBoot::OverlayFs,
         _ => OverlayBoot::DmSnapshot,
     };

@@ -421,3 +421,139 @@ fn persistence_bad_input() {
         "an empty passphrase left a half-written image"
     );
 }
+
+#[test]
+fn another_stick_as_source_carries_overlay_and_home_over() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let old = new_stick(dir.path(), "old.img");
+    ok(write(&[
+        iso.to_str().unwrap(),
+        old.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "16",
+        "--home-size-mb",
+        "16",
+        "--unencrypted-home",
+        "--volume-id",
+        "0A0A0A0A",
+    ]));
+    let start = part_start(&old);
+    // A used overlay and a file in home, as after some boots.
+    let overlay_path = "/LiveOS/overlay-LIVE-0A0A-0A0A";
+    let mut overlay = fat_read(&old, start, overlay_path);
+    overlay[..4].copy_from_slice(b"SnAp");
+    overlay[4] = 1;
+    overlay[5 * 4096] = 0x42;
+    let used = dir.path().join("used");
+    std::fs::write(&used, &overlay).unwrap();
+    fat_put(&old, start, &used, overlay_path);
+    let home = dir.path().join("home.img");
+    fat_copy_out(&old, start, "/LiveOS/home.img", &home);
+    let note = dir.path().join("note.txt");
+    std::fs::write(&note, "carried\n").unwrap();
+    run(
+        "debugfs",
+        &[
+            "-w",
+            "-R",
+            &format!("write {} note.txt", note.display()),
+            home.to_str().unwrap(),
+        ],
+    );
+    fat_put(&old, start, &home, "/LiveOS/home.img");
+
+    // The old stick inspects as a source.
+    let out = livestick(&["inspect", "--json", old.to_str().unwrap()]);
+    let v = ok(out);
+    assert_eq!(v["source_kind"], "stick");
+    assert_eq!(v["label"], "LIVE");
+    assert_eq!(v["source_overlay"]["path"], overlay_path);
+
+    let new = new_stick(dir.path(), "new.img");
+    ok(write(&[
+        old.to_str().unwrap(),
+        new.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--label",
+        "COPY",
+        "--copy-overlay",
+        "--copy-home",
+        "--volume-id",
+        "0B0B0B0B",
+    ]));
+    let nstart = part_start(&new);
+    assert_eq!(
+        fat_read(&new, nstart, "/LiveOS/overlay-COPY-0B0B-0B0B"),
+        overlay
+    );
+    fat_copy_out(&new, nstart, "/LiveOS/home.img", &home);
+    assert_eq!(
+        run("debugfs", &["-R", "cat note.txt", home.to_str().unwrap()]),
+        "carried\n"
+    );
+    assert_eq!(
+        fat_read(&new, nstart, "/LiveOS/squashfs.img"),
+        fat_read(&old, start, "/LiveOS/squashfs.img")
+    );
+    let cfg = String::from_utf8(fat_read(&new, nstart, "/syslinux/syslinux.cfg")).unwrap();
+    assert!(cfg.contains("root=live:UUID=0B0B-0B0B"), "{cfg}");
+    assert!(cfg.contains("rd.live.overlay=UUID=0B0B-0B0B"), "{cfg}");
+    assert!(!cfg.contains("0A0A-0A0A"), "{cfg}");
+    let listing = fat_ls(&new, nstart, "/LiveOS").to_lowercase();
+    assert!(
+        !listing.contains("overlay-live-"),
+        "the source's overlay name leaked: {listing}"
+    );
+
+    // Bad input: copying from an ISO, or a home the source does not have.
+    let bare = new_stick(dir.path(), "bare.img");
+    ok(write(&[
+        iso.to_str().unwrap(),
+        bare.to_str().unwrap(),
+        "--size",
+        "256M",
+    ]));
+    let target = dir.path().join("never.img");
+    for (args, needle) in [
+        (
+            vec![
+                iso.to_str().unwrap(),
+                target.to_str().unwrap(),
+                "--size",
+                "256M",
+                "--copy-home",
+            ],
+            "ISO image",
+        ),
+        (
+            vec![
+                bare.to_str().unwrap(),
+                target.to_str().unwrap(),
+                "--size",
+                "256M",
+                "--copy-home",
+            ],
+            "no home.img",
+        ),
+        (
+            vec![
+                bare.to_str().unwrap(),
+                target.to_str().unwrap(),
+                "--size",
+                "256M",
+                "--copy-overlay",
+            ],
+            "no overlay",
+        ),
+    ] {
+        let out = write(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!target.exists());
+    }
+}

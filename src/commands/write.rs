@@ -55,9 +55,8 @@ fn resolve_dracut(args: &WriteArgs, live: &live::LiveImage) -> DracutNames {
                 .first()
                 .and_then(|e| e.initrds.first());
             let version = initrd.and_then(|path| {
-                let mut iso = live::open_iso(&live.path).ok()?;
-                let entry = iso.lookup(path).ok()??;
-                let mut reader = iso.open_file(&entry);
+                let mut source = apply::open_source(live).ok()?;
+                let mut reader = source.open(path, 0).ok()?;
                 initrd::dracut_version(&mut reader, 512 << 20)
             });
             match version {
@@ -100,10 +99,11 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
         ),
         None => None,
     };
-    if args.copy_overlay || args.copy_home {
-        bail!(BadInput(
-            "--copy-overlay/--copy-home need another stick as the source, which this build cannot read yet; write the ISO and keep the target's own overlay and home instead (they are kept by default)".into()
-        ));
+    if (args.copy_overlay || args.copy_home) && live.source_kind != live::SourceKind::Stick {
+        bail!(BadInput(format!(
+            "--copy-overlay and --copy-home carry persistence over from another stick, but the source {} is an ISO image; give the old stick as the source",
+            live.path.display()
+        )));
     }
     Ok(WriteOptions {
         format,
@@ -115,6 +115,8 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
         reset_overlay: args.reset_overlay,
         skipcopy: args.skipcopy,
         delete_home: args.delete_home,
+        copy_overlay: args.copy_overlay,
+        copy_home: args.copy_home,
         dracut: resolve_dracut(args, live),
         home_size,
         home_encryption,
@@ -191,6 +193,10 @@ fn is_blank(path: &Path) -> bool {
 }
 
 fn verify_iso(live: &live::LiveImage, progress: &Progress) -> anyhow::Result<Option<String>> {
+    if live.source_kind != live::SourceKind::Iso {
+        // A stick has no implanted checksum; its files are verified on read-back.
+        return Ok(None);
+    }
     let mut iso = live::open_iso(&live.path)?;
     let Some(md5) = checksum::implanted_md5(iso.application_data()) else {
         return Ok(None);
@@ -393,11 +399,11 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         .context("creating a temporary directory")?;
     let mut prepared = prepare(&plan, args, passphrase.as_ref(), workdir.path())?;
     prepared.syslinux = syslinux_files;
-    let mut source = apply::DirectIsoSource::open(&live.path)?;
+    let mut source = apply::open_source(&live)?;
     let report = apply::apply(
         &plan,
         &probe,
-        &mut source,
+        source.as_mut(),
         prepared,
         &ApplyOptions {
             verify_write: !args.no_verify_write,
@@ -556,7 +562,8 @@ fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         Option<std::thread::JoinHandle<()>>,
         Vec<Box<dyn apply::IsoSource + Send>>,
     ) = if same {
-        let (handle, sources) = batch::broadcast(live.path.clone(), iso_files, planned.len());
+        let (handle, sources) =
+            batch::broadcast(apply::open_source(&live)?, iso_files, planned.len());
         (
             Some(handle),
             sources
@@ -567,7 +574,7 @@ fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     } else {
         let mut v: Vec<Box<dyn apply::IsoSource + Send>> = Vec::new();
         for _ in &planned {
-            v.push(Box::new(apply::DirectIsoSource::open(&live.path)?));
+            v.push(apply::open_source(&live)?);
         }
         (None, v)
     };
@@ -785,11 +792,11 @@ fn run_wait_for(
                     std::fs::create_dir_all(&workdir)?;
                     let mut prepared = prepare(&plan, args, passphrase.as_ref(), &workdir)?;
                     prepared.syslinux = syslinux_files;
-                    let mut source = apply::DirectIsoSource::open(&live.path)?;
+                    let mut source = apply::open_source(live)?;
                     apply::apply(
                         &plan,
                         &probe,
-                        &mut source,
+                        source.as_mut(),
                         prepared,
                         &ApplyOptions {
                             verify_write: !args.no_verify_write,

@@ -64,10 +64,22 @@ impl From<&IsoEntry> for FileInfo {
     }
 }
 
+/// Where the live system is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    /// A live ISO image.
+    Iso,
+    /// Another live stick (block device or image file), as livecd-iso-to-disk
+    /// accepts: its overlay and home can be carried over.
+    Stick,
+}
+
 /// Everything livestick needs to know about a live ISO.
 #[derive(Debug, Clone, Serialize)]
 pub struct LiveImage {
     pub path: PathBuf,
+    pub source_kind: SourceKind,
     pub label: String,
     pub volume_size: u64,
     pub layout: LayoutKind,
@@ -88,6 +100,10 @@ pub struct LiveImage {
     /// Every file of the live directory (squashfs.img, osmin.img, …).
     pub live_files: Vec<FileInfo>,
     pub implanted_md5: bool,
+    /// A stick source's overlay that dracut uses (`overlay-<LABEL>-<UUID>`).
+    pub source_overlay: Option<FileInfo>,
+    /// A stick source's home.img.
+    pub source_home: Option<FileInfo>,
     #[serde(skip)]
     pub(crate) squashfs_entry: IsoEntry,
 }
@@ -111,6 +127,8 @@ pub enum LiveError {
         "{0} has no boot menu (isolinux/isolinux.cfg, EFI/BOOT/grub.cfg or boot/grub2/grub.cfg), so there is nothing to say how to boot it"
     )]
     NoMenu(PathBuf),
+    #[error("{path}: {message}")]
+    Stick { path: PathBuf, message: String },
     #[error("{path}: boot menu {menu}: {message}")]
     Menu {
         path: PathBuf,
@@ -147,9 +165,24 @@ pub fn open_iso(path: &Path) -> Result<IsoImage<BufReader<File>>, LiveError> {
     IsoImage::open(BufReader::with_capacity(64 * 1024, file)).map_err(iso_err(path))
 }
 
-/// Reads the ISO's structure into a [`LiveImage`].
+/// Reads the source's structure into a [`LiveImage`]: a live ISO, or another
+/// live stick (which has a partition table and no ISO 9660 volume).
 pub fn inspect(path: &Path) -> Result<LiveImage, LiveError> {
-    let mut iso = open_iso(path)?;
+    match open_iso(path) {
+        Ok(iso) => inspect_iso(path, iso),
+        // Hybrid ISOs carry a partition table too, so the ISO is tried first.
+        Err(err @ LiveError::Iso { .. }) => {
+            if crate::disk::stick::looks_like_stick(path) {
+                crate::source::stick_source::inspect_stick(path)
+            } else {
+                Err(err)
+            }
+        }
+        Err(other) => Err(other),
+    }
+}
+
+fn inspect_iso(path: &Path, mut iso: IsoImage<BufReader<File>>) -> Result<LiveImage, LiveError> {
     let live_dir = "LiveOS".to_string();
     let squashfs_entry = iso
         .lookup(&format!("/{live_dir}/squashfs.img"))
@@ -257,6 +290,7 @@ pub fn inspect(path: &Path) -> Result<LiveImage, LiveError> {
     let (root, compressor) = probe_root(&mut iso, path, &squashfs_entry);
     Ok(LiveImage {
         path: path.to_path_buf(),
+        source_kind: SourceKind::Iso,
         label,
         volume_size,
         layout,
@@ -272,6 +306,8 @@ pub fn inspect(path: &Path) -> Result<LiveImage, LiveError> {
         efi_files,
         live_files,
         implanted_md5,
+        source_overlay: None,
+        source_home: None,
         squashfs_entry,
     })
 }
@@ -306,10 +342,20 @@ fn probe_root<R: Read + Seek>(
         }
         got
     };
-    if read >= 1028 && head[1024..1028] == 0xE0F5_E1E2u32.to_le_bytes() {
+    classify_root(&head[..read], iso_path, squashfs)
+}
+
+/// The root kind and compressor from the image's first bytes; `unsquashfs`
+/// reads `container` in place at the image's offset when it is one extent.
+pub(crate) fn classify_root(
+    head: &[u8],
+    container: &Path,
+    squashfs: &IsoEntry,
+) -> (RootKind, Option<String>) {
+    if head.len() >= 1028 && head[1024..1028] == 0xE0F5_E1E2u32.to_le_bytes() {
         return (RootKind::Erofs, Some("erofs".into()));
     }
-    if read < 96 || &head[0..4] != b"hsqs" {
+    if head.len() < 96 || &head[0..4] != b"hsqs" {
         return (
             RootKind::Unknown {
                 reason: "LiveOS/squashfs.img is neither squashfs nor EROFS".into(),
@@ -319,9 +365,11 @@ fn probe_root<R: Read + Seek>(
     }
     let compressor = compressor_name(u16::from_le_bytes([head[20], head[21]])).map(String::from);
     let root = match squashfs.extents.as_slice() {
-        [extent] => list_nested_root(iso_path, extent.offset),
+        [extent] => list_nested_root(container, extent.offset),
         _ => RootKind::Unknown {
-            reason: "squashfs.img is stored in several pieces in the ISO".into(),
+            reason:
+                "squashfs.img is stored in several pieces, so unsquashfs cannot read it in place"
+                    .into(),
         },
     };
     (root, compressor)
@@ -329,7 +377,7 @@ fn probe_root<R: Read + Seek>(
 
 /// Asks `unsquashfs` (reading the ISO in place at the image's offset) whether
 /// the squashfs holds a nested root filesystem image.
-fn list_nested_root(iso_path: &Path, offset: u64) -> RootKind {
+pub(crate) fn list_nested_root(iso_path: &Path, offset: u64) -> RootKind {
     let output = Command::new("unsquashfs")
         .arg("-o")
         .arg(offset.to_string())

@@ -1,0 +1,294 @@
+//! Another live stick as the source of a write (livecd-iso-to-disk's "live
+//! device" source): its menus, live files and EFI loaders are read from its
+//! FAT filesystem in place, and its overlay and home can be carried over.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
+
+use crate::boot::menu;
+use crate::disk::fat::{self, FatEntry, FatFs};
+use crate::disk::stick::{Stick, StickError};
+use crate::source::iso::{Extent, IsoEntry};
+use crate::source::live::{
+    FileInfo, LayoutKind, LiveError, LiveImage, MenuFile, SourceKind, classify_root,
+};
+
+const LIVE_DIR: &str = "LiveOS";
+
+fn stick_err(path: &Path) -> impl Fn(StickError) -> LiveError + '_ {
+    move |e| LiveError::Stick {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Every file below `dir`, recursively.
+fn walk_files<F: Read + io::Write + io::Seek>(fs: &FatFs<'_, F>, dir: &str) -> Vec<FatEntry> {
+    let mut out = Vec::new();
+    for entry in fat::list_dir(fs, dir) {
+        if entry.is_dir {
+            out.extend(walk_files(fs, &entry.path));
+        } else {
+            out.push(entry);
+        }
+    }
+    out
+}
+
+/// Files in the live directory that belong to this stick, not to the live
+/// system: they are never copied as part of it.
+fn is_persistence(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with("overlay-")
+        || lower == "home.img"
+        || lower == "swap.img"
+        || lower.ends_with(".new")
+        || lower.ends_with(".old")
+}
+
+struct Found {
+    menus: Vec<MenuFile>,
+    menu_errors: Vec<(String, String)>,
+    live_files: Vec<FileInfo>,
+    efi_files: Vec<FileInfo>,
+    all_files: Vec<FatEntry>,
+}
+
+/// Reads a stick written by livestick or livecd-iso-to-disk as a source.
+pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
+    let mut stick = Stick::open(path, false).map_err(stick_err(path))?;
+    let info = stick.info(LIVE_DIR).map_err(stick_err(path))?;
+    let squashfs_size = info
+        .squashfs
+        .ok_or_else(|| LiveError::NotLive(path.to_path_buf()))?;
+    let found = stick
+        .with_fs(|fs| {
+            let mut menus = Vec::new();
+            let mut menu_errors = Vec::new();
+            for (menu_path, is_grub) in [
+                ("/syslinux/syslinux.cfg", false),
+                ("/isolinux/isolinux.cfg", false),
+                ("/syslinux/extlinux.conf", false),
+                ("/EFI/BOOT/grub.cfg", true),
+                ("/boot/grub2/grub.cfg", true),
+            ] {
+                if !fat::exists(fs, menu_path) {
+                    continue;
+                }
+                let Ok(bytes) = fat::read_file(fs, menu_path) else {
+                    continue;
+                };
+                let text = String::from_utf8_lossy(&bytes);
+                let cfg_dir = menu_path.rsplit_once('/').map(|(d, _)| d).unwrap_or("/");
+                let parsed = if is_grub {
+                    menu::parse_grub(&text)
+                } else {
+                    menu::parse_isolinux(&text, cfg_dir)
+                };
+                match parsed {
+                    Ok(menu) => menus.push(MenuFile {
+                        path: menu_path.to_string(),
+                        menu,
+                    }),
+                    Err(e) => menu_errors.push((menu_path.to_string(), e.to_string())),
+                }
+            }
+            let live_files = fat::list_dir(fs, &format!("/{LIVE_DIR}"))
+                .into_iter()
+                .filter(|e| !e.is_dir)
+                .filter(|e| !is_persistence(e.path.rsplit('/').next().unwrap_or("")))
+                .map(|e| FileInfo {
+                    path: e.path,
+                    size: e.size,
+                })
+                .collect();
+            let efi_files = walk_files(fs, "/EFI")
+                .into_iter()
+                .map(|e| FileInfo {
+                    path: e.path,
+                    size: e.size,
+                })
+                .collect();
+            Ok(Found {
+                menus,
+                menu_errors,
+                live_files,
+                efi_files,
+                all_files: walk_files(fs, ""),
+            })
+        })
+        .map_err(stick_err(path))?;
+    if found.menus.is_empty() {
+        return Err(match found.menu_errors.into_iter().next() {
+            Some((menu, message)) => LiveError::Menu {
+                path: path.to_path_buf(),
+                menu,
+                message,
+            },
+            None => LiveError::NoMenu(path.to_path_buf()),
+        });
+    }
+    let mut kernels = Vec::new();
+    let mut initrds = Vec::new();
+    for m in &found.menus {
+        for e in &m.menu.entries {
+            if !kernels.contains(&e.kernel) {
+                kernels.push(e.kernel.clone());
+            }
+            for i in &e.initrds {
+                if !initrds.contains(i) {
+                    initrds.push(i.clone());
+                }
+            }
+        }
+    }
+    let mut warnings: Vec<String> = found
+        .menu_errors
+        .iter()
+        .map(|(m, e)| format!("{m} not used: {e}"))
+        .collect();
+    let mut boot_files = Vec::new();
+    for p in kernels.iter().chain(initrds.iter()) {
+        match found
+            .all_files
+            .iter()
+            .find(|f| f.path.eq_ignore_ascii_case(p))
+        {
+            Some(f) => boot_files.push(FileInfo {
+                path: f.path.clone(),
+                size: f.size,
+            }),
+            None => warnings.push(format!("a boot menu names {p}, which is not on the stick")),
+        }
+    }
+    let squashfs_path = format!("/{LIVE_DIR}/squashfs.img");
+    let extents = stick
+        .file_extents(&squashfs_path)
+        .map_err(stick_err(path))?;
+    let squashfs_entry = IsoEntry {
+        path: squashfs_path.clone(),
+        name: "squashfs.img".into(),
+        is_dir: false,
+        size: squashfs_size,
+        extents: extents
+            .iter()
+            .map(|&(offset, len)| Extent { offset, len })
+            .collect(),
+    };
+    let mut head = Vec::new();
+    ExtentReader::new(stick.file_mut(), extents)
+        .take(1028)
+        .read_to_end(&mut head)
+        .map_err(|e| LiveError::Stick {
+            path: path.to_path_buf(),
+            message: format!("reading squashfs.img: {e}"),
+        })?;
+    let (root, compressor) = classify_root(&head, path, &squashfs_entry);
+    let layout = if found.all_files.iter().any(|f| {
+        f.path
+            .to_ascii_lowercase()
+            .starts_with("/boot/x86_64/loader/")
+    }) {
+        LayoutKind::Kiwi
+    } else if kernels.iter().any(|k| k.starts_with("/isolinux")) {
+        LayoutKind::Isolinux
+    } else {
+        LayoutKind::GrubOnly
+    };
+    let home = info.home.map(|size| FileInfo {
+        path: format!("/{LIVE_DIR}/home.img"),
+        size,
+    });
+    let overlay = info.overlay().map(|(p, s)| FileInfo {
+        path: p.clone(),
+        size: *s,
+    });
+    Ok(LiveImage {
+        path: path.to_path_buf(),
+        source_kind: SourceKind::Stick,
+        label: info.label.clone(),
+        volume_size: stick.probe.size,
+        layout,
+        live_dir: LIVE_DIR.to_string(),
+        squashfs: FileInfo {
+            path: squashfs_path,
+            size: squashfs_size,
+        },
+        root,
+        compressor,
+        menus: found.menus,
+        kernels,
+        initrds,
+        boot_files,
+        warnings,
+        efi_files: found.efi_files,
+        live_files: found.live_files,
+        implanted_md5: false,
+        source_overlay: overlay,
+        source_home: home,
+        squashfs_entry,
+    })
+}
+
+/// Reads a file stored as byte extents of a device or image.
+pub struct ExtentReader<'a> {
+    file: &'a mut File,
+    extents: Vec<(u64, u64)>,
+    index: usize,
+    offset: u64,
+}
+
+impl<'a> ExtentReader<'a> {
+    pub fn new(file: &'a mut File, extents: Vec<(u64, u64)>) -> Self {
+        ExtentReader {
+            file,
+            extents,
+            index: 0,
+            offset: 0,
+        }
+    }
+}
+
+impl Read for ExtentReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::io::{Seek, SeekFrom};
+        while let Some(&(start, len)) = self.extents.get(self.index) {
+            if self.offset >= len {
+                self.index += 1;
+                self.offset = 0;
+                continue;
+            }
+            let want = buf.len().min((len - self.offset) as usize);
+            self.file.seek(SeekFrom::Start(start + self.offset))?;
+            let n = self.file.read(&mut buf[..want])?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the stick ends inside a file's extent",
+                ));
+            }
+            self.offset += n as u64;
+            return Ok(n);
+        }
+        Ok(0)
+    }
+}
+
+/// Source files read from another stick through their FAT extents.
+pub struct StickSource {
+    stick: Stick,
+}
+
+impl StickSource {
+    pub fn open(path: &Path) -> Result<Self, StickError> {
+        Ok(StickSource {
+            stick: Stick::open(path, false)?,
+        })
+    }
+
+    pub fn reader(&mut self, path: &str) -> Result<ExtentReader<'_>, StickError> {
+        let extents = self.stick.file_extents(path)?;
+        Ok(ExtentReader::new(self.stick.file_mut(), extents))
+    }
+}
