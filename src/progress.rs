@@ -17,7 +17,12 @@ pub struct Progress {
     mode: ProgressMode,
     bar: Option<ProgressBar>,
     device: String,
+    /// JSON mode: (phase, total, done, bytes at the last tick event).
+    ticks: std::sync::Mutex<(String, u64, u64, u64)>,
 }
+
+/// JSON progress ticks come every this many bytes (and at the end of a phase).
+const TICK_BYTES: u64 = 64 << 20;
 
 impl Progress {
     pub fn new(mode: ProgressMode, device: impl Into<String>) -> Self {
@@ -37,6 +42,7 @@ impl Progress {
             mode,
             bar,
             device: device.into(),
+            ticks: std::sync::Mutex::new((String::new(), 0, 0, 0)),
         }
     }
 
@@ -91,6 +97,9 @@ impl Progress {
                     "event": "phase", "device": self.device, "phase": name, "total": total,
                 });
                 eprintln!("{event}");
+                if let Ok(mut t) = self.ticks.lock() {
+                    *t = (name.to_string(), total, 0, 0);
+                }
             }
             ProgressMode::Quiet => {}
         }
@@ -99,6 +108,20 @@ impl Progress {
     pub fn inc(&self, bytes: u64) {
         if let Some(bar) = &self.bar {
             bar.inc(bytes);
+        }
+        if self.mode == ProgressMode::Json
+            && let Ok(mut t) = self.ticks.lock()
+        {
+            t.2 += bytes;
+            let (done, total, last) = (t.2, t.1, t.3);
+            if done - last >= TICK_BYTES || (done >= total && last < total) {
+                t.3 = done;
+                let event = serde_json::json!({
+                    "event": "progress", "device": self.device, "phase": t.0,
+                    "done": done, "total": total,
+                });
+                eprintln!("{event}");
+            }
         }
     }
 

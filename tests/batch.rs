@@ -243,3 +243,103 @@ fn wait_for_demands_yes() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--yes"));
 }
+
+/// The NDJSON event stream is a versioned contract (docs/ndjson-events.md):
+/// a recorded session, with paths and hashes replaced by placeholders, must
+/// keep its shape. A change here needs a schema version bump.
+#[test]
+fn ndjson_events_match_the_recorded_session() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tempfile::tempdir().unwrap();
+    let t1 = dir.path().join("t1.img");
+    let t2 = dir.path().join("t2.img");
+    let bad = dir.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    let out = livestick(&[
+        "--json",
+        "write",
+        iso.to_str().unwrap(),
+        t1.to_str().unwrap(),
+        t2.to_str().unwrap(),
+        bad.to_str().unwrap(),
+        "--size",
+        "256M",
+    ]);
+    let names = [
+        (t1.to_str().unwrap().to_string(), "<T1>"),
+        (t2.to_str().unwrap().to_string(), "<T2>"),
+        (bad.to_str().unwrap().to_string(), "<BAD>"),
+        (iso.to_str().unwrap().to_string(), "<ISO>"),
+    ];
+    let placeholder = |v: &serde_json::Value| -> serde_json::Value {
+        let s = v.as_str().unwrap_or("");
+        names
+            .iter()
+            .find(|(p, _)| p == s)
+            .map(|(_, n)| serde_json::json!(n))
+            .unwrap_or_else(|| serde_json::json!(if v.is_null() { "null" } else { "<other>" }))
+    };
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        let mut k: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    };
+    let mut lines: Vec<String> = events(&out.stdout)
+        .iter()
+        .map(|e| {
+            let mut n = serde_json::Map::new();
+            n.insert("keys".into(), serde_json::json!(keys(e)));
+            if let Some(ev) = e.get("event") {
+                n.insert("event".into(), ev.clone());
+            }
+            for field in ["device", "iso"] {
+                if let Some(v) = e.get(field) {
+                    n.insert(field.into(), placeholder(v));
+                }
+            }
+            for field in ["schema", "phase", "exit_code", "kind"] {
+                if let Some(v) = e.get(field) {
+                    n.insert(field.into(), v.clone());
+                }
+            }
+            if let Some(r) = e.get("report") {
+                n.insert("report_keys".into(), serde_json::json!(keys(r)));
+            }
+            if let Some(t) = e.get("targets").and_then(|t| t.as_array()) {
+                let mut ts: Vec<serde_json::Value> = t
+                    .iter()
+                    .map(|x| {
+                        if x.is_string() {
+                            placeholder(x)
+                        } else {
+                            serde_json::json!({"device": placeholder(&x["device"]), "ok": x["ok"], "keys": keys(x)})
+                        }
+                    })
+                    .collect();
+                ts.sort_by_key(|x| x.to_string());
+                n.insert("targets".into(), serde_json::json!(ts));
+            }
+            serde_json::Value::Object(n).to_string()
+        })
+        .collect();
+    // Writers finish in any order: compare the done/failed events as a set.
+    let first = lines.remove(0);
+    let last = lines.split_off(lines.len() - 2);
+    lines.sort();
+    let mut normalized = vec![first];
+    normalized.extend(lines);
+    normalized.extend(last);
+    let got = normalized.join("\n") + "\n";
+    let golden = repo().join("tests/golden/batch-events.ndjson");
+    if std::env::var("LIVESTICK_BLESS").is_ok() {
+        std::fs::write(&golden, &got).unwrap();
+    }
+    let want = std::fs::read_to_string(&golden).expect("tests/golden/batch-events.ndjson");
+    assert_eq!(
+        got, want,
+        "NDJSON event shape changed; bump EVENTS_SCHEMA and re-record with LIVESTICK_BLESS=1"
+    );
+}
