@@ -2,6 +2,7 @@
 pub mod completions;
 pub mod devices;
 pub mod doctor;
+pub mod home;
 pub mod inspect;
 pub mod man;
 pub mod overlay;

@@ -6,3 +6,4 @@ pub mod merge;
 pub mod home;
 pub mod overlay_extent;
 pub mod overlay_fatswap;
+pub mod home_stick;

@@ -1,0 +1,388 @@
+//! `livestick home info|resize`: the persistent home on a stick (block device or
+//! image file, its FAT filesystem never mounted) or a bare home.img file.
+//!
+//! The library side is `persist::home_stick`; this module parses arguments, reads the
+//! passphrase only when the home is encrypted, and prints the report.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::disk::stick;
+use crate::persist::home::{self, HomeKind, PassphraseSource};
+use crate::persist::home_stick::{self, HomeReport, ResizePlan, StickHome};
+use crate::progress::{Progress, ProgressMode};
+use crate::size::{MIB, human};
+
+#[derive(Debug, Subcommand)]
+pub enum HomeCommand {
+    /// Size, use, label and encryption of LiveOS/home.img
+    #[command(
+        after_help = "Examples:\n  livestick home info /dev/sdb\n  livestick home info stick.img --passphrase-file key.txt --json\n  livestick home info home.img"
+    )]
+    Info(InfoArgs),
+    /// Make home.img larger (never smaller), with the ext4 filesystem inside it
+    #[command(
+        after_help = "Examples:\n  livestick home resize /dev/sdb --size-mb 2048\n  livestick home resize stick.img --size-mb 512 --passphrase-file key.txt --dry-run"
+    )]
+    Resize(ResizeArgs),
+}
+
+/// Where the passphrase of an encrypted home comes from.
+#[derive(Debug, Args)]
+pub struct PassArgs {
+    /// Read the passphrase from FILE (its bytes exactly, one final newline dropped)
+    #[arg(long, value_name = "FILE", conflicts_with = "passphrase_stdin")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Read the passphrase from standard input
+    #[arg(long)]
+    pub passphrase_stdin: bool,
+}
+
+impl PassArgs {
+    fn source(&self) -> Option<PassphraseSource> {
+        match (&self.passphrase_file, self.passphrase_stdin) {
+            (Some(f), _) => Some(PassphraseSource::File(f.clone())),
+            (None, true) => Some(PassphraseSource::Stdin),
+            (None, false) => None,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Stick (block device or image file) or a bare home.img
+    pub target: PathBuf,
+    /// Directory of the live files on the stick
+    #[arg(long, value_name = "DIR", default_value = "LiveOS")]
+    pub live_dir: String,
+    #[command(flatten)]
+    pub pass: PassArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// Stick (block device or image file) or a bare home.img
+    pub target: PathBuf,
+    /// New size in MiB: larger than now, at most 4095 (the FAT file size limit)
+    #[arg(long, value_name = "N")]
+    pub size_mb: u64,
+    /// Directory of the live files on the stick
+    #[arg(long, value_name = "DIR", default_value = "LiveOS")]
+    pub live_dir: String,
+    /// Where the temporary copy of the home goes (a private subdirectory is made)
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<PathBuf>,
+    #[command(flatten)]
+    pub pass: PassArgs,
+    /// Show the plan and check every limit, change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+pub fn run(cmd: HomeCommand, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        HomeCommand::Info(a) => info(&a, json),
+        HomeCommand::Resize(a) => resize(&a, json),
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// A stick, or a bare home.img file.
+fn is_stick(path: &Path) -> anyhow::Result<bool> {
+    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    if stick::looks_like_stick(path) {
+        return Ok(true);
+    }
+    if !meta.is_file() {
+        bail!(
+            "{} is neither a live stick (no partition table with a FAT partition) nor a home.img file",
+            path.display()
+        );
+    }
+    Ok(false)
+}
+
+fn open_stick(path: &Path, live_dir: &str, writable: bool) -> anyhow::Result<StickHome> {
+    StickHome::open(path, live_dir, writable).map_err(|e| match e {
+        home_stick::HomeStickError::Stick(stick::StickError::Target(
+            crate::disk::target::TargetError::Busy { path, findings },
+        )) => anyhow::anyhow!(
+            "{} is in use ({}); unmount it (and detach loop devices) first: the live system may be writing to home.img",
+            path.display(),
+            findings.join("; ")
+        ),
+        e => anyhow::Error::from(e),
+    })
+}
+
+fn read_pass(src: PassphraseSource) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    Ok(home::read_passphrase(src)?)
+}
+
+fn info(a: &InfoArgs, json: bool) -> anyhow::Result<()> {
+    let stick = is_stick(&a.target)?;
+    let mut h = if stick {
+        Some(open_stick(&a.target, &a.live_dir, false)?)
+    } else {
+        None
+    };
+    let kind = match &mut h {
+        Some(h) => h.kind()?,
+        None => home_stick::kind_of_file(&a.target)?,
+    };
+    // Info never prompts: a locked home is reported as locked.
+    let pass = match (kind, a.pass.source()) {
+        (Some(HomeKind::Luks2), Some(src)) => Some(read_pass(src)?),
+        _ => None,
+    };
+    let rep = match &mut h {
+        Some(h) => h.report(pass.as_deref().map(|p| &p[..]))?,
+        None => home_stick::file_report(&a.target, pass.as_deref().map(|p| &p[..]))?,
+    };
+    if json {
+        return print_json(&rep);
+    }
+    print_report(&rep);
+    Ok(())
+}
+
+fn print_report(rep: &HomeReport) {
+    match &rep.home {
+        Some(home) => println!("home:        {}:{home}", rep.target.display()),
+        None => println!("home:        {}", rep.target.display()),
+    }
+    println!(
+        "size:        {} ({} bytes)",
+        human(rep.file_size),
+        rep.file_size
+    );
+    match &rep.luks {
+        Some(l) => {
+            println!(
+                "encrypted:   yes, LUKS2 {} {}-bit, {}-byte sectors, keyslots: {}",
+                l.cipher,
+                l.key_bits,
+                l.sector_size,
+                l.keyslots.join(", ")
+            );
+            println!("luks uuid:   {}", l.uuid);
+            if let Some(k) = &l.opened_keyslot {
+                println!("unlocked:    keyslot {k}");
+            }
+        }
+        None => println!("encrypted:   no"),
+    }
+    match &rep.fs {
+        Some(fs) => {
+            println!("fs:          ext4, label {:?}, uuid {}", fs.label, fs.uuid);
+            println!(
+                "fs size:     {} ({} bytes)",
+                human(fs.size_bytes),
+                fs.size_bytes
+            );
+            let pct = (fs.used_bytes * 100)
+                .checked_div(fs.size_bytes)
+                .unwrap_or(0);
+            println!(
+                "used:        {} ({} bytes, {pct}%)",
+                human(fs.used_bytes),
+                fs.used_bytes
+            );
+            let free = rep.fs_free_bytes.unwrap_or(0);
+            println!("free:        {} ({} bytes)", human(free), free);
+        }
+        None => println!(
+            "fs:          locked (give --passphrase-file FILE or --passphrase-stdin to see size, use and label)"
+        ),
+    }
+    if let Some(free) = rep.stick_free_bytes {
+        println!(
+            "stick free:  {} ({} MiB) — home can grow to {} MiB",
+            human(free),
+            free / MIB,
+            grow_limit(rep.file_size, free)
+        );
+    }
+    if let Some(s) = rep.stale_staging {
+        println!(
+            "note:        a home.img.new ({}) from an interrupted resize is on the stick; the next `home resize` removes it",
+            human(s)
+        );
+    }
+}
+
+/// The largest size the home can be resized to: the new copy is written next to the
+/// old one, so it must fit in the free space, and below the FAT file limit.
+fn grow_limit(current: u64, free: u64) -> u64 {
+    (free / MIB).min(home::FAT_MAX_FILE_MIB).max(current / MIB)
+}
+
+fn progress_bar(json: bool, what: &Path) -> Progress {
+    Progress::new(
+        if json {
+            ProgressMode::Json
+        } else {
+            ProgressMode::Bar
+        },
+        what.display().to_string(),
+    )
+}
+
+#[derive(Serialize)]
+struct ResizeOut<'a> {
+    dry_run: bool,
+    plan: &'a ResizePlan,
+    /// The home after the resize (absent on a dry run).
+    result: Option<HomeReport>,
+}
+
+fn resize(a: &ResizeArgs, json: bool) -> anyhow::Result<()> {
+    let stick = is_stick(&a.target)?;
+    let workdir = a.workdir.clone().unwrap_or_else(std::env::temp_dir);
+    if !workdir.is_dir() {
+        bail!(
+            "the work directory {} does not exist; create it or choose another with --workdir DIR",
+            workdir.display()
+        );
+    }
+    let mut h = if stick {
+        Some(open_stick(&a.target, &a.live_dir, !a.dry_run)?)
+    } else {
+        None
+    };
+    let kind = match &mut h {
+        Some(h) => h.kind()?,
+        None => home_stick::kind_of_file(&a.target)?,
+    };
+    let encrypted = match kind {
+        Some(HomeKind::Luks2) => true,
+        Some(HomeKind::Plain) => false,
+        None => bail!(home_stick::HomeStickError::NotHome(match &h {
+            Some(h) => format!("{}:{}", a.target.display(), h.home),
+            None => a.target.display().to_string(),
+        })),
+    };
+    // Size limits first: a bad size is reported without asking for a passphrase.
+    let current = match &h {
+        Some(h) => h.size,
+        None => std::fs::metadata(&a.target)?.len(),
+    };
+    home_stick::check_new_size(current, a.size_mb)?;
+    let grows = a.size_mb * MIB != current;
+    let pass = match (encrypted && grows, a.pass.source()) {
+        (false, _) => None,
+        (true, Some(src)) => Some(read_pass(src)?),
+        (true, None) if a.dry_run => None,
+        (true, None) if std::io::stdin().is_terminal() => {
+            Some(read_pass(PassphraseSource::TerminalOnce)?)
+        }
+        (true, None) => bail!(
+            "home.img is encrypted: a passphrase is needed to resize it; without a terminal use --passphrase-file FILE or --passphrase-stdin"
+        ),
+    };
+    let pass = pass.as_deref().map(|p| &p[..]);
+    // Unlocking now checks the passphrase before anything changes and tells how much
+    // of the filesystem is used (the decrypted work copy is at most that big).
+    let before = match &mut h {
+        Some(h) if encrypted && pass.is_some() => Some(h.report(pass)?),
+        None if encrypted && pass.is_some() => Some(home_stick::file_report(&a.target, pass)?),
+        _ => None,
+    };
+    let used = before
+        .as_ref()
+        .and_then(|r| r.fs.as_ref())
+        .map(|f| f.used_bytes);
+    let plan = match &h {
+        Some(h) => home_stick::plan_stick_resize(h, encrypted, a.size_mb, &workdir, used)?,
+        None => home_stick::plan_file_resize(&a.target, encrypted, a.size_mb, &workdir, used)?,
+    };
+    if a.dry_run || plan.unchanged {
+        return resize_report(&plan, None, a.dry_run, json);
+    }
+    let bar = progress_bar(json, &a.target);
+    let mut phase = String::new();
+    let mut last = 0u64;
+    let mut tracked = |name: &str, done: u64, total: u64| {
+        if name != phase {
+            phase = name.to_string();
+            bar.phase(name, total);
+            last = 0;
+        }
+        bar.inc(done.saturating_sub(last));
+        last = done;
+    };
+    let result = match &mut h {
+        Some(h) => home_stick::resize_on_stick(h, &plan, pass, &mut tracked),
+        None => home_stick::resize_file(&plan, pass),
+    };
+    bar.finish();
+    resize_report(&plan, Some(result?), false, json)
+}
+
+fn resize_report(
+    plan: &ResizePlan,
+    result: Option<HomeReport>,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        return print_json(&ResizeOut {
+            dry_run,
+            plan,
+            result,
+        });
+    }
+    let name = match &plan.home {
+        Some(h) => format!("{}:{h}", plan.target.display()),
+        None => plan.target.display().to_string(),
+    };
+    if plan.unchanged {
+        println!(
+            "{name} is already {} MiB; nothing to do",
+            plan.new_bytes / MIB
+        );
+        return Ok(());
+    }
+    if dry_run {
+        println!(
+            "would grow {name} from {} MiB to {} MiB ({}):",
+            plan.current_bytes / MIB,
+            plan.new_bytes / MIB,
+            if plan.encrypted { "LUKS2" } else { "ext4" }
+        );
+        for (i, s) in plan.steps.iter().enumerate() {
+            println!("  {}. {s}", i + 1);
+        }
+        if let (Some(need), Some(free)) = (plan.stick_needed_bytes, plan.stick_free_bytes) {
+            println!(
+                "stick space: {} MiB needed for the new copy, {} MiB free",
+                need.div_ceil(MIB),
+                free / MIB
+            );
+        }
+        println!(
+            "work space:  up to {} MiB in {}",
+            plan.workdir_needed_bytes.div_ceil(MIB),
+            plan.workdir.display()
+        );
+        return Ok(());
+    }
+    println!(
+        "grew {name} from {} MiB to {} MiB",
+        plan.current_bytes / MIB,
+        plan.new_bytes / MIB
+    );
+    if let Some(r) = &result {
+        print_report(r);
+    }
+    Ok(())
+}

@@ -1,0 +1,766 @@
+//! `LiveOS/home.img` on a stick (or a bare home.img file): inspected in place and
+//! grown without root, without mounting the FAT filesystem.
+//!
+//! Reading goes through the file's FAT extents ([`ExtentFile`]), so `home info` on a
+//! 4 GiB home reads a few kilobytes. Growing cannot be done in place safely:
+//! e2fsprogs need a regular file, and rewriting the home over its own clusters would
+//! leave a half-written filesystem if the stick were pulled. So the home is copied
+//! out to a private temporary directory, grown there with
+//! [`home::home_resize`](crate::persist::home::home_resize), written back as
+//! `home.img.new` next to the old one, verified, and the two directory entries swap
+//! their contents ([`overlay_fatswap::swap_contents`]). Crash windows:
+//!
+//! - before the swap: `home.img` is the old, intact home; a partial or complete
+//!   `home.img.new` is left over and the next `home resize` removes it;
+//! - the swap itself is one sector write when both entries share a sector (the usual
+//!   case: they are neighbours in `LiveOS/`): the stick has the old home or the new;
+//! - otherwise it is two sector writes; between them both names share the new chain.
+//!   The next run sees that, detaches the stale name from the chain without freeing
+//!   it, and leaves the old home's clusters as lost chains for `fsck.fat` to free;
+//! - after the swap `home.img.new` names the old home until it is removed.
+//!
+//! The space check therefore counts the whole new size next to the old home.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::disk::ext4::Ext4Info;
+use crate::disk::fat::{self, FatError};
+use crate::disk::stick::{Stick, StickError};
+use crate::persist::home::{self, FAT_MAX_FILE_MIB, HomeError, HomeKind};
+use crate::persist::luks::LuksError;
+use crate::persist::overlay_extent::ExtentFile;
+use crate::persist::overlay_fatswap::{self, SwapError};
+
+const MIB: u64 = 1024 * 1024;
+/// Copy buffer: large enough for USB throughput, small enough to zeroize cheaply.
+const CHUNK: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HomeStickError {
+    #[error(transparent)]
+    Stick(#[from] StickError),
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Swap(#[from] SwapError),
+    #[error("{stick}: {source}")]
+    Fat {
+        stick: PathBuf,
+        #[source]
+        source: FatError,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{stick} has no {home}: it was written without a persistent home (add one with `livestick write … --home-size-mb N`)"
+    )]
+    NoHome { stick: PathBuf, home: String },
+    #[error(
+        "home.img is {current_mib} MiB and {requested_mib} MiB was asked for: home resize only grows. Shrinking is refused because resize2fs would have to move your files out of the space being cut off and a stop half way would lose them; to get a smaller home, copy your files off, rewrite the stick with `--delete-home --home-size-mb N` and copy them back"
+    )]
+    Shrink {
+        current_mib: u64,
+        requested_mib: u64,
+    },
+    #[error(
+        "home.img cannot be {requested_mib} MiB: a file on FAT32 holds at most {max} MiB (4 GiB − 1 byte); choose {max} or less (it is {current_mib} MiB now)",
+        max = FAT_MAX_FILE_MIB
+    )]
+    TooLarge {
+        requested_mib: u64,
+        current_mib: u64,
+    },
+    #[error(
+        "not enough free space on {stick} to grow {home} from {current_mib} MiB to {requested_mib} MiB: the new home is written next to the old one before they are swapped, so {needed_mib} MiB ({needed} bytes) must be free and only {free_mib} MiB ({free} bytes) is; free {short_mib} MiB on the stick or choose at most {max_mib} MiB"
+    )]
+    NoSpace {
+        stick: PathBuf,
+        home: String,
+        current_mib: u64,
+        requested_mib: u64,
+        needed: u64,
+        needed_mib: u64,
+        free: u64,
+        free_mib: u64,
+        short_mib: u64,
+        max_mib: u64,
+    },
+    #[error(
+        "not enough free space in the work directory {dir} for the temporary copy of the home: {needed_mib} MiB needed, {free_mib} MiB free; choose another with --workdir DIR"
+    )]
+    NoWorkSpace {
+        dir: PathBuf,
+        needed_mib: u64,
+        free_mib: u64,
+    },
+    #[error(
+        "the copy of the grown home on {stick} ({staged}) does not read back as written (sha256 {got}, expected {want}); the old home.img is untouched and the copy was removed — check the stick for hardware errors"
+    )]
+    VerifyMismatch {
+        stick: PathBuf,
+        staged: String,
+        got: String,
+        want: String,
+    },
+    #[error("{0} is neither ext4 nor LUKS2: it is not a home image")]
+    NotHome(String),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> HomeStickError + '_ {
+    move |source| HomeStickError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What the plaintext LUKS2 header says, readable without the passphrase.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LuksSummary {
+    pub uuid: String,
+    pub label: String,
+    pub cipher: String,
+    pub key_bits: u32,
+    pub sector_size: u32,
+    pub data_offset: u64,
+    /// The key-derivation function of each keyslot, in keyslot order ("argon2id", …).
+    pub keyslots: Vec<String>,
+    /// The keyslot the passphrase opened (only when unlocked).
+    pub opened_keyslot: Option<String>,
+}
+
+/// Parse the primary LUKS2 header and its JSON area. Checksums are not verified:
+/// this is only for display; opening the container (which checks them) is separate.
+pub fn luks_summary<R: Read + Seek>(r: &mut R) -> Result<LuksSummary, LuksError> {
+    let mut bin = [0u8; 4096];
+    r.seek(SeekFrom::Start(0))?;
+    r.read_exact(&mut bin)?;
+    if &bin[..6] != b"LUKS\xba\xbe" || bin[6..8] != [0, 2] {
+        return Err(LuksError::NotLuks2("no LUKS2 header magic".into()));
+    }
+    let hdr_size = u64::from_be_bytes(bin[8..16].try_into().unwrap_or_default());
+    // LUKS2 allows header areas of 16 KiB to 4 MiB.
+    if !(16384..=4 << 20).contains(&hdr_size) {
+        return Err(LuksError::InvalidMetadata(format!(
+            "header size {hdr_size} bytes"
+        )));
+    }
+    let cstr = |b: &[u8]| {
+        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+        String::from_utf8_lossy(&b[..end]).into_owned()
+    };
+    let label = cstr(&bin[24..72]);
+    let uuid = cstr(&bin[168..208]);
+    let mut area = vec![0u8; (hdr_size - 4096) as usize];
+    r.read_exact(&mut area)?;
+    let end = area.iter().position(|&c| c == 0).unwrap_or(area.len());
+    let j: serde_json::Value = serde_json::from_slice(&area[..end])
+        .map_err(|e| LuksError::InvalidMetadata(format!("JSON area: {e}")))?;
+    let seg = j["segments"]
+        .as_object()
+        .and_then(|m| m.values().next())
+        .cloned()
+        .unwrap_or_default();
+    let mut slots: Vec<(u64, &serde_json::Value)> = j["keyslots"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.parse().ok()?, v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    slots.sort_by_key(|(k, _)| *k);
+    let key_bits = slots
+        .first()
+        .and_then(|(_, v)| v["key_size"].as_u64())
+        .map_or(0, |b| (b * 8) as u32);
+    Ok(LuksSummary {
+        uuid,
+        label,
+        cipher: seg["encryption"].as_str().unwrap_or("").to_string(),
+        key_bits,
+        sector_size: seg["sector_size"].as_u64().unwrap_or(0) as u32,
+        data_offset: seg["offset"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        keyslots: slots
+            .iter()
+            .map(|(_, v)| v["kdf"]["type"].as_str().unwrap_or("?").to_string())
+            .collect(),
+        opened_keyslot: None,
+    })
+}
+
+/// What `livestick home info` reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HomeReport {
+    /// The stick or the bare file given.
+    pub target: PathBuf,
+    /// `/LiveOS/home.img` on a stick; `None` for a bare file.
+    pub home: Option<String>,
+    pub file_size: u64,
+    pub encrypted: bool,
+    /// Encrypted and no passphrase given: the filesystem was not read.
+    pub locked: bool,
+    pub luks: Option<LuksSummary>,
+    pub fs: Option<Ext4Info>,
+    /// Free bytes inside the filesystem (`free blocks × block size`).
+    pub fs_free_bytes: Option<u64>,
+    /// Free bytes on the stick's FAT filesystem.
+    pub stick_free_bytes: Option<u64>,
+    /// A `home.img.new` an interrupted resize left behind (removed by the next resize).
+    pub stale_staging: Option<u64>,
+}
+
+/// Describe a home.img seen through `r` (`file_size` bytes).
+fn report_from<R: Read + Seek>(
+    mut r: R,
+    target: &Path,
+    home: Option<String>,
+    passphrase: Option<&[u8]>,
+) -> Result<HomeReport, HomeStickError> {
+    let what = home.clone().unwrap_or_else(|| target.display().to_string());
+    let kind = home::detect_home_kind(&mut r).map_err(io_at(target))?;
+    let luks = match kind {
+        Some(HomeKind::Luks2) => Some(luks_summary(&mut r).map_err(HomeError::from)?),
+        Some(HomeKind::Plain) => None,
+        None => return Err(HomeStickError::NotHome(what)),
+    };
+    let info = home::home_info_from(r, passphrase)?;
+    let luks = luks.map(|mut s| {
+        s.opened_keyslot = info.luks.as_ref().map(|l| l.keyslot.clone());
+        s
+    });
+    Ok(HomeReport {
+        target: target.to_path_buf(),
+        home,
+        file_size: info.file_size,
+        encrypted: info.encrypted,
+        locked: info.encrypted && info.fs.is_none(),
+        luks,
+        fs_free_bytes: info.fs.as_ref().map(|f| f.free_blocks * f.block_size),
+        fs: info.fs,
+        stick_free_bytes: None,
+        stale_staging: None,
+    })
+}
+
+/// Whether `path` holds a plain or an encrypted home (or neither).
+pub fn kind_of_file(path: &Path) -> Result<Option<HomeKind>, HomeStickError> {
+    let mut f = File::open(path).map_err(io_at(path))?;
+    home::detect_home_kind(&mut f).map_err(io_at(path))
+}
+
+/// `home info` on a bare home.img file.
+pub fn file_report(path: &Path, passphrase: Option<&[u8]>) -> Result<HomeReport, HomeStickError> {
+    let f = File::open(path).map_err(io_at(path))?;
+    report_from(f, path, None, passphrase)
+}
+
+/// A stick with a home.img, opened for `home info` or `home resize`.
+pub struct StickHome {
+    pub stick: Stick,
+    pub live_dir: String,
+    /// `/LiveOS/home.img`.
+    pub home: String,
+    /// `/LiveOS/home.img.new`.
+    pub staged: String,
+    pub size: u64,
+    pub free_bytes: u64,
+    pub cluster_bytes: u64,
+    /// Size of a leftover `home.img.new`, if any.
+    pub stale: Option<u64>,
+}
+
+impl StickHome {
+    /// Opens `path` as a stick and finds `<live_dir>/home.img` on it.
+    pub fn open(path: &Path, live_dir: &str, writable: bool) -> Result<StickHome, HomeStickError> {
+        let mut stick = Stick::open(path, writable)?;
+        let info = stick.info(live_dir)?;
+        let home = format!("/{live_dir}/home.img");
+        let staged = format!("{home}.new");
+        let size = info.home.ok_or_else(|| HomeStickError::NoHome {
+            stick: path.to_path_buf(),
+            home: home.trim_start_matches('/').to_string(),
+        })?;
+        let (cluster_bytes, stale) = {
+            // Looking is read-only; with_fs on a writable stick would rewrite FAT metadata.
+            let mut ro = Stick::open(path, false)?;
+            ro.with_fs(|fs| {
+                let stats = fs.stats().map_err(|e| StickError::Fat {
+                    path: path.to_path_buf(),
+                    source: FatError::Io(e),
+                })?;
+                let stale = fat::list_dir(fs, &format!("/{live_dir}"))
+                    .into_iter()
+                    .find(|e| !e.is_dir && e.path.eq_ignore_ascii_case(&staged))
+                    .map(|e| e.size);
+                Ok((u64::from(stats.cluster_size()), stale))
+            })?
+        };
+        Ok(StickHome {
+            stick,
+            live_dir: live_dir.to_string(),
+            home,
+            staged,
+            size,
+            free_bytes: info.free_bytes,
+            cluster_bytes,
+            stale,
+        })
+    }
+
+    /// home.img read (and written) in place through its FAT extents.
+    pub fn reader(&mut self) -> Result<ExtentFile<&mut File>, HomeStickError> {
+        let extents = self.stick.file_extents(&self.home)?;
+        Ok(ExtentFile::new(self.stick.file_mut(), &extents))
+    }
+
+    pub fn kind(&mut self) -> Result<Option<HomeKind>, HomeStickError> {
+        let path = self.stick.path.clone();
+        let mut r = self.reader()?;
+        home::detect_home_kind(&mut r).map_err(io_at(&path))
+    }
+
+    /// `home info`: only the LUKS header and the ext4 superblock are read.
+    pub fn report(&mut self, passphrase: Option<&[u8]>) -> Result<HomeReport, HomeStickError> {
+        let target = self.stick.path.clone();
+        let home = self.home.clone();
+        let (free, stale) = (self.free_bytes, self.stale);
+        let r = self.reader()?;
+        let mut rep = report_from(r, &target, Some(home), passphrase)?;
+        rep.stick_free_bytes = Some(free);
+        rep.stale_staging = stale;
+        Ok(rep)
+    }
+
+    /// Bytes a file of `len` bytes takes on the FAT filesystem.
+    fn on_fat(&self, len: u64) -> u64 {
+        len.div_ceil(self.cluster_bytes) * self.cluster_bytes
+    }
+}
+
+/// What `home resize` will do (also the `--dry-run` output).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ResizePlan {
+    pub target: PathBuf,
+    pub home: Option<String>,
+    pub encrypted: bool,
+    pub current_bytes: u64,
+    pub new_bytes: u64,
+    /// Already the requested size: nothing to do.
+    pub unchanged: bool,
+    /// FAT bytes the staged copy takes (stick only).
+    pub stick_needed_bytes: Option<u64>,
+    pub stick_free_bytes: Option<u64>,
+    pub workdir: PathBuf,
+    pub workdir_needed_bytes: u64,
+    pub steps: Vec<String>,
+}
+
+/// Checks a requested size against the FAT limit and the current size.
+pub fn check_new_size(current: u64, requested_mib: u64) -> Result<u64, HomeStickError> {
+    let current_mib = current.div_ceil(MIB);
+    if requested_mib > FAT_MAX_FILE_MIB {
+        return Err(HomeStickError::TooLarge {
+            requested_mib,
+            current_mib,
+        });
+    }
+    let new = requested_mib * MIB;
+    if new < current {
+        return Err(HomeStickError::Shrink {
+            current_mib,
+            requested_mib,
+        });
+    }
+    Ok(new)
+}
+
+fn free_space_of(dir: &Path) -> Option<u64> {
+    let s = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(s.blocks_available() as u64 * s.fragment_size() as u64)
+}
+
+/// Work-directory bytes needed: the copy of the home, plus for LUKS the sparse
+/// decrypted copy, which holds at most what the filesystem uses (all of it if unknown).
+fn workdir_need(new: u64, encrypted: bool, fs_used: Option<u64>) -> u64 {
+    if encrypted {
+        new + fs_used.unwrap_or(new)
+    } else {
+        new
+    }
+}
+
+fn check_workdir(dir: &Path, needed: u64) -> Result<(), HomeStickError> {
+    if let Some(free) = free_space_of(dir)
+        && free < needed
+    {
+        return Err(HomeStickError::NoWorkSpace {
+            dir: dir.to_path_buf(),
+            needed_mib: needed.div_ceil(MIB),
+            free_mib: free / MIB,
+        });
+    }
+    Ok(())
+}
+
+/// Plans growing the home on a stick to `requested_mib`, checking every limit.
+/// `fs_used` (from an unlocked report) makes the work-directory estimate tighter.
+pub fn plan_stick_resize(
+    h: &StickHome,
+    encrypted: bool,
+    requested_mib: u64,
+    workdir: &Path,
+    fs_used: Option<u64>,
+) -> Result<ResizePlan, HomeStickError> {
+    let new = check_new_size(h.size, requested_mib)?;
+    let unchanged = new == h.size;
+    let needed = h.on_fat(new);
+    // A stale staged copy is removed first; its clusters count as free unless it
+    // shares the home's chain (then removing it frees nothing).
+    let free = h.free_bytes + h.stale.map_or(0, |s| h.on_fat(s));
+    if !unchanged && needed > free {
+        let room = free.saturating_sub(h.cluster_bytes) / MIB;
+        return Err(HomeStickError::NoSpace {
+            stick: h.stick.path.clone(),
+            home: h.home.trim_start_matches('/').to_string(),
+            current_mib: h.size.div_ceil(MIB),
+            requested_mib,
+            needed,
+            needed_mib: needed.div_ceil(MIB),
+            free,
+            free_mib: free / MIB,
+            short_mib: (needed - free).div_ceil(MIB),
+            max_mib: room.min(FAT_MAX_FILE_MIB),
+        });
+    }
+    let work_need = workdir_need(new, encrypted, fs_used);
+    if !unchanged {
+        check_workdir(workdir, work_need)?;
+    }
+    let home = h.home.trim_start_matches('/');
+    let staged = h.staged.trim_start_matches('/');
+    let mut steps = Vec::new();
+    if !unchanged {
+        if h.stale.is_some() {
+            steps.push(format!(
+                "remove {staged} left by an interrupted resize (it never replaced home.img)"
+            ));
+        }
+        if encrypted {
+            steps.push(
+                "unlock home.img with the passphrase (checked before anything changes)".into(),
+            );
+        }
+        steps.push(format!(
+            "copy {home} ({} MiB) to a private temporary directory in {}",
+            h.size.div_ceil(MIB),
+            workdir.display()
+        ));
+        steps.push(grow_step(encrypted, new));
+        steps.push(format!(
+            "write it to {staged} next to the old home ({} MiB on the stick), sync and verify its sha256",
+            needed.div_ceil(MIB)
+        ));
+        steps.push(format!(
+            "swap the directory entries of {staged} and home.img (one sector write when they share a sector), then remove the old home"
+        ));
+    }
+    Ok(ResizePlan {
+        target: h.stick.path.clone(),
+        home: Some(h.home.clone()),
+        encrypted,
+        current_bytes: h.size,
+        new_bytes: new,
+        unchanged,
+        stick_needed_bytes: Some(needed),
+        stick_free_bytes: Some(free),
+        workdir: workdir.to_path_buf(),
+        workdir_needed_bytes: work_need,
+        steps,
+    })
+}
+
+fn grow_step(encrypted: bool, new: u64) -> String {
+    if encrypted {
+        format!(
+            "grow the LUKS2 container to {} MiB: decrypt into a sparse temporary file, e2fsck -f -p and resize2fs it, re-encrypt the changed blocks and the new space",
+            new / MIB
+        )
+    } else {
+        format!("grow it to {} MiB: e2fsck -f -p, then resize2fs", new / MIB)
+    }
+}
+
+/// Plans growing a bare home.img file in place.
+pub fn plan_file_resize(
+    path: &Path,
+    encrypted: bool,
+    requested_mib: u64,
+    workdir: &Path,
+    fs_used: Option<u64>,
+) -> Result<ResizePlan, HomeStickError> {
+    let current = std::fs::metadata(path).map_err(io_at(path))?.len();
+    let new = check_new_size(current, requested_mib)?;
+    let unchanged = new == current;
+    // In place: a plain file grows sparsely; LUKS needs only the decrypted copy.
+    let work_need = if encrypted { fs_used.unwrap_or(new) } else { 0 };
+    if !unchanged && work_need > 0 {
+        check_workdir(workdir, work_need)?;
+    }
+    let mut steps = Vec::new();
+    if !unchanged {
+        if encrypted {
+            steps.push("unlock it with the passphrase (checked before anything changes)".into());
+        }
+        steps.push(grow_step(encrypted, new));
+    }
+    Ok(ResizePlan {
+        target: path.to_path_buf(),
+        home: None,
+        encrypted,
+        current_bytes: current,
+        new_bytes: new,
+        unchanged,
+        stick_needed_bytes: None,
+        stick_free_bytes: None,
+        workdir: workdir.to_path_buf(),
+        workdir_needed_bytes: work_need,
+        steps,
+    })
+}
+
+/// A private (0700) directory in `workdir` for the copies of the home, which may
+/// hold decrypted data; removed on drop.
+fn private_dir(workdir: &Path) -> Result<tempfile::TempDir, HomeStickError> {
+    tempfile::Builder::new()
+        .prefix("livestick-home-")
+        .tempdir_in(workdir)
+        .map_err(io_at(workdir))
+}
+
+/// Grows a bare home.img file following `plan`.
+pub fn resize_file(
+    plan: &ResizePlan,
+    passphrase: Option<&[u8]>,
+) -> Result<HomeReport, HomeStickError> {
+    if !plan.unchanged {
+        let tmp = private_dir(&plan.workdir)?;
+        home::home_resize(&plan.target, plan.new_bytes, passphrase, tmp.path())?;
+    }
+    file_report(&plan.target, passphrase)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Removes a `home.img.new` left by an interrupted run. If the run stopped between
+/// the two sector writes of a swap, the stale name shares home.img's (new) chain:
+/// then its entry is first pointed at no cluster, so removing it frees nothing of
+/// the home (the old home's clusters stay allocated but unused until `fsck.fat`).
+fn remove_stale(h: &mut StickHome) -> Result<(), HomeStickError> {
+    let part = h.stick.partition.start;
+    let path = h.stick.path.clone();
+    let home_e = overlay_fatswap::find_entry(h.stick.file_mut(), part, &h.home)?;
+    let stale_e = overlay_fatswap::find_entry(h.stick.file_mut(), part, &h.staged)?;
+    if stale_e.first_cluster != 0 && stale_e.first_cluster == home_e.first_cluster {
+        let sector = stale_e.offset / 512 * 512;
+        let at = (stale_e.offset - sector) as usize;
+        let mut s = [0u8; 512];
+        h.stick.read_at(sector, &mut s).map_err(io_at(&path))?;
+        // First cluster high (20..22) and low (26..28) halves, size (28..32).
+        s[at + 20..at + 22].fill(0);
+        s[at + 26..at + 32].fill(0);
+        h.stick.write_at(sector, &s).map_err(io_at(&path))?;
+        h.stick.file_mut().sync_all().map_err(io_at(&path))?;
+    }
+    let staged = h.staged.clone();
+    h.stick.with_fs(|fs| {
+        fat::remove_all(fs, &staged).map_err(|source| StickError::Fat {
+            path: path.clone(),
+            source,
+        })
+    })?;
+    h.stale = None;
+    Ok(())
+}
+
+/// Copies home.img off the stick into `dest`, keeping runs of zeros as holes.
+fn copy_out(
+    h: &mut StickHome,
+    dest: &Path,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<(), HomeStickError> {
+    let path = h.stick.path.clone();
+    let mut r = h.reader()?;
+    let len = r.len();
+    let mut out = tempfile_create(dest)?;
+    let mut buf = Zeroizing::new(vec![0u8; CHUNK]);
+    r.seek(SeekFrom::Start(0)).map_err(io_at(&path))?;
+    let mut off = 0u64;
+    while off < len {
+        let n = (len - off).min(CHUNK as u64) as usize;
+        r.read_exact(&mut buf[..n]).map_err(io_at(&path))?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            out.seek(SeekFrom::Start(off)).map_err(io_at(dest))?;
+            out.write_all(&buf[..n]).map_err(io_at(dest))?;
+        }
+        off += n as u64;
+        progress("copy out", off, len);
+    }
+    out.set_len(len).map_err(io_at(dest))?;
+    Ok(())
+}
+
+/// Creates `dest` readable by the owner only.
+fn tempfile_create(dest: &Path) -> Result<File, HomeStickError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dest)
+        .map_err(io_at(dest))
+}
+
+/// Tells the kernel to forget cached pages of the stick, so the verification reads
+/// what reached the device rather than what is still in memory.
+fn drop_cache(f: &File) {
+    use std::os::fd::AsRawFd;
+    let _ = nix::fcntl::posix_fadvise(
+        f.as_raw_fd(),
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
+}
+
+/// Grows the home on a stick following `plan` (see the module documentation).
+/// `progress` gets `(phase, done, total)`.
+pub fn resize_on_stick(
+    h: &mut StickHome,
+    plan: &ResizePlan,
+    passphrase: Option<&[u8]>,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<HomeReport, HomeStickError> {
+    if plan.unchanged {
+        return h.report(passphrase);
+    }
+    let stick_path = h.stick.path.clone();
+    if plan.encrypted {
+        // A wrong passphrase fails here, before the stick is touched.
+        let pass = passphrase.ok_or(HomeError::PassphraseNeeded("resize it"))?;
+        let r = h.reader()?;
+        crate::persist::luks::open_luks2(r, pass).map_err(HomeError::from)?;
+    }
+    let tmp = private_dir(&plan.workdir)?;
+    let copy = tmp.path().join("home.img");
+    copy_out(h, &copy, progress)?;
+    progress("grow", 0, 1);
+    home::home_resize(&copy, plan.new_bytes, passphrase, tmp.path())?;
+    progress("grow", 1, 1);
+
+    if h.stale.is_some() {
+        remove_stale(h)?;
+    }
+    let staged = h.staged.clone();
+    let new_len = plan.new_bytes;
+    let mut input = File::open(&copy).map_err(io_at(&copy))?;
+    let mut done = 0u64;
+    let sum = h.stick.with_fs(|fs| {
+        fat::write_file(fs, &staged, &mut input, new_len, |n| {
+            done += n;
+            progress("write", done, new_len);
+        })
+        .map_err(|source| StickError::Fat {
+            path: stick_path.clone(),
+            source,
+        })
+    })?;
+    drop(input);
+    // The copy may hold the user's files in clear; don't keep it longer than needed.
+    drop(tmp);
+
+    drop_cache(h.stick.file_mut());
+    let extents = h.stick.file_extents(&staged)?;
+    let got = {
+        let mut f = ExtentFile::new(&mut *h.stick.file_mut(), &extents);
+        let len = f.len();
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut off = 0u64;
+        while off < len {
+            let n = (len - off).min(CHUNK as u64) as usize;
+            f.read_exact(&mut buf[..n]).map_err(io_at(&stick_path))?;
+            hasher.update(&buf[..n]);
+            off += n as u64;
+            progress("verify", off, len);
+        }
+        hex(&hasher.finalize())
+    };
+    let want = hex(&sum);
+    if got != want {
+        let _ = h.stick.with_fs(|fs| {
+            let _ = fat::remove_all(fs, &staged);
+            Ok(())
+        });
+        return Err(HomeStickError::VerifyMismatch {
+            stick: stick_path,
+            staged: staged.trim_start_matches('/').to_string(),
+            got,
+            want,
+        });
+    }
+
+    let part = h.stick.partition.start;
+    overlay_fatswap::swap_contents(h.stick.file_mut(), part, &h.home, &staged)?;
+    // The staged name now holds the old home; free its clusters.
+    h.stick.with_fs(|fs| {
+        fat::remove_all(fs, &staged).map_err(|source| StickError::Fat {
+            path: stick_path.clone(),
+            source,
+        })
+    })?;
+    h.size = new_len;
+    let mut rep = h.report(passphrase)?;
+    let live_dir = h.live_dir.clone();
+    rep.stick_free_bytes = h.stick.info(&live_dir).ok().map(|i| i.free_bytes);
+    Ok(rep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_checked_with_figures() {
+        assert_eq!(check_new_size(32 * MIB, 64).unwrap(), 64 * MIB);
+        assert_eq!(check_new_size(32 * MIB, 32).unwrap(), 32 * MIB);
+        let e = check_new_size(32 * MIB, 16).unwrap_err().to_string();
+        assert!(
+            e.contains("32 MiB") && e.contains("16 MiB") && e.contains("only grows"),
+            "{e}"
+        );
+        let e = check_new_size(32 * MIB, 4096).unwrap_err().to_string();
+        assert!(e.contains("4096 MiB") && e.contains("4095"), "{e}");
+    }
+
+    #[test]
+    fn luks_summary_rejects_non_luks() {
+        let mut c = io::Cursor::new(vec![0u8; 8192]);
+        assert!(luks_summary(&mut c).is_err());
+    }
+}
