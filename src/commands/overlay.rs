@@ -18,6 +18,7 @@ use crate::disk::fat;
 use crate::disk::stick::{self, Stick, StickError, StickInfo};
 use crate::persist::merge::{self, Located, MergeRequest, StickMergeRequest};
 use crate::persist::overlay_extent::ExtentFile;
+use crate::persist::ovl_merge;
 use crate::persist::snapshot::{
     self, FAT_MAX_FILE_BYTES, LIVEOS_CHUNK_SECTORS, Opened, RESET_BYTES, SECTOR_BYTES,
 };
@@ -109,6 +110,10 @@ pub struct MergeArgs {
     /// Do not ask for confirmation (a merge on a stick rewrites its squashfs.img)
     #[arg(long, short)]
     pub yes: bool,
+    /// EROFS roots: rebuild even when the installed fsck.erofs cannot extract xattrs
+    /// (the new image then has no SELinux labels or file capabilities)
+    #[arg(long)]
+    pub allow_xattr_loss: bool,
 }
 
 #[derive(Debug, Args)]
@@ -279,6 +284,26 @@ fn status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
     }
     let path = overlay_file(&a.target)?;
     let (mut f, len) = open_ro(&path)?;
+    if ovl_merge::is_ext4(&mut f) {
+        let info = ovl_merge::overlay_info(&mut f);
+        let report = ovl_merge::status_report(info.as_ref(), len, 0);
+        if json {
+            return print_json(&serde_json::json!({
+                "overlay": path, "kind": "overlayfs", "size_bytes": len,
+                "used_bytes": info.as_ref().map(|i| i.used_bytes),
+                "bytes_free": report.bytes_free, "percent_used": report.percent_used,
+            }));
+        }
+        println!("overlay         {}", path.display());
+        println!("kind            OverlayFS (ext4 with overlayfs/ + ovlwork/)");
+        println!("size            {}", human(len));
+        println!(
+            "used            {:.2} % ({} free)",
+            report.percent_used,
+            human(report.bytes_free)
+        );
+        return Ok(());
+    }
     let report = snapshot::status(
         &mut f,
         len,
@@ -372,7 +397,8 @@ fn merge_cmd(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
         fsck: !a.no_fsck,
         compress: a.compress,
     };
-    let plan = merge::plan_merge(&req)?;
+    let mut plan = merge::plan_merge(&req)?;
+    plan.allow_xattr_loss = a.allow_xattr_loss;
     if a.dry_run || plan.nothing_to_merge {
         return print_merge_plan(&plan, json);
     }
@@ -399,12 +425,25 @@ fn print_merge_plan(plan: &merge::MergePlan, json: bool) -> anyhow::Result<()> {
             plan.root_image,
             human(plan.root_image_bytes)
         );
-        println!(
-            "  overlay       {} ({} exceptions, {})",
-            plan.overlay.display(),
-            plan.exceptions,
-            plan.overlay_status.dm_status
-        );
+        match &plan.ovl {
+            Some(o) => println!(
+                "  overlay       {} (OverlayFS: {} upper-dir entries, {} used; layout {})",
+                plan.overlay.display(),
+                o.upper_entries,
+                human(o.overlay_used_bytes),
+                match &o.layout {
+                    ovl_merge::Layout::Flat => "flat squashfs",
+                    ovl_merge::Layout::Nested { .. } => "squashfs with a nested root image",
+                    ovl_merge::Layout::Erofs { .. } => "EROFS",
+                }
+            ),
+            None => println!(
+                "  overlay       {} ({} exceptions, {})",
+                plan.overlay.display(),
+                plan.exceptions,
+                plan.overlay_status.dm_status
+            ),
+        }
         println!(
             "  work dir      {}: needs {}, {} free",
             plan.workdir.display(),
@@ -435,13 +474,31 @@ fn run_merge_plan(plan: &merge::MergePlan, json: bool, path: &Path) -> anyhow::R
     if json {
         return print_json(&report);
     }
-    println!(
-        "merged {} chunks into {} ({} → {}), overlay reset",
-        report.exceptions_applied,
-        plan.squashfs.display(),
-        human(report.old_squashfs_bytes),
-        human(report.new_squashfs_bytes)
-    );
+    match &report.overlayfs {
+        Some(r) => {
+            println!(
+                "merged {} upper-dir entries into {} ({} → {}), overlay reset",
+                report.exceptions_applied,
+                plan.squashfs.display(),
+                human(report.old_squashfs_bytes),
+                human(report.new_squashfs_bytes)
+            );
+            println!(
+                "  {} created, {} replaced, {} removed by whiteouts, {} directories updated",
+                r.created, r.replaced, r.removed, r.dirs_updated
+            );
+            for n in &r.notes {
+                println!("  note: {n}");
+            }
+        }
+        None => println!(
+            "merged {} chunks into {} ({} → {}), overlay reset",
+            report.exceptions_applied,
+            plan.squashfs.display(),
+            human(report.old_squashfs_bytes),
+            human(report.new_squashfs_bytes)
+        ),
+    }
     if report.fsck_chunks_folded > 0 {
         println!(
             "e2fsck changed {} chunks; they were written into the overlay before the swap",
@@ -598,6 +655,9 @@ fn reset_common<F: Read + Write + Seek + snapshot::SyncData>(
     a: &ResetArgs,
     json: bool,
 ) -> anyhow::Result<()> {
+    if ovl_merge::is_ext4(f) {
+        return reset_overlayfs(f, len, path, a, json);
+    }
     // A damaged store can still be reset; say what we can about what is lost.
     let report = snapshot::status(f, len, LIVEOS_CHUNK_SECTORS, None);
     let lost = match &report {
@@ -631,6 +691,51 @@ fn reset_common<F: Read + Write + Seek + snapshot::SyncData>(
     snapshot::reset_store(f, len)?;
     if json {
         return print_json(&serde_json::json!({"overlay": path, "reset": true, "discarded": lost}));
+    }
+    println!("reset {path}: discarded {lost}");
+    Ok(())
+}
+
+/// Reset of an OverlayFS overlay: a new empty ext4 with overlayfs/ and ovlwork/, same
+/// size, UUID and label, written over the old one in place.
+fn reset_overlayfs<F: Read + Write + Seek + snapshot::SyncData>(
+    f: &mut F,
+    len: u64,
+    path: &str,
+    a: &ResetArgs,
+    json: bool,
+) -> anyhow::Result<()> {
+    let info = ovl_merge::overlay_info(f);
+    let lost = match &info {
+        Some(i) => format!(
+            "{} of files in its OverlayFS upper dir",
+            human(i.used_bytes)
+        ),
+        None => "an OverlayFS overlay whose superblock cannot be read".to_string(),
+    };
+    if a.dry_run {
+        if json {
+            return print_json(
+                &serde_json::json!({"overlay": path, "dry_run": true, "kind": "overlayfs", "would_discard": lost}),
+            );
+        }
+        println!(
+            "would reset {path} (a new empty ext4 with overlayfs/ and ovlwork/), discarding {lost}"
+        );
+        return Ok(());
+    }
+    let question = format!(
+        "Reset {path}? This discards {lost}: every change made in the live system since the last merge or reset."
+    );
+    if !confirm(&question, a.yes)? {
+        bail!("not confirmed; nothing changed");
+    }
+    ovl_merge::reset_overlay(f, len, &std::env::temp_dir())
+        .with_context(|| format!("resetting {path}"))?;
+    if json {
+        return print_json(
+            &serde_json::json!({"overlay": path, "kind": "overlayfs", "reset": true, "discarded": lost}),
+        );
     }
     println!("reset {path}: discarded {lost}");
     Ok(())
@@ -984,7 +1089,7 @@ fn stick_root_image_bytes(t: &mut StickTarget) -> Option<u64> {
 fn refuse_overlayfs(t: &StickTarget, what: &str) -> anyhow::Result<()> {
     if t.kind == OverlayKind::Overlayfs {
         bail!(
-            "{} is an OverlayFS overlay (ext4 holding overlayfs/ and ovlwork/); {what} is implemented for device-mapper snapshot overlays only so far",
+            "{} is an OverlayFS overlay (ext4 holding overlayfs/ and ovlwork/); {what} applies to device-mapper snapshot overlays only (for OverlayFS use `overlay status`, `merge` or `reset`; an ext4 overlay is checked with e2fsck and grown with resize2fs, which livestick does not do in place yet)",
             t.show()
         );
     }
@@ -1124,7 +1229,6 @@ fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
     }
     let (overlay, show) = {
         let t = open_stick(&a.target, &a.sel, false, false)?;
-        refuse_overlayfs(&t, "merge")?;
         (t.overlay.clone(), t.show())
     };
     let req = StickMergeRequest {
@@ -1135,13 +1239,19 @@ fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
         fsck: !a.no_fsck,
         compress: a.compress,
     };
-    let plan = merge::plan_stick_merge(&req)?;
+    let mut plan = merge::plan_stick_merge(&req)?;
+    plan.allow_xattr_loss = a.allow_xattr_loss;
     if a.dry_run || plan.nothing_to_merge {
         return print_merge_plan(&plan, json);
     }
     let question = format!(
-        "Merge {} chunks of {show} into a new {} and empty the overlay?",
+        "Merge {} {} of {show} into a new {} and empty the overlay?",
         plan.exceptions,
+        if plan.ovl.is_some() {
+            "changed paths"
+        } else {
+            "chunks"
+        },
         plan.squashfs.display()
     );
     if !confirm(&question, a.yes)? {
@@ -1152,7 +1262,6 @@ fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
 
 fn stick_reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
     let mut t = open_stick(&a.target, &a.sel, !a.dry_run, false)?;
-    refuse_overlayfs(&t, "reset")?;
     let show = t.show();
     let len = t.overlay_bytes;
     let mut f = t.overlay_file()?;

@@ -32,6 +32,7 @@ use crate::disk::fat;
 use crate::disk::stick::{Stick, StickError};
 use crate::persist::overlay_extent::ExtentFile;
 use crate::persist::overlay_fatswap::{self, SwapError, SwapReport};
+use crate::persist::ovl_merge::{self, ApplyReport, OvlError, OvlPlan};
 use crate::persist::snapshot::{
     self, CowWriter, LIVEOS_CHUNK_SECTORS, Opened, SnapshotError, StatusReport,
 };
@@ -52,6 +53,8 @@ pub enum MergeError {
     Squash(#[from] SquashError),
     #[error(transparent)]
     Stick(#[from] StickError),
+    #[error(transparent)]
+    Ovl(#[from] OvlError),
     #[error("replacing squashfs.img on the stick: {0}")]
     Swap(#[from] SwapError),
     #[error("{path}: {source}")]
@@ -76,7 +79,7 @@ pub enum MergeError {
     )]
     NoRootImage { squashfs: PathBuf, what: String },
     #[error(
-        "{0} is an EROFS image (Fedora 42+ kiwi spins); those use OverlayFS persistence, not a dm-snapshot overlay; merging an OverlayFS overlay into EROFS is not implemented yet (it would rebuild the image with mkfs.erofs from erofs-utils)"
+        "{0} is an EROFS image (Fedora 42+ kiwi spins): its root is flat, so it takes OverlayFS persistence (`livestick write --overlayfs`), not a dm-snapshot overlay like this one"
     )]
     Erofs(PathBuf),
     #[error(
@@ -200,7 +203,9 @@ pub struct MergePlan {
     pub squashfs: PathBuf,
     pub squashfs_at: Located,
     pub squashfs_bytes: u64,
-    pub squash: SquashInfo,
+    /// The squashfs superblock (`None` for an EROFS image).
+    pub squash: Option<SquashInfo>,
+    /// `LiveOS/rootfs.img`, or `/` when the image is the root tree itself.
     pub root_image: String,
     pub root_image_bytes: u64,
     pub overlay: PathBuf,
@@ -223,6 +228,10 @@ pub struct MergePlan {
     /// Stop with an error right after this step (crash tests); from `LIVESTICK_FAILPOINT`.
     #[serde(skip)]
     pub failpoint: Option<String>,
+    /// Set when the overlay is an OverlayFS one (ext4 with overlayfs/ + ovlwork/).
+    pub ovl: Option<OvlPlan>,
+    /// EROFS: go on even though fsck.erofs cannot extract xattrs (`--allow-xattr-loss`).
+    pub allow_xattr_loss: bool,
 }
 
 /// Free bytes for an unprivileged user on the file system holding `path`.
@@ -239,7 +248,12 @@ fn same_fs(a: &Path, b: &Path) -> bool {
     matches!((fs::metadata(a), fs::metadata(b)), (Ok(x), Ok(y)) if x.dev() == y.dev())
 }
 
-fn check_space(what: &'static str, path: &Path, needed: u64, free: u64) -> Result<(), MergeError> {
+pub(crate) fn check_space(
+    what: &'static str,
+    path: &Path,
+    needed: u64,
+    free: u64,
+) -> Result<(), MergeError> {
     if needed > free {
         return Err(MergeError::NoSpace {
             what,
@@ -256,7 +270,7 @@ fn check_space(what: &'static str, path: &Path, needed: u64, free: u64) -> Resul
 /// Runs `f` on a path + offset where unsquashfs can read the image: in place when it is
 /// contiguous, else on a temporary copy in `workdir` (a fragmented squashfs.img on a
 /// stick that has seen many edits).
-fn with_readable_squashfs<T>(
+pub(crate) fn with_readable_squashfs<T>(
     at: &Located,
     workdir: &Path,
     f: impl FnOnce(&Path, u64) -> Result<T, MergeError>,
@@ -282,14 +296,14 @@ fn with_readable_squashfs<T>(
 }
 
 /// What planning needs to know about where the files are.
-struct Inputs {
-    squashfs: PathBuf,
-    squashfs_at: Located,
-    overlay: PathBuf,
-    overlay_at: Located,
-    stick: Option<StickPlace>,
-    target_dir: PathBuf,
-    target_free: u64,
+pub(crate) struct Inputs {
+    pub(crate) squashfs: PathBuf,
+    pub(crate) squashfs_at: Located,
+    pub(crate) overlay: PathBuf,
+    pub(crate) overlay_at: Located,
+    pub(crate) stick: Option<StickPlace>,
+    pub(crate) target_dir: PathBuf,
+    pub(crate) target_free: u64,
 }
 
 /// Plans a merge of `overlay` into `squashfs` (a bare pair of files, or the files on a
@@ -361,6 +375,10 @@ fn plan_common(
     fsck: bool,
     compress: Option<Compressor>,
 ) -> Result<MergePlan, MergeError> {
+    // An OverlayFS overlay is an ext4 file system: merged file by file, not by chunks.
+    if ovl_merge::is_ext4(&mut inp.overlay_at.open(false)?) {
+        return ovl_merge::plan(inp, workdir, fsck, compress);
+    }
     let squashfs_bytes = inp.squashfs_at.len();
     let what = inp.squashfs.display().to_string();
     let info = match squash::detect_image_kind(&mut inp.squashfs_at.open(false)?, &what)? {
@@ -525,7 +543,7 @@ fn plan_common(
         squashfs: inp.squashfs,
         squashfs_at: inp.squashfs_at,
         squashfs_bytes,
-        squash: info,
+        squash: Some(info),
         root_image: root.path.clone(),
         root_image_bytes: root.size,
         overlay: inp.overlay,
@@ -545,6 +563,8 @@ fn plan_common(
         notes,
         steps,
         failpoint: std::env::var("LIVESTICK_FAILPOINT").ok(),
+        ovl: None,
+        allow_xattr_loss: false,
     })
 }
 
@@ -561,9 +581,11 @@ pub struct MergeReport {
     /// On a stick: whether the directory entries were swapped in one sector write.
     pub swap: Option<SwapReport>,
     pub overlay_reset: bool,
+    /// For an OverlayFS overlay: what applying the upper dir did.
+    pub overlayfs: Option<ApplyReport>,
 }
 
-fn failpoint(plan: &MergePlan, step: &'static str) -> Result<(), MergeError> {
+pub(crate) fn failpoint(plan: &MergePlan, step: &'static str) -> Result<(), MergeError> {
     if plan.failpoint.as_deref() == Some(step) {
         return Err(MergeError::Failpoint(step));
     }
@@ -755,7 +777,10 @@ pub fn execute_merge(
     let work = plan
         .workdir
         .join(format!("livestick-merge-{}", std::process::id()));
-    let result = run_steps(plan, &work, progress);
+    let result = match &plan.ovl {
+        Some(ovl) => ovl_merge::run_steps(plan, ovl, &work, progress),
+        None => run_steps(plan, &work, progress),
+    };
     // The work directory holds only copies; it goes whatever happened.
     let _ = fs::remove_dir_all(&work);
     result
@@ -855,20 +880,53 @@ fn run_steps(
         new_squashfs_sha256: String::new(),
         swap: None,
         overlay_reset: false,
+        overlayfs: None,
     };
-    match &plan.stick {
-        None => dir_replace(plan, &built, &root, &fsck_changed, &mut report, progress)?,
-        Some(place) => stick_replace(
-            plan,
-            place,
-            &built,
-            &root,
-            &fsck_changed,
-            &mut report,
-            progress,
-        )?,
-    }
+    replace(
+        plan,
+        &built,
+        &root,
+        &fsck_changed,
+        None,
+        &mut report,
+        progress,
+    )?;
     Ok(report)
+}
+
+/// Stage, verify, fold, swap and reset, on a pair of plain files or on a stick.
+/// `fresh_overlay`: an OverlayFS overlay is reset by writing this empty file system
+/// over it; a dm-snapshot one by a new store header.
+pub(crate) fn replace(
+    plan: &MergePlan,
+    built: &Path,
+    root: &Path,
+    fsck_changed: &[u64],
+    fresh_overlay: Option<&Path>,
+    report: &mut MergeReport,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<(), MergeError> {
+    // stick_replace falls back to dir_replace for a pair of plain files.
+    stick_replace(
+        plan,
+        built,
+        root,
+        fsck_changed,
+        fresh_overlay,
+        report,
+        progress,
+    )
+}
+
+/// Empties the overlay after the swap.
+fn reset_after_swap<F>(ov: &mut F, len: u64, fresh_overlay: Option<&Path>) -> Result<(), MergeError>
+where
+    F: Read + Write + Seek + snapshot::SyncData,
+{
+    match fresh_overlay {
+        Some(t) => Ok(ovl_merge::write_fresh_overlay(ov, len, t)?),
+        None => Ok(snapshot::reset_store(ov, len)?),
+    }
 }
 
 /// Stage, verify, fold, swap and reset for a pair of plain files.
@@ -877,6 +935,7 @@ fn dir_replace(
     built: &Path,
     root: &Path,
     fsck_changed: &[u64],
+    fresh_overlay: Option<&Path>,
     report: &mut MergeReport,
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<(), MergeError> {
@@ -908,7 +967,7 @@ fn dir_replace(
         .map_err(io_at(&plan.target_dir))?;
     failpoint(plan, "swap")?;
 
-    snapshot::reset_store(&mut ov, ov_len)?;
+    reset_after_swap(&mut ov, ov_len, fresh_overlay)?;
     report.overlay_reset = true;
     report.new_squashfs_sha256 = want;
     failpoint(plan, "reset")?;
@@ -930,13 +989,24 @@ fn drop_cache(f: &File) {
 /// Stage, verify, fold, swap and reset on a stick's FAT filesystem.
 fn stick_replace(
     plan: &MergePlan,
-    place: &StickPlace,
     built: &Path,
     root: &Path,
     fsck_changed: &[u64],
+    fresh_overlay: Option<&Path>,
     report: &mut MergeReport,
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<(), MergeError> {
+    let Some(place) = &plan.stick else {
+        return dir_replace(
+            plan,
+            built,
+            root,
+            fsck_changed,
+            fresh_overlay,
+            report,
+            progress,
+        );
+    };
     let staged = format!("{}.new", place.squashfs);
     let new_len = report.new_squashfs_bytes;
     if new_len > fat::FAT_MAX_FILE {
@@ -1033,7 +1103,7 @@ fn stick_replace(
 
     let mut ov = ExtentFile::new(&mut *stick.file_mut(), &plan.overlay_at.extents);
     let ov_len = ov.len();
-    snapshot::reset_store(&mut ov, ov_len)?;
+    reset_after_swap(&mut ov, ov_len, fresh_overlay)?;
     report.overlay_reset = true;
     report.new_squashfs_sha256 = want;
     failpoint(plan, "reset")?;

@@ -6,4 +6,6 @@ pub mod merge;
 pub mod home;
 pub mod overlay_extent;
 pub mod overlay_fatswap;
+pub mod ovl_merge;
+pub mod erofs;
 pub mod home_stick;

@@ -1,0 +1,312 @@
+//! EROFS root images (Fedora 42+ kiwi spins ship `LiveOS/squashfs.img` as EROFS): the
+//! superblock facts a rebuild needs, read in Rust, and the erofs-utils tools
+//! (`fsck.erofs --extract`, `mkfs.erofs`) behind one place that says what the
+//! installed version can and cannot do.
+//!
+//! Two limits of older erofs-utils matter for a merge and are probed at run time
+//! rather than guessed from version numbers:
+//! - the compressors `mkfs.erofs` was built with (`--help` lists them): when the
+//!   source's algorithm is missing, the rebuild uses another one and says so;
+//! - whether `fsck.erofs --extract` restores extended attributes: when it does not,
+//!   a merge would silently drop SELinux labels and file capabilities, so it is
+//!   refused unless the caller accepts that loss explicitly.
+
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::squash::{self, FSCK_EROFS, MKFS_EROFS, SquashError};
+
+const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
+const SB_OFFSET: u64 = 1024;
+/// feature_incompat: per-image compression configurations (then the algorithm
+/// field is a bitmap of the algorithms used).
+const INCOMPAT_COMPR_CFGS: u32 = 0x0002;
+/// feature_incompat: LZ4 0-padding, set by every compressing mkfs.erofs.
+const INCOMPAT_ZERO_PADDING: u32 = 0x0001;
+/// Bit i of `available_compr_algs` → algorithm name, in on-disk order.
+const ALGORITHMS: [&str; 4] = ["lz4", "lzma", "deflate", "zstd"];
+
+#[derive(Debug, Error)]
+pub enum ErofsError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0} is not an EROFS image (no magic at offset 1024)")]
+    NotErofs(String),
+    #[error(transparent)]
+    Tool(#[from] SquashError),
+    #[error(
+        "the installed fsck.erofs (erofs-utils {version}) does not restore extended attributes when it extracts, so a rebuilt image would lose every SELinux label and file capability; install an erofs-utils whose fsck.erofs --extract keeps xattrs, or pass --allow-xattr-loss for an image without them"
+    )]
+    NoXattrExtract { version: String },
+}
+
+fn io_err(what: &Path) -> impl FnOnce(io::Error) -> ErofsError + '_ {
+    move |source| ErofsError::Io {
+        what: what.display().to_string(),
+        source,
+    }
+}
+
+/// What the superblock says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ErofsInfo {
+    pub block_size: u32,
+    /// Algorithms the image uses (`lz4`, `lzma`, …); empty when nothing is compressed.
+    pub algorithms: Vec<&'static str>,
+    pub uuid: String,
+    pub volume_name: String,
+    pub blocks: u64,
+}
+
+fn u16_at(b: &[u8], i: usize) -> u16 {
+    u16::from_le_bytes([b[i], b[i + 1]])
+}
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// Reads the EROFS superblock (128 bytes at offset 1024).
+pub fn read_superblock<R: Read + Seek>(r: &mut R, what: &str) -> Result<ErofsInfo, ErofsError> {
+    let io = |source| ErofsError::Io {
+        what: what.to_string(),
+        source,
+    };
+    let mut sb = [0u8; 128];
+    r.seek(SeekFrom::Start(SB_OFFSET)).map_err(io)?;
+    r.read_exact(&mut sb)
+        .map_err(|_| ErofsError::NotErofs(what.to_string()))?;
+    if u32_at(&sb, 0) != EROFS_MAGIC {
+        return Err(ErofsError::NotErofs(what.to_string()));
+    }
+    let blkszbits = sb[12];
+    let incompat = u32_at(&sb, 80);
+    let algs_field = u16_at(&sb, 84);
+    let algorithms = if incompat & INCOMPAT_COMPR_CFGS != 0 {
+        ALGORITHMS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| algs_field & (1 << i) != 0)
+            .map(|(_, n)| *n)
+            .collect()
+    } else if incompat & INCOMPAT_ZERO_PADDING != 0 {
+        // Without per-image configurations the only compressor is LZ4 (the field
+        // then holds its max distance, not a bitmap).
+        vec!["lz4"]
+    } else {
+        Vec::new()
+    };
+    let uuid: String = sb[48..64].iter().map(|b| format!("{b:02x}")).collect();
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        &uuid[0..8],
+        &uuid[8..12],
+        &uuid[12..16],
+        &uuid[16..20],
+        &uuid[20..32]
+    );
+    let name_end = sb[64..80].iter().position(|&b| b == 0).unwrap_or(16);
+    Ok(ErofsInfo {
+        block_size: 1u32.checked_shl(u32::from(blkszbits)).unwrap_or(4096),
+        algorithms,
+        uuid,
+        volume_name: String::from_utf8_lossy(&sb[64..64 + name_end]).into_owned(),
+        blocks: u64::from(u32_at(&sb, 36)),
+    })
+}
+
+/// The compressors the installed mkfs.erofs offers (`Available compressors are: …`).
+pub fn available_compressors() -> Result<Vec<String>, ErofsError> {
+    let exe = squash::require_tool(MKFS_EROFS)?;
+    let out = Command::new(&exe)
+        .arg("--help")
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(io_err(&exe))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Available compressors are:"))
+        .map(|l| {
+            l.split(',')
+                .map(|c| c.trim().to_string())
+                .filter(|c| !c.is_empty())
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The `mkfs.erofs` arguments that rebuild an image like `info`, and a note when the
+/// source's compression cannot be kept.
+pub fn mkfs_args(info: &ErofsInfo, available: &[String]) -> (Vec<String>, Option<String>) {
+    let has = |c: &str| available.iter().any(|a| a == c);
+    let mut args = vec![format!("-U{}", info.uuid)];
+    let Some(&alg) = info.algorithms.first() else {
+        return (args, None);
+    };
+    // lz4hc writes the same format as lz4 (same decompressor) and compresses better.
+    let want: &[&str] = match alg {
+        "lz4" => &["lz4hc", "lz4"],
+        other => &[other],
+    };
+    if let Some(c) = want.iter().find(|c| has(c)) {
+        args.push(format!("-z{c}"));
+        return (args, None);
+    }
+    let fallback = ["lz4hc", "lz4"].into_iter().find(|c| has(c));
+    let note = match fallback {
+        Some(c) => {
+            args.push(format!("-z{c}"));
+            format!(
+                "the image used {alg}, which this mkfs.erofs cannot write (it offers {}): the new image uses {c}, readable by every EROFS kernel but larger",
+                available.join(", ")
+            )
+        }
+        None => format!(
+            "the image used {alg}, which this mkfs.erofs cannot write: the new image is uncompressed"
+        ),
+    };
+    (args, Some(note))
+}
+
+/// `fsck.erofs -V` (for messages).
+pub fn fsck_version() -> String {
+    squash::require_tool(FSCK_EROFS)
+        .ok()
+        .and_then(|exe| Command::new(exe).arg("-V").output().ok())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .and_then(|s| s.split_whitespace().last().map(str::to_string))
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// Whether `fsck.erofs --extract` restores xattrs: builds a one-file image with a
+/// `user.` xattr in `scratch`, extracts it and looks.
+pub fn extract_keeps_xattrs(scratch: &Path) -> Result<bool, ErofsError> {
+    let dir = tempfile::Builder::new()
+        .prefix("livestick-erofs-probe-")
+        .tempdir_in(scratch)
+        .map_err(io_err(scratch))?;
+    let src = dir.path().join("src");
+    fs::create_dir(&src).map_err(io_err(&src))?;
+    let file = src.join("f");
+    fs::write(&file, b"probe").map_err(io_err(&file))?;
+    if crate::persist::ovl_merge::set_xattr(&file, "user.livestick", b"1").is_err() {
+        // The work dir's file system has no user xattrs: nothing to learn here.
+        return Ok(false);
+    }
+    let img = dir.path().join("probe.img");
+    build(&src, &img, &[])?;
+    let out = dir.path().join("out");
+    extract(&img, &out)?;
+    Ok(crate::persist::ovl_merge::get_xattr(&out.join("f"), "user.livestick").is_some())
+}
+
+/// Extracts the image into `dest` (created), keeping owners and modes (as root).
+pub fn extract(image: &Path, dest: &Path) -> Result<(), ErofsError> {
+    let arg = {
+        let mut a = std::ffi::OsString::from("--extract=");
+        a.push(dest.as_os_str());
+        a
+    };
+    let mut args: Vec<&std::ffi::OsStr> = vec![arg.as_os_str()];
+    if nix::unistd::geteuid().is_root() {
+        args.push("--preserve".as_ref());
+    }
+    args.push(image.as_os_str());
+    squash::run_tool(FSCK_EROFS, &args, &[])?;
+    Ok(())
+}
+
+/// Builds `out` from `tree` with `args` (see [`mkfs_args`]).
+pub fn build(tree: &Path, out: &Path, args: &[String]) -> Result<(), ErofsError> {
+    let mut a: Vec<&std::ffi::OsStr> = vec!["--quiet".as_ref(), "--preserve-mtime".as_ref()];
+    a.extend(args.iter().map(std::ffi::OsStr::new));
+    a.push(out.as_os_str());
+    a.push(tree.as_os_str());
+    squash::run_tool(MKFS_EROFS, &a, &[])?;
+    Ok(())
+}
+
+/// A plain path for the image: `at` itself when it is a whole plain file, else a copy
+/// in `workdir` (fsck.erofs cannot read at an offset).
+pub fn readable_copy(
+    at: &crate::persist::merge::Located,
+    workdir: &Path,
+) -> Result<PathBuf, ErofsError> {
+    let whole_file = at.contiguous_at() == Some(0)
+        && fs::metadata(&at.device)
+            .map(|m| m.is_file() && m.len() == at.len())
+            .unwrap_or(false);
+    if whole_file {
+        return Ok(at.device.clone());
+    }
+    let copy = workdir.join("erofs-source.img");
+    let mut src = at.open(false).map_err(|e| ErofsError::Io {
+        what: at.device.display().to_string(),
+        source: io::Error::other(e.to_string()),
+    })?;
+    let mut dst = fs::File::create(&copy).map_err(io_err(&copy))?;
+    io::copy(&mut src, &mut dst).map_err(io_err(&copy))?;
+    Ok(copy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sb(incompat: u32, algs: u16) -> Vec<u8> {
+        let mut img = vec![0u8; 4096];
+        img[1024..1028].copy_from_slice(&EROFS_MAGIC.to_le_bytes());
+        img[1024 + 12] = 12;
+        img[1024 + 80..1024 + 84].copy_from_slice(&incompat.to_le_bytes());
+        img[1024 + 84..1024 + 86].copy_from_slice(&algs.to_le_bytes());
+        img[1024 + 64..1024 + 68].copy_from_slice(b"root");
+        img
+    }
+
+    #[test]
+    fn reads_the_algorithms() {
+        let i = read_superblock(&mut io::Cursor::new(sb(3, 0b1010)), "x").unwrap();
+        assert_eq!(i.algorithms, vec!["lzma", "zstd"]);
+        assert_eq!(i.block_size, 4096);
+        assert_eq!(i.volume_name, "root");
+        let i = read_superblock(&mut io::Cursor::new(sb(1, 0xffff)), "x").unwrap();
+        assert_eq!(i.algorithms, vec!["lz4"]);
+        let i = read_superblock(&mut io::Cursor::new(sb(0, 0)), "x").unwrap();
+        assert!(i.algorithms.is_empty());
+        assert!(matches!(
+            read_superblock(&mut io::Cursor::new(vec![0u8; 100]), "x"),
+            Err(ErofsError::NotErofs(_))
+        ));
+    }
+
+    #[test]
+    fn keeps_or_replaces_the_compressor() {
+        let avail = vec!["lz4hc".to_string(), "lz4".to_string()];
+        let mut info = read_superblock(&mut io::Cursor::new(sb(1, 0)), "x").unwrap();
+        let (a, note) = mkfs_args(&info, &avail);
+        assert!(
+            a.contains(&"-zlz4hc".to_string()) && note.is_none(),
+            "{a:?}"
+        );
+        info.algorithms = vec!["lzma"];
+        let (a, note) = mkfs_args(&info, &avail);
+        assert!(a.contains(&"-zlz4hc".to_string()), "{a:?}");
+        assert!(note.unwrap().contains("lzma"));
+        info.algorithms = vec![];
+        let (a, _) = mkfs_args(&info, &avail);
+        assert!(!a.iter().any(|x| x.starts_with("-z")));
+    }
+}
