@@ -74,6 +74,14 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::commands::overlay::OverlayCommand,
     },
+    /// Persistent home: info (size, use, encryption) and resize (grow)
+    #[command(
+        after_help = "Examples:\n  livestick home info /dev/sdb\n  livestick home info stick.img --passphrase-file pass.txt --json\n  livestick home resize /dev/sdb --size-mb 2048"
+    )]
+    Home {
+        #[command(subcommand)]
+        command: crate::commands::home::HomeCommand,
+    },
     /// List the sticks this machine has, what is on them, and whether livestick would write them
     #[command(
         after_help = "Examples:\n  livestick devices\n  livestick devices --all --json | jq '.devices[].path'"

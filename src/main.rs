@@ -36,6 +36,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Overlay { command } => commands::overlay::run(command, json),
+        Command::Home { command } => commands::home::run(command, json),
         Command::Devices(args) => commands::devices::run(&args, json),
         Command::IsoToDisk(args) => {
             return ExitCode::from(run_compat(&args.args, "livestick iso-to-disk", json, quiet));
