@@ -205,48 +205,10 @@ fn inspect_iso(path: &Path, mut iso: IsoImage<BufReader<File>>) -> Result<LiveIm
             continue;
         }
         let bytes = iso.read_to_vec(&entry, MENU_LIMIT).map_err(iso_err(path))?;
-        let text = String::from_utf8_lossy(&bytes);
-        let cfg_dir = menu_path.rsplit_once('/').map(|(d, _)| d).unwrap_or("/");
-        let parsed = if is_grub {
-            menu::parse_grub(&text)
-        } else {
-            menu::parse_isolinux(&text, cfg_dir)
-        };
-        match parsed {
-            Ok(menu) => menus.push(MenuFile {
-                path: menu_path.to_string(),
-                menu,
-            }),
-            // A menu without entries (kiwi's EFI grub.cfg only chains to
-            // boot/grub2/grub.cfg) is fine as long as another menu has them.
-            Err(e) => menu_errors.push((menu_path.to_string(), e.to_string())),
-        }
+        parse_menu_file(menu_path, is_grub, &bytes, &mut menus, &mut menu_errors);
     }
-    if menus.is_empty() {
-        return Err(match menu_errors.into_iter().next() {
-            Some((menu, message)) => LiveError::Menu {
-                path: path.to_path_buf(),
-                menu,
-                message,
-            },
-            None => LiveError::NoMenu(path.to_path_buf()),
-        });
-    }
-
-    let mut kernels = Vec::new();
-    let mut initrds = Vec::new();
-    for m in &menus {
-        for e in &m.menu.entries {
-            if !kernels.contains(&e.kernel) {
-                kernels.push(e.kernel.clone());
-            }
-            for i in &e.initrds {
-                if !initrds.contains(i) {
-                    initrds.push(i.clone());
-                }
-            }
-        }
-    }
+    check_menus(path, &menus, &menu_errors)?;
+    let (kernels, initrds) = boot_files_of(&menus);
     let mut boot_files = Vec::new();
     let mut warnings: Vec<String> = menu_errors
         .iter()
@@ -310,6 +272,68 @@ fn inspect_iso(path: &Path, mut iso: IsoImage<BufReader<File>>) -> Result<LiveIm
         source_home: None,
         squashfs_entry,
     })
+}
+
+/// Parses one menu file into `menus`, or records why it is unusable: a menu
+/// without entries (kiwi's EFI grub.cfg only chains to boot/grub2/grub.cfg)
+/// is fine as long as another menu has them.
+pub(crate) fn parse_menu_file(
+    menu_path: &str,
+    is_grub: bool,
+    bytes: &[u8],
+    menus: &mut Vec<MenuFile>,
+    errors: &mut Vec<(String, String)>,
+) {
+    let text = String::from_utf8_lossy(bytes);
+    let cfg_dir = menu_path.rsplit_once('/').map(|(d, _)| d).unwrap_or("/");
+    let parsed = if is_grub {
+        menu::parse_grub(&text)
+    } else {
+        menu::parse_isolinux(&text, cfg_dir)
+    };
+    match parsed {
+        Ok(menu) => menus.push(MenuFile {
+            path: menu_path.to_string(),
+            menu,
+        }),
+        Err(e) => errors.push((menu_path.to_string(), e.to_string())),
+    }
+}
+
+/// At least one usable menu, or the first reason there is none.
+pub(crate) fn check_menus(
+    path: &Path,
+    menus: &[MenuFile],
+    errors: &[(String, String)],
+) -> Result<(), LiveError> {
+    if !menus.is_empty() {
+        return Ok(());
+    }
+    Err(match errors.first() {
+        Some((menu, message)) => LiveError::Menu {
+            path: path.to_path_buf(),
+            menu: menu.clone(),
+            message: message.clone(),
+        },
+        None => LiveError::NoMenu(path.to_path_buf()),
+    })
+}
+
+/// Every kernel and initrd the menus name, each once, in menu order.
+pub(crate) fn boot_files_of(menus: &[MenuFile]) -> (Vec<String>, Vec<String>) {
+    let mut kernels = Vec::new();
+    let mut initrds = Vec::new();
+    for e in menus.iter().flat_map(|m| &m.menu.entries) {
+        if !kernels.contains(&e.kernel) {
+            kernels.push(e.kernel.clone());
+        }
+        for i in &e.initrds {
+            if !initrds.contains(i) {
+                initrds.push(i.clone());
+            }
+        }
+    }
+    (kernels, initrds)
 }
 
 /// Squashfs compressor ids from the superblock (offset 20).

@@ -6,12 +6,12 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
 
-use crate::boot::menu;
 use crate::disk::fat::{self, FatEntry, FatFs};
 use crate::disk::stick::{Stick, StickError};
 use crate::source::iso::{Extent, IsoEntry};
 use crate::source::live::{
-    FileInfo, LayoutKind, LiveError, LiveImage, MenuFile, SourceKind, classify_root,
+    FileInfo, LayoutKind, LiveError, LiveImage, MenuFile, SourceKind, boot_files_of, check_menus,
+    classify_root, parse_menu_file,
 };
 
 const LIVE_DIR: &str = "LiveOS";
@@ -79,20 +79,7 @@ pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
                 let Ok(bytes) = fat::read_file(fs, menu_path) else {
                     continue;
                 };
-                let text = String::from_utf8_lossy(&bytes);
-                let cfg_dir = menu_path.rsplit_once('/').map(|(d, _)| d).unwrap_or("/");
-                let parsed = if is_grub {
-                    menu::parse_grub(&text)
-                } else {
-                    menu::parse_isolinux(&text, cfg_dir)
-                };
-                match parsed {
-                    Ok(menu) => menus.push(MenuFile {
-                        path: menu_path.to_string(),
-                        menu,
-                    }),
-                    Err(e) => menu_errors.push((menu_path.to_string(), e.to_string())),
-                }
+                parse_menu_file(menu_path, is_grub, &bytes, &mut menus, &mut menu_errors);
             }
             let live_files = fat::list_dir(fs, &format!("/{LIVE_DIR}"))
                 .into_iter()
@@ -119,30 +106,8 @@ pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
             })
         })
         .map_err(stick_err(path))?;
-    if found.menus.is_empty() {
-        return Err(match found.menu_errors.into_iter().next() {
-            Some((menu, message)) => LiveError::Menu {
-                path: path.to_path_buf(),
-                menu,
-                message,
-            },
-            None => LiveError::NoMenu(path.to_path_buf()),
-        });
-    }
-    let mut kernels = Vec::new();
-    let mut initrds = Vec::new();
-    for m in &found.menus {
-        for e in &m.menu.entries {
-            if !kernels.contains(&e.kernel) {
-                kernels.push(e.kernel.clone());
-            }
-            for i in &e.initrds {
-                if !initrds.contains(i) {
-                    initrds.push(i.clone());
-                }
-            }
-        }
-    }
+    check_menus(path, &found.menus, &found.menu_errors)?;
+    let (kernels, initrds) = boot_files_of(&found.menus);
     let mut warnings: Vec<String> = found
         .menu_errors
         .iter()
