@@ -411,6 +411,26 @@ impl UpperTree {
     }
 }
 
+/// A stand-in entry for the tree's root (only its times are used).
+fn upper_root_entry() -> UpperEntry {
+    UpperEntry {
+        path: String::new(),
+        ino: 0,
+        kind: Kind::Dir,
+        perm: 0o755,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        mtime: 0,
+        rdev: (0, 0),
+        target: None,
+        xattrs: Vec::new(),
+        opaque: false,
+        children: Vec::new(),
+        content: None,
+    }
+}
+
 /// Walks `/overlayfs` with `ls -p`, one debugfs run per directory level. Fills the
 /// structure (names, kinds, owners, modes, sizes), not the details.
 pub fn walk_upper(dbg: &Debugfs, scratch: &Path) -> Result<UpperTree, OvlError> {
@@ -1743,8 +1763,20 @@ pub(crate) fn run_steps(
             (r, img)
         }
         _ => {
+            // The image's `/` keeps its own metadata (see the module docs), its
+            // mtime included, although entries were added to it.
+            let root_mtime = fs::metadata(&tree).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.mtime()
+            });
             let mut t = HostTree::new(&tree);
-            (apply(&upper, &mut t, &mut tick)?, tree.clone())
+            let r = apply(&upper, &mut t, &mut tick)?;
+            if let Some(mtime) = root_mtime {
+                let mut e = upper_root_entry();
+                e.mtime = mtime;
+                t.set_time(&tree, &e)?;
+            }
+            (r, tree.clone())
         }
     };
     progress("apply", total, total);

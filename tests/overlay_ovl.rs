@@ -1,0 +1,888 @@
+//! `livestick overlay merge|reset|status` on OverlayFS overlays (`write --overlayfs`):
+//! the overlay is an ext4 file system holding `overlayfs/` (upper) and `ovlwork/`.
+//! "A boot" is simulated by editing that ext4 with `debugfs -w` (files, whiteouts as
+//! `mknod c 0 0`, `trusted.overlay.opaque`), exactly what the kernel leaves behind.
+//! Results are read back with independent tools: mtools, unsquashfs, debugfs, e2fsck,
+//! fsck.fat, fsck.erofs.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use livestick::disk::stick::Stick;
+use livestick::persist::merge::{self, MergeError, MergeRequest, STEPS, StickMergeRequest};
+use livestick::persist::ovl_merge::{self, OvlError};
+use support::*;
+
+fn tool(name: &str) -> PathBuf {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn tools_ok() -> bool {
+    [
+        "unsquashfs",
+        "mksquashfs",
+        "debugfs",
+        "e2fsck",
+        "mcopy",
+        "fsck.fat",
+        "xorriso",
+    ]
+    .iter()
+    .all(|t| tool(t).is_file())
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(tool(cmd))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// debugfs read-only on an image; stdout.
+fn dbg(image: &str, cmd: &str) -> String {
+    sh("debugfs", &["-R", cmd, image])
+}
+
+/// debugfs -w with a script; panics if debugfs reports an error.
+fn dbg_w(image: &str, script: &str, scratch: &Path) {
+    let f = scratch.join("script.debugfs");
+    std::fs::write(&f, script).unwrap();
+    let out = std::process::Command::new(tool("debugfs"))
+        .args(["-w", "-f", f.to_str().unwrap(), image])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
+        .collect();
+    assert!(errors.is_empty(), "debugfs script failed: {errors:?}");
+}
+
+/// A tiny ISO whose squashfs.img is the root tree itself (boot-flat.iso style).
+fn flat_iso() -> &'static Path {
+    static ISO: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, p) = ISO.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        for dir in ["etc/keep", "etc/opq/old", "usr/bin", "var/gone", "home"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        std::fs::write(root.join("etc/hostname"), "base\n").unwrap();
+        std::fs::write(root.join("etc/opq/old/f"), "old\n").unwrap();
+        std::fs::write(root.join("etc/opq/keepname"), "lower\n").unwrap();
+        std::fs::write(root.join("var/gone/y"), "x\n").unwrap();
+        std::fs::write(root.join("etc/keep/k"), "keep\n").unwrap();
+        std::fs::write(root.join("usr/bin/tool"), "bin\n").unwrap();
+        std::fs::write(root.join("etc/motd"), "gone soon\n").unwrap();
+        ovl_merge::set_xattr(
+            &root.join("etc/keep/k"),
+            "security.selinux",
+            b"system_u:object_r:etc_t:s0\0",
+        )
+        .unwrap();
+        ovl_merge::set_xattr(&root.join("etc"), "user.lower", b"1").unwrap();
+        let iso = d.path().join("iso");
+        std::fs::create_dir_all(iso.join("LiveOS")).unwrap();
+        std::fs::create_dir_all(iso.join("isolinux")).unwrap();
+        sh(
+            "mksquashfs",
+            &[
+                root.to_str().unwrap(),
+                iso.join("LiveOS/squashfs.img").to_str().unwrap(),
+                "-comp",
+                "gzip",
+                "-noappend",
+                "-quiet",
+                "-xattrs",
+            ],
+        );
+        std::fs::write(iso.join("isolinux/vmlinuz"), "kernel").unwrap();
+        std::fs::write(iso.join("isolinux/initrd.img"), "initrd").unwrap();
+        std::fs::write(
+            iso.join("isolinux/isolinux.cfg"),
+            "default linux\nlabel linux\n  kernel vmlinuz\n  append initrd=initrd.img root=live:CDLABEL=FLAT-OVL rd.live.image\n",
+        )
+        .unwrap();
+        let out = d.path().join("flat.iso");
+        sh(
+            "xorriso",
+            &[
+                "-as",
+                "mkisofs",
+                "-quiet",
+                "-V",
+                "FLAT-OVL",
+                "-R",
+                "-J",
+                "-o",
+                out.to_str().unwrap(),
+                iso.to_str().unwrap(),
+            ],
+        );
+        (d, out)
+    });
+    p
+}
+
+struct T {
+    dir: tempfile::TempDir,
+    img: PathBuf,
+    part: u64,
+    part_len: u64,
+    overlay: String,
+}
+
+impl T {
+    fn s(&self) -> &str {
+        self.img.to_str().unwrap()
+    }
+    fn work(&self) -> PathBuf {
+        let w = self.dir.path().join("work");
+        std::fs::create_dir_all(&w).unwrap();
+        w
+    }
+    /// The overlay as debugfs reads it in place: `stick.img?offset=N`.
+    fn overlay_spec(&self) -> String {
+        let mut s = Stick::open(&self.img, false).unwrap();
+        let ext = s.file_extents(&self.overlay).unwrap();
+        assert_eq!(ext.len(), 1, "a fresh stick has a contiguous overlay");
+        format!("{}?offset={}", self.img.display(), ext[0].0)
+    }
+    /// "A boot": the live system's changes, written into the upper dir.
+    fn boot(&self, script: &str) {
+        dbg_w(&self.overlay_spec(), script, self.dir.path());
+    }
+    fn squashfs(&self) -> PathBuf {
+        let p = self.dir.path().join(format!(
+            "sq-{}.img",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        fat_copy_out(&self.img, self.part, "LiveOS/squashfs.img", &p);
+        p
+    }
+    fn upper_listing(&self) -> String {
+        dbg(&self.overlay_spec(), "ls -p /overlayfs")
+    }
+}
+
+fn write_stick(iso: &Path) -> T {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("stick.img");
+    let out = livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        img.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "32",
+        "--overlayfs",
+        "--yes",
+    ]);
+    assert!(
+        out.status.success(),
+        "write: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut s = Stick::open(&img, false).unwrap();
+    let info = s.info("LiveOS").unwrap();
+    T {
+        part: s.partition.start,
+        part_len: s.partition.len,
+        overlay: info.expected_overlay.clone(),
+        img,
+        dir,
+    }
+}
+
+/// Payload files for the boot scripts.
+fn payload(t: &T, name: &str, text: &str) -> String {
+    let p = t.dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+/// What a live system on the flat stick typically leaves behind.
+fn flat_boot(t: &T) {
+    let host = payload(t, "hostname", "merged-host\n");
+    let new = payload(t, "new", "brand new\n");
+    let cap = t.dir.path().join("cap.bin");
+    std::fs::write(
+        &cap,
+        [
+            1u8, 0, 0, 2, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ],
+    )
+    .unwrap();
+    t.boot(&format!(
+        "mkdir /overlayfs/etc
+sif /overlayfs/etc mode 040750
+ea_set /overlayfs/etc trusted.overlay.origin 0123
+ea_set /overlayfs/etc user.upper 2
+write {host} /overlayfs/etc/hostname
+sif /overlayfs/etc/hostname uid 1000
+sif /overlayfs/etc/hostname mode 0100600
+sif /overlayfs/etc/hostname mtime @1700000000
+ea_set /overlayfs/etc/hostname security.selinux system_u:object_r:hostname_etc_t:s0
+mkdir /overlayfs/etc/opq
+ea_set /overlayfs/etc/opq trusted.overlay.opaque y
+write {new} /overlayfs/etc/opq/fresh
+cd /overlayfs/etc
+mknod motd c 0 0
+symlink /overlayfs/etc/link hostname
+mkdir /overlayfs/var
+cd /overlayfs/var
+mknod gone c 0 0
+mkdir \"/overlayfs/new dir\"
+write {new} \"/overlayfs/new dir/a\"
+ln \"/overlayfs/new dir/a\" \"/overlayfs/new dir/b\"
+sif \"/overlayfs/new dir/a\" links_count 2
+mkdir /overlayfs/usr
+mkdir /overlayfs/usr/bin
+write {new} /overlayfs/usr/bin/ping
+ea_set -f {cap} /overlayfs/usr/bin/ping security.capability
+cd /overlayfs/usr/bin
+mknod fifo p
+",
+        cap = cap.display()
+    ));
+}
+
+#[test]
+fn flat_merge_applies_files_whiteouts_opaque_dirs_and_xattrs() {
+    if !require(
+        tools_ok(),
+        "squashfs-tools, e2fsprogs, mtools, dosfstools, xorriso",
+    ) || !require(
+        is_root(),
+        "root (a flat root tree keeps owners and xattrs only as root)",
+    ) {
+        return;
+    }
+    let t = write_stick(flat_iso());
+    let uuid_before = dbg(&t.overlay_spec(), "stats");
+    let uuid_before = uuid_before
+        .lines()
+        .find(|l| l.starts_with("Filesystem UUID"))
+        .unwrap()
+        .to_string();
+    // A fresh overlay: nothing to merge.
+    let out = livestick(&[
+        "overlay",
+        "merge",
+        t.s(),
+        "--yes",
+        "--workdir",
+        t.work().to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to merge"));
+
+    flat_boot(&t);
+    let old_sq = t.squashfs();
+    let dry = livestick(&[
+        "overlay",
+        "merge",
+        t.s(),
+        "--dry-run",
+        "--workdir",
+        t.work().to_str().unwrap(),
+    ]);
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let dry = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        dry.contains("OverlayFS") && dry.contains("flat squashfs"),
+        "{dry}"
+    );
+    assert_eq!(
+        std::fs::read(t.squashfs()).unwrap(),
+        std::fs::read(&old_sq).unwrap()
+    );
+
+    let out = livestick(&[
+        "overlay",
+        "merge",
+        t.s(),
+        "--yes",
+        "--workdir",
+        t.work().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sq = t.squashfs();
+    let sqs = sq.to_str().unwrap();
+    let list = sh("unsquashfs", &["-lln", "-d", "", sqs]);
+    let has = |p: &str| {
+        list.lines()
+            .any(|l| l.ends_with(&format!(" {p}")) || l.contains(&format!(" {p} -> ")))
+    };
+    // Replaced, with the upper's owner and mode.
+    assert_eq!(
+        sh("unsquashfs", &["-cat", sqs, "etc/hostname"]),
+        "merged-host\n"
+    );
+    let line = list
+        .lines()
+        .find(|l| l.ends_with(" /etc/hostname"))
+        .unwrap();
+    assert!(line.starts_with("-rw------- 1000/"), "{line}");
+    // Whiteouts deleted a file and a whole directory.
+    assert!(
+        !has("/etc/motd") && !has("/var/gone") && !has("/var/gone/y"),
+        "{list}"
+    );
+    assert!(has("/var"));
+    // The opaque dir replaced the lower one entirely.
+    assert!(
+        has("/etc/opq/fresh") && !has("/etc/opq/old") && !has("/etc/opq/keepname"),
+        "{list}"
+    );
+    // Untouched lower files stay; new ones appear; a symlink, a fifo, a name with a space.
+    assert!(has("/etc/keep/k") && has("/usr/bin/tool") && has("/usr/bin/ping"));
+    assert!(list.contains("/etc/link -> hostname"), "{list}");
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with('p') && l.ends_with("/usr/bin/fifo")),
+        "{list}"
+    );
+    assert_eq!(sh("unsquashfs", &["-cat", sqs, "new dir/b"]), "brand new\n");
+    let etc = list.lines().find(|l| l.ends_with(" /etc")).unwrap();
+    assert!(
+        etc.starts_with("drwxr-x---"),
+        "merged dir takes the upper's mode: {etc}"
+    );
+
+    // xattrs: SELinux labels and capabilities kept, OverlayFS bookkeeping dropped.
+    let x = t.dir.path().join("x");
+    sh("unsquashfs", &["-d", x.to_str().unwrap(), sqs]);
+    let get = |p: &str, n: &str| ovl_merge::get_xattr(&x.join(p), n);
+    assert_eq!(
+        get("etc/hostname", "security.selinux").unwrap(),
+        b"system_u:object_r:hostname_etc_t:s0"
+    );
+    assert_eq!(
+        get("usr/bin/ping", "security.capability").unwrap()[..4],
+        [1, 0, 0, 2]
+    );
+    assert_eq!(
+        get("etc/keep/k", "security.selinux").unwrap(),
+        b"system_u:object_r:etc_t:s0\0"
+    );
+    assert!(get("etc", "trusted.overlay.origin").is_none());
+    assert_eq!(get("etc", "user.upper").unwrap(), b"2");
+    assert!(
+        get("etc", "user.lower").is_none(),
+        "the merged dir's xattrs are the upper's"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let (a, b) = (
+        std::fs::metadata(x.join("new dir/a")).unwrap(),
+        std::fs::metadata(x.join("new dir/b")).unwrap(),
+    );
+    assert_eq!(a.ino(), b.ino(), "hard links stay hard links");
+    assert_eq!(
+        std::fs::metadata(x.join("etc/hostname")).unwrap().mtime(),
+        1_700_000_000
+    );
+
+    // The overlay is a new empty ext4 with the same UUID.
+    let spec = t.overlay_spec();
+    let root = dbg(&spec, "ls -p /");
+    assert!(
+        root.contains("/overlayfs//") && root.contains("/ovlwork//"),
+        "{root}"
+    );
+    assert!(
+        !t.upper_listing()
+            .lines()
+            .any(|l| !l.contains("/.//") && !l.contains("/..//") && !l.trim().is_empty())
+    );
+    let uuid_after = dbg(&spec, "stats");
+    assert!(uuid_after.contains(&uuid_before), "{uuid_before}");
+    sh("e2fsck", &["-f", "-n", &spec]);
+    assert!(
+        !fat_ls(&t.img, t.part, "LiveOS")
+            .to_lowercase()
+            .contains(".new")
+    );
+    fsck_fat(&t.img, t.part, t.part_len, t.dir.path());
+    assert_eq!(
+        std::fs::read_dir(t.work()).unwrap().count(),
+        0,
+        "work dir cleaned"
+    );
+}
+
+#[test]
+fn nested_merge_edits_rootfs_img_in_place_with_debugfs() {
+    if !require(
+        tools_ok(),
+        "squashfs-tools, e2fsprogs, mtools, dosfstools, xorriso",
+    ) {
+        return;
+    }
+    let t = write_stick(&synthetic_iso("fedora-classic.iso"));
+    let os = payload(&t, "os-release", "NAME=Merged\n");
+    let big = t.dir.path().join("big");
+    std::fs::write(&big, vec![0x5au8; 300_000]).unwrap();
+    t.boot(&format!(
+        "mkdir /overlayfs/etc
+write {os} /overlayfs/etc/os-release
+sif /overlayfs/etc/os-release uid 42
+sif /overlayfs/etc/os-release gid 43
+sif /overlayfs/etc/os-release mode 0100640
+ea_set /overlayfs/etc/os-release security.selinux system_u:object_r:etc_t:s0
+cd /overlayfs/etc
+mknod livestick-fixture c 0 0
+mkdir /overlayfs/usr
+mkdir /overlayfs/usr/share
+mkdir /overlayfs/usr/share/new
+write {big} /overlayfs/usr/share/new/big
+ln /overlayfs/usr/share/new/big /overlayfs/usr/share/new/big2
+sif /overlayfs/usr/share/new/big links_count 2
+symlink /overlayfs/usr/share/new/l ../../../etc/os-release
+cd /overlayfs/usr/share/new
+mknod dev b 8 1
+mknod fifo p
+mkdir /overlayfs/home
+ea_set /overlayfs/home trusted.overlay.opaque y
+mkdir /overlayfs/home/liveuser
+sif /overlayfs/home/liveuser uid 1000
+",
+        big = big.display()
+    ));
+    let work = t.work();
+    let plan = merge::plan_stick_merge(&StickMergeRequest {
+        stick: t.img.clone(),
+        live_dir: "LiveOS".into(),
+        overlay: t.overlay.clone(),
+        workdir: work.clone(),
+        fsck: true,
+        compress: None,
+    })
+    .unwrap();
+    assert_eq!(plan.root_image, "LiveOS/rootfs.img");
+    let report = merge::execute_merge(&plan, &mut |_, _, _| {}).unwrap();
+    let applied = report.overlayfs.unwrap();
+    assert_eq!(applied.removed, 1, "{applied:?}");
+    assert_eq!(report.fsck_exit_code, Some(0));
+
+    let x = t.dir.path().join("x");
+    sh(
+        "unsquashfs",
+        &["-d", x.to_str().unwrap(), t.squashfs().to_str().unwrap()],
+    );
+    let img = x.join("LiveOS/rootfs.img");
+    let img = img.to_str().unwrap();
+    sh("e2fsck", &["-f", "-n", img]);
+    let etc = dbg(img, "ls -p /etc");
+    assert!(
+        !etc.contains("livestick-fixture"),
+        "whiteout applied: {etc}"
+    );
+    assert!(etc.contains("/100640/42/43/os-release/12/"), "{etc}");
+    let out = t.dir.path().join("os");
+    dbg(img, &format!("dump /etc/os-release {}", out.display()));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "NAME=Merged\n");
+    assert!(dbg(img, "ea_list /etc/os-release").contains("system_u:object_r:etc_t:s0"));
+    let new = dbg(img, "ls -p /usr/share/new");
+    assert!(
+        new.contains("/big/300000/") && new.contains("/big2/300000/"),
+        "{new}"
+    );
+    assert!(
+        new.contains("/060")
+            && new.contains("/dev/")
+            && new.contains("/010")
+            && new.contains("/fifo/"),
+        "{new}"
+    );
+    let ino = |name: &str| {
+        new.lines()
+            .find(|l| l.contains(&format!("/{name}/")))
+            .unwrap()
+            .split('/')
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(ino("big"), ino("big2"), "hard link");
+    assert!(dbg(img, "stat /usr/share/new/l").contains("../../../etc/os-release"));
+    assert!(dbg(img, "stat /usr/share/new/dev").contains("08:01"));
+    let home = dbg(img, "ls -p /home");
+    assert!(home.contains("/1000/0/liveuser//"), "{home}");
+    // The overlay is empty again.
+    assert_eq!(
+        t.upper_listing()
+            .lines()
+            .filter(|l| l.starts_with('/'))
+            .count(),
+        2
+    );
+    fsck_fat(&t.img, t.part, t.part_len, t.dir.path());
+}
+
+#[test]
+fn a_stop_after_any_step_leaves_the_old_or_the_new_state() {
+    if !require(
+        tools_ok(),
+        "squashfs-tools, e2fsprogs, mtools, dosfstools, xorriso",
+    ) || !require(is_root(), "root")
+    {
+        return;
+    }
+    let t = write_stick(flat_iso());
+    flat_boot(&t);
+    let pristine = std::fs::read(&t.img).unwrap();
+    let old_sq = std::fs::read(t.squashfs()).unwrap();
+    let old_upper = t.upper_listing();
+    let mut new_sq = None;
+    for step in STEPS {
+        std::fs::write(&t.img, &pristine).unwrap();
+        let mut plan = merge::plan_stick_merge(&StickMergeRequest {
+            stick: t.img.clone(),
+            live_dir: "LiveOS".into(),
+            overlay: t.overlay.clone(),
+            workdir: t.work(),
+            fsck: true,
+            compress: None,
+        })
+        .unwrap();
+        plan.failpoint = Some(step.to_string());
+        let e = merge::execute_merge(&plan, &mut |_, _, _| {}).unwrap_err();
+        assert!(
+            matches!(e, MergeError::Failpoint(s) if s == step),
+            "{step}: {e}"
+        );
+        let pos = |s: &str| STEPS.iter().position(|x| *x == s).unwrap();
+        let sq_path = t.squashfs();
+        let sq = std::fs::read(&sq_path).unwrap();
+        if pos(step) < pos("swap") {
+            assert!(sq == old_sq, "{step}: replaced too early");
+        } else {
+            assert!(sq != old_sq, "{step}: not replaced");
+            // Every stop after the swap shows the same new tree (the image bytes
+            // differ by mksquashfs's build time).
+            let list = sh("unsquashfs", &["-lln", "-d", "", sq_path.to_str().unwrap()]);
+            assert!(
+                list.contains("/etc/opq/fresh") && !list.contains("/etc/motd"),
+                "{list}"
+            );
+            match &new_sq {
+                None => new_sq = Some(list),
+                Some(n) => assert_eq!(*n, list, "{step}"),
+            }
+        }
+        // The overlay keeps the live system's changes until the reset.
+        let upper = t.upper_listing();
+        if step == "reset" {
+            assert_eq!(
+                upper.lines().filter(|l| l.starts_with('/')).count(),
+                2,
+                "{upper}"
+            );
+        } else {
+            assert_eq!(
+                upper, old_upper,
+                "{step}: the overlay changed before the reset"
+            );
+        }
+        sh("e2fsck", &["-f", "-n", &t.overlay_spec()]);
+        assert!(
+            !fat_ls(&t.img, t.part, "LiveOS")
+                .to_lowercase()
+                .contains(".new")
+                || pos(step) < pos("swap")
+        );
+        fsck_fat(&t.img, t.part, t.part_len, t.dir.path());
+    }
+    // After a stop between swap and reset the new image already holds every change,
+    // and the old overlay over it shows the same tree; a second merge finishes the job.
+    std::fs::write(&t.img, &pristine).unwrap();
+    let mut plan = merge::plan_stick_merge(&StickMergeRequest {
+        stick: t.img.clone(),
+        live_dir: "LiveOS".into(),
+        overlay: t.overlay.clone(),
+        workdir: t.work(),
+        fsck: true,
+        compress: None,
+    })
+    .unwrap();
+    plan.failpoint = Some("swap".into());
+    merge::execute_merge(&plan, &mut |_, _, _| {}).unwrap_err();
+    let out = livestick(&[
+        "overlay",
+        "merge",
+        t.s(),
+        "--yes",
+        "--workdir",
+        t.work().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = sh(
+        "unsquashfs",
+        &["-lln", "-d", "", t.squashfs().to_str().unwrap()],
+    );
+    assert!(
+        list.contains("/etc/opq/fresh") && !list.contains("/etc/motd"),
+        "{list}"
+    );
+    fsck_fat(&t.img, t.part, t.part_len, t.dir.path());
+}
+
+#[test]
+fn status_and_reset_on_an_overlayfs_stick() {
+    if !require(
+        tools_ok(),
+        "squashfs-tools, e2fsprogs, mtools, dosfstools, xorriso",
+    ) {
+        return;
+    }
+    let t = write_stick(&synthetic_iso("fedora-classic.iso"));
+    let big = t.dir.path().join("big");
+    std::fs::write(&big, vec![1u8; 4 << 20]).unwrap();
+    t.boot(&format!("write {} /overlayfs/big\n", big.display()));
+    let out = livestick(&["overlay", "status", t.s(), "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "overlayfs");
+    let used = v["used_bytes"].as_u64().unwrap();
+    assert!(used > 4 << 20, "{v}");
+
+    let out = livestick(&["overlay", "reset", t.s(), "--dry-run"]);
+    assert!(out.status.success());
+    assert!(
+        t.upper_listing().contains("/big/"),
+        "dry run changes nothing"
+    );
+    let out = livestick(&["overlay", "reset", t.s()]);
+    assert!(!out.status.success(), "no terminal and no --yes: refused");
+    let out = livestick(&["overlay", "reset", t.s(), "--yes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!t.upper_listing().contains("/big/"));
+    sh("e2fsck", &["-f", "-n", &t.overlay_spec()]);
+    let out = livestick(&["overlay", "status", t.s(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["used_bytes"].as_u64().unwrap() <= used - (4 << 20), "{v}");
+    // grow and recover stay dm-snapshot only, and say so.
+    let out = livestick(&["overlay", "grow", t.s(), "--add-mb", "1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OverlayFS"));
+    fsck_fat(&t.img, t.part, t.part_len, t.dir.path());
+}
+
+#[test]
+fn overlays_that_cannot_be_merged_file_by_file_are_refused_unchanged() {
+    if !require(
+        tools_ok(),
+        "squashfs-tools, e2fsprogs, mtools, dosfstools, xorriso",
+    ) {
+        return;
+    }
+    let t = write_stick(&synthetic_iso("fedora-classic.iso"));
+    t.boot("mkdir /overlayfs/etc\nmkdir /overlayfs/etc/moved\nea_set /overlayfs/etc/moved trusted.overlay.redirect /etc/old\n");
+    let pristine = std::fs::read(&t.img).unwrap();
+    let plan = merge::plan_stick_merge(&StickMergeRequest {
+        stick: t.img.clone(),
+        live_dir: "LiveOS".into(),
+        overlay: t.overlay.clone(),
+        workdir: t.work(),
+        fsck: false,
+        compress: None,
+    })
+    .unwrap();
+    let e = merge::execute_merge(&plan, &mut |_, _, _| {}).unwrap_err();
+    assert!(
+        matches!(&e, MergeError::Ovl(OvlError::Unsupported { feature, .. }) if feature.contains("redirect")),
+        "{e}"
+    );
+    assert!(e.to_string().contains("/etc/moved"), "{e}");
+    assert!(
+        std::fs::read(&t.img).unwrap() == pristine,
+        "nothing changed"
+    );
+
+    // A name debugfs cannot express.
+    let t = write_stick(&synthetic_iso("fedora-classic.iso"));
+    // debugfs cannot make such a name either: build the overlay with mke2fs -d.
+    let src = t.dir.path().join("ovsrc");
+    std::fs::create_dir_all(src.join("overlayfs/odd")).unwrap();
+    std::fs::create_dir_all(src.join("ovlwork")).unwrap();
+    std::fs::write(src.join("overlayfs/odd/a\"b"), "x").unwrap();
+    let ovimg = t.dir.path().join("ov.img");
+    sh(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-d",
+            src.to_str().unwrap(),
+            ovimg.to_str().unwrap(),
+            "32M",
+        ],
+    );
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut s = Stick::open(&t.img, false).unwrap();
+        let off = s.file_extents(&t.overlay).unwrap()[0].0;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&t.img)
+            .unwrap();
+        f.seek(SeekFrom::Start(off)).unwrap();
+        f.write_all(&std::fs::read(&ovimg).unwrap()).unwrap();
+    }
+    let out = livestick(&[
+        "overlay",
+        "merge",
+        t.s(),
+        "--yes",
+        "--workdir",
+        t.work().to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("double quote") && err.contains("odd/a"),
+        "{err}"
+    );
+}
+
+/// EROFS roots (Fedora 42+): merged on bare files (squashfs.img + overlay side by side).
+#[test]
+fn erofs_root_is_rebuilt_with_mkfs_erofs_or_refused_by_name() {
+    if !require(
+        tools_ok() && tool("mkfs.erofs").is_file() && tool("fsck.erofs").is_file(),
+        "erofs-utils",
+    ) || !require(is_root(), "root")
+    {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    std::fs::create_dir_all(root.join("etc/sub")).unwrap();
+    std::fs::write(root.join("etc/hostname"), "erofs\n").unwrap();
+    std::fs::write(root.join("etc/sub/gone"), "x\n").unwrap();
+    let live = d.path().join("LiveOS");
+    std::fs::create_dir_all(&live).unwrap();
+    let sq = live.join("squashfs.img");
+    sh(
+        "mkfs.erofs",
+        &["-zlz4hc", sq.to_str().unwrap(), root.to_str().unwrap()],
+    );
+    // An OverlayFS overlay as dracut/livestick make it.
+    let ovroot = d.path().join("ovroot");
+    std::fs::create_dir_all(ovroot.join("overlayfs")).unwrap();
+    std::fs::create_dir_all(ovroot.join("ovlwork")).unwrap();
+    let ov = live.join("overlay-L-U");
+    sh(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-d",
+            ovroot.to_str().unwrap(),
+            ov.to_str().unwrap(),
+            "16M",
+        ],
+    );
+    let new = d.path().join("new");
+    std::fs::write(&new, "merged\n").unwrap();
+    dbg_w(
+        ov.to_str().unwrap(),
+        &format!(
+            "mkdir /overlayfs/etc\nwrite {} /overlayfs/etc/hostname\nmkdir /overlayfs/etc/sub\ncd /overlayfs/etc/sub\nmknod gone c 0 0\n",
+            new.display()
+        ),
+        d.path(),
+    );
+    let work = d.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let req = MergeRequest {
+        squashfs: sq.clone(),
+        overlay: ov.clone(),
+        workdir: work.clone(),
+        fsck: true,
+        compress: None,
+    };
+    let mut plan = merge::plan_merge(&req).unwrap();
+    assert!(plan.squash.is_none());
+    let xattrs_lost = matches!(
+        &plan.ovl.as_ref().unwrap().layout,
+        ovl_merge::Layout::Erofs {
+            xattrs_lost: true,
+            ..
+        }
+    );
+    if xattrs_lost {
+        // This erofs-utils cannot extract xattrs: refused by name, nothing changed.
+        let before = std::fs::read(&sq).unwrap();
+        let e = merge::execute_merge(&plan, &mut |_, _, _| {}).unwrap_err();
+        assert!(
+            e.to_string().contains("fsck.erofs") && e.to_string().contains("xattr"),
+            "{e}"
+        );
+        assert!(std::fs::read(&sq).unwrap() == before);
+        plan.allow_xattr_loss = true;
+    }
+    merge::execute_merge(&plan, &mut |_, _, _| {}).unwrap();
+    let x = d.path().join("x");
+    sh(
+        "fsck.erofs",
+        &[&format!("--extract={}", x.display()), sq.to_str().unwrap()],
+    );
+    assert_eq!(
+        std::fs::read_to_string(x.join("etc/hostname")).unwrap(),
+        "merged\n"
+    );
+    assert!(!x.join("etc/sub/gone").exists() && x.join("etc/sub").is_dir());
+    let mut f = std::fs::File::open(&sq).unwrap();
+    let info = livestick::persist::erofs::read_superblock(&mut f, "new").unwrap();
+    assert_eq!(
+        info.algorithms,
+        vec!["lz4"],
+        "the source's compression is kept"
+    );
+    assert!(
+        !dbg(ov.to_str().unwrap(), "ls -p /overlayfs").contains("/etc/"),
+        "overlay reset"
+    );
+}
