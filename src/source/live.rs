@@ -170,8 +170,15 @@ pub fn open_iso(path: &Path) -> Result<IsoImage<BufReader<File>>, LiveError> {
 pub fn inspect(path: &Path) -> Result<LiveImage, LiveError> {
     match open_iso(path) {
         Ok(iso) => inspect_iso(path, iso),
-        // Hybrid ISOs carry a partition table too, so the ISO is tried first.
-        Err(err @ LiveError::Iso { .. }) => {
+        // Hybrid ISOs carry a partition table too, so the ISO is tried first,
+        // and only a file with no ISO 9660 volume at all may be a stick (a
+        // truncated ISO must say it is truncated).
+        Err(
+            err @ LiveError::Iso {
+                source: IsoError::NotIso { .. },
+                ..
+            },
+        ) => {
             if crate::disk::stick::looks_like_stick(path) {
                 crate::source::stick_source::inspect_stick(path)
             } else {
