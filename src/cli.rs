@@ -309,17 +309,8 @@ impl WriteArgs {
     /// name once its semantics exist.
     pub fn unimplemented_options(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
-        if self.partition_size_mb.is_some() {
-            out.push("--partition-size-mb (from --format SIZE)");
-        }
         if self.multi {
             out.push("--multi");
-        }
-        if self.updates.is_some() {
-            out.push("--updates");
-        }
-        if self.ks.is_some() {
-            out.push("--ks");
         }
         if self.total_timeout.is_some() {
             out.push("--total-timeout (from --totaltimeout)");

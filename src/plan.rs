@@ -64,6 +64,12 @@ pub struct WriteOptions {
     pub swap_size: Option<u64>,
     pub extra_args: KernelArgs,
     pub timeout_secs: Option<u32>,
+    /// `--format SIZE`: the FAT partition's size instead of the whole disk.
+    pub partition_size: Option<u64>,
+    /// An anaconda updates image to copy and name with `inst.updates=`.
+    pub updates: Option<PathBuf>,
+    /// A kickstart file to copy and name with `inst.ks=`.
+    pub kickstart: Option<PathBuf>,
     pub volume_id: u32,
     pub bios: bool,
 }
@@ -223,6 +229,12 @@ pub enum PlanError {
     NothingToCopy(&'static str, &'static str, &'static str),
     #[error("--{0} and --{1} both say what the new {2} should be; give one of them")]
     Conflicting(&'static str, &'static str, &'static str),
+    #[error(
+        "--partition-size-mb {asked_mib} is more than the target holds ({max_mib} MiB after the partition table); choose at most {max_mib}"
+    )]
+    PartitionTooLarge { asked_mib: u64, max_mib: u64 },
+    #[error("--partition-size-mb applies to a new partition table only; add --format")]
+    PartitionSizeNeedsFormat,
     #[error("{0} works on an existing stick only; the target is new or being formatted")]
     NeedsExisting(&'static str),
     #[error(
@@ -233,6 +245,26 @@ pub enum PlanError {
     InvalidLiveDir(String),
     #[error("rendering the boot configuration: {0}")]
     Render(String),
+}
+
+/// `--extra-kernel-args` plus the installer arguments that name the copied
+/// updates image and kickstart on this stick (by its UUID, as anaconda's
+/// `hd:` syntax takes it).
+fn installer_args(opts: &WriteOptions, fs_uuid: &str, dir: &str) -> KernelArgs {
+    let mut args = opts.extra_args.clone();
+    if opts.updates.is_some() {
+        args.replace(crate::boot::cmdline::KernelArg::pair(
+            "inst.updates",
+            format!("hd:UUID={fs_uuid}:/{dir}/updates.img"),
+        ));
+    }
+    if opts.kickstart.is_some() {
+        args.replace(crate::boot::cmdline::KernelArg::pair(
+            "inst.ks",
+            format!("hd:UUID={fs_uuid}:/{dir}/ks.cfg"),
+        ));
+    }
+    args
 }
 
 /// Rounds a file size up to whole clusters, as FAT allocates it.
@@ -309,7 +341,16 @@ pub fn plan_write(
                 fs.free_bytes,
             ),
             None => {
-                let layout = partition::layout_single(target_size, opts.table)?;
+                let mut layout = partition::layout_single(target_size, opts.table)?;
+                if let Some(size) = opts.partition_size {
+                    if size > layout.len {
+                        return Err(PlanError::PartitionTooLarge {
+                            asked_mib: size / MIB,
+                            max_mib: layout.len / MIB,
+                        });
+                    }
+                    layout.len = size / MIB * MIB;
+                }
                 let cluster = fat::cluster_size_for(layout.len)? as u64;
                 let available = fat32_data_bytes(layout.len, cluster);
                 (
@@ -326,6 +367,9 @@ pub fn plan_write(
         };
     let fs_uuid = fat::format_volume_id(volume_id);
     let dir = &opts.live_dir;
+    if existing.is_some() && opts.partition_size.is_some() {
+        return Err(PlanError::PartitionSizeNeedsFormat);
+    }
     if existing.is_none() {
         for (flag, name) in [
             (opts.reset_overlay, "--reset-overlay"),
@@ -428,6 +472,16 @@ pub fn plan_write(
         }
     }
 
+    for (host, name) in [(&opts.updates, "updates.img"), (&opts.kickstart, "ks.cfg")] {
+        if let Some(path) = host {
+            let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            copies.push(CopyStep {
+                source: CopySource::Host { path: path.clone() },
+                dest: format!("/{dir}/{name}"),
+                size,
+            });
+        }
+    }
     let overlay_path = format!("/{dir}/overlay-{label}-{fs_uuid}");
     let home_path = format!("/{dir}/home.img");
     // What the existing stick holds that this write keeps, renames or deletes.
@@ -525,7 +579,7 @@ pub fn plan_write(
         live_dir: dir.clone(),
         overlay: overlay_kind,
         dracut: opts.dracut,
-        extra: opts.extra_args.clone(),
+        extra: installer_args(opts, &fs_uuid, dir),
     };
     let primary = live.primary_menu();
     let params = RenderParams {

@@ -42,6 +42,22 @@ fn mib(option: &str, value: Option<u64>) -> anyhow::Result<Option<u64>> {
     }
 }
 
+/// A file the user names to be copied onto the stick: it must be readable now.
+fn readable(option: &str, path: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(Some(path.to_path_buf())),
+        Ok(_) => Err(BadInput(format!(
+            "--{option} {} is not a regular file",
+            path.display()
+        ))
+        .into()),
+        Err(e) => Err(BadInput(format!("--{option} {}: {e}", path.display())).into()),
+    }
+}
+
 /// The overlay argument spelling the ISO's initrd understands.
 fn resolve_dracut(args: &WriteArgs, live: &live::LiveImage) -> DracutNames {
     match args.dracut_names {
@@ -122,6 +138,9 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
         home_encryption,
         swap_size: mib("swap-size-mb", args.swap_size_mb)?,
         extra_args: KernelArgs::parse(args.extra_kernel_args.as_deref().unwrap_or("")),
+        partition_size: mib("partition-size-mb", args.partition_size_mb)?,
+        updates: readable("updates", args.updates.as_deref())?,
+        kickstart: readable("ks", args.ks.as_deref())?,
         timeout_secs: args.timeout,
         volume_id,
         bios: true,
