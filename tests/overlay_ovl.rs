@@ -886,3 +886,116 @@ fn erofs_root_is_rebuilt_with_mkfs_erofs_or_refused_by_name() {
         "overlay reset"
     );
 }
+
+/// A FAT16 stick (made with mkfs.fat, as older tools and small sticks have it): the
+/// overlay and squashfs.img are found, read in place and replaced as on FAT32.
+#[test]
+fn merge_on_a_fat16_stick() {
+    if !require(
+        tools_ok() && tool("mkfs.fat").is_file() && tool("sfdisk").is_file(),
+        "dosfstools, util-linux",
+    ) || !require(is_root(), "root")
+    {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("fat16.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(300 << 20)
+        .unwrap();
+    let table = d.path().join("table");
+    std::fs::write(&table, "start=2048, type=6, bootable\n").unwrap();
+    let out = std::process::Command::new(tool("sfdisk"))
+        .arg("-q")
+        .arg(&img)
+        .stdin(std::fs::File::open(&table).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let blocks = ((300u64 << 20) / 512 - 2048) / 2;
+    sh(
+        "mkfs.fat",
+        &[
+            "-F",
+            "16",
+            "-n",
+            "LIVE",
+            "-i",
+            "12345678",
+            "--offset",
+            "2048",
+            img.to_str().unwrap(),
+            &blocks.to_string(),
+        ],
+    );
+    let part = 2048 * 512;
+    let mmd = std::process::Command::new(tool("mmd"))
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{part}", img.display()))
+        .arg("::/LiveOS")
+        .output()
+        .unwrap();
+    assert!(mmd.status.success());
+    let sq = d.path().join("squashfs.img");
+    iso_extract(flat_iso(), "/LiveOS/squashfs.img", &sq);
+    fat_put(&img, part, &sq, "LiveOS/squashfs.img");
+    let src = d.path().join("ov");
+    std::fs::create_dir_all(src.join("overlayfs/etc")).unwrap();
+    std::fs::create_dir_all(src.join("ovlwork")).unwrap();
+    std::fs::write(src.join("overlayfs/etc/hostname"), "fat16\n").unwrap();
+    let ov = d.path().join("overlay.img");
+    sh(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-d",
+            src.to_str().unwrap(),
+            ov.to_str().unwrap(),
+            "16M",
+        ],
+    );
+    fat_put(&img, part, &ov, "LiveOS/overlay-LIVE-1234-5678");
+
+    let work = d.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let out = livestick(&[
+        "overlay",
+        "merge",
+        img.to_str().unwrap(),
+        "--yes",
+        "--workdir",
+        work.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = d.path().join("new.img");
+    fat_copy_out(&img, part, "LiveOS/squashfs.img", &new);
+    assert_eq!(
+        sh(
+            "unsquashfs",
+            &["-cat", new.to_str().unwrap(), "etc/hostname"]
+        ),
+        "fat16\n"
+    );
+    let back = d.path().join("ov-after.img");
+    fat_copy_out(&img, part, "LiveOS/overlay-LIVE-1234-5678", &back);
+    assert!(
+        !dbg(back.to_str().unwrap(), "ls -p /overlayfs").contains("/etc/"),
+        "overlay reset"
+    );
+    assert!(!fat_ls(&img, part, "LiveOS").to_lowercase().contains(".new"));
+    fsck_fat(&img, part, (300 << 20) - part, d.path());
+}

@@ -969,9 +969,7 @@ impl StickTarget {
 
     /// The overlay, read and written in place on the stick.
     fn overlay_file(&mut self) -> anyhow::Result<ExtentFile<&mut File>> {
-        let extents = self
-            .stick
-            .file_extents(&self.overlay)
+        let extents = merge::stick_extents(&mut self.stick, &self.overlay)
             .with_context(|| format!("locating {}", self.show()))?;
         Ok(ExtentFile::new(self.stick.file_mut(), &extents))
     }

@@ -341,8 +341,8 @@ pub fn plan_stick_merge(req: &StickMergeRequest) -> Result<MergePlan, MergeError
         }
         .into());
     }
-    let sq_extents = stick.file_extents(&squashfs)?;
-    let ov_extents = stick.file_extents(&req.overlay)?;
+    let sq_extents = stick_extents(&mut stick, &squashfs)?;
+    let ov_extents = stick_extents(&mut stick, &req.overlay)?;
     let cluster_bytes = stick.with_fs(|fs| Ok(u64::from(fs.cluster_size())))?;
     let show = |p: &str| PathBuf::from(format!("{}:{p}", req.stick.display()));
     let inputs = Inputs {
@@ -1056,7 +1056,7 @@ fn stick_replace(
     failpoint(plan, "stage")?;
 
     drop_cache(stick.file_mut());
-    let extents = stick.file_extents(&staged)?;
+    let extents = stick_extents(&mut stick, &staged)?;
     let got = {
         let mut f = ExtentFile::new(&mut *stick.file_mut(), &extents);
         let len = f.len();
@@ -1239,12 +1239,22 @@ pub fn extract_root_image(
     })
 }
 
+/// The extents of a file on a stick, in device offsets: FAT32 and FAT16 alike
+/// (`Stick::file_extents` reads FAT32 only; it stays the fallback).
+pub fn stick_extents(stick: &mut Stick, path: &str) -> Result<Vec<(u64, u64)>, MergeError> {
+    let part = stick.partition.start;
+    match overlay_fatswap::file_extents(stick.file_mut(), part, path) {
+        Ok(e) => Ok(e),
+        Err(_) => Ok(stick.file_extents(path)?),
+    }
+}
+
 impl Located {
     /// A file on a stick, by its FAT extents.
     pub fn on_stick(stick: &mut Stick, path: &str) -> Result<Located, MergeError> {
         Ok(Located {
             device: stick.path.clone(),
-            extents: stick.file_extents(path)?,
+            extents: stick_extents(stick, path)?,
         })
     }
 
