@@ -30,10 +30,8 @@
 //! names that are not UTF-8 or contain `"` or a newline (refused by name).
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -733,65 +731,29 @@ fn apply_children(
 // ---------------------------------------------------------------------------------
 // Host tree target
 
-/// `lsetxattr`: sets an xattr on a path without following a symlink.
+// Extended attributes through the `xattr` crate, whose path functions never
+// follow a final symlink (the l*xattr calls): the link's own labels are what
+// a root image carries. Keeps the project free of `unsafe` outside ioctls.
+
+/// Sets an xattr on a path without following a symlink.
 pub fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
-    let p = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let n = CString::new(name).map_err(io::Error::other)?;
-    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
-    let r = unsafe {
-        libc::lsetxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    xattr::set(path, name, value)
 }
 
-/// `lgetxattr`: an xattr's value, `None` when it is absent or unreadable.
+/// An xattr's value, `None` when it is absent or unreadable.
 pub fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
-    let p = CString::new(path.as_os_str().as_bytes()).ok()?;
-    let n = CString::new(name).ok()?;
-    let mut buf = vec![0u8; 65536];
-    // SAFETY: valid strings; the buffer is as long as we say.
-    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return None;
-    }
-    buf.truncate(r as usize);
-    Some(buf)
+    xattr::get(path, name).ok().flatten()
 }
 
-/// `llistxattr`: the names of a path's xattrs.
+/// The names of a path's xattrs.
 pub fn list_xattrs(path: &Path) -> io::Result<Vec<String>> {
-    let p = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let mut buf = vec![0u8; 65536];
-    // SAFETY: as above.
-    let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(r as usize);
-    Ok(buf
-        .split(|&b| b == 0)
-        .filter(|n| !n.is_empty())
-        .map(|n| String::from_utf8_lossy(n).into_owned())
+    Ok(xattr::list(path)?
+        .map(|n| n.to_string_lossy().into_owned())
         .collect())
 }
 
 fn remove_xattr(path: &Path, name: &str) -> io::Result<()> {
-    let p = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let n = CString::new(name).map_err(io::Error::other)?;
-    // SAFETY: as above.
-    if unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    xattr::remove(path, name)
 }
 
 /// An extracted root tree on the host.
