@@ -12,6 +12,7 @@ packages=(
   # the fixture ISOs and the boot tests
   isolinux grub-efi-amd64-bin grub-pc-bin linux-image-amd64 dracut dracut-live
   busybox-static qemu-system-x86 ovmf erofs-utils cpio
+  dmsetup kmod openssl grub-common mount bc groff-base
 )
 
 missing=()
