@@ -235,6 +235,10 @@ pub enum PlanError {
     PartitionTooLarge { asked_mib: u64, max_mib: u64 },
     #[error("--partition-size-mb applies to a new partition table only; add --format")]
     PartitionSizeNeedsFormat,
+    #[error(
+        "--overlayfs needs --overlay-size-mb N: on FAT the OverlayFS upper layer lives in an ext4 image file of that size"
+    )]
+    OverlayFsNeedsSize,
     #[error("{0} works on an existing stick only; the target is new or being formatted")]
     NeedsExisting(&'static str),
     #[error(
@@ -320,6 +324,9 @@ pub fn plan_write(
     }
     if let Some(label) = &opts.label {
         fat::validate_label(label)?;
+    }
+    if opts.overlayfs && opts.overlay_size.is_none() && !opts.copy_overlay && existing.is_none() {
+        return Err(PlanError::OverlayFsNeedsSize);
     }
     if opts.overlay_size.is_some()
         && !opts.overlayfs

@@ -999,3 +999,30 @@ fn merge_on_a_fat16_stick() {
     assert!(!fat_ls(&img, part, "LiveOS").to_lowercase().contains(".new"));
     fsck_fat(&img, part, (300 << 20) - part, d.path());
 }
+
+/// A flat squashfs (no nested rootfs.img) cannot carry a dm-snapshot overlay:
+/// livestick says so instead of writing a stick whose persistence never works.
+#[test]
+fn flat_squashfs_needs_an_overlayfs_overlay() {
+    let iso = flat_iso();
+    let inspect = std::process::Command::new(env!("CARGO_BIN_EXE_livestick"))
+        .args(["inspect", "--json"])
+        .arg(iso)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(v["root"]["kind"], "flat", "{v}");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("flat.img");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_livestick"))
+        .arg("write")
+        .arg(iso)
+        .arg(&img)
+        .args(["--size", "256M", "--overlay-size-mb", "16"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--overlayfs"), "{stderr}");
+    assert!(!img.exists(), "a refused write created the image");
+}
