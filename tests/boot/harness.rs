@@ -380,6 +380,6 @@ pub fn tail(text: &str, n: usize) -> String {
     out
 }
 
-fn tail_of_file(path: &Path, n: usize) -> String {
+pub fn tail_of_file(path: &Path, n: usize) -> String {
     tail(&read_lossy(path), n)
 }

@@ -6,4 +6,5 @@
 #[path = "../common/fixtures.rs"]
 mod fixtures;
 mod harness;
+mod maintenance;
 mod scenarios;
