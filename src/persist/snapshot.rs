@@ -895,6 +895,26 @@ pub fn create_new_store<W: Write + Seek>(
     Ok(header)
 }
 
+/// True when `len` bytes at `offset` are all zero (a short file counts as zero: a
+/// sparse tail reads as zeros too). Read in blocks, whatever the chunk size.
+fn range_is_zero<R: Read + Seek>(r: &mut R, offset: u64, len: u64) -> io::Result<bool> {
+    let mut buf = vec![0u8; len.min(64 * 1024) as usize];
+    r.seek(SeekFrom::Start(offset))?;
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        let got = read_full(r, &mut buf[..n])?;
+        if buf[..got].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        if got < n {
+            break;
+        }
+        left -= n as u64;
+    }
+    Ok(true)
+}
+
 fn write_zeros<W: Write + Seek>(w: &mut W, offset: u64, len: u64) -> io::Result<()> {
     let zeros = vec![0u8; (len.min(COPY_BLOCK as u64)) as usize];
     w.seek(SeekFrom::Start(offset))?;
@@ -1252,6 +1272,8 @@ pub struct CowWriter {
     map: HashMap<u64, u64>,
     next_free: u64,
     origin_bytes: u64,
+    /// The entries after the end marker of the current area are known to be zero.
+    tail_clean: bool,
 }
 
 impl CowWriter {
@@ -1270,6 +1292,7 @@ impl CowWriter {
             map,
             next_free,
             origin_bytes,
+            tail_clean: false,
         })
     }
 
@@ -1371,6 +1394,20 @@ impl CowWriter {
             cow.flush()?;
             cow.sync_data()?;
         }
+        if !fills_area && !self.tail_clean {
+            // Loading stops at the end marker, so bytes after it may be anything (an old
+            // list, garbage). Overwriting the marker would bring them back to life on the
+            // next load: phantom remaps, or a "full" area whose successor lies past the
+            // end (the kernel refuses the store). The kernel has this flaw; we clear the
+            // rest of the area first, synced, so the list stays terminated.
+            let tail = g.area_offset(area) + (index + 1) * 16;
+            if !range_is_zero(cow, tail, chunk_bytes - (index + 1) * 16)? {
+                write_zeros(cow, tail, chunk_bytes - (index + 1) * 16)?;
+                cow.flush()?;
+                cow.sync_data()?;
+            }
+            self.tail_clean = true;
+        }
         let mut entry = [0u8; 16];
         entry[..8].copy_from_slice(&old.to_le_bytes());
         entry[8..].copy_from_slice(&f.to_le_bytes());
@@ -1387,6 +1424,8 @@ impl CowWriter {
         if fills_area {
             self.store.current_area += 1;
             self.store.current_committed = 0;
+            // The new area was zeroed whole before the entry that filled the old one.
+            self.tail_clean = true;
         } else {
             self.store.current_committed += 1;
         }
@@ -1525,6 +1564,58 @@ mod tests {
             s.validate(Some(80)),
             Err(SnapshotError::OldChunkBeyondOrigin { old_chunk: 99, .. })
         ));
+    }
+
+    /// Fuzzer find (`fuzz/artifacts/snapshot_store/regression-cowwriter-junk-tail`): a
+    /// store whose current area holds non-zero entries after the end marker. Writing the
+    /// next entry over the marker revived them: here area 1 then looked full, and area 2
+    /// lies past the end, so the written store no longer loaded (`AreaBeyondEnd`).
+    #[test]
+    fn cow_writer_keeps_the_list_terminated_over_junk() {
+        // Chunk size 1 sector: 32 entries per area; 40 chunks hold areas 0 and 1 only.
+        let mut entries: Vec<(u64, u64)> = (0..32).map(|i| (i, i + 2)).collect();
+        entries.push((32, 35));
+        entries.push((7, 0)); // the end marker (old_chunk is ignored)
+        entries.extend((0..30).map(|i| (100 + i, 36 + i))); // junk up to the area's end
+        let len = 40 * 512;
+        let mut cow = cow_with(Header::fresh(1), &[], len);
+        for (i, (o, n)) in entries.iter().enumerate() {
+            let at = if i < 32 {
+                512 + 16 * i
+            } else {
+                34 * 512 + 16 * (i - 32)
+            };
+            cow.get_mut()[at..at + 8].copy_from_slice(&o.to_le_bytes());
+            cow.get_mut()[at + 8..at + 16].copy_from_slice(&n.to_le_bytes());
+        }
+        let Opened::Valid(store) = open_store(&mut cow, len as u64).unwrap() else {
+            panic!("expected a valid store")
+        };
+        assert_eq!(store.exceptions.len(), 33);
+        let origin_bytes = 64 * 512;
+        let mut origin = Cursor::new(vec![0x11u8; origin_bytes]);
+        let mut w = CowWriter::new(*store, origin_bytes as u64).unwrap();
+        w.write_at(&mut origin, &mut cow, 40 * 512 + 3, b"new data")
+            .unwrap();
+        let Opened::Valid(reread) = open_store(&mut cow, len as u64).unwrap() else {
+            panic!("the written store must still load")
+        };
+        assert_eq!(reread.exceptions, w.store().exceptions);
+        assert_eq!(reread.exceptions.len(), 34);
+
+        // The same on a phantom remap: (50, 3) after the marker would have come back.
+        let mut cow = cow_with(Header::fresh(8), &[(1, 2), (7, 0), (50, 3)], 16 * 4096);
+        let Opened::Valid(store) = open_store(&mut cow, 16 * 4096).unwrap() else {
+            panic!("expected a valid store")
+        };
+        let mut origin = Cursor::new(vec![0x22u8; 64 * 4096]);
+        let mut w = CowWriter::new(*store, 64 * 4096).unwrap();
+        w.write_at(&mut origin, &mut cow, 5 * 4096, b"x").unwrap();
+        let Opened::Valid(reread) = open_store(&mut cow, 16 * 4096).unwrap() else {
+            panic!("the written store must still load")
+        };
+        assert_eq!(reread.exceptions, w.store().exceptions);
+        assert!(reread.validate(Some(64 * 8)).is_ok());
     }
 
     #[test]

@@ -1,0 +1,44 @@
+//! Replays the committed cargo-fuzz corpus (and any committed crash regressions) through
+//! the same checks as `fuzz/fuzz_targets/snapshot_store.rs`, on the stable toolchain, so
+//! CI exercises every input the fuzzer found interesting without nightly or cargo-fuzz.
+
+use std::path::{Path, PathBuf};
+
+#[path = "../fuzz/check/snapshot_store.rs"]
+mod check;
+
+fn inputs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn snapshot_store_corpus_and_regressions() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let corpus = inputs(&root.join("corpus/snapshot_store"));
+    // The corpus is committed; an empty one means the path moved, not that all is well.
+    assert!(!corpus.is_empty(), "no corpus under {}", root.display());
+    // Only the committed, minimised crashes; fresh `crash-*` files stay local.
+    let regressions: Vec<PathBuf> = inputs(&root.join("artifacts/snapshot_store"))
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("regression-"))
+        })
+        .collect();
+    for path in corpus.iter().chain(&regressions) {
+        let data = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // A panic names the input, so a CI failure can be replayed with `cargo fuzz run`.
+        let name = path.display().to_string();
+        let r = std::panic::catch_unwind(|| check::fuzz_one(&data));
+        assert!(r.is_ok(), "fuzz check failed on {name}");
+    }
+}
