@@ -992,7 +992,7 @@ where
     let view_len = origin_bytes / SECTOR_BYTES * SECTOR_BYTES;
     require_valid(store, view_len / SECTOR_BYTES)?;
     let chunk_bytes = store.geometry.chunk_bytes();
-    let mut buf = vec![0u8; COPY_BLOCK.max(chunk_bytes.min(1 << 30) as usize)];
+    let mut buf = vec![0u8; COPY_BLOCK];
     let mut pos = 0u64;
     let mut stream = |src: &mut dyn ReadSeek, from: u64, len: u64, out: &mut W| {
         src.seek(SeekFrom::Start(from))?;
@@ -1042,7 +1042,7 @@ where
     let view_len = origin_bytes / SECTOR_BYTES * SECTOR_BYTES;
     require_valid(store, view_len / SECTOR_BYTES)?;
     let chunk_bytes = store.geometry.chunk_bytes();
-    let mut buf = vec![0u8; COPY_BLOCK.max(chunk_bytes.min(1 << 30) as usize)];
+    let mut buf = vec![0u8; COPY_BLOCK];
     let map = store.chunk_map();
     let total = map.len() as u64;
     let mut done = 0u64;
@@ -1080,7 +1080,7 @@ where
     let g = store.geometry;
     let chunk_bytes = g.chunk_bytes();
     let epa = g.exceptions_per_area() as usize;
-    let mut buf = vec![0u8; COPY_BLOCK.max(chunk_bytes.min(1 << 30) as usize)];
+    let mut buf = vec![0u8; COPY_BLOCK];
     let total = store.exceptions.len() as u64;
     let mut done = 0u64;
     let areas: Vec<&[Exception]> = store.exceptions.chunks(epa).collect();
