@@ -345,3 +345,36 @@ fn error_kinds_have_distinct_codes_and_hints() {
         );
     }
 }
+
+/// Every command that changes something accepts --yes, so scripts can pass it
+/// uniformly (the brief's own examples do).
+#[test]
+fn every_changing_command_accepts_yes() {
+    use clap::Parser;
+    for argv in [
+        &["livestick", "write", "a.iso", "b.img", "--yes"][..],
+        &["livestick", "overlay", "merge", "s.img", "--yes"],
+        &["livestick", "overlay", "reset", "s.img", "--yes"],
+        &[
+            "livestick",
+            "overlay",
+            "recover",
+            "s.img",
+            "--repair",
+            "--yes",
+        ],
+        &[
+            "livestick",
+            "overlay",
+            "grow",
+            "s.img",
+            "--add-mb",
+            "8",
+            "--yes",
+        ],
+    ] {
+        if let Err(e) = Cli::try_parse_from(argv) {
+            panic!("{argv:?}: {e}");
+        }
+    }
+}

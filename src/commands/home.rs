@@ -79,6 +79,10 @@ pub struct ResizeArgs {
     pub workdir: Option<PathBuf>,
     #[command(flatten)]
     pub pass: PassArgs,
+    /// Answer yes to every confirmation (for scripts; growing keeps every file,
+    /// so it asks none today)
+    #[arg(long, short)]
+    pub yes: bool,
     /// Show the plan and check every limit, change nothing
     #[arg(long)]
     pub dry_run: bool,

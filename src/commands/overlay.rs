@@ -42,7 +42,9 @@ pub enum OverlayCommand {
     Merge(MergeArgs),
     /// Empty the overlay (a new store); everything it holds is lost
     Reset(ResetArgs),
-    /// Make an overlay the kernel marked Invalid usable again (after validating it)
+    /// Make an overlay the kernel marked Invalid usable again (after validating it).
+    /// An overlay that is only full (dmsetup shows Overflow; current kernels with
+    /// dracut's `PO` table stop there) stays valid: give it room with `grow`
     Recover(RecoverArgs),
     /// Make the overlay file larger, keeping every change in it
     Grow(GrowArgs),
@@ -138,7 +140,8 @@ pub struct RecoverArgs {
     pub sel: StickSel,
     #[command(flatten)]
     pub origin: OriginArgs,
-    /// Also grow the overlay by this many MiB (an overlay that ran full fails again at once)
+    /// Also grow the overlay by this many MiB (an overlay that was invalidated because
+    /// it ran full would run full again on the next writes)
     #[arg(long, value_name = "N")]
     pub add_mb: Option<u64>,
     /// Then run `e2fsck -f -y` on the file system seen through the overlay and write
@@ -152,6 +155,10 @@ pub struct RecoverArgs {
     /// With --repair: where to build the repaired view (needs the root image's size)
     #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
     pub workdir: PathBuf,
+    /// Answer yes to every confirmation (for scripts; this command keeps every
+    /// change in the overlay, so it asks none today)
+    #[arg(long, short)]
+    pub yes: bool,
     /// Show what would be done and change nothing
     #[arg(long)]
     pub dry_run: bool,
@@ -170,6 +177,10 @@ pub struct GrowArgs {
     /// Add this many MiB
     #[arg(long, value_name = "N")]
     pub add_mb: Option<u64>,
+    /// Answer yes to every confirmation (for scripts; this command keeps every
+    /// change in the overlay, so it asks none today)
+    #[arg(long, short)]
+    pub yes: bool,
     /// Show the new size and change nothing
     #[arg(long)]
     pub dry_run: bool,
