@@ -312,9 +312,6 @@ impl WriteArgs {
         if self.multi {
             out.push("--multi");
         }
-        if self.total_timeout.is_some() {
-            out.push("--total-timeout (from --totaltimeout)");
-        }
         out
     }
 }

@@ -1597,7 +1597,7 @@ mod tests {
         assert_eq!(w.updates, Some(PathBuf::from("u.img")));
         assert_eq!(w.total_timeout, Some(10));
         assert_eq!(w.partition_size_mb, Some(2048));
-        assert_eq!(w.unimplemented_options().len(), 2);
+        assert_eq!(w.unimplemented_options().len(), 1);
     }
 
     #[test]

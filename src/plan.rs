@@ -64,6 +64,8 @@ pub struct WriteOptions {
     pub swap_size: Option<u64>,
     pub extra_args: KernelArgs,
     pub timeout_secs: Option<u32>,
+    /// SYSLINUX TOTALTIMEOUT (`--total-timeout`).
+    pub total_timeout_secs: Option<u32>,
     /// `--format SIZE`: the FAT partition's size instead of the whole disk.
     pub partition_size: Option<u64>,
     /// An anaconda updates image to copy and name with `inst.updates=`.
@@ -601,6 +603,7 @@ pub fn plan_write(
             .timeout_secs
             .or(primary.menu.timeout_secs)
             .unwrap_or(10),
+        total_timeout_secs: opts.total_timeout_secs,
         stick,
     };
     let mut configs = Vec::new();

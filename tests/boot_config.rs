@@ -166,6 +166,7 @@ fn params(overlay: OverlayBoot, dracut: DracutNames, live_dir: &str) -> RenderPa
         label: "LIVE".into(),
         fs_uuid: "1A2B-3C4D".into(),
         timeout_secs: 10,
+        total_timeout_secs: None,
         stick: StickArgs {
             fs_uuid: "1A2B-3C4D".into(),
             live_dir: live_dir.into(),

@@ -955,7 +955,27 @@ fn row_timeout() {
 
 #[test]
 fn row_totaltimeout() {
-    pending(&["--totaltimeout", "100"], &["--total-timeout", "10"]);
+    same_mapping(
+        &["--totaltimeout", "100", "ISO", "IMG"],
+        &["ISO", "IMG", "--total-timeout", "10"],
+    );
+    same_outcome(
+        &["--totaltimeout", "100", "{iso}", "{img}"],
+        &["{iso}", "{img}", "--total-timeout", "10"],
+        &[],
+        None,
+    );
+    let dir = tmp();
+    let img = blank(dir.path(), "tt.img");
+    let out = compat_run(&[
+        "--totaltimeout",
+        "100",
+        iso().to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let cfg = String::from_utf8(fat_read(&img, MIB, "/syslinux/syslinux.cfg")).unwrap();
+    assert!(cfg.contains("\nTOTALTIMEOUT 100\n"), "{cfg}");
 }
 
 #[test]

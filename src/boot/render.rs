@@ -34,6 +34,9 @@ pub struct RenderParams {
     pub fs_uuid: String,
     /// Seconds before the default boots; 0 boots it at once; `WAIT_FOREVER`.
     pub timeout_secs: u32,
+    /// SYSLINUX `TOTALTIMEOUT` in seconds: boot the default even when a key
+    /// stopped the countdown (livecd-iso-to-disk `--totaltimeout`). GRUB has none.
+    pub total_timeout_secs: Option<u32>,
     pub stick: StickArgs,
 }
 
@@ -324,6 +327,12 @@ pub fn render_syslinux(menu: &BootMenu, p: &RenderParams) -> Result<String, Rend
             ("SERIAL", &serial),
             ("TITLE", &menu_title(menu, p)),
             ("TIMEOUT", &timeout.to_string()),
+            (
+                "TOTALTIMEOUT",
+                &p.total_timeout_secs
+                    .map(|s| format!("TOTALTIMEOUT {}", s.clamp(1, MAX_TIMEOUT_SECS) * 10))
+                    .unwrap_or_default(),
+            ),
             ("ENTRIES", &blocks.join("\n")),
         ],
     )
@@ -445,6 +454,7 @@ mod tests {
             label: "LIVE".into(),
             fs_uuid: "ABCD-1234".into(),
             timeout_secs: 10,
+            total_timeout_secs: None,
             stick: StickArgs {
                 fs_uuid: "ABCD-1234".into(),
                 live_dir: "LiveOS".into(),

@@ -142,6 +142,7 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
         updates: readable("updates", args.updates.as_deref())?,
         kickstart: readable("ks", args.ks.as_deref())?,
         timeout_secs: args.timeout,
+        total_timeout_secs: args.total_timeout,
         volume_id,
         bios: true,
     })
