@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 # Release mode: the boot tests and read-back hashing are I/O and CPU heavy,
 # and debug-mode sha256/md5 would dominate the run time.
-cargo test --release --all-targets -- --test-threads=2 "$@"
+cargo test --release --all-targets --no-fail-fast -- --test-threads=2 "$@"

@@ -4,7 +4,7 @@
 //!
 //! On a stick the overlay is found as `LiveOS/overlay-<LABEL>-<UUID>` and read and
 //! written in place through its FAT extents; squashfs.img is replaced by a directory
-//! entry swap (see `persist::overlay_fatswap`).
+//! entry swap (see `disk::fat_raw`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, IsTerminal, Read, Seek, SeekFrom, Write};

@@ -2,6 +2,7 @@
 pub mod devices;
 pub mod ext4;
 pub mod fat;
+pub mod fat_raw;
 pub mod partition;
 pub mod stick;
 pub mod target;

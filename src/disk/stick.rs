@@ -33,6 +33,8 @@ pub enum StickError {
         "{path} has no {live_dir}/squashfs.img: it is not a live stick (write one with `livestick write`)"
     )]
     NotLive { path: PathBuf, live_dir: String },
+    #[error("{path}: {message}")]
+    Layout { path: PathBuf, message: String },
 }
 
 /// The live files found on a stick.
@@ -227,15 +229,12 @@ impl Stick {
     /// external tools read a file in place (`unsquashfs -o`) and lets
     /// maintenance code patch a contiguous file directly.
     pub fn file_extents(&mut self, path: &str) -> Result<Vec<(u64, u64)>, StickError> {
-        let (start, len) = (self.partition.start, self.partition.len);
-        let stick_path = self.path.clone();
-        let mut window = PartitionWindow::new(&mut self.file, start, len);
-        fat::file_extents(&mut window, path)
-            .map(|v| v.into_iter().map(|(o, l)| (o + start, l)).collect())
-            .map_err(|source| StickError::Fat {
-                path: stick_path,
-                source,
-            })
+        crate::disk::fat_raw::file_extents(&mut self.file, self.partition.start, path).map_err(
+            |e| StickError::Layout {
+                path: self.path.clone(),
+                message: e.to_string(),
+            },
+        )
     }
 
     /// Direct access to the device/image (for reading file extents).

@@ -8,7 +8,7 @@
 //! out to a private temporary directory, grown there with
 //! [`home::home_resize`](crate::persist::home::home_resize), written back as
 //! `home.img.new` next to the old one, verified, and the two directory entries swap
-//! their contents ([`overlay_fatswap::swap_contents`]). Crash windows:
+//! their contents ([`fat_raw::swap_contents`]). Crash windows:
 //!
 //! - before the swap: `home.img` is the old, intact home; a partial or complete
 //!   `home.img.new` is left over and the next `home resize` removes it;
@@ -35,7 +35,7 @@ use crate::disk::stick::{Stick, StickError};
 use crate::persist::home::{self, FAT_MAX_FILE_MIB, HomeError, HomeKind};
 use crate::persist::luks::LuksError;
 use crate::persist::overlay_extent::ExtentFile;
-use crate::persist::overlay_fatswap::{self, SwapError};
+use crate::disk::fat_raw::{self, SwapError};
 
 const MIB: u64 = 1024 * 1024;
 /// Copy buffer: large enough for USB throughput, small enough to zeroize cheaply.
@@ -573,8 +573,8 @@ fn hex(b: &[u8]) -> String {
 fn remove_stale(h: &mut StickHome) -> Result<(), HomeStickError> {
     let part = h.stick.partition.start;
     let path = h.stick.path.clone();
-    let home_e = overlay_fatswap::find_entry(h.stick.file_mut(), part, &h.home)?;
-    let stale_e = overlay_fatswap::find_entry(h.stick.file_mut(), part, &h.staged)?;
+    let home_e = fat_raw::find_entry(h.stick.file_mut(), part, &h.home)?;
+    let stale_e = fat_raw::find_entry(h.stick.file_mut(), part, &h.staged)?;
     if stale_e.first_cluster != 0 && stale_e.first_cluster == home_e.first_cluster {
         let sector = stale_e.offset / 512 * 512;
         let at = (stale_e.offset - sector) as usize;
@@ -726,7 +726,7 @@ pub fn resize_on_stick(
     }
 
     let part = h.stick.partition.start;
-    overlay_fatswap::swap_contents(h.stick.file_mut(), part, &h.home, &staged)?;
+    fat_raw::swap_contents(h.stick.file_mut(), part, &h.home, &staged)?;
     // The staged name now holds the old home; free its clusters.
     h.stick.with_fs(|fs| {
         fat::remove_all(fs, &staged).map_err(|source| StickError::Fat {

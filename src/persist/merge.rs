@@ -31,7 +31,7 @@ use thiserror::Error;
 use crate::disk::fat;
 use crate::disk::stick::{Stick, StickError};
 use crate::persist::overlay_extent::ExtentFile;
-use crate::persist::overlay_fatswap::{self, SwapError, SwapReport};
+use crate::disk::fat_raw::{self, SwapError, SwapReport};
 use crate::persist::ovl_merge::{self, ApplyReport, OvlError, OvlPlan};
 use crate::persist::snapshot::{
     self, CowWriter, LIVEOS_CHUNK_SECTORS, Opened, SnapshotError, StatusReport,
@@ -1086,7 +1086,7 @@ fn stick_replace(
     failpoint(plan, "fold")?;
 
     let part = place.partition_start;
-    report.swap = Some(overlay_fatswap::swap_contents(
+    report.swap = Some(fat_raw::swap_contents(
         stick.file_mut(),
         part,
         &place.squashfs,
@@ -1242,11 +1242,7 @@ pub fn extract_root_image(
 /// The extents of a file on a stick, in device offsets: FAT32 and FAT16 alike
 /// (`Stick::file_extents` reads FAT32 only; it stays the fallback).
 pub fn stick_extents(stick: &mut Stick, path: &str) -> Result<Vec<(u64, u64)>, MergeError> {
-    let part = stick.partition.start;
-    match overlay_fatswap::file_extents(stick.file_mut(), part, path) {
-        Ok(e) => Ok(e),
-        Err(_) => Ok(stick.file_extents(path)?),
-    }
+    Ok(stick.file_extents(path)?)
 }
 
 impl Located {

@@ -5,7 +5,6 @@ pub mod swap;
 pub mod merge;
 pub mod home;
 pub mod overlay_extent;
-pub mod overlay_fatswap;
 pub mod ovl_merge;
 pub mod erofs;
 pub mod home_stick;
