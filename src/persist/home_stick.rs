@@ -31,11 +31,11 @@ use zeroize::Zeroizing;
 
 use crate::disk::ext4::Ext4Info;
 use crate::disk::fat::{self, FatError};
+use crate::disk::fat_raw::{self, SwapError};
 use crate::disk::stick::{Stick, StickError};
 use crate::persist::home::{self, FAT_MAX_FILE_MIB, HomeError, HomeKind};
 use crate::persist::luks::LuksError;
 use crate::persist::overlay_extent::ExtentFile;
-use crate::disk::fat_raw::{self, SwapError};
 
 const MIB: u64 = 1024 * 1024;
 /// Copy buffer: large enough for USB throughput, small enough to zeroize cheaply.
