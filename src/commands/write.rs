@@ -386,6 +386,35 @@ fn incomplete(path: &Path) -> impl FnOnce(apply::ApplyError) -> anyhow::Error + 
     }
 }
 
+/// Prepares one target's home/swap/overlay images and applies its plan: the
+/// same steps for a single write, each member of a batch, and `--wait-for`.
+#[allow(clippy::too_many_arguments)]
+fn write_one(
+    args: &WriteArgs,
+    plan: &Plan,
+    probe: &target::TargetProbe,
+    syslinux_files: Option<syslinux::SyslinuxFiles>,
+    passphrase: Option<&Zeroizing<Vec<u8>>>,
+    workdir: &Path,
+    source: &mut dyn apply::IsoSource,
+    progress: &Progress,
+) -> anyhow::Result<apply::ApplyReport> {
+    std::fs::create_dir_all(workdir)?;
+    let mut prepared = prepare(plan, args, passphrase, workdir)?;
+    prepared.syslinux = syslinux_files;
+    apply::apply(
+        plan,
+        probe,
+        source,
+        prepared,
+        &ApplyOptions {
+            verify_write: !args.no_verify_write,
+        },
+        progress,
+    )
+    .map_err(incomplete(&probe.path))
+}
+
 pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     if args.targets.len() > 1 || args.wait_for.is_some() {
         return run_batch(args, json, quiet);
@@ -417,20 +446,17 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         .prefix("livestick-")
         .tempdir()
         .context("creating a temporary directory")?;
-    let mut prepared = prepare(&plan, args, passphrase.as_ref(), workdir.path())?;
-    prepared.syslinux = syslinux_files;
     let mut source = apply::open_source(&live)?;
-    let report = apply::apply(
+    let report = write_one(
+        args,
         &plan,
         &probe,
+        syslinux_files,
+        passphrase.as_ref(),
+        workdir.path(),
         source.as_mut(),
-        prepared,
-        &ApplyOptions {
-            verify_write: !args.no_verify_write,
-        },
         &progress,
-    )
-    .map_err(incomplete(&probe.path))?;
+    )?;
     if json {
         let mut value = serde_json::to_value(&report)?;
         value["iso_md5"] = serde_json::json!(md5);
@@ -610,23 +636,16 @@ fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
             let workdir = workdir.path().join(format!("target-{i}"));
             handles.push(scope.spawn(move || {
                 let mut source = source;
-                let result = (|| -> anyhow::Result<apply::ApplyReport> {
-                    std::fs::create_dir_all(&workdir)?;
-                    let mut prepared = prepare(plan, args, passphrase.as_ref(), &workdir)?;
-                    prepared.syslinux = syslinux_files.clone();
-                    let report = apply::apply(
-                        plan,
-                        probe,
-                        source.as_mut(),
-                        prepared,
-                        &ApplyOptions {
-                            verify_write: !args.no_verify_write,
-                        },
-                        &progress,
-                    )
-                    .map_err(incomplete(&probe.path))?;
-                    Ok(report)
-                })();
+                let result = write_one(
+                    args,
+                    plan,
+                    probe,
+                    syslinux_files.clone(),
+                    passphrase.as_ref(),
+                    &workdir,
+                    source.as_mut(),
+                    &progress,
+                );
                 // Dropping the source lets the reader skip this target.
                 drop(source);
                 progress.finish();
@@ -809,21 +828,17 @@ fn run_wait_for(
             scope.spawn(move || {
                 let result = (|| -> anyhow::Result<apply::ApplyReport> {
                     let (plan, probe, syslinux_files) = make_plan(args, &device, &own, live)?;
-                    std::fs::create_dir_all(&workdir)?;
-                    let mut prepared = prepare(&plan, args, passphrase.as_ref(), &workdir)?;
-                    prepared.syslinux = syslinux_files;
                     let mut source = apply::open_source(live)?;
-                    apply::apply(
+                    write_one(
+                        args,
                         &plan,
                         &probe,
+                        syslinux_files,
+                        passphrase.as_ref(),
+                        &workdir,
                         source.as_mut(),
-                        prepared,
-                        &ApplyOptions {
-                            verify_write: !args.no_verify_write,
-                        },
                         &progress,
                     )
-                    .map_err(incomplete(&probe.path))
                 })();
                 progress.finish();
                 let outcome = match result {

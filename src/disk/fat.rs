@@ -231,25 +231,37 @@ pub fn write_zeros<F: Read + Write + Seek>(
     write_file(fs, path, &mut zeros, len, progress)
 }
 
+/// Wraps an I/O error with the path it happened on.
+fn file_err(path: &str) -> impl Fn(io::Error) -> FatError + '_ {
+    move |source| FatError::File {
+        path: path.to_string(),
+        source,
+    }
+}
+
+/// Opens an existing file by its absolute path on the filesystem.
+fn open_existing<'a, 'w, F: Read + Write + Seek>(
+    fs: &'a FatFs<'w, F>,
+    path: &str,
+) -> Result<fatfs::File<'a, &'w mut PartitionWindow<F>>, FatError> {
+    fs.root_dir()
+        .open_file(path.trim_start_matches('/'))
+        .map_err(file_err(path))
+}
+
 /// The sha256 and length of a file on the FAT filesystem.
 pub fn hash_file<F: Read + Write + Seek>(
     fs: &FatFs<'_, F>,
     path: &str,
     mut progress: impl FnMut(u64),
 ) -> Result<([u8; 32], u64), FatError> {
-    let err = |source| FatError::File {
-        path: path.to_string(),
-        source,
-    };
-    let mut file = fs
-        .root_dir()
-        .open_file(path.trim_start_matches('/'))
-        .map_err(err)?;
+    let err = file_err(path);
+    let mut file = open_existing(fs, path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
-        let n = file.read(&mut buf).map_err(err)?;
+        let n = file.read(&mut buf).map_err(&err)?;
         if n == 0 {
             break;
         }
@@ -265,14 +277,8 @@ pub fn read_file<F: Read + Write + Seek>(
     fs: &FatFs<'_, F>,
     path: &str,
 ) -> Result<Vec<u8>, FatError> {
-    let err = |source| FatError::File {
-        path: path.to_string(),
-        source,
-    };
-    let mut file = fs
-        .root_dir()
-        .open_file(path.trim_start_matches('/'))
-        .map_err(err)?;
+    let err = file_err(path);
+    let mut file = open_existing(fs, path)?;
     let mut out = Vec::new();
     file.read_to_end(&mut out).map_err(err)?;
     Ok(out)
