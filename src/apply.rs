@@ -449,7 +449,17 @@ pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, App
         .filter(|e| !e.is_dir)
         .map(|e| (e.path, e.size))
         .collect();
+    let read_text = |path: &str| {
+        fat::exists(&fs, path)
+            .then(|| fat::read_file(&fs, path).ok())
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    };
+    let syslinux_cfg = read_text("/syslinux/syslinux.cfg");
+    let grub_cfg = read_text("/EFI/BOOT/grub.cfg");
     Ok(Some(crate::plan::ExistingFs {
+        syslinux_cfg,
+        grub_cfg,
         table: part.table,
         partition_start: part.start,
         partition_len: part.len,

@@ -262,8 +262,8 @@ pub struct WriteArgs {
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub timeout: Option<u32>,
     /// SYSLINUX total timeout in seconds: boot the default even while the user
-    /// is browsing the menu (not available yet)
-    #[arg(long, value_name = "SECONDS", hide = true)]
+    /// is browsing the menu
+    #[arg(long, value_name = "SECONDS")]
     pub total_timeout: Option<u32>,
 
     /// Skip checking the ISO's implanted MD5
@@ -285,35 +285,19 @@ pub struct WriteArgs {
     #[arg(long, hide = true)]
     pub volume_id: Option<String>,
 
-    // Options the livecd-iso-to-disk front end maps onto, whose native
-    // semantics are not implemented yet. Hidden until they are; both front
-    // ends refuse them through `unimplemented_options` instead of ignoring them.
+    // Options livecd-iso-to-disk users know under other spellings.
     /// With --format: make the live partition N MiB instead of the whole disk
-    #[arg(long, value_name = "N", hide = true)]
+    #[arg(long, value_name = "N")]
     pub partition_size_mb: Option<u64>,
     /// Install beside an existing live image (its own directory and menu entries)
-    #[arg(long, hide = true)]
+    #[arg(long)]
     pub multi: bool,
     /// Copy FILE to the stick as updates.img and boot the installer with inst.updates= it
-    #[arg(long, value_name = "FILE", hide = true)]
+    #[arg(long, value_name = "FILE")]
     pub updates: Option<PathBuf>,
     /// Copy FILE to the stick as ks.cfg and boot the installer with inst.ks= it
-    #[arg(long, value_name = "FILE", hide = true)]
+    #[arg(long, value_name = "FILE")]
     pub ks: Option<PathBuf>,
-}
-
-impl WriteArgs {
-    /// The options given here that the write command does not implement yet.
-    /// Both `write` and `iso-to-disk` refuse these (exit code 2) rather than
-    /// silently doing something else. The write command's owner removes a
-    /// name once its semantics exist.
-    pub fn unimplemented_options(&self) -> Vec<&'static str> {
-        let mut out = Vec::new();
-        if self.multi {
-            out.push("--multi");
-        }
-        out
-    }
 }
 
 /// `--timeout`: whole seconds, or `forever`/`-1` for "wait for a choice"

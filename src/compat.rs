@@ -56,9 +56,6 @@ pub enum Status {
     Mapped,
     /// Accepted; livestick already behaves this way, so it changes nothing.
     NoOp,
-    /// Mapped onto a native option whose semantics are not implemented yet:
-    /// refused at run time with "not available in this build yet".
-    Pending,
     /// Refused, with the reason and what to use instead.
     Refused(&'static str),
     /// Not in livecd-iso-to-disk: a livestick option accepted in this mode.
@@ -92,7 +89,7 @@ const fn opt(
 }
 
 use Arity::{Flag, OptionalValue, Value};
-use Status::{Extension, Mapped, NoOp, Pending, Refused, Supported};
+use Status::{Extension, Mapped, NoOp, Refused, Supported};
 
 /// Every livecd-iso-to-disk option (reference §1), and the livestick
 /// extensions accepted in this mode.
@@ -156,7 +153,7 @@ pub static OPTIONS: &[OldOption] = &[
         Supported,
         "--livedir (spaces become _, / becomes -)",
     ),
-    opt("--multi", &[], Flag, Pending, "--multi"),
+    opt("--multi", &[], Flag, Supported, "--multi"),
     opt("--skipcopy", &["--reconfig"], Flag, Supported, "--skipcopy"),
     opt("--noverify", &[], Flag, Supported, "--noverify"),
     opt(
@@ -200,8 +197,8 @@ pub static OPTIONS: &[OldOption] = &[
         Refused("it only applied to --xo (OLPC XO-1), which livestick does not support; drop it"),
         "",
     ),
-    opt("--updates", &[], Value, Pending, "--updates FILE"),
-    opt("--ks", &[], Value, Pending, "--ks FILE"),
+    opt("--updates", &[], Value, Supported, "--updates FILE"),
+    opt("--ks", &[], Value, Supported, "--ks FILE"),
     // Persistence.
     opt(
         "--overlay-size-mb",
@@ -268,7 +265,7 @@ pub static OPTIONS: &[OldOption] = &[
         "--totaltimeout",
         &[],
         Value,
-        Pending,
+        Mapped,
         "--total-timeout (seconds)",
     ),
     opt(
@@ -357,12 +354,6 @@ pub enum CompatError {
     /// The command line is fine but the source or target is not usable.
     #[error("{0}")]
     BadTarget(String),
-    #[error(
-        "{} not available in this build yet; drop {} (docs/compatibility.md lists the status of every option)",
-        if .0.len() == 1 { format!("{} is", .0[0]) } else { format!("{} are", .0.join(", ")) },
-        if .0.len() == 1 { "it" } else { "them" }
-    )]
-    Pending(Vec<&'static str>),
 }
 
 impl CompatError {
@@ -371,7 +362,7 @@ impl CompatError {
             CompatError::Usage(_) | CompatError::Refused { .. } | CompatError::BadValue { .. } => {
                 ErrorKind::Usage
             }
-            CompatError::BadTarget(_) | CompatError::Pending(_) => ErrorKind::BadInput,
+            CompatError::BadTarget(_) => ErrorKind::BadInput,
         }
     }
 }
@@ -1310,7 +1301,6 @@ pub fn help(program: &str) -> String {
         let what = match o.status {
             Supported | Mapped => format!("→ {}", o.native),
             NoOp => format!("accepted, no effect: {}", o.native),
-            Pending => format!("→ {} (not available in this build yet)", o.native),
             Refused(_) => "refused (see docs/compatibility.md)".to_string(),
             Extension => format!("livestick: {}", o.native),
         };
@@ -1341,10 +1331,6 @@ pub fn prepare(
     let target = resolve_target(&args.target)?;
     check_partition_is_the_fat_one(&target)?;
     let write = args.to_write_args(&target)?;
-    let pending = write.unimplemented_options();
-    if !pending.is_empty() {
-        return Err(CompatError::Pending(pending));
-    }
     Ok(Some((write, args.json, args.quiet)))
 }
 
@@ -1552,7 +1538,6 @@ mod tests {
         assert_eq!(w.home_size_mb, Some(64));
         assert_eq!(w.timeout, Some(crate::boot::render::WAIT_FOREVER));
         assert_eq!(w.extra_kernel_args.as_deref(), Some("console=ttyS0"));
-        assert!(w.unimplemented_options().is_empty());
         // --efi without --format keeps whatever table the stick has.
         let w = run(&["--efi", "x.iso", "s.img"])
             .to_write_args(&whole("s.img"))
@@ -1597,7 +1582,6 @@ mod tests {
         assert_eq!(w.updates, Some(PathBuf::from("u.img")));
         assert_eq!(w.total_timeout, Some(10));
         assert_eq!(w.partition_size_mb, Some(2048));
-        assert_eq!(w.unimplemented_options().len(), 1);
     }
 
     #[test]

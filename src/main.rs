@@ -27,14 +27,7 @@ fn main() -> ExitCode {
     let (json, quiet) = (cli.json, cli.quiet);
     let result = match cli.command {
         Command::Inspect(args) => commands::inspect::run(&args, json),
-        Command::Write(args) => {
-            let pending = args.unimplemented_options();
-            if pending.is_empty() {
-                commands::write::run(&args, json, quiet)
-            } else {
-                Err(compat::CompatError::Pending(pending).into())
-            }
-        }
+        Command::Write(args) => commands::write::run(&args, json, quiet),
         Command::Overlay { command } => commands::overlay::run(command, json),
         Command::Home { command } => commands::home::run(command, json),
         Command::Devices(args) => commands::devices::run(&args, json),

@@ -54,6 +54,9 @@ pub struct WriteOptions {
     pub skipcopy: bool,
     /// Delete an existing home.img (`--delete-home`).
     pub delete_home: bool,
+    /// Add this image beside the stick's existing one(s) (`--multi`): its own
+    /// live directory, boot files under it, and a menu chained from the main one.
+    pub multi: bool,
     /// Carry the source stick's overlay over (`--copy-overlay`).
     pub copy_overlay: bool,
     /// Carry the source stick's home.img over (`--copy-home`).
@@ -89,6 +92,9 @@ pub struct ExistingFs {
     /// Every file on the filesystem (path, size), to see what a write
     /// replaces, keeps or deletes.
     pub files: Vec<(String, u64)>,
+    /// The top-level boot menus as they are (`--multi` extends them).
+    pub syslinux_cfg: Option<String>,
+    pub grub_cfg: Option<String>,
 }
 
 impl ExistingFs {
@@ -241,6 +247,10 @@ pub enum PlanError {
         "--overlayfs needs --overlay-size-mb N: on FAT the OverlayFS upper layer lives in an ext4 image file of that size"
     )]
     OverlayFsNeedsSize,
+    #[error(
+        "--multi adds an image beside the one in /{0}: give it its own directory with --livedir NAME"
+    )]
+    MultiSameDir(String),
     #[error("{0} works on an existing stick only; the target is new or being formatted")]
     NeedsExisting(&'static str),
     #[error(
@@ -271,6 +281,88 @@ fn installer_args(opts: &WriteOptions, fs_uuid: &str, dir: &str) -> KernelArgs {
         ));
     }
     args
+}
+
+/// The menu with every kernel and initrd path under `prefix` (an additional
+/// image's directory for `--multi`).
+fn with_prefix(menu: &crate::boot::menu::BootMenu, prefix: &str) -> crate::boot::menu::BootMenu {
+    let mut menu = menu.clone();
+    if !prefix.is_empty() {
+        for e in &mut menu.entries {
+            e.kernel = format!("{prefix}{}", e.kernel);
+            for i in &mut e.initrds {
+                *i = format!("{prefix}{i}");
+            }
+        }
+    }
+    menu
+}
+
+/// An additional image's own SYSLINUX menu: modules come from /syslinux (where
+/// ldlinux is), and one entry leads back to the main menu.
+fn multi_syslinux_own(rendered: &str) -> String {
+    let mut text = rendered.replace("\nUI menu.c32", "\nUI /syslinux/menu.c32");
+    text.push_str(
+        "\nLABEL multimain\n  MENU LABEL Return to the main menu\n  CONFIG /syslinux/syslinux.cfg\n",
+    );
+    text
+}
+
+/// The stick's main SYSLINUX menu with an entry leading to the image in
+/// `dir`, placed before the first entry (once, however often it is rewritten).
+fn multi_syslinux_main(main: &str, dir: &str, title: &str) -> String {
+    let chain = format!("CONFIG /{dir}/syslinux/syslinux.cfg");
+    if main.contains(&chain) {
+        return main.to_string();
+    }
+    let block = format!(
+        "LABEL {dir}\n  MENU LABEL Go to {} ({dir})\n  {chain}\n\n",
+        title.replace(['\n', '\r'], " ")
+    );
+    let mut out = String::new();
+    let mut inserted = false;
+    for line in main.split_inclusive('\n') {
+        if !inserted && line.trim_start().to_ascii_uppercase().starts_with("LABEL ") {
+            out.push_str(&block);
+            inserted = true;
+        }
+        out.push_str(line);
+    }
+    if !inserted {
+        out.push('\n');
+        out.push_str(&block);
+    }
+    out
+}
+
+/// UEFI: the new image's entries first, then the stick's previous menu
+/// without entries that boot from `dir` (a re-install replaces them). GRUB
+/// runs the file top to bottom, so the repeated settings are harmless.
+fn multi_grub(new: &str, previous: &str, dir: &str) -> String {
+    let marker = format!(" /{dir}/");
+    let mut kept = String::new();
+    let mut block = String::new();
+    let mut depth = 0usize;
+    for line in previous.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if depth == 0 && trimmed.starts_with("menuentry ") {
+            block.clear();
+        }
+        if depth > 0 || trimmed.starts_with("menuentry ") {
+            block.push_str(line);
+            depth += line.matches('{').count();
+            depth = depth.saturating_sub(line.matches('}').count());
+            if depth == 0 {
+                if !block.contains(&marker) {
+                    kept.push_str(&block);
+                }
+                block.clear();
+            }
+            continue;
+        }
+        kept.push_str(line);
+    }
+    format!("{new}\n# Images installed before (livestick --multi)\n{kept}")
 }
 
 /// Rounds a file size up to whole clusters, as FAT allocates it.
@@ -381,6 +473,7 @@ pub fn plan_write(
     }
     if existing.is_none() {
         for (flag, name) in [
+            (opts.multi, "--multi"),
             (opts.reset_overlay, "--reset-overlay"),
             (opts.skipcopy, "--skipcopy"),
             (opts.delete_home, "--delete-home"),
@@ -391,6 +484,22 @@ pub fn plan_write(
         }
     }
 
+    // --multi needs a stick with a boot menu to chain from; like
+    // livecd-iso-to-disk, without one it is a plain install.
+    let multi = opts.multi
+        && existing
+            .as_ref()
+            .is_some_and(|fs| fs.syslinux_cfg.is_some() || fs.grub_cfg.is_some());
+    if multi && dir.eq_ignore_ascii_case(&live.live_dir) {
+        return Err(PlanError::MultiSameDir(dir.clone()));
+    }
+    // Boot files of an additional image live under its directory, so two
+    // images' kernels never collide.
+    let boot_prefix = if multi {
+        format!("/{dir}")
+    } else {
+        String::new()
+    };
     let mut copies = Vec::new();
     let add_iso = |copies: &mut Vec<CopyStep>, src: &str, dest: String, size: u64| {
         if !copies.iter().any(|c: &CopyStep| c.dest == dest) {
@@ -410,14 +519,26 @@ pub fn plan_write(
             .unwrap_or(&f.path);
         add_iso(&mut copies, &f.path, format!("/{dir}/{rel}"), f.size);
     }
+    let keep_efi_loaders = multi
+        && existing.as_ref().is_some_and(|fs| {
+            fs.files
+                .iter()
+                .any(|(p, _)| p.eq_ignore_ascii_case("/EFI/BOOT/BOOTX64.EFI"))
+        });
     for f in &live.efi_files {
-        if f.path.eq_ignore_ascii_case("/EFI/BOOT/grub.cfg") {
+        // The first image's loaders stay: they boot the combined menu.
+        if f.path.eq_ignore_ascii_case("/EFI/BOOT/grub.cfg") || keep_efi_loaders {
             continue;
         }
         add_iso(&mut copies, &f.path, f.path.clone(), f.size);
     }
     for f in &live.boot_files {
-        add_iso(&mut copies, &f.path, f.path.clone(), f.size);
+        add_iso(
+            &mut copies,
+            &f.path,
+            format!("{boot_prefix}{}", f.path),
+            f.size,
+        );
     }
     if opts.skipcopy {
         copies.clear();
@@ -607,21 +728,38 @@ pub fn plan_write(
         stick,
     };
     let mut configs = Vec::new();
+    let primary_menu = with_prefix(&primary.menu, &boot_prefix);
+    let efi_menu = with_prefix(&live.efi_menu().menu, &boot_prefix);
     if opts.bios {
-        let text = render::render_syslinux(&primary.menu, &params)
+        let text = render::render_syslinux(&primary_menu, &params)
             .map_err(|e| PlanError::Render(e.to_string()))?;
-        configs.push(ConfigStep {
-            dest: "/syslinux/syslinux.cfg".into(),
-            content: text,
-        });
+        match existing.as_ref().and_then(|fs| fs.syslinux_cfg.as_ref()) {
+            Some(main) if multi => {
+                configs.push(ConfigStep {
+                    dest: format!("/{dir}/syslinux/syslinux.cfg"),
+                    content: multi_syslinux_own(&text),
+                });
+                configs.push(ConfigStep {
+                    dest: "/syslinux/syslinux.cfg".into(),
+                    content: multi_syslinux_main(main, dir, &params.title),
+                });
+            }
+            _ => configs.push(ConfigStep {
+                dest: "/syslinux/syslinux.cfg".into(),
+                content: text,
+            }),
+        }
     }
     let uefi = live
         .efi_files
         .iter()
         .any(|f| f.path.to_ascii_uppercase().starts_with("/EFI/BOOT/BOOT"));
     if uefi {
-        let text = render::render_grub(&live.efi_menu().menu, &params)
+        let mut text = render::render_grub(&efi_menu, &params)
             .map_err(|e| PlanError::Render(e.to_string()))?;
+        if multi && let Some(previous) = existing.as_ref().and_then(|fs| fs.grub_cfg.as_ref()) {
+            text = multi_grub(&text, previous, dir);
+        }
         if live.menus.iter().any(|m| m.path == "/boot/grub2/grub.cfg") {
             configs.push(ConfigStep {
                 dest: "/boot/grub2/grub.cfg".into(),

@@ -238,28 +238,6 @@ fn refused(old: &[&str], needle: &str) {
     assert_eq!(before, sha256_file(&img));
 }
 
-/// A pending option: the same refusal (exit 2, "not available in this build
-/// yet") as the native option it maps to.
-fn pending(old: &[&str], native: &[&str]) {
-    same_mapping(
-        &[old, &["ISO", "IMG"]].concat(),
-        &[&["ISO", "IMG"], native].concat(),
-    );
-    same_outcome(
-        &[old, &["{iso}", "{img}"]].concat(),
-        &[&["{iso}", "{img}"], native].concat(),
-        &[],
-        None,
-    );
-    let out = compat_run(&[old, &["x.iso", "/nonexistent/s.img"]].concat());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("not available in this build yet"),
-        "{stderr}"
-    );
-}
-
 /// A stick already written by livestick with an overlay and host files, for
 /// the re-provisioning rows.
 fn existing_stick(dir: &Path) -> PathBuf {
@@ -589,7 +567,34 @@ fn row_livedir() {
 
 #[test]
 fn row_multi() {
-    pending(&["--multi"], &["--multi"]);
+    same_mapping(
+        &["--multi", "--livedir", "Second", "ISO", "IMG"],
+        &["ISO", "IMG", "--multi", "--livedir", "Second"],
+    );
+    let dir = tmp();
+    let stick = existing_stick(dir.path());
+    let native_copy = dir.path().join("native.img");
+    std::fs::copy(&stick, &native_copy).unwrap();
+    same_outcome(
+        &[
+            "--multi",
+            "--livedir",
+            "Second",
+            "--noverify",
+            "{iso}",
+            "{img}",
+        ],
+        &[
+            "{iso}",
+            "{img}",
+            "--multi",
+            "--livedir",
+            "Second",
+            "--noverify",
+        ],
+        &[],
+        Some(&stick),
+    );
 }
 
 #[test]

@@ -557,3 +557,117 @@ fn another_stick_as_source_carries_overlay_and_home_over() {
         assert!(!target.exists());
     }
 }
+
+#[test]
+fn multi_adds_a_second_image_with_a_chained_menu() {
+    let first = synthetic_iso("fedora-classic.iso");
+    let second = synthetic_iso("fedora-grub.iso");
+    let dir = tmp();
+    let image = new_stick(dir.path(), "multi.img");
+    ok(write(&[
+        first.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "8",
+        "--volume-id",
+        "3333CCCC",
+    ]));
+    let start = part_start(&image);
+    let first_squash = fat_read(&image, start, "/LiveOS/squashfs.img");
+    let first_overlay = fat_read(&image, start, "/LiveOS/overlay-LIVE-3333-CCCC");
+
+    // Bad input first: the same directory, and --multi on a new image.
+    let out = write(&[second.to_str().unwrap(), image.to_str().unwrap(), "--multi"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--livedir"));
+    let fresh = dir.path().join("fresh.img");
+    let out = write(&[
+        second.to_str().unwrap(),
+        fresh.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--multi",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!fresh.exists());
+
+    ok(write(&[
+        second.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--multi",
+        "--livedir",
+        "Grub",
+        "--overlay-size-mb",
+        "8",
+    ]));
+    // The first image is untouched, overlay included.
+    assert_eq!(
+        fat_read(&image, start, "/LiveOS/squashfs.img"),
+        first_squash
+    );
+    assert_eq!(
+        fat_read(&image, start, "/LiveOS/overlay-LIVE-3333-CCCC"),
+        first_overlay
+    );
+    assert!(!fat_read(&image, start, "/isolinux/vmlinuz").is_empty());
+    // The second lives under /Grub with its own boot files and overlay.
+    assert!(!fat_read(&image, start, "/Grub/squashfs.img").is_empty());
+    assert!(
+        fat_read(&image, start, "/Grub/images/pxeboot/vmlinuz")
+            .starts_with(b"LIVESTICK-SYNTHETIC-KERNEL")
+    );
+    assert_eq!(
+        fat_read(&image, start, "/Grub/overlay-LIVE-3333-CCCC").len() as u64,
+        8 * MIB
+    );
+    let own = String::from_utf8(fat_read(&image, start, "/Grub/syslinux/syslinux.cfg")).unwrap();
+    assert!(own.contains("LINUX /Grub/images/pxeboot/vmlinuz"), "{own}");
+    assert!(own.contains("rd.live.dir=Grub"), "{own}");
+    assert!(own.contains("UI /syslinux/menu.c32"), "{own}");
+    assert!(own.contains("CONFIG /syslinux/syslinux.cfg"), "{own}");
+    let main = String::from_utf8(fat_read(&image, start, "/syslinux/syslinux.cfg")).unwrap();
+    assert!(
+        main.contains("CONFIG /Grub/syslinux/syslinux.cfg"),
+        "{main}"
+    );
+    assert!(
+        main.contains("LINUX /isolinux/vmlinuz"),
+        "first image's entries kept:\n{main}"
+    );
+    let grub = String::from_utf8(fat_read(&image, start, "/EFI/BOOT/grub.cfg")).unwrap();
+    assert!(
+        grub.contains("linux /Grub/images/pxeboot/vmlinuz"),
+        "{grub}"
+    );
+    assert!(
+        grub.contains("linux /images/pxeboot/vmlinuz"),
+        "first image's UEFI entries kept:\n{grub}"
+    );
+    // Installing the second image again replaces its entries, never duplicates them.
+    ok(write(&[
+        second.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--multi",
+        "--livedir",
+        "Grub",
+    ]));
+    let main = String::from_utf8(fat_read(&image, start, "/syslinux/syslinux.cfg")).unwrap();
+    assert_eq!(
+        main.matches("CONFIG /Grub/syslinux/syslinux.cfg").count(),
+        1,
+        "{main}"
+    );
+    let grub = String::from_utf8(fat_read(&image, start, "/EFI/BOOT/grub.cfg")).unwrap();
+    let per_install = grub.matches("linux /Grub/images/pxeboot/vmlinuz").count();
+    assert!(
+        per_install > 0 && per_install <= 3,
+        "entries duplicated:\n{grub}"
+    );
+    let len = sfdisk(&image)["partitiontable"]["partitions"][0]["size"]
+        .as_u64()
+        .unwrap()
+        * 512;
+    fsck_fat(&image, start, len, dir.path());
+}

@@ -131,6 +131,7 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
         reset_overlay: args.reset_overlay,
         skipcopy: args.skipcopy,
         delete_home: args.delete_home,
+        multi: args.multi,
         copy_overlay: args.copy_overlay,
         copy_home: args.copy_home,
         dracut: resolve_dracut(args, live),
