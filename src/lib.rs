@@ -5,13 +5,13 @@
 //! (see `DESIGN.md`). Every on-disk format lives in its own module and works on
 //! `Read + Write + Seek`, so most of it is tested without devices or root.
 
+pub mod apply;
 pub mod batch;
 pub mod boot;
 pub mod cli;
-pub mod compat;
 pub mod commands;
+pub mod compat;
 pub mod disk;
-pub mod apply;
 pub mod io;
 pub mod persist;
 pub mod plan;

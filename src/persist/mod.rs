@@ -1,10 +1,10 @@
 //! Persistence on the stick: the dm-snapshot overlay store, its maintenance, home.img.
-pub mod snapshot;
-pub mod luks;
-pub mod swap;
-pub mod merge;
+pub mod erofs;
 pub mod home;
+pub mod home_stick;
+pub mod luks;
+pub mod merge;
 pub mod overlay_extent;
 pub mod ovl_merge;
-pub mod erofs;
-pub mod home_stick;
+pub mod snapshot;
+pub mod swap;
