@@ -19,3 +19,4 @@ pub mod progress;
 pub mod size;
 pub mod source;
 pub mod squash;
+pub mod tools;

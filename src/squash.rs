@@ -298,16 +298,11 @@ pub const FSCK_EROFS: Tool = Tool {
 /// Finds `tool` on PATH or in the sbin directories (which an ordinary user's PATH often
 /// lacks), or says which package installs it.
 pub fn require_tool(tool: Tool) -> Result<PathBuf, SquashError> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(tool.name))
-        .find(|p| p.is_file())
-        .ok_or(SquashError::ToolMissing {
-            tool: tool.name,
-            debian: tool.debian,
-            fedora: tool.fedora,
-        })
+    crate::tools::find_program(tool.name).ok_or(SquashError::ToolMissing {
+        tool: tool.name,
+        debian: tool.debian,
+        fedora: tool.fedora,
+    })
 }
 
 /// Runs a checked tool; `ok_codes` lists exit codes that mean success (e2fsck uses 1 and

@@ -11,6 +11,8 @@ use std::process::Command;
 
 use thiserror::Error;
 
+use crate::tools::find_program;
+
 /// Menu modules the rendered syslinux.cfg uses (`UI menu.c32`), copied from the
 /// same SYSLINUX installation as the installer so their versions match ldlinux.
 pub const MENU_MODULES: [&str; 2] = ["menu.c32", "libutil.c32"];
@@ -60,14 +62,6 @@ fn find_in(dirs: &[&str], name: &str) -> Result<PathBuf, SyslinuxError> {
             what: name.to_string(),
             looked: dirs.join(", "),
         })
-}
-
-fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].iter().map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 fn boot_code(path: &Path) -> Result<[u8; 440], SyslinuxError> {

@@ -205,21 +205,6 @@ pub struct Report {
     pub checks: Vec<Finding>,
 }
 
-/// Looks on PATH and in the sbin directories, which an ordinary user's PATH
-/// often lacks on Debian although the tools run fine from there.
-pub fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| is_executable(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 /// The first non-empty line the program prints about itself. A program that
 /// hangs is killed after a few seconds: doctor must always finish.
 fn version_of(path: &Path, args: &[&str]) -> Option<String> {
@@ -259,7 +244,7 @@ fn version_of(path: &Path, args: &[&str]) -> Option<String> {
 fn check(need: &Need) -> Finding {
     let (name, kind, path, version, note) = match &need.what {
         What::Program { name, version_args } => {
-            let path = find_program(name);
+            let path = crate::tools::find_program(name);
             let version = path.as_deref().and_then(|p| version_of(p, version_args));
             (*name, "program", path, version, None)
         }

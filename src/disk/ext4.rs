@@ -67,12 +67,7 @@ pub struct Ext4Options {
 /// Find an e2fsprogs tool on PATH or in the sbin directories, which an
 /// ordinary user's PATH often lacks on Debian.
 pub fn find_tool(tool: &'static str) -> Result<PathBuf, Ext4Error> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
-        .ok_or(Ext4Error::NotInstalled { tool })
+    crate::tools::find_program(tool).ok_or(Ext4Error::NotInstalled { tool })
 }
 
 fn run(tool: &'static str, args: &[&std::ffi::OsStr], path: &Path) -> Result<String, Ext4Error> {

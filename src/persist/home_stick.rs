@@ -26,7 +26,6 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::disk::ext4::Ext4Info;
@@ -36,6 +35,7 @@ use crate::disk::stick::{Stick, StickError};
 use crate::persist::home::{self, FAT_MAX_FILE_MIB, HomeError, HomeKind};
 use crate::persist::luks::LuksError;
 use crate::persist::overlay_extent::ExtentFile;
+use crate::source::checksum::{HashingReader, hex};
 
 const MIB: u64 = 1024 * 1024;
 /// Copy buffer: large enough for USB throughput, small enough to zeroize cheaply.
@@ -562,10 +562,6 @@ pub fn resize_file(
     file_report(&plan.target, passphrase)
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// Removes a `home.img.new` left by an interrupted run. If the run stopped between
 /// the two sector writes of a swap, the stale name shares home.img's (new) chain:
 /// then its entry is first pointed at no cluster, so removing it frees nothing of
@@ -697,19 +693,14 @@ pub fn resize_on_stick(
     drop_cache(h.stick.file_mut());
     let extents = h.stick.file_extents(&staged)?;
     let got = {
-        let mut f = ExtentFile::new(&mut *h.stick.file_mut(), &extents);
+        let f = ExtentFile::new(&mut *h.stick.file_mut(), &extents);
         let len = f.len();
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; CHUNK];
-        let mut off = 0u64;
-        while off < len {
-            let n = (len - off).min(CHUNK as u64) as usize;
-            f.read_exact(&mut buf[..n]).map_err(io_at(&stick_path))?;
-            hasher.update(&buf[..n]);
-            off += n as u64;
-            progress("verify", off, len);
-        }
-        hex(&hasher.finalize())
+        let mut hashing = HashingReader::new(f);
+        crate::io::copy_with_progress(&mut hashing, &mut std::io::sink(), |done| {
+            progress("verify", done, len)
+        })
+        .map_err(io_at(&stick_path))?;
+        hex(&hashing.finish())
     };
     let want = hex(&sum);
     if got != want {

@@ -36,6 +36,7 @@ use crate::persist::ovl_merge::{self, ApplyReport, OvlError, OvlPlan};
 use crate::persist::snapshot::{
     self, CowWriter, LIVEOS_CHUNK_SECTORS, Opened, SnapshotError, StatusReport,
 };
+use crate::source::checksum::{HashingReader, hex};
 use crate::squash::{self, Compressor, ImageKind, SquashError, SquashInfo};
 
 /// Root images a dm-snapshot overlay can sit on, in the order dracut looks for them.
@@ -630,19 +631,12 @@ fn sha256_reader(
     total: u64,
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<String, MergeError> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 4 << 20];
-    let mut done = 0u64;
-    loop {
-        let n = r.read(&mut buf).map_err(io_at(what))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        done += n as u64;
-        progress("verify", done, total);
-    }
-    Ok(hex(&hasher.finalize()))
+    let mut hashing = HashingReader::new(r);
+    crate::io::copy_with_progress(&mut hashing, &mut std::io::sink(), |done| {
+        progress("verify", done, total)
+    })
+    .map_err(io_at(what))?;
+    Ok(hex(&hashing.finish()))
 }
 
 pub fn sha256_file(
@@ -652,10 +646,6 @@ pub fn sha256_file(
     let mut f = File::open(path).map_err(io_at(path))?;
     let total = f.metadata().map_err(io_at(path))?.len();
     sha256_reader(&mut f, path, total, progress)
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// A cheap fingerprint of every `chunk_bytes` chunk of an image: enough to tell which

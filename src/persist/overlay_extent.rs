@@ -84,6 +84,14 @@ impl<F: Read + Seek> Read for ExtentFile<F> {
         let n = (buf.len() as u64).min(left) as usize;
         self.inner.seek(SeekFrom::Start(dev))?;
         let got = self.inner.read(&mut buf[..n])?;
+        if got == 0 {
+            // Inside an extent the device has bytes to give: a short device is
+            // an error, never a silently shorter file.
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the stick ends inside a file's extent",
+            ));
+        }
         self.pos += got as u64;
         Ok(got)
     }

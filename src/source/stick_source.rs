@@ -8,6 +8,7 @@ use std::path::Path;
 
 use crate::disk::fat::{self, FatEntry, FatFs};
 use crate::disk::stick::{Stick, StickError};
+use crate::persist::overlay_extent::ExtentFile;
 use crate::source::iso::{Extent, IsoEntry};
 use crate::source::live::{
     FileInfo, LayoutKind, LiveError, LiveImage, MenuFile, SourceKind, boot_files_of, check_menus,
@@ -142,7 +143,7 @@ pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
             .collect(),
     };
     let mut head = Vec::new();
-    ExtentReader::new(stick.file_mut(), extents)
+    ExtentFile::new(stick.file_mut(), &extents)
         .take(1028)
         .read_to_end(&mut head)
         .map_err(|e| LiveError::Stick {
@@ -196,50 +197,6 @@ pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
     })
 }
 
-/// Reads a file stored as byte extents of a device or image.
-pub struct ExtentReader<'a> {
-    file: &'a mut File,
-    extents: Vec<(u64, u64)>,
-    index: usize,
-    offset: u64,
-}
-
-impl<'a> ExtentReader<'a> {
-    pub fn new(file: &'a mut File, extents: Vec<(u64, u64)>) -> Self {
-        ExtentReader {
-            file,
-            extents,
-            index: 0,
-            offset: 0,
-        }
-    }
-}
-
-impl Read for ExtentReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        use std::io::{Seek, SeekFrom};
-        while let Some(&(start, len)) = self.extents.get(self.index) {
-            if self.offset >= len {
-                self.index += 1;
-                self.offset = 0;
-                continue;
-            }
-            let want = buf.len().min((len - self.offset) as usize);
-            self.file.seek(SeekFrom::Start(start + self.offset))?;
-            let n = self.file.read(&mut buf[..want])?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the stick ends inside a file's extent",
-                ));
-            }
-            self.offset += n as u64;
-            return Ok(n);
-        }
-        Ok(0)
-    }
-}
-
 /// Source files read from another stick through their FAT extents.
 pub struct StickSource {
     stick: Stick,
@@ -252,8 +209,8 @@ impl StickSource {
         })
     }
 
-    pub fn reader(&mut self, path: &str) -> Result<ExtentReader<'_>, StickError> {
+    pub fn reader(&mut self, path: &str) -> Result<ExtentFile<&mut File>, StickError> {
         let extents = self.stick.file_extents(path)?;
-        Ok(ExtentReader::new(self.stick.file_mut(), extents))
+        Ok(ExtentFile::new(self.stick.file_mut(), &extents))
     }
 }
