@@ -457,9 +457,7 @@ pub fn error_kind(err: &anyhow::Error) -> ErrorKind {
         if cause.is::<clap::Error>() {
             return ErrorKind::Usage;
         }
-        // `commands::confirm` reports a missing confirmation as a plain
-        // message; it is a safety refusal (nothing was written), not I/O.
-        if cause.to_string().contains("refusing without confirmation") {
+        if cause.is::<crate::commands::NoConfirmation>() {
             return ErrorKind::Refused;
         }
     }

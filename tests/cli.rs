@@ -378,3 +378,15 @@ fn every_changing_command_accepts_yes() {
         }
     }
 }
+
+/// A question nobody could answer (no terminal, no --yes) is a safety refusal,
+/// recognised by its type wherever it is wrapped.
+#[test]
+fn missing_confirmation_is_a_refusal() {
+    let err = anyhow::Error::new(livestick::commands::NoConfirmation {
+        question: "Erase /dev/sdz?".into(),
+    })
+    .context("writing /dev/sdz");
+    assert_eq!(cli::error_kind(&err), ErrorKind::Refused);
+    assert_eq!(cli::error_kind(&err).exit_code(), 3);
+}

@@ -10,6 +10,14 @@ pub mod write;
 
 use std::io::{BufRead, IsTerminal, Write};
 
+/// A question that needed an answer when there was no terminal to ask on:
+/// a safety refusal (nothing was written), told apart from I/O by its type.
+#[derive(Debug, thiserror::Error)]
+#[error("{question}\nrefusing without confirmation: no terminal to ask on; add --yes to proceed")]
+pub struct NoConfirmation {
+    pub question: String,
+}
+
 /// Asks a yes/no question on the terminal; `assume_yes` answers it. Without a
 /// terminal and without `--yes` the answer is no: scripts must opt in.
 pub fn confirm(question: &str, assume_yes: bool) -> anyhow::Result<bool> {
@@ -17,9 +25,10 @@ pub fn confirm(question: &str, assume_yes: bool) -> anyhow::Result<bool> {
         return Ok(true);
     }
     if !std::io::stdin().is_terminal() {
-        anyhow::bail!(
-            "{question}\nrefusing without confirmation: no terminal to ask on; add --yes to proceed"
-        );
+        return Err(NoConfirmation {
+            question: question.to_string(),
+        }
+        .into());
     }
     eprint!("{question} [y/N] ");
     std::io::stderr().flush()?;

@@ -7,7 +7,7 @@
 //! entry swap (see `disk::fat_raw`).
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -631,21 +631,6 @@ fn merge_plumbing(
     Ok(())
 }
 
-/// Asks on the terminal; without one (and without --yes) the answer is no.
-fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
-    if yes {
-        return Ok(true);
-    }
-    if !std::io::stdin().is_terminal() {
-        bail!("{question}\nrefusing without confirmation: no terminal to ask on; add --yes");
-    }
-    eprint!("{question} [y/N] ");
-    std::io::stderr().flush()?;
-    let mut answer = String::new();
-    std::io::stdin().lock().read_line(&mut answer)?;
-    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "Yes" | "YES"))
-}
-
 fn reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
     if stick::looks_like_stick(&a.target) {
         return stick_reset(a, json);
@@ -696,7 +681,7 @@ fn reset_common<F: Read + Write + Seek + snapshot::SyncData>(
         );
         return Ok(());
     }
-    if !confirm(&question, a.yes)? {
+    if !super::confirm(&question, a.yes)? {
         bail!("not confirmed; nothing changed");
     }
     snapshot::reset_store(f, len)?;
@@ -738,7 +723,7 @@ fn reset_overlayfs<F: Read + Write + Seek + snapshot::SyncData>(
     let question = format!(
         "Reset {path}? This discards {lost}: every change made in the live system since the last merge or reset."
     );
-    if !confirm(&question, a.yes)? {
+    if !super::confirm(&question, a.yes)? {
         bail!("not confirmed; nothing changed");
     }
     ovl_merge::reset_overlay(f, len, &std::env::temp_dir())
@@ -1263,7 +1248,7 @@ fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
         },
         plan.squashfs.display()
     );
-    if !confirm(&question, a.yes)? {
+    if !super::confirm(&question, a.yes)? {
         bail!("not confirmed; nothing changed");
     }
     run_merge_plan(&plan, json, &a.target)
