@@ -360,16 +360,17 @@ fn progress_mode(json: bool, quiet: bool) -> ProgressMode {
     }
 }
 
-/// Reads the home passphrase once (for every target of a batch).
-fn home_passphrase(
-    args: &WriteArgs,
-    plans: &[&Plan],
-) -> anyhow::Result<Option<Zeroizing<Vec<u8>>>> {
-    let needs = plans.iter().any(|p| {
+/// Whether any plan makes an encrypted home.
+fn needs_passphrase(plans: &[&Plan]) -> bool {
+    plans.iter().any(|p| {
         p.home
             .as_ref()
             .is_some_and(|h| h.encryption == HomeEncryption::Luks)
-    });
+    })
+}
+
+/// Reads the home passphrase once (for every target of a batch).
+fn home_passphrase(args: &WriteArgs, needs: bool) -> anyhow::Result<Option<Zeroizing<Vec<u8>>>> {
     if !needs {
         return Ok(None);
     }
@@ -442,7 +443,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         verify_iso(&live, &progress)?
     };
     confirm_target(&plan, &probe, args)?;
-    let passphrase = home_passphrase(args, &[&plan])?;
+    let passphrase = home_passphrase(args, needs_passphrase(&[&plan]))?;
     let workdir = tempfile::Builder::new()
         .prefix("livestick-")
         .tempdir()
@@ -590,7 +591,7 @@ fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         confirm_target(plan, probe, args)?;
     }
     let plans: Vec<&Plan> = planned.iter().map(|(_, (p, _, _))| p).collect();
-    let passphrase = home_passphrase(args, &plans)?;
+    let passphrase = home_passphrase(args, needs_passphrase(&plans))?;
     let workdir = tempfile::Builder::new()
         .prefix("livestick-")
         .tempdir()
@@ -788,14 +789,10 @@ fn run_wait_for(
     } else {
         verify_iso(live, &Progress::new(progress_mode(json, quiet), "iso"))?
     };
-    let passphrase = if opts.home_size.is_some() && opts.home_encryption == HomeEncryption::Luks {
-        Some(
-            home::read_passphrase(passphrase_source(args))
-                .map_err(|e| BadInput(format!("home passphrase: {e}")))?,
-        )
-    } else {
-        None
-    };
+    let passphrase = home_passphrase(
+        args,
+        opts.home_size.is_some() && opts.home_encryption == HomeEncryption::Luks,
+    )?;
     let workdir = tempfile::Builder::new()
         .prefix("livestick-")
         .tempdir()
