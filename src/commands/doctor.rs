@@ -3,6 +3,7 @@
 //! provides each. livestick itself is user space only; these programs are the
 //! reference implementations of formats it does not own (DESIGN.md).
 
+use crate::squash;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -57,6 +58,15 @@ const fn program(
     }
 }
 
+/// An optional program the merge code already knows with its packages.
+const fn tool(
+    feature: &'static str,
+    t: squash::Tool,
+    version_args: &'static [&'static str],
+) -> Need {
+    program(feature, false, t.name, version_args, t.debian, t.fedora)
+}
+
 const BIOS: &str = "BIOS boot (write)";
 const EXT4: &str = "home.img and OverlayFS overlays";
 const SQUASH: &str = "inspect and overlay merge (squashfs)";
@@ -107,38 +117,10 @@ fn needs() -> Vec<Need> {
         program(EXT4, false, "mke2fs", &["-V"], "e2fsprogs", "e2fsprogs"),
         program(EXT4, false, "resize2fs", &[], "e2fsprogs", "e2fsprogs"),
         program(EXT4, false, "e2fsck", &["-V"], "e2fsprogs", "e2fsprogs"),
-        program(
-            SQUASH,
-            false,
-            "unsquashfs",
-            &["-version"],
-            "squashfs-tools",
-            "squashfs-tools",
-        ),
-        program(
-            SQUASH,
-            false,
-            "mksquashfs",
-            &["-version"],
-            "squashfs-tools",
-            "squashfs-tools",
-        ),
-        program(
-            EROFS,
-            false,
-            "mkfs.erofs",
-            &["-V"],
-            "erofs-utils",
-            "erofs-utils",
-        ),
-        program(
-            EROFS,
-            false,
-            "fsck.erofs",
-            &["-V"],
-            "erofs-utils",
-            "erofs-utils",
-        ),
+        tool(SQUASH, squash::UNSQUASHFS, &["-version"]),
+        tool(SQUASH, squash::MKSQUASHFS, &["-version"]),
+        tool(EROFS, squash::MKFS_EROFS, &["-V"]),
+        tool(EROFS, squash::FSCK_EROFS, &["-V"]),
         program(
             LUKS,
             false,
