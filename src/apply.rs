@@ -444,9 +444,8 @@ pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, App
     let volume_id = fs.volume_id();
     let cluster_size = fs.cluster_size() as u64;
     let free_bytes = fat::free_bytes(&fs).map_err(ApplyError::fat("reading free space"))?;
-    let files = walk(&fs, "")
+    let files = fat::walk_files(&fs, "")
         .into_iter()
-        .filter(|e| !e.is_dir)
         .map(|e| (e.path, e.size))
         .collect();
     let read_text = |path: &str| {
@@ -469,17 +468,6 @@ pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, App
         free_bytes,
         files,
     }))
-}
-
-fn walk<F: Read + Write + Seek>(fs: &fat::FatFs<'_, F>, path: &str) -> Vec<fat::FatEntry> {
-    let mut out = Vec::new();
-    for entry in fat::list_dir(fs, path) {
-        if entry.is_dir {
-            out.extend(walk(fs, &entry.path));
-        }
-        out.push(entry);
-    }
-    out
 }
 
 /// A file opened read-only that still satisfies `Write` for fatfs's type

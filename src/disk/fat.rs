@@ -332,6 +332,19 @@ pub fn list_dir<F: Read + Write + Seek>(fs: &FatFs<'_, F>, path: &str) -> Vec<Fa
         .collect()
 }
 
+/// Every file below `dir`, recursively (directories themselves left out).
+pub fn walk_files<F: Read + Write + Seek>(fs: &FatFs<'_, F>, dir: &str) -> Vec<FatEntry> {
+    let mut out = Vec::new();
+    for entry in list_dir(fs, dir) {
+        if entry.is_dir {
+            out.extend(walk_files(fs, &entry.path));
+        } else {
+            out.push(entry);
+        }
+    }
+    out
+}
+
 /// Removes a file, or a directory with everything below it. Missing is fine.
 pub fn remove_all<F: Read + Write + Seek>(fs: &FatFs<'_, F>, path: &str) -> Result<(), FatError> {
     if !exists(fs, path) {

@@ -3,10 +3,10 @@
 //! FAT filesystem in place, and its overlay and home can be carried over.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::Read;
 use std::path::Path;
 
-use crate::disk::fat::{self, FatEntry, FatFs};
+use crate::disk::fat::{self, FatEntry};
 use crate::disk::stick::{Stick, StickError};
 use crate::persist::overlay_extent::ExtentFile;
 use crate::source::iso::{Extent, IsoEntry};
@@ -22,19 +22,6 @@ fn stick_err(path: &Path) -> impl Fn(StickError) -> LiveError + '_ {
         path: path.to_path_buf(),
         message: e.to_string(),
     }
-}
-
-/// Every file below `dir`, recursively.
-fn walk_files<F: Read + io::Write + io::Seek>(fs: &FatFs<'_, F>, dir: &str) -> Vec<FatEntry> {
-    let mut out = Vec::new();
-    for entry in fat::list_dir(fs, dir) {
-        if entry.is_dir {
-            out.extend(walk_files(fs, &entry.path));
-        } else {
-            out.push(entry);
-        }
-    }
-    out
 }
 
 /// Files in the live directory that belong to this stick, not to the live
@@ -91,7 +78,7 @@ pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
                     size: e.size,
                 })
                 .collect();
-            let efi_files = walk_files(fs, "/EFI")
+            let efi_files = fat::walk_files(fs, "/EFI")
                 .into_iter()
                 .map(|e| FileInfo {
                     path: e.path,
@@ -103,7 +90,7 @@ pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
                 menu_errors,
                 live_files,
                 efi_files,
-                all_files: walk_files(fs, ""),
+                all_files: fat::walk_files(fs, ""),
             })
         })
         .map_err(stick_err(path))?;
