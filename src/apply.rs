@@ -14,6 +14,7 @@ use thiserror::Error;
 use crate::boot::syslinux::{self, SyslinuxFiles};
 use crate::disk::fat::{self, FatError};
 use crate::disk::partition::{self, PartitionError, TableKind};
+use crate::disk::stick::{Stick, StickError};
 use crate::disk::target::{self, TargetError, TargetKind, TargetProbe};
 use crate::io::{BoundedDirty, PartitionWindow};
 
@@ -29,6 +30,8 @@ use crate::source::live;
 pub enum ApplyError {
     #[error(transparent)]
     Target(#[from] TargetError),
+    #[error(transparent)]
+    Stick(#[from] StickError),
     #[error("{step}: {source}")]
     Fat { step: String, source: FatError },
     #[error("{step}: {source}")]
@@ -423,75 +426,40 @@ fn write_boot_code(file: &mut File, code: &[u8; 440], plan: &Plan) -> io::Result
 
 /// Reads what an existing stick's FAT partition holds, for planning without `--format`.
 pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, ApplyError> {
-    let (mut file, probe) = target::open_existing(path, false)?;
-    let size = probe.size;
-    let part = match partition::find_fat_partition(&mut file, size) {
-        Ok(p) => p,
-        Err(PartitionError::NoTable) => return Ok(None),
-        Err(source) => {
-            return Err(ApplyError::Partition {
-                step: "reading the partition table".into(),
+    let mut stick = match Stick::open(path, false) {
+        Ok(stick) => stick,
+        Err(StickError::Partition {
+            source: PartitionError::NoTable,
+            ..
+        }) => return Ok(None),
+        Err(source) => return Err(ApplyError::Stick(source)),
+    };
+    let part = stick.partition.clone();
+    let existing = stick.with_fs(|fs| {
+        let read_text = |path: &str| {
+            fat::exists(fs, path)
+                .then(|| fat::read_file(fs, path).ok())
+                .flatten()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+        };
+        Ok(crate::plan::ExistingFs {
+            syslinux_cfg: read_text("/syslinux/syslinux.cfg"),
+            grub_cfg: read_text("/EFI/BOOT/grub.cfg"),
+            table: part.table,
+            partition_start: part.start,
+            partition_len: part.len,
+            label: fs.volume_label().trim_end().to_string(),
+            volume_id: fs.volume_id(),
+            cluster_size: fs.cluster_size() as u64,
+            free_bytes: fat::free_bytes(fs).map_err(|source| StickError::Fat {
+                path: path.to_path_buf(),
                 source,
-            });
-        }
-    };
-    // A read-only view: the window never writes unless asked to.
-    let mut ro = ReadOnly(file);
-    let mut window = PartitionWindow::new(&mut ro, part.start, part.len);
-    let fs =
-        fat::open(&mut window).map_err(ApplyError::fat("opening the existing FAT filesystem"))?;
-    let label = fs.volume_label().trim_end().to_string();
-    let volume_id = fs.volume_id();
-    let cluster_size = fs.cluster_size() as u64;
-    let free_bytes = fat::free_bytes(&fs).map_err(ApplyError::fat("reading free space"))?;
-    let files = fat::walk_files(&fs, "")
-        .into_iter()
-        .map(|e| (e.path, e.size))
-        .collect();
-    let read_text = |path: &str| {
-        fat::exists(&fs, path)
-            .then(|| fat::read_file(&fs, path).ok())
-            .flatten()
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-    };
-    let syslinux_cfg = read_text("/syslinux/syslinux.cfg");
-    let grub_cfg = read_text("/EFI/BOOT/grub.cfg");
-    Ok(Some(crate::plan::ExistingFs {
-        syslinux_cfg,
-        grub_cfg,
-        table: part.table,
-        partition_start: part.start,
-        partition_len: part.len,
-        label,
-        volume_id,
-        cluster_size,
-        free_bytes,
-        files,
-    }))
-}
-
-/// A file opened read-only that still satisfies `Write` for fatfs's type
-/// bounds; any write is an error, so a read-only probe can never modify.
-pub struct ReadOnly(pub File);
-
-impl Read for ReadOnly {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-impl Seek for ReadOnly {
-    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
-        self.0.seek(pos)
-    }
-}
-impl Write for ReadOnly {
-    fn write(&mut self, _buf: &[u8]) -> io::Result<usize> {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "opened read-only",
-        ))
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
+            })?,
+            files: fat::walk_files(fs, "")
+                .into_iter()
+                .map(|e| (e.path, e.size))
+                .collect(),
+        })
+    })?;
+    Ok(Some(existing))
 }

@@ -451,23 +451,6 @@ pub fn open_for_write(probe: &TargetProbe, size: u64) -> Result<File, TargetErro
     }
 }
 
-/// Opens an existing target for maintenance (read-write, nothing created).
-pub fn open_existing(path: &Path, writable: bool) -> Result<(File, TargetProbe), TargetError> {
-    let probe = probe(path)?;
-    if !probe.exists {
-        return Err(TargetError::Io {
-            path: path.to_path_buf(),
-            source: io::Error::new(io::ErrorKind::NotFound, "no such file"),
-        });
-    }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .open(&probe.path)
-        .map_err(io_err(path))?;
-    Ok((file, probe))
-}
-
 /// Pushes written data to the medium and drops it from the page cache, so the
 /// read-back that follows reads the stick rather than memory.
 pub fn sync_and_drop_cache(file: &File, kind: TargetKind) -> io::Result<()> {
