@@ -5,8 +5,9 @@ set -euo pipefail
 
 packages=(
   # what livestick itself runs: SYSLINUX installer (mtools-based), mke2fs,
-  # unsquashfs/mksquashfs for inspection and overlay merge
-  syslinux syslinux-common mtools e2fsprogs squashfs-tools
+  # unsquashfs/mksquashfs for inspection and overlay merge, sqfs2tar/tar2sqfs for
+  # merging OverlayFS into a flat squashfs without root
+  syslinux syslinux-common mtools e2fsprogs squashfs-tools squashfs-tools-ng
   # independent inspection tools the tests use
   fdisk dosfstools xorriso isomd5sum cryptsetup-bin util-linux zstd
   # the fixture ISOs and the boot tests

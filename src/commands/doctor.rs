@@ -70,6 +70,7 @@ const fn tool(
 const BIOS: &str = "BIOS boot (write)";
 const EXT4: &str = "home.img and OverlayFS overlays";
 const SQUASH: &str = "inspect and overlay merge (squashfs)";
+const FLAT_OVL: &str = "overlay merge of OverlayFS into a flat squashfs";
 const EROFS: &str = "overlay merge of EROFS roots";
 const LUKS: &str = "LUKS home checks (optional)";
 const QEMU: &str = "boot tests (optional)";
@@ -119,6 +120,8 @@ fn needs() -> Vec<Need> {
         program(EXT4, false, "e2fsck", &["-V"], "e2fsprogs", "e2fsprogs"),
         tool(SQUASH, squash::UNSQUASHFS, &["-version"]),
         tool(SQUASH, squash::MKSQUASHFS, &["-version"]),
+        tool(FLAT_OVL, squash::SQFS2TAR, &["--version"]),
+        tool(FLAT_OVL, squash::TAR2SQFS, &["--version"]),
         tool(EROFS, squash::MKFS_EROFS, &["-V"]),
         tool(EROFS, squash::FSCK_EROFS, &["-V"]),
         program(

@@ -6,5 +6,7 @@ pub mod luks;
 pub mod merge;
 pub mod overlay_extent;
 pub mod ovl_merge;
+pub mod ovl_tar;
 pub mod snapshot;
 pub mod swap;
+pub mod tar_stream;

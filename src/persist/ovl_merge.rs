@@ -44,6 +44,7 @@ use crate::persist::merge::{
     self, Inputs, Located, MergeError, MergePlan, MergeReport, check_space, free_bytes,
     with_readable_squashfs,
 };
+use crate::persist::ovl_tar;
 use crate::persist::snapshot::{self, StatusReport, SyncData};
 use crate::squash::{self, Compressor, ImageKind, SquashError, Tool};
 
@@ -68,6 +69,8 @@ pub enum OvlError {
     Tool(#[from] SquashError),
     #[error(transparent)]
     Erofs(#[from] ErofsError),
+    #[error(transparent)]
+    Tar(#[from] crate::persist::tar_stream::TarError),
     #[error(transparent)]
     Ext4(#[from] ext4::Ext4Error),
     #[error("unexpected output from debugfs on {image} ({what}): {line:?}")]
@@ -514,6 +517,22 @@ pub fn read_upper_details(
     tree: &mut UpperTree,
     stage: &Path,
 ) -> Result<(), OvlError> {
+    read_upper(dbg, tree, stage, true)
+}
+
+/// Times, device numbers and xattrs (whiteouts, opaque dirs), without copying any
+/// contents out: what planning needs to know which lower paths the upper dir hides.
+/// Symlinks whose target is stored in a block keep `target: None`.
+pub fn read_upper_meta(dbg: &Debugfs, tree: &mut UpperTree, stage: &Path) -> Result<(), OvlError> {
+    read_upper(dbg, tree, stage, false)
+}
+
+fn read_upper(
+    dbg: &Debugfs,
+    tree: &mut UpperTree,
+    stage: &Path,
+    with_contents: bool,
+) -> Result<(), OvlError> {
     fs::create_dir_all(stage).map_err(io_at(stage))?;
     // One stat per inode (hard links share it).
     let mut inos: Vec<u32> = tree.entries.iter().map(|e| e.ino).collect();
@@ -540,8 +559,8 @@ pub fn read_upper_details(
     let mut contents: HashMap<u32, PathBuf> = HashMap::new();
     for e in &tree.entries {
         let st = &stats[&e.ino];
-        let wants_dump =
-            e.kind == Kind::File || (e.kind == Kind::Symlink && st.fast_link.is_none());
+        let wants_dump = with_contents
+            && (e.kind == Kind::File || (e.kind == Kind::Symlink && st.fast_link.is_none()));
         if wants_dump && !contents.contains_key(&e.ino) {
             let f = stage.join(format!("f{}", e.ino));
             cmds.push(format!("dump <{}> {}", e.ino, qp(&f)?));
@@ -586,6 +605,7 @@ pub fn read_upper_details(
             Kind::Symlink => {
                 e.target = match &st.fast_link {
                     Some(t) => Some(t.clone()),
+                    None if !with_contents => None,
                     None => {
                         let f = contents.get(&e.ino).ok_or_else(|| OvlError::Host {
                             path: PathBuf::from(&e.path),
@@ -1349,6 +1369,12 @@ pub struct OvlPlan {
     pub overlay_used_bytes: u64,
     #[serde(skip)]
     pub overlay_info: Option<Ext4Info>,
+    /// Flat squashfs: how tar2sqfs rebuilds it (empty for the other layouts).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tar2sqfs_args: Vec<String>,
+    /// Flat squashfs: lower file bytes the upper dir replaces or hides, set aside
+    /// while streaming in case a surviving hard link still needs them (at most).
+    pub stash_bytes: u64,
 }
 
 /// How debugfs reaches the overlay: in place (plain file, or one run of bytes on a
@@ -1379,6 +1405,22 @@ fn overlay_debugfs(at: &Located, work: &Path) -> Result<Debugfs, OvlError> {
     }
     dst.set_len(at_off).map_err(io_at(&copy))?;
     Ok(Debugfs::new(&copy, 0))
+}
+
+/// squashfs.img as a file of its own for sqfs2tar, which has no offset option: the
+/// file itself when it is one, else a copy in `work` (`true`: remove it after).
+fn plain_squashfs(at: &Located, work: &Path) -> Result<(PathBuf, bool), OvlError> {
+    if at.contiguous_at() == Some(0) {
+        return Ok((at.device.clone(), false));
+    }
+    let copy = work.join("lower-squashfs.img");
+    let mut src = at.open(false).map_err(|e| OvlError::Host {
+        path: at.device.clone(),
+        what: e.to_string(),
+    })?;
+    let mut dst = File::create(&copy).map_err(io_at(&copy))?;
+    io::copy(&mut src, &mut dst).map_err(io_at(&copy))?;
+    Ok((copy, true))
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
@@ -1421,10 +1463,10 @@ pub(crate) fn plan(
         (overlay_info(&mut ov), len)
     };
     let dbg = overlay_debugfs(&inp.overlay_at, scratch.path())?;
-    let upper = walk_upper(&dbg, scratch.path())?;
+    let mut upper = walk_upper(&dbg, scratch.path())?;
     let entries = upper.entries.len() as u64;
     let upper_bytes = upper.file_bytes();
-    drop(scratch);
+    let mut stash_bytes = 0;
 
     let (squash_info, layout, root_image, root_bytes, mut args) = match kind {
         ImageKind::Squashfs(sq) => {
@@ -1454,12 +1496,16 @@ pub(crate) fn plan(
                     )
                 }
                 None => {
-                    if !is_root {
-                        return Err(OvlError::NeedsRoot {
-                            layout: "flat squashfs",
-                        }
-                        .into());
-                    }
+                    // Streamed through tar: no tree on the host, so no root needed.
+                    squash::require_tool(squash::SQFS2TAR)?;
+                    squash::require_tool(squash::TAR2SQFS)?;
+                    read_upper_meta(&dbg, &mut upper, scratch.path())?;
+                    stash_bytes = ovl_tar::UpperIndex::new(&upper).dropped_bytes(
+                        listing
+                            .iter()
+                            .filter(|e| e.is_file)
+                            .map(|e| (e.path.as_str(), e.size)),
+                    );
                     (Some(sq), Layout::Flat, "/".to_string(), total, args)
                 }
             }
@@ -1513,6 +1559,14 @@ pub(crate) fn plan(
             });
         }
     };
+    drop(scratch);
+    let tar2sqfs_args = match (&layout, &squash_info) {
+        (Layout::Flat, Some(sq)) => match compress {
+            Some(c) if c != sq.compressor => squash::tar2sqfs_args(c, sq.block_size, &[]),
+            _ => sq.tar2sqfs_args(),
+        },
+        _ => Vec::new(),
+    };
     if let (Some(c), Some(sq)) = (compress, &squash_info)
         && c != sq.compressor
     {
@@ -1537,6 +1591,11 @@ pub(crate) fn plan(
             "squashfs.img is fragmented on the stick: it is copied to the work dir to be read"
                 .to_string(),
         );
+    } else if layout == Layout::Flat && inp.squashfs_at.contiguous_at() != Some(0) {
+        notes.push(
+            "squashfs.img is copied to the work dir first: sqfs2tar reads whole files only"
+                .to_string(),
+        );
     }
     if inp.overlay_at.contiguous_at().is_none() {
         notes.push(
@@ -1546,18 +1605,24 @@ pub(crate) fn plan(
     }
     let squashfs_bytes = inp.squashfs_at.len();
     let new_image_estimate = squashfs_bytes.saturating_add(upper_bytes);
-    let copies =
-        if inp.squashfs_at.contiguous_at().is_none() || matches!(layout, Layout::Erofs { .. }) {
-            squashfs_bytes
-        } else {
-            0
-        };
+    let copies = match layout {
+        Layout::Erofs { .. } => squashfs_bytes,
+        Layout::Flat if inp.squashfs_at.contiguous_at() != Some(0) => squashfs_bytes,
+        _ if inp.squashfs_at.contiguous_at().is_none() => squashfs_bytes,
+        _ => 0,
+    };
+    // The flat merge streams: no extracted tree, only what the stash may hold.
+    let unpacked = if layout == Layout::Flat {
+        stash_bytes
+    } else {
+        root_bytes
+    };
     let overlay_copy = if inp.overlay_at.contiguous_at().is_none() {
         info.as_ref().map_or(len, |i| i.used_bytes)
     } else {
         0
     };
-    let workdir_needed = root_bytes
+    let workdir_needed = unpacked
         .saturating_add(upper_bytes)
         .saturating_add(new_image_estimate)
         .saturating_add(copies)
@@ -1590,9 +1655,12 @@ pub(crate) fn plan(
     };
     let (extract_step, apply_step, build_step) = match &layout {
         Layout::Flat => (
-            format!("read the upper dir out of the overlay (debugfs) and extract {} (unsquashfs)", inp.squashfs.display()),
-            format!("apply {entries} upper-dir entries to the root tree"),
-            format!("mksquashfs {}", args.join(" ")),
+            "read the upper dir out of the overlay (debugfs)".to_string(),
+            format!(
+                "stream {} through sqfs2tar and apply {entries} upper-dir entries to the stream (owners, devices and xattrs travel in the tar headers: no root needed)",
+                inp.squashfs.display()
+            ),
+            format!("tar2sqfs {}", tar2sqfs_args.join(" ")),
         ),
         Layout::Nested { root_image } => (
             format!("read the upper dir out of the overlay (debugfs) and extract {root_image}"),
@@ -1659,39 +1727,59 @@ pub(crate) fn plan(
             upper_entries: entries,
             overlay_used_bytes: used,
             overlay_info: info,
+            tar2sqfs_args,
+            stash_bytes,
         }),
         allow_xattr_loss: false,
     })
 }
 
-/// Runs the OverlayFS steps of a plan up to the built image, then the shared
-/// stage/verify/swap/reset steps.
-pub(crate) fn run_steps(
+type Applied = (ApplyReport, PathBuf, Option<i32>);
+
+/// Flat squashfs: one stream from the old image to the new, the upper dir applied on
+/// the way (see [`ovl_tar`]).
+fn flat_steps(
     plan: &MergePlan,
     ovl: &OvlPlan,
     work: &Path,
+    upper: &UpperTree,
+    built: &Path,
     progress: &mut dyn FnMut(&str, u64, u64),
-) -> Result<MergeReport, MergeError> {
-    if let Layout::Erofs {
-        xattrs_lost: true, ..
-    } = &ovl.layout
-        && !plan.allow_xattr_loss
-    {
-        return Err(OvlError::Erofs(ErofsError::NoXattrExtract {
-            version: erofs::fsck_version(),
-        })
-        .into());
+) -> Result<Applied, MergeError> {
+    let (src, copied) = plain_squashfs(&plan.squashfs_at, work)?;
+    progress("extract", plan.root_image_bytes, plan.root_image_bytes);
+    let streamed = merge::failpoint(plan, "extract").and_then(|()| {
+        let total = plan.root_image_bytes;
+        Ok(ovl_tar::rebuild_flat(
+            &src,
+            upper,
+            built,
+            &ovl.tar2sqfs_args,
+            work,
+            &mut |done| progress("apply", done.min(total), total),
+        )?)
+    });
+    if copied {
+        let _ = fs::remove_file(&src);
     }
-    fs::create_dir_all(work).map_err(|source| MergeError::Io {
-        path: work.to_path_buf(),
-        source,
-    })?;
+    let applied = streamed?;
+    progress("apply", plan.root_image_bytes, plan.root_image_bytes);
+    merge::failpoint(plan, "apply")?;
+    merge::failpoint(plan, "fsck")?;
+    Ok((applied, built.to_path_buf(), None))
+}
+
+/// Nested rootfs.img and EROFS: the root extracted into the work dir, changed there,
+/// then rebuilt.
+fn tree_steps(
+    plan: &MergePlan,
+    ovl: &OvlPlan,
+    work: &Path,
+    upper: &UpperTree,
+    built: &Path,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<Applied, MergeError> {
     let tree = work.join("tree");
-    let stage = work.join("upper");
-    progress("extract", 0, plan.root_image_bytes);
-    let dbg = overlay_debugfs(&plan.overlay_at, work)?;
-    let mut upper = walk_upper(&dbg, work)?;
-    read_upper_details(&dbg, &mut upper, &stage)?;
     match &ovl.layout {
         Layout::Flat | Layout::Nested { .. } => {
             with_readable_squashfs(&plan.squashfs_at, work, |p, off| {
@@ -1719,8 +1807,8 @@ pub(crate) fn run_steps(
                 path: scratch.clone(),
                 source,
             })?;
-            let mut t = Ext4Target::new(&img, &upper, &scratch)?;
-            let r = apply(&upper, &mut t, &mut tick)?;
+            let mut t = Ext4Target::new(&img, upper, &scratch)?;
+            let r = apply(upper, &mut t, &mut tick)?;
             t.finish()?;
             (r, img)
         }
@@ -1732,7 +1820,7 @@ pub(crate) fn run_steps(
                 m.mtime()
             });
             let mut t = HostTree::new(&tree);
-            let r = apply(&upper, &mut t, &mut tick)?;
+            let r = apply(upper, &mut t, &mut tick)?;
             if let Some(mtime) = root_mtime {
                 let mut e = upper_root_entry();
                 e.mtime = mtime;
@@ -1742,7 +1830,6 @@ pub(crate) fn run_steps(
         }
     };
     progress("apply", total, total);
-    let _ = fs::remove_dir_all(&stage);
     merge::failpoint(plan, "apply")?;
 
     let mut fsck_code = None;
@@ -1753,14 +1840,51 @@ pub(crate) fn run_steps(
     }
     merge::failpoint(plan, "fsck")?;
 
-    let built = work.join("squashfs.img");
     progress("build", 0, 1);
     match &ovl.layout {
         Layout::Erofs { mkfs_args, .. } => {
-            erofs::build(&tree, &built, mkfs_args).map_err(OvlError::from)?
+            erofs::build(&tree, built, mkfs_args).map_err(OvlError::from)?
         }
-        _ => squash::build(&tree, &built, &plan.mksquashfs_args)?,
+        _ => squash::build(&tree, built, &plan.mksquashfs_args)?,
     }
+    Ok((applied, root, fsck_code))
+}
+
+/// Runs the OverlayFS steps of a plan up to the built image, then the shared
+/// stage/verify/swap/reset steps.
+pub(crate) fn run_steps(
+    plan: &MergePlan,
+    ovl: &OvlPlan,
+    work: &Path,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<MergeReport, MergeError> {
+    if let Layout::Erofs {
+        xattrs_lost: true, ..
+    } = &ovl.layout
+        && !plan.allow_xattr_loss
+    {
+        return Err(OvlError::Erofs(ErofsError::NoXattrExtract {
+            version: erofs::fsck_version(),
+        })
+        .into());
+    }
+    fs::create_dir_all(work).map_err(|source| MergeError::Io {
+        path: work.to_path_buf(),
+        source,
+    })?;
+    let stage = work.join("upper");
+    progress("extract", 0, plan.root_image_bytes);
+    let dbg = overlay_debugfs(&plan.overlay_at, work)?;
+    let mut upper = walk_upper(&dbg, work)?;
+    read_upper_details(&dbg, &mut upper, &stage)?;
+    let total = upper.entries.len() as u64;
+    let built = work.join("squashfs.img");
+    let (applied, root, fsck_code) = if ovl.layout == Layout::Flat {
+        flat_steps(plan, ovl, work, &upper, &built, progress)?
+    } else {
+        tree_steps(plan, ovl, work, &upper, &built, progress)?
+    };
+    let _ = fs::remove_dir_all(&stage);
     // Built before anything on the stick changes, so the reset cannot fail for
     // want of mke2fs after the swap.
     let fresh = build_fresh_overlay(work, plan.overlay_at.len(), ovl.overlay_info.as_ref())?;
