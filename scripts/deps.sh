@@ -12,7 +12,7 @@ packages=(
   fdisk dosfstools xorriso isomd5sum cryptsetup-bin util-linux zstd
   # the fixture ISOs and the boot tests
   isolinux grub-efi-amd64-bin grub-pc-bin linux-image-amd64 dracut dracut-live
-  busybox-static qemu-system-x86 ovmf erofs-utils cpio
+  busybox-static qemu-system-x86 ovmf erofs-utils fakeroot cpio
   dmsetup kmod openssl grub-common mount bc groff-base
 )
 

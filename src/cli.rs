@@ -113,6 +113,12 @@ with its status; docs/compatibility.md explains each.",
         after_help = "Examples:\n  livestick man > /usr/local/share/man/man1/livestick.1\n  livestick man | man -l -\n  livestick man --dir /usr/local/share/man/man1   # one page per subcommand"
     )]
     Man(ManArgs),
+    /// Internal: the EROFS merge steps a non-root `overlay merge` runs under fakeroot
+    #[command(name = "internal-fakeroot-step", hide = true)]
+    InternalFakerootStep {
+        /// The job file the parent wrote
+        job: std::path::PathBuf,
+    },
 }
 
 const ISO_TO_DISK_EXAMPLES: &str = "\

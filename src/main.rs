@@ -37,6 +37,9 @@ fn main() -> ExitCode {
         Command::Doctor(args) => commands::doctor::run(&args, json),
         Command::Completions(args) => commands::completions::run(&args),
         Command::Man(args) => commands::man::run(&args),
+        Command::InternalFakerootStep { job } => {
+            livestick::persist::ovl_merge::run_fakeroot_job(&job).map_err(anyhow::Error::from)
+        }
     };
     ExitCode::from(finish(result, &step, json))
 }

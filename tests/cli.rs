@@ -24,7 +24,11 @@ fn ok(o: &Output) -> String {
 
 /// Every subcommand path, e.g. ["write"], ["overlay", "merge"].
 fn paths(cmd: &clap::Command, prefix: Vec<String>, out: &mut Vec<Vec<String>>) {
-    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+    // Hidden subcommands are internal plumbing, not for users.
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| s.get_name() != "help" && !s.is_hide_set())
+    {
         let mut p = prefix.clone();
         p.push(sub.get_name().to_string());
         out.push(p.clone());

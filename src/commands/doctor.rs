@@ -124,6 +124,7 @@ fn needs() -> Vec<Need> {
         tool(FLAT_OVL, squash::TAR2SQFS, &["--version"]),
         tool(EROFS, squash::MKFS_EROFS, &["-V"]),
         tool(EROFS, squash::FSCK_EROFS, &["-V"]),
+        tool(EROFS, crate::persist::ovl_merge::FAKEROOT, &["--version"]),
         program(
             LUKS,
             false,

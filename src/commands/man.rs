@@ -42,7 +42,10 @@ pub fn render(cmd: clap::Command, out: &mut Vec<u8>) -> anyhow::Result<()> {
         out.extend_from_slice(b".SH EXAMPLES\n");
         push_text(out, &after.to_string());
     }
-    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| s.get_name() != "help" && !s.is_hide_set())
+    {
         render_subcommand(sub, &format!("{} {}", cmd.get_name(), sub.get_name()), out)?;
     }
     man.render_version_section(out)?;
@@ -75,7 +78,10 @@ fn render_subcommand(sub: &clap::Command, path: &str, out: &mut Vec<u8>) -> anyh
         out.extend_from_slice(b".SS EXAMPLES\n");
         push_text(out, &after.to_string());
     }
-    for child in sub.get_subcommands().filter(|s| s.get_name() != "help") {
+    for child in sub
+        .get_subcommands()
+        .filter(|s| s.get_name() != "help" && !s.is_hide_set())
+    {
         render_subcommand(child, &format!("{path} {}", child.get_name()), out)?;
     }
     Ok(())

@@ -17,8 +17,11 @@
 //! sense together with the lower layer they point into.
 //!
 //! Two targets:
-//! - [`HostTree`]: an extracted tree on the host (flat squashfs, EROFS), changed with
-//!   plain system calls; needs root to keep owners, devices and security xattrs;
+//! - [`HostTree`]: an extracted tree on the host (EROFS), changed with plain system
+//!   calls; keeping owners, devices and security xattrs takes root, so without root
+//!   extract, apply and mkfs.erofs run in one child process under `fakeroot`, which
+//!   records them for mkfs.erofs without privileges (a flat squashfs never lands on the
+//!   host at all: see [`super::ovl_tar`]);
 //! - [`Ext4Target`]: the nested `LiveOS/rootfs.img`, changed in place by one
 //!   `debugfs -w` script (`write`, `mkdir`, `symlink`, `mknod`, `ln`, `rm`, `rmdir`,
 //!   `set_inode_field`, `ea_set`, `ea_rm`); no mount and no root needed, and every
@@ -48,6 +51,11 @@ use crate::persist::ovl_tar;
 use crate::persist::snapshot::{self, StatusReport, SyncData};
 use crate::squash::{self, Compressor, ImageKind, SquashError, Tool};
 
+pub const FAKEROOT: Tool = Tool {
+    name: "fakeroot",
+    debian: "fakeroot",
+    fedora: "fakeroot",
+};
 pub const DEBUGFS: Tool = Tool {
     name: "debugfs",
     debian: "e2fsprogs",
@@ -96,9 +104,9 @@ pub enum OvlError {
         feature: &'static str,
     },
     #[error(
-        "merging an OverlayFS overlay into a {layout} root image needs root: otherwise the extracted root tree loses its owners, device nodes and security xattrs (SELinux labels, capabilities). Run it with sudo"
+        "the fakeroot step of the merge (extract, apply, mkfs.erofs) failed ({status}):\n{stderr}"
     )]
-    NeedsRoot { layout: &'static str },
+    Fakeroot { status: String, stderr: String },
     #[error("debugfs reported errors while applying the overlay to {image}:\n{errors}")]
     ApplyFailed { image: PathBuf, errors: String },
     #[error("{path}: {what}")]
@@ -121,6 +129,8 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> OvlError + '_ {
 pub struct Debugfs {
     spec: std::ffi::OsString,
     show: String,
+    image: PathBuf,
+    offset: u64,
 }
 
 /// The output of one command of a script.
@@ -138,6 +148,8 @@ impl Debugfs {
         Debugfs {
             spec,
             show: image.display().to_string(),
+            image: image.to_path_buf(),
+            offset,
         }
     }
 
@@ -636,7 +648,7 @@ fn read_upper(
 // Applying
 
 /// What an apply did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct ApplyReport {
     /// Paths written that did not exist in the lower tree.
     pub created: u64,
@@ -1514,7 +1526,10 @@ pub(crate) fn plan(
             squash::require_tool(squash::FSCK_EROFS)?;
             squash::require_tool(squash::MKFS_EROFS)?;
             if !is_root {
-                return Err(OvlError::NeedsRoot { layout: "EROFS" }.into());
+                squash::require_tool(FAKEROOT)?;
+                notes.push(
+                    "not root: extract, apply and mkfs.erofs run under fakeroot, which keeps owners, device nodes and xattrs for the new image without privileges".into(),
+                );
             }
             let info = erofs::read_superblock(&mut inp.squashfs_at.open(false)?, &what)
                 .map_err(OvlError::from)?;
@@ -1736,6 +1751,130 @@ pub(crate) fn plan(
 
 type Applied = (ApplyReport, PathBuf, Option<i32>);
 
+/// The EROFS steps a non-root merge hands to a child under fakeroot (`livestick
+/// internal-fakeroot-step JOB`): in that process the faked uid 0 lets extraction,
+/// chown, mknod and security xattrs succeed, and mkfs.erofs, its child, sees them.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct FakerootJob {
+    pub overlay_image: PathBuf,
+    pub overlay_offset: u64,
+    pub erofs: PathBuf,
+    pub work: PathBuf,
+    pub built: PathBuf,
+    pub mkfs_args: Vec<String>,
+    /// Where the child writes its [`ApplyReport`] (JSON).
+    pub report: PathBuf,
+}
+
+/// Runs a [`FakerootJob`] (the child side).
+pub fn run_fakeroot_job(job: &Path) -> Result<(), OvlError> {
+    let text = fs::read(job).map_err(io_at(job))?;
+    let job: FakerootJob = serde_json::from_slice(&text).map_err(|e| OvlError::Host {
+        path: job.to_path_buf(),
+        what: format!("not a fakeroot job: {e}"),
+    })?;
+    let dbg = Debugfs::new(&job.overlay_image, job.overlay_offset);
+    let stage = job.work.join("upper");
+    let mut upper = walk_upper(&dbg, &job.work)?;
+    read_upper_details(&dbg, &mut upper, &stage)?;
+    let tree = job.work.join("tree");
+    erofs::extract(&job.erofs, &tree)?;
+    let rep = apply_host_tree(&tree, &upper, &mut |_, _| {})?;
+    erofs::build(&tree, &job.built, &job.mkfs_args)?;
+    let out = serde_json::to_vec(&rep).map_err(|e| OvlError::Host {
+        path: job.report.clone(),
+        what: e.to_string(),
+    })?;
+    fs::write(&job.report, out).map_err(io_at(&job.report))
+}
+
+/// EROFS without root: the tree steps in a child under fakeroot.
+fn fakeroot_steps(
+    plan: &MergePlan,
+    ovl: &OvlPlan,
+    work: &Path,
+    dbg: &Debugfs,
+    built: &Path,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<Applied, MergeError> {
+    let Layout::Erofs { mkfs_args, .. } = &ovl.layout else {
+        return Err(OvlError::Host {
+            path: work.to_path_buf(),
+            what: "fakeroot steps are for EROFS roots only".into(),
+        }
+        .into());
+    };
+    let src = erofs::readable_copy(&plan.squashfs_at, work).map_err(OvlError::from)?;
+    let job = FakerootJob {
+        overlay_image: dbg.image.clone(),
+        overlay_offset: dbg.offset,
+        erofs: src.clone(),
+        work: work.join("fakeroot"),
+        built: built.to_path_buf(),
+        mkfs_args: mkfs_args.clone(),
+        report: work.join("fakeroot-report.json"),
+    };
+    fs::create_dir_all(&job.work).map_err(io_at(&job.work))?;
+    let job_file = work.join("fakeroot-job.json");
+    let text = serde_json::to_vec(&job).map_err(|e| OvlError::Host {
+        path: job_file.clone(),
+        what: e.to_string(),
+    })?;
+    fs::write(&job_file, text).map_err(io_at(&job_file))?;
+    progress("extract", 0, plan.root_image_bytes);
+    let me = std::env::current_exe().map_err(io_at(Path::new("/proc/self/exe")))?;
+    let out = Command::new(squash::require_tool(FAKEROOT)?)
+        .arg("--")
+        .arg(&me)
+        .arg("internal-fakeroot-step")
+        .arg(&job_file)
+        .output()
+        .map_err(io_at(&me));
+    if src.starts_with(work) {
+        let _ = fs::remove_file(&src);
+    }
+    let _ = fs::remove_dir_all(&job.work);
+    let out = out?;
+    if !out.status.success() {
+        return Err(OvlError::Fakeroot {
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        }
+        .into());
+    }
+    let report = fs::read(&job.report).map_err(io_at(&job.report))?;
+    let applied: ApplyReport = serde_json::from_slice(&report).map_err(|e| OvlError::Host {
+        path: job.report.clone(),
+        what: e.to_string(),
+    })?;
+    progress("extract", plan.root_image_bytes, plan.root_image_bytes);
+    merge::failpoint(plan, "extract")?;
+    merge::failpoint(plan, "apply")?;
+    merge::failpoint(plan, "fsck")?;
+    Ok((applied, built.to_path_buf(), None))
+}
+
+/// Applies the upper dir to an extracted tree whose `/` keeps its own metadata (see
+/// the module docs), its mtime included, although entries were added to it.
+fn apply_host_tree(
+    tree: &Path,
+    upper: &UpperTree,
+    tick: &mut dyn FnMut(u64, u64),
+) -> Result<ApplyReport, OvlError> {
+    let root_mtime = fs::metadata(tree).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.mtime()
+    });
+    let mut t = HostTree::new(tree);
+    let r = apply(upper, &mut t, tick)?;
+    if let Some(mtime) = root_mtime {
+        let mut e = upper_root_entry();
+        e.mtime = mtime;
+        t.set_time(tree, &e)?;
+    }
+    Ok(r)
+}
+
 /// Flat squashfs: one stream from the old image to the new, the upper dir applied on
 /// the way (see [`ovl_tar`]).
 fn flat_steps(
@@ -1812,22 +1951,7 @@ fn tree_steps(
             t.finish()?;
             (r, img)
         }
-        _ => {
-            // The image's `/` keeps its own metadata (see the module docs), its
-            // mtime included, although entries were added to it.
-            let root_mtime = fs::metadata(&tree).ok().map(|m| {
-                use std::os::unix::fs::MetadataExt;
-                m.mtime()
-            });
-            let mut t = HostTree::new(&tree);
-            let r = apply(upper, &mut t, &mut tick)?;
-            if let Some(mtime) = root_mtime {
-                let mut e = upper_root_entry();
-                e.mtime = mtime;
-                t.set_time(&tree, &e)?;
-            }
-            (r, tree.clone())
-        }
+        _ => (apply_host_tree(&tree, upper, &mut tick)?, tree.clone()),
     };
     progress("apply", total, total);
     merge::failpoint(plan, "apply")?;
@@ -1881,6 +2005,8 @@ pub(crate) fn run_steps(
     let built = work.join("squashfs.img");
     let (applied, root, fsck_code) = if ovl.layout == Layout::Flat {
         flat_steps(plan, ovl, work, &upper, &built, progress)?
+    } else if matches!(ovl.layout, Layout::Erofs { .. }) && !nix::unistd::geteuid().is_root() {
+        fakeroot_steps(plan, ovl, work, &dbg, &built, progress)?
     } else {
         tree_steps(plan, ovl, work, &upper, &built, progress)?
     };
