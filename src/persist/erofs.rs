@@ -13,6 +13,7 @@
 
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -43,6 +44,8 @@ pub enum ErofsError {
     NotErofs(String),
     #[error(transparent)]
     Tool(#[from] SquashError),
+    #[error("{what}: cannot read its EROFS metadata: {detail}")]
+    Format { what: String, detail: String },
     #[error(
         "the installed fsck.erofs (erofs-utils {version}) does not restore extended attributes when it extracts, so a rebuilt image would lose every SELinux label and file capability; install an erofs-utils whose fsck.erofs --extract keeps xattrs, or pass --allow-xattr-loss for an image without them"
     )]
@@ -211,6 +214,27 @@ pub fn extract_keeps_xattrs(scratch: &Path) -> Result<bool, ErofsError> {
     let out = dir.path().join("out");
     extract(&img, &out)?;
     Ok(crate::persist::ovl_merge::get_xattr(&out.join("f"), "user.livestick").is_some())
+}
+
+/// Sets on the tree extracted into `tree` the xattrs the image holds (read by
+/// [`crate::persist::erofs_xattr`]), which fsck.erofs 1.5 leaves out. Returns the
+/// number of paths labelled. A tree without a path the image has is an error: the
+/// extraction and the image disagree.
+pub fn restore_xattrs(image: &Path, tree: &Path) -> Result<usize, ErofsError> {
+    let mut f = fs::File::open(image).map_err(io_err(image))?;
+    let paths = crate::persist::erofs_xattr::read_xattrs(&mut f, &image.display().to_string())?;
+    for (rel, xattrs) in &paths {
+        let p = tree.join(std::ffi::OsStr::from_bytes(rel));
+        for (name, value) in xattrs {
+            crate::persist::ovl_merge::set_xattr(&p, name, value).map_err(|source| {
+                ErofsError::Io {
+                    what: format!("setting {name} on {}", p.display()),
+                    source,
+                }
+            })?;
+        }
+    }
+    Ok(paths.len())
 }
 
 /// Extracts the image into `dest` (created), keeping owners and modes (as root).

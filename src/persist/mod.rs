@@ -1,5 +1,6 @@
 //! Persistence on the stick: the dm-snapshot overlay store, its maintenance, home.img.
 pub mod erofs;
+pub mod erofs_xattr;
 pub mod home;
 pub mod home_stick;
 pub mod luks;

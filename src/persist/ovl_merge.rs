@@ -43,6 +43,7 @@ use thiserror::Error;
 
 use crate::disk::ext4::{self, Ext4Info, Ext4Options};
 use crate::persist::erofs::{self, ErofsError, ErofsInfo};
+use crate::persist::erofs_xattr;
 use crate::persist::merge::{
     self, Inputs, Located, MergeError, MergePlan, MergeReport, check_space, free_bytes,
     with_readable_squashfs,
@@ -1536,7 +1537,22 @@ pub(crate) fn plan(
             let available = erofs::available_compressors().map_err(OvlError::from)?;
             let (mkfs_args, note) = erofs::mkfs_args(&info, &available);
             notes.extend(note);
-            let keeps = erofs::extract_keeps_xattrs(workdir).map_err(OvlError::from)?;
+            // fsck.erofs 1.5 extracts no xattrs; livestick reads them from the image
+            // itself and sets them on the extracted tree.
+            let ours = erofs_xattr::read_xattrs(&mut inp.squashfs_at.open(false)?, &what);
+            let keeps = match &ours {
+                Ok(paths) => {
+                    notes.push(format!(
+                        "xattrs (SELinux labels, capabilities) of {} paths are read from the image by livestick and set on the extracted tree",
+                        paths.len()
+                    ));
+                    true
+                }
+                Err(e) => {
+                    notes.push(format!("livestick cannot read the image's xattrs: {e}"));
+                    erofs::extract_keeps_xattrs(workdir).map_err(OvlError::from)?
+                }
+            };
             if !keeps {
                 notes.push(format!(
                     "fsck.erofs {} does not restore xattrs on extraction: SELinux labels and capabilities of the image would be lost (refused unless --allow-xattr-loss)",
@@ -1779,6 +1795,7 @@ pub fn run_fakeroot_job(job: &Path) -> Result<(), OvlError> {
     read_upper_details(&dbg, &mut upper, &stage)?;
     let tree = job.work.join("tree");
     erofs::extract(&job.erofs, &tree)?;
+    erofs::restore_xattrs(&job.erofs, &tree)?;
     let rep = apply_host_tree(&tree, &upper, &mut |_, _| {})?;
     erofs::build(&tree, &job.built, &job.mkfs_args)?;
     let out = serde_json::to_vec(&rep).map_err(|e| OvlError::Host {
@@ -1928,6 +1945,7 @@ fn tree_steps(
         Layout::Erofs { .. } => {
             let src = erofs::readable_copy(&plan.squashfs_at, work).map_err(OvlError::from)?;
             erofs::extract(&src, &tree).map_err(OvlError::from)?;
+            erofs::restore_xattrs(&src, &tree).map_err(OvlError::from)?;
             if src.starts_with(work) {
                 let _ = fs::remove_file(&src);
             }
