@@ -6,6 +6,7 @@ pub mod home_stick;
 pub mod luks;
 pub mod merge;
 pub mod overlay_extent;
+pub mod ovl_maint;
 pub mod ovl_merge;
 pub mod ovl_tar;
 pub mod snapshot;

@@ -1,0 +1,835 @@
+//! Checking, repairing and growing an OverlayFS overlay (`rd.live.overlay.overlayfs`):
+//! a file holding an ext4 file system with `overlayfs/` (the upper dir) and `ovlwork/`.
+//!
+//! There is no dm "Invalid" bit here: the equivalent of a damaged overlay is an ext4
+//! that e2fsck does not call clean. Checks run `e2fsck -f -n` (read-only), repairs
+//! `e2fsck -f -y`, grows `e2fsck -f -p` (what resize2fs asks for: journal replay and
+//! the safe fixes a boot-time fsck makes) and then `resize2fs`. e2fsprogs is the
+//! reference implementation of ext4; nothing is mounted and no root is needed.
+//!
+//! A bare overlay file is checked and changed in place. An overlay on a stick is not,
+//! although e2fsprogs accepts `stick.img?offset=N`: resize2fs then truncates the
+//! *containing* file to the new file-system size (it ignores the offset), which would
+//! cut an image-file stick short, and a fragmented overlay (after a grow on a FAT
+//! with files behind it) has no single offset at all. So on a stick the overlay is
+//! copied into a work directory ([`WorkCopy`], sparse), the tools run on the copy,
+//! and only the 4 KiB blocks they changed are written back through the FAT extents,
+//! the primary superblock last (as e2fsprogs itself writes it last): until then the
+//! stick holds the old, valid file system. Read-only checks of a contiguous overlay
+//! run in place (`e2fsck -n` opens it read-only and never resizes anything).
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::disk::ext4::{self, Ext4Error, Ext4Info};
+use crate::persist::merge::{self, MergeError};
+use crate::persist::snapshot::SyncData;
+
+/// Granularity of the write-back: the blocks e2fsck/resize2fs changed.
+pub const WRITE_BACK_CHUNK: u64 = 4096;
+/// Where the primary ext4 superblock lives in the overlay file.
+const SUPERBLOCK: std::ops::Range<u64> = 1024..2048;
+/// Problems listed in a report; the rest are counted.
+const MAX_PROBLEMS: usize = 40;
+
+#[derive(Debug, Error)]
+pub enum OvlMaintError {
+    #[error(transparent)]
+    Ext4(#[from] Ext4Error),
+    #[error(transparent)]
+    Merge(#[from] MergeError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot grow {overlay} from {current} bytes to {requested} bytes: {reason}")]
+    CannotGrow {
+        overlay: String,
+        current: u64,
+        requested: u64,
+        reason: String,
+    },
+    #[error(
+        "the ext4 file system in {overlay} says it has {fs_bytes} bytes but the file holds only {file_bytes}: the file was cut short, and neither e2fsck nor resize2fs can bring the missing part back. Reset the overlay (`livestick overlay reset`) after saving what you need from it"
+    )]
+    FsLargerThanFile {
+        overlay: String,
+        fs_bytes: u64,
+        file_bytes: u64,
+    },
+    #[error("`{tool}` could not run on {overlay}: exit {code} ({meaning}). Output:\n{output}")]
+    ToolFailed {
+        tool: &'static str,
+        overlay: String,
+        code: i32,
+        meaning: &'static str,
+        output: String,
+    },
+    #[error(
+        "not enough space in the work dir {dir} for a copy of {overlay}: {needed} bytes needed ({needed_mib} MiB), {free} bytes free ({free_mib} MiB). Free space there or pass --workdir DIR on a file system with room"
+    )]
+    NoRoom {
+        dir: PathBuf,
+        overlay: String,
+        needed: u64,
+        needed_mib: u64,
+        free: u64,
+        free_mib: u64,
+    },
+    #[error(
+        "read-back of {overlay} at byte {offset} does not match what was written: the medium did not keep the write. Run `livestick overlay recover TARGET` to see the state of the file system"
+    )]
+    Verify { overlay: String, offset: u64 },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> OvlMaintError {
+    let what = what.into();
+    move |source| OvlMaintError::Io { what, source }
+}
+
+/// What the primary superblock says, beyond [`Ext4Info`]: the flags that make a file
+/// system need a check before it may be resized.
+#[derive(Debug, Clone, Serialize)]
+pub struct Super {
+    pub block_size: u64,
+    pub blocks: u64,
+    /// `blocks × block_size`: the file system's size, at most the file's.
+    pub fs_bytes: u64,
+    pub free_bytes: u64,
+    /// `needs_recovery`: the journal holds transactions not yet written home (the
+    /// live system was not shut down cleanly).
+    pub needs_recovery: bool,
+    /// Inodes on the orphan list (deleted while open when the system stopped).
+    pub orphans: bool,
+    /// The kernel recorded an error (`s_state` has EXT2_ERROR_FS).
+    pub errors_recorded: bool,
+    /// `s_error_count`: errors the kernel counted since the last check.
+    pub error_count: u32,
+}
+
+impl Super {
+    pub fn read_from<R: Read + Seek>(r: &mut R) -> Result<Super, OvlMaintError> {
+        let mut sb = vec![0u8; 1024];
+        r.seek(SeekFrom::Start(SUPERBLOCK.start))
+            .and_then(|_| r.read_exact(&mut sb))
+            .map_err(io_err("reading the overlay's ext4 superblock"))?;
+        Super::parse(&sb)
+    }
+
+    pub fn parse(sb: &[u8]) -> Result<Super, OvlMaintError> {
+        let info = Ext4Info::from_superblock(sb)?;
+        let u16_at = |o: usize| u16::from_le_bytes([sb[o], sb[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
+        Ok(Super {
+            block_size: info.block_size,
+            blocks: info.block_count,
+            fs_bytes: info.size_bytes,
+            free_bytes: info.free_blocks * info.block_size,
+            needs_recovery: u32_at(0x60) & 0x4 != 0,
+            orphans: u32_at(0xE8) != 0,
+            errors_recorded: u16_at(0x3A) & 0x2 != 0,
+            error_count: u32_at(0x194),
+        })
+    }
+
+    /// Findings from the superblock alone, in words.
+    pub fn findings(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.needs_recovery {
+            v.push(
+                "the journal was not replayed: the live system was not shut down cleanly (a read-only check skips the journal; --repair replays it)".to_string(),
+            );
+        }
+        if self.orphans {
+            v.push("inodes on the orphan list wait to be released".to_string());
+        }
+        if self.errors_recorded || self.error_count > 0 {
+            v.push(format!(
+                "the kernel recorded file-system errors ({} since the last check)",
+                self.error_count
+            ));
+        }
+        v
+    }
+}
+
+/// A grow of an OverlayFS overlay: the file and the ext4 in it end at `new_bytes`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GrowPlan {
+    /// The overlay file's size now.
+    pub current_bytes: u64,
+    /// The ext4 file system's size now (smaller than the file after a grow that
+    /// stopped before resize2fs).
+    pub fs_bytes_before: u64,
+    pub requested_bytes: u64,
+    pub new_bytes: u64,
+    /// Bytes appended to the file (0 when it already has the size).
+    pub added_bytes: u64,
+    pub block_size: u64,
+    pub notes: Vec<String>,
+}
+
+/// Plans a grow to `requested` bytes, at most `max_bytes` (the FAT limit; capped with a
+/// note, as for dm-snapshot overlays) and whole ext4 blocks. Shrinking is refused, and
+/// so is a grow that would change nothing.
+pub fn plan_grow(
+    overlay: &str,
+    file_bytes: u64,
+    sb: &Super,
+    requested: u64,
+    max_bytes: u64,
+) -> Result<GrowPlan, OvlMaintError> {
+    if sb.fs_bytes > file_bytes {
+        return Err(OvlMaintError::FsLargerThanFile {
+            overlay: overlay.to_string(),
+            fs_bytes: sb.fs_bytes,
+            file_bytes,
+        });
+    }
+    let cannot = |reason: String| OvlMaintError::CannotGrow {
+        overlay: overlay.to_string(),
+        current: file_bytes,
+        requested,
+        reason,
+    };
+    let mut notes = Vec::new();
+    let mut target = requested;
+    if target > max_bytes {
+        notes.push(format!(
+            "capped at {max_bytes} bytes, the largest file a FAT32 stick can hold"
+        ));
+        target = max_bytes;
+    }
+    let bs = sb.block_size.max(1024);
+    if !target.is_multiple_of(bs) {
+        target = target / bs * bs;
+        notes.push(format!(
+            "rounded down to whole {bs}-byte ext4 blocks: {target} bytes"
+        ));
+    }
+    if target < file_bytes {
+        return Err(cannot(format!(
+            "that is smaller than the overlay ({target} bytes after rounding); shrinking is not supported"
+        )));
+    }
+    if target == sb.fs_bytes {
+        return Err(cannot(format!(
+            "the overlay and its ext4 already have {target} bytes; ask for more (--add-mb N or a larger --size-mb)"
+        )));
+    }
+    if target == file_bytes {
+        notes.push(
+            "the file already has this size (an earlier grow stopped before resize2fs): only the ext4 inside grows".to_string(),
+        );
+    }
+    Ok(GrowPlan {
+        current_bytes: file_bytes,
+        fs_bytes_before: sb.fs_bytes,
+        requested_bytes: requested,
+        new_bytes: target,
+        added_bytes: target - file_bytes,
+        block_size: bs,
+        notes,
+    })
+}
+
+/// How e2fsck is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FsckMode {
+    /// `-n`: read-only, answers no to every question.
+    Check,
+    /// `-p`: preen, the fixes a boot-time fsck makes unattended.
+    Preen,
+    /// `-y`: answers yes to every question.
+    Repair,
+}
+
+impl FsckMode {
+    fn flag(self) -> &'static str {
+        match self {
+            FsckMode::Check => "-n",
+            FsckMode::Preen => "-p",
+            FsckMode::Repair => "-y",
+        }
+    }
+}
+
+/// What one e2fsck run found or did.
+#[derive(Debug, Clone, Serialize)]
+pub struct FsckReport {
+    pub mode: FsckMode,
+    pub command: String,
+    pub exit_code: i32,
+    pub meaning: &'static str,
+    /// Nothing to fix: exit 0 and no superblock flag asking for a check.
+    pub clean: bool,
+    /// e2fsck changed the file system (exit 1 or 2).
+    pub modified: bool,
+    /// Problems remain (exit 4: found by a check, or not fixed by -p/-y).
+    pub errors_left: bool,
+    /// Superblock findings (journal not replayed, orphans, recorded errors), taken
+    /// before the run.
+    pub findings: Vec<String>,
+    /// The problems e2fsck printed, without its questions and answers.
+    pub problems: Vec<String>,
+    /// Problems beyond the ones listed.
+    pub more_problems: usize,
+    /// Its closing line: files and blocks in use.
+    pub summary: Option<String>,
+    pub output: String,
+}
+
+fn exit_meaning(code: i32, mode: FsckMode) -> &'static str {
+    match code {
+        0 => "no errors",
+        1 | 2 => "errors corrected",
+        4 if mode == FsckMode::Check => "errors found, not corrected (read-only check)",
+        4 => "errors left uncorrected",
+        8 => "operational error",
+        12 => "interrupted",
+        16 => "usage or syntax error",
+        32 => "canceled by request",
+        128 => "shared-library error",
+        _ => "unexpected exit status",
+    }
+}
+
+/// Runs `e2fsck -f <mode>` on `image` (a path, or `device?offset=N` for read-only
+/// checks in place). `show` names the overlay in the report. Exit codes 0, 1, 2 and 4
+/// are reports; anything else means e2fsck could not do its job and is an error.
+pub fn fsck(
+    image: &OsStr,
+    show: &str,
+    mode: FsckMode,
+    sb: &Super,
+) -> Result<FsckReport, OvlMaintError> {
+    let exe = ext4::find_tool("e2fsck")?;
+    let out = Command::new(&exe)
+        .arg("-f")
+        .arg(mode.flag())
+        .arg(image)
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(io_err(format!("running {}", exe.display())))?;
+    let code = out.status.code().unwrap_or(-1);
+    let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+    output.push_str(&String::from_utf8_lossy(&out.stderr));
+    // e2fsck starts its lines with the image's path (options stripped); name the
+    // overlay instead.
+    let name = image.to_string_lossy();
+    let name = format!("{}:", name.split('?').next().unwrap_or_default());
+    let output = output
+        .lines()
+        .map(|l| match l.strip_prefix(&name) {
+            Some(rest) => format!("{show}:{rest}"),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let meaning = exit_meaning(code, mode);
+    if !matches!(code, 0 | 1 | 2 | 4) {
+        return Err(OvlMaintError::ToolFailed {
+            tool: "e2fsck",
+            overlay: show.to_string(),
+            code,
+            meaning,
+            output: output.trim().to_string(),
+        });
+    }
+    let (mut problems, summary) = parse_fsck_output(&output, show);
+    let more_problems = problems.len().saturating_sub(MAX_PROBLEMS);
+    problems.truncate(MAX_PROBLEMS);
+    let findings = sb.findings();
+    Ok(FsckReport {
+        mode,
+        command: format!("e2fsck -f {}", mode.flag()),
+        exit_code: code,
+        meaning,
+        clean: code == 0 && (mode != FsckMode::Check || findings.is_empty()),
+        modified: matches!(code, 1 | 2),
+        errors_left: code == 4,
+        findings,
+        problems,
+        more_problems,
+        summary,
+        output,
+    })
+}
+
+/// The problem lines of e2fsck's output, and its closing summary. Drops the banner,
+/// pass headers, remarks about the run itself (preen's "RUN fsck MANUALLY" included:
+/// the caller says what to run) and the questions with their answers ("Fix? no"),
+/// keeping what each question was about. `name` is the prefix preen mode puts on
+/// every line.
+pub fn parse_fsck_output(output: &str, name: &str) -> (Vec<String>, Option<String>) {
+    let mut problems = Vec::new();
+    let mut summary = None;
+    let prefix = format!("{name}: ");
+    for line in output.lines() {
+        let line = line.trim();
+        let line = line.strip_prefix(&prefix).unwrap_or(line);
+        if line.is_empty()
+            || line.starts_with("e2fsck 1.")
+            || line.starts_with("Pass ")
+            || line.contains("***** ")
+            || line.starts_with("Warning: skipping journal recovery")
+            || line.contains("UNEXPECTED INCONSISTENCY")
+            || line.starts_with("(i.e., without -a or -p options)")
+        {
+            continue;
+        }
+        // "NAME: 13/8192 files (0.0% non-contiguous), 6940/32768 blocks"
+        let rest = line.rsplit_once(": ").map_or(line, |(_, r)| r);
+        if rest.starts_with(|c: char| c.is_ascii_digit())
+            && rest.contains(" files (")
+            && rest.ends_with(" blocks")
+        {
+            summary = Some(rest.to_string());
+            continue;
+        }
+        let text = strip_question(line);
+        if !text.is_empty() {
+            problems.push(text.to_string());
+        }
+    }
+    (problems, summary)
+}
+
+/// "Inode 14 ref count is 3, should be 1.  Fix? no" → "Inode 14 ref count is 3,
+/// should be 1."; a line that is only a question and its answer → "".
+fn strip_question(line: &str) -> &str {
+    let Some(q) = line
+        .strip_suffix("? no")
+        .or_else(|| line.strip_suffix("? yes"))
+    else {
+        return line;
+    };
+    // The question starts after the last sentence end ("." or ")" or ":" + space).
+    match q.rfind(['.', ')', ':', ']']) {
+        Some(i) if q[i + 1..].starts_with(' ') => line[..=i].trim_end(),
+        _ => "",
+    }
+}
+
+/// `resize2fs <image> <new_bytes/1024>K` on a file that already has `new_bytes`
+/// (never `device?offset=N`: resize2fs would truncate the containing file).
+pub fn resize(image: &Path, show: &str, new_bytes: u64) -> Result<String, OvlMaintError> {
+    let exe = ext4::find_tool("resize2fs")?;
+    let out = Command::new(&exe)
+        .arg(image)
+        .arg(format!("{}K", new_bytes / 1024))
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(io_err(format!("running {}", exe.display())))?;
+    let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+    output.push_str(&String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        return Err(OvlMaintError::ToolFailed {
+            tool: "resize2fs",
+            overlay: show.to_string(),
+            code: out.status.code().unwrap_or(-1),
+            meaning: "the file system was not resized",
+            output: output.trim().to_string(),
+        });
+    }
+    Ok(output)
+}
+
+/// `device?offset=N`, how e2fsprogs reads a contiguous file inside a device or image
+/// in place; None when the path itself holds a `?` (e2fsprogs would split it there).
+pub fn in_place_spec(device: &Path, offset: u64) -> Option<OsString> {
+    if device.as_os_str().to_string_lossy().contains('?') {
+        return None;
+    }
+    let mut s = device.as_os_str().to_os_string();
+    s.push(format!("?offset={offset}"));
+    Some(s)
+}
+
+/// Free bytes in `dir`, checked against a copy of `needed` bytes.
+pub fn check_workdir(dir: &Path, overlay: &str, needed: u64) -> Result<u64, OvlMaintError> {
+    let free = merge::free_bytes(dir).map_err(|e| OvlMaintError::Io {
+        what: format!(
+            "work dir {} (pass --workdir DIR to use another)",
+            dir.display()
+        ),
+        source: io::Error::other(e.to_string()),
+    })?;
+    if needed > free {
+        return Err(OvlMaintError::NoRoom {
+            dir: dir.to_path_buf(),
+            overlay: overlay.to_string(),
+            needed,
+            needed_mib: needed.div_ceil(1 << 20),
+            free,
+            free_mib: free >> 20,
+        });
+    }
+    Ok(free)
+}
+
+/// What a write-back did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WriteBack {
+    pub chunks_written: u64,
+    pub bytes_written: u64,
+}
+
+/// A sparse copy of an overlay in a work directory (deleted on drop), with the chunk
+/// fingerprints of the state the overlay on the stick is in, so that what the tools
+/// change can be written back alone.
+pub struct WorkCopy {
+    file: tempfile::NamedTempFile,
+    show: String,
+    baseline: Vec<u64>,
+}
+
+impl WorkCopy {
+    /// Copies `len` bytes of `src` into a new file in `dir` (blocks of zeros become
+    /// holes). `progress(done, total)`.
+    pub fn create<R: Read + Seek>(
+        src: &mut R,
+        len: u64,
+        dir: &Path,
+        show: &str,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<WorkCopy, OvlMaintError> {
+        let file = tempfile::Builder::new()
+            .prefix("livestick-overlay-")
+            .suffix(".img")
+            .tempfile_in(dir)
+            .map_err(io_err(format!(
+                "creating a work file in {} (pass --workdir DIR for a writable directory with room)",
+                dir.display()
+            )))?;
+        let what = || format!("copying {show} to {}", file.path().display());
+        src.seek(SeekFrom::Start(0)).map_err(io_err(what()))?;
+        let mut out = file.as_file();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut done = 0u64;
+        progress(0, len);
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            src.read_exact(&mut buf[..n]).map_err(io_err(what()))?;
+            for (i, block) in buf[..n].chunks(WRITE_BACK_CHUNK as usize).enumerate() {
+                if block.iter().any(|&b| b != 0) {
+                    let at = done + i as u64 * WRITE_BACK_CHUNK;
+                    out.seek(SeekFrom::Start(at)).map_err(io_err(what()))?;
+                    out.write_all(block).map_err(io_err(what()))?;
+                }
+            }
+            done += n as u64;
+            progress(done, len);
+        }
+        out.set_len(len).map_err(io_err(what()))?;
+        Ok(WorkCopy {
+            file,
+            show: show.to_string(),
+            baseline: Vec::new(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// Extends the copy with zeros, as the overlay on the stick will be extended.
+    pub fn set_len(&self, len: u64) -> Result<(), OvlMaintError> {
+        self.file
+            .as_file()
+            .set_len(len)
+            .map_err(io_err(format!("extending {}", self.path().display())))
+    }
+
+    /// Records the copy's state as the one the stick's overlay has (before the tools
+    /// run; after the copy is extended like the overlay will be).
+    pub fn mark_baseline(&mut self) -> Result<(), OvlMaintError> {
+        self.baseline = merge::chunk_fingerprints(self.path(), WRITE_BACK_CHUNK)?;
+        Ok(())
+    }
+
+    /// Writes the chunks changed since [`WorkCopy::mark_baseline`] into `ov` (the
+    /// overlay on the stick, already as long as the copy): all but the primary
+    /// superblock first, a sync, then the superblock, a sync; then reads them back.
+    pub fn write_back<W: Read + Write + Seek + SyncData>(
+        &self,
+        ov: &mut W,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<WriteBack, OvlMaintError> {
+        let changed = merge::changed_chunks(self.path(), WRITE_BACK_CHUNK, &self.baseline)?;
+        let mut copy = File::open(self.path())
+            .map_err(io_err(format!("reading {}", self.path().display())))?;
+        let len = copy
+            .metadata()
+            .map_err(io_err(format!("reading {}", self.path().display())))?
+            .len();
+        let ov_len = ov
+            .seek(SeekFrom::End(0))
+            .map_err(io_err(format!("writing {}", self.show)))?;
+        if ov_len < len {
+            return Err(OvlMaintError::Io {
+                what: format!("writing {} back", self.show),
+                source: io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the overlay has {ov_len} bytes, the work copy {len}"),
+                ),
+            });
+        }
+        let show = self.show.clone();
+        let werr = move || io_err(format!("writing {show} back"));
+        let total = changed.len() as u64 * WRITE_BACK_CHUNK;
+        let mut report = WriteBack::default();
+        let mut buf = vec![0u8; WRITE_BACK_CHUNK as usize];
+        let mut superblock: Option<Vec<u8>> = None;
+        progress(0, total);
+        for (i, &c) in changed.iter().enumerate() {
+            let at = c * WRITE_BACK_CHUNK;
+            let n = WRITE_BACK_CHUNK.min(len - at.min(len)) as usize;
+            copy.seek(SeekFrom::Start(at)).map_err(werr())?;
+            copy.read_exact(&mut buf[..n]).map_err(werr())?;
+            // Split off the primary superblock: it is written last.
+            let end = at + n as u64;
+            let pieces: Vec<(u64, u64)> = if at < SUPERBLOCK.end && SUPERBLOCK.start < end {
+                superblock = Some(
+                    buf[(SUPERBLOCK.start - at) as usize..(SUPERBLOCK.end.min(end) - at) as usize]
+                        .to_vec(),
+                );
+                vec![
+                    (at, SUPERBLOCK.start.max(at)),
+                    (SUPERBLOCK.end.min(end), end),
+                ]
+            } else {
+                vec![(at, end)]
+            };
+            for (from, to) in pieces.into_iter().filter(|(f, t)| f < t) {
+                ov.seek(SeekFrom::Start(from)).map_err(werr())?;
+                ov.write_all(&buf[(from - at) as usize..(to - at) as usize])
+                    .map_err(werr())?;
+            }
+            report.chunks_written += 1;
+            report.bytes_written += n as u64;
+            progress((i as u64 + 1) * WRITE_BACK_CHUNK, total);
+        }
+        ov.flush().map_err(werr())?;
+        ov.sync_data().map_err(werr())?;
+        if let Some(sb) = &superblock {
+            ov.seek(SeekFrom::Start(SUPERBLOCK.start)).map_err(werr())?;
+            ov.write_all(sb).map_err(werr())?;
+            ov.flush().map_err(werr())?;
+            ov.sync_data().map_err(werr())?;
+        }
+        // Read back what was written: the stick must now equal the copy.
+        let mut back = vec![0u8; WRITE_BACK_CHUNK as usize];
+        for &c in &changed {
+            let at = c * WRITE_BACK_CHUNK;
+            let n = WRITE_BACK_CHUNK.min(len - at.min(len)) as usize;
+            copy.seek(SeekFrom::Start(at)).map_err(werr())?;
+            copy.read_exact(&mut buf[..n]).map_err(werr())?;
+            ov.seek(SeekFrom::Start(at)).map_err(werr())?;
+            ov.read_exact(&mut back[..n]).map_err(werr())?;
+            if buf[..n] != back[..n] {
+                return Err(OvlMaintError::Verify {
+                    overlay: self.show.clone(),
+                    offset: at,
+                });
+            }
+        }
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn sb(block_size_log: u32, blocks: u32) -> Vec<u8> {
+        let mut sb = vec![0u8; 1024];
+        sb[0x04..0x08].copy_from_slice(&blocks.to_le_bytes());
+        sb[0x18..0x1C].copy_from_slice(&block_size_log.to_le_bytes());
+        sb[0x38..0x3A].copy_from_slice(&0xEF53u16.to_le_bytes());
+        sb
+    }
+
+    #[test]
+    fn superblock_flags() {
+        let mut raw = sb(0, 32768);
+        let s = Super::parse(&raw).unwrap();
+        assert_eq!((s.block_size, s.fs_bytes), (1024, 32 << 20));
+        assert!(s.findings().is_empty());
+        raw[0x60] |= 0x4;
+        raw[0xE8] = 12;
+        raw[0x3A] = 0x2;
+        raw[0x194] = 3;
+        let s = Super::parse(&raw).unwrap();
+        assert!(s.needs_recovery && s.orphans && s.errors_recorded);
+        assert_eq!(s.findings().len(), 3);
+        assert!(Super::parse(&[0u8; 1024]).is_err());
+    }
+
+    #[test]
+    fn grow_plans() {
+        let s = Super::parse(&sb(0, 32768)).unwrap();
+        let p = plan_grow("o", 32 << 20, &s, 64 << 20, u32::MAX as u64).unwrap();
+        assert_eq!((p.added_bytes, p.new_bytes), (32 << 20, 64 << 20));
+        let p = plan_grow("o", 32 << 20, &s, 8 << 30, u32::MAX as u64).unwrap();
+        assert_eq!(p.new_bytes, (u32::MAX as u64) / 1024 * 1024);
+        assert_eq!(p.notes.len(), 2, "{:?}", p.notes);
+        // Shrinking, and a grow to the size the overlay has.
+        assert!(plan_grow("o", 32 << 20, &s, 16 << 20, u64::MAX).is_err());
+        assert!(plan_grow("o", 32 << 20, &s, 32 << 20, u64::MAX).is_err());
+        // Finishing a grow that stopped after the file was extended.
+        let p = plan_grow("o", 64 << 20, &s, 64 << 20, u64::MAX).unwrap();
+        assert_eq!((p.added_bytes, p.fs_bytes_before), (0, 32 << 20));
+        // An ext4 larger than its file.
+        assert!(matches!(
+            plan_grow("o", 16 << 20, &s, 64 << 20, u64::MAX),
+            Err(OvlMaintError::FsLargerThanFile { .. })
+        ));
+    }
+
+    #[test]
+    fn fsck_output_is_reduced_to_problems() {
+        let out = "Pass 1: Checking inodes, blocks, and sizes
+Pass 2: Checking directory structure
+Inode 14 ref count is 3, should be 1.  Fix? no
+
+Pass 5: Checking group summary information
+Block bitmap differences:  -(3000--3019)
+Fix? no
+
+Free inodes count wrong (9, counted=8178).
+Fix? no
+
+Resize inode not valid.  Recreate? yes
+
+Entry 'x' in / (2) has deleted/unused inode 15.  Clear? yes
+
+
+stick.img:/LiveOS/o: ********** WARNING: Filesystem still has errors **********
+
+stick.img:/LiveOS/o: 8183/8192 files (0.0% non-contiguous), 6941/32768 blocks
+e2fsck 1.47.0 (5-Feb-2023)
+";
+        let preen = "o.img: Inode 14 (...) has invalid mode (0170644).
+
+
+o.img: UNEXPECTED INCONSISTENCY; RUN fsck MANUALLY.
+\t(i.e., without -a or -p options)
+";
+        let (p, s) = parse_fsck_output(preen, "o.img");
+        assert_eq!(p, ["Inode 14 (...) has invalid mode (0170644)."]);
+        assert_eq!(s, None);
+        let (p, s) = parse_fsck_output(out, "stick.img:/LiveOS/o");
+        assert_eq!(
+            p,
+            [
+                "Inode 14 ref count is 3, should be 1.",
+                "Block bitmap differences:  -(3000--3019)",
+                "Free inodes count wrong (9, counted=8178).",
+                "Resize inode not valid.",
+                "Entry 'x' in / (2) has deleted/unused inode 15.",
+            ]
+        );
+        assert_eq!(
+            s.as_deref(),
+            Some("8183/8192 files (0.0% non-contiguous), 6941/32768 blocks")
+        );
+    }
+
+    #[test]
+    fn in_place_spec_refuses_question_marks() {
+        assert_eq!(
+            in_place_spec(Path::new("/dev/sdb"), 4096).unwrap(),
+            "/dev/sdb?offset=4096"
+        );
+        assert!(in_place_spec(Path::new("/tmp/a?b.img"), 0).is_none());
+    }
+
+    /// Records the offsets written, to check the superblock goes last.
+    struct Recorder {
+        inner: Cursor<Vec<u8>>,
+        writes: Vec<(u64, usize)>,
+        syncs: Vec<usize>,
+    }
+    impl Read for Recorder {
+        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+            self.inner.read(b)
+        }
+    }
+    impl Write for Recorder {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.writes.push((self.inner.position(), b.len()));
+            self.inner.write(b)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Seek for Recorder {
+        fn seek(&mut self, p: SeekFrom) -> io::Result<u64> {
+            self.inner.seek(p)
+        }
+    }
+    impl SyncData for Recorder {
+        fn sync_data(&mut self) -> io::Result<()> {
+            self.syncs.push(self.writes.len());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn write_back_writes_changed_chunks_superblock_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut orig = vec![0u8; 64 << 10];
+        orig[1024..1028].copy_from_slice(b"SB01");
+        orig[40000] = 7;
+        let mut src = Cursor::new(orig.clone());
+        let mut copy =
+            WorkCopy::create(&mut src, orig.len() as u64, dir.path(), "o", &mut |_, _| {}).unwrap();
+        assert_eq!(
+            std::fs::read(copy.path()).unwrap(),
+            orig,
+            "sparse copy reads back"
+        );
+        copy.set_len(80 << 10).unwrap();
+        copy.mark_baseline().unwrap();
+        // "The tools": change the superblock, a GDT byte in chunk 0, one in the middle
+        // and one in the extension.
+        let mut want = std::fs::read(copy.path()).unwrap();
+        want[1024..1028].copy_from_slice(b"SB02");
+        want[2100] = 1;
+        want[50000] = 9;
+        want[70000] = 3;
+        std::fs::write(copy.path(), &want).unwrap();
+        let mut stick = orig.clone();
+        stick.resize(80 << 10, 0);
+        let mut rec = Recorder {
+            inner: Cursor::new(stick),
+            writes: Vec::new(),
+            syncs: Vec::new(),
+        };
+        let r = copy.write_back(&mut rec, &mut |_, _| {}).unwrap();
+        assert_eq!(r.chunks_written, 3);
+        assert_eq!(rec.inner.get_ref(), &want);
+        let last = *rec.writes.last().unwrap();
+        assert_eq!(last, (1024, 1024), "the superblock is written last");
+        assert!(
+            rec.writes[..rec.writes.len() - 1]
+                .iter()
+                .all(|&(o, n)| o + n as u64 <= 1024 || o >= 2048),
+            "{:?}",
+            rec.writes
+        );
+        assert_eq!(rec.syncs, [rec.writes.len() - 1, rec.writes.len()]);
+    }
+}
