@@ -18,10 +18,10 @@ use crate::disk::fat;
 use crate::disk::stick::{self, Stick, StickError, StickInfo};
 use crate::persist::merge::{self, Located, MergeRequest, StickMergeRequest};
 use crate::persist::overlay_extent::ExtentFile;
-use crate::persist::ovl_merge;
 use crate::persist::snapshot::{
     self, FAT_MAX_FILE_BYTES, LIVEOS_CHUNK_SECTORS, Opened, RESET_BYTES, SECTOR_BYTES,
 };
+use crate::persist::{ovl_maint, ovl_merge};
 use crate::progress::{Progress, ProgressMode};
 use crate::size::{MIB, human, parse_size};
 use crate::squash::Compressor;
@@ -44,9 +44,12 @@ pub enum OverlayCommand {
     Reset(ResetArgs),
     /// Make an overlay the kernel marked Invalid usable again (after validating it).
     /// An overlay that is only full (dmsetup shows Overflow; current kernels with
-    /// dracut's `PO` table stop there) stays valid: give it room with `grow`
+    /// dracut's `PO` table stop there) stays valid: give it room with `grow`.
+    /// An OverlayFS overlay has no Invalid mark: its ext4 is checked with
+    /// `e2fsck -f -n` (nothing changed) and repaired with --repair (`e2fsck -f -y`)
     Recover(RecoverArgs),
-    /// Make the overlay file larger, keeping every change in it
+    /// Make the overlay file larger, keeping every change in it (an OverlayFS
+    /// overlay: its ext4 is grown with resize2fs after `e2fsck -f -p`)
     Grow(GrowArgs),
 }
 
@@ -145,14 +148,16 @@ pub struct RecoverArgs {
     #[arg(long, value_name = "N")]
     pub add_mb: Option<u64>,
     /// Then run `e2fsck -f -y` on the file system seen through the overlay and write
-    /// what it repaired into the overlay
+    /// what it repaired into the overlay (OverlayFS: on the overlay's own ext4)
     #[arg(long)]
     pub repair: bool,
     /// With --repair on a bare overlay file: the squashfs.img holding the root image
     /// (default: squashfs.img next to the overlay), unless --origin is given
     #[arg(long, value_name = "PATH", conflicts_with = "origin")]
     pub squashfs: Option<PathBuf>,
-    /// With --repair: where to build the repaired view (needs the root image's size)
+    /// With --repair: where to build the repaired view (needs the root image's size);
+    /// an OverlayFS overlay on a stick is checked and repaired in a copy here (needs
+    /// the overlay's size)
     #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
     pub workdir: PathBuf,
     /// Answer yes to every confirmation (for scripts; this command keeps every
@@ -177,6 +182,11 @@ pub struct GrowArgs {
     /// Add this many MiB
     #[arg(long, value_name = "N")]
     pub add_mb: Option<u64>,
+    /// OverlayFS overlay on a stick: where it is copied to be checked and resized
+    /// (needs room for the grown overlay; only the blocks resize2fs changes are
+    /// written back)
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
+    pub workdir: PathBuf,
     /// Answer yes to every confirmation (for scripts; this command keeps every
     /// change in the overlay, so it asks none today)
     #[arg(long, short)]
@@ -742,6 +752,9 @@ fn recover(a: &RecoverArgs, json: bool) -> anyhow::Result<()> {
         return stick_recover(a, json);
     }
     let path = overlay_file(&a.target)?;
+    if is_ext4_file(&path)? {
+        return ovl_bare_recover(a, &path, json);
+    }
     let show = path.display().to_string();
     let origin = origin_sectors(&a.origin)?;
     // --repair needs the root image: --origin, or the one inside squashfs.img.
@@ -885,6 +898,9 @@ fn grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
         return stick_grow(a, json);
     }
     let path = overlay_file(&a.target)?;
+    if is_ext4_file(&path)? {
+        return ovl_bare_grow(a, &path, json);
+    }
     let (mut f, len) = if a.dry_run {
         open_ro(&path)?
     } else {
@@ -1080,16 +1096,6 @@ fn stick_root_image_bytes(t: &mut StickTarget) -> Option<u64> {
         .map(|e| e.size)
 }
 
-fn refuse_overlayfs(t: &StickTarget, what: &str) -> anyhow::Result<()> {
-    if t.kind == OverlayKind::Overlayfs {
-        bail!(
-            "{} is an OverlayFS overlay (ext4 holding overlayfs/ and ovlwork/); {what} applies to device-mapper snapshot overlays only (for OverlayFS use `overlay status`, `merge` or `reset`; an ext4 overlay is checked with e2fsck and grown with resize2fs, which livestick does not do in place yet)",
-            t.show()
-        );
-    }
-    Ok(())
-}
-
 /// Free and total bytes of the ext4 file system in an OverlayFS overlay.
 fn ext4_usage<R: Read + Seek>(r: &mut R) -> Option<(u64, u64)> {
     let mut sb = [0u8; 1024];
@@ -1263,8 +1269,12 @@ fn stick_reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
 }
 
 fn stick_recover(a: &RecoverArgs, json: bool) -> anyhow::Result<()> {
+    let t = open_stick(&a.target, &a.sel, false, false)?;
+    if t.kind == OverlayKind::Overlayfs {
+        return ovl_stick_recover(a, t, json);
+    }
+    drop(t);
     let mut t = open_stick(&a.target, &a.sel, !a.dry_run, false)?;
-    refuse_overlayfs(&t, "recover")?;
     let show = t.show();
     let origin = match origin_sectors(&a.origin)? {
         Some(s) => Some(s),
@@ -1348,6 +1358,13 @@ fn stick_grow_plan(
     requested: u64,
     chunk: u32,
 ) -> anyhow::Result<snapshot::GrowPlan> {
+    check_fat_limit(t, requested)?;
+    let plan = snapshot::plan_grow(t.overlay_bytes, requested, chunk, FAT_MAX_FILE_BYTES)?;
+    check_stick_free(t, plan.added_bytes)?;
+    Ok(plan)
+}
+
+fn check_fat_limit(t: &StickTarget, requested: u64) -> anyhow::Result<()> {
     if requested > fat::FAT_MAX_FILE {
         bail!(
             "{} cannot grow to {} ({requested} bytes): a file on FAT32 must stay below 4 GiB, at most {} MiB ({} bytes)",
@@ -1357,29 +1374,43 @@ fn stick_grow_plan(
             fat::FAT_MAX_FILE
         );
     }
-    let plan = snapshot::plan_grow(t.overlay_bytes, requested, chunk, FAT_MAX_FILE_BYTES)?;
-    if plan.added_bytes > t.info.free_bytes {
+    Ok(())
+}
+
+fn check_stick_free(t: &StickTarget, added: u64) -> anyhow::Result<()> {
+    if added > t.info.free_bytes {
         bail!(
             "not enough free space on {} to grow {} by {} ({} bytes): {} ({} bytes) free",
             t.stick.path.display(),
             t.overlay,
-            human(plan.added_bytes),
-            plan.added_bytes,
+            human(added),
+            added,
             human(t.info.free_bytes),
             t.info.free_bytes
         );
     }
-    Ok(plan)
+    Ok(())
 }
 
 /// Appends zeros to the overlay through the FAT driver (new clusters, new size). The
 /// directory entry's size changes last, so a stop half way leaves the old, intact
 /// overlay (and some lost clusters fsck.fat frees).
 fn grow_on_stick(t: &mut StickTarget, plan: &snapshot::GrowPlan, json: bool) -> anyhow::Result<()> {
-    let path = t.overlay.clone();
     let mut phases = Phases::new(progress(json, &t.stick.path));
-    phases.update("grow", 0, plan.added_bytes);
-    let added = plan.added_bytes;
+    extend_on_stick(t, plan.added_bytes, plan.new_bytes, &mut phases)?;
+    phases.bar.finish();
+    Ok(())
+}
+
+/// Appends `added` zero bytes to the overlay through the FAT driver (see `grow_on_stick`).
+fn extend_on_stick(
+    t: &mut StickTarget,
+    added: u64,
+    new_bytes: u64,
+    phases: &mut Phases,
+) -> anyhow::Result<()> {
+    let path = t.overlay.clone();
+    phases.update("grow", 0, added);
     t.stick.with_fs(|fs| {
         let io = |source| StickError::Io {
             path: PathBuf::from(&path),
@@ -1401,14 +1432,15 @@ fn grow_on_stick(t: &mut StickTarget, plan: &snapshot::GrowPlan, json: bool) -> 
         f.flush().map_err(io)?;
         Ok(())
     })?;
-    phases.bar.finish();
-    t.overlay_bytes = plan.new_bytes;
+    t.overlay_bytes = new_bytes;
     Ok(())
 }
 
 fn stick_grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
     let mut t = open_stick(&a.target, &a.sel, !a.dry_run, false)?;
-    refuse_overlayfs(&t, "grow")?;
+    if t.kind == OverlayKind::Overlayfs {
+        return ovl_stick_grow(a, t, json);
+    }
     let len = t.overlay_bytes;
     let chunk = {
         let mut f = t.overlay_file()?;
@@ -1424,6 +1456,574 @@ fn stick_grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
         grow_on_stick(&mut t, &plan, json)?;
     }
     grow_report(&t.show(), &plan, a.dry_run, json)
+}
+
+// ---------------------------------------------------------------------------------
+// OverlayFS overlays: the ext4 inside is checked and repaired with e2fsck and grown
+// with resize2fs (persist::ovl_maint). A bare file is changed in place; an overlay on
+// a stick through a work copy whose changed blocks are written back.
+
+fn is_ext4_file(path: &Path) -> anyhow::Result<bool> {
+    let (mut f, _) = open_ro(path)?;
+    Ok(ovl_merge::is_ext4(&mut f))
+}
+
+fn requested_bytes(size_mb: Option<u64>, add_mb: Option<u64>, len: u64) -> anyhow::Result<u64> {
+    match (size_mb, add_mb) {
+        (Some(s), _) => Ok(s.saturating_mul(MIB)),
+        (None, Some(add)) => Ok(len.saturating_add(add.saturating_mul(MIB))),
+        (None, None) => bail!("give --size-mb N or --add-mb N"),
+    }
+}
+
+/// --origin, --origin-size and --squashfs describe the root image a dm-snapshot
+/// overlay belongs to; an OverlayFS overlay is checked on its own.
+fn refuse_dm_only_args(a: &RecoverArgs, show: &str) -> anyhow::Result<()> {
+    if a.origin.origin.is_some() || a.origin.origin_size.is_some() || a.squashfs.is_some() {
+        bail!(super::write::BadInput(format!(
+            "{show} is an OverlayFS overlay (an ext4 file system): it is checked and repaired on its own, so --origin, --origin-size and --squashfs (which name the root image of a device-mapper snapshot overlay) do not apply; run the command without them"
+        )));
+    }
+    Ok(())
+}
+
+/// What an OverlayFS recover or grow found and did (or, in a dry run, would do).
+#[derive(Serialize)]
+struct OvlOutcome {
+    overlay: String,
+    kind: OverlayKind,
+    dry_run: bool,
+    /// The superblock before anything ran.
+    superblock: ovl_maint::Super,
+    /// Where the tools ran: in place, or on a work copy.
+    method: String,
+    check: Option<ovl_maint::FsckReport>,
+    repair: Option<ovl_maint::FsckReport>,
+    /// `e2fsck -f -n` after the repair.
+    check_after: Option<ovl_maint::FsckReport>,
+    /// `e2fsck -f -p` before resize2fs.
+    preen: Option<ovl_maint::FsckReport>,
+    grow: Option<ovl_maint::GrowPlan>,
+    grown: bool,
+    write_back: Option<ovl_maint::WriteBack>,
+    notes: Vec<String>,
+}
+
+impl OvlOutcome {
+    fn new(
+        overlay: String,
+        dry_run: bool,
+        superblock: ovl_maint::Super,
+        grow: Option<ovl_maint::GrowPlan>,
+    ) -> OvlOutcome {
+        OvlOutcome {
+            overlay,
+            kind: OverlayKind::Overlayfs,
+            dry_run,
+            superblock,
+            method: "in place".to_string(),
+            check: None,
+            repair: None,
+            check_after: None,
+            preen: None,
+            grow,
+            grown: false,
+            write_back: None,
+            notes: Vec::new(),
+        }
+    }
+}
+
+fn super_of(path: &Path) -> anyhow::Result<ovl_maint::Super> {
+    let (mut f, _) = open_ro(path)?;
+    Ok(ovl_maint::Super::read_from(&mut f)?)
+}
+
+/// Which e2fsck/resize2fs steps an OverlayFS recover or grow runs.
+#[derive(Clone, Copy)]
+struct OvlSteps<'a> {
+    /// `e2fsck -f -n` first.
+    check: bool,
+    /// `e2fsck -f -y` when the check found problems.
+    repair: bool,
+    grow: Option<&'a ovl_maint::GrowPlan>,
+}
+
+/// The e2fsck/resize2fs sequence on `image` (the bare overlay, or the work copy of
+/// one on a stick): with `check`, `e2fsck -f -n`; with `repair` and problems found,
+/// `e2fsck -f -y` and `-n` again; with `grow`, `e2fsck -f -p`, then `extend` (the
+/// file takes its new size), then resize2fs. An unclean file system is not grown
+/// unless it was repaired first.
+fn run_ovl_tools(
+    image: &Path,
+    target: &Path,
+    steps: OvlSteps<'_>,
+    out: &mut OvlOutcome,
+    phases: &mut Phases,
+    extend: &mut dyn FnMut(&mut Phases) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use ovl_maint::FsckMode;
+    let OvlSteps {
+        check,
+        repair,
+        grow,
+    } = steps;
+    let show = out.overlay.clone();
+    let fsck = |mode: FsckMode, phases: &mut Phases| -> anyhow::Result<ovl_maint::FsckReport> {
+        let phase = match mode {
+            FsckMode::Check => "check",
+            FsckMode::Preen => "preen",
+            FsckMode::Repair => "repair",
+        };
+        phases.update(phase, 0, 1);
+        let sb = super_of(image)?;
+        let r = ovl_maint::fsck(image.as_os_str(), &show, mode, &sb)?;
+        phases.update(phase, 1, 1);
+        Ok(r)
+    };
+    let mut may_grow = true;
+    if check {
+        let c = fsck(FsckMode::Check, phases)?;
+        let clean = c.clean;
+        let problems = summarize_problems(&c);
+        out.check = Some(c);
+        if !clean && repair {
+            let r = fsck(FsckMode::Repair, phases)?;
+            out.repair = Some(r);
+            let after = fsck(FsckMode::Check, phases)?;
+            if !after.clean && grow.is_some() {
+                may_grow = false;
+                out.notes.push(
+                    "not grown: e2fsck -f -y left problems (see above); the repairs it made were kept"
+                        .to_string(),
+                );
+            }
+            out.check_after = Some(after);
+        } else if !clean && grow.is_some() {
+            bail!(super::write::BadInput(format!(
+                "{show} needs repairing before it can grow, so nothing was changed. e2fsck -f -n found:{problems}\nAdd --repair: `livestick overlay recover {} --repair --add-mb N` repairs it (e2fsck -f -y), then grows it",
+                target.display()
+            )));
+        }
+    }
+    let Some(g) = grow.filter(|_| may_grow) else {
+        return Ok(());
+    };
+    let p = fsck(FsckMode::Preen, phases)?;
+    if p.errors_left {
+        bail!(super::write::BadInput(format!(
+            "e2fsck -f -p (the check resize2fs asks for) found problems in {show} that it does not fix unattended (exit {}), so it was not grown:{}\nRepair and grow in one go with `livestick overlay recover {} --repair --add-mb N` (e2fsck -f -y first)",
+            p.exit_code,
+            summarize_problems(&p),
+            target.display()
+        )));
+    }
+    out.preen = Some(p);
+    extend(phases)?;
+    phases.update("resize", 0, 1);
+    ovl_maint::resize(image, &show, g.new_bytes)?;
+    phases.update("resize", 1, 1);
+    out.grown = true;
+    Ok(())
+}
+
+fn summarize_problems(r: &ovl_maint::FsckReport) -> String {
+    let mut all: Vec<&str> = r.findings.iter().map(String::as_str).collect();
+    all.extend(r.problems.iter().map(String::as_str));
+    if all.is_empty() {
+        format!(" exit {}, {}", r.exit_code, r.meaning)
+    } else {
+        format!("\n  - {}", all.join("\n  - "))
+    }
+}
+
+/// On a stick: the tools run on a work copy; only if they all succeed is the overlay
+/// extended through the FAT and are the changed blocks written back (primary
+/// superblock last), so a failure of any tool leaves the stick as it was.
+fn ovl_stick_change(
+    t: &mut StickTarget,
+    workdir: &Path,
+    target: &Path,
+    steps: OvlSteps<'_>,
+    out: &mut OvlOutcome,
+    json: bool,
+) -> anyhow::Result<()> {
+    let grow = steps.grow;
+    let show = t.show();
+    let len = t.overlay_bytes;
+    let new_len = grow.map_or(len, |g| g.new_bytes);
+    ovl_maint::check_workdir(workdir, &show, new_len)?;
+    let mut phases = Phases::new(progress(json, &t.stick.path));
+    let mut copy = {
+        let mut f = t.overlay_file()?;
+        ovl_maint::WorkCopy::create(&mut f, len, workdir, &show, &mut |d, n| {
+            phases.update("copy", d, n)
+        })?
+    };
+    out.method = format!("a work copy in {}", workdir.display());
+    copy.set_len(new_len)?;
+    copy.mark_baseline()?;
+    run_ovl_tools(
+        copy.path(),
+        target,
+        steps,
+        out,
+        &mut phases,
+        &mut |_| Ok(()),
+    )
+    .with_context(|| format!("{show}: stopped before anything on the stick was changed"))?;
+    if let Some(g) = grow.filter(|g| out.grown && g.added_bytes > 0) {
+        extend_on_stick(t, g.added_bytes, g.new_bytes, &mut phases)?;
+    }
+    let wb = {
+        let mut f = t.overlay_file()?;
+        copy.write_back(&mut f, &mut |d, n| phases.update("write back", d, n))?
+    };
+    phases.bar.finish();
+    out.write_back = Some(wb);
+    Ok(())
+}
+
+/// The read-only check of an overlay on a stick: in place when it is contiguous
+/// (`stick?offset=N`), else on a work copy.
+fn ovl_stick_check(
+    t: &mut StickTarget,
+    workdir: &Path,
+    out: &mut OvlOutcome,
+    json: bool,
+) -> anyhow::Result<()> {
+    let show = t.show();
+    let offset = t.overlay_file()?.contiguous_offset();
+    let spec = offset.and_then(|o| ovl_maint::in_place_spec(&t.stick.path, o));
+    let mut phases = Phases::new(progress(json, &t.stick.path));
+    let report = match spec {
+        Some(spec) => {
+            out.method = format!("in place, read-only ({})", spec.to_string_lossy());
+            phases.update("check", 0, 1);
+            let r = ovl_maint::fsck(&spec, &show, ovl_maint::FsckMode::Check, &out.superblock)?;
+            phases.update("check", 1, 1);
+            r
+        }
+        None => {
+            ovl_maint::check_workdir(workdir, &show, t.overlay_bytes)?;
+            let len = t.overlay_bytes;
+            let copy = {
+                let mut f = t.overlay_file()?;
+                ovl_maint::WorkCopy::create(&mut f, len, workdir, &show, &mut |d, n| {
+                    phases.update("copy", d, n)
+                })?
+            };
+            out.method = format!(
+                "a work copy in {} (the overlay is not contiguous on the stick)",
+                workdir.display()
+            );
+            phases.update("check", 0, 1);
+            let r = ovl_maint::fsck(
+                copy.path().as_os_str(),
+                &show,
+                ovl_maint::FsckMode::Check,
+                &out.superblock,
+            )?;
+            phases.update("check", 1, 1);
+            r
+        }
+    };
+    phases.bar.finish();
+    out.check = Some(report);
+    Ok(())
+}
+
+fn ovl_stick_recover(a: &RecoverArgs, mut t: StickTarget, json: bool) -> anyhow::Result<()> {
+    let show = t.show();
+    refuse_dm_only_args(a, &show)?;
+    let len = t.overlay_bytes;
+    let sb = {
+        let mut f = t.overlay_file()?;
+        ovl_maint::Super::read_from(&mut f).with_context(|| show.clone())?
+    };
+    let grow = match a.add_mb {
+        Some(add) => {
+            let requested = len.saturating_add(add.saturating_mul(MIB));
+            check_fat_limit(&t, requested)?;
+            let p = ovl_maint::plan_grow(&show, len, &sb, requested, FAT_MAX_FILE_BYTES)?;
+            check_stick_free(&t, p.added_bytes)?;
+            Some(p)
+        }
+        None => None,
+    };
+    let mut out = OvlOutcome::new(show, a.dry_run, sb, grow.clone());
+    if a.dry_run || !(a.repair || grow.is_some()) {
+        ovl_stick_check(&mut t, &a.workdir, &mut out, json)?;
+        if a.dry_run {
+            let copy = format!("a work copy in {}", a.workdir.display());
+            let clean = out.check.as_ref().is_some_and(|c| c.clean);
+            if a.repair && !clean {
+                out.notes.push(format!(
+                    "would run e2fsck -f -y on {copy}, then write back the blocks it changes (the primary superblock last)"
+                ));
+            }
+            if let Some(g) = &grow {
+                if clean || a.repair {
+                    out.notes.push(format!(
+                        "would append {} through the FAT, run e2fsck -f -p and resize2fs on {copy}, and write back the blocks they change",
+                        human(g.added_bytes)
+                    ));
+                } else {
+                    out.notes.push(
+                        "would not grow: the file system needs repairing first (add --repair)"
+                            .to_string(),
+                    );
+                }
+            }
+        }
+        return ovl_report(&out, &a.target, json);
+    }
+    drop(t);
+    let mut t = open_stick(&a.target, &a.sel, true, false)?;
+    let steps = OvlSteps {
+        check: true,
+        repair: a.repair,
+        grow: grow.as_ref(),
+    };
+    ovl_stick_change(&mut t, &a.workdir, &a.target, steps, &mut out, json)?;
+    ovl_report(&out, &a.target, json)
+}
+
+fn ovl_stick_grow(a: &GrowArgs, mut t: StickTarget, json: bool) -> anyhow::Result<()> {
+    let show = t.show();
+    let len = t.overlay_bytes;
+    let sb = {
+        let mut f = t.overlay_file()?;
+        ovl_maint::Super::read_from(&mut f).with_context(|| show.clone())?
+    };
+    let requested = requested_bytes(a.size_mb, a.add_mb, len)?;
+    check_fat_limit(&t, requested)?;
+    let plan = ovl_maint::plan_grow(&show, len, &sb, requested, FAT_MAX_FILE_BYTES)?;
+    check_stick_free(&t, plan.added_bytes)?;
+    ovl_maint::check_workdir(&a.workdir, &show, plan.new_bytes)?;
+    let mut out = OvlOutcome::new(show, a.dry_run, sb, Some(plan.clone()));
+    out.method = format!("a work copy in {}", a.workdir.display());
+    if a.dry_run {
+        out.notes.push(format!(
+            "would copy the overlay to {}, run e2fsck -f -p and resize2fs there, append {} to the overlay through the FAT, and write back the blocks they change (the primary superblock last)",
+            a.workdir.display(),
+            human(plan.added_bytes)
+        ));
+        out.notes.extend(out.superblock.findings());
+        return ovl_report(&out, &a.target, json);
+    }
+    let steps = OvlSteps {
+        check: false,
+        repair: false,
+        grow: Some(&plan),
+    };
+    ovl_stick_change(&mut t, &a.workdir, &a.target, steps, &mut out, json)?;
+    ovl_report(&out, &a.target, json)
+}
+
+/// A bare overlay file: e2fsck and resize2fs work on it in place. A grow extends the
+/// file first (an ext4 in a larger file is still valid), then resizes.
+fn ovl_bare_change(
+    path: &Path,
+    f: &mut File,
+    steps: OvlSteps<'_>,
+    out: &mut OvlOutcome,
+    json: bool,
+) -> anyhow::Result<()> {
+    let grow = steps.grow;
+    let mut phases = Phases::new(progress(json, path));
+    let mut extended = false;
+    let result = run_ovl_tools(path, path, steps, out, &mut phases, &mut |phases| {
+        if let Some(g) = grow.filter(|g| g.added_bytes > 0) {
+            phases.update("grow", 0, g.added_bytes);
+            f.set_len(g.new_bytes)
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("extending {}", path.display()))?;
+            phases.update("grow", g.added_bytes, g.added_bytes);
+            extended = true;
+        }
+        Ok(())
+    });
+    phases.bar.finish();
+    match (result, grow) {
+        (Err(e), Some(g)) if extended => Err(e.context(format!(
+            "{} was extended to {} bytes but its ext4 still has {}: it is intact and usable; run `livestick overlay grow {} --size-mb {}` to finish",
+            path.display(),
+            g.new_bytes,
+            g.fs_bytes_before,
+            path.display(),
+            g.new_bytes / MIB
+        ))),
+        (r, _) => r,
+    }
+}
+
+fn ovl_bare_grow(a: &GrowArgs, path: &Path, json: bool) -> anyhow::Result<()> {
+    let show = path.display().to_string();
+    let (mut f, len) = if a.dry_run {
+        open_ro(path)?
+    } else {
+        open_rw(path)?
+    };
+    let sb = ovl_maint::Super::read_from(&mut f).with_context(|| show.clone())?;
+    let requested = requested_bytes(a.size_mb, a.add_mb, len)?;
+    let plan = ovl_maint::plan_grow(&show, len, &sb, requested, FAT_MAX_FILE_BYTES)?;
+    let mut out = OvlOutcome::new(show, a.dry_run, sb, Some(plan.clone()));
+    if a.dry_run {
+        out.notes.push(format!(
+            "would run e2fsck -f -p, extend the file by {}, then run resize2fs, all in place",
+            human(plan.added_bytes)
+        ));
+        out.notes.extend(out.superblock.findings());
+        return ovl_report(&out, path, json);
+    }
+    let steps = OvlSteps {
+        check: false,
+        repair: false,
+        grow: Some(&plan),
+    };
+    ovl_bare_change(path, &mut f, steps, &mut out, json)?;
+    ovl_report(&out, path, json)
+}
+
+fn ovl_bare_recover(a: &RecoverArgs, path: &Path, json: bool) -> anyhow::Result<()> {
+    let show = path.display().to_string();
+    refuse_dm_only_args(a, &show)?;
+    let changes = !a.dry_run && (a.repair || a.add_mb.is_some());
+    let (mut f, len) = if changes {
+        open_rw(path)?
+    } else {
+        open_ro(path)?
+    };
+    let sb = ovl_maint::Super::read_from(&mut f).with_context(|| show.clone())?;
+    let grow = match a.add_mb {
+        Some(add) => Some(ovl_maint::plan_grow(
+            &show,
+            len,
+            &sb,
+            len.saturating_add(add.saturating_mul(MIB)),
+            FAT_MAX_FILE_BYTES,
+        )?),
+        None => None,
+    };
+    let mut out = OvlOutcome::new(show, a.dry_run, sb, grow.clone());
+    if !changes {
+        let mut phases = Phases::new(progress(json, path));
+        phases.update("check", 0, 1);
+        let r = ovl_maint::fsck(
+            path.as_os_str(),
+            &out.overlay,
+            ovl_maint::FsckMode::Check,
+            &out.superblock,
+        );
+        phases.update("check", 1, 1);
+        phases.bar.finish();
+        let clean = r.as_ref().is_ok_and(|r| r.clean);
+        out.check = Some(r?);
+        if a.dry_run && a.repair && !clean {
+            out.notes
+                .push("would run e2fsck -f -y in place, then e2fsck -f -n again".to_string());
+        }
+        if let (true, Some(g)) = (a.dry_run, &grow) {
+            out.notes.push(if clean || a.repair {
+                format!(
+                    "would run e2fsck -f -p, extend the file by {}, then run resize2fs",
+                    human(g.added_bytes)
+                )
+            } else {
+                "would not grow: the file system needs repairing first (add --repair)".to_string()
+            });
+        }
+        return ovl_report(&out, path, json);
+    }
+    let steps = OvlSteps {
+        check: true,
+        repair: a.repair,
+        grow: grow.as_ref(),
+    };
+    ovl_bare_change(path, &mut f, steps, &mut out, json)?;
+    ovl_report(&out, path, json)
+}
+
+fn print_fsck(show: &str, r: &ovl_maint::FsckReport) {
+    let state = if r.clean {
+        "clean"
+    } else if r.exit_code == 0 && r.mode == ovl_maint::FsckMode::Check {
+        "no errors in the checked state, but the superblock asks for a repair run"
+    } else {
+        r.meaning
+    };
+    println!("{} on {show}: {state} (exit {})", r.command, r.exit_code);
+    for f in &r.findings {
+        println!("  finding: {f}");
+    }
+    for p in &r.problems {
+        println!("  problem: {p}");
+    }
+    if r.more_problems > 0 {
+        println!(
+            "  … and {} more (--json has e2fsck's whole output)",
+            r.more_problems
+        );
+    }
+    if let Some(s) = &r.summary {
+        println!("  in use: {s}");
+    }
+}
+
+fn ovl_report(out: &OvlOutcome, target: &Path, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(out);
+    }
+    let show = &out.overlay;
+    println!("overlay         {show} (OverlayFS: ext4 with overlayfs/ + ovlwork/)");
+    println!("method          {}", out.method);
+    if let Some(c) = &out.check {
+        print_fsck(show, c);
+        if !c.clean && out.repair.is_none() && !out.dry_run {
+            println!(
+                "nothing was changed; `livestick overlay recover {} --repair` fixes this with e2fsck -f -y",
+                target.display()
+            );
+        }
+    }
+    if let Some(r) = &out.repair {
+        print_fsck(show, r);
+    }
+    if let Some(c) = &out.check_after {
+        print_fsck(show, c);
+    }
+    if let Some(p) = out.preen.as_ref().filter(|p| p.modified) {
+        println!("e2fsck -f -p before resizing: {}", p.meaning);
+    }
+    if let Some(g) = &out.grow {
+        let verb = if out.dry_run {
+            "would grow"
+        } else if out.grown {
+            "grew"
+        } else {
+            "did not grow"
+        };
+        println!(
+            "{verb} {show} from {} to {} (its ext4 from {})",
+            human(g.current_bytes),
+            human(g.new_bytes),
+            human(g.fs_bytes_before)
+        );
+        for n in &g.notes {
+            println!("note: {n}");
+        }
+    }
+    if let Some(w) = &out.write_back {
+        println!(
+            "{} changed blocks of 4 KiB written back to {show}",
+            w.chunks_written
+        );
+    }
+    for n in &out.notes {
+        println!("note: {n}");
+    }
+    Ok(())
 }
 
 /// For callers that need to know whether a path is a stick.
