@@ -900,6 +900,24 @@ fn erofs_root_is_rebuilt_with_mkfs_erofs_or_refused_by_name() {
         fsck: true,
         compress: None,
     };
+    // An algorithm the installed fsck.erofs cannot decompress (Fedora's lzma on
+    // Debian 12's erofs-utils 1.5) is refused at planning, naming it.
+    {
+        let lzma = live.join("lzma.img");
+        let mut b = std::fs::read(&sq).unwrap();
+        let incompat = u32::from_le_bytes(b[1024 + 80..1024 + 84].try_into().unwrap()) | 0x2;
+        b[1024 + 80..1024 + 84].copy_from_slice(&incompat.to_le_bytes());
+        b[1024 + 84..1024 + 86].copy_from_slice(&0b10u16.to_le_bytes());
+        std::fs::write(&lzma, &b).unwrap();
+        let e = merge::plan_merge(&MergeRequest {
+            squashfs: lzma.clone(),
+            ..req.clone()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("lzma"), "{e}");
+        assert_eq!(std::fs::read(&lzma).unwrap(), b, "nothing changed");
+        std::fs::remove_file(&lzma).unwrap();
+    }
     let mut plan = merge::plan_merge(&req).unwrap();
     assert!(plan.squash.is_none());
     let xattrs_lost = matches!(

@@ -44,6 +44,14 @@ pub enum ErofsError {
     NotErofs(String),
     #[error(transparent)]
     Tool(#[from] SquashError),
+    #[error(
+        "the image is compressed with {algorithm}, which the installed fsck.erofs (erofs-utils {version}) cannot decompress (it supports: {supported}); install an erofs-utils built with {algorithm} support (erofs-utils 1.6 or later with liblzma, as Fedora ships it). Nothing was changed"
+    )]
+    CannotDecompress {
+        algorithm: String,
+        version: String,
+        supported: String,
+    },
     #[error("{what}: cannot read its EROFS metadata: {detail}")]
     Format { what: String, detail: String },
     #[error(
@@ -184,6 +192,53 @@ pub fn mkfs_args(info: &ErofsInfo, available: &[String]) -> (Vec<String>, Option
     (args, Some(note))
 }
 
+/// The algorithms the installed fsck.erofs decompresses (`--help` lists them).
+pub fn fsck_algorithms() -> Result<Vec<String>, ErofsError> {
+    let exe = squash::require_tool(FSCK_EROFS)?;
+    let out = Command::new(&exe)
+        .arg("--help")
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(io_err(&exe))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Supported algorithms are:"))
+        .map(|l| {
+            l.split(',')
+                .map(|c| c.trim().to_string())
+                .filter(|c| !c.is_empty())
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Refuses an image fsck.erofs could not extract: one of its algorithms is missing
+/// from `supported` (lz4hc data is plain lz4 to a decompressor).
+pub fn check_extractable(info: &ErofsInfo, supported: &[String]) -> Result<(), ErofsError> {
+    for alg in &info.algorithms {
+        let ok = supported
+            .iter()
+            .any(|s| s == alg || (*alg == "lz4" && s == "lz4hc"));
+        if !ok {
+            return Err(ErofsError::CannotDecompress {
+                algorithm: alg.to_string(),
+                version: fsck_version(),
+                supported: if supported.is_empty() {
+                    "none listed".to_string()
+                } else {
+                    supported.join(", ")
+                },
+            });
+        }
+    }
+    Ok(())
+}
+
 /// `fsck.erofs -V` (for messages).
 pub fn fsck_version() -> String {
     squash::require_tool(FSCK_EROFS)
@@ -289,6 +344,26 @@ pub fn readable_copy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_algorithm_fsck_erofs_lacks_is_refused_by_name() {
+        let info = |algs: &[&'static str]| ErofsInfo {
+            block_size: 4096,
+            algorithms: algs.to_vec(),
+            uuid: String::new(),
+            volume_name: String::new(),
+            blocks: 1,
+        };
+        let debian12 = ["lz4hc".to_string(), "lz4".to_string()];
+        assert!(check_extractable(&info(&[]), &debian12).is_ok());
+        assert!(check_extractable(&info(&["lz4"]), &debian12).is_ok());
+        assert!(check_extractable(&info(&["lz4"]), &["lz4hc".to_string()]).is_ok());
+        let e = check_extractable(&info(&["lz4", "lzma"]), &debian12).unwrap_err();
+        assert!(
+            e.to_string().contains("lzma") && e.to_string().contains("lz4hc, lz4"),
+            "{e}"
+        );
+    }
 
     fn sb(incompat: u32, algs: u16) -> Vec<u8> {
         let mut img = vec![0u8; 4096];

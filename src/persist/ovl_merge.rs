@@ -1534,6 +1534,8 @@ pub(crate) fn plan(
             }
             let info = erofs::read_superblock(&mut inp.squashfs_at.open(false)?, &what)
                 .map_err(OvlError::from)?;
+            erofs::check_extractable(&info, &erofs::fsck_algorithms().map_err(OvlError::from)?)
+                .map_err(OvlError::from)?;
             let available = erofs::available_compressors().map_err(OvlError::from)?;
             let (mkfs_args, note) = erofs::mkfs_args(&info, &available);
             notes.extend(note);
