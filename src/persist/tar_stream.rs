@@ -533,11 +533,25 @@ impl<W: Write> TarWriter<W> {
             e.link.clone()
         };
         let size = if e.kind == EntryKind::File { e.size } else { 0 };
+        if matches!(e.kind, EntryKind::CharDev | EntryKind::BlockDev)
+            && (u64::from(e.dev.0) > MAX_OCTAL_8 || u64::from(e.dev.1) > MAX_OCTAL_8)
+        {
+            return Err(TarError::Format {
+                offset: 0,
+                what: format!(
+                    "{}: device number {}:{} does not fit a tar header",
+                    e.path_lossy(),
+                    e.dev.0,
+                    e.dev.1
+                ),
+            });
+        }
         let mut pax = Vec::new();
-        if name.len() > 100 {
+        // A NUL would end the name in a header field: such names go in pax records.
+        if name.len() > 100 || name.contains(&0) {
             pax_record(&mut pax, b"path", &name);
         }
-        if link.len() > 100 {
+        if link.len() > 100 || link.contains(&0) {
             pax_record(&mut pax, b"linkpath", &link);
         }
         if size > MAX_OCTAL_12 {
@@ -578,8 +592,8 @@ impl<W: Write> TarWriter<W> {
         let l = &link[..link.len().min(100)];
         h[157..157 + l.len()].copy_from_slice(l);
         if matches!(e.kind, EntryKind::CharDev | EntryKind::BlockDev) {
-            octal(&mut h[329..337], u64::from(e.dev.0).min(MAX_OCTAL_8));
-            octal(&mut h[337..345], u64::from(e.dev.1).min(MAX_OCTAL_8));
+            octal(&mut h[329..337], u64::from(e.dev.0));
+            octal(&mut h[337..345], u64::from(e.dev.1));
         }
         seal(&mut h);
         self.w.write_all(&h)?;

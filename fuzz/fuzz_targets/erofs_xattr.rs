@@ -1,0 +1,13 @@
+//! cargo-fuzz target: arbitrary bytes through `persist::erofs_xattr`. The checks live in
+//! `../check/erofs_xattr.rs`, shared with `tests/fuzz_corpus.rs` so CI replays the corpus on
+//! stable.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../check/erofs_xattr.rs"]
+mod check;
+
+fuzz_target!(|data: &[u8]| {
+    check::fuzz_one(data);
+});
