@@ -9,7 +9,8 @@ use std::time::Duration;
 use crate::fixtures::boot_iso;
 use crate::harness::{Boot, BootResult, Firmware, boot_env_ready};
 use crate::scenarios::{
-    CLASSIC, Stick, assert_persisted, boot, boot_with, livestick, write_stick, write_stick_with,
+    CLASSIC, Setup, Stick, assert_persisted, boot, boot_with, livestick, write_stick,
+    write_stick_with,
 };
 
 /// `overlay_used=<used>/<total>`: the `dmsetup status` figures in 512-byte
@@ -234,5 +235,66 @@ fn grown_overlay_shows_new_capacity_at_boot() {
         after["full"].as_bool(),
         Some(false),
         "after boot 2: {after}"
+    );
+}
+
+/// Grow of an OverlayFS overlay (flat squashfs): boot 1 writes through the upper
+/// dir; `overlay grow --add-mb 64` offline runs e2fsck -f -p and resize2fs on a work
+/// copy and writes the changed blocks back (the extension lands behind home.img, so
+/// the overlay is fragmented on the FAT); boot 2's kernel mounts the grown ext4, sees
+/// boot 1's changes and reports an upper file system about 64 MiB larger.
+#[test]
+fn grown_overlayfs_overlay_keeps_changes_and_is_larger_at_boot() {
+    if !boot_env_ready(&[Firmware::Bios, Firmware::Uefi]) {
+        return;
+    }
+    let stick = write_stick(&boot_iso("boot-flat.iso"), &["--overlayfs"]);
+    let overlayfs = Setup {
+        overlay: "overlayfs",
+        ..CLASSIC
+    };
+    let first = boot(&stick, Firmware::Bios, "ovl-grow-1-bios");
+    assert_persisted(&first, overlayfs, 0);
+    let (_, total_before) = overlay_used(&first);
+
+    let image = stick.image.display().to_string();
+    let workdir = stick.dir.path().display().to_string();
+    livestick(&[
+        "overlay",
+        "grow",
+        &image,
+        "--add-mb",
+        "64",
+        "--workdir",
+        &workdir,
+        "--quiet",
+    ]);
+    let grown = offline_status(&stick);
+    assert_eq!(grown["kind"], "overlayfs", "{grown}");
+    assert_eq!(grown["size_bytes"], 128 << 20, "{grown}");
+    let check = livestick(&[
+        "overlay",
+        "recover",
+        &image,
+        "--workdir",
+        &workdir,
+        "--json",
+    ]);
+    let check: serde_json::Value = serde_json::from_slice(&check.stdout).expect("JSON");
+    assert_eq!(check["check"]["clean"], true, "after the grow: {check}");
+    assert!(
+        check["method"]
+            .as_str()
+            .is_some_and(|m| m.contains("not contiguous")),
+        "home.img follows the overlay, so the grown overlay is fragmented: {check}"
+    );
+
+    let second = boot(&stick, Firmware::Uefi, "ovl-grow-2-uefi");
+    assert_persisted(&second, overlayfs, 1);
+    let (_, total_after) = overlay_used(&second);
+    // df's total leaves out the new block groups' inode tables and bitmaps (~6 %).
+    assert!(
+        total_after >= total_before + 56 * 2048,
+        "upper file system total before the grow {total_before} sectors, after {total_after}"
     );
 }
