@@ -7,4 +7,5 @@
 mod fixtures;
 mod harness;
 mod maintenance;
+mod ovl_merge;
 mod scenarios;
