@@ -106,10 +106,19 @@ fn cat(image: &Path, path: &str) -> String {
 
 /// The livestick binary as an ordinary user: uid 65534 when we are root.
 fn as_user(args: &[&str]) -> Output {
+    as_user_in(Path::new("."), args)
+}
+
+fn as_user_in(cwd: &Path, args: &[&str]) -> Output {
     if !is_root() {
-        return livestick(args);
+        return Command::new(bin())
+            .args(args)
+            .current_dir(cwd)
+            .output()
+            .expect("livestick runs");
     }
     Command::new(tool("setpriv"))
+        .current_dir(cwd)
         .args([
             format!("--reuid={NOBODY}"),
             format!("--regid={NOBODY}"),
@@ -785,5 +794,54 @@ fn bare_file_recover_reports_then_repairs_and_grows() {
     assert_eq!(std::fs::metadata(&ov).unwrap().len(), 48 << 20);
     let (code, text) = e2fsck_n(&ov);
     assert_eq!(code, 0, "{text}");
+    t.check_boot_files(&ov);
+}
+
+/// A grow that stopped after the file was extended (the ext4 inside still has its old
+/// size) leaves a usable overlay, and `grow --size-mb` of the file's size finishes it.
+#[test]
+fn an_interrupted_grow_is_usable_and_finished_by_grow() {
+    if !ready() {
+        return;
+    }
+    let t = stick();
+    t.boot();
+    // A name that starts with '-' reaches e2fsck and resize2fs as a file, not an option.
+    let ov = t.dir.path().join("-overlay.img");
+    std::fs::rename(t.overlay_copy(), &ov).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ov)
+        .unwrap()
+        .set_len(48 << 20)
+        .unwrap();
+    give_away(&ov);
+    let (code, text) = e2fsck_n(&ov);
+    assert_eq!(code, 0, "an ext4 in a larger file is valid: {text}");
+    let status = json(&livestick(&[
+        "overlay",
+        "status",
+        ov.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(status["size_bytes"], 48 << 20);
+    let out = json(&as_user_in(
+        t.dir.path(),
+        &[
+            "overlay",
+            "grow",
+            "--json",
+            "--size-mb",
+            "48",
+            "--",
+            "-overlay.img",
+        ],
+    ));
+    assert_eq!(out["grown"], true);
+    assert_eq!(out["grow"]["added_bytes"], 0);
+    assert_eq!(out["grow"]["fs_bytes_before"], 32 << 20);
+    let (code, text) = e2fsck_n(&ov);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("/49152 blocks"), "{text}");
     t.check_boot_files(&ov);
 }

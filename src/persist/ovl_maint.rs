@@ -313,10 +313,11 @@ pub fn fsck(
     sb: &Super,
 ) -> Result<FsckReport, OvlMaintError> {
     let exe = ext4::find_tool("e2fsck")?;
+    let image = not_an_option(image);
     let out = Command::new(&exe)
         .arg("-f")
         .arg(mode.flag())
-        .arg(image)
+        .arg(&image)
         .env("LC_ALL", "C")
         .output()
         .map_err(io_err(format!("running {}", exe.display())))?;
@@ -425,7 +426,7 @@ fn strip_question(line: &str) -> &str {
 pub fn resize(image: &Path, show: &str, new_bytes: u64) -> Result<String, OvlMaintError> {
     let exe = ext4::find_tool("resize2fs")?;
     let out = Command::new(&exe)
-        .arg(image)
+        .arg(not_an_option(image.as_os_str()))
         .arg(format!("{}K", new_bytes / 1024))
         .env("LC_ALL", "C")
         .output()
@@ -442,6 +443,17 @@ pub fn resize(image: &Path, show: &str, new_bytes: u64) -> Result<String, OvlMai
         });
     }
     Ok(output)
+}
+
+/// A relative path starting with `-` would be read as an option: `./-x`.
+fn not_an_option(path: &OsStr) -> OsString {
+    if path.as_encoded_bytes().starts_with(b"-") {
+        let mut p = OsString::from("./");
+        p.push(path);
+        p
+    } else {
+        path.to_os_string()
+    }
 }
 
 /// `device?offset=N`, how e2fsprogs reads a contiguous file inside a device or image
