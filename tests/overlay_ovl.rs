@@ -842,29 +842,17 @@ fn overlays_that_cannot_be_merged_file_by_file_are_refused_unchanged() {
 }
 
 /// EROFS roots (Fedora 42+): merged on bare files (squashfs.img + overlay side by side).
-#[test]
-fn erofs_root_is_rebuilt_with_mkfs_erofs_or_refused_by_name() {
-    if !require(
-        tools_ok() && tool("mkfs.erofs").is_file() && tool("fsck.erofs").is_file(),
-        "erofs-utils",
-    ) || !require(is_root(), "root")
-    {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
-    let root = d.path().join("root");
-    std::fs::create_dir_all(root.join("etc/sub")).unwrap();
-    std::fs::write(root.join("etc/hostname"), "erofs\n").unwrap();
-    std::fs::write(root.join("etc/sub/gone"), "x\n").unwrap();
-    let live = d.path().join("LiveOS");
+/// `DIR/LiveOS` with `squashfs.img` (EROFS, lz4hc, from `root`) and an empty
+/// OverlayFS overlay as dracut/livestick make it: (LiveOS, squashfs.img, overlay).
+fn erofs_live_dir(dir: &Path, root: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let live = dir.join("LiveOS");
     std::fs::create_dir_all(&live).unwrap();
     let sq = live.join("squashfs.img");
     sh(
         "mkfs.erofs",
         &["-zlz4hc", sq.to_str().unwrap(), root.to_str().unwrap()],
     );
-    // An OverlayFS overlay as dracut/livestick make it.
-    let ovroot = d.path().join("ovroot");
+    let ovroot = dir.join("ovroot");
     std::fs::create_dir_all(ovroot.join("overlayfs")).unwrap();
     std::fs::create_dir_all(ovroot.join("ovlwork")).unwrap();
     let ov = live.join("overlay-L-U");
@@ -881,6 +869,24 @@ fn erofs_root_is_rebuilt_with_mkfs_erofs_or_refused_by_name() {
             "16M",
         ],
     );
+    (live, sq, ov)
+}
+
+#[test]
+fn erofs_root_is_rebuilt_with_mkfs_erofs_or_refused_by_name() {
+    if !require(
+        tools_ok() && tool("mkfs.erofs").is_file() && tool("fsck.erofs").is_file(),
+        "erofs-utils",
+    ) || !require(is_root(), "root")
+    {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    std::fs::create_dir_all(root.join("etc/sub")).unwrap();
+    std::fs::write(root.join("etc/hostname"), "erofs\n").unwrap();
+    std::fs::write(root.join("etc/sub/gone"), "x\n").unwrap();
+    let (live, sq, ov) = erofs_live_dir(d.path(), &root);
     let new = d.path().join("new");
     std::fs::write(&new, "merged\n").unwrap();
     dbg_w(
@@ -1000,30 +1006,7 @@ fn erofs_merge_without_root_runs_under_fakeroot() {
         nix::sys::stat::makedev(1, 3),
     )
     .unwrap();
-    let live = d.path().join("LiveOS");
-    std::fs::create_dir_all(&live).unwrap();
-    let sq = live.join("squashfs.img");
-    sh(
-        "mkfs.erofs",
-        &["-zlz4hc", sq.to_str().unwrap(), root.to_str().unwrap()],
-    );
-    let ovroot = d.path().join("ovroot");
-    std::fs::create_dir_all(ovroot.join("overlayfs")).unwrap();
-    std::fs::create_dir_all(ovroot.join("ovlwork")).unwrap();
-    let ov = live.join("overlay-L-U");
-    sh(
-        "mke2fs",
-        &[
-            "-q",
-            "-F",
-            "-t",
-            "ext4",
-            "-d",
-            ovroot.to_str().unwrap(),
-            ov.to_str().unwrap(),
-            "16M",
-        ],
-    );
+    let (live, sq, ov) = erofs_live_dir(d.path(), &root);
     let new = d.path().join("new");
     std::fs::write(&new, "merged\n").unwrap();
     dbg_w(

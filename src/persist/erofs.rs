@@ -22,8 +22,8 @@ use thiserror::Error;
 
 use crate::squash::{self, FSCK_EROFS, MKFS_EROFS, SquashError};
 
-const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
-const SB_OFFSET: u64 = 1024;
+pub(crate) const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
+pub(crate) const SB_OFFSET: u64 = 1024;
 /// feature_incompat: per-image compression configurations (then the algorithm
 /// field is a bitmap of the algorithms used).
 const INCOMPAT_COMPR_CFGS: u32 = 0x0002;
@@ -78,11 +78,14 @@ pub struct ErofsInfo {
     pub blocks: u64,
 }
 
-fn u16_at(b: &[u8], i: usize) -> u16 {
+pub(crate) fn u16_at(b: &[u8], i: usize) -> u16 {
     u16::from_le_bytes([b[i], b[i + 1]])
 }
-fn u32_at(b: &[u8], i: usize) -> u32 {
+pub(crate) fn u32_at(b: &[u8], i: usize) -> u32 {
     u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+pub(crate) fn u64_at(b: &[u8], i: usize) -> u64 {
+    u64::from(u32_at(b, i)) | u64::from(u32_at(b, i + 4)) << 32
 }
 
 /// Reads the EROFS superblock (128 bytes at offset 1024).
@@ -136,7 +139,12 @@ pub fn read_superblock<R: Read + Seek>(r: &mut R, what: &str) -> Result<ErofsInf
 
 /// The compressors the installed mkfs.erofs offers (`Available compressors are: …`).
 pub fn available_compressors() -> Result<Vec<String>, ErofsError> {
-    let exe = squash::require_tool(MKFS_EROFS)?;
+    help_list(MKFS_EROFS, "Available compressors are:")
+}
+
+/// The comma-separated list after `prefix` in a tool's `--help`.
+fn help_list(tool: squash::Tool, prefix: &str) -> Result<Vec<String>, ErofsError> {
+    let exe = squash::require_tool(tool)?;
     let out = Command::new(&exe)
         .arg("--help")
         .env("LC_ALL", "C")
@@ -149,7 +157,7 @@ pub fn available_compressors() -> Result<Vec<String>, ErofsError> {
     );
     Ok(text
         .lines()
-        .find_map(|l| l.trim().strip_prefix("Available compressors are:"))
+        .find_map(|l| l.trim().strip_prefix(prefix))
         .map(|l| {
             l.split(',')
                 .map(|c| c.trim().to_string())
@@ -194,27 +202,7 @@ pub fn mkfs_args(info: &ErofsInfo, available: &[String]) -> (Vec<String>, Option
 
 /// The algorithms the installed fsck.erofs decompresses (`--help` lists them).
 pub fn fsck_algorithms() -> Result<Vec<String>, ErofsError> {
-    let exe = squash::require_tool(FSCK_EROFS)?;
-    let out = Command::new(&exe)
-        .arg("--help")
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(io_err(&exe))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Supported algorithms are:"))
-        .map(|l| {
-            l.split(',')
-                .map(|c| c.trim().to_string())
-                .filter(|c| !c.is_empty())
-                .collect()
-        })
-        .unwrap_or_default())
+    help_list(FSCK_EROFS, "Supported algorithms are:")
 }
 
 /// Refuses an image fsck.erofs could not extract: one of its algorithms is missing

@@ -20,10 +20,8 @@
 use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom};
 
-use crate::persist::erofs::ErofsError;
+use crate::persist::erofs::{EROFS_MAGIC, ErofsError, SB_OFFSET, u16_at, u32_at, u64_at};
 
-const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
-const SB_OFFSET: u64 = 1024;
 const S_IFMT: u16 = 0o170000;
 const S_IFDIR: u16 = 0o040000;
 const FLAT_PLAIN: u16 = 0;
@@ -41,18 +39,6 @@ fn bad(what: &str, detail: String) -> ErofsError {
         what: what.to_string(),
         detail,
     }
-}
-
-fn u16_at(b: &[u8], i: usize) -> u16 {
-    u16::from_le_bytes([b[i], b[i + 1]])
-}
-fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
-}
-fn u64_at(b: &[u8], i: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[i..i + 8]);
-    u64::from_le_bytes(w)
 }
 
 fn prefix(index: u8) -> Option<&'static str> {

@@ -426,7 +426,7 @@ impl UpperTree {
 }
 
 /// A stand-in entry for the tree's root (only its times are used).
-fn upper_root_entry() -> UpperEntry {
+pub(crate) fn upper_root_entry() -> UpperEntry {
     UpperEntry {
         path: String::new(),
         ino: 0,
@@ -1867,10 +1867,13 @@ fn fakeroot_steps(
         what: e.to_string(),
     })?;
     progress("extract", plan.root_image_bytes, plan.root_image_bytes);
-    merge::failpoint(plan, "extract")?;
-    merge::failpoint(plan, "apply")?;
-    merge::failpoint(plan, "fsck")?;
+    failpoints(plan, &["extract", "apply", "fsck"])?;
     Ok((applied, built.to_path_buf(), None))
+}
+
+/// The step boundaries a combined step passes at once (each may be a failpoint).
+fn failpoints(plan: &MergePlan, steps: &[&'static str]) -> Result<(), MergeError> {
+    steps.iter().try_for_each(|s| merge::failpoint(plan, s))
 }
 
 /// Applies the upper dir to an extracted tree whose `/` keeps its own metadata (see
@@ -1922,8 +1925,7 @@ fn flat_steps(
     }
     let applied = streamed?;
     progress("apply", plan.root_image_bytes, plan.root_image_bytes);
-    merge::failpoint(plan, "apply")?;
-    merge::failpoint(plan, "fsck")?;
+    failpoints(plan, &["apply", "fsck"])?;
     Ok((applied, built.to_path_buf(), None))
 }
 

@@ -439,19 +439,9 @@ mod tests {
     fn entry(path: &str, kind: Kind, opaque: bool) -> UpperEntry {
         UpperEntry {
             path: path.into(),
-            ino: 0,
             kind,
-            perm: 0o755,
-            uid: 0,
-            gid: 0,
-            size: 0,
-            mtime: 0,
-            rdev: (0, 0),
-            target: None,
-            xattrs: Vec::new(),
             opaque,
-            children: Vec::new(),
-            content: None,
+            ..crate::persist::ovl_merge::upper_root_entry()
         }
     }
 
