@@ -842,6 +842,145 @@ fn overlays_that_cannot_be_merged_file_by_file_are_refused_unchanged() {
 }
 
 /// EROFS roots (Fedora 42+): merged on bare files (squashfs.img + overlay side by side).
+/// A directory overlay, as dracut keeps it on an ext4 stick (`overlay-LABEL-UUID/`
+/// holding overlayfs/ and ovlwork/): merged into a plain squashfs.img through an ext4
+/// copy, then emptied; without root it is refused (trusted.overlay.* is root-only).
+#[test]
+fn directory_overlay_merges_and_is_emptied() {
+    if !require(tools_ok(), "squashfs-tools, squashfs-tools-ng, e2fsprogs")
+        || !require(
+            is_root(),
+            "root (whiteouts and trusted.overlay.opaque in a directory)",
+        )
+    {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let live = d.path().join("LiveOS");
+    std::fs::create_dir_all(&live).unwrap();
+    let sq = live.join("squashfs.img");
+    iso_extract(flat_iso(), "/LiveOS/squashfs.img", &sq);
+    let ov = live.join("overlay-LIVE-1234-ABCD");
+    let up = ov.join("overlayfs");
+    std::fs::create_dir_all(up.join("etc/opq")).unwrap();
+    std::fs::create_dir_all(ov.join("ovlwork/work")).unwrap();
+    std::fs::write(up.join("etc/hostname"), "from-dir\n").unwrap();
+    std::os::unix::fs::chown(up.join("etc/hostname"), Some(1000), Some(1000)).unwrap();
+    ovl_merge::set_xattr(
+        &up.join("etc/hostname"),
+        "security.selinux",
+        b"system_u:object_r:hostname_etc_t:s0",
+    )
+    .unwrap();
+    ovl_merge::set_xattr(&up.join("etc/opq"), "trusted.overlay.opaque", b"y").unwrap();
+    std::fs::write(up.join("etc/opq/only"), "opaque\n").unwrap();
+    nix::sys::stat::mknod(
+        &up.join("etc/motd"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::empty(),
+        0,
+    )
+    .unwrap();
+    let work = d.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let args = [
+        "overlay",
+        "merge",
+        ov.to_str().unwrap(),
+        "--workdir",
+        work.to_str().unwrap(),
+        "--yes",
+    ];
+    // Without root: refused, nothing changed.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for p in [d.path(), live.as_path(), work.as_path()] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+    }
+    let before = std::fs::read(&sq).unwrap();
+    let out = unprivileged(&args);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("trusted.overlay") && err.contains("root"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&sq).unwrap(), before);
+    assert!(up.join("etc/hostname").exists());
+
+    let ovs = ov.to_str().unwrap();
+    let status = livestick(&["overlay", "status", ovs, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["kind"], "overlayfs-dir", "{v}");
+    assert_eq!(v["upper_entries"], 5, "{v}");
+    for cmd in [
+        &["overlay", "grow", ovs, "--add-mb", "8"][..],
+        &["overlay", "recover", ovs][..],
+    ] {
+        let out = livestick(cmd);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("directory overlay"),
+            "{cmd:?}: {err}"
+        );
+    }
+    let dry = livestick(&[&args[..], &["--dry-run"]].concat());
+    let plan = String::from_utf8_lossy(&dry.stdout);
+    assert!(dry.status.success() && plan.contains("mke2fs -d"), "{plan}");
+    let out = livestick(&args);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sqs = sq.to_str().unwrap();
+    assert_eq!(
+        sh("unsquashfs", &["-cat", sqs, "etc/hostname"]),
+        "from-dir\n"
+    );
+    let list = sh("unsquashfs", &["-lln", "-d", "", sqs]);
+    assert!(!list.contains("/etc/motd"), "whiteout applied: {list}");
+    assert!(
+        list.contains("/etc/opq/only") && !list.contains("/etc/opq/keepname"),
+        "opaque dir applied: {list}"
+    );
+    let line = list
+        .lines()
+        .find(|l| l.ends_with(" /etc/hostname"))
+        .unwrap();
+    assert!(line.contains(" 1000/1000 "), "{line}");
+    let x = d.path().join("x");
+    sh("unsquashfs", &["-d", x.to_str().unwrap(), sqs]);
+    assert_eq!(
+        ovl_merge::get_xattr(&x.join("etc/hostname"), "security.selinux").unwrap(),
+        b"system_u:object_r:hostname_etc_t:s0"
+    );
+    // Emptied, the two directories kept.
+    assert_eq!(std::fs::read_dir(&up).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(ov.join("ovlwork")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(&work).unwrap().count(),
+        0,
+        "work dir cleaned"
+    );
+
+    // reset: a dry run changes nothing, a confirmed one empties the upper dir.
+    std::fs::create_dir_all(up.join("var/tmp")).unwrap();
+    std::fs::write(up.join("var/tmp/x"), "x").unwrap();
+    let dry = livestick(&["overlay", "reset", ovs, "--dry-run"]);
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("3 entries"));
+    assert!(up.join("var/tmp/x").exists());
+    let out = livestick(&["overlay", "reset", ovs, "--yes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_dir(&up).unwrap().count(), 0);
+}
+
 /// `DIR/LiveOS` with `squashfs.img` (EROFS, lz4hc, from `root`) and an empty
 /// OverlayFS overlay as dracut/livestick make it: (LiveOS, squashfs.img, overlay).
 fn erofs_live_dir(dir: &Path, root: &Path) -> (PathBuf, PathBuf, PathBuf) {

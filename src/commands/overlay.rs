@@ -303,6 +303,9 @@ fn status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
     if stick::looks_like_stick(&a.target) {
         return stick_status(a, json);
     }
+    if a.target.is_dir() {
+        return dir_status(&a.target, json);
+    }
     let path = overlay_file(&a.target)?;
     let (mut f, len) = open_ro(&path)?;
     if ovl_merge::is_ext4(&mut f) {
@@ -645,6 +648,9 @@ fn reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
     if stick::looks_like_stick(&a.target) {
         return stick_reset(a, json);
     }
+    if a.target.is_dir() {
+        return dir_reset(a, json);
+    }
     let path = overlay_file(&a.target)?;
     let (mut f, len) = if a.dry_run {
         open_ro(&path)?
@@ -652,6 +658,71 @@ fn reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
         open_rw(&path)?
     };
     reset_common(&mut f, len, &path.display().to_string(), a, json)
+}
+
+/// A directory overlay (`overlay-LABEL-UUID/` with overlayfs/ and ovlwork/, as
+/// dracut keeps it on an ext4 stick): what its upper dir holds.
+fn dir_status(dir: &Path, json: bool) -> anyhow::Result<()> {
+    let (used, entries) = ovl_merge::upper_dir_usage(dir)?;
+    let free = merge::free_bytes(dir)?;
+    if json {
+        return print_json(&serde_json::json!({
+            "overlay": dir, "kind": "overlayfs-dir", "upper_entries": entries,
+            "used_bytes": used, "bytes_free": free,
+        }));
+    }
+    println!("overlay         {}", dir.display());
+    println!(
+        "kind            OverlayFS directory (overlayfs/ + ovlwork/ on the stick's file system)"
+    );
+    println!("upper dir       {entries} entries, {}", human(used));
+    println!("free            {} on its file system", human(free));
+    Ok(())
+}
+
+fn dir_reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
+    let dir = &a.target;
+    let (used, entries) = ovl_merge::upper_dir_usage(dir)?;
+    let path = dir.display().to_string();
+    let lost = format!(
+        "{entries} entries ({}) in its OverlayFS upper dir",
+        human(used)
+    );
+    if a.dry_run {
+        if json {
+            return print_json(
+                &serde_json::json!({"overlay": path, "dry_run": true, "kind": "overlayfs-dir", "would_discard": lost}),
+            );
+        }
+        println!("would empty {path}/overlayfs and {path}/ovlwork, discarding {lost}");
+        return Ok(());
+    }
+    let question = format!(
+        "Reset {path}? This discards {lost}: every change made in the live system since the last merge or reset."
+    );
+    if !super::confirm(&question, a.yes)? {
+        bail!("not confirmed; nothing changed");
+    }
+    ovl_merge::empty_overlay_dir(dir).with_context(|| format!("emptying {path}"))?;
+    if json {
+        return print_json(
+            &serde_json::json!({"overlay": path, "kind": "overlayfs-dir", "reset": true, "discarded": lost}),
+        );
+    }
+    println!("reset {path}: discarded {lost}");
+    Ok(())
+}
+
+/// grow and recover have nothing to do on a directory overlay: it has no size or
+/// file system of its own.
+fn refuse_dir(target: &Path, what: &str) -> anyhow::Result<()> {
+    if target.is_dir() {
+        bail!(
+            "{} is a directory overlay (overlayfs/ + ovlwork/ on the stick's own file system): it has no size or file system of its own to {what}; {what} the stick's file system instead (resize2fs / e2fsck on its partition)",
+            target.display()
+        );
+    }
+    Ok(())
 }
 
 fn reset_common<F: Read + Write + Seek + snapshot::SyncData>(
@@ -751,6 +822,7 @@ fn recover(a: &RecoverArgs, json: bool) -> anyhow::Result<()> {
     if stick::looks_like_stick(&a.target) {
         return stick_recover(a, json);
     }
+    refuse_dir(&a.target, "check")?;
     let path = overlay_file(&a.target)?;
     if is_ext4_file(&path)? {
         return ovl_bare_recover(a, &path, json);
@@ -897,6 +969,7 @@ fn grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
     if stick::looks_like_stick(&a.target) {
         return stick_grow(a, json);
     }
+    refuse_dir(&a.target, "grow")?;
     let path = overlay_file(&a.target)?;
     if is_ext4_file(&path)? {
         return ovl_bare_grow(a, &path, json);

@@ -162,7 +162,7 @@ pub struct Located {
 }
 
 impl Located {
-    fn plain(path: &Path) -> Result<Located, MergeError> {
+    pub(crate) fn plain(path: &Path) -> Result<Located, MergeError> {
         let len = fs::metadata(path).map_err(io_at(path))?.len();
         Ok(Located {
             device: path.to_path_buf(),
@@ -317,6 +317,27 @@ pub fn plan_merge(req: &MergeRequest) -> Result<MergePlan, MergeError> {
         .filter(|p| !p.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
+    if req.overlay.is_dir() {
+        // A directory overlay (ext4 stick): planned on an ext4 copy of it.
+        let scratch = tempfile::Builder::new()
+            .prefix("livestick-ovldir-")
+            .tempdir_in(&req.workdir)
+            .map_err(io_at(&req.workdir))?;
+        let img = scratch.path().join("overlay.img");
+        ovl_merge::image_from_dir(&req.overlay, &img)?;
+        let inputs = Inputs {
+            squashfs: req.squashfs.clone(),
+            squashfs_at: Located::plain(&req.squashfs)?,
+            overlay: req.overlay.clone(),
+            overlay_at: Located::plain(&img)?,
+            stick: None,
+            target_free: free_bytes(&target_dir)?,
+            target_dir,
+        };
+        let mut plan = plan_common(inputs, &req.workdir, req.fsck, req.compress)?;
+        ovl_merge::for_dir_overlay(&mut plan, &req.overlay);
+        return Ok(plan);
+    }
     let inputs = Inputs {
         squashfs: req.squashfs.clone(),
         squashfs_at: Located::plain(&req.squashfs)?,

@@ -108,6 +108,10 @@ pub enum OvlError {
         "the fakeroot step of the merge (extract, apply, mkfs.erofs) failed ({status}):\n{stderr}"
     )]
     Fakeroot { status: String, stderr: String },
+    #[error(
+        "{0}: a directory overlay marks opaque directories and whiteouts with trusted.overlay.* attributes, which only root can read; without them the merge would be wrong. Run it as root (the directory sits on a mounted file system, which took root anyway)"
+    )]
+    DirNeedsRoot(PathBuf),
     #[error("debugfs reported errors while applying the overlay to {image}:\n{errors}")]
     ApplyFailed { image: PathBuf, errors: String },
     #[error("{path}: {what}")]
@@ -1385,6 +1389,10 @@ pub struct OvlPlan {
     /// Flat squashfs: how tar2sqfs rebuilds it (empty for the other layouts).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tar2sqfs_args: Vec<String>,
+    /// A directory overlay (on an ext4 stick): it is read through an ext4 copy made
+    /// with `mke2fs -d`, and emptied after the swap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlay_dir: Option<PathBuf>,
     /// Flat squashfs: lower file bytes the upper dir replaces or hides, set aside
     /// while streaming in case a surviving hard link still needs them (at most).
     pub stash_bytes: u64,
@@ -1762,6 +1770,7 @@ pub(crate) fn plan(
             overlay_info: info,
             tar2sqfs_args,
             stash_bytes,
+            overlay_dir: None,
         }),
         allow_xattr_loss: false,
     })
@@ -1996,6 +2005,99 @@ fn tree_steps(
     Ok((applied, root, fsck_code))
 }
 
+/// Copies a directory overlay (`overlay-LABEL-UUID/` with overlayfs/ and ovlwork/,
+/// as dracut keeps it on an ext4 stick) into an ext4 image with `mke2fs -d`, which
+/// keeps owners, modes, times, device nodes, hard links and xattrs: everything
+/// downstream then reads one format. Needs root to see trusted.overlay.* attributes.
+pub fn image_from_dir(dir: &Path, out: &Path) -> Result<(), OvlError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(OvlError::DirNeedsRoot(dir.to_path_buf()));
+    }
+    let (bytes, entries) = tally(dir)?;
+    // A sparse file: room for every block and an inode per 16 KiB for every entry.
+    let size = (bytes + entries * 16384 + (16 << 20)).next_multiple_of(1 << 20);
+    let opts = Ext4Options {
+        root_dir: Some(dir.to_path_buf()),
+        ..Ext4Options::default()
+    };
+    ext4::make_ext4_image(out, size, "overlay", &opts)?;
+    Ok(())
+}
+
+/// Bytes (in 4 KiB blocks) and entries below a directory overlay; it must hold
+/// overlayfs/.
+fn tally(dir: &Path) -> Result<(u64, u64), OvlError> {
+    if !dir.join(UPPER_DIR).is_dir() {
+        return Err(OvlError::NoUpper(dir.display().to_string()));
+    }
+    tally_below(dir)
+}
+
+/// What a directory overlay's upper dir holds: (bytes in 4 KiB blocks, entries).
+pub fn upper_dir_usage(dir: &Path) -> Result<(u64, u64), OvlError> {
+    tally(dir)?;
+    tally_below(&dir.join(UPPER_DIR))
+}
+
+fn tally_below(upper: &Path) -> Result<(u64, u64), OvlError> {
+    let (mut bytes, mut entries) = (0u64, 0u64);
+    let mut dirs = vec![upper.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d).map_err(io_at(&d))? {
+            let e = e.map_err(io_at(&d))?;
+            let m = fs::symlink_metadata(e.path()).map_err(io_at(&e.path()))?;
+            entries += 1;
+            if m.is_dir() {
+                dirs.push(e.path());
+            } else if m.is_file() {
+                bytes += m.len().div_ceil(4096) * 4096;
+            }
+        }
+    }
+    Ok((bytes, entries))
+}
+
+/// Empties a directory overlay after its merge: everything below overlayfs/ and
+/// ovlwork/ goes, the two directories stay.
+pub fn empty_overlay_dir(dir: &Path) -> Result<(), OvlError> {
+    for sub in [UPPER_DIR, WORK_DIR] {
+        let d = dir.join(sub);
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd {
+            let p = e.map_err(io_at(&d))?.path();
+            let is_dir = fs::symlink_metadata(&p).map_err(io_at(&p))?.is_dir();
+            if is_dir {
+                fs::remove_dir_all(&p).map_err(io_at(&p))?;
+            } else {
+                fs::remove_file(&p).map_err(io_at(&p))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Marks a plan made through [`image_from_dir`]'s copy as one for the directory.
+pub(crate) fn for_dir_overlay(plan: &mut MergePlan, dir: &Path) {
+    plan.overlay = dir.to_path_buf();
+    if let Some(ovl) = plan.ovl.as_mut() {
+        ovl.overlay_dir = Some(dir.to_path_buf());
+    }
+    plan.steps.insert(
+        0,
+        format!(
+            "copy the directory overlay {} into an ext4 image in the work dir (mke2fs -d)",
+            dir.display()
+        ),
+    );
+    if let Some(last) = plan.steps.last_mut() {
+        *last = format!(
+            "empty {}/{UPPER_DIR} and {}/{WORK_DIR}",
+            dir.display(),
+            dir.display()
+        );
+    }
+}
+
 /// Runs the OverlayFS steps of a plan up to the built image, then the shared
 /// stage/verify/swap/reset steps.
 pub(crate) fn run_steps(
@@ -2018,6 +2120,22 @@ pub(crate) fn run_steps(
         path: work.to_path_buf(),
         source,
     })?;
+    if let Some(dir) = &ovl.overlay_dir {
+        // The merge reads a fresh copy; the directory is emptied once the new image
+        // is in place (a stop before that leaves the old upper over the new image,
+        // which shows the same tree).
+        let img = work.join("overlay-dir.img");
+        image_from_dir(dir, &img)?;
+        let mut inner_ovl = ovl.clone();
+        inner_ovl.overlay_dir = None;
+        let mut inner = plan.clone();
+        inner.overlay_at = Located::plain(&img)?;
+        inner.ovl = Some(inner_ovl.clone());
+        let mut report = run_steps(&inner, &inner_ovl, work, progress)?;
+        empty_overlay_dir(dir)?;
+        report.overlay_reset = true;
+        return Ok(report);
+    }
     let stage = work.join("upper");
     progress("extract", 0, plan.root_image_bytes);
     let dbg = overlay_debugfs(&plan.overlay_at, work)?;
