@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use livestick::disk::extent_file::ExtentFile;
 use livestick::disk::stick::Stick;
-use livestick::persist::overlay_extent::ExtentFile;
 use serde_json::Value;
 use support::*;
 

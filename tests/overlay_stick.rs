@@ -12,10 +12,10 @@ use std::sync::OnceLock;
 
 use clap::Parser;
 use livestick::commands::overlay::{OverlayCommand, run};
+use livestick::disk::extent_file::ExtentFile;
 use livestick::disk::fat;
 use livestick::disk::stick::Stick;
 use livestick::persist::merge::{self, MergeError, STEPS, StickMergeRequest};
-use livestick::persist::overlay_extent::ExtentFile;
 use livestick::persist::snapshot::{self, CowWriter, Opened};
 use livestick::squash;
 use support::*;

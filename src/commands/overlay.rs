@@ -14,10 +14,10 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
+use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat;
 use crate::disk::stick::{self, Stick, StickError, StickInfo};
 use crate::persist::merge::{self, Located, MergeRequest, StickMergeRequest};
-use crate::persist::overlay_extent::ExtentFile;
 use crate::persist::snapshot::{
     self, FAT_MAX_FILE_BYTES, LIVEOS_CHUNK_SECTORS, Opened, RESET_BYTES, SECTOR_BYTES,
 };

@@ -1,6 +1,7 @@
 //! Targets (image files and block devices), partition tables and filesystems.
 pub mod devices;
 pub mod ext4;
+pub mod extent_file;
 pub mod fat;
 pub mod fat_raw;
 pub mod partition;

@@ -29,12 +29,12 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::disk::ext4::Ext4Info;
+use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat::{self, FatError};
 use crate::disk::fat_raw::{self, SwapError};
 use crate::disk::stick::{Stick, StickError};
 use crate::persist::home::{self, FAT_MAX_FILE_MIB, HomeError, HomeKind};
 use crate::persist::luks::LuksError;
-use crate::persist::overlay_extent::ExtentFile;
 use crate::source::checksum::{HashingReader, hex};
 
 const MIB: u64 = 1024 * 1024;

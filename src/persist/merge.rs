@@ -28,10 +28,10 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat;
 use crate::disk::fat_raw::{self, SwapError, SwapReport};
 use crate::disk::stick::{Stick, StickError};
-use crate::persist::overlay_extent::ExtentFile;
 use crate::persist::ovl_merge::{self, ApplyReport, OvlError, OvlPlan};
 use crate::persist::snapshot::{
     self, CowWriter, LIVEOS_CHUNK_SECTORS, Opened, SnapshotError, StatusReport,

@@ -5,7 +5,6 @@ pub mod home;
 pub mod home_stick;
 pub mod luks;
 pub mod merge;
-pub mod overlay_extent;
 pub mod ovl_maint;
 pub mod ovl_merge;
 pub mod ovl_tar;

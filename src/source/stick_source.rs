@@ -6,9 +6,9 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
+use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat::{self, FatEntry};
 use crate::disk::stick::{Stick, StickError};
-use crate::persist::overlay_extent::ExtentFile;
 use crate::source::iso::{Extent, IsoEntry};
 use crate::source::live::{
     FileInfo, LayoutKind, LiveError, LiveImage, MenuFile, SourceKind, boot_files_of, check_menus,

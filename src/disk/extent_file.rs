@@ -1,4 +1,4 @@
-//! A file on the stick reached through its raw extents instead of the FAT driver.
+//! A file on a stick reached through its raw extents instead of the FAT driver.
 //!
 //! An overlay is up to 4 GiB: copying it out to change a 16-byte header or to read
 //! a few thousand exceptions would cost minutes on a USB stick. [`ExtentFile`] maps
