@@ -115,8 +115,9 @@ pub struct MergeArgs {
     /// Do not ask for confirmation (a merge on a stick rewrites its squashfs.img)
     #[arg(long, short)]
     pub yes: bool,
-    /// EROFS roots: rebuild even when the installed fsck.erofs cannot extract xattrs
-    /// (the new image then has no SELinux labels or file capabilities)
+    /// EROFS roots: rebuild even when the image's xattrs cannot be carried over
+    /// (livestick cannot read them from this image and fsck.erofs does not extract
+    /// them); the new image then has no SELinux labels or file capabilities
     #[arg(long)]
     pub allow_xattr_loss: bool,
 }
