@@ -497,6 +497,63 @@ fn flat_merge_applies_files_whiteouts_opaque_dirs_and_xattrs() {
     );
 }
 
+/// When tar2sqfs fails half way through the stream (here: a stand-in that reads some
+/// input and dies), the merge says which tool failed with its message, and the stick
+/// and the work dir are left as they were.
+#[test]
+fn a_failing_tar2sqfs_leaves_the_stick_unchanged() {
+    if !require(tools_ok(), "squashfs-tools, squashfs-tools-ng, e2fsprogs") {
+        return;
+    }
+    let t = write_stick(flat_iso());
+    flat_boot(&t);
+    let before = std::fs::read(&t.img).unwrap();
+    let bin = t.dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let fake = bin.join("tar2sqfs");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nhead -c 1024 >/dev/null\necho 'tar2sqfs: out of space (simulated)' >&2\nexit 1\n",
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_livestick"))
+        .env("PATH", path)
+        .args([
+            "overlay",
+            "merge",
+            t.s(),
+            "--yes",
+            "--workdir",
+            t.work().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tar2sqfs") && err.contains("out of space (simulated)"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&t.img).unwrap() == before,
+        "the stick changed"
+    );
+    assert_eq!(
+        std::fs::read_dir(t.work()).unwrap().count(),
+        0,
+        "work dir cleaned"
+    );
+}
+
 #[test]
 fn nested_merge_edits_rootfs_img_in_place_with_debugfs() {
     if !require(
