@@ -15,14 +15,6 @@ use livestick::persist::merge::{self, MergeError, MergeRequest, STEPS, StickMerg
 use livestick::persist::ovl_merge::{self, OvlError};
 use support::*;
 
-fn tool(name: &str) -> PathBuf {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from(name))
-}
-
 fn tools_ok() -> bool {
     [
         "unsquashfs",
@@ -37,20 +29,6 @@ fn tools_ok() -> bool {
     ]
     .iter()
     .all(|t| tool(t).is_file())
-}
-
-fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(tool(cmd))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// debugfs read-only on an image; stdout.
@@ -72,19 +50,6 @@ fn dbg_w(image: &str, script: &str, scratch: &Path) {
         .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
         .collect();
     assert!(errors.is_empty(), "debugfs script failed: {errors:?}");
-}
-
-/// livestick as uid/gid 65534 when the tests run as root (as is, otherwise).
-fn unprivileged(args: &[&str]) -> std::process::Output {
-    if !is_root() {
-        return livestick(args);
-    }
-    std::process::Command::new(tool("setpriv"))
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(env!("CARGO_BIN_EXE_livestick"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 /// A tiny ISO whose squashfs.img is the root tree itself (boot-flat.iso style).
@@ -127,44 +92,7 @@ fn flat_iso() -> &'static Path {
         )
         .unwrap();
         ovl_merge::set_xattr(&root.join("etc"), "user.lower", b"1").unwrap();
-        let iso = d.path().join("iso");
-        std::fs::create_dir_all(iso.join("LiveOS")).unwrap();
-        std::fs::create_dir_all(iso.join("isolinux")).unwrap();
-        sh(
-            "mksquashfs",
-            &[
-                root.to_str().unwrap(),
-                iso.join("LiveOS/squashfs.img").to_str().unwrap(),
-                "-comp",
-                "gzip",
-                "-noappend",
-                "-quiet",
-                "-xattrs",
-            ],
-        );
-        std::fs::write(iso.join("isolinux/vmlinuz"), "kernel").unwrap();
-        std::fs::write(iso.join("isolinux/initrd.img"), "initrd").unwrap();
-        std::fs::write(
-            iso.join("isolinux/isolinux.cfg"),
-            "default linux\nlabel linux\n  kernel vmlinuz\n  append initrd=initrd.img root=live:CDLABEL=FLAT-OVL rd.live.image\n",
-        )
-        .unwrap();
-        let out = d.path().join("flat.iso");
-        sh(
-            "xorriso",
-            &[
-                "-as",
-                "mkisofs",
-                "-quiet",
-                "-V",
-                "FLAT-OVL",
-                "-R",
-                "-J",
-                "-o",
-                out.to_str().unwrap(),
-                iso.to_str().unwrap(),
-            ],
-        );
+        let out = flat_iso_from(&root, d.path());
         (d, out)
     });
     p
@@ -328,7 +256,7 @@ fn flat_merge_applies_files_whiteouts_opaque_dirs_and_xattrs() {
         .unwrap()
         .to_string();
     // A fresh overlay: nothing to merge.
-    let out = unprivileged(&[
+    let out = as_nobody(&[
         "overlay",
         "merge",
         t.s(),
@@ -341,7 +269,7 @@ fn flat_merge_applies_files_whiteouts_opaque_dirs_and_xattrs() {
 
     flat_boot(&t);
     let old_sq = t.squashfs();
-    let dry = unprivileged(&[
+    let dry = as_nobody(&[
         "overlay",
         "merge",
         t.s(),
@@ -364,7 +292,7 @@ fn flat_merge_applies_files_whiteouts_opaque_dirs_and_xattrs() {
         std::fs::read(&old_sq).unwrap()
     );
 
-    let out = unprivileged(&[
+    let out = as_nobody(&[
         "overlay",
         "merge",
         t.s(),
@@ -971,7 +899,7 @@ fn directory_overlay_merges_and_is_emptied() {
         }
     }
     let before = std::fs::read(&sq).unwrap();
-    let out = unprivileged(&args);
+    let out = as_nobody(&args);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -1252,14 +1180,14 @@ fn erofs_merge_without_root_runs_under_fakeroot() {
         work.to_str().unwrap(),
         "--yes",
     ];
-    let dry = unprivileged(&[&args[..], &["--dry-run"]].concat());
+    let dry = as_nobody(&[&args[..], &["--dry-run"]].concat());
     let dry_out = String::from_utf8_lossy(&dry.stdout);
     assert!(
         dry.status.success() && dry_out.contains("fakeroot"),
         "{dry_out}{}",
         String::from_utf8_lossy(&dry.stderr)
     );
-    let out = unprivileged(&args);
+    let out = as_nobody(&args);
     assert!(
         out.status.success(),
         "{}{}",

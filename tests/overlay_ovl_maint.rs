@@ -18,16 +18,6 @@ use livestick::disk::stick::Stick;
 use serde_json::Value;
 use support::*;
 
-const NOBODY: u32 = 65534;
-
-fn tool(name: &str) -> PathBuf {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from(name))
-}
-
 fn tools_ok() -> bool {
     let mut need = vec![
         "mksquashfs",
@@ -49,17 +39,6 @@ fn ready() -> bool {
         tools_ok(),
         "squashfs-tools, xorriso, e2fsprogs, mtools, dosfstools (and setpriv as root)",
     )
-}
-
-fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(tool(cmd)).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `e2fsck -f -n`: (exit code, output).
@@ -104,33 +83,7 @@ fn cat(image: &Path, path: &str) -> String {
     )
 }
 
-/// The livestick binary as an ordinary user: uid 65534 when we are root.
-fn as_user(args: &[&str]) -> Output {
-    as_user_in(Path::new("."), args)
-}
-
-fn as_user_in(cwd: &Path, args: &[&str]) -> Output {
-    if !is_root() {
-        return Command::new(bin())
-            .args(args)
-            .current_dir(cwd)
-            .output()
-            .expect("livestick runs");
-    }
-    Command::new(tool("setpriv"))
-        .current_dir(cwd)
-        .args([
-            format!("--reuid={NOBODY}"),
-            format!("--regid={NOBODY}"),
-            "--clear-groups".into(),
-        ])
-        .arg(bin())
-        .args(args)
-        .output()
-        .expect("setpriv runs")
-}
-
-/// Makes `dir` and everything in it belong to the user `as_user` runs as.
+/// Makes `dir` and everything in it belong to the user `as_nobody` runs as.
 fn give_away(dir: &Path) {
     if !is_root() {
         return;
@@ -176,43 +129,7 @@ fn flat_iso() -> &'static Path {
         let root = d.path().join("root");
         std::fs::create_dir_all(root.join("etc")).unwrap();
         std::fs::write(root.join("etc/hostname"), "base\n").unwrap();
-        let iso = d.path().join("iso");
-        std::fs::create_dir_all(iso.join("LiveOS")).unwrap();
-        std::fs::create_dir_all(iso.join("isolinux")).unwrap();
-        sh(
-            "mksquashfs",
-            &[
-                root.to_str().unwrap(),
-                iso.join("LiveOS/squashfs.img").to_str().unwrap(),
-                "-comp",
-                "gzip",
-                "-noappend",
-                "-quiet",
-            ],
-        );
-        std::fs::write(iso.join("isolinux/vmlinuz"), "kernel").unwrap();
-        std::fs::write(iso.join("isolinux/initrd.img"), "initrd").unwrap();
-        std::fs::write(
-            iso.join("isolinux/isolinux.cfg"),
-            "default linux\nlabel linux\n  kernel vmlinuz\n  append initrd=initrd.img root=live:CDLABEL=FLAT-OVL rd.live.image\n",
-        )
-        .unwrap();
-        let out = d.path().join("flat.iso");
-        sh(
-            "xorriso",
-            &[
-                "-as",
-                "mkisofs",
-                "-quiet",
-                "-V",
-                "FLAT-OVL",
-                "-R",
-                "-J",
-                "-o",
-                out.to_str().unwrap(),
-                iso.to_str().unwrap(),
-            ],
-        );
+        let out = flat_iso_from(&root, d.path());
         (d, out)
     });
     p
@@ -360,7 +277,7 @@ fn grow_on_a_stick_keeps_the_upper_files_and_checks_clean() {
     t.boot();
     let before = t.status();
     assert_eq!(before["size_bytes"], 32 << 20);
-    let out = json(&as_user(&[
+    let out = json(&as_nobody(&[
         "overlay",
         "grow",
         t.s(),
@@ -396,7 +313,7 @@ fn grow_on_a_stick_keeps_the_upper_files_and_checks_clean() {
     fsck_fat(&t.img, t.part, t.part_len, t.dir.path());
 
     // A second grow, by --size-mb, from the grown state.
-    ok(&as_user(&[
+    ok(&as_nobody(&[
         "overlay",
         "grow",
         t.s(),
@@ -421,7 +338,7 @@ fn grow_of_a_bare_overlay_file() {
     t.boot();
     let ov = t.overlay_copy();
     give_away(&ov);
-    let dry = ok(&as_user(&[
+    let dry = ok(&as_nobody(&[
         "overlay",
         "grow",
         ov.to_str().unwrap(),
@@ -431,7 +348,7 @@ fn grow_of_a_bare_overlay_file() {
     ]));
     assert!(dry.contains("would grow"), "{dry}");
     assert_eq!(std::fs::metadata(&ov).unwrap().len(), 32 << 20);
-    let out = json(&as_user(&[
+    let out = json(&as_nobody(&[
         "overlay",
         "grow",
         ov.to_str().unwrap(),
@@ -477,22 +394,22 @@ fn refused_grows_leave_the_stick_unchanged() {
     t.boot();
     let sha = t.sha();
     let work = t.work();
-    let e = failed(&as_user(&["overlay", "grow", t.s(), "--size-mb", "5000"]));
+    let e = failed(&as_nobody(&["overlay", "grow", t.s(), "--size-mb", "5000"]));
     assert!(e.contains("4095") && e.contains("FAT32"), "{e}");
     assert_eq!(t.sha(), sha);
-    let e = failed(&as_user(&["overlay", "grow", t.s(), "--size-mb", "1000"]));
+    let e = failed(&as_nobody(&["overlay", "grow", t.s(), "--size-mb", "1000"]));
     assert!(
         e.contains("not enough free space") && e.contains("bytes"),
         "{e}"
     );
     assert_eq!(t.sha(), sha);
-    let e = failed(&as_user(&["overlay", "grow", t.s(), "--size-mb", "16"]));
+    let e = failed(&as_nobody(&["overlay", "grow", t.s(), "--size-mb", "16"]));
     assert!(e.contains("shrinking is not supported"), "{e}");
     assert_eq!(t.sha(), sha);
-    let e = failed(&as_user(&["overlay", "grow", t.s(), "--size-mb", "32"]));
+    let e = failed(&as_nobody(&["overlay", "grow", t.s(), "--size-mb", "32"]));
     assert!(e.contains("already have"), "{e}");
     assert_eq!(t.sha(), sha);
-    let e = failed(&as_user(&[
+    let e = failed(&as_nobody(&[
         "overlay",
         "grow",
         t.s(),
@@ -505,7 +422,7 @@ fn refused_grows_leave_the_stick_unchanged() {
     assert_eq!(t.sha(), sha);
 
     // A dry run shows the plan and changes nothing.
-    let dry = ok(&as_user(&[
+    let dry = ok(&as_nobody(&[
         "overlay",
         "grow",
         t.s(),
@@ -525,7 +442,7 @@ fn refused_grows_leave_the_stick_unchanged() {
     // copy, before anything on the stick changed.
     t.damage();
     let sha = t.sha();
-    let out = as_user(&[
+    let out = as_nobody(&[
         "overlay",
         "grow",
         t.s(),
@@ -555,19 +472,19 @@ fn recover_on_a_clean_overlay_says_clean_and_changes_nothing() {
     let t = stick();
     t.boot();
     let sha = t.sha();
-    let text = ok(&as_user(&["overlay", "recover", t.s()]));
+    let text = ok(&as_nobody(&["overlay", "recover", t.s()]));
     assert!(
         text.contains("e2fsck -f -n") && text.contains(": clean (exit 0)"),
         "{text}"
     );
     assert!(text.contains("in place, read-only"), "{text}");
-    let out = json(&as_user(&["overlay", "recover", t.s(), "--json"]));
+    let out = json(&as_nobody(&["overlay", "recover", t.s(), "--json"]));
     assert_eq!(out["check"]["clean"], true);
     assert_eq!(out["check"]["exit_code"], 0);
     assert!(out["check"]["problems"].as_array().unwrap().is_empty());
     assert_eq!(t.sha(), sha);
     // --repair on a clean overlay: nothing to repair, nothing written.
-    let out = json(&as_user(&[
+    let out = json(&as_nobody(&[
         "overlay",
         "recover",
         t.s(),
@@ -581,7 +498,7 @@ fn recover_on_a_clean_overlay_says_clean_and_changes_nothing() {
     assert_eq!(out["write_back"]["chunks_written"], 0);
     assert_eq!(t.sha(), sha);
     // The dm-snapshot-only options are refused by name.
-    let e = failed(&as_user(&[
+    let e = failed(&as_nobody(&[
         "overlay",
         "recover",
         t.s(),
@@ -604,13 +521,13 @@ fn recover_reports_damage_unchanged_and_repairs_it() {
     assert_eq!(e2fsck_n(&t.overlay_copy()).0, 4);
 
     // Without --repair: a report, nothing changed.
-    let text = ok(&as_user(&["overlay", "recover", t.s()]));
+    let text = ok(&as_nobody(&["overlay", "recover", t.s()]));
     assert!(
         text.contains("exit 4") && text.contains("ref count is 3, should be 1"),
         "{text}"
     );
     assert!(text.contains("--repair"), "{text}");
-    let out = json(&as_user(&["overlay", "recover", t.s(), "--json"]));
+    let out = json(&as_nobody(&["overlay", "recover", t.s(), "--json"]));
     assert_eq!(out["check"]["clean"], false);
     assert_eq!(out["check"]["exit_code"], 4);
     let problems = out["check"]["problems"].to_string();
@@ -620,7 +537,7 @@ fn recover_reports_damage_unchanged_and_repairs_it() {
     );
     assert_eq!(t.sha(), sha);
     // A dry run of the repair, and a grow without --repair: refused, unchanged.
-    let dry = ok(&as_user(&[
+    let dry = ok(&as_nobody(&[
         "overlay",
         "recover",
         t.s(),
@@ -631,7 +548,7 @@ fn recover_reports_damage_unchanged_and_repairs_it() {
     ]));
     assert!(dry.contains("would run e2fsck -f -y"), "{dry}");
     assert_eq!(t.sha(), sha);
-    let out = as_user(&[
+    let out = as_nobody(&[
         "overlay",
         "recover",
         t.s(),
@@ -646,7 +563,7 @@ fn recover_reports_damage_unchanged_and_repairs_it() {
     assert_eq!(t.sha(), sha);
 
     // --repair --add-mb: e2fsck -f -y, then the grow; as an ordinary user.
-    let out = json(&as_user(&[
+    let out = json(&as_nobody(&[
         "overlay",
         "recover",
         t.s(),
@@ -666,7 +583,7 @@ fn recover_reports_damage_unchanged_and_repairs_it() {
     assert_eq!(std::fs::metadata(&ov).unwrap().len(), 48 << 20);
     t.check_boot_files(&ov);
     fsck_fat(&t.img, t.part, t.part_len, t.dir.path());
-    let text = ok(&as_user(&["overlay", "recover", t.s()]));
+    let text = ok(&as_nobody(&["overlay", "recover", t.s()]));
     assert!(text.contains(": clean (exit 0)"), "{text}");
 }
 
@@ -682,7 +599,7 @@ fn fragmented_overlay_grows_and_recovers_through_a_work_copy() {
     let after = t.dir.path().join("after.bin");
     std::fs::write(&after, vec![0xA5u8; 64 << 10]).unwrap();
     fat_put(&t.img, t.part, &after, "LiveOS/after.bin");
-    ok(&as_user(&[
+    ok(&as_nobody(&[
         "overlay",
         "grow",
         t.s(),
@@ -704,7 +621,7 @@ fn fragmented_overlay_grows_and_recovers_through_a_work_copy() {
     fsck_fat(&t.img, t.part, t.part_len, t.dir.path());
 
     // A second grow of the fragmented overlay.
-    ok(&as_user(&[
+    ok(&as_nobody(&[
         "overlay",
         "grow",
         t.s(),
@@ -721,7 +638,7 @@ fn fragmented_overlay_grows_and_recovers_through_a_work_copy() {
     // Check and repair of the fragmented overlay: no offset reaches it, a copy does.
     t.damage();
     let sha = t.sha();
-    let out = json(&as_user(&[
+    let out = json(&as_nobody(&[
         "overlay",
         "recover",
         t.s(),
@@ -735,7 +652,7 @@ fn fragmented_overlay_grows_and_recovers_through_a_work_copy() {
         "{out}"
     );
     assert_eq!(t.sha(), sha);
-    let out = json(&as_user(&[
+    let out = json(&as_nobody(&[
         "overlay",
         "recover",
         t.s(),
@@ -762,7 +679,7 @@ fn bare_file_recover_reports_then_repairs_and_grows() {
     let ov = t.overlay_copy();
     give_away(&ov);
     let sha = sha256_file(&ov);
-    let out = json(&as_user(&[
+    let out = json(&as_nobody(&[
         "overlay",
         "recover",
         ov.to_str().unwrap(),
@@ -771,7 +688,7 @@ fn bare_file_recover_reports_then_repairs_and_grows() {
     assert_eq!(out["check"]["clean"], false);
     assert_eq!(sha256_file(&ov), sha);
     // grow refuses what e2fsck -p does not fix; the file keeps its size.
-    let e = failed(&as_user(&[
+    let e = failed(&as_nobody(&[
         "overlay",
         "grow",
         ov.to_str().unwrap(),
@@ -780,7 +697,7 @@ fn bare_file_recover_reports_then_repairs_and_grows() {
     ]));
     assert!(e.contains("e2fsck -f -p") && e.contains("--repair"), "{e}");
     assert_eq!(std::fs::metadata(&ov).unwrap().len(), 32 << 20);
-    let out = json(&as_user(&[
+    let out = json(&as_nobody(&[
         "overlay",
         "recover",
         ov.to_str().unwrap(),
@@ -825,7 +742,7 @@ fn an_interrupted_grow_is_usable_and_finished_by_grow() {
         "--json",
     ]));
     assert_eq!(status["size_bytes"], 48 << 20);
-    let out = json(&as_user_in(
+    let out = json(&as_nobody_in(
         t.dir.path(),
         &[
             "overlay",

@@ -219,3 +219,93 @@ impl Drop for Loop {
         let _ = Command::new("losetup").args(["-d", &self.0]).status();
     }
 }
+
+/// A program by name: on PATH or in the sbin directories (an ordinary user's PATH
+/// often lacks those, and e2fsprogs lives there).
+pub fn tool(name: &str) -> PathBuf {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// [`run`] for a program found with [`tool`].
+pub fn sh(cmd: &str, args: &[&str]) -> String {
+    run(&tool(cmd).to_string_lossy(), args)
+}
+
+/// A tiny ISO (label FLAT-OVL) in `dir` whose squashfs.img is the tree `root` itself,
+/// xattrs included: the flat layout, which needs an OverlayFS overlay.
+pub fn flat_iso_from(root: &Path, dir: &Path) -> PathBuf {
+    let iso = dir.join("iso");
+    std::fs::create_dir_all(iso.join("LiveOS")).unwrap();
+    std::fs::create_dir_all(iso.join("isolinux")).unwrap();
+    sh(
+        "mksquashfs",
+        &[
+            root.to_str().unwrap(),
+            iso.join("LiveOS/squashfs.img").to_str().unwrap(),
+            "-comp",
+            "gzip",
+            "-noappend",
+            "-quiet",
+            "-xattrs",
+        ],
+    );
+    std::fs::write(iso.join("isolinux/vmlinuz"), "kernel").unwrap();
+    std::fs::write(iso.join("isolinux/initrd.img"), "initrd").unwrap();
+    std::fs::write(
+        iso.join("isolinux/isolinux.cfg"),
+        "default linux\nlabel linux\n  kernel vmlinuz\n  append initrd=initrd.img root=live:CDLABEL=FLAT-OVL rd.live.image\n",
+    )
+    .unwrap();
+    let out = dir.join("flat.iso");
+    sh(
+        "xorriso",
+        &[
+            "-as",
+            "mkisofs",
+            "-quiet",
+            "-V",
+            "FLAT-OVL",
+            "-R",
+            "-J",
+            "-o",
+            out.to_str().unwrap(),
+            iso.to_str().unwrap(),
+        ],
+    );
+    out
+}
+
+/// The uid and gid livestick runs as when a test proves it needs no root.
+pub const NOBODY: u32 = 65534;
+
+/// livestick as an ordinary user: uid/gid [`NOBODY`] when the tests run as root
+/// (files it touches must be opened to that user), as is otherwise.
+pub fn as_nobody(args: &[&str]) -> Output {
+    as_nobody_in(Path::new("."), args)
+}
+
+pub fn as_nobody_in(cwd: &Path, args: &[&str]) -> Output {
+    if !is_root() {
+        return Command::new(bin())
+            .args(args)
+            .current_dir(cwd)
+            .output()
+            .expect("livestick runs");
+    }
+    Command::new(tool("setpriv"))
+        .current_dir(cwd)
+        .args([
+            format!("--reuid={NOBODY}"),
+            format!("--regid={NOBODY}"),
+            "--clear-groups".into(),
+            "--".into(),
+        ])
+        .arg(bin())
+        .args(args)
+        .output()
+        .expect("setpriv runs")
+}
