@@ -482,6 +482,68 @@ fn a_failing_tar2sqfs_leaves_the_stick_unchanged() {
     );
 }
 
+/// A work dir without room is refused before anything starts, with the figures.
+#[test]
+fn a_work_dir_without_room_is_refused_with_the_figures() {
+    if !require(tools_ok(), "squashfs-tools, squashfs-tools-ng, e2fsprogs")
+        || !require(is_root(), "root (a 4 KiB tmpfs as the work dir)")
+    {
+        return;
+    }
+    let t = write_stick(flat_iso());
+    flat_boot(&t);
+    let small = t.dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    sh(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=4k",
+            "tmpfs",
+            small.to_str().unwrap(),
+        ],
+    );
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _mounted = Unmount(&small);
+    let before = std::fs::read(&t.img).unwrap();
+    for extra in [&["--dry-run"][..], &["--yes"][..]] {
+        let out = livestick(
+            &[
+                &[
+                    "overlay",
+                    "merge",
+                    t.s(),
+                    "--workdir",
+                    small.to_str().unwrap(),
+                ][..],
+                extra,
+            ]
+            .concat(),
+        );
+        assert!(!out.status.success(), "{extra:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("not enough space for")
+                && err.contains("bytes needed")
+                && err.contains("bytes free")
+                && err.contains(small.to_str().unwrap()),
+            "{extra:?}: {err}"
+        );
+    }
+    assert!(
+        std::fs::read(&t.img).unwrap() == before,
+        "the stick changed"
+    );
+    assert_eq!(std::fs::read_dir(&small).unwrap().count(), 0);
+}
+
 #[test]
 fn nested_merge_edits_rootfs_img_in_place_with_debugfs() {
     if !require(

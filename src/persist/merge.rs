@@ -249,6 +249,34 @@ fn same_fs(a: &Path, b: &Path) -> bool {
     matches!((fs::metadata(a), fs::metadata(b)), (Ok(x), Ok(y)) if x.dev() == y.dev())
 }
 
+/// Room for a merge: `workdir_needed` in the work dir and `target_needed` beside the
+/// old image. When both are one file system (a pair of plain files, not a stick), the
+/// sum must fit there.
+pub(crate) fn check_merge_space(
+    inp: &Inputs,
+    [what, what_with_staged]: [&'static str; 2],
+    workdir: &Path,
+    workdir_needed: u64,
+    workdir_free: u64,
+    target_needed: u64,
+) -> Result<(), MergeError> {
+    if inp.stick.is_none() && same_fs(workdir, &inp.target_dir) {
+        return check_space(
+            what_with_staged,
+            workdir,
+            workdir_needed.saturating_add(target_needed),
+            workdir_free,
+        );
+    }
+    check_space(what, workdir, workdir_needed, workdir_free)?;
+    check_space(
+        "the new image next to the old one",
+        &inp.target_dir,
+        target_needed,
+        inp.target_free,
+    )
+}
+
 pub(crate) fn check_space(
     what: &'static str,
     path: &Path,
@@ -507,27 +535,17 @@ fn plan_common(
         new_image_estimate
     };
     if !nothing_to_merge {
-        if !on_stick && same_fs(workdir, &inp.target_dir) {
-            check_space(
-                "the extracted image, the new squashfs and its staged copy",
-                workdir,
-                workdir_needed.saturating_add(new_image_estimate),
-                workdir_free,
-            )?;
-        } else {
-            check_space(
+        check_merge_space(
+            &inp,
+            [
                 "the extracted image and the new squashfs",
-                workdir,
-                workdir_needed,
-                workdir_free,
-            )?;
-            check_space(
-                "the new squashfs next to the old one",
-                &inp.target_dir,
-                target_needed,
-                inp.target_free,
-            )?;
-        }
+                "the extracted image, the new squashfs and its staged copy",
+            ],
+            workdir,
+            workdir_needed,
+            workdir_free,
+            target_needed,
+        )?;
     }
     let staged = match &inp.stick {
         Some(s) => format!("{}.new", s.squashfs),

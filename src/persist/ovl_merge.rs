@@ -45,8 +45,7 @@ use crate::disk::ext4::{self, Ext4Info, Ext4Options};
 use crate::persist::erofs::{self, ErofsError, ErofsInfo};
 use crate::persist::erofs_xattr;
 use crate::persist::merge::{
-    self, Inputs, Located, MergeError, MergePlan, MergeReport, check_space, free_bytes,
-    with_readable_squashfs,
+    self, Inputs, Located, MergeError, MergePlan, MergeReport, free_bytes, with_readable_squashfs,
 };
 use crate::persist::ovl_tar;
 use crate::persist::snapshot::{self, StatusReport, SyncData};
@@ -1677,17 +1676,16 @@ pub(crate) fn plan(
         new_image_estimate
     };
     if !nothing_to_merge {
-        check_space(
-            "the extracted root, the upper dir and the new image",
+        merge::check_merge_space(
+            &inp,
+            [
+                "the extracted root, the upper dir and the new image",
+                "the extracted root, the upper dir, the new image and its staged copy",
+            ],
             workdir,
             workdir_needed,
             workdir_free,
-        )?;
-        check_space(
-            "the new image next to the old one",
-            &inp.target_dir,
             target_needed,
-            inp.target_free,
         )?;
     }
     let staged = match &inp.stick {
