@@ -134,7 +134,13 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
         multi: args.multi,
         copy_overlay: args.copy_overlay,
         copy_home: args.copy_home,
-        dracut: resolve_dracut(args, live),
+        // The spelling only matters for OverlayFS (cmdline::rewrite_for_stick): reading
+        // it means decompressing the initrd, so it is skipped otherwise.
+        dracut: if args.overlayfs {
+            resolve_dracut(args, live)
+        } else {
+            DracutNames::Classic
+        },
         home_size,
         home_encryption,
         swap_size: mib("swap-size-mb", args.swap_size_mb)?,
