@@ -482,6 +482,59 @@ fn a_failing_tar2sqfs_leaves_the_stick_unchanged() {
     );
 }
 
+/// `--compress` on a flat merge: tar2sqfs builds the new image with that compressor
+/// (the plan says so); without it the source's compressor and block size are kept.
+#[test]
+fn flat_merge_recompresses_as_asked() {
+    if !require(tools_ok(), "squashfs-tools, squashfs-tools-ng, e2fsprogs") {
+        return;
+    }
+    let t = write_stick(flat_iso());
+    flat_boot(&t);
+    let work = t.work();
+    let w = work.to_str().unwrap();
+    let dry = livestick(&["overlay", "merge", t.s(), "--dry-run", "--workdir", w]);
+    let plan = String::from_utf8_lossy(&dry.stdout);
+    assert!(plan.contains("tar2sqfs -c gzip -b 131072"), "{plan}");
+    let dry = livestick(&[
+        "overlay",
+        "merge",
+        t.s(),
+        "--dry-run",
+        "--workdir",
+        w,
+        "--compress",
+        "xz",
+    ]);
+    let plan = String::from_utf8_lossy(&dry.stdout);
+    assert!(plan.contains("tar2sqfs -c xz -b 131072"), "{plan}");
+    let out = livestick(&[
+        "overlay",
+        "merge",
+        t.s(),
+        "--yes",
+        "--workdir",
+        w,
+        "--compress",
+        "xz",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sq = t.squashfs();
+    let sb = sh("unsquashfs", &["-s", sq.to_str().unwrap()]);
+    assert!(sb.contains("Compression xz"), "{sb}");
+    assert_eq!(
+        sh(
+            "unsquashfs",
+            &["-cat", sq.to_str().unwrap(), "etc/hostname"]
+        ),
+        "merged-host\n"
+    );
+}
+
 /// A work dir without room is refused before anything starts, with the figures.
 #[test]
 fn a_work_dir_without_room_is_refused_with_the_figures() {
