@@ -14,7 +14,7 @@
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde::Serialize;
@@ -259,6 +259,14 @@ pub fn extract_keeps_xattrs(scratch: &Path) -> Result<bool, ErofsError> {
     Ok(crate::persist::ovl_merge::get_xattr(&out.join("f"), "user.livestick").is_some())
 }
 
+/// The image's tree in `dest`, xattrs included: [`extract`], then
+/// [`restore_xattrs`] for what this fsck.erofs leaves out.
+pub fn unpack(image: &Path, dest: &Path) -> Result<(), ErofsError> {
+    extract(image, dest)?;
+    restore_xattrs(image, dest)?;
+    Ok(())
+}
+
 /// Sets on the tree extracted into `tree` the xattrs the image holds (read by
 /// [`crate::persist::erofs_xattr`]), which fsck.erofs 1.5 leaves out. Returns the
 /// number of paths labelled. A tree without a path the image has is an error: the
@@ -304,29 +312,6 @@ pub fn build(tree: &Path, out: &Path, args: &[String]) -> Result<(), ErofsError>
     a.push(tree.as_os_str());
     squash::run_tool(MKFS_EROFS, &a, &[])?;
     Ok(())
-}
-
-/// A plain path for the image: `at` itself when it is a whole plain file, else a copy
-/// in `workdir` (fsck.erofs cannot read at an offset).
-pub fn readable_copy(
-    at: &crate::persist::merge::Located,
-    workdir: &Path,
-) -> Result<PathBuf, ErofsError> {
-    let whole_file = at.contiguous_at() == Some(0)
-        && fs::metadata(&at.device)
-            .map(|m| m.is_file() && m.len() == at.len())
-            .unwrap_or(false);
-    if whole_file {
-        return Ok(at.device.clone());
-    }
-    let copy = workdir.join("erofs-source.img");
-    let mut src = at.open(false).map_err(|e| ErofsError::Io {
-        what: at.device.display().to_string(),
-        source: io::Error::other(e.to_string()),
-    })?;
-    let mut dst = fs::File::create(&copy).map_err(io_err(&copy))?;
-    io::copy(&mut src, &mut dst).map_err(io_err(&copy))?;
-    Ok(copy)
 }
 
 #[cfg(test)]

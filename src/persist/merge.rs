@@ -195,6 +195,26 @@ impl Located {
             _ => None,
         }
     }
+
+    /// A path to it as a file of its own, for tools that take no offset (sqfs2tar,
+    /// fsck.erofs): the file itself when it is one, else a copy named `name` in `dir`.
+    /// `true` with the path: it is that copy, the caller's to remove.
+    pub(crate) fn whole_file_or_copy(
+        &self,
+        dir: &Path,
+        name: &str,
+    ) -> Result<(PathBuf, bool), MergeError> {
+        let whole_file = self.contiguous_at() == Some(0)
+            && fs::metadata(&self.device).is_ok_and(|m| m.is_file() && m.len() == self.len());
+        if whole_file {
+            return Ok((self.device.clone(), false));
+        }
+        let copy = dir.join(name);
+        let mut src = self.open(false)?;
+        let mut dst = File::create(&copy).map_err(io_at(&copy))?;
+        io::copy(&mut src, &mut dst).map_err(io_at(&copy))?;
+        Ok((copy, true))
+    }
 }
 
 /// Everything a merge will do, computed without changing anything.

@@ -117,7 +117,7 @@ pub enum OvlError {
     Host { path: PathBuf, what: String },
 }
 
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> OvlError + '_ {
+pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> OvlError + '_ {
     move |source| OvlError::Io {
         path: path.to_path_buf(),
         source,
@@ -133,8 +133,6 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> OvlError + '_ {
 pub struct Debugfs {
     spec: std::ffi::OsString,
     show: String,
-    image: PathBuf,
-    offset: u64,
 }
 
 /// The output of one command of a script.
@@ -152,8 +150,6 @@ impl Debugfs {
         Debugfs {
             spec,
             show: image.display().to_string(),
-            image: image.to_path_buf(),
-            offset,
         }
     }
 
@@ -242,7 +238,7 @@ fn qp(p: &Path) -> Result<String, OvlError> {
 }
 
 /// The kind of an inode, from the type bits of its mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Dir,
@@ -374,7 +370,7 @@ fn parse_stat(body: &str) -> StatInfo {
 // The upper directory
 
 /// One entry of the upper directory.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct UpperEntry {
     /// Path relative to the root, without a leading `/` (`etc/hostname`).
     pub path: String,
@@ -389,18 +385,15 @@ pub struct UpperEntry {
     pub rdev: (u32, u32),
     pub target: Option<String>,
     /// xattrs to carry over (`trusted.overlay.*` removed).
-    #[serde(skip)]
     pub xattrs: Vec<(String, Vec<u8>)>,
     pub opaque: bool,
-    #[serde(skip)]
     pub children: Vec<usize>,
     /// The staged contents of a regular file (one per inode).
-    #[serde(skip)]
     pub content: Option<PathBuf>,
 }
 
 /// The upper directory, read out of the overlay.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct UpperTree {
     pub entries: Vec<UpperEntry>,
     /// The entries directly in the upper directory.
@@ -1427,22 +1420,6 @@ fn overlay_debugfs(at: &Located, work: &Path) -> Result<Debugfs, OvlError> {
     Ok(Debugfs::new(&copy, 0))
 }
 
-/// squashfs.img as a file of its own for sqfs2tar, which has no offset option: the
-/// file itself when it is one, else a copy in `work` (`true`: remove it after).
-fn plain_squashfs(at: &Located, work: &Path) -> Result<(PathBuf, bool), OvlError> {
-    if at.contiguous_at() == Some(0) {
-        return Ok((at.device.clone(), false));
-    }
-    let copy = work.join("lower-squashfs.img");
-    let mut src = at.open(false).map_err(|e| OvlError::Host {
-        path: at.device.clone(),
-        what: e.to_string(),
-    })?;
-    let mut dst = File::create(&copy).map_err(io_at(&copy))?;
-    io::copy(&mut src, &mut dst).map_err(io_at(&copy))?;
-    Ok((copy, true))
-}
-
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
@@ -1779,10 +1756,10 @@ type Applied = (ApplyReport, PathBuf, Option<i32>);
 /// The EROFS steps a non-root merge hands to a child under fakeroot (`livestick
 /// internal-fakeroot-step JOB`): in that process the faked uid 0 lets extraction,
 /// chown, mknod and security xattrs succeed, and mkfs.erofs, its child, sees them.
+/// The parent has read the upper dir already (contents staged in its work dir).
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct FakerootJob {
-    pub overlay_image: PathBuf,
-    pub overlay_offset: u64,
+    pub upper: UpperTree,
     pub erofs: PathBuf,
     pub work: PathBuf,
     pub built: PathBuf,
@@ -1798,14 +1775,9 @@ pub fn run_fakeroot_job(job: &Path) -> Result<(), OvlError> {
         path: job.to_path_buf(),
         what: format!("not a fakeroot job: {e}"),
     })?;
-    let dbg = Debugfs::new(&job.overlay_image, job.overlay_offset);
-    let stage = job.work.join("upper");
-    let mut upper = walk_upper(&dbg, &job.work)?;
-    read_upper_details(&dbg, &mut upper, &stage)?;
     let tree = job.work.join("tree");
-    erofs::extract(&job.erofs, &tree)?;
-    erofs::restore_xattrs(&job.erofs, &tree)?;
-    let rep = apply_host_tree(&tree, &upper, &mut |_, _| {})?;
+    erofs::unpack(&job.erofs, &tree)?;
+    let rep = apply_host_tree(&tree, &job.upper, &mut |_, _| {})?;
     erofs::build(&tree, &job.built, &job.mkfs_args)?;
     let out = serde_json::to_vec(&rep).map_err(|e| OvlError::Host {
         path: job.report.clone(),
@@ -1819,7 +1791,7 @@ fn fakeroot_steps(
     plan: &MergePlan,
     ovl: &OvlPlan,
     work: &Path,
-    dbg: &Debugfs,
+    upper: &UpperTree,
     built: &Path,
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<Applied, MergeError> {
@@ -1830,10 +1802,11 @@ fn fakeroot_steps(
         }
         .into());
     };
-    let src = erofs::readable_copy(&plan.squashfs_at, work).map_err(OvlError::from)?;
+    let (src, copied) = plan
+        .squashfs_at
+        .whole_file_or_copy(work, "erofs-source.img")?;
     let job = FakerootJob {
-        overlay_image: dbg.image.clone(),
-        overlay_offset: dbg.offset,
+        upper: upper.clone(),
         erofs: src.clone(),
         work: work.join("fakeroot"),
         built: built.to_path_buf(),
@@ -1856,7 +1829,7 @@ fn fakeroot_steps(
         .arg(&job_file)
         .output()
         .map_err(io_at(&me));
-    if src.starts_with(work) {
+    if copied {
         let _ = fs::remove_file(&src);
     }
     let _ = fs::remove_dir_all(&job.work);
@@ -1914,7 +1887,9 @@ fn flat_steps(
     built: &Path,
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<Applied, MergeError> {
-    let (src, copied) = plain_squashfs(&plan.squashfs_at, work)?;
+    let (src, copied) = plan
+        .squashfs_at
+        .whole_file_or_copy(work, "lower-squashfs.img")?;
     progress("extract", plan.root_image_bytes, plan.root_image_bytes);
     let streamed = merge::failpoint(plan, "extract").and_then(|()| {
         let total = plan.root_image_bytes;
@@ -1954,12 +1929,14 @@ fn tree_steps(
             })?;
         }
         Layout::Erofs { .. } => {
-            let src = erofs::readable_copy(&plan.squashfs_at, work).map_err(OvlError::from)?;
-            erofs::extract(&src, &tree).map_err(OvlError::from)?;
-            erofs::restore_xattrs(&src, &tree).map_err(OvlError::from)?;
-            if src.starts_with(work) {
+            let (src, copied) = plan
+                .squashfs_at
+                .whole_file_or_copy(work, "erofs-source.img")?;
+            let unpacked = erofs::unpack(&src, &tree);
+            if copied {
                 let _ = fs::remove_file(&src);
             }
+            unpacked.map_err(OvlError::from)?;
         }
     }
     progress("extract", plan.root_image_bytes, plan.root_image_bytes);
@@ -2144,7 +2121,7 @@ pub(crate) fn run_steps(
     let (applied, root, fsck_code) = if ovl.layout == Layout::Flat {
         flat_steps(plan, ovl, work, &upper, &built, progress)?
     } else if matches!(ovl.layout, Layout::Erofs { .. }) && !nix::unistd::geteuid().is_root() {
-        fakeroot_steps(plan, ovl, work, &dbg, &built, progress)?
+        fakeroot_steps(plan, ovl, work, &upper, &built, progress)?
     } else {
         tree_steps(plan, ovl, work, &upper, &built, progress)?
     };

@@ -26,7 +26,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use crate::persist::ovl_merge::{ApplyReport, Kind, OvlError, UpperEntry, UpperTree};
+use crate::persist::ovl_merge::{ApplyReport, Kind, OvlError, UpperEntry, UpperTree, io_at};
 use crate::persist::tar_stream::{EntryKind, TarEntry, TarReader, TarWriter};
 use crate::squash::{self, SquashError};
 
@@ -105,13 +105,6 @@ fn upper_member(path: &[u8], u: &UpperEntry, kind: EntryKind) -> TarEntry {
         xattrs: u.xattrs.clone(),
         dev: u.rdev,
         ..TarEntry::new(path, kind)
-    }
-}
-
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> OvlError + '_ {
-    move |source| OvlError::Io {
-        path: path.to_path_buf(),
-        source,
     }
 }
 

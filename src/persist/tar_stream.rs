@@ -435,19 +435,8 @@ impl<R: Read> TarReader<R> {
 
     /// Copies the current member's data to `w`; returns the bytes copied.
     pub fn copy_data(&mut self, w: &mut dyn Write) -> Result<u64, TarError> {
-        let mut buf = vec![0u8; 1 << 16];
-        let mut done = 0u64;
-        while self.data_left > 0 {
-            let want = self.data_left.min(buf.len() as u64) as usize;
-            self.r
-                .read_exact(&mut buf[..want])
-                .map_err(|e| self.short(e))?;
-            w.write_all(&buf[..want])?;
-            self.offset += want as u64;
-            self.data_left -= want as u64;
-            done += want as u64;
-        }
-        Ok(done)
+        let copied = io::copy(&mut self.data(), w);
+        copied.map_err(|e| self.short(e))
     }
 }
 
