@@ -689,29 +689,16 @@ fn dir_reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
         "{entries} entries ({}) in its OverlayFS upper dir",
         human(used)
     );
-    if a.dry_run {
-        if json {
-            return print_json(
-                &serde_json::json!({"overlay": path, "dry_run": true, "kind": "overlayfs-dir", "would_discard": lost}),
-            );
-        }
-        println!("would empty {path}/overlayfs and {path}/ovlwork, discarding {lost}");
-        return Ok(());
-    }
-    let question = format!(
-        "Reset {path}? This discards {lost}: every change made in the live system since the last merge or reset."
-    );
-    if !super::confirm(&question, a.yes)? {
-        bail!("not confirmed; nothing changed");
-    }
-    ovl_merge::empty_overlay_dir(dir).with_context(|| format!("emptying {path}"))?;
-    if json {
-        return print_json(
-            &serde_json::json!({"overlay": path, "kind": "overlayfs-dir", "reset": true, "discarded": lost}),
-        );
-    }
-    println!("reset {path}: discarded {lost}");
-    Ok(())
+    confirmed_reset(
+        &path,
+        &lost,
+        &format!("would empty {path}/overlayfs and {path}/ovlwork"),
+        a,
+        json,
+        serde_json::json!({"kind": "overlayfs-dir"}),
+        serde_json::json!({"kind": "overlayfs-dir"}),
+        || ovl_merge::empty_overlay_dir(dir).with_context(|| format!("emptying {path}")),
+    )
 }
 
 /// grow and recover have nothing to do on a directory overlay: it has no size or
@@ -748,30 +735,19 @@ fn reset_common<F: Read + Write + Seek + snapshot::SyncData>(
         ),
         Err(e) => format!("an unreadable store ({e})"),
     };
-    let question = format!(
-        "Reset {path}? This discards {lost}: every change made in the live system since the last merge or reset."
-    );
-    if a.dry_run {
-        if json {
-            return print_json(
-                &serde_json::json!({"overlay": path, "dry_run": true, "would_discard": lost, "zeroed_bytes": len.min(RESET_BYTES)}),
-            );
-        }
-        println!(
-            "would reset {path} (zero the first {}), discarding {lost}",
+    confirmed_reset(
+        path,
+        &lost,
+        &format!(
+            "would reset {path} (zero the first {})",
             human(len.min(RESET_BYTES))
-        );
-        return Ok(());
-    }
-    if !super::confirm(&question, a.yes)? {
-        bail!("not confirmed; nothing changed");
-    }
-    snapshot::reset_store(f, len)?;
-    if json {
-        return print_json(&serde_json::json!({"overlay": path, "reset": true, "discarded": lost}));
-    }
-    println!("reset {path}: discarded {lost}");
-    Ok(())
+        ),
+        a,
+        json,
+        serde_json::json!({"zeroed_bytes": len.min(RESET_BYTES)}),
+        serde_json::json!({}),
+        || Ok(snapshot::reset_store(f, len)?),
+    )
 }
 
 /// Reset of an OverlayFS overlay: a new empty ext4 with overlayfs/ and ovlwork/, same
@@ -791,15 +767,49 @@ fn reset_overlayfs<F: Read + Write + Seek + snapshot::SyncData>(
         ),
         None => "an OverlayFS overlay whose superblock cannot be read".to_string(),
     };
+    confirmed_reset(
+        path,
+        &lost,
+        &format!("would reset {path} (a new empty ext4 with overlayfs/ and ovlwork/)"),
+        a,
+        json,
+        serde_json::json!({"kind": "overlayfs"}),
+        serde_json::json!({"kind": "overlayfs"}),
+        || {
+            ovl_merge::reset_overlay(f, len, &std::env::temp_dir())
+                .with_context(|| format!("resetting {path}"))
+        },
+    )
+}
+
+/// What every reset shares: the dry run (`would`, then what is lost), the
+/// confirmation naming what is lost, `act`, the report. `dry_extra` and `done_extra`
+/// are added to the JSON objects.
+#[allow(clippy::too_many_arguments)]
+fn confirmed_reset(
+    path: &str,
+    lost: &str,
+    would: &str,
+    a: &ResetArgs,
+    json: bool,
+    dry_extra: serde_json::Value,
+    done_extra: serde_json::Value,
+    act: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let with = |mut base: serde_json::Value, extra: serde_json::Value| {
+        if let (Some(b), serde_json::Value::Object(e)) = (base.as_object_mut(), extra) {
+            b.extend(e);
+        }
+        base
+    };
     if a.dry_run {
         if json {
-            return print_json(
-                &serde_json::json!({"overlay": path, "dry_run": true, "kind": "overlayfs", "would_discard": lost}),
-            );
+            return print_json(&with(
+                serde_json::json!({"overlay": path, "dry_run": true, "would_discard": lost}),
+                dry_extra,
+            ));
         }
-        println!(
-            "would reset {path} (a new empty ext4 with overlayfs/ and ovlwork/), discarding {lost}"
-        );
+        println!("{would}, discarding {lost}");
         return Ok(());
     }
     let question = format!(
@@ -808,12 +818,12 @@ fn reset_overlayfs<F: Read + Write + Seek + snapshot::SyncData>(
     if !super::confirm(&question, a.yes)? {
         bail!("not confirmed; nothing changed");
     }
-    ovl_merge::reset_overlay(f, len, &std::env::temp_dir())
-        .with_context(|| format!("resetting {path}"))?;
+    act()?;
     if json {
-        return print_json(
-            &serde_json::json!({"overlay": path, "kind": "overlayfs", "reset": true, "discarded": lost}),
-        );
+        return print_json(&with(
+            serde_json::json!({"overlay": path, "reset": true, "discarded": lost}),
+            done_extra,
+        ));
     }
     println!("reset {path}: discarded {lost}");
     Ok(())
