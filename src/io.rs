@@ -15,6 +15,21 @@ const WRITE_COALESCE: usize = 8 << 20;
 /// Sequential reads are served from a read-ahead buffer of this size.
 const READ_AHEAD: usize = 1 << 20;
 
+/// Reads until `buf` is full or the end of the input; returns the count (short only
+/// at the end). Unlike `read_exact`, a short tail is a result, not an error.
+pub fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
 /// A bounded window `[start, start + len)` onto `inner`.
 pub struct PartitionWindow<F> {
     inner: F,

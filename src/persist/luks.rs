@@ -31,6 +31,7 @@
 //! AF-split keyslot plaintext) is a [`Zeroizing`] buffer, and the AES key
 //! schedules are wiped on drop by the `aes` crate's `zeroize` feature.
 
+use crate::io::read_full;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use aes::cipher::consts::U16;
@@ -767,20 +768,6 @@ pub fn format_luks2_with_volume_key<R: Read, W: Write + Seek>(
     volume_key: &[u8; 64],
 ) -> Result<LuksFormatted, LuksError> {
     format_with_key(plain, plain_len, out, passphrase, params, volume_key)
-}
-
-/// Read until `buf` is full or EOF; returns the number of bytes read.
-fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// A ciphertext view of a plaintext image: the LUKS2 container that

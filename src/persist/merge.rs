@@ -18,6 +18,7 @@
 //!
 //! `LIVESTICK_FAILPOINT=<step>` stops a run right after that step, for the crash tests.
 
+use crate::io::read_full;
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::hash::Hasher;
@@ -744,19 +745,6 @@ pub fn changed_chunks(
         .filter(|(i, h)| before.get(*i) != Some(h))
         .map(|(i, _)| i as u64)
         .collect())
-}
-
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }
 
 /// Writes chunks `changed` of `image` into the overlay as the live system would have:

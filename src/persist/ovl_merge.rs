@@ -32,6 +32,7 @@
 //! them; they are meaningless in an image anyway), ctime/atime (mtime is kept), and
 //! names that are not UTF-8 or contain `"` or a newline (refused by name).
 
+use crate::io::read_full;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -1418,19 +1419,6 @@ fn overlay_debugfs(at: &Located, work: &Path) -> Result<Debugfs, OvlError> {
     }
     dst.set_len(at_off).map_err(io_at(&copy))?;
     Ok(Debugfs::new(&copy, 0))
-}
-
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }
 
 /// Plans a merge of an OverlayFS overlay (called by `merge::plan_*` once the overlay

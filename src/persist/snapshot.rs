@@ -15,6 +15,7 @@
 //! shows `allocated > total`), so [`Store::dm_status`] reproduces `dmsetup status` even
 //! for damaged stores; [`Store::validate`] is the strict check every writer runs first.
 
+use crate::io::read_full;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -415,20 +416,6 @@ pub fn read_header<R: Read + Seek>(r: &mut R) -> Result<HeaderState, SnapshotErr
         });
     }
     Ok(HeaderState::Initialised(header))
-}
-
-/// Reads as much as possible; returns the count (short only at end of file).
-fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match r.read(&mut buf[done..]) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 fn le64(b: &[u8]) -> u64 {
