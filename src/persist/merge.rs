@@ -943,16 +943,27 @@ pub(crate) fn replace(
     report: &mut MergeReport,
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<(), MergeError> {
-    // stick_replace falls back to dir_replace for a pair of plain files.
-    stick_replace(
-        plan,
-        built,
-        root,
-        fsck_changed,
-        fresh_overlay,
-        report,
-        progress,
-    )
+    match &plan.stick {
+        Some(place) => stick_replace(
+            plan,
+            place,
+            built,
+            root,
+            fsck_changed,
+            fresh_overlay,
+            report,
+            progress,
+        ),
+        None => dir_replace(
+            plan,
+            built,
+            root,
+            fsck_changed,
+            fresh_overlay,
+            report,
+            progress,
+        ),
+    }
 }
 
 /// Empties the overlay after the swap.
@@ -1024,8 +1035,10 @@ fn drop_cache(f: &File) {
 }
 
 /// Stage, verify, fold, swap and reset on a stick's FAT filesystem.
+#[allow(clippy::too_many_arguments)]
 fn stick_replace(
     plan: &MergePlan,
+    place: &StickPlace,
     built: &Path,
     root: &Path,
     fsck_changed: &[u64],
@@ -1033,17 +1046,6 @@ fn stick_replace(
     report: &mut MergeReport,
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<(), MergeError> {
-    let Some(place) = &plan.stick else {
-        return dir_replace(
-            plan,
-            built,
-            root,
-            fsck_changed,
-            fresh_overlay,
-            report,
-            progress,
-        );
-    };
     let staged = format!("{}.new", place.squashfs);
     let new_len = report.new_squashfs_bytes;
     if new_len > fat::FAT_MAX_FILE {

@@ -422,7 +422,8 @@ impl UpperTree {
     }
 }
 
-/// A stand-in entry for the tree's root (only its times are used).
+/// A stand-in entry for the tree's root (only its times are used), and the defaults
+/// of every entry before its details are read.
 pub(crate) fn upper_root_entry() -> UpperEntry {
     UpperEntry {
         path: String::new(),
@@ -486,13 +487,7 @@ pub fn walk_upper(dbg: &Debugfs, scratch: &Path) -> Result<UpperTree, OvlError> 
                     uid: l.uid,
                     gid: l.gid,
                     size: l.size,
-                    mtime: 0,
-                    rdev: (0, 0),
-                    target: None,
-                    xattrs: Vec::new(),
-                    opaque: false,
-                    children: Vec::new(),
-                    content: None,
+                    ..upper_root_entry()
                 });
                 match parent {
                     Some(p) => tree.entries[p].children.push(i),
