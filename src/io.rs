@@ -9,6 +9,7 @@
 //! writes turns that into a few large writes.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
 
 /// Data writes are gathered up to this size before they reach the device.
 const WRITE_COALESCE: usize = 8 << 20;
@@ -299,6 +300,199 @@ impl Write for BoundedDirty<'_> {
     }
 }
 
+/// Byte ranges, kept sorted and merged: what a write touched, what a check covered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RangeSet {
+    /// start -> end (exclusive); no two ranges overlap or touch.
+    ranges: std::collections::BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(&mut self, range: Range<u64>) {
+        if range.start >= range.end {
+            return;
+        }
+        let (mut start, mut end) = (range.start, range.end);
+        // Every range that overlaps or touches [start, end) is absorbed.
+        let absorbed: Vec<(u64, u64)> = self
+            .ranges
+            .range(..=end)
+            .rev()
+            .take_while(|(_, e)| **e >= start)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, e) in absorbed {
+            self.ranges.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.ranges.insert(start, end);
+    }
+
+    pub fn extend(&mut self, other: &RangeSet) {
+        for r in other.iter() {
+            self.insert(r);
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = Range<u64>> + '_ {
+        self.ranges.iter().map(|(s, e)| *s..*e)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Bytes covered.
+    pub fn total(&self) -> u64 {
+        self.ranges.iter().map(|(s, e)| e - s).sum()
+    }
+
+    /// The parts of `self` that `other` does not cover.
+    pub fn difference(&self, other: &RangeSet) -> RangeSet {
+        let mut out = RangeSet::new();
+        for r in self.iter() {
+            let mut at = r.start;
+            let overlapping = other
+                .ranges
+                .range(..r.end)
+                .rev()
+                .take_while(|(_, e)| **e > r.start)
+                .map(|(s, e)| (*s, *e))
+                .collect::<Vec<_>>();
+            for (s, e) in overlapping.into_iter().rev() {
+                if s > at {
+                    out.insert(at..s);
+                }
+                at = at.max(e);
+            }
+            if at < r.end {
+                out.insert(at..r.end);
+            }
+        }
+        out
+    }
+
+    /// The parts of `self` that `other` covers too.
+    pub fn intersection(&self, other: &RangeSet) -> RangeSet {
+        self.difference(&self.difference(other))
+    }
+
+    /// The same ranges moved by `delta` bytes.
+    pub fn shifted(&self, delta: u64) -> RangeSet {
+        let mut out = RangeSet::new();
+        for r in self.iter() {
+            out.insert(r.start + delta..r.end + delta);
+        }
+        out
+    }
+}
+
+impl FromIterator<Range<u64>> for RangeSet {
+    fn from_iter<I: IntoIterator<Item = Range<u64>>>(iter: I) -> Self {
+        let mut set = RangeSet::new();
+        for r in iter {
+            set.insert(r);
+        }
+        set
+    }
+}
+
+/// Passes reads, writes and seeks through to `inner` and remembers every byte range
+/// written: read-back verification checks exactly those bytes, and the report
+/// counts them.
+pub struct WriteRecorder<W> {
+    inner: W,
+    pos: u64,
+    written: RangeSet,
+}
+
+impl<W: Seek> WriteRecorder<W> {
+    pub fn new(mut inner: W) -> io::Result<Self> {
+        let pos = inner.stream_position()?;
+        Ok(WriteRecorder {
+            inner,
+            pos,
+            written: RangeSet::new(),
+        })
+    }
+
+    pub fn written(&self) -> &RangeSet {
+        &self.written
+    }
+
+    pub fn into_written(self) -> RangeSet {
+        self.written
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+}
+
+impl<W: Read> Read for WriteRecorder<W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<W: Write> Write for WriteRecorder<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written.insert(self.pos..self.pos + n as u64);
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W: Seek> Seek for WriteRecorder<W> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.pos = self.inner.seek(to)?;
+        Ok(self.pos)
+    }
+}
+
+impl<W: crate::persist::snapshot::SyncData> crate::persist::snapshot::SyncData
+    for WriteRecorder<W>
+{
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.inner.sync_data()
+    }
+}
+
+/// sha256 of the bytes of `ranges` in `dev`, read in large requests.
+pub fn hash_ranges<D: Read + Seek>(
+    dev: &mut D,
+    ranges: impl IntoIterator<Item = Range<u64>>,
+    mut progress: impl FnMut(u64),
+) -> io::Result<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    for r in ranges {
+        dev.seek(SeekFrom::Start(r.start))?;
+        let mut left = r.end - r.start;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            dev.read_exact(&mut buf[..n])?;
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+            progress(n as u64);
+        }
+    }
+    Ok(hasher.finalize().into())
+}
+
 /// Copies everything from `reader` into `writer` with large buffers, calling
 /// `progress` with the running total. Returns the number of bytes copied.
 pub fn copy_with_progress<R: Read + ?Sized, W: Write + ?Sized>(
@@ -366,5 +560,34 @@ mod tests {
         let bytes = disk.into_inner();
         assert_eq!(&bytes[612..621], b"fat entry");
         assert_eq!(bytes[512 + 8192 + 150], 1);
+    }
+
+    #[test]
+    fn range_set_merges_and_subtracts() {
+        let mut set: RangeSet = [10..20, 30..40, 20..25].into_iter().collect();
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![10..25, 30..40]);
+        set.insert(5..31);
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![5..40]);
+        assert_eq!(set.total(), 35);
+        let holes: RangeSet = [0..6, 10..12, 39..50].into_iter().collect();
+        let left = set.difference(&holes);
+        assert_eq!(left.iter().collect::<Vec<_>>(), vec![6..10, 12..39]);
+        assert_eq!(set.intersection(&holes).total(), 1 + 2 + 1);
+        assert!(RangeSet::new().difference(&holes).is_empty());
+    }
+
+    #[test]
+    fn recorder_remembers_what_was_written() {
+        let mut disk = Cursor::new(vec![0u8; 1000]);
+        let mut rec = WriteRecorder::new(&mut disk).unwrap();
+        rec.seek(SeekFrom::Start(100)).unwrap();
+        rec.write_all(&[1; 50]).unwrap();
+        let mut b = [0u8; 10];
+        rec.read_exact(&mut b).unwrap();
+        rec.write_all(&[2; 5]).unwrap();
+        rec.seek(SeekFrom::Start(150)).unwrap();
+        rec.write_all(&[3; 10]).unwrap();
+        assert_eq!(rec.written().iter().collect::<Vec<_>>(), vec![100..165]);
+        assert_eq!(rec.written().total(), 65);
     }
 }

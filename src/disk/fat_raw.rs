@@ -47,15 +47,22 @@ pub struct SwapReport {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Geo {
-    cluster_bytes: u64,
-    fat_offset: u64,
-    fat32: bool,
-    data_offset: u64,
+pub(crate) struct Geo {
+    pub(crate) cluster_bytes: u64,
+    /// Device offset of the first FAT.
+    pub(crate) fat_offset: u64,
+    /// Bytes of one FAT copy.
+    pub(crate) fat_bytes: u64,
+    pub(crate) fats: u64,
+    pub(crate) fat32: bool,
+    pub(crate) data_offset: u64,
     /// FAT32: the root directory's first cluster. FAT16: 0 (fixed region).
-    root_cluster: u32,
-    root_region: (u64, u64),
-    max_cluster: u32,
+    pub(crate) root_cluster: u32,
+    pub(crate) root_region: (u64, u64),
+    /// One past the highest valid cluster number.
+    pub(crate) max_cluster: u32,
+    /// Device offset of the FSInfo sector (FAT32), if the volume has one.
+    pub(crate) fsinfo: Option<u64>,
 }
 
 fn u16_at(b: &[u8], i: usize) -> u64 {
@@ -65,7 +72,7 @@ fn u32_at(b: &[u8], i: usize) -> u64 {
     u64::from(u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]))
 }
 
-fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, SwapError> {
+pub(crate) fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, SwapError> {
     let mut bpb = [0u8; 512];
     dev.seek(SeekFrom::Start(part))?;
     dev.read_exact(&mut bpb)?;
@@ -96,9 +103,14 @@ fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, SwapError> {
     }
     let fat32 = clusters >= 65525;
     let root_start = part + (reserved + fats * fat_sectors) * bps;
+    let fsinfo_sector = u16_at(&bpb, 48);
     Ok(Geo {
         cluster_bytes: spc * bps,
         fat_offset: part + reserved * bps,
+        fat_bytes: fat_sectors * bps,
+        fats,
+        fsinfo: (fat32 && fsinfo_sector != 0 && fsinfo_sector != 0xffff)
+            .then(|| part + fsinfo_sector * bps),
         fat32,
         data_offset: part + first_data * bps,
         root_cluster: if fat32 { u32_at(&bpb, 44) as u32 } else { 0 },
@@ -107,7 +119,7 @@ fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, SwapError> {
     })
 }
 
-fn next_cluster<D: Read + Seek>(dev: &mut D, g: &Geo, c: u32) -> io::Result<u32> {
+pub(crate) fn next_cluster<D: Read + Seek>(dev: &mut D, g: &Geo, c: u32) -> io::Result<u32> {
     if g.fat32 {
         let mut e = [0u8; 4];
         dev.seek(SeekFrom::Start(g.fat_offset + u64::from(c) * 4))?;

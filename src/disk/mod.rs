@@ -3,6 +3,7 @@ pub mod devices;
 pub mod ext4;
 pub mod extent_file;
 pub mod fat;
+pub mod fat_alloc;
 pub mod fat_raw;
 pub mod partition;
 pub mod stick;

@@ -1,0 +1,394 @@
+//! Giving a FAT file its clusters without writing them.
+//!
+//! An overlay, home or swap image is gigabytes of which only a few MiB carry data
+//! (a header, ext4 metadata). `fatfs` can only make a file longer by writing every
+//! byte of it, which on a USB stick costs minutes. Here a file that `fatfs` created
+//! empty gets a cluster chain in every FAT copy, a matching FSInfo, and its size in
+//! its directory entry; the data clusters keep whatever the stick held before. The
+//! caller writes the bytes that matter through the returned extents and makes the
+//! rest safe by construction (see `disk::wipe`).
+//!
+//! The chain is written before the directory entry points at it, so an interrupted
+//! allocation leaves lost clusters (which `fsck.fat` reclaims), never a file whose
+//! chain is half-made.
+
+use std::io::{self, Read, Seek, SeekFrom, Write};
+
+use thiserror::Error;
+
+use crate::disk::fat_raw::{self, Geo, SwapError};
+
+#[derive(Debug, Error)]
+pub enum AllocError {
+    #[error(transparent)]
+    Fat(#[from] SwapError),
+    #[error("I/O error on the stick: {0}")]
+    Io(#[from] io::Error),
+    #[error(
+        "{path} needs {needed} free clusters but the filesystem has {free}; free space on the stick or ask for a smaller size"
+    )]
+    NoSpace { path: String, needed: u64, free: u64 },
+    #[error("{0} already has data; only an empty file can be allocated in place")]
+    NotEmpty(String),
+    #[error("{path} is {size} bytes; FAT files must stay below 4 GiB (4095 MiB)")]
+    TooLarge { path: String, size: u64 },
+}
+
+/// FAT32 end-of-chain mark (the top four bits of an entry are reserved).
+const FAT32_EOC: u32 = 0x0fff_ffff;
+const FAT16_EOC: u32 = 0xffff;
+/// How much of a FAT is read or written per request.
+const FAT_CHUNK: u64 = 1 << 20;
+
+/// Allocates `size` bytes of clusters to the empty file `path` on the FAT filesystem
+/// that starts at `part` in `dev`, preferring one contiguous run. Returns the file's
+/// data extents as `(device offset, length)` in file order, `length` summing to `size`.
+/// No FAT driver may have the filesystem open.
+pub fn allocate<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    path: &str,
+    size: u64,
+) -> Result<Vec<(u64, u64)>, AllocError> {
+    if size > u64::from(u32::MAX) {
+        return Err(AllocError::TooLarge {
+            path: path.to_string(),
+            size,
+        });
+    }
+    let g = fat_raw::geometry(dev, part)?;
+    let entry = fat_raw::find_entry(dev, part, path)?;
+    if entry.first_cluster != 0 || entry.size != 0 {
+        return Err(AllocError::NotEmpty(path.to_string()));
+    }
+    let needed = size.div_ceil(g.cluster_bytes);
+    let clusters = if needed == 0 {
+        Vec::new()
+    } else {
+        let free = free_clusters(dev, &g, needed)?;
+        if (free.len() as u64) < needed {
+            return Err(AllocError::NoSpace {
+                path: path.to_string(),
+                needed,
+                free: count_free(dev, &g)?,
+            });
+        }
+        free
+    };
+    write_chain(dev, &g, &clusters)?;
+    update_fsinfo(dev, &g, &clusters)?;
+    // The entry last: until now nothing points at the new chain.
+    let first = clusters.first().copied().unwrap_or(0);
+    let mut fields = [0u8; 12];
+    fields[0..2].copy_from_slice(&((first >> 16) as u16).to_le_bytes());
+    // Bytes 22..26 of the entry (time and date) stay as fatfs wrote them.
+    dev.seek(SeekFrom::Start(entry.offset + 20))?;
+    dev.write_all(&fields[0..2])?;
+    fields[6..8].copy_from_slice(&(first as u16).to_le_bytes());
+    fields[8..12].copy_from_slice(&(size as u32).to_le_bytes());
+    dev.seek(SeekFrom::Start(entry.offset + 26))?;
+    dev.write_all(&fields[6..12])?;
+    dev.flush()?;
+    Ok(extents(&g, &clusters, size))
+}
+
+fn entry_width(g: &Geo) -> u64 {
+    if g.fat32 { 4 } else { 2 }
+}
+
+/// One past the highest cluster both the boot sector and the FAT's size allow.
+fn cluster_limit(g: &Geo) -> u32 {
+    let by_fat = g.fat_bytes / entry_width(g);
+    g.max_cluster.min(u32::try_from(by_fat).unwrap_or(u32::MAX))
+}
+
+fn entry_value(g: &Geo, bytes: &[u8]) -> u32 {
+    if g.fat32 {
+        u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) & FAT32_EOC
+    } else {
+        u32::from(u16::from_le_bytes([bytes[0], bytes[1]]))
+    }
+}
+
+/// Calls `visit(cluster, value)` for every cluster from 2 on, reading the first FAT
+/// in large requests; stops when `visit` returns false.
+fn scan_fat<D: Read + Seek>(
+    dev: &mut D,
+    g: &Geo,
+    mut visit: impl FnMut(u32, u32) -> bool,
+) -> io::Result<()> {
+    let width = entry_width(g);
+    let limit = u64::from(cluster_limit(g));
+    let mut cluster = 2u64;
+    let mut buf = vec![0u8; FAT_CHUNK as usize];
+    while cluster < limit {
+        let count = ((limit - cluster) * width).min(FAT_CHUNK) / width;
+        let bytes = (count * width) as usize;
+        dev.seek(SeekFrom::Start(g.fat_offset + cluster * width))?;
+        dev.read_exact(&mut buf[..bytes])?;
+        for (i, e) in buf[..bytes].chunks_exact(width as usize).enumerate() {
+            if !visit((cluster + i as u64) as u32, entry_value(g, e)) {
+                return Ok(());
+            }
+        }
+        cluster += count;
+    }
+    Ok(())
+}
+
+/// `needed` free clusters: the first contiguous run long enough, or else the first
+/// free clusters in disk order (a fragmented file still reads in device order).
+fn free_clusters<D: Read + Seek>(dev: &mut D, g: &Geo, needed: u64) -> io::Result<Vec<u32>> {
+    let mut run_start = 0u32;
+    let mut run_len = 0u64;
+    let mut found = None;
+    scan_fat(dev, g, |c, v| {
+        if v == 0 {
+            if run_len == 0 {
+                run_start = c;
+            }
+            run_len += 1;
+            if run_len == needed {
+                found = Some(run_start);
+                return false;
+            }
+        } else {
+            run_len = 0;
+        }
+        true
+    })?;
+    if let Some(start) = found {
+        return Ok((start..start + needed as u32).collect());
+    }
+    let mut scattered = Vec::new();
+    scan_fat(dev, g, |c, v| {
+        if v == 0 {
+            scattered.push(c);
+        }
+        (scattered.len() as u64) < needed
+    })?;
+    Ok(scattered)
+}
+
+fn count_free<D: Read + Seek>(dev: &mut D, g: &Geo) -> io::Result<u64> {
+    let mut free = 0u64;
+    scan_fat(dev, g, |_, v| {
+        free += u64::from(v == 0);
+        true
+    })?;
+    Ok(free)
+}
+
+/// Links `clusters` in order, the last one marked end-of-chain, in every FAT copy.
+/// Consecutive clusters are written as one request.
+fn write_chain<D: Read + Write + Seek>(dev: &mut D, g: &Geo, clusters: &[u32]) -> io::Result<()> {
+    let width = entry_width(g) as usize;
+    let mut i = 0;
+    while i < clusters.len() {
+        // A stretch of consecutive cluster numbers, at most one chunk of FAT.
+        let mut j = i + 1;
+        while j < clusters.len()
+            && clusters[j] == clusters[j - 1] + 1
+            && ((j - i + 1) * width) as u64 <= FAT_CHUNK
+        {
+            j += 1;
+        }
+        let first = u64::from(clusters[i]);
+        let mut bytes = vec![0u8; (j - i) * width];
+        dev.seek(SeekFrom::Start(g.fat_offset + first * width as u64))?;
+        dev.read_exact(&mut bytes)?;
+        for (k, e) in bytes.chunks_exact_mut(width).enumerate() {
+            let next = match clusters.get(i + k + 1) {
+                Some(&n) => n,
+                None if g.fat32 => FAT32_EOC,
+                None => FAT16_EOC,
+            };
+            if g.fat32 {
+                let reserved = u32::from_le_bytes([e[0], e[1], e[2], e[3]]) & !FAT32_EOC;
+                e.copy_from_slice(&(reserved | next).to_le_bytes());
+            } else {
+                e.copy_from_slice(&(next as u16).to_le_bytes());
+            }
+        }
+        for copy in 0..g.fats {
+            dev.seek(SeekFrom::Start(
+                g.fat_offset + copy * g.fat_bytes + first * width as u64,
+            ))?;
+            dev.write_all(&bytes)?;
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+/// FSInfo's free count and next-free hint, when the volume keeps them.
+fn update_fsinfo<D: Read + Write + Seek>(
+    dev: &mut D,
+    g: &Geo,
+    clusters: &[u32],
+) -> io::Result<()> {
+    let (Some(at), Some(&last)) = (g.fsinfo, clusters.last()) else {
+        return Ok(());
+    };
+    let mut sector = [0u8; 512];
+    dev.seek(SeekFrom::Start(at))?;
+    dev.read_exact(&mut sector)?;
+    if &sector[0..4] != b"RRaA" || &sector[484..488] != b"rrAa" {
+        return Ok(());
+    }
+    let free = u32::from_le_bytes([sector[488], sector[489], sector[490], sector[491]]);
+    // 0xffffffff means "unknown"; it stays unknown rather than becoming a wrong number.
+    let free = if free == u32::MAX {
+        free
+    } else {
+        free.saturating_sub(clusters.len() as u32)
+    };
+    sector[488..492].copy_from_slice(&free.to_le_bytes());
+    sector[492..496].copy_from_slice(&(last + 1).to_le_bytes());
+    dev.seek(SeekFrom::Start(at + 488))?;
+    dev.write_all(&sector[488..496])?;
+    Ok(())
+}
+
+fn extents(g: &Geo, clusters: &[u32], size: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut left = size;
+    for &c in clusters {
+        let at = g.data_offset + u64::from(c - 2) * g.cluster_bytes;
+        let len = left.min(g.cluster_bytes);
+        match out.last_mut() {
+            Some((o, l)) if *o + *l == at => *l += len,
+            _ => out.push((at, len)),
+        }
+        left -= len;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::fat;
+    use crate::io::PartitionWindow;
+
+    /// An 80 MiB image with a FAT32 partition at 1 MiB holding `files` as empty files,
+    /// and `busy` bytes of a file written by fatfs first.
+    fn stick_with_empty(files: &[&str], busy: u64) -> std::fs::File {
+        let mut disk = tempfile::tempfile().unwrap();
+        disk.set_len(80 << 20).unwrap();
+        let mut window = PartitionWindow::new(&mut disk, 1 << 20, 79 << 20);
+        fat::format(&mut window, "LIVE", 0x1234_abcd, 2048).unwrap();
+        {
+            let fs = fat::open(&mut window).unwrap();
+            let data = vec![7u8; busy as usize];
+            fat::write_file(&fs, "/LiveOS/squashfs.img", &mut &data[..], busy, |_| {}).unwrap();
+            for f in files {
+                fat::write_file(&fs, f, &mut &[][..], 0, |_| {}).unwrap();
+            }
+            fs.unmount().unwrap();
+        }
+        window.flush().unwrap();
+        fat::repair_fatfs_quirks(&mut window).unwrap();
+        drop(window);
+        disk
+    }
+
+    #[test]
+    fn allocated_file_reads_back_through_fatfs() {
+        let mut disk = stick_with_empty(&["/LiveOS/overlay-LIVE-1234-ABCD"], 3 << 20);
+        let extents = allocate(
+            &mut disk,
+            1 << 20,
+            "/LiveOS/overlay-LIVE-1234-ABCD",
+            (10 << 20) + 100,
+        )
+        .unwrap();
+        assert_eq!(extents.len(), 1, "one contiguous run: {extents:?}");
+        assert_eq!(extents[0].1, (10 << 20) + 100);
+        // Mark the first and last bytes through the extents; fatfs must see them
+        // at the file's first and last offsets.
+        let (at, len) = extents[0];
+        disk.seek(SeekFrom::Start(at)).unwrap();
+        disk.write_all(b"head").unwrap();
+        disk.seek(SeekFrom::Start(at + len - 4)).unwrap();
+        disk.write_all(b"tail").unwrap();
+        let mut window = PartitionWindow::new(&mut disk, 1 << 20, 79 << 20);
+        let fs = fat::open(&mut window).unwrap();
+        let bytes = fat::read_file(&fs, "/LiveOS/overlay-LIVE-1234-ABCD").unwrap();
+        assert_eq!(bytes.len() as u64, (10 << 20) + 100);
+        assert_eq!(&bytes[..4], b"head");
+        assert_eq!(&bytes[bytes.len() - 4..], b"tail");
+        // FSInfo agrees with the FAT, as fsck.fat checks.
+        let free = fat::free_bytes(&fs).unwrap();
+        drop(fs);
+        let before = free;
+        fat::repair_fatfs_quirks(&mut window).unwrap();
+        let fs = fat::open(&mut window).unwrap();
+        assert_eq!(fat::free_bytes(&fs).unwrap(), before);
+    }
+
+    #[test]
+    fn fragmented_free_space_still_allocates_in_disk_order() {
+        // Fill the volume with small files, delete every other one: no run is long enough.
+        let mut disk = tempfile::tempfile().unwrap();
+        disk.set_len(80 << 20).unwrap();
+        let mut window = PartitionWindow::new(&mut disk, 1 << 20, 79 << 20);
+        fat::format(&mut window, "LIVE", 1, 2048).unwrap();
+        {
+            let fs = fat::open(&mut window).unwrap();
+            let chunk = vec![1u8; 1 << 20];
+            let mut i = 0;
+            while fat::free_bytes(&fs).unwrap() > 2 << 20 {
+                fat::write_file(&fs, &format!("/f{i}"), &mut &chunk[..], 1 << 20, |_| {})
+                    .unwrap();
+                i += 1;
+            }
+            for k in (0..i).step_by(2) {
+                fat::remove_all(&fs, &format!("/f{k}")).unwrap();
+            }
+            fat::write_file(&fs, "/big", &mut &[][..], 0, |_| {}).unwrap();
+            fs.unmount().unwrap();
+        }
+        window.flush().unwrap();
+        let free = {
+            let fs = fat::open(&mut window).unwrap();
+            fat::free_bytes(&fs).unwrap()
+        };
+        drop(window);
+        let want = free - (1 << 20);
+        let extents = allocate(&mut disk, 1 << 20, "/big", want).unwrap();
+        assert!(extents.len() > 10, "fragmented: {}", extents.len());
+        assert!(extents.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(extents.iter().map(|e| e.1).sum::<u64>(), want);
+        let mut window = PartitionWindow::new(&mut disk, 1 << 20, 79 << 20);
+        let fs = fat::open(&mut window).unwrap();
+        assert_eq!(fat::read_file(&fs, "/big").unwrap().len() as u64, want);
+    }
+
+    #[test]
+    fn refuses_more_than_is_free_and_files_with_data() {
+        let mut disk = stick_with_empty(&["/home.img"], 1 << 20);
+        let before = {
+            let mut b = Vec::new();
+            disk.seek(SeekFrom::Start(0)).unwrap();
+            disk.read_to_end(&mut b).unwrap();
+            b
+        };
+        match allocate(&mut disk, 1 << 20, "/home.img", 200 << 20) {
+            Err(AllocError::NoSpace { needed, free, .. }) => assert!(needed > free),
+            other => panic!("{other:?}"),
+        }
+        match allocate(&mut disk, 1 << 20, "/LiveOS/squashfs.img", 1 << 20) {
+            Err(AllocError::NotEmpty(_)) => {}
+            other => panic!("{other:?}"),
+        }
+        match allocate(&mut disk, 1 << 20, "/missing", 1 << 20) {
+            Err(AllocError::Fat(SwapError::NotFound(_))) => {}
+            other => panic!("{other:?}"),
+        }
+        let mut after = Vec::new();
+        disk.seek(SeekFrom::Start(0)).unwrap();
+        disk.read_to_end(&mut after).unwrap();
+        assert!(before == after, "a refused allocation changes nothing");
+    }
+}
