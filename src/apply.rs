@@ -12,11 +12,14 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::boot::syslinux::{self, SyslinuxFiles};
+use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat::{self, FatError};
+use crate::disk::fat_alloc::{self, AllocError};
+use crate::disk::fat_raw::{self, SwapError};
 use crate::disk::partition::{self, PartitionError, TableKind};
 use crate::disk::stick::{Stick, StickError};
 use crate::disk::target::{self, TargetError, TargetKind, TargetProbe};
-use crate::io::{BoundedDirty, PartitionWindow};
+use crate::io::{BoundedDirty, PartitionWindow, RangeSet, WriteRecorder, hash_ranges, zero_ranges};
 
 /// Dirty data allowed in the page cache for a block device before we wait for
 /// it to reach the stick (see [`BoundedDirty`]).
@@ -45,6 +48,10 @@ pub enum ApplyError {
     Source { path: String, reason: String },
     #[error("{step}: {source}")]
     Io { step: String, source: io::Error },
+    #[error("{step}: {source}")]
+    Alloc { step: String, source: AllocError },
+    #[error("{step}: {source}")]
+    Layout { step: String, source: SwapError },
     #[error(
         "read-back verification failed for {path}: wrote sha256 {expected}, read back {actual}; the stick (or its USB connection) is corrupting data — try another stick or port"
     )]
@@ -71,6 +78,10 @@ impl ApplyError {
 pub struct WrittenFile {
     pub path: String,
     pub size: u64,
+    /// Bytes of the file livestick wrote: all of a copied file; for an allocated
+    /// persistence file only its data regions (headers, metadata, signature wipes).
+    pub written: u64,
+    /// sha256 of the bytes written, in file order.
     pub sha256: String,
     pub verified: bool,
 }
@@ -88,6 +99,10 @@ pub struct ApplyReport {
     pub bios: bool,
     pub uefi: bool,
     pub verified: bool,
+    /// Distinct bytes of the target livestick wrote (each byte once, however often
+    /// it was rewritten), and of those how many were read back and matched.
+    pub bytes_written: u64,
+    pub bytes_verified: u64,
     pub warnings: Vec<String>,
 }
 
@@ -155,16 +170,174 @@ pub fn open_source(live: &live::LiveImage) -> Result<Box<dyn IsoSource + Send>, 
     }
 }
 
+/// `Read + Seek` in one object, for the content of a [`SparseImage`].
+pub trait ReadSeek: Read + Seek {}
+impl<T: Read + Seek> ReadSeek for T {}
+
+/// A persistence file as it must be on the stick: `len` bytes of which only `regions`
+/// carry data. Everything else is allocated, not written: those clusters keep what
+/// the stick held, which each format tolerates by construction (a dm-snapshot store
+/// needs only a zeroed header, ext4 is made with lazy init and a checksummed
+/// journal, swap needs its first page). Stale signatures are wiped on top.
+pub struct SparseImage {
+    len: u64,
+    regions: RangeSet,
+    content: Box<dyn ReadSeek + Send>,
+}
+
+impl SparseImage {
+    /// `content` is read only inside `regions` (clamped to `len`).
+    pub fn new(
+        content: Box<dyn ReadSeek + Send>,
+        len: u64,
+        regions: impl IntoIterator<Item = std::ops::Range<u64>>,
+    ) -> Self {
+        let regions = regions
+            .into_iter()
+            .map(|r| r.start.min(len)..r.end.min(len))
+            .collect();
+        SparseImage {
+            len,
+            regions,
+            content,
+        }
+    }
+
+    /// `len` bytes of which `regions` are zeros (a new dm-snapshot store, a swap tail).
+    pub fn zeros(len: u64, regions: impl IntoIterator<Item = std::ops::Range<u64>>) -> Self {
+        SparseImage::new(Box::new(crate::io::Zeros::new(len)), len, regions)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The ranges that will be written.
+    pub fn regions(&self) -> &RangeSet {
+        &self.regions
+    }
+
+    /// Adds the places where libblkid would find a stale signature in a file this long,
+    /// so that dracut and the live system see exactly the format livestick meant.
+    fn with_signature_wipes(mut self) -> Self {
+        for r in stale_signature_spots(self.len) {
+            self.regions.insert(r);
+        }
+        self
+    }
+}
+
 /// Inputs prepared before the target is touched (they can fail on their own).
 pub struct Prepared {
     /// The home image, exactly `plan.home.size` bytes (plain ext4 or LUKS).
-    pub home: Option<Box<dyn Read + Send>>,
+    pub home: Option<SparseImage>,
     /// The swap image, exactly `plan.swap.size` bytes.
-    pub swap: Option<Box<dyn Read + Send>>,
-    /// The overlay's content when it is not a fresh dm-snapshot store
-    /// (an OverlayFS ext4 image), exactly `plan.overlay.size` bytes.
-    pub overlay_image: Option<File>,
+    pub swap: Option<SparseImage>,
+    /// The overlay: a new dm-snapshot store or an OverlayFS ext4 image,
+    /// exactly `plan.overlay.size` bytes.
+    pub overlay: Option<SparseImage>,
     pub syslinux: Option<SyslinuxFiles>,
+}
+
+/// Byte ranges of a region `len` bytes long where libblkid looks for signatures:
+/// the head and the tail.
+fn stale_signature_spots(len: u64) -> Vec<std::ops::Range<u64>> {
+    const HEAD: u64 = 1 << 20;
+    const TAIL: u64 = 2 << 20;
+    if len <= HEAD + TAIL {
+        return std::iter::once(0..len).collect();
+    }
+    vec![0..HEAD, len - TAIL..len]
+}
+
+/// A byte range and the sha256 of what was written there.
+type HashedRange = (std::ops::Range<u64>, [u8; 32]);
+
+/// A persistence file after its data regions were written.
+struct Persisted {
+    path: String,
+    size: u64,
+    /// The written regions of the file, with the sha256 of each.
+    regions: Vec<HashedRange>,
+    /// The same bytes as device offsets.
+    on_device: RangeSet,
+    sha256: [u8; 32],
+}
+
+/// Maps file ranges onto the device through the file's extents.
+fn device_ranges(extents: &[(u64, u64)], regions: &RangeSet) -> RangeSet {
+    let mut out = RangeSet::new();
+    let mut file_at = 0u64;
+    for &(dev_at, len) in extents {
+        let extent = file_at..file_at + len;
+        for r in regions.iter() {
+            let lo = r.start.max(extent.start);
+            let hi = r.end.min(extent.end);
+            if lo < hi {
+                out.insert(dev_at + (lo - file_at)..dev_at + (hi - file_at));
+            }
+        }
+        file_at += len;
+    }
+    out
+}
+
+/// Writes `image`'s regions into `file` (the allocated persistence file), hashing each.
+fn write_regions<F: Read + Write + Seek>(
+    file: &mut ExtentFile<F>,
+    image: &mut SparseImage,
+    mut progress: impl FnMut(u64),
+) -> io::Result<(Vec<HashedRange>, [u8; 32])> {
+    use sha2::{Digest, Sha256};
+    let mut whole = Sha256::new();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 4 << 20];
+    for r in image.regions.iter() {
+        let mut part = Sha256::new();
+        image.content.seek(SeekFrom::Start(r.start))?;
+        file.seek(SeekFrom::Start(r.start))?;
+        let mut left = r.end - r.start;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            image.content.read_exact(&mut buf[..n])?;
+            file.write_all(&buf[..n])?;
+            part.update(&buf[..n]);
+            whole.update(&buf[..n]);
+            left -= n as u64;
+            progress(n as u64);
+        }
+        out.push((r, part.finalize().into()));
+    }
+    file.flush()?;
+    Ok((out, whole.finalize().into()))
+}
+
+/// Hashes `ranges` as the page cache holds them (what was just written), drops the
+/// cache, and hashes them again from the stick: a read-back of exactly those bytes.
+fn read_back_ranges(
+    file: &mut File,
+    kind: TargetKind,
+    ranges: &RangeSet,
+    what: &str,
+    progress: impl FnMut(u64),
+) -> Result<(), ApplyError> {
+    let expected = hash_ranges(file, ranges.iter(), |_| {})
+        .map_err(ApplyError::io(format!("reading {what}")))?;
+    target::sync_and_drop_cache(file, kind).map_err(ApplyError::io(format!("syncing {what}")))?;
+    let actual = hash_ranges(file, ranges.iter(), progress)
+        .map_err(ApplyError::io(format!("reading back {what}")))?;
+    if actual != expected {
+        return Err(ApplyError::VerifyMismatch {
+            path: what.to_string(),
+            expected: hex(&expected),
+            actual: hex(&actual),
+        });
+    }
+    Ok(())
 }
 
 pub struct ApplyOptions {
@@ -176,7 +349,7 @@ pub fn apply(
     plan: &Plan,
     probe: &TargetProbe,
     source: &mut dyn IsoSource,
-    mut prepared: Prepared,
+    prepared: Prepared,
     options: &ApplyOptions,
     progress: &Progress,
 ) -> Result<ApplyReport, ApplyError> {
@@ -184,24 +357,52 @@ pub fn apply(
     let mut file = target::open_for_write(probe, plan.target.size)?;
     let start = plan.partition_start;
     let len = plan.partition_len;
-
-    if plan.format.is_some() {
-        partition::wipe_tables(&mut file, plan.target.size).map_err(|source| {
-            ApplyError::Partition {
-                step: "clearing the old partition table".into(),
-                source,
-            }
-        })?;
-    }
+    let Prepared {
+        home,
+        swap,
+        overlay,
+        syslinux: syslinux_files,
+    } = prepared;
+    // Persistence files: allocated, with only their data regions written.
+    let mut persistent: Vec<(String, SparseImage)> = [
+        (plan.overlay.as_ref().map(|o| o.path.clone()), overlay),
+        (plan.home.as_ref().map(|h| h.path.clone()), home),
+        (plan.swap.as_ref().map(|s| s.path.clone()), swap),
+    ]
+    .into_iter()
+    .filter_map(|(path, image)| Some((path?, image?.with_signature_wipes())))
+    .collect();
 
     let mut written: Vec<(String, u64, [u8; 32])> = Vec::new();
+    let mut persisted: Vec<Persisted> = Vec::new();
+    let mut before_verify: RangeSet;
     {
         let dirty_limit = match probe.kind {
             TargetKind::BlockDevice => DIRTY_LIMIT,
             TargetKind::ImageFile => 0,
         };
         let mut bounded = BoundedDirty::new(&mut file, dirty_limit);
-        let mut window = PartitionWindow::new(&mut bounded, start, len);
+        let mut recorder =
+            WriteRecorder::new(&mut bounded).map_err(ApplyError::io("opening the target"))?;
+        if plan.format.is_some() {
+            partition::wipe_tables(&mut recorder, plan.target.size).map_err(|source| {
+                ApplyError::Partition {
+                    step: "clearing the old partition table".into(),
+                    source,
+                }
+            })?;
+            // Old signatures at either end of the disk and of the new partition would
+            // make udev and blkid see a RAID member or another filesystem.
+            let mut spots: RangeSet = stale_signature_spots(plan.target.size)
+                .into_iter()
+                .collect();
+            for r in stale_signature_spots(len) {
+                spots.insert(start + r.start..start + r.end);
+            }
+            zero_ranges(&mut recorder, spots.iter())
+                .map_err(ApplyError::io("wiping old signatures"))?;
+        }
+        let mut window = PartitionWindow::new(&mut recorder, start, len);
         if plan.format.is_some() {
             let hidden = u32::try_from(start / partition::SECTOR).unwrap_or(u32::MAX);
             fat::format(&mut window, &plan.label, plan.volume_id, hidden)
@@ -212,163 +413,234 @@ pub fn apply(
                 "relabelling the filesystem to {label}"
             )))?;
         }
-        let fs = fat::open(&mut window).map_err(ApplyError::fat("opening the FAT filesystem"))?;
-        for path in &plan.deletes {
-            fat::remove_all(&fs, path).map_err(ApplyError::fat(format!("deleting {path}")))?;
-        }
-        if let Some(kept) = &plan.kept_overlay {
-            if !kept.from.eq_ignore_ascii_case(&kept.to) {
-                fat::rename(&fs, &kept.from, &kept.to).map_err(ApplyError::fat(format!(
-                    "renaming the overlay {} to {}",
-                    kept.from, kept.to
-                )))?;
+        let persist_total: u64 = persistent.iter().map(|(_, i)| i.regions.total()).sum();
+        {
+            let fs =
+                fat::open(&mut window).map_err(ApplyError::fat("opening the FAT filesystem"))?;
+            for path in &plan.deletes {
+                fat::remove_all(&fs, path).map_err(ApplyError::fat(format!("deleting {path}")))?;
             }
-            if kept.reset {
-                fat::reset_overlay_header(&fs, &kept.to)
-                    .map_err(ApplyError::fat(format!("emptying the overlay {}", kept.to)))?;
+            if let Some(kept) = &plan.kept_overlay {
+                if !kept.from.eq_ignore_ascii_case(&kept.to) {
+                    fat::rename(&fs, &kept.from, &kept.to).map_err(ApplyError::fat(format!(
+                        "renaming the overlay {} to {}",
+                        kept.from, kept.to
+                    )))?;
+                }
+                if kept.reset {
+                    fat::reset_overlay_header(&fs, &kept.to)
+                        .map_err(ApplyError::fat(format!("emptying the overlay {}", kept.to)))?;
+                }
             }
-        }
 
-        let total = plan.bytes_to_write;
-        progress.phase("write", total);
-        for copy in &plan.copies {
-            let step = format!("writing {}", copy.dest);
-            let sum = match &copy.source {
-                CopySource::Iso { path } => {
-                    let mut reader = source.open(path, copy.size)?;
-                    fat::write_file(&fs, &copy.dest, &mut reader, copy.size, |n| progress.inc(n))
+            progress.phase("write", plan.bytes_to_write + persist_total);
+            for copy in &plan.copies {
+                let step = format!("writing {}", copy.dest);
+                let sum = match &copy.source {
+                    CopySource::Iso { path } => {
+                        let mut reader = source.open(path, copy.size)?;
+                        fat::write_file(&fs, &copy.dest, &mut reader, copy.size, |n| {
+                            progress.inc(n)
+                        })
                         .map_err(ApplyError::fat(step))?
-                }
-                CopySource::Host { path } => {
-                    let mut host = File::open(path)
-                        .map_err(ApplyError::io(format!("reading {}", path.display())))?;
-                    fat::write_file(&fs, &copy.dest, &mut host, copy.size, |n| progress.inc(n))
-                        .map_err(ApplyError::fat(step))?
-                }
-            };
-            written.push((copy.dest.clone(), copy.size, sum));
-        }
-        if let Some(overlay) = &plan.overlay {
-            let step = format!("allocating the overlay {}", overlay.path);
-            let sum = match prepared.overlay_image.as_mut() {
-                Some(image) => {
-                    image
-                        .seek(SeekFrom::Start(0))
-                        .map_err(ApplyError::io(step.clone()))?;
-                    fat::write_file(&fs, &overlay.path, image, overlay.size, |n| progress.inc(n))
-                        .map_err(ApplyError::fat(step))?
-                }
-                // All zeros: chunk 0 zeroed is what the kernel reads as a new store.
-                None => fat::write_zeros(&fs, &overlay.path, overlay.size, |n| progress.inc(n))
-                    .map_err(ApplyError::fat(step))?,
-            };
-            written.push((overlay.path.clone(), overlay.size, sum));
-        }
-        for (step_name, target_path, size, image) in [
-            (
-                "home image",
-                plan.home.as_ref().map(|h| h.path.clone()),
-                plan.home.as_ref().map_or(0, |h| h.size),
-                prepared.home.as_mut(),
-            ),
-            (
-                "swap image",
-                plan.swap.as_ref().map(|s| s.path.clone()),
-                plan.swap.as_ref().map_or(0, |s| s.size),
-                prepared.swap.as_mut(),
-            ),
-        ] {
-            let (Some(path), Some(image)) = (target_path, image) else {
-                continue;
-            };
-            let step = format!("writing the {step_name} {path}");
-            let mut limited = image.take(size);
-            let sum = fat::write_file(&fs, &path, &mut limited, size, |n| progress.inc(n))
+                    }
+                    CopySource::Host { path } => {
+                        let mut host = File::open(path)
+                            .map_err(ApplyError::io(format!("reading {}", path.display())))?;
+                        fat::write_file(&fs, &copy.dest, &mut host, copy.size, |n| progress.inc(n))
+                            .map_err(ApplyError::fat(step))?
+                    }
+                };
+                written.push((copy.dest.clone(), copy.size, sum));
+            }
+            // Persistence files start empty (replacing any old file of that name);
+            // their clusters are allocated below, once fatfs has let go of the FAT.
+            for (path, _) in &persistent {
+                fat::write_file(&fs, path, &mut io::empty(), 0, |_| {})
+                    .map_err(ApplyError::fat(format!("creating {path}")))?;
+            }
+            for config in &plan.configs {
+                let step = format!("writing {}", config.dest);
+                let bytes = config.content.as_bytes();
+                let sum = fat::write_file(
+                    &fs,
+                    &config.dest,
+                    &mut &bytes[..],
+                    bytes.len() as u64,
+                    |_| {},
+                )
                 .map_err(ApplyError::fat(step))?;
-            written.push((path, size, sum));
+                written.push((config.dest.clone(), bytes.len() as u64, sum));
+            }
+            fs.unmount()
+                .map_err(ApplyError::io("closing the FAT filesystem"))?;
         }
-        for config in &plan.configs {
-            let step = format!("writing {}", config.dest);
-            let bytes = config.content.as_bytes();
-            let sum = fat::write_file(
-                &fs,
-                &config.dest,
-                &mut &bytes[..],
-                bytes.len() as u64,
-                |_| {},
-            )
-            .map_err(ApplyError::fat(step))?;
-            written.push((config.dest.clone(), bytes.len() as u64, sum));
-        }
-        fs.unmount()
-            .map_err(ApplyError::io("closing the FAT filesystem"))?;
         window
             .flush()
             .map_err(ApplyError::io("flushing the FAT filesystem"))?;
+        for (path, image) in &mut persistent {
+            let step = format!("allocating {path}");
+            let extents =
+                fat_alloc::allocate(&mut window, 0, path, image.len).map_err(|source| {
+                    ApplyError::Alloc {
+                        step: step.clone(),
+                        source,
+                    }
+                })?;
+            let on_device = device_ranges(&extents, &image.regions).shifted(start);
+            let mut target_file = ExtentFile::new(&mut window, &extents);
+            let (regions, sha256) = write_regions(&mut target_file, image, |n| progress.inc(n))
+                .map_err(ApplyError::io(format!("writing {path}")))?;
+            persisted.push(Persisted {
+                path: path.clone(),
+                size: image.len,
+                regions,
+                on_device,
+                sha256,
+            });
+        }
         fat::repair_fatfs_quirks(&mut window)
             .map_err(ApplyError::fat("finishing the FAT filesystem"))?;
+        window
+            .flush()
+            .map_err(ApplyError::io("flushing the FAT filesystem"))?;
+        drop(window);
+        before_verify = recorder.into_written();
     }
     file.sync_all()
         .map_err(ApplyError::io("syncing the target"))?;
 
     if plan.bios
-        && let Some(files) = &prepared.syslinux
+        && let Some(files) = &syslinux_files
     {
         progress.note("installing SYSLINUX");
         syslinux::install(files, &probe.path, start, "/syslinux")?;
-        let mut window = PartitionWindow::new(&mut file, start, len);
+        let mut recorder =
+            WriteRecorder::new(&mut file).map_err(ApplyError::io("opening the target"))?;
+        let mut window = PartitionWindow::new(&mut recorder, start, len);
         fat::sync_backup_boot_sector(&mut window)
             .map_err(ApplyError::fat("updating the backup boot sector"))?;
-    }
-
-    let mut verified = false;
-    if options.verify_write {
-        target::sync_and_drop_cache(&file, probe.kind)
-            .map_err(ApplyError::io("syncing before verification"))?;
-        let total: u64 = written.iter().map(|w| w.1).sum();
-        progress.phase("verify", total);
-        let mut window = PartitionWindow::new(&mut file, start, len);
-        let fs = fat::open(&mut window)
-            .map_err(ApplyError::fat("reopening the FAT filesystem to verify"))?;
-        for (path, _, expected) in &written {
-            let (actual, _) = fat::hash_file(&fs, path, |n| progress.inc(n))
-                .map_err(ApplyError::fat(format!("reading back {path}")))?;
-            if &actual != expected {
-                return Err(ApplyError::VerifyMismatch {
-                    path: path.clone(),
-                    expected: hex(expected),
-                    actual: hex(&actual),
-                });
+        drop(window);
+        before_verify.extend(recorder.written());
+        // What the installer wrote: the boot sector and its loader files.
+        before_verify.insert(start..start + partition::SECTOR);
+        for loader in ["/syslinux/ldlinux.sys", "/syslinux/ldlinux.c32"] {
+            if let Ok(extents) = fat_raw::file_extents(&mut file, start, loader) {
+                for (at, n) in extents {
+                    before_verify.insert(at..at + n);
+                }
             }
         }
-        drop(fs);
-        verified = true;
+    }
+
+    let mut bytes_written = before_verify.total();
+    let mut bytes_verified = 0u64;
+    let verified = options.verify_write;
+    if options.verify_write {
+        // Copied files are read back through the FAT by path (which also checks
+        // their chains and directory entries), persistence files region by region
+        // through extents read afresh from the stick, and every other byte written
+        // (FAT, directories, wipes, boot sectors) range by range.
+        let mut covered = RangeSet::new();
+        for (path, _, _) in &written {
+            let extents = fat_raw::file_extents(&mut file, start, path).map_err(|source| {
+                ApplyError::Layout {
+                    step: format!("finding {path} to verify it"),
+                    source,
+                }
+            })?;
+            for (at, n) in extents {
+                covered.insert(at..at + n);
+            }
+        }
+        for p in &persisted {
+            covered.extend(&p.on_device);
+        }
+        let rest = before_verify.difference(&covered);
+        let rest_expected = hash_ranges(&mut file, rest.iter(), |_| {})
+            .map_err(ApplyError::io("reading the filesystem metadata"))?;
+        target::sync_and_drop_cache(&file, probe.kind)
+            .map_err(ApplyError::io("syncing before verification"))?;
+        progress.phase("verify", bytes_written);
+        {
+            let mut window = PartitionWindow::new(&mut file, start, len);
+            let fs = fat::open(&mut window)
+                .map_err(ApplyError::fat("reopening the FAT filesystem to verify"))?;
+            for (path, _, expected) in &written {
+                let (actual, _) = fat::hash_file(&fs, path, |n| progress.inc(n))
+                    .map_err(ApplyError::fat(format!("reading back {path}")))?;
+                if &actual != expected {
+                    return Err(ApplyError::VerifyMismatch {
+                        path: path.clone(),
+                        expected: hex(expected),
+                        actual: hex(&actual),
+                    });
+                }
+            }
+        }
+        for p in &persisted {
+            let extents = fat_raw::file_extents(&mut file, start, &p.path).map_err(|source| {
+                ApplyError::Layout {
+                    step: format!("finding {} to verify it", p.path),
+                    source,
+                }
+            })?;
+            let mut on_stick = ExtentFile::new(&mut file, &extents);
+            for (range, expected) in &p.regions {
+                let actual = hash_ranges(&mut on_stick, [range.clone()], |n| progress.inc(n))
+                    .map_err(ApplyError::io(format!("reading back {}", p.path)))?;
+                if &actual != expected {
+                    return Err(ApplyError::VerifyMismatch {
+                        path: format!("{} bytes {}..{}", p.path, range.start, range.end),
+                        expected: hex(expected),
+                        actual: hex(&actual),
+                    });
+                }
+            }
+        }
+        let rest_actual = hash_ranges(&mut file, rest.iter(), |n| progress.inc(n))
+            .map_err(ApplyError::io("reading back the filesystem metadata"))?;
+        if rest_actual != rest_expected {
+            return Err(ApplyError::VerifyMismatch {
+                path: "the FAT, directories and boot sectors".into(),
+                expected: hex(&rest_expected),
+                actual: hex(&rest_actual),
+            });
+        }
+        bytes_verified = before_verify.intersection(&covered).total() + rest.total();
     }
 
     // Boot-critical bytes last.
-    let boot_code = prepared.syslinux.as_ref().map(|s| match plan.table {
+    let boot_code = syslinux_files.as_ref().map(|s| match plan.table {
         TableKind::Mbr => s.mbr,
         TableKind::Gpt => s.gptmbr,
     });
     let boot_code = if plan.bios { boot_code } else { None };
+    let mut recorder =
+        WriteRecorder::new(&mut file).map_err(ApplyError::io("opening the target"))?;
     match &plan.format {
         Some(layout) => {
-            partition::write_table(&mut file, layout, boot_code.as_ref(), plan.volume_id).map_err(
-                |source| ApplyError::Partition {
+            partition::write_table(&mut recorder, layout, boot_code.as_ref(), plan.volume_id)
+                .map_err(|source| ApplyError::Partition {
                     step: "writing the partition table".into(),
                     source,
-                },
-            )?
+                })?
         }
         None => {
             if let Some(code) = boot_code {
-                write_boot_code(&mut file, &code, plan)
+                write_boot_code(&mut recorder, &code, plan)
                     .map_err(ApplyError::io("writing the MBR boot code"))?;
             }
         }
     }
+    let last = recorder.into_written();
     file.sync_all()
         .map_err(ApplyError::io("syncing the target"))?;
+    bytes_written += last.total();
+    if options.verify_write && !last.is_empty() {
+        read_back_ranges(&mut file, probe.kind, &last, "the partition table", |_| {})?;
+        bytes_verified += last.total();
+    }
     if probe.kind == TargetKind::BlockDevice
         && let Err(warning) = target::reread_partitions(&file)
     {
@@ -376,33 +648,48 @@ pub fn apply(
     }
     progress.finish();
 
+    let mut files: Vec<WrittenFile> = written
+        .iter()
+        .map(|(path, size, sum)| WrittenFile {
+            path: path.clone(),
+            size: *size,
+            written: *size,
+            sha256: hex(sum),
+            verified,
+        })
+        .collect();
+    files.extend(persisted.iter().map(|p| WrittenFile {
+        path: p.path.clone(),
+        size: p.size,
+        written: p.regions.iter().map(|(r, _)| r.end - r.start).sum(),
+        sha256: hex(&p.sha256),
+        verified,
+    }));
     Ok(ApplyReport {
         target: probe.path.display().to_string(),
         label: plan.label.clone(),
         fs_uuid: plan.fs_uuid.clone(),
         table: plan.table,
         formatted: plan.format.is_some(),
-        files: written
-            .iter()
-            .map(|(path, size, sum)| WrittenFile {
-                path: path.clone(),
-                size: *size,
-                sha256: hex(sum),
-                verified,
-            })
-            .collect(),
+        files,
         overlay: plan.overlay.as_ref().map(|o| o.path.clone()),
         home: plan.home.as_ref().map(|h| h.path.clone()),
         bios: plan.bios,
         uefi: plan.uefi,
         verified,
+        bytes_written,
+        bytes_verified,
         warnings,
     })
 }
 
 /// On an existing stick: MBR boot code into the first 440 bytes, keeping the
 /// table, and (MBR) the boot flag on our partition.
-fn write_boot_code(file: &mut File, code: &[u8; 440], plan: &Plan) -> io::Result<()> {
+fn write_boot_code<D: Read + Write + Seek>(
+    file: &mut D,
+    code: &[u8; 440],
+    plan: &Plan,
+) -> io::Result<()> {
     file.seek(SeekFrom::Start(0))?;
     file.write_all(code)?;
     if plan.table == TableKind::Mbr {

@@ -31,6 +31,30 @@ pub fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usiz
     Ok(got)
 }
 
+/// Implemented by everything an overlay or origin can live in, so that data reaches the
+/// medium before the metadata that points at it (the kernel uses FLUSH+FUA for this).
+pub trait SyncData {
+    fn sync_data(&mut self) -> io::Result<()>;
+}
+
+impl SyncData for std::fs::File {
+    fn sync_data(&mut self) -> io::Result<()> {
+        std::fs::File::sync_data(self)
+    }
+}
+
+impl<T> SyncData for io::Cursor<T> {
+    fn sync_data(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<T: SyncData + ?Sized> SyncData for &mut T {
+    fn sync_data(&mut self) -> io::Result<()> {
+        (**self).sync_data()
+    }
+}
+
 /// A bounded window `[start, start + len)` onto `inner`.
 pub struct PartitionWindow<F> {
     inner: F,
@@ -405,6 +429,7 @@ impl FromIterator<Range<u64>> for RangeSet {
 /// Passes reads, writes and seeks through to `inner` and remembers every byte range
 /// written: read-back verification checks exactly those bytes, and the report
 /// counts them.
+#[derive(Debug)]
 pub struct WriteRecorder<W> {
     inner: W,
     pos: u64,
@@ -462,12 +487,82 @@ impl<W: Seek> Seek for WriteRecorder<W> {
     }
 }
 
-impl<W: crate::persist::snapshot::SyncData> crate::persist::snapshot::SyncData
-    for WriteRecorder<W>
-{
+impl<W: SyncData> SyncData for WriteRecorder<W> {
     fn sync_data(&mut self) -> io::Result<()> {
         self.inner.sync_data()
     }
+}
+
+/// `len` zero bytes that can be read anywhere: the content of a new dm-snapshot
+/// store, of a swap image past its header, of a stale-signature wipe.
+#[derive(Debug, Clone)]
+pub struct Zeros {
+    /// Bytes that come first (a header); zeros follow up to `len`.
+    prefix: Vec<u8>,
+    len: u64,
+    pos: u64,
+}
+
+impl Zeros {
+    pub fn new(len: u64) -> Self {
+        Zeros::with_prefix(Vec::new(), len)
+    }
+
+    /// `prefix`, then zeros up to `len` bytes in all.
+    pub fn with_prefix(prefix: Vec<u8>, len: u64) -> Self {
+        Zeros {
+            prefix,
+            len,
+            pos: 0,
+        }
+    }
+}
+
+impl Read for Zeros {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (self.len.saturating_sub(self.pos)).min(buf.len() as u64) as usize;
+        let from_prefix = (self.prefix.len() as u64)
+            .saturating_sub(self.pos)
+            .min(n as u64) as usize;
+        if from_prefix > 0 {
+            let at = self.pos as usize;
+            buf[..from_prefix].copy_from_slice(&self.prefix[at..at + from_prefix]);
+        }
+        buf[from_prefix..n].fill(0);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for Zeros {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+        };
+        self.pos = target
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        Ok(self.pos)
+    }
+}
+
+/// Writes zeros over `ranges` of `dev` in large requests.
+pub fn zero_ranges<W: Write + Seek>(
+    dev: &mut W,
+    ranges: impl IntoIterator<Item = Range<u64>>,
+) -> io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    for r in ranges {
+        dev.seek(SeekFrom::Start(r.start))?;
+        let mut left = r.end - r.start;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            dev.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
+    }
+    dev.flush()
 }
 
 /// sha256 of the bytes of `ranges` in `dev`, read in large requests.

@@ -1,14 +1,14 @@
 //! `livestick write ISO TARGET`: inspect → plan → (dry run | apply) → report.
 
 use std::fs::File;
-use std::io::{BufReader, IsTerminal, Read};
+use std::io::{BufReader, IsTerminal};
 use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
 use anyhow::{Context, bail};
 
-use crate::apply::{self, ApplyOptions, Prepared};
+use crate::apply::{self, ApplyOptions, Prepared, SparseImage};
 use crate::batch;
 use crate::boot::cmdline::DracutNames;
 use crate::boot::cmdline::KernelArgs;
@@ -282,7 +282,7 @@ fn prepare(
     let mut prepared = Prepared {
         home: None,
         swap: None,
-        overlay_image: None,
+        overlay: None,
         syslinux: None,
     };
     if let Some(home_step) = &plan.home {
@@ -300,7 +300,8 @@ fn prepare(
         };
         let image = home::build_home_image(workdir, home_step.size, encryption)
             .context("building home.img")?;
-        prepared.home = Some(Box::new(image));
+        let regions = image.data_regions();
+        prepared.home = Some(SparseImage::new(Box::new(image), home_step.size, regions));
     }
     if let Some(overlay) = &plan.overlay
         && overlay.kind == crate::boot::cmdline::OverlayBoot::OverlayFs
@@ -317,14 +318,26 @@ fn prepare(
         };
         ext4::make_ext4_image(&path, overlay.size, "", &opts)
             .context("making the OverlayFS overlay")?;
-        prepared.overlay_image = Some(File::open(&path)?);
+        let image = File::open(&path)?;
+        let regions = crate::disk::sparse::data_regions(&image)?;
+        prepared.overlay = Some(SparseImage::new(Box::new(image), overlay.size, regions));
+    } else if let Some(overlay) = &plan.overlay {
+        // A new dm-snapshot store is a zeroed header: finding it, the kernel writes
+        // the header and zeroes each exception area itself before using it.
+        prepared.overlay = Some(SparseImage::zeros(
+            overlay.size,
+            std::iter::once(0..overlay.size.min(crate::persist::snapshot::RESET_BYTES)),
+        ));
     }
     if let Some(swap_step) = &plan.swap {
         let header = swap::swap_header(swap_step.size, None, uuid::Uuid::new_v4())
             .map_err(|e| BadInput(format!("--swap-size-mb: {e}")))?;
-        let rest = swap_step.size.saturating_sub(header.len() as u64);
-        prepared.swap = Some(Box::new(
-            std::io::Cursor::new(header).chain(std::io::repeat(0).take(rest)),
+        // The kernel reads only the first page; swapon writes the rest as it pages out.
+        let page = header.len() as u64;
+        prepared.swap = Some(SparseImage::new(
+            Box::new(crate::io::Zeros::with_prefix(header, swap_step.size)),
+            swap_step.size,
+            std::iter::once(0..page),
         ));
     }
     Ok(prepared)

@@ -8,7 +8,7 @@
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
-use crate::persist::snapshot::SyncData;
+use crate::io::SyncData;
 
 /// `Read + Write + Seek` over a list of extents of `inner`.
 pub struct ExtentFile<F> {

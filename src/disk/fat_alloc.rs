@@ -27,7 +27,11 @@ pub enum AllocError {
     #[error(
         "{path} needs {needed} free clusters but the filesystem has {free}; free space on the stick or ask for a smaller size"
     )]
-    NoSpace { path: String, needed: u64, free: u64 },
+    NoSpace {
+        path: String,
+        needed: u64,
+        free: u64,
+    },
     #[error("{0} already has data; only an empty file can be allocated in place")]
     NotEmpty(String),
     #[error("{path} is {size} bytes; FAT files must stay below 4 GiB (4095 MiB)")]
@@ -222,11 +226,7 @@ fn write_chain<D: Read + Write + Seek>(dev: &mut D, g: &Geo, clusters: &[u32]) -
 }
 
 /// FSInfo's free count and next-free hint, when the volume keeps them.
-fn update_fsinfo<D: Read + Write + Seek>(
-    dev: &mut D,
-    g: &Geo,
-    clusters: &[u32],
-) -> io::Result<()> {
+fn update_fsinfo<D: Read + Write + Seek>(dev: &mut D, g: &Geo, clusters: &[u32]) -> io::Result<()> {
     let (Some(at), Some(&last)) = (g.fsinfo, clusters.last()) else {
         return Ok(());
     };
@@ -339,8 +339,7 @@ mod tests {
             let chunk = vec![1u8; 1 << 20];
             let mut i = 0;
             while fat::free_bytes(&fs).unwrap() > 2 << 20 {
-                fat::write_file(&fs, &format!("/f{i}"), &mut &chunk[..], 1 << 20, |_| {})
-                    .unwrap();
+                fat::write_file(&fs, &format!("/f{i}"), &mut &chunk[..], 1 << 20, |_| {}).unwrap();
                 i += 1;
             }
             for k in (0..i).step_by(2) {

@@ -290,7 +290,7 @@ const CONTENT_FIELDS: std::ops::Range<usize> = 13..32;
 /// Makes `target` name the contents of `staged` and `staged` name the old contents of
 /// `target`, as described in the module documentation. Both must be files on the same
 /// filesystem; the caller has flushed and closed any FAT driver on it.
-pub fn swap_contents<D: Read + Write + Seek + crate::persist::snapshot::SyncData>(
+pub fn swap_contents<D: Read + Write + Seek + crate::io::SyncData>(
     dev: &mut D,
     part: u64,
     target: &str,

@@ -6,5 +6,6 @@ pub mod fat;
 pub mod fat_alloc;
 pub mod fat_raw;
 pub mod partition;
+pub mod sparse;
 pub mod stick;
 pub mod target;

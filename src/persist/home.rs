@@ -149,6 +149,8 @@ enum Content {
 pub struct HomeImage {
     content: Content,
     size: u64,
+    /// Where the container carries data (see [`HomeImage::data_regions`]).
+    regions: Vec<std::ops::Range<u64>>,
 }
 
 impl HomeImage {
@@ -162,6 +164,13 @@ impl HomeImage {
 
     pub fn is_encrypted(&self) -> bool {
         matches!(self.content, Content::Luks(_))
+    }
+
+    /// The byte ranges of the image that carry data: what mke2fs wrote (and, for LUKS,
+    /// the header area and those blocks encrypted). The rest need not be written: the
+    /// file system never reads it before writing it.
+    pub fn data_regions(&self) -> Vec<std::ops::Range<u64>> {
+        self.regions.clone()
     }
 
     /// The LUKS container UUID, for an encrypted home.
@@ -215,14 +224,30 @@ pub fn build_home_image(
     ext4::make_ext4_image(tmp.path(), fs_size, HOME_LABEL, &home_ext4_options())?;
     // Unlink the name now; the open handle keeps the data until we drop it.
     let mut file = tmp.into_file();
+    let plain_regions = crate::disk::sparse::data_regions(&file).map_err(io_err(workdir))?;
     file.seek(SeekFrom::Start(0)).map_err(io_err(workdir))?;
+    let regions = if encrypted {
+        // Whole encryption sectors (4 KiB covers both sizes LUKS2 allows).
+        let mut r: Vec<std::ops::Range<u64>> = std::iter::once(0..luks::DATA_OFFSET).collect();
+        r.extend(plain_regions.iter().map(|p| {
+            luks::DATA_OFFSET + p.start / 4096 * 4096
+                ..luks::DATA_OFFSET + p.end.div_ceil(4096) * 4096
+        }));
+        r
+    } else {
+        plain_regions
+    };
     let content = match encryption {
         HomeEncryption::None => Content::Plain(file),
         HomeEncryption::Luks { passphrase, params } => Content::Luks(Box::new(
             LuksEncryptingReader::new(file, fs_size, &passphrase, &params)?,
         )),
     };
-    Ok(HomeImage { content, size })
+    Ok(HomeImage {
+        content,
+        size,
+        regions,
+    })
 }
 
 // ---------------------------------------------------------------------------

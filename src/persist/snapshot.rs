@@ -360,29 +360,8 @@ impl fmt::Display for DmStatus {
     }
 }
 
-/// Implemented by everything an overlay or origin can live in, so that data reaches the
-/// medium before the metadata that points at it (the kernel uses FLUSH+FUA for this).
-pub trait SyncData {
-    fn sync_data(&mut self) -> io::Result<()>;
-}
-
-impl SyncData for std::fs::File {
-    fn sync_data(&mut self) -> io::Result<()> {
-        std::fs::File::sync_data(self)
-    }
-}
-
-impl<T> SyncData for io::Cursor<T> {
-    fn sync_data(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<T: SyncData + ?Sized> SyncData for &mut T {
-    fn sync_data(&mut self) -> io::Result<()> {
-        (**self).sync_data()
-    }
-}
+// SyncData lives with the other I/O adapters; re-exported for the formats that use it.
+pub use crate::io::SyncData;
 
 /// Length of a stream, leaving the position at the start.
 pub fn stream_len<S: Seek>(s: &mut S) -> io::Result<u64> {
