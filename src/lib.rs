@@ -2,7 +2,7 @@
 //! persistence, and maintain those sticks, entirely in user space.
 //!
 //! The shape of every write command is `inspect → plan → apply → verify → report`
-//! (see `DESIGN.md`). Every on-disk format lives in its own module and works on
+//! (see `docs/design.md`). Every on-disk format lives in its own module and works on
 //! `Read + Write + Seek`, so most of it is tested without devices or root.
 
 pub mod apply;
