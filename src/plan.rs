@@ -196,6 +196,7 @@ pub struct Plan {
     /// Install SYSLINUX and MBR boot code for BIOS boot.
     pub bios: bool,
     pub uefi: bool,
+    /// Bytes of files copied; persistence adds only its metadata on top.
     pub bytes_to_write: u64,
     pub space_available: u64,
     pub space_needed: u64,
@@ -774,10 +775,9 @@ pub fn plan_write(
         notes.push("the ISO has no EFI/BOOT loader: the stick will not boot in UEFI mode".into());
     }
 
-    let data_bytes: u64 = copies.iter().map(|c| c.size).sum::<u64>()
-        + overlay.as_ref().map_or(0, |o| o.size)
-        + home.as_ref().map_or(0, |h| h.size)
-        + swap.as_ref().map_or(0, |s| s.size);
+    // Persistence is allocated, not written: only the copies cost the bus their
+    // size; overlay, home and swap add their metadata (a few MiB) on top.
+    let data_bytes: u64 = copies.iter().map(|c| c.size).sum::<u64>();
     let space_needed: u64 = copies
         .iter()
         .map(|c| on_disk(c.size, cluster))

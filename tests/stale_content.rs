@@ -1,0 +1,468 @@
+//! A stick is never blank (issue 11): persistence is allocated, not written, so what
+//! livestick leaves alone keeps old bytes and old signatures. These tests fill the
+//! target with random bytes, or plant real signatures exactly where the new overlay,
+//! home and swap land, write, and check with independent tools that each file is
+//! exactly what livestick meant: blkid, e2fsck, fsck.fat, cryptsetup, and livestick's
+//! own dm-snapshot reader.
+
+mod support;
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use livestick::disk::fat_raw;
+use rand::RngCore;
+use support::*;
+
+const MIB: u64 = 1 << 20;
+const STICK: u64 = 512 * MIB;
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("livestick-stale-")
+        .tempdir()
+        .unwrap()
+}
+
+fn write_json(args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["--json", "write"];
+    full.extend_from_slice(args);
+    let out = livestick(&full);
+    assert!(
+        out.status.success(),
+        "livestick write failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("write --json prints its report")
+}
+
+fn part_start(image: &Path) -> u64 {
+    sfdisk(image)["partitiontable"]["partitions"][0]["start"]
+        .as_u64()
+        .unwrap()
+        * 512
+}
+
+fn part_len(image: &Path) -> u64 {
+    sfdisk(image)["partitiontable"]["partitions"][0]["size"]
+        .as_u64()
+        .unwrap()
+        * 512
+}
+
+/// The device extents of `path` in the FAT partition of `image`.
+fn extents(image: &Path, path: &str) -> Vec<(u64, u64)> {
+    let mut f = File::open(image).unwrap();
+    fat_raw::file_extents(&mut f, part_start(image), path).unwrap()
+}
+
+fn fill_random(image: &Path, len: u64) {
+    let mut f = File::create(image).unwrap();
+    let mut rng = rand::thread_rng();
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+}
+
+fn put(image: &Path, at: u64, bytes: &[u8]) {
+    let mut f = std::fs::OpenOptions::new().write(true).open(image).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+fn get(image: &Path, at: u64, len: u64) -> Vec<u8> {
+    let mut f = File::open(image).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+/// `blkid -p` of `len` bytes at `offset` of `image`: TYPE, or None when it finds nothing.
+fn blkid_type(image: &Path, offset: u64, len: u64) -> Option<String> {
+    let out = Command::new(tool("blkid"))
+        .args(["-p", "-o", "export", "--offset"])
+        .arg(offset.to_string())
+        .arg("--size")
+        .arg(len.to_string())
+        .arg(image)
+        .output()
+        .expect("blkid (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let found = text
+        .lines()
+        .find_map(|l| l.strip_prefix("TYPE=").map(str::to_string));
+    if found.is_none() {
+        // Exit 2 is "nothing found"; anything else (say, ambivalent results) is a finding.
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "blkid at {offset}+{len}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    found
+}
+
+/// Copies the bytes of a FAT file out by its extents (independent of fatfs and mtools).
+fn copy_out(image: &Path, path: &str, dest: &Path) {
+    let mut out = File::create(dest).unwrap();
+    for (at, len) in extents(image, path) {
+        out.write_all(&get(image, at, len)).unwrap();
+    }
+}
+
+fn e2fsck_clean(fs_image: &Path) {
+    let out = Command::new(tool("e2fsck"))
+        .arg("-fn")
+        .arg(fs_image)
+        .output()
+        .expect("e2fsprogs");
+    assert!(
+        out.status.success(),
+        "e2fsck -fn {}:\n{}{}",
+        fs_image.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What livestick's own dm-snapshot reader says of the overlay on the stick.
+fn overlay_status(image: &Path) -> serde_json::Value {
+    let out = livestick(&["--json", "overlay", "status", image.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "overlay status: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+struct Layout {
+    overlay: String,
+    files: Vec<(String, Vec<(u64, u64)>)>,
+}
+
+const PERSIST_ARGS: [&str; 8] = [
+    "--overlay-size-mb",
+    "64",
+    "--home-size-mb",
+    "64",
+    "--swap-size-mb",
+    "16",
+    "--yes",
+    "--force",
+];
+
+/// Writes a clean stick once to learn where the persistence files land: the same
+/// write over any content puts them at the same offsets.
+fn learn_layout(iso: &Path, dir: &Path, extra: &[&str]) -> Layout {
+    let clean = dir.join("clean.img");
+    let mut args = vec![
+        iso.to_str().unwrap(),
+        clean.to_str().unwrap(),
+        "--size",
+        "512M",
+    ];
+    args.extend_from_slice(&PERSIST_ARGS);
+    args.extend_from_slice(extra);
+    let report = write_json(&args);
+    let overlay = report["overlay"].as_str().unwrap().to_string();
+    let files = [overlay.as_str(), "/LiveOS/home.img", "/LiveOS/swap.img"]
+        .iter()
+        .map(|p| (p.to_string(), extents(&clean, p)))
+        .collect();
+    std::fs::remove_file(&clean).unwrap();
+    Layout { overlay, files }
+}
+
+/// Everything a written stick must satisfy whatever it held before.
+fn check_stick(image: &Path, layout: &Layout, dir: &Path, passphrase: Option<&Path>) {
+    let start = part_start(image);
+    let len = part_len(image);
+    // The partition is FAT and nothing else; fsck.fat finds it clean.
+    assert_eq!(blkid_type(image, start, len).as_deref(), Some("vfat"));
+    fsck_fat(image, start, len, dir);
+    for (path, expected) in &layout.files {
+        assert_eq!(&extents(image, path), expected, "{path} moved");
+    }
+    let at = |path: &str| {
+        let e = extents(image, path);
+        let size: u64 = e.iter().map(|x| x.1).sum();
+        assert_eq!(e.len(), 1, "{path} is contiguous on a fresh stick");
+        (e[0].0, size)
+    };
+    // A new dm-snapshot store has no signature at all, and our reader sees it empty.
+    let (o_at, o_len) = at(&layout.overlay);
+    assert_eq!(blkid_type(image, o_at, o_len), None, "overlay");
+    assert_eq!(get(image, o_at, 64 * 1024), vec![0u8; 64 * 1024]);
+    let status = overlay_status(image);
+    let text = status.to_string();
+    assert!(
+        !text.contains("Invalid") && text.contains("\"used"),
+        "overlay status: {text}"
+    );
+    // Swap: blkid sees swap, as mkswap made it.
+    let (s_at, s_len) = at("/LiveOS/swap.img");
+    assert_eq!(blkid_type(image, s_at, s_len).as_deref(), Some("swap"));
+    // Home: ext4 (checked by e2fsck), or LUKS whose content is a clean ext4.
+    let (h_at, h_len) = at("/LiveOS/home.img");
+    let home = dir.join("home.img");
+    copy_out(image, "/LiveOS/home.img", &home);
+    match passphrase {
+        None => {
+            assert_eq!(blkid_type(image, h_at, h_len).as_deref(), Some("ext4"));
+            e2fsck_clean(&home);
+        }
+        Some(pass) => {
+            assert_eq!(
+                blkid_type(image, h_at, h_len).as_deref(),
+                Some("crypto_LUKS")
+            );
+            let out = Command::new(tool("cryptsetup"))
+                .args(["open", "--test-passphrase", "--key-file"])
+                .arg(pass)
+                .arg(&home)
+                .output()
+                .expect("cryptsetup");
+            assert!(
+                out.status.success(),
+                "cryptsetup open --test-passphrase: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let plain = dir.join("home.plain");
+            decrypt(&home, pass, &plain);
+            e2fsck_clean(&plain);
+            std::fs::remove_file(plain).ok();
+        }
+    }
+    std::fs::remove_file(home).ok();
+}
+
+/// The decrypted content of a LUKS2 home, through livestick's reader (cryptsetup
+/// would need device-mapper to open it).
+fn decrypt(container: &Path, pass: &Path, dest: &Path) {
+    let mut secret = std::fs::read(pass).unwrap();
+    if secret.last() == Some(&b'\n') {
+        secret.pop();
+    }
+    let mut volume =
+        livestick::persist::luks::open_luks2(File::open(container).unwrap(), &secret).unwrap();
+    let mut out = File::create(dest).unwrap();
+    std::io::copy(&mut volume, &mut out).unwrap();
+}
+
+fn write_over(iso: &Path, image: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![iso.to_str().unwrap(), image.to_str().unwrap(), "--format"];
+    args.extend_from_slice(&PERSIST_ARGS);
+    args.extend_from_slice(extra);
+    write_json(&args)
+}
+
+fn assert_counts(report: &serde_json::Value) {
+    let written = report["bytes_written"].as_u64().unwrap();
+    assert!(written > 0);
+    assert_eq!(
+        report["bytes_verified"].as_u64(),
+        Some(written),
+        "read-back covers exactly the bytes written"
+    );
+    // Allocated, not written: the 144 MiB of persistence costs a few MiB.
+    let persist: u64 = report["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["size"] != f["written"])
+        .map(|f| f["written"].as_u64().unwrap())
+        .sum();
+    assert!(persist < 24 * MIB, "persistence wrote {persist} bytes");
+}
+
+#[test]
+fn written_over_random_bytes_plain_home() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let layout = learn_layout(&iso, dir.path(), &["--unencrypted-home"]);
+    let image = dir.path().join("random.img");
+    fill_random(&image, STICK);
+    let report = write_over(&iso, &image, &["--unencrypted-home"]);
+    assert_counts(&report);
+    check_stick(&image, &layout, dir.path(), None);
+}
+
+#[test]
+fn written_over_random_bytes_encrypted_home() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "stale but safe\n").unwrap();
+    let pass_arg = pass.to_str().unwrap();
+    let luks = [
+        "--passphrase-file",
+        pass_arg,
+        "--luks-pbkdf",
+        "pbkdf2",
+        "--luks-iter-time",
+        "10",
+    ];
+    let layout = learn_layout(&iso, dir.path(), &luks);
+    let image = dir.path().join("random.img");
+    fill_random(&image, STICK);
+    let report = write_over(&iso, &image, &luks);
+    assert_counts(&report);
+    check_stick(&image, &layout, dir.path(), Some(&pass));
+}
+
+/// Real signatures made by the real tools, planted where the new files land and
+/// where the new partition ends; each is first shown to fool blkid.
+#[test]
+fn written_over_stale_signatures() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let layout = learn_layout(&iso, dir.path(), &["--unencrypted-home"]);
+    let image = dir.path().join("stale.img");
+    File::create(&image).unwrap().set_len(STICK).unwrap();
+    // Learn where the partition goes from a clean write's table.
+    let probe = dir.path().join("probe.img");
+    write_over(&iso, &probe, &["--unencrypted-home", "--size", "512M"]);
+    let (p_start, p_len) = (part_start(&probe), part_len(&probe));
+    std::fs::remove_file(&probe).unwrap();
+
+    let place = |path: &str| {
+        layout
+            .files
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, e)| (e[0].0, e.iter().map(|x| x.1).sum::<u64>()))
+            .unwrap()
+    };
+    let (o_at, o_len) = place(&layout.overlay);
+    let (h_at, h_len) = place("/LiveOS/home.img");
+    let (s_at, s_len) = place("/LiveOS/swap.img");
+
+    // The overlay's place held a LUKS container: dracut would try to mount it.
+    let luks = dir.path().join("luks.sig");
+    File::create(&luks).unwrap().set_len(o_len).unwrap();
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "old").unwrap();
+    run(
+        "cryptsetup",
+        &[
+            "luksFormat",
+            "--batch-mode",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+            pass.to_str().unwrap(),
+            luks.to_str().unwrap(),
+        ],
+    );
+    put(&image, o_at, &get(&luks, 0, 16 * MIB));
+    assert_eq!(
+        blkid_type(&image, o_at, o_len).as_deref(),
+        Some("crypto_LUKS")
+    );
+    // The home's place held an old ext4 with its journal: e2fsck must not care.
+    let old = dir.path().join("old.ext4");
+    File::create(&old).unwrap().set_len(h_len).unwrap();
+    run("mke2fs", &["-q", "-F", "-t", "ext4", old.to_str().unwrap()]);
+    put(&image, h_at, &std::fs::read(&old).unwrap());
+    // The swap's place held an ext4 superblock.
+    put(&image, s_at, &get(&old, 0, 64 * 1024));
+    assert_eq!(blkid_type(&image, s_at, s_len).as_deref(), Some("ext4"));
+    // An md 0.90 superblock where the new partition ends: the partition probed as
+    // linux_raid_member, udev made no by-uuid link, and the stick did not boot.
+    let md_at = p_start + (p_len & !(64 * 1024 - 1)) - 64 * 1024;
+    let mut md = vec![0u8; 4096];
+    md[0..4].copy_from_slice(&0xa92b_4efcu32.to_le_bytes());
+    md[4..8].copy_from_slice(&0u32.to_le_bytes()); // major version 0
+    md[8..12].copy_from_slice(&90u32.to_le_bytes()); // minor version 90
+    put(&image, md_at, &md);
+    // A GPT backup header at the end of the disk.
+    let gpt = dir.path().join("gpt.img");
+    File::create(&gpt).unwrap().set_len(STICK).unwrap();
+    let mut make_gpt = Command::new(tool("sfdisk"))
+        .arg("--quiet")
+        .arg(&gpt)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    make_gpt
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: gpt\n,10M\n")
+        .unwrap();
+    assert!(make_gpt.wait().unwrap().success());
+    put(&image, STICK - MIB, &get(&gpt, STICK - MIB, MIB));
+    let before = Command::new(tool("blkid"))
+        .args(["-p", "-o", "export", "--offset"])
+        .arg(p_start.to_string())
+        .arg("--size")
+        .arg(p_len.to_string())
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&before.stdout).contains("linux_raid_member"),
+        "the planted md superblock fools blkid: {}",
+        String::from_utf8_lossy(&before.stdout)
+    );
+
+    let report = write_over(&iso, &image, &["--unencrypted-home"]);
+    assert_counts(&report);
+    check_stick(&image, &layout, dir.path(), None);
+    // No trace of the old GPT: sfdisk sees the new MBR table only.
+    let table = sfdisk(&image);
+    assert_eq!(table["partitiontable"]["label"], "dos", "{table}");
+    let whole = run("blkid", &["-p", "-o", "export", image.to_str().unwrap()]);
+    assert!(
+        whole.contains("PTTYPE=dos") && !whole.contains("gpt"),
+        "{whole}"
+    );
+}
+
+/// The dry run says what the write will cost, and a smaller write stays small.
+#[test]
+fn persistence_costs_only_its_metadata() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let image: PathBuf = dir.path().join("big.img");
+    let report = write_json(&[
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "9G",
+        "--overlay-size-mb",
+        "4095",
+        "--home-size-mb",
+        "4095",
+        "--unencrypted-home",
+        "--yes",
+    ]);
+    assert_counts(&report);
+    let written = report["bytes_written"].as_u64().unwrap();
+    let iso_len = std::fs::metadata(&iso).unwrap().len();
+    // FAT tables of a 9 GiB FAT32: 2 × 9 MiB; the rest is the ISO's files and metadata.
+    assert!(
+        written < iso_len + 64 * MIB,
+        "wrote {written} bytes for a {iso_len}-byte ISO"
+    );
+    // The image file stays sparse where nothing was written.
+    use std::os::unix::fs::MetadataExt;
+    let blocks = std::fs::metadata(&image).unwrap().blocks() * 512;
+    assert!(blocks < written + 16 * MIB, "{blocks} bytes allocated");
+}
