@@ -7,3 +7,4 @@ pub mod fat_raw;
 pub mod partition;
 pub mod stick;
 pub mod target;
+pub mod wipe;
