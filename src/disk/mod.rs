@@ -9,3 +9,4 @@ pub mod partition;
 pub mod sparse;
 pub mod stick;
 pub mod target;
+pub mod wipe;
