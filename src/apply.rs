@@ -19,6 +19,7 @@ use crate::disk::fat_raw::{self, SwapError};
 use crate::disk::partition::{self, PartitionError, TableKind};
 use crate::disk::stick::{Stick, StickError};
 use crate::disk::target::{self, TargetError, TargetKind, TargetProbe};
+use crate::disk::wipe;
 use crate::io::{BoundedDirty, PartitionWindow, RangeSet, WriteRecorder, hash_ranges, zero_ranges};
 
 /// Dirty data allowed in the page cache for a block device before we wait for
@@ -224,7 +225,7 @@ impl SparseImage {
     /// Adds the places where libblkid would find a stale signature in a file this long,
     /// so that dracut and the live system see exactly the format livestick meant.
     fn with_signature_wipes(mut self) -> Self {
-        for r in stale_signature_spots(self.len) {
+        for r in wipe::signature_spots(self.len) {
             self.regions.insert(r);
         }
         self
@@ -241,17 +242,6 @@ pub struct Prepared {
     /// exactly `plan.overlay.size` bytes.
     pub overlay: Option<SparseImage>,
     pub syslinux: Option<SyslinuxFiles>,
-}
-
-/// Byte ranges of a region `len` bytes long where libblkid looks for signatures:
-/// the head and the tail.
-fn stale_signature_spots(len: u64) -> Vec<std::ops::Range<u64>> {
-    const HEAD: u64 = 1 << 20;
-    const TAIL: u64 = 2 << 20;
-    if len <= HEAD + TAIL {
-        return std::iter::once(0..len).collect();
-    }
-    vec![0..HEAD, len - TAIL..len]
 }
 
 /// A byte range and the sha256 of what was written there.
@@ -393,10 +383,10 @@ pub fn apply(
             })?;
             // Old signatures at either end of the disk and of the new partition would
             // make udev and blkid see a RAID member or another filesystem.
-            let mut spots: RangeSet = stale_signature_spots(plan.target.size)
+            let mut spots: RangeSet = wipe::signature_spots(plan.target.size)
                 .into_iter()
                 .collect();
-            for r in stale_signature_spots(len) {
+            for r in wipe::signature_spots(len) {
                 spots.insert(start + r.start..start + r.end);
             }
             zero_ranges(&mut recorder, spots.iter())
