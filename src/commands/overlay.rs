@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat;
+use crate::disk::fat_alloc;
 use crate::disk::stick::{self, Stick, StickError, StickInfo};
 use crate::persist::merge::{self, Located, MergeRequest, StickMergeRequest};
 use crate::persist::snapshot::{
@@ -1479,9 +1480,34 @@ fn check_stick_free(t: &StickTarget, added: u64) -> anyhow::Result<()> {
 /// Appends zeros to the overlay through the FAT driver (new clusters, new size). The
 /// directory entry's size changes last, so a stop half way leaves the old, intact
 /// overlay (and some lost clusters fsck.fat frees).
+/// A dm-snapshot grow costs the bus one chunk: the file gets clusters appended to its
+/// chain (not written), and only the metadata area the kernel could read next is
+/// zeroed (`snapshot::grow_zero_ranges`), before the new size makes it part of the file.
 fn grow_on_stick(t: &mut StickTarget, plan: &snapshot::GrowPlan, json: bool) -> anyhow::Result<()> {
     let mut phases = Phases::new(progress(json, &t.stick.path));
-    extend_on_stick(t, plan.added_bytes, plan.new_bytes, &mut phases)?;
+    let zero = snapshot::grow_zero_ranges(plan.chunk_sectors, plan.current_bytes, plan.new_bytes);
+    let bytes: u64 = zero.iter().map(|r| r.end - r.start).sum();
+    phases.update("grow", 0, bytes);
+    let start = t.stick.partition.start;
+    let path = t.overlay.clone();
+    fat_alloc::extend_with(
+        t.stick.file_mut(),
+        start,
+        &path,
+        plan.new_bytes,
+        |dev, extents| {
+            let mut file = ExtentFile::new(dev, extents);
+            crate::io::zero_ranges(&mut file, zero.iter().cloned())?;
+            file.into_inner().sync_data()
+        },
+    )
+    .with_context(|| format!("growing {}", t.show()))?;
+    t.stick
+        .file_mut()
+        .sync_all()
+        .with_context(|| format!("syncing {}", t.stick.path.display()))?;
+    phases.update("grow", bytes, bytes);
+    t.overlay_bytes = plan.new_bytes;
     phases.bar.finish();
     Ok(())
 }

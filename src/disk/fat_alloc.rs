@@ -96,6 +96,129 @@ pub fn allocate<D: Read + Write + Seek>(
     Ok(extents(&g, &clusters, size))
 }
 
+/// Makes the file at `path` `new_size` bytes long by appending clusters to its chain
+/// (preferring the ones right after its last cluster); the old bytes stay where they
+/// are and the new ones keep whatever the stick held. Returns the extents of the
+/// whole file. No FAT driver may have the filesystem open.
+pub fn extend<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    path: &str,
+    new_size: u64,
+) -> Result<Vec<(u64, u64)>, AllocError> {
+    extend_with(dev, part, path, new_size, |_, _| Ok(()))
+}
+
+/// [`extend`], calling `prepare` with the device and the file's new extents after the
+/// chain is linked and before the directory entry gives the file its new size: the
+/// place to write what must be in the new space before anyone can read it.
+pub fn extend_with<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    path: &str,
+    new_size: u64,
+    prepare: impl FnOnce(&mut D, &[(u64, u64)]) -> io::Result<()>,
+) -> Result<Vec<(u64, u64)>, AllocError> {
+    if new_size > u64::from(u32::MAX) {
+        return Err(AllocError::TooLarge {
+            path: path.to_string(),
+            size: new_size,
+        });
+    }
+    let g = fat_raw::geometry(dev, part)?;
+    let entry = fat_raw::find_entry(dev, part, path)?;
+    if entry.first_cluster == 0 {
+        return Err(AllocError::Fat(SwapError::Unsupported(format!(
+            "{path} is empty: it has no cluster chain to extend"
+        ))));
+    }
+    // The existing chain, bounded so a looping one cannot hang us.
+    let limit = cluster_limit(&g);
+    let mut chain = vec![entry.first_cluster];
+    loop {
+        let last = chain[chain.len() - 1];
+        let next = fat_raw::next_cluster(dev, &g, last)?;
+        if !(2..limit).contains(&next) {
+            break;
+        }
+        if chain.len() as u64 > u64::from(limit) {
+            return Err(AllocError::Fat(SwapError::Unsupported(format!(
+                "{path}: its cluster chain loops"
+            ))));
+        }
+        chain.push(next);
+    }
+    let have = chain.len() as u64;
+    let needed = new_size.div_ceil(g.cluster_bytes);
+    if needed < have || u64::from(entry.size) > new_size {
+        return Err(AllocError::NotEmpty(format!(
+            "{path} is already larger than {new_size} bytes"
+        )));
+    }
+    let added = needed - have;
+    let last = chain[chain.len() - 1];
+    let fresh = if added == 0 {
+        Vec::new()
+    } else {
+        let after = free_run_after(dev, &g, last, added)?;
+        let fresh = match after {
+            Some(run) => run,
+            None => free_clusters(dev, &g, added)?,
+        };
+        if (fresh.len() as u64) < added {
+            return Err(AllocError::NoSpace {
+                path: path.to_string(),
+                needed: added,
+                free: count_free(dev, &g)?,
+            });
+        }
+        fresh
+    };
+    // The new clusters, linked from the old last one: written as one chain.
+    let mut tail = vec![last];
+    tail.extend_from_slice(&fresh);
+    write_chain(dev, &g, &tail)?;
+    update_fsinfo(dev, &g, &fresh)?;
+    chain.extend_from_slice(&fresh);
+    let all = extents(&g, &chain, new_size);
+    prepare(dev, &all)?;
+    // The size last: until it changes, the file is the old one plus lost clusters.
+    dev.seek(SeekFrom::Start(entry.offset + 28))?;
+    dev.write_all(&(new_size as u32).to_le_bytes())?;
+    dev.flush()?;
+    Ok(all)
+}
+
+/// `count` free clusters right after `last`, if they are all free.
+fn free_run_after<D: Read + Seek>(
+    dev: &mut D,
+    g: &Geo,
+    last: u32,
+    count: u64,
+) -> io::Result<Option<Vec<u32>>> {
+    let first = u64::from(last) + 1;
+    if first + count > u64::from(cluster_limit(g)) {
+        return Ok(None);
+    }
+    let width = entry_width(g);
+    let mut buf = vec![0u8; FAT_CHUNK as usize];
+    let mut at = first;
+    while at < first + count {
+        let n = ((first + count - at) * width).min(FAT_CHUNK) / width;
+        let bytes = (n * width) as usize;
+        dev.seek(SeekFrom::Start(g.fat_offset + at * width))?;
+        dev.read_exact(&mut buf[..bytes])?;
+        if buf[..bytes]
+            .chunks_exact(width as usize)
+            .any(|e| entry_value(g, e) != 0)
+        {
+            return Ok(None);
+        }
+        at += n;
+    }
+    Ok(Some((first as u32..(first + count) as u32).collect()))
+}
+
 fn entry_width(g: &Geo) -> u64 {
     if g.fat32 { 4 } else { 2 }
 }
@@ -389,5 +512,40 @@ mod tests {
         disk.seek(SeekFrom::Start(0)).unwrap();
         disk.read_to_end(&mut after).unwrap();
         assert!(before == after, "a refused allocation changes nothing");
+    }
+
+    #[test]
+    fn extend_appends_to_the_chain_and_keeps_the_old_bytes() {
+        let mut disk = stick_with_empty(&["/LiveOS/overlay"], 1 << 20);
+        let first = allocate(&mut disk, 1 << 20, "/LiveOS/overlay", 3 << 20).unwrap();
+        disk.seek(SeekFrom::Start(first[0].0)).unwrap();
+        disk.write_all(b"SnAp").unwrap();
+        let all = extend(&mut disk, 1 << 20, "/LiveOS/overlay", 5 << 20).unwrap();
+        assert_eq!(all, vec![(first[0].0, 5 << 20)], "grown in place");
+        // Something else after it, then a grow that must jump over it.
+        {
+            let mut window = PartitionWindow::new(&mut disk, 1 << 20, 79 << 20);
+            let fs = fat::open(&mut window).unwrap();
+            let data = vec![9u8; 1 << 20];
+            fat::write_file(&fs, "/after", &mut &data[..], 1 << 20, |_| {}).unwrap();
+            fs.unmount().unwrap();
+            window.flush().unwrap();
+        }
+        let all = extend(&mut disk, 1 << 20, "/LiveOS/overlay", (7 << 20) + 1).unwrap();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(all.iter().map(|e| e.1).sum::<u64>(), (7 << 20) + 1);
+        let mut window = PartitionWindow::new(&mut disk, 1 << 20, 79 << 20);
+        let fs = fat::open(&mut window).unwrap();
+        let bytes = fat::read_file(&fs, "/LiveOS/overlay").unwrap();
+        assert_eq!(bytes.len() as u64, (7 << 20) + 1);
+        assert_eq!(&bytes[..4], b"SnAp");
+        assert_eq!(fat::read_file(&fs, "/after").unwrap(), vec![9u8; 1 << 20]);
+        drop(fs);
+        // Shrinking is refused.
+        drop(window);
+        assert!(matches!(
+            extend(&mut disk, 1 << 20, "/LiveOS/overlay", 1 << 20),
+            Err(AllocError::NotEmpty(_))
+        ));
     }
 }

@@ -1139,6 +1139,7 @@ pub fn recover_invalid<F: Read + Write + Seek + SyncData>(
 /// The size an overlay grows to, and why it differs from the request.
 #[derive(Debug, Clone, Serialize)]
 pub struct GrowPlan {
+    pub chunk_sectors: u32,
     pub current_bytes: u64,
     pub requested_bytes: u64,
     pub new_bytes: u64,
@@ -1199,6 +1200,7 @@ pub fn plan_grow(
         cow_bytes: target,
     };
     Ok(GrowPlan {
+        chunk_sectors,
         current_bytes,
         requested_bytes,
         new_bytes: target,
@@ -1208,6 +1210,38 @@ pub fn plan_grow(
         usable_data_chunks_after: after.usable_data_chunks(),
         notes,
     })
+}
+
+/// What a grow must zero so that the new space, which keeps whatever the stick held,
+/// can never be read as exceptions: the first metadata area that did not lie whole in
+/// the old store. The kernel reads areas in order while they are full; if the last old
+/// area was full, the next one it reads is in the new space. Every later area is zeroed
+/// by the kernel itself before it is used (`zero_disk_area`), and data chunks are read
+/// only through exceptions that point at them.
+pub fn grow_zero_ranges(
+    chunk_sectors: u32,
+    old_bytes: u64,
+    new_bytes: u64,
+) -> Vec<std::ops::Range<u64>> {
+    let g = Geometry {
+        chunk_sectors,
+        cow_bytes: new_bytes,
+    };
+    let chunk = g.chunk_bytes();
+    if chunk == 0 {
+        return Vec::new();
+    }
+    // The first area whose metadata chunk does not end inside the old store.
+    let mut area = (old_bytes / chunk).saturating_sub(1) / g.stride();
+    while g.area_offset(area) + chunk <= old_bytes {
+        area += 1;
+    }
+    let at = g.area_offset(area);
+    if at + chunk <= new_bytes {
+        vec![at..at + chunk]
+    } else {
+        Vec::new()
+    }
 }
 
 /// Extends an overlay from `from` to `to` bytes by writing zeros (for media without
@@ -1408,6 +1442,34 @@ impl CowWriter {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_grow_zeroes_the_first_area_beyond_the_old_store() {
+        // 4 KiB chunks: 256 exceptions per area, areas at chunks 1, 258, 515, …
+        let chunk = 4096u64;
+        let area = |k: u64| (1 + k * 257) * chunk;
+        // Old store ends exactly after area 0's data: area 1 is in the new space.
+        let old = 258 * chunk;
+        assert_eq!(
+            grow_zero_ranges(8, old, old + 10 * chunk),
+            vec![area(1)..area(1) + chunk]
+        );
+        // Old store ends in the middle of area 1's data: area 1 was the kernel's
+        // already, area 2 is the first one that may be stale.
+        let old = area(1) + 100 * chunk;
+        assert_eq!(
+            grow_zero_ranges(8, old, area(3)),
+            vec![area(2)..area(2) + chunk]
+        );
+        // A partial chunk at the old end counts as new space.
+        let old = area(2) + 10;
+        assert_eq!(
+            grow_zero_ranges(8, old, area(3)),
+            vec![area(2)..area(2) + chunk]
+        );
+        // The next area does not fit in the grown store: nothing to zero.
+        assert!(grow_zero_ranges(8, 258 * chunk, 258 * chunk + 100).is_empty());
+    }
+
     use super::*;
     use std::io::Cursor;
 

@@ -32,18 +32,47 @@ pub(crate) fn livestick(args: &[&str]) -> Output {
     out
 }
 
-/// `livestick write ISO IMAGE --size 1G --timeout 1 --yes --quiet` plus
-/// `options` (overlay, home, layout …) into a fresh image file.
+const STICK_BYTES: u64 = 1 << 30;
+
+/// A 1 GiB stick that was used before: random bytes everywhere (an 8 MiB random
+/// block repeated), and an md 0.90 RAID superblock where the new FAT partition
+/// ends, which once made the partition probe as `linux_raid_member` so udev made
+/// no by-uuid link and dracut never found the live system. Persistence is
+/// allocated, not written, so every boot test runs over stale bytes.
+fn used_stick(image: &Path) {
+    use rand::RngCore;
+    use std::io::{Seek, SeekFrom, Write};
+    let mut block = vec![0u8; 8 << 20];
+    rand::thread_rng().fill_bytes(&mut block);
+    let mut f = std::fs::File::create(image).expect("create the stick image");
+    for _ in 0..STICK_BYTES / block.len() as u64 {
+        f.write_all(&block)
+            .expect("fill the stick with stale bytes");
+    }
+    // The partition runs from 1 MiB to the end of the stick.
+    let part_len = STICK_BYTES - (1 << 20);
+    let md_at = (1 << 20) + (part_len & !0xffff) - 0x10000;
+    let md: Vec<u8> = [0xa92b_4efcu32, 0, 90, 0, 0, 1, 0, 1, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    f.seek(SeekFrom::Start(md_at)).expect("seek");
+    f.write_all(&md).expect("plant an md superblock");
+}
+
+/// `livestick write ISO IMAGE --format --timeout 1 --yes --quiet` plus `options`
+/// (overlay, home, layout …) onto a used 1 GiB stick image.
 pub(crate) fn write_stick_with(iso: &Path, options: &[&str]) -> Stick {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir for the stick");
     let image = dir.path().join("stick.img");
+    used_stick(&image);
     let mut args = vec![
         "write".to_string(),
         iso.display().to_string(),
         image.display().to_string(),
     ];
     args.extend(
-        ["--size", "1G", "--timeout", "1", "--yes", "--quiet"]
+        ["--format", "--timeout", "1", "--yes", "--quiet"]
             .iter()
             .chain(options)
             .map(|s| s.to_string()),
