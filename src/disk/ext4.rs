@@ -7,9 +7,9 @@
 //! reader, where no file exists for `dumpe2fs` to open.
 
 use std::fs::OpenOptions;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// Errors from creating, checking, resizing or inspecting an ext4 image.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,10 @@ pub enum Ext4Error {
         "cannot shrink the ext4 filesystem from {current} to {requested} bytes: only growing is supported"
     )]
     Shrink { current: u64, requested: u64 },
+    #[error(
+        "ext4 feature edit {0:?} is refused: images are copied as sparse files and need a checksummed journal"
+    )]
+    RequiredFeature(String),
     #[error("ext4 label {0:?} is longer than 16 bytes")]
     BadLabel(String),
     #[error("not an ext2/3/4 filesystem: {0}")]
@@ -102,12 +106,43 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Ext4Error + '_ {
 }
 
 /// Create (or overwrite) the regular file `path` as an ext4 image of exactly
-/// `size` bytes labelled `label`.
+/// `size` bytes labelled `label`. The root directory belongs to root whoever
+/// runs us.
 ///
-/// Inode tables and the journal are initialised now
-/// (`lazy_itable_init=0,lazy_journal_init=0`): otherwise the kernel finishes
-/// that work on first mount, writing hundreds of MiB through the live
-/// system's overlay. The root directory belongs to root whoever runs us.
+/// The file is sparse, and the image is made so that copying only its data
+/// regions ([`crate::disk::sparse::data_regions`]) over *arbitrary* stale
+/// bytes (random data, an old filesystem, an old journal) gives a correct
+/// filesystem. mke2fs "zeroes" ranges of a regular file by punching holes, so
+/// anything ext4 would trust to be zero must not be claimed:
+///
+/// - Inode tables: `lazy_itable_init=1`. The group descriptors then say "not
+///   zeroed" and carry `bg_itable_unused`, so e2fsck and the kernel never look
+///   at the stale inodes past it; the kernel's lazyinit thread zeroes the
+///   tables in the background after the first mount. That is the trade-off:
+///   the live system writes those zeros (about 16 MiB per GiB of filesystem,
+///   rate-limited) instead of us writing them over USB at copy time. (With
+///   `lazy_itable_init=0` the descriptors would promise zeroed tables that
+///   are stale bytes on the stick.) Without a group-descriptor checksum
+///   mke2fs ignores the option, hence `metadata_csum` below.
+/// - Journal: `lazy_journal_init=1`; its blocks past the journal superblock
+///   are whatever the stick held, possibly an old ext4 journal whose
+///   transactions carry the very sequence numbers (mke2fs starts every
+///   journal at 1) that a crash of the new filesystem would make recovery
+///   look for next. `metadata_csum` gives the journal checksum v3, whose
+///   checksums are seeded with the filesystem UUID, random per image: a
+///   stale descriptor or commit block fails its checksum, and recovery (the
+///   kernel's and e2fsck's alike) takes a stale commit older than the last
+///   good one as the end of the log (one that is not older is reported as a
+///   checksum error); either way it is not replayed. Without checksums it would be replayed
+///   (`tests/ext4_sparse.rs` shows both). mke2fs 1.47 leaves the journal
+///   superblock without the checksum flag (the kernel adds it at mount), so
+///   debugfs's `journal_open -c` sets it now and `dumpe2fs -h` confirms it:
+///   the journal is checksummed from its very first transaction.
+///
+/// `has_journal` and `metadata_csum` are asked for explicitly rather than
+/// trusted to the local mke2fs.conf, and a caller's feature edit that turns
+/// either off is refused. `nodiscard` keeps mke2fs from punching the whole
+/// file first (it is new and sparse anyway).
 pub fn make_ext4_image(
     path: &Path,
     size: u64,
@@ -123,7 +158,15 @@ pub fn make_ext4_image(
     if label.len() > 16 {
         return Err(Ext4Error::BadLabel(label.to_string()));
     }
+    if let Some(f) = opts.features.iter().find(|f| {
+        REQUIRED_FEATURES
+            .iter()
+            .any(|r| f.trim() == format!("^{r}"))
+    }) {
+        return Err(Ext4Error::RequiredFeature(f.clone()));
+    }
     find_tool("mke2fs")?;
+    find_tool("debugfs")?;
     let f = OpenOptions::new()
         .create(true)
         .write(true)
@@ -142,7 +185,16 @@ pub fn make_ext4_image(
         "-L".into(),
         label.into(),
         "-E".into(),
-        "lazy_itable_init=0,lazy_journal_init=0,nodiscard,root_owner=0:0".into(),
+        "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0".into(),
+        // One -O list: ours, then the caller's edits (checked above).
+        "-O".into(),
+        REQUIRED_FEATURES
+            .iter()
+            .map(|f| f.to_string())
+            .chain(opts.features.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(",")
+            .into(),
     ];
     if let Some(u) = opts.uuid {
         args.extend(["-U".into(), u.hyphenated().to_string().into()]);
@@ -153,9 +205,6 @@ pub fn make_ext4_image(
     if let Some(m) = opts.reserved_percent {
         args.extend(["-m".into(), m.to_string().into()]);
     }
-    if !opts.features.is_empty() {
-        args.extend(["-O".into(), opts.features.join(",").into()]);
-    }
     if let Some(d) = &opts.root_dir {
         args.extend(["-d".into(), d.as_os_str().to_owned()]);
     }
@@ -163,7 +212,54 @@ pub fn make_ext4_image(
     args.push(format!("{}k", size / 1024).into());
     let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     run("mke2fs", &refs, path)?;
+    checksum_journal(path)
+}
+
+/// Features [`make_ext4_image`] cannot do without: see its documentation.
+const REQUIRED_FEATURES: [&str; 2] = ["has_journal", "metadata_csum"];
+
+/// Turn on checksum v3 in the journal superblock of the fresh image at
+/// `path` (debugfs: open the journal with checksums, close it, which writes
+/// the superblock back with the flag and its own checksum), then check with
+/// `dumpe2fs -h` that it took: debugfs reports errors only as text.
+fn checksum_journal(path: &Path) -> Result<(), Ext4Error> {
+    let exe = find_tool("debugfs")?;
+    let mut child = Command::new(&exe)
+        .args(["-w".as_ref(), "-f".as_ref(), "-".as_ref(), path.as_os_str()])
+        .env("LC_ALL", "C")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io_err(&exe))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(b"journal_open -c\njournal_close\n")
+            .map_err(io_err(&exe))?;
+    }
+    let out = child.wait_with_output().map_err(io_err(&exe))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let header = run("dumpe2fs", &["-h".as_ref(), path.as_os_str()], path)?;
+    if !out.status.success() || !journal_is_checksummed(&header) {
+        return Err(Ext4Error::Failed {
+            tool: "debugfs",
+            path: path.to_path_buf(),
+            status: out.status.to_string(),
+            stderr: format!(
+                "the journal superblock did not get checksum v3: {}",
+                stderr.trim()
+            ),
+        });
+    }
     Ok(())
+}
+
+/// Whether `dumpe2fs -h` output shows a checksummed (v3) journal.
+fn journal_is_checksummed(header: &str) -> bool {
+    header.lines().any(|l| {
+        l.strip_prefix("Journal features:")
+            .is_some_and(|f| f.split_whitespace().any(|f| f == "journal_checksum_v3"))
+    })
 }
 
 /// Check the filesystem in `path` (`e2fsck -f -p`), as resize2fs requires.
@@ -349,6 +445,34 @@ mod tests {
                 &Ext4Options::default()
             ),
             Err(Ext4Error::BadLabel(_))
+        ));
+    }
+
+    #[test]
+    fn refuses_to_drop_the_checksummed_journal() {
+        let p = Path::new("/nonexistent/x.img");
+        for f in ["^metadata_csum", "^has_journal"] {
+            let opts = Ext4Options {
+                features: vec!["^64bit".into(), f.into()],
+                ..Ext4Options::default()
+            };
+            assert!(matches!(
+                make_ext4_image(p, MIN_EXT4_SIZE, "HOME", &opts),
+                Err(Ext4Error::RequiredFeature(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn reads_the_journal_checksum_flag() {
+        assert!(journal_is_checksummed(
+            "Journal inode:            8\nJournal features:         journal_64bit journal_checksum_v3\n"
+        ));
+        assert!(!journal_is_checksummed(
+            "Journal features:         (none)\n"
+        ));
+        assert!(!journal_is_checksummed(
+            "Filesystem features: has_journal\n"
         ));
     }
 
