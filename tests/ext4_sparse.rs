@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use livestick::disk::ext4::{Ext4Options, make_ext4_image};
+use livestick::disk::ext4::{Ext4Error, Ext4Options, make_ext4_image, set_journal_sequence};
 use livestick::disk::sparse::data_regions;
 use rand::{RngCore, SeedableRng};
 
@@ -252,6 +252,11 @@ fn copy_over_stale(kind: Kind, size: u64, stale: Stale) {
         features.contains("journal_checksum_v3"),
         "journal features: {features}"
     );
+    assert_ne!(
+        field(&new, "Journal sequence"),
+        "0x00000001",
+        "the journal starts at a random sequence"
+    );
     let groups = e2_ok("dumpe2fs", &[p(&new)]);
     assert!(
         groups.lines().filter(|l| l.starts_with("Group ")).count() > 0
@@ -345,6 +350,8 @@ fn block(image: &Path, n: u64) -> Vec<u8> {
     b
 }
 
+/// An image like home.img straight from mke2fs: its journal starts at
+/// sequence 1, as every mke2fs journal does.
 fn mke2fs_home_like(path: &Path, features: &str) {
     File::create(path).unwrap().set_len(SIZE).unwrap();
     e2_ok(
@@ -368,24 +375,49 @@ fn mke2fs_home_like(path: &Path, features: &str) {
     );
 }
 
-/// The experiment: an old filesystem whose journal holds two committed,
-/// unreplayed transactions (1: a dummy block; 2: `STALE_TARGET` ← 'S'…),
-/// made before the new image. The
-/// new image's data regions are copied over it; then the new filesystem
-/// "crashes after mount": debugfs writes its own transaction 1
-/// (`NEW_TARGET` ← 'N'…) into its journal, exactly where the old
-/// transaction 1 was, leaving the stale transaction 2 right behind it with
-/// the sequence number recovery looks for next. `e2fsck -fy` recovers.
-/// Returns whether `STALE_TARGET` was overwritten with the stale block.
-fn stale_transaction_replayed(dir: &Path, old_features: &str, new: &Path) -> bool {
+/// home.img as livestick makes it, with a chosen UUID or a random one.
+fn livestick_home(path: &Path, uuid: Option<uuid::Uuid>) {
+    let opts = Ext4Options {
+        block_size: Some(4096),
+        reserved_percent: Some(0),
+        uuid,
+        ..Ext4Options::default()
+    };
+    make_ext4_image(path, SIZE, "HOME", &opts).unwrap();
+}
+
+fn journal_sequence(image: &Path) -> u32 {
+    let v = field(image, "Journal sequence");
+    u32::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
+}
+
+/// What became of the stale transaction.
+#[derive(Debug, PartialEq)]
+struct Outcome {
+    /// It followed the new transaction with the very ID recovery expected
+    /// next, so only checksums could stop it.
+    in_sequence: bool,
+    /// Its block was written into the filesystem.
+    replayed: bool,
+}
+
+/// The experiment. `old` is the filesystem the stick held: its journal gets
+/// two committed, unreplayed transactions (a dummy block, then
+/// `STALE_TARGET` ← 'S'…) at journal blocks 1–6. A second later the data
+/// regions of `new` are copied over it, and the new filesystem "crashes
+/// after mount": debugfs writes its own transaction (`NEW_TARGET` ← 'N'…)
+/// at journal blocks 1–3, over the old first one, leaving the stale second
+/// right behind it. `e2fsck -fy` then recovers the journal.
+fn stale_transaction(dir: &Path, old: &Path, new: &Path) -> Outcome {
     let target = dir.join("stick-area");
-    mke2fs_home_like(&target, old_features);
+    std::fs::rename(old, &target).unwrap();
     let dummy = dir.join("dummy");
     let stale = dir.join("stale");
     let fresh = dir.join("fresh");
     std::fs::write(&dummy, [b'D'; 4096]).unwrap();
     std::fs::write(&stale, [b'S'; 4096]).unwrap();
     std::fs::write(&fresh, [b'N'; 4096]).unwrap();
+    let s0 = journal_sequence(&target);
     debugfs_script(
         &target,
         &format!(
@@ -394,15 +426,18 @@ fn stale_transaction_replayed(dir: &Path, old_features: &str, new: &Path) -> boo
             p(&stale)
         ),
     );
+    let log = e2_ok("debugfs", &["-R", "logdump", p(&target)]);
+    assert!(
+        log.contains(&format!(
+            "Found expected sequence {}, type 2 (commit block) at block 6",
+            s0.wrapping_add(1)
+        )),
+        "the old journal holds the stale transaction: {log}"
+    );
     // Recovery tells a stale commit from a corrupt one by its time (whole
     // seconds): the old transactions were written before the new ones.
     // (debugfs takes commit times from the clock, not E2FSPROGS_FAKE_TIME.)
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    let log = e2_ok("debugfs", &["-R", "logdump", p(&target)]);
-    assert!(
-        log.contains("Found expected sequence 2, type 2 (commit block) at block 6"),
-        "the old journal holds the stale transaction 2: {log}"
-    );
 
     // Same size, same options: the new journal lies on the old one.
     let old_map = e2_ok("debugfs", &["-R", "bmap <8> 4", p(&target)]);
@@ -414,6 +449,7 @@ fn stale_transaction_replayed(dir: &Path, old_features: &str, new: &Path) -> boo
         field(&target, "Filesystem UUID"),
         field(new, "Filesystem UUID")
     );
+    let s1 = journal_sequence(&target);
     let before = block(&target, STALE_TARGET);
     assert!(before != [b'S'; 4096]);
 
@@ -423,10 +459,16 @@ fn stale_transaction_replayed(dir: &Path, old_features: &str, new: &Path) -> boo
     );
     let log = e2_ok("debugfs", &["-R", "logdump", p(&target)]);
     assert!(
-        log.contains("Found expected sequence 1, type 2 (commit block) at block 3")
-            && log.contains("Found expected sequence 2, type 1 (descriptor block) at block 4"),
-        "after the new transaction 1, the stale transaction 2 follows in sequence: {log}"
+        log.contains(&format!(
+            "Found expected sequence {s1}, type 2 (commit block) at block 3"
+        )),
+        "the new transaction: {log}"
     );
+    // logdump checks sequence numbers only, not checksums.
+    let in_sequence = log.contains(&format!(
+        "Found expected sequence {}, type 1 (descriptor block) at block 4",
+        s1.wrapping_add(1)
+    ));
     assert!(field(&target, "Filesystem features").contains("needs_recovery"));
 
     let fsck = e2("e2fsck", &["-fy", p(&target)]);
@@ -445,84 +487,147 @@ fn stale_transaction_replayed(dir: &Path, old_features: &str, new: &Path) -> boo
         "the new transaction was not replayed: {}",
         text(&fsck)
     );
-    let after = block(&target, STALE_TARGET);
     let clean = e2("e2fsck", &["-fn", p(&target)]);
     assert_eq!(clean.status.code(), Some(0), "{}", text(&clean));
-    if after == [b'S'; 4096] {
-        return true;
-    }
-    assert_eq!(
-        after, before,
+    let after = block(&target, STALE_TARGET);
+    let replayed = after == [b'S'; 4096];
+    assert!(
+        replayed || after == before,
         "{STALE_TARGET} keeps the new filesystem's content"
     );
-    false
+    Outcome {
+        in_sequence,
+        replayed,
+    }
 }
 
+/// Checksums alone: the sequence defence is undone (the new journal starts
+/// at 1 like the old mke2fs one), and the old journal is as checksummed as
+/// the new one, so the stale transaction is well-formed and in sequence;
+/// only the checksum seed (the UUID) differs.
 #[test]
-fn a_stale_journal_is_not_replayed_with_metadata_csum() {
+fn checksums_keep_a_stale_journal_out() {
     if !have_e2fsprogs() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.img");
     let new = dir.path().join("new.img");
-    make_ext4_image(
-        &new,
-        SIZE,
-        "HOME",
-        &Ext4Options {
-            block_size: Some(4096),
-            reserved_percent: Some(0),
-            ..Ext4Options::default()
-        },
-    )
-    .unwrap();
-    // The old filesystem as checksummed as the new one: its stale
-    // transaction is well-formed and only the seed (the UUID) differs.
-    assert!(!stale_transaction_replayed(
-        dir.path(),
-        "has_journal,metadata_csum",
-        &new
-    ));
+    mke2fs_home_like(&old, "has_journal,metadata_csum");
+    livestick_home(&new, None);
+    set_journal_sequence(&new, 1).unwrap();
+    assert_eq!(
+        stale_transaction(dir.path(), &old, &new),
+        Outcome {
+            in_sequence: true,
+            replayed: false
+        }
+    );
 }
 
+/// The same over an old journal without checksums (its tags are laid out
+/// differently, which checksum v3 recovery rejects just the same).
 #[test]
-fn a_stale_journal_is_not_replayed_over_an_unchecksummed_old_journal() {
+fn checksums_keep_an_unchecksummed_stale_journal_out() {
     if !have_e2fsprogs() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.img");
     let new = dir.path().join("new.img");
-    make_ext4_image(
-        &new,
-        SIZE,
-        "HOME",
-        &Ext4Options {
-            block_size: Some(4096),
-            reserved_percent: Some(0),
-            ..Ext4Options::default()
-        },
-    )
-    .unwrap();
-    assert!(!stale_transaction_replayed(
-        dir.path(),
-        "has_journal,^metadata_csum",
-        &new
-    ));
+    mke2fs_home_like(&old, "has_journal,^metadata_csum");
+    livestick_home(&new, None);
+    set_journal_sequence(&new, 1).unwrap();
+    assert!(!stale_transaction(dir.path(), &old, &new).replayed);
 }
 
-/// The control: the same experiment with an image like ours but without
-/// `metadata_csum` replays the stale block, so the tests above can fail.
+/// The random first sequence alone: old and new have the same UUID (as an
+/// overlay reset that keeps it), so the checksums of the stale transaction
+/// verify; it is out of sequence and ends the log.
 #[test]
-fn without_metadata_csum_the_stale_journal_is_replayed() {
+fn a_random_first_sequence_keeps_a_same_uuid_stale_journal_out() {
     if !have_e2fsprogs() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.img");
     let new = dir.path().join("new.img");
+    let uuid = uuid::Uuid::new_v4();
+    livestick_home(&old, Some(uuid));
+    livestick_home(&new, Some(uuid));
+    let (s_old, s_new) = (journal_sequence(&old), journal_sequence(&new));
+    assert!(
+        s_old != 1 && s_new != 1 && s_old != s_new,
+        "{s_old} {s_new}"
+    );
+    assert_eq!(
+        stale_transaction(dir.path(), &old, &new),
+        Outcome {
+            in_sequence: false,
+            replayed: false
+        }
+    );
+}
+
+/// Control: with the same UUID and the same first sequence (the random start
+/// undone), the stale transaction verifies and is replayed: the checksums do
+/// not cover this case, and the test above can fail.
+#[test]
+fn same_uuid_and_sequence_replays_the_stale_journal() {
+    if !have_e2fsprogs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.img");
+    let new = dir.path().join("new.img");
+    let uuid = uuid::Uuid::new_v4();
+    livestick_home(&old, Some(uuid));
+    livestick_home(&new, Some(uuid));
+    set_journal_sequence(&new, journal_sequence(&old)).unwrap();
+    assert_eq!(
+        stale_transaction(dir.path(), &old, &new),
+        Outcome {
+            in_sequence: true,
+            replayed: true
+        }
+    );
+}
+
+/// Control: without `metadata_csum` and with mke2fs's first sequence (what
+/// `make_ext4_image` would be without both defences), the stale block is
+/// replayed, so the tests above can fail.
+#[test]
+fn without_either_defence_the_stale_journal_is_replayed() {
+    if !have_e2fsprogs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.img");
+    let new = dir.path().join("new.img");
+    mke2fs_home_like(&old, "has_journal,^metadata_csum");
     mke2fs_home_like(&new, "has_journal,^metadata_csum");
-    assert!(stale_transaction_replayed(
-        dir.path(),
-        "has_journal,^metadata_csum",
-        &new
+    assert_eq!(
+        stale_transaction(dir.path(), &old, &new),
+        Outcome {
+            in_sequence: true,
+            replayed: true
+        }
+    );
+}
+
+#[test]
+fn set_journal_sequence_refuses_a_journal_in_use() {
+    if !have_e2fsprogs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    livestick_home(&img, None);
+    let data = dir.path().join("data");
+    std::fs::write(&data, [1u8; 4096]).unwrap();
+    debugfs_script(&img, &format!("jo\njw -b 3000 {}\njc\n", p(&data)));
+    assert!(matches!(
+        set_journal_sequence(&img, 7),
+        Err(Ext4Error::Journal { .. })
     ));
 }

@@ -55,7 +55,7 @@ fn scan(fd: std::os::fd::RawFd, len: u64) -> io::Result<Vec<Range<u64>>> {
             // No data at or after `pos`: the rest is one hole.
             Err(Errno::ENXIO) => break,
             // SEEK_DATA unknown here: treat everything as data.
-            Err(Errno::EINVAL) if pos == 0 => return Ok(vec![0..len]),
+            Err(Errno::EINVAL) if pos == 0 => return Ok(std::iter::once(0..len).collect()),
             Err(e) => return Err(e.into()),
         };
         if start >= len {
@@ -114,7 +114,7 @@ mod tests {
 
         let regions = data_regions(&f).unwrap();
         assert_eq!(f.stream_position().unwrap(), 12345, "offset restored");
-        if regions == [0..16 * MIB] {
+        if regions.len() == 1 && regions[0] == (0..16 * MIB) {
             eprintln!("note: this file system does not report holes; only the fallback is checked");
             return;
         }
@@ -139,10 +139,14 @@ mod tests {
         assert!(data_regions(&f).unwrap().is_empty());
         f.set_len(4 * MIB).unwrap();
         let r = data_regions(&f).unwrap();
-        assert!(r.is_empty() || r == [0..4 * MIB], "{r:?}");
+        assert!(
+            r.is_empty() || (r.len() == 1 && r[0] == (0..4 * MIB)),
+            "{r:?}"
+        );
         // A file with only data is one region.
         f.set_len(0).unwrap();
         f.write_all(&[1u8; 5000]).unwrap();
-        assert_eq!(data_regions(&f).unwrap(), [0..5000]);
+        let r = data_regions(&f).unwrap();
+        assert!(r.len() == 1 && r[0] == (0..5000), "{r:?}");
     }
 }
