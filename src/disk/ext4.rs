@@ -145,8 +145,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Ext4Error + '_ {
 ///     gives the same checksum seed, and a stale commit whose time is not
 ///     older (same second, or a clock set ahead) makes recovery stop with a
 ///     checksum error (the mount fails, e2fsck discards the journal). With a
-///     random start a stale transaction is out of sequence but by a 1 in 2^31
-///     chance, and out-of-sequence blocks simply end the log.
+///     random start a stale transaction lines up only by chance (about one in
+///     2^31 for each old transaction ID), and a block out of sequence simply
+///     ends the log.
 ///
 ///   `tests/ext4_sparse.rs` replays a stale transaction without either
 ///   defence and shows that each alone keeps it out.
