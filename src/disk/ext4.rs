@@ -7,9 +7,10 @@
 //! reader, where no file exists for `dumpe2fs` to open.
 
 use std::fs::OpenOptions;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// Errors from creating, checking, resizing or inspecting an ext4 image.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,12 @@ pub enum Ext4Error {
         "cannot shrink the ext4 filesystem from {current} to {requested} bytes: only growing is supported"
     )]
     Shrink { current: u64, requested: u64 },
+    #[error(
+        "ext4 feature edit {0:?} is refused: images are copied as sparse files and need a checksummed journal"
+    )]
+    RequiredFeature(String),
+    #[error("journal of {path}: {detail}")]
+    Journal { path: PathBuf, detail: String },
     #[error("ext4 label {0:?} is longer than 16 bytes")]
     BadLabel(String),
     #[error("not an ext2/3/4 filesystem: {0}")]
@@ -102,12 +109,53 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Ext4Error + '_ {
 }
 
 /// Create (or overwrite) the regular file `path` as an ext4 image of exactly
-/// `size` bytes labelled `label`.
+/// `size` bytes labelled `label`. The root directory belongs to root whoever
+/// runs us.
 ///
-/// Inode tables and the journal are initialised now
-/// (`lazy_itable_init=0,lazy_journal_init=0`): otherwise the kernel finishes
-/// that work on first mount, writing hundreds of MiB through the live
-/// system's overlay. The root directory belongs to root whoever runs us.
+/// The file is sparse, and the image is made so that copying only its data
+/// regions ([`crate::disk::sparse::data_regions`]) over *arbitrary* stale
+/// bytes (random data, an old filesystem, an old journal) gives a correct
+/// filesystem. mke2fs "zeroes" ranges of a regular file by punching holes, so
+/// anything ext4 would trust to be zero must not be claimed:
+///
+/// - Inode tables: `lazy_itable_init=1`. The group descriptors then say "not
+///   zeroed" and carry `bg_itable_unused`, so e2fsck and the kernel never look
+///   at the stale inodes past it; the kernel's lazyinit thread zeroes the
+///   tables in the background after the first mount. That is the trade-off:
+///   the live system writes those zeros (about 16 MiB per GiB of filesystem,
+///   rate-limited) instead of us writing them over USB at copy time. (With
+///   `lazy_itable_init=0` the descriptors would promise zeroed tables that
+///   are stale bytes on the stick.) Without a group-descriptor checksum
+///   mke2fs ignores the option, hence `metadata_csum` below.
+/// - Journal: `lazy_journal_init=1`; its blocks past the journal superblock
+///   are whatever the stick held, possibly an old ext4 journal whose
+///   committed transactions recovery would replay after a crash if they
+///   looked like the next ones of the new journal. Two things stop that:
+///   - Checksums. `metadata_csum` gives the journal checksum v3, seeded with
+///     the filesystem UUID: a stale descriptor or commit block of another
+///     filesystem fails its checksum, and recovery (the kernel's and
+///     e2fsck's alike) takes a stale commit older than the last good one as
+///     the end of the log. mke2fs 1.47 leaves the journal superblock without
+///     the checksum flag (the kernel adds it at mount), so debugfs's
+///     `journal_open -c` sets it now: checksummed from the first transaction.
+///   - A random first sequence number (mke2fs starts every journal at 1, so
+///     an old journal's transaction IDs line up with the new one's). This
+///     covers what the checksums cannot: a caller-chosen `opts.uuid` equal to
+///     that of the filesystem underneath (an overlay reset keeping its UUID)
+///     gives the same checksum seed, and a stale commit whose time is not
+///     older (same second, or a clock set ahead) makes recovery stop with a
+///     checksum error (the mount fails, e2fsck discards the journal). With a
+///     random start a stale transaction lines up only by chance (about one in
+///     2^31 for each old transaction ID), and a block out of sequence simply
+///     ends the log.
+///
+///   `tests/ext4_sparse.rs` replays a stale transaction without either
+///   defence and shows that each alone keeps it out.
+///
+/// `has_journal` and `metadata_csum` are asked for explicitly rather than
+/// trusted to the local mke2fs.conf, and a caller's feature edit that turns
+/// either off is refused. `nodiscard` keeps mke2fs from punching the whole
+/// file first (it is new and sparse anyway).
 pub fn make_ext4_image(
     path: &Path,
     size: u64,
@@ -123,7 +171,15 @@ pub fn make_ext4_image(
     if label.len() > 16 {
         return Err(Ext4Error::BadLabel(label.to_string()));
     }
+    if let Some(f) = opts.features.iter().find(|f| {
+        REQUIRED_FEATURES
+            .iter()
+            .any(|r| f.trim() == format!("^{r}"))
+    }) {
+        return Err(Ext4Error::RequiredFeature(f.clone()));
+    }
     find_tool("mke2fs")?;
+    find_tool("debugfs")?;
     let f = OpenOptions::new()
         .create(true)
         .write(true)
@@ -142,7 +198,16 @@ pub fn make_ext4_image(
         "-L".into(),
         label.into(),
         "-E".into(),
-        "lazy_itable_init=0,lazy_journal_init=0,nodiscard,root_owner=0:0".into(),
+        "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0".into(),
+        // One -O list: ours, then the caller's edits (checked above).
+        "-O".into(),
+        REQUIRED_FEATURES
+            .iter()
+            .map(|f| f.to_string())
+            .chain(opts.features.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(",")
+            .into(),
     ];
     if let Some(u) = opts.uuid {
         args.extend(["-U".into(), u.hyphenated().to_string().into()]);
@@ -153,9 +218,6 @@ pub fn make_ext4_image(
     if let Some(m) = opts.reserved_percent {
         args.extend(["-m".into(), m.to_string().into()]);
     }
-    if !opts.features.is_empty() {
-        args.extend(["-O".into(), opts.features.join(",").into()]);
-    }
     if let Some(d) = &opts.root_dir {
         args.extend(["-d".into(), d.as_os_str().to_owned()]);
     }
@@ -163,7 +225,169 @@ pub fn make_ext4_image(
     args.push(format!("{}k", size / 1024).into());
     let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     run("mke2fs", &refs, path)?;
+    checksum_journal(path)?;
+    // Never 0, and below 2^31 so that no comparison of transaction IDs, in
+    // any implementation, sits near a wrap.
+    let sequence = rand::random::<u32>() % 0x7FFF_FFFE + 1;
+    set_journal_sequence(path, sequence)?;
+    let header = run("dumpe2fs", &["-h".as_ref(), path.as_os_str()], path)?;
+    let shown = dumpe2fs_field(&header, "Journal sequence")
+        .and_then(|v| u32::from_str_radix(v.trim_start_matches("0x"), 16).ok());
+    if !journal_is_checksummed(&header) || shown != Some(sequence) {
+        return Err(Ext4Error::Journal {
+            path: path.to_path_buf(),
+            detail: format!(
+                "dumpe2fs shows no checksum v3 or sequence {shown:?} instead of {sequence}"
+            ),
+        });
+    }
     Ok(())
+}
+
+/// Features [`make_ext4_image`] cannot do without: see its documentation.
+const REQUIRED_FEATURES: [&str; 2] = ["has_journal", "metadata_csum"];
+
+/// Turn on checksum v3 in the journal superblock of the fresh image at
+/// `path`: debugfs opens the journal with checksums and closes it, which
+/// writes the superblock back with the flag and its own checksum. debugfs
+/// reports errors only as text, so the caller checks the result with
+/// dumpe2fs.
+fn checksum_journal(path: &Path) -> Result<(), Ext4Error> {
+    let exe = find_tool("debugfs")?;
+    let mut child = Command::new(&exe)
+        .args(["-w".as_ref(), "-f".as_ref(), "-".as_ref(), path.as_os_str()])
+        .env("LC_ALL", "C")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io_err(&exe))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(b"journal_open -c\njournal_close\n")
+            .map_err(io_err(&exe))?;
+    }
+    let out = child.wait_with_output().map_err(io_err(&exe))?;
+    if !out.status.success() {
+        return Err(Ext4Error::Failed {
+            tool: "debugfs",
+            path: path.to_path_buf(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The value of `name:` in dumpe2fs output.
+fn dumpe2fs_field<'a>(out: &'a str, name: &str) -> Option<&'a str> {
+    out.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// The jbd2 journal superblock's magic number (big-endian, like all its fields).
+const JBD2_MAGIC: u32 = 0xC03B_3998;
+/// Incompatible journal features that put a checksum in the superblock (v2, v3).
+const JBD2_CSUM_V2_V3: u32 = 0x08 | 0x10;
+/// `s_checksum_type` for crc32c, the only one v2/v3 use.
+const JBD2_CRC32C: u8 = 4;
+
+/// crc32c (Castagnoli, reflected), without the final inversion, as jbd2
+/// chains it: the journal superblock's checksum is this over its 1024 bytes
+/// with the checksum field zeroed, starting from !0.
+fn crc32c(mut crc: u32, data: &[u8]) -> u32 {
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Set the sequence number the empty journal of the ext4 image at `path`
+/// starts from (the transaction ID that recovery expects first), keeping the
+/// journal superblock's checksum valid. Refused unless the journal is empty
+/// (`s_start` 0) and its checksum, when it has one, verifies as it was.
+///
+/// [`make_ext4_image`] uses it to make stale transactions of an older journal
+/// out of sequence; it is public so tests can stage old journals.
+pub fn set_journal_sequence(path: &Path, sequence: u32) -> Result<(), Ext4Error> {
+    let bad = |detail: String| Ext4Error::Journal {
+        path: path.to_path_buf(),
+        detail,
+    };
+    // Where journal block 0 (its superblock) lies: debugfs maps the journal inode.
+    let map = run(
+        "debugfs",
+        &["-R".as_ref(), "bmap <8> 0".as_ref(), path.as_os_str()],
+        path,
+    )?;
+    let block: u64 = map
+        .trim()
+        .parse()
+        .map_err(|_| bad(format!("debugfs bmap printed {:?}", map.trim())))?;
+    let block_size = ext4_info(path)?.block_size;
+    let at = block
+        .checked_mul(block_size)
+        .ok_or_else(|| bad(format!("journal block {block} is out of range")))?;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    let mut sb = [0u8; 1024];
+    f.read_exact_at(&mut sb, at).map_err(io_err(path))?;
+    // Header: magic, block type (3, 4: superblock v1, v2); then s_sequence at
+    // 0x18, s_start at 0x1C, s_feature_incompat at 0x28, s_checksum_type at
+    // 0x50, s_checksum at 0xFC.
+    if be32(&sb, 0) != JBD2_MAGIC || !matches!(be32(&sb, 4), 3 | 4) {
+        return Err(bad(format!("no journal superblock at block {block}")));
+    }
+    if be32(&sb, 0x1C) != 0 {
+        return Err(bad("the journal is not empty".into()));
+    }
+    let checksummed = be32(&sb, 4) == 4 && be32(&sb, 0x28) & JBD2_CSUM_V2_V3 != 0;
+    let checksum = |sb: &[u8; 1024]| {
+        let mut copy = *sb;
+        copy[0xFC..0x100].fill(0);
+        crc32c(!0, &copy)
+    };
+    if checksummed {
+        if sb[0x50] != JBD2_CRC32C {
+            return Err(bad(format!("journal checksum type {}", sb[0x50])));
+        }
+        if checksum(&sb) != be32(&sb, 0xFC) {
+            return Err(bad(
+                "the journal superblock's checksum does not verify".into()
+            ));
+        }
+    }
+    sb[0x18..0x1C].copy_from_slice(&sequence.to_be_bytes());
+    if checksummed {
+        let c = checksum(&sb);
+        sb[0xFC..0x100].copy_from_slice(&c.to_be_bytes());
+    }
+    f.write_all_at(&sb, at).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))?;
+    Ok(())
+}
+
+/// Whether `dumpe2fs -h` output shows a checksummed (v3) journal.
+fn journal_is_checksummed(header: &str) -> bool {
+    header.lines().any(|l| {
+        l.strip_prefix("Journal features:")
+            .is_some_and(|f| f.split_whitespace().any(|f| f == "journal_checksum_v3"))
+    })
 }
 
 /// Check the filesystem in `path` (`e2fsck -f -p`), as resize2fs requires.
@@ -285,11 +509,7 @@ pub fn ext4_info(path: &Path) -> Result<Ext4Info, Ext4Error> {
 }
 
 fn parse_dumpe2fs(out: &str) -> Result<Ext4Info, Ext4Error> {
-    let field = |name: &str| -> Option<&str> {
-        out.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-    };
+    let field = |name: &str| dumpe2fs_field(out, name);
     let num = |name: &str| -> Result<u64, Ext4Error> {
         field(name)
             .and_then(|v| v.parse().ok())
@@ -350,6 +570,41 @@ mod tests {
             ),
             Err(Ext4Error::BadLabel(_))
         ));
+    }
+
+    #[test]
+    fn refuses_to_drop_the_checksummed_journal() {
+        let p = Path::new("/nonexistent/x.img");
+        for f in ["^metadata_csum", "^has_journal"] {
+            let opts = Ext4Options {
+                features: vec!["^64bit".into(), f.into()],
+                ..Ext4Options::default()
+            };
+            assert!(matches!(
+                make_ext4_image(p, MIN_EXT4_SIZE, "HOME", &opts),
+                Err(Ext4Error::RequiredFeature(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn reads_the_journal_checksum_flag() {
+        assert!(journal_is_checksummed(
+            "Journal inode:            8\nJournal features:         journal_64bit journal_checksum_v3\n"
+        ));
+        assert!(!journal_is_checksummed(
+            "Journal features:         (none)\n"
+        ));
+        assert!(!journal_is_checksummed(
+            "Filesystem features: has_journal\n"
+        ));
+    }
+
+    #[test]
+    fn crc32c_check_value() {
+        // The standard check value of CRC-32C over "123456789" (with the
+        // final inversion that jbd2 leaves out).
+        assert_eq!(!crc32c(!0, b"123456789"), 0xE306_9283);
     }
 
     #[test]
