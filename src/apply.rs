@@ -241,6 +241,9 @@ pub struct Prepared {
     /// The overlay: a new dm-snapshot store or an OverlayFS ext4 image,
     /// exactly `plan.overlay.size` bytes.
     pub overlay: Option<SparseImage>,
+    /// Overlay and home carried over from a source stick, by destination path: only
+    /// the parts their formats use are written (`--copy-overlay`, `--copy-home`).
+    pub copied: Vec<(String, SparseImage)>,
     pub syslinux: Option<SyslinuxFiles>,
 }
 
@@ -351,6 +354,7 @@ pub fn apply(
         home,
         swap,
         overlay,
+        copied,
         syslinux: syslinux_files,
     } = prepared;
     // Persistence files: allocated, with only their data regions written.
@@ -360,8 +364,21 @@ pub fn apply(
         (plan.swap.as_ref().map(|s| s.path.clone()), swap),
     ]
     .into_iter()
-    .filter_map(|(path, image)| Some((path?, image?.with_signature_wipes())))
+    .filter_map(|(path, image)| Some((path?, image?)))
+    .chain(copied)
+    .map(|(path, image)| (path, image.with_signature_wipes()))
     .collect();
+    let is_allocated = |dest: &str| {
+        persistent
+            .iter()
+            .any(|(path, _)| path.eq_ignore_ascii_case(dest))
+    };
+    let copied_bytes: u64 = plan
+        .copies
+        .iter()
+        .filter(|c| is_allocated(&c.dest))
+        .map(|c| c.size)
+        .sum();
 
     let mut written: Vec<(String, u64, [u8; 32])> = Vec::new();
     let mut persisted: Vec<Persisted> = Vec::new();
@@ -423,8 +440,11 @@ pub fn apply(
                 }
             }
 
-            progress.phase("write", plan.bytes_to_write + persist_total);
-            for copy in &plan.copies {
+            progress.phase(
+                "write",
+                plan.bytes_to_write - copied_bytes.min(plan.bytes_to_write) + persist_total,
+            );
+            for copy in plan.copies.iter().filter(|c| !is_allocated(&c.dest)) {
                 let step = format!("writing {}", copy.dest);
                 let sum = match &copy.source {
                     CopySource::Iso { path } => {

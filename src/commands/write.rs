@@ -283,6 +283,7 @@ fn prepare(
         home: None,
         swap: None,
         overlay: None,
+        copied: copied_persistence(plan, args)?,
         syslinux: None,
     };
     if let Some(home_step) = &plan.home {
@@ -341,6 +342,58 @@ fn prepare(
         ));
     }
     Ok(prepared)
+}
+
+/// The overlay and home a write carries over from a source stick, each read in place
+/// and written only where its format says it is used: a dm-snapshot store's header,
+/// metadata areas and exception chunks; an ext4 file system's in-use blocks. A LUKS
+/// home cannot be read without its passphrase and is copied whole.
+fn copied_persistence(plan: &Plan, args: &WriteArgs) -> anyhow::Result<Vec<(String, SparseImage)>> {
+    use crate::plan::CopySource;
+    let mut out = Vec::new();
+    for copy in &plan.copies {
+        let CopySource::Iso { path } = &copy.source else {
+            continue;
+        };
+        let name = path.rsplit('/').next().unwrap_or("").to_ascii_lowercase();
+        let overlay = args.copy_overlay && name.starts_with("overlay-");
+        let home = args.copy_home && name == "home.img";
+        if !overlay && !home {
+            continue;
+        }
+        let mut stick = crate::disk::stick::Stick::open(&plan.source, false)
+            .with_context(|| format!("opening {}", plan.source.display()))?;
+        let extents = stick
+            .file_extents(path)
+            .with_context(|| format!("finding {path} on {}", plan.source.display()))?;
+        drop(stick);
+        let file = File::open(&plan.source)
+            .with_context(|| format!("opening {}", plan.source.display()))?;
+        let mut content = crate::disk::extent_file::ExtentFile::new(file, &extents);
+        let whole = vec![0..copy.size];
+        let regions = match home::detect_home_kind(&mut content)? {
+            Some(home::HomeKind::Plain) => match extents.as_slice() {
+                // dumpe2fs reads the file system by offset: one extent only.
+                [(at, _)] => ext4::used_regions(&plan.source, *at, copy.size)
+                    .with_context(|| format!("reading the block bitmaps of {path}"))?,
+                _ => whole,
+            },
+            Some(home::HomeKind::Luks2) => whole,
+            None => match crate::persist::snapshot::open_store(&mut content, copy.size) {
+                Ok(crate::persist::snapshot::Opened::Valid(store)) => store.used_regions(),
+                Ok(crate::persist::snapshot::Opened::Uninitialised { .. }) => {
+                    std::iter::once(0..copy.size.min(crate::persist::snapshot::RESET_BYTES))
+                        .collect()
+                }
+                _ => whole,
+            },
+        };
+        out.push((
+            copy.dest.clone(),
+            SparseImage::new(Box::new(content), copy.size, regions),
+        ));
+    }
+    Ok(out)
 }
 
 /// Asks before erasing a block device or deleting home.img (unless --yes).
@@ -538,7 +591,7 @@ pub struct PartialBatchFailure {
 
 /// The schema version of the NDJSON events `write --json` prints for a batch
 /// (docs/ndjson-events.md).
-pub const EVENTS_SCHEMA: u32 = 1;
+pub const EVENTS_SCHEMA: u32 = 2;
 
 fn emit(json: bool, value: serde_json::Value) {
     if json {

@@ -390,6 +390,66 @@ fn journal_is_checksummed(header: &str) -> bool {
     })
 }
 
+/// The byte ranges of the ext4 file system at `offset` in `image` that its block
+/// bitmaps mark in use (metadata, journal, inode tables and file data), from `dumpe2fs`:
+/// a copy of only these blocks is the same file system. `len` is the file system's
+/// size in bytes; ranges are relative to `offset`.
+pub fn used_regions(
+    image: &Path,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<std::ops::Range<u64>>, Ext4Error> {
+    let spec = format!("{}?offset={offset}", image.display());
+    let text = run("dumpe2fs", &[std::ffi::OsStr::new(&spec)], image)?;
+    parse_used_regions(&text, len).ok_or_else(|| Ext4Error::Failed {
+        tool: "dumpe2fs",
+        path: image.to_path_buf(),
+        status: "unexpected output".into(),
+        stderr: "no block size, block count or free block list".into(),
+    })
+}
+
+/// Used ranges from dumpe2fs's per-group "Free blocks: a-b, c" lists.
+fn parse_used_regions(text: &str, len: u64) -> Option<Vec<std::ops::Range<u64>>> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let block = field("Block size:")?;
+    let blocks = field("Block count:")?;
+    let mut free: Vec<(u64, u64)> = Vec::new();
+    for line in text.lines() {
+        let Some(list) = line.trim_start().strip_prefix("Free blocks: ") else {
+            continue;
+        };
+        for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (a, b) = match item.split_once('-') {
+                Some((a, b)) => (a.parse::<u64>().ok()?, b.parse::<u64>().ok()?),
+                None => {
+                    let a = item.parse::<u64>().ok()?;
+                    (a, a)
+                }
+            };
+            free.push((a, b + 1));
+        }
+    }
+    free.sort_unstable();
+    let mut used = Vec::new();
+    let mut at = 0u64;
+    for (a, b) in free {
+        if a > at {
+            used.push(at * block..(a * block).min(len));
+        }
+        at = at.max(b);
+    }
+    if at < blocks {
+        used.push(at * block..(blocks * block).min(len));
+    }
+    used.retain(|r| r.start < r.end);
+    Some(used)
+}
+
 /// Check the filesystem in `path` (`e2fsck -f -p`), as resize2fs requires.
 pub fn check_ext4_image(path: &Path) -> Result<(), Ext4Error> {
     run(
@@ -534,6 +594,16 @@ fn parse_dumpe2fs(out: &str) -> Result<Ext4Info, Ext4Error> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn used_regions_are_the_complement_of_the_free_lists() {
+        let text = "Block count:              100\nBlock size:               1024\nFirst block:              1\n  Free blocks: 10-19, 30\n  Free blocks: 50-99\n";
+        assert_eq!(
+            parse_used_regions(text, 100 * 1024).unwrap(),
+            vec![0..10 * 1024, 20 * 1024..30 * 1024, 31 * 1024..50 * 1024]
+        );
+        assert!(parse_used_regions("garbage", 1).is_none());
+    }
+
     use super::*;
 
     #[test]

@@ -627,6 +627,32 @@ impl Store {
         Ok(())
     }
 
+    /// The byte ranges of the store the kernel reads: the header chunk, every metadata
+    /// area up to the one after the current (read when the current is full), and every
+    /// data chunk an exception points at. A copy of only these is the same store.
+    pub fn used_regions(&self) -> Vec<std::ops::Range<u64>> {
+        let g = &self.geometry;
+        let chunk = g.chunk_bytes();
+        let end = g.chunks().saturating_mul(chunk);
+        let mut chunks: Vec<u64> = vec![0];
+        chunks.extend((0..=self.current_area.saturating_add(1)).map(|a| g.area_chunk(a)));
+        chunks.extend(self.exceptions.iter().map(|e| e.new_chunk));
+        chunks.sort_unstable();
+        chunks.dedup();
+        let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+        for c in chunks {
+            let at = c.saturating_mul(chunk);
+            if at >= end {
+                continue;
+            }
+            match out.last_mut() {
+                Some(last) if last.end == at => last.end = at + chunk,
+                _ => out.push(at..at + chunk),
+            }
+        }
+        out
+    }
+
     /// origin chunk → overlay chunk, sorted by origin chunk. On duplicates the earliest
     /// entry on disk wins, which is what the kernel's merge leaves behind (§6.2).
     pub fn chunk_map(&self) -> Vec<(u64, u64)> {
