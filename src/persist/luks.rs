@@ -2261,7 +2261,8 @@ mod tests {
     /// Old code: 2^32-1 PBKDF2 iterations or Argon2 passes ran for hours.
     #[test]
     fn crafted_huge_time_and_iterations_are_refused() {
-        let cases: [(LuksParams, fn(&mut Value)); 4] = [
+        type Edit = fn(&mut Value);
+        let cases: [(LuksParams, Edit); 4] = [
             (cheap(), |j| {
                 j["keyslots"]["0"]["kdf"]["iterations"] = json!(u32::MAX)
             }),
