@@ -16,16 +16,22 @@
 //! - `we_open_what_cryptsetup_encrypted`: data encrypted by cryptsetup (512-
 //!   and 4096-byte sectors, pbkdf2 and argon2id) decrypts with our reader to
 //!   an ext4 that `blkid` and `dumpe2fs` call `HOME`.
+//! - `metadata_regions_alone_make_a_container`: `LuksEncryptingReader::
+//!   metadata_regions()` names every byte of the header area that matters:
+//!   a container written as only those ranges plus the data sectors that hold
+//!   something, over random bytes, passes `cryptsetup open --test-passphrase`,
+//!   shows its keyslot in `luksDump`, is `crypto_LUKS` with its UUID to
+//!   `blkid -p`, and decrypts with our reader.
 
 use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use livestick::disk::ext4::{Ext4Info, Ext4Options, ext4_info, make_ext4_image};
 use livestick::persist::luks::{
-    DATA_OFFSET, LuksError, LuksParams, PbkdfKind, format_luks2, format_luks2_with_volume_key,
-    open_luks2,
+    DATA_OFFSET, LuksEncryptingReader, LuksError, LuksParams, PbkdfKind, format_luks2,
+    format_luks2_with_volume_key, open_luks2,
 };
 
 const PASS: &[u8] = b"correct horse battery staple";
@@ -369,5 +375,102 @@ fn we_open_what_cryptsetup_encrypted() {
             open_luks2(File::open(&img).unwrap(), b"nope"),
             Err(LuksError::WrongPassphrase)
         ));
+    }
+}
+
+#[test]
+fn metadata_regions_alone_make_a_container() {
+    use rand::RngCore;
+    let Some(cs) = cryptsetup() else { return };
+    for (params, kdf_line) in [
+        (cheap_pbkdf2(), "Iterations: 1000"),
+        (cheap_argon2(), "PBKDF:      argon2id"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let plain_path = home_ext4(dir.path());
+        let plain = fs::read(&plain_path).unwrap();
+        let mut enc =
+            LuksEncryptingReader::new(File::open(&plain_path).unwrap(), 8 * MIB, PASS, &params)
+                .unwrap();
+        // Random bytes everywhere first: stale data the writer never touches.
+        let img = dir.path().join("home.img");
+        let mut junk = vec![0u8; enc.len() as usize];
+        rand::thread_rng().fill_bytes(&mut junk);
+        fs::write(&img, &junk).unwrap();
+        drop(junk);
+
+        // The metadata regions, then the data sectors whose plaintext is not zero.
+        let ss = u64::from(params.sector_size);
+        let mut ranges = enc.metadata_regions();
+        assert!(ranges.iter().all(|r| r.end <= DATA_OFFSET));
+        let copied_sectors: Vec<u64> = (0..8 * MIB / ss)
+            .filter(|&i| {
+                plain[(i * ss) as usize..((i + 1) * ss) as usize]
+                    .iter()
+                    .any(|&b| b != 0)
+            })
+            .collect();
+        ranges.extend(
+            copied_sectors
+                .iter()
+                .map(|&i| DATA_OFFSET + i * ss..DATA_OFFSET + (i + 1) * ss),
+        );
+        let mut out = File::options().write(true).open(&img).unwrap();
+        for r in &ranges {
+            let mut buf = vec![0u8; (r.end - r.start) as usize];
+            enc.seek(SeekFrom::Start(r.start)).unwrap();
+            enc.read_exact(&mut buf).unwrap();
+            out.seek(SeekFrom::Start(r.start)).unwrap();
+            out.write_all(&buf).unwrap();
+        }
+        drop(out);
+
+        let img_s = img.to_str().unwrap();
+        let good = key_file(dir.path(), "good", PASS);
+        let ok = run(
+            &cs,
+            &[
+                "open",
+                "--disable-locks",
+                "--test-passphrase",
+                "--key-file",
+                &good,
+                img_s,
+            ],
+        );
+        assert!(ok.status.success(), "right passphrase refused: {ok:?}");
+        let dump = run(&cs, &["luksDump", "--disable-locks", img_s]);
+        assert!(dump.status.success(), "{dump:?}");
+        let text = String::from_utf8_lossy(&dump.stdout);
+        let uuid = enc.uuid().hyphenated().to_string();
+        for want in [
+            "Keyslots:\n  0: luks2",
+            "Key:        512 bits",
+            kdf_line,
+            "AF stripes: 4000",
+            "Area offset:32768 [bytes]",
+            &format!("UUID:          \t{uuid}"),
+        ] {
+            assert!(text.contains(want), "luksDump lacks {want:?}:\n{text}");
+        }
+        if let Some(blkid) = tool("blkid") {
+            let out = run(&blkid, &["-p", "-o", "export", img_s]);
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "blkid: {out:?}");
+            assert!(text.contains("TYPE=crypto_LUKS"), "blkid: {text}");
+            assert!(text.contains(&format!("UUID={uuid}")), "blkid: {text}");
+            assert!(text.contains("VERSION=2"), "blkid: {text}");
+        }
+        // Our reader: every sector written decrypts to its plaintext, and the
+        // superblock names HOME.
+        let mut vol = open_luks2(File::open(&img).unwrap(), PASS).unwrap();
+        let mut back = Vec::new();
+        vol.read_to_end(&mut back).unwrap();
+        for &i in &copied_sectors {
+            let r = (i * ss) as usize..((i + 1) * ss) as usize;
+            assert!(back[r.clone()] == plain[r], "sector {i}");
+        }
+        vol.seek(SeekFrom::Start(0)).unwrap();
+        assert_eq!(Ext4Info::read_from(&mut vol).unwrap().label, "HOME");
     }
 }

@@ -44,6 +44,7 @@ use rand::RngCore;
 use rand::rngs::OsRng;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
 /// Size of one header copy: 4 KiB binary header + 12 KiB JSON area (cryptsetup's default).
@@ -84,13 +85,36 @@ pub const MIN_PBKDF2_ITERATIONS: u32 = 1000;
 /// The digest is given 1/16 of the default unlock time, like cryptsetup's 125 ms.
 const DIGEST_TIME_MS: u32 = 125;
 
-/// Reference speeds for deriving costs without a benchmark. They describe a
-/// modest x86-64 machine of the kind a live stick is booted on: PBKDF2-SHA256
-/// iterations per millisecond, and KiB of Argon2 memory filled per
-/// millisecond per lane. A faster machine unlocks sooner; the cost never
-/// drops below cryptsetup's minimum.
-const REF_PBKDF2_SHA256_PER_MS: u64 = 1000;
-const REF_ARGON2_KIB_PER_MS_PER_LANE: u64 = 512;
+/// The most work livestick will do for one keyslot or digest, so that a
+/// crafted header cannot make it spin for hours (cryptsetup accepts any cost
+/// up to 2^32-1 and runs it). Each is about one minute on the machine they
+/// were measured on (2 shared cores of an x86-64 Xeon with SHA-NI, release
+/// build; `cargo test --release --lib kdf_speed_here -- --ignored
+/// --nocapture` prints the figures on another):
+///
+/// - PBKDF2-HMAC-SHA256 costs two SHA-256 compressions per iteration and per
+///   32-byte output block: about 2,000 iterations/ms here for the 64-byte key
+///   of an aes-xts-plain64 (512-bit) keyslot, so 120 million iterations take
+///   about 60 s (half that for a 32-byte key or the digest). cryptsetup's
+///   default of 2 s lands at a few million even on a fast machine.
+/// - Argon2 (the RustCrypto crate, one thread whatever the lanes) fills about
+///   370 KiB per ms and pass here far beyond the caches (one pass over 1 GiB:
+///   2.9 s), so its unit is the KiB-pass (`time` × `memory`), and 20 GiB-passes
+///   take about 60 s. cryptsetup's defaults are 1 GiB with time ≥ 4, scaled up
+///   on a fast machine; its multi-threaded libargon2 opens the same header
+///   faster than we do, so a header made for a much faster machine may be
+///   refused, with the hint to lower its cost (`cryptsetup luksConvertKey`).
+pub const MAX_PBKDF2_ITERATIONS: u32 = 120_000_000;
+pub const MAX_ARGON2_KIB_PASSES: u64 = 20 * 1024 * 1024;
+/// LUKS2 has keyslots 0 to 31 (cryptsetup's `LUKS2_KEYSLOTS_MAX`).
+const MAX_KEYSLOTS: u32 = 32;
+/// The only volume- and keyslot-key sizes of aes-xts-plain64: 2 × AES-128 or 2 × AES-256.
+const XTS_KEY_SIZES: [u64; 2] = [32, 64];
+/// A pbkdf2-sha256 digest is one SHA-256 output.
+const DIGEST_LEN: usize = 32;
+/// Stripes the anti-forensic splitter may claim; cryptsetup always writes 4000.
+/// The bound keeps the merged material (key size × stripes) at a few MiB.
+const MAX_AF_STRIPES: u64 = 100_000;
 
 /// Errors from formatting or opening a LUKS2 container.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +145,45 @@ pub enum LuksError {
     UnalignedPlaintext { plain_len: u64, sector_size: u32 },
     #[error("the plaintext ended after {got} of {expected} bytes; was the source image truncated?")]
     ShortPlaintext { expected: u64, got: u64 },
+    #[error(
+        "keyslot {keyslot} asks for {memory_kib} KiB of Argon2 memory, more than the {limit_kib} KiB livestick allows here ({why}); no genuine LUKS2 header asks for more than 4 GiB, so a larger value means a damaged or crafted header; otherwise free some memory and retry, or open it on a machine with more"
+    )]
+    KdfMemory {
+        keyslot: String,
+        memory_kib: u64,
+        limit_kib: u64,
+        why: &'static str,
+    },
+    #[error(
+        "{what} costs {cost} {unit}, above livestick's cap of {cap} (about a minute of work; cryptsetup would accept it and could run for hours): the header is damaged or crafted; if it is genuine, lower the cost where it opens with `cryptsetup luksConvertKey --iter-time 2000`"
+    )]
+    KdfTooCostly {
+        what: String,
+        cost: u64,
+        unit: &'static str,
+        cap: u64,
+    },
+    #[error(
+        "{what} is {bytes} bytes, but aes-xts-plain64 takes a 32- or 64-byte key: the header is damaged or crafted; restore a header backup with `cryptsetup luksHeaderRestore`"
+    )]
+    KeySize { what: String, bytes: u64 },
+    #[error(
+        "digest {digest} is {bytes} bytes long, but a pbkdf2-sha256 digest is exactly 32: the header is damaged or crafted and cannot tell a right passphrase from a wrong one; restore a header backup with `cryptsetup luksHeaderRestore`"
+    )]
+    DigestLength { digest: String, bytes: usize },
+    #[error(
+        "{what} (bytes {start} to {end}) lies outside {bounds}: the file is truncated or its header damaged; compare the file size with `cryptsetup luksDump`, or restore a header backup with `cryptsetup luksHeaderRestore`"
+    )]
+    OutOfBounds {
+        what: String,
+        start: u64,
+        end: u64,
+        bounds: String,
+    },
+    #[error(
+        "the JSON area is {area} bytes by the binary header but {json_size} bytes by its config: the header is damaged or crafted; restore a header backup with `cryptsetup luksHeaderRestore`"
+    )]
+    JsonAreaSize { area: u64, json_size: u64 },
     #[error("key derivation failed: {0}")]
     Kdf(String),
     #[error("I/O error on the LUKS container: {0}")]
@@ -212,7 +275,14 @@ impl LuksParams {
         }
     }
 
-    /// The keyslot KDF costs these parameters lead to, without running a benchmark.
+    /// The keyslot KDF costs these parameters lead to. Forced iterations are
+    /// used as they are; otherwise, as cryptsetup does, the KDF is timed on
+    /// this machine for a fraction of a second and the cost scaled to
+    /// `iter_time_ms`, never below cryptsetup's floors (1000 PBKDF2
+    /// iterations, Argon2 time 4: when 4 passes over the requested memory
+    /// would take longer than asked, the memory shrinks instead, down to its
+    /// minimum). A cost above what livestick itself opens
+    /// ([`MAX_PBKDF2_ITERATIONS`], [`MAX_ARGON2_KIB_PASSES`]) is refused.
     pub fn resolve_kdf(&self) -> Result<KdfCost, LuksError> {
         if self.sector_size != 512 && self.sector_size != 4096 {
             return Err(LuksError::BadParams(format!(
@@ -220,7 +290,7 @@ impl LuksParams {
                 self.sector_size
             )));
         }
-        match self.pbkdf {
+        let cost = match self.pbkdf {
             PbkdfKind::Pbkdf2 => {
                 let iterations = match self.force_iterations {
                     Some(n) if n < MIN_PBKDF2_ITERATIONS => {
@@ -229,9 +299,9 @@ impl LuksParams {
                         )));
                     }
                     Some(n) => n,
-                    None => pbkdf2_iterations_for(self.iter_time_ms),
+                    None => pbkdf2_iterations_for(self.iter_time_ms, pbkdf2_speed()),
                 };
-                Ok(KdfCost::Pbkdf2 { iterations })
+                KdfCost::Pbkdf2 { iterations }
             }
             PbkdfKind::Argon2id | PbkdfKind::Argon2i => {
                 if self.parallel == 0 || self.parallel > 16 {
@@ -249,33 +319,60 @@ impl LuksParams {
                         self.memory_kib, self.parallel
                     )));
                 }
-                let time = match self.force_iterations {
+                let (time, memory_kib) = match self.force_iterations {
                     Some(t) if t < MIN_ARGON2_TIME => {
                         return Err(LuksError::BadParams(format!(
                             "Argon2 time cost {t} is below cryptsetup's minimum of {MIN_ARGON2_TIME}"
                         )));
                     }
-                    Some(t) => t,
-                    None => argon2_time_for(self.iter_time_ms, memory, self.parallel),
+                    Some(t) => (t, memory),
+                    None => argon2_time_for(
+                        self.iter_time_ms,
+                        memory,
+                        self.parallel,
+                        argon2_speed(memory),
+                    ),
                 };
-                Ok(KdfCost::Argon2 {
+                KdfCost::Argon2 {
                     kind: self.pbkdf,
                     time,
-                    memory_kib: memory,
+                    memory_kib,
                     parallel: self.parallel,
-                })
+                }
             }
-        }
+        };
+        within_open_caps(&cost)?;
+        Ok(cost)
     }
 
     /// PBKDF2 iterations for the volume-key digest. Like cryptsetup, forced
-    /// (test) iterations give the minimum, otherwise about 125 ms.
+    /// (test) iterations give the minimum, otherwise about 125 ms here.
     fn digest_iterations(&self) -> u32 {
         if self.force_iterations.is_some() {
             MIN_PBKDF2_ITERATIONS
         } else {
-            pbkdf2_iterations_for(DIGEST_TIME_MS)
+            pbkdf2_iterations_for(DIGEST_TIME_MS, pbkdf2_speed()).min(MAX_PBKDF2_ITERATIONS)
         }
+    }
+}
+
+/// Refuse to write a keyslot that livestick's own reader would refuse to open.
+fn within_open_caps(cost: &KdfCost) -> Result<(), LuksError> {
+    let hint = "choose a shorter --luks-iter-time (or fewer forced iterations)";
+    match *cost {
+        KdfCost::Pbkdf2 { iterations } if iterations > MAX_PBKDF2_ITERATIONS => {
+            Err(LuksError::BadParams(format!(
+                "{iterations} PBKDF2 iterations is more than livestick opens ({MAX_PBKDF2_ITERATIONS}, about a minute of work): {hint}"
+            )))
+        }
+        KdfCost::Argon2 {
+            time, memory_kib, ..
+        } if u64::from(time) * u64::from(memory_kib) > MAX_ARGON2_KIB_PASSES => {
+            Err(LuksError::BadParams(format!(
+                "Argon2 time {time} × {memory_kib} KiB is more than livestick opens ({MAX_ARGON2_KIB_PASSES} KiB-passes, about a minute of work): {hint}"
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -293,31 +390,105 @@ pub enum KdfCost {
     },
 }
 
-fn pbkdf2_iterations_for(ms: u32) -> u32 {
-    let n = u64::from(ms) * REF_PBKDF2_SHA256_PER_MS;
+/// PBKDF2 iterations that take `ms` at `per_ms` iterations per millisecond
+/// (for a 64-byte output, as the keyslot derives), at least cryptsetup's 1000.
+fn pbkdf2_iterations_for(ms: u32, per_ms: u64) -> u32 {
+    let n = u64::from(ms).saturating_mul(per_ms);
     u32::try_from(n)
         .unwrap_or(u32::MAX)
         .max(MIN_PBKDF2_ITERATIONS)
 }
 
-/// Argon2 passes so that `time × memory` fills take `ms` at the reference speed
-/// with all lanes running in parallel (as libargon2 does at unlock time).
-fn argon2_time_for(ms: u32, memory_kib: u32, parallel: u32) -> u32 {
-    let budget = u64::from(ms) * REF_ARGON2_KIB_PER_MS_PER_LANE * u64::from(parallel);
+/// Argon2 (time, memory) so that `time` passes over `memory_kib` take `ms`
+/// with all lanes running in parallel (as libargon2 does when the live system
+/// unlocks), at `kib_per_ms` KiB filled per millisecond by one lane. Below
+/// cryptsetup's floor of 4 passes the memory shrinks instead, as
+/// cryptsetup's own benchmark does, but not below the minimum for the lanes.
+fn argon2_time_for(ms: u32, memory_kib: u32, parallel: u32, kib_per_ms: u64) -> (u32, u32) {
+    let budget = u64::from(ms)
+        .saturating_mul(kib_per_ms)
+        .saturating_mul(u64::from(parallel));
     let passes = budget / u64::from(memory_kib.max(1));
-    u32::try_from(passes)
-        .unwrap_or(u32::MAX)
-        .max(MIN_ARGON2_TIME)
+    if passes >= u64::from(MIN_ARGON2_TIME) {
+        return (u32::try_from(passes).unwrap_or(u32::MAX), memory_kib);
+    }
+    let min_memory = MIN_ARGON2_MEMORY_KIB.max(8 * parallel);
+    let fit = u32::try_from(budget / u64::from(MIN_ARGON2_TIME)).unwrap_or(u32::MAX);
+    (
+        MIN_ARGON2_TIME,
+        fit.clamp(min_memory.min(memory_kib), memory_kib),
+    )
+}
+
+/// How long each benchmark runs at least: long enough to swamp timer noise
+/// and the first call's page faults, short enough not to be noticed.
+const BENCH_MS: f64 = 100.0;
+
+/// Runs `f(n)` with a doubling work count `n` until one run takes at least
+/// [`BENCH_MS`]; returns the work done per millisecond in that run.
+fn bench(mut n: u64, max_n: u64, mut f: impl FnMut(u64)) -> f64 {
+    loop {
+        let start = std::time::Instant::now();
+        f(n);
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        if ms >= BENCH_MS || n >= max_n {
+            return n as f64 / ms.max(0.001);
+        }
+        n = (n * 2).min(max_n);
+    }
+}
+
+/// PBKDF2-HMAC-SHA256 iterations per millisecond for a 64-byte output (two
+/// 32-byte blocks, as a keyslot of aes-xts-plain64 with a 512-bit key derives),
+/// measured once per process.
+fn pbkdf2_speed() -> u64 {
+    static SPEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SPEED.get_or_init(|| {
+        let mut out = Zeroizing::new([0u8; VOLUME_KEY_LEN]);
+        let per_ms = bench(1000, u64::from(u32::MAX), |n| {
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            pbkdf2::pbkdf2_hmac::<Sha256>(b"benchmark", &[0u8; SALT_LEN], n, &mut out[..]);
+        });
+        // At least 1, so a scaled cost never ends at zero.
+        (per_ms as u64).max(1)
+    })
+}
+
+/// Argon2id KiB filled per millisecond by one lane, measured on a sample of
+/// `memory_kib` capped at 64 MiB (well beyond the caches, so close to the
+/// speed at 1 GiB, while a measurement stays near [`BENCH_MS`]).
+fn argon2_speed(memory_kib: u32) -> u64 {
+    let sample = memory_kib.clamp(MIN_ARGON2_MEMORY_KIB, 64 * 1024);
+    let mut out = Zeroizing::new([0u8; VOLUME_KEY_LEN]);
+    let mut failed = false;
+    let per_ms = bench(1, 1 << 20, |passes| {
+        let t = u32::try_from(passes).unwrap_or(u32::MAX);
+        let run = argon2::Params::new(sample, t, 1, Some(VOLUME_KEY_LEN))
+            .map(|p| argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, p))
+            .and_then(|a| a.hash_password_into(b"benchmark", &[0u8; SALT_LEN], &mut out[..]));
+        failed |= run.is_err();
+    });
+    if failed {
+        // Cannot happen with these constant parameters; fall back to a slow
+        // machine's speed rather than to no cost at all.
+        return 64;
+    }
+    ((per_ms * f64::from(sample)) as u64).max(1)
 }
 
 /// Half of MemTotal, as cryptsetup caps Argon2 memory; unlimited if unknown.
 fn half_physical_memory_kib() -> u32 {
-    let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else {
-        return u32::MAX;
-    };
+    meminfo_kib("MemTotal:")
+        .map(|kib| u32::try_from(kib / 2).unwrap_or(u32::MAX))
+        .unwrap_or(u32::MAX)
+}
+
+/// A `/proc/meminfo` field in KiB (the file says "kB" and means KiB).
+fn meminfo_kib(field: &str) -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     meminfo
         .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|rest| {
             rest.trim()
                 .trim_end_matches("kB")
@@ -325,8 +496,40 @@ fn half_physical_memory_kib() -> u32 {
                 .parse::<u64>()
                 .ok()
         })
-        .map(|kib| u32::try_from(kib / 2).unwrap_or(u32::MAX))
-        .unwrap_or(u32::MAX)
+}
+
+/// What the reader lets a header ask for before it runs a KDF. Every value
+/// comes from the header, so these bound what a damaged or crafted file can
+/// cost: memory, and time through the work caps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LuksLimits {
+    /// Argon2 memory per keyslot, KiB.
+    pub max_memory_kib: u64,
+    /// Why `max_memory_kib` is what it is, for the refusal message.
+    pub memory_reason: &'static str,
+    /// PBKDF2 iterations of a keyslot or of the digest.
+    pub max_pbkdf2_iterations: u32,
+    /// Argon2 `time` × `memory` (KiB-passes) of a keyslot.
+    pub max_argon2_kib_passes: u64,
+}
+
+impl LuksLimits {
+    /// 4 GiB of Argon2 memory (the most cryptsetup ever writes) or what
+    /// MemAvailable says is free now, whichever is less; the work caps
+    /// [`MAX_PBKDF2_ITERATIONS`] and [`MAX_ARGON2_KIB_PASSES`].
+    pub fn for_this_machine() -> Self {
+        let cap = u64::from(MAX_ARGON2_MEMORY_KIB);
+        let (max_memory_kib, memory_reason) = match meminfo_kib("MemAvailable:") {
+            Some(avail) if avail < cap => (avail, "the memory available now, by /proc/meminfo"),
+            _ => (cap, "4 GiB, the most cryptsetup uses"),
+        };
+        LuksLimits {
+            max_memory_kib,
+            memory_reason,
+            max_pbkdf2_iterations: MAX_PBKDF2_ITERATIONS,
+            max_argon2_kib_passes: MAX_ARGON2_KIB_PASSES,
+        }
+    }
 }
 
 /// What [`format_luks2`] produced.
@@ -427,7 +630,7 @@ impl XtsCipher {
     fn apply(&self, buf: &mut [u8], sector_size: usize, first_iv: u64, encrypt: bool) {
         let step = (sector_size / 512) as u64;
         for (i, sector) in buf.chunks_exact_mut(sector_size).enumerate() {
-            let iv = first_iv + i as u64 * step;
+            let iv = first_iv.wrapping_add(i as u64 * step);
             match self {
                 XtsCipher::Aes128(k) => xts_sector(&k.0, &k.1, sector, iv, encrypt),
                 XtsCipher::Aes256(k) => xts_sector(&k.0, &k.1, sector, iv, encrypt),
@@ -824,6 +1027,22 @@ impl<R: Read + Seek> LuksEncryptingReader<R> {
     pub fn kdf(&self) -> KdfCost {
         self.prep.kdf
     }
+
+    /// Byte ranges within [0, data offset) that carry LUKS2 metadata: both binary headers with
+    /// their JSON areas, and the key material of the keyslot(s) actually used. The rest of the
+    /// header area may keep stale bytes: cryptsetup reads only what the JSON points to.
+    ///
+    /// The ranges are sorted and do not overlap. The key material is the AF-split key in whole
+    /// 512-byte sectors (256,000 bytes for 64-byte keys and 4000 stripes), not the 4 KiB-rounded
+    /// area the JSON declares: neither cryptsetup nor [`open_luks2`] reads the area's tail.
+    pub fn metadata_regions(&self) -> Vec<std::ops::Range<u64>> {
+        let material = af_sectors_len(VOLUME_KEY_LEN, AF_STRIPES) as u64;
+        vec![
+            0..HEADER_SIZE,
+            HEADER_SIZE..2 * HEADER_SIZE,
+            KEYSLOT_OFFSET..KEYSLOT_OFFSET + material,
+        ]
+    }
 }
 
 impl<R: Read + Seek> Read for LuksEncryptingReader<R> {
@@ -936,6 +1155,8 @@ pub struct LuksVolume<R> {
 
 struct ParsedHeader {
     seqid: u64,
+    /// Size of this header copy (binary header + JSON area).
+    hdr_size: u64,
     uuid: String,
     label: String,
     json: Value,
@@ -999,6 +1220,7 @@ fn read_header<R: Read + Seek>(
         .map_err(|e| format!("JSON at {offset} does not parse: {e}"))?;
     Ok(ParsedHeader {
         seqid: be_u64(&full[16..24]),
+        hdr_size,
         uuid: c_str(&full[168..208]),
         label: c_str(&full[24..72]),
         json,
@@ -1102,13 +1324,46 @@ fn read_metadata<R: Read + Seek>(r: &mut R) -> Result<ParsedHeader, LuksError> {
     }
 }
 
-/// Open a LUKS2 container with `passphrase`, trying every keyslot.
-pub fn open_luks2<R: Read + Seek>(mut r: R, passphrase: &[u8]) -> Result<LuksVolume<R>, LuksError> {
+/// Open a LUKS2 container with `passphrase`, trying every keyslot, within
+/// [`LuksLimits::for_this_machine`].
+pub fn open_luks2<R: Read + Seek>(r: R, passphrase: &[u8]) -> Result<LuksVolume<R>, LuksError> {
+    open_luks2_with_limits(r, passphrase, &LuksLimits::for_this_machine())
+}
+
+/// [`open_luks2`] with caller-chosen limits (the fuzz target uses small ones).
+///
+/// Every value of the header is checked before it is used: sizes and offsets
+/// against the file, key and digest sizes against what the cipher and hash
+/// take, KDF memory and work against `limits`. A keyslot that fails a check is
+/// skipped; when no keyslot opens, the first such refusal is the error (it says
+/// more than "wrong passphrase", which could not be told).
+pub fn open_luks2_with_limits<R: Read + Seek>(
+    mut r: R,
+    passphrase: &[u8],
+    limits: &LuksLimits,
+) -> Result<LuksVolume<R>, LuksError> {
     if passphrase.is_empty() {
         return Err(LuksError::EmptyPassphrase);
     }
     let hdr = read_metadata(&mut r)?;
     let j = &hdr.json;
+    let device_len = r.seek(SeekFrom::End(0))?;
+
+    // The JSON area is fixed by the binary header (one of the sizes the
+    // specification allows, checked by `read_header`); the config must agree.
+    let json_area = hdr.hdr_size - BIN_HEADER_SIZE as u64;
+    let json_size = json_u64(&j["config"]["json_size"], "config json_size")?;
+    if json_size != json_area {
+        return Err(LuksError::JsonAreaSize {
+            area: json_area,
+            json_size,
+        });
+    }
+    // Keyslot areas lie after both header copies and within the keyslots area.
+    let meta_end = 2 * hdr.hdr_size;
+    let keyslots_end = json_u64(&j["config"]["keyslots_size"], "config keyslots_size")?
+        .checked_add(meta_end)
+        .ok_or_else(|| LuksError::InvalidMetadata("config keyslots_size overflows".into()))?;
 
     let (seg_id, seg) = numbered(&j["segments"])
         .into_iter()
@@ -1131,20 +1386,42 @@ pub fn open_luks2<R: Read + Seek>(mut r: R, passphrase: &[u8]) -> Result<LuksVol
             "segment sector size {sector_size}"
         )));
     }
+    // Offset 0 would be a detached header (data on another device), which
+    // this reader does not handle: it would decrypt the header as data.
+    if data_offset < meta_end || data_offset > device_len || keyslots_end > data_offset {
+        return Err(LuksError::OutOfBounds {
+            what: format!("data segment {seg_id} at offset {data_offset}"),
+            start: data_offset,
+            end: data_offset,
+            bounds: format!(
+                "the file ({device_len} bytes) after the headers and keyslots area ({keyslots_end} bytes)"
+            ),
+        });
+    }
+    // The IV counts on from `iv_tweak` and wraps at 2^64 like dm-crypt's plain64.
     let iv_tweak = json_u64(&seg["iv_tweak"], "segment iv_tweak")?;
-    let device_len = r.seek(SeekFrom::End(0))?;
     let len = match &seg["size"] {
-        Value::String(s) if s == "dynamic" => device_len.saturating_sub(data_offset),
-        v => json_u64(v, "segment size")?,
+        Value::String(s) if s == "dynamic" => device_len - data_offset,
+        v => {
+            let size = json_u64(v, "segment size")?;
+            if size > device_len - data_offset {
+                return Err(LuksError::OutOfBounds {
+                    what: format!("data segment {seg_id}"),
+                    start: data_offset,
+                    end: data_offset.saturating_add(size),
+                    bounds: format!("the {device_len}-byte file"),
+                });
+            }
+            size
+        }
     } / sector_size
         * sector_size;
 
     // Digests that cover our segment, with the keyslots they vouch for.
     let seg_key = seg_id.to_string();
-    let digests: Vec<&Value> = numbered(&j["digests"])
+    let digests: Vec<(u32, &Value)> = numbered(&j["digests"])
         .into_iter()
-        .map(|(_, d)| d)
-        .filter(|d| {
+        .filter(|(_, d)| {
             d["segments"]
                 .as_array()
                 .is_some_and(|a| a.iter().any(|s| s.as_str() == Some(&seg_key)))
@@ -1156,17 +1433,36 @@ pub fn open_luks2<R: Read + Seek>(mut r: R, passphrase: &[u8]) -> Result<LuksVol
         ));
     }
 
-    let mut unsupported = None;
-    for (ks_id, ks) in numbered(&j["keyslots"]) {
+    let bounds = AreaBounds {
+        start: meta_end,
+        end: keyslots_end.min(device_len),
+        device_len,
+    };
+    let keyslots = numbered(&j["keyslots"]);
+    // At most 32 keyslots, so at most 32 KDF runs, each within the caps.
+    if let Some((ks_id, _)) = keyslots.iter().find(|(id, _)| *id >= MAX_KEYSLOTS) {
+        return Err(LuksError::InvalidMetadata(format!(
+            "keyslot {ks_id}: LUKS2 has keyslots 0 to {}",
+            MAX_KEYSLOTS - 1
+        )));
+    }
+    let mut refused = None;
+    for (ks_id, ks) in keyslots {
         let ks_key = ks_id.to_string();
-        let Some(digest) = digests.iter().find(|d| {
+        let Some(&(dg_id, digest)) = digests.iter().find(|(_, d)| {
             d["keyslots"]
                 .as_array()
                 .is_some_and(|a| a.iter().any(|s| s.as_str() == Some(&ks_key)))
         }) else {
             continue;
         };
-        match try_keyslot(&mut r, ks, digest, passphrase) {
+        let slot = Keyslot {
+            id: &ks_key,
+            json: ks,
+            digest_id: dg_id,
+            digest,
+        };
+        match try_keyslot(&mut r, &slot, passphrase, limits, &bounds) {
             Ok(Some((vk, kdf_name))) => {
                 let cipher = XtsCipher::new(&vk)?;
                 let info = LuksInfo {
@@ -1192,33 +1488,136 @@ pub fn open_luks2<R: Read + Seek>(mut r: R, passphrase: &[u8]) -> Result<LuksVol
                 });
             }
             Ok(None) => {}
-            Err(LuksError::Unsupported(what)) => unsupported = Some(what),
-            Err(e) => return Err(e),
+            // I/O errors are about the device, not this keyslot: stop.
+            Err(e @ LuksError::Io(_)) => return Err(e),
+            Err(e) => {
+                refused.get_or_insert(e);
+            }
         }
     }
-    match unsupported {
-        Some(what) => Err(LuksError::Unsupported(what)),
-        None => Err(LuksError::WrongPassphrase),
-    }
+    Err(refused.unwrap_or(LuksError::WrongPassphrase))
+}
+
+/// Where keyslot areas may lie: after both headers, within the keyslots
+/// area and the file.
+struct AreaBounds {
+    start: u64,
+    end: u64,
+    device_len: u64,
+}
+
+/// One keyslot with the digest that vouches for it.
+struct Keyslot<'a> {
+    id: &'a str,
+    json: &'a Value,
+    digest_id: u32,
+    digest: &'a Value,
 }
 
 /// A volume key recovered from a keyslot, with the name of the keyslot's KDF.
 type Unlocked = (Zeroizing<Vec<u8>>, String);
 
-/// Try one keyslot; `Ok(None)` when the passphrase does not open it.
+/// A key size that aes-xts-plain64 takes (32 or 64 bytes).
+fn xts_key_size(v: &Value, what: String) -> Result<usize, LuksError> {
+    let bytes = json_u64(v, &what)?;
+    if XTS_KEY_SIZES.contains(&bytes) {
+        Ok(bytes as usize)
+    } else {
+        Err(LuksError::KeySize { what, bytes })
+    }
+}
+
+/// PBKDF2 iterations: at least 1 and at most the cap.
+fn pbkdf2_iterations(v: &Value, what: String, limits: &LuksLimits) -> Result<u32, LuksError> {
+    let n = json_u64(v, &what)?;
+    if n == 0 {
+        return Err(LuksError::InvalidMetadata(format!("{what} is 0")));
+    }
+    if n > u64::from(limits.max_pbkdf2_iterations) {
+        return Err(LuksError::KdfTooCostly {
+            what,
+            cost: n,
+            unit: "PBKDF2 iterations",
+            cap: u64::from(limits.max_pbkdf2_iterations),
+        });
+    }
+    Ok(n as u32)
+}
+
+/// The keyslot's KDF with every cost checked against `limits`.
+fn keyslot_kdf(ks_id: &str, kdf: &Value, limits: &LuksLimits) -> Result<KdfCost, LuksError> {
+    let kdf_name = json_str(&kdf["type"], "kdf type")?;
+    match kdf_name {
+        "pbkdf2" => {
+            let hash = json_str(&kdf["hash"], "kdf hash")?;
+            if hash != "sha256" {
+                return Err(LuksError::Unsupported(format!("PBKDF2 with {hash}")));
+            }
+            let what = format!("keyslot {ks_id}'s PBKDF2");
+            Ok(KdfCost::Pbkdf2 {
+                iterations: pbkdf2_iterations(&kdf["iterations"], what, limits)?,
+            })
+        }
+        "argon2id" | "argon2i" => {
+            let memory = json_u64(&kdf["memory"], "kdf memory")?;
+            if memory > limits.max_memory_kib {
+                return Err(LuksError::KdfMemory {
+                    keyslot: ks_id.to_string(),
+                    memory_kib: memory,
+                    limit_kib: limits.max_memory_kib,
+                    why: limits.memory_reason,
+                });
+            }
+            let time = json_u64(&kdf["time"], "kdf time")?;
+            let work = time.saturating_mul(memory);
+            if work > limits.max_argon2_kib_passes {
+                return Err(LuksError::KdfTooCostly {
+                    what: format!("keyslot {ks_id}'s {kdf_name} (time {time} × {memory} KiB)"),
+                    cost: work,
+                    unit: "KiB-passes",
+                    cap: limits.max_argon2_kib_passes,
+                });
+            }
+            let parallel = json_u32(&kdf["cpus"], "kdf cpus")?;
+            // Now all three fit in u32 (memory ≤ 4 GiB in KiB, time ≤ the cap).
+            let (memory_kib, time) = (memory as u32, time as u32);
+            // The Argon2 crate's own checks (time ≥ 1, memory ≥ 8 × lanes, lanes
+            // < 2^24), before any allocation.
+            argon2::Params::new(memory_kib, time, parallel, Some(VOLUME_KEY_LEN)).map_err(|e| {
+                LuksError::InvalidMetadata(format!("keyslot {ks_id}'s Argon2 parameters: {e}"))
+            })?;
+            Ok(KdfCost::Argon2 {
+                kind: if kdf_name == "argon2i" {
+                    PbkdfKind::Argon2i
+                } else {
+                    PbkdfKind::Argon2id
+                },
+                time,
+                memory_kib,
+                parallel,
+            })
+        }
+        other => Err(LuksError::Unsupported(format!("keyslot KDF {other}"))),
+    }
+}
+
+/// Try one keyslot; `Ok(None)` when the passphrase does not open it. All
+/// checks come before the KDF runs and before anything is allocated by size.
 fn try_keyslot<R: Read + Seek>(
     r: &mut R,
-    ks: &Value,
-    digest: &Value,
+    slot: &Keyslot<'_>,
     passphrase: &[u8],
+    limits: &LuksLimits,
+    bounds: &AreaBounds,
 ) -> Result<Option<Unlocked>, LuksError> {
+    let (id, ks, digest) = (slot.id, slot.json, slot.digest);
     if json_str(&ks["type"], "keyslot type")? != "luks2" {
         return Err(LuksError::Unsupported(format!(
             "keyslot type {}",
             ks["type"]
         )));
     }
-    let key_size = json_u64(&ks["key_size"], "keyslot key_size")? as usize;
+    let key_size = xts_key_size(&ks["key_size"], format!("keyslot {id}'s key_size"))?;
     let af = &ks["af"];
     if json_str(&af["type"], "af type")? != "luks1" || json_str(&af["hash"], "af hash")? != "sha256"
     {
@@ -1227,7 +1626,13 @@ fn try_keyslot<R: Read + Seek>(
             af["type"], af["hash"]
         )));
     }
-    let stripes = json_u64(&af["stripes"], "af stripes")? as usize;
+    let stripes = json_u64(&af["stripes"], "af stripes")?;
+    if stripes == 0 || stripes > MAX_AF_STRIPES {
+        return Err(LuksError::InvalidMetadata(format!(
+            "keyslot {id} has {stripes} AF stripes (cryptsetup writes 4000; livestick reads 1 to {MAX_AF_STRIPES})"
+        )));
+    }
+    let stripes = stripes as usize;
     let area = &ks["area"];
     if json_str(&area["type"], "area type")? != "raw"
         || json_str(&area["encryption"], "area encryption")? != "aes-xts-plain64"
@@ -1239,56 +1644,30 @@ fn try_keyslot<R: Read + Seek>(
     }
     let area_offset = json_u64(&area["offset"], "area offset")?;
     let area_size = json_u64(&area["size"], "area size")?;
-    let area_key_size = json_u64(&area["key_size"], "area key_size")? as usize;
-    if key_size == 0 || key_size > 128 || stripes == 0 || stripes > 100_000 {
-        return Err(LuksError::InvalidMetadata(format!(
-            "keyslot key size {key_size} or stripes {stripes} out of range"
-        )));
+    let area_key_size = xts_key_size(&area["key_size"], format!("keyslot {id}'s area key_size"))?;
+    let area_end = area_offset.saturating_add(area_size);
+    if area_offset < bounds.start || area_end > bounds.end {
+        return Err(LuksError::OutOfBounds {
+            what: format!("keyslot {id}'s area"),
+            start: area_offset,
+            end: area_end,
+            bounds: format!(
+                "the keyslots area (bytes {} to {}) of the {}-byte file",
+                bounds.start, bounds.end, bounds.device_len
+            ),
+        });
     }
     let mat_len = af_sectors_len(key_size, stripes);
     if mat_len as u64 > area_size {
         return Err(LuksError::InvalidMetadata(format!(
-            "keyslot area of {area_size} bytes is too small for {stripes} stripes"
+            "keyslot {id}'s area of {area_size} bytes is too small for {stripes} stripes"
         )));
     }
+    let cost = keyslot_kdf(id, &ks["kdf"], limits)?;
+    let kdf_name = json_str(&ks["kdf"]["type"], "kdf type")?.to_string();
+    let salt = json_b64(&ks["kdf"]["salt"], "kdf salt")?;
 
-    let kdf = &ks["kdf"];
-    let kdf_name = json_str(&kdf["type"], "kdf type")?.to_string();
-    let salt = json_b64(&kdf["salt"], "kdf salt")?;
-    let cost = match kdf_name.as_str() {
-        "pbkdf2" => {
-            let hash = json_str(&kdf["hash"], "kdf hash")?;
-            if hash != "sha256" {
-                return Err(LuksError::Unsupported(format!("PBKDF2 with {hash}")));
-            }
-            KdfCost::Pbkdf2 {
-                iterations: json_u32(&kdf["iterations"], "kdf iterations")?,
-            }
-        }
-        "argon2id" | "argon2i" => KdfCost::Argon2 {
-            kind: if kdf_name == "argon2i" {
-                PbkdfKind::Argon2i
-            } else {
-                PbkdfKind::Argon2id
-            },
-            time: json_u32(&kdf["time"], "kdf time")?,
-            memory_kib: json_u32(&kdf["memory"], "kdf memory")?,
-            parallel: json_u32(&kdf["cpus"], "kdf cpus")?,
-        },
-        other => return Err(LuksError::Unsupported(format!("keyslot KDF {other}"))),
-    };
-
-    let slot_key = derive_key(passphrase, &salt, &cost, area_key_size)?;
-    let mut material = Zeroizing::new(vec![0u8; mat_len]);
-    r.seek(SeekFrom::Start(area_offset))?;
-    if read_full(r, &mut material)? < mat_len {
-        return Err(LuksError::InvalidMetadata(
-            "keyslot area lies beyond the end of the container".into(),
-        ));
-    }
-    XtsCipher::new(&slot_key)?.decrypt(&mut material, KEYSLOT_SECTOR, 0);
-    let vk = af_merge(&material, key_size, stripes);
-
+    let dg = slot.digest_id;
     if json_str(&digest["type"], "digest type")? != "pbkdf2"
         || json_str(&digest["hash"], "digest hash")? != "sha256"
     {
@@ -1298,11 +1677,38 @@ fn try_keyslot<R: Read + Seek>(
         )));
     }
     let dg_salt = json_b64(&digest["salt"], "digest salt")?;
-    let dg_iter = json_u32(&digest["iterations"], "digest iterations")?;
+    let dg_iter = pbkdf2_iterations(
+        &digest["iterations"],
+        format!("digest {dg}'s PBKDF2"),
+        limits,
+    )?;
     let expected = json_b64(&digest["digest"], "digest value")?;
-    let mut got = Zeroizing::new(vec![0u8; expected.len()]);
-    pbkdf2::pbkdf2_hmac::<Sha256>(&vk, &dg_salt, dg_iter, &mut got);
-    if got[..] == expected[..] {
+    // An empty or short digest would compare equal to a prefix of anything:
+    // every passphrase would "open" the keyslot.
+    if expected.len() != DIGEST_LEN {
+        return Err(LuksError::DigestLength {
+            digest: dg.to_string(),
+            bytes: expected.len(),
+        });
+    }
+
+    let slot_key = derive_key(passphrase, &salt, &cost, area_key_size)?;
+    let mut material = Zeroizing::new(vec![0u8; mat_len]);
+    r.seek(SeekFrom::Start(area_offset))?;
+    if read_full(r, &mut material)? < mat_len {
+        return Err(LuksError::OutOfBounds {
+            what: format!("keyslot {id}'s key material"),
+            start: area_offset,
+            end: area_offset + mat_len as u64,
+            bounds: format!("the {}-byte file", bounds.device_len),
+        });
+    }
+    XtsCipher::new(&slot_key)?.decrypt(&mut material, KEYSLOT_SECTOR, 0);
+    let vk = af_merge(&material, key_size, stripes);
+
+    let got = Zeroizing::new(digest_of(&vk, &dg_salt, dg_iter));
+    // Constant time: how many leading bytes matched must not show in the timing.
+    if bool::from(got[..].ct_eq(&expected[..])) {
         Ok(Some((vk, kdf_name)))
     } else {
         Ok(None)
@@ -1365,7 +1771,7 @@ impl<R: Read + Seek> LuksVolume<R> {
         self.cipher.decrypt(
             &mut self.buf[..len],
             self.sector_size as usize,
-            sector * self.sector_size / 512 + self.iv_tweak,
+            (sector * self.sector_size / 512).wrapping_add(self.iv_tweak),
         );
         Ok(())
     }
@@ -1413,7 +1819,7 @@ impl<R: Read + Write + Seek> Write for LuksVolume<R> {
         self.cipher.encrypt(
             &mut self.buf[..len],
             self.sector_size as usize,
-            sector * self.sector_size / 512 + self.iv_tweak,
+            (sector * self.sector_size / 512).wrapping_add(self.iv_tweak),
         );
         self.inner.seek(SeekFrom::Start(
             self.data_offset + sector * self.sector_size,
@@ -1639,11 +2045,16 @@ mod tests {
 
     #[test]
     fn derived_costs_follow_cryptsetup_floors() {
-        assert_eq!(pbkdf2_iterations_for(0), MIN_PBKDF2_ITERATIONS);
-        assert_eq!(pbkdf2_iterations_for(2000), 2_000_000);
-        // 1 GiB, 4 lanes, 2 s at the reference speed: cryptsetup's floor of 4 passes.
-        assert_eq!(argon2_time_for(2000, 1 << 20, 4), 4);
-        assert_eq!(argon2_time_for(2000, 64 * 1024, 1), 15);
+        assert_eq!(pbkdf2_iterations_for(0, 1000), MIN_PBKDF2_ITERATIONS);
+        assert_eq!(pbkdf2_iterations_for(2000, 1000), 2_000_000);
+        assert_eq!(pbkdf2_iterations_for(u32::MAX, u64::MAX), u32::MAX);
+        // 64 MiB, 1 lane, 2 s at 512 KiB/ms: 15 passes.
+        assert_eq!(argon2_time_for(2000, 64 * 1024, 1, 512), (15, 64 * 1024));
+        // 1 GiB, 4 lanes, 2 s at 100 KiB/ms: 4 passes would take 2.6 s, so the
+        // memory shrinks to what 4 passes fill in 2 s, as cryptsetup does.
+        assert_eq!(argon2_time_for(2000, 1 << 20, 4, 100), (4, 200_000));
+        // Never below the minimum memory for the lanes.
+        assert_eq!(argon2_time_for(1, 1 << 20, 4, 1), (4, 32));
         let p = LuksParams {
             pbkdf: PbkdfKind::Argon2id,
             force_iterations: Some(2),
@@ -1655,5 +2066,330 @@ mod tests {
             ..LuksParams::default()
         };
         assert!(matches!(p.resolve_kdf(), Err(LuksError::BadParams(_))));
+        // A forced cost above what the reader opens is refused when writing.
+        let p = LuksParams {
+            pbkdf: PbkdfKind::Pbkdf2,
+            force_iterations: Some(MAX_PBKDF2_ITERATIONS + 1),
+            ..LuksParams::default()
+        };
+        assert!(matches!(p.resolve_kdf(), Err(LuksError::BadParams(_))));
+    }
+
+    /// `--luks-iter-time` is benchmarked: a short request gives a cost that
+    /// takes about that long here (old code: a fixed reference speed, so
+    /// 100 ms and 400 ms gave 100,000 and 400,000 iterations whatever the
+    /// machine, and Argon2 never left its floor below ~4 s).
+    #[test]
+    fn iter_time_is_benchmarked() {
+        let pbkdf2 = |ms| LuksParams {
+            pbkdf: PbkdfKind::Pbkdf2,
+            iter_time_ms: ms,
+            ..LuksParams::default()
+        };
+        let Ok(KdfCost::Pbkdf2 { iterations: short }) = pbkdf2(100).resolve_kdf() else {
+            panic!("pbkdf2 cost");
+        };
+        let Ok(KdfCost::Pbkdf2 { iterations: long }) = pbkdf2(400).resolve_kdf() else {
+            panic!("pbkdf2 cost");
+        };
+        assert!(short >= MIN_PBKDF2_ITERATIONS);
+        // One benchmark per process: the cost is linear in the time asked for.
+        assert!(long / short == 4 || long / short == 3, "{short} {long}");
+        // And it takes about as long as asked: generous bounds for a loaded CI.
+        let start = std::time::Instant::now();
+        derive_key(b"pw", &[1u8; 32], &KdfCost::Pbkdf2 { iterations: long }, 64).unwrap();
+        let ms = start.elapsed().as_millis();
+        assert!((100..=1600).contains(&ms), "400 ms asked, {ms} ms taken");
+        // cryptsetup's floor.
+        assert_eq!(
+            pbkdf2(0).resolve_kdf().unwrap(),
+            KdfCost::Pbkdf2 {
+                iterations: MIN_PBKDF2_ITERATIONS
+            }
+        );
+        // Argon2: 1 ms cannot fill 64 MiB four times; time stays at cryptsetup's
+        // floor of 4 and the memory shrinks.
+        let p = LuksParams {
+            pbkdf: PbkdfKind::Argon2id,
+            iter_time_ms: 1,
+            memory_kib: 64 * 1024,
+            parallel: 1,
+            ..LuksParams::default()
+        };
+        match p.resolve_kdf().unwrap() {
+            KdfCost::Argon2 {
+                time, memory_kib, ..
+            } => {
+                assert_eq!(time, MIN_ARGON2_TIME);
+                assert!(memory_kib < 64 * 1024, "{memory_kib}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Prints this machine's KDF speeds, the figures behind
+    /// [`MAX_PBKDF2_ITERATIONS`] and [`MAX_ARGON2_KIB_PASSES`]:
+    /// `cargo test --release --lib kdf_speed_here -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn kdf_speed_here() {
+        let p = pbkdf2_speed();
+        eprintln!(
+            "PBKDF2-SHA256, 64-byte output: {p} iterations/ms; {MAX_PBKDF2_ITERATIONS} take {} s",
+            u64::from(MAX_PBKDF2_ITERATIONS) / p / 1000
+        );
+        for mib in [16u32, 64, 256, 1024] {
+            let start = std::time::Instant::now();
+            let cost = KdfCost::Argon2 {
+                kind: PbkdfKind::Argon2id,
+                time: 1,
+                memory_kib: mib * 1024,
+                parallel: 1,
+            };
+            derive_key(b"pw", &[1u8; 32], &cost, 64).unwrap();
+            let ms = start.elapsed().as_secs_f64() * 1000.0;
+            eprintln!(
+                "Argon2id one pass over {mib} MiB: {ms:.0} ms = {:.0} KiB-passes/ms; benchmark says {}",
+                f64::from(mib * 1024) / ms,
+                argon2_speed(mib * 1024)
+            );
+        }
+    }
+
+    // ---- Crafted headers (issue 13) ----------------------------------------
+
+    /// A container whose JSON (both copies) `edit` changed, with valid checksums:
+    /// what an attacker or a bit flip past the checksum can hand us.
+    fn crafted(params: &LuksParams, edit: impl FnOnce(&mut Value)) -> Vec<u8> {
+        let plain = vec![7u8; 8192];
+        let mut out = Cursor::new(Vec::new());
+        format_luks2(&mut plain.as_slice(), 8192, &mut out, b"pw", params).unwrap();
+        let mut bytes = out.into_inner();
+        let hdr = read_metadata(&mut Cursor::new(&bytes)).unwrap();
+        let mut json = hdr.json;
+        edit(&mut json);
+        let text = serde_json::to_vec(&json).unwrap();
+        for (magic, offset) in [(MAGIC_PRIMARY, 0u64), (MAGIC_SECONDARY, HEADER_SIZE)] {
+            let h = binary_header(magic, offset, 2, &hdr.uuid, &hdr.label, &text).unwrap();
+            bytes[offset as usize..(offset + HEADER_SIZE) as usize].copy_from_slice(&h);
+        }
+        bytes
+    }
+
+    fn argon2_cheap() -> LuksParams {
+        LuksParams {
+            sector_size: 512,
+            ..LuksParams::insecure_fast()
+        }
+    }
+
+    /// Opens with the right passphrase, and must refuse within a second: the
+    /// checks come before any KDF work or allocation.
+    fn open_fast(bytes: Vec<u8>, pass: &[u8]) -> Result<LuksVolume<Cursor<Vec<u8>>>, LuksError> {
+        let start = std::time::Instant::now();
+        let r = open_luks2(Cursor::new(bytes), pass);
+        assert!(start.elapsed().as_secs() < 1, "took {:?}", start.elapsed());
+        r
+    }
+
+    #[test]
+    fn crafted_headers_still_open_unchanged() {
+        // The helper itself changes nothing that matters.
+        for params in [cheap(), argon2_cheap()] {
+            let bytes = crafted(&params, |_| {});
+            assert!(open_fast(bytes, b"pw").is_ok());
+        }
+    }
+
+    /// Old code: Argon2 allocated 4 TiB and the process aborted.
+    #[test]
+    fn crafted_kdf_memory_u32_max_is_refused() {
+        let bytes = crafted(&argon2_cheap(), |j| {
+            j["keyslots"]["0"]["kdf"]["memory"] = json!(4294967295u64)
+        });
+        match open_fast(bytes, b"pw") {
+            Err(e @ LuksError::KdfMemory { memory_kib, .. }) => {
+                assert_eq!(memory_kib, 4294967295);
+                assert!(e.to_string().contains("4 GiB"), "{e}");
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        // Within 4 GiB but above the caller's limit (MemAvailable in real use).
+        let bytes = crafted(&argon2_cheap(), |j| {
+            j["keyslots"]["0"]["kdf"]["memory"] = json!(2048)
+        });
+        let limits = LuksLimits {
+            max_memory_kib: 1024,
+            ..LuksLimits::for_this_machine()
+        };
+        assert!(matches!(
+            open_luks2_with_limits(Cursor::new(bytes), b"pw", &limits),
+            Err(LuksError::KdfMemory {
+                limit_kib: 1024,
+                ..
+            })
+        ));
+    }
+
+    /// Old code: the area key size (not checked) sized the derived key, so
+    /// 2^40 aborted on allocation; a keyslot key size outside 1..=128 was
+    /// refused, but 1..=128 bytes reached the cipher.
+    #[test]
+    fn crafted_key_size_2_pow_40_is_refused() {
+        for field in ["key_size", "area_key_size"] {
+            let bytes = crafted(&cheap(), |j| {
+                let ks = &mut j["keyslots"]["0"];
+                if field == "key_size" {
+                    ks["key_size"] = json!(1u64 << 40);
+                } else {
+                    ks["area"]["key_size"] = json!(1u64 << 40);
+                }
+            });
+            match open_fast(bytes, b"pw") {
+                Err(LuksError::KeySize { bytes, .. }) => assert_eq!(bytes, 1 << 40),
+                other => panic!("{field}: {:?}", other.err()),
+            }
+        }
+        // 48 bytes: in the old 1..=128 range, still not an XTS key size.
+        let bytes = crafted(&cheap(), |j| j["keyslots"]["0"]["key_size"] = json!(48));
+        assert!(matches!(
+            open_fast(bytes, b"pw"),
+            Err(LuksError::KeySize { bytes: 48, .. })
+        ));
+    }
+
+    /// Old code: 2^32-1 PBKDF2 iterations or Argon2 passes ran for hours.
+    #[test]
+    fn crafted_huge_time_and_iterations_are_refused() {
+        type Edit = fn(&mut Value);
+        let cases: [(LuksParams, Edit); 4] = [
+            (cheap(), |j| {
+                j["keyslots"]["0"]["kdf"]["iterations"] = json!(u32::MAX)
+            }),
+            (cheap(), |j| {
+                j["digests"]["0"]["iterations"] = json!(u32::MAX)
+            }),
+            (argon2_cheap(), |j| {
+                j["keyslots"]["0"]["kdf"]["time"] = json!(u32::MAX)
+            }),
+            // Small memory does not make a huge time cheap: the cap is on time × memory.
+            (argon2_cheap(), |j| {
+                j["keyslots"]["0"]["kdf"]["time"] = json!(1u32 << 20)
+            }),
+        ];
+        for (i, (params, edit)) in cases.into_iter().enumerate() {
+            let bytes = crafted(&params, edit);
+            match open_fast(bytes, b"pw") {
+                Err(e @ LuksError::KdfTooCostly { .. }) => {
+                    assert!(e.to_string().contains("luksConvertKey"), "{e}")
+                }
+                other => panic!("case {i}: {:?}", other.err()),
+            }
+        }
+    }
+
+    /// Old code: an empty digest matched every passphrase ("opened" with garbage).
+    #[test]
+    fn crafted_empty_digest_never_opens() {
+        for pass in [&b"pw"[..], b"wrong"] {
+            let bytes = crafted(&cheap(), |j| j["digests"]["0"]["digest"] = json!(""));
+            assert!(matches!(
+                open_fast(bytes, pass),
+                Err(LuksError::DigestLength { bytes: 0, .. })
+            ));
+        }
+    }
+
+    /// Old code: a digest cut to 16 bytes compared only those bytes and opened;
+    /// a longer one could never match. Both are refused as what they are.
+    #[test]
+    fn crafted_wrong_length_digest_is_refused() {
+        for keep in [16usize, 31, 33, 64] {
+            let bytes = crafted(&cheap(), |j| {
+                let mut d = BASE64
+                    .decode(j["digests"]["0"]["digest"].as_str().unwrap())
+                    .unwrap();
+                d.resize(keep, 0);
+                j["digests"]["0"]["digest"] = json!(BASE64.encode(&d));
+            });
+            match open_fast(bytes, b"pw") {
+                Err(LuksError::DigestLength { bytes, .. }) => assert_eq!(bytes, keep),
+                other => panic!("{keep}: {:?}", other.err()),
+            }
+        }
+    }
+
+    #[test]
+    fn crafted_offsets_outside_the_file_are_refused() {
+        let cases: [fn(&mut Value); 6] = [
+            |j| j["keyslots"]["0"]["area"]["offset"] = json!("1099511627776"),
+            |j| j["keyslots"]["0"]["area"]["offset"] = json!("0"),
+            |j| j["keyslots"]["0"]["area"]["size"] = json!("18446744073709551615"),
+            |j| j["segments"]["0"]["offset"] = json!("1099511627776"),
+            |j| j["segments"]["0"]["offset"] = json!("0"),
+            |j| j["segments"]["0"]["size"] = json!("1099511627776"),
+        ];
+        for (i, edit) in cases.into_iter().enumerate() {
+            let bytes = crafted(&cheap(), edit);
+            match open_fast(bytes, b"pw") {
+                Err(LuksError::OutOfBounds { .. }) => {}
+                other => panic!("case {i}: {:?}", other.err()),
+            }
+        }
+        let bytes = crafted(&cheap(), |j| j["config"]["json_size"] = json!("4194304"));
+        assert!(matches!(
+            open_fast(bytes, b"pw"),
+            Err(LuksError::JsonAreaSize { .. })
+        ));
+        let bytes = crafted(&cheap(), |j| {
+            let ks = j["keyslots"]["0"].clone();
+            j["keyslots"]["4000"] = ks;
+        });
+        assert!(matches!(
+            open_fast(bytes, b"pw"),
+            Err(LuksError::InvalidMetadata(_))
+        ));
+    }
+
+    /// A refused keyslot does not hide one that opens.
+    #[test]
+    fn a_refused_keyslot_does_not_hide_a_good_one() {
+        let bytes = crafted(&cheap(), |j| {
+            let mut bad = j["keyslots"]["0"].clone();
+            bad["kdf"]["iterations"] = json!(u32::MAX);
+            let good = j["keyslots"]["0"].clone();
+            j["keyslots"]["0"] = bad;
+            j["keyslots"]["1"] = good;
+            j["digests"]["0"]["keyslots"] = json!(["0", "1"]);
+        });
+        assert_eq!(open_fast(bytes.clone(), b"pw").unwrap().info().keyslot, "1");
+        assert!(matches!(
+            open_fast(bytes, b"wrong"),
+            Err(LuksError::KdfTooCostly { .. })
+        ));
+    }
+
+    #[test]
+    fn metadata_regions_cover_what_the_reader_reads() {
+        let plain: Vec<u8> = (0..16 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let mut enc =
+            LuksEncryptingReader::new(Cursor::new(plain.clone()), 16384, b"pw", &cheap()).unwrap();
+        let regions = enc.metadata_regions();
+        assert_eq!(
+            regions,
+            vec![0..16384, 16384..32768, 32768..32768 + 256_000]
+        );
+        // Only the regions and the data over 0xA5 junk: still opens and reads back.
+        let mut full = Vec::new();
+        enc.read_to_end(&mut full).unwrap();
+        let mut sparse = vec![0xA5u8; full.len()];
+        for r in regions.iter().chain([&(DATA_OFFSET..full.len() as u64)]) {
+            let (a, b) = (r.start as usize, r.end as usize);
+            sparse[a..b].copy_from_slice(&full[a..b]);
+        }
+        let mut vol = open_luks2(Cursor::new(sparse), b"pw").unwrap();
+        let mut back = Vec::new();
+        vol.read_to_end(&mut back).unwrap();
+        assert_eq!(back, plain);
     }
 }
