@@ -325,7 +325,8 @@ fn written_over_random_bytes_encrypted_home() {
     let iso = synthetic_iso("fedora-classic.iso");
     let dir = tmp();
     let pass = dir.path().join("pass");
-    std::fs::write(&pass, "stale but safe\n").unwrap();
+    // No final newline: cryptsetup --key-file takes every byte of the file.
+    std::fs::write(&pass, "stale but safe").unwrap();
     let pass_arg = pass.to_str().unwrap();
     let luks = [
         "--passphrase-file",

@@ -226,22 +226,26 @@ pub fn build_home_image(
     let mut file = tmp.into_file();
     let plain_regions = crate::disk::sparse::data_regions(&file).map_err(io_err(workdir))?;
     file.seek(SeekFrom::Start(0)).map_err(io_err(workdir))?;
-    let regions = if encrypted {
-        // Whole encryption sectors (4 KiB covers both sizes LUKS2 allows).
-        let mut r: Vec<std::ops::Range<u64>> = std::iter::once(0..luks::DATA_OFFSET).collect();
-        r.extend(plain_regions.iter().map(|p| {
-            luks::DATA_OFFSET + p.start / 4096 * 4096
-                ..luks::DATA_OFFSET + p.end.div_ceil(4096) * 4096
-        }));
-        r
-    } else {
-        plain_regions
-    };
     let content = match encryption {
         HomeEncryption::None => Content::Plain(file),
         HomeEncryption::Luks { passphrase, params } => Content::Luks(Box::new(
             LuksEncryptingReader::new(file, fs_size, &passphrase, &params)?,
         )),
+    };
+    let regions = match &content {
+        Content::Plain(_) => plain_regions,
+        // The headers and the key material, then the ext4 metadata encrypted in whole
+        // sectors (4 KiB covers both sector sizes LUKS2 allows). Everything else of
+        // the data area keeps stale bytes, as after `cryptsetup luksFormat` and
+        // `mkfs.ext4` on the opened device.
+        Content::Luks(reader) => {
+            let mut r = reader.metadata_regions();
+            r.extend(plain_regions.iter().map(|p| {
+                luks::DATA_OFFSET + p.start / 4096 * 4096
+                    ..luks::DATA_OFFSET + p.end.div_ceil(4096) * 4096
+            }));
+            r
+        }
     };
     Ok(HomeImage {
         content,
