@@ -81,9 +81,8 @@ for p in "$@"; do
 done
 # glibc dlopen()s libgcc_s for thread cancellation and unwinding; a
 # multithreaded program (livestick) may need it without ldd saying so.
-for l in /lib/x86_64-linux-gnu/libgcc_s.so.1; do
-    if [[ -e $l && ! -e $R$l ]]; then install -D -m 0644 "$l" "$R$l"; fi
-done
+l=/lib/x86_64-linux-gnu/libgcc_s.so.1
+if [[ -e $l && ! -e $R$l ]]; then install -D -m 0644 "$l" "$R$l"; fi
 
 # Modules in load order: modprobe --show-depends lists dependencies first.
 # virtio_pci and virtio_blk are =m in Debian's kernel; a built-in one prints

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for the VM harness (sourced by build-initramfs.sh, run.sh and
 # the benchmarks that drive them; not executed).
 #
