@@ -7,7 +7,8 @@
 # PATH: an executable is copied at its own path with every shared library
 # `ldd` lists (a real binary replaces a busybox applet of the same name);
 # any other file or a directory is copied as it is (data files such as
-# /etc/mke2fs.conf or /usr/lib/syslinux).
+# /etc/mke2fs.conf or /usr/lib/syslinux). SRC:/DEST copies one executable to
+# another path in the guest (a freshly built binary into /usr/local/bin).
 # Environment:
 #   VM_MODULES  kernel modules to load at boot, in addition to virtio_pci and
 #               virtio_blk (e.g. "9p 9pnet_virtio usb-storage"); their
@@ -46,10 +47,10 @@ busybox --list-full | while read -r applet; do
     [[ -e $R/$applet ]] || ln -s /bin/busybox "$R/$applet"
 done
 
-copy_with_libs() { # an executable at its own path, with its libraries
-    local bin=$1 lib
-    rm -f "$R$bin"
-    install -D -m 0755 "$bin" "$R$bin"
+copy_with_libs() { # BIN [DEST]: an executable, with its libraries
+    local bin=$1 dest=${2:-$1} lib
+    rm -f "$R$dest"
+    install -D -m 0755 "$bin" "$R$dest"
     # Static binaries make ldd fail: nothing to add then.
     for lib in $(ldd "$bin" 2>/dev/null | awk '/=> \// { print $3 } /^\t\/lib/ { print $1 }'); do
         # 0755: the dynamic loader among them must be executable.
@@ -58,7 +59,9 @@ copy_with_libs() { # an executable at its own path, with its libraries
 }
 
 for p in "$@"; do
-    if [[ -d $p ]]; then
+    if [[ $p == *:/* ]]; then
+        copy_with_libs "$(readlink -f "${p%%:/*}")" "/${p#*:/}"
+    elif [[ -d $p ]]; then
         mkdir -p "$R$(dirname "$p")"
         cp -a "$p" "$R$(dirname "$p")/"
     elif [[ -f $p && -x $p ]]; then

@@ -33,9 +33,12 @@ vm_kver() {
 # vm_disk ID FILE [DRIVE_OPTS]: a raw virtio-blk disk whose serial is ID.
 # cache=none + aio=threads: guest writes reach the file with O_DIRECT, so the
 # host page cache does not absorb them (the point of measuring in a VM).
+# OPTS may name another cache= mode (a read-only source disk the host may
+# cache, say).
 vm_disk() {
-    local id=$1 file=$2 opts=${3:-}
-    VM_ARGS+=(-drive "file=$file,format=raw,if=none,id=$id,cache=none,aio=threads${opts:+,$opts}"
+    local id=$1 file=$2 opts=${3:-} cache=cache=none,aio=threads
+    [[ ,$opts, == *,cache=* ]] && cache=
+    VM_ARGS+=(-drive "file=$file,format=raw,if=none,id=$id${cache:+,$cache}${opts:+,$opts}"
         -device "virtio-blk-pci,drive=$id,serial=$id")
 }
 
