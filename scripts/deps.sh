@@ -16,6 +16,8 @@ packages=(
   dmsetup kmod openssl grub-common mount bc groff-base
   # stale-signature tests of disk::wipe: real btrfs and xfs superblocks
   btrfs-progs xfsprogs
+  # benches/stick.sh: GNU time (CPU and peak RSS of each case in its VM)
+  time
 )
 
 missing=()
