@@ -85,12 +85,13 @@ CFG
 }
 
 # The guest: livestick and everything it runs as a child (from strace -f -e
-# execve of a write: unsquashfs, mke2fs, the mtools-based syslinux, which runs
+# execve of a write: unsquashfs, mke2fs and debugfs (journal checksum and
+# sequence of a new ext4), dumpe2fs, the mtools-based syslinux, which runs
 # mattrib/mcopy/mmove through sh), the decompressors it may run on the ISO's
 # initrd, GNU dd (busybox dd has no iflag=skip_bytes,count_bytes) and GNU
 # time (peak RSS of the command and its children).
 guest_files=("$LS:/usr/local/bin/livestick" /usr/sbin/mke2fs /usr/sbin/mkfs.ext4 /usr/sbin/e2fsck
-    /usr/sbin/resize2fs /etc/mke2fs.conf /usr/bin/unsquashfs /usr/bin/syslinux /usr/lib/syslinux
+    /usr/sbin/resize2fs /usr/sbin/debugfs /usr/sbin/dumpe2fs /etc/mke2fs.conf /usr/bin/unsquashfs /usr/bin/syslinux /usr/lib/syslinux
     /bin/dd /usr/bin/time)
 # mtools converts file names through iconv (code page 850): glibc loads
 # these at run time, so ldd does not list them.

@@ -565,27 +565,77 @@ pub fn zero_ranges<W: Write + Seek>(
     dev.flush()
 }
 
-/// sha256 of the bytes of `ranges` in `dev`, read in large requests.
+/// Bytes per step of [`hash_while`]: large requests keep a USB bus busy.
+const HASH_CHUNK: usize = 4 << 20;
+
+/// sha256 of a stream with the hashing on a second thread, overlapping the I/O: while
+/// one chunk is hashed, `consume` gets it (to write it somewhere) and `fill` reads the
+/// next. On a slow CPU (a VM, a small board) sha256 would otherwise idle the bus for as
+/// long as it takes. `fill` fills the buffer as far as it can and returns the count,
+/// 0 at the end. Returns the digest and the byte count.
+pub fn hash_while(
+    mut fill: impl FnMut(&mut [u8]) -> io::Result<usize>,
+    mut consume: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<([u8; 32], u64)> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let mut current = vec![0u8; HASH_CHUNK];
+    let mut next = vec![0u8; HASH_CHUNK];
+    let mut total = 0u64;
+    let mut n = fill(&mut current)?;
+    while n > 0 {
+        let chunk = &current[..n];
+        let hasher_ref = &mut hasher;
+        let following = std::thread::scope(|s| {
+            let hashing = s.spawn(move || hasher_ref.update(chunk));
+            let result = consume(chunk).and_then(|()| fill(&mut next));
+            match hashing.join() {
+                Ok(()) => result,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })?;
+        total += n as u64;
+        std::mem::swap(&mut current, &mut next);
+        n = following;
+    }
+    Ok((hasher.finalize().into(), total))
+}
+
+/// sha256 of the bytes of `ranges` in `dev`, read in large requests while the previous
+/// one is hashed.
 pub fn hash_ranges<D: Read + Seek>(
     dev: &mut D,
     ranges: impl IntoIterator<Item = Range<u64>>,
     mut progress: impl FnMut(u64),
 ) -> io::Result<[u8; 32]> {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 4 << 20];
-    for r in ranges {
-        dev.seek(SeekFrom::Start(r.start))?;
-        let mut left = r.end - r.start;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            dev.read_exact(&mut buf[..n])?;
-            hasher.update(&buf[..n]);
-            left -= n as u64;
-            progress(n as u64);
-        }
-    }
-    Ok(hasher.finalize().into())
+    let mut ranges = ranges.into_iter().filter(|r| r.start < r.end).peekable();
+    let mut at: Option<u64> = None;
+    let (digest, _) = hash_while(
+        |buf| {
+            let mut got = 0;
+            while got < buf.len() {
+                let Some(r) = ranges.peek() else { break };
+                let pos = at.unwrap_or(r.start).max(r.start);
+                if at != Some(pos) {
+                    dev.seek(SeekFrom::Start(pos))?;
+                }
+                let n = ((r.end - pos) as usize).min(buf.len() - got);
+                dev.read_exact(&mut buf[got..got + n])?;
+                got += n;
+                let end = pos + n as u64;
+                at = Some(end);
+                if end == r.end {
+                    ranges.next();
+                }
+            }
+            Ok(got)
+        },
+        |chunk| {
+            progress(chunk.len() as u64);
+            Ok(())
+        },
+    )?;
+    Ok(digest)
 }
 
 /// Copies everything from `reader` into `writer` with large buffers, calling
@@ -684,5 +734,33 @@ mod tests {
         rec.write_all(&[3; 10]).unwrap();
         assert_eq!(rec.written().iter().collect::<Vec<_>>(), vec![100..165]);
         assert_eq!(rec.written().total(), 65);
+    }
+
+    #[test]
+    fn overlapped_hashing_matches_a_plain_sha256() {
+        use sha2::{Digest, Sha256};
+        let data: Vec<u8> = (0..(9 << 20) + 123).map(|i| (i * 7 % 251) as u8).collect();
+        let mut src = &data[..];
+        let mut copy = Vec::new();
+        let (digest, n) = hash_while(
+            |buf| read_full(&mut src, buf),
+            |chunk| {
+                copy.extend_from_slice(chunk);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let want: [u8; 32] = Sha256::digest(&data).into();
+        assert_eq!((digest, n), (want, data.len() as u64));
+        assert!(copy == data);
+        // Ranges: pieces of the same data, across chunk boundaries.
+        let ranges = [10..(5 << 20), (5 << 20)..(6 << 20), (7 << 20)..(9 << 20)];
+        let mut cursor = Cursor::new(&data);
+        let got = hash_ranges(&mut cursor, ranges.clone(), |_| {}).unwrap();
+        let mut h = Sha256::new();
+        for r in ranges {
+            h.update(&data[r.start as usize..r.end as usize]);
+        }
+        assert_eq!(got, <[u8; 32]>::from(h.finalize()));
     }
 }

@@ -3,7 +3,6 @@
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::io::PartitionWindow;
@@ -202,21 +201,17 @@ pub fn write_file<F: Read + Write + Seek, R: Read + ?Sized>(
         .create_file(path.trim_start_matches('/'))
         .map_err(err)?;
     file.truncate().map_err(err)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(err(e)),
-        };
-        hasher.update(&buf[..n]);
-        file.write_all(&buf[..n]).map_err(err)?;
-        progress(n as u64);
-    }
+    let (digest, _) = crate::io::hash_while(
+        |buf| crate::io::read_full(reader, buf),
+        |chunk| {
+            file.write_all(chunk)?;
+            progress(chunk.len() as u64);
+            Ok(())
+        },
+    )
+    .map_err(err)?;
     file.flush().map_err(err)?;
-    Ok(hasher.finalize().into())
+    Ok(digest)
 }
 
 /// Writes `len` zero bytes to `path` (replacing it). FAT has no sparse files,
@@ -257,19 +252,14 @@ pub fn hash_file<F: Read + Write + Seek>(
 ) -> Result<([u8; 32], u64), FatError> {
     let err = file_err(path);
     let mut file = open_existing(fs, path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = file.read(&mut buf).map_err(&err)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-        progress(n as u64);
-    }
-    Ok((hasher.finalize().into(), total))
+    crate::io::hash_while(
+        |buf| crate::io::read_full(&mut file, buf),
+        |chunk| {
+            progress(chunk.len() as u64);
+            Ok(())
+        },
+    )
+    .map_err(err)
 }
 
 /// Reads a small file entirely.
