@@ -1306,18 +1306,24 @@ where
     const BLOCK: usize = 1 << 20;
     let mut a = vec![0u8; BLOCK];
     let mut b = vec![0u8; BLOCK];
-    let mut at = 4096u64;
-    while at < len {
-        let n = (len - at).min(BLOCK as u64) as usize;
-        t.seek(SeekFrom::Start(at)).map_err(io_at(template))?;
-        t.read_exact(&mut a[..n]).map_err(io_at(template))?;
-        ov.seek(SeekFrom::Start(at)).map_err(dev)?;
-        ov.read_exact(&mut b[..n]).map_err(dev)?;
-        if a[..n] != b[..n] {
+    // Only what mke2fs wrote: the fresh ext4 trusts no zeros elsewhere (lazy inode
+    // tables, a checksummed journal with a random sequence), so the old overlay's
+    // other blocks can stay as they are, unread and unwritten.
+    let regions = crate::disk::sparse::data_regions(&t).map_err(io_at(template))?;
+    for region in regions {
+        let mut at = region.start.max(4096);
+        while at < region.end.min(len) {
+            let n = (region.end.min(len) - at).min(BLOCK as u64) as usize;
+            t.seek(SeekFrom::Start(at)).map_err(io_at(template))?;
+            t.read_exact(&mut a[..n]).map_err(io_at(template))?;
             ov.seek(SeekFrom::Start(at)).map_err(dev)?;
-            ov.write_all(&a[..n]).map_err(dev)?;
+            ov.read_exact(&mut b[..n]).map_err(dev)?;
+            if a[..n] != b[..n] {
+                ov.seek(SeekFrom::Start(at)).map_err(dev)?;
+                ov.write_all(&a[..n]).map_err(dev)?;
+            }
+            at += n as u64;
         }
-        at += n as u64;
     }
     ov.flush().map_err(dev)?;
     ov.sync_data().map_err(dev)?;
