@@ -412,7 +412,7 @@ pub fn apply(
         let mut window = PartitionWindow::new(&mut recorder, start, len);
         if plan.format.is_some() {
             let hidden = u32::try_from(start / partition::SECTOR).unwrap_or(u32::MAX);
-            fat::format(&mut window, &plan.label, plan.volume_id, hidden)
+            fat::format_cached(&mut window, &plan.label, plan.volume_id, hidden)
                 .map_err(ApplyError::fat("formatting the FAT32 filesystem"))?;
         }
         if let Some(label) = &plan.relabel {

@@ -55,6 +55,101 @@ impl<T: SyncData + ?Sized> SyncData for &mut T {
     }
 }
 
+/// A device of `len` bytes held in memory where written (zeros elsewhere): a
+/// filesystem is formatted into it, then copied onto the stick in large writes.
+#[derive(Debug, Default)]
+pub struct MemDevice {
+    len: u64,
+    pos: u64,
+    /// Written 64 KiB blocks by index.
+    blocks: std::collections::BTreeMap<u64, Vec<u8>>,
+}
+
+const MEM_BLOCK: u64 = 64 * 1024;
+
+impl MemDevice {
+    pub fn new(len: u64) -> Self {
+        MemDevice {
+            len,
+            ..Self::default()
+        }
+    }
+
+    /// The written blocks as (offset, bytes), in order.
+    pub fn written(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+        self.blocks.iter().map(|(i, b)| {
+            (
+                i * MEM_BLOCK,
+                &b[..(self.len - i * MEM_BLOCK).min(MEM_BLOCK) as usize],
+            )
+        })
+    }
+}
+
+impl Read for MemDevice {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.len || buf.is_empty() {
+            return Ok(0);
+        }
+        let block = self.pos / MEM_BLOCK;
+        let within = (self.pos % MEM_BLOCK) as usize;
+        let n = buf
+            .len()
+            .min(MEM_BLOCK as usize - within)
+            .min((self.len - self.pos) as usize);
+        match self.blocks.get(&block) {
+            Some(b) => buf[..n].copy_from_slice(&b[within..within + n]),
+            None => buf[..n].fill(0),
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for MemDevice {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.pos >= self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "write past the end of the in-memory device",
+            ));
+        }
+        let block = self.pos / MEM_BLOCK;
+        let within = (self.pos % MEM_BLOCK) as usize;
+        let n = buf
+            .len()
+            .min(MEM_BLOCK as usize - within)
+            .min((self.len - self.pos) as usize);
+        let b = self
+            .blocks
+            .entry(block)
+            .or_insert_with(|| vec![0u8; MEM_BLOCK as usize]);
+        b[within..within + n].copy_from_slice(&buf[..n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Seek for MemDevice {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+        };
+        self.pos = target
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        Ok(self.pos)
+    }
+}
+
 /// A bounded window `[start, start + len)` onto `inner`.
 pub struct PartitionWindow<F> {
     inner: F,
@@ -100,13 +195,33 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
     /// Holds bytes `[0, bytes)` of the window in memory until [`Write::flush`].
     /// Used for the FAT region, which `fatfs` touches with tiny scattered writes.
     pub fn cache_prefix(&mut self, bytes: u64) -> io::Result<()> {
-        self.flush()?;
         let bytes = bytes.min(self.len);
+        if self.meta.len() as u64 == bytes && bytes > 0 {
+            // Already held (see `preload_prefix`): the memory copy is the newer one.
+            return Ok(());
+        }
+        self.flush()?;
         let mut meta = vec![0u8; bytes as usize];
         self.inner.seek(SeekFrom::Start(self.start))?;
         self.inner.read_exact(&mut meta)?;
         self.meta = meta;
         self.meta_dirty = None;
+        self.rbuf.clear();
+        Ok(())
+    }
+
+    /// Holds `bytes` as the window's first bytes, all of them to be written at the next
+    /// flush, without reading the device: for a filesystem made in memory, whose
+    /// metadata then reaches the stick once instead of being written, read back into
+    /// the cache and written again.
+    pub fn preload_prefix(&mut self, bytes: Vec<u8>) -> io::Result<()> {
+        self.flush()?;
+        let n = bytes.len();
+        if n as u64 > self.len {
+            return Err(self.out_of_window("preload", 0, n));
+        }
+        self.meta = bytes;
+        self.meta_dirty = (n > 0).then_some((0, n));
         self.rbuf.clear();
         Ok(())
     }

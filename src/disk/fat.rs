@@ -115,6 +115,43 @@ pub fn format<F: Read + Write + Seek>(
     Ok(())
 }
 
+/// Formats the window as FAT32 like [`format`], but in memory first: the reserved
+/// sectors and both FATs then stay in the window's cache and reach the device once,
+/// at the next flush, instead of being written, read back and written again. Only
+/// the root directory's cluster is written now.
+pub fn format_cached<F: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+    label: &str,
+    volume_id: u32,
+    hidden_sectors: u32,
+) -> Result<(), FatError> {
+    let len = window.len();
+    let mut staged = crate::io::MemDevice::new(len);
+    {
+        let mut mem = PartitionWindow::new(&mut staged, 0, len);
+        format(&mut mem, label, volume_id, hidden_sectors)?;
+        mem.flush()?;
+    }
+    let meta = {
+        let mut mem = PartitionWindow::new(&mut staged, 0, len);
+        metadata_len(&mut mem)?
+    };
+    let mut prefix = vec![0u8; meta as usize];
+    staged.seek(SeekFrom::Start(0))?;
+    staged.read_exact(&mut prefix)?;
+    window.preload_prefix(prefix)?;
+    for (at, bytes) in staged.written() {
+        let end = at + bytes.len() as u64;
+        if end <= meta {
+            continue;
+        }
+        let skip = meta.saturating_sub(at) as usize;
+        window.seek(SeekFrom::Start(at + skip as u64))?;
+        window.write_all(&bytes[skip..])?;
+    }
+    Ok(())
+}
+
 /// Bytes from the start of the partition to the first data cluster: the
 /// reserved sectors and the FATs, which `fatfs` updates with tiny writes.
 pub fn metadata_len<F: Read + Write + Seek>(window: &mut PartitionWindow<F>) -> io::Result<u64> {
