@@ -22,9 +22,10 @@ use crate::disk::target::{self, TargetError, TargetKind, TargetProbe};
 use crate::disk::wipe;
 use crate::io::{BoundedDirty, PartitionWindow, RangeSet, WriteRecorder, hash_ranges, zero_ranges};
 
-/// Dirty data allowed in the page cache for a block device before we wait for
-/// it to reach the stick (see [`BoundedDirty`]).
-const DIRTY_LIMIT: u64 = 64 << 20;
+/// Dirty data allowed in the page cache for a block device before its writer thread
+/// waits for it to reach the stick (see [`BoundedDirty`]): small, so the stick gets
+/// data again as soon as a batch is on it.
+const DIRTY_LIMIT: u64 = 8 << 20;
 use crate::plan::{CopySource, Plan};
 use crate::progress::Progress;
 use crate::source::checksum::hex;

@@ -390,52 +390,191 @@ impl<F: Read + Write + Seek> Seek for PartitionWindow<F> {
     }
 }
 
-/// A file that pushes its dirty data to the device every `limit` bytes
-/// written. On a USB stick the kernel would otherwise buffer gigabytes, the
-/// progress bar would reach 100 % long before the data is on the stick, and
-/// the final sync would take minutes with no sign of life.
+/// A target file that pushes its dirty data to the device every `limit` bytes
+/// written. On a USB stick the kernel would otherwise buffer gigabytes, the progress
+/// bar would reach 100 % long before the data is on the stick, and the final sync
+/// would take minutes with no sign of life.
+///
+/// With a limit, the writes and syncs run on a thread of their own: while the stick
+/// takes one batch, the caller reads, hashes and prepares the next, so the bus is not
+/// left idle during every sync. Reads wait for the queued writes first, so they see
+/// what was written. Without a limit (image files: the page cache is the point) every
+/// call goes straight to the file.
 pub struct BoundedDirty<'a> {
     file: &'a mut std::fs::File,
-    limit: u64,
-    since_sync: u64,
+    pos: u64,
+    writer: Option<DirtyWriter>,
+}
+
+enum DirtyMessage {
+    Write(u64, Vec<u8>),
+    Barrier(std::sync::mpsc::SyncSender<()>),
+}
+
+struct DirtyWriter {
+    queue: std::sync::mpsc::SyncSender<DirtyMessage>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The first error the writer met; every later call reports it.
+    failed: std::sync::Arc<std::sync::Mutex<Option<io::Error>>>,
 }
 
 impl<'a> BoundedDirty<'a> {
-    /// `limit` 0 never syncs early (image files: the page cache is the point).
+    /// `limit` 0 never syncs early and uses no thread.
     pub fn new(file: &'a mut std::fs::File, limit: u64) -> Self {
-        BoundedDirty {
-            file,
-            limit,
-            since_sync: 0,
+        let pos = file.stream_position().unwrap_or(0);
+        let writer = (limit > 0)
+            .then(|| file.try_clone().ok())
+            .flatten()
+            .map(|clone| DirtyWriter::start(clone, limit));
+        BoundedDirty { file, pos, writer }
+    }
+
+    /// Waits until every queued write reached the file; reports a writer error.
+    fn drain(&mut self) -> io::Result<()> {
+        match &self.writer {
+            Some(w) => w.drain(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl DirtyWriter {
+    fn start(file: std::fs::File, limit: u64) -> DirtyWriter {
+        use std::os::unix::fs::FileExt;
+        // One batch queued while the writer works on another: enough to keep the
+        // stick busy, little enough to keep memory small.
+        let (queue, rx) = std::sync::mpsc::sync_channel::<DirtyMessage>(1);
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(None::<io::Error>));
+        let seen = failed.clone();
+        let thread = std::thread::spawn(move || {
+            let mut since_sync = 0u64;
+            let fail = |e: io::Error| {
+                if let Ok(mut slot) = seen.lock()
+                    && slot.is_none()
+                {
+                    *slot = Some(e);
+                }
+            };
+            for message in rx {
+                match message {
+                    DirtyMessage::Write(at, bytes) => {
+                        let result = file.write_all_at(&bytes, at).and_then(|()| {
+                            since_sync += bytes.len() as u64;
+                            if since_sync >= limit {
+                                since_sync = 0;
+                                file.sync_data()
+                            } else {
+                                Ok(())
+                            }
+                        });
+                        if let Err(e) = result {
+                            fail(e);
+                        }
+                    }
+                    DirtyMessage::Barrier(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        DirtyWriter {
+            queue,
+            thread: Some(thread),
+            failed,
+        }
+    }
+
+    fn error(&self) -> io::Result<()> {
+        match self.failed.lock() {
+            Ok(slot) => match slot.as_ref() {
+                Some(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                None => Ok(()),
+            },
+            Err(_) => Err(io::Error::other("the writer thread failed")),
+        }
+    }
+
+    fn send(&self, message: DirtyMessage) -> io::Result<()> {
+        self.queue
+            .send(message)
+            .map_err(|_| io::Error::other("the writer thread stopped"))
+    }
+
+    fn drain(&self) -> io::Result<()> {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        self.send(DirtyMessage::Barrier(done))?;
+        wait.recv()
+            .map_err(|_| io::Error::other("the writer thread stopped"))?;
+        self.error()
+    }
+}
+
+impl Drop for DirtyWriter {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it has written everything queued.
+        let (closed, _) = std::sync::mpsc::sync_channel(1);
+        drop(std::mem::replace(&mut self.queue, closed));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
 
 impl Read for BoundedDirty<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.file.read(buf)
+        use std::os::unix::fs::FileExt;
+        if self.writer.is_none() {
+            return self.file.read(buf);
+        }
+        self.drain()?;
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
 impl Seek for BoundedDirty<'_> {
     fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
-        self.file.seek(pos)
+        if self.writer.is_none() {
+            return self.file.seek(pos);
+        }
+        self.pos = match pos {
+            SeekFrom::Start(p) => p,
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "seek before the start")
+            })?,
+            // The end is the file's (or device's) size, which queued writes do not
+            // change for a block device; wait for them for a file anyway.
+            SeekFrom::End(_) => {
+                self.drain()?;
+                self.file.seek(pos)?
+            }
+        };
+        Ok(self.pos)
     }
 }
 
 impl Write for BoundedDirty<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.since_sync += n as u64;
-        if self.limit > 0 && self.since_sync >= self.limit {
-            self.file.sync_data()?;
-            self.since_sync = 0;
-        }
-        Ok(n)
+        let Some(writer) = &self.writer else {
+            return self.file.write(buf);
+        };
+        writer.error()?;
+        writer.send(DirtyMessage::Write(self.pos, buf.to_vec()))?;
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        self.drain()?;
         self.file.flush()
+    }
+}
+
+impl Drop for BoundedDirty<'_> {
+    fn drop(&mut self) {
+        // Queued writes finish before the file is used directly again.
+        let _ = self.drain();
     }
 }
 
@@ -877,5 +1016,31 @@ mod tests {
             h.update(&data[r.start as usize..r.end as usize]);
         }
         assert_eq!(got, <[u8; 32]>::from(h.finalize()));
+    }
+
+    #[test]
+    fn bounded_dirty_writes_through_its_thread_and_reads_them_back() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.set_len(32 << 20).unwrap();
+        {
+            let mut dirty = BoundedDirty::new(&mut file, 1 << 20);
+            for i in 0..20u8 {
+                dirty.seek(SeekFrom::Start(u64::from(i) << 20)).unwrap();
+                dirty.write_all(&vec![i; 1 << 20]).unwrap();
+            }
+            // A read sees the writes still queued.
+            let mut back = vec![0u8; 4096];
+            dirty.seek(SeekFrom::Start((19 << 20) + 5)).unwrap();
+            dirty.read_exact(&mut back).unwrap();
+            assert!(back.iter().all(|&b| b == 19));
+            assert_eq!(dirty.stream_position().unwrap(), (19 << 20) + 5 + 4096);
+            dirty.flush().unwrap();
+        }
+        let mut all = Vec::new();
+        file.seek(SeekFrom::Start(0)).unwrap();
+        file.read_to_end(&mut all).unwrap();
+        for i in 0..20usize {
+            assert!(all[i << 20..(i + 1) << 20].iter().all(|&b| b == i as u8));
+        }
     }
 }
