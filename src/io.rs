@@ -11,6 +11,8 @@
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 
+/// Granularity of the cached metadata's dirty tracking.
+const META_PAGE: usize = 4096;
 /// Data writes are gathered up to this size before they reach the device.
 const WRITE_COALESCE: usize = 8 << 20;
 /// Sequential reads are served from a read-ahead buffer of this size.
@@ -157,7 +159,9 @@ pub struct PartitionWindow<F> {
     len: u64,
     pos: u64,
     meta: Vec<u8>,
-    meta_dirty: Option<(usize, usize)>,
+    /// The 4 KiB pages of `meta` changed since the last flush: only those are written,
+    /// so a FAT entry changed in each copy costs two pages, not the span between them.
+    meta_dirty: std::collections::BTreeSet<usize>,
     wbuf: Vec<u8>,
     wbuf_at: u64,
     rbuf: Vec<u8>,
@@ -172,7 +176,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
             len,
             pos: 0,
             meta: Vec::new(),
-            meta_dirty: None,
+            meta_dirty: std::collections::BTreeSet::new(),
             wbuf: Vec::new(),
             wbuf_at: 0,
             rbuf: Vec::new(),
@@ -205,7 +209,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
         self.inner.seek(SeekFrom::Start(self.start))?;
         self.inner.read_exact(&mut meta)?;
         self.meta = meta;
-        self.meta_dirty = None;
+        self.meta_dirty.clear();
         self.rbuf.clear();
         Ok(())
     }
@@ -221,7 +225,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
             return Err(self.out_of_window("preload", 0, n));
         }
         self.meta = bytes;
-        self.meta_dirty = (n > 0).then_some((0, n));
+        self.meta_dirty = (0..n.div_ceil(META_PAGE)).collect();
         self.rbuf.clear();
         Ok(())
     }
@@ -327,10 +331,8 @@ impl<F: Read + Write + Seek> Write for PartitionWindow<F> {
             let n = buf.len().min((self.meta_len() - pos) as usize);
             let at = pos as usize;
             self.meta[at..at + n].copy_from_slice(&buf[..n]);
-            self.meta_dirty = Some(match self.meta_dirty {
-                Some((lo, hi)) => (lo.min(at), hi.max(at + n)),
-                None => (at, at + n),
-            });
+            self.meta_dirty
+                .extend(at / META_PAGE..(at + n).div_ceil(META_PAGE));
             n
         } else {
             let end = pos + buf.len() as u64;
@@ -362,7 +364,17 @@ impl<F: Read + Write + Seek> Write for PartitionWindow<F> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.flush_writes()?;
-        if let Some((lo, hi)) = self.meta_dirty.take() {
+        let pages = std::mem::take(&mut self.meta_dirty);
+        let mut pages = pages.into_iter().peekable();
+        while let Some(first) = pages.next() {
+            // Consecutive pages go out as one write.
+            let mut last = first;
+            while pages.peek() == Some(&(last + 1)) {
+                last += 1;
+                pages.next();
+            }
+            let lo = first * META_PAGE;
+            let hi = ((last + 1) * META_PAGE).min(self.meta.len());
             self.inner.seek(SeekFrom::Start(self.start + lo as u64))?;
             self.inner.write_all(&self.meta[lo..hi])?;
         }

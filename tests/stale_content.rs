@@ -487,3 +487,38 @@ fn persistence_costs_only_its_metadata() {
     let blocks = std::fs::metadata(&image).unwrap().blocks() * 512;
     assert!(blocks < written + 16 * MIB, "{blocks} bytes allocated");
 }
+
+/// An OverlayFS overlay (an ext4 image, for a flat root) over random bytes: blkid
+/// sees ext4, e2fsck finds it clean, and it holds exactly overlayfs/ and ovlwork/.
+#[test]
+fn overlayfs_overlay_written_over_random_bytes() {
+    let iso = synthetic_iso("fedora42.iso");
+    let dir = tmp();
+    let image = dir.path().join("random.img");
+    fill_random(&image, STICK);
+    let report = write_json(&[
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--format",
+        "--overlayfs",
+        "--overlay-size-mb",
+        "128",
+        "--yes",
+    ]);
+    assert_counts(&report);
+    let overlay = report["overlay"].as_str().unwrap();
+    let e = extents(&image, overlay);
+    assert_eq!(e.len(), 1);
+    let (at, len) = e[0];
+    assert_eq!(blkid_type(&image, at, len).as_deref(), Some("ext4"));
+    let copy = dir.path().join("overlay.ext4");
+    copy_out(&image, overlay, &copy);
+    e2fsck_clean(&copy);
+    let listing = run("debugfs", &["-R", "ls -p /", copy.to_str().unwrap()]);
+    let names: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split('/').nth(5))
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+        .collect();
+    assert_eq!(names, ["lost+found", "overlayfs", "ovlwork"], "{listing}");
+}

@@ -118,6 +118,10 @@ fn needs() -> Vec<Need> {
         program(EXT4, false, "mke2fs", &["-V"], "e2fsprogs", "e2fsprogs"),
         program(EXT4, false, "resize2fs", &[], "e2fsprogs", "e2fsprogs"),
         program(EXT4, false, "e2fsck", &["-V"], "e2fsprogs", "e2fsprogs"),
+        // A new ext4 gets its journal checksum and a random first sequence through
+        // debugfs; a copied home is read by its block bitmaps through dumpe2fs.
+        program(EXT4, false, "debugfs", &["-V"], "e2fsprogs", "e2fsprogs"),
+        program(EXT4, false, "dumpe2fs", &["-V"], "e2fsprogs", "e2fsprogs"),
         tool(SQUASH, squash::UNSQUASHFS, &["-version"]),
         tool(SQUASH, squash::MKSQUASHFS, &["-version"]),
         tool(FLAT_OVL, squash::SQFS2TAR, &["--version"]),
