@@ -754,6 +754,10 @@ pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, App
                 source,
             })?,
             files: fat::walk_files(fs, "")
+                .map_err(|source| StickError::Fat {
+                    path: path.to_path_buf(),
+                    source,
+                })?
                 .into_iter()
                 .map(|e| (e.path, e.size))
                 .collect(),

@@ -28,6 +28,10 @@ pub enum FatError {
     File { path: String, source: io::Error },
     #[error("{path} is {size} bytes; FAT32 files must stay below 4 GiB (4095 MiB)")]
     FileTooLarge { path: String, size: u64 },
+    #[error(
+        "the FAT filesystem is damaged: {0}; run `fsck.fat -a` on the partition, or rewrite the stick with --format"
+    )]
+    Damaged(String),
     #[error("I/O error on the FAT filesystem: {0}")]
     Io(#[from] io::Error),
 }
@@ -337,6 +341,13 @@ pub struct FatEntry {
     pub size: u64,
 }
 
+/// A FAT directory holds at most 65,536 32-byte entries; a directory whose cluster
+/// chain loops would otherwise list forever (fatfs follows chains unchecked).
+const MAX_DIR_ENTRIES: usize = 65_536;
+/// Deeper than any live stick's tree: a directory that contains itself (two damaged
+/// bytes in an entry) is found here instead of by a stack overflow.
+const MAX_DEPTH: usize = 32;
+
 /// Lists `path` (not recursive). A missing directory lists as empty.
 pub fn list_dir<F: Read + Write + Seek>(fs: &FatFs<'_, F>, path: &str) -> Vec<FatEntry> {
     let dir = if components(path).is_empty() {
@@ -349,6 +360,7 @@ pub fn list_dir<F: Read + Write + Seek>(fs: &FatFs<'_, F>, path: &str) -> Vec<Fa
     };
     let base = path.trim_end_matches('/');
     dir.iter()
+        .take(MAX_DIR_ENTRIES)
         .filter_map(Result::ok)
         .filter(|e| e.file_name() != "." && e.file_name() != "..")
         .map(|e| FatEntry {
@@ -359,21 +371,53 @@ pub fn list_dir<F: Read + Write + Seek>(fs: &FatFs<'_, F>, path: &str) -> Vec<Fa
         .collect()
 }
 
-/// Every file below `dir`, recursively (directories themselves left out).
-pub fn walk_files<F: Read + Write + Seek>(fs: &FatFs<'_, F>, dir: &str) -> Vec<FatEntry> {
+/// Every file below `dir`, recursively (directories themselves left out). A tree
+/// deeper than any real one (a directory that contains itself) is reported damaged.
+pub fn walk_files<F: Read + Write + Seek>(
+    fs: &FatFs<'_, F>,
+    dir: &str,
+) -> Result<Vec<FatEntry>, FatError> {
     let mut out = Vec::new();
+    walk_into(fs, dir, 0, &mut out)?;
+    Ok(out)
+}
+
+fn walk_into<F: Read + Write + Seek>(
+    fs: &FatFs<'_, F>,
+    dir: &str,
+    depth: usize,
+    out: &mut Vec<FatEntry>,
+) -> Result<(), FatError> {
+    if depth > MAX_DEPTH {
+        return Err(FatError::Damaged(format!(
+            "{dir} is nested more than {MAX_DEPTH} directories deep (a directory that contains itself?)"
+        )));
+    }
     for entry in list_dir(fs, dir) {
         if entry.is_dir {
-            out.extend(walk_files(fs, &entry.path));
+            walk_into(fs, &entry.path, depth + 1, out)?;
         } else {
             out.push(entry);
         }
     }
-    out
+    Ok(())
 }
 
 /// Removes a file, or a directory with everything below it. Missing is fine.
 pub fn remove_all<F: Read + Write + Seek>(fs: &FatFs<'_, F>, path: &str) -> Result<(), FatError> {
+    remove_below(fs, path, 0)
+}
+
+fn remove_below<F: Read + Write + Seek>(
+    fs: &FatFs<'_, F>,
+    path: &str,
+    depth: usize,
+) -> Result<(), FatError> {
+    if depth > MAX_DEPTH {
+        return Err(FatError::Damaged(format!(
+            "{path} is nested more than {MAX_DEPTH} directories deep (a directory that contains itself?)"
+        )));
+    }
     if !exists(fs, path) {
         return Ok(());
     }
@@ -381,7 +425,7 @@ pub fn remove_all<F: Read + Write + Seek>(fs: &FatFs<'_, F>, path: &str) -> Resu
     let is_dir = fs.root_dir().open_dir(trimmed).is_ok();
     if is_dir {
         for entry in list_dir(fs, path) {
-            remove_all(fs, &entry.path)?;
+            remove_below(fs, &entry.path, depth + 1)?;
         }
     }
     fs.root_dir()

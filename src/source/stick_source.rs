@@ -78,7 +78,12 @@ pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
                     size: e.size,
                 })
                 .collect();
+            let walk_err = |source| StickError::Fat {
+                path: path.to_path_buf(),
+                source,
+            };
             let efi_files = fat::walk_files(fs, "/EFI")
+                .map_err(walk_err)?
                 .into_iter()
                 .map(|e| FileInfo {
                     path: e.path,
@@ -90,7 +95,7 @@ pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
                 menu_errors,
                 live_files,
                 efi_files,
-                all_files: fat::walk_files(fs, ""),
+                all_files: fat::walk_files(fs, "").map_err(walk_err)?,
             })
         })
         .map_err(stick_err(path))?;
