@@ -131,6 +131,8 @@ pub struct OverlayStep {
     pub path: String,
     pub size: u64,
     pub kind: OverlayBoot,
+    /// Why this kind: the root image's layout, or `--overlayfs`.
+    pub why: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -228,10 +230,6 @@ pub enum PlanError {
         "{0} is larger than 4 GiB and cannot be stored on FAT32; this ISO cannot be written in file mode"
     )]
     SourceFileTooLarge(String),
-    #[error(
-        "the ISO's root filesystem is directly in squashfs.img (no LiveOS/rootfs.img), where a device-mapper snapshot overlay cannot work; use --overlayfs for persistence"
-    )]
-    FlatNeedsOverlayFs,
     #[error(
         "--{0} was given but the source stick has no {1}; drop --{0} (or use --{2} to make a new one)"
     )]
@@ -423,12 +421,27 @@ pub fn plan_write(
     if opts.overlayfs && opts.overlay_size.is_none() && !opts.copy_overlay && existing.is_none() {
         return Err(PlanError::OverlayFsNeedsSize);
     }
-    if opts.overlay_size.is_some()
-        && !opts.overlayfs
-        && matches!(live.root, RootKind::Flat | RootKind::Erofs)
-    {
-        return Err(PlanError::FlatNeedsOverlayFs);
-    }
+    // A flat root (the tree directly in squashfs.img or an EROFS image) has no block
+    // device a device-mapper snapshot could sit on: only OverlayFS can work, so it is
+    // chosen without a flag. A nested rootfs.img keeps dm-snapshot unless asked.
+    let flat_root = matches!(live.root, RootKind::Flat | RootKind::Erofs);
+    let overlayfs = opts.overlayfs || flat_root;
+    let overlay_why = if opts.overlayfs {
+        "--overlayfs was given".to_string()
+    } else if flat_root {
+        format!(
+            "the root is directly in {} ({}), where a device-mapper snapshot cannot work",
+            live.squashfs.path,
+            if live.root == RootKind::Erofs {
+                "EROFS"
+            } else {
+                "squashfs"
+            }
+        )
+    } else {
+        "the root is LiveOS/rootfs.img inside squashfs.img: a device-mapper snapshot of it"
+            .to_string()
+    };
 
     let (format, table, part_start, part_len, label, volume_id, cluster, available) =
         match &existing {
@@ -684,8 +697,8 @@ pub fn plan_write(
             }
         }
     }
-    let overlay_kind = match (opts.overlay_size, opts.overlayfs, &kept_overlay) {
-        _ if copied_overlay.is_some() && !opts.overlayfs => OverlayBoot::DmSnapshot,
+    let overlay_kind = match (opts.overlay_size, overlayfs, &kept_overlay) {
+        _ if copied_overlay.is_some() && !overlayfs => OverlayBoot::DmSnapshot,
         (None, _, None) if copied_overlay.is_none() => OverlayBoot::None,
         (_, true, _) => OverlayBoot::OverlayFs,
         _ => OverlayBoot::DmSnapshot,
@@ -694,6 +707,7 @@ pub fn plan_write(
         path: overlay_path.clone(),
         size,
         kind: overlay_kind,
+        why: overlay_why.clone(),
     });
     let home = opts.home_size.map(|size| HomeStep {
         path: home_path.clone(),
@@ -925,10 +939,11 @@ impl Plan {
         }
         if let Some(o) = &self.overlay {
             out.push_str(&format!(
-                "  overlay          {} ({}, {:?})\n",
+                "  overlay          {} ({}, {:?}: {})\n",
                 o.path,
                 human(o.size),
-                o.kind
+                o.kind,
+                o.why
             ));
         }
         if let Some(k) = &self.kept_overlay {

@@ -151,6 +151,70 @@ fn overlayfs_overlay_holds_ext4_with_upper_and_work_dirs() {
     assert!(cfg.contains("rd.live.overlay.overlayfs"), "{cfg}");
 }
 
+/// A flat root (the tree directly in squashfs.img, as every current Fedora ISO has)
+/// gets an OverlayFS overlay without --overlayfs, and the plan says why; a nested
+/// rootfs.img keeps the dm-snapshot overlay unless asked.
+#[test]
+fn a_flat_root_gets_an_overlayfs_overlay_without_a_flag() {
+    let dir = tmp();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/hostname"), "flat\n").unwrap();
+    let flat = flat_iso_from(&root, dir.path());
+    let image = new_stick(dir.path(), "flat.img");
+    let plan = ok(write(&[
+        flat.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "32",
+        "--dry-run",
+    ]));
+    let step = &plan["overlay"];
+    assert_eq!(step["kind"], "OverlayFs", "{plan}");
+    assert!(
+        step["why"].as_str().unwrap().contains("directly in"),
+        "{step}"
+    );
+    ok(write(&[
+        flat.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "32",
+        "--volume-id",
+        "0000ABCD",
+    ]));
+    let start = part_start(&image);
+    let overlay = dir.path().join("overlay.img");
+    fat_copy_out(&image, start, "/LiveOS/overlay-LIVE-0000-ABCD", &overlay);
+    let listing = run("debugfs", &["-R", "ls -l /", overlay.to_str().unwrap()]);
+    assert!(listing.contains("overlayfs"), "{listing}");
+    let cfg = String::from_utf8(fat_read(&image, start, "/syslinux/syslinux.cfg")).unwrap();
+    assert!(cfg.contains("rd.live.overlay.overlayfs"), "{cfg}");
+
+    // Nested: dm-snapshot, and the plan says so.
+    let nested = synthetic_iso("fedora-classic.iso");
+    let plan = ok(write(&[
+        nested.to_str().unwrap(),
+        dir.path().join("nested.img").to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "32",
+        "--dry-run",
+    ]));
+    assert_eq!(plan["overlay"]["kind"], "DmSnapshot", "{plan}");
+    assert!(
+        plan["overlay"]["why"]
+            .as_str()
+            .unwrap()
+            .contains("rootfs.img")
+    );
+}
+
 #[test]
 fn rewrite_keeps_home_and_host_files_and_resets_the_overlay() {
     let iso_a = synthetic_iso("fedora-classic.iso");

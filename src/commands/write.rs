@@ -134,9 +134,12 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
         multi: args.multi,
         copy_overlay: args.copy_overlay,
         copy_home: args.copy_home,
-        // The spelling only matters for OverlayFS (cmdline::rewrite_for_stick): reading
-        // it means decompressing the initrd, so it is skipped otherwise.
-        dracut: if args.overlayfs {
+        // The spelling only matters for OverlayFS (cmdline::rewrite_for_stick), which a
+        // flat root gets without the flag: reading it means decompressing the initrd,
+        // so it is skipped otherwise.
+        dracut: if args.overlayfs
+            || matches!(live.root, live::RootKind::Flat | live::RootKind::Erofs)
+        {
             resolve_dracut(args, live)
         } else {
             DracutNames::Classic

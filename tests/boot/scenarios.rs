@@ -282,13 +282,14 @@ fn grub_only_iso_stick_boots_bios_and_uefi_with_persistence() {
 }
 
 /// Flat squashfs (the root tree directly in squashfs.img, no rootfs.img):
-/// only an OverlayFS overlay can work, and it must persist across a reboot.
+/// only an OverlayFS overlay can work, livestick chooses it without a flag (as
+/// every current Fedora ISO needs), and it must persist across a reboot.
 #[test]
 fn flat_squashfs_stick_persists_with_overlayfs() {
     if !boot_env_ready(&[Firmware::Bios, Firmware::Uefi]) {
         return;
     }
-    let stick = write_stick(&boot_iso("boot-flat.iso"), &["--overlayfs"]);
+    let stick = write_stick(&boot_iso("boot-flat.iso"), &[]);
     let overlayfs = Setup {
         overlay: "overlayfs",
         ..CLASSIC
