@@ -510,7 +510,7 @@ pub fn check_staging_memory(need: u64) -> Result<(), HomeError> {
 
 fn staging_fits(need: u64, available: u64, source_note: &'static str) -> Result<(), HomeError> {
     let need_mib = need.div_ceil(MIB);
-    let limit = available / 100 * STAGING_MEM_PERCENT;
+    let limit = available.saturating_mul(STAGING_MEM_PERCENT) / 100;
     if need > limit {
         return Err(HomeError::NotEnoughMemory {
             need_mib,
