@@ -6,7 +6,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use clap::Parser;
@@ -513,4 +513,312 @@ fn binary_home_subcommand() {
     let out = livestick(&["--json", "home", "resize", t.s(), "--size-mb", "4096"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("4095"));
+}
+
+// ---------------------------------------------------------------------------
+// Issue 13, part 3: no plaintext of an encrypted home on any file system.
+// ---------------------------------------------------------------------------
+
+/// A marker no other test data contains, unique to this run.
+fn marker() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "LIVESTICK-PLAINTEXT-MARKER-{}-{nanos:x}",
+        std::process::id()
+    )
+}
+
+/// Files under `dir` (recursively) that hold `needle`, found by `grep -a` (binary
+/// files read as text, so raw images and copies are searched byte for byte).
+fn files_holding(dir: &Path, needle: &str) -> Vec<String> {
+    let out = Command::new("grep")
+        .args(["-r", "-l", "-a", "-F", "--", needle])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.code() == Some(0) || out.status.code() == Some(1),
+        "grep failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The decrypted file system of the LUKS home `home`, read with livestick's reader
+/// into a memfd (so the check itself puts no plaintext on a disk); returns the
+/// memfd and the path child processes open it by.
+fn decrypt_to_memory(home: &Path) -> (std::fs::File, String) {
+    use std::io::{Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(home).unwrap();
+    let mut vol = livestick::persist::luks::open_luks2(f, PASS.trim_end().as_bytes()).unwrap();
+    vol.seek(SeekFrom::Start(0)).unwrap();
+    // Not close-on-exec: e2fsck and debugfs, run as children, open /proc/self/fd/N.
+    let fd = nix::sys::memfd::memfd_create(c"test-home", nix::sys::memfd::MemFdCreateFlag::empty())
+        .unwrap();
+    let mut m = std::fs::File::from(fd);
+    std::io::copy(&mut vol, &mut m).unwrap();
+    let path = format!("/proc/self/fd/{}", m.as_raw_fd());
+    (m, path)
+}
+
+/// The home `home` opens with cryptsetup and the passphrase, its ext4 is clean
+/// (`e2fsck -fn`) and `marker.txt` in it holds `marker`.
+fn assert_home_holds_marker(home: &Path, key: &Path, marker: &str) {
+    let ok = Command::new("cryptsetup")
+        .args(["open", "--disable-locks", "--test-passphrase", "--key-file"])
+        .arg(key)
+        .arg(home)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "cryptsetup opens {}", home.display());
+    let (_mem, path) = decrypt_to_memory(home);
+    run("e2fsck", &["-f", "-n", &path]);
+    let cat = run("debugfs", &["-R", "cat marker.txt", &path]);
+    assert_eq!(cat.trim_end(), marker);
+}
+
+/// A LUKS home (bare file) holding `marker.txt` with `marker` in it. The plaintext
+/// used to put it there is removed before the function returns.
+fn luks_home_with_marker(t: &T, marker: &str) -> PathBuf {
+    let h = t.home_out();
+    let plain = t.path("plain.ext4");
+    decrypt(&h, &plain);
+    let src = t.path("marker.txt");
+    std::fs::write(&src, format!("{marker}\n")).unwrap();
+    run(
+        "debugfs",
+        &[
+            "-w",
+            "-R",
+            &format!("write {} marker.txt", src.display()),
+            plain.to_str().unwrap(),
+        ],
+    );
+    // Positive control: the search finds the marker in a decrypted copy.
+    assert_eq!(files_holding(t.dir.path(), marker).len(), 2);
+    encrypt_back(&h, &plain);
+    std::fs::remove_file(&plain).unwrap();
+    std::fs::remove_file(&src).unwrap();
+    assert!(files_holding(t.dir.path(), marker).is_empty());
+    h
+}
+
+/// Stand-ins for e2fsck's partner resize2fs on PATH: the first records its pid and
+/// arguments and then sleeps in its place, so the test kills livestick while the
+/// decrypted home is staged and the tool is "working" on it.
+fn pausing_resize2fs(dir: &Path) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("fakebin");
+    std::fs::create_dir(&bin).unwrap();
+    let flag = dir.join("resize2fs.started");
+    let script = bin.join("resize2fs");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$$\" \"$@\" > '{f}.tmp'\nmv '{f}.tmp' '{f}'\nexec sleep 600\n",
+            f = flag.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (bin, flag)
+}
+
+/// Runs `livestick home resize TARGET --size-mb 80`, SIGKILLs it once resize2fs has
+/// started on the decrypted copy, and checks that the marker is nowhere on disk:
+/// not in the work directory, not in $TMPDIR, not in the target, nor anywhere else
+/// in the test's directory.
+/// Returns how many entries the kill left in the work directory.
+fn kill_mid_resize(t: &T, target: &Path, marker: &str) -> usize {
+    let work = tempfile::tempdir_in(t.dir.path()).unwrap();
+    let tmp = tempfile::tempdir_in(t.dir.path()).unwrap();
+    let aux = tempfile::tempdir_in(t.dir.path()).unwrap();
+    let (fakebin, flag) = pausing_resize2fs(aux.path());
+    let path = format!(
+        "{}:{}",
+        fakebin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let before = sha256_file(target);
+    let mut child = Command::new(bin())
+        .args(["home", "resize"])
+        .arg(target)
+        .args(["--size-mb", "80", "--passphrase-file"])
+        .arg(&base().pass)
+        .arg("--workdir")
+        .arg(work.path())
+        .env("PATH", &path)
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !flag.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            panic!("livestick ended before resize2fs started ({status}): {err}");
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "resize2fs never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let rec = std::fs::read_to_string(&flag).unwrap();
+    let mut lines = rec.lines();
+    let pid = lines.next().unwrap().to_string();
+    let fs_arg = lines.next().unwrap().to_string();
+    // resize2fs is handed the in-memory copy, not a file on a disk.
+    let fd = fs_arg
+        .strip_prefix("/proc/self/fd/")
+        .unwrap_or_else(|| panic!("resize2fs got {fs_arg:?}, not a memfd"));
+    // Positive control: the staged copy really is the plaintext (read through the
+    // stand-in's inherited descriptor), so the searches below would see it on disk.
+    let staged = format!("/proc/{pid}/fd/{fd}");
+    let link = std::fs::read_link(&staged).unwrap();
+    assert!(
+        link.to_string_lossy().starts_with("/memfd:"),
+        "{staged} -> {link:?}"
+    );
+    let grep = Command::new("grep")
+        .args(["-c", "-a", "-F", "--", marker, &staged])
+        .output()
+        .unwrap();
+    assert!(grep.status.success(), "the memfd holds the plaintext");
+
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let _ = Command::new("kill").args(["-9", &pid]).status();
+
+    for dir in [work.path(), tmp.path(), t.dir.path()] {
+        let found = files_holding(dir, marker);
+        assert!(
+            found.is_empty(),
+            "plaintext on disk after a kill: {found:?}"
+        );
+    }
+    let found = files_holding(target, marker);
+    assert!(found.is_empty(), "plaintext in the target: {found:?}");
+    assert_eq!(
+        sha256_file(target),
+        before,
+        "nothing is written before resize2fs has finished"
+    );
+    std::fs::read_dir(work.path()).unwrap().count()
+}
+
+#[test]
+fn killed_luks_resize_leaves_no_plaintext_on_disk() {
+    let t = stick(&base().luks);
+    let marker = marker();
+    let out = luks_home_with_marker(&t, &marker);
+    fat_put(&t.img, t.part, &out, "/LiveOS/home.img");
+    // `home_out` reuses its file name: the bare-file case gets its own.
+    let h = t.path("bare-home.img");
+    std::fs::rename(&out, &h).unwrap();
+    let key = t.path("key");
+    std::fs::write(&key, PASS.trim_end()).unwrap();
+
+    // On a stick: home.img is copied out to the work directory first, still
+    // encrypted (the kill leaves that copy; it holds no plaintext).
+    let left = kill_mid_resize(&t, &t.img, &marker);
+    assert_eq!(left, 1, "the (encrypted) copy of the stick's home");
+    assert_home_holds_marker(&t.home_out(), &key, &marker);
+    // The next run works, and still writes no plaintext anywhere.
+    home(&[
+        "resize",
+        t.s(),
+        "--size-mb",
+        "80",
+        "--passphrase-file",
+        t.pass(),
+    ])
+    .unwrap();
+    let out = t.home_out();
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), 80 * MIB);
+    assert_home_holds_marker(&out, &key, &marker);
+    assert!(files_holding(t.dir.path(), &marker).is_empty());
+    t.fsck();
+
+    // A bare home.img file: grown in place, nothing copied to the work directory.
+    let left = kill_mid_resize(&t, &h, &marker);
+    assert_eq!(left, 0);
+    assert_home_holds_marker(&h, &key, &marker);
+    home(&[
+        "resize",
+        h.to_str().unwrap(),
+        "--size-mb",
+        "80",
+        "--passphrase-file",
+        t.pass(),
+    ])
+    .unwrap();
+    assert_eq!(std::fs::metadata(&h).unwrap().len(), 80 * MIB);
+    assert_home_holds_marker(&h, &key, &marker);
+    assert!(files_holding(t.dir.path(), &marker).is_empty());
+}
+
+/// `livestick home resize …` with MemAvailable replaced by `avail_mib`.
+fn resize_with_memory(target: &Path, mib: &str, avail_mib: &str, extra: &[&str]) -> Output {
+    Command::new(bin())
+        .args(["home", "resize"])
+        .arg(target)
+        .args(["--size-mb", mib, "--passphrase-file"])
+        .arg(&base().pass)
+        .args(extra)
+        .env(livestick::persist::home::TEST_MEM_AVAILABLE_ENV, avail_mib)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn luks_resize_above_the_memory_limit_is_refused() {
+    let t = stick(&base().luks);
+    let h = t.home_out();
+    let before = (sha256_file(&t.img), sha256_file(&h));
+    // 16 MiB of file system grown to 64 MiB: 16 + 48/32 = 17.5 MiB of decrypted
+    // copy; with 30 MiB "available" livestick allows itself 15.
+    for target in [&t.img, &h] {
+        for extra in [&[][..], &["--dry-run"][..]] {
+            let out = resize_with_memory(target, "80", "30", extra);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{err}");
+            assert!(err.contains("needs about 18 MiB of memory"), "{err}");
+            assert!(
+                err.contains("at most 50 % of the memory available now (30 MiB available"),
+                "{err}"
+            );
+            assert!(err.contains("so 15 MiB)"), "{err}");
+            assert!(err.contains("never onto a disk"), "{err}");
+            assert!(err.contains("at least 35 MiB available"), "{err}");
+        }
+        // Enough memory: the dry run shows the figure.
+        let out = resize_with_memory(target, "80", "36", &["--dry-run"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("memory:      about 18 MiB"), "{text}");
+        assert!(text.contains("memory only"), "{text}");
+        // A figure that is no number is refused, not taken as "enough".
+        let out = resize_with_memory(target, "80", "lots", &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("cannot tell how much memory is available"),
+            "{err}"
+        );
+    }
+    assert_eq!((sha256_file(&t.img), sha256_file(&h)), before);
 }

@@ -261,7 +261,7 @@ fn grow_plain_home_keeps_files() {
     fs::write(&src, b"kept across resize\n").unwrap();
     debugfs(&path, true, &format!("write {} hello.txt", src.display()));
 
-    let info = home_resize(&path, 64 * MIB, None, dir.path()).unwrap();
+    let info = home_resize(&path, 64 * MIB, None).unwrap();
     assert_eq!(fs::metadata(&path).unwrap().len(), 64 * MIB);
     assert_eq!(info.fs.unwrap().size_bytes, 64 * MIB);
     fsck_clean(&path);
@@ -270,13 +270,13 @@ fn grow_plain_home_keeps_files() {
         "kept across resize\n"
     );
 
-    let e = home_resize(&path, 32 * MIB, None, dir.path()).unwrap_err();
+    let e = home_resize(&path, 32 * MIB, None).unwrap_err();
     assert!(matches!(e, HomeError::Shrink { .. }), "{e}");
     assert!(
         e.to_string().contains("64 MiB") && e.to_string().contains("32 MiB"),
         "{e}"
     );
-    let e = home_resize(&path, 5000 * MIB, None, dir.path()).unwrap_err();
+    let e = home_resize(&path, 5000 * MIB, None).unwrap_err();
     assert!(matches!(e, HomeError::TooLarge { mib: 5000 }), "{e}");
 }
 
@@ -306,16 +306,16 @@ fn grow_luks_home_keeps_files_and_stays_openable() {
 
     // A wrong passphrase changes nothing.
     let before = fs::read(&path).unwrap();
-    let e = home_resize(&path, 80 * MIB, Some(b"wrong"), dir.path()).unwrap_err();
+    let e = home_resize(&path, 80 * MIB, Some(b"wrong")).unwrap_err();
     assert!(
         matches!(e, HomeError::Luks(LuksError::WrongPassphrase)),
         "{e}"
     );
     assert_eq!(fs::read(&path).unwrap(), before);
-    let e = home_resize(&path, 80 * MIB, None, dir.path()).unwrap_err();
+    let e = home_resize(&path, 80 * MIB, None).unwrap_err();
     assert!(matches!(e, HomeError::PassphraseNeeded(_)), "{e}");
 
-    let info = home_resize(&path, 80 * MIB, Some(PASS), dir.path()).unwrap();
+    let info = home_resize(&path, 80 * MIB, Some(PASS)).unwrap();
     assert_eq!(fs::metadata(&path).unwrap().len(), 80 * MIB);
     assert_eq!(info.fs.as_ref().unwrap().size_bytes, 80 * MIB - DATA_OFFSET);
     assert_eq!(info.fs.unwrap().label, "HOME");

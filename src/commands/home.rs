@@ -74,7 +74,8 @@ pub struct ResizeArgs {
     /// Directory of the live files on the stick
     #[arg(long, value_name = "DIR", default_value = "LiveOS")]
     pub live_dir: String,
-    /// Where the temporary copy of the home goes (a private subdirectory is made)
+    /// Where the temporary copy of a stick's home goes (a private subdirectory is
+    /// made); an encrypted home stays encrypted there, it is decrypted in memory only
     #[arg(long, value_name = "DIR")]
     pub workdir: Option<PathBuf>,
     #[command(flatten)]
@@ -294,20 +295,19 @@ fn resize(a: &ResizeArgs, json: bool) -> anyhow::Result<()> {
         ),
     };
     let pass = pass.as_deref().map(|p| &p[..]);
-    // Unlocking now checks the passphrase before anything changes and tells how much
-    // of the filesystem is used (the decrypted work copy is at most that big).
-    let before = match &mut h {
-        Some(h) if encrypted && pass.is_some() => Some(h.report(pass)?),
-        None if encrypted && pass.is_some() => Some(home_stick::file_report(&a.target, pass)?),
-        _ => None,
-    };
-    let used = before
-        .as_ref()
-        .and_then(|r| r.fs.as_ref())
-        .map(|f| f.used_bytes);
+    // Unlocking now checks the passphrase before anything changes.
+    match &mut h {
+        Some(h) if encrypted && pass.is_some() => {
+            h.report(pass)?;
+        }
+        None if encrypted && pass.is_some() => {
+            home_stick::file_report(&a.target, pass)?;
+        }
+        _ => {}
+    }
     let plan = match &h {
-        Some(h) => home_stick::plan_stick_resize(h, encrypted, a.size_mb, &workdir, used)?,
-        None => home_stick::plan_file_resize(&a.target, encrypted, a.size_mb, &workdir, used)?,
+        Some(h) => home_stick::plan_stick_resize(h, encrypted, a.size_mb, &workdir)?,
+        None => home_stick::plan_file_resize(&a.target, encrypted, a.size_mb, &workdir)?,
     };
     if a.dry_run || plan.unchanged {
         return resize_report(&plan, None, a.dry_run, json);
@@ -378,6 +378,12 @@ fn resize_report(
             plan.workdir_needed_bytes.div_ceil(MIB),
             plan.workdir.display()
         );
+        if plan.memory_needed_bytes > 0 {
+            println!(
+                "memory:      about {} MiB for the decrypted copy (never written to a disk)",
+                plan.memory_needed_bytes.div_ceil(MIB)
+            );
+        }
         return Ok(());
     }
     println!(

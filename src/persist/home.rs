@@ -75,6 +75,25 @@ pub enum HomeError {
     PassphraseNeeded(&'static str),
     #[error("{path} is neither ext4 nor LUKS2: {detail}")]
     UnknownFormat { path: PathBuf, detail: String },
+    #[error(
+        "growing the encrypted home needs about {need_mib} MiB of memory: livestick decrypts it only into memory, never onto a disk, and takes at most {percent} % of the memory available now ({available_mib} MiB available{source_note}, so {limit_mib} MiB); close programs to free memory and run again, or grow it on a machine with at least {want_mib} MiB available (see \"Encrypted home\" in README.md)"
+    )]
+    NotEnoughMemory {
+        need_mib: u64,
+        available_mib: u64,
+        limit_mib: u64,
+        want_mib: u64,
+        percent: u64,
+        source_note: &'static str,
+    },
+    #[error(
+        "cannot tell how much memory is available ({detail}): growing the encrypted home decrypts it into memory only and needs about {need_mib} MiB, so livestick does not start without knowing it fits; check that /proc is mounted"
+    )]
+    MemoryUnknown { need_mib: u64, detail: String },
+    #[error(
+        "cannot create the in-memory copy of the encrypted home (memfd_create): {0}; livestick never decrypts a home onto a disk, so it needs a Linux kernel with memfd (3.17 or later) and /proc mounted"
+    )]
+    Memfd(io::Error),
     #[error(transparent)]
     Luks(#[from] LuksError),
     #[error(transparent)]
@@ -431,21 +450,100 @@ pub fn home_info(path: &Path, passphrase: Option<&[u8]>) -> Result<HomeInfo, Hom
     }
 }
 
+/// The largest share of MemAvailable the decrypted copy of an encrypted home may
+/// take during a resize, in percent. The rest is left to the system and to
+/// e2fsck/resize2fs, whose own memory grows with the file system.
+pub const STAGING_MEM_PERCENT: u64 = 50;
+
+/// For tests only: a figure in MiB that replaces MemAvailable (from /proc/meminfo)
+/// in the memory check of an encrypted resize, so a test can show the refusal with
+/// a small home. Not meant for users: a wrong figure lets the page cache and swap
+/// take what the check is there to protect.
+pub const TEST_MEM_AVAILABLE_ENV: &str = "LIVESTICK_TEST_MEM_AVAILABLE_MIB";
+
+/// Memory the decrypted copy takes while an encrypted home grows from `old_plain`
+/// to `new_plain` bytes of file system. All of the old file system: its free blocks
+/// decrypt to noise (the stick's stale bytes were never written through the
+/// cipher), so they are not zeros the in-memory file could keep as holes. Plus
+/// what resize2fs writes into the new space (bitmaps and inode tables of the new
+/// groups, at most 1/64 of it with 4 KiB blocks; 1/32 leaves a margin). The rest of
+/// the new space stays a hole in memory.
+pub fn luks_staging_bytes(old_plain: u64, new_plain: u64) -> u64 {
+    old_plain + new_plain.saturating_sub(old_plain) / 32
+}
+
+/// MemAvailable in bytes and where the figure came from (for the message).
+fn mem_available() -> Result<(u64, &'static str), String> {
+    if let Some(v) = std::env::var_os(TEST_MEM_AVAILABLE_ENV) {
+        let mib = v
+            .to_str()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                format!("{TEST_MEM_AVAILABLE_ENV}={v:?} is not a whole number of MiB")
+            })?;
+        return Ok((mib * MIB, " as set by LIVESTICK_TEST_MEM_AVAILABLE_MIB"));
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
+        .map_err(|e| format!("cannot read /proc/meminfo: {e}"))?;
+    let kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .ok_or_else(|| "/proc/meminfo has no MemAvailable line".to_string())?;
+    Ok((kib * 1024, " per MemAvailable in /proc/meminfo"))
+}
+
+/// Refuses, with the figures, when `need` bytes of decrypted copy would take more
+/// than [`STAGING_MEM_PERCENT`] % of the memory available now.
+pub fn check_staging_memory(need: u64) -> Result<(), HomeError> {
+    let need_mib = need.div_ceil(MIB);
+    let (available, source_note) =
+        mem_available().map_err(|detail| HomeError::MemoryUnknown { need_mib, detail })?;
+    staging_fits(need, available, source_note)
+}
+
+fn staging_fits(need: u64, available: u64, source_note: &'static str) -> Result<(), HomeError> {
+    let need_mib = need.div_ceil(MIB);
+    let limit = available.saturating_mul(STAGING_MEM_PERCENT) / 100;
+    if need > limit {
+        return Err(HomeError::NotEnoughMemory {
+            need_mib,
+            available_mib: available / MIB,
+            limit_mib: limit / MIB,
+            want_mib: need
+                .saturating_mul(100)
+                .div_ceil(STAGING_MEM_PERCENT)
+                .div_ceil(MIB),
+            percent: STAGING_MEM_PERCENT,
+            source_note,
+        });
+    }
+    Ok(())
+}
+
 /// Grow the home.img file at `path` (a regular file, not inside FAT) to
 /// `new_size` bytes, in place, and the ext4 filesystem with it.
 ///
 /// Plain: `e2fsck -f -p` then `resize2fs` on the file. LUKS: the plaintext is
-/// decrypted into a sparse temporary file in `workdir` (mode 0600, unlinked
-/// on return; choose a private `workdir`, it briefly holds the decrypted
-/// filesystem), resized there, then the container is extended and only the
-/// blocks that changed, plus the new space, are encrypted back. The block
-/// holding the primary superblock is written last, after a sync, so an
-/// interruption leaves the old superblock describing the old size.
+/// decrypted into memory only, an anonymous memfd that no file system names and
+/// that vanishes with the process however it ends (a SIGKILL included), after a
+/// check that it fits ([`check_staging_memory`]). e2fsck and resize2fs work on it
+/// through `/proc/self/fd/N`. Then the container is extended and only the blocks
+/// that changed, plus the new space, are encrypted back. The block holding the
+/// primary superblock is written last, after a sync, so an interruption leaves the
+/// old superblock describing the old size. The memfd is not locked in memory
+/// (`mlock` of GiBs exceeds the usual `RLIMIT_MEMLOCK`), so under memory pressure
+/// its pages can reach swap; README.md says so.
 pub fn home_resize(
     path: &Path,
     new_size: u64,
     passphrase: Option<&[u8]>,
-    workdir: &Path,
 ) -> Result<HomeInfo, HomeError> {
     let mut f = OpenOptions::new()
         .read(true)
@@ -469,7 +567,7 @@ pub fn home_resize(
         }
         Some(HomeKind::Luks2) => {
             let pass = passphrase.ok_or(HomeError::PassphraseNeeded("resize it"))?;
-            grow_luks_home(f, path, new_size, pass, workdir)?;
+            grow_luks_home(f, path, new_size, pass)?;
         }
         None => {
             return Err(HomeError::UnknownFormat {
@@ -481,31 +579,38 @@ pub fn home_resize(
     home_info(path, passphrase)
 }
 
-fn grow_luks_home(
-    f: File,
-    path: &Path,
-    new_size: u64,
-    pass: &[u8],
-    workdir: &Path,
-) -> Result<(), HomeError> {
+/// An anonymous in-memory file for the decrypted file system, and the path by which
+/// this process and its children (e2fsck, resize2fs) open it.
+fn memory_stage() -> Result<(File, PathBuf), HomeError> {
+    use nix::sys::memfd::{MemFdCreateFlag, memfd_create};
+    use std::os::fd::AsRawFd;
+    // Without MFD_CLOEXEC on purpose: e2fsprogs run as children and open
+    // `/proc/self/fd/N`, which in the child names the descriptor it inherited.
+    let fd = memfd_create(c"livestick-home", MemFdCreateFlag::empty())
+        .map_err(|e| HomeError::Memfd(io::Error::from(e)))?;
+    let path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    Ok((File::from(fd), path))
+}
+
+fn grow_luks_home(f: File, path: &Path, new_size: u64, pass: &[u8]) -> Result<(), HomeError> {
     const CHUNK: usize = 1024 * 1024;
     // Unlock first: a wrong passphrase must fail before anything changes.
     let mut vol = luks::open_luks2(f, pass)?;
     let data_offset = vol.info().data_offset;
     let old_plain = vol.len();
     let new_plain = new_size - data_offset;
+    // Then the memory check, also before anything changes or is decrypted.
+    check_staging_memory(luks_staging_bytes(old_plain, new_plain))?;
 
-    let tmp = tempfile::NamedTempFile::new_in(workdir).map_err(io_err(workdir))?;
-    let tpath = tmp.path().to_path_buf();
+    let (mut t, tpath) = memory_stage()?;
     {
-        let mut t = tmp.as_file();
         let mut buf = Zeroizing::new(vec![0u8; CHUNK]);
         vol.seek(SeekFrom::Start(0)).map_err(io_err(path))?;
         let mut off = 0u64;
         while off < old_plain {
             let n = (old_plain - off).min(CHUNK as u64) as usize;
             vol.read_exact(&mut buf[..n]).map_err(io_err(path))?;
-            // Keep the copy sparse: free space stays holes, not zeros on disk.
+            // Zeros stay holes: they cost no memory.
             if buf[..n].iter().any(|&b| b != 0) {
                 t.seek(SeekFrom::Start(off)).map_err(io_err(&tpath))?;
                 t.write_all(&buf[..n]).map_err(io_err(&tpath))?;
@@ -520,7 +625,7 @@ fn grow_luks_home(
     let file = vol.into_inner();
     file.set_len(new_size).map_err(io_err(path))?;
     let mut vol = luks::open_luks2(file, pass)?;
-    let mut t = File::open(&tpath).map_err(io_err(&tpath))?;
+    t.seek(SeekFrom::Start(0)).map_err(io_err(&tpath))?;
     let mut new = Zeroizing::new(vec![0u8; CHUNK]);
     let mut old = Zeroizing::new(vec![0u8; CHUNK]);
     let mut first: Option<usize> = None;
@@ -575,6 +680,28 @@ mod tests {
             check_size_bytes(64 * MIB + 1, false),
             Err(HomeError::NotWholeMib { .. })
         ));
+    }
+
+    #[test]
+    fn staging_memory_limit_with_figures() {
+        // 16 MiB of file system grown to 1 GiB: 16 MiB + 1008/32 MiB.
+        assert_eq!(
+            luks_staging_bytes(16 * MIB, 1024 * MIB),
+            16 * MIB + 1008 * MIB / 32
+        );
+        assert!(staging_fits(100 * MIB, 200 * MIB, "").is_ok());
+        let e = staging_fits(100 * MIB + 1, 200 * MIB, " per MemAvailable").unwrap_err();
+        let m = e.to_string();
+        assert!(matches!(e, HomeError::NotEnoughMemory { .. }), "{m}");
+        assert!(
+            m.contains("101 MiB") && m.contains("200 MiB available"),
+            "{m}"
+        );
+        assert!(
+            m.contains("so 100 MiB") && m.contains("at least 201 MiB"),
+            "{m}"
+        );
+        assert!(m.contains("never onto a disk"), "{m}");
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! 4 GiB home reads a few kilobytes. Growing cannot be done in place safely:
 //! e2fsprogs need a regular file, and rewriting the home over its own clusters would
 //! leave a half-written filesystem if the stick were pulled. So the home is copied
-//! out to a private temporary directory, grown there with
-//! [`home::home_resize`](crate::persist::home::home_resize), written back as
+//! out, as it is on the stick (an encrypted home stays encrypted), to a private
+//! temporary directory, grown there with
+//! [`home::home_resize`](crate::persist::home::home_resize) (which decrypts an
+//! encrypted home into memory only, never onto a disk), written back as
 //! `home.img.new` next to the old one, verified, and the two directory entries swap
 //! their contents ([`fat_raw::swap_contents`]). Crash windows:
 //!
@@ -34,7 +36,7 @@ use crate::disk::fat::{self, FatError};
 use crate::disk::fat_raw::{self, SwapError};
 use crate::disk::stick::{Stick, StickError};
 use crate::persist::home::{self, FAT_MAX_FILE_MIB, HomeError, HomeKind};
-use crate::persist::luks::LuksError;
+use crate::persist::luks::{DATA_OFFSET, LuksError};
 use crate::source::checksum::{HashingReader, hex};
 
 const MIB: u64 = 1024 * 1024;
@@ -365,6 +367,9 @@ pub struct ResizePlan {
     pub stick_free_bytes: Option<u64>,
     pub workdir: PathBuf,
     pub workdir_needed_bytes: u64,
+    /// Memory the decrypted copy of an encrypted home takes (0 for a plain home):
+    /// checked against MemAvailable by [`home::check_staging_memory`].
+    pub memory_needed_bytes: u64,
     pub steps: Vec<String>,
 }
 
@@ -392,14 +397,20 @@ fn free_space_of(dir: &Path) -> Option<u64> {
     Some(s.blocks_available() as u64 * s.fragment_size() as u64)
 }
 
-/// Work-directory bytes needed: the copy of the home, plus for LUKS the sparse
-/// decrypted copy, which holds at most what the filesystem uses (all of it if unknown).
-fn workdir_need(new: u64, encrypted: bool, fs_used: Option<u64>) -> u64 {
-    if encrypted {
-        new + fs_used.unwrap_or(new)
-    } else {
-        new
+/// Memory the decrypted copy of an encrypted home of `current` bytes grown to `new`
+/// takes, checked against what is available now; 0 for a plain home. Planning
+/// assumes the usual 16 MiB LUKS2 header; the resize itself checks again with the
+/// container's own data offset before it decrypts anything.
+fn check_memory(encrypted: bool, current: u64, new: u64) -> Result<u64, HomeStickError> {
+    if !encrypted {
+        return Ok(0);
     }
+    let need = home::luks_staging_bytes(
+        current.saturating_sub(DATA_OFFSET),
+        new.saturating_sub(DATA_OFFSET),
+    );
+    home::check_staging_memory(need)?;
+    Ok(need)
 }
 
 fn check_workdir(dir: &Path, needed: u64) -> Result<(), HomeStickError> {
@@ -416,13 +427,11 @@ fn check_workdir(dir: &Path, needed: u64) -> Result<(), HomeStickError> {
 }
 
 /// Plans growing the home on a stick to `requested_mib`, checking every limit.
-/// `fs_used` (from an unlocked report) makes the work-directory estimate tighter.
 pub fn plan_stick_resize(
     h: &StickHome,
     encrypted: bool,
     requested_mib: u64,
     workdir: &Path,
-    fs_used: Option<u64>,
 ) -> Result<ResizePlan, HomeStickError> {
     let new = check_new_size(h.size, requested_mib)?;
     let unchanged = new == h.size;
@@ -445,9 +454,12 @@ pub fn plan_stick_resize(
             max_mib: room.min(FAT_MAX_FILE_MIB),
         });
     }
-    let work_need = workdir_need(new, encrypted, fs_used);
+    // The copy of the home as it is on the stick (still encrypted), grown in place.
+    let work_need = new;
+    let mut memory_need = 0;
     if !unchanged {
         check_workdir(workdir, work_need)?;
+        memory_need = check_memory(encrypted, h.size, new)?;
     }
     let home = h.home.trim_start_matches('/');
     let staged = h.staged.trim_start_matches('/');
@@ -464,8 +476,9 @@ pub fn plan_stick_resize(
             );
         }
         steps.push(format!(
-            "copy {home} ({} MiB) to a private temporary directory in {}",
+            "copy {home} ({} MiB{}) to a private temporary directory in {}",
             h.size.div_ceil(MIB),
+            if encrypted { ", still encrypted" } else { "" },
             workdir.display()
         ));
         steps.push(grow_step(encrypted, new));
@@ -488,6 +501,7 @@ pub fn plan_stick_resize(
         stick_free_bytes: Some(free),
         workdir: workdir.to_path_buf(),
         workdir_needed_bytes: work_need,
+        memory_needed_bytes: memory_need,
         steps,
     })
 }
@@ -495,7 +509,7 @@ pub fn plan_stick_resize(
 fn grow_step(encrypted: bool, new: u64) -> String {
     if encrypted {
         format!(
-            "grow the LUKS2 container to {} MiB: decrypt into a sparse temporary file, e2fsck -f -p and resize2fs it, re-encrypt the changed blocks and the new space",
+            "grow the LUKS2 container to {} MiB: decrypt into memory only (a memfd, never a file on disk), e2fsck -f -p and resize2fs it there, re-encrypt the changed blocks and the new space",
             new / MIB
         )
     } else {
@@ -509,16 +523,17 @@ pub fn plan_file_resize(
     encrypted: bool,
     requested_mib: u64,
     workdir: &Path,
-    fs_used: Option<u64>,
 ) -> Result<ResizePlan, HomeStickError> {
     let current = std::fs::metadata(path).map_err(io_at(path))?.len();
     let new = check_new_size(current, requested_mib)?;
     let unchanged = new == current;
-    // In place: a plain file grows sparsely; LUKS needs only the decrypted copy.
-    let work_need = if encrypted { fs_used.unwrap_or(new) } else { 0 };
-    if !unchanged && work_need > 0 {
-        check_workdir(workdir, work_need)?;
-    }
+    // In place, and nothing decrypted goes to a disk: no work-directory space.
+    let work_need = 0;
+    let memory_need = if unchanged {
+        0
+    } else {
+        check_memory(encrypted, current, new)?
+    };
     let mut steps = Vec::new();
     if !unchanged {
         if encrypted {
@@ -537,12 +552,13 @@ pub fn plan_file_resize(
         stick_free_bytes: None,
         workdir: workdir.to_path_buf(),
         workdir_needed_bytes: work_need,
+        memory_needed_bytes: memory_need,
         steps,
     })
 }
 
-/// A private (0700) directory in `workdir` for the copies of the home, which may
-/// hold decrypted data; removed on drop.
+/// A private (0700) directory in `workdir` for the copy of the home as it is on the
+/// stick (encrypted if the home is); removed on drop.
 fn private_dir(workdir: &Path) -> Result<tempfile::TempDir, HomeStickError> {
     tempfile::Builder::new()
         .prefix("livestick-home-")
@@ -556,8 +572,7 @@ pub fn resize_file(
     passphrase: Option<&[u8]>,
 ) -> Result<HomeReport, HomeStickError> {
     if !plan.unchanged {
-        let tmp = private_dir(&plan.workdir)?;
-        home::home_resize(&plan.target, plan.new_bytes, passphrase, tmp.path())?;
+        home::home_resize(&plan.target, plan.new_bytes, passphrase)?;
     }
     file_report(&plan.target, passphrase)
 }
@@ -666,7 +681,7 @@ pub fn resize_on_stick(
     let copy = tmp.path().join("home.img");
     copy_out(h, &copy, progress)?;
     progress("grow", 0, 1);
-    home::home_resize(&copy, plan.new_bytes, passphrase, tmp.path())?;
+    home::home_resize(&copy, plan.new_bytes, passphrase)?;
     progress("grow", 1, 1);
 
     if h.stale.is_some() {
@@ -687,7 +702,7 @@ pub fn resize_on_stick(
         })
     })?;
     drop(input);
-    // The copy may hold the user's files in clear; don't keep it longer than needed.
+    // A plain home's copy holds the user's files; don't keep it longer than needed.
     drop(tmp);
 
     drop_cache(h.stick.file_mut());
