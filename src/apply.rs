@@ -20,7 +20,10 @@ use crate::disk::partition::{self, PartitionError, TableKind};
 use crate::disk::stick::{Stick, StickError};
 use crate::disk::target::{self, TargetError, TargetKind, TargetProbe};
 use crate::disk::wipe;
-use crate::io::{BoundedDirty, PartitionWindow, RangeSet, WriteRecorder, hash_ranges, zero_ranges};
+use crate::io::{
+    BoundedDirty, PartitionWindow, RangeSet, WriteRecorder, WrittenDigest, check_ranges,
+    zero_ranges,
+};
 
 /// Dirty data allowed in the page cache for a block device before its writer thread
 /// waits for it to reach the stick (see [`BoundedDirty`]): small, so the stick gets
@@ -55,7 +58,7 @@ pub enum ApplyError {
     #[error("{step}: {source}")]
     Layout { step: String, source: SwapError },
     #[error(
-        "read-back verification failed for {path}: wrote sha256 {expected}, read back {actual}; the stick (or its USB connection) is corrupting data — try another stick or port"
+        "read-back verification failed for {path}: wrote bytes with check value {expected}, read back {actual}; the stick (or its USB connection) is corrupting data — try another stick or port"
     )]
     VerifyMismatch {
         path: String,
@@ -248,8 +251,8 @@ pub struct Prepared {
     pub syslinux: Option<SyslinuxFiles>,
 }
 
-/// A byte range and the sha256 of what was written there.
-type HashedRange = (std::ops::Range<u64>, [u8; 32]);
+/// A byte range and the read-back check value of what was written there.
+type HashedRange = (std::ops::Range<u64>, u64);
 
 /// A persistence file after its data regions were written.
 struct Persisted {
@@ -280,18 +283,19 @@ fn device_ranges(extents: &[(u64, u64)], regions: &RangeSet) -> RangeSet {
     out
 }
 
-/// Writes `image`'s regions into `file` (the allocated persistence file), hashing each.
+/// Writes `image`'s regions into `file` (the allocated persistence file): the check
+/// value of each region, for the read-back, and the sha256 of them all, for the report.
 fn write_regions<F: Read + Write + Seek>(
     file: &mut ExtentFile<F>,
     image: &mut SparseImage,
     mut progress: impl FnMut(u64),
 ) -> io::Result<(Vec<HashedRange>, [u8; 32])> {
-    use sha2::{Digest, Sha256};
-    let mut whole = Sha256::new();
+    use crate::io::StreamHash;
+    let mut whole = crate::io::Sha256Hash::default();
     let mut out = Vec::new();
     let mut buf = vec![0u8; 4 << 20];
     for r in image.regions.iter() {
-        let mut part = Sha256::new();
+        let mut part = crate::io::CheckHash::default();
         image.content.seek(SeekFrom::Start(r.start))?;
         file.seek(SeekFrom::Start(r.start))?;
         let mut left = r.end - r.start;
@@ -304,10 +308,27 @@ fn write_regions<F: Read + Write + Seek>(
             left -= n as u64;
             progress(n as u64);
         }
-        out.push((r, part.finalize().into()));
+        out.push((r, part.finish()));
     }
     file.flush()?;
-    Ok((out, whole.finalize().into()))
+    Ok((out, whole.finish()))
+}
+
+fn flip_byte(file: &mut File, at: u64) -> io::Result<()> {
+    let mut b = [0u8; 1];
+    file.seek(SeekFrom::Start(at))?;
+    file.read_exact(&mut b)?;
+    b[0] ^= 0xff;
+    file.seek(SeekFrom::Start(at))?;
+    file.write_all(&b)
+}
+
+fn mismatch(what: &str, expected: u64, actual: u64) -> ApplyError {
+    ApplyError::VerifyMismatch {
+        path: what.to_string(),
+        expected: format!("{expected:016x}"),
+        actual: format!("{actual:016x}"),
+    }
 }
 
 /// Hashes `ranges` as the page cache holds them (what was just written), drops the
@@ -319,17 +340,13 @@ fn read_back_ranges(
     what: &str,
     progress: impl FnMut(u64),
 ) -> Result<(), ApplyError> {
-    let expected = hash_ranges(file, ranges.iter(), |_| {})
+    let expected = check_ranges(file, ranges.iter(), |_| {})
         .map_err(ApplyError::io(format!("reading {what}")))?;
     target::sync_and_drop_cache(file, kind).map_err(ApplyError::io(format!("syncing {what}")))?;
-    let actual = hash_ranges(file, ranges.iter(), progress)
+    let actual = check_ranges(file, ranges.iter(), progress)
         .map_err(ApplyError::io(format!("reading back {what}")))?;
     if actual != expected {
-        return Err(ApplyError::VerifyMismatch {
-            path: what.to_string(),
-            expected: hex(&expected),
-            actual: hex(&actual),
-        });
+        return Err(mismatch(what, expected, actual));
     }
     Ok(())
 }
@@ -381,7 +398,7 @@ pub fn apply(
         .map(|c| c.size)
         .sum();
 
-    let mut written: Vec<(String, u64, [u8; 32])> = Vec::new();
+    let mut written: Vec<(String, u64, WrittenDigest)> = Vec::new();
     let mut persisted: Vec<Persisted> = Vec::new();
     let mut before_verify: RangeSet;
     {
@@ -450,7 +467,7 @@ pub fn apply(
                 let sum = match &copy.source {
                     CopySource::Iso { path } => {
                         let mut reader = source.open(path, copy.size)?;
-                        fat::write_file(&fs, &copy.dest, &mut reader, copy.size, |n| {
+                        fat::write_file_hashed(&fs, &copy.dest, &mut reader, copy.size, |n| {
                             progress.inc(n)
                         })
                         .map_err(ApplyError::fat(step))?
@@ -458,8 +475,10 @@ pub fn apply(
                     CopySource::Host { path } => {
                         let mut host = File::open(path)
                             .map_err(ApplyError::io(format!("reading {}", path.display())))?;
-                        fat::write_file(&fs, &copy.dest, &mut host, copy.size, |n| progress.inc(n))
-                            .map_err(ApplyError::fat(step))?
+                        fat::write_file_hashed(&fs, &copy.dest, &mut host, copy.size, |n| {
+                            progress.inc(n)
+                        })
+                        .map_err(ApplyError::fat(step))?
                     }
                 };
                 written.push((copy.dest.clone(), copy.size, sum));
@@ -473,7 +492,7 @@ pub fn apply(
             for config in &plan.configs {
                 let step = format!("writing {}", config.dest);
                 let bytes = config.content.as_bytes();
-                let sum = fat::write_file(
+                let sum = fat::write_file_hashed(
                     &fs,
                     &config.dest,
                     &mut &bytes[..],
@@ -568,8 +587,30 @@ pub fn apply(
             covered.extend(&p.on_device);
         }
         let rest = before_verify.difference(&covered);
-        let rest_expected = hash_ranges(&mut file, rest.iter(), |_| {})
+        let rest_expected = check_ranges(&mut file, rest.iter(), |_| {})
             .map_err(ApplyError::io("reading the filesystem metadata"))?;
+        // Tests prove the read-back catches a stick that corrupts each kind of byte.
+        if let Ok(point) = std::env::var("LIVESTICK_FAILPOINT") {
+            let at = match point.as_str() {
+                "corrupt-file" => covered
+                    .difference(&persisted.iter().fold(RangeSet::new(), |mut all, p| {
+                        all.extend(&p.on_device);
+                        all
+                    }))
+                    .iter()
+                    .next()
+                    .map(|r| r.start),
+                "corrupt-persist" => persisted
+                    .iter()
+                    .find_map(|p| p.on_device.iter().next())
+                    .map(|r| r.start),
+                "corrupt-meta" => rest.iter().next().map(|r| r.start),
+                _ => None,
+            };
+            if let Some(at) = at {
+                flip_byte(&mut file, at).map_err(ApplyError::io("corrupting for a test"))?;
+            }
+        }
         target::sync_and_drop_cache(&file, probe.kind)
             .map_err(ApplyError::io("syncing before verification"))?;
         progress.phase("verify", bytes_written);
@@ -578,14 +619,10 @@ pub fn apply(
             let fs = fat::open(&mut window)
                 .map_err(ApplyError::fat("reopening the FAT filesystem to verify"))?;
             for (path, _, expected) in &written {
-                let (actual, _) = fat::hash_file(&fs, path, |n| progress.inc(n))
+                let (actual, _) = fat::check_file(&fs, path, |n| progress.inc(n))
                     .map_err(ApplyError::fat(format!("reading back {path}")))?;
-                if &actual != expected {
-                    return Err(ApplyError::VerifyMismatch {
-                        path: path.clone(),
-                        expected: hex(expected),
-                        actual: hex(&actual),
-                    });
+                if actual != expected.check {
+                    return Err(mismatch(path, expected.check, actual));
                 }
             }
         }
@@ -598,25 +635,25 @@ pub fn apply(
             })?;
             let mut on_stick = ExtentFile::new(&mut file, &extents);
             for (range, expected) in &p.regions {
-                let actual = hash_ranges(&mut on_stick, [range.clone()], |n| progress.inc(n))
+                let actual = check_ranges(&mut on_stick, [range.clone()], |n| progress.inc(n))
                     .map_err(ApplyError::io(format!("reading back {}", p.path)))?;
-                if &actual != expected {
-                    return Err(ApplyError::VerifyMismatch {
-                        path: format!("{} bytes {}..{}", p.path, range.start, range.end),
-                        expected: hex(expected),
-                        actual: hex(&actual),
-                    });
+                if actual != *expected {
+                    return Err(mismatch(
+                        &format!("{} bytes {}..{}", p.path, range.start, range.end),
+                        *expected,
+                        actual,
+                    ));
                 }
             }
         }
-        let rest_actual = hash_ranges(&mut file, rest.iter(), |n| progress.inc(n))
+        let rest_actual = check_ranges(&mut file, rest.iter(), |n| progress.inc(n))
             .map_err(ApplyError::io("reading back the filesystem metadata"))?;
         if rest_actual != rest_expected {
-            return Err(ApplyError::VerifyMismatch {
-                path: "the FAT, directories and boot sectors".into(),
-                expected: hex(&rest_expected),
-                actual: hex(&rest_actual),
-            });
+            return Err(mismatch(
+                "the FAT, directories and boot sectors",
+                rest_expected,
+                rest_actual,
+            ));
         }
         bytes_verified = before_verify.intersection(&covered).total() + rest.total();
     }
@@ -665,7 +702,7 @@ pub fn apply(
             path: path.clone(),
             size: *size,
             written: *size,
-            sha256: hex(sum),
+            sha256: hex(&sum.sha256),
             verified,
         })
         .collect();

@@ -834,17 +834,84 @@ pub fn zero_ranges<W: Write + Seek>(
 /// Bytes per step of [`hash_while`]: large requests keep a USB bus busy.
 const HASH_CHUNK: usize = 4 << 20;
 
-/// sha256 of a stream with the hashing on a second thread, overlapping the I/O: while
-/// one chunk is hashed, `consume` gets it (to write it somewhere) and `fill` reads the
-/// next. On a slow CPU (a VM, a small board) sha256 would otherwise idle the bus for as
-/// long as it takes. `fill` fills the buffer as far as it can and returns the count,
-/// 0 at the end. Returns the digest and the byte count.
-pub fn hash_while(
+/// A digest computed over a stream on a second thread (see [`hash_while`]).
+pub trait StreamHash: Send {
+    type Out;
+    fn update(&mut self, bytes: &[u8]);
+    fn finish(self) -> Self::Out;
+}
+
+/// sha256: what the report gives for every file written.
+#[derive(Default)]
+pub struct Sha256Hash(sha2::Sha256);
+
+impl StreamHash for Sha256Hash {
+    type Out = [u8; 32];
+    fn update(&mut self, bytes: &[u8]) {
+        sha2::Digest::update(&mut self.0, bytes);
+    }
+    fn finish(self) -> [u8; 32] {
+        sha2::Digest::finalize(self.0).into()
+    }
+}
+
+/// xxh3-64: what read-back verification compares. It detects any corruption a bus or
+/// a stick produces (it is not meant against an adversary, who would need to control
+/// the stick anyway) and costs a fraction of sha256 on CPUs without SHA instructions.
+pub struct CheckHash(xxhash_rust::xxh3::Xxh3);
+
+impl Default for CheckHash {
+    fn default() -> Self {
+        CheckHash(xxhash_rust::xxh3::Xxh3::new())
+    }
+}
+
+impl StreamHash for CheckHash {
+    type Out = u64;
+    fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+    fn finish(self) -> u64 {
+        self.0.digest()
+    }
+}
+
+/// Both at once, for what is written: the report's sha256 and the check value that
+/// the read-back is compared with.
+#[derive(Default)]
+pub struct WrittenHash(Sha256Hash, CheckHash);
+
+/// The digests of bytes written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrittenDigest {
+    pub sha256: [u8; 32],
+    pub check: u64,
+}
+
+impl StreamHash for WrittenHash {
+    type Out = WrittenDigest;
+    fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+        self.1.update(bytes);
+    }
+    fn finish(self) -> WrittenDigest {
+        WrittenDigest {
+            sha256: self.0.finish(),
+            check: self.1.finish(),
+        }
+    }
+}
+
+/// A digest of a stream with the hashing on a second thread, overlapping the I/O:
+/// while one chunk is hashed, `consume` gets it (to write it somewhere) and `fill`
+/// reads the next. On a slow CPU (a VM, a small board) hashing would otherwise idle
+/// the bus for as long as it takes. `fill` fills the buffer as far as it can and
+/// returns the count, 0 at the end. Returns the digest and the byte count.
+pub fn hash_while<H: StreamHash>(
+    mut hasher: H,
     mut fill: impl FnMut(&mut [u8]) -> io::Result<usize>,
     mut consume: impl FnMut(&[u8]) -> io::Result<()>,
-) -> io::Result<([u8; 32], u64)> {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
+) -> io::Result<(H::Out, u64)> {
     let mut current = vec![0u8; HASH_CHUNK];
     let mut next = vec![0u8; HASH_CHUNK];
     let mut total = 0u64;
@@ -864,19 +931,30 @@ pub fn hash_while(
         std::mem::swap(&mut current, &mut next);
         n = following;
     }
-    Ok((hasher.finalize().into(), total))
+    Ok((hasher.finish(), total))
 }
 
-/// sha256 of the bytes of `ranges` in `dev`, read in large requests while the previous
-/// one is hashed.
-pub fn hash_ranges<D: Read + Seek>(
+/// The read-back check value ([`CheckHash`]) of the bytes of `ranges` in `dev`.
+pub fn check_ranges<D: Read + Seek>(
+    dev: &mut D,
+    ranges: impl IntoIterator<Item = Range<u64>>,
+    progress: impl FnMut(u64),
+) -> io::Result<u64> {
+    hash_ranges(CheckHash::default(), dev, ranges, progress)
+}
+
+/// A digest of the bytes of `ranges` in `dev`, read in large requests while the
+/// previous one is hashed.
+pub fn hash_ranges<H: StreamHash, D: Read + Seek>(
+    hasher: H,
     dev: &mut D,
     ranges: impl IntoIterator<Item = Range<u64>>,
     mut progress: impl FnMut(u64),
-) -> io::Result<[u8; 32]> {
+) -> io::Result<H::Out> {
     let mut ranges = ranges.into_iter().filter(|r| r.start < r.end).peekable();
     let mut at: Option<u64> = None;
     let (digest, _) = hash_while(
+        hasher,
         |buf| {
             let mut got = 0;
             while got < buf.len() {
@@ -1009,6 +1087,7 @@ mod tests {
         let mut src = &data[..];
         let mut copy = Vec::new();
         let (digest, n) = hash_while(
+            Sha256Hash::default(),
             |buf| read_full(&mut src, buf),
             |chunk| {
                 copy.extend_from_slice(chunk);
@@ -1022,12 +1101,18 @@ mod tests {
         // Ranges: pieces of the same data, across chunk boundaries.
         let ranges = [10..(5 << 20), (5 << 20)..(6 << 20), (7 << 20)..(9 << 20)];
         let mut cursor = Cursor::new(&data);
-        let got = hash_ranges(&mut cursor, ranges.clone(), |_| {}).unwrap();
+        let got = hash_ranges(Sha256Hash::default(), &mut cursor, ranges.clone(), |_| {}).unwrap();
         let mut h = Sha256::new();
-        for r in ranges {
+        let mut x = xxhash_rust::xxh3::Xxh3::new();
+        for r in ranges.clone() {
             h.update(&data[r.start as usize..r.end as usize]);
+            x.update(&data[r.start as usize..r.end as usize]);
         }
         assert_eq!(got, <[u8; 32]>::from(h.finalize()));
+        assert_eq!(
+            check_ranges(&mut cursor, ranges, |_| {}).unwrap(),
+            x.digest()
+        );
     }
 
     #[test]

@@ -522,3 +522,43 @@ fn overlayfs_overlay_written_over_random_bytes() {
         .collect();
     assert_eq!(names, ["lost+found", "overlayfs", "ovlwork"], "{listing}");
 }
+
+/// Read-back catches a stick that corrupts a copied file, a persistence file's
+/// metadata, or the FAT itself (a byte flipped on the stick between the write and the
+/// read-back, through `LIVESTICK_FAILPOINT`): exit 4, naming what.
+#[test]
+fn read_back_catches_corruption_of_each_kind_of_byte() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    for (point, names) in [
+        ("corrupt-file", "/"),
+        ("corrupt-persist", "/LiveOS/overlay-"),
+        ("corrupt-meta", "the FAT, directories and boot sectors"),
+    ] {
+        let image = dir.path().join(format!("{point}.img"));
+        let out = Command::new(support::bin())
+            .env("LIVESTICK_FAILPOINT", point)
+            .args(["write", iso.to_str().unwrap(), image.to_str().unwrap()])
+            .args(["--size", "256M", "--overlay-size-mb", "16", "--yes"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{point}: {text}");
+        assert!(
+            text.contains("read-back verification failed") && text.contains(names),
+            "{point}: {text}"
+        );
+    }
+    // Without the failpoint the same write verifies.
+    let image = dir.path().join("fine.img");
+    let report = write_json(&[
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "16",
+        "--yes",
+    ]);
+    assert_eq!(report["verified"], true);
+}

@@ -224,8 +224,19 @@ pub fn write_file<F: Read + Write + Seek, R: Read + ?Sized>(
     path: &str,
     reader: &mut R,
     size_hint: u64,
-    mut progress: impl FnMut(u64),
+    progress: impl FnMut(u64),
 ) -> Result<[u8; 32], FatError> {
+    Ok(write_file_hashed(fs, path, reader, size_hint, progress)?.sha256)
+}
+
+/// [`write_file`], returning the read-back check value beside the sha256.
+pub fn write_file_hashed<F: Read + Write + Seek, R: Read + ?Sized>(
+    fs: &FatFs<'_, F>,
+    path: &str,
+    reader: &mut R,
+    size_hint: u64,
+    mut progress: impl FnMut(u64),
+) -> Result<crate::io::WrittenDigest, FatError> {
     if size_hint > FAT_MAX_FILE {
         return Err(FatError::FileTooLarge {
             path: path.to_string(),
@@ -243,6 +254,7 @@ pub fn write_file<F: Read + Write + Seek, R: Read + ?Sized>(
         .map_err(err)?;
     file.truncate().map_err(err)?;
     let (digest, _) = crate::io::hash_while(
+        crate::io::WrittenHash::default(),
         |buf| crate::io::read_full(reader, buf),
         |chunk| {
             file.write_all(chunk)?;
@@ -294,6 +306,26 @@ pub fn hash_file<F: Read + Write + Seek>(
     let err = file_err(path);
     let mut file = open_existing(fs, path)?;
     crate::io::hash_while(
+        crate::io::Sha256Hash::default(),
+        |buf| crate::io::read_full(&mut file, buf),
+        |chunk| {
+            progress(chunk.len() as u64);
+            Ok(())
+        },
+    )
+    .map_err(err)
+}
+
+/// The read-back check value and length of a file on the FAT filesystem.
+pub fn check_file<F: Read + Write + Seek>(
+    fs: &FatFs<'_, F>,
+    path: &str,
+    mut progress: impl FnMut(u64),
+) -> Result<(u64, u64), FatError> {
+    let err = file_err(path);
+    let mut file = open_existing(fs, path)?;
+    crate::io::hash_while(
+        crate::io::CheckHash::default(),
         |buf| crate::io::read_full(&mut file, buf),
         |chunk| {
             progress(chunk.len() as u64);
