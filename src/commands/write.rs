@@ -16,6 +16,7 @@ use crate::boot::syslinux;
 use crate::cli::{DracutNamesArg, TableArg, WriteArgs};
 use crate::disk::devices;
 use crate::disk::ext4::{self, Ext4Options};
+use crate::disk::identity;
 use crate::disk::partition::TableKind;
 use crate::disk::target::{self, TargetKind};
 use crate::persist::home::{self, PassphraseSource};
@@ -493,6 +494,9 @@ fn write_one(
 }
 
 pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
+    // Before the source is inspected or any target probed: a target that is
+    // the source (or a batch naming one stick twice) is refused by identity.
+    identity::check_distinct(&args.iso, &args.targets)?;
     if args.targets.len() > 1 || args.wait_for.is_some() {
         return run_batch(args, json, quiet);
     }
@@ -900,6 +904,7 @@ fn run_wait_for(
             );
             scope.spawn(move || {
                 let result = (|| -> anyhow::Result<apply::ApplyReport> {
+                    identity::check_distinct(&args.iso, std::slice::from_ref(&device))?;
                     let (plan, probe, syslinux_files) = make_plan(args, &device, &own, live)?;
                     let mut source = apply::open_source(live)?;
                     write_one(
