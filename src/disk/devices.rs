@@ -502,7 +502,12 @@ impl Host {
     /// The devices `dev` is built on directly (`slaves/`: dm, LVM, md).
     pub fn slaves_of(&self, dev: DevNum) -> Vec<DevNum> {
         self.node(dev)
-            .map(|n| self.links(&n, "slaves").into_iter().map(|s| s.dev).collect())
+            .map(|n| {
+                self.links(&n, "slaves")
+                    .into_iter()
+                    .map(|s| s.dev)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

@@ -233,7 +233,10 @@ mod tests {
         let new = dir.path().join("new.img");
         let dotted = dir.path().join(".").join("new.img");
         let err = check_distinct_on(&host, &iso, &[new.clone(), dotted]).unwrap_err();
-        assert!(matches!(err, IdentityError::DuplicateTarget { .. }), "{err}");
+        assert!(
+            matches!(err, IdentityError::DuplicateTarget { .. }),
+            "{err}"
+        );
 
         let other = dir.path().join("other.img");
         check_distinct_on(&host, &iso, &[new, other]).unwrap();
