@@ -430,7 +430,10 @@ fn a_failed_write_removes_the_image_it_created_and_never_an_existing_one() {
     let out = write_with_file_limit(&iso, &new, &["--size", "1G"], 4 << 20);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
-    assert!(!new.exists(), "the incomplete new image is removed: {stderr}");
+    assert!(
+        !new.exists(),
+        "the incomplete new image is removed: {stderr}"
+    );
     assert!(stderr.contains("was removed"), "{stderr}");
     // An existing image that the same failure leaves incomplete stays.
     let existing = dir.path().join("existing.img");
