@@ -446,6 +446,12 @@ pub fn error_kind(err: &anyhow::Error) -> ErrorKind {
         if let Some(c) = cause.downcast_ref::<crate::compat::CompatError>() {
             return c.kind();
         }
+        if let Some(i) = cause.downcast_ref::<crate::disk::identity::IdentityError>() {
+            return match i {
+                crate::disk::identity::IdentityError::Io { .. } => ErrorKind::BadInput,
+                _ => ErrorKind::Refused,
+            };
+        }
         if let Some(t) = cause.downcast_ref::<TargetError>() {
             return match t {
                 TargetError::Busy { .. } | TargetError::NotRemovable(_) => ErrorKind::Refused,

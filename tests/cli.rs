@@ -394,3 +394,75 @@ fn missing_confirmation_is_a_refusal() {
     assert_eq!(cli::error_kind(&err), ErrorKind::Refused);
     assert_eq!(cli::error_kind(&err).exit_code(), 3);
 }
+
+/// `livestick write ISO TARGET…` with file writes limited to `limit` bytes
+/// (RLIMIT_FSIZE, SIGXFSZ ignored so the write fails with EFBIG instead of
+/// killing the process): a full disk that needs no privileges.
+fn write_with_file_limit(iso: &Path, target: &Path, extra: &[&str], limit: u64) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(bin());
+    cmd.arg("write").arg(iso).arg(target).args(extra);
+    cmd.args(["--yes", "--quiet"]);
+    // SAFETY: between fork and exec only async-signal-safe calls (signal,
+    // setrlimit) on values owned by the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("livestick runs")
+}
+
+#[test]
+fn a_failed_write_removes_the_image_it_created_and_never_an_existing_one() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tempfile::tempdir().unwrap();
+    // A new image: it fails while the image is being sized and filled.
+    let new = dir.path().join("new.img");
+    let out = write_with_file_limit(&iso, &new, &["--size", "1G"], 4 << 20);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        !new.exists(),
+        "the incomplete new image is removed: {stderr}"
+    );
+    assert!(stderr.contains("was removed"), "{stderr}");
+    // An existing image that the same failure leaves incomplete stays.
+    let existing = dir.path().join("existing.img");
+    std::fs::File::create(&existing)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let out = write_with_file_limit(&iso, &existing, &[], 4 << 20);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert_eq!(std::fs::metadata(&existing).unwrap().len(), 1 << 30);
+    // A real ENOSPC, on a small tmpfs (root only).
+    if !require(is_root(), "root (mounting a tmpfs)") {
+        return;
+    }
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !require(mounted, "mounting a tmpfs") {
+        return;
+    }
+    let target = small.join("full.img");
+    let out = write_with_file_limit(&iso, &target, &["--size", "1G"], u64::MAX);
+    let _ = Command::new("umount").arg(&small).status();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("No space left"), "{stderr}");
+    assert!(stderr.contains("was removed"), "{stderr}");
+}

@@ -158,3 +158,62 @@ fn whole_disk_images_are_not_taken_for_overlays() {
     assert!(overlay(&["reset", &p, "--yes"]).is_err());
     assert!(std::fs::read(&p).unwrap() == disk);
 }
+
+fn kind(err: &anyhow::Error) -> livestick::cli::ErrorKind {
+    livestick::cli::error_kind(err)
+}
+
+#[test]
+fn a_damaged_store_fails_status_and_is_not_grown() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cow = load_zst(&fixtures().join("p8-basic/cow-final.img.zst"));
+    // Entry 0 of area 0 now points at chunk 2^64-1, far outside the file
+    // (status printed 18446744073709551615/16384 and exit 0 for this).
+    cow[4096 + 8..4096 + 16].copy_from_slice(&u64::MAX.to_le_bytes());
+    let ov = write(d.path(), "ov", &cow);
+    let err = overlay(&["status", &ov]).unwrap_err();
+    let text = format!("{err:#}");
+    assert_eq!(kind(&err), livestick::cli::ErrorKind::BadInput, "{text}");
+    assert!(
+        text.contains("damaged overlay") && text.contains(&ov),
+        "{text}"
+    );
+    assert!(text.contains("overlay reset"), "says what to do: {text}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_livestick"))
+        .args(["overlay", "status", &ov])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("18446744073709551615"),
+        "{out:?}"
+    );
+    for args in [
+        &["grow", &ov, "--add-mb", "2"][..],
+        &["grow", &ov, "--add-mb", "2", "--dry-run"][..],
+    ] {
+        let err = overlay(args).unwrap_err();
+        assert_eq!(kind(&err), livestick::cli::ErrorKind::BadInput, "{err:#}");
+        assert!(format!("{err:#}").contains("refusing to grow"), "{err:#}");
+    }
+    assert!(
+        std::fs::read(&ov).unwrap() == cow,
+        "a refused grow changes nothing"
+    );
+}
+
+#[test]
+fn an_empty_file_is_not_an_overlay() {
+    let d = tempfile::tempdir().unwrap();
+    let ov = write(d.path(), "empty", b"");
+    for args in [
+        &["reset", &ov, "--yes"][..],
+        &["status", &ov][..],
+        &["grow", &ov, "--add-mb", "1"][..],
+    ] {
+        let err = overlay(args).unwrap_err();
+        assert_eq!(kind(&err), livestick::cli::ErrorKind::BadInput, "{err:#}");
+        assert!(format!("{err:#}").contains("is empty"), "{err:#}");
+    }
+    assert_eq!(std::fs::metadata(&ov).unwrap().len(), 0);
+}

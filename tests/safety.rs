@@ -355,3 +355,211 @@ fn the_disk_holding_root_is_refused_even_with_force() {
         assert!(disk.fixed || disk.facts.removable_class());
     }
 }
+
+/// `livestick write ARGS…`, expecting the identity refusal: exit 3, a message
+/// naming both paths.
+fn refused_as_same(args: &[&str], names: &[&str]) {
+    let out = livestick(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{args:?}: {stderr}");
+    for name in names {
+        assert!(stderr.contains(name), "{args:?} must name {name}: {stderr}");
+    }
+    assert!(
+        stderr.contains("give another stick") || stderr.contains("drop one of them"),
+        "{stderr}"
+    );
+}
+
+fn copy_of_iso(dir: &Path) -> PathBuf {
+    let iso = dir.join("x.iso");
+    std::fs::copy(synthetic_iso("fedora-classic.iso"), &iso).unwrap();
+    iso
+}
+
+#[test]
+fn the_source_is_never_its_own_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let iso = copy_of_iso(dir.path());
+    let before = sha256_file(&iso);
+    let s = iso.to_str().unwrap();
+    refused_as_same(&["write", s, s, "--size", "1G", "--yes"], &[s]);
+    // Another spelling, and a hard link: the same inode.
+    let dotted = dir.path().join(".").join("x.iso");
+    let d = dotted.to_str().unwrap();
+    refused_as_same(&["write", s, d, "--size", "1G", "--yes"], &[s, d]);
+    let hard = dir.path().join("hard.iso");
+    std::fs::hard_link(&iso, &hard).unwrap();
+    let h = hard.to_str().unwrap();
+    refused_as_same(&["write", s, h, "--size", "1G", "--yes"], &[s, h]);
+    // As one target of a batch, and through the livecd-iso-to-disk front end.
+    let other = dir.path().join("other.img");
+    let o = other.to_str().unwrap();
+    refused_as_same(&["write", s, o, h, "--size", "1G", "--yes"], &[s, h]);
+    refused_as_same(&["iso-to-disk", s, s], &[s]);
+    refused_as_same(&["write", s, s, "--size", "1G", "--dry-run"], &[s]);
+    assert_eq!(sha256_file(&iso), before, "the ISO is unchanged");
+    assert!(!other.exists(), "a refused batch writes no target");
+}
+
+#[test]
+fn a_batch_names_each_target_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let iso = synthetic_iso("fedora-classic.iso");
+    let existing = sparse(dir.path(), "a.img", 256 * MIB);
+    std::fs::write(&existing, b"old contents").unwrap();
+    let before = sha256_file(&existing);
+    let a = existing.to_str().unwrap();
+    let dotted = format!("{}/./a.img", dir.path().display());
+    refused_as_same(
+        &[
+            "write",
+            iso.to_str().unwrap(),
+            a,
+            &dotted,
+            "--size",
+            "1G",
+            "--yes",
+        ],
+        &[a, &dotted],
+    );
+    assert_eq!(sha256_file(&existing), before);
+    // Two names of an image file that does not exist yet: nothing is created.
+    let new = dir.path().join("new.img");
+    let n = new.to_str().unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+    let via_link = link.join("new.img");
+    let l = via_link.to_str().unwrap();
+    refused_as_same(
+        &[
+            "write",
+            iso.to_str().unwrap(),
+            n,
+            l,
+            "--size",
+            "1G",
+            "--yes",
+        ],
+        &[n, l],
+    );
+    assert!(!new.exists());
+}
+
+#[test]
+fn a_source_stick_is_not_the_target_of_its_own_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let iso = synthetic_iso("fedora-classic.iso");
+    let stick = dir.path().join("stick.img");
+    let s = stick.to_str().unwrap();
+    let out = livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        s,
+        "--size",
+        "1G",
+        "--overlay-size-mb",
+        "64",
+        "--unencrypted-home",
+        "--home-size-mb",
+        "16",
+        "--yes",
+        "--quiet",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let before = sha256_file(&stick);
+    refused_as_same(
+        &["write", s, s, "--copy-overlay", "--copy-home", "--yes"],
+        &[s],
+    );
+    if require(is_root(), "root (loop devices)") {
+        let Some(dev) = loop_over(&[], &stick) else {
+            return;
+        };
+        refused_as_same(
+            &["write", &dev.0, s, "--copy-overlay", "--copy-home", "--yes"],
+            &[&dev.0, s],
+        );
+    }
+    assert_eq!(sha256_file(&stick), before, "the source stick is unchanged");
+}
+
+#[test]
+fn a_loop_device_over_the_source_is_refused_even_with_force() {
+    if !require(is_root(), "root (loop devices)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let iso = copy_of_iso(dir.path());
+    let before = sha256_file(&iso);
+    let Some(dev) = loop_over(&[], &iso) else {
+        return;
+    };
+    let s = iso.to_str().unwrap();
+    refused_as_same(&["write", s, &dev.0, "--force", "--yes"], &[s, &dev.0]);
+    // A loop device and its file in one batch are one target.
+    let other = dir.path().join("other.img");
+    let Some(dev2) = loop_over(&[], &sparse(dir.path(), "b.img", 256 * MIB)) else {
+        return;
+    };
+    let b = dir.path().join("b.img");
+    refused_as_same(
+        &[
+            "write",
+            s,
+            other.to_str().unwrap(),
+            &dev2.0,
+            b.to_str().unwrap(),
+            "--size",
+            "1G",
+            "--force",
+            "--yes",
+        ],
+        &[&dev2.0, b.to_str().unwrap()],
+    );
+    assert_eq!(sha256_file(&iso), before, "the ISO is unchanged");
+}
+
+#[test]
+fn a_stick_that_holds_the_source_is_refused_even_with_force() {
+    if !require(is_root(), "root (loop devices, mount)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = sparse(dir.path(), "stick.img", 128 * MIB);
+    run(
+        "mke2fs",
+        &["-q", "-t", "ext4", "-F", image.to_str().unwrap()],
+    );
+    // debugfs puts the ISO into the file system without mounting it read-write.
+    let iso = synthetic_iso("fedora-classic.iso");
+    sh(
+        "debugfs",
+        &[
+            "-w",
+            "-R",
+            &format!("write {} x.iso", iso.display()),
+            image.to_str().unwrap(),
+        ],
+    );
+    let Some(dev) = loop_over(&[], &image) else {
+        return;
+    };
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-o", "ro,noload"])
+        .arg(&dev.0)
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !require(mounted, "mounting an ext4 loop device") {
+        return;
+    }
+    let _unmount = Unmount(mnt.clone());
+    let before = sha256_file(&image);
+    let source = mnt.join("x.iso");
+    let s = source.to_str().unwrap();
+    refused_as_same(&["write", s, &dev.0, "--force", "--yes"], &[s, &dev.0]);
+    assert_eq!(sha256_file(&image), before, "the stick is unchanged");
+}

@@ -259,6 +259,46 @@ fn open_ro(path: &Path) -> anyhow::Result<(File, u64)> {
     Ok((f, len))
 }
 
+/// A 0-byte file holds no overlay: resetting or reading it would only report
+/// an empty store, which hides that the wrong file was named.
+fn refuse_empty(len: u64, show: &str) -> anyhow::Result<()> {
+    if len == 0 {
+        bail!(super::write::BadInput(format!(
+            "{show} is empty (0 bytes): it is not an overlay; name the overlay file (LiveOS/overlay-LABEL-UUID) or the stick"
+        )));
+    }
+    Ok(())
+}
+
+fn not_usable(show: &str, e: snapshot::SnapshotError) -> anyhow::Error {
+    anyhow::Error::new(e).context(super::write::BadInput(format!(
+        "{show} is not a usable overlay"
+    )))
+}
+
+/// Refuses a store the strict checks find damaged on its own (an entry
+/// outside the file, a chunk used twice …): figures derived from it are
+/// meaningless, so none are printed. A mismatch with a given origin is not
+/// damage of the store and stays a reported problem.
+fn check_intact<R: Read + Seek>(f: &mut R, len: u64, show: &str) -> anyhow::Result<()> {
+    let report =
+        snapshot::status(f, len, LIVEOS_CHUNK_SECTORS, None).map_err(|e| not_usable(show, e))?;
+    if report.problems.is_empty() {
+        return Ok(());
+    }
+    bail!(super::write::BadInput(format!(
+        "{show} is a damaged overlay: {}; the kernel may refuse it or read wrong data — copy it somewhere safe if its changes matter, then `livestick overlay reset` starts it afresh (every change it holds is lost)",
+        report.problems.join("; ")
+    )))
+}
+
+/// Growing a damaged store would make room the kernel then fills beside
+/// entries that already point at the wrong place: refused, nothing changed.
+fn check_before_grow<R: Read + Seek>(f: &mut R, len: u64, show: &str) -> anyhow::Result<()> {
+    check_intact(f, len, show)
+        .with_context(|| format!("refusing to grow {show}; nothing was changed"))
+}
+
 fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -310,6 +350,7 @@ fn status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
     }
     let path = overlay_file(&a.target)?;
     let (mut f, len) = open_ro(&path)?;
+    refuse_empty(len, &path.display().to_string())?;
     if ovl_merge::is_ext4(&mut f) {
         let info = ovl_merge::overlay_info(&mut f);
         let report = ovl_merge::status_report(info.as_ref(), len, 0);
@@ -336,7 +377,8 @@ fn status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
         LIVEOS_CHUNK_SECTORS,
         origin_sectors(&a.origin)?,
     )
-    .with_context(|| format!("{} is not a usable overlay", path.display()))?;
+    .map_err(|e| not_usable(&path.display().to_string(), e))?;
+    check_intact(&mut f, len, &path.display().to_string())?;
     if json {
         #[derive(Serialize)]
         struct Out<'a> {
@@ -659,6 +701,7 @@ fn reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
     } else {
         open_rw(&path)?
     };
+    refuse_empty(len, &path.display().to_string())?;
     reset_common(&mut f, len, &path.display().to_string(), a, json)
 }
 
@@ -991,8 +1034,10 @@ fn grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
     } else {
         open_rw(&path)?
     };
+    refuse_empty(len, &path.display().to_string())?;
     let chunk = chunk_sectors_of(&mut f)
         .with_context(|| format!("{} is not an overlay", path.display()))?;
+    check_before_grow(&mut f, len, &path.display().to_string())?;
     let requested = match (a.size_mb, a.add_mb) {
         (Some(s), _) => s.saturating_mul(MIB),
         (None, Some(add)) => len.saturating_add(add.saturating_mul(MIB)),
@@ -1263,8 +1308,12 @@ fn stick_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
     let report = {
         let mut f = t.overlay_file()?;
         snapshot::status(&mut f, len, LIVEOS_CHUNK_SECTORS, origin)
-            .with_context(|| format!("{} is not a usable overlay", t.show()))?
+            .map_err(|e| not_usable(&t.show(), e))?
     };
+    {
+        let show = t.show();
+        check_intact(&mut t.overlay_file()?, len, &show)?;
+    }
     if json {
         #[derive(Serialize)]
         struct Out<'a> {
@@ -1552,9 +1601,13 @@ fn stick_grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
         return ovl_stick_grow(a, t, json);
     }
     let len = t.overlay_bytes;
+    let show = t.show();
     let chunk = {
         let mut f = t.overlay_file()?;
-        chunk_sectors_of(&mut f).with_context(|| format!("{} is not an overlay", t.show()))?
+        let chunk =
+            chunk_sectors_of(&mut f).with_context(|| format!("{show} is not an overlay"))?;
+        check_before_grow(&mut f, len, &show)?;
+        chunk
     };
     let requested = match (a.size_mb, a.add_mb) {
         (Some(s), _) => s.saturating_mul(MIB),

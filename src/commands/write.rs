@@ -16,6 +16,7 @@ use crate::boot::syslinux;
 use crate::cli::{DracutNamesArg, TableArg, WriteArgs};
 use crate::disk::devices;
 use crate::disk::ext4::{self, Ext4Options};
+use crate::disk::identity;
 use crate::disk::partition::TableKind;
 use crate::disk::target::{self, TargetKind};
 use crate::persist::home::{self, PassphraseSource};
@@ -479,7 +480,16 @@ fn write_one(
     std::fs::create_dir_all(workdir)?;
     let mut prepared = prepare(plan, args, passphrase, workdir)?;
     prepared.syslinux = syslinux_files;
-    apply::apply(
+    let created = target::CreatedImage::create(probe)?;
+    let probe = match &created {
+        // apply opens what is now an existing file, the one made just above.
+        Some(_) => &target::TargetProbe {
+            exists: true,
+            ..probe.clone()
+        },
+        None => probe,
+    };
+    let result = apply::apply(
         plan,
         probe,
         source,
@@ -488,11 +498,36 @@ fn write_one(
             verify_write: !args.no_verify_write,
         },
         progress,
-    )
-    .map_err(incomplete(&probe.path))
+    );
+    match (result, created) {
+        (Ok(report), _) => Ok(report),
+        (Err(e), Some(image)) => Err(remove_new_image(image, e)),
+        (Err(e), None) => Err(incomplete(&probe.path)(e)),
+    }
+}
+
+/// A new image that a failed write leaves is incomplete and boots nothing,
+/// and often sits on the file system that just ran full: it is removed.
+fn remove_new_image(image: target::CreatedImage, e: apply::ApplyError) -> anyhow::Error {
+    let path = image.path().display().to_string();
+    let outcome = match image.remove() {
+        Ok(true) => format!(
+            "the new image file {path} was removed; fix the cause and run the same command again"
+        ),
+        Ok(false) => {
+            format!("{path} is no longer the file this write created, so it was left alone")
+        }
+        Err(r) => format!(
+            "the new image file {path} is incomplete and could not be removed ({r}); delete it, fix the cause and run the same command again"
+        ),
+    };
+    anyhow::Error::new(e).context(format!("writing {path} did not complete; {outcome}"))
 }
 
 pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
+    // Before the source is inspected or any target probed: a target that is
+    // the source (or a batch naming one stick twice) is refused by identity.
+    identity::check_distinct(&args.iso, &args.targets)?;
     if args.targets.len() > 1 || args.wait_for.is_some() {
         return run_batch(args, json, quiet);
     }
@@ -900,6 +935,7 @@ fn run_wait_for(
             );
             scope.spawn(move || {
                 let result = (|| -> anyhow::Result<apply::ApplyReport> {
+                    identity::check_distinct(&args.iso, std::slice::from_ref(&device))?;
                     let (plan, probe, syslinux_files) = make_plan(args, &device, &own, live)?;
                     let mut source = apply::open_source(live)?;
                     write_one(

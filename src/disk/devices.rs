@@ -492,6 +492,45 @@ impl Host {
         }
     }
 
+    /// The whole disk `dev` is a partition of (`dev` itself for a disk).
+    pub fn whole_disk_of(&self, dev: DevNum) -> DevNum {
+        self.node(dev)
+            .map(|n| self.whole_disk(&n).dev)
+            .unwrap_or(dev)
+    }
+
+    /// The devices `dev` is built on directly (`slaves/`: dm, LVM, md).
+    pub fn slaves_of(&self, dev: DevNum) -> Vec<DevNum> {
+        self.node(dev)
+            .map(|n| {
+                self.links(&n, "slaves")
+                    .into_iter()
+                    .map(|s| s.dev)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The file (or device) a loop device reads and writes, as the kernel
+    /// names it; `None` for anything that is not an attached loop device.
+    pub fn loop_backing_file(&self, dev: DevNum) -> Option<PathBuf> {
+        let node = self.node(dev)?;
+        let backing = read_attr(&node.dir, "loop/backing_file")?;
+        Some(PathBuf::from(backing.trim_end_matches(" (deleted)")))
+    }
+
+    /// The block device behind a file system's device number: itself, or for
+    /// an anonymous `0:N` one (btrfs, overlayfs) what its mount source names.
+    pub fn fs_device(&self, dev: DevNum) -> Option<DevNum> {
+        if dev.major != 0 {
+            return Some(dev);
+        }
+        self.mounts
+            .iter()
+            .filter(|m| m.dev == dev)
+            .find_map(|m| self.mount_dev(m))
+    }
+
     /// What sysfs (and udev, when present) say about one device, without reading it.
     pub fn facts(&self, dev: DevNum) -> Option<DeviceFacts> {
         let node = self.node(dev)?;

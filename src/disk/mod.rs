@@ -5,6 +5,7 @@ pub mod extent_file;
 pub mod fat;
 pub mod fat_alloc;
 pub mod fat_raw;
+pub mod identity;
 pub mod partition;
 pub mod sparse;
 pub mod stick;

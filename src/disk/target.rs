@@ -451,6 +451,54 @@ pub fn open_for_write(probe: &TargetProbe, size: u64) -> Result<File, TargetErro
     }
 }
 
+/// An image file created for a write that has not completed. Only the file
+/// created here is ever removed: an image that existed before never is.
+#[derive(Debug)]
+pub struct CreatedImage {
+    path: PathBuf,
+    /// Device and inode at creation, so that a file that replaced it at the
+    /// same path is left alone.
+    id: (u64, u64),
+}
+
+impl CreatedImage {
+    /// Creates the image a probe found missing (`None` for anything else).
+    /// `O_EXCL`: never through a symlink, never over a file that appeared
+    /// since probing.
+    pub fn create(probe: &TargetProbe) -> Result<Option<CreatedImage>, TargetError> {
+        if probe.kind != TargetKind::ImageFile || probe.exists {
+            return Ok(None);
+        }
+        let path = &probe.path;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        let meta = file.metadata().map_err(io_err(path))?;
+        Ok(Some(CreatedImage {
+            path: path.clone(),
+            id: (meta.dev(), meta.ino()),
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the image if the path still names it; `Ok(false)` when
+    /// something else is there now.
+    pub fn remove(self) -> io::Result<bool> {
+        let ours = fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.is_file() && (m.dev(), m.ino()) == self.id);
+        if !ours {
+            return Ok(false);
+        }
+        fs::remove_file(&self.path).map(|()| true)
+    }
+}
+
 /// Pushes written data to the medium and drops it from the page cache, so the
 /// read-back that follows reads the stick rather than memory.
 pub fn sync_and_drop_cache(file: &File, kind: TargetKind) -> io::Result<()> {
