@@ -13,6 +13,7 @@ pub mod commands;
 pub mod compat;
 pub mod disk;
 pub mod io;
+pub mod layout;
 pub mod persist;
 pub mod plan;
 pub mod progress;

@@ -15,6 +15,7 @@ use crate::boot::render::{self, RenderParams};
 use crate::disk::fat::{self, FAT_MAX_FILE};
 use crate::disk::partition::{self, PartitionLayout, TableKind};
 use crate::disk::target::{TargetKind, TargetProbe};
+use crate::layout;
 use crate::size::{MIB, human, mib_ceil};
 use crate::source::live::{LiveImage, RootKind};
 
@@ -576,7 +577,7 @@ pub fn plan_write(
                 "overlay",
                 "overlay-size-mb",
             ))?;
-        let dest = format!("/{dir}/overlay-{label}-{fs_uuid}");
+        let dest = layout::overlay_path(dir, &label, &fs_uuid);
         add_iso(&mut copies, &src.path, dest.clone(), src.size);
         copied_overlay = Some(dest);
     }
@@ -589,7 +590,12 @@ pub fn plan_write(
             "home.img",
             "home-size-mb",
         ))?;
-        add_iso(&mut copies, &src.path, format!("/{dir}/home.img"), src.size);
+        add_iso(
+            &mut copies,
+            &src.path,
+            format!("/{dir}/{}", layout::HOME),
+            src.size,
+        );
     }
     for c in &copies {
         if c.size > FAT_MAX_FILE {
@@ -626,7 +632,7 @@ pub fn plan_write(
             });
         }
     }
-    let overlay_path = format!("/{dir}/overlay-{label}-{fs_uuid}");
+    let overlay_path = layout::overlay_path(dir, &label, &fs_uuid);
     let home_path = format!("/{dir}/home.img");
     // What the existing stick holds that this write keeps, renames or deletes.
     let mut deletes = Vec::new();
@@ -648,7 +654,7 @@ pub fn plan_write(
             })
             .collect();
         // The overlay dracut used until now: named for the current label/UUID.
-        let current = format!("/{dir}/overlay-{}-{fs_uuid}", fs.label);
+        let current = layout::overlay_path(dir, &fs.label, &fs_uuid);
         let current = old_overlays
             .iter()
             .find(|(p, _)| p.eq_ignore_ascii_case(&current))

@@ -42,6 +42,7 @@ use crate::disk::ext4::Ext4Info;
 use crate::disk::fat;
 use crate::disk::partition::TableKind;
 use crate::io::PartitionWindow;
+use crate::layout;
 use crate::persist::snapshot;
 
 /// Mount points that make a disk "the running system": refused even with `--force`.
@@ -1141,7 +1142,7 @@ pub fn live_info<R: Read + Seek>(
     let is_live_dir = |dir: &str| {
         fat::list_dir(&fs, dir).iter().any(|e| {
             let n = e.path.rsplit('/').next().unwrap_or("").to_ascii_lowercase();
-            n == "squashfs.img" || n == "rootfs.img" || n.starts_with("overlay-")
+            n == layout::SQUASHFS || n == "rootfs.img" || layout::is_overlay_name(&n)
         })
     };
     let mut dirs: Vec<&fat::FatEntry> = root.iter().filter(|e| e.is_dir).collect();
@@ -1176,9 +1177,9 @@ pub fn live_info<R: Read + Seek>(
         label: fs.volume_label().trim_end().to_string(),
         uuid: fat::format_volume_id(fs.volume_id()),
         live_dir,
-        squashfs_size: file_named("squashfs.img").map(|e| e.size),
+        squashfs_size: file_named(layout::SQUASHFS).map(|e| e.size),
         overlays,
-        home_size: file_named("home.img").map(|e| e.size),
+        home_size: file_named(layout::HOME).map(|e| e.size),
     }))
 }
 

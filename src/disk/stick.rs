@@ -12,6 +12,7 @@ use crate::disk::fat::{self, FatError, FatFs};
 use crate::disk::partition::{self, ExistingPartition, PartitionError};
 use crate::disk::target::{self, TargetError, TargetKind, TargetProbe};
 use crate::io::PartitionWindow;
+use crate::layout;
 
 #[derive(Debug, Error)]
 pub enum StickError {
@@ -200,21 +201,21 @@ impl Stick {
                         && e.path
                             .rsplit('/')
                             .next()
-                            .is_some_and(|n| n.starts_with("overlay-"))
+                            .is_some_and(layout::is_overlay_name)
                 })
                 .map(|e| (e.path.clone(), e.size))
                 .collect();
             Ok(StickInfo {
                 path: path.clone(),
-                expected_overlay: format!("{dir}/overlay-{label}-{fs_uuid}"),
+                expected_overlay: format!("{dir}/{}", layout::overlay_name(&label, &fs_uuid)),
                 label,
                 fs_uuid,
                 live_dir: live_dir.to_string(),
                 partition: partition.clone(),
-                squashfs: size_of("squashfs.img"),
+                squashfs: size_of(layout::SQUASHFS),
                 overlays,
-                home: size_of("home.img"),
-                swap: size_of("swap.img"),
+                home: size_of(layout::HOME),
+                swap: size_of(layout::SWAP),
                 free_bytes: fat::free_bytes(fs).map_err(|source| StickError::Fat {
                     path: path.clone(),
                     source,

@@ -41,7 +41,7 @@ use crate::source::checksum::{HashingReader, hex};
 use crate::squash::{self, Compressor, ImageKind, SquashError, SquashInfo};
 
 /// Root images a dm-snapshot overlay can sit on, in the order dracut looks for them.
-pub const ROOT_IMAGES: [&str; 2] = ["LiveOS/rootfs.img", "LiveOS/ext3fs.img"];
+pub use crate::layout::ROOT_IMAGES;
 /// The steps of a merge, in order; also the names `LIVESTICK_FAILPOINT` accepts.
 pub const STEPS: [&str; 9] = [
     "extract", "apply", "fsck", "build", "stage", "verify", "fold", "swap", "reset",

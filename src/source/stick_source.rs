@@ -9,6 +9,7 @@ use std::path::Path;
 use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat::{self, FatEntry};
 use crate::disk::stick::{Stick, StickError};
+use crate::layout;
 use crate::source::iso::{Extent, IsoEntry};
 use crate::source::live::{
     FileInfo, LayoutKind, LiveError, LiveImage, MenuFile, SourceKind, boot_files_of, check_menus,
@@ -28,9 +29,9 @@ fn stick_err(path: &Path) -> impl Fn(StickError) -> LiveError + '_ {
 /// system: they are never copied as part of it.
 fn is_persistence(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    lower.starts_with("overlay-")
-        || lower == "home.img"
-        || lower == "swap.img"
+    layout::is_overlay_name(&lower)
+        || lower == layout::HOME
+        || lower == layout::SWAP
         || lower.ends_with(".new")
         || lower.ends_with(".old")
 }
@@ -126,7 +127,7 @@ pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
         .map_err(stick_err(path))?;
     let squashfs_entry = IsoEntry {
         path: squashfs_path.clone(),
-        name: "squashfs.img".into(),
+        name: layout::SQUASHFS.into(),
         is_dir: false,
         size: squashfs_size,
         extents: extents
