@@ -426,10 +426,9 @@ pub fn plan_write(
     // chosen without a flag. A nested rootfs.img keeps dm-snapshot unless asked.
     let flat_root = matches!(live.root, RootKind::Flat | RootKind::Erofs);
     let overlayfs = opts.overlayfs || flat_root;
-    let overlay_why = if opts.overlayfs {
-        "--overlayfs was given".to_string()
-    } else if flat_root {
-        format!(
+    let overlay_why = match &live.root {
+        _ if opts.overlayfs => "--overlayfs was given".to_string(),
+        RootKind::Flat | RootKind::Erofs => format!(
             "the root is directly in {} ({}), where a device-mapper snapshot cannot work",
             live.squashfs.path,
             if live.root == RootKind::Erofs {
@@ -437,10 +436,13 @@ pub fn plan_write(
             } else {
                 "squashfs"
             }
-        )
-    } else {
-        "the root is LiveOS/rootfs.img inside squashfs.img: a device-mapper snapshot of it"
-            .to_string()
+        ),
+        RootKind::Nested { image } => {
+            format!("the root is {image} inside squashfs.img: a device-mapper snapshot of it")
+        }
+        RootKind::Unknown { reason } => format!(
+            "the root image's layout is unknown ({reason}): a device-mapper snapshot, as for a nested root"
+        ),
     };
 
     let (format, table, part_start, part_len, label, volume_id, cluster, available) =
@@ -1418,6 +1420,43 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
                 assert!(!line.contains("overlayfs"), "{line}");
             }
         }
+    }
+
+    #[test]
+    fn older_nested_root_names_its_image() {
+        let live = live(RootKind::Nested {
+            image: "LiveOS/ext3fs.img".into(),
+        });
+        let o = WriteOptions {
+            overlay_size: Some(GIB),
+            ..opts()
+        };
+        let plan = plan_new(&live, 8 * GIB, &o).expect("plans");
+        let overlay = plan.overlay.as_ref().expect("an overlay step");
+        assert_eq!(overlay.kind, OverlayBoot::DmSnapshot);
+        assert!(overlay.why.contains("LiveOS/ext3fs.img"), "{}", overlay.why);
+        assert!(!overlay.why.contains("rootfs.img"), "{}", overlay.why);
+    }
+
+    #[test]
+    fn unknown_root_does_not_claim_a_rootfs_img() {
+        let live = live(RootKind::Unknown {
+            reason: "unsquashfs not found".into(),
+        });
+        let o = WriteOptions {
+            overlay_size: Some(GIB),
+            ..opts()
+        };
+        let plan = plan_new(&live, 8 * GIB, &o).expect("plans");
+        let overlay = plan.overlay.as_ref().expect("an overlay step");
+        assert_eq!(overlay.kind, OverlayBoot::DmSnapshot);
+        assert!(overlay.why.contains("unknown"), "{}", overlay.why);
+        assert!(
+            overlay.why.contains("unsquashfs not found"),
+            "{}",
+            overlay.why
+        );
+        assert!(!overlay.why.contains("rootfs.img"), "{}", overlay.why);
     }
 
     #[test]
