@@ -1933,6 +1933,67 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
     }
 
     #[test]
+    fn existing_overlay_kept_with_overlayfs_boots_as_overlayfs() {
+        let o = WriteOptions {
+            overlayfs: true,
+            skipcopy: true,
+            ..opts()
+        };
+        let plan = plan_existing(&nested(), stick(), &o).expect("no size needed: one is kept");
+        assert!(plan.overlay.is_none());
+        assert_eq!(
+            plan.kept_overlay.as_ref().map(|k| k.from.as_str()),
+            Some(OLD_OVERLAY)
+        );
+        for line in cmdlines(config(&plan, "/EFI/BOOT/grub.cfg")) {
+            let words: Vec<&str> = line.split(' ').collect();
+            assert!(words.contains(&"rd.live.overlay=UUID=DEAD-BEEF"), "{line}");
+            assert!(words.contains(&"rd.live.overlay.overlayfs"), "{line}");
+        }
+    }
+
+    #[test]
+    fn multi_adds_an_image_beside_the_first() {
+        let o = WriteOptions {
+            multi: true,
+            live_dir: "Second".into(),
+            ..opts()
+        };
+        let plan = plan_existing(&nested(), stick(), &o).expect("plans");
+        let d = dests(&plan);
+        // Boot files under the new directory; the first image's EFI loaders stay.
+        assert!(d.contains(&"/Second/squashfs.img".to_string()), "{d:?}");
+        assert!(d.contains(&"/Second/isolinux/vmlinuz".to_string()), "{d:?}");
+        assert!(
+            d.contains(&"/Second/images/pxeboot/initrd.img".to_string()),
+            "{d:?}"
+        );
+        assert!(!d.iter().any(|p| p.starts_with("/EFI/")), "{d:?}");
+        assert!(!d.contains(&"/isolinux/vmlinuz".to_string()), "{d:?}");
+        // The first image is left alone.
+        assert!(plan.deletes.is_empty(), "{:?}", plan.deletes);
+        assert!(plan.kept_home.is_none() && plan.kept_overlay.is_none());
+        let own = config(&plan, "/Second/syslinux/syslinux.cfg");
+        assert!(own.contains("/Second/isolinux/vmlinuz"), "{own}");
+        assert!(own.contains("CONFIG /syslinux/syslinux.cfg"), "{own}");
+        let main = config(&plan, "/syslinux/syslinux.cfg");
+        assert!(
+            main.contains("CONFIG /Second/syslinux/syslinux.cfg"),
+            "{main}"
+        );
+        assert!(main.contains("LABEL old"), "{main}");
+
+        let same = WriteOptions {
+            multi: true,
+            ..opts()
+        };
+        assert!(matches!(
+            plan_existing(&nested(), stick(), &same),
+            Err(PlanError::MultiSameDir(d)) if d == "LiveOS"
+        ));
+    }
+
+    #[test]
     fn partition_size_needs_a_new_table() {
         let o = WriteOptions {
             partition_size: Some(4 * GIB),
