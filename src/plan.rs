@@ -427,10 +427,9 @@ pub fn plan_write(
     // chosen without a flag. A nested rootfs.img keeps dm-snapshot unless asked.
     let flat_root = matches!(live.root, RootKind::Flat | RootKind::Erofs);
     let overlayfs = opts.overlayfs || flat_root;
-    let overlay_why = if opts.overlayfs {
-        "--overlayfs was given".to_string()
-    } else if flat_root {
-        format!(
+    let overlay_why = match &live.root {
+        _ if opts.overlayfs => "--overlayfs was given".to_string(),
+        RootKind::Flat | RootKind::Erofs => format!(
             "the root is directly in {} ({}), where a device-mapper snapshot cannot work",
             live.squashfs.path,
             if live.root == RootKind::Erofs {
@@ -438,10 +437,13 @@ pub fn plan_write(
             } else {
                 "squashfs"
             }
-        )
-    } else {
-        "the root is LiveOS/rootfs.img inside squashfs.img: a device-mapper snapshot of it"
-            .to_string()
+        ),
+        RootKind::Nested { image } => {
+            format!("the root is {image} inside squashfs.img: a device-mapper snapshot of it")
+        }
+        RootKind::Unknown { reason } => format!(
+            "the root image's layout is unknown ({reason}): a device-mapper snapshot, as for a nested root"
+        ),
     };
 
     let (format, table, part_start, part_len, label, volume_id, cluster, available) =
@@ -1008,5 +1010,1004 @@ impl Plan {
             out.push_str(&format!("  note: {n}\n"));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! `plan_write` on a `LiveImage` built in memory: no ISO, no target, no I/O
+    //! (BIOS is planned without SYSLINUX modules, so no host file is probed).
+
+    use super::*;
+    use crate::size::GIB;
+    use crate::source::iso::{Extent, IsoEntry};
+    use crate::source::live::{self, FileInfo, LayoutKind, SourceKind};
+
+    const ISOLINUX: &str = "default vesamenu.c32\n\
+timeout 600\n\
+menu title Fedora-Test-Live 42\n\
+label linux\n\
+  menu label ^Start Fedora-Test-Live 42\n\
+  kernel vmlinuz\n\
+  append initrd=initrd.img root=live:CDLABEL=Fedora-Test-42 rd.live.image quiet rhgb\n\
+label check\n\
+  menu label Test this ^media & start Fedora-Test-Live 42\n\
+  menu default\n\
+  kernel vmlinuz\n\
+  append initrd=initrd.img root=live:CDLABEL=Fedora-Test-42 rd.live.image rd.live.check quiet\n\
+label basic\n\
+  menu label Start Fedora-Test-Live 42 in ^basic graphics mode\n\
+  kernel vmlinuz\n\
+  append initrd=initrd.img root=live:CDLABEL=Fedora-Test-42 rd.live.image nomodeset quiet\n";
+
+    const GRUB: &str = "set default=\"1\"\n\
+set timeout=60\n\
+search --no-floppy --set=root -l 'Fedora-Test-42'\n\
+menuentry 'Start Fedora-Test-Live 42' --class fedora {\n\
+\tlinuxefi /images/pxeboot/vmlinuz root=live:CDLABEL=Fedora-Test-42 rd.live.image quiet rhgb\n\
+\tinitrdefi /images/pxeboot/initrd.img\n\
+}\n\
+menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
+\tlinuxefi /images/pxeboot/vmlinuz root=live:CDLABEL=Fedora-Test-42 rd.live.image rd.live.check quiet\n\
+\tinitrdefi /images/pxeboot/initrd.img\n\
+}\n";
+
+    /// Every size a multiple of 4 KiB (the cluster of the targets below), so
+    /// what a file takes on the stick is its size.
+    const SQUASHFS: u64 = 1500 * MIB;
+    const VOLUME_ID: u32 = 0x1234_abcd;
+    const UUID: &str = "1234-ABCD";
+    /// The ISO's files by (path, size): the live directory, EFI, and the
+    /// kernels/initrds the menus name.
+    const LIVE_FILES: [(&str, u64); 2] = [
+        ("/LiveOS/squashfs.img", SQUASHFS),
+        ("/LiveOS/osmin.img", 8 * MIB),
+    ];
+    const EFI_FILES: [(&str, u64); 4] = [
+        ("/EFI/BOOT/BOOTX64.EFI", 1024 * 1024),
+        ("/EFI/BOOT/grubx64.efi", 2048 * 1024),
+        ("/EFI/BOOT/fonts/unicode.pf2", 2400 * 1024),
+        ("/EFI/BOOT/grub.cfg", 4096),
+    ];
+    const BOOT_FILES: [(&str, u64); 4] = [
+        ("/isolinux/vmlinuz", 14 * MIB),
+        ("/images/pxeboot/vmlinuz", 14 * MIB),
+        ("/isolinux/initrd.img", 120 * MIB),
+        ("/images/pxeboot/initrd.img", 120 * MIB),
+    ];
+
+    fn files(list: &[(&str, u64)]) -> Vec<FileInfo> {
+        list.iter()
+            .map(|(path, size)| FileInfo {
+                path: path.to_string(),
+                size: *size,
+            })
+            .collect()
+    }
+
+    fn size_of(path: &str) -> u64 {
+        LIVE_FILES
+            .iter()
+            .chain(&EFI_FILES)
+            .chain(&BOOT_FILES)
+            .find(|(p, _)| *p == path)
+            .map(|(_, s)| *s)
+            .unwrap_or_else(|| panic!("{path} is not on the test ISO"))
+    }
+
+    /// A Fedora-style live ISO with an isolinux and an EFI GRUB menu, parsed
+    /// by the parsers `inspect` uses.
+    fn live(root: RootKind) -> LiveImage {
+        let mut menus = Vec::new();
+        let mut errors = Vec::new();
+        live::parse_menu_file(
+            "/isolinux/isolinux.cfg",
+            false,
+            ISOLINUX.as_bytes(),
+            &mut menus,
+            &mut errors,
+        );
+        live::parse_menu_file(
+            "/EFI/BOOT/grub.cfg",
+            true,
+            GRUB.as_bytes(),
+            &mut menus,
+            &mut errors,
+        );
+        assert!(errors.is_empty(), "test menus parse: {errors:?}");
+        let (kernels, initrds) = live::boot_files_of(&menus);
+        // What inspect does: the files the menus name, as found on the ISO.
+        let boot_files = kernels
+            .iter()
+            .chain(&initrds)
+            .map(|p| FileInfo {
+                path: p.clone(),
+                size: size_of(p),
+            })
+            .collect();
+        LiveImage {
+            path: PathBuf::from("/isos/Fedora-Test-Live-42.iso"),
+            source_kind: SourceKind::Iso,
+            label: "Fedora-Test-42".into(),
+            volume_size: 2 * GIB,
+            layout: LayoutKind::Isolinux,
+            live_dir: "LiveOS".into(),
+            squashfs: FileInfo {
+                path: "/LiveOS/squashfs.img".into(),
+                size: SQUASHFS,
+            },
+            root,
+            compressor: Some("xz".into()),
+            menus,
+            kernels,
+            initrds,
+            boot_files,
+            warnings: Vec::new(),
+            efi_files: files(&EFI_FILES),
+            live_files: files(&LIVE_FILES),
+            implanted_md5: true,
+            source_overlay: None,
+            source_home: None,
+            squashfs_entry: IsoEntry {
+                path: "/LiveOS/squashfs.img".into(),
+                name: "squashfs.img".into(),
+                is_dir: false,
+                size: SQUASHFS,
+                extents: vec![Extent {
+                    offset: 64 * MIB,
+                    len: SQUASHFS,
+                }],
+            },
+        }
+    }
+
+    fn nested() -> LiveImage {
+        live(RootKind::Nested {
+            image: "LiveOS/rootfs.img".into(),
+        })
+    }
+
+    fn opts() -> WriteOptions {
+        WriteOptions {
+            format: FormatMode::Auto,
+            table: TableKind::Mbr,
+            label: None,
+            live_dir: "LiveOS".into(),
+            overlay_size: None,
+            overlayfs: false,
+            reset_overlay: false,
+            skipcopy: false,
+            delete_home: false,
+            multi: false,
+            copy_overlay: false,
+            copy_home: false,
+            dracut: DracutNames::Classic,
+            home_size: None,
+            home_encryption: HomeEncryption::None,
+            swap_size: None,
+            extra_args: KernelArgs::new(),
+            timeout_secs: None,
+            total_timeout_secs: None,
+            partition_size: None,
+            updates: None,
+            kickstart: None,
+            volume_id: VOLUME_ID,
+            bios: true,
+        }
+    }
+
+    /// An image file that does not exist yet.
+    fn new_image() -> TargetProbe {
+        TargetProbe {
+            path: PathBuf::from("/tmp/stick.img"),
+            kind: TargetKind::ImageFile,
+            size: 0,
+            exists: false,
+            removable: None,
+            model: None,
+            serial: None,
+            busy: Vec::new(),
+            vendor: None,
+            transport: None,
+            hotplug: None,
+            read_only: false,
+            logical_sector_size: 512,
+            physical_sector_size: 512,
+            system: Vec::new(),
+            partition_of: None,
+        }
+    }
+
+    fn plan_new(live: &LiveImage, size: u64, opts: &WriteOptions) -> Result<Plan, PlanError> {
+        plan_write(live, &new_image(), size, None, opts, None)
+    }
+
+    fn plan_existing(
+        live: &LiveImage,
+        fs: ExistingFs,
+        opts: &WriteOptions,
+    ) -> Result<Plan, PlanError> {
+        let mut target = new_image();
+        target.exists = true;
+        target.size = 8 * GIB;
+        plan_write(live, &target, 8 * GIB, Some(fs), opts, None)
+    }
+
+    fn config<'a>(plan: &'a Plan, dest: &str) -> &'a str {
+        &plan
+            .configs
+            .iter()
+            .find(|c| c.dest == dest)
+            .unwrap_or_else(|| panic!("no config {dest} in {:?}", plan.configs))
+            .content
+    }
+
+    /// The Linux command lines of a rendered config (SYSLINUX `APPEND`, GRUB `linux`).
+    fn cmdlines(text: &str) -> Vec<&str> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("APPEND ") || l.starts_with("linux "))
+            .collect()
+    }
+
+    fn sorted(mut v: Vec<String>) -> Vec<String> {
+        v.sort();
+        v
+    }
+
+    fn dests(plan: &Plan) -> Vec<String> {
+        sorted(plan.copies.iter().map(|c| c.dest.clone()).collect())
+    }
+
+    /// What the fresh plan copies: the live directory, the EFI files but the
+    /// ISO's grub.cfg (rendered instead), and the kernels/initrds the menus name.
+    fn expected_copies() -> Vec<String> {
+        sorted(
+            LIVE_FILES
+                .iter()
+                .chain(&EFI_FILES[..3])
+                .chain(&BOOT_FILES)
+                .map(|(p, _)| p.to_string())
+                .collect(),
+        )
+    }
+
+    fn copied_bytes() -> u64 {
+        LIVE_FILES
+            .iter()
+            .chain(&EFI_FILES[..3])
+            .chain(&BOOT_FILES)
+            .map(|(_, s)| s)
+            .sum()
+    }
+
+    #[test]
+    fn fresh_image_mbr_layout_copies_and_configs() {
+        let plan = plan_new(&nested(), 8 * GIB, &opts()).expect("plans");
+        assert_eq!(
+            plan.format,
+            Some(PartitionLayout {
+                table: TableKind::Mbr,
+                disk_size: 8 * GIB,
+                start: MIB,
+                len: 8 * GIB - MIB,
+            })
+        );
+        assert_eq!(plan.table, TableKind::Mbr);
+        assert_eq!(
+            (plan.partition_start, plan.partition_len),
+            (MIB, 8 * GIB - MIB)
+        );
+        assert_eq!(plan.label, "LIVE");
+        assert_eq!(plan.volume_id, VOLUME_ID);
+        assert_eq!(plan.fs_uuid, UUID);
+        assert_eq!(plan.live_dir, "LiveOS");
+        assert!(!plan.target.exists);
+        assert_eq!((plan.target.size_before, plan.target.size), (0, 8 * GIB));
+
+        assert_eq!(dests(&plan), expected_copies());
+        for c in &plan.copies {
+            match &c.source {
+                CopySource::Iso { path } => assert_eq!(path, &c.dest, "ISO path kept"),
+                CopySource::Host { path } => panic!("unexpected host copy {}", path.display()),
+            }
+            assert_eq!(c.size, size_of(&c.dest), "{}", c.dest);
+        }
+
+        let dests: Vec<&str> = plan.configs.iter().map(|c| c.dest.as_str()).collect();
+        assert_eq!(dests, ["/syslinux/syslinux.cfg", "/EFI/BOOT/grub.cfg"]);
+        for cfg in ["/syslinux/syslinux.cfg", "/EFI/BOOT/grub.cfg"] {
+            let text = config(&plan, cfg);
+            let lines = cmdlines(text);
+            assert!(!lines.is_empty(), "{cfg}: no entries in\n{text}");
+            for line in lines {
+                assert!(line.contains("root=live:UUID=1234-ABCD"), "{cfg}: {line}");
+                assert!(!line.contains("CDLABEL"), "{cfg}: ISO root kept: {line}");
+                assert!(!line.contains("rd.live.overlay"), "{cfg}: {line}");
+                assert!(!line.split(' ').any(|w| w == "rw"), "{cfg}: {line}");
+            }
+        }
+        assert!(config(&plan, "/syslinux/syslinux.cfg").contains("/isolinux/vmlinuz"));
+        assert!(config(&plan, "/EFI/BOOT/grub.cfg").contains("/images/pxeboot/vmlinuz"));
+
+        assert!(plan.overlay.is_none() && plan.home.is_none() && plan.swap.is_none());
+        assert!(plan.kept_overlay.is_none() && plan.kept_home.is_none());
+        assert!(plan.deletes.is_empty() && plan.relabel.is_none());
+        assert!(plan.bios && plan.uefi);
+        assert!(
+            plan.notes.iter().any(|n| n.contains("SYSLINUX not found")),
+            "{:?}",
+            plan.notes
+        );
+        assert!(
+            plan.notes
+                .iter()
+                .any(|n| n.starts_with("creates the image file")),
+            "{:?}",
+            plan.notes
+        );
+        assert_eq!(plan.bytes_to_write, copied_bytes());
+        assert!(plan.space_needed >= copied_bytes() + BOOT_SLACK);
+        assert!(plan.space_available < plan.partition_len);
+        assert_eq!(plan.free_after, plan.space_available - plan.space_needed);
+    }
+
+    #[test]
+    fn gpt_layout_leaves_the_backup_table_room() {
+        let o = WriteOptions {
+            table: TableKind::Gpt,
+            ..opts()
+        };
+        let plan = plan_new(&nested(), 8 * GIB, &o).expect("plans");
+        // 33 sectors of backup GPT at the end, rounded down to whole MiB.
+        assert_eq!(
+            plan.format,
+            Some(PartitionLayout {
+                table: TableKind::Gpt,
+                disk_size: 8 * GIB,
+                start: MIB,
+                len: 8 * GIB - 2 * MIB,
+            })
+        );
+        assert_eq!(plan.table, TableKind::Gpt);
+        assert_eq!(plan.partition_start, MIB);
+        assert_eq!(dests(&plan), expected_copies());
+    }
+
+    #[test]
+    fn label_and_partition_size_are_taken() {
+        let o = WriteOptions {
+            label: Some("MYSTICK".into()),
+            partition_size: Some(4 * GIB + MIB / 2),
+            ..opts()
+        };
+        let plan = plan_new(&nested(), 8 * GIB, &o).expect("plans");
+        assert_eq!(plan.label, "MYSTICK");
+        assert_eq!(plan.partition_len, 4 * GIB, "rounded down to whole MiB");
+        assert_eq!(plan.format.as_ref().map(|l| l.len), Some(4 * GIB));
+        assert!(config(&plan, "/syslinux/syslinux.cfg").contains("MYSTICK"));
+
+        let too_big = WriteOptions {
+            partition_size: Some(8 * GIB),
+            ..opts()
+        };
+        assert!(matches!(
+            plan_new(&nested(), 8 * GIB, &too_big),
+            Err(PlanError::PartitionTooLarge {
+                asked_mib: 8192,
+                max_mib: 8191
+            })
+        ));
+    }
+
+    #[test]
+    fn nested_root_overlay_is_a_dm_snapshot() {
+        let o = WriteOptions {
+            overlay_size: Some(GIB),
+            ..opts()
+        };
+        let plan = plan_new(&nested(), 8 * GIB, &o).expect("plans");
+        let overlay = plan.overlay.as_ref().expect("an overlay step");
+        assert_eq!(overlay.path, "/LiveOS/overlay-LIVE-1234-ABCD");
+        assert_eq!(overlay.size, GIB);
+        assert_eq!(overlay.kind, OverlayBoot::DmSnapshot);
+        assert!(overlay.why.contains("LiveOS/rootfs.img"), "{}", overlay.why);
+        assert!(
+            overlay.why.contains("device-mapper snapshot"),
+            "{}",
+            overlay.why
+        );
+        for cfg in ["/syslinux/syslinux.cfg", "/EFI/BOOT/grub.cfg"] {
+            for line in cmdlines(config(&plan, cfg)) {
+                let words: Vec<&str> = line.split(' ').collect();
+                assert!(words.contains(&"root=live:UUID=1234-ABCD"), "{line}");
+                assert!(words.contains(&"rd.live.overlay=UUID=1234-ABCD"), "{line}");
+                assert!(words.contains(&"rw"), "{line}");
+                assert!(!line.contains("overlayfs"), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn older_nested_root_names_its_image() {
+        let live = live(RootKind::Nested {
+            image: "LiveOS/ext3fs.img".into(),
+        });
+        let o = WriteOptions {
+            overlay_size: Some(GIB),
+            ..opts()
+        };
+        let plan = plan_new(&live, 8 * GIB, &o).expect("plans");
+        let overlay = plan.overlay.as_ref().expect("an overlay step");
+        assert_eq!(overlay.kind, OverlayBoot::DmSnapshot);
+        assert!(overlay.why.contains("LiveOS/ext3fs.img"), "{}", overlay.why);
+        assert!(!overlay.why.contains("rootfs.img"), "{}", overlay.why);
+    }
+
+    #[test]
+    fn unknown_root_does_not_claim_a_rootfs_img() {
+        let live = live(RootKind::Unknown {
+            reason: "unsquashfs not found".into(),
+        });
+        let o = WriteOptions {
+            overlay_size: Some(GIB),
+            ..opts()
+        };
+        let plan = plan_new(&live, 8 * GIB, &o).expect("plans");
+        let overlay = plan.overlay.as_ref().expect("an overlay step");
+        assert_eq!(overlay.kind, OverlayBoot::DmSnapshot);
+        assert!(overlay.why.contains("unknown"), "{}", overlay.why);
+        assert!(
+            overlay.why.contains("unsquashfs not found"),
+            "{}",
+            overlay.why
+        );
+        assert!(!overlay.why.contains("rootfs.img"), "{}", overlay.why);
+    }
+
+    #[test]
+    fn flat_and_erofs_roots_get_overlayfs_without_the_flag() {
+        for (root, format) in [(RootKind::Flat, "squashfs"), (RootKind::Erofs, "EROFS")] {
+            let o = WriteOptions {
+                overlay_size: Some(GIB),
+                ..opts()
+            };
+            let plan = plan_new(&live(root.clone()), 8 * GIB, &o).expect("plans");
+            let overlay = plan.overlay.as_ref().expect("an overlay step");
+            assert_eq!(overlay.kind, OverlayBoot::OverlayFs, "{root:?}");
+            assert!(
+                overlay.why.contains("/LiveOS/squashfs.img") && overlay.why.contains(format),
+                "{root:?}: {}",
+                overlay.why
+            );
+            assert!(!overlay.why.contains("--overlayfs"), "{}", overlay.why);
+            for line in cmdlines(config(&plan, "/EFI/BOOT/grub.cfg")) {
+                let words: Vec<&str> = line.split(' ').collect();
+                assert!(words.contains(&"rd.live.overlay=UUID=1234-ABCD"), "{line}");
+                assert!(words.contains(&"rd.live.overlay.overlayfs"), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn overlayfs_flag_on_a_nested_root() {
+        let o = WriteOptions {
+            overlay_size: Some(GIB),
+            overlayfs: true,
+            dracut: DracutNames::Renamed,
+            ..opts()
+        };
+        let plan = plan_new(&nested(), 8 * GIB, &o).expect("plans");
+        let overlay = plan.overlay.as_ref().expect("an overlay step");
+        assert_eq!(overlay.kind, OverlayBoot::OverlayFs);
+        assert_eq!(overlay.why, "--overlayfs was given");
+        // dracut-ng >= 110 spelling: one `rd.overlay=<devspec>` does both jobs.
+        for line in cmdlines(config(&plan, "/syslinux/syslinux.cfg")) {
+            let words: Vec<&str> = line.split(' ').collect();
+            assert!(words.contains(&"rd.overlay=UUID=1234-ABCD"), "{line}");
+            assert!(!line.contains("rd.live.overlay"), "{line}");
+        }
+
+        let no_size = WriteOptions {
+            overlayfs: true,
+            ..opts()
+        };
+        assert!(matches!(
+            plan_new(&nested(), 8 * GIB, &no_size),
+            Err(PlanError::OverlayFsNeedsSize)
+        ));
+    }
+
+    #[test]
+    fn persistence_sizes_are_checked() {
+        let cases: [(WriteOptions, &str); 6] = [
+            (
+                WriteOptions {
+                    overlay_size: Some(4096 * MIB),
+                    ..opts()
+                },
+                "overlay-size-mb",
+            ),
+            (
+                WriteOptions {
+                    home_size: Some(5000 * MIB),
+                    ..opts()
+                },
+                "home-size-mb",
+            ),
+            (
+                WriteOptions {
+                    swap_size: Some(4096 * MIB),
+                    ..opts()
+                },
+                "swap-size-mb",
+            ),
+            (
+                WriteOptions {
+                    overlay_size: Some(0),
+                    ..opts()
+                },
+                "overlay-size-mb",
+            ),
+            (
+                WriteOptions {
+                    home_size: Some(MIB - 1),
+                    ..opts()
+                },
+                "home-size-mb",
+            ),
+            (
+                WriteOptions {
+                    swap_size: Some(0),
+                    ..opts()
+                },
+                "swap-size-mb",
+            ),
+        ];
+        for (i, (o, name)) in cases.iter().enumerate() {
+            match plan_new(&nested(), 16 * GIB, o) {
+                Err(PlanError::OverFatLimit { option, mib }) if i < 3 => {
+                    assert_eq!(option, *name);
+                    assert_eq!(mib, if i == 1 { 5000 } else { 4096 });
+                }
+                Err(PlanError::ZeroSize { option }) if i >= 3 => assert_eq!(option, *name),
+                other => panic!("case {i} ({name}): {other:?}"),
+            }
+        }
+        // The largest FAT32 file is allowed, for each of them.
+        let max = WriteOptions {
+            overlay_size: Some(4095 * MIB),
+            home_size: Some(4095 * MIB),
+            swap_size: Some(4095 * MIB),
+            ..opts()
+        };
+        let plan = plan_new(&nested(), 16 * GIB, &max).expect("4095 MiB fits FAT32");
+        assert_eq!(plan.overlay.map(|o| o.size), Some(4095 * MIB));
+        assert_eq!(plan.home.map(|h| h.size), Some(4095 * MIB));
+        assert_eq!(plan.swap.map(|s| s.size), Some(4095 * MIB));
+    }
+
+    #[test]
+    fn too_small_target_is_refused_with_its_figures() {
+        let with_overlay = WriteOptions {
+            overlay_size: Some(GIB),
+            ..opts()
+        };
+        // Both targets get 4 KiB clusters, so the need does not depend on the target.
+        let needed = plan_new(&nested(), 8 * GIB, &with_overlay)
+            .expect("fits 8 GiB")
+            .space_needed;
+        let available = plan_new(&nested(), 2 * GIB, &opts())
+            .expect("the image alone fits 2 GiB")
+            .space_available;
+        assert!(needed > available);
+        let err = plan_new(&nested(), 2 * GIB, &with_overlay).expect_err("2 GiB is too small");
+        let (needed_mib, available_mib) = (mib_ceil(needed), available / MIB);
+        match &err {
+            PlanError::TooSmall {
+                needed_mib: n,
+                available_mib: a,
+                short_mib: s,
+            } => {
+                assert_eq!((*n, *a), (needed_mib, available_mib));
+                assert_eq!(*s, needed_mib - available_mib);
+            }
+            other => panic!("{other:?}"),
+        }
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("needs {needed_mib} MiB"))
+                && message.contains(&format!("holds {available_mib} MiB")),
+            "{message}"
+        );
+
+        // A disk too small for any FAT32 partition says so too.
+        assert!(matches!(
+            plan_new(&nested(), 16 * MIB, &opts()),
+            Err(PlanError::Partition(
+                partition::PartitionError::DiskTooSmall { .. }
+            ))
+        ));
+    }
+
+    #[test]
+    fn persistence_is_allocated_not_written() {
+        let bare = plan_new(&nested(), 8 * GIB, &opts()).expect("plans");
+        let o = WriteOptions {
+            overlay_size: Some(GIB),
+            home_size: Some(512 * MIB),
+            swap_size: Some(256 * MIB),
+            ..opts()
+        };
+        let plan = plan_new(&nested(), 8 * GIB, &o).expect("plans");
+        assert_eq!(
+            plan.home.as_ref().map(|h| h.path.as_str()),
+            Some("/LiveOS/home.img")
+        );
+        assert_eq!(
+            plan.swap.as_ref().map(|s| s.path.as_str()),
+            Some("/LiveOS/swap.img")
+        );
+        assert_eq!(bare.bytes_to_write, copied_bytes());
+        assert_eq!(
+            plan.bytes_to_write,
+            copied_bytes(),
+            "persistence is not written"
+        );
+        assert_eq!(
+            plan.bytes_to_write,
+            plan.copies.iter().map(|c| c.size).sum::<u64>()
+        );
+        // ... but its space is allocated.
+        assert!(
+            plan.space_needed >= bare.space_needed + GIB + 512 * MIB + 256 * MIB,
+            "{} vs {}",
+            plan.space_needed,
+            bare.space_needed
+        );
+        assert_eq!(plan.space_available, bare.space_available);
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        for label in ["", "TWELVE_CHARS", "has space", "ÜNICODE"] {
+            let o = WriteOptions {
+                label: Some(label.into()),
+                ..opts()
+            };
+            assert!(
+                matches!(
+                    plan_new(&nested(), 8 * GIB, &o),
+                    Err(PlanError::Fat(fat::FatError::InvalidLabel(l))) if l == label
+                ),
+                "label {label:?}"
+            );
+        }
+        for dir in ["", "Live/OS", "..", "/LiveOS", "Live OS"] {
+            let o = WriteOptions {
+                live_dir: dir.into(),
+                ..opts()
+            };
+            assert!(
+                matches!(
+                    plan_new(&nested(), 8 * GIB, &o),
+                    Err(PlanError::InvalidLiveDir(d)) if d == dir
+                ),
+                "livedir {dir:?}"
+            );
+        }
+        for (o, flag) in [
+            (
+                WriteOptions {
+                    skipcopy: true,
+                    ..opts()
+                },
+                "--skipcopy",
+            ),
+            (
+                WriteOptions {
+                    delete_home: true,
+                    ..opts()
+                },
+                "--delete-home",
+            ),
+            (
+                WriteOptions {
+                    reset_overlay: true,
+                    ..opts()
+                },
+                "--reset-overlay",
+            ),
+        ] {
+            assert!(
+                matches!(
+                    plan_new(&nested(), 8 * GIB, &o),
+                    Err(PlanError::NeedsExisting(f)) if f == flag
+                ),
+                "{flag}"
+            );
+        }
+    }
+
+    #[test]
+    fn own_live_dir_moves_files_and_boot_args() {
+        let o = WriteOptions {
+            live_dir: "Fedora_42".into(),
+            overlay_size: Some(GIB),
+            ..opts()
+        };
+        let plan = plan_new(&nested(), 8 * GIB, &o).expect("plans");
+        let d = dests(&plan);
+        assert!(d.contains(&"/Fedora_42/squashfs.img".to_string()), "{d:?}");
+        assert!(!d.iter().any(|p| p.starts_with("/LiveOS/")), "{d:?}");
+        assert_eq!(
+            plan.overlay.as_ref().map(|o| o.path.as_str()),
+            Some("/Fedora_42/overlay-LIVE-1234-ABCD")
+        );
+        for line in cmdlines(config(&plan, "/EFI/BOOT/grub.cfg")) {
+            assert!(
+                line.split(' ').any(|w| w == "rd.live.dir=Fedora_42"),
+                "{line}"
+            );
+        }
+    }
+
+    // --- installing into an existing stick ---
+
+    const OLD_OVERLAY: &str = "/LiveOS/overlay-OLDLIVE-DEAD-BEEF";
+    const STALE_OVERLAY: &str = "/LiveOS/overlay-OTHER-0000-0000";
+    const FREE: u64 = 3 * GIB;
+
+    fn stick() -> ExistingFs {
+        ExistingFs {
+            table: TableKind::Mbr,
+            partition_start: MIB,
+            partition_len: 8 * GIB - MIB,
+            label: "OLDLIVE".into(),
+            volume_id: 0xdead_beef,
+            cluster_size: 4096,
+            free_bytes: FREE,
+            files: vec![
+                // Listed before the current one: the current one is found by name.
+                (STALE_OVERLAY.into(), 100 * MIB),
+                ("/LiveOS/squashfs.img".into(), 1400 * MIB),
+                ("/LiveOS/livemin.img".into(), 12 * MIB),
+                (OLD_OVERLAY.into(), 512 * MIB),
+                ("/LiveOS/home.img".into(), GIB),
+                ("/LiveOS/swap.img".into(), 256 * MIB),
+                ("/isolinux/vmlinuz".into(), 13 * MIB),
+                ("/EFI/BOOT/BOOTX64.EFI".into(), 1024 * 1024),
+                ("/syslinux/syslinux.cfg".into(), 4096),
+                ("/Documents/notes.txt".into(), 40960),
+            ],
+            syslinux_cfg: Some("UI menu.c32\nLABEL old\n  KERNEL /isolinux/vmlinuz\n".into()),
+            grub_cfg: None,
+        }
+    }
+
+    #[test]
+    fn existing_stick_keeps_home_and_renames_the_overlay() {
+        let plan = plan_existing(&nested(), stick(), &opts()).expect("plans");
+        assert!(plan.format.is_none(), "no new table");
+        assert_eq!(
+            (plan.partition_start, plan.partition_len),
+            (MIB, 8 * GIB - MIB)
+        );
+        assert_eq!(plan.fs_uuid, "DEAD-BEEF", "the stick keeps its volume id");
+        assert_eq!(plan.label, "OLDLIVE");
+        assert!(plan.relabel.is_none());
+        assert_eq!(plan.kept_home.as_deref(), Some("/LiveOS/home.img"));
+        assert!(plan.home.is_none());
+        let kept = plan.kept_overlay.as_ref().expect("the overlay is kept");
+        assert_eq!(kept.from, OLD_OVERLAY);
+        assert_eq!(kept.to, OLD_OVERLAY);
+        assert_eq!(kept.size, 512 * MIB);
+        assert!(kept.reset, "a new root image empties the old overlay");
+        assert!(plan.overlay.is_none());
+        // The kept overlay is booted: the configs name it.
+        for line in cmdlines(config(&plan, "/syslinux/syslinux.cfg")) {
+            assert!(
+                line.split(' ')
+                    .any(|w| w == "rd.live.overlay=UUID=DEAD-BEEF"),
+                "{line}"
+            );
+        }
+        // Old live files this ISO lacks and other overlays go; the home, the
+        // swap and anything outside the live directory stay.
+        assert_eq!(
+            sorted(plan.deletes.clone()),
+            ["/LiveOS/livemin.img", STALE_OVERLAY]
+        );
+        assert_eq!(dests(&plan), expected_copies());
+        // Space: what is free plus what this write replaces or deletes.
+        let reclaimed = 100 * MIB + 1400 * MIB + 12 * MIB + 13 * MIB + 1024 * 1024 + 4096;
+        assert_eq!(plan.space_available, FREE + reclaimed);
+    }
+
+    #[test]
+    fn existing_stick_relabel_renames_the_overlay_and_reset_follows_flags() {
+        let o = WriteOptions {
+            label: Some("NEWLIVE".into()),
+            ..opts()
+        };
+        let plan = plan_existing(&nested(), stick(), &o).expect("plans");
+        assert_eq!(plan.label, "NEWLIVE");
+        assert_eq!(plan.relabel.as_deref(), Some("NEWLIVE"));
+        let kept = plan.kept_overlay.as_ref().expect("the overlay is kept");
+        assert_eq!(kept.from, OLD_OVERLAY);
+        assert_eq!(kept.to, "/LiveOS/overlay-NEWLIVE-DEAD-BEEF");
+        assert!(kept.reset);
+        assert!(config(&plan, "/syslinux/syslinux.cfg").contains("NEWLIVE"));
+
+        // --skipcopy: only configs; the overlay still describes the same root.
+        let skip = WriteOptions {
+            skipcopy: true,
+            ..opts()
+        };
+        let plan = plan_existing(&nested(), stick(), &skip).expect("plans");
+        assert!(plan.copies.is_empty(), "{:?}", plan.copies);
+        assert_eq!(plan.bytes_to_write, 0);
+        assert!(!plan.configs.is_empty());
+        let kept = plan.kept_overlay.as_ref().expect("the overlay is kept");
+        assert!(!kept.reset, "same root image: the overlay stays valid");
+        // Old live files are not touched without a copy; stale overlays still go.
+        assert_eq!(plan.deletes, [STALE_OVERLAY]);
+
+        let skip_reset = WriteOptions {
+            skipcopy: true,
+            reset_overlay: true,
+            ..opts()
+        };
+        let plan = plan_existing(&nested(), stick(), &skip_reset).expect("plans");
+        assert!(plan.kept_overlay.as_ref().is_some_and(|k| k.reset));
+    }
+
+    #[test]
+    fn existing_stick_new_overlay_replaces_the_old_one() {
+        let o = WriteOptions {
+            overlay_size: Some(GIB),
+            ..opts()
+        };
+        let plan = plan_existing(&nested(), stick(), &o).expect("plans");
+        assert!(plan.kept_overlay.is_none());
+        let overlay = plan.overlay.as_ref().expect("a new overlay");
+        assert_eq!(overlay.path, OLD_OVERLAY, "same label and UUID, same name");
+        let deletes = sorted(plan.deletes.clone());
+        assert!(deletes.contains(&OLD_OVERLAY.to_string()), "{deletes:?}");
+        assert!(deletes.contains(&STALE_OVERLAY.to_string()), "{deletes:?}");
+    }
+
+    #[test]
+    fn existing_home_needs_delete_home_to_be_replaced() {
+        let o = WriteOptions {
+            home_size: Some(GIB),
+            ..opts()
+        };
+        match plan_existing(&nested(), stick(), &o) {
+            Err(PlanError::HomeExists { path }) => assert_eq!(path, "/LiveOS/home.img"),
+            other => panic!("{other:?}"),
+        }
+
+        let delete = WriteOptions {
+            delete_home: true,
+            ..opts()
+        };
+        let plan = plan_existing(&nested(), stick(), &delete).expect("plans");
+        assert!(plan.kept_home.is_none());
+        assert!(plan.home.is_none());
+        assert!(plan.deletes.contains(&"/LiveOS/home.img".to_string()));
+        let kept = plan_existing(&nested(), stick(), &opts()).expect("plans");
+        assert_eq!(
+            plan.space_available,
+            kept.space_available + GIB,
+            "the deleted home's space comes back"
+        );
+
+        let replace = WriteOptions {
+            delete_home: true,
+            home_size: Some(2 * GIB),
+            home_encryption: HomeEncryption::Luks,
+            ..opts()
+        };
+        let plan = plan_existing(&nested(), stick(), &replace).expect("plans");
+        assert!(plan.deletes.contains(&"/LiveOS/home.img".to_string()));
+        let home = plan.home.as_ref().expect("a new home");
+        assert_eq!(home.path, "/LiveOS/home.img");
+        assert_eq!(home.size, 2 * GIB);
+        assert_eq!(home.encryption, HomeEncryption::Luks);
+    }
+
+    #[test]
+    fn existing_stick_too_full_is_refused() {
+        let full = ExistingFs {
+            free_bytes: 0,
+            ..stick()
+        };
+        // Reclaimed space (~1.5 GiB) is less than the new image, and the
+        // kept home and overlay are not given back.
+        match plan_existing(&nested(), full, &opts()) {
+            Err(PlanError::TooSmall {
+                needed_mib,
+                available_mib,
+                short_mib,
+            }) => {
+                assert_eq!(short_mib, needed_mib - available_mib);
+                assert_eq!(available_mib, (100 + 1400 + 12 + 13 + 1));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn existing_overlay_kept_with_overlayfs_boots_as_overlayfs() {
+        let o = WriteOptions {
+            overlayfs: true,
+            skipcopy: true,
+            ..opts()
+        };
+        let plan = plan_existing(&nested(), stick(), &o).expect("no size needed: one is kept");
+        assert!(plan.overlay.is_none());
+        assert_eq!(
+            plan.kept_overlay.as_ref().map(|k| k.from.as_str()),
+            Some(OLD_OVERLAY)
+        );
+        for line in cmdlines(config(&plan, "/EFI/BOOT/grub.cfg")) {
+            let words: Vec<&str> = line.split(' ').collect();
+            assert!(words.contains(&"rd.live.overlay=UUID=DEAD-BEEF"), "{line}");
+            assert!(words.contains(&"rd.live.overlay.overlayfs"), "{line}");
+        }
+    }
+
+    #[test]
+    fn multi_adds_an_image_beside_the_first() {
+        let o = WriteOptions {
+            multi: true,
+            live_dir: "Second".into(),
+            ..opts()
+        };
+        let plan = plan_existing(&nested(), stick(), &o).expect("plans");
+        let d = dests(&plan);
+        // Boot files under the new directory; the first image's EFI loaders stay.
+        assert!(d.contains(&"/Second/squashfs.img".to_string()), "{d:?}");
+        assert!(d.contains(&"/Second/isolinux/vmlinuz".to_string()), "{d:?}");
+        assert!(
+            d.contains(&"/Second/images/pxeboot/initrd.img".to_string()),
+            "{d:?}"
+        );
+        assert!(!d.iter().any(|p| p.starts_with("/EFI/")), "{d:?}");
+        assert!(!d.contains(&"/isolinux/vmlinuz".to_string()), "{d:?}");
+        // The first image is left alone.
+        assert!(plan.deletes.is_empty(), "{:?}", plan.deletes);
+        assert!(plan.kept_home.is_none() && plan.kept_overlay.is_none());
+        let own = config(&plan, "/Second/syslinux/syslinux.cfg");
+        assert!(own.contains("/Second/isolinux/vmlinuz"), "{own}");
+        assert!(own.contains("CONFIG /syslinux/syslinux.cfg"), "{own}");
+        let main = config(&plan, "/syslinux/syslinux.cfg");
+        assert!(
+            main.contains("CONFIG /Second/syslinux/syslinux.cfg"),
+            "{main}"
+        );
+        assert!(main.contains("LABEL old"), "{main}");
+
+        let same = WriteOptions {
+            multi: true,
+            ..opts()
+        };
+        assert!(matches!(
+            plan_existing(&nested(), stick(), &same),
+            Err(PlanError::MultiSameDir(d)) if d == "LiveOS"
+        ));
+    }
+
+    #[test]
+    fn partition_size_needs_a_new_table() {
+        let o = WriteOptions {
+            partition_size: Some(4 * GIB),
+            ..opts()
+        };
+        assert!(matches!(
+            plan_existing(&nested(), stick(), &o),
+            Err(PlanError::PartitionSizeNeedsFormat)
+        ));
     }
 }
