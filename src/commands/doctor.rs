@@ -268,3 +268,37 @@ pub fn run(_args: &DoctorArgs, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doctor_checks_every_registered_program_with_its_feature_in_one_run() {
+        let needs = needs();
+        for t in tools::REGISTRY {
+            assert!(
+                needs
+                    .iter()
+                    .any(|n| matches!(&n.what, What::Program(p) if p == t)),
+                "doctor does not check {}",
+                t.name
+            );
+        }
+        // One heading per feature: once left, a feature never comes back.
+        for i in 1..needs.len() {
+            if needs[i - 1].feature != needs[i].feature {
+                assert!(
+                    needs[..i].iter().all(|n| n.feature != needs[i].feature),
+                    "{:?} is split",
+                    needs[i].feature
+                );
+            }
+        }
+        assert!(
+            needs
+                .iter()
+                .all(|n| !n.debian.is_empty() && !n.fedora.is_empty())
+        );
+    }
+}
