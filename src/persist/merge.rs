@@ -51,7 +51,7 @@ pub const STEPS: [&str; 9] = [
 #[derive(Debug, Error)]
 pub enum MergeError {
     #[error(transparent)]
-    ToolMissing(#[from] crate::tools::ToolMissing),
+    ToolMissing(#[from] tools::ToolMissing),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
