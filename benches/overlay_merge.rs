@@ -128,9 +128,9 @@ fn main() {
     );
 
     // 2. whole LiveOS merge vs mksquashfs directly on the same tree
-    if [livestick::squash::MKSQUASHFS, livestick::squash::UNSQUASHFS]
-        .into_iter()
-        .any(|t| livestick::squash::require_tool(t).is_err())
+    if [livestick::tools::MKSQUASHFS, livestick::tools::UNSQUASHFS]
+        .iter()
+        .any(|t| livestick::tools::find_program(t).is_err())
     {
         println!("mksquashfs/unsquashfs missing: recompression comparison skipped");
         return;
@@ -188,10 +188,10 @@ fn main() {
 /// Section 3: a flat root tree of many files, 5 % of them changed in an OverlayFS
 /// upper dir.
 fn flat_overlayfs(d: &Path) {
-    use livestick::squash::{MKSQUASHFS, SQFS2TAR, TAR2SQFS, require_tool};
+    use livestick::tools::{MKSQUASHFS, SQFS2TAR, TAR2SQFS, find_program};
     if [MKSQUASHFS, SQFS2TAR, TAR2SQFS]
-        .into_iter()
-        .any(|t| require_tool(t).is_err())
+        .iter()
+        .any(|t| find_program(t).is_err())
         || !Path::new("/sbin/mke2fs").exists() && !Path::new("/usr/sbin/mke2fs").exists()
     {
         println!("squashfs-tools-ng or e2fsprogs missing: flat OverlayFS comparison skipped");

@@ -1,14 +1,16 @@
 //! squashfs images: the facts livestick needs (compressor and its options, block size,
 //! xattrs) read from the superblock in Rust, root-image kind detection (squashfs, EROFS,
 //! ext2/3/4), and the reference tools (`unsquashfs`, `mksquashfs`, `e2fsck`,
-//! `mkfs.erofs`) behind [`require_tool`], which names the package when one is missing.
+//! `mkfs.erofs`) run through [`run_tool`], which finds them in [`crate::tools`].
 
 use std::io::{self, Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde::Serialize;
 use thiserror::Error;
+
+use crate::tools::{MKSQUASHFS, Tool, ToolMissing, UNSQUASHFS, find_program};
 
 const SQUASHFS_MAGIC: u32 = 0x7371_7368; // "hsqs"
 const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
@@ -36,14 +38,8 @@ pub enum SquashError {
     },
     #[error("{what}: unknown squashfs compressor id {id}")]
     UnknownCompressor { what: String, id: u16 },
-    #[error(
-        "`{tool}` is not installed; install the package `{debian}` (Debian/Ubuntu: apt install {debian}) or `{fedora}` (Fedora: dnf install {fedora})"
-    )]
-    ToolMissing {
-        tool: &'static str,
-        debian: &'static str,
-        fedora: &'static str,
-    },
+    #[error(transparent)]
+    ToolMissing(#[from] ToolMissing),
     #[error("`{command}` failed ({status}): {stderr}")]
     ToolFailed {
         command: String,
@@ -305,62 +301,6 @@ pub fn detect_image_kind<R: Read + Seek>(r: &mut R, what: &str) -> Result<ImageK
     Ok(ImageKind::Unknown)
 }
 
-/// An external program and the packages that provide it.
-#[derive(Debug, Clone, Copy)]
-pub struct Tool {
-    pub name: &'static str,
-    pub debian: &'static str,
-    pub fedora: &'static str,
-}
-
-pub const UNSQUASHFS: Tool = Tool {
-    name: "unsquashfs",
-    debian: "squashfs-tools",
-    fedora: "squashfs-tools",
-};
-pub const MKSQUASHFS: Tool = Tool {
-    name: "mksquashfs",
-    debian: "squashfs-tools",
-    fedora: "squashfs-tools",
-};
-/// squashfs-tools-ng: a squashfs turned into a tar stream and back, owners and
-/// xattrs included, with no file system in between (so no root needed).
-pub const SQFS2TAR: Tool = Tool {
-    name: "sqfs2tar",
-    debian: "squashfs-tools-ng",
-    fedora: "squashfs-tools-ng",
-};
-pub const TAR2SQFS: Tool = Tool {
-    name: "tar2sqfs",
-    debian: "squashfs-tools-ng",
-    fedora: "squashfs-tools-ng",
-};
-pub const E2FSCK: Tool = Tool {
-    name: "e2fsck",
-    debian: "e2fsprogs",
-    fedora: "e2fsprogs",
-};
-pub const MKFS_EROFS: Tool = Tool {
-    name: "mkfs.erofs",
-    debian: "erofs-utils",
-    fedora: "erofs-utils",
-};
-pub const FSCK_EROFS: Tool = Tool {
-    name: "fsck.erofs",
-    debian: "erofs-utils",
-    fedora: "erofs-utils",
-};
-
-/// Finds `tool` on PATH or in the sbin directories (which an ordinary user's PATH often
-/// lacks), or says which package installs it.
-pub fn require_tool(tool: Tool) -> Result<PathBuf, SquashError> {
-    crate::tools::find_program(tool.name).ok_or(SquashError::ToolMissing {
-        tool: tool.name,
-        debian: tool.debian,
-        fedora: tool.fedora,
-    })
-}
-
 /// Runs a checked tool; `ok_codes` lists exit codes that mean success (e2fsck uses 1 and
 /// 2 for "fixed"). Returns the exit code and stdout.
 pub fn run_tool(
@@ -368,7 +308,7 @@ pub fn run_tool(
     args: &[&std::ffi::OsStr],
     ok_codes: &[i32],
 ) -> Result<(i32, String), SquashError> {
-    let exe = require_tool(tool)?;
+    let exe = find_program(&tool)?;
     let command = std::iter::once(tool.name.to_string())
         .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
         .collect::<Vec<_>>()
@@ -607,16 +547,5 @@ mod tests {
             detect_image_kind(&mut Cursor::new(vec![1u8; 100]), "t").unwrap(),
             ImageKind::Unknown
         );
-    }
-
-    #[test]
-    fn missing_tools_name_their_package() {
-        let t = Tool {
-            name: "livestick-no-such-tool",
-            debian: "pkg-deb",
-            fedora: "pkg-fed",
-        };
-        let e = require_tool(t).unwrap_err().to_string();
-        assert!(e.contains("pkg-deb") && e.contains("pkg-fed"), "{e}");
     }
 }

@@ -1,19 +1,298 @@
-//! Finding the external programs livestick runs (the reference tools for
-//! formats it does not own: syslinux, e2fsprogs, squashfs-tools, …).
+//! The one registry of external programs livestick runs: the reference tools
+//! for formats it does not own (syslinux, e2fsprogs, squashfs-tools, …), what
+//! needs each, and which Debian and Fedora package installs it. Every module
+//! that runs a program finds it through [`find_program`], so a missing one is
+//! always reported the same way, and `livestick doctor` lists exactly
+//! [`REGISTRY`].
 
 use std::path::{Path, PathBuf};
 
-/// Looks on PATH and in the sbin directories, which an ordinary user's PATH
-/// often lacks on Debian although the tools run fine from there.
-pub fn find_program(name: &str) -> Option<PathBuf> {
+use thiserror::Error;
+
+/// An external program and the packages that provide it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tool {
+    /// The executable's file name.
+    pub name: &'static str,
+    /// What needs it, as `doctor` groups its report.
+    pub feature: &'static str,
+    /// Debian/Ubuntu package.
+    pub debian: &'static str,
+    /// Fedora package.
+    pub fedora: &'static str,
+    /// Needed by a plain `livestick write` (default options): missing means
+    /// the basic write fails, so `doctor` reports it as MISSING.
+    pub required: bool,
+    /// Arguments that make it print its version, for `doctor`.
+    pub version_args: &'static [&'static str],
+}
+
+/// A program livestick needs is not installed; names both packages.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error(
+    "`{name}` is not installed; install the package `{debian}` (Debian/Ubuntu: apt install {debian}) or `{fedora}` (Fedora: dnf install {fedora})"
+)]
+pub struct ToolMissing {
+    pub name: &'static str,
+    pub debian: &'static str,
+    pub fedora: &'static str,
+}
+
+/// Feature names, shared by the entries so `doctor` groups them.
+pub const BIOS: &str = "BIOS boot (write)";
+pub const EXT4: &str = "home.img and OverlayFS overlays";
+pub const SQUASH: &str = "inspect and overlay merge (squashfs)";
+pub const FLAT_OVL: &str = "overlay merge of OverlayFS into a flat squashfs";
+pub const EROFS: &str = "overlay merge of EROFS roots";
+pub const INITRD: &str = "dracut version of the ISO's initrd (write)";
+pub const LUKS: &str = "LUKS home checks (optional)";
+pub const QEMU: &str = "boot tests (optional)";
+
+/// An optional program (all but the BIOS installer and mtools are).
+const fn optional(
+    name: &'static str,
+    feature: &'static str,
+    debian: &'static str,
+    fedora: &'static str,
+    version_args: &'static [&'static str],
+) -> Tool {
+    Tool {
+        name,
+        feature,
+        debian,
+        fedora,
+        required: false,
+        version_args,
+    }
+}
+
+const fn e2fsprogs(name: &'static str, version_args: &'static [&'static str]) -> Tool {
+    optional(name, EXT4, "e2fsprogs", "e2fsprogs", version_args)
+}
+
+/// The mtools-based SYSLINUX installer (works on image files without root).
+pub const SYSLINUX: Tool = Tool {
+    name: "syslinux",
+    feature: BIOS,
+    debian: "syslinux",
+    fedora: "syslinux",
+    required: true,
+    version_args: &["--version"],
+};
+/// The syslinux installer writes through mtools.
+pub const MCOPY: Tool = Tool {
+    name: "mcopy",
+    feature: BIOS,
+    debian: "mtools",
+    fedora: "mtools",
+    required: true,
+    version_args: &["--version"],
+};
+pub const MKE2FS: Tool = e2fsprogs("mke2fs", &["-V"]);
+pub const RESIZE2FS: Tool = e2fsprogs("resize2fs", &[]);
+pub const E2FSCK: Tool = e2fsprogs("e2fsck", &["-V"]);
+/// A new ext4 gets its journal checksum and a random first sequence through
+/// debugfs; an OverlayFS overlay's upper tree is read through it for a merge.
+pub const DEBUGFS: Tool = e2fsprogs("debugfs", &["-V"]);
+/// A copied home is read by its block bitmaps through dumpe2fs.
+pub const DUMPE2FS: Tool = e2fsprogs("dumpe2fs", &["-V"]);
+pub const UNSQUASHFS: Tool = optional(
+    "unsquashfs",
+    SQUASH,
+    "squashfs-tools",
+    "squashfs-tools",
+    &["-version"],
+);
+pub const MKSQUASHFS: Tool = optional(
+    "mksquashfs",
+    SQUASH,
+    "squashfs-tools",
+    "squashfs-tools",
+    &["-version"],
+);
+/// squashfs-tools-ng: a squashfs turned into a tar stream and back, owners and
+/// xattrs included, with no file system in between (so no root needed).
+pub const SQFS2TAR: Tool = optional(
+    "sqfs2tar",
+    FLAT_OVL,
+    "squashfs-tools-ng",
+    "squashfs-tools-ng",
+    &["--version"],
+);
+pub const TAR2SQFS: Tool = optional(
+    "tar2sqfs",
+    FLAT_OVL,
+    "squashfs-tools-ng",
+    "squashfs-tools-ng",
+    &["--version"],
+);
+pub const MKFS_EROFS: Tool = optional("mkfs.erofs", EROFS, "erofs-utils", "erofs-utils", &["-V"]);
+pub const FSCK_EROFS: Tool = optional("fsck.erofs", EROFS, "erofs-utils", "erofs-utils", &["-V"]);
+/// Without root, extract, apply and mkfs.erofs run under fakeroot, which keeps
+/// owners, device nodes and xattrs for the new image.
+pub const FAKEROOT: Tool = optional("fakeroot", EROFS, "fakeroot", "fakeroot", &["--version"]);
+/// The initrd decompressors: without the one an initrd needs, the dracut
+/// version is unknown and the kernel arguments follow the default.
+pub const ZSTD: Tool = optional("zstd", INITRD, "zstd", "zstd", &["--version"]);
+pub const XZ: Tool = optional("xz", INITRD, "xz-utils", "xz", &["--version"]);
+pub const LZ4: Tool = optional("lz4", INITRD, "lz4", "lz4", &["--version"]);
+pub const GZIP: Tool = optional("gzip", INITRD, "gzip", "gzip", &["--version"]);
+/// Only the test suite runs it (livestick's LUKS is its own code); listed so
+/// a developer sees what the LUKS checks need.
+pub const CRYPTSETUP: Tool = optional(
+    "cryptsetup",
+    LUKS,
+    "cryptsetup-bin",
+    "cryptsetup",
+    &["--version"],
+);
+/// Only the boot tests run it.
+pub const QEMU_X86_64: Tool = optional(
+    "qemu-system-x86_64",
+    QEMU,
+    "qemu-system-x86",
+    "qemu-system-x86-core",
+    &["--version"],
+);
+
+/// Every external program, in the order `doctor` reports them (grouped by
+/// feature).
+pub const REGISTRY: &[Tool] = &[
+    SYSLINUX,
+    MCOPY,
+    MKE2FS,
+    RESIZE2FS,
+    E2FSCK,
+    DEBUGFS,
+    DUMPE2FS,
+    UNSQUASHFS,
+    MKSQUASHFS,
+    SQFS2TAR,
+    TAR2SQFS,
+    MKFS_EROFS,
+    FSCK_EROFS,
+    FAKEROOT,
+    ZSTD,
+    XZ,
+    LZ4,
+    GZIP,
+    CRYPTSETUP,
+    QEMU_X86_64,
+];
+
+impl Tool {
+    /// The error for this program being absent.
+    pub fn missing(&self) -> ToolMissing {
+        ToolMissing {
+            name: self.name,
+            debian: self.debian,
+            fedora: self.fedora,
+        }
+    }
+}
+
+/// Finds `tool` on PATH, then in the sbin directories, which an ordinary
+/// user's PATH often lacks on Debian although the tools run fine from there.
+/// PATH comes first so a test (or a user) can put a stand-in before the real
+/// program.
+pub fn find_program(tool: &Tool) -> Result<PathBuf, ToolMissing> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(name))
+        .map(|d| d.join(tool.name))
         .find(|p| is_executable(p))
+        .ok_or_else(|| tool.missing())
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_program_names_both_packages() {
+        for t in REGISTRY {
+            assert!(!t.name.is_empty() && !t.name.contains('/'), "{t:?}");
+            assert!(!t.feature.is_empty(), "{t:?}");
+            assert!(!t.debian.trim().is_empty(), "{t:?} lacks a Debian package");
+            assert!(!t.fedora.trim().is_empty(), "{t:?} lacks a Fedora package");
+            assert!(
+                !t.debian.contains(char::is_whitespace) && !t.fedora.contains(char::is_whitespace),
+                "one package name each: {t:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_entry_per_program_grouped_by_feature() {
+        for (i, t) in REGISTRY.iter().enumerate() {
+            assert!(
+                REGISTRY[i + 1..].iter().all(|u| u.name != t.name),
+                "{} twice",
+                t.name
+            );
+            // doctor prints a feature heading when the feature changes, so a
+            // feature must not come back after another one.
+            if i > 0 && REGISTRY[i - 1].feature != t.feature {
+                assert!(
+                    REGISTRY[..i].iter().all(|u| u.feature != t.feature),
+                    "{} is apart from the rest of {:?}",
+                    t.name,
+                    t.feature
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_bios_tools_are_required_for_write() {
+        let required: Vec<&str> = REGISTRY
+            .iter()
+            .filter(|t| t.required)
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(required, ["syslinux", "mcopy"]);
+    }
+
+    #[test]
+    fn a_missing_program_names_it_and_both_packages() {
+        let t = Tool {
+            name: "livestick-no-such-tool",
+            feature: "tests",
+            debian: "pkg-deb",
+            fedora: "pkg-fed",
+            required: false,
+            version_args: &[],
+        };
+        let e = find_program(&t).unwrap_err();
+        assert_eq!(e, t.missing());
+        let text = e.to_string();
+        for part in [
+            "livestick-no-such-tool",
+            "apt install pkg-deb",
+            "dnf install pkg-fed",
+        ] {
+            assert!(text.contains(part), "{part} not in: {text}");
+        }
+    }
+
+    #[test]
+    fn finds_an_installed_program() {
+        // sh is on every system the tests run on; the entry is made up so the
+        // test does not depend on which registered tools are installed.
+        let sh = Tool {
+            name: "sh",
+            feature: "tests",
+            debian: "dash",
+            fedora: "bash",
+            required: false,
+            version_args: &[],
+        };
+        let p = find_program(&sh).expect("sh");
+        assert!(p.ends_with("sh") && is_executable(&p), "{}", p.display());
+    }
 }

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use thiserror::Error;
 
-use crate::tools::find_program;
+use crate::tools::{MCOPY, SYSLINUX, ToolMissing, find_program};
 
 /// Menu modules the rendered syslinux.cfg uses (`UI menu.c32`), copied from the
 /// same SYSLINUX installation as the installer so their versions match ldlinux.
@@ -23,6 +23,12 @@ pub enum SyslinuxError {
         "{what} not found (looked in {looked}); install SYSLINUX: `apt-get install syslinux syslinux-common mtools` on Debian/Ubuntu, `dnf install syslinux syslinux-nonlinux mtools` on Fedora"
     )]
     Missing { what: String, looked: String },
+    /// The installer or mtools is not installed. Not a `#[source]`: the text
+    /// already says it all, and a cause would repeat it.
+    #[error(
+        "{0}; BIOS boot needs all of SYSLINUX: `apt-get install syslinux syslinux-common mtools` on Debian/Ubuntu, `dnf install syslinux syslinux-nonlinux mtools` on Fedora"
+    )]
+    Program(ToolMissing),
     #[error("{path} is {len} bytes; MBR boot code must be 440 bytes")]
     BadBootCode { path: PathBuf, len: usize },
     #[error("the SYSLINUX installer failed ({status}): {stderr}")]
@@ -83,16 +89,9 @@ fn boot_code(path: &Path) -> Result<[u8; 440], SyslinuxError> {
 
 /// Finds the installer, the MBR boot code and the menu modules.
 pub fn locate() -> Result<SyslinuxFiles, SyslinuxError> {
-    let installer = find_program("syslinux").ok_or_else(|| SyslinuxError::Missing {
-        what: "the syslinux installer".into(),
-        looked: "$PATH".into(),
-    })?;
-    if find_program("mcopy").is_none() {
-        return Err(SyslinuxError::Missing {
-            what: "mtools (mcopy), which the syslinux installer uses".into(),
-            looked: "$PATH".into(),
-        });
-    }
+    let installer = find_program(&SYSLINUX).map_err(SyslinuxError::Program)?;
+    // The installer writes to the FAT file system through mtools.
+    find_program(&MCOPY).map_err(SyslinuxError::Program)?;
     let mbr = boot_code(&find_in(&MBR_DIRS, "mbr.bin")?)?;
     let gptmbr = boot_code(&find_in(&MBR_DIRS, "gptmbr.bin")?)?;
     let menu = find_in(&MODULE_DIRS, MENU_MODULES[0])?;

@@ -3,7 +3,6 @@
 //! provides each. livestick itself is user space only; these programs are the
 //! reference implementations of formats it does not own (DESIGN.md).
 
-use crate::squash;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -12,8 +11,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::cli::DoctorArgs;
+use crate::tools::{self, Tool};
 
-/// One thing to look for.
+/// One thing to look for: a program of [`tools::REGISTRY`], or a file or
+/// service some feature needs besides its programs.
 struct Need {
     feature: &'static str,
     /// Needed by `livestick write` with default options: missing means the
@@ -25,10 +26,7 @@ struct Need {
 }
 
 enum What {
-    Program {
-        name: &'static str,
-        version_args: &'static [&'static str],
-    },
+    Program(Tool),
     /// Any one of these files.
     File {
         name: &'static str,
@@ -41,54 +39,14 @@ enum What {
     },
 }
 
-const fn program(
-    feature: &'static str,
-    required: bool,
-    name: &'static str,
-    version_args: &'static [&'static str],
-    debian: &'static str,
-    fedora: &'static str,
-) -> Need {
-    Need {
-        feature,
-        required,
-        what: What::Program { name, version_args },
-        debian,
-        fedora,
-    }
-}
-
-/// An optional program the merge code already knows with its packages.
-const fn tool(
-    feature: &'static str,
-    t: squash::Tool,
-    version_args: &'static [&'static str],
-) -> Need {
-    program(feature, false, t.name, version_args, t.debian, t.fedora)
-}
-
-const BIOS: &str = "BIOS boot (write)";
-const EXT4: &str = "home.img and OverlayFS overlays";
-const SQUASH: &str = "inspect and overlay merge (squashfs)";
-const FLAT_OVL: &str = "overlay merge of OverlayFS into a flat squashfs";
-const EROFS: &str = "overlay merge of EROFS roots";
-const LUKS: &str = "LUKS home checks (optional)";
-const QEMU: &str = "boot tests (optional)";
 const DEVICES: &str = "device discovery";
 
-fn needs() -> Vec<Need> {
+/// What doctor checks besides programs. Each is reported next to the programs
+/// of its feature.
+fn other_needs() -> Vec<Need> {
     vec![
-        program(
-            BIOS,
-            true,
-            "syslinux",
-            &["--version"],
-            "syslinux",
-            "syslinux",
-        ),
-        program(BIOS, true, "mcopy", &["--version"], "mtools", "mtools"),
         Need {
-            feature: BIOS,
+            feature: tools::BIOS,
             required: true,
             what: What::File {
                 name: "SYSLINUX mbr.bin",
@@ -102,7 +60,7 @@ fn needs() -> Vec<Need> {
             fedora: "syslinux-nonlinux",
         },
         Need {
-            feature: BIOS,
+            feature: tools::BIOS,
             required: true,
             what: What::File {
                 name: "SYSLINUX menu.c32",
@@ -115,38 +73,8 @@ fn needs() -> Vec<Need> {
             debian: "syslinux-common",
             fedora: "syslinux-nonlinux",
         },
-        program(EXT4, false, "mke2fs", &["-V"], "e2fsprogs", "e2fsprogs"),
-        program(EXT4, false, "resize2fs", &[], "e2fsprogs", "e2fsprogs"),
-        program(EXT4, false, "e2fsck", &["-V"], "e2fsprogs", "e2fsprogs"),
-        // A new ext4 gets its journal checksum and a random first sequence through
-        // debugfs; a copied home is read by its block bitmaps through dumpe2fs.
-        program(EXT4, false, "debugfs", &["-V"], "e2fsprogs", "e2fsprogs"),
-        program(EXT4, false, "dumpe2fs", &["-V"], "e2fsprogs", "e2fsprogs"),
-        tool(SQUASH, squash::UNSQUASHFS, &["-version"]),
-        tool(SQUASH, squash::MKSQUASHFS, &["-version"]),
-        tool(FLAT_OVL, squash::SQFS2TAR, &["--version"]),
-        tool(FLAT_OVL, squash::TAR2SQFS, &["--version"]),
-        tool(EROFS, squash::MKFS_EROFS, &["-V"]),
-        tool(EROFS, squash::FSCK_EROFS, &["-V"]),
-        tool(EROFS, crate::persist::ovl_merge::FAKEROOT, &["--version"]),
-        program(
-            LUKS,
-            false,
-            "cryptsetup",
-            &["--version"],
-            "cryptsetup-bin",
-            "cryptsetup",
-        ),
-        program(
-            QEMU,
-            false,
-            "qemu-system-x86_64",
-            &["--version"],
-            "qemu-system-x86",
-            "qemu-system-x86-core",
-        ),
         Need {
-            feature: QEMU,
+            feature: tools::QEMU,
             required: false,
             what: What::File {
                 name: "OVMF UEFI firmware",
@@ -171,6 +99,29 @@ fn needs() -> Vec<Need> {
             fedora: "systemd-udev",
         },
     ]
+}
+
+/// Every program of the registry, with the other needs placed after the last
+/// entry of their feature (the report prints a heading when the feature
+/// changes, so a feature must stay in one run).
+fn needs() -> Vec<Need> {
+    let mut all: Vec<Need> = tools::REGISTRY
+        .iter()
+        .map(|t| Need {
+            feature: t.feature,
+            required: t.required,
+            what: What::Program(*t),
+            debian: t.debian,
+            fedora: t.fedora,
+        })
+        .collect();
+    for need in other_needs() {
+        match all.iter().rposition(|n| n.feature == need.feature) {
+            Some(i) => all.insert(i + 1, need),
+            None => all.push(need),
+        }
+    }
+    all
 }
 
 #[derive(Debug, Serialize)]
@@ -233,10 +184,12 @@ fn version_of(path: &Path, args: &[&str]) -> Option<String> {
 
 fn check(need: &Need) -> Finding {
     let (name, kind, path, version, note) = match &need.what {
-        What::Program { name, version_args } => {
-            let path = crate::tools::find_program(name);
-            let version = path.as_deref().and_then(|p| version_of(p, version_args));
-            (*name, "program", path, version, None)
+        What::Program(tool) => {
+            let path = tools::find_program(tool).ok();
+            let version = path
+                .as_deref()
+                .and_then(|p| version_of(p, tool.version_args));
+            (tool.name, "program", path, version, None)
         }
         What::File { name, candidates } => {
             let path = candidates.iter().map(PathBuf::from).find(|p| p.is_file());
@@ -314,4 +267,38 @@ pub fn run(_args: &DoctorArgs, json: bool) -> anyhow::Result<()> {
         println!("livestick write cannot run until the MISSING items are installed.");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doctor_checks_every_registered_program_with_its_feature_in_one_run() {
+        let needs = needs();
+        for t in tools::REGISTRY {
+            assert!(
+                needs
+                    .iter()
+                    .any(|n| matches!(&n.what, What::Program(p) if p == t)),
+                "doctor does not check {}",
+                t.name
+            );
+        }
+        // One heading per feature: once left, a feature never comes back.
+        for i in 1..needs.len() {
+            if needs[i - 1].feature != needs[i].feature {
+                assert!(
+                    needs[..i].iter().all(|n| n.feature != needs[i].feature),
+                    "{:?} is split",
+                    needs[i].feature
+                );
+            }
+        }
+        assert!(
+            needs
+                .iter()
+                .all(|n| !n.debian.is_empty() && !n.fedora.is_empty())
+        );
+    }
 }

@@ -12,13 +12,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::tools::{DEBUGFS, DUMPE2FS, E2FSCK, MKE2FS, RESIZE2FS, Tool, ToolMissing, find_program};
+
 /// Errors from creating, checking, resizing or inspecting an ext4 image.
 #[derive(Debug, thiserror::Error)]
 pub enum Ext4Error {
-    #[error(
-        "`{tool}` is not installed; install the package `e2fsprogs` (Debian/Ubuntu: apt install e2fsprogs, Fedora: dnf install e2fsprogs)"
-    )]
-    NotInstalled { tool: &'static str },
+    #[error(transparent)]
+    NotInstalled(#[from] ToolMissing),
     #[error("`{tool}` failed on {path} ({status}): {stderr}")]
     Failed {
         tool: &'static str,
@@ -71,14 +71,8 @@ pub struct Ext4Options {
     pub features: Vec<String>,
 }
 
-/// Find an e2fsprogs tool on PATH or in the sbin directories, which an
-/// ordinary user's PATH often lacks on Debian.
-pub fn find_tool(tool: &'static str) -> Result<PathBuf, Ext4Error> {
-    crate::tools::find_program(tool).ok_or(Ext4Error::NotInstalled { tool })
-}
-
-fn run(tool: &'static str, args: &[&std::ffi::OsStr], path: &Path) -> Result<String, Ext4Error> {
-    let exe = find_tool(tool)?;
+fn run(tool: Tool, args: &[&std::ffi::OsStr], path: &Path) -> Result<String, Ext4Error> {
+    let exe = find_program(&tool)?;
     let out = Command::new(&exe)
         .args(args)
         // Stable, parseable output whatever the user's locale.
@@ -89,10 +83,10 @@ fn run(tool: &'static str, args: &[&std::ffi::OsStr], path: &Path) -> Result<Str
             source,
         })?;
     // e2fsck -p exits 1 when it fixed something, which is a success here.
-    let ok = out.status.success() || (tool == "e2fsck" && out.status.code() == Some(1));
+    let ok = out.status.success() || (tool == E2FSCK && out.status.code() == Some(1));
     if !ok {
         return Err(Ext4Error::Failed {
-            tool,
+            tool: tool.name,
             path: path.to_path_buf(),
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
@@ -178,8 +172,8 @@ pub fn make_ext4_image(
     }) {
         return Err(Ext4Error::RequiredFeature(f.clone()));
     }
-    find_tool("mke2fs")?;
-    find_tool("debugfs")?;
+    find_program(&MKE2FS)?;
+    find_program(&DEBUGFS)?;
     let f = OpenOptions::new()
         .create(true)
         .write(true)
@@ -224,13 +218,13 @@ pub fn make_ext4_image(
     args.push(path.as_os_str().to_owned());
     args.push(format!("{}k", size / 1024).into());
     let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-    run("mke2fs", &refs, path)?;
+    run(MKE2FS, &refs, path)?;
     checksum_journal(path)?;
     // Never 0, and below 2^31 so that no comparison of transaction IDs, in
     // any implementation, sits near a wrap.
     let sequence = rand::random::<u32>() % 0x7FFF_FFFE + 1;
     set_journal_sequence(path, sequence)?;
-    let header = run("dumpe2fs", &["-h".as_ref(), path.as_os_str()], path)?;
+    let header = run(DUMPE2FS, &["-h".as_ref(), path.as_os_str()], path)?;
     let shown = dumpe2fs_field(&header, "Journal sequence")
         .and_then(|v| u32::from_str_radix(v.trim_start_matches("0x"), 16).ok());
     if !journal_is_checksummed(&header) || shown != Some(sequence) {
@@ -253,7 +247,7 @@ const REQUIRED_FEATURES: [&str; 2] = ["has_journal", "metadata_csum"];
 /// reports errors only as text, so the caller checks the result with
 /// dumpe2fs.
 fn checksum_journal(path: &Path) -> Result<(), Ext4Error> {
-    let exe = find_tool("debugfs")?;
+    let exe = find_program(&DEBUGFS)?;
     let mut child = Command::new(&exe)
         .args(["-w".as_ref(), "-f".as_ref(), "-".as_ref(), path.as_os_str()])
         .env("LC_ALL", "C")
@@ -270,7 +264,7 @@ fn checksum_journal(path: &Path) -> Result<(), Ext4Error> {
     let out = child.wait_with_output().map_err(io_err(&exe))?;
     if !out.status.success() {
         return Err(Ext4Error::Failed {
-            tool: "debugfs",
+            tool: DEBUGFS.name,
             path: path.to_path_buf(),
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
@@ -328,7 +322,7 @@ pub fn set_journal_sequence(path: &Path, sequence: u32) -> Result<(), Ext4Error>
     };
     // Where journal block 0 (its superblock) lies: debugfs maps the journal inode.
     let map = run(
-        "debugfs",
+        DEBUGFS,
         &["-R".as_ref(), "bmap <8> 0".as_ref(), path.as_os_str()],
         path,
     )?;
@@ -400,9 +394,9 @@ pub fn used_regions(
     len: u64,
 ) -> Result<Vec<std::ops::Range<u64>>, Ext4Error> {
     let spec = format!("{}?offset={offset}", image.display());
-    let text = run("dumpe2fs", &[std::ffi::OsStr::new(&spec)], image)?;
+    let text = run(DUMPE2FS, &[std::ffi::OsStr::new(&spec)], image)?;
     parse_used_regions(&text, len).ok_or_else(|| Ext4Error::Failed {
-        tool: "dumpe2fs",
+        tool: DUMPE2FS.name,
         path: image.to_path_buf(),
         status: "unexpected output".into(),
         stderr: "no block size, block count or free block list".into(),
@@ -453,7 +447,7 @@ fn parse_used_regions(text: &str, len: u64) -> Option<Vec<std::ops::Range<u64>>>
 /// Check the filesystem in `path` (`e2fsck -f -p`), as resize2fs requires.
 pub fn check_ext4_image(path: &Path) -> Result<(), Ext4Error> {
     run(
-        "e2fsck",
+        E2FSCK,
         &["-f".as_ref(), "-p".as_ref(), path.as_os_str()],
         path,
     )?;
@@ -476,7 +470,7 @@ pub fn grow_ext4_image(path: &Path, new_size: u64) -> Result<(), Ext4Error> {
             requested: new_size,
         });
     }
-    find_tool("resize2fs")?;
+    find_program(&RESIZE2FS)?;
     let f = OpenOptions::new()
         .write(true)
         .open(path)
@@ -488,7 +482,7 @@ pub fn grow_ext4_image(path: &Path, new_size: u64) -> Result<(), Ext4Error> {
     drop(f);
     check_ext4_image(path)?;
     let size_arg = format!("{}K", new_size / 1024);
-    run("resize2fs", &[path.as_os_str(), size_arg.as_ref()], path)?;
+    run(RESIZE2FS, &[path.as_os_str(), size_arg.as_ref()], path)?;
     Ok(())
 }
 
@@ -564,7 +558,7 @@ impl Ext4Info {
 
 /// Describe the ext4 filesystem in the regular file `path` with `dumpe2fs -h`.
 pub fn ext4_info(path: &Path) -> Result<Ext4Info, Ext4Error> {
-    let out = run("dumpe2fs", &["-h".as_ref(), path.as_os_str()], path)?;
+    let out = run(DUMPE2FS, &["-h".as_ref(), path.as_os_str()], path)?;
     parse_dumpe2fs(&out)
 }
 

@@ -20,7 +20,8 @@ use std::process::Command;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::squash::{self, FSCK_EROFS, MKFS_EROFS, SquashError};
+use crate::squash::{self, SquashError};
+use crate::tools::{FSCK_EROFS, MKFS_EROFS, Tool, ToolMissing, find_program};
 
 pub(crate) const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
 pub(crate) const SB_OFFSET: u64 = 1024;
@@ -42,6 +43,8 @@ pub enum ErofsError {
     },
     #[error("{0} is not an EROFS image (no magic at offset 1024)")]
     NotErofs(String),
+    #[error(transparent)]
+    ToolMissing(#[from] ToolMissing),
     #[error(transparent)]
     Tool(#[from] SquashError),
     #[error(
@@ -143,8 +146,8 @@ pub fn available_compressors() -> Result<Vec<String>, ErofsError> {
 }
 
 /// The comma-separated list after `prefix` in a tool's `--help`.
-fn help_list(tool: squash::Tool, prefix: &str) -> Result<Vec<String>, ErofsError> {
-    let exe = squash::require_tool(tool)?;
+fn help_list(tool: Tool, prefix: &str) -> Result<Vec<String>, ErofsError> {
+    let exe = find_program(&tool)?;
     let out = Command::new(&exe)
         .arg("--help")
         .env("LC_ALL", "C")
@@ -229,7 +232,7 @@ pub fn check_extractable(info: &ErofsInfo, supported: &[String]) -> Result<(), E
 
 /// `fsck.erofs -V` (for messages).
 pub fn fsck_version() -> String {
-    squash::require_tool(FSCK_EROFS)
+    find_program(&FSCK_EROFS)
         .ok()
         .and_then(|exe| Command::new(exe).arg("-V").output().ok())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())

@@ -39,6 +39,7 @@ use crate::persist::snapshot::{
 };
 use crate::source::checksum::{HashingReader, hex};
 use crate::squash::{self, Compressor, ImageKind, SquashError, SquashInfo};
+use crate::tools::{self, find_program};
 
 /// Root images a dm-snapshot overlay can sit on, in the order dracut looks for them.
 pub use crate::layout::ROOT_IMAGES;
@@ -49,6 +50,8 @@ pub const STEPS: [&str; 9] = [
 
 #[derive(Debug, Error)]
 pub enum MergeError {
+    #[error(transparent)]
+    ToolMissing(#[from] tools::ToolMissing),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
@@ -462,10 +465,10 @@ fn plan_common(
             });
         }
     };
-    squash::require_tool(squash::UNSQUASHFS)?;
-    squash::require_tool(squash::MKSQUASHFS)?;
+    find_program(&tools::UNSQUASHFS)?;
+    find_program(&tools::MKSQUASHFS)?;
     if fsck {
-        squash::require_tool(squash::E2FSCK)?;
+        find_program(&tools::E2FSCK)?;
     }
     let listing = with_readable_squashfs(&inp.squashfs_at, workdir, |p, off| {
         Ok(squash::list_at(p, off)?)
@@ -827,7 +830,7 @@ pub fn execute_merge(
 pub fn run_e2fsck(image: &Path, mode: &str) -> Result<i32, MergeError> {
     // 1 = errors corrected, 2 = corrected and "reboot" (meaningless for an image).
     match squash::run_tool(
-        squash::E2FSCK,
+        tools::E2FSCK,
         &["-f".as_ref(), mode.as_ref(), image.as_os_str()],
         &[1, 2],
     ) {
@@ -1181,7 +1184,7 @@ pub fn repair_view<C>(
 where
     C: Read + Write + Seek + snapshot::SyncData,
 {
-    squash::require_tool(squash::E2FSCK)?;
+    find_program(&tools::E2FSCK)?;
     let origin_bytes = fs::metadata(origin).map_err(io_at(origin))?.len();
     check_space(
         "the file system seen through the overlay",
@@ -1218,7 +1221,7 @@ where
         // -y fixes everything it can; exit 4 (errors left) is reported, not fatal:
         // what it did fix is still worth keeping.
         let (code, output) = match squash::run_tool(
-            squash::E2FSCK,
+            tools::E2FSCK,
             &["-f".as_ref(), "-y".as_ref(), view.as_os_str()],
             &[1, 2, 4],
         ) {

@@ -27,9 +27,10 @@ use std::process::Command;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::disk::ext4::{self, Ext4Error, Ext4Info};
+use crate::disk::ext4::{Ext4Error, Ext4Info};
 use crate::persist::merge::{self, MergeError};
 use crate::persist::snapshot::SyncData;
+use crate::tools::{E2FSCK, RESIZE2FS, ToolMissing, find_program};
 
 /// Granularity of the write-back: the blocks e2fsck/resize2fs changed.
 pub const WRITE_BACK_CHUNK: u64 = 4096;
@@ -40,6 +41,8 @@ const MAX_PROBLEMS: usize = 40;
 
 #[derive(Debug, Error)]
 pub enum OvlMaintError {
+    #[error(transparent)]
+    ToolMissing(#[from] ToolMissing),
     #[error(transparent)]
     Ext4(#[from] Ext4Error),
     #[error(transparent)]
@@ -312,7 +315,7 @@ pub fn fsck(
     mode: FsckMode,
     sb: &Super,
 ) -> Result<FsckReport, OvlMaintError> {
-    let exe = ext4::find_tool("e2fsck")?;
+    let exe = find_program(&E2FSCK)?;
     let image = not_an_option(image);
     let out = Command::new(&exe)
         .arg("-f")
@@ -424,7 +427,7 @@ fn strip_question(line: &str) -> &str {
 /// `resize2fs <image> <new_bytes/1024>K` on a file that already has `new_bytes`
 /// (never `device?offset=N`: resize2fs would truncate the containing file).
 pub fn resize(image: &Path, show: &str, new_bytes: u64) -> Result<String, OvlMaintError> {
-    let exe = ext4::find_tool("resize2fs")?;
+    let exe = find_program(&RESIZE2FS)?;
     let out = Command::new(&exe)
         .arg(not_an_option(image.as_os_str()))
         .arg(format!("{}K", new_bytes / 1024))

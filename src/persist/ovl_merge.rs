@@ -50,18 +50,9 @@ use crate::persist::merge::{
 };
 use crate::persist::ovl_tar;
 use crate::persist::snapshot::{self, StatusReport, SyncData};
-use crate::squash::{self, Compressor, ImageKind, SquashError, Tool};
+use crate::squash::{self, Compressor, ImageKind, SquashError};
+use crate::tools::{self, DEBUGFS, FAKEROOT, ToolMissing, find_program};
 
-pub const FAKEROOT: Tool = Tool {
-    name: "fakeroot",
-    debian: "fakeroot",
-    fedora: "fakeroot",
-};
-pub const DEBUGFS: Tool = Tool {
-    name: "debugfs",
-    debian: "e2fsprogs",
-    fedora: "e2fsprogs",
-};
 /// The upper and work directories dracut uses inside the overlay file system.
 pub const UPPER_DIR: &str = "overlayfs";
 pub const WORK_DIR: &str = "ovlwork";
@@ -74,6 +65,8 @@ pub enum OvlError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    ToolMissing(#[from] ToolMissing),
     #[error(transparent)]
     Tool(#[from] SquashError),
     #[error(transparent)]
@@ -163,7 +156,7 @@ impl Debugfs {
         write: bool,
         scratch: &Path,
     ) -> Result<(Vec<Section>, String), OvlError> {
-        let exe = squash::require_tool(DEBUGFS)?;
+        let exe = find_program(&DEBUGFS)?;
         if cmds.is_empty() {
             return Ok((Vec::new(), String::new()));
         }
@@ -1430,7 +1423,7 @@ pub(crate) fn plan(
     fsck: bool,
     compress: Option<Compressor>,
 ) -> Result<MergePlan, MergeError> {
-    squash::require_tool(DEBUGFS)?;
+    find_program(&DEBUGFS)?;
     let what = inp.squashfs.display().to_string();
     let kind = squash::detect_image_kind(&mut inp.squashfs_at.open(false)?, &what)?;
     let is_root = nix::unistd::geteuid().is_root();
@@ -1456,8 +1449,8 @@ pub(crate) fn plan(
 
     let (squash_info, layout, root_image, root_bytes, mut args) = match kind {
         ImageKind::Squashfs(sq) => {
-            squash::require_tool(squash::UNSQUASHFS)?;
-            squash::require_tool(squash::MKSQUASHFS)?;
+            find_program(&tools::UNSQUASHFS)?;
+            find_program(&tools::MKSQUASHFS)?;
             let listing = with_readable_squashfs(&inp.squashfs_at, workdir, |p, off| {
                 Ok(squash::list_at(p, off)?)
             })?;
@@ -1469,7 +1462,7 @@ pub(crate) fn plan(
             match nested {
                 Some(root) => {
                     if fsck {
-                        squash::require_tool(squash::E2FSCK)?;
+                        find_program(&tools::E2FSCK)?;
                     }
                     (
                         Some(sq),
@@ -1483,8 +1476,8 @@ pub(crate) fn plan(
                 }
                 None => {
                     // Streamed through tar: no tree on the host, so no root needed.
-                    squash::require_tool(squash::SQFS2TAR)?;
-                    squash::require_tool(squash::TAR2SQFS)?;
+                    find_program(&tools::SQFS2TAR)?;
+                    find_program(&tools::TAR2SQFS)?;
                     read_upper_meta(&dbg, &mut upper, scratch.path())?;
                     stash_bytes = ovl_tar::UpperIndex::new(&upper).dropped_bytes(
                         listing
@@ -1497,10 +1490,10 @@ pub(crate) fn plan(
             }
         }
         ImageKind::Erofs => {
-            squash::require_tool(squash::FSCK_EROFS)?;
-            squash::require_tool(squash::MKFS_EROFS)?;
+            find_program(&tools::FSCK_EROFS)?;
+            find_program(&tools::MKFS_EROFS)?;
             if !is_root {
-                squash::require_tool(FAKEROOT)?;
+                find_program(&FAKEROOT)?;
                 notes.push(
                     "not root: extract, apply and mkfs.erofs run under fakeroot, which keeps owners, device nodes and xattrs for the new image without privileges".into(),
                 );
@@ -1811,7 +1804,7 @@ fn fakeroot_steps(
     fs::write(&job_file, text).map_err(io_at(&job_file))?;
     progress("extract", 0, plan.root_image_bytes);
     let me = std::env::current_exe().map_err(io_at(Path::new("/proc/self/exe")))?;
-    let out = Command::new(squash::require_tool(FAKEROOT)?)
+    let out = Command::new(find_program(&FAKEROOT)?)
         .arg("--")
         .arg(&me)
         .arg("internal-fakeroot-step")

@@ -28,7 +28,8 @@ use std::process::{Child, Command, Stdio};
 
 use crate::persist::ovl_merge::{ApplyReport, Kind, OvlError, UpperEntry, UpperTree, io_at};
 use crate::persist::tar_stream::{EntryKind, TarEntry, TarReader, TarWriter};
-use crate::squash::{self, SquashError};
+use crate::squash::SquashError;
+use crate::tools;
 
 /// What the upper dir does to one lower path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,12 +283,12 @@ fn drain(child: &mut Child) -> std::thread::JoinHandle<String> {
 }
 
 fn spawn(
-    tool: squash::Tool,
+    tool: tools::Tool,
     args: &[&std::ffi::OsStr],
     stdin: Stdio,
     stdout: Stdio,
 ) -> Result<Child, OvlError> {
-    let exe = squash::require_tool(tool)?;
+    let exe = tools::find_program(&tool)?;
     Command::new(&exe)
         .args(args)
         .stdin(stdin)
@@ -340,9 +341,9 @@ pub fn rebuild_flat(
     write_args.extend(tar2sqfs_args.iter().map(std::ffi::OsStr::new));
     write_args.push(out_image.as_os_str());
 
-    let mut reader = spawn(squash::SQFS2TAR, &read_args, Stdio::null(), Stdio::piped())?;
+    let mut reader = spawn(tools::SQFS2TAR, &read_args, Stdio::null(), Stdio::piped())?;
     let reader_err = drain(&mut reader);
-    let mut writer = match spawn(squash::TAR2SQFS, &write_args, Stdio::piped(), Stdio::null()) {
+    let mut writer = match spawn(tools::TAR2SQFS, &write_args, Stdio::piped(), Stdio::null()) {
         Ok(w) => w,
         Err(e) => {
             let _ = reader.kill();

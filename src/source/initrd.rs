@@ -10,6 +10,8 @@
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 
+use crate::tools;
+
 /// The dracut version string (`059`, `110`, `105-2.fc41`…), if found.
 pub fn dracut_version<R: Read>(initrd: &mut R, limit: u64) -> Option<String> {
     let mut bytes = Vec::new();
@@ -19,15 +21,18 @@ pub fn dracut_version<R: Read>(initrd: &mut R, limit: u64) -> Option<String> {
     if let Some(v) = find_version(rest) {
         return Some(v);
     }
-    let tool: &[&str] = match rest {
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => &["zstd", "-dcq"],
-        [0xfd, b'7', b'z', b'X', b'Z', 0x00, ..] => &["xz", "-dcq"],
-        [0x1f, 0x8b, ..] => &["gzip", "-dcq"],
-        [0x02, 0x21, 0x4c, 0x18, ..] => &["lz4", "-dcq"],
+    let tool = match rest {
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => tools::ZSTD,
+        [0xfd, b'7', b'z', b'X', b'Z', 0x00, ..] => tools::XZ,
+        [0x1f, 0x8b, ..] => tools::GZIP,
+        [0x02, 0x21, 0x4c, 0x18, ..] => tools::LZ4,
         _ => return None,
     };
-    let mut child = Command::new(tool[0])
-        .args(&tool[1..])
+    // A missing decompressor leaves the version unknown (the caller's
+    // default), as it did before; `doctor` lists the four.
+    let exe = tools::find_program(&tool).ok()?;
+    let mut child = Command::new(exe)
+        .arg("-dcq")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -143,7 +148,7 @@ mod tests {
             "usr/lib/initrd-release",
             b"NAME=dracut\nDRACUT_VERSION=\"110-1\"\n",
         );
-        let mut gz = Command::new("gzip")
+        let mut gz = Command::new(tools::find_program(&tools::GZIP).unwrap())
             .arg("-c")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

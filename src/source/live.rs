@@ -409,7 +409,15 @@ pub(crate) fn classify_root(
 /// Asks `unsquashfs` (reading the ISO in place at the image's offset) whether
 /// the squashfs holds a nested root filesystem image.
 pub(crate) fn list_nested_root(iso_path: &Path, offset: u64) -> RootKind {
-    let output = Command::new("unsquashfs")
+    let exe = match crate::tools::find_program(&crate::tools::UNSQUASHFS) {
+        Ok(exe) => exe,
+        Err(missing) => {
+            return RootKind::Unknown {
+                reason: missing.to_string(),
+            };
+        }
+    };
+    let output = Command::new(&exe)
         .arg("-o")
         .arg(offset.to_string())
         .arg("-l")
@@ -425,9 +433,9 @@ pub(crate) fn list_nested_root(iso_path: &Path, offset: u64) -> RootKind {
                 ),
             };
         }
-        Err(_) => {
+        Err(e) => {
             return RootKind::Unknown {
-                reason: "unsquashfs not found (install squashfs-tools)".into(),
+                reason: format!("could not run {}: {e}", exe.display()),
             };
         }
     };
