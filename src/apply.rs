@@ -615,14 +615,43 @@ pub fn apply(
             .map_err(ApplyError::io("syncing before verification"))?;
         progress.phase("verify", bytes_written);
         {
-            let mut window = PartitionWindow::new(&mut file, start, len);
-            let fs = fat::open(&mut window)
-                .map_err(ApplyError::fat("reopening the FAT filesystem to verify"))?;
-            for (path, _, expected) in &written {
-                let (actual, _) = fat::check_file(&fs, path, |n| progress.inc(n))
-                    .map_err(ApplyError::fat(format!("reading back {path}")))?;
-                if actual != expected.check {
-                    return Err(mismatch(path, expected.check, actual));
+            // The FAT and directories are read afresh from the stick (held in memory
+            // once); each file's data then in large requests straight from the device,
+            // which keeps a USB bus streaming where a FAT driver reads cluster by cluster.
+            let layouts = {
+                let mut window = PartitionWindow::new(&mut file, start, len);
+                let meta = fat::metadata_len(&mut window)
+                    .map_err(ApplyError::io("reading the FAT boot sector to verify"))?;
+                window
+                    .cache_prefix(meta)
+                    .map_err(ApplyError::io("reading the FAT to verify"))?;
+                let mut layouts = Vec::with_capacity(written.len());
+                for (path, size, expected) in &written {
+                    let extents =
+                        fat_raw::file_extents(&mut window, 0, path).map_err(|source| {
+                            ApplyError::Layout {
+                                step: format!("finding {path} to verify it"),
+                                source,
+                            }
+                        })?;
+                    let on_stick: u64 = extents.iter().map(|e| e.1).sum();
+                    if on_stick != *size {
+                        return Err(ApplyError::VerifyMismatch {
+                            path: format!("{path} (its length on the stick)"),
+                            expected: size.to_string(),
+                            actual: on_stick.to_string(),
+                        });
+                    }
+                    layouts.push((path, extents, expected.check));
+                }
+                layouts
+            };
+            for (path, extents, expected) in layouts {
+                let ranges = extents.iter().map(|&(at, n)| start + at..start + at + n);
+                let actual = check_ranges(&mut file, ranges, |n| progress.inc(n))
+                    .map_err(ApplyError::io(format!("reading back {path}")))?;
+                if actual != expected {
+                    return Err(mismatch(path, expected, actual));
                 }
             }
         }
