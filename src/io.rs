@@ -57,6 +57,16 @@ impl<T: SyncData + ?Sized> SyncData for &mut T {
     }
 }
 
+/// Where a seek lands in a stream `len` bytes long that is at `pos`.
+pub fn seek_position(pos: u64, len: u64, to: SeekFrom) -> io::Result<u64> {
+    match to {
+        SeekFrom::Start(p) => Some(p),
+        SeekFrom::Current(d) => pos.checked_add_signed(d),
+        SeekFrom::End(d) => len.checked_add_signed(d),
+    }
+    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))
+}
+
 /// A device of `len` bytes held in memory where written (zeros elsewhere): a
 /// filesystem is formatted into it, then copied onto the stick in large writes.
 #[derive(Debug, Default)]
@@ -141,13 +151,7 @@ impl Write for MemDevice {
 
 impl Seek for MemDevice {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let target = match to {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-            SeekFrom::End(d) => self.len.checked_add_signed(d),
-        };
-        self.pos = target
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        self.pos = seek_position(self.pos, self.len, to)?;
         Ok(self.pos)
     }
 }
@@ -802,13 +806,7 @@ impl Read for Zeros {
 
 impl Seek for Zeros {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let target = match to {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-            SeekFrom::End(d) => self.len.checked_add_signed(d),
-        };
-        self.pos = target
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        self.pos = seek_position(self.pos, self.len, to)?;
         Ok(self.pos)
     }
 }

@@ -30,10 +30,7 @@ fn a_directory_that_contains_itself_is_reported_not_followed() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let start = sfdisk(&image)["partitiontable"]["partitions"][0]["start"]
-        .as_u64()
-        .unwrap()
-        * 512;
+    let start = part_start(&image);
     // /loop/inner, then inner's entry is pointed at /loop's own cluster.
     let target = format!("{}@@{start}", image.display());
     for d in ["::/loop", "::/loop/inner"] {

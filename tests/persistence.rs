@@ -34,13 +34,6 @@ fn ok(out: std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
 
-fn part_start(image: &Path) -> u64 {
-    sfdisk(image)["partitiontable"]["partitions"][0]["start"]
-        .as_u64()
-        .unwrap()
-        * 512
-}
-
 fn new_stick(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }

@@ -8,7 +8,7 @@
 mod support;
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -37,13 +37,6 @@ fn write_json(args: &[&str]) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("write --json prints its report")
-}
-
-fn part_start(image: &Path) -> u64 {
-    sfdisk(image)["partitiontable"]["partitions"][0]["start"]
-        .as_u64()
-        .unwrap()
-        * 512
 }
 
 fn part_len(image: &Path) -> u64 {
@@ -79,11 +72,7 @@ fn put(image: &Path, at: u64, bytes: &[u8]) {
 }
 
 fn get(image: &Path, at: u64, len: u64) -> Vec<u8> {
-    let mut f = File::open(image).unwrap();
-    f.seek(SeekFrom::Start(at)).unwrap();
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact(&mut buf).unwrap();
-    buf
+    read_at(image, at, len as usize)
 }
 
 /// `blkid -p` of `len` bytes at `offset` of `image`: TYPE, or None when it finds nothing.

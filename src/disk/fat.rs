@@ -316,25 +316,6 @@ pub fn hash_file<F: Read + Write + Seek>(
     .map_err(err)
 }
 
-/// The read-back check value and length of a file on the FAT filesystem.
-pub fn check_file<F: Read + Write + Seek>(
-    fs: &FatFs<'_, F>,
-    path: &str,
-    mut progress: impl FnMut(u64),
-) -> Result<(u64, u64), FatError> {
-    let err = file_err(path);
-    let mut file = open_existing(fs, path)?;
-    crate::io::hash_while(
-        crate::io::CheckHash::default(),
-        |buf| crate::io::read_full(&mut file, buf),
-        |chunk| {
-            progress(chunk.len() as u64);
-            Ok(())
-        },
-    )
-    .map_err(err)
-}
-
 /// Reads a small file entirely.
 pub fn read_file<F: Read + Write + Seek>(
     fs: &FatFs<'_, F>,

@@ -309,3 +309,21 @@ pub fn as_nobody_in(cwd: &Path, args: &[&str]) -> Output {
         .output()
         .expect("setpriv runs")
 }
+
+/// Byte offset of the first partition of `image`, from sfdisk.
+pub fn part_start(image: &Path) -> u64 {
+    sfdisk(image)["partitiontable"]["partitions"][0]["start"]
+        .as_u64()
+        .expect("a partition")
+        * 512
+}
+
+/// `len` bytes of `file` at `at`.
+pub fn read_at(file: &Path, at: u64, len: usize) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(file).expect("open");
+    let mut buf = vec![0u8; len];
+    f.seek(SeekFrom::Start(at)).expect("seek");
+    f.read_exact(&mut buf).expect("read");
+    buf
+}
