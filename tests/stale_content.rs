@@ -551,3 +551,36 @@ fn read_back_catches_corruption_of_each_kind_of_byte() {
     ]);
     assert_eq!(report["verified"], true);
 }
+
+/// The human report says what the stick really took, and that all of it was read back.
+#[test]
+fn the_report_says_how_much_was_written_and_verified() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let image = dir.path().join("stick.img");
+    let out = livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "1G",
+        "--overlay-size-mb",
+        "512",
+        "--yes",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("written to the stick"))
+        .unwrap_or_else(|| panic!("no byte count in: {text}"));
+    let (written, verified) = line
+        .trim()
+        .split_once(" written to the stick, ")
+        .unwrap_or_else(|| panic!("{line}"));
+    assert_eq!(
+        verified.strip_suffix(" read back and verified"),
+        Some(written),
+        "{line}"
+    );
+}

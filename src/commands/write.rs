@@ -599,16 +599,21 @@ fn print_report(live: &live::LiveImage, report: &apply::ApplyReport, md5_checked
             .unwrap_or_default()
     );
     println!(
-        "  {} files, {} {}; boots BIOS: {}, UEFI: {}",
+        "  {} files, {}; boots BIOS: {}, UEFI: {}",
         report.files.len(),
         human(report.files.iter().map(|f| f.size).sum()),
-        if report.verified {
-            "verified by read-back"
-        } else {
-            "not verified"
-        },
         if report.bios { "yes" } else { "no" },
         if report.uefi { "yes" } else { "no" }
+    );
+    // Persistence is allocated, not written: what the stick really took is this.
+    println!(
+        "  {} written to the stick, {}",
+        human(report.bytes_written),
+        if report.verified {
+            format!("{} read back and verified", human(report.bytes_verified))
+        } else {
+            "not verified".to_string()
+        }
     );
     if md5_checked {
         println!("  ISO implanted MD5 checked: passed");
