@@ -63,6 +63,8 @@ pub struct WriteOptions {
     /// Carry the source stick's home.img over (`--copy-home`).
     pub copy_home: bool,
     pub dracut: DracutNames,
+    /// `--force`: also write an ISO whose root image livestick does not recognise.
+    pub force: bool,
     pub home_size: Option<u64>,
     pub home_encryption: HomeEncryption,
     pub swap_size: Option<u64>,
@@ -209,6 +211,10 @@ pub struct Plan {
 
 #[derive(Debug, Error)]
 pub enum PlanError {
+    #[error(
+        "{0}: a stick written from it would not boot its live system; check the ISO (its download, `checkisomd5`), or give --force to write it anyway"
+    )]
+    UnrecognisedRoot(String),
     #[error(transparent)]
     Fat(#[from] fat::FatError),
     #[error(transparent)]
@@ -441,10 +447,17 @@ pub fn plan_write(
         RootKind::Nested { image } => {
             format!("the root is {image} inside squashfs.img: a device-mapper snapshot of it")
         }
-        RootKind::Unknown { reason } => format!(
+        RootKind::Unknown { reason } | RootKind::Unrecognised { reason } => format!(
             "the root image's layout is unknown ({reason}): a device-mapper snapshot, as for a nested root"
         ),
     };
+    // A live image whose root is no file system the initramfs can mount boots to a
+    // dracut shell: that is a broken download or a wrong file, not a stick to write.
+    if let RootKind::Unrecognised { reason } = &live.root
+        && !opts.force
+    {
+        return Err(PlanError::UnrecognisedRoot(reason.clone()));
+    }
 
     let (format, table, part_start, part_len, label, volume_id, cluster, available) =
         match &existing {
@@ -605,6 +618,11 @@ pub fn plan_write(
         }
     }
     let mut notes = Vec::new();
+    if let RootKind::Unrecognised { reason } = &live.root {
+        notes.push(format!(
+            "written anyway (--force): {reason}; the live system will not boot"
+        ));
+    }
     if opts.bios {
         match syslinux_modules {
             Some(modules) => {
@@ -1193,6 +1211,7 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
             kickstart: None,
             volume_id: VOLUME_ID,
             bios: true,
+            force: false,
         }
     }
 
@@ -1463,6 +1482,33 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
             overlay.why
         );
         assert!(!overlay.why.contains("rootfs.img"), "{}", overlay.why);
+    }
+
+    #[test]
+    fn a_root_image_that_is_no_filesystem_is_refused_without_force() {
+        let live = live(RootKind::Unrecognised {
+            reason:
+                "LiveOS/squashfs.img is neither squashfs nor EROFS (it starts with 00 00 00 00)"
+                    .into(),
+        });
+        match plan_new(&live, 8 * GIB, &opts()) {
+            Err(e @ PlanError::UnrecognisedRoot(_)) => {
+                let text = e.to_string();
+                assert!(text.contains("neither squashfs nor EROFS"), "{text}");
+                assert!(text.contains("--force"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let forced = WriteOptions {
+            force: true,
+            ..opts()
+        };
+        let plan = plan_new(&live, 8 * GIB, &forced).expect("written anyway with --force");
+        assert!(
+            plan.notes.iter().any(|n| n.contains("will not boot")),
+            "{:?}",
+            plan.notes
+        );
     }
 
     #[test]

@@ -615,3 +615,78 @@ fn mounted_block_device_is_refused() {
     drop(dev);
     assert_eq!(before, sha256_file(&image));
 }
+
+/// An ISO whose LiveOS/squashfs.img is neither squashfs nor EROFS (a broken download,
+/// a wrong file) is refused as bad input, naming the file and --force, and the target
+/// stays untouched; with --force it is written, and the plan says it will not boot.
+#[test]
+fn a_root_image_that_is_no_filesystem_is_refused_unless_forced() {
+    let dir = tmp();
+    let root = dir.path().join("iso");
+    std::fs::create_dir_all(root.join("LiveOS")).unwrap();
+    std::fs::create_dir_all(root.join("isolinux")).unwrap();
+    std::fs::write(root.join("LiveOS/squashfs.img"), vec![0x5au8; 1 << 20]).unwrap();
+    std::fs::write(root.join("isolinux/vmlinuz"), "kernel").unwrap();
+    std::fs::write(root.join("isolinux/initrd.img"), "initrd").unwrap();
+    std::fs::write(
+        root.join("isolinux/isolinux.cfg"),
+        "default linux\nlabel linux\n  kernel vmlinuz\n  append initrd=initrd.img root=live:CDLABEL=BROKEN rd.live.image\n",
+    )
+    .unwrap();
+    let iso = dir.path().join("broken.iso");
+    run(
+        "xorriso",
+        &[
+            "-as",
+            "mkisofs",
+            "-quiet",
+            "-V",
+            "BROKEN",
+            "-R",
+            "-J",
+            "-o",
+            iso.to_str().unwrap(),
+            root.to_str().unwrap(),
+        ],
+    );
+    let image = dir.path().join("stick.img");
+    std::fs::write(&image, vec![7u8; 4 << 20]).unwrap();
+    let before = sha256_file(&image);
+    let out = livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--yes",
+    ]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("neither squashfs nor EROFS") && text.contains("--force"),
+        "{text}"
+    );
+    assert_eq!(
+        sha256_file(&image),
+        before,
+        "a refused write touched the target"
+    );
+    let plan = livestick(&[
+        "--json",
+        "write",
+        iso.to_str().unwrap(),
+        dir.path().join("forced.img").to_str().unwrap(),
+        "--size",
+        "256M",
+        "--force",
+        "--dry-run",
+    ]);
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert!(
+        plan["notes"].to_string().contains("will not boot"),
+        "{plan}"
+    );
+}

@@ -22,6 +22,7 @@ pub fn table(image: &LiveImage) -> String {
         RootKind::Flat => "flat root in squashfs (OverlayFS overlay only)".to_string(),
         RootKind::Erofs => "EROFS image".to_string(),
         RootKind::Unknown { reason } => format!("unknown ({reason})"),
+        RootKind::Unrecognised { reason } => format!("not a root image ({reason})"),
     };
     out.push_str(&format!("ISO            {}\n", image.path.display()));
     out.push_str(&format!("label          {}\n", image.label));

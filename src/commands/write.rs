@@ -156,6 +156,7 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
         total_timeout_secs: args.total_timeout,
         volume_id,
         bios: true,
+        force: args.force,
     })
 }
 

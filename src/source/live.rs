@@ -40,6 +40,8 @@ pub enum RootKind {
     Erofs,
     /// Could not be determined (unsquashfs missing, or the image is fragmented in the ISO).
     Unknown { reason: String },
+    /// squashfs.img is neither squashfs nor EROFS: the live system cannot boot from it.
+    Unrecognised { reason: String },
 }
 
 /// A boot menu found on the ISO, with the path it was read from.
@@ -387,9 +389,13 @@ pub(crate) fn classify_root(
         return (RootKind::Erofs, Some("erofs".into()));
     }
     if head.len() < 96 || &head[0..4] != b"hsqs" {
+        let magic: Vec<String> = head.iter().take(4).map(|b| format!("{b:02x}")).collect();
         return (
-            RootKind::Unknown {
-                reason: "LiveOS/squashfs.img is neither squashfs nor EROFS".into(),
+            RootKind::Unrecognised {
+                reason: format!(
+                    "LiveOS/squashfs.img is neither squashfs nor EROFS (it starts with {})",
+                    magic.join(" ")
+                ),
             },
             None,
         );
