@@ -213,19 +213,6 @@ impl SparseImage {
         SparseImage::new(Box::new(crate::io::Zeros::new(len)), len, regions)
     }
 
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The ranges that will be written.
-    pub fn regions(&self) -> &RangeSet {
-        &self.regions
-    }
-
     /// Adds the places where libblkid would find a stale signature in a file this long,
     /// so that dracut and the live system see exactly the format livestick meant.
     fn with_signature_wipes(mut self) -> Self {
@@ -258,7 +245,7 @@ type HashedRange = (std::ops::Range<u64>, u64);
 struct Persisted {
     path: String,
     size: u64,
-    /// The written regions of the file, with the sha256 of each.
+    /// The written regions of the file, with the read-back check value of each.
     regions: Vec<HashedRange>,
     /// The same bytes as device offsets.
     on_device: RangeSet,
@@ -314,6 +301,34 @@ fn write_regions<F: Read + Write + Seek>(
     Ok((out, whole.finish()))
 }
 
+/// The extents of each file at `paths`, as device offsets, from the FAT read into
+/// memory once (a chain is followed entry by entry; from the device that would be a
+/// read per cluster).
+fn chains_of<'p>(
+    file: &mut File,
+    start: u64,
+    len: u64,
+    paths: impl IntoIterator<Item = &'p str>,
+) -> Result<Vec<Vec<(u64, u64)>>, ApplyError> {
+    let mut window = PartitionWindow::new(file, start, len);
+    let meta =
+        fat::metadata_len(&mut window).map_err(ApplyError::io("reading the FAT boot sector"))?;
+    window
+        .cache_prefix(meta)
+        .map_err(ApplyError::io("reading the FAT"))?;
+    paths
+        .into_iter()
+        .map(|path| {
+            fat_raw::file_extents(&mut window, 0, path)
+                .map(|extents| extents.into_iter().map(|(at, n)| (start + at, n)).collect())
+                .map_err(|source| ApplyError::Layout {
+                    step: format!("finding {path} to verify it"),
+                    source,
+                })
+        })
+        .collect()
+}
+
 fn flip_byte(file: &mut File, at: u64) -> io::Result<()> {
     let mut b = [0u8; 1];
     file.seek(SeekFrom::Start(at))?;
@@ -338,12 +353,11 @@ fn read_back_ranges(
     kind: TargetKind,
     ranges: &RangeSet,
     what: &str,
-    progress: impl FnMut(u64),
 ) -> Result<(), ApplyError> {
     let expected = check_ranges(file, ranges.iter(), |_| {})
         .map_err(ApplyError::io(format!("reading {what}")))?;
     target::sync_and_drop_cache(file, kind).map_err(ApplyError::io(format!("syncing {what}")))?;
-    let actual = check_ranges(file, ranges.iter(), progress)
+    let actual = check_ranges(file, ranges.iter(), |_| {})
         .map_err(ApplyError::io(format!("reading back {what}")))?;
     if actual != expected {
         return Err(mismatch(what, expected, actual));
@@ -567,25 +581,21 @@ pub fn apply(
     let mut bytes_verified = 0u64;
     let verified = options.verify_write;
     if options.verify_write {
-        // Copied files are read back through the FAT by path (which also checks
-        // their chains and directory entries), persistence files region by region
-        // through extents read afresh from the stick, and every other byte written
-        // (FAT, directories, wipes, boot sectors) range by range.
+        // Copied files are read back along their chains from a FAT read afresh from
+        // the stick, persistence files region by region through their extents (also
+        // read afresh), and every other byte written (FAT, directories, wipes, boot
+        // sectors) range by range.
         let mut covered = RangeSet::new();
-        for (path, _, _) in &written {
-            let extents = fat_raw::file_extents(&mut file, start, path).map_err(|source| {
-                ApplyError::Layout {
-                    step: format!("finding {path} to verify it"),
-                    source,
-                }
-            })?;
-            for (at, n) in extents {
+        for chain in chains_of(&mut file, start, len, written.iter().map(|w| w.0.as_str()))? {
+            for (at, n) in chain {
                 covered.insert(at..at + n);
             }
         }
+        let mut persisted_bytes = RangeSet::new();
         for p in &persisted {
-            covered.extend(&p.on_device);
+            persisted_bytes.extend(&p.on_device);
         }
+        covered.extend(&persisted_bytes);
         let rest = before_verify.difference(&covered);
         let rest_expected = check_ranges(&mut file, rest.iter(), |_| {})
             .map_err(ApplyError::io("reading the filesystem metadata"))?;
@@ -593,10 +603,7 @@ pub fn apply(
         if let Ok(point) = std::env::var("LIVESTICK_FAILPOINT") {
             let at = match point.as_str() {
                 "corrupt-file" => covered
-                    .difference(&persisted.iter().fold(RangeSet::new(), |mut all, p| {
-                        all.extend(&p.on_device);
-                        all
-                    }))
+                    .difference(&persisted_bytes)
                     .iter()
                     .next()
                     .map(|r| r.start),
@@ -614,55 +621,36 @@ pub fn apply(
         target::sync_and_drop_cache(&file, probe.kind)
             .map_err(ApplyError::io("syncing before verification"))?;
         progress.phase("verify", bytes_written);
-        {
-            // The FAT and directories are read afresh from the stick (held in memory
-            // once); each file's data then in large requests straight from the device,
-            // which keeps a USB bus streaming where a FAT driver reads cluster by cluster.
-            let layouts = {
-                let mut window = PartitionWindow::new(&mut file, start, len);
-                let meta = fat::metadata_len(&mut window)
-                    .map_err(ApplyError::io("reading the FAT boot sector to verify"))?;
-                window
-                    .cache_prefix(meta)
-                    .map_err(ApplyError::io("reading the FAT to verify"))?;
-                let mut layouts = Vec::with_capacity(written.len());
-                for (path, size, expected) in &written {
-                    let extents =
-                        fat_raw::file_extents(&mut window, 0, path).map_err(|source| {
-                            ApplyError::Layout {
-                                step: format!("finding {path} to verify it"),
-                                source,
-                            }
-                        })?;
-                    let on_stick: u64 = extents.iter().map(|e| e.1).sum();
-                    if on_stick != *size {
-                        return Err(ApplyError::VerifyMismatch {
-                            path: format!("{path} (its length on the stick)"),
-                            expected: size.to_string(),
-                            actual: on_stick.to_string(),
-                        });
-                    }
-                    layouts.push((path, extents, expected.check));
-                }
-                layouts
-            };
-            for (path, extents, expected) in layouts {
-                let ranges = extents.iter().map(|&(at, n)| start + at..start + at + n);
-                let actual = check_ranges(&mut file, ranges, |n| progress.inc(n))
-                    .map_err(ApplyError::io(format!("reading back {path}")))?;
-                if actual != expected {
-                    return Err(mismatch(path, expected, actual));
-                }
+        let fresh = chains_of(
+            &mut file,
+            start,
+            len,
+            written
+                .iter()
+                .map(|w| w.0.as_str())
+                .chain(persisted.iter().map(|p| p.path.as_str())),
+        )?;
+        let (copied_chains, persisted_chains) = fresh.split_at(written.len());
+        // Data in large requests straight from the device, which keeps a USB bus
+        // streaming where a FAT driver reads cluster by cluster.
+        for ((path, size, expected), extents) in written.iter().zip(copied_chains) {
+            let on_stick: u64 = extents.iter().map(|e| e.1).sum();
+            if on_stick != *size {
+                return Err(ApplyError::VerifyMismatch {
+                    path: format!("{path} (its length on the stick)"),
+                    expected: size.to_string(),
+                    actual: on_stick.to_string(),
+                });
+            }
+            let ranges = extents.iter().map(|&(at, n)| at..at + n);
+            let actual = check_ranges(&mut file, ranges, |n| progress.inc(n))
+                .map_err(ApplyError::io(format!("reading back {path}")))?;
+            if actual != expected.check {
+                return Err(mismatch(path, expected.check, actual));
             }
         }
-        for p in &persisted {
-            let extents = fat_raw::file_extents(&mut file, start, &p.path).map_err(|source| {
-                ApplyError::Layout {
-                    step: format!("finding {} to verify it", p.path),
-                    source,
-                }
-            })?;
-            let mut on_stick = ExtentFile::new(&mut file, &extents);
+        for (p, extents) in persisted.iter().zip(persisted_chains) {
+            let mut on_stick = ExtentFile::new(&mut file, extents);
             for (range, expected) in &p.regions {
                 let actual = check_ranges(&mut on_stick, [range.clone()], |n| progress.inc(n))
                     .map_err(ApplyError::io(format!("reading back {}", p.path)))?;
@@ -715,7 +703,7 @@ pub fn apply(
         .map_err(ApplyError::io("syncing the target"))?;
     bytes_written += last.total();
     if options.verify_write && !last.is_empty() {
-        read_back_ranges(&mut file, probe.kind, &last, "the partition table", |_| {})?;
+        read_back_ranges(&mut file, probe.kind, &last, "the partition table")?;
         bytes_verified += last.total();
     }
     if probe.kind == TargetKind::BlockDevice

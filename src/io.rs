@@ -87,6 +87,16 @@ impl MemDevice {
         }
     }
 
+    /// At the current position: the block, the offset in it, and how many of `want`
+    /// bytes fit before the block or the device ends.
+    fn span(&self, want: usize) -> (u64, usize, usize) {
+        let within = (self.pos % MEM_BLOCK) as usize;
+        let n = want
+            .min(MEM_BLOCK as usize - within)
+            .min((self.len - self.pos) as usize);
+        (self.pos / MEM_BLOCK, within, n)
+    }
+
     /// The written blocks as (offset, bytes), in order.
     pub fn written(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
         self.blocks.iter().map(|(i, b)| {
@@ -103,12 +113,7 @@ impl Read for MemDevice {
         if self.pos >= self.len || buf.is_empty() {
             return Ok(0);
         }
-        let block = self.pos / MEM_BLOCK;
-        let within = (self.pos % MEM_BLOCK) as usize;
-        let n = buf
-            .len()
-            .min(MEM_BLOCK as usize - within)
-            .min((self.len - self.pos) as usize);
+        let (block, within, n) = self.span(buf.len());
         match self.blocks.get(&block) {
             Some(b) => buf[..n].copy_from_slice(&b[within..within + n]),
             None => buf[..n].fill(0),
@@ -129,12 +134,7 @@ impl Write for MemDevice {
                 "write past the end of the in-memory device",
             ));
         }
-        let block = self.pos / MEM_BLOCK;
-        let within = (self.pos % MEM_BLOCK) as usize;
-        let n = buf
-            .len()
-            .min(MEM_BLOCK as usize - within)
-            .min((self.len - self.pos) as usize);
+        let (block, within, n) = self.span(buf.len());
         let b = self
             .blocks
             .entry(block)
