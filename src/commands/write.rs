@@ -332,7 +332,7 @@ fn prepare(
         // the header and zeroes each exception area itself before using it.
         prepared.overlay = Some(SparseImage::zeros(
             overlay.size,
-            std::iter::once(0..overlay.size.min(crate::persist::snapshot::RESET_BYTES)),
+            std::iter::once(crate::persist::snapshot::new_store_range(overlay.size)),
         ));
     }
     if let Some(swap_step) = &plan.swap {
@@ -361,8 +361,8 @@ fn copied_persistence(plan: &Plan, args: &WriteArgs) -> anyhow::Result<Vec<(Stri
             continue;
         };
         let name = path.rsplit('/').next().unwrap_or("").to_ascii_lowercase();
-        let overlay = args.copy_overlay && name.starts_with("overlay-");
-        let home = args.copy_home && name == "home.img";
+        let overlay = args.copy_overlay && crate::layout::is_overlay_name(&name);
+        let home = args.copy_home && name == crate::layout::HOME;
         if !overlay && !home {
             continue;
         }
@@ -387,8 +387,7 @@ fn copied_persistence(plan: &Plan, args: &WriteArgs) -> anyhow::Result<Vec<(Stri
             None => match crate::persist::snapshot::open_store(&mut content, copy.size) {
                 Ok(crate::persist::snapshot::Opened::Valid(store)) => store.used_regions(),
                 Ok(crate::persist::snapshot::Opened::Uninitialised { .. }) => {
-                    std::iter::once(0..copy.size.min(crate::persist::snapshot::RESET_BYTES))
-                        .collect()
+                    std::iter::once(crate::persist::snapshot::new_store_range(copy.size)).collect()
                 }
                 _ => whole,
             },

@@ -836,6 +836,12 @@ fn percent(part: u64, whole: u64) -> f64 {
     }
 }
 
+/// The bytes that make a store of `size` bytes new when zeroed: its first
+/// [`RESET_BYTES`] (header and area 0 for every chunk size up to 32 KiB), or all of it.
+pub fn new_store_range(size: u64) -> std::ops::Range<u64> {
+    0..size.min(RESET_BYTES)
+}
+
 /// Writes what a brand-new overlay needs so that the kernel (and dracut) treat it as a new
 /// store: zeros over the first [`RESET_BYTES`] (64 KiB) or the whole file if smaller,
 /// which clears the magic and area 0 for every chunk size up to 32 KiB. Nothing past that
@@ -847,7 +853,7 @@ pub fn format_new_overlay<W: Write + Seek>(w: &mut W, size: u64) -> Result<(), S
     if size < min {
         return Err(SnapshotError::OverlayTooSmall { size, min });
     }
-    write_zeros(w, 0, size.min(RESET_BYTES))?;
+    write_zeros(w, 0, new_store_range(size).end)?;
     w.flush()?;
     Ok(())
 }
@@ -858,7 +864,7 @@ pub fn reset_store<W: Write + Seek + SyncData>(
     w: &mut W,
     cow_bytes: u64,
 ) -> Result<(), SnapshotError> {
-    write_zeros(w, 0, cow_bytes.min(RESET_BYTES))?;
+    write_zeros(w, 0, new_store_range(cow_bytes).end)?;
     w.flush()?;
     w.sync_data()?;
     Ok(())
