@@ -1217,24 +1217,7 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
 
     /// An image file that does not exist yet.
     fn new_image() -> TargetProbe {
-        TargetProbe {
-            path: PathBuf::from("/tmp/stick.img"),
-            kind: TargetKind::ImageFile,
-            size: 0,
-            exists: false,
-            removable: None,
-            model: None,
-            serial: None,
-            busy: Vec::new(),
-            vendor: None,
-            transport: None,
-            hotplug: None,
-            read_only: false,
-            logical_sector_size: 512,
-            physical_sector_size: 512,
-            system: Vec::new(),
-            partition_of: None,
-        }
+        TargetProbe::image(std::path::Path::new("/tmp/stick.img"), 0, false)
     }
 
     fn plan_new(live: &LiveImage, size: u64, opts: &WriteOptions) -> Result<Plan, PlanError> {

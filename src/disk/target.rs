@@ -53,7 +53,7 @@ pub struct TargetProbe {
 }
 
 impl TargetProbe {
-    fn image(path: &Path, size: u64, exists: bool) -> TargetProbe {
+    pub(crate) fn image(path: &Path, size: u64, exists: bool) -> TargetProbe {
         TargetProbe {
             path: path.to_path_buf(),
             kind: TargetKind::ImageFile,
