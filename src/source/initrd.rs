@@ -2,10 +2,19 @@
 //! arguments (`rd.live.overlay*` → `rd.overlay*`), so the stick's kernel
 //! arguments must match the initrd, not the host.
 //!
-//! dracut records its version as `DRACUT_VERSION=` in `usr/lib/initrd-release`
-//! inside the image. An initrd is one or more cpio archives: uncompressed
-//! early ones (microcode) followed by a compressed main one. We skip the
-//! uncompressed ones and stream the rest through the matching decompressor.
+//! Where dracut records its version depends on how the initrd was built:
+//! - with the systemd module (Fedora's images), `usr/lib/initrd-release` is
+//!   derived from the host's os-release and carries `DRACUT_VERSION=`;
+//! - with dracut's shell init (dracut-ng ≥ 110 without systemd, as the boot
+//!   fixtures are built), it says `NAME=dracut`, `ID=dracut`, `VERSION_ID="111"`
+//!   and nothing else;
+//! - always, an empty marker file `usr/lib/dracut/dracut-<version>`.
+//!
+//! So the archive is read entry by entry and all three are consulted.
+//!
+//! An initrd is one or more cpio archives: uncompressed early ones (microcode)
+//! followed by a compressed main one. We skip the uncompressed ones and stream
+//! the rest through the matching decompressor.
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -18,7 +27,7 @@ pub fn dracut_version<R: Read>(initrd: &mut R, limit: u64) -> Option<String> {
     initrd.take(limit).read_to_end(&mut bytes).ok()?;
     let start = skip_plain_cpio(&bytes);
     let rest = &bytes[start..];
-    if let Some(v) = find_version(rest) {
+    if let Some(v) = version_in_archive(rest) {
         return Some(v);
     }
     let tool = match rest {
@@ -48,7 +57,52 @@ pub fn dracut_version<R: Read>(initrd: &mut R, limit: u64) -> Option<String> {
     child.stdout.take()?.read_to_end(&mut out).ok()?;
     let _ = child.wait();
     let _ = feeder.join();
-    find_version(&out)
+    version_in_archive(&out)
+}
+
+/// One entry of a "newc" cpio archive.
+struct CpioEntry<'a> {
+    name: &'a [u8],
+    data: &'a [u8],
+}
+
+/// Walks the "newc" archive at `bytes[*at..]` until its trailer, leaving `*at`
+/// just past it (or at the end of `bytes` when the archive is cut short).
+/// A header that is not newc ends the walk where it stands.
+fn walk_cpio<'a>(bytes: &'a [u8], at: &mut usize, mut visit: impl FnMut(CpioEntry<'a>)) {
+    loop {
+        let Some(header) = bytes.get(*at..*at + 110) else {
+            *at = bytes.len();
+            return;
+        };
+        if !header.starts_with(b"070701") && !header.starts_with(b"070702") {
+            return;
+        }
+        let field = |i: usize| {
+            std::str::from_utf8(&header[6 + i * 8..14 + i * 8])
+                .ok()
+                .and_then(|h| usize::from_str_radix(h, 16).ok())
+                .unwrap_or(0)
+        };
+        let file_size = field(6);
+        let name_size = field(11);
+        let name_start = *at + 110;
+        let name = bytes
+            .get(name_start..name_start.saturating_add(name_size.saturating_sub(1)))
+            .unwrap_or_default();
+        let name_end = name_start.saturating_add(name_size).div_ceil(4) * 4;
+        let data_end = name_end.saturating_add(file_size);
+        let data = bytes.get(name_end..data_end).unwrap_or_default();
+        *at = data_end.div_ceil(4) * 4;
+        if name == b"TRAILER!!!" {
+            return;
+        }
+        visit(CpioEntry { name, data });
+        if *at >= bytes.len() {
+            *at = bytes.len();
+            return;
+        }
+    }
 }
 
 /// Offset just past leading uncompressed "newc" cpio archives (and the zero
@@ -62,34 +116,77 @@ fn skip_plain_cpio(bytes: &[u8]) -> usize {
         if !bytes[at..].starts_with(b"070701") && !bytes[at..].starts_with(b"070702") {
             return at;
         }
-        // Walk the archive entry by entry until its trailer.
-        loop {
-            let Some(header) = bytes.get(at..at + 110) else {
-                return bytes.len();
-            };
-            let field = |i: usize| {
-                std::str::from_utf8(&header[6 + i * 8..14 + i * 8])
-                    .ok()
-                    .and_then(|h| usize::from_str_radix(h, 16).ok())
-                    .unwrap_or(0)
-            };
-            let file_size = field(6);
-            let name_size = field(11);
-            let name = bytes.get(at + 110..at + 110 + name_size.saturating_sub(1));
-            let name_end = (at + 110 + name_size).div_ceil(4) * 4;
-            let data_end = (name_end + file_size).div_ceil(4) * 4;
-            at = data_end;
-            if name == Some(b"TRAILER!!!".as_slice()) || at >= bytes.len() {
-                break;
-            }
-        }
+        walk_cpio(bytes, &mut at, |_| {});
     }
 }
 
-fn find_version(bytes: &[u8]) -> Option<String> {
-    const KEY: &[u8] = b"DRACUT_VERSION=";
-    let pos = bytes.windows(KEY.len()).position(|w| w == KEY)?;
-    let value: Vec<u8> = bytes[pos + KEY.len()..]
+/// The version recorded in an uncompressed main archive: `initrd-release`
+/// first (its `DRACUT_VERSION=`, or `VERSION_ID=` when the release *is*
+/// dracut's own), then the `dracut-<version>` marker file.
+fn version_in_archive(bytes: &[u8]) -> Option<String> {
+    let mut release = None;
+    let mut marker = None;
+    let mut at = 0;
+    walk_cpio(bytes, &mut at, |entry| {
+        let name = entry.name.strip_prefix(b".").unwrap_or(entry.name);
+        let name = name.strip_prefix(b"/").unwrap_or(name);
+        // etc/initrd-release is a symlink to the usr/lib one in systemd images
+        // (its data is the link target), so usr/lib's wins whatever the order.
+        if name == b"usr/lib/initrd-release" || (name == b"etc/initrd-release" && release.is_none())
+        {
+            release = Some(entry.data);
+        } else if let Some(v) = name
+            .strip_prefix(b"usr/lib/dracut/dracut-")
+            .or_else(|| name.strip_prefix(b"lib/dracut/dracut-"))
+        {
+            marker = clean_version(v);
+        }
+    });
+    release
+        .and_then(version_in_release)
+        .or(marker)
+        // Not a cpio archive we can walk (cut short by the read limit, or an
+        // unknown format): the key itself is still evidence.
+        .or_else(|| value_after(bytes, b"DRACUT_VERSION="))
+}
+
+/// `DRACUT_VERSION=` of an os-release style file, or its `VERSION_ID=` when
+/// `ID=dracut` (shell-init images name dracut itself as the release).
+fn version_in_release(text: &[u8]) -> Option<String> {
+    let mut id_is_dracut = false;
+    let mut version_id = None;
+    for line in text.split(|&b| b == b'\n') {
+        let Some(eq) = line.iter().position(|&b| b == b'=') else {
+            continue;
+        };
+        let (key, value) = (&line[..eq], &line[eq + 1..]);
+        match key {
+            b"DRACUT_VERSION" => {
+                if let Some(v) = clean_version(value) {
+                    return Some(v);
+                }
+            }
+            b"ID" => id_is_dracut = clean_version(value).as_deref() == Some("dracut"),
+            b"VERSION_ID" => version_id = clean_version(value),
+            _ => {}
+        }
+    }
+    version_id.filter(|_| id_is_dracut)
+}
+
+fn value_after(bytes: &[u8], key: &[u8]) -> Option<String> {
+    let pos = bytes.windows(key.len()).position(|w| w == key)?;
+    let value: Vec<u8> = bytes[pos + key.len()..]
+        .iter()
+        .copied()
+        .take_while(|&b| b != b'\n' && b != 0)
+        .collect();
+    clean_version(&value)
+}
+
+/// A version string without quotes, at most 64 printable bytes.
+fn clean_version(raw: &[u8]) -> Option<String> {
+    let value: Vec<u8> = raw
         .iter()
         .copied()
         .take_while(|&b| b != b'\n' && b != 0)
@@ -97,7 +194,8 @@ fn find_version(bytes: &[u8]) -> Option<String> {
         .take(64)
         .collect();
     let text = String::from_utf8(value).ok()?;
-    (!text.is_empty()).then_some(text)
+    let text = text.trim();
+    (!text.is_empty() && text.chars().all(|c| c.is_ascii_graphic())).then(|| text.to_string())
 }
 
 /// Whether a dracut version uses the renamed (`rd.overlay*`) arguments.
@@ -170,5 +268,59 @@ mod tests {
         assert!(!uses_renamed_overlay_args("059"));
         assert!(!uses_renamed_overlay_args("unknown"));
         assert_eq!(dracut_version(&mut &b"random bytes"[..], 100), None);
+    }
+
+    #[test]
+    fn reads_the_shell_init_release_of_dracut_ng() {
+        // What dracut-ng 111 without its systemd module writes.
+        let mut main = newc(
+            "usr/lib/initrd-release",
+            b"NAME=dracut\nID=dracut\nVERSION_ID=\"111\"\nANSI_COLOR=\"0;34\"\n",
+        );
+        main.extend(newc("TRAILER!!!", b""));
+        assert_eq!(version_in_archive(&main).as_deref(), Some("111"));
+    }
+
+    #[test]
+    fn a_host_release_without_dracut_version_falls_back_to_the_marker_file() {
+        // A host's os-release copied in: its VERSION_ID is the distribution's,
+        // not dracut's, and must not be taken for it.
+        let mut main = newc(
+            "usr/lib/initrd-release",
+            b"NAME=\"Debian GNU/Linux\"\nID=debian\nVERSION_ID=\"12\"\n",
+        );
+        main.extend(newc("usr/lib/dracut/dracut-110-2", b"dracut-110-2\n"));
+        main.extend(newc("TRAILER!!!", b""));
+        assert_eq!(version_in_archive(&main).as_deref(), Some("110-2"));
+
+        let mut no_marker = newc("usr/lib/initrd-release", b"ID=debian\nVERSION_ID=12\n");
+        no_marker.extend(newc("TRAILER!!!", b""));
+        assert_eq!(version_in_archive(&no_marker), None);
+    }
+
+    #[test]
+    fn dracut_version_wins_over_the_marker_and_symlinks_are_not_releases() {
+        let mut main = newc("etc/initrd-release", b"../usr/lib/initrd-release");
+        main.extend(newc("usr/lib/dracut/dracut-105", b""));
+        main.extend(newc(
+            "usr/lib/initrd-release",
+            b"NAME=Fedora\nID=fedora\nVERSION_ID=42\nDRACUT_VERSION=\"105-4.fc42\"\n",
+        ));
+        main.extend(newc("TRAILER!!!", b""));
+        assert_eq!(version_in_archive(&main).as_deref(), Some("105-4.fc42"));
+    }
+
+    #[test]
+    fn a_truncated_archive_still_yields_a_version_key_or_nothing() {
+        let main = newc(
+            "usr/lib/initrd-release",
+            b"NAME=dracut\nDRACUT_VERSION=059\n",
+        );
+        assert_eq!(
+            version_in_archive(&main[..main.len() - 2]).as_deref(),
+            Some("059")
+        );
+        assert_eq!(version_in_archive(&main[..60]), None);
+        assert_eq!(version_in_archive(b"070701zzzz"), None);
     }
 }
