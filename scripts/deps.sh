@@ -14,6 +14,8 @@ packages=(
   isolinux grub-efi-amd64-bin grub-pc-bin linux-image-amd64 dracut dracut-live
   busybox-static qemu-system-x86 ovmf erofs-utils fakeroot cpio
   dmsetup kmod openssl grub-common mount bc groff-base
+  # dracut-ng (fixtures/vendor) for the current-Fedora boot fixture
+  libkmod-dev pkg-config make gcc
   # stale-signature tests of disk::wipe: real btrfs and xfs superblocks
   btrfs-progs xfsprogs
   # benches/stick.sh: GNU time (CPU and peak RSS of each case in its VM)
