@@ -1533,7 +1533,7 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
         // dracut-ng >= 110 spelling: one `rd.overlay=<devspec>` does both jobs.
         for line in cmdlines(config(&plan, "/syslinux/syslinux.cfg")) {
             let words: Vec<&str> = line.split(' ').collect();
-            assert!(words.contains(&"rd.overlay=UUID=1234-ABCD"), "{line}");
+            assert!(words.contains(&"rd.overlay=UUID=1234-ABCD:auto"), "{line}");
             assert!(!line.contains("rd.live.overlay"), "{line}");
         }
 

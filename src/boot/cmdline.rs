@@ -422,8 +422,17 @@ pub fn rewrite_for_stick(args: &KernelArgs, stick: &StickArgs) -> KernelArgs {
         }
         // One argument does both jobs here; a second bare `rd.overlay` would
         // be read by `getarg rd.overlay` (last wins) as an empty devspec.
+        //
+        // The `:auto` path (dmsquash-live's default, `/<live dir>/overlay-
+        // <LABEL>-<UUID>`: the file livestick makes) is not decoration. Since
+        // dracut-ng 111 the overlayfs module reads a bare `rd.overlay=UUID=…`
+        // as a whole device to hold the overlay: it mounts the live partition
+        // a second time, makes `overlay/` and `ovlwork/` in the stick's root,
+        // and links them *into* the upper directory dmsquash-live already set
+        // up (seen booting boot-ng.iso). With a path it cannot resolve the
+        // device, warns, and leaves dmsquash-live's overlay alone.
         (OverlayBoot::OverlayFs, DracutNames::Renamed) => {
-            out.push(KernelArg::pair("rd.overlay", devspec))
+            out.push(KernelArg::pair("rd.overlay", format!("{devspec}:auto")))
         }
     }
     let mut for_init = false;
@@ -615,7 +624,7 @@ mod tests {
         let n = rewrite_for_stick(&a, &stick(OverlayBoot::OverlayFs, DracutNames::Renamed));
         assert_eq!(
             n.to_string(),
-            "root=live:UUID=ABCD-1234 rw rd.live.image rd.overlay=UUID=ABCD-1234 quiet rhgb"
+            "root=live:UUID=ABCD-1234 rw rd.live.image rd.overlay=UUID=ABCD-1234:auto quiet rhgb"
         );
         // A DM store must not get the new name: it would switch OverlayFS on.
         let d = rewrite_for_stick(&a, &stick(OverlayBoot::DmSnapshot, DracutNames::Renamed));
