@@ -2,17 +2,15 @@
 //! `livestick::persist::snapshot`. A new vector added to checks.json is covered without
 //! touching this file; an unknown check kind fails the test instead of being skipped.
 
-mod snapshot_support;
-
 use std::io::Cursor;
 
+use crate::support::dm_snapshot::*;
 use livestick::persist::snapshot::{
     self, Header, Opened, SnapshotError, Store, create_new_store, merge_in_place, open_store,
     recover_invalid,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use snapshot_support::*;
 
 fn checks() -> Vec<Value> {
     let text = std::fs::read_to_string(fixtures().join("checks.json")).expect("checks.json");

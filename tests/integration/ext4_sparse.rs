@@ -5,8 +5,6 @@
 //! transaction), copy the data regions over it, and judge the result with
 //! e2fsprogs alone (e2fsck, dumpe2fs, debugfs), never with livestick's code.
 
-mod support;
-
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -22,13 +20,16 @@ const GIB: u64 = 1024 * MIB;
 
 /// The e2fsprogs tools, or `false` (skipped here, a failure when CI=true).
 fn have_e2fsprogs() -> bool {
-    ["mke2fs", "e2fsck", "dumpe2fs", "debugfs"]
-        .iter()
-        .all(|t| support::require(support::tool(t).is_file(), &format!("`{t}` (e2fsprogs)")))
+    ["mke2fs", "e2fsck", "dumpe2fs", "debugfs"].iter().all(|t| {
+        crate::support::require(
+            crate::support::tool(t).is_file(),
+            &format!("`{t}` (e2fsprogs)"),
+        )
+    })
 }
 
 fn e2(tool: &str, args: &[&str]) -> Output {
-    Command::new(support::tool(tool))
+    Command::new(crate::support::tool(tool))
         .args(args)
         .env("LC_ALL", "C")
         .output()
@@ -56,7 +57,7 @@ fn p(path: &Path) -> &str {
 
 /// debugfs -w with a script of requests on standard input.
 fn debugfs_script(image: &Path, script: &str) -> String {
-    let mut child = Command::new(support::tool("debugfs"))
+    let mut child = Command::new(crate::support::tool("debugfs"))
         .args(["-w", "-f", "-", p(image)])
         .env("LC_ALL", "C")
         .stdin(std::process::Stdio::piped())

@@ -1,23 +1,15 @@
 //! Fixture ISOs for the integration tests, built once and cached.
 //!
-//! Include this file by path (it is not a `mod common;` tree, so any test
-//! can take just this part):
-//!
-//! ```ignore
-//! #[path = "common/fixtures.rs"] mod fixtures;      // from tests/*.rs
-//! #[path = "../common/fixtures.rs"] mod fixtures;   // from tests/boot/*.rs
-//! ```
-//!
 //! * [`synthetic_iso`]: `fedora-classic.iso`, `fedora-grub.iso`,
 //!   `fedora42.iso` from `fixtures/build-iso.sh` (no root, ~2 s).
 //! * [`boot_iso`]: `boot-classic.iso`, `boot-grub.iso`, `boot-flat.iso`
 //!   from `fixtures/build-boot-iso.sh` (root for dracut, ~35 s).
 //!
 //! Both land in `fixtures/out/` (gitignored). The scripts keep their own
-//! cache stamps (a hash of the builder), so a call costs one quick script run
-//! per test binary when nothing changed. Builds are serialised across test
-//! binaries with `flock` on `fixtures/out/.lock`, the same lock
-//! `tests/support` takes. When tools are missing the panic says which
+//! cache stamps (a hash of the builder), so each script runs once per test
+//! process and is quick when nothing changed. Builds are serialised across
+//! processes (two `cargo test` runs at once) with `flock`
+//! on `fixtures/out/.lock`. When tools are missing the panic says which
 //! `apt-get install` line to run; [`try_boot_iso`] reports that as
 //! [`FixtureError::Unavailable`] instead, for tests that may skip.
 #![allow(dead_code)]
@@ -28,6 +20,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
+
+use super::repo;
 
 /// The ISOs `fixtures/build-iso.sh` makes.
 pub const SYNTHETIC_ISOS: [&str; 3] = ["fedora-classic.iso", "fedora-grub.iso", "fedora42.iso"];
@@ -52,14 +46,9 @@ impl fmt::Display for FixtureError {
     }
 }
 
-/// Repository root (where Cargo.toml is).
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// `fixtures/out/`, created on demand.
 pub fn out_dir() -> PathBuf {
-    let out = repo_root().join("fixtures/out");
+    let out = repo().join("fixtures/out");
     std::fs::create_dir_all(&out).expect("create fixtures/out");
     out
 }
@@ -134,9 +123,9 @@ fn build(script: &str) -> Result<(), FixtureError> {
 fn build_locked(script: &str) -> Result<(), FixtureError> {
     let out = out_dir();
     let lock = File::create(out.join(".lock")).expect("create fixtures/out/.lock");
-    // flock(2): the same lock the shell helpers in tests/support take.
+    // flock(2): another test process (a second `cargo test`) waits for this build.
     lock.lock().expect("lock fixtures/out/.lock");
-    let path = repo_root().join("fixtures").join(script);
+    let path = repo().join("fixtures").join(script);
     let res = run_builder(&path, &out);
     drop(lock);
     res

@@ -2,12 +2,10 @@
 //! (issue 4): LUKS and plain home, swap, OverlayFS overlays, keeping home
 //! and host files across a rewrite, --skipcopy, --reset-overlay, relabel.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -1,14 +1,12 @@
 //! `livestick overlay …` subcommands on bare files, driven through their clap types
 //! (the same parsing the binary uses) against the kernel vectors.
 
-mod snapshot_support;
-
 use std::path::Path;
 
+use crate::support::dm_snapshot::*;
 use clap::Parser;
 use livestick::commands::overlay::{OverlayCommand, run};
 use livestick::persist::snapshot;
-use snapshot_support::*;
 
 #[derive(Parser)]
 struct Cli {

@@ -2,14 +2,12 @@
 //! from the image equal those of the source tree, for plain and compressed images,
 //! inline and multi-block directories, shared and inline xattrs, long names.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
+use crate::support::*;
 use livestick::persist::erofs_xattr::read_xattrs;
-use support::*;
 
 type Map = BTreeMap<Vec<u8>, BTreeMap<String, Vec<u8>>>;
 

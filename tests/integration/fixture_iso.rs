@@ -2,16 +2,12 @@
 //! tools (xorriso, checkisomd5, unsquashfs, debugfs), and the bootable one
 //! boots under QEMU with the harness — before any livestick code is involved.
 
-#[path = "common/fixtures.rs"]
-mod fixtures;
-#[path = "boot/harness.rs"]
-mod harness;
-
 use std::path::Path;
 use std::process::Command;
 
-use fixtures::{boot_iso, synthetic_iso};
-use harness::{Boot, Firmware};
+use crate::boot::harness::{self, Boot, Firmware};
+use crate::support::fixtures::{self, boot_iso, synthetic_iso};
+use crate::support::repo;
 
 fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)
@@ -271,7 +267,7 @@ fn manifest_matches_the_isos() {
 fn synthetic_build_is_reproducible() {
     let reference = fixtures::synthetic_manifest();
     let dir = tempfile::tempdir().expect("tempdir");
-    let script = fixtures::repo_root().join("fixtures/build-iso.sh");
+    let script = repo().join("fixtures/build-iso.sh");
     run("bash", &[path_str(&script), path_str(dir.path())]);
     let again = std::fs::read_to_string(dir.path().join("MANIFEST")).expect("MANIFEST");
     for line in again.lines().filter(|l| !l.starts_with('#')) {

@@ -1,10 +1,16 @@
-//! Shared helpers for the command-level tests: running the built binary,
-//! building the synthetic fixture ISOs once, and reading images back with
-//! independent tools (sfdisk, mtools, fsck.fat, dumpe2fs).
+//! The one support module of the integration tests: running the built binary, the
+//! fixture ISOs (`fixtures`), the dm-snapshot kernel vectors (`dm_snapshot`), reading
+//! images back with independent tools (sfdisk, mtools, fsck.fat, dumpe2fs), and the
+//! machine-wide resources the tests share now that they run in one process.
 #![allow(dead_code)]
+
+pub mod dm_snapshot;
+pub mod fixtures;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+pub use fixtures::synthetic_iso;
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_livestick"))
@@ -19,25 +25,6 @@ pub fn livestick(args: &[&str]) -> Output {
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Builds the synthetic ISOs once (serialised with flock across test binaries).
-pub fn synthetic_iso(name: &str) -> PathBuf {
-    let out = repo().join("fixtures/out");
-    std::fs::create_dir_all(&out).expect("fixtures/out");
-    let status = Command::new("flock")
-        .arg(out.join(".lock"))
-        .arg("bash")
-        .arg(repo().join("fixtures/build-iso.sh"))
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("flock and bash are installed (util-linux)");
-    assert!(
-        status.success(),
-        "building fixture ISOs failed; run `bash scripts/deps.sh` as root to install the tools"
-    );
-    out.join(name)
 }
 
 pub fn run(cmd: &str, args: &[&str]) -> String {

@@ -1,12 +1,10 @@
 //! Several targets from one ISO read, and `--wait-for` (issue 6).
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 const MIB: u64 = 1 << 20;
 

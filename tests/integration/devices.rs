@@ -3,14 +3,12 @@
 //! Loop devices are not removable, so they are listed with `--all` (marked
 //! `fixed`, transport `loop`) and the watcher is asked to include fixed disks.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::support::*;
 use livestick::disk::devices::{self, Host, Transport};
-use support::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -2,14 +2,12 @@
 //! overflows (issue 13): a directory whose entry points back at its parent makes
 //! the tree infinitely deep.
 
-mod support;
-
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use livestick::disk::fat_raw;
-use support::*;
 
 #[test]
 fn a_directory_that_contains_itself_is_reported_not_followed() {

@@ -5,15 +5,13 @@
 //! Results are read back with independent tools: mtools, unsquashfs, debugfs, e2fsck,
 //! fsck.fat, fsck.erofs.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use crate::support::*;
 use livestick::disk::stick::Stick;
 use livestick::persist::merge::{self, MergeError, MergeRequest, STEPS, StickMergeRequest};
 use livestick::persist::ovl_merge::{self, OvlError};
-use support::*;
 
 fn tools_ok() -> bool {
     [

@@ -6,12 +6,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::fixtures::boot_iso;
-use crate::harness::{Boot, BootResult, Firmware, boot_env_ready};
-use crate::scenarios::{
+use super::harness::{Boot, BootResult, Firmware, boot_env_ready};
+use super::scenarios::{
     CLASSIC, Setup, Stick, assert_persisted, boot, boot_with, livestick, write_stick,
     write_stick_with,
 };
+use crate::support::fixtures::boot_iso;
 
 /// `overlay_used=<used>/<total>`: the `dmsetup status` figures in 512-byte
 /// sectors (used counts the header and metadata chunks as well as data).

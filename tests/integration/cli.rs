@@ -1,15 +1,13 @@
 //! The command-line contract: help with examples everywhere, completions,
 //! the man page, --version, doctor, and every exit code of docs/exit-codes.md.
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
+use crate::support::*;
 use clap::CommandFactory;
 use livestick::cli::{self, Cli, ErrorKind};
 use livestick::commands::write::PartialBatchFailure;
-use support::*;
 
 fn ok(o: &Output) -> String {
     assert!(

@@ -5,13 +5,13 @@
 
 use std::path::{Path, PathBuf};
 
-#[path = "../fuzz/check/snapshot_store.rs"]
+#[path = "../../fuzz/check/snapshot_store.rs"]
 mod check;
-#[path = "../fuzz/check/erofs_xattr.rs"]
+#[path = "../../fuzz/check/erofs_xattr.rs"]
 mod check_erofs_xattr;
-#[path = "../fuzz/check/luks_header.rs"]
+#[path = "../../fuzz/check/luks_header.rs"]
 mod check_luks_header;
-#[path = "../fuzz/check/tar_stream.rs"]
+#[path = "../../fuzz/check/tar_stream.rs"]
 mod check_tar_stream;
 
 fn inputs(dir: &Path) -> Vec<PathBuf> {

@@ -2,8 +2,6 @@
 //! unsquashfs, e2fsck): a root image changed through the overlay is merged into a new
 //! squashfs.img; and a run stopped after each step leaves a consistent pair.
 
-mod snapshot_support;
-
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -8,9 +8,9 @@ use std::process::Command;
 
 use livestick::disk::stick::Stick as StickFs;
 
-use crate::fixtures::boot_iso;
-use crate::harness::{Firmware, boot_env_ready};
-use crate::scenarios::{CLASSIC, Setup, Stick, assert_persisted, boot, livestick, write_stick};
+use super::harness::{Firmware, boot_env_ready};
+use super::scenarios::{CLASSIC, Setup, Stick, assert_persisted, boot, livestick, write_stick};
+use crate::support::fixtures::boot_iso;
 
 const OVERLAYFS: Setup = Setup {
     overlay: "overlayfs",

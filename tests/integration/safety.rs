@@ -1,14 +1,12 @@
 //! The safety rules before a write to a block device, on loop devices and on
 //! this machine's own system disk (probed and checked, never written).
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::*;
 use livestick::disk::devices::{DevNum, Host};
 use livestick::disk::target::{self, TargetError, TargetKind};
-use support::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -3,16 +3,14 @@
 //! mtools to copy the home out, debugfs/dumpe2fs for the ext4, cryptsetup for LUKS,
 //! fsck.fat for the FAT filesystem.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use crate::support::*;
 use clap::Parser;
 use livestick::commands::home::{self as home_cmd, HomeCommand};
 use livestick::disk::stick::Stick;
-use support::*;
 
 const MIB: u64 = 1 << 20;
 const PASS: &str = "correct horse\n";

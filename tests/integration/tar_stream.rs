@@ -3,13 +3,11 @@
 //! listed by GNU tar and packed by tar2sqfs into a squashfs that unsquashfs shows
 //! with the same owners, links, devices and xattrs.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
+use crate::support::*;
 use livestick::persist::tar_stream::{EntryKind, TarEntry, TarReader, TarWriter};
-use support::*;
 
 fn have(tool: &str) -> bool {
     ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]

@@ -13,17 +13,15 @@
 //!   proof for options that change nothing on their own (no-ops), and the
 //!   only possible one for options whose native side is not implemented yet.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use crate::support::*;
 use livestick::cli::{self, Command as Cmd, WriteArgs};
 use livestick::compat::{self, Parsed, ResolvedTarget};
 use sha2::{Digest, Sha256};
-use support::*;
 
 const MIB: u64 = 1 << 20;
 const VOLUME_ID: &str = "1234ABCD";
@@ -1059,7 +1057,7 @@ fn row_extensions() {
 #[test]
 fn doc_lists_every_option() {
     let doc = std::fs::read_to_string(repo().join("docs/compatibility.md")).unwrap();
-    let tests = std::fs::read_to_string(repo().join("tests/compat.rs")).unwrap();
+    let tests = std::fs::read_to_string(repo().join("tests/integration/compat.rs")).unwrap();
     for o in compat::OPTIONS {
         assert!(
             doc.contains(&format!("`{}`", o.name)),

@@ -1,11 +1,9 @@
-//! Boot tests (test target `boot`): sticks written by `livestick write`,
+//! Boot tests (`cargo test --test integration boot::`): sticks written by `livestick write`,
 //! booted in QEMU under SeaBIOS and OVMF with the real kernel and dracut.
 //! They skip with a message when QEMU/OVMF/root are missing, and fail
 //! instead when `CI=true`.
 
-#[path = "../common/fixtures.rs"]
-mod fixtures;
-mod harness;
+pub mod harness;
 mod maintenance;
 mod ovl_merge;
 mod scenarios;

@@ -4,12 +4,11 @@
 //! fsck.fat, unsquashfs, e2fsck); "a boot" is simulated by writing through the
 //! user-space copy-on-write writer exactly where the kernel would.
 
-mod support;
-
 use std::io::{Cursor, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use crate::support::*;
 use clap::Parser;
 use livestick::commands::overlay::{OverlayCommand, run};
 use livestick::disk::extent_file::ExtentFile;
@@ -18,7 +17,6 @@ use livestick::disk::stick::Stick;
 use livestick::persist::merge::{self, MergeError, STEPS, StickMergeRequest};
 use livestick::persist::snapshot::{self, CowWriter, Opened};
 use livestick::squash;
-use support::*;
 
 const CHUNK: usize = 4096;
 

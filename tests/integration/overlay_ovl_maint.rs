@@ -6,17 +6,15 @@
 //! read it, fsck.fat checks the FAT, sha256 shows a refused command changed nothing.
 //! The premise is "no root": as root (CI), the commands run as uid 65534 via setpriv.
 
-mod support;
-
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use crate::support::*;
 use livestick::disk::extent_file::ExtentFile;
 use livestick::disk::stick::Stick;
 use serde_json::Value;
-use support::*;
 
 fn tools_ok() -> bool {
     let mut need = vec![

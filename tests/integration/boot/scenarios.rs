@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::fixtures::boot_iso;
-use crate::harness::{Boot, BootResult, Firmware, boot_env_ready, tail_of_file};
+use super::harness::{Boot, BootResult, Firmware, boot_env_ready, tail_of_file};
+use crate::support::fixtures::boot_iso;
 
 /// A stick image in its own temporary directory (removed on drop).
 pub(crate) struct Stick {

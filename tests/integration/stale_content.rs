@@ -5,16 +5,14 @@
 //! exactly what livestick meant: blkid, e2fsck, fsck.fat, cryptsetup, and livestick's
 //! own dm-snapshot reader.
 
-mod support;
-
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::*;
 use livestick::disk::fat_raw;
 use rand::RngCore;
-use support::*;
 
 const MIB: u64 = 1 << 20;
 const STICK: u64 = 512 * MIB;
@@ -525,7 +523,7 @@ fn read_back_catches_corruption_of_each_kind_of_byte() {
         ("corrupt-meta", "the FAT, directories and boot sectors"),
     ] {
         let image = dir.path().join(format!("{point}.img"));
-        let out = Command::new(support::bin())
+        let out = Command::new(crate::support::bin())
             .env("LIVESTICK_FAILPOINT", point)
             .args(["write", iso.to_str().unwrap(), image.to_str().unwrap()])
             .args(["--size", "256M", "--overlay-size-mb", "16", "--yes"])

@@ -1,11 +1,9 @@
 //! `livestick write`: images are read back with independent tools (sfdisk,
 //! mtools, fsck.fat, dumpe2fs, xorriso), never with livestick's own readers.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 
-use support::*;
+use crate::support::*;
 
 const MIB: u64 = 1 << 20;
 
