@@ -131,13 +131,7 @@ fn loop_batch_survives_a_read_only_and_a_too_small_device() {
         require(false, "loop devices");
         return;
     };
-    let ro_dev = Command::new("losetup")
-        .args(["-f", "--show", "-r"])
-        .arg(&ro)
-        .output()
-        .unwrap();
-    let lro = Loop(String::from_utf8_lossy(&ro_dev.stdout).trim().to_string());
-    assert!(lro.0.starts_with("/dev/loop"), "losetup -r failed");
+    let lro = Loop::attach_with(&["-r"], &ro).expect("losetup -r failed");
     let ro_before = sha256_file(&ro);
     let out = livestick(&[
         "--json",
@@ -186,6 +180,7 @@ fn wait_for_writes_sticks_as_they_appear() {
     }
     let iso = synthetic_iso("fedora-classic.iso");
     let dir = tempfile::tempdir().unwrap();
+    let _alone = watch_loop_devices(dir.path());
     let image = dir.path().join("plugged");
     std::fs::File::create(&image)
         .unwrap()

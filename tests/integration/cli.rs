@@ -9,17 +9,6 @@ use clap::CommandFactory;
 use livestick::cli::{self, Cli, ErrorKind};
 use livestick::commands::write::PartialBatchFailure;
 
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// Every subcommand path, e.g. ["write"], ["overlay", "merge"].
 fn paths(cmd: &clap::Command, prefix: Vec<String>, out: &mut Vec<Vec<String>>) {
     // Hidden subcommands are internal plumbing, not for users.

@@ -26,13 +26,6 @@ use sha2::{Digest, Sha256};
 const MIB: u64 = 1 << 20;
 const VOLUME_ID: &str = "1234ABCD";
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("livestick-compat-")
-        .tempdir()
-        .unwrap()
-}
-
 fn iso() -> PathBuf {
     synthetic_iso("fedora-classic.iso")
 }

@@ -12,26 +12,13 @@ use livestick::disk::devices::{self, Host, Transport};
 
 const MIB: u64 = 1 << 20;
 
-/// Tests in this binary attach loop devices; the watcher must not see
-/// another test's loop device as "the new one", so they take turns.
+/// The watcher must not see another test's loop device as "the new one": the
+/// tests of this file take turns, and the watcher also holds a
+/// `support::LoopWatch`, which holds back every other file's attaches.
 static LOOPS: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOOPS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn sparse(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::File::create(&path).unwrap().set_len(size).unwrap();
-    path
-}
-
-fn attach(image: &Path) -> Option<Loop> {
-    let dev = Loop::attach(image);
-    if dev.is_none() {
-        require(false, "loop devices (losetup -f)");
-    }
-    dev
 }
 
 /// `livestick devices …`, or `None` (skipped here, a failure in CI) while the
@@ -64,7 +51,9 @@ fn a_fresh_loop_device_is_listed_with_all() {
     let _turn = serial();
     let dir = tempfile::tempdir().unwrap();
     let image = sparse(dir.path(), "fresh.img", 96 * MIB);
-    let Some(dev) = attach(&image) else { return };
+    let Some(dev) = loop_device(&["-P"], &image) else {
+        return;
+    };
 
     let listing = devices::list(&Host::live(), true).unwrap();
     let found = listing
@@ -115,7 +104,9 @@ fn a_written_stick_shows_its_liveos_overlay_and_home() {
     let _turn = serial();
     let dir = tempfile::tempdir().unwrap();
     let image = sparse(dir.path(), "stick.img", 256 * MIB);
-    let Some(dev) = attach(&image) else { return };
+    let Some(dev) = loop_device(&["-P"], &image) else {
+        return;
+    };
     let out = livestick(&[
         "write",
         iso.to_str().unwrap(),
@@ -208,7 +199,9 @@ fn whole_device_ext4_is_identified_and_mounts_are_shown() {
             image.to_str().unwrap(),
         ],
     );
-    let Some(dev) = attach(&image) else { return };
+    let Some(dev) = loop_device(&["-P"], &image) else {
+        return;
+    };
     let listing = devices::list(&Host::live(), true).unwrap();
     let found = listing
         .devices
@@ -228,10 +221,13 @@ fn the_watcher_reports_a_loop_device_attached_after_it_started() {
     }
     let _turn = serial();
     let dir = tempfile::tempdir().unwrap();
+    let _alone = watch_loop_devices(dir.path());
     let image = sparse(dir.path(), "plugged.img", 48 * MIB);
     // A device present before the watch starts is never reported.
     let early = sparse(dir.path(), "early.img", 48 * MIB);
-    let Some(before) = attach(&early) else { return };
+    let Some(before) = loop_device(&["-P"], &early) else {
+        return;
+    };
 
     let plug = {
         let image = image.clone();

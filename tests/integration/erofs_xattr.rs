@@ -11,12 +11,6 @@ use livestick::persist::erofs_xattr::read_xattrs;
 
 type Map = BTreeMap<Vec<u8>, BTreeMap<String, Vec<u8>>>;
 
-fn have(tool: &str) -> bool {
-    ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
-        .iter()
-        .any(|d| Path::new(d).join(tool).is_file())
-}
-
 fn source_xattrs(root: &Path) -> Map {
     let mut out = Map::new();
     let mut stack = vec![root.to_path_buf()];

@@ -11,9 +11,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use crate::support::{dumpe2fs_field as field, fill_random};
 use livestick::disk::ext4::{Ext4Error, Ext4Options, make_ext4_image, set_journal_sequence};
 use livestick::disk::sparse::data_regions;
-use rand::{RngCore, SeedableRng};
 
 const MIB: u64 = 1024 * 1024;
 const GIB: u64 = 1024 * MIB;
@@ -74,16 +74,6 @@ fn debugfs_script(image: &Path, script: &str) -> String {
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "debugfs failed: {}", text(&o));
     text(&o)
-}
-
-/// A dumpe2fs -h field.
-fn field(image: &Path, name: &str) -> String {
-    e2_ok("dumpe2fs", &["-h", p(image)])
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .unwrap_or_else(|| panic!("dumpe2fs -h printed no {name:?}"))
-        .trim()
-        .to_string()
 }
 
 /// Write the data regions of `src` onto `dst` at the same offsets, as
@@ -168,17 +158,6 @@ impl Kind {
             Kind::Overlay => vec!["lost+found", "overlayfs", "ovlwork"],
         }
     }
-}
-
-fn fill_random(path: &Path, size: u64) {
-    let mut f = File::create(path).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(size);
-    let mut buf = vec![0u8; MIB as usize];
-    for _ in 0..size / MIB {
-        rng.fill_bytes(&mut buf);
-        f.write_all(&buf).unwrap();
-    }
-    f.sync_all().unwrap();
 }
 
 /// An old ext4 as a previous tool (or livestick before this change) left it:

@@ -7,21 +7,7 @@ use std::process::Command;
 
 use crate::boot::harness::{self, Boot, Firmware};
 use crate::support::fixtures::{self, boot_iso, synthetic_iso};
-use crate::support::repo;
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd} not runnable ({e})"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use crate::support::{repo, run};
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("fixture paths are UTF-8")

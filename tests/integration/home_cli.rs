@@ -151,14 +151,6 @@ fn info_json(target: &Path, pass: Option<&Path>) -> serde_json::Value {
     serde_json::to_value(rep).unwrap()
 }
 
-fn dumpe2fs_field(image: &Path, field: &str) -> String {
-    let out = run("dumpe2fs", &["-h", image.to_str().unwrap()]);
-    out.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_else(|| panic!("dumpe2fs has no {field}:\n{out}"))
-}
-
 /// Puts `note.txt` into a plain ext4 image file with debugfs.
 fn debugfs_put_note(ext4: &Path, scratch: &Path) {
     let note = scratch.join("note.txt");
@@ -180,13 +172,7 @@ fn debugfs_cat_note(ext4: &Path) -> String {
 
 /// The ext4 inside a LUKS home, decrypted with the project's reader into a file.
 fn decrypt(home: &Path, out: &Path) {
-    use std::io::{Read, Seek, SeekFrom};
-    let f = std::fs::File::open(home).unwrap();
-    let mut vol = livestick::persist::luks::open_luks2(f, PASS.trim_end().as_bytes()).unwrap();
-    vol.seek(SeekFrom::Start(0)).unwrap();
-    let mut buf = Vec::new();
-    vol.read_to_end(&mut buf).unwrap();
-    std::fs::write(out, buf).unwrap();
+    luks_decrypt_to(home, out, PASS.trim_end().as_bytes());
 }
 
 /// Re-encrypts `plain` over the data area of `home` (same size), for putting a file in.

@@ -3,9 +3,10 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
+use crate::support::{c_locale_output as run, installed as tool};
+use crate::support::{e2fsck_clean as fsck_clean, luks_decrypt_to as decrypt_to};
 use livestick::disk::ext4::{Ext4Info, Ext4Options, make_ext4_image};
 use livestick::persist::home::{
     HomeEncryption, HomeError, build_home_image, home_info, home_info_from, home_resize,
@@ -17,25 +18,6 @@ use zeroize::Zeroizing;
 
 const MIB: u64 = 1024 * 1024;
 const PASS: &[u8] = b"home sweet home";
-
-fn tool(name: &str) -> Option<PathBuf> {
-    let t = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file());
-    if t.is_none() {
-        eprintln!("note: {name} is not installed; that check is skipped");
-    }
-    t
-}
-
-fn run(exe: &Path, args: &[&str]) -> Output {
-    Command::new(exe)
-        .args(args)
-        .env("LC_ALL", "C")
-        .output()
-        .expect("run external tool")
-}
 
 fn cheap() -> LuksParams {
     LuksParams {
@@ -60,17 +42,6 @@ fn save(mut img: impl Read, path: &Path) {
     std::io::copy(&mut img, &mut f).unwrap();
 }
 
-fn fsck_clean(path: &Path) {
-    if let Some(fsck) = tool("e2fsck") {
-        let out = run(&fsck, &["-f", "-n", path.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "e2fsck -fn {}: {out:?}",
-            path.display()
-        );
-    }
-}
-
 fn blkid(path: &Path) -> String {
     match tool("blkid") {
         Some(b) => String::from_utf8_lossy(
@@ -79,12 +50,6 @@ fn blkid(path: &Path) -> String {
         .into_owned(),
         None => String::new(),
     }
-}
-
-fn decrypt_to(container: &Path, out: &Path, pass: &[u8]) {
-    let mut vol = open_luks2(File::open(container).unwrap(), pass).unwrap();
-    let mut f = File::create(out).unwrap();
-    std::io::copy(&mut vol, &mut f).unwrap();
 }
 
 fn debugfs(image: &Path, write: bool, cmd: &str) -> String {

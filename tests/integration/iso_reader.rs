@@ -8,6 +8,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::checked as run;
 use livestick::source::checksum::{
     HashingReader, Md5Outcome, implanted_md5, sha256_reader, verify_implanted_md5,
 };
@@ -25,16 +26,6 @@ fn require(tool: &str, package: &str) {
         found,
         "{tool} is needed by this test: apt-get install {package} (Fedora: dnf install {package})"
     );
-}
-
-fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// Deterministic pseudo-random bytes (no rand dependency needed in tests).

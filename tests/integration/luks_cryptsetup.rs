@@ -26,8 +26,8 @@
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
+use crate::support::{c_locale_output as run, installed as tool};
 use livestick::disk::ext4::{Ext4Info, Ext4Options, ext4_info, make_ext4_image};
 use livestick::persist::luks::{
     DATA_OFFSET, LuksEncryptingReader, LuksError, LuksParams, PbkdfKind, format_luks2,
@@ -37,13 +37,6 @@ use livestick::persist::luks::{
 const PASS: &[u8] = b"correct horse battery staple";
 const MIB: u64 = 1024 * 1024;
 
-fn tool(name: &str) -> Option<PathBuf> {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
-
 /// cryptsetup, or `None` (test skipped with a note) when it is not installed.
 fn cryptsetup() -> Option<PathBuf> {
     let t = tool("cryptsetup");
@@ -51,14 +44,6 @@ fn cryptsetup() -> Option<PathBuf> {
         eprintln!("SKIP: cryptsetup is not installed (Debian: cryptsetup-bin, Fedora: cryptsetup)");
     }
     t
-}
-
-fn run(exe: &Path, args: &[&str]) -> Output {
-    Command::new(exe)
-        .args(args)
-        .env("LC_ALL", "C")
-        .output()
-        .expect("run external tool")
 }
 
 fn key_file(dir: &Path, name: &str, pass: &[u8]) -> String {

@@ -4,20 +4,8 @@
 use std::path::Path;
 
 use crate::support::dm_snapshot::*;
-use clap::Parser;
-use livestick::commands::overlay::{OverlayCommand, run};
+use crate::support::overlay;
 use livestick::persist::snapshot;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: OverlayCommand,
-}
-
-fn overlay(args: &[&str]) -> anyhow::Result<()> {
-    let cli = Cli::try_parse_from(std::iter::once("overlay").chain(args.iter().copied()))?;
-    run(cli.cmd, true)
-}
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
     let p = dir.join(name);
@@ -177,7 +165,7 @@ fn a_damaged_store_fails_status_and_is_not_grown() {
         "{text}"
     );
     assert!(text.contains("overlay reset"), "says what to do: {text}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_livestick"))
+    let out = std::process::Command::new(crate::support::bin())
         .args(["overlay", "status", &ov])
         .output()
         .unwrap();

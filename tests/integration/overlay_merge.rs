@@ -4,30 +4,13 @@
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use crate::support::{installed as tool, run};
 use livestick::persist::merge::{self, MergeError, MergeRequest, STEPS};
 use livestick::persist::snapshot::{self, CowWriter, Opened};
 use livestick::squash::{self, Compressor};
 
 const CHUNK: usize = 4096;
-
-fn tool(name: &str) -> Option<PathBuf> {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
-
-fn run(cmd: &Path, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{} {args:?}: {}",
-        cmd.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 struct Fixture {
     _dir: tempfile::TempDir,

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use crate::support::debugfs_w as dbg_w;
 use crate::support::*;
 use livestick::disk::stick::Stick;
 use livestick::persist::merge::{self, MergeError, MergeRequest, STEPS, StickMergeRequest};
@@ -32,22 +33,6 @@ fn tools_ok() -> bool {
 /// debugfs read-only on an image; stdout.
 fn dbg(image: &str, cmd: &str) -> String {
     sh("debugfs", &["-R", cmd, image])
-}
-
-/// debugfs -w with a script; panics if debugfs reports an error.
-fn dbg_w(image: &str, script: &str, scratch: &Path) {
-    let f = scratch.join("script.debugfs");
-    std::fs::write(&f, script).unwrap();
-    let out = std::process::Command::new(tool("debugfs"))
-        .args(["-w", "-f", f.to_str().unwrap(), image])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<&str> = err
-        .lines()
-        .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
-        .collect();
-    assert!(errors.is_empty(), "debugfs script failed: {errors:?}");
 }
 
 /// A tiny ISO whose squashfs.img is the root tree itself (boot-flat.iso style).
@@ -122,7 +107,7 @@ impl T {
     }
     /// "A boot": the live system's changes, written into the upper dir.
     fn boot(&self, script: &str) {
-        dbg_w(&self.overlay_spec(), script, self.dir.path());
+        dbg_w(&self.overlay_spec(), script);
     }
     fn squashfs(&self) -> PathBuf {
         let p = self.dir.path().join(format!(
@@ -451,7 +436,7 @@ fn a_failing_tar2sqfs_leaves_the_stick_unchanged() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_livestick"))
+    let out = std::process::Command::new(crate::support::bin())
         .env("PATH", path)
         .args([
             "overlay",
@@ -853,7 +838,7 @@ fn status_and_reset_on_an_overlayfs_stick() {
     let out = livestick(&["overlay", "status", t.s(), "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["used_bytes"].as_u64().unwrap() <= used - (4 << 20), "{v}");
-    // grow works on OverlayFS overlays too (tests/overlay_ovl_maint.rs has the rest).
+    // grow works on OverlayFS overlays too (overlay_ovl_maint.rs has the rest).
     let size = v["size_bytes"].as_u64().unwrap();
     let out = livestick(&[
         "overlay",
@@ -1147,7 +1132,6 @@ fn erofs_root_is_rebuilt_with_mkfs_erofs_or_refused_by_name() {
             "mkdir /overlayfs/etc\nwrite {} /overlayfs/etc/hostname\nmkdir /overlayfs/etc/sub\ncd /overlayfs/etc/sub\nmknod gone c 0 0\n",
             new.display()
         ),
-        d.path(),
     );
     let work = d.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
@@ -1267,7 +1251,6 @@ fn erofs_merge_without_root_runs_under_fakeroot() {
             "mkdir /overlayfs/etc\nwrite {} /overlayfs/etc/hostname\nsif /overlayfs/etc/hostname uid 1000\nea_set /overlayfs/etc/hostname security.selinux system_u:object_r:hostname_etc_t:s0\nmkdir /overlayfs/etc/sub\ncd /overlayfs/etc/sub\nmknod gone c 0 0\n",
             new.display()
         ),
-        d.path(),
     );
     let work = d.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
@@ -1331,7 +1314,7 @@ fn erofs_merge_without_root_runs_under_fakeroot() {
     assert!(!x.join("etc/sub/gone").exists());
     // Labels of both layers are in the new image (fsck.erofs 1.5 extracts no
     // xattrs, so they are read with livestick's reader, itself checked against
-    // mkfs.erofs in tests/erofs_xattr.rs).
+    // mkfs.erofs in erofs_xattr.rs).
     let labels: std::collections::HashMap<Vec<u8>, Vec<(String, Vec<u8>)>> =
         livestick::persist::erofs_xattr::read_xattrs(&mut std::fs::File::open(&sq).unwrap(), "new")
             .unwrap()
@@ -1478,7 +1461,7 @@ fn merge_on_a_fat16_stick() {
 #[test]
 fn flat_squashfs_gets_an_overlayfs_overlay() {
     let iso = flat_iso();
-    let inspect = std::process::Command::new(env!("CARGO_BIN_EXE_livestick"))
+    let inspect = std::process::Command::new(crate::support::bin())
         .args(["inspect", "--json"])
         .arg(iso)
         .output()
@@ -1487,7 +1470,7 @@ fn flat_squashfs_gets_an_overlayfs_overlay() {
     assert_eq!(v["root"]["kind"], "flat", "{v}");
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("flat.img");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_livestick"))
+    let out = std::process::Command::new(crate::support::bin())
         .args(["--json", "write"])
         .arg(iso)
         .arg(&img)

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use crate::support::debugfs_w as dbg_w;
 use crate::support::*;
 use livestick::disk::extent_file::ExtentFile;
 use livestick::disk::stick::Stick;
@@ -56,24 +57,6 @@ fn e2fsck_n(image: &Path) -> (i32, String) {
     )
 }
 
-/// debugfs -w with a script; panics if debugfs reports an error.
-fn dbg_w(image: &Path, script: &str) {
-    let f = image.with_extension("debugfs");
-    std::fs::write(&f, script).unwrap();
-    let out = Command::new(tool("debugfs"))
-        .args(["-w", "-f"])
-        .arg(&f)
-        .arg(image)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<&str> = err
-        .lines()
-        .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
-        .collect();
-    assert!(errors.is_empty(), "debugfs script failed: {errors:?}");
-}
-
 fn cat(image: &Path, path: &str) -> String {
     sh(
         "debugfs",
@@ -92,17 +75,6 @@ fn give_away(dir: &Path) {
             give_away(&e.unwrap().path());
         }
     }
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "livestick failed ({:?}): {}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn json(out: &Output) -> Value {

@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use crate::support::*;
-use clap::Parser;
-use livestick::commands::overlay::{OverlayCommand, run};
 use livestick::disk::extent_file::ExtentFile;
 use livestick::disk::fat;
 use livestick::disk::stick::Stick;
@@ -20,25 +18,8 @@ use livestick::squash;
 
 const CHUNK: usize = 4096;
 
-#[derive(Parser)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: OverlayCommand,
-}
-
-fn overlay(args: &[&str]) -> anyhow::Result<()> {
-    let cli = Cli::try_parse_from(std::iter::once("overlay").chain(args.iter().copied()))?;
-    run(cli.cmd, true)
-}
-
 fn err_of(args: &[&str]) -> String {
     format!("{:#}", overlay(args).expect_err("expected an error"))
-}
-
-fn tool_present(name: &str) -> bool {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .any(|d| Path::new(d).join(name).is_file())
 }
 
 /// A stick with a 32 MiB overlay, written once and copied for every test.
@@ -204,7 +185,7 @@ fn tools_ok() -> bool {
         "fsck.fat",
     ]
     .iter()
-    .all(|t| tool_present(t))
+    .all(|t| have(t))
 }
 
 #[test]

@@ -9,13 +9,6 @@ use crate::support::*;
 
 const MIB: u64 = 1 << 20;
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("livestick-persist-")
-        .tempdir()
-        .unwrap()
-}
-
 fn write(args: &[&str]) -> std::process::Output {
     let mut full = vec!["--json", "write"];
     full.extend_from_slice(args);

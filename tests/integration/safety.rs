@@ -4,41 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::loop_device as loop_over;
 use crate::support::*;
 use livestick::disk::devices::{DevNum, Host};
 use livestick::disk::target::{self, TargetError, TargetKind};
 
 const MIB: u64 = 1 << 20;
-
-fn sparse(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::File::create(&path).unwrap().set_len(size).unwrap();
-    path
-}
-
-/// `losetup -f --show <extra> FILE`, detached on drop.
-fn attach_with(extra: &[&str], file: &Path) -> Option<Loop> {
-    let out = Command::new("losetup")
-        .args(["-f", "--show"])
-        .args(extra)
-        .arg(file)
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    Some(Loop(
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-    ))
-}
-
-fn loop_over(extra: &[&str], file: &Path) -> Option<Loop> {
-    let dev = attach_with(extra, file);
-    if dev.is_none() {
-        require(false, &format!("loop devices (losetup {extra:?})"));
-    }
-    dev
-}
 
 fn refusal(path: &str, force: bool) -> TargetError {
     let probe = target::probe(Path::new(path)).unwrap();

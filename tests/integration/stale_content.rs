@@ -12,17 +12,9 @@ use std::process::Command;
 
 use crate::support::*;
 use livestick::disk::fat_raw;
-use rand::RngCore;
 
 const MIB: u64 = 1 << 20;
 const STICK: u64 = 512 * MIB;
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("livestick-stale-")
-        .tempdir()
-        .unwrap()
-}
 
 fn write_json(args: &[&str]) -> serde_json::Value {
     let mut full = vec!["--json", "write"];
@@ -48,19 +40,6 @@ fn part_len(image: &Path) -> u64 {
 fn extents(image: &Path, path: &str) -> Vec<(u64, u64)> {
     let mut f = File::open(image).unwrap();
     fat_raw::file_extents(&mut f, part_start(image), path).unwrap()
-}
-
-fn fill_random(image: &Path, len: u64) {
-    let mut f = File::create(image).unwrap();
-    let mut rng = rand::thread_rng();
-    let mut buf = vec![0u8; 4 * MIB as usize];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        rng.fill_bytes(&mut buf[..n]);
-        f.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
 }
 
 fn put(image: &Path, at: u64, bytes: &[u8]) {
@@ -105,21 +84,6 @@ fn copy_out(image: &Path, path: &str, dest: &Path) {
     for (at, len) in extents(image, path) {
         out.write_all(&get(image, at, len)).unwrap();
     }
-}
-
-fn e2fsck_clean(fs_image: &Path) {
-    let out = Command::new(tool("e2fsck"))
-        .arg("-fn")
-        .arg(fs_image)
-        .output()
-        .expect("e2fsprogs");
-    assert!(
-        out.status.success(),
-        "e2fsck -fn {}:\n{}{}",
-        fs_image.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// What livestick's own dm-snapshot reader says of the overlay on the stick.
@@ -263,10 +227,7 @@ fn decrypt(container: &Path, pass: &Path, dest: &Path) {
     if secret.last() == Some(&b'\n') {
         secret.pop();
     }
-    let mut volume =
-        livestick::persist::luks::open_luks2(File::open(container).unwrap(), &secret).unwrap();
-    let mut out = File::create(dest).unwrap();
-    std::io::copy(&mut volume, &mut out).unwrap();
+    luks_decrypt_to(container, dest, &secret);
 }
 
 fn write_over(iso: &Path, image: &Path, extra: &[&str]) -> serde_json::Value {

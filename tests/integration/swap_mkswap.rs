@@ -4,28 +4,9 @@
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
+use crate::support::{c_locale_output as run, installed as tool};
 use livestick::persist::swap::{read_swap_header, write_swap_image};
-
-fn tool(name: &str) -> Option<PathBuf> {
-    let t = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file());
-    if t.is_none() {
-        eprintln!("SKIP: {name} is not installed (Debian: util-linux / fdisk, Fedora: util-linux)");
-    }
-    t
-}
-
-fn run(exe: &Path, args: &[&str]) -> Output {
-    Command::new(exe)
-        .args(args)
-        .env("LC_ALL", "C")
-        .output()
-        .expect("run external tool")
-}
 
 const UUID: &str = "01234567-89ab-cdef-0123-456789abcdef";
 

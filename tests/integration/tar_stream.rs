@@ -6,24 +6,9 @@
 use std::path::Path;
 use std::process::Command;
 
+use crate::support::stdout_of as run;
 use crate::support::*;
 use livestick::persist::tar_stream::{EntryKind, TarEntry, TarReader, TarWriter};
-
-fn have(tool: &str) -> bool {
-    ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]
-        .iter()
-        .any(|d| Path::new(d).join(tool).is_file())
-}
-
-fn run(cmd: &mut Command) -> Vec<u8> {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
 
 fn read_all(bytes: &[u8]) -> Vec<(TarEntry, Vec<u8>)> {
     let mut r = TarReader::new(bytes);

@@ -1,6 +1,7 @@
 //! disk::wipe against the real libblkid: real and hand-placed stale signatures
 //! in random-filled regions are found by `blkid -p` before the wipe and by
 //! neither `blkid -p` nor `wipefs --no-act` after it.
+use crate::support::{checked as run_ok, need as have, output_of as run};
 use livestick::disk::wipe::{MAX_WIPE_BYTES, signature_spots, wipe_signatures};
 use rand::{RngCore, SeedableRng, rngs::StdRng};
 use std::fs::{self, OpenOptions};
@@ -11,39 +12,6 @@ use std::process::Command;
 const MIB: u64 = 1 << 20;
 /// 64 MiB, 256 MiB and an odd size large enough for mkfs.xfs (300 MiB minimum).
 const SIZES: [u64; 3] = [64 * MIB, 256 * MIB, 320 * MIB + 12345];
-
-/// Whether `name` is installed; a missing tool skips its case, or fails the test
-/// under CI=true so a lost package cannot pass silently.
-fn have(name: &str) -> bool {
-    let found = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(PathBuf::from)
-        .chain(std::env::split_paths(
-            &std::env::var_os("PATH").unwrap_or_default(),
-        ))
-        .any(|d| d.join(name).is_file());
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{name} is missing (run scripts/deps.sh)"
-        );
-        eprintln!("skipping: {name} is not installed");
-    }
-    found
-}
-
-fn run(cmd: &mut Command) -> std::process::Output {
-    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
-}
-
-fn run_ok(cmd: &mut Command) {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn random_base(dir: &Path, len: u64) -> PathBuf {
     let path = dir.join(format!("random-{len}"));

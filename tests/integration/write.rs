@@ -7,13 +7,6 @@ use crate::support::*;
 
 const MIB: u64 = 1 << 20;
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("livestick-test-")
-        .tempdir_in(std::env::temp_dir())
-        .unwrap()
-}
-
 struct Written {
     _dir: tempfile::TempDir,
     image: PathBuf,

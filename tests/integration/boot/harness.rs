@@ -2,14 +2,12 @@
 //!
 //! Boots a stick image (or an ISO as a CD) under software emulation, with the
 //! serial console in a log file, and returns the `LSREPORT key=value …` lines
-//! that the fixture root's init (`fixtures/boot/init.sh`) prints. Include it
-//! with `#[path = "boot/harness.rs"] mod harness;` (from tests/*.rs) or
-//! `mod harness;` (from tests/boot/main.rs).
+//! that the fixture root's init (`fixtures/boot/init.sh`) prints. The boot tests
+//! and `fixture_iso` use it as `crate::boot::harness`.
 //!
 //! Any boot that does not reach the init's report and power off — a dracut
 //! "Press [Enter]" or emergency-shell prompt, a GRUB/syslinux error, a kernel
 //! panic, the hard timeout — panics with the last 40 console lines.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -46,7 +46,7 @@ fn livestick_unprivileged(stick: &Stick, args: &[&str]) {
     open(&stick.image, 0o666);
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(env!("CARGO_BIN_EXE_livestick"))
+        .arg(crate::support::bin())
         .args(args)
         .output()
         .expect("setpriv runs");

@@ -18,7 +18,7 @@ pub(crate) struct Stick {
 
 /// Runs the livestick binary; panics with its output unless it succeeds.
 pub(crate) fn livestick(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_livestick"))
+    let out = Command::new(crate::support::bin())
         .args(args)
         .output()
         .expect("run livestick");

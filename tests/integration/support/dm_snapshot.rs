@@ -1,8 +1,7 @@
 //! Shared helpers for the overlay tests: the kernel vectors in `fixtures/dm-snapshot/`,
 //! their deterministic sector patterns (described in that folder's README), and hashing.
-#![allow(dead_code)]
 
-use std::io::{Cursor, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -71,8 +70,4 @@ pub fn read_write_results(path: &Path) -> Vec<(u64, u64, u64, bool)> {
             (n(1), n(2), n(3), f.get(4) == Some(&"ok"))
         })
         .collect()
-}
-
-pub fn cursor(v: Vec<u8>) -> Cursor<Vec<u8>> {
-    Cursor::new(v)
 }

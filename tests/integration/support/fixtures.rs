@@ -12,7 +12,6 @@
 //! on `fixtures/out/.lock`. When tools are missing the panic says which
 //! `apt-get install` line to run; [`try_boot_iso`] reports that as
 //! [`FixtureError::Unavailable`] instead, for tests that may skip.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::fmt;
