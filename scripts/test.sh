@@ -17,5 +17,9 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 bash scripts/deps.sh
 # Release mode: the boot tests and read-back hashing are I/O and CPU heavy,
-# and debug-mode sha256/md5 would dominate the run time.
+# and debug-mode sha256/md5 would dominate the run time. The integration tests,
+# the QEMU boot tests (`boot::`) among them, are the one binary `integration`:
+# arguments after `bash scripts/test.sh` go to every test binary as a filter
+# (`bash scripts/test.sh write::`). README's "Tests" shows how to run the
+# integration tests without the boot tests, or the boot tests alone.
 cargo test --release --all-targets --no-fail-fast -- --test-threads=2 "$@"

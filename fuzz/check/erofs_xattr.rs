@@ -1,5 +1,5 @@
 //! Checks for one fuzz input of `persist::erofs_xattr`, shared by the cargo-fuzz
-//! target and `tests/fuzz_corpus.rs`: arbitrary bytes as an EROFS image are read
+//! target and `tests/integration/fuzz_corpus.rs`: arbitrary bytes as an EROFS image are read
 //! without a panic (or an allocation beyond the input's size), and only paths that
 //! carry xattrs are listed.
 

@@ -1,5 +1,5 @@
 //! The checks run on one input, shared by the cargo-fuzz target
-//! (`fuzz/fuzz_targets/luks_header.rs`, nightly) and by `tests/fuzz_corpus.rs`
+//! (`fuzz/fuzz_targets/luks_header.rs`, nightly) and by `tests/integration/fuzz_corpus.rs`
 //! (stable, so CI replays the committed corpus without cargo-fuzz).
 //!
 //! The input is a whole LUKS2 container (headers, keyslot areas, a few data

@@ -1,5 +1,5 @@
 //! The checks run on one input, shared by the cargo-fuzz target
-//! (`fuzz/fuzz_targets/snapshot_store.rs`, nightly) and by `tests/fuzz_corpus.rs`
+//! (`fuzz/fuzz_targets/snapshot_store.rs`, nightly) and by `tests/integration/fuzz_corpus.rs`
 //! (stable, so CI replays the committed corpus without cargo-fuzz).
 //!
 //! The input is the whole overlay (COW) file. The parameters a caller would supply (the

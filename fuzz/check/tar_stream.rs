@@ -1,5 +1,5 @@
 //! Checks for one fuzz input of `persist::tar_stream`, shared by the cargo-fuzz target
-//! and `tests/fuzz_corpus.rs`.
+//! and `tests/integration/fuzz_corpus.rs`.
 //!
 //! Arbitrary bytes as a tar stream: reading never panics, and every member read (with
 //! its data) survives a write and a second read unchanged.

@@ -1,5 +1,5 @@
 //! cargo-fuzz target: arbitrary bytes through `persist::erofs_xattr`. The checks live in
-//! `../check/erofs_xattr.rs`, shared with `tests/fuzz_corpus.rs` so CI replays the corpus on
+//! `../check/erofs_xattr.rs`, shared with `tests/integration/fuzz_corpus.rs` so CI replays the corpus on
 //! stable.
 #![no_main]
 

@@ -1,5 +1,5 @@
 //! cargo-fuzz target: arbitrary bytes as a dm-snapshot overlay file.
-//! The checks live in `../check/snapshot_store.rs`, shared with `tests/fuzz_corpus.rs`
+//! The checks live in `../check/snapshot_store.rs`, shared with `tests/integration/fuzz_corpus.rs`
 //! so CI replays the corpus on stable.
 #![no_main]
 

@@ -1,5 +1,5 @@
 //! cargo-fuzz target: arbitrary bytes through `persist::tar_stream`. The checks live in
-//! `../check/tar_stream.rs`, shared with `tests/fuzz_corpus.rs` so CI replays the corpus on
+//! `../check/tar_stream.rs`, shared with `tests/integration/fuzz_corpus.rs` so CI replays the corpus on
 //! stable.
 #![no_main]
 

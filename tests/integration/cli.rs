@@ -1,0 +1,455 @@
+//! The command-line contract: help with examples everywhere, completions,
+//! the man page, --version, doctor, and every exit code of docs/exit-codes.md.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::support::*;
+use clap::CommandFactory;
+use livestick::cli::{self, Cli, ErrorKind};
+use livestick::commands::write::PartialBatchFailure;
+
+/// Every subcommand path, e.g. ["write"], ["overlay", "merge"].
+fn paths(cmd: &clap::Command, prefix: Vec<String>, out: &mut Vec<Vec<String>>) {
+    // Hidden subcommands are internal plumbing, not for users.
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| s.get_name() != "help" && !s.is_hide_set())
+    {
+        let mut p = prefix.clone();
+        p.push(sub.get_name().to_string());
+        out.push(p.clone());
+        paths(sub, p, out);
+    }
+}
+
+fn all_paths() -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    paths(&cli::command(), Vec::new(), &mut out);
+    out
+}
+
+#[test]
+fn clap_definitions_are_consistent() {
+    Cli::command().debug_assert();
+    cli::command().debug_assert();
+}
+
+#[test]
+fn every_help_renders_with_examples() {
+    let top = ok(&livestick(&["--help"]));
+    assert!(top.contains("Examples:"), "{top}");
+    for path in all_paths() {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        if path == ["iso-to-disk"] {
+            // Its --help is livecd-iso-to-disk's; clap's help is `help iso-to-disk`.
+            args.insert(0, "help");
+        } else {
+            args.push("--help");
+        }
+        let text = ok(&livestick(&args));
+        assert!(
+            text.contains("Examples:"),
+            "`livestick {}` has no examples:\n{text}",
+            args.join(" ")
+        );
+    }
+}
+
+#[test]
+fn completions_generate_for_each_shell() {
+    for (shell, needle) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef livestick"),
+        ("fish", "complete -c livestick"),
+    ] {
+        let text = ok(&livestick(&["completions", shell]));
+        assert!(text.contains(needle), "{shell}: {text}");
+        for sub in ["write", "inspect", "doctor", "iso-to-disk"] {
+            assert!(text.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
+    let out = livestick(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn man_page_covers_every_subcommand() {
+    let page = ok(&livestick(&["man"]));
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH livestick 1"),
+        "{page}"
+    );
+    assert_eq!(page.matches(".TH ").count(), 1, "one page");
+    for path in all_paths() {
+        let heading = format!(".SH \"LIVESTICK {}\"", path.join(" ").to_uppercase());
+        assert!(page.contains(&heading), "man page lacks {heading}");
+    }
+    assert!(page.contains("EXIT STATUS"));
+    // groff renders it without warnings, when installed (-k: UTF-8 input
+    // through preconv, as man-db does).
+    if let Ok(out) = Command::new("groff")
+        .args(["-k", "-man", "-Tutf8", "-ww", "-z"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(page.as_bytes())?;
+            child.wait_with_output()
+        })
+    {
+        let warnings = String::from_utf8_lossy(&out.stderr);
+        assert!(warnings.trim().is_empty(), "groff: {warnings}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    ok(&livestick(&["man", "--dir", dir.path().to_str().unwrap()]));
+    for name in [
+        "livestick.1",
+        "livestick-write.1",
+        "livestick-overlay-merge.1",
+    ] {
+        assert!(dir.path().join(name).is_file(), "{name} not written");
+    }
+}
+
+#[test]
+fn version_shows_features() {
+    let long = ok(&livestick(&["--version"]));
+    assert!(long.starts_with(&format!("livestick {}", env!("CARGO_PKG_VERSION"))));
+    assert!(long.contains("features:"), "{long}");
+    let short = ok(&livestick(&["-V"]));
+    assert_eq!(
+        short.trim(),
+        format!("livestick {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn doctor_lists_programs_with_packages() {
+    let text = ok(&livestick(&["doctor"]));
+    for program in [
+        "syslinux",
+        "mcopy",
+        "mke2fs",
+        "resize2fs",
+        "e2fsck",
+        "unsquashfs",
+        "mksquashfs",
+        "mkfs.erofs",
+        "cryptsetup",
+        "qemu-system-x86_64",
+    ] {
+        assert!(text.contains(program), "doctor lacks {program}:\n{text}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&livestick(&["doctor", "--json"]))).expect("JSON");
+    let checks = v["checks"].as_array().unwrap();
+    assert!(
+        checks
+            .iter()
+            .all(|c| c["debian"].is_string() && c["fedora"].is_string())
+    );
+    let syslinux = checks.iter().find(|c| c["name"] == "syslinux").unwrap();
+    // The test environment has SYSLINUX (scripts/deps.sh), so the write can run.
+    assert_eq!(syslinux["found"], true);
+    assert!(syslinux["path"].is_string());
+    assert!(v["ok"].is_boolean());
+}
+
+fn code(o: &Output) -> Option<i32> {
+    o.status.code()
+}
+
+/// The JSON error object is the whole of stdout, and matches the exit code.
+fn json_error(o: &Output, expected: i32, kind: &str) {
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {}",
+            String::from_utf8_lossy(&o.stdout)
+        )
+    });
+    assert_eq!(v["exit_code"], expected);
+    assert_eq!(v["kind"], kind);
+    for key in ["error", "step", "hint"] {
+        assert!(v[key].is_string(), "{key} missing: {v}");
+    }
+    assert!(v["causes"].is_array());
+}
+
+/// Human errors name the step, the causes and a hint.
+fn human_error(o: &Output) {
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("error:"), "{stderr}");
+    assert!(stderr.contains("hint:"), "{stderr}");
+}
+
+#[test]
+fn exit_0_success() {
+    for args in [&["--help"][..], &["--version"], &["doctor"], &["man"]] {
+        assert_eq!(code(&livestick(args)), Some(0), "{args:?}");
+    }
+    let iso = synthetic_iso("fedora-classic.iso");
+    let out = livestick(&["inspect", iso.to_str().unwrap()]);
+    assert_eq!(code(&out), Some(0));
+}
+
+#[test]
+fn exit_1_usage() {
+    let out = livestick(&["write", "--bogus"]);
+    assert_eq!(code(&out), Some(1));
+    let out = livestick(&["--json", "write", "--bogus"]);
+    assert_eq!(code(&out), Some(1));
+    json_error(&out, 1, "usage");
+    let out = livestick(&["iso-to-disk", "--xo", "a.iso", "b.img"]);
+    assert_eq!(code(&out), Some(1));
+    human_error(&out);
+    assert_eq!(ErrorKind::Usage.exit_code(), 1);
+}
+
+#[test]
+fn exit_2_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("s.img");
+    let args = [
+        "write",
+        "/nonexistent/x.iso",
+        img.to_str().unwrap(),
+        "--size",
+        "256M",
+    ];
+    let out = livestick(&args);
+    assert_eq!(code(&out), Some(2));
+    human_error(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("livestick write: error:"));
+    let out = livestick(&[&["--json"][..], &args].concat());
+    json_error(&out, 2, "bad-input");
+    assert!(!img.exists());
+}
+
+#[test]
+fn exit_3_refused() {
+    if !require(is_root(), "root (a loop device is a non-removable disk)") {
+        return;
+    }
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let Some(dev) = Loop::attach(&backing) else {
+        require(false, "loop devices (losetup -f)");
+        return;
+    };
+    let before = sha256_file(&backing);
+    let out = livestick(&["--json", "write", iso.to_str().unwrap(), &dev.0, "--yes"]);
+    assert_eq!(
+        code(&out),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_error(&out, 3, "refused");
+    human_error(&out);
+    drop(dev);
+    assert_eq!(before, sha256_file(&backing));
+}
+
+#[test]
+fn exit_4_io() {
+    // /proc does not let anyone create directories: a plain I/O failure.
+    let out = livestick(&["man", "--dir", "/proc/livestick-test/man1"]);
+    assert_eq!(
+        code(&out),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    human_error(&out);
+    let out = livestick(&["--json", "man", "--dir", "/proc/livestick-test/man1"]);
+    json_error(&out, 4, "io");
+    assert!(!Path::new("/proc/livestick-test").exists());
+}
+
+#[test]
+fn exit_5_partial_batch() {
+    // One good image file and one impossible target (a directory).
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.img");
+    let bad = dir.path().join("a-directory");
+    std::fs::create_dir(&bad).unwrap();
+    let out = livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        good.to_str().unwrap(),
+        bad.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--noverify",
+    ]);
+    assert_eq!(
+        code(&out),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    human_error(&out);
+    assert!(good.is_file());
+    // The typed error behind it, as the batch writer returns it.
+    let err = anyhow::Error::new(PartialBatchFailure {
+        failed: 1,
+        total: 3,
+        details: vec!["b.img: pulled".into()],
+    })
+    .context("writing 3 sticks");
+    assert_eq!(cli::error_kind(&err), ErrorKind::PartialBatch);
+    assert_eq!(ErrorKind::PartialBatch.exit_code(), 5);
+    assert!(
+        err.root_cause()
+            .to_string()
+            .starts_with("1 of 3 targets failed")
+    );
+}
+
+#[test]
+fn error_kinds_have_distinct_codes_and_hints() {
+    let kinds = [
+        ErrorKind::Usage,
+        ErrorKind::BadInput,
+        ErrorKind::Refused,
+        ErrorKind::Io,
+        ErrorKind::PartialBatch,
+    ];
+    let codes: Vec<u8> = kinds.iter().map(|k| k.exit_code()).collect();
+    assert_eq!(codes, [1, 2, 3, 4, 5]);
+    assert!(kinds.iter().all(|k| !k.hint().is_empty()));
+    let doc = std::fs::read_to_string(repo().join("docs/exit-codes.md")).unwrap();
+    for (k, c) in kinds.iter().zip(codes) {
+        let name = serde_json::to_value(k).unwrap();
+        let name = name.as_str().unwrap();
+        assert!(
+            doc.contains(&format!("| {c} | `{name}` |")),
+            "doc lacks code {c} ({name})"
+        );
+    }
+}
+
+/// Every command that changes something accepts --yes, so scripts can pass it
+/// uniformly (the brief's own examples do).
+#[test]
+fn every_changing_command_accepts_yes() {
+    use clap::Parser;
+    for argv in [
+        &["livestick", "write", "a.iso", "b.img", "--yes"][..],
+        &["livestick", "overlay", "merge", "s.img", "--yes"],
+        &["livestick", "overlay", "reset", "s.img", "--yes"],
+        &[
+            "livestick",
+            "overlay",
+            "recover",
+            "s.img",
+            "--repair",
+            "--yes",
+        ],
+        &[
+            "livestick",
+            "overlay",
+            "grow",
+            "s.img",
+            "--add-mb",
+            "8",
+            "--yes",
+        ],
+    ] {
+        if let Err(e) = Cli::try_parse_from(argv) {
+            panic!("{argv:?}: {e}");
+        }
+    }
+}
+
+/// A question nobody could answer (no terminal, no --yes) is a safety refusal,
+/// recognised by its type wherever it is wrapped.
+#[test]
+fn missing_confirmation_is_a_refusal() {
+    let err = anyhow::Error::new(livestick::commands::NoConfirmation {
+        question: "Erase /dev/sdz?".into(),
+    })
+    .context("writing /dev/sdz");
+    assert_eq!(cli::error_kind(&err), ErrorKind::Refused);
+    assert_eq!(cli::error_kind(&err).exit_code(), 3);
+}
+
+/// `livestick write ISO TARGET…` with file writes limited to `limit` bytes
+/// (RLIMIT_FSIZE, SIGXFSZ ignored so the write fails with EFBIG instead of
+/// killing the process): a full disk that needs no privileges.
+fn write_with_file_limit(iso: &Path, target: &Path, extra: &[&str], limit: u64) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(bin());
+    cmd.arg("write").arg(iso).arg(target).args(extra);
+    cmd.args(["--yes", "--quiet"]);
+    // SAFETY: between fork and exec only async-signal-safe calls (signal,
+    // setrlimit) on values owned by the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("livestick runs")
+}
+
+#[test]
+fn a_failed_write_removes_the_image_it_created_and_never_an_existing_one() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tempfile::tempdir().unwrap();
+    // A new image: it fails while the image is being sized and filled.
+    let new = dir.path().join("new.img");
+    let out = write_with_file_limit(&iso, &new, &["--size", "1G"], 4 << 20);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        !new.exists(),
+        "the incomplete new image is removed: {stderr}"
+    );
+    assert!(stderr.contains("was removed"), "{stderr}");
+    // An existing image that the same failure leaves incomplete stays.
+    let existing = dir.path().join("existing.img");
+    std::fs::File::create(&existing)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let out = write_with_file_limit(&iso, &existing, &[], 4 << 20);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert_eq!(std::fs::metadata(&existing).unwrap().len(), 1 << 30);
+    // A real ENOSPC, on a small tmpfs (root only).
+    if !require(is_root(), "root (mounting a tmpfs)") {
+        return;
+    }
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !require(mounted, "mounting a tmpfs") {
+        return;
+    }
+    let target = small.join("full.img");
+    let out = write_with_file_limit(&iso, &target, &["--size", "1G"], u64::MAX);
+    let _ = Command::new("umount").arg(&small).status();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("No space left"), "{stderr}");
+    assert!(stderr.contains("was removed"), "{stderr}");
+}

@@ -1,0 +1,46 @@
+//! Every integration test in one binary (the layout ripgrep's `tests/tests.rs` uses):
+//! one link instead of one per file, and one process, so a fixture ISO is built once
+//! and every file shares the one `support` module.
+//!
+//! One process also means the files' tests run beside each other, which separate
+//! binaries never did: whatever is machine-wide (loop devices, `/dev`, the fixture
+//! cache in `fixtures/out/`) is coordinated in `support`, and nothing here may change
+//! process-wide state (`std::env::set_var`, the current directory); a child's
+//! environment and directory are set on its `Command`.
+//!
+//! Run a file's tests by module path: `cargo test --test integration write::`.
+//! The QEMU boot tests (`boot::`, about 6 minutes) are skipped with
+//! `-- --skip boot::` and run on their own with `cargo test --test integration boot::`.
+
+mod support;
+
+mod batch;
+mod boot;
+mod boot_config;
+mod captured_sysfs;
+mod cli;
+mod compat;
+mod devices;
+mod erofs_xattr;
+mod ext4_sparse;
+mod fat_damage;
+mod fixture_iso;
+mod fuzz_corpus;
+mod home_cli;
+mod home_image;
+mod iso_reader;
+mod luks_cryptsetup;
+mod overlay_cli;
+mod overlay_merge;
+mod overlay_ovl;
+mod overlay_ovl_maint;
+mod overlay_stick;
+mod persistence;
+mod safety;
+mod snapshot_proptest;
+mod snapshot_vectors;
+mod stale_content;
+mod swap_mkswap;
+mod tar_stream;
+mod wipe;
+mod write;
