@@ -556,8 +556,9 @@ pub fn plan_write(
                 .any(|(p, _)| p.eq_ignore_ascii_case("/EFI/BOOT/BOOTX64.EFI"))
         });
     for f in &live.efi_files {
-        // The first image's loaders stay: they boot the combined menu.
-        if f.path.eq_ignore_ascii_case("/EFI/BOOT/grub.cfg") || keep_efi_loaders {
+        // The first image's loaders stay: they boot the combined menu. GRUB
+        // configs are rendered for the stick below, wherever they are.
+        if is_grub_cfg(&f.path) || keep_efi_loaders {
             continue;
         }
         add_iso(&mut copies, &f.path, f.path.clone(), f.size);
@@ -807,6 +808,17 @@ pub fn plan_write(
                 content: text.clone(),
             });
         }
+        // A signed GRUB reads its vendor directory's config (Debian's
+        // /EFI/debian/grub.cfg), not /EFI/BOOT's: each one the ISO carries
+        // gets the stick's menu, never the ISO's, which names the ISO's label.
+        for f in &live.efi_files {
+            if is_grub_cfg(&f.path) && !f.path.eq_ignore_ascii_case("/EFI/BOOT/grub.cfg") {
+                configs.push(ConfigStep {
+                    dest: f.path.clone(),
+                    content: text.clone(),
+                });
+            }
+        }
         configs.push(ConfigStep {
             dest: "/EFI/BOOT/grub.cfg".into(),
             content: text,
@@ -1029,6 +1041,13 @@ impl Plan {
         }
         out
     }
+}
+
+/// Whether an ISO path names a GRUB config (`grub.cfg` in any directory).
+fn is_grub_cfg(path: &str) -> bool {
+    path.rsplit('/')
+        .next()
+        .is_some_and(|name| name.eq_ignore_ascii_case("grub.cfg"))
 }
 
 #[cfg(test)]
@@ -2038,5 +2057,42 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
             plan_existing(&nested(), stick(), &o),
             Err(PlanError::PartitionSizeNeedsFormat)
         ));
+    }
+
+    /// A signed GRUB reads its vendor directory's config (Debian's
+    /// /EFI/debian/grub.cfg): the stick's menu goes there too, and the ISO's,
+    /// which names the ISO's label, is not copied.
+    #[test]
+    fn every_grub_cfg_under_efi_gets_the_sticks_menu() {
+        let mut live = nested();
+        for path in ["/EFI/debian/grub.cfg", "/EFI/fedora/GRUB.CFG"] {
+            live.efi_files.push(FileInfo {
+                path: path.into(),
+                size: 700,
+            });
+        }
+        let plan = plan_new(&live, 8 * GIB, &opts()).unwrap();
+        let dests: Vec<&str> = plan.configs.iter().map(|c| c.dest.as_str()).collect();
+        assert_eq!(
+            dests,
+            [
+                "/syslinux/syslinux.cfg",
+                "/EFI/debian/grub.cfg",
+                "/EFI/fedora/GRUB.CFG",
+                "/EFI/BOOT/grub.cfg"
+            ]
+        );
+        let efi_boot = config(&plan, "/EFI/BOOT/grub.cfg");
+        assert_eq!(config(&plan, "/EFI/debian/grub.cfg"), efi_boot);
+        assert_eq!(config(&plan, "/EFI/fedora/GRUB.CFG"), efi_boot);
+        assert!(
+            plan.copies.iter().all(|c| !is_grub_cfg(&c.dest)),
+            "no ISO grub.cfg copied: {:?}",
+            dests_of_copies(&plan)
+        );
+    }
+
+    fn dests_of_copies(plan: &Plan) -> Vec<&str> {
+        plan.copies.iter().map(|c| c.dest.as_str()).collect()
     }
 }
