@@ -67,6 +67,13 @@ pub enum ApplyError {
     },
 }
 
+impl crate::error::Classify for ApplyError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        // The `transparent` variants too: see `Classify` for why.
+        crate::error::ErrorKind::Io
+    }
+}
+
 impl ApplyError {
     fn io(step: impl Into<String>) -> impl FnOnce(io::Error) -> ApplyError {
         let step = step.into();

@@ -6,9 +6,9 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::process::ExitCode;
 
-use livestick::cli::{self, Command, ErrorKind};
+use livestick::cli::{self, Command, compat};
 use livestick::commands;
-use livestick::compat;
+use livestick::error::ErrorKind;
 
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();

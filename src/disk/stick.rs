@@ -38,6 +38,13 @@ pub enum StickError {
     Layout { path: PathBuf, message: String },
 }
 
+impl crate::error::Classify for StickError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        // The `transparent` variants too: see `Classify` for why.
+        crate::error::ErrorKind::Io
+    }
+}
+
 /// The live files found on a stick.
 #[derive(Debug, Clone, Serialize)]
 pub struct StickInfo {

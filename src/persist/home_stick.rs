@@ -118,6 +118,13 @@ pub enum HomeStickError {
     NotHome(String),
 }
 
+impl crate::error::Classify for HomeStickError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        // The `transparent` variants too: see `Classify` for why.
+        crate::error::ErrorKind::Io
+    }
+}
+
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> HomeStickError + '_ {
     move |source| HomeStickError::Io {
         path: path.to_path_buf(),

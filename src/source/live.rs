@@ -139,6 +139,12 @@ pub enum LiveError {
     },
 }
 
+impl crate::error::Classify for LiveError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::BadInput
+    }
+}
+
 fn iso_err(path: &Path) -> impl FnOnce(IsoError) -> LiveError + '_ {
     move |source| LiveError::Iso {
         path: path.to_path_buf(),
