@@ -10,6 +10,8 @@
 //! [`Classify`] without importing upwards.
 
 use std::error::Error as StdError;
+use std::io;
+use std::path::PathBuf;
 
 /// Each kind has an exit code (`docs/exit-codes.md`) and a hint for a human.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -66,22 +68,65 @@ impl ErrorKind {
 /// so that the exit code follows from the type and never from the message.
 ///
 /// A variant that wraps another typed error with `#[error(transparent)]`
-/// answers `Io` today, not the wrapped error's kind: `transparent` hides the
-/// wrapped error from the chain, so its kind never decided the exit code and
-/// delegating would change codes (issue 13 corrects them).
+/// mostly answers `Io`, not the wrapped error's kind: `transparent` hides the
+/// wrapped error from the chain, so its kind never decided the exit code, and
+/// delegating would change codes that issue 13 is to correct one by one.
 pub trait Classify {
     fn kind(&self) -> ErrorKind;
+
+    /// What to do next, when this error knows better than its kind's
+    /// general [`ErrorKind::hint`].
+    fn hint(&self) -> &'static str {
+        self.kind().hint()
+    }
 }
 
-/// Asks one error of a chain for its kind if it is of one particular type:
+/// The kind and hint of an error, as the one error of its chain that decides gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub kind: ErrorKind,
+    pub hint: &'static str,
+}
+
+impl Verdict {
+    fn of(error: &impl Classify) -> Verdict {
+        Verdict {
+            kind: error.kind(),
+            hint: error.hint(),
+        }
+    }
+}
+
+/// Asks one error of a chain for its verdict if it is of one particular type:
 /// `classifier::<TargetError>` is the entry for `TargetError` in a list.
-pub type Classifier = fn(&(dyn StdError + 'static)) -> Option<ErrorKind>;
+pub type Classifier = fn(&(dyn StdError + 'static)) -> Option<Verdict>;
 
 /// The [`Classifier`] of `E`.
 pub fn classifier<E: Classify + StdError + 'static>(
     error: &(dyn StdError + 'static),
-) -> Option<ErrorKind> {
-    error.downcast_ref::<E>().map(Classify::kind)
+) -> Option<Verdict> {
+    error.downcast_ref::<E>().map(Verdict::of)
+}
+
+/// Told to a user who may not open a device or file they named.
+pub const PERMISSION_HINT: &str = "nothing was written; run livestick as root (sudo), or as a user in a group with access to the device (`ls -l` shows its group, often `disk`) or to the file";
+
+/// The kind of a failure to open or look at a path the user named: a file
+/// that is not there, or one they may not open, is theirs to fix; anything
+/// else is I/O.
+pub fn open_failure_kind(error: &io::Error) -> ErrorKind {
+    match error.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => ErrorKind::BadInput,
+        _ => ErrorKind::Io,
+    }
+}
+
+/// The hint for an error of [`open_failure_kind`].
+pub fn open_failure_hint(error: &io::Error) -> &'static str {
+    match error.kind() {
+        io::ErrorKind::PermissionDenied => PERMISSION_HINT,
+        _ => open_failure_kind(error).hint(),
+    }
 }
 
 /// The kind of the outermost error in `err`'s chain that one of
@@ -91,9 +136,36 @@ pub fn classifier<E: Classify + StdError + 'static>(
 /// A typed error given as the *context* of another (`.context(BadInput(..))`)
 /// is not seen: anyhow hands the chain out wrapped in its own context type.
 pub fn error_kind_among(err: &anyhow::Error, classifiers: &[Classifier]) -> ErrorKind {
+    verdict_among(err, classifiers).kind
+}
+
+/// The kind (as [`error_kind_among`]) and the hint of `err`.
+pub fn verdict_among(err: &anyhow::Error, classifiers: &[Classifier]) -> Verdict {
     err.chain()
         .find_map(|cause| classifiers.iter().find_map(|classify| classify(cause)))
-        .unwrap_or(ErrorKind::Io)
+        .unwrap_or(Verdict {
+            kind: ErrorKind::Io,
+            hint: ErrorKind::Io.hint(),
+        })
+}
+
+/// A path named on the command line that could not be opened or looked at.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .path.display())]
+pub struct CannotOpen {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+impl Classify for CannotOpen {
+    fn kind(&self) -> ErrorKind {
+        open_failure_kind(&self.source)
+    }
+
+    fn hint(&self) -> &'static str {
+        open_failure_hint(&self.source)
+    }
 }
 
 /// A problem with what the user gave us (exit code 2), as opposed to an I/O failure.
@@ -146,6 +218,7 @@ mod tests {
         classifier::<BadInput>,
         classifier::<PartialBatchFailure>,
         classifier::<NoConfirmation>,
+        classifier::<CannotOpen>,
     ];
 
     #[test]
@@ -213,6 +286,25 @@ mod tests {
         let err = anyhow::Error::new(Outer(BadInput("inner".into())));
         let classifiers: &[Classifier] = &[classifier::<Outer>, classifier::<BadInput>];
         assert_eq!(error_kind_among(&err, classifiers), ErrorKind::Refused);
+    }
+
+    #[test]
+    fn a_missing_or_forbidden_path_is_bad_input_and_says_how_to_get_access() {
+        let classifiers: &[Classifier] = &[classifier::<CannotOpen>];
+        let open = |kind: io::ErrorKind| {
+            anyhow::Error::new(CannotOpen {
+                path: PathBuf::from("/dev/sdb"),
+                source: io::Error::from(kind),
+            })
+            .context("reading the home")
+        };
+        let denied = verdict_among(&open(io::ErrorKind::PermissionDenied), classifiers);
+        assert_eq!(denied.kind, ErrorKind::BadInput);
+        assert!(denied.hint.contains("root") && denied.hint.contains("group"));
+        let missing = verdict_among(&open(io::ErrorKind::NotFound), classifiers);
+        assert_eq!(missing, Verdict::of(&BadInput(String::new())));
+        let failed = verdict_among(&open(io::ErrorKind::TimedOut), classifiers);
+        assert_eq!(failed.kind, ErrorKind::Io);
     }
 
     #[test]

@@ -102,7 +102,8 @@ fn usage_error(e: clap::Error, json: bool) -> u8 {
 /// stdout with --json) and returns the exit code.
 fn finish(result: anyhow::Result<()>, step: &str, json: bool) -> u8 {
     let Err(err) = result else { return 0 };
-    let kind = cli::error_kind(&err);
+    let verdict = cli::error_verdict(&err);
+    let (kind, hint) = (verdict.kind, verdict.hint);
     let code = kind.exit_code();
     let causes: Vec<String> = err.chain().skip(1).map(|c| c.to_string()).collect();
     if json {
@@ -111,7 +112,7 @@ fn finish(result: anyhow::Result<()>, step: &str, json: bool) -> u8 {
             "step": step,
             "kind": kind,
             "causes": causes,
-            "hint": kind.hint(),
+            "hint": hint,
             "exit_code": code,
         });
         println!("{value}");
@@ -120,6 +121,6 @@ fn finish(result: anyhow::Result<()>, step: &str, json: bool) -> u8 {
     for cause in &causes {
         eprintln!("  caused by: {cause}");
     }
-    eprintln!("  hint: {}", kind.hint());
+    eprintln!("  hint: {hint}");
     code
 }

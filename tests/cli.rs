@@ -466,3 +466,81 @@ fn a_failed_write_removes_the_image_it_created_and_never_an_existing_one() {
     assert!(stderr.contains("No space left"), "{stderr}");
     assert!(stderr.contains("was removed"), "{stderr}");
 }
+
+#[test]
+fn permission_denied_is_bad_input_and_says_run_as_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let closed = |path: &Path| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o000)).unwrap();
+    };
+    let target = dir.path().join("stick.img");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    closed(&target);
+    let source = dir.path().join("source.iso");
+    std::fs::copy(&iso, &source).unwrap();
+    closed(&source);
+    let new = dir.path().join("new.img");
+    for args in [
+        &[
+            "write",
+            iso.to_str().unwrap(),
+            target.to_str().unwrap(),
+            "--yes",
+        ][..],
+        &[
+            "write",
+            source.to_str().unwrap(),
+            new.to_str().unwrap(),
+            "--size",
+            "1G",
+            "--yes",
+        ],
+        &["inspect", source.to_str().unwrap()],
+        &["home", "info", target.to_str().unwrap()],
+    ] {
+        let out = as_nobody(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), Some(2), "{args:?}: {stderr}");
+        human_error(&out);
+        assert!(
+            stderr.contains("as root") && stderr.contains("group with access"),
+            "{args:?}: {stderr}"
+        );
+        let out = as_nobody(&[&["--json"][..], args].concat());
+        json_error(&out, 2, "bad-input");
+    }
+    assert_eq!(std::fs::metadata(&target).unwrap().len(), 1 << 30);
+    assert!(!new.exists());
+}
+
+#[test]
+fn a_missing_file_is_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.img");
+    let missing = missing.to_str().unwrap();
+    let img = dir.path().join("s.img");
+    for args in [
+        &["inspect", missing][..],
+        &["write", missing, img.to_str().unwrap(), "--size", "256M"],
+        &["home", "info", missing],
+        &["home", "resize", missing, "--size-mb", "100"],
+    ] {
+        let out = livestick(args);
+        assert_eq!(
+            code(&out),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        human_error(&out);
+        let out = livestick(&[&["--json"][..], args].concat());
+        json_error(&out, 2, "bad-input");
+    }
+    assert!(!img.exists());
+}

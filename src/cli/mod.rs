@@ -250,6 +250,7 @@ const CLASSIFIERS: &[Classifier] = &[
     classifier::<crate::error::BadInput>,
     classifier::<crate::error::PartialBatchFailure>,
     classifier::<crate::error::NoConfirmation>,
+    classifier::<crate::error::CannotOpen>,
     classifier::<clap::Error>,
     classifier::<compat::CompatError>,
     classifier::<crate::apply::ApplyError>,
@@ -284,6 +285,11 @@ const CLASSIFIERS: &[Classifier] = &[
 /// livestick knows decides); anything unknown is an I/O failure.
 pub fn error_kind(err: &anyhow::Error) -> ErrorKind {
     crate::error::error_kind_among(err, CLASSIFIERS)
+}
+
+/// The kind of `err` (as [`error_kind`]) and the hint to print with it.
+pub fn error_verdict(err: &anyhow::Error) -> crate::error::Verdict {
+    crate::error::verdict_among(err, CLASSIFIERS)
 }
 
 #[cfg(test)]
@@ -322,7 +328,7 @@ mod tests {
     fn a_transparent_wrapper_keeps_the_exit_code_it_had() {
         // `transparent` hides the wrapped refusal from the chain, so this was
         // an I/O failure before `Classify` and still is (issue 13 decides).
-        let wrapped = anyhow::Error::new(crate::apply::ApplyError::Target(
+        let wrapped = anyhow::Error::new(crate::disk::stick::StickError::Target(
             TargetError::NotRemovable(PathBuf::from("/dev/sda")),
         ));
         assert_eq!(

@@ -7,13 +7,14 @@
 use std::io::IsTerminal;
 use std::path::Path;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
 pub use crate::cli::home::HomeCommand;
 use crate::cli::home::{InfoArgs, PassArgs, ResizeArgs};
 use crate::disk::stick;
+use crate::error::CannotOpen;
 use crate::persist::home::{self, HomeKind, PassphraseSource};
 use crate::persist::home_stick::{self, HomeReport, ResizePlan, StickHome};
 use crate::progress::{Progress, ProgressMode};
@@ -42,7 +43,10 @@ fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
 
 /// A stick, or a bare home.img file.
 fn is_stick(path: &Path) -> anyhow::Result<bool> {
-    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(|source| CannotOpen {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if stick::looks_like_stick(path) {
         return Ok(true);
     }

@@ -54,6 +54,13 @@ impl crate::error::Classify for IdentityError {
             }
         }
     }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            IdentityError::Io { source, .. } => crate::error::open_failure_hint(source),
+            _ => self.kind().hint(),
+        }
+    }
 }
 
 /// What one path is, for comparing with another.

@@ -40,8 +40,18 @@ pub enum StickError {
 
 impl crate::error::Classify for StickError {
     fn kind(&self) -> crate::error::ErrorKind {
-        // The `transparent` variants too: see `Classify` for why.
-        crate::error::ErrorKind::Io
+        match self {
+            StickError::Io { source, .. } => crate::error::open_failure_kind(source),
+            // The `transparent` variants too: see `Classify` for why.
+            _ => crate::error::ErrorKind::Io,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            StickError::Io { source, .. } => crate::error::open_failure_hint(source),
+            _ => self.kind().hint(),
+        }
     }
 }
 

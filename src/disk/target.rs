@@ -151,9 +151,21 @@ impl crate::error::Classify for TargetError {
         use crate::error::ErrorKind;
         match self {
             TargetError::Busy { .. } | TargetError::NotRemovable(_) => ErrorKind::Refused,
+            TargetError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+                ErrorKind::BadInput
+            }
             TargetError::Io { .. } => ErrorKind::Io,
             // SystemDisk among them: issue 13 makes it a refusal (3).
             _ => ErrorKind::BadInput,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            TargetError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+                crate::error::PERMISSION_HINT
+            }
+            _ => self.kind().hint(),
         }
     }
 }

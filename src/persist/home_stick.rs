@@ -120,8 +120,18 @@ pub enum HomeStickError {
 
 impl crate::error::Classify for HomeStickError {
     fn kind(&self) -> crate::error::ErrorKind {
-        // The `transparent` variants too: see `Classify` for why.
-        crate::error::ErrorKind::Io
+        match self {
+            HomeStickError::Io { source, .. } => crate::error::open_failure_kind(source),
+            // The `transparent` variants too: see `Classify` for why.
+            _ => crate::error::ErrorKind::Io,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            HomeStickError::Io { source, .. } => crate::error::open_failure_hint(source),
+            _ => self.kind().hint(),
+        }
     }
 }
 
