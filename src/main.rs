@@ -25,6 +25,9 @@ fn main() -> ExitCode {
         Err(e) => return ExitCode::from(usage_error(e, wants_json(&argv))),
     };
     let (json, quiet) = (cli.json, cli.quiet);
+    if cli.command.changes_nothing() {
+        stop_at_once_on_closed_stdout();
+    }
     let result = match cli.command {
         Command::Inspect(args) => commands::inspect::run(&args, json),
         Command::Write(args) => commands::write::run(&args, json, quiet),
@@ -42,6 +45,18 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(finish(result, &step, json))
+}
+
+/// Lets SIGPIPE end the process, as it ends `cat` and `ls`, when the reader of
+/// stdout goes away (`livestick devices | head -1`): Rust ignores SIGPIPE, and a
+/// closed pipe then makes every `println!` panic. Only for commands that change
+/// nothing (docs/exit-codes.md): a signal must never stop a write half way.
+fn stop_at_once_on_closed_stdout() {
+    // SAFETY: no other thread runs yet, and SIG_DFL is a valid disposition
+    // for SIGPIPE; the previous handler is not needed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// The livecd-iso-to-disk front end: its own parser, then the native write.

@@ -467,6 +467,42 @@ fn a_failed_write_removes_the_image_it_created_and_never_an_existing_one() {
     assert!(stderr.contains("was removed"), "{stderr}");
 }
 
+/// livestick with a stdout whose reader is gone before it starts, as after
+/// `livestick … | head -c1` once head has exited: every write to it fails.
+fn with_closed_stdout(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    Command::new(bin())
+        .args(args)
+        .stdout(writer)
+        .output()
+        .expect("livestick runs")
+}
+
+#[test]
+fn a_closed_stdout_ends_a_command_that_changes_nothing_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let iso = synthetic_iso("fedora-classic.iso");
+    for args in [
+        &["inspect", iso.to_str().unwrap(), "--json"][..],
+        &["inspect", iso.to_str().unwrap()],
+        &["devices"],
+        &["devices", "--all", "--json"],
+        &["completions", "bash"],
+    ] {
+        let out = with_closed_stdout(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        // docs/exit-codes.md: 128 + SIGPIPE, as the shell reports it.
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {:?} {stderr}",
+            out.status
+        );
+    }
+}
+
 #[test]
 fn permission_denied_is_bad_input_and_says_run_as_root() {
     use std::os::unix::fs::PermissionsExt;

@@ -132,6 +132,28 @@ with its status; docs/compatibility.md explains each.",
     },
 }
 
+impl Command {
+    /// True for the commands that only read and print: stopping one of them
+    /// at any point loses nothing.
+    pub fn changes_nothing(&self) -> bool {
+        use crate::commands::overlay::OverlayCommand;
+        match self {
+            Command::Inspect(_)
+            | Command::Devices(_)
+            | Command::Doctor(_)
+            | Command::Completions(_)
+            | Command::Man(_) => true,
+            Command::Write(args) => args.dry_run,
+            Command::Home { command } => match command {
+                home::HomeCommand::Info(_) => true,
+                home::HomeCommand::Resize(args) => args.dry_run,
+            },
+            Command::Overlay { command } => matches!(command, OverlayCommand::Status(_)),
+            Command::IsoToDisk(_) | Command::InternalFakerootStep { .. } => false,
+        }
+    }
+}
+
 const ISO_TO_DISK_EXAMPLES: &str = "\
 Examples:
   livestick iso-to-disk --format --efi --overlay-size-mb 2048 Fedora.iso /dev/sdb
