@@ -67,6 +67,27 @@ pub enum ApplyError {
     },
 }
 
+impl crate::error::Classify for ApplyError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            // Only `open_for_write`'s I/O errors and a stick's come through
+            // these, so asking them changes nothing but a target the user may
+            // not open, or that is not there: bad input, not I/O.
+            ApplyError::Target(e) => e.kind(),
+            ApplyError::Stick(e) => e.kind(),
+            _ => crate::error::ErrorKind::Io,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            ApplyError::Target(e) => e.hint(),
+            ApplyError::Stick(e) => e.hint(),
+            _ => self.kind().hint(),
+        }
+    }
+}
+
 impl ApplyError {
     fn io(step: impl Into<String>) -> impl FnOnce(io::Error) -> ApplyError {
         let step = step.into();

@@ -6,9 +6,9 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::process::ExitCode;
 
-use livestick::cli::{self, Command, ErrorKind};
+use livestick::cli::{self, Command, compat};
 use livestick::commands;
-use livestick::compat;
+use livestick::error::ErrorKind;
 
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
@@ -25,6 +25,9 @@ fn main() -> ExitCode {
         Err(e) => return ExitCode::from(usage_error(e, wants_json(&argv))),
     };
     let (json, quiet) = (cli.json, cli.quiet);
+    if cli.command.changes_nothing() {
+        stop_at_once_on_closed_stdout();
+    }
     let result = match cli.command {
         Command::Inspect(args) => commands::inspect::run(&args, json),
         Command::Write(args) => commands::write::run(&args, json, quiet),
@@ -42,6 +45,18 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(finish(result, &step, json))
+}
+
+/// Lets SIGPIPE end the process, as it ends `cat` and `ls`, when the reader of
+/// stdout goes away (`livestick devices | head -1`): Rust ignores SIGPIPE, and a
+/// closed pipe then makes every `println!` panic. Only for commands that change
+/// nothing (docs/exit-codes.md): a signal must never stop a write half way.
+fn stop_at_once_on_closed_stdout() {
+    // SAFETY: no other thread runs yet, and SIG_DFL is a valid disposition
+    // for SIGPIPE; the previous handler is not needed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// The livecd-iso-to-disk front end: its own parser, then the native write.
@@ -102,7 +117,8 @@ fn usage_error(e: clap::Error, json: bool) -> u8 {
 /// stdout with --json) and returns the exit code.
 fn finish(result: anyhow::Result<()>, step: &str, json: bool) -> u8 {
     let Err(err) = result else { return 0 };
-    let kind = cli::error_kind(&err);
+    let verdict = cli::error_verdict(&err);
+    let (kind, hint) = (verdict.kind, verdict.hint);
     let code = kind.exit_code();
     let causes: Vec<String> = err.chain().skip(1).map(|c| c.to_string()).collect();
     if json {
@@ -111,7 +127,7 @@ fn finish(result: anyhow::Result<()>, step: &str, json: bool) -> u8 {
             "step": step,
             "kind": kind,
             "causes": causes,
-            "hint": kind.hint(),
+            "hint": hint,
             "exit_code": code,
         });
         println!("{value}");
@@ -120,6 +136,6 @@ fn finish(result: anyhow::Result<()>, step: &str, json: bool) -> u8 {
     for cause in &causes {
         eprintln!("  caused by: {cause}");
     }
-    eprintln!("  hint: {}", kind.hint());
+    eprintln!("  hint: {hint}");
     code
 }

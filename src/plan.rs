@@ -269,6 +269,12 @@ pub enum PlanError {
     Render(String),
 }
 
+impl crate::error::Classify for PlanError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::BadInput
+    }
+}
+
 /// `--extra-kernel-args` plus the installer arguments that name the copied
 /// updates image and kickstart on this stick (by its UUID, as anaconda's
 /// `hd:` syntax takes it).

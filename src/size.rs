@@ -26,6 +26,12 @@ pub enum SizeError {
     Overflow(String),
 }
 
+impl crate::error::Classify for SizeError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::BadInput
+    }
+}
+
 /// Parses a size with an optional unit into bytes.
 pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let trimmed = text.trim();

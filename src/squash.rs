@@ -50,6 +50,12 @@ pub enum SquashError {
     BadListing { command: String, line: String },
 }
 
+impl crate::error::Classify for SquashError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 /// squashfs compressors by their on-disk id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

@@ -38,6 +38,12 @@ pub struct ToolMissing {
     pub fedora: &'static str,
 }
 
+impl crate::error::Classify for ToolMissing {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 /// Feature names, shared by the entries so `doctor` groups them.
 pub const BIOS: &str = "BIOS boot (write)";
 pub const EXT4: &str = "home.img and OverlayFS overlays";

@@ -136,6 +136,12 @@ pub enum MenuError {
     NoBootableEntry { file: String, detail: String },
 }
 
+impl crate::error::Classify for MenuError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 impl MenuError {
     /// Names the actual file once the caller knows its path on the ISO.
     pub fn in_file(self, path: &str) -> Self {

@@ -78,6 +78,12 @@ pub enum RenderError {
     },
 }
 
+impl crate::error::Classify for RenderError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 /// An entry as it goes onto the stick.
 struct Out<'a> {
     entry: &'a MenuEntry,

@@ -40,6 +40,12 @@ pub enum SyslinuxError {
     },
 }
 
+impl crate::error::Classify for SyslinuxError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 /// Where the host's SYSLINUX files are.
 #[derive(Debug, Clone)]
 pub struct SyslinuxFiles {

@@ -3,16 +3,9 @@
 
 use std::fmt::Write as _;
 
+use crate::cli::devices::DevicesArgs;
 use crate::disk::devices::{self, BlockDevice, FsInfo, Host, LiveInfo};
 use crate::size::human;
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct DevicesArgs {
-    /// Also list fixed disks (marked "fixed"), attached loop devices, and
-    /// device-mapper/RAID devices
-    #[arg(long)]
-    pub all: bool,
-}
 
 pub fn run(args: &DevicesArgs, json: bool) -> anyhow::Result<()> {
     let listing = devices::list(&Host::live(), args.all)?;

@@ -5,94 +5,34 @@
 //! passphrase only when the home is encrypted, and prints the report.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{Context, bail};
-use clap::{Args, Subcommand};
+use anyhow::bail;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
+pub use crate::cli::home::HomeCommand;
+use crate::cli::home::{InfoArgs, PassArgs, ResizeArgs};
 use crate::disk::stick;
+use crate::error::CannotOpen;
 use crate::persist::home::{self, HomeKind, PassphraseSource};
 use crate::persist::home_stick::{self, HomeReport, ResizePlan, StickHome};
 use crate::progress::{Progress, ProgressMode};
 use crate::size::{MIB, human};
 
-#[derive(Debug, Subcommand)]
-pub enum HomeCommand {
-    /// Size, use, label and encryption of LiveOS/home.img
-    #[command(
-        after_help = "Examples:\n  livestick home info /dev/sdb\n  livestick home info stick.img --passphrase-file key.txt --json\n  livestick home info home.img"
-    )]
-    Info(InfoArgs),
-    /// Make home.img larger (never smaller), with the ext4 filesystem inside it
-    #[command(
-        after_help = "Examples:\n  livestick home resize /dev/sdb --size-mb 2048\n  livestick home resize stick.img --size-mb 512 --passphrase-file key.txt --dry-run"
-    )]
-    Resize(ResizeArgs),
-}
-
-/// Where the passphrase of an encrypted home comes from.
-#[derive(Debug, Args)]
-pub struct PassArgs {
-    /// Read the passphrase from FILE (its bytes exactly, one final newline dropped)
-    #[arg(long, value_name = "FILE", conflicts_with = "passphrase_stdin")]
-    pub passphrase_file: Option<PathBuf>,
-    /// Read the passphrase from standard input
-    #[arg(long)]
-    pub passphrase_stdin: bool,
-}
-
-impl PassArgs {
-    fn source(&self) -> Option<PassphraseSource> {
-        match (&self.passphrase_file, self.passphrase_stdin) {
-            (Some(f), _) => Some(PassphraseSource::File(f.clone())),
-            (None, true) => Some(PassphraseSource::Stdin),
-            (None, false) => None,
-        }
-    }
-}
-
-#[derive(Debug, Args)]
-pub struct InfoArgs {
-    /// Stick (block device or image file) or a bare home.img
-    pub target: PathBuf,
-    /// Directory of the live files on the stick
-    #[arg(long, value_name = "DIR", default_value = "LiveOS")]
-    pub live_dir: String,
-    #[command(flatten)]
-    pub pass: PassArgs,
-}
-
-#[derive(Debug, Args)]
-pub struct ResizeArgs {
-    /// Stick (block device or image file) or a bare home.img
-    pub target: PathBuf,
-    /// New size in MiB: larger than now, at most 4095 (the FAT file size limit)
-    #[arg(long, value_name = "N")]
-    pub size_mb: u64,
-    /// Directory of the live files on the stick
-    #[arg(long, value_name = "DIR", default_value = "LiveOS")]
-    pub live_dir: String,
-    /// Where the temporary copy of a stick's home goes (a private subdirectory is
-    /// made); an encrypted home stays encrypted there, it is decrypted in memory only
-    #[arg(long, value_name = "DIR")]
-    pub workdir: Option<PathBuf>,
-    #[command(flatten)]
-    pub pass: PassArgs,
-    /// Answer yes to every confirmation (for scripts; growing keeps every file,
-    /// so it asks none today)
-    #[arg(long, short)]
-    pub yes: bool,
-    /// Show the plan and check every limit, change nothing
-    #[arg(long)]
-    pub dry_run: bool,
-}
-
 pub fn run(cmd: HomeCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
         HomeCommand::Info(a) => info(&a, json),
         HomeCommand::Resize(a) => resize(&a, json),
+    }
+}
+
+/// Where the passphrase comes from, if the user named a place.
+fn passphrase_source(pass: &PassArgs) -> Option<PassphraseSource> {
+    match (&pass.passphrase_file, pass.passphrase_stdin) {
+        (Some(f), _) => Some(PassphraseSource::File(f.clone())),
+        (None, true) => Some(PassphraseSource::Stdin),
+        (None, false) => None,
     }
 }
 
@@ -103,7 +43,10 @@ fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
 
 /// A stick, or a bare home.img file.
 fn is_stick(path: &Path) -> anyhow::Result<bool> {
-    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(|source| CannotOpen {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if stick::looks_like_stick(path) {
         return Ok(true);
     }
@@ -145,7 +88,7 @@ fn info(a: &InfoArgs, json: bool) -> anyhow::Result<()> {
         None => home_stick::kind_of_file(&a.target)?,
     };
     // Info never prompts: a locked home is reported as locked.
-    let pass = match (kind, a.pass.source()) {
+    let pass = match (kind, passphrase_source(&a.pass)) {
         (Some(HomeKind::Luks2), Some(src)) => Some(read_pass(src)?),
         _ => None,
     };
@@ -283,7 +226,7 @@ fn resize(a: &ResizeArgs, json: bool) -> anyhow::Result<()> {
     };
     home_stick::check_new_size(current, a.size_mb)?;
     let grows = a.size_mb * MIB != current;
-    let pass = match (encrypted && grows, a.pass.source()) {
+    let pass = match (encrypted && grows, passphrase_source(&a.pass)) {
         (false, _) => None,
         (true, Some(src)) => Some(read_pass(src)?),
         (true, None) if a.dry_run => None,

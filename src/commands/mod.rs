@@ -10,13 +10,8 @@ pub mod write;
 
 use std::io::{BufRead, IsTerminal, Write};
 
-/// A question that needed an answer when there was no terminal to ask on:
-/// a safety refusal (nothing was written), told apart from I/O by its type.
-#[derive(Debug, thiserror::Error)]
-#[error("{question}\nrefusing without confirmation: no terminal to ask on; add --yes to proceed")]
-pub struct NoConfirmation {
-    pub question: String,
-}
+// Re-exported for the tests, which name it here.
+pub use crate::error::NoConfirmation;
 
 /// Asks a yes/no question on the terminal; `assume_yes` answers it. Without a
 /// terminal and without `--yes` the answer is no: scripts must opt in.

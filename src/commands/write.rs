@@ -13,7 +13,7 @@ use crate::batch;
 use crate::boot::cmdline::DracutNames;
 use crate::boot::cmdline::KernelArgs;
 use crate::boot::syslinux;
-use crate::cli::{DracutNamesArg, TableArg, WriteArgs};
+use crate::cli::write::{DracutNamesArg, TableArg, WriteArgs};
 use crate::disk::devices;
 use crate::disk::ext4::{self, Ext4Options};
 use crate::disk::identity;
@@ -27,10 +27,8 @@ use crate::progress::{Progress, ProgressMode};
 use crate::size::{MIB, human, parse_size};
 use crate::source::{checksum, initrd, live};
 
-/// A problem with what the user gave us (exit code 2), as opposed to an I/O failure.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BadInput(pub String);
+// Re-exported for `commands/overlay.rs` and the tests, which name them here.
+pub use crate::error::{BadInput, PartialBatchFailure};
 
 fn mib(option: &str, value: Option<u64>) -> anyhow::Result<Option<u64>> {
     match value {
@@ -621,15 +619,6 @@ fn print_report(live: &live::LiveImage, report: &apply::ApplyReport, md5_checked
     for w in &report.warnings {
         println!("  warning: {w}");
     }
-}
-
-/// Exit code for a batch where some targets failed and some succeeded.
-#[derive(Debug, thiserror::Error)]
-#[error("{failed} of {total} targets failed: {}", .details.join("; "))]
-pub struct PartialBatchFailure {
-    pub failed: usize,
-    pub total: usize,
-    pub details: Vec<String>,
 }
 
 /// The schema version of the NDJSON events `write --json` prints for a batch

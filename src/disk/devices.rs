@@ -75,6 +75,17 @@ pub enum DeviceError {
     },
 }
 
+impl crate::error::Classify for DeviceError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            // Only `write --wait-for` waits, and a short count is the user's to fix.
+            DeviceError::WaitTimedOut { .. } => ErrorKind::BadInput,
+            DeviceError::Sysfs { .. } => ErrorKind::Io,
+        }
+    }
+}
+
 /// A device number, `major:minor`. Mounts, swap areas and holders are matched
 /// by it and never by name: prefixes lie (`sda1` vs `sda10`) and one device has
 /// many names (`/dev/dm-0`, `/dev/mapper/…`, `/dev/disk/by-uuid/…`).

@@ -52,6 +52,12 @@ pub enum Ext4Error {
     },
 }
 
+impl crate::error::Classify for Ext4Error {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 /// The smallest image we ask mke2fs for: below this ext4 has no room for a journal.
 pub const MIN_EXT4_SIZE: u64 = 4 * 1024 * 1024;
 

@@ -36,6 +36,12 @@ pub enum FatError {
     Io(#[from] io::Error),
 }
 
+impl crate::error::Classify for FatError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 /// Checks a FAT volume label. Lower case is kept as given: dracut and udev
 /// match `LABEL=` exactly, so we must not change what the user asked for.
 pub fn validate_label(label: &str) -> Result<(), FatError> {

@@ -38,6 +38,12 @@ pub enum AllocError {
     TooLarge { path: String, size: u64 },
 }
 
+impl crate::error::Classify for AllocError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 /// FAT32 end-of-chain mark (the top four bits of an entry are reserved).
 const FAT32_EOC: u32 = 0x0fff_ffff;
 const FAT16_EOC: u32 = 0xffff;

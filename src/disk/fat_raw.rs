@@ -30,6 +30,12 @@ pub enum SwapError {
     IsDir(String),
 }
 
+impl crate::error::Classify for SwapError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 /// Where a file's short directory entry is, and what it says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EntryLoc {

@@ -43,6 +43,26 @@ pub enum IdentityError {
     Io { path: PathBuf, source: io::Error },
 }
 
+impl crate::error::Classify for IdentityError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            // The path named could not be looked at: the user's to fix.
+            IdentityError::Io { .. } => ErrorKind::BadInput,
+            IdentityError::SourceIsTarget { .. } | IdentityError::DuplicateTarget { .. } => {
+                ErrorKind::Refused
+            }
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            IdentityError::Io { source, .. } => crate::error::open_failure_hint(source),
+            _ => self.kind().hint(),
+        }
+    }
+}
+
 /// What one path is, for comparing with another.
 #[derive(Debug, Clone, Default)]
 pub struct Identity {

@@ -85,6 +85,12 @@ pub enum PartitionError {
     Io(#[from] std::io::Error),
 }
 
+impl crate::error::Classify for PartitionError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 /// The smallest disk a single FAT32 partition can live on (FAT32 needs 65525 clusters).
 pub const MIN_DISK: u64 = ALIGN + 65_536 * 512 + ALIGN;
 

@@ -38,6 +38,23 @@ pub enum StickError {
     Layout { path: PathBuf, message: String },
 }
 
+impl crate::error::Classify for StickError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            StickError::Io { source, .. } => crate::error::open_failure_kind(source),
+            // The `transparent` variants too: see `Classify` for why.
+            _ => crate::error::ErrorKind::Io,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            StickError::Io { source, .. } => crate::error::open_failure_hint(source),
+            _ => self.kind().hint(),
+        }
+    }
+}
+
 /// The live files found on a stick.
 #[derive(Debug, Clone, Serialize)]
 pub struct StickInfo {

@@ -146,6 +146,30 @@ pub enum TargetError {
     Io { path: PathBuf, source: io::Error },
 }
 
+impl crate::error::Classify for TargetError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            TargetError::Busy { .. } | TargetError::NotRemovable(_) => ErrorKind::Refused,
+            TargetError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+                ErrorKind::BadInput
+            }
+            TargetError::Io { .. } => ErrorKind::Io,
+            // SystemDisk among them: issue 13 makes it a refusal (3).
+            _ => ErrorKind::BadInput,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            TargetError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+                crate::error::PERMISSION_HINT
+            }
+            _ => self.kind().hint(),
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TargetError + '_ {
     move |source| TargetError::Io {
         path: path.to_path_buf(),

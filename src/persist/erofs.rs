@@ -63,6 +63,12 @@ pub enum ErofsError {
     NoXattrExtract { version: String },
 }
 
+impl crate::error::Classify for ErofsError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 fn io_err(what: &Path) -> impl FnOnce(io::Error) -> ErofsError + '_ {
     move |source| ErofsError::Io {
         what: what.display().to_string(),

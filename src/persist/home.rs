@@ -106,6 +106,12 @@ pub enum HomeError {
     },
 }
 
+impl crate::error::Classify for HomeError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> HomeError + '_ {
     move |source| HomeError::Io {
         path: path.to_path_buf(),

@@ -118,6 +118,23 @@ pub enum HomeStickError {
     NotHome(String),
 }
 
+impl crate::error::Classify for HomeStickError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            HomeStickError::Io { source, .. } => crate::error::open_failure_kind(source),
+            // The `transparent` variants too: see `Classify` for why.
+            _ => crate::error::ErrorKind::Io,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            HomeStickError::Io { source, .. } => crate::error::open_failure_hint(source),
+            _ => self.kind().hint(),
+        }
+    }
+}
+
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> HomeStickError + '_ {
     move |source| HomeStickError::Io {
         path: path.to_path_buf(),

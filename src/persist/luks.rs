@@ -190,6 +190,12 @@ pub enum LuksError {
     Io(#[from] io::Error),
 }
 
+impl crate::error::Classify for LuksError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 /// Which key-derivation function protects the keyslot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

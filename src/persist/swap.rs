@@ -48,6 +48,12 @@ pub enum SwapError {
     Io(#[from] io::Error),
 }
 
+impl crate::error::Classify for SwapError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 /// The largest file FAT32 holds is 4 GiB − 1 byte; whole MiB below that.
 pub const FAT_MAX_FILE_MIB: u64 = 4095;
 

@@ -33,6 +33,12 @@ pub enum TarError {
     },
 }
 
+impl crate::error::Classify for TarError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
     File,

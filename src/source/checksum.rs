@@ -100,6 +100,12 @@ pub enum ChecksumError {
     Iso(#[from] IsoError),
 }
 
+impl crate::error::Classify for ChecksumError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 /// Parses the application-use field of the PVD. `None` when no MD5 is
 /// implanted (or the text is damaged: without both the MD5 and SKIPSECTORS
 /// there is nothing that could be checked).

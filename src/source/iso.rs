@@ -138,6 +138,12 @@ pub enum IsoError {
     InvalidPath { path: String, detail: &'static str },
 }
 
+impl crate::error::Classify for IsoError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
 /// A contiguous run of bytes of one file, as a byte offset into the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Extent {

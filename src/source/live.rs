@@ -139,6 +139,19 @@ pub enum LiveError {
     },
 }
 
+impl crate::error::Classify for LiveError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::BadInput
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            LiveError::Open { source, .. } => crate::error::open_failure_hint(source),
+            _ => self.kind().hint(),
+        }
+    }
+}
+
 fn iso_err(path: &Path) -> impl FnOnce(IsoError) -> LiveError + '_ {
     move |source| LiveError::Iso {
         path: path.to_path_buf(),

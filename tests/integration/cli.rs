@@ -453,3 +453,117 @@ fn a_failed_write_removes_the_image_it_created_and_never_an_existing_one() {
     assert!(stderr.contains("No space left"), "{stderr}");
     assert!(stderr.contains("was removed"), "{stderr}");
 }
+
+/// livestick with a stdout whose reader is gone before it starts, as after
+/// `livestick … | head -c1` once head has exited: every write to it fails.
+fn with_closed_stdout(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    Command::new(bin())
+        .args(args)
+        .stdout(writer)
+        .output()
+        .expect("livestick runs")
+}
+
+#[test]
+fn a_closed_stdout_ends_a_command_that_changes_nothing_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let iso = synthetic_iso("fedora-classic.iso");
+    for args in [
+        &["inspect", iso.to_str().unwrap(), "--json"][..],
+        &["inspect", iso.to_str().unwrap()],
+        &["devices"],
+        &["devices", "--all", "--json"],
+        &["completions", "bash"],
+    ] {
+        let out = with_closed_stdout(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        // docs/exit-codes.md: 128 + SIGPIPE, as the shell reports it.
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {:?} {stderr}",
+            out.status
+        );
+    }
+}
+
+#[test]
+fn permission_denied_is_bad_input_and_says_run_as_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let closed = |path: &Path| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o000)).unwrap();
+    };
+    let target = dir.path().join("stick.img");
+    std::fs::File::create(&target)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    closed(&target);
+    let source = dir.path().join("source.iso");
+    std::fs::copy(&iso, &source).unwrap();
+    closed(&source);
+    let new = dir.path().join("new.img");
+    for args in [
+        &[
+            "write",
+            iso.to_str().unwrap(),
+            target.to_str().unwrap(),
+            "--yes",
+        ][..],
+        &[
+            "write",
+            source.to_str().unwrap(),
+            new.to_str().unwrap(),
+            "--size",
+            "1G",
+            "--yes",
+        ],
+        &["inspect", source.to_str().unwrap()],
+        &["home", "info", target.to_str().unwrap()],
+    ] {
+        let out = as_nobody(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), Some(2), "{args:?}: {stderr}");
+        human_error(&out);
+        assert!(
+            stderr.contains("as root") && stderr.contains("group with access"),
+            "{args:?}: {stderr}"
+        );
+        let out = as_nobody(&[&["--json"][..], args].concat());
+        json_error(&out, 2, "bad-input");
+    }
+    assert_eq!(std::fs::metadata(&target).unwrap().len(), 1 << 30);
+    assert!(!new.exists());
+}
+
+#[test]
+fn a_missing_file_is_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.img");
+    let missing = missing.to_str().unwrap();
+    let img = dir.path().join("s.img");
+    for args in [
+        &["inspect", missing][..],
+        &["write", missing, img.to_str().unwrap(), "--size", "256M"],
+        &["home", "info", missing],
+        &["home", "resize", missing, "--size-mb", "100"],
+    ] {
+        let out = livestick(args);
+        assert_eq!(
+            code(&out),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        human_error(&out);
+        let out = livestick(&[&["--json"][..], args].concat());
+        json_error(&out, 2, "bad-input");
+    }
+    assert!(!img.exists());
+}

@@ -25,7 +25,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::cli::{DracutNamesArg, ErrorKind, TableArg, WriteArgs};
+use super::write::{DracutNamesArg, TableArg, WriteArgs};
+use crate::error::{Classify, ErrorKind};
 
 /// FAT32's largest file is 4 GiB − 1 byte; the old tool turned exactly 4096
 /// MiB into 4 GiB − 512 B, livestick's whole-MiB sizes top out at 4095.
@@ -356,8 +357,8 @@ pub enum CompatError {
     BadTarget(String),
 }
 
-impl CompatError {
-    pub fn kind(&self) -> ErrorKind {
+impl Classify for CompatError {
+    fn kind(&self) -> ErrorKind {
         match self {
             CompatError::Usage(_) | CompatError::Refused { .. } | CompatError::BadValue { .. } => {
                 ErrorKind::Usage

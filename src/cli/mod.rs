@@ -1,0 +1,363 @@
+//! Command-line types (clap). Kept apart from the logic: each subcommand's
+//! arguments are plain data handed to one function in `commands/`, and
+//! nothing here imports `commands/` (the overlay arguments still live in
+//! `commands/overlay.rs` until that module is reshaped).
+//!
+//! Also the rest of the command-line contract: which exit code an error
+//! gets (`error_kind`, by the kinds of `crate::error`), so that the binary's
+//! `main` stays a thin `match` and the mapping is unit-tested.
+
+pub mod compat;
+pub mod devices;
+pub mod home;
+pub mod write;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+pub use crate::error::ErrorKind;
+use crate::error::{Classifier, Classify, classifier};
+pub use write::{DracutNamesArg, TableArg, WriteArgs, parse_timeout};
+
+const EXAMPLES: &str = "\
+Examples:
+  livestick inspect Fedora-Workstation-Live-41.iso
+  livestick write Fedora.iso stick.img --size 8G --overlay-size-mb 2048
+  livestick write Fedora.iso /dev/sdb --overlay-size-mb 4095 --home-size-mb 1024 --unencrypted-home
+  livestick write Fedora.iso /dev/sdb --dry-run --json";
+
+/// `--version`: the version, the cargo features compiled in, and the target.
+/// `-V` prints only the version line.
+static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    // Add `#[cfg(feature = …)]`-gated names here as cargo features appear;
+    // none exist yet, and naming an undeclared feature is a compile warning.
+    let features: &[&str] = &[];
+    format!(
+        "{}\nfeatures: {}\ntarget: {}-{}\nexternal programs: run `livestick doctor`",
+        env!("CARGO_PKG_VERSION"),
+        if features.is_empty() {
+            "none (default build)".to_string()
+        } else {
+            features.join(", ")
+        },
+        std::env::consts::ARCH,
+        std::env::consts::OS,
+    )
+});
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "livestick",
+    version,
+    long_version = LONG_VERSION.as_str(),
+    about = "Write Fedora-style live ISOs to USB sticks with persistence, and maintain them — in user space",
+    after_help = EXAMPLES,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Print machine-readable JSON on stdout instead of tables
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress bars or notes; errors only
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show what a live ISO holds: label, layout, squashfs, kernels, boot menus, EFI files
+    #[command(
+        after_help = "Examples:\n  livestick inspect Fedora.iso\n  livestick inspect Fedora.iso --json | jq .label"
+    )]
+    Inspect(InspectArgs),
+    /// Write a live ISO to a stick or image file, with persistence
+    #[command(after_help = EXAMPLES)]
+    Write(Box<WriteArgs>),
+    /// Maintain a persistent overlay: status, merge, reset, recover, grow
+    #[command(
+        after_help = "Examples:\n  livestick overlay status LiveOS/overlay-LIVE-1234-ABCD\n  livestick overlay merge LiveOS/overlay-LIVE-1234-ABCD --squashfs LiveOS/squashfs.img\n  livestick overlay grow LiveOS/overlay-LIVE-1234-ABCD --add-mb 1024"
+    )]
+    Overlay {
+        #[command(subcommand)]
+        command: crate::commands::overlay::OverlayCommand,
+    },
+    /// Persistent home: info (size, use, encryption) and resize (grow)
+    #[command(
+        after_help = "Examples:\n  livestick home info /dev/sdb\n  livestick home info stick.img --passphrase-file pass.txt --json\n  livestick home resize /dev/sdb --size-mb 2048"
+    )]
+    Home {
+        #[command(subcommand)]
+        command: home::HomeCommand,
+    },
+    /// List the sticks this machine has, what is on them, and whether livestick would write them
+    #[command(
+        after_help = "Examples:\n  livestick devices\n  livestick devices --all --json | jq '.devices[].path'"
+    )]
+    Devices(devices::DevicesArgs),
+    /// livecd-iso-to-disk compatible front end: the old options and positionals
+    #[command(
+        name = "iso-to-disk",
+        disable_help_flag = true,
+        long_about = "Accepts livecd-iso-to-disk's command line (`[options] <source> <target>`) \
+and runs the equivalent `livestick write`. Installing livestick as (or symlinking it to) \
+`livecd-iso-to-disk` does the same. `livestick iso-to-disk --help` lists every old option \
+with its status; docs/compatibility.md explains each.",
+        after_help = ISO_TO_DISK_EXAMPLES
+    )]
+    IsoToDisk(IsoToDiskArgs),
+    /// Check the external programs each feature needs, and which package provides each
+    #[command(
+        after_help = "Examples:\n  livestick doctor\n  livestick doctor --json | jq '.programs[] | select(.found == false)'"
+    )]
+    Doctor(DoctorArgs),
+    /// Print a shell completion script
+    #[command(
+        after_help = "Examples:\n  livestick completions bash > /etc/bash_completion.d/livestick\n  livestick completions zsh > \"${fpath[1]}/_livestick\"\n  livestick completions fish > ~/.config/fish/completions/livestick.fish"
+    )]
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff), covering every subcommand
+    #[command(
+        after_help = "Examples:\n  livestick man > /usr/local/share/man/man1/livestick.1\n  livestick man | man -l -\n  livestick man --dir /usr/local/share/man/man1   # one page per subcommand"
+    )]
+    Man(ManArgs),
+    /// Internal: the EROFS merge steps a non-root `overlay merge` runs under fakeroot
+    #[command(name = "internal-fakeroot-step", hide = true)]
+    InternalFakerootStep {
+        /// The job file the parent wrote
+        job: std::path::PathBuf,
+    },
+}
+
+impl Command {
+    /// True for the commands that only read and print: stopping one of them
+    /// at any point loses nothing.
+    pub fn changes_nothing(&self) -> bool {
+        use crate::commands::overlay::OverlayCommand;
+        match self {
+            Command::Inspect(_)
+            | Command::Devices(_)
+            | Command::Doctor(_)
+            | Command::Completions(_)
+            | Command::Man(_) => true,
+            Command::Write(args) => args.dry_run,
+            Command::Home { command } => match command {
+                home::HomeCommand::Info(_) => true,
+                home::HomeCommand::Resize(args) => args.dry_run,
+            },
+            Command::Overlay { command } => matches!(command, OverlayCommand::Status(_)),
+            Command::IsoToDisk(_) | Command::InternalFakerootStep { .. } => false,
+        }
+    }
+}
+
+const ISO_TO_DISK_EXAMPLES: &str = "\
+Examples:
+  livestick iso-to-disk --format --efi --overlay-size-mb 2048 Fedora.iso /dev/sdb
+  livestick iso-to-disk --reset-overlay Fedora.iso /dev/sdb1
+  ln -s livestick /usr/local/bin/livecd-iso-to-disk   # scripts keep working";
+
+#[derive(Debug, Args)]
+pub struct IsoToDiskArgs {
+    /// livecd-iso-to-disk options followed by <source> <target>
+    #[arg(
+        num_args = 0..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    pub args: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to generate completions for
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write one page per command (livestick.1, livestick-write.1, …) into DIR
+    /// instead of printing a single page with every subcommand
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The live ISO image
+    pub iso: PathBuf,
+}
+
+/// The full clap command: the derived one, plus examples for subcommands
+/// defined elsewhere that do not carry their own yet (every `--help` shows
+/// examples; a test checks it).
+pub fn command() -> clap::Command {
+    Cli::command().mut_subcommand("overlay", |overlay| {
+        let examples = [
+            (
+                "reset",
+                "Examples:\n  livestick overlay reset LiveOS/overlay-LIVE-1234-ABCD --dry-run\n  livestick overlay reset LiveOS/overlay-LIVE-1234-ABCD --yes",
+            ),
+            (
+                "recover",
+                "Examples:\n  livestick overlay recover LiveOS/overlay-LIVE-1234-ABCD --origin-size 6G --dry-run\n  livestick overlay recover overlay.img --origin rootfs.img --add-mb 512",
+            ),
+            (
+                "grow",
+                "Examples:\n  livestick overlay grow LiveOS/overlay-LIVE-1234-ABCD --add-mb 1024\n  livestick overlay grow overlay.img --size-mb 4095 --dry-run",
+            ),
+        ];
+        examples
+            .into_iter()
+            .fold(overlay, |overlay, (name, text)| {
+                overlay.mut_subcommand(name, |sub| {
+                    if sub.get_after_help().is_none() {
+                        sub.after_help(text)
+                    } else {
+                        sub
+                    }
+                })
+            })
+    })
+}
+
+/// Parses `argv` (program name first) with [`command`].
+pub fn parse_from<I, T>(argv: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    parse_with_step(argv).map(|(cli, _)| cli)
+}
+
+/// Like [`parse_from`], also naming the subcommand path ("write",
+/// "overlay merge") that errors report as the failing step.
+pub fn parse_with_step<I, T>(argv: I) -> Result<(Cli, String), clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut cmd = command();
+    let matches = cmd.try_get_matches_from_mut(argv)?;
+    let mut step = Vec::new();
+    let mut m = &matches;
+    while let Some((name, sub)) = m.subcommand() {
+        step.push(name);
+        m = sub;
+    }
+    let step = step.join(" ");
+    Cli::from_arg_matches(&matches)
+        .map(|cli| (cli, step))
+        .map_err(|e| e.format(&mut cmd))
+}
+
+impl Classify for clap::Error {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Usage
+    }
+}
+
+/// Every typed error livestick classifies. The types of
+/// `persist::{merge, ovl_merge, ovl_maint, snapshot}` are not listed (yet):
+/// the chain walk passes over them to the errors they wrap, as it always has.
+const CLASSIFIERS: &[Classifier] = &[
+    classifier::<crate::error::BadInput>,
+    classifier::<crate::error::PartialBatchFailure>,
+    classifier::<crate::error::NoConfirmation>,
+    classifier::<crate::error::CannotOpen>,
+    classifier::<clap::Error>,
+    classifier::<compat::CompatError>,
+    classifier::<crate::apply::ApplyError>,
+    classifier::<crate::boot::menu::MenuError>,
+    classifier::<crate::boot::render::RenderError>,
+    classifier::<crate::boot::syslinux::SyslinuxError>,
+    classifier::<crate::disk::devices::DeviceError>,
+    classifier::<crate::disk::ext4::Ext4Error>,
+    classifier::<crate::disk::fat::FatError>,
+    classifier::<crate::disk::fat_alloc::AllocError>,
+    classifier::<crate::disk::fat_raw::SwapError>,
+    classifier::<crate::disk::identity::IdentityError>,
+    classifier::<crate::disk::partition::PartitionError>,
+    classifier::<crate::disk::stick::StickError>,
+    classifier::<crate::disk::target::TargetError>,
+    classifier::<crate::persist::erofs::ErofsError>,
+    classifier::<crate::persist::home::HomeError>,
+    classifier::<crate::persist::home_stick::HomeStickError>,
+    classifier::<crate::persist::luks::LuksError>,
+    classifier::<crate::persist::swap::SwapError>,
+    classifier::<crate::persist::tar_stream::TarError>,
+    classifier::<crate::plan::PlanError>,
+    classifier::<crate::size::SizeError>,
+    classifier::<crate::source::checksum::ChecksumError>,
+    classifier::<crate::source::iso::IsoError>,
+    classifier::<crate::source::live::LiveError>,
+    classifier::<crate::squash::SquashError>,
+    classifier::<crate::tools::ToolMissing>,
+];
+
+/// Classifies an error by the typed errors in its chain (the outermost one
+/// livestick knows decides); anything unknown is an I/O failure.
+pub fn error_kind(err: &anyhow::Error) -> ErrorKind {
+    crate::error::error_kind_among(err, CLASSIFIERS)
+}
+
+/// The kind of `err` (as [`error_kind`]) and the hint to print with it.
+pub fn error_verdict(err: &anyhow::Error) -> crate::error::Verdict {
+    crate::error::verdict_among(err, CLASSIFIERS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use anyhow::Context;
+
+    use super::*;
+    use crate::disk::target::TargetError;
+
+    #[test]
+    fn library_errors_are_classified_through_contexts() {
+        let busy = Err::<(), _>(TargetError::Busy {
+            path: PathBuf::from("/dev/sdb"),
+            findings: vec!["/dev/sdb1 is mounted on /run/media".into()],
+        })
+        .context("checking /dev/sdb")
+        .context("writing /dev/sdb")
+        .unwrap_err();
+        assert_eq!(error_kind(&busy), ErrorKind::Refused);
+
+        let size = crate::size::parse_size("12 parsecs")
+            .context("--size")
+            .unwrap_err();
+        assert_eq!(error_kind(&size), ErrorKind::BadInput);
+
+        let usage = anyhow::Error::new(compat::CompatError::Usage("no target".into()));
+        assert_eq!(error_kind(&usage), ErrorKind::Usage);
+
+        let clap = parse_from(["livestick", "write", "--bogus"]).unwrap_err();
+        assert_eq!(error_kind(&anyhow::Error::new(clap)), ErrorKind::Usage);
+    }
+
+    #[test]
+    fn a_transparent_wrapper_keeps_the_exit_code_it_had() {
+        // `transparent` hides the wrapped refusal from the chain, so this was
+        // an I/O failure before `Classify` and still is (issue 13 decides).
+        let wrapped = anyhow::Error::new(crate::disk::stick::StickError::Target(
+            TargetError::NotRemovable(PathBuf::from("/dev/sda")),
+        ));
+        assert_eq!(
+            wrapped.chain().count(),
+            1,
+            "the refusal is not in the chain"
+        );
+        assert_eq!(error_kind(&wrapped), ErrorKind::Io);
+    }
+}

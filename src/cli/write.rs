@@ -1,0 +1,162 @@
+//! `livestick write` arguments, which the livecd-iso-to-disk front end
+//! (`cli::compat`) also produces.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TableArg {
+    Mbr,
+    Gpt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DracutNamesArg {
+    Auto,
+    Classic,
+    Renamed,
+}
+
+#[derive(Debug, Args)]
+pub struct WriteArgs {
+    /// The live ISO image to write
+    pub iso: PathBuf,
+    /// The sticks (block devices) or image files to write to; several are
+    /// written at once from one read of the ISO
+    #[arg(required_unless_present = "wait_for", num_args = 1..)]
+    pub targets: Vec<PathBuf>,
+    /// Wait for N sticks to be plugged in and write each as it appears
+    #[arg(long, value_name = "N")]
+    pub wait_for: Option<usize>,
+
+    /// Create or grow an image file to this size (4G, 8GiB, 512M, …)
+    #[arg(long, value_name = "SIZE")]
+    pub size: Option<String>,
+    /// Create a new partition table and FAT32 filesystem (erases the target).
+    /// The default when the target is new or has no partition table.
+    #[arg(long)]
+    pub format: bool,
+    /// Never format: install into the existing FAT partition, keeping other files
+    #[arg(long, conflicts_with = "format")]
+    pub noformat: bool,
+    /// Partition table for --format
+    #[arg(long, value_enum, default_value_t = TableArg::Mbr)]
+    pub table: TableArg,
+    /// Shorthand for --table gpt
+    #[arg(long, conflicts_with = "table")]
+    pub gpt: bool,
+    /// FAT volume label for --format (1-11 of A-Z a-z 0-9 _ -)
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Directory for squashfs.img, the overlay and home.img on the stick
+    #[arg(long, default_value = "LiveOS")]
+    pub livedir: String,
+
+    /// Persistent overlay of N MiB (at most 4095 on FAT32)
+    #[arg(long, value_name = "N")]
+    pub overlay_size_mb: Option<u64>,
+    /// Make the overlay an OverlayFS upper layer instead of a device-mapper snapshot
+    #[arg(long)]
+    pub overlayfs: bool,
+    /// Persistent /home image of N MiB (LUKS-encrypted unless --unencrypted-home)
+    #[arg(long, value_name = "N")]
+    pub home_size_mb: Option<u64>,
+    /// Make home.img plain ext4
+    #[arg(long)]
+    pub unencrypted_home: bool,
+    /// Read the home passphrase from FILE (its bytes exactly, one final newline dropped)
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Read the home passphrase from standard input
+    #[arg(long, conflicts_with = "passphrase_file")]
+    pub passphrase_stdin: bool,
+    /// LUKS key derivation for home.img
+    #[arg(long, value_name = "KDF", value_parser = ["argon2id", "pbkdf2"])]
+    pub luks_pbkdf: Option<String>,
+    /// LUKS key-derivation time in milliseconds
+    #[arg(long, value_name = "MS")]
+    pub luks_iter_time: Option<u32>,
+    /// LUKS argon2 memory cost in KiB
+    #[arg(long, value_name = "KIB")]
+    pub luks_pbkdf_memory: Option<u32>,
+    /// On an existing stick: keep the overlay file but empty it (renamed to the new label/UUID)
+    #[arg(long)]
+    pub reset_overlay: bool,
+    /// On an existing stick: only rewrite boot configs and the boot loader
+    #[arg(long, alias = "reconfig")]
+    pub skipcopy: bool,
+    /// Delete an existing home.img instead of keeping it (asks first)
+    #[arg(long)]
+    pub delete_home: bool,
+    /// When the source is another stick: carry its overlay over
+    #[arg(long)]
+    pub copy_overlay: bool,
+    /// When the source is another stick: carry its home.img over
+    #[arg(long)]
+    pub copy_home: bool,
+    /// Overlay argument spelling for the ISO's dracut (auto detects it from the initrd)
+    #[arg(long, value_enum, default_value_t = DracutNamesArg::Auto)]
+    pub dracut_names: DracutNamesArg,
+    /// Swap image of N MiB
+    #[arg(long, value_name = "N")]
+    pub swap_size_mb: Option<u64>,
+
+    /// Extra kernel arguments for every boot entry (replace same-named ones)
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub extra_kernel_args: Option<String>,
+    /// Boot menu timeout in seconds; 0 boots the default entry at once,
+    /// `forever` (or -1) waits for a choice
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, allow_hyphen_values = true)]
+    pub timeout: Option<u32>,
+    /// SYSLINUX total timeout in seconds: boot the default even while the user
+    /// is browsing the menu
+    #[arg(long, value_name = "SECONDS")]
+    pub total_timeout: Option<u32>,
+
+    /// Skip checking the ISO's implanted MD5
+    #[arg(long)]
+    pub noverify: bool,
+    /// Skip reading back what was written
+    #[arg(long)]
+    pub no_verify_write: bool,
+    /// Print the plan and write nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Answer yes to every confirmation
+    #[arg(long, short)]
+    pub yes: bool,
+    /// Write to a non-removable disk
+    #[arg(long)]
+    pub force: bool,
+    /// FAT volume id (hex, e.g. 1234ABCD); random by default. For reproducible images.
+    #[arg(long, hide = true)]
+    pub volume_id: Option<String>,
+
+    // Options livecd-iso-to-disk users know under other spellings.
+    /// With --format: make the live partition N MiB instead of the whole disk
+    #[arg(long, value_name = "N")]
+    pub partition_size_mb: Option<u64>,
+    /// Install beside an existing live image (its own directory and menu entries)
+    #[arg(long)]
+    pub multi: bool,
+    /// Copy FILE to the stick as updates.img and boot the installer with inst.updates= it
+    #[arg(long, value_name = "FILE")]
+    pub updates: Option<PathBuf>,
+    /// Copy FILE to the stick as ks.cfg and boot the installer with inst.ks= it
+    #[arg(long, value_name = "FILE")]
+    pub ks: Option<PathBuf>,
+}
+
+/// `--timeout`: whole seconds, or `forever`/`-1` for "wait for a choice"
+/// (`boot::render::WAIT_FOREVER`).
+pub fn parse_timeout(text: &str) -> Result<u32, String> {
+    match text {
+        "forever" | "-1" => Ok(crate::boot::render::WAIT_FOREVER),
+        _ => text
+            .parse::<u32>()
+            .ok()
+            .filter(|&s| s != crate::boot::render::WAIT_FOREVER)
+            .ok_or_else(|| format!("{text:?} is not a number of seconds or `forever`")),
+    }
+}
