@@ -18,6 +18,11 @@ use std::time::{Duration, Instant};
 
 /// OVMF as Debian's `ovmf` package installs it (a single image for `-bios`).
 pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+/// OVMF with Secure Boot: SMM-protected variable store, enforced by the code
+/// image, and a variable template with Microsoft's keys enrolled (which trust
+/// the shim a distribution signs with Microsoft's UEFI CA).
+pub const OVMF_SECURE_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
+pub const OVMF_MS_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
 pub const QEMU: &str = "qemu-system-x86_64";
 
 /// Firmware to boot with.
@@ -27,6 +32,9 @@ pub enum Firmware {
     Bios,
     /// OVMF: exercises `EFI/BOOT/BOOTX64.EFI` + grub.cfg.
     Uefi,
+    /// OVMF with Secure Boot enforced and Microsoft's keys: only a signed
+    /// chain (shim → GRUB → kernel) boots.
+    UefiSecureBoot,
 }
 
 /// How the image is attached.
@@ -193,6 +201,13 @@ pub fn boot_env_ready(firmware: &[Firmware]) -> bool {
     if firmware.contains(&Firmware::Uefi) && !Path::new(OVMF).exists() {
         missing.push(format!("{OVMF} (apt-get install -y ovmf)"));
     }
+    if firmware.contains(&Firmware::UefiSecureBoot) {
+        for f in [OVMF_SECURE_CODE, OVMF_MS_VARS] {
+            if !Path::new(f).exists() {
+                missing.push(format!("{f} (apt-get install -y ovmf)"));
+            }
+        }
+    }
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         missing.push("root (dracut builds the boot fixture's initramfs as root)".to_string());
@@ -225,13 +240,35 @@ fn log_path(name: &str) -> PathBuf {
 /// The QEMU command line for a boot (exposed so tests can print it).
 pub fn qemu_command(boot: &Boot, log: &Path, fw_cfg_file: Option<&Path>) -> Command {
     let mut c = Command::new(QEMU);
+    let machine = match boot.firmware {
+        // The secure variable store lives in SMM.
+        Firmware::UefiSecureBoot => "q35,smm=on",
+        Firmware::Bios | Firmware::Uefi => "q35",
+    };
     c.args([
-        "-machine", "q35", "-accel", "tcg", "-cpu", "qemu64", "-m", "1024",
+        "-machine", machine, "-accel", "tcg", "-cpu", "qemu64", "-m", "1024",
     ]);
     c.args(["-nographic", "-no-reboot", "-monitor", "none"]);
     c.arg("-serial").arg(format!("file:{}", log.display()));
-    if boot.firmware == Firmware::Uefi {
-        c.arg("-bios").arg(OVMF);
+    match boot.firmware {
+        Firmware::Bios => {}
+        Firmware::Uefi => {
+            c.arg("-bios").arg(OVMF);
+        }
+        Firmware::UefiSecureBoot => {
+            // Each boot gets a fresh copy of the variable template beside its
+            // log: the firmware writes its variables back.
+            let vars = log.with_extension("vars.fd");
+            std::fs::copy(OVMF_MS_VARS, &vars).expect("copy the OVMF variable template");
+            c.args(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+            c.arg("-drive").arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_SECURE_CODE}"
+            ));
+            c.arg("-drive").arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display().to_string().replace(',', ",,")
+            ));
+        }
     }
     let img = boot.image.display().to_string();
     // A comma in a path would split QEMU's option; double it as QEMU wants.

@@ -3,6 +3,7 @@
 //! They skip with a message when QEMU/OVMF/root are missing, and fail
 //! instead when `CI=true`.
 
+mod current_fedora;
 pub mod harness;
 mod maintenance;
 mod ovl_merge;

@@ -346,7 +346,7 @@ fn fat_offset(image: &Path) -> u64 {
 }
 
 /// `mtools` image spec for the stick's FAT partition: `IMAGE@@OFFSET`.
-fn mtools_image(stick: &Stick) -> String {
+pub(crate) fn mtools_image(stick: &Stick) -> String {
     format!("{}@@{}", stick.image.display(), fat_offset(&stick.image))
 }
 

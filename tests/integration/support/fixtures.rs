@@ -25,7 +25,14 @@ use super::repo;
 /// The ISOs `fixtures/build-iso.sh` makes.
 pub const SYNTHETIC_ISOS: [&str; 3] = ["fedora-classic.iso", "fedora-grub.iso", "fedora42.iso"];
 /// The ISOs `fixtures/build-boot-iso.sh` makes.
-pub const BOOT_ISOS: [&str; 3] = ["boot-classic.iso", "boot-grub.iso", "boot-flat.iso"];
+pub const BOOT_ISOS: [&str; 6] = [
+    "boot-classic.iso",
+    "boot-grub.iso",
+    "boot-flat.iso",
+    "boot-ng.iso",
+    "boot-ng-nested.iso",
+    "boot-sb.iso",
+];
 
 /// Why a fixture could not be built.
 #[derive(Clone, Debug)]
