@@ -19,6 +19,7 @@ use crate::disk::fat;
 use crate::disk::fat_alloc;
 use crate::disk::stick::{self, Stick, StickError, StickInfo};
 use crate::persist::merge::{self, Located, MergeRequest, StickMergeRequest};
+use crate::persist::overlay::store;
 use crate::persist::snapshot::{
     self, FAT_MAX_FILE_BYTES, LIVEOS_CHUNK_SECTORS, Opened, RESET_BYTES, SECTOR_BYTES,
 };
@@ -351,9 +352,9 @@ fn status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
     let path = overlay_file(&a.target)?;
     let (mut f, len) = open_ro(&path)?;
     refuse_empty(len, &path.display().to_string())?;
-    if ovl_merge::is_ext4(&mut f) {
-        let info = ovl_merge::overlay_info(&mut f);
-        let report = ovl_merge::status_report(info.as_ref(), len, 0);
+    if store::is_ext4(&mut f) {
+        let info = store::overlay_info(&mut f);
+        let report = store::status_report(info.as_ref(), len, 0);
         if json {
             return print_json(&serde_json::json!({
                 "overlay": path, "kind": "overlayfs", "size_bytes": len,
@@ -708,7 +709,7 @@ fn reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
 /// A directory overlay (`overlay-LABEL-UUID/` with overlayfs/ and ovlwork/, as
 /// dracut keeps it on an ext4 stick): what its upper dir holds.
 fn dir_status(dir: &Path, json: bool) -> anyhow::Result<()> {
-    let (used, entries) = ovl_merge::upper_dir_usage(dir)?;
+    let (used, entries) = store::upper_dir_usage(dir)?;
     let free = merge::free_bytes(dir)?;
     if json {
         return print_json(&serde_json::json!({
@@ -727,7 +728,7 @@ fn dir_status(dir: &Path, json: bool) -> anyhow::Result<()> {
 
 fn dir_reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
     let dir = &a.target;
-    let (used, entries) = ovl_merge::upper_dir_usage(dir)?;
+    let (used, entries) = store::upper_dir_usage(dir)?;
     let path = dir.display().to_string();
     let lost = format!(
         "{entries} entries ({}) in its OverlayFS upper dir",
@@ -741,7 +742,7 @@ fn dir_reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
         json,
         serde_json::json!({"kind": "overlayfs-dir"}),
         serde_json::json!({"kind": "overlayfs-dir"}),
-        || ovl_merge::empty_overlay_dir(dir).with_context(|| format!("emptying {path}")),
+        || store::empty_overlay_dir(dir).with_context(|| format!("emptying {path}")),
     )
 }
 
@@ -764,7 +765,7 @@ fn reset_common<F: Read + Write + Seek + snapshot::SyncData>(
     a: &ResetArgs,
     json: bool,
 ) -> anyhow::Result<()> {
-    if ovl_merge::is_ext4(f) {
+    if store::is_ext4(f) {
         return reset_overlayfs(f, len, path, a, json);
     }
     // A damaged store can still be reset; say what we can about what is lost.
@@ -803,7 +804,7 @@ fn reset_overlayfs<F: Read + Write + Seek + snapshot::SyncData>(
     a: &ResetArgs,
     json: bool,
 ) -> anyhow::Result<()> {
-    let info = ovl_merge::overlay_info(f);
+    let info = store::overlay_info(f);
     let lost = match &info {
         Some(i) => format!(
             "{} of files in its OverlayFS upper dir",
@@ -820,7 +821,7 @@ fn reset_overlayfs<F: Read + Write + Seek + snapshot::SyncData>(
         serde_json::json!({"kind": "overlayfs"}),
         serde_json::json!({"kind": "overlayfs"}),
         || {
-            ovl_merge::reset_overlay(f, len, &std::env::temp_dir())
+            store::reset_overlay(f, len, &std::env::temp_dir())
                 .with_context(|| format!("resetting {path}"))
         },
     )
@@ -1628,7 +1629,7 @@ fn stick_grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
 
 fn is_ext4_file(path: &Path) -> anyhow::Result<bool> {
     let (mut f, _) = open_ro(path)?;
-    Ok(ovl_merge::is_ext4(&mut f))
+    Ok(store::is_ext4(&mut f))
 }
 
 fn requested_bytes(size_mb: Option<u64>, add_mb: Option<u64>, len: u64) -> anyhow::Result<u64> {
