@@ -3,15 +3,16 @@
 //! areas, geometry) is `persist::snapshot`'s; this module decides, from facts read
 //! beforehand, what each verb does to a store in its place.
 
-use std::io::{Read, Seek};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use serde::Serialize;
 
 use crate::persist::merge::{self, Located, RepairReport};
 use crate::persist::snapshot::{
-    self, FAT_MAX_FILE_BYTES, GrowPlan, HeaderState, LIVEOS_CHUNK_SECTORS, RESET_BYTES,
-    RecoverReport, SECTOR_BYTES, SnapshotError, StatusReport,
+    self, FAT_MAX_FILE_BYTES, GrowPlan, HeaderState, LIVEOS_CHUNK_SECTORS, Opened, RESET_BYTES,
+    RecoverReport, SECTOR_BYTES, SnapshotError, StatusReport, Store,
 };
 use crate::size::human;
 
@@ -290,6 +291,87 @@ pub fn repair(
         }
     };
     Ok(r?)
+}
+
+/// A merge of the store into its origin (the seed's `snapshot-merge` on plain files),
+/// decided: the store read and checked against the origin.
+pub struct OriginMerge {
+    pub store: Box<Store>,
+    pub origin_bytes: u64,
+}
+
+impl OriginMerge {
+    pub fn exceptions(&self) -> u64 {
+        self.store.exceptions.len() as u64
+    }
+}
+
+/// Reads the store behind `ov` and checks that it fits `origin`; `None` when it is a
+/// new, empty store (nothing to merge). A store marked Invalid is refused: the kernel
+/// refuses to merge it too.
+pub fn plan_origin_merge<R: Read + Seek>(
+    ov: &mut R,
+    ov_len: u64,
+    overlay: &Path,
+    origin: &Path,
+) -> Result<Option<OriginMerge>, OverlayError> {
+    let store = match snapshot::open_store(ov, ov_len)? {
+        Opened::Valid(s) => s,
+        Opened::Invalid { .. } => {
+            return Err(OverlayError::Refused(format!(
+                "{} is marked Invalid; the kernel refuses to merge it too. Run `livestick overlay recover` first",
+                overlay.display()
+            )));
+        }
+        Opened::Uninitialised { .. } => return Ok(None),
+    };
+    let origin_bytes = std::fs::metadata(origin)
+        .explain(|| format!("origin {}", origin.display()))?
+        .len();
+    store
+        .validate(Some(origin_bytes / SECTOR_BYTES))
+        .explain(|| format!("{} does not fit {}", overlay.display(), origin.display()))?;
+    Ok(Some(OriginMerge {
+        store,
+        origin_bytes,
+    }))
+}
+
+/// Applies the store to its origin: into `output` (neither input changes), or in
+/// place into `origin` (which empties the store). Returns the store's status after.
+pub fn apply_origin_merge(
+    plan: &OriginMerge,
+    ov: &mut File,
+    ov_len: u64,
+    origin: &Path,
+    output: Option<&Path>,
+    progress: Progress<'_>,
+) -> Result<String, OverlayError> {
+    let mut step = |d, t| progress("merge", d, t);
+    if let Some(out) = output {
+        let mut o = File::open(origin)?;
+        let created = File::create(out).explain(|| format!("creating {}", out.display()))?;
+        let mut w = std::io::BufWriter::with_capacity(4 << 20, created);
+        snapshot::write_view(
+            &mut o,
+            plan.origin_bytes,
+            ov,
+            &plan.store,
+            &mut w,
+            &mut step,
+        )?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+    } else {
+        let mut o = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(origin)
+            .explain(|| format!("opening {}", origin.display()))?;
+        snapshot::merge_in_place(ov, &plan.store, &mut o, plan.origin_bytes, &mut step)?;
+    }
+    ov.seek(SeekFrom::Start(0))?;
+    Ok(snapshot::status(ov, ov_len, LIVEOS_CHUNK_SECTORS, None)?.dm_status)
 }
 
 #[cfg(test)]
