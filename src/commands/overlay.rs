@@ -16,11 +16,9 @@ use super::write::BadInput;
 use crate::disk::ext4::Superblock;
 use crate::persist::merge::{self, MergeRequest, StickMergeRequest};
 use crate::persist::overlay::dm::RootImage;
-use crate::persist::overlay::place::{
-    self, Bare, OverlayIo, Place, Selection, StickOverlay, Target,
-};
+use crate::persist::overlay::place::{self, Bare, Place, Selection, StickOverlay, Target};
 use crate::persist::overlay::{
-    self, GrowRequest, Kind, OverlayError, ResetPlan, dir, dm, ovlfs, store,
+    GrowRequest, Kind, Overlay, OverlayError, ResetPlan, dir, dm, ovlfs, store,
 };
 use crate::persist::ovl_maint;
 use crate::persist::snapshot::SECTOR_BYTES;
@@ -451,36 +449,19 @@ fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
 // reset
 
 fn reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
-    match place::target_of(&a.target) {
-        Target::Stick => {
-            let mut t = open_stick(&a.target, &a.sel, !a.dry_run, false)?;
-            let show = t.show();
-            let len = t.overlay_bytes;
-            reset_file(&mut t.io().map_err(lift)?, len, &show, a, json)
-        }
-        Target::Dir => {
-            let (used, entries) = dir::inspect_reset(&a.target).map_err(lift)?;
-            let plan = dir::plan_reset(&a.target, used, entries);
-            confirmed_reset(&plan, a, json, || dir::apply_reset(&a.target))
-        }
+    let mut overlay = match place::target_of(&a.target) {
+        Target::Stick => Overlay::in_file(Place::Stick(Box::new(open_stick(
+            &a.target, &a.sel, !a.dry_run, false,
+        )?))),
+        Target::Dir => Overlay::Dir(a.target.clone()),
         Target::File => {
-            let mut bare = open_bare(&a.target, !a.dry_run)?;
+            let bare = open_bare(&a.target, !a.dry_run)?;
             bare.refuse_empty().map_err(lift)?;
-            let show = bare.show();
-            reset_file(&mut bare.file, bare.len, &show, a, json)
+            Overlay::in_file(Place::Bare(bare))
         }
-    }
-}
-
-fn reset_file<F: OverlayIo>(
-    f: &mut F,
-    len: u64,
-    show: &str,
-    a: &ResetArgs,
-    json: bool,
-) -> anyhow::Result<()> {
-    let plan = overlay::plan_file_reset(f, len, show);
-    confirmed_reset(&plan, a, json, || overlay::apply_file_reset(f, len, &plan))
+    };
+    let plan = overlay.plan_reset().map_err(lift)?;
+    confirmed_reset(&plan, a, json, || overlay.apply_reset(&plan))
 }
 
 /// What every reset shares: the dry run (`would`, then what is lost), the
