@@ -12,7 +12,8 @@ use crate::disk::fat_alloc;
 use crate::disk::stick::{Stick, StickError, StickInfo};
 use crate::disk::target::TargetError;
 use crate::io::SyncData;
-use crate::persist::merge::{self, Located};
+use crate::layout::ROOT_IMAGES;
+use crate::persist::merge::Located;
 use crate::persist::snapshot;
 use crate::size::human;
 
@@ -254,7 +255,7 @@ impl StickOverlay {
         let at = Located::on_stick(&mut self.stick, &sq).ok()?;
         let off = at.contiguous_at()?;
         let listing = crate::squash::list_at(&at.device, off).ok()?;
-        merge::ROOT_IMAGES
+        ROOT_IMAGES
             .iter()
             .find_map(|n| listing.iter().find(|e| e.is_file && e.path == *n))
             .map(|e| e.size)
