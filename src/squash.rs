@@ -15,8 +15,6 @@ use crate::tools::{MKSQUASHFS, Tool, ToolMissing, UNSQUASHFS, find_program};
 const SQUASHFS_MAGIC: u32 = 0x7371_7368; // "hsqs"
 const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
 const EROFS_MAGIC_OFFSET: u64 = 1024;
-const EXT_MAGIC: u16 = 0xEF53;
-const EXT_MAGIC_OFFSET: u64 = 1024 + 56;
 const FLAG_COMPRESSOR_OPTIONS: u16 = 0x0400;
 const NO_TABLE: u64 = u64::MAX;
 
@@ -300,8 +298,7 @@ pub fn detect_image_kind<R: Read + Seek>(r: &mut R, what: &str) -> Result<ImageK
     {
         return Ok(ImageKind::Erofs);
     }
-    if got >= EXT_MAGIC_OFFSET as usize + 2 && u16_at(&head, EXT_MAGIC_OFFSET as usize) == EXT_MAGIC
-    {
+    if crate::disk::ext4::image_has_magic(&head) {
         return Ok(ImageKind::Ext);
     }
     Ok(ImageKind::Unknown)
@@ -544,7 +541,7 @@ mod tests {
             ImageKind::Erofs
         );
         let mut ext = vec![0u8; 4096];
-        ext[1080..1082].copy_from_slice(&EXT_MAGIC.to_le_bytes());
+        ext[1080..1082].copy_from_slice(&crate::disk::ext4::MAGIC.to_le_bytes());
         assert_eq!(
             detect_image_kind(&mut Cursor::new(ext), "t").unwrap(),
             ImageKind::Ext

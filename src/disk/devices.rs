@@ -1035,7 +1035,7 @@ pub fn peek_filesystem<R: Read + Seek>(r: &mut R, offset: u64, len: u64) -> Opti
     if b.len() >= 4 && &b[0..4] == b"hsqs" {
         return fs("squashfs", None, None);
     }
-    if b.len() >= 2048 && u16::from_le_bytes([b[1024 + 0x38], b[1024 + 0x39]]) == 0xef53 {
+    if b.len() >= 2048 && crate::disk::ext4::image_has_magic(&b) {
         let sb = &b[1024..2048];
         let compat = le32(sb, 0x5c);
         let incompat = le32(sb, 0x60);

@@ -492,6 +492,143 @@ pub fn grow_ext4_image(path: &Path, new_size: u64) -> Result<(), Ext4Error> {
     Ok(())
 }
 
+/// Where the primary superblock starts in an ext2/3/4 image, and its length.
+pub const SUPERBLOCK_OFFSET: u64 = 1024;
+pub const SUPERBLOCK_BYTES: usize = 1024;
+/// `s_magic`, and where it sits in the image (offset 0x38 of the superblock).
+pub const MAGIC: u16 = 0xEF53;
+pub const MAGIC_OFFSET: u64 = SUPERBLOCK_OFFSET + 0x38;
+
+const INCOMPAT_RECOVER: u32 = 0x4;
+const INCOMPAT_64BIT: u32 = 0x80;
+const STATE_ERROR_FS: u16 = 0x2;
+
+/// Whether `magic`, the two bytes at [`MAGIC_OFFSET`], mark an ext2/3/4 file system.
+pub fn is_magic(magic: &[u8]) -> bool {
+    magic.get(..2) == Some(&MAGIC.to_le_bytes()[..])
+}
+
+/// Whether `head`, the first bytes of an image, holds the ext2/3/4 magic (false when
+/// it is too short to tell).
+pub fn image_has_magic(head: &[u8]) -> bool {
+    let at = MAGIC_OFFSET as usize;
+    head.get(at..at + 2).is_some_and(is_magic)
+}
+
+/// Whether the image behind `r` holds the ext2/3/4 magic; a read that fails or
+/// comes up short means no.
+pub fn has_magic<R: Read + Seek>(r: &mut R) -> bool {
+    let mut m = [0u8; 2];
+    r.seek(SeekFrom::Start(MAGIC_OFFSET)).is_ok() && r.read_exact(&mut m).is_ok() && is_magic(&m)
+}
+
+/// The facts of the primary superblock livestick reads: sizes, counts, features and
+/// the flags that say whether the file system was left clean. Every reader of an
+/// ext2/3/4 superblock goes through here.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Superblock {
+    pub block_size: u64,
+    pub block_count: u64,
+    pub reserved_blocks: u64,
+    pub free_blocks: u64,
+    pub label: String,
+    /// Hyphenated, empty when the bytes are not a UUID.
+    pub uuid: String,
+    pub feature_compat: u32,
+    pub feature_incompat: u32,
+    pub feature_ro_compat: u32,
+    /// `s_state`.
+    pub state: u16,
+    /// `s_error_count`: errors the kernel counted since the last check.
+    pub error_count: u32,
+    /// `s_last_orphan`: the head of the orphan list, 0 when it is empty.
+    pub last_orphan: u32,
+}
+
+impl Superblock {
+    /// Parses the primary superblock: `sb` is the 1024 bytes at [`SUPERBLOCK_OFFSET`].
+    pub fn parse(sb: &[u8]) -> Result<Superblock, Ext4Error> {
+        if sb.len() < SUPERBLOCK_BYTES {
+            return Err(Ext4Error::NotExt4("superblock is cut short".into()));
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([sb[o], sb[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
+        let magic = u16_at(0x38);
+        if magic != MAGIC {
+            return Err(Ext4Error::NotExt4(format!(
+                "superblock magic is {magic:#06x}, not 0xef53"
+            )));
+        }
+        let log = u32_at(0x18);
+        if log > 6 {
+            return Err(Ext4Error::NotExt4(format!("block size 2^{} KiB", log)));
+        }
+        let feature_incompat = u32_at(0x60);
+        // The high halves of the counters only mean something with the 64bit feature.
+        let is64 = feature_incompat & INCOMPAT_64BIT != 0;
+        let wide = |lo: usize, hi: usize| {
+            u64::from(u32_at(lo)) | if is64 { u64::from(u32_at(hi)) << 32 } else { 0 }
+        };
+        let label_raw = &sb[0x78..0x88];
+        let end = label_raw.iter().position(|&b| b == 0).unwrap_or(16);
+        let uuid = uuid::Uuid::from_slice(&sb[0x68..0x78])
+            .map(|u| u.hyphenated().to_string())
+            .unwrap_or_default();
+        Ok(Superblock {
+            block_size: 1024 << log,
+            block_count: wide(0x04, 0x150),
+            reserved_blocks: wide(0x08, 0x154),
+            free_blocks: wide(0x0C, 0x158),
+            label: String::from_utf8_lossy(&label_raw[..end]).into_owned(),
+            uuid,
+            feature_compat: u32_at(0x5C),
+            feature_incompat,
+            feature_ro_compat: u32_at(0x64),
+            state: u16_at(0x3A),
+            error_count: u32_at(0x194),
+            last_orphan: u32_at(0xE8),
+        })
+    }
+
+    /// Reads and parses the primary superblock of the image behind `r`.
+    pub fn read_from<R: Read + Seek>(r: &mut R) -> Result<Superblock, Ext4Error> {
+        let mut sb = vec![0u8; SUPERBLOCK_BYTES];
+        let path = PathBuf::from("<image>");
+        r.seek(SeekFrom::Start(SUPERBLOCK_OFFSET))
+            .map_err(io_err(&path))?;
+        r.read_exact(&mut sb).map_err(io_err(&path))?;
+        Superblock::parse(&sb)
+    }
+
+    /// `block_count × block_size`: the file system's size.
+    pub fn size_bytes(&self) -> u64 {
+        self.block_count * self.block_size
+    }
+
+    pub fn free_bytes(&self) -> u64 {
+        self.free_blocks * self.block_size
+    }
+
+    /// Blocks in use (including metadata) × block size.
+    pub fn used_bytes(&self) -> u64 {
+        self.block_count.saturating_sub(self.free_blocks) * self.block_size
+    }
+
+    /// `needs_recovery`: the journal holds transactions not yet written home.
+    pub fn needs_recovery(&self) -> bool {
+        self.feature_incompat & INCOMPAT_RECOVER != 0
+    }
+
+    /// The kernel recorded an error (`s_state` has EXT2_ERROR_FS).
+    pub fn errors_recorded(&self) -> bool {
+        self.state & STATE_ERROR_FS != 0
+    }
+
+    pub fn has_orphans(&self) -> bool {
+        self.last_orphan != 0
+    }
+}
+
 /// What `home info` reports about an ext4 filesystem.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Ext4Info {
@@ -516,49 +653,28 @@ impl Ext4Info {
 
     /// Parse the primary superblock: `sb` is the 1024 bytes at offset 1024.
     pub fn from_superblock(sb: &[u8]) -> Result<Ext4Info, Ext4Error> {
-        if sb.len() < 1024 {
-            return Err(Ext4Error::NotExt4("superblock is cut short".into()));
-        }
-        let u32_at =
-            |o: usize| u64::from(u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]));
-        let magic = u16::from_le_bytes([sb[0x38], sb[0x39]]);
-        if magic != 0xEF53 {
-            return Err(Ext4Error::NotExt4(format!(
-                "superblock magic is {magic:#06x}, not 0xef53"
-            )));
-        }
-        let log = u32_at(0x18);
-        if log > 6 {
-            return Err(Ext4Error::NotExt4(format!("block size 2^{} KiB", log)));
-        }
-        // The high halves of the counters only mean something with the 64bit feature.
-        let is64 = u32_at(0x60) & 0x80 != 0;
-        let wide = |lo: usize, hi: usize| u32_at(lo) | if is64 { u32_at(hi) << 32 } else { 0 };
-        let label_raw = &sb[0x78..0x88];
-        let end = label_raw.iter().position(|&b| b == 0).unwrap_or(16);
-        let uuid = uuid::Uuid::from_slice(&sb[0x68..0x78])
-            .map(|u| u.hyphenated().to_string())
-            .unwrap_or_default();
-        Ok(Ext4Info {
-            label: String::from_utf8_lossy(&label_raw[..end]).into_owned(),
-            uuid,
-            block_size: 1024 << log,
-            block_count: wide(0x04, 0x150),
-            reserved_blocks: wide(0x08, 0x154),
-            free_blocks: wide(0x0C, 0x158),
-            size_bytes: 0,
-            used_bytes: 0,
-        }
-        .finish())
+        Ok(Ext4Info::from(Superblock::parse(sb)?))
     }
 
     /// Read the superblock from any reader positioned over an ext4 image.
     pub fn read_from<R: Read + Seek>(r: &mut R) -> Result<Ext4Info, Ext4Error> {
-        let mut sb = vec![0u8; 1024];
-        let path = PathBuf::from("<image>");
-        r.seek(SeekFrom::Start(1024)).map_err(io_err(&path))?;
-        r.read_exact(&mut sb).map_err(io_err(&path))?;
-        Ext4Info::from_superblock(&sb)
+        Ok(Ext4Info::from(Superblock::read_from(r)?))
+    }
+}
+
+impl From<Superblock> for Ext4Info {
+    fn from(sb: Superblock) -> Ext4Info {
+        Ext4Info {
+            label: sb.label,
+            uuid: sb.uuid,
+            block_size: sb.block_size,
+            block_count: sb.block_count,
+            free_blocks: sb.free_blocks,
+            reserved_blocks: sb.reserved_blocks,
+            size_bytes: 0,
+            used_bytes: 0,
+        }
+        .finish()
     }
 }
 
@@ -683,5 +799,37 @@ mod tests {
             Ext4Info::from_superblock(&[0u8; 1024]),
             Err(Ext4Error::NotExt4(_))
         ));
+    }
+
+    #[test]
+    fn superblock_of_a_real_mke2fs_image() {
+        if crate::tools::find_program(&crate::tools::MKE2FS).is_err()
+            || crate::tools::find_program(&crate::tools::DUMPE2FS).is_err()
+        {
+            eprintln!("skipped: e2fsprogs not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("sb.img");
+        make_ext4_image(&img, 16 << 20, "SBTEST", &Ext4Options::default()).unwrap();
+        let mut f = std::fs::File::open(&img).unwrap();
+        assert!(has_magic(&mut f));
+        let sb = Superblock::read_from(&mut f).unwrap();
+        let dumped = ext4_info(&img).unwrap();
+        assert_eq!(sb.label, "SBTEST");
+        assert_eq!(sb.uuid, dumped.uuid);
+        assert_eq!(sb.block_size, dumped.block_size);
+        assert_eq!(sb.block_count, dumped.block_count);
+        assert_eq!(sb.free_blocks, dumped.free_blocks);
+        assert_eq!(sb.reserved_blocks, dumped.reserved_blocks);
+        assert_eq!(sb.size_bytes(), 16 << 20);
+        assert_eq!(Ext4Info::from(sb.clone()), dumped);
+        assert!(!sb.needs_recovery() && !sb.errors_recorded() && !sb.has_orphans());
+        let mut head = vec![0u8; 2048];
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.read_exact(&mut head).unwrap();
+        assert!(image_has_magic(&head));
+        assert!(!image_has_magic(&head[..1081]));
+        assert!(!has_magic(&mut std::io::Cursor::new(vec![0u8; 4096])));
     }
 }

@@ -382,8 +382,8 @@ pub fn detect_home_kind<R: Read + Seek>(r: &mut R) -> io::Result<Option<HomeKind
         return Ok(Some(HomeKind::Luks2));
     }
     let mut magic = [0u8; 2];
-    r.seek(SeekFrom::Start(1024 + 0x38))?;
-    if read_exact_or_eof(r, &mut magic)? && magic == [0x53, 0xEF] {
+    r.seek(SeekFrom::Start(ext4::MAGIC_OFFSET))?;
+    if read_exact_or_eof(r, &mut magic)? && ext4::is_magic(&magic) {
         return Ok(Some(HomeKind::Plain));
     }
     Ok(None)

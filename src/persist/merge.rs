@@ -450,7 +450,7 @@ fn plan_common(
     compress: Option<Compressor>,
 ) -> Result<MergePlan, MergeError> {
     // An OverlayFS overlay is an ext4 file system: merged file by file, not by chunks.
-    if ovl_merge::is_ext4(&mut inp.overlay_at.open(false)?) {
+    if crate::persist::overlay::store::is_ext4(&mut inp.overlay_at.open(false)?) {
         return ovl_merge::plan(inp, workdir, fsck, compress);
     }
     let squashfs_bytes = inp.squashfs_at.len();
@@ -975,7 +975,9 @@ where
     F: Read + Write + Seek + snapshot::SyncData,
 {
     match fresh_overlay {
-        Some(t) => Ok(ovl_merge::write_fresh_overlay(ov, len, t)?),
+        Some(t) => Ok(crate::persist::overlay::store::write_fresh_overlay(
+            ov, len, t,
+        )?),
         None => Ok(snapshot::reset_store(ov, len)?),
     }
 }

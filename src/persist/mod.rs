@@ -5,6 +5,7 @@ pub mod home;
 pub mod home_stick;
 pub mod luks;
 pub mod merge;
+pub mod overlay;
 pub mod ovl_maint;
 pub mod ovl_merge;
 pub mod ovl_tar;

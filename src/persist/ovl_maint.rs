@@ -27,7 +27,7 @@ use std::process::Command;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::disk::ext4::{Ext4Error, Ext4Info};
+use crate::disk::ext4::{self, Ext4Error, Superblock};
 use crate::persist::merge::{self, MergeError};
 use crate::persist::snapshot::SyncData;
 use crate::tools::{E2FSCK, RESIZE2FS, ToolMissing, find_program};
@@ -35,7 +35,8 @@ use crate::tools::{E2FSCK, RESIZE2FS, ToolMissing, find_program};
 /// Granularity of the write-back: the blocks e2fsck/resize2fs changed.
 pub const WRITE_BACK_CHUNK: u64 = 4096;
 /// Where the primary ext4 superblock lives in the overlay file.
-const SUPERBLOCK: std::ops::Range<u64> = 1024..2048;
+const SUPERBLOCK: std::ops::Range<u64> =
+    ext4::SUPERBLOCK_OFFSET..ext4::SUPERBLOCK_OFFSET + ext4::SUPERBLOCK_BYTES as u64;
 /// Problems listed in a report; the rest are counted.
 const MAX_PROBLEMS: usize = 40;
 
@@ -98,7 +99,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> OvlMaintError {
     move |source| OvlMaintError::Io { what, source }
 }
 
-/// What the primary superblock says, beyond [`Ext4Info`]: the flags that make a file
+/// What the primary superblock says, beyond [`crate::disk::ext4::Ext4Info`]: the flags that make a file
 /// system need a check before it may be resized.
 #[derive(Debug, Clone, Serialize)]
 pub struct Super {
@@ -128,19 +129,7 @@ impl Super {
     }
 
     pub fn parse(sb: &[u8]) -> Result<Super, OvlMaintError> {
-        let info = Ext4Info::from_superblock(sb)?;
-        let u16_at = |o: usize| u16::from_le_bytes([sb[o], sb[o + 1]]);
-        let u32_at = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
-        Ok(Super {
-            block_size: info.block_size,
-            blocks: info.block_count,
-            fs_bytes: info.size_bytes,
-            free_bytes: info.free_blocks * info.block_size,
-            needs_recovery: u32_at(0x60) & 0x4 != 0,
-            orphans: u32_at(0xE8) != 0,
-            errors_recorded: u16_at(0x3A) & 0x2 != 0,
-            error_count: u32_at(0x194),
-        })
+        Ok(Super::from(&Superblock::parse(sb)?))
     }
 
     /// Findings from the superblock alone, in words.
@@ -161,6 +150,21 @@ impl Super {
             ));
         }
         v
+    }
+}
+
+impl From<&Superblock> for Super {
+    fn from(sb: &Superblock) -> Super {
+        Super {
+            block_size: sb.block_size,
+            blocks: sb.block_count,
+            fs_bytes: sb.size_bytes(),
+            free_bytes: sb.free_bytes(),
+            needs_recovery: sb.needs_recovery(),
+            orphans: sb.has_orphans(),
+            errors_recorded: sb.errors_recorded(),
+            error_count: sb.error_count,
+        }
     }
 }
 

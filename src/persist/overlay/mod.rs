@@ -1,0 +1,311 @@
+//! The overlays livestick maintains, behind one shape.
+//!
+//! Three kinds ([`Kind`]): a dm-snapshot store file ([`dm`]), an OverlayFS ext4 file
+//! ([`ovlfs`]) and an OverlayFS directory ([`dir`]). The two file kinds live in one
+//! of two places ([`place::Place`]): a bare file, or a file on a stick's FAT reached
+//! through its extents. [`Overlay`] is a kind in its place.
+//!
+//! Every verb goes inspect → plan → apply: `inspect_*` reads the facts (sizes,
+//! header, superblock, the stick's free space), `plan_*` decides from those facts
+//! alone (pure, unit-tested in each module) and `apply_*` does what the plan says.
+//! Each kind module answers the same verbs under the same names; a verb whose plan
+//! has one shape for every kind (reset) is also a method of [`Overlay`]. A new kind
+//! is one more module and variant; a new place (an overlay on an ext4 live
+//! partition) one more variant of `Place` and of its `PlaceIo`.
+//!
+//! Format facts stay in the format modules (`snapshot`, `ovl_maint`, `disk::ext4`);
+//! the stick is reached through `disk::stick`; merging is `persist::merge`'s.
+
+pub mod dir;
+pub mod dm;
+pub mod ovlfs;
+pub mod place;
+pub mod store;
+
+use std::io;
+use std::path::PathBuf;
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::disk::fat;
+use crate::disk::fat_alloc::AllocError;
+use crate::disk::stick::StickError;
+use crate::persist::merge::MergeError;
+use crate::persist::ovl_maint::OvlMaintError;
+use crate::persist::ovl_merge::OvlError;
+use crate::persist::snapshot::SnapshotError;
+use crate::size::{MIB, human};
+use store::StoreError;
+
+/// What an overlay holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// dm-snapshot exception store (or a zeroed, new one).
+    DmSnapshot,
+    /// An ext4 file system with `overlayfs/` and `ovlwork/` (rd.live.overlay.overlayfs).
+    Overlayfs,
+    /// `overlayfs/` and `ovlwork/` on the stick's own file system (an ext4 stick).
+    OverlayfsDir,
+}
+
+/// Progress of a long step: `(phase, done, total)`.
+pub type Progress<'a> = &'a mut dyn FnMut(&str, u64, u64);
+
+#[derive(Debug, Error)]
+pub enum OverlayError {
+    /// The user named something that is not a usable overlay, or asked a kind for
+    /// what it cannot do; the front reports it as bad input.
+    #[error("{0}")]
+    BadInput(String),
+    /// A store the strict checks cannot read; reported as bad input, with the cause.
+    #[error("{overlay} is not a usable overlay")]
+    NotUsable {
+        overlay: String,
+        #[source]
+        source: SnapshotError,
+    },
+    /// A refusal the front does not classify further (exit code 4, as it always was).
+    #[error("{0}")]
+    Refused(String),
+    /// What was being done when `source` failed, and what that left.
+    #[error("{context}")]
+    Context {
+        context: String,
+        #[source]
+        source: Box<OverlayError>,
+    },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Maint(#[from] OvlMaintError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Stick(#[from] StickError),
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    #[error(transparent)]
+    Merge(#[from] MergeError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl OverlayError {
+    pub fn context(self, context: impl Into<String>) -> OverlayError {
+        OverlayError::Context {
+            context: context.into(),
+            source: Box::new(self),
+        }
+    }
+}
+
+/// Says what was being done when an error happened, like anyhow's `with_context`,
+/// keeping the typed cause.
+pub trait Explain<T> {
+    fn explain(self, context: impl FnOnce() -> String) -> Result<T, OverlayError>;
+}
+
+impl<T, E: Into<OverlayError>> Explain<T> for Result<T, E> {
+    fn explain(self, context: impl FnOnce() -> String) -> Result<T, OverlayError> {
+        self.map_err(|e| e.into().context(context()))
+    }
+}
+
+/// The merge code reports a store failure as its own; the messages are the store's.
+impl From<StoreError> for OvlError {
+    fn from(e: StoreError) -> OvlError {
+        match e {
+            StoreError::Io { path, source } => OvlError::Io { path, source },
+            StoreError::Ext4(e) => OvlError::Ext4(e),
+            StoreError::NoUpper(what) => OvlError::NoUpper(what),
+            StoreError::Host { path, what } => OvlError::Host { path, what },
+        }
+    }
+}
+
+impl From<StoreError> for MergeError {
+    fn from(e: StoreError) -> MergeError {
+        MergeError::Ovl(e.into())
+    }
+}
+
+/// What a grow on a stick may use. A bare file has no such limits beyond the FAT
+/// cap every plan applies (the file is meant to go on a stick).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StickRoom {
+    pub stick: PathBuf,
+    /// The overlay's path on the stick's FAT.
+    pub overlay: String,
+    pub free_bytes: u64,
+}
+
+impl StickRoom {
+    /// On a stick the FAT file limit is a hard error with the figures, not a silent
+    /// cap: the user asked for a size the stick cannot give.
+    pub fn check_fat_limit(&self, show: &str, requested: u64) -> Result<(), OverlayError> {
+        if requested > fat::FAT_MAX_FILE {
+            return Err(OverlayError::Refused(format!(
+                "{show} cannot grow to {} ({requested} bytes): a file on FAT32 must stay below 4 GiB, at most {} MiB ({} bytes)",
+                human(requested),
+                fat::FAT_MAX_FILE / MIB,
+                fat::FAT_MAX_FILE
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn check_free(&self, added: u64) -> Result<(), OverlayError> {
+        if added > self.free_bytes {
+            return Err(OverlayError::Refused(format!(
+                "not enough free space on {} to grow {} by {} ({added} bytes): {} ({} bytes) free",
+                self.stick.display(),
+                self.overlay,
+                human(added),
+                human(self.free_bytes),
+                self.free_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// How big the user asked the overlay to become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrowRequest {
+    /// `--size-mb N`: the new total.
+    SizeMb(u64),
+    /// `--add-mb N`: on top of the current size.
+    AddMb(u64),
+}
+
+impl GrowRequest {
+    /// From the two options, `--size-mb` winning (clap requires one of them).
+    pub fn from_options(
+        size_mb: Option<u64>,
+        add_mb: Option<u64>,
+    ) -> Result<GrowRequest, OverlayError> {
+        match (size_mb, add_mb) {
+            (Some(s), _) => Ok(GrowRequest::SizeMb(s)),
+            (None, Some(add)) => Ok(GrowRequest::AddMb(add)),
+            (None, None) => Err(OverlayError::Refused(
+                "give --size-mb N or --add-mb N".to_string(),
+            )),
+        }
+    }
+
+    pub fn bytes(self, current: u64) -> u64 {
+        match self {
+            GrowRequest::SizeMb(s) => s.saturating_mul(MIB),
+            GrowRequest::AddMb(add) => current.saturating_add(add.saturating_mul(MIB)),
+        }
+    }
+}
+
+/// A reset, decided: what is lost, and what a dry run says it would do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResetPlan {
+    pub overlay: String,
+    /// What the reset discards, in words.
+    pub discards: String,
+    /// The dry run's sentence.
+    pub would: String,
+    /// Named in the JSON report (a dm-snapshot reset names none).
+    pub kind: Option<Kind>,
+    /// Bytes a dm-snapshot reset zeroes, for the dry run's JSON.
+    pub zeroed_bytes: Option<u64>,
+}
+
+/// An overlay livestick maintains: its kind, in its place. The verbs every kind
+/// answers the same way go through here; the others (grow, recover, whose plans and
+/// reports differ by kind) are the kind modules' functions of the same names.
+pub enum Overlay {
+    /// A dm-snapshot store file.
+    Dm(place::Place),
+    /// An OverlayFS ext4 file.
+    Ovlfs(place::Place),
+    /// An OverlayFS directory.
+    Dir(PathBuf),
+}
+
+impl Overlay {
+    /// The overlay file in `place`, by what it holds.
+    pub fn in_file(mut place: place::Place) -> Overlay {
+        match place.kind() {
+            Kind::Overlayfs => Overlay::Ovlfs(place),
+            _ => Overlay::Dm(place),
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Overlay::Dm(_) => Kind::DmSnapshot,
+            Overlay::Ovlfs(_) => Kind::Overlayfs,
+            Overlay::Dir(_) => Kind::OverlayfsDir,
+        }
+    }
+
+    /// Reads what a reset loses and decides it.
+    pub fn plan_reset(&mut self) -> Result<ResetPlan, OverlayError> {
+        Ok(match self {
+            Overlay::Dm(place) => {
+                let (show, len) = (place.show(), place.bytes());
+                dm::plan_reset(&show, len, &dm::inspect_reset(&mut place.io()?, len))
+            }
+            Overlay::Ovlfs(place) => {
+                let show = place.show();
+                ovlfs::plan_reset(&show, store::overlay_info(&mut place.io()?).as_ref())
+            }
+            Overlay::Dir(path) => {
+                let (used, entries) = dir::inspect_reset(path)?;
+                dir::plan_reset(path, used, entries)
+            }
+        })
+    }
+
+    pub fn apply_reset(&mut self, plan: &ResetPlan) -> Result<(), OverlayError> {
+        match self {
+            Overlay::Dm(place) => {
+                let len = place.bytes();
+                dm::apply_reset(&mut place.io()?, len)
+            }
+            Overlay::Ovlfs(place) => {
+                let len = place.bytes();
+                ovlfs::apply_reset(&mut place.io()?, len, &plan.overlay)
+            }
+            Overlay::Dir(path) => dir::apply_reset(path),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zeroed_file_is_a_new_dm_store_whose_reset_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("overlay-L-U");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let bare = place::Bare::open(&path, true).unwrap();
+        let mut overlay = Overlay::in_file(place::Place::Bare(bare));
+        assert_eq!(overlay.kind(), Kind::DmSnapshot);
+        let plan = overlay.plan_reset().unwrap();
+        assert_eq!(plan.discards, "nothing (it is already empty)");
+        assert_eq!(plan.zeroed_bytes, Some(64 * 1024));
+        overlay.apply_reset(&plan).unwrap();
+    }
+
+    #[test]
+    fn grow_requests() {
+        assert_eq!(GrowRequest::SizeMb(10).bytes(5 * MIB), 10 * MIB);
+        assert_eq!(GrowRequest::AddMb(10).bytes(5 * MIB), 15 * MIB);
+        assert_eq!(GrowRequest::AddMb(u64::MAX).bytes(1), u64::MAX);
+        assert_eq!(
+            GrowRequest::from_options(Some(1), Some(2)).unwrap(),
+            GrowRequest::SizeMb(1)
+        );
+        assert!(GrowRequest::from_options(None, None).is_err());
+    }
+}

@@ -1,0 +1,487 @@
+//! Where an overlay file lives: a bare file (with its squashfs.img or root image
+//! beside it), or a file on a stick's FAT, read and written in place through its
+//! extents. The stick itself is reached through `disk::stick`; this module only
+//! chooses the overlay on it and says what room it has.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::disk::extent_file::ExtentFile;
+use crate::disk::fat_alloc;
+use crate::disk::stick::{Stick, StickError, StickInfo};
+use crate::disk::target::TargetError;
+use crate::io::SyncData;
+use crate::layout::ROOT_IMAGES;
+use crate::persist::merge::Located;
+use crate::persist::snapshot;
+use crate::size::human;
+
+use super::{Explain, Kind, OverlayError, Progress, StickRoom, store};
+
+/// What an overlay file is read and written through, whatever its place.
+pub trait OverlayIo: Read + Write + Seek + SyncData {}
+impl<T: Read + Write + Seek + SyncData> OverlayIo for T {}
+
+/// Where the user pointed: decided before anything is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Stick,
+    /// An OverlayFS directory overlay (`overlayfs/` + `ovlwork/`).
+    Dir,
+    /// A bare overlay file.
+    File,
+}
+
+pub fn target_of(path: &Path) -> Target {
+    if crate::disk::stick::looks_like_stick(path) {
+        Target::Stick
+    } else if path.is_dir() {
+        Target::Dir
+    } else {
+        Target::File
+    }
+}
+
+/// Refuses a whole disk (partition table or block device) that is not a live stick,
+/// instead of misreading it as an overlay.
+pub fn refuse_disk(path: &Path) -> Result<(), OverlayError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).explain(|| format!("{}", path.display()))?;
+    let mut looks_like_disk = meta.file_type().is_block_device();
+    if meta.is_file() && meta.len() >= 512 {
+        let mut f = File::open(path).explain(|| format!("{}", path.display()))?;
+        let mut sector = [0u8; 512];
+        f.read_exact(&mut sector)?;
+        // An overlay's chunk 0 is a 16-byte header and zeros; a disk has an MBR signature.
+        looks_like_disk |= sector[510] == 0x55 && sector[511] == 0xAA;
+    }
+    if looks_like_disk {
+        return Err(OverlayError::Refused(format!(
+            "{} has a partition table (or is a block device) but no FAT partition with a live system: it is neither a live stick nor an overlay file",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A bare overlay file, opened.
+pub struct Bare {
+    pub path: PathBuf,
+    pub file: File,
+    pub len: u64,
+}
+
+impl Bare {
+    pub fn open(path: &Path, writable: bool) -> Result<Bare, OverlayError> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .explain(|| format!("opening {}", path.display()))?;
+        let len = snapshot::stream_len(&mut file)?;
+        Ok(Bare {
+            path: path.to_path_buf(),
+            file,
+            len,
+        })
+    }
+
+    pub fn show(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// A 0-byte file holds no overlay: resetting or reading it would only report
+    /// an empty store, which hides that the wrong file was named.
+    pub fn refuse_empty(&self) -> Result<(), OverlayError> {
+        if self.len == 0 {
+            return Err(OverlayError::BadInput(format!(
+                "{} is empty (0 bytes): it is not an overlay; name the overlay file (LiveOS/overlay-LABEL-UUID) or the stick",
+                self.show()
+            )));
+        }
+        Ok(())
+    }
+
+    /// What the file holds, by its first bytes.
+    pub fn kind(&mut self) -> Kind {
+        if store::is_ext4(&mut self.file) {
+            Kind::Overlayfs
+        } else {
+            Kind::DmSnapshot
+        }
+    }
+
+    /// Makes the file `new_bytes` long; the zeros appended are sparse where the file
+    /// system can, and zero is what both kinds expect past their old end.
+    pub fn extend(&mut self, new_bytes: u64) -> Result<(), OverlayError> {
+        self.file.set_len(new_bytes)?;
+        self.file.sync_all()?;
+        self.len = new_bytes;
+        Ok(())
+    }
+}
+
+/// The kind of a bare overlay file, read without opening it for writing.
+pub fn bare_kind(path: &Path) -> Result<Kind, OverlayError> {
+    Ok(Bare::open(path, false)?.kind())
+}
+
+/// Which overlay on a stick.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    pub live_dir: String,
+    /// An overlay file of the live dir other than overlay-LABEL-UUID.
+    pub overlay_file: Option<String>,
+}
+
+/// A stick opened for overlay maintenance, with the overlay chosen.
+pub struct StickOverlay {
+    pub stick: Stick,
+    pub info: StickInfo,
+    /// Path of the overlay on the FAT filesystem.
+    pub overlay: String,
+    pub overlay_bytes: u64,
+    /// The overlay's name does not match the label/UUID: dracut will not use it.
+    pub orphaned: bool,
+    pub kind: Kind,
+}
+
+impl StickOverlay {
+    /// Opens `path` as a stick and picks its overlay: `--overlay-file`, else the one
+    /// dracut will use. `allow_orphan` lets `status` fall back to a single orphaned
+    /// overlay.
+    pub fn open(
+        path: &Path,
+        sel: &Selection,
+        writable: bool,
+        allow_orphan: bool,
+    ) -> Result<StickOverlay, OverlayError> {
+        let mut stick = Stick::open(path, writable).map_err(|e| match e {
+            StickError::Target(TargetError::Busy { path, findings }) => {
+                OverlayError::Refused(format!(
+                    "{} is in use ({}); unmount it (and detach loop devices) first: changing the overlay or squashfs.img under a running or mounted system corrupts them",
+                    path.display(),
+                    findings.join("; ")
+                ))
+            }
+            e => OverlayError::from(e).context(format!(
+                "{} is not a live stick this command can work on",
+                path.display()
+            )),
+        })?;
+        let info = stick.info(&sel.live_dir)?;
+        if info.squashfs.is_none() {
+            return Err(StickError::NotLive {
+                path: path.to_path_buf(),
+                live_dir: sel.live_dir.clone(),
+            }
+            .into());
+        }
+        let (overlay, overlay_bytes) = choose_overlay(path, &info, sel, allow_orphan)?;
+        let orphaned = overlay != info.expected_overlay;
+        let mut t = StickOverlay {
+            stick,
+            overlay,
+            overlay_bytes,
+            orphaned,
+            kind: Kind::DmSnapshot,
+            info,
+        };
+        if store::is_ext4(&mut t.io()?) {
+            t.kind = Kind::Overlayfs;
+        }
+        Ok(t)
+    }
+
+    pub fn show(&self) -> String {
+        format!("{}:{}", self.stick.path.display(), self.overlay)
+    }
+
+    /// The overlay, read and written in place on the stick.
+    pub fn io(&mut self) -> Result<ExtentFile<&mut File>, OverlayError> {
+        let show = self.show();
+        let extents = self
+            .stick
+            .file_extents(&self.overlay)
+            .explain(|| format!("locating {show}"))?;
+        Ok(ExtentFile::new(self.stick.file_mut(), &extents))
+    }
+
+    /// What a grow may use: the FAT file limit and the stick's free space.
+    pub fn room(&self) -> StickRoom {
+        StickRoom {
+            stick: self.stick.path.clone(),
+            overlay: self.overlay.clone(),
+            free_bytes: self.info.free_bytes,
+        }
+    }
+
+    /// Orphaned overlays other than the chosen one, by path.
+    pub fn orphans(&self) -> Vec<String> {
+        self.info
+            .orphaned_overlays()
+            .iter()
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    /// What `status` says about the overlay's name.
+    pub fn name_notes(&self) -> Vec<String> {
+        let orphans = self.orphans();
+        if self.orphaned {
+            vec![format!(
+                "{} does not match the stick's label/UUID: the live system looks for {} and ignores this one (its changes are orphaned); rename it to use it again",
+                self.overlay, self.info.expected_overlay
+            )]
+        } else if !orphans.is_empty() {
+            vec![format!(
+                "orphaned overlay(s) the live system ignores: {}",
+                orphans.join(", ")
+            )]
+        } else {
+            Vec::new()
+        }
+    }
+
+    pub fn squashfs_path(&self) -> String {
+        format!("/{}/squashfs.img", self.info.live_dir)
+    }
+
+    /// Size of the root image inside squashfs.img (for range checks), when unsquashfs
+    /// is installed and the image can be read in place.
+    pub fn root_image_bytes(&mut self) -> Option<u64> {
+        let sq = self.squashfs_path();
+        let at = Located::on_stick(&mut self.stick, &sq).ok()?;
+        let off = at.contiguous_at()?;
+        let listing = crate::squash::list_at(&at.device, off).ok()?;
+        ROOT_IMAGES
+            .iter()
+            .find_map(|n| listing.iter().find(|e| e.is_file && e.path == *n))
+            .map(|e| e.size)
+    }
+
+    /// Gives the overlay `new_bytes` by appending clusters to its chain (not written);
+    /// `zero` (ranges of the grown file) is zeroed through the new extents before the
+    /// directory entry's size makes them part of the file, so a stop half way leaves
+    /// the old, intact overlay (and some lost clusters fsck.fat frees).
+    pub fn allocate(
+        &mut self,
+        new_bytes: u64,
+        zero: &[std::ops::Range<u64>],
+    ) -> Result<(), OverlayError> {
+        let start = self.stick.partition.start;
+        let path = self.overlay.clone();
+        let show = self.show();
+        fat_alloc::extend_with(
+            self.stick.file_mut(),
+            start,
+            &path,
+            new_bytes,
+            |dev, extents| {
+                let mut file = ExtentFile::new(dev, extents);
+                crate::io::zero_ranges(&mut file, zero.iter().cloned())?;
+                file.into_inner().sync_data()
+            },
+        )
+        .explain(|| format!("growing {show}"))?;
+        let stick = self.stick.path.clone();
+        self.stick
+            .file_mut()
+            .sync_all()
+            .explain(|| format!("syncing {}", stick.display()))?;
+        self.overlay_bytes = new_bytes;
+        Ok(())
+    }
+
+    /// Appends `added` zero bytes to the overlay through the FAT driver, so that every
+    /// new block reads as zeros (an ext4 grown over stale bytes must not see them).
+    pub fn append_zeros(
+        &mut self,
+        added: u64,
+        new_bytes: u64,
+        progress: Progress<'_>,
+    ) -> Result<(), OverlayError> {
+        let path = self.overlay.clone();
+        progress("grow", 0, added);
+        self.stick.with_fs(|fs| {
+            let io = |source| StickError::Io {
+                path: PathBuf::from(&path),
+                source,
+            };
+            let mut f = fs
+                .root_dir()
+                .open_file(path.trim_start_matches('/'))
+                .map_err(io)?;
+            f.seek(SeekFrom::End(0)).map_err(io)?;
+            let zeros = vec![0u8; 1 << 20];
+            let mut done = 0u64;
+            while done < added {
+                let n = (added - done).min(zeros.len() as u64) as usize;
+                f.write_all(&zeros[..n]).map_err(io)?;
+                done += n as u64;
+                progress("grow", done, added);
+            }
+            f.flush().map_err(io)?;
+            Ok(())
+        })?;
+        self.overlay_bytes = new_bytes;
+        Ok(())
+    }
+}
+
+fn choose_overlay(
+    path: &Path,
+    info: &StickInfo,
+    sel: &Selection,
+    allow_orphan: bool,
+) -> Result<(String, u64), OverlayError> {
+    let names = || {
+        info.overlays
+            .iter()
+            .map(|(p, s)| format!("{p} ({})", human(*s)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some(name) = &sel.overlay_file {
+        let want = format!("/{}/{}", sel.live_dir, name.trim_start_matches('/'));
+        return info
+            .overlays
+            .iter()
+            .find(|(p, _)| p.eq_ignore_ascii_case(&want) || p.eq_ignore_ascii_case(name))
+            .cloned()
+            .ok_or_else(|| {
+                OverlayError::Refused(format!(
+                    "{} has no overlay {want}; overlays present: {}",
+                    path.display(),
+                    if info.overlays.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names()
+                    }
+                ))
+            });
+    }
+    if let Some(o) = info.overlay() {
+        return Ok(o.clone());
+    }
+    match info.orphaned_overlays().as_slice() {
+        [] => Err(OverlayError::Refused(format!(
+            "{} has no persistent overlay (expected {}); it was written without --overlay-size-mb",
+            path.display(),
+            info.expected_overlay
+        ))),
+        [one] if allow_orphan => Ok((*one).clone()),
+        _ => Err(OverlayError::Refused(format!(
+            "{} has no overlay named {}, but has {}: its name no longer matches the stick's label/UUID, so the live system ignores it (its changes are orphaned). Rename it to {} to use it again, or pass --overlay-file NAME to work on it",
+            path.display(),
+            info.expected_overlay,
+            names(),
+            info.expected_overlay
+        ))),
+    }
+}
+
+/// An overlay file in its place.
+pub enum Place {
+    Bare(Bare),
+    Stick(Box<StickOverlay>),
+}
+
+impl Place {
+    pub fn show(&self) -> String {
+        match self {
+            Place::Bare(b) => b.show(),
+            Place::Stick(t) => t.show(),
+        }
+    }
+
+    /// The overlay file's size.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Place::Bare(b) => b.len,
+            Place::Stick(t) => t.overlay_bytes,
+        }
+    }
+
+    /// The overlay's bytes, through its extents on a stick.
+    pub fn io(&mut self) -> Result<PlaceIo<'_>, OverlayError> {
+        Ok(match self {
+            Place::Bare(b) => PlaceIo::Bare(&mut b.file),
+            Place::Stick(t) => PlaceIo::Stick(t.io()?),
+        })
+    }
+
+    /// What the overlay file holds.
+    pub fn kind(&mut self) -> Kind {
+        match self {
+            Place::Bare(b) => b.kind(),
+            Place::Stick(t) => t.kind,
+        }
+    }
+
+    /// The file or device progress reports name.
+    pub fn device(&self) -> &Path {
+        match self {
+            Place::Bare(b) => &b.path,
+            Place::Stick(t) => &t.stick.path,
+        }
+    }
+
+    /// A stick's limits on a grow; a bare file has none of its own.
+    pub fn room(&self) -> Option<StickRoom> {
+        match self {
+            Place::Bare(_) => None,
+            Place::Stick(t) => Some(t.room()),
+        }
+    }
+}
+
+/// An overlay file's bytes, wherever it lives.
+pub enum PlaceIo<'a> {
+    Bare(&'a mut File),
+    Stick(ExtentFile<&'a mut File>),
+}
+
+impl Read for PlaceIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            PlaceIo::Bare(f) => f.read(buf),
+            PlaceIo::Stick(f) => f.read(buf),
+        }
+    }
+}
+
+impl Write for PlaceIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            PlaceIo::Bare(f) => f.write(buf),
+            PlaceIo::Stick(f) => f.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            PlaceIo::Bare(f) => f.flush(),
+            PlaceIo::Stick(f) => f.flush(),
+        }
+    }
+}
+
+impl Seek for PlaceIo<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        match self {
+            PlaceIo::Bare(f) => f.seek(pos),
+            PlaceIo::Stick(f) => f.seek(pos),
+        }
+    }
+}
+
+impl SyncData for PlaceIo<'_> {
+    fn sync_data(&mut self) -> std::io::Result<()> {
+        match self {
+            PlaceIo::Bare(f) => f.sync_data(),
+            PlaceIo::Stick(f) => f.sync_data(),
+        }
+    }
+}
