@@ -1,8 +1,8 @@
 //! Persistence on the stick: the dm-snapshot overlay store, its maintenance, home.img.
 pub mod erofs;
-pub mod erofs_xattr;
 pub mod home;
 pub mod home_stick;
+pub mod host_xattr;
 pub mod luks;
 pub mod merge;
 pub mod ovl_maint;
@@ -11,3 +11,6 @@ pub mod ovl_tar;
 pub mod snapshot;
 pub mod swap;
 pub mod tar_stream;
+
+/// The EROFS xattr reader at its old path (`persist::erofs_xattr`).
+pub use erofs::xattr as erofs_xattr;

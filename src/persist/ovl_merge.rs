@@ -749,30 +749,8 @@ fn apply_children(
 // ---------------------------------------------------------------------------------
 // Host tree target
 
-// Extended attributes through the `xattr` crate, whose path functions never
-// follow a final symlink (the l*xattr calls): the link's own labels are what
-// a root image carries. Keeps the project free of `unsafe` outside ioctls.
-
-/// Sets an xattr on a path without following a symlink.
-pub fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
-    xattr::set(path, name, value)
-}
-
-/// An xattr's value, `None` when it is absent or unreadable.
-pub fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
-    xattr::get(path, name).ok().flatten()
-}
-
-/// The names of a path's xattrs.
-pub fn list_xattrs(path: &Path) -> io::Result<Vec<String>> {
-    Ok(xattr::list(path)?
-        .map(|n| n.to_string_lossy().into_owned())
-        .collect())
-}
-
-fn remove_xattr(path: &Path, name: &str) -> io::Result<()> {
-    xattr::remove(path, name)
-}
+use crate::persist::host_xattr::remove_xattr;
+pub use crate::persist::host_xattr::{get_xattr, list_xattrs, set_xattr};
 
 /// An extracted root tree on the host.
 pub struct HostTree {
