@@ -7,10 +7,11 @@ pub mod luks;
 pub mod merge;
 pub mod ovl_maint;
 pub mod ovl_merge;
-pub mod ovl_tar;
 pub mod snapshot;
 pub mod swap;
 pub mod tar_stream;
 
 /// The EROFS xattr reader at its old path (`persist::erofs_xattr`).
 pub use erofs::xattr as erofs_xattr;
+/// The flat-squashfs stream merge at its old path (`persist::ovl_tar`).
+pub use merge::overlayfs::flat as ovl_tar;
