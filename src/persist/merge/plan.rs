@@ -706,3 +706,586 @@ fn for_dir_overlay(plan: &mut MergePlan, dir: &Path) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use super::*;
+    use crate::persist::merge::facts::{ErofsDetails, Place, RootImage, ToolsFound, UpperFacts};
+    use crate::persist::snapshot::CowWriter;
+    use crate::squash::Compressor;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    const SQ_BYTES: u64 = 800 * MIB;
+    const ROOT_BYTES: u64 = 2 * GIB;
+
+    fn file(path: &str, len: u64) -> Located {
+        Located {
+            device: PathBuf::from(path),
+            extents: vec![(0, len)],
+        }
+    }
+
+    fn bare_place(overlay_bytes: u64) -> Place {
+        Place {
+            squashfs: PathBuf::from("/media/LiveOS/squashfs.img"),
+            squashfs_at: file("/media/LiveOS/squashfs.img", SQ_BYTES),
+            overlay: PathBuf::from("/media/LiveOS/overlay-L-U"),
+            overlay_at: file("/media/LiveOS/overlay-L-U", overlay_bytes),
+            stick: None,
+            target_dir: PathBuf::from("/media/LiveOS"),
+            target_free: 100 * GIB,
+            overlay_dir: None,
+        }
+    }
+
+    /// The same files on a stick image: one run of bytes each, 1 MiB into the device.
+    fn stick_place(overlay_bytes: u64) -> Place {
+        let at = |off: u64, len: u64| Located {
+            device: PathBuf::from("/dev/sdz"),
+            extents: vec![(off, len)],
+        };
+        Place {
+            squashfs: PathBuf::from("/dev/sdz:/LiveOS/squashfs.img"),
+            squashfs_at: at(MIB, SQ_BYTES),
+            overlay: PathBuf::from("/dev/sdz:/LiveOS/overlay-L-U"),
+            overlay_at: at(MIB + SQ_BYTES, overlay_bytes),
+            stick: Some(StickPlace {
+                stick: PathBuf::from("/dev/sdz"),
+                partition_start: MIB,
+                squashfs: "/LiveOS/squashfs.img".into(),
+                overlay: "/LiveOS/overlay-L-U".into(),
+                cluster_bytes: 32768,
+            }),
+            target_dir: PathBuf::from("/dev/sdz:/LiveOS"),
+            target_free: 3 * GIB,
+            overlay_dir: None,
+        }
+    }
+
+    fn squash_info() -> SquashInfo {
+        SquashInfo {
+            compressor: Compressor::Xz,
+            block_size: 131072,
+            bytes_used: SQ_BYTES,
+            inodes: 3,
+            has_xattrs: false,
+            compressor_args: vec!["-Xbcj".into(), "x86".into()],
+        }
+    }
+
+    fn nested_listing() -> Listing {
+        Listing {
+            entries: 3,
+            file_bytes: ROOT_BYTES,
+            root_image: Some(RootImage {
+                path: "LiveOS/rootfs.img".into(),
+                bytes: ROOT_BYTES,
+            }),
+            has_usr: false,
+        }
+    }
+
+    fn flat_listing() -> Listing {
+        Listing {
+            entries: 40_000,
+            file_bytes: 5 * GIB,
+            root_image: None,
+            has_usr: true,
+        }
+    }
+
+    const COW_BYTES: u64 = 4 * MIB;
+
+    /// A dm-snapshot store with an exception for each of `chunks` (4 KiB chunks) of an
+    /// origin of `origin_bytes`.
+    fn store_with(chunks: &[u64], origin_bytes: u64) -> Opened {
+        let mut cow = Cursor::new(vec![0u8; COW_BYTES as usize]);
+        snapshot::create_new_store(&mut cow, COW_BYTES, 8).unwrap();
+        let Opened::Valid(store) = snapshot::open_store(&mut cow, COW_BYTES).unwrap() else {
+            panic!("a new store opens as valid")
+        };
+        let mut w = CowWriter::new(*store, origin_bytes).unwrap();
+        let mut origin = Cursor::new(vec![0u8; 4096]);
+        for c in chunks {
+            w.write_at(&mut origin, &mut cow, c * 4096, &[7u8; 4096])
+                .unwrap();
+        }
+        snapshot::open_store(&mut cow, COW_BYTES).unwrap()
+    }
+
+    fn facts(place: Place, overlay: OverlayFacts) -> MergeFacts {
+        MergeFacts {
+            place,
+            workdir: PathBuf::from("/var/tmp"),
+            workdir_shares_target_fs: false,
+            workdir_free: Some(Ok(50 * GIB)),
+            is_root: false,
+            tools: ToolsFound::all(),
+            failpoint: None,
+            overlay,
+        }
+    }
+
+    fn dm(place: Place, image: ImageFacts, store: Option<Opened>) -> MergeFacts {
+        facts(
+            place,
+            OverlayFacts::Snapshot(Box::new(SnapshotFacts {
+                image,
+                overlay_bytes: COW_BYTES,
+                store,
+            })),
+        )
+    }
+
+    fn dm_nested(place: Place, chunks: &[u64]) -> MergeFacts {
+        dm(
+            place,
+            ImageFacts::Squashfs {
+                info: squash_info(),
+                listing: Some(nested_listing()),
+            },
+            Some(store_with(chunks, ROOT_BYTES)),
+        )
+    }
+
+    fn ovl(place: Place, image: ImageFacts, stash_bytes: Option<u64>) -> MergeFacts {
+        facts(
+            place,
+            OverlayFacts::OverlayFs(Box::new(OvlFacts {
+                overlay_bytes: GIB,
+                overlay_info: None,
+                upper: Some(UpperFacts {
+                    entries: 12,
+                    file_bytes: 30 * MIB,
+                    status: crate::persist::ovl_merge::status_report(None, GIB, 12),
+                    stash_bytes,
+                }),
+                image: Some(image),
+            })),
+        )
+    }
+
+    fn erofs_facts(algorithms: &[&'static str], fsck: &[&str], mkfs: &[&str]) -> ErofsFacts {
+        ErofsFacts {
+            info: ErofsInfo {
+                block_size: 4096,
+                algorithms: algorithms.to_vec(),
+                uuid: "0f0e0d0c-0b0a-0908-0706-050403020100".into(),
+                volume_name: "root".into(),
+                blocks: 1000,
+            },
+            fsck_algorithms: fsck.iter().map(|s| s.to_string()).collect(),
+            fsck_version: "1.5".into(),
+            details: Some(ErofsDetails {
+                mkfs_compressors: mkfs.iter().map(|s| s.to_string()).collect(),
+                xattr_paths: Ok(1234),
+                extract_keeps_xattrs: None,
+            }),
+        }
+    }
+
+    const FSCK: MergeOptions = MergeOptions {
+        fsck: true,
+        compress: None,
+    };
+
+    fn without(mut f: MergeFacts, tool: &Tool) -> MergeFacts {
+        f.tools.0.remove(tool.name);
+        f
+    }
+
+    use crate::tools::Tool;
+
+    #[test]
+    fn dm_snapshot_over_a_nested_root_image_on_a_bare_pair() {
+        let p = plan(&dm_nested(bare_place(COW_BYTES), &[0, 5, 9]), &FSCK).unwrap();
+        assert_eq!(p.root_image, "LiveOS/rootfs.img");
+        assert_eq!(p.exceptions, 3);
+        assert!(!p.nothing_to_merge && p.fsck && p.ovl.is_none());
+        assert_eq!(
+            p.mksquashfs_args,
+            ["-comp", "xz", "-b", "131072", "-Xbcj", "x86"]
+        );
+        // Extracted tree + new image (old image + changed chunks).
+        assert_eq!(p.workdir_needed_bytes, ROOT_BYTES + SQ_BYTES + 3 * 4096);
+        assert_eq!(p.target_needed_bytes, SQ_BYTES + 3 * 4096);
+        assert_eq!(p.steps.len(), STEPS.len());
+        assert!(p.steps[7].starts_with("rename it over /media/LiveOS/squashfs.img"));
+        assert!(p.steps[4].contains("/media/LiveOS/squashfs.img.new"));
+        assert!(p.notes.is_empty(), "{:?}", p.notes);
+    }
+
+    #[test]
+    fn dm_snapshot_on_a_stick_swaps_entries_and_needs_the_old_size_beside_it() {
+        let p = plan(&dm_nested(stick_place(COW_BYTES), &[1]), &FSCK).unwrap();
+        assert_eq!(p.target_needed_bytes, SQ_BYTES);
+        assert!(p.stick.is_some());
+        assert!(
+            p.steps[7].starts_with("swap the directory entries of /LiveOS/squashfs.img.new"),
+            "{}",
+            p.steps[7]
+        );
+    }
+
+    #[test]
+    fn a_fragmented_image_on_a_stick_is_copied_and_counted() {
+        let mut place = stick_place(COW_BYTES);
+        place.squashfs_at.extents = vec![(MIB, SQ_BYTES / 2), (3 * GIB, SQ_BYTES / 2)];
+        let p = plan(&dm_nested(place, &[1]), &FSCK).unwrap();
+        assert_eq!(
+            p.workdir_needed_bytes,
+            ROOT_BYTES + SQ_BYTES + 4096 + SQ_BYTES
+        );
+        assert!(p.notes.iter().any(|n| n.contains("fragmented")));
+    }
+
+    #[test]
+    fn an_empty_store_is_nothing_to_merge_and_needs_no_room() {
+        let mut f = dm_nested(bare_place(COW_BYTES), &[]);
+        f.workdir_free = Some(Ok(0));
+        if let OverlayFacts::Snapshot(s) = &mut f.overlay {
+            s.store = Some(Opened::Uninitialised {
+                cow_bytes: COW_BYTES,
+            });
+        }
+        let p = plan(&f, &FSCK).unwrap();
+        assert!(p.nothing_to_merge);
+        assert_eq!(p.exceptions, 0);
+    }
+
+    #[test]
+    fn not_enough_room_is_refused_before_anything_is_written() {
+        let mut f = dm_nested(bare_place(COW_BYTES), &[2]);
+        f.workdir_free = Some(Ok(GIB));
+        let e = plan(&f, &FSCK).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MergeError::NoSpace {
+                    what: "the extracted image and the new squashfs",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // One file system for both: the staged copy counts there too.
+        let mut f = dm_nested(bare_place(COW_BYTES), &[2]);
+        f.workdir_shares_target_fs = true;
+        f.workdir_free = Some(Ok(ROOT_BYTES + SQ_BYTES + 4096));
+        let e = plan(&f, &FSCK).unwrap_err();
+        assert!(
+            matches!(e, MergeError::NoSpace { what, .. } if what.ends_with("and its staged copy")),
+            "{e}"
+        );
+        // Beside the old image on the stick.
+        let mut place = stick_place(COW_BYTES);
+        place.target_free = SQ_BYTES - 1;
+        let e = plan(&dm_nested(place, &[2]), &FSCK).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MergeError::NoSpace {
+                    what: "the new image next to the old one",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_work_dirs_free_space_error_is_reported_as_read() {
+        let mut f = dm_nested(bare_place(COW_BYTES), &[2]);
+        f.workdir_free = Some(Err(io::Error::from(io::ErrorKind::NotFound)));
+        let e = plan(&f, &FSCK).unwrap_err();
+        assert!(
+            matches!(&e, MergeError::Io { path, source } if path == Path::new("/var/tmp") && source.kind() == io::ErrorKind::NotFound),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_tools_are_refused_by_name_and_e2fsck_only_with_fsck() {
+        let f = without(dm_nested(bare_place(COW_BYTES), &[1]), &tools::MKSQUASHFS);
+        let e = plan(&f, &FSCK).unwrap_err();
+        assert!(
+            matches!(&e, MergeError::ToolMissing(t) if t.name == "mksquashfs"),
+            "{e}"
+        );
+        let f = without(dm_nested(bare_place(COW_BYTES), &[1]), &tools::E2FSCK);
+        let e = plan(&f, &FSCK).unwrap_err();
+        assert!(
+            matches!(&e, MergeError::ToolMissing(t) if t.name == "e2fsck"),
+            "{e}"
+        );
+        let no_fsck = MergeOptions {
+            fsck: false,
+            compress: None,
+        };
+        let p = plan(&f, &no_fsck).unwrap();
+        assert!(!p.fsck && p.steps[2].contains("--no-fsck"));
+    }
+
+    #[test]
+    fn dm_snapshot_refuses_roots_it_cannot_sit_on() {
+        let e = plan(
+            &dm(bare_place(COW_BYTES), ImageFacts::Erofs(None), None),
+            &FSCK,
+        )
+        .unwrap_err();
+        assert!(matches!(e, MergeError::Erofs(_)), "{e}");
+        let flat = ImageFacts::Squashfs {
+            info: squash_info(),
+            listing: Some(flat_listing()),
+        };
+        let e = plan(&dm(bare_place(COW_BYTES), flat, None), &FSCK).unwrap_err();
+        assert!(
+            matches!(&e, MergeError::NoRootImage { what, .. } if what.contains("flat root")),
+            "{e}"
+        );
+        let e = plan(
+            &dm(
+                bare_place(COW_BYTES),
+                ImageFacts::Other("Unknown".into()),
+                None,
+            ),
+            &FSCK,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, MergeError::NoRootImage { what, .. } if what == "Unknown"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_store_is_checked_against_its_origin_the_nested_root_image() {
+        // An exception beyond the end of the root image: the overlay belongs to
+        // another (bigger) origin, like `overlay merge --origin` with the wrong image.
+        let mut f = dm_nested(bare_place(COW_BYTES), &[]);
+        if let OverlayFacts::Snapshot(s) = &mut f.overlay {
+            s.store = Some(store_with(&[ROOT_BYTES / 4096 + 10], ROOT_BYTES * 2));
+        }
+        let e = plan(&f, &FSCK).unwrap_err();
+        assert!(matches!(e, MergeError::OverlayCorrupt(_)), "{e}");
+    }
+
+    #[test]
+    fn recompression_replaces_the_stored_options_and_says_so() {
+        let o = MergeOptions {
+            fsck: true,
+            compress: Some(Compressor::Zstd),
+        };
+        let p = plan(&dm_nested(bare_place(COW_BYTES), &[1]), &o).unwrap();
+        assert_eq!(p.mksquashfs_args, ["-comp", "zstd", "-b", "131072"]);
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n == "recompressing with zstd instead of xz")
+        );
+        // The same compressor: nothing changes.
+        let o = MergeOptions {
+            fsck: true,
+            compress: Some(Compressor::Xz),
+        };
+        let p = plan(&dm_nested(bare_place(COW_BYTES), &[1]), &o).unwrap();
+        assert_eq!(
+            p.mksquashfs_args,
+            ["-comp", "xz", "-b", "131072", "-Xbcj", "x86"]
+        );
+    }
+
+    #[test]
+    fn failpoint_and_step_names_come_through() {
+        let mut f = dm_nested(bare_place(COW_BYTES), &[1]);
+        f.failpoint = Some("swap".into());
+        let p = plan(&f, &FSCK).unwrap();
+        assert!(matches!(
+            failpoint(&p, "swap"),
+            Err(MergeError::Failpoint("swap"))
+        ));
+        assert!(failpoint(&p, "stage").is_ok());
+    }
+
+    #[test]
+    fn overlayfs_over_a_nested_root_image_is_applied_by_debugfs() {
+        let image = ImageFacts::Squashfs {
+            info: squash_info(),
+            listing: Some(nested_listing()),
+        };
+        let p = plan(&ovl(bare_place(GIB), image, None), &FSCK).unwrap();
+        let o = p.ovl.as_ref().unwrap();
+        assert_eq!(
+            o.layout,
+            Layout::Nested {
+                root_image: "LiveOS/rootfs.img".into()
+            }
+        );
+        assert!(p.fsck && p.exceptions == 12 && o.tar2sqfs_args.is_empty());
+        assert_eq!(
+            p.workdir_needed_bytes,
+            ROOT_BYTES + 30 * MIB + SQ_BYTES + 30 * MIB
+        );
+        assert!(p.steps[1].contains("debugfs -w"));
+    }
+
+    #[test]
+    fn overlayfs_over_a_flat_squashfs_streams_and_needs_only_the_stash() {
+        let image = ImageFacts::Squashfs {
+            info: squash_info(),
+            listing: Some(flat_listing()),
+        };
+        let p = plan(&ovl(bare_place(GIB), image.clone(), Some(7 * MIB)), &FSCK).unwrap();
+        let o = p.ovl.as_ref().unwrap();
+        assert_eq!(o.layout, Layout::Flat);
+        assert_eq!(o.stash_bytes, 7 * MIB);
+        assert!(!p.fsck, "nothing block-based to check");
+        assert_eq!(o.tar2sqfs_args[..4], ["-c", "xz", "-b", "131072"]);
+        assert_eq!(
+            p.workdir_needed_bytes,
+            7 * MIB + 30 * MIB + SQ_BYTES + 30 * MIB
+        );
+        let f = without(ovl(bare_place(GIB), image, Some(0)), &tools::SQFS2TAR);
+        let e = plan(&f, &FSCK).unwrap_err();
+        assert!(
+            matches!(&e, MergeError::ToolMissing(t) if t.name == "sqfs2tar"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn overlayfs_needs_debugfs_first() {
+        let image = ImageFacts::Other("Unknown".into());
+        let f = without(ovl(bare_place(GIB), image.clone(), None), &tools::DEBUGFS);
+        let e = plan(&f, &FSCK).unwrap_err();
+        assert!(
+            matches!(&e, MergeError::ToolMissing(t) if t.name == "debugfs"),
+            "{e}"
+        );
+        let e = plan(&ovl(bare_place(GIB), image, None), &FSCK).unwrap_err();
+        assert!(matches!(e, MergeError::NoRootImage { .. }), "{e}");
+    }
+
+    #[test]
+    fn erofs_compressed_with_lzma_is_refused_when_fsck_erofs_cannot_read_it() {
+        let image = ImageFacts::Erofs(Some(erofs_facts(
+            &["lz4", "lzma"],
+            &["lz4hc", "lz4"],
+            &["lz4hc", "lz4"],
+        )));
+        let e = plan(&ovl(bare_place(GIB), image, None), &FSCK).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("lzma") && text.contains("1.5") && text.contains("lz4hc, lz4"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn erofs_is_rebuilt_with_lz4hc_and_under_fakeroot_without_root() {
+        let image = ImageFacts::Erofs(Some(erofs_facts(&["lz4"], &["lz4"], &["lz4hc", "lz4"])));
+        let p = plan(&ovl(bare_place(GIB), image.clone(), None), &FSCK).unwrap();
+        let Some(OvlPlan {
+            layout:
+                Layout::Erofs {
+                    mkfs_args,
+                    xattrs_lost,
+                    ..
+                },
+            ..
+        }) = &p.ovl
+        else {
+            panic!("an EROFS layout: {:?}", p.ovl)
+        };
+        assert!(mkfs_args.contains(&"-zlz4hc".to_string()), "{mkfs_args:?}");
+        assert!(!xattrs_lost && !p.fsck && p.squash.is_none());
+        assert_eq!(p.root_image_bytes, 3 * SQ_BYTES);
+        assert!(p.notes[0].contains("fakeroot"), "{:?}", p.notes);
+        assert!(p.notes.iter().any(|n| n.contains("1234 paths")));
+        // Without fakeroot and without root: refused by name; as root, not needed.
+        let f = without(ovl(bare_place(GIB), image.clone(), None), &tools::FAKEROOT);
+        let e = plan(&f, &FSCK).unwrap_err();
+        assert!(
+            matches!(&e, MergeError::ToolMissing(t) if t.name == "fakeroot"),
+            "{e}"
+        );
+        let mut f = without(ovl(bare_place(GIB), image, None), &tools::FAKEROOT);
+        f.is_root = true;
+        let p = plan(&f, &FSCK).unwrap();
+        assert!(!p.notes.iter().any(|n| n.contains("fakeroot")));
+    }
+
+    #[test]
+    fn an_algorithm_mkfs_erofs_cannot_write_falls_back_to_lz4hc_and_says_so() {
+        let image = ImageFacts::Erofs(Some(erofs_facts(
+            &["lzma"],
+            &["lz4", "lzma"],
+            &["lz4hc", "lz4"],
+        )));
+        let p = plan(&ovl(bare_place(GIB), image, None), &FSCK).unwrap();
+        assert!(p.mksquashfs_args.contains(&"-zlz4hc".to_string()));
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.contains("lzma") && n.contains("uses lz4hc")),
+            "{:?}",
+            p.notes
+        );
+    }
+
+    #[test]
+    fn erofs_xattrs_that_cannot_be_kept_are_marked_lost() {
+        let mut f = erofs_facts(&[], &["lz4"], &["lz4"]);
+        if let Some(d) = f.details.as_mut() {
+            d.xattr_paths = Err("long xattr name prefixes".into());
+            d.extract_keeps_xattrs = Some(false);
+        }
+        let p = plan(
+            &ovl(bare_place(GIB), ImageFacts::Erofs(Some(f)), None),
+            &FSCK,
+        )
+        .unwrap();
+        assert!(matches!(
+            p.ovl.as_ref().map(|o| &o.layout),
+            Some(Layout::Erofs {
+                xattrs_lost: true,
+                ..
+            })
+        ));
+        assert!(
+            p.notes
+                .iter()
+                .any(|n| n.contains("refused unless --allow-xattr-loss"))
+        );
+    }
+
+    #[test]
+    fn a_directory_overlay_is_read_through_a_copy_and_emptied() {
+        let mut place = bare_place(GIB);
+        place.overlay_dir = Some(PathBuf::from("/run/initramfs/live/LiveOS/overlay-L-U"));
+        let image = ImageFacts::Squashfs {
+            info: squash_info(),
+            listing: Some(nested_listing()),
+        };
+        let p = plan(&ovl(place, image, None), &FSCK).unwrap();
+        assert!(p.steps[0].starts_with("copy the directory overlay"));
+        assert_eq!(p.steps.len(), STEPS.len() + 1);
+        assert!(
+            p.steps
+                .last()
+                .unwrap()
+                .starts_with("empty /run/initramfs/live/LiveOS/overlay-L-U/overlayfs")
+        );
+        assert_eq!(
+            p.ovl.as_ref().and_then(|o| o.overlay_dir.as_deref()),
+            Some(Path::new("/run/initramfs/live/LiveOS/overlay-L-U"))
+        );
+        assert_eq!(
+            p.overlay,
+            Path::new("/run/initramfs/live/LiveOS/overlay-L-U")
+        );
+    }
+}
