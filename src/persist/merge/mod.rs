@@ -24,6 +24,7 @@
 //!   probes, free space); [`plan::plan`] turns those facts into a [`MergePlan`] or a
 //!   refusal without any I/O;
 //! - [`dm`]: the dm-snapshot steps (exceptions applied to the extracted root image);
+//!   [`fold`]: chunks e2fsck changed, written into the overlay;
 //! - [`overlayfs`]: the OverlayFS steps (debugfs reader, upper tree, apply targets,
 //!   the flat tar stream, fakeroot);
 //! - [`replace`]: stage, verify, fold, swap and reset, shared by both;
@@ -35,18 +36,17 @@ use std::path::PathBuf;
 pub mod dm;
 pub mod error;
 pub mod facts;
+pub mod fold;
 pub mod inspect;
 pub mod located;
 pub mod overlayfs;
 pub mod plan;
 pub mod replace;
 
-pub use dm::{
-    RepairReport, changed_chunks, chunk_fingerprints, extract_root_image, fold_chunks, repair_view,
-    run_e2fsck,
-};
+pub use dm::{RepairReport, extract_root_image, repair_view, run_e2fsck};
 pub use error::MergeError;
 pub use facts::MergeFacts;
+pub use fold::{changed_chunks, chunk_fingerprints, fold_chunks};
 pub use located::{Located, StickPlace, free_bytes, staged_path, stick_extents};
 pub use plan::{MergeOptions, MergePlan, STEPS};
 pub use replace::{MergeReport, sha256_file};

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::dm::fold_chunks;
 use super::error::{MergeError, io_at};
+use super::fold::fold_chunks;
 use super::located::{StickPlace, check_space, staged_path, stick_extents};
 use super::overlayfs::tree::ApplyReport;
 use super::plan::{MergePlan, failpoint};
