@@ -113,6 +113,7 @@ pub(super) fn run_steps(
         new_squashfs_sha256: String::new(),
         swap: None,
         overlay_reset: false,
+        repaired: Vec::new(),
         overlayfs: None,
     };
     replace(

@@ -18,7 +18,7 @@ use super::overlayfs::tree::ApplyReport;
 use super::plan::{MergePlan, failpoint};
 use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat;
-use crate::disk::fat_raw::{self, SwapReport};
+use crate::disk::fat_raw::{self, SwapError, SwapReport};
 use crate::disk::stick::{Stick, StickError};
 use crate::persist::ovl_merge;
 use crate::persist::snapshot;
@@ -39,6 +39,9 @@ pub struct MergeReport {
     pub overlay_reset: bool,
     /// For an OverlayFS overlay: what applying the upper dir did.
     pub overlayfs: Option<ApplyReport>,
+    /// Leftovers of a stopped replacement that were repaired instead of freed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub repaired: Vec<String>,
 }
 
 /// Copies `src` to a new file `dst`, hashing on the way, and syncs it.
@@ -224,12 +227,19 @@ fn stick_replace(
         });
     }
     let mut stick = Stick::open(&place.stick, true)?;
+    let part = place.partition_start;
+    // A staged image from a stopped run was never swapped in, unless the swap stopped
+    // between its two sector writes: then it names the live image's chain.
+    if let Some(note) = detach_shared_leftover(stick.file_mut(), part, &staged)? {
+        stick.file_mut().sync_all().map_err(io_at(&place.stick))?;
+        report.repaired.push(note);
+    }
     let mut input = File::open(built).map_err(io_at(built))?;
     let target_dir = plan.target_dir.clone();
     let mut done = 0u64;
     let staged_sum = stick.with_fs(|fs| {
         Ok((|| {
-            // A stale staged image from a stopped run: it was never swapped in.
+            // What is left of a stale staged image owns its chain (checked above).
             fat::remove_all(fs, &staged).map_err(|e| StickError::Fat {
                 path: place.stick.clone(),
                 source: e,
@@ -267,6 +277,7 @@ fn stick_replace(
         sha256_reader(&mut f, &place.stick, len, progress)?
     };
     if got != want {
+        let _ = detach_shared_leftover(stick.file_mut(), part, &staged);
         let _ = stick.with_fs(|fs| {
             let _ = fat::remove_all(fs, &staged);
             Ok(())
@@ -289,14 +300,18 @@ fn stick_replace(
     }
     failpoint(plan, "fold")?;
 
-    let part = place.partition_start;
     report.swap = Some(fat_raw::swap_contents(
         stick.file_mut(),
         part,
         &place.squashfs,
         &staged,
     )?);
-    // The staged name now holds the old image; free its clusters.
+    // The staged name now holds the old image; free its clusters (unless another
+    // name still uses them).
+    if let Some(note) = detach_shared_leftover(stick.file_mut(), part, &staged)? {
+        stick.file_mut().sync_all().map_err(io_at(&place.stick))?;
+        report.repaired.push(note);
+    }
     stick.with_fs(|fs| {
         fat::remove_all(fs, &staged).map_err(|e| StickError::Fat {
             path: place.stick.clone(),
@@ -312,4 +327,30 @@ fn stick_replace(
     report.new_squashfs_sha256 = want;
     failpoint(plan, "reset")?;
     Ok(())
+}
+
+/// Makes a leftover name on a stick (`X.new` of a stopped replacement) safe to remove:
+/// when another directory entry names its cluster chain, which a swap stopped between
+/// its two sector writes leaves, the leftover is detached from the chain, so removing
+/// it frees nothing another file still uses. The check every free of a leftover goes
+/// through. Returns what was repaired, for the report; `None` when the name owns its
+/// chain (or does not exist, or is a directory) and may be freed as it is.
+pub fn detach_shared_leftover<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    path: &str,
+) -> Result<Option<String>, SwapError> {
+    let others = match fat_raw::other_names_of_chain(dev, part, path) {
+        Ok(others) => others,
+        Err(SwapError::NotFound(_) | SwapError::IsDir(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if others.is_empty() {
+        return Ok(None);
+    }
+    fat_raw::detach(dev, part, path)?;
+    Ok(Some(format!(
+        "{path} named the clusters of {} (a replacement stopped between its two directory writes): it was detached from them, not freed",
+        others.join(", ")
+    )))
 }

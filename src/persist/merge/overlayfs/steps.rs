@@ -197,6 +197,7 @@ pub(crate) fn run_steps(
         new_squashfs_sha256: String::new(),
         swap: None,
         overlay_reset: false,
+        repaired: Vec::new(),
         overlayfs: Some(applied),
     };
     replace(
