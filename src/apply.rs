@@ -474,6 +474,21 @@ pub fn apply(
             )))?;
         }
         let persist_total: u64 = persistent.iter().map(|(_, i)| i.regions.total()).sum();
+        // A leftover whose chain another file still names (`home.img.new` of a
+        // replacement stopped between its two directory writes) is detached from it
+        // first, so deleting it frees nothing that file uses.
+        for path in &plan.deletes {
+            let repaired =
+                crate::persist::merge::replace::detach_shared_leftover(&mut window, 0, path)
+                    .map_err(|e| match e {
+                        crate::disk::fat_raw::SwapError::Io(source) => source,
+                        other => io::Error::other(other.to_string()),
+                    })
+                    .map_err(ApplyError::io(format!(
+                        "checking {path} before deleting it"
+                    )))?;
+            warnings.extend(repaired);
+        }
         {
             let fs =
                 fat::open(&mut window).map_err(ApplyError::fat("opening the FAT filesystem"))?;

@@ -41,7 +41,8 @@ fn main() -> ExitCode {
         Command::Completions(args) => commands::completions::run(&args),
         Command::Man(args) => commands::man::run(&args),
         Command::InternalFakerootStep { job } => {
-            livestick::persist::ovl_merge::run_fakeroot_job(&job).map_err(anyhow::Error::from)
+            livestick::persist::merge::overlayfs::fakeroot::run_fakeroot_job(&job)
+                .map_err(anyhow::Error::from)
         }
     };
     ExitCode::from(finish(result, &step, json))

@@ -1,4 +1,4 @@
-//! cargo-fuzz target: arbitrary bytes through `persist::erofs_xattr`. The checks live in
+//! cargo-fuzz target: arbitrary bytes through `persist::erofs::xattr`. The checks live in
 //! `../check/erofs_xattr.rs`, shared with `tests/integration/fuzz_corpus.rs` so CI replays the corpus on
 //! stable.
 #![no_main]

@@ -157,14 +157,18 @@ fn dir_runs<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<
     Ok(runs)
 }
 
-/// Finds `name` (long or short name, any case) in the directory at `first`:
-/// (entry location, is_dir).
-fn find_in_dir<D: Read + Seek>(
-    dev: &mut D,
-    g: &Geo,
-    first: u32,
-    name: &str,
-) -> io::Result<Option<(EntryLoc, bool)>> {
+/// One short directory entry, with its long name when it has one.
+struct DirEntry {
+    /// The long name, else the short one (`NAME.EXT`).
+    name: String,
+    short: String,
+    loc: EntryLoc,
+    is_dir: bool,
+}
+
+/// The live entries of the directory at `first` (no deleted ones, no volume label).
+fn read_dir<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<DirEntry>> {
+    let mut out = Vec::new();
     let mut lfn: Vec<(u8, [u16; 13])> = Vec::new();
     for (at, len) in dir_runs(dev, g, first)? {
         let mut buf = vec![0u8; len as usize];
@@ -172,7 +176,7 @@ fn find_in_dir<D: Read + Seek>(
         dev.read_exact(&mut buf)?;
         for (i, e) in buf.chunks_exact(32).enumerate() {
             if e[0] == 0 {
-                return Ok(None);
+                return Ok(out);
             }
             if e[0] == 0xe5 {
                 lfn.clear();
@@ -208,21 +212,38 @@ fn find_in_dir<D: Read + Seek>(
             } else {
                 format!("{base}.{ext}")
             };
-            let hit = (!long.is_empty()
-                && String::from_utf16_lossy(&long).eq_ignore_ascii_case(name))
-                || short.eq_ignore_ascii_case(name);
-            if hit {
-                let hi = if g.fat32 { u16_at(e, 20) } else { 0 };
-                let loc = EntryLoc {
+            let hi = if g.fat32 { u16_at(e, 20) } else { 0 };
+            out.push(DirEntry {
+                name: if long.is_empty() {
+                    short.clone()
+                } else {
+                    String::from_utf16_lossy(&long)
+                },
+                short,
+                loc: EntryLoc {
                     offset: at + i as u64 * 32,
                     first_cluster: (hi << 16 | u16_at(e, 26)) as u32,
                     size: u32_at(e, 28) as u32,
-                };
-                return Ok(Some((loc, e[11] & 0x10 != 0)));
-            }
+                },
+                is_dir: e[11] & 0x10 != 0,
+            });
         }
     }
-    Ok(None)
+    Ok(out)
+}
+
+/// Finds `name` (long or short name, any case) in the directory at `first`:
+/// (entry location, is_dir).
+fn find_in_dir<D: Read + Seek>(
+    dev: &mut D,
+    g: &Geo,
+    first: u32,
+    name: &str,
+) -> io::Result<Option<(EntryLoc, bool)>> {
+    Ok(read_dir(dev, g, first)?
+        .into_iter()
+        .find(|e| e.name.eq_ignore_ascii_case(name) || e.short.eq_ignore_ascii_case(name))
+        .map(|e| (e.loc, e.is_dir)))
 }
 
 /// Finds the short directory entry of the file at `path` (`/LiveOS/squashfs.img`) on the
@@ -342,4 +363,62 @@ pub fn swap_contents<D: Read + Write + Seek + crate::io::SyncData>(
     Ok(SwapReport {
         single_sector: false,
     })
+}
+
+/// Directories deeper than this are not walked (a directory that contains itself).
+const MAX_WALK_DEPTH: usize = 64;
+
+/// The paths of every other file on the filesystem whose directory entry names the
+/// first cluster of `path`'s: its chain is theirs too (an interrupted two-sector swap
+/// leaves `X` and `X.new` so). The check before freeing a chain: empty means `path`
+/// alone names it. A file without clusters shares nothing.
+pub fn other_names_of_chain<D: Read + Seek>(
+    dev: &mut D,
+    part: u64,
+    path: &str,
+) -> Result<Vec<String>, SwapError> {
+    let entry = find_entry(dev, part, path)?;
+    if entry.first_cluster == 0 {
+        return Ok(Vec::new());
+    }
+    let g = geometry(dev, part)?;
+    let mut others = Vec::new();
+    let mut seen = std::collections::HashSet::from([g.root_cluster]);
+    let mut dirs = vec![(String::new(), g.root_cluster, 0usize)];
+    while let Some((dir, first, depth)) = dirs.pop() {
+        for e in read_dir(dev, &g, first)? {
+            if e.short == "." || e.short == ".." {
+                continue;
+            }
+            let p = format!("{dir}/{}", e.name);
+            if e.is_dir {
+                let c = e.loc.first_cluster;
+                if depth < MAX_WALK_DEPTH && (2..g.max_cluster).contains(&c) && seen.insert(c) {
+                    dirs.push((p, c, depth + 1));
+                }
+            } else if e.loc.first_cluster == entry.first_cluster && e.loc.offset != entry.offset {
+                others.push(p);
+            }
+        }
+    }
+    Ok(others)
+}
+
+/// Makes the directory entry of `path` name no clusters (first cluster and size 0) in
+/// one sector write: removing it afterwards frees nothing. For a name whose chain
+/// another entry still uses ([`other_names_of_chain`]); the caller syncs.
+pub fn detach<D: Read + Write + Seek>(dev: &mut D, part: u64, path: &str) -> Result<(), SwapError> {
+    let e = find_entry(dev, part, path)?;
+    let sector = e.offset / SECTOR * SECTOR;
+    let at = (e.offset - sector) as usize;
+    let mut s = vec![0u8; SECTOR as usize];
+    dev.seek(SeekFrom::Start(sector))?;
+    dev.read_exact(&mut s)?;
+    // First cluster high (20..22) and low (26..28) halves, size (28..32).
+    s[at + 20..at + 22].fill(0);
+    s[at + 26..at + 32].fill(0);
+    dev.seek(SeekFrom::Start(sector))?;
+    dev.write_all(&s)?;
+    dev.flush()?;
+    Ok(())
 }

@@ -1,14 +1,12 @@
 //! Persistence on the stick: the dm-snapshot overlay store, its maintenance, home.img.
 pub mod erofs;
-pub mod erofs_xattr;
 pub mod home;
 pub mod home_stick;
+pub mod host_xattr;
 pub mod luks;
 pub mod merge;
 pub mod overlay;
 pub mod ovl_maint;
-pub mod ovl_merge;
-pub mod ovl_tar;
 pub mod snapshot;
 pub mod swap;
 pub mod tar_stream;

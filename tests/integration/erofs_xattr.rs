@@ -1,4 +1,4 @@
-//! `persist::erofs_xattr` against images made by mkfs.erofs: every path's xattrs read
+//! `persist::erofs::xattr` against images made by mkfs.erofs: every path's xattrs read
 //! from the image equal those of the source tree, for plain and compressed images,
 //! inline and multi-block directories, shared and inline xattrs, long names.
 
@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::support::*;
-use livestick::persist::erofs_xattr::read_xattrs;
+use livestick::persist::erofs::xattr::read_xattrs;
 
 type Map = BTreeMap<Vec<u8>, BTreeMap<String, Vec<u8>>>;
 

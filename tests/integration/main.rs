@@ -36,6 +36,7 @@ mod overlay_ovl;
 mod overlay_ovl_maint;
 mod overlay_stick;
 mod persistence;
+mod replace_leftovers;
 mod safety;
 mod snapshot_proptest;
 mod snapshot_vectors;

@@ -11,8 +11,10 @@ use std::sync::OnceLock;
 use crate::support::debugfs_w as dbg_w;
 use crate::support::*;
 use livestick::disk::stick::Stick;
+use livestick::persist::host_xattr::{get_xattr, set_xattr};
+use livestick::persist::merge::overlayfs::error::OvlError;
+use livestick::persist::merge::plan::Layout;
 use livestick::persist::merge::{self, MergeError, MergeRequest, STEPS, StickMergeRequest};
-use livestick::persist::ovl_merge::{self, OvlError};
 
 fn tools_ok() -> bool {
     [
@@ -68,13 +70,13 @@ fn flat_iso() -> &'static Path {
             )
             .unwrap();
         }
-        ovl_merge::set_xattr(
+        set_xattr(
             &root.join("etc/keep/k"),
             "security.selinux",
             b"system_u:object_r:etc_t:s0\0",
         )
         .unwrap();
-        ovl_merge::set_xattr(&root.join("etc"), "user.lower", b"1").unwrap();
+        set_xattr(&root.join("etc"), "user.lower", b"1").unwrap();
         let out = flat_iso_from(&root, d.path());
         (d, out)
     });
@@ -345,7 +347,7 @@ fn flat_merge_applies_files_whiteouts_opaque_dirs_and_xattrs() {
     // xattrs: SELinux labels and capabilities kept, OverlayFS bookkeeping dropped.
     let x = t.dir.path().join("x");
     sh("unsquashfs", &["-d", x.to_str().unwrap(), sqs]);
-    let get = |p: &str, n: &str| ovl_merge::get_xattr(&x.join(p), n);
+    let get = |p: &str, n: &str| get_xattr(&x.join(p), n);
     assert_eq!(
         get("etc/hostname", "security.selinux").unwrap(),
         b"system_u:object_r:hostname_etc_t:s0"
@@ -964,13 +966,13 @@ fn directory_overlay_merges_and_is_emptied() {
     std::fs::create_dir_all(ov.join("ovlwork/work")).unwrap();
     std::fs::write(up.join("etc/hostname"), "from-dir\n").unwrap();
     std::os::unix::fs::chown(up.join("etc/hostname"), Some(1000), Some(1000)).unwrap();
-    ovl_merge::set_xattr(
+    set_xattr(
         &up.join("etc/hostname"),
         "security.selinux",
         b"system_u:object_r:hostname_etc_t:s0",
     )
     .unwrap();
-    ovl_merge::set_xattr(&up.join("etc/opq"), "trusted.overlay.opaque", b"y").unwrap();
+    set_xattr(&up.join("etc/opq"), "trusted.overlay.opaque", b"y").unwrap();
     std::fs::write(up.join("etc/opq/only"), "opaque\n").unwrap();
     nix::sys::stat::mknod(
         &up.join("etc/motd"),
@@ -1052,7 +1054,7 @@ fn directory_overlay_merges_and_is_emptied() {
     let x = d.path().join("x");
     sh("unsquashfs", &["-d", x.to_str().unwrap(), sqs]);
     assert_eq!(
-        ovl_merge::get_xattr(&x.join("etc/hostname"), "security.selinux").unwrap(),
+        get_xattr(&x.join("etc/hostname"), "security.selinux").unwrap(),
         b"system_u:object_r:hostname_etc_t:s0"
     );
     // Emptied, the two directories kept.
@@ -1164,7 +1166,7 @@ fn erofs_root_is_rebuilt_with_mkfs_erofs_or_refused_by_name() {
     assert!(plan.squash.is_none());
     let xattrs_lost = matches!(
         &plan.ovl.as_ref().unwrap().layout,
-        ovl_merge::Layout::Erofs {
+        Layout::Erofs {
             xattrs_lost: true,
             ..
         }
@@ -1228,7 +1230,7 @@ fn erofs_merge_without_root_runs_under_fakeroot() {
     std::fs::create_dir_all(root.join("dev")).unwrap();
     std::fs::write(root.join("etc/owned"), "lower\n").unwrap();
     std::os::unix::fs::chown(root.join("etc/owned"), Some(1234), Some(4321)).unwrap();
-    ovl_merge::set_xattr(
+    set_xattr(
         &root.join("etc/owned"),
         "security.selinux",
         b"system_u:object_r:lower_t:s0\0",
@@ -1316,10 +1318,13 @@ fn erofs_merge_without_root_runs_under_fakeroot() {
     // xattrs, so they are read with livestick's reader, itself checked against
     // mkfs.erofs in erofs_xattr.rs).
     let labels: std::collections::HashMap<Vec<u8>, Vec<(String, Vec<u8>)>> =
-        livestick::persist::erofs_xattr::read_xattrs(&mut std::fs::File::open(&sq).unwrap(), "new")
-            .unwrap()
-            .into_iter()
-            .collect();
+        livestick::persist::erofs::xattr::read_xattrs(
+            &mut std::fs::File::open(&sq).unwrap(),
+            "new",
+        )
+        .unwrap()
+        .into_iter()
+        .collect();
     let label = |p: &str| {
         labels
             .get(p.as_bytes())

@@ -7,10 +7,11 @@ use serde::Serialize;
 
 use super::print_json;
 use crate::persist::merge;
+use crate::persist::merge::plan::Layout;
 use crate::persist::overlay::place::StickOverlay;
 use crate::persist::overlay::{Kind, dir, ovlfs};
+use crate::persist::ovl_maint;
 use crate::persist::snapshot::{self, SECTOR_BYTES};
-use crate::persist::{ovl_maint, ovl_merge};
 use crate::size::human;
 
 /// A stick overlay's status: OverlayFS usage, or the dm-snapshot report.
@@ -314,9 +315,9 @@ pub(super) fn print_merge_plan(plan: &merge::MergePlan, json: bool) -> anyhow::R
                 o.upper_entries,
                 human(o.overlay_used_bytes),
                 match &o.layout {
-                    ovl_merge::Layout::Flat => "flat squashfs",
-                    ovl_merge::Layout::Nested { .. } => "squashfs with a nested root image",
-                    ovl_merge::Layout::Erofs { .. } => "EROFS",
+                    Layout::Flat => "flat squashfs",
+                    Layout::Nested { .. } => "squashfs with a nested root image",
+                    Layout::Erofs { .. } => "EROFS",
                 }
             ),
             None => println!(

@@ -33,7 +33,6 @@ use crate::disk::fat_alloc::AllocError;
 use crate::disk::stick::StickError;
 use crate::persist::merge::MergeError;
 use crate::persist::ovl_maint::OvlMaintError;
-use crate::persist::ovl_merge::OvlError;
 use crate::persist::snapshot::SnapshotError;
 use crate::size::{MIB, human};
 use store::StoreError;
@@ -110,24 +109,6 @@ pub trait Explain<T> {
 impl<T, E: Into<OverlayError>> Explain<T> for Result<T, E> {
     fn explain(self, context: impl FnOnce() -> String) -> Result<T, OverlayError> {
         self.map_err(|e| e.into().context(context()))
-    }
-}
-
-/// The merge code reports a store failure as its own; the messages are the store's.
-impl From<StoreError> for OvlError {
-    fn from(e: StoreError) -> OvlError {
-        match e {
-            StoreError::Io { path, source } => OvlError::Io { path, source },
-            StoreError::Ext4(e) => OvlError::Ext4(e),
-            StoreError::NoUpper(what) => OvlError::NoUpper(what),
-            StoreError::Host { path, what } => OvlError::Host { path, what },
-        }
-    }
-}
-
-impl From<StoreError> for MergeError {
-    fn from(e: StoreError) -> MergeError {
-        MergeError::Ovl(e.into())
     }
 }
 

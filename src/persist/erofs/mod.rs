@@ -12,139 +12,19 @@
 //!   refused unless the caller accepts that loss explicitly.
 
 use std::fs;
-use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::Command;
 
-use serde::Serialize;
-use thiserror::Error;
+use crate::persist::host_xattr::{get_xattr, set_xattr};
+use crate::squash;
+use crate::tools::{FSCK_EROFS, MKFS_EROFS, Tool, find_program};
 
-use crate::squash::{self, SquashError};
-use crate::tools::{FSCK_EROFS, MKFS_EROFS, Tool, ToolMissing, find_program};
+pub mod superblock;
+pub mod xattr;
 
-pub(crate) const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
-pub(crate) const SB_OFFSET: u64 = 1024;
-/// feature_incompat: per-image compression configurations (then the algorithm
-/// field is a bitmap of the algorithms used).
-const INCOMPAT_COMPR_CFGS: u32 = 0x0002;
-/// feature_incompat: LZ4 0-padding, set by every compressing mkfs.erofs.
-const INCOMPAT_ZERO_PADDING: u32 = 0x0001;
-/// Bit i of `available_compr_algs` → algorithm name, in on-disk order.
-const ALGORITHMS: [&str; 4] = ["lz4", "lzma", "deflate", "zstd"];
-
-#[derive(Debug, Error)]
-pub enum ErofsError {
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{0} is not an EROFS image (no magic at offset 1024)")]
-    NotErofs(String),
-    #[error(transparent)]
-    ToolMissing(#[from] ToolMissing),
-    #[error(transparent)]
-    Tool(#[from] SquashError),
-    #[error(
-        "the image is compressed with {algorithm}, which the installed fsck.erofs (erofs-utils {version}) cannot decompress (it supports: {supported}); install an erofs-utils built with {algorithm} support (erofs-utils 1.6 or later with liblzma, as Fedora ships it). Nothing was changed"
-    )]
-    CannotDecompress {
-        algorithm: String,
-        version: String,
-        supported: String,
-    },
-    #[error("{what}: cannot read its EROFS metadata: {detail}")]
-    Format { what: String, detail: String },
-    #[error(
-        "the installed fsck.erofs (erofs-utils {version}) does not restore extended attributes when it extracts, so a rebuilt image would lose every SELinux label and file capability; install an erofs-utils whose fsck.erofs --extract keeps xattrs, or pass --allow-xattr-loss for an image without them"
-    )]
-    NoXattrExtract { version: String },
-}
-
-impl crate::error::Classify for ErofsError {
-    fn kind(&self) -> crate::error::ErrorKind {
-        crate::error::ErrorKind::Io
-    }
-}
-
-fn io_err(what: &Path) -> impl FnOnce(io::Error) -> ErofsError + '_ {
-    move |source| ErofsError::Io {
-        what: what.display().to_string(),
-        source,
-    }
-}
-
-/// What the superblock says.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ErofsInfo {
-    pub block_size: u32,
-    /// Algorithms the image uses (`lz4`, `lzma`, …); empty when nothing is compressed.
-    pub algorithms: Vec<&'static str>,
-    pub uuid: String,
-    pub volume_name: String,
-    pub blocks: u64,
-}
-
-pub(crate) fn u16_at(b: &[u8], i: usize) -> u16 {
-    u16::from_le_bytes([b[i], b[i + 1]])
-}
-pub(crate) fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
-}
-pub(crate) fn u64_at(b: &[u8], i: usize) -> u64 {
-    u64::from(u32_at(b, i)) | u64::from(u32_at(b, i + 4)) << 32
-}
-
-/// Reads the EROFS superblock (128 bytes at offset 1024).
-pub fn read_superblock<R: Read + Seek>(r: &mut R, what: &str) -> Result<ErofsInfo, ErofsError> {
-    let io = |source| ErofsError::Io {
-        what: what.to_string(),
-        source,
-    };
-    let mut sb = [0u8; 128];
-    r.seek(SeekFrom::Start(SB_OFFSET)).map_err(io)?;
-    r.read_exact(&mut sb)
-        .map_err(|_| ErofsError::NotErofs(what.to_string()))?;
-    if u32_at(&sb, 0) != EROFS_MAGIC {
-        return Err(ErofsError::NotErofs(what.to_string()));
-    }
-    let blkszbits = sb[12];
-    let incompat = u32_at(&sb, 80);
-    let algs_field = u16_at(&sb, 84);
-    let algorithms = if incompat & INCOMPAT_COMPR_CFGS != 0 {
-        ALGORITHMS
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| algs_field & (1 << i) != 0)
-            .map(|(_, n)| *n)
-            .collect()
-    } else if incompat & INCOMPAT_ZERO_PADDING != 0 {
-        // Without per-image configurations the only compressor is LZ4 (the field
-        // then holds its max distance, not a bitmap).
-        vec!["lz4"]
-    } else {
-        Vec::new()
-    };
-    let uuid: String = sb[48..64].iter().map(|b| format!("{b:02x}")).collect();
-    let uuid = format!(
-        "{}-{}-{}-{}-{}",
-        &uuid[0..8],
-        &uuid[8..12],
-        &uuid[12..16],
-        &uuid[16..20],
-        &uuid[20..32]
-    );
-    let name_end = sb[64..80].iter().position(|&b| b == 0).unwrap_or(16);
-    Ok(ErofsInfo {
-        block_size: 1u32.checked_shl(u32::from(blkszbits)).unwrap_or(4096),
-        algorithms,
-        uuid,
-        volume_name: String::from_utf8_lossy(&sb[64..64 + name_end]).into_owned(),
-        blocks: u64::from(u32_at(&sb, 36)),
-    })
-}
+use superblock::io_err;
+pub use superblock::{ErofsError, ErofsInfo, read_superblock};
 
 /// The compressors the installed mkfs.erofs offers (`Available compressors are: …`).
 pub fn available_compressors() -> Result<Vec<String>, ErofsError> {
@@ -217,6 +97,28 @@ pub fn fsck_algorithms() -> Result<Vec<String>, ErofsError> {
 /// Refuses an image fsck.erofs could not extract: one of its algorithms is missing
 /// from `supported` (lz4hc data is plain lz4 to a decompressor).
 pub fn check_extractable(info: &ErofsInfo, supported: &[String]) -> Result<(), ErofsError> {
+    if decompressible(info, supported) {
+        return Ok(());
+    }
+    refuse_undecompressible(info, supported, &fsck_version())
+}
+
+/// Whether every algorithm of the image is in `supported`.
+pub fn decompressible(info: &ErofsInfo, supported: &[String]) -> bool {
+    info.algorithms.iter().all(|alg| {
+        supported
+            .iter()
+            .any(|s| s == alg || (*alg == "lz4" && s == "lz4hc"))
+    })
+}
+
+/// [`check_extractable`] with the fsck.erofs version given, so a plan can decide
+/// without running the tool.
+pub fn refuse_undecompressible(
+    info: &ErofsInfo,
+    supported: &[String],
+    version: &str,
+) -> Result<(), ErofsError> {
     for alg in &info.algorithms {
         let ok = supported
             .iter()
@@ -224,7 +126,7 @@ pub fn check_extractable(info: &ErofsInfo, supported: &[String]) -> Result<(), E
         if !ok {
             return Err(ErofsError::CannotDecompress {
                 algorithm: alg.to_string(),
-                version: fsck_version(),
+                version: version.to_string(),
                 supported: if supported.is_empty() {
                     "none listed".to_string()
                 } else {
@@ -257,7 +159,7 @@ pub fn extract_keeps_xattrs(scratch: &Path) -> Result<bool, ErofsError> {
     fs::create_dir(&src).map_err(io_err(&src))?;
     let file = src.join("f");
     fs::write(&file, b"probe").map_err(io_err(&file))?;
-    if crate::persist::ovl_merge::set_xattr(&file, "user.livestick", b"1").is_err() {
+    if set_xattr(&file, "user.livestick", b"1").is_err() {
         // The work dir's file system has no user xattrs: nothing to learn here.
         return Ok(false);
     }
@@ -265,7 +167,7 @@ pub fn extract_keeps_xattrs(scratch: &Path) -> Result<bool, ErofsError> {
     build(&src, &img, &[])?;
     let out = dir.path().join("out");
     extract(&img, &out)?;
-    Ok(crate::persist::ovl_merge::get_xattr(&out.join("f"), "user.livestick").is_some())
+    Ok(get_xattr(&out.join("f"), "user.livestick").is_some())
 }
 
 /// The image's tree in `dest`, xattrs included: [`extract`], then
@@ -277,20 +179,18 @@ pub fn unpack(image: &Path, dest: &Path) -> Result<(), ErofsError> {
 }
 
 /// Sets on the tree extracted into `tree` the xattrs the image holds (read by
-/// [`crate::persist::erofs_xattr`]), which fsck.erofs 1.5 leaves out. Returns the
+/// [`xattr`]), which fsck.erofs 1.5 leaves out. Returns the
 /// number of paths labelled. A tree without a path the image has is an error: the
 /// extraction and the image disagree.
 pub fn restore_xattrs(image: &Path, tree: &Path) -> Result<usize, ErofsError> {
     let mut f = fs::File::open(image).map_err(io_err(image))?;
-    let paths = crate::persist::erofs_xattr::read_xattrs(&mut f, &image.display().to_string())?;
+    let paths = xattr::read_xattrs(&mut f, &image.display().to_string())?;
     for (rel, xattrs) in &paths {
         let p = tree.join(std::ffi::OsStr::from_bytes(rel));
         for (name, value) in xattrs {
-            crate::persist::ovl_merge::set_xattr(&p, name, value).map_err(|source| {
-                ErofsError::Io {
-                    what: format!("setting {name} on {}", p.display()),
-                    source,
-                }
+            set_xattr(&p, name, value).map_err(|source| ErofsError::Io {
+                what: format!("setting {name} on {}", p.display()),
+                source,
             })?;
         }
     }
@@ -325,7 +225,9 @@ pub fn build(tree: &Path, out: &Path, args: &[String]) -> Result<(), ErofsError>
 
 #[cfg(test)]
 mod tests {
+    use super::superblock::EROFS_MAGIC;
     use super::*;
+    use std::io;
 
     #[test]
     fn an_algorithm_fsck_erofs_lacks_is_refused_by_name() {

@@ -20,7 +20,7 @@
 use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom};
 
-use crate::persist::erofs::{EROFS_MAGIC, ErofsError, SB_OFFSET, u16_at, u32_at, u64_at};
+use super::superblock::{EROFS_MAGIC, ErofsError, SB_OFFSET, u16_at, u32_at, u64_at};
 
 const S_IFMT: u16 = 0o170000;
 const S_IFDIR: u16 = 0o040000;

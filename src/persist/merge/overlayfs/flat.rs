@@ -7,7 +7,7 @@
 //! carries its owner, mode, time, device number and xattrs, so nothing is lost and
 //! nothing needs privileges.
 //!
-//! Semantics are those of [`super::ovl_merge::apply`] (OverlayFS): an upper entry
+//! Semantics are those of [`super::tree::apply`] (OverlayFS): an upper entry
 //! replaces the lower entry at its path; a whiteout deletes it; an opaque directory
 //! hides everything below it; any other upper directory over a lower directory is
 //! merged and takes the upper's owner, mode, time and xattrs. Lower members the
@@ -26,7 +26,10 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use crate::persist::ovl_merge::{ApplyReport, Kind, OvlError, UpperEntry, UpperTree, io_at};
+use super::debugfs::Kind;
+use super::error::{OvlError, io_at};
+use super::tree::ApplyReport;
+use super::upper::{UpperEntry, UpperTree};
 use crate::persist::tar_stream::{EntryKind, TarEntry, TarReader, TarWriter};
 use crate::squash::SquashError;
 use crate::tools;
@@ -435,7 +438,7 @@ mod tests {
             path: path.into(),
             kind,
             opaque,
-            ..crate::persist::ovl_merge::upper_root_entry()
+            ..super::super::upper::upper_root_entry()
         }
     }
 
