@@ -8,6 +8,7 @@
 pub mod apply;
 pub mod batch;
 pub mod boot;
+pub mod bytes;
 pub mod cli;
 pub mod commands;
 pub mod compat;

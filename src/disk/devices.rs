@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use serde::{Serialize, Serializer};
 use thiserror::Error;
 
+use crate::bytes::{u16_at, u32_at, u64_at};
 use crate::disk::ext4::Ext4Info;
 use crate::disk::fat;
 use crate::disk::partition::TableKind;
@@ -812,20 +813,6 @@ fn gpt_type_name(guid: &str) -> Option<&'static str> {
     })
 }
 
-fn le32(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 4)
-        .and_then(|s| s.try_into().ok())
-        .map(u32::from_le_bytes)
-        .unwrap_or(0) as u64
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .and_then(|s| s.try_into().ok())
-        .map(u64::from_le_bytes)
-        .unwrap_or(0)
-}
-
 fn read_at<R: Read + Seek>(r: &mut R, at: u64, len: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
     r.seek(SeekFrom::Start(at))?;
@@ -844,7 +831,7 @@ fn read_at<R: Read + Seek>(r: &mut R, at: u64, len: usize) -> io::Result<Vec<u8>
 /// volume without a table) rather than an MBR: both end in 55 AA.
 fn is_boot_sector(s: &[u8]) -> bool {
     let jump = matches!(s.first(), Some(0xeb) | Some(0xe9));
-    let bps = u16::from_le_bytes([s[11], s[12]]);
+    let bps = u16_at(s, 11);
     jump && matches!(bps, 512 | 1024 | 2048 | 4096)
         && (s.get(54..57) == Some(b"FAT")
             || s.get(82..85) == Some(b"FAT")
@@ -877,7 +864,11 @@ pub fn read_partition_table<R: Read + Seek>(
     }
     let mut out = Vec::new();
     for (i, e) in primaries.iter().enumerate() {
-        let (t, start, len) = (e[4], le32(e, 8) * sector, le32(e, 12) * sector);
+        let (t, start, len) = (
+            e[4],
+            u64::from(u32_at(e, 8)) * sector,
+            u64::from(u32_at(e, 12)) * sector,
+        );
         if t == 0 || len == 0 {
             continue;
         }
@@ -917,11 +908,11 @@ fn read_logical<R: Read + Seek>(
             break;
         }
         let (e1, e2) = (&s[446..462], &s[462..478]);
-        if e1[4] != 0 && le32(e1, 12) != 0 {
+        if e1[4] != 0 && u32_at(e1, 12) != 0 {
             out.push(TableEntry {
                 number,
-                start: ebr + le32(e1, 8) * sector,
-                len: le32(e1, 12) * sector,
+                start: ebr + u64::from(u32_at(e1, 8)) * sector,
+                len: u64::from(u32_at(e1, 12)) * sector,
                 type_id: format!("{:#04x}", e1[4]),
                 type_name: mbr_type_name(e1[4]),
                 name: None,
@@ -930,10 +921,10 @@ fn read_logical<R: Read + Seek>(
             });
             number += 1;
         }
-        if e2[4] == 0 || le32(e2, 8) == 0 {
+        if e2[4] == 0 || u32_at(e2, 8) == 0 {
             break;
         }
-        ebr = ext_start + le32(e2, 8) * sector;
+        ebr = ext_start + u64::from(u32_at(e2, 8)) * sector;
     }
     Ok(())
 }
@@ -947,9 +938,9 @@ fn read_gpt<R: Read + Seek>(
     if h.len() < 92 || &h[0..8] != b"EFI PART" {
         return Ok(None);
     }
-    let entries_lba = le64(&h, 72);
-    let count = le32(&h, 80).min(1024);
-    let size = le32(&h, 84);
+    let entries_lba = u64_at(&h, 72);
+    let count = u64::from(u32_at(&h, 80)).min(1024);
+    let size = u64::from(u32_at(&h, 84));
     if !(128..=4096).contains(&size) || entries_lba.saturating_mul(sector) >= disk_size {
         return Ok(None);
     }
@@ -960,11 +951,11 @@ fn read_gpt<R: Read + Seek>(
         if e[0..16].iter().all(|&b| b == 0) {
             continue;
         }
-        let first = le64(e, 32);
-        let last = le64(e, 40);
+        let first = u64_at(e, 32);
+        let last = u64_at(e, 40);
         let name_units: Vec<u16> = e[56..128]
             .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .map(|c| u16_at(c, 0))
             .take_while(|&u| u != 0)
             .collect();
         let name = String::from_utf16_lossy(&name_units);
@@ -979,7 +970,7 @@ fn read_gpt<R: Read + Seek>(
             type_id: type_guid,
             name: (!name.is_empty()).then_some(name),
             part_uuid: Some(guid_le(&e[16..32])),
-            bootable: le64(e, 48) & (1 << 2) != 0,
+            bootable: u64_at(e, 48) & (1 << 2) != 0,
         });
     }
     Ok(Some(out))
@@ -1024,10 +1015,10 @@ pub fn peek_filesystem<R: Read + Seek>(r: &mut R, offset: u64, len: u64) -> Opti
     if b.len() >= 4 && &b[0..4] == b"hsqs" {
         return fs("squashfs", None, None);
     }
-    if b.len() >= 2048 && u16::from_le_bytes([b[1024 + 0x38], b[1024 + 0x39]]) == 0xef53 {
+    if b.len() >= 2048 && u16_at(&b, 1024 + 0x38) == 0xef53 {
         let sb = &b[1024..2048];
-        let compat = le32(sb, 0x5c);
-        let incompat = le32(sb, 0x60);
+        let compat = u32_at(sb, 0x5c);
+        let incompat = u32_at(sb, 0x60);
         // extents, 64bit or flex_bg mean ext4; a journal alone means ext3.
         let t = if incompat & (0x40 | 0x80 | 0x200) != 0 {
             "ext4"
@@ -1059,10 +1050,10 @@ pub fn peek_filesystem<R: Read + Seek>(r: &mut R, offset: u64, len: u64) -> Opti
             return fs("ntfs", None, None);
         }
         // FAT32 has no 16-bit FAT size; its extended boot record sits further on.
-        let fat32 = u16::from_le_bytes([b[22], b[23]]) == 0;
+        let fat32 = u16_at(&b, 22) == 0;
         let (id_at, label_at) = if fat32 { (67, 71) } else { (39, 43) };
         let label = text_field(&b[label_at..label_at + 11]).filter(|l| l != "NO NAME");
-        let id = le32(&b, id_at) as u32;
+        let id = u32_at(&b, id_at);
         return fs("vfat", label, Some(fat::format_volume_id(id)));
     }
     None

@@ -5,6 +5,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use thiserror::Error;
 
+use crate::bytes::{read_u32, u16_at, u32_at};
 use crate::io::PartitionWindow;
 
 /// FAT32 cannot hold a file of 4 GiB or more.
@@ -110,7 +111,7 @@ pub fn format<F: Read + Write + Seek>(
     let mut sector = [0u8; 512];
     window.seek(SeekFrom::Start(0))?;
     window.read_exact(&mut sector)?;
-    let backup = u16::from_le_bytes([sector[0x32], sector[0x33]]) as u64;
+    let backup = u16_at(&sector, 0x32) as u64;
     for at in [0, backup * 512] {
         window.seek(SeekFrom::Start(at + 0x1c))?;
         window.write_all(&hidden_sectors.to_le_bytes())?;
@@ -162,11 +163,11 @@ pub fn metadata_len<F: Read + Write + Seek>(window: &mut PartitionWindow<F>) -> 
     let mut bpb = [0u8; 512];
     window.seek(SeekFrom::Start(0))?;
     window.read_exact(&mut bpb)?;
-    let bytes_per_sector = u16::from_le_bytes([bpb[11], bpb[12]]) as u64;
-    let reserved = u16::from_le_bytes([bpb[14], bpb[15]]) as u64;
+    let bytes_per_sector = u16_at(&bpb, 11) as u64;
+    let reserved = u16_at(&bpb, 14) as u64;
     let fats = bpb[16] as u64;
-    let fat16_size = u16::from_le_bytes([bpb[22], bpb[23]]) as u64;
-    let fat32_size = u32::from_le_bytes([bpb[36], bpb[37], bpb[38], bpb[39]]) as u64;
+    let fat16_size = u16_at(&bpb, 22) as u64;
+    let fat32_size = u32_at(&bpb, 36) as u64;
     let fat_size = if fat16_size != 0 {
         fat16_size
     } else {
@@ -460,12 +461,12 @@ fn geometry<F: Read + Write + Seek>(window: &mut PartitionWindow<F>) -> io::Resu
     let mut bpb = [0u8; 512];
     window.seek(SeekFrom::Start(0))?;
     window.read_exact(&mut bpb)?;
-    let bytes_per_sector = u16::from_le_bytes([bpb[11], bpb[12]]) as u64;
+    let bytes_per_sector = u16_at(&bpb, 11) as u64;
     let sectors_per_cluster = bpb[13] as u64;
-    let reserved = u16::from_le_bytes([bpb[14], bpb[15]]) as u64;
+    let reserved = u16_at(&bpb, 14) as u64;
     let fats = bpb[16] as u64;
-    let fat_sectors = u32::from_le_bytes([bpb[36], bpb[37], bpb[38], bpb[39]]) as u64;
-    let total = u32::from_le_bytes([bpb[32], bpb[33], bpb[34], bpb[35]]) as u64;
+    let fat_sectors = u32_at(&bpb, 36) as u64;
+    let total = u32_at(&bpb, 32) as u64;
     if bytes_per_sector == 0 || sectors_per_cluster == 0 || fat_sectors == 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -482,8 +483,8 @@ fn geometry<F: Read + Write + Seek>(window: &mut PartitionWindow<F>) -> io::Resu
         fat_bytes: fat_sectors * bytes_per_sector,
         fats,
         data_offset,
-        root_cluster: u32::from_le_bytes([bpb[44], bpb[45], bpb[46], bpb[47]]),
-        fsinfo_sector: u16::from_le_bytes([bpb[48], bpb[49]]) as u64,
+        root_cluster: u32_at(&bpb, 44),
+        fsinfo_sector: u16_at(&bpb, 48) as u64,
         clusters,
     })
 }
@@ -493,10 +494,8 @@ fn read_fat_entry<F: Read + Write + Seek>(
     g: &Fat32Geometry,
     cluster: u32,
 ) -> io::Result<u32> {
-    let mut entry = [0u8; 4];
     window.seek(SeekFrom::Start(g.fat_offset + cluster as u64 * 4))?;
-    window.read_exact(&mut entry)?;
-    Ok(u32::from_le_bytes(entry) & 0x0fff_ffff)
+    Ok(read_u32(window)? & 0x0fff_ffff)
 }
 
 /// Corrects what `fatfs` 0.3.6 gets wrong, so `fsck.fat` finds the volume clean:
@@ -563,8 +562,8 @@ pub fn repair_fatfs_quirks<F: Read + Write + Seek>(
                 if entry[0] == 0xe5 || attr == 0x0f || attr & 0x10 == 0 || entry[0] == b'.' {
                     continue;
                 }
-                let hi = u16::from_le_bytes([entry[20], entry[21]]) as u32;
-                let lo = u16::from_le_bytes([entry[26], entry[27]]) as u32;
+                let hi = u32::from(u16_at(entry, 20));
+                let lo = u32::from(u16_at(entry, 26));
                 let child = hi << 16 | lo;
                 if (2..max_cluster).contains(&child) {
                     pending.push((child, false, is_root));
@@ -580,7 +579,7 @@ pub fn repair_fatfs_quirks<F: Read + Write + Seek>(
     window.seek(SeekFrom::Start(g.fat_offset))?;
     window.read_exact(&mut fat)?;
     for (i, e) in fat.chunks_exact(4).enumerate().skip(2) {
-        if u32::from_le_bytes([e[0], e[1], e[2], e[3]]) & 0x0fff_ffff == 0 {
+        if u32_at(e, 0) & 0x0fff_ffff == 0 {
             free += 1;
             if first_free == 0xffff_ffff {
                 first_free = i as u32;
@@ -639,7 +638,7 @@ pub fn set_label<F: Read + Write + Seek>(
     let mut sector = [0u8; 512];
     window.seek(SeekFrom::Start(0))?;
     window.read_exact(&mut sector)?;
-    let backup = u16::from_le_bytes([sector[0x32], sector[0x33]]) as u64;
+    let backup = u16_at(&sector, 0x32) as u64;
     for at in [0, backup * 512] {
         if at == 0 || (backup != 0 && backup != 0xffff) {
             window.seek(SeekFrom::Start(at + 0x47))?;
@@ -680,7 +679,7 @@ pub fn sync_backup_boot_sector<F: Read + Write + Seek>(
     let mut sector = [0u8; 512];
     window.seek(SeekFrom::Start(0))?;
     window.read_exact(&mut sector)?;
-    let backup = u16::from_le_bytes([sector[0x32], sector[0x33]]) as u64;
+    let backup = u16_at(&sector, 0x32) as u64;
     if backup != 0 && backup != 0xffff {
         window.seek(SeekFrom::Start(backup * 512))?;
         window.write_all(&sector)?;
@@ -756,9 +755,6 @@ mod tests {
         let mut sector = [0u8; 512];
         disk.seek(SeekFrom::Start((1 << 20) + 0x1c)).unwrap();
         disk.read_exact(&mut sector[..4]).unwrap();
-        assert_eq!(
-            u32::from_le_bytes([sector[0], sector[1], sector[2], sector[3]]),
-            2048
-        );
+        assert_eq!(u32_at(&sector, 0), 2048);
     }
 }

@@ -16,6 +16,8 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use thiserror::Error;
 
+use crate::bytes::{read_u32, u16_at, u32_at};
+
 const SECTOR: u64 = 512;
 
 #[derive(Debug, Error)]
@@ -65,29 +67,22 @@ pub(crate) struct Geo {
     pub(crate) fsinfo: Option<u64>,
 }
 
-fn u16_at(b: &[u8], i: usize) -> u64 {
-    u64::from(u16::from_le_bytes([b[i], b[i + 1]]))
-}
-fn u32_at(b: &[u8], i: usize) -> u64 {
-    u64::from(u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]))
-}
-
 pub(crate) fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, SwapError> {
     let mut bpb = [0u8; 512];
     dev.seek(SeekFrom::Start(part))?;
     dev.read_exact(&mut bpb)?;
-    let bps = u16_at(&bpb, 11);
+    let bps = u64::from(u16_at(&bpb, 11));
     let spc = u64::from(bpb[13]);
-    let reserved = u16_at(&bpb, 14);
+    let reserved = u64::from(u16_at(&bpb, 14));
     let fats = u64::from(bpb[16]);
-    let root_entries = u16_at(&bpb, 17);
+    let root_entries = u64::from(u16_at(&bpb, 17));
     let total = match u16_at(&bpb, 19) {
-        0 => u32_at(&bpb, 32),
-        t => t,
+        0 => u64::from(u32_at(&bpb, 32)),
+        t => u64::from(t),
     };
     let fat_sectors = match u16_at(&bpb, 22) {
-        0 => u32_at(&bpb, 36),
-        f => f,
+        0 => u64::from(u32_at(&bpb, 36)),
+        f => u64::from(f),
     };
     if !(512..=4096).contains(&bps) || spc == 0 || fats == 0 || fat_sectors == 0 {
         return Err(SwapError::Unsupported("boot sector is not FAT".into()));
@@ -103,7 +98,7 @@ pub(crate) fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, Sw
     }
     let fat32 = clusters >= 65525;
     let root_start = part + (reserved + fats * fat_sectors) * bps;
-    let fsinfo_sector = u16_at(&bpb, 48);
+    let fsinfo_sector = u64::from(u16_at(&bpb, 48));
     Ok(Geo {
         cluster_bytes: spc * bps,
         fat_offset: part + reserved * bps,
@@ -113,7 +108,7 @@ pub(crate) fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, Sw
             .then(|| part + fsinfo_sector * bps),
         fat32,
         data_offset: part + first_data * bps,
-        root_cluster: if fat32 { u32_at(&bpb, 44) as u32 } else { 0 },
+        root_cluster: if fat32 { u32_at(&bpb, 44) } else { 0 },
         root_region: (root_start, root_entries * 32),
         max_cluster: u32::try_from(clusters + 2).unwrap_or(u32::MAX),
     })
@@ -121,15 +116,13 @@ pub(crate) fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, Sw
 
 pub(crate) fn next_cluster<D: Read + Seek>(dev: &mut D, g: &Geo, c: u32) -> io::Result<u32> {
     if g.fat32 {
-        let mut e = [0u8; 4];
         dev.seek(SeekFrom::Start(g.fat_offset + u64::from(c) * 4))?;
-        dev.read_exact(&mut e)?;
-        Ok(u32::from_le_bytes(e) & 0x0fff_ffff)
+        Ok(read_u32(dev)? & 0x0fff_ffff)
     } else {
         let mut e = [0u8; 2];
         dev.seek(SeekFrom::Start(g.fat_offset + u64::from(c) * 2))?;
         dev.read_exact(&mut e)?;
-        Ok(u32::from(u16::from_le_bytes(e)))
+        Ok(u32::from(u16_at(&e, 0)))
     }
 }
 
@@ -178,7 +171,7 @@ fn find_in_dir<D: Read + Seek>(
                     .into_iter()
                     .enumerate()
                 {
-                    units[k] = u16::from_le_bytes([e[o], e[o + 1]]);
+                    units[k] = u16_at(e, o);
                 }
                 lfn.push((e[0] & 0x1f, units));
                 continue;
@@ -206,11 +199,11 @@ fn find_in_dir<D: Read + Seek>(
                 && String::from_utf16_lossy(&long).eq_ignore_ascii_case(name))
                 || short.eq_ignore_ascii_case(name);
             if hit {
-                let hi = if g.fat32 { u16_at(e, 20) } else { 0 };
+                let hi = if g.fat32 { u32::from(u16_at(e, 20)) } else { 0 };
                 let loc = EntryLoc {
                     offset: at + i as u64 * 32,
-                    first_cluster: (hi << 16 | u16_at(e, 26)) as u32,
-                    size: u32_at(e, 28) as u32,
+                    first_cluster: hi << 16 | u32::from(u16_at(e, 26)),
+                    size: u32_at(e, 28),
                 };
                 return Ok(Some((loc, e[11] & 0x10 != 0)));
             }

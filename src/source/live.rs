@@ -12,6 +12,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::boot::menu::{self, BootMenu};
+use crate::bytes::{u16_at, u32_at};
 use crate::source::checksum;
 use crate::source::iso::{IsoEntry, IsoError, IsoImage};
 
@@ -385,7 +386,7 @@ pub(crate) fn classify_root(
     container: &Path,
     squashfs: &IsoEntry,
 ) -> (RootKind, Option<String>) {
-    if head.len() >= 1028 && head[1024..1028] == 0xE0F5_E1E2u32.to_le_bytes() {
+    if head.len() >= 1028 && u32_at(head, 1024) == 0xE0F5_E1E2 {
         return (RootKind::Erofs, Some("erofs".into()));
     }
     if head.len() < 96 || &head[0..4] != b"hsqs" {
@@ -400,7 +401,7 @@ pub(crate) fn classify_root(
             None,
         );
     }
-    let compressor = compressor_name(u16::from_le_bytes([head[20], head[21]])).map(String::from);
+    let compressor = compressor_name(u16_at(head, 20)).map(String::from);
     let root = match squashfs.extents.as_slice() {
         [extent] => list_nested_root(container, extent.offset),
         _ => RootKind::Unknown {
