@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use crate::disk::devices::{DevNum, Host};
+use crate::io::{IoAt, io_at};
 
 /// Layers of block devices followed at most (dm on md on loop …): the bound
 /// only guards a damaged sysfs tree.
@@ -41,6 +42,12 @@ pub enum IdentityError {
     },
     #[error("{path}: {source}; check the path")]
     Io { path: PathBuf, source: io::Error },
+}
+
+impl From<IoAt> for IdentityError {
+    fn from(IoAt { path, source }: IoAt) -> Self {
+        IdentityError::Io { path, source }
+    }
 }
 
 /// What one path is, for comparing with another.
@@ -77,10 +84,7 @@ impl Identity {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(id),
             Err(source) => {
-                return Err(IdentityError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                });
+                return Err(io_at(path)(source).into());
             }
         };
         id.inodes.insert((meta.dev(), meta.ino()));
