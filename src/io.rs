@@ -58,6 +58,16 @@ pub fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usiz
     Ok(got)
 }
 
+/// Reads up to `len` bytes at `offset`: fewer only where the input ends, so a
+/// structure cut off by the end of a disk is seen as short, not as an error.
+pub fn read_at<R: Read + Seek + ?Sized>(r: &mut R, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    r.seek(SeekFrom::Start(offset))?;
+    let got = read_full(r, &mut buf)?;
+    buf.truncate(got);
+    Ok(buf)
+}
+
 /// Implemented by everything an overlay or origin can live in, so that data reaches the
 /// medium before the metadata that points at it (the kernel uses FLUSH+FUA for this).
 pub trait SyncData {

@@ -38,11 +38,11 @@ use std::time::{Duration, Instant};
 use serde::{Serialize, Serializer};
 use thiserror::Error;
 
-use crate::bytes::{u16_at, u32_at, u64_at};
+use crate::bytes::{u16_at, u32_at};
 use crate::disk::ext4::Ext4Info;
 use crate::disk::fat;
-use crate::disk::partition::TableKind;
-use crate::io::PartitionWindow;
+use crate::disk::partition::{self, TableEntry, TableKind, is_boot_sector};
+use crate::io::{PartitionWindow, read_at};
 use crate::layout;
 use crate::persist::snapshot;
 
@@ -761,228 +761,6 @@ impl DeviceFacts {
 // ---------------------------------------------------------------------------
 // Reading what a device holds: partition table, filesystems, LiveOS.
 
-/// One entry of an MBR or GPT partition table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct TableEntry {
-    /// 1-based, as the kernel numbers them (MBR logical partitions from 5).
-    pub number: u32,
-    /// Bytes from the start of the disk.
-    pub start: u64,
-    pub len: u64,
-    /// `0x0c` for MBR, the type GUID for GPT.
-    pub type_id: String,
-    pub type_name: Option<&'static str>,
-    /// GPT partition name.
-    pub name: Option<String>,
-    /// GPT unique partition GUID (PARTUUID).
-    pub part_uuid: Option<String>,
-    pub bootable: bool,
-}
-
-const MBR_EXTENDED: [u8; 3] = [0x05, 0x0f, 0x85];
-
-fn mbr_type_name(t: u8) -> Option<&'static str> {
-    Some(match t {
-        0x01 | 0x04 | 0x06 | 0x0e => "FAT16",
-        0x0b | 0x0c => "FAT32",
-        0x07 => "NTFS/exFAT",
-        0x05 | 0x0f | 0x85 => "extended",
-        0x17 | 0x00 => return None,
-        0x82 => "Linux swap",
-        0x83 => "Linux",
-        0x8e => "Linux LVM",
-        0xfd => "Linux RAID",
-        0xee => "GPT protective",
-        0xef => "EFI system",
-        _ => return None,
-    })
-}
-
-fn gpt_type_name(guid: &str) -> Option<&'static str> {
-    Some(match guid {
-        "c12a7328-f81f-11d2-ba4b-00a0c93ec93b" => "EFI system",
-        "ebd0a0a2-b9e5-4433-87c0-68b6b72699c7" => "Microsoft basic data",
-        "0fc63daf-8483-4772-8e79-3d69d8477de4" => "Linux filesystem",
-        "21686148-6449-6e6f-744e-656564454649" => "BIOS boot",
-        "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f" => "Linux swap",
-        "e6d6d379-f507-44c2-a23c-238f2a3df928" => "Linux LVM",
-        "a19d880f-05fc-4d3b-a006-743f0f84911e" => "Linux RAID",
-        "4f68bce3-e8cd-4db1-96e7-fbcaf984b709" => "Linux root (x86-64)",
-        "bc13c2ff-59e6-4262-a352-b275fd6f7172" => "Linux extended boot",
-        _ => return None,
-    })
-}
-
-fn read_at<R: Read + Seek>(r: &mut R, at: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    r.seek(SeekFrom::Start(at))?;
-    let mut filled = 0;
-    while filled < len {
-        match r.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    buf.truncate(filled);
-    Ok(buf)
-}
-
-/// Whether sector 0 is a filesystem boot sector (a "superfloppy" FAT or NTFS
-/// volume without a table) rather than an MBR: both end in 55 AA.
-fn is_boot_sector(s: &[u8]) -> bool {
-    let jump = matches!(s.first(), Some(0xeb) | Some(0xe9));
-    let bps = u16_at(s, 11);
-    jump && matches!(bps, 512 | 1024 | 2048 | 4096)
-        && (s.get(54..57) == Some(b"FAT")
-            || s.get(82..85) == Some(b"FAT")
-            || s.get(3..7) == Some(b"NTFS"))
-}
-
-/// Reads the MBR (with logical partitions) or GPT of a whole disk.
-/// `Ok(None)`: no partition table. `sector` is the logical sector size, which
-/// places the GPT header (LBA 1) and scales every LBA.
-pub fn read_partition_table<R: Read + Seek>(
-    r: &mut R,
-    disk_size: u64,
-    sector: u64,
-) -> io::Result<Option<(TableKind, Vec<TableEntry>)>> {
-    let s0 = read_at(r, 0, 512)?;
-    if s0.len() < 512 || s0[510..512] != [0x55, 0xaa] || is_boot_sector(&s0) {
-        return Ok(None);
-    }
-    let primaries: Vec<&[u8]> = (0..4)
-        .map(|i| &s0[446 + 16 * i..446 + 16 * (i + 1)])
-        .collect();
-    // A real MBR's status bytes are 0x00 or 0x80; anything else is not a table.
-    if primaries.iter().any(|e| e[0] != 0 && e[0] != 0x80) {
-        return Ok(None);
-    }
-    if primaries.iter().any(|e| e[4] == 0xee)
-        && let Some(entries) = read_gpt(r, disk_size, sector)?
-    {
-        return Ok(Some((TableKind::Gpt, entries)));
-    }
-    let mut out = Vec::new();
-    for (i, e) in primaries.iter().enumerate() {
-        let (t, start, len) = (
-            e[4],
-            u64::from(u32_at(e, 8)) * sector,
-            u64::from(u32_at(e, 12)) * sector,
-        );
-        if t == 0 || len == 0 {
-            continue;
-        }
-        out.push(TableEntry {
-            number: i as u32 + 1,
-            start,
-            len,
-            type_id: format!("{t:#04x}"),
-            type_name: mbr_type_name(t),
-            name: None,
-            part_uuid: None,
-            bootable: e[0] == 0x80,
-        });
-        if MBR_EXTENDED.contains(&t) {
-            read_logical(r, start, sector, &mut out)?;
-        }
-    }
-    if out.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some((TableKind::Mbr, out)))
-}
-
-/// Walks the chain of extended boot records; logical partitions are numbered from 5.
-fn read_logical<R: Read + Seek>(
-    r: &mut R,
-    ext_start: u64,
-    sector: u64,
-    out: &mut Vec<TableEntry>,
-) -> io::Result<()> {
-    let mut ebr = ext_start;
-    let mut number = 5;
-    // 128 links is far beyond any real chain and stops a loop in a damaged one.
-    for _ in 0..128 {
-        let s = read_at(r, ebr, 512)?;
-        if s.len() < 512 || s[510..512] != [0x55, 0xaa] {
-            break;
-        }
-        let (e1, e2) = (&s[446..462], &s[462..478]);
-        if e1[4] != 0 && u32_at(e1, 12) != 0 {
-            out.push(TableEntry {
-                number,
-                start: ebr + u64::from(u32_at(e1, 8)) * sector,
-                len: u64::from(u32_at(e1, 12)) * sector,
-                type_id: format!("{:#04x}", e1[4]),
-                type_name: mbr_type_name(e1[4]),
-                name: None,
-                part_uuid: None,
-                bootable: e1[0] == 0x80,
-            });
-            number += 1;
-        }
-        if e2[4] == 0 || u32_at(e2, 8) == 0 {
-            break;
-        }
-        ebr = ext_start + u64::from(u32_at(e2, 8)) * sector;
-    }
-    Ok(())
-}
-
-fn read_gpt<R: Read + Seek>(
-    r: &mut R,
-    disk_size: u64,
-    sector: u64,
-) -> io::Result<Option<Vec<TableEntry>>> {
-    let h = read_at(r, sector, 92)?;
-    if h.len() < 92 || &h[0..8] != b"EFI PART" {
-        return Ok(None);
-    }
-    let entries_lba = u64_at(&h, 72);
-    let count = u64::from(u32_at(&h, 80)).min(1024);
-    let size = u64::from(u32_at(&h, 84));
-    if !(128..=4096).contains(&size) || entries_lba.saturating_mul(sector) >= disk_size {
-        return Ok(None);
-    }
-    let raw = read_at(r, entries_lba * sector, (count * size) as usize)?;
-    let mut out = Vec::new();
-    for (i, e) in raw.chunks_exact(size as usize).enumerate() {
-        let type_guid = guid_le(&e[0..16]);
-        if e[0..16].iter().all(|&b| b == 0) {
-            continue;
-        }
-        let first = u64_at(e, 32);
-        let last = u64_at(e, 40);
-        let name_units: Vec<u16> = e[56..128]
-            .chunks_exact(2)
-            .map(|c| u16_at(c, 0))
-            .take_while(|&u| u != 0)
-            .collect();
-        let name = String::from_utf16_lossy(&name_units);
-        out.push(TableEntry {
-            number: i as u32 + 1,
-            start: first.saturating_mul(sector),
-            len: last
-                .saturating_sub(first)
-                .saturating_add(1)
-                .saturating_mul(sector),
-            type_name: gpt_type_name(&type_guid),
-            type_id: type_guid,
-            name: (!name.is_empty()).then_some(name),
-            part_uuid: Some(guid_le(&e[16..32])),
-            bootable: u64_at(e, 48) & (1 << 2) != 0,
-        });
-    }
-    Ok(Some(out))
-}
-
-/// A GPT GUID: the first three fields are little-endian on disk.
-fn guid_le(b: &[u8]) -> String {
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&b[..16]);
-    uuid::Uuid::from_bytes_le(bytes).hyphenated().to_string()
-}
-
 /// A filesystem found by its superblock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FsInfo {
@@ -1363,7 +1141,7 @@ fn read_contents(host: &Host, node: &Node, dev: &mut BlockDevice) {
     let size = dev.facts.size;
     let sector = u64::from(dev.facts.logical_sector_size.max(512));
     let mut r = &file;
-    match read_partition_table(&mut r, size, sector) {
+    match partition::read_table(&mut r, size, sector) {
         Ok(Some((kind, entries))) => {
             dev.table = Some(kind);
             let known = host.partitions(node);
@@ -1371,10 +1149,7 @@ fn read_contents(host: &Host, node: &Node, dev: &mut BlockDevice) {
                 let knode = known
                     .iter()
                     .find(|k| partition_number(k) == Some(entry.number));
-                let filesystem = if MBR_EXTENDED
-                    .iter()
-                    .any(|t| entry.type_id == format!("{t:#04x}"))
-                {
+                let filesystem = if entry.is_extended() {
                     None
                 } else {
                     peek_filesystem(&mut r, entry.start, entry.len)
@@ -1814,14 +1589,16 @@ mod tests {
 
     #[test]
     fn tables_and_filesystems_are_read_from_a_plain_file() {
-        use crate::disk::partition::{self, layout_single};
+        use crate::disk::partition::layout_single;
         let size = 80u64 << 20;
         for kind in [TableKind::Mbr, TableKind::Gpt] {
             let mut disk = tempfile::tempfile().unwrap();
             disk.set_len(size).unwrap();
             let layout = layout_single(size, kind).unwrap();
             partition::write_table(&mut disk, &layout, None, 0x1234_5678).unwrap();
-            let (found, entries) = read_partition_table(&mut disk, size, 512).unwrap().unwrap();
+            let (found, entries) = partition::read_table(&mut disk, size, 512)
+                .unwrap()
+                .unwrap();
             assert_eq!(found, kind);
             assert_eq!(entries.len(), 1);
             assert_eq!(
@@ -1846,7 +1623,7 @@ mod tests {
         let mut blank = tempfile::tempfile().unwrap();
         blank.set_len(size).unwrap();
         assert!(
-            read_partition_table(&mut blank, size, 512)
+            partition::read_table(&mut blank, size, 512)
                 .unwrap()
                 .is_none()
         );
