@@ -58,6 +58,11 @@ pub fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usiz
     Ok(got)
 }
 
+/// `Read + Seek` as one trait, for readers passed as trait objects.
+pub trait ReadSeek: Read + Seek {}
+
+impl<T: Read + Seek + ?Sized> ReadSeek for T {}
+
 /// Reads up to `len` bytes at `offset`: fewer only where the input ends, so a
 /// structure cut off by the end of a disk is seen as short, not as an error.
 pub fn read_at<R: Read + Seek + ?Sized>(r: &mut R, offset: u64, len: usize) -> io::Result<Vec<u8>> {

@@ -41,10 +41,9 @@ use thiserror::Error;
 use crate::bytes::{u16_at, u32_at};
 use crate::disk::ext4::Ext4Info;
 use crate::disk::fat;
-use crate::disk::partition::{self, TableEntry, TableKind, is_boot_sector};
-use crate::io::{PartitionWindow, read_at};
+use crate::disk::partition::{self, TableEntry, TableKind, has_boot_signature, is_boot_sector};
+use crate::io::{PartitionWindow, ReadSeek, read_at};
 use crate::layout;
-use crate::persist::snapshot;
 
 /// Mount points that make a disk "the running system": refused even with `--force`.
 pub const SYSTEM_MOUNT_POINTS: [&str; 5] = ["/", "/boot", "/boot/efi", "/efi", "/usr"];
@@ -823,7 +822,7 @@ pub fn peek_filesystem<R: Read + Seek>(r: &mut R, offset: u64, len: u64) -> Opti
     if b.len() >= 32768 + 72 && &b[32769..32774] == b"CD001" {
         return fs("iso9660", text_field(&b[32768 + 40..32768 + 72]), None);
     }
-    if b.len() >= 512 && b[510..512] == [0x55, 0xaa] && is_boot_sector(&b[..512]) {
+    if has_boot_signature(&b) && is_boot_sector(&b[..512]) {
         if b.get(3..7) == Some(b"NTFS") {
             return fs("ntfs", None, None);
         }
@@ -852,6 +851,23 @@ pub struct OverlayInfo {
     pub dm_status: Option<String>,
     /// Why the overlay could not be read, when it could not (never fails the listing).
     pub problem: Option<String>,
+}
+
+/// Describes the overlay formats `disk/` does not own. The listing reads
+/// what it can itself (an ext4 image, the OverlayFS kind); for any other
+/// overlay file it asks this, so that a layer above `disk/` that knows the
+/// dm-snapshot store (`persist::snapshot`) can fill in `kind`, `state`,
+/// `percent_used` and `dm_status`, or `problem`, without `disk/` importing it.
+pub trait OverlayProbe {
+    /// `file` is at offset 0 and holds `size` bytes.
+    fn describe(&self, file: &mut dyn ReadSeek, size: u64, info: &mut OverlayInfo);
+}
+
+/// Leaves every overlay that is not an ext4 image undescribed (`kind: None`).
+pub struct NoOverlayProbe;
+
+impl OverlayProbe for NoOverlayProbe {
+    fn describe(&self, _: &mut dyn ReadSeek, _: u64, _: &mut OverlayInfo) {}
 }
 
 /// A LiveOS found on a FAT partition.
@@ -896,13 +912,15 @@ impl<R> Write for ReadOnly<R> {
     }
 }
 
-/// Looks for a LiveOS in the FAT filesystem at `[start, start + len)`.
+/// Looks for a LiveOS in the FAT filesystem at `[start, start + len)`,
+/// describing its overlays with `probe`.
 /// `Ok(None)`: a FAT filesystem without a live directory.
 pub fn live_info<R: Read + Seek>(
     r: R,
     partition: u32,
     start: u64,
     len: u64,
+    probe: &dyn OverlayProbe,
 ) -> Result<Option<LiveInfo>, String> {
     let mut ro = ReadOnly(r);
     let mut window = PartitionWindow::new(&mut ro, start, len);
@@ -939,7 +957,7 @@ pub fn live_info<R: Read + Seek>(
                 .next()
                 .is_some_and(|n| n.to_ascii_lowercase().starts_with("overlay-"))
     }) {
-        overlays.push(overlay_info(&fs, &e.path, e.size));
+        overlays.push(overlay_info(&fs, &e.path, e.size, probe));
     }
     Ok(Some(LiveInfo {
         partition,
@@ -956,6 +974,7 @@ fn overlay_info<F: Read + Write + Seek>(
     fs: &fat::FatFs<'_, F>,
     path: &str,
     size: u64,
+    probe: &dyn OverlayProbe,
 ) -> OverlayInfo {
     let mut info = OverlayInfo {
         file: path.to_string(),
@@ -987,15 +1006,7 @@ fn overlay_info<F: Read + Write + Seek>(
         info.problem = Some(e.to_string());
         return info;
     }
-    match snapshot::status(&mut file, size, 8, None) {
-        Ok(report) => {
-            info.kind = Some("dm-snapshot");
-            info.state = Some(report.state.to_string());
-            info.percent_used = Some(report.percent_used);
-            info.dm_status = Some(report.dm_status);
-        }
-        Err(e) => info.problem = Some(e.to_string()),
-    }
+    probe.describe(&mut file, size, &mut info);
     info
 }
 
@@ -1047,7 +1058,14 @@ pub struct Listing {
 /// Lists whole block devices: removable ones, or all with `all` (fixed disks
 /// marked, loop devices that have a backing file, dm/md). Reads each device's
 /// partition table and filesystems itself; fails only if sysfs is unreadable.
+/// Overlays other than ext4 images are left undescribed: `livestick devices`
+/// lists through [`list_with`] and a probe that knows the dm-snapshot store.
 pub fn list(host: &Host, all: bool) -> Result<Listing, DeviceError> {
+    list_with(host, all, &NoOverlayProbe)
+}
+
+/// [`list`], describing overlays with `probe`.
+pub fn list_with(host: &Host, all: bool, probe: &dyn OverlayProbe) -> Result<Listing, DeviceError> {
     let mut notes = Vec::new();
     if !host.has_udev_db() {
         notes.push(NO_UDEV_NOTE.to_string());
@@ -1095,7 +1113,7 @@ pub fn list(host: &Host, all: bool) -> Result<Listing, DeviceError> {
         if dev.facts.size == 0 {
             dev.notes.push("no medium".into());
         } else if host.live {
-            read_contents(host, &node, &mut dev);
+            read_contents(host, &node, &mut dev, probe);
         }
         devices.push(dev);
     }
@@ -1106,7 +1124,7 @@ pub fn list(host: &Host, all: bool) -> Result<Listing, DeviceError> {
     })
 }
 
-fn read_contents(host: &Host, node: &Node, dev: &mut BlockDevice) {
+fn read_contents(host: &Host, node: &Node, dev: &mut BlockDevice, probe: &dyn OverlayProbe) {
     let path = dev.facts.path.clone();
     // Open only the node that really is this device (a stale /dev could differ).
     let matches = fs::metadata(&path)
@@ -1155,7 +1173,7 @@ fn read_contents(host: &Host, node: &Node, dev: &mut BlockDevice) {
                     peek_filesystem(&mut r, entry.start, entry.len)
                 };
                 if dev.live.is_none() && filesystem.as_ref().is_some_and(|f| f.fs_type == "vfat") {
-                    match live_info(&file, entry.number, entry.start, entry.len) {
+                    match live_info(&file, entry.number, entry.start, entry.len, probe) {
                         Ok(live) => dev.live = live,
                         Err(e) => dev.notes.push(format!("partition {}: {e}", entry.number)),
                     }
@@ -1178,7 +1196,7 @@ fn read_contents(host: &Host, node: &Node, dev: &mut BlockDevice) {
         Ok(None) => {
             dev.filesystem = peek_filesystem(&mut r, 0, size);
             if dev.filesystem.as_ref().is_some_and(|f| f.fs_type == "vfat") {
-                match live_info(&file, 0, 0, size) {
+                match live_info(&file, 0, 0, size, probe) {
                     Ok(live) => dev.live = live,
                     Err(e) => dev.notes.push(e),
                 }
@@ -1615,7 +1633,7 @@ mod tests {
             assert_eq!(fsinfo.uuid.as_deref(), Some("1234-ABCD"));
             // FAT without a LiveOS directory.
             assert!(
-                live_info(&disk, 1, layout.start, layout.len)
+                live_info(&disk, 1, layout.start, layout.len, &NoOverlayProbe)
                     .unwrap()
                     .is_none()
             );

@@ -326,9 +326,15 @@ impl MbrSlot {
     }
 }
 
+/// Whether a sector ends in 55 AA, as an MBR, an EBR and a FAT or NTFS boot
+/// sector all do.
+pub fn has_boot_signature(sector: &[u8]) -> bool {
+    sector.get(510..512) == Some(&MBR_SIGNATURE[..])
+}
+
 /// The four primary entries of an MBR (or EBR); `None` without the 55 AA signature.
 fn mbr_slots(sector0: &[u8]) -> Option<[MbrSlot; 4]> {
-    if sector0.len() < 512 || sector0[510..512] != MBR_SIGNATURE {
+    if !has_boot_signature(sector0) {
         return None;
     }
     let slot = |i: usize| MbrSlot::parse(&sector0[MBR_ENTRIES_AT + 16 * i..][..16]);
