@@ -15,6 +15,7 @@ pub mod compat;
 pub mod disk;
 pub mod io;
 pub mod layout;
+pub mod live_source;
 pub mod persist;
 pub mod plan;
 pub mod progress;

@@ -168,31 +168,17 @@ pub fn open_iso(path: &Path) -> Result<IsoImage<BufReader<File>>, LiveError> {
     IsoImage::open(BufReader::with_capacity(64 * 1024, file)).map_err(iso_err(path))
 }
 
-/// Reads the source's structure into a [`LiveImage`]: a live ISO, or another
-/// live stick (which has a partition table and no ISO 9660 volume).
-pub fn inspect(path: &Path) -> Result<LiveImage, LiveError> {
-    match open_iso(path) {
-        Ok(iso) => inspect_iso(path, iso),
-        // Hybrid ISOs carry a partition table too, so the ISO is tried first,
-        // and only a file with no ISO 9660 volume at all may be a stick (a
-        // truncated ISO must say it is truncated).
-        Err(
-            err @ LiveError::Iso {
-                source: IsoError::NotIso { .. },
-                ..
-            },
-        ) => {
-            if crate::disk::stick::looks_like_stick(path) {
-                crate::source::stick_source::inspect_stick(path)
-            } else {
-                Err(err)
-            }
-        }
-        Err(other) => Err(other),
-    }
+/// Reads a live ISO's structure into a [`LiveImage`]. A source that may also
+/// be another live stick is inspected by `live_source::inspect`, above both
+/// `source/` and `disk/`.
+pub fn inspect_iso(path: &Path) -> Result<LiveImage, LiveError> {
+    inspect_opened_iso(path, open_iso(path)?)
 }
 
-fn inspect_iso(path: &Path, mut iso: IsoImage<BufReader<File>>) -> Result<LiveImage, LiveError> {
+fn inspect_opened_iso(
+    path: &Path,
+    mut iso: IsoImage<BufReader<File>>,
+) -> Result<LiveImage, LiveError> {
     let live_dir = "LiveOS".to_string();
     let squashfs_entry = iso
         .lookup(&format!("/{live_dir}/squashfs.img"))
