@@ -618,13 +618,15 @@ mod tests {
     /// `None` when sfdisk is not installed.
     fn sfdisk_disk(script: &str) -> Option<(tempfile::NamedTempFile, serde_json::Value)> {
         use std::process::{Command, Stdio};
-        let disk = tempfile::NamedTempFile::new().unwrap();
+        // A name ending in a digit would make sfdisk read `{disk}1` as partition 71.
+        let disk = tempfile::Builder::new().suffix(".img").tempfile().unwrap();
         disk.as_file().set_len(64 << 20).unwrap();
         let path = disk.path().to_str().unwrap().to_string();
         let mut child = match Command::new("sfdisk")
             .args(["-q", "--no-reread", "--no-tell-kernel", &path])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
         {
             Ok(c) => c,
@@ -637,7 +639,12 @@ mod tests {
         stdin
             .write_all(script.replace("{disk}", &path).as_bytes())
             .unwrap();
-        assert!(child.wait().unwrap().success(), "sfdisk refused {script}");
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "sfdisk refused {script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let out = Command::new("sfdisk").args(["-J", &path]).output().unwrap();
         assert!(out.status.success());
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
