@@ -57,6 +57,9 @@ pub(crate) struct Geo {
     pub(crate) fat_bytes: u64,
     pub(crate) fats: u64,
     pub(crate) fat32: bool,
+    /// Only [`geometry_any`] returns FAT12 volumes; everything that changes a
+    /// volume in place refuses them.
+    pub(crate) fat12: bool,
     pub(crate) data_offset: u64,
     /// FAT32: the root directory's first cluster. FAT16: 0 (fixed region).
     pub(crate) root_cluster: u32,
@@ -68,6 +71,17 @@ pub(crate) struct Geo {
 }
 
 pub(crate) fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, SwapError> {
+    let g = geometry_any(dev, part)?;
+    if g.fat12 {
+        return Err(SwapError::Unsupported(
+            "FAT12 (a filesystem under 16 MiB cannot hold a live system)".into(),
+        ));
+    }
+    Ok(g)
+}
+
+/// The layout of a FAT12, FAT16 or FAT32 volume at `part`.
+pub(crate) fn geometry_any<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, SwapError> {
     let mut bpb = [0u8; 512];
     dev.seek(SeekFrom::Start(part))?;
     dev.read_exact(&mut bpb)?;
@@ -91,11 +105,7 @@ pub(crate) fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, Sw
     let first_data = reserved + fats * fat_sectors + root_sectors;
     let clusters = total.saturating_sub(first_data) / spc;
     // The FAT type follows from the cluster count alone (Microsoft's rule).
-    if clusters < 4085 {
-        return Err(SwapError::Unsupported(
-            "FAT12 (a filesystem under 16 MiB cannot hold a live system)".into(),
-        ));
-    }
+    let fat12 = clusters < 4085;
     let fat32 = clusters >= 65525;
     let root_start = part + (reserved + fats * fat_sectors) * bps;
     let fsinfo_sector = u64::from(u16_at(&bpb, 48));
@@ -107,6 +117,7 @@ pub(crate) fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, Sw
         fsinfo: (fat32 && fsinfo_sector != 0 && fsinfo_sector != 0xffff)
             .then(|| part + fsinfo_sector * bps),
         fat32,
+        fat12,
         data_offset: part + first_data * bps,
         root_cluster: if fat32 { u32_at(&bpb, 44) } else { 0 },
         root_region: (root_start, root_entries * 32),
