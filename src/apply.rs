@@ -171,7 +171,7 @@ impl IsoSource for DirectIsoSource {
     }
 }
 
-impl IsoSource for crate::source::stick_source::StickSource {
+impl IsoSource for crate::live_source::StickSource {
     fn open(&mut self, path: &str, _size: u64) -> Result<Box<dyn Read + '_>, ApplyError> {
         let reader = self.reader(path).map_err(|e| ApplyError::Source {
             path: path.to_string(),
@@ -186,11 +186,9 @@ pub fn open_source(live: &live::LiveImage) -> Result<Box<dyn IsoSource + Send>, 
     match live.source_kind {
         live::SourceKind::Iso => Ok(Box::new(DirectIsoSource::open(&live.path)?)),
         live::SourceKind::Stick => Ok(Box::new(
-            crate::source::stick_source::StickSource::open(&live.path).map_err(|e| {
-                ApplyError::Source {
-                    path: live.path.display().to_string(),
-                    reason: e.to_string(),
-                }
+            crate::live_source::StickSource::open(&live.path).map_err(|e| ApplyError::Source {
+                path: live.path.display().to_string(),
+                reason: e.to_string(),
             })?,
         )),
     }

@@ -10,6 +10,9 @@
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
 
 /// Granularity of the cached metadata's dirty tracking.
 const META_PAGE: usize = 4096;
@@ -17,6 +20,28 @@ const META_PAGE: usize = 4096;
 const WRITE_COALESCE: usize = 8 << 20;
 /// Sequential reads are served from a read-ahead buffer of this size.
 const READ_AHEAD: usize = 1 << 20;
+
+/// An I/O error and the file or device it happened on. Each module's error
+/// type converts it into its own `Io { path, source }` variant with `From`
+/// (keeping its own wording, and the `io::Error` as the next link of the
+/// chain, which `cli::error_kind` and `--json`'s `causes` read), so one helper
+/// serves every module instead of a private `io_err` in each.
+#[derive(Debug, Error)]
+#[error("{path}: {source}")]
+pub struct IoAt {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+/// For `map_err(io_at(path))?`: `?` then turns the [`IoAt`] into the caller's
+/// error type through its `From<IoAt>`.
+pub fn io_at(path: &Path) -> impl FnOnce(io::Error) -> IoAt + '_ {
+    move |source| IoAt {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// Reads until `buf` is full or the end of the input; returns the count (short only
 /// at the end). Unlike `read_exact`, a short tail is a result, not an error.
@@ -31,6 +56,21 @@ pub fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usiz
         }
     }
     Ok(got)
+}
+
+/// `Read + Seek` as one trait, for readers passed as trait objects.
+pub trait ReadSeek: Read + Seek {}
+
+impl<T: Read + Seek + ?Sized> ReadSeek for T {}
+
+/// Reads up to `len` bytes at `offset`: fewer only where the input ends, so a
+/// structure cut off by the end of a disk is seen as short, not as an error.
+pub fn read_at<R: Read + Seek + ?Sized>(r: &mut R, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    r.seek(SeekFrom::Start(offset))?;
+    let got = read_full(r, &mut buf)?;
+    buf.truncate(got);
+    Ok(buf)
 }
 
 /// Implemented by everything an overlay or origin can live in, so that data reaches the

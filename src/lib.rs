@@ -8,12 +8,14 @@
 pub mod apply;
 pub mod batch;
 pub mod boot;
+pub mod bytes;
 pub mod cli;
 pub mod commands;
 pub mod disk;
 pub mod error;
 pub mod io;
 pub mod layout;
+pub mod live_source;
 pub mod persist;
 pub mod plan;
 pub mod progress;

@@ -10,6 +10,7 @@ use std::process::Command;
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::bytes::{u16_at, u32_at, u64_at};
 use crate::tools::{MKSQUASHFS, Tool, ToolMissing, UNSQUASHFS, find_program};
 
 const SQUASHFS_MAGIC: u32 = 0x7371_7368; // "hsqs"
@@ -161,18 +162,6 @@ impl SquashInfo {
     pub fn tar2sqfs_args(&self) -> Vec<String> {
         tar2sqfs_args(self.compressor, self.block_size, &self.compressor_args)
     }
-}
-
-fn u16_at(b: &[u8], i: usize) -> u16 {
-    u16::from_le_bytes([b[i], b[i + 1]])
-}
-fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
-}
-fn u64_at(b: &[u8], i: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[i..i + 8]);
-    u64::from_le_bytes(w)
 }
 
 /// Reads the squashfs 4.0 superblock (and the compressor options block after it).

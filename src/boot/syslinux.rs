@@ -11,6 +11,7 @@ use std::process::Command;
 
 use thiserror::Error;
 
+use crate::io::{IoAt, io_at};
 use crate::tools::{MCOPY, SYSLINUX, ToolMissing, find_program};
 
 /// Menu modules the rendered syslinux.cfg uses (`UI menu.c32`), copied from the
@@ -46,6 +47,12 @@ impl crate::error::Classify for SyslinuxError {
     }
 }
 
+impl From<IoAt> for SyslinuxError {
+    fn from(IoAt { path, source }: IoAt) -> Self {
+        SyslinuxError::Io { path, source }
+    }
+}
+
 /// Where the host's SYSLINUX files are.
 #[derive(Debug, Clone)]
 pub struct SyslinuxFiles {
@@ -77,10 +84,7 @@ fn find_in(dirs: &[&str], name: &str) -> Result<PathBuf, SyslinuxError> {
 }
 
 fn boot_code(path: &Path) -> Result<[u8; 440], SyslinuxError> {
-    let bytes = fs::read(path).map_err(|source| SyslinuxError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = fs::read(path).map_err(io_at(path))?;
     // mbr.bin is 440 bytes; some builds pad to 512 — only the code area counts.
     if bytes.len() < 440 || bytes.len() > 512 {
         return Err(SyslinuxError::BadBootCode {
@@ -130,10 +134,7 @@ pub fn install(
         .arg(target)
         .env("MTOOLS_SKIP_CHECK", "1")
         .output()
-        .map_err(|source| SyslinuxError::Io {
-            path: files.installer.clone(),
-            source,
-        })?;
+        .map_err(io_at(&files.installer))?;
     if !output.status.success() {
         return Err(SyslinuxError::InstallFailed {
             status: output.status.to_string(),

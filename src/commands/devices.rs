@@ -4,11 +4,15 @@
 use std::fmt::Write as _;
 
 use crate::cli::devices::DevicesArgs;
-use crate::disk::devices::{self, BlockDevice, FsInfo, Host, LiveInfo};
+use crate::disk::devices::{
+    self, BlockDevice, DeviceError, FsInfo, Host, Listing, LiveInfo, OverlayInfo, OverlayProbe,
+};
+use crate::io::ReadSeek;
+use crate::persist::snapshot;
 use crate::size::human;
 
 pub fn run(args: &DevicesArgs, json: bool) -> anyhow::Result<()> {
-    let listing = devices::list(&Host::live(), args.all)?;
+    let listing = list(&Host::live(), args.all)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&listing)?);
         return Ok(());
@@ -163,5 +167,29 @@ fn render(out: &mut String, dev: &BlockDevice) {
     }
     for note in &dev.notes {
         let _ = writeln!(out, "    note: {note}");
+    }
+}
+
+/// What `livestick devices` lists: `disk::devices`'s listing with each
+/// dm-snapshot overlay described by `persist::snapshot`, which `disk/` may not
+/// import.
+pub fn list(host: &Host, all: bool) -> Result<Listing, DeviceError> {
+    devices::list_with(host, all, &DmSnapshotProbe)
+}
+
+/// Reads an overlay file that is not an ext4 image as a dm-snapshot store.
+struct DmSnapshotProbe;
+
+impl OverlayProbe for DmSnapshotProbe {
+    fn describe(&self, mut file: &mut dyn ReadSeek, size: u64, info: &mut OverlayInfo) {
+        match snapshot::status(&mut file, size, 8, None) {
+            Ok(report) => {
+                info.kind = Some("dm-snapshot");
+                info.state = Some(report.state.to_string());
+                info.percent_used = Some(report.percent_used);
+                info.dm_status = Some(report.dm_status);
+            }
+            Err(e) => info.problem = Some(e.to_string()),
+        }
     }
 }

@@ -1,11 +1,12 @@
 //! `livestick inspect ISO`
 
 use crate::cli::InspectArgs;
+use crate::live_source;
 use crate::size::human;
-use crate::source::live::{self, LiveImage, RootKind};
+use crate::source::live::{LiveImage, RootKind};
 
 pub fn run(args: &InspectArgs, json: bool) -> anyhow::Result<()> {
-    let image = live::inspect(&args.iso)?;
+    let image = live_source::inspect(&args.iso)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&image)?);
     } else {

@@ -533,7 +533,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         .targets
         .first()
         .ok_or_else(|| BadInput("give a target stick or image file".into()))?;
-    let live = live::inspect(&args.iso)?;
+    let live = crate::live_source::inspect(&args.iso)?;
     let opts = options_from(args, &live)?;
     let (plan, probe, syslinux_files) = make_plan(args, target, &opts, &live)?;
     if args.dry_run {
@@ -640,7 +640,7 @@ enum Outcome {
 /// and written on its own thread; one that fails is reported and dropped while
 /// the others finish.
 fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
-    let live = live::inspect(&args.iso)?;
+    let live = crate::live_source::inspect(&args.iso)?;
     let opts = options_from(args, &live)?;
     if let Some(n) = args.wait_for {
         return run_wait_for(args, &live, &opts, n, json, quiet);

@@ -38,12 +38,12 @@ use std::time::{Duration, Instant};
 use serde::{Serialize, Serializer};
 use thiserror::Error;
 
+use crate::bytes::{u16_at, u32_at};
 use crate::disk::ext4::Ext4Info;
 use crate::disk::fat;
-use crate::disk::partition::TableKind;
-use crate::io::PartitionWindow;
+use crate::disk::partition::{self, TableEntry, TableKind, has_boot_signature, is_boot_sector};
+use crate::io::{PartitionWindow, ReadSeek, read_at};
 use crate::layout;
-use crate::persist::snapshot;
 
 /// Mount points that make a disk "the running system": refused even with `--force`.
 pub const SYSTEM_MOUNT_POINTS: [&str; 5] = ["/", "/boot", "/boot/efi", "/efi", "/usr"];
@@ -771,238 +771,6 @@ impl DeviceFacts {
 // ---------------------------------------------------------------------------
 // Reading what a device holds: partition table, filesystems, LiveOS.
 
-/// One entry of an MBR or GPT partition table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct TableEntry {
-    /// 1-based, as the kernel numbers them (MBR logical partitions from 5).
-    pub number: u32,
-    /// Bytes from the start of the disk.
-    pub start: u64,
-    pub len: u64,
-    /// `0x0c` for MBR, the type GUID for GPT.
-    pub type_id: String,
-    pub type_name: Option<&'static str>,
-    /// GPT partition name.
-    pub name: Option<String>,
-    /// GPT unique partition GUID (PARTUUID).
-    pub part_uuid: Option<String>,
-    pub bootable: bool,
-}
-
-const MBR_EXTENDED: [u8; 3] = [0x05, 0x0f, 0x85];
-
-fn mbr_type_name(t: u8) -> Option<&'static str> {
-    Some(match t {
-        0x01 | 0x04 | 0x06 | 0x0e => "FAT16",
-        0x0b | 0x0c => "FAT32",
-        0x07 => "NTFS/exFAT",
-        0x05 | 0x0f | 0x85 => "extended",
-        0x17 | 0x00 => return None,
-        0x82 => "Linux swap",
-        0x83 => "Linux",
-        0x8e => "Linux LVM",
-        0xfd => "Linux RAID",
-        0xee => "GPT protective",
-        0xef => "EFI system",
-        _ => return None,
-    })
-}
-
-fn gpt_type_name(guid: &str) -> Option<&'static str> {
-    Some(match guid {
-        "c12a7328-f81f-11d2-ba4b-00a0c93ec93b" => "EFI system",
-        "ebd0a0a2-b9e5-4433-87c0-68b6b72699c7" => "Microsoft basic data",
-        "0fc63daf-8483-4772-8e79-3d69d8477de4" => "Linux filesystem",
-        "21686148-6449-6e6f-744e-656564454649" => "BIOS boot",
-        "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f" => "Linux swap",
-        "e6d6d379-f507-44c2-a23c-238f2a3df928" => "Linux LVM",
-        "a19d880f-05fc-4d3b-a006-743f0f84911e" => "Linux RAID",
-        "4f68bce3-e8cd-4db1-96e7-fbcaf984b709" => "Linux root (x86-64)",
-        "bc13c2ff-59e6-4262-a352-b275fd6f7172" => "Linux extended boot",
-        _ => return None,
-    })
-}
-
-fn le32(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 4)
-        .and_then(|s| s.try_into().ok())
-        .map(u32::from_le_bytes)
-        .unwrap_or(0) as u64
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .and_then(|s| s.try_into().ok())
-        .map(u64::from_le_bytes)
-        .unwrap_or(0)
-}
-
-fn read_at<R: Read + Seek>(r: &mut R, at: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    r.seek(SeekFrom::Start(at))?;
-    let mut filled = 0;
-    while filled < len {
-        match r.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    buf.truncate(filled);
-    Ok(buf)
-}
-
-/// Whether sector 0 is a filesystem boot sector (a "superfloppy" FAT or NTFS
-/// volume without a table) rather than an MBR: both end in 55 AA.
-fn is_boot_sector(s: &[u8]) -> bool {
-    let jump = matches!(s.first(), Some(0xeb) | Some(0xe9));
-    let bps = u16::from_le_bytes([s[11], s[12]]);
-    jump && matches!(bps, 512 | 1024 | 2048 | 4096)
-        && (s.get(54..57) == Some(b"FAT")
-            || s.get(82..85) == Some(b"FAT")
-            || s.get(3..7) == Some(b"NTFS"))
-}
-
-/// Reads the MBR (with logical partitions) or GPT of a whole disk.
-/// `Ok(None)`: no partition table. `sector` is the logical sector size, which
-/// places the GPT header (LBA 1) and scales every LBA.
-pub fn read_partition_table<R: Read + Seek>(
-    r: &mut R,
-    disk_size: u64,
-    sector: u64,
-) -> io::Result<Option<(TableKind, Vec<TableEntry>)>> {
-    let s0 = read_at(r, 0, 512)?;
-    if s0.len() < 512 || s0[510..512] != [0x55, 0xaa] || is_boot_sector(&s0) {
-        return Ok(None);
-    }
-    let primaries: Vec<&[u8]> = (0..4)
-        .map(|i| &s0[446 + 16 * i..446 + 16 * (i + 1)])
-        .collect();
-    // A real MBR's status bytes are 0x00 or 0x80; anything else is not a table.
-    if primaries.iter().any(|e| e[0] != 0 && e[0] != 0x80) {
-        return Ok(None);
-    }
-    if primaries.iter().any(|e| e[4] == 0xee)
-        && let Some(entries) = read_gpt(r, disk_size, sector)?
-    {
-        return Ok(Some((TableKind::Gpt, entries)));
-    }
-    let mut out = Vec::new();
-    for (i, e) in primaries.iter().enumerate() {
-        let (t, start, len) = (e[4], le32(e, 8) * sector, le32(e, 12) * sector);
-        if t == 0 || len == 0 {
-            continue;
-        }
-        out.push(TableEntry {
-            number: i as u32 + 1,
-            start,
-            len,
-            type_id: format!("{t:#04x}"),
-            type_name: mbr_type_name(t),
-            name: None,
-            part_uuid: None,
-            bootable: e[0] == 0x80,
-        });
-        if MBR_EXTENDED.contains(&t) {
-            read_logical(r, start, sector, &mut out)?;
-        }
-    }
-    if out.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some((TableKind::Mbr, out)))
-}
-
-/// Walks the chain of extended boot records; logical partitions are numbered from 5.
-fn read_logical<R: Read + Seek>(
-    r: &mut R,
-    ext_start: u64,
-    sector: u64,
-    out: &mut Vec<TableEntry>,
-) -> io::Result<()> {
-    let mut ebr = ext_start;
-    let mut number = 5;
-    // 128 links is far beyond any real chain and stops a loop in a damaged one.
-    for _ in 0..128 {
-        let s = read_at(r, ebr, 512)?;
-        if s.len() < 512 || s[510..512] != [0x55, 0xaa] {
-            break;
-        }
-        let (e1, e2) = (&s[446..462], &s[462..478]);
-        if e1[4] != 0 && le32(e1, 12) != 0 {
-            out.push(TableEntry {
-                number,
-                start: ebr + le32(e1, 8) * sector,
-                len: le32(e1, 12) * sector,
-                type_id: format!("{:#04x}", e1[4]),
-                type_name: mbr_type_name(e1[4]),
-                name: None,
-                part_uuid: None,
-                bootable: e1[0] == 0x80,
-            });
-            number += 1;
-        }
-        if e2[4] == 0 || le32(e2, 8) == 0 {
-            break;
-        }
-        ebr = ext_start + le32(e2, 8) * sector;
-    }
-    Ok(())
-}
-
-fn read_gpt<R: Read + Seek>(
-    r: &mut R,
-    disk_size: u64,
-    sector: u64,
-) -> io::Result<Option<Vec<TableEntry>>> {
-    let h = read_at(r, sector, 92)?;
-    if h.len() < 92 || &h[0..8] != b"EFI PART" {
-        return Ok(None);
-    }
-    let entries_lba = le64(&h, 72);
-    let count = le32(&h, 80).min(1024);
-    let size = le32(&h, 84);
-    if !(128..=4096).contains(&size) || entries_lba.saturating_mul(sector) >= disk_size {
-        return Ok(None);
-    }
-    let raw = read_at(r, entries_lba * sector, (count * size) as usize)?;
-    let mut out = Vec::new();
-    for (i, e) in raw.chunks_exact(size as usize).enumerate() {
-        let type_guid = guid_le(&e[0..16]);
-        if e[0..16].iter().all(|&b| b == 0) {
-            continue;
-        }
-        let first = le64(e, 32);
-        let last = le64(e, 40);
-        let name_units: Vec<u16> = e[56..128]
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .take_while(|&u| u != 0)
-            .collect();
-        let name = String::from_utf16_lossy(&name_units);
-        out.push(TableEntry {
-            number: i as u32 + 1,
-            start: first.saturating_mul(sector),
-            len: last
-                .saturating_sub(first)
-                .saturating_add(1)
-                .saturating_mul(sector),
-            type_name: gpt_type_name(&type_guid),
-            type_id: type_guid,
-            name: (!name.is_empty()).then_some(name),
-            part_uuid: Some(guid_le(&e[16..32])),
-            bootable: le64(e, 48) & (1 << 2) != 0,
-        });
-    }
-    Ok(Some(out))
-}
-
-/// A GPT GUID: the first three fields are little-endian on disk.
-fn guid_le(b: &[u8]) -> String {
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&b[..16]);
-    uuid::Uuid::from_bytes_le(bytes).hyphenated().to_string()
-}
-
 /// A filesystem found by its superblock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FsInfo {
@@ -1037,8 +805,8 @@ pub fn peek_filesystem<R: Read + Seek>(r: &mut R, offset: u64, len: u64) -> Opti
     }
     if b.len() >= 2048 && crate::disk::ext4::image_has_magic(&b) {
         let sb = &b[1024..2048];
-        let compat = le32(sb, 0x5c);
-        let incompat = le32(sb, 0x60);
+        let compat = u32_at(sb, 0x5c);
+        let incompat = u32_at(sb, 0x60);
         // extents, 64bit or flex_bg mean ext4; a journal alone means ext3.
         let t = if incompat & (0x40 | 0x80 | 0x200) != 0 {
             "ext4"
@@ -1065,15 +833,15 @@ pub fn peek_filesystem<R: Read + Seek>(r: &mut R, offset: u64, len: u64) -> Opti
     if b.len() >= 32768 + 72 && &b[32769..32774] == b"CD001" {
         return fs("iso9660", text_field(&b[32768 + 40..32768 + 72]), None);
     }
-    if b.len() >= 512 && b[510..512] == [0x55, 0xaa] && is_boot_sector(&b[..512]) {
+    if has_boot_signature(&b) && is_boot_sector(&b[..512]) {
         if b.get(3..7) == Some(b"NTFS") {
             return fs("ntfs", None, None);
         }
         // FAT32 has no 16-bit FAT size; its extended boot record sits further on.
-        let fat32 = u16::from_le_bytes([b[22], b[23]]) == 0;
+        let fat32 = u16_at(&b, 22) == 0;
         let (id_at, label_at) = if fat32 { (67, 71) } else { (39, 43) };
         let label = text_field(&b[label_at..label_at + 11]).filter(|l| l != "NO NAME");
-        let id = le32(&b, id_at) as u32;
+        let id = u32_at(&b, id_at);
         return fs("vfat", label, Some(fat::format_volume_id(id)));
     }
     None
@@ -1094,6 +862,23 @@ pub struct OverlayInfo {
     pub dm_status: Option<String>,
     /// Why the overlay could not be read, when it could not (never fails the listing).
     pub problem: Option<String>,
+}
+
+/// Describes the overlay formats `disk/` does not own. The listing reads
+/// what it can itself (an ext4 image, the OverlayFS kind); for any other
+/// overlay file it asks this, so that a layer above `disk/` that knows the
+/// dm-snapshot store (`persist::snapshot`) can fill in `kind`, `state`,
+/// `percent_used` and `dm_status`, or `problem`, without `disk/` importing it.
+pub trait OverlayProbe {
+    /// `file` is at offset 0 and holds `size` bytes.
+    fn describe(&self, file: &mut dyn ReadSeek, size: u64, info: &mut OverlayInfo);
+}
+
+/// Leaves every overlay that is not an ext4 image undescribed (`kind: None`).
+pub struct NoOverlayProbe;
+
+impl OverlayProbe for NoOverlayProbe {
+    fn describe(&self, _: &mut dyn ReadSeek, _: u64, _: &mut OverlayInfo) {}
 }
 
 /// A LiveOS found on a FAT partition.
@@ -1138,13 +923,15 @@ impl<R> Write for ReadOnly<R> {
     }
 }
 
-/// Looks for a LiveOS in the FAT filesystem at `[start, start + len)`.
+/// Looks for a LiveOS in the FAT filesystem at `[start, start + len)`,
+/// describing its overlays with `probe`.
 /// `Ok(None)`: a FAT filesystem without a live directory.
 pub fn live_info<R: Read + Seek>(
     r: R,
     partition: u32,
     start: u64,
     len: u64,
+    probe: &dyn OverlayProbe,
 ) -> Result<Option<LiveInfo>, String> {
     let mut ro = ReadOnly(r);
     let mut window = PartitionWindow::new(&mut ro, start, len);
@@ -1181,7 +968,7 @@ pub fn live_info<R: Read + Seek>(
                 .next()
                 .is_some_and(|n| n.to_ascii_lowercase().starts_with("overlay-"))
     }) {
-        overlays.push(overlay_info(&fs, &e.path, e.size));
+        overlays.push(overlay_info(&fs, &e.path, e.size, probe));
     }
     Ok(Some(LiveInfo {
         partition,
@@ -1198,6 +985,7 @@ fn overlay_info<F: Read + Write + Seek>(
     fs: &fat::FatFs<'_, F>,
     path: &str,
     size: u64,
+    probe: &dyn OverlayProbe,
 ) -> OverlayInfo {
     let mut info = OverlayInfo {
         file: path.to_string(),
@@ -1229,15 +1017,7 @@ fn overlay_info<F: Read + Write + Seek>(
         info.problem = Some(e.to_string());
         return info;
     }
-    match snapshot::status(&mut file, size, 8, None) {
-        Ok(report) => {
-            info.kind = Some("dm-snapshot");
-            info.state = Some(report.state.to_string());
-            info.percent_used = Some(report.percent_used);
-            info.dm_status = Some(report.dm_status);
-        }
-        Err(e) => info.problem = Some(e.to_string()),
-    }
+    probe.describe(&mut file, size, &mut info);
     info
 }
 
@@ -1289,7 +1069,14 @@ pub struct Listing {
 /// Lists whole block devices: removable ones, or all with `all` (fixed disks
 /// marked, loop devices that have a backing file, dm/md). Reads each device's
 /// partition table and filesystems itself; fails only if sysfs is unreadable.
+/// Overlays other than ext4 images are left undescribed: `livestick devices`
+/// lists through [`list_with`] and a probe that knows the dm-snapshot store.
 pub fn list(host: &Host, all: bool) -> Result<Listing, DeviceError> {
+    list_with(host, all, &NoOverlayProbe)
+}
+
+/// [`list`], describing overlays with `probe`.
+pub fn list_with(host: &Host, all: bool, probe: &dyn OverlayProbe) -> Result<Listing, DeviceError> {
     let mut notes = Vec::new();
     if !host.has_udev_db() {
         notes.push(NO_UDEV_NOTE.to_string());
@@ -1337,7 +1124,7 @@ pub fn list(host: &Host, all: bool) -> Result<Listing, DeviceError> {
         if dev.facts.size == 0 {
             dev.notes.push("no medium".into());
         } else if host.live {
-            read_contents(host, &node, &mut dev);
+            read_contents(host, &node, &mut dev, probe);
         }
         devices.push(dev);
     }
@@ -1348,7 +1135,7 @@ pub fn list(host: &Host, all: bool) -> Result<Listing, DeviceError> {
     })
 }
 
-fn read_contents(host: &Host, node: &Node, dev: &mut BlockDevice) {
+fn read_contents(host: &Host, node: &Node, dev: &mut BlockDevice, probe: &dyn OverlayProbe) {
     let path = dev.facts.path.clone();
     // Open only the node that really is this device (a stale /dev could differ).
     let matches = fs::metadata(&path)
@@ -1383,7 +1170,7 @@ fn read_contents(host: &Host, node: &Node, dev: &mut BlockDevice) {
     let size = dev.facts.size;
     let sector = u64::from(dev.facts.logical_sector_size.max(512));
     let mut r = &file;
-    match read_partition_table(&mut r, size, sector) {
+    match partition::read_table(&mut r, size, sector) {
         Ok(Some((kind, entries))) => {
             dev.table = Some(kind);
             let known = host.partitions(node);
@@ -1391,16 +1178,13 @@ fn read_contents(host: &Host, node: &Node, dev: &mut BlockDevice) {
                 let knode = known
                     .iter()
                     .find(|k| partition_number(k) == Some(entry.number));
-                let filesystem = if MBR_EXTENDED
-                    .iter()
-                    .any(|t| entry.type_id == format!("{t:#04x}"))
-                {
+                let filesystem = if entry.is_extended() {
                     None
                 } else {
                     peek_filesystem(&mut r, entry.start, entry.len)
                 };
                 if dev.live.is_none() && filesystem.as_ref().is_some_and(|f| f.fs_type == "vfat") {
-                    match live_info(&file, entry.number, entry.start, entry.len) {
+                    match live_info(&file, entry.number, entry.start, entry.len, probe) {
                         Ok(live) => dev.live = live,
                         Err(e) => dev.notes.push(format!("partition {}: {e}", entry.number)),
                     }
@@ -1423,7 +1207,7 @@ fn read_contents(host: &Host, node: &Node, dev: &mut BlockDevice) {
         Ok(None) => {
             dev.filesystem = peek_filesystem(&mut r, 0, size);
             if dev.filesystem.as_ref().is_some_and(|f| f.fs_type == "vfat") {
-                match live_info(&file, 0, 0, size) {
+                match live_info(&file, 0, 0, size, probe) {
                     Ok(live) => dev.live = live,
                     Err(e) => dev.notes.push(e),
                 }
@@ -1834,14 +1618,16 @@ mod tests {
 
     #[test]
     fn tables_and_filesystems_are_read_from_a_plain_file() {
-        use crate::disk::partition::{self, layout_single};
+        use crate::disk::partition::layout_single;
         let size = 80u64 << 20;
         for kind in [TableKind::Mbr, TableKind::Gpt] {
             let mut disk = tempfile::tempfile().unwrap();
             disk.set_len(size).unwrap();
             let layout = layout_single(size, kind).unwrap();
             partition::write_table(&mut disk, &layout, None, 0x1234_5678).unwrap();
-            let (found, entries) = read_partition_table(&mut disk, size, 512).unwrap().unwrap();
+            let (found, entries) = partition::read_table(&mut disk, size, 512)
+                .unwrap()
+                .unwrap();
             assert_eq!(found, kind);
             assert_eq!(entries.len(), 1);
             assert_eq!(
@@ -1858,7 +1644,7 @@ mod tests {
             assert_eq!(fsinfo.uuid.as_deref(), Some("1234-ABCD"));
             // FAT without a LiveOS directory.
             assert!(
-                live_info(&disk, 1, layout.start, layout.len)
+                live_info(&disk, 1, layout.start, layout.len, &NoOverlayProbe)
                     .unwrap()
                     .is_none()
             );
@@ -1866,7 +1652,7 @@ mod tests {
         let mut blank = tempfile::tempfile().unwrap();
         blank.set_len(size).unwrap();
         assert!(
-            read_partition_table(&mut blank, size, 512)
+            partition::read_table(&mut blank, size, 512)
                 .unwrap()
                 .is_none()
         );

@@ -5,6 +5,8 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use thiserror::Error;
 
+use crate::bytes::{read_u32, u16_at, u32_at};
+use crate::disk::fat_raw;
 use crate::io::PartitionWindow;
 
 /// FAT32 cannot hold a file of 4 GiB or more.
@@ -116,7 +118,7 @@ pub fn format<F: Read + Write + Seek>(
     let mut sector = [0u8; 512];
     window.seek(SeekFrom::Start(0))?;
     window.read_exact(&mut sector)?;
-    let backup = u16::from_le_bytes([sector[0x32], sector[0x33]]) as u64;
+    let backup = u16_at(&sector, 0x32) as u64;
     for at in [0, backup * 512] {
         window.seek(SeekFrom::Start(at + 0x1c))?;
         window.write_all(&hidden_sectors.to_le_bytes())?;
@@ -168,11 +170,11 @@ pub fn metadata_len<F: Read + Write + Seek>(window: &mut PartitionWindow<F>) -> 
     let mut bpb = [0u8; 512];
     window.seek(SeekFrom::Start(0))?;
     window.read_exact(&mut bpb)?;
-    let bytes_per_sector = u16::from_le_bytes([bpb[11], bpb[12]]) as u64;
-    let reserved = u16::from_le_bytes([bpb[14], bpb[15]]) as u64;
+    let bytes_per_sector = u16_at(&bpb, 11) as u64;
+    let reserved = u16_at(&bpb, 14) as u64;
     let fats = bpb[16] as u64;
-    let fat16_size = u16::from_le_bytes([bpb[22], bpb[23]]) as u64;
-    let fat32_size = u32::from_le_bytes([bpb[36], bpb[37], bpb[38], bpb[39]]) as u64;
+    let fat16_size = u16_at(&bpb, 22) as u64;
+    let fat32_size = u32_at(&bpb, 36) as u64;
     let fat_size = if fat16_size != 0 {
         fat16_size
     } else {
@@ -193,8 +195,198 @@ pub fn open<F: Read + Write + Seek>(
         )));
     }
     window.cache_prefix(meta)?;
+    check_chains(window)?;
     window.seek(SeekFrom::Start(0))?;
     fatfs::FileSystem::new(window, fatfs::FsOptions::new()).map_err(FatError::NotFat)
+}
+
+/// Refuses a volume whose cluster chains `fatfs` could not follow safely, before
+/// it follows any: fatfs 0.3.6 walks chains unchecked, so a directory whose
+/// chain loops lists forever, a file's loop reads the same clusters over again,
+/// and a chain that leaves the data area reads whatever lies there. Every
+/// directory's chain is followed to its end and every file's as far as its size
+/// needs; each cluster must lie in the data area and be reached only once (a
+/// second visit is a loop, or two entries sharing clusters). A chain longer than
+/// its file's size is accepted: fatfs never reads past the size, and an
+/// interrupted grow (`fat_alloc::grow` writes the size last) leaves exactly that.
+fn check_chains<D: Read + Seek>(dev: &mut D) -> Result<(), FatError> {
+    let g = match fat_raw::geometry_any(dev, 0) {
+        Ok(g) => g,
+        Err(fat_raw::SwapError::Io(e)) => return Err(FatError::Io(e)),
+        // Not a layout fat_raw understands: fatfs decides, and refuses it.
+        Err(_) => return Ok(()),
+    };
+    let mut chains = Chains::read(dev, g)?;
+    let root = if g.fat32 { Some(g.root_cluster) } else { None };
+    let mut pending = vec![(String::new(), root)];
+    while let Some((path, first)) = pending.pop() {
+        let runs = match first {
+            None => vec![g.root_region],
+            Some(first) => chains
+                .follow(&path_or_root(&path), first, None)?
+                .into_iter()
+                .map(|c| {
+                    (
+                        g.data_offset + u64::from(c - 2) * g.cluster_bytes,
+                        g.cluster_bytes,
+                    )
+                })
+                .collect(),
+        };
+        'entries: for (at, len) in runs {
+            let mut bytes = vec![0u8; len as usize];
+            dev.seek(SeekFrom::Start(at))?;
+            dev.read_exact(&mut bytes)?;
+            for e in bytes.chunks_exact(32) {
+                if e[0] == 0 {
+                    break 'entries;
+                }
+                // Deleted, and `.` / `..` (which point back up the tree).
+                if e[0] == 0xe5 || e[..11] == *b".          " || e[..11] == *b"..         " {
+                    continue;
+                }
+                // Long-name pieces and the volume label have no chain.
+                if e[11] & 0x08 != 0 {
+                    continue;
+                }
+                let hi = if g.fat32 { u32::from(u16_at(e, 20)) } else { 0 };
+                let first = hi << 16 | u32::from(u16_at(e, 26));
+                let child = format!("{path}/{}", short_name(e));
+                if e[11] & 0x10 != 0 {
+                    pending.push((child, Some(first)));
+                } else {
+                    let needed = u64::from(u32_at(e, 28)).div_ceil(g.cluster_bytes);
+                    if needed > 0 {
+                        chains.follow(&child, first, Some(needed))?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn path_or_root(path: &str) -> String {
+    if path.is_empty() {
+        "/".into()
+    } else {
+        path.into()
+    }
+}
+
+/// `NAME.EXT` from a short directory entry, for messages.
+fn short_name(e: &[u8]) -> String {
+    let base = String::from_utf8_lossy(&e[0..8]).trim_end().to_string();
+    let ext = String::from_utf8_lossy(&e[8..11]).trim_end().to_string();
+    if ext.is_empty() {
+        base
+    } else {
+        format!("{base}.{ext}")
+    }
+}
+
+/// The first FAT copy (the one fatfs reads) and the clusters already reached.
+struct Chains {
+    g: fat_raw::Geo,
+    fat: Vec<u8>,
+    /// One past the highest cluster that both the boot sector and the FAT's size allow.
+    limit: u32,
+    seen: Vec<u64>,
+}
+
+impl Chains {
+    fn read<D: Read + Seek>(dev: &mut D, g: fat_raw::Geo) -> io::Result<Chains> {
+        // FAT12 packs two entries in three bytes.
+        let entries_in_fat = if g.fat12 {
+            g.fat_bytes * 2 / 3
+        } else if g.fat32 {
+            g.fat_bytes / 4
+        } else {
+            g.fat_bytes / 2
+        };
+        let limit = g
+            .max_cluster
+            .min(u32::try_from(entries_in_fat).unwrap_or(u32::MAX));
+        let mut fat = vec![0u8; g.fat_bytes as usize];
+        dev.seek(SeekFrom::Start(g.fat_offset))?;
+        dev.read_exact(&mut fat)?;
+        Ok(Chains {
+            g,
+            fat,
+            limit,
+            seen: vec![0; (limit as usize).div_ceil(64)],
+        })
+    }
+
+    fn next(&self, c: u32) -> u32 {
+        let c = c as usize;
+        if self.g.fat32 {
+            u32_at(&self.fat, c * 4) & 0x0fff_ffff
+        } else if self.g.fat12 {
+            let pair = u32::from(u16_at(&self.fat, c + c / 2));
+            if c % 2 == 1 { pair >> 4 } else { pair & 0xfff }
+        } else {
+            u32::from(u16_at(&self.fat, c * 2))
+        }
+    }
+
+    fn is_end(&self, value: u32) -> bool {
+        let first_end = if self.g.fat32 {
+            0x0fff_fff8
+        } else if self.g.fat12 {
+            0xff8
+        } else {
+            0xfff8
+        };
+        value >= first_end
+    }
+
+    /// Whether `c` is reached for the first time (and marks it).
+    fn first_visit(&mut self, c: u32) -> bool {
+        let (word, bit) = (c as usize / 64, 1u64 << (c % 64));
+        let fresh = self.seen[word] & bit == 0;
+        self.seen[word] |= bit;
+        fresh
+    }
+
+    /// The chain from `first`: to its end, or its first `needed` clusters.
+    fn follow(
+        &mut self,
+        path: &str,
+        first: u32,
+        needed: Option<u64>,
+    ) -> Result<Vec<u32>, FatError> {
+        let mut chain = Vec::new();
+        let mut c = first;
+        while needed != Some(chain.len() as u64) {
+            if !(2..self.limit).contains(&c) {
+                return Err(FatError::Damaged(format!(
+                    "{path}: its cluster chain reaches cluster {c}, outside the data area"
+                )));
+            }
+            if !self.first_visit(c) {
+                return Err(FatError::Damaged(format!(
+                    "{path}: its cluster chain reaches cluster {c} a second time \
+                     (a loop, or clusters shared with another entry)"
+                )));
+            }
+            chain.push(c);
+            let next = self.next(c);
+            if self.is_end(next) {
+                if let Some(needed) = needed
+                    && (chain.len() as u64) < needed
+                {
+                    return Err(FatError::Damaged(format!(
+                        "{path}: its cluster chain ends after {} clusters, its size needs {needed}",
+                        chain.len()
+                    )));
+                }
+                break;
+            }
+            c = next;
+        }
+        Ok(chain)
+    }
 }
 
 fn components(path: &str) -> Vec<&str> {
@@ -466,12 +658,12 @@ fn geometry<F: Read + Write + Seek>(window: &mut PartitionWindow<F>) -> io::Resu
     let mut bpb = [0u8; 512];
     window.seek(SeekFrom::Start(0))?;
     window.read_exact(&mut bpb)?;
-    let bytes_per_sector = u16::from_le_bytes([bpb[11], bpb[12]]) as u64;
+    let bytes_per_sector = u16_at(&bpb, 11) as u64;
     let sectors_per_cluster = bpb[13] as u64;
-    let reserved = u16::from_le_bytes([bpb[14], bpb[15]]) as u64;
+    let reserved = u16_at(&bpb, 14) as u64;
     let fats = bpb[16] as u64;
-    let fat_sectors = u32::from_le_bytes([bpb[36], bpb[37], bpb[38], bpb[39]]) as u64;
-    let total = u32::from_le_bytes([bpb[32], bpb[33], bpb[34], bpb[35]]) as u64;
+    let fat_sectors = u32_at(&bpb, 36) as u64;
+    let total = u32_at(&bpb, 32) as u64;
     if bytes_per_sector == 0 || sectors_per_cluster == 0 || fat_sectors == 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -488,8 +680,8 @@ fn geometry<F: Read + Write + Seek>(window: &mut PartitionWindow<F>) -> io::Resu
         fat_bytes: fat_sectors * bytes_per_sector,
         fats,
         data_offset,
-        root_cluster: u32::from_le_bytes([bpb[44], bpb[45], bpb[46], bpb[47]]),
-        fsinfo_sector: u16::from_le_bytes([bpb[48], bpb[49]]) as u64,
+        root_cluster: u32_at(&bpb, 44),
+        fsinfo_sector: u16_at(&bpb, 48) as u64,
         clusters,
     })
 }
@@ -499,10 +691,8 @@ fn read_fat_entry<F: Read + Write + Seek>(
     g: &Fat32Geometry,
     cluster: u32,
 ) -> io::Result<u32> {
-    let mut entry = [0u8; 4];
     window.seek(SeekFrom::Start(g.fat_offset + cluster as u64 * 4))?;
-    window.read_exact(&mut entry)?;
-    Ok(u32::from_le_bytes(entry) & 0x0fff_ffff)
+    Ok(read_u32(window)? & 0x0fff_ffff)
 }
 
 /// Corrects what `fatfs` 0.3.6 gets wrong, so `fsck.fat` finds the volume clean:
@@ -569,8 +759,8 @@ pub fn repair_fatfs_quirks<F: Read + Write + Seek>(
                 if entry[0] == 0xe5 || attr == 0x0f || attr & 0x10 == 0 || entry[0] == b'.' {
                     continue;
                 }
-                let hi = u16::from_le_bytes([entry[20], entry[21]]) as u32;
-                let lo = u16::from_le_bytes([entry[26], entry[27]]) as u32;
+                let hi = u32::from(u16_at(entry, 20));
+                let lo = u32::from(u16_at(entry, 26));
                 let child = hi << 16 | lo;
                 if (2..max_cluster).contains(&child) {
                     pending.push((child, false, is_root));
@@ -586,7 +776,7 @@ pub fn repair_fatfs_quirks<F: Read + Write + Seek>(
     window.seek(SeekFrom::Start(g.fat_offset))?;
     window.read_exact(&mut fat)?;
     for (i, e) in fat.chunks_exact(4).enumerate().skip(2) {
-        if u32::from_le_bytes([e[0], e[1], e[2], e[3]]) & 0x0fff_ffff == 0 {
+        if u32_at(e, 0) & 0x0fff_ffff == 0 {
             free += 1;
             if first_free == 0xffff_ffff {
                 first_free = i as u32;
@@ -645,7 +835,7 @@ pub fn set_label<F: Read + Write + Seek>(
     let mut sector = [0u8; 512];
     window.seek(SeekFrom::Start(0))?;
     window.read_exact(&mut sector)?;
-    let backup = u16::from_le_bytes([sector[0x32], sector[0x33]]) as u64;
+    let backup = u16_at(&sector, 0x32) as u64;
     for at in [0, backup * 512] {
         if at == 0 || (backup != 0 && backup != 0xffff) {
             window.seek(SeekFrom::Start(at + 0x47))?;
@@ -686,7 +876,7 @@ pub fn sync_backup_boot_sector<F: Read + Write + Seek>(
     let mut sector = [0u8; 512];
     window.seek(SeekFrom::Start(0))?;
     window.read_exact(&mut sector)?;
-    let backup = u16::from_le_bytes([sector[0x32], sector[0x33]]) as u64;
+    let backup = u16_at(&sector, 0x32) as u64;
     if backup != 0 && backup != 0xffff {
         window.seek(SeekFrom::Start(backup * 512))?;
         window.write_all(&sector)?;
@@ -762,9 +952,103 @@ mod tests {
         let mut sector = [0u8; 512];
         disk.seek(SeekFrom::Start((1 << 20) + 0x1c)).unwrap();
         disk.read_exact(&mut sector[..4]).unwrap();
-        assert_eq!(
-            u32::from_le_bytes([sector[0], sector[1], sector[2], sector[3]]),
-            2048
+        assert_eq!(u32_at(&sector, 0), 2048);
+    }
+
+    /// A 64 MiB FAT32 volume (512-byte clusters) in memory holding `files`.
+    fn volume_with(files: &[(&str, usize)]) -> std::io::Cursor<Vec<u8>> {
+        let mut disk = std::io::Cursor::new(vec![0u8; 64 << 20]);
+        let mut w = PartitionWindow::new(&mut disk, 0, 64 << 20);
+        format(&mut w, "LIVE", 1, 0).unwrap();
+        let fs = open(&mut w).unwrap();
+        for (path, len) in files {
+            let data = vec![7u8; *len];
+            write_file(&fs, path, &mut &data[..], *len as u64, |_| {}).unwrap();
+        }
+        fs.unmount().unwrap();
+        w.flush().unwrap();
+        drop(w);
+        disk
+    }
+
+    /// Points `cluster`'s FAT entry at `next`, in every FAT copy.
+    fn set_next(disk: &mut std::io::Cursor<Vec<u8>>, cluster: u32, next: u32) {
+        let g = fat_raw::geometry(disk, 0).unwrap();
+        for copy in 0..g.fats {
+            let at = (g.fat_offset + copy * g.fat_bytes + u64::from(cluster) * 4) as usize;
+            disk.get_mut()[at..at + 4].copy_from_slice(&next.to_le_bytes());
+        }
+    }
+
+    fn damage(disk: &mut std::io::Cursor<Vec<u8>>) -> String {
+        let mut w = PartitionWindow::new(disk, 0, 64 << 20);
+        match open(&mut w) {
+            Err(FatError::Damaged(why)) => why,
+            other => panic!("opened: {:?}", other.map(|_| ())),
+        }
+    }
+
+    const IMG: &str = "/LiveOS/squashfs.img";
+
+    #[test]
+    fn a_file_whose_chain_loops_is_refused_before_fatfs_reads_it() {
+        let mut disk = volume_with(&[(IMG, 4 * 512)]);
+        let first = fat_raw::find_entry(&mut disk, 0, IMG)
+            .unwrap()
+            .first_cluster;
+        set_next(&mut disk, first + 2, first);
+        let why = damage(&mut disk);
+        assert!(why.contains("SQUASHFS.IMG"), "{why}");
+        assert!(why.contains("a second time"), "{why}");
+        let text = FatError::Damaged(why).to_string();
+        assert!(text.contains("damaged"), "{text}");
+    }
+
+    #[test]
+    fn a_chain_shorter_than_its_file_or_outside_the_volume_is_refused() {
+        let mut disk = volume_with(&[(IMG, 4 * 512)]);
+        let first = fat_raw::find_entry(&mut disk, 0, IMG)
+            .unwrap()
+            .first_cluster;
+        set_next(&mut disk, first + 1, 0x0fff_ffff);
+        let why = damage(&mut disk);
+        assert!(
+            why.contains("ends after 2 clusters, its size needs 4"),
+            "{why}"
         );
+        set_next(&mut disk, first + 1, 0x0fff_fff0);
+        let why = damage(&mut disk);
+        assert!(why.contains("outside the data area"), "{why}");
+    }
+
+    #[test]
+    fn files_sharing_clusters_and_a_looping_directory_are_refused() {
+        let mut disk = volume_with(&[(IMG, 2 * 512), ("/LiveOS/home.img", 2 * 512)]);
+        let img = fat_raw::find_entry(&mut disk, 0, IMG)
+            .unwrap()
+            .first_cluster;
+        let home = fat_raw::find_entry(&mut disk, 0, "/LiveOS/home.img")
+            .unwrap()
+            .first_cluster;
+        set_next(&mut disk, home, img);
+        assert!(damage(&mut disk).contains("a second time"));
+
+        let mut disk = volume_with(&[]);
+        let root = fat_raw::geometry(&mut disk, 0).unwrap().root_cluster;
+        set_next(&mut disk, root, root);
+        let why = damage(&mut disk);
+        assert!(why.starts_with("/: "), "{why}");
+    }
+
+    #[test]
+    fn a_chain_longer_than_its_file_is_read_up_to_the_size() {
+        // What an interrupted grow leaves: the new clusters chained, the size not yet written.
+        let mut disk = volume_with(&[(IMG, 4 * 512)]);
+        let entry = fat_raw::find_entry(&mut disk, 0, IMG).unwrap();
+        let at = entry.offset as usize + 28;
+        disk.get_mut()[at..at + 4].copy_from_slice(&1000u32.to_le_bytes());
+        let mut w = PartitionWindow::new(&mut disk, 0, 64 << 20);
+        let fs = open(&mut w).unwrap();
+        assert_eq!(read_file(&fs, IMG).unwrap(), vec![7u8; 1000]);
     }
 }

@@ -16,6 +16,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use thiserror::Error;
 
+use crate::bytes::{put_u16, put_u32, u16_at, u32_at};
 use crate::disk::fat_raw::{self, Geo, SwapError};
 
 #[derive(Debug, Error)]
@@ -90,12 +91,12 @@ pub fn allocate<D: Read + Write + Seek>(
     // The entry last: until now nothing points at the new chain.
     let first = clusters.first().copied().unwrap_or(0);
     let mut fields = [0u8; 12];
-    fields[0..2].copy_from_slice(&((first >> 16) as u16).to_le_bytes());
+    put_u16(&mut fields, 0, (first >> 16) as u16);
     // Bytes 22..26 of the entry (time and date) stay as fatfs wrote them.
     dev.seek(SeekFrom::Start(entry.offset + 20))?;
     dev.write_all(&fields[0..2])?;
-    fields[6..8].copy_from_slice(&(first as u16).to_le_bytes());
-    fields[8..12].copy_from_slice(&(size as u32).to_le_bytes());
+    put_u16(&mut fields, 6, first as u16);
+    put_u32(&mut fields, 8, size as u32);
     dev.seek(SeekFrom::Start(entry.offset + 26))?;
     dev.write_all(&fields[6..12])?;
     dev.flush()?;
@@ -237,9 +238,9 @@ fn cluster_limit(g: &Geo) -> u32 {
 
 fn entry_value(g: &Geo, bytes: &[u8]) -> u32 {
     if g.fat32 {
-        u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) & FAT32_EOC
+        u32_at(bytes, 0) & FAT32_EOC
     } else {
-        u32::from(u16::from_le_bytes([bytes[0], bytes[1]]))
+        u32::from(u16_at(bytes, 0))
     }
 }
 
@@ -337,10 +338,10 @@ fn write_chain<D: Read + Write + Seek>(dev: &mut D, g: &Geo, clusters: &[u32]) -
                 None => FAT16_EOC,
             };
             if g.fat32 {
-                let reserved = u32::from_le_bytes([e[0], e[1], e[2], e[3]]) & !FAT32_EOC;
-                e.copy_from_slice(&(reserved | next).to_le_bytes());
+                let reserved = u32_at(e, 0) & !FAT32_EOC;
+                put_u32(e, 0, reserved | next);
             } else {
-                e.copy_from_slice(&(next as u16).to_le_bytes());
+                put_u16(e, 0, next as u16);
             }
         }
         for copy in 0..g.fats {
@@ -365,15 +366,15 @@ fn update_fsinfo<D: Read + Write + Seek>(dev: &mut D, g: &Geo, clusters: &[u32])
     if &sector[0..4] != b"RRaA" || &sector[484..488] != b"rrAa" {
         return Ok(());
     }
-    let free = u32::from_le_bytes([sector[488], sector[489], sector[490], sector[491]]);
+    let free = u32_at(&sector, 488);
     // 0xffffffff means "unknown"; it stays unknown rather than becoming a wrong number.
     let free = if free == u32::MAX {
         free
     } else {
         free.saturating_sub(clusters.len() as u32)
     };
-    sector[488..492].copy_from_slice(&free.to_le_bytes());
-    sector[492..496].copy_from_slice(&(last + 1).to_le_bytes());
+    put_u32(&mut sector, 488, free);
+    put_u32(&mut sector, 492, last + 1);
     dev.seek(SeekFrom::Start(at + 488))?;
     dev.write_all(&sector[488..496])?;
     Ok(())

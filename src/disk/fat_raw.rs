@@ -16,6 +16,8 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use thiserror::Error;
 
+use crate::bytes::{read_u32, u16_at, u32_at};
+
 const SECTOR: u64 = 512;
 
 #[derive(Debug, Error)]
@@ -61,6 +63,9 @@ pub(crate) struct Geo {
     pub(crate) fat_bytes: u64,
     pub(crate) fats: u64,
     pub(crate) fat32: bool,
+    /// Only [`geometry_any`] returns FAT12 volumes; everything that changes a
+    /// volume in place refuses them.
+    pub(crate) fat12: bool,
     pub(crate) data_offset: u64,
     /// FAT32: the root directory's first cluster. FAT16: 0 (fixed region).
     pub(crate) root_cluster: u32,
@@ -71,29 +76,33 @@ pub(crate) struct Geo {
     pub(crate) fsinfo: Option<u64>,
 }
 
-fn u16_at(b: &[u8], i: usize) -> u64 {
-    u64::from(u16::from_le_bytes([b[i], b[i + 1]]))
-}
-fn u32_at(b: &[u8], i: usize) -> u64 {
-    u64::from(u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]))
+pub(crate) fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, SwapError> {
+    let g = geometry_any(dev, part)?;
+    if g.fat12 {
+        return Err(SwapError::Unsupported(
+            "FAT12 (a filesystem under 16 MiB cannot hold a live system)".into(),
+        ));
+    }
+    Ok(g)
 }
 
-pub(crate) fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, SwapError> {
+/// The layout of a FAT12, FAT16 or FAT32 volume at `part`.
+pub(crate) fn geometry_any<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, SwapError> {
     let mut bpb = [0u8; 512];
     dev.seek(SeekFrom::Start(part))?;
     dev.read_exact(&mut bpb)?;
-    let bps = u16_at(&bpb, 11);
+    let bps = u64::from(u16_at(&bpb, 11));
     let spc = u64::from(bpb[13]);
-    let reserved = u16_at(&bpb, 14);
+    let reserved = u64::from(u16_at(&bpb, 14));
     let fats = u64::from(bpb[16]);
-    let root_entries = u16_at(&bpb, 17);
+    let root_entries = u64::from(u16_at(&bpb, 17));
     let total = match u16_at(&bpb, 19) {
-        0 => u32_at(&bpb, 32),
-        t => t,
+        0 => u64::from(u32_at(&bpb, 32)),
+        t => u64::from(t),
     };
     let fat_sectors = match u16_at(&bpb, 22) {
-        0 => u32_at(&bpb, 36),
-        f => f,
+        0 => u64::from(u32_at(&bpb, 36)),
+        f => u64::from(f),
     };
     if !(512..=4096).contains(&bps) || spc == 0 || fats == 0 || fat_sectors == 0 {
         return Err(SwapError::Unsupported("boot sector is not FAT".into()));
@@ -102,14 +111,10 @@ pub(crate) fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, Sw
     let first_data = reserved + fats * fat_sectors + root_sectors;
     let clusters = total.saturating_sub(first_data) / spc;
     // The FAT type follows from the cluster count alone (Microsoft's rule).
-    if clusters < 4085 {
-        return Err(SwapError::Unsupported(
-            "FAT12 (a filesystem under 16 MiB cannot hold a live system)".into(),
-        ));
-    }
+    let fat12 = clusters < 4085;
     let fat32 = clusters >= 65525;
     let root_start = part + (reserved + fats * fat_sectors) * bps;
-    let fsinfo_sector = u16_at(&bpb, 48);
+    let fsinfo_sector = u64::from(u16_at(&bpb, 48));
     Ok(Geo {
         cluster_bytes: spc * bps,
         fat_offset: part + reserved * bps,
@@ -118,8 +123,9 @@ pub(crate) fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, Sw
         fsinfo: (fat32 && fsinfo_sector != 0 && fsinfo_sector != 0xffff)
             .then(|| part + fsinfo_sector * bps),
         fat32,
+        fat12,
         data_offset: part + first_data * bps,
-        root_cluster: if fat32 { u32_at(&bpb, 44) as u32 } else { 0 },
+        root_cluster: if fat32 { u32_at(&bpb, 44) } else { 0 },
         root_region: (root_start, root_entries * 32),
         max_cluster: u32::try_from(clusters + 2).unwrap_or(u32::MAX),
     })
@@ -127,15 +133,13 @@ pub(crate) fn geometry<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo, Sw
 
 pub(crate) fn next_cluster<D: Read + Seek>(dev: &mut D, g: &Geo, c: u32) -> io::Result<u32> {
     if g.fat32 {
-        let mut e = [0u8; 4];
         dev.seek(SeekFrom::Start(g.fat_offset + u64::from(c) * 4))?;
-        dev.read_exact(&mut e)?;
-        Ok(u32::from_le_bytes(e) & 0x0fff_ffff)
+        Ok(read_u32(dev)? & 0x0fff_ffff)
     } else {
         let mut e = [0u8; 2];
         dev.seek(SeekFrom::Start(g.fat_offset + u64::from(c) * 2))?;
         dev.read_exact(&mut e)?;
-        Ok(u32::from(u16::from_le_bytes(e)))
+        Ok(u32::from(u16_at(&e, 0)))
     }
 }
 
@@ -188,7 +192,7 @@ fn read_dir<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<
                     .into_iter()
                     .enumerate()
                 {
-                    units[k] = u16::from_le_bytes([e[o], e[o + 1]]);
+                    units[k] = u16_at(e, o);
                 }
                 lfn.push((e[0] & 0x1f, units));
                 continue;
@@ -212,7 +216,7 @@ fn read_dir<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<
             } else {
                 format!("{base}.{ext}")
             };
-            let hi = if g.fat32 { u16_at(e, 20) } else { 0 };
+            let hi = if g.fat32 { u32::from(u16_at(e, 20)) } else { 0 };
             out.push(DirEntry {
                 name: if long.is_empty() {
                     short.clone()
@@ -222,8 +226,8 @@ fn read_dir<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<
                 short,
                 loc: EntryLoc {
                     offset: at + i as u64 * 32,
-                    first_cluster: (hi << 16 | u16_at(e, 26)) as u32,
-                    size: u32_at(e, 28) as u32,
+                    first_cluster: hi << 16 | u32::from(u16_at(e, 26)),
+                    size: u32_at(e, 28),
                 },
                 is_dir: e[11] & 0x10 != 0,
             });

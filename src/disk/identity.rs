@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use crate::disk::devices::{DevNum, Host};
+use crate::io::{IoAt, io_at};
 
 /// Layers of block devices followed at most (dm on md on loop …): the bound
 /// only guards a damaged sysfs tree.
@@ -63,6 +64,12 @@ impl crate::error::Classify for IdentityError {
     }
 }
 
+impl From<IoAt> for IdentityError {
+    fn from(IoAt { path, source }: IoAt) -> Self {
+        IdentityError::Io { path, source }
+    }
+}
+
 /// What one path is, for comparing with another.
 #[derive(Debug, Clone, Default)]
 pub struct Identity {
@@ -97,10 +104,7 @@ impl Identity {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(id),
             Err(source) => {
-                return Err(IdentityError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                });
+                return Err(io_at(path)(source).into());
             }
         };
         id.inodes.insert((meta.dev(), meta.ino()));

@@ -11,7 +11,7 @@ use thiserror::Error;
 use crate::disk::fat::{self, FatError, FatFs};
 use crate::disk::partition::{self, ExistingPartition, PartitionError};
 use crate::disk::target::{self, TargetError, TargetKind, TargetProbe};
-use crate::io::PartitionWindow;
+use crate::io::{IoAt, PartitionWindow, io_at};
 use crate::layout;
 
 #[derive(Debug, Error)]
@@ -52,6 +52,12 @@ impl crate::error::Classify for StickError {
             StickError::Io { source, .. } => crate::error::open_failure_hint(source),
             _ => self.kind().hint(),
         }
+    }
+}
+
+impl From<IoAt> for StickError {
+    fn from(IoAt { path, source }: IoAt) -> Self {
+        StickError::Io { path, source }
     }
 }
 
@@ -119,10 +125,8 @@ impl Stick {
     pub fn open(path: &Path, writable: bool) -> Result<Stick, StickError> {
         let probe = target::probe(path)?;
         if !probe.exists {
-            return Err(StickError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-            });
+            let missing = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+            return Err(io_at(path)(missing).into());
         }
         if writable {
             // Maintenance writes must not race a mounted filesystem either.
@@ -138,10 +142,7 @@ impl Stick {
             .read(true)
             .write(writable)
             .open(&probe.path)
-            .map_err(|source| StickError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(io_at(path))?;
         let partition = partition::find_fat_partition(&mut file, probe.size).map_err(|source| {
             StickError::Partition {
                 path: path.to_path_buf(),
@@ -172,24 +173,20 @@ impl Stick {
             path: path.clone(),
             source,
         };
-        let io_err = |source| StickError::Io {
-            path: path.clone(),
-            source,
-        };
         let (start, len) = (self.partition.start, self.partition.len);
         let mut window = PartitionWindow::new(&mut self.file, start, len);
         let result = {
             let fs = fat::open(&mut window).map_err(fat_err)?;
             let result = f(&fs);
             if self.writable {
-                fs.unmount().map_err(io_err)?;
+                fs.unmount().map_err(io_at(&path))?;
             }
             result
         };
         if self.writable {
-            window.flush().map_err(io_err)?;
+            window.flush().map_err(io_at(&path))?;
             fat::repair_fatfs_quirks(&mut window).map_err(fat_err)?;
-            self.file.sync_all().map_err(io_err)?;
+            self.file.sync_all().map_err(io_at(&path))?;
         }
         result
     }

@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use crate::disk::devices::{DevNum, Host, Transport};
 use crate::disk::partition;
+use crate::io::{IoAt, io_at};
 use crate::size::human;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -143,7 +144,10 @@ pub enum TargetError {
     )]
     TooSmall { path: PathBuf, size: u64, min: u64 },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl crate::error::Classify for TargetError {
@@ -170,10 +174,9 @@ impl crate::error::Classify for TargetError {
     }
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TargetError + '_ {
-    move |source| TargetError::Io {
-        path: path.to_path_buf(),
-        source,
+impl From<IoAt> for TargetError {
+    fn from(IoAt { path, source }: IoAt) -> Self {
+        TargetError::Io { path, source }
     }
 }
 
@@ -192,7 +195,7 @@ pub fn probe(path: &Path) -> Result<TargetProbe, TargetError> {
             }
             return Ok(TargetProbe::image(path, 0, false));
         }
-        Err(e) => return Err(io_err(path)(e)),
+        Err(e) => return Err(io_at(path)(e).into()),
     };
     if meta.is_dir() {
         return Err(TargetError::IsDirectory(path.to_path_buf()));
@@ -203,7 +206,7 @@ pub fn probe(path: &Path) -> Result<TargetProbe, TargetError> {
     if !meta.file_type().is_block_device() {
         return Err(TargetError::NotFileOrDevice(path.to_path_buf()));
     }
-    let canonical = fs::canonicalize(path).map_err(io_err(path))?;
+    let canonical = fs::canonicalize(path).map_err(io_at(path))?;
     let dev = DevNum::from_rdev(meta.rdev());
     let host = Host::live();
     let facts = host.facts(dev);
@@ -218,7 +221,7 @@ pub fn probe(path: &Path) -> Result<TargetProbe, TargetError> {
             .as_ref()
             .map(|f| (f.size, f.logical_sector_size, f.physical_sector_size))
             .unwrap_or((0, 512, 512)),
-        Err(e) => return Err(io_err(path)(e)),
+        Err(e) => return Err(io_at(path)(e).into()),
     };
     let whole = facts
         .as_ref()
@@ -292,7 +295,7 @@ fn device_geometry(file: &File, path: &Path) -> Result<(u64, u32, u32), TargetEr
     nix::ioctl_read_bad!(blkpbszget, nix::request_code_none!(0x12, 123), libc::c_uint);
     let size = {
         let mut f = file;
-        f.seek(SeekFrom::End(0)).map_err(io_err(path))?
+        f.seek(SeekFrom::End(0)).map_err(io_at(path))?
     };
     let mut logical: libc::c_int = 0;
     let mut physical: libc::c_uint = 0;
@@ -460,18 +463,18 @@ pub fn open_for_write(probe: &TargetProbe, size: u64) -> Result<File, TargetErro
                     .create_new(true)
                     .open(path)
             }
-            .map_err(io_err(path))?;
-            if file.metadata().map_err(io_err(path))?.len() < size {
-                file.set_len(size).map_err(io_err(path))?;
+            .map_err(io_at(path))?;
+            if file.metadata().map_err(io_at(path))?.len() < size {
+                file.set_len(size).map_err(io_at(path))?;
             }
             Ok(file)
         }
-        TargetKind::BlockDevice => OpenOptions::new()
+        TargetKind::BlockDevice => Ok(OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_EXCL)
             .open(path)
-            .map_err(io_err(path)),
+            .map_err(io_at(path))?),
     }
 }
 
@@ -499,8 +502,8 @@ impl CreatedImage {
             .write(true)
             .create_new(true)
             .open(path)
-            .map_err(io_err(path))?;
-        let meta = file.metadata().map_err(io_err(path))?;
+            .map_err(io_at(path))?;
+        let meta = file.metadata().map_err(io_at(path))?;
         Ok(Some(CreatedImage {
             path: path.clone(),
             id: (meta.dev(), meta.ino()),

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 use crate::disk::ext4::{self, Ext4Error, Ext4Info, Ext4Options};
+use crate::io::{IoAt, io_at};
 use crate::persist::luks::{self, LuksEncryptingReader, LuksError, LuksInfo, LuksParams};
 
 const MIB: u64 = 1024 * 1024;
@@ -112,10 +113,9 @@ impl crate::error::Classify for HomeError {
     }
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> HomeError + '_ {
-    move |source| HomeError::Io {
-        path: path.to_path_buf(),
-        source,
+impl From<IoAt> for HomeError {
+    fn from(IoAt { path, source }: IoAt) -> Self {
+        HomeError::Io { path, source }
     }
 }
 
@@ -245,12 +245,12 @@ pub fn build_home_image(
     } else {
         size
     };
-    let tmp = tempfile::NamedTempFile::new_in(workdir).map_err(io_err(workdir))?;
+    let tmp = tempfile::NamedTempFile::new_in(workdir).map_err(io_at(workdir))?;
     ext4::make_ext4_image(tmp.path(), fs_size, HOME_LABEL, &home_ext4_options())?;
     // Unlink the name now; the open handle keeps the data until we drop it.
     let mut file = tmp.into_file();
-    let plain_regions = crate::disk::sparse::data_regions(&file).map_err(io_err(workdir))?;
-    file.seek(SeekFrom::Start(0)).map_err(io_err(workdir))?;
+    let plain_regions = crate::disk::sparse::data_regions(&file).map_err(io_at(workdir))?;
+    file.seek(SeekFrom::Start(0)).map_err(io_at(workdir))?;
     let content = match encryption {
         HomeEncryption::None => Content::Plain(file),
         HomeEncryption::Luks { passphrase, params } => Content::Luks(Box::new(
@@ -330,7 +330,7 @@ pub fn read_passphrase(source: PassphraseSource) -> Result<Zeroizing<Vec<u8>>, H
 pub fn read_passphrase_from<R: Read>(r: &mut R) -> Result<Zeroizing<Vec<u8>>, HomeError> {
     let mut bytes = Zeroizing::new(Vec::new());
     r.read_to_end(&mut bytes)
-        .map_err(io_err(Path::new("<stdin>")))?;
+        .map_err(io_at(Path::new("<stdin>")))?;
     let pass = strip_one_newline(bytes);
     if pass.is_empty() {
         return Err(HomeError::EmptyPassphrase);
@@ -405,8 +405,8 @@ pub fn home_info_from<R: Read + Seek>(
     passphrase: Option<&[u8]>,
 ) -> Result<HomeInfo, HomeError> {
     let path = Path::new("home.img");
-    let file_size = r.seek(SeekFrom::End(0)).map_err(io_err(path))?;
-    match detect_home_kind(&mut r).map_err(io_err(path))? {
+    let file_size = r.seek(SeekFrom::End(0)).map_err(io_at(path))?;
+    match detect_home_kind(&mut r).map_err(io_at(path))? {
         Some(HomeKind::Plain) => Ok(HomeInfo {
             file_size,
             encrypted: false,
@@ -440,10 +440,10 @@ pub fn home_info_from<R: Read + Seek>(
 
 /// Describe the home.img file at `path`; plain ext4 is read with `dumpe2fs`.
 pub fn home_info(path: &Path, passphrase: Option<&[u8]>) -> Result<HomeInfo, HomeError> {
-    let mut f = File::open(path).map_err(io_err(path))?;
-    match detect_home_kind(&mut f).map_err(io_err(path))? {
+    let mut f = File::open(path).map_err(io_at(path))?;
+    match detect_home_kind(&mut f).map_err(io_at(path))? {
         Some(HomeKind::Plain) => Ok(HomeInfo {
-            file_size: f.metadata().map_err(io_err(path))?.len(),
+            file_size: f.metadata().map_err(io_at(path))?.len(),
             encrypted: false,
             luks: None,
             fs: Some(ext4::ext4_info(path)?),
@@ -555,9 +555,9 @@ pub fn home_resize(
         .read(true)
         .write(true)
         .open(path)
-        .map_err(io_err(path))?;
-    let current = f.metadata().map_err(io_err(path))?.len();
-    let kind = detect_home_kind(&mut f).map_err(io_err(path))?;
+        .map_err(io_at(path))?;
+    let current = f.metadata().map_err(io_at(path))?.len();
+    let kind = detect_home_kind(&mut f).map_err(io_at(path))?;
     let encrypted = kind == Some(HomeKind::Luks2);
     check_size_bytes(new_size, encrypted)?;
     if new_size < current {
@@ -611,37 +611,37 @@ fn grow_luks_home(f: File, path: &Path, new_size: u64, pass: &[u8]) -> Result<()
     let (mut t, tpath) = memory_stage()?;
     {
         let mut buf = Zeroizing::new(vec![0u8; CHUNK]);
-        vol.seek(SeekFrom::Start(0)).map_err(io_err(path))?;
+        vol.seek(SeekFrom::Start(0)).map_err(io_at(path))?;
         let mut off = 0u64;
         while off < old_plain {
             let n = (old_plain - off).min(CHUNK as u64) as usize;
-            vol.read_exact(&mut buf[..n]).map_err(io_err(path))?;
+            vol.read_exact(&mut buf[..n]).map_err(io_at(path))?;
             // Zeros stay holes: they cost no memory.
             if buf[..n].iter().any(|&b| b != 0) {
-                t.seek(SeekFrom::Start(off)).map_err(io_err(&tpath))?;
-                t.write_all(&buf[..n]).map_err(io_err(&tpath))?;
+                t.seek(SeekFrom::Start(off)).map_err(io_at(&tpath))?;
+                t.write_all(&buf[..n]).map_err(io_at(&tpath))?;
             }
             off += n as u64;
         }
-        t.set_len(old_plain).map_err(io_err(&tpath))?;
+        t.set_len(old_plain).map_err(io_at(&tpath))?;
     }
     ext4::grow_ext4_image(&tpath, new_plain)?;
 
     // Extend the container, then write back what differs.
     let file = vol.into_inner();
-    file.set_len(new_size).map_err(io_err(path))?;
+    file.set_len(new_size).map_err(io_at(path))?;
     let mut vol = luks::open_luks2(file, pass)?;
-    t.seek(SeekFrom::Start(0)).map_err(io_err(&tpath))?;
+    t.seek(SeekFrom::Start(0)).map_err(io_at(&tpath))?;
     let mut new = Zeroizing::new(vec![0u8; CHUNK]);
     let mut old = Zeroizing::new(vec![0u8; CHUNK]);
     let mut first: Option<usize> = None;
     let mut off = 0u64;
     while off < new_plain {
         let n = (new_plain - off).min(CHUNK as u64) as usize;
-        t.read_exact(&mut new[..n]).map_err(io_err(&tpath))?;
+        t.read_exact(&mut new[..n]).map_err(io_at(&tpath))?;
         let changed = if off < old_plain {
-            vol.seek(SeekFrom::Start(off)).map_err(io_err(path))?;
-            vol.read_exact(&mut old[..n]).map_err(io_err(path))?;
+            vol.seek(SeekFrom::Start(off)).map_err(io_at(path))?;
+            vol.read_exact(&mut old[..n]).map_err(io_at(path))?;
             old[..n] != new[..n]
         } else {
             true
@@ -649,22 +649,22 @@ fn grow_luks_home(f: File, path: &Path, new_size: u64, pass: &[u8]) -> Result<()
         if off == 0 {
             first = changed.then_some(n);
         } else if changed {
-            vol.seek(SeekFrom::Start(off)).map_err(io_err(path))?;
-            vol.write_all(&new[..n]).map_err(io_err(path))?;
+            vol.seek(SeekFrom::Start(off)).map_err(io_at(path))?;
+            vol.write_all(&new[..n]).map_err(io_at(path))?;
         }
         off += n as u64;
     }
     let file = vol.into_inner();
-    file.sync_all().map_err(io_err(path))?;
+    file.sync_all().map_err(io_at(path))?;
     let mut vol = luks::open_luks2(file, pass)?;
     if let Some(n) = first {
-        t.seek(SeekFrom::Start(0)).map_err(io_err(&tpath))?;
-        t.read_exact(&mut new[..n]).map_err(io_err(&tpath))?;
-        vol.seek(SeekFrom::Start(0)).map_err(io_err(path))?;
-        vol.write_all(&new[..n]).map_err(io_err(path))?;
+        t.seek(SeekFrom::Start(0)).map_err(io_at(&tpath))?;
+        t.read_exact(&mut new[..n]).map_err(io_at(&tpath))?;
+        vol.seek(SeekFrom::Start(0)).map_err(io_at(path))?;
+        vol.write_all(&new[..n]).map_err(io_at(path))?;
     }
-    vol.flush().map_err(io_err(path))?;
-    vol.into_inner().sync_all().map_err(io_err(path))?;
+    vol.flush().map_err(io_at(path))?;
+    vol.into_inner().sync_all().map_err(io_at(path))?;
     Ok(())
 }
 

@@ -24,7 +24,7 @@
 //! The space check therefore counts the whole new size next to the old home.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -35,6 +35,7 @@ use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat::{self, FatError};
 use crate::disk::fat_raw::{self, SwapError};
 use crate::disk::stick::{Stick, StickError};
+use crate::io::{IoAt, io_at};
 use crate::persist::home::{self, FAT_MAX_FILE_MIB, HomeError, HomeKind};
 use crate::persist::luks::{DATA_OFFSET, LuksError};
 use crate::source::checksum::{HashingReader, hex};
@@ -61,7 +62,7 @@ pub enum HomeStickError {
     Io {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: std::io::Error,
     },
     #[error(
         "{stick} has no {home}: it was written without a persistent home (add one with `livestick write … --home-size-mb N`)"
@@ -135,10 +136,9 @@ impl crate::error::Classify for HomeStickError {
     }
 }
 
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> HomeStickError + '_ {
-    move |source| HomeStickError::Io {
-        path: path.to_path_buf(),
-        source,
+impl From<IoAt> for HomeStickError {
+    fn from(IoAt { path, source }: IoAt) -> Self {
+        HomeStickError::Io { path, source }
     }
 }
 
@@ -277,7 +277,7 @@ fn report_from<R: Read + Seek>(
 /// Whether `path` holds a plain or an encrypted home (or neither).
 pub fn kind_of_file(path: &Path) -> Result<Option<HomeKind>, HomeStickError> {
     let mut f = File::open(path).map_err(io_at(path))?;
-    home::detect_home_kind(&mut f).map_err(io_at(path))
+    Ok(home::detect_home_kind(&mut f).map_err(io_at(path))?)
 }
 
 /// `home info` on a bare home.img file.
@@ -348,7 +348,7 @@ impl StickHome {
     pub fn kind(&mut self) -> Result<Option<HomeKind>, HomeStickError> {
         let path = self.stick.path.clone();
         let mut r = self.reader()?;
-        home::detect_home_kind(&mut r).map_err(io_at(&path))
+        Ok(home::detect_home_kind(&mut r).map_err(io_at(&path))?)
     }
 
     /// `home info`: only the LUKS header and the ext4 superblock are read.
@@ -577,10 +577,10 @@ pub fn plan_file_resize(
 /// A private (0700) directory in `workdir` for the copy of the home as it is on the
 /// stick (encrypted if the home is); removed on drop.
 fn private_dir(workdir: &Path) -> Result<tempfile::TempDir, HomeStickError> {
-    tempfile::Builder::new()
+    Ok(tempfile::Builder::new()
         .prefix("livestick-home-")
         .tempdir_in(workdir)
-        .map_err(io_at(workdir))
+        .map_err(io_at(workdir))?)
 }
 
 /// Grows a bare home.img file following `plan`.
@@ -655,13 +655,13 @@ fn copy_out(
 /// Creates `dest` readable by the owner only.
 fn tempfile_create(dest: &Path) -> Result<File, HomeStickError> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    Ok(std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(dest)
-        .map_err(io_at(dest))
+        .map_err(io_at(dest))?)
 }
 
 /// Tells the kernel to forget cached pages of the stick, so the verification reads
@@ -783,7 +783,7 @@ mod tests {
 
     #[test]
     fn luks_summary_rejects_non_luks() {
-        let mut c = io::Cursor::new(vec![0u8; 8192]);
+        let mut c = std::io::Cursor::new(vec![0u8; 8192]);
         assert!(luks_summary(&mut c).is_err());
     }
 }

@@ -15,6 +15,7 @@
 //! shows `allocated > total`), so [`Store::dm_status`] reproduces `dmsetup status` even
 //! for damaged stores; [`Store::validate`] is the strict check every writer runs first.
 
+use crate::bytes::{put_u32, put_u64, u32_at, u64_at};
 use crate::io::read_full;
 use std::collections::HashMap;
 use std::fmt;
@@ -172,21 +173,20 @@ impl Header {
     }
 
     pub fn from_bytes(b: &[u8; 16]) -> Header {
-        let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         Header {
-            magic: word(0),
-            valid: word(4),
-            version: word(8),
-            chunk_sectors: word(12),
+            magic: u32_at(b, 0),
+            valid: u32_at(b, 4),
+            version: u32_at(b, 8),
+            chunk_sectors: u32_at(b, 12),
         }
     }
 
     pub fn to_bytes(&self) -> [u8; 16] {
         let mut b = [0u8; 16];
-        b[0..4].copy_from_slice(&self.magic.to_le_bytes());
-        b[4..8].copy_from_slice(&self.valid.to_le_bytes());
-        b[8..12].copy_from_slice(&self.version.to_le_bytes());
-        b[12..16].copy_from_slice(&self.chunk_sectors.to_le_bytes());
+        put_u32(&mut b, 0, self.magic);
+        put_u32(&mut b, 4, self.valid);
+        put_u32(&mut b, 8, self.version);
+        put_u32(&mut b, 12, self.chunk_sectors);
         b
     }
 
@@ -397,12 +397,6 @@ pub fn read_header<R: Read + Seek>(r: &mut R) -> Result<HeaderState, SnapshotErr
     Ok(HeaderState::Initialised(header))
 }
 
-fn le64(b: &[u8]) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(w)
-}
-
 /// Walks the metadata areas exactly as the kernel does on load: scan each area up to the
 /// first `new_chunk == 0`; a full area sends it to the next one, which must lie inside
 /// the device. Entries after the end marker and later areas are ignored.
@@ -453,13 +447,13 @@ pub fn read_store<R: Read + Seek>(
                 });
             }
             for entry in block[..want].chunks_exact(16) {
-                let new_chunk = le64(&entry[8..]);
+                let new_chunk = u64_at(entry, 8);
                 if new_chunk == 0 {
                     end_found = true;
                     break;
                 }
                 exceptions.push(Exception {
-                    old_chunk: le64(entry),
+                    old_chunk: u64_at(entry, 0),
                     new_chunk,
                 });
                 index += 1;
@@ -1444,8 +1438,8 @@ impl CowWriter {
             self.tail_clean = true;
         }
         let mut entry = [0u8; 16];
-        entry[..8].copy_from_slice(&old.to_le_bytes());
-        entry[8..].copy_from_slice(&f.to_le_bytes());
+        put_u64(&mut entry, 0, old);
+        put_u64(&mut entry, 8, f);
         cow.seek(SeekFrom::Start(g.area_offset(area) + index * 16))?;
         cow.write_all(&entry)?;
         cow.flush()?;

@@ -13,6 +13,8 @@
 
 use std::io::{self, Seek, SeekFrom, Write};
 
+use crate::bytes::{put_u32, u32_at};
+
 /// Page size of the swap area.
 pub const SWAP_PAGE_SIZE: u64 = 4096;
 /// mkswap's minimum: 10 pages.
@@ -87,9 +89,9 @@ pub fn swap_header(size: u64, label: Option<&str>, uuid: uuid::Uuid) -> Result<V
         return Err(SwapError::LabelTooLong(label.to_string()));
     }
     let mut page = vec![0u8; SWAP_PAGE_SIZE as usize];
-    page[VERSION_OFFSET..VERSION_OFFSET + 4].copy_from_slice(&1u32.to_le_bytes());
-    page[LAST_PAGE_OFFSET..LAST_PAGE_OFFSET + 4].copy_from_slice(&last_page.to_le_bytes());
-    page[NR_BADPAGES_OFFSET..NR_BADPAGES_OFFSET + 4].copy_from_slice(&0u32.to_le_bytes());
+    put_u32(&mut page, VERSION_OFFSET, 1);
+    put_u32(&mut page, LAST_PAGE_OFFSET, last_page);
+    put_u32(&mut page, NR_BADPAGES_OFFSET, 0);
     page[UUID_OFFSET..UUID_OFFSET + 16].copy_from_slice(uuid.as_bytes());
     page[LABEL_OFFSET..LABEL_OFFSET + label.len()].copy_from_slice(label.as_bytes());
     let magic_at = SWAP_PAGE_SIZE as usize - MAGIC.len();
@@ -137,8 +139,7 @@ pub fn read_swap_header(page: &[u8]) -> Result<SwapInfo, SwapError> {
             "no SWAPSPACE2 signature at the end of the first 4096-byte page".into(),
         ));
     }
-    let u32_at = |o: usize| u32::from_le_bytes([page[o], page[o + 1], page[o + 2], page[o + 3]]);
-    let version = u32_at(VERSION_OFFSET);
+    let version = u32_at(page, VERSION_OFFSET);
     if version != 1 {
         return Err(SwapError::NotSwap(format!(
             "swap header version {version}, expected 1"
@@ -149,7 +150,7 @@ pub fn read_swap_header(page: &[u8]) -> Result<SwapInfo, SwapError> {
     let raw = &page[LABEL_OFFSET..LABEL_OFFSET + LABEL_LEN];
     let end = raw.iter().position(|&b| b == 0).unwrap_or(LABEL_LEN);
     Ok(SwapInfo {
-        last_page: u32_at(LAST_PAGE_OFFSET),
+        last_page: u32_at(page, LAST_PAGE_OFFSET),
         uuid: uuid::Uuid::from_bytes(uuid),
         label: String::from_utf8_lossy(&raw[..end]).into_owned(),
     })

@@ -24,6 +24,8 @@ use std::io::{self, Read, Seek, SeekFrom};
 
 use thiserror::Error;
 
+use crate::bytes::{u16_at, u32_at};
+
 /// Volume descriptors start at sector 16 whatever the logical block size.
 const DESCRIPTOR_START: u64 = 16 * 2048;
 const DESCRIPTOR_SIZE: usize = 2048;
@@ -269,11 +271,11 @@ impl<R: Read + Seek> IsoImage<R> {
             });
         };
 
-        let block_size = u64::from(le_u16(&pvd[128..130]));
+        let block_size = u64::from(u16_at(&pvd, 128));
         if !matches!(block_size, 512 | 1024 | 2048) {
             return Err(IsoError::BadBlockSize(block_size));
         }
-        let volume_size = u64::from(le_u32(&pvd[80..84])) * block_size;
+        let volume_size = u64::from(u32_at(&pvd, 80)) * block_size;
         if volume_size > image_len {
             return Err(IsoError::Truncated {
                 declared: volume_size,
@@ -534,10 +536,10 @@ impl<R: Read + Seek> IsoImage<R> {
     /// Byte extent of a record: its block, past any extended attribute
     /// record, for its data length.
     fn record_extent(&self, rec: &[u8]) -> Result<Extent, IsoError> {
-        let block = u64::from(le_u32(&rec[2..6])) + u64::from(rec[1]);
+        let block = u64::from(u32_at(rec, 2)) + u64::from(rec[1]);
         Ok(Extent {
             offset: block * self.block_size,
-            len: u64::from(le_u32(&rec[10..14])),
+            len: u64::from(u32_at(rec, 10)),
         })
     }
 
@@ -681,9 +683,9 @@ impl<R: Read + Seek> IsoImage<R> {
                         rr.sp_skip = Some(body[2]);
                     }
                     b"CE" if body.len() >= 24 => {
-                        let block = u64::from(le_u32(&body[0..4]));
-                        let offset = u64::from(le_u32(&body[8..12]));
-                        let len = u64::from(le_u32(&body[16..20]));
+                        let block = u64::from(u32_at(body, 0));
+                        let offset = u64::from(u32_at(body, 8));
+                        let len = u64::from(u32_at(body, 16));
                         next = Some(Extent {
                             offset: block * self.block_size + offset,
                             len,
@@ -709,7 +711,7 @@ impl<R: Read + Seek> IsoImage<R> {
                     }
                     b"CL" if body.len() >= 4 => {
                         rr.any_rr = true;
-                        rr.child_link = Some(u64::from(le_u32(&body[0..4])));
+                        rr.child_link = Some(u64::from(u32_at(body, 0)));
                     }
                     b"RE" => {
                         rr.any_rr = true;
@@ -1040,14 +1042,6 @@ fn read_exact_at<R: Read + Seek>(
         .seek(SeekFrom::Start(offset))
         .and_then(|_| reader.read_exact(buf))
         .map_err(|source| IsoError::Io { offset, source })
-}
-
-fn le_u16(b: &[u8]) -> u16 {
-    u16::from_le_bytes([b[0], b[1]])
-}
-
-fn le_u32(b: &[u8]) -> u32 {
-    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
 fn is_joliet_escape(field: &[u8]) -> bool {

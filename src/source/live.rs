@@ -12,6 +12,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::boot::menu::{self, BootMenu};
+use crate::bytes::{u16_at, u32_at};
 use crate::source::checksum;
 use crate::source::iso::{IsoEntry, IsoError, IsoImage};
 
@@ -180,31 +181,17 @@ pub fn open_iso(path: &Path) -> Result<IsoImage<BufReader<File>>, LiveError> {
     IsoImage::open(BufReader::with_capacity(64 * 1024, file)).map_err(iso_err(path))
 }
 
-/// Reads the source's structure into a [`LiveImage`]: a live ISO, or another
-/// live stick (which has a partition table and no ISO 9660 volume).
-pub fn inspect(path: &Path) -> Result<LiveImage, LiveError> {
-    match open_iso(path) {
-        Ok(iso) => inspect_iso(path, iso),
-        // Hybrid ISOs carry a partition table too, so the ISO is tried first,
-        // and only a file with no ISO 9660 volume at all may be a stick (a
-        // truncated ISO must say it is truncated).
-        Err(
-            err @ LiveError::Iso {
-                source: IsoError::NotIso { .. },
-                ..
-            },
-        ) => {
-            if crate::disk::stick::looks_like_stick(path) {
-                crate::source::stick_source::inspect_stick(path)
-            } else {
-                Err(err)
-            }
-        }
-        Err(other) => Err(other),
-    }
+/// Reads a live ISO's structure into a [`LiveImage`]. A source that may also
+/// be another live stick is inspected by `live_source::inspect`, above both
+/// `source/` and `disk/`.
+pub fn inspect_iso(path: &Path) -> Result<LiveImage, LiveError> {
+    inspect_opened_iso(path, open_iso(path)?)
 }
 
-fn inspect_iso(path: &Path, mut iso: IsoImage<BufReader<File>>) -> Result<LiveImage, LiveError> {
+fn inspect_opened_iso(
+    path: &Path,
+    mut iso: IsoImage<BufReader<File>>,
+) -> Result<LiveImage, LiveError> {
     let live_dir = "LiveOS".to_string();
     let squashfs_entry = iso
         .lookup(&format!("/{live_dir}/squashfs.img"))
@@ -398,7 +385,7 @@ pub(crate) fn classify_root(
     container: &Path,
     squashfs: &IsoEntry,
 ) -> (RootKind, Option<String>) {
-    if head.len() >= 1028 && head[1024..1028] == 0xE0F5_E1E2u32.to_le_bytes() {
+    if head.len() >= 1028 && u32_at(head, 1024) == 0xE0F5_E1E2 {
         return (RootKind::Erofs, Some("erofs".into()));
     }
     if head.len() < 96 || &head[0..4] != b"hsqs" {
@@ -413,7 +400,7 @@ pub(crate) fn classify_root(
             None,
         );
     }
-    let compressor = compressor_name(u16::from_le_bytes([head[20], head[21]])).map(String::from);
+    let compressor = compressor_name(u16_at(head, 20)).map(String::from);
     let root = match squashfs.extents.as_slice() {
         [extent] => list_nested_root(container, extent.offset),
         _ => RootKind::Unknown {

@@ -3,4 +3,3 @@ pub mod checksum;
 pub mod initrd;
 pub mod iso;
 pub mod live;
-pub mod stick_source;

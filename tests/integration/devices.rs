@@ -130,7 +130,7 @@ fn a_written_stick_shows_its_liveos_overlay_and_home() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let listing = devices::list(&Host::live(), true).unwrap();
+    let listing = livestick::commands::devices::list(&Host::live(), true).unwrap();
     let stick = listing
         .devices
         .iter()

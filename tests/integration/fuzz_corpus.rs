@@ -161,3 +161,208 @@ fn write_luks_header_seeds() {
         std::fs::write(dir.join(name), &small).unwrap();
     }
 }
+
+#[path = "../../fuzz/check/stick_image.rs"]
+mod check_stick_image;
+
+#[test]
+fn stick_image_corpus_and_regressions() {
+    replay("stick_image", check_stick_image::fuzz_one);
+}
+
+/// The damaged seeds are refused by `fat::open`, naming the damage, before
+/// fatfs follows the looping chain (a file's, or a directory inside itself).
+#[test]
+fn stick_image_damaged_seeds_are_refused() {
+    use livestick::disk::fat::{self, FatError};
+    use livestick::disk::partition;
+    use livestick::io::PartitionWindow;
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/stick_image");
+    for (name, says) in [
+        (
+            "damaged-file-chain-loops",
+            "SQUASHFS.IMG: its cluster chain reaches cluster",
+        ),
+        ("damaged-directory-inside-itself", "a second time"),
+    ] {
+        let data = std::fs::read(dir.join(name)).unwrap();
+        let mut disk = check_stick_image::SparseDisk::from_records(&data);
+        let size = check_stick_image::DISK_BYTES;
+        let (start, len) = match partition::find_fat_partition(&mut disk, size) {
+            Ok(p) => (p.start, p.len),
+            Err(_) => (0, size),
+        };
+        let mut window = PartitionWindow::new(&mut disk, start, len);
+        match fat::open(&mut window) {
+            Err(FatError::Damaged(why)) => assert!(why.contains(says), "{name}: {why}"),
+            other => panic!("{name}: {:?}", other.map(|_| ())),
+        }
+    }
+}
+
+/// Writes the seeds of `fuzz/corpus/stick_image` (sparse records of real stick
+/// images, see `fuzz/check/stick_image.rs`):
+/// `cargo test --test fuzz_corpus write_stick_image_seeds -- --ignored`.
+/// Sticks as livestick writes them (MBR, GPT, no table) with a LiveOS tree; the
+/// same with a file's chain looping and with a directory inside itself; FAT16
+/// and FAT12 volumes from mkfs.fat and mtools; an MBR with logical partitions
+/// from sfdisk.
+#[test]
+#[ignore]
+fn write_stick_image_seeds() {
+    use livestick::disk::partition::{TableKind, layout_single, write_table};
+    use livestick::disk::{fat, fat_raw};
+    use livestick::io::PartitionWindow;
+    use std::io::{Cursor, Seek, SeekFrom, Write};
+    use std::process::Command;
+
+    const DISK: u64 = check_stick_image::DISK_BYTES;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/stick_image");
+    std::fs::create_dir_all(&dir).unwrap();
+    let save = |name: &str, image: &[u8]| {
+        std::fs::write(dir.join(name), check_stick_image::records_of(image)).unwrap();
+    };
+    let files: [(&str, Vec<u8>); 6] = [
+        ("/LiveOS/squashfs.img", b"hsqs".repeat(600)),
+        (
+            "/LiveOS/overlay-LIVE-1234-ABCD",
+            b"SnAp\x01\0\0\0\x01\0\0\0\x08\0\0\0".to_vec(),
+        ),
+        ("/LiveOS/home.img", vec![0x5a; 3000]),
+        (
+            "/syslinux/syslinux.cfg",
+            b"label linux\n  kernel /syslinux/vmlinuz\n".to_vec(),
+        ),
+        (
+            "/EFI/BOOT/grub.cfg",
+            b"menuentry 'Live' {\n linux /vmlinuz\n}\n".to_vec(),
+        ),
+        ("/EFI/BOOT/BOOTX64.EFI", b"MZ".repeat(700)),
+    ];
+    let live_stick = |table: Option<TableKind>| -> Cursor<Vec<u8>> {
+        let mut disk = Cursor::new(vec![0u8; DISK as usize]);
+        let (start, len) = match table {
+            Some(t) => {
+                let layout = layout_single(DISK, t).unwrap();
+                write_table(&mut disk, &layout, Some(&[0x90; 440]), 0x1234_abcd).unwrap();
+                (layout.start, layout.len)
+            }
+            None => (0, DISK),
+        };
+        let mut w = PartitionWindow::new(&mut disk, start, len);
+        fat::format(&mut w, "LIVE", 0x1234_abcd, (start / 512) as u32).unwrap();
+        let fs = fat::open(&mut w).unwrap();
+        for (path, bytes) in &files {
+            fat::write_file(&fs, path, &mut &bytes[..], bytes.len() as u64, |_| {}).unwrap();
+        }
+        fs.unmount().unwrap();
+        w.flush().unwrap();
+        drop(w);
+        disk
+    };
+    save("livestick-mbr", live_stick(Some(TableKind::Mbr)).get_ref());
+    save("livestick-gpt", live_stick(Some(TableKind::Gpt)).get_ref());
+    save("livestick-superfloppy", live_stick(None).get_ref());
+
+    // The same stick, damaged: squashfs.img's chain loops back to its start;
+    // /EFI/BOOT's entry for itself points at /EFI (a directory inside itself).
+    let mut disk = live_stick(Some(TableKind::Mbr));
+    let part = 1 << 20;
+    let first = fat_raw::find_entry(&mut disk, part, "/LiveOS/squashfs.img")
+        .unwrap()
+        .first_cluster;
+    let mut bpb = [0u8; 512];
+    bpb.copy_from_slice(&disk.get_ref()[part as usize..part as usize + 512]);
+    let fat_at = part + u64::from(u16::from_le_bytes([bpb[14], bpb[15]])) * 512;
+    let entry = |c: u32| (fat_at + u64::from(c) * 4) as usize;
+    disk.get_mut()[entry(first + 1)..entry(first + 1) + 4].copy_from_slice(&first.to_le_bytes());
+    save("damaged-file-chain-loops", disk.get_ref());
+    let mut disk = live_stick(None);
+    let grub = fat_raw::find_entry(&mut disk, 0, "/EFI/BOOT/grub.cfg").unwrap();
+    // grub.cfg's entry now claims to be a directory whose first cluster is the
+    // directory it sits in.
+    let boot_cluster = {
+        let mut bpb = [0u8; 512];
+        bpb.copy_from_slice(&disk.get_ref()[..512]);
+        let cluster_bytes = u64::from(bpb[13]) * 512;
+        let data = (u64::from(u16::from_le_bytes([bpb[14], bpb[15]]))
+            + u64::from(bpb[16])
+                * u64::from(u32::from_le_bytes([bpb[36], bpb[37], bpb[38], bpb[39]])))
+            * 512;
+        ((grub.offset - data) / cluster_bytes + 2) as u32
+    };
+    let at = grub.offset as usize;
+    disk.get_mut()[at + 11] = 0x10;
+    disk.get_mut()[at + 20..at + 22].copy_from_slice(&((boot_cluster >> 16) as u16).to_le_bytes());
+    disk.get_mut()[at + 26..at + 28].copy_from_slice(&(boot_cluster as u16).to_le_bytes());
+    disk.get_mut()[at + 28..at + 32].fill(0);
+    save("damaged-directory-inside-itself", disk.get_ref());
+
+    // FAT16 and FAT12 as mkfs.fat makes them, with files copied in by mtools.
+    for (name, fat_bits, mib) in [("mkfs-fat16", "16", 32), ("mkfs-fat12", "12", 4)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("fat.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        let run = |cmd: &mut Command| assert!(cmd.status().unwrap().success(), "{cmd:?}");
+        run(Command::new("mkfs.fat")
+            .args(["-F", fat_bits, "-n", "LIVE"])
+            .arg(&img));
+        let i = img.to_str().unwrap();
+        for d in ["::/LiveOS", "::/EFI", "::/EFI/BOOT"] {
+            run(Command::new("mmd")
+                .env("MTOOLS_SKIP_CHECK", "1")
+                .args(["-i", i, d]));
+        }
+        for (path, bytes) in &files {
+            let src = tmp.path().join("f");
+            std::fs::write(&src, bytes).unwrap();
+            let to = format!("::{path}");
+            if path.starts_with("/syslinux") {
+                continue;
+            }
+            run(Command::new("mcopy")
+                .env("MTOOLS_SKIP_CHECK", "1")
+                .args(["-i", i])
+                .arg(&src)
+                .arg(&to));
+        }
+        save(name, &std::fs::read(&img).unwrap());
+    }
+
+    // An MBR with an extended partition and two logical ones, and a FAT32
+    // primary partition livestick would install into.
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(DISK).unwrap();
+    let i = img.to_str().unwrap().to_string();
+    let mut child = Command::new("sfdisk")
+        .args(["-q", "--no-reread", "--no-tell-kernel", &i])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(
+            format!(
+                "label: dos\n{i}1 : start=2048, size=4096, type=83\n{i}2 : start=8192, size=16384, type=5\n\
+                 {i}3 : start=32768, size=98304, type=c, bootable\n{i}5 : size=4096, type=82\n{i}6 : size=4096, type=c\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let mut disk = Cursor::new(std::fs::read(&img).unwrap());
+    {
+        let mut w = PartitionWindow::new(&mut disk, 32768 * 512, 98304 * 512);
+        fat::format(&mut w, "LIVE", 7, 32768).unwrap();
+        w.flush().unwrap();
+    }
+    disk.seek(SeekFrom::Start(0)).unwrap();
+    save("sfdisk-logical-partitions", disk.get_ref());
+}

@@ -1,6 +1,11 @@
-//! Another live stick as the source of a write (livecd-iso-to-disk's "live
-//! device" source): its menus, live files and EFI loaders are read from its
-//! FAT filesystem in place, and its overlay and home can be carried over.
+//! The source of a write: a live ISO (`source::live`), or another live stick
+//! (livecd-iso-to-disk's "live device" source), whose menus, live files and
+//! EFI loaders are read from its FAT filesystem in place and whose overlay and
+//! home can be carried over.
+//!
+//! This sits above `source/` and `disk/` (beside `plan`, `apply`): the ISO
+//! model lives in `source/`, the stick's FAT and extents in `disk/`, and
+//! neither imports the other.
 
 use std::fs::File;
 use std::io::Read;
@@ -8,12 +13,12 @@ use std::path::Path;
 
 use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat::{self, FatEntry};
-use crate::disk::stick::{Stick, StickError};
+use crate::disk::stick::{self, Stick, StickError};
 use crate::layout;
-use crate::source::iso::{Extent, IsoEntry};
+use crate::source::iso::{Extent, IsoEntry, IsoError};
 use crate::source::live::{
-    FileInfo, LayoutKind, LiveError, LiveImage, MenuFile, SourceKind, boot_files_of, check_menus,
-    classify_root, parse_menu_file,
+    self, FileInfo, LayoutKind, LiveError, LiveImage, MenuFile, SourceKind, boot_files_of,
+    check_menus, classify_root, parse_menu_file,
 };
 
 const LIVE_DIR: &str = "LiveOS";
@@ -42,6 +47,29 @@ struct Found {
     live_files: Vec<FileInfo>,
     efi_files: Vec<FileInfo>,
     all_files: Vec<FatEntry>,
+}
+
+/// Reads the source's structure into a [`LiveImage`]: a live ISO, or another
+/// live stick (which has a partition table and no ISO 9660 volume).
+pub fn inspect(path: &Path) -> Result<LiveImage, LiveError> {
+    match live::inspect_iso(path) {
+        // Hybrid ISOs carry a partition table too, so the ISO is tried first,
+        // and only a file with no ISO 9660 volume at all may be a stick (a
+        // truncated ISO must say it is truncated).
+        Err(
+            err @ LiveError::Iso {
+                source: IsoError::NotIso { .. },
+                ..
+            },
+        ) => {
+            if stick::looks_like_stick(path) {
+                inspect_stick(path)
+            } else {
+                Err(err)
+            }
+        }
+        other => other,
+    }
 }
 
 /// Reads a stick written by livestick or livecd-iso-to-disk as a source.
