@@ -58,6 +58,9 @@ pub struct Boot {
     pub timeout: Duration,
     /// Names the log file: `<CARGO_TARGET_TMPDIR>/boot-logs/<name>-<n>.log`.
     pub name: String,
+    /// Keys to press, as a user at the keyboard would, once the console shows
+    /// the text (a boot menu entry): QEMU monitor `sendkey` names.
+    pub keys: Option<(String, Vec<String>)>,
 }
 
 impl Boot {
@@ -70,6 +73,7 @@ impl Boot {
             passphrase: None,
             timeout: Duration::from_secs(180),
             name: name.to_string(),
+            keys: None,
         }
     }
 
@@ -88,6 +92,16 @@ impl Boot {
 
     pub fn timeout(mut self, t: Duration) -> Boot {
         self.timeout = t;
+        self
+    }
+
+    /// Presses `keys` (QEMU `sendkey` names such as `down`, `ret`) once the
+    /// console shows `when`: how a test picks a boot menu entry.
+    pub fn keys_when(mut self, when: &str, keys: &[&str]) -> Boot {
+        self.keys = Some((
+            when.to_string(),
+            keys.iter().map(|k| k.to_string()).collect(),
+        ));
         self
     }
 
@@ -248,7 +262,15 @@ pub fn qemu_command(boot: &Boot, log: &Path, fw_cfg_file: Option<&Path>) -> Comm
     c.args([
         "-machine", machine, "-accel", "tcg", "-cpu", "qemu64", "-m", "1024",
     ]);
-    c.args(["-nographic", "-no-reboot", "-monitor", "none"]);
+    c.args(["-nographic", "-no-reboot"]);
+    if boot.keys.is_some() {
+        c.arg("-monitor").arg(format!(
+            "unix:{},server=on,wait=off",
+            monitor_path(log).display()
+        ));
+    } else {
+        c.args(["-monitor", "none"]);
+    }
     c.arg("-serial").arg(format!("file:{}", log.display()));
     match boot.firmware {
         Firmware::Bios => {}
@@ -320,7 +342,7 @@ fn run_boot(boot: &Boot) -> BootResult {
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {QEMU}: {e}"));
-    let outcome = watch(&mut child, &log, boot.timeout);
+    let outcome = watch(&mut child, &log, boot.timeout, boot.keys.as_ref());
     let elapsed = start.elapsed();
     let console = read_lossy(&log);
     let fail = |why: &str| -> ! {
@@ -367,8 +389,31 @@ enum Outcome {
     Timeout,
 }
 
-fn watch(child: &mut Child, log: &Path, timeout: Duration) -> Outcome {
+/// The QEMU monitor socket of a boot that presses keys, beside its log.
+fn monitor_path(log: &Path) -> PathBuf {
+    log.with_extension("monitor")
+}
+
+/// Presses keys through the QEMU monitor, one at a time, as a person would.
+fn send_keys(log: &Path, keys: &[String]) {
+    use std::io::Write as _;
+    let path = monitor_path(log);
+    let mut monitor = std::os::unix::net::UnixStream::connect(&path)
+        .unwrap_or_else(|e| panic!("connect to the QEMU monitor {}: {e}", path.display()));
+    for key in keys {
+        writeln!(monitor, "sendkey {key}").expect("send a key to the QEMU monitor");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn watch(
+    child: &mut Child,
+    log: &Path,
+    timeout: Duration,
+    keys: Option<&(String, Vec<String>)>,
+) -> Outcome {
     let deadline = Instant::now() + timeout;
+    let mut keys_pending = keys;
     loop {
         if let Some(status) = child.try_wait().expect("wait for QEMU") {
             let mut stderr = String::new();
@@ -381,6 +426,12 @@ fn watch(child: &mut Child, log: &Path, timeout: Duration) -> Outcome {
         if let Some((_, why)) = FATAL.iter().find(|(pat, _)| console.contains(pat)) {
             kill(child);
             return Outcome::Fatal(why);
+        }
+        if let Some((when, keys)) = keys_pending
+            && console.contains(when.as_str())
+        {
+            send_keys(log, keys);
+            keys_pending = None;
         }
         if Instant::now() >= deadline {
             kill(child);

@@ -6,5 +6,6 @@
 mod current_fedora;
 pub mod harness;
 mod maintenance;
+mod multi;
 mod ovl_merge;
 mod scenarios;

@@ -39,7 +39,7 @@ const STICK_BYTES: u64 = 1 << 30;
 /// ends, which once made the partition probe as `linux_raid_member` so udev made
 /// no by-uuid link and dracut never found the live system. Persistence is
 /// allocated, not written, so every boot test runs over stale bytes.
-fn used_stick(image: &Path) {
+pub(crate) fn used_stick(image: &Path) {
     use rand::RngCore;
     use std::io::{Seek, SeekFrom, Write};
     let mut block = vec![0u8; 8 << 20];
