@@ -104,21 +104,6 @@ impl Write for SparseDisk {
     }
 }
 
-/// The records that make `image` (whole sectors; all-zero ones left out): how
-/// the seeds are made from real stick images.
-pub fn records_of(image: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (n, s) in image.chunks(512).enumerate() {
-        if s.iter().any(|&b| b != 0) {
-            out.extend_from_slice(&(n as u32).to_le_bytes());
-            let mut sector = [0u8; 512];
-            sector[..s.len()].copy_from_slice(s);
-            out.extend_from_slice(&sector);
-        }
-    }
-    out
-}
-
 /// Runs every check on one input. Panics only on a bug.
 pub fn fuzz_one(data: &[u8]) {
     let mut disk = SparseDisk::from_records(data);
