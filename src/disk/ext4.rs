@@ -6,6 +6,7 @@
 //! `home info` can describe a filesystem seen only through a decrypting
 //! reader, where no file exists for `dumpe2fs` to open.
 
+use crate::io::io_at;
 use std::fs::OpenOptions;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -101,10 +102,9 @@ fn run(tool: Tool, args: &[&std::ffi::OsStr], path: &Path) -> Result<String, Ext
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Ext4Error + '_ {
-    move |source| Ext4Error::Io {
-        path: path.to_path_buf(),
-        source,
+impl From<crate::io::IoAt> for Ext4Error {
+    fn from(crate::io::IoAt { path, source }: crate::io::IoAt) -> Self {
+        Ext4Error::Io { path, source }
     }
 }
 
@@ -185,9 +185,9 @@ pub fn make_ext4_image(
         .write(true)
         .truncate(true)
         .open(path)
-        .map_err(io_err(path))?;
+        .map_err(io_at(path))?;
     // A sparse file of the final size: mke2fs writes only metadata.
-    f.set_len(size).map_err(io_err(path))?;
+    f.set_len(size).map_err(io_at(path))?;
     drop(f);
 
     let mut args: Vec<std::ffi::OsString> = vec![
@@ -261,13 +261,13 @@ fn checksum_journal(path: &Path) -> Result<(), Ext4Error> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(io_err(&exe))?;
+        .map_err(io_at(&exe))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(b"journal_open -c\njournal_close\n")
-            .map_err(io_err(&exe))?;
+            .map_err(io_at(&exe))?;
     }
-    let out = child.wait_with_output().map_err(io_err(&exe))?;
+    let out = child.wait_with_output().map_err(io_at(&exe))?;
     if !out.status.success() {
         return Err(Ext4Error::Failed {
             tool: DEBUGFS.name,
@@ -344,9 +344,9 @@ pub fn set_journal_sequence(path: &Path, sequence: u32) -> Result<(), Ext4Error>
         .read(true)
         .write(true)
         .open(path)
-        .map_err(io_err(path))?;
+        .map_err(io_at(path))?;
     let mut sb = [0u8; 1024];
-    f.read_exact_at(&mut sb, at).map_err(io_err(path))?;
+    f.read_exact_at(&mut sb, at).map_err(io_at(path))?;
     // Header: magic, block type (3, 4: superblock v1, v2); then s_sequence at
     // 0x18, s_start at 0x1C, s_feature_incompat at 0x28, s_checksum_type at
     // 0x50, s_checksum at 0xFC.
@@ -377,8 +377,8 @@ pub fn set_journal_sequence(path: &Path, sequence: u32) -> Result<(), Ext4Error>
         let c = checksum(&sb);
         sb[0xFC..0x100].copy_from_slice(&c.to_be_bytes());
     }
-    f.write_all_at(&sb, at).map_err(io_err(path))?;
-    f.sync_all().map_err(io_err(path))?;
+    f.write_all_at(&sb, at).map_err(io_at(path))?;
+    f.sync_all().map_err(io_at(path))?;
     Ok(())
 }
 
@@ -480,10 +480,10 @@ pub fn grow_ext4_image(path: &Path, new_size: u64) -> Result<(), Ext4Error> {
     let f = OpenOptions::new()
         .write(true)
         .open(path)
-        .map_err(io_err(path))?;
-    let len = f.metadata().map_err(io_err(path))?.len();
+        .map_err(io_at(path))?;
+    let len = f.metadata().map_err(io_at(path))?.len();
     if len < new_size {
-        f.set_len(new_size).map_err(io_err(path))?;
+        f.set_len(new_size).map_err(io_at(path))?;
     }
     drop(f);
     check_ext4_image(path)?;
@@ -551,8 +551,8 @@ impl Superblock {
         if sb.len() < SUPERBLOCK_BYTES {
             return Err(Ext4Error::NotExt4("superblock is cut short".into()));
         }
-        let u16_at = |o: usize| u16::from_le_bytes([sb[o], sb[o + 1]]);
-        let u32_at = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
+        let u16_at = |o: usize| crate::bytes::u16_at(sb, o);
+        let u32_at = |o: usize| crate::bytes::u32_at(sb, o);
         let magic = u16_at(0x38);
         if magic != MAGIC {
             return Err(Ext4Error::NotExt4(format!(
@@ -595,8 +595,8 @@ impl Superblock {
         let mut sb = vec![0u8; SUPERBLOCK_BYTES];
         let path = PathBuf::from("<image>");
         r.seek(SeekFrom::Start(SUPERBLOCK_OFFSET))
-            .map_err(io_err(&path))?;
-        r.read_exact(&mut sb).map_err(io_err(&path))?;
+            .map_err(io_at(&path))?;
+        r.read_exact(&mut sb).map_err(io_at(&path))?;
         Superblock::parse(&sb)
     }
 

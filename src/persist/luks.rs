@@ -2099,13 +2099,15 @@ mod tests {
             panic!("pbkdf2 cost");
         };
         assert!(short >= MIN_PBKDF2_ITERATIONS);
-        // One benchmark per process: the cost is linear in the time asked for.
-        assert!(long / short == 4 || long / short == 3, "{short} {long}");
-        // And it takes about as long as asked: generous bounds for a loaded CI.
-        let start = std::time::Instant::now();
-        derive_key(b"pw", &[1u8; 32], &KdfCost::Pbkdf2 { iterations: long }, 64).unwrap();
-        let ms = start.elapsed().as_millis();
-        assert!((100..=1600).contains(&ms), "400 ms asked, {ms} ms taken");
+        // One benchmark per process: the cost is linear in the time asked for,
+        // unless the short one sits on the floor (a machine so loaded that the
+        // benchmark saw little speed).
+        assert!(long >= short, "{short} {long}");
+        if short > MIN_PBKDF2_ITERATIONS {
+            assert!((3..=4).contains(&(long / short)), "{short} {long}");
+        }
+        // How long it then takes is a timing, and timings never gate tests
+        // (a loaded CI machine would fail it): `benches/` measures it.
         // cryptsetup's floor.
         assert_eq!(
             pbkdf2(0).resolve_kdf().unwrap(),

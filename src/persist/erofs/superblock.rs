@@ -3,7 +3,6 @@
 //! of the EROFS modules, so they only import downward.
 
 use std::io::{self, Read, Seek, SeekFrom};
-use std::path::Path;
 
 use serde::Serialize;
 use thiserror::Error;
@@ -57,10 +56,15 @@ impl crate::error::Classify for ErofsError {
     }
 }
 
-pub(crate) fn io_err(what: &Path) -> impl FnOnce(io::Error) -> ErofsError + '_ {
-    move |source| ErofsError::Io {
-        what: what.display().to_string(),
-        source,
+/// EROFS code names I/O errors through the crate's one helper.
+pub(crate) use crate::io::io_at as io_err;
+
+impl From<crate::io::IoAt> for ErofsError {
+    fn from(crate::io::IoAt { path, source }: crate::io::IoAt) -> Self {
+        ErofsError::Io {
+            what: path.display().to_string(),
+            source,
+        }
     }
 }
 
@@ -75,15 +79,8 @@ pub struct ErofsInfo {
     pub blocks: u64,
 }
 
-pub(crate) fn u16_at(b: &[u8], i: usize) -> u16 {
-    u16::from_le_bytes([b[i], b[i + 1]])
-}
-pub(crate) fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
-}
-pub(crate) fn u64_at(b: &[u8], i: usize) -> u64 {
-    u64::from(u32_at(b, i)) | u64::from(u32_at(b, i + 4)) << 32
-}
+/// Little-endian fields through the crate's one helper.
+pub(crate) use crate::bytes::{u16_at, u32_at, u64_at};
 
 /// Reads the EROFS superblock (128 bytes at offset 1024).
 pub fn read_superblock<R: Read + Seek>(r: &mut R, what: &str) -> Result<ErofsInfo, ErofsError> {

@@ -1,7 +1,7 @@
 //! The error of a merge: a leaf the merge modules import.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use thiserror::Error;
 
@@ -85,10 +85,12 @@ pub enum MergeError {
     Failpoint(&'static str),
 }
 
-pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> MergeError + '_ {
-    move |source| MergeError::Io {
-        path: path.to_path_buf(),
-        source,
+/// Merge code names I/O errors through the crate's one helper.
+pub(crate) use crate::io::io_at;
+
+impl From<crate::io::IoAt> for MergeError {
+    fn from(crate::io::IoAt { path, source }: crate::io::IoAt) -> Self {
+        MergeError::Io { path, source }
     }
 }
 

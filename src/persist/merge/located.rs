@@ -88,7 +88,7 @@ impl Located {
 
 /// Free bytes for an unprivileged user on the file system holding `path`.
 pub fn free_bytes(path: &Path) -> Result<u64, MergeError> {
-    statvfs_free(path).map_err(io_at(path))
+    Ok(statvfs_free(path).map_err(io_at(path))?)
 }
 
 /// [`free_bytes`] as a plain `io::Result`, for facts that keep why it failed.

@@ -34,10 +34,11 @@ pub enum StoreError {
     Host { path: PathBuf, what: String },
 }
 
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_path_buf(),
-        source,
+use crate::io::io_at;
+
+impl From<crate::io::IoAt> for StoreError {
+    fn from(crate::io::IoAt { path, source }: crate::io::IoAt) -> Self {
+        StoreError::Io { path, source }
     }
 }
 

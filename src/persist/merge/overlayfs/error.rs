@@ -3,7 +3,7 @@
 //! `persist::ovl_merge`) imports.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use thiserror::Error;
 
@@ -71,10 +71,12 @@ pub enum OvlError {
     Host { path: PathBuf, what: String },
 }
 
-pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> OvlError + '_ {
-    move |source| OvlError::Io {
-        path: path.to_path_buf(),
-        source,
+/// The OverlayFS merge names I/O errors through the crate's one helper.
+pub(crate) use crate::io::io_at;
+
+impl From<crate::io::IoAt> for OvlError {
+    fn from(crate::io::IoAt { path, source }: crate::io::IoAt) -> Self {
+        OvlError::Io { path, source }
     }
 }
 

@@ -46,7 +46,7 @@ pub fn run_fakeroot_job(job: &Path) -> Result<(), OvlError> {
         path: job.report.clone(),
         what: e.to_string(),
     })?;
-    fs::write(&job.report, out).map_err(io_at(&job.report))
+    Ok(fs::write(&job.report, out).map_err(io_at(&job.report))?)
 }
 
 /// EROFS without root: the tree steps in a child under fakeroot.

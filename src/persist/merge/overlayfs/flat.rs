@@ -292,13 +292,13 @@ fn spawn(
     stdout: Stdio,
 ) -> Result<Child, OvlError> {
     let exe = tools::find_program(&tool)?;
-    Command::new(&exe)
+    Ok(Command::new(&exe)
         .args(args)
         .stdin(stdin)
         .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(io_at(&exe))
+        .map_err(io_at(&exe))?)
 }
 
 fn failed(tool: &str, args: &[&std::ffi::OsStr], status: String, stderr: &str) -> OvlError {

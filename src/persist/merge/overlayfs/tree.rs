@@ -229,10 +229,11 @@ impl Target for HostTree {
             .map(|m| m.is_dir())
             .map_err(io_at(&p))?;
         if is_dir {
-            fs::remove_dir_all(&p).map_err(io_at(&p))
+            fs::remove_dir_all(&p).map_err(io_at(&p))?;
         } else {
-            fs::remove_file(&p).map_err(io_at(&p))
+            fs::remove_file(&p).map_err(io_at(&p))?;
         }
+        Ok(())
     }
 
     fn make_dir(&mut self, e: &UpperEntry) -> Result<(), OvlError> {
@@ -266,7 +267,7 @@ impl Target for HostTree {
 
     fn make_hardlink(&mut self, e: &UpperEntry, first: &str) -> Result<(), OvlError> {
         let p = self.p(&e.path);
-        fs::hard_link(self.p(first), &p).map_err(io_at(&p))
+        Ok(fs::hard_link(self.p(first), &p).map_err(io_at(&p))?)
     }
 
     fn make_symlink(&mut self, e: &UpperEntry) -> Result<(), OvlError> {
