@@ -15,11 +15,10 @@ use serde::Serialize;
 use super::write::BadInput;
 use crate::disk::ext4::Superblock;
 use crate::persist::merge::{self, MergeRequest, StickMergeRequest};
+use crate::persist::overlay::any::Overlay;
 use crate::persist::overlay::dm::RootImage;
 use crate::persist::overlay::place::{self, Bare, Place, Selection, StickOverlay, Target};
-use crate::persist::overlay::{
-    GrowRequest, Kind, Overlay, OverlayError, ResetPlan, dir, dm, ovlfs, store,
-};
+use crate::persist::overlay::{GrowRequest, Kind, OverlayError, ResetPlan, dir, dm, ovlfs, store};
 use crate::persist::ovl_maint;
 use crate::persist::snapshot::SECTOR_BYTES;
 use crate::progress::{Progress, ProgressMode};

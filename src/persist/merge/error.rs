@@ -92,6 +92,15 @@ pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> MergeError + '_ {
     }
 }
 
+impl From<crate::io::IoAt> for MergeError {
+    fn from(e: crate::io::IoAt) -> Self {
+        MergeError::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 impl From<crate::persist::overlay::store::StoreError> for MergeError {
     fn from(e: crate::persist::overlay::store::StoreError) -> MergeError {
         MergeError::Ovl(e.into())

@@ -46,7 +46,7 @@ pub mod replace;
 pub use dm::{RepairReport, extract_root_image, repair_view, run_e2fsck};
 pub use error::MergeError;
 pub use facts::MergeFacts;
-pub use fold::{changed_chunks, chunk_fingerprints, fold_chunks};
+pub use fold::fold_chunks;
 pub use located::{Located, StickPlace, free_bytes, staged_path, stick_extents};
 pub use plan::{MergeOptions, MergePlan, STEPS};
 pub use replace::{MergeReport, sha256_file};
