@@ -1,7 +1,6 @@
 //! Command-line types (clap). Kept apart from the logic: each subcommand's
 //! arguments are plain data handed to one function in `commands/`, and
-//! nothing here imports `commands/` (the overlay arguments still live in
-//! `commands/overlay.rs` until that module is reshaped).
+//! nothing here imports `commands/`.
 //!
 //! Also the rest of the command-line contract: which exit code an error
 //! gets (`error_kind`, by the kinds of `crate::error`), so that the binary's
@@ -10,6 +9,7 @@
 pub mod compat;
 pub mod devices;
 pub mod home;
+pub mod overlay;
 pub mod write;
 
 use std::ffi::OsString;
@@ -83,7 +83,7 @@ pub enum Command {
     )]
     Overlay {
         #[command(subcommand)]
-        command: crate::commands::overlay::OverlayCommand,
+        command: overlay::OverlayCommand,
     },
     /// Persistent home: info (size, use, encryption) and resize (grow)
     #[command(
@@ -136,7 +136,6 @@ impl Command {
     /// True for the commands that only read and print: stopping one of them
     /// at any point loses nothing.
     pub fn changes_nothing(&self) -> bool {
-        use crate::commands::overlay::OverlayCommand;
         match self {
             Command::Inspect(_)
             | Command::Devices(_)
@@ -148,7 +147,7 @@ impl Command {
                 home::HomeCommand::Info(_) => true,
                 home::HomeCommand::Resize(args) => args.dry_run,
             },
-            Command::Overlay { command } => matches!(command, OverlayCommand::Status(_)),
+            Command::Overlay { command } => matches!(command, overlay::OverlayCommand::Status(_)),
             Command::IsoToDisk(_) | Command::InternalFakerootStep { .. } => false,
         }
     }
