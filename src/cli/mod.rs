@@ -17,9 +17,8 @@ use std::path::PathBuf;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-pub use crate::error::ErrorKind;
-use crate::error::{Classifier, Classify, classifier};
-pub use write::{DracutNamesArg, TableArg, WriteArgs, parse_timeout};
+use crate::error::{Classifier, Classify, ErrorKind, classifier};
+use write::WriteArgs;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -195,9 +194,9 @@ pub struct InspectArgs {
     pub iso: PathBuf,
 }
 
-/// The full clap command: the derived one, plus examples for subcommands
-/// defined elsewhere that do not carry their own yet (every `--help` shows
-/// examples; a test checks it).
+/// The full clap command: the derived one, plus examples for the overlay
+/// subcommands whose `after_help` does not carry them yet (every `--help`
+/// shows examples; a test checks it).
 pub fn command() -> clap::Command {
     Cli::command().mut_subcommand("overlay", |overlay| {
         let examples = [
@@ -265,7 +264,7 @@ impl Classify for clap::Error {
 }
 
 /// Every typed error livestick classifies. The types of
-/// `persist::{merge, ovl_merge, ovl_maint, snapshot}` are not listed (yet):
+/// `persist::{merge, overlay, ovl_maint, snapshot}` are not listed (yet):
 /// the chain walk passes over them to the errors they wrap, as it always has.
 const CLASSIFIERS: &[Classifier] = &[
     classifier::<crate::error::BadInput>,

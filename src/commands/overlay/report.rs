@@ -358,7 +358,7 @@ pub(super) fn recover_report(
     show: &str,
     report: &snapshot::RecoverReport,
     grow_plan: Option<&snapshot::GrowPlan>,
-    repair: Option<&merge::RepairReport>,
+    repair: Option<&merge::dm::RepairReport>,
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<()> {

@@ -351,7 +351,7 @@ fn inspect_overlayfs(
 
 /// The EROFS image and what the installed erofs-utils can do with it.
 fn inspect_erofs(place: &Place, workdir: &Path, what: &str) -> Result<ErofsFacts, MergeError> {
-    let info = erofs::read_superblock(&mut place.squashfs_at.open(false)?, what)
+    let info = erofs::superblock::read_superblock(&mut place.squashfs_at.open(false)?, what)
         .map_err(OvlError::from)?;
     let fsck_algorithms = erofs::fsck_algorithms().map_err(OvlError::from)?;
     let fsck_version = erofs::fsck_version();
