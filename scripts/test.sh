@@ -15,6 +15,7 @@ for tool in fmt clippy; do
 done
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+perl scripts/layers.pl   # the layer rules of docs/design.md: no circles, nothing imports from above
 bash scripts/deps.sh
 # Release mode: the boot tests and read-back hashing are I/O and CPU heavy,
 # and debug-mode sha256/md5 would dominate the run time. The integration tests,

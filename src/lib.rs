@@ -23,6 +23,3 @@ pub mod size;
 pub mod source;
 pub mod squash;
 pub mod tools;
-
-// The livecd-iso-to-disk front end lived here before `cli/`; the tests name it here.
-pub use cli::compat;

@@ -1,7 +1,6 @@
 //! Command-line types (clap). Kept apart from the logic: each subcommand's
 //! arguments are plain data handed to one function in `commands/`, and
-//! nothing here imports `commands/` (the overlay arguments still live in
-//! `commands/overlay.rs` until that module is reshaped).
+//! nothing here imports `commands/`.
 //!
 //! Also the rest of the command-line contract: which exit code an error
 //! gets (`error_kind`, by the kinds of `crate::error`), so that the binary's
@@ -10,6 +9,7 @@
 pub mod compat;
 pub mod devices;
 pub mod home;
+pub mod overlay;
 pub mod write;
 
 use std::ffi::OsString;
@@ -17,9 +17,8 @@ use std::path::PathBuf;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-pub use crate::error::ErrorKind;
-use crate::error::{Classifier, Classify, classifier};
-pub use write::{DracutNamesArg, TableArg, WriteArgs, parse_timeout};
+use crate::error::{Classifier, Classify, ErrorKind, classifier};
+use write::WriteArgs;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -83,7 +82,7 @@ pub enum Command {
     )]
     Overlay {
         #[command(subcommand)]
-        command: crate::commands::overlay::OverlayCommand,
+        command: overlay::OverlayCommand,
     },
     /// Persistent home: info (size, use, encryption) and resize (grow)
     #[command(
@@ -136,7 +135,6 @@ impl Command {
     /// True for the commands that only read and print: stopping one of them
     /// at any point loses nothing.
     pub fn changes_nothing(&self) -> bool {
-        use crate::commands::overlay::OverlayCommand;
         match self {
             Command::Inspect(_)
             | Command::Devices(_)
@@ -148,7 +146,7 @@ impl Command {
                 home::HomeCommand::Info(_) => true,
                 home::HomeCommand::Resize(args) => args.dry_run,
             },
-            Command::Overlay { command } => matches!(command, OverlayCommand::Status(_)),
+            Command::Overlay { command } => matches!(command, overlay::OverlayCommand::Status(_)),
             Command::IsoToDisk(_) | Command::InternalFakerootStep { .. } => false,
         }
     }
@@ -196,9 +194,9 @@ pub struct InspectArgs {
     pub iso: PathBuf,
 }
 
-/// The full clap command: the derived one, plus examples for subcommands
-/// defined elsewhere that do not carry their own yet (every `--help` shows
-/// examples; a test checks it).
+/// The full clap command: the derived one, plus examples for the overlay
+/// subcommands whose `after_help` does not carry them yet (every `--help`
+/// shows examples; a test checks it).
 pub fn command() -> clap::Command {
     Cli::command().mut_subcommand("overlay", |overlay| {
         let examples = [
@@ -266,7 +264,7 @@ impl Classify for clap::Error {
 }
 
 /// Every typed error livestick classifies. The types of
-/// `persist::{merge, ovl_merge, ovl_maint, snapshot}` are not listed (yet):
+/// `persist::{merge, overlay, ovl_maint, snapshot}` are not listed (yet):
 /// the chain walk passes over them to the errors they wrap, as it always has.
 const CLASSIFIERS: &[Classifier] = &[
     classifier::<crate::error::BadInput>,

@@ -11,8 +11,7 @@ use anyhow::bail;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-pub use crate::cli::home::HomeCommand;
-use crate::cli::home::{InfoArgs, PassArgs, ResizeArgs};
+use crate::cli::home::{HomeCommand, InfoArgs, PassArgs, ResizeArgs};
 use crate::disk::stick;
 use crate::error::CannotOpen;
 use crate::persist::home::{self, HomeKind, PassphraseSource};

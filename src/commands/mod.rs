@@ -10,8 +10,7 @@ pub mod write;
 
 use std::io::{BufRead, IsTerminal, Write};
 
-// Re-exported for the tests, which name it here.
-pub use crate::error::NoConfirmation;
+use crate::error::NoConfirmation;
 
 /// Asks a yes/no question on the terminal; `assume_yes` answers it. Without a
 /// terminal and without `--yes` the answer is no: scripts must opt in.

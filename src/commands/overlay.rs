@@ -6,200 +6,30 @@
 //! written in place through its FAT extents; squashfs.img is replaced by a directory
 //! entry swap (see `disk::fat_raw`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, bail};
-use clap::{Args, Subcommand};
-use serde::Serialize;
 
-use super::write::BadInput;
+use crate::cli::overlay::{
+    GrowArgs, MergeArgs, OriginArgs, OverlayCommand, RecoverArgs, ResetArgs, StatusArgs, StickSel,
+};
 use crate::disk::ext4::Superblock;
+use crate::error::BadInput;
 use crate::persist::merge::{self, MergeRequest, StickMergeRequest};
+use crate::persist::overlay::any::Overlay;
 use crate::persist::overlay::dm::RootImage;
 use crate::persist::overlay::place::{self, Bare, Place, Selection, StickOverlay, Target};
-use crate::persist::overlay::{
-    GrowRequest, Kind, Overlay, OverlayError, ResetPlan, dir, dm, ovlfs, store,
-};
+use crate::persist::overlay::{GrowRequest, Kind, OverlayError, ResetPlan, dir, dm, ovlfs, store};
 use crate::persist::ovl_maint;
 use crate::persist::snapshot::SECTOR_BYTES;
 use crate::progress::{Progress, ProgressMode};
 use crate::size::parse_size;
-use crate::squash::Compressor;
 
 mod report;
 
-use report::{PlumbingReport, grow_report, ovl_report, print_merge_plan, recover_report};
-
-#[derive(Debug, Subcommand)]
-pub enum OverlayCommand {
-    /// What `dmsetup status` would print for the overlay, plus chunk size, exceptions,
-    /// percent used and bytes free
-    #[command(
-        after_help = "Examples:\n  livestick overlay status LiveOS/overlay-Fedora-41-1-5-1a2b-3c4d\n  livestick overlay status overlay.img --origin rootfs.img --json"
-    )]
-    Status(StatusArgs),
-    /// Merge the overlay into a new squashfs.img (recompressed), then reset the overlay;
-    /// or, with --origin, merge it into a bare root image like dm `snapshot-merge`
-    #[command(
-        after_help = "Examples:\n  livestick overlay merge LiveOS/overlay-L-U --squashfs LiveOS/squashfs.img --workdir /var/tmp\n  livestick overlay merge overlay.img --origin rootfs.img            # in place, like snapshot-merge\n  livestick overlay merge overlay.img --origin rootfs.img --output merged.img"
-    )]
-    Merge(MergeArgs),
-    /// Empty the overlay (a new store); everything it holds is lost
-    Reset(ResetArgs),
-    /// Make an overlay the kernel marked Invalid usable again (after validating it).
-    /// An overlay that is only full (dmsetup shows Overflow; current kernels with
-    /// dracut's `PO` table stop there) stays valid: give it room with `grow`.
-    /// An OverlayFS overlay has no Invalid mark: its ext4 is checked with
-    /// `e2fsck -f -n` (nothing changed) and repaired with --repair (`e2fsck -f -y`)
-    Recover(RecoverArgs),
-    /// Make the overlay file larger, keeping every change in it (an OverlayFS
-    /// overlay: its ext4 is grown with resize2fs after `e2fsck -f -p`)
-    Grow(GrowArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct OriginArgs {
-    /// The root image the overlay belongs to (rootfs.img), for range checks
-    #[arg(long, value_name = "IMAGE")]
-    pub origin: Option<PathBuf>,
-    /// The root image's size instead of the image itself (e.g. 6G)
-    #[arg(long, value_name = "SIZE", conflicts_with = "origin")]
-    pub origin_size: Option<String>,
-}
-
-/// Which overlay on a stick (ignored for a bare overlay file).
-#[derive(Debug, Args)]
-pub struct StickSel {
-    /// Directory of the live files on the stick
-    #[arg(long, value_name = "DIR", default_value = "LiveOS")]
-    pub live_dir: String,
-    /// Work on this overlay file of the live dir instead of overlay-LABEL-UUID (e.g. an
-    /// orphaned one whose name no longer matches the stick)
-    #[arg(long, value_name = "NAME")]
-    pub overlay_file: Option<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct StatusArgs {
-    /// Stick (block device or image file) or bare overlay file (LiveOS/overlay-LABEL-UUID)
-    pub target: PathBuf,
-    #[command(flatten)]
-    pub sel: StickSel,
-    #[command(flatten)]
-    pub origin: OriginArgs,
-}
-
-#[derive(Debug, Args)]
-pub struct MergeArgs {
-    /// Stick (block device or image file) or bare overlay file (LiveOS/overlay-LABEL-UUID)
-    pub target: PathBuf,
-    #[command(flatten)]
-    pub sel: StickSel,
-    /// Plumbing: merge into this bare root image (in place unless --output); no squashfs
-    #[arg(long, value_name = "IMAGE", conflicts_with = "squashfs")]
-    pub origin: Option<PathBuf>,
-    /// With --origin: write the merged image here and change neither input
-    #[arg(long, value_name = "FILE", requires = "origin")]
-    pub output: Option<PathBuf>,
-    /// The squashfs.img holding the root image (default: squashfs.img next to the overlay)
-    #[arg(long, value_name = "PATH")]
-    pub squashfs: Option<PathBuf>,
-    /// Where to extract and rebuild (needs the root image size plus the new squashfs)
-    #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
-    pub workdir: PathBuf,
-    /// Do not run `e2fsck -f -p` on the merged root image
-    #[arg(long)]
-    pub no_fsck: bool,
-    /// Compressor for the new squashfs (default: the one the old image used)
-    #[arg(long, value_enum)]
-    pub compress: Option<Compressor>,
-    /// Print the plan (with the space needed) and change nothing
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Do not ask for confirmation (a merge on a stick rewrites its squashfs.img)
-    #[arg(long, short)]
-    pub yes: bool,
-    /// EROFS roots: rebuild even when the image's xattrs cannot be carried over
-    /// (livestick cannot read them from this image and fsck.erofs does not extract
-    /// them); the new image then has no SELinux labels or file capabilities
-    #[arg(long)]
-    pub allow_xattr_loss: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct ResetArgs {
-    /// Stick (block device or image file) or bare overlay file (LiveOS/overlay-LABEL-UUID)
-    pub target: PathBuf,
-    #[command(flatten)]
-    pub sel: StickSel,
-    /// Do not ask for confirmation
-    #[arg(long, short)]
-    pub yes: bool,
-    /// Say what would be lost and change nothing
-    #[arg(long)]
-    pub dry_run: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct RecoverArgs {
-    /// Stick (block device or image file) or bare overlay file (LiveOS/overlay-LABEL-UUID)
-    pub target: PathBuf,
-    #[command(flatten)]
-    pub sel: StickSel,
-    #[command(flatten)]
-    pub origin: OriginArgs,
-    /// Also grow the overlay by this many MiB (an overlay that was invalidated because
-    /// it ran full would run full again on the next writes)
-    #[arg(long, value_name = "N")]
-    pub add_mb: Option<u64>,
-    /// Then run `e2fsck -f -y` on the file system seen through the overlay and write
-    /// what it repaired into the overlay (OverlayFS: on the overlay's own ext4)
-    #[arg(long)]
-    pub repair: bool,
-    /// With --repair on a bare overlay file: the squashfs.img holding the root image
-    /// (default: squashfs.img next to the overlay), unless --origin is given
-    #[arg(long, value_name = "PATH", conflicts_with = "origin")]
-    pub squashfs: Option<PathBuf>,
-    /// With --repair: where to build the repaired view (needs the root image's size);
-    /// an OverlayFS overlay on a stick is checked and repaired in a copy here (needs
-    /// the overlay's size)
-    #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
-    pub workdir: PathBuf,
-    /// Answer yes to every confirmation (for scripts; this command keeps every
-    /// change in the overlay, so it asks none today)
-    #[arg(long, short)]
-    pub yes: bool,
-    /// Show what would be done and change nothing
-    #[arg(long)]
-    pub dry_run: bool,
-}
-
-#[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("amount").required(true).args(["size_mb", "add_mb"])))]
-pub struct GrowArgs {
-    /// Stick (block device or image file) or bare overlay file (LiveOS/overlay-LABEL-UUID)
-    pub target: PathBuf,
-    #[command(flatten)]
-    pub sel: StickSel,
-    /// New total size in MiB (at most 4095: the FAT file size limit)
-    #[arg(long, value_name = "N")]
-    pub size_mb: Option<u64>,
-    /// Add this many MiB
-    #[arg(long, value_name = "N")]
-    pub add_mb: Option<u64>,
-    /// OverlayFS overlay on a stick: where it is copied to be checked and resized
-    /// (needs room for the grown overlay; only the blocks resize2fs changes are
-    /// written back)
-    #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
-    pub workdir: PathBuf,
-    /// Answer yes to every confirmation (for scripts; this command keeps every
-    /// change in the overlay, so it asks none today)
-    #[arg(long, short)]
-    pub yes: bool,
-    /// Show the new size and change nothing
-    #[arg(long)]
-    pub dry_run: bool,
-}
+use report::{
+    PlumbingReport, grow_report, ovl_report, print_json, print_merge_plan, recover_report,
+};
 
 pub fn run(cmd: OverlayCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
@@ -263,11 +93,6 @@ fn origin_sectors(o: &OriginArgs) -> anyhow::Result<Option<u64>> {
         return Ok(Some(parse_size(s)? / SECTOR_BYTES));
     }
     Ok(None)
-}
-
-fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
 }
 
 fn progress(json: bool, what: &Path) -> Progress {

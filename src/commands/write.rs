@@ -19,6 +19,7 @@ use crate::disk::ext4::{self, Ext4Options};
 use crate::disk::identity;
 use crate::disk::partition::TableKind;
 use crate::disk::target::{self, TargetKind};
+use crate::error::{BadInput, PartialBatchFailure};
 use crate::persist::home::{self, PassphraseSource};
 use crate::persist::luks::{LuksParams, PbkdfKind};
 use crate::persist::swap;
@@ -26,9 +27,6 @@ use crate::plan::{self, FormatMode, HomeEncryption, Plan, WriteOptions};
 use crate::progress::{Progress, ProgressMode};
 use crate::size::{MIB, human, parse_size};
 use crate::source::{checksum, initrd, live};
-
-// Re-exported for `commands/overlay.rs` and the tests, which name them here.
-pub use crate::error::{BadInput, PartialBatchFailure};
 
 fn mib(option: &str, value: Option<u64>) -> anyhow::Result<Option<u64>> {
     match value {

@@ -10,3 +10,4 @@ pub mod ovl_maint;
 pub mod snapshot;
 pub mod swap;
 pub mod tar_stream;
+pub mod workdir;

@@ -28,8 +28,8 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::disk::ext4::{self, Ext4Error, Superblock};
-use crate::persist::merge::{self, MergeError};
-use crate::persist::snapshot::SyncData;
+use crate::io::{IoAt, SyncData};
+use crate::persist::workdir;
 use crate::tools::{E2FSCK, RESIZE2FS, ToolMissing, find_program};
 
 /// Granularity of the write-back: the blocks e2fsck/resize2fs changed.
@@ -46,8 +46,9 @@ pub enum OvlMaintError {
     ToolMissing(#[from] ToolMissing),
     #[error(transparent)]
     Ext4(#[from] Ext4Error),
+    /// Reading a work copy to tell what a tool changed.
     #[error(transparent)]
-    Merge(#[from] MergeError),
+    WorkCopy(#[from] IoAt),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -476,12 +477,13 @@ pub fn in_place_spec(device: &Path, offset: u64) -> Option<OsString> {
 
 /// Free bytes in `dir`, checked against a copy of `needed` bytes.
 pub fn check_workdir(dir: &Path, overlay: &str, needed: u64) -> Result<u64, OvlMaintError> {
-    let free = merge::free_bytes(dir).map_err(|e| OvlMaintError::Io {
+    let free = workdir::free_bytes(dir).map_err(|e| OvlMaintError::Io {
         what: format!(
             "work dir {} (pass --workdir DIR to use another)",
             dir.display()
         ),
-        source: io::Error::other(e.to_string()),
+        // Worded as it always was: the directory, then the cause.
+        source: io::Error::other(format!("{}: {e}", dir.display())),
     })?;
     if needed > free {
         return Err(OvlMaintError::NoRoom {
@@ -572,7 +574,7 @@ impl WorkCopy {
     /// Records the copy's state as the one the stick's overlay has (before the tools
     /// run; after the copy is extended like the overlay will be).
     pub fn mark_baseline(&mut self) -> Result<(), OvlMaintError> {
-        self.baseline = merge::chunk_fingerprints(self.path(), WRITE_BACK_CHUNK)?;
+        self.baseline = workdir::chunk_fingerprints(self.path(), WRITE_BACK_CHUNK)?;
         Ok(())
     }
 
@@ -584,7 +586,7 @@ impl WorkCopy {
         ov: &mut W,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<WriteBack, OvlMaintError> {
-        let changed = merge::changed_chunks(self.path(), WRITE_BACK_CHUNK, &self.baseline)?;
+        let changed = workdir::changed_chunks(self.path(), WRITE_BACK_CHUNK, &self.baseline)?;
         let mut copy = File::open(self.path())
             .map_err(io_err(format!("reading {}", self.path().display())))?;
         let len = copy

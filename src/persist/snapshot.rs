@@ -16,7 +16,7 @@
 //! for damaged stores; [`Store::validate`] is the strict check every writer runs first.
 
 use crate::bytes::{put_u32, put_u64, u32_at, u64_at};
-use crate::io::read_full;
+use crate::io::{SyncData, read_full};
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -359,9 +359,6 @@ impl fmt::Display for DmStatus {
         }
     }
 }
-
-// SyncData lives with the other I/O adapters; re-exported for the formats that use it.
-pub use crate::io::SyncData;
 
 /// Length of a stream, leaving the position at the start.
 pub fn stream_len<S: Seek>(s: &mut S) -> io::Result<u64> {

@@ -6,8 +6,8 @@ use std::process::{Command, Output};
 
 use crate::support::*;
 use clap::CommandFactory;
-use livestick::cli::{self, Cli, ErrorKind};
-use livestick::commands::write::PartialBatchFailure;
+use livestick::cli::{self, Cli};
+use livestick::error::{ErrorKind, PartialBatchFailure};
 
 /// Every subcommand path, e.g. ["write"], ["overlay", "merge"].
 fn paths(cmd: &clap::Command, prefix: Vec<String>, out: &mut Vec<Vec<String>>) {
@@ -374,7 +374,7 @@ fn every_changing_command_accepts_yes() {
 /// recognised by its type wherever it is wrapped.
 #[test]
 fn missing_confirmation_is_a_refusal() {
-    let err = anyhow::Error::new(livestick::commands::NoConfirmation {
+    let err = anyhow::Error::new(livestick::error::NoConfirmation {
         question: "Erase /dev/sdz?".into(),
     })
     .context("writing /dev/sdz");

@@ -19,8 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use crate::support::*;
-use livestick::cli::{self, Command as Cmd, WriteArgs};
-use livestick::compat::{self, Parsed, ResolvedTarget};
+use livestick::cli::compat::{self, Parsed, ResolvedTarget};
+use livestick::cli::write::WriteArgs;
+use livestick::cli::{self, Command as Cmd};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;

@@ -9,7 +9,8 @@ use std::sync::OnceLock;
 
 use crate::support::*;
 use clap::Parser;
-use livestick::commands::home::{self as home_cmd, HomeCommand};
+use livestick::cli::home::HomeCommand;
+use livestick::commands::home as home_cmd;
 use livestick::disk::stick::Stick;
 
 const MIB: u64 = 1 << 20;

@@ -145,7 +145,7 @@ fn whole_disk_images_are_not_taken_for_overlays() {
     assert!(std::fs::read(&p).unwrap() == disk);
 }
 
-fn kind(err: &anyhow::Error) -> livestick::cli::ErrorKind {
+fn kind(err: &anyhow::Error) -> livestick::error::ErrorKind {
     livestick::cli::error_kind(err)
 }
 
@@ -159,7 +159,7 @@ fn a_damaged_store_fails_status_and_is_not_grown() {
     let ov = write(d.path(), "ov", &cow);
     let err = overlay(&["status", &ov]).unwrap_err();
     let text = format!("{err:#}");
-    assert_eq!(kind(&err), livestick::cli::ErrorKind::BadInput, "{text}");
+    assert_eq!(kind(&err), livestick::error::ErrorKind::BadInput, "{text}");
     assert!(
         text.contains("damaged overlay") && text.contains(&ov),
         "{text}"
@@ -179,7 +179,7 @@ fn a_damaged_store_fails_status_and_is_not_grown() {
         &["grow", &ov, "--add-mb", "2", "--dry-run"][..],
     ] {
         let err = overlay(args).unwrap_err();
-        assert_eq!(kind(&err), livestick::cli::ErrorKind::BadInput, "{err:#}");
+        assert_eq!(kind(&err), livestick::error::ErrorKind::BadInput, "{err:#}");
         assert!(format!("{err:#}").contains("refusing to grow"), "{err:#}");
     }
     assert!(
@@ -198,7 +198,7 @@ fn an_empty_file_is_not_an_overlay() {
         &["grow", &ov, "--add-mb", "1"][..],
     ] {
         let err = overlay(args).unwrap_err();
-        assert_eq!(kind(&err), livestick::cli::ErrorKind::BadInput, "{err:#}");
+        assert_eq!(kind(&err), livestick::error::ErrorKind::BadInput, "{err:#}");
         assert!(format!("{err:#}").contains("is empty"), "{err:#}");
     }
     assert_eq!(std::fs::metadata(&ov).unwrap().len(), 0);

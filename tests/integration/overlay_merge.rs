@@ -193,7 +193,7 @@ fn merge_builds_the_changed_image_and_resets_the_overlay() {
     assert_eq!(info.compressor, Compressor::Gzip);
     let cow = std::fs::read(&f.overlay).unwrap();
     assert!(cow[..65536].iter().all(|&b| b == 0), "overlay reset");
-    assert!(!merge::staged_path(&f.squashfs).exists());
+    assert!(!merge::located::staged_path(&f.squashfs).exists());
     // Only the image and the overlay are in the LiveOS dir; the work dir is clean.
     assert_eq!(std::fs::read_dir(&f.stick).unwrap().count(), 2);
 }

@@ -1194,7 +1194,7 @@ fn erofs_root_is_rebuilt_with_mkfs_erofs_or_refused_by_name() {
     );
     assert!(!x.join("etc/sub/gone").exists() && x.join("etc/sub").is_dir());
     let mut f = std::fs::File::open(&sq).unwrap();
-    let info = livestick::persist::erofs::read_superblock(&mut f, "new").unwrap();
+    let info = livestick::persist::erofs::superblock::read_superblock(&mut f, "new").unwrap();
     assert_eq!(
         info.algorithms,
         vec!["lz4"],

@@ -5,7 +5,6 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::print_json;
 use crate::persist::merge;
 use crate::persist::merge::plan::Layout;
 use crate::persist::overlay::place::StickOverlay;
@@ -13,6 +12,12 @@ use crate::persist::overlay::{Kind, dir, ovlfs};
 use crate::persist::ovl_maint;
 use crate::persist::snapshot::{self, SECTOR_BYTES};
 use crate::size::human;
+
+/// One report as pretty JSON on stdout.
+pub(super) fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
 
 /// A stick overlay's status: OverlayFS usage, or the dm-snapshot report.
 pub(super) enum Usage<'a> {
@@ -353,7 +358,7 @@ pub(super) fn recover_report(
     show: &str,
     report: &snapshot::RecoverReport,
     grow_plan: Option<&snapshot::GrowPlan>,
-    repair: Option<&merge::RepairReport>,
+    repair: Option<&merge::dm::RepairReport>,
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<()> {

@@ -24,7 +24,9 @@ pub mod superblock;
 pub mod xattr;
 
 use superblock::io_err;
-pub use superblock::{ErofsError, ErofsInfo, read_superblock};
+// The types this module's functions name, so that a caller needs no child module;
+// reading a superblock is `superblock::read_superblock`.
+pub use superblock::{ErofsError, ErofsInfo};
 
 /// The compressors the installed mkfs.erofs offers (`Available compressors are: …`).
 pub fn available_compressors() -> Result<Vec<String>, ErofsError> {
@@ -225,7 +227,7 @@ pub fn build(tree: &Path, out: &Path, args: &[String]) -> Result<(), ErofsError>
 
 #[cfg(test)]
 mod tests {
-    use super::superblock::EROFS_MAGIC;
+    use super::superblock::{EROFS_MAGIC, read_superblock};
     use super::*;
     use std::io;
 

@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::error::{MergeError, io_at};
-use super::fold::{changed_chunks, chunk_fingerprints, fold_chunks};
+use super::fold::fold_chunks;
 use super::located::{Located, check_space, free_bytes, with_readable_squashfs};
 use super::plan::{MergePlan, failpoint};
 use super::replace::{MergeReport, replace};
+use crate::io::SyncData;
 use crate::persist::snapshot::{self, LIVEOS_CHUNK_SECTORS, Opened};
+use crate::persist::workdir::{changed_chunks, chunk_fingerprints};
 use crate::squash::{self, ImageKind, SquashError};
 use crate::tools::{self, find_program};
 
@@ -148,7 +150,7 @@ pub fn repair_view<C>(
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<RepairReport, MergeError>
 where
-    C: Read + Write + Seek + snapshot::SyncData,
+    C: Read + Write + Seek + SyncData,
 {
     find_program(&tools::E2FSCK)?;
     let origin_bytes = fs::metadata(origin).map_err(io_at(origin))?.len();

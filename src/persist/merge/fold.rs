@@ -1,55 +1,16 @@
-//! Which chunks of an image a tool (e2fsck) changed, and writing those chunks into a
-//! dm-snapshot overlay as the live system would have: the merge folds e2fsck's changes
-//! in before the swap, `recover --repair` folds its repairs in.
+//! Writing the chunks of an image a tool (e2fsck) changed (found with
+//! `persist::workdir::changed_chunks`) into a dm-snapshot overlay as the live system
+//! would have: the merge folds e2fsck's changes in before the swap, `recover --repair`
+//! folds its repairs in.
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::hash::Hasher;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use super::error::{MergeError, io_at};
-use crate::io::read_full;
+use crate::io::SyncData;
 use crate::persist::snapshot::{self, CowWriter, LIVEOS_CHUNK_SECTORS, Opened};
-
-/// A cheap fingerprint of every `chunk_bytes` chunk of an image: enough to tell which
-/// chunks a tool (e2fsck) changed, without keeping a copy of the image.
-pub fn chunk_fingerprints(path: &Path, chunk_bytes: u64) -> Result<Vec<u64>, MergeError> {
-    let mut f = File::open(path).map_err(io_at(path))?;
-    let chunk = chunk_bytes as usize;
-    let mut buf = vec![0u8; (4 << 20) / chunk * chunk];
-    let mut out = Vec::new();
-    loop {
-        let got = read_full(&mut f, &mut buf).map_err(io_at(path))?;
-        if got == 0 {
-            break;
-        }
-        for c in buf[..got].chunks(chunk) {
-            let mut h = std::hash::DefaultHasher::new();
-            h.write(c);
-            out.push(h.finish());
-        }
-        if got < buf.len() {
-            break;
-        }
-    }
-    Ok(out)
-}
-
-/// The chunks whose fingerprint differs between `before` and the image now.
-pub fn changed_chunks(
-    path: &Path,
-    chunk_bytes: u64,
-    before: &[u64],
-) -> Result<Vec<u64>, MergeError> {
-    let after = chunk_fingerprints(path, chunk_bytes)?;
-    Ok(after
-        .iter()
-        .enumerate()
-        .filter(|(i, h)| before.get(*i) != Some(h))
-        .map(|(i, _)| i as u64)
-        .collect())
-}
 
 /// Writes chunks `changed` of `image` into the overlay as the live system would have:
 /// existing exceptions are overwritten in place, others become new exceptions. Checks
@@ -63,7 +24,7 @@ pub fn fold_chunks<C>(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64, MergeError>
 where
-    C: Read + Write + Seek + snapshot::SyncData,
+    C: Read + Write + Seek + SyncData,
 {
     if changed.is_empty() {
         return Ok(0);

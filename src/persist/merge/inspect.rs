@@ -11,9 +11,7 @@ use super::facts::{
     ErofsDetails, ErofsFacts, ImageFacts, Listing, MergeFacts, OverlayFacts, OvlFacts, Place,
     RootImage, SnapshotFacts, ToolsFound, UpperFacts,
 };
-use super::located::{
-    Located, StickPlace, free_bytes, statvfs_free, stick_extents, with_readable_squashfs,
-};
+use super::located::{Located, StickPlace, free_bytes, stick_extents, with_readable_squashfs};
 use super::overlayfs::error::OvlError;
 use super::overlayfs::flat::UpperIndex;
 use super::overlayfs::upper::{overlay_debugfs, read_upper_meta, walk_upper};
@@ -23,6 +21,7 @@ use crate::persist::erofs::{self, xattr as erofs_xattr};
 use crate::persist::merge::overlayfs::dir::image_from_dir;
 use crate::persist::overlay::store;
 use crate::persist::snapshot;
+use crate::persist::workdir;
 use crate::squash::{self, ImageKind, SquashEntry};
 use crate::tools::{self, find_program};
 
@@ -157,7 +156,7 @@ fn inspect_place(place: Place, workdir: &Path, fsck: bool) -> Result<MergeFacts,
     };
     Ok(MergeFacts {
         workdir_shares_target_fs: place.stick.is_none() && same_fs(workdir, &place.target_dir),
-        workdir_free: complete.then(|| statvfs_free(workdir)),
+        workdir_free: complete.then(|| workdir::free_bytes(workdir)),
         place,
         workdir: workdir.to_path_buf(),
         is_root,
@@ -352,7 +351,7 @@ fn inspect_overlayfs(
 
 /// The EROFS image and what the installed erofs-utils can do with it.
 fn inspect_erofs(place: &Place, workdir: &Path, what: &str) -> Result<ErofsFacts, MergeError> {
-    let info = erofs::read_superblock(&mut place.squashfs_at.open(false)?, what)
+    let info = erofs::superblock::read_superblock(&mut place.squashfs_at.open(false)?, what)
         .map_err(OvlError::from)?;
     let fsck_algorithms = erofs::fsck_algorithms().map_err(OvlError::from)?;
     let fsck_version = erofs::fsck_version();

@@ -10,6 +10,7 @@ use serde::Serialize;
 use super::error::{MergeError, io_at};
 use crate::disk::extent_file::ExtentFile;
 use crate::disk::stick::Stick;
+use crate::persist::workdir;
 
 /// Where on a stick the files of a merge are.
 #[derive(Debug, Clone, Serialize)]
@@ -88,13 +89,7 @@ impl Located {
 
 /// Free bytes for an unprivileged user on the file system holding `path`.
 pub fn free_bytes(path: &Path) -> Result<u64, MergeError> {
-    Ok(statvfs_free(path).map_err(io_at(path))?)
-}
-
-/// [`free_bytes`] as a plain `io::Result`, for facts that keep why it failed.
-pub fn statvfs_free(path: &Path) -> io::Result<u64> {
-    let st = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
-    Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+    Ok(workdir::free_bytes(path).map_err(io_at(path))?)
 }
 
 /// Refuses with [`MergeError::NoSpace`] when `needed` bytes do not fit in `free`.

@@ -43,18 +43,15 @@ pub mod overlayfs;
 pub mod plan;
 pub mod replace;
 
-pub use dm::{RepairReport, extract_root_image, repair_view, run_e2fsck};
+// The API of a merge is this module's requests and functions; these are the types
+// their signatures name (and the steps a failpoint can name), so that a caller
+// needs no child module. Everything else is reached at its home (`merge::dm`, …).
 pub use error::MergeError;
-pub use facts::MergeFacts;
-pub use fold::{changed_chunks, chunk_fingerprints, fold_chunks};
-pub use located::{Located, StickPlace, free_bytes, staged_path, stick_extents};
-pub use plan::{MergeOptions, MergePlan, STEPS};
-pub use replace::{MergeReport, sha256_file};
-
-/// Root images a dm-snapshot overlay can sit on, in the order dracut looks for them.
-pub use crate::layout::ROOT_IMAGES;
+pub use plan::{MergePlan, STEPS};
+pub use replace::MergeReport;
 
 use crate::squash::Compressor;
+use plan::MergeOptions;
 
 /// A merge of a bare pair of files: `squashfs.img` and its overlay.
 #[derive(Debug, Clone)]

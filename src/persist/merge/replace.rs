@@ -20,6 +20,7 @@ use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat;
 use crate::disk::fat_raw::{self, SwapError, SwapReport};
 use crate::disk::stick::{Stick, StickError};
+use crate::io::SyncData;
 use crate::persist::overlay::store;
 use crate::persist::snapshot;
 use crate::source::checksum::{HashingReader, hex};
@@ -137,7 +138,7 @@ pub(crate) fn replace(
 /// Empties the overlay after the swap.
 fn reset_after_swap<F>(ov: &mut F, len: u64, fresh_overlay: Option<&Path>) -> Result<(), MergeError>
 where
-    F: Read + Write + Seek + snapshot::SyncData,
+    F: Read + Write + Seek + SyncData,
 {
     match fresh_overlay {
         Some(t) => Ok(store::write_fresh_overlay(ov, len, t)?),

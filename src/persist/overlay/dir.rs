@@ -19,7 +19,7 @@ pub struct Status {
 
 pub fn status(dir: &Path) -> Result<Status, OverlayError> {
     let (used, entries) = store::upper_dir_usage(dir)?;
-    let free = merge::free_bytes(dir)?;
+    let free = merge::located::free_bytes(dir)?;
     Ok(Status {
         upper_entries: entries,
         used_bytes: used,

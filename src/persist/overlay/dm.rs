@@ -9,7 +9,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::persist::merge::{self, Located, RepairReport};
+use crate::persist::merge::dm::{self as merge_dm, RepairReport};
+use crate::persist::merge::located::Located;
 use crate::persist::snapshot::{
     self, FAT_MAX_FILE_BYTES, GrowPlan, HeaderState, LIVEOS_CHUNK_SECTORS, Opened, RESET_BYTES,
     RecoverReport, SECTOR_BYTES, SnapshotError, StatusReport, Store,
@@ -270,10 +271,10 @@ pub fn repair(
     let origin_img = match (root, at) {
         (RootImage::File(p), _) => p.clone(),
         (RootImage::InSquashfs(sq), _) => {
-            merge::extract_root_image(&Located::file(sq)?, sq, scratch.path())?
+            merge_dm::extract_root_image(&Located::file(sq)?, sq, scratch.path())?
         }
         (RootImage::OnStick, Some((at, sq))) => {
-            merge::extract_root_image(&at, &sq, scratch.path())?
+            merge_dm::extract_root_image(&at, &sq, scratch.path())?
         }
         (RootImage::OnStick, None) => {
             return Err(OverlayError::Refused(
@@ -284,10 +285,10 @@ pub fn repair(
     };
     let r = match place {
         Place::Bare(b) => {
-            merge::repair_view(&origin_img, &mut b.file, len, scratch.path(), progress)
+            merge_dm::repair_view(&origin_img, &mut b.file, len, scratch.path(), progress)
         }
         Place::Stick(t) => {
-            merge::repair_view(&origin_img, &mut t.io()?, len, scratch.path(), progress)
+            merge_dm::repair_view(&origin_img, &mut t.io()?, len, scratch.path(), progress)
         }
     };
     Ok(r?)

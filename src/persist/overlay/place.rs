@@ -13,7 +13,7 @@ use crate::disk::stick::{Stick, StickError, StickInfo};
 use crate::disk::target::TargetError;
 use crate::io::SyncData;
 use crate::layout::ROOT_IMAGES;
-use crate::persist::merge::Located;
+use crate::persist::merge::located::Located;
 use crate::persist::snapshot;
 use crate::size::human;
 

@@ -506,7 +506,7 @@ pub fn overlay(args: &[&str]) -> anyhow::Result<()> {
     #[derive(Parser)]
     struct OverlayCli {
         #[command(subcommand)]
-        cmd: livestick::commands::overlay::OverlayCommand,
+        cmd: livestick::cli::overlay::OverlayCommand,
     }
     let cli = OverlayCli::try_parse_from(std::iter::once("overlay").chain(args.iter().copied()))?;
     livestick::commands::overlay::run(cli.cmd, true)
