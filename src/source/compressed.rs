@@ -99,7 +99,7 @@ pub fn stated_size(format: Format, file: &mut File) -> StatedSize {
 
 #[derive(Debug, Error)]
 pub enum DecompressError {
-    #[error("decompressing {}: reading it failed: {source}", .path.display())]
+    #[error("decompressing {}: reading it failed", .path.display())]
     Read {
         path: PathBuf,
         #[source]
@@ -115,7 +115,7 @@ pub enum DecompressError {
         written: u64,
     },
     #[error(
-        "decompressing {}: the {format} data is corrupt after {} of output ({source}) — download it again",
+        "decompressing {}: the {format} data is corrupt after {} of output — download it again",
         .path.display(), human(*.written)
     )]
     Corrupt {
@@ -146,7 +146,7 @@ pub enum DecompressError {
         available: u64,
     },
     #[error(
-        "decompressing {}: writing the temporary copy in {}: {source}{}",
+        "decompressing {}: writing the temporary copy in {} failed{}",
         .path.display(),
         .dir.display(),
         if .source.kind() == io::ErrorKind::StorageFull {
