@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 
 use crate::cli::InspectArgs;
 use crate::live_source;
-use crate::progress::{Progress, ProgressMode};
+use crate::progress::ProgressMode;
 use crate::size::human;
 use crate::source::compressed;
 use crate::source::live::{LiveImage, RootKind};
@@ -15,7 +15,7 @@ pub fn run(args: &InspectArgs, json: bool) -> anyhow::Result<()> {
     } else {
         ProgressMode::Bar
     };
-    let unpacked = compressed::open(&args.iso, &Progress::new(mode, "iso"))?;
+    let unpacked = compressed::open(&args.iso, mode)?;
     let mut image = live_source::inspect(unpacked.path())?;
     // A compressed ISO is read from its unpacked copy; the user named the original.
     image.path = args.iso.clone();

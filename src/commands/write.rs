@@ -533,8 +533,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         .targets
         .first()
         .ok_or_else(|| BadInput("give a target stick or image file".into()))?;
-    let unpacking = Progress::new(progress_mode(json, quiet), "iso");
-    let unpacked = compressed::open(&args.iso, &unpacking)?;
+    let unpacked = compressed::open(&args.iso, progress_mode(json, quiet))?;
     let live = crate::live_source::inspect(unpacked.path())?;
     let opts = options_from(args, &live)?;
     let (mut plan, probe, syslinux_files) = make_plan(args, target, &opts, &live)?;
@@ -643,8 +642,7 @@ enum Outcome {
 /// and written on its own thread; one that fails is reported and dropped while
 /// the others finish.
 fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
-    let unpacking = Progress::new(progress_mode(json, quiet), "iso");
-    let unpacked = compressed::open(&args.iso, &unpacking)?;
+    let unpacked = compressed::open(&args.iso, progress_mode(json, quiet))?;
     let live = crate::live_source::inspect(unpacked.path())?;
     let opts = options_from(args, &live)?;
     if let Some(n) = args.wait_for {

@@ -22,7 +22,7 @@ use std::rc::Rc;
 use thiserror::Error;
 
 use crate::error::{Classify, ErrorKind, open_failure_hint, open_failure_kind};
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressMode};
 use crate::size::human;
 
 /// A compression format livestick unpacks.
@@ -238,16 +238,17 @@ impl Source {
 }
 
 /// Opens `path` as a source: a plain file (or device) as it is, a compressed
-/// one unpacked into the temporary directory (`$TMPDIR`, else /tmp).
+/// one unpacked into the temporary directory (`$TMPDIR`, else /tmp), with a
+/// progress bar or events in `mode` (none at all for a plain source).
 ///
 /// A path that cannot be read here is handed on untouched, so that what
 /// reads it next reports it exactly as it does for an uncompressed source.
-pub fn open(path: &Path, progress: &Progress) -> Result<Source, DecompressError> {
-    open_in(path, &std::env::temp_dir(), progress)
+pub fn open(path: &Path, mode: ProgressMode) -> Result<Source, DecompressError> {
+    open_in(path, &std::env::temp_dir(), mode)
 }
 
 /// [`open`] with the temporary directory given.
-pub fn open_in(path: &Path, dir: &Path, progress: &Progress) -> Result<Source, DecompressError> {
+pub fn open_in(path: &Path, dir: &Path, mode: ProgressMode) -> Result<Source, DecompressError> {
     let plain = || Source {
         path: path.to_path_buf(),
         unpacked: None,
@@ -289,9 +290,12 @@ pub fn open_in(path: &Path, dir: &Path, progress: &Progress) -> Result<Source, D
         source,
     };
     let out = tempfile::tempfile_in(dir).map_err(temp_err)?;
+    let progress = Progress::new(mode, "iso");
     progress.phase("unpack", compressed_len);
-    let size = unpack(path, dir, format, file, &out, progress)?;
+    let unpacked = unpack(path, dir, format, file, &out, &progress);
+    // Cleared on failure too, so the error is not printed under a stale bar.
     progress.finish();
+    let size = unpacked?;
     let (reopened, proc_path) = inheritable_reader(&out).map_err(temp_err)?;
     Ok(Source {
         path: proc_path,
@@ -697,7 +701,7 @@ mod tests {
         for format in ALL {
             // A misleading name: detection goes by content.
             let path = file_with(dir.path(), "image.iso", &compressed(format, &iso));
-            let source = open_in(&path, dir.path(), &Progress::hidden()).unwrap();
+            let source = open_in(&path, dir.path(), ProgressMode::Quiet).unwrap();
             assert!(source.path().starts_with("/proc/self/fd/"), "{format:?}");
             assert_eq!(std::fs::read(source.path()).unwrap(), iso, "{format:?}");
             let note = source.note().unwrap();
@@ -706,7 +710,7 @@ mod tests {
             assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         }
         let plain = file_with(dir.path(), "plain.iso", &iso);
-        let source = open_in(&plain, dir.path(), &Progress::hidden()).unwrap();
+        let source = open_in(&plain, dir.path(), ProgressMode::Quiet).unwrap();
         assert_eq!(source.path(), plain);
         assert!(source.note().is_none());
     }
@@ -749,7 +753,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let iso = fake_iso();
         let path = file_with(dir.path(), "x.zst", &compressed(Format::Zstd, &iso));
-        let source = open_in(&path, dir.path(), &Progress::hidden()).unwrap();
+        let source = open_in(&path, dir.path(), ProgressMode::Quiet).unwrap();
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(source.path()).unwrap();
         assert_eq!(meta.len(), iso.len() as u64);
@@ -767,7 +771,7 @@ mod tests {
         for format in ALL {
             let whole = compressed(format, &iso);
             let cut = file_with(dir.path(), "cut.iso.x", &whole[..whole.len() / 2]);
-            let err = open_in(&cut, dir.path(), &Progress::hidden())
+            let err = open_in(&cut, dir.path(), ProgressMode::Quiet)
                 .err()
                 .unwrap_or_else(|| panic!("{format:?}: a truncated stream unpacked"));
             assert_eq!(err.kind(), ErrorKind::BadInput, "{format:?}: {err}");
@@ -778,7 +782,7 @@ mod tests {
             );
 
             let not_iso = file_with(dir.path(), "n", &compressed(format, &vec![7u8; 70000]));
-            let err = open_in(&not_iso, dir.path(), &Progress::hidden())
+            let err = open_in(&not_iso, dir.path(), ProgressMode::Quiet)
                 .err()
                 .unwrap();
             assert!(matches!(err, DecompressError::NotIso { .. }), "{err}");
@@ -807,7 +811,7 @@ mod tests {
         );
         let available = available_bytes(dir.path()).unwrap();
         if available < u64::from(u32::MAX) {
-            let err = open_in(&path, dir.path(), &Progress::hidden())
+            let err = open_in(&path, dir.path(), ProgressMode::Quiet)
                 .err()
                 .unwrap();
             assert!(matches!(err, DecompressError::NoSpace { .. }), "{err}");
