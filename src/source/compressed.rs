@@ -85,8 +85,8 @@ impl StatedSize {
     }
 }
 
-/// Reading the stated size of a `format` stream from `file`; `None` when the
-/// metadata is missing or does not parse (the decompressor will then say why).
+/// The decompressed size a `format` stream in `file` states; `Unknown` also
+/// when its metadata does not parse (the decompressor then says why).
 pub fn stated_size(format: Format, file: &mut File) -> StatedSize {
     let size = match format {
         Format::Xz => xz_size(file).map(StatedSize::Exact),
