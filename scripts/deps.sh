@@ -8,8 +8,9 @@ packages=(
   # unsquashfs/mksquashfs for inspection and overlay merge, sqfs2tar/tar2sqfs for
   # merging OverlayFS into a flat squashfs without root
   syslinux syslinux-common mtools e2fsprogs squashfs-tools squashfs-tools-ng
-  # independent inspection tools the tests use
-  fdisk dosfstools xorriso isomd5sum cryptsetup-bin util-linux zstd
+  # independent inspection tools the tests use (xz, zstd, gzip, bzip2 make the
+  # compressed sources; gcc below also builds the zstd and liblzma C libraries)
+  fdisk dosfstools xorriso isomd5sum cryptsetup-bin util-linux zstd xz-utils gzip bzip2
   # the fixture ISOs and the boot tests
   isolinux grub-efi-amd64-bin grub-pc-bin linux-image-amd64 dracut dracut-live
   busybox-static qemu-system-x86 ovmf erofs-utils fakeroot cpio

@@ -295,6 +295,7 @@ const CLASSIFIERS: &[Classifier] = &[
     classifier::<crate::plan::PlanError>,
     classifier::<crate::size::SizeError>,
     classifier::<crate::source::checksum::ChecksumError>,
+    classifier::<crate::source::compressed::DecompressError>,
     classifier::<crate::source::iso::IsoError>,
     classifier::<crate::source::live::LiveError>,
     classifier::<crate::squash::SquashError>,

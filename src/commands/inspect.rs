@@ -1,12 +1,24 @@
 //! `livestick inspect ISO`
 
+use std::io::IsTerminal;
+
 use crate::cli::InspectArgs;
 use crate::live_source;
+use crate::progress::ProgressMode;
 use crate::size::human;
+use crate::source::compressed;
 use crate::source::live::{LiveImage, RootKind};
 
 pub fn run(args: &InspectArgs, json: bool) -> anyhow::Result<()> {
-    let image = live_source::inspect(&args.iso)?;
+    let mode = if json || !std::io::stderr().is_terminal() {
+        ProgressMode::Quiet
+    } else {
+        ProgressMode::Bar
+    };
+    let unpacked = compressed::open(&args.iso, mode)?;
+    let mut image = live_source::inspect(unpacked.path())?;
+    // A compressed ISO is read from its unpacked copy; the user named the original.
+    image.path = args.iso.clone();
     if json {
         println!("{}", serde_json::to_string_pretty(&image)?);
     } else {

@@ -26,7 +26,7 @@ use crate::persist::swap;
 use crate::plan::{self, FormatMode, HomeEncryption, Plan, WriteOptions};
 use crate::progress::{Progress, ProgressMode};
 use crate::size::{MIB, human, parse_size};
-use crate::source::{checksum, initrd, live};
+use crate::source::{checksum, compressed, initrd, live};
 
 fn mib(option: &str, value: Option<u64>) -> anyhow::Result<Option<u64>> {
     match value {
@@ -531,9 +531,11 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         .targets
         .first()
         .ok_or_else(|| BadInput("give a target stick or image file".into()))?;
-    let live = crate::live_source::inspect(&args.iso)?;
+    let unpacked = compressed::open(&args.iso, progress_mode(json, quiet))?;
+    let live = crate::live_source::inspect(unpacked.path())?;
     let opts = options_from(args, &live)?;
-    let (plan, probe, syslinux_files) = make_plan(args, target, &opts, &live)?;
+    let (mut plan, probe, syslinux_files) = make_plan(args, target, &opts, &live)?;
+    plan.notes.extend(unpacked.note());
     if args.dry_run {
         if json {
             println!("{}", serde_json::to_string_pretty(&plan)?);
@@ -638,7 +640,8 @@ enum Outcome {
 /// and written on its own thread; one that fails is reported and dropped while
 /// the others finish.
 fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
-    let live = crate::live_source::inspect(&args.iso)?;
+    let unpacked = compressed::open(&args.iso, progress_mode(json, quiet))?;
+    let live = crate::live_source::inspect(unpacked.path())?;
     let opts = options_from(args, &live)?;
     if let Some(n) = args.wait_for {
         return run_wait_for(args, &live, &opts, n, json, quiet);
@@ -659,7 +662,8 @@ fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
             rand::random()
         };
         match make_plan(args, target, &own, &live) {
-            Ok(p) => {
+            Ok(mut p) => {
+                p.0.notes.extend(unpacked.note());
                 planned.push((target.clone(), p));
                 outcomes.push((target.clone(), None));
             }

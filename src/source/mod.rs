@@ -1,5 +1,6 @@
 //! Reading the source live ISO.
 pub mod checksum;
+pub mod compressed;
 pub mod initrd;
 pub mod iso;
 pub mod live;

@@ -20,6 +20,7 @@ mod boot_config;
 mod captured_sysfs;
 mod cli;
 mod compat;
+mod compressed;
 mod devices;
 mod erofs_xattr;
 mod ext4_sparse;
