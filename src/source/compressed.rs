@@ -504,8 +504,9 @@ fn read_at(file: &mut File, offset: u64, len: usize) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// A little-endian u32 at the start of `bytes`, if they hold four.
 fn le_u32(bytes: &[u8]) -> Option<u32> {
-    Some(u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?))
+    (bytes.len() >= 4).then(|| crate::bytes::u32_at(bytes, 0))
 }
 
 /// The sum of the uncompressed sizes in the index of every stream of an xz
