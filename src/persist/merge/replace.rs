@@ -561,16 +561,25 @@ pub fn needs_repair<D: Read + Seek>(
     part: u64,
     live_dir: &str,
 ) -> Result<bool, SwapError> {
+    Ok(leftovers_found(dev, part, live_dir)? || fat_raw::is_dirty(dev, part)?)
+}
+
+/// An intent file, or a staged name sharing a chain: what the FAT reader refuses or
+/// what would lose a file if freed (unlike the dirty mark alone).
+fn leftovers_found<D: Read + Seek>(
+    dev: &mut D,
+    part: u64,
+    live_dir: &str,
+) -> Result<bool, SwapError> {
     let intent_path = format!("/{}/{INTENT_NAME}", live_dir.trim_matches('/'));
     match fat_raw::find_entry(dev, part, &intent_path) {
         Ok(_) => return Ok(true),
         Err(SwapError::NotFound(_) | SwapError::IsDir(_)) => {}
         Err(e) => return Err(e),
     }
-    Ok(fat_raw::is_dirty(dev, part)?
-        || fat_raw::shared_chains_under(dev, part, live_dir)?
-            .iter()
-            .any(|(path, _)| path.to_ascii_lowercase().ends_with(".new")))
+    Ok(fat_raw::shared_chains_under(dev, part, live_dir)?
+        .iter()
+        .any(|(path, _)| path.to_ascii_lowercase().ends_with(".new")))
 }
 
 /// Brings a stick back to a state every command may work on, before anything else
@@ -686,16 +695,27 @@ fn settle_intent<D: Read + Write + Seek>(
 
 /// [`repair_leftovers`] on the stick at `path`, opened for writing only when
 /// [`needs_repair`] finds something (so a read-only command on a healthy stick stays
-/// read-only).
+/// read-only). A mounted stick is left alone (its dirty mark is the kernel's, and its
+/// FAT is the kernel's to change); so is one that only carries the dirty mark when it
+/// cannot be opened for writing, since reading it is safe.
 pub fn repair_stick(path: &Path, live_dir: &str) -> Result<Vec<String>, ReplaceError> {
-    {
+    let leftovers = {
         let mut ro = Stick::open(path, false)?;
-        let part = ro.partition.start;
-        if !needs_repair(ro.file_mut(), part, live_dir)? {
+        if !ro.probe.busy.is_empty() {
             return Ok(Vec::new());
         }
-    }
-    let mut stick = Stick::open(path, true)?;
+        let part = ro.partition.start;
+        let leftovers = leftovers_found(ro.file_mut(), part, live_dir)?;
+        if !leftovers && !fat_raw::is_dirty(ro.file_mut(), part)? {
+            return Ok(Vec::new());
+        }
+        leftovers
+    };
+    let mut stick = match Stick::open(path, true) {
+        Ok(stick) => stick,
+        Err(_) if !leftovers => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
     let part = stick.partition.start;
     repair_leftovers(stick.file_mut(), part, live_dir, &mut |f| f.sync_data())
 }
