@@ -530,3 +530,83 @@ fn an_old_two_sector_swap_stopped_half_way_leaves_no_lost_clusters_and_no_dirty_
     drop(s);
     fsck_fat(&img, part, len, dir.path());
 }
+
+#[test]
+fn a_directory_to_delete_is_checked_file_by_file() {
+    if !require(have("mcopy") && have("fsck.fat"), "mtools, dosfstools") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = home_stick(dir.path());
+    let (part, len) = stick_part(&img);
+    let home = fat_read(&img, part, "/LiveOS/home.img");
+    let mut stick = Stick::open(&img, true).unwrap();
+    let path = stick.path.clone();
+    stick
+        .with_fs(|fs| {
+            fat::create_dir_all(fs, "/LiveOS/old").map_err(|source| StickError::Fat {
+                path: path.clone(),
+                source,
+            })
+        })
+        .unwrap();
+    drop(stick);
+    share_chain(&img, "/LiveOS/home.img", "/LiveOS/old/home.img.new");
+    let mut stick = Stick::open(&img, true).unwrap();
+    let note = replace::detach_shared_leftover(stick.file_mut(), part, "/LiveOS/old")
+        .unwrap()
+        .expect("the shared file inside is found");
+    assert!(note.contains("/LiveOS/old/home.img.new"), "{note}");
+    stick
+        .with_fs(|fs| {
+            fat::remove_all(fs, "/LiveOS/old").map_err(|source| StickError::Fat {
+                path: path.clone(),
+                source,
+            })
+        })
+        .unwrap();
+    drop(stick);
+    assert!(
+        fat_read(&img, part, "/LiveOS/home.img") == home,
+        "home intact"
+    );
+    fsck_fat(&img, part, len, dir.path());
+}
+
+#[test]
+fn overlay_status_clears_the_dirty_mark_and_says_so() {
+    if !require(have("mcopy") && have("fsck.fat"), "mtools, dosfstools") {
+        return;
+    }
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("stick.img");
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        img.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "32",
+        "--yes",
+    ]));
+    let (part, len) = stick_part(&img);
+    let mut stick = Stick::open(&img, true).unwrap();
+    let mut b = [0u8; 1];
+    stick.read_at(part + 0x41, &mut b).unwrap();
+    stick.write_at(part + 0x41, &[b[0] | 1]).unwrap();
+    stick.file_mut().sync_all().unwrap();
+    drop(stick);
+    let out = livestick(&["overlay", "status", img.to_str().unwrap()]);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("repaired") && err.contains("not cleanly closed"),
+        "{err}"
+    );
+    let mut s = Stick::open(&img, false).unwrap();
+    assert!(!fat_raw::is_dirty(s.file_mut(), part).unwrap());
+    drop(s);
+    fsck_fat(&img, part, len, dir.path());
+}

@@ -719,3 +719,25 @@ pub fn repair_stick(path: &Path, live_dir: &str) -> Result<Vec<String>, ReplaceE
     let part = stick.partition.start;
     repair_leftovers(stick.file_mut(), part, live_dir, &mut |f| f.sync_data())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_intent_reads_back_as_written_and_a_torn_one_not_at_all() {
+        let intent = Intent {
+            target: "/LiveOS/home.img".into(),
+            staged: "/LiveOS/home.img.new".into(),
+            old: (0..19).collect(),
+            new: (100..119).collect(),
+        };
+        let text = intent.to_text();
+        assert_eq!(Intent::parse(&text), Some(intent));
+        // A crash while the intent was written leaves a prefix of it.
+        for cut in [0, 10, text.len() / 2, text.len() - 3] {
+            assert_eq!(Intent::parse(&text[..cut]), None, "{cut}");
+        }
+        assert_eq!(Intent::parse("something else\n"), None);
+    }
+}
