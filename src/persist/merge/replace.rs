@@ -464,7 +464,7 @@ impl From<ReplaceError> for MergeError {
         match e {
             ReplaceError::Swap(e) => MergeError::Swap(e),
             ReplaceError::Stick(e) => MergeError::Stick(e),
-            ReplaceError::Io { path, source } => io_at(&path)(source),
+            ReplaceError::Io { path, source } => MergeError::Io { path, source },
             ReplaceError::Failpoint(step) => MergeError::Failpoint(step),
         }
     }
