@@ -73,6 +73,11 @@ fn open_stick(
     writable: bool,
     allow_orphan: bool,
 ) -> anyhow::Result<StickOverlay> {
+    // Leftovers of a stopped replacement first (issue 13): reading the stick refuses
+    // chains two entries share.
+    for line in crate::persist::merge::replace::repair_stick(path, &sel.live_dir)? {
+        eprintln!("livestick overlay: repaired: {line}");
+    }
     StickOverlay::open(path, &selection(sel), writable, allow_orphan).map_err(lift)
 }
 

@@ -175,6 +175,17 @@ pub fn make_plan(
     let existing = match opts.format {
         FormatMode::Always => None,
         FormatMode::Auto | FormatMode::Never if probe.exists && probe.size > 0 => {
+            if !args.dry_run {
+                // Leftovers of a stopped replacement first (issue 13): reading the stick
+                // refuses chains two entries share. A target that is no stick yet has
+                // none; its real errors come from reading it just below.
+                let live_dir = &opts.live_dir;
+                for line in crate::persist::merge::replace::repair_stick(target_path, live_dir)
+                    .unwrap_or_default()
+                {
+                    eprintln!("livestick write: repaired: {line}");
+                }
+            }
             let found = apply::read_existing(target_path);
             match (found, opts.format) {
                 (Ok(Some(fs)), _) => Some(fs),

@@ -226,6 +226,114 @@ fn free_run_after<D: Read + Seek>(
     Ok(Some((first as u32..(first + count) as u32).collect()))
 }
 
+/// Removes the file `path` without a FAT driver: its directory slots are marked deleted,
+/// then its chain is freed in every FAT copy (a crash between leaves lost clusters,
+/// which [`reclaim_lost`] frees). For small files the repair code writes itself.
+pub fn remove_file<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    path: &str,
+) -> Result<(), AllocError> {
+    let g = fat_raw::geometry(dev, part)?;
+    let first = fat_raw::delete_entry(dev, &g, path)?;
+    let mut chain = Vec::new();
+    let mut c = first;
+    while (2..g.max_cluster).contains(&c) && chain.len() < g.max_cluster as usize {
+        chain.push(c);
+        c = fat_raw::next_cluster(dev, &g, c)?;
+    }
+    let chain: std::collections::HashSet<u32> = chain.into_iter().collect();
+    free_clusters_in_fat(dev, &g, |c| chain.contains(&c))?;
+    recount_fsinfo(dev, &g)?;
+    dev.flush()?;
+    Ok(())
+}
+
+/// Frees every allocated cluster that no directory entry's chain reaches (what an
+/// interrupted swap, allocation or FAT driver leaves), in every FAT copy, and puts the
+/// true free count into FSInfo. Returns how many clusters were freed; 0 without a
+/// change when part of the directory tree cannot be walked.
+pub fn reclaim_lost<D: Read + Write + Seek>(dev: &mut D, part: u64) -> Result<u64, AllocError> {
+    let g = fat_raw::geometry(dev, part)?;
+    let Some(used) = fat_raw::referenced_clusters(dev, &g)? else {
+        return Ok(0);
+    };
+    let is_used = |c: u32| used[c as usize / 64] & (1 << (c % 64)) != 0;
+    let bad = if g.fat32 { 0x0fff_fff7 } else { 0xfff7 };
+    let mut lost = Vec::new();
+    scan_fat(dev, &g, |c, v| {
+        if v != 0 && v != bad && !is_used(c) {
+            lost.push(c);
+        }
+        true
+    })?;
+    if lost.is_empty() {
+        return Ok(0);
+    }
+    let lost_set: std::collections::HashSet<u32> = lost.iter().copied().collect();
+    free_clusters_in_fat(dev, &g, |c| lost_set.contains(&c))?;
+    recount_fsinfo(dev, &g)?;
+    dev.flush()?;
+    Ok(lost.len() as u64)
+}
+
+/// Puts the true free cluster count into FSInfo (FAT32), after clusters were freed.
+fn recount_fsinfo<D: Read + Write + Seek>(dev: &mut D, g: &Geo) -> io::Result<()> {
+    let Some(at) = g.fsinfo else {
+        return Ok(());
+    };
+    let mut sector = [0u8; 512];
+    dev.seek(SeekFrom::Start(at))?;
+    dev.read_exact(&mut sector)?;
+    if &sector[0..4] == b"RRaA" && &sector[484..488] == b"rrAa" {
+        let free = u32::try_from(count_free(dev, g)?).unwrap_or(u32::MAX);
+        dev.seek(SeekFrom::Start(at + 488))?;
+        dev.write_all(&free.to_le_bytes())?;
+    }
+    Ok(())
+}
+
+/// Sets to free every FAT entry whose cluster `free` picks, chunk by chunk, in every copy.
+fn free_clusters_in_fat<D: Read + Write + Seek>(
+    dev: &mut D,
+    g: &Geo,
+    free: impl Fn(u32) -> bool,
+) -> io::Result<()> {
+    let width = entry_width(g);
+    let limit = u64::from(cluster_limit(g));
+    let mut cluster = 2u64;
+    let mut buf = vec![0u8; FAT_CHUNK as usize];
+    while cluster < limit {
+        let count = ((limit - cluster) * width).min(FAT_CHUNK) / width;
+        let bytes = (count * width) as usize;
+        dev.seek(SeekFrom::Start(g.fat_offset + cluster * width))?;
+        dev.read_exact(&mut buf[..bytes])?;
+        let mut changed = false;
+        for (i, e) in buf[..bytes].chunks_exact_mut(width as usize).enumerate() {
+            if free((cluster + i as u64) as u32) {
+                if g.fat32 {
+                    // The top four bits are reserved and stay.
+                    let reserved = u32_at(e, 0) & !FAT32_EOC;
+                    put_u32(e, 0, reserved);
+                } else {
+                    put_u16(e, 0, 0);
+                }
+                changed = true;
+            }
+        }
+        if changed {
+            for copy in 0..g.fats {
+                dev.seek(SeekFrom::Start(
+                    g.fat_offset + copy * g.fat_bytes + cluster * width,
+                ))?;
+                dev.write_all(&buf[..bytes])?;
+            }
+        }
+        cluster += count;
+    }
+    Ok(())
+}
+
 fn entry_width(g: &Geo) -> u64 {
     if g.fat32 { 4 } else { 2 }
 }

@@ -11,6 +11,12 @@
 //! `squashfs.img` already means the new image (the stick boots new) and the two entries
 //! share a chain until the second write gives the staged name the old chain back.
 //! Names, attributes and long-name entries are never touched, so no checksum changes.
+//!
+//! One sector is the unit because it is the smallest write a block device takes: a
+//! disk completes or drops it whole, while flash sticks promise nothing, so on flash
+//! the crash window is one sector write, never more. [`move_beside`] brings the staged
+//! entry into the target's sector first where it can; who orders the writes and
+//! records an intent when it cannot is `persist::merge::replace`.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
@@ -168,12 +174,16 @@ struct DirEntry {
     short: String,
     loc: EntryLoc,
     is_dir: bool,
+    /// Device offsets of the long-name slots that belong to the short entry, in
+    /// directory order: moving or deleting the entry moves or deletes them too.
+    lfn_slots: Vec<u64>,
 }
 
 /// The live entries of the directory at `first` (no deleted ones, no volume label).
 fn read_dir<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<DirEntry>> {
     let mut out = Vec::new();
     let mut lfn: Vec<(u8, [u16; 13])> = Vec::new();
+    let mut lfn_slots: Vec<u64> = Vec::new();
     for (at, len) in dir_runs(dev, g, first)? {
         let mut buf = vec![0u8; len as usize];
         dev.seek(SeekFrom::Start(at))?;
@@ -184,6 +194,7 @@ fn read_dir<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<
             }
             if e[0] == 0xe5 {
                 lfn.clear();
+                lfn_slots.clear();
                 continue;
             }
             if e[11] == 0x0f {
@@ -195,11 +206,13 @@ fn read_dir<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<
                     units[k] = u16_at(e, o);
                 }
                 lfn.push((e[0] & 0x1f, units));
+                lfn_slots.push(at + i as u64 * 32);
                 continue;
             }
             if e[11] & 0x08 != 0 {
                 // The volume label entry.
                 lfn.clear();
+                lfn_slots.clear();
                 continue;
             }
             lfn.sort_by_key(|(seq, _)| *seq);
@@ -230,24 +243,23 @@ fn read_dir<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<
                     size: u32_at(e, 28),
                 },
                 is_dir: e[11] & 0x10 != 0,
+                lfn_slots: std::mem::take(&mut lfn_slots),
             });
         }
     }
     Ok(out)
 }
 
-/// Finds `name` (long or short name, any case) in the directory at `first`:
-/// (entry location, is_dir).
+/// Finds `name` (long or short name, any case) in the directory at `first`.
 fn find_in_dir<D: Read + Seek>(
     dev: &mut D,
     g: &Geo,
     first: u32,
     name: &str,
-) -> io::Result<Option<(EntryLoc, bool)>> {
+) -> io::Result<Option<DirEntry>> {
     Ok(read_dir(dev, g, first)?
         .into_iter()
-        .find(|e| e.name.eq_ignore_ascii_case(name) || e.short.eq_ignore_ascii_case(name))
-        .map(|e| (e.loc, e.is_dir)))
+        .find(|e| e.name.eq_ignore_ascii_case(name) || e.short.eq_ignore_ascii_case(name)))
 }
 
 /// Finds the short directory entry of the file at `path` (`/LiveOS/squashfs.img`) on the
@@ -258,21 +270,26 @@ pub fn find_entry<D: Read + Seek>(
     path: &str,
 ) -> Result<EntryLoc, SwapError> {
     let g = geometry(dev, part)?;
+    Ok(find_file(dev, &g, path)?.loc)
+}
+
+/// The directory entry of the file at `path`.
+fn find_file<D: Read + Seek>(dev: &mut D, g: &Geo, path: &str) -> Result<DirEntry, SwapError> {
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
     let mut dir = g.root_cluster;
     for (i, p) in parts.iter().enumerate() {
-        let (loc, is_dir) =
-            find_in_dir(dev, &g, dir, p)?.ok_or_else(|| SwapError::NotFound(path.to_string()))?;
+        let e =
+            find_in_dir(dev, g, dir, p)?.ok_or_else(|| SwapError::NotFound(path.to_string()))?;
         if i + 1 == parts.len() {
-            if is_dir {
+            if e.is_dir {
                 return Err(SwapError::IsDir(path.to_string()));
             }
-            return Ok(loc);
+            return Ok(e);
         }
-        if !is_dir {
+        if !e.is_dir {
             return Err(SwapError::NotFound(path.to_string()));
         }
-        dir = loc.first_cluster;
+        dir = e.loc.first_cluster;
         if dir == 0 && g.fat32 {
             // `..` of a first-level directory: cluster 0 means the root.
             dir = g.root_cluster;
@@ -330,16 +347,8 @@ pub fn swap_contents<D: Read + Write + Seek + crate::io::SyncData>(
     let a = find_entry(dev, part, target)?;
     let b = find_entry(dev, part, staged)?;
     let sector_of = |o: u64| o / SECTOR * SECTOR;
-    let read_sector = |dev: &mut D, at: u64| -> io::Result<Vec<u8>> {
-        let mut s = vec![0u8; SECTOR as usize];
-        dev.seek(SeekFrom::Start(at))?;
-        dev.read_exact(&mut s)?;
-        Ok(s)
-    };
-    let write_sector = |dev: &mut D, at: u64, s: &[u8]| -> io::Result<()> {
-        dev.seek(SeekFrom::Start(at))?;
-        dev.write_all(s)?;
-        dev.flush()?;
+    let synced = |dev: &mut D, at: u64, s: &[u8]| -> io::Result<()> {
+        write_sector(dev, at, s)?;
         dev.sync_data()
     };
     let (sa, sb) = (sector_of(a.offset), sector_of(b.offset));
@@ -350,7 +359,7 @@ pub fn swap_contents<D: Read + Write + Seek + crate::io::SyncData>(
         let fb: Vec<u8> = s[ib + CONTENT_FIELDS.start..ib + CONTENT_FIELDS.end].to_vec();
         s[ia + CONTENT_FIELDS.start..ia + CONTENT_FIELDS.end].copy_from_slice(&fb);
         s[ib + CONTENT_FIELDS.start..ib + CONTENT_FIELDS.end].copy_from_slice(&fa);
-        write_sector(dev, sa, &s)?;
+        synced(dev, sa, &s)?;
         return Ok(SwapReport {
             single_sector: true,
         });
@@ -361,16 +370,190 @@ pub fn swap_contents<D: Read + Write + Seek + crate::io::SyncData>(
     let fb: Vec<u8> = s_b[ib + CONTENT_FIELDS.start..ib + CONTENT_FIELDS.end].to_vec();
     // The boot-relevant name first: from here on the stick boots the new image.
     s_a[ia + CONTENT_FIELDS.start..ia + CONTENT_FIELDS.end].copy_from_slice(&fb);
-    write_sector(dev, sa, &s_a)?;
+    synced(dev, sa, &s_a)?;
     s_b[ib + CONTENT_FIELDS.start..ib + CONTENT_FIELDS.end].copy_from_slice(&fa);
-    write_sector(dev, sb, &s_b)?;
+    synced(dev, sb, &s_b)?;
     Ok(SwapReport {
         single_sector: false,
     })
 }
 
+/// Whether the short entries of `a` and `b` lie in one sector: then exchanging their
+/// contents is a single sector write.
+pub fn share_a_sector<D: Read + Seek>(
+    dev: &mut D,
+    part: u64,
+    a: &str,
+    b: &str,
+) -> Result<bool, SwapError> {
+    let ea = find_entry(dev, part, a)?;
+    let eb = find_entry(dev, part, b)?;
+    Ok(ea.offset / SECTOR == eb.offset / SECTOR)
+}
+
+/// Moves the directory entry of `staged` (its long-name slots and its short entry, byte
+/// for byte, so no checksum changes) into free slots of the sector that holds
+/// `target`'s short entry, so that [`swap_contents`] becomes one sector write. Both
+/// must be in one directory. Returns false, changing nothing, when that sector has no
+/// run of free slots long enough.
+///
+/// The copy is written (and `sync`ed) before the old slots are marked deleted: a crash
+/// between leaves two entries named `staged` on the same chain, which the leftover
+/// repair detaches one by one, never a chain that nothing names.
+pub fn move_beside<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    staged: &str,
+    target: &str,
+    sync: &mut dyn FnMut(&mut D) -> io::Result<()>,
+) -> Result<bool, SwapError> {
+    let g = geometry(dev, part)?;
+    let parent = |p: &str| p.rsplit_once('/').map(|(d, _)| d.to_ascii_lowercase());
+    if parent(staged) != parent(target) {
+        return Ok(false);
+    }
+    let t = find_file(dev, &g, target)?;
+    let st = find_file(dev, &g, staged)?;
+    let sector = t.loc.offset / SECTOR * SECTOR;
+    if st.loc.offset / SECTOR * SECTOR == sector {
+        return Ok(true);
+    }
+    let mut slots: Vec<u64> = st.lfn_slots.clone();
+    slots.push(st.loc.offset);
+    let mut here = read_sector(dev, sector)?;
+    let per_sector = (SECTOR / 32) as usize;
+    let n = slots.len();
+    let deleted_run = |k: usize| (k..k + n).all(|j| here[j * 32] == 0xe5);
+    // Slots past the end of the directory, leaving one end mark in this sector after
+    // the run (what follows the end is not trusted to be zero in the next sector).
+    let end_run = |k: usize| k + n < per_sector && (k..per_sector).all(|j| here[j * 32] == 0);
+    let free_run = (0..=per_sector.saturating_sub(n)).find(|&k| deleted_run(k) || end_run(k));
+    let Some(k) = free_run else {
+        return Ok(false);
+    };
+    for (j, &from) in slots.iter().enumerate() {
+        let mut e = [0u8; 32];
+        dev.seek(SeekFrom::Start(from))?;
+        dev.read_exact(&mut e)?;
+        here[(k + j) * 32..(k + j + 1) * 32].copy_from_slice(&e);
+    }
+    write_sector(dev, sector, &here)?;
+    sync(dev)?;
+    // The old slots, the short entry first: long-name slots without their short
+    // entry are ignored by every reader.
+    for &from in slots.iter().rev() {
+        let at = from / SECTOR * SECTOR;
+        let mut s = read_sector(dev, at)?;
+        s[(from - at) as usize] = 0xe5;
+        write_sector(dev, at, &s)?;
+    }
+    sync(dev)?;
+    Ok(true)
+}
+
+/// The 19 bytes of `path`'s short entry that say what the file is (times, clusters,
+/// size): what a replacement exchanges, and what its intent records.
+pub fn content_fields<D: Read + Seek>(
+    dev: &mut D,
+    part: u64,
+    path: &str,
+) -> Result<Vec<u8>, SwapError> {
+    let e = find_entry(dev, part, path)?;
+    let mut b = [0u8; 32];
+    dev.seek(SeekFrom::Start(e.offset))?;
+    dev.read_exact(&mut b)?;
+    Ok(b[CONTENT_FIELDS].to_vec())
+}
+
+/// Writes `fields` (from [`content_fields`]) into `path`'s short entry: one sector write.
+pub fn set_content_fields<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    path: &str,
+    fields: &[u8],
+) -> Result<(), SwapError> {
+    if fields.len() != CONTENT_FIELDS.len() {
+        return Err(SwapError::Unsupported(format!(
+            "{} bytes of directory entry fields, not {}",
+            fields.len(),
+            CONTENT_FIELDS.len()
+        )));
+    }
+    let e = find_entry(dev, part, path)?;
+    let sector = e.offset / SECTOR * SECTOR;
+    let at = (e.offset - sector) as usize;
+    let mut s = read_sector(dev, sector)?;
+    s[at + CONTENT_FIELDS.start..at + CONTENT_FIELDS.end].copy_from_slice(fields);
+    write_sector(dev, sector, &s)?;
+    Ok(())
+}
+
+/// Marks `path`'s directory slots deleted (short entry first) and returns the first
+/// cluster its entry named; freeing the chain is the caller's (`fat_alloc::free_chain`).
+pub(crate) fn delete_entry<D: Read + Write + Seek>(
+    dev: &mut D,
+    g: &Geo,
+    path: &str,
+) -> Result<u32, SwapError> {
+    let e = find_file(dev, g, path)?;
+    let mut slots = e.lfn_slots.clone();
+    slots.push(e.loc.offset);
+    for &from in slots.iter().rev() {
+        let at = from / SECTOR * SECTOR;
+        let mut s = read_sector(dev, at)?;
+        s[(from - at) as usize] = 0xe5;
+        write_sector(dev, at, &s)?;
+    }
+    Ok(e.loc.first_cluster)
+}
+
+fn read_sector<D: Read + Seek>(dev: &mut D, at: u64) -> io::Result<Vec<u8>> {
+    let mut s = vec![0u8; SECTOR as usize];
+    dev.seek(SeekFrom::Start(at))?;
+    dev.read_exact(&mut s)?;
+    Ok(s)
+}
+
+fn write_sector<D: Write + Seek>(dev: &mut D, at: u64, s: &[u8]) -> io::Result<()> {
+    dev.seek(SeekFrom::Start(at))?;
+    dev.write_all(s)?;
+    dev.flush()
+}
+
 /// Directories deeper than this are not walked (a directory that contains itself).
 const MAX_WALK_DEPTH: usize = 64;
+
+/// Every file and directory on the filesystem with its path, `.` and `..` left out.
+/// `complete` is false when a directory was not walked (too deep, or seen before).
+struct Walk {
+    entries: Vec<(String, DirEntry)>,
+    complete: bool,
+}
+
+fn walk_all<D: Read + Seek>(dev: &mut D, g: &Geo) -> io::Result<Walk> {
+    let mut entries = Vec::new();
+    let mut complete = true;
+    let mut seen = std::collections::HashSet::from([g.root_cluster]);
+    let mut dirs = vec![(String::new(), g.root_cluster, 0usize)];
+    while let Some((dir, first, depth)) = dirs.pop() {
+        for e in read_dir(dev, g, first)? {
+            if e.short == "." || e.short == ".." {
+                continue;
+            }
+            let p = format!("{dir}/{}", e.name);
+            if e.is_dir {
+                let c = e.loc.first_cluster;
+                if depth < MAX_WALK_DEPTH && (2..g.max_cluster).contains(&c) && seen.insert(c) {
+                    dirs.push((p.clone(), c, depth + 1));
+                } else {
+                    complete = false;
+                }
+            }
+            entries.push((p, e));
+        }
+    }
+    Ok(Walk { entries, complete })
+}
 
 /// The paths of every other file on the filesystem whose directory entry names the
 /// first cluster of `path`'s: its chain is theirs too (an interrupted two-sector swap
@@ -386,26 +569,157 @@ pub fn other_names_of_chain<D: Read + Seek>(
         return Ok(Vec::new());
     }
     let g = geometry(dev, part)?;
-    let mut others = Vec::new();
-    let mut seen = std::collections::HashSet::from([g.root_cluster]);
-    let mut dirs = vec![(String::new(), g.root_cluster, 0usize)];
-    while let Some((dir, first, depth)) = dirs.pop() {
-        for e in read_dir(dev, &g, first)? {
-            if e.short == "." || e.short == ".." {
-                continue;
-            }
-            let p = format!("{dir}/{}", e.name);
-            if e.is_dir {
-                let c = e.loc.first_cluster;
-                if depth < MAX_WALK_DEPTH && (2..g.max_cluster).contains(&c) && seen.insert(c) {
-                    dirs.push((p, c, depth + 1));
-                }
-            } else if e.loc.first_cluster == entry.first_cluster && e.loc.offset != entry.offset {
-                others.push(p);
-            }
+    Ok(walk_all(dev, &g)?
+        .entries
+        .into_iter()
+        .filter(|(_, e)| {
+            !e.is_dir && e.loc.first_cluster == entry.first_cluster && e.loc.offset != entry.offset
+        })
+        .map(|(p, _)| p)
+        .collect())
+}
+
+/// The files under the directory `dir` (a path, any depth) whose chain another entry
+/// also names, each with those other names, such that once each listed file is
+/// [`detach`]ed every chain has one name left: of two files inside `dir` that share
+/// a chain only one is listed, a staged `*.new` name before any other, so the live
+/// name keeps the chain.
+pub fn shared_chains_under<D: Read + Seek>(
+    dev: &mut D,
+    part: u64,
+    dir: &str,
+) -> Result<Vec<(String, Vec<String>)>, SwapError> {
+    let g = geometry(dev, part)?;
+    let walk = walk_all(dev, &g)?;
+    let prefix = format!("/{}/", dir.trim_matches('/')).to_ascii_lowercase();
+    let mut detached: Vec<u64> = Vec::new();
+    let mut out = Vec::new();
+    let staged_first = walk
+        .entries
+        .iter()
+        .filter(|(p, _)| p.to_ascii_lowercase().ends_with(".new"))
+        .chain(
+            walk.entries
+                .iter()
+                .filter(|(p, _)| !p.to_ascii_lowercase().ends_with(".new")),
+        );
+    for (p, e) in staged_first {
+        if e.is_dir || e.loc.first_cluster == 0 || !p.to_ascii_lowercase().starts_with(&prefix) {
+            continue;
+        }
+        let others: Vec<String> = walk
+            .entries
+            .iter()
+            .filter(|(_, o)| {
+                !o.is_dir
+                    && o.loc.first_cluster == e.loc.first_cluster
+                    && o.loc.offset != e.loc.offset
+                    && !detached.contains(&o.loc.offset)
+            })
+            .map(|(op, _)| op.clone())
+            .collect();
+        if !others.is_empty() {
+            detached.push(e.loc.offset);
+            out.push((p.clone(), others));
         }
     }
-    Ok(others)
+    Ok(out)
+}
+
+/// A bitmap of every cluster some directory entry's chain (file or directory) reaches,
+/// FAT32's root included; `None` when part of the tree could not be walked, so that
+/// nothing is taken for lost that a hidden directory may use.
+pub(crate) fn referenced_clusters<D: Read + Seek>(
+    dev: &mut D,
+    g: &Geo,
+) -> io::Result<Option<Vec<u64>>> {
+    let walk = walk_all(dev, g)?;
+    if !walk.complete {
+        return Ok(None);
+    }
+    let mut used = vec![0u64; (g.max_cluster as usize).div_ceil(64)];
+    let mut starts: Vec<u32> = walk
+        .entries
+        .iter()
+        .map(|(_, e)| e.loc.first_cluster)
+        .collect();
+    if g.fat32 {
+        starts.push(g.root_cluster);
+    }
+    for first in starts {
+        let mut c = first;
+        while (2..g.max_cluster).contains(&c) {
+            let (word, bit) = (c as usize / 64, c % 64);
+            if used[word] & (1 << bit) != 0 {
+                // Reached a cluster already marked: the rest of this chain is too.
+                break;
+            }
+            used[word] |= 1 << bit;
+            c = next_cluster(dev, g, c)?;
+        }
+    }
+    Ok(Some(used))
+}
+
+/// Whether the volume is marked as not cleanly unmounted: the status byte of the boot
+/// sector (where `fatfs` and Linux set it while writing) or the clean bit of FAT[1].
+pub fn is_dirty<D: Read + Seek>(dev: &mut D, part: u64) -> Result<bool, SwapError> {
+    let g = geometry(dev, part)?;
+    let mut b = [0u8; 1];
+    dev.seek(SeekFrom::Start(part + status_byte(&g)))?;
+    dev.read_exact(&mut b)?;
+    let fat1 = next_cluster_raw(dev, &g, 1)?;
+    Ok(b[0] & 1 != 0 || fat1 & clean_bit(&g) == 0)
+}
+
+/// Clears both dirty marks (see [`is_dirty`]); for after the leftovers are repaired.
+pub fn clear_dirty<D: Read + Write + Seek>(dev: &mut D, part: u64) -> Result<(), SwapError> {
+    let g = geometry(dev, part)?;
+    let mut b = [0u8; 1];
+    let at = part + status_byte(&g);
+    dev.seek(SeekFrom::Start(at))?;
+    dev.read_exact(&mut b)?;
+    b[0] &= !1;
+    dev.seek(SeekFrom::Start(at))?;
+    dev.write_all(&b)?;
+    let width = if g.fat32 { 4 } else { 2 };
+    for copy in 0..g.fats {
+        let at = g.fat_offset + copy * g.fat_bytes + width;
+        let mut e = vec![0u8; width as usize];
+        dev.seek(SeekFrom::Start(at))?;
+        dev.read_exact(&mut e)?;
+        if g.fat32 {
+            let v = u32_at(&e, 0) | clean_bit(&g);
+            e.copy_from_slice(&v.to_le_bytes());
+        } else {
+            let v = u16_at(&e, 0) | clean_bit(&g) as u16;
+            e.copy_from_slice(&v.to_le_bytes());
+        }
+        dev.seek(SeekFrom::Start(at))?;
+        dev.write_all(&e)?;
+    }
+    dev.flush()?;
+    Ok(())
+}
+
+/// Offset in the boot sector of the byte whose bit 0 says "dirty".
+fn status_byte(g: &Geo) -> u64 {
+    if g.fat32 { 0x41 } else { 0x25 }
+}
+
+/// The bit of FAT[1] that is set while the volume is clean.
+fn clean_bit(g: &Geo) -> u32 {
+    if g.fat32 { 1 << 27 } else { 1 << 15 }
+}
+
+/// A FAT entry with its reserved bits (FAT[1] keeps flags there).
+fn next_cluster_raw<D: Read + Seek>(dev: &mut D, g: &Geo, c: u32) -> io::Result<u32> {
+    if g.fat32 {
+        dev.seek(SeekFrom::Start(g.fat_offset + u64::from(c) * 4))?;
+        read_u32(dev)
+    } else {
+        next_cluster(dev, g, c)
+    }
 }
 
 /// Makes the directory entry of `path` name no clusters (first cluster and size 0) in
@@ -415,14 +729,10 @@ pub fn detach<D: Read + Write + Seek>(dev: &mut D, part: u64, path: &str) -> Res
     let e = find_entry(dev, part, path)?;
     let sector = e.offset / SECTOR * SECTOR;
     let at = (e.offset - sector) as usize;
-    let mut s = vec![0u8; SECTOR as usize];
-    dev.seek(SeekFrom::Start(sector))?;
-    dev.read_exact(&mut s)?;
+    let mut s = read_sector(dev, sector)?;
     // First cluster high (20..22) and low (26..28) halves, size (28..32).
     s[at + 20..at + 22].fill(0);
     s[at + 26..at + 32].fill(0);
-    dev.seek(SeekFrom::Start(sector))?;
-    dev.write_all(&s)?;
-    dev.flush()?;
+    write_sector(dev, sector, &s)?;
     Ok(())
 }

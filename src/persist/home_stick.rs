@@ -10,15 +10,15 @@
 //! [`home::home_resize`](crate::persist::home::home_resize) (which decrypts an
 //! encrypted home into memory only, never onto a disk), written back as
 //! `home.img.new` next to the old one, verified, and the two directory entries swap
-//! their contents ([`fat_raw::swap_contents`]). Crash windows:
+//! their contents ([`crate::disk::fat_raw::swap_contents`]). Crash windows:
 //!
 //! - before the swap: `home.img` is the old, intact home; a partial or complete
 //!   `home.img.new` is left over and the next `home resize` removes it;
-//! - the swap itself is one sector write when both entries share a sector (the usual
-//!   case: they are neighbours in `LiveOS/`): the stick has the old home or the new;
-//! - otherwise it is two sector writes; between them both names share the new chain.
-//!   The next run sees that, detaches the stale name from the chain without freeing
-//!   it, and leaves the old home's clusters as lost chains for `fsck.fat` to free;
+//! - the swap goes through [`replace::swap_on_stick`], as a merge's does: one sector
+//!   write (the staged entry is moved beside home.img first when it is elsewhere), or,
+//!   when home.img's sector has no free slot, two writes under a recorded intent that
+//!   the next command completes ([`replace::repair_leftovers`], run when the stick is
+//!   opened here);
 //! - after the swap `home.img.new` names the old home until it is removed.
 //!
 //! The space check therefore counts the whole new size next to the old home.
@@ -33,11 +33,12 @@ use zeroize::Zeroizing;
 use crate::disk::ext4::Ext4Info;
 use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat::{self, FatError};
-use crate::disk::fat_raw::{self, SwapError};
+use crate::disk::fat_raw::SwapError;
 use crate::disk::stick::{Stick, StickError};
 use crate::io::{IoAt, io_at};
 use crate::persist::home::{self, FAT_MAX_FILE_MIB, HomeError, HomeKind};
 use crate::persist::luks::{DATA_OFFSET, LuksError};
+use crate::persist::merge::replace::{self, ReplaceError};
 use crate::source::checksum::{HashingReader, hex};
 
 const MIB: u64 = 1024 * 1024;
@@ -52,6 +53,8 @@ pub enum HomeStickError {
     Home(#[from] HomeError),
     #[error(transparent)]
     Swap(#[from] SwapError),
+    #[error(transparent)]
+    Replace(#[from] ReplaceError),
     #[error("{stick}: {source}")]
     Fat {
         stick: PathBuf,
@@ -239,6 +242,9 @@ pub struct HomeReport {
     pub stick_free_bytes: Option<u64>,
     /// A `home.img.new` an interrupted resize left behind (removed by the next resize).
     pub stale_staging: Option<u64>,
+    /// Leftovers of a stopped replacement repaired when the stick was opened.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub repaired: Vec<String>,
 }
 
 /// Describe a home.img seen through `r` (`file_size` bytes).
@@ -270,6 +276,7 @@ fn report_from<R: Read + Seek>(
         fs_free_bytes: info.fs.as_ref().map(|f| f.free_blocks * f.block_size),
         fs: info.fs,
         stick_free_bytes: None,
+        repaired: Vec::new(),
         stale_staging: None,
     })
 }
@@ -299,11 +306,16 @@ pub struct StickHome {
     pub cluster_bytes: u64,
     /// Size of a leftover `home.img.new`, if any.
     pub stale: Option<u64>,
+    /// What was repaired when the stick was opened (`replace::repair_leftovers`).
+    pub repaired: Vec<String>,
 }
 
 impl StickHome {
     /// Opens `path` as a stick and finds `<live_dir>/home.img` on it.
     pub fn open(path: &Path, live_dir: &str, writable: bool) -> Result<StickHome, HomeStickError> {
+        // Leftovers of a stopped replacement first: reading the stick refuses chains
+        // two entries share, and a half-swapped home.img is completed here.
+        let repaired = replace::repair_stick(path, live_dir)?;
         let mut stick = Stick::open(path, writable)?;
         let info = stick.info(live_dir)?;
         let home = format!("/{live_dir}/home.img");
@@ -336,6 +348,7 @@ impl StickHome {
             free_bytes: info.free_bytes,
             cluster_bytes,
             stale,
+            repaired,
         })
     }
 
@@ -360,6 +373,7 @@ impl StickHome {
         let mut rep = report_from(r, &target, Some(home), passphrase)?;
         rep.stick_free_bytes = Some(free);
         rep.stale_staging = stale;
+        rep.repaired = self.repaired.clone();
         Ok(rep)
     }
 
@@ -595,24 +609,15 @@ pub fn resize_file(
 }
 
 /// Removes a `home.img.new` left by an interrupted run. If the run stopped between
-/// the two sector writes of a swap, the stale name shares home.img's (new) chain:
-/// then its entry is first pointed at no cluster, so removing it frees nothing of
-/// the home (the old home's clusters stay allocated but unused until `fsck.fat`).
+/// the two sector writes of a swap, the stale name shares home.img's chain: then it is
+/// first detached from it ([`replace::detach_shared_leftover`]), so removing it frees
+/// nothing of the home.
 fn remove_stale(h: &mut StickHome) -> Result<(), HomeStickError> {
     let part = h.stick.partition.start;
     let path = h.stick.path.clone();
-    let home_e = fat_raw::find_entry(h.stick.file_mut(), part, &h.home)?;
-    let stale_e = fat_raw::find_entry(h.stick.file_mut(), part, &h.staged)?;
-    if stale_e.first_cluster != 0 && stale_e.first_cluster == home_e.first_cluster {
-        let sector = stale_e.offset / 512 * 512;
-        let at = (stale_e.offset - sector) as usize;
-        let mut s = [0u8; 512];
-        h.stick.read_at(sector, &mut s).map_err(io_at(&path))?;
-        // First cluster high (20..22) and low (26..28) halves, size (28..32).
-        s[at + 20..at + 22].fill(0);
-        s[at + 26..at + 32].fill(0);
-        h.stick.write_at(sector, &s).map_err(io_at(&path))?;
+    if let Some(note) = replace::detach_shared_leftover(h.stick.file_mut(), part, &h.staged)? {
         h.stick.file_mut().sync_all().map_err(io_at(&path))?;
+        h.repaired.push(note);
     }
     let staged = h.staged.clone();
     h.stick.with_fs(|fs| {
@@ -748,9 +753,15 @@ pub fn resize_on_stick(
         });
     }
 
+    let home = h.home.clone();
+    replace::swap_on_stick(&mut h.stick, &home, &staged)?;
+    // The staged name now holds the old home; free its clusters (unless another name
+    // still uses them).
     let part = h.stick.partition.start;
-    fat_raw::swap_contents(h.stick.file_mut(), part, &h.home, &staged)?;
-    // The staged name now holds the old home; free its clusters.
+    if let Some(note) = replace::detach_shared_leftover(h.stick.file_mut(), part, &staged)? {
+        h.stick.file_mut().sync_all().map_err(io_at(&stick_path))?;
+        h.repaired.push(note);
+    }
     h.stick.with_fs(|fs| {
         fat::remove_all(fs, &staged).map_err(|source| StickError::Fat {
             path: stick_path.clone(),

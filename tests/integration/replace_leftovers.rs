@@ -1,7 +1,9 @@
 //! Leftovers of a replacement stopped between its two directory writes (issue 13,
 //! part 1): `X` and `X.new` name the same cluster chain. Freeing `X.new` would free
 //! what `X` still uses, so every command that meets such a leftover detaches it from
-//! the chain and reports it instead.
+//! the chain and reports it instead. A replacement today is one sector write (the
+//! staged entry is moved beside the target first) or two under a recorded intent that
+//! the next command completes; orphaned clusters and the dirty mark are repaired too.
 
 use std::io::{Cursor, Read, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -12,6 +14,7 @@ use livestick::disk::extent_file::ExtentFile;
 use livestick::disk::fat;
 use livestick::disk::fat_raw;
 use livestick::disk::stick::{Stick, StickError};
+use livestick::persist::merge::replace;
 use livestick::persist::snapshot::{self, CowWriter, Opened};
 use livestick::squash;
 
@@ -86,10 +89,12 @@ fn write_keeps_a_home_whose_chain_a_leftover_home_img_new_names() {
     share_chain(&img, "/LiveOS/home.img", "/LiveOS/home.img.new");
 
     // The same ISO again: home.img is kept, leftovers go.
-    let out = ok(&livestick(&["write", iso_s, img_s, "--yes", "--json"]));
+    let out = livestick(&["write", iso_s, img_s, "--yes", "--json"]);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.contains("home.img.new named the clusters of /LiveOS/home.img"),
-        "the repair is reported: {out}"
+        err.contains("home.img.new named the clusters of /LiveOS/home.img"),
+        "the repair is reported: {err}"
     );
     let ls = fat_ls(&img, part, "LiveOS");
     assert!(!ls.to_lowercase().contains("home.img.new"), "{ls}");
@@ -198,10 +203,12 @@ fn merge_rerun_keeps_the_root_image_a_leftover_squashfs_img_new_names() {
 
     // The same leftover again, and a run to the end: repaired, reported, merged.
     share_chain(&img, "/LiveOS/squashfs.img", "/LiveOS/squashfs.img.new");
-    let out = ok(&livestick(&merge));
+    let out = livestick(&merge);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        out.contains("squashfs.img.new named the clusters of /LiveOS/squashfs.img"),
-        "the repair is reported: {out}"
+        err.contains("squashfs.img.new named the clusters of /LiveOS/squashfs.img"),
+        "the repair is reported: {err}"
     );
     assert!(
         rootfs_on(&img, part, dir.path()) == after,
@@ -210,4 +217,396 @@ fn merge_rerun_keeps_the_root_image_a_leftover_squashfs_img_new_names() {
     let ls = fat_ls(&img, part, "LiveOS");
     assert!(!ls.to_lowercase().contains(".new"), "{ls}");
     fsck_fat(&img, part, partition_len(&img), dir.path());
+}
+
+/// A stick with a plain 16 MiB home.
+fn home_stick(dir: &Path) -> std::path::PathBuf {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let img = dir.join("stick.img");
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        img.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--home-size-mb",
+        "16",
+        "--unencrypted-home",
+        "--yes",
+    ]));
+    img
+}
+
+/// Fills every free slot of `LiveOS/` up to several sectors past its last entry (one-
+/// slot names first, so that no hole is left before the end), so that a file created
+/// now lands in a sector of its own, away from `home.img`'s.
+fn crowd_live_dir(img: &Path) {
+    let mut stick = Stick::open(img, true).unwrap();
+    let path = stick.path.clone();
+    stick
+        .with_fs(|fs| {
+            let fat_err = |source| StickError::Fat {
+                path: path.clone(),
+                source,
+            };
+            for i in 0..48 {
+                fat::write_file(
+                    fs,
+                    &format!("/LiveOS/F{i:02}.TXT"),
+                    &mut &b"x"[..],
+                    1,
+                    |_| {},
+                )
+                .map_err(fat_err)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+fn stick_part(img: &Path) -> (u64, u64) {
+    let s = Stick::open(img, false).unwrap();
+    (s.partition.start, s.partition.len)
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn a_staged_entry_in_another_sector_is_moved_beside_the_target_for_a_one_sector_swap() {
+    if !require(have("mcopy") && have("fsck.fat"), "mtools, dosfstools") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = home_stick(dir.path());
+    let (part, len) = stick_part(&img);
+    let home = fat_read(&img, part, "/LiveOS/home.img");
+    crowd_live_dir(&img);
+    let mut stick = Stick::open(&img, true).unwrap();
+    let path = stick.path.clone();
+    stick
+        .with_fs(|fs| {
+            let new = vec![0x5au8; 64 << 10];
+            fat::write_file(
+                fs,
+                "/LiveOS/home.img.new",
+                &mut &new[..],
+                new.len() as u64,
+                |_| {},
+            )
+            .map(|_| ())
+            .map_err(|source| StickError::Fat {
+                path: path.clone(),
+                source,
+            })
+        })
+        .unwrap();
+    // Then a hole of two slots in home.img's sector: the last two fillers there go.
+    let home_e = fat_raw::find_entry(stick.file_mut(), part, "/LiveOS/home.img").unwrap();
+    let mut in_home_sector: Vec<String> = Vec::new();
+    for f in (0..48).map(|i| format!("/LiveOS/F{i:02}.TXT")) {
+        let e = fat_raw::find_entry(stick.file_mut(), part, &f).unwrap();
+        if e.offset / 512 == home_e.offset / 512 {
+            in_home_sector.push(f);
+        }
+    }
+    assert!(in_home_sector.len() >= 2, "{in_home_sector:?}");
+    stick
+        .with_fs(|fs| {
+            for f in &in_home_sector[in_home_sector.len() - 2..] {
+                fat::remove_all(fs, f).map_err(|source| StickError::Fat {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert!(
+        !fat_raw::share_a_sector(
+            stick.file_mut(),
+            part,
+            "/LiveOS/home.img",
+            "/LiveOS/home.img.new"
+        )
+        .unwrap(),
+        "the test needs the two entries in different sectors"
+    );
+    let report =
+        replace::swap_on_stick(&mut stick, "/LiveOS/home.img", "/LiveOS/home.img.new").unwrap();
+    assert!(report.single_sector, "one sector write");
+    drop(stick);
+    assert_eq!(
+        fat_read(&img, part, "/LiveOS/home.img"),
+        vec![0x5au8; 64 << 10]
+    );
+    assert!(fat_read(&img, part, "/LiveOS/home.img.new") == home);
+    fsck_fat(&img, part, len, dir.path());
+}
+
+#[test]
+fn a_two_sector_resize_stopped_half_way_is_completed_by_home_info() {
+    if !require(
+        ["mcopy", "fsck.fat", "resize2fs", "e2fsck"]
+            .iter()
+            .all(|t| have(t)),
+        "mtools, dosfstools, e2fsprogs",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = home_stick(dir.path());
+    let (part, len) = stick_part(&img);
+    crowd_live_dir(&img);
+    let img_s = img.to_str().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let resize = [
+        "home",
+        "resize",
+        img_s,
+        "--size-mb",
+        "24",
+        "--workdir",
+        work.to_str().unwrap(),
+    ];
+    let out = std::process::Command::new(bin())
+        .args(resize)
+        .env("LIVESTICK_FAILPOINT", "swap-half")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "stopped at the failpoint");
+    let ls = fat_ls(&img, part, "LiveOS");
+    assert!(
+        ls.contains(".livestick-replace"),
+        "the intent is on the stick: {ls}"
+    );
+
+    // Read-only in intent, but it completes the replacement first and says so.
+    let out = livestick(&["home", "info", img_s, "--json"]);
+    let v = json_of(&out);
+    assert!(out.status.success());
+    let repaired = v["repaired"].to_string();
+    assert!(repaired.contains("completed"), "{repaired}");
+    assert_eq!(
+        v["file_size"],
+        24u64 << 20,
+        "the grown home is the live one"
+    );
+    let ls = fat_ls(&img, part, "LiveOS");
+    assert!(!ls.contains(".livestick-replace"), "{ls}");
+    fsck_fat(&img, part, len, dir.path());
+
+    // The next resize removes the old home that home.img.new now names, and goes
+    // through the same two writes under an intent to the end.
+    let mut again = resize;
+    again[4] = "32";
+    ok(&livestick(&again));
+    let ls = fat_ls(&img, part, "LiveOS");
+    assert!(!ls.to_lowercase().contains("home.img.new"), "{ls}");
+    assert!(!ls.contains(".livestick-replace"), "{ls}");
+    let v = json_of(&livestick(&["home", "info", img_s, "--json"]));
+    assert_eq!(v["file_size"], 32u64 << 20);
+    fsck_fat(&img, part, len, dir.path());
+}
+
+#[test]
+fn an_intent_of_a_replacement_that_never_began_is_rolled_back() {
+    if !require(have("mcopy") && have("fsck.fat"), "mtools, dosfstools") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = home_stick(dir.path());
+    let (part, len) = stick_part(&img);
+    let home = fat_read(&img, part, "/LiveOS/home.img");
+    let mut stick = Stick::open(&img, true).unwrap();
+    let path = stick.path.clone();
+    stick
+        .with_fs(|fs| {
+            fat::write_file(
+                fs,
+                "/LiveOS/home.img.new",
+                &mut &home[..],
+                home.len() as u64,
+                |_| {},
+            )
+            .map(|_| ())
+            .map_err(|source| StickError::Fat {
+                path: path.clone(),
+                source,
+            })
+        })
+        .unwrap();
+    let intent = replace::Intent {
+        target: "/LiveOS/home.img".into(),
+        staged: "/LiveOS/home.img.new".into(),
+        old: fat_raw::content_fields(stick.file_mut(), part, "/LiveOS/home.img").unwrap(),
+        new: fat_raw::content_fields(stick.file_mut(), part, "/LiveOS/home.img.new").unwrap(),
+    };
+    let text = intent.to_text();
+    stick
+        .with_fs(|fs| {
+            fat::write_file(
+                fs,
+                "/LiveOS/.livestick-replace",
+                &mut text.as_bytes(),
+                text.len() as u64,
+                |_| {},
+            )
+            .map(|_| ())
+            .map_err(|source| StickError::Fat {
+                path: path.clone(),
+                source,
+            })
+        })
+        .unwrap();
+    drop(stick);
+    let out = livestick(&["home", "info", img.to_str().unwrap(), "--json"]);
+    let v = json_of(&out);
+    assert!(v["repaired"].to_string().contains("rolled back"), "{v}");
+    assert!(fat_read(&img, part, "/LiveOS/home.img") == home);
+    let ls = fat_ls(&img, part, "LiveOS");
+    assert!(!ls.contains(".livestick-replace"), "{ls}");
+    fsck_fat(&img, part, len, dir.path());
+}
+
+#[test]
+fn an_old_two_sector_swap_stopped_half_way_leaves_no_lost_clusters_and_no_dirty_mark() {
+    if !require(have("mcopy") && have("fsck.fat"), "mtools, dosfstools") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = home_stick(dir.path());
+    let (part, len) = stick_part(&img);
+    let home = fat_read(&img, part, "/LiveOS/home.img");
+    let mut stick = Stick::open(&img, true).unwrap();
+    let path = stick.path.clone();
+    stick
+        .with_fs(|fs| {
+            fat::write_file(
+                fs,
+                "/LiveOS/home.img.new",
+                &mut &home[..],
+                home.len() as u64,
+                |_| {},
+            )
+            .map(|_| ())
+            .map_err(|source| StickError::Fat {
+                path: path.clone(),
+                source,
+            })
+        })
+        .unwrap();
+    // The first write of a swap without intent (livestick before this change):
+    // home.img names the new chain, the old chain is named by nothing.
+    let new = fat_raw::content_fields(stick.file_mut(), part, "/LiveOS/home.img.new").unwrap();
+    fat_raw::set_content_fields(stick.file_mut(), part, "/LiveOS/home.img", &new).unwrap();
+    // And a FAT driver that was stopped: the dirty mark (FAT32: boot sector byte 0x41).
+    let mut b = [0u8; 1];
+    stick.read_at(part + 0x41, &mut b).unwrap();
+    stick.write_at(part + 0x41, &[b[0] | 1]).unwrap();
+    stick.file_mut().sync_all().unwrap();
+    drop(stick);
+
+    let out = livestick(&["home", "info", img.to_str().unwrap(), "--json"]);
+    let v = json_of(&out);
+    let repaired = v["repaired"].to_string();
+    assert!(repaired.contains("detached"), "{repaired}");
+    assert!(repaired.contains("clusters no file named"), "{repaired}");
+    assert!(repaired.contains("not cleanly closed"), "{repaired}");
+    assert!(
+        fat_read(&img, part, "/LiveOS/home.img") == home,
+        "home intact"
+    );
+    let mut s = Stick::open(&img, false).unwrap();
+    assert!(!fat_raw::is_dirty(s.file_mut(), part).unwrap());
+    drop(s);
+    fsck_fat(&img, part, len, dir.path());
+}
+
+#[test]
+fn a_directory_to_delete_is_checked_file_by_file() {
+    if !require(have("mcopy") && have("fsck.fat"), "mtools, dosfstools") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = home_stick(dir.path());
+    let (part, len) = stick_part(&img);
+    let home = fat_read(&img, part, "/LiveOS/home.img");
+    let mut stick = Stick::open(&img, true).unwrap();
+    let path = stick.path.clone();
+    stick
+        .with_fs(|fs| {
+            fat::create_dir_all(fs, "/LiveOS/old").map_err(|source| StickError::Fat {
+                path: path.clone(),
+                source,
+            })
+        })
+        .unwrap();
+    drop(stick);
+    share_chain(&img, "/LiveOS/home.img", "/LiveOS/old/home.img.new");
+    let mut stick = Stick::open(&img, true).unwrap();
+    let note = replace::detach_shared_leftover(stick.file_mut(), part, "/LiveOS/old")
+        .unwrap()
+        .expect("the shared file inside is found");
+    assert!(note.contains("/LiveOS/old/home.img.new"), "{note}");
+    stick
+        .with_fs(|fs| {
+            fat::remove_all(fs, "/LiveOS/old").map_err(|source| StickError::Fat {
+                path: path.clone(),
+                source,
+            })
+        })
+        .unwrap();
+    drop(stick);
+    assert!(
+        fat_read(&img, part, "/LiveOS/home.img") == home,
+        "home intact"
+    );
+    fsck_fat(&img, part, len, dir.path());
+}
+
+#[test]
+fn overlay_status_clears_the_dirty_mark_and_says_so() {
+    if !require(have("mcopy") && have("fsck.fat"), "mtools, dosfstools") {
+        return;
+    }
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("stick.img");
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        img.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "32",
+        "--yes",
+    ]));
+    let (part, len) = stick_part(&img);
+    let mut stick = Stick::open(&img, true).unwrap();
+    let mut b = [0u8; 1];
+    stick.read_at(part + 0x41, &mut b).unwrap();
+    stick.write_at(part + 0x41, &[b[0] | 1]).unwrap();
+    stick.file_mut().sync_all().unwrap();
+    drop(stick);
+    let out = livestick(&["overlay", "status", img.to_str().unwrap()]);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("repaired") && err.contains("not cleanly closed"),
+        "{err}"
+    );
+    let mut s = Stick::open(&img, false).unwrap();
+    assert!(!fat_raw::is_dirty(s.file_mut(), part).unwrap());
+    drop(s);
+    fsck_fat(&img, part, len, dir.path());
 }

@@ -248,6 +248,9 @@ pub(super) fn merged(
             report.fsck_chunks_folded
         );
     }
+    for r in &report.repaired {
+        println!("repaired: {r}");
+    }
     Ok(())
 }
 

@@ -230,11 +230,14 @@ fn stick_replace(
     let mut stick = Stick::open(&place.stick, true)?;
     let part = place.partition_start;
     // A staged image from a stopped run was never swapped in, unless the swap stopped
-    // between its two sector writes: then it names the live image's chain.
-    if let Some(note) = detach_shared_leftover(stick.file_mut(), part, &staged)? {
-        stick.file_mut().sync_all().map_err(io_at(&place.stick))?;
-        report.repaired.push(note);
-    }
+    // between its two sector writes: then the intent finishes it, or it names the
+    // live image's chain and is detached from it.
+    report.repaired.extend(repair_leftovers(
+        stick.file_mut(),
+        part,
+        parent_dir(&place.squashfs),
+        &mut |f| f.sync_data(),
+    )?);
     let mut input = File::open(built).map_err(io_at(built))?;
     let target_dir = plan.target_dir.clone();
     let mut done = 0u64;
@@ -301,12 +304,7 @@ fn stick_replace(
     }
     failpoint(plan, "fold")?;
 
-    report.swap = Some(fat_raw::swap_contents(
-        stick.file_mut(),
-        part,
-        &place.squashfs,
-        &staged,
-    )?);
+    report.swap = Some(swap_on_stick(&mut stick, &place.squashfs, &staged)?);
     // The staged name now holds the old image; free its clusters (unless another
     // name still uses them).
     if let Some(note) = detach_shared_leftover(stick.file_mut(), part, &staged)? {
@@ -333,25 +331,414 @@ fn stick_replace(
 /// Makes a leftover name on a stick (`X.new` of a stopped replacement) safe to remove:
 /// when another directory entry names its cluster chain, which a swap stopped between
 /// its two sector writes leaves, the leftover is detached from the chain, so removing
-/// it frees nothing another file still uses. The check every free of a leftover goes
-/// through. Returns what was repaired, for the report; `None` when the name owns its
-/// chain (or does not exist, or is a directory) and may be freed as it is.
+/// it frees nothing another file still uses. For a directory, every file under it is
+/// checked so (of two inside that share a chain, one keeps it to be freed). The check
+/// every free of a leftover goes through. Returns what was repaired, for the report;
+/// `None` when the name owns its chain (or does not exist) and may be freed as it is.
 pub fn detach_shared_leftover<D: Read + Write + Seek>(
     dev: &mut D,
     part: u64,
     path: &str,
 ) -> Result<Option<String>, SwapError> {
-    let others = match fat_raw::other_names_of_chain(dev, part, path) {
-        Ok(others) => others,
-        Err(SwapError::NotFound(_) | SwapError::IsDir(_)) => return Ok(None),
+    let shared = match fat_raw::other_names_of_chain(dev, part, path) {
+        Ok(others) if others.is_empty() => return Ok(None),
+        Ok(others) => vec![(path.to_string(), others)],
+        Err(SwapError::NotFound(_)) => return Ok(None),
+        Err(SwapError::IsDir(_)) => fat_raw::shared_chains_under(dev, part, path)?,
         Err(e) => return Err(e),
     };
-    if others.is_empty() {
+    if shared.is_empty() {
         return Ok(None);
     }
-    fat_raw::detach(dev, part, path)?;
-    Ok(Some(format!(
-        "{path} named the clusters of {} (a replacement stopped between its two directory writes): it was detached from them, not freed",
-        others.join(", ")
-    )))
+    let mut notes = Vec::new();
+    for (file, others) in shared {
+        fat_raw::detach(dev, part, &file)?;
+        notes.push(format!(
+            "{file} named the clusters of {} (a replacement stopped between its two directory writes): it was detached from them, not freed",
+            others.join(", ")
+        ));
+    }
+    Ok(Some(notes.join("; ")))
+}
+
+/// The intent file a replacement leaves in the live directory while its two directory
+/// entries are not in one sector (see [`swap_on_stick`]).
+pub const INTENT_NAME: &str = ".livestick-replace";
+
+/// What a two-sector replacement is about to do, written and synced before its first
+/// entry write and removed after its last: enough for a later command to finish it or
+/// to see that it never began.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    pub target: String,
+    pub staged: String,
+    /// `target`'s entry fields before (`fat_raw::content_fields`): the old file.
+    pub old: Vec<u8>,
+    /// `staged`'s entry fields before: the new file.
+    pub new: Vec<u8>,
+}
+
+const INTENT_MAGIC: &str = "livestick replace 1";
+
+impl Intent {
+    pub fn to_text(&self) -> String {
+        format!(
+            "{INTENT_MAGIC}\ntarget {}\nstaged {}\nold {}\nnew {}\n",
+            self.target,
+            self.staged,
+            hex(&self.old),
+            hex(&self.new)
+        )
+    }
+
+    /// `None` for anything but what [`Intent::to_text`] writes (a torn or foreign file).
+    pub fn parse(text: &str) -> Option<Intent> {
+        let mut lines = text.lines();
+        if lines.next()? != INTENT_MAGIC {
+            return None;
+        }
+        let mut field = |key: &str| {
+            lines
+                .next()
+                .and_then(|l| l.strip_prefix(key))
+                .and_then(|l| l.strip_prefix(' '))
+                .map(str::to_string)
+        };
+        let target = field("target")?;
+        let staged = field("staged")?;
+        let old = unhex(&field("old")?)?;
+        let new = unhex(&field("new")?)?;
+        (old.len() == new.len() && !old.is_empty()).then_some(Intent {
+            target,
+            staged,
+            old,
+            new,
+        })
+    }
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplaceError {
+    #[error(transparent)]
+    Swap(#[from] SwapError),
+    #[error(transparent)]
+    Stick(#[from] StickError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("stopped at failpoint `{0}` (LIVESTICK_FAILPOINT)")]
+    Failpoint(&'static str),
+}
+
+impl crate::error::Classify for ReplaceError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+}
+
+impl From<crate::disk::fat_alloc::AllocError> for ReplaceError {
+    fn from(e: crate::disk::fat_alloc::AllocError) -> Self {
+        use crate::disk::fat_alloc::AllocError;
+        match e {
+            AllocError::Fat(e) => ReplaceError::Swap(e),
+            AllocError::Io(e) => ReplaceError::Swap(SwapError::Io(e)),
+            // Removing or reclaiming allocates nothing.
+            other => ReplaceError::Swap(SwapError::Unsupported(other.to_string())),
+        }
+    }
+}
+
+impl From<ReplaceError> for MergeError {
+    fn from(e: ReplaceError) -> Self {
+        match e {
+            ReplaceError::Swap(e) => MergeError::Swap(e),
+            ReplaceError::Stick(e) => MergeError::Stick(e),
+            ReplaceError::Io { path, source } => MergeError::Io { path, source },
+            ReplaceError::Failpoint(step) => MergeError::Failpoint(step),
+        }
+    }
+}
+
+/// `LIVESTICK_FAILPOINT=swap-half` stops a two-sector replacement after its first
+/// entry write: the state a crash there leaves, for the tests.
+fn swap_failpoint(step: &'static str) -> Result<(), ReplaceError> {
+    if std::env::var("LIVESTICK_FAILPOINT").as_deref() == Ok(step) {
+        return Err(ReplaceError::Failpoint(step));
+    }
+    Ok(())
+}
+
+fn parent_dir(path: &str) -> &str {
+    path.rsplit_once('/').map(|(d, _)| d).unwrap_or("")
+}
+
+/// Replaces the file `target` on the stick by `staged` (a verified copy next to it):
+/// afterwards `target` names the new contents and `staged` the old, which the caller
+/// frees. The one way livestick replaces a file on a stick.
+///
+/// The unit is one 512-byte sector write: a device takes a sector whole or not at all
+/// (flash sticks do not promise even that, so on flash the window is that one sector).
+/// So the staged entry is first moved into the target's sector when it is elsewhere;
+/// only when that sector has no free slots does the exchange take two writes, and then
+/// an [`Intent`] is written and synced first, so that [`repair_leftovers`] can finish
+/// it after a crash instead of leaving the old chain named by nothing.
+pub fn swap_on_stick(
+    stick: &mut Stick,
+    target: &str,
+    staged: &str,
+) -> Result<SwapReport, ReplaceError> {
+    let part = stick.partition.start;
+    let path = stick.path.clone();
+    let io_err = |source| ReplaceError::Io {
+        path: path.clone(),
+        source,
+    };
+    if !fat_raw::share_a_sector(stick.file_mut(), part, target, staged)? {
+        fat_raw::move_beside(stick.file_mut(), part, staged, target, &mut |f| {
+            f.sync_data()
+        })?;
+    }
+    if fat_raw::share_a_sector(stick.file_mut(), part, target, staged)? {
+        return Ok(fat_raw::swap_contents(
+            stick.file_mut(),
+            part,
+            target,
+            staged,
+        )?);
+    }
+    let intent = Intent {
+        target: target.to_string(),
+        staged: staged.to_string(),
+        old: fat_raw::content_fields(stick.file_mut(), part, target)?,
+        new: fat_raw::content_fields(stick.file_mut(), part, staged)?,
+    };
+    let intent_path = format!("{}/{INTENT_NAME}", parent_dir(target));
+    let text = intent.to_text();
+    let fat_err = |source| StickError::Fat {
+        path: path.clone(),
+        source,
+    };
+    // with_fs syncs the stick when it closes the filesystem.
+    stick.with_fs(|fs| {
+        fat::write_file(
+            fs,
+            &intent_path,
+            &mut text.as_bytes(),
+            text.len() as u64,
+            |_| {},
+        )
+        .map(|_| ())
+        .map_err(fat_err)
+    })?;
+    // The boot-relevant name first: from here on the stick has the new file.
+    fat_raw::set_content_fields(stick.file_mut(), part, target, &intent.new)?;
+    stick.file_mut().sync_data().map_err(io_err)?;
+    swap_failpoint("swap-half")?;
+    fat_raw::set_content_fields(stick.file_mut(), part, staged, &intent.old)?;
+    stick.file_mut().sync_data().map_err(io_err)?;
+    crate::disk::fat_alloc::remove_file(stick.file_mut(), part, &intent_path)?;
+    stick.file_mut().sync_data().map_err(io_err)?;
+    Ok(SwapReport {
+        single_sector: false,
+    })
+}
+
+/// Whether the stick holds anything [`repair_leftovers`] would change: an intent file,
+/// a leftover sharing a chain, or the dirty mark. Reads only.
+pub fn needs_repair<D: Read + Seek>(
+    dev: &mut D,
+    part: u64,
+    live_dir: &str,
+) -> Result<bool, SwapError> {
+    Ok(leftovers_found(dev, part, live_dir)? || fat_raw::is_dirty(dev, part)?)
+}
+
+/// An intent file, or a staged name sharing a chain: what the FAT reader refuses or
+/// what would lose a file if freed (unlike the dirty mark alone).
+fn leftovers_found<D: Read + Seek>(
+    dev: &mut D,
+    part: u64,
+    live_dir: &str,
+) -> Result<bool, SwapError> {
+    let intent_path = format!("/{}/{INTENT_NAME}", live_dir.trim_matches('/'));
+    match fat_raw::find_entry(dev, part, &intent_path) {
+        Ok(_) => return Ok(true),
+        Err(SwapError::NotFound(_) | SwapError::IsDir(_)) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(fat_raw::shared_chains_under(dev, part, live_dir)?
+        .iter()
+        .any(|(path, _)| path.to_ascii_lowercase().ends_with(".new")))
+}
+
+/// Brings a stick back to a state every command may work on, before anything else
+/// touches `live_dir`: an [`Intent`] left by a stopped replacement is completed (the
+/// target already names the new file: the staged name gets the old one back) or
+/// rolled back (nothing was written: the staged file is a plain leftover), then
+/// removed; a file in `live_dir` whose chain another entry names (a two-sector swap of
+/// an older livestick, or a move stopped half-way) is detached from it; clusters no
+/// entry reaches any more are freed, and the dirty mark is cleared. Returns one line
+/// per repair, for stderr and JSON `repaired`. `sync` makes a write durable before the
+/// next one depends on it.
+pub fn repair_leftovers<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    live_dir: &str,
+    sync: &mut dyn FnMut(&mut D) -> std::io::Result<()>,
+) -> Result<Vec<String>, ReplaceError> {
+    let mut repaired = Vec::new();
+    let live = live_dir.trim_matches('/');
+    let intent_path = format!("/{live}/{INTENT_NAME}");
+    let dirty = fat_raw::is_dirty(dev, part)?;
+    let mut reclaim = dirty;
+    let sync_err = |source| ReplaceError::Io {
+        path: PathBuf::from(&intent_path),
+        source,
+    };
+    match fat_raw::file_extents(dev, part, &intent_path) {
+        Ok(extents) => {
+            reclaim = true;
+            let mut text = Vec::new();
+            ExtentFile::new(&mut *dev, &extents)
+                .read_to_end(&mut text)
+                .map_err(sync_err)?;
+            let text = String::from_utf8_lossy(&text);
+            repaired.push(match Intent::parse(&text) {
+                Some(intent) => settle_intent(dev, part, &intent)?,
+                None => format!(
+                    "{intent_path} was torn (a replacement stopped before it began): removed"
+                ),
+            });
+            sync(dev).map_err(sync_err)?;
+            crate::disk::fat_alloc::remove_file(dev, part, &intent_path)?;
+            sync(dev).map_err(sync_err)?;
+        }
+        Err(SwapError::NotFound(_) | SwapError::IsDir(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    for (path, others) in fat_raw::shared_chains_under(dev, part, live)? {
+        // Only a staged name is a leftover of ours; clusters two other files share
+        // are damage of another kind, which the FAT reader refuses with its own advice.
+        if !path.to_ascii_lowercase().ends_with(".new") {
+            continue;
+        }
+        fat_raw::detach(dev, part, &path)?;
+        sync(dev).map_err(sync_err)?;
+        reclaim = true;
+        repaired.push(format!(
+            "{path} named the clusters of {} (a replacement stopped between its two directory writes): it was detached from them, not freed",
+            others.join(", ")
+        ));
+    }
+    if reclaim {
+        let freed = crate::disk::fat_alloc::reclaim_lost(dev, part)?;
+        if freed > 0 {
+            repaired.push(format!(
+                "{freed} clusters no file named any more (left by a stopped write) were freed"
+            ));
+        }
+    }
+    if dirty {
+        fat_raw::clear_dirty(dev, part)?;
+        repaired.push(
+            "the filesystem was marked as not cleanly closed (a write was stopped); its leftovers were repaired and the mark cleared"
+                .to_string(),
+        );
+    }
+    sync(dev).map_err(sync_err)?;
+    Ok(repaired)
+}
+
+/// Completes or rolls back the replacement `intent` describes; what was done.
+fn settle_intent<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    intent: &Intent,
+) -> Result<String, ReplaceError> {
+    let fields = |dev: &mut D, path: &str| match fat_raw::content_fields(dev, part, path) {
+        Ok(f) => Ok(Some(f)),
+        Err(SwapError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e),
+    };
+    let target = fields(dev, &intent.target)?;
+    let staged = fields(dev, &intent.staged)?;
+    let (t, s) = (&intent.target, &intent.staged);
+    Ok(match (target, staged) {
+        (Some(tf), Some(sf)) if tf == intent.new && sf == intent.new => {
+            fat_raw::set_content_fields(dev, part, s, &intent.old)?;
+            format!(
+                "the replacement of {t} stopped half-way: completed ({t} is the new file, {s} the old one, to be removed)"
+            )
+        }
+        (Some(tf), _) if tf == intent.old => format!(
+            "the replacement of {t} stopped before it began: rolled back ({t} is unchanged)"
+        ),
+        (Some(tf), Some(sf)) if tf == intent.new && sf == intent.old => {
+            format!("the replacement of {t} had finished; its intent file was removed")
+        }
+        _ => format!(
+            "the replacement of {t} left an intent that no longer matches {t} and {s}: nothing was changed but the intent file"
+        ),
+    })
+}
+
+/// [`repair_leftovers`] on the stick at `path`, opened for writing only when
+/// [`needs_repair`] finds something (so a read-only command on a healthy stick stays
+/// read-only). A mounted stick is left alone (its dirty mark is the kernel's, and its
+/// FAT is the kernel's to change); so is one that only carries the dirty mark when it
+/// cannot be opened for writing, since reading it is safe.
+pub fn repair_stick(path: &Path, live_dir: &str) -> Result<Vec<String>, ReplaceError> {
+    let leftovers = {
+        let mut ro = Stick::open(path, false)?;
+        if !ro.probe.busy.is_empty() {
+            return Ok(Vec::new());
+        }
+        let part = ro.partition.start;
+        let leftovers = leftovers_found(ro.file_mut(), part, live_dir)?;
+        if !leftovers && !fat_raw::is_dirty(ro.file_mut(), part)? {
+            return Ok(Vec::new());
+        }
+        leftovers
+    };
+    let mut stick = match Stick::open(path, true) {
+        Ok(stick) => stick,
+        Err(_) if !leftovers => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let part = stick.partition.start;
+    repair_leftovers(stick.file_mut(), part, live_dir, &mut |f| f.sync_data())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_intent_reads_back_as_written_and_a_torn_one_not_at_all() {
+        let intent = Intent {
+            target: "/LiveOS/home.img".into(),
+            staged: "/LiveOS/home.img.new".into(),
+            old: (0..19).collect(),
+            new: (100..119).collect(),
+        };
+        let text = intent.to_text();
+        assert_eq!(Intent::parse(&text), Some(intent));
+        // A crash while the intent was written leaves a prefix of it.
+        for cut in [0, 10, text.len() / 2, text.len() - 3] {
+            assert_eq!(Intent::parse(&text[..cut]), None, "{cut}");
+        }
+        assert_eq!(Intent::parse("something else\n"), None);
+    }
 }
