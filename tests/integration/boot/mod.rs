@@ -7,4 +7,4 @@ mod current_fedora;
 pub mod harness;
 mod maintenance;
 mod ovl_merge;
-mod scenarios;
+pub(crate) mod scenarios;
