@@ -15,7 +15,8 @@
 //! In every case livestick must exit 4 (I/O) and name what it was doing. What each
 //! test proves, and what none can, is in docs/reliability.md.
 //!
-//! Each VM boots in ~20 s under TCG; the merge case adds two boots of the stick.
+//! Each VM boots in ~20 s under TCG; the merge case adds two boots of the stick; the
+//! four tests take 2–5 minutes on 2 cores.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
