@@ -84,25 +84,9 @@ CFG
     echo "$iso"
 }
 
-# The guest: livestick and everything it runs as a child (from strace -f -e
-# execve of a write: unsquashfs, mke2fs and debugfs (journal checksum and
-# sequence of a new ext4), dumpe2fs, the mtools-based syslinux, which runs
-# mattrib/mcopy/mmove through sh), the decompressors it may run on the ISO's
-# initrd, GNU dd (busybox dd has no iflag=skip_bytes,count_bytes) and GNU
-# time (peak RSS of the command and its children).
-guest_files=("$LS:/usr/local/bin/livestick" /usr/sbin/mke2fs /usr/sbin/mkfs.ext4 /usr/sbin/e2fsck
-    /usr/sbin/resize2fs /usr/sbin/debugfs /usr/sbin/dumpe2fs /etc/mke2fs.conf /usr/bin/unsquashfs /usr/bin/syslinux /usr/lib/syslinux
-    /bin/dd /usr/bin/time)
-# mtools converts file names through iconv (code page 850): glibc loads
-# these at run time, so ldd does not list them.
-gconv=/usr/lib/x86_64-linux-gnu/gconv
-guest_files+=("$gconv/gconv-modules" "$gconv/gconv-modules.cache" "$gconv/gconv-modules.d"
-    "$gconv/IBM850.so" "$gconv/IBM437.so")
-for t in mtools mattrib mcopy mmove mdir mdel mmd mformat zstd xz gzip; do
-    p=$(command -v "$t") && guest_files+=("$p")
-done
+# The guest: livestick and everything it runs as a child.
 INITRD=$WORK/initramfs.cpio
-benches/vm/build-initramfs.sh "$INITRD" benches/vm/stick-guest.sh "${guest_files[@]}"
+benches/vm/livestick-initramfs.sh "$INITRD" benches/vm/stick-guest.sh "$LS"
 
 # Four sparse 16 GiB sticks with stale content in their first 256 MiB (a
 # real stick is never blank); made anew for each ISO so that each run starts

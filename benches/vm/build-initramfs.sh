@@ -18,7 +18,8 @@
 # Inside the guest, /init mounts /proc, /sys, /dev, loads the modules, exports
 # every guest.NAME=VALUE kernel argument as $NAME, runs GUEST_SCRIPT as
 # /guest.sh with busybox sh, prints "VM-GUEST-EXIT <status>" and powers off.
-# /lib/vm.sh has vm_dev ID (the /dev/vdX whose virtio serial is ID).
+# /lib/vm.sh has vm_dev ID (the /dev/vdX whose virtio serial is ID) and
+# vm_usb_dev (the first USB disk, once it has enumerated).
 # Needs busybox-static, kmod, cpio.
 set -euo pipefail
 
@@ -109,6 +110,20 @@ vm_dev() {
         [ "$(cat "$s")" = "$1" ] && { d=${s%/serial}; echo "/dev/${d##*/}"; return 0; }
     done
     echo "vm_dev: no disk with serial $1" >&2
+    return 1
+}
+# vm_usb_dev: the first USB (SCSI) disk, /dev/sdX, waiting up to 30 s for it
+# to enumerate (slow under TCG).
+vm_usb_dev() {
+    i=0
+    while [ $i -lt 300 ]; do
+        for d in /sys/block/sd*; do
+            [ -e "$d" ] && { echo "/dev/${d##*/}"; return 0; }
+        done
+        sleep 0.1
+        i=$((i + 1))
+    done
+    echo "vm_usb_dev: no USB disk appeared" >&2
     return 1
 }
 VMSH

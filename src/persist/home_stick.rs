@@ -120,6 +120,14 @@ pub enum HomeStickError {
     },
     #[error("{0} is neither ext4 nor LUKS2: it is not a home image")]
     NotHome(String),
+    /// A failed write of the grown copy surfaces at the sync, as an error of the
+    /// whole device: this names the step, so the user knows the old home is intact.
+    #[error("writing the grown home as {staged} failed; the old home.img is untouched: {source}")]
+    Staging {
+        staged: String,
+        #[source]
+        source: StickError,
+    },
 }
 
 impl crate::error::Classify for HomeStickError {
@@ -713,16 +721,22 @@ pub fn resize_on_stick(
     let new_len = plan.new_bytes;
     let mut input = File::open(&copy).map_err(io_at(&copy))?;
     let mut done = 0u64;
-    let sum = h.stick.with_fs(|fs| {
-        fat::write_file(fs, &staged, &mut input, new_len, |n| {
-            done += n;
-            progress("write", done, new_len);
+    let sum = h
+        .stick
+        .with_fs(|fs| {
+            fat::write_file(fs, &staged, &mut input, new_len, |n| {
+                done += n;
+                progress("write", done, new_len);
+            })
+            .map_err(|source| StickError::Fat {
+                path: stick_path.clone(),
+                source,
+            })
         })
-        .map_err(|source| StickError::Fat {
-            path: stick_path.clone(),
+        .map_err(|source| HomeStickError::Staging {
+            staged: staged.trim_start_matches('/').to_string(),
             source,
-        })
-    })?;
+        })?;
     drop(input);
     // A plain home's copy holds the user's files; don't keep it longer than needed.
     drop(tmp);

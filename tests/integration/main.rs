@@ -25,6 +25,7 @@ mod devices;
 mod erofs_xattr;
 mod ext4_sparse;
 mod fat_damage;
+mod faults;
 mod fixture_iso;
 mod fuzz_corpus;
 mod home_cli;

@@ -83,6 +83,16 @@ pub enum MergeError {
     Unread(&'static str),
     #[error("stopped at failpoint after step `{0}` (LIVESTICK_FAILPOINT)")]
     Failpoint(&'static str),
+    /// A failed write of the staged image surfaces at a sync, as an error of the
+    /// whole device: this names the step, so the user knows the old image stands.
+    #[error(
+        "stage: writing the new squashfs.img as {staged} failed; the old image is still in place: {source}"
+    )]
+    Stage {
+        staged: String,
+        #[source]
+        source: StickError,
+    },
 }
 
 /// Merge code names I/O errors through the crate's one helper.

@@ -241,35 +241,41 @@ fn stick_replace(
     let mut input = File::open(built).map_err(io_at(built))?;
     let target_dir = plan.target_dir.clone();
     let mut done = 0u64;
-    let staged_sum = stick.with_fs(|fs| {
-        Ok((|| {
-            // What is left of a stale staged image owns its chain (checked above).
-            fat::remove_all(fs, &staged).map_err(|e| StickError::Fat {
-                path: place.stick.clone(),
-                source: e,
-            })?;
-            let free = fat::free_bytes(fs).map_err(|e| StickError::Fat {
-                path: place.stick.clone(),
-                source: e,
-            })?;
-            let needed = new_len.div_ceil(place.cluster_bytes) * place.cluster_bytes;
-            check_space(
-                "the new squashfs.img next to the old one",
-                &target_dir,
-                needed,
-                free,
-            )?;
-            let sum = fat::write_file(fs, &staged, &mut input, new_len, |n| {
-                done += n;
-                progress("stage", done, new_len);
-            })
-            .map_err(|e| StickError::Fat {
-                path: place.stick.clone(),
-                source: e,
-            })?;
-            Ok::<_, MergeError>(sum)
-        })())
-    })??;
+    let staged_sum = stick
+        .with_fs(|fs| {
+            Ok((|| {
+                // What is left of a stale staged image owns its chain (checked above).
+                fat::remove_all(fs, &staged).map_err(|e| StickError::Fat {
+                    path: place.stick.clone(),
+                    source: e,
+                })?;
+                let free = fat::free_bytes(fs).map_err(|e| StickError::Fat {
+                    path: place.stick.clone(),
+                    source: e,
+                })?;
+                let needed = new_len.div_ceil(place.cluster_bytes) * place.cluster_bytes;
+                check_space(
+                    "the new squashfs.img next to the old one",
+                    &target_dir,
+                    needed,
+                    free,
+                )?;
+                let sum = fat::write_file(fs, &staged, &mut input, new_len, |n| {
+                    done += n;
+                    progress("stage", done, new_len);
+                })
+                .map_err(|e| StickError::Fat {
+                    path: place.stick.clone(),
+                    source: e,
+                })?;
+                Ok::<_, MergeError>(sum)
+            })())
+        })
+        .map_err(|source| staging_failed(&staged, source))?
+        .map_err(|e| match e {
+            MergeError::Stick(source) => staging_failed(&staged, source),
+            other => other,
+        })?;
     let want = hex(&staged_sum);
     failpoint(plan, "stage")?;
 
@@ -326,6 +332,15 @@ fn stick_replace(
     report.new_squashfs_sha256 = want;
     failpoint(plan, "reset")?;
     Ok(())
+}
+
+/// A failure while the new image is staged beside the old one: the step is named
+/// and the old file is still whole.
+fn staging_failed(staged: &str, source: StickError) -> MergeError {
+    MergeError::Stage {
+        staged: staged.trim_start_matches('/').to_string(),
+        source,
+    }
 }
 
 /// Makes a leftover name on a stick (`X.new` of a stopped replacement) safe to remove:

@@ -8,4 +8,4 @@ pub mod harness;
 mod maintenance;
 mod multi;
 mod ovl_merge;
-mod scenarios;
+pub(crate) mod scenarios;

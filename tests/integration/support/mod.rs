@@ -5,6 +5,7 @@
 
 pub mod dm_snapshot;
 pub mod fixtures;
+pub mod vm;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
