@@ -12,8 +12,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use super::write::BadInput;
 use crate::disk::ext4::Superblock;
+use crate::disk::target;
+use crate::error::{BadInput, BadInputBecause};
 use crate::persist::merge::{self, MergeRequest, StickMergeRequest};
 use crate::persist::overlay::dm::RootImage;
 use crate::persist::overlay::place::{self, Bare, Place, Selection, StickOverlay, Target};
@@ -216,8 +217,10 @@ pub fn run(cmd: OverlayCommand, json: bool) -> anyhow::Result<()> {
 fn lift(e: OverlayError) -> anyhow::Error {
     match e {
         OverlayError::BadInput(m) => anyhow::Error::new(BadInput(m)),
-        OverlayError::NotUsable { overlay, source } => anyhow::Error::new(source)
-            .context(BadInput(format!("{overlay} is not a usable overlay"))),
+        OverlayError::NotUsable { overlay, source } => anyhow::Error::new(BadInputBecause {
+            message: format!("{overlay} is not a usable overlay"),
+            source: Box::new(source),
+        }),
         OverlayError::Context { context, source } => lift(*source).context(context),
         OverlayError::Snapshot(e) => e.into(),
         OverlayError::Maint(e) => e.into(),
@@ -226,6 +229,7 @@ fn lift(e: OverlayError) -> anyhow::Error {
         OverlayError::Alloc(e) => e.into(),
         OverlayError::Merge(e) => e.into(),
         OverlayError::Io(e) => e.into(),
+        OverlayError::CannotOpen(e) => e.into(),
         e @ OverlayError::Refused(_) => anyhow::Error::new(e),
     }
 }
@@ -237,13 +241,38 @@ fn selection(sel: &StickSel) -> Selection {
     }
 }
 
+/// How a command uses the stick it opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Only looks (`status`): nothing is refused.
+    Look,
+    /// Reads now but is a change (a dry run, or a step that reopens the stick
+    /// to write later): refused now by the safety checks of a change.
+    ReadForChange,
+    /// Writes: the safety checks and `O_EXCL` of `disk::target`.
+    Write,
+}
+
 fn open_stick(
     path: &Path,
     sel: &StickSel,
-    writable: bool,
+    access: Access,
     allow_orphan: bool,
 ) -> anyhow::Result<StickOverlay> {
+    if access == Access::ReadForChange {
+        target::check_maintenance(&target::probe(path)?)?;
+    }
+    let writable = access == Access::Write;
     StickOverlay::open(path, &selection(sel), writable, allow_orphan).map_err(lift)
+}
+
+/// `Write`, or `ReadForChange` for a dry run.
+fn change(dry_run: bool) -> Access {
+    if dry_run {
+        Access::ReadForChange
+    } else {
+        Access::Write
+    }
 }
 
 /// A bare overlay file, after refusing a disk that is not a live stick.
@@ -266,7 +295,7 @@ fn origin_sectors(o: &OriginArgs) -> anyhow::Result<Option<u64>> {
 }
 
 fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    crate::outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -350,7 +379,7 @@ fn dir_status(dir_path: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 fn stick_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
-    let mut t = open_stick(&a.target, &a.sel, false, true)?;
+    let mut t = open_stick(&a.target, &a.sel, Access::Look, true)?;
     let show = t.show();
     let len = t.overlay_bytes;
     if t.kind == Kind::Overlayfs {
@@ -413,7 +442,7 @@ fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
         );
     }
     let (overlay, show) = {
-        let t = open_stick(&a.target, &a.sel, false, false)?;
+        let t = open_stick(&a.target, &a.sel, Access::ReadForChange, false)?;
         (t.overlay.clone(), t.show())
     };
     let req = StickMergeRequest {
@@ -451,7 +480,10 @@ fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
 fn reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
     let mut overlay = match place::target_of(&a.target) {
         Target::Stick => Overlay::in_file(Place::Stick(Box::new(open_stick(
-            &a.target, &a.sel, !a.dry_run, false,
+            &a.target,
+            &a.sel,
+            change(a.dry_run),
+            false,
         )?))),
         Target::Dir => Overlay::Dir(a.target.clone()),
         Target::File => {
@@ -490,7 +522,7 @@ fn confirmed_reset(
             }
             return print_json(&dry);
         }
-        println!("{}, discarding {lost}", plan.would);
+        crate::outln!("{}, discarding {lost}", plan.would);
         return Ok(());
     }
     let question = format!(
@@ -505,7 +537,7 @@ fn confirmed_reset(
             serde_json::json!({"overlay": path, "reset": true, "discarded": lost}),
         ));
     }
-    println!("reset {path}: discarded {lost}");
+    crate::outln!("reset {path}: discarded {lost}");
     Ok(())
 }
 
@@ -515,12 +547,12 @@ fn confirmed_reset(
 fn recover(a: &RecoverArgs, json: bool) -> anyhow::Result<()> {
     match place::target_of(&a.target) {
         Target::Stick => {
-            let t = open_stick(&a.target, &a.sel, false, false)?;
+            let t = open_stick(&a.target, &a.sel, Access::ReadForChange, false)?;
             if t.kind == Kind::Overlayfs {
                 return ovlfs_recover(a, Place::Stick(Box::new(t)), json);
             }
             drop(t);
-            let mut t = open_stick(&a.target, &a.sel, !a.dry_run, false)?;
+            let mut t = open_stick(&a.target, &a.sel, change(a.dry_run), false)?;
             let origin = match origin_sectors(&a.origin)? {
                 Some(s) => Some(s),
                 None => t.root_image_bytes().map(|b| b / SECTOR_BYTES),
@@ -657,7 +689,12 @@ fn ovlfs_recover(a: &RecoverArgs, mut place: Place, json: bool) -> anyhow::Resul
     if let Place::Stick(t) = place {
         // Checked read-only so far; the change needs the stick writable.
         drop(t);
-        place = Place::Stick(Box::new(open_stick(&a.target, &a.sel, true, false)?));
+        place = Place::Stick(Box::new(open_stick(
+            &a.target,
+            &a.sel,
+            Access::Write,
+            false,
+        )?));
     }
     let device = place.device().to_path_buf();
     with_bar(json, &device, |p| {
@@ -671,7 +708,12 @@ fn ovlfs_recover(a: &RecoverArgs, mut place: Place, json: bool) -> anyhow::Resul
 
 fn grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
     let mut place = match place::target_of(&a.target) {
-        Target::Stick => Place::Stick(Box::new(open_stick(&a.target, &a.sel, !a.dry_run, false)?)),
+        Target::Stick => Place::Stick(Box::new(open_stick(
+            &a.target,
+            &a.sel,
+            change(a.dry_run),
+            false,
+        )?)),
         Target::Dir => return Err(lift(dir::refuse(&a.target, "grow"))),
         Target::File => Place::Bare(open_bare(&a.target, !a.dry_run)?),
     };
@@ -741,7 +783,7 @@ fn merge_plumbing(
     let Some(plan) =
         dm::plan_origin_merge(&mut bare.file, bare.len, overlay, origin).map_err(lift)?
     else {
-        println!(
+        crate::outln!(
             "{} is a new, empty store: nothing to merge",
             overlay.display()
         );

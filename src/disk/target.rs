@@ -154,21 +154,17 @@ impl crate::error::Classify for TargetError {
     fn kind(&self) -> crate::error::ErrorKind {
         use crate::error::ErrorKind;
         match self {
-            TargetError::Busy { .. } | TargetError::NotRemovable(_) => ErrorKind::Refused,
-            TargetError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
-                ErrorKind::BadInput
-            }
-            TargetError::Io { .. } => ErrorKind::Io,
-            // SystemDisk among them: issue 13 makes it a refusal (3).
+            TargetError::Busy { .. }
+            | TargetError::NotRemovable(_)
+            | TargetError::SystemDisk { .. } => ErrorKind::Refused,
+            TargetError::Io { source, .. } => crate::error::open_failure_kind(source),
             _ => ErrorKind::BadInput,
         }
     }
 
     fn hint(&self) -> &'static str {
         match self {
-            TargetError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
-                crate::error::PERMISSION_HINT
-            }
+            TargetError::Io { source, .. } => crate::error::open_failure_hint(source),
             _ => self.kind().hint(),
         }
     }
@@ -215,9 +211,11 @@ pub fn probe(path: &Path) -> Result<TargetProbe, TargetError> {
         Ok(file) => device_geometry(&file, &canonical)?,
         // An empty card reader: probing succeeds, check_safe explains.
         Err(e) if e.raw_os_error() == Some(libc::ENOMEDIUM) => (0, 512, 512),
-        // A system disk may be closed to us (sandboxes, LSMs); sysfs still
-        // knows it, and the refusal should name the real reason.
-        Err(_) if !system.is_empty() && facts.is_some() => facts
+        // A device closed to us (an ordinary user, a sandbox, an LSM) is
+        // still known to sysfs: the safety checks judge it from there, so a
+        // refusal names the real reason and is not hidden behind "permission
+        // denied" (which the open for writing reports, if it comes to that).
+        Err(_) if facts.is_some() => facts
             .as_ref()
             .map(|f| (f.size, f.logical_sector_size, f.physical_sector_size))
             .unwrap_or((0, 512, 512)),
@@ -469,10 +467,75 @@ pub fn open_for_write(probe: &TargetProbe, size: u64) -> Result<File, TargetErro
             }
             Ok(file)
         }
-        TargetKind::BlockDevice => Ok(OpenOptions::new()
+        TargetKind::BlockDevice => open_exclusive(path),
+    }
+}
+
+/// A block device opened for writing with `O_EXCL`. The kernel refuses that
+/// with `EBUSY` while anything else holds the device (a mounted file system, a
+/// device-mapper or md holder, another exclusive opener): a refusal, not an
+/// I/O failure.
+fn open_exclusive(path: &Path) -> Result<File, TargetError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => TargetError::Busy {
+                path: path.to_path_buf(),
+                findings: vec![format!(
+                    "the kernel refuses an exclusive open of {}: a file system, a device mapper or another program holds it",
+                    path.display()
+                )],
+            },
+            _ => io_at(path)(e).into(),
+        })
+}
+
+/// Refuses a stick that maintenance (`overlay merge|reset|grow|recover`,
+/// `home resize`) must not change, by the rules of [`check_safe`] that apply to
+/// a stick already written: never the running system, never a device in use,
+/// never a read-only one. Removability is not asked again (the stick was
+/// chosen when it was written, and these commands have no `--force`). Dry
+/// runs call it too, so that a plan is never shown for a refused device.
+pub fn check_maintenance(probe: &TargetProbe) -> Result<(), TargetError> {
+    if probe.kind != TargetKind::BlockDevice {
+        return Ok(());
+    }
+    if !probe.system.is_empty() {
+        return Err(TargetError::SystemDisk {
+            path: probe.path.clone(),
+            findings: probe.system.clone(),
+        });
+    }
+    if !probe.busy.is_empty() {
+        return Err(TargetError::Busy {
+            path: probe.path.clone(),
+            findings: probe.busy.clone(),
+        });
+    }
+    if probe.read_only {
+        return Err(TargetError::ReadOnly(probe.path.clone()));
+    }
+    Ok(())
+}
+
+/// Opens an existing stick or image file for maintenance. To change it, the
+/// probe first passes [`check_maintenance`] and a block device is opened with
+/// `O_EXCL`, as `write` opens it; to read it, nothing is refused (looking at a
+/// mounted stick changes nothing).
+pub fn open_existing(probe: &TargetProbe, writable: bool) -> Result<File, TargetError> {
+    let path = &probe.path;
+    if !writable {
+        return Ok(File::open(path).map_err(io_at(path))?);
+    }
+    check_maintenance(probe)?;
+    match probe.kind {
+        TargetKind::BlockDevice => open_exclusive(path),
+        TargetKind::ImageFile => Ok(OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_EXCL)
             .open(path)
             .map_err(io_at(path))?),
     }

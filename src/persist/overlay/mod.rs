@@ -89,6 +89,9 @@ pub enum OverlayError {
     Merge(#[from] MergeError),
     #[error(transparent)]
     Io(#[from] io::Error),
+    /// The overlay file named could not be opened or looked at.
+    #[error(transparent)]
+    CannotOpen(#[from] crate::error::CannotOpen),
 }
 
 impl OverlayError {
