@@ -230,7 +230,7 @@ fn lift(e: OverlayError) -> anyhow::Error {
         OverlayError::Merge(e) => e.into(),
         OverlayError::Io(e) => e.into(),
         OverlayError::CannotOpen(e) => e.into(),
-        e @ OverlayError::Refused(_) => anyhow::Error::new(e),
+        OverlayError::Refused(m) => anyhow::Error::new(BadInput(m)),
     }
 }
 
@@ -412,10 +412,10 @@ fn merge_cmd(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
         None => {
             let sibling = path.with_file_name("squashfs.img");
             if !sibling.is_file() {
-                bail!(
+                bail!(BadInput(format!(
                     "no squashfs.img next to {}; pass --squashfs PATH (or --origin IMAGE to merge into a bare root image)",
                     path.display()
-                );
+                )));
             }
             sibling
         }
@@ -437,9 +437,9 @@ fn merge_cmd(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
 
 fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
     if a.origin.is_some() || a.squashfs.is_some() {
-        bail!(
-            "--origin and --squashfs are for bare files; on a stick the squashfs.img and overlay are found on it"
-        );
+        bail!(BadInput(
+            "--origin and --squashfs are for bare files; on a stick the squashfs.img and overlay are found on it".into()
+        ));
     }
     let (overlay, show) = {
         let t = open_stick(&a.target, &a.sel, Access::ReadForChange, false)?;
@@ -469,7 +469,7 @@ fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
         plan.squashfs.display()
     );
     if !super::confirm(&question, a.yes)? {
-        bail!("not confirmed; nothing changed");
+        bail!(BadInput("not confirmed; nothing changed".into()));
     }
     run_merge_plan(&plan, json, &a.target)
 }
@@ -529,7 +529,7 @@ fn confirmed_reset(
         "Reset {path}? This discards {lost}: every change made in the live system since the last merge or reset."
     );
     if !super::confirm(&question, a.yes)? {
-        bail!("not confirmed; nothing changed");
+        bail!(BadInput("not confirmed; nothing changed".into()));
     }
     act().map_err(lift)?;
     if json {
@@ -584,9 +584,9 @@ fn recover(a: &RecoverArgs, json: bool) -> anyhow::Result<()> {
             if let (true, RootImage::InSquashfs(sq)) = (a.repair, &root)
                 && !sq.is_file()
             {
-                bail!(
+                bail!(BadInput(format!(
                     "--repair needs the root image: pass --origin IMAGE or --squashfs PATH (no squashfs.img next to {show})"
-                );
+                )));
             }
             let bare = Bare::open(&a.target, !a.dry_run).map_err(lift)?;
             dm_recover(a, Place::Bare(bare), origin, root, json)

@@ -65,7 +65,8 @@ pub enum OverlayError {
         #[source]
         source: SnapshotError,
     },
-    /// A refusal the front does not classify further (exit code 4, as it always was).
+    /// A request this overlay cannot serve (wrong thing named, too large, no
+    /// room): bad input, nothing was changed.
     #[error("{0}")]
     Refused(String),
     /// What was being done when `source` failed, and what that left.
