@@ -98,7 +98,7 @@ impl Progress {
                 let event = serde_json::json!({
                     "event": "phase", "device": self.device, "phase": name, "total": total,
                 });
-                eprintln!("{event}");
+                event_line(&event);
                 if let Ok(mut t) = self.ticks.lock() {
                     *t = (name.to_string(), total, 0, 0);
                 }
@@ -122,7 +122,7 @@ impl Progress {
                     "event": "progress", "device": self.device, "phase": t.0,
                     "done": done, "total": total,
                 });
-                eprintln!("{event}");
+                event_line(&event);
             }
         }
     }
@@ -134,7 +134,7 @@ impl Progress {
             (None, ProgressMode::Json) => {
                 let event =
                     serde_json::json!({"event": "note", "device": self.device, "text": text});
-                eprintln!("{event}");
+                event_line(&event);
             }
             _ => {}
         }
@@ -145,6 +145,12 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// One JSON progress event on stderr. A closed stderr loses the events and
+/// never stops the write they report on (`eprintln!` would panic).
+fn event_line(event: &serde_json::Value) {
+    let _ = writeln!(io::stderr(), "{event}");
 }
 
 /// Writes part of a report to stdout. Commands that change something ignore
