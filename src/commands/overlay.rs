@@ -547,12 +547,11 @@ fn confirmed_reset(
 fn recover(a: &RecoverArgs, json: bool) -> anyhow::Result<()> {
     match place::target_of(&a.target) {
         Target::Stick => {
-            let t = open_stick(&a.target, &a.sel, Access::ReadForChange, false)?;
+            // Opened once, writable unless a dry run: both kinds may change it.
+            let mut t = open_stick(&a.target, &a.sel, change(a.dry_run), false)?;
             if t.kind == Kind::Overlayfs {
                 return ovlfs_recover(a, Place::Stick(Box::new(t)), json);
             }
-            drop(t);
-            let mut t = open_stick(&a.target, &a.sel, change(a.dry_run), false)?;
             let origin = match origin_sectors(&a.origin)? {
                 Some(s) => Some(s),
                 None => t.root_image_bytes().map(|b| b / SECTOR_BYTES),
@@ -686,9 +685,9 @@ fn ovlfs_recover(a: &RecoverArgs, mut place: Place, json: bool) -> anyhow::Resul
         }
         return ovl_report(&out, &a.target, json);
     }
-    if let Place::Stick(t) = place {
+    if matches!(&place, Place::Stick(t) if !t.stick.is_writable()) {
         // Checked read-only so far; the change needs the stick writable.
-        drop(t);
+        drop(place);
         place = Place::Stick(Box::new(open_stick(
             &a.target,
             &a.sel,
