@@ -68,9 +68,9 @@ impl ErrorKind {
 /// so that the exit code follows from the type and never from the message.
 ///
 /// A variant that wraps another typed error with `#[error(transparent)]`
-/// mostly answers `Io`, not the wrapped error's kind: `transparent` hides the
-/// wrapped error from the chain, so its kind never decided the exit code, and
-/// delegating would change codes that issue 13 is to correct one by one.
+/// hides the wrapped error from the chain: where the wrapped error can be a
+/// refusal or a permission problem (`StickError::Target`), the variant answers
+/// with the wrapped error's kind and hint; the others still answer `Io`.
 pub trait Classify {
     fn kind(&self) -> ErrorKind;
 
@@ -174,6 +174,24 @@ impl Classify for CannotOpen {
 pub struct BadInput(pub String);
 
 impl Classify for BadInput {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::BadInput
+    }
+}
+
+/// Bad input (exit code 2) found by a check that failed for a reason worth
+/// naming: the reason stays in the chain as the cause. (Given as anyhow's
+/// `.context(BadInput(..))` instead, the kind would be invisible to the chain
+/// walk; see [`error_kind_among`].)
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct BadInputBecause {
+    pub message: String,
+    #[source]
+    pub source: Box<dyn StdError + Send + Sync + 'static>,
+}
+
+impl Classify for BadInputBecause {
     fn kind(&self) -> ErrorKind {
         ErrorKind::BadInput
     }

@@ -1,6 +1,8 @@
 //! Progress reporting: indicatif bars for people, NDJSON events for scripts,
 //! or nothing. Bars hide themselves when stderr is not a terminal.
 
+use std::fmt;
+use std::io::{self, Write};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -96,7 +98,7 @@ impl Progress {
                 let event = serde_json::json!({
                     "event": "phase", "device": self.device, "phase": name, "total": total,
                 });
-                eprintln!("{event}");
+                event_line(&event);
                 if let Ok(mut t) = self.ticks.lock() {
                     *t = (name.to_string(), total, 0, 0);
                 }
@@ -120,7 +122,7 @@ impl Progress {
                     "event": "progress", "device": self.device, "phase": t.0,
                     "done": done, "total": total,
                 });
-                eprintln!("{event}");
+                event_line(&event);
             }
         }
     }
@@ -132,7 +134,7 @@ impl Progress {
             (None, ProgressMode::Json) => {
                 let event =
                     serde_json::json!({"event": "note", "device": self.device, "text": text});
-                eprintln!("{event}");
+                event_line(&event);
             }
             _ => {}
         }
@@ -143,4 +145,47 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// One JSON progress event on stderr. A closed stderr loses the events and
+/// never stops the write they report on (`eprintln!` would panic).
+fn event_line(event: &serde_json::Value) {
+    let _ = writeln!(io::stderr(), "{event}");
+}
+
+/// Writes part of a report to stdout. Commands that change something ignore
+/// SIGPIPE (a signal must never stop a write half way), so a reader that went
+/// away (`livestick write … | head -1`) shows up here as `EPIPE`, where
+/// `print!` would panic: the rest of the report is dropped quietly and the
+/// command finishes its work and exits with the code that work earned. Any
+/// other failure to print is said once on stderr, for the same reason.
+pub fn print_out(args: fmt::Arguments<'_>) {
+    let mut stdout = io::stdout().lock();
+    let result = stdout.write_fmt(args).and_then(|()| stdout.flush());
+    match result {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+        Err(e) => {
+            let _ = writeln!(io::stderr(), "livestick: cannot print the report: {e}");
+        }
+    }
+}
+
+/// `print!` that never panics on a closed stdout: see [`print_out`].
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::progress::print_out(format_args!($($arg)*))
+    };
+}
+
+/// `println!` that never panics on a closed stdout: see [`print_out`].
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::progress::print_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::progress::print_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
 }

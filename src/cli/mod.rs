@@ -268,6 +268,7 @@ impl Classify for clap::Error {
 /// the chain walk passes over them to the errors they wrap, as it always has.
 const CLASSIFIERS: &[Classifier] = &[
     classifier::<crate::error::BadInput>,
+    classifier::<crate::error::BadInputBecause>,
     classifier::<crate::error::PartialBatchFailure>,
     classifier::<crate::error::NoConfirmation>,
     classifier::<crate::error::CannotOpen>,
@@ -346,17 +347,31 @@ mod tests {
     }
 
     #[test]
-    fn a_transparent_wrapper_keeps_the_exit_code_it_had() {
-        // `transparent` hides the wrapped refusal from the chain, so this was
-        // an I/O failure before `Classify` and still is (issue 13 decides).
+    fn a_refusal_inside_a_transparent_wrapper_decides() {
+        // `transparent` hides the wrapped refusal from the chain: the wrapper
+        // answers with the kind of what it wraps.
         let wrapped = anyhow::Error::new(crate::disk::stick::StickError::Target(
             TargetError::NotRemovable(PathBuf::from("/dev/sda")),
+        ))
+        .context("opening /dev/sda");
+        assert_eq!(error_kind(&wrapped), ErrorKind::Refused);
+        let system = anyhow::Error::new(crate::disk::stick::StickError::Target(
+            TargetError::SystemDisk {
+                path: PathBuf::from("/dev/vda"),
+                findings: vec!["/ is on /dev/vda".into()],
+            },
         ));
-        assert_eq!(
-            wrapped.chain().count(),
-            1,
-            "the refusal is not in the chain"
-        );
-        assert_eq!(error_kind(&wrapped), ErrorKind::Io);
+        assert_eq!(error_kind(&system), ErrorKind::Refused);
+    }
+
+    #[test]
+    fn a_bad_input_with_its_cause_is_bad_input() {
+        let err = anyhow::Error::new(crate::error::BadInputBecause {
+            message: "overlay.img is not a usable overlay".into(),
+            source: Box::new(std::io::Error::other("exception table damaged")),
+        })
+        .context("overlay status");
+        assert_eq!(error_kind(&err), ErrorKind::BadInput);
+        assert_eq!(err.chain().count(), 3, "the cause stays in the chain");
     }
 }

@@ -12,7 +12,7 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::cli::home::{HomeCommand, InfoArgs, PassArgs, ResizeArgs};
-use crate::disk::stick;
+use crate::disk::{stick, target};
 use crate::error::CannotOpen;
 use crate::persist::home::{self, HomeKind, PassphraseSource};
 use crate::persist::home_stick::{self, HomeReport, ResizePlan, StickHome};
@@ -36,7 +36,7 @@ fn passphrase_source(pass: &PassArgs) -> Option<PassphraseSource> {
 }
 
 fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    crate::outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -58,15 +58,27 @@ fn is_stick(path: &Path) -> anyhow::Result<bool> {
     Ok(false)
 }
 
-fn open_stick(path: &Path, live_dir: &str, writable: bool) -> anyhow::Result<StickHome> {
+/// Opens the stick's home; `writable` and `dry_run` both pass the safety
+/// checks of a change (a dry run shows no plan for a stick it would refuse).
+fn open_stick(
+    path: &Path,
+    live_dir: &str,
+    writable: bool,
+    dry_run: bool,
+) -> anyhow::Result<StickHome> {
+    if dry_run {
+        target::check_maintenance(&target::probe(path)?)?;
+    }
     StickHome::open(path, live_dir, writable).map_err(|e| match e {
-        home_stick::HomeStickError::Stick(stick::StickError::Target(
-            crate::disk::target::TargetError::Busy { path, findings },
-        )) => anyhow::anyhow!(
-            "{} is in use ({}); unmount it (and detach loop devices) first: the live system may be writing to home.img",
-            path.display(),
-            findings.join("; ")
+        // Unwrapped from the transparent `HomeStickError::Stick`, so that the
+        // stick's own error (a refusal, a permission problem) is in the chain
+        // and decides the exit code.
+        home_stick::HomeStickError::Stick(
+            e @ stick::StickError::Target(target::TargetError::Busy { .. }),
+        ) => anyhow::Error::new(e).context(
+            "unmount it (and detach loop devices) first: the live system may be writing to home.img",
         ),
+        home_stick::HomeStickError::Stick(e) => anyhow::Error::new(e),
         e => anyhow::Error::from(e),
     })
 }
@@ -78,7 +90,7 @@ fn read_pass(src: PassphraseSource) -> anyhow::Result<Zeroizing<Vec<u8>>> {
 fn info(a: &InfoArgs, json: bool) -> anyhow::Result<()> {
     let stick = is_stick(&a.target)?;
     let mut h = if stick {
-        Some(open_stick(&a.target, &a.live_dir, false)?)
+        Some(open_stick(&a.target, &a.live_dir, false, false)?)
     } else {
         None
     };
@@ -104,34 +116,34 @@ fn info(a: &InfoArgs, json: bool) -> anyhow::Result<()> {
 
 fn print_report(rep: &HomeReport) {
     match &rep.home {
-        Some(home) => println!("home:        {}:{home}", rep.target.display()),
-        None => println!("home:        {}", rep.target.display()),
+        Some(home) => crate::outln!("home:        {}:{home}", rep.target.display()),
+        None => crate::outln!("home:        {}", rep.target.display()),
     }
-    println!(
+    crate::outln!(
         "size:        {} ({} bytes)",
         human(rep.file_size),
         rep.file_size
     );
     match &rep.luks {
         Some(l) => {
-            println!(
+            crate::outln!(
                 "encrypted:   yes, LUKS2 {} {}-bit, {}-byte sectors, keyslots: {}",
                 l.cipher,
                 l.key_bits,
                 l.sector_size,
                 l.keyslots.join(", ")
             );
-            println!("luks uuid:   {}", l.uuid);
+            crate::outln!("luks uuid:   {}", l.uuid);
             if let Some(k) = &l.opened_keyslot {
-                println!("unlocked:    keyslot {k}");
+                crate::outln!("unlocked:    keyslot {k}");
             }
         }
-        None => println!("encrypted:   no"),
+        None => crate::outln!("encrypted:   no"),
     }
     match &rep.fs {
         Some(fs) => {
-            println!("fs:          ext4, label {:?}, uuid {}", fs.label, fs.uuid);
-            println!(
+            crate::outln!("fs:          ext4, label {:?}, uuid {}", fs.label, fs.uuid);
+            crate::outln!(
                 "fs size:     {} ({} bytes)",
                 human(fs.size_bytes),
                 fs.size_bytes
@@ -139,20 +151,20 @@ fn print_report(rep: &HomeReport) {
             let pct = (fs.used_bytes * 100)
                 .checked_div(fs.size_bytes)
                 .unwrap_or(0);
-            println!(
+            crate::outln!(
                 "used:        {} ({} bytes, {pct}%)",
                 human(fs.used_bytes),
                 fs.used_bytes
             );
             let free = rep.fs_free_bytes.unwrap_or(0);
-            println!("free:        {} ({} bytes)", human(free), free);
+            crate::outln!("free:        {} ({} bytes)", human(free), free);
         }
-        None => println!(
+        None => crate::outln!(
             "fs:          locked (give --passphrase-file FILE or --passphrase-stdin to see size, use and label)"
         ),
     }
     if let Some(free) = rep.stick_free_bytes {
-        println!(
+        crate::outln!(
             "stick free:  {} ({} MiB) — home can grow to {} MiB",
             human(free),
             free / MIB,
@@ -160,7 +172,7 @@ fn print_report(rep: &HomeReport) {
         );
     }
     if let Some(s) = rep.stale_staging {
-        println!(
+        crate::outln!(
             "note:        a home.img.new ({}) from an interrupted resize is on the stick; the next `home resize` removes it",
             human(s)
         );
@@ -202,7 +214,7 @@ fn resize(a: &ResizeArgs, json: bool) -> anyhow::Result<()> {
         );
     }
     let mut h = if stick {
-        Some(open_stick(&a.target, &a.live_dir, !a.dry_run)?)
+        Some(open_stick(&a.target, &a.live_dir, !a.dry_run, a.dry_run)?)
     } else {
         None
     };
@@ -292,43 +304,43 @@ fn resize_report(
         None => plan.target.display().to_string(),
     };
     if plan.unchanged {
-        println!(
+        crate::outln!(
             "{name} is already {} MiB; nothing to do",
             plan.new_bytes / MIB
         );
         return Ok(());
     }
     if dry_run {
-        println!(
+        crate::outln!(
             "would grow {name} from {} MiB to {} MiB ({}):",
             plan.current_bytes / MIB,
             plan.new_bytes / MIB,
             if plan.encrypted { "LUKS2" } else { "ext4" }
         );
         for (i, s) in plan.steps.iter().enumerate() {
-            println!("  {}. {s}", i + 1);
+            crate::outln!("  {}. {s}", i + 1);
         }
         if let (Some(need), Some(free)) = (plan.stick_needed_bytes, plan.stick_free_bytes) {
-            println!(
+            crate::outln!(
                 "stick space: {} MiB needed for the new copy, {} MiB free",
                 need.div_ceil(MIB),
                 free / MIB
             );
         }
-        println!(
+        crate::outln!(
             "work space:  up to {} MiB in {}",
             plan.workdir_needed_bytes.div_ceil(MIB),
             plan.workdir.display()
         );
         if plan.memory_needed_bytes > 0 {
-            println!(
+            crate::outln!(
                 "memory:      about {} MiB for the decrypted copy (never written to a disk)",
                 plan.memory_needed_bytes.div_ceil(MIB)
             );
         }
         return Ok(());
     }
-    println!(
+    crate::outln!(
         "grew {name} from {} MiB to {} MiB",
         plan.current_bytes / MIB,
         plan.new_bytes / MIB

@@ -14,7 +14,8 @@ use crate::cli::overlay::{
     GrowArgs, MergeArgs, OriginArgs, OverlayCommand, RecoverArgs, ResetArgs, StatusArgs, StickSel,
 };
 use crate::disk::ext4::Superblock;
-use crate::error::BadInput;
+use crate::disk::target;
+use crate::error::{BadInput, BadInputBecause};
 use crate::persist::merge::{self, MergeRequest, StickMergeRequest};
 use crate::persist::overlay::any::Overlay;
 use crate::persist::overlay::dm::RootImage;
@@ -46,8 +47,10 @@ pub fn run(cmd: OverlayCommand, json: bool) -> anyhow::Result<()> {
 fn lift(e: OverlayError) -> anyhow::Error {
     match e {
         OverlayError::BadInput(m) => anyhow::Error::new(BadInput(m)),
-        OverlayError::NotUsable { overlay, source } => anyhow::Error::new(source)
-            .context(BadInput(format!("{overlay} is not a usable overlay"))),
+        OverlayError::NotUsable { overlay, source } => anyhow::Error::new(BadInputBecause {
+            message: format!("{overlay} is not a usable overlay"),
+            source: Box::new(source),
+        }),
         OverlayError::Context { context, source } => lift(*source).context(context),
         OverlayError::Snapshot(e) => e.into(),
         OverlayError::Maint(e) => e.into(),
@@ -56,7 +59,8 @@ fn lift(e: OverlayError) -> anyhow::Error {
         OverlayError::Alloc(e) => e.into(),
         OverlayError::Merge(e) => e.into(),
         OverlayError::Io(e) => e.into(),
-        e @ OverlayError::Refused(_) => anyhow::Error::new(e),
+        OverlayError::CannotOpen(e) => e.into(),
+        OverlayError::Refused(m) => anyhow::Error::new(BadInput(m)),
     }
 }
 
@@ -67,18 +71,43 @@ fn selection(sel: &StickSel) -> Selection {
     }
 }
 
+/// How a command uses the stick it opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Only looks (`status`): nothing is refused.
+    Look,
+    /// Reads now but is a change (a dry run, or a step that reopens the stick
+    /// to write later): refused now by the safety checks of a change.
+    ReadForChange,
+    /// Writes: the safety checks and `O_EXCL` of `disk::target`.
+    Write,
+}
+
 fn open_stick(
     path: &Path,
     sel: &StickSel,
-    writable: bool,
+    access: Access,
     allow_orphan: bool,
 ) -> anyhow::Result<StickOverlay> {
+    if access == Access::ReadForChange {
+        target::check_maintenance(&target::probe(path)?)?;
+    }
     // Leftovers of a stopped replacement first (issue 13): reading the stick refuses
     // chains two entries share.
     for line in crate::persist::merge::replace::repair_stick(path, &sel.live_dir)? {
         eprintln!("livestick overlay: repaired: {line}");
     }
+    let writable = access == Access::Write;
     StickOverlay::open(path, &selection(sel), writable, allow_orphan).map_err(lift)
+}
+
+/// `Write`, or `ReadForChange` for a dry run.
+fn change(dry_run: bool) -> Access {
+    if dry_run {
+        Access::ReadForChange
+    } else {
+        Access::Write
+    }
 }
 
 /// A bare overlay file, after refusing a disk that is not a live stick.
@@ -180,7 +209,7 @@ fn dir_status(dir_path: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 fn stick_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
-    let mut t = open_stick(&a.target, &a.sel, false, true)?;
+    let mut t = open_stick(&a.target, &a.sel, Access::Look, true)?;
     let show = t.show();
     let len = t.overlay_bytes;
     if t.kind == Kind::Overlayfs {
@@ -213,10 +242,10 @@ fn merge_cmd(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
         None => {
             let sibling = path.with_file_name("squashfs.img");
             if !sibling.is_file() {
-                bail!(
+                bail!(BadInput(format!(
                     "no squashfs.img next to {}; pass --squashfs PATH (or --origin IMAGE to merge into a bare root image)",
                     path.display()
-                );
+                )));
             }
             sibling
         }
@@ -238,12 +267,12 @@ fn merge_cmd(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
 
 fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
     if a.origin.is_some() || a.squashfs.is_some() {
-        bail!(
-            "--origin and --squashfs are for bare files; on a stick the squashfs.img and overlay are found on it"
-        );
+        bail!(BadInput(
+            "--origin and --squashfs are for bare files; on a stick the squashfs.img and overlay are found on it".into()
+        ));
     }
     let (overlay, show) = {
-        let t = open_stick(&a.target, &a.sel, false, false)?;
+        let t = open_stick(&a.target, &a.sel, Access::ReadForChange, false)?;
         (t.overlay.clone(), t.show())
     };
     let req = StickMergeRequest {
@@ -270,7 +299,7 @@ fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
         plan.squashfs.display()
     );
     if !super::confirm(&question, a.yes)? {
-        bail!("not confirmed; nothing changed");
+        bail!(BadInput("not confirmed; nothing changed".into()));
     }
     run_merge_plan(&plan, json, &a.target)
 }
@@ -281,7 +310,10 @@ fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
 fn reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
     let mut overlay = match place::target_of(&a.target) {
         Target::Stick => Overlay::in_file(Place::Stick(Box::new(open_stick(
-            &a.target, &a.sel, !a.dry_run, false,
+            &a.target,
+            &a.sel,
+            change(a.dry_run),
+            false,
         )?))),
         Target::Dir => Overlay::Dir(a.target.clone()),
         Target::File => {
@@ -320,14 +352,14 @@ fn confirmed_reset(
             }
             return print_json(&dry);
         }
-        println!("{}, discarding {lost}", plan.would);
+        crate::outln!("{}, discarding {lost}", plan.would);
         return Ok(());
     }
     let question = format!(
         "Reset {path}? This discards {lost}: every change made in the live system since the last merge or reset."
     );
     if !super::confirm(&question, a.yes)? {
-        bail!("not confirmed; nothing changed");
+        bail!(BadInput("not confirmed; nothing changed".into()));
     }
     act().map_err(lift)?;
     if json {
@@ -335,7 +367,7 @@ fn confirmed_reset(
             serde_json::json!({"overlay": path, "reset": true, "discarded": lost}),
         ));
     }
-    println!("reset {path}: discarded {lost}");
+    crate::outln!("reset {path}: discarded {lost}");
     Ok(())
 }
 
@@ -345,12 +377,11 @@ fn confirmed_reset(
 fn recover(a: &RecoverArgs, json: bool) -> anyhow::Result<()> {
     match place::target_of(&a.target) {
         Target::Stick => {
-            let t = open_stick(&a.target, &a.sel, false, false)?;
+            // Opened once, writable unless a dry run: both kinds may change it.
+            let mut t = open_stick(&a.target, &a.sel, change(a.dry_run), false)?;
             if t.kind == Kind::Overlayfs {
                 return ovlfs_recover(a, Place::Stick(Box::new(t)), json);
             }
-            drop(t);
-            let mut t = open_stick(&a.target, &a.sel, !a.dry_run, false)?;
             let origin = match origin_sectors(&a.origin)? {
                 Some(s) => Some(s),
                 None => t.root_image_bytes().map(|b| b / SECTOR_BYTES),
@@ -382,9 +413,9 @@ fn recover(a: &RecoverArgs, json: bool) -> anyhow::Result<()> {
             if let (true, RootImage::InSquashfs(sq)) = (a.repair, &root)
                 && !sq.is_file()
             {
-                bail!(
+                bail!(BadInput(format!(
                     "--repair needs the root image: pass --origin IMAGE or --squashfs PATH (no squashfs.img next to {show})"
-                );
+                )));
             }
             let bare = Bare::open(&a.target, !a.dry_run).map_err(lift)?;
             dm_recover(a, Place::Bare(bare), origin, root, json)
@@ -484,10 +515,15 @@ fn ovlfs_recover(a: &RecoverArgs, mut place: Place, json: bool) -> anyhow::Resul
         }
         return ovl_report(&out, &a.target, json);
     }
-    if let Place::Stick(t) = place {
+    if matches!(&place, Place::Stick(t) if !t.stick.is_writable()) {
         // Checked read-only so far; the change needs the stick writable.
-        drop(t);
-        place = Place::Stick(Box::new(open_stick(&a.target, &a.sel, true, false)?));
+        drop(place);
+        place = Place::Stick(Box::new(open_stick(
+            &a.target,
+            &a.sel,
+            Access::Write,
+            false,
+        )?));
     }
     let device = place.device().to_path_buf();
     with_bar(json, &device, |p| {
@@ -501,7 +537,12 @@ fn ovlfs_recover(a: &RecoverArgs, mut place: Place, json: bool) -> anyhow::Resul
 
 fn grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
     let mut place = match place::target_of(&a.target) {
-        Target::Stick => Place::Stick(Box::new(open_stick(&a.target, &a.sel, !a.dry_run, false)?)),
+        Target::Stick => Place::Stick(Box::new(open_stick(
+            &a.target,
+            &a.sel,
+            change(a.dry_run),
+            false,
+        )?)),
         Target::Dir => return Err(lift(dir::refuse(&a.target, "grow"))),
         Target::File => Place::Bare(open_bare(&a.target, !a.dry_run)?),
     };
@@ -571,7 +612,7 @@ fn merge_plumbing(
     let Some(plan) =
         dm::plan_origin_merge(&mut bare.file, bare.len, overlay, origin).map_err(lift)?
     else {
-        println!(
+        crate::outln!(
             "{} is a new, empty store: nothing to merge",
             overlay.display()
         );

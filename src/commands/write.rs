@@ -169,9 +169,8 @@ pub fn make_plan(
         None => None,
     };
     let target_size = target::planned_size(&probe, requested)?;
-    if !args.dry_run {
-        target::check_safe(&probe, args.force)?;
-    }
+    // A dry run too: a plan is never shown for a target `write` would refuse.
+    target::check_safe(&probe, args.force)?;
     let existing = match opts.format {
         FormatMode::Always => None,
         FormatMode::Auto | FormatMode::Never if probe.exists && probe.size > 0 => {
@@ -549,9 +548,9 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     plan.notes.extend(unpacked.note());
     if args.dry_run {
         if json {
-            println!("{}", serde_json::to_string_pretty(&plan)?);
+            crate::outln!("{}", serde_json::to_string_pretty(&plan)?);
         } else {
-            print!("{}", plan.to_table());
+            crate::out!("{}", plan.to_table());
         }
         return Ok(());
     }
@@ -581,7 +580,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     if json {
         let mut value = serde_json::to_value(&report)?;
         value["iso_md5"] = serde_json::json!(md5);
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&value)?);
     } else if !quiet {
         print_report(&live, &report, md5.is_some());
     }
@@ -589,7 +588,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
 }
 
 fn print_report(live: &live::LiveImage, report: &apply::ApplyReport, md5_checked: bool) {
-    println!(
+    crate::outln!(
         "Wrote {} to {}: {} FAT32 \"{}\" UUID {}{}{}",
         live.label,
         report.target,
@@ -607,7 +606,7 @@ fn print_report(live: &live::LiveImage, report: &apply::ApplyReport, md5_checked
             .map(|h| format!(", home {h}"))
             .unwrap_or_default()
     );
-    println!(
+    crate::outln!(
         "  {} files, {}; boots BIOS: {}, UEFI: {}",
         report.files.len(),
         human(report.files.iter().map(|f| f.size).sum()),
@@ -615,7 +614,7 @@ fn print_report(live: &live::LiveImage, report: &apply::ApplyReport, md5_checked
         if report.uefi { "yes" } else { "no" }
     );
     // Persistence is allocated, not written: what the stick really took is this.
-    println!(
+    crate::outln!(
         "  {} written to the stick, {}",
         human(report.bytes_written),
         if report.verified {
@@ -625,10 +624,10 @@ fn print_report(live: &live::LiveImage, report: &apply::ApplyReport, md5_checked
         }
     );
     if md5_checked {
-        println!("  ISO implanted MD5 checked: passed");
+        crate::outln!("  ISO implanted MD5 checked: passed");
     }
     for w in &report.warnings {
-        println!("  warning: {w}");
+        crate::outln!("  warning: {w}");
     }
 }
 
@@ -638,7 +637,7 @@ pub const EVENTS_SCHEMA: u32 = 2;
 
 fn emit(json: bool, value: serde_json::Value) {
     if json {
-        println!("{value}");
+        crate::outln!("{value}");
     }
 }
 
@@ -691,10 +690,10 @@ fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     if args.dry_run {
         let plans: Vec<&Plan> = planned.iter().map(|(_, (p, _, _))| p).collect();
         if json {
-            println!("{}", serde_json::to_string_pretty(&plans)?);
+            crate::outln!("{}", serde_json::to_string_pretty(&plans)?);
         } else {
             for p in plans {
-                print!("{}", p.to_table());
+                crate::out!("{}", p.to_table());
             }
         }
         return finish_batch(outcomes, json, quiet);
@@ -845,7 +844,7 @@ fn finish_batch(
         serde_json::json!({"event": "report", "targets": rows}),
     );
     if !json && !quiet {
-        println!("{:<32} {:<8} DETAIL", "TARGET", "RESULT");
+        crate::outln!("{:<32} {:<8} DETAIL", "TARGET", "RESULT");
         for (target, outcome) in &outcomes {
             let (result, detail) = match outcome {
                 Some(Outcome::Done(r)) => (
@@ -864,7 +863,7 @@ fn finish_batch(
                 Some(Outcome::Failed(e)) => ("FAILED", e.lines().next().unwrap_or("").to_string()),
                 None => ("planned", String::new()),
             };
-            println!("{:<32} {:<8} {}", target.display(), result, detail);
+            crate::outln!("{:<32} {:<8} {}", target.display(), result, detail);
         }
     }
     let failed = details.len();
@@ -975,6 +974,6 @@ fn run_wait_for(
         })
     });
     let outcomes = outcomes.into_inner().unwrap_or_default();
-    wait_result.map_err(|e| BadInput(e.to_string()))?;
+    wait_result?;
     finish_batch(outcomes, json, quiet)
 }

@@ -1,7 +1,7 @@
 //! An existing live stick (block device or image file): its FAT partition and
 //! the live files on it, for maintenance commands and re-provisioning.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -42,7 +42,7 @@ impl crate::error::Classify for StickError {
     fn kind(&self) -> crate::error::ErrorKind {
         match self {
             StickError::Io { source, .. } => crate::error::open_failure_kind(source),
-            // The `transparent` variants too: see `Classify` for why.
+            StickError::Target(e) => crate::error::Classify::kind(e),
             _ => crate::error::ErrorKind::Io,
         }
     }
@@ -50,6 +50,7 @@ impl crate::error::Classify for StickError {
     fn hint(&self) -> &'static str {
         match self {
             StickError::Io { source, .. } => crate::error::open_failure_hint(source),
+            StickError::Target(e) => crate::error::Classify::hint(e),
             _ => self.kind().hint(),
         }
     }
@@ -128,21 +129,8 @@ impl Stick {
             let missing = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
             return Err(io_at(path)(missing).into());
         }
-        if writable {
-            // Maintenance writes must not race a mounted filesystem either.
-            if !probe.busy.is_empty() {
-                return Err(TargetError::Busy {
-                    path: probe.path.clone(),
-                    findings: probe.busy.clone(),
-                }
-                .into());
-            }
-        }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(&probe.path)
-            .map_err(io_at(path))?;
+        // Changed through the same safety checks and O_EXCL as `write`.
+        let mut file = target::open_existing(&probe, writable)?;
         let partition = partition::find_fat_partition(&mut file, probe.size).map_err(|source| {
             StickError::Partition {
                 path: path.to_path_buf(),

@@ -51,6 +51,43 @@ pub struct TargetProbe {
     pub system: Vec<String>,
     /// Set when the path names a partition: the whole disk it belongs to.
     pub partition_of: Option<PathBuf>,
+    /// What the path named when it was probed; whatever is opened later by
+    /// the same path must still be it (see [`Node::check`]).
+    #[serde(skip)]
+    pub node: Option<Node>,
+}
+
+/// A file by its inode, a block device by its device number: what a path
+/// named when it was checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Node {
+    File { dev: u64, ino: u64 },
+    Device { rdev: u64 },
+}
+
+impl Node {
+    fn of(meta: &fs::Metadata) -> Node {
+        if meta.file_type().is_block_device() {
+            Node::Device { rdev: meta.rdev() }
+        } else {
+            Node::File {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            }
+        }
+    }
+
+    /// Refuses `file`, opened by `path` after probing, unless it is still
+    /// what was probed: a path swapped in between (a symlink redirected, a
+    /// file renamed over it, another device at that node) is never written.
+    pub fn check(self, file: &File, path: &Path) -> Result<(), TargetError> {
+        let now = file.metadata().map_err(io_at(path))?;
+        if Node::of(&now) == self {
+            Ok(())
+        } else {
+            Err(TargetError::Replaced(path.to_path_buf()))
+        }
+    }
 }
 
 impl TargetProbe {
@@ -72,6 +109,7 @@ impl TargetProbe {
             physical_sector_size: 512,
             system: Vec::new(),
             partition_of: None,
+            node: None,
         }
     }
 
@@ -143,6 +181,10 @@ pub enum TargetError {
         human(*.size), human(*.min)
     )]
     TooSmall { path: PathBuf, size: u64, min: u64 },
+    #[error(
+        "{0} changed after it was checked (replaced, renamed over or relinked); nothing was written — check what the path names and run the command again"
+    )]
+    Replaced(PathBuf),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -154,21 +196,18 @@ impl crate::error::Classify for TargetError {
     fn kind(&self) -> crate::error::ErrorKind {
         use crate::error::ErrorKind;
         match self {
-            TargetError::Busy { .. } | TargetError::NotRemovable(_) => ErrorKind::Refused,
-            TargetError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
-                ErrorKind::BadInput
-            }
-            TargetError::Io { .. } => ErrorKind::Io,
-            // SystemDisk among them: issue 13 makes it a refusal (3).
+            TargetError::Busy { .. }
+            | TargetError::NotRemovable(_)
+            | TargetError::SystemDisk { .. }
+            | TargetError::Replaced(_) => ErrorKind::Refused,
+            TargetError::Io { source, .. } => crate::error::open_failure_kind(source),
             _ => ErrorKind::BadInput,
         }
     }
 
     fn hint(&self) -> &'static str {
         match self {
-            TargetError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
-                crate::error::PERMISSION_HINT
-            }
+            TargetError::Io { source, .. } => crate::error::open_failure_hint(source),
             _ => self.kind().hint(),
         }
     }
@@ -201,7 +240,10 @@ pub fn probe(path: &Path) -> Result<TargetProbe, TargetError> {
         return Err(TargetError::IsDirectory(path.to_path_buf()));
     }
     if meta.is_file() {
-        return Ok(TargetProbe::image(path, meta.len(), true));
+        return Ok(TargetProbe {
+            node: Some(Node::of(&meta)),
+            ..TargetProbe::image(path, meta.len(), true)
+        });
     }
     if !meta.file_type().is_block_device() {
         return Err(TargetError::NotFileOrDevice(path.to_path_buf()));
@@ -215,9 +257,11 @@ pub fn probe(path: &Path) -> Result<TargetProbe, TargetError> {
         Ok(file) => device_geometry(&file, &canonical)?,
         // An empty card reader: probing succeeds, check_safe explains.
         Err(e) if e.raw_os_error() == Some(libc::ENOMEDIUM) => (0, 512, 512),
-        // A system disk may be closed to us (sandboxes, LSMs); sysfs still
-        // knows it, and the refusal should name the real reason.
-        Err(_) if !system.is_empty() && facts.is_some() => facts
+        // A device closed to us (an ordinary user, a sandbox, an LSM) is
+        // still known to sysfs: the safety checks judge it from there, so a
+        // refusal names the real reason and is not hidden behind "permission
+        // denied" (which the open for writing reports, if it comes to that).
+        Err(_) if facts.is_some() => facts
             .as_ref()
             .map(|f| (f.size, f.logical_sector_size, f.physical_sector_size))
             .unwrap_or((0, 512, 512)),
@@ -244,6 +288,7 @@ pub fn probe(path: &Path) -> Result<TargetProbe, TargetError> {
         system,
         partition_of: (whole != canonical).then_some(whole),
         path: canonical,
+        node: Some(Node::of(&meta)),
     })
 }
 
@@ -464,18 +509,95 @@ pub fn open_for_write(probe: &TargetProbe, size: u64) -> Result<File, TargetErro
                     .open(path)
             }
             .map_err(io_at(path))?;
+            if let (true, Some(node)) = (probe.exists, probe.node) {
+                node.check(&file, path)?;
+            }
             if file.metadata().map_err(io_at(path))?.len() < size {
                 file.set_len(size).map_err(io_at(path))?;
             }
             Ok(file)
         }
-        TargetKind::BlockDevice => Ok(OpenOptions::new()
+        TargetKind::BlockDevice => checked(probe, open_exclusive(path)?),
+    }
+}
+
+/// `file`, if it is still what `probe` saw (see [`Node::check`]).
+fn checked(probe: &TargetProbe, file: File) -> Result<File, TargetError> {
+    if let Some(node) = probe.node {
+        node.check(&file, &probe.path)?;
+    }
+    Ok(file)
+}
+
+/// A block device opened for writing with `O_EXCL`. The kernel refuses that
+/// with `EBUSY` while anything else holds the device (a mounted file system, a
+/// device-mapper or md holder, another exclusive opener): a refusal, not an
+/// I/O failure.
+fn open_exclusive(path: &Path) -> Result<File, TargetError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => TargetError::Busy {
+                path: path.to_path_buf(),
+                findings: vec![format!(
+                    "the kernel refuses an exclusive open of {}: a file system, a device mapper or another program holds it",
+                    path.display()
+                )],
+            },
+            _ => io_at(path)(e).into(),
+        })
+}
+
+/// Refuses a stick that maintenance (`overlay merge|reset|grow|recover`,
+/// `home resize`) must not change, by the rules of [`check_safe`] that apply to
+/// a stick already written: never the running system, never a device in use,
+/// never a read-only one. Removability is not asked again (the stick was
+/// chosen when it was written, and these commands have no `--force`). Dry
+/// runs call it too, so that a plan is never shown for a refused device.
+pub fn check_maintenance(probe: &TargetProbe) -> Result<(), TargetError> {
+    if probe.kind != TargetKind::BlockDevice {
+        return Ok(());
+    }
+    if !probe.system.is_empty() {
+        return Err(TargetError::SystemDisk {
+            path: probe.path.clone(),
+            findings: probe.system.clone(),
+        });
+    }
+    if !probe.busy.is_empty() {
+        return Err(TargetError::Busy {
+            path: probe.path.clone(),
+            findings: probe.busy.clone(),
+        });
+    }
+    if probe.read_only {
+        return Err(TargetError::ReadOnly(probe.path.clone()));
+    }
+    Ok(())
+}
+
+/// Opens an existing stick or image file for maintenance. To change it, the
+/// probe first passes [`check_maintenance`] and a block device is opened with
+/// `O_EXCL`, as `write` opens it; to read it, nothing is refused (looking at a
+/// mounted stick changes nothing).
+pub fn open_existing(probe: &TargetProbe, writable: bool) -> Result<File, TargetError> {
+    let path = &probe.path;
+    if !writable {
+        return checked(probe, File::open(path).map_err(io_at(path))?);
+    }
+    check_maintenance(probe)?;
+    let file = match probe.kind {
+        TargetKind::BlockDevice => open_exclusive(path)?,
+        TargetKind::ImageFile => OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_EXCL)
             .open(path)
-            .map_err(io_at(path))?),
-    }
+            .map_err(io_at(path))?,
+    };
+    checked(probe, file)
 }
 
 /// An image file created for a write that has not completed. Only the file
@@ -586,5 +708,31 @@ mod tests {
             probe(Path::new("/dev/livestick-no-such-device")),
             Err(TargetError::MissingDevice(_))
         ));
+    }
+
+    #[test]
+    fn a_target_replaced_after_probing_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("stick.img");
+        fs::write(&image, vec![0u8; 4096]).unwrap();
+        let probed = probe(&image).unwrap();
+        // Another file renamed over the path after the checks.
+        let other = dir.path().join("other.img");
+        fs::write(&other, vec![7u8; 4096]).unwrap();
+        fs::rename(&other, &image).unwrap();
+        for result in [
+            open_for_write(&probed, 4096).map(drop),
+            open_existing(&probed, true).map(drop),
+            open_existing(&probed, false).map(drop),
+        ] {
+            assert!(
+                matches!(result, Err(TargetError::Replaced(_))),
+                "{result:?}"
+            );
+        }
+        assert_eq!(fs::read(&image).unwrap(), vec![7u8; 4096]);
+        // Probed again, it is what the path names now.
+        let again = probe(&image).unwrap();
+        open_existing(&again, true).unwrap();
     }
 }

@@ -134,7 +134,14 @@ impl crate::error::Classify for HomeStickError {
     fn kind(&self) -> crate::error::ErrorKind {
         match self {
             HomeStickError::Io { source, .. } => crate::error::open_failure_kind(source),
-            // The `transparent` variants too: see `Classify` for why.
+            HomeStickError::Stick(e) => crate::error::Classify::kind(e),
+            // What the user asked for or named: nothing was changed.
+            HomeStickError::NoHome { .. }
+            | HomeStickError::Shrink { .. }
+            | HomeStickError::TooLarge { .. }
+            | HomeStickError::NoSpace { .. }
+            | HomeStickError::NoWorkSpace { .. }
+            | HomeStickError::NotHome(_) => crate::error::ErrorKind::BadInput,
             _ => crate::error::ErrorKind::Io,
         }
     }
@@ -142,6 +149,7 @@ impl crate::error::Classify for HomeStickError {
     fn hint(&self) -> &'static str {
         match self {
             HomeStickError::Io { source, .. } => crate::error::open_failure_hint(source),
+            HomeStickError::Stick(e) => crate::error::Classify::hint(e),
             _ => self.kind().hint(),
         }
     }

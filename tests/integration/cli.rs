@@ -567,3 +567,238 @@ fn a_missing_file_is_bad_input() {
     }
     assert!(!img.exists());
 }
+
+/// A 1 GiB stick image written from the synthetic ISO, with an empty 64 MiB
+/// overlay and a plain 32 MiB home: what the maintenance rows run on.
+pub(crate) fn maintained_stick(dir: &Path) -> std::path::PathBuf {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let stick = dir.join("stick.img");
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        stick.to_str().unwrap(),
+        "--size",
+        "1G",
+        "--overlay-size-mb",
+        "64",
+        "--home-size-mb",
+        "32",
+        "--unencrypted-home",
+        "--yes",
+        "--quiet",
+        "--noverify",
+    ]));
+    stick
+}
+
+/// `args` exits with `expected`; an error also as the documented JSON object
+/// (with `--json`) and as the human message with a hint.
+fn exits_with(args: &[&str], expected: i32, kind: &str, env: &[(&str, &Path)]) {
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(bin());
+        cmd.args(args);
+        for (name, value) in env {
+            cmd.env(name, value);
+        }
+        cmd.output().expect("livestick runs")
+    };
+    let out = run(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(expected), "{args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    if expected == 0 {
+        return;
+    }
+    let json = run(&[&["--json"][..], args].concat());
+    if expected == 1 {
+        // clap's own message; the JSON object is exit_1_usage's.
+        assert_eq!(code(&json), Some(1), "{args:?}");
+        return;
+    }
+    human_error(&out);
+    json_error(&json, expected, kind);
+}
+
+/// docs/exit-codes.md, row by row for every command: each code a command can
+/// produce without root (the refusals of devices are in safety.rs).
+#[test]
+fn every_command_exits_with_each_code_it_documents() {
+    let dir = tmp();
+    let iso = synthetic_iso("fedora-classic.iso");
+    let iso = iso.to_str().unwrap();
+    let stick = maintained_stick(dir.path());
+    let stick = stick.to_str().unwrap();
+    let missing = dir.path().join("missing.img");
+    let missing = missing.to_str().unwrap();
+    let new = dir.path().join("new.img");
+    let new = new.to_str().unwrap();
+    // Not an overlay, not a home: random bytes.
+    let random = dir.path().join("random.img");
+    fill_random(&random, 1 << 20);
+    let random = random.to_str().unwrap();
+    let empty = dir.path().join("empty.img");
+    std::fs::File::create(&empty).unwrap();
+    let empty = empty.to_str().unwrap();
+    let none: &[(&str, &Path)] = &[];
+
+    // 0: success (a dry run for what would change something).
+    for args in [
+        &["inspect", iso][..],
+        &["devices"],
+        &["iso-to-disk", "--help"],
+        &["write", iso, new, "--size", "1G", "--dry-run"],
+        &["overlay", "status", stick],
+        &["overlay", "merge", stick, "--dry-run"],
+        &["overlay", "reset", stick, "--dry-run"],
+        &["overlay", "grow", stick, "--add-mb", "8", "--dry-run"],
+        &["overlay", "recover", stick, "--dry-run"],
+        &["home", "info", stick],
+        &["home", "resize", stick, "--size-mb", "40", "--dry-run"],
+    ] {
+        exits_with(args, 0, "", none);
+    }
+    assert!(!Path::new(new).exists(), "a dry run creates nothing");
+
+    // 1: usage, for every command.
+    for command in [
+        &["inspect"][..],
+        &["devices"],
+        &["iso-to-disk"],
+        &["write"],
+        &["overlay", "status"],
+        &["overlay", "merge"],
+        &["overlay", "reset"],
+        &["overlay", "grow"],
+        &["overlay", "recover"],
+        &["home", "info"],
+        &["home", "resize"],
+    ] {
+        exits_with(&[command, &["--bogus"]].concat(), 1, "usage", none);
+    }
+
+    // 2: bad input — a missing file for every command that reads one, and
+    // what each maintenance command finds wrong with what it was given.
+    for args in [
+        &["inspect", missing][..],
+        &["write", missing, new, "--size", "1G"],
+        &["iso-to-disk", missing, new],
+        &["overlay", "status", missing],
+        &["overlay", "merge", missing, "--yes"],
+        &["overlay", "reset", missing, "--yes"],
+        &["overlay", "grow", missing, "--add-mb", "8"],
+        &["overlay", "recover", missing],
+        &["overlay", "status", random],
+        &["overlay", "status", empty],
+        &["overlay", "grow", random, "--add-mb", "8"],
+        &["overlay", "reset", empty, "--yes"],
+        &["overlay", "merge", random, "--yes"],
+        &["overlay", "grow", stick, "--size-mb", "9999"],
+        &["overlay", "merge", stick, "--squashfs", random],
+        &["home", "info", missing],
+        &["home", "info", random],
+        &["home", "resize", missing, "--size-mb", "40"],
+        &["home", "resize", stick, "--size-mb", "16"],
+        &["home", "resize", stick, "--size-mb", "9999"],
+    ] {
+        exits_with(args, 2, "bad-input", none);
+    }
+    assert!(!Path::new(new).exists());
+
+    // 3: refused — a change nobody confirmed (no terminal, no --yes).
+    exits_with(&["overlay", "reset", stick], 3, "refused", none);
+
+    // 4: an external program that fails (a stand-in first on PATH).
+    let tools = dir.path().join("failing-tools");
+    std::fs::create_dir(&tools).unwrap();
+    for name in ["unsquashfs", "mksquashfs", "e2fsck", "resize2fs"] {
+        let path = tools.join(name);
+        std::fs::write(&path, "#!/bin/sh\nexit 8\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        tools.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let failing: &[(&str, &Path)] = &[("PATH", Path::new(&path))];
+    let workdir = dir.path().join("work");
+    std::fs::create_dir(&workdir).unwrap();
+    let workdir = workdir.to_str().unwrap();
+    exits_with(
+        &["overlay", "merge", stick, "--yes", "--workdir", workdir],
+        4,
+        "io",
+        failing,
+    );
+    exits_with(
+        &[
+            "home",
+            "resize",
+            stick,
+            "--size-mb",
+            "40",
+            "--workdir",
+            workdir,
+        ],
+        4,
+        "io",
+        failing,
+    );
+    // 5: see exit_5_partial_batch; 141: see the closed-stdout tests.
+}
+
+#[test]
+fn a_closed_stdout_never_panics_a_command_that_changes_something() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tmp();
+    let iso = synthetic_iso("fedora-classic.iso");
+    let iso = iso.to_str().unwrap();
+    let one = dir.path().join("one.img");
+    let two = dir.path().join("two.img");
+    let (one_s, two_s) = (one.to_str().unwrap(), two.to_str().unwrap());
+    for args in [
+        // The report after a complete stick.
+        &[
+            "write",
+            iso,
+            one_s,
+            "--size",
+            "1G",
+            "--overlay-size-mb",
+            "64",
+            "--yes",
+            "--noverify",
+        ][..],
+        // Batch events on stdout, from the worker threads.
+        &[
+            "--json",
+            "write",
+            iso,
+            one_s,
+            two_s,
+            "--size",
+            "1G",
+            "--overlay-size-mb",
+            "64",
+            "--yes",
+            "--noverify",
+        ],
+        &["overlay", "reset", one_s, "--yes"],
+    ] {
+        let out = with_closed_stdout(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        let status = out.status;
+        // Changing commands finish their work and exit as it went; a command
+        // that changes nothing may stop at once by SIGPIPE (141).
+        assert!(
+            status.code() == Some(0) || status.signal() == Some(libc::SIGPIPE),
+            "{args:?}: {status:?} {stderr}"
+        );
+    }
+    assert!(one.is_file() && two.is_file());
+    // The sticks are complete: their overlay is there for status to read.
+    let out = livestick(&["overlay", "status", two.to_str().unwrap()]);
+    ok(&out);
+}

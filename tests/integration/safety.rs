@@ -532,3 +532,139 @@ fn a_stick_that_holds_the_source_is_refused_even_with_force() {
     refused_as_same(&["write", s, &dev.0, "--force", "--yes"], &[s, &dev.0]);
     assert_eq!(sha256_file(&image), before, "the stick is unchanged");
 }
+
+/// The maintenance commands that change a stick, as dry runs and for real.
+fn changing_maintenance(stick: &str) -> Vec<Vec<String>> {
+    let rows: [&[&str]; 10] = [
+        &["overlay", "merge", stick, "--dry-run"],
+        &["overlay", "reset", stick, "--dry-run"],
+        &["overlay", "grow", stick, "--add-mb", "8", "--dry-run"],
+        &["overlay", "recover", stick, "--dry-run"],
+        &["home", "resize", stick, "--size-mb", "40", "--dry-run"],
+        &["overlay", "merge", stick, "--yes"],
+        &["overlay", "reset", stick, "--yes"],
+        &["overlay", "grow", stick, "--add-mb", "8", "--yes"],
+        &["overlay", "recover", stick, "--yes"],
+        &["home", "resize", stick, "--size-mb", "40"],
+    ];
+    rows.iter()
+        .map(|r| r.iter().map(|s| s.to_string()).collect())
+        .collect()
+}
+
+fn refused(args: &[String], why: &str) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = livestick(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{args:?}: {stderr}");
+    assert!(stderr.contains(why), "{args:?}: {stderr}");
+    let out = livestick(&[&["--json"][..], &args].concat());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "refused", "{args:?}: {v}");
+}
+
+/// Issue 13 part 8: maintenance opens a stick through the safety checks of
+/// `write` — a stick in use (here: the backing device of another loop device)
+/// or held exclusively by another program is refused (3) by every command
+/// that would change it, dry runs included, and left as it was; looking at it
+/// is allowed. Released, the same commands work on it.
+#[test]
+fn maintenance_refuses_a_stick_in_use_and_opens_it_exclusively() {
+    if !require(is_root(), "root (loop devices)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = crate::cli::maintained_stick(dir.path());
+    let Some(stick) = loop_over(&[], &image) else {
+        return;
+    };
+    let before = sha256_file(&image);
+    {
+        let Some(_upper) = loop_over(&[], Path::new(&stick.0)) else {
+            return;
+        };
+        for args in changing_maintenance(&stick.0) {
+            refused(&args, "in use");
+        }
+        // Looking changes nothing and is not refused.
+        ok(&livestick(&["overlay", "status", &stick.0]));
+        ok(&livestick(&["home", "info", &stick.0]));
+    }
+    {
+        // Another program's exclusive open: the kernel says EBUSY.
+        use std::os::unix::fs::OpenOptionsExt;
+        let _held = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(&stick.0)
+            .unwrap();
+        // (A merge of an empty overlay has nothing to write and opens nothing.)
+        for args in changing_maintenance(&stick.0)
+            .into_iter()
+            .filter(|a| !a.iter().any(|s| s == "--dry-run" || s == "merge"))
+        {
+            refused(&args, "exclusive open");
+        }
+    }
+    drop(stick);
+    assert_eq!(before, sha256_file(&image), "nothing was written");
+    // Released: the same stick is maintained through a loop device again.
+    let Some(stick) = loop_over(&[], &image) else {
+        return;
+    };
+    ok(&livestick(&["overlay", "reset", &stick.0, "--yes"]));
+    ok(&livestick(&[
+        "overlay", "grow", &stick.0, "--add-mb", "8", "--yes",
+    ]));
+}
+
+/// The running system's disk is refused (3) by `write` and by every
+/// maintenance command that would change it, whoever runs them, before
+/// anything is opened for writing; as an ordinary user, the refusal comes
+/// before "permission denied".
+#[test]
+fn the_system_disk_is_refused_by_every_command_that_would_change_it() {
+    let host = Host::live();
+    let Some(path) = host
+        .system_disks()
+        .into_iter()
+        .filter(|u| u.mount_point == "/")
+        .find_map(|u| node_of(u.dev))
+    else {
+        eprintln!("SKIPPED: `/` is not on a block device with a node here");
+        return;
+    };
+    let disk = path.to_str().unwrap();
+    let mut rows: Vec<Vec<String>> = changing_maintenance(disk)
+        .into_iter()
+        .filter(|a| a.iter().any(|s| s == "--dry-run"))
+        .collect();
+    // An ISO on the system disk would be refused as the source itself: the
+    // source goes to a tmpfs (and readable by anyone), if there is one.
+    let scratch = tempfile::Builder::new()
+        .prefix("livestick-sysdisk-")
+        .tempdir_in("/dev/shm")
+        .ok();
+    if let Some(scratch) = &scratch {
+        use std::os::unix::fs::PermissionsExt;
+        let open = std::fs::Permissions::from_mode(0o755);
+        std::fs::set_permissions(scratch.path(), open).unwrap();
+        let iso = scratch.path().join("source.iso");
+        std::fs::copy(synthetic_iso("fedora-classic.iso"), &iso).unwrap();
+        std::fs::set_permissions(&iso, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let iso = iso.to_str().unwrap().to_string();
+        for extra in [&["--dry-run"][..], &["--yes", "--force"]] {
+            let mut row = vec!["write".to_string(), iso.clone(), disk.to_string()];
+            row.extend(extra.iter().map(|s| s.to_string()));
+            rows.push(row);
+        }
+    }
+    for args in &rows {
+        refused(args, "holds the running system");
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = as_nobody(&argv);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "as nobody {argv:?}: {stderr}");
+        assert!(stderr.contains("holds the running system"), "{stderr}");
+    }
+}

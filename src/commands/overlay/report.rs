@@ -15,7 +15,7 @@ use crate::size::human;
 
 /// One report as pretty JSON on stdout.
 pub(super) fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    crate::outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -37,7 +37,7 @@ pub(super) fn bare_ovlfs_status(
             "bytes_free": usage.bytes_free, "percent_used": usage.percent_used,
         }));
     }
-    println!("overlay         {}", path.display());
+    crate::outln!("overlay         {}", path.display());
     print_ovlfs_usage(usage);
     Ok(())
 }
@@ -64,9 +64,9 @@ pub(super) fn bare_dm_status(
 }
 
 fn print_ovlfs_usage(usage: &ovlfs::Usage) {
-    println!("kind            OverlayFS (ext4 with overlayfs/ + ovlwork/)");
-    println!("size            {}", human(usage.size_bytes));
-    println!(
+    crate::outln!("kind            OverlayFS (ext4 with overlayfs/ + ovlwork/)");
+    crate::outln!("size            {}", human(usage.size_bytes));
+    crate::outln!(
         "used            {:.2} % ({} free)",
         usage.percent_used,
         human(usage.bytes_free)
@@ -80,16 +80,16 @@ pub(super) fn dir_status(dir_path: &Path, st: &dir::Status, json: bool) -> anyho
             "used_bytes": st.used_bytes, "bytes_free": st.bytes_free,
         }));
     }
-    println!("overlay         {}", dir_path.display());
-    println!(
+    crate::outln!("overlay         {}", dir_path.display());
+    crate::outln!(
         "kind            OverlayFS directory (overlayfs/ + ovlwork/ on the stick's file system)"
     );
-    println!(
+    crate::outln!(
         "upper dir       {} entries, {}",
         st.upper_entries,
         human(st.used_bytes)
     );
-    println!(
+    crate::outln!(
         "free            {} on its file system",
         human(st.bytes_free)
     );
@@ -142,17 +142,17 @@ pub(super) fn stick_status(t: &StickOverlay, usage: Usage<'_>, json: bool) -> an
     }
     match usage {
         Usage::Ovlfs(u) => {
-            println!(
+            crate::outln!(
                 "stick           {} ({} {})",
                 t.stick.path.display(),
                 t.info.label,
                 t.info.fs_uuid
             );
-            println!("overlay         {}", t.overlay);
+            crate::outln!("overlay         {}", t.overlay);
             print_ovlfs_usage(u);
         }
         Usage::Dm(r) => {
-            println!(
+            crate::outln!(
                 "stick           {} (label {}, UUID {})",
                 t.stick.path.display(),
                 t.info.label,
@@ -162,7 +162,7 @@ pub(super) fn stick_status(t: &StickOverlay, usage: Usage<'_>, json: bool) -> an
         }
     }
     for n in &notes {
-        println!("note            {n}");
+        crate::outln!("note            {n}");
     }
     Ok(())
 }
@@ -189,18 +189,18 @@ pub(super) fn plumbing(report: &PlumbingReport<'_>, json: bool) -> anyhow::Resul
         return print_json(report);
     }
     match (dry_run, output) {
-        (true, _) => println!(
+        (true, _) => crate::outln!(
             "would merge {n} chunks of {} into {}",
             overlay.display(),
             output.unwrap_or(origin).display()
         ),
-        (false, Some(out)) => println!(
+        (false, Some(out)) => crate::outln!(
             "wrote the merged image ({n} chunks applied) to {}; {} and {} are unchanged",
             out.display(),
             origin.display(),
             overlay.display()
         ),
-        (false, None) => println!(
+        (false, None) => crate::outln!(
             "merged {n} chunks into {}; the overlay is now empty ({})",
             origin.display(),
             report.overlay_after.as_deref().unwrap_or("?")
@@ -219,22 +219,25 @@ pub(super) fn merged(
     }
     match &report.overlayfs {
         Some(r) => {
-            println!(
+            crate::outln!(
                 "merged {} upper-dir entries into {} ({} → {}), overlay reset",
                 report.exceptions_applied,
                 plan.squashfs.display(),
                 human(report.old_squashfs_bytes),
                 human(report.new_squashfs_bytes)
             );
-            println!(
+            crate::outln!(
                 "  {} created, {} replaced, {} removed by whiteouts, {} directories updated",
-                r.created, r.replaced, r.removed, r.dirs_updated
+                r.created,
+                r.replaced,
+                r.removed,
+                r.dirs_updated
             );
             for n in &r.notes {
-                println!("  note: {n}");
+                crate::outln!("  note: {n}");
             }
         }
-        None => println!(
+        None => crate::outln!(
             "merged {} chunks into {} ({} → {}), overlay reset",
             report.exceptions_applied,
             plan.squashfs.display(),
@@ -243,37 +246,38 @@ pub(super) fn merged(
         ),
     }
     if report.fsck_chunks_folded > 0 {
-        println!(
+        crate::outln!(
             "e2fsck changed {} chunks; they were written into the overlay before the swap",
             report.fsck_chunks_folded
         );
     }
     for r in &report.repaired {
-        println!("repaired: {r}");
+        crate::outln!("repaired: {r}");
     }
     Ok(())
 }
 
 pub(super) fn print_status(overlay: &str, report: &snapshot::StatusReport) {
-    println!("overlay         {overlay}");
-    println!("state           {}", report.state);
-    println!("dmsetup status  {}", report.dm_status);
-    println!(
+    crate::outln!("overlay         {overlay}");
+    crate::outln!("state           {}", report.state);
+    crate::outln!("dmsetup status  {}", report.dm_status);
+    crate::outln!(
         "chunk size      {} sectors ({})",
         report.chunk_sectors,
         human(u64::from(report.chunk_sectors) * SECTOR_BYTES)
     );
-    println!(
+    crate::outln!(
         "size            {} ({} sectors)",
         human(report.cow_bytes),
         report.total_sectors
     );
-    println!(
+    crate::outln!(
         "exceptions      {} in {} metadata area(s)",
-        report.exceptions, report.metadata_areas
+        report.exceptions,
+        report.metadata_areas
     );
-    println!("used            {:.2} %", report.percent_used);
-    println!(
+    crate::outln!("used            {:.2} %", report.percent_used);
+    crate::outln!(
         "free            {} ({} chunks){}",
         human(report.bytes_free),
         report.free_data_chunks,
@@ -284,15 +288,15 @@ pub(super) fn print_status(overlay: &str, report: &snapshot::StatusReport) {
         }
     );
     if report.state == "uninitialised" {
-        println!("note            new store: the kernel initialises it on first boot");
+        crate::outln!("note            new store: the kernel initialises it on first boot");
     }
     if report.trap_size {
-        println!(
+        crate::outln!(
             "warning         this size lets the last metadata area invalidate the overlay when it fills; `overlay grow --add-mb 1` fixes it"
         );
     }
     for p in &report.problems {
-        println!("problem         {p}");
+        crate::outln!("problem         {p}");
     }
 }
 
@@ -302,22 +306,22 @@ pub(super) fn print_merge_plan(plan: &merge::MergePlan, json: bool) -> anyhow::R
             return print_json(&plan);
         }
         if plan.nothing_to_merge {
-            println!("the overlay holds no changes: nothing to merge");
+            crate::outln!("the overlay holds no changes: nothing to merge");
             return Ok(());
         }
-        println!("merge plan (dry run, nothing changed)");
-        println!(
+        crate::outln!("merge plan (dry run, nothing changed)");
+        crate::outln!(
             "  squashfs      {} ({})",
             plan.squashfs.display(),
             human(plan.squashfs_bytes)
         );
-        println!(
+        crate::outln!(
             "  root image    {} ({})",
             plan.root_image,
             human(plan.root_image_bytes)
         );
         match &plan.ovl {
-            Some(o) => println!(
+            Some(o) => crate::outln!(
                 "  overlay       {} (OverlayFS: {} upper-dir entries, {} used; layout {})",
                 plan.overlay.display(),
                 o.upper_entries,
@@ -328,30 +332,30 @@ pub(super) fn print_merge_plan(plan: &merge::MergePlan, json: bool) -> anyhow::R
                     Layout::Erofs { .. } => "EROFS",
                 }
             ),
-            None => println!(
+            None => crate::outln!(
                 "  overlay       {} ({} exceptions, {})",
                 plan.overlay.display(),
                 plan.exceptions,
                 plan.overlay_status.dm_status
             ),
         }
-        println!(
+        crate::outln!(
             "  work dir      {}: needs {}, {} free",
             plan.workdir.display(),
             human(plan.workdir_needed_bytes),
             human(plan.workdir_free_bytes)
         );
-        println!(
+        crate::outln!(
             "  stick dir     {}: needs up to {}, {} free",
             plan.target_dir.display(),
             human(plan.target_needed_bytes),
             human(plan.target_free_bytes)
         );
         for note in &plan.notes {
-            println!("  note          {note}");
+            crate::outln!("  note          {note}");
         }
         for (i, s) in plan.steps.iter().enumerate() {
-            println!("  {}. {s}", i + 1);
+            crate::outln!("  {}. {s}", i + 1);
         }
         Ok(())
     }
@@ -372,7 +376,7 @@ pub(super) fn recover_report(
         }));
     }
     if !report.was_invalid {
-        println!(
+        crate::outln!(
             "{show} is not marked Invalid; nothing to recover ({})",
             report.dm_status_after
         );
@@ -382,13 +386,15 @@ pub(super) fn recover_report(
         } else {
             "recovered"
         };
-        println!(
+        crate::outln!(
             "{verb} {show}: {} exceptions in {} metadata area(s); status now {}",
-            report.exceptions, report.metadata_areas, report.dm_status_after
+            report.exceptions,
+            report.metadata_areas,
+            report.dm_status_after
         );
     }
     if let Some(p) = grow_plan {
-        println!(
+        crate::outln!(
             "{} from {} to {}",
             if dry_run { "would grow" } else { "grown" },
             human(p.current_bytes),
@@ -396,16 +402,18 @@ pub(super) fn recover_report(
         );
     }
     if report.full && grow_plan.is_none() {
-        println!(
+        crate::outln!(
             "warning: the overlay is still full; the first new chunk invalidates it again. Add --add-mb N"
         );
     }
     match repair {
-        Some(r) => println!(
+        Some(r) => crate::outln!(
             "e2fsck -f -y on the view exited {}: {} chunks changed, {} written into the overlay",
-            r.fsck_exit_code, r.chunks_changed, r.chunks_folded
+            r.fsck_exit_code,
+            r.chunks_changed,
+            r.chunks_folded
         ),
-        None if report.was_invalid => println!(
+        None if report.was_invalid => crate::outln!(
             "writes after the failure were lost: check the file system before trusting it (`overlay recover --repair` runs e2fsck -f -y on the view and keeps its repairs), then merge"
         ),
         None => {}
@@ -423,14 +431,14 @@ pub(super) fn grow_report(
         return print_json(&serde_json::json!({"overlay": show, "dry_run": dry_run, "grow": plan}));
     }
     let verb = if dry_run { "would grow" } else { "grew" };
-    println!(
+    crate::outln!(
         "{verb} {show} from {} to {} ({} usable data chunks)",
         human(plan.current_bytes),
         human(plan.new_bytes),
         plan.usable_data_chunks_after
     );
     for n in &plan.notes {
-        println!("note: {n}");
+        crate::outln!("note: {n}");
     }
     Ok(())
 }
@@ -443,21 +451,21 @@ pub(super) fn print_fsck(show: &str, r: &ovl_maint::FsckReport) {
     } else {
         r.meaning
     };
-    println!("{} on {show}: {state} (exit {})", r.command, r.exit_code);
+    crate::outln!("{} on {show}: {state} (exit {})", r.command, r.exit_code);
     for f in &r.findings {
-        println!("  finding: {f}");
+        crate::outln!("  finding: {f}");
     }
     for p in &r.problems {
-        println!("  problem: {p}");
+        crate::outln!("  problem: {p}");
     }
     if r.more_problems > 0 {
-        println!(
+        crate::outln!(
             "  … and {} more (--json has e2fsck's whole output)",
             r.more_problems
         );
     }
     if let Some(s) = &r.summary {
-        println!("  in use: {s}");
+        crate::outln!("  in use: {s}");
     }
 }
 
@@ -466,12 +474,12 @@ pub(super) fn ovl_report(out: &ovlfs::Outcome, target: &Path, json: bool) -> any
         return print_json(out);
     }
     let show = &out.overlay;
-    println!("overlay         {show} (OverlayFS: ext4 with overlayfs/ + ovlwork/)");
-    println!("method          {}", out.method);
+    crate::outln!("overlay         {show} (OverlayFS: ext4 with overlayfs/ + ovlwork/)");
+    crate::outln!("method          {}", out.method);
     if let Some(c) = &out.check {
         print_fsck(show, c);
         if !c.clean && out.repair.is_none() && !out.dry_run {
-            println!(
+            crate::outln!(
                 "nothing was changed; `livestick overlay recover {} --repair` fixes this with e2fsck -f -y",
                 target.display()
             );
@@ -484,7 +492,7 @@ pub(super) fn ovl_report(out: &ovlfs::Outcome, target: &Path, json: bool) -> any
         print_fsck(show, c);
     }
     if let Some(p) = out.preen.as_ref().filter(|p| p.modified) {
-        println!("e2fsck -f -p before resizing: {}", p.meaning);
+        crate::outln!("e2fsck -f -p before resizing: {}", p.meaning);
     }
     if let Some(g) = &out.grow {
         let verb = if out.dry_run {
@@ -494,24 +502,24 @@ pub(super) fn ovl_report(out: &ovlfs::Outcome, target: &Path, json: bool) -> any
         } else {
             "did not grow"
         };
-        println!(
+        crate::outln!(
             "{verb} {show} from {} to {} (its ext4 from {})",
             human(g.current_bytes),
             human(g.new_bytes),
             human(g.fs_bytes_before)
         );
         for n in &g.notes {
-            println!("note: {n}");
+            crate::outln!("note: {n}");
         }
     }
     if let Some(w) = &out.write_back {
-        println!(
+        crate::outln!(
             "{} changed blocks of 4 KiB written back to {show}",
             w.chunks_written
         );
     }
     for n in &out.notes {
-        println!("note: {n}");
+        crate::outln!("note: {n}");
     }
     Ok(())
 }

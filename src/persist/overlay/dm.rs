@@ -122,7 +122,7 @@ pub fn inspect_grow<R: Read + Seek>(
     len: u64,
     room: Option<StickRoom>,
 ) -> Result<GrowFacts, OverlayError> {
-    let chunk_sectors = chunk_sectors_of(f).explain(|| format!("{show} is not an overlay"))?;
+    let chunk_sectors = chunk_sectors_of(f).map_err(|e| not_usable(show, e))?;
     check_intact(f, len, show)
         .explain(|| format!("refusing to grow {show}; nothing was changed"))?;
     Ok(GrowFacts {

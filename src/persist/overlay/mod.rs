@@ -66,7 +66,8 @@ pub enum OverlayError {
         #[source]
         source: SnapshotError,
     },
-    /// A refusal the front does not classify further (exit code 4, as it always was).
+    /// A request this overlay cannot serve (wrong thing named, too large, no
+    /// room): bad input, nothing was changed.
     #[error("{0}")]
     Refused(String),
     /// What was being done when `source` failed, and what that left.
@@ -90,6 +91,9 @@ pub enum OverlayError {
     Merge(#[from] MergeError),
     #[error(transparent)]
     Io(#[from] io::Error),
+    /// The overlay file named could not be opened or looked at.
+    #[error(transparent)]
+    CannotOpen(#[from] crate::error::CannotOpen),
 }
 
 impl OverlayError {

@@ -47,10 +47,10 @@ pub fn target_of(path: &Path) -> Target {
 /// instead of misreading it as an overlay.
 pub fn refuse_disk(path: &Path) -> Result<(), OverlayError> {
     use std::os::unix::fs::FileTypeExt;
-    let meta = std::fs::metadata(path).explain(|| format!("{}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(cannot_open(path))?;
     let mut looks_like_disk = meta.file_type().is_block_device();
     if meta.is_file() && meta.len() >= 512 {
-        let mut f = File::open(path).explain(|| format!("{}", path.display()))?;
+        let mut f = File::open(path).map_err(cannot_open(path))?;
         let mut sector = [0u8; 512];
         f.read_exact(&mut sector)?;
         // An overlay's chunk 0 is a 16-byte header and zeros; a disk has an MBR signature.
@@ -63,6 +63,18 @@ pub fn refuse_disk(path: &Path) -> Result<(), OverlayError> {
         )));
     }
     Ok(())
+}
+
+/// The error for a path the user named that cannot be opened: missing or
+/// forbidden is theirs to fix (exit 2), anything else is I/O.
+fn cannot_open(path: &Path) -> impl FnOnce(std::io::Error) -> OverlayError + '_ {
+    move |source| {
+        crate::error::CannotOpen {
+            path: path.to_path_buf(),
+            source,
+        }
+        .into()
+    }
 }
 
 /// A bare overlay file, opened.
@@ -78,7 +90,7 @@ impl Bare {
             .read(true)
             .write(writable)
             .open(path)
-            .explain(|| format!("opening {}", path.display()))?;
+            .map_err(cannot_open(path))?;
         let len = snapshot::stream_len(&mut file)?;
         Ok(Bare {
             path: path.to_path_buf(),
@@ -158,12 +170,12 @@ impl StickOverlay {
         allow_orphan: bool,
     ) -> Result<StickOverlay, OverlayError> {
         let mut stick = Stick::open(path, writable).map_err(|e| match e {
-            StickError::Target(TargetError::Busy { path, findings }) => {
-                OverlayError::Refused(format!(
-                    "{} is in use ({}); unmount it (and detach loop devices) first: changing the overlay or squashfs.img under a running or mounted system corrupts them",
-                    path.display(),
-                    findings.join("; ")
-                ))
+            // Kept typed, so that the refusal decides the exit code (3).
+            e @ StickError::Target(TargetError::Busy { .. }) => OverlayError::from(e).context(
+                "unmount it (and detach loop devices) first: changing the overlay or squashfs.img under a running or mounted system corrupts them",
+            ),
+            e @ StickError::Target(TargetError::SystemDisk { .. } | TargetError::ReadOnly(_)) => {
+                OverlayError::from(e)
             }
             e => OverlayError::from(e).context(format!(
                 "{} is not a live stick this command can work on",
