@@ -121,7 +121,9 @@ pub struct ApplyReport {
     pub formatted: bool,
     pub files: Vec<WrittenFile>,
     pub overlay: Option<String>,
-    /// An overlay the stick had, kept with its content or emptied, and why.
+    /// An overlay the stick had, kept with its content or emptied, and why; absent
+    /// when there was none.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub kept_overlay: Option<crate::plan::KeptOverlay>,
     pub home: Option<String>,
     pub bios: bool,
@@ -502,7 +504,12 @@ pub fn apply(
                         kept.from, kept.to
                     )))?;
                 }
-                if kept.reset {
+                // One the plan makes anew (an OverlayFS overlay) is emptied by that.
+                let remade = plan
+                    .overlay
+                    .as_ref()
+                    .is_some_and(|o| o.path.eq_ignore_ascii_case(&kept.to));
+                if kept.reset && !remade {
                     fat::reset_overlay_header(&fs, &kept.to)
                         .map_err(ApplyError::fat(format!("emptying the overlay {}", kept.to)))?;
                 }

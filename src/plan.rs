@@ -820,12 +820,22 @@ pub fn plan_write(
         (_, true, _) => OverlayBoot::OverlayFs,
         _ => OverlayBoot::DmSnapshot,
     };
-    let overlay = opts.overlay_size.map(|size| OverlayStep {
-        path: overlay_path.clone(),
-        size,
-        kind: overlay_kind,
-        why: overlay_why.clone(),
-    });
+    // An OverlayFS overlay is an ext4 file system: zeroing its head, which empties a
+    // dm-snapshot store, would leave a file nothing mounts. One to be emptied is made
+    // anew instead, as a new overlay of the same size would be.
+    let remade_from = kept_overlay
+        .as_ref()
+        .filter(|k| k.reset && overlay_kind == OverlayBoot::OverlayFs)
+        .map(|k| (k.from.clone(), k.size));
+    let overlay = opts
+        .overlay_size
+        .or(remade_from.as_ref().map(|(_, size)| *size))
+        .map(|size| OverlayStep {
+            path: overlay_path.clone(),
+            size,
+            kind: overlay_kind,
+            why: overlay_why.clone(),
+        });
     let home = opts.home_size.map(|size| HomeStep {
         path: home_path.clone(),
         size,
@@ -947,6 +957,9 @@ pub fn plan_write(
                         || overlay
                             .as_ref()
                             .is_some_and(|o| o.path.eq_ignore_ascii_case(p))
+                        || remade_from
+                            .as_ref()
+                            .is_some_and(|(from, _)| from.eq_ignore_ascii_case(p))
                         || swap
                             .as_ref()
                             .is_some_and(|s| s.path.eq_ignore_ascii_case(p))
@@ -2123,6 +2136,37 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
             "no root image copied, no record"
         );
         assert!(!plan.deletes.iter().any(|d| d.ends_with(".livestick")));
+    }
+
+    #[test]
+    fn an_emptied_overlayfs_overlay_is_made_anew_not_zeroed() {
+        let fs = stick_with_root(RootMatch::changed("another release"));
+        let plan = plan_existing(&live(RootKind::Flat), fs, &opts()).expect("plans");
+        let kept = plan.kept_overlay.as_ref().expect("named as emptied");
+        assert!(kept.reset);
+        let overlay = plan.overlay.as_ref().expect("made anew");
+        assert_eq!(
+            (overlay.path.as_str(), overlay.size, overlay.kind),
+            (OLD_OVERLAY, 512 * MIB, OverlayBoot::OverlayFs)
+        );
+        let kept_plan = plan_existing(
+            &live(RootKind::Flat),
+            stick_with_root(RootMatch::same("same")),
+            &opts(),
+        )
+        .expect("plans");
+        assert!(kept_plan.overlay.is_none(), "a kept one is left as it is");
+        assert_eq!(
+            plan.space_available,
+            kept_plan.space_available + 512 * MIB,
+            "the old overlay's space comes back for the new one"
+        );
+        assert_eq!(
+            plan.space_needed,
+            kept_plan.space_needed + 512 * MIB,
+            "{}",
+            plan.to_table()
+        );
     }
 
     #[test]

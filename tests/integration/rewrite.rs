@@ -161,3 +161,77 @@ fn same_root_image_keeps_the_overlay_and_a_changed_one_empties_it() {
         "the overlay was not emptied"
     );
 }
+
+/// An OverlayFS overlay (a flat root's, an ISO without an implanted MD5): the same
+/// root image keeps the file the live system wrote into it; a changed one gets a
+/// fresh, clean ext4 overlay rather than one with its head zeroed.
+#[test]
+fn overlayfs_overlay_is_kept_or_made_anew() {
+    let dir = tmp();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/hostname"), "flat\n").unwrap();
+    let flat = flat_iso_from(&root, dir.path());
+    let image = dir.path().join("flat.img");
+    let (iso, img) = (flat.to_str().unwrap(), image.to_str().unwrap());
+    json_of(&[
+        iso,
+        img,
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "32",
+        "--volume-id",
+        "0000ABCD",
+    ]);
+    let start = part_start(&image);
+    let path = "/LiveOS/overlay-LIVE-0000-ABCD";
+    let overlay = dir.path().join("overlay.img");
+    fat_copy_out(&image, start, path, &overlay);
+    let note = dir.path().join("note.txt");
+    std::fs::write(&note, "persisted\n").unwrap();
+    debugfs_w(
+        &overlay,
+        &format!("write {} overlayfs/note.txt\n", note.display()),
+    );
+    fat_put(&image, start, &overlay, path);
+
+    let report = json_of(&[iso, img]);
+    assert_eq!(kept(&report)["reset"], false, "{report}");
+    assert!(
+        kept(&report)["why"]
+            .as_str()
+            .unwrap()
+            .contains("same size and sha256"),
+        "{report}"
+    );
+    assert!(report["overlay"].is_null(), "no new overlay: {report}");
+    fat_copy_out(&image, start, path, &overlay);
+    let cat = run(
+        "debugfs",
+        &["-R", "cat overlayfs/note.txt", overlay.to_str().unwrap()],
+    );
+    assert_eq!(cat, "persisted\n");
+
+    // Another root image on the stick: the overlay is emptied, as a fresh ext4.
+    let mut older = fat_read(&image, start, "/LiveOS/squashfs.img");
+    let last = older.len() - 1;
+    older[last] ^= 0xff;
+    let older_path = dir.path().join("older-squashfs.img");
+    std::fs::write(&older_path, &older).unwrap();
+    fat_put(&image, start, &older_path, "/LiveOS/squashfs.img");
+    let report = json_of(&[iso, img]);
+    assert_eq!(kept(&report)["reset"], true, "{report}");
+    assert!(kept(&report)["used"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["overlay"], path, "{report}");
+    fat_copy_out(&image, start, path, &overlay);
+    assert_eq!(std::fs::metadata(&overlay).unwrap().len(), 32 * MIB);
+    e2fsck_clean(&overlay);
+    let listing = run(
+        "debugfs",
+        &["-R", "ls -l overlayfs", overlay.to_str().unwrap()],
+    );
+    assert!(!listing.contains("note.txt"), "{listing}");
+    let top = run("debugfs", &["-R", "ls -l /", overlay.to_str().unwrap()]);
+    assert!(top.contains("ovlwork"), "{top}");
+}
