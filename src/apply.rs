@@ -121,6 +121,10 @@ pub struct ApplyReport {
     pub formatted: bool,
     pub files: Vec<WrittenFile>,
     pub overlay: Option<String>,
+    /// An overlay the stick had, kept with its content or emptied, and why; absent
+    /// when there was none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_overlay: Option<crate::plan::KeptOverlay>,
     pub home: Option<String>,
     pub bios: bool,
     pub uefi: bool,
@@ -500,7 +504,12 @@ pub fn apply(
                         kept.from, kept.to
                     )))?;
                 }
-                if kept.reset {
+                // One the plan makes anew (an OverlayFS overlay) is emptied by that.
+                let remade = plan
+                    .overlay
+                    .as_ref()
+                    .is_some_and(|o| o.path.eq_ignore_ascii_case(&kept.to));
+                if kept.reset && !remade {
                     fat::reset_overlay_header(&fs, &kept.to)
                         .map_err(ApplyError::fat(format!("emptying the overlay {}", kept.to)))?;
                 }
@@ -530,6 +539,9 @@ pub fn apply(
                     }
                 };
                 written.push((copy.dest.clone(), copy.size, sum));
+            }
+            if let Some(step) = &plan.root_record {
+                write_root_record(&fs, step, &written)?;
             }
             // Persistence files start empty (replacing any old file of that name);
             // their clusters are allocated below, once fatfs has let go of the FAT.
@@ -772,6 +784,7 @@ pub fn apply(
         formatted: plan.format.is_some(),
         files,
         overlay: plan.overlay.as_ref().map(|o| o.path.clone()),
+        kept_overlay: plan.kept_overlay.clone(),
         home: plan.home.as_ref().map(|h| h.path.clone()),
         bios: plan.bios,
         uefi: plan.uefi,
@@ -780,6 +793,45 @@ pub fn apply(
         bytes_verified,
         warnings,
     })
+}
+
+/// Records the root image just written beside it (`live_source::compare_root`
+/// reads it on the next write). Its bytes are checked on read-back with the
+/// other metadata.
+fn write_root_record<F: Read + Write + Seek>(
+    fs: &fat::FatFs<'_, F>,
+    step: &crate::plan::RootRecordStep,
+    written: &[(String, u64, WrittenDigest)],
+) -> Result<(), ApplyError> {
+    let Some((_, size, digest)) = written
+        .iter()
+        .find(|(path, _, _)| path.eq_ignore_ascii_case(&step.root_image))
+    else {
+        return Ok(());
+    };
+    let what = format!("recording {} in {}", step.root_image, step.path);
+    let mut image = fs
+        .root_dir()
+        .open_file(step.root_image.trim_start_matches('/'))
+        .map_err(ApplyError::io(what.clone()))?;
+    let ends =
+        crate::live_source::ends_sha256(&mut image, *size).map_err(ApplyError::io(what.clone()))?;
+    let record = crate::live_source::RootRecord {
+        size: *size,
+        sha256: hex(&digest.sha256),
+        ends_sha256: ends,
+        iso_md5: step.iso_md5.clone(),
+    }
+    .render();
+    fat::write_file(
+        fs,
+        &step.path,
+        &mut record.as_bytes(),
+        record.len() as u64,
+        |_| {},
+    )
+    .map_err(ApplyError::fat(what))?;
+    Ok(())
 }
 
 /// On an existing stick: MBR boot code into the first 440 bytes, keeping the
@@ -831,6 +883,9 @@ pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, App
         Ok(crate::plan::ExistingFs {
             syslinux_cfg: read_text("/syslinux/syslinux.cfg"),
             grub_cfg: read_text("/EFI/BOOT/grub.cfg"),
+            // Compared by the caller, which knows the source.
+            root: None,
+            overlay_used: None,
             table: part.table,
             partition_start: part.start,
             partition_len: part.len,

@@ -7,6 +7,9 @@ pub const SQUASHFS: &str = "squashfs.img";
 pub const HOME: &str = "home.img";
 /// The swap image.
 pub const SWAP: &str = "swap.img";
+/// livestick's record of the root image it wrote into the live directory, which
+/// lets a rewrite of the same image keep the overlay (`live_source::compare_root`).
+pub const ROOT_RECORD: &str = ".livestick";
 /// Every overlay's name starts with this; dracut looks for `overlay-<LABEL>-<UUID>`.
 pub const OVERLAY_PREFIX: &str = "overlay-";
 /// Where a nested root image sits inside squashfs.img (current name first).

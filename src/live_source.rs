@@ -8,8 +8,10 @@
 //! neither imports the other.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
+
+use sha2::{Digest, Sha256};
 
 use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat::{self, FatEntry};
@@ -39,6 +41,7 @@ fn is_persistence(name: &str) -> bool {
         || lower == layout::SWAP
         || lower.ends_with(".new")
         || lower.ends_with(".old")
+        || lower == layout::ROOT_RECORD
 }
 
 struct Found {
@@ -233,5 +236,239 @@ impl StickSource {
     pub fn reader(&mut self, path: &str) -> Result<ExtentFile<&mut File>, StickError> {
         let extents = self.stick.file_extents(path)?;
         Ok(ExtentFile::new(self.stick.file_mut(), &extents))
+    }
+}
+
+/// Bytes at each end of the root image that [`ends_sha256`] covers.
+const ENDS_BYTES: u64 = 64 * 1024;
+
+/// What [`layout::ROOT_RECORD`] holds: the root image as it was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootRecord {
+    pub size: u64,
+    /// sha256 of the whole image, computed while it was written.
+    pub sha256: String,
+    /// [`ends_sha256`] of the image as written: ties the record to this copy.
+    pub ends_sha256: String,
+    /// The implanted MD5 the ISO claimed, when it was written from one.
+    pub iso_md5: Option<String>,
+}
+
+impl RootRecord {
+    pub fn render(&self) -> String {
+        let mut text = format!(
+            "# livestick: the root image this live directory's overlay was written for\n\
+             size={}\nsha256={}\nends_sha256={}\n",
+            self.size, self.sha256, self.ends_sha256
+        );
+        if let Some(md5) = &self.iso_md5 {
+            text.push_str(&format!("iso_md5={md5}\n"));
+        }
+        text
+    }
+
+    /// `None` for anything that is not a complete record.
+    pub fn parse(text: &str) -> Option<RootRecord> {
+        let value = |key: &str| {
+            text.lines()
+                .filter_map(|l| l.split_once('='))
+                .find(|(k, _)| k.trim() == key)
+                .map(|(_, v)| v.trim().to_string())
+        };
+        let is_hex = |v: &String| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit());
+        Some(RootRecord {
+            size: value("size")?.parse().ok()?,
+            sha256: value("sha256").filter(is_hex)?,
+            ends_sha256: value("ends_sha256").filter(is_hex)?,
+            iso_md5: value("iso_md5"),
+        })
+    }
+}
+
+/// sha256 of the first and last 64 KiB of a `len`-byte image: a squashfs
+/// superblock (build time, sizes, table offsets) and its tables at the end, or an
+/// EROFS superblock. Any rebuilt image differs there.
+pub fn ends_sha256<R: Read + Seek>(r: &mut R, len: u64) -> io::Result<String> {
+    let mut hasher = Sha256::new();
+    let head = len.min(ENDS_BYTES);
+    let tail_start = len.saturating_sub(ENDS_BYTES).max(head);
+    for (start, end) in [(0, head), (tail_start, len)] {
+        r.seek(SeekFrom::Start(start))?;
+        let mut buf = vec![0u8; (end - start) as usize];
+        r.read_exact(&mut buf)?;
+        hasher.update(&buf);
+    }
+    Ok(crate::source::checksum::hex(&hasher.finalize()))
+}
+
+/// Whether the root image in `/<live_dir>/` of the stick at `target` is the one
+/// this write copies (`live`'s squashfs.img), cheaply where it can be:
+/// - sizes differ: changed, nothing read;
+/// - the stick's record names the same ISO (its implanted MD5, `iso_md5`) and
+///   still describes the stick's image: the same, only 128 KiB read;
+/// - otherwise the ISO's image is hashed (`iso_sha256`) and compared with the
+///   record's sha256, or with the stick's image hashed when there is no valid record.
+///
+/// The cheap path is safe because every write that copies a root image rewrites
+/// the record beside it, and a root image replaced any other way (`overlay merge`,
+/// another tool) has another size or other first and last 64 KiB, which the record
+/// then no longer matches. An ISO whose bytes do not match its implanted MD5 is
+/// refused before writing (unless `--noverify`).
+pub fn compare_root(
+    target: &Path,
+    fs: &crate::plan::ExistingFs,
+    live: &LiveImage,
+    live_dir: &str,
+    iso_md5: Option<&str>,
+    iso_sha256: impl FnOnce() -> io::Result<String>,
+) -> crate::plan::RootMatch {
+    use crate::plan::RootMatch;
+    let on_stick = format!("/{live_dir}/{}", layout::SQUASHFS);
+    let Some(stick_size) = fs.size_of(&on_stick) else {
+        return RootMatch::changed(format!("the stick has no {on_stick}"));
+    };
+    if stick_size != live.squashfs.size {
+        return RootMatch::changed(format!(
+            "{on_stick} is {stick_size} bytes on the stick and {} bytes in {}",
+            live.squashfs.size,
+            live.path.display()
+        ));
+    }
+    let (record, ends, mut stick, extents) =
+        match read_stick_root(target, live_dir, &on_stick, stick_size) {
+            Ok(found) => (found.record, found.ends_sha256, found.stick, found.extents),
+            Err(e) => return RootMatch::changed(format!("{on_stick} could not be read ({e})")),
+        };
+    let record = record.filter(|r| r.size == stick_size && r.ends_sha256 == ends);
+    if let (Some(r), Some(md5)) = (&record, iso_md5)
+        && r.iso_md5.as_deref() == Some(md5)
+    {
+        return RootMatch::same(format!(
+            "{on_stick} was written from this ISO (implanted MD5 {md5}) and is unchanged since"
+        ));
+    }
+    let stick_sha = match record {
+        Some(r) => r.sha256,
+        None => match crate::source::checksum::sha256_reader(ExtentFile::new(
+            stick.file_mut(),
+            &extents,
+        )) {
+            Ok(sum) => crate::source::checksum::hex(&sum),
+            Err(e) => return RootMatch::changed(format!("{on_stick} could not be read ({e})")),
+        },
+    };
+    match iso_sha256() {
+        Ok(iso_sha) if iso_sha == stick_sha => RootMatch::same(format!(
+            "{on_stick} has the same size and sha256 ({iso_sha}) on the stick and in {}",
+            live.path.display()
+        )),
+        Ok(iso_sha) => RootMatch::changed(format!(
+            "{on_stick} has sha256 {stick_sha} on the stick and {iso_sha} in {}",
+            live.path.display()
+        )),
+        Err(e) => RootMatch::changed(format!(
+            "{} could not be read to compare it ({e})",
+            live.squashfs.path
+        )),
+    }
+}
+
+/// The stick's side of [`compare_root`]: its record and its root image, opened.
+struct StickRoot {
+    /// The record as found, whether or not it still describes the image.
+    record: Option<RootRecord>,
+    ends_sha256: String,
+    stick: Stick,
+    extents: Vec<(u64, u64)>,
+}
+
+fn read_stick_root(
+    target: &Path,
+    live_dir: &str,
+    on_stick: &str,
+    size: u64,
+) -> Result<StickRoot, String> {
+    let mut stick = Stick::open(target, false).map_err(|e| e.to_string())?;
+    let record_path = format!("/{live_dir}/{}", layout::ROOT_RECORD);
+    let record = stick
+        .with_fs(|fs| {
+            Ok(fat::exists(fs, &record_path)
+                .then(|| fat::read_file(fs, &record_path).ok())
+                .flatten())
+        })
+        .map_err(|e| e.to_string())?
+        .and_then(|bytes| RootRecord::parse(&String::from_utf8_lossy(&bytes)));
+    let extents = stick.file_extents(on_stick).map_err(|e| e.to_string())?;
+    let ends_sha256 = ends_sha256(&mut ExtentFile::new(stick.file_mut(), &extents), size)
+        .map_err(|e| e.to_string())?;
+    Ok(StickRoot {
+        record,
+        ends_sha256,
+        stick,
+        extents,
+    })
+}
+
+/// Bytes of changes the overlay at `path` (`len` bytes) on the stick holds: the
+/// ext4 blocks in use of an OverlayFS overlay, the changed chunks of a dm-snapshot
+/// store. `None` when it cannot be read as either.
+pub fn overlay_used(target: &Path, path: &str, len: u64) -> Option<u64> {
+    use crate::persist::{overlay::store, snapshot};
+    let mut stick = Stick::open(target, false).ok()?;
+    let extents = stick.file_extents(path).ok()?;
+    let mut file = ExtentFile::new(stick.file_mut(), &extents);
+    if store::is_ext4(&mut file) {
+        return store::overlay_info(&mut file).map(|info| info.used_bytes);
+    }
+    let report = snapshot::status(&mut file, len, snapshot::LIVEOS_CHUNK_SECTORS, None).ok()?;
+    Some(report.exceptions * u64::from(report.chunk_sectors) * snapshot::SECTOR_BYTES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_record_round_trips_and_rejects_partial_text() {
+        let record = RootRecord {
+            size: 1 << 30,
+            sha256: "ab".repeat(32),
+            ends_sha256: "cd".repeat(32),
+            iso_md5: Some("0123456789abcdef0123456789abcdef".into()),
+        };
+        assert_eq!(RootRecord::parse(&record.render()), Some(record.clone()));
+        let without_md5 = RootRecord {
+            iso_md5: None,
+            ..record.clone()
+        };
+        assert_eq!(RootRecord::parse(&without_md5.render()), Some(without_md5));
+        let cut: String = record
+            .render()
+            .lines()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(RootRecord::parse(&cut), None);
+        assert_eq!(
+            RootRecord::parse("size=1\nsha256=xyz\nends_sha256=xyz\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn ends_hash_covers_both_ends_only() {
+        let mut image = vec![0u8; 256 * 1024];
+        let base = ends_sha256(&mut io::Cursor::new(&image), image.len() as u64).unwrap();
+        image[128 * 1024] = 1;
+        let middle = ends_sha256(&mut io::Cursor::new(&image), image.len() as u64).unwrap();
+        assert_eq!(base, middle, "the middle is not read");
+        let last = image.len() - 1;
+        image[last] = 1;
+        let tail = ends_sha256(&mut io::Cursor::new(&image), image.len() as u64).unwrap();
+        assert_ne!(base, tail);
+        // Shorter than both ends together: each byte once.
+        let small = [7u8; 1000];
+        let sum = ends_sha256(&mut io::Cursor::new(&small), 1000).unwrap();
+        assert_eq!(sum, crate::source::checksum::hex(&Sha256::digest(small)));
     }
 }

@@ -80,6 +80,9 @@ pub struct WriteOptions {
     pub kickstart: Option<PathBuf>,
     pub volume_id: u32,
     pub bios: bool,
+    /// The implanted MD5 the ISO claims, recorded beside the root image so that a
+    /// rewrite recognises the same ISO without reading it.
+    pub iso_md5: Option<String>,
 }
 
 /// What is already on the target's FAT partition (no `--format`).
@@ -98,14 +101,68 @@ pub struct ExistingFs {
     /// The top-level boot menus as they are (`--multi` extends them).
     pub syslinux_cfg: Option<String>,
     pub grub_cfg: Option<String>,
+    /// Whether the live directory's root image is the one this write copies,
+    /// inspected before planning; `None` when it was not (the overlay is emptied).
+    pub root: Option<RootMatch>,
+    /// Bytes of changes the [current overlay](ExistingFs::current_overlay) holds,
+    /// when it could be read.
+    pub overlay_used: Option<u64>,
 }
 
 impl ExistingFs {
-    fn size_of(&self, path: &str) -> Option<u64> {
+    pub fn size_of(&self, path: &str) -> Option<u64> {
         self.files
             .iter()
             .find(|(p, _)| p.eq_ignore_ascii_case(path))
             .map(|(_, s)| *s)
+    }
+
+    /// Every overlay file in the live directory `dir`.
+    fn overlays_in(&self, dir: &str) -> Vec<&(String, u64)> {
+        let live_prefix = format!("/{dir}/").to_ascii_lowercase();
+        self.files
+            .iter()
+            .filter(|(p, _)| {
+                let lower = p.to_ascii_lowercase();
+                lower.starts_with(&live_prefix)
+                    && layout::is_overlay_name(&lower[live_prefix.len()..])
+            })
+            .collect()
+    }
+
+    /// The overlay dracut used until now in `dir` (path, size): the one named for
+    /// the current label and UUID, else the first one found.
+    pub fn current_overlay(&self, dir: &str) -> Option<(String, u64)> {
+        let overlays = self.overlays_in(dir);
+        let named = layout::overlay_path(dir, &self.label, &fat::format_volume_id(self.volume_id));
+        overlays
+            .iter()
+            .find(|(p, _)| p.eq_ignore_ascii_case(&named))
+            .or(overlays.first())
+            .map(|(p, s)| (p.clone(), *s))
+    }
+}
+
+/// Whether a stick's root image is the one a write copies, and how that is known.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RootMatch {
+    pub same: bool,
+    pub why: String,
+}
+
+impl RootMatch {
+    pub fn same(why: impl Into<String>) -> RootMatch {
+        RootMatch {
+            same: true,
+            why: why.into(),
+        }
+    }
+
+    pub fn changed(why: impl Into<String>) -> RootMatch {
+        RootMatch {
+            same: false,
+            why: why.into(),
+        }
     }
 }
 
@@ -154,6 +211,30 @@ pub struct KeptOverlay {
     /// Emptied (header zeroed): required whenever the root image changes,
     /// because its blocks describe changes to the old image.
     pub reset: bool,
+    /// Why it keeps its content or is emptied.
+    pub why: String,
+    /// Bytes of changes it holds before the write, when they could be read.
+    pub used: Option<u64>,
+}
+
+impl KeptOverlay {
+    /// What it holds, for people: "12 MiB of changes", or that it is not known.
+    pub fn used_text(&self) -> String {
+        match self.used {
+            Some(bytes) => format!("{} of changes", human(bytes)),
+            None => "changes of unknown size".to_string(),
+        }
+    }
+}
+
+/// The record of the root image written, beside it: see
+/// `live_source::compare_root`. Its sha256 is known only once the image is written.
+#[derive(Debug, Clone, Serialize)]
+pub struct RootRecordStep {
+    pub path: String,
+    /// The copied root image it describes.
+    pub root_image: String,
+    pub iso_md5: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -190,6 +271,8 @@ pub struct Plan {
     pub configs: Vec<ConfigStep>,
     pub overlay: Option<OverlayStep>,
     pub kept_overlay: Option<KeptOverlay>,
+    /// Written after the copies when the root image is copied.
+    pub root_record: Option<RootRecordStep>,
     pub home: Option<HomeStep>,
     /// An existing home.img that stays as it is.
     pub kept_home: Option<String>,
@@ -661,6 +744,17 @@ pub fn plan_write(
     }
     let overlay_path = layout::overlay_path(dir, &label, &fs_uuid);
     let home_path = format!("/{dir}/home.img");
+    // Rewritten by every write that copies the root image, so it never outlives it.
+    let record_path = format!("/{dir}/{}", layout::ROOT_RECORD);
+    let root_image = format!("/{dir}/{}", layout::SQUASHFS);
+    let root_record = copies
+        .iter()
+        .any(|c| c.dest.eq_ignore_ascii_case(&root_image))
+        .then(|| RootRecordStep {
+            path: record_path.clone(),
+            root_image,
+            iso_md5: opts.iso_md5.clone(),
+        });
     // What the existing stick holds that this write keeps, renames or deletes.
     let mut deletes = Vec::new();
     let mut kept_overlay = None;
@@ -671,30 +765,19 @@ pub fn plan_write(
             relabel = Some(label.clone());
         }
         let live_prefix = format!("/{dir}/").to_ascii_lowercase();
-        let old_overlays: Vec<&(String, u64)> = fs
-            .files
-            .iter()
-            .filter(|(p, _)| {
-                let lower = p.to_ascii_lowercase();
-                lower.starts_with(&live_prefix)
-                    && lower[live_prefix.len()..].starts_with("overlay-")
-            })
-            .collect();
-        // The overlay dracut used until now: named for the current label/UUID.
-        let current = layout::overlay_path(dir, &fs.label, &fs_uuid);
-        let current = old_overlays
-            .iter()
-            .find(|(p, _)| p.eq_ignore_ascii_case(&current))
-            .or(old_overlays.first())
-            .map(|(p, s)| (p.clone(), *s));
+        let old_overlays = fs.overlays_in(dir);
+        let current = fs.current_overlay(dir);
         let new_overlay = opts.overlay_size.is_some() || opts.copy_overlay;
         match (&current, new_overlay) {
             (Some((path, size)), false) => {
+                let (reset, why) = keep_or_empty(opts, fs.root.as_ref());
                 kept_overlay = Some(KeptOverlay {
                     from: path.clone(),
                     to: overlay_path.clone(),
                     size: *size,
-                    reset: opts.reset_overlay || !opts.skipcopy,
+                    reset,
+                    why,
+                    used: fs.overlay_used,
                 });
             }
             (Some((path, _)), true) => deletes.push(path.clone()),
@@ -724,6 +807,7 @@ pub fn plan_write(
                     && !old_overlays.iter().any(|(p, _)| p == path)
                     && !path.eq_ignore_ascii_case(&home_path)
                     && !path.eq_ignore_ascii_case(&format!("/{dir}/swap.img"))
+                    && !path.eq_ignore_ascii_case(&record_path)
                 {
                     deletes.push(path.clone());
                 }
@@ -736,12 +820,22 @@ pub fn plan_write(
         (_, true, _) => OverlayBoot::OverlayFs,
         _ => OverlayBoot::DmSnapshot,
     };
-    let overlay = opts.overlay_size.map(|size| OverlayStep {
-        path: overlay_path.clone(),
-        size,
-        kind: overlay_kind,
-        why: overlay_why.clone(),
-    });
+    // An OverlayFS overlay is an ext4 file system: zeroing its head, which empties a
+    // dm-snapshot store, would leave a file nothing mounts. One to be emptied is made
+    // anew instead, as a new overlay of the same size would be.
+    let remade_from = kept_overlay
+        .as_ref()
+        .filter(|k| k.reset && overlay_kind == OverlayBoot::OverlayFs)
+        .map(|k| (k.from.clone(), k.size));
+    let overlay = opts
+        .overlay_size
+        .or(remade_from.as_ref().map(|(_, size)| *size))
+        .map(|size| OverlayStep {
+            path: overlay_path.clone(),
+            size,
+            kind: overlay_kind,
+            why: overlay_why.clone(),
+        });
     let home = opts.home_size.map(|size| HomeStep {
         path: home_path.clone(),
         size,
@@ -863,6 +957,9 @@ pub fn plan_write(
                         || overlay
                             .as_ref()
                             .is_some_and(|o| o.path.eq_ignore_ascii_case(p))
+                        || remade_from
+                            .as_ref()
+                            .is_some_and(|(from, _)| from.eq_ignore_ascii_case(p))
                         || swap
                             .as_ref()
                             .is_some_and(|s| s.path.eq_ignore_ascii_case(p))
@@ -913,6 +1010,7 @@ pub fn plan_write(
         configs,
         overlay,
         kept_overlay,
+        root_record,
         home,
         kept_home,
         swap,
@@ -991,16 +1089,20 @@ impl Plan {
             ));
         }
         if let Some(k) = &self.kept_overlay {
+            let name = if k.from.eq_ignore_ascii_case(&k.to) {
+                k.from.clone()
+            } else {
+                format!("{} as {}", k.from, k.to)
+            };
+            let fate = if k.reset {
+                format!("emptied, its {} lost", k.used_text())
+            } else {
+                format!("kept with its {}", k.used_text())
+            };
             out.push_str(&format!(
-                "  overlay          keeps {} as {} ({}){}\n",
-                k.from,
-                k.to,
+                "  overlay          keeps {name} ({}), {fate}: {}\n",
                 human(k.size),
-                if k.reset {
-                    ", emptied: the root image changes"
-                } else {
-                    ""
-                }
+                k.why
             ));
         }
         if let Some(h) = &self.kept_home {
@@ -1046,6 +1148,22 @@ impl Plan {
             out.push_str(&format!("  note: {n}\n"));
         }
         out
+    }
+}
+
+/// Whether a kept overlay keeps its content, and why. Its blocks describe changes
+/// to one root image: over any other they are garbage, so only a root image known
+/// to be the same keeps them.
+fn keep_or_empty(opts: &WriteOptions, root: Option<&RootMatch>) -> (bool, String) {
+    match root {
+        _ if opts.reset_overlay => (true, "--reset-overlay was given".into()),
+        _ if opts.skipcopy => (false, "--skipcopy leaves the root image as it is".into()),
+        Some(m) if m.same => (false, format!("the root image is unchanged: {}", m.why)),
+        Some(m) => (true, format!("the root image changes: {}", m.why)),
+        None => (
+            true,
+            "the root image is rewritten and was not compared with the stick's".into(),
+        ),
     }
 }
 
@@ -1237,6 +1355,7 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
             volume_id: VOLUME_ID,
             bios: true,
             force: false,
+            iso_md5: None,
         }
     }
 
@@ -1836,6 +1955,8 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
             ],
             syslinux_cfg: Some("UI menu.c32\nLABEL old\n  KERNEL /isolinux/vmlinuz\n".into()),
             grub_cfg: None,
+            root: None,
+            overlay_used: Some(12 * MIB),
         }
     }
 
@@ -1914,6 +2035,147 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
         };
         let plan = plan_existing(&nested(), stick(), &skip_reset).expect("plans");
         assert!(plan.kept_overlay.as_ref().is_some_and(|k| k.reset));
+    }
+
+    fn stick_with_root(root: RootMatch) -> ExistingFs {
+        let mut fs = stick();
+        fs.root = Some(root);
+        fs.files.push(("/LiveOS/.livestick".into(), 300));
+        fs
+    }
+
+    #[test]
+    fn same_root_image_keeps_the_overlay_content() {
+        let fs = stick_with_root(RootMatch::same("same size and sha256"));
+        let plan = plan_existing(&nested(), fs, &opts()).expect("plans");
+        let kept = plan.kept_overlay.as_ref().expect("the overlay is kept");
+        assert!(
+            !kept.reset,
+            "the same root image keeps what the overlay holds"
+        );
+        assert!(
+            kept.why.contains("unchanged: same size and sha256"),
+            "{}",
+            kept.why
+        );
+        assert_eq!(kept.used, Some(12 * MIB));
+        let text = plan.to_table();
+        assert!(
+            text.contains(&format!(
+                "keeps {OLD_OVERLAY} (512 MiB), kept with its 12 MiB of changes"
+            )),
+            "{text}"
+        );
+        // The root image is still copied, and its record written beside it, not deleted.
+        assert!(dests(&plan).contains(&"/LiveOS/squashfs.img".to_string()));
+        let record = plan.root_record.as_ref().expect("a record");
+        assert_eq!(record.path, "/LiveOS/.livestick");
+        assert_eq!(record.root_image, "/LiveOS/squashfs.img");
+        assert!(!plan.deletes.iter().any(|d| d.ends_with(".livestick")));
+        let json = serde_json::to_value(&plan).expect("serialises");
+        assert_eq!(json["kept_overlay"]["reset"], false);
+        assert!(
+            json["kept_overlay"]["why"]
+                .as_str()
+                .is_some_and(|w| w.contains("unchanged"))
+        );
+    }
+
+    #[test]
+    fn changed_root_image_empties_the_overlay_and_names_what_is_lost() {
+        let fs = stick_with_root(RootMatch::changed(
+            "/LiveOS/squashfs.img is 1400 MiB on the stick and 1500 MiB in the ISO",
+        ));
+        let plan = plan_existing(&nested(), fs, &opts()).expect("plans");
+        let kept = plan.kept_overlay.as_ref().expect("the overlay is kept");
+        assert!(kept.reset);
+        assert!(
+            kept.why.starts_with("the root image changes: "),
+            "{}",
+            kept.why
+        );
+        let text = plan.to_table();
+        assert!(
+            text.contains(&format!(
+                "keeps {OLD_OVERLAY} (512 MiB), emptied, its 12 MiB of changes lost: the root image changes"
+            )),
+            "{text}"
+        );
+        let json = serde_json::to_value(&plan).expect("serialises");
+        assert_eq!(json["kept_overlay"]["reset"], true);
+        assert_eq!(json["kept_overlay"]["used"], 12 * MIB);
+
+        // Not compared (no facts): emptied, as before this comparison existed.
+        let plan = plan_existing(&nested(), stick(), &opts()).expect("plans");
+        let kept = plan.kept_overlay.as_ref().expect("the overlay is kept");
+        assert!(kept.reset);
+        assert!(kept.why.contains("not compared"), "{}", kept.why);
+    }
+
+    #[test]
+    fn reset_overlay_empties_even_the_same_root_and_skipcopy_keeps_even_an_unknown_one() {
+        let reset = WriteOptions {
+            reset_overlay: true,
+            ..opts()
+        };
+        let fs = stick_with_root(RootMatch::same("same ISO"));
+        let plan = plan_existing(&nested(), fs, &reset).expect("plans");
+        let kept = plan.kept_overlay.as_ref().expect("the overlay is kept");
+        assert!(kept.reset);
+        assert_eq!(kept.why, "--reset-overlay was given");
+
+        let skip = WriteOptions {
+            skipcopy: true,
+            ..opts()
+        };
+        let fs = stick_with_root(RootMatch::changed("not read"));
+        let plan = plan_existing(&nested(), fs, &skip).expect("plans");
+        assert!(plan.kept_overlay.as_ref().is_some_and(|k| !k.reset));
+        assert!(
+            plan.root_record.is_none(),
+            "no root image copied, no record"
+        );
+        assert!(!plan.deletes.iter().any(|d| d.ends_with(".livestick")));
+    }
+
+    #[test]
+    fn an_emptied_overlayfs_overlay_is_made_anew_not_zeroed() {
+        let fs = stick_with_root(RootMatch::changed("another release"));
+        let plan = plan_existing(&live(RootKind::Flat), fs, &opts()).expect("plans");
+        let kept = plan.kept_overlay.as_ref().expect("named as emptied");
+        assert!(kept.reset);
+        let overlay = plan.overlay.as_ref().expect("made anew");
+        assert_eq!(
+            (overlay.path.as_str(), overlay.size, overlay.kind),
+            (OLD_OVERLAY, 512 * MIB, OverlayBoot::OverlayFs)
+        );
+        let kept_plan = plan_existing(
+            &live(RootKind::Flat),
+            stick_with_root(RootMatch::same("same")),
+            &opts(),
+        )
+        .expect("plans");
+        assert!(kept_plan.overlay.is_none(), "a kept one is left as it is");
+        assert_eq!(
+            plan.space_available,
+            kept_plan.space_available + 512 * MIB,
+            "the old overlay's space comes back for the new one"
+        );
+        assert_eq!(
+            plan.space_needed,
+            kept_plan.space_needed + 512 * MIB,
+            "{}",
+            plan.to_table()
+        );
+    }
+
+    #[test]
+    fn current_overlay_is_the_one_named_for_label_and_uuid() {
+        assert_eq!(
+            stick().current_overlay("LiveOS"),
+            Some((OLD_OVERLAY.to_string(), 512 * MIB))
+        );
+        assert_eq!(stick().current_overlay("Second"), None);
     }
 
     #[test]

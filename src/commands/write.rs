@@ -153,7 +153,53 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
         volume_id,
         bios: true,
         force: args.force,
+        iso_md5: claimed_md5(live),
     })
+}
+
+/// The implanted MD5 an ISO claims (read from its header, not computed).
+fn claimed_md5(live: &live::LiveImage) -> Option<String> {
+    if live.source_kind != live::SourceKind::Iso || !live.implanted_md5 {
+        return None;
+    }
+    let iso = live::open_iso(&live.path).ok()?;
+    checksum::implanted_md5(iso.application_data()).map(|md5| md5.md5_hex())
+}
+
+/// What the plan needs to know about the overlay an existing stick keeps: whether
+/// its root image is the one this write copies, and how much the overlay holds.
+/// Read here, before planning, so that planning stays pure.
+fn inspect_kept_overlay(
+    target_path: &Path,
+    fs: &mut plan::ExistingFs,
+    opts: &WriteOptions,
+    live: &live::LiveImage,
+) {
+    let Some((overlay, len)) = fs.current_overlay(&opts.live_dir) else {
+        return;
+    };
+    if opts.overlay_size.is_some() || opts.copy_overlay || opts.multi {
+        return;
+    }
+    fs.overlay_used = crate::live_source::overlay_used(target_path, &overlay, len);
+    if opts.reset_overlay || opts.skipcopy {
+        return;
+    }
+    let iso_sha256 = || -> std::io::Result<String> {
+        let mut source = apply::open_source(live).map_err(std::io::Error::other)?;
+        let reader = source
+            .open(&live.squashfs.path, live.squashfs.size)
+            .map_err(std::io::Error::other)?;
+        Ok(checksum::hex(&checksum::sha256_reader(reader)?))
+    };
+    fs.root = Some(crate::live_source::compare_root(
+        target_path,
+        fs,
+        live,
+        &opts.live_dir,
+        opts.iso_md5.as_deref(),
+        iso_sha256,
+    ));
 }
 
 /// Builds the plan for one target; every input check happens here.
@@ -208,6 +254,10 @@ pub fn make_plan(
         ))),
         FormatMode::Auto => None,
     };
+    let existing = existing.map(|mut fs| {
+        inspect_kept_overlay(target_path, &mut fs, opts, live);
+        fs
+    });
     let syslinux_files = syslinux::locate()?;
     let plan = plan::plan_write(
         live,
@@ -413,7 +463,15 @@ fn confirm_target(
     args: &WriteArgs,
 ) -> anyhow::Result<()> {
     if probe.kind == TargetKind::BlockDevice {
-        let question = target::confirm_text(probe);
+        let mut question = target::confirm_text(probe);
+        if let Some(kept) = plan.kept_overlay.as_ref().filter(|k| k.reset) {
+            question = format!(
+                "The overlay {} is emptied, its {} lost ({}). {question}",
+                kept.to,
+                kept.used_text(),
+                kept.why
+            );
+        }
         if !super::confirm(&question, args.yes)? {
             bail!(BadInput("not confirmed; nothing was written".into()));
         }
@@ -623,6 +681,23 @@ fn print_report(live: &live::LiveImage, report: &apply::ApplyReport, md5_checked
             "not verified".to_string()
         }
     );
+    if let Some(kept) = &report.kept_overlay {
+        if kept.reset {
+            println!(
+                "  overlay {} emptied, its {} discarded: {}",
+                kept.to,
+                kept.used_text(),
+                kept.why
+            );
+        } else {
+            println!(
+                "  overlay {} kept with its {}: {}",
+                kept.to,
+                kept.used_text(),
+                kept.why
+            );
+        }
+    }
     if md5_checked {
         crate::outln!("  ISO implanted MD5 checked: passed");
     }

@@ -39,6 +39,7 @@ mod overlay_ovl_maint;
 mod overlay_stick;
 mod persistence;
 mod replace_leftovers;
+mod rewrite;
 mod safety;
 mod snapshot_proptest;
 mod snapshot_vectors;

@@ -242,6 +242,14 @@ fn rewrite_keeps_home_and_host_files_and_resets_the_overlay() {
     bytes[4] = 1;
     std::fs::write(&used, &bytes).unwrap();
     fat_put(&image, start, &used, "/LiveOS/overlay-LIVE-1111-AAAA");
+    // The fixtures share one root image, which would keep the overlay (see
+    // rewrite.rs): the stick's is made to differ, as an older release's would.
+    let older = dir.path().join("older-squashfs.img");
+    let mut bytes = fat_read(&image, start, "/LiveOS/squashfs.img");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&older, &bytes).unwrap();
+    fat_put(&image, start, &older, "/LiveOS/squashfs.img");
 
     // ISO B onto the same stick, no --format, new label.
     let report = ok(write(&[

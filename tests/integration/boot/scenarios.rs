@@ -298,6 +298,22 @@ fn flat_squashfs_stick_persists_with_overlayfs() {
     assert_persisted(&boot(&stick, Firmware::Bios, "flat-2-bios"), overlayfs, 1);
 }
 
+/// A same-ISO rewrite (issue 12 part 5): the ISO written again onto a stick that
+/// was booted, without `--format`, keeps both the overlay and the home, so what
+/// boot 1 wrote to `/` and to `/home` is there in boot 2.
+#[test]
+fn same_iso_rewrite_keeps_overlay_and_home() {
+    if !boot_env_ready(&[Firmware::Bios]) {
+        return;
+    }
+    let iso = boot_iso("boot-classic.iso");
+    let stick = write_stick(&iso, &[]);
+    assert_fresh(&boot(&stick, Firmware::Bios, "rewrite-1-bios"));
+    let (iso, image) = (iso.display().to_string(), stick.image.display().to_string());
+    livestick(&["write", &iso, &image, "--timeout", "1", "--yes", "--quiet"]);
+    assert_seen(&boot(&stick, Firmware::Bios, "rewrite-2-bios"), 1);
+}
+
 /// Negative control (issue 5, "How it is checked"): the same stick with
 /// `rd.live.overlay` removed from syslinux.cfg and grub.cfg boots with a
 /// temporary overlay, so what boot 1 wrote to `/` is gone in boot 2 — and
