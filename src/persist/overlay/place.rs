@@ -54,7 +54,7 @@ pub fn refuse_disk(path: &Path) -> Result<(), OverlayError> {
         let mut sector = [0u8; 512];
         f.read_exact(&mut sector)?;
         // An overlay's chunk 0 is a 16-byte header and zeros; a disk has an MBR signature.
-        looks_like_disk |= sector[510] == 0x55 && sector[511] == 0xAA;
+        looks_like_disk |= crate::disk::partition::has_boot_signature(&sector);
     }
     if looks_like_disk {
         return Err(OverlayError::Refused(format!(
