@@ -63,6 +63,9 @@ pub struct WriteOptions {
     /// Carry the source stick's home.img over (`--copy-home`).
     pub copy_home: bool,
     pub dracut: DracutNames,
+    /// The initrd's dracut version could not be read, so `dracut` is the classic
+    /// spelling by default: the plan says so.
+    pub dracut_unknown: bool,
     /// `--force`: also write an ISO whose root image livestick does not recognise.
     pub force: bool,
     pub home_size: Option<u64>,
@@ -708,6 +711,14 @@ pub fn plan_write(
         }
     }
     let mut notes = Vec::new();
+    if opts.dracut_unknown {
+        notes.push(
+            "the dracut version of the ISO's initrd could not be read: the overlay is named with \
+             the classic rd.live.overlay spellings; if the initrd is dracut-ng 110 or newer, \
+             pass --dracut-names renamed"
+                .to_string(),
+        );
+    }
     if let RootKind::Unrecognised { reason } = &live.root {
         notes.push(format!(
             "written anyway (--force): {reason}; the live system will not boot"
@@ -1343,6 +1354,7 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
             copy_overlay: false,
             copy_home: false,
             dracut: DracutNames::Classic,
+            dracut_unknown: false,
             home_size: None,
             home_encryption: HomeEncryption::None,
             swap_size: None,
@@ -2362,5 +2374,25 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
 
     fn dests_of_copies(plan: &Plan) -> Vec<&str> {
         plan.copies.iter().map(|c| c.dest.as_str()).collect()
+    }
+
+    /// An initrd whose dracut version cannot be read: the classic spelling, and the
+    /// plan says so (issue 12, bad input).
+    #[test]
+    fn an_unreadable_dracut_version_is_noted() {
+        let o = WriteOptions {
+            dracut_unknown: true,
+            ..opts()
+        };
+        let plan = plan_new(&nested(), 8 * GIB, &o).unwrap();
+        assert!(
+            plan.notes
+                .iter()
+                .any(|n| n.contains("dracut version") && n.contains("--dracut-names renamed")),
+            "{:?}",
+            plan.notes
+        );
+        let quiet = plan_new(&nested(), 8 * GIB, &opts()).unwrap();
+        assert!(!quiet.notes.iter().any(|n| n.contains("dracut version")));
     }
 }

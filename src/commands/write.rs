@@ -55,11 +55,12 @@ fn readable(option: &str, path: Option<&Path>) -> anyhow::Result<Option<PathBuf>
     }
 }
 
-/// The overlay argument spelling the ISO's initrd understands.
-fn resolve_dracut(args: &WriteArgs, live: &live::LiveImage) -> DracutNames {
+/// The overlay argument spelling the ISO's initrd understands, and whether its
+/// version was unreadable (then the classic spelling, which the plan notes).
+fn resolve_dracut(args: &WriteArgs, live: &live::LiveImage) -> (DracutNames, bool) {
     match args.dracut_names {
-        DracutNamesArg::Classic => DracutNames::Classic,
-        DracutNamesArg::Renamed => DracutNames::Renamed,
+        DracutNamesArg::Classic => (DracutNames::Classic, false),
+        DracutNamesArg::Renamed => (DracutNames::Renamed, false),
         DracutNamesArg::Auto => {
             let initrd = live
                 .primary_menu()
@@ -73,14 +74,24 @@ fn resolve_dracut(args: &WriteArgs, live: &live::LiveImage) -> DracutNames {
                 initrd::dracut_version(&mut reader, 512 << 20)
             });
             match version {
-                Some(v) if initrd::uses_renamed_overlay_args(&v) => DracutNames::Renamed,
-                _ => DracutNames::Classic,
+                Some(v) if initrd::uses_renamed_overlay_args(&v) => (DracutNames::Renamed, false),
+                Some(_) => (DracutNames::Classic, false),
+                None => (DracutNames::Classic, true),
             }
         }
     }
 }
 
 fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<WriteOptions> {
+    // The spelling only matters for OverlayFS (cmdline::rewrite_for_stick), which a
+    // flat root gets without the flag: reading it means decompressing the initrd,
+    // so it is skipped otherwise.
+    let (dracut, dracut_unknown) =
+        if args.overlayfs || matches!(live.root, live::RootKind::Flat | live::RootKind::Erofs) {
+            resolve_dracut(args, live)
+        } else {
+            (DracutNames::Classic, false)
+        };
     let volume_id = match &args.volume_id {
         Some(text) => {
             u32::from_str_radix(text.trim_start_matches("0x").replace('-', "").as_str(), 16)
@@ -131,16 +142,8 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
         multi: args.multi,
         copy_overlay: args.copy_overlay,
         copy_home: args.copy_home,
-        // The spelling only matters for OverlayFS (cmdline::rewrite_for_stick), which a
-        // flat root gets without the flag: reading it means decompressing the initrd,
-        // so it is skipped otherwise.
-        dracut: if args.overlayfs
-            || matches!(live.root, live::RootKind::Flat | live::RootKind::Erofs)
-        {
-            resolve_dracut(args, live)
-        } else {
-            DracutNames::Classic
-        },
+        dracut,
+        dracut_unknown,
         home_size,
         home_encryption,
         swap_size: mib("swap-size-mb", args.swap_size_mb)?,

@@ -681,3 +681,49 @@ fn a_root_image_that_is_no_filesystem_is_refused_unless_forced() {
         "{plan}"
     );
 }
+
+/// Issue 12, bad input: an initrd whose dracut version cannot be read (the synthetic
+/// fixtures' initrds are no dracut images) gets the classic spellings and a note in
+/// the plan; a known spelling asked for on the command line gets no note.
+#[test]
+fn an_unreadable_dracut_version_is_noted_in_the_plan() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let image = dir.path().join("never.img");
+    let plan_notes = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec![
+            "--json",
+            "write",
+            iso.to_str().unwrap(),
+            image.to_str().unwrap(),
+            "--size",
+            "256M",
+            "--overlay-size-mb",
+            "64",
+            "--overlayfs",
+            "--dry-run",
+        ];
+        args.extend_from_slice(extra);
+        let out = livestick(&args);
+        let json: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+        json["notes"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no notes in {json}"))
+            .iter()
+            .map(|n| n.as_str().unwrap().to_string())
+            .collect()
+    };
+    let notes = plan_notes(&[]);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("dracut version") && n.contains("classic")),
+        "{notes:?}"
+    );
+    let chosen = plan_notes(&["--dracut-names", "classic"]);
+    assert!(
+        !chosen.iter().any(|n| n.contains("dracut version")),
+        "{chosen:?}"
+    );
+    assert!(!image.exists(), "dry run created the target");
+}
