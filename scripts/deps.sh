@@ -17,6 +17,8 @@ packages=(
   dmsetup kmod openssl grub-common mount bc groff-base
   # dracut-ng (fixtures/vendor) for the current-Fedora boot fixture
   libkmod-dev pkg-config make gcc
+  # the Secure Boot fixture: Debian's Microsoft-signed shim and signed GRUB
+  shim-signed grub-efi-amd64-signed
   # stale-signature tests of disk::wipe: real btrfs and xfs superblocks
   btrfs-progs xfsprogs
   # benches/stick.sh: GNU time (CPU and peak RSS of each case in its VM)
