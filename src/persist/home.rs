@@ -109,7 +109,26 @@ pub enum HomeError {
 
 impl crate::error::Classify for HomeError {
     fn kind(&self) -> crate::error::ErrorKind {
-        crate::error::ErrorKind::Io
+        use crate::error::ErrorKind;
+        match self {
+            // What the user asked for or gave: sizes, passphrases, the file itself.
+            HomeError::NotWholeMib { .. }
+            | HomeError::TooSmall { .. }
+            | HomeError::TooLarge { .. }
+            | HomeError::Shrink { .. }
+            | HomeError::EmptyPassphrase
+            | HomeError::PassphraseMismatch
+            | HomeError::NoTerminal(_)
+            | HomeError::PassphraseNeeded(_)
+            | HomeError::UnknownFormat { .. } => ErrorKind::BadInput,
+            HomeError::PassphraseFile { source, .. } | HomeError::Io { source, .. } => {
+                crate::error::open_failure_kind(source)
+            }
+            // `transparent`: the wrapped error decides.
+            HomeError::Luks(e) => e.kind(),
+            HomeError::Ext4(e) => e.kind(),
+            _ => ErrorKind::Io,
+        }
     }
 }
 

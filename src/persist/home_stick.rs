@@ -135,6 +135,8 @@ impl crate::error::Classify for HomeStickError {
         match self {
             HomeStickError::Io { source, .. } => crate::error::open_failure_kind(source),
             HomeStickError::Stick(e) => crate::error::Classify::kind(e),
+            // `transparent`: the home's own error decides (a wrong passphrase is 2).
+            HomeStickError::Home(e) => crate::error::Classify::kind(e),
             // What the user asked for or named: nothing was changed.
             HomeStickError::NoHome { .. }
             | HomeStickError::Shrink { .. }
@@ -150,6 +152,7 @@ impl crate::error::Classify for HomeStickError {
         match self {
             HomeStickError::Io { source, .. } => crate::error::open_failure_hint(source),
             HomeStickError::Stick(e) => crate::error::Classify::hint(e),
+            HomeStickError::Home(e) => crate::error::Classify::hint(e),
             _ => self.kind().hint(),
         }
     }

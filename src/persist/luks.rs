@@ -192,7 +192,17 @@ pub enum LuksError {
 
 impl crate::error::Classify for LuksError {
     fn kind(&self) -> crate::error::ErrorKind {
-        crate::error::ErrorKind::Io
+        use crate::error::ErrorKind;
+        match self {
+            // The device or the machine failed us: try again.
+            LuksError::Io(_)
+            | LuksError::Kdf(_)
+            | LuksError::ShortPlaintext { .. }
+            | LuksError::UnalignedPlaintext { .. } => ErrorKind::Io,
+            // A passphrase or parameter the user gave, or a header livestick will
+            // not trust: fix the input, nothing was written.
+            _ => ErrorKind::BadInput,
+        }
     }
 }
 

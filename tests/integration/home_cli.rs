@@ -246,6 +246,13 @@ fn info_luks_home_locked_and_unlocked() {
     std::fs::write(&wrong, "nope").unwrap();
     let e = err_of(&["info", t.s(), "--passphrase-file", wrong.to_str().unwrap()]);
     assert!(e.contains("no keyslot opens"), "{e}");
+    // A wrong passphrase is the user's input to fix (exit 2), not an I/O failure.
+    let err = home(&["info", t.s(), "--passphrase-file", wrong.to_str().unwrap()]).unwrap_err();
+    assert_eq!(
+        livestick::cli::error_kind(&err),
+        livestick::error::ErrorKind::BadInput,
+        "{err:#}"
+    );
 }
 
 #[test]
