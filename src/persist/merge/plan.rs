@@ -13,9 +13,10 @@ use super::facts::{
     ErofsFacts, ImageFacts, Listing, MergeFacts, OverlayFacts, OvlFacts, SnapshotFacts,
 };
 use super::located::{Located, StickPlace, check_space, staged_path};
-use super::overlayfs::error::{OvlError, UPPER_DIR, WORK_DIR};
+use super::overlayfs::error::OvlError;
 use crate::disk::ext4::Ext4Info;
 use crate::persist::erofs::{self, ErofsInfo};
+use crate::persist::overlay::store::{UPPER_DIR, WORK_DIR};
 use crate::persist::snapshot::{self, LIVEOS_CHUNK_SECTORS, Opened, StatusReport};
 use crate::squash::{self, Compressor, SquashInfo};
 use crate::tools;

@@ -13,10 +13,6 @@ use crate::persist::tar_stream::TarError;
 use crate::squash::SquashError;
 use crate::tools::ToolMissing;
 
-/// The upper and work directories dracut uses inside the overlay file system.
-pub const UPPER_DIR: &str = "overlayfs";
-pub const WORK_DIR: &str = "ovlwork";
-
 #[derive(Debug, Error)]
 pub enum OvlError {
     #[error("{path}: {source}")]

@@ -14,9 +14,10 @@ use serde::Serialize;
 use super::debugfs::{
     Debugfs, Kind, Listed, StatInfo, kind_of_mode, parse_listing, parse_stat, q, qp,
 };
-use super::error::{OvlError, UPPER_DIR, io_at};
+use super::error::{OvlError, io_at};
 use crate::io::read_full;
 use crate::persist::merge::located::Located;
+use crate::persist::overlay::store::UPPER_DIR;
 
 /// One entry of the upper directory.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
