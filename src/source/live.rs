@@ -127,7 +127,7 @@ pub enum LiveError {
     )]
     NotLive(PathBuf),
     #[error(
-        "{0} has no boot menu (isolinux/isolinux.cfg, EFI/BOOT/grub.cfg or boot/grub2/grub.cfg), so there is nothing to say how to boot it"
+        "{0} has no boot menu (isolinux/isolinux.cfg, EFI/BOOT/grub.cfg, boot/grub2/grub.cfg or EFI/<vendor>/grub.cfg), so there is nothing to say how to boot it"
     )]
     NoMenu(PathBuf),
     #[error("{path}: {message}")]
@@ -216,6 +216,14 @@ fn inspect_opened_iso(
         let bytes = iso.read_to_vec(&entry, MENU_LIMIT).map_err(iso_err(path))?;
         parse_menu_file(menu_path, is_grub, &bytes, &mut menus, &mut menu_errors);
     }
+    if menus.is_empty() {
+        // A distribution's signed GRUB reads its menu from its own directory
+        // (Debian's from EFI/debian/), and some ISOs carry no other menu.
+        for entry in vendor_grub_menus(&mut iso, path)? {
+            let bytes = iso.read_to_vec(&entry, MENU_LIMIT).map_err(iso_err(path))?;
+            parse_menu_file(&entry.path, true, &bytes, &mut menus, &mut menu_errors);
+        }
+    }
     check_menus(path, &menus, &menu_errors)?;
     let (kernels, initrds) = boot_files_of(&menus);
     let mut boot_files = Vec::new();
@@ -281,6 +289,33 @@ fn inspect_opened_iso(
         source_home: None,
         squashfs_entry,
     })
+}
+
+/// Every `EFI/<vendor>/grub.cfg` on the ISO other than EFI/BOOT's, in path order.
+fn vendor_grub_menus(
+    iso: &mut IsoImage<BufReader<File>>,
+    path: &Path,
+) -> Result<Vec<IsoEntry>, LiveError> {
+    if iso.lookup("/EFI").map_err(iso_err(path))?.is_none() {
+        return Ok(Vec::new());
+    }
+    let mut found: Vec<IsoEntry> = iso
+        .walk("/EFI")
+        .map_err(iso_err(path))?
+        .into_iter()
+        .filter(|e| !e.is_dir && is_vendor_grub_cfg(&e.path))
+        .collect();
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(found)
+}
+
+/// `/EFI/<vendor>/grub.cfg`, one level below EFI/, any case, EFI/BOOT excluded.
+fn is_vendor_grub_cfg(path: &str) -> bool {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    matches!(parts.as_slice(), [efi, vendor, name]
+        if efi.eq_ignore_ascii_case("EFI")
+            && !vendor.eq_ignore_ascii_case("BOOT")
+            && name.eq_ignore_ascii_case("grub.cfg"))
 }
 
 /// Parses one menu file into `menus`, or records why it is unusable: a menu
@@ -496,4 +531,19 @@ pub fn read_at(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>>
     let mut buf = vec![0u8; len];
     f.read_exact(&mut buf)?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_vendor_grub_cfg;
+
+    #[test]
+    fn vendor_grub_menus_are_one_level_below_efi() {
+        assert!(is_vendor_grub_cfg("/EFI/debian/grub.cfg"));
+        assert!(is_vendor_grub_cfg("/efi/fedora/GRUB.CFG"));
+        assert!(!is_vendor_grub_cfg("/EFI/BOOT/grub.cfg"));
+        assert!(!is_vendor_grub_cfg("/EFI/grub.cfg"));
+        assert!(!is_vendor_grub_cfg("/EFI/fedora/x86_64/grub.cfg"));
+        assert!(!is_vendor_grub_cfg("/boot/fedora/grub.cfg"));
+    }
 }

@@ -46,5 +46,6 @@ mod snapshot_vectors;
 mod stale_content;
 mod swap_mkswap;
 mod tar_stream;
+mod vendor_menu;
 mod wipe;
 mod write;

@@ -1,0 +1,119 @@
+//! An ISO whose only boot menu is a distribution's own `EFI/<vendor>/grub.cfg`
+//! (no isolinux, no EFI/BOOT/grub.cfg, no boot/grub2/grub.cfg): the menu a signed
+//! GRUB reads is enough to make a stick, and it is rendered for the stick.
+
+use std::path::{Path, PathBuf};
+
+use crate::support::*;
+
+fn vendor_only_iso(dir: &Path) -> PathBuf {
+    let tree = dir.join("root");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/os-release"), "ID=vendor\n").unwrap();
+    let iso = dir.join("iso");
+    for d in ["LiveOS", "EFI/BOOT", "EFI/vendor", "images/pxeboot"] {
+        std::fs::create_dir_all(iso.join(d)).unwrap();
+    }
+    sh(
+        "mksquashfs",
+        &[
+            tree.to_str().unwrap(),
+            iso.join("LiveOS/squashfs.img").to_str().unwrap(),
+            "-comp",
+            "gzip",
+            "-noappend",
+            "-quiet",
+        ],
+    );
+    std::fs::write(iso.join("EFI/BOOT/BOOTX64.EFI"), "shim").unwrap();
+    std::fs::write(iso.join("EFI/vendor/grubx64.efi"), "grub").unwrap();
+    std::fs::write(iso.join("images/pxeboot/vmlinuz"), "kernel").unwrap();
+    std::fs::write(iso.join("images/pxeboot/initrd.img"), "initrd").unwrap();
+    std::fs::write(
+        iso.join("EFI/vendor/grub.cfg"),
+        "set default=0\nmenuentry 'Start Vendor Live' {\n  linux /images/pxeboot/vmlinuz root=live:CDLABEL=VENDOR-LIVE rd.live.image quiet\n  initrd /images/pxeboot/initrd.img\n}\n",
+    )
+    .unwrap();
+    let out = dir.join("vendor.iso");
+    sh(
+        "xorriso",
+        &[
+            "-as",
+            "mkisofs",
+            "-quiet",
+            "-V",
+            "VENDOR-LIVE",
+            "-R",
+            "-J",
+            "-o",
+            out.to_str().unwrap(),
+            iso.to_str().unwrap(),
+        ],
+    );
+    out
+}
+
+#[test]
+fn a_vendor_grub_menu_alone_makes_a_stick() {
+    let dir = tmp();
+    let iso = vendor_only_iso(dir.path());
+    let inspected = livestick(&["--json", "inspect", iso.to_str().unwrap()]);
+    let text = ok(&inspected);
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        json.to_string().contains("/EFI/vendor/grub.cfg"),
+        "the vendor menu is not listed: {json}"
+    );
+
+    let image = dir.path().join("stick.img");
+    let out = livestick(&[
+        "--json",
+        "write",
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "128M",
+        "--yes",
+    ]);
+    ok(&out);
+    let start = part_start(&image);
+    let cfg = String::from_utf8(fat_read(&image, start, "/EFI/vendor/grub.cfg")).unwrap();
+    assert!(
+        cfg.contains("root=live:UUID=") && !cfg.contains("CDLABEL=VENDOR-LIVE"),
+        "the vendor menu was not rendered for the stick:\n{cfg}"
+    );
+    assert!(cfg.contains("/images/pxeboot/vmlinuz"), "{cfg}");
+}
+
+/// The error for an ISO with no menu at all names every place looked at.
+#[test]
+fn an_iso_without_any_menu_names_where_it_looked() {
+    let dir = tmp();
+    let iso = vendor_only_iso(dir.path());
+    let tree = dir.path().join("iso");
+    std::fs::remove_file(tree.join("EFI/vendor/grub.cfg")).unwrap();
+    let bare = dir.path().join("bare.iso");
+    sh(
+        "xorriso",
+        &[
+            "-as",
+            "mkisofs",
+            "-quiet",
+            "-V",
+            "BARE",
+            "-R",
+            "-J",
+            "-o",
+            bare.to_str().unwrap(),
+            tree.to_str().unwrap(),
+        ],
+    );
+    drop(iso);
+    let out = livestick(&["inspect", bare.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no boot menu") && stderr.contains("EFI/<vendor>/grub.cfg"),
+        "{stderr}"
+    );
+}
