@@ -13,9 +13,9 @@ use thiserror::Error;
 use crate::bytes::{u16_at, u32_at, u64_at};
 use crate::tools::{MKSQUASHFS, Tool, ToolMissing, UNSQUASHFS, find_program};
 
-const SQUASHFS_MAGIC: u32 = 0x7371_7368; // "hsqs"
-const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
-const EROFS_MAGIC_OFFSET: u64 = 1024;
+pub const SQUASHFS_MAGIC: u32 = 0x7371_7368; // "hsqs"
+pub const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
+pub const EROFS_MAGIC_OFFSET: u64 = 1024;
 const FLAG_COMPRESSOR_OPTIONS: u16 = 0x0400;
 const NO_TABLE: u64 = u64::MAX;
 

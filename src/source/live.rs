@@ -15,6 +15,7 @@ use crate::boot::menu::{self, BootMenu};
 use crate::bytes::{u16_at, u32_at};
 use crate::source::checksum;
 use crate::source::iso::{IsoEntry, IsoError, IsoImage};
+use crate::squash;
 
 /// Menus larger than this are not boot menus.
 const MENU_LIMIT: u64 = 1 << 20;
@@ -381,18 +382,6 @@ pub(crate) fn boot_files_of(menus: &[MenuFile]) -> (Vec<String>, Vec<String>) {
 }
 
 /// Squashfs compressor ids from the superblock (offset 20).
-fn compressor_name(id: u16) -> Option<&'static str> {
-    Some(match id {
-        1 => "gzip",
-        2 => "lzma",
-        3 => "lzo",
-        4 => "xz",
-        5 => "lz4",
-        6 => "zstd",
-        _ => return None,
-    })
-}
-
 fn probe_root<R: Read + Seek>(
     iso: &mut IsoImage<R>,
     iso_path: &Path,
@@ -420,10 +409,12 @@ pub(crate) fn classify_root(
     container: &Path,
     squashfs: &IsoEntry,
 ) -> (RootKind, Option<String>) {
-    if head.len() >= 1028 && u32_at(head, 1024) == 0xE0F5_E1E2 {
+    if head.len() >= 1028
+        && u32_at(head, squash::EROFS_MAGIC_OFFSET as usize) == squash::EROFS_MAGIC
+    {
         return (RootKind::Erofs, Some("erofs".into()));
     }
-    if head.len() < 96 || &head[0..4] != b"hsqs" {
+    if head.len() < 96 || u32_at(head, 0) != squash::SQUASHFS_MAGIC {
         let magic: Vec<String> = head.iter().take(4).map(|b| format!("{b:02x}")).collect();
         return (
             RootKind::Unrecognised {
@@ -435,7 +426,7 @@ pub(crate) fn classify_root(
             None,
         );
     }
-    let compressor = compressor_name(u16_at(head, 20)).map(String::from);
+    let compressor = squash::Compressor::from_id(u16_at(head, 20)).map(|c| c.name().to_string());
     let root = match squashfs.extents.as_slice() {
         [extent] => list_nested_root(container, extent.offset),
         _ => RootKind::Unknown {

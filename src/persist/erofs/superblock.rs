@@ -10,7 +10,7 @@ use thiserror::Error;
 use crate::squash::SquashError;
 use crate::tools::ToolMissing;
 
-pub(crate) const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
+pub(crate) use crate::squash::EROFS_MAGIC;
 pub(crate) const SB_OFFSET: u64 = 1024;
 /// feature_incompat: per-image compression configurations (then the algorithm
 /// field is a bitmap of the algorithms used).
