@@ -13,7 +13,7 @@ use super::tree::{Applied, Ext4Target, apply, apply_host_tree};
 use super::upper::{UpperTree, overlay_debugfs, read_upper_details, walk_upper};
 use crate::persist::erofs::{self, ErofsError};
 use crate::persist::merge::dm::run_e2fsck;
-use crate::persist::merge::error::MergeError;
+use crate::persist::merge::error::{MergeError, io_at};
 use crate::persist::merge::located::{Located, with_readable_squashfs};
 use crate::persist::merge::overlayfs::dir::image_from_dir;
 use crate::persist::merge::plan::{Layout, MergePlan, OvlPlan, failpoint, failpoints};
@@ -92,10 +92,7 @@ fn tree_steps(
         Layout::Nested { root_image } => {
             let img = tree.join(root_image);
             let scratch = work.join("debugfs");
-            fs::create_dir_all(&scratch).map_err(|source| MergeError::Io {
-                path: scratch.clone(),
-                source,
-            })?;
+            fs::create_dir_all(&scratch).map_err(io_at(&scratch))?;
             let mut t = Ext4Target::new(&img, upper, &scratch)?;
             let r = apply(upper, &mut t, &mut tick)?;
             t.finish()?;
@@ -142,10 +139,7 @@ pub(crate) fn run_steps(
         })
         .into());
     }
-    fs::create_dir_all(work).map_err(|source| MergeError::Io {
-        path: work.to_path_buf(),
-        source,
-    })?;
+    fs::create_dir_all(work).map_err(io_at(work))?;
     if let Some(dir) = &ovl.overlay_dir {
         // The merge reads a fresh copy; the directory is emptied once the new image
         // is in place (a stop before that leaves the old upper over the new image,
@@ -183,12 +177,7 @@ pub(crate) fn run_steps(
     progress("build", 1, 1);
     failpoint(plan, "build")?;
 
-    let new_len = fs::metadata(&built)
-        .map_err(|source| MergeError::Io {
-            path: built.clone(),
-            source,
-        })?
-        .len();
+    let new_len = fs::metadata(&built).map_err(io_at(&built))?.len();
     let mut report = MergeReport {
         exceptions_applied: total,
         fsck_exit_code: fsck_code,
