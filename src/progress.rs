@@ -1,15 +1,21 @@
-//! Progress reporting: indicatif bars for people, NDJSON events for scripts,
-//! or nothing. Bars hide themselves when stderr is not a terminal.
+//! Progress reporting: indicatif bars for people on a terminal, one line per
+//! phase when stderr is not a terminal (a log or a pipe), NDJSON events for
+//! scripts, or nothing.
 
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::sync::Mutex;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProgressMode {
+    /// A bar on a terminal; one line per phase when stderr is not one.
     Bar,
+    /// One line per phase and note on stderr, no bar.
+    Lines,
     Quiet,
     /// One JSON object per phase on stderr (stdout stays the final report).
     Json,
@@ -17,64 +23,41 @@ pub enum ProgressMode {
 
 pub struct Progress {
     mode: ProgressMode,
-    bar: Option<ProgressBar>,
+    /// The current phase's bar: one bar per phase, each built with its total
+    /// before it is shown, so no frame mixes two phases.
+    bar: Mutex<Option<ProgressBar>>,
+    /// Set for a line of a batch: bars are drawn by the batch's `MultiProgress`.
+    multi: Option<MultiProgress>,
     device: String,
     /// JSON mode: (phase, total, done, bytes at the last tick event).
-    ticks: std::sync::Mutex<(String, u64, u64, u64)>,
+    ticks: Mutex<(String, u64, u64, u64)>,
 }
 
 /// JSON progress ticks come every this many bytes (and at the end of a phase).
 const TICK_BYTES: u64 = 64 << 20;
 
+const SINGLE_TEMPLATE: &str =
+    "{prefix:>8} [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}";
+/// In a batch the message column names the device.
+const BATCH_TEMPLATE: &str =
+    "{msg:<20} {prefix:>6} [{bar:24}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}";
+
 impl Progress {
     pub fn new(mode: ProgressMode, device: impl Into<String>) -> Self {
-        let bar = (mode == ProgressMode::Bar).then(|| {
-            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix:>8} [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar.enable_steady_tick(Duration::from_millis(250));
-            bar
-        });
         Progress {
-            mode,
-            bar,
+            mode: mode.for_stderr(),
+            bar: Mutex::new(None),
+            multi: None,
             device: device.into(),
-            ticks: std::sync::Mutex::new((String::new(), 0, 0, 0)),
+            ticks: Mutex::new((String::new(), 0, 0, 0)),
         }
     }
 
     /// A bar inside a batch's `MultiProgress` (one line per device).
-    pub fn in_multi(
-        mode: ProgressMode,
-        multi: &indicatif::MultiProgress,
-        device: impl Into<String>,
-    ) -> Self {
-        let device = device.into();
-        let mut progress = Progress::new(
-            if mode == ProgressMode::Bar {
-                ProgressMode::Quiet
-            } else {
-                mode
-            },
-            device.clone(),
-        );
-        if mode == ProgressMode::Bar {
-            let bar = multi.add(ProgressBar::new(0));
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{msg:<20} {prefix:>6} [{bar:24}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar.set_message(device);
-            progress.bar = Some(bar);
-            progress.mode = ProgressMode::Bar;
+    pub fn in_multi(mode: ProgressMode, multi: &MultiProgress, device: impl Into<String>) -> Self {
+        let mut progress = Progress::new(mode, device);
+        if progress.mode == ProgressMode::Bar {
+            progress.multi = Some(multi.clone());
         }
         progress
     }
@@ -83,16 +66,59 @@ impl Progress {
         Progress::new(ProgressMode::Quiet, "")
     }
 
+    fn new_bar(&self, name: &str, total: u64) -> ProgressBar {
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+        let template = if self.multi.is_some() {
+            BATCH_TEMPLATE
+        } else {
+            SINGLE_TEMPLATE
+        };
+        bar.set_style(
+            ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(name.to_string());
+        if self.multi.is_some() {
+            bar.set_message(self.device.clone());
+        }
+        bar
+    }
+
     /// Starts a phase of `total` bytes (`copy`, `verify`, `md5`).
     pub fn phase(&self, name: &str, total: u64) {
         match self.mode {
             ProgressMode::Bar => {
-                if let Some(bar) = &self.bar {
-                    bar.set_prefix(name.to_string());
-                    bar.set_length(total);
-                    bar.set_position(0);
-                    bar.reset_eta();
+                let bar = self.new_bar(name, total);
+                let Ok(mut current) = self.bar.lock() else {
+                    return;
+                };
+                let old = current.take();
+                let bar = match (&self.multi, &old) {
+                    (Some(multi), Some(old)) => multi.insert_after(old, bar),
+                    (Some(multi), None) => multi.add(bar),
+                    (None, _) => {
+                        if let Some(old) = &old {
+                            old.finish_and_clear();
+                        }
+                        bar.set_draw_target(ProgressDrawTarget::stderr());
+                        bar.enable_steady_tick(Duration::from_millis(250));
+                        bar
+                    }
+                };
+                if let (Some(multi), Some(old)) = (&self.multi, old) {
+                    old.finish_and_clear();
+                    multi.remove(&old);
                 }
+                *current = Some(bar);
+            }
+            ProgressMode::Lines => {
+                line(&format!(
+                    "{}: {} ({})",
+                    self.device,
+                    describe(name),
+                    crate::size::human(total)
+                ));
             }
             ProgressMode::Json => {
                 let event = serde_json::json!({
@@ -107,9 +133,17 @@ impl Progress {
         }
     }
 
+    fn with_bar(&self, f: impl FnOnce(&ProgressBar)) {
+        if let Ok(current) = self.bar.lock()
+            && let Some(bar) = current.as_ref()
+        {
+            f(bar);
+        }
+    }
+
     pub fn inc(&self, bytes: u64) {
-        if let Some(bar) = &self.bar {
-            bar.inc(bytes);
+        if self.mode == ProgressMode::Bar {
+            self.with_bar(|bar| bar.inc(bytes));
         }
         if self.mode == ProgressMode::Json
             && let Ok(mut t) = self.ticks.lock()
@@ -127,24 +161,72 @@ impl Progress {
         }
     }
 
-    /// A line of text that should not tear the bar.
+    /// A line of text that should not tear the bar: shown beside the current
+    /// phase's bar (in a batch, beside the device's name), gone with the phase.
     pub fn note(&self, text: &str) {
-        match (&self.bar, self.mode) {
-            (Some(bar), _) => bar.set_message(text.to_string()),
-            (None, ProgressMode::Json) => {
+        match self.mode {
+            ProgressMode::Bar if self.multi.is_some() => {
+                self.with_bar(|bar| bar.set_message(format!("{} {text}", self.device)))
+            }
+            ProgressMode::Bar => self.with_bar(|bar| bar.set_message(text.to_string())),
+            ProgressMode::Json => {
                 let event =
                     serde_json::json!({"event": "note", "device": self.device, "text": text});
                 event_line(&event);
             }
-            _ => {}
+            ProgressMode::Lines => line(&format!("{}: {text}", self.device)),
+            ProgressMode::Quiet => {}
         }
     }
 
     pub fn finish(&self) {
-        if let Some(bar) = &self.bar {
+        if let Ok(mut current) = self.bar.lock()
+            && let Some(bar) = current.take()
+        {
             bar.finish_and_clear();
+            if let Some(multi) = &self.multi {
+                multi.remove(&bar);
+            }
         }
     }
+}
+
+impl ProgressMode {
+    /// What `--json`/`--quiet` ask for, before looking at stderr.
+    pub fn from_flags(json: bool, quiet: bool) -> ProgressMode {
+        if json {
+            ProgressMode::Json
+        } else if quiet {
+            ProgressMode::Quiet
+        } else {
+            ProgressMode::Bar
+        }
+    }
+
+    /// A bar only where someone watches a terminal; a log gets lines.
+    fn for_stderr(self) -> ProgressMode {
+        if self == ProgressMode::Bar && !io::stderr().is_terminal() {
+            ProgressMode::Lines
+        } else {
+            self
+        }
+    }
+}
+
+/// A phase's name as a log line says it.
+fn describe(phase: &str) -> &str {
+    match phase {
+        "md5" => "checking the ISO's implanted MD5",
+        "unpack" => "unpacking the compressed image",
+        "write" => "writing",
+        "verify" => "reading back what was written",
+        other => other,
+    }
+}
+
+/// A progress line for a log; like events, never fatal when stderr is gone.
+fn line(text: &str) {
+    let _ = writeln!(io::stderr(), "{text}");
 }
 
 /// One JSON progress event on stderr. A closed stderr loses the events and

@@ -1,7 +1,7 @@
 //! `livestick write ISO TARGET`: inspect → plan → (dry run | apply) → report.
 
 use std::fs::File;
-use std::io::{BufReader, IsTerminal};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
@@ -494,13 +494,7 @@ fn confirm_target(
 }
 
 fn progress_mode(json: bool, quiet: bool) -> ProgressMode {
-    if json {
-        ProgressMode::Json
-    } else if quiet || !std::io::stderr().is_terminal() {
-        ProgressMode::Quiet
-    } else {
-        ProgressMode::Bar
-    }
+    ProgressMode::from_flags(json, quiet)
 }
 
 /// Whether any plan makes an encrypted home.
