@@ -18,6 +18,7 @@ pub mod layout;
 pub mod live_source;
 pub mod persist;
 pub mod plan;
+pub mod prepare;
 pub mod progress;
 pub mod size;
 pub mod source;

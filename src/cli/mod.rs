@@ -294,6 +294,7 @@ const CLASSIFIERS: &[Classifier] = &[
     classifier::<crate::persist::swap::SwapError>,
     classifier::<crate::persist::tar_stream::TarError>,
     classifier::<crate::plan::PlanError>,
+    classifier::<crate::prepare::PrepareError>,
     classifier::<crate::size::SizeError>,
     classifier::<crate::source::checksum::ChecksumError>,
     classifier::<crate::source::compressed::DecompressError>,

@@ -8,22 +8,20 @@ use zeroize::Zeroizing;
 
 use anyhow::{Context, bail};
 
-use crate::apply::{self, ApplyOptions, Prepared, SparseImage};
+use crate::apply::{self, ApplyOptions};
 use crate::batch;
 use crate::boot::cmdline::DracutNames;
 use crate::boot::cmdline::KernelArgs;
 use crate::boot::syslinux;
 use crate::cli::write::{DracutNamesArg, TableArg, WriteArgs};
 use crate::disk::devices;
-use crate::disk::ext4::{self, Ext4Options};
 use crate::disk::identity;
 use crate::disk::partition::TableKind;
 use crate::disk::target::{self, TargetKind};
 use crate::error::{BadInput, PartialBatchFailure};
 use crate::persist::home::{self, PassphraseSource};
-use crate::persist::luks::{LuksParams, PbkdfKind};
-use crate::persist::swap;
 use crate::plan::{self, FormatMode, HomeEncryption, Plan, WriteOptions};
+use crate::prepare;
 use crate::progress::{Progress, ProgressMode};
 use crate::size::{MIB, human, parse_size};
 use crate::source::{checksum, compressed, initrd, live};
@@ -311,152 +309,12 @@ fn verify_iso(live: &live::LiveImage, progress: &Progress) -> anyhow::Result<Opt
     Ok(Some(md5.md5_hex()))
 }
 
-fn luks_params(args: &WriteArgs) -> LuksParams {
-    let mut params = LuksParams::default();
-    if let Some(kdf) = &args.luks_pbkdf {
-        params.pbkdf = if kdf == "pbkdf2" {
-            PbkdfKind::Pbkdf2
-        } else {
-            PbkdfKind::Argon2id
-        };
-    }
-    if let Some(ms) = args.luks_iter_time {
-        params.iter_time_ms = ms;
-    }
-    if let Some(kib) = args.luks_pbkdf_memory {
-        params.memory_kib = kib;
-    }
-    params
-}
-
 fn passphrase_source(args: &WriteArgs) -> PassphraseSource {
     match (&args.passphrase_file, args.passphrase_stdin) {
         (Some(path), _) => PassphraseSource::File(path.clone()),
         (None, true) => PassphraseSource::Stdin,
         (None, false) => PassphraseSource::Terminal,
     }
-}
-
-fn prepare(
-    plan: &Plan,
-    args: &WriteArgs,
-    passphrase: Option<&Zeroizing<Vec<u8>>>,
-    workdir: &Path,
-) -> anyhow::Result<Prepared> {
-    let mut prepared = Prepared {
-        home: None,
-        swap: None,
-        overlay: None,
-        copied: copied_persistence(plan, args)?,
-        syslinux: None,
-    };
-    if let Some(home_step) = &plan.home {
-        let encryption = match home_step.encryption {
-            HomeEncryption::None => home::HomeEncryption::None,
-            HomeEncryption::Luks => {
-                let passphrase = passphrase
-                    .cloned()
-                    .ok_or_else(|| BadInput("an encrypted home needs a passphrase".into()))?;
-                home::HomeEncryption::Luks {
-                    passphrase,
-                    params: luks_params(args),
-                }
-            }
-        };
-        let image = home::build_home_image(workdir, home_step.size, encryption)
-            .context("building home.img")?;
-        let regions = image.data_regions();
-        prepared.home = Some(SparseImage::new(Box::new(image), home_step.size, regions));
-    }
-    if let Some(overlay) = &plan.overlay
-        && overlay.kind == crate::boot::cmdline::OverlayBoot::OverlayFs
-    {
-        // dracut mounts this file as ext4 and uses overlayfs/ as the upper and
-        // ovlwork/ as the work directory.
-        let root = workdir.join("overlay-root");
-        std::fs::create_dir_all(root.join("overlayfs"))?;
-        std::fs::create_dir_all(root.join("ovlwork"))?;
-        let path = workdir.join("overlay.img");
-        let opts = Ext4Options {
-            root_dir: Some(root),
-            ..Ext4Options::default()
-        };
-        ext4::make_ext4_image(&path, overlay.size, "", &opts)
-            .context("making the OverlayFS overlay")?;
-        let image = File::open(&path)?;
-        let regions = crate::disk::sparse::data_regions(&image)?;
-        prepared.overlay = Some(SparseImage::new(Box::new(image), overlay.size, regions));
-    } else if let Some(overlay) = &plan.overlay {
-        // A new dm-snapshot store is a zeroed header: finding it, the kernel writes
-        // the header and zeroes each exception area itself before using it.
-        prepared.overlay = Some(SparseImage::zeros(
-            overlay.size,
-            std::iter::once(crate::persist::snapshot::new_store_range(overlay.size)),
-        ));
-    }
-    if let Some(swap_step) = &plan.swap {
-        let header = swap::swap_header(swap_step.size, None, uuid::Uuid::new_v4())
-            .map_err(|e| BadInput(format!("--swap-size-mb: {e}")))?;
-        // The kernel reads only the first page; swapon writes the rest as it pages out.
-        let page = header.len() as u64;
-        prepared.swap = Some(SparseImage::new(
-            Box::new(crate::io::Zeros::with_prefix(header, swap_step.size)),
-            swap_step.size,
-            std::iter::once(0..page),
-        ));
-    }
-    Ok(prepared)
-}
-
-/// The overlay and home a write carries over from a source stick, each read in place
-/// and written only where its format says it is used: a dm-snapshot store's header,
-/// metadata areas and exception chunks; an ext4 file system's in-use blocks. A LUKS
-/// home cannot be read without its passphrase and is copied whole.
-fn copied_persistence(plan: &Plan, args: &WriteArgs) -> anyhow::Result<Vec<(String, SparseImage)>> {
-    use crate::plan::CopySource;
-    let mut out = Vec::new();
-    for copy in &plan.copies {
-        let CopySource::Iso { path } = &copy.source else {
-            continue;
-        };
-        let name = path.rsplit('/').next().unwrap_or("").to_ascii_lowercase();
-        let overlay = args.copy_overlay && crate::layout::is_overlay_name(&name);
-        let home = args.copy_home && name == crate::layout::HOME;
-        if !overlay && !home {
-            continue;
-        }
-        let mut stick = crate::disk::stick::Stick::open(&plan.source, false)
-            .with_context(|| format!("opening {}", plan.source.display()))?;
-        let extents = stick
-            .file_extents(path)
-            .with_context(|| format!("finding {path} on {}", plan.source.display()))?;
-        drop(stick);
-        let file = File::open(&plan.source)
-            .with_context(|| format!("opening {}", plan.source.display()))?;
-        let mut content = crate::disk::extent_file::ExtentFile::new(file, &extents);
-        let whole = vec![0..copy.size];
-        let regions = match home::detect_home_kind(&mut content)? {
-            Some(home::HomeKind::Plain) => match extents.as_slice() {
-                // dumpe2fs reads the file system by offset: one extent only.
-                [(at, _)] => ext4::used_regions(&plan.source, *at, copy.size)
-                    .with_context(|| format!("reading the block bitmaps of {path}"))?,
-                _ => whole,
-            },
-            Some(home::HomeKind::Luks2) => whole,
-            None => match crate::persist::snapshot::open_store(&mut content, copy.size) {
-                Ok(crate::persist::snapshot::Opened::Valid(store)) => store.used_regions(),
-                Ok(crate::persist::snapshot::Opened::Uninitialised { .. }) => {
-                    std::iter::once(crate::persist::snapshot::new_store_range(copy.size)).collect()
-                }
-                _ => whole,
-            },
-        };
-        out.push((
-            copy.dest.clone(),
-            SparseImage::new(Box::new(content), copy.size, regions),
-        ));
-    }
-    Ok(out)
 }
 
 /// Asks before erasing a block device or deleting home.img (unless --yes).
@@ -545,7 +403,17 @@ fn write_one(
     progress: &Progress,
 ) -> anyhow::Result<apply::ApplyReport> {
     std::fs::create_dir_all(workdir)?;
-    let mut prepared = prepare(plan, args, passphrase, workdir)?;
+    let inputs = prepare::PrepareInputs {
+        copy_overlay: args.copy_overlay,
+        copy_home: args.copy_home,
+        passphrase,
+        luks: prepare::luks_params(
+            args.luks_pbkdf.as_deref(),
+            args.luks_iter_time,
+            args.luks_pbkdf_memory,
+        ),
+    };
+    let mut prepared = prepare::prepare(plan, &inputs, workdir)?;
     prepared.syslinux = syslinux_files;
     let created = target::CreatedImage::create(probe)?;
     let probe = match &created {
