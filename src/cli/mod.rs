@@ -275,6 +275,7 @@ const CLASSIFIERS: &[Classifier] = &[
     classifier::<clap::Error>,
     classifier::<compat::CompatError>,
     classifier::<crate::apply::ApplyError>,
+    classifier::<crate::batch::BatchError>,
     classifier::<crate::boot::menu::MenuError>,
     classifier::<crate::boot::render::RenderError>,
     classifier::<crate::boot::syslinux::SyslinuxError>,

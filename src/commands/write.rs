@@ -9,16 +9,15 @@ use zeroize::Zeroizing;
 use anyhow::{Context, bail};
 
 use crate::apply::{self, ApplyOptions};
-use crate::batch;
+use crate::batch::{Batch, PlannedTarget};
 use crate::boot::cmdline::DracutNames;
 use crate::boot::cmdline::KernelArgs;
 use crate::boot::syslinux;
 use crate::cli::write::{DracutNamesArg, TableArg, WriteArgs};
-use crate::disk::devices;
 use crate::disk::identity;
 use crate::disk::partition::TableKind;
 use crate::disk::target::{self, TargetKind};
-use crate::error::{BadInput, PartialBatchFailure};
+use crate::error::BadInput;
 use crate::persist::home::{self, PassphraseSource};
 use crate::plan::{self, FormatMode, HomeEncryption, Plan, WriteOptions};
 use crate::prepare;
@@ -577,21 +576,6 @@ fn print_report(live: &live::LiveImage, report: &apply::ApplyReport, md5_checked
     }
 }
 
-/// The schema version of the NDJSON events `write --json` prints for a batch
-/// (docs/ndjson-events.md).
-pub const EVENTS_SCHEMA: u32 = 2;
-
-fn emit(json: bool, value: serde_json::Value) {
-    if json {
-        crate::outln!("{value}");
-    }
-}
-
-enum Outcome {
-    Done(Box<apply::ApplyReport>),
-    Failed(String),
-}
-
 /// Several targets from one read of the ISO: each target is planned, checked
 /// and written on its own thread; one that fails is reported and dropped while
 /// the others finish.
@@ -602,39 +586,30 @@ fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     if let Some(n) = args.wait_for {
         return run_wait_for(args, &live, &opts, n, json, quiet);
     }
-    let mut outcomes: Vec<(PathBuf, Option<Outcome>)> = Vec::new();
-    let mut planned = Vec::new();
-    emit(
-        json,
-        serde_json::json!({"event": "start", "schema": EVENTS_SCHEMA, "iso": live.path,
-            "targets": args.targets}),
-    );
+    let mut batch = Batch::start(json, &live.path, &args.targets);
     for target in &args.targets {
         // Each target gets its own volume id (and so its own overlay name).
         let mut own = opts.clone();
         own.volume_id = if args.volume_id.is_some() {
-            opts.volume_id.wrapping_add(planned.len() as u32)
+            opts.volume_id.wrapping_add(batch.planned_count() as u32)
         } else {
             rand::random()
         };
         match make_plan(args, target, &own, &live) {
-            Ok(mut p) => {
-                p.0.notes.extend(unpacked.note());
-                planned.push((target.clone(), p));
-                outcomes.push((target.clone(), None));
+            Ok((mut plan, probe, syslinux)) => {
+                plan.notes.extend(unpacked.note());
+                batch.planned(PlannedTarget {
+                    target: target.clone(),
+                    plan,
+                    probe,
+                    syslinux,
+                });
             }
-            Err(e) => {
-                let msg = format!("{e:#}");
-                emit(
-                    json,
-                    serde_json::json!({"event": "failed", "device": target, "phase": "plan", "error": msg}),
-                );
-                outcomes.push((target.clone(), Some(Outcome::Failed(msg))));
-            }
+            Err(e) => batch.plan_failed(target, e),
         }
     }
     if args.dry_run {
-        let plans: Vec<&Plan> = planned.iter().map(|(_, (p, _, _))| p).collect();
+        let plans: Vec<&Plan> = batch.planned_targets().iter().map(|p| &p.plan).collect();
         if json {
             crate::outln!("{}", serde_json::to_string_pretty(&plans)?);
         } else {
@@ -642,194 +617,44 @@ fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
                 crate::out!("{}", p.to_table());
             }
         }
-        return finish_batch(outcomes, json, quiet);
+        return Ok(batch.finish(quiet)?);
     }
     let md5 = if args.noverify {
         None
     } else {
         verify_iso(&live, &Progress::new(progress_mode(json, quiet), "iso"))?
     };
-    for (_, (plan, probe, _)) in &planned {
-        confirm_target(plan, probe, args)?;
+    for p in batch.planned_targets() {
+        confirm_target(&p.plan, &p.probe, args)?;
     }
-    let plans: Vec<&Plan> = planned.iter().map(|(_, (p, _, _))| p).collect();
+    let plans: Vec<&Plan> = batch.planned_targets().iter().map(|p| &p.plan).collect();
     let passphrase = home_passphrase(args, needs_passphrase(&plans))?;
     let workdir = tempfile::Builder::new()
         .prefix("livestick-")
         .tempdir()
         .context("creating a temporary directory")?;
-
-    // Every plan copies the same ISO files in the same order (same ISO, same
-    // options), which is what lets one reader feed them all.
-    let iso_files: Vec<(String, u64)> = planned
-        .first()
-        .map(|(_, (p, _, _))| iso_files_of(p))
-        .unwrap_or_default();
-    let same = planned
-        .iter()
-        .all(|(_, (p, _, _))| iso_files_of(p) == iso_files);
-    let (reader, mut sources): (
-        Option<std::thread::JoinHandle<()>>,
-        Vec<Box<dyn apply::IsoSource + Send>>,
-    ) = if same {
-        let (handle, sources) =
-            batch::broadcast(apply::open_source(&live)?, iso_files, planned.len());
-        (
-            Some(handle),
-            sources
-                .into_iter()
-                .map(|s| Box::new(s) as Box<dyn apply::IsoSource + Send>)
-                .collect(),
-        )
-    } else {
-        let mut v: Vec<Box<dyn apply::IsoSource + Send>> = Vec::new();
-        for _ in &planned {
-            v.push(apply::open_source(&live)?);
-        }
-        (None, v)
-    };
-
-    let multi = indicatif::MultiProgress::new();
-    let mode = progress_mode(json, quiet);
-    let results: Vec<(PathBuf, Outcome)> = std::thread::scope(|scope| {
-        let mut handles = Vec::new();
-        for (i, (target, (plan, probe, syslinux_files))) in planned.iter().enumerate() {
-            let source = sources.remove(0);
-            let progress = Progress::in_multi(mode, &multi, target.display().to_string());
-            let passphrase = passphrase.clone();
-            let workdir = workdir.path().join(format!("target-{i}"));
-            handles.push(scope.spawn(move || {
-                let mut source = source;
-                let result = write_one(
-                    args,
-                    plan,
-                    probe,
-                    syslinux_files.clone(),
-                    passphrase.as_ref(),
-                    &workdir,
-                    source.as_mut(),
-                    &progress,
-                );
-                // Dropping the source lets the reader skip this target.
-                drop(source);
-                progress.finish();
-                let outcome = match result {
-                    Ok(r) => Outcome::Done(Box::new(r)),
-                    Err(e) => Outcome::Failed(format!("{e:#}")),
-                };
-                (target.clone(), outcome)
-            }));
-        }
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    (
-                        PathBuf::from("?"),
-                        Outcome::Failed("writer thread panicked".into()),
-                    )
-                })
-            })
-            .collect()
-    });
-    if let Some(handle) = reader {
-        let _ = handle.join();
-    }
-    for (target, outcome) in results {
-        match &outcome {
-            Outcome::Done(r) => emit(
-                json,
-                serde_json::json!({"event": "done", "device": target, "report": r, "iso_md5": md5}),
-            ),
-            Outcome::Failed(e) => emit(
-                json,
-                serde_json::json!({"event": "failed", "device": target, "phase": "write", "error": e}),
-            ),
-        }
-        if let Some(slot) = outcomes
-            .iter_mut()
-            .find(|(t, o)| t == &target && o.is_none())
-        {
-            slot.1 = Some(outcome);
-        }
-    }
-    finish_batch(outcomes, json, quiet)
+    batch.write_all(
+        &live,
+        progress_mode(json, quiet),
+        workdir.path(),
+        md5.as_deref(),
+        |p, source, workdir, progress| {
+            write_one(
+                args,
+                &p.plan,
+                &p.probe,
+                p.syslinux.clone(),
+                passphrase.as_ref(),
+                workdir,
+                source,
+                progress,
+            )
+        },
+    )?;
+    Ok(batch.finish(quiet)?)
 }
 
-fn iso_files_of(plan: &Plan) -> Vec<(String, u64)> {
-    plan.copies
-        .iter()
-        .filter_map(|c| match &c.source {
-            crate::plan::CopySource::Iso { path } => Some((path.clone(), c.size)),
-            crate::plan::CopySource::Host { .. } => None,
-        })
-        .collect()
-}
-
-fn finish_batch(
-    outcomes: Vec<(PathBuf, Option<Outcome>)>,
-    json: bool,
-    quiet: bool,
-) -> anyhow::Result<()> {
-    let total = outcomes.len();
-    let mut details = Vec::new();
-    let mut rows = Vec::new();
-    for (target, outcome) in &outcomes {
-        match outcome {
-            Some(Outcome::Done(r)) => rows.push(serde_json::json!({"device": target, "ok": true,
-                "label": r.label, "fs_uuid": r.fs_uuid, "verified": r.verified})),
-            Some(Outcome::Failed(e)) => {
-                details.push(format!("{}: {e}", target.display()));
-                rows.push(serde_json::json!({"device": target, "ok": false, "error": e}));
-            }
-            None => rows.push(serde_json::json!({"device": target, "ok": true, "dry_run": true})),
-        }
-    }
-    emit(
-        json,
-        serde_json::json!({"event": "report", "targets": rows}),
-    );
-    if !json && !quiet {
-        crate::outln!("{:<32} {:<8} DETAIL", "TARGET", "RESULT");
-        for (target, outcome) in &outcomes {
-            let (result, detail) = match outcome {
-                Some(Outcome::Done(r)) => (
-                    "ok",
-                    format!(
-                        "{} UUID {} {}",
-                        r.label,
-                        r.fs_uuid,
-                        if r.verified {
-                            "verified"
-                        } else {
-                            "not verified"
-                        }
-                    ),
-                ),
-                Some(Outcome::Failed(e)) => ("FAILED", e.lines().next().unwrap_or("").to_string()),
-                None => ("planned", String::new()),
-            };
-            crate::outln!("{:<32} {:<8} {}", target.display(), result, detail);
-        }
-    }
-    let failed = details.len();
-    if failed == 0 {
-        Ok(())
-    } else if failed == total {
-        bail!("every target failed: {}", details.join("; "))
-    } else {
-        Err(PartialBatchFailure {
-            failed,
-            total,
-            details,
-        }
-        .into())
-    }
-}
-
-/// `--wait-for N`: write each stick as it is plugged in. The sticks arrive at
-/// different times, so each reads the ISO itself (from the page cache after
-/// the first) instead of sharing one broadcast.
+/// `--wait-for N`: write each stick as it is plugged in.
 fn run_wait_for(
     args: &WriteArgs,
     live: &live::LiveImage,
@@ -859,67 +684,32 @@ fn run_wait_for(
         .prefix("livestick-")
         .tempdir()
         .context("creating a temporary directory")?;
-    emit(
+    let batch = Batch::wait_for(
         json,
-        serde_json::json!({"event": "start", "schema": EVENTS_SCHEMA, "iso": live.path, "wait_for": n}),
-    );
-    if !json && !quiet {
-        eprintln!("Waiting for {n} stick(s) to be plugged in…");
-    }
-    let multi = indicatif::MultiProgress::new();
-    let mode = progress_mode(json, quiet);
-    let outcomes = std::sync::Mutex::new(Vec::<(PathBuf, Option<Outcome>)>::new());
-    let wait_result = std::thread::scope(|scope| {
-        let mut index = 0usize;
-        // With --force, fixed disks (and loop devices) that appear count too.
-        devices::wait_for_new_devices(n, None, args.force, |device| {
-            index += 1;
+        quiet,
+        progress_mode(json, quiet),
+        &live.path,
+        n,
+        args.force,
+        workdir.path(),
+        md5.as_deref(),
+        |device, workdir, progress| -> anyhow::Result<apply::ApplyReport> {
             let mut own = opts.clone();
             own.volume_id = rand::random();
-            let workdir = workdir.path().join(format!("target-{index}"));
-            let passphrase = passphrase.clone();
-            let progress = Progress::in_multi(mode, &multi, device.display().to_string());
-            let outcomes = &outcomes;
-            let md5 = md5.clone();
-            emit(
-                json,
-                serde_json::json!({"event": "plugged", "device": device}),
-            );
-            scope.spawn(move || {
-                let result = (|| -> anyhow::Result<apply::ApplyReport> {
-                    identity::check_distinct(&args.iso, std::slice::from_ref(&device))?;
-                    let (plan, probe, syslinux_files) = make_plan(args, &device, &own, live)?;
-                    let mut source = apply::open_source(live)?;
-                    write_one(
-                        args,
-                        &plan,
-                        &probe,
-                        syslinux_files,
-                        passphrase.as_ref(),
-                        &workdir,
-                        source.as_mut(),
-                        &progress,
-                    )
-                })();
-                progress.finish();
-                let outcome = match result {
-                    Ok(r) => {
-                        emit(json, serde_json::json!({"event": "done", "device": device, "report": r, "iso_md5": md5}));
-                        Outcome::Done(Box::new(r))
-                    }
-                    Err(e) => {
-                        let msg = format!("{e:#}");
-                        emit(json, serde_json::json!({"event": "failed", "device": device, "phase": "write", "error": msg}));
-                        Outcome::Failed(msg)
-                    }
-                };
-                if let Ok(mut all) = outcomes.lock() {
-                    all.push((device, Some(outcome)));
-                }
-            });
-        })
-    });
-    let outcomes = outcomes.into_inner().unwrap_or_default();
-    wait_result?;
-    finish_batch(outcomes, json, quiet)
+            identity::check_distinct(&args.iso, &[device.to_path_buf()])?;
+            let (plan, probe, syslinux_files) = make_plan(args, device, &own, live)?;
+            let mut source = apply::open_source(live)?;
+            write_one(
+                args,
+                &plan,
+                &probe,
+                syslinux_files,
+                passphrase.as_ref(),
+                workdir,
+                source.as_mut(),
+                progress,
+            )
+        },
+    )?;
+    Ok(batch.finish(quiet)?)
 }
