@@ -24,3 +24,4 @@ pub mod size;
 pub mod source;
 pub mod squash;
 pub mod tools;
+pub mod write_facts;

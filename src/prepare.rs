@@ -13,10 +13,12 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
-use crate::apply::{Prepared, SparseImage};
+use crate::apply::{self, ApplyError, ApplyOptions, ApplyReport, IsoSource, Prepared, SparseImage};
 use crate::boot::cmdline::OverlayBoot;
+use crate::boot::syslinux::SyslinuxFiles;
 use crate::disk::ext4::{self, Ext4Error, Ext4Options};
 use crate::disk::stick::{Stick, StickError};
+use crate::disk::target::{CreatedImage, TargetError, TargetProbe};
 use crate::error::{Classify, ErrorKind};
 use crate::layout;
 use crate::persist::home::{self, HomeError};
@@ -24,6 +26,7 @@ use crate::persist::luks::{LuksParams, PbkdfKind};
 use crate::persist::snapshot;
 use crate::persist::swap::{self, SwapError};
 use crate::plan::{CopySource, HomeEncryption, Plan};
+use crate::progress::Progress;
 
 /// What the prepare stage needs beyond the plan: which persistence the user
 /// carries over and how a new encrypted home is protected.
@@ -274,4 +277,114 @@ fn copied_persistence(
         ));
     }
     Ok(out)
+}
+
+/// Why one target was not written.
+#[derive(Debug, Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error(
+        "writing {} did not complete; the stick is incomplete and will not boot — run the same command again",
+        path.display()
+    )]
+    Incomplete {
+        path: PathBuf,
+        #[source]
+        source: ApplyError,
+    },
+    /// A write that made a new image file failed; `what` names the file and says
+    /// what became of it.
+    #[error("writing {what}")]
+    NewImage {
+        what: String,
+        #[source]
+        source: ApplyError,
+    },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl Classify for WriteError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            WriteError::Prepare(e) => e.kind(),
+            WriteError::Target(e) => e.kind(),
+            WriteError::Incomplete { source, .. } | WriteError::NewImage { source, .. } => {
+                source.kind()
+            }
+            WriteError::Io(_) => ErrorKind::Io,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            WriteError::Prepare(e) => e.hint(),
+            WriteError::Target(e) => e.hint(),
+            WriteError::Incomplete { source, .. } | WriteError::NewImage { source, .. } => {
+                source.hint()
+            }
+            WriteError::Io(_) => self.kind().hint(),
+        }
+    }
+}
+
+/// Prepares one target's images and applies its plan: the same steps for a
+/// single write, each member of a batch, and `--wait-for`. A new image file
+/// the write made is removed when the write fails.
+#[allow(clippy::too_many_arguments)]
+pub fn write_target(
+    plan: &Plan,
+    probe: &TargetProbe,
+    syslinux: Option<SyslinuxFiles>,
+    inputs: &PrepareInputs<'_>,
+    options: &ApplyOptions,
+    workdir: &Path,
+    source: &mut dyn IsoSource,
+    progress: &Progress,
+) -> Result<ApplyReport, WriteError> {
+    std::fs::create_dir_all(workdir)?;
+    let mut prepared = prepare(plan, inputs, workdir)?;
+    prepared.syslinux = syslinux;
+    let created = CreatedImage::create(probe)?;
+    let probe = match &created {
+        // apply opens what is now an existing file, the one made just above.
+        Some(_) => &TargetProbe {
+            exists: true,
+            ..probe.clone()
+        },
+        None => probe,
+    };
+    let result = apply::apply(plan, probe, source, prepared, options, progress);
+    match (result, created) {
+        (Ok(report), _) => Ok(report),
+        (Err(e), Some(image)) => Err(remove_new_image(image, e)),
+        (Err(source), None) => Err(WriteError::Incomplete {
+            path: probe.path.clone(),
+            source,
+        }),
+    }
+}
+
+/// A new image that a failed write leaves is incomplete and boots nothing,
+/// and often sits on the file system that just ran full: it is removed.
+fn remove_new_image(image: CreatedImage, source: ApplyError) -> WriteError {
+    let path = image.path().display().to_string();
+    let outcome = match image.remove() {
+        Ok(true) => format!(
+            "the new image file {path} was removed; fix the cause and run the same command again"
+        ),
+        Ok(false) => {
+            format!("{path} is no longer the file this write created, so it was left alone")
+        }
+        Err(r) => format!(
+            "the new image file {path} is incomplete and could not be removed ({r}); delete it, fix the cause and run the same command again"
+        ),
+    };
+    WriteError::NewImage {
+        what: format!("{path} did not complete; {outcome}"),
+        source,
+    }
 }

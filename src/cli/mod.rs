@@ -296,6 +296,8 @@ const CLASSIFIERS: &[Classifier] = &[
     classifier::<crate::persist::tar_stream::TarError>,
     classifier::<crate::plan::PlanError>,
     classifier::<crate::prepare::PrepareError>,
+    classifier::<crate::prepare::WriteError>,
+    classifier::<crate::write_facts::FactsError>,
     classifier::<crate::size::SizeError>,
     classifier::<crate::source::checksum::ChecksumError>,
     classifier::<crate::source::compressed::DecompressError>,

@@ -1,7 +1,6 @@
 //! `livestick write ISO TARGET`: inspect → plan → (dry run | apply) → report.
 
-use std::fs::File;
-use std::io::{BufReader, IsTerminal};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
@@ -23,7 +22,8 @@ use crate::plan::{self, FormatMode, HomeEncryption, Plan, WriteOptions};
 use crate::prepare;
 use crate::progress::{Progress, ProgressMode};
 use crate::size::{MIB, human, parse_size};
-use crate::source::{checksum, compressed, initrd, live};
+use crate::source::{compressed, live};
+use crate::write_facts;
 
 fn mib(option: &str, value: Option<u64>) -> anyhow::Result<Option<u64>> {
     match value {
@@ -52,30 +52,13 @@ fn readable(option: &str, path: Option<&Path>) -> anyhow::Result<Option<PathBuf>
     }
 }
 
-/// The overlay argument spelling the ISO's initrd understands, and whether its
-/// version was unreadable (then the classic spelling, which the plan notes).
+/// The overlay argument spelling `--dracut-names` asks for, or (auto) the one the
+/// ISO's initrd understands and whether its version was unreadable.
 fn resolve_dracut(args: &WriteArgs, live: &live::LiveImage) -> (DracutNames, bool) {
     match args.dracut_names {
         DracutNamesArg::Classic => (DracutNames::Classic, false),
         DracutNamesArg::Renamed => (DracutNames::Renamed, false),
-        DracutNamesArg::Auto => {
-            let initrd = live
-                .primary_menu()
-                .menu
-                .entries
-                .first()
-                .and_then(|e| e.initrds.first());
-            let version = initrd.and_then(|path| {
-                let mut source = apply::open_source(live).ok()?;
-                let mut reader = source.open(path, 0).ok()?;
-                initrd::dracut_version(&mut reader, 512 << 20)
-            });
-            match version {
-                Some(v) if initrd::uses_renamed_overlay_args(&v) => (DracutNames::Renamed, false),
-                Some(_) => (DracutNames::Classic, false),
-                None => (DracutNames::Classic, true),
-            }
-        }
+        DracutNamesArg::Auto => write_facts::initrd_dracut_names(live),
     }
 }
 
@@ -153,53 +136,8 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
         volume_id,
         bios: true,
         force: args.force,
-        iso_md5: claimed_md5(live),
+        iso_md5: write_facts::claimed_md5(live),
     })
-}
-
-/// The implanted MD5 an ISO claims (read from its header, not computed).
-fn claimed_md5(live: &live::LiveImage) -> Option<String> {
-    if live.source_kind != live::SourceKind::Iso || !live.implanted_md5 {
-        return None;
-    }
-    let iso = live::open_iso(&live.path).ok()?;
-    checksum::implanted_md5(iso.application_data()).map(|md5| md5.md5_hex())
-}
-
-/// What the plan needs to know about the overlay an existing stick keeps: whether
-/// its root image is the one this write copies, and how much the overlay holds.
-/// Read here, before planning, so that planning stays pure.
-fn inspect_kept_overlay(
-    target_path: &Path,
-    fs: &mut plan::ExistingFs,
-    opts: &WriteOptions,
-    live: &live::LiveImage,
-) {
-    let Some((overlay, len)) = fs.current_overlay(&opts.live_dir) else {
-        return;
-    };
-    if opts.overlay_size.is_some() || opts.copy_overlay || opts.multi {
-        return;
-    }
-    fs.overlay_used = crate::live_source::overlay_used(target_path, &overlay, len);
-    if opts.reset_overlay || opts.skipcopy {
-        return;
-    }
-    let iso_sha256 = || -> std::io::Result<String> {
-        let mut source = apply::open_source(live).map_err(std::io::Error::other)?;
-        let reader = source
-            .open(&live.squashfs.path, live.squashfs.size)
-            .map_err(std::io::Error::other)?;
-        Ok(checksum::hex(&checksum::sha256_reader(reader)?))
-    };
-    fs.root = Some(crate::live_source::compare_root(
-        target_path,
-        fs,
-        live,
-        &opts.live_dir,
-        opts.iso_md5.as_deref(),
-        iso_sha256,
-    ));
 }
 
 /// Builds the plan for one target; every input check happens here.
@@ -217,47 +155,10 @@ pub fn make_plan(
     let target_size = target::planned_size(&probe, requested)?;
     // A dry run too: a plan is never shown for a target `write` would refuse.
     target::check_safe(&probe, args.force)?;
-    let existing = match opts.format {
-        FormatMode::Always => None,
-        FormatMode::Auto | FormatMode::Never if probe.exists && probe.size > 0 => {
-            if !args.dry_run {
-                // Leftovers of a stopped replacement first (issue 13): reading the stick
-                // refuses chains two entries share. A target that is no stick yet has
-                // none; its real errors come from reading it just below.
-                let live_dir = &opts.live_dir;
-                for line in crate::persist::merge::replace::repair_stick(target_path, live_dir)
-                    .unwrap_or_default()
-                {
-                    eprintln!("livestick write: repaired: {line}");
-                }
-            }
-            let found = apply::read_existing(target_path);
-            match (found, opts.format) {
-                (Ok(Some(fs)), _) => Some(fs),
-                (Ok(None), FormatMode::Never) => bail!(BadInput(format!(
-                    "{} has no partition table and --noformat was given; drop --noformat to create one",
-                    target_path.display()
-                ))),
-                (Ok(None), _) => None,
-                (Err(e), FormatMode::Auto)
-                    if probe.kind == TargetKind::ImageFile && is_blank(target_path) =>
-                {
-                    let _ = e;
-                    None
-                }
-                (Err(e), _) => return Err(e.into()),
-            }
-        }
-        FormatMode::Never => bail!(BadInput(format!(
-            "{} is empty and --noformat was given; drop --noformat to format it",
-            target_path.display()
-        ))),
-        FormatMode::Auto => None,
-    };
-    let existing = existing.map(|mut fs| {
-        inspect_kept_overlay(target_path, &mut fs, opts, live);
-        fs
-    });
+    let existing =
+        write_facts::existing_stick(target_path, &probe, opts, live, !args.dry_run, |line| {
+            eprintln!("livestick write: repaired: {line}")
+        })?;
     let syslinux_files = syslinux::locate()?;
     let plan = plan::plan_write(
         live,
@@ -268,44 +169,6 @@ pub fn make_plan(
         Some(&syslinux_files.modules_dir),
     )?;
     Ok((plan, probe, Some(syslinux_files)))
-}
-
-/// An image file whose first MiB is all zeros has nothing worth keeping.
-fn is_blank(path: &Path) -> bool {
-    use std::io::Read;
-    let mut head = vec![0u8; 1 << 20];
-    match File::open(path).and_then(|mut f| f.read(&mut head)) {
-        Ok(n) => head[..n].iter().all(|&b| b == 0),
-        Err(_) => false,
-    }
-}
-
-fn verify_iso(live: &live::LiveImage, progress: &Progress) -> anyhow::Result<Option<String>> {
-    if live.source_kind != live::SourceKind::Iso {
-        // A stick has no implanted checksum; its files are verified on read-back.
-        return Ok(None);
-    }
-    let mut iso = live::open_iso(&live.path)?;
-    let Some(md5) = checksum::implanted_md5(iso.application_data()) else {
-        return Ok(None);
-    };
-    let volume_size = iso.volume_size();
-    let _ = iso.lookup("/");
-    let mut reader = BufReader::with_capacity(1 << 20, File::open(&live.path)?);
-    progress.phase("md5", volume_size);
-    let mut last = 0u64;
-    let outcome = checksum::verify_implanted_md5(&mut reader, &md5, volume_size, |done, _| {
-        progress.inc(done.saturating_sub(last));
-        last = done;
-    })
-    .with_context(|| format!("checking the implanted MD5 of {}", live.path.display()))?;
-    if !outcome.passed() {
-        bail!(BadInput(format!(
-            "{} fails its implanted MD5 check ({outcome:?}): the ISO is corrupt or incomplete — download it again (or pass --noverify to write it anyway)",
-            live.path.display()
-        )));
-    }
-    Ok(Some(md5.md5_hex()))
 }
 
 fn passphrase_source(args: &WriteArgs) -> PassphraseSource {
@@ -379,15 +242,6 @@ fn home_passphrase(args: &WriteArgs, needs: bool) -> anyhow::Result<Option<Zeroi
     Ok(Some(pass))
 }
 
-fn incomplete(path: &Path) -> impl FnOnce(apply::ApplyError) -> anyhow::Error + '_ {
-    move |e| {
-        anyhow::Error::new(e).context(format!(
-            "writing {} did not complete; the stick is incomplete and will not boot — run the same command again",
-            path.display()
-        ))
-    }
-}
-
 /// Prepares one target's home/swap/overlay images and applies its plan: the
 /// same steps for a single write, each member of a batch, and `--wait-for`.
 #[allow(clippy::too_many_arguments)]
@@ -401,7 +255,6 @@ fn write_one(
     source: &mut dyn apply::IsoSource,
     progress: &Progress,
 ) -> anyhow::Result<apply::ApplyReport> {
-    std::fs::create_dir_all(workdir)?;
     let inputs = prepare::PrepareInputs {
         copy_overlay: args.copy_overlay,
         copy_home: args.copy_home,
@@ -412,50 +265,19 @@ fn write_one(
             args.luks_pbkdf_memory,
         ),
     };
-    let mut prepared = prepare::prepare(plan, &inputs, workdir)?;
-    prepared.syslinux = syslinux_files;
-    let created = target::CreatedImage::create(probe)?;
-    let probe = match &created {
-        // apply opens what is now an existing file, the one made just above.
-        Some(_) => &target::TargetProbe {
-            exists: true,
-            ..probe.clone()
-        },
-        None => probe,
+    let options = ApplyOptions {
+        verify_write: !args.no_verify_write,
     };
-    let result = apply::apply(
+    Ok(prepare::write_target(
         plan,
         probe,
+        syslinux_files,
+        &inputs,
+        &options,
+        workdir,
         source,
-        prepared,
-        &ApplyOptions {
-            verify_write: !args.no_verify_write,
-        },
         progress,
-    );
-    match (result, created) {
-        (Ok(report), _) => Ok(report),
-        (Err(e), Some(image)) => Err(remove_new_image(image, e)),
-        (Err(e), None) => Err(incomplete(&probe.path)(e)),
-    }
-}
-
-/// A new image that a failed write leaves is incomplete and boots nothing,
-/// and often sits on the file system that just ran full: it is removed.
-fn remove_new_image(image: target::CreatedImage, e: apply::ApplyError) -> anyhow::Error {
-    let path = image.path().display().to_string();
-    let outcome = match image.remove() {
-        Ok(true) => format!(
-            "the new image file {path} was removed; fix the cause and run the same command again"
-        ),
-        Ok(false) => {
-            format!("{path} is no longer the file this write created, so it was left alone")
-        }
-        Err(r) => format!(
-            "the new image file {path} is incomplete and could not be removed ({r}); delete it, fix the cause and run the same command again"
-        ),
-    };
-    anyhow::Error::new(e).context(format!("writing {path} did not complete; {outcome}"))
+    )?)
 }
 
 pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
@@ -486,7 +308,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     let md5 = if args.noverify {
         None
     } else {
-        verify_iso(&live, &progress)?
+        write_facts::verify_iso(&live, &progress)?
     };
     confirm_target(&plan, &probe, args)?;
     let passphrase = home_passphrase(args, needs_passphrase(&[&plan]))?;
@@ -622,7 +444,7 @@ fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     let md5 = if args.noverify {
         None
     } else {
-        verify_iso(&live, &Progress::new(progress_mode(json, quiet), "iso"))?
+        write_facts::verify_iso(&live, &Progress::new(progress_mode(json, quiet), "iso"))?
     };
     for p in batch.planned_targets() {
         confirm_target(&p.plan, &p.probe, args)?;
@@ -674,7 +496,7 @@ fn run_wait_for(
     let md5 = if args.noverify {
         None
     } else {
-        verify_iso(live, &Progress::new(progress_mode(json, quiet), "iso"))?
+        write_facts::verify_iso(live, &Progress::new(progress_mode(json, quiet), "iso"))?
     };
     let passphrase = home_passphrase(
         args,
