@@ -194,37 +194,10 @@ pub struct InspectArgs {
     pub iso: PathBuf,
 }
 
-/// The full clap command: the derived one, plus examples for the overlay
-/// subcommands whose `after_help` does not carry them yet (every `--help`
-/// shows examples; a test checks it).
+/// The full clap command (every `--help` shows examples from its
+/// `after_help`; a test checks it).
 pub fn command() -> clap::Command {
-    Cli::command().mut_subcommand("overlay", |overlay| {
-        let examples = [
-            (
-                "reset",
-                "Examples:\n  livestick overlay reset LiveOS/overlay-LIVE-1234-ABCD --dry-run\n  livestick overlay reset LiveOS/overlay-LIVE-1234-ABCD --yes",
-            ),
-            (
-                "recover",
-                "Examples:\n  livestick overlay recover LiveOS/overlay-LIVE-1234-ABCD --origin-size 6G --dry-run\n  livestick overlay recover overlay.img --origin rootfs.img --add-mb 512",
-            ),
-            (
-                "grow",
-                "Examples:\n  livestick overlay grow LiveOS/overlay-LIVE-1234-ABCD --add-mb 1024\n  livestick overlay grow overlay.img --size-mb 4095 --dry-run",
-            ),
-        ];
-        examples
-            .into_iter()
-            .fold(overlay, |overlay, (name, text)| {
-                overlay.mut_subcommand(name, |sub| {
-                    if sub.get_after_help().is_none() {
-                        sub.after_help(text)
-                    } else {
-                        sub
-                    }
-                })
-            })
-    })
+    Cli::command()
 }
 
 /// Parses `argv` (program name first) with [`command`].
