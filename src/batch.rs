@@ -517,3 +517,51 @@ fn iso_files_of(plan: &Plan) -> Vec<(String, u64)> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch_of(outcomes: Vec<Option<&str>>) -> Batch {
+        let mut batch = Batch::empty(false);
+        for (i, o) in outcomes.into_iter().enumerate() {
+            batch.outcomes.push((
+                PathBuf::from(format!("/dev/sd{i}")),
+                o.map(|e| Outcome::Failed(e.to_string())),
+            ));
+        }
+        batch
+    }
+
+    #[test]
+    fn a_batch_with_some_failures_is_partial_naming_each_failed_target() {
+        let err = batch_of(vec![Some("full"), None, Some("unplugged")])
+            .finish(true)
+            .expect_err("two of three failed");
+        assert_eq!(err.kind(), ErrorKind::PartialBatch);
+        match err {
+            BatchError::Partial(p) => {
+                assert_eq!((p.failed, p.total), (2, 3));
+                assert_eq!(p.details, ["/dev/sd0: full", "/dev/sd2: unplugged"]);
+            }
+            other => panic!("expected a partial failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_where_every_target_failed_is_an_io_failure() {
+        let err = batch_of(vec![Some("full"), Some("gone")])
+            .finish(true)
+            .expect_err("all failed");
+        assert_eq!(err.kind(), ErrorKind::Io);
+        assert_eq!(
+            err.to_string(),
+            "every target failed: /dev/sd0: full; /dev/sd1: gone"
+        );
+    }
+
+    #[test]
+    fn a_batch_without_failures_succeeds() {
+        assert!(batch_of(vec![None, None]).finish(true).is_ok());
+    }
+}

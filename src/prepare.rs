@@ -388,3 +388,36 @@ fn remove_new_image(image: CreatedImage, source: ApplyError) -> WriteError {
         source,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn luks_options_change_only_what_they_name() {
+        let defaults = LuksParams::default();
+        assert_eq!(luks_params(None, None, None), defaults);
+        let p = luks_params(Some("pbkdf2"), Some(500), None);
+        assert_eq!(p.pbkdf, PbkdfKind::Pbkdf2);
+        assert_eq!(p.iter_time_ms, 500);
+        assert_eq!(p.memory_kib, defaults.memory_kib);
+        let p = luks_params(Some("argon2id"), None, Some(65536));
+        assert_eq!(p.pbkdf, PbkdfKind::Argon2id);
+        assert_eq!(p.memory_kib, 65536);
+    }
+
+    #[test]
+    fn a_step_keeps_the_exit_code_of_what_it_wraps() {
+        // A swap too small to hold its own header page.
+        let swap_error = swap::swap_header(1, None, uuid::Uuid::nil()).expect_err("1 byte");
+        let message = format!("--swap-size-mb: {swap_error}");
+        let bad_size = PrepareError::SwapSize(swap_error);
+        assert_eq!(bad_size.kind(), ErrorKind::BadInput);
+        assert_eq!(PrepareError::NoPassphrase.kind(), ErrorKind::BadInput);
+        let io = PrepareError::Io(io::Error::other("disk full"));
+        assert_eq!(io.kind(), ErrorKind::Io);
+        let wrapped = WriteError::Prepare(bad_size);
+        assert_eq!(wrapped.kind(), ErrorKind::BadInput);
+        assert_eq!(wrapped.to_string(), message);
+    }
+}
