@@ -656,3 +656,56 @@ impl Display for OvlfsOutcome<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grow_reads_as_text_and_as_one_json_object() {
+        let plan = snapshot::plan_grow(64 << 20, 128 << 20, 8, 4 << 30).expect("plan");
+        let grown = Grown {
+            show: "LiveOS/overlay-L-U",
+            plan: &plan,
+            dry_run: true,
+        };
+        let text = grown.to_string();
+        assert!(
+            text.starts_with("would grow LiveOS/overlay-L-U from 64 MiB to "),
+            "{text}"
+        );
+        assert!(text.ends_with('\n'), "{text:?}");
+        let json: serde_json::Value =
+            serde_json::from_str(&grown.to_json().expect("json")).expect("valid JSON");
+        assert_eq!(json["overlay"], "LiveOS/overlay-L-U");
+        assert_eq!(json["dry_run"], true);
+        assert_eq!(json["grow"]["new_bytes"], plan.new_bytes);
+    }
+
+    #[test]
+    fn a_bare_ovlfs_status_names_the_file_and_its_usage() {
+        let usage = ovlfs::Usage {
+            size_bytes: 100 << 20,
+            used_bytes: Some(25 << 20),
+            bytes_free: 75 << 20,
+            percent_used: 25.0,
+        };
+        let status = BareOvlfsStatus {
+            path: Path::new("overlay.img"),
+            usage: &usage,
+        };
+        let text = status.to_string();
+        assert!(
+            text.starts_with("overlay         overlay.img\nkind            OverlayFS"),
+            "{text}"
+        );
+        assert!(
+            text.contains("used            25.00 % (75 MiB free)"),
+            "{text}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&status.to_json().expect("json")).expect("valid JSON");
+        assert_eq!(json["kind"], "overlayfs");
+        assert_eq!(json["used_bytes"], 25u64 << 20);
+    }
+}
