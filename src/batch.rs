@@ -1,4 +1,5 @@
-//! One read of the ISO, fanned out to many targets.
+//! A batch: one read of the ISO, fanned out to many targets, and the
+//! orchestration of writing them side by side ([`Batch`]).
 //!
 //! A broadcaster thread reads each ISO file the plans copy, in plan order,
 //! in large chunks, and hands every chunk (shared, not copied) to each
@@ -6,12 +7,23 @@
 //! broadcaster notices on the next send and carries on with the others.
 
 use std::collections::VecDeque;
+use std::fmt::Display;
 use std::io::{self, Read};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
-use crate::apply::{ApplyError, IsoSource};
+use thiserror::Error;
+
+use crate::apply::{ApplyError, ApplyReport, IsoSource};
+use crate::boot::syslinux::SyslinuxFiles;
+use crate::disk::devices::DeviceError;
+use crate::disk::target::TargetProbe;
+use crate::error::{Classify, ErrorKind, PartialBatchFailure};
+use crate::plan::{CopySource, Plan};
+use crate::progress::{Progress, ProgressMode};
+use crate::source::live::LiveImage;
 
 const CHUNK: usize = 4 << 20;
 /// Chunks buffered per target: enough to ride out a slow moment of one
@@ -154,5 +166,402 @@ impl IsoSource for BroadcastSource {
                 ),
             }),
         }
+    }
+}
+
+/// The schema version of the NDJSON events `write --json` prints for a batch
+/// (docs/ndjson-events.md).
+pub const EVENTS_SCHEMA: u32 = 2;
+
+/// One target of a batch, planned and checked, waiting to be written.
+pub struct PlannedTarget {
+    pub target: PathBuf,
+    pub plan: Plan,
+    pub probe: TargetProbe,
+    pub syslinux: Option<SyslinuxFiles>,
+}
+
+enum Outcome {
+    Done(Box<ApplyReport>),
+    Failed(String),
+}
+
+/// How a batch ended when not every target was written.
+#[derive(Debug, Error)]
+pub enum BatchError {
+    #[error("every target failed: {details}")]
+    EveryTargetFailed { details: String },
+    #[error(transparent)]
+    Partial(PartialBatchFailure),
+}
+
+impl Classify for BatchError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            BatchError::EveryTargetFailed { .. } => ErrorKind::Io,
+            BatchError::Partial(e) => e.kind(),
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            BatchError::EveryTargetFailed { .. } => self.kind().hint(),
+            BatchError::Partial(e) => e.hint(),
+        }
+    }
+}
+
+/// Several targets written from one inspection of the ISO: what became of
+/// each target (in the order the user named them, or plugged them in), and
+/// the NDJSON events a script follows with `--json`. The caller plans each
+/// target and writes one; the batch fans the ISO out, runs the writers side by
+/// side and reports.
+pub struct Batch {
+    json: bool,
+    outcomes: Vec<(PathBuf, Option<Outcome>)>,
+    planned: Vec<PlannedTarget>,
+}
+
+impl Batch {
+    /// A batch of the `targets` named on the command line.
+    pub fn start(json: bool, iso: &Path, targets: &[PathBuf]) -> Batch {
+        let batch = Batch::empty(json);
+        batch.emit(
+            serde_json::json!({"event": "start", "schema": EVENTS_SCHEMA, "iso": iso,
+            "targets": targets}),
+        );
+        batch
+    }
+
+    fn empty(json: bool) -> Batch {
+        Batch {
+            json,
+            outcomes: Vec::new(),
+            planned: Vec::new(),
+        }
+    }
+
+    fn emit(&self, value: serde_json::Value) {
+        emit(self.json, value);
+    }
+
+    /// How many targets are planned so far.
+    pub fn planned_count(&self) -> usize {
+        self.planned.len()
+    }
+
+    pub fn planned(&mut self, target: PlannedTarget) {
+        self.outcomes.push((target.target.clone(), None));
+        self.planned.push(target);
+    }
+
+    /// A target that could not be planned is reported and left out.
+    pub fn plan_failed(&mut self, target: &Path, error: impl Display) {
+        let msg = format!("{error:#}");
+        self.emit(
+            serde_json::json!({"event": "failed", "device": target, "phase": "plan", "error": msg}),
+        );
+        self.outcomes
+            .push((target.to_path_buf(), Some(Outcome::Failed(msg))));
+    }
+
+    pub fn planned_targets(&self) -> &[PlannedTarget] {
+        &self.planned
+    }
+
+    /// Writes every planned target, each on its own thread. Every plan copies the
+    /// same ISO files in the same order (same ISO, same options), which lets one
+    /// reader feed them all; a target that fails is recorded and the others go on.
+    pub fn write_all<E: Display>(
+        &mut self,
+        live: &LiveImage,
+        mode: ProgressMode,
+        workdir: &Path,
+        md5: Option<&str>,
+        write: impl Fn(&PlannedTarget, &mut dyn IsoSource, &Path, &Progress) -> Result<ApplyReport, E>
+        + Sync,
+    ) -> Result<(), ApplyError> {
+        let iso_files: Vec<(String, u64)> = self
+            .planned
+            .first()
+            .map(|p| iso_files_of(&p.plan))
+            .unwrap_or_default();
+        let same = self
+            .planned
+            .iter()
+            .all(|p| iso_files_of(&p.plan) == iso_files);
+        let (reader, mut sources): (Option<JoinHandle<()>>, Vec<Box<dyn IsoSource + Send>>) =
+            if same {
+                let (handle, sources) = broadcast(
+                    crate::apply::open_source(live)?,
+                    iso_files,
+                    self.planned.len(),
+                );
+                (
+                    Some(handle),
+                    sources
+                        .into_iter()
+                        .map(|s| Box::new(s) as Box<dyn IsoSource + Send>)
+                        .collect(),
+                )
+            } else {
+                let mut v: Vec<Box<dyn IsoSource + Send>> = Vec::new();
+                for _ in &self.planned {
+                    v.push(crate::apply::open_source(live)?);
+                }
+                (None, v)
+            };
+
+        let multi = indicatif::MultiProgress::new();
+        let write = &write;
+        let results: Vec<(PathBuf, Outcome)> = std::thread::scope(|scope| {
+            let mut handles = Vec::new();
+            for (i, planned) in self.planned.iter().enumerate() {
+                let source = sources.remove(0);
+                let progress =
+                    Progress::in_multi(mode, &multi, planned.target.display().to_string());
+                let workdir = workdir.join(format!("target-{i}"));
+                handles.push(scope.spawn(move || {
+                    let mut source = source;
+                    let result = write(planned, source.as_mut(), &workdir, &progress);
+                    // Dropping the source lets the reader skip this target.
+                    drop(source);
+                    progress.finish();
+                    let outcome = match result {
+                        Ok(r) => Outcome::Done(Box::new(r)),
+                        Err(e) => Outcome::Failed(format!("{e:#}")),
+                    };
+                    (planned.target.clone(), outcome)
+                }));
+            }
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        (
+                            PathBuf::from("?"),
+                            Outcome::Failed("writer thread panicked".into()),
+                        )
+                    })
+                })
+                .collect()
+        });
+        if let Some(handle) = reader {
+            let _ = handle.join();
+        }
+        for (target, outcome) in results {
+            match &outcome {
+                Outcome::Done(r) => self.emit(
+                    serde_json::json!({"event": "done", "device": target, "report": r, "iso_md5": md5}),
+                ),
+                Outcome::Failed(e) => self.emit(
+                    serde_json::json!({"event": "failed", "device": target, "phase": "write", "error": e}),
+                ),
+            }
+            if let Some(slot) = self
+                .outcomes
+                .iter_mut()
+                .find(|(t, o)| t == &target && o.is_none())
+            {
+                slot.1 = Some(outcome);
+            }
+        }
+        Ok(())
+    }
+
+    /// `--wait-for N`: writes each stick as it is plugged in, with `write`
+    /// (which also plans it). The sticks arrive at different times, so each
+    /// reads the ISO itself (from the page cache after the first) instead of
+    /// sharing one broadcast. With `include_fixed`, fixed disks (and loop
+    /// devices) that appear count too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn wait_for<E: Display>(
+        json: bool,
+        quiet: bool,
+        mode: ProgressMode,
+        iso: &Path,
+        n: usize,
+        include_fixed: bool,
+        workdir: &Path,
+        md5: Option<&str>,
+        write: impl Fn(&Path, &Path, &Progress) -> Result<ApplyReport, E> + Sync,
+    ) -> Result<Batch, DeviceError> {
+        emit(
+            json,
+            serde_json::json!({"event": "start", "schema": EVENTS_SCHEMA, "iso": iso, "wait_for": n}),
+        );
+        if !json && !quiet {
+            eprintln!("Waiting for {n} stick(s) to be plugged in…");
+        }
+        let multi = indicatif::MultiProgress::new();
+        let outcomes = std::sync::Mutex::new(Vec::<(PathBuf, Option<Outcome>)>::new());
+        let write = &write;
+        let wait_result = std::thread::scope(|scope| {
+            let mut index = 0usize;
+            crate::disk::devices::wait_for_new_devices(n, None, include_fixed, |device| {
+                index += 1;
+                let workdir = workdir.join(format!("target-{index}"));
+                let progress = Progress::in_multi(mode, &multi, device.display().to_string());
+                let outcomes = &outcomes;
+                emit(
+                    json,
+                    serde_json::json!({"event": "plugged", "device": device}),
+                );
+                scope.spawn(move || {
+                    let result = write(&device, &workdir, &progress);
+                    progress.finish();
+                    let outcome = match result {
+                        Ok(r) => {
+                            emit(json, serde_json::json!({"event": "done", "device": device, "report": r, "iso_md5": md5}));
+                            Outcome::Done(Box::new(r))
+                        }
+                        Err(e) => {
+                            let msg = format!("{e:#}");
+                            emit(json, serde_json::json!({"event": "failed", "device": device, "phase": "write", "error": msg}));
+                            Outcome::Failed(msg)
+                        }
+                    };
+                    if let Ok(mut all) = outcomes.lock() {
+                        all.push((device, Some(outcome)));
+                    }
+                });
+            })
+        });
+        let mut batch = Batch::empty(json);
+        batch.outcomes = outcomes.into_inner().unwrap_or_default();
+        wait_result?;
+        Ok(batch)
+    }
+
+    /// Prints the report (the `report` event, or a table unless `quiet`) and
+    /// says whether every target was written.
+    pub fn finish(self, quiet: bool) -> Result<(), BatchError> {
+        let outcomes = self.outcomes;
+        let json = self.json;
+        let total = outcomes.len();
+        let mut details = Vec::new();
+        let mut rows = Vec::new();
+        for (target, outcome) in &outcomes {
+            match outcome {
+                Some(Outcome::Done(r)) => rows
+                    .push(serde_json::json!({"device": target, "ok": true,
+                    "label": r.label, "fs_uuid": r.fs_uuid, "verified": r.verified})),
+                Some(Outcome::Failed(e)) => {
+                    details.push(format!("{}: {e}", target.display()));
+                    rows.push(serde_json::json!({"device": target, "ok": false, "error": e}));
+                }
+                None => {
+                    rows.push(serde_json::json!({"device": target, "ok": true, "dry_run": true}))
+                }
+            }
+        }
+        emit(
+            json,
+            serde_json::json!({"event": "report", "targets": rows}),
+        );
+        if !json && !quiet {
+            crate::outln!("{:<32} {:<8} DETAIL", "TARGET", "RESULT");
+            for (target, outcome) in &outcomes {
+                let (result, detail) = match outcome {
+                    Some(Outcome::Done(r)) => (
+                        "ok",
+                        format!(
+                            "{} UUID {} {}",
+                            r.label,
+                            r.fs_uuid,
+                            if r.verified {
+                                "verified"
+                            } else {
+                                "not verified"
+                            }
+                        ),
+                    ),
+                    Some(Outcome::Failed(e)) => {
+                        ("FAILED", e.lines().next().unwrap_or("").to_string())
+                    }
+                    None => ("planned", String::new()),
+                };
+                crate::outln!("{:<32} {:<8} {}", target.display(), result, detail);
+            }
+        }
+        let failed = details.len();
+        if failed == 0 {
+            Ok(())
+        } else if failed == total {
+            Err(BatchError::EveryTargetFailed {
+                details: details.join("; "),
+            })
+        } else {
+            Err(BatchError::Partial(PartialBatchFailure {
+                failed,
+                total,
+                details,
+            }))
+        }
+    }
+}
+
+fn emit(json: bool, value: serde_json::Value) {
+    if json {
+        crate::outln!("{value}");
+    }
+}
+
+/// The ISO files a plan copies, in its order: what a broadcast reads.
+fn iso_files_of(plan: &Plan) -> Vec<(String, u64)> {
+    plan.copies
+        .iter()
+        .filter_map(|c| match &c.source {
+            CopySource::Iso { path } => Some((path.clone(), c.size)),
+            CopySource::Host { .. } => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch_of(outcomes: Vec<Option<&str>>) -> Batch {
+        let mut batch = Batch::empty(false);
+        for (i, o) in outcomes.into_iter().enumerate() {
+            batch.outcomes.push((
+                PathBuf::from(format!("/dev/sd{i}")),
+                o.map(|e| Outcome::Failed(e.to_string())),
+            ));
+        }
+        batch
+    }
+
+    #[test]
+    fn a_batch_with_some_failures_is_partial_naming_each_failed_target() {
+        let err = batch_of(vec![Some("full"), None, Some("unplugged")])
+            .finish(true)
+            .expect_err("two of three failed");
+        assert_eq!(err.kind(), ErrorKind::PartialBatch);
+        match err {
+            BatchError::Partial(p) => {
+                assert_eq!((p.failed, p.total), (2, 3));
+                assert_eq!(p.details, ["/dev/sd0: full", "/dev/sd2: unplugged"]);
+            }
+            other => panic!("expected a partial failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_where_every_target_failed_is_an_io_failure() {
+        let err = batch_of(vec![Some("full"), Some("gone")])
+            .finish(true)
+            .expect_err("all failed");
+        assert_eq!(err.kind(), ErrorKind::Io);
+        assert_eq!(
+            err.to_string(),
+            "every target failed: /dev/sd0: full; /dev/sd1: gone"
+        );
+    }
+
+    #[test]
+    fn a_batch_without_failures_succeeds() {
+        assert!(batch_of(vec![None, None]).finish(true).is_ok());
     }
 }

@@ -2,10 +2,16 @@
 //! for formats it does not own (syslinux, e2fsprogs, squashfs-tools, …), what
 //! needs each, and which Debian and Fedora package installs it. Every module
 //! that runs a program finds it through [`find_program`], so a missing one is
-//! always reported the same way, and `livestick doctor` lists exactly
-//! [`REGISTRY`].
+//! always reported the same way. [`report`] is what `livestick doctor`
+//! prints: every program of [`REGISTRY`] and the few files and services some
+//! features need besides their programs.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
 
 use thiserror::Error;
 
@@ -215,6 +221,224 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+// What `livestick doctor` checks: the registry, and the files and services
+// some features need besides their programs.
+
+/// One thing to look for: a program of [`REGISTRY`], or a file or
+/// service some feature needs besides its programs.
+struct Need {
+    feature: &'static str,
+    /// Needed by `livestick write` with default options: missing means the
+    /// basic write fails.
+    required: bool,
+    what: What,
+    debian: &'static str,
+    fedora: &'static str,
+}
+
+enum What {
+    Program(Tool),
+    /// Any one of these files.
+    File {
+        name: &'static str,
+        candidates: &'static [&'static str],
+    },
+    /// A running service, found by its socket or directory.
+    Service {
+        name: &'static str,
+        probe: &'static str,
+    },
+}
+
+const DEVICES: &str = "device discovery";
+
+/// What doctor checks besides programs. Each is reported next to the programs
+/// of its feature.
+fn other_needs() -> Vec<Need> {
+    vec![
+        Need {
+            feature: BIOS,
+            required: true,
+            what: What::File {
+                name: "SYSLINUX mbr.bin",
+                candidates: &[
+                    "/usr/lib/syslinux/mbr/mbr.bin",
+                    "/usr/share/syslinux/mbr.bin",
+                    "/usr/lib/syslinux/mbr.bin",
+                ],
+            },
+            debian: "syslinux-common",
+            fedora: "syslinux-nonlinux",
+        },
+        Need {
+            feature: BIOS,
+            required: true,
+            what: What::File {
+                name: "SYSLINUX menu.c32",
+                candidates: &[
+                    "/usr/lib/syslinux/modules/bios/menu.c32",
+                    "/usr/share/syslinux/menu.c32",
+                    "/usr/lib/syslinux/bios/menu.c32",
+                ],
+            },
+            debian: "syslinux-common",
+            fedora: "syslinux-nonlinux",
+        },
+        Need {
+            feature: QEMU,
+            required: false,
+            what: What::File {
+                name: "OVMF UEFI firmware",
+                candidates: &[
+                    "/usr/share/OVMF/OVMF_CODE_4M.fd",
+                    "/usr/share/OVMF/OVMF_CODE.fd",
+                    "/usr/share/edk2/ovmf/OVMF_CODE.fd",
+                    "/usr/share/edk2/x64/OVMF_CODE.fd",
+                ],
+            },
+            debian: "ovmf",
+            fedora: "edk2-ovmf",
+        },
+        Need {
+            feature: DEVICES,
+            required: false,
+            what: What::Service {
+                name: "udev",
+                probe: "/run/udev/control",
+            },
+            debian: "udev",
+            fedora: "systemd-udev",
+        },
+    ]
+}
+
+/// Every program of the registry, with the other needs placed after the last
+/// entry of their feature (the report prints a heading when the feature
+/// changes, so a feature must stay in one run).
+fn needs() -> Vec<Need> {
+    let mut all: Vec<Need> = REGISTRY
+        .iter()
+        .map(|t| Need {
+            feature: t.feature,
+            required: t.required,
+            what: What::Program(*t),
+            debian: t.debian,
+            fedora: t.fedora,
+        })
+        .collect();
+    for need in other_needs() {
+        match all.iter().rposition(|n| n.feature == need.feature) {
+            Some(i) => all.insert(i + 1, need),
+            None => all.push(need),
+        }
+    }
+    all
+}
+
+#[derive(Debug, Serialize)]
+pub struct Finding {
+    pub feature: &'static str,
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub required: bool,
+    pub found: bool,
+    pub path: Option<PathBuf>,
+    pub version: Option<String>,
+    pub debian: &'static str,
+    pub fedora: &'static str,
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub livestick: &'static str,
+    /// Every required item was found: `livestick write` can run.
+    pub ok: bool,
+    pub checks: Vec<Finding>,
+}
+
+/// The first non-empty line the program prints about itself. A program that
+/// hangs is killed after a few seconds: doctor must always finish.
+fn version_of(path: &Path, args: &[&str]) -> Option<String> {
+    let mut child = Command::new(path)
+        .args(args)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    let mut text = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_string(&mut text);
+    }
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut text);
+    }
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.to_ascii_lowercase().starts_with("usage"))
+        .map(|l| l.chars().take(100).collect())
+}
+
+fn check(need: &Need) -> Finding {
+    let (name, kind, path, version, note) = match &need.what {
+        What::Program(tool) => {
+            let path = find_program(tool).ok();
+            let version = path
+                .as_deref()
+                .and_then(|p| version_of(p, tool.version_args));
+            (tool.name, "program", path, version, None)
+        }
+        What::File { name, candidates } => {
+            let path = candidates.iter().map(PathBuf::from).find(|p| p.is_file());
+            (*name, "file", path, None, None)
+        }
+        What::Service { name, probe } => {
+            let path = Some(PathBuf::from(probe)).filter(|p| p.exists());
+            let note = path.is_none().then(|| {
+                "no udev: running in a container? devices are then read from sysfs only".to_string()
+            });
+            (*name, "service", path, None, note)
+        }
+    };
+    Finding {
+        feature: need.feature,
+        name,
+        kind,
+        required: need.required,
+        found: path.is_some(),
+        path,
+        version,
+        debian: need.debian,
+        fedora: need.fedora,
+        note,
+    }
+}
+
+/// What `livestick doctor` reports: every program of [`REGISTRY`] and every
+/// other need, found or not, with its packages.
+pub fn report() -> Report {
+    let checks: Vec<Finding> = needs().iter().map(check).collect();
+    Report {
+        livestick: env!("CARGO_PKG_VERSION"),
+        ok: checks.iter().all(|c| c.found || !c.required),
+        checks,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,5 +524,34 @@ mod tests {
         };
         let p = find_program(&sh).expect("sh");
         assert!(p.ends_with("sh") && is_executable(&p), "{}", p.display());
+    }
+
+    #[test]
+    fn doctor_checks_every_registered_program_with_its_feature_in_one_run() {
+        let needs = needs();
+        for t in REGISTRY {
+            assert!(
+                needs
+                    .iter()
+                    .any(|n| matches!(&n.what, What::Program(p) if p == t)),
+                "doctor does not check {}",
+                t.name
+            );
+        }
+        // One heading per feature: once left, a feature never comes back.
+        for i in 1..needs.len() {
+            if needs[i - 1].feature != needs[i].feature {
+                assert!(
+                    needs[..i].iter().all(|n| n.feature != needs[i].feature),
+                    "{:?} is split",
+                    needs[i].feature
+                );
+            }
+        }
+        assert!(
+            needs
+                .iter()
+                .all(|n| !n.debian.is_empty() && !n.fedora.is_empty())
+        );
     }
 }

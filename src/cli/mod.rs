@@ -194,37 +194,10 @@ pub struct InspectArgs {
     pub iso: PathBuf,
 }
 
-/// The full clap command: the derived one, plus examples for the overlay
-/// subcommands whose `after_help` does not carry them yet (every `--help`
-/// shows examples; a test checks it).
+/// The full clap command (every `--help` shows examples from its
+/// `after_help`; a test checks it).
 pub fn command() -> clap::Command {
-    Cli::command().mut_subcommand("overlay", |overlay| {
-        let examples = [
-            (
-                "reset",
-                "Examples:\n  livestick overlay reset LiveOS/overlay-LIVE-1234-ABCD --dry-run\n  livestick overlay reset LiveOS/overlay-LIVE-1234-ABCD --yes",
-            ),
-            (
-                "recover",
-                "Examples:\n  livestick overlay recover LiveOS/overlay-LIVE-1234-ABCD --origin-size 6G --dry-run\n  livestick overlay recover overlay.img --origin rootfs.img --add-mb 512",
-            ),
-            (
-                "grow",
-                "Examples:\n  livestick overlay grow LiveOS/overlay-LIVE-1234-ABCD --add-mb 1024\n  livestick overlay grow overlay.img --size-mb 4095 --dry-run",
-            ),
-        ];
-        examples
-            .into_iter()
-            .fold(overlay, |overlay, (name, text)| {
-                overlay.mut_subcommand(name, |sub| {
-                    if sub.get_after_help().is_none() {
-                        sub.after_help(text)
-                    } else {
-                        sub
-                    }
-                })
-            })
-    })
+    Cli::command()
 }
 
 /// Parses `argv` (program name first) with [`command`].
@@ -275,6 +248,7 @@ const CLASSIFIERS: &[Classifier] = &[
     classifier::<clap::Error>,
     classifier::<compat::CompatError>,
     classifier::<crate::apply::ApplyError>,
+    classifier::<crate::batch::BatchError>,
     classifier::<crate::boot::menu::MenuError>,
     classifier::<crate::boot::render::RenderError>,
     classifier::<crate::boot::syslinux::SyslinuxError>,
@@ -294,6 +268,9 @@ const CLASSIFIERS: &[Classifier] = &[
     classifier::<crate::persist::swap::SwapError>,
     classifier::<crate::persist::tar_stream::TarError>,
     classifier::<crate::plan::PlanError>,
+    classifier::<crate::prepare::PrepareError>,
+    classifier::<crate::prepare::WriteError>,
+    classifier::<crate::write_facts::FactsError>,
     classifier::<crate::size::SizeError>,
     classifier::<crate::source::checksum::ChecksumError>,
     classifier::<crate::source::compressed::DecompressError>,

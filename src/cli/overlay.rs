@@ -21,15 +21,24 @@ pub enum OverlayCommand {
     )]
     Merge(MergeArgs),
     /// Empty the overlay (a new store); everything it holds is lost
+    #[command(
+        after_help = "Examples:\n  livestick overlay reset LiveOS/overlay-LIVE-1234-ABCD --dry-run\n  livestick overlay reset LiveOS/overlay-LIVE-1234-ABCD --yes"
+    )]
     Reset(ResetArgs),
     /// Make an overlay the kernel marked Invalid usable again (after validating it).
     /// An overlay that is only full (dmsetup shows Overflow; current kernels with
     /// dracut's `PO` table stop there) stays valid: give it room with `grow`.
     /// An OverlayFS overlay has no Invalid mark: its ext4 is checked with
     /// `e2fsck -f -n` (nothing changed) and repaired with --repair (`e2fsck -f -y`)
+    #[command(
+        after_help = "Examples:\n  livestick overlay recover LiveOS/overlay-LIVE-1234-ABCD --origin-size 6G --dry-run\n  livestick overlay recover overlay.img --origin rootfs.img --add-mb 512"
+    )]
     Recover(RecoverArgs),
     /// Make the overlay file larger, keeping every change in it (an OverlayFS
     /// overlay: its ext4 is grown with resize2fs after `e2fsck -f -p`)
+    #[command(
+        after_help = "Examples:\n  livestick overlay grow LiveOS/overlay-LIVE-1234-ABCD --add-mb 1024\n  livestick overlay grow overlay.img --size-mb 4095 --dry-run"
+    )]
     Grow(GrowArgs),
 }
 

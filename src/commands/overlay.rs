@@ -20,17 +20,31 @@ use crate::persist::merge::{self, MergeRequest, StickMergeRequest};
 use crate::persist::overlay::any::Overlay;
 use crate::persist::overlay::dm::RootImage;
 use crate::persist::overlay::place::{self, Bare, Place, Selection, StickOverlay, Target};
+use crate::persist::overlay::report::{
+    self, BareDmStatus, BareOvlfsStatus, DirStatus, Grown, MergeDryRun, Merged, OvlfsOutcome,
+    PlumbingReport, Recovered, Report, StickStatus,
+};
 use crate::persist::overlay::{GrowRequest, Kind, OverlayError, ResetPlan, dir, dm, ovlfs, store};
 use crate::persist::ovl_maint;
 use crate::persist::snapshot::SECTOR_BYTES;
 use crate::progress::{Progress, ProgressMode};
 use crate::size::parse_size;
 
-mod report;
+/// One report: its JSON object with `--json`, its text otherwise.
+fn print_report(report: &impl Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        crate::outln!("{}", report.to_json()?);
+    } else {
+        crate::out!("{report}");
+    }
+    Ok(())
+}
 
-use report::{
-    PlumbingReport, grow_report, ovl_report, print_json, print_merge_plan, recover_report,
-};
+/// One JSON object, pretty, on stdout.
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    crate::outln!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
 
 pub fn run(cmd: OverlayCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
@@ -196,16 +210,34 @@ fn file_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
     if bare.kind() == Kind::Overlayfs {
         let info = store::overlay_info(&mut bare.file);
         let usage = ovlfs::usage_of_bare(info.as_ref(), bare.len);
-        return report::bare_ovlfs_status(&bare.path, &usage, json);
+        return print_report(
+            &BareOvlfsStatus {
+                path: &bare.path,
+                usage: &usage,
+            },
+            json,
+        );
     }
     let origin = origin_sectors(&a.origin)?;
     let status = dm::status(&mut bare.file, bare.len, origin, &show).map_err(lift)?;
-    report::bare_dm_status(&bare.path, &status, json)
+    print_report(
+        &BareDmStatus {
+            path: &bare.path,
+            report: &status,
+        },
+        json,
+    )
 }
 
 fn dir_status(dir_path: &Path, json: bool) -> anyhow::Result<()> {
     let st = dir::status(dir_path).map_err(lift)?;
-    report::dir_status(dir_path, &st, json)
+    print_report(
+        &DirStatus {
+            path: dir_path,
+            status: &st,
+        },
+        json,
+    )
 }
 
 fn stick_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
@@ -215,14 +247,26 @@ fn stick_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
     if t.kind == Kind::Overlayfs {
         let sb = Superblock::read_from(&mut t.io().map_err(lift)?).ok();
         let usage = ovlfs::usage_on_stick(sb.as_ref(), len);
-        return report::stick_status(&t, report::Usage::Ovlfs(&usage), json);
+        return print_report(
+            &StickStatus {
+                overlay: &t,
+                usage: report::Usage::Ovlfs(&usage),
+            },
+            json,
+        );
     }
     let origin = match origin_sectors(&a.origin)? {
         Some(s) => Some(s),
         None => t.root_image_bytes().map(|b| b / SECTOR_BYTES),
     };
     let status = dm::status(&mut t.io().map_err(lift)?, len, origin, &show).map_err(lift)?;
-    report::stick_status(&t, report::Usage::Dm(&status), json)
+    print_report(
+        &StickStatus {
+            overlay: &t,
+            usage: report::Usage::Dm(&status),
+        },
+        json,
+    )
 }
 
 // ---------------------------------------------------------------------------------
@@ -260,7 +304,7 @@ fn merge_cmd(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
     let mut plan = merge::plan_merge(&req)?;
     plan.allow_xattr_loss = a.allow_xattr_loss;
     if a.dry_run || plan.nothing_to_merge {
-        return print_merge_plan(&plan, json);
+        return print_report(&MergeDryRun(&plan), json);
     }
     run_merge_plan(&plan, json, &path)
 }
@@ -286,7 +330,7 @@ fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
     let mut plan = merge::plan_stick_merge(&req)?;
     plan.allow_xattr_loss = a.allow_xattr_loss;
     if a.dry_run || plan.nothing_to_merge {
-        return print_merge_plan(&plan, json);
+        return print_report(&MergeDryRun(&plan), json);
     }
     let question = format!(
         "Merge {} {} of {show} into a new {} and empty the overlay?",
@@ -449,7 +493,16 @@ fn dm_recover(
     };
     let plan = dm::plan_recover(check, facts.as_ref().zip(a.add_mb)).map_err(lift)?;
     if a.dry_run {
-        return recover_report(&show, &plan.check, plan.grow.as_ref(), None, true, json);
+        return print_report(
+            &Recovered {
+                show: &show,
+                report: &plan.check,
+                grow_plan: plan.grow.as_ref(),
+                repair: None,
+                dry_run: true,
+            },
+            json,
+        );
     }
     // Grow first: an overlay that ran full would fail again on its first write.
     if let Some(g) = &plan.grow {
@@ -475,12 +528,14 @@ fn dm_recover(
     } else {
         None
     };
-    recover_report(
-        &show,
-        &report,
-        plan.grow.as_ref(),
-        repair.as_ref(),
-        false,
+    print_report(
+        &Recovered {
+            show: &show,
+            report: &report,
+            grow_plan: plan.grow.as_ref(),
+            repair: repair.as_ref(),
+            dry_run: false,
+        },
         json,
     )
 }
@@ -513,7 +568,13 @@ fn ovlfs_recover(a: &RecoverArgs, mut place: Place, json: bool) -> anyhow::Resul
             let notes = ovlfs::recover_dry_run_notes(clean, &plan, workdir);
             out.notes.extend(notes);
         }
-        return ovl_report(&out, &a.target, json);
+        return print_report(
+            &OvlfsOutcome {
+                outcome: &out,
+                target: &a.target,
+            },
+            json,
+        );
     }
     if matches!(&place, Place::Stick(t) if !t.stick.is_writable()) {
         // Checked read-only so far; the change needs the stick writable.
@@ -529,7 +590,13 @@ fn ovlfs_recover(a: &RecoverArgs, mut place: Place, json: bool) -> anyhow::Resul
     with_bar(json, &device, |p| {
         ovlfs::apply_change(&mut place, &a.workdir, &a.target, plan.steps(), &mut out, p)
     })?;
-    ovl_report(&out, &a.target, json)
+    print_report(
+        &OvlfsOutcome {
+            outcome: &out,
+            target: &a.target,
+        },
+        json,
+    )
 }
 
 // ---------------------------------------------------------------------------------
@@ -562,7 +629,14 @@ fn grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
         let device = place.device().to_path_buf();
         with_bar(json, &device, |p| dm::apply_grow(&mut place, &plan, p))?;
     }
-    grow_report(&place.show(), &plan, a.dry_run, json)
+    print_report(
+        &Grown {
+            show: &place.show(),
+            plan: &plan,
+            dry_run: a.dry_run,
+        },
+        json,
+    )
 }
 
 fn ovlfs_grow(a: &GrowArgs, mut place: Place, json: bool) -> anyhow::Result<()> {
@@ -578,7 +652,13 @@ fn ovlfs_grow(a: &GrowArgs, mut place: Place, json: bool) -> anyhow::Result<()> 
     }
     let mut out = ovlfs::plan_grow_outcome(show, a.dry_run, sb, plan.clone(), workdir);
     if a.dry_run {
-        return ovl_report(&out, &a.target, json);
+        return print_report(
+            &OvlfsOutcome {
+                outcome: &out,
+                target: &a.target,
+            },
+            json,
+        );
     }
     let steps = ovlfs::Steps {
         check: false,
@@ -589,14 +669,26 @@ fn ovlfs_grow(a: &GrowArgs, mut place: Place, json: bool) -> anyhow::Result<()> 
     with_bar(json, &device, |p| {
         ovlfs::apply_change(&mut place, &a.workdir, &a.target, steps, &mut out, p)
     })?;
-    ovl_report(&out, &a.target, json)
+    print_report(
+        &OvlfsOutcome {
+            outcome: &out,
+            target: &a.target,
+        },
+        json,
+    )
 }
 
 fn run_merge_plan(plan: &merge::MergePlan, json: bool, path: &Path) -> anyhow::Result<()> {
     let mut phases = Phases::new(progress(json, path));
     let done = merge::execute_merge(plan, &mut |p, d, t| phases.update(p, d, t));
     phases.bar.finish();
-    report::merged(plan, &done?, json)
+    print_report(
+        &Merged {
+            plan,
+            report: &done?,
+        },
+        json,
+    )
 }
 
 /// The seed's `snapshot-merge` on plain files.
@@ -632,5 +724,5 @@ fn merge_plumbing(
             dm::apply_origin_merge(&plan, &mut bare.file, bare.len, origin, output, p)
         })?);
     }
-    report::plumbing(&report, json)
+    print_report(&report, json)
 }

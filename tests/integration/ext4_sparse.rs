@@ -114,7 +114,7 @@ enum Stale {
 enum Kind {
     /// home.img, plain: the options of `persist::home::home_ext4_options`.
     Home,
-    /// The OverlayFS overlay of `commands::write::prepare`: default options,
+    /// The OverlayFS overlay of `prepare::prepare`: default options,
     /// no label, `overlayfs/` and `ovlwork/` from a root directory.
     Overlay,
 }

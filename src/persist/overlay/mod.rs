@@ -21,6 +21,7 @@ pub mod dir;
 pub mod dm;
 pub mod ovlfs;
 pub mod place;
+pub mod report;
 pub mod store;
 
 use std::io;
