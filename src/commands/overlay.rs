@@ -94,9 +94,11 @@ fn open_stick(
     }
     // Leftovers of a stopped replacement first (issue 13): reading the stick refuses
     // chains two entries share.
-    for line in crate::persist::merge::replace::repair_stick(path, &sel.live_dir)? {
+    let repaired = crate::persist::merge::replace::repair_stick(path, &sel.live_dir)?;
+    for line in &repaired {
         eprintln!("livestick overlay: repaired: {line}");
     }
+    report::note_repaired(&repaired);
     let writable = access == Access::Write;
     StickOverlay::open(path, &selection(sel), writable, allow_orphan).map_err(lift)
 }

@@ -220,6 +220,7 @@ pub fn make_plan(
     let target_size = target::planned_size(&probe, requested)?;
     // A dry run too: a plan is never shown for a target `write` would refuse.
     target::check_safe(&probe, args.force)?;
+    let mut repaired = Vec::new();
     let existing = match opts.format {
         FormatMode::Always => None,
         FormatMode::Auto | FormatMode::Never if probe.exists && probe.size > 0 => {
@@ -232,9 +233,22 @@ pub fn make_plan(
                     .unwrap_or_default()
                 {
                     eprintln!("livestick write: repaired: {line}");
+                    repaired.push(line);
                 }
             }
-            let found = apply::read_existing(target_path);
+            // A dry run repairs in memory: it writes nothing, yet plans what the write
+            // will find. Where that repair cannot run, the plain read says why.
+            let found = if args.dry_run {
+                match apply::read_existing_repaired(target_path, &opts.live_dir) {
+                    Ok((fs, lines)) => {
+                        repaired = lines;
+                        Ok(fs)
+                    }
+                    Err(_) => apply::read_existing(target_path),
+                }
+            } else {
+                apply::read_existing(target_path)
+            };
             match (found, opts.format) {
                 (Ok(Some(fs)), _) => Some(fs),
                 (Ok(None), FormatMode::Never) => bail!(BadInput(format!(
@@ -262,7 +276,7 @@ pub fn make_plan(
         fs
     });
     let syslinux_files = syslinux::locate()?;
-    let plan = plan::plan_write(
+    let mut plan = plan::plan_write(
         live,
         &probe,
         target_size,
@@ -270,6 +284,7 @@ pub fn make_plan(
         opts,
         Some(&syslinux_files.modules_dir),
     )?;
+    plan.repaired = repaired;
     Ok((plan, probe, Some(syslinux_files)))
 }
 
@@ -641,6 +656,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     if json {
         let mut value = serde_json::to_value(&report)?;
         value["iso_md5"] = serde_json::json!(md5);
+        value["repaired"] = serde_json::json!(plan.repaired);
         crate::outln!("{}", serde_json::to_string_pretty(&value)?);
     } else if !quiet {
         print_report(&live, &report, md5.is_some());

@@ -13,9 +13,32 @@ use crate::persist::ovl_maint;
 use crate::persist::snapshot::{self, SECTOR_BYTES};
 use crate::size::human;
 
-/// One report as pretty JSON on stdout.
+/// What the repair of a stopped replacement's leftovers did when the stick was
+/// opened (`replace::repair_stick`, before any verb runs). Kept here rather than
+/// passed to each report because every verb opens the stick its own way, and each
+/// report must carry it: one process runs one command.
+static REPAIRED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Records `lines` for the JSON report's `repaired`.
+pub(super) fn note_repaired(lines: &[String]) {
+    if let Ok(mut repaired) = REPAIRED.lock() {
+        repaired.extend_from_slice(lines);
+    }
+}
+
+/// One report as pretty JSON on stdout, with `repaired` (what was repaired when the
+/// stick was opened, then what the command's own report says it repaired; `[]` for
+/// nothing) in the same shape as `home` and `write` give it.
 pub(super) fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
-    crate::outln!("{}", serde_json::to_string_pretty(v)?);
+    let mut value = serde_json::to_value(v)?;
+    if let Some(object) = value.as_object_mut() {
+        let mut repaired = REPAIRED.lock().map(|r| r.clone()).unwrap_or_default();
+        if let Some(serde_json::Value::Array(own)) = object.get("repaired") {
+            repaired.extend(own.iter().filter_map(|l| l.as_str().map(str::to_string)));
+        }
+        object.insert("repaired".into(), serde_json::json!(repaired));
+    }
+    crate::outln!("{}", serde_json::to_string_pretty(&value)?);
     Ok(())
 }
 
