@@ -212,6 +212,9 @@ pub fn make_plan(
     opts: &WriteOptions,
     live: &live::LiveImage,
 ) -> anyhow::Result<(Plan, target::TargetProbe, Option<syslinux::SyslinuxFiles>)> {
+    // Pinned: the repair of leftovers, the read of the stick and the write each open
+    // the path again, and must all find what is probed here (`target::pin`).
+    target::pin(target_path)?;
     let probe = target::probe(target_path)?;
     let requested = match &args.size {
         Some(text) => Some(parse_size(text).map_err(|e| BadInput(format!("--size: {e}")))?),
@@ -257,7 +260,7 @@ pub fn make_plan(
                 ))),
                 (Ok(None), _) => None,
                 (Err(e), FormatMode::Auto)
-                    if probe.kind == TargetKind::ImageFile && is_blank(target_path) =>
+                    if probe.kind == TargetKind::ImageFile && is_blank(&probe) =>
                 {
                     let _ = e;
                     None
@@ -288,11 +291,16 @@ pub fn make_plan(
     Ok((plan, probe, Some(syslinux_files)))
 }
 
-/// An image file whose first MiB is all zeros has nothing worth keeping.
-fn is_blank(path: &Path) -> bool {
+/// An image file whose first MiB is all zeros has nothing worth keeping. Read
+/// through the probe (`open_existing` checks the inode): a file swapped in since the
+/// probe is never judged blank, so never formatted on its say-so.
+fn is_blank(probe: &target::TargetProbe) -> bool {
     use std::io::Read;
     let mut head = vec![0u8; 1 << 20];
-    match File::open(path).and_then(|mut f| f.read(&mut head)) {
+    let Ok(mut file) = target::open_existing(probe, false) else {
+        return false;
+    };
+    match file.read(&mut head) {
         Ok(n) => head[..n].iter().all(|&b| b == 0),
         Err(_) => false,
     }
