@@ -873,38 +873,83 @@ pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, App
         Err(source) => return Err(ApplyError::Stick(source)),
     };
     let part = stick.partition.clone();
-    let existing = stick.with_fs(|fs| {
-        let read_text = |path: &str| {
-            fat::exists(fs, path)
-                .then(|| fat::read_file(fs, path).ok())
-                .flatten()
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-        };
-        Ok(crate::plan::ExistingFs {
-            syslinux_cfg: read_text("/syslinux/syslinux.cfg"),
-            grub_cfg: read_text("/EFI/BOOT/grub.cfg"),
-            // Compared by the caller, which knows the source.
-            root: None,
-            overlay_used: None,
-            table: part.table,
-            partition_start: part.start,
-            partition_len: part.len,
-            label: fs.volume_label().trim_end().to_string(),
-            volume_id: fs.volume_id(),
-            cluster_size: fs.cluster_size() as u64,
-            free_bytes: fat::free_bytes(fs).map_err(|source| StickError::Fat {
+    let existing = stick.with_fs(|fs| existing_of(fs, &part, path))?;
+    Ok(Some(existing))
+}
+
+/// [`read_existing`] of the stick as a write would find it after repairing the
+/// leftovers of a stopped replacement (`replace::repair_leftovers`), with the lines
+/// that repair would report; the repair is done in memory only, so a dry run shows
+/// the plan the write will make (a leftover that shares a live file's clusters is
+/// detached by the repair and frees nothing) and writes nothing.
+pub fn read_existing_repaired(
+    path: &Path,
+    live_dir: &str,
+) -> Result<(Option<crate::plan::ExistingFs>, Vec<String>), ApplyError> {
+    let mut stick = match Stick::open(path, false) {
+        Ok(stick) => stick,
+        Err(StickError::Partition {
+            source: PartitionError::NoTable,
+            ..
+        }) => return Ok((None, Vec::new())),
+        Err(source) => return Err(ApplyError::Stick(source)),
+    };
+    let part = stick.partition.clone();
+    let mut view = fat_raw::MemoryWrites::new(stick.file_mut());
+    let repaired = crate::persist::merge::replace::repair_leftovers(
+        &mut view,
+        part.start,
+        live_dir,
+        &mut |_| Ok(()),
+    )
+    .map_err(|e| ApplyError::Io {
+        step: "repairing leftovers of a stopped replacement (in memory)".into(),
+        source: io::Error::other(e),
+    })?;
+    let mut window = PartitionWindow::new(&mut view, part.start, part.len);
+    let fat_err = |source| StickError::Fat {
+        path: path.to_path_buf(),
+        source,
+    };
+    let fs = fat::open(&mut window).map_err(fat_err)?;
+    Ok((Some(existing_of(&fs, &part, path)?), repaired))
+}
+
+/// What [`read_existing`] reads, from an opened FAT.
+fn existing_of<F: Read + Write + Seek>(
+    fs: &fat::FatFs<'_, F>,
+    part: &partition::ExistingPartition,
+    path: &Path,
+) -> Result<crate::plan::ExistingFs, StickError> {
+    let read_text = |path: &str| {
+        fat::exists(fs, path)
+            .then(|| fat::read_file(fs, path).ok())
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    };
+    Ok(crate::plan::ExistingFs {
+        syslinux_cfg: read_text("/syslinux/syslinux.cfg"),
+        grub_cfg: read_text("/EFI/BOOT/grub.cfg"),
+        // Compared by the caller, which knows the source.
+        root: None,
+        overlay_used: None,
+        table: part.table,
+        partition_start: part.start,
+        partition_len: part.len,
+        label: fs.volume_label().trim_end().to_string(),
+        volume_id: fs.volume_id(),
+        cluster_size: fs.cluster_size() as u64,
+        free_bytes: fat::free_bytes(fs).map_err(|source| StickError::Fat {
+            path: path.to_path_buf(),
+            source,
+        })?,
+        files: fat::walk_files(fs, "")
+            .map_err(|source| StickError::Fat {
                 path: path.to_path_buf(),
                 source,
-            })?,
-            files: fat::walk_files(fs, "")
-                .map_err(|source| StickError::Fat {
-                    path: path.to_path_buf(),
-                    source,
-                })?
-                .into_iter()
-                .map(|e| (e.path, e.size))
-                .collect(),
-        })
-    })?;
-    Ok(Some(existing))
+            })?
+            .into_iter()
+            .map(|e| (e.path, e.size))
+            .collect(),
+    })
 }

@@ -293,6 +293,11 @@ pub struct Plan {
     pub space_needed: u64,
     pub free_after: u64,
     pub notes: Vec<String>,
+    /// What repairing the leftovers of a stopped replacement did before this plan
+    /// was made (a dry run: what it will do; the space above already counts it),
+    /// one line each, as `overlay` and `home` report it. Set by the caller, which
+    /// reads the stick.
+    pub repaired: Vec<String>,
 }
 
 #[derive(Debug, Error)]
@@ -1034,6 +1039,7 @@ pub fn plan_write(
         space_needed,
         free_after: available - space_needed,
         notes,
+        repaired: Vec::new(),
     })
 }
 
@@ -1157,6 +1163,9 @@ impl Plan {
         ));
         for n in &self.notes {
             out.push_str(&format!("  note: {n}\n"));
+        }
+        for r in &self.repaired {
+            out.push_str(&format!("  repairs first: {r}\n"));
         }
         out
     }

@@ -116,7 +116,8 @@ pub fn existing_stick(
     live: &LiveImage,
     repair: bool,
     mut on_repaired: impl FnMut(&str),
-) -> Result<Option<ExistingFs>, FactsError> {
+) -> Result<(Option<ExistingFs>, Vec<String>), FactsError> {
+    let mut repaired = Vec::new();
     let existing = match opts.format {
         FormatMode::Always => None,
         FormatMode::Auto | FormatMode::Never if probe.exists && probe.size > 0 => {
@@ -129,9 +130,22 @@ pub fn existing_stick(
                     .unwrap_or_default()
                 {
                     on_repaired(&line);
+                    repaired.push(line);
                 }
             }
-            let found = apply::read_existing(target_path);
+            // A dry run repairs in memory: it writes nothing, yet plans what the write
+            // will find. Where that repair cannot run, the plain read says why.
+            let found = if repair {
+                apply::read_existing(target_path)
+            } else {
+                match apply::read_existing_repaired(target_path, &opts.live_dir) {
+                    Ok((fs, lines)) => {
+                        repaired = lines;
+                        Ok(fs)
+                    }
+                    Err(_) => apply::read_existing(target_path),
+                }
+            };
             match (found, opts.format) {
                 (Ok(Some(fs)), _) => Some(fs),
                 (Ok(None), FormatMode::Never) => {
@@ -141,7 +155,7 @@ pub fn existing_stick(
                 }
                 (Ok(None), _) => None,
                 (Err(_), FormatMode::Auto)
-                    if probe.kind == TargetKind::ImageFile && is_blank(target_path) =>
+                    if probe.kind == TargetKind::ImageFile && is_blank(probe) =>
                 {
                     None
                 }
@@ -155,10 +169,11 @@ pub fn existing_stick(
         }
         FormatMode::Auto => None,
     };
-    Ok(existing.map(|mut fs| {
+    let existing = existing.map(|mut fs| {
         inspect_kept_overlay(target_path, &mut fs, opts, live);
         fs
-    }))
+    });
+    Ok((existing, repaired))
 }
 
 /// What the plan needs to know about the overlay an existing stick keeps: whether
@@ -197,10 +212,15 @@ fn inspect_kept_overlay(
     ));
 }
 
-/// An image file whose first MiB is all zeros has nothing worth keeping.
-fn is_blank(path: &Path) -> bool {
+/// An image file whose first MiB is all zeros has nothing worth keeping. Read
+/// through the probe (`open_existing` checks the inode): a file swapped in since the
+/// probe is never judged blank, so never formatted on its say-so.
+fn is_blank(probe: &TargetProbe) -> bool {
     let mut head = vec![0u8; 1 << 20];
-    match File::open(path).and_then(|mut f| f.read(&mut head)) {
+    let Ok(mut file) = crate::disk::target::open_existing(probe, false) else {
+        return false;
+    };
+    match file.read(&mut head) {
         Ok(n) => head[..n].iter().all(|&b| b == 0),
         Err(_) => false,
     }

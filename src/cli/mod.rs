@@ -265,6 +265,7 @@ const CLASSIFIERS: &[Classifier] = &[
     classifier::<crate::persist::home::HomeError>,
     classifier::<crate::persist::home_stick::HomeStickError>,
     classifier::<crate::persist::luks::LuksError>,
+    classifier::<crate::persist::merge::replace::ReplaceError>,
     classifier::<crate::persist::swap::SwapError>,
     classifier::<crate::persist::tar_stream::TarError>,
     classifier::<crate::plan::PlanError>,

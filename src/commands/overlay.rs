@@ -33,16 +33,39 @@ use crate::size::parse_size;
 /// One report: its JSON object with `--json`, its text otherwise.
 fn print_report(report: &impl Report, json: bool) -> anyhow::Result<()> {
     if json {
-        crate::outln!("{}", report.to_json()?);
+        let value: serde_json::Value = serde_json::from_str(&report.to_json()?)?;
+        print_json(&value)?;
     } else {
         crate::out!("{report}");
     }
     Ok(())
 }
 
-/// One JSON object, pretty, on stdout.
+/// What the repair of a stopped replacement's leftovers did when the stick was
+/// opened (`replace::repair_stick`, before any verb runs). Kept here rather than
+/// passed to each report because every verb opens the stick its own way, and each
+/// report must carry it: one process runs one command.
+static REPAIRED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn note_repaired(lines: &[String]) {
+    if let Ok(mut repaired) = REPAIRED.lock() {
+        repaired.extend_from_slice(lines);
+    }
+}
+
+/// One JSON object, pretty, on stdout, with `repaired` (what was repaired when the
+/// stick was opened, then what the command's own report says it repaired; `[]` for
+/// nothing) in the same shape as `home` and `write` give it.
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    crate::outln!("{}", serde_json::to_string_pretty(v)?);
+    let mut value = serde_json::to_value(v)?;
+    if let Some(object) = value.as_object_mut() {
+        let mut repaired = REPAIRED.lock().map(|r| r.clone()).unwrap_or_default();
+        if let Some(serde_json::Value::Array(own)) = object.get("repaired") {
+            repaired.extend(own.iter().filter_map(|l| l.as_str().map(str::to_string)));
+        }
+        object.insert("repaired".into(), serde_json::json!(repaired));
+    }
+    crate::outln!("{}", serde_json::to_string_pretty(&value)?);
     Ok(())
 }
 
@@ -108,9 +131,11 @@ fn open_stick(
     }
     // Leftovers of a stopped replacement first (issue 13): reading the stick refuses
     // chains two entries share.
-    for line in crate::persist::merge::replace::repair_stick(path, &sel.live_dir)? {
+    let repaired = crate::persist::merge::replace::repair_stick(path, &sel.live_dir)?;
+    for line in &repaired {
         eprintln!("livestick overlay: repaired: {line}");
     }
+    note_repaired(&repaired);
     let writable = access == Access::Write;
     StickOverlay::open(path, &selection(sel), writable, allow_orphan).map_err(lift)
 }

@@ -146,6 +146,9 @@ pub fn make_plan(
     opts: &WriteOptions,
     live: &live::LiveImage,
 ) -> anyhow::Result<(Plan, target::TargetProbe, Option<syslinux::SyslinuxFiles>)> {
+    // Pinned: the repair of leftovers, the read of the stick and the write each open
+    // the path again, and must all find what is probed here (`target::pin`).
+    target::pin(target_path)?;
     let probe = target::probe(target_path)?;
     let requested = match &args.size {
         Some(text) => Some(parse_size(text).map_err(|e| BadInput(format!("--size: {e}")))?),
@@ -154,12 +157,12 @@ pub fn make_plan(
     let target_size = target::planned_size(&probe, requested)?;
     // A dry run too: a plan is never shown for a target `write` would refuse.
     target::check_safe(&probe, args.force)?;
-    let existing =
+    let (existing, repaired) =
         write_facts::existing_stick(target_path, &probe, opts, live, !args.dry_run, |line| {
             eprintln!("livestick write: repaired: {line}")
         })?;
     let syslinux_files = syslinux::locate()?;
-    let plan = plan::plan_write(
+    let mut plan = plan::plan_write(
         live,
         &probe,
         target_size,
@@ -167,6 +170,7 @@ pub fn make_plan(
         opts,
         Some(&syslinux_files.modules_dir),
     )?;
+    plan.repaired = repaired;
     Ok((plan, probe, Some(syslinux_files)))
 }
 
@@ -323,6 +327,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     if json {
         let mut value = serde_json::to_value(&report)?;
         value["iso_md5"] = serde_json::json!(md5);
+        value["repaired"] = serde_json::json!(plan.repaired);
         crate::outln!("{}", serde_json::to_string_pretty(&value)?);
     } else if !quiet {
         print_report(&live, &report, md5.is_some());

@@ -40,6 +40,12 @@ pub enum SwapError {
 
 impl crate::error::Classify for SwapError {
     fn kind(&self) -> crate::error::ErrorKind {
+        // Always a failure during the work, never bad input: these raw edits run once
+        // a command has begun changing the stick (a swap, a repair, an allocation),
+        // where a missing or odd entry means the stick changed or is damaged, and the
+        // bad-input hint ("nothing was written") would not be true. What a user can
+        // get wrong (no home, no squashfs.img, not a FAT stick) is refused earlier by
+        // the callers' own errors.
         crate::error::ErrorKind::Io
     }
 }
@@ -735,4 +741,132 @@ pub fn detach<D: Read + Write + Seek>(dev: &mut D, part: u64, path: &str) -> Res
     s[at + 26..at + 32].fill(0);
     write_sector(dev, sector, &s)?;
     Ok(())
+}
+
+/// A device seen through writes kept in memory: reads return what the device holds
+/// with every earlier write of this view laid over it, and nothing reaches the device.
+/// For a dry run that must show the stick as a command would find it after
+/// `persist::merge::replace::repair_leftovers`, while writing nothing.
+pub struct MemoryWrites<D> {
+    inner: D,
+    pos: u64,
+    /// Whole sectors, by device offset, as this view has written them.
+    sectors: std::collections::BTreeMap<u64, Vec<u8>>,
+}
+
+impl<D: Read + Seek> MemoryWrites<D> {
+    pub fn new(inner: D) -> MemoryWrites<D> {
+        MemoryWrites {
+            inner,
+            pos: 0,
+            sectors: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// The device's sector at `at`, zeros past its end (as a write there would leave).
+    fn device_sector(&mut self, at: u64) -> io::Result<Vec<u8>> {
+        let mut s = vec![0u8; SECTOR as usize];
+        self.inner.seek(SeekFrom::Start(at))?;
+        let mut got = 0;
+        while got < s.len() {
+            match self.inner.read(&mut s[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(s)
+    }
+}
+
+impl<D: Read + Seek> Read for MemoryWrites<D> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.seek(SeekFrom::Start(self.pos))?;
+        let n = self.inner.read(buf)?;
+        let (start, end) = (self.pos, self.pos + n as u64);
+        let first = start / SECTOR * SECTOR;
+        for (&at, s) in self.sectors.range(first..end) {
+            let from = at.max(start);
+            let to = (at + SECTOR).min(end);
+            buf[(from - start) as usize..(to - start) as usize]
+                .copy_from_slice(&s[(from - at) as usize..(to - at) as usize]);
+        }
+        self.pos = end;
+        Ok(n)
+    }
+}
+
+impl<D: Read + Seek> Write for MemoryWrites<D> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let (start, end) = (self.pos, self.pos + buf.len() as u64);
+        let mut at = start / SECTOR * SECTOR;
+        while at < end {
+            let mut s = match self.sectors.remove(&at) {
+                Some(s) => s,
+                None => self.device_sector(at)?,
+            };
+            let from = at.max(start);
+            let to = (at + SECTOR).min(end);
+            s[(from - at) as usize..(to - at) as usize]
+                .copy_from_slice(&buf[(from - start) as usize..(to - start) as usize]);
+            self.sectors.insert(at, s);
+            at += SECTOR;
+        }
+        self.pos = end;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<D: Read + Seek> Seek for MemoryWrites<D> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let base = match to {
+            SeekFrom::Start(n) => {
+                self.pos = n;
+                return Ok(n);
+            }
+            SeekFrom::Current(d) => (self.pos, d),
+            SeekFrom::End(d) => (self.inner.seek(SeekFrom::End(0))?, d),
+        };
+        self.pos = base
+            .0
+            .checked_add_signed(base.1)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        Ok(self.pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    #[test]
+    fn memory_writes_are_read_back_and_never_reach_the_device() {
+        let device: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let mut view = MemoryWrites::new(Cursor::new(device.clone()));
+        // Across a sector boundary, and a second write over part of the first.
+        view.seek(SeekFrom::Start(500)).unwrap();
+        view.write_all(&[0xaa; 30]).unwrap();
+        view.seek(SeekFrom::Start(510)).unwrap();
+        view.write_all(&[0xbb; 4]).unwrap();
+        let mut want = device.clone();
+        want[500..530].fill(0xaa);
+        want[510..514].fill(0xbb);
+        let mut got = Vec::new();
+        view.seek(SeekFrom::Start(0)).unwrap();
+        view.read_to_end(&mut got).unwrap();
+        assert_eq!(got, want);
+        // A read that starts inside a written sector.
+        let mut part = [0u8; 8];
+        view.seek(SeekFrom::Start(508)).unwrap();
+        view.read_exact(&mut part).unwrap();
+        assert_eq!(part, want[508..516]);
+        assert_eq!(view.seek(SeekFrom::End(-1)).unwrap(), 4095);
+        assert_eq!(view.inner.get_ref(), &device, "the device is untouched");
+    }
 }

@@ -225,7 +225,71 @@ impl From<IoAt> for TargetError {
 /// resolved, and a block device is reported under its canonical name. A path
 /// that does not exist is an image file to create — unless it is, or a link
 /// leads, under `/dev`: nothing is ever created there.
+///
+/// A path [`pin`]ned earlier in this process must still name what it named then.
 pub fn probe(path: &Path) -> Result<TargetProbe, TargetError> {
+    let probe = probe_unpinned(path)?;
+    check_pinned(path, probe.node)?;
+    Ok(probe)
+}
+
+/// What each pinned path named when it was pinned. A command reaches its target
+/// several times by path: a first look to learn what it is (a stick, a bare
+/// overlay, a directory), the repair of leftovers (read-only, then for writing only
+/// when there is something to repair), then the work itself, each through its own
+/// open, since a read-only handle cannot be turned into a writable `O_EXCL` one and
+/// `fatfs` borrows the file it reads. Every such open probes afresh, so pinning the
+/// first look's identity makes a path swapped in between (renamed over, relinked)
+/// refused, as one open would never notice. One process runs one command.
+static PINNED: std::sync::Mutex<Vec<(PathBuf, Node)>> = std::sync::Mutex::new(Vec::new());
+
+/// Pins what `path` names now (nothing, for a path that does not exist yet: the
+/// image a write creates is created with `O_EXCL`): every later [`probe`] of the
+/// same path in this process refuses anything else with [`TargetError::Replaced`].
+/// Called at a command's first look at its target.
+pub fn pin(path: &Path) -> Result<(), TargetError> {
+    let node = match fs::metadata(path) {
+        Ok(meta) => Node::of(&meta),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_at(path)(e).into()),
+    };
+    if let Ok(mut pinned) = PINNED.lock()
+        && !pinned.iter().any(|(p, _)| p == path)
+    {
+        pinned.push((path.to_path_buf(), node));
+    }
+    after_probe_failpoint(path);
+    Ok(())
+}
+
+/// `LIVESTICK_FAILPOINT=after-probe`: renames the file `LIVESTICK_FAILPOINT_SWAP`
+/// names over the target right after its first look, as another process could, so
+/// that the tests can prove the swapped-in file is never written.
+fn after_probe_failpoint(path: &Path) {
+    if std::env::var("LIVESTICK_FAILPOINT").as_deref() != Ok("after-probe") {
+        return;
+    }
+    if let Some(other) = std::env::var_os("LIVESTICK_FAILPOINT_SWAP")
+        && let Err(e) = fs::rename(&other, path)
+    {
+        eprintln!(
+            "livestick: failpoint after-probe: renaming over {}: {e}",
+            path.display()
+        );
+    }
+}
+
+fn check_pinned(path: &Path, node: Option<Node>) -> Result<(), TargetError> {
+    let Ok(pinned) = PINNED.lock() else {
+        return Ok(());
+    };
+    match pinned.iter().find(|(p, _)| p == path) {
+        Some((_, first)) if node != Some(*first) => Err(TargetError::Replaced(path.to_path_buf())),
+        _ => Ok(()),
+    }
+}
+
+fn probe_unpinned(path: &Path) -> Result<TargetProbe, TargetError> {
     let meta = match fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {

@@ -137,6 +137,7 @@ impl crate::error::Classify for HomeStickError {
             HomeStickError::Stick(e) => crate::error::Classify::kind(e),
             // `transparent`: the home's own error decides (a wrong passphrase is 2).
             HomeStickError::Home(e) => crate::error::Classify::kind(e),
+            HomeStickError::Replace(e) => crate::error::Classify::kind(e),
             // What the user asked for or named: nothing was changed.
             HomeStickError::NoHome { .. }
             | HomeStickError::Shrink { .. }
@@ -153,6 +154,7 @@ impl crate::error::Classify for HomeStickError {
             HomeStickError::Io { source, .. } => crate::error::open_failure_hint(source),
             HomeStickError::Stick(e) => crate::error::Classify::hint(e),
             HomeStickError::Home(e) => crate::error::Classify::hint(e),
+            HomeStickError::Replace(e) => crate::error::Classify::hint(e),
             _ => self.kind().hint(),
         }
     }
@@ -332,6 +334,9 @@ pub struct StickHome {
 impl StickHome {
     /// Opens `path` as a stick and finds `<live_dir>/home.img` on it.
     pub fn open(path: &Path, live_dir: &str, writable: bool) -> Result<StickHome, HomeStickError> {
+        // What the path names now is what every open below must find: the repair
+        // and the work each open the stick afresh (see `target::pin`).
+        crate::disk::target::pin(path).map_err(StickError::from)?;
         // Leftovers of a stopped replacement first: reading the stick refuses chains
         // two entries share, and a half-swapped home.img is completed here.
         let repaired = replace::repair_stick(path, live_dir)?;
@@ -574,6 +579,7 @@ pub fn plan_file_resize(
     requested_mib: u64,
     workdir: &Path,
 ) -> Result<ResizePlan, HomeStickError> {
+    crate::disk::target::pin(path).map_err(StickError::from)?;
     let current = std::fs::metadata(path).map_err(io_at(path))?.len();
     let new = check_new_size(current, requested_mib)?;
     let unchanged = new == current;
@@ -622,6 +628,9 @@ pub fn resize_file(
     passphrase: Option<&[u8]>,
 ) -> Result<HomeReport, HomeStickError> {
     if !plan.unchanged {
+        // `home::home_resize` opens the file by its path; the file planned on must
+        // still be the one there (pinned by `plan_file_resize`), or nothing is written.
+        crate::disk::target::probe(&plan.target).map_err(StickError::from)?;
         home::home_resize(&plan.target, plan.new_bytes, passphrase)?;
     }
     file_report(&plan.target, passphrase)

@@ -52,7 +52,18 @@ pub enum SwapError {
 
 impl crate::error::Classify for SwapError {
     fn kind(&self) -> crate::error::ErrorKind {
-        crate::error::ErrorKind::Io
+        use crate::error::ErrorKind;
+        match self {
+            // A size or label the user chose, or a file they named that holds no
+            // swap area: theirs to fix, and nothing was written.
+            SwapError::BadSize { .. }
+            | SwapError::TooLarge { .. }
+            | SwapError::Zero
+            | SwapError::LabelTooLong(_)
+            | SwapError::NotSwap(_) => ErrorKind::BadInput,
+            // Writing the area failed half-way: the device's fault, try again.
+            SwapError::Io(_) => ErrorKind::Io,
+        }
     }
 }
 
@@ -193,5 +204,27 @@ mod tests {
             read_swap_header(&[0u8; 4096]),
             Err(SwapError::NotSwap(_))
         ));
+    }
+
+    #[test]
+    fn a_size_or_label_is_bad_input_and_a_failed_write_is_io() {
+        use crate::error::{Classify, ErrorKind};
+        let u = uuid::Uuid::nil();
+        let bad_input = [
+            swap_size_from_mib(0).unwrap_err(),
+            swap_size_from_mib(FAT_MAX_FILE_MIB + 1).unwrap_err(),
+            swap_header(4096 * 9, None, u).unwrap_err(),
+            swap_header(1 << 20, Some("seventeen_chars__"), u).unwrap_err(),
+            read_swap_header(&[0u8; 4096]).unwrap_err(),
+        ];
+        for e in bad_input {
+            assert_eq!(e.kind(), ErrorKind::BadInput, "{e}");
+        }
+        // A device that takes nothing: the write fails during the work.
+        let mut full = [0u8; 4096];
+        let mut w = Cursor::new(&mut full[..]);
+        let e = write_swap_image(&mut w, 1 << 20, None, None).unwrap_err();
+        assert!(matches!(e, SwapError::Io(_)), "{e}");
+        assert_eq!(e.kind(), ErrorKind::Io);
     }
 }

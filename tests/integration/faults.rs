@@ -23,13 +23,16 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::boot::harness::{Firmware, boot_env_ready};
-use crate::boot::scenarios::{CLASSIC, Stick, assert_persisted, boot, write_stick};
+use crate::boot::scenarios::{
+    CLASSIC, Stick, assert_persisted, boot, write_stick, write_stick_with,
+};
 use crate::support::fixtures::boot_iso;
 use crate::support::vm::{
     Disk, VmRun, qmp, run_vm, vm_env_ready, wait_for_console, write_error_rules,
 };
 use crate::support::{
-    debugfs_w, e2fsck_clean, fat_copy_out, fat_put, fsck_fat, livestick, ok, part_start, run,
+    debugfs_w, e2fsck_clean, fat_copy_out, fat_put, fsck_fat, livestick, luks_decrypt_to, ok,
+    part_start, run,
 };
 
 /// Exit status of an I/O failure (docs/exit-codes.md).
@@ -425,6 +428,211 @@ fn unplugged_stick_mid_write_exits_4_naming_the_step() {
     );
     assert_failed_at(&vm, &["will not boot", "caused by:"]);
     assert_boots_nothing(&stick);
+}
+
+/// The passphrase of the LUKS homes below, as a 512-byte file: the guest reads it
+/// from a virtio disk of exactly that size (`--passphrase-file @key` takes a device's
+/// bytes as they are), the host from the same file. No final newline.
+fn luks_key(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let passphrase: Vec<u8> = b"what the user has, never lost; "
+        .iter()
+        .copied()
+        .cycle()
+        .take(512)
+        .collect();
+    let key = dir.join("key.img");
+    std::fs::write(&key, &passphrase).expect("write the key");
+    (key, passphrase)
+}
+
+/// A GPT stick with a LUKS home: cheap PBKDF2 so that TCG derives the key quickly.
+fn gpt_luks_options(key: &Path) -> Vec<String> {
+    [
+        "--gpt",
+        "--overlay-size-mb",
+        "64",
+        "--home-size-mb",
+        "32",
+        "--passphrase-file",
+        &key.display().to_string(),
+        "--luks-pbkdf",
+        "pbkdf2",
+        "--luks-iter-time",
+        "10",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A GPT stick with a LUKS home, written from scratch in the VM, fails inside
+/// squashfs.img: exit 4 naming the step, and no GPT header at either end nor a
+/// protective MBR, so it boots nothing.
+#[test]
+fn write_error_on_a_gpt_stick_with_a_luks_home_leaves_a_stick_that_boots_nothing() {
+    if !ready() {
+        return;
+    }
+    let iso = boot_iso("boot-classic.iso");
+    let dir = scratch();
+    let (key, _) = luks_key(dir.path());
+    let options = gpt_luks_options(&key);
+    let probe = crate::support::sparse(dir.path(), "probe.img", SMALL_STICK);
+    let mut args = vec!["write", iso.to_str().unwrap(), probe.to_str().unwrap()];
+    args.extend(["--format", "--timeout", "1", "--yes", "--quiet"]);
+    args.extend(options.iter().map(String::as_str));
+    ok(&livestick(&args));
+    assert_eq!(
+        crate::support::sfdisk(&probe)["partitiontable"]["label"],
+        "gpt",
+        "the probe stick is GPT"
+    );
+    let sector = sector_of(&probe, "LiveOS/squashfs.img", 1 << 20);
+    std::fs::remove_file(&probe).ok();
+
+    let stick = dir.path().join("stick.img");
+    used_small_stick(&stick);
+    let rules = write_error_rules(dir.path(), &[sector]);
+    let mut ls = vec![
+        "write",
+        "@iso",
+        "@stick",
+        "--format",
+        "--timeout",
+        "1",
+        "--yes",
+        "--force",
+    ];
+    // The same options, with the key read from its disk in the guest.
+    let guest_options: Vec<&str> = options
+        .iter()
+        .map(|o| {
+            if *o == key.display().to_string() {
+                "@key"
+            } else {
+                o.as_str()
+            }
+        })
+        .collect();
+    ls.extend(guest_options);
+    let vm = run_vm(
+        "write-error-gpt-luks",
+        &ls,
+        &[
+            Disk::Virtio {
+                id: "iso",
+                file: &iso,
+                opts: "readonly=on,cache=writeback",
+            },
+            Disk::Virtio {
+                id: "key",
+                file: &key,
+                opts: "readonly=on",
+            },
+            Disk::Faulty {
+                id: "stick",
+                file: &stick,
+                rules: &rules,
+            },
+        ],
+        Duration::from_secs(600),
+        None,
+    );
+    assert_failed_at(&vm, &["will not boot", "caused by:"]);
+    assert_boots_nothing(&stick);
+}
+
+/// `home resize` of the LUKS home of a GPT stick fails while it writes the grown
+/// copy: exit 4 naming the step; home.img is byte for byte the old one, its
+/// passphrase still opens it (cryptsetup), and the ext4 inside checks clean.
+#[test]
+fn home_resize_error_leaves_a_luks_home_on_a_gpt_stick_intact() {
+    if !ready() || !crate::support::require(crate::support::have("cryptsetup"), "cryptsetup") {
+        return;
+    }
+    let iso = boot_iso("boot-classic.iso");
+    let dir = scratch();
+    let (key, passphrase) = luks_key(dir.path());
+    let options = gpt_luks_options(&key);
+    let stick = write_stick_with(
+        &iso,
+        &options.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert_eq!(
+        crate::support::sfdisk(&stick.image)["partitiontable"]["label"],
+        "gpt",
+        "the stick is GPT"
+    );
+    let part = part_start(&stick.image);
+    let home_before = dir.path().join("home-before.img");
+    fat_copy_out(&stick.image, part, "LiveOS/home.img", &home_before);
+
+    let probe = copy_of(&stick.image, dir.path());
+    ok(&livestick(&[
+        "home",
+        "resize",
+        probe.to_str().unwrap(),
+        "--size-mb",
+        "64",
+        "--passphrase-file",
+        key.to_str().unwrap(),
+        "--yes",
+        "--quiet",
+        "--workdir",
+        dir.path().to_str().unwrap(),
+    ]));
+    // The grown copy's LUKS header: the first thing a resize writes of it.
+    let sector = sector_of(&probe, "LiveOS/home.img", 0);
+    std::fs::remove_file(&probe).ok();
+
+    let rules = write_error_rules(dir.path(), &[sector]);
+    let vm = run_vm(
+        "resize-error-gpt-luks",
+        &[
+            "home",
+            "resize",
+            "@stick",
+            "--size-mb",
+            "64",
+            "--passphrase-file",
+            "@key",
+            "--yes",
+            "--workdir",
+            "/tmp",
+        ],
+        &[
+            Disk::Virtio {
+                id: "key",
+                file: &key,
+                opts: "readonly=on",
+            },
+            Disk::Faulty {
+                id: "stick",
+                file: &stick.image,
+                rules: &rules,
+            },
+        ],
+        Duration::from_secs(600),
+        None,
+    );
+    assert_failed_at(&vm, &["home.img"]);
+    check_fat(&stick, dir.path());
+    let after = dir.path().join("home-after.img");
+    fat_copy_out(&stick.image, part, "LiveOS/home.img", &after);
+    assert!(
+        std::fs::read(&after).expect("read home.img") == std::fs::read(&home_before).expect("read"),
+        "home.img changed although the resize failed"
+    );
+    let opens = Command::new("cryptsetup")
+        .args(["open", "--disable-locks", "--test-passphrase", "--key-file"])
+        .arg(&key)
+        .arg(&after)
+        .status()
+        .expect("run cryptsetup");
+    assert!(opens.success(), "cryptsetup no longer opens home.img");
+    let plain = dir.path().join("home-plain.ext4");
+    luks_decrypt_to(&after, &plain, &passphrase);
+    e2fsck_clean(&plain);
 }
 
 /// `fsck.fat -n` on the stick's FAT partition.

@@ -32,6 +32,7 @@ mod home_cli;
 mod home_image;
 mod iso_reader;
 mod luks_cryptsetup;
+mod opened_once;
 mod overlay_cli;
 mod overlay_merge;
 mod overlay_ovl;

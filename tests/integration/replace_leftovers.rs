@@ -96,6 +96,11 @@ fn write_keeps_a_home_whose_chain_a_leftover_home_img_new_names() {
         err.contains("home.img.new named the clusters of /LiveOS/home.img"),
         "the repair is reported: {err}"
     );
+    let repaired = json_of(&out)["repaired"].to_string();
+    assert!(
+        repaired.contains("home.img.new named the clusters of /LiveOS/home.img"),
+        "and in the JSON report: {repaired}"
+    );
     let ls = fat_ls(&img, part, "LiveOS");
     assert!(!ls.to_lowercase().contains("home.img.new"), "{ls}");
     assert!(
@@ -608,5 +613,156 @@ fn overlay_status_clears_the_dirty_mark_and_says_so() {
     let mut s = Stick::open(&img, false).unwrap();
     assert!(!fat_raw::is_dirty(s.file_mut(), part).unwrap());
     drop(s);
+    fsck_fat(&img, part, len, dir.path());
+}
+
+#[test]
+fn a_dry_run_over_a_leftover_plans_the_repaired_stick_and_writes_nothing() {
+    if !require(have("mcopy") && have("fsck.fat"), "mtools, dosfstools") {
+        return;
+    }
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tempfile::tempdir().unwrap();
+    let img = home_stick(dir.path());
+    let dry = [
+        "write",
+        iso.to_str().unwrap(),
+        img.to_str().unwrap(),
+        "--dry-run",
+        "--json",
+    ];
+    let out = livestick(&dry);
+    ok(&out);
+    let clean = json_of(&out);
+    assert_eq!(clean["repaired"], serde_json::json!([]), "{clean}");
+    share_chain(&img, "/LiveOS/home.img", "/LiveOS/home.img.new");
+    let before = std::fs::read(&img).unwrap();
+
+    let out = livestick(&dry);
+    ok(&out);
+    let plan = json_of(&out);
+    let repaired = plan["repaired"].to_string();
+    assert!(
+        repaired.contains("home.img.new named the clusters of /LiveOS/home.img"),
+        "the plan says what the write will repair first: {repaired}"
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a dry run writes nothing, the repair included"
+    );
+    // The leftover names home.img's 16 MiB: the repair detaches it, so deleting it
+    // frees nothing and the plan counts nothing for it (what the repair does free is
+    // the one cluster the helper's empty file had, lost when its entry was rewritten).
+    let (left, was) = (
+        plan["space_available"].as_u64(),
+        clean["space_available"].as_u64(),
+    );
+    assert!(
+        left.unwrap() < was.unwrap() + (1 << 20),
+        "{left:?} vs {was:?}"
+    );
+    let table = livestick(&dry[..dry.len() - 1]);
+    ok(&table);
+    assert!(
+        String::from_utf8_lossy(&table.stdout).contains("repairs first: /LiveOS/home.img.new"),
+        "{}",
+        String::from_utf8_lossy(&table.stdout)
+    );
+    // The same figures as the plan after the repair has been done for real.
+    ok(&livestick(&["home", "info", img.to_str().unwrap()]));
+    let out = livestick(&dry);
+    ok(&out);
+    let after = json_of(&out);
+    assert_eq!(after["repaired"], serde_json::json!([]), "{after}");
+    for figure in ["space_available", "space_needed", "free_after"] {
+        assert_eq!(plan[figure], after[figure], "{figure}: {plan}");
+    }
+}
+
+/// Stops a `home resize` to `mib` MiB between its two directory writes, under an intent
+/// (the live directory must be crowded, so that the two entries are in two sectors).
+fn stop_a_resize_half_way(img: &Path, work: &Path, mib: u64) {
+    let out = std::process::Command::new(bin())
+        .args(["home", "resize", img.to_str().unwrap(), "--size-mb"])
+        .arg(mib.to_string())
+        .arg("--workdir")
+        .arg(work)
+        .env("LIVESTICK_FAILPOINT", "swap-half")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "stopped at the failpoint");
+    let (part, _) = stick_part(img);
+    let ls = fat_ls(img, part, "LiveOS");
+    assert!(
+        ls.contains(".livestick-replace"),
+        "the intent is on the stick: {ls}"
+    );
+}
+
+#[test]
+fn every_overlay_verb_and_write_report_the_repair_in_their_json() {
+    if !require(
+        ["mcopy", "fsck.fat", "resize2fs", "e2fsck"]
+            .iter()
+            .all(|t| have(t)),
+        "mtools, dosfstools, e2fsprogs",
+    ) {
+        return;
+    }
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("stick.img");
+    let (iso_s, img_s) = (iso.to_str().unwrap(), img.to_str().unwrap());
+    ok(&livestick(&[
+        "write",
+        iso_s,
+        img_s,
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "32",
+        "--home-size-mb",
+        "16",
+        "--unencrypted-home",
+        "--yes",
+    ]));
+    crowd_live_dir(&img);
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let verbs: [&[&str]; 4] = [
+        &["overlay", "status"],
+        &["overlay", "grow", "--add-mb", "8", "--yes"],
+        &["overlay", "recover", "--yes"],
+        &["overlay", "reset", "--yes"],
+    ];
+    let mut mib = 16;
+    for verb in verbs {
+        mib += 8;
+        stop_a_resize_half_way(&img, &work, mib);
+        let args = [verb, &[img_s, "--json"][..]].concat();
+        let out = livestick(&args);
+        ok(&out);
+        let repaired = json_of(&out)["repaired"].to_string();
+        assert!(
+            repaired.contains("the replacement of /LiveOS/home.img stopped half-way: completed"),
+            "{args:?}: {repaired}"
+        );
+        // Nothing left to repair: the next report says so with an empty list.
+        let out = livestick(&["overlay", "status", img_s, "--json"]);
+        ok(&out);
+        assert_eq!(json_of(&out)["repaired"], serde_json::json!([]), "{args:?}");
+    }
+    mib += 8;
+    stop_a_resize_half_way(&img, &work, mib);
+    let out = livestick(&["write", iso_s, img_s, "--yes", "--json"]);
+    ok(&out);
+    let repaired = json_of(&out)["repaired"].to_string();
+    assert!(
+        repaired.contains("stopped half-way: completed"),
+        "write: {repaired}"
+    );
+    let (part, len) = stick_part(&img);
+    let v = json_of(&livestick(&["home", "info", img_s, "--json"]));
+    assert_eq!(v["file_size"], mib << 20, "the grown home is the live one");
     fsck_fat(&img, part, len, dir.path());
 }

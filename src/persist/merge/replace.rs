@@ -459,7 +459,19 @@ pub enum ReplaceError {
 
 impl crate::error::Classify for ReplaceError {
     fn kind(&self) -> crate::error::ErrorKind {
-        crate::error::ErrorKind::Io
+        match self {
+            // `transparent`: opening the stick decides (a refusal is 3, a path the
+            // user may not open 2), as when a command opens it itself.
+            ReplaceError::Stick(e) => crate::error::Classify::kind(e),
+            _ => crate::error::ErrorKind::Io,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            ReplaceError::Stick(e) => crate::error::Classify::hint(e),
+            _ => self.kind().hint(),
+        }
     }
 }
 

@@ -33,7 +33,11 @@ pub enum Target {
     File,
 }
 
+/// Also the command's first look at its target: what the path names now is pinned
+/// (`target::pin`), so that every later open of it refuses a file swapped in since.
 pub fn target_of(path: &Path) -> Target {
+    // A path that cannot be looked at is not pinned; the open that follows says why.
+    let _ = crate::disk::target::pin(path);
     if crate::disk::stick::looks_like_stick(path) {
         Target::Stick
     } else if path.is_dir() {

@@ -1,0 +1,128 @@
+//! A target is what it was when the command first looked at it (issue 13, "targets
+//! opened once"): `LIVESTICK_FAILPOINT=after-probe` renames another file over the
+//! target right after that first look (`disk::target::pin`), as another process
+//! could; every later open then finds a different file and refuses it, so the file
+//! swapped in is never written. Without the pin, each open probes afresh and the
+//! swapped-in stick would be changed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::support::fixtures::synthetic_iso;
+use crate::support::*;
+
+/// A stick with a 32 MiB overlay and a plain 16 MiB home.
+fn stick(dir: &Path, name: &str) -> PathBuf {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let img = dir.join(name);
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        img.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "32",
+        "--home-size-mb",
+        "16",
+        "--unencrypted-home",
+        "--yes",
+    ]));
+    img
+}
+
+/// `livestick args` with `decoy` renamed over `target` right after the first look.
+fn with_swap(args: &[&str], decoy: &Path) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env("LIVESTICK_FAILPOINT", "after-probe")
+        .env("LIVESTICK_FAILPOINT_SWAP", decoy)
+        .output()
+        .expect("livestick runs")
+}
+
+/// Refused, and the file swapped in is byte for byte what it was.
+fn assert_refused_untouched(out: &Output, target: &Path, decoy_bytes: &[u8], exit: Option<i32>) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the swapped target was worked on: {err}"
+    );
+    if let Some(code) = exit {
+        assert_eq!(out.status.code(), Some(code), "{err}");
+        assert!(err.contains("changed after it was checked"), "{err}");
+    }
+    assert!(
+        std::fs::read(target).unwrap() == decoy_bytes,
+        "the file renamed over the target was written: {err}"
+    );
+}
+
+#[test]
+fn a_stick_swapped_after_the_first_look_is_never_written() {
+    if !require(have("mcopy") && have("fsck.fat"), "mtools, dosfstools") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let iso = synthetic_iso("fedora-classic.iso");
+    let target = stick(dir.path(), "target.img");
+    let original = stick(dir.path(), "original.img");
+    let t = target.to_str().unwrap();
+    let cases: [Vec<&str>; 4] = [
+        vec!["write", iso.to_str().unwrap(), t, "--yes"],
+        vec!["home", "resize", t, "--size-mb", "24", "--yes"],
+        vec!["overlay", "grow", t, "--add-mb", "8", "--yes"],
+        vec!["overlay", "reset", t, "--yes"],
+    ];
+    for args in cases {
+        // A fresh decoy each time: another stick, as a user might have plugged in.
+        let decoy = dir.path().join("decoy.img");
+        std::fs::copy(&original, &decoy).unwrap();
+        let decoy_bytes = std::fs::read(&decoy).unwrap();
+        let out = with_swap(&args, &decoy);
+        // `overlay` decides what the target is from the first look: a stick that is
+        // no longer there is not opened as one (refused as not an overlay, exit 2).
+        let exit = (args[0] != "overlay").then_some(3);
+        assert_refused_untouched(&out, &target, &decoy_bytes, exit);
+        let part = part_start(&target);
+        let len = std::fs::metadata(&target).unwrap().len() - part;
+        fsck_fat(&target, part, len, dir.path());
+    }
+}
+
+#[test]
+fn a_bare_home_file_swapped_after_the_first_look_is_never_written() {
+    if !require(have("mcopy") && have("resize2fs"), "mtools, e2fsprogs") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = stick(dir.path(), "stick.img");
+    let part = part_start(&img);
+    let home = dir.path().join("home.img");
+    fat_copy_out(&img, part, "LiveOS/home.img", &home);
+    let decoy = dir.path().join("decoy.img");
+    std::fs::copy(&home, &decoy).unwrap();
+    let decoy_bytes = std::fs::read(&decoy).unwrap();
+    let out = with_swap(
+        &[
+            "home",
+            "resize",
+            home.to_str().unwrap(),
+            "--size-mb",
+            "24",
+            "--yes",
+        ],
+        &decoy,
+    );
+    assert_refused_untouched(&out, &home, &decoy_bytes, Some(3));
+    // The control: without the swap the same command grows the file.
+    ok(&livestick(&[
+        "home",
+        "resize",
+        home.to_str().unwrap(),
+        "--size-mb",
+        "24",
+        "--yes",
+    ]));
+    assert_eq!(std::fs::metadata(&home).unwrap().len(), 24 << 20);
+}
