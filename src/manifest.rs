@@ -24,6 +24,7 @@ use thiserror::Error;
 
 use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat::{self, FatFs};
+use crate::disk::partition::PartitionError;
 use crate::disk::stick::{Stick, StickError};
 use crate::disk::target;
 use crate::plan::Plan;
@@ -122,12 +123,12 @@ pub enum ManifestError {
         path: String,
         found: u32,
     },
-    #[error("{stick}: {source}")]
-    Stick {
-        stick: PathBuf,
-        #[source]
-        source: StickError,
-    },
+    #[error(
+        "{stick} is not a stick livestick wrote: {reason}; there is no manifest to verify against"
+    )]
+    NotAStick { stick: PathBuf, reason: String },
+    #[error(transparent)]
+    Stick(StickError),
     #[error("{step}: {source}")]
     Io {
         step: String,
@@ -142,8 +143,9 @@ impl crate::error::Classify for ManifestError {
         match self {
             ManifestError::Missing { .. }
             | ManifestError::Damaged { .. }
-            | ManifestError::NewerSchema { .. } => ErrorKind::BadInput,
-            ManifestError::Stick { source, .. } => source.kind(),
+            | ManifestError::NewerSchema { .. }
+            | ManifestError::NotAStick { .. } => ErrorKind::BadInput,
+            ManifestError::Stick(source) => source.kind(),
             ManifestError::Io { .. } => ErrorKind::Io,
         }
     }
@@ -156,7 +158,7 @@ impl crate::error::Classify for ManifestError {
             ManifestError::Damaged { .. } => {
                 "the record itself is damaged, so nothing on the stick can be trusted to be what was written: rewrite the stick"
             }
-            ManifestError::Stick { source, .. } => source.hint(),
+            ManifestError::Stick(source) => source.hint(),
             _ => self.kind().hint(),
         }
     }
@@ -476,10 +478,7 @@ pub fn record_replacement_on_stick(
     size: u64,
     sha256: &str,
 ) -> Result<bool, ManifestError> {
-    let stick_err = |source| ManifestError::Stick {
-        stick: stick.to_path_buf(),
-        source,
-    };
+    let stick_err = ManifestError::Stick;
     let mut opened = Stick::open(stick, true).map_err(stick_err)?;
     opened
         .with_fs(|fs| {
@@ -529,11 +528,27 @@ pub struct Verifiable {
 
 /// Opens `path` read-only and reads its manifest: `Missing` when there is none.
 pub fn open_for_verify(path: &Path) -> Result<Verifiable, ManifestError> {
-    let stick_err = |source| ManifestError::Stick {
-        stick: path.to_path_buf(),
-        source,
-    };
-    let mut stick = Stick::open(path, false).map_err(stick_err)?;
+    let stick_err = ManifestError::Stick;
+    // A file or device without a FAT partition (random bytes, an empty file,
+    // another tool's layout) is the user's input, not a failing stick.
+    let mut stick = Stick::open(path, false).map_err(|e| match e {
+        StickError::Partition { source, .. }
+            if !matches!(&source, PartitionError::Io(io) if io.kind() != io::ErrorKind::UnexpectedEof) =>
+        {
+            ManifestError::NotAStick {
+                stick: path.to_path_buf(),
+                reason: match source {
+                    PartitionError::NoTable => "it has no partition table".to_string(),
+                    PartitionError::NoFatPartition => {
+                        "its partition table has no FAT partition".to_string()
+                    }
+                    PartitionError::Io(_) => "it is shorter than a partition table".to_string(),
+                    other => other.to_string(),
+                },
+            }
+        }
+        other => ManifestError::Stick(other),
+    })?;
     let found = stick
         .with_fs(|fs| {
             let files = fat::walk_files(fs, "").map_err(|source| StickError::Fat {
@@ -973,16 +988,29 @@ pub fn check_iso(
     mut progress: impl FnMut(u64),
 ) -> Result<IsoCheck, ManifestError> {
     let io_err = |step: String| move |source| ManifestError::Io { step, source };
+    let size = std::fs::metadata(iso)
+        .map_err(io_err(format!("reading {}", iso.display())))?
+        .len();
+    // On a `--multi` stick, the image written from an ISO of this size (else the
+    // newest): its identity is compared, and only its own live files with the ISO.
     let image = match live_dir {
         Some(dir) => manifest
             .images
             .iter()
             .find(|i| i.live_dir.eq_ignore_ascii_case(dir)),
-        None => manifest.images.last(),
+        None => manifest
+            .images
+            .iter()
+            .rev()
+            .find(|i| i.source.size == Some(size))
+            .or(manifest.images.last()),
     };
-    let size = std::fs::metadata(iso)
-        .map_err(io_err(format!("reading {}", iso.display())))?
-        .len();
+    let other_dirs: Vec<String> = manifest
+        .images
+        .iter()
+        .filter(|i| image.is_none_or(|chosen| !chosen.live_dir.eq_ignore_ascii_case(&i.live_dir)))
+        .map(|i| format!("/{}/", i.live_dir.trim_matches('/')).to_ascii_lowercase())
+        .collect();
     let mut file = File::open(iso).map_err(io_err(format!("opening {}", iso.display())))?;
     let mut image_iso = crate::source::iso::IsoImage::open(io::BufReader::new(
         file.try_clone()
@@ -1053,6 +1081,10 @@ pub fn check_iso(
         let Some(iso_path) = &f.iso_path else {
             continue;
         };
+        let lower = f.path.to_ascii_lowercase();
+        if other_dirs.iter().any(|d| lower.starts_with(d)) {
+            continue;
+        }
         let entry = image_iso.lookup(iso_path).ok().flatten();
         let Some(entry) = entry else {
             files_differing.push(format!("{} ({iso_path} is not on the ISO)", f.path));
