@@ -562,6 +562,15 @@ pub fn apply(
                 .map_err(ApplyError::fat(step))?;
                 written.push((config.dest.clone(), bytes.len() as u64, sum));
             }
+            // After every file it lists, so that it names exactly what was written.
+            crate::manifest::write_after_apply(
+                &fs,
+                plan,
+                written
+                    .iter()
+                    .map(|(path, size, sum)| (path.as_str(), *size, hex(&sum.sha256))),
+            )
+            .map_err(ApplyError::fat("writing the stick manifest"))?;
             fs.unmount()
                 .map_err(ApplyError::io("closing the FAT filesystem"))?;
         }

@@ -10,6 +10,9 @@ pub const SWAP: &str = "swap.img";
 /// livestick's record of the root image it wrote into the live directory, which
 /// lets a rewrite of the same image keep the overlay (`live_source::compare_root`).
 pub const ROOT_RECORD: &str = ".livestick";
+/// livestick's manifest of a stick (`manifest`): what was written, for `verify`.
+/// Never a live file to copy from a stick, never a stale one to delete.
+pub const MANIFEST: &str = "livestick.json";
 /// Every overlay's name starts with this; dracut looks for `overlay-<LABEL>-<UUID>`.
 pub const OVERLAY_PREFIX: &str = "overlay-";
 /// Where a nested root image sits inside squashfs.img (current name first).

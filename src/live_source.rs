@@ -42,6 +42,7 @@ fn is_persistence(name: &str) -> bool {
         || lower.ends_with(".new")
         || lower.ends_with(".old")
         || lower == layout::ROOT_RECORD
+        || lower == layout::MANIFEST
 }
 
 struct Found {

@@ -34,6 +34,8 @@ fn main() -> ExitCode {
         Command::Overlay { command } => commands::overlay::run(command, json),
         Command::Home { command } => commands::home::run(command, json),
         Command::Devices(args) => commands::devices::run(&args, json),
+        Command::Verify(args) => commands::verify::run(&args, json, quiet),
+        Command::Restore(args) => commands::restore::run(&args, json, quiet),
         Command::IsoToDisk(args) => {
             return ExitCode::from(run_compat(&args.args, "livestick iso-to-disk", json, quiet));
         }
@@ -122,7 +124,11 @@ fn finish(result: anyhow::Result<()>, step: &str, json: bool) -> u8 {
     let (kind, hint) = (verdict.kind, verdict.hint);
     let code = kind.exit_code();
     let causes: Vec<String> = err.chain().skip(1).map(|c| c.to_string()).collect();
-    if json {
+    // `verify` printed its whole report as the one JSON object already.
+    let reported = err
+        .downcast_ref::<livestick::manifest::NotIntact>()
+        .is_some();
+    if json && !reported {
         let value = serde_json::json!({
             "error": err.to_string(),
             "step": step,

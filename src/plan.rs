@@ -824,6 +824,7 @@ pub fn plan_write(
                     && !path.eq_ignore_ascii_case(&home_path)
                     && !path.eq_ignore_ascii_case(&format!("/{dir}/swap.img"))
                     && !path.eq_ignore_ascii_case(&record_path)
+                    && !path.eq_ignore_ascii_case(&format!("/{dir}/{}", layout::MANIFEST))
                 {
                     deletes.push(path.clone());
                 }

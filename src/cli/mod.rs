@@ -10,6 +10,8 @@ pub mod compat;
 pub mod devices;
 pub mod home;
 pub mod overlay;
+pub mod restore;
+pub mod verify;
 pub mod write;
 
 use std::ffi::OsString;
@@ -108,6 +110,16 @@ with its status; docs/compatibility.md explains each.",
         after_help = ISO_TO_DISK_EXAMPLES
     )]
     IsoToDisk(IsoToDiskArgs),
+    /// Check that a stick still holds what livestick wrote: every file re-read and hashed
+    #[command(
+        after_help = "Examples:\n  livestick verify /dev/sdb\n  livestick verify /dev/sdb --iso Fedora.iso --deep\n  livestick verify stick.img --json | jq .overall\n\nExit 0: intact. Exit 4: a file changed or missing, a persistence problem, or an ISO that does not match. Exit 2: no manifest (a stick written by another tool or an older livestick)."
+    )]
+    Verify(verify::VerifyArgs),
+    /// Turn a stick back into plain storage: one FAT32 (or exFAT) partition, no boot code
+    #[command(
+        after_help = "Examples:\n  livestick restore /dev/sdb\n  livestick restore /dev/sdb --label PHOTOS --save-home ~/home-backup.img\n  livestick restore /dev/sdb --fs exfat --yes"
+    )]
+    Restore(restore::RestoreArgs),
     /// Check the external programs each feature needs, and which package provides each
     #[command(
         after_help = "Examples:\n  livestick doctor\n  livestick doctor --json | jq '.programs[] | select(.found == false)'"
@@ -140,7 +152,9 @@ impl Command {
             | Command::Devices(_)
             | Command::Doctor(_)
             | Command::Completions(_)
-            | Command::Man(_) => true,
+            | Command::Man(_)
+            | Command::Verify(_) => true,
+            Command::Restore(args) => args.dry_run,
             Command::Write(args) => args.dry_run,
             Command::Home { command } => match command {
                 home::HomeCommand::Info(_) => true,
@@ -261,6 +275,9 @@ const CLASSIFIERS: &[Classifier] = &[
     classifier::<crate::disk::partition::PartitionError>,
     classifier::<crate::disk::stick::StickError>,
     classifier::<crate::disk::target::TargetError>,
+    classifier::<crate::manifest::ManifestError>,
+    classifier::<crate::manifest::NotIntact>,
+    classifier::<crate::restore::RestoreError>,
     classifier::<crate::persist::erofs::ErofsError>,
     classifier::<crate::persist::home::HomeError>,
     classifier::<crate::persist::home_stick::HomeStickError>,

@@ -6,6 +6,8 @@ pub mod home;
 pub mod inspect;
 pub mod man;
 pub mod overlay;
+pub mod restore;
+pub mod verify;
 pub mod write;
 
 use std::io::{BufRead, IsTerminal, Write};

@@ -707,10 +707,25 @@ fn run_merge_plan(plan: &merge::MergePlan, json: bool, path: &Path) -> anyhow::R
     let mut phases = Phases::new(progress(json, path));
     let done = merge::execute_merge(plan, &mut |p, d, t| phases.update(p, d, t));
     phases.bar.finish();
+    let done = done?;
+    // The stick's manifest names the new root image, so that `verify` stays true.
+    if let Some(stick) = &plan.stick
+        && let Err(e) = crate::manifest::record_replacement_on_stick(
+            &stick.stick,
+            &stick.squashfs,
+            done.new_squashfs_bytes,
+            &done.new_squashfs_sha256,
+        )
+    {
+        eprintln!(
+            "warning: the merge is complete, but the stick's manifest could not be updated ({e}); `livestick verify` will report {} as changed",
+            stick.squashfs
+        );
+    }
     print_report(
         &Merged {
             plan,
-            report: &done?,
+            report: &done,
         },
         json,
     )

@@ -654,6 +654,8 @@ fn every_command_exits_with_each_code_it_documents() {
         &["overlay", "recover", stick, "--dry-run"],
         &["home", "info", stick],
         &["home", "resize", stick, "--size-mb", "40", "--dry-run"],
+        &["verify", stick],
+        &["restore", stick, "--dry-run"],
     ] {
         exits_with(args, 0, "", none);
     }
@@ -672,6 +674,8 @@ fn every_command_exits_with_each_code_it_documents() {
         &["overlay", "recover"],
         &["home", "info"],
         &["home", "resize"],
+        &["verify"],
+        &["restore"],
     ] {
         exits_with(&[command, &["--bogus"]].concat(), 1, "usage", none);
     }
@@ -699,6 +703,10 @@ fn every_command_exits_with_each_code_it_documents() {
         &["home", "resize", missing, "--size-mb", "40"],
         &["home", "resize", stick, "--size-mb", "16"],
         &["home", "resize", stick, "--size-mb", "9999"],
+        &["verify", missing],
+        &["verify", random],
+        &["restore", missing, "--yes"],
+        &["restore", stick, "--label", "NOT A LABEL", "--yes"],
     ] {
         exits_with(args, 2, "bad-input", none);
     }
@@ -706,6 +714,7 @@ fn every_command_exits_with_each_code_it_documents() {
 
     // 3: refused — a change nobody confirmed (no terminal, no --yes).
     exits_with(&["overlay", "reset", stick], 3, "refused", none);
+    exits_with(&["restore", stick], 3, "refused", none);
 
     // 4: an external program that fails (a stand-in first on PATH).
     let tools = dir.path().join("failing-tools");
@@ -740,6 +749,37 @@ fn every_command_exits_with_each_code_it_documents() {
             "40",
             "--workdir",
             workdir,
+        ],
+        4,
+        "io",
+        failing,
+    );
+    // verify: a listed file that is no longer what was written (here a boot menu
+    // replaced with mtools). Its JSON is the report itself, with `exit_code`.
+    let damaged = dir.path().join("damaged.img");
+    std::fs::copy(stick, &damaged).unwrap();
+    let menu = dir.path().join("grub.cfg");
+    std::fs::write(&menu, "menuentry 'not what was written' {}\n").unwrap();
+    fat_put(&damaged, part_start(&damaged), &menu, "EFI/BOOT/grub.cfg");
+    let out = livestick(&["--json", "verify", damaged.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["exit_code"], 4);
+    assert_eq!(report["overall"], "damaged");
+    // restore: mkfs.exfat that fails (a stand-in first on PATH).
+    let mkfs = tools.join("mkfs.exfat");
+    std::fs::write(&mkfs, "#!/bin/sh\nexit 1\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&mkfs, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    exits_with(
+        &[
+            "restore",
+            damaged.to_str().unwrap(),
+            "--fs",
+            "exfat",
+            "--yes",
         ],
         4,
         "io",

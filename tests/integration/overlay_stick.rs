@@ -236,6 +236,28 @@ fn merge_on_a_stick_replaces_squashfs_and_resets_the_overlay() {
     .unwrap();
     let new_sq = fat_read(&t.img, t.part, "LiveOS/squashfs.img");
     assert!(new_sq != old_sq, "squashfs.img replaced");
+    // The manifest names the new image, so `verify` finds the stick intact.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fat_read(&t.img, t.part, "LiveOS/livestick.json")).unwrap();
+    let entry = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "/LiveOS/squashfs.img")
+        .unwrap();
+    assert_eq!(entry["kind"], "merged");
+    assert_eq!(entry["size"], new_sq.len());
+    assert_eq!(
+        entry["sha256"].as_str().unwrap(),
+        crate::support::dm_snapshot::sha256_hex(&new_sq)
+    );
+    let verified = livestick(&["verify", t.s()]);
+    assert_eq!(
+        verified.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
     assert!(
         rootfs_on(&t) == after,
         "merged root image = the booted view"

@@ -1,0 +1,174 @@
+//! `livestick restore STICK`: back to plain storage. Arguments → safety checks →
+//! inspect → plan → confirm → save home → apply → report; the library side is
+//! `restore`.
+
+use std::io::IsTerminal;
+
+use anyhow::bail;
+use serde::Serialize;
+
+use crate::cli::restore::{RestoreArgs, RestoreFs};
+use crate::disk::target::{self, TargetKind};
+use crate::error::{BadInput, CannotOpen};
+use crate::progress::{Progress, ProgressMode};
+use crate::restore::{self, PlainFs, RestoreOptions, RestorePlan};
+use crate::size::human;
+
+pub fn run(a: &RestoreArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
+    let probe = target::probe(&a.target)?;
+    if !probe.exists {
+        return Err(CannotOpen {
+            path: a.target.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or device"),
+        }
+        .into());
+    }
+    // The rules of `write`, before anything is opened for writing (dry runs too).
+    target::check_safe(&probe, a.force)?;
+    let found = restore::inspect(&probe)?;
+    let (save_home_exists, save_home_on_stick, save_home_free) = match &a.save_home {
+        Some(file) => (
+            std::fs::symlink_metadata(file).is_ok(),
+            restore::on_the_stick(file, &a.target)?,
+            free_bytes_for(file),
+        ),
+        None => (false, None, None),
+    };
+    let fs = match a.fs {
+        RestoreFs::Fat32 => PlainFs::Fat32,
+        RestoreFs::Exfat => PlainFs::Exfat,
+    };
+    let opts = RestoreOptions {
+        label: a.label.clone(),
+        fs,
+        save_home: a.save_home.clone(),
+        mkfs_exfat: crate::tools::find_program(&restore::MKFS_EXFAT).is_ok(),
+        save_home_exists,
+        save_home_on_stick,
+        save_home_free,
+        volume_id: rand::random(),
+    };
+    let plan = restore::plan(&probe, found, &opts)?;
+    if a.dry_run {
+        return print_plan(&plan, json);
+    }
+    if !json && !quiet {
+        eprintln!("{}", plan.found.description);
+    }
+    let question = format!(
+        "{} Lost: {}.",
+        target::confirm_text(&probe),
+        plan.lost.join("; ")
+    );
+    if !super::confirm(&question, a.yes)? {
+        bail!(BadInput("not confirmed; nothing was written".into()));
+    }
+    let mode = if json {
+        ProgressMode::Json
+    } else if quiet || !std::io::stderr().is_terminal() {
+        ProgressMode::Quiet
+    } else {
+        ProgressMode::Bar
+    };
+    let progress = Progress::new(mode, a.target.display().to_string());
+    let saved = match &plan.save_home {
+        Some((home, to)) => {
+            let size = plan.found.home.as_ref().map(|h| h.1).unwrap_or(0);
+            progress.phase("save-home", size);
+            Some(restore::save_home(&probe, home, to, |n| progress.inc(n))?)
+        }
+        None => None,
+    };
+    progress.phase("restore", 0);
+    let mut report = restore::apply(&plan, &probe)?;
+    progress.finish();
+    report.saved_home = saved;
+    if json {
+        crate::outln!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    if let Some(s) = &report.saved_home {
+        crate::outln!(
+            "saved:       {} → {} ({}, sha256 {})",
+            s.from,
+            s.to.display(),
+            human(s.size),
+            s.sha256
+        );
+    }
+    crate::outln!(
+        "restored:    {}: one {} partition of {} (MBR, from 1 MiB, no boot code), label {}{}",
+        report.target.display(),
+        report.fs,
+        human(report.partition_len),
+        report.label,
+        report
+            .fs_uuid
+            .as_ref()
+            .map(|u| format!(", UUID {u}"))
+            .unwrap_or_default()
+    );
+    crate::outln!(
+        "verified:    {} written and read back",
+        human(report.bytes_written)
+    );
+    if probe.kind == TargetKind::BlockDevice {
+        crate::outln!(
+            "             replug the stick if the system does not show the new partition"
+        );
+    }
+    Ok(())
+}
+
+/// Free bytes in the directory `file` will be created in, when it can be asked.
+fn free_bytes_for(file: &std::path::Path) -> Option<u64> {
+    let dir = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let stat = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(stat.blocks_available() as u64 * stat.fragment_size() as u64)
+}
+
+#[derive(Serialize)]
+struct DryRun<'a> {
+    dry_run: bool,
+    plan: &'a RestorePlan,
+}
+
+fn print_plan(plan: &RestorePlan, json: bool) -> anyhow::Result<()> {
+    if json {
+        crate::outln!(
+            "{}",
+            serde_json::to_string_pretty(&DryRun {
+                dry_run: true,
+                plan
+            })?
+        );
+        return Ok(());
+    }
+    crate::outln!(
+        "target:      {} ({})",
+        plan.target.display(),
+        human(plan.size)
+    );
+    crate::outln!("found:       {}", plan.found.description);
+    crate::outln!(
+        "new layout:  MBR, one {} partition from 1 MiB, {} ({} bytes), label {}, no boot code, no boot flag",
+        plan.fs,
+        human(plan.partition_len),
+        plan.partition_len,
+        plan.label
+    );
+    if let Some((home, to)) = &plan.save_home {
+        crate::outln!("save first:  {home} → {} (checked by sha256)", to.display());
+    }
+    for l in &plan.lost {
+        crate::outln!("lost:        {l}");
+    }
+    crate::outln!("dry run: nothing was written");
+    Ok(())
+}

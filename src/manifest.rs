@@ -1,0 +1,1239 @@
+//! The stick manifest, `<live dir>/livestick.json`: what livestick wrote on a stick,
+//! so that `livestick verify` can tell a month later whether the stick still holds it.
+//!
+//! It lists the source (ISO name, size, implanted MD5, label), the layout (table,
+//! partition, FAT label and serial), every file livestick copied or rendered with its
+//! size and sha256 (the hashes `apply` computed while writing: nothing is read again
+//! to make it), and the persistence files by name and size only (their content is the
+//! user's, and changes by design).
+//!
+//! Every command that changes a listed file keeps it true: `write` (also
+//! re-provisioning, `--skipcopy` and `--multi`, which keep the entries of files they
+//! leave alone) through [`updated`], `overlay merge` through [`record_replacement`].
+//! `LiveOS/.livestick` (`live_source::RootRecord`) stays beside it: it answers one
+//! cheap question before planning (is the root image the one this ISO has?) with the
+//! first and last 64 KiB hash this manifest does not need.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::disk::extent_file::ExtentFile;
+use crate::disk::fat::{self, FatFs};
+use crate::disk::partition::PartitionError;
+use crate::disk::stick::{Stick, StickError};
+use crate::disk::target;
+use crate::plan::Plan;
+use crate::source::checksum::hex;
+
+/// The manifest's file name in the live directory.
+pub const FILE_NAME: &str = crate::layout::MANIFEST;
+/// Bumped when a field changes meaning; readers refuse a newer schema.
+pub const SCHEMA: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema: u32,
+    /// The livestick that last changed the stick.
+    pub livestick_version: String,
+    /// When the manifest was last rewritten (UTC, RFC 3339).
+    pub updated_at: String,
+    /// One per live directory written (`--multi` adds one).
+    pub images: Vec<ImageRecord>,
+    pub layout: LayoutRecord,
+    /// Every file livestick copied or rendered, by path on the FAT file system.
+    pub files: Vec<FileRecord>,
+    /// Overlay, home and swap as written: names and sizes, never hashes.
+    pub persistence: Vec<PersistRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub live_dir: String,
+    pub source: SourceRecord,
+    pub written_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRecord {
+    /// The ISO's file name (or the source stick's path).
+    pub name: String,
+    pub size: Option<u64>,
+    /// sha256 of the whole ISO, when a write computed it.
+    pub sha256: Option<String>,
+    /// The MD5 implanted in the ISO, when it has one.
+    pub implanted_md5: Option<String>,
+    /// The ISO's volume label.
+    pub label: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayoutRecord {
+    /// `mbr` or `gpt`.
+    pub table: String,
+    pub partition_start: u64,
+    pub partition_len: u64,
+    pub fs_label: String,
+    /// The FAT volume serial, as dracut's `UUID=` names it (`B494-8509`).
+    pub fs_uuid: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    /// Where the bytes came from: the path inside the ISO for copied files; `None` for
+    /// rendered boot configurations and files from the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iso_path: Option<String>,
+    /// `copied`, `config` or `merged` (a root image `overlay merge` rebuilt).
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistRecord {
+    pub path: String,
+    /// `overlay`, `home` or `swap`.
+    pub kind: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    #[error(
+        "{stick} has no livestick manifest (LiveOS/{FILE_NAME}): it was written by an older livestick or by another tool, so there is no record to verify against"
+    )]
+    Missing { stick: PathBuf },
+    #[error("the manifest {path} on {stick} cannot be read: {reason}")]
+    Damaged {
+        stick: PathBuf,
+        path: String,
+        reason: String,
+    },
+    #[error(
+        "the manifest {path} on {stick} has schema {found}; this livestick reads schema {SCHEMA} — update livestick"
+    )]
+    NewerSchema {
+        stick: PathBuf,
+        path: String,
+        found: u32,
+    },
+    #[error(
+        "{stick} is not a stick livestick wrote: {reason}; there is no manifest to verify against"
+    )]
+    NotAStick { stick: PathBuf, reason: String },
+    #[error(transparent)]
+    Stick(StickError),
+    #[error("{step}: {source}")]
+    Io {
+        step: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl crate::error::Classify for ManifestError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            ManifestError::Missing { .. }
+            | ManifestError::Damaged { .. }
+            | ManifestError::NewerSchema { .. }
+            | ManifestError::NotAStick { .. } => ErrorKind::BadInput,
+            ManifestError::Stick(source) => source.kind(),
+            ManifestError::Io { .. } => ErrorKind::Io,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            ManifestError::Missing { .. } => {
+                "rewrite the stick with this livestick (`livestick write ISO STICK`) to give it a manifest; `livestick overlay status` and `livestick home info` still report its persistence"
+            }
+            ManifestError::Damaged { .. } => {
+                "the record itself is damaged, so nothing on the stick can be trusted to be what was written: rewrite the stick"
+            }
+            ManifestError::Stick(source) => source.hint(),
+            _ => self.kind().hint(),
+        }
+    }
+}
+
+/// The stick is not what was written: exit 4 (docs/exit-codes.md), after the
+/// report has been printed.
+#[derive(Debug, Error)]
+#[error("{stick}: {summary}")]
+pub struct NotIntact {
+    pub stick: String,
+    pub summary: String,
+}
+
+impl crate::error::Classify for NotIntact {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Io
+    }
+
+    fn hint(&self) -> &'static str {
+        "the files listed as changed or missing are not what was written: the stick is failing or was changed by something else — rewrite it (`livestick write ISO STICK`), or replace it if the check fails again"
+    }
+}
+
+/// The manifest as stored: pretty JSON, one file per line of `files`.
+pub fn render(manifest: &Manifest) -> String {
+    let mut text = serde_json::to_string_pretty(manifest).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// Reads a stored manifest; `Err` names what is wrong with it.
+pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
+    #[derive(Deserialize)]
+    struct Version {
+        schema: u32,
+    }
+    let version: Version = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if version.schema > SCHEMA {
+        return Err(format!("schema {}", version.schema));
+    }
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
+}
+
+/// Now, in UTC, as RFC 3339 (`2026-12-06T12:07:20Z`).
+pub fn now_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    utc_text(secs)
+}
+
+/// Seconds since the epoch as RFC 3339 UTC (civil date from days, Howard Hinnant's
+/// algorithm: no time-zone database needed for UTC).
+fn utc_text(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// What one write adds: its image, its layout, the files it wrote and its
+/// persistence files.
+pub struct WriteRecord {
+    pub image: ImageRecord,
+    pub layout: LayoutRecord,
+    pub files: Vec<FileRecord>,
+    pub persistence: Vec<PersistRecord>,
+}
+
+/// The record of `plan` once written: `written` holds each file's path, size and
+/// sha256 as `apply` hashed it while writing.
+pub fn record_of_write<'a>(
+    plan: &Plan,
+    written: impl IntoIterator<Item = (&'a str, u64, String)>,
+    now: &str,
+) -> WriteRecord {
+    let iso_path_of = |dest: &str| {
+        plan.copies
+            .iter()
+            .find(|c| c.dest.eq_ignore_ascii_case(dest))
+            .and_then(|c| match &c.source {
+                crate::plan::CopySource::Iso { path } => Some(path.clone()),
+                crate::plan::CopySource::Host { .. } => None,
+            })
+    };
+    let is_config = |dest: &str| {
+        plan.configs
+            .iter()
+            .any(|c| c.dest.eq_ignore_ascii_case(dest))
+    };
+    let files = written
+        .into_iter()
+        .map(|(path, size, sha256)| FileRecord {
+            path: path.to_string(),
+            size,
+            sha256,
+            iso_path: iso_path_of(path),
+            kind: if is_config(path) { "config" } else { "copied" }.to_string(),
+        })
+        .collect();
+    let mut persistence = Vec::new();
+    if let Some(o) = &plan.overlay {
+        persistence.push(persist(&o.path, "overlay", o.size));
+    } else if let Some(k) = &plan.kept_overlay {
+        persistence.push(persist(&k.to, "overlay", k.size));
+    }
+    if let Some(h) = &plan.home {
+        persistence.push(persist(&h.path, "home", h.size));
+    }
+    if let Some(s) = &plan.swap {
+        persistence.push(persist(&s.path, "swap", s.size));
+    }
+    let name = plan
+        .source
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| plan.source.display().to_string());
+    WriteRecord {
+        image: ImageRecord {
+            live_dir: plan.live_dir.clone(),
+            source: SourceRecord {
+                name,
+                size: std::fs::metadata(&plan.source)
+                    .ok()
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len()),
+                sha256: None,
+                implanted_md5: plan.root_record.as_ref().and_then(|r| r.iso_md5.clone()),
+                label: plan.source_label.clone(),
+            },
+            written_at: now.to_string(),
+        },
+        layout: LayoutRecord {
+            table: plan.table.to_string().to_ascii_lowercase(),
+            partition_start: plan.partition_start,
+            partition_len: plan.partition_len,
+            fs_label: plan.label.clone(),
+            fs_uuid: plan.fs_uuid.clone(),
+        },
+        files,
+        persistence,
+    }
+}
+
+fn persist(path: &str, kind: &str, size: u64) -> PersistRecord {
+    PersistRecord {
+        path: path.to_string(),
+        kind: kind.to_string(),
+        size,
+    }
+}
+
+/// The manifest after a write: the write's record, plus what the previous manifest
+/// (if any) said about files this write left alone. `on_stick` gives the size a
+/// path has on the stick now (`None`: gone); an old entry survives only if its file
+/// is still there with the recorded size and the write neither rewrote nor deleted
+/// it — the write's deletes have already happened when this is called.
+pub fn updated(
+    previous: Option<Manifest>,
+    write: WriteRecord,
+    on_stick: impl Fn(&str) -> Option<u64>,
+    now: &str,
+) -> Manifest {
+    let same = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+    let mut files = write.files;
+    let mut persistence = write.persistence;
+    let mut images = vec![write.image];
+    if let Some(old) = previous {
+        let kept: Vec<FileRecord> = old
+            .files
+            .into_iter()
+            .filter(|f| !files.iter().any(|n| same(&n.path, &f.path)))
+            .filter(|f| on_stick(&f.path) == Some(f.size))
+            .collect();
+        files.splice(0..0, kept);
+        let kept_persist: Vec<PersistRecord> = old
+            .persistence
+            .into_iter()
+            .filter(|p| !persistence.iter().any(|n| same(&n.path, &p.path)))
+            .filter_map(|mut p| {
+                p.size = on_stick(&p.path)?;
+                Some(p)
+            })
+            .collect();
+        persistence.splice(0..0, kept_persist);
+        let live_dir = images[0].live_dir.clone();
+        images.splice(
+            0..0,
+            old.images
+                .into_iter()
+                .filter(|i| !same(&i.live_dir, &live_dir)),
+        );
+    }
+    Manifest {
+        schema: SCHEMA,
+        livestick_version: env!("CARGO_PKG_VERSION").to_string(),
+        updated_at: now.to_string(),
+        images,
+        layout: write.layout,
+        files,
+        persistence,
+    }
+}
+
+/// Where the manifest of the FAT file system `fs` is: `/LiveOS/livestick.json`, or
+/// the one in another top-level directory (`--livedir`).
+pub fn find<F: Read + Write + Seek>(fs: &FatFs<'_, F>) -> Option<String> {
+    let preferred = format!("/LiveOS/{FILE_NAME}");
+    if fat::exists(fs, &preferred) {
+        return Some(preferred);
+    }
+    fat::list_dir(fs, "")
+        .into_iter()
+        .filter(|e| e.is_dir)
+        .map(|e| format!("{}/{FILE_NAME}", e.path.trim_end_matches('/')))
+        .find(|path| fat::exists(fs, path))
+}
+
+/// Reads the manifest of `fs`, if it has a readable one.
+pub fn read<F: Read + Write + Seek>(fs: &FatFs<'_, F>) -> Option<(String, Manifest)> {
+    let path = find(fs)?;
+    let bytes = fat::read_file(fs, &path).ok()?;
+    parse(&bytes).ok().map(|m| (path, m))
+}
+
+/// Writes the manifest of a write that just put its files on `fs`: called by
+/// `apply` after the copies and configs, before the read-back (which then checks
+/// the manifest's own bytes with the other metadata). `written` as in
+/// [`record_of_write`].
+pub fn write_after_apply<'a, F: Read + Write + Seek>(
+    fs: &FatFs<'_, F>,
+    plan: &Plan,
+    written: impl IntoIterator<Item = (&'a str, u64, String)>,
+) -> Result<String, fat::FatError> {
+    let now = now_utc();
+    let record = record_of_write(plan, written, &now);
+    let previous = read(fs);
+    let path = match &previous {
+        // `--multi` or a rewrite: one manifest per stick, where it already is.
+        Some((path, _)) => path.clone(),
+        None => format!("/{}/{FILE_NAME}", plan.live_dir.trim_matches('/')),
+    };
+    let files = fat::walk_files(fs, "")?;
+    let on_stick = |p: &str| {
+        files
+            .iter()
+            .find(|e| e.path.eq_ignore_ascii_case(p))
+            .map(|e| e.size)
+    };
+    let mut record = record;
+    if let Some(home) = &plan.kept_home
+        && let Some(size) = on_stick(home)
+    {
+        record.persistence.push(persist(home, "home", size));
+    }
+    let manifest = updated(previous.map(|(_, m)| m), record, on_stick, &now);
+    let text = render(&manifest);
+    fat::write_file(fs, &path, &mut text.as_bytes(), text.len() as u64, |_| {})?;
+    Ok(path)
+}
+
+/// After `overlay merge` swapped in a new root image: its entry now names the new
+/// size and sha256 (kind `merged`, no ISO path: it no longer matches the ISO). A
+/// stick without a manifest is left without one.
+pub fn record_replacement<F: Read + Write + Seek>(
+    fs: &FatFs<'_, F>,
+    path: &str,
+    size: u64,
+    sha256: &str,
+) -> Result<bool, fat::FatError> {
+    let Some((at, mut manifest)) = read(fs) else {
+        return Ok(false);
+    };
+    let entry = FileRecord {
+        path: path.to_string(),
+        size,
+        sha256: sha256.to_string(),
+        iso_path: None,
+        kind: "merged".to_string(),
+    };
+    match manifest
+        .files
+        .iter_mut()
+        .find(|f| f.path.eq_ignore_ascii_case(path))
+    {
+        Some(f) => *f = entry,
+        None => manifest.files.push(entry),
+    }
+    manifest.updated_at = now_utc();
+    manifest.livestick_version = env!("CARGO_PKG_VERSION").to_string();
+    let text = render(&manifest);
+    fat::write_file(fs, &at, &mut text.as_bytes(), text.len() as u64, |_| {})?;
+    Ok(true)
+}
+
+/// [`record_replacement`] on the stick at `stick` (opened for writing through the
+/// maintenance checks and `O_EXCL`): called after `overlay merge` swapped in a new
+/// root image. `Ok(false)` when the stick has no manifest.
+pub fn record_replacement_on_stick(
+    stick: &Path,
+    path: &str,
+    size: u64,
+    sha256: &str,
+) -> Result<bool, ManifestError> {
+    let stick_err = ManifestError::Stick;
+    let mut opened = Stick::open(stick, true).map_err(stick_err)?;
+    opened
+        .with_fs(|fs| {
+            record_replacement(fs, path, size, sha256).map_err(|source| StickError::Fat {
+                path: stick.to_path_buf(),
+                source,
+            })
+        })
+        .map_err(stick_err)
+}
+
+// ---------------------------------------------------------------------------------
+// verify: read every listed file back from the stick
+
+/// What `verify` found for one listed file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileState {
+    Intact,
+    Changed,
+    Missing,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileCheck {
+    pub path: String,
+    pub state: FileState,
+    pub recorded_size: u64,
+    /// Size on the stick now (`None` when missing).
+    pub size: Option<u64>,
+    pub recorded_sha256: String,
+    /// sha256 read from the stick now (`None` when missing or of another size).
+    pub sha256: Option<String>,
+    /// Why it is changed or missing, for people.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A stick opened for `verify` with its manifest.
+pub struct Verifiable {
+    pub stick: Stick,
+    pub manifest_path: String,
+    pub manifest: Manifest,
+    /// Every file on the FAT file system now (path, size).
+    pub files: Vec<(String, u64)>,
+}
+
+/// Opens `path` read-only and reads its manifest: `Missing` when there is none.
+pub fn open_for_verify(path: &Path) -> Result<Verifiable, ManifestError> {
+    let stick_err = ManifestError::Stick;
+    // A file or device without a FAT partition (random bytes, an empty file,
+    // another tool's layout) is the user's input, not a failing stick.
+    let mut stick = Stick::open(path, false).map_err(|e| match e {
+        StickError::Partition { source, .. }
+            if !matches!(&source, PartitionError::Io(io) if io.kind() != io::ErrorKind::UnexpectedEof) =>
+        {
+            ManifestError::NotAStick {
+                stick: path.to_path_buf(),
+                reason: match source {
+                    PartitionError::NoTable => "it has no partition table".to_string(),
+                    PartitionError::NoFatPartition => {
+                        "its partition table has no FAT partition".to_string()
+                    }
+                    PartitionError::Io(_) => "it is shorter than a partition table".to_string(),
+                    other => other.to_string(),
+                },
+            }
+        }
+        other => ManifestError::Stick(other),
+    })?;
+    let found = stick
+        .with_fs(|fs| {
+            let files = fat::walk_files(fs, "").map_err(|source| StickError::Fat {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let manifest = find(fs).map(|p| {
+                let bytes = fat::read_file(fs, &p).map_err(|e| e.to_string());
+                (p, bytes)
+            });
+            Ok((files, manifest))
+        })
+        .map_err(stick_err)?;
+    let (files, manifest) = found;
+    let Some((manifest_path, bytes)) = manifest else {
+        return Err(ManifestError::Missing {
+            stick: path.to_path_buf(),
+        });
+    };
+    let damaged = |reason: String| ManifestError::Damaged {
+        stick: path.to_path_buf(),
+        path: manifest_path.clone(),
+        reason,
+    };
+    let bytes = bytes.map_err(damaged)?;
+    let manifest = match parse(&bytes) {
+        Ok(m) => m,
+        Err(reason) => {
+            #[derive(Deserialize)]
+            struct Version {
+                schema: u32,
+            }
+            if let Ok(v) = serde_json::from_slice::<Version>(&bytes)
+                && v.schema > SCHEMA
+            {
+                return Err(ManifestError::NewerSchema {
+                    stick: path.to_path_buf(),
+                    path: manifest_path,
+                    found: v.schema,
+                });
+            }
+            return Err(damaged(reason));
+        }
+    };
+    Ok(Verifiable {
+        stick,
+        manifest_path,
+        manifest,
+        files: files.into_iter().map(|e| (e.path, e.size)).collect(),
+    })
+}
+
+impl Verifiable {
+    /// Reads every listed file from the device, page cache dropped first so that
+    /// the bytes come from the stick, not from memory; `progress` gets byte counts.
+    pub fn check_files(
+        &mut self,
+        mut progress: impl FnMut(u64),
+    ) -> Result<Vec<FileCheck>, ManifestError> {
+        let kind = self.stick.probe.kind;
+        target::sync_and_drop_cache(self.stick.file_mut(), kind).map_err(|source| {
+            ManifestError::Io {
+                step: format!("dropping the page cache of {}", self.stick.path.display()),
+                source,
+            }
+        })?;
+        let records = self.manifest.files.clone();
+        let mut checks = Vec::with_capacity(records.len());
+        for record in records {
+            let now = self
+                .files
+                .iter()
+                .find(|(p, _)| p.eq_ignore_ascii_case(&record.path))
+                .map(|(_, s)| *s);
+            let mut check = FileCheck {
+                path: record.path.clone(),
+                state: FileState::Intact,
+                recorded_size: record.size,
+                size: now,
+                recorded_sha256: record.sha256.clone(),
+                sha256: None,
+                detail: None,
+            };
+            match now {
+                None => {
+                    check.state = FileState::Missing;
+                    check.detail = Some("not on the stick".into());
+                }
+                Some(size) if size != record.size => {
+                    check.state = FileState::Changed;
+                    check.detail = Some(format!(
+                        "{size} bytes on the stick, {} written{}",
+                        record.size,
+                        if size < record.size {
+                            " (truncated)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+                Some(size) => match self.sha256_of(&record.path, size, &mut progress) {
+                    Ok(sum) => {
+                        if sum != record.sha256 {
+                            check.state = FileState::Changed;
+                            check.detail = Some("its bytes differ from what was written".into());
+                        }
+                        check.sha256 = Some(sum);
+                    }
+                    Err(e) => {
+                        check.state = FileState::Changed;
+                        check.detail = Some(format!("could not be read back: {e}"));
+                    }
+                },
+            }
+            checks.push(check);
+        }
+        Ok(checks)
+    }
+
+    fn sha256_of(
+        &mut self,
+        path: &str,
+        size: u64,
+        progress: &mut impl FnMut(u64),
+    ) -> Result<String, String> {
+        let extents = self.stick.file_extents(path).map_err(|e| e.to_string())?;
+        let on_stick: u64 = extents.iter().map(|e| e.1).sum();
+        if on_stick < size {
+            return Err(format!(
+                "its cluster chain holds {on_stick} of its {size} bytes"
+            ));
+        }
+        let mut reader = ExtentFile::new(self.stick.file_mut(), &extents);
+        let mut hasher = Sha256::new();
+        // Large requests, as the write's read-back makes: a USB bus streams them.
+        let mut buf = vec![0u8; 4 << 20];
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            reader
+                .read_exact(&mut buf[..want])
+                .map_err(|e| e.to_string())?;
+            hasher.update(&buf[..want]);
+            progress(want as u64);
+            left -= want as u64;
+        }
+        Ok(hex(&hasher.finalize()))
+    }
+
+    /// The device or image being verified.
+    pub fn file(&mut self) -> &mut File {
+        self.stick.file_mut()
+    }
+}
+
+/// What `verify` says about one persistence file: reported, never hashed.
+#[derive(Debug, Clone, Serialize)]
+pub struct PersistCheck {
+    pub path: String,
+    /// `overlay`, `home` or `swap`.
+    pub kind: String,
+    pub size: u64,
+    /// The size the manifest recorded, when it lists the file.
+    pub recorded_size: Option<u64>,
+    /// What its format says, as `overlay status` and `home info` report it.
+    pub status: String,
+    /// Bytes of changes or data it holds, when readable.
+    pub used: Option<u64>,
+    /// False when its format could not be read or the check found problems.
+    pub ok: bool,
+    /// The file-system-level check (`--deep`): `None` without `--deep`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deep: Option<DeepCheck>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeepCheck {
+    /// `Some(true)` clean, `Some(false)` problems found, `None` not checked.
+    pub clean: Option<bool>,
+    pub detail: String,
+}
+
+impl Verifiable {
+    /// The overlay, home and swap files in each live directory the manifest names,
+    /// as found on the stick now. With `deep`, `e2fsck -fn` runs on each ext4 (home,
+    /// OverlayFS overlay) in place through `device?offset=N` (read-only), and a
+    /// dm-snapshot store's exceptions are all read and validated.
+    pub fn check_persistence(&mut self, deep: bool) -> Vec<PersistCheck> {
+        let mut dirs: Vec<String> = self
+            .manifest
+            .images
+            .iter()
+            .map(|i| format!("/{}/", i.live_dir.trim_matches('/')).to_ascii_lowercase())
+            .collect();
+        dirs.dedup();
+        let found: Vec<(String, u64, &'static str)> = self
+            .files
+            .iter()
+            .filter_map(|(path, size)| {
+                let lower = path.to_ascii_lowercase();
+                let (dir, name) = lower.rsplit_once('/')?;
+                if !dirs.iter().any(|d| d.trim_end_matches('/') == dir) {
+                    return None;
+                }
+                let kind = if crate::layout::is_overlay_name(name) {
+                    "overlay"
+                } else if name == crate::layout::HOME {
+                    "home"
+                } else if name == crate::layout::SWAP {
+                    "swap"
+                } else {
+                    return None;
+                };
+                Some((path.clone(), *size, kind))
+            })
+            .collect();
+        found
+            .into_iter()
+            .map(|(path, size, kind)| {
+                let recorded_size = self
+                    .manifest
+                    .persistence
+                    .iter()
+                    .find(|p| p.path.eq_ignore_ascii_case(&path))
+                    .map(|p| p.size);
+                let mut check = PersistCheck {
+                    path: path.clone(),
+                    kind: kind.to_string(),
+                    size,
+                    recorded_size,
+                    status: String::new(),
+                    used: None,
+                    ok: true,
+                    deep: None,
+                };
+                if let Err(e) = self.describe(&mut check, deep) {
+                    check.ok = false;
+                    check.status = format!("could not be read: {e}");
+                }
+                check
+            })
+            .collect()
+    }
+
+    fn describe(&mut self, check: &mut PersistCheck, deep: bool) -> Result<(), String> {
+        use crate::persist::{home, overlay::store, snapshot};
+        let extents = self
+            .stick
+            .file_extents(&check.path)
+            .map_err(|e| e.to_string())?;
+        let device = self.stick.path.clone();
+        let mut file = ExtentFile::new(self.stick.file_mut(), &extents);
+        let in_place = file
+            .contiguous_offset()
+            .filter(|_| !device.as_os_str().to_string_lossy().contains('?'))
+            .map(|offset| format!("{}?offset={offset}", device.display()));
+        let fsck = |what: &str| match &in_place {
+            Some(spec) => e2fsck_read_only(spec),
+            None => DeepCheck {
+                clean: None,
+                detail: format!(
+                    "not checked: {what} is fragmented on the stick, and e2fsck reads a file in place only when it is one run"
+                ),
+            },
+        };
+        match check.kind.as_str() {
+            "overlay" if store::is_ext4(&mut file) => {
+                let info =
+                    store::overlay_info(&mut file).ok_or("its ext4 superblock cannot be read")?;
+                check.used = Some(info.used_bytes);
+                check.status = format!(
+                    "OverlayFS overlay (ext4): {} of {} used",
+                    crate::size::human(info.used_bytes),
+                    crate::size::human(info.size_bytes)
+                );
+                if deep {
+                    check.deep = Some(fsck("the overlay"));
+                }
+            }
+            "overlay" => {
+                let status =
+                    snapshot::status(&mut file, check.size, snapshot::LIVEOS_CHUNK_SECTORS, None)
+                        .map_err(|e| e.to_string())?;
+                let used =
+                    status.exceptions * u64::from(status.chunk_sectors) * snapshot::SECTOR_BYTES;
+                check.used = Some(used);
+                check.ok = status.state != "invalid" && status.problems.is_empty();
+                check.status = format!(
+                    "dm-snapshot overlay: {}, {} chunks changed ({:.1}% used){}",
+                    status.state,
+                    status.exceptions,
+                    status.percent_used,
+                    if status.problems.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; problems: {}", status.problems.join("; "))
+                    }
+                );
+                if deep {
+                    check.deep = Some(DeepCheck {
+                        clean: Some(status.problems.is_empty()),
+                        detail: if status.problems.is_empty() {
+                            format!(
+                                "every metadata area read: {} exceptions, all in range and distinct",
+                                status.exceptions
+                            )
+                        } else {
+                            status.problems.join("; ")
+                        },
+                    });
+                }
+            }
+            "home" => match home::detect_home_kind(&mut file).map_err(|e| e.to_string())? {
+                Some(home::HomeKind::Plain) => {
+                    let info = crate::disk::ext4::Ext4Info::read_from(&mut file)
+                        .map_err(|e| e.to_string())?;
+                    check.used = Some(info.used_bytes);
+                    check.status = format!(
+                        "plain ext4 home: {} of {} used",
+                        crate::size::human(info.used_bytes),
+                        crate::size::human(info.size_bytes)
+                    );
+                    if deep {
+                        check.deep = Some(fsck("home.img"));
+                    }
+                }
+                Some(home::HomeKind::Luks2) => {
+                    check.status = "encrypted home (LUKS2), locked".into();
+                    if deep {
+                        check.deep = Some(DeepCheck {
+                            clean: None,
+                            detail: "not checked: verify does not unlock an encrypted home (`livestick home info --passphrase-file` reads it)".into(),
+                        });
+                    }
+                }
+                None => {
+                    check.ok = false;
+                    check.status = "neither ext4 nor LUKS: not a usable home".into();
+                }
+            },
+            _ => {
+                let mut page = vec![0u8; 4096];
+                let n = crate::io::read_full(&mut file, &mut page).map_err(|e| e.to_string())?;
+                let signed = n == page.len() && &page[4086..] == b"SWAPSPACE2";
+                check.ok = signed;
+                check.status = if signed {
+                    "swap (signature present)".into()
+                } else {
+                    "no swap signature: the system will not use it".into()
+                };
+            }
+        }
+        if let Some(d) = &check.deep
+            && d.clean == Some(false)
+        {
+            check.ok = false;
+        }
+        Ok(())
+    }
+}
+
+/// `e2fsck -f -n` on `spec`: changes nothing, whatever it finds.
+fn e2fsck_read_only(spec: &str) -> DeepCheck {
+    let exe = match crate::tools::find_program(&crate::tools::E2FSCK) {
+        Ok(exe) => exe,
+        Err(missing) => {
+            return DeepCheck {
+                clean: None,
+                detail: format!("not checked: {missing}"),
+            };
+        }
+    };
+    match std::process::Command::new(&exe)
+        .args(["-f", "-n", spec])
+        .env("LC_ALL", "C")
+        .output()
+    {
+        Ok(out) => {
+            let code = out.status.code().unwrap_or(-1);
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let last = stdout.trim().lines().last().unwrap_or_default().to_string();
+            match code {
+                0 => DeepCheck {
+                    clean: Some(true),
+                    detail: format!("e2fsck -fn: clean ({last})"),
+                },
+                1 | 2 | 4 => DeepCheck {
+                    clean: Some(false),
+                    detail: format!("e2fsck -fn found problems (exit {code}): {}", text.trim()),
+                },
+                _ => DeepCheck {
+                    clean: None,
+                    detail: format!("e2fsck could not check it (exit {code}): {}", text.trim()),
+                },
+            }
+        }
+        Err(e) => DeepCheck {
+            clean: None,
+            detail: format!("not checked: running {}: {e}", exe.display()),
+        },
+    }
+}
+
+/// What the original ISO says about the stick's record (`verify --iso`).
+#[derive(Debug, Clone, Serialize)]
+pub struct IsoCheck {
+    pub iso: PathBuf,
+    /// The ISO is the one recorded: same size and implanted MD5 (where recorded).
+    pub same_as_recorded: bool,
+    pub why: String,
+    /// The ISO's own implanted MD5 check: `None` when it has none.
+    pub implanted_md5_ok: Option<bool>,
+    /// Files copied from the ISO whose recorded sha256 matches the ISO's file.
+    pub files_matching: usize,
+    /// Files copied from the ISO whose recorded sha256 does not match, or that the
+    /// ISO lacks.
+    pub files_differing: Vec<String>,
+}
+
+impl IsoCheck {
+    pub fn ok(&self) -> bool {
+        self.same_as_recorded
+            && self.implanted_md5_ok != Some(false)
+            && self.files_differing.is_empty()
+    }
+}
+
+/// Compares the manifest with the original ISO: its identity, its implanted MD5, and
+/// every copied file's recorded sha256 with the ISO's file (so that a manifest and
+/// stick changed together are caught too).
+pub fn check_iso(
+    manifest: &Manifest,
+    live_dir: Option<&str>,
+    iso: &Path,
+    mut progress: impl FnMut(u64),
+) -> Result<IsoCheck, ManifestError> {
+    let io_err = |step: String| move |source| ManifestError::Io { step, source };
+    let size = std::fs::metadata(iso)
+        .map_err(io_err(format!("reading {}", iso.display())))?
+        .len();
+    // On a `--multi` stick, the image written from an ISO of this size (else the
+    // newest): its identity is compared, and only its own live files with the ISO.
+    let image = match live_dir {
+        Some(dir) => manifest
+            .images
+            .iter()
+            .find(|i| i.live_dir.eq_ignore_ascii_case(dir)),
+        None => manifest
+            .images
+            .iter()
+            .rev()
+            .find(|i| i.source.size == Some(size))
+            .or(manifest.images.last()),
+    };
+    let other_dirs: Vec<String> = manifest
+        .images
+        .iter()
+        .filter(|i| image.is_none_or(|chosen| !chosen.live_dir.eq_ignore_ascii_case(&i.live_dir)))
+        .map(|i| format!("/{}/", i.live_dir.trim_matches('/')).to_ascii_lowercase())
+        .collect();
+    let mut file = File::open(iso).map_err(io_err(format!("opening {}", iso.display())))?;
+    let mut image_iso = crate::source::iso::IsoImage::open(io::BufReader::new(
+        file.try_clone()
+            .map_err(io_err(format!("opening {}", iso.display())))?,
+    ))
+    .map_err(|e| ManifestError::Io {
+        step: format!("reading {} as an ISO", iso.display()),
+        source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+    })?;
+    let implanted = crate::source::checksum::implanted_md5(image_iso.application_data());
+    let volume_size = image_iso.volume_size();
+    let implanted_md5_ok = match &implanted {
+        Some(md5) => {
+            let mut done = 0;
+            let outcome = crate::source::checksum::verify_implanted_md5(
+                &mut file,
+                md5,
+                volume_size,
+                |now, _| {
+                    progress(now.saturating_sub(done));
+                    done = now;
+                },
+            )
+            .map_err(|e| ManifestError::Io {
+                step: format!("checking the implanted MD5 of {}", iso.display()),
+                source: io::Error::other(e.to_string()),
+            })?;
+            Some(outcome.passed())
+        }
+        None => None,
+    };
+    let (same_as_recorded, why) = match image {
+        None => (false, "the manifest records no image".to_string()),
+        Some(image) => {
+            let recorded = &image.source;
+            let md5_now = implanted.as_ref().map(|m| m.md5_hex());
+            if recorded.size.is_some_and(|s| s != size) {
+                (
+                    false,
+                    format!(
+                        "{} is {size} bytes; the stick was written from {} of {} bytes",
+                        iso.display(),
+                        recorded.name,
+                        recorded.size.unwrap_or_default()
+                    ),
+                )
+            } else if recorded.implanted_md5.is_some() && recorded.implanted_md5 != md5_now {
+                (
+                    false,
+                    format!(
+                        "{}'s implanted MD5 is {}; the stick was written from one with {}",
+                        iso.display(),
+                        md5_now.as_deref().unwrap_or("none"),
+                        recorded.implanted_md5.as_deref().unwrap_or("none")
+                    ),
+                )
+            } else {
+                (
+                    true,
+                    format!("same size and implanted MD5 as {}", recorded.name),
+                )
+            }
+        }
+    };
+    let mut files_matching = 0;
+    let mut files_differing = Vec::new();
+    for f in &manifest.files {
+        let Some(iso_path) = &f.iso_path else {
+            continue;
+        };
+        let lower = f.path.to_ascii_lowercase();
+        if other_dirs.iter().any(|d| lower.starts_with(d)) {
+            continue;
+        }
+        let entry = image_iso.lookup(iso_path).ok().flatten();
+        let Some(entry) = entry else {
+            files_differing.push(format!("{} ({iso_path} is not on the ISO)", f.path));
+            continue;
+        };
+        let mut reader = image_iso.open_file(&entry);
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .map_err(io_err(format!("reading {iso_path} from {}", iso.display())))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            progress(n as u64);
+        }
+        if hex(&hasher.finalize()) == f.sha256 {
+            files_matching += 1;
+        } else {
+            files_differing.push(format!("{} (differs from {iso_path} in the ISO)", f.path));
+        }
+    }
+    Ok(IsoCheck {
+        iso: iso.to_path_buf(),
+        same_as_recorded,
+        why,
+        implanted_md5_ok,
+        files_matching,
+        files_differing,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, size: u64) -> FileRecord {
+        FileRecord {
+            path: path.into(),
+            size,
+            sha256: "ab".repeat(32),
+            iso_path: Some(path.into()),
+            kind: "copied".into(),
+        }
+    }
+
+    fn write_of(live_dir: &str, files: Vec<FileRecord>) -> WriteRecord {
+        WriteRecord {
+            image: ImageRecord {
+                live_dir: live_dir.into(),
+                source: SourceRecord {
+                    name: "Fedora.iso".into(),
+                    size: Some(1 << 30),
+                    sha256: None,
+                    implanted_md5: Some("0123456789abcdef0123456789abcdef".into()),
+                    label: "Fedora-WS-Live-42".into(),
+                },
+                written_at: "2026-12-06T12:00:00Z".into(),
+            },
+            layout: LayoutRecord {
+                table: "mbr".into(),
+                partition_start: 1 << 20,
+                partition_len: 1 << 30,
+                fs_label: "LIVE".into(),
+                fs_uuid: "B494-8509".into(),
+            },
+            files,
+            persistence: vec![persist("/LiveOS/home.img", "home", 1 << 28)],
+        }
+    }
+
+    #[test]
+    fn a_manifest_round_trips_and_a_newer_schema_is_refused() {
+        let m = updated(
+            None,
+            write_of("LiveOS", vec![file("/LiveOS/squashfs.img", 10)]),
+            |_| None,
+            "t",
+        );
+        assert_eq!(parse(render(&m).as_bytes()).unwrap(), m);
+        let newer = render(&m).replace("\"schema\": 1", "\"schema\": 9");
+        assert!(parse(newer.as_bytes()).unwrap_err().contains("schema 9"));
+        assert!(parse(b"{\"schema\": 1}").is_err(), "incomplete");
+        assert!(parse(b"not json").is_err());
+    }
+
+    #[test]
+    fn a_rewrite_keeps_entries_of_files_it_left_alone_only_while_they_are_there() {
+        let first = updated(
+            None,
+            write_of(
+                "LiveOS",
+                vec![
+                    file("/LiveOS/squashfs.img", 10),
+                    file("/LiveOS/osmin.img", 5),
+                    file("/EFI/BOOT/grub.cfg", 3),
+                ],
+            ),
+            |_| None,
+            "t1",
+        );
+        // --skipcopy: only the config is rewritten; osmin.img was deleted meanwhile.
+        let on_stick = |p: &str| match p {
+            "/LiveOS/squashfs.img" => Some(10),
+            "/EFI/BOOT/grub.cfg" => Some(4),
+            "/LiveOS/home.img" => Some(1 << 29),
+            _ => None,
+        };
+        let mut config = file("/EFI/BOOT/grub.cfg", 4);
+        config.sha256 = "cd".repeat(32);
+        let mut second = write_of("LiveOS", vec![config.clone()]);
+        second.persistence.clear();
+        let m = updated(Some(first), second, on_stick, "t2");
+        let paths: Vec<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["/LiveOS/squashfs.img", "/EFI/BOOT/grub.cfg"]);
+        assert_eq!(m.files[1], config, "the new hash wins");
+        assert_eq!(m.images.len(), 1, "the same live directory is one image");
+        assert_eq!(
+            m.persistence,
+            vec![persist("/LiveOS/home.img", "home", 1 << 29)],
+            "a kept home is listed with its size now"
+        );
+    }
+
+    #[test]
+    fn a_multi_write_adds_its_image_beside_the_first() {
+        let first = updated(
+            None,
+            write_of("LiveOS", vec![file("/LiveOS/squashfs.img", 10)]),
+            |_| None,
+            "t1",
+        );
+        let m = updated(
+            Some(first),
+            write_of("F41", vec![file("/F41/squashfs.img", 20)]),
+            |p| (p == "/LiveOS/squashfs.img").then_some(10),
+            "t2",
+        );
+        let dirs: Vec<&str> = m.images.iter().map(|i| i.live_dir.as_str()).collect();
+        assert_eq!(dirs, ["LiveOS", "F41"]);
+        assert_eq!(m.files.len(), 2);
+    }
+
+    #[test]
+    fn utc_dates_are_civil_dates() {
+        assert_eq!(utc_text(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_text(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_text(1_796_559_240), "2026-12-06T12:14:00Z");
+    }
+}

@@ -1,0 +1,847 @@
+//! `livestick restore`: a live stick (or any stick) back to plain storage — one
+//! partition over the whole stick, FAT32 (or exFAT through `mkfs.exfat`), no boot
+//! code, no boot flag, and no old signature left where blkid or udev would find one.
+//!
+//! Same shape as a write: [`inspect`] reads what the stick holds (all the reading),
+//! [`plan`] decides from those facts alone (pure, unit-tested), [`save_home`] copies
+//! home.img off first when asked, and [`apply`] writes: tables and signatures wiped
+//! first, the new file system, the partition table last, everything read back.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::disk::extent_file::ExtentFile;
+use crate::disk::fat::{self, FatError};
+use crate::disk::identity::{Identity, IdentityError};
+use crate::disk::partition::{self, SECTOR, TableKind};
+use crate::disk::stick::Stick;
+use crate::disk::target::{self, TargetError, TargetKind, TargetProbe};
+use crate::disk::wipe;
+use crate::io::{PartitionWindow, RangeSet, WriteRecorder, check_ranges, zero_ranges};
+use crate::size::human;
+use crate::source::checksum::hex;
+use crate::tools::Tool;
+
+/// MBR partition type of an exFAT (and NTFS) partition.
+const MBR_EXFAT: u8 = 0x07;
+
+/// `mkfs.exfat` of exfatprogs. Kept here until `tools::REGISTRY` lists it (that
+/// registry belongs to `doctor`).
+pub const MKFS_EXFAT: Tool = Tool {
+    name: "mkfs.exfat",
+    feature: "restore --fs exfat",
+    debian: "exfatprogs",
+    fedora: "exfatprogs",
+    required: false,
+    version_args: &["-V"],
+};
+
+/// The file system `restore` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlainFs {
+    Fat32,
+    Exfat,
+}
+
+impl std::fmt::Display for PlainFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PlainFs::Fat32 => "FAT32",
+            PlainFs::Exfat => "exFAT",
+        })
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(
+        "invalid label {label:?} for {fs}: use 1 to {max} letters, digits, '-' or '_' (for example --label USB)"
+    )]
+    Label {
+        label: String,
+        fs: PlainFs,
+        max: usize,
+    },
+    #[error(
+        "{path} is {size} bytes: too small for one {fs} partition after the 1 MiB of alignment"
+    )]
+    TooSmall {
+        path: PathBuf,
+        size: u64,
+        fs: PlainFs,
+    },
+    #[error(
+        "--fs exfat needs `mkfs.exfat`, which is not installed; install `exfatprogs` (Debian/Ubuntu: apt install exfatprogs; Fedora: dnf install exfatprogs), or use --fs fat32"
+    )]
+    NoMkfsExfat,
+    #[error("--save-home {file}: the file exists; livestick never overwrites it — name a new file")]
+    SaveHomeExists { file: PathBuf },
+    #[error(
+        "--save-home {file} is on the stick being restored ({why}); the copy would be erased with it — name a file on another disk"
+    )]
+    SaveHomeOnStick { file: PathBuf, why: String },
+    #[error(
+        "--save-home: {stick} has no home.img (found: {found}); nothing to save — run again without --save-home"
+    )]
+    NoHome { stick: PathBuf, found: String },
+    #[error(
+        "--save-home {file}: not enough space there ({free} free, home.img is {size}); name a file on a disk with more room"
+    )]
+    SaveHomeNoRoom {
+        file: PathBuf,
+        free: String,
+        size: String,
+    },
+    #[error(
+        "saving home.img to {file}: the copy reads back with sha256 {actual}, the stick's home.img has {expected}; the stick was not touched — check the disk of {file}"
+    )]
+    SaveHomeMismatch {
+        file: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{step}: {source}")]
+    Io {
+        step: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{step}: {source}")]
+    Fat {
+        step: String,
+        #[source]
+        source: FatError,
+    },
+    #[error("{step}: mkfs.exfat failed: {output}")]
+    Mkfs { step: String, output: String },
+    #[error(
+        "restoring {path}: the read-back of what was written differs ({what}); the stick may be failing — try another port or another stick"
+    )]
+    ReadBack { path: PathBuf, what: String },
+}
+
+impl crate::error::Classify for RestoreError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            RestoreError::Target(e) => e.kind(),
+            RestoreError::Identity(e) => e.kind(),
+            RestoreError::Label { .. }
+            | RestoreError::TooSmall { .. }
+            | RestoreError::NoMkfsExfat
+            | RestoreError::SaveHomeExists { .. }
+            | RestoreError::NoHome { .. }
+            | RestoreError::SaveHomeNoRoom { .. } => ErrorKind::BadInput,
+            RestoreError::SaveHomeOnStick { .. } => ErrorKind::Refused,
+            RestoreError::Io { source, .. } => crate::error::open_failure_kind(source),
+            RestoreError::Fat { .. }
+            | RestoreError::Mkfs { .. }
+            | RestoreError::SaveHomeMismatch { .. }
+            | RestoreError::ReadBack { .. } => ErrorKind::Io,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            RestoreError::Target(e) => e.hint(),
+            RestoreError::Identity(e) => e.hint(),
+            RestoreError::Io { source, .. } => crate::error::open_failure_hint(source),
+            RestoreError::Fat { .. }
+            | RestoreError::Mkfs { .. }
+            | RestoreError::ReadBack { .. } => {
+                "the stick is left without a partition table (nothing will mount it); run the same command again"
+            }
+            RestoreError::SaveHomeOnStick { .. } => {
+                "nothing was written; give --save-home a path on another disk (ls -l / df FILE shows where it is)"
+            }
+            RestoreError::SaveHomeMismatch { .. } => {
+                "the stick was not touched and the incomplete copy was removed; check the disk the copy went to, then run the same command again"
+            }
+            _ => "nothing was written; fix the option named above",
+        }
+    }
+}
+
+fn io_err(step: impl Into<String>) -> impl FnOnce(io::Error) -> RestoreError {
+    let step = step.into();
+    move |source| RestoreError::Io { step, source }
+}
+
+/// What the stick holds before the restore.
+#[derive(Debug, Clone, Serialize)]
+pub struct Found {
+    /// For people: "a livestick stick (LIVE, live image in /LiveOS)", "an MBR
+    /// table with 2 partitions", "no partition table".
+    pub description: String,
+    /// A live stick written by livestick or livecd-iso-to-disk.
+    pub live: bool,
+    /// livestick's manifest is on it.
+    pub manifest: bool,
+    /// `/<dir>/home.img` and its size.
+    pub home: Option<(String, u64)>,
+    /// Other persistence files (overlays, swap) with their sizes.
+    pub persistence: Vec<(String, u64)>,
+}
+
+/// Reads what the stick holds: its table, and on a FAT partition the live
+/// directories, home.img and the manifest. Reading only: nothing is refused here.
+pub fn inspect(probe: &TargetProbe) -> Result<Found, RestoreError> {
+    let path = &probe.path;
+    let mut file = target::open_existing(probe, false)?;
+    let table = partition::read_table(&mut file, probe.size, SECTOR).map_err(io_err(format!(
+        "reading the partition table of {}",
+        path.display()
+    )))?;
+    drop(file);
+    let table_text = match &table {
+        None => "no partition table".to_string(),
+        Some((kind, entries)) => format!(
+            "{kind} partition table with {} partition{}",
+            entries.len(),
+            if entries.len() == 1 { "" } else { "s" }
+        ),
+    };
+    let mut found = Found {
+        description: table_text.clone(),
+        live: false,
+        manifest: false,
+        home: None,
+        persistence: Vec::new(),
+    };
+    let Ok(mut stick) = Stick::open(path, false) else {
+        return Ok(found);
+    };
+    let listing = stick.with_fs(|fs| {
+        let label = fs.volume_label().trim_end().to_string();
+        let files = fat::walk_files(fs, "").unwrap_or_default();
+        Ok((label, files, crate::manifest::find(fs).is_some()))
+    });
+    let Ok((label, files, manifest)) = listing else {
+        return Ok(found);
+    };
+    let live_dirs: Vec<String> = files
+        .iter()
+        .filter_map(|f| {
+            let (dir, name) = f.path.rsplit_once('/')?;
+            (name.eq_ignore_ascii_case(crate::layout::SQUASHFS) && !dir.is_empty())
+                .then(|| dir.to_string())
+        })
+        .collect();
+    for f in &files {
+        let Some((dir, name)) = f.path.rsplit_once('/') else {
+            continue;
+        };
+        if !live_dirs.iter().any(|d| d.eq_ignore_ascii_case(dir)) {
+            continue;
+        }
+        if name.eq_ignore_ascii_case(crate::layout::HOME) {
+            found.home.get_or_insert((f.path.clone(), f.size));
+        } else if crate::layout::is_overlay_name(name)
+            || name.eq_ignore_ascii_case(crate::layout::SWAP)
+        {
+            found.persistence.push((f.path.clone(), f.size));
+        }
+    }
+    found.manifest = manifest;
+    found.live = !live_dirs.is_empty();
+    let used: u64 = files.iter().map(|f| f.size).sum();
+    found.description = if found.live {
+        format!(
+            "a live stick{} ({table_text}, FAT label {label:?}, live image in {})",
+            if manifest {
+                " written by livestick"
+            } else {
+                ""
+            },
+            live_dirs.join(", ")
+        )
+    } else {
+        format!(
+            "not a live stick: {table_text}, a FAT file system labelled {label:?} holding {} file{} ({})",
+            files.len(),
+            if files.len() == 1 { "" } else { "s" },
+            human(used)
+        )
+    };
+    Ok(found)
+}
+
+/// What the user asked for.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub label: String,
+    pub fs: PlainFs,
+    pub save_home: Option<PathBuf>,
+    /// Whether `mkfs.exfat` is installed (asked by the caller, so the plan stays pure).
+    pub mkfs_exfat: bool,
+    /// `--save-home`'s file exists already.
+    pub save_home_exists: bool,
+    /// Why `--save-home`'s file is on the stick, if it is.
+    pub save_home_on_stick: Option<String>,
+    /// Free bytes where `--save-home`'s file goes.
+    pub save_home_free: Option<u64>,
+    pub volume_id: u32,
+}
+
+/// What [`apply`] will do; also the `--dry-run` output.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestorePlan {
+    pub target: PathBuf,
+    pub size: u64,
+    pub found: Found,
+    pub table: TableKind,
+    pub partition_start: u64,
+    pub partition_len: u64,
+    pub fs: PlainFs,
+    pub label: String,
+    /// `ABCD-1234` (FAT32; exFAT's serial is mkfs.exfat's choice).
+    pub fs_uuid: Option<String>,
+    #[serde(skip)]
+    pub volume_id: u32,
+    /// home.img's path on the stick and the file it is saved to.
+    pub save_home: Option<(String, PathBuf)>,
+    /// What the restore erases, for the confirmation.
+    pub lost: Vec<String>,
+}
+
+/// Decides the restore from the facts; every check on the user's input is here.
+pub fn plan(
+    probe: &TargetProbe,
+    found: Found,
+    opts: &RestoreOptions,
+) -> Result<RestorePlan, RestoreError> {
+    let max = match opts.fs {
+        PlainFs::Fat32 => 11,
+        PlainFs::Exfat => 15,
+    };
+    let label_ok = match opts.fs {
+        PlainFs::Fat32 => fat::validate_label(&opts.label).is_ok(),
+        PlainFs::Exfat => {
+            !opts.label.is_empty()
+                && opts.label.len() <= max
+                && opts
+                    .label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        }
+    };
+    if !label_ok {
+        return Err(RestoreError::Label {
+            label: opts.label.clone(),
+            fs: opts.fs,
+            max,
+        });
+    }
+    if opts.fs == PlainFs::Exfat && !opts.mkfs_exfat {
+        return Err(RestoreError::NoMkfsExfat);
+    }
+    let layout = partition::layout_single(probe.size, TableKind::Mbr).map_err(|_| {
+        RestoreError::TooSmall {
+            path: probe.path.clone(),
+            size: probe.size,
+            fs: opts.fs,
+        }
+    })?;
+    if opts.fs == PlainFs::Fat32 && fat::cluster_size_for(layout.len).is_err() {
+        return Err(RestoreError::TooSmall {
+            path: probe.path.clone(),
+            size: probe.size,
+            fs: opts.fs,
+        });
+    }
+    let save_home = match &opts.save_home {
+        None => None,
+        Some(file) => {
+            if let Some(why) = &opts.save_home_on_stick {
+                return Err(RestoreError::SaveHomeOnStick {
+                    file: file.clone(),
+                    why: why.clone(),
+                });
+            }
+            if opts.save_home_exists {
+                return Err(RestoreError::SaveHomeExists { file: file.clone() });
+            }
+            let Some((home, size)) = &found.home else {
+                return Err(RestoreError::NoHome {
+                    stick: probe.path.clone(),
+                    found: found.description.clone(),
+                });
+            };
+            if let Some(free) = opts.save_home_free
+                && free < *size
+            {
+                return Err(RestoreError::SaveHomeNoRoom {
+                    file: file.clone(),
+                    free: human(free),
+                    size: human(*size),
+                });
+            }
+            Some((home.clone(), file.clone()))
+        }
+    };
+    let mut lost = Vec::new();
+    match (&found.home, &save_home) {
+        (Some((home, size)), None) => lost.push(format!(
+            "{home} ({}), the persistent home with every user file in it",
+            human(*size)
+        )),
+        (Some((home, size)), Some((_, to))) => lost.push(format!(
+            "{home} ({}) on the stick; a copy is saved to {} first",
+            human(*size),
+            to.display()
+        )),
+        (None, _) => {}
+    }
+    for (path, size) in &found.persistence {
+        lost.push(format!("{path} ({})", human(*size)));
+    }
+    lost.push(format!(
+        "everything else on {}: {}",
+        probe.path.display(),
+        found.description
+    ));
+    Ok(RestorePlan {
+        target: probe.path.clone(),
+        size: probe.size,
+        found,
+        table: TableKind::Mbr,
+        partition_start: layout.start,
+        partition_len: layout.len,
+        fs: opts.fs,
+        label: opts.label.clone(),
+        fs_uuid: (opts.fs == PlainFs::Fat32).then(|| fat::format_volume_id(opts.volume_id)),
+        volume_id: opts.volume_id,
+        save_home,
+        lost,
+    })
+}
+
+/// Why `file` (to be created) is on the stick at `stick`, if it is: compared by
+/// the device its directory lives on, a loop device's backing file included.
+pub fn on_the_stick(file: &Path, stick: &Path) -> Result<Option<String>, RestoreError> {
+    let host = crate::disk::devices::Host::live();
+    let parent = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let stick_id = Identity::of(stick, &host)?;
+    let ids = [Identity::of(file, &host)?, Identity::of(parent, &host)?];
+    Ok(ids.iter().find_map(|id| id.same_as(&stick_id)))
+}
+
+/// The copy of home.img `save_home` made.
+#[derive(Debug, Clone, Serialize)]
+pub struct SavedHome {
+    pub from: String,
+    pub to: PathBuf,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Copies home.img off the stick into a new file (never over an existing one),
+/// syncs it, reads it back from the disk and compares its sha256 with the one
+/// computed while reading the stick. The stick is not changed.
+pub fn save_home(
+    probe: &TargetProbe,
+    home: &str,
+    to: &Path,
+    mut progress: impl FnMut(u64),
+) -> Result<SavedHome, RestoreError> {
+    let mut stick = Stick::open(&probe.path, false).map_err(|e| RestoreError::Io {
+        step: format!("opening {}", probe.path.display()),
+        source: io::Error::other(e.to_string()),
+    })?;
+    let extents = stick.file_extents(home).map_err(|e| RestoreError::Io {
+        step: format!("finding {home} on {}", probe.path.display()),
+        source: io::Error::other(e.to_string()),
+    })?;
+    let size: u64 = extents.iter().map(|e| e.1).sum();
+    let mut out = OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create_new(true)
+        .open(to)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => RestoreError::SaveHomeExists {
+                file: to.to_path_buf(),
+            },
+            _ => io_err(format!("creating {}", to.display()))(e),
+        })?;
+    let result =
+        copy_hashed(&mut stick, &extents, &mut out, to, &mut progress).and_then(|expected| {
+            out.sync_all()
+                .map_err(io_err(format!("syncing {}", to.display())))?;
+            drop_cache(&out);
+            let actual = crate::source::checksum::sha256_reader(
+                File::open(to).map_err(io_err(format!("reading back {}", to.display())))?,
+            )
+            .map_err(io_err(format!("reading back {}", to.display())))?;
+            let (expected, actual) = (hex(&expected), hex(&actual));
+            if expected != actual {
+                return Err(RestoreError::SaveHomeMismatch {
+                    file: to.to_path_buf(),
+                    expected,
+                    actual,
+                });
+            }
+            Ok(expected)
+        });
+    match result {
+        Ok(sha256) => Ok(SavedHome {
+            from: home.to_string(),
+            to: to.to_path_buf(),
+            size,
+            sha256,
+        }),
+        Err(e) => {
+            // Only the file created here, and only because it is incomplete.
+            let _ = std::fs::remove_file(to);
+            Err(e)
+        }
+    }
+}
+
+fn copy_hashed(
+    stick: &mut Stick,
+    extents: &[(u64, u64)],
+    out: &mut File,
+    to: &Path,
+    progress: &mut impl FnMut(u64),
+) -> Result<[u8; 32], RestoreError> {
+    let size: u64 = extents.iter().map(|e| e.1).sum();
+    let device = stick.path.clone();
+    let mut reader = ExtentFile::new(stick.file_mut(), extents);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut left = size;
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        reader.read_exact(&mut buf[..want]).map_err(io_err(format!(
+            "reading home.img from {}",
+            device.display()
+        )))?;
+        hasher.update(&buf[..want]);
+        out.write_all(&buf[..want])
+            .map_err(io_err(format!("writing {}", to.display())))?;
+        progress(want as u64);
+        left -= want as u64;
+    }
+    Ok(hasher.finalize().into())
+}
+
+fn drop_cache(file: &File) {
+    use std::os::fd::AsRawFd;
+    let _ = nix::fcntl::posix_fadvise(
+        file.as_raw_fd(),
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub target: PathBuf,
+    pub table: TableKind,
+    pub partition_start: u64,
+    pub partition_len: u64,
+    pub fs: PlainFs,
+    pub label: String,
+    pub fs_uuid: Option<String>,
+    pub saved_home: Option<SavedHome>,
+    /// Distinct bytes written, and of those read back and matched.
+    pub bytes_written: u64,
+    pub bytes_verified: u64,
+    pub warnings: Vec<String>,
+}
+
+/// Writes the plan: the old tables and every signature spot of the disk and of
+/// the new partition zeroed, the new file system, then the MBR (no boot code, no
+/// boot flag) last; then everything written is read back after a cache drop.
+pub fn apply(plan: &RestorePlan, probe: &TargetProbe) -> Result<RestoreReport, RestoreError> {
+    let mut file = target::open_for_write(probe, plan.size)?;
+    let show = plan.target.display().to_string();
+    let (start, len) = (plan.partition_start, plan.partition_len);
+    let written;
+    {
+        let mut recorder =
+            WriteRecorder::new(&mut file).map_err(io_err(format!("opening {show}")))?;
+        partition::wipe_tables(&mut recorder, plan.size).map_err(|e| RestoreError::Io {
+            step: format!("clearing the old partition tables of {show}"),
+            source: io::Error::other(e.to_string()),
+        })?;
+        let mut spots: RangeSet = wipe::signature_spots(plan.size).into_iter().collect();
+        for r in wipe::signature_spots(len) {
+            spots.insert(start + r.start..start + r.end);
+        }
+        zero_ranges(&mut recorder, spots.iter())
+            .map_err(io_err(format!("wiping old signatures on {show}")))?;
+        let mut window = PartitionWindow::new(&mut recorder, start, len);
+        match plan.fs {
+            PlainFs::Fat32 => {
+                let hidden = u32::try_from(start / SECTOR).unwrap_or(u32::MAX);
+                fat::format(&mut window, &plan.label, plan.volume_id, hidden).map_err(
+                    |source| RestoreError::Fat {
+                        step: format!("making the FAT32 file system on {show}"),
+                        source,
+                    },
+                )?;
+            }
+            PlainFs::Exfat => make_exfat(&mut window, plan, &show)?,
+        }
+        window
+            .flush()
+            .map_err(io_err(format!("writing the file system to {show}")))?;
+        drop(window);
+        write_plain_mbr(&mut recorder, plan)
+            .map_err(io_err(format!("writing the partition table of {show}")))?;
+        written = recorder.into_written();
+    }
+    // Read back: what the page cache holds is what was written; after the drop the
+    // same ranges come from the stick.
+    let expected = check_ranges(&mut file, written.iter(), |_| {})
+        .map_err(io_err(format!("reading {show}")))?;
+    target::sync_and_drop_cache(&file, probe.kind).map_err(io_err(format!("syncing {show}")))?;
+    let actual = check_ranges(&mut file, written.iter(), |_| {})
+        .map_err(io_err(format!("reading back {show}")))?;
+    if expected != actual {
+        return Err(RestoreError::ReadBack {
+            path: plan.target.clone(),
+            what: "the partition table, signatures or file system metadata".into(),
+        });
+    }
+    let mut warnings = Vec::new();
+    if probe.kind == TargetKind::BlockDevice
+        && let Err(w) = target::reread_partitions(&file)
+    {
+        warnings.push(w);
+    }
+    let total = written.total();
+    Ok(RestoreReport {
+        target: plan.target.clone(),
+        table: plan.table,
+        partition_start: start,
+        partition_len: len,
+        fs: plan.fs,
+        label: plan.label.clone(),
+        fs_uuid: plan.fs_uuid.clone(),
+        saved_home: None,
+        bytes_written: total,
+        bytes_verified: total,
+        warnings,
+    })
+}
+
+/// The MBR of plain storage: no boot code (the 440 bytes zeroed), one partition
+/// from 1 MiB to the end, not active.
+fn write_plain_mbr<D: Read + Write + Seek>(disk: &mut D, plan: &RestorePlan) -> io::Result<()> {
+    let mut sector = [0u8; 512];
+    sector[440..444].copy_from_slice(&plan.volume_id.to_le_bytes());
+    let entry = &mut sector[446..462];
+    entry[0] = 0; // not active: nothing boots from plain storage
+    // CHS fields as "beyond 8 GiB" (0xFE 0xFF 0xFF), as fdisk writes for LBA use.
+    entry[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
+    entry[4] = match plan.fs {
+        PlainFs::Fat32 => partition::MBR_FAT32_LBA,
+        PlainFs::Exfat => MBR_EXFAT,
+    };
+    entry[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+    let first = u32::try_from(plan.partition_start / SECTOR).unwrap_or(u32::MAX);
+    let count = u32::try_from(plan.partition_len / SECTOR).unwrap_or(u32::MAX);
+    entry[8..12].copy_from_slice(&first.to_le_bytes());
+    entry[12..16].copy_from_slice(&count.to_le_bytes());
+    sector[510] = 0x55;
+    sector[511] = 0xaa;
+    disk.seek(SeekFrom::Start(0))?;
+    disk.write_all(&sector)?;
+    disk.flush()
+}
+
+/// exFAT through `mkfs.exfat` on a sparse file of the partition's size (user space:
+/// never on the device itself), then its data regions copied into the partition.
+fn make_exfat<F: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+    plan: &RestorePlan,
+    show: &str,
+) -> Result<(), RestoreError> {
+    let exe = crate::tools::find_program(&MKFS_EXFAT).map_err(|_| RestoreError::NoMkfsExfat)?;
+    let step = format!("making the exFAT file system for {show}");
+    let image = tempfile::NamedTempFile::new().map_err(io_err(step.clone()))?;
+    image
+        .as_file()
+        .set_len(plan.partition_len)
+        .map_err(io_err(step.clone()))?;
+    let out = std::process::Command::new(&exe)
+        .arg("-L")
+        .arg(&plan.label)
+        .arg(image.path())
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(io_err(format!("running {}", exe.display())))?;
+    if !out.status.success() {
+        let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+        output.push_str(&String::from_utf8_lossy(&out.stderr));
+        return Err(RestoreError::Mkfs {
+            step,
+            output: output.trim().to_string(),
+        });
+    }
+    let mut made = File::open(image.path()).map_err(io_err(step.clone()))?;
+    let regions = crate::disk::sparse::data_regions(&made).map_err(io_err(step.clone()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    for r in regions {
+        let mut at = r.start;
+        while at < r.end {
+            let n = ((r.end - at) as usize).min(buf.len());
+            made.seek(SeekFrom::Start(at))
+                .and_then(|_| made.read_exact(&mut buf[..n]))
+                .map_err(io_err(step.clone()))?;
+            window
+                .seek(SeekFrom::Start(at))
+                .and_then(|_| window.write_all(&buf[..n]))
+                .map_err(io_err(format!("writing the exFAT file system to {show}")))?;
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(size: u64) -> TargetProbe {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stick.img");
+        std::fs::write(&path, b"").unwrap();
+        let mut p = target::probe(&path).unwrap();
+        p.size = size;
+        p
+    }
+
+    fn found(home: Option<u64>) -> Found {
+        Found {
+            description: "a live stick".into(),
+            live: true,
+            manifest: true,
+            home: home.map(|s| ("/LiveOS/home.img".to_string(), s)),
+            persistence: vec![("/LiveOS/overlay-LIVE-1234-ABCD".into(), 512 << 20)],
+        }
+    }
+
+    fn opts() -> RestoreOptions {
+        RestoreOptions {
+            label: "USB".into(),
+            fs: PlainFs::Fat32,
+            save_home: None,
+            mkfs_exfat: false,
+            save_home_exists: false,
+            save_home_on_stick: None,
+            save_home_free: None,
+            volume_id: 0x1234_abcd,
+        }
+    }
+
+    #[test]
+    fn one_partition_over_the_stick_naming_what_is_lost() {
+        let p = plan(&probe(8 << 30), found(Some(1 << 30)), &opts()).unwrap();
+        assert_eq!(
+            (p.partition_start, p.partition_len),
+            (1 << 20, (8 << 30) - (1 << 20))
+        );
+        assert_eq!(p.table, TableKind::Mbr);
+        assert!(p.lost[0].contains("home.img (1 GiB)"), "{:?}", p.lost);
+        assert!(
+            p.lost.iter().any(|l| l.contains("overlay-LIVE")),
+            "{:?}",
+            p.lost
+        );
+        assert_eq!(p.fs_uuid.as_deref(), Some("1234-ABCD"));
+    }
+
+    #[test]
+    fn bad_labels_exfat_without_mkfs_and_tiny_sticks_are_bad_input() {
+        for label in ["", "TWELVE_CHARS", "no spaces", "ümlaut"] {
+            let o = RestoreOptions {
+                label: label.into(),
+                ..opts()
+            };
+            assert!(
+                matches!(
+                    plan(&probe(8 << 30), found(None), &o),
+                    Err(RestoreError::Label { .. })
+                ),
+                "{label:?}"
+            );
+        }
+        let exfat = RestoreOptions {
+            fs: PlainFs::Exfat,
+            label: "FIFTEEN_CHARS_1".into(),
+            ..opts()
+        };
+        assert!(matches!(
+            plan(&probe(8 << 30), found(None), &exfat),
+            Err(RestoreError::NoMkfsExfat)
+        ));
+        let with_mkfs = RestoreOptions {
+            mkfs_exfat: true,
+            ..exfat
+        };
+        assert!(plan(&probe(8 << 30), found(None), &with_mkfs).is_ok());
+        assert!(matches!(
+            plan(&probe(16 << 20), found(None), &opts()),
+            Err(RestoreError::TooSmall { .. })
+        ));
+    }
+
+    #[test]
+    fn save_home_refuses_an_existing_file_a_file_on_the_stick_and_a_stick_without_home() {
+        let to = PathBuf::from("/backup/home.img");
+        let base = RestoreOptions {
+            save_home: Some(to.clone()),
+            ..opts()
+        };
+        let exists = RestoreOptions {
+            save_home_exists: true,
+            ..base.clone()
+        };
+        assert!(matches!(
+            plan(&probe(8 << 30), found(Some(1 << 30)), &exists),
+            Err(RestoreError::SaveHomeExists { .. })
+        ));
+        let on_stick = RestoreOptions {
+            save_home_on_stick: Some("the same device".into()),
+            ..base.clone()
+        };
+        assert!(matches!(
+            plan(&probe(8 << 30), found(Some(1 << 30)), &on_stick),
+            Err(RestoreError::SaveHomeOnStick { .. })
+        ));
+        assert!(matches!(
+            plan(&probe(8 << 30), found(None), &base),
+            Err(RestoreError::NoHome { .. })
+        ));
+        let no_room = RestoreOptions {
+            save_home_free: Some(1 << 20),
+            ..base.clone()
+        };
+        assert!(matches!(
+            plan(&probe(8 << 30), found(Some(1 << 30)), &no_room),
+            Err(RestoreError::SaveHomeNoRoom { .. })
+        ));
+        let ok = plan(&probe(8 << 30), found(Some(1 << 30)), &base).unwrap();
+        assert_eq!(ok.save_home, Some(("/LiveOS/home.img".into(), to)));
+        assert!(ok.lost[0].contains("a copy is saved"), "{:?}", ok.lost);
+    }
+}

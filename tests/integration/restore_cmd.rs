@@ -1,0 +1,299 @@
+//! `livestick restore`: a stick back to plain storage, checked with sfdisk, blkid,
+//! fsck.fat and mtools; `--save-home` checked with sha256sum against mtools' copy.
+
+use std::path::{Path, PathBuf};
+
+use crate::support::*;
+
+fn live_stick(dir: &Path, extra: &[&str]) -> PathBuf {
+    let image = dir.join("stick.img");
+    let iso = synthetic_iso("fedora-classic.iso");
+    let mut args = vec![
+        "write",
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "32",
+        "--home-size-mb",
+        "32",
+        "--unencrypted-home",
+        "--yes",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    ok(&livestick(&args));
+    image
+}
+
+/// What a restored stick must be, read with independent tools: one MBR partition from
+/// 1 MiB to the end, not active, no boot code, a clean FAT32 with `label` and no files,
+/// and nothing else blkid recognises on the disk or in the partition.
+fn assert_plain(image: &Path, label: &str, scratch: &Path) {
+    let size = std::fs::metadata(image).unwrap().len();
+    let table = sfdisk(image);
+    let t = &table["partitiontable"];
+    assert_eq!(t["label"], "dos", "{table:#}");
+    let parts = t["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 1, "{table:#}");
+    assert_eq!(parts[0]["start"], 2048);
+    assert_eq!(parts[0]["type"], "c");
+    assert!(
+        parts[0].get("bootable").is_none(),
+        "no boot flag: {table:#}"
+    );
+    let len = parts[0]["size"].as_u64().unwrap() * 512;
+    assert_eq!(len, (size - (1 << 20)) / (1 << 20) * (1 << 20));
+    let mbr = read_at(image, 0, 512);
+    assert!(mbr[..440].iter().all(|&b| b == 0), "boot code removed");
+    let blkid = |offset: u64| {
+        std::process::Command::new(tool("blkid"))
+            .args(["-p", "-o", "export", "--offset", &offset.to_string()])
+            .arg(image)
+            .output()
+            .unwrap()
+    };
+    let part = String::from_utf8_lossy(&blkid(1 << 20).stdout).into_owned();
+    assert!(part.contains("TYPE=vfat"), "{part}");
+    assert!(part.contains("VERSION=FAT32"), "{part}");
+    assert!(part.contains(&format!("LABEL={label}")), "{part}");
+    let whole = String::from_utf8_lossy(&blkid(0).stdout).into_owned();
+    assert!(whole.contains("PTTYPE=dos"), "{whole}");
+    assert!(
+        !whole.contains("TYPE=\"") || !whole.contains("crypto"),
+        "{whole}"
+    );
+    fsck_fat(image, 1 << 20, len, scratch);
+    let ls = fat_ls(image, 1 << 20, "/");
+    assert!(ls.trim().is_empty(), "no files: {ls}");
+    let mdir = std::process::Command::new(tool("mdir"))
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{}", image.display(), 1 << 20))
+        .arg("::")
+        .output()
+        .unwrap();
+    let mdir = String::from_utf8_lossy(&mdir.stdout);
+    assert!(
+        mdir.contains(&format!("Volume in drive : is {label}")),
+        "{mdir}"
+    );
+}
+
+#[test]
+fn a_live_stick_becomes_one_plain_fat32_partition() {
+    let dir = tmp();
+    let stick = live_stick(dir.path(), &[]);
+    let s = stick.to_str().unwrap();
+    // The dry run names what is found and what is lost, and writes nothing.
+    let before = sha256_file(&stick);
+    let dry = ok(&livestick(&["restore", s, "--dry-run"]));
+    assert!(dry.contains("a live stick written by livestick"), "{dry}");
+    assert!(dry.contains("home.img (32 MiB)"), "{dry}");
+    assert_eq!(sha256_file(&stick), before);
+    // Without --yes and without a terminal: refused, unchanged.
+    let out = livestick(&["restore", s]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("home.img (32 MiB)"),
+        "the question names the home: {err}"
+    );
+    assert_eq!(sha256_file(&stick), before);
+
+    let out = livestick(&["--json", "restore", s, "--label", "PHOTOS", "--yes"]);
+    let text = ok(&out);
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(report["fs"], "fat32");
+    assert_eq!(report["label"], "PHOTOS");
+    assert_eq!(report["bytes_written"], report["bytes_verified"]);
+    assert_plain(&stick, "PHOTOS", dir.path());
+}
+
+#[test]
+fn a_gpt_stick_over_stale_signatures_is_restored_too() {
+    let dir = tmp();
+    let stick = dir.path().join("stick.img");
+    // Random bytes first: whatever restore leaves unwritten holds old data.
+    fill_random(&stick, 256 << 20);
+    let iso = synthetic_iso("fedora-classic.iso");
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        stick.to_str().unwrap(),
+        "--gpt",
+        "--overlay-size-mb",
+        "16",
+        "--yes",
+        "--quiet",
+    ]));
+    assert_eq!(sfdisk(&stick)["partitiontable"]["label"], "gpt");
+    ok(&livestick(&["restore", stick.to_str().unwrap(), "--yes"]));
+    assert_plain(&stick, "USB", dir.path());
+    // No GPT is left at either end for a partitioner to find.
+    let tail = read_at(&stick, (256 << 20) - 512, 512);
+    assert!(!tail.starts_with(b"EFI PART"), "backup GPT header wiped");
+    assert!(!read_at(&stick, 512, 512).starts_with(b"EFI PART"));
+}
+
+#[test]
+fn save_home_copies_home_img_off_first_and_checks_it() {
+    let dir = tmp();
+    let stick = live_stick(dir.path(), &[]);
+    let s = stick.to_str().unwrap();
+    let home = dir.path().join("home-from-stick.img");
+    fat_copy_out(&stick, part_start(&stick), "LiveOS/home.img", &home);
+    let want = sha256_file(&home);
+    let saved = dir.path().join("saved-home.img");
+    let out = livestick(&[
+        "--json",
+        "restore",
+        s,
+        "--save-home",
+        saved.to_str().unwrap(),
+        "--yes",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(sha256_file(&saved), want);
+    assert_eq!(report["saved_home"]["sha256"], want.as_str());
+    assert_eq!(report["saved_home"]["size"], 32 << 20);
+    e2fsck_clean(&saved);
+    assert_plain(&stick, "USB", dir.path());
+
+    // An existing file is never overwritten: bad input, the stick unchanged.
+    let stick = live_stick(&dir.path().join("again").tap_mkdir(), &[]);
+    let before = sha256_file(&stick);
+    let out = livestick(&[
+        "restore",
+        stick.to_str().unwrap(),
+        "--save-home",
+        saved.to_str().unwrap(),
+        "--yes",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the file exists"));
+    assert_eq!(sha256_file(&stick), before);
+    assert_eq!(sha256_file(&saved), want);
+}
+
+#[test]
+fn save_home_on_the_stick_itself_is_refused() {
+    if !require(is_root(), "root (a loop device and a mount)") || !need("mkfs.ext4") {
+        return;
+    }
+    // A stick another tool made: one ext4 over the whole device, mounted; the copy
+    // would land on it.
+    let dir = tmp();
+    let stick = sparse(dir.path(), "ext4-stick.img", 64 << 20);
+    sh("mkfs.ext4", &["-q", "-F", stick.to_str().unwrap()]);
+    let Some(dev) = loop_device(&[], &stick) else {
+        return;
+    };
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    // Read-only and without journal replay: the kernel writes nothing to it, so
+    // "nothing written" can be checked byte for byte.
+    let mounted = std::process::Command::new("mount")
+        .args(["-o", "ro,noload"])
+        .arg(&dev.0)
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !require(mounted, "mounting an ext4 loop device") {
+        return;
+    }
+    let before = sha256_file(&stick);
+    let out = livestick(&[
+        "restore",
+        stick.to_str().unwrap(),
+        "--save-home",
+        mnt.join("home.img").to_str().unwrap(),
+        "--yes",
+    ]);
+    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is on the stick being restored"), "{err}");
+    assert_eq!(sha256_file(&stick), before, "nothing written");
+}
+
+#[test]
+fn any_stick_is_restored_and_restore_says_what_it_found() {
+    let dir = tmp();
+    // Not a live stick: random bytes with an ext4 superblock at 1 MiB and no table.
+    let stick = dir.path().join("stick.img");
+    fill_random(&stick, 128 << 20);
+    let ext4 = sparse(dir.path(), "fs.img", 32 << 20);
+    sh("mkfs.ext4", &["-q", "-F", ext4.to_str().unwrap()]);
+    let fs = std::fs::read(&ext4).unwrap();
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&stick)
+            .unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(&fs).unwrap();
+    }
+    let out = livestick(&["restore", stick.to_str().unwrap(), "--yes"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no partition table"),
+        "says what it found: {err}"
+    );
+    assert_plain(&stick, "USB", dir.path());
+
+    // exFAT needs mkfs.exfat: without it, refused with the reason, nothing written.
+    if !have("mkfs.exfat") {
+        let before = sha256_file(&stick);
+        let out = livestick(&["restore", stick.to_str().unwrap(), "--fs", "exfat", "--yes"]);
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("mkfs.exfat") && err.contains("exfatprogs"),
+            "{err}"
+        );
+        assert_eq!(sha256_file(&stick), before);
+    }
+    // A label FAT cannot hold: bad input before anything is written.
+    let out = livestick(&[
+        "restore",
+        stick.to_str().unwrap(),
+        "--label",
+        "MUCH TOO LONG",
+        "--yes",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn restore_on_a_loop_device() {
+    if !require(is_root(), "root (loop devices)") {
+        return;
+    }
+    let dir = tmp();
+    let stick = live_stick(dir.path(), &[]);
+    let Some(dev) = loop_device(&[], &stick) else {
+        return;
+    };
+    // A loop device is not removable: refused without --force, as write refuses it.
+    let out = livestick(&["restore", &dev.0, "--yes"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let out = livestick(&["restore", &dev.0, "--yes", "--force", "--label", "LAB"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    drop(dev);
+    assert_plain(&stick, "LAB", dir.path());
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> PathBuf;
+}
+
+impl TapMkdir for PathBuf {
+    fn tap_mkdir(self) -> PathBuf {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}

@@ -1,0 +1,524 @@
+//! `livestick verify` and the stick manifest `LiveOS/livestick.json`: the manifest is
+//! read with mtools and its hashes checked against `sha256sum` of the files mtools
+//! copies out; damage is made with mtools and by flipping a byte found by content.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use crate::support::*;
+
+const MANIFEST: &str = "LiveOS/livestick.json";
+
+struct Stick {
+    dir: tempfile::TempDir,
+    image: PathBuf,
+    part: u64,
+}
+
+impl Stick {
+    fn s(&self) -> &str {
+        self.image.to_str().unwrap()
+    }
+
+    fn manifest(&self) -> serde_json::Value {
+        serde_json::from_slice(&fat_read(&self.image, self.part, MANIFEST))
+            .expect("the manifest is JSON")
+    }
+}
+
+fn written(iso: &str, extra: &[&str]) -> Stick {
+    let dir = tmp();
+    let image = dir.path().join("stick.img");
+    let iso = synthetic_iso(iso);
+    let mut args = vec![
+        "write",
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--yes",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    ok(&livestick(&args));
+    let part = part_start(&image);
+    Stick { dir, image, part }
+}
+
+fn verify_json(args: &[&str]) -> (Output, serde_json::Value) {
+    let out = livestick(&[&["--json", "verify"][..], args].concat());
+    let value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "exactly one JSON object on stdout ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out, value)
+}
+
+fn state_of<'a>(report: &'a serde_json::Value, path: &str) -> &'a serde_json::Value {
+    report["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == path)
+        .unwrap_or_else(|| panic!("{path} is not in the report: {report:#}"))
+}
+
+/// Where `needle` (a block of a file, unique in the image) sits in `image`.
+fn offset_of(image: &Path, needle: &[u8]) -> u64 {
+    let bytes = std::fs::read(image).unwrap();
+    let found: Vec<usize> = bytes
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(i, _)| i)
+        .take(2)
+        .collect();
+    assert_eq!(found.len(), 1, "the block is in the image once");
+    found[0] as u64
+}
+
+fn flip_byte(image: &Path, at: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&[b[0] ^ 0x5a]).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn the_manifest_lists_every_written_file_with_the_sha256_of_its_bytes() {
+    let t = written(
+        "fedora-classic.iso",
+        &[
+            "--overlay-size-mb",
+            "32",
+            "--home-size-mb",
+            "32",
+            "--unencrypted-home",
+            "--volume-id",
+            "1234ABCD",
+        ],
+    );
+    let m = t.manifest();
+    assert_eq!(m["schema"], 1);
+    let image = &m["images"][0];
+    assert_eq!(image["live_dir"], "LiveOS");
+    assert_eq!(image["source"]["name"], "fedora-classic.iso");
+    let iso_len = std::fs::metadata(synthetic_iso("fedora-classic.iso"))
+        .unwrap()
+        .len();
+    assert_eq!(image["source"]["size"], iso_len);
+    assert!(
+        image["source"]["implanted_md5"]
+            .as_str()
+            .is_some_and(|s| s.len() == 32),
+        "{image:#}"
+    );
+    let table = sfdisk(&t.image);
+    assert_eq!(m["layout"]["table"], "mbr");
+    assert_eq!(m["layout"]["partition_start"], t.part);
+    assert_eq!(
+        m["layout"]["partition_len"].as_u64().unwrap(),
+        table["partitiontable"]["partitions"][0]["size"]
+            .as_u64()
+            .unwrap()
+            * 512
+    );
+    assert_eq!(m["layout"]["fs_uuid"], "1234-ABCD");
+    assert_eq!(m["layout"]["fs_label"], "LIVE");
+
+    let files = m["files"].as_array().unwrap();
+    let paths: Vec<&str> = files.iter().map(|f| f["path"].as_str().unwrap()).collect();
+    for expected in [
+        "/LiveOS/squashfs.img",
+        "/syslinux/syslinux.cfg",
+        "/EFI/BOOT/grub.cfg",
+        "/isolinux/vmlinuz",
+    ] {
+        assert!(paths.contains(&expected), "{expected} in {paths:?}");
+    }
+    for never in [
+        "/LiveOS/livestick.json",
+        "/LiveOS/.livestick",
+        "/LiveOS/home.img",
+    ] {
+        assert!(!paths.contains(&never), "{never} is not a listed file");
+    }
+    // Each hash is of the bytes on the stick, as mtools reads them.
+    let scratch = t.dir.path().join("out");
+    for f in files {
+        let path = f["path"].as_str().unwrap();
+        fat_copy_out(&t.image, t.part, path, &scratch);
+        assert_eq!(
+            f["sha256"].as_str().unwrap(),
+            sha256_file(&scratch),
+            "{path}"
+        );
+        assert_eq!(
+            f["size"].as_u64().unwrap(),
+            std::fs::metadata(&scratch).unwrap().len()
+        );
+        std::fs::remove_file(&scratch).unwrap();
+    }
+    let configs: Vec<&str> = files
+        .iter()
+        .filter(|f| f["kind"] == "config")
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(configs.contains(&"/EFI/BOOT/grub.cfg"), "{configs:?}");
+    let persistence = m["persistence"].as_array().unwrap();
+    let kinds: Vec<(&str, u64)> = persistence
+        .iter()
+        .map(|p| (p["kind"].as_str().unwrap(), p["size"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(kinds, [("overlay", 32 << 20), ("home", 32 << 20)]);
+    assert!(
+        persistence.iter().all(|p| p.get("sha256").is_none()),
+        "persistence is never hashed"
+    );
+    fsck_fat(&t.image, t.part, 255 << 20, t.dir.path());
+}
+
+#[test]
+fn a_fresh_stick_verifies_intact_with_its_persistence_and_its_iso() {
+    let t = written(
+        "fedora-classic.iso",
+        &[
+            "--overlay-size-mb",
+            "32",
+            "--home-size-mb",
+            "32",
+            "--unencrypted-home",
+        ],
+    );
+    let iso = synthetic_iso("fedora-classic.iso");
+    let (out, r) = verify_json(&[t.s(), "--deep", "--iso", iso.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+    assert_eq!(r["overall"], "intact");
+    assert_eq!(r["exit_code"], 0);
+    assert_eq!(r["changed"], 0);
+    assert_eq!(r["missing"], 0);
+    assert_eq!(
+        r["intact"].as_u64().unwrap(),
+        t.manifest()["files"].as_array().unwrap().len() as u64
+    );
+    let persistence = r["persistence"].as_array().unwrap();
+    let home = persistence.iter().find(|p| p["kind"] == "home").unwrap();
+    assert_eq!(home["deep"]["clean"], true, "{home:#}");
+    assert!(home["status"].as_str().unwrap().contains("plain ext4"));
+    let overlay = persistence.iter().find(|p| p["kind"] == "overlay").unwrap();
+    assert!(
+        overlay["status"]
+            .as_str()
+            .unwrap()
+            .contains("dm-snapshot overlay: uninitialised"),
+        "{overlay:#}"
+    );
+    assert_eq!(r["iso"]["same_as_recorded"], true, "{:#}", r["iso"]);
+    assert_eq!(r["iso"]["implanted_md5_ok"], true);
+    assert!(r["iso"]["files_matching"].as_u64().unwrap() >= 4);
+    assert_eq!(r["iso"]["files_differing"].as_array().unwrap().len(), 0);
+
+    // Another ISO is not the recorded one: exit 4, and the report says why.
+    let other = synthetic_iso("fedora-grub.iso");
+    let (out, r) = verify_json(&[t.s(), "--iso", other.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(r["iso"]["same_as_recorded"], false);
+    assert!(r["iso"]["why"].as_str().unwrap().contains("bytes"), "{r:#}");
+
+    // The human report names every file and the verdict.
+    let out = livestick(&["verify", t.s()]);
+    let text = ok(&out);
+    assert!(text.contains("intact   /LiveOS/squashfs.img"), "{text}");
+    assert!(text.contains("intact: "), "{text}");
+}
+
+#[test]
+fn a_changed_byte_in_squashfs_img_is_found_and_exits_4() {
+    let t = written("fedora-classic.iso", &[]);
+    let squashfs = fat_read(&t.image, t.part, "LiveOS/squashfs.img");
+    // A block from the middle of the image: its place on the stick, found by content.
+    let at = squashfs.len() / 2 / 4096 * 4096;
+    let block = &squashfs[at..at + 4096];
+    let on_stick = offset_of(&t.image, block);
+    flip_byte(&t.image, on_stick + 100);
+    let (out, r) = verify_json(&[t.s()]);
+    assert_eq!(out.status.code(), Some(4), "{r:#}");
+    assert_eq!(r["overall"], "damaged");
+    assert_eq!(r["exit_code"], 4);
+    assert_eq!(r["changed"], 1);
+    let sq = state_of(&r, "/LiveOS/squashfs.img");
+    assert_eq!(sq["state"], "changed");
+    assert_ne!(sq["sha256"], sq["recorded_sha256"]);
+    assert_eq!(
+        state_of(&r, "/EFI/BOOT/grub.cfg")["state"],
+        "intact",
+        "only the damaged file is named"
+    );
+    let out = livestick(&["verify", t.s()]);
+    assert_eq!(out.status.code(), Some(4));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("CHANGED  /LiveOS/squashfs.img"), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1 file changed"), "{err}");
+    assert!(err.contains("hint: "), "{err}");
+}
+
+#[test]
+fn a_truncated_file_and_a_deleted_one_are_changed_and_missing() {
+    let t = written("fedora-classic.iso", &[]);
+    let scratch = t.dir.path().join("vmlinuz");
+    fat_copy_out(&t.image, t.part, "isolinux/vmlinuz", &scratch);
+    let len = std::fs::metadata(&scratch).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&scratch)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    fat_put(&t.image, t.part, &scratch, "isolinux/vmlinuz");
+    let mdel = std::process::Command::new(tool("mdel"))
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{}", t.image.display(), t.part))
+        .arg("::syslinux/menu.c32")
+        .output()
+        .unwrap();
+    assert!(mdel.status.success());
+    let (out, r) = verify_json(&[t.s()]);
+    assert_eq!(out.status.code(), Some(4));
+    let truncated = state_of(&r, "/isolinux/vmlinuz");
+    assert_eq!(truncated["state"], "changed");
+    assert_eq!(truncated["size"], len / 2);
+    assert_eq!(truncated["recorded_size"], len);
+    assert!(
+        truncated["detail"].as_str().unwrap().contains("truncated"),
+        "{truncated:#}"
+    );
+    assert_eq!(state_of(&r, "/syslinux/menu.c32")["state"], "missing");
+    assert_eq!(
+        (r["changed"].as_u64(), r["missing"].as_u64()),
+        (Some(1), Some(1))
+    );
+}
+
+#[test]
+fn a_stick_without_a_manifest_is_bad_input_with_a_clear_message() {
+    // Written by livestick, manifest removed (an older livestick wrote none).
+    let t = written("fedora-classic.iso", &[]);
+    let out = std::process::Command::new(tool("mdel"))
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{}", t.image.display(), t.part))
+        .arg(format!("::{MANIFEST}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = livestick(&["verify", t.s()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has no livestick manifest"), "{err}");
+    assert!(err.contains("older livestick or by another tool"), "{err}");
+
+    // A stick another tool made: sfdisk + mkfs.fat, some files.
+    if !need("mkfs.fat") {
+        return;
+    }
+    let other = t.dir.path().join("other.img");
+    std::fs::File::create(&other)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let sfdisk = std::process::Command::new(tool("sfdisk"))
+        .arg(&other)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"label: dos\nstart=2048, type=c\n")?;
+            child.wait()
+        })
+        .unwrap();
+    assert!(sfdisk.success());
+    sh(
+        "mkfs.fat",
+        &[
+            "-F",
+            "32",
+            "--offset",
+            "2048",
+            other.to_str().unwrap(),
+            &format!("{}", (64 << 20) / 1024 - 1024),
+        ],
+    );
+    let out = livestick(&["--json", "verify", other.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["kind"], "bad-input");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("no livestick manifest")
+    );
+
+    // A damaged manifest is bad input too, and says so.
+    let garbage = t.dir.path().join("livestick.json");
+    std::fs::write(&garbage, b"{\"schema\": 1, \"files\": [").unwrap();
+    fat_put(&t.image, t.part, &garbage, MANIFEST);
+    let out = livestick(&["verify", t.s()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be read"));
+}
+
+#[test]
+fn rewrites_keep_the_manifest_true_and_never_delete_it() {
+    let t = written(
+        "fedora-classic.iso",
+        &[
+            "--overlay-size-mb",
+            "16",
+            "--home-size-mb",
+            "16",
+            "--unencrypted-home",
+        ],
+    );
+    let first = t.manifest();
+    let iso = synthetic_iso("fedora-classic.iso");
+    // Re-provisioning in place (no new table): the old home stays.
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        t.s(),
+        "--yes",
+        "--quiet",
+    ]));
+    let second = t.manifest();
+    assert_ne!(first["updated_at"], serde_json::Value::Null);
+    let (out, r) = verify_json(&[t.s()]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+    assert!(
+        second["persistence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["kind"] == "home" && p["size"] == 16 << 20),
+        "the kept home is listed: {second:#}"
+    );
+    // --skipcopy rewrites only the configs; the root image's entry is kept.
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        t.s(),
+        "--skipcopy",
+        "--yes",
+        "--quiet",
+    ]));
+    let third = t.manifest();
+    let sq = |m: &serde_json::Value| {
+        m["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["path"] == "/LiveOS/squashfs.img")
+            .cloned()
+    };
+    assert_eq!(sq(&third), sq(&first), "{third:#}");
+    let (out, r) = verify_json(&[t.s()]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+
+    // A stick used as the source: its manifest is not copied as a live file.
+    let copy = t.dir.path().join("copy.img");
+    ok(&livestick(&[
+        "write",
+        t.s(),
+        copy.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--yes",
+        "--quiet",
+    ]));
+    let copied: serde_json::Value =
+        serde_json::from_slice(&fat_read(&copy, part_start(&copy), MANIFEST)).unwrap();
+    assert_eq!(copied["images"][0]["source"]["name"], "stick.img");
+    assert!(
+        copied["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["path"] != "/LiveOS/livestick.json"),
+        "{copied:#}"
+    );
+    let (out, r) = verify_json(&[copy.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+}
+
+#[test]
+fn a_multi_image_stick_lists_both_images() {
+    let t = written("fedora-classic.iso", &[]);
+    let second = synthetic_iso("fedora-grub.iso");
+    ok(&livestick(&[
+        "write",
+        second.to_str().unwrap(),
+        t.s(),
+        "--multi",
+        "--livedir",
+        "F2",
+        "--yes",
+        "--quiet",
+    ]));
+    let m = t.manifest();
+    let dirs: Vec<&str> = m["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["live_dir"].as_str().unwrap())
+        .collect();
+    assert_eq!(dirs, ["LiveOS", "F2"], "{m:#}");
+    let paths: Vec<&str> = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(paths.contains(&"/LiveOS/squashfs.img"), "{paths:?}");
+    assert!(paths.contains(&"/F2/squashfs.img"), "{paths:?}");
+    let (out, r) = verify_json(&[t.s()]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+}
+
+#[test]
+fn verify_reads_a_loop_device_with_the_page_cache_dropped() {
+    if !require(is_root(), "root (loop devices)") {
+        return;
+    }
+    let t = written("fedora-classic.iso", &[]);
+    let Some(dev) = loop_device(&[], &t.image) else {
+        return;
+    };
+    let (out, r) = verify_json(&[&dev.0]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+    // Damage under the device, behind the page cache: the bytes come from the medium.
+    let sq = fat_read(&t.image, t.part, "LiveOS/squashfs.img");
+    let at = offset_of(&t.image, &sq[8192..8192 + 4096]);
+    // Read through the device first so the old bytes are cached.
+    let _ = std::fs::read(&dev.0);
+    flip_byte(&t.image, at + 7);
+    let (out, r) = verify_json(&[&dev.0]);
+    assert_eq!(out.status.code(), Some(4), "{r:#}");
+    assert_eq!(state_of(&r, "/LiveOS/squashfs.img")["state"], "changed");
+}
