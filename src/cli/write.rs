@@ -115,7 +115,8 @@ pub struct WriteArgs {
     #[arg(long, value_name = "SECONDS")]
     pub total_timeout: Option<u32>,
 
-    /// Skip checking the ISO's implanted MD5
+    /// Skip checking the ISO's implanted MD5 (a CHECKSUM given or found beside
+    /// the image is still checked)
     #[arg(long)]
     pub noverify: bool,
     /// Skip reading back what was written

@@ -76,7 +76,7 @@ pub enum SignedChecksumError {
     )]
     Keyring { path: PathBuf, detail: String },
     #[error(
-        "the signature of {file} does not verify with any key in {keyring} (signed by key {key_ids}): either the file was altered after it was signed or it is signed by a key you have not given; download the CHECKSUM again, or give the right key with --keyring"
+        "the signature of {file} does not verify with any unrevoked key in {keyring} (signed by key {key_ids}): either the file was altered after it was signed or it is signed by a key you have not given; download the CHECKSUM again, or give the right key with --keyring"
     )]
     BadSignature {
         file: String,
@@ -262,7 +262,15 @@ impl Keyring {
 
     /// The key (primary or subkey) that made one of `msg`'s signatures.
     fn signer_of(&self, msg: &CleartextSignedMessage) -> Option<Signer> {
-        for key in &self.keys {
+        // A key its owner revoked signs nothing any more (Fedora revokes keys of
+        // releases whose signing was compromised).
+        let live_keys = self.keys.iter().filter(|k| {
+            !k.details
+                .revocation_signatures
+                .iter()
+                .any(|sig| sig.verify_key(&k.primary_key).is_ok())
+        });
+        for key in live_keys {
             let signer = |key_id: String| Signer {
                 key_id,
                 fingerprint: format!("{:X}", key.fingerprint()),

@@ -21,10 +21,16 @@ pub struct Keys {
     pub good: PathBuf,
     pub good_fingerprint: String,
     pub wrong: PathBuf,
+    /// A key revoked after it signed `revoked_checksum` (the fixture ISO's).
+    pub revoked: PathBuf,
+    pub revoked_checksum: String,
+    /// The same key exported before it was revoked (the control).
+    pub before_revocation: PathBuf,
 }
 
 const GOOD_UID: &str = "Livestick Test Signer <signer@example.org>";
 const WRONG_UID: &str = "Someone Else <else@example.org>";
+const REVOKED_UID: &str = "Revoked Signer <revoked@example.org>";
 
 /// gpg-agent is one per GNUPGHOME: the tests' gpg runs take turns, and each stops
 /// the agent again so that nothing outlives the test process.
@@ -89,6 +95,35 @@ pub fn keys() -> &'static Keys {
         };
         let good = export(GOOD_UID, "good.asc");
         let wrong = export(WRONG_UID, "wrong.asc");
+        // Signed while good, then revoked with the certificate gpg made for it.
+        gpg(
+            h,
+            &["--quick-gen-key", REVOKED_UID, "ed25519", "sign", "never"],
+        );
+        let revoked_checksum = clearsign(
+            h,
+            REVOKED_UID,
+            &format!("SHA256 ({ISO_NAME}) = {}\n", iso_sha256()),
+        );
+        let fingerprint_of = |uid: &str| {
+            String::from_utf8_lossy(&gpg(h, &["--with-colons", "--fingerprint", uid]).stdout)
+                .lines()
+                .find(|l| l.starts_with("fpr:"))
+                .and_then(|l| l.split(':').nth(9))
+                .expect("gpg lists the fingerprint")
+                .to_string()
+        };
+        let rev = h
+            .join("openpgp-revocs.d")
+            .join(format!("{}.rev", fingerprint_of(REVOKED_UID)));
+        let certificate = std::fs::read_to_string(&rev)
+            .expect("gpg keeps a revocation certificate")
+            .replace(":-----BEGIN", "-----BEGIN");
+        let before_revocation = export(REVOKED_UID, "before-revocation.asc");
+        let rev_path = h.join("revoke.asc");
+        std::fs::write(&rev_path, certificate).unwrap();
+        gpg(h, &["--import", rev_path.to_str().unwrap()]);
+        let revoked = export(REVOKED_UID, "revoked.asc");
         let listing =
             String::from_utf8_lossy(&gpg(h, &["--with-colons", "--fingerprint", GOOD_UID]).stdout)
                 .into_owned();
@@ -103,6 +138,9 @@ pub fn keys() -> &'static Keys {
             good,
             good_fingerprint,
             wrong,
+            revoked,
+            revoked_checksum,
+            before_revocation,
         }
     })
 }
@@ -126,13 +164,16 @@ pub fn checksum_text(entries: &[(&str, &str)], by: SignedBy) -> String {
         SignedBy::Wrong => WRONG_UID,
         SignedBy::Nobody => return body,
     };
-    let keys = keys();
+    clearsign(keys().home.path(), uid, &body)
+}
+
+fn clearsign(home: &Path, uid: &str, body: &str) -> String {
     let scratch = tmp();
     let input = scratch.path().join("CHECKSUM.in");
     let output = scratch.path().join("CHECKSUM.asc");
-    std::fs::write(&input, &body).unwrap();
+    std::fs::write(&input, body).unwrap();
     gpg(
-        keys.home.path(),
+        home,
         &[
             "--local-user",
             uid,
@@ -335,7 +376,30 @@ fn a_checksum_signed_by_another_key_is_refused() {
         "--keyring",
         keys.good.to_str().unwrap(),
     ]);
-    refused(&scene, &out, "does not verify with any key");
+    refused(&scene, &out, "does not verify with any unrevoked key");
+}
+
+#[test]
+fn a_signature_by_a_revoked_key_is_refused() {
+    let scene = Scene::new();
+    let keys = keys();
+    let file = scene.checksum(CHECKSUM_NAME, &keys.revoked_checksum);
+    let out = scene.write(&[
+        "--checksum",
+        file.to_str().unwrap(),
+        "--keyring",
+        keys.revoked.to_str().unwrap(),
+    ]);
+    refused(&scene, &out, "does not verify with any unrevoked key");
+    // The control: the same signature is good by the key as it was before.
+    let out = scene.write(&[
+        "--dry-run",
+        "--checksum",
+        file.to_str().unwrap(),
+        "--keyring",
+        keys.before_revocation.to_str().unwrap(),
+    ]);
+    assert!(ok(&out).contains("signed by Revoked Signer"));
 }
 
 #[test]
