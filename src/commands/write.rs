@@ -669,7 +669,9 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     plan.notes.push(source_check.summary());
     if args.dry_run {
         if json {
-            crate::outln!("{}", serde_json::to_string_pretty(&plan)?);
+            let mut value = serde_json::to_value(&plan)?;
+            value["checksum"] = serde_json::to_value(&source_check)?;
+            crate::outln!("{}", serde_json::to_string_pretty(&value)?);
         } else {
             crate::out!("{}", plan.to_table());
         }

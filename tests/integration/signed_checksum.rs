@@ -316,6 +316,10 @@ fn a_checksum_beside_the_image_is_found_and_a_keyring_directory_is_read() {
     assert!(notes.contains(CHECKSUM_NAME), "{notes}");
     assert!(notes.contains("signed by Livestick Test Signer"), "{notes}");
     assert!(notes.contains("found beside the image"), "{notes}");
+    // A dry run checks the signature and the name, and does not read the image.
+    assert_eq!(plan["checksum"]["status"], "checked");
+    assert_eq!(plan["checksum"]["matched"], serde_json::Value::Null);
+    assert_eq!(plan["checksum"]["expected_sha256"], iso_sha256().as_str());
     let json = report(&scene.write(&["--keyring", ring.to_str().unwrap()]));
     assert_eq!(json["checksum"]["discovered"], true);
     assert_eq!(json["checksum"]["matched"], true);
