@@ -1137,6 +1137,7 @@ impl CompatArgs {
             multi: self.multi,
             updates: self.updates.clone(),
             ks: self.ks.clone(),
+            source_check: Default::default(),
         })
     }
 }

@@ -18,13 +18,14 @@ pub enum DracutNamesArg {
     Renamed,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct WriteArgs {
-    /// The live ISO image to write
+    /// The live ISO image to write: a file, an http(s):// URL (downloaded and
+    /// verified first) or a release name like fedora:42/workstation/x86_64
     pub iso: PathBuf,
     /// The sticks (block devices) or image files to write to; several are
     /// written at once from one read of the ISO
-    #[arg(required_unless_present = "wait_for", num_args = 1..)]
+    #[arg(required_unless_present_any = ["wait_for", "download_only"], num_args = 1..)]
     pub targets: Vec<PathBuf>,
     /// Wait for N sticks to be plugged in and write each as it appears
     #[arg(long, value_name = "N")]
@@ -114,7 +115,8 @@ pub struct WriteArgs {
     #[arg(long, value_name = "SECONDS")]
     pub total_timeout: Option<u32>,
 
-    /// Skip checking the ISO's implanted MD5
+    /// Skip checking the ISO's implanted MD5 (a CHECKSUM given or found beside
+    /// the image is still checked)
     #[arg(long)]
     pub noverify: bool,
     /// Skip reading back what was written
@@ -146,6 +148,44 @@ pub struct WriteArgs {
     /// Copy FILE to the stick as ks.cfg and boot the installer with inst.ks= it
     #[arg(long, value_name = "FILE")]
     pub ks: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub source_check: SourceCheckArgs,
+}
+
+/// Checking the source against a published checksum, and downloading it.
+#[derive(Debug, Clone, Args)]
+pub struct SourceCheckArgs {
+    /// The image's CHECKSUM file (path, or URL for a downloaded source): its
+    /// signature and the image's sha256 are checked before anything is written,
+    /// even with --noverify. Default: a *-CHECKSUM file beside the image
+    #[arg(long, value_name = "FILE|URL")]
+    pub checksum: Option<String>,
+    /// OpenPGP public keys that may sign the CHECKSUM (a file or a directory of
+    /// key files). Default: Fedora's keys in /etc/pki/rpm-gpg and
+    /// /usr/share/distribution-gpg-keys/fedora
+    #[arg(long, value_name = "FILE|DIR")]
+    pub keyring: Option<PathBuf>,
+    /// Use a CHECKSUM that is not signed (or whose signature cannot be checked
+    /// for want of a key), or download a URL with no CHECKSUM at all
+    #[arg(long)]
+    pub allow_unsigned: bool,
+    /// Where a URL source is downloaded (default $XDG_CACHE_HOME/livestick or
+    /// ~/.cache/livestick); an interrupted download resumes from there
+    #[arg(long, value_name = "DIR")]
+    pub download_dir: Option<PathBuf>,
+    /// Download and verify the source, print its path, and write nothing
+    #[arg(long)]
+    pub download_only: bool,
+    /// Trust the certificate authorities in this PEM file too, for https:// sources
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Seconds to wait for a server to connect or to send more data
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub download_timeout: u64,
+    /// The releases.json that fedora:VERSION/VARIANT/ARCH names are looked up in
+    #[arg(long, value_name = "URL")]
+    pub releases_url: Option<String>,
 }
 
 /// `--timeout`: whole seconds, or `forever`/`-1` for "wait for a choice"
@@ -158,5 +198,22 @@ pub fn parse_timeout(text: &str) -> Result<u32, String> {
             .ok()
             .filter(|&s| s != crate::boot::render::WAIT_FOREVER)
             .ok_or_else(|| format!("{text:?} is not a number of seconds or `forever`")),
+    }
+}
+
+impl Default for SourceCheckArgs {
+    /// What the command line gives when none of these options is used (the
+    /// livecd-iso-to-disk front end has none of them).
+    fn default() -> Self {
+        SourceCheckArgs {
+            checksum: None,
+            keyring: None,
+            allow_unsigned: false,
+            download_dir: None,
+            download_only: false,
+            ca_file: None,
+            download_timeout: 30,
+            releases_url: None,
+        }
     }
 }

@@ -21,7 +21,8 @@ use crate::plan::{self, FormatMode, HomeEncryption, Plan, WriteOptions};
 use crate::prepare;
 use crate::progress::{Progress, ProgressMode};
 use crate::size::{MIB, human, parse_size};
-use crate::source::{compressed, live};
+use crate::source::signed_checksum::SourceCheck;
+use crate::source::{compressed, download, live, releases};
 use crate::write_facts;
 
 fn mib(option: &str, value: Option<u64>) -> anyhow::Result<Option<u64>> {
@@ -277,12 +278,70 @@ fn write_one(
     )?)
 }
 
+/// A URL or release name becomes a verified file in the cache, and a local image
+/// is checked against its CHECKSUM, before any target is probed or opened.
+/// `None` when `--download-only` has done everything asked.
+fn acquire_source(
+    args: &WriteArgs,
+    json: bool,
+    quiet: bool,
+) -> anyhow::Result<Option<(WriteArgs, SourceCheck)>> {
+    let given = &args.source_check;
+    let opts = download::DownloadOptions {
+        dir: given.download_dir.clone(),
+        checksum: given.checksum.clone(),
+        keyring: given.keyring.clone(),
+        allow_unsigned: given.allow_unsigned,
+        ca_file: given.ca_file.clone(),
+        timeout: std::time::Duration::from_secs(given.download_timeout.max(1)),
+        releases_url: given
+            .releases_url
+            .clone()
+            .unwrap_or_else(|| releases::DEFAULT_RELEASES_URL.to_string()),
+    };
+    let progress = Progress::new(progress_mode(json, quiet), "source");
+    let (path, check) = download::prepare(&args.iso, &opts, !args.dry_run, &progress)?;
+    progress.finish();
+    if given.download_only {
+        if json {
+            let value = serde_json::json!({"path": path, "checksum": check});
+            crate::outln!("{}", serde_json::to_string_pretty(&value)?);
+        } else {
+            crate::outln!("{}", path.display());
+            if !quiet {
+                eprintln!("{}", check.summary());
+            }
+        }
+        return Ok(None);
+    }
+    let local = WriteArgs {
+        iso: path,
+        ..args.clone()
+    };
+    Ok(Some((local, check)))
+}
+
+/// The report's line about published checksums, which says so plainly when the
+/// image could not be checked at all.
+fn source_check_line(check: &SourceCheck, md5_checked: bool) -> String {
+    match check {
+        SourceCheck::NotChecked { why } if !md5_checked => format!(
+            "the image was NOT checked: no implanted MD5 was checked and no published checksum: {why}"
+        ),
+        _ => check.summary(),
+    }
+}
+
 pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
+    let Some((local, source_check)) = acquire_source(args, json, quiet)? else {
+        return Ok(());
+    };
+    let args = &local;
     // Before the source is inspected or any target probed: a target that is
     // the source (or a batch naming one stick twice) is refused by identity.
     identity::check_distinct(&args.iso, &args.targets)?;
     if args.targets.len() > 1 || args.wait_for.is_some() {
-        return run_batch(args, json, quiet);
+        return run_batch(args, &source_check, json, quiet);
     }
     let target = args
         .targets
@@ -293,9 +352,12 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     let opts = options_from(args, &live)?;
     let (mut plan, probe, syslinux_files) = make_plan(args, target, &opts, &live)?;
     plan.notes.extend(unpacked.note());
+    plan.notes.push(source_check.summary());
     if args.dry_run {
         if json {
-            crate::outln!("{}", serde_json::to_string_pretty(&plan)?);
+            let mut value = serde_json::to_value(&plan)?;
+            value["checksum"] = serde_json::to_value(&source_check)?;
+            crate::outln!("{}", serde_json::to_string_pretty(&value)?);
         } else {
             crate::out!("{}", plan.to_table());
         }
@@ -328,9 +390,11 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         let mut value = serde_json::to_value(&report)?;
         value["iso_md5"] = serde_json::json!(md5);
         value["repaired"] = serde_json::json!(plan.repaired);
+        value["checksum"] = serde_json::to_value(&source_check)?;
         crate::outln!("{}", serde_json::to_string_pretty(&value)?);
     } else if !quiet {
         print_report(&live, &report, md5.is_some());
+        crate::outln!("  {}", source_check_line(&source_check, md5.is_some()));
     }
     Ok(())
 }
@@ -399,7 +463,17 @@ fn print_report(live: &live::LiveImage, report: &apply::ApplyReport, md5_checked
 /// Several targets from one read of the ISO: each target is planned, checked
 /// and written on its own thread; one that fails is reported and dropped while
 /// the others finish.
-fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
+fn run_batch(
+    args: &WriteArgs,
+    source_check: &SourceCheck,
+    json: bool,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    // The NDJSON events keep their recorded shape (docs/ndjson-events.md); the
+    // check is in every plan's notes, and said once here for a person.
+    if !json && !quiet {
+        eprintln!("{}", source_check.summary());
+    }
     let unpacked = compressed::open(&args.iso, progress_mode(json, quiet))?;
     let live = crate::live_source::inspect(unpacked.path())?;
     let opts = options_from(args, &live)?;
@@ -418,6 +492,7 @@ fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         match make_plan(args, target, &own, &live) {
             Ok((mut plan, probe, syslinux)) => {
                 plan.notes.extend(unpacked.note());
+                plan.notes.push(source_check.summary());
                 batch.planned(PlannedTarget {
                     target: target.clone(),
                     plan,

@@ -1,6 +1,9 @@
 //! Reading the source live ISO.
 pub mod checksum;
 pub mod compressed;
+pub mod download;
 pub mod initrd;
 pub mod iso;
 pub mod live;
+pub mod releases;
+pub mod signed_checksum;

@@ -1,0 +1,491 @@
+//! Signed CHECKSUM files (`source::signed_checksum`): keys made with the real `gpg`
+//! in a temporary GNUPGHOME, CHECKSUMs clearsigned by it in Fedora's format, and
+//! every way the check can fail refused before the target is touched (the target's
+//! bytes are compared before and after).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
+
+use crate::support::dm_snapshot::hex;
+use crate::support::*;
+
+/// A name the CHECKSUM lists and discovery derives nothing from.
+pub const ISO_NAME: &str = "Fedora-Test-Live-42-1.1.x86_64.iso";
+pub const CHECKSUM_NAME: &str = "Fedora-Test-42-1.1-x86_64-CHECKSUM";
+
+/// Two signing keys in one temporary GNUPGHOME: `good` (RSA, like Fedora's) and
+/// `wrong` (ed25519), each exported as an armored public key file.
+pub struct Keys {
+    home: tempfile::TempDir,
+    pub good: PathBuf,
+    pub good_fingerprint: String,
+    pub wrong: PathBuf,
+    /// A key revoked after it signed `revoked_checksum` (the fixture ISO's).
+    pub revoked: PathBuf,
+    pub revoked_checksum: String,
+    /// The same key exported before it was revoked (the control).
+    pub before_revocation: PathBuf,
+}
+
+const GOOD_UID: &str = "Livestick Test Signer <signer@example.org>";
+const WRONG_UID: &str = "Someone Else <else@example.org>";
+const REVOKED_UID: &str = "Revoked Signer <revoked@example.org>";
+
+/// gpg-agent is one per GNUPGHOME: the tests' gpg runs take turns, and each stops
+/// the agent again so that nothing outlives the test process.
+static GPG: Mutex<()> = Mutex::new(());
+
+fn gpg(home: &Path, args: &[&str]) -> Output {
+    let _turn = GPG.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new("gpg")
+        .env("GNUPGHOME", home)
+        .args([
+            "--batch",
+            "--quiet",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase",
+            "",
+        ])
+        .args(args)
+        .output()
+        .expect("gpg runs (scripts/deps.sh installs gnupg)");
+    let _ = Command::new("gpgconf")
+        .env("GNUPGHOME", home)
+        .args(["--kill", "gpg-agent"])
+        .output();
+    assert!(
+        out.status.success(),
+        "gpg {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn keys() -> &'static Keys {
+    static KEYS: OnceLock<Keys> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let home = tempfile::Builder::new()
+            .prefix("lsgpg-")
+            .tempdir()
+            .expect("a GNUPGHOME");
+        let h = home.path();
+        gpg(
+            h,
+            &["--quick-gen-key", GOOD_UID, "rsa2048", "sign", "never"],
+        );
+        gpg(
+            h,
+            &["--quick-gen-key", WRONG_UID, "ed25519", "sign", "never"],
+        );
+        let export = |uid: &str, name: &str| {
+            let path = h.join(name);
+            gpg(
+                h,
+                &[
+                    "--armor",
+                    "--output",
+                    path.to_str().unwrap(),
+                    "--export",
+                    uid,
+                ],
+            );
+            path
+        };
+        let good = export(GOOD_UID, "good.asc");
+        let wrong = export(WRONG_UID, "wrong.asc");
+        // Signed while good, then revoked with the certificate gpg made for it.
+        gpg(
+            h,
+            &["--quick-gen-key", REVOKED_UID, "ed25519", "sign", "never"],
+        );
+        let revoked_checksum = clearsign(
+            h,
+            REVOKED_UID,
+            &format!("SHA256 ({ISO_NAME}) = {}\n", iso_sha256()),
+        );
+        let fingerprint_of = |uid: &str| {
+            String::from_utf8_lossy(&gpg(h, &["--with-colons", "--fingerprint", uid]).stdout)
+                .lines()
+                .find(|l| l.starts_with("fpr:"))
+                .and_then(|l| l.split(':').nth(9))
+                .expect("gpg lists the fingerprint")
+                .to_string()
+        };
+        let rev = h
+            .join("openpgp-revocs.d")
+            .join(format!("{}.rev", fingerprint_of(REVOKED_UID)));
+        let certificate = std::fs::read_to_string(&rev)
+            .expect("gpg keeps a revocation certificate")
+            .replace(":-----BEGIN", "-----BEGIN");
+        let before_revocation = export(REVOKED_UID, "before-revocation.asc");
+        let rev_path = h.join("revoke.asc");
+        std::fs::write(&rev_path, certificate).unwrap();
+        gpg(h, &["--import", rev_path.to_str().unwrap()]);
+        let revoked = export(REVOKED_UID, "revoked.asc");
+        let listing =
+            String::from_utf8_lossy(&gpg(h, &["--with-colons", "--fingerprint", GOOD_UID]).stdout)
+                .into_owned();
+        let good_fingerprint = listing
+            .lines()
+            .find(|l| l.starts_with("fpr:"))
+            .and_then(|l| l.split(':').nth(9))
+            .expect("gpg lists the fingerprint")
+            .to_string();
+        Keys {
+            home,
+            good,
+            good_fingerprint,
+            wrong,
+            revoked,
+            revoked_checksum,
+            before_revocation,
+        }
+    })
+}
+
+/// Which key signs a CHECKSUM.
+#[derive(Clone, Copy)]
+pub enum SignedBy {
+    Good,
+    Wrong,
+    Nobody,
+}
+
+/// The text of a Fedora CHECKSUM for `entries` (name, sha256), signed as asked.
+pub fn checksum_text(entries: &[(&str, &str)], by: SignedBy) -> String {
+    let mut body = String::new();
+    for (name, sha) in entries {
+        body.push_str(&format!("# {name}: 1 bytes\nSHA256 ({name}) = {sha}\n"));
+    }
+    let uid = match by {
+        SignedBy::Good => GOOD_UID,
+        SignedBy::Wrong => WRONG_UID,
+        SignedBy::Nobody => return body,
+    };
+    clearsign(keys().home.path(), uid, &body)
+}
+
+fn clearsign(home: &Path, uid: &str, body: &str) -> String {
+    let scratch = tmp();
+    let input = scratch.path().join("CHECKSUM.in");
+    let output = scratch.path().join("CHECKSUM.asc");
+    std::fs::write(&input, body).unwrap();
+    gpg(
+        home,
+        &[
+            "--local-user",
+            uid,
+            "--digest-algo",
+            "SHA256",
+            "--clearsign",
+            "--output",
+            output.to_str().unwrap(),
+            input.to_str().unwrap(),
+        ],
+    );
+    std::fs::read_to_string(&output).unwrap()
+}
+
+/// A directory with the fixture ISO under Fedora's name (a symlink: the check
+/// reads through it), and a target image file holding random bytes.
+struct Scene {
+    dir: tempfile::TempDir,
+    iso: PathBuf,
+    target: PathBuf,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        let dir = tmp();
+        let iso = dir.path().join(ISO_NAME);
+        std::os::unix::fs::symlink(synthetic_iso("fedora-classic.iso"), &iso).unwrap();
+        let target = dir.path().join("stick.img");
+        fill_random(&target, 2 << 20);
+        Scene { dir, iso, target }
+    }
+
+    /// The ISO as a copy with its last byte changed (inside the volume's padding,
+    /// so only a whole-file hash can tell).
+    fn tamper_iso(&self) {
+        let bytes = {
+            let mut b = std::fs::read(&self.iso).unwrap();
+            let last = b.len() - 1;
+            b[last] ^= 0x5a;
+            b
+        };
+        std::fs::remove_file(&self.iso).unwrap();
+        std::fs::write(&self.iso, bytes).unwrap();
+    }
+
+    fn checksum(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn write(&self, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "--json",
+            "write",
+            self.iso.to_str().unwrap(),
+            self.target.to_str().unwrap(),
+            "--size",
+            "64M",
+            "--volume-id",
+            "1234ABCD",
+        ];
+        args.extend_from_slice(extra);
+        livestick(&args)
+    }
+}
+
+fn iso_sha256() -> String {
+    sha256_file(&synthetic_iso("fedora-classic.iso"))
+}
+
+/// A refused write: exit 2, the message names the cause, the target is as it was.
+fn refused(scene: &Scene, out: &Output, needle: &str) {
+    let before = sha256_file(&scene.target);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+    assert_eq!(
+        before,
+        sha256_file(&scene.target),
+        "the target changed although the check refused"
+    );
+}
+
+fn report(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&ok(out).into_bytes()).expect("one JSON report")
+}
+
+#[test]
+fn a_good_signature_and_matching_sha256_are_reported_then_written() {
+    let scene = Scene::new();
+    let keys = keys();
+    let text = checksum_text(
+        &[("other.iso", &"0".repeat(64)), (ISO_NAME, &iso_sha256())],
+        SignedBy::Good,
+    );
+    let file = scene.checksum("my-CHECKSUM-copy", &text);
+    let out = scene.write(&[
+        "--checksum",
+        file.to_str().unwrap(),
+        "--keyring",
+        keys.good.to_str().unwrap(),
+    ]);
+    let json = report(&out);
+    let check = &json["checksum"];
+    assert_eq!(check["status"], "checked", "{check}");
+    assert_eq!(check["matched"], true);
+    assert_eq!(check["signed"], true);
+    assert_eq!(check["discovered"], false);
+    assert_eq!(check["actual_sha256"], iso_sha256().as_str());
+    assert_eq!(check["trust"]["kind"], "signed");
+    assert_eq!(
+        check["trust"]["signer"]["fingerprint"],
+        keys.good_fingerprint.as_str()
+    );
+    assert_eq!(check["trust"]["signer"]["user_id"], GOOD_UID);
+    // Written for real: the stick has its partition table and the live files.
+    let offset = sfdisk(&scene.target)["partitiontable"]["partitions"][0]["start"]
+        .as_u64()
+        .unwrap()
+        * 512;
+    assert!(fat_ls(&scene.target, offset, "/LiveOS").contains("squashfs"));
+}
+
+#[test]
+fn a_checksum_beside_the_image_is_found_and_a_keyring_directory_is_read() {
+    let scene = Scene::new();
+    let keys = keys();
+    let text = checksum_text(&[(ISO_NAME, &iso_sha256())], SignedBy::Good);
+    scene.checksum(CHECKSUM_NAME, &text);
+    // A directory of keys, with a file that is no key beside them.
+    let ring = scene.dir.path().join("keys");
+    std::fs::create_dir(&ring).unwrap();
+    std::fs::copy(&keys.wrong, ring.join("RPM-GPG-KEY-else")).unwrap();
+    std::fs::copy(&keys.good, ring.join("RPM-GPG-KEY-test")).unwrap();
+    std::fs::write(ring.join("README"), "not a key\n").unwrap();
+    let out = scene.write(&["--dry-run", "--keyring", ring.to_str().unwrap()]);
+    let plan: serde_json::Value = serde_json::from_slice(&ok(&out).into_bytes()).unwrap();
+    let notes = plan["notes"].to_string();
+    assert!(notes.contains(CHECKSUM_NAME), "{notes}");
+    assert!(notes.contains("signed by Livestick Test Signer"), "{notes}");
+    assert!(notes.contains("found beside the image"), "{notes}");
+    // A dry run checks the signature and the name, and does not read the image.
+    assert_eq!(plan["checksum"]["status"], "checked");
+    assert_eq!(plan["checksum"]["matched"], serde_json::Value::Null);
+    assert_eq!(plan["checksum"]["expected_sha256"], iso_sha256().as_str());
+    let json = report(&scene.write(&["--keyring", ring.to_str().unwrap()]));
+    assert_eq!(json["checksum"]["discovered"], true);
+    assert_eq!(json["checksum"]["matched"], true);
+}
+
+#[test]
+fn a_tampered_image_is_refused_even_with_noverify() {
+    let scene = Scene::new();
+    let keys = keys();
+    let text = checksum_text(&[(ISO_NAME, &iso_sha256())], SignedBy::Good);
+    let file = scene.checksum(CHECKSUM_NAME, &text);
+    scene.tamper_iso();
+    let keyring = keys.good.to_str().unwrap();
+    for extra in [&[][..], &["--noverify"][..]] {
+        let mut args = vec!["--checksum", file.to_str().unwrap(), "--keyring", keyring];
+        args.extend_from_slice(extra);
+        refused(&scene, &scene.write(&args), "does not match its checksum");
+    }
+}
+
+#[test]
+fn a_tampered_checksum_file_fails_its_signature() {
+    let scene = Scene::new();
+    let keys = keys();
+    let sha = iso_sha256();
+    let text = checksum_text(&[(ISO_NAME, &sha)], SignedBy::Good);
+    // The hash of the (tampered) image put in place of the signed one.
+    let forged = text.replace(&sha, &"ab".repeat(32));
+    assert_ne!(forged, text);
+    let file = scene.checksum(CHECKSUM_NAME, &forged);
+    let out = scene.write(&[
+        "--checksum",
+        file.to_str().unwrap(),
+        "--keyring",
+        keys.good.to_str().unwrap(),
+    ]);
+    refused(&scene, &out, "does not verify");
+    // --allow-unsigned never excuses a bad signature.
+    let out = scene.write(&[
+        "--checksum",
+        file.to_str().unwrap(),
+        "--keyring",
+        keys.good.to_str().unwrap(),
+        "--allow-unsigned",
+    ]);
+    refused(&scene, &out, "does not verify");
+}
+
+#[test]
+fn a_checksum_signed_by_another_key_is_refused() {
+    let scene = Scene::new();
+    let keys = keys();
+    let text = checksum_text(&[(ISO_NAME, &iso_sha256())], SignedBy::Wrong);
+    let file = scene.checksum(CHECKSUM_NAME, &text);
+    let out = scene.write(&[
+        "--checksum",
+        file.to_str().unwrap(),
+        "--keyring",
+        keys.good.to_str().unwrap(),
+    ]);
+    refused(&scene, &out, "does not verify with any unrevoked key");
+}
+
+#[test]
+fn a_signature_by_a_revoked_key_is_refused() {
+    let scene = Scene::new();
+    let keys = keys();
+    let file = scene.checksum(CHECKSUM_NAME, &keys.revoked_checksum);
+    let out = scene.write(&[
+        "--checksum",
+        file.to_str().unwrap(),
+        "--keyring",
+        keys.revoked.to_str().unwrap(),
+    ]);
+    refused(&scene, &out, "does not verify with any unrevoked key");
+    // The control: the same signature is good by the key as it was before.
+    let out = scene.write(&[
+        "--dry-run",
+        "--checksum",
+        file.to_str().unwrap(),
+        "--keyring",
+        keys.before_revocation.to_str().unwrap(),
+    ]);
+    assert!(ok(&out).contains("signed by Revoked Signer"));
+}
+
+#[test]
+fn an_unsigned_checksum_is_refused_unless_allowed() {
+    let scene = Scene::new();
+    // sha256sum's own format, unsigned.
+    let text = format!("{}  {ISO_NAME}\n", iso_sha256());
+    let file = scene.checksum("SHA256SUMS", &text);
+    let args = ["--checksum", file.to_str().unwrap()];
+    refused(&scene, &scene.write(&args), "is not signed");
+    let fedora_style = checksum_text(&[(ISO_NAME, &iso_sha256())], SignedBy::Nobody);
+    let file2 = scene.checksum(CHECKSUM_NAME, &fedora_style);
+    refused(
+        &scene,
+        &scene.write(&["--checksum", file2.to_str().unwrap()]),
+        "--allow-unsigned",
+    );
+    let json = report(&scene.write(&["--checksum", file.to_str().unwrap(), "--allow-unsigned"]));
+    assert_eq!(json["checksum"]["matched"], true);
+    assert_eq!(json["checksum"]["signed"], false);
+    assert_eq!(json["checksum"]["trust"]["kind"], "unsigned");
+}
+
+#[test]
+fn a_checksum_without_the_images_name_is_a_clear_error() {
+    let scene = Scene::new();
+    let keys = keys();
+    let text = checksum_text(&[("Fedora-Other-42.iso", &iso_sha256())], SignedBy::Good);
+    let file = scene.checksum(CHECKSUM_NAME, &text);
+    let out = scene.write(&[
+        "--checksum",
+        file.to_str().unwrap(),
+        "--keyring",
+        keys.good.to_str().unwrap(),
+    ]);
+    refused(&scene, &out, &format!("has no checksum for {ISO_NAME}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Fedora-Other-42.iso"),
+        "it names what it lists: {stderr}"
+    );
+}
+
+#[test]
+fn a_write_with_nothing_to_check_says_so() {
+    let scene = Scene::new();
+    let out = livestick(&[
+        "write",
+        scene.iso.to_str().unwrap(),
+        scene.target.to_str().unwrap(),
+        "--size",
+        "64M",
+        "--noverify",
+    ]);
+    let text = ok(&out);
+    assert!(text.contains("the image was NOT checked"), "{text}");
+    assert!(text.contains("no *-CHECKSUM file beside"), "{text}");
+}
+
+/// The API a streamed raw image uses: the expected sha256 after the signature check.
+#[test]
+fn the_expected_sha256_api_checks_the_signature_first() {
+    use livestick::source::signed_checksum::expected_sha256;
+    let keys = keys();
+    let dir = tmp();
+    let sha = iso_sha256();
+    let good = dir.path().join("good");
+    std::fs::write(
+        &good,
+        checksum_text(&[("disk.raw.xz", &sha)], SignedBy::Good),
+    )
+    .unwrap();
+    let (expected, report) =
+        expected_sha256(&good, "disk.raw.xz", Some(&keys.good), false).unwrap();
+    assert_eq!(hex(&expected), sha);
+    assert!(report.signed);
+    let wrong = dir.path().join("wrong");
+    std::fs::write(
+        &wrong,
+        checksum_text(&[("disk.raw.xz", &sha)], SignedBy::Wrong),
+    )
+    .unwrap();
+    assert!(expected_sha256(&wrong, "disk.raw.xz", Some(&keys.good), false).is_err());
+    assert!(expected_sha256(&good, "other.raw.xz", Some(&keys.good), false).is_err());
+}
