@@ -21,6 +21,8 @@ packages=(
   shim-signed grub-efi-amd64-signed
   # stale-signature tests of disk::wipe: real btrfs and xfs superblocks
   btrfs-progs xfsprogs
+  # raw disk images: block maps made by bmaptool for tests/integration/raw_image.rs
+  bmap-tools
   # benches/stick.sh: GNU time (CPU and peak RSS of each case in its VM)
   time
 )

@@ -19,6 +19,7 @@ pub mod live_source;
 pub mod persist;
 pub mod plan;
 pub mod progress;
+pub mod raw_write;
 pub mod size;
 pub mod source;
 pub mod squash;

@@ -294,6 +294,8 @@ const CLASSIFIERS: &[Classifier] = &[
     classifier::<crate::persist::swap::SwapError>,
     classifier::<crate::persist::tar_stream::TarError>,
     classifier::<crate::plan::PlanError>,
+    classifier::<crate::live_source::NamedLiveError>,
+    classifier::<crate::raw_write::RawWriteError>,
     classifier::<crate::size::SizeError>,
     classifier::<crate::source::checksum::ChecksumError>,
     classifier::<crate::source::compressed::DecompressError>,

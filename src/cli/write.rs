@@ -114,6 +114,15 @@ pub struct WriteArgs {
     #[arg(long, value_name = "SECONDS")]
     pub total_timeout: Option<u32>,
 
+    /// Write the image byte for byte as a raw disk image, even a live ISO
+    /// (a disk image that is not a live ISO is written so without it)
+    #[arg(long)]
+    pub dd: bool,
+    /// bmaptool block map of a raw image (default: IMAGE.bmap beside it, if
+    /// present): only its mapped ranges are written, each checked
+    #[arg(long, value_name = "FILE")]
+    pub bmap: Option<PathBuf>,
+
     /// Skip checking the ISO's implanted MD5
     #[arg(long)]
     pub noverify: bool,

@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod man;
 pub mod overlay;
 pub mod write;
+pub mod write_raw;
 
 use std::io::{BufRead, IsTerminal, Write};
 

@@ -595,6 +595,17 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     // Before the source is inspected or any target probed: a target that is
     // the source (or a batch naming one stick twice) is refused by identity.
     identity::check_distinct(&args.iso, &args.targets)?;
+    // A raw disk image (or --dd) is written as it is, by raw_write.
+    if let Some(why) = crate::raw_write::detect(&args.iso, args.dd)? {
+        return super::write_raw::run(args, why, json, quiet, EVENTS_SCHEMA);
+    }
+    if let Some(bmap) = &args.bmap {
+        return Err(crate::raw_write::RawWriteError::BmapForLiveIso {
+            bmap: bmap.clone(),
+            image: args.iso.clone(),
+        }
+        .into());
+    }
     if args.targets.len() > 1 || args.wait_for.is_some() {
         return run_batch(args, json, quiet);
     }
@@ -603,10 +614,11 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         .first()
         .ok_or_else(|| BadInput("give a target stick or image file".into()))?;
     let unpacked = compressed::open(&args.iso, progress_mode(json, quiet))?;
-    let live = crate::live_source::inspect(unpacked.path())?;
+    let live = crate::live_source::inspect_named(unpacked.path(), &args.iso)?;
     let opts = options_from(args, &live)?;
     let (mut plan, probe, syslinux_files) = make_plan(args, target, &opts, &live)?;
     plan.notes.extend(unpacked.note());
+    plan.source = args.iso.clone();
     if args.dry_run {
         if json {
             crate::outln!("{}", serde_json::to_string_pretty(&plan)?);
@@ -729,7 +741,7 @@ enum Outcome {
 /// the others finish.
 fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     let unpacked = compressed::open(&args.iso, progress_mode(json, quiet))?;
-    let live = crate::live_source::inspect(unpacked.path())?;
+    let live = crate::live_source::inspect_named(unpacked.path(), &args.iso)?;
     let opts = options_from(args, &live)?;
     if let Some(n) = args.wait_for {
         return run_wait_for(args, &live, &opts, n, json, quiet);
@@ -738,7 +750,7 @@ fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     let mut planned = Vec::new();
     emit(
         json,
-        serde_json::json!({"event": "start", "schema": EVENTS_SCHEMA, "iso": live.path,
+        serde_json::json!({"event": "start", "schema": EVENTS_SCHEMA, "iso": args.iso,
             "targets": args.targets}),
     );
     for target in &args.targets {
@@ -752,6 +764,7 @@ fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         match make_plan(args, target, &own, &live) {
             Ok(mut p) => {
                 p.0.notes.extend(unpacked.note());
+                p.0.source = args.iso.clone();
                 planned.push((target.clone(), p));
                 outcomes.push((target.clone(), None));
             }

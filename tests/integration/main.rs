@@ -38,6 +38,7 @@ mod overlay_ovl;
 mod overlay_ovl_maint;
 mod overlay_stick;
 mod persistence;
+mod raw_image;
 mod replace_leftovers;
 mod rewrite;
 mod safety;
