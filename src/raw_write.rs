@@ -152,8 +152,8 @@ pub struct RawSource {
 const SNIFF: usize = 64 * 1024;
 
 /// Whether `path` is to be written raw: always with `dd`; otherwise when its
-/// content is a partitioned disk image that is not a live stick, or an ISO
-/// 9660 image without `LiveOS/squashfs.img`. `None` means the live path
+/// content is a partitioned disk image that is not a live stick, or a hybrid
+/// ISO (one with a partition table) without `LiveOS/squashfs.img`. `None` means the live path
 /// (which reports a source that is neither with its own words). A compressed
 /// ISO always takes the live path, which unpacks it (`source::compressed`).
 pub fn detect(path: &Path, dd: bool) -> Result<Option<String>, RawWriteError> {
@@ -169,14 +169,19 @@ pub fn detect(path: &Path, dd: bool) -> Result<Option<String>, RawWriteError> {
         return Ok(None);
     };
     Ok(match raw::content_of(&head) {
-        Content::Iso if image.compression.is_some() => None,
-        Content::Iso => {
-            let live = live::open_iso(path)
-                .ok()
-                .and_then(|mut iso| iso.lookup("/LiveOS/squashfs.img").ok())
-                .is_some_and(|entry| entry.is_some());
-            (!live).then(|| {
-                "an ISO 9660 image with no LiveOS/squashfs.img (not a live ISO): written as it is"
+        // Without a partition table an ISO cannot boot from a stick; the live
+        // path says why it cannot be made into a live stick either.
+        Content::Iso { .. } if image.compression.is_some() => None,
+        Content::Iso { hybrid: false } => None,
+        Content::Iso { hybrid: true } => {
+            // Only an ISO that reads well and plainly has no live system: a
+            // damaged or truncated live ISO must be reported as such (live path).
+            let not_live = live::open_iso(path).is_ok_and(|mut iso| {
+                iso.volume_size() <= image.file_len
+                    && matches!(iso.lookup("/LiveOS/squashfs.img"), Ok(None))
+            });
+            not_live.then(|| {
+                "a hybrid ISO with no LiveOS/squashfs.img (an installer, not a live ISO): written as it is"
                     .to_string()
             })
         }
@@ -587,11 +592,13 @@ pub struct RawReport {
     pub image_size: u64,
     pub image_sha256: Option<String>,
     pub bmap: Option<PathBuf>,
-    /// Distinct bytes of the image written (mapped ranges and the first MiB).
+    /// Distinct bytes written: the image's (its mapped ranges with a block
+    /// map, and its first MiB) and the zeroed end of a larger target.
     pub bytes_written: u64,
-    /// Of those, read back from the target and compared.
+    /// Of those, read back from the target and compared: all of them unless
+    /// `--no-verify-write`.
     pub bytes_verified: u64,
-    /// Bytes zeroed besides: the target's tail past the image.
+    /// Of the bytes written, the zeros at the end of a target larger than the image.
     pub bytes_zeroed: u64,
     pub verified: bool,
 }
@@ -726,6 +733,18 @@ fn write_opened(
             });
         }
         verified_bytes += written.total();
+        let mut zeros = vec![0u8; (tail.end - tail.start) as usize];
+        file.seek(SeekFrom::Start(tail.start))
+            .and_then(|_| file.read_exact(&mut zeros))
+            .map_err(write_err(tail.start))?;
+        if zeros.iter().any(|&b| b != 0) {
+            return Err(RawWriteError::ReadBack {
+                target: path.clone(),
+                what: "the zeroed end of the target",
+                bytes: zeros.len() as u64,
+            });
+        }
+        verified_bytes += zeros.len() as u64;
     }
     // Last: the image's own partition table and boot code.
     progress.phase("boot", head.len() as u64);
@@ -754,6 +773,7 @@ fn write_opened(
     }
     let mut all = written.clone();
     all.insert(0..head.len() as u64);
+    all.insert(tail.clone());
     Ok(RawReport {
         source: plan.source.clone(),
         kind: "raw-image",

@@ -20,7 +20,8 @@ pub enum DracutNamesArg {
 
 #[derive(Debug, Args)]
 pub struct WriteArgs {
-    /// The live ISO image to write
+    /// The live ISO to write, or a raw disk image (.raw, .img, also xz/zstd/gzip/bzip2
+    /// compressed) to write as it is
     pub iso: PathBuf,
     /// The sticks (block devices) or image files to write to; several are
     /// written at once from one read of the ISO

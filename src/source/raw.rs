@@ -245,8 +245,11 @@ pub const CD001_AT: usize = 16 * 2048 + 1;
 /// What the first bytes of a source say it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Content {
-    /// An ISO 9660 volume (hybrid ISOs also carry an MBR or GPT).
-    Iso,
+    /// An ISO 9660 volume; `hybrid` when it also carries an MBR or GPT, as
+    /// every ISO meant to boot from a USB stick does.
+    Iso {
+        hybrid: bool,
+    },
     /// A partitioned disk image: an MBR boot signature or a GPT header.
     Disk {
         gpt: bool,
@@ -256,11 +259,11 @@ pub enum Content {
 
 /// Classifies `head` (at least the first 34 KiB for an ISO to be seen).
 pub fn content_of(head: &[u8]) -> Content {
-    if head.len() >= CD001_AT + 5 && &head[CD001_AT..CD001_AT + 5] == b"CD001" {
-        return Content::Iso;
-    }
     let gpt = head.len() >= 520 && &head[512..520] == b"EFI PART";
     let mbr = head.len() >= 512 && head[510] == 0x55 && head[511] == 0xAA;
+    if head.len() >= CD001_AT + 5 && &head[CD001_AT..CD001_AT + 5] == b"CD001" {
+        return Content::Iso { hybrid: gpt || mbr };
+    }
     if gpt || mbr {
         Content::Disk { gpt }
     } else {
@@ -283,7 +286,9 @@ mod tests {
         head[512..520].copy_from_slice(b"EFI PART");
         assert_eq!(content_of(&head), Content::Disk { gpt: true });
         head[CD001_AT..CD001_AT + 5].copy_from_slice(b"CD001");
-        assert_eq!(content_of(&head), Content::Iso);
+        assert_eq!(content_of(&head), Content::Iso { hybrid: true });
+        head[..1024].fill(0);
+        assert_eq!(content_of(&head), Content::Iso { hybrid: false });
     }
 
     #[test]

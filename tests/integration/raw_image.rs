@@ -251,7 +251,13 @@ fn each_compressed_fedora_raw_is_written_whole_over_a_used_stick() {
         assert_eq!(r["kind"], "raw-image");
         assert_eq!(r["source"], s(&src), "the path the user gave");
         assert_eq!(r["image_sha256"], want, "{name}");
-        assert_eq!(r["bytes_written"].as_u64(), Some(IMAGE_SIZE), "{name}");
+        // The image and the zeroed last 2 MiB of the larger target, all read back.
+        assert_eq!(
+            r["bytes_written"].as_u64(),
+            Some(IMAGE_SIZE + 2 * MIB),
+            "{name}"
+        );
+        assert_eq!(r["bytes_zeroed"].as_u64(), Some(2 * MIB));
         assert_eq!(r["bytes_verified"], r["bytes_written"]);
         assert_eq!(
             read_range(&target, 0, IMAGE_SIZE),
@@ -538,6 +544,36 @@ fn dd_writes_a_live_iso_as_it_is_and_a_bmap_alone_does_not() {
     let r = report(&write(&[s(&iso), s(&target), "--dd"]));
     assert_eq!(r["kind"], "raw-image");
     assert_eq!(sha256_file(&target), sha256_file(&iso));
+    // An ISO with a partition table and no live system (an installer): raw,
+    // without --dd. (One without a partition table is refused as before: it
+    // could not boot from a stick, see write::bad_input_is_refused_and_the_target_is_untouched.)
+    let hybrid = dir.path().join("netinst.iso");
+    tool(
+        "xorriso",
+        &[
+            "-as",
+            "mkisofs",
+            "-quiet",
+            "-o",
+            s(&hybrid),
+            s(&fixture().join("rootfs")),
+        ],
+    );
+    let mut bytes = std::fs::read(&hybrid).unwrap();
+    bytes[510] = 0x55;
+    bytes[511] = 0xAA;
+    std::fs::write(&hybrid, &bytes).unwrap();
+    let plan: serde_json::Value = serde_json::from_str(&ok(&write(&[
+        s(&hybrid),
+        s(&dir.path().join("n.img")),
+        "--dry-run",
+    ])))
+    .unwrap();
+    assert_eq!(plan["kind"], "raw-image");
+    assert!(
+        plan["why"].as_str().unwrap().contains("hybrid ISO"),
+        "{plan}"
+    );
     let map = dir.path().join("some.bmap");
     std::fs::copy(fixture().join("disk.raw.bmap"), &map).unwrap();
     let out = write(&[
@@ -606,6 +642,54 @@ fn a_loop_device_gets_the_image_and_its_partitions() {
     // A loop device is not removable: --force, as for any fixed disk.
     let r = report(&write(&[s(&src), &dev.0, "--yes", "--force"]));
     assert_eq!(r["bytes_verified"], r["bytes_written"]);
+    drop(dev);
+    assert_eq!(
+        read_range(&backing, 0, IMAGE_SIZE),
+        std::fs::read(fixture().join("disk.raw")).unwrap()
+    );
+    assert_fedora_layout(&backing, dir.path());
+}
+
+#[test]
+fn wait_for_writes_the_image_to_each_stick_as_it_appears() {
+    if !require(is_root(), "root (loop devices)") {
+        return;
+    }
+    let dir = tmp();
+    let src = source(dir.path(), "disk.raw.gz");
+    let _alone = watch_loop_devices(dir.path());
+    let backing = used_target(dir.path(), "plugged.img", 100 * MIB);
+    let mut child = Command::new(bin())
+        .args([
+            "--json",
+            "write",
+            s(&src),
+            "--wait-for",
+            "1",
+            "--yes",
+            "--force",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let attached = Loop::attach_with(&[], &backing);
+    if attached.is_none() {
+        // Nothing will ever be plugged in: stop the waiting writer.
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let Some(dev) = attached else {
+        require(false, "loop devices");
+        return;
+    };
+    let text = ok(&out);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("\"done\"") && l.contains(dev.0.as_str())),
+        "{text}"
+    );
     drop(dev);
     assert_eq!(
         read_range(&backing, 0, IMAGE_SIZE),
