@@ -832,3 +832,97 @@ impl MappedRanges {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(size: StatedSize) -> RawSource {
+        RawSource {
+            image: RawImage {
+                path: PathBuf::from("disk.raw.xz"),
+                compression: Some(crate::source::compressed::Format::Xz),
+                size,
+                file_len: 1 << 20,
+            },
+            why: "test".into(),
+            bmap: None,
+        }
+    }
+
+    fn device(size: u64) -> TargetProbe {
+        let mut probe = TargetProbe::image(Path::new("/dev/sdz"), size, true);
+        probe.kind = TargetKind::BlockDevice;
+        probe.removable = Some(true);
+        probe
+    }
+
+    #[test]
+    fn a_device_smaller_than_the_image_is_refused_with_both_sizes() {
+        let src = source(StatedSize::Exact(8 << 30));
+        let err = plan_raw(
+            &src,
+            Path::new("disk.raw.xz"),
+            &device(4 << 30),
+            None,
+            false,
+        )
+        .unwrap_err();
+        assert!(matches!(err, RawWriteError::TooSmall { .. }), "{err}");
+        assert_eq!(err.kind(), ErrorKind::BadInput);
+        let text = err.to_string();
+        assert!(text.contains("8 GiB") && text.contains("4 GiB"), "{text}");
+        // Large enough: planned, every byte written, nothing about persistence.
+        let plan = plan_raw(
+            &src,
+            Path::new("disk.raw.xz"),
+            &device(16 << 30),
+            None,
+            false,
+        )
+        .unwrap();
+        assert_eq!(plan.bytes_to_write, 8 << 30);
+        assert_eq!(plan.target.size, 16 << 30);
+        assert!(plan.persistence.starts_with("none: "));
+        assert!(plan.notes.iter().any(|n| n.contains("no block map")));
+    }
+
+    #[test]
+    fn a_new_image_file_takes_the_image_size_unless_asked_for_more() {
+        let src = source(StatedSize::Exact(64 << 20));
+        let new = TargetProbe::image(Path::new("new.img"), 0, false);
+        let plan = plan_raw(&src, Path::new("x"), &new, None, false).unwrap();
+        assert_eq!(plan.target.size, 64 << 20);
+        let plan = plan_raw(&src, Path::new("x"), &new, Some(80 << 20), false).unwrap();
+        assert_eq!(plan.target.size, 80 << 20);
+        assert!(matches!(
+            plan_raw(&src, Path::new("x"), &new, Some(32 << 20), false),
+            Err(RawWriteError::TooSmall { .. })
+        ));
+        // An existing larger file is never shrunk; a smaller one grows.
+        let big = TargetProbe::image(Path::new("big.img"), 100 << 20, true);
+        assert_eq!(
+            plan_raw(&src, Path::new("x"), &big, None, false)
+                .unwrap()
+                .target
+                .size,
+            100 << 20
+        );
+        let small = TargetProbe::image(Path::new("small.img"), 1 << 20, true);
+        assert_eq!(
+            plan_raw(&src, Path::new("x"), &small, None, false)
+                .unwrap()
+                .target
+                .size,
+            64 << 20
+        );
+    }
+
+    #[test]
+    fn an_unstated_size_is_noted_and_checked_while_writing() {
+        let src = source(StatedSize::Unknown);
+        let plan = plan_raw(&src, Path::new("x"), &device(1 << 30), None, false).unwrap();
+        assert!(!plan.image_size_exact);
+        assert!(plan.notes.iter().any(|n| n.contains("found while writing")));
+    }
+}
