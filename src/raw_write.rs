@@ -293,6 +293,7 @@ impl RawSource {
             hasher: Some(Sha256::new()),
             at: 0,
             digest: Arc::new(Mutex::new(None)),
+            failure: Arc::new(Mutex::new(None)),
         })
     }
 }
@@ -310,12 +311,48 @@ pub struct CheckedStream {
     hasher: Option<Sha256>,
     at: u64,
     digest: Arc<Mutex<Option<String>>>,
+    failure: Arc<Mutex<Option<StreamFailure>>>,
+}
+
+/// Why the stream stopped, kept for a batch: its broadcaster hands errors to
+/// the targets as text, and the kind (a bad image is bad input) would be lost.
+#[derive(Debug, Clone)]
+pub struct StreamFailure {
+    pub message: String,
+    pub kind: ErrorKind,
+}
+
+impl StreamFailure {
+    fn of(e: &io::Error) -> StreamFailure {
+        let inner = e.get_ref();
+        if let Some(raw) = inner.and_then(|i| i.downcast_ref::<RawError>()) {
+            StreamFailure {
+                message: raw.to_string(),
+                kind: raw.kind(),
+            }
+        } else if let Some(typed) = inner.and_then(|i| i.downcast_ref::<RawWriteError>()) {
+            StreamFailure {
+                message: typed.to_string(),
+                kind: typed.kind(),
+            }
+        } else {
+            StreamFailure {
+                message: e.to_string(),
+                kind: ErrorKind::Io,
+            }
+        }
+    }
 }
 
 impl CheckedStream {
     /// Where the image's sha256 appears once the stream has ended well.
     pub fn digest(&self) -> Arc<Mutex<Option<String>>> {
         Arc::clone(&self.digest)
+    }
+
+    /// Where the stream leaves why it failed, if it does.
+    pub fn failure(&self) -> Arc<Mutex<Option<StreamFailure>>> {
+        Arc::clone(&self.failure)
     }
 
     fn mismatch(&self, bmap: &Path, source: BmapError) -> io::Error {
@@ -329,6 +366,19 @@ impl CheckedStream {
 
 impl Read for CheckedStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let result = self.read_checked(buf);
+        if let Err(e) = &result
+            && let Ok(mut slot) = self.failure.lock()
+            && slot.is_none()
+        {
+            *slot = Some(StreamFailure::of(e));
+        }
+        result
+    }
+}
+
+impl CheckedStream {
+    fn read_checked(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         if n == 0 {
             if let Some((path, check)) = &self.check

@@ -10,7 +10,7 @@ use crate::batch;
 use crate::cli::write::{TableArg, WriteArgs};
 use crate::disk::target::{self, TargetKind, TargetProbe};
 use crate::disk::{devices, identity};
-use crate::error::{BadInput, PartialBatchFailure};
+use crate::error::{BadInput, ErrorKind, PartialBatchFailure};
 use crate::progress::{Progress, ProgressMode};
 use crate::raw_write::{self, RawPlan, RawReport, RawSource, StreamSource};
 use crate::size::{human, parse_size};
@@ -215,6 +215,7 @@ fn run_batch(
     }
     let stream = source.stream()?;
     let digest = stream.digest();
+    let failure = stream.failure();
     let name = args.iso.display().to_string();
     let (reader, readers) = batch::broadcast(
         Box::new(StreamSource(Some(stream))),
@@ -277,6 +278,18 @@ fn run_batch(
         {
             slot.1 = Some(result);
         }
+    }
+    let bad_image = failure.lock().ok().and_then(|f| f.clone());
+    if let Some(f) = bad_image.filter(|f| f.kind == ErrorKind::BadInput)
+        && outcomes.iter().all(|(_, o)| matches!(o, Some(Err(_))))
+    {
+        // Every target stopped because the image is bad: that is the error
+        // (bad input), not an I/O failure of each stick.
+        let _ = finish(outcomes, json, quiet);
+        bail!(BadInput(format!(
+            "{}; no target was made bootable (each target's first MiB is zeroed)",
+            f.message
+        )));
     }
     finish(outcomes, json, quiet)
 }

@@ -431,6 +431,18 @@ fn a_broken_stream_leaves_nothing_bootable_and_names_the_source() {
         assert!(err.contains("decompressing"), "names the step: {err}");
         assert_not_bootable(&target);
     }
+    // A batch: the same error, still bad input, for every target.
+    let a = used_target(dir.path(), "a.img", 100 * MIB);
+    let b = used_target(dir.path(), "b.img", 100 * MIB);
+    let out = write(&[s(&truncated), s(&a), s(&b)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(s(&truncated)) && err.contains("ends early"),
+        "{err}"
+    );
+    assert_not_bootable(&a);
+    assert_not_bootable(&b);
 }
 
 #[test]
