@@ -23,6 +23,8 @@ packages=(
   btrfs-progs xfsprogs
   # signed CHECKSUM tests: their own OpenPGP keys and clearsigned files
   gnupg
+  # raw disk images: block maps made by bmaptool for tests/integration/raw_image.rs
+  bmap-tools
   # benches/stick.sh: GNU time (CPU and peak RSS of each case in its VM)
   time
 )

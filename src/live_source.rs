@@ -76,6 +76,40 @@ pub fn inspect(path: &Path) -> Result<LiveImage, LiveError> {
     }
 }
 
+/// An inspection error told with the name the user gave the source, not the
+/// `/proc/self/fd/N` its unpacked copy is read through (`source::compressed`).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct NamedLiveError {
+    message: String,
+    hint: &'static str,
+}
+
+impl crate::error::Classify for NamedLiveError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::BadInput
+    }
+
+    fn hint(&self) -> &'static str {
+        self.hint
+    }
+}
+
+/// [`inspect`] of the source read at `path`, which the user named `display`:
+/// errors name `display`.
+pub fn inspect_named(path: &Path, display: &Path) -> Result<LiveImage, NamedLiveError> {
+    use crate::error::Classify;
+    inspect(path).map_err(|e| NamedLiveError {
+        message: if path == display {
+            e.to_string()
+        } else {
+            e.to_string()
+                .replace(&path.display().to_string(), &display.display().to_string())
+        },
+        hint: e.hint(),
+    })
+}
+
 /// Reads a stick written by livestick or livecd-iso-to-disk as a source.
 pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
     let mut stick = Stick::open(path, false).map_err(stick_err(path))?;

@@ -1074,6 +1074,8 @@ impl CompatArgs {
             .clone()
             .or_else(|| std::env::var(VOLUME_ID_ENV).ok().filter(|v| !v.is_empty()));
         Ok(WriteArgs {
+            dd: false,
+            bmap: None,
             iso: source,
             targets: vec![disk],
             wait_for: None,

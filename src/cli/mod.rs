@@ -289,6 +289,8 @@ const CLASSIFIERS: &[Classifier] = &[
     classifier::<crate::prepare::PrepareError>,
     classifier::<crate::prepare::WriteError>,
     classifier::<crate::write_facts::FactsError>,
+    classifier::<crate::live_source::NamedLiveError>,
+    classifier::<crate::raw_write::RawWriteError>,
     classifier::<crate::size::SizeError>,
     classifier::<crate::source::checksum::ChecksumError>,
     classifier::<crate::source::compressed::DecompressError>,

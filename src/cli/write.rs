@@ -20,7 +20,8 @@ pub enum DracutNamesArg {
 
 #[derive(Debug, Clone, Args)]
 pub struct WriteArgs {
-    /// The live ISO image to write: a file, an http(s):// URL (downloaded and
+    /// The live ISO to write, or a raw disk image (.raw, .img, also xz/zstd/gzip/bzip2
+    /// compressed) to write as it is: a file, an http(s):// URL (downloaded and
     /// verified first) or a release name like fedora:42/workstation/x86_64
     pub iso: PathBuf,
     /// The sticks (block devices) or image files to write to; several are
@@ -114,6 +115,15 @@ pub struct WriteArgs {
     /// is browsing the menu
     #[arg(long, value_name = "SECONDS")]
     pub total_timeout: Option<u32>,
+
+    /// Write the image byte for byte as a raw disk image, even a live ISO
+    /// (a disk image that is not a live ISO is written so without it)
+    #[arg(long)]
+    pub dd: bool,
+    /// bmaptool block map of a raw image (default: IMAGE.bmap beside it, if
+    /// present): only its mapped ranges are written, each checked
+    #[arg(long, value_name = "FILE")]
+    pub bmap: Option<PathBuf>,
 
     /// Skip checking the ISO's implanted MD5 (a CHECKSUM given or found beside
     /// the image is still checked)

@@ -9,6 +9,7 @@ pub mod overlay;
 pub mod restore;
 pub mod verify;
 pub mod write;
+pub mod write_raw;
 
 use std::io::{BufRead, IsTerminal, Write};
 

@@ -340,6 +340,17 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     // Before the source is inspected or any target probed: a target that is
     // the source (or a batch naming one stick twice) is refused by identity.
     identity::check_distinct(&args.iso, &args.targets)?;
+    // A raw disk image (or --dd) is written as it is, by raw_write.
+    if let Some(why) = crate::raw_write::detect(&args.iso, args.dd)? {
+        return super::write_raw::run(args, why, json, quiet, crate::batch::EVENTS_SCHEMA);
+    }
+    if let Some(bmap) = &args.bmap {
+        return Err(crate::raw_write::RawWriteError::BmapForLiveIso {
+            bmap: bmap.clone(),
+            image: args.iso.clone(),
+        }
+        .into());
+    }
     if args.targets.len() > 1 || args.wait_for.is_some() {
         return run_batch(args, &source_check, json, quiet);
     }
@@ -348,11 +359,12 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         .first()
         .ok_or_else(|| BadInput("give a target stick or image file".into()))?;
     let unpacked = compressed::open(&args.iso, progress_mode(json, quiet))?;
-    let live = crate::live_source::inspect(unpacked.path())?;
+    let live = crate::live_source::inspect_named(unpacked.path(), &args.iso)?;
     let opts = options_from(args, &live)?;
     let (mut plan, probe, syslinux_files) = make_plan(args, target, &opts, &live)?;
     plan.notes.extend(unpacked.note());
     plan.notes.push(source_check.summary());
+    plan.source = args.iso.clone();
     if args.dry_run {
         if json {
             let mut value = serde_json::to_value(&plan)?;
@@ -475,12 +487,12 @@ fn run_batch(
         eprintln!("{}", source_check.summary());
     }
     let unpacked = compressed::open(&args.iso, progress_mode(json, quiet))?;
-    let live = crate::live_source::inspect(unpacked.path())?;
+    let live = crate::live_source::inspect_named(unpacked.path(), &args.iso)?;
     let opts = options_from(args, &live)?;
     if let Some(n) = args.wait_for {
         return run_wait_for(args, &live, &opts, n, json, quiet);
     }
-    let mut batch = Batch::start(json, &live.path, &args.targets);
+    let mut batch = Batch::start(json, &args.iso, &args.targets);
     for target in &args.targets {
         // Each target gets its own volume id (and so its own overlay name).
         let mut own = opts.clone();
@@ -493,6 +505,7 @@ fn run_batch(
             Ok((mut plan, probe, syslinux)) => {
                 plan.notes.extend(unpacked.note());
                 plan.notes.push(source_check.summary());
+                plan.source = args.iso.clone();
                 batch.planned(PlannedTarget {
                     target: target.clone(),
                     plan,
@@ -583,7 +596,7 @@ fn run_wait_for(
         json,
         quiet,
         progress_mode(json, quiet),
-        &live.path,
+        &args.iso,
         n,
         args.force,
         workdir.path(),

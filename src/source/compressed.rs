@@ -11,13 +11,13 @@
 //! children such as `unsquashfs` open too, since the descriptor is inherited
 //! (as `persist::home` does for its memfd). Runs of zeros become holes.
 
-use std::cell::Cell;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use thiserror::Error;
 
@@ -327,22 +327,36 @@ fn available_bytes(dir: &Path) -> io::Result<u64> {
 
 /// A reader that counts what the decompressor took from the file and remembers
 /// whether the file itself failed, so a read error is not called corruption.
-struct Counting<R> {
+pub struct Counting<R> {
     inner: R,
-    taken: Rc<Cell<u64>>,
-    failed: Rc<Cell<bool>>,
+    taken: Arc<AtomicU64>,
+    failed: Arc<AtomicBool>,
+}
+
+impl<R> Counting<R> {
+    /// The reader, the count of bytes taken and the "the file failed" flag.
+    pub fn new(inner: R) -> (Self, Arc<AtomicU64>, Arc<AtomicBool>) {
+        let taken = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicBool::new(false));
+        let counting = Counting {
+            inner,
+            taken: Arc::clone(&taken),
+            failed: Arc::clone(&failed),
+        };
+        (counting, taken, failed)
+    }
 }
 
 impl<R: Read> Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.inner.read(buf) {
             Ok(n) => {
-                self.taken.set(self.taken.get() + n as u64);
+                self.taken.fetch_add(n as u64, Ordering::Relaxed);
                 Ok(n)
             }
             Err(e) => {
                 if e.kind() != io::ErrorKind::Interrupted {
-                    self.failed.set(true);
+                    self.failed.store(true, Ordering::Relaxed);
                 }
                 Err(e)
             }
@@ -365,25 +379,12 @@ fn unpack(
     out: &File,
     progress: &Progress,
 ) -> Result<u64, DecompressError> {
-    let taken = Rc::new(Cell::new(0u64));
-    let failed = Rc::new(Cell::new(false));
-    let counting = Counting {
-        inner: file,
-        taken: Rc::clone(&taken),
-        failed: Rc::clone(&failed),
-    };
+    let (counting, taken, failed) = Counting::new(file);
     let reader = BufReader::with_capacity(1 << 20, counting);
-    let mut decoder: Box<dyn Read> = match format {
-        Format::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(reader)),
-        Format::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(reader).map_err(
-            |source| DecompressError::Read {
-                path: path.to_path_buf(),
-                source,
-            },
-        )?),
-        Format::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(reader)),
-        Format::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(reader)),
-    };
+    let mut decoder = decoder(format, reader).map_err(|source| DecompressError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut buf = vec![0u8; 4 << 20];
     let mut written = 0u64;
     let mut reported = 0u64;
@@ -393,7 +394,7 @@ fn unpack(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(source) if failed.get() => {
+            Err(source) if failed.load(Ordering::Relaxed) => {
                 return Err(DecompressError::Read {
                     path: path.to_path_buf(),
                     source,
@@ -439,8 +440,9 @@ fn unpack(
             }
             signature_checked = true;
         }
-        progress.inc(taken.get() - reported);
-        reported = taken.get();
+        let now = taken.load(Ordering::Relaxed);
+        progress.inc(now - reported);
+        reported = now;
     }
     if !signature_checked {
         return Err(DecompressError::NotIso {
@@ -456,6 +458,21 @@ fn unpack(
             source,
         })?;
     Ok(written)
+}
+
+/// A decoder of `format` over `reader`: every stream (member, frame) of a
+/// concatenated file, as the command-line tools unpack it. It is `Send` when
+/// the reader is, so a raw image can be streamed from another thread.
+pub fn decoder<'r, R: io::BufRead + Send + 'r>(
+    format: Format,
+    reader: R,
+) -> io::Result<Box<dyn Read + Send + 'r>> {
+    Ok(match format {
+        Format::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(reader)),
+        Format::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(reader)?),
+        Format::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(reader)),
+        Format::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(reader)),
+    })
 }
 
 /// Writes `data` at `offset`, leaving aligned all-zero blocks as holes (the

@@ -1,9 +1,11 @@
 //! Reading the source live ISO.
+pub mod bmap;
 pub mod checksum;
 pub mod compressed;
 pub mod download;
 pub mod initrd;
 pub mod iso;
 pub mod live;
+pub mod raw;
 pub mod releases;
 pub mod signed_checksum;

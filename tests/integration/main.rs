@@ -41,6 +41,7 @@ mod overlay_ovl_maint;
 mod overlay_stick;
 mod persistence;
 mod progress_tty;
+mod raw_image;
 mod replace_leftovers;
 mod restore_cmd;
 mod rewrite;
