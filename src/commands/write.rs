@@ -157,6 +157,7 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
         bios: true,
         force: args.force,
         iso_md5: claimed_md5(live),
+        ext4_live: args.ext4,
     })
 }
 

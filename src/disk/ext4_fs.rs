@@ -271,19 +271,19 @@ impl Ext4Fs {
             return Err(Ext4FsError::NoExtents(format!("inode {}", inode.number)));
         }
         let mut out = Vec::new();
-        self.walk(r, &inode.i_block, 0, &mut out, &mut |_, _| Ok(()))?;
+        self.walk(r, &inode.i_block, 0, &mut out, &mut Vec::new())?;
         Ok(out)
     }
 
     /// Walks an extent node (`node` holds the header and entries), collecting
-    /// leaves and calling `on_block` with each tree block read (its number, bytes).
+    /// leaves and, in `tree_blocks`, each tree block read (its number, bytes).
     fn walk<R: Read + Seek + ?Sized>(
         &self,
         r: &mut R,
         node: &[u8],
         level: u32,
         out: &mut Vec<Extent>,
-        on_block: &mut dyn FnMut(u64, &[u8]) -> Result<(), Ext4FsError>,
+        tree_blocks: &mut Vec<(u64, Vec<u8>)>,
     ) -> Result<(), Ext4FsError> {
         if level > 5 || node.len() < 12 || u16_at(node, 0) != EXTENT_MAGIC {
             return Err(Ext4FsError::Damaged("bad extent tree header".into()));
@@ -319,8 +319,8 @@ impl Ext4Fs {
                 }
                 let mut block = vec![0u8; self.block_size as usize];
                 read_exact_at(r, child * self.block_size, &mut block)?;
-                on_block(child, &block)?;
-                self.walk(r, &block, level + 1, out, on_block)?;
+                self.walk(r, &block, level + 1, out, tree_blocks)?;
+                tree_blocks.push((child, block));
             }
         }
         Ok(())
@@ -471,10 +471,7 @@ pub fn mark_initialised<F: Read + Write + Seek + ?Sized>(
     // Tree blocks first (each with its own tail checksum), then the root in the inode.
     let mut blocks: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut leaves = Vec::new();
-    fs.walk(f, &inode.i_block, 0, &mut leaves, &mut |n, b| {
-        blocks.push((n, b.to_vec()));
-        Ok(())
-    })?;
+    fs.walk(f, &inode.i_block, 0, &mut leaves, &mut blocks)?;
     let seed = fs.csum_seed.map(|s| fs.inode_seed(s, &inode));
     for (n, mut block) in blocks {
         let here = clear_uninit(&mut block);
@@ -735,7 +732,7 @@ mod tests {
         };
         let mut out = Vec::new();
         assert!(
-            fs.walk(&mut zeros, &node, 0, &mut out, &mut |_, _| Ok(()))
+            fs.walk(&mut zeros, &node, 0, &mut out, &mut Vec::new())
                 .is_err()
         );
     }
