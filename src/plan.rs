@@ -2021,9 +2021,11 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
         ];
         for (i, (o, name)) in cases.iter().enumerate() {
             match plan_new(&nested(), 16 * GIB, o) {
-                Err(PlanError::OverFatLimit { option, mib }) if i < 3 => {
-                    assert_eq!(option, *name);
-                    assert_eq!(mib, if i == 1 { 5000 } else { 4096 });
+                // Over FAT32's file limit: the live system goes on ext4, saying why.
+                Ok(plan) if i < 3 => {
+                    let e = plan.ext4_live.expect("the ext4 live layout");
+                    assert!(e.why.contains(name), "{}", e.why);
+                    assert!(e.why.contains(if i == 1 { "5000" } else { "4096" }));
                 }
                 Err(PlanError::ZeroSize { option }) if i >= 3 => assert_eq!(option, *name),
                 other => panic!("case {i} ({name}): {other:?}"),
@@ -2664,5 +2666,79 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
         );
         let quiet = plan_new(&nested(), 8 * GIB, &opts()).unwrap();
         assert!(!quiet.notes.iter().any(|n| n.contains("dracut version")));
+    }
+
+    #[test]
+    fn ext4_live_layout_places_two_partitions_and_names_the_ext4_uuid() {
+        let o = WriteOptions {
+            overlay_size: Some(6144 * MIB),
+            home_size: Some(64 * MIB),
+            ..opts()
+        };
+        let plan = plan_new(&nested(), 12 * GIB, &o).expect("fits 12 GiB");
+        let e = plan.ext4_live.as_ref().expect("ext4 layout");
+        let fat = plan.format.as_ref().expect("new table");
+        assert_eq!(fat.len, e.fat_len);
+        assert_eq!(e.start, fat.start + fat.len);
+        assert!(e.start + e.len <= 12 * GIB);
+        // The live directory moved off the FAT, with the root record.
+        assert!(plan.copies.iter().all(|c| !c.dest.starts_with("/LiveOS/")));
+        assert!(e.copies.iter().any(|c| c.dest == "/LiveOS/squashfs.img"));
+        assert!(plan.root_record.is_none());
+        // dracut names the overlay by the ext4 label and UUID.
+        let overlay = plan.overlay.as_ref().expect("overlay");
+        assert_eq!(overlay.path, format!("/LiveOS/overlay-LIVE-{}", e.uuid));
+        for c in &plan.configs {
+            if c.content.contains("root=live:") {
+                assert!(
+                    c.content.contains(&format!("root=live:UUID={}", e.uuid)),
+                    "{}",
+                    c.content
+                );
+                assert!(
+                    !c.content.contains(&format!("UUID={}", plan.fs_uuid)),
+                    "{}",
+                    c.content
+                );
+            }
+        }
+        assert!(plan.to_table().contains("partition 2      ext4"));
+    }
+
+    #[test]
+    fn ext4_live_layout_refusals_carry_figures() {
+        let big = WriteOptions {
+            overlay_size: Some(6144 * MIB),
+            ..opts()
+        };
+        match plan_new(&nested(), 4 * GIB, &big) {
+            Err(e @ PlanError::Ext4TooSmall { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("too small by") && text.contains("MiB"),
+                    "{text}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match plan_write(&nested(), &new_image(), 8 * GIB, Some(stick()), &big, None) {
+            Err(e @ PlanError::Ext4NeedsFormat { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("--format") && text.contains("MiB free"),
+                    "{text}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let both = WriteOptions {
+            ext4_live: true,
+            partition_size: Some(512 * MIB),
+            ..opts()
+        };
+        assert!(matches!(
+            plan_new(&nested(), 8 * GIB, &both),
+            Err(PlanError::Conflicting(..))
+        ));
     }
 }

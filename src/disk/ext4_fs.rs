@@ -454,6 +454,158 @@ impl Ext4Fs {
     }
 }
 
+/// A file inside ext4, read in place by its extents: what a mounted ext4 would
+/// return, holes and unwritten extents as zeros, whatever the blocks hold.
+/// `base` is where the file system starts in `inner` (a partition's offset on
+/// the whole device).
+pub struct Ext4File<F> {
+    inner: F,
+    base: u64,
+    block_size: u64,
+    extents: Vec<Extent>,
+    size: u64,
+    pos: u64,
+}
+
+impl<F: Read + Seek> Ext4File<F> {
+    pub fn new(inner: F, base: u64, block_size: u64, map: &FileMap) -> Ext4File<F> {
+        let mut extents = map.extents.clone();
+        extents.sort_by_key(|e| e.logical);
+        Ext4File {
+            inner,
+            base,
+            block_size,
+            extents,
+            size: map.size,
+            pos: 0,
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+}
+
+impl<F: Read + Seek> Read for Ext4File<F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = (buf.len() as u64).min(self.size - self.pos);
+        let block = self.pos / self.block_size;
+        let found = self
+            .extents
+            .iter()
+            .find(|e| block >= e.logical && block < e.logical + e.len);
+        let n = match found {
+            Some(e) => {
+                let in_extent = self.pos - e.logical * self.block_size;
+                let n = want.min(e.len * self.block_size - in_extent) as usize;
+                if e.unwritten {
+                    buf[..n].fill(0);
+                } else {
+                    self.inner.seek(SeekFrom::Start(
+                        self.base + e.physical * self.block_size + in_extent,
+                    ))?;
+                    self.inner.read_exact(&mut buf[..n])?;
+                }
+                n
+            }
+            None => {
+                // A hole, up to the next extent.
+                let next = self
+                    .extents
+                    .iter()
+                    .map(|e| e.logical * self.block_size)
+                    .filter(|&at| at > self.pos)
+                    .min()
+                    .unwrap_or(self.size);
+                let n = want.min(next - self.pos) as usize;
+                buf[..n].fill(0);
+                n
+            }
+        };
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<F: Read + Seek> Seek for Ext4File<F> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.pos = crate::io::seek_position(self.pos, self.size, to)?;
+        Ok(self.pos)
+    }
+}
+
+/// The ext4 file system that holds a live directory: where it starts on the device.
+#[derive(Clone, Debug)]
+pub struct LivePartition {
+    /// 1-based partition number.
+    pub number: u32,
+    pub start: u64,
+    pub len: u64,
+    pub fs: Ext4Fs,
+}
+
+/// Finds, on a whole device, the ext4 partition with `/<live_dir>/squashfs.img`
+/// (the ext4 live layout); `None` when there is none.
+pub fn find_live_partition<R: Read + Seek>(
+    dev: &mut R,
+    live_dir: &str,
+) -> Result<Option<LivePartition>, Ext4FsError> {
+    let disk_size = dev.seek(SeekFrom::End(0))?;
+    let Ok(Some((_, entries))) =
+        crate::disk::partition::read_table(dev, disk_size, crate::disk::partition::SECTOR)
+    else {
+        return Ok(None);
+    };
+    for e in entries.iter().filter(|e| !e.is_extended()) {
+        let mut window = crate::io::PartitionWindow::new(ReadOnly(&mut *dev), e.start, e.len);
+        let Ok(fs) = Ext4Fs::open(&mut window) else {
+            continue;
+        };
+        let path = format!("/{live_dir}/squashfs.img");
+        if fs.lookup(&mut window, &path)?.is_some() {
+            return Ok(Some(LivePartition {
+                number: e.number,
+                start: e.start,
+                len: e.len,
+                fs,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// A reader that refuses writes, for [`crate::io::PartitionWindow`], which wants
+/// `Read + Write + Seek`.
+struct ReadOnly<R>(R);
+
+impl<R: Read> Read for ReadOnly<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R> Write for ReadOnly<R> {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        Err(io::Error::other("read-only"))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<R: Seek> Seek for ReadOnly<R> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.0.seek(to)
+    }
+}
+
 /// Marks every unwritten extent of `inode` written, rewriting the extent entries
 /// and the checksums that cover them (the inode's and each extent block's tail),
 /// so that the kernel reads what livestick puts in those blocks instead of zeros.

@@ -23,6 +23,7 @@ mod compat;
 mod compressed;
 mod devices;
 mod erofs_xattr;
+mod ext4_live;
 mod ext4_sparse;
 mod fat_damage;
 mod faults;
