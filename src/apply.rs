@@ -895,6 +895,7 @@ fn write_boot_code<D: Read + Write + Seek>(
 
 /// Reads what an existing stick's FAT partition holds, for planning without `--format`.
 pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, ApplyError> {
+    crate::disk::ext4_live::refuse_rewrite_in_place(path)?;
     let mut stick = match Stick::open(path, false) {
         Ok(stick) => stick,
         Err(StickError::Partition {

@@ -46,6 +46,10 @@ pub enum Ext4LiveError {
     },
     #[error("writing the partition table entry of the ext4 partition: {0}")]
     Table(String),
+    #[error(
+        "{device} keeps its live system on ext4 partition {number} (the layout for persistence over 4 GiB); writing into it in place, keeping its overlay and home.img, is not supported yet: add --format to write it anew (its overlay and home.img are lost; copy them off first, or write another stick with --copy-home from this one)"
+    )]
+    RewriteInPlace { device: PathBuf, number: u32 },
 }
 
 impl crate::error::Classify for Ext4LiveError {
@@ -53,6 +57,7 @@ impl crate::error::Classify for Ext4LiveError {
         match self {
             Ext4LiveError::Make(e) => e.kind(),
             Ext4LiveError::Map(e) => e.kind(),
+            Ext4LiveError::RewriteInPlace { .. } => crate::error::ErrorKind::BadInput,
             _ => crate::error::ErrorKind::Io,
         }
     }
@@ -307,6 +312,21 @@ pub fn build(
 fn last_lines(log: &str) -> String {
     let lines: Vec<&str> = log.lines().rev().take(4).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join(" / ")
+}
+
+/// A write without `--format` onto a stick of this layout is refused (it would
+/// install into the small FAT boot partition and leave the ext4 one stale).
+pub fn refuse_rewrite_in_place(device: &Path) -> Result<(), Ext4LiveError> {
+    let Ok(mut f) = File::open(device) else {
+        return Ok(());
+    };
+    match crate::disk::ext4_fs::find_live_partition(&mut f, "LiveOS") {
+        Ok(Some(p)) => Err(Ext4LiveError::RewriteInPlace {
+            device: device.to_path_buf(),
+            number: p.number,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// MBR type of a Linux file system.
