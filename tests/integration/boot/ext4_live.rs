@@ -70,11 +70,86 @@ fn six_gib_dm_snapshot_overlay_and_five_gib_home_on_ext4_persist() {
     if !boot_env_ready(&[Firmware::Bios, Firmware::Uefi]) {
         return;
     }
+    let (stick, p2) = write_big(&boot_iso("boot-classic.iso"));
+    let dm_size = format!("/{}", (OVERLAY_MIB << 20) / 512);
+    for (n, firmware) in [(0u32, Firmware::Bios), (1, Firmware::Uefi)] {
+        let r = boot_twice_step(&stick, n, firmware, "dm-snapshot", "ext4-dm");
+        // `dmsetup status live-rw`: "<allocated>/<total sectors> …": the kernel
+        // sees the whole 6 GiB store.
+        let used = r.get("overlay_used");
+        assert!(
+            used.ends_with(&dm_size),
+            "overlay_used {used}, expected …{dm_size}\n{}",
+            tail_of_file(&r.log, 40)
+        );
+    }
+    // The live system wrote through ext4 into the overlay and home: still clean.
+    e2fsck_clean(&stick.image, p2);
+}
+
+/// A flat root (the plain command chooses OverlayFS): a 6 GiB OverlayFS overlay
+/// (an ext4 image file inside the ext4 live partition) and a 5 GiB home.
+#[test]
+fn six_gib_overlayfs_overlay_and_five_gib_home_on_ext4_persist() {
+    if !boot_env_ready(&[Firmware::Bios, Firmware::Uefi]) {
+        return;
+    }
+    let (stick, p2) = write_big(&boot_iso("boot-flat.iso"));
+    for (n, firmware) in [(0u32, Firmware::Uefi), (1, Firmware::Bios)] {
+        let r = boot_twice_step(&stick, n, firmware, "overlayfs", "ext4-ovl");
+        // `df` of the upper layer, in 512-byte sectors: the 6 GiB file system.
+        let used = r.get("overlay_used");
+        let total: u64 = used
+            .split('/')
+            .nth(1)
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            total * 512 > (OVERLAY_MIB - 512) << 20,
+            "overlay_used {used}: not a 6 GiB upper layer"
+        );
+    }
+    e2fsck_clean(&stick.image, p2);
+}
+
+/// Boot `n` (0: fresh) of a big stick: the live partition is ext4, the overlay
+/// persistent, and what boot `n - 1` left in `/` and `/home` is there.
+fn boot_twice_step(
+    stick: &Stick,
+    n: u32,
+    firmware: Firmware,
+    overlay: &str,
+    name: &str,
+) -> super::harness::BootResult {
+    let r = boot_with(
+        Boot::stick(&stick.image, firmware, &format!("{name}-{n}"))
+            .timeout(std::time::Duration::from_secs(400)),
+    );
+    let marker = if n == 0 { "absent" } else { "present" };
+    for (k, v) in [
+        ("overlay", overlay),
+        ("overlay_persistent", "yes"),
+        ("overlay_state", "valid"),
+        ("live_fs", "ext4"),
+        ("rw", "yes"),
+        ("home", "mounted"),
+        ("root_marker", marker),
+        ("home_marker", marker),
+        ("root_count", &n.to_string()),
+    ] {
+        r.expect(k, v);
+    }
+    assert!(r.get("overlay_file").starts_with("overlay-LIVE-"));
+    r
+}
+
+/// Writes `iso` with a 6 GiB overlay and a 5 GiB home onto a used, sparse 12 GiB
+/// stick and checks what the write cost and left, before any boot.
+fn write_big(iso: &Path) -> (Stick, u64) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir for the stick");
     let image = dir.path().join("stick.img");
     used_big_stick(&image);
     let before = allocated(&image);
-    let iso = boot_iso("boot-classic.iso");
     let out = livestick(&[
         "write",
         &iso.display().to_string(),
@@ -114,37 +189,5 @@ fn six_gib_dm_snapshot_overlay_and_five_gib_home_on_ext4_persist() {
     );
     assert!(blkid.contains("TYPE=\"ext4\""), "{blkid}");
 
-    let stick = Stick { dir, image };
-    let dm_size = format!("/{}", (OVERLAY_MIB << 20) / 512);
-    for (n, firmware) in [(0u32, Firmware::Bios), (1, Firmware::Uefi)] {
-        let r = boot_with(
-            Boot::stick(&stick.image, firmware, &format!("ext4-dm-{n}"))
-                .timeout(std::time::Duration::from_secs(300)),
-        );
-        let marker = if n == 0 { "absent" } else { "present" };
-        for (k, v) in [
-            ("overlay", "dm-snapshot"),
-            ("overlay_persistent", "yes"),
-            ("overlay_state", "valid"),
-            ("live_fs", "ext4"),
-            ("rw", "yes"),
-            ("home", "mounted"),
-            ("root_marker", marker),
-            ("home_marker", marker),
-            ("root_count", &n.to_string()),
-        ] {
-            r.expect(k, v);
-        }
-        // `dmsetup status live-rw`: "<allocated>/<total sectors> …": the kernel
-        // sees the whole 6 GiB store.
-        let used = r.get("overlay_used");
-        assert!(
-            used.ends_with(&dm_size),
-            "overlay_used {used}, expected …{dm_size}\n{}",
-            tail_of_file(&r.log, 40)
-        );
-        assert!(r.get("overlay_file").starts_with("overlay-LIVE-"));
-    }
-    // The live system wrote through ext4 into the overlay and home: still clean.
-    e2fsck_clean(&stick.image, p2);
+    (Stick { dir, image }, p2)
 }
