@@ -893,8 +893,11 @@ fn run_batch(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
 }
 
 fn iso_files_of(plan: &Plan) -> Vec<(String, u64)> {
+    // The ext4 live partition's copies are read after the FAT's, in plan order.
+    let ext4_copies = plan.ext4_live.iter().flat_map(|e| e.copies.iter());
     plan.copies
         .iter()
+        .chain(ext4_copies)
         .filter_map(|c| match &c.source {
             crate::plan::CopySource::Iso { path } => Some((path.clone(), c.size)),
             crate::plan::CopySource::Host { .. } => None,

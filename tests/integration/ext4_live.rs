@@ -252,6 +252,27 @@ fn ext4_flag_with_small_persistence_and_compat_format_ext4() {
         "{ls}"
     );
 
+    // A batch: one read of the ISO fans out to both sticks, the ext4 partition's
+    // root image included.
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--size",
+        "1G",
+        "--ext4",
+        "--yes",
+        "--overlay-size-mb",
+        "64",
+    ]));
+    for stick in [&a, &b] {
+        let parts = partitions(stick);
+        assert_eq!(parts.len(), 2, "{parts:?}");
+        e2fsck_clean(stick, parts[1].0);
+    }
+
     // The livecd-iso-to-disk front end: `--format ext4` is this layout.
     let old = dir.path().join("old.img");
     std::fs::File::create(&old)
