@@ -370,9 +370,10 @@ pub enum PlanError {
         disk_mib: u64,
     },
     #[error(
-        "the target is too small by {short_mib} MiB for the ext4 live layout: the ext4 partition needs {needed_mib} MiB (root image, persistence and the file system's own {overhead_mib} MiB) but only {available_mib} MiB are left after the {fat_mib} MiB boot partition; use a larger stick or smaller --overlay-size-mb/--home-size-mb/--swap-size-mb"
+        "the target is too small by {short_mib} MiB for the ext4 live layout ({why}, so the live system goes on an ext4 partition): the ext4 partition needs {needed_mib} MiB (root image, persistence and the file system's own {overhead_mib} MiB) but only {available_mib} MiB are left after the {fat_mib} MiB boot partition; use a larger stick or smaller --overlay-size-mb/--home-size-mb/--swap-size-mb"
     )]
     Ext4TooSmall {
+        why: String,
         needed_mib: u64,
         available_mib: u64,
         short_mib: u64,
@@ -1401,6 +1402,7 @@ fn place_ext4_live(
         let needed_mib = mib_ceil(space_needed);
         let available_mib = len / MIB;
         return Err(PlanError::Ext4TooSmall {
+            why: req.why.to_string(),
             needed_mib,
             available_mib,
             short_mib: needed_mib.saturating_sub(available_mib).max(1),
