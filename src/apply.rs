@@ -57,6 +57,8 @@ pub enum ApplyError {
     Alloc { step: String, source: AllocError },
     #[error("{step}: {source}")]
     Layout { step: String, source: SwapError },
+    #[error(transparent)]
+    Ext4Live(#[from] crate::disk::ext4_live::Ext4LiveError),
     #[error(
         "read-back verification failed for {path}: wrote bytes with check value {expected}, read back {actual}; the stick (or its USB connection) is corrupting data — try another stick or port"
     )]
@@ -75,6 +77,7 @@ impl crate::error::Classify for ApplyError {
             // not open, or that is not there: bad input, not I/O.
             ApplyError::Target(e) => e.kind(),
             ApplyError::Stick(e) => e.kind(),
+            ApplyError::Ext4Live(e) => e.kind(),
             _ => crate::error::ErrorKind::Io,
         }
     }
@@ -402,6 +405,9 @@ pub fn apply(
     progress: &Progress,
 ) -> Result<ApplyReport, ApplyError> {
     let mut warnings = Vec::new();
+    // Built before the target is opened: a partition that cannot hold its files
+    // fails here, with the stick untouched.
+    let mut ext4_built = build_ext4_live(plan, &prepared)?;
     let mut file = target::open_for_write(probe, plan.target.size)?;
     let start = plan.partition_start;
     let len = plan.partition_len;
@@ -423,6 +429,12 @@ pub fn apply(
     .chain(copied)
     .map(|(path, image)| (path, image.with_signature_wipes()))
     .collect();
+    // On the ext4 layout they live in partition 2, written after the FAT.
+    let mut ext4_persistent = match plan.ext4_live {
+        Some(_) => std::mem::take(&mut persistent),
+        None => Vec::new(),
+    };
+    let mut ext4_files: Vec<WrittenFile> = Vec::new();
     let is_allocated = |dest: &str| {
         persistent
             .iter()
@@ -604,6 +616,17 @@ pub fn apply(
             .flush()
             .map_err(ApplyError::io("flushing the FAT filesystem"))?;
         drop(window);
+        if let (Some(step), Some(built)) = (&plan.ext4_live, ext4_built.as_mut()) {
+            let mut part = PartitionWindow::new(&mut recorder, step.start, step.len);
+            ext4_files = write_ext4_live(
+                &mut part,
+                built,
+                step,
+                source,
+                &mut ext4_persistent,
+                progress,
+            )?;
+        }
         before_verify = recorder.into_written();
     }
     file.sync_all()
@@ -753,6 +776,9 @@ pub fn apply(
             }
         }
     }
+    if let (Some(step), Some(_)) = (&plan.ext4_live, &plan.format) {
+        crate::disk::ext4_live::add_partition(&mut recorder, plan.table, step.start, step.len)?;
+    }
     let last = recorder.into_written();
     file.sync_all()
         .map_err(ApplyError::io("syncing the target"))?;
@@ -785,6 +811,11 @@ pub fn apply(
         sha256: hex(&p.sha256),
         verified,
     }));
+    files.extend(
+        ext4_files
+            .into_iter()
+            .map(|f| WrittenFile { verified, ..f }),
+    );
     Ok(ApplyReport {
         target: probe.path.display().to_string(),
         label: plan.label.clone(),
@@ -873,6 +904,7 @@ fn write_boot_code<D: Read + Write + Seek>(
 
 /// Reads what an existing stick's FAT partition holds, for planning without `--format`.
 pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, ApplyError> {
+    crate::disk::ext4_live::refuse_rewrite_in_place(path)?;
     let mut stick = match Stick::open(path, false) {
         Ok(stick) => stick,
         Err(StickError::Partition {
@@ -961,4 +993,153 @@ fn existing_of<F: Read + Write + Seek>(
             .map(|e| (e.path, e.size))
             .collect(),
     })
+}
+
+/// Builds the ext4 live partition of the plan (if any) on the host and maps its
+/// files: the copies into it, then overlay, home and swap. A dm-snapshot overlay
+/// stays unwritten (the kernel reads zeros: a new store); every other file's
+/// extents are marked written, since its bytes are written into them.
+fn build_ext4_live(
+    plan: &Plan,
+    prepared: &Prepared,
+) -> Result<Option<crate::disk::ext4_live::BuiltLive>, ApplyError> {
+    use crate::disk::ext4_live::{self, LiveFile};
+    let Some(step) = &plan.ext4_live else {
+        return Ok(None);
+    };
+    let mut files: Vec<LiveFile> = Vec::new();
+    let mut add = |path: &str, size: u64, written: bool| {
+        if !files.iter().any(|f| f.path.eq_ignore_ascii_case(path)) {
+            files.push(LiveFile {
+                path: path.to_string(),
+                size,
+                written,
+            });
+        }
+    };
+    for (path, image) in &prepared.copied {
+        add(path, image.len, true);
+    }
+    for c in &step.copies {
+        add(&c.dest, c.size, true);
+    }
+    if let (Some(o), Some(_)) = (&plan.overlay, &prepared.overlay) {
+        add(
+            &o.path,
+            o.size,
+            o.kind != crate::boot::cmdline::OverlayBoot::DmSnapshot,
+        );
+    }
+    if let (Some(h), Some(_)) = (&plan.home, &prepared.home) {
+        add(&h.path, h.size, true);
+    }
+    if let (Some(s), Some(_)) = (&plan.swap, &prepared.swap) {
+        add(&s.path, s.size, true);
+    }
+    let uuid = uuid::Uuid::parse_str(&step.uuid).map_err(|e| ApplyError::Io {
+        step: "reading the ext4 partition's UUID from the plan".into(),
+        source: io::Error::other(e.to_string()),
+    })?;
+    Ok(Some(ext4_live::build(
+        step.len,
+        &step.label,
+        uuid,
+        &files,
+        None,
+    )?))
+}
+
+/// Writes the ext4 live partition into `part` (a window on partition 2): signature
+/// wipes, the file system's metadata, then each file's content straight into its
+/// blocks (copies from the source, persistence files by their data regions; an
+/// unwritten file not at all). Everything goes through the caller's
+/// `WriteRecorder`, so the read-back compares it with what was written.
+fn write_ext4_live<F: Read + Write + Seek>(
+    part: &mut PartitionWindow<F>,
+    built: &mut crate::disk::ext4_live::BuiltLive,
+    step: &crate::plan::Ext4LiveStep,
+    source: &mut dyn IsoSource,
+    persistent: &mut [(String, SparseImage)],
+    progress: &Progress,
+) -> Result<Vec<WrittenFile>, ApplyError> {
+    use crate::io::StreamHash;
+    let spots: RangeSet = wipe::signature_spots(step.len).into_iter().collect();
+    zero_ranges(&mut *part, spots.iter()).map_err(ApplyError::io(
+        "wiping old signatures on the ext4 partition",
+    ))?;
+    built.copy_metadata(&mut *part)?;
+    let mut out = Vec::new();
+    let files = built.files.clone();
+    for (file, runs) in &files {
+        if let Some((_, image)) = persistent
+            .iter_mut()
+            .find(|(p, _)| p.eq_ignore_ascii_case(&file.path))
+        {
+            if !file.written {
+                // Unwritten extents read as zeros: nothing to write at all.
+                out.push(WrittenFile {
+                    path: file.path.clone(),
+                    size: file.size,
+                    written: 0,
+                    sha256: hex(&crate::io::Sha256Hash::default().finish()),
+                    verified: false,
+                });
+                continue;
+            }
+            let mut target_file = ExtentFile::new(&mut *part, runs);
+            let (regions, sha256) = write_regions(&mut target_file, image, |n| progress.inc(n))
+                .map_err(ApplyError::io(format!("writing {}", file.path)))?;
+            out.push(WrittenFile {
+                path: file.path.clone(),
+                size: file.size,
+                written: regions.iter().map(|(r, _)| r.end - r.start).sum(),
+                sha256: hex(&sha256),
+                verified: false,
+            });
+            continue;
+        }
+        let Some(copy) = step
+            .copies
+            .iter()
+            .find(|c| c.dest.eq_ignore_ascii_case(&file.path))
+        else {
+            continue;
+        };
+        let mut reader: Box<dyn Read + '_> = match &copy.source {
+            CopySource::Iso { path } => source.open(path, copy.size)?,
+            CopySource::Host { path } => Box::new(
+                File::open(path).map_err(ApplyError::io(format!("reading {}", path.display())))?,
+            ),
+        };
+        let mut target_file = ExtentFile::new(&mut *part, runs);
+        let mut whole = crate::io::Sha256Hash::default();
+        let mut buf = vec![0u8; 4 << 20];
+        let mut left = copy.size;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            reader
+                .read_exact(&mut buf[..n])
+                .map_err(ApplyError::io(format!(
+                    "reading {} from the source",
+                    copy.dest
+                )))?;
+            target_file
+                .write_all(&buf[..n])
+                .map_err(ApplyError::io(format!("writing {}", copy.dest)))?;
+            whole.update(&buf[..n]);
+            progress.inc(n as u64);
+            left -= n as u64;
+        }
+        target_file
+            .flush()
+            .map_err(ApplyError::io(format!("writing {}", copy.dest)))?;
+        out.push(WrittenFile {
+            path: copy.dest.clone(),
+            size: copy.size,
+            written: copy.size,
+            sha256: hex(&whole.finish()),
+            verified: false,
+        });
+    }
+    Ok(out)
 }

@@ -509,8 +509,11 @@ fn emit(json: bool, value: serde_json::Value) {
 
 /// The ISO files a plan copies, in its order: what a broadcast reads.
 fn iso_files_of(plan: &Plan) -> Vec<(String, u64)> {
+    // The ext4 live partition's copies are read after the FAT's, in plan order.
+    let ext4_copies = plan.ext4_live.iter().flat_map(|e| e.copies.iter());
     plan.copies
         .iter()
+        .chain(ext4_copies)
         .filter_map(|c| match &c.source {
             CopySource::Iso { path } => Some((path.clone(), c.size)),
             CopySource::Host { .. } => None,

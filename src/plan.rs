@@ -86,6 +86,9 @@ pub struct WriteOptions {
     /// The implanted MD5 the ISO claims, recorded beside the root image so that a
     /// rewrite recognises the same ISO without reading it.
     pub iso_md5: Option<String>,
+    /// `--ext4`: put the live system on an ext4 partition (chosen by itself when a
+    /// persistence file is over FAT32's limit): see [`Ext4LiveStep`].
+    pub ext4_live: bool,
 }
 
 /// What is already on the target's FAT partition (no `--format`).
@@ -289,6 +292,9 @@ pub struct Plan {
     pub uefi: bool,
     /// Bytes of files copied; persistence adds only its metadata on top.
     pub bytes_to_write: u64,
+    /// The ext4 live partition (partition 2), when the live system goes there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ext4_live: Option<Ext4LiveStep>,
     pub space_available: u64,
     pub space_needed: u64,
     pub free_after: u64,
@@ -358,6 +364,27 @@ pub enum PlanError {
     InvalidLiveDir(String),
     #[error("rendering the boot configuration: {0}")]
     Render(String),
+    #[error(
+        "{why}, so the live system goes on an ext4 partition beside a small FAT boot partition; this stick's FAT partition ({partition_mib} MiB, {free_mib} MiB free) cannot hold that layout without repartitioning: add --format (erases the stick; the new layout needs {needed_mib} MiB of its {disk_mib} MiB) or keep every size at most 4095 MiB"
+    )]
+    Ext4NeedsFormat {
+        why: String,
+        partition_mib: u64,
+        free_mib: u64,
+        needed_mib: u64,
+        disk_mib: u64,
+    },
+    #[error(
+        "the target is too small by {short_mib} MiB for the ext4 live layout ({why}, so the live system goes on an ext4 partition): the ext4 partition needs {needed_mib} MiB (root image, persistence and the file system's own {overhead_mib} MiB) but only {available_mib} MiB are left after the {fat_mib} MiB boot partition; use a larger stick or smaller --overlay-size-mb/--home-size-mb/--swap-size-mb"
+    )]
+    Ext4TooSmall {
+        why: String,
+        needed_mib: u64,
+        available_mib: u64,
+        short_mib: u64,
+        overhead_mib: u64,
+        fat_mib: u64,
+    },
 }
 
 impl crate::error::Classify for PlanError {
@@ -508,9 +535,14 @@ pub fn plan_write(
     opts: &WriteOptions,
     syslinux_modules: Option<&std::path::Path>,
 ) -> Result<Plan, PlanError> {
-    check_size("overlay-size-mb", opts.overlay_size)?;
-    check_size("home-size-mb", opts.home_size)?;
-    check_size("swap-size-mb", opts.swap_size)?;
+    let ext4_why = ext4_live_reason(opts);
+    if ext4_why.is_none() {
+        check_size("overlay-size-mb", opts.overlay_size)?;
+        check_size("home-size-mb", opts.home_size)?;
+        check_size("swap-size-mb", opts.swap_size)?;
+    } else {
+        check_size_ext4(opts)?;
+    }
     if opts.live_dir.is_empty()
         || !opts
             .live_dir
@@ -758,7 +790,13 @@ pub fn plan_write(
             });
         }
     }
-    let overlay_path = layout::overlay_path(dir, &label, &fs_uuid);
+    // dracut names the overlay by the label and UUID of the device it is on.
+    let ext4_uuid = ext4_why.is_some().then(|| {
+        crate::disk::ext4_live::uuid_for(volume_id)
+            .hyphenated()
+            .to_string()
+    });
+    let overlay_path = layout::overlay_path(dir, &label, ext4_uuid.as_deref().unwrap_or(&fs_uuid));
     let home_path = format!("/{dir}/home.img");
     // Rewritten by every write that copies the root image, so it never outlives it.
     let record_path = format!("/{dir}/{}", layout::ROOT_RECORD);
@@ -944,6 +982,45 @@ pub fn plan_write(
         notes.push("the ISO has no EFI/BOOT loader: the stick will not boot in UEFI mode".into());
     }
 
+    let ext4_live = match (&ext4_why, &ext4_uuid) {
+        (Some(why), Some(uuid)) => Some(place_ext4_live(
+            Ext4Request {
+                why,
+                uuid,
+                label: &label,
+                fs_uuid: &fs_uuid,
+                dir,
+                target_size,
+                existing: existing.as_ref(),
+                overlay: overlay.as_ref(),
+                home: home.as_ref(),
+                swap: swap.as_ref(),
+                opts,
+            },
+            &mut copies,
+            &mut configs,
+        )?),
+        _ => None,
+    };
+    let (format, part_len, cluster, available, root_record) = match &ext4_live {
+        Some(e) => {
+            let fat = partition::PartitionLayout {
+                len: e.fat_len,
+                ..format
+                    .clone()
+                    .ok_or(PlanError::NeedsExisting("the ext4 layout"))?
+            };
+            let cluster = fat::cluster_size_for(fat.len)? as u64;
+            (
+                Some(fat),
+                e.fat_len,
+                cluster,
+                fat32_data_bytes(e.fat_len, cluster),
+                None,
+            )
+        }
+        None => (format, part_len, cluster, available, root_record),
+    };
     // Persistence is allocated, not written: only the copies cost the bus their
     // size; overlay, home and swap add their metadata (a few MiB) on top.
     let data_bytes: u64 = copies.iter().map(|c| c.size).sum::<u64>();
@@ -959,6 +1036,14 @@ pub fn plan_write(
         .chain(home.iter().map(|h| on_disk(h.size, cluster)))
         .chain(swap.iter().map(|s| on_disk(s.size, cluster)))
         .sum::<u64>()
+        // On the ext4 layout persistence lives on partition 2 (checked there).
+        - ext4_live.as_ref().map_or(0, |_| {
+            [overlay.as_ref().map(|o| o.size), home.as_ref().map(|h| h.size), swap.as_ref().map(|s| s.size)]
+                .into_iter()
+                .flatten()
+                .map(|size| on_disk(size, cluster))
+                .sum::<u64>()
+        })
         + BOOT_SLACK;
     // Space that comes back on an existing stick: files this write replaces
     // (same path) or deletes.
@@ -1035,7 +1120,11 @@ pub fn plan_write(
         relabel,
         bios: opts.bios,
         uefi,
-        bytes_to_write: data_bytes,
+        bytes_to_write: data_bytes
+            + ext4_live
+                .as_ref()
+                .map_or(0, |e| e.copies.iter().map(|c| c.size).sum::<u64>()),
+        ext4_live,
         space_available: available,
         space_needed,
         free_after: available - space_needed,
@@ -1075,6 +1164,26 @@ impl Plan {
                 self.fs_uuid,
                 self.live_dir
             )),
+        }
+        if let Some(e) = &self.ext4_live {
+            out.push_str(&format!(
+                "  partition 2      ext4 at {} MiB, {}, label {}, UUID {}: the live device, holding /{} ({})\n",
+                e.start / MIB,
+                human(e.len),
+                e.label,
+                e.uuid,
+                self.live_dir,
+                e.why
+            ));
+            for c in &e.copies {
+                out.push_str(&format!("    {:>10}  ext4:{}\n", human(c.size), c.dest));
+            }
+            out.push_str(&format!(
+                "    space {} needed of {} (ext4 metadata {})\n",
+                human(e.space_needed),
+                human(e.len),
+                human(e.overhead)
+            ));
         }
         out.push_str("  files\n");
         for c in &self.copies {
@@ -1170,6 +1279,168 @@ impl Plan {
         }
         out
     }
+}
+
+/// The ext4 live partition: partition 2, the live device dracut mounts, holding
+/// the live directory (root image, overlay, home.img, swap.img) beside a small FAT
+/// partition 1 for the boot loaders, kernels and menus.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ext4LiveStep {
+    /// Why the live system goes on ext4.
+    pub why: String,
+    /// Partition 2 on the disk, bytes.
+    pub start: u64,
+    pub len: u64,
+    /// Partition 1 (FAT, boot files only), bytes.
+    pub fat_len: u64,
+    pub uuid: String,
+    pub label: String,
+    /// Files copied into the ext4 partition rather than onto the FAT.
+    pub copies: Vec<CopyStep>,
+    /// Bytes its files take, plus its own metadata (`overhead`).
+    pub space_needed: u64,
+    pub overhead: u64,
+}
+
+/// Why this write needs the ext4 live layout, `None` when the FAT layout serves.
+fn ext4_live_reason(opts: &WriteOptions) -> Option<String> {
+    if opts.ext4_live {
+        return Some("--ext4 was given".into());
+    }
+    [
+        ("overlay-size-mb", opts.overlay_size),
+        ("home-size-mb", opts.home_size),
+        ("swap-size-mb", opts.swap_size),
+    ]
+    .into_iter()
+    .find_map(|(option, size)| {
+        size.filter(|&s| s > FAT_MAX_FILE).map(|s| {
+            format!(
+                "--{option} {} MiB is over FAT32's 4095 MiB file limit",
+                s / MIB
+            )
+        })
+    })
+}
+
+/// The size checks of the ext4 layout: ext4 has no 4 GiB file limit, only the
+/// stick's size, checked once the partitions are placed.
+fn check_size_ext4(opts: &WriteOptions) -> Result<(), PlanError> {
+    for (option, size) in [
+        ("overlay-size-mb", opts.overlay_size),
+        ("home-size-mb", opts.home_size),
+        ("swap-size-mb", opts.swap_size),
+    ] {
+        if size.is_some_and(|s| s < MIB) {
+            return Err(PlanError::ZeroSize { option });
+        }
+    }
+    Ok(())
+}
+
+/// What [`place_ext4_live`] decides from.
+struct Ext4Request<'a> {
+    why: &'a str,
+    uuid: &'a str,
+    label: &'a str,
+    fs_uuid: &'a str,
+    dir: &'a str,
+    target_size: u64,
+    existing: Option<&'a ExistingFs>,
+    overlay: Option<&'a OverlayStep>,
+    home: Option<&'a HomeStep>,
+    swap: Option<&'a SwapStep>,
+    opts: &'a WriteOptions,
+}
+
+/// Places the ext4 live partition: moves the live directory's copies off the FAT,
+/// sizes the FAT for what is left (boot files and menus, with room to spare),
+/// checks that partition 2 holds the live files, persistence and its own
+/// metadata, and points the menus' kernel arguments at the ext4 UUID (GRUB still
+/// finds its files on the FAT by the FAT's UUID).
+fn place_ext4_live(
+    req: Ext4Request<'_>,
+    copies: &mut Vec<CopyStep>,
+    configs: &mut [ConfigStep],
+) -> Result<Ext4LiveStep, PlanError> {
+    use crate::disk::ext4_live;
+    let live_prefix = format!("/{}/", req.dir).to_ascii_lowercase();
+    let (live, boot): (Vec<CopyStep>, Vec<CopyStep>) = std::mem::take(copies)
+        .into_iter()
+        .partition(|c| c.dest.to_ascii_lowercase().starts_with(&live_prefix));
+    *copies = boot;
+    let boot_bytes: u64 = copies
+        .iter()
+        .map(|c| c.size)
+        .chain(configs.iter().map(|c| c.content.len() as u64))
+        .sum();
+    // Room for the boot files twice over (a kernel update, a second image), and
+    // never below what FAT32 and the firmware are happy with.
+    let fat_len = (mib_ceil(boot_bytes * 2) + 32).max(64) * MIB;
+    let persistence: u64 = [
+        req.overlay.map(|o| o.size),
+        req.home.map(|h| h.size),
+        req.swap.map(|s| s.size),
+    ]
+    .into_iter()
+    .flatten()
+    .map(ext4_live::on_disk)
+    .sum();
+    let files = live.iter().map(|c| ext4_live::on_disk(c.size)).sum::<u64>() + persistence;
+    if let Some(fs) = req.existing {
+        let needed = fat_len + files + ext4_live::overhead(req.target_size);
+        return Err(PlanError::Ext4NeedsFormat {
+            why: req.why.to_string(),
+            partition_mib: fs.partition_len / MIB,
+            free_mib: fs.free_bytes / MIB,
+            needed_mib: mib_ceil(needed),
+            disk_mib: req.target_size / MIB,
+        });
+    }
+    if req.opts.partition_size.is_some() {
+        return Err(PlanError::Conflicting(
+            "partition-size-mb",
+            "ext4",
+            "layout of the partitions",
+        ));
+    }
+    let whole = partition::layout_single(req.target_size, req.opts.table)?;
+    let len = whole.len.saturating_sub(fat_len);
+    let overhead = ext4_live::overhead(len);
+    let space_needed = files + overhead;
+    if space_needed > len {
+        let needed_mib = mib_ceil(space_needed);
+        let available_mib = len / MIB;
+        return Err(PlanError::Ext4TooSmall {
+            why: req.why.to_string(),
+            needed_mib,
+            available_mib,
+            short_mib: needed_mib.saturating_sub(available_mib).max(1),
+            overhead_mib: mib_ceil(overhead),
+            fat_mib: fat_len / MIB,
+        });
+    }
+    // Every kernel argument that names the live device by the FAT's UUID
+    // (`root=live:UUID=`, the overlay's devspec, an installer's `hd:UUID=`) now
+    // names the ext4 partition, where the live directory is.
+    let (from, to) = (
+        format!("UUID={}", req.fs_uuid),
+        format!("UUID={}", req.uuid),
+    );
+    for c in configs.iter_mut() {
+        c.content = c.content.replace(&from, &to);
+    }
+    Ok(Ext4LiveStep {
+        why: req.why.to_string(),
+        start: whole.start + fat_len,
+        len,
+        fat_len,
+        uuid: req.uuid.to_string(),
+        label: req.label.to_string(),
+        copies: live,
+        space_needed,
+        overhead,
+    })
 }
 
 /// Whether a kept overlay keeps its content, and why. Its blocks describe changes
@@ -1378,6 +1649,7 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
             bios: true,
             force: false,
             iso_md5: None,
+            ext4_live: false,
         }
     }
 
@@ -1761,9 +2033,11 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
         ];
         for (i, (o, name)) in cases.iter().enumerate() {
             match plan_new(&nested(), 16 * GIB, o) {
-                Err(PlanError::OverFatLimit { option, mib }) if i < 3 => {
-                    assert_eq!(option, *name);
-                    assert_eq!(mib, if i == 1 { 5000 } else { 4096 });
+                // Over FAT32's file limit: the live system goes on ext4, saying why.
+                Ok(plan) if i < 3 => {
+                    let e = plan.ext4_live.expect("the ext4 live layout");
+                    assert!(e.why.contains(name), "{}", e.why);
+                    assert!(e.why.contains(if i == 1 { "5000" } else { "4096" }));
                 }
                 Err(PlanError::ZeroSize { option }) if i >= 3 => assert_eq!(option, *name),
                 other => panic!("case {i} ({name}): {other:?}"),
@@ -2404,5 +2678,79 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
         );
         let quiet = plan_new(&nested(), 8 * GIB, &opts()).unwrap();
         assert!(!quiet.notes.iter().any(|n| n.contains("dracut version")));
+    }
+
+    #[test]
+    fn ext4_live_layout_places_two_partitions_and_names_the_ext4_uuid() {
+        let o = WriteOptions {
+            overlay_size: Some(6144 * MIB),
+            home_size: Some(64 * MIB),
+            ..opts()
+        };
+        let plan = plan_new(&nested(), 12 * GIB, &o).expect("fits 12 GiB");
+        let e = plan.ext4_live.as_ref().expect("ext4 layout");
+        let fat = plan.format.as_ref().expect("new table");
+        assert_eq!(fat.len, e.fat_len);
+        assert_eq!(e.start, fat.start + fat.len);
+        assert!(e.start + e.len <= 12 * GIB);
+        // The live directory moved off the FAT, with the root record.
+        assert!(plan.copies.iter().all(|c| !c.dest.starts_with("/LiveOS/")));
+        assert!(e.copies.iter().any(|c| c.dest == "/LiveOS/squashfs.img"));
+        assert!(plan.root_record.is_none());
+        // dracut names the overlay by the ext4 label and UUID.
+        let overlay = plan.overlay.as_ref().expect("overlay");
+        assert_eq!(overlay.path, format!("/LiveOS/overlay-LIVE-{}", e.uuid));
+        for c in &plan.configs {
+            if c.content.contains("root=live:") {
+                assert!(
+                    c.content.contains(&format!("root=live:UUID={}", e.uuid)),
+                    "{}",
+                    c.content
+                );
+                assert!(
+                    !c.content.contains(&format!("UUID={}", plan.fs_uuid)),
+                    "{}",
+                    c.content
+                );
+            }
+        }
+        assert!(plan.to_table().contains("partition 2      ext4"));
+    }
+
+    #[test]
+    fn ext4_live_layout_refusals_carry_figures() {
+        let big = WriteOptions {
+            overlay_size: Some(6144 * MIB),
+            ..opts()
+        };
+        match plan_new(&nested(), 4 * GIB, &big) {
+            Err(e @ PlanError::Ext4TooSmall { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("too small by") && text.contains("MiB"),
+                    "{text}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match plan_write(&nested(), &new_image(), 8 * GIB, Some(stick()), &big, None) {
+            Err(e @ PlanError::Ext4NeedsFormat { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("--format") && text.contains("MiB free"),
+                    "{text}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let both = WriteOptions {
+            ext4_live: true,
+            partition_size: Some(512 * MIB),
+            ..opts()
+        };
+        assert!(matches!(
+            plan_new(&nested(), 8 * GIB, &both),
+            Err(PlanError::Conflicting(..))
+        ));
     }
 }

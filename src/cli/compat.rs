@@ -101,7 +101,7 @@ pub static OPTIONS: &[OldOption] = &[
         &[],
         OptionalValue,
         Mapped,
-        "--format (FAT32; SIZE → --partition-size-mb, pending; ext/btrfs/xfs/f2fs refused)",
+        "--format (FAT32; SIZE → --partition-size-mb; ext4 → --ext4; ext2/ext3/btrfs/xfs/f2fs refused)",
     ),
     opt(
         "--msdos",
@@ -908,10 +908,21 @@ impl CompatArgs {
         let usage = |m: &str| Err(CompatError::Usage(m.to_string()));
         if let Some(fs) = self.format.as_ref().and_then(|f| f.fstype)
             && fs != FsType::Vfat
+            && fs != FsType::Ext4
         {
             return Err(CompatError::Refused {
                 option: "--format",
-                reason: "livestick writes the live partition as FAT32 only (every firmware boots it, and no root or mount is needed); drop the filesystem type, and use --overlayfs with --overlay-size-mb for an OverlayFS overlay",
+                reason: "livestick writes the live partition as FAT32, or as ext4 beside a FAT boot partition (--format ext4); drop the filesystem type or give ext4",
+            });
+        }
+        if self
+            .format
+            .as_ref()
+            .is_some_and(|f| f.fstype == Some(FsType::Ext4) && f.size_mb.is_some())
+        {
+            return Err(CompatError::Refused {
+                option: "--format",
+                reason: "with ext4 livestick sizes both partitions itself (a FAT boot partition for the boot files, ext4 for the rest of the disk); drop the size",
             });
         }
         if self.format.as_ref().is_some_and(|f| f.block_size.is_some()) {
@@ -1056,7 +1067,9 @@ impl CompatArgs {
             }
             ResolvedTarget::Partition { disk, .. } => disk.clone(),
         };
-        let clamp = |mb: u64| if mb == 4096 { FAT_MAX_MIB } else { mb };
+        // livecd-iso-to-disk's ext4 layout: the live directory on an ext4 partition.
+        let ext4 = format && self.format.as_ref().and_then(|f| f.fstype) == Some(FsType::Ext4);
+        let clamp = |mb: u64| if mb == 4096 && !ext4 { FAT_MAX_MIB } else { mb };
         let mut extra = self.extra_kernel_args.join(" ");
         if self.overlayfs == Some(OverlayFsMode::Temp) {
             if !extra.is_empty() {
@@ -1081,6 +1094,7 @@ impl CompatArgs {
             wait_for: None,
             size: self.size.clone(),
             format,
+            ext4,
             noformat: false,
             table: if self.efi && format {
                 TableArg::Gpt

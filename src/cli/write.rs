@@ -55,7 +55,15 @@ pub struct WriteArgs {
     #[arg(long, default_value = "LiveOS")]
     pub livedir: String,
 
-    /// Persistent overlay of N MiB (at most 4095 on FAT32)
+    /// Put the live system on an ext4 partition beside a small FAT boot partition
+    /// (erases the target), as livecd-iso-to-disk's ext4 sticks were: persistence
+    /// files may then be larger than 4095 MiB. Chosen by itself for a new or
+    /// --format'ed target when --overlay-size-mb/--home-size-mb/--swap-size-mb is
+    /// over 4095
+    #[arg(long, conflicts_with = "noformat")]
+    pub ext4: bool,
+    /// Persistent overlay of N MiB (at most 4095 on FAT32; larger puts the live
+    /// system on an ext4 partition, see --ext4)
     #[arg(long, value_name = "N")]
     pub overlay_size_mb: Option<u64>,
     /// Make the overlay an OverlayFS upper layer instead of a device-mapper snapshot

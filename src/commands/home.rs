@@ -89,6 +89,13 @@ fn read_pass(src: PassphraseSource) -> anyhow::Result<Zeroizing<Vec<u8>>> {
 
 fn info(a: &InfoArgs, json: bool) -> anyhow::Result<()> {
     let stick = is_stick(&a.target)?;
+    if stick && let Some(rep) = ext4_live_info(a)? {
+        if json {
+            return print_json(&rep);
+        }
+        print_report(&rep);
+        return Ok(());
+    }
     let mut h = if stick {
         Some(open_stick(&a.target, &a.live_dir, false, false)?)
     } else {
@@ -112,6 +119,22 @@ fn info(a: &InfoArgs, json: bool) -> anyhow::Result<()> {
     }
     print_report(&rep);
     Ok(())
+}
+
+/// `home info` on the ext4 live layout; `None` for a stick of the FAT layout.
+fn ext4_live_info(a: &InfoArgs) -> anyhow::Result<Option<HomeReport>> {
+    let Some(locked) = home_stick::ext4_live_report(&a.target, &a.live_dir, None)? else {
+        return Ok(None);
+    };
+    let pass = match passphrase_source(&a.pass) {
+        Some(src) if locked.locked => read_pass(src)?,
+        _ => return Ok(Some(locked)),
+    };
+    Ok(home_stick::ext4_live_report(
+        &a.target,
+        &a.live_dir,
+        Some(&pass[..]),
+    )?)
 }
 
 fn print_report(rep: &HomeReport) {

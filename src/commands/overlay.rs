@@ -266,6 +266,9 @@ fn dir_status(dir_path: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 fn stick_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
+    if let Some(o) = place::ext4_live_overlay(&a.target, &selection(&a.sel)).map_err(lift)? {
+        return ext4_live_status(a, o, json);
+    }
     let mut t = open_stick(&a.target, &a.sel, Access::Look, true)?;
     let show = t.show();
     let len = t.overlay_bytes;
@@ -289,6 +292,42 @@ fn stick_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
         &StickStatus {
             overlay: &t,
             usage: report::Usage::Dm(&status),
+        },
+        json,
+    )
+}
+
+/// `status` of an overlay on the ext4 live layout, reported as for an overlay file.
+fn ext4_live_status(
+    a: &StatusArgs,
+    mut o: place::Ext4LiveOverlay,
+    json: bool,
+) -> anyhow::Result<()> {
+    let show = o.show();
+    let len = o.len();
+    if !json && o.overlay != o.expected {
+        eprintln!(
+            "note: {} is not {}, the overlay the live system looks for",
+            o.overlay, o.expected
+        );
+    }
+    if o.kind() == Kind::Overlayfs {
+        let info = store::overlay_info(&mut o.reader());
+        let usage = ovlfs::usage_of_bare(info.as_ref(), len);
+        return print_report(
+            &BareOvlfsStatus {
+                path: Path::new(&show),
+                usage: &usage,
+            },
+            json,
+        );
+    }
+    let origin = origin_sectors(&a.origin)?;
+    let status = dm::status(&mut o.reader(), len, origin, &show).map_err(lift)?;
+    print_report(
+        &BareDmStatus {
+            path: Path::new(&show),
+            report: &status,
         },
         json,
     )

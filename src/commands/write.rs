@@ -98,8 +98,11 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
     };
     let home_size = match args.home_size_mb {
         Some(n) => Some(
-            home::home_size_from_mib(n, home_encryption == HomeEncryption::Luks)
-                .map_err(|e| BadInput(format!("--home-size-mb: {e}")))?,
+            match home::home_size_from_mib(n, home_encryption == HomeEncryption::Luks) {
+                // Over FAT's file limit: the plan puts the live system on ext4.
+                Err(home::HomeError::TooLarge { .. }) => n * crate::size::MIB,
+                other => other.map_err(|e| BadInput(format!("--home-size-mb: {e}")))?,
+            },
         ),
         None => None,
     };
@@ -137,6 +140,7 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
         bios: true,
         force: args.force,
         iso_md5: write_facts::claimed_md5(live),
+        ext4_live: args.ext4,
     })
 }
 

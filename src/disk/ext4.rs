@@ -296,7 +296,7 @@ const JBD2_CRC32C: u8 = 4;
 /// crc32c (Castagnoli, reflected), without the final inversion, as jbd2
 /// chains it: the journal superblock's checksum is this over its 1024 bytes
 /// with the checksum field zeroed, starting from !0.
-fn crc32c(mut crc: u32, data: &[u8]) -> u32 {
+pub(crate) fn crc32c(mut crc: u32, data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {

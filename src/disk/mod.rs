@@ -1,6 +1,8 @@
 //! Targets (image files and block devices), partition tables and filesystems.
 pub mod devices;
 pub mod ext4;
+pub mod ext4_fs;
+pub mod ext4_live;
 pub mod extent_file;
 pub mod fat;
 pub mod fat_alloc;

@@ -344,6 +344,9 @@ impl StickHome {
         let info = stick.info(live_dir)?;
         let home = format!("/{live_dir}/home.img");
         let staged = format!("{home}.new");
+        if info.home.is_none() {
+            refuse_ext4_live(path, live_dir)?;
+        }
         let size = info.home.ok_or_else(|| HomeStickError::NoHome {
             stick: path.to_path_buf(),
             home: home.trim_start_matches('/').to_string(),
@@ -807,6 +810,54 @@ pub fn resize_on_stick(
     let live_dir = h.live_dir.clone();
     rep.stick_free_bytes = h.stick.info(&live_dir).ok().map(|i| i.free_bytes);
     Ok(rep)
+}
+
+/// `home info` on a stick with the ext4 live layout (home.img on ext4 partition 2,
+/// read in place by its extents); `None` when the stick has no such partition.
+pub fn ext4_live_report(
+    path: &Path,
+    live_dir: &str,
+    passphrase: Option<&[u8]>,
+) -> Result<Option<HomeReport>, HomeStickError> {
+    use crate::disk::ext4_fs;
+    let mut f = File::open(path).map_err(io_at(path))?;
+    let Ok(Some(p)) = ext4_fs::find_live_partition(&mut f, live_dir) else {
+        return Ok(None);
+    };
+    let home = format!("/{live_dir}/home.img");
+    let map = {
+        let mut window = crate::io::PartitionWindow::new(&mut f, p.start, p.len);
+        p.fs.file(&mut window, &home)
+            .map_err(|e| HomeStickError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+    };
+    let Some(map) = map else {
+        return Err(HomeStickError::NoHome {
+            stick: path.to_path_buf(),
+            home: home.trim_start_matches('/').to_string(),
+        });
+    };
+    let r = ext4_fs::Ext4File::new(&mut f, p.start, p.fs.block_size, &map);
+    Ok(Some(report_from(r, path, Some(home), passphrase)?))
+}
+
+/// `home resize` on the ext4 live layout: refused by name.
+fn refuse_ext4_live(path: &Path, live_dir: &str) -> Result<(), HomeStickError> {
+    let Ok(mut f) = File::open(path) else {
+        return Ok(());
+    };
+    if let Ok(Some(p)) = crate::disk::ext4_fs::find_live_partition(&mut f, live_dir) {
+        return Err(HomeStickError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(format!(
+                "home.img is on ext4 partition {} (the layout for persistence over 4 GiB): `livestick home info` reads it, but `home resize` does not work on this layout yet",
+                p.number
+            )),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

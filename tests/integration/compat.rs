@@ -419,8 +419,13 @@ fn row_format_fstype_and_blocksize() {
         &["--format", ",fat", "ISO", "IMG"],
         &["ISO", "IMG", "--format"],
     );
-    refused(&["--format", "ext4"], "FAT32 only");
-    refused(&["--format", "1024,btrfs"], "FAT32 only");
+    same_mapping(
+        &["--format", "ext4", "ISO", "IMG"],
+        &["ISO", "IMG", "--format", "--ext4"],
+    );
+    refused(&["--format", "1024,ext4"], "drop the size");
+    refused(&["--format", "ext3"], "give ext4");
+    refused(&["--format", "1024,btrfs"], "give ext4");
     refused(&["--format", ",vfat,4096"], "cluster size");
 }
 

@@ -24,6 +24,7 @@ mod compressed;
 mod devices;
 mod download;
 mod erofs_xattr;
+mod ext4_live;
 mod ext4_sparse;
 mod fat_damage;
 mod faults;

@@ -188,6 +188,7 @@ impl StickOverlay {
         })?;
         let info = stick.info(&sel.live_dir)?;
         if info.squashfs.is_none() {
+            refuse_ext4_live(path, &sel.live_dir)?;
             return Err(StickError::NotLive {
                 path: path.to_path_buf(),
                 live_dir: sel.live_dir.clone(),
@@ -500,4 +501,141 @@ impl SyncData for PlaceIo<'_> {
             PlaceIo::Stick(f) => f.sync_data(),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------
+// The ext4 live layout: the live directory on an ext4 partition 2.
+
+/// An overlay on a stick's ext4 live partition, read in place by its extents
+/// (unwritten extents read as zeros, as the kernel reads them).
+pub struct Ext4LiveOverlay {
+    pub device: PathBuf,
+    pub partition: crate::disk::ext4_fs::LivePartition,
+    /// Path inside the ext4 file system, "/LiveOS/overlay-LABEL-UUID".
+    pub overlay: String,
+    /// The name the live system looks for; `overlay` differs when it is orphaned.
+    pub expected: String,
+    pub map: crate::disk::ext4_fs::FileMap,
+    file: File,
+}
+
+impl Ext4LiveOverlay {
+    pub fn show(&self) -> String {
+        format!(
+            "{} (ext4 partition {}):{}",
+            self.device.display(),
+            self.partition.number,
+            self.overlay
+        )
+    }
+
+    pub fn len(&self) -> u64 {
+        self.map.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.size == 0
+    }
+
+    pub fn reader(&mut self) -> crate::disk::ext4_fs::Ext4File<&mut File> {
+        crate::disk::ext4_fs::Ext4File::new(
+            &mut self.file,
+            self.partition.start,
+            self.partition.fs.block_size,
+            &self.map,
+        )
+    }
+
+    pub fn kind(&mut self) -> Kind {
+        if store::is_ext4(&mut self.reader()) {
+            Kind::Overlayfs
+        } else {
+            Kind::DmSnapshot
+        }
+    }
+}
+
+/// The overlay of a stick written with the ext4 live layout, `None` when the
+/// stick has no ext4 partition holding `/<live dir>/squashfs.img`. Opened read-only.
+pub fn ext4_live_overlay(
+    path: &Path,
+    sel: &Selection,
+) -> Result<Option<Ext4LiveOverlay>, OverlayError> {
+    use crate::disk::ext4_fs;
+    let mut file = File::open(path).map_err(cannot_open(path))?;
+    let live = |e: ext4_fs::Ext4FsError| OverlayError::BadInput(format!("{}: {e}", path.display()));
+    let Some(partition) = ext4_fs::find_live_partition(&mut file, &sel.live_dir).map_err(live)?
+    else {
+        return Ok(None);
+    };
+    let fs = partition.fs.clone();
+    let mut window = crate::io::PartitionWindow::new(&mut file, partition.start, partition.len);
+    let expected = crate::layout::overlay_path(&sel.live_dir, &fs.label, &fs.uuid);
+    let dir = fs
+        .lookup(&mut window, &format!("/{}", sel.live_dir))
+        .map_err(live)?
+        .ok_or_else(|| {
+            OverlayError::BadInput(format!("{}: no /{}", path.display(), sel.live_dir))
+        })?;
+    let overlays: Vec<String> = fs
+        .read_dir(&mut window, &dir)
+        .map_err(live)?
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| crate::layout::is_overlay_name(name))
+        .map(|name| format!("/{}/{name}", sel.live_dir))
+        .collect();
+    let overlay = match &sel.overlay_file {
+        Some(name) => format!("/{}/{}", sel.live_dir, name.trim_start_matches('/')),
+        None if overlays.contains(&expected) => expected.clone(),
+        None if overlays.len() == 1 => overlays[0].clone(),
+        None => {
+            return Err(OverlayError::BadInput(format!(
+                "{} has no overlay {expected} on its ext4 live partition{}",
+                path.display(),
+                if overlays.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (it has {}: name one with --overlay-file)",
+                        overlays.join(", ")
+                    )
+                }
+            )));
+        }
+    };
+    let map = fs
+        .file(&mut window, &overlay)
+        .map_err(live)?
+        .ok_or_else(|| {
+            OverlayError::BadInput(format!(
+                "{} has no {overlay} on its ext4 live partition",
+                path.display()
+            ))
+        })?;
+    drop(window);
+    Ok(Some(Ext4LiveOverlay {
+        device: path.to_path_buf(),
+        partition,
+        overlay,
+        expected,
+        map,
+        file,
+    }))
+}
+
+/// A maintenance verb other than `status` on a stick with the ext4 live layout:
+/// refused by name rather than "not a live stick".
+fn refuse_ext4_live(path: &Path, live_dir: &str) -> Result<(), OverlayError> {
+    let Ok(mut file) = File::open(path) else {
+        return Ok(());
+    };
+    if let Ok(Some(p)) = crate::disk::ext4_fs::find_live_partition(&mut file, live_dir) {
+        return Err(OverlayError::Refused(format!(
+            "{} keeps its live system on ext4 partition {} (the layout for persistence over 4 GiB): `livestick overlay status` reads its overlay, but reset, grow, recover and merge do not work on this layout yet; write the stick again to start a new overlay",
+            path.display(),
+            p.number
+        )));
+    }
+    Ok(())
 }

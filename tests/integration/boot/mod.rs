@@ -4,6 +4,7 @@
 //! instead when `CI=true`.
 
 mod current_fedora;
+mod ext4_live;
 pub mod harness;
 mod maintenance;
 mod multi;

@@ -1,0 +1,891 @@
+//! Files inside an ext4 file system, found and mapped without mounting it.
+//!
+//! A stick with an ext4 live partition keeps `LiveOS/squashfs.img`, the overlay,
+//! home.img and swap.img as ordinary ext4 files. Maintenance reads and writes them
+//! in place, by their extents, the way the FAT layout reaches its files through
+//! their cluster chains: this module is the map. It reads the superblock, group
+//! descriptors, inodes, extent trees and directories, as pure functions over
+//! `Read + Seek` (a partition window or an image file).
+//!
+//! One write exists: [`mark_initialised`], which turns a file's unwritten
+//! (fallocated) extents into written ones. debugfs's `fallocate` leaves every
+//! extent unwritten, which the kernel reads as zeros; a file whose bytes
+//! livestick then writes into those blocks directly (the root image, a home's
+//! ext4 metadata) must say its blocks hold data. The extent entries and the
+//! `metadata_csum` checksums over them (inode, extent blocks) are rewritten;
+//! nothing else changes, so the bitmaps and group checksums stay valid.
+
+use std::io::{self, Read, Seek, SeekFrom, Write};
+
+use thiserror::Error;
+
+use crate::bytes::{u16_at, u32_at};
+use crate::disk::ext4::{self, SUPERBLOCK_BYTES, SUPERBLOCK_OFFSET};
+
+#[derive(Debug, Error)]
+pub enum Ext4FsError {
+    #[error("reading the ext4 file system: {0}")]
+    Io(#[from] io::Error),
+    #[error("not an ext4 file system: {0}")]
+    NotExt4(String),
+    #[error("the ext4 file system is damaged: {0}; check it with `e2fsck -fn`")]
+    Damaged(String),
+    #[error("{0} uses block maps, not extents; livestick only reads ext4 files with extents")]
+    NoExtents(String),
+    #[error(
+        "{path} has a hole at byte {at}; livestick writes only into files that are fully allocated"
+    )]
+    Hole { path: String, at: u64 },
+}
+
+impl crate::error::Classify for Ext4FsError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            Ext4FsError::Io(_) => crate::error::ErrorKind::Io,
+            _ => crate::error::ErrorKind::BadInput,
+        }
+    }
+}
+
+const INCOMPAT_EXTENTS: u32 = 0x40;
+const INCOMPAT_64BIT: u32 = 0x80;
+const INCOMPAT_CSUM_SEED: u32 = 0x2000;
+const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
+const INODE_FLAG_EXTENTS: u32 = 0x0008_0000;
+const EXTENT_MAGIC: u16 = 0xF30A;
+/// An extent longer than this is unwritten, its length `ee_len - 32768`.
+const UNINIT_LEN: u16 = 32768;
+const ROOT_INODE: u32 = 2;
+const DIR_MODE: u16 = 0x4000;
+const TYPE_MASK: u16 = 0xF000;
+
+/// The geometry of an ext4 file system: what it takes to find any inode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ext4Fs {
+    pub block_size: u64,
+    pub uuid: String,
+    pub label: String,
+    pub block_count: u64,
+    inodes_per_group: u32,
+    inode_size: u64,
+    desc_size: u64,
+    first_data_block: u64,
+    is64: bool,
+    /// `metadata_csum`: the seed every checksum starts from.
+    csum_seed: Option<u32>,
+}
+
+/// One run of a file's blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// First file block.
+    pub logical: u64,
+    /// First file-system block.
+    pub physical: u64,
+    pub len: u64,
+    /// Allocated but unwritten: reads as zeros whatever the blocks hold.
+    pub unwritten: bool,
+}
+
+/// An inode's facts livestick uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inode {
+    pub number: u32,
+    pub mode: u16,
+    pub size: u64,
+    pub flags: u32,
+    pub generation: u32,
+    /// The 60 bytes of `i_block`: the root of the extent tree.
+    pub i_block: [u8; 60],
+}
+
+impl Inode {
+    pub fn is_dir(&self) -> bool {
+        self.mode & TYPE_MASK == DIR_MODE
+    }
+}
+
+/// A file found by path, with where its bytes are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileMap {
+    pub inode: u32,
+    pub size: u64,
+    pub extents: Vec<Extent>,
+}
+
+impl FileMap {
+    /// The file's bytes as `(byte offset in the file system, length)` runs in file
+    /// order, covering exactly `size` bytes (what `ExtentFile` takes). A hole
+    /// anywhere is refused: a write there would land in blocks the file does not own.
+    pub fn byte_runs(&self, block_size: u64, path: &str) -> Result<Vec<(u64, u64)>, Ext4FsError> {
+        let mut runs = Vec::new();
+        let mut at = 0u64;
+        let mut extents = self.extents.clone();
+        extents.sort_by_key(|e| e.logical);
+        for e in &extents {
+            if at >= self.size {
+                break;
+            }
+            if e.logical * block_size != at {
+                return Err(Ext4FsError::Hole {
+                    path: path.to_string(),
+                    at,
+                });
+            }
+            let len = (e.len * block_size).min(self.size - at);
+            runs.push((e.physical * block_size, len));
+            at += len;
+        }
+        if at < self.size {
+            return Err(Ext4FsError::Hole {
+                path: path.to_string(),
+                at,
+            });
+        }
+        Ok(runs)
+    }
+
+    /// Whether any byte of the file lies in an unwritten extent.
+    pub fn has_unwritten(&self) -> bool {
+        self.extents.iter().any(|e| e.unwritten)
+    }
+}
+
+fn read_exact_at<R: Read + Seek + ?Sized>(r: &mut R, at: u64, buf: &mut [u8]) -> io::Result<()> {
+    r.seek(SeekFrom::Start(at))?;
+    r.read_exact(buf)
+}
+
+fn u64_of(lo: u32, hi: u32) -> u64 {
+    u64::from(lo) | u64::from(hi) << 32
+}
+
+impl Ext4Fs {
+    /// Reads the superblock and checks that this is an ext4 livestick can walk.
+    pub fn open<R: Read + Seek + ?Sized>(r: &mut R) -> Result<Ext4Fs, Ext4FsError> {
+        let mut sb = vec![0u8; SUPERBLOCK_BYTES];
+        read_exact_at(r, SUPERBLOCK_OFFSET, &mut sb)?;
+        let parsed =
+            ext4::Superblock::parse(&sb).map_err(|e| Ext4FsError::NotExt4(e.to_string()))?;
+        let incompat = parsed.feature_incompat;
+        if incompat & INCOMPAT_EXTENTS == 0 {
+            return Err(Ext4FsError::NotExt4(
+                "no extents feature (ext2 or ext3)".into(),
+            ));
+        }
+        let is64 = incompat & INCOMPAT_64BIT != 0;
+        let desc_size = if is64 {
+            u64::from(u16_at(&sb, 0xFE)).max(32)
+        } else {
+            32
+        };
+        let inode_size = u64::from(u16_at(&sb, 0x58));
+        let inodes_per_group = u32_at(&sb, 0x28);
+        if inode_size < 128 || inodes_per_group == 0 {
+            return Err(Ext4FsError::Damaged(format!(
+                "inode size {inode_size}, {inodes_per_group} inodes per group"
+            )));
+        }
+        let csum_seed = (parsed.feature_ro_compat & RO_COMPAT_METADATA_CSUM != 0).then(|| {
+            if incompat & INCOMPAT_CSUM_SEED != 0 {
+                u32_at(&sb, 0x270)
+            } else {
+                ext4::crc32c(!0, &sb[0x68..0x78])
+            }
+        });
+        Ok(Ext4Fs {
+            block_size: parsed.block_size,
+            uuid: parsed.uuid,
+            label: parsed.label,
+            block_count: parsed.block_count,
+            inodes_per_group,
+            inode_size,
+            desc_size,
+            first_data_block: u64::from(u32_at(&sb, 0x14)),
+            is64,
+            csum_seed,
+        })
+    }
+
+    /// Byte offset of inode `number`'s on-disk record.
+    fn inode_offset<R: Read + Seek + ?Sized>(
+        &self,
+        r: &mut R,
+        number: u32,
+    ) -> Result<u64, Ext4FsError> {
+        if number == 0 {
+            return Err(Ext4FsError::Damaged("inode number 0".into()));
+        }
+        let group = u64::from((number - 1) / self.inodes_per_group);
+        let index = u64::from((number - 1) % self.inodes_per_group);
+        let table_at = (self.first_data_block + 1) * self.block_size + group * self.desc_size;
+        let mut desc = vec![0u8; self.desc_size as usize];
+        read_exact_at(r, table_at, &mut desc)?;
+        let lo = u32_at(&desc, 0x08);
+        let hi = if self.is64 && self.desc_size >= 64 {
+            u32_at(&desc, 0x28)
+        } else {
+            0
+        };
+        let table = u64_of(lo, hi);
+        if table == 0 || table >= self.block_count {
+            return Err(Ext4FsError::Damaged(format!(
+                "group {group}'s inode table is at block {table}"
+            )));
+        }
+        Ok(table * self.block_size + index * self.inode_size)
+    }
+
+    pub fn inode<R: Read + Seek + ?Sized>(
+        &self,
+        r: &mut R,
+        number: u32,
+    ) -> Result<Inode, Ext4FsError> {
+        let at = self.inode_offset(r, number)?;
+        let mut raw = vec![0u8; 160.min(self.inode_size as usize)];
+        read_exact_at(r, at, &mut raw)?;
+        let size_hi = if raw.len() >= 0x70 {
+            u32_at(&raw, 0x6C)
+        } else {
+            0
+        };
+        let mut i_block = [0u8; 60];
+        i_block.copy_from_slice(&raw[0x28..0x28 + 60]);
+        Ok(Inode {
+            number,
+            mode: u16_at(&raw, 0),
+            size: u64_of(u32_at(&raw, 4), size_hi),
+            flags: u32_at(&raw, 0x20),
+            generation: u32_at(&raw, 0x64),
+            i_block,
+        })
+    }
+
+    /// Every leaf extent of `inode`, in tree order.
+    pub fn extents<R: Read + Seek + ?Sized>(
+        &self,
+        r: &mut R,
+        inode: &Inode,
+    ) -> Result<Vec<Extent>, Ext4FsError> {
+        if inode.flags & INODE_FLAG_EXTENTS == 0 {
+            return Err(Ext4FsError::NoExtents(format!("inode {}", inode.number)));
+        }
+        let mut out = Vec::new();
+        self.walk(r, &inode.i_block, 0, &mut out, &mut Vec::new())?;
+        Ok(out)
+    }
+
+    /// Walks an extent node (`node` holds the header and entries), collecting
+    /// leaves and, in `tree_blocks`, each tree block read (its number, bytes).
+    fn walk<R: Read + Seek + ?Sized>(
+        &self,
+        r: &mut R,
+        node: &[u8],
+        level: u32,
+        out: &mut Vec<Extent>,
+        tree_blocks: &mut Vec<(u64, Vec<u8>)>,
+    ) -> Result<(), Ext4FsError> {
+        if level > 5 || node.len() < 12 || u16_at(node, 0) != EXTENT_MAGIC {
+            return Err(Ext4FsError::Damaged("bad extent tree header".into()));
+        }
+        let entries = usize::from(u16_at(node, 2));
+        let depth = u16_at(node, 6);
+        if 12 + entries * 12 > node.len() {
+            return Err(Ext4FsError::Damaged(
+                "extent node overflows its block".into(),
+            ));
+        }
+        for i in 0..entries {
+            let e = &node[12 + i * 12..24 + i * 12];
+            if depth == 0 {
+                let raw_len = u16_at(e, 4);
+                let (len, unwritten) = if raw_len > UNINIT_LEN {
+                    (raw_len - UNINIT_LEN, true)
+                } else {
+                    (raw_len, false)
+                };
+                out.push(Extent {
+                    logical: u64::from(u32_at(e, 0)),
+                    physical: u64_of(u32_at(e, 8), u32::from(u16_at(e, 6))),
+                    len: u64::from(len),
+                    unwritten,
+                });
+            } else {
+                let child = u64_of(u32_at(e, 4), u32::from(u16_at(e, 8)));
+                if child == 0 || child >= self.block_count {
+                    return Err(Ext4FsError::Damaged(format!(
+                        "extent index points at block {child}"
+                    )));
+                }
+                let mut block = vec![0u8; self.block_size as usize];
+                read_exact_at(r, child * self.block_size, &mut block)?;
+                self.walk(r, &block, level + 1, out, tree_blocks)?;
+                tree_blocks.push((child, block));
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole content of a small file or directory (for directories and records).
+    fn read_all<R: Read + Seek + ?Sized>(
+        &self,
+        r: &mut R,
+        inode: &Inode,
+        limit: u64,
+    ) -> Result<Vec<u8>, Ext4FsError> {
+        if inode.size > limit {
+            return Err(Ext4FsError::Damaged(format!(
+                "inode {} is {} bytes, more than expected",
+                inode.number, inode.size
+            )));
+        }
+        let mut data = vec![0u8; inode.size as usize];
+        for e in self.extents(r, inode)? {
+            let start = e.logical * self.block_size;
+            if start >= inode.size || e.unwritten {
+                continue;
+            }
+            let end = (start + e.len * self.block_size).min(inode.size);
+            read_exact_at(
+                r,
+                e.physical * self.block_size,
+                &mut data[start as usize..end as usize],
+            )?;
+        }
+        Ok(data)
+    }
+
+    /// The entries of directory `dir`: (name, inode number), without `.` and `..`.
+    pub fn read_dir<R: Read + Seek + ?Sized>(
+        &self,
+        r: &mut R,
+        dir: &Inode,
+    ) -> Result<Vec<(String, u32)>, Ext4FsError> {
+        if !dir.is_dir() {
+            return Err(Ext4FsError::Damaged(format!(
+                "inode {} is not a directory",
+                dir.number
+            )));
+        }
+        let data = self.read_all(r, dir, 64 << 20)?;
+        let mut out = Vec::new();
+        // Linear walk of every block: an htree's index blocks look like one empty
+        // entry spanning the block (or `.`/`..` in the first), so they are skipped.
+        let bs = self.block_size as usize;
+        for block in data.chunks(bs) {
+            let mut at = 0usize;
+            while at + 8 <= block.len() {
+                let ino = u32_at(block, at);
+                let rec_len = usize::from(u16_at(block, at + 4));
+                let name_len = usize::from(block[at + 6]);
+                if rec_len < 8 || at + rec_len > block.len() {
+                    break;
+                }
+                if ino != 0 && at + 8 + name_len <= block.len() {
+                    let name = String::from_utf8_lossy(&block[at + 8..at + 8 + name_len]);
+                    if name != "." && name != ".." {
+                        out.push((name.into_owned(), ino));
+                    }
+                }
+                at += rec_len;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The inode at `path` ("/LiveOS/squashfs.img"), `None` when a part is missing.
+    /// Names compare exactly, as ext4 does.
+    pub fn lookup<R: Read + Seek + ?Sized>(
+        &self,
+        r: &mut R,
+        path: &str,
+    ) -> Result<Option<Inode>, Ext4FsError> {
+        let mut current = self.inode(r, ROOT_INODE)?;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            if !current.is_dir() {
+                return Ok(None);
+            }
+            let Some((_, ino)) = self
+                .read_dir(r, &current)?
+                .into_iter()
+                .find(|(name, _)| name == part)
+            else {
+                return Ok(None);
+            };
+            current = self.inode(r, ino)?;
+        }
+        Ok(Some(current))
+    }
+
+    /// The file at `path` with its extents, `None` when it is not there.
+    pub fn file<R: Read + Seek + ?Sized>(
+        &self,
+        r: &mut R,
+        path: &str,
+    ) -> Result<Option<FileMap>, Ext4FsError> {
+        let Some(inode) = self.lookup(r, path)? else {
+            return Ok(None);
+        };
+        let extents = self.extents(r, &inode)?;
+        Ok(Some(FileMap {
+            inode: inode.number,
+            size: inode.size,
+            extents,
+        }))
+    }
+
+    /// The content of a small file at `path` (a record), `None` when absent.
+    pub fn read_small<R: Read + Seek + ?Sized>(
+        &self,
+        r: &mut R,
+        path: &str,
+    ) -> Result<Option<Vec<u8>>, Ext4FsError> {
+        match self.lookup(r, path)? {
+            Some(inode) if !inode.is_dir() => Ok(Some(self.read_all(r, &inode, 1 << 20)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The seed of one inode's checksums: the file system's, then its number and
+    /// generation.
+    fn inode_seed(&self, seed: u32, inode: &Inode) -> u32 {
+        let s = ext4::crc32c(seed, &inode.number.to_le_bytes());
+        ext4::crc32c(s, &inode.generation.to_le_bytes())
+    }
+}
+
+/// A file inside ext4, read in place by its extents: what a mounted ext4 would
+/// return, holes and unwritten extents as zeros, whatever the blocks hold.
+/// `base` is where the file system starts in `inner` (a partition's offset on
+/// the whole device).
+pub struct Ext4File<F> {
+    inner: F,
+    base: u64,
+    block_size: u64,
+    extents: Vec<Extent>,
+    size: u64,
+    pos: u64,
+}
+
+impl<F: Read + Seek> Ext4File<F> {
+    pub fn new(inner: F, base: u64, block_size: u64, map: &FileMap) -> Ext4File<F> {
+        let mut extents = map.extents.clone();
+        extents.sort_by_key(|e| e.logical);
+        Ext4File {
+            inner,
+            base,
+            block_size,
+            extents,
+            size: map.size,
+            pos: 0,
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+}
+
+impl<F: Read + Seek> Read for Ext4File<F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = (buf.len() as u64).min(self.size - self.pos);
+        let block = self.pos / self.block_size;
+        let found = self
+            .extents
+            .iter()
+            .find(|e| block >= e.logical && block < e.logical + e.len);
+        let n = match found {
+            Some(e) => {
+                let in_extent = self.pos - e.logical * self.block_size;
+                let n = want.min(e.len * self.block_size - in_extent) as usize;
+                if e.unwritten {
+                    buf[..n].fill(0);
+                } else {
+                    self.inner.seek(SeekFrom::Start(
+                        self.base + e.physical * self.block_size + in_extent,
+                    ))?;
+                    self.inner.read_exact(&mut buf[..n])?;
+                }
+                n
+            }
+            None => {
+                // A hole, up to the next extent.
+                let next = self
+                    .extents
+                    .iter()
+                    .map(|e| e.logical * self.block_size)
+                    .filter(|&at| at > self.pos)
+                    .min()
+                    .unwrap_or(self.size);
+                let n = want.min(next - self.pos) as usize;
+                buf[..n].fill(0);
+                n
+            }
+        };
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<F: Read + Seek> Seek for Ext4File<F> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.pos = crate::io::seek_position(self.pos, self.size, to)?;
+        Ok(self.pos)
+    }
+}
+
+/// The ext4 file system that holds a live directory: where it starts on the device.
+#[derive(Clone, Debug)]
+pub struct LivePartition {
+    /// 1-based partition number.
+    pub number: u32,
+    pub start: u64,
+    pub len: u64,
+    pub fs: Ext4Fs,
+}
+
+/// Finds, on a whole device, the ext4 partition with `/<live_dir>/squashfs.img`
+/// (the ext4 live layout); `None` when there is none.
+pub fn find_live_partition<R: Read + Seek>(
+    dev: &mut R,
+    live_dir: &str,
+) -> Result<Option<LivePartition>, Ext4FsError> {
+    let disk_size = dev.seek(SeekFrom::End(0))?;
+    let Ok(Some((_, entries))) =
+        crate::disk::partition::read_table(dev, disk_size, crate::disk::partition::SECTOR)
+    else {
+        return Ok(None);
+    };
+    for e in entries.iter().filter(|e| !e.is_extended()) {
+        let mut window = crate::io::PartitionWindow::new(ReadOnly(&mut *dev), e.start, e.len);
+        let Ok(fs) = Ext4Fs::open(&mut window) else {
+            continue;
+        };
+        let path = format!("/{live_dir}/squashfs.img");
+        if fs.lookup(&mut window, &path)?.is_some() {
+            return Ok(Some(LivePartition {
+                number: e.number,
+                start: e.start,
+                len: e.len,
+                fs,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// A reader that refuses writes, for [`crate::io::PartitionWindow`], which wants
+/// `Read + Write + Seek`.
+struct ReadOnly<R>(R);
+
+impl<R: Read> Read for ReadOnly<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R> Write for ReadOnly<R> {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        Err(io::Error::other("read-only"))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<R: Seek> Seek for ReadOnly<R> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.0.seek(to)
+    }
+}
+
+/// Marks every unwritten extent of `inode` written, rewriting the extent entries
+/// and the checksums that cover them (the inode's and each extent block's tail),
+/// so that the kernel reads what livestick puts in those blocks instead of zeros.
+/// Returns how many extents changed.
+pub fn mark_initialised<F: Read + Write + Seek + ?Sized>(
+    fs: &Ext4Fs,
+    f: &mut F,
+    number: u32,
+) -> Result<usize, Ext4FsError> {
+    let inode = fs.inode(f, number)?;
+    if inode.flags & INODE_FLAG_EXTENTS == 0 {
+        return Err(Ext4FsError::NoExtents(format!("inode {number}")));
+    }
+    let mut changed = 0usize;
+    // Tree blocks first (each with its own tail checksum), then the root in the inode.
+    let mut blocks: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut leaves = Vec::new();
+    fs.walk(f, &inode.i_block, 0, &mut leaves, &mut blocks)?;
+    let seed = fs.csum_seed.map(|s| fs.inode_seed(s, &inode));
+    for (n, mut block) in blocks {
+        let here = clear_uninit(&mut block);
+        if here == 0 {
+            continue;
+        }
+        changed += here;
+        if let Some(seed) = seed {
+            let max = usize::from(u16_at(&block, 4));
+            let tail = 12 + 12 * max;
+            if tail + 4 > block.len() {
+                return Err(Ext4FsError::Damaged(format!(
+                    "extent block {n} has no room for its checksum"
+                )));
+            }
+            let sum = ext4::crc32c(seed, &block[..tail]);
+            block[tail..tail + 4].copy_from_slice(&sum.to_le_bytes());
+        }
+        f.seek(SeekFrom::Start(n * fs.block_size))?;
+        f.write_all(&block)?;
+    }
+    let mut root = inode.i_block;
+    let here = clear_uninit(&mut root);
+    if here > 0 {
+        changed += here;
+        let at = fs.inode_offset(f, number)?;
+        let mut raw = vec![0u8; fs.inode_size as usize];
+        read_exact_at(f, at, &mut raw)?;
+        raw[0x28..0x28 + 60].copy_from_slice(&root);
+        if let Some(seed) = seed {
+            set_inode_checksum(&mut raw, seed);
+        }
+        f.seek(SeekFrom::Start(at))?;
+        f.write_all(&raw)?;
+    }
+    f.flush()?;
+    Ok(changed)
+}
+
+/// Clears the unwritten mark of the leaf entries of one node; how many it cleared.
+fn clear_uninit(node: &mut [u8]) -> usize {
+    if node.len() < 12 || u16_at(node, 0) != EXTENT_MAGIC || u16_at(node, 6) != 0 {
+        return 0;
+    }
+    let entries = usize::from(u16_at(node, 2));
+    let mut n = 0;
+    for i in 0..entries {
+        let at = 12 + i * 12 + 4;
+        if at + 2 > node.len() {
+            break;
+        }
+        let len = u16_at(node, at);
+        if len > UNINIT_LEN {
+            node[at..at + 2].copy_from_slice(&(len - UNINIT_LEN).to_le_bytes());
+            n += 1;
+        }
+    }
+    n
+}
+
+/// ext4's inode checksum: crc32c from the inode's seed over the whole record
+/// with both checksum fields zeroed; low half at 0x7C, high half at 0x82 when
+/// the extra fields reach it.
+fn set_inode_checksum(raw: &mut [u8], seed: u32) {
+    let has_hi = raw.len() > 128 && {
+        let extra = usize::from(u16_at(raw, 0x80));
+        128 + extra >= 0x84
+    };
+    raw[0x7C..0x7E].fill(0);
+    if has_hi {
+        raw[0x82..0x84].fill(0);
+    }
+    let sum = ext4::crc32c(seed, raw);
+    raw[0x7C..0x7E].copy_from_slice(&(sum as u16).to_le_bytes());
+    if has_hi {
+        raw[0x82..0x84].copy_from_slice(&((sum >> 16) as u16).to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn have(tool: &str) -> bool {
+        crate::tools::find_program(&match tool {
+            "debugfs" => crate::tools::DEBUGFS,
+            _ => crate::tools::MKE2FS,
+        })
+        .is_ok()
+    }
+
+    /// An ext4 image made by mke2fs with `script` run by `debugfs -w`.
+    fn image(size_mib: u64, script: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fs.img");
+        ext4::make_ext4_image(
+            &path,
+            size_mib << 20,
+            "LIVE",
+            &ext4::Ext4Options {
+                block_size: Some(4096),
+                ..Default::default()
+            },
+        )
+        .expect("mke2fs");
+        let out = Command::new("debugfs")
+            .args(["-w", "-f", "-"])
+            .arg(&path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write as _;
+                c.stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(script.as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("debugfs");
+        assert!(out.status.success(), "debugfs: {out:?}");
+        (dir, path)
+    }
+
+    fn debugfs_out(path: &std::path::Path, cmd: &str) -> String {
+        let out = Command::new("debugfs")
+            .args(["-R", cmd])
+            .arg(path)
+            .output()
+            .expect("debugfs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn finds_files_and_extents_as_debugfs_shows_them() {
+        if !have("debugfs") || !have("mke2fs") {
+            return;
+        }
+        let host = tempfile::NamedTempFile::new().expect("tmp");
+        std::fs::write(host.path(), b"hello from the record\n").expect("write");
+        let script = format!(
+            "mkdir LiveOS\nwrite {} LiveOS/.livestick\nwrite /dev/null LiveOS/big\n\
+             fallocate LiveOS/big 0 49999\nsif LiveOS/big size 204800000\n",
+            host.path().display()
+        );
+        let (_d, path) = image(400, &script);
+        let mut f = std::fs::File::open(&path).expect("open");
+        let fs = Ext4Fs::open(&mut f).expect("ext4");
+        assert_eq!(fs.block_size, 4096);
+        assert_eq!(fs.label, "LIVE");
+        let live = fs.lookup(&mut f, "/LiveOS").unwrap().unwrap();
+        let names: Vec<String> = fs
+            .read_dir(&mut f, &live)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, [".livestick", "big"]);
+        assert_eq!(
+            fs.read_small(&mut f, "/LiveOS/.livestick")
+                .unwrap()
+                .unwrap(),
+            b"hello from the record\n"
+        );
+        assert!(fs.lookup(&mut f, "/LiveOS/nothing").unwrap().is_none());
+        let big = fs.file(&mut f, "/LiveOS/big").unwrap().unwrap();
+        assert_eq!(big.size, 204_800_000);
+        assert!(big.has_unwritten());
+        // Each extent as debugfs's `ex` lists it: "logical - end  physical - end  len".
+        let shown = debugfs_out(&path, "ex LiveOS/big");
+        let leaves: Vec<(u64, u64, u64)> = shown
+            .lines()
+            .filter(|l| l.contains("Uninit"))
+            .map(|l| {
+                let nums: Vec<u64> = l
+                    .split(|c: char| !c.is_ascii_digit())
+                    .filter(|s| !s.is_empty())
+                    .filter_map(|s| s.parse().ok())
+                    .collect();
+                // level, max, entry, entries, lstart, lend, pstart, pend, len
+                (nums[4], nums[6], nums[8])
+            })
+            .collect();
+        let ours: Vec<(u64, u64, u64)> = big
+            .extents
+            .iter()
+            .map(|e| (e.logical, e.physical, e.len))
+            .collect();
+        assert_eq!(ours, leaves, "debugfs ex:\n{shown}");
+        let runs = big.byte_runs(4096, "/LiveOS/big").unwrap();
+        assert_eq!(runs.iter().map(|r| r.1).sum::<u64>(), 204_800_000);
+    }
+
+    #[test]
+    fn marking_extents_written_keeps_e2fsck_clean() {
+        if !have("debugfs") || !have("mke2fs") {
+            return;
+        }
+        // Big enough for a tree with an extent block (more than 4 extents).
+        let script = "mkdir LiveOS\nwrite /dev/null LiveOS/big\nfallocate LiveOS/big 0 199999\n\
+                      sif LiveOS/big size 819200000\n";
+        let (_d, path) = image(1024, script);
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open");
+        let fs = Ext4Fs::open(&mut f).expect("ext4");
+        let before = fs.file(&mut f, "/LiveOS/big").unwrap().unwrap();
+        assert!(before.extents.len() > 4, "{:?}", before.extents);
+        let n = mark_initialised(&fs, &mut f, before.inode).unwrap();
+        assert_eq!(n, before.extents.len());
+        let after = fs.file(&mut f, "/LiveOS/big").unwrap().unwrap();
+        assert!(!after.has_unwritten());
+        assert_eq!(
+            after.byte_runs(4096, "big").unwrap(),
+            before.byte_runs(4096, "big").unwrap()
+        );
+        drop(f);
+        let out = Command::new("e2fsck")
+            .args(["-fn"])
+            .arg(&path)
+            .output()
+            .expect("e2fsck");
+        assert!(
+            out.status.success(),
+            "e2fsck: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let shown = debugfs_out(&path, "ex LiveOS/big");
+        assert!(!shown.contains("Uninit"), "{shown}");
+    }
+
+    #[test]
+    fn garbage_is_refused_not_followed() {
+        let mut zeros = std::io::Cursor::new(vec![0u8; 8192]);
+        assert!(matches!(
+            Ext4Fs::open(&mut zeros),
+            Err(Ext4FsError::NotExt4(_))
+        ));
+        let mut node = [0u8; 60];
+        node[0..2].copy_from_slice(&EXTENT_MAGIC.to_le_bytes());
+        node[2..4].copy_from_slice(&200u16.to_le_bytes());
+        let fs = Ext4Fs {
+            block_size: 4096,
+            uuid: String::new(),
+            label: String::new(),
+            block_count: 10,
+            inodes_per_group: 8,
+            inode_size: 256,
+            desc_size: 32,
+            first_data_block: 0,
+            is64: false,
+            csum_seed: None,
+        };
+        let mut out = Vec::new();
+        assert!(
+            fs.walk(&mut zeros, &node, 0, &mut out, &mut Vec::new())
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,441 @@
+//! The ext4 live partition: the layout livecd-iso-to-disk used for persistence
+//! larger than FAT32's 4 GiB file limit. Partition 1 stays a small FAT for the
+//! boot loaders, kernels and menus; partition 2 is ext4, the live device dracut
+//! mounts (`root=live:UUID=<ext4 uuid>`), holding `LiveOS/` with the root image,
+//! the overlay, home.img and swap.img.
+//!
+//! The file system is built in a sparse file on the host with mke2fs (lazy inode
+//! tables, a checksummed journal: see `disk::ext4::make_ext4_image`), its files
+//! are given their blocks with debugfs `fallocate` (no data written), and their
+//! block maps are read back with `disk::ext4_fs`. The caller then copies only the
+//! image's metadata (its data regions) to the stick and streams each file's
+//! content straight into that file's blocks there: the target is opened once, and
+//! a 6 GiB overlay costs its extent tree, not 6 GiB of writes. A file left
+//! *unwritten* (the dm-snapshot overlay) keeps debugfs's unwritten extents, which
+//! the kernel reads as zeros whatever the stick held: a new, empty store.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use thiserror::Error;
+
+use crate::disk::ext4::{self, Ext4Error, Ext4Options};
+use crate::disk::ext4_fs::{self, Ext4Fs, Ext4FsError};
+use crate::disk::partition::TableKind;
+use crate::io::RangeSet;
+use crate::size::MIB;
+use crate::tools::{DEBUGFS, find_program};
+
+#[derive(Debug, Error)]
+pub enum Ext4LiveError {
+    #[error("making the ext4 live partition: {0}")]
+    Make(#[from] Ext4Error),
+    #[error("mapping the ext4 live partition: {0}")]
+    Map(#[from] Ext4FsError),
+    #[error(
+        "debugfs could not allocate {path} ({detail}); the ext4 partition has too little room: use a larger stick or smaller --overlay-size-mb/--home-size-mb"
+    )]
+    Allocate { path: String, detail: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing the partition table entry of the ext4 partition: {0}")]
+    Table(String),
+    #[error(
+        "{device} keeps its live system on ext4 partition {number} (the layout for persistence over 4 GiB); writing into it in place, keeping its overlay and home.img, is not supported yet: add --format to write it anew (its overlay and home.img are lost; copy them off first, or write another stick with --copy-home from this one)"
+    )]
+    RewriteInPlace { device: PathBuf, number: u32 },
+}
+
+impl crate::error::Classify for Ext4LiveError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            Ext4LiveError::Make(e) => e.kind(),
+            Ext4LiveError::Map(e) => e.kind(),
+            Ext4LiveError::RewriteInPlace { .. } => crate::error::ErrorKind::BadInput,
+            _ => crate::error::ErrorKind::Io,
+        }
+    }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Ext4LiveError {
+    let what = what.into();
+    move |source| Ext4LiveError::Io { what, source }
+}
+
+/// ext4 block size of the live partition: the kernel's page, and what every
+/// offset here is computed in.
+pub const BLOCK: u64 = 4096;
+
+/// A file of the live partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveFile {
+    /// Absolute path inside the partition, "/LiveOS/squashfs.img".
+    pub path: String,
+    pub size: u64,
+    /// livestick writes bytes into it (its extents are marked written). `false`
+    /// leaves it unwritten: it reads as zeros (a fresh dm-snapshot store).
+    pub written: bool,
+}
+
+/// The partition as built on the host, ready to be copied onto the stick.
+pub struct BuiltLive {
+    _dir: tempfile::TempDir,
+    image: File,
+    /// Byte ranges of the partition that carry metadata (superblocks, descriptors,
+    /// bitmaps, inode table heads, directories, extent blocks, the journal
+    /// superblock): everything to copy except file contents.
+    pub metadata: RangeSet,
+    /// Each file of the request, in order: its byte runs in the partition.
+    pub files: Vec<(LiveFile, Vec<(u64, u64)>)>,
+    pub uuid: String,
+    pub label: String,
+}
+
+impl BuiltLive {
+    /// Copies the metadata into `partition` (a window on the ext4 partition);
+    /// returns the bytes written.
+    pub fn copy_metadata<W: Write + Seek + ?Sized>(
+        &mut self,
+        partition: &mut W,
+    ) -> Result<u64, Ext4LiveError> {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0;
+        for r in self.metadata.iter() {
+            let mut at = r.start;
+            while at < r.end {
+                let n = (r.end - at).min(buf.len() as u64) as usize;
+                self.image
+                    .seek(SeekFrom::Start(at))
+                    .map_err(io_err("reading the built ext4 image"))?;
+                self.image
+                    .read_exact(&mut buf[..n])
+                    .map_err(io_err("reading the built ext4 image"))?;
+                partition
+                    .seek(SeekFrom::Start(at))
+                    .map_err(io_err("writing the ext4 metadata"))?;
+                partition
+                    .write_all(&buf[..n])
+                    .map_err(io_err("writing the ext4 metadata"))?;
+                at += n as u64;
+                total += n as u64;
+            }
+        }
+        partition
+            .flush()
+            .map_err(io_err("writing the ext4 metadata"))?;
+        Ok(total)
+    }
+}
+
+/// The ext4 UUID of a live partition, derived from the FAT volume ID the plan
+/// already drew at random, so that planning stays a pure function and the two
+/// partitions of one stick are recognisably a pair.
+pub fn uuid_for(volume_id: u32) -> uuid::Uuid {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("livestick ext4 live partition {volume_id:08x}"));
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_random_bytes(bytes).into_uuid()
+}
+
+/// The journal mke2fs gives a file system of `blocks` 4 KiB blocks
+/// (`ext2fs_default_journal_size`), in bytes.
+fn journal_bytes(blocks: u64) -> u64 {
+    let journal_blocks = match blocks {
+        b if b < 32_768 => 1024,
+        b if b < 256 * 1024 => 4096,
+        b if b < 512 * 1024 => 8192,
+        b if b < 4096 * 1024 => 16_384,
+        b if b < 8192 * 1024 => 32_768,
+        b if b < 16_384 * 1024 => 65_536,
+        b if b < 32_768 * 1024 => 131_072,
+        _ => 262_144,
+    };
+    journal_blocks * BLOCK
+}
+
+/// Bytes of a `len`-byte ext4 partition its own metadata takes: inode tables
+/// (256 bytes per 16 KiB, mke2fs's ratio), bitmaps and descriptors, the journal,
+/// and a margin for extent blocks and directories. An estimate on the safe side:
+/// debugfs has the last word when it allocates.
+pub fn overhead(len: u64) -> u64 {
+    let blocks = len / BLOCK;
+    len / 64 + blocks / (8 * BLOCK) * 2 * BLOCK + journal_bytes(blocks) + 8 * MIB
+}
+
+/// Bytes a file of `size` takes in the partition (whole blocks).
+pub fn on_disk(size: u64) -> u64 {
+    size.div_ceil(BLOCK) * BLOCK
+}
+
+fn debugfs(image: &Path, script: &str) -> Result<String, Ext4LiveError> {
+    let exe = find_program(&DEBUGFS).map_err(Ext4Error::from)?;
+    let mut child = Command::new(&exe)
+        .args([
+            "-w".as_ref(),
+            "-f".as_ref(),
+            "-".as_ref(),
+            image.as_os_str(),
+        ])
+        .env("LC_ALL", "C")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io_err(format!("running {}", exe.display())))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(io_err("feeding debugfs"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(io_err("waiting for debugfs"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        return Err(Ext4LiveError::Allocate {
+            path: image.display().to_string(),
+            detail: text.trim().to_string(),
+        });
+    }
+    Ok(text)
+}
+
+/// Builds the live partition's file system (`len` bytes, `label`, `uuid`) in a
+/// sparse file under `work` (the system's temporary directory when `None`), with
+/// `files` allocated in it, and maps them.
+pub fn build(
+    len: u64,
+    label: &str,
+    uuid: uuid::Uuid,
+    files: &[LiveFile],
+    work: Option<&Path>,
+) -> Result<BuiltLive, Ext4LiveError> {
+    let dir = match work {
+        Some(w) => tempfile::tempdir_in(w),
+        None => tempfile::tempdir(),
+    }
+    .map_err(io_err("making a work directory for the ext4 image"))?;
+    let path: PathBuf = dir.path().join("live.ext4");
+    ext4::make_ext4_image(
+        &path,
+        len / BLOCK * BLOCK,
+        label,
+        &Ext4Options {
+            uuid: Some(uuid),
+            block_size: Some(BLOCK as u32),
+            // The live partition is livestick's and the live system's alone: no
+            // blocks kept back for root.
+            reserved_percent: Some(0),
+            ..Default::default()
+        },
+    )?;
+    // One debugfs run: directories, then each file empty, given its blocks, and
+    // sized. debugfs reports a failed command only as text, so each file is
+    // checked below by mapping it.
+    let mut script = String::new();
+    let mut dirs: Vec<String> = Vec::new();
+    for f in files {
+        let parts: Vec<&str> = f.path.trim_start_matches('/').split('/').collect();
+        for i in 1..parts.len() {
+            let d = parts[..i].join("/");
+            if !dirs.contains(&d) {
+                script.push_str(&format!("mkdir {d}\n"));
+                dirs.push(d);
+            }
+        }
+        let rel = f.path.trim_start_matches('/');
+        script.push_str(&format!("write /dev/null {rel}\n"));
+        let blocks = f.size.div_ceil(BLOCK);
+        if blocks > 0 {
+            script.push_str(&format!("fallocate {rel} 0 {}\n", blocks - 1));
+        }
+        script.push_str(&format!("sif {rel} size {}\n", f.size));
+    }
+    let log = debugfs(&path, &script)?;
+    let mut image = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    let fs = Ext4Fs::open(&mut image)?;
+    let mut mapped = Vec::new();
+    let mut contents = RangeSet::new();
+    for f in files {
+        let Some(map) = fs.file(&mut image, &f.path)? else {
+            return Err(Ext4LiveError::Allocate {
+                path: f.path.clone(),
+                detail: format!("debugfs did not create it: {}", last_lines(&log)),
+            });
+        };
+        let runs = map
+            .byte_runs(BLOCK, &f.path)
+            .map_err(|e| Ext4LiveError::Allocate {
+                path: f.path.clone(),
+                detail: format!("{e}: {}", last_lines(&log)),
+            })?;
+        if f.written {
+            ext4_fs::mark_initialised(&fs, &mut image, map.inode)?;
+        }
+        for &(at, n) in &runs {
+            contents.insert(at..at + on_disk(n));
+        }
+        mapped.push((f.clone(), runs));
+    }
+    image
+        .sync_all()
+        .map_err(io_err("syncing the built ext4 image"))?;
+    let regions: RangeSet = crate::disk::sparse::data_regions(&image)
+        .map_err(io_err("finding the ext4 image's data"))?
+        .into_iter()
+        .collect();
+    Ok(BuiltLive {
+        _dir: dir,
+        image,
+        metadata: regions.difference(&contents),
+        files: mapped,
+        uuid: fs.uuid.clone(),
+        label: fs.label.clone(),
+    })
+}
+
+fn last_lines(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().rev().take(4).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" / ")
+}
+
+/// A write without `--format` onto a stick of this layout is refused (it would
+/// install into the small FAT boot partition and leave the ext4 one stale).
+pub fn refuse_rewrite_in_place(device: &Path) -> Result<(), Ext4LiveError> {
+    let Ok(mut f) = File::open(device) else {
+        return Ok(());
+    };
+    match crate::disk::ext4_fs::find_live_partition(&mut f, "LiveOS") {
+        Ok(Some(p)) => Err(Ext4LiveError::RewriteInPlace {
+            device: device.to_path_buf(),
+            number: p.number,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// MBR type of a Linux file system.
+const MBR_LINUX: u8 = 0x83;
+
+/// Adds partition 2 (`start`, `len` bytes) for the ext4 live partition to the
+/// table `partition::write_table` just wrote with partition 1.
+pub fn add_partition<D: Read + Write + Seek + std::fmt::Debug>(
+    disk: &mut D,
+    table: TableKind,
+    start: u64,
+    len: u64,
+) -> Result<(), Ext4LiveError> {
+    let sector = crate::disk::partition::SECTOR;
+    let (first, sectors) = (start / sector, len / sector);
+    match table {
+        TableKind::Mbr => {
+            let mut mbr = mbrman::MBR::read_from(disk, sector as u32)
+                .map_err(|e| Ext4LiveError::Table(e.to_string()))?;
+            mbr[2] = mbrman::MBRPartitionEntry {
+                boot: mbrman::BOOT_INACTIVE,
+                first_chs: mbrman::CHS::empty(),
+                sys: MBR_LINUX,
+                last_chs: mbrman::CHS::empty(),
+                starting_lba: u32::try_from(first)
+                    .map_err(|_| Ext4LiveError::Table("start beyond 2 TiB on MBR".into()))?,
+                sectors: u32::try_from(sectors)
+                    .map_err(|_| Ext4LiveError::Table("length beyond 2 TiB on MBR".into()))?,
+            };
+            mbr.write_into(disk)
+                .map_err(|e| Ext4LiveError::Table(e.to_string()))?;
+        }
+        TableKind::Gpt => {
+            let mut gpt = gpt::GptConfig::new()
+                .writable(true)
+                .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)
+                .open_from_device(&mut *disk)
+                .map_err(|e| Ext4LiveError::Table(e.to_string()))?;
+            gpt.add_partition_at(
+                "LIVE-EXT4",
+                2,
+                first,
+                sectors,
+                gpt::partition_types::LINUX_FS,
+                0,
+            )
+            .map_err(|e| Ext4LiveError::Table(e.to_string()))?;
+            gpt.write()
+                .map_err(|e| Ext4LiveError::Table(e.to_string()))?;
+        }
+    }
+    disk.flush()
+        .map_err(io_err("writing the partition table"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_is_stable_per_volume_id_and_a_v4() {
+        let a = uuid_for(0x1234_abcd);
+        assert_eq!(a, uuid_for(0x1234_abcd));
+        assert_ne!(a, uuid_for(0x1234_abce));
+        assert_eq!(a.get_version_num(), 4);
+    }
+
+    #[test]
+    fn overhead_grows_with_the_partition() {
+        assert!(overhead(8 << 30) > overhead(1 << 30));
+        // Journal and tables of an 8 GiB partition: well under 5 %.
+        assert!(overhead(8 << 30) < (8u64 << 30) / 20);
+    }
+
+    #[test]
+    fn built_partition_maps_its_files_and_leaves_the_overlay_unwritten() {
+        if find_program(&DEBUGFS).is_err() {
+            return;
+        }
+        let files = [
+            LiveFile {
+                path: "/LiveOS/squashfs.img".into(),
+                size: 10_000_000,
+                written: true,
+            },
+            LiveFile {
+                path: "/LiveOS/overlay-LIVE-x".into(),
+                size: 300 << 20,
+                written: false,
+            },
+        ];
+        let built = build(512 << 20, "LIVE", uuid_for(7), &files, None).expect("build");
+        assert_eq!(built.uuid, uuid_for(7).hyphenated().to_string());
+        let squash = &built.files[0].1;
+        assert_eq!(squash.iter().map(|r| r.1).sum::<u64>(), 10_000_000);
+        let overlay = &built.files[1].1;
+        assert_eq!(overlay.iter().map(|r| r.1).sum::<u64>(), 300 << 20);
+        // Metadata is small and never overlaps a file's blocks.
+        assert!(
+            built.metadata.total() < 40 << 20,
+            "{}",
+            built.metadata.total()
+        );
+        for (_, runs) in &built.files {
+            for &(at, n) in runs {
+                let set: RangeSet = [at..at + n].into_iter().collect();
+                assert!(built.metadata.intersection(&set).is_empty());
+            }
+        }
+    }
+}

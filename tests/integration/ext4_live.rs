@@ -1,0 +1,346 @@
+//! The ext4 live layout (issue 12 part 4): persistence over FAT32's 4 GiB file
+//! limit puts the live directory on an ext4 partition 2 beside a FAT boot
+//! partition 1. Checked with tools independent of livestick: sfdisk, fsck.fat,
+//! e2fsck, debugfs, blkid, mtools, xorriso.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::support::fixtures::boot_iso;
+use crate::support::{self, fill_random, livestick, synthetic_iso, tmp};
+
+/// sha256 of a sparse file's data regions and their offsets (what a write could
+/// change; the holes read as zeros), without reading gigabytes of holes.
+fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::io::AsRawFd;
+    let mut f = std::fs::File::open(path).expect("open");
+    let len = f.metadata().expect("stat").len();
+    let fd = f.as_raw_fd();
+    let mut hash = sha2::Sha256::new();
+    let mut at: i64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while (at as u64) < len {
+        use nix::unistd::{Whence, lseek};
+        let Ok(data) = lseek(fd, at, Whence::SeekData) else {
+            break;
+        };
+        let hole = lseek(fd, data, Whence::SeekHole).expect("SEEK_HOLE");
+        hash.update(data.to_le_bytes());
+        f.seek(SeekFrom::Start(data as u64)).expect("seek");
+        let mut left = (hole - data) as u64;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            f.read_exact(&mut buf[..n]).expect("read");
+            hash.update(&buf[..n]);
+            left -= n as u64;
+        }
+        at = hole;
+    }
+    format!("{:x}", hash.finalize())
+}
+
+/// Blocks the host really holds for `path`, in bytes.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "livestick failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// (start, size) in bytes of each partition, from `sfdisk --json`.
+fn partitions(image: &Path) -> Vec<(u64, u64, serde_json::Value)> {
+    let table = support::sfdisk(image);
+    table["partitiontable"]["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| {
+            (
+                p["start"].as_u64().expect("start") * 512,
+                p["size"].as_u64().expect("size") * 512,
+                p.clone(),
+            )
+        })
+        .collect()
+}
+
+fn debugfs(image: &Path, offset: u64, cmd: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", cmd])
+        .arg(format!("{}?offset={offset}", image.display()))
+        .output()
+        .expect("run debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn e2fsck_clean(image: &Path, offset: u64) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(format!("{}?offset={offset}", image.display()))
+        .output()
+        .expect("run e2fsck");
+    assert!(
+        out.status.success(),
+        "e2fsck -fn on the ext4 partition: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A sparse stick of `size` bytes whose first `stale` bytes are random.
+fn used_stick(dir: &Path, size: u64, stale: u64) -> std::path::PathBuf {
+    let image = dir.join("stick.img");
+    fill_random(&image, stale);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .expect("open")
+        .set_len(size)
+        .expect("size");
+    image
+}
+
+#[test]
+fn six_gib_overlay_goes_on_an_ext4_partition_costing_its_metadata() {
+    let dir = tmp();
+    let image = used_stick(dir.path(), 8 << 30, 256 << 20);
+    let before = allocated(&image);
+    let iso = boot_iso("boot-classic.iso");
+    let out = ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--format",
+        "--yes",
+        "--json",
+        "--overlay-size-mb",
+        "6144",
+        "--home-size-mb",
+        "64",
+        "--unencrypted-home",
+    ]));
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    let written = report["bytes_written"].as_u64().unwrap();
+    assert!(written < 80 << 20, "wrote {written} bytes");
+    assert_eq!(report["bytes_verified"], report["bytes_written"]);
+    assert!(
+        allocated(&image) - before < 80 << 20,
+        "the image is not sparse"
+    );
+
+    let parts = partitions(&image);
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    let (p1, p1_len, e1) = &parts[0];
+    let (p2, _, e2) = &parts[1];
+    assert_eq!(e1["bootable"], serde_json::json!(true));
+    assert_eq!(e1["type"], serde_json::json!("c"));
+    assert_eq!(e2["type"], serde_json::json!("83"));
+    support::fsck_fat(&image, *p1, *p1_len, dir.path());
+    e2fsck_clean(&image, *p2);
+
+    // blkid sees ext4 on partition 2, and the menus point dracut at it.
+    let blkid = support::sh(
+        "blkid",
+        &["-p", "--offset", &p2.to_string(), image.to_str().unwrap()],
+    );
+    assert!(
+        blkid.contains("TYPE=\"ext4\"") && blkid.contains("LABEL=\"LIVE\""),
+        "{blkid}"
+    );
+    let uuid = blkid
+        .split("UUID=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("a UUID")
+        .to_string();
+    let grub = String::from_utf8(support::fat_read(&image, *p1, "/EFI/BOOT/grub.cfg")).unwrap();
+    assert!(grub.contains(&format!("root=live:UUID={uuid}")), "{grub}");
+    assert!(
+        grub.contains(&format!("rd.live.overlay=UUID={uuid}")),
+        "{grub}"
+    );
+    // The FAT holds the boot files, not the live directory.
+    let fat = support::fat_ls(&image, *p1, "/");
+    assert!(!fat.contains("LiveOS"), "{fat}");
+
+    // The files, with their sizes, as debugfs lists them.
+    let overlay = format!("/LiveOS/overlay-LIVE-{uuid}");
+    let stat = debugfs(&image, *p2, &format!("stat {overlay}"));
+    assert!(stat.contains("Size: 6442450944"), "{stat}");
+    let extents = debugfs(&image, *p2, &format!("ex {overlay}"));
+    assert!(
+        extents.contains("Uninit"),
+        "a fresh overlay stays unwritten:\n{extents}"
+    );
+    let home = debugfs(&image, *p2, "stat /LiveOS/home.img");
+    assert!(home.contains("Size: 67108864"), "{home}");
+    assert!(!debugfs(&image, *p2, "ex /LiveOS/squashfs.img").contains("Uninit"));
+
+    // The root image is the ISO's, byte for byte.
+    let ours = dir.path().join("squashfs.ours");
+    let theirs = dir.path().join("squashfs.iso");
+    debugfs(
+        &image,
+        *p2,
+        &format!("dump /LiveOS/squashfs.img {}", ours.display()),
+    );
+    support::iso_extract(&iso, "/LiveOS/squashfs.img", &theirs);
+    assert_eq!(support::sha256_file(&ours), support::sha256_file(&theirs));
+
+    // The overlay is found and read through its extents: unwritten extents read as
+    // zeros, so the store is new although its blocks hold stale random bytes.
+    let status = ok(&livestick(&[
+        "overlay",
+        "status",
+        image.to_str().unwrap(),
+        "--json",
+    ]));
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    assert_eq!(
+        status["state"],
+        serde_json::json!("uninitialised"),
+        "{status}"
+    );
+    assert!(
+        status["overlay"].as_str().unwrap().ends_with(&overlay),
+        "{status}"
+    );
+
+    // Maintenance that would change it is refused by name, the stick unchanged.
+    let sum = sha256_file(&image);
+    let reset = livestick(&["overlay", "reset", image.to_str().unwrap(), "--yes"]);
+    assert!(!reset.status.success());
+    let err = String::from_utf8_lossy(&reset.stderr);
+    assert!(
+        err.contains("ext4 partition 2") && err.contains("status"),
+        "{err}"
+    );
+    assert_eq!(sha256_file(&image), sum);
+}
+
+#[test]
+fn ext4_flag_with_small_persistence_and_compat_format_ext4() {
+    let dir = tmp();
+    let image = used_stick(dir.path(), 1 << 30, 64 << 20);
+    let iso = synthetic_iso("fedora-classic.iso");
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--ext4",
+        "--yes",
+        "--overlay-size-mb",
+        "64",
+    ]));
+    let parts = partitions(&image);
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    e2fsck_clean(&image, parts[1].0);
+    let ls = debugfs(&image, parts[1].0, "ls -l /LiveOS");
+    assert!(
+        ls.contains("squashfs.img") && ls.contains("overlay-LIVE-"),
+        "{ls}"
+    );
+
+    // A batch: one read of the ISO fans out to both sticks, the ext4 partition's
+    // root image included.
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--size",
+        "1G",
+        "--ext4",
+        "--yes",
+        "--overlay-size-mb",
+        "64",
+    ]));
+    for stick in [&a, &b] {
+        let parts = partitions(stick);
+        assert_eq!(parts.len(), 2, "{parts:?}");
+        e2fsck_clean(stick, parts[1].0);
+    }
+
+    // The livecd-iso-to-disk front end: `--format ext4` is this layout.
+    let old = dir.path().join("old.img");
+    std::fs::File::create(&old)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let out = Command::new(support::bin())
+        .args(["iso-to-disk", "--format", "ext4", "--overlay-size-mb", "64"])
+        .arg(&iso)
+        .arg(&old)
+        .output()
+        .expect("run");
+    ok(&out);
+    let parts = partitions(&old);
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    e2fsck_clean(&old, parts[1].0);
+}
+
+#[test]
+fn persistence_larger_than_the_stick_is_refused_with_figures_before_writing() {
+    let dir = tmp();
+    let image = used_stick(dir.path(), 4 << 30, 16 << 20);
+    let sum = sha256_file(&image);
+    let iso = synthetic_iso("fedora-classic.iso");
+    let out = livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--format",
+        "--yes",
+        "--overlay-size-mb",
+        "6144",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("too small by") && err.contains("6144") || err.contains("needs"),
+        "{err}"
+    );
+    assert!(err.contains("MiB"), "{err}");
+    assert_eq!(sha256_file(&image), sum, "the stick changed");
+}
+
+#[test]
+fn an_existing_fat_stick_is_refused_with_figures_and_format_named() {
+    let dir = tmp();
+    let image = used_stick(dir.path(), 8 << 30, 16 << 20);
+    let iso = synthetic_iso("fedora-classic.iso");
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--yes",
+    ]));
+    let sum = sha256_file(&image);
+    let out = livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--yes",
+        "--overlay-size-mb",
+        "6144",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--format") && err.contains("4095") && err.contains("MiB free"),
+        "{err}"
+    );
+    assert_eq!(sha256_file(&image), sum, "the stick changed");
+}
