@@ -17,7 +17,7 @@ use crate::disk::partition::{self, PartitionLayout, TableKind};
 use crate::disk::target::{TargetKind, TargetProbe};
 use crate::layout;
 use crate::size::{MIB, human, mib_ceil};
-use crate::source::live::{LiveImage, RootKind};
+use crate::source::live::{LiveImage, RootKind, SourceKind};
 
 /// Bytes reserved for directories, configs and the SYSLINUX files.
 const BOOT_SLACK: u64 = 2 * MIB;
@@ -38,6 +38,63 @@ pub enum FormatMode {
 pub enum HomeEncryption {
     None,
     Luks,
+}
+
+impl std::fmt::Display for HomeEncryption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HomeEncryption::None => "unencrypted",
+            HomeEncryption::Luks => "LUKS2-encrypted",
+        })
+    }
+}
+
+/// What checks the source before anything is written (JSON `iso_check`). A
+/// source nothing checks must not look like one whose check was turned off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IsoCheck {
+    /// Nothing can: the ISO carries no implanted MD5, or the source is a stick.
+    None,
+    /// The MD5 implanted in the ISO (what checkisomd5 checks).
+    ImplantedMd5,
+    /// There is an implanted MD5, and `--noverify` turned its check off.
+    Skipped,
+}
+
+impl IsoCheck {
+    /// The check `write` runs on `live` before writing.
+    pub fn for_source(live: &LiveImage, noverify: bool) -> IsoCheck {
+        if live.source_kind != SourceKind::Iso || !live.implanted_md5 {
+            IsoCheck::None
+        } else if noverify {
+            IsoCheck::Skipped
+        } else {
+            IsoCheck::ImplantedMd5
+        }
+    }
+
+    /// The plan's note when the source goes unchecked.
+    pub fn note(self, live: &LiveImage) -> Option<String> {
+        match self {
+            IsoCheck::ImplantedMd5 => None,
+            IsoCheck::Skipped => Some(
+                "the ISO's implanted MD5 is not checked (--noverify): a damaged download \
+                 is written as it is"
+                    .to_string(),
+            ),
+            IsoCheck::None if live.source_kind == SourceKind::Stick => Some(
+                "nothing checks the source stick's files before they are copied (a stick has \
+                 no implanted MD5); the copy is read back after writing"
+                    .to_string(),
+            ),
+            IsoCheck::None => Some(format!(
+                "nothing checks {} before writing: it carries no implanted MD5; compare it \
+                 with the distribution's CHECKSUM file (sha256sum -c) first",
+                live.path.display()
+            )),
+        }
+    }
 }
 
 /// What the user asked for.
@@ -86,6 +143,8 @@ pub struct WriteOptions {
     /// The implanted MD5 the ISO claims, recorded beside the root image so that a
     /// rewrite recognises the same ISO without reading it.
     pub iso_md5: Option<String>,
+    /// `--noverify`: the implanted MD5 is not checked (the plan says so).
+    pub noverify: bool,
 }
 
 /// What is already on the target's FAT partition (no `--format`).
@@ -292,6 +351,8 @@ pub struct Plan {
     pub space_available: u64,
     pub space_needed: u64,
     pub free_after: u64,
+    /// What checks the source before writing.
+    pub iso_check: IsoCheck,
     pub notes: Vec<String>,
 }
 
@@ -340,7 +401,7 @@ pub enum PlanError {
     )]
     OverlayFsNeedsSize,
     #[error(
-        "--multi adds an image beside the one in /{0}: give it its own directory with --livedir NAME"
+        "--multi adds an image beside the one in /{0}: give it its own directory with --live-dir NAME (--livedir NAME under livecd-iso-to-disk)"
     )]
     MultiSameDir(String),
     #[error("{0} works on an existing stick only; the target is new or being formatted")]
@@ -349,7 +410,7 @@ pub enum PlanError {
         "{path} already exists on the stick; add --delete-home to replace it (its files are lost) or drop --home-size-mb to keep it"
     )]
     HomeExists { path: String },
-    #[error("invalid --livedir {0:?}: use a single directory name of letters, digits, '_' or '-'")]
+    #[error("invalid --live-dir {0:?}: use a single directory name of letters, digits, '_' or '-'")]
     InvalidLiveDir(String),
     #[error("rendering the boot configuration: {0}")]
     Render(String),
@@ -999,6 +1060,8 @@ pub fn plan_write(
             human(target_size)
         ));
     }
+    let iso_check = IsoCheck::for_source(live, opts.noverify);
+    notes.extend(iso_check.note(live));
     Ok(Plan {
         source: live.path.clone(),
         source_label: live.label.clone(),
@@ -1033,6 +1096,7 @@ pub fn plan_write(
         space_available: available,
         space_needed,
         free_after: available - space_needed,
+        iso_check,
         notes,
     })
 }
@@ -1043,7 +1107,7 @@ impl Plan {
         let mut out = String::new();
         let t = &self.target;
         out.push_str(&format!(
-            "Plan: {} ({}) -> {} ({:?}, {})\n",
+            "Plan: {} ({}) -> {} ({}, {})\n",
             self.source.display(),
             self.source_label,
             t.path.display(),
@@ -1092,7 +1156,7 @@ impl Plan {
         }
         if let Some(o) = &self.overlay {
             out.push_str(&format!(
-                "  overlay          {} ({}, {:?}: {})\n",
+                "  overlay          {} ({}, {}: {})\n",
                 o.path,
                 human(o.size),
                 o.kind,
@@ -1127,7 +1191,7 @@ impl Plan {
         }
         if let Some(h) = &self.home {
             out.push_str(&format!(
-                "  home             {} ({}, {:?})\n",
+                "  home             {} ({}, {})\n",
                 h.path,
                 human(h.size),
                 h.encryption
@@ -1368,6 +1432,7 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
             bios: true,
             force: false,
             iso_md5: None,
+            noverify: false,
         }
     }
 
@@ -2374,6 +2439,60 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
 
     fn dests_of_copies(plan: &Plan) -> Vec<&str> {
         plan.copies.iter().map(|c| c.dest.as_str()).collect()
+    }
+
+    /// What checks the source is in the plan, and a source nothing checks is
+    /// told apart from one whose check was turned off.
+    #[test]
+    fn the_plan_says_what_checks_the_source() {
+        let plan = plan_new(&nested(), 8 * GIB, &opts()).unwrap();
+        assert_eq!(plan.iso_check, IsoCheck::ImplantedMd5);
+        assert!(
+            !plan.notes.iter().any(|n| n.contains("MD5")),
+            "{:?}",
+            plan.notes
+        );
+        let json = serde_json::to_value(&plan).unwrap();
+        assert_eq!(json["iso_check"], "implanted-md5");
+
+        let skipped = WriteOptions {
+            noverify: true,
+            ..opts()
+        };
+        let plan = plan_new(&nested(), 8 * GIB, &skipped).unwrap();
+        assert_eq!(plan.iso_check, IsoCheck::Skipped);
+        assert_eq!(serde_json::to_value(&plan).unwrap()["iso_check"], "skipped");
+        assert!(
+            plan.notes.iter().any(|n| n.contains("--noverify")),
+            "{:?}",
+            plan.notes
+        );
+
+        for noverify in [false, true] {
+            let mut bare = nested();
+            bare.implanted_md5 = false;
+            let o = WriteOptions { noverify, ..opts() };
+            let plan = plan_new(&bare, 8 * GIB, &o).unwrap();
+            assert_eq!(plan.iso_check, IsoCheck::None);
+            assert_eq!(serde_json::to_value(&plan).unwrap()["iso_check"], "none");
+            assert!(
+                plan.notes
+                    .iter()
+                    .any(|n| n.contains("nothing checks") && n.contains("no implanted MD5")),
+                "{:?}",
+                plan.notes
+            );
+        }
+
+        let mut stick = nested();
+        stick.source_kind = SourceKind::Stick;
+        let plan = plan_new(&stick, 8 * GIB, &opts()).unwrap();
+        assert_eq!(plan.iso_check, IsoCheck::None);
+        assert!(
+            plan.notes.iter().any(|n| n.contains("source stick")),
+            "{:?}",
+            plan.notes
+        );
     }
 
     /// An initrd whose dracut version cannot be read: the classic spelling, and the

@@ -130,6 +130,7 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
         )));
     }
     Ok(WriteOptions {
+        noverify: args.noverify,
         format,
         table,
         label: args.label.clone(),
@@ -304,7 +305,7 @@ fn verify_iso(live: &live::LiveImage, progress: &Progress) -> anyhow::Result<Opt
     .with_context(|| format!("checking the implanted MD5 of {}", live.path.display()))?;
     if !outcome.passed() {
         bail!(BadInput(format!(
-            "{} fails its implanted MD5 check ({outcome:?}): the ISO is corrupt or incomplete — download it again (or pass --noverify to write it anyway)",
+            "{} fails its implanted MD5 check ({outcome}): the ISO is corrupt or incomplete — download it again (or pass --noverify to write it anyway)",
             live.path.display()
         )));
     }
@@ -641,9 +642,13 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     if json {
         let mut value = serde_json::to_value(&report)?;
         value["iso_md5"] = serde_json::json!(md5);
+        value["iso_check"] = serde_json::json!(plan.iso_check);
         crate::outln!("{}", serde_json::to_string_pretty(&value)?);
     } else if !quiet {
         print_report(&live, &report, md5.is_some());
+        if let Some(note) = plan.iso_check.note(&live) {
+            crate::outln!("  note: {note}");
+        }
     }
     Ok(())
 }

@@ -37,7 +37,7 @@ pub(super) fn bare_ovlfs_status(
             "bytes_free": usage.bytes_free, "percent_used": usage.percent_used,
         }));
     }
-    crate::outln!("overlay         {}", path.display());
+    crate::outln!("overlay:        {}", path.display());
     print_ovlfs_usage(usage);
     Ok(())
 }
@@ -64,10 +64,10 @@ pub(super) fn bare_dm_status(
 }
 
 fn print_ovlfs_usage(usage: &ovlfs::Usage) {
-    crate::outln!("kind            OverlayFS (ext4 with overlayfs/ + ovlwork/)");
-    crate::outln!("size            {}", human(usage.size_bytes));
+    crate::outln!("kind:           OverlayFS (ext4 with overlayfs/ + ovlwork/)");
+    crate::outln!("size:           {}", human(usage.size_bytes));
     crate::outln!(
-        "used            {:.2} % ({} free)",
+        "used:           {:.2} % ({} free)",
         usage.percent_used,
         human(usage.bytes_free)
     );
@@ -80,17 +80,17 @@ pub(super) fn dir_status(dir_path: &Path, st: &dir::Status, json: bool) -> anyho
             "used_bytes": st.used_bytes, "bytes_free": st.bytes_free,
         }));
     }
-    crate::outln!("overlay         {}", dir_path.display());
+    crate::outln!("overlay:        {}", dir_path.display());
     crate::outln!(
-        "kind            OverlayFS directory (overlayfs/ + ovlwork/ on the stick's file system)"
+        "kind:           OverlayFS directory (overlayfs/ + ovlwork/ on the stick's file system)"
     );
     crate::outln!(
-        "upper dir       {} entries, {}",
+        "upper dir:      {} entries, {}",
         st.upper_entries,
         human(st.used_bytes)
     );
     crate::outln!(
-        "free            {} on its file system",
+        "free:           {} on its file system",
         human(st.bytes_free)
     );
     Ok(())
@@ -143,17 +143,17 @@ pub(super) fn stick_status(t: &StickOverlay, usage: Usage<'_>, json: bool) -> an
     match usage {
         Usage::Ovlfs(u) => {
             crate::outln!(
-                "stick           {} ({} {})",
+                "stick:          {} ({} {})",
                 t.stick.path.display(),
                 t.info.label,
                 t.info.fs_uuid
             );
-            crate::outln!("overlay         {}", t.overlay);
+            crate::outln!("overlay:        {}", t.overlay);
             print_ovlfs_usage(u);
         }
         Usage::Dm(r) => {
             crate::outln!(
-                "stick           {} (label {}, UUID {})",
+                "stick:          {} (label {}, UUID {})",
                 t.stick.path.display(),
                 t.info.label,
                 t.info.fs_uuid
@@ -162,7 +162,7 @@ pub(super) fn stick_status(t: &StickOverlay, usage: Usage<'_>, json: bool) -> an
         }
     }
     for n in &notes {
-        crate::outln!("note            {n}");
+        crate::outln!("note:           {n}");
     }
     Ok(())
 }
@@ -258,27 +258,27 @@ pub(super) fn merged(
 }
 
 pub(super) fn print_status(overlay: &str, report: &snapshot::StatusReport) {
-    crate::outln!("overlay         {overlay}");
-    crate::outln!("state           {}", report.state);
-    crate::outln!("dmsetup status  {}", report.dm_status);
+    crate::outln!("overlay:        {overlay}");
+    crate::outln!("state:          {}", report.state);
+    crate::outln!("dmsetup status: {}", report.dm_status);
     crate::outln!(
-        "chunk size      {} sectors ({})",
+        "chunk size:     {} sectors ({})",
         report.chunk_sectors,
         human(u64::from(report.chunk_sectors) * SECTOR_BYTES)
     );
     crate::outln!(
-        "size            {} ({} sectors)",
+        "size:           {} ({} sectors)",
         human(report.cow_bytes),
         report.total_sectors
     );
     crate::outln!(
-        "exceptions      {} in {} metadata area(s)",
+        "exceptions:     {} in {} metadata area(s)",
         report.exceptions,
         report.metadata_areas
     );
-    crate::outln!("used            {:.2} %", report.percent_used);
+    crate::outln!("used:           {:.2} %", report.percent_used);
     crate::outln!(
-        "free            {} ({} chunks){}",
+        "free:           {} ({} chunks){}",
         human(report.bytes_free),
         report.free_data_chunks,
         if report.full {
@@ -288,15 +288,15 @@ pub(super) fn print_status(overlay: &str, report: &snapshot::StatusReport) {
         }
     );
     if report.state == "uninitialised" {
-        crate::outln!("note            new store: the kernel initialises it on first boot");
+        crate::outln!("note:           new store: the kernel initialises it on first boot");
     }
     if report.trap_size {
         crate::outln!(
-            "warning         this size lets the last metadata area invalidate the overlay when it fills; `overlay grow --add-mb 1` fixes it"
+            "warning:        this size lets the last metadata area invalidate the overlay when it fills; `overlay grow --add-mb 1` fixes it"
         );
     }
     for p in &report.problems {
-        crate::outln!("problem         {p}");
+        crate::outln!("problem:        {p}");
     }
 }
 
@@ -474,8 +474,8 @@ pub(super) fn ovl_report(out: &ovlfs::Outcome, target: &Path, json: bool) -> any
         return print_json(out);
     }
     let show = &out.overlay;
-    crate::outln!("overlay         {show} (OverlayFS: ext4 with overlayfs/ + ovlwork/)");
-    crate::outln!("method          {}", out.method);
+    crate::outln!("overlay:        {show} (OverlayFS: ext4 with overlayfs/ + ovlwork/)");
+    crate::outln!("method:         {}", out.method);
     if let Some(c) = &out.check {
         print_fsck(show, c);
         if !c.clean && out.repair.is_none() && !out.dry_run {
