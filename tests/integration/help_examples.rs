@@ -334,3 +334,107 @@ fn the_doctor_jq_example_used_to_name_a_key_doctor_does_not_print() {
     assert_eq!(run_jq(".programs[] | select(.found == false)"), Some(5));
     assert_ne!(run_jq(".checks[] | select(.found == false)"), Some(5));
 }
+
+#[test]
+fn completions_and_the_man_page_offer_only_what_a_user_may_type() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let script = ok(&livestick(&["completions", shell]));
+        assert!(
+            !script.contains("internal-fakeroot-step"),
+            "{shell} completions offer the internal fakeroot step"
+        );
+    }
+    let page = ok(&livestick(&["man"]));
+    assert!(!page.contains("internal-fakeroot-step"));
+    // The man and completions sections offer no --json/--quiet; write's does.
+    let section = |name: &str| -> String {
+        let start = page
+            .find(&format!(".SH \"LIVESTICK {name}\""))
+            .unwrap_or_else(|| panic!("no section for {name}"));
+        let rest = &page[start + 4..];
+        rest[..rest.find(".SH \"").unwrap_or(rest.len())].to_string()
+    };
+    for name in ["MAN", "COMPLETIONS"] {
+        let text = section(name);
+        assert!(
+            !text.contains("json") && !text.contains("quiet"),
+            "{name}: {text}"
+        );
+    }
+    assert!(section("WRITE").contains("json"));
+    for args in [
+        &["completions", "bash", "--json"][..],
+        &["--quiet", "man"][..],
+        &["man", "-q"][..],
+    ] {
+        let out = livestick(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("does not apply"), "{args:?}: {err}");
+    }
+    // The hidden step still runs for the merge that starts it: without its
+    // job file it fails as a step of its own, not as an unknown command.
+    let out = livestick(&["internal-fakeroot-step"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("job file"));
+}
+
+#[test]
+fn live_dir_is_one_option_with_the_old_spelling_as_alias_everywhere() {
+    for path in [
+        &["write"][..],
+        &["overlay", "status"][..],
+        &["overlay", "merge"][..],
+        &["overlay", "reset"][..],
+        &["overlay", "recover"][..],
+        &["overlay", "grow"][..],
+        &["home", "info"][..],
+        &["home", "resize"][..],
+    ] {
+        let mut args = path.to_vec();
+        args.push("--help");
+        // Joined so that a wrapped line still matches.
+        let help = ok(&livestick(&args))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            help.contains("--live-dir <DIR>") && help.contains("[alias: --livedir]"),
+            "{path:?}:\n{help}"
+        );
+    }
+    // Both spellings parse to the same thing.
+    for spelling in ["--live-dir", "--livedir"] {
+        let cli = cli::parse_from(["livestick", "write", "a.iso", "b.img", spelling, "X"]).unwrap();
+        let cli::Command::Write(w) = cli.command else {
+            panic!("not write")
+        };
+        assert_eq!(w.livedir, "X");
+        cli::parse_from(["livestick", "home", "info", "s.img", spelling, "X"]).unwrap();
+        cli::parse_from(["livestick", "overlay", "status", "s.img", spelling, "X"]).unwrap();
+    }
+    // The two verifications explain each other.
+    let help = ok(&livestick(&["write", "--help"]));
+    let noverify = help.find("--noverify ").unwrap();
+    let verify_write = help.find("--no-verify-write ").unwrap();
+    assert!(help[noverify..verify_write].contains("implanted in it"));
+    assert!(help[verify_write..].contains("read the stick back"));
+    let headings: Vec<&str> = help
+        .lines()
+        .filter(|l| !l.starts_with(' ') && l.ends_with(':'))
+        .collect();
+    assert_eq!(
+        headings,
+        [
+            "Options:",
+            "Source:",
+            "Target & layout:",
+            "Persistence:",
+            "Boot:",
+            "Verification:",
+            "Output:",
+            "Safety:",
+            "Examples:"
+        ]
+    );
+}

@@ -39,6 +39,7 @@ mod overlay_merge;
 mod overlay_ovl;
 mod overlay_ovl_maint;
 mod overlay_stick;
+mod packaging;
 mod persistence;
 mod replace_leftovers;
 mod rewrite;
