@@ -148,7 +148,8 @@ build_rpm() {
   mkdir -p "$src"
   # The committed tree (plus uncommitted changes to tracked files): what a
   # release tarball holds, without target/ or fixtures/out/.
-  git ls-files -z | xargs -0 cp --parents -t "$src"
+  # (tar keeps the symbolic links the tree tracks as links.)
+  git ls-files -z | tar --null -T - -cf - | tar -x -C "$src"
   (cd "$src" && cargo vendor --locked --quiet vendor > /dev/null)
   tar -C "$src" -czf "$top/SOURCES/$name-$version-vendor.tar.gz" vendor
   rm -rf "$src/vendor"
