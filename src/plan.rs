@@ -1116,7 +1116,7 @@ impl Plan {
         ));
         match &self.format {
             Some(layout) => out.push_str(&format!(
-                "  partition table  new {} ; partition 1 FAT32 at {} MiB, {} , label {}, UUID {}, boot flag\n",
+                "  partition table: new {}; partition 1: FAT32 at {} MiB, {}, label {}, UUID {}, boot flag\n",
                 layout.table,
                 layout.start / MIB,
                 human(layout.len),
@@ -1124,7 +1124,7 @@ impl Plan {
                 self.fs_uuid
             )),
             None => out.push_str(&format!(
-                "  partition        existing {} partition at {} MiB, {}, label {}, UUID {} (files outside /{} and the boot dirs are kept)\n",
+                "  partition:       existing {} partition at {} MiB, {}, label {}, UUID {} (files outside /{} and the boot dirs are kept)\n",
                 self.table,
                 self.partition_start / MIB,
                 human(self.partition_len),
@@ -1133,7 +1133,7 @@ impl Plan {
                 self.live_dir
             )),
         }
-        out.push_str("  files\n");
+        out.push_str("  files:\n");
         for c in &self.copies {
             let from = match &c.source {
                 CopySource::Iso { path } => format!("iso:{path}"),
@@ -1146,7 +1146,7 @@ impl Plan {
                 from
             ));
         }
-        out.push_str("  configs\n");
+        out.push_str("  configs:\n");
         for c in &self.configs {
             out.push_str(&format!(
                 "    {:>10}  {}\n",
@@ -1156,7 +1156,7 @@ impl Plan {
         }
         if let Some(o) = &self.overlay {
             out.push_str(&format!(
-                "  overlay          {} ({}, {}: {})\n",
+                "  overlay:         {} ({}, {}: {})\n",
                 o.path,
                 human(o.size),
                 o.kind,
@@ -1175,23 +1175,23 @@ impl Plan {
                 format!("kept with its {}", k.used_text())
             };
             out.push_str(&format!(
-                "  overlay          keeps {name} ({}), {fate}: {}\n",
+                "  overlay:         keeps {name} ({}), {fate}: {}\n",
                 human(k.size),
                 k.why
             ));
         }
         if let Some(h) = &self.kept_home {
-            out.push_str(&format!("  home             keeps {h}\n"));
+            out.push_str(&format!("  home:            keeps {h}\n"));
         }
         for d in &self.deletes {
-            out.push_str(&format!("  delete           {d}\n"));
+            out.push_str(&format!("  delete:          {d}\n"));
         }
         if let Some(l) = &self.relabel {
-            out.push_str(&format!("  relabel          {l}\n"));
+            out.push_str(&format!("  relabel:         {l}\n"));
         }
         if let Some(h) = &self.home {
             out.push_str(&format!(
-                "  home             {} ({}, {})\n",
+                "  home:            {} ({}, {})\n",
                 h.path,
                 human(h.size),
                 h.encryption
@@ -1199,13 +1199,13 @@ impl Plan {
         }
         if let Some(s) = &self.swap {
             out.push_str(&format!(
-                "  swap             {} ({})\n",
+                "  swap:            {} ({})\n",
                 s.path,
                 human(s.size)
             ));
         }
         out.push_str(&format!(
-            "  boot             BIOS: {}   UEFI: {}\n",
+            "  boot:            BIOS: {}   UEFI: {}\n",
             if self.bios {
                 "SYSLINUX + MBR code"
             } else {
@@ -1214,7 +1214,7 @@ impl Plan {
             if self.uefi { "EFI/BOOT" } else { "no" }
         ));
         out.push_str(&format!(
-            "  space            {} needed of {}, {} free after\n",
+            "  space:           {} needed of {}, {} free after\n",
             human(self.space_needed),
             human(self.space_available),
             human(self.free_after)

@@ -154,7 +154,18 @@ fn every_command_speaks_without_type_names_on_the_fixtures() {
                 "--dry-run",
             ];
             args.extend_from_slice(extra);
-            human(d, &args);
+            let plan = human(d, &args);
+            // One style: each entry of the plan is `key: value` (the
+            // deeper lines are its file lists).
+            for line in plan
+                .lines()
+                .filter(|l| l.starts_with("  ") && !l.starts_with("    "))
+            {
+                assert!(
+                    line.contains(':'),
+                    "plan line without a key: {line:?}\n{plan}"
+                );
+            }
         }
     }
 
