@@ -51,7 +51,9 @@ for c in report["checks"]:
     pkg = c["debian"]
     if not x86 and pkg.startswith("syslinux"):
         continue
-    if c["kind"] == "service":
+    # Services are not packages to depend on; the boot tests' QEMU and
+    # firmware are the test suite's, not the tool's.
+    if c["kind"] == "service" or c["feature"].startswith("boot tests"):
         continue
     if c["required"]:
         bucket = depends
@@ -110,8 +112,10 @@ build_deb() {
   bin=$(release_binary)
   arch=$(dpkg --print-architecture)
   stage=$(mktemp -d)
-  trap 'rm -rf "$stage"' RETURN
-  install -Dm0755 "$bin" "$stage/usr/bin/$name"
+  # The package's root directory becomes /'s entry: 0755, not mktemp's 0700.
+  chmod 0755 "$stage"
+  # Stripped: the release profile keeps line tables for backtraces (50 MB).
+  install -Dm0755 -s "$bin" "$stage/usr/bin/$name"
   ln -s "$name" "$stage/usr/bin/livecd-iso-to-disk"
   install -d "$stage/usr/share/man/man1"
   "$bin" man | gzip -9n > "$stage/usr/share/man/man1/$name.1.gz"
@@ -132,6 +136,7 @@ build_deb() {
   echo "Installed-Size: $(du -sk --exclude=DEBIAN "$stage" | cut -f1)" >> "$stage/DEBIAN/control"
   deb=$out/${name}_${version}-${deb_revision}_${arch}.deb
   dpkg-deb --root-owner-group --build "$stage" "$deb" >/dev/null
+  rm -rf "$stage"
   echo "$deb"
 }
 
@@ -142,7 +147,6 @@ build_rpm() {
     return 1
   }
   top=$(mktemp -d)
-  trap 'rm -rf "$top"' RETURN
   mkdir -p "$top"/{SOURCES,SPECS,BUILD,RPMS,SRPMS}
   src=$top/src/$name-$version
   mkdir -p "$src"
@@ -162,10 +166,12 @@ build_rpm() {
     --define "debug_package %{nil}" \
     "$top/SPECS/livestick.spec" > "$top/rpmbuild.log" 2>&1 || {
       tail -40 "$top/rpmbuild.log" >&2
+      echo "rpmbuild failed; its tree is kept in $top" >&2
       return 1
     }
   find "$top/RPMS" -name '*.rpm' -exec cp -t "$out" {} +
   find "$top/RPMS" -name '*.rpm' -printf "$out/%f\n"
+  rm -rf "$top"
 }
 
 smoke_test_deb() {
