@@ -27,6 +27,9 @@ packages=(
   bmap-tools
   # benches/stick.sh: GNU time (CPU and peak RSS of each case in its VM)
   time
+  # the help-example test runs every `| jq FILTER` example; packaging/build.sh
+  # builds the RPM with rpmbuild (Debian's rpm) and checks the .deb's man page
+  jq rpm man-db
 )
 
 missing=()

@@ -17,6 +17,19 @@ fn main() -> ExitCode {
         .and_then(|a| Path::new(a).file_name())
         .and_then(|n| n.to_str())
         .unwrap_or("livestick");
+    if argv.get(1).is_some_and(|a| a == cli::FAKEROOT_STEP) {
+        let result = match argv.get(2) {
+            Some(job) => {
+                livestick::persist::merge::overlayfs::fakeroot::run_fakeroot_job(Path::new(job))
+                    .map_err(anyhow::Error::from)
+            }
+            None => Err(anyhow::anyhow!(
+                "{} needs the job file its parent wrote",
+                cli::FAKEROOT_STEP
+            )),
+        };
+        return ExitCode::from(finish(result, "livestick", cli::FAKEROOT_STEP, false));
+    }
     if program == compat::PROGRAM {
         return ExitCode::from(run_compat(&argv[1..], compat::PROGRAM, false, false));
     }
@@ -42,12 +55,8 @@ fn main() -> ExitCode {
         Command::Doctor(args) => commands::doctor::run(&args, json),
         Command::Completions(args) => commands::completions::run(&args),
         Command::Man(args) => commands::man::run(&args),
-        Command::InternalFakerootStep { job } => {
-            livestick::persist::merge::overlayfs::fakeroot::run_fakeroot_job(&job)
-                .map_err(anyhow::Error::from)
-        }
     };
-    ExitCode::from(finish(result, &step, json))
+    ExitCode::from(finish(result, "livestick", &step, json))
 }
 
 /// Lets SIGPIPE end the process, as it ends `cat` and `ls`, when the reader of
@@ -71,10 +80,11 @@ fn run_compat(args: &[OsString], program: &str, json: bool, quiet: bool) -> u8 {
         Ok(None) => 0,
         Ok(Some((write, j, q))) => finish(
             commands::write::run(&write, json || j, quiet || q),
+            program,
             "iso-to-disk",
             json || j,
         ),
-        Err(e) => finish(Err(e), "iso-to-disk", json),
+        Err(e) => finish(Err(e), program, "iso-to-disk", json),
     }
 }
 
@@ -117,8 +127,10 @@ fn usage_error(e: clap::Error, json: bool) -> u8 {
 }
 
 /// Prints an error (the failing step, its causes, a hint; one JSON object on
-/// stdout with --json) and returns the exit code.
-fn finish(result: anyhow::Result<()>, step: &str, json: bool) -> u8 {
+/// stdout with --json) and returns the exit code. `program` is the name the
+/// user typed (`livestick`, `livestick iso-to-disk`, `livecd-iso-to-disk`), so
+/// the message reads as coming from the command they ran.
+fn finish(result: anyhow::Result<()>, program: &str, step: &str, json: bool) -> u8 {
     let Err(err) = result else { return 0 };
     let verdict = cli::error_verdict(&err);
     let (kind, hint) = (verdict.kind, verdict.hint);
@@ -139,7 +151,11 @@ fn finish(result: anyhow::Result<()>, step: &str, json: bool) -> u8 {
         });
         println!("{value}");
     }
-    eprintln!("livestick {step}: error: {err}");
+    if program == "livestick" {
+        eprintln!("livestick {step}: error: {err}");
+    } else {
+        eprintln!("{program}: error: {err}");
+    }
     for cause in &causes {
         eprintln!("  caused by: {cause}");
     }

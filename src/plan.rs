@@ -17,7 +17,7 @@ use crate::disk::partition::{self, PartitionLayout, TableKind};
 use crate::disk::target::{TargetKind, TargetProbe};
 use crate::layout;
 use crate::size::{MIB, human, mib_ceil};
-use crate::source::live::{LiveImage, RootKind};
+use crate::source::live::{LiveImage, RootKind, SourceKind};
 
 /// Bytes reserved for directories, configs and the SYSLINUX files.
 const BOOT_SLACK: u64 = 2 * MIB;
@@ -38,6 +38,63 @@ pub enum FormatMode {
 pub enum HomeEncryption {
     None,
     Luks,
+}
+
+impl std::fmt::Display for HomeEncryption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HomeEncryption::None => "unencrypted",
+            HomeEncryption::Luks => "LUKS2-encrypted",
+        })
+    }
+}
+
+/// What checks the source before anything is written (JSON `iso_check`). A
+/// source nothing checks must not look like one whose check was turned off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IsoCheck {
+    /// Nothing can: the ISO carries no implanted MD5, or the source is a stick.
+    None,
+    /// The MD5 implanted in the ISO (what checkisomd5 checks).
+    ImplantedMd5,
+    /// There is an implanted MD5, and `--noverify` turned its check off.
+    Skipped,
+}
+
+impl IsoCheck {
+    /// The check `write` runs on `live` before writing.
+    pub fn for_source(live: &LiveImage, noverify: bool) -> IsoCheck {
+        if live.source_kind != SourceKind::Iso || !live.implanted_md5 {
+            IsoCheck::None
+        } else if noverify {
+            IsoCheck::Skipped
+        } else {
+            IsoCheck::ImplantedMd5
+        }
+    }
+
+    /// The plan's note when the source goes unchecked.
+    pub fn note(self, live: &LiveImage) -> Option<String> {
+        match self {
+            IsoCheck::ImplantedMd5 => None,
+            IsoCheck::Skipped => Some(
+                "the ISO's implanted MD5 is not checked (--noverify): a damaged download \
+                 is written as it is"
+                    .to_string(),
+            ),
+            IsoCheck::None if live.source_kind == SourceKind::Stick => Some(
+                "nothing checks the source stick's files before they are copied (a stick has \
+                 no implanted MD5); the copy is read back after writing"
+                    .to_string(),
+            ),
+            IsoCheck::None => Some(format!(
+                "nothing checks {} before writing: it carries no implanted MD5; compare it \
+                 with the distribution's CHECKSUM file (sha256sum -c) first",
+                live.path.display()
+            )),
+        }
+    }
 }
 
 /// What the user asked for.
@@ -89,6 +146,8 @@ pub struct WriteOptions {
     /// `--ext4`: put the live system on an ext4 partition (chosen by itself when a
     /// persistence file is over FAT32's limit): see [`Ext4LiveStep`].
     pub ext4_live: bool,
+    /// `--noverify`: the implanted MD5 is not checked (the plan says so).
+    pub noverify: bool,
 }
 
 /// What is already on the target's FAT partition (no `--format`).
@@ -298,6 +357,8 @@ pub struct Plan {
     pub space_available: u64,
     pub space_needed: u64,
     pub free_after: u64,
+    /// What checks the source before writing.
+    pub iso_check: IsoCheck,
     pub notes: Vec<String>,
     /// What repairing the leftovers of a stopped replacement did before this plan
     /// was made (a dry run: what it will do; the space above already counts it),
@@ -351,7 +412,7 @@ pub enum PlanError {
     )]
     OverlayFsNeedsSize,
     #[error(
-        "--multi adds an image beside the one in /{0}: give it its own directory with --livedir NAME"
+        "--multi adds an image beside the one in /{0}: give it its own directory with --live-dir NAME (--livedir NAME under livecd-iso-to-disk)"
     )]
     MultiSameDir(String),
     #[error("{0} works on an existing stick only; the target is new or being formatted")]
@@ -360,7 +421,7 @@ pub enum PlanError {
         "{path} already exists on the stick; add --delete-home to replace it (its files are lost) or drop --home-size-mb to keep it"
     )]
     HomeExists { path: String },
-    #[error("invalid --livedir {0:?}: use a single directory name of letters, digits, '_' or '-'")]
+    #[error("invalid --live-dir {0:?}: use a single directory name of letters, digits, '_' or '-'")]
     InvalidLiveDir(String),
     #[error("rendering the boot configuration: {0}")]
     Render(String),
@@ -1090,6 +1151,8 @@ pub fn plan_write(
             human(target_size)
         ));
     }
+    let iso_check = IsoCheck::for_source(live, opts.noverify);
+    notes.extend(iso_check.note(live));
     Ok(Plan {
         source: live.path.clone(),
         source_label: live.label.clone(),
@@ -1128,6 +1191,7 @@ pub fn plan_write(
         space_available: available,
         space_needed,
         free_after: available - space_needed,
+        iso_check,
         notes,
         repaired: Vec::new(),
     })
@@ -1139,7 +1203,7 @@ impl Plan {
         let mut out = String::new();
         let t = &self.target;
         out.push_str(&format!(
-            "Plan: {} ({}) -> {} ({:?}, {})\n",
+            "Plan: {} ({}) -> {} ({}, {})\n",
             self.source.display(),
             self.source_label,
             t.path.display(),
@@ -1148,7 +1212,7 @@ impl Plan {
         ));
         match &self.format {
             Some(layout) => out.push_str(&format!(
-                "  partition table  new {} ; partition 1 FAT32 at {} MiB, {} , label {}, UUID {}, boot flag\n",
+                "  partition table: new {}; partition 1: FAT32 at {} MiB, {}, label {}, UUID {}, boot flag\n",
                 layout.table,
                 layout.start / MIB,
                 human(layout.len),
@@ -1156,7 +1220,7 @@ impl Plan {
                 self.fs_uuid
             )),
             None => out.push_str(&format!(
-                "  partition        existing {} partition at {} MiB, {}, label {}, UUID {} (files outside /{} and the boot dirs are kept)\n",
+                "  partition:       existing {} partition at {} MiB, {}, label {}, UUID {} (files outside /{} and the boot dirs are kept)\n",
                 self.table,
                 self.partition_start / MIB,
                 human(self.partition_len),
@@ -1167,7 +1231,7 @@ impl Plan {
         }
         if let Some(e) = &self.ext4_live {
             out.push_str(&format!(
-                "  partition 2      ext4 at {} MiB, {}, label {}, UUID {}: the live device, holding /{} ({})\n",
+                "  partition 2:     ext4 at {} MiB, {}, label {}, UUID {}: the live device, holding /{} ({})\n",
                 e.start / MIB,
                 human(e.len),
                 e.label,
@@ -1185,7 +1249,7 @@ impl Plan {
                 human(e.overhead)
             ));
         }
-        out.push_str("  files\n");
+        out.push_str("  files:\n");
         for c in &self.copies {
             let from = match &c.source {
                 CopySource::Iso { path } => format!("iso:{path}"),
@@ -1198,7 +1262,7 @@ impl Plan {
                 from
             ));
         }
-        out.push_str("  configs\n");
+        out.push_str("  configs:\n");
         for c in &self.configs {
             out.push_str(&format!(
                 "    {:>10}  {}\n",
@@ -1208,7 +1272,7 @@ impl Plan {
         }
         if let Some(o) = &self.overlay {
             out.push_str(&format!(
-                "  overlay          {} ({}, {:?}: {})\n",
+                "  overlay:         {} ({}, {}: {})\n",
                 o.path,
                 human(o.size),
                 o.kind,
@@ -1227,23 +1291,23 @@ impl Plan {
                 format!("kept with its {}", k.used_text())
             };
             out.push_str(&format!(
-                "  overlay          keeps {name} ({}), {fate}: {}\n",
+                "  overlay:         keeps {name} ({}), {fate}: {}\n",
                 human(k.size),
                 k.why
             ));
         }
         if let Some(h) = &self.kept_home {
-            out.push_str(&format!("  home             keeps {h}\n"));
+            out.push_str(&format!("  home:            keeps {h}\n"));
         }
         for d in &self.deletes {
-            out.push_str(&format!("  delete           {d}\n"));
+            out.push_str(&format!("  delete:          {d}\n"));
         }
         if let Some(l) = &self.relabel {
-            out.push_str(&format!("  relabel          {l}\n"));
+            out.push_str(&format!("  relabel:         {l}\n"));
         }
         if let Some(h) = &self.home {
             out.push_str(&format!(
-                "  home             {} ({}, {:?})\n",
+                "  home:            {} ({}, {})\n",
                 h.path,
                 human(h.size),
                 h.encryption
@@ -1251,13 +1315,13 @@ impl Plan {
         }
         if let Some(s) = &self.swap {
             out.push_str(&format!(
-                "  swap             {} ({})\n",
+                "  swap:            {} ({})\n",
                 s.path,
                 human(s.size)
             ));
         }
         out.push_str(&format!(
-            "  boot             BIOS: {}   UEFI: {}\n",
+            "  boot:            BIOS: {}   UEFI: {}\n",
             if self.bios {
                 "SYSLINUX + MBR code"
             } else {
@@ -1266,7 +1330,7 @@ impl Plan {
             if self.uefi { "EFI/BOOT" } else { "no" }
         ));
         out.push_str(&format!(
-            "  space            {} needed of {}, {} free after\n",
+            "  space:           {} needed of {}, {} free after\n",
             human(self.space_needed),
             human(self.space_available),
             human(self.free_after)
@@ -1650,6 +1714,7 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
             force: false,
             iso_md5: None,
             ext4_live: false,
+            noverify: false,
         }
     }
 
@@ -2658,6 +2723,60 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
 
     fn dests_of_copies(plan: &Plan) -> Vec<&str> {
         plan.copies.iter().map(|c| c.dest.as_str()).collect()
+    }
+
+    /// What checks the source is in the plan, and a source nothing checks is
+    /// told apart from one whose check was turned off.
+    #[test]
+    fn the_plan_says_what_checks_the_source() {
+        let plan = plan_new(&nested(), 8 * GIB, &opts()).unwrap();
+        assert_eq!(plan.iso_check, IsoCheck::ImplantedMd5);
+        assert!(
+            !plan.notes.iter().any(|n| n.contains("MD5")),
+            "{:?}",
+            plan.notes
+        );
+        let json = serde_json::to_value(&plan).unwrap();
+        assert_eq!(json["iso_check"], "implanted-md5");
+
+        let skipped = WriteOptions {
+            noverify: true,
+            ..opts()
+        };
+        let plan = plan_new(&nested(), 8 * GIB, &skipped).unwrap();
+        assert_eq!(plan.iso_check, IsoCheck::Skipped);
+        assert_eq!(serde_json::to_value(&plan).unwrap()["iso_check"], "skipped");
+        assert!(
+            plan.notes.iter().any(|n| n.contains("--noverify")),
+            "{:?}",
+            plan.notes
+        );
+
+        for noverify in [false, true] {
+            let mut bare = nested();
+            bare.implanted_md5 = false;
+            let o = WriteOptions { noverify, ..opts() };
+            let plan = plan_new(&bare, 8 * GIB, &o).unwrap();
+            assert_eq!(plan.iso_check, IsoCheck::None);
+            assert_eq!(serde_json::to_value(&plan).unwrap()["iso_check"], "none");
+            assert!(
+                plan.notes
+                    .iter()
+                    .any(|n| n.contains("nothing checks") && n.contains("no implanted MD5")),
+                "{:?}",
+                plan.notes
+            );
+        }
+
+        let mut stick = nested();
+        stick.source_kind = SourceKind::Stick;
+        let plan = plan_new(&stick, 8 * GIB, &opts()).unwrap();
+        assert_eq!(plan.iso_check, IsoCheck::None);
+        assert!(
+            plan.notes.iter().any(|n| n.contains("source stick")),
+            "{:?}",
+            plan.notes
+        );
     }
 
     /// An initrd whose dracut version cannot be read: the classic spelling, and the

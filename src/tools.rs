@@ -2,9 +2,10 @@
 //! for formats it does not own (syslinux, e2fsprogs, squashfs-tools, …), what
 //! needs each, and which Debian and Fedora package installs it. Every module
 //! that runs a program finds it through [`find_program`], so a missing one is
-//! always reported the same way. [`report`] is what `livestick doctor`
-//! prints: every program of [`REGISTRY`] and the few files and services some
-//! features need besides their programs.
+//! always reported the same way, and `livestick doctor` lists exactly
+//! [`REGISTRY`] (a test checks that no module starts a program by a name of
+//! its own). Decompression is not here: ISOs and initrds are unpacked by Rust
+//! crates in process.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -56,7 +57,6 @@ pub const EXT4: &str = "home.img and OverlayFS overlays";
 pub const SQUASH: &str = "inspect and overlay merge (squashfs)";
 pub const FLAT_OVL: &str = "overlay merge of OverlayFS into a flat squashfs";
 pub const EROFS: &str = "overlay merge of EROFS roots";
-pub const INITRD: &str = "dracut version of the ISO's initrd (write)";
 pub const LUKS: &str = "LUKS home checks (optional)";
 pub const QEMU: &str = "boot tests (optional)";
 
@@ -143,12 +143,6 @@ pub const FSCK_EROFS: Tool = optional("fsck.erofs", EROFS, "erofs-utils", "erofs
 /// Without root, extract, apply and mkfs.erofs run under fakeroot, which keeps
 /// owners, device nodes and xattrs for the new image.
 pub const FAKEROOT: Tool = optional("fakeroot", EROFS, "fakeroot", "fakeroot", &["--version"]);
-/// The initrd decompressors: without the one an initrd needs, the dracut
-/// version is unknown and the kernel arguments follow the default.
-pub const ZSTD: Tool = optional("zstd", INITRD, "zstd", "zstd", &["--version"]);
-pub const XZ: Tool = optional("xz", INITRD, "xz-utils", "xz", &["--version"]);
-pub const LZ4: Tool = optional("lz4", INITRD, "lz4", "lz4", &["--version"]);
-pub const GZIP: Tool = optional("gzip", INITRD, "gzip", "gzip", &["--version"]);
 /// Only the test suite runs it (livestick's LUKS is its own code); listed so
 /// a developer sees what the LUKS checks need.
 pub const CRYPTSETUP: Tool = optional(
@@ -184,10 +178,6 @@ pub const REGISTRY: &[Tool] = &[
     MKFS_EROFS,
     FSCK_EROFS,
     FAKEROOT,
-    ZSTD,
-    XZ,
-    LZ4,
-    GZIP,
     CRYPTSETUP,
     QEMU_X86_64,
 ];
@@ -486,6 +476,72 @@ mod tests {
             .map(|t| t.name)
             .collect();
         assert_eq!(required, ["syslinux", "mcopy"]);
+    }
+
+    /// The `src/` files, with the part of each before its unit tests.
+    fn library_sources() -> Vec<(std::path::PathBuf, String)> {
+        fn walk(dir: &Path, out: &mut Vec<(std::path::PathBuf, String)>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+                    out.push((path, code.to_string()));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut out);
+        assert!(out.len() > 50, "src/ not found");
+        out
+    }
+
+    #[test]
+    fn every_program_livestick_starts_comes_from_the_registry() {
+        // A program started by a literal name would escape both `doctor` and
+        // the missing-program message; its path must come from find_program
+        // (or be livestick itself, for the fakeroot step).
+        for (path, code) in library_sources() {
+            for (n, line) in code.lines().enumerate() {
+                for call in [
+                    "Command::new(\"",
+                    "Command::new(&\"",
+                    "process::Command::new(\"",
+                ] {
+                    assert!(
+                        !line.contains(call),
+                        "{}:{}: starts a program by name; add it to tools::REGISTRY and use find_program: {line}",
+                        path.display(),
+                        n + 1
+                    );
+                }
+            }
+        }
+        // Every Tool constant defined here is in the registry doctor lists.
+        let here =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/tools.rs"))
+                .unwrap();
+        let registry = here
+            .split_once("pub const REGISTRY: &[Tool] = &[")
+            .and_then(|(_, rest)| rest.split_once("];"))
+            .map(|(list, _)| list)
+            .expect("the REGISTRY list");
+        let mut constants = 0;
+        for line in here.lines() {
+            if let Some(rest) = line.strip_prefix("pub const ")
+                && let Some((name, ty)) = rest.split_once(':')
+                && ty.trim_start().starts_with("Tool ")
+            {
+                constants += 1;
+                assert!(
+                    registry.contains(&format!("    {name},")),
+                    "{name} is not in REGISTRY"
+                );
+            }
+        }
+        assert_eq!(constants, REGISTRY.len());
     }
 
     #[test]

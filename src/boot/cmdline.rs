@@ -322,6 +322,17 @@ pub enum OverlayBoot {
     OverlayFs,
 }
 
+/// How the plan and reports name the overlay kind (the JSON's kebab-case words).
+impl fmt::Display for OverlayBoot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OverlayBoot::None => "no overlay",
+            OverlayBoot::DmSnapshot => "dm-snapshot",
+            OverlayBoot::OverlayFs => "OverlayFS",
+        })
+    }
+}
+
 /// Which spelling of the overlay arguments the ISO's initrd understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum DracutNames {

@@ -17,6 +17,15 @@ pub enum MenuSource {
     Grub,
 }
 
+impl std::fmt::Display for MenuSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MenuSource::Isolinux => "isolinux",
+            MenuSource::Grub => "GRUB",
+        })
+    }
+}
+
 /// What an entry is for, so rendering can drop or keep it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum EntryPurpose {
@@ -29,6 +38,18 @@ pub enum EntryPurpose {
     Rescue,
     /// Anything else that has a kernel (memtest, an installer, …).
     Other,
+}
+
+impl std::fmt::Display for EntryPurpose {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EntryPurpose::Live => "live",
+            EntryPurpose::MediaCheck => "media check",
+            EntryPurpose::BasicGraphics => "basic graphics",
+            EntryPurpose::Rescue => "rescue",
+            EntryPurpose::Other => "other",
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

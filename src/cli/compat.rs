@@ -152,7 +152,7 @@ pub static OPTIONS: &[OldOption] = &[
         &[],
         Value,
         Supported,
-        "--livedir (spaces become _, / becomes -)",
+        "--live-dir (spaces become _, / becomes -)",
     ),
     opt("--multi", &[], Flag, Supported, "--multi"),
     opt("--skipcopy", &["--reconfig"], Flag, Supported, "--skipcopy"),
@@ -1325,6 +1325,11 @@ pub fn help(program: &str) -> String {
         out.push_str(&format!("  {names}{value}\n      {what}\n"));
     }
     out.push_str("\nThe native command is `livestick write`; `livestick write --help` shows it.\n");
+    out.push_str(&format!(
+        "\nExamples:\n  {program} --format --efi --overlay-size-mb 2048 Fedora.iso /dev/sdb\n  \
+         {program} --reset-overlay Fedora.iso /dev/sdb1\n  \
+         {program} --noverify --size 8G --home-size-mb 1024 --unencrypted-home Fedora.iso stick.img\n"
+    ));
     out
 }
 

@@ -34,7 +34,12 @@ pub struct InfoArgs {
     /// Stick (block device or image file) or a bare home.img
     pub target: PathBuf,
     /// Directory of the live files on the stick
-    #[arg(long, value_name = "DIR", default_value = "LiveOS")]
+    #[arg(
+        long,
+        visible_alias = "livedir",
+        value_name = "DIR",
+        default_value = "LiveOS"
+    )]
     pub live_dir: String,
     #[command(flatten)]
     pub pass: PassArgs,
@@ -48,7 +53,12 @@ pub struct ResizeArgs {
     #[arg(long, value_name = "N")]
     pub size_mb: u64,
     /// Directory of the live files on the stick
-    #[arg(long, value_name = "DIR", default_value = "LiveOS")]
+    #[arg(
+        long,
+        visible_alias = "livedir",
+        value_name = "DIR",
+        default_value = "LiveOS"
+    )]
     pub live_dir: String,
     /// Where the temporary copy of a stick's home goes (a private subdirectory is
     /// made); an encrypted home stays encrypted there, it is decrypted in memory only

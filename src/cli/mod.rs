@@ -22,6 +22,17 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use crate::error::{Classifier, Classify, ErrorKind, classifier};
 use write::WriteArgs;
 
+/// The hidden step a non-root EROFS `overlay merge` runs under fakeroot
+/// (`livestick internal-fakeroot-step JOB`). It is recognised in `main` before
+/// clap parses anything, so it never appears in help, completions or the man
+/// page, which list only what a user may type.
+pub const FAKEROOT_STEP: &str = "internal-fakeroot-step";
+
+/// The commands that only print a fixed text (a script, a page): `--json` and
+/// `--quiet` mean nothing there, so their help does not offer them and giving
+/// them is a usage error.
+const WITHOUT_OUTPUT_OPTIONS: [&str; 2] = ["completions", "man"];
+
 const EXAMPLES: &str = "\
 Examples:
   livestick inspect Fedora-Workstation-Live-41.iso
@@ -59,10 +70,10 @@ static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 )]
 pub struct Cli {
     /// Print machine-readable JSON on stdout instead of tables
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Output")]
     pub json: bool,
     /// No progress bars or notes; errors only
-    #[arg(long, short, global = true)]
+    #[arg(long, short, global = true, help_heading = "Output")]
     pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,
@@ -122,7 +133,7 @@ with its status; docs/compatibility.md explains each.",
     Restore(restore::RestoreArgs),
     /// Check the external programs each feature needs, and which package provides each
     #[command(
-        after_help = "Examples:\n  livestick doctor\n  livestick doctor --json | jq '.programs[] | select(.found == false)'"
+        after_help = "Examples:\n  livestick doctor\n  livestick doctor --json | jq '.checks[] | select(.found == false)'"
     )]
     Doctor(DoctorArgs),
     /// Print a shell completion script
@@ -135,12 +146,6 @@ with its status; docs/compatibility.md explains each.",
         after_help = "Examples:\n  livestick man > /usr/local/share/man/man1/livestick.1\n  livestick man | man -l -\n  livestick man --dir /usr/local/share/man/man1   # one page per subcommand"
     )]
     Man(ManArgs),
-    /// Internal: the EROFS merge steps a non-root `overlay merge` runs under fakeroot
-    #[command(name = "internal-fakeroot-step", hide = true)]
-    InternalFakerootStep {
-        /// The job file the parent wrote
-        job: std::path::PathBuf,
-    },
 }
 
 impl Command {
@@ -161,7 +166,7 @@ impl Command {
                 home::HomeCommand::Resize(args) => args.dry_run,
             },
             Command::Overlay { command } => matches!(command, overlay::OverlayCommand::Status(_)),
-            Command::IsoToDisk(_) | Command::InternalFakerootStep { .. } => false,
+            Command::IsoToDisk(_) => false,
         }
     }
 }
@@ -211,7 +216,56 @@ pub struct InspectArgs {
 /// The full clap command (every `--help` shows examples from its
 /// `after_help`; a test checks it).
 pub fn command() -> clap::Command {
-    Cli::command()
+    let cmd = Cli::command();
+    // A subcommand's own argument of the same id stops a global from being
+    // propagated to it: these hidden stand-ins keep --json and --quiet out of
+    // the help, man page and completions of commands they mean nothing to,
+    // while still recognising them so that the refusal can name them.
+    WITHOUT_OUTPUT_OPTIONS.into_iter().fold(cmd, |cmd, name| {
+        cmd.mut_subcommand(name, |sub| {
+            sub.arg(
+                clap::Arg::new("json")
+                    .long("json")
+                    .action(clap::ArgAction::SetTrue)
+                    .hide(true),
+            )
+            .arg(
+                clap::Arg::new("quiet")
+                    .long("quiet")
+                    .short('q')
+                    .action(clap::ArgAction::SetTrue)
+                    .hide(true),
+            )
+        })
+    })
+}
+
+/// A usage error when `--json` or `--quiet` was given to a command that has
+/// no output for them to change.
+fn reject_meaningless_globals(
+    cmd: &mut clap::Command,
+    matches: &clap::ArgMatches,
+) -> Result<(), clap::Error> {
+    let Some((name, sub)) = matches.subcommand() else {
+        return Ok(());
+    };
+    if !WITHOUT_OUTPUT_OPTIONS.contains(&name) {
+        return Ok(());
+    }
+    for flag in ["json", "quiet"] {
+        if sub.value_source(flag) == Some(clap::parser::ValueSource::CommandLine) {
+            let sub_cmd = cmd.find_subcommand_mut(name).ok_or_else(|| {
+                clap::Error::raw(clap::error::ErrorKind::InvalidSubcommand, name.to_string())
+            })?;
+            return Err(sub_cmd.error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!(
+                    "--{flag} does not apply to `livestick {name}`, which prints a fixed text; leave it out"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Parses `argv` (program name first) with [`command`].
@@ -232,6 +286,7 @@ where
 {
     let mut cmd = command();
     let matches = cmd.try_get_matches_from_mut(argv)?;
+    reject_meaningless_globals(&mut cmd, &matches)?;
     let mut step = Vec::new();
     let mut m = &matches;
     while let Some((name, sub)) = m.subcommand() {

@@ -56,7 +56,12 @@ pub struct OriginArgs {
 #[derive(Debug, Args)]
 pub struct StickSel {
     /// Directory of the live files on the stick
-    #[arg(long, value_name = "DIR", default_value = "LiveOS")]
+    #[arg(
+        long,
+        visible_alias = "livedir",
+        value_name = "DIR",
+        default_value = "LiveOS"
+    )]
     pub live_dir: String,
     /// Work on this overlay file of the live dir instead of overlay-LABEL-UUID (e.g. an
     /// orphaned one whose name no longer matches the stick)

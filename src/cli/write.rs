@@ -18,41 +18,53 @@ pub enum DracutNamesArg {
     Renamed,
 }
 
+// `write --help` groups its options under these headings (in this order: clap
+// shows a heading where its first option is declared).
+const SOURCE: &str = "Source";
+const TARGET: &str = "Target & layout";
+const PERSIST: &str = "Persistence";
+const BOOT: &str = "Boot";
+const VERIFY: &str = "Verification";
+const OUTPUT: &str = "Output";
+const SAFETY: &str = "Safety";
+
 #[derive(Debug, Clone, Args)]
 pub struct WriteArgs {
-    /// The live ISO to write, or a raw disk image (.raw, .img, also xz/zstd/gzip/bzip2
-    /// compressed) to write as it is: a file, an http(s):// URL (downloaded and
-    /// verified first) or a release name like fedora:42/workstation/x86_64
+    /// The live ISO to write (or a stick written by livestick), or a raw disk image
+    /// (.raw, .img, also xz/zstd/gzip/bzip2 compressed) to write as it is: a file,
+    /// an http(s):// URL (downloaded and verified first) or a release name like
+    /// fedora:42/workstation/x86_64
+    #[arg(help_heading = SOURCE)]
     pub iso: PathBuf,
     /// The sticks (block devices) or image files to write to; several are
     /// written at once from one read of the ISO
-    #[arg(required_unless_present_any = ["wait_for", "download_only"], num_args = 1..)]
+    #[arg(required_unless_present_any = ["wait_for", "download_only"], num_args = 1.., help_heading = TARGET)]
     pub targets: Vec<PathBuf>,
     /// Wait for N sticks to be plugged in and write each as it appears
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = TARGET)]
     pub wait_for: Option<usize>,
 
     /// Create or grow an image file to this size (4G, 8GiB, 512M, …)
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", help_heading = TARGET)]
     pub size: Option<String>,
     /// Create a new partition table and FAT32 filesystem (erases the target).
     /// The default when the target is new or has no partition table.
-    #[arg(long)]
+    #[arg(long, help_heading = TARGET)]
     pub format: bool,
     /// Never format: install into the existing FAT partition, keeping other files
-    #[arg(long, conflicts_with = "format")]
+    #[arg(long, conflicts_with = "format", help_heading = TARGET)]
     pub noformat: bool,
     /// Partition table for --format
-    #[arg(long, value_enum, default_value_t = TableArg::Mbr)]
+    #[arg(long, value_enum, default_value_t = TableArg::Mbr, help_heading = TARGET)]
     pub table: TableArg,
     /// Shorthand for --table gpt
-    #[arg(long, conflicts_with = "table")]
+    #[arg(long, conflicts_with = "table", help_heading = TARGET)]
     pub gpt: bool,
     /// FAT volume label for --format (1-11 of A-Z a-z 0-9 _ -)
-    #[arg(long)]
+    #[arg(long, help_heading = TARGET)]
     pub label: Option<String>,
     /// Directory for squashfs.img, the overlay and home.img on the stick
-    #[arg(long, default_value = "LiveOS")]
+    #[arg(long = "live-dir", visible_alias = "livedir", value_name = "DIR", default_value = "LiveOS", help_heading = TARGET)]
     pub livedir: String,
 
     /// Put the live system on an ext4 partition beside a small FAT boot partition
@@ -60,111 +72,115 @@ pub struct WriteArgs {
     /// files may then be larger than 4095 MiB. Chosen by itself for a new or
     /// --format'ed target when --overlay-size-mb/--home-size-mb/--swap-size-mb is
     /// over 4095
-    #[arg(long, conflicts_with = "noformat")]
+    #[arg(long, conflicts_with = "noformat", help_heading = TARGET)]
     pub ext4: bool,
     /// Persistent overlay of N MiB (at most 4095 on FAT32; larger puts the live
     /// system on an ext4 partition, see --ext4)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = PERSIST)]
     pub overlay_size_mb: Option<u64>,
     /// Make the overlay an OverlayFS upper layer instead of a device-mapper snapshot
-    #[arg(long)]
+    #[arg(long, help_heading = PERSIST)]
     pub overlayfs: bool,
     /// Persistent /home image of N MiB (LUKS-encrypted unless --unencrypted-home)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = PERSIST)]
     pub home_size_mb: Option<u64>,
     /// Make home.img plain ext4
-    #[arg(long)]
+    #[arg(long, help_heading = PERSIST)]
     pub unencrypted_home: bool,
     /// Read the home passphrase from FILE (its bytes exactly, one final newline dropped)
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = PERSIST)]
     pub passphrase_file: Option<PathBuf>,
     /// Read the home passphrase from standard input
-    #[arg(long, conflicts_with = "passphrase_file")]
+    #[arg(long, conflicts_with = "passphrase_file", help_heading = PERSIST)]
     pub passphrase_stdin: bool,
     /// LUKS key derivation for home.img
-    #[arg(long, value_name = "KDF", value_parser = ["argon2id", "pbkdf2"])]
+    #[arg(long, value_name = "KDF", value_parser = ["argon2id", "pbkdf2"], help_heading = PERSIST)]
     pub luks_pbkdf: Option<String>,
     /// LUKS key-derivation time in milliseconds
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "MS", help_heading = PERSIST)]
     pub luks_iter_time: Option<u32>,
     /// LUKS argon2 memory cost in KiB
-    #[arg(long, value_name = "KIB")]
+    #[arg(long, value_name = "KIB", help_heading = PERSIST)]
     pub luks_pbkdf_memory: Option<u32>,
     /// On an existing stick: keep the overlay file but empty it (renamed to the new label/UUID)
-    #[arg(long)]
+    #[arg(long, help_heading = PERSIST)]
     pub reset_overlay: bool,
     /// On an existing stick: only rewrite boot configs and the boot loader
-    #[arg(long, alias = "reconfig")]
+    #[arg(long, alias = "reconfig", help_heading = BOOT)]
     pub skipcopy: bool,
     /// Delete an existing home.img instead of keeping it (asks first)
-    #[arg(long)]
+    #[arg(long, help_heading = PERSIST)]
     pub delete_home: bool,
     /// When the source is another stick: carry its overlay over
-    #[arg(long)]
+    #[arg(long, help_heading = SOURCE)]
     pub copy_overlay: bool,
     /// When the source is another stick: carry its home.img over
-    #[arg(long)]
+    #[arg(long, help_heading = SOURCE)]
     pub copy_home: bool,
     /// Overlay argument spelling for the ISO's dracut (auto detects it from the initrd)
-    #[arg(long, value_enum, default_value_t = DracutNamesArg::Auto)]
+    #[arg(long, value_enum, default_value_t = DracutNamesArg::Auto, help_heading = BOOT)]
     pub dracut_names: DracutNamesArg,
     /// Swap image of N MiB
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = PERSIST)]
     pub swap_size_mb: Option<u64>,
 
     /// Extra kernel arguments for every boot entry (replace same-named ones)
-    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true, help_heading = BOOT)]
     pub extra_kernel_args: Option<String>,
     /// Boot menu timeout in seconds; 0 boots the default entry at once,
     /// `forever` (or -1) waits for a choice
-    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, allow_hyphen_values = true)]
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, allow_hyphen_values = true, help_heading = BOOT)]
     pub timeout: Option<u32>,
     /// SYSLINUX total timeout in seconds: boot the default even while the user
     /// is browsing the menu
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", help_heading = BOOT)]
     pub total_timeout: Option<u32>,
 
     /// Write the image byte for byte as a raw disk image, even a live ISO
     /// (a disk image that is not a live ISO is written so without it)
-    #[arg(long)]
+    #[arg(long, help_heading = SOURCE)]
     pub dd: bool,
     /// bmaptool block map of a raw image (default: IMAGE.bmap beside it, if
     /// present): only its mapped ranges are written, each checked
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = VERIFY)]
     pub bmap: Option<PathBuf>,
 
-    /// Skip checking the ISO's implanted MD5 (a CHECKSUM given or found beside
-    /// the image is still checked)
-    #[arg(long)]
+    /// Source check: do not check the ISO against the MD5 implanted in it
+    /// (checkisomd5's check of the download, before anything is written).
+    /// Not the read-back (see --no-verify-write), and not a CHECKSUM file given
+    /// or found beside the image, which is still checked
+    #[arg(long, help_heading = VERIFY)]
     pub noverify: bool,
-    /// Skip reading back what was written
-    #[arg(long)]
+    /// Target check: do not read the stick back after writing (the comparison
+    /// of every written byte with what was meant, which catches a failing
+    /// stick). Not the ISO's own MD5: see --noverify
+    #[arg(long, help_heading = VERIFY)]
     pub no_verify_write: bool,
     /// Print the plan and write nothing
-    #[arg(long)]
+    #[arg(long, help_heading = OUTPUT)]
     pub dry_run: bool,
     /// Answer yes to every confirmation
-    #[arg(long, short)]
+    #[arg(long, short, help_heading = SAFETY)]
     pub yes: bool,
     /// Write to a non-removable disk
-    #[arg(long)]
+    #[arg(long, help_heading = SAFETY)]
     pub force: bool,
     /// FAT volume id (hex, e.g. 1234ABCD); random by default. For reproducible images.
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, help_heading = SAFETY)]
     pub volume_id: Option<String>,
 
     // Options livecd-iso-to-disk users know under other spellings.
     /// With --format: make the live partition N MiB instead of the whole disk
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = TARGET)]
     pub partition_size_mb: Option<u64>,
     /// Install beside an existing live image (its own directory and menu entries)
-    #[arg(long)]
+    #[arg(long, help_heading = TARGET)]
     pub multi: bool,
     /// Copy FILE to the stick as updates.img and boot the installer with inst.updates= it
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = BOOT)]
     pub updates: Option<PathBuf>,
     /// Copy FILE to the stick as ks.cfg and boot the installer with inst.ks= it
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = BOOT)]
     pub ks: Option<PathBuf>,
 
     #[command(flatten)]
@@ -173,6 +189,7 @@ pub struct WriteArgs {
 
 /// Checking the source against a published checksum, and downloading it.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Source")]
 pub struct SourceCheckArgs {
     /// The image's CHECKSUM file (path, or URL for a downloaded source): its
     /// signature and the image's sha256 are checked before anything is written,

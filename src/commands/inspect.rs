@@ -37,34 +37,34 @@ pub fn table(image: &LiveImage) -> String {
         RootKind::Unknown { reason } => format!("unknown ({reason})"),
         RootKind::Unrecognised { reason } => format!("not a root image ({reason})"),
     };
-    out.push_str(&format!("ISO            {}\n", image.path.display()));
-    out.push_str(&format!("label          {}\n", image.label));
-    out.push_str(&format!("size           {}\n", human(image.volume_size)));
-    out.push_str(&format!("layout         {:?}\n", image.layout));
+    out.push_str(&format!("ISO:           {}\n", image.path.display()));
+    out.push_str(&format!("label:         {}\n", image.label));
+    out.push_str(&format!("size:          {}\n", human(image.volume_size)));
+    out.push_str(&format!("layout:        {}\n", image.layout));
     out.push_str(&format!(
-        "squashfs       {} ({}, {})\n",
+        "squashfs:      {} ({}, {})\n",
         image.squashfs.path,
         human(image.squashfs.size),
         image.compressor.as_deref().unwrap_or("unknown compressor")
     ));
-    out.push_str(&format!("root           {root}\n"));
+    out.push_str(&format!("root:          {root}\n"));
     out.push_str(&format!(
-        "implanted MD5  {}\n",
+        "implanted MD5: {}\n",
         if image.implanted_md5 {
-            "present"
+            "present (checked before writing)"
         } else {
-            "absent"
+            "absent (nothing can check this ISO's contents before writing)"
         }
     ));
-    out.push_str(&format!("kernels        {}\n", image.kernels.join(", ")));
-    out.push_str(&format!("initrds        {}\n", image.initrds.join(", ")));
-    out.push_str("EFI files\n");
+    out.push_str(&format!("kernels:       {}\n", image.kernels.join(", ")));
+    out.push_str(&format!("initrds:       {}\n", image.initrds.join(", ")));
+    out.push_str("EFI files:\n");
     for f in &image.efi_files {
         out.push_str(&format!("  {:>10}  {}\n", human(f.size), f.path));
     }
     for m in &image.menus {
         out.push_str(&format!(
-            "menu {} ({:?}, timeout {}, default {})\n",
+            "menu:          {} ({}, timeout {}, default {})\n",
             m.path,
             m.menu.source,
             m.menu
@@ -74,13 +74,13 @@ pub fn table(image: &LiveImage) -> String {
             m.menu.default_index
         ));
         for e in &m.menu.entries {
-            out.push_str(&format!("  [{:?}] {}\n", e.purpose, e.title));
+            out.push_str(&format!("  [{}] {}\n", e.purpose, e.title));
             out.push_str(&format!(
-                "      kernel {}  initrd {}\n",
+                "      kernel: {}  initrd: {}\n",
                 e.kernel,
                 e.initrds.join(",")
             ));
-            out.push_str(&format!("      args   {}\n", e.args));
+            out.push_str(&format!("      args:   {}\n", e.args));
         }
     }
     for w in &image.warnings {

@@ -113,6 +113,7 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
         )));
     }
     Ok(WriteOptions {
+        noverify: args.noverify,
         format,
         table,
         label: args.label.clone(),
@@ -407,9 +408,13 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         value["iso_md5"] = serde_json::json!(md5);
         value["repaired"] = serde_json::json!(plan.repaired);
         value["checksum"] = serde_json::to_value(&source_check)?;
+        value["iso_check"] = serde_json::json!(plan.iso_check);
         crate::outln!("{}", serde_json::to_string_pretty(&value)?);
     } else if !quiet {
         print_report(&live, &report, md5.is_some());
+        if let Some(note) = plan.iso_check.note(&live) {
+            crate::outln!("  note: {note}");
+        }
         crate::outln!("  {}", source_check_line(&source_check, md5.is_some()));
     }
     Ok(())

@@ -23,6 +23,15 @@ pub enum TargetKind {
     BlockDevice,
 }
 
+impl std::fmt::Display for TargetKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TargetKind::ImageFile => "image file",
+            TargetKind::BlockDevice => "block device",
+        })
+    }
+}
+
 /// What we know about a target before touching it.
 #[derive(Debug, Clone, Serialize)]
 pub struct TargetProbe {

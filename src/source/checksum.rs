@@ -71,6 +71,21 @@ pub enum Md5Outcome {
     },
 }
 
+/// How messages name the outcome.
+impl std::fmt::Display for Md5Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Md5Outcome::Passed => f.write_str("passed"),
+            Md5Outcome::Failed { expected, actual } => {
+                write!(f, "MD5 {actual}, the ISO claims {expected}")
+            }
+            Md5Outcome::FragmentFailed { fragment } => {
+                write!(f, "fragment {fragment} does not match its checksum")
+            }
+        }
+    }
+}
+
 impl Md5Outcome {
     pub fn passed(&self) -> bool {
         matches!(self, Md5Outcome::Passed)

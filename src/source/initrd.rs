@@ -13,13 +13,16 @@
 //! So the archive is read entry by entry and all three are consulted.
 //!
 //! An initrd is one or more cpio archives: uncompressed early ones (microcode)
-//! followed by a compressed main one. We skip the uncompressed ones and stream
-//! the rest through the matching decompressor.
+//! followed by a compressed main one. We skip the uncompressed ones and
+//! decompress the rest in process, with the Rust decoders livestick already
+//! links for compressed ISOs (zstd, xz/lzma, gzip, bzip2) and lz4_flex: the
+//! answer never depends on which decompression programs the host has.
 
-use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::io::Read;
 
-use crate::tools;
+/// The most decompressed bytes read from an initrd. A Fedora initrd unpacks
+/// to about 100 MiB; the limit only bounds what a hostile one can cost.
+const UNPACKED_LIMIT: u64 = 1 << 30;
 
 /// The dracut version string (`059`, `110`, `105-2.fc41`…), if found.
 pub fn dracut_version<R: Read>(initrd: &mut R, limit: u64) -> Option<String> {
@@ -30,34 +33,91 @@ pub fn dracut_version<R: Read>(initrd: &mut R, limit: u64) -> Option<String> {
     if let Some(v) = version_in_archive(rest) {
         return Some(v);
     }
-    let tool = match rest {
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => tools::ZSTD,
-        [0xfd, b'7', b'z', b'X', b'Z', 0x00, ..] => tools::XZ,
-        [0x1f, 0x8b, ..] => tools::GZIP,
-        [0x02, 0x21, 0x4c, 0x18, ..] => tools::LZ4,
+    version_in_archive(&decompress(rest, UNPACKED_LIMIT)?)
+}
+
+/// The compressions dracut and the kernel know, by their magic bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Compression {
+    Zstd,
+    Xz,
+    /// The old `.lzma` format (`dracut --lzma`).
+    Lzma,
+    Gzip,
+    Bzip2,
+    /// `lz4 -l`, the only lz4 format the kernel unpacks (`dracut --lz4`).
+    Lz4Legacy,
+    /// The lz4 frame format (what plain `lz4` writes).
+    Lz4Frame,
+}
+
+const LZ4_LEGACY_MAGIC: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
+
+fn compression_of(head: &[u8]) -> Option<Compression> {
+    Some(match head {
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
+        [0xfd, b'7', b'z', b'X', b'Z', 0x00, ..] => Compression::Xz,
+        [0x5d, 0x00, 0x00, ..] => Compression::Lzma,
+        [0x1f, 0x8b, ..] => Compression::Gzip,
+        [b'B', b'Z', b'h', ..] => Compression::Bzip2,
+        [0x02, 0x21, 0x4c, 0x18, ..] => Compression::Lz4Legacy,
+        [0x04, 0x22, 0x4d, 0x18, ..] => Compression::Lz4Frame,
         _ => return None,
+    })
+}
+
+/// The decompressed main archive, at most `limit` bytes. A stream that is cut
+/// short or damaged yields what came before the damage: the version files may
+/// well be in it.
+fn decompress(data: &[u8], limit: u64) -> Option<Vec<u8>> {
+    let reader: Box<dyn Read + '_> = match compression_of(data)? {
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(data).ok()?),
+        Compression::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(data)),
+        Compression::Lzma => {
+            let stream = liblzma::stream::Stream::new_lzma_decoder(u64::MAX).ok()?;
+            Box::new(liblzma::read::XzDecoder::new_stream(data, stream))
+        }
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(data)),
+        Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(data)),
+        Compression::Lz4Legacy => return Some(lz4_legacy(data, limit)),
+        Compression::Lz4Frame => Box::new(lz4_flex::frame::FrameDecoder::new(data)),
     };
-    // A missing decompressor leaves the version unknown (the caller's
-    // default), as it did before; `doctor` lists the four.
-    let exe = tools::find_program(&tool).ok()?;
-    let mut child = Command::new(exe)
-        .arg("-dcq")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let mut stdin = child.stdin.take()?;
-    let input = rest.to_vec();
-    let feeder = std::thread::spawn(move || {
-        // A decompressor that stops early closes the pipe; that is fine.
-        let _ = stdin.write_all(&input);
-    });
     let mut out = Vec::new();
-    child.stdout.take()?.read_to_end(&mut out).ok()?;
-    let _ = child.wait();
-    let _ = feeder.join();
-    version_in_archive(&out)
+    // read_to_end keeps what it read before an error; that prefix is used.
+    let _ = reader.take(limit).read_to_end(&mut out);
+    Some(out)
+}
+
+/// The lz4 legacy format: the magic, then blocks of at most 8 MiB, each a
+/// little-endian compressed length and an lz4 block; another magic may start
+/// a new stream, and the kernel stops at anything else (padding).
+fn lz4_legacy(mut data: &[u8], limit: u64) -> Vec<u8> {
+    const BLOCK_MAX: usize = 8 << 20;
+    let mut out = Vec::new();
+    while let Some(word) = data.get(..4) {
+        if word == LZ4_LEGACY_MAGIC {
+            data = &data[4..];
+            continue;
+        }
+        let size = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) as usize;
+        let Some(block) = data.get(4..4 + size).filter(|_| size > 0) else {
+            break;
+        };
+        if out.len() as u64 >= limit {
+            break;
+        }
+        let start = out.len();
+        out.resize(start + BLOCK_MAX, 0);
+        match lz4_flex::block::decompress_into(block, &mut out[start..]) {
+            Ok(n) => out.truncate(start + n),
+            Err(_) => {
+                out.truncate(start);
+                break;
+            }
+        }
+        data = &data[4 + size..];
+    }
+    out
 }
 
 /// One entry of a "newc" cpio archive.
@@ -206,6 +266,9 @@ pub fn uses_renamed_overlay_args(version: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
     use super::*;
 
     fn newc(name: &str, data: &[u8]) -> Vec<u8> {
@@ -246,20 +309,9 @@ mod tests {
             "usr/lib/initrd-release",
             b"NAME=dracut\nDRACUT_VERSION=\"110-1\"\n",
         );
-        let mut gz = Command::new(tools::find_program(&tools::GZIP).unwrap())
-            .arg("-c")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        gz.stdin.take().unwrap().write_all(&main).unwrap();
-        let mut compressed = Vec::new();
-        gz.stdout
-            .take()
-            .unwrap()
-            .read_to_end(&mut compressed)
-            .unwrap();
-        gz.wait().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&main).unwrap();
+        let compressed = gz.finish().unwrap();
         let mut initrd = early;
         initrd.extend(compressed);
         let v = dracut_version(&mut &initrd[..], 1 << 30).unwrap();
@@ -268,6 +320,110 @@ mod tests {
         assert!(!uses_renamed_overlay_args("059"));
         assert!(!uses_renamed_overlay_args("unknown"));
         assert_eq!(dracut_version(&mut &b"random bytes"[..], 100), None);
+    }
+
+    /// `tool args` run over `input`: the bytes the real program makes.
+    fn made_by(tool: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
+        let mut child = Command::new(tool)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{tool} not runnable ({e}); run scripts/deps.sh"));
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_vec();
+        let feeder = std::thread::spawn(move || stdin.write_all(&input).unwrap());
+        let out = child.wait_with_output().unwrap();
+        feeder.join().unwrap();
+        assert!(out.status.success(), "{tool} {args:?} failed");
+        out.stdout
+    }
+
+    /// A main archive whose version files come after 9 MiB of other files, so
+    /// that a decoder must get through more than one block (lz4 legacy blocks
+    /// hold 8 MiB) to find them.
+    fn big_main_archive(version: &str) -> Vec<u8> {
+        let filler: Vec<u8> = (0..9u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 & 0x0f)
+            .collect();
+        let mut main = newc("usr/lib/modules/big.ko", &filler);
+        main.extend(newc(
+            "usr/lib/initrd-release",
+            format!("NAME=dracut\nDRACUT_VERSION=\"{version}\"\n").as_bytes(),
+        ));
+        main.extend(newc("TRAILER!!!", b""));
+        main
+    }
+
+    fn early_microcode() -> Vec<u8> {
+        let mut early = newc("kernel/x86/microcode/AuthenticAMD.bin", &[0x55; 300]);
+        early.extend(newc("TRAILER!!!", b""));
+        early
+    }
+
+    #[test]
+    fn every_compression_dracut_writes_is_read_in_process() {
+        let main = big_main_archive("110-7");
+        for (tool, args, expected) in [
+            ("zstd", &["-q", "-c", "-T1"][..], Compression::Zstd),
+            ("xz", &["--check=crc32", "-c", "-0"][..], Compression::Xz),
+            ("xz", &["--format=lzma", "-c", "-0"][..], Compression::Lzma),
+            ("gzip", &["-c", "-1"][..], Compression::Gzip),
+            ("bzip2", &["-c", "-1"][..], Compression::Bzip2),
+            ("lz4", &["-l", "-c"][..], Compression::Lz4Legacy),
+            ("lz4", &["-c"][..], Compression::Lz4Frame),
+        ] {
+            let compressed = made_by(tool, args, &main);
+            assert_eq!(
+                compression_of(&compressed),
+                Some(expected),
+                "{tool} {args:?}"
+            );
+            let mut initrd = early_microcode();
+            initrd.extend(&compressed);
+            assert_eq!(
+                dracut_version(&mut &initrd[..], 1 << 30).as_deref(),
+                Some("110-7"),
+                "{tool} {args:?}"
+            );
+            // The whole archive comes back, byte for byte.
+            assert_eq!(
+                decompress(&compressed, 1 << 30).as_deref(),
+                Some(&main[..]),
+                "{tool} {args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn damaged_or_cut_streams_give_what_precedes_the_damage_or_nothing() {
+        let mut main = newc(
+            "usr/lib/initrd-release",
+            b"NAME=dracut\nDRACUT_VERSION=111\n",
+        );
+        main.extend(big_main_archive("999"));
+        for (tool, args) in [
+            ("zstd", &["-q", "-c"][..]),
+            ("xz", &["-c", "-0"][..]),
+            ("gzip", &["-c"][..]),
+            ("lz4", &["-l", "-c"][..]),
+        ] {
+            let compressed = made_by(tool, args, &main);
+            // Cut in the middle: the release file at the start still counts.
+            let cut = &compressed[..compressed.len() / 2];
+            assert_eq!(
+                dracut_version(&mut &cut[..], 1 << 30).as_deref(),
+                Some("111"),
+                "{tool} cut short"
+            );
+            // Garbage after the magic: no version, no panic.
+            let mut garbage = compressed[..8].to_vec();
+            garbage.extend((0..4096u32).map(|i| (i * 7919 % 251) as u8));
+            assert_eq!(dracut_version(&mut &garbage[..], 1 << 30), None, "{tool}");
+        }
+        // The limit bounds the unpacked size: nothing past it is looked at.
+        let lz4 = made_by("lz4", &["-l", "-c"], &big_main_archive("112"));
+        assert!(decompress(&lz4, 1 << 20).unwrap().len() <= 8 << 20);
     }
 
     #[test]

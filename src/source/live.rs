@@ -31,6 +31,16 @@ pub enum LayoutKind {
     Kiwi,
 }
 
+impl std::fmt::Display for LayoutKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LayoutKind::Isolinux => "isolinux (BIOS) + EFI/BOOT",
+            LayoutKind::GrubOnly => "GRUB only",
+            LayoutKind::Kiwi => "kiwi",
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum RootKind {

@@ -48,7 +48,7 @@ impl Report for BareOvlfsStatus<'_> {
 
 impl Display for BareOvlfsStatus<'_> {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
-        writeln!(f, "overlay         {}", self.path.display())?;
+        writeln!(f, "overlay:        {}", self.path.display())?;
         ovlfs_usage(f, self.usage)
     }
 }
@@ -83,12 +83,12 @@ impl Display for BareDmStatus<'_> {
 fn ovlfs_usage(f: &mut Formatter<'_>, usage: &ovlfs::Usage) -> fmt::Result {
     writeln!(
         f,
-        "kind            OverlayFS (ext4 with overlayfs/ + ovlwork/)"
+        "kind:           OverlayFS (ext4 with overlayfs/ + ovlwork/)"
     )?;
-    writeln!(f, "size            {}", human(usage.size_bytes))?;
+    writeln!(f, "size:           {}", human(usage.size_bytes))?;
     writeln!(
         f,
-        "used            {:.2} % ({} free)",
+        "used:           {:.2} % ({} free)",
         usage.percent_used,
         human(usage.bytes_free)
     )
@@ -113,20 +113,20 @@ impl Report for DirStatus<'_> {
 impl Display for DirStatus<'_> {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         let st = self.status;
-        writeln!(f, "overlay         {}", self.path.display())?;
+        writeln!(f, "overlay:        {}", self.path.display())?;
         writeln!(
             f,
-            "kind            OverlayFS directory (overlayfs/ + ovlwork/ on the stick's file system)"
+            "kind:           OverlayFS directory (overlayfs/ + ovlwork/ on the stick's file system)"
         )?;
         writeln!(
             f,
-            "upper dir       {} entries, {}",
+            "upper dir:      {} entries, {}",
             st.upper_entries,
             human(st.used_bytes)
         )?;
         writeln!(
             f,
-            "free            {} on its file system",
+            "free:           {} on its file system",
             human(st.bytes_free)
         )
     }
@@ -199,18 +199,18 @@ impl Display for StickStatus<'_> {
             Usage::Ovlfs(u) => {
                 writeln!(
                     f,
-                    "stick           {} ({} {})",
+                    "stick:          {} ({} {})",
                     t.stick.path.display(),
                     t.info.label,
                     t.info.fs_uuid
                 )?;
-                writeln!(f, "overlay         {}", t.overlay)?;
+                writeln!(f, "overlay:        {}", t.overlay)?;
                 ovlfs_usage(f, u)?;
             }
             Usage::Dm(r) => {
                 writeln!(
                     f,
-                    "stick           {} (label {}, UUID {})",
+                    "stick:          {} (label {}, UUID {})",
                     t.stick.path.display(),
                     t.info.label,
                     t.info.fs_uuid
@@ -219,7 +219,7 @@ impl Display for StickStatus<'_> {
             }
         }
         for n in &t.name_notes() {
-            writeln!(f, "note            {n}")?;
+            writeln!(f, "note:           {n}")?;
         }
         Ok(())
     }
@@ -328,30 +328,30 @@ impl Display for Merged<'_> {
 }
 
 fn dm_status(f: &mut Formatter<'_>, overlay: &str, report: &snapshot::StatusReport) -> fmt::Result {
-    writeln!(f, "overlay         {overlay}")?;
-    writeln!(f, "state           {}", report.state)?;
-    writeln!(f, "dmsetup status  {}", report.dm_status)?;
+    writeln!(f, "overlay:        {overlay}")?;
+    writeln!(f, "state:          {}", report.state)?;
+    writeln!(f, "dmsetup status: {}", report.dm_status)?;
     writeln!(
         f,
-        "chunk size      {} sectors ({})",
+        "chunk size:     {} sectors ({})",
         report.chunk_sectors,
         human(u64::from(report.chunk_sectors) * SECTOR_BYTES)
     )?;
     writeln!(
         f,
-        "size            {} ({} sectors)",
+        "size:           {} ({} sectors)",
         human(report.cow_bytes),
         report.total_sectors
     )?;
     writeln!(
         f,
-        "exceptions      {} in {} metadata area(s)",
+        "exceptions:     {} in {} metadata area(s)",
         report.exceptions, report.metadata_areas
     )?;
-    writeln!(f, "used            {:.2} %", report.percent_used)?;
+    writeln!(f, "used:           {:.2} %", report.percent_used)?;
     writeln!(
         f,
-        "free            {} ({} chunks){}",
+        "free:           {} ({} chunks){}",
         human(report.bytes_free),
         report.free_data_chunks,
         if report.full {
@@ -363,17 +363,17 @@ fn dm_status(f: &mut Formatter<'_>, overlay: &str, report: &snapshot::StatusRepo
     if report.state == "uninitialised" {
         writeln!(
             f,
-            "note            new store: the kernel initialises it on first boot"
+            "note:           new store: the kernel initialises it on first boot"
         )?;
     }
     if report.trap_size {
         writeln!(
             f,
-            "warning         this size lets the last metadata area invalidate the overlay when it fills; `overlay grow --add-mb 1` fixes it"
+            "warning:        this size lets the last metadata area invalidate the overlay when it fills; `overlay grow --add-mb 1` fixes it"
         )?;
     }
     for p in &report.problems {
-        writeln!(f, "problem         {p}")?;
+        writeln!(f, "problem:        {p}")?;
     }
     Ok(())
 }
@@ -602,9 +602,9 @@ impl Display for OvlfsOutcome<'_> {
         let show = &out.overlay;
         writeln!(
             f,
-            "overlay         {show} (OverlayFS: ext4 with overlayfs/ + ovlwork/)"
+            "overlay:        {show} (OverlayFS: ext4 with overlayfs/ + ovlwork/)"
         )?;
-        writeln!(f, "method          {}", out.method)?;
+        writeln!(f, "method:         {}", out.method)?;
         if let Some(c) = &out.check {
             fsck(f, show, c)?;
             if !c.clean && out.repair.is_none() && !out.dry_run {
@@ -696,11 +696,11 @@ mod tests {
         };
         let text = status.to_string();
         assert!(
-            text.starts_with("overlay         overlay.img\nkind            OverlayFS"),
+            text.starts_with("overlay:        overlay.img\nkind            OverlayFS"),
             "{text}"
         );
         assert!(
-            text.contains("used            25.00 % (75 MiB free)"),
+            text.contains("used:           25.00 % (75 MiB free)"),
             "{text}"
         );
         let json: serde_json::Value =
