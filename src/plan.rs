@@ -2833,7 +2833,7 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
                 );
             }
         }
-        assert!(plan.to_table().contains("partition 2      ext4"));
+        assert!(plan.to_table().contains("partition 2:     ext4"));
     }
 
     #[test]

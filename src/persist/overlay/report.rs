@@ -696,7 +696,7 @@ mod tests {
         };
         let text = status.to_string();
         assert!(
-            text.starts_with("overlay:        overlay.img\nkind            OverlayFS"),
+            text.starts_with("overlay:        overlay.img\nkind:           OverlayFS"),
             "{text}"
         );
         assert!(
