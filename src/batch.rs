@@ -193,6 +193,9 @@ pub enum BatchError {
     EveryTargetFailed { details: String },
     #[error(transparent)]
     Partial(PartialBatchFailure),
+    /// `--wait-timeout` passed before any stick was plugged in.
+    #[error(transparent)]
+    NothingPlugged(DeviceError),
 }
 
 impl Classify for BatchError {
@@ -200,6 +203,7 @@ impl Classify for BatchError {
         match self {
             BatchError::EveryTargetFailed { .. } => ErrorKind::Io,
             BatchError::Partial(e) => e.kind(),
+            BatchError::NothingPlugged(e) => e.kind(),
         }
     }
 
@@ -207,6 +211,7 @@ impl Classify for BatchError {
         match self {
             BatchError::EveryTargetFailed { .. } => self.kind().hint(),
             BatchError::Partial(e) => e.hint(),
+            BatchError::NothingPlugged(e) => e.hint(),
         }
     }
 }
@@ -220,6 +225,8 @@ pub struct Batch {
     json: bool,
     outcomes: Vec<(PathBuf, Option<Outcome>)>,
     planned: Vec<PlannedTarget>,
+    /// `--wait-for` gave up (`--wait-timeout`) before every stick was plugged in.
+    timed_out: Option<DeviceError>,
 }
 
 impl Batch {
@@ -238,6 +245,7 @@ impl Batch {
             json,
             outcomes: Vec::new(),
             planned: Vec::new(),
+            timed_out: None,
         }
     }
 
@@ -381,6 +389,7 @@ impl Batch {
         mode: ProgressMode,
         iso: &Path,
         n: usize,
+        timeout: Option<std::time::Duration>,
         include_fixed: bool,
         workdir: &Path,
         md5: Option<&str>,
@@ -391,14 +400,22 @@ impl Batch {
             serde_json::json!({"event": "start", "schema": EVENTS_SCHEMA, "iso": iso, "wait_for": n}),
         );
         if !json && !quiet {
-            eprintln!("Waiting for {n} stick(s) to be plugged in…");
+            match timeout {
+                Some(limit) => eprintln!(
+                    "Waiting up to {} s for {n} stick(s) to be plugged in…",
+                    limit.as_secs()
+                ),
+                None => eprintln!(
+                    "Waiting for {n} stick(s) to be plugged in (no time limit: --wait-timeout sets one)…"
+                ),
+            }
         }
         let multi = indicatif::MultiProgress::new();
         let outcomes = std::sync::Mutex::new(Vec::<(PathBuf, Option<Outcome>)>::new());
         let write = &write;
         let wait_result = std::thread::scope(|scope| {
             let mut index = 0usize;
-            crate::disk::devices::wait_for_new_devices(n, None, include_fixed, |device| {
+            crate::disk::devices::wait_for_new_devices(n, timeout, include_fixed, |device| {
                 index += 1;
                 let workdir = workdir.join(format!("target-{index}"));
                 let progress = Progress::in_multi(mode, &multi, device.display().to_string());
@@ -429,7 +446,14 @@ impl Batch {
         });
         let mut batch = Batch::empty(json);
         batch.outcomes = outcomes.into_inner().unwrap_or_default();
-        wait_result?;
+        match wait_result {
+            // The sticks that did come were written: they are reported, and the
+            // shortfall makes the batch partial.
+            Err(e @ DeviceError::WaitTimedOut { .. }) => batch.timed_out = Some(e),
+            other => {
+                other?;
+            }
+        }
         Ok(batch)
     }
 
@@ -438,6 +462,7 @@ impl Batch {
     pub fn finish(self, quiet: bool) -> Result<(), BatchError> {
         let outcomes = self.outcomes;
         let json = self.json;
+        let timed_out = self.timed_out;
         let total = outcomes.len();
         let mut details = Vec::new();
         let mut rows = Vec::new();
@@ -484,7 +509,24 @@ impl Batch {
                 crate::outln!("{:<32} {:<8} {}", target.display(), result, detail);
             }
         }
-        let failed = details.len();
+        let mut failed = details.len();
+        let mut total = total;
+        if let Some(e) = timed_out {
+            let DeviceError::WaitTimedOut { wanted, found, .. } = &e else {
+                return Err(BatchError::NothingPlugged(e));
+            };
+            if found.is_empty() {
+                return Err(BatchError::NothingPlugged(e));
+            }
+            failed += wanted.saturating_sub(found.len());
+            total = total.max(*wanted);
+            details.push(e.to_string());
+            return Err(BatchError::Partial(PartialBatchFailure {
+                failed,
+                total,
+                details,
+            }));
+        }
         if failed == 0 {
             Ok(())
         } else if failed == total {

@@ -1092,6 +1092,7 @@ impl CompatArgs {
             iso: source,
             targets: vec![disk],
             wait_for: None,
+            wait_timeout: None,
             size: self.size.clone(),
             format,
             ext4,

@@ -43,6 +43,11 @@ pub struct WriteArgs {
     /// Wait for N sticks to be plugged in and write each as it appears
     #[arg(long, value_name = "N", help_heading = TARGET)]
     pub wait_for: Option<usize>,
+    /// With --wait-for: give up waiting after DURATION (90s, 10m, 1h; a plain
+    /// number is seconds). The sticks plugged in by then are written and
+    /// reported; the batch ends as partial (exit 5), or exit 2 if none came
+    #[arg(long, value_name = "DURATION", requires = "wait_for", value_parser = parse_duration, help_heading = TARGET)]
+    pub wait_timeout: Option<std::time::Duration>,
 
     /// Create or grow an image file to this size (4G, 8GiB, 512M, …)
     #[arg(long, value_name = "SIZE", help_heading = TARGET)]
@@ -225,6 +230,28 @@ pub struct SourceCheckArgs {
 
 /// `--timeout`: whole seconds, or `forever`/`-1` for "wait for a choice"
 /// (`boot::render::WAIT_FOREVER`).
+/// `90`, `90s`, `10m`, `1h`: a wait of at least one second.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" | "sec" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        _ => 0,
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .filter(|&n| n > 0 && scale > 0)
+        .and_then(|n| n.checked_mul(scale))
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 90s, 10m or 1h"))
+}
+
 pub fn parse_timeout(text: &str) -> Result<u32, String> {
     match text {
         "forever" | "-1" => Ok(crate::boot::render::WAIT_FOREVER),
@@ -249,6 +276,23 @@ impl Default for SourceCheckArgs {
             ca_file: None,
             download_timeout: 30,
             releases_url: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "0", "soon", "5d", "-1", "1.5m"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }
 }

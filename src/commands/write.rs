@@ -607,6 +607,7 @@ fn run_wait_for(
         progress_mode(json, quiet),
         &args.iso,
         n,
+        args.wait_timeout,
         args.force,
         workdir.path(),
         md5.as_deref(),

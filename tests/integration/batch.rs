@@ -336,3 +336,110 @@ fn ndjson_events_match_the_recorded_session() {
         "NDJSON event shape changed; bump EVENTS_SCHEMA and re-record with LIVESTICK_BLESS=1"
     );
 }
+
+/// `--wait-timeout`: nobody plugs anything in, so the wait ends after the
+/// duration with exit 2 naming what was awaited (before, it waited forever).
+#[test]
+fn wait_for_gives_up_after_its_timeout_when_nothing_comes() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let started = std::time::Instant::now();
+    let out = livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        "--wait-for",
+        "1",
+        "--wait-timeout",
+        "2s",
+        "--yes",
+        "--noverify",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("Waiting up to 2 s") && stderr.contains("but 0 appeared"),
+        "{stderr}"
+    );
+    // It did stop (a generous bound: this is about "not forever", not speed).
+    assert!(started.elapsed() < Duration::from_secs(120));
+
+    let bad = livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        "--wait-for",
+        "1",
+        "--wait-timeout",
+        "soon",
+        "--yes",
+    ]);
+    assert_ne!(bad.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("not a duration"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let alone = livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        "x.img",
+        "--wait-timeout",
+        "10s",
+    ]);
+    assert_ne!(alone.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&alone.stderr).contains("--wait-for"),
+        "{}",
+        String::from_utf8_lossy(&alone.stderr)
+    );
+}
+
+/// Two sticks awaited, one plugged in before the timeout: it is written and
+/// reported, and the batch ends as partial (exit 5) naming the shortfall.
+#[test]
+fn wait_for_writes_what_came_and_is_partial_after_its_timeout() {
+    if !require(is_root(), "root (loop devices)") {
+        return;
+    }
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tempfile::tempdir().unwrap();
+    let _alone = watch_loop_devices(dir.path());
+    let image = dir.path().join("plugged");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(256 * MIB)
+        .unwrap();
+    let child = Command::new(bin())
+        .args([
+            "--json",
+            "write",
+            iso.to_str().unwrap(),
+            "--wait-for",
+            "2",
+            "--wait-timeout",
+            "8",
+            "--yes",
+            "--force",
+            "--noverify",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let attached = Loop::attach(&image);
+    let out = child.wait_with_output().unwrap();
+    let Some(dev) = attached else {
+        require(false, "loop devices");
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("but 1 appeared"), "{stderr}");
+    let ev = events(&out.stdout);
+    assert!(
+        ev.iter()
+            .any(|e| e["event"] == "done" && e["device"] == dev.0.as_str()),
+        "{ev:?}"
+    );
+    drop(dev);
+    check_stick(&image, dir.path());
+}
