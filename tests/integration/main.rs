@@ -32,6 +32,7 @@ mod home_cli;
 mod home_image;
 mod iso_reader;
 mod luks_cryptsetup;
+mod overlap_verify;
 mod overlay_cli;
 mod overlay_merge;
 mod overlay_ovl;
