@@ -503,7 +503,7 @@ impl<'a> BoundedDirty<'a> {
     /// written: each batch, once synced (every `limit` bytes; with `limit` 0, an image
     /// file, every [`READ_BACK_BATCH`] bytes without syncing), is dropped from the page
     /// cache and read back on a third thread, compared with what was written. The
-    /// writer never writes into a page that is still being read back, so what is read
+    /// writer never writes a byte that is still being read back, so what is read
     /// is exactly what that batch left. [`BoundedDirty::finish_read_back`] says what was
     /// verified and the first mismatch.
     pub fn verifying(file: &'a mut std::fs::File, limit: u64) -> io::Result<Self> {
@@ -799,7 +799,7 @@ struct Batch {
 #[derive(Default)]
 struct ReadBackState {
     verified: RangeSet,
-    /// Batches handed to the read-back thread and not yet read, by id, with their pages.
+    /// Batches handed to the read-back thread and not yet read, by id, with their bytes.
     outstanding: Vec<(u64, RangeSet)>,
     mismatch: Option<ReadBackMismatch>,
     failed: Option<io::Error>,
@@ -992,15 +992,16 @@ impl ReadBacker {
         })
     }
 
-    /// Waits until no page of `range` is being read back, then forgets that it was
-    /// verified: its new content is read back with this batch.
+    /// Waits until no byte of `range` is being read back, then forgets that it was
+    /// verified: its new content is read back with this batch. Bytes, not pages: a
+    /// FAT32 data area is seldom page-aligned, so consecutive batches of one file share
+    /// a page, and waiting for it would serialise writing and reading back.
     fn before_write(&mut self, range: &Range<u64>) -> io::Result<()> {
-        let pages = pages_of(range);
         let mut state = self.shared.lock()?;
         while state
             .outstanding
             .iter()
-            .any(|(_, busy)| busy.overlaps(&pages))
+            .any(|(_, busy)| busy.overlaps(range))
         {
             state = self
                 .shared
@@ -1046,8 +1047,8 @@ impl ReadBacker {
         self.batch_bytes = 0;
         let id = self.next_id;
         self.next_id += 1;
-        let pages: RangeSet = entries.iter().map(|e| pages_of(&e.range())).collect();
-        self.shared.lock()?.outstanding.push((id, pages));
+        let bytes: RangeSet = entries.iter().map(|e| e.range()).collect();
+        self.shared.lock()?.outstanding.push((id, bytes));
         let Some(queue) = &self.queue else {
             return Err(io::Error::other("the read-back thread stopped"));
         };
@@ -1077,7 +1078,9 @@ impl ReadBacker {
 }
 
 /// Drops the batch's pages from the cache and reads every entry back: `None` when all
-/// match, else the first that does not.
+/// match, else the first that does not. A page the next batch has dirtied again (it
+/// shares a page with this one) stays in the cache, so the few bytes of this batch in
+/// it are read from the cache, not from the stick.
 fn read_back_batch(
     file: &std::fs::File,
     batch: &Batch,
