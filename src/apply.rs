@@ -21,8 +21,8 @@ use crate::disk::stick::{Stick, StickError};
 use crate::disk::target::{self, TargetError, TargetKind, TargetProbe};
 use crate::disk::wipe;
 use crate::io::{
-    BoundedDirty, PartitionWindow, RangeSet, WriteRecorder, WrittenDigest, check_ranges,
-    zero_ranges,
+    BoundedDirty, Corrupter, PartitionWindow, RangeSet, ReadBack, ReadBackMismatch, WriteRecorder,
+    WrittenDigest, check_ranges, zero_ranges,
 };
 
 /// Dirty data allowed in the page cache for a block device before its writer thread
@@ -355,13 +355,83 @@ fn chains_of<'p>(
         .collect()
 }
 
-fn flip_byte(file: &mut File, at: u64) -> io::Result<()> {
-    let mut b = [0u8; 1];
-    file.seek(SeekFrom::Start(at))?;
-    file.read_exact(&mut b)?;
-    b[0] ^= 0xff;
-    file.seek(SeekFrom::Start(at))?;
-    file.write_all(&b)
+/// `LIVESTICK_FAILPOINT=corrupt-file|corrupt-persist|corrupt-meta`: the target
+/// corrupts one byte of a copied file, of a persistence file or of the FAT after it
+/// is written and before it is read back, as a failing stick would. Tests prove with
+/// it that the read-back catches each kind of byte.
+struct TestCorruption {
+    point: String,
+    corrupter: Corrupter,
+}
+
+impl TestCorruption {
+    fn from_env(target: &BoundedDirty<'_>) -> Option<TestCorruption> {
+        let point = std::env::var("LIVESTICK_FAILPOINT").ok()?;
+        if !point.starts_with("corrupt-") {
+            return None;
+        }
+        let corrupter = target.corrupter()?;
+        Some(TestCorruption { point, corrupter })
+    }
+
+    /// When this is the failpoint, every write into `within` from now on is corrupted.
+    fn arm_every(&self, point: &str, within: std::ops::Range<u64>) -> Result<(), ApplyError> {
+        if self.point == point {
+            self.corrupter
+                .corrupt_every_write(within, 1)
+                .map_err(ApplyError::io("corrupting for a test"))?;
+        }
+        Ok(())
+    }
+
+    /// When this is the failpoint, the next write of at least `min_len` bytes into
+    /// `within` is corrupted.
+    fn arm(
+        &self,
+        point: &str,
+        within: std::ops::Range<u64>,
+        min_len: u64,
+    ) -> Result<(), ApplyError> {
+        if self.point == point {
+            self.corrupter
+                .corrupt_next_write(within, min_len)
+                .map_err(ApplyError::io("corrupting for a test"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Says which file (or the FAT) a read-back mismatch hit.
+fn name_mismatch(
+    file: &mut File,
+    (start, len): (u64, u64),
+    written: &[(String, u64, WrittenDigest)],
+    persisted: &[Persisted],
+    bad: &ReadBackMismatch,
+) -> ApplyError {
+    let range = &bad.range;
+    let what = if let Some(p) = persisted.iter().find(|p| p.on_device.overlaps(range)) {
+        format!("{} (device bytes {}..{})", p.path, range.start, range.end)
+    } else {
+        // The FAT is read afresh to find the files' chains; if that fails as well,
+        // the mismatch is still reported, by its place on the device.
+        let chains = chains_of(file, start, len, written.iter().map(|w| w.0.as_str()));
+        let hit = chains.ok().and_then(|chains| {
+            written.iter().zip(chains).find_map(|(w, chain)| {
+                chain
+                    .iter()
+                    .any(|&(at, n)| at < range.end && range.start < at + n)
+                    .then(|| w.0.clone())
+            })
+        });
+        hit.unwrap_or_else(|| {
+            format!(
+                "the FAT, directories and boot sectors (device bytes {}..{})",
+                range.start, range.end
+            )
+        })
+    };
+    mismatch(&what, bad.expected, bad.actual)
 }
 
 fn mismatch(what: &str, expected: u64, actual: u64) -> ApplyError {
@@ -450,12 +520,20 @@ pub fn apply(
     let mut written: Vec<(String, u64, WrittenDigest)> = Vec::new();
     let mut persisted: Vec<Persisted> = Vec::new();
     let mut before_verify: RangeSet;
+    let read_back: Option<ReadBack>;
     {
         let dirty_limit = match probe.kind {
             TargetKind::BlockDevice => DIRTY_LIMIT,
             TargetKind::ImageFile => 0,
         };
-        let mut bounded = BoundedDirty::new(&mut file, dirty_limit);
+        // Verification reads each synced batch back while the next is written.
+        let mut bounded = if options.verify_write {
+            BoundedDirty::verifying(&mut file, dirty_limit)
+                .map_err(ApplyError::io("opening the target"))?
+        } else {
+            BoundedDirty::new(&mut file, dirty_limit)
+        };
+        let failpoint = TestCorruption::from_env(&bounded);
         let mut recorder =
             WriteRecorder::new(&mut bounded).map_err(ApplyError::io("opening the target"))?;
         if plan.format.is_some() {
@@ -503,6 +581,15 @@ pub fn apply(
                     )))?;
             warnings.extend(repaired);
         }
+        let fat_area = match &failpoint {
+            Some(_) => {
+                start
+                    ..start
+                        + fat::metadata_len(&mut window)
+                            .map_err(ApplyError::io("reading the FAT boot sector"))?
+            }
+            None => start..start,
+        };
         {
             let fs =
                 fat::open(&mut window).map_err(ApplyError::fat("opening the FAT filesystem"))?;
@@ -531,6 +618,9 @@ pub fn apply(
                 "write",
                 plan.bytes_to_write - copied_bytes.min(plan.bytes_to_write) + persist_total,
             );
+            if let Some(corrupt) = &failpoint {
+                corrupt.arm("corrupt-file", fat_area.end..start + len, 256 << 10)?;
+            }
             for copy in plan.copies.iter().filter(|c| !is_allocated(&c.dest)) {
                 let step = format!("writing {}", copy.dest);
                 let sum = match &copy.source {
@@ -586,6 +676,10 @@ pub fn apply(
             fs.unmount()
                 .map_err(ApplyError::io("closing the FAT filesystem"))?;
         }
+        if let Some(corrupt) = &failpoint {
+            // The FAT is written again as files are allocated: every write of it.
+            corrupt.arm_every("corrupt-meta", fat_area.clone())?;
+        }
         window
             .flush()
             .map_err(ApplyError::io("flushing the FAT filesystem"))?;
@@ -599,6 +693,11 @@ pub fn apply(
                     }
                 })?;
             let on_device = device_ranges(&extents, &image.regions).shifted(start);
+            if let (Some(corrupt), true, Some(first)) =
+                (&failpoint, persisted.is_empty(), on_device.iter().next())
+            {
+                corrupt.arm("corrupt-persist", first, 1)?;
+            }
             let mut target_file = ExtentFile::new(&mut window, &extents);
             let (regions, sha256) = write_regions(&mut target_file, image, |n| progress.inc(n))
                 .map_err(ApplyError::io(format!("writing {path}")))?;
@@ -628,10 +727,24 @@ pub fn apply(
             )?;
         }
         before_verify = recorder.into_written();
+        read_back = bounded
+            .finish_read_back()
+            .map_err(ApplyError::io("reading back what was written"))?;
+    }
+    if let Some(bad) = read_back.as_ref().and_then(|r| r.mismatch.as_ref()) {
+        return Err(name_mismatch(
+            &mut file,
+            (start, len),
+            &written,
+            &persisted,
+            bad,
+        ));
     }
     file.sync_all()
         .map_err(ApplyError::io("syncing the target"))?;
 
+    // Written after the read-back of the write phase: read back on their own.
+    let mut after_write = RangeSet::new();
     if plan.bios
         && let Some(files) = &syslinux_files
     {
@@ -643,114 +756,42 @@ pub fn apply(
         fat::sync_backup_boot_sector(&mut window)
             .map_err(ApplyError::fat("updating the backup boot sector"))?;
         drop(window);
-        before_verify.extend(recorder.written());
+        after_write.extend(recorder.written());
         // What the installer wrote: the boot sector and its loader files.
-        before_verify.insert(start..start + partition::SECTOR);
+        after_write.insert(start..start + partition::SECTOR);
         for loader in ["/syslinux/ldlinux.sys", "/syslinux/ldlinux.c32"] {
             if let Ok(extents) = fat_raw::file_extents(&mut file, start, loader) {
                 for (at, n) in extents {
-                    before_verify.insert(at..at + n);
+                    after_write.insert(at..at + n);
                 }
             }
         }
     }
+    before_verify.extend(&after_write);
 
     let mut bytes_written = before_verify.total();
     let mut bytes_verified = 0u64;
     let verified = options.verify_write;
     if options.verify_write {
-        // Copied files are read back along their chains from a FAT read afresh from
-        // the stick, persistence files region by region through their extents (also
-        // read afresh), and every other byte written (FAT, directories, wipes, boot
-        // sectors) range by range.
-        let mut covered = RangeSet::new();
-        for chain in chains_of(&mut file, start, len, written.iter().map(|w| w.0.as_str()))? {
-            for (at, n) in chain {
-                covered.insert(at..at + n);
-            }
-        }
-        let mut persisted_bytes = RangeSet::new();
-        for p in &persisted {
-            persisted_bytes.extend(&p.on_device);
-        }
-        covered.extend(&persisted_bytes);
-        let rest = before_verify.difference(&covered);
-        let rest_expected = check_ranges(&mut file, rest.iter(), |_| {})
-            .map_err(ApplyError::io("reading the filesystem metadata"))?;
-        // Tests prove the read-back catches a stick that corrupts each kind of byte.
-        if let Ok(point) = std::env::var("LIVESTICK_FAILPOINT") {
-            let at = match point.as_str() {
-                "corrupt-file" => covered
-                    .difference(&persisted_bytes)
-                    .iter()
-                    .next()
-                    .map(|r| r.start),
-                "corrupt-persist" => persisted
-                    .iter()
-                    .find_map(|p| p.on_device.iter().next())
-                    .map(|r| r.start),
-                "corrupt-meta" => rest.iter().next().map(|r| r.start),
-                _ => None,
-            };
-            if let Some(at) = at {
-                flip_byte(&mut file, at).map_err(ApplyError::io("corrupting for a test"))?;
-            }
-        }
-        target::sync_and_drop_cache(&file, probe.kind)
-            .map_err(ApplyError::io("syncing before verification"))?;
-        progress.phase("verify", bytes_written);
-        let fresh = chains_of(
-            &mut file,
-            start,
-            len,
-            written
-                .iter()
-                .map(|w| w.0.as_str())
-                .chain(persisted.iter().map(|p| p.path.as_str())),
-        )?;
-        let (copied_chains, persisted_chains) = fresh.split_at(written.len());
-        // Data in large requests straight from the device, which keeps a USB bus
-        // streaming where a FAT driver reads cluster by cluster.
-        for ((path, size, expected), extents) in written.iter().zip(copied_chains) {
-            let on_stick: u64 = extents.iter().map(|e| e.1).sum();
-            if on_stick != *size {
-                return Err(ApplyError::VerifyMismatch {
-                    path: format!("{path} (its length on the stick)"),
-                    expected: size.to_string(),
-                    actual: on_stick.to_string(),
-                });
-            }
-            let ranges = extents.iter().map(|&(at, n)| at..at + n);
-            let actual = check_ranges(&mut file, ranges, |n| progress.inc(n))
-                .map_err(ApplyError::io(format!("reading back {path}")))?;
-            if actual != expected.check {
-                return Err(mismatch(path, expected.check, actual));
-            }
-        }
-        for (p, extents) in persisted.iter().zip(persisted_chains) {
-            let mut on_stick = ExtentFile::new(&mut file, extents);
-            for (range, expected) in &p.regions {
-                let actual = check_ranges(&mut on_stick, [range.clone()], |n| progress.inc(n))
-                    .map_err(ApplyError::io(format!("reading back {}", p.path)))?;
-                if actual != *expected {
-                    return Err(mismatch(
-                        &format!("{} bytes {}..{}", p.path, range.start, range.end),
-                        *expected,
-                        actual,
-                    ));
-                }
-            }
-        }
-        let rest_actual = check_ranges(&mut file, rest.iter(), |n| progress.inc(n))
-            .map_err(ApplyError::io("reading back the filesystem metadata"))?;
-        if rest_actual != rest_expected {
-            return Err(mismatch(
+        // Everything the write phase wrote was read back while it was written, each
+        // byte in its final content; what is left (what SYSLINUX and the backup boot
+        // sector wrote since, anything the read-back could not cover) is read back now.
+        let while_writing = read_back
+            .map(|r| r.verified)
+            .unwrap_or_default()
+            .difference(&after_write)
+            .intersection(&before_verify);
+        let rest = before_verify.difference(&while_writing);
+        progress.phase("verify", rest.total());
+        if !rest.is_empty() {
+            read_back_ranges(
+                &mut file,
+                probe.kind,
+                &rest,
                 "the FAT, directories and boot sectors",
-                rest_expected,
-                rest_actual,
-            ));
+            )?;
         }
-        bytes_verified = before_verify.intersection(&covered).total() + rest.total();
+        bytes_verified = while_writing.total() + rest.total();
     }
 
     // Boot-critical bytes last.

@@ -465,6 +465,18 @@ pub struct BoundedDirty<'a> {
 enum DirtyMessage {
     Write(u64, Vec<u8>),
     Barrier(std::sync::mpsc::SyncSender<()>),
+    /// Ends the read-back batch, waits until every batch is read back, then answers.
+    Finish(std::sync::mpsc::SyncSender<()>),
+    /// Test hook (`LIVESTICK_FAILPOINT`): see [`Corrupter`].
+    Corrupt(CorruptRule),
+}
+
+/// Which writes [`Corrupter`] corrupts.
+struct CorruptRule {
+    within: Range<u64>,
+    min_len: u64,
+    /// Every such write from now on, not only the next.
+    every: bool,
 }
 
 struct DirtyWriter {
@@ -472,6 +484,8 @@ struct DirtyWriter {
     thread: Option<std::thread::JoinHandle<()>>,
     /// The first error the writer met; every later call reports it.
     failed: std::sync::Arc<std::sync::Mutex<Option<io::Error>>>,
+    /// Shared with the read-back thread, when there is one.
+    read_back: Option<std::sync::Arc<ReadBackShared>>,
 }
 
 impl<'a> BoundedDirty<'a> {
@@ -481,8 +495,60 @@ impl<'a> BoundedDirty<'a> {
         let writer = (limit > 0)
             .then(|| file.try_clone().ok())
             .flatten()
-            .map(|clone| DirtyWriter::start(clone, limit));
+            .map(|clone| DirtyWriter::start(clone, limit, None));
         BoundedDirty { file, pos, writer }
+    }
+
+    /// Like [`BoundedDirty::new`], and every write is read back while the next ones are
+    /// written: each batch, once synced (every `limit` bytes; with `limit` 0, an image
+    /// file, every [`READ_BACK_BATCH`] bytes without syncing), is dropped from the page
+    /// cache and read back on a third thread, compared with what was written. The
+    /// writer never writes a byte that is still being read back, so what is read
+    /// is exactly what that batch left. [`BoundedDirty::finish_read_back`] says what was
+    /// verified and the first mismatch.
+    pub fn verifying(file: &'a mut std::fs::File, limit: u64) -> io::Result<Self> {
+        let pos = file.stream_position()?;
+        let writer_file = file.try_clone()?;
+        let reader_file = file.try_clone()?;
+        let writer = DirtyWriter::start(writer_file, limit, Some(reader_file));
+        Ok(BoundedDirty {
+            file,
+            pos,
+            writer: Some(writer),
+        })
+    }
+
+    /// Syncs and reads back the last batch, waits for every read-back, and returns
+    /// what was read back and matched (each byte in its final content: a range
+    /// written again after its read-back counts only once read back again) and the
+    /// first mismatch. `None` when this writer does not verify.
+    pub fn finish_read_back(&mut self) -> io::Result<Option<ReadBack>> {
+        let Some(writer) = &self.writer else {
+            return Ok(None);
+        };
+        let Some(shared) = writer.read_back.clone() else {
+            return Ok(None);
+        };
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        writer.send(DirtyMessage::Finish(done))?;
+        wait.recv()
+            .map_err(|_| io::Error::other("the writer thread stopped"))?;
+        writer.error()?;
+        let state = shared.lock()?;
+        if let Some(e) = &state.failed {
+            return Err(io::Error::new(e.kind(), format!("reading back: {e}")));
+        }
+        Ok(Some(ReadBack {
+            verified: state.verified.clone(),
+            mismatch: state.mismatch.clone(),
+        }))
+    }
+
+    /// A handle that corrupts a write after it was made (for tests of the read-back).
+    pub fn corrupter(&self) -> Option<Corrupter> {
+        self.writer.as_ref().map(|w| Corrupter {
+            queue: w.queue.clone(),
+        })
     }
 
     /// Waits until every queued write reached the file; reports a writer error.
@@ -495,15 +561,22 @@ impl<'a> BoundedDirty<'a> {
 }
 
 impl DirtyWriter {
-    fn start(file: std::fs::File, limit: u64) -> DirtyWriter {
-        use std::os::unix::fs::FileExt;
+    fn start(file: std::fs::File, limit: u64, reader: Option<std::fs::File>) -> DirtyWriter {
         // One batch queued while the writer works on another: enough to keep the
         // stick busy, little enough to keep memory small.
         let (queue, rx) = std::sync::mpsc::sync_channel::<DirtyMessage>(1);
         let failed = std::sync::Arc::new(std::sync::Mutex::new(None::<io::Error>));
         let seen = failed.clone();
+        let read_back = reader.map(ReadBacker::start);
+        let shared = read_back.as_ref().map(|r| r.shared.clone());
         let thread = std::thread::spawn(move || {
-            let mut since_sync = 0u64;
+            let mut worker = WriterLoop {
+                file,
+                limit,
+                since_sync: 0,
+                read_back,
+                corrupt: None,
+            };
             let fail = |e: io::Error| {
                 if let Ok(mut slot) = seen.lock()
                     && slot.is_none()
@@ -512,31 +585,36 @@ impl DirtyWriter {
                 }
             };
             for message in rx {
-                match message {
-                    DirtyMessage::Write(at, bytes) => {
-                        let result = file.write_all_at(&bytes, at).and_then(|()| {
-                            since_sync += bytes.len() as u64;
-                            if since_sync >= limit {
-                                since_sync = 0;
-                                file.sync_data()
-                            } else {
-                                Ok(())
-                            }
-                        });
-                        if let Err(e) = result {
-                            fail(e);
-                        }
-                    }
+                let result = match message {
+                    DirtyMessage::Write(at, bytes) => worker.write(at, bytes),
                     DirtyMessage::Barrier(done) => {
                         let _ = done.send(());
+                        Ok(())
                     }
+                    DirtyMessage::Finish(done) => {
+                        let result = worker.finish();
+                        let _ = done.send(());
+                        result
+                    }
+                    DirtyMessage::Corrupt(rule) => {
+                        worker.corrupt = Some(rule);
+                        Ok(())
+                    }
+                };
+                if let Err(e) = result {
+                    fail(e);
                 }
+            }
+            // Closing the read-back queue ends that thread once it has read everything.
+            if let Some(read_back) = worker.read_back.take() {
+                read_back.stop();
             }
         });
         DirtyWriter {
             queue,
             thread: Some(thread),
             failed,
+            read_back: shared,
         }
     }
 
@@ -634,6 +712,419 @@ impl Drop for BoundedDirty<'_> {
     }
 }
 
+/// Bytes of one read-back batch where nothing syncs (an image file).
+pub const READ_BACK_BATCH: u64 = 8 << 20;
+/// Writes up to this size are kept as bytes until read back, so a rewrite in the same
+/// batch (a FAT page, a directory cluster) updates them; larger ones keep only their
+/// check value, and a rewrite of those ends the batch first.
+const KEEP_BYTES: usize = 64 << 10;
+/// The page cache works in pages: a read-back drops and reads whole pages.
+const CACHE_PAGE: u64 = 4096;
+/// Read-back request size.
+const READ_BACK_CHUNK: usize = 2 << 20;
+
+/// What was read back while writing (see [`BoundedDirty::verifying`]).
+#[derive(Debug, Clone)]
+pub struct ReadBack {
+    /// Device bytes read back and matching what was last written there.
+    pub verified: RangeSet,
+    pub mismatch: Option<ReadBackMismatch>,
+}
+
+/// A write whose bytes read back differently: its device range and the check values
+/// ([`CheckHash`]) of what was written and what was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadBackMismatch {
+    pub range: Range<u64>,
+    pub expected: u64,
+    pub actual: u64,
+}
+
+/// Test hook for the read-back: corrupts one byte on the target after a write has
+/// been made, before it is read back, as a stick that corrupts data would.
+pub struct Corrupter {
+    queue: std::sync::mpsc::SyncSender<DirtyMessage>,
+}
+
+impl Corrupter {
+    /// The next write at least `min_len` bytes long that touches `within` gets the
+    /// middle byte of that overlap flipped on the target, right after it is written.
+    pub fn corrupt_next_write(&self, within: Range<u64>, min_len: u64) -> io::Result<()> {
+        self.send(CorruptRule {
+            within,
+            min_len,
+            every: false,
+        })
+    }
+
+    /// The same for every such write from now on: for bytes written several times
+    /// (the FAT), whose last write is the one that must be caught.
+    pub fn corrupt_every_write(&self, within: Range<u64>, min_len: u64) -> io::Result<()> {
+        self.send(CorruptRule {
+            within,
+            min_len,
+            every: true,
+        })
+    }
+
+    fn send(&self, rule: CorruptRule) -> io::Result<()> {
+        self.queue
+            .send(DirtyMessage::Corrupt(rule))
+            .map_err(|_| io::Error::other("the writer thread stopped"))
+    }
+}
+
+enum Expected {
+    Bytes(Vec<u8>),
+    Check(u64),
+}
+
+struct Entry {
+    at: u64,
+    len: u64,
+    expected: Expected,
+}
+
+impl Entry {
+    fn range(&self) -> Range<u64> {
+        self.at..self.at + self.len
+    }
+}
+
+struct Batch {
+    id: u64,
+    entries: Vec<Entry>,
+}
+
+#[derive(Default)]
+struct ReadBackState {
+    verified: RangeSet,
+    /// Batches handed to the read-back thread and not yet read, by id, with their bytes.
+    outstanding: Vec<(u64, RangeSet)>,
+    mismatch: Option<ReadBackMismatch>,
+    failed: Option<io::Error>,
+}
+
+#[derive(Default)]
+struct ReadBackShared {
+    state: std::sync::Mutex<ReadBackState>,
+    changed: std::sync::Condvar,
+}
+
+impl ReadBackShared {
+    fn lock(&self) -> io::Result<std::sync::MutexGuard<'_, ReadBackState>> {
+        self.state
+            .lock()
+            .map_err(|_| io::Error::other("the read-back thread failed"))
+    }
+}
+
+/// The whole pages that hold `range`.
+fn pages_of(range: &Range<u64>) -> Range<u64> {
+    range.start / CACHE_PAGE * CACHE_PAGE..range.end.div_ceil(CACHE_PAGE) * CACHE_PAGE
+}
+
+fn drop_cached(file: &std::fs::File, range: &Range<u64>) {
+    use std::os::fd::AsRawFd;
+    let (Ok(at), Ok(len)) = (
+        i64::try_from(range.start),
+        i64::try_from(range.end - range.start),
+    ) else {
+        return;
+    };
+    // Advice only: on a file system that ignores it the read-back reads the cache.
+    let _ = nix::fcntl::posix_fadvise(
+        file.as_raw_fd(),
+        at,
+        len,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
+}
+
+/// The writer thread's state: the current read-back batch grows with each write and
+/// goes to the read-back thread once synced.
+struct WriterLoop {
+    file: std::fs::File,
+    limit: u64,
+    since_sync: u64,
+    read_back: Option<ReadBacker>,
+    corrupt: Option<CorruptRule>,
+}
+
+impl WriterLoop {
+    fn write(&mut self, at: u64, bytes: Vec<u8>) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let range = at..at + bytes.len() as u64;
+        if self
+            .read_back
+            .as_ref()
+            .is_some_and(|rb| rb.rewrites_checked(&range))
+        {
+            // Its check value would no longer describe the target: read it back first.
+            self.end_batch()?;
+        }
+        if let Some(rb) = &mut self.read_back {
+            rb.before_write(&range)?;
+        }
+        self.file.write_all_at(&bytes, at)?;
+        if self.limit > 0 {
+            // DONTNEED starts writeback of these dirty pages without waiting for it:
+            // the stick works while this thread hashes them below.
+            drop_cached(&self.file, &range);
+        }
+        self.corrupt_if_asked(&range, &bytes)?;
+        self.since_sync += bytes.len() as u64;
+        let batch_full = match &mut self.read_back {
+            Some(rb) => {
+                rb.add(at, bytes);
+                self.limit == 0 && rb.batch_bytes >= READ_BACK_BATCH
+            }
+            None => false,
+        };
+        if self.limit > 0 && self.since_sync >= self.limit || batch_full {
+            self.end_batch()?;
+        }
+        Ok(())
+    }
+
+    fn corrupt_if_asked(&mut self, range: &Range<u64>, bytes: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let Some(rule) = &self.corrupt else {
+            return Ok(());
+        };
+        let lo = range.start.max(rule.within.start);
+        let hi = range.end.min(rule.within.end);
+        if lo >= hi || range.end - range.start < rule.min_len {
+            return Ok(());
+        }
+        let at = lo + (hi - lo) / 2;
+        let flipped = bytes[(at - range.start) as usize] ^ 0xff;
+        self.file.write_all_at(&[flipped], at)?;
+        if !rule.every {
+            self.corrupt = None;
+        }
+        Ok(())
+    }
+
+    /// Syncs what was written (on a stick) and hands the batch to the read-back.
+    fn end_batch(&mut self) -> io::Result<()> {
+        if self.limit > 0 {
+            self.since_sync = 0;
+            self.file.sync_data()?;
+        }
+        match &mut self.read_back {
+            Some(rb) => rb.send_batch(),
+            None => Ok(()),
+        }
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.end_batch()?;
+        match &self.read_back {
+            Some(rb) => rb.wait_idle(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The writer's side of the read-back: the batch being written and the queue to the
+/// thread that reads batches back.
+struct ReadBacker {
+    shared: std::sync::Arc<ReadBackShared>,
+    queue: Option<std::sync::mpsc::SyncSender<Batch>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    batch: Vec<Entry>,
+    batch_bytes: u64,
+    next_id: u64,
+}
+
+impl ReadBacker {
+    fn start(file: std::fs::File) -> ReadBacker {
+        let shared = std::sync::Arc::new(ReadBackShared::default());
+        // One batch waiting while another is read: reading is faster than writing.
+        let (queue, rx) = std::sync::mpsc::sync_channel::<Batch>(1);
+        let theirs = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; READ_BACK_CHUNK];
+            for batch in rx {
+                let result = read_back_batch(&file, &batch, &mut buf);
+                let Ok(mut state) = theirs.state.lock() else {
+                    return;
+                };
+                match result {
+                    Ok(None) => {
+                        for e in &batch.entries {
+                            state.verified.insert(e.range());
+                        }
+                    }
+                    Ok(Some(mismatch)) => {
+                        if state.mismatch.is_none() {
+                            state.mismatch = Some(mismatch);
+                        }
+                    }
+                    Err(e) => {
+                        if state.failed.is_none() {
+                            state.failed = Some(e);
+                        }
+                    }
+                }
+                state.outstanding.retain(|(id, _)| *id != batch.id);
+                drop(state);
+                theirs.changed.notify_all();
+            }
+        });
+        ReadBacker {
+            shared,
+            queue: Some(queue),
+            thread: Some(thread),
+            batch: Vec::new(),
+            batch_bytes: 0,
+            next_id: 0,
+        }
+    }
+
+    /// Whether `range` overwrites a write of this batch known only by its check value.
+    fn rewrites_checked(&self, range: &Range<u64>) -> bool {
+        self.batch.iter().any(|e| {
+            matches!(e.expected, Expected::Check(_))
+                && e.at < range.end
+                && range.start < e.at + e.len
+        })
+    }
+
+    /// Waits until no byte of `range` is being read back, then forgets that it was
+    /// verified: its new content is read back with this batch. Bytes, not pages: a
+    /// FAT32 data area is seldom page-aligned, so consecutive batches of one file share
+    /// a page, and waiting for it would serialise writing and reading back.
+    fn before_write(&mut self, range: &Range<u64>) -> io::Result<()> {
+        let mut state = self.shared.lock()?;
+        while state
+            .outstanding
+            .iter()
+            .any(|(_, busy)| busy.overlaps(range))
+        {
+            state = self
+                .shared
+                .changed
+                .wait(state)
+                .map_err(|_| io::Error::other("the read-back thread failed"))?;
+        }
+        state.verified.remove(range.clone());
+        Ok(())
+    }
+
+    fn add(&mut self, at: u64, bytes: Vec<u8>) {
+        let range = at..at + bytes.len() as u64;
+        // Earlier writes of this batch kept as bytes take the new content where it
+        // overlaps them, so each entry describes what the target holds at the end.
+        for e in &mut self.batch {
+            if let Expected::Bytes(kept) = &mut e.expected {
+                let lo = range.start.max(e.at);
+                let hi = range.end.min(e.at + e.len);
+                if lo < hi {
+                    kept[(lo - e.at) as usize..(hi - e.at) as usize]
+                        .copy_from_slice(&bytes[(lo - at) as usize..(hi - at) as usize]);
+                }
+            }
+        }
+        self.batch_bytes += bytes.len() as u64;
+        let len = bytes.len() as u64;
+        let expected = if bytes.len() <= KEEP_BYTES {
+            Expected::Bytes(bytes)
+        } else {
+            let mut check = CheckHash::default();
+            check.update(&bytes);
+            Expected::Check(check.finish())
+        };
+        self.batch.push(Entry { at, len, expected });
+    }
+
+    fn send_batch(&mut self) -> io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let entries = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes: RangeSet = entries.iter().map(|e| e.range()).collect();
+        self.shared.lock()?.outstanding.push((id, bytes));
+        let Some(queue) = &self.queue else {
+            return Err(io::Error::other("the read-back thread stopped"));
+        };
+        queue
+            .send(Batch { id, entries })
+            .map_err(|_| io::Error::other("the read-back thread stopped"))
+    }
+
+    fn wait_idle(&self) -> io::Result<()> {
+        let mut state = self.shared.lock()?;
+        while !state.outstanding.is_empty() {
+            state = self
+                .shared
+                .changed
+                .wait(state)
+                .map_err(|_| io::Error::other("the read-back thread failed"))?;
+        }
+        Ok(())
+    }
+
+    fn stop(mut self) {
+        self.queue = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Drops the batch's pages from the cache and reads every entry back: `None` when all
+/// match, else the first that does not. A page the next batch has dirtied again (it
+/// shares a page with this one) stays in the cache, so the few bytes of this batch in
+/// it are read from the cache, not from the stick.
+fn read_back_batch(
+    file: &std::fs::File,
+    batch: &Batch,
+    buf: &mut [u8],
+) -> io::Result<Option<ReadBackMismatch>> {
+    use std::os::unix::fs::FileExt;
+    let pages: RangeSet = batch.entries.iter().map(|e| pages_of(&e.range())).collect();
+    for r in pages.iter() {
+        drop_cached(file, &r);
+    }
+    for e in &batch.entries {
+        let mut actual = CheckHash::default();
+        let mut differs = false;
+        let mut at = e.at;
+        while at < e.at + e.len {
+            let n = ((e.at + e.len - at) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], at)?;
+            if let Expected::Bytes(kept) = &e.expected {
+                let from = (at - e.at) as usize;
+                differs |= kept[from..from + n] != buf[..n];
+            }
+            actual.update(&buf[..n]);
+            at += n as u64;
+        }
+        let actual = actual.finish();
+        let expected = match &e.expected {
+            Expected::Check(check) => *check,
+            Expected::Bytes(kept) => {
+                let mut check = CheckHash::default();
+                check.update(kept);
+                check.finish()
+            }
+        };
+        if differs || actual != expected {
+            return Ok(Some(ReadBackMismatch {
+                range: e.range(),
+                expected,
+                actual,
+            }));
+        }
+    }
+    Ok(None)
+}
+
 /// Byte ranges, kept sorted and merged: what a write touched, what a check covered.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RangeSet {
@@ -665,6 +1156,39 @@ impl RangeSet {
             end = end.max(e);
         }
         self.ranges.insert(start, end);
+    }
+
+    /// Takes `range` out of the set.
+    pub fn remove(&mut self, range: Range<u64>) {
+        if range.start >= range.end {
+            return;
+        }
+        let cut: Vec<(u64, u64)> = self
+            .ranges
+            .range(..range.end)
+            .rev()
+            .take_while(|(_, e)| **e > range.start)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, e) in cut {
+            self.ranges.remove(&s);
+            if s < range.start {
+                self.ranges.insert(s, range.start);
+            }
+            if e > range.end {
+                self.ranges.insert(range.end, e);
+            }
+        }
+    }
+
+    /// Whether any byte of `range` is in the set.
+    pub fn overlaps(&self, range: &Range<u64>) -> bool {
+        range.start < range.end
+            && self
+                .ranges
+                .range(..range.end)
+                .next_back()
+                .is_some_and(|(_, e)| *e > range.start)
     }
 
     pub fn extend(&mut self, other: &RangeSet) {
@@ -914,28 +1438,26 @@ impl StreamHash for CheckHash {
     }
 }
 
-/// Both at once, for what is written: the report's sha256 and the check value that
-/// the read-back is compared with.
+/// What the report gives for each file written: its sha256. (The read-back compares
+/// each write with what the target holds, in [`BoundedDirty::verifying`], so no
+/// second digest of the file is needed for it.)
 #[derive(Default)]
-pub struct WrittenHash(Sha256Hash, CheckHash);
+pub struct WrittenHash(Sha256Hash);
 
-/// The digests of bytes written.
+/// The digest of bytes written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WrittenDigest {
     pub sha256: [u8; 32],
-    pub check: u64,
 }
 
 impl StreamHash for WrittenHash {
     type Out = WrittenDigest;
     fn update(&mut self, bytes: &[u8]) {
         self.0.update(bytes);
-        self.1.update(bytes);
     }
     fn finish(self) -> WrittenDigest {
         WrittenDigest {
             sha256: self.0.finish(),
-            check: self.1.finish(),
         }
     }
 }
@@ -1151,6 +1673,115 @@ mod tests {
             check_ranges(&mut cursor, ranges, |_| {}).unwrap(),
             x.digest()
         );
+    }
+
+    fn verifying_write(limit: u64, corrupt: Option<(Range<u64>, u64)>) -> (ReadBack, Vec<u8>) {
+        let mut file = tempfile::tempfile().unwrap();
+        // Stale bytes that differ from everything written below.
+        file.write_all(&vec![0xa5u8; 40 << 20]).unwrap();
+        file.seek(SeekFrom::Start(0)).unwrap();
+        let read_back = {
+            let mut dirty = BoundedDirty::verifying(&mut file, limit).unwrap();
+            if let Some((within, min_len)) = corrupt {
+                dirty
+                    .corrupter()
+                    .unwrap()
+                    .corrupt_next_write(within, min_len)
+                    .unwrap();
+            }
+            // Large data writes (kept as check values), several batches of them.
+            for i in 0..24u8 {
+                dirty.seek(SeekFrom::Start(u64::from(i) << 20)).unwrap();
+                dirty.write_all(&vec![i; 1 << 20]).unwrap();
+            }
+            // Small metadata writes rewritten within a batch and across batches.
+            for round in 0..3u8 {
+                for page in 0..8u64 {
+                    dirty
+                        .seek(SeekFrom::Start((30 << 20) + page * 4096 + 7))
+                        .unwrap();
+                    dirty.write_all(&[round + 100; 300]).unwrap();
+                }
+            }
+            // A large write rewritten before its batch was read back.
+            dirty.seek(SeekFrom::Start(32 << 20)).unwrap();
+            dirty.write_all(&vec![1u8; 2 << 20]).unwrap();
+            dirty.seek(SeekFrom::Start((32 << 20) + 4096)).unwrap();
+            dirty.write_all(&[2u8; 100]).unwrap();
+            // And one rewritten after several batches.
+            dirty.seek(SeekFrom::Start(5 << 20)).unwrap();
+            dirty.write_all(&vec![9u8; 70_000]).unwrap();
+            // A last small write, kept as bytes.
+            dirty.seek(SeekFrom::Start(36 << 20)).unwrap();
+            dirty.write_all(&[77u8; 500]).unwrap();
+            dirty.finish_read_back().unwrap().unwrap()
+        };
+        let mut all = Vec::new();
+        file.seek(SeekFrom::Start(0)).unwrap();
+        file.read_to_end(&mut all).unwrap();
+        (read_back, all)
+    }
+
+    fn written_ranges() -> RangeSet {
+        let mut set: RangeSet = [
+            0..24 << 20,
+            (32 << 20)..(34 << 20),
+            (36 << 20)..(36 << 20) + 500,
+        ]
+        .into_iter()
+        .collect();
+        for page in 0..8u64 {
+            set.insert((30 << 20) + page * 4096 + 7..(30 << 20) + page * 4096 + 307);
+        }
+        set
+    }
+
+    #[test]
+    fn verifying_writer_reads_back_every_byte_in_its_final_content() {
+        for limit in [0, 3 << 20] {
+            let (read_back, all) = verifying_write(limit, None);
+            assert_eq!(read_back.mismatch, None, "limit {limit}");
+            assert_eq!(read_back.verified, written_ranges(), "limit {limit}");
+            assert!(all[(5 << 20)..(5 << 20) + 70_000].iter().all(|&b| b == 9));
+            assert_eq!(all[(6 << 20) - 1], 5);
+            assert_eq!(all[(30 << 20) + 7], 102);
+            assert_eq!(all[(32 << 20) + 4096], 2);
+            assert_eq!(all[(24 << 20) + 5], 0xa5);
+        }
+    }
+
+    #[test]
+    fn verifying_writer_reports_a_byte_corrupted_after_its_write() {
+        for limit in [0, 3 << 20] {
+            // A data write (kept as its check value), a small one (kept as bytes).
+            for (within, min_len, value) in [
+                ((10 << 20) + 5..(11 << 20), 1 << 20, 10u8),
+                ((36 << 20)..(36 << 20) + 8, 1, 77),
+            ] {
+                let (read_back, all) = verifying_write(limit, Some((within.clone(), min_len)));
+                let bad = read_back.mismatch.expect("the corruption is found");
+                assert!(
+                    bad.range.start < within.end && within.start < bad.range.end,
+                    "{bad:?} {within:?}"
+                );
+                assert_ne!(bad.expected, bad.actual);
+                assert!(!read_back.verified.overlaps(&bad.range));
+                let lo = within.start.max(bad.range.start);
+                let hi = within.end.min(bad.range.end);
+                assert_eq!(all[(lo + (hi - lo) / 2) as usize], value ^ 0xff);
+            }
+        }
+    }
+
+    #[test]
+    fn range_set_removes_and_finds_overlaps() {
+        let mut set: RangeSet = [10..20, 30..40].into_iter().collect();
+        assert!(set.overlaps(&(19..25)));
+        assert!(!set.overlaps(&(20..30)));
+        set.remove(15..35);
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![10..15, 35..40]);
+        set.remove(0..100);
+        assert!(set.is_empty());
     }
 
     #[test]

@@ -37,6 +37,7 @@ mod iso_reader;
 mod luks_cryptsetup;
 mod opened_once;
 mod output_voice;
+mod overlap_verify;
 mod overlay_cli;
 mod overlay_merge;
 mod overlay_ovl;
