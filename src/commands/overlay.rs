@@ -116,6 +116,9 @@ enum Access {
     /// Reads now but is a change (a dry run, or a step that reopens the stick
     /// to write later): refused now by the safety checks of a change.
     ReadForChange,
+    /// A dry run of a change: the checks of a change, and leftovers of a stopped
+    /// replacement are only reported (the real run repairs them).
+    DryRun,
     /// Writes: the safety checks and `O_EXCL` of `disk::target`.
     Write,
 }
@@ -126,11 +129,24 @@ fn open_stick(
     access: Access,
     allow_orphan: bool,
 ) -> anyhow::Result<StickOverlay> {
-    if access == Access::ReadForChange {
+    if matches!(access, Access::ReadForChange | Access::DryRun) {
         target::check_maintenance(&target::probe(path)?)?;
     }
     // Leftovers of a stopped replacement first (issue 13): reading the stick refuses
-    // chains two entries share.
+    // chains two entries share. A dry run only says what the real run will repair.
+    if access == Access::DryRun {
+        let needed = crate::persist::merge::replace::repairs_needed(path, &sel.live_dir)?;
+        for line in &needed {
+            eprintln!("livestick overlay: the real run first repairs: {line}");
+        }
+        let opened = StickOverlay::open(path, &selection(sel), false, allow_orphan).map_err(lift);
+        return match opened {
+            Err(e) if !needed.is_empty() => Err(e.context(
+                "this dry run changes nothing, so it reads the stick before that repair; run the command without --dry-run (it repairs first) or `livestick overlay status` to repair",
+            )),
+            other => other,
+        };
+    }
     let repaired = crate::persist::merge::replace::repair_stick(path, &sel.live_dir)?;
     for line in &repaired {
         eprintln!("livestick overlay: repaired: {line}");
@@ -140,10 +156,10 @@ fn open_stick(
     StickOverlay::open(path, &selection(sel), writable, allow_orphan).map_err(lift)
 }
 
-/// `Write`, or `ReadForChange` for a dry run.
+/// `Write`, or `DryRun`.
 fn change(dry_run: bool) -> Access {
     if dry_run {
-        Access::ReadForChange
+        Access::DryRun
     } else {
         Access::Write
     }

@@ -766,3 +766,59 @@ fn every_overlay_verb_and_write_report_the_repair_in_their_json() {
     assert_eq!(v["file_size"], mib << 20, "the grown home is the live one");
     fsck_fat(&img, part, len, dir.path());
 }
+
+/// A dry run of an overlay verb over leftovers of a stopped replacement changes
+/// nothing on the stick: it says what the real run repairs first.
+#[test]
+fn an_overlay_dry_run_over_a_leftover_changes_nothing_and_says_what_the_real_run_repairs() {
+    if !require(
+        ["mcopy", "fsck.fat", "resize2fs", "e2fsck"]
+            .iter()
+            .all(|t| have(t)),
+        "mtools, dosfstools, e2fsprogs",
+    ) {
+        return;
+    }
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("stick.img");
+    let (iso_s, img_s) = (iso.to_str().unwrap(), img.to_str().unwrap());
+    ok(&livestick(&[
+        "write",
+        iso_s,
+        img_s,
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "32",
+        "--home-size-mb",
+        "16",
+        "--unencrypted-home",
+        "--yes",
+    ]));
+    crowd_live_dir(&img);
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    stop_a_resize_half_way(&img, &work, 24);
+    let before = sha256_file(&img);
+    for verb in [
+        &["overlay", "reset", "--dry-run"][..],
+        &["overlay", "grow", "--add-mb", "8", "--dry-run"][..],
+    ] {
+        let out = livestick(&[verb, &[img_s][..]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("the real run first repairs") && stderr.contains("stopped half-way"),
+            "{verb:?}: {stderr}"
+        );
+        assert_eq!(sha256_file(&img), before, "{verb:?} changed the stick");
+    }
+    // The real run repairs, as before.
+    let out = livestick(&["overlay", "status", img_s, "--json"]);
+    ok(&out);
+    assert!(
+        json_of(&out)["repaired"]
+            .to_string()
+            .contains("stopped half-way: completed")
+    );
+}

@@ -748,6 +748,22 @@ pub fn repair_stick(path: &Path, live_dir: &str) -> Result<Vec<String>, ReplaceE
     repair_leftovers(stick.file_mut(), part, live_dir, &mut |f| f.sync_data())
 }
 
+/// What [`repair_stick`] would do, worked out on a view that keeps its writes in
+/// memory: a dry run says it and changes nothing.
+pub fn repairs_needed(path: &Path, live_dir: &str) -> Result<Vec<String>, ReplaceError> {
+    let mut ro = Stick::open(path, false)?;
+    if !ro.probe.busy.is_empty() {
+        return Ok(Vec::new());
+    }
+    let part = ro.partition.start;
+    if !leftovers_found(ro.file_mut(), part, live_dir)? && !fat_raw::is_dirty(ro.file_mut(), part)?
+    {
+        return Ok(Vec::new());
+    }
+    let mut view = fat_raw::MemoryWrites::new(ro.file_mut());
+    repair_leftovers(&mut view, part, live_dir, &mut |_| Ok(()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
