@@ -9,6 +9,8 @@
 #               --unencrypted-home (read-back verification on)
 #   write_luks  the same with a LUKS home (PBKDF2, LUKS_ITER_MS: cheap KDF)
 #   batch4      one livestick write to 4 sticks, each throttled on its own
+#   write_zst   write's command with the ISO compressed by zstd (-3) as the
+#               source: unpacked in the guest's $TMPDIR, then written
 # Each timed window ends with sync and blockdev --flushbufs. Per case: wall
 # seconds, CPU seconds (user+sys of the command and its children), MiB
 # written to and read from the stick(s) (/sys/block/vdX/stat), peak RSS, and
@@ -115,8 +117,14 @@ for want in "$@"; do
     VM_ARGS=()
     # The ISO is a source, not under test: read-only, host-cached, unthrottled.
     vm_disk iso "$iso" "readonly=on,cache=writeback"
+    # The same ISO as a .iso.zst (cached), for write_zst; its exact length goes
+    # on the kernel command line, since a disk is a whole number of sectors.
+    zst=$WORK/$name.iso.zst
+    [[ -f $zst && $zst -nt $iso ]] || zstd -q -3 -f "$iso" -o "$zst"
+    vm_disk isozst "$zst" "readonly=on,cache=writeback"
     for i in 0 1 2 3; do vm_stick "stick$i" "$WORK/stick$i.img"; done
     append="guest.ISO_NAME=$name guest.PAYLOAD_OFF=$((lba * 2048)) guest.PAYLOAD_BYTES=$bytes"
+    append+=" guest.ZST_BYTES=$(stat -c %s "$zst")"
     append+=" guest.OVERLAY_MB=$OVERLAY_MB guest.HOME_MB=$HOME_MB guest.LUKS_ITER_MS=${LUKS_ITER_MS:-100}"
     [[ -n ${CASES:-} ]] && append+=" guest.CASES=${CASES// /,}"
     log=$WORK/console-$name.log

@@ -27,7 +27,7 @@ S1=$(vm_dev stick1) || exit 2
 S2=$(vm_dev stick2) || exit 2
 S3=$(vm_dev stick3) || exit 2
 : "${ISO_NAME:=iso}" "${OVERLAY_MB:=4095}" "${HOME_MB:=4095}" "${LUKS_ITER_MS:=100}"
-: "${CASES:=dd_iso dd_payload write write_luks batch4}"
+: "${CASES:=dd_iso dd_payload write write_luks batch4 write_zst}"
 CASES=$(echo "$CASES" | tr , ' ') # commas on the kernel command line
 printf 'benchpass' >/tmp/passphrase
 echo "bench: iso=$ISO_NAME ($ISO, $(blockdev --getsize64 "$ISO") B) sticks=$S0 $S1 $S2 $S3 overlay=$OVERLAY_MB home=$HOME_MB"
@@ -115,6 +115,12 @@ for c in $CASES; do
         write) run_case write "$S0" $LS "$S0" $PERSIST --unencrypted-home ;;
         write_luks) run_case write_luks "$S0" $LS "$S0" $PERSIST --passphrase-file /tmp/passphrase \
             --luks-pbkdf pbkdf2 --luks-iter-time "$LUKS_ITER_MS" ;;
+        write_zst)
+            # The compressed file as a user has it (not timed), then the write.
+            head -c "$ZST_BYTES" "$(vm_dev isozst)" >"/tmp/$ISO_NAME.iso.zst"
+            run_case write_zst "$S0" livestick --json write "/tmp/$ISO_NAME.iso.zst" "$S0" $PERSIST \
+                --unencrypted-home
+            rm -f "/tmp/$ISO_NAME.iso.zst" ;;
         batch4) run_case batch4 "$S0 $S1 $S2 $S3" $LS "$S0" "$S1" "$S2" "$S3" $PERSIST --unencrypted-home ;;
         *) echo "bench: unknown case $c" ;;
     esac
