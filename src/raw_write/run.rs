@@ -399,3 +399,100 @@ impl<'a> RawBatch<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::compressed::StatedSize;
+    use crate::source::raw::RawImage;
+
+    fn source() -> RawSource {
+        RawSource {
+            image: RawImage {
+                path: PathBuf::from("disk.raw"),
+                compression: None,
+                size: StatedSize::Exact(4 << 20),
+                file_len: 4 << 20,
+            },
+            why: "test".into(),
+            bmap: None,
+        }
+    }
+
+    fn options() -> RawOptions<'static> {
+        RawOptions {
+            image: Path::new("disk.raw"),
+            size: None,
+            force: false,
+            verify: true,
+        }
+    }
+
+    fn finished(
+        source: &RawSource,
+        outcomes: Vec<Option<&str>>,
+        bad_image: Option<&str>,
+    ) -> Result<(), RawRunError> {
+        let mut batch = RawBatch::empty(false, source, options());
+        for (i, o) in outcomes.into_iter().enumerate() {
+            batch.outcomes.push((
+                PathBuf::from(format!("/dev/sd{i}")),
+                o.map(|e| Err(e.to_string())),
+            ));
+        }
+        batch.bad_image = bad_image.map(str::to_string);
+        batch.finish(true)
+    }
+
+    #[test]
+    fn a_raw_batch_with_some_failures_is_partial_naming_each_failed_target() {
+        let src = source();
+        let err = finished(&src, vec![Some("full"), None, Some("unplugged")], None)
+            .expect_err("two of three failed");
+        assert_eq!(err.kind(), ErrorKind::PartialBatch);
+        match err {
+            RawRunError::Partial(p) => {
+                assert_eq!((p.failed, p.total), (2, 3));
+                assert_eq!(p.details, ["/dev/sd0: full", "/dev/sd2: unplugged"]);
+            }
+            other => panic!("expected a partial failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_raw_batch_where_every_target_failed_is_an_io_failure_unless_the_image_was_bad() {
+        let src = source();
+        let err = finished(&src, vec![Some("full"), Some("gone")], None).expect_err("all failed");
+        assert_eq!(err.kind(), ErrorKind::Io);
+        assert_eq!(
+            err.to_string(),
+            "every target failed: /dev/sd0: full; /dev/sd1: gone"
+        );
+        let err = finished(
+            &src,
+            vec![Some("bad"), Some("bad")],
+            Some("the xz stream is corrupt"),
+        )
+        .expect_err("bad image");
+        assert_eq!(err.kind(), ErrorKind::BadInput);
+        assert_eq!(
+            err.to_string(),
+            "the xz stream is corrupt; no target was made bootable (each target's first MiB is zeroed)"
+        );
+        assert!(finished(&src, vec![None, None], None).is_ok());
+    }
+
+    #[test]
+    fn a_bad_size_fails_the_target_plan_as_bad_input() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let src = source();
+        let mut opts = options();
+        opts.size = Some("12 parsecs");
+        let err = plan_target(&src, &opts, &dir.path().join("new.img")).expect_err("bad size");
+        assert_eq!(err.kind(), ErrorKind::BadInput);
+        assert!(err.to_string().starts_with("--size: "), "{err}");
+        opts.size = Some("8M");
+        let (plan, _) = plan_target(&src, &opts, &dir.path().join("new.img")).expect("planned");
+        assert_eq!(plan.target.size, 8 << 20);
+    }
+}
