@@ -32,6 +32,8 @@ use crate::source::compressed::StatedSize;
 use crate::source::live;
 use crate::source::raw::{self, Content, RawError, RawImage};
 
+pub mod run;
+
 /// The part of the image written last: partition table (MBR and the primary
 /// GPT with its entries), boot code, and on most images the boot loader's
 /// first stage. Nothing on the target that boots or names a partition

@@ -346,6 +346,7 @@ const CLASSIFIERS: &[Classifier] = &[
     classifier::<crate::write_facts::FactsError>,
     classifier::<crate::live_source::NamedLiveError>,
     classifier::<crate::raw_write::RawWriteError>,
+    classifier::<crate::raw_write::run::RawRunError>,
     classifier::<crate::size::SizeError>,
     classifier::<crate::source::checksum::ChecksumError>,
     classifier::<crate::source::compressed::DecompressError>,

@@ -347,7 +347,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     identity::check_distinct(&args.iso, &args.targets)?;
     // A raw disk image (or --dd) is written as it is, by raw_write.
     if let Some(why) = crate::raw_write::detect(&args.iso, args.dd)? {
-        return super::write_raw::run(args, why, json, quiet, crate::batch::EVENTS_SCHEMA);
+        return super::write_raw::run(args, why, json, quiet);
     }
     if let Some(bmap) = &args.bmap {
         return Err(crate::raw_write::RawWriteError::BmapForLiveIso {

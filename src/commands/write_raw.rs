@@ -2,18 +2,15 @@
 //! the arguments checked, `raw_write`'s plan confirmed, its writes run for one
 //! target, a batch (one read fanned out) or `--wait-for`, and the report.
 
-use std::path::{Path, PathBuf};
-
 use anyhow::bail;
 
-use crate::batch;
 use crate::cli::write::{TableArg, WriteArgs};
 use crate::disk::target::{self, TargetKind, TargetProbe};
-use crate::disk::{devices, identity};
-use crate::error::{BadInput, ErrorKind, PartialBatchFailure};
+use crate::error::BadInput;
 use crate::progress::{Progress, ProgressMode};
-use crate::raw_write::{self, RawPlan, RawReport, RawSource, StreamSource};
-use crate::size::{human, parse_size};
+use crate::raw_write::run::{self, RawBatch, RawOptions};
+use crate::raw_write::{self, RawPlan, RawReport, RawSource};
+use crate::size::human;
 
 /// The options that shape a live stick (persistence, boot menus, the FAT
 /// layout), given on this command line: each is refused with a raw image.
@@ -58,24 +55,13 @@ fn progress_mode(json: bool, quiet: bool) -> ProgressMode {
     }
 }
 
-fn emit(json: bool, value: serde_json::Value) {
-    if json {
-        crate::outln!("{value}");
+fn options(args: &WriteArgs) -> RawOptions<'_> {
+    RawOptions {
+        image: &args.iso,
+        size: args.size.as_deref(),
+        force: args.force,
+        verify: !args.no_verify_write,
     }
-}
-
-fn plan_for(
-    args: &WriteArgs,
-    source: &RawSource,
-    target_path: &Path,
-) -> anyhow::Result<(RawPlan, TargetProbe)> {
-    let probe = target::probe(target_path)?;
-    let requested = match &args.size {
-        Some(text) => Some(parse_size(text).map_err(|e| BadInput(format!("--size: {e}")))?),
-        None => None,
-    };
-    let plan = raw_write::plan_raw(source, &args.iso, &probe, requested, args.force)?;
-    Ok((plan, probe))
 }
 
 fn confirm(probe: &TargetProbe, args: &WriteArgs) -> anyhow::Result<()> {
@@ -114,30 +100,22 @@ fn print_report(report: &RawReport) {
 }
 
 /// Writes the raw image `args.iso` (found raw for `why`) to the targets.
-/// `events_schema` is the version of the NDJSON events a batch prints, the
-/// live write's (`commands::write::EVENTS_SCHEMA`).
-pub fn run(
-    args: &WriteArgs,
-    why: String,
-    json: bool,
-    quiet: bool,
-    events_schema: u32,
-) -> anyhow::Result<()> {
+pub fn run(args: &WriteArgs, why: String, json: bool, quiet: bool) -> anyhow::Result<()> {
     if let Some(option) = live_only_options(args).first() {
         return Err(raw_write::refuse_option(option, &args.iso).into());
     }
     let source = RawSource::open(&args.iso, why, args.bmap.as_deref())?;
     if let Some(n) = args.wait_for {
-        return run_wait_for(args, &source, n, json, quiet, events_schema);
+        return run_wait_for(args, &source, n, json, quiet);
     }
     if args.targets.len() > 1 {
-        return run_batch(args, &source, json, quiet, events_schema);
+        return run_batch(args, &source, json, quiet);
     }
     let target_path = args
         .targets
         .first()
         .ok_or_else(|| BadInput("give a target stick or image file".into()))?;
-    let (plan, probe) = plan_for(args, &source, target_path)?;
+    let (plan, probe) = run::plan_target(&source, &options(args), target_path)?;
     if args.dry_run {
         if json {
             crate::outln!("{}", serde_json::to_string_pretty(&plan)?);
@@ -169,38 +147,10 @@ pub fn run(
 }
 
 /// Many targets from one read (and one decompression) of the image.
-fn run_batch(
-    args: &WriteArgs,
-    source: &RawSource,
-    json: bool,
-    quiet: bool,
-    events_schema: u32,
-) -> anyhow::Result<()> {
-    emit(
-        json,
-        serde_json::json!({"event": "start", "schema": events_schema,
-            "iso": args.iso, "kind": "raw-image", "targets": args.targets}),
-    );
-    let mut outcomes: Vec<(PathBuf, Option<Result<RawReport, String>>)> = Vec::new();
-    let mut planned = Vec::new();
-    for target_path in &args.targets {
-        match plan_for(args, source, target_path) {
-            Ok(p) => {
-                planned.push(p);
-                outcomes.push((target_path.clone(), None));
-            }
-            Err(e) => {
-                let msg = format!("{e:#}");
-                emit(
-                    json,
-                    serde_json::json!({"event": "failed", "device": target_path, "phase": "plan", "error": msg}),
-                );
-                outcomes.push((target_path.clone(), Some(Err(msg))));
-            }
-        }
-    }
+fn run_batch(args: &WriteArgs, source: &RawSource, json: bool, quiet: bool) -> anyhow::Result<()> {
+    let mut batch = RawBatch::start(json, source, options(args), &args.targets);
     if args.dry_run {
-        let plans: Vec<&RawPlan> = planned.iter().map(|(p, _)| p).collect();
+        let plans: Vec<&RawPlan> = batch.planned().iter().map(|(p, _)| p).collect();
         if json {
             crate::outln!("{}", serde_json::to_string_pretty(&plans)?);
         } else {
@@ -208,152 +158,15 @@ fn run_batch(
                 crate::out!("{}", p.to_table());
             }
         }
-        return finish(outcomes, json, quiet);
+        batch.finish(quiet)?;
+        return Ok(());
     }
-    for (_, probe) in &planned {
+    for (_, probe) in batch.planned() {
         confirm(probe, args)?;
     }
-    let stream = source.stream()?;
-    let digest = stream.digest();
-    let failure = stream.failure();
-    let name = args.iso.display().to_string();
-    let (reader, readers) = batch::broadcast(
-        Box::new(StreamSource(Some(stream))),
-        vec![(name.clone(), source.known_size().0)],
-        planned.len(),
-    );
-    let multi = indicatif::MultiProgress::new();
-    let mode = progress_mode(json, quiet);
-    let results: Vec<(PathBuf, Result<RawReport, String>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = planned
-            .iter()
-            .zip(readers)
-            .map(|((plan, probe), mut from)| {
-                let progress = Progress::in_multi(mode, &multi, probe.path.display().to_string());
-                let digest = &digest;
-                let name = &name;
-                scope.spawn(move || {
-                    let result = (|| -> anyhow::Result<RawReport> {
-                        use crate::apply::IsoSource;
-                        let mut stream = from.open(name, 0)?;
-                        Ok(raw_write::write_target(
-                            plan,
-                            probe,
-                            &mut stream,
-                            digest,
-                            !args.no_verify_write,
-                            &progress,
-                        )?)
-                    })();
-                    // Dropping the receiver lets the reader go on without this target.
-                    drop(from);
-                    progress.finish();
-                    (probe.path.clone(), result.map_err(|e| format!("{e:#}")))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| (PathBuf::from("?"), Err("writer thread panicked".into())))
-            })
-            .collect()
-    });
-    let _ = reader.join();
-    for (target_path, result) in results {
-        match &result {
-            Ok(r) => emit(
-                json,
-                serde_json::json!({"event": "done", "device": target_path, "report": r}),
-            ),
-            Err(e) => emit(
-                json,
-                serde_json::json!({"event": "failed", "device": target_path, "phase": "write", "error": e}),
-            ),
-        }
-        if let Some(slot) = outcomes
-            .iter_mut()
-            .find(|(t, o)| t == &target_path && o.is_none())
-        {
-            slot.1 = Some(result);
-        }
-    }
-    let bad_image = failure.lock().ok().and_then(|f| f.clone());
-    if let Some(f) = bad_image.filter(|f| f.kind == ErrorKind::BadInput)
-        && outcomes.iter().all(|(_, o)| matches!(o, Some(Err(_))))
-    {
-        // Every target stopped because the image is bad: that is the error
-        // (bad input), not an I/O failure of each stick.
-        let _ = finish(outcomes, json, quiet);
-        bail!(BadInput(format!(
-            "{}; no target was made bootable (each target's first MiB is zeroed)",
-            f.message
-        )));
-    }
-    finish(outcomes, json, quiet)
-}
-
-fn finish(
-    outcomes: Vec<(PathBuf, Option<Result<RawReport, String>>)>,
-    json: bool,
-    quiet: bool,
-) -> anyhow::Result<()> {
-    let total = outcomes.len();
-    let mut rows = Vec::new();
-    let mut details = Vec::new();
-    for (target_path, outcome) in &outcomes {
-        match outcome {
-            Some(Ok(r)) => rows.push(serde_json::json!({"device": target_path, "ok": true,
-                "kind": "raw-image", "image_sha256": r.image_sha256, "verified": r.verified})),
-            Some(Err(e)) => {
-                details.push(format!("{}: {e}", target_path.display()));
-                rows.push(serde_json::json!({"device": target_path, "ok": false, "error": e}));
-            }
-            None => {
-                rows.push(serde_json::json!({"device": target_path, "ok": true, "dry_run": true}))
-            }
-        }
-    }
-    emit(
-        json,
-        serde_json::json!({"event": "report", "targets": rows}),
-    );
-    if !json && !quiet {
-        crate::outln!("{:<32} {:<8} DETAIL", "TARGET", "RESULT");
-        for (target_path, outcome) in &outcomes {
-            let (result, detail) = match outcome {
-                Some(Ok(r)) => (
-                    "ok",
-                    format!(
-                        "raw image, {} written, {}",
-                        human(r.bytes_written),
-                        if r.verified {
-                            "verified"
-                        } else {
-                            "not verified"
-                        }
-                    ),
-                ),
-                Some(Err(e)) => ("FAILED", e.lines().next().unwrap_or("").to_string()),
-                None => ("planned", String::new()),
-            };
-            crate::outln!("{:<32} {:<8} {}", target_path.display(), result, detail);
-        }
-    }
-    let failed = details.len();
-    if failed == 0 {
-        Ok(())
-    } else if failed == total {
-        bail!("every target failed: {}", details.join("; "))
-    } else {
-        Err(PartialBatchFailure {
-            failed,
-            total,
-            details,
-        }
-        .into())
-    }
+    batch.write_all(progress_mode(json, quiet))?;
+    batch.finish(quiet)?;
+    Ok(())
 }
 
 /// `--wait-for N`: each stick, as it is plugged in, reads the image itself.
@@ -363,7 +176,6 @@ fn run_wait_for(
     n: usize,
     json: bool,
     quiet: bool,
-    events_schema: u32,
 ) -> anyhow::Result<()> {
     if n == 0 {
         bail!(BadInput("--wait-for needs at least 1 stick".into()));
@@ -373,59 +185,7 @@ fn run_wait_for(
             "--wait-for writes each stick as soon as it is plugged in, without asking: add --yes (and no --dry-run) to confirm that every new stick may be erased".into()
         ));
     }
-    emit(
-        json,
-        serde_json::json!({"event": "start", "schema": events_schema,
-            "iso": args.iso, "kind": "raw-image", "wait_for": n}),
-    );
-    if !json && !quiet {
-        eprintln!("Waiting for {n} stick(s) to be plugged in…");
-    }
-    let multi = indicatif::MultiProgress::new();
     let mode = progress_mode(json, quiet);
-    let outcomes = std::sync::Mutex::new(Vec::new());
-    let wait_result = std::thread::scope(|scope| {
-        devices::wait_for_new_devices(n, None, args.force, |device| {
-            let progress = Progress::in_multi(mode, &multi, device.display().to_string());
-            let outcomes = &outcomes;
-            emit(
-                json,
-                serde_json::json!({"event": "plugged", "device": device}),
-            );
-            scope.spawn(move || {
-                let result = (|| -> anyhow::Result<RawReport> {
-                    identity::check_distinct(&args.iso, std::slice::from_ref(&device))?;
-                    let (plan, probe) = plan_for(args, source, &device)?;
-                    let mut stream = source.stream()?;
-                    let digest = stream.digest();
-                    Ok(raw_write::write_target(
-                        &plan,
-                        &probe,
-                        &mut stream,
-                        &digest,
-                        !args.no_verify_write,
-                        &progress,
-                    )?)
-                })();
-                progress.finish();
-                let result = result.map_err(|e| format!("{e:#}"));
-                match &result {
-                    Ok(r) => emit(
-                        json,
-                        serde_json::json!({"event": "done", "device": device, "report": r}),
-                    ),
-                    Err(e) => emit(
-                        json,
-                        serde_json::json!({"event": "failed", "device": device, "phase": "write", "error": e}),
-                    ),
-                }
-                if let Ok(mut all) = outcomes.lock() {
-                    all.push((device, Some(result)));
-                }
-            });
-        })
-    });
-    let outcomes = outcomes.into_inner().unwrap_or_default();
-    wait_result?;
-    finish(outcomes, json, quiet)
+    RawBatch::wait_for(json, quiet, mode, source, options(args), n)?.finish(quiet)?;
+    Ok(())
 }

@@ -1,0 +1,498 @@
+//! A raw image written to the targets of one command: each target planned
+//! from its probe, a batch of targets fed by one read (and one decompression)
+//! of the image, or `--wait-for`'s sticks each reading it as they come; the
+//! NDJSON events and the report of what became of each target.
+//!
+//! The live write's [`crate::batch::Batch`] does the same for a live ISO;
+//! the events follow the same schema ([`crate::batch::EVENTS_SCHEMA`]).
+
+use std::error::Error as StdError;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use super::{RawPlan, RawReport, RawSource, RawWriteError, StreamSource};
+use crate::apply::{ApplyError, IsoSource};
+use crate::batch::{BatchError, EVENTS_SCHEMA};
+use crate::disk::devices::{self, DeviceError};
+use crate::disk::identity::{self, IdentityError};
+use crate::disk::target::{self, TargetError, TargetProbe};
+use crate::error::{BadInput, Classify, ErrorKind, PartialBatchFailure};
+use crate::progress::{Progress, ProgressMode};
+use crate::size::{human, parse_size};
+
+/// Why planning or writing a raw target failed: the typed error of the step
+/// that failed, shown and classified as that error.
+#[derive(Debug, Error)]
+pub enum RawRunError {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error(transparent)]
+    BadInput(#[from] BadInput),
+    #[error(transparent)]
+    Write(#[from] RawWriteError),
+    #[error(transparent)]
+    Source(#[from] ApplyError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error(transparent)]
+    Partial(#[from] PartialBatchFailure),
+}
+
+impl RawRunError {
+    fn wrapped(&self) -> &dyn Classify {
+        match self {
+            RawRunError::Target(e) => e,
+            RawRunError::BadInput(e) => e,
+            RawRunError::Write(e) => e,
+            RawRunError::Source(e) => e,
+            RawRunError::Identity(e) => e,
+            RawRunError::Device(e) => e,
+            RawRunError::Batch(e) => e,
+            RawRunError::Partial(e) => e,
+        }
+    }
+}
+
+impl Classify for RawRunError {
+    // Every variant is transparent, which hides the wrapped error from the
+    // chain walk: answer with its kind and hint.
+    fn kind(&self) -> ErrorKind {
+        self.wrapped().kind()
+    }
+
+    fn hint(&self) -> &'static str {
+        self.wrapped().hint()
+    }
+}
+
+/// What the command line asked of every target.
+#[derive(Debug, Clone, Copy)]
+pub struct RawOptions<'a> {
+    /// The image as the user named it.
+    pub image: &'a Path,
+    /// `--size`, as given: parsed for each target so that a bad one fails
+    /// each target's plan, as a live batch does.
+    pub size: Option<&'a str>,
+    pub force: bool,
+    pub verify: bool,
+}
+
+/// Probes `target_path` and plans the raw write of `source` to it.
+pub fn plan_target(
+    source: &RawSource,
+    options: &RawOptions<'_>,
+    target_path: &Path,
+) -> Result<(RawPlan, TargetProbe), RawRunError> {
+    let probe = target::probe(target_path)?;
+    let requested = match options.size {
+        Some(text) => Some(parse_size(text).map_err(|e| BadInput(format!("--size: {e}")))?),
+        None => None,
+    };
+    let plan = super::plan_raw(source, options.image, &probe, requested, options.force)?;
+    Ok((plan, probe))
+}
+
+/// The error and its causes on one line, as a report row and an event show it.
+fn with_causes(error: &dyn StdError) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(&format!(": {e}"));
+        cause = e.source();
+    }
+    text
+}
+
+fn emit(json: bool, value: serde_json::Value) {
+    if json {
+        crate::outln!("{value}");
+    }
+}
+
+type Outcome = Option<Result<RawReport, String>>;
+
+/// Several targets of one raw image: what became of each (in the order the
+/// user named them, or plugged them in) and the events a script follows.
+pub struct RawBatch<'a> {
+    json: bool,
+    source: &'a RawSource,
+    options: RawOptions<'a>,
+    outcomes: Vec<(PathBuf, Outcome)>,
+    planned: Vec<(RawPlan, TargetProbe)>,
+    /// The image itself was bad, and every target stopped because of it.
+    bad_image: Option<String>,
+}
+
+impl<'a> RawBatch<'a> {
+    /// Announces the batch of `targets` and plans each; a target that cannot
+    /// be planned is reported and left out.
+    pub fn start(
+        json: bool,
+        source: &'a RawSource,
+        options: RawOptions<'a>,
+        targets: &[PathBuf],
+    ) -> RawBatch<'a> {
+        emit(
+            json,
+            serde_json::json!({"event": "start", "schema": EVENTS_SCHEMA,
+                "iso": options.image, "kind": "raw-image", "targets": targets}),
+        );
+        let mut batch = RawBatch::empty(json, source, options);
+        for target_path in targets {
+            match plan_target(source, &options, target_path) {
+                Ok(p) => {
+                    batch.planned.push(p);
+                    batch.outcomes.push((target_path.clone(), None));
+                }
+                Err(e) => {
+                    let msg = with_causes(&e);
+                    emit(
+                        json,
+                        serde_json::json!({"event": "failed", "device": target_path, "phase": "plan", "error": msg}),
+                    );
+                    batch.outcomes.push((target_path.clone(), Some(Err(msg))));
+                }
+            }
+        }
+        batch
+    }
+
+    fn empty(json: bool, source: &'a RawSource, options: RawOptions<'a>) -> RawBatch<'a> {
+        RawBatch {
+            json,
+            source,
+            options,
+            outcomes: Vec::new(),
+            planned: Vec::new(),
+            bad_image: None,
+        }
+    }
+
+    /// The targets planned, in order.
+    pub fn planned(&self) -> &[(RawPlan, TargetProbe)] {
+        &self.planned
+    }
+
+    /// Writes every planned target, each on its own thread, from one read of
+    /// the image; a target that fails is recorded and the others go on.
+    pub fn write_all(&mut self, mode: ProgressMode) -> Result<(), RawRunError> {
+        let json = self.json;
+        let options = self.options;
+        let stream = self.source.stream()?;
+        let digest = stream.digest();
+        let failure = stream.failure();
+        let name = options.image.display().to_string();
+        let (reader, readers) = crate::batch::broadcast(
+            Box::new(StreamSource(Some(stream))),
+            vec![(name.clone(), self.source.known_size().0)],
+            self.planned.len(),
+        );
+        let multi = indicatif::MultiProgress::new();
+        let results: Vec<(PathBuf, Result<RawReport, String>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .planned
+                .iter()
+                .zip(readers)
+                .map(|((plan, probe), mut from)| {
+                    let progress =
+                        Progress::in_multi(mode, &multi, probe.path.display().to_string());
+                    let digest = &digest;
+                    let name = &name;
+                    scope.spawn(move || {
+                        let result = (|| -> Result<RawReport, RawRunError> {
+                            let mut stream = from.open(name, 0)?;
+                            Ok(super::write_target(
+                                plan,
+                                probe,
+                                &mut stream,
+                                digest,
+                                options.verify,
+                                &progress,
+                            )?)
+                        })();
+                        // Dropping the receiver lets the reader go on without this target.
+                        drop(from);
+                        progress.finish();
+                        (probe.path.clone(), result.map_err(|e| with_causes(&e)))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        (PathBuf::from("?"), Err("writer thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        let _ = reader.join();
+        for (target_path, result) in results {
+            match &result {
+                Ok(r) => emit(
+                    json,
+                    serde_json::json!({"event": "done", "device": target_path, "report": r}),
+                ),
+                Err(e) => emit(
+                    json,
+                    serde_json::json!({"event": "failed", "device": target_path, "phase": "write", "error": e}),
+                ),
+            }
+            if let Some(slot) = self
+                .outcomes
+                .iter_mut()
+                .find(|(t, o)| t == &target_path && o.is_none())
+            {
+                slot.1 = Some(result);
+            }
+        }
+        let bad_image = failure.lock().ok().and_then(|f| f.clone());
+        if let Some(f) = bad_image.filter(|f| f.kind == ErrorKind::BadInput)
+            && self.outcomes.iter().all(|(_, o)| matches!(o, Some(Err(_))))
+        {
+            self.bad_image = Some(f.message);
+        }
+        Ok(())
+    }
+
+    /// `--wait-for N`: each stick, as it is plugged in, is planned and reads
+    /// the image itself (the sticks come at different times).
+    pub fn wait_for(
+        json: bool,
+        quiet: bool,
+        mode: ProgressMode,
+        source: &'a RawSource,
+        options: RawOptions<'a>,
+        n: usize,
+    ) -> Result<RawBatch<'a>, RawRunError> {
+        emit(
+            json,
+            serde_json::json!({"event": "start", "schema": EVENTS_SCHEMA,
+                "iso": options.image, "kind": "raw-image", "wait_for": n}),
+        );
+        if !json && !quiet {
+            eprintln!("Waiting for {n} stick(s) to be plugged in…");
+        }
+        let multi = indicatif::MultiProgress::new();
+        let outcomes = std::sync::Mutex::new(Vec::new());
+        let wait_result = std::thread::scope(|scope| {
+            devices::wait_for_new_devices(n, None, options.force, |device| {
+                let progress = Progress::in_multi(mode, &multi, device.display().to_string());
+                let outcomes = &outcomes;
+                emit(
+                    json,
+                    serde_json::json!({"event": "plugged", "device": device}),
+                );
+                scope.spawn(move || {
+                    let result = (|| -> Result<RawReport, RawRunError> {
+                        identity::check_distinct(options.image, std::slice::from_ref(&device))?;
+                        let (plan, probe) = plan_target(source, &options, &device)?;
+                        let mut stream = source.stream()?;
+                        let digest = stream.digest();
+                        Ok(super::write_target(
+                            &plan,
+                            &probe,
+                            &mut stream,
+                            &digest,
+                            options.verify,
+                            &progress,
+                        )?)
+                    })();
+                    progress.finish();
+                    let result = result.map_err(|e| with_causes(&e));
+                    match &result {
+                        Ok(r) => emit(
+                            json,
+                            serde_json::json!({"event": "done", "device": device, "report": r}),
+                        ),
+                        Err(e) => emit(
+                            json,
+                            serde_json::json!({"event": "failed", "device": device, "phase": "write", "error": e}),
+                        ),
+                    }
+                    if let Ok(mut all) = outcomes.lock() {
+                        all.push((device, Some(result)));
+                    }
+                });
+            })
+        });
+        let mut batch = RawBatch::empty(json, source, options);
+        batch.outcomes = outcomes.into_inner().unwrap_or_default();
+        wait_result?;
+        Ok(batch)
+    }
+
+    /// Prints the report (the `report` event, or a table unless `quiet`) and
+    /// says whether every target was written.
+    pub fn finish(self, quiet: bool) -> Result<(), RawRunError> {
+        let json = self.json;
+        let outcomes = self.outcomes;
+        let total = outcomes.len();
+        let mut rows = Vec::new();
+        let mut details = Vec::new();
+        for (target_path, outcome) in &outcomes {
+            match outcome {
+                Some(Ok(r)) => rows.push(serde_json::json!({"device": target_path, "ok": true,
+                    "kind": "raw-image", "image_sha256": r.image_sha256, "verified": r.verified})),
+                Some(Err(e)) => {
+                    details.push(format!("{}: {e}", target_path.display()));
+                    rows.push(serde_json::json!({"device": target_path, "ok": false, "error": e}));
+                }
+                None => rows
+                    .push(serde_json::json!({"device": target_path, "ok": true, "dry_run": true})),
+            }
+        }
+        emit(
+            json,
+            serde_json::json!({"event": "report", "targets": rows}),
+        );
+        if !json && !quiet {
+            crate::outln!("{:<32} {:<8} DETAIL", "TARGET", "RESULT");
+            for (target_path, outcome) in &outcomes {
+                let (result, detail) = match outcome {
+                    Some(Ok(r)) => (
+                        "ok",
+                        format!(
+                            "raw image, {} written, {}",
+                            human(r.bytes_written),
+                            if r.verified {
+                                "verified"
+                            } else {
+                                "not verified"
+                            }
+                        ),
+                    ),
+                    Some(Err(e)) => ("FAILED", e.lines().next().unwrap_or("").to_string()),
+                    None => ("planned", String::new()),
+                };
+                crate::outln!("{:<32} {:<8} {}", target_path.display(), result, detail);
+            }
+        }
+        if let Some(message) = self.bad_image {
+            // Every target stopped because the image is bad: that is the error
+            // (bad input), not an I/O failure of each stick.
+            return Err(BadInput(format!(
+                "{message}; no target was made bootable (each target's first MiB is zeroed)"
+            ))
+            .into());
+        }
+        let failed = details.len();
+        if failed == 0 {
+            Ok(())
+        } else if failed == total {
+            Err(BatchError::EveryTargetFailed {
+                details: details.join("; "),
+            }
+            .into())
+        } else {
+            Err(PartialBatchFailure {
+                failed,
+                total,
+                details,
+            }
+            .into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::compressed::StatedSize;
+    use crate::source::raw::RawImage;
+
+    fn source() -> RawSource {
+        RawSource {
+            image: RawImage {
+                path: PathBuf::from("disk.raw"),
+                compression: None,
+                size: StatedSize::Exact(4 << 20),
+                file_len: 4 << 20,
+            },
+            why: "test".into(),
+            bmap: None,
+        }
+    }
+
+    fn options() -> RawOptions<'static> {
+        RawOptions {
+            image: Path::new("disk.raw"),
+            size: None,
+            force: false,
+            verify: true,
+        }
+    }
+
+    fn finished(
+        source: &RawSource,
+        outcomes: Vec<Option<&str>>,
+        bad_image: Option<&str>,
+    ) -> Result<(), RawRunError> {
+        let mut batch = RawBatch::empty(false, source, options());
+        for (i, o) in outcomes.into_iter().enumerate() {
+            batch.outcomes.push((
+                PathBuf::from(format!("/dev/sd{i}")),
+                o.map(|e| Err(e.to_string())),
+            ));
+        }
+        batch.bad_image = bad_image.map(str::to_string);
+        batch.finish(true)
+    }
+
+    #[test]
+    fn a_raw_batch_with_some_failures_is_partial_naming_each_failed_target() {
+        let src = source();
+        let err = finished(&src, vec![Some("full"), None, Some("unplugged")], None)
+            .expect_err("two of three failed");
+        assert_eq!(err.kind(), ErrorKind::PartialBatch);
+        match err {
+            RawRunError::Partial(p) => {
+                assert_eq!((p.failed, p.total), (2, 3));
+                assert_eq!(p.details, ["/dev/sd0: full", "/dev/sd2: unplugged"]);
+            }
+            other => panic!("expected a partial failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_raw_batch_where_every_target_failed_is_an_io_failure_unless_the_image_was_bad() {
+        let src = source();
+        let err = finished(&src, vec![Some("full"), Some("gone")], None).expect_err("all failed");
+        assert_eq!(err.kind(), ErrorKind::Io);
+        assert_eq!(
+            err.to_string(),
+            "every target failed: /dev/sd0: full; /dev/sd1: gone"
+        );
+        let err = finished(
+            &src,
+            vec![Some("bad"), Some("bad")],
+            Some("the xz stream is corrupt"),
+        )
+        .expect_err("bad image");
+        assert_eq!(err.kind(), ErrorKind::BadInput);
+        assert_eq!(
+            err.to_string(),
+            "the xz stream is corrupt; no target was made bootable (each target's first MiB is zeroed)"
+        );
+        assert!(finished(&src, vec![None, None], None).is_ok());
+    }
+
+    #[test]
+    fn a_bad_size_fails_the_target_plan_as_bad_input() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let src = source();
+        let mut opts = options();
+        opts.size = Some("12 parsecs");
+        let err = plan_target(&src, &opts, &dir.path().join("new.img")).expect_err("bad size");
+        assert_eq!(err.kind(), ErrorKind::BadInput);
+        assert!(err.to_string().starts_with("--size: "), "{err}");
+        opts.size = Some("8M");
+        let (plan, _) = plan_target(&src, &opts, &dir.path().join("new.img")).expect("planned");
+        assert_eq!(plan.target.size, 8 << 20);
+    }
+}
