@@ -123,7 +123,20 @@ fn a_stick_written_from_each_compressed_copy_has_the_plain_isos_files() {
             "{}: the implanted MD5 is checked on the unpacked copy",
             copy.display()
         );
-        assert_eq!(files_on(&image), expected, "{}", copy.display());
+        // The manifest names the source as given and when it was written, so it
+        // differs by design; every other file is the same byte for byte.
+        let without_manifest = |files: Vec<(String, String)>| -> Vec<(String, String)> {
+            files
+                .into_iter()
+                .filter(|(p, _)| p != "/LiveOS/livestick.json")
+                .collect()
+        };
+        assert_eq!(
+            without_manifest(files_on(&image)),
+            without_manifest(expected.clone()),
+            "{}",
+            copy.display()
+        );
         std::fs::remove_file(&image).unwrap();
     }
 }
