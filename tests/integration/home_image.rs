@@ -188,13 +188,8 @@ fn luks_home_opens_with_cryptsetup_and_holds_ext4_home() {
 #[test]
 fn bad_home_inputs_are_refused_before_writing() {
     let dir = tempfile::tempdir().unwrap();
-    let e = build_home_image(dir.path(), 4096 * MIB, HomeEncryption::None)
-        .err()
-        .unwrap();
-    assert!(
-        e.to_string().contains("4096 MiB") && e.to_string().contains("4095"),
-        "{e}"
-    );
+    // A home over FAT32's file limit is the plan's call now (the ext4 live layout
+    // takes it; `plan::tests::persistence_sizes_are_checked`), not the builder's.
     let e = build_home_image(dir.path(), 16 * MIB, luks(PASS))
         .err()
         .unwrap();
