@@ -234,7 +234,7 @@ fn inspect_reports_the_live_image() {
     let human = livestick(&["inspect", iso.to_str().unwrap()]);
     let human = String::from_utf8_lossy(&human.stdout);
     assert!(human.contains("Fedora-LS-Test-1"));
-    assert!(human.contains("MediaCheck"));
+    assert!(human.contains("media check"), "{human}");
     let grub = synthetic_iso("fedora-grub.iso");
     let v: serde_json::Value =
         serde_json::from_slice(&livestick(&["inspect", "--json", grub.to_str().unwrap()]).stdout)
