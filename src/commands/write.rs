@@ -412,10 +412,18 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         crate::outln!("{}", serde_json::to_string_pretty(&value)?);
     } else if !quiet {
         print_report(&live, &report, md5.is_some());
-        if let Some(note) = plan.iso_check.note(&live) {
-            crate::outln!("  note: {note}");
+        // One line about what checked the source: a CHECKSUM that was checked needs
+        // no note about the implanted MD5, and "nothing was checked" is said once.
+        match (&source_check, plan.iso_check.note(&live)) {
+            (SourceCheck::NotChecked { why }, Some(note)) if md5.is_none() => crate::outln!(
+                "  note: the image was NOT checked: {note}; no published checksum either: {why}"
+            ),
+            (SourceCheck::NotChecked { .. }, Some(note)) => {
+                crate::outln!("  note: {note}");
+                crate::outln!("  {}", source_check_line(&source_check, md5.is_some()));
+            }
+            _ => crate::outln!("  {}", source_check_line(&source_check, md5.is_some())),
         }
-        crate::outln!("  {}", source_check_line(&source_check, md5.is_some()));
     }
     Ok(())
 }
