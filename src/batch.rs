@@ -509,7 +509,6 @@ impl Batch {
                 crate::outln!("{:<32} {:<8} {}", target.display(), result, detail);
             }
         }
-        let mut failed = details.len();
         let mut total = total;
         if let Some(e) = timed_out {
             let DeviceError::WaitTimedOut { wanted, found, .. } = &e else {
@@ -518,7 +517,7 @@ impl Batch {
             if found.is_empty() {
                 return Err(BatchError::NothingPlugged(e));
             }
-            failed += wanted.saturating_sub(found.len());
+            let failed = details.len() + wanted.saturating_sub(found.len());
             total = total.max(*wanted);
             details.push(e.to_string());
             return Err(BatchError::Partial(PartialBatchFailure {
@@ -527,19 +526,26 @@ impl Batch {
                 details,
             }));
         }
-        if failed == 0 {
-            Ok(())
-        } else if failed == total {
-            Err(BatchError::EveryTargetFailed {
-                details: details.join("; "),
-            })
-        } else {
-            Err(BatchError::Partial(PartialBatchFailure {
-                failed,
-                total,
-                details,
-            }))
-        }
+        verdict(details, total)
+    }
+}
+
+/// How a batch of `total` targets ended, from one line per failed target: all
+/// written, some (partial, 5) or every one failed (4). Live and raw batches alike.
+pub fn verdict(details: Vec<String>, total: usize) -> Result<(), BatchError> {
+    let failed = details.len();
+    if failed == 0 {
+        Ok(())
+    } else if failed == total {
+        Err(BatchError::EveryTargetFailed {
+            details: details.join("; "),
+        })
+    } else {
+        Err(BatchError::Partial(PartialBatchFailure {
+            failed,
+            total,
+            details,
+        }))
     }
 }
 

@@ -381,22 +381,10 @@ impl<'a> RawBatch<'a> {
             ))
             .into());
         }
-        let failed = details.len();
-        if failed == 0 {
-            Ok(())
-        } else if failed == total {
-            Err(BatchError::EveryTargetFailed {
-                details: details.join("; "),
-            }
-            .into())
-        } else {
-            Err(PartialBatchFailure {
-                failed,
-                total,
-                details,
-            }
-            .into())
-        }
+        crate::batch::verdict(details, total).map_err(|e| match e {
+            BatchError::Partial(p) => RawRunError::Partial(p),
+            other => other.into(),
+        })
     }
 }
 
