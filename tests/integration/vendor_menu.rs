@@ -35,21 +35,7 @@ fn vendor_only_iso(dir: &Path) -> PathBuf {
     )
     .unwrap();
     let out = dir.join("vendor.iso");
-    sh(
-        "xorriso",
-        &[
-            "-as",
-            "mkisofs",
-            "-quiet",
-            "-V",
-            "VENDOR-LIVE",
-            "-R",
-            "-J",
-            "-o",
-            out.to_str().unwrap(),
-            iso.to_str().unwrap(),
-        ],
-    );
+    iso_of_tree(&iso, "VENDOR-LIVE", &out);
     out
 }
 
@@ -93,21 +79,7 @@ fn an_iso_without_any_menu_names_where_it_looked() {
     let tree = dir.path().join("iso");
     std::fs::remove_file(tree.join("EFI/vendor/grub.cfg")).unwrap();
     let bare = dir.path().join("bare.iso");
-    sh(
-        "xorriso",
-        &[
-            "-as",
-            "mkisofs",
-            "-quiet",
-            "-V",
-            "BARE",
-            "-R",
-            "-J",
-            "-o",
-            bare.to_str().unwrap(),
-            tree.to_str().unwrap(),
-        ],
-    );
+    iso_of_tree(&tree, "BARE", &bare);
     drop(iso);
     let out = livestick(&["inspect", bare.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);

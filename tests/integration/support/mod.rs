@@ -434,6 +434,12 @@ pub fn flat_iso_from(root: &Path, dir: &Path) -> PathBuf {
     )
     .unwrap();
     let out = dir.join("flat.iso");
+    iso_of_tree(&iso, "FLAT-OVL", &out);
+    out
+}
+
+/// An ISO 9660 image (Rock Ridge, Joliet) of the directory `tree`, labelled `label`.
+pub fn iso_of_tree(tree: &Path, label: &str, out: &Path) {
     sh(
         "xorriso",
         &[
@@ -441,15 +447,14 @@ pub fn flat_iso_from(root: &Path, dir: &Path) -> PathBuf {
             "mkisofs",
             "-quiet",
             "-V",
-            "FLAT-OVL",
+            label,
             "-R",
             "-J",
             "-o",
             out.to_str().unwrap(),
-            iso.to_str().unwrap(),
+            tree.to_str().unwrap(),
         ],
     );
-    out
 }
 
 /// The uid and gid livestick runs as when a test proves it needs no root.
