@@ -756,8 +756,7 @@ pub fn repairs_needed(path: &Path, live_dir: &str) -> Result<Vec<String>, Replac
         return Ok(Vec::new());
     }
     let part = ro.partition.start;
-    if !leftovers_found(ro.file_mut(), part, live_dir)? && !fat_raw::is_dirty(ro.file_mut(), part)?
-    {
+    if !needs_repair(ro.file_mut(), part, live_dir)? {
         return Ok(Vec::new());
     }
     let mut view = fat_raw::MemoryWrites::new(ro.file_mut());
