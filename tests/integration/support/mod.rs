@@ -5,6 +5,7 @@
 
 pub mod dm_snapshot;
 pub mod fixtures;
+pub mod schema;
 pub mod vm;
 
 use std::ffi::OsStr;
