@@ -28,3 +28,4 @@ pub mod source;
 pub mod squash;
 pub mod tools;
 pub mod write_facts;
+pub mod write_report;

@@ -280,6 +280,25 @@ impl Default for SourceCheckArgs {
     }
 }
 
+impl SourceCheckArgs {
+    /// The options `source::download` takes, with the defaults of what was not
+    /// given: a timeout of at least a second, Fedora's releases.json.
+    pub fn download_options(&self) -> crate::source::download::DownloadOptions {
+        crate::source::download::DownloadOptions {
+            dir: self.download_dir.clone(),
+            checksum: self.checksum.clone(),
+            keyring: self.keyring.clone(),
+            allow_unsigned: self.allow_unsigned,
+            ca_file: self.ca_file.clone(),
+            timeout: std::time::Duration::from_secs(self.download_timeout.max(1)),
+            releases_url: self
+                .releases_url
+                .clone()
+                .unwrap_or_else(|| crate::source::releases::DEFAULT_RELEASES_URL.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_duration;

@@ -20,10 +20,11 @@ use crate::persist::home::{self, PassphraseSource};
 use crate::plan::{self, FormatMode, HomeEncryption, Plan, WriteOptions};
 use crate::prepare;
 use crate::progress::{Progress, ProgressMode};
-use crate::size::{MIB, human, parse_size};
+use crate::size::{MIB, parse_size};
 use crate::source::signed_checksum::SourceCheck;
-use crate::source::{compressed, download, live, releases};
+use crate::source::{acquire, compressed, live};
 use crate::write_facts;
+use crate::write_report::WriteReport;
 
 fn mib(option: &str, value: Option<u64>) -> anyhow::Result<Option<u64>> {
     match value {
@@ -96,16 +97,11 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
     } else {
         HomeEncryption::Luks
     };
-    let home_size = match args.home_size_mb {
-        Some(n) => Some(
-            match home::home_size_from_mib(n, home_encryption == HomeEncryption::Luks) {
-                // Over FAT's file limit: the plan puts the live system on ext4.
-                Err(home::HomeError::TooLarge { .. }) => n * crate::size::MIB,
-                other => other.map_err(|e| BadInput(format!("--home-size-mb: {e}")))?,
-            },
-        ),
-        None => None,
-    };
+    let home_size = args
+        .home_size_mb
+        .map(|n| home::home_size_for_write(n, home_encryption == HomeEncryption::Luks))
+        .transpose()
+        .map_err(|e| BadInput(format!("--home-size-mb: {e}")))?;
     if (args.copy_overlay || args.copy_home) && live.source_kind != live::SourceKind::Stick {
         bail!(BadInput(format!(
             "--copy-overlay and --copy-home carry persistence over from another stick, but the source {} is an ISO image; give the old stick as the source",
@@ -291,50 +287,28 @@ fn acquire_source(
     json: bool,
     quiet: bool,
 ) -> anyhow::Result<Option<(WriteArgs, SourceCheck)>> {
-    let given = &args.source_check;
-    let opts = download::DownloadOptions {
-        dir: given.download_dir.clone(),
-        checksum: given.checksum.clone(),
-        keyring: given.keyring.clone(),
-        allow_unsigned: given.allow_unsigned,
-        ca_file: given.ca_file.clone(),
-        timeout: std::time::Duration::from_secs(given.download_timeout.max(1)),
-        releases_url: given
-            .releases_url
-            .clone()
-            .unwrap_or_else(|| releases::DEFAULT_RELEASES_URL.to_string()),
-    };
-    let progress = Progress::new(progress_mode(json, quiet), "source");
-    let (path, check) = download::prepare(&args.iso, &opts, !args.dry_run, &progress)?;
-    progress.finish();
-    if given.download_only {
+    let acquired = acquire::acquire(
+        &args.iso,
+        &args.source_check.download_options(),
+        !args.dry_run,
+        progress_mode(json, quiet),
+    )?;
+    if args.source_check.download_only {
         if json {
-            let value = serde_json::json!({"path": path, "checksum": check});
-            crate::outln!("{}", serde_json::to_string_pretty(&value)?);
+            crate::outln!("{}", acquired.to_json()?);
         } else {
-            crate::outln!("{}", path.display());
+            crate::outln!("{}", acquired.path.display());
             if !quiet {
-                eprintln!("{}", check.summary());
+                eprintln!("{}", acquired.check.summary());
             }
         }
         return Ok(None);
     }
     let local = WriteArgs {
-        iso: path,
+        iso: acquired.path,
         ..args.clone()
     };
-    Ok(Some((local, check)))
-}
-
-/// The report's line about published checksums, which says so plainly when the
-/// image could not be checked at all.
-fn source_check_line(check: &SourceCheck, md5_checked: bool) -> String {
-    match check {
-        SourceCheck::NotChecked { why } if !md5_checked => format!(
-            "the image was NOT checked: no implanted MD5 was checked and no published checksum: {why}"
-        ),
-        _ => check.summary(),
-    }
+    Ok(Some((local, acquired.check)))
 }
 
 pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
@@ -411,82 +385,12 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         value["iso_check"] = serde_json::json!(plan.iso_check);
         crate::outln!("{}", serde_json::to_string_pretty(&value)?);
     } else if !quiet {
-        print_report(&live, &report, md5.is_some());
-        // One line about what checked the source: a CHECKSUM that was checked needs
-        // no note about the implanted MD5, and "nothing was checked" is said once.
-        match (&source_check, plan.iso_check.note(&live)) {
-            (SourceCheck::NotChecked { why }, Some(note)) if md5.is_none() => crate::outln!(
-                "  note: the image was NOT checked: {note}; no published checksum either: {why}"
-            ),
-            (SourceCheck::NotChecked { .. }, Some(note)) => {
-                crate::outln!("  note: {note}");
-                crate::outln!("  {}", source_check_line(&source_check, md5.is_some()));
-            }
-            _ => crate::outln!("  {}", source_check_line(&source_check, md5.is_some())),
-        }
+        crate::out!(
+            "{}",
+            WriteReport::new(&live, &plan, &report, md5.is_some(), &source_check)
+        );
     }
     Ok(())
-}
-
-fn print_report(live: &live::LiveImage, report: &apply::ApplyReport, md5_checked: bool) {
-    crate::outln!(
-        "Wrote {} to {}: {} FAT32 \"{}\" UUID {}{}{}",
-        live.label,
-        report.target,
-        report.table,
-        report.label,
-        report.fs_uuid,
-        report
-            .overlay
-            .as_ref()
-            .map(|o| format!(", overlay {o}"))
-            .unwrap_or_default(),
-        report
-            .home
-            .as_ref()
-            .map(|h| format!(", home {h}"))
-            .unwrap_or_default()
-    );
-    crate::outln!(
-        "  {} files, {}; boots BIOS: {}, UEFI: {}",
-        report.files.len(),
-        human(report.files.iter().map(|f| f.size).sum()),
-        if report.bios { "yes" } else { "no" },
-        if report.uefi { "yes" } else { "no" }
-    );
-    // Persistence is allocated, not written: what the stick really took is this.
-    crate::outln!(
-        "  {} written to the stick, {}",
-        human(report.bytes_written),
-        if report.verified {
-            format!("{} read back and verified", human(report.bytes_verified))
-        } else {
-            "not verified".to_string()
-        }
-    );
-    if let Some(kept) = &report.kept_overlay {
-        if kept.reset {
-            println!(
-                "  overlay {} emptied, its {} discarded: {}",
-                kept.to,
-                kept.used_text(),
-                kept.why
-            );
-        } else {
-            println!(
-                "  overlay {} kept with its {}: {}",
-                kept.to,
-                kept.used_text(),
-                kept.why
-            );
-        }
-    }
-    if md5_checked {
-        crate::outln!("  ISO implanted MD5 checked: passed");
-    }
-    for w in &report.warnings {
-        crate::outln!("  warning: {w}");
-    }
 }
 
 /// Several targets from one read of the ISO: each target is planned, checked

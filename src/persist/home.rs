@@ -165,6 +165,16 @@ pub fn home_size_from_mib(mib: u64, encrypted: bool) -> Result<u64, HomeError> {
     Ok(mib * MIB)
 }
 
+/// `--home-size-mb` in bytes for `write`: checked as [`home_size_from_mib`],
+/// except that a home over FAT's file limit is not refused here, since the plan
+/// then puts the live system on ext4, where a file may be larger.
+pub fn home_size_for_write(mib: u64, encrypted: bool) -> Result<u64, HomeError> {
+    match home_size_from_mib(mib, encrypted) {
+        Err(HomeError::TooLarge { mib }) => mib.checked_mul(MIB).ok_or(HomeError::TooLarge { mib }),
+        other => other,
+    }
+}
+
 fn check_size_bytes(size: u64, encrypted: bool) -> Result<u64, HomeError> {
     if !size.is_multiple_of(MIB) {
         return Err(HomeError::NotWholeMib { size });
@@ -695,6 +705,21 @@ fn grow_luks_home(f: File, path: &Path, new_size: u64, pass: &[u8]) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_home_too_large_for_fat_is_left_to_the_plan() {
+        assert_eq!(home_size_for_write(64, true).unwrap(), 64 * MIB);
+        assert_eq!(home_size_for_write(8192, false).unwrap(), 8192 * MIB);
+        assert!(matches!(
+            home_size_for_write(8, true),
+            Err(HomeError::TooSmall { .. })
+        ));
+        // Past what a byte count can hold: still refused, never wrapped.
+        assert!(matches!(
+            home_size_for_write(u64::MAX / 2, false),
+            Err(HomeError::TooLarge { .. })
+        ));
+    }
 
     #[test]
     fn sizes_in_mib_with_limits() {

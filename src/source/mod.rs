@@ -1,4 +1,5 @@
 //! Reading the source live ISO.
+pub mod acquire;
 pub mod bmap;
 pub mod checksum;
 pub mod compressed;
