@@ -1463,6 +1463,29 @@ impl CowWriter {
     }
 }
 
+/// How `livestick devices` describes an overlay file that is not an ext4
+/// image: read as a dm-snapshot store, which `disk::devices` may not import.
+pub struct DevicesProbe;
+
+impl crate::disk::devices::OverlayProbe for DevicesProbe {
+    fn describe(
+        &self,
+        mut file: &mut dyn crate::io::ReadSeek,
+        size: u64,
+        info: &mut crate::disk::devices::OverlayInfo,
+    ) {
+        match status(&mut file, size, 8, None) {
+            Ok(report) => {
+                info.kind = Some("dm-snapshot");
+                info.state = Some(report.state.to_string());
+                info.percent_used = Some(report.percent_used);
+                info.dm_status = Some(report.dm_status);
+            }
+            Err(e) => info.problem = Some(e.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -1537,6 +1560,37 @@ mod tests {
         let r = status(&mut cow, 1 << 20, 8, None).unwrap();
         assert_eq!(r.dm_status, "80008/2048 16");
         assert!(!r.problems.is_empty());
+    }
+
+    #[test]
+    fn the_devices_listing_reads_a_store_or_says_why_not() {
+        use crate::disk::devices::{OverlayInfo, OverlayProbe};
+        let blank = || OverlayInfo {
+            file: "/LiveOS/overlay-L-U".into(),
+            size: 1 << 20,
+            kind: None,
+            state: None,
+            percent_used: None,
+            dm_status: None,
+            problem: None,
+        };
+        let mut info = blank();
+        let mut cow = cow_with(Header::fresh(8), &[(3, 2)], 1 << 20);
+        DevicesProbe.describe(&mut cow, 1 << 20, &mut info);
+        let mut expected = cow_with(Header::fresh(8), &[(3, 2)], 1 << 20);
+        let report = status(&mut expected, 1 << 20, 8, None).unwrap();
+        assert_eq!(info.kind, Some("dm-snapshot"));
+        assert_eq!(info.state, Some(report.state.to_string()));
+        assert_eq!(info.percent_used, Some(report.percent_used));
+        assert_eq!(info.dm_status, Some(report.dm_status));
+        assert_eq!(info.problem, None);
+
+        let mut h = Header::fresh(8);
+        h.magic = 0x1234;
+        let mut info = blank();
+        DevicesProbe.describe(&mut cow_with(h, &[], 8192), 8192, &mut info);
+        assert_eq!(info.kind, None);
+        assert!(info.problem.is_some(), "{info:?}");
     }
 
     #[test]
