@@ -7,6 +7,7 @@ pub mod download;
 pub mod initrd;
 pub mod iso;
 pub mod live;
+pub mod live_text;
 pub mod raw;
 pub mod releases;
 pub mod signed_checksum;
