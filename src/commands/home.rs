@@ -15,9 +15,10 @@ use crate::cli::home::{HomeCommand, InfoArgs, PassArgs, ResizeArgs};
 use crate::disk::{stick, target};
 use crate::error::CannotOpen;
 use crate::persist::home::{self, HomeKind, PassphraseSource};
+use crate::persist::home_report::{HomeText, ResizeReport};
 use crate::persist::home_stick::{self, HomeReport, ResizePlan, StickHome};
 use crate::progress::{Progress, ProgressMode};
-use crate::size::{MIB, human};
+use crate::size::MIB;
 
 pub fn run(cmd: HomeCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
@@ -93,7 +94,7 @@ fn info(a: &InfoArgs, json: bool) -> anyhow::Result<()> {
         if json {
             return print_json(&rep);
         }
-        print_report(&rep);
+        crate::out!("{}", HomeText(&rep));
         return Ok(());
     }
     let mut h = if stick {
@@ -117,7 +118,7 @@ fn info(a: &InfoArgs, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(&rep);
     }
-    print_report(&rep);
+    crate::out!("{}", HomeText(&rep));
     Ok(())
 }
 
@@ -137,77 +138,6 @@ fn ext4_live_info(a: &InfoArgs) -> anyhow::Result<Option<HomeReport>> {
     )?)
 }
 
-fn print_report(rep: &HomeReport) {
-    match &rep.home {
-        Some(home) => crate::outln!("home:        {}:{home}", rep.target.display()),
-        None => crate::outln!("home:        {}", rep.target.display()),
-    }
-    crate::outln!(
-        "size:        {} ({} bytes)",
-        human(rep.file_size),
-        rep.file_size
-    );
-    match &rep.luks {
-        Some(l) => {
-            crate::outln!(
-                "encrypted:   yes, LUKS2 {} {}-bit, {}-byte sectors, keyslots: {}",
-                l.cipher,
-                l.key_bits,
-                l.sector_size,
-                l.keyslots.join(", ")
-            );
-            crate::outln!("luks uuid:   {}", l.uuid);
-            if let Some(k) = &l.opened_keyslot {
-                crate::outln!("unlocked:    keyslot {k}");
-            }
-        }
-        None => crate::outln!("encrypted:   no"),
-    }
-    match &rep.fs {
-        Some(fs) => {
-            crate::outln!("fs:          ext4, label {:?}, uuid {}", fs.label, fs.uuid);
-            crate::outln!(
-                "fs size:     {} ({} bytes)",
-                human(fs.size_bytes),
-                fs.size_bytes
-            );
-            let pct = (fs.used_bytes * 100)
-                .checked_div(fs.size_bytes)
-                .unwrap_or(0);
-            crate::outln!(
-                "used:        {} ({} bytes, {pct}%)",
-                human(fs.used_bytes),
-                fs.used_bytes
-            );
-            let free = rep.fs_free_bytes.unwrap_or(0);
-            crate::outln!("free:        {} ({} bytes)", human(free), free);
-        }
-        None => crate::outln!(
-            "fs:          locked (give --passphrase-file FILE or --passphrase-stdin to see size, use and label)"
-        ),
-    }
-    if let Some(free) = rep.stick_free_bytes {
-        crate::outln!(
-            "stick free:  {} ({} MiB) — home can grow to {} MiB",
-            human(free),
-            free / MIB,
-            grow_limit(rep.file_size, free)
-        );
-    }
-    if let Some(s) = rep.stale_staging {
-        crate::outln!(
-            "note:        a home.img.new ({}) from an interrupted resize is on the stick; the next `home resize` removes it",
-            human(s)
-        );
-    }
-}
-
-/// The largest size the home can be resized to: the new copy is written next to the
-/// old one, so it must fit in the free space, and below the FAT file limit.
-fn grow_limit(current: u64, free: u64) -> u64 {
-    (free / MIB).min(home::FAT_MAX_FILE_MIB).max(current / MIB)
-}
-
 fn progress_bar(json: bool, what: &Path) -> Progress {
     Progress::new(
         if json {
@@ -217,14 +147,6 @@ fn progress_bar(json: bool, what: &Path) -> Progress {
         },
         what.display().to_string(),
     )
-}
-
-#[derive(Serialize)]
-struct ResizeOut<'a> {
-    dry_run: bool,
-    plan: &'a ResizePlan,
-    /// The home after the resize (absent on a dry run).
-    result: Option<HomeReport>,
 }
 
 fn resize(a: &ResizeArgs, json: bool) -> anyhow::Result<()> {
@@ -315,61 +237,14 @@ fn resize_report(
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    if json {
-        return print_json(&ResizeOut {
-            dry_run,
-            plan,
-            result,
-        });
-    }
-    let name = match &plan.home {
-        Some(h) => format!("{}:{h}", plan.target.display()),
-        None => plan.target.display().to_string(),
+    let report = ResizeReport {
+        dry_run,
+        plan,
+        result,
     };
-    if plan.unchanged {
-        crate::outln!(
-            "{name} is already {} MiB; nothing to do",
-            plan.new_bytes / MIB
-        );
-        return Ok(());
+    if json {
+        return print_json(&report);
     }
-    if dry_run {
-        crate::outln!(
-            "would grow {name} from {} MiB to {} MiB ({}):",
-            plan.current_bytes / MIB,
-            plan.new_bytes / MIB,
-            if plan.encrypted { "LUKS2" } else { "ext4" }
-        );
-        for (i, s) in plan.steps.iter().enumerate() {
-            crate::outln!("  {}. {s}", i + 1);
-        }
-        if let (Some(need), Some(free)) = (plan.stick_needed_bytes, plan.stick_free_bytes) {
-            crate::outln!(
-                "stick space: {} MiB needed for the new copy, {} MiB free",
-                need.div_ceil(MIB),
-                free / MIB
-            );
-        }
-        crate::outln!(
-            "work space:  up to {} MiB in {}",
-            plan.workdir_needed_bytes.div_ceil(MIB),
-            plan.workdir.display()
-        );
-        if plan.memory_needed_bytes > 0 {
-            crate::outln!(
-                "memory:      about {} MiB for the decrypted copy (never written to a disk)",
-                plan.memory_needed_bytes.div_ceil(MIB)
-            );
-        }
-        return Ok(());
-    }
-    crate::outln!(
-        "grew {name} from {} MiB to {} MiB",
-        plan.current_bytes / MIB,
-        plan.new_bytes / MIB
-    );
-    if let Some(r) = &result {
-        print_report(r);
-    }
+    crate::out!("{report}");
     Ok(())
 }

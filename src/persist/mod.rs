@@ -1,6 +1,7 @@
 //! Persistence on the stick: the dm-snapshot overlay store, its maintenance, home.img.
 pub mod erofs;
 pub mod home;
+pub mod home_report;
 pub mod home_stick;
 pub mod host_xattr;
 pub mod luks;
