@@ -429,9 +429,109 @@ pub fn report() -> Report {
     }
 }
 
+/// `livestick doctor`'s text: each feature as a heading over its checks, each
+/// missing one with the packages that bring it, then whether `write` can run.
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut feature = "";
+        for c in &self.checks {
+            if c.feature != feature {
+                feature = c.feature;
+                writeln!(f, "{feature}")?;
+            }
+            let mark = if c.found {
+                "ok  "
+            } else if c.required {
+                "MISSING"
+            } else {
+                "--  "
+            };
+            let detail = match (&c.path, &c.version) {
+                (Some(p), Some(v)) => format!("{}  ({v})", p.display()),
+                (Some(p), None) => p.display().to_string(),
+                (None, _) => format!(
+                    "not found — Debian/Ubuntu: apt install {}; Fedora: dnf install {}",
+                    c.debian, c.fedora
+                ),
+            };
+            writeln!(f, "  {mark:<7} {:<20} {detail}", c.name)?;
+            if let Some(note) = &c.note {
+                writeln!(f, "          {note}")?;
+            }
+        }
+        writeln!(f)?;
+        if self.ok {
+            writeln!(
+                f,
+                "livestick write can run; features marked -- are unavailable until their package is installed."
+            )
+        } else {
+            writeln!(
+                f,
+                "livestick write cannot run until the MISSING items are installed."
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn finding(feature: &'static str, name: &'static str, required: bool) -> Finding {
+        Finding {
+            feature,
+            name,
+            kind: "program",
+            required,
+            found: false,
+            path: None,
+            version: None,
+            debian: "deb-pkg",
+            fedora: "rpm-pkg",
+            note: None,
+        }
+    }
+
+    #[test]
+    fn the_doctor_text_heads_each_feature_and_names_packages() {
+        let mut found = finding("write", "mkfs.ext4", true);
+        found.found = true;
+        found.path = Some(PathBuf::from("/usr/sbin/mkfs.ext4"));
+        found.version = Some("mke2fs 1.47.0".into());
+        let mut bare = finding("write", "syslinux", true);
+        bare.found = true;
+        bare.path = Some(PathBuf::from("/usr/bin/syslinux"));
+        let mut service = finding("devices", "udev", false);
+        service.note = Some("no udev here".into());
+        let report = Report {
+            livestick: "0.0.0",
+            ok: true,
+            checks: vec![found, bare, service],
+        };
+        assert_eq!(
+            report.to_string(),
+            "write\n\
+             \x20 ok      mkfs.ext4            /usr/sbin/mkfs.ext4  (mke2fs 1.47.0)\n\
+             \x20 ok      syslinux             /usr/bin/syslinux\n\
+             devices\n\
+             \x20 --      udev                 not found — Debian/Ubuntu: apt install deb-pkg; Fedora: dnf install rpm-pkg\n\
+             \x20         no udev here\n\
+             \n\
+             livestick write can run; features marked -- are unavailable until their package is installed.\n"
+        );
+        let missing = Report {
+            livestick: "0.0.0",
+            ok: false,
+            checks: vec![finding("write", "mkfs.ext4", true)],
+        };
+        let text = missing.to_string();
+        assert!(text.contains("  MISSING mkfs.ext4 "), "{text}");
+        assert!(
+            text.ends_with("\nlivestick write cannot run until the MISSING items are installed.\n"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn every_program_names_both_packages() {
