@@ -1,8 +1,9 @@
 //! `livestick home info|resize`: the persistent home on a stick (block device or
 //! image file, its FAT filesystem never mounted) or a bare home.img file.
 //!
-//! The library side is `persist::home_stick`; this module parses arguments, reads the
-//! passphrase only when the home is encrypted, and prints the report.
+//! The library side is `persist::home_stick`, and the reports' text is
+//! `persist::home_report`; this module parses arguments, reads the passphrase only
+//! when the home is encrypted, and prints the report as JSON or text.
 
 use std::io::IsTerminal;
 use std::path::Path;
