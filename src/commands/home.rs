@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::cli::home::{HomeCommand, InfoArgs, PassArgs, ResizeArgs};
 use crate::disk::{stick, target};
-use crate::error::CannotOpen;
+use crate::error::{BadInput, CannotOpen};
 use crate::persist::home::{self, HomeKind, PassphraseSource};
 use crate::persist::home_report::{HomeText, ResizeReport};
 use crate::persist::home_stick::{self, HomeReport, ResizePlan, StickHome};
@@ -52,10 +52,10 @@ fn is_stick(path: &Path) -> anyhow::Result<bool> {
         return Ok(true);
     }
     if !meta.is_file() {
-        bail!(
+        bail!(BadInput(format!(
             "{} is neither a live stick (no partition table with a FAT partition) nor a home.img file",
             path.display()
-        );
+        )));
     }
     Ok(false)
 }
@@ -154,10 +154,10 @@ fn resize(a: &ResizeArgs, json: bool) -> anyhow::Result<()> {
     let stick = is_stick(&a.target)?;
     let workdir = a.workdir.clone().unwrap_or_else(std::env::temp_dir);
     if !workdir.is_dir() {
-        bail!(
+        bail!(BadInput(format!(
             "the work directory {} does not exist; create it or choose another with --workdir DIR",
             workdir.display()
-        );
+        )));
     }
     let mut h = if stick {
         Some(open_stick(&a.target, &a.live_dir, !a.dry_run, a.dry_run)?)
@@ -190,9 +190,10 @@ fn resize(a: &ResizeArgs, json: bool) -> anyhow::Result<()> {
         (true, None) if std::io::stdin().is_terminal() => {
             Some(read_pass(PassphraseSource::TerminalOnce)?)
         }
-        (true, None) => bail!(
+        (true, None) => bail!(BadInput(
             "home.img is encrypted: a passphrase is needed to resize it; without a terminal use --passphrase-file FILE or --passphrase-stdin"
-        ),
+                .into()
+        )),
     };
     let pass = pass.as_deref().map(|p| &p[..]);
     // Unlocking now checks the passphrase before anything changes.

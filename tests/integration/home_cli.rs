@@ -814,3 +814,43 @@ fn luks_resize_above_the_memory_limit_is_refused() {
     }
     assert_eq!((sha256_file(&t.img), sha256_file(&h)), before);
 }
+
+/// What is neither a stick nor a file, a missing work directory and an encrypted
+/// home without a passphrase are the user's to fix: exit 2, never the 4 of a
+/// failure during the work.
+#[test]
+fn home_refusals_of_what_the_user_gave_exit_2() {
+    let char_device = livestick(&["home", "info", "/dev/null"]);
+    assert_eq!(char_device.status.code(), Some(2), "{char_device:?}");
+    assert!(
+        String::from_utf8_lossy(&char_device.stderr).contains("neither a live stick"),
+        "{char_device:?}"
+    );
+
+    let s = stick(&base().plain);
+    let path = s.s();
+    let missing = s.path("no-such-dir");
+    let no_workdir = livestick(&[
+        "home",
+        "resize",
+        path,
+        "--size-mb",
+        "48",
+        "--workdir",
+        missing.to_str().unwrap(),
+        "--yes",
+    ]);
+    assert_eq!(no_workdir.status.code(), Some(2), "{no_workdir:?}");
+
+    let luks = stick(&base().luks);
+    let no_passphrase = Command::new(bin())
+        .args(["home", "resize", luks.s(), "--size-mb", "48", "--yes"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(no_passphrase.status.code(), Some(2), "{no_passphrase:?}");
+    assert!(
+        String::from_utf8_lossy(&no_passphrase.stderr).contains("passphrase is needed"),
+        "{no_passphrase:?}"
+    );
+}
