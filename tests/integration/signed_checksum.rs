@@ -489,3 +489,162 @@ fn the_expected_sha256_api_checks_the_signature_first() {
     assert!(expected_sha256(&wrong, "disk.raw.xz", Some(&keys.good), false).is_err());
     assert!(expected_sha256(&good, "other.raw.xz", Some(&keys.good), false).is_err());
 }
+
+/// Runs livestick under a shell that reaps it and then reads its own
+/// `/proc/PID/io`: the kernel adds a reaped child's I/O counts to its parent's, so
+/// `rchar` is every byte livestick (and the programs it ran) read. Returns the exit
+/// code, stderr and `rchar`.
+fn livestick_reading(args: &[&str]) -> (Option<i32>, String, u64) {
+    let scratch = tmp();
+    let err = scratch.path().join("stderr");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#""$@" >/dev/null 2>"$LS_STDERR"; s=$?; grep '^rchar:' /proc/$$/io; exit $s"#)
+        .arg("sh")
+        .arg(bin())
+        .args(args)
+        .env("LS_STDERR", &err)
+        .output()
+        .expect("sh runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rchar = stdout
+        .trim()
+        .strip_prefix("rchar:")
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rchar line from /proc/PID/io: {stdout:?}"));
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    (out.status.code(), stderr, rchar)
+}
+
+/// Issue 15 part 3: a local ISO with a CHECKSUM is read once for both the sha256
+/// and the implanted MD5. The same write with and without a CHECKSUM reads about
+/// the same bytes; checked separately, the CHECKSUM would cost a whole ISO more.
+#[test]
+fn the_checksum_and_the_implanted_md5_share_one_read_of_the_iso() {
+    let keys = keys();
+    let iso_len = std::fs::metadata(synthetic_iso("fedora-classic.iso"))
+        .unwrap()
+        .len();
+    let write_reading = |scene: &Scene, extra: &[&str]| {
+        let mut args = vec![
+            "--json",
+            "write",
+            scene.iso.to_str().unwrap(),
+            scene.target.to_str().unwrap(),
+            "--size",
+            "64M",
+            "--volume-id",
+            "1234ABCD",
+            "--keyring",
+            keys.good.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (code, stderr, rchar) = livestick_reading(&args);
+        assert_eq!(code, Some(0), "{stderr}");
+        rchar
+    };
+    let plain = Scene::new();
+    let without = write_reading(&plain, &[]);
+    let checked = Scene::new();
+    checked.checksum(
+        CHECKSUM_NAME,
+        &checksum_text(&[(ISO_NAME, &iso_sha256())], SignedBy::Good),
+    );
+    let with = write_reading(&checked, &[]);
+    assert!(
+        without > iso_len,
+        "the write reads the ISO at least once ({without} bytes read, ISO {iso_len})"
+    );
+    assert!(
+        with < without + iso_len / 4,
+        "a CHECKSUM cost a second read of the ISO: {with} bytes read with it, {without} without (ISO {iso_len})"
+    );
+    // Both checks did run: the report has the matched sha256 and the passed MD5.
+    let json = report(&checked.write(&["--keyring", keys.good.to_str().unwrap()]));
+    assert_eq!(json["checksum"]["matched"], true, "{json}");
+    assert_eq!(json["checksum"]["actual_sha256"], iso_sha256().as_str());
+    assert!(json["iso_md5"].is_string(), "{json}");
+}
+
+/// Where a file's data starts in an ISO, from xorriso.
+fn iso_file_offset(iso: &Path, path: &str) -> u64 {
+    let listing = run(
+        "xorriso",
+        &[
+            "-indev",
+            iso.to_str().unwrap(),
+            "-find",
+            path,
+            "-exec",
+            "report_lba",
+            "--",
+        ],
+    );
+    let lba: u64 = listing
+        .lines()
+        .find(|l| l.starts_with("File data lba:"))
+        .and_then(|l| l.split(',').nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("xorriso lists {path}: {listing}"));
+    lba * 2048
+}
+
+/// The shared read still refuses what each check refused on its own: a byte
+/// changed inside the volume fails the implanted MD5 even when the CHECKSUM
+/// describes the changed file, before any target is probed; `--noverify` skips only
+/// the MD5, and the CHECKSUM is still checked.
+#[test]
+fn an_image_failing_its_implanted_md5_is_refused_though_its_checksum_matches() {
+    let scene = Scene::new();
+    let keys = keys();
+    let original = synthetic_iso("fedora-classic.iso");
+    let mut bytes = std::fs::read(&original).unwrap();
+    let inside = iso_file_offset(&original, "/isolinux/vmlinuz") as usize + 300_000;
+    bytes[inside] ^= 0x5a;
+    std::fs::remove_file(&scene.iso).unwrap();
+    std::fs::write(&scene.iso, &bytes).unwrap();
+    let file = scene.checksum(
+        CHECKSUM_NAME,
+        &checksum_text(&[(ISO_NAME, &sha256_file(&scene.iso))], SignedBy::Good),
+    );
+    let keyring = keys.good.to_str().unwrap();
+    let out = scene.write(&["--checksum", file.to_str().unwrap(), "--keyring", keyring]);
+    refused(&scene, &out, "fails its implanted MD5 check");
+    // Before any target is probed: a target in a directory that does not exist is
+    // not what the refusal is about.
+    let out = livestick(&[
+        "write",
+        scene.iso.to_str().unwrap(),
+        "/nonexistent-livestick-dir/stick.img",
+        "--keyring",
+        keyring,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("fails its implanted MD5 check"), "{stderr}");
+    let json = report(&scene.write(&[
+        "--checksum",
+        file.to_str().unwrap(),
+        "--keyring",
+        keyring,
+        "--noverify",
+    ]));
+    assert_eq!(json["checksum"]["matched"], true, "{json}");
+    assert!(json["iso_md5"].is_null(), "{json}");
+    // And a mismatching CHECKSUM is refused before any target is probed too.
+    scene.checksum(
+        CHECKSUM_NAME,
+        &checksum_text(&[(ISO_NAME, &iso_sha256())], SignedBy::Good),
+    );
+    let out = livestick(&[
+        "write",
+        scene.iso.to_str().unwrap(),
+        "/nonexistent-livestick-dir/stick.img",
+        "--keyring",
+        keyring,
+        "--noverify",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not match its checksum"), "{stderr}");
+}
