@@ -29,6 +29,7 @@ use crate::disk::stick::{Stick, StickError};
 use crate::disk::target;
 use crate::plan::Plan;
 use crate::source::checksum::hex;
+use crate::source::signed_checksum::utc_text;
 
 /// The manifest's file name in the live directory.
 pub const FILE_NAME: &str = crate::layout::MANIFEST;
@@ -210,28 +211,6 @@ pub fn now_utc() -> String {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     utc_text(secs)
-}
-
-/// Seconds since the epoch as RFC 3339 UTC (civil date from days, Howard Hinnant's
-/// algorithm: no time-zone database needed for UTC).
-fn utc_text(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// What one write adds: its image, its layout, the files it wrote and its

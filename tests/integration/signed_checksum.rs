@@ -26,11 +26,16 @@ pub struct Keys {
     pub revoked_checksum: String,
     /// The same key exported before it was revoked (the control).
     pub before_revocation: PathBuf,
+    /// A key made on 2020-01-01 valid for one day, and a CHECKSUM of the fixture ISO
+    /// it signed that day (gpg with a faked clock).
+    pub expired: PathBuf,
+    pub expired_checksum: String,
 }
 
 const GOOD_UID: &str = "Livestick Test Signer <signer@example.org>";
 const WRONG_UID: &str = "Someone Else <else@example.org>";
 const REVOKED_UID: &str = "Revoked Signer <revoked@example.org>";
+const EXPIRED_UID: &str = "Expired Signer <expired@example.org>";
 
 /// gpg-agent is one per GNUPGHOME: the tests' gpg runs take turns, and each stops
 /// the agent again so that nothing outlives the test process.
@@ -124,6 +129,41 @@ pub fn keys() -> &'static Keys {
         std::fs::write(&rev_path, certificate).unwrap();
         gpg(h, &["--import", rev_path.to_str().unwrap()]);
         let revoked = export(REVOKED_UID, "revoked.asc");
+        gpg(
+            h,
+            &[
+                "--faked-system-time",
+                "20200101T000000!",
+                "--quick-gen-key",
+                EXPIRED_UID,
+                "ed25519",
+                "sign",
+                "1d",
+            ],
+        );
+        let expired_checksum = {
+            let scratch = tmp();
+            let input = scratch.path().join("CHECKSUM.in");
+            let output = scratch.path().join("CHECKSUM.asc");
+            std::fs::write(&input, format!("SHA256 ({ISO_NAME}) = {}\n", iso_sha256())).unwrap();
+            gpg(
+                h,
+                &[
+                    "--faked-system-time",
+                    "20200101T120000!",
+                    "--local-user",
+                    EXPIRED_UID,
+                    "--digest-algo",
+                    "SHA256",
+                    "--clearsign",
+                    "--output",
+                    output.to_str().unwrap(),
+                    input.to_str().unwrap(),
+                ],
+            );
+            std::fs::read_to_string(&output).unwrap()
+        };
+        let expired = export(EXPIRED_UID, "expired.asc");
         let listing =
             String::from_utf8_lossy(&gpg(h, &["--with-colons", "--fingerprint", GOOD_UID]).stdout)
                 .into_owned();
@@ -141,6 +181,8 @@ pub fn keys() -> &'static Keys {
             revoked,
             revoked_checksum,
             before_revocation,
+            expired,
+            expired_checksum,
         }
     })
 }
@@ -647,4 +689,46 @@ fn an_image_failing_its_implanted_md5_is_refused_though_its_checksum_matches() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("does not match its checksum"), "{stderr}");
+}
+
+/// Issue 15 part 3: a CHECKSUM signed by a key that has expired since is refused as
+/// a revoked key's is, and the message says expired and when (gpg made the key on
+/// 2020-01-01, valid one day, and signed that day). --allow-unsigned does not
+/// excuse it.
+#[test]
+fn a_signature_by_an_expired_key_is_refused_saying_when_it_expired() {
+    let scene = Scene::new();
+    let keys = keys();
+    let file = scene.checksum(CHECKSUM_NAME, &keys.expired_checksum);
+    for extra in [&[][..], &["--allow-unsigned"][..]] {
+        let mut args = vec![
+            "--checksum",
+            file.to_str().unwrap(),
+            "--keyring",
+            keys.expired.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = scene.write(&args);
+        refused(&scene, &out, "expired on 2020-01-02T00:00:00Z");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("Expired Signer"),
+            "names the signer: {stderr}"
+        );
+    }
+    // The same key beside a good one: the good one's signature still counts.
+    let both = scene.dir.path().join("keys");
+    std::fs::create_dir(&both).unwrap();
+    std::fs::copy(&keys.expired, both.join("expired.asc")).unwrap();
+    std::fs::copy(&keys.good, both.join("good.asc")).unwrap();
+    let text = checksum_text(&[(ISO_NAME, &iso_sha256())], SignedBy::Good);
+    let good = scene.checksum("good-CHECKSUM", &text);
+    let out = scene.write(&[
+        "--dry-run",
+        "--checksum",
+        good.to_str().unwrap(),
+        "--keyring",
+        both.to_str().unwrap(),
+    ]);
+    assert!(ok(&out).contains("signed by Livestick Test Signer"));
 }
