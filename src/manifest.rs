@@ -9,7 +9,9 @@
 //!
 //! Every command that changes a listed file keeps it true: `write` (also
 //! re-provisioning, `--skipcopy` and `--multi`, which keep the entries of files they
-//! leave alone) through [`updated`], `overlay merge` through [`record_replacement`].
+//! leave alone) through [`updated`], `overlay merge` through [`record_replacement`],
+//! `home resize` through [`record_persistence_size`]; after a write, each rewrite goes
+//! through [`rewrite_on_stick`], which never leaves a torn manifest.
 //! `LiveOS/.livestick` (`live_source::RootRecord`) stays beside it: it answers one
 //! cheap question before planning (is the root image the one this ISO has?) with the
 //! first and last 64 KiB hash this manifest does not need.
@@ -130,6 +132,8 @@ pub enum ManifestError {
     NotAStick { stick: PathBuf, reason: String },
     #[error(transparent)]
     Stick(StickError),
+    #[error("replacing the manifest: {0}")]
+    Replace(crate::persist::merge::replace::ReplaceError),
     #[error("{step}: {source}")]
     Io {
         step: String,
@@ -147,6 +151,7 @@ impl crate::error::Classify for ManifestError {
             | ManifestError::NewerSchema { .. }
             | ManifestError::NotAStick { .. } => ErrorKind::BadInput,
             ManifestError::Stick(source) => source.kind(),
+            ManifestError::Replace(source) => source.kind(),
             ManifestError::Io { .. } => ErrorKind::Io,
         }
     }
@@ -160,6 +165,7 @@ impl crate::error::Classify for ManifestError {
                 "the record itself is damaged, so nothing on the stick can be trusted to be what was written: rewrite the stick"
             }
             ManifestError::Stick(source) => source.hint(),
+            ManifestError::Replace(source) => source.hint(),
             _ => self.kind().hint(),
         }
     }
@@ -415,17 +421,8 @@ pub fn write_after_apply<'a, F: Read + Write + Seek>(
 }
 
 /// After `overlay merge` swapped in a new root image: its entry now names the new
-/// size and sha256 (kind `merged`, no ISO path: it no longer matches the ISO). A
-/// stick without a manifest is left without one.
-pub fn record_replacement<F: Read + Write + Seek>(
-    fs: &FatFs<'_, F>,
-    path: &str,
-    size: u64,
-    sha256: &str,
-) -> Result<bool, fat::FatError> {
-    let Some((at, mut manifest)) = read(fs) else {
-        return Ok(false);
-    };
+/// size and sha256 (kind `merged`, no ISO path: it no longer matches the ISO).
+pub fn record_replacement(manifest: &mut Manifest, path: &str, size: u64, sha256: &str) {
     let entry = FileRecord {
         path: path.to_string(),
         size,
@@ -441,11 +438,19 @@ pub fn record_replacement<F: Read + Write + Seek>(
         Some(f) => *f = entry,
         None => manifest.files.push(entry),
     }
-    manifest.updated_at = now_utc();
-    manifest.livestick_version = env!("CARGO_PKG_VERSION").to_string();
-    let text = render(&manifest);
-    fat::write_file(fs, &at, &mut text.as_bytes(), text.len() as u64, |_| {})?;
-    Ok(true)
+}
+
+/// After `home resize` (or any change of a persistence file's size): its record
+/// names the new size, so that `verify` reports what the stick holds.
+pub fn record_persistence_size(manifest: &mut Manifest, path: &str, kind: &str, size: u64) {
+    match manifest
+        .persistence
+        .iter_mut()
+        .find(|p| p.path.eq_ignore_ascii_case(path))
+    {
+        Some(p) => p.size = size,
+        None => manifest.persistence.push(persist(path, kind, size)),
+    }
 }
 
 /// [`record_replacement`] on the stick at `stick` (opened for writing through the
@@ -457,16 +462,82 @@ pub fn record_replacement_on_stick(
     size: u64,
     sha256: &str,
 ) -> Result<bool, ManifestError> {
-    let stick_err = ManifestError::Stick;
-    let mut opened = Stick::open(stick, true).map_err(stick_err)?;
-    opened
+    let mut opened = Stick::open(stick, true).map_err(ManifestError::Stick)?;
+    rewrite_on_stick(&mut opened, |m| record_replacement(m, path, size, sha256))
+}
+
+/// Changes the manifest of an open stick with `change` and puts the result in place
+/// the way `overlay merge` replaces the root image: written in full under
+/// `<manifest>.new`, synced, then swapped in (`replace::swap_on_stick`, one sector
+/// write where it can) and the old copy freed. A stop at any point leaves either
+/// the old manifest or the new one whole, never a torn one; a leftover `.new` is
+/// removed by the next rewrite. `Ok(false)` when the stick has no readable manifest
+/// (it is left without one).
+pub fn rewrite_on_stick(
+    stick: &mut Stick,
+    change: impl FnOnce(&mut Manifest),
+) -> Result<bool, ManifestError> {
+    let path = stick.path.clone();
+    let fat_err = |source| StickError::Fat {
+        path: path.clone(),
+        source,
+    };
+    let staged = stick
         .with_fs(|fs| {
-            record_replacement(fs, path, size, sha256).map_err(|source| StickError::Fat {
-                path: stick.to_path_buf(),
-                source,
-            })
+            let Some((at, mut manifest)) = read(fs) else {
+                return Ok(None);
+            };
+            change(&mut manifest);
+            manifest.updated_at = now_utc();
+            manifest.livestick_version = env!("CARGO_PKG_VERSION").to_string();
+            let text = render(&manifest);
+            let staged = format!("{at}.new");
+            fat::remove_all(fs, &staged).map_err(fat_err)?;
+            fat::write_file(fs, &staged, &mut text.as_bytes(), text.len() as u64, |_| {})
+                .map_err(fat_err)?;
+            Ok(Some((at, staged)))
         })
-        .map_err(stick_err)
+        .map_err(ManifestError::Stick)?;
+    // with_fs synced the staged copy when it closed the file system.
+    let Some((at, staged)) = staged else {
+        return Ok(false);
+    };
+    failpoint("manifest-staged")?;
+    crate::persist::merge::replace::swap_on_stick(stick, &at, &staged)
+        .map_err(ManifestError::Replace)?;
+    let part = stick.partition.start;
+    let replace_err = |e| ManifestError::Replace(e);
+    if crate::persist::merge::replace::detach_shared_leftover(stick.file_mut(), part, &staged)
+        .map_err(|e| replace_err(e.into()))?
+        .is_some()
+    {
+        stick
+            .file_mut()
+            .sync_all()
+            .map_err(|source| ManifestError::Io {
+                step: format!("syncing {}", path.display()),
+                source,
+            })?;
+    }
+    stick
+        .with_fs(|fs| fat::remove_all(fs, &staged).map_err(fat_err))
+        .map_err(ManifestError::Stick)?;
+    Ok(true)
+}
+
+/// `LIVESTICK_FAILPOINT=manifest-staged` stops a manifest rewrite after the new copy
+/// is written beside the old and before the swap: the state a crash there leaves,
+/// for the tests.
+fn failpoint(step: &'static str) -> Result<(), ManifestError> {
+    if std::env::var("LIVESTICK_FAILPOINT").as_deref() == Ok(step) {
+        return Err(ManifestError::Io {
+            step: format!(
+                "rewriting the manifest: stopped at failpoint `{step}` (LIVESTICK_FAILPOINT)"
+            ),
+            source: io::Error::other("failpoint"),
+        });
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------
