@@ -132,6 +132,12 @@ pub enum ManifestError {
     NotAStick { stick: PathBuf, reason: String },
     #[error(transparent)]
     Stick(StickError),
+    #[error("the passphrase does not unlock {path} on {stick}: {detail}")]
+    Passphrase {
+        stick: PathBuf,
+        path: String,
+        detail: String,
+    },
     #[error("replacing the manifest: {0}")]
     Replace(crate::persist::merge::replace::ReplaceError),
     #[error("{step}: {source}")]
@@ -149,7 +155,8 @@ impl crate::error::Classify for ManifestError {
             ManifestError::Missing { .. }
             | ManifestError::Damaged { .. }
             | ManifestError::NewerSchema { .. }
-            | ManifestError::NotAStick { .. } => ErrorKind::BadInput,
+            | ManifestError::NotAStick { .. }
+            | ManifestError::Passphrase { .. } => ErrorKind::BadInput,
             ManifestError::Stick(source) => source.kind(),
             ManifestError::Replace(source) => source.kind(),
             ManifestError::Io { .. } => ErrorKind::Io,
@@ -163,6 +170,9 @@ impl crate::error::Classify for ManifestError {
             }
             ManifestError::Damaged { .. } => {
                 "the record itself is damaged, so nothing on the stick can be trusted to be what was written: rewrite the stick"
+            }
+            ManifestError::Passphrase { .. } => {
+                "give the home's passphrase with --passphrase-file FILE (its bytes exactly, one final newline dropped), or leave it out: verify then reports the encrypted home as not checked"
             }
             ManifestError::Stick(source) => source.hint(),
             ManifestError::Replace(source) => source.hint(),
@@ -786,7 +796,13 @@ impl Verifiable {
     /// as found on the stick now. With `deep`, `e2fsck -fn` runs on each ext4 (home,
     /// OverlayFS overlay) in place through `device?offset=N` (read-only), and a
     /// dm-snapshot store's exceptions are all read and validated.
-    pub fn check_persistence(&mut self, deep: bool) -> Vec<PersistCheck> {
+    /// `passphrase` unlocks an encrypted home for `deep`'s e2fsck; one that does not
+    /// unlock it is the user's mistake (`Err`), not a problem of the stick.
+    pub fn check_persistence(
+        &mut self,
+        deep: bool,
+        passphrase: Option<&[u8]>,
+    ) -> Result<Vec<PersistCheck>, ManifestError> {
         let mut dirs: Vec<String> = self
             .manifest
             .images
@@ -815,9 +831,9 @@ impl Verifiable {
                 Some((path.clone(), *size, kind))
             })
             .collect();
-        found
-            .into_iter()
-            .map(|(path, size, kind)| {
+        let mut checks = Vec::new();
+        for (path, size, kind) in found {
+            checks.push({
                 let recorded_size = self
                     .manifest
                     .persistence
@@ -834,16 +850,26 @@ impl Verifiable {
                     ok: true,
                     deep: None,
                 };
-                if let Err(e) = self.describe(&mut check, deep) {
-                    check.ok = false;
-                    check.status = format!("could not be read: {e}");
+                match self.describe(&mut check, deep, passphrase) {
+                    Ok(()) => {}
+                    Err(PersistProblem::Unreadable(e)) => {
+                        check.ok = false;
+                        check.status = format!("could not be read: {e}");
+                    }
+                    Err(PersistProblem::Refused(e)) => return Err(e),
                 }
                 check
-            })
-            .collect()
+            });
+        }
+        Ok(checks)
     }
 
-    fn describe(&mut self, check: &mut PersistCheck, deep: bool) -> Result<(), String> {
+    fn describe(
+        &mut self,
+        check: &mut PersistCheck,
+        deep: bool,
+        passphrase: Option<&[u8]>,
+    ) -> Result<(), PersistProblem> {
         use crate::persist::{home, overlay::store, snapshot};
         let extents = self
             .stick
@@ -925,15 +951,35 @@ impl Verifiable {
                         check.deep = Some(fsck("home.img"));
                     }
                 }
-                Some(home::HomeKind::Luks2) => {
-                    check.status = "encrypted home (LUKS2), locked".into();
-                    if deep {
+                Some(home::HomeKind::Luks2) => match (deep, passphrase) {
+                    (true, Some(pass)) => {
+                        let unlocked = luks_deep_check(&mut file, pass).map_err(|e| {
+                            PersistProblem::Refused(ManifestError::Passphrase {
+                                stick: device.clone(),
+                                path: check.path.clone(),
+                                detail: e.to_string(),
+                            })
+                        })?;
+                        check.status = match &unlocked.fs {
+                            Some(info) => format!(
+                                "encrypted home (LUKS2), unlocked: ext4, {} of {} used",
+                                crate::size::human(info.used_bytes),
+                                crate::size::human(info.size_bytes)
+                            ),
+                            None => "encrypted home (LUKS2), unlocked: no ext4 inside".into(),
+                        };
+                        check.used = unlocked.fs.map(|i| i.used_bytes);
+                        check.deep = Some(unlocked.check);
+                    }
+                    (true, None) => {
+                        check.status = "encrypted home (LUKS2), locked".into();
                         check.deep = Some(DeepCheck {
                             clean: None,
-                            detail: "not checked: verify does not unlock an encrypted home (`livestick home info --passphrase-file` reads it)".into(),
+                            detail: "not checked: the home is encrypted and no passphrase was given; add --passphrase-file FILE (or --passphrase-stdin) to unlock it in memory for e2fsck -fn".into(),
                         });
                     }
-                }
+                    (false, _) => check.status = "encrypted home (LUKS2), locked".into(),
+                },
                 None => {
                     check.ok = false;
                     check.status = "neither ext4 nor LUKS: not a usable home".into();
@@ -958,6 +1004,83 @@ impl Verifiable {
         }
         Ok(())
     }
+}
+
+/// Why a persistence file's report stopped.
+enum PersistProblem {
+    /// Its format cannot be read: reported as a problem of the stick.
+    Unreadable(String),
+    /// The user's input is wrong (a passphrase that does not unlock the home).
+    Refused(ManifestError),
+}
+
+impl From<String> for PersistProblem {
+    fn from(e: String) -> Self {
+        PersistProblem::Unreadable(e)
+    }
+}
+
+impl From<&str> for PersistProblem {
+    fn from(e: &str) -> Self {
+        PersistProblem::Unreadable(e.to_string())
+    }
+}
+
+/// An encrypted home unlocked for `verify --deep`.
+struct UnlockedCheck {
+    fs: Option<crate::disk::ext4::Ext4Info>,
+    check: DeepCheck,
+}
+
+/// Unlocks the LUKS2 home with livestick's own reader and runs `e2fsck -fn` on the
+/// plaintext, which is decrypted into memory only (a memfd no file system names,
+/// gone with the process), within the memory limit `home resize` keeps. `Err` only
+/// when the passphrase does not unlock it (or the header cannot be read).
+fn luks_deep_check<R: Read + Seek>(
+    file: R,
+    passphrase: &[u8],
+) -> Result<UnlockedCheck, crate::persist::luks::LuksError> {
+    use crate::persist::{home, luks};
+    let mut vol = luks::open_luks2(file, passphrase)?;
+    let fs = crate::disk::ext4::Ext4Info::read_from(&mut vol).ok();
+    let not_checked = |why: String| UnlockedCheck {
+        fs: fs.clone(),
+        check: DeepCheck {
+            clean: None,
+            detail: format!("not checked: {why}"),
+        },
+    };
+    let plain = vol.len();
+    if let Err(e) = home::check_staging_memory(home::luks_staging_bytes(plain, plain)) {
+        return Ok(not_checked(e.to_string()));
+    }
+    let (mut staged, staged_path) = match home::memory_stage() {
+        Ok(stage) => stage,
+        Err(e) => return Ok(not_checked(e.to_string())),
+    };
+    let copied = (|| -> io::Result<()> {
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; 1 << 20]);
+        vol.seek(io::SeekFrom::Start(0))?;
+        let mut at = 0u64;
+        while at < plain {
+            let n = (plain - at).min(buf.len() as u64) as usize;
+            vol.read_exact(&mut buf[..n])?;
+            // Zeros stay holes: they cost no memory.
+            if buf[..n].iter().any(|&b| b != 0) {
+                staged.seek(io::SeekFrom::Start(at))?;
+                staged.write_all(&buf[..n])?;
+            }
+            at += n as u64;
+        }
+        staged.set_len(plain)
+    })();
+    if let Err(e) = copied {
+        return Ok(not_checked(format!(
+            "decrypting it into memory failed: {e}"
+        )));
+    }
+    let check = e2fsck_read_only(&staged_path.to_string_lossy());
+    Ok(UnlockedCheck { fs, check })
 }
 
 /// `e2fsck -f -n` on `spec`: changes nothing, whatever it finds.
@@ -987,7 +1110,9 @@ fn e2fsck_read_only(spec: &str) -> DeepCheck {
                     clean: Some(true),
                     detail: format!("e2fsck -fn: clean ({last})"),
                 },
-                1 | 2 | 4 => DeepCheck {
+                // A bit mask: 4 is "errors left uncorrected", also when e2fsck then
+                // gives up (12: a file system too damaged to go on is damaged).
+                c if c & 4 != 0 || c == 1 || c == 2 || c == 3 => DeepCheck {
                     clean: Some(false),
                     detail: format!("e2fsck -fn found problems (exit {code}): {}", text.trim()),
                 },

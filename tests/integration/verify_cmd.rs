@@ -712,3 +712,124 @@ fn a_merge_stopped_while_rewriting_the_manifest_leaves_a_readable_one() {
     assert!(!ls.contains(".new"), "{ls}");
     fsck_fat(&t.image, t.part, part_len(&t.image), t.dir.path());
 }
+
+/// Issue 15 part 5: `verify --deep --passphrase-file` unlocks a LUKS home written
+/// by `write` with livestick's own reader and runs `e2fsck -fn` on the plaintext in
+/// memory: clean on a fresh stick, damaged after the root inode is cleared inside
+/// the container (debugfs on a decrypted copy, written back through the cipher).
+/// Without a passphrase the home is reported, in text and JSON, as not checked and
+/// why; a wrong one is bad input.
+#[test]
+fn verify_deep_unlocks_a_luks_home_with_a_passphrase_file() {
+    let dir = tmp();
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "correct horse\n").unwrap();
+    let t = written(
+        "fedora-classic.iso",
+        &[
+            "--home-size-mb",
+            "40",
+            "--passphrase-file",
+            pass.to_str().unwrap(),
+        ],
+    );
+    let home_of = |r: &serde_json::Value| {
+        r["persistence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["kind"] == "home")
+            .cloned()
+            .unwrap_or_else(|| panic!("verify reports the home: {r:#}"))
+    };
+
+    // No passphrase: reported, not checked, and why.
+    let (out, r) = verify_json(&[t.s(), "--deep"]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+    let home = home_of(&r);
+    assert_eq!(home["deep"]["clean"], serde_json::Value::Null, "{home:#}");
+    let why = home["deep"]["detail"].as_str().unwrap();
+    assert!(
+        why.starts_with("not checked") && why.contains("no passphrase"),
+        "{why}"
+    );
+    let text = ok(&livestick(&["verify", t.s(), "--deep"]));
+    assert!(
+        text.contains("not checked: the home is encrypted"),
+        "{text}"
+    );
+
+    // The passphrase: unlocked in memory and clean.
+    let (out, r) = verify_json(&[t.s(), "--deep", "--passphrase-file", pass.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+    let home = home_of(&r);
+    assert_eq!(home["deep"]["clean"], true, "{home:#}");
+    assert!(
+        home["deep"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("e2fsck -fn: clean"),
+        "{home:#}"
+    );
+    assert!(
+        home["status"].as_str().unwrap().contains("unlocked"),
+        "{home:#}"
+    );
+
+    // A wrong passphrase, and a passphrase without --deep: bad input.
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "battery staple\n").unwrap();
+    let out = livestick(&[
+        "verify",
+        t.s(),
+        "--deep",
+        "--passphrase-file",
+        wrong.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not unlock"), "{err}");
+    let out = livestick(&["verify", t.s(), "--passphrase-file", pass.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // Damage inside the container: debugfs clears the root inode of a decrypted
+    // copy, which is written back through livestick's LUKS writer.
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut s = livestick::disk::stick::Stick::open(&t.image, false).unwrap();
+        let extents = s.file_extents("/LiveOS/home.img").unwrap();
+        drop(s);
+        assert_eq!(extents.len(), 1, "a fresh stick's home is one run");
+        let (start, len) = extents[0];
+        let mut disk = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&t.image)
+            .unwrap();
+        let window = livestick::io::PartitionWindow::new(&mut disk, start, len);
+        let mut vol = livestick::persist::luks::open_luks2(window, b"correct horse").unwrap();
+        let mut plain = Vec::new();
+        vol.seek(SeekFrom::Start(0)).unwrap();
+        vol.read_to_end(&mut plain).unwrap();
+        let copy = dir.path().join("plain.img");
+        std::fs::write(&copy, &plain).unwrap();
+        debugfs_w(copy.to_str().unwrap(), "clri <2>\n");
+        let damaged = std::fs::read(&copy).unwrap();
+        assert_ne!(damaged, plain);
+        vol.seek(SeekFrom::Start(0)).unwrap();
+        vol.write_all(&damaged).unwrap();
+        vol.flush().unwrap();
+    }
+    let (out, r) = verify_json(&[t.s(), "--deep", "--passphrase-file", pass.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4), "{r:#}");
+    let home = home_of(&r);
+    assert_eq!(home["deep"]["clean"], false, "{home:#}");
+    assert_eq!(home["ok"], false, "{home:#}");
+    assert!(
+        home["deep"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("e2fsck -fn found problems"),
+        "{home:#}"
+    );
+}
