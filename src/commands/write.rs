@@ -353,6 +353,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         if !args.dry_run {
             let progress = Progress::new(progress_mode(json, quiet), "source");
             write_facts::check_published(&args.iso, &mut source_check, &progress)?;
+            progress.finish();
         }
         return super::write_raw::run(args, why, json, quiet);
     }
@@ -377,13 +378,15 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         None
     } else {
         let progress = Progress::new(progress_mode(json, quiet), "source");
-        write_facts::check_source(
+        let md5 = write_facts::check_source(
             &args.iso,
             &live,
             &mut source_check,
             !args.noverify,
             &progress,
-        )?
+        )?;
+        progress.finish();
+        md5
     };
     let opts = options_from(args, &live)?;
     let (mut plan, probe, syslinux_files) = make_plan(args, target, &opts, &live)?;
@@ -529,7 +532,10 @@ fn run_batch(
         None
     } else {
         let progress = Progress::new(progress_mode(json, quiet), "iso");
-        write_facts::check_source(&args.iso, &live, source_check, !args.noverify, &progress)?
+        let md5 =
+            write_facts::check_source(&args.iso, &live, source_check, !args.noverify, &progress)?;
+        progress.finish();
+        md5
     };
     let mut batch = Batch::start(json, &args.iso, &args.targets);
     for target in &args.targets {
