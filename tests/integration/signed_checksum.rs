@@ -732,3 +732,36 @@ fn a_signature_by_an_expired_key_is_refused_saying_when_it_expired() {
     ]);
     assert!(ok(&out).contains("signed by Livestick Test Signer"));
 }
+
+/// A batch checks the source the same way, once, before any of its targets is
+/// probed: a tampered image is refused with every target as it was (one of them in
+/// a directory that does not exist, which planning would have refused first).
+#[test]
+fn a_batch_refuses_a_tampered_image_before_probing_its_targets() {
+    let scene = Scene::new();
+    let keys = keys();
+    let file = scene.checksum(
+        CHECKSUM_NAME,
+        &checksum_text(&[(ISO_NAME, &iso_sha256())], SignedBy::Good),
+    );
+    scene.tamper_iso();
+    let second = scene.dir.path().join("second.img");
+    fill_random(&second, 2 << 20);
+    let before = sha256_file(&second);
+    let out = livestick(&[
+        "write",
+        scene.iso.to_str().unwrap(),
+        scene.target.to_str().unwrap(),
+        second.to_str().unwrap(),
+        "/nonexistent-livestick-dir/third.img",
+        "--size",
+        "64M",
+        "--checksum",
+        file.to_str().unwrap(),
+        "--keyring",
+        keys.good.to_str().unwrap(),
+        "--yes",
+    ]);
+    refused(&scene, &out, "does not match its checksum");
+    assert_eq!(sha256_file(&second), before, "the second target changed");
+}
