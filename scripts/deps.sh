@@ -25,6 +25,8 @@ packages=(
   gnupg
   # raw disk images: block maps made by bmaptool for tests/integration/raw_image.rs
   bmap-tools
+  # restore --fs exfat runs mkfs.exfat; its test checks the result with fsck.exfat
+  exfatprogs
   # benches/stick.sh: GNU time (CPU and peak RSS of each case in its VM)
   time
   # the help-example test runs every `| jq FILTER` example; packaging/build.sh

@@ -9,7 +9,9 @@
 //!
 //! Every command that changes a listed file keeps it true: `write` (also
 //! re-provisioning, `--skipcopy` and `--multi`, which keep the entries of files they
-//! leave alone) through [`updated`], `overlay merge` through [`record_replacement`].
+//! leave alone) through [`updated`], `overlay merge` through [`record_replacement`],
+//! `home resize` through [`record_persistence_size`]; after a write, each rewrite goes
+//! through [`rewrite_on_stick`], which never leaves a torn manifest.
 //! `LiveOS/.livestick` (`live_source::RootRecord`) stays beside it: it answers one
 //! cheap question before planning (is the root image the one this ISO has?) with the
 //! first and last 64 KiB hash this manifest does not need.
@@ -29,6 +31,7 @@ use crate::disk::stick::{Stick, StickError};
 use crate::disk::target;
 use crate::plan::Plan;
 use crate::source::checksum::hex;
+use crate::source::signed_checksum::utc_text;
 
 /// The manifest's file name in the live directory.
 pub const FILE_NAME: &str = crate::layout::MANIFEST;
@@ -129,6 +132,14 @@ pub enum ManifestError {
     NotAStick { stick: PathBuf, reason: String },
     #[error(transparent)]
     Stick(StickError),
+    #[error("the passphrase does not unlock {path} on {stick}: {detail}")]
+    Passphrase {
+        stick: PathBuf,
+        path: String,
+        detail: String,
+    },
+    #[error("replacing the manifest: {0}")]
+    Replace(crate::persist::merge::replace::ReplaceError),
     #[error("{step}: {source}")]
     Io {
         step: String,
@@ -144,8 +155,10 @@ impl crate::error::Classify for ManifestError {
             ManifestError::Missing { .. }
             | ManifestError::Damaged { .. }
             | ManifestError::NewerSchema { .. }
-            | ManifestError::NotAStick { .. } => ErrorKind::BadInput,
+            | ManifestError::NotAStick { .. }
+            | ManifestError::Passphrase { .. } => ErrorKind::BadInput,
             ManifestError::Stick(source) => source.kind(),
+            ManifestError::Replace(source) => source.kind(),
             ManifestError::Io { .. } => ErrorKind::Io,
         }
     }
@@ -158,7 +171,11 @@ impl crate::error::Classify for ManifestError {
             ManifestError::Damaged { .. } => {
                 "the record itself is damaged, so nothing on the stick can be trusted to be what was written: rewrite the stick"
             }
+            ManifestError::Passphrase { .. } => {
+                "give the home's passphrase with --passphrase-file FILE (its bytes exactly, one final newline dropped), or leave it out: verify then reports the encrypted home as not checked"
+            }
             ManifestError::Stick(source) => source.hint(),
+            ManifestError::Replace(source) => source.hint(),
             _ => self.kind().hint(),
         }
     }
@@ -210,28 +227,6 @@ pub fn now_utc() -> String {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     utc_text(secs)
-}
-
-/// Seconds since the epoch as RFC 3339 UTC (civil date from days, Howard Hinnant's
-/// algorithm: no time-zone database needed for UTC).
-fn utc_text(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// What one write adds: its image, its layout, the files it wrote and its
@@ -436,17 +431,8 @@ pub fn write_after_apply<'a, F: Read + Write + Seek>(
 }
 
 /// After `overlay merge` swapped in a new root image: its entry now names the new
-/// size and sha256 (kind `merged`, no ISO path: it no longer matches the ISO). A
-/// stick without a manifest is left without one.
-pub fn record_replacement<F: Read + Write + Seek>(
-    fs: &FatFs<'_, F>,
-    path: &str,
-    size: u64,
-    sha256: &str,
-) -> Result<bool, fat::FatError> {
-    let Some((at, mut manifest)) = read(fs) else {
-        return Ok(false);
-    };
+/// size and sha256 (kind `merged`, no ISO path: it no longer matches the ISO).
+pub fn record_replacement(manifest: &mut Manifest, path: &str, size: u64, sha256: &str) {
     let entry = FileRecord {
         path: path.to_string(),
         size,
@@ -462,11 +448,19 @@ pub fn record_replacement<F: Read + Write + Seek>(
         Some(f) => *f = entry,
         None => manifest.files.push(entry),
     }
-    manifest.updated_at = now_utc();
-    manifest.livestick_version = env!("CARGO_PKG_VERSION").to_string();
-    let text = render(&manifest);
-    fat::write_file(fs, &at, &mut text.as_bytes(), text.len() as u64, |_| {})?;
-    Ok(true)
+}
+
+/// After `home resize` (or any change of a persistence file's size): its record
+/// names the new size, so that `verify` reports what the stick holds.
+pub fn record_persistence_size(manifest: &mut Manifest, path: &str, kind: &str, size: u64) {
+    match manifest
+        .persistence
+        .iter_mut()
+        .find(|p| p.path.eq_ignore_ascii_case(path))
+    {
+        Some(p) => p.size = size,
+        None => manifest.persistence.push(persist(path, kind, size)),
+    }
 }
 
 /// [`record_replacement`] on the stick at `stick` (opened for writing through the
@@ -478,16 +472,82 @@ pub fn record_replacement_on_stick(
     size: u64,
     sha256: &str,
 ) -> Result<bool, ManifestError> {
-    let stick_err = ManifestError::Stick;
-    let mut opened = Stick::open(stick, true).map_err(stick_err)?;
-    opened
+    let mut opened = Stick::open(stick, true).map_err(ManifestError::Stick)?;
+    rewrite_on_stick(&mut opened, |m| record_replacement(m, path, size, sha256))
+}
+
+/// Changes the manifest of an open stick with `change` and puts the result in place
+/// the way `overlay merge` replaces the root image: written in full under
+/// `<manifest>.new`, synced, then swapped in (`replace::swap_on_stick`, one sector
+/// write where it can) and the old copy freed. A stop at any point leaves either
+/// the old manifest or the new one whole, never a torn one; a leftover `.new` is
+/// removed by the next rewrite. `Ok(false)` when the stick has no readable manifest
+/// (it is left without one).
+pub fn rewrite_on_stick(
+    stick: &mut Stick,
+    change: impl FnOnce(&mut Manifest),
+) -> Result<bool, ManifestError> {
+    let path = stick.path.clone();
+    let fat_err = |source| StickError::Fat {
+        path: path.clone(),
+        source,
+    };
+    let staged = stick
         .with_fs(|fs| {
-            record_replacement(fs, path, size, sha256).map_err(|source| StickError::Fat {
-                path: stick.to_path_buf(),
-                source,
-            })
+            let Some((at, mut manifest)) = read(fs) else {
+                return Ok(None);
+            };
+            change(&mut manifest);
+            manifest.updated_at = now_utc();
+            manifest.livestick_version = env!("CARGO_PKG_VERSION").to_string();
+            let text = render(&manifest);
+            let staged = format!("{at}.new");
+            fat::remove_all(fs, &staged).map_err(fat_err)?;
+            fat::write_file(fs, &staged, &mut text.as_bytes(), text.len() as u64, |_| {})
+                .map_err(fat_err)?;
+            Ok(Some((at, staged)))
         })
-        .map_err(stick_err)
+        .map_err(ManifestError::Stick)?;
+    // with_fs synced the staged copy when it closed the file system.
+    let Some((at, staged)) = staged else {
+        return Ok(false);
+    };
+    failpoint("manifest-staged")?;
+    crate::persist::merge::replace::swap_on_stick(stick, &at, &staged)
+        .map_err(ManifestError::Replace)?;
+    let part = stick.partition.start;
+    let replace_err = |e| ManifestError::Replace(e);
+    if crate::persist::merge::replace::detach_shared_leftover(stick.file_mut(), part, &staged)
+        .map_err(|e| replace_err(e.into()))?
+        .is_some()
+    {
+        stick
+            .file_mut()
+            .sync_all()
+            .map_err(|source| ManifestError::Io {
+                step: format!("syncing {}", path.display()),
+                source,
+            })?;
+    }
+    stick
+        .with_fs(|fs| fat::remove_all(fs, &staged).map_err(fat_err))
+        .map_err(ManifestError::Stick)?;
+    Ok(true)
+}
+
+/// `LIVESTICK_FAILPOINT=manifest-staged` stops a manifest rewrite after the new copy
+/// is written beside the old and before the swap: the state a crash there leaves,
+/// for the tests.
+fn failpoint(step: &'static str) -> Result<(), ManifestError> {
+    if std::env::var("LIVESTICK_FAILPOINT").as_deref() == Ok(step) {
+        return Err(ManifestError::Io {
+            step: format!(
+                "rewriting the manifest: stopped at failpoint `{step}` (LIVESTICK_FAILPOINT)"
+            ),
+            source: io::Error::other("failpoint"),
+        });
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------
@@ -736,7 +796,13 @@ impl Verifiable {
     /// as found on the stick now. With `deep`, `e2fsck -fn` runs on each ext4 (home,
     /// OverlayFS overlay) in place through `device?offset=N` (read-only), and a
     /// dm-snapshot store's exceptions are all read and validated.
-    pub fn check_persistence(&mut self, deep: bool) -> Vec<PersistCheck> {
+    /// `passphrase` unlocks an encrypted home for `deep`'s e2fsck; one that does not
+    /// unlock it is the user's mistake (`Err`), not a problem of the stick.
+    pub fn check_persistence(
+        &mut self,
+        deep: bool,
+        passphrase: Option<&[u8]>,
+    ) -> Result<Vec<PersistCheck>, ManifestError> {
         let mut dirs: Vec<String> = self
             .manifest
             .images
@@ -765,9 +831,9 @@ impl Verifiable {
                 Some((path.clone(), *size, kind))
             })
             .collect();
-        found
-            .into_iter()
-            .map(|(path, size, kind)| {
+        let mut checks = Vec::new();
+        for (path, size, kind) in found {
+            checks.push({
                 let recorded_size = self
                     .manifest
                     .persistence
@@ -784,16 +850,26 @@ impl Verifiable {
                     ok: true,
                     deep: None,
                 };
-                if let Err(e) = self.describe(&mut check, deep) {
-                    check.ok = false;
-                    check.status = format!("could not be read: {e}");
+                match self.describe(&mut check, deep, passphrase) {
+                    Ok(()) => {}
+                    Err(PersistProblem::Unreadable(e)) => {
+                        check.ok = false;
+                        check.status = format!("could not be read: {e}");
+                    }
+                    Err(PersistProblem::Refused(e)) => return Err(e),
                 }
                 check
-            })
-            .collect()
+            });
+        }
+        Ok(checks)
     }
 
-    fn describe(&mut self, check: &mut PersistCheck, deep: bool) -> Result<(), String> {
+    fn describe(
+        &mut self,
+        check: &mut PersistCheck,
+        deep: bool,
+        passphrase: Option<&[u8]>,
+    ) -> Result<(), PersistProblem> {
         use crate::persist::{home, overlay::store, snapshot};
         let extents = self
             .stick
@@ -875,15 +951,35 @@ impl Verifiable {
                         check.deep = Some(fsck("home.img"));
                     }
                 }
-                Some(home::HomeKind::Luks2) => {
-                    check.status = "encrypted home (LUKS2), locked".into();
-                    if deep {
+                Some(home::HomeKind::Luks2) => match (deep, passphrase) {
+                    (true, Some(pass)) => {
+                        let unlocked = luks_deep_check(&mut file, pass).map_err(|e| {
+                            PersistProblem::Refused(ManifestError::Passphrase {
+                                stick: device.clone(),
+                                path: check.path.clone(),
+                                detail: e.to_string(),
+                            })
+                        })?;
+                        check.status = match &unlocked.fs {
+                            Some(info) => format!(
+                                "encrypted home (LUKS2), unlocked: ext4, {} of {} used",
+                                crate::size::human(info.used_bytes),
+                                crate::size::human(info.size_bytes)
+                            ),
+                            None => "encrypted home (LUKS2), unlocked: no ext4 inside".into(),
+                        };
+                        check.used = unlocked.fs.map(|i| i.used_bytes);
+                        check.deep = Some(unlocked.check);
+                    }
+                    (true, None) => {
+                        check.status = "encrypted home (LUKS2), locked".into();
                         check.deep = Some(DeepCheck {
                             clean: None,
-                            detail: "not checked: verify does not unlock an encrypted home (`livestick home info --passphrase-file` reads it)".into(),
+                            detail: "not checked: the home is encrypted and no passphrase was given; add --passphrase-file FILE (or --passphrase-stdin) to unlock it in memory for e2fsck -fn".into(),
                         });
                     }
-                }
+                    (false, _) => check.status = "encrypted home (LUKS2), locked".into(),
+                },
                 None => {
                     check.ok = false;
                     check.status = "neither ext4 nor LUKS: not a usable home".into();
@@ -908,6 +1004,83 @@ impl Verifiable {
         }
         Ok(())
     }
+}
+
+/// Why a persistence file's report stopped.
+enum PersistProblem {
+    /// Its format cannot be read: reported as a problem of the stick.
+    Unreadable(String),
+    /// The user's input is wrong (a passphrase that does not unlock the home).
+    Refused(ManifestError),
+}
+
+impl From<String> for PersistProblem {
+    fn from(e: String) -> Self {
+        PersistProblem::Unreadable(e)
+    }
+}
+
+impl From<&str> for PersistProblem {
+    fn from(e: &str) -> Self {
+        PersistProblem::Unreadable(e.to_string())
+    }
+}
+
+/// An encrypted home unlocked for `verify --deep`.
+struct UnlockedCheck {
+    fs: Option<crate::disk::ext4::Ext4Info>,
+    check: DeepCheck,
+}
+
+/// Unlocks the LUKS2 home with livestick's own reader and runs `e2fsck -fn` on the
+/// plaintext, which is decrypted into memory only (a memfd no file system names,
+/// gone with the process), within the memory limit `home resize` keeps. `Err` only
+/// when the passphrase does not unlock it (or the header cannot be read).
+fn luks_deep_check<R: Read + Seek>(
+    file: R,
+    passphrase: &[u8],
+) -> Result<UnlockedCheck, crate::persist::luks::LuksError> {
+    use crate::persist::{home, luks};
+    let mut vol = luks::open_luks2(file, passphrase)?;
+    let fs = crate::disk::ext4::Ext4Info::read_from(&mut vol).ok();
+    let not_checked = |why: String| UnlockedCheck {
+        fs: fs.clone(),
+        check: DeepCheck {
+            clean: None,
+            detail: format!("not checked: {why}"),
+        },
+    };
+    let plain = vol.len();
+    if let Err(e) = home::check_staging_memory(home::luks_staging_bytes(plain, plain)) {
+        return Ok(not_checked(e.to_string()));
+    }
+    let (mut staged, staged_path) = match home::memory_stage() {
+        Ok(stage) => stage,
+        Err(e) => return Ok(not_checked(e.to_string())),
+    };
+    let copied = (|| -> io::Result<()> {
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; 1 << 20]);
+        vol.seek(io::SeekFrom::Start(0))?;
+        let mut at = 0u64;
+        while at < plain {
+            let n = (plain - at).min(buf.len() as u64) as usize;
+            vol.read_exact(&mut buf[..n])?;
+            // Zeros stay holes: they cost no memory.
+            if buf[..n].iter().any(|&b| b != 0) {
+                staged.seek(io::SeekFrom::Start(at))?;
+                staged.write_all(&buf[..n])?;
+            }
+            at += n as u64;
+        }
+        staged.set_len(plain)
+    })();
+    if let Err(e) = copied {
+        return Ok(not_checked(format!(
+            "decrypting it into memory failed: {e}"
+        )));
+    }
+    let check = e2fsck_read_only(&staged_path.to_string_lossy());
+    Ok(UnlockedCheck { fs, check })
 }
 
 /// `e2fsck -f -n` on `spec`: changes nothing, whatever it finds.
@@ -937,7 +1110,9 @@ fn e2fsck_read_only(spec: &str) -> DeepCheck {
                     clean: Some(true),
                     detail: format!("e2fsck -fn: clean ({last})"),
                 },
-                1 | 2 | 4 => DeepCheck {
+                // A bit mask: 4 is "errors left uncorrected", also when e2fsck then
+                // gives up (12: a file system too damaged to go on is damaged).
+                c if c & 4 != 0 || c == 1 || c == 2 || c == 3 => DeepCheck {
                     clean: Some(false),
                     detail: format!("e2fsck -fn found problems (exit {code}): {}", text.trim()),
                 },

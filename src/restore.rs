@@ -322,7 +322,9 @@ pub fn plan(
 ) -> Result<RestorePlan, RestoreError> {
     let max = match opts.fs {
         PlainFs::Fat32 => 11,
-        PlainFs::Exfat => 15,
+        // The exFAT volume label is 11 UTF-16 units (mkfs.exfat refuses more, and it
+        // runs after the stick's signatures are wiped: refuse here, before).
+        PlainFs::Exfat => 11,
     };
     let label_ok = match opts.fs {
         PlainFs::Fat32 => fat::validate_label(&opts.label).is_ok(),
@@ -785,9 +787,20 @@ mod tests {
                 "{label:?}"
             );
         }
+        // exFAT's label field holds 11 characters, as FAT's does.
+        let too_long = RestoreOptions {
+            fs: PlainFs::Exfat,
+            label: "TWELVE_CHARS".into(),
+            mkfs_exfat: true,
+            ..opts()
+        };
+        assert!(matches!(
+            plan(&probe(8 << 30), found(None), &too_long),
+            Err(RestoreError::Label { max: 11, .. })
+        ));
         let exfat = RestoreOptions {
             fs: PlainFs::Exfat,
-            label: "FIFTEEN_CHARS_1".into(),
+            label: "Eleven_Ch-1".into(),
             ..opts()
         };
         assert!(matches!(

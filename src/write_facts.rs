@@ -5,7 +5,7 @@
 //! the ISO's implanted MD5 check before anything is written.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -19,6 +19,7 @@ use crate::progress::Progress;
 use crate::source::checksum::{self, ChecksumError};
 use crate::source::initrd;
 use crate::source::live::{self, LiveError, LiveImage};
+use crate::source::signed_checksum::{self, ChecksumReport, SignedChecksumError, SourceCheck};
 
 #[derive(Debug, Error)]
 pub enum FactsError {
@@ -48,6 +49,8 @@ pub enum FactsError {
     )]
     Md5Mismatch { path: PathBuf, outcome: String },
     #[error(transparent)]
+    Published(#[from] SignedChecksumError),
+    #[error(transparent)]
     Io(#[from] io::Error),
 }
 
@@ -61,6 +64,7 @@ impl Classify for FactsError {
             FactsError::Existing(e) => e.kind(),
             FactsError::Iso(e) => e.kind(),
             FactsError::Checksum { source, .. } => source.kind(),
+            FactsError::Published(e) => e.kind(),
             FactsError::Io(_) => ErrorKind::Io,
         }
     }
@@ -70,6 +74,7 @@ impl Classify for FactsError {
             FactsError::Existing(e) => e.hint(),
             FactsError::Iso(e) => e.hint(),
             FactsError::Checksum { source, .. } => source.hint(),
+            FactsError::Published(e) => e.hint(),
             _ => self.kind().hint(),
         }
     }
@@ -257,4 +262,187 @@ pub fn verify_iso(live: &LiveImage, progress: &Progress) -> Result<Option<String
         });
     }
     Ok(Some(md5.md5_hex()))
+}
+
+/// Every check a write makes of its source before any target is probed: the
+/// published checksum's sha256 of the file the user gave (when one was found and
+/// the image not read yet) and, unless `--noverify`, the ISO's implanted MD5. When
+/// both cover the same file they share one read of it; a compressed source's
+/// CHECKSUM describes the compressed file, so that is read on its own. Returns the
+/// implanted MD5 that passed, if any.
+pub fn check_source(
+    given: &Path,
+    live: &LiveImage,
+    published: &mut SourceCheck,
+    implanted: bool,
+    progress: &Progress,
+) -> Result<Option<String>, FactsError> {
+    let pending = match published {
+        SourceCheck::Checked(report) if report.actual_sha256.is_none() => Some(report),
+        _ => None,
+    };
+    let Some(report) = pending else {
+        return if implanted {
+            verify_iso(live, progress)
+        } else {
+            Ok(None)
+        };
+    };
+    if implanted && live.source_kind == live::SourceKind::Iso && live.path == given {
+        let mut iso = live::open_iso(&live.path).map_err(FactsError::Iso)?;
+        if let Some(md5) = checksum::implanted_md5(iso.application_data()) {
+            let volume_size = iso.volume_size();
+            let _ = iso.lookup("/");
+            drop(iso);
+            return md5_and_sha256(given, &md5, volume_size, report, progress).map(Some);
+        }
+    }
+    signed_checksum::verify_image(given, report, progress)?;
+    if implanted {
+        verify_iso(live, progress)
+    } else {
+        Ok(None)
+    }
+}
+
+/// The published checksum alone, for a source with no implanted MD5 to share
+/// its read with (a raw image).
+pub fn check_published(
+    given: &Path,
+    published: &mut SourceCheck,
+    progress: &Progress,
+) -> Result<(), FactsError> {
+    if let SourceCheck::Checked(report) = published
+        && report.actual_sha256.is_none()
+    {
+        signed_checksum::verify_image(given, report, progress)?;
+    }
+    Ok(())
+}
+
+/// The implanted-MD5 pass with a sha256 of the whole file riding on its reads,
+/// then the rest of the file (the padding past the volume, which only the sha256
+/// covers) read on.
+fn md5_and_sha256(
+    path: &Path,
+    md5: &checksum::ImplantedMd5,
+    volume_size: u64,
+    report: &mut ChecksumReport,
+    progress: &Progress,
+) -> Result<String, FactsError> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    progress.phase("md5 + sha256", len);
+    let mut tee = Sha256InOrder::new(file);
+    let mut last = 0u64;
+    let outcome = {
+        let mut reader = BufReader::with_capacity(1 << 20, &mut tee);
+        checksum::verify_implanted_md5(&mut reader, md5, volume_size, |done, _| {
+            progress.inc(done.saturating_sub(last));
+            last = done;
+        })
+        .map_err(|source| FactsError::Checksum {
+            path: path.to_path_buf(),
+            source,
+        })?
+    };
+    if !outcome.passed() {
+        return Err(FactsError::Md5Mismatch {
+            path: path.to_path_buf(),
+            outcome: format!("{outcome:?}"),
+        });
+    }
+    let digest = tee.finish(|n| progress.inc(n))?;
+    signed_checksum::finish_compare(path, report, digest)?;
+    Ok(md5.md5_hex())
+}
+
+/// A reader that feeds sha256 every byte of the file in file order as it passes
+/// by, whatever seeks its user makes (the MD5 pass looks for the primary volume
+/// descriptor first, then reads from the start); bytes read again or out of order
+/// are not hashed twice.
+struct Sha256InOrder<R> {
+    inner: R,
+    position: u64,
+    hashed: u64,
+    hasher: sha2::Sha256,
+}
+
+impl<R: Read + Seek> Sha256InOrder<R> {
+    fn new(inner: R) -> Self {
+        use sha2::Digest;
+        Sha256InOrder {
+            inner,
+            position: 0,
+            hashed: 0,
+            hasher: sha2::Sha256::new(),
+        }
+    }
+
+    /// Reads what the user of the reader left unread up to the end of the file,
+    /// telling `read` each amount, and gives the file's sha256.
+    fn finish(mut self, mut read: impl FnMut(u64)) -> io::Result<[u8; 32]> {
+        use sha2::Digest;
+        self.seek(SeekFrom::Start(self.hashed))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match self.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            read(n as u64);
+        }
+        Ok(self.hasher.finalize().into())
+    }
+}
+
+impl<R: Read> Read for Sha256InOrder<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.read(buf)?;
+        let end = self.position + n as u64;
+        if self.position <= self.hashed && self.hashed < end {
+            let from = (self.hashed - self.position) as usize;
+            self.hasher.update(&buf[from..n]);
+            self.hashed = end;
+        }
+        self.position = end;
+        Ok(n)
+    }
+}
+
+impl<R: Seek> Seek for Sha256InOrder<R> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.position = self.inner.seek(to)?;
+        Ok(self.position)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::Digest;
+    use std::io::Cursor;
+
+    #[test]
+    fn the_in_order_sha256_hashes_each_byte_once_whatever_the_seeks() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 991) as u8).collect();
+        let mut tee = Sha256InOrder::new(Cursor::new(&data));
+        let mut buf = vec![0u8; 4096];
+        // A look ahead (not hashed yet), back to the start, a partial re-read.
+        tee.seek(SeekFrom::Start(32_768)).unwrap();
+        tee.read_exact(&mut buf).unwrap();
+        tee.seek(SeekFrom::Start(0)).unwrap();
+        let mut head = vec![0u8; 100_000];
+        tee.read_exact(&mut head).unwrap();
+        tee.seek(SeekFrom::Start(50_000)).unwrap();
+        tee.read_exact(&mut head[..70_000]).unwrap();
+        let mut told = 0u64;
+        let digest = tee.finish(|n| told += n).unwrap();
+        let expected: [u8; 32] = sha2::Sha256::digest(&data).into();
+        assert_eq!(digest, expected);
+        assert_eq!(told, 300_000 - 120_000);
+    }
 }

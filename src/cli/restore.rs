@@ -17,7 +17,7 @@ pub enum RestoreFs {
 pub struct RestoreArgs {
     /// The stick (block device or image file) to turn back into plain storage
     pub target: PathBuf,
-    /// Label of the new file system (FAT32: up to 11 characters; exFAT: up to 15)
+    /// Label of the new file system (FAT32 and exFAT: up to 11 characters)
     #[arg(long, value_name = "NAME", default_value = "USB")]
     pub label: String,
     /// File system of the one partition

@@ -16,4 +16,9 @@ pub struct VerifyArgs {
     /// OverlayFS overlay (read-only), every exception of a dm-snapshot overlay
     #[arg(long)]
     pub deep: bool,
+    /// With --deep: the passphrase of an encrypted home, which is then unlocked in
+    /// memory and checked with `e2fsck -fn` (without it, the home is reported as not
+    /// checked)
+    #[command(flatten)]
+    pub pass: crate::cli::home::PassArgs,
 }

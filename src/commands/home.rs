@@ -230,7 +230,18 @@ fn resize(a: &ResizeArgs, json: bool) -> anyhow::Result<()> {
         None => home_stick::resize_file(&plan, pass),
     };
     bar.finish();
-    resize_report(&plan, Some(result?), false, json)
+    let result = result?;
+    // The stick's manifest records the home's new size, so that `verify` stays true.
+    if let Some(h) = &mut h
+        && let Err(e) = crate::manifest::rewrite_on_stick(&mut h.stick, |m| {
+            crate::manifest::record_persistence_size(m, &h.home, "home", plan.new_bytes)
+        })
+    {
+        eprintln!(
+            "warning: home.img was resized, but the stick's manifest could not be updated ({e}); `livestick verify` will report the old size"
+        );
+    }
+    resize_report(&plan, Some(result), false, json)
 }
 
 fn resize_report(

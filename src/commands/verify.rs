@@ -33,6 +33,7 @@ struct VerifyReport<'a> {
 }
 
 pub fn run(a: &VerifyArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
+    let passphrase = deep_passphrase(a)?;
     let mut v = manifest::open_for_verify(&a.target)?;
     let show = a.target.display().to_string();
     let mode = if json {
@@ -46,7 +47,7 @@ pub fn run(a: &VerifyArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     let total: u64 = v.manifest.files.iter().map(|f| f.size).sum();
     progress.phase("verify", total);
     let files = v.check_files(|n| progress.inc(n))?;
-    let persistence = v.check_persistence(a.deep);
+    let persistence = v.check_persistence(a.deep, passphrase.as_deref().map(|p| &p[..]))?;
     let iso = match &a.iso {
         Some(iso) => {
             let size = std::fs::metadata(iso).map(|m| m.len()).unwrap_or(0);
@@ -116,6 +117,23 @@ pub fn run(a: &VerifyArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         summary: parts.join("; "),
     }
     .into())
+}
+
+/// The passphrase of an encrypted home, read before the stick is opened: only
+/// `--deep` unlocks a home, so a passphrase without it is a mistake said at once.
+fn deep_passphrase(a: &VerifyArgs) -> anyhow::Result<Option<zeroize::Zeroizing<Vec<u8>>>> {
+    use crate::persist::home::{self, PassphraseSource};
+    let source = match (&a.pass.passphrase_file, a.pass.passphrase_stdin) {
+        (Some(file), _) => PassphraseSource::File(file.clone()),
+        (None, true) => PassphraseSource::Stdin,
+        (None, false) => return Ok(None),
+    };
+    if !a.deep {
+        anyhow::bail!(crate::error::BadInput(
+            "a passphrase is used only by --deep (to unlock an encrypted home for e2fsck -fn): add --deep, or leave the passphrase out".into()
+        ));
+    }
+    Ok(Some(home::read_passphrase(source)?))
 }
 
 fn print_text(r: &VerifyReport<'_>) {

@@ -287,10 +287,13 @@ fn acquire_source(
     json: bool,
     quiet: bool,
 ) -> anyhow::Result<Option<(WriteArgs, SourceCheck)>> {
+    // A local image is read later, once, by write_facts::check_source (its sha256
+    // beside the implanted-MD5 pass); --download-only has nothing later.
+    let read_local = !args.dry_run && args.source_check.download_only;
     let acquired = acquire::acquire(
         &args.iso,
         &args.source_check.download_options(),
-        !args.dry_run,
+        read_local,
         progress_mode(json, quiet),
     )?;
     if args.source_check.download_only {
@@ -312,7 +315,7 @@ fn acquire_source(
 }
 
 pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
-    let Some((local, source_check)) = acquire_source(args, json, quiet)? else {
+    let Some((local, mut source_check)) = acquire_source(args, json, quiet)? else {
         return Ok(());
     };
     let args = &local;
@@ -321,6 +324,11 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     identity::check_distinct(&args.iso, &args.targets)?;
     // A raw disk image (or --dd) is written as it is, by raw_write.
     if let Some(why) = crate::raw_write::detect(&args.iso, args.dd)? {
+        if !args.dry_run {
+            let progress = Progress::new(progress_mode(json, quiet), "source");
+            write_facts::check_published(&args.iso, &mut source_check, &progress)?;
+            progress.finish();
+        }
         return super::write_raw::run(args, why, json, quiet);
     }
     if let Some(bmap) = &args.bmap {
@@ -331,7 +339,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         .into());
     }
     if args.targets.len() > 1 || args.wait_for.is_some() {
-        return run_batch(args, &source_check, json, quiet);
+        return run_batch(args, &mut source_check, json, quiet);
     }
     let target = args
         .targets
@@ -339,6 +347,21 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         .ok_or_else(|| BadInput("give a target stick or image file".into()))?;
     let unpacked = compressed::open(&args.iso, progress_mode(json, quiet))?;
     let live = crate::live_source::inspect_named(unpacked.path(), &args.iso)?;
+    // Checked before any target is probed.
+    let md5 = if args.dry_run {
+        None
+    } else {
+        let progress = Progress::new(progress_mode(json, quiet), "source");
+        let md5 = write_facts::check_source(
+            &args.iso,
+            &live,
+            &mut source_check,
+            !args.noverify,
+            &progress,
+        )?;
+        progress.finish();
+        md5
+    };
     let opts = options_from(args, &live)?;
     let (mut plan, probe, syslinux_files) = make_plan(args, target, &opts, &live)?;
     plan.notes.extend(unpacked.note());
@@ -355,11 +378,6 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let progress = Progress::new(progress_mode(json, quiet), probe.path.display().to_string());
-    let md5 = if args.noverify {
-        None
-    } else {
-        write_facts::verify_iso(&live, &progress)?
-    };
     confirm_target(&plan, &probe, args)?;
     let passphrase = home_passphrase(args, needs_passphrase(&[&plan]))?;
     let workdir = tempfile::Builder::new()
@@ -398,7 +416,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
 /// the others finish.
 fn run_batch(
     args: &WriteArgs,
-    source_check: &SourceCheck,
+    source_check: &mut SourceCheck,
     json: bool,
     quiet: bool,
 ) -> anyhow::Result<()> {
@@ -411,8 +429,18 @@ fn run_batch(
     let live = crate::live_source::inspect_named(unpacked.path(), &args.iso)?;
     let opts = options_from(args, &live)?;
     if let Some(n) = args.wait_for {
-        return run_wait_for(args, &live, &opts, n, json, quiet);
+        return run_wait_for(args, &live, &opts, n, source_check, json, quiet);
     }
+    // Checked before any target is probed.
+    let md5 = if args.dry_run {
+        None
+    } else {
+        let progress = Progress::new(progress_mode(json, quiet), "iso");
+        let md5 =
+            write_facts::check_source(&args.iso, &live, source_check, !args.noverify, &progress)?;
+        progress.finish();
+        md5
+    };
     let mut batch = Batch::start(json, &args.iso, &args.targets);
     for target in &args.targets {
         // Each target gets its own volume id (and so its own overlay name).
@@ -448,11 +476,6 @@ fn run_batch(
         }
         return Ok(batch.finish(quiet)?);
     }
-    let md5 = if args.noverify {
-        None
-    } else {
-        write_facts::verify_iso(&live, &Progress::new(progress_mode(json, quiet), "iso"))?
-    };
     for p in batch.planned_targets() {
         confirm_target(&p.plan, &p.probe, args)?;
     }
@@ -489,6 +512,7 @@ fn run_wait_for(
     live: &live::LiveImage,
     opts: &WriteOptions,
     n: usize,
+    source_check: &mut SourceCheck,
     json: bool,
     quiet: bool,
 ) -> anyhow::Result<()> {
@@ -500,11 +524,13 @@ fn run_wait_for(
             "--wait-for writes each stick as soon as it is plugged in, without asking: add --yes (and no --dry-run) to confirm that every new stick may be erased".into()
         ));
     }
-    let md5 = if args.noverify {
-        None
-    } else {
-        write_facts::verify_iso(live, &Progress::new(progress_mode(json, quiet), "iso"))?
-    };
+    let md5 = write_facts::check_source(
+        &args.iso,
+        live,
+        source_check,
+        !args.noverify,
+        &Progress::new(progress_mode(json, quiet), "iso"),
+    )?;
     let passphrase = home_passphrase(
         args,
         opts.home_size.is_some() && opts.home_encryption == HomeEncryption::Luks,

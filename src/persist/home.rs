@@ -621,7 +621,7 @@ pub fn home_resize(
 
 /// An anonymous in-memory file for the decrypted file system, and the path by which
 /// this process and its children (e2fsck, resize2fs) open it.
-fn memory_stage() -> Result<(File, PathBuf), HomeError> {
+pub fn memory_stage() -> Result<(File, PathBuf), HomeError> {
     use nix::sys::memfd::{MemFdCreateFlag, memfd_create};
     use std::os::fd::AsRawFd;
     // Without MFD_CLOEXEC on purpose: e2fsprogs run as children and open

@@ -84,6 +84,15 @@ pub enum SignedChecksumError {
         keyring: String,
     },
     #[error(
+        "the signature of {file} was made by {signer}, whose key expired on {expired}: an expired key vouches for nothing new, as a revoked one; get the current CHECKSUM and the distribution's current key (--keyring)"
+    )]
+    ExpiredKey {
+        file: String,
+        signer: String,
+        /// RFC 3339, UTC.
+        expired: String,
+    },
+    #[error(
         "{file} has no checksum for {name} (it lists {listed}); give the CHECKSUM file of this image (--checksum), or check the image's name"
     )]
     NameMissing {
@@ -260,8 +269,14 @@ impl Keyring {
         Ok(())
     }
 
-    /// The key (primary or subkey) that made one of `msg`'s signatures.
-    fn signer_of(&self, msg: &CleartextSignedMessage) -> Option<Signer> {
+    /// The key (primary or subkey) that made one of `msg`'s signatures and is
+    /// valid now; failing that, a key that made one but has expired.
+    fn signer_of(&self, msg: &CleartextSignedMessage) -> SignerFound {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut expired = None;
         // A key its owner revoked signs nothing any more (Fedora revokes keys of
         // releases whose signing was compromised).
         let live_keys = self.keys.iter().filter(|k| {
@@ -280,18 +295,100 @@ impl Keyring {
                     .first()
                     .map(|u| String::from_utf8_lossy(u.id.id()).into_owned()),
             };
-            if msg.verify(key).is_ok() {
-                return Some(signer(hex(key.legacy_key_id().as_ref()).to_uppercase()));
+            let primary_expiry = primary_expiry(key);
+            let mut found = |key_id: String, expiry: Option<u64>| match expiry {
+                Some(at) if at <= now => {
+                    expired.get_or_insert((signer(key_id), at));
+                    None
+                }
+                _ => Some(signer(key_id)),
+            };
+            if msg.verify(key).is_ok()
+                && let Some(good) = found(
+                    hex(key.legacy_key_id().as_ref()).to_uppercase(),
+                    primary_expiry,
+                )
+            {
+                return SignerFound::Valid(good);
             }
             for sub in &key.public_subkeys {
-                // A subkey counts only when its owner bound it to the primary key.
-                if sub.verify_bindings(&key.primary_key).is_ok() && msg.verify(sub).is_ok() {
-                    return Some(signer(hex(sub.key.legacy_key_id().as_ref()).to_uppercase()));
+                // A subkey counts only when its owner bound it to the primary key,
+                // and lives no longer than the primary key.
+                if sub.verify_bindings(&key.primary_key).is_ok()
+                    && msg.verify(sub).is_ok()
+                    && let Some(good) = found(
+                        hex(sub.key.legacy_key_id().as_ref()).to_uppercase(),
+                        earliest(primary_expiry, subkey_expiry(key, sub)),
+                    )
+                {
+                    return SignerFound::Valid(good);
                 }
             }
         }
-        None
+        match expired {
+            Some((signer, at)) => SignerFound::Expired(signer, at),
+            None => SignerFound::Nobody,
+        }
     }
+}
+
+/// What [`Keyring::signer_of`] found.
+enum SignerFound {
+    Valid(Signer),
+    /// A key that made the signature but expired at this time (seconds since the
+    /// epoch).
+    Expired(Signer, u64),
+    Nobody,
+}
+
+fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// When a validity period of `validity` counted from `created` ends; `None` for
+/// no expiry (absent, or zero, which OpenPGP says means the same).
+fn expiry_after(created: u32, validity: Option<pgp::types::Duration>) -> Option<u64> {
+    let secs = std::time::Duration::from(validity?).as_secs();
+    (secs > 0).then(|| u64::from(created) + secs)
+}
+
+/// When the primary key expires, by its newest self-signature that verifies
+/// (a user id's certification or a direct-key signature): a key's owner extends
+/// or shortens its life by signing it again, so an older signature's period no
+/// longer counts, and a forged one is ignored.
+fn primary_expiry(key: &SignedPublicKey) -> Option<u64> {
+    let primary = &key.primary_key;
+    let certifications = key.details.users.iter().flat_map(|user| {
+        user.signatures.iter().filter(|sig| {
+            sig.verify_certification(primary, pgp::types::Tag::UserId, &user.id)
+                .is_ok()
+        })
+    });
+    let direct = key
+        .details
+        .direct_signatures
+        .iter()
+        .filter(|sig| sig.verify_key(primary).is_ok());
+    let newest = certifications
+        .chain(direct)
+        .max_by_key(|sig| sig.created().map(|t| t.as_secs()).unwrap_or(0))?;
+    expiry_after(primary.created_at().as_secs(), newest.key_expiration_time())
+}
+
+/// When a subkey expires, by its newest binding signature that verifies.
+fn subkey_expiry(key: &SignedPublicKey, sub: &pgp::composed::SignedPublicSubKey) -> Option<u64> {
+    let newest = sub
+        .signatures
+        .iter()
+        .filter(|sig| {
+            sig.verify_subkey_binding(&key.primary_key, &sub.key)
+                .is_ok()
+        })
+        .max_by_key(|sig| sig.created().map(|t| t.as_secs()).unwrap_or(0))?;
+    expiry_after(sub.key.created_at().as_secs(), newest.key_expiration_time())
 }
 
 /// One `name → sha256` line of a checksum file.
@@ -433,13 +530,21 @@ pub fn check_text(
                 Trust::SignatureNotChecked { key_ids }
             } else {
                 match keyring.signer_of(&msg) {
-                    Some(signer) => Trust::Signed {
+                    SignerFound::Valid(signer) => Trust::Signed {
                         signer,
                         keyring: keyring.describe(),
                     },
+                    // Refused like a revoked key's, --allow-unsigned or not.
+                    SignerFound::Expired(signer, at) => {
+                        return Err(SignedChecksumError::ExpiredKey {
+                            file,
+                            signer: signer.to_string(),
+                            expired: utc_text(at),
+                        });
+                    }
                     // A bad signature is never accepted, --allow-unsigned or not:
                     // it means the file was changed.
-                    None => {
+                    SignerFound::Nobody => {
                         return Err(SignedChecksumError::BadSignature {
                             file,
                             key_ids,
@@ -791,6 +896,28 @@ pub fn finish_compare(
             actual,
         })
     }
+}
+
+/// Seconds since the epoch as RFC 3339 UTC (civil date from days, Howard Hinnant's
+/// algorithm: no time-zone database needed for UTC).
+pub fn utc_text(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

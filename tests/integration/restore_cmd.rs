@@ -245,18 +245,6 @@ fn any_stick_is_restored_and_restore_says_what_it_found() {
     );
     assert_plain(&stick, "USB", dir.path());
 
-    // exFAT needs mkfs.exfat: without it, refused with the reason, nothing written.
-    if !have("mkfs.exfat") {
-        let before = sha256_file(&stick);
-        let out = livestick(&["restore", stick.to_str().unwrap(), "--fs", "exfat", "--yes"]);
-        assert_eq!(out.status.code(), Some(2));
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains("mkfs.exfat") && err.contains("exfatprogs"),
-            "{err}"
-        );
-        assert_eq!(sha256_file(&stick), before);
-    }
     // A label FAT cannot hold: bad input before anything is written.
     let out = livestick(&[
         "restore",
@@ -285,6 +273,128 @@ fn restore_on_a_loop_device() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     drop(dev);
     assert_plain(&stick, "LAB", dir.path());
+}
+
+/// `restore --fs exfat` with exfatprogs' mkfs.exfat: one MBR partition of type 7,
+/// an exFAT that blkid names with the label, and that `fsck.exfat -n` finds clean,
+/// over a live stick with home.img and random bytes in its free space.
+#[test]
+fn restore_fs_exfat_makes_a_clean_labelled_exfat() {
+    if !require(
+        have("mkfs.exfat") && have("fsck.exfat"),
+        "exfatprogs (scripts/deps.sh)",
+    ) {
+        return;
+    }
+    let dir = tmp();
+    let stick = live_stick(dir.path(), &[]);
+    let s = stick.to_str().unwrap();
+    // exFAT holds 11 characters: a longer label is bad input, nothing written.
+    let before = sha256_file(&stick);
+    let out = livestick(&[
+        "restore",
+        s,
+        "--fs",
+        "exfat",
+        "--label",
+        "Lab-Data_201",
+        "--yes",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(sha256_file(&stick), before);
+    let out = livestick(&[
+        "--json",
+        "restore",
+        s,
+        "--fs",
+        "exfat",
+        "--label",
+        "Lab-Data_26",
+        "--yes",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(report["fs"], "exfat", "{report}");
+    assert_eq!(report["label"], "Lab-Data_26");
+
+    let size = std::fs::metadata(&stick).unwrap().len();
+    let table = sfdisk(&stick);
+    let parts = table["partitiontable"]["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 1, "{table:#}");
+    assert_eq!(parts[0]["start"], 2048);
+    assert_eq!(parts[0]["type"], "7", "{table:#}");
+    assert!(parts[0].get("bootable").is_none(), "{table:#}");
+    let len = parts[0]["size"].as_u64().unwrap() * 512;
+    assert_eq!(len, (size - (1 << 20)) / (1 << 20) * (1 << 20));
+    assert!(
+        read_at(&stick, 0, 440).iter().all(|&b| b == 0),
+        "boot code removed"
+    );
+
+    let blkid = std::process::Command::new(tool("blkid"))
+        .args(["-p", "-o", "export", "--offset", "1048576"])
+        .arg(&stick)
+        .output()
+        .unwrap();
+    let part = String::from_utf8_lossy(&blkid.stdout);
+    assert!(part.contains("TYPE=exfat"), "{part}");
+    assert!(part.contains("LABEL=Lab-Data_26"), "{part}");
+
+    // fsck.exfat reads a file: the partition copied out of the stick.
+    let copy = dir.path().join("part.img");
+    std::fs::write(&copy, read_at(&stick, 1 << 20, len as usize)).unwrap();
+    let fsck = std::process::Command::new(tool("fsck.exfat"))
+        .arg("-n")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "fsck.exfat -n: {}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+}
+
+/// Without mkfs.exfat, `--fs exfat` is refused naming the package, and nothing is
+/// written. livestick looks on PATH and in the sbin directories, so the program is
+/// hidden in a private mount namespace (an empty, non-executable file bound over it)
+/// and PATH holds none.
+#[test]
+fn restore_fs_exfat_without_mkfs_exfat_is_refused_unchanged() {
+    if !require(
+        is_root() && have("unshare"),
+        "root and unshare (a private mount namespace)",
+    ) {
+        return;
+    }
+    let dir = tmp();
+    let stick = live_stick(dir.path(), &[]);
+    let empty = dir.path().join("not-a-program");
+    std::fs::write(&empty, "").unwrap();
+    let before = sha256_file(&stick);
+    let out = std::process::Command::new(tool("unshare"))
+        .args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+        .arg(
+            r#"for d in /usr/local/sbin /usr/local/bin /usr/sbin /sbin /usr/bin /bin; do
+                 if [ -e "$d/mkfs.exfat" ]; then "$MOUNT" --bind "$EMPTY" "$d/mkfs.exfat" || exit 99; fi
+               done
+               exec "$@""#,
+        )
+        .arg("sh")
+        .arg(bin())
+        .args(["restore", stick.to_str().unwrap(), "--fs", "exfat", "--yes"])
+        .env("EMPTY", &empty)
+        .env("MOUNT", tool("mount"))
+        .env("PATH", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("mkfs.exfat") && err.contains("exfatprogs"),
+        "{err}"
+    );
+    assert_eq!(sha256_file(&stick), before);
 }
 
 trait TapMkdir {

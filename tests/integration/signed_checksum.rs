@@ -26,11 +26,16 @@ pub struct Keys {
     pub revoked_checksum: String,
     /// The same key exported before it was revoked (the control).
     pub before_revocation: PathBuf,
+    /// A key made on 2020-01-01 valid for one day, and a CHECKSUM of the fixture ISO
+    /// it signed that day (gpg with a faked clock).
+    pub expired: PathBuf,
+    pub expired_checksum: String,
 }
 
 const GOOD_UID: &str = "Livestick Test Signer <signer@example.org>";
 const WRONG_UID: &str = "Someone Else <else@example.org>";
 const REVOKED_UID: &str = "Revoked Signer <revoked@example.org>";
+const EXPIRED_UID: &str = "Expired Signer <expired@example.org>";
 
 /// gpg-agent is one per GNUPGHOME: the tests' gpg runs take turns, and each stops
 /// the agent again so that nothing outlives the test process.
@@ -124,6 +129,41 @@ pub fn keys() -> &'static Keys {
         std::fs::write(&rev_path, certificate).unwrap();
         gpg(h, &["--import", rev_path.to_str().unwrap()]);
         let revoked = export(REVOKED_UID, "revoked.asc");
+        gpg(
+            h,
+            &[
+                "--faked-system-time",
+                "20200101T000000!",
+                "--quick-gen-key",
+                EXPIRED_UID,
+                "ed25519",
+                "sign",
+                "1d",
+            ],
+        );
+        let expired_checksum = {
+            let scratch = tmp();
+            let input = scratch.path().join("CHECKSUM.in");
+            let output = scratch.path().join("CHECKSUM.asc");
+            std::fs::write(&input, format!("SHA256 ({ISO_NAME}) = {}\n", iso_sha256())).unwrap();
+            gpg(
+                h,
+                &[
+                    "--faked-system-time",
+                    "20200101T120000!",
+                    "--local-user",
+                    EXPIRED_UID,
+                    "--digest-algo",
+                    "SHA256",
+                    "--clearsign",
+                    "--output",
+                    output.to_str().unwrap(),
+                    input.to_str().unwrap(),
+                ],
+            );
+            std::fs::read_to_string(&output).unwrap()
+        };
+        let expired = export(EXPIRED_UID, "expired.asc");
         let listing =
             String::from_utf8_lossy(&gpg(h, &["--with-colons", "--fingerprint", GOOD_UID]).stdout)
                 .into_owned();
@@ -141,6 +181,8 @@ pub fn keys() -> &'static Keys {
             revoked,
             revoked_checksum,
             before_revocation,
+            expired,
+            expired_checksum,
         }
     })
 }
@@ -488,4 +530,238 @@ fn the_expected_sha256_api_checks_the_signature_first() {
     .unwrap();
     assert!(expected_sha256(&wrong, "disk.raw.xz", Some(&keys.good), false).is_err());
     assert!(expected_sha256(&good, "other.raw.xz", Some(&keys.good), false).is_err());
+}
+
+/// Runs livestick under a shell that reaps it and then reads its own
+/// `/proc/PID/io`: the kernel adds a reaped child's I/O counts to its parent's, so
+/// `rchar` is every byte livestick (and the programs it ran) read. Returns the exit
+/// code, stderr and `rchar`.
+fn livestick_reading(args: &[&str]) -> (Option<i32>, String, u64) {
+    let scratch = tmp();
+    let err = scratch.path().join("stderr");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#""$@" >/dev/null 2>"$LS_STDERR"; s=$?; grep '^rchar:' /proc/$$/io; exit $s"#)
+        .arg("sh")
+        .arg(bin())
+        .args(args)
+        .env("LS_STDERR", &err)
+        .output()
+        .expect("sh runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rchar = stdout
+        .trim()
+        .strip_prefix("rchar:")
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rchar line from /proc/PID/io: {stdout:?}"));
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    (out.status.code(), stderr, rchar)
+}
+
+/// Issue 15 part 3: a local ISO with a CHECKSUM is read once for both the sha256
+/// and the implanted MD5. The same write with and without a CHECKSUM reads about
+/// the same bytes; checked separately, the CHECKSUM would cost a whole ISO more.
+#[test]
+fn the_checksum_and_the_implanted_md5_share_one_read_of_the_iso() {
+    let keys = keys();
+    let iso_len = std::fs::metadata(synthetic_iso("fedora-classic.iso"))
+        .unwrap()
+        .len();
+    let write_reading = |scene: &Scene, extra: &[&str]| {
+        let mut args = vec![
+            "--json",
+            "write",
+            scene.iso.to_str().unwrap(),
+            scene.target.to_str().unwrap(),
+            "--size",
+            "64M",
+            "--volume-id",
+            "1234ABCD",
+            "--keyring",
+            keys.good.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (code, stderr, rchar) = livestick_reading(&args);
+        assert_eq!(code, Some(0), "{stderr}");
+        rchar
+    };
+    let plain = Scene::new();
+    let without = write_reading(&plain, &[]);
+    let checked = Scene::new();
+    checked.checksum(
+        CHECKSUM_NAME,
+        &checksum_text(&[(ISO_NAME, &iso_sha256())], SignedBy::Good),
+    );
+    let with = write_reading(&checked, &[]);
+    assert!(
+        without > iso_len,
+        "the write reads the ISO at least once ({without} bytes read, ISO {iso_len})"
+    );
+    assert!(
+        with < without + iso_len / 4,
+        "a CHECKSUM cost a second read of the ISO: {with} bytes read with it, {without} without (ISO {iso_len})"
+    );
+    // Both checks did run: the report has the matched sha256 and the passed MD5.
+    let json = report(&checked.write(&["--keyring", keys.good.to_str().unwrap()]));
+    assert_eq!(json["checksum"]["matched"], true, "{json}");
+    assert_eq!(json["checksum"]["actual_sha256"], iso_sha256().as_str());
+    assert!(json["iso_md5"].is_string(), "{json}");
+}
+
+/// Where a file's data starts in an ISO, from xorriso.
+fn iso_file_offset(iso: &Path, path: &str) -> u64 {
+    let listing = run(
+        "xorriso",
+        &[
+            "-indev",
+            iso.to_str().unwrap(),
+            "-find",
+            path,
+            "-exec",
+            "report_lba",
+            "--",
+        ],
+    );
+    let lba: u64 = listing
+        .lines()
+        .find(|l| l.starts_with("File data lba:"))
+        .and_then(|l| l.split(',').nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("xorriso lists {path}: {listing}"));
+    lba * 2048
+}
+
+/// The shared read still refuses what each check refused on its own: a byte
+/// changed inside the volume fails the implanted MD5 even when the CHECKSUM
+/// describes the changed file, before any target is probed; `--noverify` skips only
+/// the MD5, and the CHECKSUM is still checked.
+#[test]
+fn an_image_failing_its_implanted_md5_is_refused_though_its_checksum_matches() {
+    let scene = Scene::new();
+    let keys = keys();
+    let original = synthetic_iso("fedora-classic.iso");
+    let mut bytes = std::fs::read(&original).unwrap();
+    let inside = iso_file_offset(&original, "/isolinux/vmlinuz") as usize + 300_000;
+    bytes[inside] ^= 0x5a;
+    std::fs::remove_file(&scene.iso).unwrap();
+    std::fs::write(&scene.iso, &bytes).unwrap();
+    let file = scene.checksum(
+        CHECKSUM_NAME,
+        &checksum_text(&[(ISO_NAME, &sha256_file(&scene.iso))], SignedBy::Good),
+    );
+    let keyring = keys.good.to_str().unwrap();
+    let out = scene.write(&["--checksum", file.to_str().unwrap(), "--keyring", keyring]);
+    refused(&scene, &out, "fails its implanted MD5 check");
+    // Before any target is probed: a target in a directory that does not exist is
+    // not what the refusal is about.
+    let out = livestick(&[
+        "write",
+        scene.iso.to_str().unwrap(),
+        "/nonexistent-livestick-dir/stick.img",
+        "--keyring",
+        keyring,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("fails its implanted MD5 check"), "{stderr}");
+    let json = report(&scene.write(&[
+        "--checksum",
+        file.to_str().unwrap(),
+        "--keyring",
+        keyring,
+        "--noverify",
+    ]));
+    assert_eq!(json["checksum"]["matched"], true, "{json}");
+    assert!(json["iso_md5"].is_null(), "{json}");
+    // And a mismatching CHECKSUM is refused before any target is probed too.
+    scene.checksum(
+        CHECKSUM_NAME,
+        &checksum_text(&[(ISO_NAME, &iso_sha256())], SignedBy::Good),
+    );
+    let out = livestick(&[
+        "write",
+        scene.iso.to_str().unwrap(),
+        "/nonexistent-livestick-dir/stick.img",
+        "--keyring",
+        keyring,
+        "--noverify",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not match its checksum"), "{stderr}");
+}
+
+/// Issue 15 part 3: a CHECKSUM signed by a key that has expired since is refused as
+/// a revoked key's is, and the message says expired and when (gpg made the key on
+/// 2020-01-01, valid one day, and signed that day). --allow-unsigned does not
+/// excuse it.
+#[test]
+fn a_signature_by_an_expired_key_is_refused_saying_when_it_expired() {
+    let scene = Scene::new();
+    let keys = keys();
+    let file = scene.checksum(CHECKSUM_NAME, &keys.expired_checksum);
+    for extra in [&[][..], &["--allow-unsigned"][..]] {
+        let mut args = vec![
+            "--checksum",
+            file.to_str().unwrap(),
+            "--keyring",
+            keys.expired.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = scene.write(&args);
+        refused(&scene, &out, "expired on 2020-01-02T00:00:00Z");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("Expired Signer"),
+            "names the signer: {stderr}"
+        );
+    }
+    // The same key beside a good one: the good one's signature still counts.
+    let both = scene.dir.path().join("keys");
+    std::fs::create_dir(&both).unwrap();
+    std::fs::copy(&keys.expired, both.join("expired.asc")).unwrap();
+    std::fs::copy(&keys.good, both.join("good.asc")).unwrap();
+    let text = checksum_text(&[(ISO_NAME, &iso_sha256())], SignedBy::Good);
+    let good = scene.checksum("good-CHECKSUM", &text);
+    let out = scene.write(&[
+        "--dry-run",
+        "--checksum",
+        good.to_str().unwrap(),
+        "--keyring",
+        both.to_str().unwrap(),
+    ]);
+    assert!(ok(&out).contains("signed by Livestick Test Signer"));
+}
+
+/// A batch checks the source the same way, once, before any of its targets is
+/// probed: a tampered image is refused with every target as it was (one of them in
+/// a directory that does not exist, which planning would have refused first).
+#[test]
+fn a_batch_refuses_a_tampered_image_before_probing_its_targets() {
+    let scene = Scene::new();
+    let keys = keys();
+    let file = scene.checksum(
+        CHECKSUM_NAME,
+        &checksum_text(&[(ISO_NAME, &iso_sha256())], SignedBy::Good),
+    );
+    scene.tamper_iso();
+    let second = scene.dir.path().join("second.img");
+    fill_random(&second, 2 << 20);
+    let before = sha256_file(&second);
+    let out = livestick(&[
+        "write",
+        scene.iso.to_str().unwrap(),
+        scene.target.to_str().unwrap(),
+        second.to_str().unwrap(),
+        "/nonexistent-livestick-dir/third.img",
+        "--size",
+        "64M",
+        "--checksum",
+        file.to_str().unwrap(),
+        "--keyring",
+        keys.good.to_str().unwrap(),
+        "--yes",
+    ]);
+    refused(&scene, &out, "does not match its checksum");
+    assert_eq!(sha256_file(&second), before, "the second target changed");
 }

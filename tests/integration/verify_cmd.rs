@@ -522,3 +522,314 @@ fn verify_reads_a_loop_device_with_the_page_cache_dropped() {
     assert_eq!(out.status.code(), Some(4), "{r:#}");
     assert_eq!(state_of(&r, "/LiveOS/squashfs.img")["state"], "changed");
 }
+
+fn part_len(image: &Path) -> u64 {
+    sfdisk(image)["partitiontable"]["partitions"][0]["size"]
+        .as_u64()
+        .unwrap()
+        * 512
+}
+
+fn home_record(manifest: &serde_json::Value) -> serde_json::Value {
+    manifest["persistence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["kind"] == "home")
+        .cloned()
+        .unwrap_or_else(|| panic!("the manifest lists the home: {manifest:#}"))
+}
+
+/// Issue 15 part 5: `home resize` keeps the manifest true: the home's recorded size
+/// is the new one, and `verify` finds the stick intact with it (mtools reads the
+/// manifest and the home's size independently).
+#[test]
+fn home_resize_records_the_new_size_and_verify_stays_intact() {
+    let t = written(
+        "fedora-classic.iso",
+        &["--home-size-mb", "16", "--unencrypted-home"],
+    );
+    assert_eq!(home_record(&t.manifest())["size"], 16 << 20);
+    let before = t.manifest()["updated_at"].clone();
+    ok(&livestick(&[
+        "home",
+        "resize",
+        t.s(),
+        "--size-mb",
+        "40",
+        "--workdir",
+        t.dir.path().to_str().unwrap(),
+    ]));
+    let manifest = t.manifest();
+    assert_eq!(home_record(&manifest)["size"], 40 << 20, "{manifest:#}");
+    assert!(
+        fat_ls(&t.image, t.part, "/LiveOS").contains("home.img"),
+        "the home is still there"
+    );
+    assert_ne!(manifest["updated_at"], before);
+    let (out, r) = verify_json(&[t.s(), "--deep"]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+    let home = r["persistence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["kind"] == "home")
+        .unwrap();
+    assert_eq!(home["size"], 40 << 20, "{home:#}");
+    assert_eq!(home["recorded_size"], 40 << 20, "{home:#}");
+    assert_eq!(home["deep"]["clean"], true, "{home:#}");
+    // The rewrite went through a staged copy, which is gone.
+    let ls = fat_ls(&t.image, t.part, "/LiveOS").to_lowercase();
+    assert!(!ls.contains("livestick.json.new"), "{ls}");
+}
+
+/// The manifest rewrite after `overlay merge` is atomic: stopped after the new copy
+/// is written and before the swap (`LIVESTICK_FAILPOINT=manifest-staged`), the stick
+/// keeps the old manifest whole, so `verify` reads it (exit 4: the merged root image
+/// differs from the record; exit 2 would mean an unreadable manifest), and the next
+/// rewrite (`home resize`) clears the leftover. An uninterrupted merge records the
+/// new root image and verifies intact.
+#[test]
+fn a_merge_stopped_while_rewriting_the_manifest_leaves_a_readable_one() {
+    if !require(
+        ["debugfs", "unsquashfs", "mksquashfs", "mcopy"]
+            .iter()
+            .all(|t| have(t)),
+        "e2fsprogs, squashfs-tools, mtools",
+    ) {
+        return;
+    }
+    let iso = crate::support::fixtures::boot_iso("boot-flat");
+    let dir = tmp();
+    let image = dir.path().join("stick.img");
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "32",
+        "--overlayfs",
+        "--home-size-mb",
+        "16",
+        "--unencrypted-home",
+        "--yes",
+        "--quiet",
+    ]));
+    let t = Stick {
+        part: part_start(&image),
+        image,
+        dir,
+    };
+    let work = t.dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    // "A boot": one new file in the OverlayFS upper dir, written with debugfs.
+    let boot = |name: &str| {
+        let mut s = livestick::disk::stick::Stick::open(&t.image, false).unwrap();
+        let overlay = s.info("LiveOS").unwrap().expected_overlay.clone();
+        let ext = s.file_extents(&overlay).unwrap();
+        let payload = t.dir.path().join(name);
+        std::fs::write(&payload, format!("{name}\n")).unwrap();
+        debugfs_w(
+            &format!("{}?offset={}", t.image.display(), ext[0].0),
+            &format!(
+                "mkdir /overlayfs/etc\nwrite {} /overlayfs/etc/{name}\n",
+                payload.display()
+            ),
+        );
+    };
+    let merge = |failpoint: Option<&str>| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(["overlay", "merge", t.s(), "--yes", "--workdir"])
+            .arg(&work);
+        if let Some(step) = failpoint {
+            cmd.env("LIVESTICK_FAILPOINT", step);
+        }
+        cmd.output().unwrap()
+    };
+    let sq_sha = || {
+        crate::support::dm_snapshot::sha256_hex(&fat_read(&t.image, t.part, "LiveOS/squashfs.img"))
+    };
+    let sq_record = |m: &serde_json::Value| {
+        m["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["path"] == "/LiveOS/squashfs.img")
+            .cloned()
+            .unwrap()
+    };
+
+    boot("first");
+    let manifest_before = fat_read(&t.image, t.part, MANIFEST);
+    let out = merge(Some("manifest-staged"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the merge itself completed: {err}"
+    );
+    assert!(err.contains("manifest could not be updated"), "{err}");
+    assert_eq!(
+        fat_read(&t.image, t.part, MANIFEST),
+        manifest_before,
+        "the old manifest is whole"
+    );
+    let (out, r) = verify_json(&[t.s()]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "read, and the merge shows: {r:#}"
+    );
+    assert_eq!(state_of(&r, "/LiveOS/squashfs.img")["state"], "changed");
+    fsck_fat(&t.image, t.part, part_len(&t.image), t.dir.path());
+
+    // The next rewrite puts a new manifest in place and clears the leftover.
+    ok(&livestick(&[
+        "home",
+        "resize",
+        t.s(),
+        "--size-mb",
+        "24",
+        "--workdir",
+        work.to_str().unwrap(),
+    ]));
+    let ls = fat_ls(&t.image, t.part, "/LiveOS").to_lowercase();
+    assert!(!ls.contains("livestick.json.new"), "{ls}");
+    assert_eq!(home_record(&t.manifest())["size"], 24 << 20);
+
+    // Uninterrupted: the merged root image is recorded, and the stick is intact.
+    boot("second");
+    let out = merge(None);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let record = sq_record(&t.manifest());
+    assert_eq!(record["kind"], "merged", "{record:#}");
+    assert_eq!(record["sha256"], sq_sha().as_str());
+    let (out, r) = verify_json(&[t.s()]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+    let ls = fat_ls(&t.image, t.part, "/LiveOS").to_lowercase();
+    assert!(!ls.contains(".new"), "{ls}");
+    fsck_fat(&t.image, t.part, part_len(&t.image), t.dir.path());
+}
+
+/// Issue 15 part 5: `verify --deep --passphrase-file` unlocks a LUKS home written
+/// by `write` with livestick's own reader and runs `e2fsck -fn` on the plaintext in
+/// memory: clean on a fresh stick, damaged after the root inode is cleared inside
+/// the container (debugfs on a decrypted copy, written back through the cipher).
+/// Without a passphrase the home is reported, in text and JSON, as not checked and
+/// why; a wrong one is bad input.
+#[test]
+fn verify_deep_unlocks_a_luks_home_with_a_passphrase_file() {
+    let dir = tmp();
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "correct horse\n").unwrap();
+    let t = written(
+        "fedora-classic.iso",
+        &[
+            "--home-size-mb",
+            "40",
+            "--passphrase-file",
+            pass.to_str().unwrap(),
+        ],
+    );
+    let home_of = |r: &serde_json::Value| {
+        r["persistence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["kind"] == "home")
+            .cloned()
+            .unwrap_or_else(|| panic!("verify reports the home: {r:#}"))
+    };
+
+    // No passphrase: reported, not checked, and why.
+    let (out, r) = verify_json(&[t.s(), "--deep"]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+    let home = home_of(&r);
+    assert_eq!(home["deep"]["clean"], serde_json::Value::Null, "{home:#}");
+    let why = home["deep"]["detail"].as_str().unwrap();
+    assert!(
+        why.starts_with("not checked") && why.contains("no passphrase"),
+        "{why}"
+    );
+    let text = ok(&livestick(&["verify", t.s(), "--deep"]));
+    assert!(
+        text.contains("not checked: the home is encrypted"),
+        "{text}"
+    );
+
+    // The passphrase: unlocked in memory and clean.
+    let (out, r) = verify_json(&[t.s(), "--deep", "--passphrase-file", pass.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+    let home = home_of(&r);
+    assert_eq!(home["deep"]["clean"], true, "{home:#}");
+    assert!(
+        home["deep"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("e2fsck -fn: clean"),
+        "{home:#}"
+    );
+    assert!(
+        home["status"].as_str().unwrap().contains("unlocked"),
+        "{home:#}"
+    );
+
+    // A wrong passphrase, and a passphrase without --deep: bad input.
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "battery staple\n").unwrap();
+    let out = livestick(&[
+        "verify",
+        t.s(),
+        "--deep",
+        "--passphrase-file",
+        wrong.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not unlock"), "{err}");
+    let out = livestick(&["verify", t.s(), "--passphrase-file", pass.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // Damage inside the container: debugfs clears the root inode of a decrypted
+    // copy, which is written back through livestick's LUKS writer.
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut s = livestick::disk::stick::Stick::open(&t.image, false).unwrap();
+        let extents = s.file_extents("/LiveOS/home.img").unwrap();
+        drop(s);
+        assert_eq!(extents.len(), 1, "a fresh stick's home is one run");
+        let (start, len) = extents[0];
+        let mut disk = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&t.image)
+            .unwrap();
+        let window = livestick::io::PartitionWindow::new(&mut disk, start, len);
+        let mut vol = livestick::persist::luks::open_luks2(window, b"correct horse").unwrap();
+        let mut plain = Vec::new();
+        vol.seek(SeekFrom::Start(0)).unwrap();
+        vol.read_to_end(&mut plain).unwrap();
+        let copy = dir.path().join("plain.img");
+        std::fs::write(&copy, &plain).unwrap();
+        debugfs_w(copy.to_str().unwrap(), "clri <2>\n");
+        let damaged = std::fs::read(&copy).unwrap();
+        assert_ne!(damaged, plain);
+        vol.seek(SeekFrom::Start(0)).unwrap();
+        vol.write_all(&damaged).unwrap();
+        vol.flush().unwrap();
+    }
+    let (out, r) = verify_json(&[t.s(), "--deep", "--passphrase-file", pass.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4), "{r:#}");
+    let home = home_of(&r);
+    assert_eq!(home["deep"]["clean"], false, "{home:#}");
+    assert_eq!(home["ok"], false, "{home:#}");
+    assert!(
+        home["deep"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("e2fsck -fn found problems"),
+        "{home:#}"
+    );
+}
