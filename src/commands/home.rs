@@ -91,7 +91,7 @@ fn info(a: &InfoArgs, json: bool) -> anyhow::Result<()> {
     let stick = is_stick(&a.target)?;
     if stick && let Some(rep) = ext4_live_info(a)? {
         if json {
-            return print_json(&rep);
+            return print_json(&rep.to_document()?);
         }
         print_report(&rep);
         return Ok(());
@@ -115,7 +115,7 @@ fn info(a: &InfoArgs, json: bool) -> anyhow::Result<()> {
         None => home_stick::file_report(&a.target, pass.as_deref().map(|p| &p[..]))?,
     };
     if json {
-        return print_json(&rep);
+        return print_json(&rep.to_document()?);
     }
     print_report(&rep);
     Ok(())
@@ -219,14 +219,6 @@ fn progress_bar(json: bool, what: &Path) -> Progress {
     )
 }
 
-#[derive(Serialize)]
-struct ResizeOut<'a> {
-    dry_run: bool,
-    plan: &'a ResizePlan,
-    /// The home after the resize (absent on a dry run).
-    result: Option<HomeReport>,
-}
-
 fn resize(a: &ResizeArgs, json: bool) -> anyhow::Result<()> {
     let stick = is_stick(&a.target)?;
     let workdir = a.workdir.clone().unwrap_or_else(std::env::temp_dir);
@@ -316,11 +308,11 @@ fn resize_report(
     json: bool,
 ) -> anyhow::Result<()> {
     if json {
-        return print_json(&ResizeOut {
-            dry_run,
+        return print_json(&home_stick::resize_document(
             plan,
-            result,
-        });
+            result.as_ref(),
+            dry_run,
+        )?);
     }
     let name = match &plan.home {
         Some(h) => format!("{}:{h}", plan.target.display()),
