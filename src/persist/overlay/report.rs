@@ -791,4 +791,43 @@ mod tests {
         assert_eq!(json["kind"], "overlayfs");
         assert_eq!(json["used_bytes"], 25u64 << 20);
     }
+
+    #[test]
+    fn every_status_document_has_the_same_keys_whatever_the_kind() {
+        let usage = ovlfs::Usage {
+            size_bytes: 100 << 20,
+            used_bytes: None,
+            bytes_free: 75 << 20,
+            percent_used: 25.0,
+        };
+        let upper = dir::Status {
+            upper_entries: 2,
+            used_bytes: 4096,
+            bytes_free: 1 << 20,
+        };
+        let file = BareOvlfsStatus {
+            path: Path::new("overlay.img"),
+            usage: &usage,
+        };
+        let directory = DirStatus {
+            path: Path::new("overlay-dir"),
+            status: &upper,
+        };
+        let file = document(&file, Path::new("overlay.img"), &[]).expect("json");
+        let repaired = ["completed a stopped replacement".to_string()];
+        let directory = document(&directory, Path::new("overlay-dir"), &repaired).expect("json");
+        let keys = |v: &serde_json::Value| {
+            let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&file), keys(&directory));
+        assert_eq!(file["schema"], SCHEMA_VERSION);
+        assert_eq!(file["target"], "overlay.img");
+        assert!(file["used_bytes"].is_null(), "{file}");
+        assert_eq!(file["repaired"], serde_json::json!([]));
+        assert_eq!(directory["kind"], "overlayfs-dir");
+        assert!(directory["size_bytes"].is_null(), "{directory}");
+        assert_eq!(directory["repaired"], serde_json::json!(repaired));
+    }
 }
