@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::support::fixtures::{boot_iso, synthetic_iso};
 use super::support::schema::valid_document;
 use super::support::{
-    debugfs_w, fat_copy_out, is_root, livestick, loop_device, part_start, require, tmp,
+    debugfs_w, fat_copy_out, fat_put, is_root, livestick, loop_device, part_start, require, tmp,
 };
 
 /// `livestick ARGS --json`.
@@ -379,6 +379,38 @@ fn overlay_merges_follow_their_schemas() {
     );
     assert_eq!(done["exceptions_applied"], 1, "{done}");
     assert_eq!(done["overlayfs"]["created"], 1, "{done}");
+
+    // On the stick: the same change put back into its overlay, merged in place
+    // (the new squashfs.img swapped in through the FAT).
+    let stick = sticks.copy(&sticks.ovl, "merged.img");
+    let status = valid(&["overlay", "status", s(&stick)], "overlay-status");
+    let fat_path = status["expected_overlay"].as_str().expect("overlay name");
+    let changed = sticks.at("changed.ovl");
+    fat_copy_out(&stick, part_start(&stick), fat_path, &changed);
+    debugfs_w(
+        &changed,
+        &format!("write {} overlayfs/note.txt\n", s(&note)),
+    );
+    fat_put(&stick, part_start(&stick), &changed, fat_path);
+    let plan = valid(
+        &[
+            "overlay",
+            "merge",
+            s(&stick),
+            "--dry-run",
+            "--workdir",
+            work,
+        ],
+        "overlay-merge-plan",
+    );
+    assert_eq!(plan["target"], s(&stick), "{plan}");
+    assert_eq!(plan["stick"]["partition_start_bytes"], 1u64 << 20, "{plan}");
+    let done = valid(
+        &["overlay", "merge", s(&stick), "--yes", "--workdir", work],
+        "overlay-merge",
+    );
+    assert!(done["swap"]["single_sector"].is_boolean(), "{done}");
+    assert_eq!(done["overlay_reset"], true, "{done}");
 
     // `--origin`: a dm-snapshot overlay into a bare root image, also when it is empty.
     let dm = sticks.bare_overlay(&sticks.dm, "dm.ovl");
