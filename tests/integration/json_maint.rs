@@ -584,3 +584,87 @@ fn maintenance_errors_follow_the_error_schema() {
         assert_eq!(doc["kind"], "usage", "{args:?}: {doc}");
     }
 }
+
+/// Every schema of this part, so that a new field or a renamed one must be written
+/// into its schema (and so into docs/json-maintenance.md) before a test passes.
+const MAINTENANCE_SCHEMAS: [&str; 12] = [
+    "inspect",
+    "devices",
+    "doctor",
+    "overlay-status",
+    "overlay-reset",
+    "overlay-grow",
+    "overlay-recover",
+    "overlay-merge-plan",
+    "overlay-merge",
+    "overlay-merge-origin",
+    "home-info",
+    "home-resize",
+];
+
+/// The objects of `schema` that let through a field they do not list, or list a
+/// field as optional, by their place in the schema.
+fn open_objects(schema: &Value, at: &str, found: &mut Vec<String>) {
+    match schema {
+        Value::Object(map) => {
+            if let Some(Value::Object(properties)) = map.get("properties") {
+                if map.get("additionalProperties") != Some(&Value::Bool(false)) {
+                    found.push(format!("{at}: additionalProperties is not false"));
+                }
+                let required: Vec<&str> = map
+                    .get("required")
+                    .and_then(Value::as_array)
+                    .map(|r| r.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                for key in properties.keys() {
+                    if !required.contains(&key.as_str()) {
+                        found.push(format!("{at}: {key} is not required"));
+                    }
+                }
+            }
+            for (key, sub) in map {
+                open_objects(sub, &format!("{at}/{key}"), found);
+            }
+        }
+        Value::Array(items) => {
+            for (i, sub) in items.iter().enumerate() {
+                open_objects(sub, &format!("{at}/{i}"), found);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn every_maintenance_schema_is_closed_and_requires_every_field() {
+    for name in MAINTENANCE_SCHEMAS {
+        let path = super::support::repo()
+            .join("schemas")
+            .join(format!("{name}.schema.json"));
+        let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // Compiles, or names the file.
+        super::support::schema::validator(name);
+        assert_eq!(
+            schema["$schema"], "https://json-schema.org/draft/2020-12/schema",
+            "{name}"
+        );
+        // One shape, or one per overlay kind (`oneOf`): each says `schema: 1`.
+        let shapes = match schema["oneOf"].as_array() {
+            Some(kinds) => kinds.iter().collect(),
+            None => vec![&schema],
+        };
+        for shape in shapes {
+            assert_eq!(shape["properties"]["schema"]["const"], 1, "{name}");
+        }
+        let mut open = Vec::new();
+        open_objects(&schema, name, &mut open);
+        assert!(open.is_empty(), "{}", open.join("\n"));
+        let docs = std::fs::read_to_string(super::support::repo().join("docs/json-maintenance.md"))
+            .unwrap();
+        assert!(
+            docs.contains(&format!("`{name}`")),
+            "docs/json-maintenance.md does not name {name}"
+        );
+    }
+}
