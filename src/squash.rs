@@ -97,7 +97,9 @@ impl Compressor {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SquashInfo {
     pub compressor: Compressor,
+    #[serde(rename = "block_bytes")]
     pub block_size: u32,
+    #[serde(rename = "used_bytes")]
     pub bytes_used: u64,
     pub inodes: u32,
     pub has_xattrs: bool,

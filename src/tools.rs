@@ -339,8 +339,14 @@ pub struct Finding {
     pub note: Option<String>,
 }
 
+/// The shape version of the `doctor --json` document (docs/json-maintenance.md,
+/// `schemas/doctor.schema.json`).
+pub const SCHEMA_VERSION: u64 = 1;
+
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// [`SCHEMA_VERSION`]: scripts check it before reading the rest.
+    pub schema: u64,
     pub livestick: &'static str,
     /// Every required item was found: `livestick write` can run.
     pub ok: bool,
@@ -423,6 +429,7 @@ fn check(need: &Need) -> Finding {
 pub fn report() -> Report {
     let checks: Vec<Finding> = needs().iter().map(check).collect();
     Report {
+        schema: SCHEMA_VERSION,
         livestick: env!("CARGO_PKG_VERSION"),
         ok: checks.iter().all(|c| c.found || !c.required),
         checks,
@@ -505,6 +512,7 @@ mod tests {
         let mut service = finding("devices", "udev", false);
         service.note = Some("no udev here".into());
         let report = Report {
+            schema: SCHEMA_VERSION,
             livestick: "0.0.0",
             ok: true,
             checks: vec![found, bare, service],
@@ -521,6 +529,7 @@ mod tests {
              livestick write can run; features marked -- are unavailable until their package is installed.\n"
         );
         let missing = Report {
+            schema: SCHEMA_VERSION,
             livestick: "0.0.0",
             ok: false,
             checks: vec![finding("write", "mkfs.ext4", true)],

@@ -12,6 +12,7 @@ use super::cmdline::KernelArgs;
 
 /// Which syntax a menu was read from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum MenuSource {
     Isolinux,
     Grub,
@@ -28,6 +29,7 @@ impl std::fmt::Display for MenuSource {
 
 /// What an entry is for, so rendering can drop or keep it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum EntryPurpose {
     /// Boots the live system.
     Live,

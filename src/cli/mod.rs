@@ -107,7 +107,7 @@ pub enum Command {
     },
     /// List the sticks this machine has, what is on them, and whether livestick would write them
     #[command(
-        after_help = "Examples:\n  livestick devices\n  livestick devices --all --json | jq '.devices[].path'"
+        after_help = "Examples:\n  livestick devices\n  livestick devices --all --json | jq '.devices[].target'"
     )]
     Devices(devices::DevicesArgs),
     /// livecd-iso-to-disk compatible front end: the old options and positionals

@@ -9,7 +9,7 @@ use crate::persist::snapshot;
 pub fn run(args: &DevicesArgs, json: bool) -> anyhow::Result<()> {
     let listing = list(&Host::live(), args.all)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&listing)?);
+        println!("{}", serde_json::to_string_pretty(&listing.to_document()?)?);
         return Ok(());
     }
     for note in &listing.notes {

@@ -93,7 +93,7 @@ fn info(a: &InfoArgs, json: bool) -> anyhow::Result<()> {
     let stick = is_stick(&a.target)?;
     if stick && let Some(rep) = ext4_live_info(a)? {
         if json {
-            return print_json(&rep);
+            return print_json(&rep.to_document()?);
         }
         crate::out!("{}", HomeText(&rep));
         return Ok(());
@@ -117,7 +117,7 @@ fn info(a: &InfoArgs, json: bool) -> anyhow::Result<()> {
         None => home_stick::file_report(&a.target, pass.as_deref().map(|p| &p[..]))?,
     };
     if json {
-        return print_json(&rep);
+        return print_json(&rep.to_document()?);
     }
     crate::out!("{}", HomeText(&rep));
     Ok(())
@@ -250,14 +250,18 @@ fn resize_report(
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<()> {
+    if json {
+        return print_json(&home_stick::resize_document(
+            plan,
+            result.as_ref(),
+            dry_run,
+        )?);
+    }
     let report = ResizeReport {
         dry_run,
         plan,
         result,
     };
-    if json {
-        return print_json(&report);
-    }
     crate::out!("{report}");
     Ok(())
 }

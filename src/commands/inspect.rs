@@ -19,7 +19,7 @@ pub fn run(args: &InspectArgs, json: bool) -> anyhow::Result<()> {
     // A compressed ISO is read from its unpacked copy; the user named the original.
     image.path = args.iso.clone();
     if json {
-        println!("{}", serde_json::to_string_pretty(&image)?);
+        println!("{}", serde_json::to_string_pretty(&image.to_document()?)?);
     } else {
         print!("{}", LiveImageText(&image));
     }

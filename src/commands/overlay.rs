@@ -22,7 +22,7 @@ use crate::persist::overlay::dm::RootImage;
 use crate::persist::overlay::place::{self, Bare, Place, Selection, StickOverlay, Target};
 use crate::persist::overlay::report::{
     self, BareDmStatus, BareOvlfsStatus, DirStatus, Grown, MergeDryRun, Merged, OvlfsOutcome,
-    PlumbingReport, Recovered, Report, StickStatus,
+    PlumbingReport, Recovered, Report, Reset, StickStatus,
 };
 use crate::persist::overlay::{GrowRequest, Kind, OverlayError, ResetPlan, dir, dm, ovlfs, store};
 use crate::persist::ovl_maint;
@@ -30,11 +30,13 @@ use crate::persist::snapshot::SECTOR_BYTES;
 use crate::progress::{Progress, ProgressMode};
 use crate::size::parse_size;
 
-/// One report: its JSON object with `--json`, its text otherwise.
-fn print_report(report: &impl Report, json: bool) -> anyhow::Result<()> {
+/// One report: its JSON document (`report::document`) with `--json`, its text
+/// otherwise. `target` is what the user named.
+fn print_report(report: &impl Report, json: bool, target: &Path) -> anyhow::Result<()> {
     if json {
-        let value: serde_json::Value = serde_json::from_str(&report.to_json()?)?;
-        print_json(&value)?;
+        let opened_repairs = REPAIRED.lock().map(|r| r.clone()).unwrap_or_default();
+        let doc = report::document(report, target, &opened_repairs)?;
+        crate::outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         crate::out!("{report}");
     }
@@ -51,22 +53,6 @@ fn note_repaired(lines: &[String]) {
     if let Ok(mut repaired) = REPAIRED.lock() {
         repaired.extend_from_slice(lines);
     }
-}
-
-/// One JSON object, pretty, on stdout, with `repaired` (what was repaired when the
-/// stick was opened, then what the command's own report says it repaired; `[]` for
-/// nothing) in the same shape as `home` and `write` give it.
-fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    let mut value = serde_json::to_value(v)?;
-    if let Some(object) = value.as_object_mut() {
-        let mut repaired = REPAIRED.lock().map(|r| r.clone()).unwrap_or_default();
-        if let Some(serde_json::Value::Array(own)) = object.get("repaired") {
-            repaired.extend(own.iter().filter_map(|l| l.as_str().map(str::to_string)));
-        }
-        object.insert("repaired".into(), serde_json::json!(repaired));
-    }
-    crate::outln!("{}", serde_json::to_string_pretty(&value)?);
-    Ok(())
 }
 
 pub fn run(cmd: OverlayCommand, json: bool) -> anyhow::Result<()> {
@@ -257,6 +243,7 @@ fn file_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
                 usage: &usage,
             },
             json,
+            &a.target,
         );
     }
     let origin = origin_sectors(&a.origin)?;
@@ -267,6 +254,7 @@ fn file_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
             report: &status,
         },
         json,
+        &a.target,
     )
 }
 
@@ -278,6 +266,7 @@ fn dir_status(dir_path: &Path, json: bool) -> anyhow::Result<()> {
             status: &st,
         },
         json,
+        dir_path,
     )
 }
 
@@ -297,6 +286,7 @@ fn stick_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
                 usage: report::Usage::Ovlfs(&usage),
             },
             json,
+            &a.target,
         );
     }
     let origin = match origin_sectors(&a.origin)? {
@@ -310,6 +300,7 @@ fn stick_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
             usage: report::Usage::Dm(&status),
         },
         json,
+        &a.target,
     )
 }
 
@@ -336,6 +327,7 @@ fn ext4_live_status(
                 usage: &usage,
             },
             json,
+            &a.target,
         );
     }
     let origin = origin_sectors(&a.origin)?;
@@ -346,6 +338,7 @@ fn ext4_live_status(
             report: &status,
         },
         json,
+        &a.target,
     )
 }
 
@@ -384,7 +377,7 @@ fn merge_cmd(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
     let mut plan = merge::plan_merge(&req)?;
     plan.allow_xattr_loss = a.allow_xattr_loss;
     if a.dry_run || plan.nothing_to_merge {
-        return print_report(&MergeDryRun(&plan), json);
+        return print_report(&MergeDryRun(&plan), json, &path);
     }
     run_merge_plan(&plan, json, &path)
 }
@@ -410,7 +403,7 @@ fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
     let mut plan = merge::plan_stick_merge(&req)?;
     plan.allow_xattr_loss = a.allow_xattr_loss;
     if a.dry_run || plan.nothing_to_merge {
-        return print_report(&MergeDryRun(&plan), json);
+        return print_report(&MergeDryRun(&plan), json, &a.target);
     }
     let question = format!(
         "Merge {} {} of {show} into a new {} and empty the overlay?",
@@ -458,41 +451,32 @@ fn confirmed_reset(
     json: bool,
     act: impl FnOnce() -> Result<(), OverlayError>,
 ) -> anyhow::Result<()> {
-    let path = &plan.overlay;
-    let lost = &plan.discards;
-    let with_kind = |mut base: serde_json::Value| {
-        if let (Some(b), Some(kind)) = (base.as_object_mut(), plan.kind) {
-            b.insert("kind".to_string(), serde_json::json!(kind));
-        }
-        base
-    };
     if a.dry_run {
-        if json {
-            let mut dry = with_kind(
-                serde_json::json!({"overlay": path, "dry_run": true, "would_discard": lost}),
-            );
-            if let (Some(b), Some(z)) = (dry.as_object_mut(), plan.zeroed_bytes) {
-                b.insert("zeroed_bytes".to_string(), serde_json::json!(z));
-            }
-            return print_json(&dry);
-        }
-        crate::outln!("{}, discarding {lost}", plan.would);
-        return Ok(());
+        return print_report(
+            &Reset {
+                plan,
+                dry_run: true,
+            },
+            json,
+            &a.target,
+        );
     }
     let question = format!(
-        "Reset {path}? This discards {lost}: every change made in the live system since the last merge or reset."
+        "Reset {}? This discards {}: every change made in the live system since the last merge or reset.",
+        plan.overlay, plan.discards
     );
     if !super::confirm(&question, a.yes)? {
         bail!(BadInput("not confirmed; nothing changed".into()));
     }
     act().map_err(lift)?;
-    if json {
-        return print_json(&with_kind(
-            serde_json::json!({"overlay": path, "reset": true, "discarded": lost}),
-        ));
-    }
-    crate::outln!("reset {path}: discarded {lost}");
-    Ok(())
+    print_report(
+        &Reset {
+            plan,
+            dry_run: false,
+        },
+        json,
+        &a.target,
+    )
 }
 
 // ---------------------------------------------------------------------------------
@@ -582,6 +566,7 @@ fn dm_recover(
                 dry_run: true,
             },
             json,
+            &a.target,
         );
     }
     // Grow first: an overlay that ran full would fail again on its first write.
@@ -617,6 +602,7 @@ fn dm_recover(
             dry_run: false,
         },
         json,
+        &a.target,
     )
 }
 
@@ -654,6 +640,7 @@ fn ovlfs_recover(a: &RecoverArgs, mut place: Place, json: bool) -> anyhow::Resul
                 target: &a.target,
             },
             json,
+            &a.target,
         );
     }
     if matches!(&place, Place::Stick(t) if !t.stick.is_writable()) {
@@ -676,6 +663,7 @@ fn ovlfs_recover(a: &RecoverArgs, mut place: Place, json: bool) -> anyhow::Resul
             target: &a.target,
         },
         json,
+        &a.target,
     )
 }
 
@@ -716,6 +704,7 @@ fn grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
             dry_run: a.dry_run,
         },
         json,
+        &a.target,
     )
 }
 
@@ -738,6 +727,7 @@ fn ovlfs_grow(a: &GrowArgs, mut place: Place, json: bool) -> anyhow::Result<()> 
                 target: &a.target,
             },
             json,
+            &a.target,
         );
     }
     let steps = ovlfs::Steps {
@@ -755,6 +745,7 @@ fn ovlfs_grow(a: &GrowArgs, mut place: Place, json: bool) -> anyhow::Result<()> 
             target: &a.target,
         },
         json,
+        &a.target,
     )
 }
 
@@ -783,6 +774,7 @@ fn run_merge_plan(plan: &merge::MergePlan, json: bool, path: &Path) -> anyhow::R
             report: &done,
         },
         json,
+        path,
     )
 }
 
@@ -799,6 +791,18 @@ fn merge_plumbing(
     let Some(plan) =
         dm::plan_origin_merge(&mut bare.file, bare.len, overlay, origin).map_err(lift)?
     else {
+        if json {
+            // A script reads the same document, with nothing applied.
+            let nothing = PlumbingReport {
+                overlay,
+                origin,
+                output,
+                exceptions: 0,
+                dry_run,
+                overlay_after: None,
+            };
+            return print_report(&nothing, json, overlay);
+        }
         crate::outln!(
             "{} is a new, empty store: nothing to merge",
             overlay.display()
@@ -819,5 +823,5 @@ fn merge_plumbing(
             dm::apply_origin_merge(&plan, &mut bare.file, bare.len, origin, output, p)
         })?);
     }
-    print_report(&report, json)
+    print_report(&report, json, overlay)
 }

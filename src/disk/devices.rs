@@ -736,11 +736,12 @@ pub struct SystemUse {
 /// What sysfs and udev say about a device, without reading its contents.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceFacts {
-    /// The device node (`/dev/sdb`).
+    /// The device node (`/dev/sdb`): what a write or maintenance would target.
+    #[serde(rename = "target")]
     pub path: PathBuf,
     pub name: String,
     pub devnum: DevNum,
-    /// Bytes.
+    #[serde(rename = "size_bytes")]
     pub size: u64,
     pub model: Option<String>,
     pub vendor: Option<String>,
@@ -752,7 +753,9 @@ pub struct DeviceFacts {
     /// USB SSDs and some sticks report removable = 0.
     pub hotplug: bool,
     pub read_only: bool,
+    #[serde(rename = "logical_sector_bytes")]
     pub logical_sector_size: u32,
+    #[serde(rename = "physical_sector_bytes")]
     pub physical_sector_size: u32,
     /// For loop devices: the file they show.
     pub backing_file: Option<String>,
@@ -851,7 +854,9 @@ pub fn peek_filesystem<R: Read + Seek>(r: &mut R, offset: u64, len: u64) -> Opti
 #[derive(Debug, Clone, Serialize)]
 pub struct OverlayInfo {
     /// Path on the stick (`/LiveOS/overlay-LABEL-UUID`).
+    #[serde(rename = "path")]
     pub file: String,
+    #[serde(rename = "size_bytes")]
     pub size: u64,
     /// `dm-snapshot` or `overlayfs` (an ext4 image used as the upper layer).
     pub kind: Option<&'static str>,
@@ -891,9 +896,11 @@ pub struct LiveInfo {
     pub uuid: String,
     /// `LiveOS` unless written with `--livedir`.
     pub live_dir: String,
+    #[serde(rename = "squashfs_bytes")]
     pub squashfs_size: Option<u64>,
     pub overlays: Vec<OverlayInfo>,
     /// Size of `home.img` when present.
+    #[serde(rename = "home_bytes")]
     pub home_size: Option<u64>,
 }
 
@@ -1064,6 +1071,21 @@ pub struct Listing {
     pub udev: bool,
     pub notes: Vec<String>,
     pub devices: Vec<BlockDevice>,
+}
+
+/// The shape version of the `devices --json` document (docs/json-maintenance.md,
+/// `schemas/devices.schema.json`).
+pub const SCHEMA_VERSION: u64 = 1;
+
+impl Listing {
+    /// The `devices --json` document: `schema`, then the listing.
+    pub fn to_document(&self) -> serde_json::Result<serde_json::Value> {
+        let mut doc = serde_json::to_value(self)?;
+        if let Some(object) = doc.as_object_mut() {
+            object.insert("schema".into(), serde_json::json!(SCHEMA_VERSION));
+        }
+        Ok(doc)
+    }
 }
 
 /// Lists whole block devices: removable ones, or all with `all` (fixed disks

@@ -634,6 +634,7 @@ impl Superblock {
 pub struct Ext4Info {
     pub label: String,
     pub uuid: String,
+    #[serde(rename = "block_bytes")]
     pub block_size: u64,
     pub block_count: u64,
     pub free_blocks: u64,

@@ -217,7 +217,9 @@ pub struct TableEntry {
     /// 1-based, as the kernel numbers them (MBR logical partitions from 5).
     pub number: u32,
     /// Bytes from the start of the disk.
+    #[serde(rename = "start_bytes")]
     pub start: u64,
+    #[serde(rename = "size_bytes")]
     pub len: u64,
     /// `0x0c` for MBR, the type GUID for GPT.
     pub type_id: String,

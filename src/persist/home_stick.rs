@@ -173,7 +173,9 @@ pub struct LuksSummary {
     pub label: String,
     pub cipher: String,
     pub key_bits: u32,
+    #[serde(rename = "sector_bytes")]
     pub sector_size: u32,
+    #[serde(rename = "data_offset_bytes")]
     pub data_offset: u64,
     /// The key-derivation function of each keyslot, in keyslot order ("argon2id", …).
     pub keyslots: Vec<String>,
@@ -250,7 +252,9 @@ pub struct HomeReport {
     /// The stick or the bare file given.
     pub target: PathBuf,
     /// `/LiveOS/home.img` on a stick; `None` for a bare file.
+    #[serde(rename = "path")]
     pub home: Option<String>,
+    #[serde(rename = "size_bytes")]
     pub file_size: u64,
     pub encrypted: bool,
     /// Encrypted and no passphrase given: the filesystem was not read.
@@ -262,10 +266,47 @@ pub struct HomeReport {
     /// Free bytes on the stick's FAT filesystem.
     pub stick_free_bytes: Option<u64>,
     /// A `home.img.new` an interrupted resize left behind (removed by the next resize).
+    #[serde(rename = "stale_staging_bytes")]
     pub stale_staging: Option<u64>,
     /// Leftovers of a stopped replacement repaired when the stick was opened.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub repaired: Vec<String>,
+}
+
+/// The shape version of the `home info` and `home resize` documents
+/// (docs/json-maintenance.md, `schemas/home-*.schema.json`).
+pub const SCHEMA_VERSION: u64 = 1;
+
+impl HomeReport {
+    /// The `home info --json` document: `schema`, then the report.
+    pub fn to_document(&self) -> serde_json::Result<serde_json::Value> {
+        let mut doc = serde_json::to_value(self)?;
+        if let Some(object) = doc.as_object_mut() {
+            object.insert("schema".into(), serde_json::json!(SCHEMA_VERSION));
+        }
+        Ok(doc)
+    }
+}
+
+/// The `home resize --json` document: the target once, the plan, and the home
+/// after the resize (`null` on a dry run or when nothing changed); what was
+/// repaired when the stick was opened is said once, at the top.
+pub fn resize_document(
+    plan: &ResizePlan,
+    result: Option<&HomeReport>,
+    dry_run: bool,
+) -> serde_json::Result<serde_json::Value> {
+    let mut after = serde_json::to_value(result)?;
+    let mut repaired = serde_json::json!([]);
+    if let Some(object) = after.as_object_mut() {
+        object.remove("target");
+        if let Some(own) = object.remove("repaired") {
+            repaired = own;
+        }
+    }
+    Ok(serde_json::json!({
+        "schema": SCHEMA_VERSION, "target": plan.target, "dry_run": dry_run,
+        "plan": plan, "result": after, "repaired": repaired,
+    }))
 }
 
 /// Describe a home.img seen through `r` (`file_size` bytes).
@@ -413,7 +454,10 @@ impl StickHome {
 /// What `home resize` will do (also the `--dry-run` output).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ResizePlan {
+    /// Said once, at the top of the `home resize` document.
+    #[serde(skip_serializing)]
     pub target: PathBuf,
+    #[serde(rename = "path")]
     pub home: Option<String>,
     pub encrypted: bool,
     pub current_bytes: u64,

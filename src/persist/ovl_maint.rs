@@ -104,6 +104,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> OvlMaintError {
 /// system need a check before it may be resized.
 #[derive(Debug, Clone, Serialize)]
 pub struct Super {
+    #[serde(rename = "block_bytes")]
     pub block_size: u64,
     pub blocks: u64,
     /// `blocks × block_size`: the file system's size, at most the file's.
@@ -181,6 +182,7 @@ pub struct GrowPlan {
     pub new_bytes: u64,
     /// Bytes appended to the file (0 when it already has the size).
     pub added_bytes: u64,
+    #[serde(rename = "block_bytes")]
     pub block_size: u64,
     pub notes: Vec<String>,
 }

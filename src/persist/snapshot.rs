@@ -665,6 +665,7 @@ pub struct StatusReport {
     /// Exactly what `dmsetup status` would print after activation (payload only).
     pub dm_status: String,
     pub chunk_sectors: u32,
+    #[serde(rename = "size_bytes")]
     pub cow_bytes: u64,
     pub total_sectors: u64,
     pub allocated_sectors: Option<u64>,
@@ -674,6 +675,7 @@ pub struct StatusReport {
     /// allocated / total, in percent, as the figures mean it.
     pub percent_used: f64,
     pub free_data_chunks: u64,
+    #[serde(rename = "free_bytes")]
     pub bytes_free: u64,
     /// The next write to an unmodified chunk fails: `Overflow` under `PO`, `Invalid` under `P`.
     pub full: bool,

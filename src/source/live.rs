@@ -66,6 +66,7 @@ pub struct MenuFile {
 #[derive(Debug, Clone, Serialize)]
 pub struct FileInfo {
     pub path: String,
+    #[serde(rename = "size_bytes")]
     pub size: u64,
 }
 
@@ -92,9 +93,12 @@ pub enum SourceKind {
 /// Everything livestick needs to know about a live ISO.
 #[derive(Debug, Clone, Serialize)]
 pub struct LiveImage {
+    /// What was inspected: the ISO or the stick, as the user named it.
+    #[serde(rename = "source")]
     pub path: PathBuf,
     pub source_kind: SourceKind,
     pub label: String,
+    #[serde(rename = "volume_bytes")]
     pub volume_size: u64,
     pub layout: LayoutKind,
     /// The directory holding squashfs.img on the ISO, normally `LiveOS`.
@@ -120,6 +124,21 @@ pub struct LiveImage {
     pub source_home: Option<FileInfo>,
     #[serde(skip)]
     pub(crate) squashfs_entry: IsoEntry,
+}
+
+/// The shape version of the `inspect --json` document (docs/json-maintenance.md,
+/// `schemas/inspect.schema.json`).
+pub const INSPECT_SCHEMA_VERSION: u64 = 1;
+
+impl LiveImage {
+    /// The `inspect --json` document: `schema`, then what was found.
+    pub fn to_document(&self) -> serde_json::Result<serde_json::Value> {
+        let mut doc = serde_json::to_value(self)?;
+        if let Some(object) = doc.as_object_mut() {
+            object.insert("schema".into(), serde_json::json!(INSPECT_SCHEMA_VERSION));
+        }
+        Ok(doc)
+    }
 }
 
 #[derive(Debug, Error)]

@@ -168,13 +168,13 @@ fn inspect_shows_the_same_label_for_each_compressed_copy() {
     for copy in &copies {
         let seen = inspect(copy);
         assert_eq!(seen["label"], plain["label"], "{}", copy.display());
-        assert_eq!(seen["volume_size"], plain["volume_size"]);
+        assert_eq!(seen["volume_bytes"], plain["volume_bytes"]);
         assert_eq!(
             seen["root"], plain["root"],
             "unsquashfs reads the unpacked copy"
         );
         assert_eq!(
-            seen["path"],
+            seen["source"],
             copy.to_str().unwrap(),
             "the path the user gave"
         );

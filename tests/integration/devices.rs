@@ -40,7 +40,7 @@ fn find<'a>(listing: &'a serde_json::Value, path: &str) -> Option<&'a serde_json
     listing["devices"]
         .as_array()?
         .iter()
-        .find(|d| d["path"] == path)
+        .find(|d| d["target"] == path)
 }
 
 #[test]
@@ -88,7 +88,7 @@ fn a_fresh_loop_device_is_listed_with_all() {
     };
     let entry = find(&json, &dev.0).unwrap_or_else(|| panic!("{} not in {json:#}", dev.0));
     assert_eq!(entry["transport"], "loop");
-    assert_eq!(entry["size"], 96 * MIB);
+    assert_eq!(entry["size_bytes"], 96 * MIB);
     assert_eq!(entry["fixed"], true);
     assert_eq!(entry["backing_file"], image.to_str().unwrap());
     let plain = devices_cli(&["--json"]).unwrap();
@@ -169,7 +169,7 @@ fn a_written_stick_shows_its_liveos_overlay_and_home() {
     let entry = find(&json, &dev.0).unwrap();
     assert_eq!(entry["live"]["label"], "LIVETEST");
     assert_eq!(
-        entry["live"]["overlays"][0]["file"],
+        entry["live"]["overlays"][0]["path"],
         "/LiveOS/overlay-LIVETEST-CAFE-0002"
     );
     assert_eq!(entry["partitions"][0]["filesystem"]["fs_type"], "vfat");

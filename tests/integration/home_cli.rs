@@ -195,7 +195,7 @@ fn info_plain_home_on_a_stick() {
     let t = stick(&base().plain);
     home(&["info", t.s()]).unwrap();
     let v = info_json(&t.img, None);
-    assert_eq!(v["file_size"], 32 * MIB);
+    assert_eq!(v["size_bytes"], 32 * MIB);
     assert_eq!(v["encrypted"], false);
     assert_eq!(v["locked"], false);
     assert_eq!(v["fs"]["label"], "HOME");
@@ -237,7 +237,7 @@ fn info_luks_home_locked_and_unlocked() {
     assert_eq!(v["locked"], false);
     assert_eq!(v["fs"]["label"], "HOME");
     assert_eq!(v["luks"]["opened_keyslot"], "0");
-    assert_eq!(v["file_size"], 32 * MIB);
+    assert_eq!(v["size_bytes"], 32 * MIB);
     home(&["info", t.s(), "--passphrase-file", t.pass()]).unwrap();
     home_text(&["info", t.s(), "--passphrase-file", t.pass()]).unwrap();
     home_text(&["info", t.s()]).unwrap();
@@ -480,7 +480,7 @@ fn a_stale_staged_copy_is_removed_by_the_next_resize() {
     std::fs::write(&junk, vec![7u8; 3 * MIB as usize]).unwrap();
     fat_put(&t.img, t.part, &junk, "/LiveOS/home.img.new");
     let v = info_json(&t.img, None);
-    assert_eq!(v["stale_staging"], 3 * MIB);
+    assert_eq!(v["stale_staging_bytes"], 3 * MIB);
     home(&["resize", t.s(), "--size-mb", "40"]).unwrap();
     let ls = fat_ls(&t.img, t.part, "/LiveOS");
     assert!(!ls.to_lowercase().contains("home.img.new"), "{ls}");

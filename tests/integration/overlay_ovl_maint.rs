@@ -266,7 +266,7 @@ fn grow_on_a_stick_keeps_the_upper_files_and_checks_clean() {
 
     let after = t.status();
     assert_eq!(after["size_bytes"], 64 << 20, "{after}");
-    let total = |v: &Value| v["used_bytes"].as_u64().unwrap() + v["bytes_free"].as_u64().unwrap();
+    let total = |v: &Value| v["used_bytes"].as_u64().unwrap() + v["free_bytes"].as_u64().unwrap();
     assert!(
         total(&after) > total(&before) + (30 << 20),
         "the ext4 is larger: {before} → {after}"

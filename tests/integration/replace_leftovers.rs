@@ -401,7 +401,7 @@ fn a_two_sector_resize_stopped_half_way_is_completed_by_home_info() {
     let repaired = v["repaired"].to_string();
     assert!(repaired.contains("completed"), "{repaired}");
     assert_eq!(
-        v["file_size"],
+        v["size_bytes"],
         24u64 << 20,
         "the grown home is the live one"
     );
@@ -418,7 +418,7 @@ fn a_two_sector_resize_stopped_half_way_is_completed_by_home_info() {
     assert!(!ls.to_lowercase().contains("home.img.new"), "{ls}");
     assert!(!ls.contains(".livestick-replace"), "{ls}");
     let v = json_of(&livestick(&["home", "info", img_s, "--json"]));
-    assert_eq!(v["file_size"], 32u64 << 20);
+    assert_eq!(v["size_bytes"], 32u64 << 20);
     fsck_fat(&img, part, len, dir.path());
 }
 
@@ -763,7 +763,7 @@ fn every_overlay_verb_and_write_report_the_repair_in_their_json() {
     );
     let (part, len) = stick_part(&img);
     let v = json_of(&livestick(&["home", "info", img_s, "--json"]));
-    assert_eq!(v["file_size"], mib << 20, "the grown home is the live one");
+    assert_eq!(v["size_bytes"], mib << 20, "the grown home is the live one");
     fsck_fat(&img, part, len, dir.path());
 }
 

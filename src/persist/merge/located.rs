@@ -15,7 +15,10 @@ use crate::persist::workdir;
 /// Where on a stick the files of a merge are.
 #[derive(Debug, Clone, Serialize)]
 pub struct StickPlace {
+    /// The merge document names the stick once, as its top-level `target`.
+    #[serde(skip_serializing)]
     pub stick: PathBuf,
+    #[serde(rename = "partition_start_bytes")]
     pub partition_start: u64,
     /// `/LiveOS/squashfs.img`
     pub squashfs: String,

@@ -99,11 +99,9 @@ pub struct OvlPlan {
     #[serde(skip)]
     pub overlay_info: Option<Ext4Info>,
     /// Flat squashfs: how tar2sqfs rebuilds it (empty for the other layouts).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tar2sqfs_args: Vec<String>,
     /// A directory overlay (on an ext4 stick): it is read through an ext4 copy made
-    /// with `mke2fs -d`, and emptied after the swap.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// with `mke2fs -d`, and emptied after the swap (`null` for an overlay file).
     pub overlay_dir: Option<PathBuf>,
     /// Flat squashfs: lower file bytes the upper dir replaces or hides, set aside
     /// while streaming in case a surviving hard link still needs them (at most).

@@ -2,9 +2,10 @@
 //! JSON object (`--json`, [`Report::to_json`]) and its text for a human
 //! (`Display`). The front only chooses one and prints it.
 //!
-//! The JSON shapes are the contract scripts read (docs/overlay-json.md where
-//! it exists); an object built with `json!` prints its keys in sorted order,
-//! a struct in field order, as they always have.
+//! The JSON shapes are the contract scripts read: docs/json-maintenance.md
+//! describes them and `schemas/overlay-*.schema.json` checks them. [`document`]
+//! gives every one its `schema` version, the `target` the user named and
+//! `repaired`, so no verb spells those out itself.
 
 use std::fmt::{self, Display, Formatter};
 use std::path::Path;
@@ -14,15 +15,98 @@ use serde::Serialize;
 use crate::persist::merge;
 use crate::persist::merge::plan::Layout;
 use crate::persist::overlay::place::StickOverlay;
-use crate::persist::overlay::{Kind, dir, ovlfs};
+use crate::persist::overlay::{Kind, ResetPlan, dir, ovlfs};
 use crate::persist::ovl_maint;
 use crate::persist::snapshot::{self, SECTOR_BYTES};
 use crate::size::human;
 
 /// A report of one `livestick overlay` run: its `Display` is the text a human
-/// reads, this its one JSON object.
+/// reads, `to_json` its own fields as one JSON object ([`document`] completes it).
 pub trait Report: Display {
     fn to_json(&self) -> serde_json::Result<String>;
+}
+
+/// The shape version of every `overlay` document; bumped when a field is renamed
+/// or removed, so a script can refuse a shape it does not know.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// The whole `--json` document of a report: `schema`, `target` (what the user
+/// named: the stick, the bare file or the directory), the report's fields, and
+/// `repaired`: what was repaired when the stick was opened (`opened_repairs`),
+/// then what the report itself says it repaired; `[]` for nothing.
+pub fn document(
+    report: &dyn Report,
+    target: &Path,
+    opened_repairs: &[String],
+) -> serde_json::Result<serde_json::Value> {
+    let mut value: serde_json::Value = serde_json::from_str(&report.to_json()?)?;
+    if let Some(object) = value.as_object_mut() {
+        let mut repaired = opened_repairs.to_vec();
+        if let Some(serde_json::Value::Array(own)) = object.get("repaired") {
+            repaired.extend(own.iter().filter_map(|l| l.as_str().map(str::to_string)));
+        }
+        object.insert("repaired".into(), serde_json::json!(repaired));
+        object.insert("schema".into(), serde_json::json!(SCHEMA_VERSION));
+        object.insert("target".into(), serde_json::json!(target));
+    }
+    Ok(value)
+}
+
+/// Where a status came from: an overlay file or directory named bare, or one
+/// found on a stick (with its label, UUID and the overlays no boot uses).
+fn status_document(
+    overlay: &str,
+    kind: Kind,
+    stick: Option<&StickOverlay>,
+    usage: &Usage<'_>,
+) -> serde_json::Result<String> {
+    let null = serde_json::Value::Null;
+    let mut doc = serde_json::json!({
+        "overlay": overlay, "kind": kind,
+        "label": null, "fs_uuid": null, "expected_overlay": null,
+        "orphaned": null, "orphaned_overlays": null, "notes": [],
+        "size_bytes": null, "used_bytes": null, "free_bytes": null, "percent_used": null,
+        "full": null, "upper_entries": null,
+        "state": null, "dm_status": null, "chunk_sectors": null, "total_sectors": null,
+        "allocated_sectors": null, "metadata_sectors": null, "exceptions": null,
+        "metadata_areas": null, "free_data_chunks": null, "trap_size": null, "problems": null,
+    });
+    let fields = match usage {
+        Usage::Ovlfs(u) => serde_json::json!({
+            "size_bytes": u.size_bytes, "used_bytes": u.used_bytes,
+            "free_bytes": u.bytes_free, "percent_used": u.percent_used,
+        }),
+        Usage::Dir(st) => serde_json::json!({
+            "upper_entries": st.upper_entries, "used_bytes": st.used_bytes,
+            "free_bytes": st.bytes_free,
+        }),
+        Usage::Dm(r) => serde_json::json!({
+            "size_bytes": r.cow_bytes,
+            "used_bytes": r.allocated_sectors.map(|s| s * SECTOR_BYTES),
+            "free_bytes": r.bytes_free, "percent_used": r.percent_used, "full": r.full,
+            "state": r.state, "dm_status": r.dm_status, "chunk_sectors": r.chunk_sectors,
+            "total_sectors": r.total_sectors, "allocated_sectors": r.allocated_sectors,
+            "metadata_sectors": r.metadata_sectors, "exceptions": r.exceptions,
+            "metadata_areas": r.metadata_areas, "free_data_chunks": r.free_data_chunks,
+            "trap_size": r.trap_size, "problems": r.problems,
+        }),
+    };
+    let stick = match stick {
+        Some(t) => serde_json::json!({
+            "label": t.info.label, "fs_uuid": t.info.fs_uuid,
+            "expected_overlay": t.info.expected_overlay, "orphaned": t.orphaned,
+            "orphaned_overlays": t.orphans(), "notes": t.name_notes(),
+        }),
+        None => null,
+    };
+    if let Some(object) = doc.as_object_mut() {
+        for extra in [fields, stick] {
+            if let serde_json::Value::Object(extra) = extra {
+                object.extend(extra);
+            }
+        }
+    }
+    pretty(&doc)
 }
 
 fn pretty<T: Serialize + ?Sized>(v: &T) -> serde_json::Result<String> {
@@ -37,12 +121,12 @@ pub struct BareOvlfsStatus<'a> {
 
 impl Report for BareOvlfsStatus<'_> {
     fn to_json(&self) -> serde_json::Result<String> {
-        let usage = self.usage;
-        pretty(&serde_json::json!({
-            "overlay": self.path, "kind": "overlayfs", "size_bytes": usage.size_bytes,
-            "used_bytes": usage.used_bytes,
-            "bytes_free": usage.bytes_free, "percent_used": usage.percent_used,
-        }))
+        status_document(
+            &self.path.display().to_string(),
+            Kind::Overlayfs,
+            None,
+            &Usage::Ovlfs(self.usage),
+        )
     }
 }
 
@@ -61,16 +145,12 @@ pub struct BareDmStatus<'a> {
 
 impl Report for BareDmStatus<'_> {
     fn to_json(&self) -> serde_json::Result<String> {
-        #[derive(Serialize)]
-        struct Out<'a> {
-            overlay: &'a Path,
-            #[serde(flatten)]
-            report: &'a snapshot::StatusReport,
-        }
-        pretty(&Out {
-            overlay: self.path,
-            report: self.report,
-        })
+        status_document(
+            &self.path.display().to_string(),
+            Kind::DmSnapshot,
+            None,
+            &Usage::Dm(self.report),
+        )
     }
 }
 
@@ -102,11 +182,12 @@ pub struct DirStatus<'a> {
 
 impl Report for DirStatus<'_> {
     fn to_json(&self) -> serde_json::Result<String> {
-        let st = self.status;
-        pretty(&serde_json::json!({
-            "overlay": self.path, "kind": Kind::OverlayfsDir, "upper_entries": st.upper_entries,
-            "used_bytes": st.used_bytes, "bytes_free": st.bytes_free,
-        }))
+        status_document(
+            &self.path.display().to_string(),
+            Kind::OverlayfsDir,
+            None,
+            &Usage::Dir(self.status),
+        )
     }
 }
 
@@ -132,10 +213,12 @@ impl Display for DirStatus<'_> {
     }
 }
 
-/// A stick overlay's status: OverlayFS usage, or the dm-snapshot report.
+/// An overlay's status: OverlayFS usage, the dm-snapshot report, or a
+/// directory overlay's upper dir (never on a FAT stick).
 pub enum Usage<'a> {
     Ovlfs(&'a ovlfs::Usage),
     Dm(&'a snapshot::StatusReport),
+    Dir(&'a dir::Status),
 }
 
 /// The status of the overlay on a stick, with the stick's label and the
@@ -148,47 +231,7 @@ pub struct StickStatus<'a> {
 impl Report for StickStatus<'_> {
     fn to_json(&self) -> serde_json::Result<String> {
         let t = self.overlay;
-        let orphans = t.orphans();
-        let notes = t.name_notes();
-        let report = match self.usage {
-            Usage::Ovlfs(u) => {
-                return pretty(&serde_json::json!({
-                    "stick": t.stick.path, "label": t.info.label, "fs_uuid": t.info.fs_uuid,
-                    "overlay": t.overlay, "expected_overlay": t.info.expected_overlay,
-                    "orphaned": t.orphaned, "orphaned_overlays": orphans, "kind": t.kind,
-                    "size_bytes": u.size_bytes, "used_bytes": u.used_bytes,
-                    "bytes_free": u.bytes_free, "percent_used": u.percent_used,
-                    "notes": notes,
-                }));
-            }
-            Usage::Dm(r) => r,
-        };
-        #[derive(Serialize)]
-        struct Out<'a> {
-            stick: &'a Path,
-            label: &'a str,
-            fs_uuid: &'a str,
-            overlay: &'a str,
-            expected_overlay: &'a str,
-            orphaned: bool,
-            orphaned_overlays: &'a [String],
-            kind: Kind,
-            notes: &'a [String],
-            #[serde(flatten)]
-            report: &'a snapshot::StatusReport,
-        }
-        pretty(&Out {
-            stick: &t.stick.path,
-            label: &t.info.label,
-            fs_uuid: &t.info.fs_uuid,
-            overlay: &t.overlay,
-            expected_overlay: &t.info.expected_overlay,
-            orphaned: t.orphaned,
-            orphaned_overlays: &orphans,
-            kind: t.kind,
-            notes: &notes,
-            report,
-        })
+        status_document(&t.show(), t.kind, Some(t), &self.usage)
     }
 }
 
@@ -206,6 +249,14 @@ impl Display for StickStatus<'_> {
                 )?;
                 writeln!(f, "overlay:        {}", t.overlay)?;
                 ovlfs_usage(f, u)?;
+            }
+            Usage::Dir(st) => {
+                writeln!(f, "stick:          {}", t.stick.path.display())?;
+                DirStatus {
+                    path: Path::new(&t.overlay),
+                    status: st,
+                }
+                .fmt(f)?;
             }
             Usage::Dm(r) => {
                 writeln!(
@@ -464,7 +515,8 @@ pub struct Recovered<'a> {
 impl Report for Recovered<'_> {
     fn to_json(&self) -> serde_json::Result<String> {
         pretty(&serde_json::json!({
-            "overlay": self.show, "dry_run": self.dry_run, "recover": self.report,
+            "overlay": self.show, "kind": Kind::DmSnapshot, "dry_run": self.dry_run,
+            "recover": self.report,
             "grow": self.grow_plan, "repair": self.repair,
         }))
     }
@@ -522,6 +574,36 @@ impl Display for Recovered<'_> {
     }
 }
 
+/// A reset of any kind of overlay, planned (`--dry-run`) or done.
+pub struct Reset<'a> {
+    pub plan: &'a ResetPlan,
+    pub dry_run: bool,
+}
+
+impl Report for Reset<'_> {
+    fn to_json(&self) -> serde_json::Result<String> {
+        let plan = self.plan;
+        pretty(&serde_json::json!({
+            "overlay": plan.overlay,
+            // A dm-snapshot plan names no kind: it is the only kind that zeroes.
+            "kind": plan.kind.unwrap_or(Kind::DmSnapshot),
+            "dry_run": self.dry_run, "discarded": plan.discards,
+            "zeroed_bytes": plan.zeroed_bytes,
+        }))
+    }
+}
+
+impl Display for Reset<'_> {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        let plan = self.plan;
+        if self.dry_run {
+            writeln!(f, "{}, discarding {}", plan.would, plan.discards)
+        } else {
+            writeln!(f, "reset {}: discarded {}", plan.overlay, plan.discards)
+        }
+    }
+}
+
 /// A dm-snapshot grow, planned or done.
 pub struct Grown<'a> {
     pub show: &'a str,
@@ -531,9 +613,10 @@ pub struct Grown<'a> {
 
 impl Report for Grown<'_> {
     fn to_json(&self) -> serde_json::Result<String> {
-        pretty(
-            &serde_json::json!({"overlay": self.show, "dry_run": self.dry_run, "grow": self.plan}),
-        )
+        pretty(&serde_json::json!({
+            "overlay": self.show, "kind": Kind::DmSnapshot, "dry_run": self.dry_run,
+            "grow": self.plan,
+        }))
     }
 }
 
@@ -707,5 +790,44 @@ mod tests {
             serde_json::from_str(&status.to_json().expect("json")).expect("valid JSON");
         assert_eq!(json["kind"], "overlayfs");
         assert_eq!(json["used_bytes"], 25u64 << 20);
+    }
+
+    #[test]
+    fn every_status_document_has_the_same_keys_whatever_the_kind() {
+        let usage = ovlfs::Usage {
+            size_bytes: 100 << 20,
+            used_bytes: None,
+            bytes_free: 75 << 20,
+            percent_used: 25.0,
+        };
+        let upper = dir::Status {
+            upper_entries: 2,
+            used_bytes: 4096,
+            bytes_free: 1 << 20,
+        };
+        let file = BareOvlfsStatus {
+            path: Path::new("overlay.img"),
+            usage: &usage,
+        };
+        let directory = DirStatus {
+            path: Path::new("overlay-dir"),
+            status: &upper,
+        };
+        let file = document(&file, Path::new("overlay.img"), &[]).expect("json");
+        let repaired = ["completed a stopped replacement".to_string()];
+        let directory = document(&directory, Path::new("overlay-dir"), &repaired).expect("json");
+        let keys = |v: &serde_json::Value| {
+            let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&file), keys(&directory));
+        assert_eq!(file["schema"], SCHEMA_VERSION);
+        assert_eq!(file["target"], "overlay.img");
+        assert!(file["used_bytes"].is_null(), "{file}");
+        assert_eq!(file["repaired"], serde_json::json!([]));
+        assert_eq!(directory["kind"], "overlayfs-dir");
+        assert!(directory["size_bytes"].is_null(), "{directory}");
+        assert_eq!(directory["repaired"], serde_json::json!(repaired));
     }
 }
