@@ -288,6 +288,27 @@ fn after_probe_failpoint(path: &Path) {
     }
 }
 
+/// Refuses `path` when it was [`pin`]ned and now names something else, or nothing:
+/// for a look by path that is not a [`probe`] (what a command decides its target
+/// is must be decided on what was pinned, or a stick swapped for a file would be
+/// refused as "not an overlay" rather than as replaced).
+pub fn check_unchanged(path: &Path) -> Result<(), TargetError> {
+    let node = match fs::metadata(path) {
+        Ok(meta) => Some(Node::of(&meta)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_at(path)(e).into()),
+    };
+    check_pinned(path, node)
+}
+
+/// Refuses `file`, opened by `path` without a probe, when `path` was [`pin`]ned
+/// to something else: the handle is what the work goes through, so it is the
+/// handle that must be the pinned file, whatever the path names by now.
+pub fn check_opened(path: &Path, file: &File) -> Result<(), TargetError> {
+    let meta = file.metadata().map_err(io_at(path))?;
+    check_pinned(path, Some(Node::of(&meta)))
+}
+
 fn check_pinned(path: &Path, node: Option<Node>) -> Result<(), TargetError> {
     let Ok(pinned) = PINNED.lock() else {
         return Ok(());

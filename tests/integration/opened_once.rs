@@ -68,11 +68,18 @@ fn a_stick_swapped_after_the_first_look_is_never_written() {
     let target = stick(dir.path(), "target.img");
     let original = stick(dir.path(), "original.img");
     let t = target.to_str().unwrap();
-    let cases: [Vec<&str>; 4] = [
+    // Every verb of `overlay` and `home`, the ones that only look included: what
+    // they would report is not the stick the user pointed at.
+    let cases: [Vec<&str>; 9] = [
         vec!["write", iso.to_str().unwrap(), t, "--yes"],
         vec!["home", "resize", t, "--size-mb", "24", "--yes"],
+        vec!["home", "info", t],
+        vec!["overlay", "status", t],
         vec!["overlay", "grow", t, "--add-mb", "8", "--yes"],
         vec!["overlay", "reset", t, "--yes"],
+        vec!["overlay", "recover", t, "--repair", "--yes"],
+        vec!["overlay", "merge", t, "--yes"],
+        vec!["overlay", "merge", t, "--dry-run"],
     ];
     for args in cases {
         // A fresh decoy each time: another stick, as a user might have plugged in.
@@ -80,10 +87,9 @@ fn a_stick_swapped_after_the_first_look_is_never_written() {
         std::fs::copy(&original, &decoy).unwrap();
         let decoy_bytes = std::fs::read(&decoy).unwrap();
         let out = with_swap(&args, &decoy);
-        // `overlay` decides what the target is from the first look: a stick that is
-        // no longer there is not opened as one (refused as not an overlay, exit 2).
-        let exit = (args[0] != "overlay").then_some(3);
-        assert_refused_untouched(&out, &target, &decoy_bytes, exit);
+        // A safety refusal (3) for every verb: before, `overlay` took the swapped-in
+        // stick for a bare file and refused it as not an overlay (2).
+        assert_refused_untouched(&out, &target, &decoy_bytes, Some(3));
         let part = part_start(&target);
         let len = std::fs::metadata(&target).unwrap().len() - part;
         fsck_fat(&target, part, len, dir.path());
