@@ -309,6 +309,24 @@ pub fn check_opened(path: &Path, file: &File) -> Result<(), TargetError> {
     check_pinned(path, Some(Node::of(&meta)))
 }
 
+/// `LIVESTICK_FAILPOINT=after-check`: renames the file `LIVESTICK_FAILPOINT_SWAP`
+/// names over the target right after the last identity check, on a handle opened for
+/// writing, so that the tests can prove the work goes through that handle alone (a
+/// later open by path would reach the file swapped in).
+fn after_check_failpoint(path: &Path) {
+    if std::env::var("LIVESTICK_FAILPOINT").as_deref() != Ok("after-check") {
+        return;
+    }
+    if let Some(other) = std::env::var_os("LIVESTICK_FAILPOINT_SWAP")
+        && let Err(e) = fs::rename(&other, path)
+    {
+        eprintln!(
+            "livestick: failpoint after-check: renaming over {}: {e}",
+            path.display()
+        );
+    }
+}
+
 fn check_pinned(path: &Path, node: Option<Node>) -> Result<(), TargetError> {
     let Ok(pinned) = PINNED.lock() else {
         return Ok(());
@@ -691,7 +709,9 @@ pub fn open_existing(probe: &TargetProbe, writable: bool) -> Result<File, Target
             .open(path)
             .map_err(io_at(path))?,
     };
-    checked(probe, file)
+    let file = checked(probe, file)?;
+    after_check_failpoint(path);
+    Ok(file)
 }
 
 /// An image file created for a write that has not completed. Only the file

@@ -132,3 +132,63 @@ fn a_bare_home_file_swapped_after_the_first_look_is_never_written() {
     ]));
     assert_eq!(std::fs::metadata(&home).unwrap().len(), 24 << 20);
 }
+
+/// The window after the last check (issue 13): `LIVESTICK_FAILPOINT=after-check`
+/// renames the decoy over a bare home.img right after the handle `home resize`
+/// writes through was opened and checked. Opened once, the resize (e2fsck and
+/// resize2fs included) and its report go through that handle: the original file
+/// is grown, the decoy at the path is not touched. Before, `home::home_resize` opened
+/// the path afresh after the check and grew whatever was there by then.
+#[test]
+fn a_bare_home_file_swapped_after_its_checked_open_is_grown_through_the_handle() {
+    if !require(have("mcopy") && have("resize2fs"), "mtools, e2fsprogs") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = stick(dir.path(), "stick.img");
+    let part = part_start(&img);
+    let home = dir.path().join("home.img");
+    fat_copy_out(&img, part, "LiveOS/home.img", &home);
+    // Kept open by name elsewhere: the original is renamed over, so this link is
+    // how the test reads what the resize did to it.
+    let original = dir.path().join("original-link.img");
+    std::fs::hard_link(&home, &original).unwrap();
+    let decoy = dir.path().join("decoy.img");
+    std::fs::copy(&home, &decoy).unwrap();
+    let decoy_bytes = std::fs::read(&decoy).unwrap();
+    let out = Command::new(bin())
+        .args([
+            "--json",
+            "home",
+            "resize",
+            home.to_str().unwrap(),
+            "--size-mb",
+            "24",
+            "--yes",
+        ])
+        .env("LIVESTICK_FAILPOINT", "after-check")
+        .env("LIVESTICK_FAILPOINT_SWAP", &decoy)
+        .output()
+        .expect("livestick runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!decoy.exists(), "the failpoint never swapped: {err}");
+    assert!(
+        std::fs::read(&home).unwrap() == decoy_bytes,
+        "the file renamed over home.img after the check was written: {err}"
+    );
+    assert_eq!(std::fs::metadata(&original).unwrap().len(), 24 << 20);
+    e2fsck_clean(&original);
+    // The report is of the file grown, read through the same handle.
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        doc["result"]["file_size"],
+        serde_json::json!(24 << 20),
+        "{doc}"
+    );
+    assert_eq!(
+        doc["result"]["fs"]["size_bytes"],
+        serde_json::json!(24 << 20),
+        "{doc}"
+    );
+}
