@@ -327,6 +327,23 @@ fn after_check_failpoint(path: &Path) {
     }
 }
 
+/// `LIVESTICK_FAILPOINT=after-create`: renames the file `LIVESTICK_FAILPOINT_SWAP`
+/// names over a new image file right after it was created, before the write opens
+/// it, so that the tests can prove the file renamed over it is never written.
+fn after_create_failpoint(path: &Path) {
+    if std::env::var("LIVESTICK_FAILPOINT").as_deref() != Ok("after-create") {
+        return;
+    }
+    if let Some(other) = std::env::var_os("LIVESTICK_FAILPOINT_SWAP")
+        && let Err(e) = fs::rename(&other, path)
+    {
+        eprintln!(
+            "livestick: failpoint after-create: renaming over {}: {e}",
+            path.display()
+        );
+    }
+}
+
 fn check_pinned(path: &Path, node: Option<Node>) -> Result<(), TargetError> {
     let Ok(pinned) = PINNED.lock() else {
         return Ok(());
@@ -740,14 +757,30 @@ impl CreatedImage {
             .open(path)
             .map_err(io_at(path))?;
         let meta = file.metadata().map_err(io_at(path))?;
-        Ok(Some(CreatedImage {
+        let created = CreatedImage {
             path: path.clone(),
             id: (meta.dev(), meta.ino()),
-        }))
+        };
+        after_create_failpoint(path);
+        Ok(Some(created))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What the write opens next: the probe of the file created here, identity
+    /// included, so that the open for writing refuses anything renamed over it
+    /// since (the handle of the creation is not kept: it is opened again).
+    pub fn probe(&self, probe: &TargetProbe) -> TargetProbe {
+        TargetProbe {
+            exists: true,
+            node: Some(Node::File {
+                dev: self.id.0,
+                ino: self.id.1,
+            }),
+            ..probe.clone()
+        }
     }
 
     /// Removes the image if the path still names it; `Ok(false)` when

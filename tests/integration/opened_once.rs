@@ -192,3 +192,32 @@ fn a_bare_home_file_swapped_after_its_checked_open_is_grown_through_the_handle()
         "{doc}"
     );
 }
+
+/// A new image file is created with `O_EXCL` and opened again for the write; a file
+/// renamed over it in between (`LIVESTICK_FAILPOINT=after-create`) is refused as
+/// replaced (3) and left as it was, neither written nor removed as "the new image".
+/// Before, that second open had no identity to check and wrote whatever was there.
+#[test]
+fn a_file_renamed_over_a_new_image_before_its_write_is_never_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let iso = synthetic_iso("fedora-classic.iso");
+    let target = dir.path().join("new.img");
+    let decoy = dir.path().join("decoy.img");
+    let decoy_bytes: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&decoy, &decoy_bytes).unwrap();
+    let out = Command::new(bin())
+        .args([
+            "write",
+            iso.to_str().unwrap(),
+            target.to_str().unwrap(),
+            "--size",
+            "256M",
+            "--yes",
+        ])
+        .env("LIVESTICK_FAILPOINT", "after-create")
+        .env("LIVESTICK_FAILPOINT_SWAP", &decoy)
+        .output()
+        .expect("livestick runs");
+    assert!(!decoy.exists(), "the failpoint never swapped");
+    assert_refused_untouched(&out, &target, &decoy_bytes, Some(3));
+}
