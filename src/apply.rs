@@ -855,7 +855,11 @@ fn apply_tagged(
         && let Some(files) = &syslinux_files
     {
         progress.note("installing SYSLINUX");
-        syslinux::install(files, &probe.path, start, "/syslinux")?;
+        // Through the handle written so far, never the path again (opened once).
+        let by_fd = target::inheritable_path(&file).map_err(ApplyError::io(
+            "passing the target to the SYSLINUX installer",
+        ))?;
+        syslinux::install(files, &by_fd, start, "/syslinux")?;
         let mut recorder =
             WriteRecorder::new(&mut file).map_err(ApplyError::io("opening the target"))?;
         let mut window = PartitionWindow::new(&mut recorder, start, len);

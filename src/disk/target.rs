@@ -644,9 +644,14 @@ pub fn open_for_write(probe: &TargetProbe, size: u64) -> Result<File, TargetErro
             if file.metadata().map_err(io_at(path))?.len() < size {
                 file.set_len(size).map_err(io_at(path))?;
             }
+            after_check_failpoint(path);
             Ok(file)
         }
-        TargetKind::BlockDevice => checked(probe, open_exclusive(path)?),
+        TargetKind::BlockDevice => {
+            let file = checked(probe, open_exclusive(path)?)?;
+            after_check_failpoint(path);
+            Ok(file)
+        }
     }
 }
 
@@ -729,6 +734,17 @@ pub fn open_existing(probe: &TargetProbe, writable: bool) -> Result<File, Target
     let file = checked(probe, file)?;
     after_check_failpoint(path);
     Ok(file)
+}
+
+/// `/proc/self/fd/N` of `file`: the path by which a program livestick runs (the
+/// `syslinux` installer, e2fsprogs) reaches exactly this open target, whatever the
+/// target's own path names by now. The descriptor is made inheritable for that; in
+/// the child, `/proc/self/fd/N` names the descriptor it inherited.
+pub fn inheritable_path(file: &File) -> io::Result<PathBuf> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    use std::os::fd::AsRawFd;
+    fcntl(file.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).map_err(io::Error::from)?;
+    Ok(PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())))
 }
 
 /// An image file created for a write that has not completed. Only the file

@@ -606,7 +606,7 @@ pub fn home_resize_opened(
     }
     match kind {
         Some(HomeKind::Plain) => {
-            let by_fd = inheritable_path(&f, path)?;
+            let by_fd = crate::disk::target::inheritable_path(&f).map_err(io_at(path))?;
             ext4::grow_ext4_image(&by_fd, new_size)?;
             Ok(f)
         }
@@ -619,18 +619,6 @@ pub fn home_resize_opened(
             detail: "no LUKS header and no ext4 superblock".into(),
         }),
     }
-}
-
-/// `/proc/self/fd/N` of `f`, a path by which this process and the e2fsprogs it runs
-/// reach exactly this open file, whatever its own path names by now. The
-/// descriptor is made inheritable for that (as [`memory_stage`]'s memfd is): in the
-/// child, `/proc/self/fd/N` names the descriptor it inherited.
-fn inheritable_path(f: &File, path: &Path) -> Result<PathBuf, HomeError> {
-    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-    use std::os::fd::AsRawFd;
-    fcntl(f.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))
-        .map_err(|e| io_at(path)(io::Error::from(e)))?;
-    Ok(PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())))
 }
 
 /// An anonymous in-memory file for the decrypted file system, and the path by which

@@ -221,3 +221,48 @@ fn a_file_renamed_over_a_new_image_before_its_write_is_never_written() {
     assert!(!decoy.exists(), "the failpoint never swapped");
     assert_refused_untouched(&out, &target, &decoy_bytes, Some(3));
 }
+
+/// `write` over an existing stick goes through the handle it opened and checked, to
+/// the end: `LIVESTICK_FAILPOINT=after-check` renames a decoy over the image right
+/// after that open, and the write completes on the stick it opened (the SYSLINUX
+/// installer included, which reaches it as `/proc/self/fd/N`), leaving the decoy at
+/// the path untouched. Before, the installer was given the path and wrote into the
+/// decoy.
+#[test]
+fn a_stick_swapped_after_the_checked_open_of_a_write_is_never_written() {
+    if !require(have("mcopy") && have("fsck.fat"), "mtools, dosfstools") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let iso = synthetic_iso("fedora-classic.iso");
+    let target = stick(dir.path(), "target.img");
+    // The original is renamed over: this link is how the test reads what the write
+    // did to it.
+    let original = dir.path().join("original-link.img");
+    std::fs::hard_link(&target, &original).unwrap();
+    let decoy = dir.path().join("decoy.img");
+    let decoy_bytes: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&decoy, &decoy_bytes).unwrap();
+    let out = Command::new(bin())
+        .args(["write", iso.to_str().unwrap(), target.to_str().unwrap()])
+        .args(["--format", "--yes"])
+        .env("LIVESTICK_FAILPOINT", "after-check")
+        .env("LIVESTICK_FAILPOINT_SWAP", &decoy)
+        .output()
+        .expect("livestick runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!decoy.exists(), "the failpoint never swapped: {err}");
+    assert!(
+        std::fs::read(&target).unwrap() == decoy_bytes,
+        "the file renamed over the stick after its checked open was written: {err}"
+    );
+    let part = part_start(&original);
+    let len = std::fs::metadata(&original).unwrap().len() - part;
+    fsck_fat(&original, part, len, dir.path());
+    let listing = fat_ls(&original, part, "syslinux");
+    assert!(
+        listing.to_ascii_lowercase().contains("ldlinux"),
+        "no SYSLINUX on the stick written: {listing}"
+    );
+}
