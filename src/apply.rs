@@ -21,8 +21,8 @@ use crate::disk::stick::{Stick, StickError};
 use crate::disk::target::{self, TargetError, TargetKind, TargetProbe};
 use crate::disk::wipe;
 use crate::io::{
-    BoundedDirty, Corrupter, PartitionWindow, RangeSet, ReadBack, ReadBackMismatch, WriteRecorder,
-    WrittenDigest, check_ranges, zero_ranges,
+    BoundedDirty, Corrupter, PartitionWindow, RangeSet, ReadBack, ReadBackMismatch, StepTags,
+    WriteRecorder, WrittenDigest, check_ranges, zero_ranges,
 };
 
 /// Dirty data allowed in the page cache for a block device before its writer thread
@@ -66,6 +66,15 @@ pub enum ApplyError {
         path: String,
         expected: String,
         actual: String,
+    },
+    /// A write the stick failed, named after the step that wrote there (see
+    /// [`StepTags`]) rather than the one running when the failure surfaced.
+    #[error("{step}: {error} ({found})")]
+    WriteFailed {
+        step: String,
+        error: String,
+        /// How and when it was found ("found when syncing, while …").
+        found: String,
     },
 }
 
@@ -465,7 +474,8 @@ pub struct ApplyOptions {
     pub verify_write: bool,
 }
 
-/// Writes the plan to the target.
+/// Writes the plan to the target. A write the stick fails is reported by the step
+/// that wrote the failing range, not by the step during which a later sync found it.
 pub fn apply(
     plan: &Plan,
     probe: &TargetProbe,
@@ -473,6 +483,79 @@ pub fn apply(
     prepared: Prepared,
     options: &ApplyOptions,
     progress: &Progress,
+) -> Result<ApplyReport, ApplyError> {
+    let tags = StepTags::default();
+    apply_tagged(plan, probe, source, prepared, options, progress, &tags)
+        .map_err(|e| name_failed_step(e, &tags))
+}
+
+/// `e`, or, when the stick failed a write, that failure named by the step(s) that
+/// wrote where it failed, and when it was found.
+fn name_failed_step(e: ApplyError, tags: &StepTags) -> ApplyError {
+    let Some(failure) = tags.failure() else {
+        return e;
+    };
+    if failure.steps.is_empty() {
+        return e;
+    }
+    let surfaced = match &e {
+        ApplyError::Fat { step, .. }
+        | ApplyError::Partition { step, .. }
+        | ApplyError::Io { step, .. }
+        | ApplyError::Alloc { step, .. }
+        | ApplyError::Layout { step, .. } => Some(step.clone()),
+        _ => None,
+    };
+    let how = if failure.found_when_syncing {
+        "found when syncing"
+    } else {
+        "reported by the writer"
+    };
+    let found = match surfaced {
+        Some(step) if !failure.steps.contains(&step) => format!("{how}, while {step}"),
+        _ => how.to_string(),
+    };
+    let step = match failure.steps.as_slice() {
+        [one] => one.clone(),
+        // A sync does not say which of the writes since the one before it failed.
+        many => format!("{} (one of these)", many.join(" or ")),
+    };
+    ApplyError::WriteFailed {
+        step,
+        error: failure.error,
+        found,
+    }
+}
+
+/// `LIVESTICK_FAILPOINT=write-error` with `LIVESTICK_FAILPOINT_OFFSET=N`: every
+/// write touching device byte N is reported lost by the next sync, as QEMU's
+/// blkdebug makes a stick do (`io::Corrupter::fail_writes`). Tests prove with it that
+/// the error names the step that wrote there.
+fn write_error_failpoint(target: &BoundedDirty<'_>) -> Result<(), ApplyError> {
+    if std::env::var("LIVESTICK_FAILPOINT").as_deref() != Ok("write-error") {
+        return Ok(());
+    }
+    let at = std::env::var("LIVESTICK_FAILPOINT_OFFSET")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if let (Some(at), Some(corrupter)) = (at, target.corrupter()) {
+        corrupter
+            .fail_writes(at..at + 1)
+            .map_err(ApplyError::io("failing writes for a test"))?;
+    }
+    Ok(())
+}
+
+/// [`apply`], each write tagged in `tags` with the step that makes it.
+#[allow(clippy::too_many_arguments)]
+fn apply_tagged(
+    plan: &Plan,
+    probe: &TargetProbe,
+    source: &mut dyn IsoSource,
+    prepared: Prepared,
+    options: &ApplyOptions,
+    progress: &Progress,
+    tags: &StepTags,
 ) -> Result<ApplyReport, ApplyError> {
     let mut warnings = Vec::new();
     // Built before the target is opened: a partition that cannot hold its files
@@ -533,10 +616,15 @@ pub fn apply(
         } else {
             BoundedDirty::new(&mut file, dirty_limit)
         };
+        bounded
+            .tag_steps(tags.clone())
+            .map_err(ApplyError::io("opening the target"))?;
+        write_error_failpoint(&bounded)?;
         let failpoint = TestCorruption::from_env(&bounded);
         let mut recorder =
             WriteRecorder::new(&mut bounded).map_err(ApplyError::io("opening the target"))?;
         if plan.format.is_some() {
+            tags.set("clearing the old partition table");
             partition::wipe_tables(&mut recorder, plan.target.size).map_err(|source| {
                 ApplyError::Partition {
                     step: "clearing the old partition table".into(),
@@ -551,16 +639,19 @@ pub fn apply(
             for r in wipe::signature_spots(len) {
                 spots.insert(start + r.start..start + r.end);
             }
+            tags.set("wiping old signatures");
             zero_ranges(&mut recorder, spots.iter())
                 .map_err(ApplyError::io("wiping old signatures"))?;
         }
         let mut window = PartitionWindow::new(&mut recorder, start, len);
         if plan.format.is_some() {
             let hidden = u32::try_from(start / partition::SECTOR).unwrap_or(u32::MAX);
+            tags.set("formatting the FAT32 filesystem");
             fat::format_cached(&mut window, &plan.label, plan.volume_id, hidden)
                 .map_err(ApplyError::fat("formatting the FAT32 filesystem"))?;
         }
         if let Some(label) = &plan.relabel {
+            tags.set(format!("relabelling the filesystem to {label}"));
             fat::set_label(&mut window, label).map_err(ApplyError::fat(format!(
                 "relabelling the filesystem to {label}"
             )))?;
@@ -570,6 +661,7 @@ pub fn apply(
         // replacement stopped between its two directory writes) is detached from it
         // first, so deleting it frees nothing that file uses.
         for path in &plan.deletes {
+            tags.set(format!("checking {path} before deleting it"));
             let repaired =
                 crate::persist::merge::replace::detach_shared_leftover(&mut window, 0, path)
                     .map_err(|e| match e {
@@ -591,12 +683,15 @@ pub fn apply(
             None => start..start,
         };
         {
+            tags.set("opening the FAT filesystem");
             let fs =
                 fat::open(&mut window).map_err(ApplyError::fat("opening the FAT filesystem"))?;
             for path in &plan.deletes {
+                tags.set(format!("deleting {path}"));
                 fat::remove_all(&fs, path).map_err(ApplyError::fat(format!("deleting {path}")))?;
             }
             if let Some(kept) = &plan.kept_overlay {
+                tags.set(format!("keeping the overlay {}", kept.to));
                 if !kept.from.eq_ignore_ascii_case(&kept.to) {
                     fat::rename(&fs, &kept.from, &kept.to).map_err(ApplyError::fat(format!(
                         "renaming the overlay {} to {}",
@@ -623,6 +718,7 @@ pub fn apply(
             }
             for copy in plan.copies.iter().filter(|c| !is_allocated(&c.dest)) {
                 let step = format!("writing {}", copy.dest);
+                tags.set(step.as_str());
                 let sum = match &copy.source {
                     CopySource::Iso { path } => {
                         let mut reader = source.open(path, copy.size)?;
@@ -643,16 +739,19 @@ pub fn apply(
                 written.push((copy.dest.clone(), copy.size, sum));
             }
             if let Some(step) = &plan.root_record {
+                tags.set(format!("recording {} in {}", step.root_image, step.path));
                 write_root_record(&fs, step, &written)?;
             }
             // Persistence files start empty (replacing any old file of that name);
             // their clusters are allocated below, once fatfs has let go of the FAT.
             for (path, _) in &persistent {
+                tags.set(format!("creating {path}"));
                 fat::write_file(&fs, path, &mut io::empty(), 0, |_| {})
                     .map_err(ApplyError::fat(format!("creating {path}")))?;
             }
             for config in &plan.configs {
                 let step = format!("writing {}", config.dest);
+                tags.set(step.as_str());
                 let bytes = config.content.as_bytes();
                 let sum = fat::write_file_hashed(
                     &fs,
@@ -665,6 +764,7 @@ pub fn apply(
                 written.push((config.dest.clone(), bytes.len() as u64, sum));
             }
             // After every file it lists, so that it names exactly what was written.
+            tags.set("writing the stick manifest");
             crate::manifest::write_after_apply(
                 &fs,
                 plan,
@@ -673,6 +773,7 @@ pub fn apply(
                     .map(|(path, size, sum)| (path.as_str(), *size, hex(&sum.sha256))),
             )
             .map_err(ApplyError::fat("writing the stick manifest"))?;
+            tags.set("closing the FAT filesystem");
             fs.unmount()
                 .map_err(ApplyError::io("closing the FAT filesystem"))?;
         }
@@ -680,11 +781,13 @@ pub fn apply(
             // The FAT is written again as files are allocated: every write of it.
             corrupt.arm_every("corrupt-meta", fat_area.clone())?;
         }
+        tags.set("flushing the FAT filesystem");
         window
             .flush()
             .map_err(ApplyError::io("flushing the FAT filesystem"))?;
         for (path, image) in &mut persistent {
             let step = format!("allocating {path}");
+            tags.set(step.as_str());
             let extents =
                 fat_alloc::allocate(&mut window, 0, path, image.len).map_err(|source| {
                     ApplyError::Alloc {
@@ -699,6 +802,7 @@ pub fn apply(
                 corrupt.arm("corrupt-persist", first, 1)?;
             }
             let mut target_file = ExtentFile::new(&mut window, &extents);
+            tags.set(format!("writing {path}"));
             let (regions, sha256) = write_regions(&mut target_file, image, |n| progress.inc(n))
                 .map_err(ApplyError::io(format!("writing {path}")))?;
             persisted.push(Persisted {
@@ -709,6 +813,7 @@ pub fn apply(
                 sha256,
             });
         }
+        tags.set("finishing the FAT filesystem");
         fat::repair_fatfs_quirks(&mut window)
             .map_err(ApplyError::fat("finishing the FAT filesystem"))?;
         window
@@ -716,6 +821,7 @@ pub fn apply(
             .map_err(ApplyError::io("flushing the FAT filesystem"))?;
         drop(window);
         if let (Some(step), Some(built)) = (&plan.ext4_live, ext4_built.as_mut()) {
+            tags.set("writing the ext4 live partition");
             let mut part = PartitionWindow::new(&mut recorder, step.start, step.len);
             ext4_files = write_ext4_live(
                 &mut part,
@@ -749,7 +855,11 @@ pub fn apply(
         && let Some(files) = &syslinux_files
     {
         progress.note("installing SYSLINUX");
-        syslinux::install(files, &probe.path, start, "/syslinux")?;
+        // Through the handle written so far, never the path again (opened once).
+        let by_fd = target::inheritable_path(&file).map_err(ApplyError::io(
+            "passing the target to the SYSLINUX installer",
+        ))?;
+        syslinux::install(files, &by_fd, start, "/syslinux")?;
         let mut recorder =
             WriteRecorder::new(&mut file).map_err(ApplyError::io("opening the target"))?;
         let mut window = PartitionWindow::new(&mut recorder, start, len);

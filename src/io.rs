@@ -460,10 +460,72 @@ pub struct BoundedDirty<'a> {
     file: &'a mut std::fs::File,
     pos: u64,
     writer: Option<DirtyWriter>,
+    /// The step the writer was last told about (see [`StepTags`]).
+    step_sent: Option<std::sync::Arc<str>>,
+}
+
+/// Which step each write to a target belongs to, and the first write the target
+/// failed. A stick reports a failed write at the next sync, often while a later step
+/// is writing; the step that wrote the failing bytes is the one to name (a sync does
+/// not say which of its writes failed, so all the steps with writes since the last
+/// sync are kept). Cheap to clone: the writer thread and the caller share one.
+#[derive(Clone, Debug, Default)]
+pub struct StepTags(std::sync::Arc<std::sync::Mutex<StepTagState>>);
+
+#[derive(Debug, Default)]
+struct StepTagState {
+    current: Option<std::sync::Arc<str>>,
+    failure: Option<WriteFailure>,
+}
+
+/// A write the target failed, named by the steps that wrote the bytes it may be in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteFailure {
+    /// The step of a write the target refused at once; for a failed sync, every step
+    /// with a write since the sync before it, in the order written.
+    pub steps: Vec<String>,
+    /// Found by a sync (or the end of a read-back batch), not by the write itself.
+    pub found_when_syncing: bool,
+    /// What the target said.
+    pub error: String,
+}
+
+impl StepTags {
+    /// Every write from now on belongs to `step` ("writing /LiveOS/squashfs.img").
+    pub fn set(&self, step: impl Into<String>) {
+        if let Ok(mut state) = self.0.lock() {
+            state.current = Some(std::sync::Arc::from(step.into()));
+        }
+    }
+
+    fn current(&self) -> Option<std::sync::Arc<str>> {
+        self.0.lock().ok().and_then(|state| state.current.clone())
+    }
+
+    /// Keeps the first failure: every later error is its consequence.
+    fn fail(&self, steps: &[std::sync::Arc<str>], found_when_syncing: bool, error: &io::Error) {
+        if let Ok(mut state) = self.0.lock()
+            && state.failure.is_none()
+        {
+            state.failure = Some(WriteFailure {
+                steps: steps.iter().map(|s| s.to_string()).collect(),
+                found_when_syncing,
+                error: error.to_string(),
+            });
+        }
+    }
+
+    /// The first write the target failed, if any.
+    pub fn failure(&self) -> Option<WriteFailure> {
+        self.0.lock().ok().and_then(|state| state.failure.clone())
+    }
 }
 
 enum DirtyMessage {
     Write(u64, Vec<u8>),
+    /// The writes that follow belong to this step (see [`StepTags`]).
+    Step(std::sync::Arc<str>),
+    Tags(StepTags),
     Barrier(std::sync::mpsc::SyncSender<()>),
     /// Ends the read-back batch, waits until every batch is read back, then answers.
     Finish(std::sync::mpsc::SyncSender<()>),
@@ -477,6 +539,9 @@ struct CorruptRule {
     min_len: u64,
     /// Every such write from now on, not only the next.
     every: bool,
+    /// Instead of a flipped byte, the next sync fails with an I/O error (see
+    /// [`Corrupter::fail_writes`]).
+    fail: bool,
 }
 
 struct DirtyWriter {
@@ -486,6 +551,8 @@ struct DirtyWriter {
     failed: std::sync::Arc<std::sync::Mutex<Option<io::Error>>>,
     /// Shared with the read-back thread, when there is one.
     read_back: Option<std::sync::Arc<ReadBackShared>>,
+    /// Where the caller names the current step (see [`BoundedDirty::tag_steps`]).
+    tags: Option<StepTags>,
 }
 
 impl<'a> BoundedDirty<'a> {
@@ -496,7 +563,12 @@ impl<'a> BoundedDirty<'a> {
             .then(|| file.try_clone().ok())
             .flatten()
             .map(|clone| DirtyWriter::start(clone, limit, None));
-        BoundedDirty { file, pos, writer }
+        BoundedDirty {
+            file,
+            pos,
+            writer,
+            step_sent: None,
+        }
     }
 
     /// Like [`BoundedDirty::new`], and every write is read back while the next ones are
@@ -515,7 +587,22 @@ impl<'a> BoundedDirty<'a> {
             file,
             pos,
             writer: Some(writer),
+            step_sent: None,
         })
+    }
+
+    /// Tags every write with the current step of `tags`, and records there the first
+    /// write the target fails. Without a writer thread a failed write fails the call
+    /// that made it, in its own step: nothing to record.
+    pub fn tag_steps(&mut self, tags: StepTags) -> io::Result<()> {
+        match &self.writer {
+            Some(writer) => writer.send(DirtyMessage::Tags(tags.clone())),
+            None => Ok(()),
+        }?;
+        if let Some(writer) = &mut self.writer {
+            writer.tags = Some(tags);
+        }
+        Ok(())
     }
 
     /// Syncs and reads back the last batch, waits for every read-back, and returns
@@ -576,6 +663,10 @@ impl DirtyWriter {
                 since_sync: 0,
                 read_back,
                 corrupt: None,
+                tags: None,
+                step: None,
+                unsynced: Vec::new(),
+                lost_write: false,
             };
             let fail = |e: io::Error| {
                 if let Ok(mut slot) = seen.lock()
@@ -592,12 +683,24 @@ impl DirtyWriter {
                         Ok(())
                     }
                     DirtyMessage::Finish(done) => {
-                        let result = worker.finish();
+                        // Recorded before the answer: the caller asks for the error
+                        // as soon as it has it, and must not find the slot still empty.
+                        if let Err(e) = worker.finish() {
+                            fail(e);
+                        }
                         let _ = done.send(());
-                        result
+                        Ok(())
                     }
                     DirtyMessage::Corrupt(rule) => {
                         worker.corrupt = Some(rule);
+                        Ok(())
+                    }
+                    DirtyMessage::Step(step) => {
+                        worker.step = Some(step);
+                        Ok(())
+                    }
+                    DirtyMessage::Tags(tags) => {
+                        worker.tags = Some(tags);
                         Ok(())
                     }
                 };
@@ -615,6 +718,7 @@ impl DirtyWriter {
             thread: Some(thread),
             failed,
             read_back: shared,
+            tags: None,
         }
     }
 
@@ -694,6 +798,12 @@ impl Write for BoundedDirty<'_> {
             return self.file.write(buf);
         };
         writer.error()?;
+        if let Some(step) = writer.tags.as_ref().and_then(StepTags::current)
+            && self.step_sent.as_ref() != Some(&step)
+        {
+            writer.send(DirtyMessage::Step(step.clone()))?;
+            self.step_sent = Some(step);
+        }
         writer.send(DirtyMessage::Write(self.pos, buf.to_vec()))?;
         self.pos += buf.len() as u64;
         Ok(buf.len())
@@ -754,6 +864,7 @@ impl Corrupter {
             within,
             min_len,
             every: false,
+            fail: false,
         })
     }
 
@@ -764,6 +875,20 @@ impl Corrupter {
             within,
             min_len,
             every: true,
+            fail: false,
+        })
+    }
+
+    /// Every write that touches `within` from now on is reported lost by the next
+    /// sync (on an image file, which is not synced, at the end of its read-back
+    /// batch), as a stick under QEMU's blkdebug does: an I/O error found later,
+    /// usually while another step writes.
+    pub fn fail_writes(&self, within: Range<u64>) -> io::Result<()> {
+        self.send(CorruptRule {
+            within,
+            min_len: 1,
+            every: true,
+            fail: true,
         })
     }
 
@@ -849,9 +974,26 @@ struct WriterLoop {
     since_sync: u64,
     read_back: Option<ReadBacker>,
     corrupt: Option<CorruptRule>,
+    /// Where a failure is recorded by step (see [`StepTags`]).
+    tags: Option<StepTags>,
+    /// The step of the writes that come next.
+    step: Option<std::sync::Arc<str>>,
+    /// The writes since the last sync by step, in the order written (contiguous
+    /// writes of one step as one range).
+    unsynced: Vec<(Range<u64>, std::sync::Arc<str>)>,
+    /// Test hook: a write [`Corrupter::fail_writes`] made lost; the next sync fails.
+    lost_write: bool,
 }
 
 impl WriterLoop {
+    /// Records a failure by the steps of the writes it may be in.
+    fn failed(&self, e: io::Error, steps: &[std::sync::Arc<str>], syncing: bool) -> io::Error {
+        if let Some(tags) = &self.tags {
+            tags.fail(steps, syncing, &e);
+        }
+        e
+    }
+
     fn write(&mut self, at: u64, bytes: Vec<u8>) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let range = at..at + bytes.len() as u64;
@@ -866,7 +1008,22 @@ impl WriterLoop {
         if let Some(rb) = &mut self.read_back {
             rb.before_write(&range)?;
         }
-        self.file.write_all_at(&bytes, at)?;
+        if self.loses(&range) {
+            // As a stick under blkdebug: the write never reaches the medium, and only
+            // the next sync says so.
+            self.lost_write = true;
+        } else if let Err(e) = self.file.write_all_at(&bytes, at) {
+            let step: Vec<_> = self.step.iter().cloned().collect();
+            return Err(self.failed(e, &step, false));
+        }
+        if let Some(step) = &self.step {
+            match self.unsynced.last_mut() {
+                Some((last, s)) if std::sync::Arc::ptr_eq(s, step) && last.end == range.start => {
+                    last.end = range.end;
+                }
+                _ => self.unsynced.push((range.clone(), step.clone())),
+            }
+        }
         if self.limit > 0 {
             // DONTNEED starts writeback of these dirty pages without waiting for it:
             // the stick works while this thread hashes them below.
@@ -887,6 +1044,13 @@ impl WriterLoop {
         Ok(())
     }
 
+    /// Whether the test hook [`Corrupter::fail_writes`] makes this write lost.
+    fn loses(&self, range: &Range<u64>) -> bool {
+        self.corrupt.as_ref().is_some_and(|rule| {
+            rule.fail && range.start < rule.within.end && rule.within.start < range.end
+        })
+    }
+
     fn corrupt_if_asked(&mut self, range: &Range<u64>, bytes: &[u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let Some(rule) = &self.corrupt else {
@@ -894,7 +1058,7 @@ impl WriterLoop {
         };
         let lo = range.start.max(rule.within.start);
         let hi = range.end.min(rule.within.end);
-        if lo >= hi || range.end - range.start < rule.min_len {
+        if rule.fail || lo >= hi || range.end - range.start < rule.min_len {
             return Ok(());
         }
         let at = lo + (hi - lo) / 2;
@@ -908,10 +1072,26 @@ impl WriterLoop {
 
     /// Syncs what was written (on a stick) and hands the batch to the read-back.
     fn end_batch(&mut self) -> io::Result<()> {
+        let mut synced = Ok(());
         if self.limit > 0 {
             self.since_sync = 0;
-            self.file.sync_data()?;
+            synced = self.file.sync_data();
         }
+        if std::mem::take(&mut self.lost_write) && synced.is_ok() {
+            synced = Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if let Err(e) = synced {
+            let unsynced = std::mem::take(&mut self.unsynced);
+            // A sync does not say which write failed; reading the batch back does,
+            // where the device still reads: the range that holds old bytes.
+            let lost = match &mut self.read_back {
+                Some(rb) => rb.first_lost(&self.file),
+                None => None,
+            };
+            let steps = steps_of(&unsynced, lost);
+            return Err(self.failed(e, &steps, true));
+        }
+        self.unsynced.clear();
         match &mut self.read_back {
             Some(rb) => rb.send_batch(),
             None => Ok(()),
@@ -925,6 +1105,29 @@ impl WriterLoop {
             None => Ok(()),
         }
     }
+}
+
+/// The step that last wrote where `lost` is; without that, every step written to.
+fn steps_of(
+    unsynced: &[(Range<u64>, std::sync::Arc<str>)],
+    lost: Option<Range<u64>>,
+) -> Vec<std::sync::Arc<str>> {
+    let hit = lost.and_then(|lost| {
+        unsynced
+            .iter()
+            .rev()
+            .find(|(r, _)| r.start < lost.end && lost.start < r.end)
+    });
+    if let Some((_, step)) = hit {
+        return vec![step.clone()];
+    }
+    let mut steps: Vec<std::sync::Arc<str>> = Vec::new();
+    for (_, step) in unsynced {
+        if !steps.contains(step) {
+            steps.push(step.clone());
+        }
+    }
+    steps
 }
 
 /// The writer's side of the read-back: the batch being written and the queue to the
@@ -981,6 +1184,22 @@ impl ReadBacker {
             batch_bytes: 0,
             next_id: 0,
         }
+    }
+
+    /// The first write of the batch being written that the target does not hold, read
+    /// back now (after a failed sync); `None` when all match or the reads fail too.
+    fn first_lost(&mut self, file: &std::fs::File) -> Option<Range<u64>> {
+        let batch = Batch {
+            id: u64::MAX,
+            entries: std::mem::take(&mut self.batch),
+        };
+        let mut buf = vec![0u8; READ_BACK_CHUNK];
+        let lost = read_back_batch(file, &batch, &mut buf)
+            .ok()
+            .flatten()
+            .map(|m| m.range);
+        self.batch = batch.entries;
+        lost
     }
 
     /// Whether `range` overwrites a write of this batch known only by its check value.
@@ -1807,6 +2026,60 @@ mod tests {
         file.read_to_end(&mut all).unwrap();
         for i in 0..20usize {
             assert!(all[i << 20..(i + 1) << 20].iter().all(|&b| b == i as u8));
+        }
+    }
+
+    /// A write lost on the target is found by the next sync, after later steps wrote;
+    /// the failure names the step that wrote the lost range (found by reading the
+    /// batch back), and without a read-back every step since the last sync.
+    #[test]
+    fn a_failure_found_at_a_sync_is_named_after_the_step_that_wrote_there() {
+        for verifying in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join("target"))
+                .unwrap();
+            file.set_len(4 << 20).unwrap();
+            let mut dirty = if verifying {
+                BoundedDirty::verifying(&mut file, 8 << 20).unwrap()
+            } else {
+                BoundedDirty::new(&mut file, 8 << 20)
+            };
+            let tags = StepTags::default();
+            dirty.tag_steps(tags.clone()).unwrap();
+            dirty
+                .corrupter()
+                .unwrap()
+                .fail_writes(70_000..70_001)
+                .unwrap();
+            for (step, at) in [("writing A", 0u64), ("writing B", 1 << 20)] {
+                tags.set(step);
+                dirty.seek(SeekFrom::Start(at)).unwrap();
+                dirty.write_all(&[7u8; 100_000]).unwrap();
+            }
+            tags.set("writing C");
+            assert!(dirty.flush().is_ok(), "nothing synced yet");
+            assert!(tags.failure().is_none());
+            // The sync that ends the batch finds it, after B was written.
+            let err = if verifying {
+                dirty.finish_read_back().unwrap_err()
+            } else {
+                dirty.write_all(&[1u8; 8 << 20]).unwrap();
+                dirty.flush().unwrap_err()
+            };
+            assert!(err.to_string().contains("Input/output error"), "{err}");
+            let failure = tags.failure().expect("the failure is recorded");
+            assert!(failure.found_when_syncing);
+            let expected: &[&str] = if verifying {
+                &["writing A"]
+            } else {
+                &["writing A", "writing B", "writing C"]
+            };
+            assert_eq!(failure.steps, expected, "{failure:?}");
         }
     }
 }

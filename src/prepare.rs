@@ -351,10 +351,7 @@ pub fn write_target(
     let created = CreatedImage::create(probe)?;
     let probe = match &created {
         // apply opens what is now an existing file, the one made just above.
-        Some(_) => &TargetProbe {
-            exists: true,
-            ..probe.clone()
-        },
+        Some(image) => &image.probe(probe),
         None => probe,
     };
     let result = apply::apply(plan, probe, source, prepared, options, progress);

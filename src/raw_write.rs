@@ -667,10 +667,7 @@ pub fn write_target(
 ) -> Result<RawReport, RawWriteError> {
     let created = target::CreatedImage::create(probe)?;
     let opened = match &created {
-        Some(_) => TargetProbe {
-            exists: true,
-            ..probe.clone()
-        },
+        Some(image) => image.probe(probe),
         None => probe.clone(),
     };
     let result = write_opened(plan, &opened, stream, digest, verify, progress);

@@ -223,7 +223,7 @@ fn with_bar<T>(
 // status
 
 fn status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
-    match place::target_of(&a.target) {
+    match place::target_of(&a.target).map_err(lift)? {
         Target::Stick => stick_status(a, json),
         Target::Dir => dir_status(&a.target, json),
         Target::File => file_status(a, json),
@@ -346,7 +346,7 @@ fn ext4_live_status(
 // merge: the merge module plans and runs it
 
 fn merge_cmd(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
-    if place::target_of(&a.target) == Target::Stick {
+    if place::target_of(&a.target).map_err(lift)? == Target::Stick {
         return stick_merge(a, json);
     }
     place::refuse_disk(&a.target).map_err(lift)?;
@@ -425,7 +425,7 @@ fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
 // reset
 
 fn reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
-    let mut overlay = match place::target_of(&a.target) {
+    let mut overlay = match place::target_of(&a.target).map_err(lift)? {
         Target::Stick => Overlay::in_file(Place::Stick(Box::new(open_stick(
             &a.target,
             &a.sel,
@@ -483,7 +483,7 @@ fn confirmed_reset(
 // recover
 
 fn recover(a: &RecoverArgs, json: bool) -> anyhow::Result<()> {
-    match place::target_of(&a.target) {
+    match place::target_of(&a.target).map_err(lift)? {
         Target::Stick => {
             // Opened once, writable unless a dry run: both kinds may change it.
             let mut t = open_stick(&a.target, &a.sel, change(a.dry_run), false)?;
@@ -671,7 +671,7 @@ fn ovlfs_recover(a: &RecoverArgs, mut place: Place, json: bool) -> anyhow::Resul
 // grow
 
 fn grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
-    let mut place = match place::target_of(&a.target) {
+    let mut place = match place::target_of(&a.target).map_err(lift)? {
         Target::Stick => Place::Stick(Box::new(open_stick(
             &a.target,
             &a.sel,

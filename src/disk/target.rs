@@ -288,6 +288,62 @@ fn after_probe_failpoint(path: &Path) {
     }
 }
 
+/// Refuses `path` when it was [`pin`]ned and now names something else, or nothing:
+/// for a look by path that is not a [`probe`] (what a command decides its target
+/// is must be decided on what was pinned, or a stick swapped for a file would be
+/// refused as "not an overlay" rather than as replaced).
+pub fn check_unchanged(path: &Path) -> Result<(), TargetError> {
+    let node = match fs::metadata(path) {
+        Ok(meta) => Some(Node::of(&meta)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_at(path)(e).into()),
+    };
+    check_pinned(path, node)
+}
+
+/// Refuses `file`, opened by `path` without a probe, when `path` was [`pin`]ned
+/// to something else: the handle is what the work goes through, so it is the
+/// handle that must be the pinned file, whatever the path names by now.
+pub fn check_opened(path: &Path, file: &File) -> Result<(), TargetError> {
+    let meta = file.metadata().map_err(io_at(path))?;
+    check_pinned(path, Some(Node::of(&meta)))
+}
+
+/// `LIVESTICK_FAILPOINT=after-check`: renames the file `LIVESTICK_FAILPOINT_SWAP`
+/// names over the target right after the last identity check, on a handle opened for
+/// writing, so that the tests can prove the work goes through that handle alone (a
+/// later open by path would reach the file swapped in).
+fn after_check_failpoint(path: &Path) {
+    if std::env::var("LIVESTICK_FAILPOINT").as_deref() != Ok("after-check") {
+        return;
+    }
+    if let Some(other) = std::env::var_os("LIVESTICK_FAILPOINT_SWAP")
+        && let Err(e) = fs::rename(&other, path)
+    {
+        eprintln!(
+            "livestick: failpoint after-check: renaming over {}: {e}",
+            path.display()
+        );
+    }
+}
+
+/// `LIVESTICK_FAILPOINT=after-create`: renames the file `LIVESTICK_FAILPOINT_SWAP`
+/// names over a new image file right after it was created, before the write opens
+/// it, so that the tests can prove the file renamed over it is never written.
+fn after_create_failpoint(path: &Path) {
+    if std::env::var("LIVESTICK_FAILPOINT").as_deref() != Ok("after-create") {
+        return;
+    }
+    if let Some(other) = std::env::var_os("LIVESTICK_FAILPOINT_SWAP")
+        && let Err(e) = fs::rename(&other, path)
+    {
+        eprintln!(
+            "livestick: failpoint after-create: renaming over {}: {e}",
+            path.display()
+        );
+    }
+}
+
 fn check_pinned(path: &Path, node: Option<Node>) -> Result<(), TargetError> {
     let Ok(pinned) = PINNED.lock() else {
         return Ok(());
@@ -588,9 +644,14 @@ pub fn open_for_write(probe: &TargetProbe, size: u64) -> Result<File, TargetErro
             if file.metadata().map_err(io_at(path))?.len() < size {
                 file.set_len(size).map_err(io_at(path))?;
             }
+            after_check_failpoint(path);
             Ok(file)
         }
-        TargetKind::BlockDevice => checked(probe, open_exclusive(path)?),
+        TargetKind::BlockDevice => {
+            let file = checked(probe, open_exclusive(path)?)?;
+            after_check_failpoint(path);
+            Ok(file)
+        }
     }
 }
 
@@ -670,7 +731,20 @@ pub fn open_existing(probe: &TargetProbe, writable: bool) -> Result<File, Target
             .open(path)
             .map_err(io_at(path))?,
     };
-    checked(probe, file)
+    let file = checked(probe, file)?;
+    after_check_failpoint(path);
+    Ok(file)
+}
+
+/// `/proc/self/fd/N` of `file`: the path by which a program livestick runs (the
+/// `syslinux` installer, e2fsprogs) reaches exactly this open target, whatever the
+/// target's own path names by now. The descriptor is made inheritable for that; in
+/// the child, `/proc/self/fd/N` names the descriptor it inherited.
+pub fn inheritable_path(file: &File) -> io::Result<PathBuf> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    use std::os::fd::AsRawFd;
+    fcntl(file.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).map_err(io::Error::from)?;
+    Ok(PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())))
 }
 
 /// An image file created for a write that has not completed. Only the file
@@ -699,14 +773,30 @@ impl CreatedImage {
             .open(path)
             .map_err(io_at(path))?;
         let meta = file.metadata().map_err(io_at(path))?;
-        Ok(Some(CreatedImage {
+        let created = CreatedImage {
             path: path.clone(),
             id: (meta.dev(), meta.ino()),
-        }))
+        };
+        after_create_failpoint(path);
+        Ok(Some(created))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What the write opens next: the probe of the file created here, identity
+    /// included, so that the open for writing refuses anything renamed over it
+    /// since (the handle of the creation is not kept: it is opened again).
+    pub fn probe(&self, probe: &TargetProbe) -> TargetProbe {
+        TargetProbe {
+            exists: true,
+            node: Some(Node::File {
+                dev: self.id.0,
+                ino: self.id.1,
+            }),
+            ..probe.clone()
+        }
     }
 
     /// Removes the image if the path still names it; `Ok(false)` when

@@ -585,11 +585,25 @@ pub fn home_resize(
     new_size: u64,
     passphrase: Option<&[u8]>,
 ) -> Result<HomeInfo, HomeError> {
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .map_err(io_at(path))?;
+    drop(home_resize_opened(f, path, new_size, passphrase)?);
+    home_info(path, passphrase)
+}
+
+/// [`home_resize`] of the home in `f`, opened read-write (`path` names it in
+/// messages): every step goes through this handle, e2fsck and resize2fs through
+/// `/proc/self/fd/N`, never through the path again, so a file renamed over the path
+/// meanwhile is never touched. Gives the handle back for the report.
+pub fn home_resize_opened(
+    mut f: File,
+    path: &Path,
+    new_size: u64,
+    passphrase: Option<&[u8]>,
+) -> Result<File, HomeError> {
     let current = f.metadata().map_err(io_at(path))?.len();
     let kind = detect_home_kind(&mut f).map_err(io_at(path))?;
     let encrypted = kind == Some(HomeKind::Luks2);
@@ -602,21 +616,19 @@ pub fn home_resize(
     }
     match kind {
         Some(HomeKind::Plain) => {
-            drop(f);
-            ext4::grow_ext4_image(path, new_size)?;
+            let by_fd = crate::disk::target::inheritable_path(&f).map_err(io_at(path))?;
+            ext4::grow_ext4_image(&by_fd, new_size)?;
+            Ok(f)
         }
         Some(HomeKind::Luks2) => {
             let pass = passphrase.ok_or(HomeError::PassphraseNeeded("resize it"))?;
-            grow_luks_home(f, path, new_size, pass)?;
+            grow_luks_home(f, path, new_size, pass)
         }
-        None => {
-            return Err(HomeError::UnknownFormat {
-                path: path.to_path_buf(),
-                detail: "no LUKS header and no ext4 superblock".into(),
-            });
-        }
+        None => Err(HomeError::UnknownFormat {
+            path: path.to_path_buf(),
+            detail: "no LUKS header and no ext4 superblock".into(),
+        }),
     }
-    home_info(path, passphrase)
 }
 
 /// An anonymous in-memory file for the decrypted file system, and the path by which
@@ -632,7 +644,7 @@ pub fn memory_stage() -> Result<(File, PathBuf), HomeError> {
     Ok((File::from(fd), path))
 }
 
-fn grow_luks_home(f: File, path: &Path, new_size: u64, pass: &[u8]) -> Result<(), HomeError> {
+fn grow_luks_home(f: File, path: &Path, new_size: u64, pass: &[u8]) -> Result<File, HomeError> {
     const CHUNK: usize = 1024 * 1024;
     // Unlock first: a wrong passphrase must fail before anything changes.
     let mut vol = luks::open_luks2(f, pass)?;
@@ -698,8 +710,9 @@ fn grow_luks_home(f: File, path: &Path, new_size: u64, pass: &[u8]) -> Result<()
         vol.write_all(&new[..n]).map_err(io_at(path))?;
     }
     vol.flush().map_err(io_at(path))?;
-    vol.into_inner().sync_all().map_err(io_at(path))?;
-    Ok(())
+    let file = vol.into_inner();
+    file.sync_all().map_err(io_at(path))?;
+    Ok(file)
 }
 
 #[cfg(test)]

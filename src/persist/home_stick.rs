@@ -674,13 +674,16 @@ pub fn resize_file(
     plan: &ResizePlan,
     passphrase: Option<&[u8]>,
 ) -> Result<HomeReport, HomeStickError> {
+    // Opened once: this open is checked against the file planned on (pinned by
+    // `plan_file_resize`), and the resize and the report after it go through this
+    // handle only, so a file renamed over the path meanwhile is never written.
+    let probe = crate::disk::target::probe(&plan.target).map_err(StickError::from)?;
+    let mut file =
+        crate::disk::target::open_existing(&probe, !plan.unchanged).map_err(StickError::from)?;
     if !plan.unchanged {
-        // `home::home_resize` opens the file by its path; the file planned on must
-        // still be the one there (pinned by `plan_file_resize`), or nothing is written.
-        crate::disk::target::probe(&plan.target).map_err(StickError::from)?;
-        home::home_resize(&plan.target, plan.new_bytes, passphrase)?;
+        file = home::home_resize_opened(file, &plan.target, plan.new_bytes, passphrase)?;
     }
-    file_report(&plan.target, passphrase)
+    report_from(&file, &plan.target, None, passphrase)
 }
 
 /// Removes a `home.img.new` left by an interrupted run. If the run stopped between

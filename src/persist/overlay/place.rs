@@ -35,22 +35,27 @@ pub enum Target {
 
 /// Also the command's first look at its target: what the path names now is pinned
 /// (`target::pin`), so that every later open of it refuses a file swapped in since.
-pub fn target_of(path: &Path) -> Target {
+/// A path swapped already is refused here as replaced (a safety refusal), not
+/// misread as whatever was swapped in.
+pub fn target_of(path: &Path) -> Result<Target, OverlayError> {
     // A path that cannot be looked at is not pinned; the open that follows says why.
     let _ = crate::disk::target::pin(path);
-    if crate::disk::stick::looks_like_stick(path) {
+    crate::disk::target::check_unchanged(path).map_err(StickError::from)?;
+    Ok(if crate::disk::stick::looks_like_stick(path) {
         Target::Stick
     } else if path.is_dir() {
         Target::Dir
     } else {
         Target::File
-    }
+    })
 }
 
 /// Refuses a whole disk (partition table or block device) that is not a live stick,
 /// instead of misreading it as an overlay.
 pub fn refuse_disk(path: &Path) -> Result<(), OverlayError> {
     use std::os::unix::fs::FileTypeExt;
+    // A stick swapped for another disk since the first look is refused as replaced.
+    crate::disk::target::check_unchanged(path).map_err(StickError::from)?;
     let meta = std::fs::metadata(path).map_err(cannot_open(path))?;
     let mut looks_like_disk = meta.file_type().is_block_device();
     if meta.is_file() && meta.len() >= 512 {
@@ -95,6 +100,8 @@ impl Bare {
             .write(writable)
             .open(path)
             .map_err(cannot_open(path))?;
+        // What was pinned at the first look, whatever the path names by now.
+        crate::disk::target::check_opened(path, &file).map_err(StickError::from)?;
         let len = snapshot::stream_len(&mut file)?;
         Ok(Bare {
             path: path.to_path_buf(),
