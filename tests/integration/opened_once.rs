@@ -182,7 +182,7 @@ fn a_bare_home_file_swapped_after_its_checked_open_is_grown_through_the_handle()
     // The report is of the file grown, read through the same handle.
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(
-        doc["result"]["file_size"],
+        doc["result"]["size_bytes"],
         serde_json::json!(24 << 20),
         "{doc}"
     );
