@@ -304,12 +304,13 @@ fn acquire_source(
             .clone()
             .unwrap_or_else(|| releases::DEFAULT_RELEASES_URL.to_string()),
     };
-    let progress = Progress::new(progress_mode(json, quiet), "source");
+    let progress = Progress::for_source(progress_mode(json, quiet), "source");
     let (path, check) = download::prepare(&args.iso, &opts, !args.dry_run, &progress)?;
     progress.finish();
     if given.download_only {
         if json {
-            let value = serde_json::json!({"path": path, "checksum": check});
+            let value = serde_json::json!({"schema": DOWNLOAD_SCHEMA, "source": args.iso,
+                "file": path, "checksum": check});
             crate::outln!("{}", serde_json::to_string_pretty(&value)?);
         } else {
             crate::outln!("{}", path.display());
@@ -325,6 +326,9 @@ fn acquire_source(
     };
     Ok(Some((local, check)))
 }
+
+/// The version of `--download-only --json`'s document (schemas/download.schema.json).
+const DOWNLOAD_SCHEMA: u32 = 1;
 
 /// The report's line about published checksums, which says so plainly when the
 /// image could not be checked at all.
@@ -372,8 +376,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     plan.source = args.iso.clone();
     if args.dry_run {
         if json {
-            let mut value = serde_json::to_value(&plan)?;
-            value["checksum"] = serde_json::to_value(&source_check)?;
+            let value = plan.to_json(&source_check)?;
             crate::outln!("{}", serde_json::to_string_pretty(&value)?);
         } else {
             crate::out!("{}", plan.to_table());
@@ -393,7 +396,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         .tempdir()
         .context("creating a temporary directory")?;
     let mut source = apply::open_source(&live)?;
-    let report = write_one(
+    let mut report = write_one(
         args,
         &plan,
         &probe,
@@ -404,12 +407,9 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         &progress,
     )?;
     if json {
-        let mut value = serde_json::to_value(&report)?;
-        value["iso_md5"] = serde_json::json!(md5);
-        value["repaired"] = serde_json::json!(plan.repaired);
-        value["checksum"] = serde_json::to_value(&source_check)?;
-        value["iso_check"] = serde_json::json!(plan.iso_check);
-        crate::outln!("{}", serde_json::to_string_pretty(&value)?);
+        report.iso_md5 = md5.clone();
+        report.checksum = Some(source_check.clone());
+        crate::outln!("{}", serde_json::to_string_pretty(&report.to_json()?)?);
     } else if !quiet {
         print_report(&live, &report, md5.is_some());
         // One line about what checked the source: a CHECKSUM that was checked needs
@@ -507,9 +507,10 @@ fn run_batch(
     let live = crate::live_source::inspect_named(unpacked.path(), &args.iso)?;
     let opts = options_from(args, &live)?;
     if let Some(n) = args.wait_for {
-        return run_wait_for(args, &live, &opts, n, json, quiet);
+        return run_wait_for(args, &live, &opts, source_check, n, json, quiet);
     }
-    let mut batch = Batch::start(json, &args.iso, &args.targets);
+    // A dry run prints one document of plans, not the events of a batch that runs.
+    let mut batch = Batch::start(json && !args.dry_run, &args.iso, &args.targets);
     for target in &args.targets {
         // Each target gets its own volume id (and so its own overlay name).
         let mut own = opts.clone();
@@ -536,18 +537,26 @@ fn run_batch(
     if args.dry_run {
         let plans: Vec<&Plan> = batch.planned_targets().iter().map(|p| &p.plan).collect();
         if json {
-            crate::outln!("{}", serde_json::to_string_pretty(&plans)?);
+            let plans = plans
+                .iter()
+                .map(|p| p.to_json(source_check))
+                .collect::<Result<Vec<_>, _>>()?;
+            let document = crate::batch::plans_document(plans, &batch.failures());
+            crate::outln!("{}", serde_json::to_string_pretty(&document)?);
         } else {
             for p in plans {
                 crate::out!("{}", p.to_table());
             }
         }
-        return Ok(batch.finish(quiet)?);
+        return Ok(batch.finish(quiet || json)?);
     }
     let md5 = if args.noverify {
         None
     } else {
-        write_facts::verify_iso(&live, &Progress::new(progress_mode(json, quiet), "iso"))?
+        write_facts::verify_iso(
+            &live,
+            &Progress::for_source(progress_mode(json, quiet), "iso"),
+        )?
     };
     for p in batch.planned_targets() {
         confirm_target(&p.plan, &p.probe, args)?;
@@ -574,9 +583,17 @@ fn run_batch(
                 source,
                 progress,
             )
+            .map(|report| with_checksum(report, source_check))
         },
     )?;
     Ok(batch.finish(quiet)?)
+}
+
+/// A batch member's report with the source's published-checksum check, which
+/// its `done` event carries like the single-target report.
+fn with_checksum(mut report: apply::ApplyReport, check: &SourceCheck) -> apply::ApplyReport {
+    report.checksum = Some(check.clone());
+    report
 }
 
 /// `--wait-for N`: write each stick as it is plugged in.
@@ -584,6 +601,7 @@ fn run_wait_for(
     args: &WriteArgs,
     live: &live::LiveImage,
     opts: &WriteOptions,
+    source_check: &SourceCheck,
     n: usize,
     json: bool,
     quiet: bool,
@@ -599,7 +617,10 @@ fn run_wait_for(
     let md5 = if args.noverify {
         None
     } else {
-        write_facts::verify_iso(live, &Progress::new(progress_mode(json, quiet), "iso"))?
+        write_facts::verify_iso(
+            live,
+            &Progress::for_source(progress_mode(json, quiet), "iso"),
+        )?
     };
     let passphrase = home_passphrase(
         args,
@@ -635,6 +656,7 @@ fn run_wait_for(
                 source.as_mut(),
                 progress,
             )
+            .map(|report| with_checksum(report, source_check))
         },
     )?;
     Ok(batch.finish(quiet)?)

@@ -34,6 +34,7 @@ mod help_examples;
 mod home_cli;
 mod home_image;
 mod iso_reader;
+mod json_write;
 mod luks_cryptsetup;
 mod opened_once;
 mod output_voice;
