@@ -53,7 +53,7 @@ fn a_batch_writes_every_good_target_and_reports_the_bad_one() {
     );
     let ev = events(&out.stdout);
     assert_eq!(ev[0]["event"], "start");
-    assert_eq!(ev[0]["schema"], 2);
+    assert_eq!(ev[0]["schema"], 3);
     let done: Vec<_> = ev.iter().filter(|e| e["event"] == "done").collect();
     let failed: Vec<_> = ev.iter().filter(|e| e["event"] == "failed").collect();
     assert_eq!(done.len(), 2, "{ev:?}");
