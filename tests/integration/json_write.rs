@@ -224,6 +224,23 @@ fn an_overlayfs_plan_says_its_kind_in_kebab_case() {
     let plan = valid_document(ok(&out).as_bytes(), "write-plan");
     assert_eq!(plan["overlay"]["kind"], "overlayfs");
     assert_eq!(plan["iso_check"], "none");
+    assert_eq!(plan["ext4_live"], Value::Null);
+
+    // The ext4 live layout: its partition in the plan, in the same words.
+    let big = sparse(dir.path(), "big.img", 1024 * MIB);
+    let out = write_json(&[
+        s(&iso),
+        s(&big),
+        "--dry-run",
+        "--ext4",
+        "--overlay-size-mb",
+        "64",
+    ]);
+    let plan = valid_document(ok(&out).as_bytes(), "write-plan");
+    assert!(
+        plan["ext4_live"]["size_bytes"].as_u64().unwrap() > 0,
+        "{plan:#}"
+    );
 }
 
 #[test]
