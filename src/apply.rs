@@ -115,9 +115,11 @@ impl ApplyError {
 #[derive(Debug, Clone, Serialize)]
 pub struct WrittenFile {
     pub path: String,
+    #[serde(rename = "size_bytes")]
     pub size: u64,
     /// Bytes of the file livestick wrote: all of a copied file; for an allocated
     /// persistence file only its data regions (headers, metadata, signature wipes).
+    #[serde(rename = "written_bytes")]
     pub written: u64,
     /// sha256 of the bytes written, in file order.
     pub sha256: String,
@@ -133,9 +135,8 @@ pub struct ApplyReport {
     pub formatted: bool,
     pub files: Vec<WrittenFile>,
     pub overlay: Option<String>,
-    /// An overlay the stick had, kept with its content or emptied, and why; absent
+    /// An overlay the stick had, kept with its content or emptied, and why; null
     /// when there was none.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub kept_overlay: Option<crate::plan::KeptOverlay>,
     pub home: Option<String>,
     pub bios: bool,
@@ -143,9 +144,36 @@ pub struct ApplyReport {
     pub verified: bool,
     /// Distinct bytes of the target livestick wrote (each byte once, however often
     /// it was rewritten), and of those how many were read back and matched.
+    #[serde(rename = "written_bytes")]
     pub bytes_written: u64,
+    #[serde(rename = "verified_bytes")]
     pub bytes_verified: u64,
     pub warnings: Vec<String>,
+    /// What checked the source before writing (the plan's).
+    pub iso_check: crate::plan::IsoCheck,
+    /// The implanted MD5 that was checked and matched; set by the caller, which
+    /// checks it once for a whole batch.
+    pub iso_md5: Option<String>,
+    /// The published-checksum check of the source; set by the caller, which
+    /// made it before any target was opened.
+    pub checksum: Option<crate::source::signed_checksum::SourceCheck>,
+    /// What repairing a stopped replacement's leftovers did before the write.
+    pub repaired: Vec<String>,
+}
+
+/// The version of the write report's JSON shape (docs/json.md,
+/// schemas/write-report.schema.json).
+pub const REPORT_SCHEMA: u32 = 1;
+
+impl ApplyReport {
+    /// The report as `write --json` prints it for one target.
+    pub fn to_json(&self) -> Result<serde_json::Value, serde_json::Error> {
+        let mut value = serde_json::to_value(self)?;
+        if let Some(object) = value.as_object_mut() {
+            object.insert("schema".into(), REPORT_SCHEMA.into());
+        }
+        Ok(value)
+    }
 }
 
 /// Where the bytes of the ISO's files come from: the ISO itself, or (in a
@@ -983,6 +1011,10 @@ fn apply_tagged(
         bytes_written,
         bytes_verified,
         warnings,
+        iso_check: plan.iso_check,
+        iso_md5: None,
+        checksum: None,
+        repaired: plan.repaired.clone(),
     })
 }
 

@@ -171,7 +171,76 @@ impl IsoSource for BroadcastSource {
 
 /// The schema version of the NDJSON events `write --json` prints for a batch
 /// (docs/ndjson-events.md).
-pub const EVENTS_SCHEMA: u32 = 2;
+pub const EVENTS_SCHEMA: u32 = 3;
+
+/// The NDJSON events of a batch, one builder each, so that the live and the raw
+/// batch print one shape (schemas/batch-event.schema.json). Every event carries
+/// `schema`; a field that does not apply to this event is `null`, never absent.
+pub mod events {
+    use std::path::Path;
+
+    use serde_json::{Value, json};
+
+    use super::EVENTS_SCHEMA;
+
+    /// The first line: what is read, and the targets named or how many are awaited.
+    /// `kind` is `live-iso` or `raw-image`.
+    pub fn start(
+        source: &Path,
+        kind: &str,
+        targets: Option<&[std::path::PathBuf]>,
+        wait_for: Option<usize>,
+    ) -> Value {
+        json!({"event": "start", "schema": EVENTS_SCHEMA, "source": source, "kind": kind,
+            "targets": targets, "wait_for": wait_for})
+    }
+
+    /// `--wait-for`: a new stick appeared.
+    pub fn plugged(target: &Path) -> Value {
+        json!({"event": "plugged", "schema": EVENTS_SCHEMA, "target": target})
+    }
+
+    /// A target was dropped: `phase` is `plan` (nothing written) or `write`.
+    pub fn failed(target: &Path, phase: &str, error: &str) -> Value {
+        json!({"event": "failed", "schema": EVENTS_SCHEMA, "target": target, "phase": phase,
+            "error": error})
+    }
+
+    /// A target is written: the single-target report's fields (`report`, a JSON
+    /// object with its own `target`) with the event's `event` and `schema`.
+    pub fn done(report: Value) -> Value {
+        let mut value = report;
+        if let Some(object) = value.as_object_mut() {
+            object.insert("event".into(), "done".into());
+            object.insert("schema".into(), EVENTS_SCHEMA.into());
+        }
+        value
+    }
+
+    /// One row of the closing `report` event. Written targets have `label` and
+    /// `fs_uuid` (live) or `image_sha256` (raw) and `verified`; a failed one `error`.
+    #[derive(Default)]
+    pub struct Row<'a> {
+        pub ok: bool,
+        pub dry_run: bool,
+        pub label: Option<&'a str>,
+        pub fs_uuid: Option<&'a str>,
+        pub image_sha256: Option<&'a str>,
+        pub verified: Option<bool>,
+        pub error: Option<&'a str>,
+    }
+
+    pub fn row(target: &Path, row: Row<'_>) -> Value {
+        json!({"target": target, "ok": row.ok, "dry_run": row.dry_run, "label": row.label,
+            "fs_uuid": row.fs_uuid, "image_sha256": row.image_sha256, "verified": row.verified,
+            "error": row.error})
+    }
+
+    /// The last event of a batch that ran: one row per target.
+    pub fn report(rows: Vec<Value>) -> Value {
+        json!({"event": "report", "schema": EVENTS_SCHEMA, "targets": rows})
+    }
+}
 
 /// One target of a batch, planned and checked, waiting to be written.
 pub struct PlannedTarget {
@@ -233,10 +302,7 @@ impl Batch {
     /// A batch of the `targets` named on the command line.
     pub fn start(json: bool, iso: &Path, targets: &[PathBuf]) -> Batch {
         let batch = Batch::empty(json);
-        batch.emit(
-            serde_json::json!({"event": "start", "schema": EVENTS_SCHEMA, "iso": iso,
-            "targets": targets}),
-        );
+        batch.emit(events::start(iso, "live-iso", Some(targets), None));
         batch
     }
 
@@ -266,11 +332,20 @@ impl Batch {
     /// A target that could not be planned is reported and left out.
     pub fn plan_failed(&mut self, target: &Path, error: impl Display) {
         let msg = format!("{error:#}");
-        self.emit(
-            serde_json::json!({"event": "failed", "device": target, "phase": "plan", "error": msg}),
-        );
+        self.emit(events::failed(target, "plan", &msg));
         self.outcomes
             .push((target.to_path_buf(), Some(Outcome::Failed(msg))));
+    }
+
+    /// The targets that could not be planned, with why (a dry run lists them).
+    pub fn failures(&self) -> Vec<(&Path, &str)> {
+        self.outcomes
+            .iter()
+            .filter_map(|(target, outcome)| match outcome {
+                Some(Outcome::Failed(e)) => Some((target.as_path(), e.as_str())),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn planned_targets(&self) -> &[PlannedTarget] {
@@ -336,7 +411,10 @@ impl Batch {
                     drop(source);
                     progress.finish();
                     let outcome = match result {
-                        Ok(r) => Outcome::Done(Box::new(r)),
+                        Ok(mut r) => {
+                            r.iso_md5 = md5.map(str::to_string);
+                            Outcome::Done(Box::new(r))
+                        }
                         Err(e) => Outcome::Failed(format!("{e:#}")),
                     };
                     (planned.target.clone(), outcome)
@@ -359,12 +437,8 @@ impl Batch {
         }
         for (target, outcome) in results {
             match &outcome {
-                Outcome::Done(r) => self.emit(
-                    serde_json::json!({"event": "done", "device": target, "report": r, "iso_md5": md5}),
-                ),
-                Outcome::Failed(e) => self.emit(
-                    serde_json::json!({"event": "failed", "device": target, "phase": "write", "error": e}),
-                ),
+                Outcome::Done(r) => self.emit(done_event(r)),
+                Outcome::Failed(e) => self.emit(events::failed(&target, "write", e)),
             }
             if let Some(slot) = self
                 .outcomes
@@ -395,10 +469,7 @@ impl Batch {
         md5: Option<&str>,
         write: impl Fn(&Path, &Path, &Progress) -> Result<ApplyReport, E> + Sync,
     ) -> Result<Batch, DeviceError> {
-        emit(
-            json,
-            serde_json::json!({"event": "start", "schema": EVENTS_SCHEMA, "iso": iso, "wait_for": n}),
-        );
+        emit(json, events::start(iso, "live-iso", None, Some(n)));
         if !json && !quiet {
             match timeout {
                 Some(limit) => eprintln!(
@@ -420,21 +491,19 @@ impl Batch {
                 let workdir = workdir.join(format!("target-{index}"));
                 let progress = Progress::in_multi(mode, &multi, device.display().to_string());
                 let outcomes = &outcomes;
-                emit(
-                    json,
-                    serde_json::json!({"event": "plugged", "device": device}),
-                );
+                emit(json, events::plugged(&device));
                 scope.spawn(move || {
                     let result = write(&device, &workdir, &progress);
                     progress.finish();
                     let outcome = match result {
-                        Ok(r) => {
-                            emit(json, serde_json::json!({"event": "done", "device": device, "report": r, "iso_md5": md5}));
+                        Ok(mut r) => {
+                            r.iso_md5 = md5.map(str::to_string);
+                            emit(json, done_event(&r));
                             Outcome::Done(Box::new(r))
                         }
                         Err(e) => {
                             let msg = format!("{e:#}");
-                            emit(json, serde_json::json!({"event": "failed", "device": device, "phase": "write", "error": msg}));
+                            emit(json, events::failed(&device, "write", &msg));
                             Outcome::Failed(msg)
                         }
                     };
@@ -468,22 +537,37 @@ impl Batch {
         let mut rows = Vec::new();
         for (target, outcome) in &outcomes {
             match outcome {
-                Some(Outcome::Done(r)) => rows
-                    .push(serde_json::json!({"device": target, "ok": true,
-                    "label": r.label, "fs_uuid": r.fs_uuid, "verified": r.verified})),
+                Some(Outcome::Done(r)) => rows.push(events::row(
+                    target,
+                    events::Row {
+                        ok: true,
+                        label: Some(&r.label),
+                        fs_uuid: Some(&r.fs_uuid),
+                        verified: Some(r.verified),
+                        ..Default::default()
+                    },
+                )),
                 Some(Outcome::Failed(e)) => {
                     details.push(format!("{}: {e}", target.display()));
-                    rows.push(serde_json::json!({"device": target, "ok": false, "error": e}));
+                    rows.push(events::row(
+                        target,
+                        events::Row {
+                            error: Some(e),
+                            ..Default::default()
+                        },
+                    ));
                 }
-                None => {
-                    rows.push(serde_json::json!({"device": target, "ok": true, "dry_run": true}))
-                }
+                None => rows.push(events::row(
+                    target,
+                    events::Row {
+                        ok: true,
+                        dry_run: true,
+                        ..Default::default()
+                    },
+                )),
             }
         }
-        emit(
-            json,
-            serde_json::json!({"event": "report", "targets": rows}),
-        );
+        emit(json, events::report(rows));
         if !json && !quiet {
             crate::outln!("{:<32} {:<8} DETAIL", "TARGET", "RESULT");
             for (target, outcome) in &outcomes {
@@ -547,6 +631,32 @@ pub fn verdict(details: Vec<String>, total: usize) -> Result<(), BatchError> {
             details,
         }))
     }
+}
+
+/// The version of a batch dry run's document (schemas/write-plans.schema.json).
+pub const PLANS_SCHEMA: u32 = 1;
+
+/// What `write --dry-run --json` prints for several targets: one document with
+/// every plan (each as the single-target dry run prints it) and the targets that
+/// could not be planned, instead of the events of a batch that does not run.
+pub fn plans_document(
+    plans: Vec<serde_json::Value>,
+    failed: &[(&Path, &str)],
+) -> serde_json::Value {
+    let failed: Vec<serde_json::Value> = failed
+        .iter()
+        .map(|(target, error)| serde_json::json!({"target": target, "error": error}))
+        .collect();
+    serde_json::json!({"schema": PLANS_SCHEMA, "plans": plans, "failed": failed})
+}
+
+/// A written target's `done` event; a report that cannot be put in JSON (it
+/// always can: plain data) still says the target is done.
+fn done_event(report: &ApplyReport) -> serde_json::Value {
+    events::done(
+        serde_json::to_value(report)
+            .unwrap_or_else(|_| serde_json::json!({"target": report.target})),
+    )
 }
 
 fn emit(json: bool, value: serde_json::Value) {

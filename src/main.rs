@@ -95,6 +95,10 @@ fn wants_json(argv: &[OsString]) -> bool {
         .any(|a| a == "--json")
 }
 
+/// The version of the error document's shape (docs/json.md,
+/// schemas/error.schema.json).
+const ERROR_SCHEMA: u32 = 1;
+
 fn usage_error(e: clap::Error, json: bool) -> u8 {
     use clap::error::ErrorKind as K;
     // --help and --version are "errors" to clap but successes to the user.
@@ -111,9 +115,11 @@ fn usage_error(e: clap::Error, json: bool) -> u8 {
         let rendered = e.to_string();
         let first = rendered.lines().next().unwrap_or_default();
         let message = first.strip_prefix("error: ").unwrap_or(first).to_string();
+        // clap's full text (usage, tips) goes to stderr below; the document keeps
+        // the one fact, in the shape of every other error.
         let value = serde_json::json!({
+            "schema": ERROR_SCHEMA,
             "error": message,
-            "detail": e.to_string(),
             "step": "parsing the command line",
             "kind": ErrorKind::Usage,
             "causes": [],
@@ -142,6 +148,7 @@ fn finish(result: anyhow::Result<()>, program: &str, step: &str, json: bool) -> 
         .is_some();
     if json && !reported {
         let value = serde_json::json!({
+            "schema": ERROR_SCHEMA,
             "error": err.to_string(),
             "step": step,
             "kind": kind,

@@ -566,14 +566,15 @@ pub enum FileState {
 pub struct FileCheck {
     pub path: String,
     pub state: FileState,
+    #[serde(rename = "recorded_size_bytes")]
     pub recorded_size: u64,
     /// Size on the stick now (`None` when missing).
+    #[serde(rename = "size_bytes")]
     pub size: Option<u64>,
     pub recorded_sha256: String,
     /// sha256 read from the stick now (`None` when missing or of another size).
     pub sha256: Option<String>,
-    /// Why it is changed or missing, for people.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Why it is changed or missing, for people (JSON `null` when intact).
     pub detail: Option<String>,
 }
 
@@ -770,17 +771,19 @@ pub struct PersistCheck {
     pub path: String,
     /// `overlay`, `home` or `swap`.
     pub kind: String,
+    #[serde(rename = "size_bytes")]
     pub size: u64,
     /// The size the manifest recorded, when it lists the file.
+    #[serde(rename = "recorded_size_bytes")]
     pub recorded_size: Option<u64>,
     /// What its format says, as `overlay status` and `home info` report it.
     pub status: String,
     /// Bytes of changes or data it holds, when readable.
+    #[serde(rename = "used_bytes")]
     pub used: Option<u64>,
     /// False when its format could not be read or the check found problems.
     pub ok: bool,
-    /// The file-system-level check (`--deep`): `None` without `--deep`.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The file-system-level check (`--deep`): `None` (JSON `null`) without `--deep`.
     pub deep: Option<DeepCheck>,
 }
 
@@ -1132,6 +1135,8 @@ fn e2fsck_read_only(spec: &str) -> DeepCheck {
 /// What the original ISO says about the stick's record (`verify --iso`).
 #[derive(Debug, Clone, Serialize)]
 pub struct IsoCheck {
+    /// The ISO read (JSON `source`: what a command reads).
+    #[serde(rename = "source")]
     pub iso: PathBuf,
     /// The ISO is the one recorded: same size and implanted MD5 (where recorded).
     pub same_as_recorded: bool,

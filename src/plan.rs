@@ -242,6 +242,7 @@ pub enum CopySource {
 pub struct CopyStep {
     pub source: CopySource,
     pub dest: String,
+    #[serde(rename = "size_bytes")]
     pub size: u64,
 }
 
@@ -254,6 +255,7 @@ pub struct ConfigStep {
 #[derive(Debug, Clone, Serialize)]
 pub struct OverlayStep {
     pub path: String,
+    #[serde(rename = "size_bytes")]
     pub size: u64,
     pub kind: OverlayBoot,
     /// Why this kind: the root image's layout, or `--overlayfs`.
@@ -263,6 +265,7 @@ pub struct OverlayStep {
 #[derive(Debug, Clone, Serialize)]
 pub struct HomeStep {
     pub path: String,
+    #[serde(rename = "size_bytes")]
     pub size: u64,
     pub encryption: HomeEncryption,
 }
@@ -272,6 +275,7 @@ pub struct HomeStep {
 pub struct KeptOverlay {
     pub from: String,
     pub to: String,
+    #[serde(rename = "size_bytes")]
     pub size: u64,
     /// Emptied (header zeroed): required whenever the root image changes,
     /// because its blocks describe changes to the old image.
@@ -279,6 +283,7 @@ pub struct KeptOverlay {
     /// Why it keeps its content or is emptied.
     pub why: String,
     /// Bytes of changes it holds before the write, when they could be read.
+    #[serde(rename = "used_bytes")]
     pub used: Option<u64>,
 }
 
@@ -305,6 +310,7 @@ pub struct RootRecordStep {
 #[derive(Debug, Clone, Serialize)]
 pub struct SwapStep {
     pub path: String,
+    #[serde(rename = "size_bytes")]
     pub size: u64,
 }
 
@@ -313,7 +319,9 @@ pub struct TargetSummary {
     pub path: PathBuf,
     pub kind: TargetKind,
     pub exists: bool,
+    #[serde(rename = "size_before_bytes")]
     pub size_before: u64,
+    #[serde(rename = "size_bytes")]
     pub size: u64,
 }
 
@@ -324,9 +332,14 @@ pub struct Plan {
     pub source_label: String,
     pub target: TargetSummary,
     /// A new partition table and filesystem, or `None` to install into the existing one.
+    /// In JSON these four are one `format` object ([`Plan::to_json`]).
+    #[serde(skip)]
     pub format: Option<PartitionLayout>,
+    #[serde(skip)]
     pub partition_start: u64,
+    #[serde(skip)]
     pub partition_len: u64,
+    #[serde(skip)]
     pub table: TableKind,
     pub label: String,
     pub fs_uuid: String,
@@ -350,12 +363,15 @@ pub struct Plan {
     pub bios: bool,
     pub uefi: bool,
     /// Bytes of files copied; persistence adds only its metadata on top.
+    #[serde(rename = "to_write_bytes")]
     pub bytes_to_write: u64,
     /// The ext4 live partition (partition 2), when the live system goes there.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub ext4_live: Option<Ext4LiveStep>,
+    #[serde(rename = "available_bytes")]
     pub space_available: u64,
+    #[serde(rename = "needed_bytes")]
     pub space_needed: u64,
+    #[serde(rename = "free_after_bytes")]
     pub free_after: u64,
     /// What checks the source before writing.
     pub iso_check: IsoCheck,
@@ -365,6 +381,45 @@ pub struct Plan {
     /// one line each, as `overlay` and `home` report it. Set by the caller, which
     /// reads the stick.
     pub repaired: Vec<String>,
+}
+
+/// The version of the plan's JSON shape (docs/json.md, schemas/write-plan.schema.json).
+pub const PLAN_SCHEMA: u32 = 1;
+
+/// The partition the live system goes on, as the plan's JSON says it: one object,
+/// so a script finds the table and the partition in one place whether the write
+/// makes a new table (`new`) or installs into the existing one.
+#[derive(Serialize)]
+struct FormatJson {
+    new: bool,
+    table: TableKind,
+    start_bytes: u64,
+    size_bytes: u64,
+}
+
+impl Plan {
+    /// The plan as `write --dry-run --json` prints it: the fields, `format`, the
+    /// published-checksum check and the `schema` version.
+    pub fn to_json(
+        &self,
+        checksum: &crate::source::signed_checksum::SourceCheck,
+    ) -> Result<serde_json::Value, serde_json::Error> {
+        let mut value = serde_json::to_value(self)?;
+        if let Some(object) = value.as_object_mut() {
+            object.insert("schema".into(), PLAN_SCHEMA.into());
+            object.insert(
+                "format".into(),
+                serde_json::to_value(FormatJson {
+                    new: self.format.is_some(),
+                    table: self.table,
+                    start_bytes: self.partition_start,
+                    size_bytes: self.partition_len,
+                })?,
+            );
+            object.insert("checksum".into(), serde_json::to_value(checksum)?);
+        }
+        Ok(value)
+    }
 }
 
 #[derive(Debug, Error)]
@@ -1353,16 +1408,21 @@ pub struct Ext4LiveStep {
     /// Why the live system goes on ext4.
     pub why: String,
     /// Partition 2 on the disk, bytes.
+    #[serde(rename = "start_bytes")]
     pub start: u64,
+    #[serde(rename = "size_bytes")]
     pub len: u64,
     /// Partition 1 (FAT, boot files only), bytes.
+    #[serde(rename = "fat_size_bytes")]
     pub fat_len: u64,
     pub uuid: String,
     pub label: String,
     /// Files copied into the ext4 partition rather than onto the FAT.
     pub copies: Vec<CopyStep>,
     /// Bytes its files take, plus its own metadata (`overhead`).
+    #[serde(rename = "needed_bytes")]
     pub space_needed: u64,
+    #[serde(rename = "overhead_bytes")]
     pub overhead: u64,
 }
 
@@ -2464,7 +2524,7 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
         );
         let json = serde_json::to_value(&plan).expect("serialises");
         assert_eq!(json["kept_overlay"]["reset"], true);
-        assert_eq!(json["kept_overlay"]["used"], 12 * MIB);
+        assert_eq!(json["kept_overlay"]["used_bytes"], 12 * MIB);
 
         // Not compared (no facts): emptied, as before this comparison existed.
         let plan = plan_existing(&nested(), stick(), &opts()).expect("plans");

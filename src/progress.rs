@@ -29,9 +29,16 @@ pub struct Progress {
     /// Set for a line of a batch: bars are drawn by the batch's `MultiProgress`.
     multi: Option<MultiProgress>,
     device: String,
+    /// The phases are about the source (download, unpack, implanted MD5), not a
+    /// target: JSON events say `"target": null`.
+    about_source: bool,
     /// JSON mode: (phase, total, done, bytes at the last tick event).
     ticks: Mutex<(String, u64, u64, u64)>,
 }
+
+/// The version of the stderr progress events' shape
+/// (schemas/progress-event.schema.json).
+pub const EVENT_SCHEMA: u32 = 1;
 
 /// JSON progress ticks come every this many bytes (and at the end of a phase).
 const TICK_BYTES: u64 = 64 << 20;
@@ -49,8 +56,23 @@ impl Progress {
             bar: Mutex::new(None),
             multi: None,
             device: device.into(),
+            about_source: false,
             ticks: Mutex::new((String::new(), 0, 0, 0)),
         }
+    }
+
+    /// Progress of work on the source, which a log line names `name` (`iso`,
+    /// `source`) and a JSON event gives no target.
+    pub fn for_source(mode: ProgressMode, name: impl Into<String>) -> Self {
+        Progress {
+            about_source: true,
+            ..Progress::new(mode, name)
+        }
+    }
+
+    /// The `target` of this progress's JSON events.
+    fn event_target(&self) -> Option<&str> {
+        (!self.about_source).then_some(self.device.as_str())
     }
 
     /// A bar inside a batch's `MultiProgress` (one line per device).
@@ -122,7 +144,8 @@ impl Progress {
             }
             ProgressMode::Json => {
                 let event = serde_json::json!({
-                    "event": "phase", "device": self.device, "phase": name, "total": total,
+                    "event": "phase", "schema": EVENT_SCHEMA, "target": self.event_target(),
+                    "phase": name, "total_bytes": total,
                 });
                 event_line(&event);
                 if let Ok(mut t) = self.ticks.lock() {
@@ -153,8 +176,8 @@ impl Progress {
             if done - last >= TICK_BYTES || (done >= total && last < total) {
                 t.3 = done;
                 let event = serde_json::json!({
-                    "event": "progress", "device": self.device, "phase": t.0,
-                    "done": done, "total": total,
+                    "event": "progress", "schema": EVENT_SCHEMA, "target": self.event_target(),
+                    "phase": t.0, "done_bytes": done, "total_bytes": total,
                 });
                 event_line(&event);
             }
@@ -170,8 +193,8 @@ impl Progress {
             }
             ProgressMode::Bar => self.with_bar(|bar| bar.set_message(text.to_string())),
             ProgressMode::Json => {
-                let event =
-                    serde_json::json!({"event": "note", "device": self.device, "text": text});
+                let event = serde_json::json!({"event": "note", "schema": EVENT_SCHEMA,
+                    "target": self.event_target(), "text": text});
                 event_line(&event);
             }
             ProgressMode::Lines => line(&format!("{}: {text}", self.device)),

@@ -452,6 +452,7 @@ impl IsoSource for StreamSource {
 pub struct BmapSummary {
     pub path: PathBuf,
     pub version: String,
+    #[serde(rename = "block_size_bytes")]
     pub block_size: u64,
     pub mapped_bytes: u64,
     pub ranges: usize,
@@ -463,7 +464,9 @@ pub struct RawTarget {
     pub path: PathBuf,
     pub kind: TargetKind,
     pub exists: bool,
+    #[serde(rename = "size_before_bytes")]
     pub size_before: u64,
+    #[serde(rename = "size_bytes")]
     pub size: u64,
 }
 
@@ -477,10 +480,12 @@ pub struct RawPlan {
     pub why: String,
     pub compression: Option<String>,
     /// The image size, as far as known before streaming.
+    #[serde(rename = "image_size_bytes")]
     pub image_size: u64,
     pub image_size_exact: bool,
     pub bmap: Option<BmapSummary>,
     pub target: RawTarget,
+    #[serde(rename = "to_write_bytes")]
     pub bytes_to_write: u64,
     pub persistence: String,
     pub notes: Vec<String>,
@@ -641,18 +646,35 @@ pub struct RawReport {
     pub source: PathBuf,
     pub kind: &'static str,
     pub target: PathBuf,
+    #[serde(rename = "image_size_bytes")]
     pub image_size: u64,
     pub image_sha256: Option<String>,
     pub bmap: Option<PathBuf>,
     /// Distinct bytes written: the image's (its mapped ranges with a block
     /// map, and its first MiB) and the zeroed end of a larger target.
+    #[serde(rename = "written_bytes")]
     pub bytes_written: u64,
     /// Of those, read back from the target and compared: all of them unless
     /// `--no-verify-write`.
+    #[serde(rename = "verified_bytes")]
     pub bytes_verified: u64,
     /// Of the bytes written, the zeros at the end of a target larger than the image.
+    #[serde(rename = "zeroed_bytes")]
     pub bytes_zeroed: u64,
     pub verified: bool,
+}
+
+/// The version of the raw plan's and raw report's JSON shapes (docs/json.md,
+/// schemas/raw-write-plan.schema.json, schemas/raw-write-report.schema.json).
+pub const RAW_SCHEMA: u32 = 1;
+
+/// `value` (a raw plan or report) as `write --json` prints it: with its `schema`.
+pub fn with_schema<T: Serialize>(value: &T) -> Result<serde_json::Value, serde_json::Error> {
+    let mut value = serde_json::to_value(value)?;
+    if let Some(object) = value.as_object_mut() {
+        object.insert("schema".into(), RAW_SCHEMA.into());
+    }
+    Ok(value)
 }
 
 /// Writes the image from `stream` to one target, as [`plan_raw`] decided.

@@ -188,9 +188,45 @@ pub struct Found {
     /// livestick's manifest is on it.
     pub manifest: bool,
     /// `/<dir>/home.img` and its size.
+    #[serde(serialize_with = "json::file_or_null")]
     pub home: Option<(String, u64)>,
     /// Other persistence files (overlays, swap) with their sizes.
+    #[serde(serialize_with = "json::files")]
     pub persistence: Vec<(String, u64)>,
+}
+
+/// The JSON words of restore's plan and report (docs/json.md): a file on the stick
+/// is `{"path", "size_bytes"}`, not a pair.
+mod json {
+    use serde::Serialize;
+    use serde::ser::Serializer;
+    use serde_json::json;
+
+    pub fn file_or_null<S: Serializer>(
+        file: &Option<(String, u64)>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        file.as_ref()
+            .map(|(path, size)| json!({"path": path, "size_bytes": size}))
+            .serialize(s)
+    }
+
+    pub fn files<S: Serializer>(files: &[(String, u64)], s: S) -> Result<S::Ok, S::Error> {
+        files
+            .iter()
+            .map(|(path, size)| json!({"path": path, "size_bytes": size}))
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    pub fn save_home<S: Serializer>(
+        save: &Option<(String, std::path::PathBuf)>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        save.as_ref()
+            .map(|(path, file)| json!({"path": path, "file": file}))
+            .serialize(s)
+    }
 }
 
 /// Reads what the stick holds: its table, and on a FAT partition the live
@@ -297,10 +333,13 @@ pub struct RestoreOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct RestorePlan {
     pub target: PathBuf,
+    #[serde(rename = "size_bytes")]
     pub size: u64,
     pub found: Found,
     pub table: TableKind,
+    #[serde(rename = "partition_start_bytes")]
     pub partition_start: u64,
+    #[serde(rename = "partition_size_bytes")]
     pub partition_len: u64,
     pub fs: PlainFs,
     pub label: String,
@@ -309,6 +348,7 @@ pub struct RestorePlan {
     #[serde(skip)]
     pub volume_id: u32,
     /// home.img's path on the stick and the file it is saved to.
+    #[serde(serialize_with = "json::save_home")]
     pub save_home: Option<(String, PathBuf)>,
     /// What the restore erases, for the confirmation.
     pub lost: Vec<String>,
@@ -446,6 +486,7 @@ pub fn on_the_stick(file: &Path, stick: &Path) -> Result<Option<String>, Restore
 pub struct SavedHome {
     pub from: String,
     pub to: PathBuf,
+    #[serde(rename = "size_bytes")]
     pub size: u64,
     pub sha256: String,
 }
@@ -556,14 +597,18 @@ fn drop_cache(file: &File) {
 pub struct RestoreReport {
     pub target: PathBuf,
     pub table: TableKind,
+    #[serde(rename = "partition_start_bytes")]
     pub partition_start: u64,
+    #[serde(rename = "partition_size_bytes")]
     pub partition_len: u64,
     pub fs: PlainFs,
     pub label: String,
     pub fs_uuid: Option<String>,
     pub saved_home: Option<SavedHome>,
     /// Distinct bytes written, and of those read back and matched.
+    #[serde(rename = "written_bytes")]
     pub bytes_written: u64,
+    #[serde(rename = "verified_bytes")]
     pub bytes_verified: u64,
     pub warnings: Vec<String>,
 }

@@ -152,6 +152,10 @@ mod tests {
             bytes_written: 3 * MIB,
             bytes_verified: 3 * MIB,
             warnings: Vec::new(),
+            iso_check: crate::plan::IsoCheck::ImplantedMd5,
+            iso_md5: None,
+            checksum: None,
+            repaired: Vec::new(),
         }
     }
 

@@ -313,12 +313,14 @@ impl Serialize for KernelArgs {
 
 /// How the stick's root overlay is built, which decides the overlay arguments.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum OverlayBoot {
     /// No persistent overlay: dracut uses a temporary one in RAM.
     None,
     /// A dm-snapshot persistent store file `LiveOS/overlay-<LABEL>-<UUID>`.
     DmSnapshot,
     /// The same file holding ext4 with `overlayfs/` and `ovlwork/`.
+    #[serde(rename = "overlayfs")]
     OverlayFs,
 }
 

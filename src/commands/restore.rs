@@ -84,7 +84,7 @@ pub fn run(a: &RestoreArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     progress.finish();
     report.saved_home = saved;
     if json {
-        crate::outln!("{}", serde_json::to_string_pretty(&report)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&with_schema(&report)?)?);
         return Ok(());
     }
     for w in &report.warnings {
@@ -133,21 +133,22 @@ fn free_bytes_for(file: &std::path::Path) -> Option<u64> {
     Some(stat.blocks_available() as u64 * stat.fragment_size() as u64)
 }
 
-#[derive(Serialize)]
-struct DryRun<'a> {
-    dry_run: bool,
-    plan: &'a RestorePlan,
+/// The version of restore's report and dry-run plan (docs/json.md,
+/// schemas/restore.schema.json, schemas/restore-plan.schema.json).
+const RESTORE_SCHEMA: u32 = 1;
+
+/// A plan or report as `restore --json` prints it: with its `schema`.
+fn with_schema<T: Serialize>(value: &T) -> anyhow::Result<serde_json::Value> {
+    let mut value = serde_json::to_value(value)?;
+    if let Some(object) = value.as_object_mut() {
+        object.insert("schema".into(), RESTORE_SCHEMA.into());
+    }
+    Ok(value)
 }
 
 fn print_plan(plan: &RestorePlan, json: bool) -> anyhow::Result<()> {
     if json {
-        crate::outln!(
-            "{}",
-            serde_json::to_string_pretty(&DryRun {
-                dry_run: true,
-                plan
-            })?
-        );
+        crate::outln!("{}", serde_json::to_string_pretty(&with_schema(plan)?)?);
         return Ok(());
     }
     crate::outln!(

@@ -12,12 +12,17 @@ use crate::manifest::{self, FileCheck, FileState, IsoCheck, NotIntact, PersistCh
 use crate::progress::{Progress, ProgressMode};
 use crate::size::human;
 
+/// The version of `verify --json`'s shape (docs/json.md, schemas/verify.schema.json).
+const VERIFY_SCHEMA: u32 = 1;
+
 #[derive(Serialize)]
 struct VerifyReport<'a> {
+    schema: u32,
     target: String,
     manifest: &'a str,
     written_by: &'a str,
     updated_at: &'a str,
+    #[serde(serialize_with = "images_json")]
     images: &'a [manifest::ImageRecord],
     /// `intact` when every listed file and every check passed, else `damaged`.
     overall: &'static str,
@@ -28,8 +33,34 @@ struct VerifyReport<'a> {
     missing: usize,
     files: &'a [FileCheck],
     persistence: &'a [PersistCheck],
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `--iso`'s findings; null without `--iso`.
     iso: Option<&'a IsoCheck>,
+}
+
+/// The manifest's image records in the report's words (`size_bytes`): the
+/// manifest on the stick keeps its own stored shape.
+fn images_json<S: serde::Serializer>(
+    images: &&[manifest::ImageRecord],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let views: Vec<serde_json::Value> = images
+        .iter()
+        .map(|image| {
+            let source = &image.source;
+            serde_json::json!({
+                "live_dir": image.live_dir,
+                "source": {
+                    "name": source.name,
+                    "size_bytes": source.size,
+                    "sha256": source.sha256,
+                    "implanted_md5": source.implanted_md5,
+                    "label": source.label,
+                },
+                "written_at": image.written_at,
+            })
+        })
+        .collect();
+    views.serialize(serializer)
 }
 
 pub fn run(a: &VerifyArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
@@ -69,6 +100,7 @@ pub fn run(a: &VerifyArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     let iso_bad = iso.as_ref().is_some_and(|i| !i.ok());
     let all_good = changed == 0 && missing == 0 && persist_bad == 0 && !iso_bad;
     let report = VerifyReport {
+        schema: VERIFY_SCHEMA,
         target: show.clone(),
         manifest: &v.manifest_path,
         written_by: &v.manifest.livestick_version,

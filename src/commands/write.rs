@@ -298,7 +298,7 @@ fn acquire_source(
     )?;
     if args.source_check.download_only {
         if json {
-            crate::outln!("{}", acquired.to_json()?);
+            crate::outln!("{}", acquired.to_json(&args.iso)?);
         } else {
             crate::outln!("{}", acquired.path.display());
             if !quiet {
@@ -369,8 +369,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     plan.source = args.iso.clone();
     if args.dry_run {
         if json {
-            let mut value = serde_json::to_value(&plan)?;
-            value["checksum"] = serde_json::to_value(&source_check)?;
+            let value = plan.to_json(&source_check)?;
             crate::outln!("{}", serde_json::to_string_pretty(&value)?);
         } else {
             crate::out!("{}", plan.to_table());
@@ -385,7 +384,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         .tempdir()
         .context("creating a temporary directory")?;
     let mut source = apply::open_source(&live)?;
-    let report = write_one(
+    let mut report = write_one(
         args,
         &plan,
         &probe,
@@ -396,12 +395,9 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         &progress,
     )?;
     if json {
-        let mut value = serde_json::to_value(&report)?;
-        value["iso_md5"] = serde_json::json!(md5);
-        value["repaired"] = serde_json::json!(plan.repaired);
-        value["checksum"] = serde_json::to_value(&source_check)?;
-        value["iso_check"] = serde_json::json!(plan.iso_check);
-        crate::outln!("{}", serde_json::to_string_pretty(&value)?);
+        report.iso_md5 = md5.clone();
+        report.checksum = Some(source_check.clone());
+        crate::outln!("{}", serde_json::to_string_pretty(&report.to_json()?)?);
     } else if !quiet {
         crate::out!(
             "{}",
@@ -435,13 +431,14 @@ fn run_batch(
     let md5 = if args.dry_run {
         None
     } else {
-        let progress = Progress::new(progress_mode(json, quiet), "iso");
+        let progress = Progress::for_source(progress_mode(json, quiet), "iso");
         let md5 =
             write_facts::check_source(&args.iso, &live, source_check, !args.noverify, &progress)?;
         progress.finish();
         md5
     };
-    let mut batch = Batch::start(json, &args.iso, &args.targets);
+    // A dry run prints one document of plans, not the events of a batch that runs.
+    let mut batch = Batch::start(json && !args.dry_run, &args.iso, &args.targets);
     for target in &args.targets {
         // Each target gets its own volume id (and so its own overlay name).
         let mut own = opts.clone();
@@ -468,13 +465,18 @@ fn run_batch(
     if args.dry_run {
         let plans: Vec<&Plan> = batch.planned_targets().iter().map(|p| &p.plan).collect();
         if json {
-            crate::outln!("{}", serde_json::to_string_pretty(&plans)?);
+            let plans = plans
+                .iter()
+                .map(|p| p.to_json(source_check))
+                .collect::<Result<Vec<_>, _>>()?;
+            let document = crate::batch::plans_document(plans, &batch.failures());
+            crate::outln!("{}", serde_json::to_string_pretty(&document)?);
         } else {
             for p in plans {
                 crate::out!("{}", p.to_table());
             }
         }
-        return Ok(batch.finish(quiet)?);
+        return Ok(batch.finish(quiet || json)?);
     }
     for p in batch.planned_targets() {
         confirm_target(&p.plan, &p.probe, args)?;
@@ -501,9 +503,17 @@ fn run_batch(
                 source,
                 progress,
             )
+            .map(|report| with_checksum(report, source_check))
         },
     )?;
     Ok(batch.finish(quiet)?)
+}
+
+/// A batch member's report with the source's published-checksum check, which
+/// its `done` event carries like the single-target report.
+fn with_checksum(mut report: apply::ApplyReport, check: &SourceCheck) -> apply::ApplyReport {
+    report.checksum = Some(check.clone());
+    report
 }
 
 /// `--wait-for N`: write each stick as it is plugged in.
@@ -529,7 +539,7 @@ fn run_wait_for(
         live,
         source_check,
         !args.noverify,
-        &Progress::new(progress_mode(json, quiet), "iso"),
+        &Progress::for_source(progress_mode(json, quiet), "iso"),
     )?;
     let passphrase = home_passphrase(
         args,
@@ -565,6 +575,7 @@ fn run_wait_for(
                 source.as_mut(),
                 progress,
             )
+            .map(|report| with_checksum(report, source_check))
         },
     )?;
     Ok(batch.finish(quiet)?)

@@ -118,7 +118,8 @@ pub fn run(args: &WriteArgs, why: String, json: bool, quiet: bool) -> anyhow::Re
     let (plan, probe) = run::plan_target(&source, &options(args), target_path)?;
     if args.dry_run {
         if json {
-            crate::outln!("{}", serde_json::to_string_pretty(&plan)?);
+            let value = raw_write::with_schema(&plan)?;
+            crate::outln!("{}", serde_json::to_string_pretty(&value)?);
         } else {
             crate::out!("{}", plan.to_table());
         }
@@ -139,7 +140,8 @@ pub fn run(args: &WriteArgs, why: String, json: bool, quiet: bool) -> anyhow::Re
     progress.finish();
     let report = result?;
     if json {
-        crate::outln!("{}", serde_json::to_string_pretty(&report)?);
+        let value = raw_write::with_schema(&report)?;
+        crate::outln!("{}", serde_json::to_string_pretty(&value)?);
     } else if !quiet {
         print_report(&report);
     }
@@ -148,17 +150,24 @@ pub fn run(args: &WriteArgs, why: String, json: bool, quiet: bool) -> anyhow::Re
 
 /// Many targets from one read (and one decompression) of the image.
 fn run_batch(args: &WriteArgs, source: &RawSource, json: bool, quiet: bool) -> anyhow::Result<()> {
-    let mut batch = RawBatch::start(json, source, options(args), &args.targets);
+    // A dry run prints one document of plans, not the events of a batch that runs.
+    let events = json && !args.dry_run;
+    let mut batch = RawBatch::start(events, source, options(args), &args.targets);
     if args.dry_run {
         let plans: Vec<&RawPlan> = batch.planned().iter().map(|(p, _)| p).collect();
         if json {
-            crate::outln!("{}", serde_json::to_string_pretty(&plans)?);
+            let plans = plans
+                .iter()
+                .map(raw_write::with_schema)
+                .collect::<Result<Vec<_>, _>>()?;
+            let document = crate::batch::plans_document(plans, &batch.failures());
+            crate::outln!("{}", serde_json::to_string_pretty(&document)?);
         } else {
             for p in plans {
                 crate::out!("{}", p.to_table());
             }
         }
-        batch.finish(quiet)?;
+        batch.finish(quiet || json)?;
         return Ok(());
     }
     for (_, probe) in batch.planned() {

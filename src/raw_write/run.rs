@@ -13,7 +13,7 @@ use thiserror::Error;
 
 use super::{RawPlan, RawReport, RawSource, RawWriteError, StreamSource};
 use crate::apply::{ApplyError, IsoSource};
-use crate::batch::{BatchError, EVENTS_SCHEMA};
+use crate::batch::{BatchError, events};
 use crate::disk::devices::{self, DeviceError};
 use crate::disk::identity::{self, IdentityError};
 use crate::disk::target::{self, TargetError, TargetProbe};
@@ -108,6 +108,14 @@ fn with_causes(error: &dyn StdError) -> String {
     text
 }
 
+/// A written target's `done` event: the raw report's fields.
+fn done_event(report: &RawReport) -> serde_json::Value {
+    events::done(
+        serde_json::to_value(report)
+            .unwrap_or_else(|_| serde_json::json!({"target": report.target})),
+    )
+}
+
 fn emit(json: bool, value: serde_json::Value) {
     if json {
         crate::outln!("{value}");
@@ -139,8 +147,7 @@ impl<'a> RawBatch<'a> {
     ) -> RawBatch<'a> {
         emit(
             json,
-            serde_json::json!({"event": "start", "schema": EVENTS_SCHEMA,
-                "iso": options.image, "kind": "raw-image", "targets": targets}),
+            events::start(options.image, "raw-image", Some(targets), None),
         );
         let mut batch = RawBatch::empty(json, source, options);
         for target_path in targets {
@@ -151,10 +158,7 @@ impl<'a> RawBatch<'a> {
                 }
                 Err(e) => {
                     let msg = with_causes(&e);
-                    emit(
-                        json,
-                        serde_json::json!({"event": "failed", "device": target_path, "phase": "plan", "error": msg}),
-                    );
+                    emit(json, events::failed(target_path, "plan", &msg));
                     batch.outcomes.push((target_path.clone(), Some(Err(msg))));
                 }
             }
@@ -174,6 +178,17 @@ impl<'a> RawBatch<'a> {
     }
 
     /// The targets planned, in order.
+    /// The targets that could not be planned, with why (a dry run lists them).
+    pub fn failures(&self) -> Vec<(&Path, &str)> {
+        self.outcomes
+            .iter()
+            .filter_map(|(target, outcome)| match outcome {
+                Some(Err(e)) => Some((target.as_path(), e.as_str())),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn planned(&self) -> &[(RawPlan, TargetProbe)] {
         &self.planned
     }
@@ -234,14 +249,8 @@ impl<'a> RawBatch<'a> {
         let _ = reader.join();
         for (target_path, result) in results {
             match &result {
-                Ok(r) => emit(
-                    json,
-                    serde_json::json!({"event": "done", "device": target_path, "report": r}),
-                ),
-                Err(e) => emit(
-                    json,
-                    serde_json::json!({"event": "failed", "device": target_path, "phase": "write", "error": e}),
-                ),
+                Ok(r) => emit(json, done_event(r)),
+                Err(e) => emit(json, events::failed(&target_path, "write", e)),
             }
             if let Some(slot) = self
                 .outcomes
@@ -272,8 +281,7 @@ impl<'a> RawBatch<'a> {
     ) -> Result<RawBatch<'a>, RawRunError> {
         emit(
             json,
-            serde_json::json!({"event": "start", "schema": EVENTS_SCHEMA,
-                "iso": options.image, "kind": "raw-image", "wait_for": n}),
+            events::start(options.image, "raw-image", None, Some(n)),
         );
         if !json && !quiet {
             eprintln!("Waiting for {n} stick(s) to be plugged in…");
@@ -284,10 +292,7 @@ impl<'a> RawBatch<'a> {
             devices::wait_for_new_devices(n, None, options.force, |device| {
                 let progress = Progress::in_multi(mode, &multi, device.display().to_string());
                 let outcomes = &outcomes;
-                emit(
-                    json,
-                    serde_json::json!({"event": "plugged", "device": device}),
-                );
+                emit(json, events::plugged(&device));
                 scope.spawn(move || {
                     let result = (|| -> Result<RawReport, RawRunError> {
                         identity::check_distinct(options.image, std::slice::from_ref(&device))?;
@@ -306,14 +311,8 @@ impl<'a> RawBatch<'a> {
                     progress.finish();
                     let result = result.map_err(|e| with_causes(&e));
                     match &result {
-                        Ok(r) => emit(
-                            json,
-                            serde_json::json!({"event": "done", "device": device, "report": r}),
-                        ),
-                        Err(e) => emit(
-                            json,
-                            serde_json::json!({"event": "failed", "device": device, "phase": "write", "error": e}),
-                        ),
+                        Ok(r) => emit(json, done_event(r)),
+                        Err(e) => emit(json, events::failed(&device, "write", e)),
                     }
                     if let Ok(mut all) = outcomes.lock() {
                         all.push((device, Some(result)));
@@ -337,20 +336,36 @@ impl<'a> RawBatch<'a> {
         let mut details = Vec::new();
         for (target_path, outcome) in &outcomes {
             match outcome {
-                Some(Ok(r)) => rows.push(serde_json::json!({"device": target_path, "ok": true,
-                    "kind": "raw-image", "image_sha256": r.image_sha256, "verified": r.verified})),
+                Some(Ok(r)) => rows.push(events::row(
+                    target_path,
+                    events::Row {
+                        ok: true,
+                        image_sha256: r.image_sha256.as_deref(),
+                        verified: Some(r.verified),
+                        ..Default::default()
+                    },
+                )),
                 Some(Err(e)) => {
                     details.push(format!("{}: {e}", target_path.display()));
-                    rows.push(serde_json::json!({"device": target_path, "ok": false, "error": e}));
+                    rows.push(events::row(
+                        target_path,
+                        events::Row {
+                            error: Some(e),
+                            ..Default::default()
+                        },
+                    ));
                 }
-                None => rows
-                    .push(serde_json::json!({"device": target_path, "ok": true, "dry_run": true})),
+                None => rows.push(events::row(
+                    target_path,
+                    events::Row {
+                        ok: true,
+                        dry_run: true,
+                        ..Default::default()
+                    },
+                )),
             }
         }
-        emit(
-            json,
-            serde_json::json!({"event": "report", "targets": rows}),
-        );
+        emit(json, events::report(rows));
         if !json && !quiet {
             crate::outln!("{:<32} {:<8} DETAIL", "TARGET", "RESULT");
             for (target_path, outcome) in &outcomes {

@@ -28,19 +28,25 @@ pub fn acquire(
     read_local: bool,
     mode: ProgressMode,
 ) -> Result<Acquired, DownloadError> {
-    let progress = Progress::new(mode, "source");
+    let progress = Progress::for_source(mode, "source");
     let (path, check) = download::prepare(source, opts, read_local, &progress)?;
     progress.finish();
     Ok(Acquired { path, check })
 }
 
+/// The version of `--download-only --json`'s document.
+pub const DOWNLOAD_SCHEMA: u32 = 1;
+
 impl Acquired {
-    /// `--download-only --json`: the file and its check (keys in sorted order,
-    /// as `json!` has always printed them).
-    pub fn to_json(&self) -> serde_json::Result<String> {
-        serde_json::to_string_pretty(
-            &serde_json::json!({"path": self.path, "checksum": self.check}),
-        )
+    /// `--download-only --json` (schemas/download.schema.json): what the user
+    /// named, the file it became and its check.
+    pub fn to_json(&self, source: &Path) -> serde_json::Result<String> {
+        serde_json::to_string_pretty(&serde_json::json!({
+            "schema": DOWNLOAD_SCHEMA,
+            "source": source,
+            "file": self.path,
+            "checksum": self.check,
+        }))
     }
 }
 
@@ -147,12 +153,14 @@ mod tests {
             path: PathBuf::from("/cache/Fedora.iso"),
             check: checked(),
         };
-        let text = acquired.to_json().unwrap();
+        let text = acquired
+            .to_json(Path::new("https://example.org/Fedora.iso"))
+            .unwrap();
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(value["path"], "/cache/Fedora.iso");
+        assert_eq!(value["schema"], DOWNLOAD_SCHEMA);
+        assert_eq!(value["source"], "https://example.org/Fedora.iso");
+        assert_eq!(value["file"], "/cache/Fedora.iso");
         assert_eq!(value["checksum"]["status"], "checked");
         assert_eq!(value["checksum"]["matched"], true);
-        // Sorted keys, as the document has always been printed.
-        assert!(text.find("\"checksum\"").unwrap() < text.find("\"path\"").unwrap());
     }
 }

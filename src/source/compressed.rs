@@ -290,7 +290,7 @@ pub fn open_in(path: &Path, dir: &Path, mode: ProgressMode) -> Result<Source, De
         source,
     };
     let out = tempfile::tempfile_in(dir).map_err(temp_err)?;
-    let progress = Progress::new(mode, "iso");
+    let progress = Progress::for_source(mode, "iso");
     progress.phase("unpack", compressed_len);
     let unpacked = unpack(path, dir, format, file, &out, &progress);
     // Cleared on failure too, so the error is not printed under a stale bar.

@@ -410,7 +410,7 @@ pub struct CheckedFile {
 
 /// How far a checksum file is trusted.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Trust {
     /// A good signature by a key of the keyring.
     Signed { signer: Signer, keyring: String },
@@ -698,7 +698,7 @@ impl ChecksumReport {
 
 /// Whether and how the source image was checked against a published checksum.
 #[derive(Debug, Clone, Serialize)]
-#[serde(tag = "status", rename_all = "snake_case")]
+#[serde(tag = "status", rename_all = "kebab-case")]
 pub enum SourceCheck {
     Checked(ChecksumReport),
     /// No checksum file was given and none was found: why, for the report.

@@ -53,7 +53,7 @@ fn a_batch_writes_every_good_target_and_reports_the_bad_one() {
     );
     let ev = events(&out.stdout);
     assert_eq!(ev[0]["event"], "start");
-    assert_eq!(ev[0]["schema"], 2);
+    assert_eq!(ev[0]["schema"], 3);
     let done: Vec<_> = ev.iter().filter(|e| e["event"] == "done").collect();
     let failed: Vec<_> = ev.iter().filter(|e| e["event"] == "failed").collect();
     assert_eq!(done.len(), 2, "{ev:?}");
@@ -156,7 +156,7 @@ fn loop_batch_survives_a_read_only_and_a_too_small_device() {
     let failed: Vec<String> = ev
         .iter()
         .filter(|e| e["event"] == "failed")
-        .map(|e| e["device"].as_str().unwrap_or("").to_string())
+        .map(|e| e["target"].as_str().unwrap_or("").to_string())
         .collect();
     assert_eq!(failed.len(), 2, "{ev:?}");
     assert!(
@@ -222,7 +222,7 @@ fn wait_for_writes_sticks_as_they_appear() {
     let ev = events(&out.stdout);
     assert!(
         ev.iter()
-            .any(|e| e["event"] == "plugged" && e["device"] == dev.0.as_str()),
+            .any(|e| e["event"] == "plugged" && e["target"] == dev.0.as_str()),
         "{ev:?}"
     );
     drop(dev);
@@ -288,7 +288,7 @@ fn ndjson_events_match_the_recorded_session() {
             if let Some(ev) = e.get("event") {
                 n.insert("event".into(), ev.clone());
             }
-            for field in ["device", "iso"] {
+            for field in ["target", "source"] {
                 if let Some(v) = e.get(field) {
                     n.insert(field.into(), placeholder(v));
                 }
@@ -308,7 +308,7 @@ fn ndjson_events_match_the_recorded_session() {
                         if x.is_string() {
                             placeholder(x)
                         } else {
-                            serde_json::json!({"device": placeholder(&x["device"]), "ok": x["ok"], "keys": keys(x)})
+                            serde_json::json!({"target": placeholder(&x["target"]), "ok": x["ok"], "keys": keys(x)})
                         }
                     })
                     .collect();
@@ -437,7 +437,7 @@ fn wait_for_writes_what_came_and_is_partial_after_its_timeout() {
     let ev = events(&out.stdout);
     assert!(
         ev.iter()
-            .any(|e| e["event"] == "done" && e["device"] == dev.0.as_str()),
+            .any(|e| e["event"] == "done" && e["target"] == dev.0.as_str()),
         "{ev:?}"
     );
     drop(dev);

@@ -362,7 +362,7 @@ fn a_url_is_downloaded_verified_and_written_then_found_in_the_cache() {
     // A second run finds the verified file and does not download it again.
     let again = fetch_only(&url, &cache, &[]);
     let json: serde_json::Value = serde_json::from_slice(ok(&again).as_bytes()).unwrap();
-    assert_eq!(json["path"], cache.join(ISO_NAME).to_str().unwrap());
+    assert_eq!(json["file"], cache.join(ISO_NAME).to_str().unwrap());
     assert_eq!(json["checksum"]["matched"], true);
     assert_eq!(server.requests(&format!("/pub/{ISO_NAME}")).len(), 1);
 }
@@ -502,8 +502,8 @@ fn a_release_name_is_resolved_through_releases_json() {
         cache.path(),
         &["--releases-url", &releases],
     );
-    let json: serde_json::Value = serde_json::from_slice(ok(&out).as_bytes()).unwrap();
-    assert_eq!(json["checksum"]["trust"]["kind"], "release_index");
+    let json = crate::support::schema::valid_document(ok(&out).as_bytes(), "download");
+    assert_eq!(json["checksum"]["trust"]["kind"], "release-index");
     assert_eq!(json["checksum"]["matched"], true);
     assert_eq!(
         sha256_file(&cache.path().join(ISO_NAME)),
@@ -535,8 +535,8 @@ fn a_url_without_a_checksum_is_refused_unless_allowed() {
         &["no checksum for", "--allow-unsigned"],
     );
     let out = fetch_only(&url, cache.path(), &["--allow-unsigned"]);
-    let json: serde_json::Value = serde_json::from_slice(ok(&out).as_bytes()).unwrap();
-    assert_eq!(json["checksum"]["status"], "not_checked");
+    let json = crate::support::schema::valid_document(ok(&out).as_bytes(), "download");
+    assert_eq!(json["checksum"]["status"], "not-checked");
     // --checksum URL names one anyway.
     let sums = format!("{}  disk.iso\n", sha256_hex(&bytes));
     server.put("/pub/SHA256SUMS", sums.as_bytes());
@@ -550,7 +550,7 @@ fn a_url_without_a_checksum_is_refused_unless_allowed() {
             "--allow-unsigned",
         ],
     );
-    let json: serde_json::Value = serde_json::from_slice(ok(&out).as_bytes()).unwrap();
+    let json = crate::support::schema::valid_document(ok(&out).as_bytes(), "download");
     assert_eq!(json["checksum"]["matched"], true);
 }
 
@@ -644,7 +644,7 @@ fn https_is_trusted_through_ca_file() {
     let cache = work.path().join("cache");
     failed(&fetch_only(&url, &cache, &[]), 4, &["--ca-file"]);
     let out = fetch_only(&url, &cache, &["--ca-file", ca.to_str().unwrap()]);
-    let json: serde_json::Value = serde_json::from_slice(ok(&out).as_bytes()).unwrap();
+    let json = crate::support::schema::valid_document(ok(&out).as_bytes(), "download");
     assert_eq!(json["checksum"]["matched"], true);
     assert_eq!(sha256_file(&cache.join(ISO_NAME)), sha256_hex(&bytes));
 }

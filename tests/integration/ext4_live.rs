@@ -131,9 +131,9 @@ fn six_gib_overlay_goes_on_an_ext4_partition_costing_its_metadata() {
         "--unencrypted-home",
     ]));
     let report: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
-    let written = report["bytes_written"].as_u64().unwrap();
+    let written = report["written_bytes"].as_u64().unwrap();
     assert!(written < 80 << 20, "wrote {written} bytes");
-    assert_eq!(report["bytes_verified"], report["bytes_written"]);
+    assert_eq!(report["verified_bytes"], report["written_bytes"]);
     assert!(
         allocated(&image) - before < 80 << 20,
         "the image is not sparse"

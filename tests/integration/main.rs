@@ -35,6 +35,7 @@ mod home_cli;
 mod home_image;
 mod iso_reader;
 mod json_maint;
+mod json_write;
 mod luks_cryptsetup;
 mod opened_once;
 mod output_voice;

@@ -81,10 +81,10 @@ fn a_block_device_is_read_back_while_it_is_written() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["verified"], true);
-    let written = report["bytes_written"].as_u64().unwrap();
+    let written = report["written_bytes"].as_u64().unwrap();
     // More than one batch: the ISO's files alone are 15 MiB.
     assert!(written > 12 * MIB, "{written}");
-    assert_eq!(report["bytes_verified"].as_u64(), Some(written));
+    assert_eq!(report["verified_bytes"].as_u64(), Some(written));
     let start = part_start(&image);
     let len = sfdisk(&image)["partitiontable"]["partitions"][0]["size"]
         .as_u64()

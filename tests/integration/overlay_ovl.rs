@@ -1485,6 +1485,6 @@ fn flat_squashfs_gets_an_overlayfs_overlay() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(plan["overlay"]["kind"], "OverlayFs", "{plan}");
+    assert_eq!(plan["overlay"]["kind"], "overlayfs", "{plan}");
     assert!(!img.exists(), "a dry run created the image");
 }

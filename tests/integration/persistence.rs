@@ -156,7 +156,7 @@ fn a_flat_root_gets_an_overlayfs_overlay_without_a_flag() {
         "--dry-run",
     ]));
     let step = &plan["overlay"];
-    assert_eq!(step["kind"], "OverlayFs", "{plan}");
+    assert_eq!(step["kind"], "overlayfs", "{plan}");
     assert!(
         step["why"].as_str().unwrap().contains("directly in"),
         "{step}"
@@ -190,7 +190,7 @@ fn a_flat_root_gets_an_overlayfs_overlay_without_a_flag() {
         "32",
         "--dry-run",
     ]));
-    assert_eq!(plan["overlay"]["kind"], "DmSnapshot", "{plan}");
+    assert_eq!(plan["overlay"]["kind"], "dm-snapshot", "{plan}");
     assert!(
         plan["overlay"]["why"]
             .as_str()

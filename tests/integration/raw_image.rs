@@ -253,12 +253,12 @@ fn each_compressed_fedora_raw_is_written_whole_over_a_used_stick() {
         assert_eq!(r["image_sha256"], want, "{name}");
         // The image and the zeroed last 2 MiB of the larger target, all read back.
         assert_eq!(
-            r["bytes_written"].as_u64(),
+            r["written_bytes"].as_u64(),
             Some(IMAGE_SIZE + 2 * MIB),
             "{name}"
         );
-        assert_eq!(r["bytes_zeroed"].as_u64(), Some(2 * MIB));
-        assert_eq!(r["bytes_verified"], r["bytes_written"]);
+        assert_eq!(r["zeroed_bytes"].as_u64(), Some(2 * MIB));
+        assert_eq!(r["verified_bytes"], r["written_bytes"]);
         assert_eq!(
             read_range(&target, 0, IMAGE_SIZE),
             std::fs::read(&raw).unwrap(),
@@ -299,7 +299,7 @@ fn with_its_bmap_only_mapped_ranges_are_written_each_checked() {
     assert_eq!(r["bmap"], s(&map));
     let mapped = plan["bmap"]["mapped_bytes"].as_u64().unwrap();
     assert!(mapped < IMAGE_SIZE / 4, "{plan}");
-    assert_eq!(r["bytes_verified"], r["bytes_written"]);
+    assert_eq!(r["verified_bytes"], r["written_bytes"]);
     let image = std::fs::read(fixture().join("disk.raw")).unwrap();
     let now = std::fs::read(&target).unwrap();
     // Ranges from bmaptool's own map: identical to the image; an unmapped block
@@ -653,7 +653,7 @@ fn a_loop_device_gets_the_image_and_its_partitions() {
     };
     // A loop device is not removable: --force, as for any fixed disk.
     let r = report(&write(&[s(&src), &dev.0, "--yes", "--force"]));
-    assert_eq!(r["bytes_verified"], r["bytes_written"]);
+    assert_eq!(r["verified_bytes"], r["written_bytes"]);
     drop(dev);
     assert_eq!(
         read_range(&backing, 0, IMAGE_SIZE),

@@ -654,8 +654,8 @@ fn a_dry_run_over_a_leftover_plans_the_repaired_stick_and_writes_nothing() {
     // frees nothing and the plan counts nothing for it (what the repair does free is
     // the one cluster the helper's empty file had, lost when its entry was rewritten).
     let (left, was) = (
-        plan["space_available"].as_u64(),
-        clean["space_available"].as_u64(),
+        plan["available_bytes"].as_u64(),
+        clean["available_bytes"].as_u64(),
     );
     assert!(
         left.unwrap() < was.unwrap() + (1 << 20),

@@ -107,7 +107,7 @@ fn a_live_stick_becomes_one_plain_fat32_partition() {
     let report: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(report["fs"], "fat32");
     assert_eq!(report["label"], "PHOTOS");
-    assert_eq!(report["bytes_written"], report["bytes_verified"]);
+    assert_eq!(report["written_bytes"], report["verified_bytes"]);
     assert_plain(&stick, "PHOTOS", dir.path());
 }
 
@@ -157,7 +157,7 @@ fn save_home_copies_home_img_off_first_and_checks_it() {
     let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
     assert_eq!(sha256_file(&saved), want);
     assert_eq!(report["saved_home"]["sha256"], want.as_str());
-    assert_eq!(report["saved_home"]["size"], 32 << 20);
+    assert_eq!(report["saved_home"]["size_bytes"], 32 << 20);
     e2fsck_clean(&saved);
     assert_plain(&stick, "USB", dir.path());
 

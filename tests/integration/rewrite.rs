@@ -91,7 +91,7 @@ fn same_root_image_keeps_the_overlay_and_a_changed_one_empties_it() {
     // The same ISO again: recognised by its record, the overlay kept byte for byte.
     let plan = json_of(&[iso, img, "--dry-run"]);
     assert_eq!(kept(&plan)["reset"], false, "{plan}");
-    assert_eq!(kept(&plan)["used"], used, "{plan}");
+    assert_eq!(kept(&plan)["used_bytes"], used, "{plan}");
     let why = kept(&plan)["why"].as_str().unwrap();
     assert!(
         why.contains("written from this ISO (implanted MD5"),
@@ -153,7 +153,7 @@ fn same_root_image_keeps_the_overlay_and_a_changed_one_empties_it() {
     );
     let report = json_of(&[iso, img]);
     assert_eq!(kept(&report)["reset"], true, "{report}");
-    assert_eq!(kept(&report)["used"], used, "{report}");
+    assert_eq!(kept(&report)["used_bytes"], used, "{report}");
     let overlay = fat_read(&image, start, OVERLAY);
     assert_eq!(overlay.len() as u64, 16 * MIB);
     assert!(
@@ -222,7 +222,10 @@ fn overlayfs_overlay_is_kept_or_made_anew() {
     fat_put(&image, start, &older_path, "/LiveOS/squashfs.img");
     let report = json_of(&[iso, img]);
     assert_eq!(kept(&report)["reset"], true, "{report}");
-    assert!(kept(&report)["used"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        kept(&report)["used_bytes"].as_u64().unwrap() > 0,
+        "{report}"
+    );
     assert_eq!(report["overlay"], path, "{report}");
     fat_copy_out(&image, start, path, &overlay);
     assert_eq!(std::fs::metadata(&overlay).unwrap().len(), 32 * MIB);

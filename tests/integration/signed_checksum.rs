@@ -320,6 +320,7 @@ fn a_good_signature_and_matching_sha256_are_reported_then_written() {
         keys.good.to_str().unwrap(),
     ]);
     let json = report(&out);
+    crate::support::schema::assert_valid(&json, "write-report");
     let check = &json["checksum"];
     assert_eq!(check["status"], "checked", "{check}");
     assert_eq!(check["matched"], true);
@@ -353,7 +354,7 @@ fn a_checksum_beside_the_image_is_found_and_a_keyring_directory_is_read() {
     std::fs::copy(&keys.good, ring.join("RPM-GPG-KEY-test")).unwrap();
     std::fs::write(ring.join("README"), "not a key\n").unwrap();
     let out = scene.write(&["--dry-run", "--keyring", ring.to_str().unwrap()]);
-    let plan: serde_json::Value = serde_json::from_slice(&ok(&out).into_bytes()).unwrap();
+    let plan = crate::support::schema::valid_document(&ok(&out).into_bytes(), "write-plan");
     let notes = plan["notes"].to_string();
     assert!(notes.contains(CHECKSUM_NAME), "{notes}");
     assert!(notes.contains("signed by Livestick Test Signer"), "{notes}");

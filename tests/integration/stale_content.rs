@@ -238,10 +238,10 @@ fn write_over(iso: &Path, image: &Path, extra: &[&str]) -> serde_json::Value {
 }
 
 fn assert_counts(report: &serde_json::Value) {
-    let written = report["bytes_written"].as_u64().unwrap();
+    let written = report["written_bytes"].as_u64().unwrap();
     assert!(written > 0);
     assert_eq!(
-        report["bytes_verified"].as_u64(),
+        report["verified_bytes"].as_u64(),
         Some(written),
         "read-back covers exactly the bytes written"
     );
@@ -250,8 +250,8 @@ fn assert_counts(report: &serde_json::Value) {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|f| f["size"] != f["written"])
-        .map(|f| f["written"].as_u64().unwrap())
+        .filter(|f| f["size_bytes"] != f["written_bytes"])
+        .map(|f| f["written_bytes"].as_u64().unwrap())
         .sum();
     assert!(persist < 24 * MIB, "persistence wrote {persist} bytes");
 }
@@ -423,7 +423,7 @@ fn persistence_costs_only_its_metadata() {
         "--yes",
     ]);
     assert_counts(&report);
-    let written = report["bytes_written"].as_u64().unwrap();
+    let written = report["written_bytes"].as_u64().unwrap();
     let iso_len = std::fs::metadata(&iso).unwrap().len();
     // FAT tables of a 9 GiB FAT32: 2 × 9 MiB; the rest is the ISO's files and metadata.
     assert!(

@@ -299,8 +299,8 @@ fn a_truncated_file_and_a_deleted_one_are_changed_and_missing() {
     assert_eq!(out.status.code(), Some(4));
     let truncated = state_of(&r, "/isolinux/vmlinuz");
     assert_eq!(truncated["state"], "changed");
-    assert_eq!(truncated["size"], len / 2);
-    assert_eq!(truncated["recorded_size"], len);
+    assert_eq!(truncated["size_bytes"], len / 2);
+    assert_eq!(truncated["recorded_size_bytes"], len);
     assert!(
         truncated["detail"].as_str().unwrap().contains("truncated"),
         "{truncated:#}"

@@ -270,8 +270,8 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     assert!(!image.exists(), "dry run created the target");
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(plan["format"]["table"], "mbr");
-    assert_eq!(plan["overlay"]["size"], 64 * MIB);
-    assert!(plan["free_after"].as_u64().unwrap() > 0);
+    assert_eq!(plan["overlay"]["size_bytes"], 64 * MIB);
+    assert!(plan["free_after_bytes"].as_u64().unwrap() > 0);
     assert!(
         plan["copies"]
             .as_array()
