@@ -329,6 +329,51 @@ pub fn refuse_rewrite_in_place(device: &Path) -> Result<(), Ext4LiveError> {
     }
 }
 
+/// Gives `path` (inside the ext4 live `partition` of `device`) blocks up to `new_size` bytes and that size. debugfs works on the
+/// partition in place (`device?offset=N`) and allocates as debugfs `fallocate`
+/// does: unwritten extents, no bytes written, reading as zeros. The blocks are
+/// allocated and checked before the size is set, so a partition that runs out of
+/// room leaves the file as it was (with some blocks past its end that e2fsck
+/// accepts).
+pub fn grow_file(
+    device: &Path,
+    partition: &ext4_fs::LivePartition,
+    path: &str,
+    old_size: u64,
+    new_size: u64,
+) -> Result<(), Ext4LiveError> {
+    let shown = device.display().to_string();
+    if shown.contains('?') {
+        return Err(Ext4LiveError::Allocate {
+            path: path.to_string(),
+            detail: format!("debugfs cannot name a device whose path has a '?': {shown}"),
+        });
+    }
+    let spec = PathBuf::from(format!("{shown}?offset={}", partition.start));
+    let rel = path.trim_start_matches('/');
+    let (first, last) = (old_size.div_ceil(BLOCK), new_size.div_ceil(BLOCK));
+    if last > first {
+        let log = debugfs(&spec, &format!("fallocate {rel} {first} {}\n", last - 1))?;
+        let mut f = File::open(device).map_err(io_err(format!("opening {shown}")))?;
+        let mut window = crate::io::PartitionWindow::new(&mut f, partition.start, partition.len);
+        let fs = Ext4Fs::open(&mut window)?;
+        let mut map = fs
+            .file(&mut window, path)?
+            .ok_or_else(|| Ext4LiveError::Allocate {
+                path: path.to_string(),
+                detail: "it is gone".into(),
+            })?;
+        map.size = new_size;
+        map.byte_runs(BLOCK, path)
+            .map_err(|e| Ext4LiveError::Allocate {
+                path: path.to_string(),
+                detail: format!("{e}: {}", last_lines(&log)),
+            })?;
+    }
+    debugfs(&spec, &format!("sif {rel} size {new_size}\n"))?;
+    Ok(())
+}
+
 /// MBR type of a Linux file system.
 const MBR_LINUX: u8 = 0x83;
 

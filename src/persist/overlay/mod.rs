@@ -126,13 +126,26 @@ pub struct StickRoom {
     /// The overlay's path on the stick's FAT.
     pub overlay: String,
     pub free_bytes: u64,
+    /// The overlay is a file on the stick's FAT32 (under 4 GiB); false on the
+    /// ext4 live partition.
+    pub on_fat: bool,
 }
 
 impl StickRoom {
+    /// The largest overlay file its file system allows.
+    pub fn max_file_bytes(&self) -> u64 {
+        if self.on_fat {
+            crate::persist::snapshot::FAT_MAX_FILE_BYTES
+        } else {
+            // ext4 with 4 KiB blocks: 16 TiB less a block.
+            (16u64 << 40) - 4096
+        }
+    }
+
     /// On a stick the FAT file limit is a hard error with the figures, not a silent
     /// cap: the user asked for a size the stick cannot give.
     pub fn check_fat_limit(&self, show: &str, requested: u64) -> Result<(), OverlayError> {
-        if requested > fat::FAT_MAX_FILE {
+        if self.on_fat && requested > fat::FAT_MAX_FILE {
             return Err(OverlayError::Refused(format!(
                 "{show} cannot grow to {} ({requested} bytes): a file on FAT32 must stay below 4 GiB, at most {} MiB ({} bytes)",
                 human(requested),
