@@ -48,6 +48,20 @@ pub fn table(image: &LiveImage) -> String {
         image.compressor.as_deref().unwrap_or("unknown compressor")
     ));
     out.push_str(&format!("root:          {root}\n"));
+    if let Some(l) = &image.ext4_live {
+        out.push_str(&format!(
+            "ext4 layout:   boot files on FAT partition {}; the live directory on ext4 partition {} (label {}, UUID {}, {}, {} free)\n",
+            l.boot_partition,
+            l.partition,
+            l.label,
+            l.uuid,
+            human(l.size_bytes),
+            human(l.free_bytes)
+        ));
+        for f in &l.files {
+            out.push_str(&format!("  {:>10}  {}\n", human(f.size_bytes), f.path));
+        }
+    }
     out.push_str(&format!(
         "implanted MD5: {}\n",
         if image.implanted_md5 {

@@ -1253,6 +1253,86 @@ mod tests {
     }
 
     #[test]
+    fn writes_into_unwritten_extents_split_them_and_read_back_through_debugfs() {
+        if !have("debugfs") || !have("mke2fs") {
+            return;
+        }
+        // One 8 MiB file: a single unwritten extent in the inode, which has room
+        // for 4 entries.
+        let script = "write /dev/null big\nfallocate big 0 2047\nsif big size 8388608\n";
+        let (dir, path) = image(64, script);
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open");
+        let fs = Ext4Fs::open(&mut f).expect("ext4");
+        let map = fs.file(&mut f, "/big").unwrap().unwrap();
+        assert_eq!(map.extents.len(), 1, "{:?}", map.extents);
+        // Stale bytes in the file's blocks: they must keep reading as zeros.
+        for (at, n) in map.byte_runs(4096, "big").unwrap() {
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(&vec![0xA5; n as usize]).unwrap();
+        }
+        let part = LivePartition {
+            number: 1,
+            start: 0,
+            len: 64 << 20,
+            fs: fs.clone(),
+        };
+        let mut expected = vec![0u8; 8 << 20];
+        {
+            let mut rw = Ext4FileRw::new(&mut f, &part, &map);
+            rw.seek(SeekFrom::Start(4096 * 10 + 100)).unwrap();
+            rw.write_all(b"hello").unwrap();
+            // Zeros into an unwritten block: already there, skipped.
+            rw.seek(SeekFrom::Start(4096 * 20)).unwrap();
+            rw.write_all(&[0u8; 4096]).unwrap();
+            crate::io::SyncData::sync_data(&mut rw).unwrap();
+        }
+        expected[4096 * 10 + 100..4096 * 10 + 105].copy_from_slice(b"hello");
+        let split = fs.file(&mut f, "/big").unwrap().unwrap();
+        let shape: Vec<(u64, u64, bool)> = split
+            .extents
+            .iter()
+            .map(|e| (e.logical, e.len, e.unwritten))
+            .collect();
+        assert_eq!(shape, [(0, 10, true), (10, 1, false), (11, 2037, true)]);
+        // A write that needs two more entries than the inode holds: that extent is
+        // zeroed and marked written whole.
+        {
+            let map = split.clone();
+            let mut rw = Ext4FileRw::new(&mut f, &part, &map);
+            rw.seek(SeekFrom::Start(4096 * 100)).unwrap();
+            rw.write_all(&[7u8; 4096]).unwrap();
+            crate::io::SyncData::sync_data(&mut rw).unwrap();
+        }
+        expected[4096 * 100..4096 * 101].fill(7);
+        let whole = fs.file(&mut f, "/big").unwrap().unwrap();
+        let shape: Vec<(u64, u64, bool)> = whole
+            .extents
+            .iter()
+            .map(|e| (e.logical, e.len, e.unwritten))
+            .collect();
+        assert_eq!(shape, [(0, 10, true), (10, 1, false), (11, 2037, false)]);
+        drop(f);
+        let out = Command::new("e2fsck")
+            .args(["-fn"])
+            .arg(&path)
+            .output()
+            .expect("e2fsck");
+        assert!(
+            out.status.success(),
+            "e2fsck: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dump = dir.path().join("big.dump");
+        debugfs_out(&path, &format!("dump big {}", dump.display()));
+        assert!(std::fs::read(&dump).expect("dumped") == expected);
+    }
+
+    #[test]
     fn garbage_is_refused_not_followed() {
         let mut zeros = std::io::Cursor::new(vec![0u8; 8192]);
         assert!(matches!(

@@ -351,9 +351,11 @@ pub fn grow_file(
     }
     let spec = PathBuf::from(format!("{shown}?offset={}", partition.start));
     let rel = path.trim_start_matches('/');
-    let (first, last) = (old_size.div_ceil(BLOCK), new_size.div_ceil(BLOCK));
-    if last > first {
-        let log = debugfs(&spec, &format!("fallocate {rel} {first} {}\n", last - 1))?;
+    if new_size > old_size {
+        let last = new_size.div_ceil(BLOCK);
+        // From block 0: a hole anywhere (a file written sparse by another tool)
+        // becomes an unwritten extent too, so that livestick can write into it.
+        let log = debugfs(&spec, &format!("fallocate {rel} 0 {}\n", last - 1))?;
         let mut f = File::open(device).map_err(io_err(format!("opening {shown}")))?;
         let mut window = crate::io::PartitionWindow::new(&mut f, partition.start, partition.len);
         let fs = Ext4Fs::open(&mut window)?;
@@ -372,6 +374,86 @@ pub fn grow_file(
     }
     debugfs(&spec, &format!("sif {rel} size {new_size}\n"))?;
     Ok(())
+}
+
+/// Where things are on a stick of the ext4 live layout, as `inspect STICK` shows it:
+/// the FAT boot partition holds the boot loaders, kernels and menus; the ext4 one
+/// the live directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Ext4LiveLayout {
+    /// The FAT partition with the boot files.
+    pub boot_partition: u32,
+    /// The ext4 partition that is the live device (`root=live:UUID=<uuid>`).
+    pub partition: u32,
+    pub start_bytes: u64,
+    pub size_bytes: u64,
+    pub uuid: String,
+    pub label: String,
+    /// Free space of the ext4 file system (what `overlay grow`/`home resize` may take).
+    pub free_bytes: u64,
+    /// The live directory's files on it, squashfs.img, the overlay, home.img….
+    pub files: Vec<Ext4LiveEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Ext4LiveEntry {
+    /// Absolute path inside the ext4 file system.
+    pub path: String,
+    pub size_bytes: u64,
+}
+
+/// A stick's ext4 live layout, with the byte runs of its squashfs.img on the device.
+pub type LayoutAndRoot = (Ext4LiveLayout, Vec<(u64, u64)>);
+
+/// The ext4 live layout of `dev` (boot partition `boot_partition`), with the byte
+/// runs of `/<live_dir>/squashfs.img` on the whole device; `None` for a stick
+/// without an ext4 partition holding the live directory.
+pub fn layout_of<R: Read + Write + Seek>(
+    dev: &mut R,
+    live_dir: &str,
+    boot_partition: u32,
+) -> Result<Option<LayoutAndRoot>, Ext4FsError> {
+    let Some(p) = ext4_fs::find_live_partition(dev, live_dir)? else {
+        return Ok(None);
+    };
+    let mut window = crate::io::PartitionWindow::new(dev, p.start, p.len);
+    let dir = p.fs.lookup(&mut window, &format!("/{live_dir}"))?;
+    let mut files = Vec::new();
+    if let Some(dir) = dir {
+        let mut names = p.fs.read_dir(&mut window, &dir)?;
+        names.sort();
+        for (name, number) in names {
+            let inode = p.fs.inode(&mut window, number)?;
+            if !inode.is_dir() {
+                files.push(Ext4LiveEntry {
+                    path: format!("/{live_dir}/{name}"),
+                    size_bytes: inode.size,
+                });
+            }
+        }
+    }
+    let squashfs = format!("/{live_dir}/squashfs.img");
+    let runs = match p.fs.file(&mut window, &squashfs)? {
+        Some(map) => map
+            .byte_runs(p.fs.block_size, &squashfs)?
+            .into_iter()
+            .map(|(at, n)| (p.start + at, n))
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(Some((
+        Ext4LiveLayout {
+            boot_partition,
+            partition: p.number,
+            start_bytes: p.start,
+            size_bytes: p.len,
+            uuid: p.fs.uuid.clone(),
+            label: p.fs.label.clone(),
+            free_bytes: p.fs.free_blocks * p.fs.block_size,
+            files,
+        },
+        runs,
+    )))
 }
 
 /// MBR type of a Linux file system.

@@ -312,3 +312,189 @@ fn overlayfs_overlay_on_ext4_resets_and_grows_in_place() {
     let fs_bytes: u64 = blocks.parse::<u64>().unwrap() * bsize.parse::<u64>().unwrap();
     assert_eq!(fs_bytes, 128 << 20);
 }
+
+impl Ext4Stick {
+    fn dump(&self, path: &str, name: &str) -> PathBuf {
+        let out = self._dir.path().join(name);
+        let _ = std::fs::remove_file(&out);
+        debugfs(
+            &self.image,
+            self.part,
+            &format!("dump {path} {}", out.display()),
+        );
+        assert!(out.is_file(), "debugfs dumped nothing of {path}");
+        out
+    }
+}
+
+fn debugfs_cat(ext4: &Path, file: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat {file}")])
+        .arg(ext4)
+        .output()
+        .expect("debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn debugfs_w(spec: &str, script: &str) {
+    let mut child = Command::new("debugfs")
+        .args(["-w", "-f", "-", spec])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("debugfs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("feed debugfs");
+    assert!(child.wait().expect("debugfs").success());
+}
+
+#[test]
+fn plain_home_on_ext4_grows_in_place_keeping_its_files() {
+    let t = ext4_stick(
+        "fedora-classic.iso",
+        1 << 30,
+        &["--home-size-mb", "64", "--unencrypted-home"],
+    );
+    // inspect shows the layout: boot files on the FAT, the live directory on ext4.
+    let out = ok(&livestick(&["inspect", t.s(), "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("inspect JSON");
+    let l = &v["ext4_live"];
+    assert_eq!(l["partition"], 2, "{v}");
+    assert_eq!(l["boot_partition"], 1, "{v}");
+    assert_eq!(l["start_bytes"], t.part, "{v}");
+    let files: Vec<&str> = l["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .filter_map(|f| f["path"].as_str())
+        .collect();
+    assert!(files.contains(&"/LiveOS/squashfs.img"), "{files:?}");
+    assert!(files.contains(&"/LiveOS/home.img"), "{files:?}");
+    assert!(files.contains(&t.overlay.as_str()), "{files:?}");
+    assert_eq!(v["source_home"]["size"], 64u64 << 20, "{v}");
+    assert_eq!(v["source_overlay"]["path"], t.overlay.as_str(), "{v}");
+    let text = ok(&livestick(&["inspect", t.s()]));
+    assert!(text.contains("ext4 partition 2"), "{text}");
+
+    // A file in the home, put there by debugfs on a copy, the copy put back.
+    let home = t.dump("/LiveOS/home.img", "home.img");
+    let note = t._dir.path().join("note.txt");
+    std::fs::write(&note, "kept across resize\n").unwrap();
+    debugfs_w(
+        home.to_str().unwrap(),
+        &format!("write {} note.txt\n", note.display()),
+    );
+    let part = format!("{}?offset={}", t.image.display(), t.part);
+    debugfs_w(
+        &part,
+        &format!(
+            "rm /LiveOS/home.img\nwrite {} LiveOS/home.img\n",
+            home.display()
+        ),
+    );
+    t.check_partition();
+
+    let sum = crate::support::sha256_file(&t.image);
+    let out = ok(&livestick(&[
+        "home",
+        "resize",
+        t.s(),
+        "--size-mb",
+        "96",
+        "--dry-run",
+    ]));
+    assert!(out.contains("96"), "{out}");
+    assert_eq!(crate::support::sha256_file(&t.image), sum);
+
+    let work = t._dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    ok(&livestick(&[
+        "home",
+        "resize",
+        t.s(),
+        "--size-mb",
+        "96",
+        "--workdir",
+        work.to_str().unwrap(),
+    ]));
+    t.check_partition();
+    let home = t.dump("/LiveOS/home.img", "home2.img");
+    assert_eq!(std::fs::metadata(&home).unwrap().len(), 96 << 20);
+    e2fsck_clean(home.to_str().unwrap());
+    assert_eq!(debugfs_cat(&home, "note.txt"), "kept across resize\n");
+    let blocks: u64 = crate::support::dumpe2fs_field(&home, "Block count")
+        .parse()
+        .unwrap();
+    assert_eq!(blocks * 4096, 96 << 20);
+    let ex = debugfs(&t.image, t.part, "ex /LiveOS/home.img");
+    assert!(
+        ex.contains("Uninit"),
+        "the new blocks resize2fs left alone stay unwritten:\n{ex}"
+    );
+
+    // More than the partition has: refused with the figures, nothing changed.
+    let sum = crate::support::sha256_file(&t.image);
+    let out = livestick(&["home", "resize", t.s(), "--size-mb", "4000"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ext4 partition 2") && err.contains("free") && err.contains("MiB"),
+        "{err}"
+    );
+    assert_eq!(crate::support::sha256_file(&t.image), sum);
+}
+
+#[test]
+fn luks_home_on_ext4_grows_in_place() {
+    const PASS: &str = "correct horse battery staple\n";
+    let dir = tmp();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, PASS).unwrap();
+    let t = ext4_stick(
+        "fedora-classic.iso",
+        1 << 30,
+        &[
+            "--home-size-mb",
+            "64",
+            "--passphrase-file",
+            pw.to_str().unwrap(),
+        ],
+    );
+    let work = t._dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    ok(&livestick(&[
+        "home",
+        "resize",
+        t.s(),
+        "--size-mb",
+        "80",
+        "--passphrase-file",
+        pw.to_str().unwrap(),
+        "--workdir",
+        work.to_str().unwrap(),
+    ]));
+    t.check_partition();
+    let home = t.dump("/LiveOS/home.img", "home.img");
+    assert_eq!(std::fs::metadata(&home).unwrap().len(), 80 << 20);
+    let key = dir.path().join("key");
+    std::fs::write(&key, PASS.trim_end()).unwrap();
+    let opened = Command::new("cryptsetup")
+        .args(["open", "--test-passphrase", "--key-file"])
+        .arg(&key)
+        .arg(&home)
+        .status()
+        .expect("cryptsetup");
+    assert!(opened.success(), "cryptsetup opens the grown container");
+    let plain = dir.path().join("plain.ext4");
+    crate::support::luks_decrypt_to(&home, &plain, PASS.trim_end().as_bytes());
+    e2fsck_clean(plain.to_str().unwrap());
+    let blocks: u64 = crate::support::dumpe2fs_field(&plain, "Block count")
+        .parse()
+        .unwrap();
+    assert!(blocks * 4096 > 60 << 20, "{blocks} blocks");
+}
