@@ -380,6 +380,22 @@ fn plain_home_on_ext4_grows_in_place_keeping_its_files() {
     assert_eq!(v["source_overlay"]["path"], t.overlay.as_str(), "{v}");
     let text = ok(&livestick(&["inspect", t.s()]));
     assert!(text.contains("ext4 partition 2"), "{text}");
+    // What `devices` lists for such a stick (its listing of block devices reads each
+    // one the same way).
+    let file = std::fs::File::open(&t.image).unwrap();
+    let live = livestick::disk::devices::ext4_live_info(
+        &file,
+        1,
+        &livestick::disk::devices::NoOverlayProbe,
+    )
+    .unwrap()
+    .expect("a LiveOS on the ext4 partition");
+    assert_eq!((live.partition, live.boot_partition), (2, Some(1)));
+    assert_eq!(live.home_size, Some(64 << 20));
+    assert!(live.squashfs_size.is_some());
+    assert_eq!(live.overlays.len(), 1, "{:?}", live.overlays);
+    assert_eq!(live.overlays[0].file, t.overlay);
+    assert_eq!(live.overlays[0].size, 64 << 20);
 
     // A file in the home, put there by debugfs on a copy, the copy put back.
     let home = t.dump("/LiveOS/home.img", "home.img");
