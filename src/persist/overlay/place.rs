@@ -668,16 +668,24 @@ impl Ext4LiveOverlay {
         Ok(())
     }
 
-    /// What `status` says about the overlay's name.
+    /// What `status` says about the overlay's name and the partition's journal.
     pub fn name_notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
         if self.overlay != self.expected {
-            vec![format!(
+            notes.push(format!(
                 "{} is not {}, the overlay the live system looks for: its changes are orphaned",
                 self.overlay, self.expected
-            )]
-        } else {
-            Vec::new()
+            ));
         }
+        if self.partition.fs.needs_recovery {
+            notes.push(format!(
+                "ext4 partition {} was not cleanly unmounted: what its journal still holds is not read here, so this may be out of date; replay it with `e2fsck -p '{}?offset={}'`",
+                self.partition.number,
+                self.device.display(),
+                self.partition.start
+            ));
+        }
+        notes
     }
 }
 
@@ -710,9 +718,11 @@ pub fn ext4_live_overlay(
     };
     if writable && partition.fs.needs_recovery {
         return Err(OverlayError::Refused(format!(
-            "the ext4 live partition {} of {} was not cleanly unmounted: its journal holds changes not yet written home, which a change beside them could lose or undo. Boot the stick and shut the live system down cleanly (or run `e2fsck -p` on that partition), then try again",
+            "the ext4 live partition {} of {} was not cleanly unmounted: its journal holds changes not yet written home, which a change beside them could lose or undo. Replay it with `e2fsck -p '{}?offset={}'` (or boot the stick and shut the live system down cleanly), then try again",
             partition.number,
-            path.display()
+            path.display(),
+            path.display(),
+            partition.start
         )));
     }
     let fs = partition.fs.clone();

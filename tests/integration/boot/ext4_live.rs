@@ -253,6 +253,25 @@ fn overlay_reset_and_grown_on_ext4_persists() {
     r.expect("root_marker", "absent");
     r.expect("home_marker", "absent");
 
+    // The test init powers off with the live partition mounted: its journal still
+    // holds the kernel's changes. Maintenance refuses that and names the command
+    // that replays it.
+    let refused = Command::new(crate::support::bin())
+        .args(["overlay", "reset", &s(&stick.image), "--yes"])
+        .output()
+        .expect("run livestick");
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    let spec = format!("{}?offset={p2}", stick.image.display());
+    assert!(err.contains(&format!("e2fsck -p '{spec}'")), "{err}");
+    let replay = Command::new("e2fsck")
+        .args(["-p", &spec])
+        .status()
+        .expect("run e2fsck");
+    assert!(
+        matches!(replay.code(), Some(0 | 1)),
+        "e2fsck -p: {replay:?}"
+    );
     for args in [
         &["overlay", "reset", &s(&stick.image), "--yes"][..],
         &["overlay", "grow", &s(&stick.image), "--add-mb", "256"][..],
