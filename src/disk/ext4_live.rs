@@ -456,6 +456,29 @@ pub fn layout_of<R: Read + Write + Seek>(
     )))
 }
 
+/// How the user replays the journal of a live partition that was not cleanly
+/// unmounted. e2fsck replays it on the partition's own device node; e2fsprogs 1.47
+/// cannot on a partition inside an image file (`file?offset=N`: the replay reopens
+/// the file without the offset), so an image is attached with its partitions first.
+pub fn replay_hint(device: &Path, partition: u32) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    let is_block = std::fs::metadata(device).is_ok_and(|m| m.file_type().is_block_device());
+    let shown = device.display().to_string();
+    if is_block {
+        // The kernel's names: sdb2, but nvme0n1p2, mmcblk0p2, loop0p2.
+        let sep = if shown.ends_with(|c: char| c.is_ascii_digit()) {
+            "p"
+        } else {
+            ""
+        };
+        format!("run `e2fsck -p {shown}{sep}{partition}`")
+    } else {
+        format!(
+            "attach the image with `losetup -P --show {shown}` and run `e2fsck -p` on partition {partition} of the loop device it prints (e2fsck cannot replay a journal at an offset of a file)"
+        )
+    }
+}
+
 /// MBR type of a Linux file system.
 const MBR_LINUX: u8 = 0x83;
 

@@ -908,10 +908,9 @@ pub fn open_ext4_live_home(
         return Err(HomeStickError::Io {
             path: path.to_path_buf(),
             source: std::io::Error::other(format!(
-                "the ext4 live partition {} was not cleanly unmounted: its journal holds changes not yet written home, which a change beside them could lose or undo. Replay it with `e2fsck -p '{}?offset={}'` (or boot the stick and shut the live system down cleanly), then try again",
+                "the ext4 live partition {} was not cleanly unmounted: its journal holds changes not yet written home, which a change beside them could lose or undo. To replay it, {} (or boot the stick and shut the live system down cleanly), then try again",
                 partition.number,
-                path.display(),
-                partition.start
+                crate::disk::ext4_live::replay_hint(path, partition.number)
             )),
         });
     }

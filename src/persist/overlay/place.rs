@@ -679,10 +679,9 @@ impl Ext4LiveOverlay {
         }
         if self.partition.fs.needs_recovery {
             notes.push(format!(
-                "ext4 partition {} was not cleanly unmounted: what its journal still holds is not read here, so this may be out of date; replay it with `e2fsck -p '{}?offset={}'`",
+                "ext4 partition {} was not cleanly unmounted: what its journal still holds is not read here, so this may be out of date; to replay it, {}",
                 self.partition.number,
-                self.device.display(),
-                self.partition.start
+                crate::disk::ext4_live::replay_hint(&self.device, self.partition.number)
             ));
         }
         notes
@@ -718,11 +717,10 @@ pub fn ext4_live_overlay(
     };
     if writable && partition.fs.needs_recovery {
         return Err(OverlayError::Refused(format!(
-            "the ext4 live partition {} of {} was not cleanly unmounted: its journal holds changes not yet written home, which a change beside them could lose or undo. Replay it with `e2fsck -p '{}?offset={}'` (or boot the stick and shut the live system down cleanly), then try again",
+            "the ext4 live partition {} of {} was not cleanly unmounted: its journal holds changes not yet written home, which a change beside them could lose or undo. To replay it, {} (or boot the stick and shut the live system down cleanly), then try again",
             partition.number,
             path.display(),
-            path.display(),
-            partition.start
+            crate::disk::ext4_live::replay_hint(path, partition.number)
         )));
     }
     let fs = partition.fs.clone();
