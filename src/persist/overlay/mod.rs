@@ -2,8 +2,8 @@
 //!
 //! Three kinds ([`Kind`]): a dm-snapshot store file ([`dm`]), an OverlayFS ext4 file
 //! ([`ovlfs`]) and an OverlayFS directory ([`dir`]). The two file kinds live in one
-//! of two places ([`place::Place`]): a bare file, or a file on a stick's FAT reached
-//! through its extents. [`any::Overlay`] is a kind in its place.
+//! of three places ([`place::Place`]): a bare file, or a file on a stick's FAT or on
+//! its ext4 live partition, reached through its extents. [`any::Overlay`] is a kind in its place.
 //!
 //! Every verb goes inspect → plan → apply: `inspect_*` reads the facts (sizes,
 //! header, superblock, the stick's free space), `plan_*` decides from those facts

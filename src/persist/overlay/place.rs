@@ -1,7 +1,9 @@
 //! Where an overlay file lives: a bare file (with its squashfs.img or root image
-//! beside it), or a file on a stick's FAT, read and written in place through its
-//! extents. The stick itself is reached through `disk::stick`; this module only
-//! chooses the overlay on it and says what room it has.
+//! beside it), a file on a stick's FAT, or a file on the ext4 live partition of a
+//! stick written with the layout for persistence over 4 GiB; the last two read and
+//! written in place through their extents. The stick itself is reached through
+//! `disk::stick` and `disk::ext4_fs`; this module only chooses the overlay on it and
+//! says what room it has.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
