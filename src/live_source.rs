@@ -114,8 +114,30 @@ pub fn inspect_named(path: &Path, display: &Path) -> Result<LiveImage, NamedLive
 pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
     let mut stick = Stick::open(path, false).map_err(stick_err(path))?;
     let info = stick.info(LIVE_DIR).map_err(stick_err(path))?;
+    // The ext4 live layout: boot files on the FAT, the live directory on ext4.
+    let ext4_live = match info.squashfs {
+        Some(_) => None,
+        None => {
+            let boot = stick.partition.number;
+            crate::disk::ext4_live::layout_of(stick.file_mut(), LIVE_DIR, boot).map_err(|e| {
+                LiveError::Stick {
+                    path: path.to_path_buf(),
+                    message: format!("reading its ext4 live partition: {e}"),
+                }
+            })?
+        }
+    };
+    let ext4_file = |name: &str| {
+        ext4_live.as_ref().and_then(|(l, _)| {
+            l.files
+                .iter()
+                .find(|f| f.path == format!("/{LIVE_DIR}/{name}"))
+                .map(|f| f.size_bytes)
+        })
+    };
     let squashfs_size = info
         .squashfs
+        .or_else(|| ext4_file(layout::SQUASHFS))
         .ok_or_else(|| LiveError::NotLive(path.to_path_buf()))?;
     let found = stick
         .with_fs(|fs| {
@@ -188,9 +210,12 @@ pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
         }
     }
     let squashfs_path = format!("/{LIVE_DIR}/squashfs.img");
-    let extents = stick
-        .file_extents(&squashfs_path)
-        .map_err(stick_err(path))?;
+    let extents = match &ext4_live {
+        Some((_, runs)) => runs.clone(),
+        None => stick
+            .file_extents(&squashfs_path)
+            .map_err(stick_err(path))?,
+    };
     let squashfs_entry = IsoEntry {
         path: squashfs_path.clone(),
         name: layout::SQUASHFS.into(),
@@ -221,14 +246,38 @@ pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
     } else {
         LayoutKind::GrubOnly
     };
-    let home = info.home.map(|size| FileInfo {
-        path: format!("/{LIVE_DIR}/home.img"),
-        size,
-    });
-    let overlay = info.overlay().map(|(p, s)| FileInfo {
+    let home = info
+        .home
+        .or_else(|| ext4_file("home.img"))
+        .map(|size| FileInfo {
+            path: format!("/{LIVE_DIR}/home.img"),
+            size,
+        });
+    let mut overlay = info.overlay().map(|(p, s)| FileInfo {
         path: p.clone(),
         size: *s,
     });
+    let mut live_files = found.live_files;
+    if let Some((l, _)) = &ext4_live {
+        let expected = layout::overlay_path(LIVE_DIR, &l.label, &l.uuid);
+        overlay = l
+            .files
+            .iter()
+            .find(|f| f.path == expected)
+            .map(|f| FileInfo {
+                path: f.path.clone(),
+                size: f.size_bytes,
+            });
+        live_files = l
+            .files
+            .iter()
+            .filter(|f| !is_persistence(f.path.rsplit('/').next().unwrap_or("")))
+            .map(|f| FileInfo {
+                path: f.path.clone(),
+                size: f.size_bytes,
+            })
+            .collect();
+    }
     Ok(LiveImage {
         path: path.to_path_buf(),
         source_kind: SourceKind::Stick,
@@ -248,10 +297,11 @@ pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
         boot_files,
         warnings,
         efi_files: found.efi_files,
-        live_files: found.live_files,
+        live_files,
         implanted_md5: false,
         source_overlay: overlay,
         source_home: home,
+        ext4_live: ext4_live.map(|(l, _)| l),
         squashfs_entry,
     })
 }

@@ -1725,6 +1725,7 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
             implanted_md5: true,
             source_overlay: None,
             source_home: None,
+            ext4_live: None,
             squashfs_entry: IsoEntry {
                 path: "/LiveOS/squashfs.img".into(),
                 name: "squashfs.img".into(),

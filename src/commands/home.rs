@@ -159,6 +159,9 @@ fn resize(a: &ResizeArgs, json: bool) -> anyhow::Result<()> {
             workdir.display()
         )));
     }
+    if stick && let Some(h) = home_stick::open_ext4_live_home(&a.target, &a.live_dir, !a.dry_run)? {
+        return ext4_live_resize(a, h, &workdir, json);
+    }
     let mut h = if stick {
         Some(open_stick(&a.target, &a.live_dir, !a.dry_run, a.dry_run)?)
     } else {
@@ -242,6 +245,60 @@ fn resize(a: &ResizeArgs, json: bool) -> anyhow::Result<()> {
         );
     }
     resize_report(&plan, Some(result), false, json)
+}
+
+/// `home resize` of home.img on a stick's ext4 live partition: the same checks,
+/// passphrase and report as on a FAT stick, the work in `home_stick`.
+fn ext4_live_resize(
+    a: &ResizeArgs,
+    mut h: home_stick::Ext4LiveHome,
+    workdir: &Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    let encrypted = match h.kind()? {
+        Some(HomeKind::Luks2) => true,
+        Some(HomeKind::Plain) => false,
+        None => bail!(home_stick::HomeStickError::NotHome(format!(
+            "{}:{}",
+            a.target.display(),
+            h.home
+        ))),
+    };
+    home_stick::check_new_size(h.size(), a.size_mb)?;
+    let grows = a.size_mb * MIB != h.size();
+    let pass = match (encrypted && grows, passphrase_source(&a.pass)) {
+        (false, _) => None,
+        (true, Some(src)) => Some(read_pass(src)?),
+        (true, None) if a.dry_run => None,
+        (true, None) if std::io::stdin().is_terminal() => {
+            Some(read_pass(PassphraseSource::TerminalOnce)?)
+        }
+        (true, None) => bail!(
+            "home.img is encrypted: a passphrase is needed to resize it; without a terminal use --passphrase-file FILE or --passphrase-stdin"
+        ),
+    };
+    let pass = pass.as_deref().map(|p| &p[..]);
+    if encrypted && pass.is_some() {
+        h.report(pass)?;
+    }
+    let plan = home_stick::plan_ext4_live_resize(&h, encrypted, a.size_mb, workdir)?;
+    if a.dry_run || plan.unchanged {
+        return resize_report(&plan, None, a.dry_run, json);
+    }
+    let bar = progress_bar(json, &a.target);
+    let mut phase = String::new();
+    let mut last = 0u64;
+    let result = home_stick::resize_on_ext4_live(&mut h, &plan, pass, &mut |name, done, total| {
+        if name != phase {
+            phase = name.to_string();
+            bar.phase(name, total);
+            last = 0;
+        }
+        bar.inc(done.saturating_sub(last));
+        last = done;
+    });
+    bar.finish();
+    resize_report(&plan, Some(result?), false, json)
 }
 
 fn resize_report(

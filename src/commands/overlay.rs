@@ -142,6 +142,21 @@ fn open_stick(
     StickOverlay::open(path, &selection(sel), writable, allow_orphan).map_err(lift)
 }
 
+/// The overlay on a stick: on its ext4 live partition when it has one (the layout
+/// for persistence over 4 GiB), else on its FAT.
+fn open_stick_place(path: &Path, sel: &StickSel, access: Access) -> anyhow::Result<Place> {
+    let writable = access == Access::Write;
+    if let Some(o) = place::ext4_live_overlay(path, &selection(sel), writable).map_err(lift)? {
+        if matches!(access, Access::ReadForChange | Access::DryRun) {
+            target::check_maintenance(&target::probe(path)?)?;
+        }
+        return Ok(Place::Ext4(Box::new(o)));
+    }
+    Ok(Place::Stick(Box::new(open_stick(
+        path, sel, access, false,
+    )?)))
+}
+
 /// `Write`, or `DryRun`.
 fn change(dry_run: bool) -> Access {
     if dry_run {
@@ -231,15 +246,23 @@ fn status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
 }
 
 fn file_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
-    let mut bare = open_bare(&a.target, false)?;
+    let bare = open_bare(&a.target, false)?;
     bare.refuse_empty().map_err(lift)?;
-    let show = bare.show();
-    if bare.kind() == Kind::Overlayfs {
-        let info = store::overlay_info(&mut bare.file);
-        let usage = ovlfs::usage_of_bare(info.as_ref(), bare.len);
+    overlay_file_status(Place::Bare(bare), a, json)
+}
+
+/// `status` of an overlay reported as a file of its own: a bare file, or one on a
+/// stick's ext4 live partition.
+fn overlay_file_status(mut place: Place, a: &StatusArgs, json: bool) -> anyhow::Result<()> {
+    let show = place.show();
+    let path = std::path::PathBuf::from(&show);
+    let len = place.bytes();
+    if place.kind() == Kind::Overlayfs {
+        let info = store::overlay_info(&mut place.io().map_err(lift)?);
+        let usage = ovlfs::usage_of_bare(info.as_ref(), len);
         return print_report(
             &BareOvlfsStatus {
-                path: &bare.path,
+                path: &path,
                 usage: &usage,
             },
             json,
@@ -247,10 +270,10 @@ fn file_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
         );
     }
     let origin = origin_sectors(&a.origin)?;
-    let status = dm::status(&mut bare.file, bare.len, origin, &show).map_err(lift)?;
+    let status = dm::status(&mut place.io().map_err(lift)?, len, origin, &show).map_err(lift)?;
     print_report(
         &BareDmStatus {
-            path: &bare.path,
+            path: &path,
             report: &status,
         },
         json,
@@ -271,8 +294,13 @@ fn dir_status(dir_path: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 fn stick_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
-    if let Some(o) = place::ext4_live_overlay(&a.target, &selection(&a.sel)).map_err(lift)? {
-        return ext4_live_status(a, o, json);
+    if let Some(o) = place::ext4_live_overlay(&a.target, &selection(&a.sel), false).map_err(lift)? {
+        if !json {
+            for note in o.name_notes() {
+                eprintln!("note: {note}");
+            }
+        }
+        return overlay_file_status(Place::Ext4(Box::new(o)), a, json);
     }
     let mut t = open_stick(&a.target, &a.sel, Access::Look, true)?;
     let show = t.show();
@@ -298,44 +326,6 @@ fn stick_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
         &StickStatus {
             overlay: &t,
             usage: report::Usage::Dm(&status),
-        },
-        json,
-        &a.target,
-    )
-}
-
-/// `status` of an overlay on the ext4 live layout, reported as for an overlay file.
-fn ext4_live_status(
-    a: &StatusArgs,
-    mut o: place::Ext4LiveOverlay,
-    json: bool,
-) -> anyhow::Result<()> {
-    let show = o.show();
-    let len = o.len();
-    if !json && o.overlay != o.expected {
-        eprintln!(
-            "note: {} is not {}, the overlay the live system looks for",
-            o.overlay, o.expected
-        );
-    }
-    if o.kind() == Kind::Overlayfs {
-        let info = store::overlay_info(&mut o.reader());
-        let usage = ovlfs::usage_of_bare(info.as_ref(), len);
-        return print_report(
-            &BareOvlfsStatus {
-                path: Path::new(&show),
-                usage: &usage,
-            },
-            json,
-            &a.target,
-        );
-    }
-    let origin = origin_sectors(&a.origin)?;
-    let status = dm::status(&mut o.reader(), len, origin, &show).map_err(lift)?;
-    print_report(
-        &BareDmStatus {
-            path: Path::new(&show),
-            report: &status,
         },
         json,
         &a.target,
@@ -426,12 +416,7 @@ fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
 
 fn reset(a: &ResetArgs, json: bool) -> anyhow::Result<()> {
     let mut overlay = match place::target_of(&a.target).map_err(lift)? {
-        Target::Stick => Overlay::in_file(Place::Stick(Box::new(open_stick(
-            &a.target,
-            &a.sel,
-            change(a.dry_run),
-            false,
-        )?))),
+        Target::Stick => Overlay::in_file(open_stick_place(&a.target, &a.sel, change(a.dry_run))?),
         Target::Dir => Overlay::Dir(a.target.clone()),
         Target::File => {
             let bare = open_bare(&a.target, !a.dry_run)?;
@@ -486,19 +471,20 @@ fn recover(a: &RecoverArgs, json: bool) -> anyhow::Result<()> {
     match place::target_of(&a.target).map_err(lift)? {
         Target::Stick => {
             // Opened once, writable unless a dry run: both kinds may change it.
-            let mut t = open_stick(&a.target, &a.sel, change(a.dry_run), false)?;
-            if t.kind == Kind::Overlayfs {
-                return ovlfs_recover(a, Place::Stick(Box::new(t)), json);
+            let mut place = open_stick_place(&a.target, &a.sel, change(a.dry_run))?;
+            if place.kind() == Kind::Overlayfs {
+                return ovlfs_recover(a, place, json);
             }
-            let origin = match origin_sectors(&a.origin)? {
-                Some(s) => Some(s),
-                None => t.root_image_bytes().map(|b| b / SECTOR_BYTES),
+            let origin = match (origin_sectors(&a.origin)?, &mut place) {
+                (Some(s), _) => Some(s),
+                (None, Place::Stick(t)) => t.root_image_bytes().map(|b| b / SECTOR_BYTES),
+                (None, _) => None,
             };
             let root = match &a.origin.origin {
                 Some(p) => RootImage::File(p.clone()),
                 None => RootImage::OnStick,
             };
-            dm_recover(a, Place::Stick(Box::new(t)), origin, root, json)
+            dm_recover(a, place, origin, root, json)
         }
         Target::Dir => Err(lift(dir::refuse(&a.target, "check"))),
         Target::File => {
@@ -547,12 +533,15 @@ fn dm_recover(
     let check =
         dm::inspect_recover(&mut place.io().map_err(lift)?, &show, len, origin).map_err(lift)?;
     let facts = match a.add_mb {
-        Some(_) => Some(dm::GrowFacts {
-            show: show.clone(),
-            current_bytes: len,
-            chunk_sectors: dm::chunk_sectors_of(&mut place.io().map_err(lift)?)?,
-            room: place.room(),
-        }),
+        Some(_) => {
+            let chunk_sectors = dm::chunk_sectors_of(&mut place.io().map_err(lift)?)?;
+            Some(dm::GrowFacts {
+                show: show.clone(),
+                current_bytes: len,
+                chunk_sectors,
+                room: place.room(),
+            })
+        }
         None => None,
     };
     let plan = dm::plan_recover(check, facts.as_ref().zip(a.add_mb)).map_err(lift)?;
@@ -572,7 +561,7 @@ fn dm_recover(
     // Grow first: an overlay that ran full would fail again on its first write.
     if let Some(g) = &plan.grow {
         // A bare file is extended in one call: no bar, as before.
-        if let Place::Stick(_) = place {
+        if !matches!(place, Place::Bare(_)) {
             let device = place.device().to_path_buf();
             with_bar(json, &device, |p| dm::apply_grow(&mut place, g, p))?;
         } else {
@@ -585,7 +574,7 @@ fn dm_recover(
     let repair = if a.repair {
         let device = match &place {
             Place::Bare(b) => b.path.clone(),
-            Place::Stick(_) => a.target.clone(),
+            _ => a.target.clone(),
         };
         Some(with_bar(json, &device, |p| {
             dm::repair(&mut place, &root, new_len, &a.workdir, p)
@@ -623,7 +612,7 @@ fn ovlfs_recover(a: &RecoverArgs, mut place: Place, json: bool) -> anyhow::Resul
     )
     .map_err(lift)?;
     let mut out = ovlfs::Outcome::new(show, a.dry_run, sb, plan.grow.clone());
-    let workdir = matches!(place, Place::Stick(_)).then_some(a.workdir.as_path());
+    let workdir = (!matches!(place, Place::Bare(_))).then_some(a.workdir.as_path());
     if !plan.changes {
         let device = place.device().to_path_buf();
         with_bar(json, &device, |p| {
@@ -643,15 +632,10 @@ fn ovlfs_recover(a: &RecoverArgs, mut place: Place, json: bool) -> anyhow::Resul
             &a.target,
         );
     }
-    if matches!(&place, Place::Stick(t) if !t.stick.is_writable()) {
+    if !place.is_writable() {
         // Checked read-only so far; the change needs the stick writable.
         drop(place);
-        place = Place::Stick(Box::new(open_stick(
-            &a.target,
-            &a.sel,
-            Access::Write,
-            false,
-        )?));
+        place = open_stick_place(&a.target, &a.sel, Access::Write)?;
     }
     let device = place.device().to_path_buf();
     with_bar(json, &device, |p| {
@@ -672,12 +656,7 @@ fn ovlfs_recover(a: &RecoverArgs, mut place: Place, json: bool) -> anyhow::Resul
 
 fn grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
     let mut place = match place::target_of(&a.target).map_err(lift)? {
-        Target::Stick => Place::Stick(Box::new(open_stick(
-            &a.target,
-            &a.sel,
-            change(a.dry_run),
-            false,
-        )?)),
+        Target::Stick => open_stick_place(&a.target, &a.sel, change(a.dry_run))?,
         Target::Dir => return Err(lift(dir::refuse(&a.target, "grow"))),
         Target::File => Place::Bare(open_bare(&a.target, !a.dry_run)?),
     };
@@ -715,7 +694,7 @@ fn ovlfs_grow(a: &GrowArgs, mut place: Place, json: bool) -> anyhow::Result<()> 
     let request = GrowRequest::from_options(a.size_mb, a.add_mb).map_err(lift)?;
     let room = place.room();
     let plan = ovlfs::plan_grow(&show, len, &sb, request, room.as_ref()).map_err(lift)?;
-    let workdir = matches!(place, Place::Stick(_)).then_some(a.workdir.as_path());
+    let workdir = (!matches!(place, Place::Bare(_))).then_some(a.workdir.as_path());
     if workdir.is_some() {
         ovl_maint::check_workdir(&a.workdir, &show, plan.new_bytes)?;
     }

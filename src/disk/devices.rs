@@ -902,6 +902,10 @@ pub struct LiveInfo {
     /// Size of `home.img` when present.
     #[serde(rename = "home_bytes")]
     pub home_size: Option<u64>,
+    /// The ext4 live layout (persistence over 4 GiB): the live directory is on ext4
+    /// `partition`, and this FAT partition holds the boot files; `null` when the
+    /// live directory is on the FAT.
+    pub boot_partition: Option<u32>,
 }
 
 /// A `Read + Seek` that satisfies fatfs's `Write` bound but refuses every
@@ -985,6 +989,86 @@ pub fn live_info<R: Read + Seek>(
         squashfs_size: file_named(layout::SQUASHFS).map(|e| e.size),
         overlays,
         home_size: file_named(layout::HOME).map(|e| e.size),
+        boot_partition: None,
+    }))
+}
+
+/// Looks for a LiveOS on an ext4 partition of the device (the ext4 live layout,
+/// boot files on FAT partition `boot`), its files read through their extents.
+pub fn ext4_live_info<R: Read + Seek>(
+    r: R,
+    boot: u32,
+    probe: &dyn OverlayProbe,
+) -> Result<Option<LiveInfo>, String> {
+    use crate::disk::{ext4_fs, ext4_live};
+    let mut ro = ReadOnly(r);
+    let live_dir = "LiveOS";
+    let Some(part) = ext4_fs::find_live_partition(&mut ro, live_dir).map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    let Some((found, _)) =
+        ext4_live::layout_of(&mut ro, live_dir, boot).map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    let named = |name: &str| {
+        found
+            .files
+            .iter()
+            .find(|f| f.path == format!("/{live_dir}/{name}"))
+            .map(|f| f.size_bytes)
+    };
+    let mut overlays = Vec::new();
+    for f in found
+        .files
+        .iter()
+        .filter(|f| layout::is_overlay_name(f.path.rsplit('/').next().unwrap_or("")))
+    {
+        let mut info = OverlayInfo {
+            file: f.path.clone(),
+            size: f.size_bytes,
+            kind: None,
+            state: None,
+            percent_used: None,
+            dm_status: None,
+            problem: None,
+        };
+        let map = {
+            let mut window = PartitionWindow::new(&mut ro, part.start, part.len);
+            part.fs.file(&mut window, &f.path)
+        };
+        match map {
+            Ok(Some(map)) => {
+                let mut file =
+                    ext4_fs::Ext4File::new(&mut ro, part.start, part.fs.block_size, &map);
+                if let Ok(ext) = Ext4Info::read_from(&mut file) {
+                    info.kind = Some("overlayfs");
+                    info.percent_used = Some(if ext.size_bytes == 0 {
+                        0.0
+                    } else {
+                        ext.used_bytes as f64 * 100.0 / ext.size_bytes as f64
+                    });
+                } else if let Err(e) = file.seek(SeekFrom::Start(0)) {
+                    info.problem = Some(e.to_string());
+                } else {
+                    probe.describe(&mut file, f.size_bytes, &mut info);
+                }
+            }
+            Ok(None) => info.problem = Some("gone while listing".into()),
+            Err(e) => info.problem = Some(e.to_string()),
+        }
+        overlays.push(info);
+    }
+    Ok(Some(LiveInfo {
+        partition: found.partition,
+        label: found.label.clone(),
+        uuid: found.uuid.clone(),
+        live_dir: live_dir.to_string(),
+        squashfs_size: named(layout::SQUASHFS),
+        overlays,
+        home_size: named(layout::HOME),
+        boot_partition: Some(boot),
     }))
 }
 
@@ -1207,6 +1291,17 @@ fn read_contents(host: &Host, node: &Node, dev: &mut BlockDevice, probe: &dyn Ov
                 };
                 if dev.live.is_none() && filesystem.as_ref().is_some_and(|f| f.fs_type == "vfat") {
                     match live_info(&file, entry.number, entry.start, entry.len, probe) {
+                        Ok(live) => dev.live = live,
+                        Err(e) => dev.notes.push(format!("partition {}: {e}", entry.number)),
+                    }
+                }
+                if dev.live.is_none() && filesystem.as_ref().is_some_and(|f| f.fs_type == "ext4") {
+                    let boot = dev
+                        .partitions
+                        .iter()
+                        .find(|p| p.filesystem.as_ref().is_some_and(|f| f.fs_type == "vfat"))
+                        .map_or(1, |p| p.entry.number);
+                    match ext4_live_info(&file, boot, probe) {
                         Ok(live) => dev.live = live,
                         Err(e) => dev.notes.push(format!("partition {}: {e}", entry.number)),
                     }

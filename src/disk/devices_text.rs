@@ -139,6 +139,13 @@ fn fs_text(fs: &FsInfo) -> String {
 
 fn live_text(live: &LiveInfo) -> String {
     let mut s = format!("LiveOS: label {} in /{}", live.label, live.live_dir);
+    if let Some(boot) = live.boot_partition {
+        let _ = write!(
+            s,
+            " on ext4 partition {} (boot files on partition {boot})",
+            live.partition
+        );
+    }
     if live.squashfs_size.is_none() {
         s.push_str(", no squashfs.img");
     }
@@ -231,6 +238,7 @@ mod tests {
             }],
             live: Some(LiveInfo {
                 partition: 1,
+                boot_partition: None,
                 label: "FEDORA-WS".into(),
                 uuid: "1234-ABCD".into(),
                 live_dir: "LiveOS".into(),

@@ -47,6 +47,7 @@ impl crate::error::Classify for Ext4FsError {
     }
 }
 
+const INCOMPAT_RECOVER: u32 = 0x4;
 const INCOMPAT_EXTENTS: u32 = 0x40;
 const INCOMPAT_64BIT: u32 = 0x80;
 const INCOMPAT_CSUM_SEED: u32 = 0x2000;
@@ -66,6 +67,12 @@ pub struct Ext4Fs {
     pub uuid: String,
     pub label: String,
     pub block_count: u64,
+    /// Free blocks as the superblock counts them (the kernel updates it lazily:
+    /// an estimate, which the allocator checks).
+    pub free_blocks: u64,
+    /// The journal holds changes not yet written home (not cleanly unmounted):
+    /// replaying it could undo a change made beside it.
+    pub needs_recovery: bool,
     inodes_per_group: u32,
     inode_size: u64,
     desc_size: u64,
@@ -198,6 +205,8 @@ impl Ext4Fs {
             uuid: parsed.uuid,
             label: parsed.label,
             block_count: parsed.block_count,
+            free_blocks: parsed.free_blocks,
+            needs_recovery: incompat & INCOMPAT_RECOVER != 0,
             inodes_per_group,
             inode_size,
             desc_size,
@@ -541,6 +550,231 @@ impl<F: Read + Seek> Seek for Ext4File<F> {
     }
 }
 
+/// A file inside ext4 read and written in place by its extents (an overlay on the
+/// ext4 live partition). Written extents take bytes directly. A block of an
+/// unwritten extent reads as zeros whatever it holds, so zeros written there are
+/// already in place and are skipped (a reset's zeroed dm-snapshot header stays
+/// unwritten, no bytes on the bus); other bytes go in as whole blocks, zeros around
+/// them, and the block is read from the stick from then on and marked written in
+/// the extent tree at `sync_data`, once its bytes are on the stick.
+pub struct Ext4FileRw<F: Read + Write + Seek + crate::io::SyncData> {
+    inner: F,
+    partition: LivePartition,
+    inode: u32,
+    extents: Vec<Extent>,
+    size: u64,
+    pos: u64,
+    /// Logical blocks of unwritten extents that hold bytes not yet marked written.
+    pending: std::collections::BTreeSet<u64>,
+}
+
+impl<F: Read + Write + Seek + crate::io::SyncData> Ext4FileRw<F> {
+    pub fn new(inner: F, partition: &LivePartition, map: &FileMap) -> Ext4FileRw<F> {
+        let mut extents = map.extents.clone();
+        extents.sort_by_key(|e| e.logical);
+        Ext4FileRw {
+            inner,
+            partition: partition.clone(),
+            inode: map.inode,
+            extents,
+            size: map.size,
+            pos: 0,
+            pending: Default::default(),
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    fn block_size(&self) -> u64 {
+        self.partition.fs.block_size
+    }
+
+    /// Where the whole file lies on the device, when it is one written run (so a
+    /// tool can read it there: `device?offset=N`).
+    pub fn contiguous_offset(&self) -> Option<u64> {
+        let bs = self.block_size();
+        let first = self.extents.first()?;
+        let mut next = (0u64, first.physical);
+        for e in &self.extents {
+            if e.unwritten || e.logical != next.0 || e.physical != next.1 {
+                return None;
+            }
+            next = (e.logical + e.len, e.physical + e.len);
+        }
+        (next.0 * bs >= self.size).then(|| self.partition.start + first.physical * bs)
+    }
+
+    fn extent_at(&self, block: u64) -> Option<Extent> {
+        self.extents
+            .iter()
+            .find(|e| block >= e.logical && block < e.logical + e.len)
+            .copied()
+    }
+
+    fn device_offset(&self, e: &Extent, pos: u64) -> u64 {
+        self.partition.start
+            + e.physical * self.block_size()
+            + (pos - e.logical * self.block_size())
+    }
+
+    /// Marks the blocks written into unwritten extents written (their bytes synced
+    /// first), and maps the file again.
+    fn mark_pending(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.inner.flush()?;
+        self.inner.sync_data()?;
+        let mut ranges = crate::io::RangeSet::new();
+        for &b in &self.pending {
+            ranges.insert(b..b + 1);
+        }
+        let fs = self.partition.fs.clone();
+        let (start, len) = (self.partition.start, self.partition.len);
+        let mut window = crate::io::PartitionWindow::new(&mut self.inner, start, len);
+        mark_written(&fs, &mut window, self.inode, &ranges).map_err(io::Error::other)?;
+        let inode = fs
+            .inode(&mut window, self.inode)
+            .map_err(io::Error::other)?;
+        let extents = fs.extents(&mut window, &inode).map_err(io::Error::other)?;
+        window.flush()?;
+        drop(window);
+        self.inner.sync_data()?;
+        self.extents = extents;
+        self.extents.sort_by_key(|e| e.logical);
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+impl<F: Read + Write + Seek + crate::io::SyncData> Read for Ext4FileRw<F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let bs = self.block_size();
+        let want = (buf.len() as u64).min(self.size - self.pos);
+        let block = self.pos / bs;
+        let n = match self.extent_at(block) {
+            Some(e) if !e.unwritten => {
+                let n = want.min((e.logical + e.len) * bs - self.pos) as usize;
+                let at = self.device_offset(&e, self.pos);
+                self.inner.seek(SeekFrom::Start(at))?;
+                self.inner.read_exact(&mut buf[..n])?;
+                n
+            }
+            Some(e) => {
+                // Block by block: a pending block holds bytes, the others read as zeros.
+                let n = want.min((block + 1) * bs - self.pos) as usize;
+                if self.pending.contains(&block) {
+                    let at = self.device_offset(&e, self.pos);
+                    self.inner.seek(SeekFrom::Start(at))?;
+                    self.inner.read_exact(&mut buf[..n])?;
+                } else {
+                    buf[..n].fill(0);
+                }
+                n
+            }
+            None => {
+                let next = self
+                    .extents
+                    .iter()
+                    .map(|e| e.logical * bs)
+                    .filter(|&at| at > self.pos)
+                    .min()
+                    .unwrap_or(self.size);
+                let n = want.min(next - self.pos) as usize;
+                buf[..n].fill(0);
+                n
+            }
+        };
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<F: Read + Write + Seek + crate::io::SyncData> Write for Ext4FileRw<F> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.pos >= self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "a write past the end of a file on the ext4 live partition",
+            ));
+        }
+        let bs = self.block_size();
+        let want = (buf.len() as u64).min(self.size - self.pos);
+        let block = self.pos / bs;
+        let Some(e) = self.extent_at(block) else {
+            return Err(io::Error::other(format!(
+                "a write into a hole at byte {} of a file on the ext4 live partition",
+                self.pos
+            )));
+        };
+        let n = if !e.unwritten || self.pending.contains(&block) {
+            let end = if e.unwritten {
+                (block + 1) * bs
+            } else {
+                (e.logical + e.len) * bs
+            };
+            let n = want.min(end - self.pos) as usize;
+            let at = self.device_offset(&e, self.pos);
+            self.inner.seek(SeekFrom::Start(at))?;
+            self.inner.write_all(&buf[..n])?;
+            n
+        } else {
+            let n = want.min((block + 1) * bs - self.pos) as usize;
+            if buf[..n].iter().any(|&b| b != 0) {
+                let mut whole = vec![0u8; bs as usize];
+                let within = (self.pos - block * bs) as usize;
+                whole[within..within + n].copy_from_slice(&buf[..n]);
+                let at = self.device_offset(&e, block * bs);
+                self.inner.seek(SeekFrom::Start(at))?;
+                self.inner.write_all(&whole)?;
+                self.pending.insert(block);
+            }
+            n
+        };
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<F: Read + Write + Seek + crate::io::SyncData> Seek for Ext4FileRw<F> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.pos = crate::io::seek_position(self.pos, self.size, to)?;
+        Ok(self.pos)
+    }
+}
+
+impl<F: Read + Write + Seek + crate::io::SyncData> crate::io::SyncData for Ext4FileRw<F> {
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.inner.flush()?;
+        self.inner.sync_data()?;
+        self.mark_pending()
+    }
+}
+
+impl<F: Read + Write + Seek + crate::io::SyncData> Drop for Ext4FileRw<F> {
+    fn drop(&mut self) {
+        // Every caller syncs; this only keeps bytes written without a sync from
+        // being hidden behind an unwritten extent.
+        let _ = self.mark_pending();
+    }
+}
+
 /// The ext4 file system that holds a live directory: where it starts on the device.
 #[derive(Clone, Debug)]
 pub struct LivePartition {
@@ -615,6 +849,39 @@ pub fn mark_initialised<F: Read + Write + Seek + ?Sized>(
     f: &mut F,
     number: u32,
 ) -> Result<usize, Ext4FsError> {
+    edit_leaves(fs, f, number, &mut |_, node| Ok(clear_uninit(node)))
+}
+
+/// Marks written the file blocks `written` (logical block ranges) holds where they
+/// lie in unwritten extents, splitting those extents so that the rest of each stays
+/// unwritten (reading as zeros). A node without room for the pieces has an extent
+/// marked written whole instead, after its other blocks are zeroed through `f`: what
+/// the file reads is the same either way. Returns how many extents changed.
+pub fn mark_written<F: Read + Write + Seek + ?Sized>(
+    fs: &Ext4Fs,
+    f: &mut F,
+    number: u32,
+    written: &crate::io::RangeSet,
+) -> Result<usize, Ext4FsError> {
+    let ranges: Vec<std::ops::Range<u64>> = written.iter().collect();
+    let block_size = fs.block_size;
+    edit_leaves(fs, f, number, &mut |f, node| {
+        split_written(f, block_size, node, &ranges)
+    })
+}
+
+/// A change to one extent node's bytes (with the file system to write through),
+/// returning how many entries it changed.
+type LeafEdit<'a, F> = dyn FnMut(&mut F, &mut [u8]) -> Result<usize, Ext4FsError> + 'a;
+
+/// Runs `edit` on every leaf node of `number`'s extent tree (the root in the inode
+/// included) and rewrites each node it changed with the checksum over it.
+fn edit_leaves<F: Read + Write + Seek + ?Sized>(
+    fs: &Ext4Fs,
+    f: &mut F,
+    number: u32,
+    edit: &mut LeafEdit<'_, F>,
+) -> Result<usize, Ext4FsError> {
     let inode = fs.inode(f, number)?;
     if inode.flags & INODE_FLAG_EXTENTS == 0 {
         return Err(Ext4FsError::NoExtents(format!("inode {number}")));
@@ -626,7 +893,7 @@ pub fn mark_initialised<F: Read + Write + Seek + ?Sized>(
     fs.walk(f, &inode.i_block, 0, &mut leaves, &mut blocks)?;
     let seed = fs.csum_seed.map(|s| fs.inode_seed(s, &inode));
     for (n, mut block) in blocks {
-        let here = clear_uninit(&mut block);
+        let here = edit(f, &mut block)?;
         if here == 0 {
             continue;
         }
@@ -646,7 +913,7 @@ pub fn mark_initialised<F: Read + Write + Seek + ?Sized>(
         f.write_all(&block)?;
     }
     let mut root = inode.i_block;
-    let here = clear_uninit(&mut root);
+    let here = edit(f, &mut root)?;
     if here > 0 {
         changed += here;
         let at = fs.inode_offset(f, number)?;
@@ -660,6 +927,131 @@ pub fn mark_initialised<F: Read + Write + Seek + ?Sized>(
         f.write_all(&raw)?;
     }
     f.flush()?;
+    Ok(changed)
+}
+
+/// The leaf entries of an extent node, `None` for an index node or no node.
+fn leaf_entries(node: &[u8]) -> Result<Option<Vec<Extent>>, Ext4FsError> {
+    if node.len() < 12 || u16_at(node, 0) != EXTENT_MAGIC || u16_at(node, 6) != 0 {
+        return Ok(None);
+    }
+    let entries = usize::from(u16_at(node, 2));
+    if 12 + entries * 12 > node.len() {
+        return Err(Ext4FsError::Damaged(
+            "extent node overflows its block".into(),
+        ));
+    }
+    Ok(Some(
+        (0..entries)
+            .map(|i| {
+                let e = &node[12 + i * 12..24 + i * 12];
+                let raw_len = u16_at(e, 4);
+                let unwritten = raw_len > UNINIT_LEN;
+                Extent {
+                    logical: u64::from(u32_at(e, 0)),
+                    physical: u64_of(u32_at(e, 8), u32::from(u16_at(e, 6))),
+                    len: u64::from(if unwritten {
+                        raw_len - UNINIT_LEN
+                    } else {
+                        raw_len
+                    }),
+                    unwritten,
+                }
+            })
+            .collect(),
+    ))
+}
+
+/// `e` cut at the edges of `written`: the parts inside written, the rest unwritten.
+fn pieces(e: &Extent, written: &[std::ops::Range<u64>]) -> Vec<Extent> {
+    if !e.unwritten {
+        return vec![*e];
+    }
+    let piece = |from: u64, to: u64, unwritten: bool| Extent {
+        logical: from,
+        physical: e.physical + (from - e.logical),
+        len: to - from,
+        unwritten,
+    };
+    let end = e.logical + e.len;
+    let mut at = e.logical;
+    let mut out = Vec::new();
+    for r in written {
+        if r.end <= at || r.start >= end {
+            continue;
+        }
+        let (from, to) = (r.start.max(at), r.end.min(end));
+        if from > at {
+            out.push(piece(at, from, true));
+        }
+        out.push(piece(from, to, false));
+        at = to;
+    }
+    if at < end {
+        out.push(piece(at, end, true));
+    }
+    out
+}
+
+/// [`mark_written`]'s edit of one node.
+fn split_written<F: Write + Seek + ?Sized>(
+    f: &mut F,
+    block_size: u64,
+    node: &mut [u8],
+    written: &[std::ops::Range<u64>],
+) -> Result<usize, Ext4FsError> {
+    let Some(old) = leaf_entries(node)? else {
+        return Ok(0);
+    };
+    let max = usize::from(u16_at(node, 4));
+    if 12 + max * 12 > node.len() || old.len() > max {
+        return Err(Ext4FsError::Damaged(
+            "extent node overflows its block".into(),
+        ));
+    }
+    let mut plans: Vec<Vec<Extent>> = old.iter().map(|e| pieces(e, written)).collect();
+    let mut total: usize = plans.iter().map(Vec::len).sum();
+    // No room to split: the extent becomes written whole, its unwritten parts zeroed
+    // first so they read as zeros as before.
+    for (plan, e) in plans.iter_mut().zip(&old) {
+        if total <= max {
+            break;
+        }
+        if plan.len() > 1 {
+            let zeros = vec![0u8; block_size as usize];
+            for p in plan.iter().filter(|p| p.unwritten) {
+                f.seek(SeekFrom::Start(p.physical * block_size))?;
+                for _ in 0..p.len {
+                    f.write_all(&zeros)?;
+                }
+            }
+            f.flush()?;
+            total -= plan.len() - 1;
+            *plan = vec![Extent {
+                unwritten: false,
+                ..*e
+            }];
+        }
+    }
+    let changed = plans
+        .iter()
+        .zip(&old)
+        .filter(|(plan, e)| plan.as_slice() != [**e])
+        .count();
+    if changed == 0 {
+        return Ok(0);
+    }
+    let all: Vec<&Extent> = plans.iter().flatten().collect();
+    for (k, e) in all.iter().enumerate() {
+        let at = 12 + k * 12;
+        let raw_len = e.len as u16 + if e.unwritten { UNINIT_LEN } else { 0 };
+        node[at..at + 4].copy_from_slice(&(e.logical as u32).to_le_bytes());
+        node[at + 4..at + 6].copy_from_slice(&raw_len.to_le_bytes());
+        node[at + 6..at + 8].copy_from_slice(&((e.physical >> 32) as u16).to_le_bytes());
+        node[at + 8..at + 12].copy_from_slice(&(e.physical as u32).to_le_bytes());
+    }
+    node[12 + all.len() * 12..12 + max * 12].fill(0);
+    node[2..4].copy_from_slice(&(all.len() as u16).to_le_bytes());
     Ok(changed)
 }
 
@@ -861,6 +1253,86 @@ mod tests {
     }
 
     #[test]
+    fn writes_into_unwritten_extents_split_them_and_read_back_through_debugfs() {
+        if !have("debugfs") || !have("mke2fs") {
+            return;
+        }
+        // One 8 MiB file: a single unwritten extent in the inode, which has room
+        // for 4 entries.
+        let script = "write /dev/null big\nfallocate big 0 2047\nsif big size 8388608\n";
+        let (dir, path) = image(64, script);
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open");
+        let fs = Ext4Fs::open(&mut f).expect("ext4");
+        let map = fs.file(&mut f, "/big").unwrap().unwrap();
+        assert_eq!(map.extents.len(), 1, "{:?}", map.extents);
+        // Stale bytes in the file's blocks: they must keep reading as zeros.
+        for (at, n) in map.byte_runs(4096, "big").unwrap() {
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(&vec![0xA5; n as usize]).unwrap();
+        }
+        let part = LivePartition {
+            number: 1,
+            start: 0,
+            len: 64 << 20,
+            fs: fs.clone(),
+        };
+        let mut expected = vec![0u8; 8 << 20];
+        {
+            let mut rw = Ext4FileRw::new(&mut f, &part, &map);
+            rw.seek(SeekFrom::Start(4096 * 10 + 100)).unwrap();
+            rw.write_all(b"hello").unwrap();
+            // Zeros into an unwritten block: already there, skipped.
+            rw.seek(SeekFrom::Start(4096 * 20)).unwrap();
+            rw.write_all(&[0u8; 4096]).unwrap();
+            crate::io::SyncData::sync_data(&mut rw).unwrap();
+        }
+        expected[4096 * 10 + 100..4096 * 10 + 105].copy_from_slice(b"hello");
+        let split = fs.file(&mut f, "/big").unwrap().unwrap();
+        let shape: Vec<(u64, u64, bool)> = split
+            .extents
+            .iter()
+            .map(|e| (e.logical, e.len, e.unwritten))
+            .collect();
+        assert_eq!(shape, [(0, 10, true), (10, 1, false), (11, 2037, true)]);
+        // A write that needs two more entries than the inode holds: that extent is
+        // zeroed and marked written whole.
+        {
+            let map = split.clone();
+            let mut rw = Ext4FileRw::new(&mut f, &part, &map);
+            rw.seek(SeekFrom::Start(4096 * 100)).unwrap();
+            rw.write_all(&[7u8; 4096]).unwrap();
+            crate::io::SyncData::sync_data(&mut rw).unwrap();
+        }
+        expected[4096 * 100..4096 * 101].fill(7);
+        let whole = fs.file(&mut f, "/big").unwrap().unwrap();
+        let shape: Vec<(u64, u64, bool)> = whole
+            .extents
+            .iter()
+            .map(|e| (e.logical, e.len, e.unwritten))
+            .collect();
+        assert_eq!(shape, [(0, 10, true), (10, 1, false), (11, 2037, false)]);
+        drop(f);
+        let out = Command::new("e2fsck")
+            .args(["-fn"])
+            .arg(&path)
+            .output()
+            .expect("e2fsck");
+        assert!(
+            out.status.success(),
+            "e2fsck: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dump = dir.path().join("big.dump");
+        debugfs_out(&path, &format!("dump big {}", dump.display()));
+        assert!(std::fs::read(&dump).expect("dumped") == expected);
+    }
+
+    #[test]
     fn garbage_is_refused_not_followed() {
         let mut zeros = std::io::Cursor::new(vec![0u8; 8192]);
         assert!(matches!(
@@ -875,6 +1347,8 @@ mod tests {
             uuid: String::new(),
             label: String::new(),
             block_count: 10,
+            free_blocks: 0,
+            needs_recovery: false,
             inodes_per_group: 8,
             inode_size: 256,
             desc_size: 32,

@@ -329,6 +329,156 @@ pub fn refuse_rewrite_in_place(device: &Path) -> Result<(), Ext4LiveError> {
     }
 }
 
+/// Gives `path` (inside the ext4 live `partition` of `device`) blocks up to `new_size` bytes and that size. debugfs works on the
+/// partition in place (`device?offset=N`) and allocates as debugfs `fallocate`
+/// does: unwritten extents, no bytes written, reading as zeros. The blocks are
+/// allocated and checked before the size is set, so a partition that runs out of
+/// room leaves the file as it was (with some blocks past its end that e2fsck
+/// accepts).
+pub fn grow_file(
+    device: &Path,
+    partition: &ext4_fs::LivePartition,
+    path: &str,
+    old_size: u64,
+    new_size: u64,
+) -> Result<(), Ext4LiveError> {
+    let shown = device.display().to_string();
+    if shown.contains('?') {
+        return Err(Ext4LiveError::Allocate {
+            path: path.to_string(),
+            detail: format!("debugfs cannot name a device whose path has a '?': {shown}"),
+        });
+    }
+    let spec = PathBuf::from(format!("{shown}?offset={}", partition.start));
+    let rel = path.trim_start_matches('/');
+    if new_size > old_size {
+        let last = new_size.div_ceil(BLOCK);
+        // From block 0: a hole anywhere (a file written sparse by another tool)
+        // becomes an unwritten extent too, so that livestick can write into it.
+        let log = debugfs(&spec, &format!("fallocate {rel} 0 {}\n", last - 1))?;
+        let mut f = File::open(device).map_err(io_err(format!("opening {shown}")))?;
+        let mut window = crate::io::PartitionWindow::new(&mut f, partition.start, partition.len);
+        let fs = Ext4Fs::open(&mut window)?;
+        let mut map = fs
+            .file(&mut window, path)?
+            .ok_or_else(|| Ext4LiveError::Allocate {
+                path: path.to_string(),
+                detail: "it is gone".into(),
+            })?;
+        map.size = new_size;
+        map.byte_runs(BLOCK, path)
+            .map_err(|e| Ext4LiveError::Allocate {
+                path: path.to_string(),
+                detail: format!("{e}: {}", last_lines(&log)),
+            })?;
+    }
+    debugfs(&spec, &format!("sif {rel} size {new_size}\n"))?;
+    Ok(())
+}
+
+/// Where things are on a stick of the ext4 live layout, as `inspect STICK` shows it:
+/// the FAT boot partition holds the boot loaders, kernels and menus; the ext4 one
+/// the live directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Ext4LiveLayout {
+    /// The FAT partition with the boot files.
+    pub boot_partition: u32,
+    /// The ext4 partition that is the live device (`root=live:UUID=<uuid>`).
+    pub partition: u32,
+    pub start_bytes: u64,
+    pub size_bytes: u64,
+    pub uuid: String,
+    pub label: String,
+    /// Free space of the ext4 file system (what `overlay grow`/`home resize` may take).
+    pub free_bytes: u64,
+    /// The live directory's files on it, squashfs.img, the overlay, home.img….
+    pub files: Vec<Ext4LiveEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Ext4LiveEntry {
+    /// Absolute path inside the ext4 file system.
+    pub path: String,
+    pub size_bytes: u64,
+}
+
+/// A stick's ext4 live layout, with the byte runs of its squashfs.img on the device.
+pub type LayoutAndRoot = (Ext4LiveLayout, Vec<(u64, u64)>);
+
+/// The ext4 live layout of `dev` (boot partition `boot_partition`), with the byte
+/// runs of `/<live_dir>/squashfs.img` on the whole device; `None` for a stick
+/// without an ext4 partition holding the live directory.
+pub fn layout_of<R: Read + Write + Seek>(
+    dev: &mut R,
+    live_dir: &str,
+    boot_partition: u32,
+) -> Result<Option<LayoutAndRoot>, Ext4FsError> {
+    let Some(p) = ext4_fs::find_live_partition(dev, live_dir)? else {
+        return Ok(None);
+    };
+    let mut window = crate::io::PartitionWindow::new(dev, p.start, p.len);
+    let dir = p.fs.lookup(&mut window, &format!("/{live_dir}"))?;
+    let mut files = Vec::new();
+    if let Some(dir) = dir {
+        let mut names = p.fs.read_dir(&mut window, &dir)?;
+        names.sort();
+        for (name, number) in names {
+            let inode = p.fs.inode(&mut window, number)?;
+            if !inode.is_dir() {
+                files.push(Ext4LiveEntry {
+                    path: format!("/{live_dir}/{name}"),
+                    size_bytes: inode.size,
+                });
+            }
+        }
+    }
+    let squashfs = format!("/{live_dir}/squashfs.img");
+    let runs = match p.fs.file(&mut window, &squashfs)? {
+        Some(map) => map
+            .byte_runs(p.fs.block_size, &squashfs)?
+            .into_iter()
+            .map(|(at, n)| (p.start + at, n))
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(Some((
+        Ext4LiveLayout {
+            boot_partition,
+            partition: p.number,
+            start_bytes: p.start,
+            size_bytes: p.len,
+            uuid: p.fs.uuid.clone(),
+            label: p.fs.label.clone(),
+            free_bytes: p.fs.free_blocks * p.fs.block_size,
+            files,
+        },
+        runs,
+    )))
+}
+
+/// How the user replays the journal of a live partition that was not cleanly
+/// unmounted. e2fsck replays it on the partition's own device node; e2fsprogs 1.47
+/// cannot on a partition inside an image file (`file?offset=N`: the replay reopens
+/// the file without the offset), so an image is attached with its partitions first.
+pub fn replay_hint(device: &Path, partition: u32) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    let is_block = std::fs::metadata(device).is_ok_and(|m| m.file_type().is_block_device());
+    let shown = device.display().to_string();
+    if is_block {
+        // The kernel's names: sdb2, but nvme0n1p2, mmcblk0p2, loop0p2.
+        let sep = if shown.ends_with(|c: char| c.is_ascii_digit()) {
+            "p"
+        } else {
+            ""
+        };
+        format!("run `e2fsck -p {shown}{sep}{partition}`")
+    } else {
+        format!(
+            "attach the image with `losetup -P --show {shown}` and run `e2fsck -p` on partition {partition} of the loop device it prints (e2fsck cannot replay a journal at an offset of a file)"
+        )
+    }
+}
+
 /// MBR type of a Linux file system.
 const MBR_LINUX: u8 = 0x83;
 

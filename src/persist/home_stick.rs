@@ -118,6 +118,21 @@ pub enum HomeStickError {
         got: String,
         want: String,
     },
+    #[error(
+        "not enough free space on ext4 partition {partition} of {stick} to grow {home} from {current_mib} MiB to {requested_mib} MiB: its new blocks take {needed_mib} MiB ({needed} bytes) and only {free_mib} MiB ({free} bytes) is free; choose at most {max_mib} MiB"
+    )]
+    NoRoomOnExt4 {
+        stick: PathBuf,
+        partition: u32,
+        home: String,
+        current_mib: u64,
+        requested_mib: u64,
+        needed: u64,
+        needed_mib: u64,
+        free: u64,
+        free_mib: u64,
+        max_mib: u64,
+    },
     #[error("{0} is neither ext4 nor LUKS2: it is not a home image")]
     NotHome(String),
     /// A failed write of the grown copy surfaces at the sync, as an error of the
@@ -143,6 +158,7 @@ impl crate::error::Classify for HomeStickError {
             | HomeStickError::Shrink { .. }
             | HomeStickError::TooLarge { .. }
             | HomeStickError::NoSpace { .. }
+            | HomeStickError::NoRoomOnExt4 { .. }
             | HomeStickError::NoWorkSpace { .. }
             | HomeStickError::NotHome(_) => crate::error::ErrorKind::BadInput,
             _ => crate::error::ErrorKind::Io,
@@ -385,9 +401,6 @@ impl StickHome {
         let info = stick.info(live_dir)?;
         let home = format!("/{live_dir}/home.img");
         let staged = format!("{home}.new");
-        if info.home.is_none() {
-            refuse_ext4_live(path, live_dir)?;
-        }
         let size = info.home.ok_or_else(|| HomeStickError::NoHome {
             stick: path.to_path_buf(),
             home: home.trim_start_matches('/').to_string(),
@@ -890,21 +903,252 @@ pub fn ext4_live_report(
     Ok(Some(report_from(r, path, Some(home), passphrase)?))
 }
 
-/// `home resize` on the ext4 live layout: refused by name.
-fn refuse_ext4_live(path: &Path, live_dir: &str) -> Result<(), HomeStickError> {
-    let Ok(mut f) = File::open(path) else {
-        return Ok(());
+/// home.img on a stick's ext4 live partition, read and written in place by its
+/// extents (`ext4_fs::Ext4FileRw`), for `home resize`.
+pub struct Ext4LiveHome {
+    pub device: PathBuf,
+    pub partition: crate::disk::ext4_fs::LivePartition,
+    /// "/LiveOS/home.img".
+    pub home: String,
+    pub map: crate::disk::ext4_fs::FileMap,
+    file: File,
+}
+
+/// Free blocks of the ext4 live partition a grow leaves alone: the extent tree's new
+/// blocks and what the live system writes beside its home.
+const EXT4_MARGIN: u64 = 16 * MIB;
+
+fn ext4_err(path: &Path) -> impl Fn(crate::disk::ext4_fs::Ext4FsError) -> HomeStickError + '_ {
+    move |e| HomeStickError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// Opens home.img of a stick with the ext4 live layout through the safety checks of
+/// a change (`O_EXCL` when `writable`); `None` for a stick of the FAT layout. A
+/// change is refused while the partition's journal holds changes not written home.
+pub fn open_ext4_live_home(
+    path: &Path,
+    live_dir: &str,
+    writable: bool,
+) -> Result<Option<Ext4LiveHome>, HomeStickError> {
+    use crate::disk::ext4_fs;
+    {
+        let mut look = File::open(path).map_err(io_at(path))?;
+        if !matches!(
+            ext4_fs::find_live_partition(&mut look, live_dir),
+            Ok(Some(_))
+        ) {
+            return Ok(None);
+        }
+    }
+    let probe = crate::disk::target::probe(path).map_err(StickError::from)?;
+    let mut file =
+        crate::disk::target::open_existing(&probe, writable).map_err(StickError::from)?;
+    let Some(partition) =
+        ext4_fs::find_live_partition(&mut file, live_dir).map_err(ext4_err(path))?
+    else {
+        return Ok(None);
     };
-    if let Ok(Some(p)) = crate::disk::ext4_fs::find_live_partition(&mut f, live_dir) {
+    if writable && partition.fs.needs_recovery {
         return Err(HomeStickError::Io {
             path: path.to_path_buf(),
             source: std::io::Error::other(format!(
-                "home.img is on ext4 partition {} (the layout for persistence over 4 GiB): `livestick home info` reads it, but `home resize` does not work on this layout yet",
-                p.number
+                "the ext4 live partition {} was not cleanly unmounted: its journal holds changes not yet written home, which a change beside them could lose or undo. To replay it, {} (or boot the stick and shut the live system down cleanly), then try again",
+                partition.number,
+                crate::disk::ext4_live::replay_hint(path, partition.number)
             )),
         });
     }
-    Ok(())
+    let home = format!("/{live_dir}/home.img");
+    let map = {
+        let mut window = crate::io::PartitionWindow::new(&mut file, partition.start, partition.len);
+        partition
+            .fs
+            .file(&mut window, &home)
+            .map_err(ext4_err(path))?
+    };
+    let Some(map) = map else {
+        return Err(HomeStickError::NoHome {
+            stick: path.to_path_buf(),
+            home: home.trim_start_matches('/').to_string(),
+        });
+    };
+    Ok(Some(Ext4LiveHome {
+        device: path.to_path_buf(),
+        partition,
+        home,
+        map,
+        file,
+    }))
+}
+
+impl Ext4LiveHome {
+    pub fn size(&self) -> u64 {
+        self.map.size
+    }
+
+    /// home.img's bytes, in place.
+    pub fn io(&mut self) -> crate::disk::ext4_fs::Ext4FileRw<&mut File> {
+        crate::disk::ext4_fs::Ext4FileRw::new(&mut self.file, &self.partition, &self.map)
+    }
+
+    pub fn kind(&mut self) -> Result<Option<HomeKind>, HomeStickError> {
+        let path = self.device.clone();
+        Ok(home::detect_home_kind(&mut self.io()).map_err(io_at(&path))?)
+    }
+
+    /// Bytes of the partition a grow may take.
+    pub fn free_bytes(&self) -> u64 {
+        let fs = &self.partition.fs;
+        (fs.free_blocks * fs.block_size).saturating_sub(EXT4_MARGIN)
+    }
+
+    pub fn report(&mut self, passphrase: Option<&[u8]>) -> Result<HomeReport, HomeStickError> {
+        let device = self.device.clone();
+        let home = self.home.clone();
+        let free = self.free_bytes();
+        let mut rep = report_from(self.io(), &device, Some(home), passphrase)?;
+        rep.stick_free_bytes = Some(free);
+        Ok(rep)
+    }
+}
+
+/// Plans growing home.img on the ext4 live partition: its new blocks come from the
+/// partition's allocator (unwritten, nothing written), the file system inside is
+/// grown on a work copy, and only the blocks that changed are written back.
+pub fn plan_ext4_live_resize(
+    h: &Ext4LiveHome,
+    encrypted: bool,
+    requested_mib: u64,
+    workdir: &Path,
+) -> Result<ResizePlan, HomeStickError> {
+    let new = check_new_size(h.size(), requested_mib)?;
+    let unchanged = new == h.size();
+    let block = h.partition.fs.block_size;
+    let needed = new.div_ceil(block) * block - h.size().div_ceil(block) * block;
+    let free = h.free_bytes();
+    if !unchanged && needed > free {
+        return Err(HomeStickError::NoRoomOnExt4 {
+            stick: h.device.clone(),
+            partition: h.partition.number,
+            home: h.home.trim_start_matches('/').to_string(),
+            current_mib: h.size().div_ceil(MIB),
+            requested_mib,
+            needed,
+            needed_mib: needed.div_ceil(MIB),
+            free,
+            free_mib: free / MIB,
+            max_mib: ((h.size() + free) / MIB).min(FAT_MAX_FILE_MIB),
+        });
+    }
+    let mut memory_need = 0;
+    if !unchanged {
+        check_workdir(workdir, new)?;
+        memory_need = check_memory(encrypted, h.size(), new)?;
+    }
+    let home = h.home.trim_start_matches('/');
+    let mut steps = Vec::new();
+    if !unchanged {
+        if encrypted {
+            steps.push(
+                "unlock home.img with the passphrase (checked before anything changes)".into(),
+            );
+        }
+        steps.push(format!(
+            "copy {home} ({} MiB{}) to a private temporary directory in {}",
+            h.size().div_ceil(MIB),
+            if encrypted { ", still encrypted" } else { "" },
+            workdir.display()
+        ));
+        steps.push(grow_step(encrypted, new));
+        steps.push(format!(
+            "give {home} {} MiB more blocks on ext4 partition {} (allocated unwritten: nothing is written to them)",
+            needed.div_ceil(MIB),
+            h.partition.number
+        ));
+        steps.push(format!(
+            "write the blocks the grow changed back into {home} in place, sync and read them back"
+        ));
+    }
+    Ok(ResizePlan {
+        target: h.device.clone(),
+        home: Some(h.home.clone()),
+        encrypted,
+        current_bytes: h.size(),
+        new_bytes: new,
+        unchanged,
+        stick_needed_bytes: Some(needed),
+        stick_free_bytes: Some(free),
+        workdir: workdir.to_path_buf(),
+        workdir_needed_bytes: if unchanged { 0 } else { new },
+        memory_needed_bytes: memory_need,
+        steps,
+    })
+}
+
+/// Grows home.img on the ext4 live partition following `plan`. Every tool works on
+/// the copy: a failure there leaves the stick as it was.
+pub fn resize_on_ext4_live(
+    h: &mut Ext4LiveHome,
+    plan: &ResizePlan,
+    passphrase: Option<&[u8]>,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<HomeReport, HomeStickError> {
+    if plan.unchanged {
+        return h.report(passphrase);
+    }
+    let device = h.device.clone();
+    let maint = |e: crate::persist::ovl_maint::OvlMaintError| HomeStickError::Io {
+        path: device.clone(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    if plan.encrypted {
+        // A wrong passphrase fails here, before the stick is touched.
+        let pass = passphrase.ok_or(HomeError::PassphraseNeeded("resize it"))?;
+        crate::persist::luks::open_luks2(h.io(), pass).map_err(HomeError::from)?;
+    }
+    let tmp = private_dir(&plan.workdir)?;
+    let show = format!("{}:{}", device.display(), h.home);
+    let len = h.size();
+    let mut copy = crate::persist::ovl_maint::WorkCopy::create(
+        &mut h.io(),
+        len,
+        tmp.path(),
+        &show,
+        &mut |d, n| progress("copy out", d, n),
+    )
+    .map_err(maint)?;
+    // The copy as the stick has it; what the grow changes (the new space included,
+    // whose zeros cost nothing in unwritten blocks) is written back.
+    copy.mark_baseline().map_err(maint)?;
+    progress("grow", 0, 1);
+    home::home_resize(copy.path(), plan.new_bytes, passphrase)?;
+    progress("grow", 1, 1);
+    h.file.sync_all().map_err(io_at(&device))?;
+    crate::disk::ext4_live::grow_file(&device, &h.partition, &h.home, h.map.size, plan.new_bytes)
+        .map_err(|e| HomeStickError::Io {
+        path: device.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let map = {
+        let mut window =
+            crate::io::PartitionWindow::new(&mut h.file, h.partition.start, h.partition.len);
+        let fs = crate::disk::ext4_fs::Ext4Fs::open(&mut window).map_err(ext4_err(&device))?;
+        let map = fs.file(&mut window, &h.home).map_err(ext4_err(&device))?;
+        h.partition.fs = fs;
+        map
+    };
+    h.map = map.ok_or_else(|| HomeStickError::NoHome {
+        stick: device.clone(),
+        home: h.home.trim_start_matches('/').to_string(),
+    })?;
+    copy.write_back(&mut h.io(), &mut |d, n| progress("write back", d, n))
+        .map_err(maint)?;
+    drop(copy);
+    drop(tmp);
+    h.report(passphrase)
 }
 
 #[cfg(test)]

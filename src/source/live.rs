@@ -122,6 +122,9 @@ pub struct LiveImage {
     pub source_overlay: Option<FileInfo>,
     /// A stick source's home.img.
     pub source_home: Option<FileInfo>,
+    /// A stick source of the ext4 live layout: its ext4 partition and what is on it
+    /// (`null` for an ISO or a stick with the live directory on its FAT).
+    pub ext4_live: Option<crate::disk::ext4_live::Ext4LiveLayout>,
     #[serde(skip)]
     pub(crate) squashfs_entry: IsoEntry,
 }
@@ -317,6 +320,7 @@ fn inspect_opened_iso(
         implanted_md5,
         source_overlay: None,
         source_home: None,
+        ext4_live: None,
         squashfs_entry,
     })
 }

@@ -34,6 +34,21 @@ impl Display for LiveImageText<'_> {
             image.compressor.as_deref().unwrap_or("unknown compressor")
         )?;
         writeln!(out, "root:          {root}")?;
+        if let Some(l) = &image.ext4_live {
+            writeln!(
+                out,
+                "ext4 layout:   boot files on FAT partition {}; the live directory on ext4 partition {} (label {}, UUID {}, {}, {} free)",
+                l.boot_partition,
+                l.partition,
+                l.label,
+                l.uuid,
+                human(l.size_bytes),
+                human(l.free_bytes)
+            )?;
+            for f in &l.files {
+                writeln!(out, "  {:>10}  {}", human(f.size_bytes), f.path)?;
+            }
+        }
         writeln!(
             out,
             "implanted MD5: {}",
@@ -117,6 +132,7 @@ mod tests {
             volume_size: 2048 * MIB,
             layout: LayoutKind::Isolinux,
             live_dir: "LiveOS".into(),
+            ext4_live: None,
             squashfs: squashfs.clone(),
             root,
             compressor: None,

@@ -25,6 +25,7 @@ mod devices;
 mod download;
 mod erofs_xattr;
 mod ext4_live;
+mod ext4_maint;
 mod ext4_sparse;
 mod fat_damage;
 mod faults;

@@ -144,7 +144,10 @@ pub fn plan_grow(facts: &GrowFacts, request: GrowRequest) -> Result<GrowPlan, Ov
         facts.current_bytes,
         requested,
         facts.chunk_sectors,
-        FAT_MAX_FILE_BYTES,
+        facts
+            .room
+            .as_ref()
+            .map_or(FAT_MAX_FILE_BYTES, StickRoom::max_file_bytes),
     )?;
     if let Some(room) = &facts.room {
         room.check_free(plan.added_bytes)?;
@@ -176,6 +179,18 @@ pub fn apply_grow(
             progress("grow", 0, bytes);
             t.allocate(plan.new_bytes, &zero)?;
             progress("grow", bytes, bytes);
+        }
+        Place::Ext4(o) => {
+            // The new blocks are unwritten: they read as zeros, so the zeroed areas
+            // cost nothing (zeros written into unwritten blocks are skipped).
+            let zero =
+                snapshot::grow_zero_ranges(plan.chunk_sectors, plan.current_bytes, plan.new_bytes);
+            progress("grow", 0, plan.added_bytes);
+            o.allocate(plan.new_bytes)?;
+            let mut io = o.io();
+            crate::io::zero_ranges(&mut io, zero.iter().cloned())?;
+            crate::io::SyncData::sync_data(&mut io)?;
+            progress("grow", plan.added_bytes, plan.added_bytes);
         }
     }
     Ok(())
@@ -263,6 +278,13 @@ pub fn repair(
             ))
         }
         Place::Bare(_) => None,
+        Place::Ext4(_) if *root == RootImage::OnStick => {
+            return Err(OverlayError::Refused(
+                "--repair of an overlay on the ext4 live partition needs the root image: pass --origin IMAGE (the squashfs.img's LiveOS/rootfs.img, extracted)"
+                    .to_string(),
+            ));
+        }
+        Place::Ext4(_) => None,
     };
     let scratch = tempfile::Builder::new()
         .prefix("livestick-repair-")
@@ -289,6 +311,9 @@ pub fn repair(
         }
         Place::Stick(t) => {
             merge_dm::repair_view(&origin_img, &mut t.io()?, len, scratch.path(), progress)
+        }
+        Place::Ext4(o) => {
+            merge_dm::repair_view(&origin_img, &mut o.io(), len, scratch.path(), progress)
         }
     };
     Ok(r?)
@@ -398,6 +423,7 @@ mod tests {
             stick: PathBuf::from("stick.img"),
             overlay: "/LiveOS/overlay-L-U".to_string(),
             free_bytes: free,
+            on_fat: true,
         }
     }
 

@@ -2,8 +2,8 @@
 //!
 //! Three kinds ([`Kind`]): a dm-snapshot store file ([`dm`]), an OverlayFS ext4 file
 //! ([`ovlfs`]) and an OverlayFS directory ([`dir`]). The two file kinds live in one
-//! of two places ([`place::Place`]): a bare file, or a file on a stick's FAT reached
-//! through its extents. [`any::Overlay`] is a kind in its place.
+//! of three places ([`place::Place`]): a bare file, or a file on a stick's FAT or on
+//! its ext4 live partition, reached through its extents. [`any::Overlay`] is a kind in its place.
 //!
 //! Every verb goes inspect → plan → apply: `inspect_*` reads the facts (sizes,
 //! header, superblock, the stick's free space), `plan_*` decides from those facts
@@ -126,13 +126,26 @@ pub struct StickRoom {
     /// The overlay's path on the stick's FAT.
     pub overlay: String,
     pub free_bytes: u64,
+    /// The overlay is a file on the stick's FAT32 (under 4 GiB); false on the
+    /// ext4 live partition.
+    pub on_fat: bool,
 }
 
 impl StickRoom {
+    /// The largest overlay file its file system allows.
+    pub fn max_file_bytes(&self) -> u64 {
+        if self.on_fat {
+            crate::persist::snapshot::FAT_MAX_FILE_BYTES
+        } else {
+            // ext4 with 4 KiB blocks: 16 TiB less a block.
+            (16u64 << 40) - 4096
+        }
+    }
+
     /// On a stick the FAT file limit is a hard error with the figures, not a silent
     /// cap: the user asked for a size the stick cannot give.
     pub fn check_fat_limit(&self, show: &str, requested: u64) -> Result<(), OverlayError> {
-        if requested > fat::FAT_MAX_FILE {
+        if self.on_fat && requested > fat::FAT_MAX_FILE {
             return Err(OverlayError::Refused(format!(
                 "{show} cannot grow to {} ({requested} bytes): a file on FAT32 must stay below 4 GiB, at most {} MiB ({} bytes)",
                 human(requested),

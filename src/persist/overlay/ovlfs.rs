@@ -15,7 +15,7 @@ use crate::persist::ovl_maint::{self, FsckMode, FsckReport, GrowPlan, Super, Wri
 use crate::persist::snapshot::FAT_MAX_FILE_BYTES;
 use crate::size::{MIB, human};
 
-use super::place::{Bare, OverlayIo, Place, StickOverlay};
+use super::place::{Bare, OverlayIo, Place};
 use super::{Explain, GrowRequest, Kind, OverlayError, Progress, ResetPlan, StickRoom, store};
 
 /// How full the overlay's ext4 is, for `status`.
@@ -108,7 +108,8 @@ pub fn plan_grow(
     if let Some(room) = room {
         room.check_fat_limit(show, requested)?;
     }
-    let plan = ovl_maint::plan_grow(show, len, sb, requested, FAT_MAX_FILE_BYTES)?;
+    let max = room.map_or(FAT_MAX_FILE_BYTES, StickRoom::max_file_bytes);
+    let plan = ovl_maint::plan_grow(show, len, sb, requested, max)?;
     if let Some(room) = room {
         room.check_free(plan.added_bytes)?;
     }
@@ -299,19 +300,19 @@ pub fn apply_check(
             out.check = Some(r?);
             Ok(())
         }
-        Place::Stick(t) => check_on_stick(t, workdir, out, progress),
+        Place::Stick(_) | Place::Ext4(_) => check_on_stick(place, workdir, out, progress),
     }
 }
 
 fn check_on_stick(
-    t: &mut StickOverlay,
+    t: &mut Place,
     workdir: &Path,
     out: &mut Outcome,
     progress: Progress<'_>,
 ) -> Result<(), OverlayError> {
     let show = t.show();
-    let offset = t.io()?.contiguous_offset();
-    let spec = offset.and_then(|o| ovl_maint::in_place_spec(&t.stick.path, o));
+    let offset = t.contiguous_offset()?;
+    let spec = offset.and_then(|o| ovl_maint::in_place_spec(t.device(), o));
     let report = match spec {
         Some(spec) => {
             out.method = format!("in place, read-only ({})", spec.to_string_lossy());
@@ -321,8 +322,8 @@ fn check_on_stick(
             r
         }
         None => {
-            ovl_maint::check_workdir(workdir, &show, t.overlay_bytes)?;
-            let len = t.overlay_bytes;
+            ovl_maint::check_workdir(workdir, &show, t.bytes())?;
+            let len = t.bytes();
             let copy =
                 ovl_maint::WorkCopy::create(&mut t.io()?, len, workdir, &show, &mut |d, n| {
                     progress("copy", d, n)
@@ -362,7 +363,9 @@ pub fn apply_change(
 ) -> Result<(), OverlayError> {
     match place {
         Place::Bare(bare) => change_bare(bare, steps, out, progress),
-        Place::Stick(t) => change_on_stick(t, workdir, target, steps, out, progress),
+        Place::Stick(_) | Place::Ext4(_) => {
+            change_on_stick(place, workdir, target, steps, out, progress)
+        }
     }
 }
 
@@ -401,7 +404,7 @@ fn change_bare(
 }
 
 fn change_on_stick(
-    t: &mut StickOverlay,
+    t: &mut Place,
     workdir: &Path,
     target: &Path,
     steps: Steps<'_>,
@@ -410,7 +413,7 @@ fn change_on_stick(
 ) -> Result<(), OverlayError> {
     let grow = steps.grow;
     let show = t.show();
-    let len = t.overlay_bytes;
+    let len = t.bytes();
     let new_len = grow.map_or(len, |g| g.new_bytes);
     ovl_maint::check_workdir(workdir, &show, new_len)?;
     let mut copy = ovl_maint::WorkCopy::create(&mut t.io()?, len, workdir, &show, &mut |d, n| {
@@ -422,7 +425,7 @@ fn change_on_stick(
     run_tools(copy.path(), target, steps, out, progress, &mut |_| Ok(()))
         .explain(|| format!("{show}: stopped before anything on the stick was changed"))?;
     if let Some(g) = grow.filter(|g| out.grown && g.added_bytes > 0) {
-        t.append_zeros(g.added_bytes, g.new_bytes, progress)?;
+        t.extend_on_stick(g.added_bytes, g.new_bytes, progress)?;
     }
     let wb = copy.write_back(&mut t.io()?, &mut |d, n| progress("write back", d, n))?;
     out.write_back = Some(wb);
@@ -539,6 +542,7 @@ mod tests {
             stick: PathBuf::from("stick.img"),
             overlay: "/LiveOS/overlay-L-U".to_string(),
             free_bytes: free,
+            on_fat: true,
         }
     }
 

@@ -1,7 +1,9 @@
 //! Where an overlay file lives: a bare file (with its squashfs.img or root image
-//! beside it), or a file on a stick's FAT, read and written in place through its
-//! extents. The stick itself is reached through `disk::stick`; this module only
-//! chooses the overlay on it and says what room it has.
+//! beside it), a file on a stick's FAT, or a file on the ext4 live partition of a
+//! stick written with the layout for persistence over 4 GiB; the last two read and
+//! written in place through their extents. The stick itself is reached through
+//! `disk::stick` and `disk::ext4_fs`; this module only chooses the overlay on it and
+//! says what room it has.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -238,6 +240,7 @@ impl StickOverlay {
             stick: self.stick.path.clone(),
             overlay: self.overlay.clone(),
             free_bytes: self.info.free_bytes,
+            on_fat: true,
         }
     }
 
@@ -410,6 +413,8 @@ fn choose_overlay(
 pub enum Place {
     Bare(Bare),
     Stick(Box<StickOverlay>),
+    /// On the ext4 live partition of a stick (the layout for persistence over 4 GiB).
+    Ext4(Box<Ext4LiveOverlay>),
 }
 
 impl Place {
@@ -417,6 +422,7 @@ impl Place {
         match self {
             Place::Bare(b) => b.show(),
             Place::Stick(t) => t.show(),
+            Place::Ext4(o) => o.show(),
         }
     }
 
@@ -425,6 +431,7 @@ impl Place {
         match self {
             Place::Bare(b) => b.len,
             Place::Stick(t) => t.overlay_bytes,
+            Place::Ext4(o) => o.len(),
         }
     }
 
@@ -433,6 +440,7 @@ impl Place {
         Ok(match self {
             Place::Bare(b) => PlaceIo::Bare(&mut b.file),
             Place::Stick(t) => PlaceIo::Stick(t.io()?),
+            Place::Ext4(o) => PlaceIo::Ext4(o.io()),
         })
     }
 
@@ -441,6 +449,7 @@ impl Place {
         match self {
             Place::Bare(b) => b.kind(),
             Place::Stick(t) => t.kind,
+            Place::Ext4(o) => o.kind(),
         }
     }
 
@@ -449,6 +458,7 @@ impl Place {
         match self {
             Place::Bare(b) => &b.path,
             Place::Stick(t) => &t.stick.path,
+            Place::Ext4(o) => &o.device,
         }
     }
 
@@ -457,6 +467,46 @@ impl Place {
         match self {
             Place::Bare(_) => None,
             Place::Stick(t) => Some(t.room()),
+            Place::Ext4(o) => Some(o.room()),
+        }
+    }
+
+    /// Where the overlay lies on its device when it is one written run (a tool can
+    /// then read it there); a bare file is its own device.
+    pub fn contiguous_offset(&mut self) -> Result<Option<u64>, OverlayError> {
+        Ok(match self {
+            Place::Bare(_) => Some(0),
+            Place::Stick(t) => t.io()?.contiguous_offset(),
+            Place::Ext4(o) => o.io().contiguous_offset(),
+        })
+    }
+
+    /// Gives an overlay on a stick `added` more bytes that read as zeros: appended
+    /// zeros through the FAT, or unwritten blocks on the ext4 live partition.
+    pub fn extend_on_stick(
+        &mut self,
+        added: u64,
+        new_bytes: u64,
+        progress: Progress<'_>,
+    ) -> Result<(), OverlayError> {
+        match self {
+            Place::Bare(b) => b.extend(new_bytes),
+            Place::Stick(t) => t.append_zeros(added, new_bytes, progress),
+            Place::Ext4(o) => {
+                progress("grow", 0, added);
+                o.allocate(new_bytes)?;
+                progress("grow", added, added);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether a change may be made through it (a stick opened only to look is not).
+    pub fn is_writable(&self) -> bool {
+        match self {
+            Place::Bare(_) => true,
+            Place::Stick(t) => t.stick.is_writable(),
+            Place::Ext4(o) => o.writable,
         }
     }
 }
@@ -465,6 +515,7 @@ impl Place {
 pub enum PlaceIo<'a> {
     Bare(&'a mut File),
     Stick(ExtentFile<&'a mut File>),
+    Ext4(crate::disk::ext4_fs::Ext4FileRw<&'a mut File>),
 }
 
 impl Read for PlaceIo<'_> {
@@ -472,6 +523,7 @@ impl Read for PlaceIo<'_> {
         match self {
             PlaceIo::Bare(f) => f.read(buf),
             PlaceIo::Stick(f) => f.read(buf),
+            PlaceIo::Ext4(f) => f.read(buf),
         }
     }
 }
@@ -481,6 +533,7 @@ impl Write for PlaceIo<'_> {
         match self {
             PlaceIo::Bare(f) => f.write(buf),
             PlaceIo::Stick(f) => f.write(buf),
+            PlaceIo::Ext4(f) => f.write(buf),
         }
     }
 
@@ -488,6 +541,7 @@ impl Write for PlaceIo<'_> {
         match self {
             PlaceIo::Bare(f) => f.flush(),
             PlaceIo::Stick(f) => f.flush(),
+            PlaceIo::Ext4(f) => f.flush(),
         }
     }
 }
@@ -497,6 +551,7 @@ impl Seek for PlaceIo<'_> {
         match self {
             PlaceIo::Bare(f) => f.seek(pos),
             PlaceIo::Stick(f) => f.seek(pos),
+            PlaceIo::Ext4(f) => f.seek(pos),
         }
     }
 }
@@ -506,6 +561,7 @@ impl SyncData for PlaceIo<'_> {
         match self {
             PlaceIo::Bare(f) => f.sync_data(),
             PlaceIo::Stick(f) => f.sync_data(),
+            PlaceIo::Ext4(f) => f.sync_data(),
         }
     }
 }
@@ -513,8 +569,9 @@ impl SyncData for PlaceIo<'_> {
 // ---------------------------------------------------------------------------------
 // The ext4 live layout: the live directory on an ext4 partition 2.
 
-/// An overlay on a stick's ext4 live partition, read in place by its extents
-/// (unwritten extents read as zeros, as the kernel reads them).
+/// An overlay on a stick's ext4 live partition, read and written in place by its
+/// extents (unwritten extents read as zeros, as the kernel reads them; a write into
+/// one marks what it wrote written: `ext4_fs::Ext4FileRw`).
 pub struct Ext4LiveOverlay {
     pub device: PathBuf,
     pub partition: crate::disk::ext4_fs::LivePartition,
@@ -523,8 +580,14 @@ pub struct Ext4LiveOverlay {
     /// The name the live system looks for; `overlay` differs when it is orphaned.
     pub expected: String,
     pub map: crate::disk::ext4_fs::FileMap,
+    pub live_dir: String,
     file: File,
+    writable: bool,
 }
+
+/// Blocks kept free when a grow takes the ext4 partition's free space: the extent
+/// tree's new blocks and what the live system writes next to its overlay.
+const EXT4_GROW_MARGIN: u64 = 16 << 20;
 
 impl Ext4LiveOverlay {
     pub fn show(&self) -> String {
@@ -544,37 +607,131 @@ impl Ext4LiveOverlay {
         self.map.size == 0
     }
 
-    pub fn reader(&mut self) -> crate::disk::ext4_fs::Ext4File<&mut File> {
-        crate::disk::ext4_fs::Ext4File::new(
-            &mut self.file,
-            self.partition.start,
-            self.partition.fs.block_size,
-            &self.map,
-        )
+    /// The overlay's bytes, read and written in place.
+    pub fn io(&mut self) -> crate::disk::ext4_fs::Ext4FileRw<&mut File> {
+        crate::disk::ext4_fs::Ext4FileRw::new(&mut self.file, &self.partition, &self.map)
     }
 
     pub fn kind(&mut self) -> Kind {
-        if store::is_ext4(&mut self.reader()) {
+        if store::is_ext4(&mut self.io()) {
             Kind::Overlayfs
         } else {
             Kind::DmSnapshot
         }
     }
+
+    /// What a grow may use: the partition's free blocks, less a margin; no FAT limit.
+    pub fn room(&self) -> StickRoom {
+        let fs = &self.partition.fs;
+        StickRoom {
+            stick: self.device.clone(),
+            overlay: format!(
+                "{} on ext4 partition {}",
+                self.overlay, self.partition.number
+            ),
+            free_bytes: (fs.free_blocks * fs.block_size).saturating_sub(EXT4_GROW_MARGIN),
+            on_fat: false,
+        }
+    }
+
+    /// Gives the overlay `new_bytes`: new blocks in unwritten extents (they read as
+    /// zeros, nothing is written to them), then the new size.
+    pub fn allocate(&mut self, new_bytes: u64) -> Result<(), OverlayError> {
+        self.file.sync_all()?;
+        crate::disk::ext4_live::grow_file(
+            &self.device,
+            &self.partition,
+            &self.overlay,
+            self.map.size,
+            new_bytes,
+        )
+        .map_err(|e| match e {
+            e @ crate::disk::ext4_live::Ext4LiveError::Allocate { .. } => {
+                OverlayError::Refused(e.to_string())
+            }
+            e => OverlayError::Io(std::io::Error::other(e.to_string())),
+        })?;
+        self.reload()
+    }
+
+    /// Reads the partition's superblock and the overlay's map again (after debugfs
+    /// changed them).
+    fn reload(&mut self) -> Result<(), OverlayError> {
+        use crate::disk::ext4_fs::Ext4Fs;
+        let device = self.device.clone();
+        let live = |e: crate::disk::ext4_fs::Ext4FsError| {
+            OverlayError::BadInput(format!("{}: {e}", device.display()))
+        };
+        let (start, len) = (self.partition.start, self.partition.len);
+        let mut window = crate::io::PartitionWindow::new(&mut self.file, start, len);
+        let fs = Ext4Fs::open(&mut window).map_err(live)?;
+        let map = fs
+            .file(&mut window, &self.overlay)
+            .map_err(live)?
+            .ok_or_else(|| {
+                OverlayError::BadInput(format!("{}: {} is gone", device.display(), self.overlay))
+            })?;
+        drop(window);
+        self.partition.fs = fs;
+        self.map = map;
+        Ok(())
+    }
+
+    /// What `status` says about the overlay's name and the partition's journal.
+    pub fn name_notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.overlay != self.expected {
+            notes.push(format!(
+                "{} is not {}, the overlay the live system looks for: its changes are orphaned",
+                self.overlay, self.expected
+            ));
+        }
+        if self.partition.fs.needs_recovery {
+            notes.push(format!(
+                "ext4 partition {} was not cleanly unmounted: what its journal still holds is not read here, so this may be out of date; to replay it, {}",
+                self.partition.number,
+                crate::disk::ext4_live::replay_hint(&self.device, self.partition.number)
+            ));
+        }
+        notes
+    }
 }
 
 /// The overlay of a stick written with the ext4 live layout, `None` when the
-/// stick has no ext4 partition holding `/<live dir>/squashfs.img`. Opened read-only.
+/// stick has no ext4 partition holding `/<live dir>/squashfs.img`. Opened through
+/// the same safety checks as a FAT stick (and `O_EXCL` when `writable`); a change
+/// is refused while the partition's journal holds changes not written home.
 pub fn ext4_live_overlay(
     path: &Path,
     sel: &Selection,
+    writable: bool,
 ) -> Result<Option<Ext4LiveOverlay>, OverlayError> {
     use crate::disk::ext4_fs;
-    let mut file = File::open(path).map_err(cannot_open(path))?;
     let live = |e: ext4_fs::Ext4FsError| OverlayError::BadInput(format!("{}: {e}", path.display()));
+    {
+        let mut look = File::open(path).map_err(cannot_open(path))?;
+        if ext4_fs::find_live_partition(&mut look, &sel.live_dir)
+            .map_err(live)?
+            .is_none()
+        {
+            return Ok(None);
+        }
+    }
+    let probe = crate::disk::target::probe(path).map_err(StickError::from)?;
+    let mut file =
+        crate::disk::target::open_existing(&probe, writable).map_err(StickError::from)?;
     let Some(partition) = ext4_fs::find_live_partition(&mut file, &sel.live_dir).map_err(live)?
     else {
         return Ok(None);
     };
+    if writable && partition.fs.needs_recovery {
+        return Err(OverlayError::Refused(format!(
+            "the ext4 live partition {} of {} was not cleanly unmounted: its journal holds changes not yet written home, which a change beside them could lose or undo. To replay it, {} (or boot the stick and shut the live system down cleanly), then try again",
+            partition.number,
+            path.display(),
+            crate::disk::ext4_live::replay_hint(path, partition.number)
+        )));
+    }
     let fs = partition.fs.clone();
     let mut window = crate::io::PartitionWindow::new(&mut file, partition.start, partition.len);
     let expected = crate::layout::overlay_path(&sel.live_dir, &fs.label, &fs.uuid);
@@ -597,11 +754,11 @@ pub fn ext4_live_overlay(
         None if overlays.contains(&expected) => expected.clone(),
         None if overlays.len() == 1 => overlays[0].clone(),
         None => {
-            return Err(OverlayError::BadInput(format!(
+            return Err(OverlayError::Refused(format!(
                 "{} has no overlay {expected} on its ext4 live partition{}",
                 path.display(),
                 if overlays.is_empty() {
-                    String::new()
+                    "; it was written without --overlay-size-mb".to_string()
                 } else {
                     format!(
                         " (it has {}: name one with --overlay-file)",
@@ -615,7 +772,7 @@ pub fn ext4_live_overlay(
         .file(&mut window, &overlay)
         .map_err(live)?
         .ok_or_else(|| {
-            OverlayError::BadInput(format!(
+            OverlayError::Refused(format!(
                 "{} has no {overlay} on its ext4 live partition",
                 path.display()
             ))
@@ -627,7 +784,9 @@ pub fn ext4_live_overlay(
         overlay,
         expected,
         map,
+        live_dir: sel.live_dir.clone(),
         file,
+        writable,
     }))
 }
 
@@ -639,7 +798,7 @@ fn refuse_ext4_live(path: &Path, live_dir: &str) -> Result<(), OverlayError> {
     };
     if let Ok(Some(p)) = crate::disk::ext4_fs::find_live_partition(&mut file, live_dir) {
         return Err(OverlayError::Refused(format!(
-            "{} keeps its live system on ext4 partition {} (the layout for persistence over 4 GiB): `livestick overlay status` reads its overlay, but reset, grow, recover and merge do not work on this layout yet; write the stick again to start a new overlay",
+            "{} keeps its live system on ext4 partition {} (the layout for persistence over 4 GiB): `livestick overlay status`, reset, grow and recover work on its overlay, but merge does not work on this layout yet",
             path.display(),
             p.number
         )));

@@ -1,0 +1,516 @@
+//! Overlay maintenance on the ext4 live layout (issue 12 part 4): the overlay file
+//! on the ext4 partition 2 is one more place of the overlay interface, read and
+//! written in place by its extents. Checked with e2fsck -fn on the partition,
+//! debugfs (stat, ex, dump) and `livestick overlay status`, on sticks whose every
+//! byte was random before the write (unwritten extents must keep reading as zeros).
+
+use std::io::{Cursor, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::support::{fill_random, livestick, synthetic_iso, tmp};
+use livestick::disk::ext4_fs::{Ext4FileRw, find_live_partition};
+use livestick::io::SyncData;
+use livestick::persist::snapshot::{self, CowWriter, Opened};
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "livestick failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn debugfs(image: &Path, offset: u64, cmd: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", cmd])
+        .arg(format!("{}?offset={offset}", image.display()))
+        .output()
+        .expect("run debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn e2fsck_clean(spec: &str) {
+    let out = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(spec)
+        .output()
+        .expect("run e2fsck");
+    assert!(
+        out.status.success(),
+        "e2fsck -fn {spec}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Blocks the host really holds for `path`, in bytes.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+/// A stick of the ext4 live layout written over random bytes, with its ext4
+/// partition's offset and the overlay's path there.
+struct Ext4Stick {
+    _dir: tempfile::TempDir,
+    image: PathBuf,
+    part: u64,
+    overlay: String,
+}
+
+impl Ext4Stick {
+    fn s(&self) -> &str {
+        self.image.to_str().expect("utf-8 path")
+    }
+
+    fn check_partition(&self) {
+        e2fsck_clean(&format!("{}?offset={}", self.image.display(), self.part));
+    }
+
+    /// The overlay as debugfs reads it, in a host file.
+    fn dump_overlay(&self) -> PathBuf {
+        let out = self._dir.path().join("overlay.dump");
+        let _ = std::fs::remove_file(&out);
+        debugfs(
+            &self.image,
+            self.part,
+            &format!("dump {} {}", self.overlay, out.display()),
+        );
+        assert!(out.is_file(), "debugfs dumped nothing");
+        out
+    }
+
+    fn overlay_size(&self) -> u64 {
+        let stat = debugfs(&self.image, self.part, &format!("stat {}", self.overlay));
+        stat.split("Size: ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no size in {stat}"))
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = ok(&livestick(&["overlay", "status", self.s(), "--json"]));
+        serde_json::from_str(&out).expect("status JSON")
+    }
+}
+
+fn ext4_stick(iso: &str, size: u64, extra: &[&str]) -> Ext4Stick {
+    let dir = tmp();
+    let image = dir.path().join("stick.img");
+    fill_random(&image, size);
+    let iso = synthetic_iso(iso);
+    let mut args = vec![
+        "write",
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--ext4",
+        "--yes",
+        "--overlay-size-mb",
+        "64",
+    ];
+    args.extend_from_slice(extra);
+    ok(&livestick(&args));
+    let table = crate::support::sfdisk(&image);
+    let parts = table["partitiontable"]["partitions"]
+        .as_array()
+        .expect("partitions")
+        .clone();
+    assert_eq!(parts.len(), 2, "{table}");
+    let part = parts[1]["start"].as_u64().expect("start") * 512;
+    let ls = debugfs(&image, part, "ls /LiveOS");
+    let name = ls
+        .split_whitespace()
+        .find(|w| w.starts_with("overlay-"))
+        .unwrap_or_else(|| panic!("no overlay in {ls}"))
+        .to_string();
+    let t = Ext4Stick {
+        _dir: dir,
+        image,
+        part,
+        overlay: format!("/LiveOS/{name}"),
+    };
+    t.check_partition();
+    t
+}
+
+/// What the kernel does to a dm-snapshot store in use: a new store, then
+/// exceptions for `chunks` changed chunks, written through the overlay's extents
+/// (and the unwritten extents they land in marked written).
+fn use_dm_store(t: &Ext4Stick, chunks: u64) {
+    let mut dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&t.image)
+        .unwrap();
+    let part = find_live_partition(&mut dev, "LiveOS").unwrap().unwrap();
+    let map = {
+        let mut window = livestick::io::PartitionWindow::new(&mut dev, part.start, part.len);
+        part.fs.file(&mut window, &t.overlay).unwrap().unwrap()
+    };
+    let mut cow = Ext4FileRw::new(&mut dev, &part, &map);
+    let len = cow.len();
+    if let Opened::Uninitialised { .. } = snapshot::open_store(&mut cow, len).unwrap() {
+        snapshot::create_new_store(&mut cow, len, 8).unwrap();
+    }
+    let Opened::Valid(store) = snapshot::open_store(&mut cow, len).unwrap() else {
+        panic!("store not valid")
+    };
+    let origin_bytes = 4u64 << 20;
+    let before = vec![0u8; origin_bytes as usize];
+    let mut w = CowWriter::new(*store, origin_bytes).unwrap();
+    let mut origin = Cursor::new(&before);
+    for i in 0..chunks {
+        let data = vec![(i % 250 + 1) as u8; 4096];
+        w.write_at(&mut origin, &mut cow, i * 3 * 4096, &data)
+            .unwrap();
+    }
+    cow.flush().unwrap();
+    cow.sync_data().unwrap();
+}
+
+/// Marks the store invalid, as the kernel does when it runs full.
+fn invalidate(t: &Ext4Stick) {
+    let mut dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&t.image)
+        .unwrap();
+    let part = find_live_partition(&mut dev, "LiveOS").unwrap().unwrap();
+    let map = {
+        let mut window = livestick::io::PartitionWindow::new(&mut dev, part.start, part.len);
+        part.fs.file(&mut window, &t.overlay).unwrap().unwrap()
+    };
+    let mut cow = Ext4FileRw::new(&mut dev, &part, &map);
+    cow.seek(SeekFrom::Start(4)).unwrap();
+    cow.write_all(&0u32.to_le_bytes()).unwrap();
+    cow.sync_data().unwrap();
+}
+
+/// The state and exceptions `overlay status` reads in a dump debugfs made of the
+/// overlay (a second, independent read path to the same bytes).
+fn dumped_state(t: &Ext4Stick) -> (String, u64) {
+    let dump = t.dump_overlay();
+    let out = ok(&livestick(&[
+        "overlay",
+        "status",
+        dump.to_str().unwrap(),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    (
+        v["state"].as_str().unwrap_or_default().to_string(),
+        v["exceptions"].as_u64().unwrap_or(0),
+    )
+}
+
+#[test]
+fn dm_snapshot_overlay_on_ext4_resets_recovers_and_grows_in_place() {
+    let t = ext4_stick("fedora-classic.iso", 1 << 30, &[]);
+    assert_eq!(t.status()["state"], "uninitialised", "{}", t.status());
+
+    // In use: exceptions written; the partition stays clean and debugfs reads
+    // what status reads.
+    use_dm_store(&t, 40);
+    t.check_partition();
+    assert_eq!(dumped_state(&t), ("valid".to_string(), 40));
+    let st = t.status();
+    assert_eq!(st["state"], "valid", "{st}");
+    assert_eq!(st["exceptions"], 40, "{st}");
+
+    // A dry run changes nothing.
+    let sum = crate::support::sha256_file(&t.image);
+    ok(&livestick(&["overlay", "reset", t.s(), "--dry-run"]));
+    assert_eq!(crate::support::sha256_file(&t.image), sum);
+
+    let out = ok(&livestick(&["overlay", "reset", t.s(), "--yes", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("reset JSON");
+    assert_eq!(v["reset"], true, "{v}");
+    t.check_partition();
+    assert_eq!(dumped_state(&t).0, "uninitialised");
+    assert_eq!(t.status()["state"], "uninitialised");
+
+    // Invalidated by overflow, then recovered: the exceptions are kept.
+    use_dm_store(&t, 25);
+    invalidate(&t);
+    assert_eq!(t.status()["state"], "invalid");
+    ok(&livestick(&["overlay", "recover", t.s(), "--dry-run"]));
+    assert_eq!(t.status()["state"], "invalid", "a dry run changes nothing");
+    ok(&livestick(&["overlay", "recover", t.s()]));
+    t.check_partition();
+    assert_eq!(dumped_state(&t), ("valid".to_string(), 25));
+
+    // Grown without writing zeros: new blocks are unwritten extents.
+    let before = allocated(&t.image);
+    ok(&livestick(&["overlay", "grow", t.s(), "--add-mb", "192"]));
+    let grown = t.overlay_size();
+    assert!(grown > 255 << 20 && grown <= 256 << 20, "{grown}");
+    assert!(
+        allocated(&t.image) - before < 4 << 20,
+        "the grow wrote {} bytes",
+        allocated(&t.image) - before
+    );
+    t.check_partition();
+    let ex = debugfs(&t.image, t.part, &format!("ex {}", t.overlay));
+    assert!(ex.contains("Uninit"), "{ex}");
+    assert_eq!(dumped_state(&t), ("valid".to_string(), 25));
+    assert_eq!(t.status()["cow_bytes"], grown, "{}", t.status());
+
+    // More than the partition has: refused with the figures, nothing changed.
+    let sum = crate::support::sha256_file(&t.image);
+    let out = livestick(&["overlay", "grow", t.s(), "--size-mb", "100000"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not enough free space") && err.contains("bytes"),
+        "{err}"
+    );
+    assert_eq!(crate::support::sha256_file(&t.image), sum);
+}
+
+#[test]
+fn overlayfs_overlay_on_ext4_resets_and_grows_in_place() {
+    let t = ext4_stick("fedora-classic.iso", 1 << 30, &["--overlayfs"]);
+    let st = t.status();
+    assert!(st["used_bytes"].is_u64(), "not an OverlayFS overlay: {st}");
+
+    ok(&livestick(&["overlay", "reset", t.s(), "--yes"]));
+    t.check_partition();
+    let dump = t.dump_overlay();
+    e2fsck_clean(dump.to_str().unwrap());
+    let ls = Command::new("debugfs")
+        .args(["-R", "ls /"])
+        .arg(&dump)
+        .output()
+        .expect("debugfs");
+    let ls = String::from_utf8_lossy(&ls.stdout);
+    assert!(ls.contains("overlayfs") && ls.contains("ovlwork"), "{ls}");
+
+    let work = t._dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    ok(&livestick(&[
+        "overlay",
+        "grow",
+        t.s(),
+        "--add-mb",
+        "64",
+        "--workdir",
+        work.to_str().unwrap(),
+    ]));
+    assert_eq!(t.overlay_size(), 128 << 20);
+    t.check_partition();
+    // The grown ext4 reads clean although the new blocks held random bytes: what
+    // resize2fs wrote is marked written, the rest still reads as zeros.
+    let dump = t.dump_overlay();
+    e2fsck_clean(dump.to_str().unwrap());
+    let blocks = crate::support::dumpe2fs_field(&dump, "Block count");
+    let bsize = crate::support::dumpe2fs_field(&dump, "Block size");
+    let fs_bytes: u64 = blocks.parse::<u64>().unwrap() * bsize.parse::<u64>().unwrap();
+    assert_eq!(fs_bytes, 128 << 20);
+}
+
+impl Ext4Stick {
+    fn dump(&self, path: &str, name: &str) -> PathBuf {
+        let out = self._dir.path().join(name);
+        let _ = std::fs::remove_file(&out);
+        debugfs(
+            &self.image,
+            self.part,
+            &format!("dump {path} {}", out.display()),
+        );
+        assert!(out.is_file(), "debugfs dumped nothing of {path}");
+        out
+    }
+}
+
+fn debugfs_cat(ext4: &Path, file: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat {file}")])
+        .arg(ext4)
+        .output()
+        .expect("debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn debugfs_w(spec: &str, script: &str) {
+    let mut child = Command::new("debugfs")
+        .args(["-w", "-f", "-", spec])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("debugfs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("feed debugfs");
+    assert!(child.wait().expect("debugfs").success());
+}
+
+#[test]
+fn plain_home_on_ext4_grows_in_place_keeping_its_files() {
+    let t = ext4_stick(
+        "fedora-classic.iso",
+        1 << 30,
+        &["--home-size-mb", "64", "--unencrypted-home"],
+    );
+    // inspect shows the layout: boot files on the FAT, the live directory on ext4.
+    let out = ok(&livestick(&["inspect", t.s(), "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("inspect JSON");
+    let l = &v["ext4_live"];
+    assert_eq!(l["partition"], 2, "{v}");
+    assert_eq!(l["boot_partition"], 1, "{v}");
+    assert_eq!(l["start_bytes"], t.part, "{v}");
+    let files: Vec<&str> = l["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .filter_map(|f| f["path"].as_str())
+        .collect();
+    assert!(files.contains(&"/LiveOS/squashfs.img"), "{files:?}");
+    assert!(files.contains(&"/LiveOS/home.img"), "{files:?}");
+    assert!(files.contains(&t.overlay.as_str()), "{files:?}");
+    assert_eq!(v["source_home"]["size"], 64u64 << 20, "{v}");
+    assert_eq!(v["source_overlay"]["path"], t.overlay.as_str(), "{v}");
+    let text = ok(&livestick(&["inspect", t.s()]));
+    assert!(text.contains("ext4 partition 2"), "{text}");
+    // What `devices` lists for such a stick (its listing of block devices reads each
+    // one the same way).
+    let file = std::fs::File::open(&t.image).unwrap();
+    let live = livestick::disk::devices::ext4_live_info(
+        &file,
+        1,
+        &livestick::disk::devices::NoOverlayProbe,
+    )
+    .unwrap()
+    .expect("a LiveOS on the ext4 partition");
+    assert_eq!((live.partition, live.boot_partition), (2, Some(1)));
+    assert_eq!(live.home_size, Some(64 << 20));
+    assert!(live.squashfs_size.is_some());
+    assert_eq!(live.overlays.len(), 1, "{:?}", live.overlays);
+    assert_eq!(live.overlays[0].file, t.overlay);
+    assert_eq!(live.overlays[0].size, 64 << 20);
+
+    // A file in the home, put there by debugfs on a copy, the copy put back.
+    let home = t.dump("/LiveOS/home.img", "home.img");
+    let note = t._dir.path().join("note.txt");
+    std::fs::write(&note, "kept across resize\n").unwrap();
+    debugfs_w(
+        home.to_str().unwrap(),
+        &format!("write {} note.txt\n", note.display()),
+    );
+    let part = format!("{}?offset={}", t.image.display(), t.part);
+    debugfs_w(
+        &part,
+        &format!(
+            "rm /LiveOS/home.img\nwrite {} LiveOS/home.img\n",
+            home.display()
+        ),
+    );
+    t.check_partition();
+
+    let sum = crate::support::sha256_file(&t.image);
+    let out = ok(&livestick(&[
+        "home",
+        "resize",
+        t.s(),
+        "--size-mb",
+        "96",
+        "--dry-run",
+    ]));
+    assert!(out.contains("96"), "{out}");
+    assert_eq!(crate::support::sha256_file(&t.image), sum);
+
+    let work = t._dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    ok(&livestick(&[
+        "home",
+        "resize",
+        t.s(),
+        "--size-mb",
+        "96",
+        "--workdir",
+        work.to_str().unwrap(),
+    ]));
+    t.check_partition();
+    let home = t.dump("/LiveOS/home.img", "home2.img");
+    assert_eq!(std::fs::metadata(&home).unwrap().len(), 96 << 20);
+    e2fsck_clean(home.to_str().unwrap());
+    assert_eq!(debugfs_cat(&home, "note.txt"), "kept across resize\n");
+    let blocks: u64 = crate::support::dumpe2fs_field(&home, "Block count")
+        .parse()
+        .unwrap();
+    assert_eq!(blocks * 4096, 96 << 20);
+    let ex = debugfs(&t.image, t.part, "ex /LiveOS/home.img");
+    assert!(
+        ex.contains("Uninit"),
+        "the new blocks resize2fs left alone stay unwritten:\n{ex}"
+    );
+
+    // More than the partition has: refused with the figures, nothing changed.
+    let sum = crate::support::sha256_file(&t.image);
+    let out = livestick(&["home", "resize", t.s(), "--size-mb", "4000"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ext4 partition 2") && err.contains("free") && err.contains("MiB"),
+        "{err}"
+    );
+    assert_eq!(crate::support::sha256_file(&t.image), sum);
+}
+
+#[test]
+fn luks_home_on_ext4_grows_in_place() {
+    const PASS: &str = "correct horse battery staple\n";
+    let dir = tmp();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, PASS).unwrap();
+    let t = ext4_stick(
+        "fedora-classic.iso",
+        1 << 30,
+        &[
+            "--home-size-mb",
+            "64",
+            "--passphrase-file",
+            pw.to_str().unwrap(),
+        ],
+    );
+    let work = t._dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    ok(&livestick(&[
+        "home",
+        "resize",
+        t.s(),
+        "--size-mb",
+        "80",
+        "--passphrase-file",
+        pw.to_str().unwrap(),
+        "--workdir",
+        work.to_str().unwrap(),
+    ]));
+    t.check_partition();
+    let home = t.dump("/LiveOS/home.img", "home.img");
+    assert_eq!(std::fs::metadata(&home).unwrap().len(), 80 << 20);
+    let key = dir.path().join("key");
+    std::fs::write(&key, PASS.trim_end()).unwrap();
+    let opened = Command::new("cryptsetup")
+        .args(["open", "--test-passphrase", "--key-file"])
+        .arg(&key)
+        .arg(&home)
+        .status()
+        .expect("cryptsetup");
+    assert!(opened.success(), "cryptsetup opens the grown container");
+    let plain = dir.path().join("plain.ext4");
+    crate::support::luks_decrypt_to(&home, &plain, PASS.trim_end().as_bytes());
+    e2fsck_clean(plain.to_str().unwrap());
+    let blocks: u64 = crate::support::dumpe2fs_field(&plain, "Block count")
+        .parse()
+        .unwrap();
+    assert!(blocks * 4096 > 60 << 20, "{blocks} blocks");
+}
