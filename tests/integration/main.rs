@@ -43,6 +43,7 @@ mod overlay_merge;
 mod overlay_ovl;
 mod overlay_ovl_maint;
 mod overlay_stick;
+mod ovl_grow_stale;
 mod packaging;
 mod persistence;
 mod progress_tty;

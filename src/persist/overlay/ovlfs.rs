@@ -421,8 +421,13 @@ fn change_on_stick(
     copy.mark_baseline()?;
     run_tools(copy.path(), target, steps, out, progress, &mut |_| Ok(()))
         .explain(|| format!("{show}: stopped before anything on the stick was changed"))?;
+    if let Some(g) = grow.filter(|_| out.grown) {
+        copy.settle_fresh_area(g.fs_bytes_before..g.new_bytes)?;
+    }
     if let Some(g) = grow.filter(|g| out.grown && g.added_bytes > 0) {
-        t.append_zeros(g.added_bytes, g.new_bytes, progress)?;
+        progress("grow", 0, g.added_bytes);
+        t.allocate(g.new_bytes, &[])?;
+        progress("grow", g.added_bytes, g.added_bytes);
     }
     let wb = copy.write_back(&mut t.io()?, &mut |d, n| progress("write back", d, n))?;
     out.write_back = Some(wb);
