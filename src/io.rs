@@ -16,8 +16,11 @@ use thiserror::Error;
 
 /// Granularity of the cached metadata's dirty tracking.
 const META_PAGE: usize = 4096;
-/// Data writes are gathered up to this size before they reach the device.
-const WRITE_COALESCE: usize = 8 << 20;
+/// Data writes are gathered up to this size before they reach the device. A stick's
+/// writer holds up to four of these at once (this buffer, the copy on its way, the
+/// one queued, the one being written): 8 MiB made a single write pass 64 MiB of
+/// memory; the kernel builds its own large requests from the page cache anyway.
+const WRITE_COALESCE: usize = 2 << 20;
 /// Sequential reads are served from a read-ahead buffer of this size.
 const READ_AHEAD: usize = 1 << 20;
 
@@ -1394,13 +1397,24 @@ pub fn zero_ranges<W: Write + Seek>(
 }
 
 /// Bytes per step of [`hash_while`]: large requests keep a USB bus busy.
-const HASH_CHUNK: usize = 4 << 20;
+const HASH_CHUNK: usize = 2 << 20;
 
 /// A digest computed over a stream on a second thread (see [`hash_while`]).
 pub trait StreamHash: Send {
     type Out;
     fn update(&mut self, bytes: &[u8]);
     fn finish(self) -> Self::Out;
+}
+
+/// No digest: for bytes whose digest their source computed already (a batch hashes
+/// each ISO file once for all its targets).
+#[derive(Default)]
+pub struct NoHash;
+
+impl StreamHash for NoHash {
+    type Out = ();
+    fn update(&mut self, _bytes: &[u8]) {}
+    fn finish(self) {}
 }
 
 /// sha256: what the report gives for every file written.

@@ -15,6 +15,7 @@
 mod support;
 
 mod batch;
+mod batch_digest;
 mod boot;
 mod boot_config;
 mod captured_sysfs;
