@@ -116,11 +116,13 @@ pub fn seek_position(pos: u64, len: u64, to: SeekFrom) -> io::Result<u64> {
 pub struct MemDevice {
     len: u64,
     pos: u64,
-    /// Written 64 KiB blocks by index.
-    blocks: std::collections::BTreeMap<u64, Vec<u8>>,
+    /// Written 64 KiB blocks by index; `None`: written, zeros only (a format writes
+    /// a whole FAT of zeros, which need not take memory).
+    blocks: std::collections::BTreeMap<u64, Option<Vec<u8>>>,
 }
 
 const MEM_BLOCK: u64 = 64 * 1024;
+static ZERO_BLOCK: [u8; MEM_BLOCK as usize] = [0; MEM_BLOCK as usize];
 
 impl MemDevice {
     pub fn new(len: u64) -> Self {
@@ -143,6 +145,7 @@ impl MemDevice {
     /// The written blocks as (offset, bytes), in order.
     pub fn written(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
         self.blocks.iter().map(|(i, b)| {
+            let b = b.as_deref().unwrap_or(&ZERO_BLOCK);
             (
                 i * MEM_BLOCK,
                 &b[..(self.len - i * MEM_BLOCK).min(MEM_BLOCK) as usize],
@@ -158,8 +161,8 @@ impl Read for MemDevice {
         }
         let (block, within, n) = self.span(buf.len());
         match self.blocks.get(&block) {
-            Some(b) => buf[..n].copy_from_slice(&b[within..within + n]),
-            None => buf[..n].fill(0),
+            Some(Some(b)) => buf[..n].copy_from_slice(&b[within..within + n]),
+            _ => buf[..n].fill(0),
         }
         self.pos += n as u64;
         Ok(n)
@@ -178,11 +181,16 @@ impl Write for MemDevice {
             ));
         }
         let (block, within, n) = self.span(buf.len());
-        let b = self
-            .blocks
-            .entry(block)
-            .or_insert_with(|| vec![0u8; MEM_BLOCK as usize]);
-        b[within..within + n].copy_from_slice(&buf[..n]);
+        let slot = self.blocks.entry(block).or_insert(None);
+        match slot {
+            Some(b) => b[within..within + n].copy_from_slice(&buf[..n]),
+            None if buf[..n].iter().all(|&b| b == 0) => {}
+            None => {
+                let mut b = vec![0u8; MEM_BLOCK as usize];
+                b[within..within + n].copy_from_slice(&buf[..n]);
+                *slot = Some(b);
+            }
+        }
         self.pos += n as u64;
         Ok(n)
     }
@@ -341,6 +349,29 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
         let mut meta = SparsePages::zeros(n);
         meta.write(0, &bytes);
         drop(bytes);
+        self.meta = meta;
+        self.meta_dirty = (0..n.div_ceil(META_PAGE)).collect();
+        self.rbuf.clear();
+        Ok(())
+    }
+
+    /// [`PartitionWindow::preload_prefix`] with the first `len` bytes of `src`, read in
+    /// pieces (a whole FAT in one buffer would double its memory for a moment).
+    pub fn preload_prefix_from<R: Read>(&mut self, src: &mut R, len: u64) -> io::Result<()> {
+        self.flush()?;
+        let n = usize::try_from(len)
+            .ok()
+            .filter(|&n| n as u64 <= self.len)
+            .ok_or_else(|| self.out_of_window("preload", 0, len as usize))?;
+        let mut meta = SparsePages::zeros(n);
+        let mut buf = vec![0u8; READ_AHEAD.min(n)];
+        let mut at = 0;
+        while at < n {
+            let k = buf.len().min(n - at);
+            src.read_exact(&mut buf[..k])?;
+            meta.write(at, &buf[..k]);
+            at += k;
+        }
         self.meta = meta;
         self.meta_dirty = (0..n.div_ceil(META_PAGE)).collect();
         self.rbuf.clear();

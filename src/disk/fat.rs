@@ -148,10 +148,8 @@ pub fn format_cached<F: Read + Write + Seek>(
         let mut mem = PartitionWindow::new(&mut staged, 0, len);
         metadata_len(&mut mem)?
     };
-    let mut prefix = vec![0u8; meta as usize];
     staged.seek(SeekFrom::Start(0))?;
-    staged.read_exact(&mut prefix)?;
-    window.preload_prefix(prefix)?;
+    window.preload_prefix_from(&mut staged, meta)?;
     for (at, bytes) in staged.written() {
         let end = at + bytes.len() as u64;
         if end <= meta {
