@@ -324,3 +324,57 @@ fn zeroed_flags_of_new_groups_are_cleared_before_the_write_back() {
     );
     new_space_is_usable(&stick, dir.path(), 60 << 20);
 }
+
+/// A block bitmap resize2fs writes as zeros into the added space (the last group of a
+/// grown flex group: full, its metadata in the group before) reads the same as the
+/// work copy's hole: the write-back must write it all the same, or the stick keeps
+/// stale bits there.
+#[test]
+fn metadata_written_as_zeros_in_the_added_space_reaches_the_stick() {
+    if !ready() {
+        return;
+    }
+    let dir = tmp();
+    let old = sparse(dir.path(), "overlay.img", 128 << 20);
+    run(
+        &tool("mke2fs"),
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+            "-O",
+            "has_journal,metadata_csum",
+            old.to_str().unwrap(),
+        ],
+    );
+    // 18 groups of 128 MiB: groups 16 and 17 are new, 17's bitmaps lie in group 16.
+    let new_len: u64 = 2304 << 20;
+    let stick = sparse(dir.path(), "stick-overlay.img", new_len);
+    plant(&stick, 0, &old);
+    let noise = dir.path().join("noise");
+    fill_random(&noise, 16 << 20);
+    plant(&stick, 2 << 30, &noise);
+
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut src = std::fs::File::open(&old).unwrap();
+    let mut copy =
+        WorkCopy::create(&mut src, 128 << 20, &work, "test overlay", &mut |_, _| {}).unwrap();
+    copy.set_len(new_len).unwrap();
+    copy.mark_baseline().unwrap();
+    ovl_maint::resize(copy.path(), "test overlay", new_len).unwrap();
+    copy.settle_fresh_area(128 << 20..new_len).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&stick)
+        .unwrap();
+    copy.write_back(&mut f, &mut |_, _| {}).unwrap();
+    drop(f);
+    e2fsck_clean(&stick);
+}
