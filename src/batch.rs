@@ -32,7 +32,10 @@ const DEPTH: usize = 8;
 
 enum Chunk {
     Data(Arc<Vec<u8>>),
-    End,
+    /// The file's end, with the sha256 of its bytes: hashed once here rather than
+    /// once per target (on a CPU without SHA instructions, such as QEMU's TCG, four
+    /// targets hashing the same bytes made a batch CPU-bound).
+    End([u8; 32]),
     Failed(String),
 }
 
@@ -40,6 +43,8 @@ enum Chunk {
 pub struct BroadcastSource {
     rx: Receiver<Chunk>,
     expected: VecDeque<String>,
+    /// The sha256 of the file last read to its end.
+    last_digest: Option<[u8; 32]>,
 }
 
 /// Starts reading `files` (ISO paths, in the order every target will ask
@@ -57,6 +62,7 @@ pub fn broadcast(
         sources.push(BroadcastSource {
             rx,
             expected: files.iter().map(|(p, _)| p.clone()).collect(),
+            last_digest: None,
         });
     }
     let handle = std::thread::spawn(move || {
@@ -71,6 +77,7 @@ pub fn broadcast(
             }
         };
         for (path, size) in files {
+            let mut digest = crate::io::Sha256Hash::default();
             let mut reader = match source.open(&path, size) {
                 Ok(r) => r,
                 Err(e) => {
@@ -104,8 +111,11 @@ pub fn broadcast(
                 if senders.iter().all(Option::is_none) {
                     return;
                 }
+                // While the targets write this chunk.
+                crate::io::StreamHash::update(&mut digest, &data);
             }
-            send_all(&mut senders, &|| Chunk::End);
+            let digest = crate::io::StreamHash::finish(digest);
+            send_all(&mut senders, &|| Chunk::End(digest));
         }
     });
     (handle, sources)
@@ -113,6 +123,7 @@ pub fn broadcast(
 
 struct ChannelReader<'a> {
     rx: &'a Receiver<Chunk>,
+    digest: &'a mut Option<[u8; 32]>,
     current: Option<Arc<Vec<u8>>>,
     offset: usize,
     done: bool,
@@ -137,7 +148,10 @@ impl Read for ChannelReader<'_> {
                     self.current = Some(d);
                     self.offset = 0;
                 }
-                Ok(Chunk::End) => self.done = true,
+                Ok(Chunk::End(digest)) => {
+                    *self.digest = Some(digest);
+                    self.done = true;
+                }
                 Ok(Chunk::Failed(msg)) => return Err(io::Error::other(msg)),
                 Err(_) => {
                     return Err(io::Error::other(
@@ -154,6 +168,10 @@ impl IsoSource for BroadcastSource {
         match self.expected.pop_front() {
             Some(p) if p == path => Ok(Box::new(ChannelReader {
                 rx: &self.rx,
+                digest: {
+                    self.last_digest = None;
+                    &mut self.last_digest
+                },
                 current: None,
                 offset: 0,
                 done: false,
@@ -166,6 +184,14 @@ impl IsoSource for BroadcastSource {
                 ),
             }),
         }
+    }
+
+    fn hashes_files(&self) -> bool {
+        true
+    }
+
+    fn digest_of_last(&mut self) -> Option<[u8; 32]> {
+        self.last_digest.take()
     }
 }
 

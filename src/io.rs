@@ -16,8 +16,11 @@ use thiserror::Error;
 
 /// Granularity of the cached metadata's dirty tracking.
 const META_PAGE: usize = 4096;
-/// Data writes are gathered up to this size before they reach the device.
-const WRITE_COALESCE: usize = 8 << 20;
+/// Data writes are gathered up to this size before they reach the device. A stick's
+/// writer holds up to four of these at once (this buffer, the copy on its way, the
+/// one queued, the one being written): 8 MiB made a single write pass 64 MiB of
+/// memory; the kernel builds its own large requests from the page cache anyway.
+const WRITE_COALESCE: usize = 2 << 20;
 /// Sequential reads are served from a read-ahead buffer of this size.
 const READ_AHEAD: usize = 1 << 20;
 
@@ -113,11 +116,13 @@ pub fn seek_position(pos: u64, len: u64, to: SeekFrom) -> io::Result<u64> {
 pub struct MemDevice {
     len: u64,
     pos: u64,
-    /// Written 64 KiB blocks by index.
-    blocks: std::collections::BTreeMap<u64, Vec<u8>>,
+    /// Written 64 KiB blocks by index; `None`: written, zeros only (a format writes
+    /// a whole FAT of zeros, which need not take memory).
+    blocks: std::collections::BTreeMap<u64, Option<Vec<u8>>>,
 }
 
 const MEM_BLOCK: u64 = 64 * 1024;
+static ZERO_BLOCK: [u8; MEM_BLOCK as usize] = [0; MEM_BLOCK as usize];
 
 impl MemDevice {
     pub fn new(len: u64) -> Self {
@@ -140,6 +145,7 @@ impl MemDevice {
     /// The written blocks as (offset, bytes), in order.
     pub fn written(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
         self.blocks.iter().map(|(i, b)| {
+            let b = b.as_deref().unwrap_or(&ZERO_BLOCK);
             (
                 i * MEM_BLOCK,
                 &b[..(self.len - i * MEM_BLOCK).min(MEM_BLOCK) as usize],
@@ -155,8 +161,8 @@ impl Read for MemDevice {
         }
         let (block, within, n) = self.span(buf.len());
         match self.blocks.get(&block) {
-            Some(b) => buf[..n].copy_from_slice(&b[within..within + n]),
-            None => buf[..n].fill(0),
+            Some(Some(b)) => buf[..n].copy_from_slice(&b[within..within + n]),
+            _ => buf[..n].fill(0),
         }
         self.pos += n as u64;
         Ok(n)
@@ -175,11 +181,16 @@ impl Write for MemDevice {
             ));
         }
         let (block, within, n) = self.span(buf.len());
-        let b = self
-            .blocks
-            .entry(block)
-            .or_insert_with(|| vec![0u8; MEM_BLOCK as usize]);
-        b[within..within + n].copy_from_slice(&buf[..n]);
+        let slot = self.blocks.entry(block).or_insert(None);
+        match slot {
+            Some(b) => b[within..within + n].copy_from_slice(&buf[..n]),
+            None if buf[..n].iter().all(|&b| b == 0) => {}
+            None => {
+                let mut b = vec![0u8; MEM_BLOCK as usize];
+                b[within..within + n].copy_from_slice(&buf[..n]);
+                *slot = Some(b);
+            }
+        }
         self.pos += n as u64;
         Ok(n)
     }
@@ -196,13 +207,72 @@ impl Seek for MemDevice {
     }
 }
 
+/// Bytes held by [`META_PAGE`] pages where only pages with a non-zero byte take
+/// memory. The FAT of a 16 GiB stick is 16 MiB, mostly free clusters (zeros): held
+/// whole, one write passed 64 MiB and a batch held one such copy per stick.
+#[derive(Debug, Default)]
+struct SparsePages {
+    len: usize,
+    pages: std::collections::HashMap<usize, Box<[u8]>>,
+}
+
+impl SparsePages {
+    fn zeros(len: usize) -> Self {
+        SparsePages {
+            len,
+            pages: std::collections::HashMap::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Copies `out.len()` bytes at `at` (within `len`) into `out`.
+    fn read(&self, at: usize, out: &mut [u8]) {
+        let mut done = 0;
+        while done < out.len() {
+            let pos = at + done;
+            let (page, within) = (pos / META_PAGE, pos % META_PAGE);
+            let n = (META_PAGE - within).min(out.len() - done);
+            match self.pages.get(&page) {
+                Some(p) => out[done..done + n].copy_from_slice(&p[within..within + n]),
+                None => out[done..done + n].fill(0),
+            }
+            done += n;
+        }
+    }
+
+    /// Stores `data` at `at` (within `len`); zeros written over a missing page keep it
+    /// missing.
+    fn write(&mut self, at: usize, data: &[u8]) {
+        let mut done = 0;
+        while done < data.len() {
+            let pos = at + done;
+            let (page, within) = (pos / META_PAGE, pos % META_PAGE);
+            let n = (META_PAGE - within).min(data.len() - done);
+            let part = &data[done..done + n];
+            match self.pages.get_mut(&page) {
+                Some(p) => p[within..within + n].copy_from_slice(part),
+                None if part.iter().all(|&b| b == 0) => {}
+                None => {
+                    let mut p = vec![0u8; META_PAGE].into_boxed_slice();
+                    p[within..within + n].copy_from_slice(part);
+                    self.pages.insert(page, p);
+                }
+            }
+            done += n;
+        }
+    }
+}
+
 /// A bounded window `[start, start + len)` onto `inner`.
 pub struct PartitionWindow<F> {
     inner: F,
     start: u64,
     len: u64,
     pos: u64,
-    meta: Vec<u8>,
+    meta: SparsePages,
     /// The 4 KiB pages of `meta` changed since the last flush: only those are written,
     /// so a FAT entry changed in each copy costs two pages, not the span between them.
     meta_dirty: std::collections::BTreeSet<usize>,
@@ -219,7 +289,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
             start,
             len,
             pos: 0,
-            meta: Vec::new(),
+            meta: SparsePages::default(),
             meta_dirty: std::collections::BTreeSet::new(),
             wbuf: Vec::new(),
             wbuf_at: 0,
@@ -249,9 +319,17 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
             return Ok(());
         }
         self.flush()?;
-        let mut meta = vec![0u8; bytes as usize];
+        let len = bytes as usize;
+        let mut meta = SparsePages::zeros(len);
         self.inner.seek(SeekFrom::Start(self.start))?;
-        self.inner.read_exact(&mut meta)?;
+        let mut buf = vec![0u8; READ_AHEAD.min(len)];
+        let mut at = 0;
+        while at < len {
+            let n = buf.len().min(len - at);
+            self.inner.read_exact(&mut buf[..n])?;
+            meta.write(at, &buf[..n]);
+            at += n;
+        }
         self.meta = meta;
         self.meta_dirty.clear();
         self.rbuf.clear();
@@ -268,7 +346,33 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
         if n as u64 > self.len {
             return Err(self.out_of_window("preload", 0, n));
         }
-        self.meta = bytes;
+        let mut meta = SparsePages::zeros(n);
+        meta.write(0, &bytes);
+        drop(bytes);
+        self.meta = meta;
+        self.meta_dirty = (0..n.div_ceil(META_PAGE)).collect();
+        self.rbuf.clear();
+        Ok(())
+    }
+
+    /// [`PartitionWindow::preload_prefix`] with the first `len` bytes of `src`, read in
+    /// pieces (a whole FAT in one buffer would double its memory for a moment).
+    pub fn preload_prefix_from<R: Read>(&mut self, src: &mut R, len: u64) -> io::Result<()> {
+        self.flush()?;
+        let n = usize::try_from(len)
+            .ok()
+            .filter(|&n| n as u64 <= self.len)
+            .ok_or_else(|| self.out_of_window("preload", 0, len as usize))?;
+        let mut meta = SparsePages::zeros(n);
+        let mut buf = vec![0u8; READ_AHEAD.min(n)];
+        let mut at = 0;
+        while at < n {
+            let k = buf.len().min(n - at);
+            src.read_exact(&mut buf[..k])?;
+            meta.write(at, &buf[..k]);
+            at += k;
+        }
+        self.meta = meta;
         self.meta_dirty = (0..n.div_ceil(META_PAGE)).collect();
         self.rbuf.clear();
         Ok(())
@@ -319,7 +423,7 @@ impl<F: Read + Write + Seek> Read for PartitionWindow<F> {
         let pos = self.pos;
         let n = if pos < self.meta_len() {
             let n = want.min((self.meta_len() - pos) as usize);
-            buf[..n].copy_from_slice(&self.meta[pos as usize..pos as usize + n]);
+            self.meta.read(pos as usize, &mut buf[..n]);
             n
         } else {
             let end = pos + want as u64;
@@ -374,7 +478,7 @@ impl<F: Read + Write + Seek> Write for PartitionWindow<F> {
         let n = if pos < self.meta_len() {
             let n = buf.len().min((self.meta_len() - pos) as usize);
             let at = pos as usize;
-            self.meta[at..at + n].copy_from_slice(&buf[..n]);
+            self.meta.write(at, &buf[..n]);
             self.meta_dirty
                 .extend(at / META_PAGE..(at + n).div_ceil(META_PAGE));
             n
@@ -420,7 +524,15 @@ impl<F: Read + Write + Seek> Write for PartitionWindow<F> {
             let lo = first * META_PAGE;
             let hi = ((last + 1) * META_PAGE).min(self.meta.len());
             self.inner.seek(SeekFrom::Start(self.start + lo as u64))?;
-            self.inner.write_all(&self.meta[lo..hi])?;
+            // In pieces: a freshly formatted FAT is one dirty run of its whole size.
+            let mut piece = vec![0u8; (hi - lo).min(READ_AHEAD)];
+            let mut at = lo;
+            while at < hi {
+                let n = piece.len().min(hi - at);
+                self.meta.read(at, &mut piece[..n]);
+                self.inner.write_all(&piece[..n])?;
+                at += n;
+            }
         }
         self.inner.flush()
     }
@@ -1613,13 +1725,24 @@ pub fn zero_ranges<W: Write + Seek>(
 }
 
 /// Bytes per step of [`hash_while`]: large requests keep a USB bus busy.
-const HASH_CHUNK: usize = 4 << 20;
+const HASH_CHUNK: usize = 2 << 20;
 
 /// A digest computed over a stream on a second thread (see [`hash_while`]).
 pub trait StreamHash: Send {
     type Out;
     fn update(&mut self, bytes: &[u8]);
     fn finish(self) -> Self::Out;
+}
+
+/// No digest: for bytes whose digest their source computed already (a batch hashes
+/// each ISO file once for all its targets).
+#[derive(Default)]
+pub struct NoHash;
+
+impl StreamHash for NoHash {
+    type Out = ();
+    fn update(&mut self, _bytes: &[u8]) {}
+    fn finish(self) {}
 }
 
 /// sha256: what the report gives for every file written.
@@ -1953,6 +2076,52 @@ mod tests {
             set.insert((30 << 20) + page * 4096 + 7..(30 << 20) + page * 4096 + 307);
         }
         set
+    }
+
+    #[test]
+    fn a_cached_prefix_holds_only_its_non_zero_pages() {
+        let mut dev = MemDevice::new(32 << 20);
+        dev.seek(SeekFrom::Start(4096 + 100)).unwrap();
+        dev.write_all(b"old FAT entry").unwrap();
+        let mut w = PartitionWindow::new(&mut dev, 4096, 24 << 20);
+        w.cache_prefix(16 << 20).unwrap();
+        assert_eq!(w.meta.pages.len(), 1, "one page holds a byte");
+        w.seek(SeekFrom::Start((8 << 20) + 4090)).unwrap();
+        w.write_all(&[0xAB; 12]).unwrap();
+        w.seek(SeekFrom::Start(9 << 20)).unwrap();
+        w.write_all(&[0; 4096]).unwrap();
+        assert_eq!(w.meta.pages.len(), 3, "zeros over zeros take no page");
+        let mut back = vec![0u8; 20];
+        w.seek(SeekFrom::Start((8 << 20) + 4086)).unwrap();
+        w.read_exact(&mut back).unwrap();
+        assert_eq!(back[..4], [0; 4]);
+        assert_eq!(back[4..16], [0xAB; 12]);
+        w.seek(SeekFrom::Start(100)).unwrap();
+        let mut old = [0u8; 13];
+        w.read_exact(&mut old).unwrap();
+        assert_eq!(&old, b"old FAT entry");
+        w.flush().unwrap();
+        drop(w);
+        let mut on_dev = vec![0u8; 12];
+        dev.seek(SeekFrom::Start(4096 + (8 << 20) + 4090)).unwrap();
+        dev.read_exact(&mut on_dev).unwrap();
+        assert_eq!(on_dev, [0xAB; 12]);
+
+        // A preloaded (formatted) prefix is written whole, zeros included, at the
+        // first flush, from the few pages it holds.
+        let mut dev = MemDevice::new(8 << 20);
+        dev.write_all(&vec![0x55; 8 << 20]).unwrap();
+        let mut w = PartitionWindow::new(&mut dev, 0, 8 << 20);
+        let mut fat = vec![0u8; 4 << 20];
+        fat[8..12].copy_from_slice(&[0xF8, 0xFF, 0xFF, 0x0F]);
+        w.preload_prefix(fat.clone()).unwrap();
+        assert_eq!(w.meta.pages.len(), 1);
+        w.flush().unwrap();
+        drop(w);
+        let mut on_dev = vec![0u8; 4 << 20];
+        dev.seek(SeekFrom::Start(0)).unwrap();
+        dev.read_exact(&mut on_dev).unwrap();
+        assert!(on_dev == fat, "stale bytes under the FAT are overwritten");
     }
 
     #[test]

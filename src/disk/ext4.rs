@@ -410,7 +410,7 @@ pub fn used_regions(
 }
 
 /// Used ranges from dumpe2fs's per-group "Free blocks: a-b, c" lists.
-fn parse_used_regions(text: &str, len: u64) -> Option<Vec<std::ops::Range<u64>>> {
+pub fn parse_used_regions(text: &str, len: u64) -> Option<Vec<std::ops::Range<u64>>> {
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))

@@ -148,10 +148,8 @@ pub fn format_cached<F: Read + Write + Seek>(
         let mut mem = PartitionWindow::new(&mut staged, 0, len);
         metadata_len(&mut mem)?
     };
-    let mut prefix = vec![0u8; meta as usize];
     staged.seek(SeekFrom::Start(0))?;
-    staged.read_exact(&mut prefix)?;
-    window.preload_prefix(prefix)?;
+    window.preload_prefix_from(&mut staged, meta)?;
     for (at, bytes) in staged.written() {
         let end = at + bytes.len() as u64;
         if end <= meta {
@@ -433,8 +431,27 @@ pub fn write_file_hashed<F: Read + Write + Seek, R: Read + ?Sized>(
     path: &str,
     reader: &mut R,
     size_hint: u64,
-    mut progress: impl FnMut(u64),
+    progress: impl FnMut(u64),
 ) -> Result<crate::io::WrittenDigest, FatError> {
+    write_file_with(
+        fs,
+        path,
+        reader,
+        size_hint,
+        crate::io::WrittenHash::default(),
+        progress,
+    )
+}
+
+/// [`write_file`] with the digest `hasher` makes of the bytes written.
+pub fn write_file_with<F: Read + Write + Seek, R: Read + ?Sized, H: crate::io::StreamHash>(
+    fs: &FatFs<'_, F>,
+    path: &str,
+    reader: &mut R,
+    size_hint: u64,
+    hasher: H,
+    mut progress: impl FnMut(u64),
+) -> Result<H::Out, FatError> {
     if size_hint > FAT_MAX_FILE {
         return Err(FatError::FileTooLarge {
             path: path.to_string(),
@@ -452,7 +469,7 @@ pub fn write_file_hashed<F: Read + Write + Seek, R: Read + ?Sized>(
         .map_err(err)?;
     file.truncate().map_err(err)?;
     let (digest, _) = crate::io::hash_while(
-        crate::io::WrittenHash::default(),
+        hasher,
         |buf| crate::io::read_full(reader, buf),
         |chunk| {
             file.write_all(chunk)?;

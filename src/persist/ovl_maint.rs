@@ -30,7 +30,7 @@ use thiserror::Error;
 use crate::disk::ext4::{self, Ext4Error, Superblock};
 use crate::io::{IoAt, SyncData};
 use crate::persist::workdir;
-use crate::tools::{E2FSCK, RESIZE2FS, ToolMissing, find_program};
+use crate::tools::{DEBUGFS, DUMPE2FS, E2FSCK, RESIZE2FS, Tool, ToolMissing, find_program};
 
 /// Granularity of the write-back: the blocks e2fsck/resize2fs changed.
 pub const WRITE_BACK_CHUNK: u64 = 4096;
@@ -514,6 +514,8 @@ pub struct WorkCopy {
     file: tempfile::NamedTempFile,
     show: String,
     baseline: Vec<u64>,
+    /// Chunks written back whether or not they changed: see [`WorkCopy::settle_fresh_area`].
+    forced: Vec<u64>,
 }
 
 impl WorkCopy {
@@ -558,6 +560,7 @@ impl WorkCopy {
             file,
             show: show.to_string(),
             baseline: Vec::new(),
+            forced: Vec::new(),
         })
     }
 
@@ -588,7 +591,10 @@ impl WorkCopy {
         ov: &mut W,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<WriteBack, OvlMaintError> {
-        let changed = workdir::changed_chunks(self.path(), WRITE_BACK_CHUNK, &self.baseline)?;
+        let mut changed = workdir::changed_chunks(self.path(), WRITE_BACK_CHUNK, &self.baseline)?;
+        changed.extend(&self.forced);
+        changed.sort_unstable();
+        changed.dedup();
         let mut copy = File::open(self.path())
             .map_err(io_err(format!("reading {}", self.path().display())))?;
         let len = copy
@@ -670,6 +676,233 @@ impl WorkCopy {
     }
 }
 
+/// `bg_flags` bits of an ext4 group descriptor, as dumpe2fs names them.
+const BG_INODE_UNINIT: u16 = 0x1;
+const BG_BLOCK_UNINIT: u16 = 0x2;
+const BG_ITABLE_ZEROED: u16 = 0x4;
+
+/// One block group, as `dumpe2fs` (without `-h`) lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Group {
+    index: u64,
+    first_block: u64,
+    flags: u16,
+    /// Blocks of its inode table, end exclusive.
+    inode_table: std::ops::Range<u64>,
+}
+
+/// The block groups in dumpe2fs output: "Group N: (Blocks a-b) ... [FLAGS]" and, below
+/// it, "Inode table at x-y". None when a group lacks either.
+fn parse_groups(text: &str) -> Option<Vec<Group>> {
+    let mut groups: Vec<Group> = Vec::new();
+    let mut table_seen = true;
+    for line in text.lines() {
+        // "Group descriptor size:" in the header is no group.
+        if let Some(rest) = line
+            .strip_prefix("Group ")
+            .filter(|r| r.contains("(Blocks "))
+        {
+            if !table_seen {
+                return None;
+            }
+            let (index, rest) = rest.split_once(':')?;
+            let first = rest.split_once("(Blocks ")?.1.split(['-', ')']).next()?;
+            let flags = match rest.rsplit_once('[') {
+                Some((_, f)) => f
+                    .trim_end_matches(']')
+                    .split(',')
+                    .map(|f| match f.trim() {
+                        "INODE_UNINIT" => BG_INODE_UNINIT,
+                        "BLOCK_UNINIT" => BG_BLOCK_UNINIT,
+                        "ITABLE_ZEROED" => BG_ITABLE_ZEROED,
+                        _ => 0,
+                    })
+                    .fold(0, |a, b| a | b),
+                None => 0,
+            };
+            groups.push(Group {
+                index: index.trim().parse().ok()?,
+                first_block: first.trim().parse().ok()?,
+                flags,
+                inode_table: 0..0,
+            });
+            table_seen = false;
+        } else if let Some(rest) = line.trim_start().strip_prefix("Inode table at ") {
+            let g = groups.last_mut()?;
+            let span = rest.split_whitespace().next()?;
+            let (a, b) = span.split_once('-').unwrap_or((span, span));
+            g.inode_table = a.parse().ok()?..b.parse::<u64>().ok()? + 1;
+            table_seen = true;
+        }
+    }
+    (table_seen && !groups.is_empty()).then_some(groups)
+}
+
+/// The groups a grow added (they start at or past `fresh_start`, the old file
+/// system's end) that hold no inodes: their inode tables may keep stale bytes,
+/// provided their descriptors do not say "zeroed".
+fn lazy_groups(groups: &[Group], block_size: u64, fresh_start: u64) -> Vec<&Group> {
+    groups
+        .iter()
+        .filter(|g| g.first_block * block_size >= fresh_start && g.flags & BG_INODE_UNINIT != 0)
+        .collect()
+}
+
+/// The [`WRITE_BACK_CHUNK`]s to write in `fresh` (bytes): every block `used` marks
+/// in use there, except the inode tables of `lazy` groups.
+fn fresh_chunks(
+    used: &[std::ops::Range<u64>],
+    lazy: &[&Group],
+    block_size: u64,
+    fresh: std::ops::Range<u64>,
+) -> Vec<u64> {
+    let mut skip: Vec<std::ops::Range<u64>> = lazy
+        .iter()
+        .map(|g| g.inode_table.start * block_size..g.inode_table.end * block_size)
+        .collect();
+    skip.sort_by_key(|r| r.start);
+    let mut chunks = Vec::new();
+    for r in used {
+        let mut pieces = vec![r.start.max(fresh.start)..r.end.min(fresh.end)];
+        for s in &skip {
+            pieces = pieces
+                .into_iter()
+                .flat_map(|p| {
+                    if s.end <= p.start || p.end <= s.start {
+                        vec![p]
+                    } else {
+                        vec![p.start..s.start.max(p.start), s.end.min(p.end)..p.end]
+                    }
+                })
+                .filter(|p| p.start < p.end)
+                .collect();
+        }
+        for p in pieces.into_iter().filter(|p| p.start < p.end) {
+            chunks.extend(p.start / WRITE_BACK_CHUNK..p.end.div_ceil(WRITE_BACK_CHUNK));
+        }
+    }
+    chunks.sort_unstable();
+    chunks.dedup();
+    chunks
+}
+
+/// What [`WorkCopy::settle_fresh_area`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FreshArea {
+    /// New groups whose inode tables are left for the kernel to zero after mount.
+    pub lazy_inode_tables: u64,
+    /// Of those, the groups whose descriptors said "zeroed" until livestick cleared it.
+    pub zeroed_flags_cleared: u64,
+    /// Metadata blocks of the new space written back even where the copy equals its baseline.
+    pub metadata_bytes: u64,
+}
+
+/// Runs an e2fsprogs tool in the C locale; its stdout, or why it failed.
+fn run_e2fsprogs(tool: Tool, args: &[&OsStr], show: &str) -> Result<String, OvlMaintError> {
+    let exe = find_program(&tool)?;
+    let out = Command::new(&exe)
+        .args(args)
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(io_err(format!("running {}", exe.display())))?;
+    if !out.status.success() {
+        return Err(OvlMaintError::ToolFailed {
+            tool: tool.name,
+            overlay: show.to_string(),
+            code: out.status.code().unwrap_or(-1),
+            meaning: "it could not read the grown file system",
+            output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl WorkCopy {
+    /// After a grow, before the write-back to a stick whose added clusters were not
+    /// written: `fresh` (bytes past the old file system's end) holds zeros in the copy
+    /// but stale bytes on the stick, and a content diff cannot see where a tool wrote
+    /// zeros over zeros. resize2fs writes no bitmaps behind BLOCK_UNINIT/INODE_UNINIT
+    /// and, where it finds no lazy init in /sys, writes new inode tables as zeros and
+    /// marks them ITABLE_ZEROED. So the new groups' ITABLE_ZEROED is cleared here (the
+    /// kernel's lazyinit zeroes those tables after mount; e2fsck and the kernel read no
+    /// inode of an INODE_UNINIT group, the state mke2fs's own lazy tables are in), and
+    /// every other block the bitmaps mark in use in `fresh` is written back, changed
+    /// or not. Free blocks are never read, so the stale rest stays unwritten.
+    pub fn settle_fresh_area(
+        &mut self,
+        fresh: std::ops::Range<u64>,
+    ) -> Result<FreshArea, OvlMaintError> {
+        let image = not_an_option(self.path().as_os_str());
+        let show = self.show.clone();
+        let listing = || run_e2fsprogs(DUMPE2FS, &[&image], &show);
+        let unexpected = |what: &str| OvlMaintError::ToolFailed {
+            tool: DUMPE2FS.name,
+            overlay: show.clone(),
+            code: 0,
+            meaning: "its output was not understood",
+            output: what.to_string(),
+        };
+        let sb = Super::read_from(
+            &mut File::open(self.path())
+                .map_err(io_err(format!("reading {}", self.path().display())))?,
+        )?;
+        let text = listing()?;
+        let groups = parse_groups(&text).ok_or_else(|| unexpected("no block group list"))?;
+        let lazy = lazy_groups(&groups, sb.block_size, fresh.start);
+        let script: String = lazy
+            .iter()
+            .filter(|g| g.flags & BG_ITABLE_ZEROED != 0)
+            .map(|g| {
+                format!(
+                    "set_bg {i} flags {f}\nset_bg {i} checksum calc\n",
+                    i = g.index,
+                    f = g.flags & !BG_ITABLE_ZEROED
+                )
+            })
+            .collect();
+        let cleared = script.lines().count() as u64 / 2;
+        if cleared > 0 {
+            let mut file =
+                tempfile::NamedTempFile::new_in(self.path().parent().unwrap_or(Path::new(".")))
+                    .map_err(io_err("writing a debugfs script"))?;
+            file.write_all(script.as_bytes())
+                .map_err(io_err("writing a debugfs script"))?;
+            run_e2fsprogs(
+                DEBUGFS,
+                &[
+                    OsStr::new("-w"),
+                    OsStr::new("-f"),
+                    file.path().as_os_str(),
+                    &image,
+                ],
+                &show,
+            )?;
+            // debugfs reports a failed command on stderr and still exits 0: look again.
+            let after =
+                parse_groups(&listing()?).ok_or_else(|| unexpected("no block group list"))?;
+            if let Some(g) = lazy_groups(&after, sb.block_size, fresh.start)
+                .iter()
+                .find(|g| g.flags & BG_ITABLE_ZEROED != 0)
+            {
+                return Err(unexpected(&format!(
+                    "group {} still says its inode table is zeroed after debugfs set_bg",
+                    g.index
+                )));
+            }
+        }
+        let used = ext4::parse_used_regions(&text, sb.fs_bytes)
+            .ok_or_else(|| unexpected("no block size, block count or free block list"))?;
+        let chunks = fresh_chunks(&used, &lazy, sb.block_size, fresh);
+        let report = FreshArea {
+            lazy_inode_tables: lazy.len() as u64,
+            zeroed_flags_cleared: cleared,
+            metadata_bytes: chunks.len() as u64 * WRITE_BACK_CHUNK,
+        };
+        self.forced = chunks;
+        Ok(report)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -681,6 +914,30 @@ mod tests {
         sb[0x18..0x1C].copy_from_slice(&block_size_log.to_le_bytes());
         sb[0x38..0x3A].copy_from_slice(&0xEF53u16.to_le_bytes());
         sb
+    }
+
+    #[test]
+    fn groups_and_the_fresh_chunks_to_write() {
+        let text = "Group descriptor size:    64\nBlock size:               1024\nBlock count:              24576\n\
+Group 0: (Blocks 1-8192) csum 0x32d0 [ITABLE_ZEROED]\n  Inode table at 275-786 (+274)\n  Free blocks: 5000-8192\n\
+Group 1: (Blocks 8193-16384) csum 0xf0f9 [INODE_UNINIT]\n  Inode table at 787-1298 (bg #0 + 786)\n  Free blocks: 8193-16384\n\
+Group 2: (Blocks 16385-24575) csum 0x29ea [INODE_UNINIT, BLOCK_UNINIT, ITABLE_ZEROED]\n  Block bitmap at 16385 (+0)\n  Inode table at 16390-16901 (+5)\n  Free blocks: 16902-24575\n";
+        let groups = parse_groups(text).unwrap();
+        assert_eq!(groups.len(), 3);
+        assert_eq!(
+            groups[2].flags,
+            BG_INODE_UNINIT | BG_BLOCK_UNINIT | BG_ITABLE_ZEROED
+        );
+        assert_eq!(groups[2].inode_table, 16390..16902);
+        // The old file system ended at block 16385: only group 2 is new.
+        let lazy = lazy_groups(&groups, 1024, 16385 * 1024);
+        assert_eq!(lazy.iter().map(|g| g.index).collect::<Vec<_>>(), vec![2]);
+        let used = ext4::parse_used_regions(text, 24576 * 1024).unwrap();
+        let chunks = fresh_chunks(&used, &lazy, 1024, 16385 * 1024..24576 * 1024);
+        // Blocks 16385-16389 (the bitmaps) in 4 KiB chunks 4096 and 4097; not the table.
+        assert_eq!(chunks, vec![4096, 4097]);
+        // A group without its inode table line is not understood.
+        assert!(parse_groups("Group 0: (Blocks 1-8192) csum 0x1\n").is_none());
     }
 
     #[test]

@@ -15,6 +15,7 @@
 mod support;
 
 mod batch;
+mod batch_digest;
 mod boot;
 mod boot_config;
 mod captured_sysfs;
@@ -46,6 +47,7 @@ mod overlay_merge;
 mod overlay_ovl;
 mod overlay_ovl_maint;
 mod overlay_stick;
+mod ovl_grow_stale;
 mod packaging;
 mod persistence;
 mod progress_tty;

@@ -424,6 +424,9 @@ fn change_on_stick(
     copy.mark_baseline()?;
     run_tools(copy.path(), target, steps, out, progress, &mut |_| Ok(()))
         .explain(|| format!("{show}: stopped before anything on the stick was changed"))?;
+    if let Some(g) = grow.filter(|_| out.grown) {
+        copy.settle_fresh_area(g.fs_bytes_before..g.new_bytes)?;
+    }
     if let Some(g) = grow.filter(|g| out.grown && g.added_bytes > 0) {
         t.extend_on_stick(g.added_bytes, g.new_bytes, progress)?;
     }

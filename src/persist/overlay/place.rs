@@ -19,7 +19,7 @@ use crate::persist::merge::located::Located;
 use crate::persist::snapshot;
 use crate::size::human;
 
-use super::{Explain, Kind, OverlayError, Progress, StickRoom, store};
+use super::{Explain, Kind, OverlayError, StickRoom, store};
 
 /// What an overlay file is read and written through, whatever its place.
 pub trait OverlayIo: Read + Write + Seek + SyncData {}
@@ -320,41 +320,6 @@ impl StickOverlay {
         self.overlay_bytes = new_bytes;
         Ok(())
     }
-
-    /// Appends `added` zero bytes to the overlay through the FAT driver, so that every
-    /// new block reads as zeros (an ext4 grown over stale bytes must not see them).
-    pub fn append_zeros(
-        &mut self,
-        added: u64,
-        new_bytes: u64,
-        progress: Progress<'_>,
-    ) -> Result<(), OverlayError> {
-        let path = self.overlay.clone();
-        progress("grow", 0, added);
-        self.stick.with_fs(|fs| {
-            let io = |source| StickError::Io {
-                path: PathBuf::from(&path),
-                source,
-            };
-            let mut f = fs
-                .root_dir()
-                .open_file(path.trim_start_matches('/'))
-                .map_err(io)?;
-            f.seek(SeekFrom::End(0)).map_err(io)?;
-            let zeros = vec![0u8; 1 << 20];
-            let mut done = 0u64;
-            while done < added {
-                let n = (added - done).min(zeros.len() as u64) as usize;
-                f.write_all(&zeros[..n]).map_err(io)?;
-                done += n as u64;
-                progress("grow", done, added);
-            }
-            f.flush().map_err(io)?;
-            Ok(())
-        })?;
-        self.overlay_bytes = new_bytes;
-        Ok(())
-    }
 }
 
 fn choose_overlay(
@@ -487,11 +452,18 @@ impl Place {
         &mut self,
         added: u64,
         new_bytes: u64,
-        progress: Progress<'_>,
+        progress: super::Progress<'_>,
     ) -> Result<(), OverlayError> {
         match self {
             Place::Bare(b) => b.extend(new_bytes),
-            Place::Stick(t) => t.append_zeros(added, new_bytes, progress),
+            Place::Stick(t) => {
+                // The added clusters keep what the stick held: the file system
+                // inside trusts none of it (see ovl_maint's settle_fresh_area).
+                progress("grow", 0, added);
+                t.allocate(new_bytes, &[])?;
+                progress("grow", added, added);
+                Ok(())
+            }
             Place::Ext4(o) => {
                 progress("grow", 0, added);
                 o.allocate(new_bytes)?;
