@@ -159,6 +159,10 @@ fn resize(a: &ResizeArgs, json: bool) -> anyhow::Result<()> {
             workdir.display()
         )));
     }
+    if stick {
+        // A disk no change may touch is refused before the first look inside it.
+        target::check_maintenance(&target::probe(&a.target)?)?;
+    }
     if stick && let Some(h) = home_stick::open_ext4_live_home(&a.target, &a.live_dir, !a.dry_run)? {
         return ext4_live_resize(a, h, &workdir, json);
     }
@@ -273,9 +277,10 @@ fn ext4_live_resize(
         (true, None) if std::io::stdin().is_terminal() => {
             Some(read_pass(PassphraseSource::TerminalOnce)?)
         }
-        (true, None) => bail!(
+        (true, None) => bail!(BadInput(
             "home.img is encrypted: a passphrase is needed to resize it; without a terminal use --passphrase-file FILE or --passphrase-stdin"
-        ),
+                .into()
+        )),
     };
     let pass = pass.as_deref().map(|p| &p[..]);
     if encrypted && pass.is_some() {

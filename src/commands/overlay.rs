@@ -146,10 +146,12 @@ fn open_stick(
 /// for persistence over 4 GiB), else on its FAT.
 fn open_stick_place(path: &Path, sel: &StickSel, access: Access) -> anyhow::Result<Place> {
     let writable = access == Access::Write;
+    // A target no change may touch (the system disk) is refused before the first
+    // look inside it, which may fail for a reason that would hide the refusal.
+    if access != Access::Look {
+        target::check_maintenance(&target::probe(path)?)?;
+    }
     if let Some(o) = place::ext4_live_overlay(path, &selection(sel), writable).map_err(lift)? {
-        if matches!(access, Access::ReadForChange | Access::DryRun) {
-            target::check_maintenance(&target::probe(path)?)?;
-        }
         return Ok(Place::Ext4(Box::new(o)));
     }
     Ok(Place::Stick(Box::new(open_stick(
@@ -675,6 +677,7 @@ fn grow(a: &GrowArgs, json: bool) -> anyhow::Result<()> {
     if !a.dry_run {
         let device = place.device().to_path_buf();
         with_bar(json, &device, |p| dm::apply_grow(&mut place, &plan, p))?;
+        record_grown_size(&mut place, plan.new_bytes);
     }
     print_report(
         &Grown {
@@ -718,6 +721,7 @@ fn ovlfs_grow(a: &GrowArgs, mut place: Place, json: bool) -> anyhow::Result<()> 
     with_bar(json, &device, |p| {
         ovlfs::apply_change(&mut place, &a.workdir, &a.target, steps, &mut out, p)
     })?;
+    record_grown_size(&mut place, plan.new_bytes);
     print_report(
         &OvlfsOutcome {
             outcome: &out,
@@ -726,6 +730,19 @@ fn ovlfs_grow(a: &GrowArgs, mut place: Place, json: bool) -> anyhow::Result<()> 
         json,
         &a.target,
     )
+}
+
+/// The stick's manifest records the overlay's new size, so that `verify` stays true.
+fn record_grown_size(place: &mut Place, new_bytes: u64) {
+    let Place::Stick(t) = place else { return };
+    let overlay = t.overlay.clone();
+    if let Err(e) = crate::manifest::rewrite_on_stick(&mut t.stick, |m| {
+        crate::manifest::record_persistence_size(m, &overlay, "overlay", new_bytes)
+    }) {
+        eprintln!(
+            "warning: the overlay was grown, but the stick's manifest could not be updated ({e}); `livestick verify` will report the old size"
+        );
+    }
 }
 
 fn run_merge_plan(plan: &merge::MergePlan, json: bool, path: &Path) -> anyhow::Result<()> {

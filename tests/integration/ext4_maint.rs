@@ -229,7 +229,8 @@ fn dm_snapshot_overlay_on_ext4_resets_recovers_and_grows_in_place() {
 
     let out = ok(&livestick(&["overlay", "reset", t.s(), "--yes", "--json"]));
     let v: serde_json::Value = serde_json::from_str(&out).expect("reset JSON");
-    assert_eq!(v["reset"], true, "{v}");
+    assert_eq!(v["dry_run"], false, "{v}");
+    assert_eq!(v["kind"], "dm-snapshot", "{v}");
     t.check_partition();
     assert_eq!(dumped_state(&t).0, "uninitialised");
     assert_eq!(t.status()["state"], "uninitialised");
@@ -258,7 +259,7 @@ fn dm_snapshot_overlay_on_ext4_resets_recovers_and_grows_in_place() {
     let ex = debugfs(&t.image, t.part, &format!("ex {}", t.overlay));
     assert!(ex.contains("Uninit"), "{ex}");
     assert_eq!(dumped_state(&t), ("valid".to_string(), 25));
-    assert_eq!(t.status()["cow_bytes"], grown, "{}", t.status());
+    assert_eq!(t.status()["size_bytes"], grown, "{}", t.status());
 
     // More than the partition has: refused with the figures, nothing changed.
     let sum = crate::support::sha256_file(&t.image);
@@ -376,7 +377,7 @@ fn plain_home_on_ext4_grows_in_place_keeping_its_files() {
     assert!(files.contains(&"/LiveOS/squashfs.img"), "{files:?}");
     assert!(files.contains(&"/LiveOS/home.img"), "{files:?}");
     assert!(files.contains(&t.overlay.as_str()), "{files:?}");
-    assert_eq!(v["source_home"]["size"], 64u64 << 20, "{v}");
+    assert_eq!(v["source_home"]["size_bytes"], 64u64 << 20, "{v}");
     assert_eq!(v["source_overlay"]["path"], t.overlay.as_str(), "{v}");
     let text = ok(&livestick(&["inspect", t.s()]));
     assert!(text.contains("ext4 partition 2"), "{text}");

@@ -551,6 +551,8 @@ fn home_resize_records_the_new_size_and_verify_stays_intact() {
     );
     assert_eq!(home_record(&t.manifest())["size"], 16 << 20);
     let before = t.manifest()["updated_at"].clone();
+    // The manifest's time has whole seconds: the rewrite must fall in a later one.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     ok(&livestick(&[
         "home",
         "resize",
@@ -575,8 +577,8 @@ fn home_resize_records_the_new_size_and_verify_stays_intact() {
         .iter()
         .find(|p| p["kind"] == "home")
         .unwrap();
-    assert_eq!(home["size"], 40 << 20, "{home:#}");
-    assert_eq!(home["recorded_size"], 40 << 20, "{home:#}");
+    assert_eq!(home["size_bytes"], 40 << 20, "{home:#}");
+    assert_eq!(home["recorded_size_bytes"], 40 << 20, "{home:#}");
     assert_eq!(home["deep"]["clean"], true, "{home:#}");
     // The rewrite went through a staged copy, which is gone.
     let ls = fat_ls(&t.image, t.part, "/LiveOS").to_lowercase();
@@ -832,4 +834,61 @@ fn verify_deep_unlocks_a_luks_home_with_a_passphrase_file() {
             .contains("e2fsck -fn found problems"),
         "{home:#}"
     );
+}
+
+/// The overlay of a persistence record named in the manifest by its path.
+fn overlay_record(manifest: &serde_json::Value) -> serde_json::Value {
+    manifest["persistence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["kind"] == "overlay")
+        .cloned()
+        .unwrap_or_else(|| panic!("the manifest lists the overlay: {manifest:#}"))
+}
+
+/// `overlay grow` keeps the manifest true, for both kinds: the record names the new
+/// size and `verify` shows the size it finds equal to the one recorded.
+#[test]
+fn overlay_grow_records_the_new_size_and_verify_agrees() {
+    for (iso, extra) in [
+        ("fedora-classic.iso", &[][..]),
+        ("fedora-classic.iso", &["--overlayfs"][..]),
+    ] {
+        let mut args = vec!["--overlay-size-mb", "32"];
+        args.extend_from_slice(extra);
+        let t = written(iso, &args);
+        assert_eq!(overlay_record(&t.manifest())["size"], 32 << 20);
+        ok(&livestick(&[
+            "overlay",
+            "grow",
+            t.s(),
+            "--size-mb",
+            "48",
+            "--workdir",
+            t.dir.path().to_str().unwrap(),
+            "--yes",
+        ]));
+        assert_eq!(
+            overlay_record(&t.manifest())["size"],
+            48 << 20,
+            "{extra:?}: {:#}",
+            t.manifest()
+        );
+        let (out, r) = verify_json(&[t.s()]);
+        assert_eq!(out.status.code(), Some(0), "{extra:?}: {r:#}");
+        let overlay = r["persistence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["kind"] == "overlay")
+            .cloned()
+            .unwrap();
+        assert_eq!(overlay["size_bytes"], 48 << 20, "{extra:?}: {overlay:#}");
+        assert_eq!(
+            overlay["recorded_size_bytes"],
+            48 << 20,
+            "{extra:?}: {overlay:#}"
+        );
+    }
 }

@@ -71,6 +71,7 @@ impl From<crate::io::IoAt> for ErofsError {
 /// What the superblock says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ErofsInfo {
+    #[serde(rename = "block_bytes")]
     pub block_size: u32,
     /// Algorithms the image uses (`lz4`, `lzma`, …); empty when nothing is compressed.
     pub algorithms: Vec<&'static str>,
