@@ -190,18 +190,7 @@ fn resize(a: &ResizeArgs, json: bool) -> anyhow::Result<()> {
     };
     home_stick::check_new_size(current, a.size_mb)?;
     let grows = a.size_mb * MIB != current;
-    let pass = match (encrypted && grows, passphrase_source(&a.pass)) {
-        (false, _) => None,
-        (true, Some(src)) => Some(read_pass(src)?),
-        (true, None) if a.dry_run => None,
-        (true, None) if std::io::stdin().is_terminal() => {
-            Some(read_pass(PassphraseSource::TerminalOnce)?)
-        }
-        (true, None) => bail!(BadInput(
-            "home.img is encrypted: a passphrase is needed to resize it; without a terminal use --passphrase-file FILE or --passphrase-stdin"
-                .into()
-        )),
-    };
+    let pass = resize_passphrase(a, encrypted && grows)?;
     let pass = pass.as_deref().map(|p| &p[..]);
     // Unlocking now checks the passphrase before anything changes.
     match &mut h {
@@ -270,18 +259,7 @@ fn ext4_live_resize(
     };
     home_stick::check_new_size(h.size(), a.size_mb)?;
     let grows = a.size_mb * MIB != h.size();
-    let pass = match (encrypted && grows, passphrase_source(&a.pass)) {
-        (false, _) => None,
-        (true, Some(src)) => Some(read_pass(src)?),
-        (true, None) if a.dry_run => None,
-        (true, None) if std::io::stdin().is_terminal() => {
-            Some(read_pass(PassphraseSource::TerminalOnce)?)
-        }
-        (true, None) => bail!(BadInput(
-            "home.img is encrypted: a passphrase is needed to resize it; without a terminal use --passphrase-file FILE or --passphrase-stdin"
-                .into()
-        )),
-    };
+    let pass = resize_passphrase(a, encrypted && grows)?;
     let pass = pass.as_deref().map(|p| &p[..]);
     if encrypted && pass.is_some() {
         h.report(pass)?;
@@ -304,6 +282,23 @@ fn ext4_live_resize(
     });
     bar.finish();
     resize_report(&plan, Some(result?), false, json)
+}
+
+/// The passphrase a resize needs (`needed`: an encrypted home that changes size),
+/// from the options, else the terminal; a dry run asks for none.
+fn resize_passphrase(a: &ResizeArgs, needed: bool) -> anyhow::Result<Option<Zeroizing<Vec<u8>>>> {
+    Ok(match (needed, passphrase_source(&a.pass)) {
+        (false, _) => None,
+        (true, Some(src)) => Some(read_pass(src)?),
+        (true, None) if a.dry_run => None,
+        (true, None) if std::io::stdin().is_terminal() => {
+            Some(read_pass(PassphraseSource::TerminalOnce)?)
+        }
+        (true, None) => bail!(BadInput(
+            "home.img is encrypted: a passphrase is needed to resize it; without a terminal use --passphrase-file FILE or --passphrase-stdin"
+                .into()
+        )),
+    })
 }
 
 fn resize_report(

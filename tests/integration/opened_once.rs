@@ -96,19 +96,26 @@ fn a_stick_swapped_after_the_first_look_is_never_written() {
     }
 }
 
+/// A written stick's home.img copied out as a bare file into `dir`, and a copy of it
+/// as the decoy a failpoint swaps in: (home, decoy, the decoy's bytes).
+fn bare_home_and_decoy(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+    let img = stick(dir, "stick.img");
+    let part = part_start(&img);
+    let home = dir.join("home.img");
+    fat_copy_out(&img, part, "LiveOS/home.img", &home);
+    let decoy = dir.join("decoy.img");
+    std::fs::copy(&home, &decoy).unwrap();
+    let decoy_bytes = std::fs::read(&decoy).unwrap();
+    (home, decoy, decoy_bytes)
+}
+
 #[test]
 fn a_bare_home_file_swapped_after_the_first_look_is_never_written() {
     if !require(have("mcopy") && have("resize2fs"), "mtools, e2fsprogs") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let img = stick(dir.path(), "stick.img");
-    let part = part_start(&img);
-    let home = dir.path().join("home.img");
-    fat_copy_out(&img, part, "LiveOS/home.img", &home);
-    let decoy = dir.path().join("decoy.img");
-    std::fs::copy(&home, &decoy).unwrap();
-    let decoy_bytes = std::fs::read(&decoy).unwrap();
+    let (home, decoy, decoy_bytes) = bare_home_and_decoy(dir.path());
     let out = with_swap(
         &[
             "home",
@@ -145,17 +152,11 @@ fn a_bare_home_file_swapped_after_its_checked_open_is_grown_through_the_handle()
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let img = stick(dir.path(), "stick.img");
-    let part = part_start(&img);
-    let home = dir.path().join("home.img");
-    fat_copy_out(&img, part, "LiveOS/home.img", &home);
+    let (home, decoy, decoy_bytes) = bare_home_and_decoy(dir.path());
     // Kept open by name elsewhere: the original is renamed over, so this link is
     // how the test reads what the resize did to it.
     let original = dir.path().join("original-link.img");
     std::fs::hard_link(&home, &original).unwrap();
-    let decoy = dir.path().join("decoy.img");
-    std::fs::copy(&home, &decoy).unwrap();
-    let decoy_bytes = std::fs::read(&decoy).unwrap();
     let out = Command::new(bin())
         .args([
             "--json",

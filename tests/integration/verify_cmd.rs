@@ -531,13 +531,18 @@ fn part_len(image: &Path) -> u64 {
 }
 
 fn home_record(manifest: &serde_json::Value) -> serde_json::Value {
-    manifest["persistence"]
+    persistence_of(manifest, "home")
+}
+
+/// The `persistence` entry of `kind` in a manifest or a verify report.
+fn persistence_of(doc: &serde_json::Value, kind: &str) -> serde_json::Value {
+    doc["persistence"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|p| p["kind"] == "home")
+        .find(|p| p["kind"] == kind)
         .cloned()
-        .unwrap_or_else(|| panic!("the manifest lists the home: {manifest:#}"))
+        .unwrap_or_else(|| panic!("no {kind} in persistence: {doc:#}"))
 }
 
 /// Issue 15 part 5: `home resize` keeps the manifest true: the home's recorded size
@@ -571,12 +576,7 @@ fn home_resize_records_the_new_size_and_verify_stays_intact() {
     assert_ne!(manifest["updated_at"], before);
     let (out, r) = verify_json(&[t.s(), "--deep"]);
     assert_eq!(out.status.code(), Some(0), "{r:#}");
-    let home = r["persistence"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["kind"] == "home")
-        .unwrap();
+    let home = persistence_of(&r, "home");
     assert_eq!(home["size_bytes"], 40 << 20, "{home:#}");
     assert_eq!(home["recorded_size_bytes"], 40 << 20, "{home:#}");
     assert_eq!(home["deep"]["clean"], true, "{home:#}");
@@ -836,17 +836,6 @@ fn verify_deep_unlocks_a_luks_home_with_a_passphrase_file() {
     );
 }
 
-/// The overlay of a persistence record named in the manifest by its path.
-fn overlay_record(manifest: &serde_json::Value) -> serde_json::Value {
-    manifest["persistence"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["kind"] == "overlay")
-        .cloned()
-        .unwrap_or_else(|| panic!("the manifest lists the overlay: {manifest:#}"))
-}
-
 /// `overlay grow` keeps the manifest true, for both kinds: the record names the new
 /// size and `verify` shows the size it finds equal to the one recorded.
 #[test]
@@ -858,7 +847,7 @@ fn overlay_grow_records_the_new_size_and_verify_agrees() {
         let mut args = vec!["--overlay-size-mb", "32"];
         args.extend_from_slice(extra);
         let t = written(iso, &args);
-        assert_eq!(overlay_record(&t.manifest())["size"], 32 << 20);
+        assert_eq!(persistence_of(&t.manifest(), "overlay")["size"], 32 << 20);
         ok(&livestick(&[
             "overlay",
             "grow",
@@ -870,20 +859,14 @@ fn overlay_grow_records_the_new_size_and_verify_agrees() {
             "--yes",
         ]));
         assert_eq!(
-            overlay_record(&t.manifest())["size"],
+            persistence_of(&t.manifest(), "overlay")["size"],
             48 << 20,
             "{extra:?}: {:#}",
             t.manifest()
         );
         let (out, r) = verify_json(&[t.s()]);
         assert_eq!(out.status.code(), Some(0), "{extra:?}: {r:#}");
-        let overlay = r["persistence"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["kind"] == "overlay")
-            .cloned()
-            .unwrap();
+        let overlay = persistence_of(&r, "overlay");
         assert_eq!(overlay["size_bytes"], 48 << 20, "{extra:?}: {overlay:#}");
         assert_eq!(
             overlay["recorded_size_bytes"],

@@ -167,11 +167,11 @@ fn write_big(iso: &Path) -> (Stick, u64) {
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON report");
-    let written = report["bytes_written"].as_u64().expect("bytes_written");
+    let written = report["written_bytes"].as_u64().expect("written_bytes");
     // The root image and boot files (about 60 MiB) plus metadata; 11 GiB of
     // persistence costs a few MiB, not its size.
     assert!(written < 100 << 20, "wrote {written} bytes: {report}");
-    assert_eq!(report["bytes_verified"], report["bytes_written"]);
+    assert_eq!(report["verified_bytes"], report["written_bytes"]);
     let grown = allocated(&image) - before;
     assert!(grown < 100 << 20, "the stick image grew by {grown} bytes");
 
