@@ -9,7 +9,8 @@
 # Output in target/packages/ (or $OUT).
 #
 # Usage: packaging/build.sh [--deb] [--rpm] [--smoke]
-#   no --deb/--rpm: both; --smoke: install the .deb with dpkg -i (root) and try it.
+#   no --deb/--rpm: both; --smoke: install the .deb with dpkg -i (root) and try it,
+#   and the RPMs with rpm -i --nodeps into a scratch root.
 #   packaging/build.sh --control ARCH   prints the DEBIAN/control it would write.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -126,7 +127,7 @@ build_deb() {
   "$bin" completions zsh > "$stage/usr/share/zsh/vendor-completions/_$name"
   "$bin" completions fish > "$stage/usr/share/fish/vendor_completions.d/$name.fish"
   install -Dm0644 LICENSE "$stage/usr/share/doc/$name/copyright"
-  for doc in README.md docs/compatibility.md docs/exit-codes.md docs/install.md; do
+  for doc in README.md docs/compatibility.md docs/exit-codes.md docs/install.md docs/json.md docs/json-maintenance.md docs/ndjson-events.md; do
     gzip -9nc "$doc" > "$stage/usr/share/doc/$name/$(basename "$doc").gz"
   done
   install -d "$stage/DEBIAN"
@@ -191,13 +192,33 @@ smoke_test_deb() {
   echo "smoke test of $deb: passed"
 }
 
+# Debian has no dnf to resolve an RPM's Requires, so the RPMs are installed with
+# --nodeps into a scratch rpm database and root: what they install, its paths, the
+# compatibility link and the binary itself are tried there.
+smoke_test_rpms() {
+  local root
+  root=$(mktemp -d)
+  rpm --root "$root" --initdb
+  rpm --root "$root" -i --nodeps --noscripts "$@"
+  rpm --root "$root" -q livestick livestick-compat >/dev/null
+  "$root/usr/bin/livestick" --version | grep -q "^livestick $version"
+  [[ $(readlink "$root/usr/bin/livecd-iso-to-disk") == *livestick ]]
+  # Fedora's rpmbuild compresses man pages, Debian's does not.
+  zcat -f "$root"/usr/share/man/man1/livestick.1* | grep -q 'LIVESTICK WRITE'
+  rm -rf "$root"
+  echo "smoke test of $*: passed"
+}
+
 if ((want_deb)); then
   deb=$(build_deb)
   echo "built $deb"
   ((smoke)) && smoke_test_deb "$deb"
 fi
 if ((want_rpm)); then
-  for rpm in $(build_rpm); do
+  rpms=$(build_rpm)
+  for rpm in $rpms; do
     echo "built $rpm"
   done
+  # shellcheck disable=SC2086 # one word per package file
+  ((smoke)) && smoke_test_rpms $rpms
 fi
