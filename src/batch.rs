@@ -245,7 +245,7 @@ pub mod events {
 
     /// One row of the closing `report` event. Written targets have `label` and
     /// `fs_uuid` (live) or `image_sha256` (raw) and `verified`; a failed one `error`.
-    #[derive(Default)]
+    #[derive(Default, Clone, Copy)]
     pub struct Row<'a> {
         pub ok: bool,
         pub dry_run: bool,
@@ -559,66 +559,29 @@ impl Batch {
         let json = self.json;
         let timed_out = self.timed_out;
         let total = outcomes.len();
-        let mut details = Vec::new();
-        let mut rows = Vec::new();
-        for (target, outcome) in &outcomes {
-            match outcome {
-                Some(Outcome::Done(r)) => rows.push(events::row(
-                    target,
-                    events::Row {
+        let ends = outcomes.iter().map(|(target, outcome)| {
+            let end = match outcome {
+                Some(Outcome::Done(r)) => TargetEnd::Done {
+                    row: events::Row {
                         ok: true,
                         label: Some(&r.label),
                         fs_uuid: Some(&r.fs_uuid),
                         verified: Some(r.verified),
                         ..Default::default()
                     },
-                )),
-                Some(Outcome::Failed(e)) => {
-                    details.push(format!("{}: {e}", target.display()));
-                    rows.push(events::row(
-                        target,
-                        events::Row {
-                            error: Some(e),
-                            ..Default::default()
-                        },
-                    ));
-                }
-                None => rows.push(events::row(
-                    target,
-                    events::Row {
-                        ok: true,
-                        dry_run: true,
-                        ..Default::default()
-                    },
-                )),
-            }
-        }
-        emit(json, events::report(rows));
-        if !json && !quiet {
-            crate::outln!("{:<32} {:<8} DETAIL", "TARGET", "RESULT");
-            for (target, outcome) in &outcomes {
-                let (result, detail) = match outcome {
-                    Some(Outcome::Done(r)) => (
-                        "ok",
-                        format!(
-                            "{} UUID {} {}",
-                            r.label,
-                            r.fs_uuid,
-                            if r.verified {
-                                "verified"
-                            } else {
-                                "not verified"
-                            }
-                        ),
+                    detail: format!(
+                        "{} UUID {} {}",
+                        r.label,
+                        r.fs_uuid,
+                        verified_word(r.verified)
                     ),
-                    Some(Outcome::Failed(e)) => {
-                        ("FAILED", e.lines().next().unwrap_or("").to_string())
-                    }
-                    None => ("planned", String::new()),
-                };
-                crate::outln!("{:<32} {:<8} {}", target.display(), result, detail);
-            }
-        }
+                },
+                Some(Outcome::Failed(e)) => TargetEnd::Failed(e),
+                None => TargetEnd::Planned,
+            };
+            (target.as_path(), end)
+        });
+        let mut details = report_ends(json, quiet, ends.collect());
         let mut total = total;
         if let Some(e) = timed_out {
             let DeviceError::WaitTimedOut { wanted, found, .. } = &e else {
@@ -638,6 +601,61 @@ impl Batch {
         }
         verdict(details, total)
     }
+}
+
+/// How one target of a batch (live or raw) ended, as its report shows it.
+pub enum TargetEnd<'a> {
+    /// Written: its row of the `report` event and its table line's detail.
+    Done {
+        row: events::Row<'a>,
+        detail: String,
+    },
+    Failed(&'a str),
+    /// Planned by a dry run.
+    Planned,
+}
+
+/// "verified" or "not verified", as a batch table says it.
+pub fn verified_word(verified: bool) -> &'static str {
+    if verified { "verified" } else { "not verified" }
+}
+
+/// Prints a batch's report: the `report` event with `--json`, else a table unless
+/// `quiet`. Returns one line per failed target, for [`verdict`].
+pub fn report_ends(json: bool, quiet: bool, ends: Vec<(&Path, TargetEnd<'_>)>) -> Vec<String> {
+    let mut details = Vec::new();
+    let mut rows = Vec::new();
+    for (target, end) in &ends {
+        let row = match end {
+            TargetEnd::Done { row, .. } => *row,
+            TargetEnd::Failed(e) => {
+                details.push(format!("{}: {e}", target.display()));
+                events::Row {
+                    error: Some(e),
+                    ..Default::default()
+                }
+            }
+            TargetEnd::Planned => events::Row {
+                ok: true,
+                dry_run: true,
+                ..Default::default()
+            },
+        };
+        rows.push(events::row(target, row));
+    }
+    emit(json, events::report(rows));
+    if !json && !quiet {
+        crate::outln!("{:<32} {:<8} DETAIL", "TARGET", "RESULT");
+        for (target, end) in &ends {
+            let (result, detail) = match end {
+                TargetEnd::Done { detail, .. } => ("ok", detail.as_str()),
+                TargetEnd::Failed(e) => ("FAILED", e.lines().next().unwrap_or("")),
+                TargetEnd::Planned => ("planned", ""),
+            };
+            crate::outln!("{:<32} {:<8} {}", target.display(), result, detail);
+        }
+    }
+    details
 }
 
 /// How a batch of `total` targets ended, from one line per failed target: all
@@ -685,7 +703,8 @@ fn done_event(report: &ApplyReport) -> serde_json::Value {
     )
 }
 
-fn emit(json: bool, value: serde_json::Value) {
+/// One NDJSON line on stdout, with `--json` only.
+pub fn emit(json: bool, value: serde_json::Value) {
     if json {
         crate::outln!("{value}");
     }

@@ -13,7 +13,7 @@ use thiserror::Error;
 
 use super::{RawPlan, RawReport, RawSource, RawWriteError, StreamSource};
 use crate::apply::{ApplyError, IsoSource};
-use crate::batch::{BatchError, events};
+use crate::batch::{BatchError, TargetEnd, emit, events, report_ends, verified_word};
 use crate::disk::devices::{self, DeviceError};
 use crate::disk::identity::{self, IdentityError};
 use crate::disk::target::{self, TargetError, TargetProbe};
@@ -114,12 +114,6 @@ fn done_event(report: &RawReport) -> serde_json::Value {
         serde_json::to_value(report)
             .unwrap_or_else(|_| serde_json::json!({"target": report.target})),
     )
-}
-
-fn emit(json: bool, value: serde_json::Value) {
-    if json {
-        crate::outln!("{value}");
-    }
 }
 
 type Outcome = Option<Result<RawReport, String>>;
@@ -332,62 +326,27 @@ impl<'a> RawBatch<'a> {
         let json = self.json;
         let outcomes = self.outcomes;
         let total = outcomes.len();
-        let mut rows = Vec::new();
-        let mut details = Vec::new();
-        for (target_path, outcome) in &outcomes {
-            match outcome {
-                Some(Ok(r)) => rows.push(events::row(
-                    target_path,
-                    events::Row {
+        let ends = outcomes.iter().map(|(target_path, outcome)| {
+            let end = match outcome {
+                Some(Ok(r)) => TargetEnd::Done {
+                    row: events::Row {
                         ok: true,
                         image_sha256: r.image_sha256.as_deref(),
                         verified: Some(r.verified),
                         ..Default::default()
                     },
-                )),
-                Some(Err(e)) => {
-                    details.push(format!("{}: {e}", target_path.display()));
-                    rows.push(events::row(
-                        target_path,
-                        events::Row {
-                            error: Some(e),
-                            ..Default::default()
-                        },
-                    ));
-                }
-                None => rows.push(events::row(
-                    target_path,
-                    events::Row {
-                        ok: true,
-                        dry_run: true,
-                        ..Default::default()
-                    },
-                )),
-            }
-        }
-        emit(json, events::report(rows));
-        if !json && !quiet {
-            crate::outln!("{:<32} {:<8} DETAIL", "TARGET", "RESULT");
-            for (target_path, outcome) in &outcomes {
-                let (result, detail) = match outcome {
-                    Some(Ok(r)) => (
-                        "ok",
-                        format!(
-                            "raw image, {} written, {}",
-                            human(r.bytes_written),
-                            if r.verified {
-                                "verified"
-                            } else {
-                                "not verified"
-                            }
-                        ),
+                    detail: format!(
+                        "raw image, {} written, {}",
+                        human(r.bytes_written),
+                        verified_word(r.verified)
                     ),
-                    Some(Err(e)) => ("FAILED", e.lines().next().unwrap_or("").to_string()),
-                    None => ("planned", String::new()),
-                };
-                crate::outln!("{:<32} {:<8} {}", target_path.display(), result, detail);
-            }
-        }
+                },
+                Some(Err(e)) => TargetEnd::Failed(e),
+                None => TargetEnd::Planned,
+            };
+            (target_path.as_path(), end)
+        });
+        let details = report_ends(json, quiet, ends.collect());
         if let Some(message) = self.bad_image {
             // Every target stopped because the image is bad: that is the error
             // (bad input), not an I/O failure of each stick.
