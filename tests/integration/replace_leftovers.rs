@@ -6,7 +6,7 @@
 //! the next command completes; orphaned clusters and the dirty mark are repaired too.
 
 use std::io::{Cursor, Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::support::fixtures::synthetic_iso;
 use crate::support::*;
@@ -225,7 +225,7 @@ fn merge_rerun_keeps_the_root_image_a_leftover_squashfs_img_new_names() {
 }
 
 /// A stick with a plain 16 MiB home.
-fn home_stick(dir: &Path) -> std::path::PathBuf {
+fn home_stick(dir: &Path) -> PathBuf {
     let iso = synthetic_iso("fedora-classic.iso");
     let img = dir.join("stick.img");
     ok(&livestick(&[
@@ -240,6 +240,31 @@ fn home_stick(dir: &Path) -> std::path::PathBuf {
         "--yes",
     ]));
     img
+}
+
+/// A stick in `dir` with a 32 MiB overlay and a 16 MiB plain home whose `LiveOS/` is
+/// crowded (see [`crowd_live_dir`]), and a work directory for resizes:
+/// (the ISO written, the stick, the work directory).
+fn crowded_overlay_home_stick(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let img = dir.join("stick.img");
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        img.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "32",
+        "--home-size-mb",
+        "16",
+        "--unencrypted-home",
+        "--yes",
+    ]));
+    crowd_live_dir(&img);
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    (iso, img, work)
 }
 
 /// Fills every free slot of `LiveOS/` up to several sectors past its last entry (one-
@@ -709,26 +734,9 @@ fn every_overlay_verb_and_write_report_the_repair_in_their_json() {
     ) {
         return;
     }
-    let iso = synthetic_iso("fedora-classic.iso");
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("stick.img");
+    let (iso, img, work) = crowded_overlay_home_stick(dir.path());
     let (iso_s, img_s) = (iso.to_str().unwrap(), img.to_str().unwrap());
-    ok(&livestick(&[
-        "write",
-        iso_s,
-        img_s,
-        "--size",
-        "256M",
-        "--overlay-size-mb",
-        "32",
-        "--home-size-mb",
-        "16",
-        "--unencrypted-home",
-        "--yes",
-    ]));
-    crowd_live_dir(&img);
-    let work = dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
     let verbs: [&[&str]; 4] = [
         &["overlay", "status"],
         &["overlay", "grow", "--add-mb", "8", "--yes"],
@@ -779,26 +787,9 @@ fn an_overlay_dry_run_over_a_leftover_changes_nothing_and_says_what_the_real_run
     ) {
         return;
     }
-    let iso = synthetic_iso("fedora-classic.iso");
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("stick.img");
-    let (iso_s, img_s) = (iso.to_str().unwrap(), img.to_str().unwrap());
-    ok(&livestick(&[
-        "write",
-        iso_s,
-        img_s,
-        "--size",
-        "256M",
-        "--overlay-size-mb",
-        "32",
-        "--home-size-mb",
-        "16",
-        "--unencrypted-home",
-        "--yes",
-    ]));
-    crowd_live_dir(&img);
-    let work = dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
+    let (_, img, work) = crowded_overlay_home_stick(dir.path());
+    let img_s = img.to_str().unwrap();
     stop_a_resize_half_way(&img, &work, 24);
     let before = sha256_file(&img);
     for verb in [
