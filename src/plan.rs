@@ -463,6 +463,14 @@ pub enum PlanError {
     #[error("--partition-size-mb applies to a new partition table only; add --format")]
     PartitionSizeNeedsFormat,
     #[error(
+        "--partition-size-mb {asked_mib} is more than the target holds for the ext4 live partition: {max_mib} MiB are left after the partition table and the {fat_mib} MiB FAT boot partition; choose at most {max_mib}, or leave the option out to use the whole disk"
+    )]
+    Ext4PartitionTooLarge {
+        asked_mib: u64,
+        max_mib: u64,
+        fat_mib: u64,
+    },
+    #[error(
         "--overlayfs needs --overlay-size-mb N: on FAT the OverlayFS upper layer lives in an ext4 image file of that size"
     )]
     OverlayFsNeedsSize,
@@ -718,7 +726,8 @@ pub fn plan_write(
             ),
             None => {
                 let mut layout = partition::layout_single(target_size, opts.table)?;
-                if let Some(size) = opts.partition_size {
+                // On the ext4 layout the size is the ext4 live partition's (placed below).
+                if let Some(size) = opts.partition_size.filter(|_| ext4_why.is_none()) {
                     if size > layout.len {
                         return Err(PlanError::PartitionTooLarge {
                             asked_mib: size / MIB,
@@ -1521,15 +1530,22 @@ fn place_ext4_live(
             disk_mib: req.target_size / MIB,
         });
     }
-    if req.opts.partition_size.is_some() {
-        return Err(PlanError::Conflicting(
-            "partition-size-mb",
-            "ext4",
-            "layout of the partitions",
-        ));
-    }
     let whole = partition::layout_single(req.target_size, req.opts.table)?;
-    let len = whole.len.saturating_sub(fat_len);
+    let rest = whole.len.saturating_sub(fat_len);
+    // --partition-size-mb sizes the live partition, as livecd-iso-to-disk's
+    // `--format SIZE,ext4` sized the ext4 partition that held LiveOS/; the FAT boot
+    // partition is livestick's to size, and the rest of the disk stays unallocated.
+    let len = match req.opts.partition_size {
+        Some(size) if size > rest => {
+            return Err(PlanError::Ext4PartitionTooLarge {
+                asked_mib: size / MIB,
+                max_mib: rest / MIB,
+                fat_mib: fat_len / MIB,
+            });
+        }
+        Some(size) => size / MIB * MIB,
+        None => rest,
+    };
     let overhead = ext4_live::overhead(len);
     let space_needed = files + overhead;
     if space_needed > len {
@@ -2923,14 +2939,40 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
             }
             other => panic!("{other:?}"),
         }
-        let both = WriteOptions {
+    }
+
+    #[test]
+    fn partition_size_with_ext4_sizes_the_live_partition() {
+        let sized = WriteOptions {
             ext4_live: true,
-            partition_size: Some(512 * MIB),
+            partition_size: Some(2048 * MIB),
             ..opts()
         };
+        let plan = plan_new(&nested(), 8 * GIB, &sized).expect("plan");
+        let e = plan.ext4_live.as_ref().expect("ext4 layout");
+        assert_eq!(e.len, 2048 * MIB);
+        assert_eq!(e.start, plan.partition_start + e.fat_len);
+        // Larger than the disk holds after the FAT: refused with the maximum.
+        let huge = WriteOptions {
+            partition_size: Some(9000 * MIB),
+            ..sized.clone()
+        };
+        match plan_new(&nested(), 8 * GIB, &huge) {
+            Err(e @ PlanError::Ext4PartitionTooLarge { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("9000") && text.contains("at most"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Too small for the root image and the persistence: the figures.
+        let small = WriteOptions {
+            partition_size: Some(2 * MIB),
+            overlay_size: Some(600 * MIB),
+            ..sized
+        };
         assert!(matches!(
-            plan_new(&nested(), 8 * GIB, &both),
-            Err(PlanError::Conflicting(..))
+            plan_new(&nested(), 8 * GIB, &small),
+            Err(PlanError::Ext4TooSmall { .. })
         ));
     }
 }

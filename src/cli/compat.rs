@@ -915,16 +915,6 @@ impl CompatArgs {
                 reason: "livestick writes the live partition as FAT32, or as ext4 beside a FAT boot partition (--format ext4); drop the filesystem type or give ext4",
             });
         }
-        if self
-            .format
-            .as_ref()
-            .is_some_and(|f| f.fstype == Some(FsType::Ext4) && f.size_mb.is_some())
-        {
-            return Err(CompatError::Refused {
-                option: "--format",
-                reason: "with ext4 livestick sizes both partitions itself (a FAT boot partition for the boot files, ext4 for the rest of the disk); drop the size",
-            });
-        }
         if self.format.as_ref().is_some_and(|f| f.block_size.is_some()) {
             return Err(CompatError::Refused {
                 option: "--format",
@@ -1458,13 +1448,13 @@ mod tests {
                 e => panic!("{o}: {e:?}"),
             }
         }
-        assert!(matches!(
-            err(&["--format", "4096,ext4", "x.iso", "/dev/sdb"]),
-            CompatError::Refused {
-                option: "--format",
-                ..
-            }
-        ));
+        // livecd-iso-to-disk's SIZE sized the partition holding LiveOS/: with ext4
+        // that is livestick's ext4 live partition.
+        let sized = run(&["--format", "4096,ext4", "x.iso", "/dev/sdb"])
+            .to_write_args(&whole("/dev/sdb"))
+            .unwrap();
+        assert_eq!(sized.partition_size_mb, Some(4096));
+        assert!(sized.ext4);
         assert!(matches!(
             err(&["--home-size-mb", "64,btrfs", "x.iso", "t.img"]),
             CompatError::Refused { .. }
