@@ -603,6 +603,21 @@ fn apply_tagged(
     let mut file = target::open_for_write(probe, plan.target.size)?;
     let start = plan.partition_start;
     let len = plan.partition_len;
+    // debugfs reaches the ext4 live partition through the handle opened above.
+    let by_fd = match &plan.ext4_live {
+        Some(_) => Some(
+            target::inheritable_path(&file)
+                .map_err(ApplyError::io("passing the target to debugfs"))?,
+        ),
+        None => None,
+    };
+    let in_place = plan.ext4_live.as_ref().filter(|step| step.in_place);
+    let in_place_files = match (in_place, &by_fd) {
+        (Some(step), Some(by_fd)) => {
+            allocate_ext4_in_place(plan, step, &prepared, by_fd, &mut file)?
+        }
+        _ => Vec::new(),
+    };
     let Prepared {
         home,
         swap,
@@ -729,7 +744,8 @@ fn apply_tagged(
                 tags.set(format!("deleting {path}"));
                 fat::remove_all(&fs, path).map_err(ApplyError::fat(format!("deleting {path}")))?;
             }
-            if let Some(kept) = &plan.kept_overlay {
+            // On the ext4 layout the kept overlay is in the ext4 partition (below).
+            if let Some(kept) = plan.kept_overlay.as_ref().filter(|_| in_place.is_none()) {
                 tags.set(format!("keeping the overlay {}", kept.to));
                 if !kept.from.eq_ignore_ascii_case(&kept.to) {
                     fat::rename(&fs, &kept.from, &kept.to).map_err(ApplyError::fat(format!(
@@ -822,16 +838,19 @@ fn apply_tagged(
                 .map_err(ApplyError::fat(step))?;
                 written.push((config.dest.clone(), bytes.len() as u64, sum));
             }
-            // After every file it lists, so that it names exactly what was written.
-            tags.set("writing the stick manifest");
-            crate::manifest::write_after_apply(
-                &fs,
-                plan,
-                written
-                    .iter()
-                    .map(|(path, size, sum)| (path.as_str(), *size, hex(&sum.sha256))),
-            )
-            .map_err(ApplyError::fat("writing the stick manifest"))?;
+            // After every file it lists, so that it names exactly what was written
+            // (on the ext4 layout, once the ext4 partition's files are: below).
+            if plan.ext4_live.is_none() {
+                tags.set("writing the stick manifest");
+                crate::manifest::write_after_apply(
+                    &fs,
+                    plan,
+                    written
+                        .iter()
+                        .map(|(path, size, sum)| (path.as_str(), *size, hex(&sum.sha256))),
+                )
+                .map_err(ApplyError::fat("writing the stick manifest"))?;
+            }
             tags.set("closing the FAT filesystem");
             fs.unmount()
                 .map_err(ApplyError::io("closing the FAT filesystem"))?;
@@ -891,6 +910,18 @@ fn apply_tagged(
                 progress,
             )?;
         }
+        if let Some(step) = in_place {
+            tags.set("writing into the ext4 live partition");
+            let mut part = PartitionWindow::new(&mut recorder, step.start, step.len);
+            ext4_files = write_live_files(
+                &mut part,
+                &in_place_files,
+                step,
+                source,
+                &mut ext4_persistent,
+                progress,
+            )?;
+        }
         before_verify = recorder.into_written();
         read_back = bounded
             .finish_read_back()
@@ -910,6 +941,22 @@ fn apply_tagged(
 
     // Written after the read-back of the write phase: read back on their own.
     let mut after_write = RangeSet::new();
+    if let (Some(step), Some(by_fd)) = (&plan.ext4_live, &by_fd) {
+        let runs = match &ext4_built {
+            Some(built) => built.files.clone(),
+            None => in_place_files.clone(),
+        };
+        tags.set("finishing the ext4 live partition");
+        finish_ext4_live(plan, step, by_fd, &mut file, &runs, &ext4_files)?;
+        tags.set("writing the stick manifest");
+        after_write.extend(&write_manifest_ext4(
+            plan,
+            step,
+            &mut file,
+            &written,
+            &ext4_files,
+        )?);
+    }
     if plan.bios
         && let Some(files) = &syslinux_files
     {
@@ -1118,7 +1165,6 @@ fn write_boot_code<D: Read + Write + Seek>(
 
 /// Reads what an existing stick's FAT partition holds, for planning without `--format`.
 pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, ApplyError> {
-    crate::disk::ext4_live::refuse_rewrite_in_place(path)?;
     let mut stick = match Stick::open(path, false) {
         Ok(stick) => stick,
         Err(StickError::Partition {
@@ -1128,7 +1174,8 @@ pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, App
         Err(source) => return Err(ApplyError::Stick(source)),
     };
     let part = stick.partition.clone();
-    let existing = stick.with_fs(|fs| existing_of(fs, &part, path))?;
+    let ext4 = existing_ext4(stick.file_mut())?;
+    let existing = stick.with_fs(|fs| existing_of(fs, &part, path, ext4))?;
     Ok(Some(existing))
 }
 
@@ -1150,6 +1197,7 @@ pub fn read_existing_repaired(
         Err(source) => return Err(ApplyError::Stick(source)),
     };
     let part = stick.partition.clone();
+    let ext4 = existing_ext4(stick.file_mut())?;
     let mut view = fat_raw::MemoryWrites::new(stick.file_mut());
     let repaired = crate::persist::merge::replace::repair_leftovers(
         &mut view,
@@ -1167,14 +1215,26 @@ pub fn read_existing_repaired(
         source,
     };
     let fs = fat::open(&mut window).map_err(fat_err)?;
-    Ok((Some(existing_of(&fs, &part, path)?), repaired))
+    Ok((Some(existing_of(&fs, &part, path, ext4)?), repaired))
 }
 
-/// What [`read_existing`] reads, from an opened FAT.
+/// The stick's ext4 live partition (the layout for persistence over 4 GiB), if it
+/// has one: found by the default live directory, as `inspect` and the
+/// maintenance commands find it.
+fn existing_ext4(
+    file: &mut File,
+) -> Result<Option<crate::disk::ext4_live::ExistingLive>, ApplyError> {
+    crate::disk::ext4_live::existing_live(file, "LiveOS")
+        .map_err(|e| ApplyError::Ext4Live(crate::disk::ext4_live::Ext4LiveError::Map(e)))
+}
+
+/// What [`read_existing`] reads, from an opened FAT (and the ext4 live partition's
+/// files, listed with the FAT's).
 fn existing_of<F: Read + Write + Seek>(
     fs: &fat::FatFs<'_, F>,
     part: &partition::ExistingPartition,
     path: &Path,
+    ext4_live: Option<crate::disk::ext4_live::ExistingLive>,
 ) -> Result<crate::plan::ExistingFs, StickError> {
     let read_text = |path: &str| {
         fat::exists(fs, path)
@@ -1205,7 +1265,9 @@ fn existing_of<F: Read + Write + Seek>(
             })?
             .into_iter()
             .map(|e| (e.path, e.size))
+            .chain(ext4_live.iter().flat_map(|l| l.files.clone()))
             .collect(),
+        ext4_live,
     })
 }
 
@@ -1218,7 +1280,7 @@ fn build_ext4_live(
     prepared: &Prepared,
 ) -> Result<Option<crate::disk::ext4_live::BuiltLive>, ApplyError> {
     use crate::disk::ext4_live::{self, LiveFile};
-    let Some(step) = &plan.ext4_live else {
+    let Some(step) = plan.ext4_live.as_ref().filter(|step| !step.in_place) else {
         return Ok(None);
     };
     let mut files: Vec<LiveFile> = Vec::new();
@@ -1276,15 +1338,30 @@ fn write_ext4_live<F: Read + Write + Seek>(
     persistent: &mut [(String, SparseImage)],
     progress: &Progress,
 ) -> Result<Vec<WrittenFile>, ApplyError> {
-    use crate::io::StreamHash;
     let spots: RangeSet = wipe::signature_spots(step.len).into_iter().collect();
     zero_ranges(&mut *part, spots.iter()).map_err(ApplyError::io(
         "wiping old signatures on the ext4 partition",
     ))?;
     built.copy_metadata(&mut *part)?;
-    let mut out = Vec::new();
     let files = built.files.clone();
-    for (file, runs) in &files {
+    write_live_files(part, &files, step, source, persistent, progress)
+}
+
+/// Writes each file of the ext4 live partition into its blocks (`files`: its byte
+/// runs in `part`): copies from the source (one written under its staged name is
+/// found by it), persistence files by their data regions, an unwritten file not
+/// at all.
+fn write_live_files<F: Read + Write + Seek>(
+    part: &mut PartitionWindow<F>,
+    files: &[crate::disk::ext4_live::MappedFile],
+    step: &crate::plan::Ext4LiveStep,
+    source: &mut dyn IsoSource,
+    persistent: &mut [(String, SparseImage)],
+    progress: &Progress,
+) -> Result<Vec<WrittenFile>, ApplyError> {
+    use crate::io::StreamHash;
+    let mut out = Vec::new();
+    for (file, runs) in files {
         if let Some((_, image)) = persistent
             .iter_mut()
             .find(|(p, _)| p.eq_ignore_ascii_case(&file.path))
@@ -1312,11 +1389,10 @@ fn write_ext4_live<F: Read + Write + Seek>(
             });
             continue;
         }
-        let Some(copy) = step
-            .copies
-            .iter()
-            .find(|c| c.dest.eq_ignore_ascii_case(&file.path))
-        else {
+        let Some(copy) = step.copies.iter().find(|c| {
+            c.dest.eq_ignore_ascii_case(&file.path)
+                || crate::disk::ext4_live::staged_path(&c.dest).eq_ignore_ascii_case(&file.path)
+        }) else {
             continue;
         };
         let mut reader: Box<dyn Read + '_> = match &copy.source {
@@ -1356,4 +1432,230 @@ fn write_ext4_live<F: Read + Write + Seek>(
         });
     }
     Ok(out)
+}
+
+/// The first step of a rewrite in place of an ext4-layout stick (before anything
+/// else is written): the root record and what the plan deletes or makes anew are
+/// removed from the ext4 partition, a kept overlay renamed if its name changes,
+/// and the new files allocated (each copy under its staged name, beside the file
+/// it replaces). Returns each allocated file with its byte runs in the partition.
+fn allocate_ext4_in_place(
+    plan: &Plan,
+    step: &crate::plan::Ext4LiveStep,
+    prepared: &Prepared,
+    by_fd: &Path,
+    file: &mut File,
+) -> Result<Vec<crate::disk::ext4_live::MappedFile>, ApplyError> {
+    use crate::disk::ext4_live::{self, LiveFile};
+    let mut files: Vec<LiveFile> = Vec::new();
+    let mut removes: Vec<String> = step.deletes.clone();
+    // The record vouches for the root image: gone before the image changes.
+    if let Some(record) = &plan.root_record {
+        removes.push(record.path.clone());
+    }
+    for c in &step.copies {
+        removes.push(ext4_live::staged_path(&c.dest));
+        files.push(LiveFile {
+            path: ext4_live::staged_path(&c.dest),
+            size: c.size,
+            written: true,
+        });
+    }
+    let mut add = |path: &str, size: u64, written: bool| {
+        removes.push(path.to_string());
+        files.push(LiveFile {
+            path: path.to_string(),
+            size,
+            written,
+        });
+    };
+    for (path, image) in &prepared.copied {
+        add(path, image.len, true);
+    }
+    if let (Some(o), Some(_)) = (&plan.overlay, &prepared.overlay) {
+        add(
+            &o.path,
+            o.size,
+            o.kind != crate::boot::cmdline::OverlayBoot::DmSnapshot,
+        );
+    }
+    if let (Some(h), Some(_)) = (&plan.home, &prepared.home) {
+        add(&h.path, h.size, true);
+    }
+    if let (Some(s), Some(_)) = (&plan.swap, &prepared.swap) {
+        add(&s.path, s.size, true);
+    }
+    removes.dedup();
+    let renames: Vec<(String, String)> = plan
+        .kept_overlay
+        .iter()
+        .filter(|k| !k.from.eq_ignore_ascii_case(&k.to))
+        .map(|k| (k.from.clone(), k.to.clone()))
+        .collect();
+    Ok(ext4_live::allocate_in_place(
+        by_fd,
+        file,
+        (step.start, step.len),
+        &removes,
+        &renames,
+        &files,
+    )?)
+}
+
+/// The ext4 partition's last steps, once what was written into it has been read
+/// back: a kept overlay the plan empties is emptied (before the new root image
+/// is in place, so a stop never leaves old changes over a new root), the staged
+/// copies take their places (in place), and the root record is written beside
+/// the root image.
+fn finish_ext4_live(
+    plan: &Plan,
+    step: &crate::plan::Ext4LiveStep,
+    by_fd: &Path,
+    file: &mut File,
+    runs: &[crate::disk::ext4_live::MappedFile],
+    written: &[WrittenFile],
+) -> Result<(), ApplyError> {
+    use crate::disk::ext4_live;
+    if step.in_place
+        && let Some(kept) = plan.kept_overlay.as_ref().filter(|k| k.reset)
+    {
+        empty_ext4_overlay(plan, step, file, &kept.to)?;
+    }
+    let root_image = format!("/{}/{}", plan.live_dir, crate::layout::SQUASHFS);
+    let record = match (
+        &plan.root_record,
+        written
+            .iter()
+            .find(|w| w.path.eq_ignore_ascii_case(&root_image)),
+    ) {
+        (Some(record), Some(image)) => {
+            let what = format!("recording {} in {}", record.root_image, record.path);
+            let image_runs: Vec<(u64, u64)> = runs
+                .iter()
+                .find(|(f, _)| {
+                    f.path.eq_ignore_ascii_case(&root_image)
+                        || f.path
+                            .eq_ignore_ascii_case(&ext4_live::staged_path(&root_image))
+                })
+                .map(|(_, r)| r.iter().map(|&(at, n)| (step.start + at, n)).collect())
+                .unwrap_or_default();
+            let ends = crate::live_source::ends_sha256(
+                &mut ExtentFile::new(&mut *file, &image_runs),
+                image.size,
+            )
+            .map_err(ApplyError::io(what))?;
+            Some((
+                record.path.clone(),
+                crate::live_source::RootRecord {
+                    size: image.size,
+                    sha256: image.sha256.clone(),
+                    ends_sha256: ends,
+                    iso_md5: record.iso_md5.clone(),
+                }
+                .render(),
+            ))
+        }
+        _ => None,
+    };
+    let placed: Vec<String> = if step.in_place {
+        step.copies.iter().map(|c| c.dest.clone()).collect()
+    } else {
+        Vec::new()
+    };
+    ext4_live::finish_in_place(
+        by_fd,
+        file,
+        (step.start, step.len),
+        &placed,
+        record.as_ref().map(|(p, t)| (p.as_str(), t.as_str())),
+    )?;
+    Ok(())
+}
+
+/// Empties the overlay `path` of the ext4 partition in place, through its extents:
+/// a dm-snapshot store by its zeroed header (zeros into unwritten extents are
+/// skipped), an OverlayFS overlay by a fresh ext4 written over it.
+fn empty_ext4_overlay(
+    plan: &Plan,
+    step: &crate::plan::Ext4LiveStep,
+    file: &mut File,
+    path: &str,
+) -> Result<(), ApplyError> {
+    use crate::disk::ext4_fs;
+    use crate::io::SyncData;
+    let what = format!("emptying the overlay {path}");
+    let err = |e: String| ApplyError::io(what.clone())(io::Error::other(e));
+    let partition = ext4_fs::find_live_partition(&mut *file, &plan.live_dir)
+        .map_err(|e| err(e.to_string()))?
+        .filter(|p| p.start == step.start)
+        .ok_or_else(|| err("the ext4 live partition is gone".into()))?;
+    let map = {
+        let mut window = PartitionWindow::new(&mut *file, partition.start, partition.len);
+        partition
+            .fs
+            .file(&mut window, path)
+            .map_err(|e| err(e.to_string()))?
+            .ok_or_else(|| err("it is not on the ext4 partition".into()))?
+    };
+    let len = map.size;
+    let mut rw = ext4_fs::Ext4FileRw::new(&mut *file, &partition, &map);
+    if crate::persist::overlay::store::is_ext4(&mut rw) {
+        crate::persist::overlay::store::reset_overlay(&mut rw, len, &std::env::temp_dir())
+            .map_err(|e| err(e.to_string()))?;
+    } else {
+        crate::persist::snapshot::reset_store(&mut rw, len).map_err(|e| err(e.to_string()))?;
+    }
+    rw.sync_data().map_err(ApplyError::io(what.clone()))?;
+    Ok(())
+}
+
+/// Writes the manifest on the FAT of an ext4-layout stick once both partitions
+/// are written: the FAT's files and the ext4 partition's copies, each with the
+/// sha256 hashed while writing. Returns the byte ranges written, for the read-back.
+fn write_manifest_ext4(
+    plan: &Plan,
+    step: &crate::plan::Ext4LiveStep,
+    file: &mut File,
+    written: &[(String, u64, WrittenDigest)],
+    ext4_written: &[WrittenFile],
+) -> Result<RangeSet, ApplyError> {
+    let step_name = "writing the stick manifest";
+    let copies: Vec<(String, u64, String)> = ext4_written
+        .iter()
+        .filter(|w| {
+            step.copies
+                .iter()
+                .any(|c| c.dest.eq_ignore_ascii_case(&w.path))
+        })
+        .map(|w| (w.path.clone(), w.size, w.sha256.clone()))
+        .collect();
+    let now: Vec<(String, u64)> = crate::disk::ext4_live::existing_live(&mut *file, &plan.live_dir)
+        .map_err(|e| ApplyError::io(step_name)(io::Error::other(e.to_string())))?
+        .map(|l| l.files)
+        .unwrap_or_default();
+    let mut recorder = WriteRecorder::new(&mut *file).map_err(ApplyError::io(step_name))?;
+    {
+        let mut window =
+            PartitionWindow::new(&mut recorder, plan.partition_start, plan.partition_len);
+        {
+            let fs = fat::open(&mut window).map_err(ApplyError::fat(step_name))?;
+            crate::manifest::write_after_apply_with_ext4(
+                &fs,
+                plan,
+                written
+                    .iter()
+                    .map(|(path, size, sum)| (path.as_str(), *size, hex(&sum.sha256))),
+                &copies,
+                &now,
+            )
+            .map_err(ApplyError::fat(step_name))?;
+            fs.unmount().map_err(ApplyError::io(step_name))?;
+        }
+        window.flush().map_err(ApplyError::io(step_name))?;
+        fat::repair_fatfs_quirks(&mut window).map_err(ApplyError::fat(step_name))?;
+        window.flush().map_err(ApplyError::io(step_name))?;
+    }
+    let ranges = recorder.into_written();
+    file.sync_all().map_err(ApplyError::io(step_name))?;
+    Ok(ranges)
 }

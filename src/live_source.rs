@@ -483,7 +483,19 @@ fn read_stick_root(
         })
         .map_err(|e| e.to_string())?
         .and_then(|bytes| RootRecord::parse(&String::from_utf8_lossy(&bytes)));
-    let extents = stick.file_extents(on_stick).map_err(|e| e.to_string())?;
+    // On the ext4 live layout the image and its record are in the ext4 partition.
+    let (record, extents) = match stick.file_extents(on_stick) {
+        Ok(extents) => (record, extents),
+        Err(e) => {
+            match crate::disk::ext4_live::root_on_ext4(stick.file_mut(), live_dir, &record_path) {
+                Ok(Some((runs, bytes))) => (
+                    bytes.and_then(|b| RootRecord::parse(&String::from_utf8_lossy(&b))),
+                    runs,
+                ),
+                _ => return Err(e.to_string()),
+            }
+        }
+    };
     let ends_sha256 = ends_sha256(&mut ExtentFile::new(stick.file_mut(), &extents), size)
         .map_err(|e| e.to_string())?;
     Ok(StickRoot {
@@ -499,14 +511,24 @@ fn read_stick_root(
 /// store. `None` when it cannot be read as either.
 pub fn overlay_used(target: &Path, path: &str, len: u64) -> Option<u64> {
     use crate::persist::{overlay::store, snapshot};
-    let mut stick = Stick::open(target, false).ok()?;
-    let extents = stick.file_extents(path).ok()?;
-    let mut file = ExtentFile::new(stick.file_mut(), &extents);
-    if store::is_ext4(&mut file) {
-        return store::overlay_info(&mut file).map(|info| info.used_bytes);
+    fn used_of<R: Read + Seek>(file: &mut R, len: u64) -> Option<u64> {
+        if store::is_ext4(file) {
+            return store::overlay_info(file).map(|info| info.used_bytes);
+        }
+        let report = snapshot::status(file, len, snapshot::LIVEOS_CHUNK_SECTORS, None).ok()?;
+        Some(report.exceptions * u64::from(report.chunk_sectors) * snapshot::SECTOR_BYTES)
     }
-    let report = snapshot::status(&mut file, len, snapshot::LIVEOS_CHUNK_SECTORS, None).ok()?;
-    Some(report.exceptions * u64::from(report.chunk_sectors) * snapshot::SECTOR_BYTES)
+    let mut stick = Stick::open(target, false).ok()?;
+    match stick.file_extents(path) {
+        Ok(extents) => used_of(&mut ExtentFile::new(stick.file_mut(), &extents), len),
+        // On the ext4 live layout, read as ext4 reads it: unwritten extents as zeros.
+        Err(_) => {
+            let live_dir = path.trim_start_matches('/').split('/').next()?;
+            let mut file =
+                crate::disk::ext4_live::open_live_file(stick.file_mut(), live_dir, path).ok()??;
+            used_of(&mut file, len)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -96,6 +96,10 @@ pub struct FileRecord {
     pub iso_path: Option<String>,
     /// `copied`, `config` or `merged` (a root image `overlay merge` rebuilt).
     pub kind: String,
+    /// `ext4` for a file of the ext4 live partition (the layout for persistence over
+    /// 4 GiB), read there by its extents; absent for a file on the FAT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filesystem: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +271,7 @@ pub fn record_of_write<'a>(
             sha256,
             iso_path: iso_path_of(path),
             kind: if is_config(path) { "config" } else { "copied" }.to_string(),
+            filesystem: None,
         })
         .collect();
     let mut persistence = Vec::new();
@@ -403,8 +408,40 @@ pub fn write_after_apply<'a, F: Read + Write + Seek>(
     plan: &Plan,
     written: impl IntoIterator<Item = (&'a str, u64, String)>,
 ) -> Result<String, fat::FatError> {
+    write_after_apply_with_ext4(fs, plan, written, &[], &[])
+}
+
+/// [`write_after_apply`] on the ext4 live layout: the manifest stays on the FAT
+/// (where `verify` and every other livestick look for it first, and where the
+/// boot files it lists are), and also lists the files written into the ext4
+/// partition (`ext4_written`: path, size, sha256), marked `filesystem: ext4`.
+/// `ext4_now` lists the ext4 partition's files as they are after the write, so
+/// that the entries of files the write left there stay.
+pub fn write_after_apply_with_ext4<'a, F: Read + Write + Seek>(
+    fs: &FatFs<'_, F>,
+    plan: &Plan,
+    written: impl IntoIterator<Item = (&'a str, u64, String)>,
+    ext4_written: &'a [(String, u64, String)],
+    ext4_now: &[(String, u64)],
+) -> Result<String, fat::FatError> {
     let now = now_utc();
-    let record = record_of_write(plan, written, &now);
+    let mut record = record_of_write(
+        plan,
+        written.into_iter().chain(
+            ext4_written
+                .iter()
+                .map(|(path, size, sum)| (path.as_str(), *size, sum.clone())),
+        ),
+        &now,
+    );
+    for f in &mut record.files {
+        if ext4_written
+            .iter()
+            .any(|(path, _, _)| path.eq_ignore_ascii_case(&f.path))
+        {
+            f.filesystem = Some("ext4".into());
+        }
+    }
     let previous = read(fs);
     let path = match &previous {
         // `--multi` or a rewrite: one manifest per stick, where it already is.
@@ -415,10 +452,11 @@ pub fn write_after_apply<'a, F: Read + Write + Seek>(
     let on_stick = |p: &str| {
         files
             .iter()
-            .find(|e| e.path.eq_ignore_ascii_case(p))
-            .map(|e| e.size)
+            .map(|e| (&e.path, e.size))
+            .chain(ext4_now.iter().map(|(path, size)| (path, *size)))
+            .find(|(path, _)| path.eq_ignore_ascii_case(p))
+            .map(|(_, size)| size)
     };
-    let mut record = record;
     if let Some(home) = &plan.kept_home
         && let Some(size) = on_stick(home)
     {
@@ -439,6 +477,11 @@ pub fn record_replacement(manifest: &mut Manifest, path: &str, size: u64, sha256
         sha256: sha256.to_string(),
         iso_path: None,
         kind: "merged".to_string(),
+        filesystem: manifest
+            .files
+            .iter()
+            .find(|f| f.path.eq_ignore_ascii_case(path))
+            .and_then(|f| f.filesystem.clone()),
     };
     match manifest
         .files
@@ -583,9 +626,19 @@ pub struct Verifiable {
     pub stick: Stick,
     pub manifest_path: String,
     pub manifest: Manifest,
-    /// Every file on the FAT file system now (path, size).
+    /// Every file on the FAT file system now (path, size), and on the ext4 layout
+    /// every file of the ext4 live partition's live directory.
     pub files: Vec<(String, u64)>,
+    /// The ext4 live partition, when the stick has that layout: the files listed
+    /// in `ext4_files` are read there, by their extents.
+    pub ext4: Option<crate::disk::ext4_fs::LivePartition>,
+    pub ext4_files: Vec<String>,
 }
+
+/// A file being verified, read where it is: on the FAT by its clusters, on the
+/// ext4 live partition by its extents (unwritten ones as zeros, as ext4 reads them).
+trait ReadSeek: Read + Seek {}
+impl<T: Read + Seek> ReadSeek for T {}
 
 /// Opens `path` read-only and reads its manifest: `Missing` when there is none.
 pub fn open_for_verify(path: &Path) -> Result<Verifiable, ManifestError> {
@@ -654,12 +707,73 @@ pub fn open_for_verify(path: &Path) -> Result<Verifiable, ManifestError> {
             return Err(damaged(reason));
         }
     };
+    let mut files: Vec<(String, u64)> = files.into_iter().map(|e| (e.path, e.size)).collect();
+    let (mut ext4, mut ext4_files) = (None, Vec::new());
+    let live_dir = manifest.images.first().map_or("LiveOS".to_string(), |i| {
+        i.live_dir.trim_matches('/').to_string()
+    });
+    let ext4_err = |e: crate::disk::ext4_fs::Ext4FsError| ManifestError::Io {
+        step: format!("reading the ext4 live partition of {}", path.display()),
+        source: io::Error::other(e.to_string()),
+    };
+    if let Some(live) =
+        crate::disk::ext4_live::existing_live(stick.file_mut(), &live_dir).map_err(ext4_err)?
+    {
+        ext4 = crate::disk::ext4_fs::find_live_partition(stick.file_mut(), &live_dir)
+            .map_err(ext4_err)?;
+        ext4_files = live.files.iter().map(|(p, _)| p.clone()).collect();
+        files.extend(live.files);
+    }
     Ok(Verifiable {
         stick,
         manifest_path,
         manifest,
-        files: files.into_iter().map(|e| (e.path, e.size)).collect(),
+        files,
+        ext4,
+        ext4_files,
     })
+}
+
+impl Verifiable {
+    /// `path` opened for reading where it is, and where it lies on the device when
+    /// it is one written run (so that e2fsck can read it in place).
+    fn open_file(&mut self, path: &str) -> Result<(Box<dyn ReadSeek + '_>, Option<u64>), String> {
+        let on_ext4 = self.ext4_files.iter().any(|p| p.eq_ignore_ascii_case(path));
+        if let (true, Some(partition)) = (on_ext4, &self.ext4) {
+            let map = {
+                let mut window = crate::io::PartitionWindow::new(
+                    self.stick.file_mut(),
+                    partition.start,
+                    partition.len,
+                );
+                partition
+                    .fs
+                    .file(&mut window, path)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("{path} is not on the ext4 live partition"))?
+            };
+            let partition = partition.clone();
+            let file =
+                crate::disk::ext4_fs::Ext4FileRw::new(self.stick.file_mut(), &partition, &map);
+            let at = file.contiguous_offset();
+            return Ok((Box::new(file), at));
+        }
+        let extents = self.stick.file_extents(path).map_err(|e| e.to_string())?;
+        let on_stick: u64 = extents.iter().map(|e| e.1).sum();
+        let size = self
+            .files
+            .iter()
+            .find(|(p, _)| p.eq_ignore_ascii_case(path))
+            .map_or(0, |(_, s)| *s);
+        if on_stick < size {
+            return Err(format!(
+                "its cluster chain holds {on_stick} of its {size} bytes"
+            ));
+        }
+        let file = ExtentFile::new(self.stick.file_mut(), &extents);
+        let at = file.contiguous_offset();
+        Ok((Box::new(file), at))
+    }
 }
 
 impl Verifiable {
@@ -735,14 +849,7 @@ impl Verifiable {
         size: u64,
         progress: &mut impl FnMut(u64),
     ) -> Result<String, String> {
-        let extents = self.stick.file_extents(path).map_err(|e| e.to_string())?;
-        let on_stick: u64 = extents.iter().map(|e| e.1).sum();
-        if on_stick < size {
-            return Err(format!(
-                "its cluster chain holds {on_stick} of its {size} bytes"
-            ));
-        }
-        let mut reader = ExtentFile::new(self.stick.file_mut(), &extents);
+        let (mut reader, _) = self.open_file(path)?;
         let mut hasher = Sha256::new();
         // Large requests, as the write's read-back makes: a USB bus streams them.
         let mut buf = vec![0u8; 4 << 20];
@@ -874,14 +981,9 @@ impl Verifiable {
         passphrase: Option<&[u8]>,
     ) -> Result<(), PersistProblem> {
         use crate::persist::{home, overlay::store, snapshot};
-        let extents = self
-            .stick
-            .file_extents(&check.path)
-            .map_err(|e| e.to_string())?;
         let device = self.stick.path.clone();
-        let mut file = ExtentFile::new(self.stick.file_mut(), &extents);
-        let in_place = file
-            .contiguous_offset()
+        let (mut file, at) = self.open_file(&check.path)?;
+        let in_place = at
             .filter(|_| !device.as_os_str().to_string_lossy().contains('?'))
             .map(|offset| format!("{}?offset={offset}", device.display()));
         let fsck = |what: &str| match &in_place {
@@ -1310,6 +1412,7 @@ mod tests {
             sha256: "ab".repeat(32),
             iso_path: Some(path.into()),
             kind: "copied".into(),
+            filesystem: None,
         }
     }
 

@@ -172,9 +172,20 @@ pub struct ExistingFs {
     /// Bytes of changes the [current overlay](ExistingFs::current_overlay) holds,
     /// when it could be read.
     pub overlay_used: Option<u64>,
+    /// The stick's ext4 live partition, when it has the ext4 layout: its live
+    /// directory's files are in `files` too, so that what a write keeps, replaces
+    /// or deletes is decided as on a FAT stick.
+    pub ext4_live: Option<crate::disk::ext4_live::ExistingLive>,
 }
 
 impl ExistingFs {
+    /// Whether `path` is a file of the ext4 live partition rather than of the FAT.
+    pub fn on_ext4(&self, path: &str) -> bool {
+        self.ext4_live
+            .as_ref()
+            .is_some_and(|l| l.files.iter().any(|(p, _)| p.eq_ignore_ascii_case(path)))
+    }
+
     pub fn size_of(&self, path: &str) -> Option<u64> {
         self.files
             .iter()
@@ -199,7 +210,11 @@ impl ExistingFs {
     /// the current label and UUID, else the first one found.
     pub fn current_overlay(&self, dir: &str) -> Option<(String, u64)> {
         let overlays = self.overlays_in(dir);
-        let named = layout::overlay_path(dir, &self.label, &fat::format_volume_id(self.volume_id));
+        // dracut names the overlay after the live device: the ext4 one on that layout.
+        let named = match &self.ext4_live {
+            Some(l) => layout::overlay_path(dir, &l.label, &l.uuid),
+            None => layout::overlay_path(dir, &self.label, &fat::format_volume_id(self.volume_id)),
+        };
         overlays
             .iter()
             .find(|(p, _)| p.eq_ignore_ascii_case(&named))
@@ -463,6 +478,22 @@ pub enum PlanError {
     #[error("--partition-size-mb applies to a new partition table only; add --format")]
     PartitionSizeNeedsFormat,
     #[error(
+        "the stick's ext4 live partition has {free_mib} MiB free, and this write needs {needed_mib} MiB there ({what}): the new root image is written beside the old one, which is freed only once the new one is in place; use smaller persistence sizes, or --format to write the stick anew (its overlay and home.img are lost)"
+    )]
+    Ext4InPlaceNoRoom {
+        free_mib: u64,
+        needed_mib: u64,
+        what: String,
+    },
+    #[error(
+        "{0} on a stick with the ext4 live layout is not supported without --format (its live device is the ext4 partition, whose label and layout this write keeps); drop it, or add --format to write the stick anew"
+    )]
+    Ext4InPlaceUnsupported(String),
+    #[error(
+        "the stick's ext4 live partition {partition} was not cleanly unmounted (its journal holds changes not yet written home): a rewrite beside them could be undone when they are replayed; replay the journal first (`livestick overlay status STICK` says how), then write again"
+    )]
+    Ext4NeedsReplay { partition: u32 },
+    #[error(
         "--partition-size-mb {asked_mib} is more than the target holds for the ext4 live partition: {max_mib} MiB are left after the partition table and the {fat_mib} MiB FAT boot partition; choose at most {max_mib}, or leave the option out to use the whole disk"
     )]
     Ext4PartitionTooLarge {
@@ -659,7 +690,27 @@ pub fn plan_write(
     opts: &WriteOptions,
     syslinux_modules: Option<&std::path::Path>,
 ) -> Result<Plan, PlanError> {
-    let ext4_why = ext4_live_reason(opts);
+    // A stick that already has the ext4 layout keeps it: its live directory is there.
+    let in_place_ext4 = existing.as_ref().and_then(|fs| fs.ext4_live.clone());
+    let ext4_why = ext4_live_reason(opts).or_else(|| {
+        in_place_ext4.as_ref().map(|l| {
+            format!(
+                "the stick keeps its live system on ext4 partition {} (livecd-iso-to-disk's ext4 layout)",
+                l.number
+            )
+        })
+    });
+    if let Some(l) = &in_place_ext4 {
+        if opts.multi {
+            return Err(PlanError::Ext4InPlaceUnsupported("--multi".into()));
+        }
+        if opts.label.as_ref().is_some_and(|label| *label != l.label) {
+            return Err(PlanError::Ext4InPlaceUnsupported(format!(
+                "--label (the ext4 live partition is labelled {})",
+                l.label
+            )));
+        }
+    }
     if ext4_why.is_none() {
         check_size("overlay-size-mb", opts.overlay_size)?;
         check_size("home-size-mb", opts.home_size)?;
@@ -916,12 +967,15 @@ pub fn plan_write(
         }
     }
     // dracut names the overlay by the label and UUID of the device it is on.
-    let ext4_uuid = ext4_why.is_some().then(|| {
-        crate::disk::ext4_live::uuid_for(volume_id)
+    let ext4_uuid = ext4_why.is_some().then(|| match &in_place_ext4 {
+        Some(l) => l.uuid.clone(),
+        None => crate::disk::ext4_live::uuid_for(volume_id)
             .hyphenated()
-            .to_string()
+            .to_string(),
     });
-    let overlay_path = layout::overlay_path(dir, &label, ext4_uuid.as_deref().unwrap_or(&fs_uuid));
+    let overlay_label = in_place_ext4.as_ref().map_or(&label, |l| &l.label);
+    let overlay_path =
+        layout::overlay_path(dir, overlay_label, ext4_uuid.as_deref().unwrap_or(&fs_uuid));
     let home_path = format!("/{dir}/home.img");
     // Rewritten by every write that copies the root image, so it never outlives it.
     let record_path = format!("/{dir}/{}", layout::ROOT_RECORD);
@@ -1003,9 +1057,10 @@ pub fn plan_write(
     // An OverlayFS overlay is an ext4 file system: zeroing its head, which empties a
     // dm-snapshot store, would leave a file nothing mounts. One to be emptied is made
     // anew instead, as a new overlay of the same size would be.
+    // On the ext4 layout the overlay is emptied in place instead, through its extents.
     let remade_from = kept_overlay
         .as_ref()
-        .filter(|k| k.reset && overlay_kind == OverlayBoot::OverlayFs)
+        .filter(|k| k.reset && overlay_kind == OverlayBoot::OverlayFs && in_place_ext4.is_none())
         .map(|k| (k.from.clone(), k.size));
     let overlay = opts
         .overlay_size
@@ -1107,7 +1162,7 @@ pub fn plan_write(
         notes.push("the ISO has no EFI/BOOT loader: the stick will not boot in UEFI mode".into());
     }
 
-    let ext4_live = match (&ext4_why, &ext4_uuid) {
+    let mut ext4_live = match (&ext4_why, &ext4_uuid) {
         (Some(why), Some(uuid)) => Some(place_ext4_live(
             Ext4Request {
                 why,
@@ -1117,6 +1172,7 @@ pub fn plan_write(
                 dir,
                 target_size,
                 existing: existing.as_ref(),
+                deletes: &deletes,
                 overlay: overlay.as_ref(),
                 home: home.as_ref(),
                 swap: swap.as_ref(),
@@ -1127,8 +1183,18 @@ pub fn plan_write(
         )?),
         _ => None,
     };
+    // In place, the ext4 partition's files are removed there, not on the FAT.
+    if let (Some(step), Some(fs)) = (ext4_live.as_mut(), &existing)
+        && step.in_place
+    {
+        let (on_ext4, on_fat): (Vec<String>, Vec<String>) = std::mem::take(&mut deletes)
+            .into_iter()
+            .partition(|p| fs.on_ext4(p));
+        step.deletes = on_ext4;
+        deletes = on_fat;
+    }
     let (format, part_len, cluster, available, root_record) = match &ext4_live {
-        Some(e) => {
+        Some(e) if !e.in_place => {
             let fat = partition::PartitionLayout {
                 len: e.fat_len,
                 ..format
@@ -1141,10 +1207,10 @@ pub fn plan_write(
                 e.fat_len,
                 cluster,
                 fat32_data_bytes(e.fat_len, cluster),
-                None,
+                root_record,
             )
         }
-        None => (format, part_len, cluster, available, root_record),
+        _ => (format, part_len, cluster, available, root_record),
     };
     // Persistence is allocated, not written: only the copies cost the bus their
     // size; overlay, home and swap add their metadata (a few MiB) on top.
@@ -1177,6 +1243,7 @@ pub fn plan_write(
             let reclaimed: u64 = fs
                 .files
                 .iter()
+                .filter(|(p, _)| !fs.on_ext4(p))
                 .filter(|(p, _)| {
                     deletes.iter().any(|d| d.eq_ignore_ascii_case(p))
                         || copies.iter().any(|c| c.dest.eq_ignore_ascii_case(p))
@@ -1306,12 +1373,25 @@ impl Plan {
             for c in &e.copies {
                 out.push_str(&format!("    {:>10}  ext4:{}\n", human(c.size), c.dest));
             }
-            out.push_str(&format!(
-                "    space {} needed of {} (ext4 metadata {})\n",
-                human(e.space_needed),
-                human(e.len),
-                human(e.overhead)
-            ));
+            if e.in_place {
+                out.push_str(
+                    "    kept as it is: each copy is written beside the file it replaces and swapped in once read back\n",
+                );
+                for d in &e.deletes {
+                    out.push_str(&format!("    delete ext4:{d}\n"));
+                }
+                out.push_str(&format!(
+                    "    space {} needed there, beside the files it replaces\n",
+                    human(e.space_needed)
+                ));
+            } else {
+                out.push_str(&format!(
+                    "    space {} needed of {} (ext4 metadata {})\n",
+                    human(e.space_needed),
+                    human(e.len),
+                    human(e.overhead)
+                ));
+            }
         }
         out.push_str("  files:\n");
         for c in &self.copies {
@@ -1433,6 +1513,11 @@ pub struct Ext4LiveStep {
     pub space_needed: u64,
     #[serde(rename = "overhead_bytes")]
     pub overhead: u64,
+    /// The stick already has the layout: both partitions stay, the copies are
+    /// written beside the files they replace and swapped in, persistence is kept.
+    pub in_place: bool,
+    /// Files of the ext4 partition the write removes (in place only).
+    pub deletes: Vec<String>,
 }
 
 /// Why this write needs the ext4 live layout, `None` when the FAT layout serves.
@@ -1480,6 +1565,8 @@ struct Ext4Request<'a> {
     dir: &'a str,
     target_size: u64,
     existing: Option<&'a ExistingFs>,
+    /// What the write deletes (the ext4 partition's files among them, in place).
+    deletes: &'a [String],
     overlay: Option<&'a OverlayStep>,
     home: Option<&'a HomeStep>,
     swap: Option<&'a SwapStep>,
@@ -1520,6 +1607,11 @@ fn place_ext4_live(
     .map(ext4_live::on_disk)
     .sum();
     let files = live.iter().map(|c| ext4_live::on_disk(c.size)).sum::<u64>() + persistence;
+    if let Some(fs) = req.existing
+        && let Some(l) = &fs.ext4_live
+    {
+        return place_in_place(req, l, fs.partition_len, live, files, configs);
+    }
     if let Some(fs) = req.existing {
         let needed = fat_len + files + ext4_live::overhead(req.target_size);
         return Err(PlanError::Ext4NeedsFormat {
@@ -1560,16 +1652,7 @@ fn place_ext4_live(
             fat_mib: fat_len / MIB,
         });
     }
-    // Every kernel argument that names the live device by the FAT's UUID
-    // (`root=live:UUID=`, the overlay's devspec, an installer's `hd:UUID=`) now
-    // names the ext4 partition, where the live directory is.
-    let (from, to) = (
-        format!("UUID={}", req.fs_uuid),
-        format!("UUID={}", req.uuid),
-    );
-    for c in configs.iter_mut() {
-        c.content = c.content.replace(&from, &to);
-    }
+    name_ext4_in_menus(&req, configs);
     Ok(Ext4LiveStep {
         why: req.why.to_string(),
         start: whole.start + fat_len,
@@ -1580,6 +1663,85 @@ fn place_ext4_live(
         copies: live,
         space_needed,
         overhead,
+        in_place: false,
+        deletes: Vec::new(),
+    })
+}
+
+/// Every kernel argument that names the live device by the FAT's UUID
+/// (`root=live:UUID=`, the overlay's devspec, an installer's `hd:UUID=`) now
+/// names the ext4 partition, where the live directory is.
+fn name_ext4_in_menus(req: &Ext4Request<'_>, configs: &mut [ConfigStep]) {
+    let (from, to) = (
+        format!("UUID={}", req.fs_uuid),
+        format!("UUID={}", req.uuid),
+    );
+    for c in configs.iter_mut() {
+        c.content = c.content.replace(&from, &to);
+    }
+}
+
+/// [`place_ext4_live`] on a stick that already has the layout: both partitions
+/// stay; the new files (`files` bytes on disk: the copies, allocated beside the
+/// files they replace, and any persistence made anew) must fit in the ext4
+/// partition's free space plus what the write deletes there first.
+fn place_in_place(
+    req: Ext4Request<'_>,
+    live: &crate::disk::ext4_live::ExistingLive,
+    fat_len: u64,
+    copies: Vec<CopyStep>,
+    files: u64,
+    configs: &mut [ConfigStep],
+) -> Result<Ext4LiveStep, PlanError> {
+    use crate::disk::ext4_live;
+    if live.needs_recovery {
+        return Err(PlanError::Ext4NeedsReplay {
+            partition: live.number,
+        });
+    }
+    let made_anew = [
+        req.overlay.map(|o| &o.path),
+        req.home.map(|h| &h.path),
+        req.swap.map(|s| &s.path),
+    ];
+    let freed: u64 = live
+        .files
+        .iter()
+        .filter(|(p, _)| {
+            req.deletes.iter().any(|d| d.eq_ignore_ascii_case(p))
+                || made_anew
+                    .iter()
+                    .flatten()
+                    .any(|n| n.eq_ignore_ascii_case(p))
+        })
+        .map(|(_, size)| ext4_live::on_disk(*size))
+        .sum();
+    let room = live.free_bytes + freed;
+    if files > room {
+        return Err(PlanError::Ext4InPlaceNoRoom {
+            free_mib: room / MIB,
+            needed_mib: mib_ceil(files),
+            what: copies
+                .iter()
+                .map(|c| format!("{} {}", c.dest, human(c.size)))
+                .chain(made_anew.iter().flatten().map(|p| format!("{p} made anew")))
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    name_ext4_in_menus(&req, configs);
+    Ok(Ext4LiveStep {
+        why: req.why.to_string(),
+        start: live.start,
+        len: live.len,
+        fat_len,
+        uuid: live.uuid.clone(),
+        label: live.label.clone(),
+        copies,
+        space_needed: files,
+        overhead: 0,
+        in_place: true,
+        deletes: Vec::new(),
     })
 }
 
@@ -2395,7 +2557,105 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
             grub_cfg: None,
             root: None,
             overlay_used: Some(12 * MIB),
+            ext4_live: None,
         }
+    }
+
+    /// A stick of the ext4 live layout: boot files on the FAT, the live directory on
+    /// ext4 partition 2 (listed with the FAT's files, as `read_existing` lists them).
+    fn ext4_stick(free: u64) -> ExistingFs {
+        let uuid = "0b6c8a4e-1d2f-4c3b-9a8e-7f6d5c4b3a21";
+        let overlay = format!("/LiveOS/overlay-OLDLIVE-{uuid}");
+        let live_files: Vec<(String, u64)> = vec![
+            ("/LiveOS/squashfs.img".into(), 1400 * MIB),
+            ("/LiveOS/squashfs.img.new".into(), 700 * MIB),
+            (overlay, 6 * GIB),
+            ("/LiveOS/home.img".into(), 5 * GIB),
+            ("/LiveOS/.livestick".into(), 200),
+        ];
+        let mut fs = stick();
+        fs.files = vec![
+            ("/isolinux/vmlinuz".into(), 13 * MIB),
+            ("/syslinux/syslinux.cfg".into(), 4096),
+            ("/LiveOS/livestick.json".into(), 2000),
+        ];
+        fs.files.extend(live_files.clone());
+        fs.partition_len = 1024 * MIB;
+        fs.free_bytes = 700 * MIB;
+        fs.root = Some(RootMatch::same("the test says so"));
+        fs.ext4_live = Some(crate::disk::ext4_live::ExistingLive {
+            number: 2,
+            start: 1025 * MIB,
+            len: 16 * GIB,
+            uuid: uuid.into(),
+            label: "OLDLIVE".into(),
+            free_bytes: free,
+            needs_recovery: false,
+            files: live_files,
+        });
+        fs
+    }
+
+    #[test]
+    fn an_ext4_stick_is_rewritten_in_place_keeping_overlay_and_home() {
+        let plan = plan_existing(&nested(), ext4_stick(4 * GIB), &opts()).expect("plans");
+        let e = plan.ext4_live.as_ref().expect("the ext4 layout is kept");
+        assert!(e.in_place && plan.format.is_none());
+        assert_eq!((e.start, e.len), (1025 * MIB, 16 * GIB));
+        assert!(e.copies.iter().any(|c| c.dest == "/LiveOS/squashfs.img"));
+        assert!(!plan.copies.iter().any(|c| c.dest.starts_with("/LiveOS/")));
+        // The leftover of a stopped rewrite goes, on ext4, not on the FAT.
+        assert_eq!(e.deletes, ["/LiveOS/squashfs.img.new"]);
+        assert!(plan.deletes.is_empty(), "{:?}", plan.deletes);
+        let kept = plan.kept_overlay.as_ref().expect("overlay kept");
+        assert!(!kept.reset, "{kept:?}");
+        assert!(kept.to.ends_with(&e.uuid));
+        assert_eq!(plan.kept_home.as_deref(), Some("/LiveOS/home.img"));
+        assert!(plan.overlay.is_none() && plan.home.is_none());
+        assert!(plan.root_record.is_some());
+        for c in &plan.configs {
+            if c.content.contains("root=live:") {
+                assert!(c.content.contains(&format!("root=live:UUID={}", e.uuid)));
+            }
+        }
+        assert!(plan.to_table().contains("kept as it is"));
+        // A changed root empties the overlay in place (no new overlay file).
+        let mut changed = ext4_stick(4 * GIB);
+        changed.root = Some(RootMatch::changed("another ISO"));
+        let plan = plan_existing(&live(RootKind::Flat), changed, &opts()).expect("plans");
+        assert!(plan.kept_overlay.as_ref().is_some_and(|k| k.reset));
+        assert!(plan.overlay.is_none());
+    }
+
+    #[test]
+    fn an_ext4_stick_without_room_or_with_a_journal_to_replay_is_refused() {
+        // 1400 MiB to write beside the old image, 700 MiB of leftover freed first.
+        match plan_existing(&nested(), ext4_stick(500 * MIB), &opts()) {
+            Err(e @ PlanError::Ext4InPlaceNoRoom { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("1200 MiB free") && text.contains("--format"),
+                    "{text}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut dirty = ext4_stick(4 * GIB);
+        if let Some(l) = dirty.ext4_live.as_mut() {
+            l.needs_recovery = true;
+        }
+        assert!(matches!(
+            plan_existing(&nested(), dirty, &opts()),
+            Err(PlanError::Ext4NeedsReplay { partition: 2 })
+        ));
+        let relabel = WriteOptions {
+            label: Some("OTHER".into()),
+            ..opts()
+        };
+        assert!(matches!(
+            plan_existing(&nested(), ext4_stick(4 * GIB), &relabel),
+            Err(PlanError::Ext4InPlaceUnsupported(_))
+        ));
     }
 
     #[test]

@@ -1095,6 +1095,87 @@ fn set_inode_checksum(raw: &mut [u8], seed: u32) {
     }
 }
 
+/// Swaps the inodes two names of directory `dir` point at (`squashfs.img` and
+/// `squashfs.img.new`): the way a rewrite puts a new root image in place. Both names
+/// usually share one directory block, which is then rewritten once with its
+/// checksum tail, so a stop leaves the old block or the new one: each name still
+/// points at a whole file, old or new. Names in two blocks take two writes.
+pub fn swap_entries<F: Read + Write + Seek + ?Sized>(
+    fs: &Ext4Fs,
+    f: &mut F,
+    dir: &str,
+    a: &str,
+    b: &str,
+) -> Result<(), Ext4FsError> {
+    let missing = |name: &str| Ext4FsError::Damaged(format!("{dir}/{name} is not there"));
+    let dir_inode = fs.lookup(f, dir)?.ok_or_else(|| missing(""))?;
+    let bs = fs.block_size;
+    // Each directory block with the entries found in it: (block number, bytes,
+    // offsets of a's and b's entries).
+    type Found = (u64, Vec<u8>, Option<usize>, Option<usize>);
+    let mut found: Vec<Found> = Vec::new();
+    for e in fs.extents(f, &dir_inode)? {
+        for i in 0..e.len {
+            let n = e.physical + i;
+            let mut block = vec![0u8; bs as usize];
+            read_exact_at(f, n * bs, &mut block)?;
+            let (mut at_a, mut at_b) = (None, None);
+            let mut at = 0usize;
+            while at + 8 <= block.len() {
+                let rec_len = usize::from(u16_at(&block, at + 4));
+                let name_len = usize::from(block[at + 6]);
+                if rec_len < 8 || at + rec_len > block.len() {
+                    break;
+                }
+                if u32_at(&block, at) != 0 && at + 8 + name_len <= block.len() {
+                    let name = &block[at + 8..at + 8 + name_len];
+                    if name == a.as_bytes() {
+                        at_a = Some(at);
+                    } else if name == b.as_bytes() {
+                        at_b = Some(at);
+                    }
+                }
+                at += rec_len;
+            }
+            if at_a.is_some() || at_b.is_some() {
+                found.push((n, block, at_a, at_b));
+            }
+        }
+    }
+    let ino_a = found
+        .iter()
+        .find_map(|(_, blk, x, _)| x.map(|at| u32_at(blk, at)))
+        .ok_or_else(|| missing(a))?;
+    let ino_b = found
+        .iter()
+        .find_map(|(_, blk, _, y)| y.map(|at| u32_at(blk, at)))
+        .ok_or_else(|| missing(b))?;
+    let seed = fs.csum_seed.map(|s| fs.inode_seed(s, &dir_inode));
+    for (n, mut block, at_a, at_b) in found {
+        if let Some(at) = at_a {
+            block[at..at + 4].copy_from_slice(&ino_b.to_le_bytes());
+        }
+        if let Some(at) = at_b {
+            block[at..at + 4].copy_from_slice(&ino_a.to_le_bytes());
+        }
+        // metadata_csum: the block ends in a fake entry (inode 0, rec_len 12,
+        // name_len 0, type 0xDE) whose last 4 bytes are the block's checksum.
+        let tail = block.len() - 12;
+        if let Some(seed) = seed
+            && u32_at(&block, tail) == 0
+            && u16_at(&block, tail + 4) == 12
+            && block[tail + 7] == 0xDE
+        {
+            let sum = ext4::crc32c(seed, &block[..tail]);
+            block[tail + 8..tail + 12].copy_from_slice(&sum.to_le_bytes());
+        }
+        f.seek(SeekFrom::Start(n * bs))?;
+        f.write_all(&block)?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

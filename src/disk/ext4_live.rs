@@ -47,9 +47,9 @@ pub enum Ext4LiveError {
     #[error("writing the partition table entry of the ext4 partition: {0}")]
     Table(String),
     #[error(
-        "{device} keeps its live system on ext4 partition {number} (the layout for persistence over 4 GiB); writing into it in place, keeping its overlay and home.img, is not supported yet: add --format to write it anew (its overlay and home.img are lost; copy them off first, or write another stick with --copy-home from this one)"
+        "changing the ext4 live partition in place with debugfs: {detail}; the stick holds the old root image (or the new one) and its overlay: run the same command again"
     )]
-    RewriteInPlace { device: PathBuf, number: u32 },
+    InPlace { detail: String },
 }
 
 impl crate::error::Classify for Ext4LiveError {
@@ -57,7 +57,6 @@ impl crate::error::Classify for Ext4LiveError {
         match self {
             Ext4LiveError::Make(e) => e.kind(),
             Ext4LiveError::Map(e) => e.kind(),
-            Ext4LiveError::RewriteInPlace { .. } => crate::error::ErrorKind::BadInput,
             _ => crate::error::ErrorKind::Io,
         }
     }
@@ -83,6 +82,9 @@ pub struct LiveFile {
     pub written: bool,
 }
 
+/// A file of the live partition with its byte runs in the partition.
+pub type MappedFile = (LiveFile, Vec<(u64, u64)>);
+
 /// The partition as built on the host, ready to be copied onto the stick.
 pub struct BuiltLive {
     _dir: tempfile::TempDir,
@@ -92,7 +94,7 @@ pub struct BuiltLive {
     /// superblock): everything to copy except file contents.
     pub metadata: RangeSet,
     /// Each file of the request, in order: its byte runs in the partition.
-    pub files: Vec<(LiveFile, Vec<(u64, u64)>)>,
+    pub files: Vec<MappedFile>,
     pub uuid: String,
     pub label: String,
 }
@@ -314,21 +316,6 @@ fn last_lines(log: &str) -> String {
     lines.into_iter().rev().collect::<Vec<_>>().join(" / ")
 }
 
-/// A write without `--format` onto a stick of this layout is refused (it would
-/// install into the small FAT boot partition and leave the ext4 one stale).
-pub fn refuse_rewrite_in_place(device: &Path) -> Result<(), Ext4LiveError> {
-    let Ok(mut f) = File::open(device) else {
-        return Ok(());
-    };
-    match crate::disk::ext4_fs::find_live_partition(&mut f, "LiveOS") {
-        Ok(Some(p)) => Err(Ext4LiveError::RewriteInPlace {
-            device: device.to_path_buf(),
-            number: p.number,
-        }),
-        _ => Ok(()),
-    }
-}
-
 /// Gives `path` (inside the ext4 live `partition` of `device`) blocks up to `new_size` bytes and that size. debugfs works on the
 /// partition in place (`device?offset=N`) and allocates as debugfs `fallocate`
 /// does: unwritten extents, no bytes written, reading as zeros. The blocks are
@@ -531,6 +518,278 @@ pub fn add_partition<D: Read + Write + Seek + std::fmt::Debug>(
     disk.flush()
         .map_err(io_err("writing the partition table"))?;
     Ok(())
+}
+
+/// What an existing stick's ext4 live partition holds, read before planning a
+/// rewrite in place (`write ISO STICK` without `--format`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ExistingLive {
+    /// 1-based partition number.
+    pub number: u32,
+    pub start: u64,
+    pub len: u64,
+    pub uuid: String,
+    pub label: String,
+    pub free_bytes: u64,
+    /// The journal holds changes not yet written home: changing the file system
+    /// beside them could be undone by their replay.
+    pub needs_recovery: bool,
+    /// Every file of the live directory (absolute path inside the partition, size).
+    pub files: Vec<(String, u64)>,
+}
+
+/// The ext4 live partition of `dev` holding `/<live_dir>/squashfs.img`, `None` when
+/// the stick has none.
+pub fn existing_live<R: Read + Write + Seek>(
+    dev: &mut R,
+    live_dir: &str,
+) -> Result<Option<ExistingLive>, Ext4FsError> {
+    let Some(p) = ext4_fs::find_live_partition(dev, live_dir)? else {
+        return Ok(None);
+    };
+    let Some((layout, _)) = layout_of(dev, live_dir, 0)? else {
+        return Ok(None);
+    };
+    Ok(Some(ExistingLive {
+        number: p.number,
+        start: p.start,
+        len: p.len,
+        uuid: layout.uuid,
+        label: layout.label,
+        free_bytes: layout.free_bytes,
+        needs_recovery: p.fs.needs_recovery,
+        files: layout
+            .files
+            .into_iter()
+            .map(|f| (f.path, f.size_bytes))
+            .collect(),
+    }))
+}
+
+/// The name a copied file is written under beside the one it replaces, until
+/// [`finish_in_place`] swaps the two: a stop before the swap leaves the old file
+/// in place, and the next write removes the leftover.
+pub fn staged_path(path: &str) -> String {
+    format!("{path}.new")
+}
+
+/// debugfs's name for the partition at `start` of the target, through the handle
+/// the write already holds (`target::inheritable_path`): never the path again.
+fn in_place_spec(by_fd: &Path, start: u64) -> PathBuf {
+    PathBuf::from(format!("{}?offset={start}", by_fd.display()))
+}
+
+/// The first step of a rewrite in place: removes what the write replaces
+/// (`removes`: the root record first, leftovers of a stopped rewrite, files the
+/// plan deletes or makes anew), renames a kept overlay (`renames`), and allocates
+/// `files` (a copied file under its [`staged_path`]) as [`build`] does, unwritten;
+/// then maps them on `dev` and marks the extents of each file to be written
+/// written. debugfs works on the partition through `by_fd`; nothing of the old
+/// root image is touched. Returns each file with its byte runs in the partition.
+pub fn allocate_in_place(
+    by_fd: &Path,
+    dev: &mut File,
+    partition: (u64, u64),
+    removes: &[String],
+    renames: &[(String, String)],
+    files: &[LiveFile],
+) -> Result<Vec<MappedFile>, Ext4LiveError> {
+    let (start, len) = partition;
+    let mut script = String::new();
+    {
+        let mut window = crate::io::PartitionWindow::new(&mut *dev, start, len);
+        let fs = Ext4Fs::open(&mut window)?;
+        for path in removes {
+            if fs.lookup(&mut window, path)?.is_some() {
+                script.push_str(&format!("rm {}\n", path.trim_start_matches('/')));
+            }
+        }
+        for (from, to) in renames {
+            if fs.lookup(&mut window, from)?.is_some() && fs.lookup(&mut window, to)?.is_none() {
+                script.push_str(&format!(
+                    "ln {} {}\nunlink {}\n",
+                    from.trim_start_matches('/'),
+                    to.trim_start_matches('/'),
+                    from.trim_start_matches('/')
+                ));
+            }
+        }
+    }
+    for f in files {
+        let rel = f.path.trim_start_matches('/');
+        script.push_str(&format!("write /dev/null {rel}\n"));
+        let blocks = f.size.div_ceil(BLOCK);
+        if blocks > 0 {
+            script.push_str(&format!("fallocate {rel} 0 {}\n", blocks - 1));
+        }
+        script.push_str(&format!("sif {rel} size {}\n", f.size));
+    }
+    let log = if script.is_empty() {
+        String::new()
+    } else {
+        debugfs(&in_place_spec(by_fd, start), &script)?
+    };
+    let mut window = crate::io::PartitionWindow::new(&mut *dev, start, len);
+    let fs = Ext4Fs::open(&mut window)?;
+    for path in removes
+        .iter()
+        .filter(|r| !files.iter().any(|f| f.path.eq_ignore_ascii_case(r)))
+    {
+        if fs.lookup(&mut window, path)?.is_some() {
+            return Err(Ext4LiveError::InPlace {
+                detail: format!("{path} could not be removed: {}", last_lines(&log)),
+            });
+        }
+    }
+    let mut mapped = Vec::new();
+    for f in files {
+        let Some(map) = fs.file(&mut window, &f.path)? else {
+            return Err(Ext4LiveError::Allocate {
+                path: f.path.clone(),
+                detail: format!("debugfs did not create it: {}", last_lines(&log)),
+            });
+        };
+        let runs = map
+            .byte_runs(BLOCK, &f.path)
+            .map_err(|e| Ext4LiveError::Allocate {
+                path: f.path.clone(),
+                detail: format!("{e}: {}", last_lines(&log)),
+            })?;
+        if f.written {
+            ext4_fs::mark_initialised(&fs, &mut window, map.inode)?;
+        }
+        mapped.push((f.clone(), runs));
+    }
+    window
+        .flush()
+        .map_err(io_err("writing the ext4 live partition"))?;
+    dev.sync_all()
+        .map_err(io_err("syncing the ext4 live partition"))?;
+    Ok(mapped)
+}
+
+/// The last step of a rewrite in place, once the staged files are written and read
+/// back: each staged copy takes its place (the two directory entries swapped, the
+/// old file then removed; a file new to the stick is renamed), and `record` (path,
+/// text), the root record, is written last, since it vouches for the root image.
+pub fn finish_in_place(
+    by_fd: &Path,
+    dev: &mut File,
+    partition: (u64, u64),
+    placed: &[String],
+    record: Option<(&str, &str)>,
+) -> Result<(), Ext4LiveError> {
+    let (start, len) = partition;
+    let mut script = String::new();
+    {
+        let mut window = crate::io::PartitionWindow::new(&mut *dev, start, len);
+        let fs = Ext4Fs::open(&mut window)?;
+        for path in placed {
+            let staged = staged_path(path);
+            let rel = path.trim_start_matches('/');
+            let staged_rel = staged.trim_start_matches('/');
+            if fs.lookup(&mut window, path)?.is_some() {
+                let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+                let staged_name = staged.rsplit_once('/').map_or(staged.as_str(), |(_, n)| n);
+                ext4_fs::swap_entries(&fs, &mut window, dir, name, staged_name)?;
+                window
+                    .flush()
+                    .map_err(io_err(format!("putting {path} in place")))?;
+                // The swap is on the stick before the old file is freed.
+                window
+                    .get_mut()
+                    .sync_all()
+                    .map_err(io_err(format!("putting {path} in place")))?;
+                script.push_str(&format!("rm {staged_rel}\n"));
+            } else {
+                script.push_str(&format!("ln {staged_rel} {rel}\nunlink {staged_rel}\n"));
+            }
+        }
+    }
+    let host = tempfile::NamedTempFile::new().map_err(io_err("staging the root record"))?;
+    if let Some((path, text)) = record {
+        std::fs::write(host.path(), text).map_err(io_err("staging the root record"))?;
+        let rel = path.trim_start_matches('/');
+        script.push_str(&format!(
+            "rm {rel}\nwrite {} {rel}\n",
+            host.path().display()
+        ));
+    }
+    let log = if script.is_empty() {
+        String::new()
+    } else {
+        debugfs(&in_place_spec(by_fd, start), &script)?
+    };
+    dev.sync_all()
+        .map_err(io_err("syncing the ext4 live partition"))?;
+    let mut window = crate::io::PartitionWindow::new(&mut *dev, start, len);
+    let fs = Ext4Fs::open(&mut window)?;
+    for path in placed {
+        let staged = staged_path(path);
+        if fs.lookup(&mut window, path)?.is_none() || fs.lookup(&mut window, &staged)?.is_some() {
+            return Err(Ext4LiveError::InPlace {
+                detail: format!("{path} was not put in place: {}", last_lines(&log)),
+            });
+        }
+    }
+    if let Some((path, text)) = record {
+        // Read back: the record is what a later rewrite trusts instead of hashing.
+        let found = fs.read_small(&mut window, path)?;
+        if found.as_deref() != Some(text.as_bytes()) {
+            return Err(Ext4LiveError::InPlace {
+                detail: format!("{path} does not read back as written: {}", last_lines(&log)),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A file of the live partition on `dev`, opened for reading as a mounted ext4
+/// would read it (unwritten extents as zeros), with its size; `None` when the stick
+/// has no live partition or no such file.
+pub fn open_live_file<'a, R: Read + Write + Seek>(
+    dev: &'a mut R,
+    live_dir: &str,
+    path: &str,
+) -> Result<Option<ext4_fs::Ext4File<&'a mut R>>, Ext4FsError> {
+    let Some(p) = ext4_fs::find_live_partition(&mut *dev, live_dir)? else {
+        return Ok(None);
+    };
+    let map = {
+        let mut window = crate::io::PartitionWindow::new(&mut *dev, p.start, p.len);
+        p.fs.file(&mut window, path)?
+    };
+    Ok(map.map(|m| ext4_fs::Ext4File::new(dev, p.start, p.fs.block_size, &m)))
+}
+
+/// The content of a small file (the root record) of the live partition on `dev`.
+pub fn read_live_small<R: Read + Write + Seek>(
+    dev: &mut R,
+    live_dir: &str,
+    path: &str,
+) -> Result<Option<Vec<u8>>, Ext4FsError> {
+    let Some(p) = ext4_fs::find_live_partition(&mut *dev, live_dir)? else {
+        return Ok(None);
+    };
+    let mut window = crate::io::PartitionWindow::new(&mut *dev, p.start, p.len);
+    p.fs.read_small(&mut window, path)
+}
+
+/// The root image of the live partition on `dev` as a rewrite compares it: its
+/// byte runs on the whole device (every extent written: livestick marks them so)
+/// and the root record beside it, if any. `None` when the stick has no live
+/// partition holding `/<live_dir>/squashfs.img`.
+pub type RootOnExt4 = (Vec<(u64, u64)>, Option<Vec<u8>>);
+
+pub fn root_on_ext4<R: Read + Write + Seek>(
+    dev: &mut R,
+    live_dir: &str,
+    record: &str,
+) -> Result<Option<RootOnExt4>, Ext4FsError> {
+    let Some((_, runs)) = layout_of(&mut *dev, live_dir, 0)? else {
+        return Ok(None);
+    };
+    Ok(Some((runs, read_live_small(dev, live_dir, record)?)))
 }
 
 #[cfg(test)]

@@ -347,3 +347,218 @@ fn an_existing_fat_stick_is_refused_with_figures_and_format_named() {
     );
     assert_eq!(sha256_file(&image), sum, "the stick changed");
 }
+
+/// The `--json write` report or plan of `args`.
+fn write_json(args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["--json", "write"];
+    full.extend_from_slice(args);
+    serde_json::from_str(&ok(&livestick(&full))).expect("JSON on stdout")
+}
+
+/// Opens `path` of the ext4 live partition of `image` for writing as the kernel
+/// would (into unwritten extents, marking them written) and hands it to `f`.
+fn with_live_file<T>(
+    image: &Path,
+    path: &str,
+    f: impl FnOnce(&mut livestick::disk::ext4_fs::Ext4FileRw<&mut std::fs::File>, u64) -> T,
+) -> T {
+    use livestick::disk::ext4_fs::{Ext4FileRw, find_live_partition};
+    use livestick::io::SyncData;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .expect("open the stick");
+    let p = find_live_partition(&mut file, "LiveOS")
+        .expect("reads the partitions")
+        .expect("an ext4 live partition");
+    let map = {
+        let mut window = livestick::io::PartitionWindow::new(&mut file, p.start, p.len);
+        p.fs.file(&mut window, path)
+            .expect("reads the ext4")
+            .unwrap_or_else(|| panic!("{path} is on the ext4 partition"))
+    };
+    let mut rw = Ext4FileRw::new(&mut file, &p, &map);
+    let out = f(&mut rw, map.size);
+    rw.sync_data().expect("syncs");
+    out
+}
+
+/// sha256 of `path` of the ext4 partition at `offset`, as debugfs dumps it.
+fn dumped_sha256(image: &Path, offset: u64, path: &str, scratch: &Path) -> String {
+    let out = scratch.join("dumped");
+    let _ = std::fs::remove_file(&out);
+    debugfs(image, offset, &format!("dump {path} {}", out.display()));
+    support::sha256_file(&out)
+}
+
+#[test]
+fn an_ext4_stick_is_rewritten_in_place_keeping_home_and_the_overlay_of_the_same_root() {
+    let dir = tmp();
+    let image = used_stick(dir.path(), 1 << 30, 300 << 20);
+    let classic = synthetic_iso("fedora-classic.iso");
+    let grub = synthetic_iso("fedora-grub.iso");
+    let (iso, img) = (classic.to_str().unwrap(), image.to_str().unwrap());
+    write_json(&[
+        iso,
+        img,
+        "--ext4",
+        "--yes",
+        "--overlay-size-mb",
+        "64",
+        "--home-size-mb",
+        "32",
+        "--unencrypted-home",
+    ]);
+    let parts = partitions(&image);
+    let (p1, p2) = (parts[0].0, parts[1].0);
+    let uuid = parts[1].2["uuid"].as_str().map(str::to_string);
+    let uuid = uuid.unwrap_or_else(|| {
+        let blkid = support::run(
+            "blkid",
+            &[
+                "-p",
+                "-o",
+                "value",
+                "-s",
+                "UUID",
+                "--offset",
+                &p2.to_string(),
+                img,
+            ],
+        );
+        blkid.trim().to_string()
+    });
+    let overlay = format!("/LiveOS/overlay-LIVE-{uuid}");
+    // The root record sits beside the root image, inside the ext4 partition.
+    let from_iso = dir.path().join("iso-squashfs.img");
+    support::iso_extract(&classic, "/LiveOS/squashfs.img", &from_iso);
+    let record = debugfs(&image, p2, "cat /LiveOS/.livestick");
+    assert!(
+        record.contains(&format!("sha256={}\n", support::sha256_file(&from_iso))),
+        "{record}"
+    );
+    // The live system ran: three chunks changed in the overlay.
+    let changed = with_live_file(&image, &overlay, |cow, len| {
+        crate::support::dm_snapshot::boot_and_change(cow, len)
+    });
+    assert_eq!(changed, 3);
+    e2fsck_clean(&image, p2);
+    let overlay_before = dumped_sha256(&image, p2, &overlay, dir.path());
+    let home_before = dumped_sha256(&image, p2, "/LiveOS/home.img", dir.path());
+    let home_inode = debugfs(&image, p2, "stat /LiveOS/home.img");
+    let home_inode = home_inode.lines().next().unwrap_or_default().to_string();
+    // A leftover of a rewrite stopped before its swap: removed by the next one.
+    support::debugfs_w(
+        &format!("{img}?offset={p2}"),
+        "write /dev/null LiveOS/squashfs.img.new\n",
+    );
+
+    // The same ISO again, without --format: recognised by the record on ext4.
+    let plan = write_json(&[iso, img, "--dry-run"]);
+    assert_eq!(plan["ext4_live"]["in_place"], true, "{plan}");
+    assert_eq!(plan["kept_overlay"]["reset"], false, "{plan}");
+    assert_eq!(plan["kept_overlay"]["used_bytes"], 3 * 8 * 512, "{plan}");
+    assert!(
+        plan["kept_overlay"]["why"]
+            .as_str()
+            .unwrap()
+            .contains("written from this ISO (implanted MD5"),
+        "{plan}"
+    );
+    assert_eq!(
+        plan["ext4_live"]["deletes"],
+        serde_json::json!(["/LiveOS/squashfs.img.new"]),
+        "{plan}"
+    );
+    assert_eq!(plan["format"]["new"], false, "{plan}");
+    let report = write_json(&[iso, img, "--yes"]);
+    assert_eq!(report["kept_overlay"]["reset"], false, "{report}");
+    assert_eq!(
+        report["written_bytes"], report["verified_bytes"],
+        "{report}"
+    );
+    // Both partitions as they were; the ext4 clean; overlay and home untouched.
+    let after = partitions(&image);
+    assert_eq!(
+        after.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>(),
+        parts.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>()
+    );
+    e2fsck_clean(&image, p2);
+    support::fsck_fat(&image, p1, parts[0].1, dir.path());
+    assert_eq!(
+        dumped_sha256(&image, p2, &overlay, dir.path()),
+        overlay_before
+    );
+    assert_eq!(
+        dumped_sha256(&image, p2, "/LiveOS/home.img", dir.path()),
+        home_before
+    );
+    let home_now = debugfs(&image, p2, "stat /LiveOS/home.img");
+    assert_eq!(home_now.lines().next().unwrap_or_default(), home_inode);
+    let ls = debugfs(&image, p2, "ls /LiveOS");
+    assert!(!ls.contains("squashfs.img.new"), "{ls}");
+    assert_eq!(
+        dumped_sha256(&image, p2, "/LiveOS/squashfs.img", dir.path()),
+        support::sha256_file(&from_iso)
+    );
+    // verify reads the root image inside the ext4 partition: intact.
+    let verified = ok(&livestick(&["--json", "verify", img]));
+    let verified: serde_json::Value = serde_json::from_str(&verified).expect("JSON");
+    let root = verified["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .find(|f| f["path"] == "/LiveOS/squashfs.img")
+        .cloned()
+        .expect("the manifest lists the ext4 root image");
+    assert_eq!(root["state"], "intact", "{verified}");
+
+    // The root image replaced behind the record's back (as `overlay merge` does): a
+    // rewrite compares it in full, finds it changed, empties the overlay in place
+    // (a new store: a zeroed header) and writes the ISO's image again; home.img stays.
+    with_live_file(&image, "/LiveOS/squashfs.img", |root, len| {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut last = [0u8; 1];
+        root.seek(SeekFrom::Start(len - 1)).unwrap();
+        root.read_exact(&mut last).unwrap();
+        root.seek(SeekFrom::Start(len - 1)).unwrap();
+        root.write_all(&[last[0] ^ 0xff]).unwrap();
+    });
+    let plan = write_json(&[iso, img, "--dry-run"]);
+    assert_eq!(plan["kept_overlay"]["reset"], true, "{plan}");
+    assert!(
+        plan["kept_overlay"]["why"]
+            .as_str()
+            .unwrap()
+            .contains("the root image changes"),
+        "{plan}"
+    );
+    write_json(&[iso, img, "--yes"]);
+    e2fsck_clean(&image, p2);
+    let emptied = with_live_file(&image, &overlay, |cow, len| {
+        livestick::persist::snapshot::status(
+            cow,
+            len,
+            livestick::persist::snapshot::LIVEOS_CHUNK_SECTORS,
+            None,
+        )
+        .expect("a store")
+    });
+    assert_eq!(emptied.exceptions, 0, "{emptied:?}");
+    assert_eq!(
+        dumped_sha256(&image, p2, "/LiveOS/home.img", dir.path()),
+        home_before
+    );
+    assert_eq!(
+        dumped_sha256(&image, p2, "/LiveOS/squashfs.img", dir.path()),
+        support::sha256_file(&from_iso)
+    );
+    let other = grub.to_str().unwrap();
+
+    // --delete-home and --reset-overlay work there too.
+    let report = write_json(&[other, img, "--yes", "--delete-home", "--reset-overlay"]);
+    assert_eq!(report["kept_overlay"]["reset"], true, "{report}");
+    assert!(!debugfs(&image, p2, "ls /LiveOS").contains("home.img"));
+    e2fsck_clean(&image, p2);
+}

@@ -2,12 +2,10 @@
 //! stick that holds the same root image keeps the overlay byte for byte; a changed
 //! root image empties it, and the plan and the report name it and what it held.
 
-use std::io::Cursor;
 use std::path::Path;
 
 use livestick::disk::extent_file::ExtentFile;
 use livestick::disk::stick::Stick;
-use livestick::persist::snapshot::{self, CowWriter, Opened};
 
 use crate::support::*;
 
@@ -30,25 +28,7 @@ fn boot_and_write(image: &Path) -> u64 {
         .expect("the overlay is on the stick");
     let mut cow = ExtentFile::new(stick.file_mut(), &extents);
     let len = cow.len();
-    if let Opened::Uninitialised { .. } = snapshot::open_store(&mut cow, len).expect("a store") {
-        snapshot::create_new_store(&mut cow, len, 8).expect("initialises");
-    }
-    let Opened::Valid(store) = snapshot::open_store(&mut cow, len).expect("a store") else {
-        panic!("the store is not valid after initialising it")
-    };
-    let origin = vec![0u8; 4 * MIB as usize];
-    let mut writer = CowWriter::new(*store, origin.len() as u64).expect("a writer");
-    for at in [0u64, MIB, 3 * MIB] {
-        writer
-            .write_at(
-                &mut Cursor::new(&origin),
-                &mut cow,
-                at,
-                b"changed by the live system",
-            )
-            .expect("writes a chunk");
-    }
-    writer.store().exceptions.len() as u64
+    crate::support::dm_snapshot::boot_and_change(&mut cow, len)
 }
 
 fn kept(value: &serde_json::Value) -> &serde_json::Value {

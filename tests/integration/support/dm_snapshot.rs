@@ -71,3 +71,35 @@ pub fn read_write_results(path: &Path) -> Vec<(u64, u64, u64, bool)> {
         })
         .collect()
 }
+
+/// What a boot leaves in a dm-snapshot overlay `cow` (`len` bytes), wherever it
+/// lies (a FAT file, a file of the ext4 live partition): the kernel initialises a
+/// new store, then the live system changes three chunks of a 4 MiB root. Returns
+/// the chunks changed.
+pub fn boot_and_change<F>(cow: &mut F, len: u64) -> u64
+where
+    F: std::io::Read + std::io::Write + std::io::Seek + livestick::io::SyncData,
+{
+    use livestick::persist::snapshot::{self, CowWriter, Opened};
+    use std::io::Cursor;
+    const MIB: u64 = 1 << 20;
+    if let Opened::Uninitialised { .. } = snapshot::open_store(cow, len).expect("a store") {
+        snapshot::create_new_store(cow, len, 8).expect("initialises");
+    }
+    let Opened::Valid(store) = snapshot::open_store(cow, len).expect("a store") else {
+        panic!("the store is not valid after initialising it")
+    };
+    let origin = vec![0u8; 4 * MIB as usize];
+    let mut writer = CowWriter::new(*store, origin.len() as u64).expect("a writer");
+    for at in [0u64, MIB, 3 * MIB] {
+        writer
+            .write_at(
+                &mut Cursor::new(&origin),
+                cow,
+                at,
+                b"changed by the live system",
+            )
+            .expect("writes a chunk");
+    }
+    writer.store().exceptions.len() as u64
+}
