@@ -875,3 +875,60 @@ fn overlay_grow_records_the_new_size_and_verify_agrees() {
         );
     }
 }
+
+#[test]
+fn on_the_ext4_layout_verify_reads_the_root_image_inside_ext4_and_finds_a_flipped_byte() {
+    let t = written(
+        "fedora-classic.iso",
+        &[
+            "--ext4",
+            "--overlay-size-mb",
+            "32",
+            "--home-size-mb",
+            "32",
+            "--unencrypted-home",
+        ],
+    );
+    // The manifest stays on the FAT and lists the ext4 partition's root image.
+    let m = t.manifest();
+    let root = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "/LiveOS/squashfs.img")
+        .cloned()
+        .unwrap_or_else(|| panic!("the root image is listed: {m:#}"));
+    assert_eq!(root["filesystem"], "ext4", "{m:#}");
+    let from_iso = t.dir.path().join("iso-squashfs.img");
+    iso_extract(
+        &synthetic_iso("fedora-classic.iso"),
+        "/LiveOS/squashfs.img",
+        &from_iso,
+    );
+    assert_eq!(root["sha256"], sha256_file(&from_iso));
+
+    let (out, r) = verify_json(&["--deep", t.s()]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+    assert_eq!(r["overall"], "intact", "{r:#}");
+    assert_eq!(state_of(&r, "/LiveOS/squashfs.img")["state"], "intact");
+    // The overlay and home inside ext4, checked in place.
+    let persistence = r["persistence"].as_array().expect("persistence");
+    assert_eq!(persistence.len(), 2, "{r:#}");
+    for p in persistence {
+        assert_eq!(p["ok"], true, "{p:#}");
+        assert_eq!(p["deep"]["clean"], true, "{p:#}");
+    }
+
+    // A byte of the root image flipped where it lies inside the ext4 partition.
+    let squashfs = std::fs::read(&from_iso).unwrap();
+    let at = squashfs.len() / 2 / 4096 * 4096;
+    let on_stick = offset_of(&t.image, &squashfs[at..at + 4096]);
+    flip_byte(&t.image, on_stick + 100);
+    let (out, r) = verify_json(&[t.s()]);
+    assert_eq!(out.status.code(), Some(4), "{r:#}");
+    assert_eq!(r["changed"], 1, "{r:#}");
+    let sq = state_of(&r, "/LiveOS/squashfs.img");
+    assert_eq!(sq["state"], "changed");
+    assert_ne!(sq["sha256"], sq["recorded_sha256"]);
+    assert_eq!(state_of(&r, "/EFI/BOOT/grub.cfg")["state"], "intact");
+}
