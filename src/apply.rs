@@ -1599,7 +1599,9 @@ fn empty_ext4_overlay(
     };
     let len = map.size;
     let mut rw = ext4_fs::Ext4FileRw::new(&mut *file, &partition, &map);
-    if crate::persist::overlay::store::is_ext4(&mut rw) {
+    // Emptied into the kind the menus now name (a flat root needs OverlayFS, a
+    // nested one dm-snapshot), whatever kind the old ISO's overlay was.
+    if step.overlay_kind == crate::boot::cmdline::OverlayBoot::OverlayFs {
         crate::persist::overlay::store::reset_overlay(&mut rw, len, &std::env::temp_dir())
             .map_err(|e| err(e.to_string()))?;
     } else {

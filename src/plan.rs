@@ -1184,6 +1184,9 @@ pub fn plan_write(
         _ => None,
     };
     // In place, the ext4 partition's files are removed there, not on the FAT.
+    if let Some(step) = ext4_live.as_mut() {
+        step.overlay_kind = overlay_kind;
+    }
     if let (Some(step), Some(fs)) = (ext4_live.as_mut(), &existing)
         && step.in_place
     {
@@ -1518,6 +1521,10 @@ pub struct Ext4LiveStep {
     pub in_place: bool,
     /// Files of the ext4 partition the write removes (in place only).
     pub deletes: Vec<String>,
+    /// The overlay kind the menus name: an overlay emptied in place is made one of
+    /// these, whatever it was (in the plan's JSON as `overlay.kind`).
+    #[serde(skip)]
+    pub overlay_kind: OverlayBoot,
 }
 
 /// Why this write needs the ext4 live layout, `None` when the FAT layout serves.
@@ -1665,6 +1672,7 @@ fn place_ext4_live(
         overhead,
         in_place: false,
         deletes: Vec::new(),
+        overlay_kind: OverlayBoot::None,
     })
 }
 
@@ -1742,6 +1750,7 @@ fn place_in_place(
         overhead: 0,
         in_place: true,
         deletes: Vec::new(),
+        overlay_kind: OverlayBoot::None,
     })
 }
 
