@@ -599,7 +599,14 @@ fn apply_tagged(
     let mut warnings = Vec::new();
     // Built before the target is opened: a partition that cannot hold its files
     // fails here, with the stick untouched.
-    let mut ext4_built = build_ext4_live(plan, &prepared)?;
+    // A copied overlay or home goes into the ext4 partition as a sparse host file
+    // debugfs writes: its used parts only, the rest unwritten.
+    let mut prepared = prepared;
+    let host_copies = match &plan.ext4_live {
+        Some(_) => materialise_copied(&mut prepared)?,
+        None => Vec::new(),
+    };
+    let mut ext4_built = build_ext4_live(plan, &prepared, &host_copies)?;
     let mut file = target::open_for_write(probe, plan.target.size)?;
     let start = plan.partition_start;
     let len = plan.partition_len;
@@ -614,7 +621,7 @@ fn apply_tagged(
     let in_place = plan.ext4_live.as_ref().filter(|step| step.in_place);
     let in_place_files = match (in_place, &by_fd) {
         (Some(step), Some(by_fd)) => {
-            allocate_ext4_in_place(plan, step, &prepared, by_fd, &mut file)?
+            allocate_ext4_in_place(plan, step, &prepared, &host_copies, by_fd, &mut file)?
         }
         _ => Vec::new(),
     };
@@ -909,6 +916,7 @@ fn apply_tagged(
                 &mut ext4_persistent,
                 progress,
             )?;
+            ext4_files.extend(host_copies.iter().map(HostCopy::report));
         }
         if let Some(step) = in_place {
             tags.set("writing into the ext4 live partition");
@@ -921,6 +929,7 @@ fn apply_tagged(
                 &mut ext4_persistent,
                 progress,
             )?;
+            ext4_files.extend(host_copies.iter().map(HostCopy::report));
         }
         before_verify = recorder.into_written();
         read_back = bounded
@@ -1174,7 +1183,7 @@ pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, App
         Err(source) => return Err(ApplyError::Stick(source)),
     };
     let part = stick.partition.clone();
-    let ext4 = existing_ext4(stick.file_mut())?;
+    let ext4 = existing_ext4(stick.file_mut(), path)?;
     let existing = stick.with_fs(|fs| existing_of(fs, &part, path, ext4))?;
     Ok(Some(existing))
 }
@@ -1197,7 +1206,7 @@ pub fn read_existing_repaired(
         Err(source) => return Err(ApplyError::Stick(source)),
     };
     let part = stick.partition.clone();
-    let ext4 = existing_ext4(stick.file_mut())?;
+    let ext4 = existing_ext4(stick.file_mut(), path)?;
     let mut view = fat_raw::MemoryWrites::new(stick.file_mut());
     let repaired = crate::persist::merge::replace::repair_leftovers(
         &mut view,
@@ -1223,9 +1232,15 @@ pub fn read_existing_repaired(
 /// maintenance commands find it.
 fn existing_ext4(
     file: &mut File,
+    path: &Path,
 ) -> Result<Option<crate::disk::ext4_live::ExistingLive>, ApplyError> {
-    crate::disk::ext4_live::existing_live(file, "LiveOS")
-        .map_err(|e| ApplyError::Ext4Live(crate::disk::ext4_live::Ext4LiveError::Map(e)))
+    use crate::disk::ext4_live;
+    let mut live = ext4_live::existing_live(file, "LiveOS")
+        .map_err(|e| ApplyError::Ext4Live(ext4_live::Ext4LiveError::Map(e)))?;
+    if let Some(l) = live.as_mut().filter(|l| l.needs_recovery) {
+        l.replay_hint = Some(ext4_live::replay_hint(path, l.number));
+    }
+    Ok(live)
 }
 
 /// What [`read_existing`] reads, from an opened FAT (and the ext4 live partition's
@@ -1278,24 +1293,23 @@ fn existing_of<F: Read + Write + Seek>(
 fn build_ext4_live(
     plan: &Plan,
     prepared: &Prepared,
+    host_copies: &[HostCopy],
 ) -> Result<Option<crate::disk::ext4_live::BuiltLive>, ApplyError> {
     use crate::disk::ext4_live::{self, LiveFile};
     let Some(step) = plan.ext4_live.as_ref().filter(|step| !step.in_place) else {
         return Ok(None);
     };
-    let mut files: Vec<LiveFile> = Vec::new();
+    let mut files: Vec<LiveFile> = host_copies.iter().map(HostCopy::live_file).collect();
     let mut add = |path: &str, size: u64, written: bool| {
         if !files.iter().any(|f| f.path.eq_ignore_ascii_case(path)) {
             files.push(LiveFile {
                 path: path.to_string(),
                 size,
                 written,
+                from_host: None,
             });
         }
     };
-    for (path, image) in &prepared.copied {
-        add(path, image.len, true);
-    }
     for c in &step.copies {
         add(&c.dest, c.size, true);
     }
@@ -1362,6 +1376,10 @@ fn write_live_files<F: Read + Write + Seek>(
     use crate::io::StreamHash;
     let mut out = Vec::new();
     for (file, runs) in files {
+        // Written by debugfs from its host file, with the partition's metadata.
+        if file.from_host.is_some() {
+            continue;
+        }
         if let Some((_, image)) = persistent
             .iter_mut()
             .find(|(p, _)| p.eq_ignore_ascii_case(&file.path))
@@ -1443,6 +1461,7 @@ fn allocate_ext4_in_place(
     plan: &Plan,
     step: &crate::plan::Ext4LiveStep,
     prepared: &Prepared,
+    host_copies: &[HostCopy],
     by_fd: &Path,
     file: &mut File,
 ) -> Result<Vec<crate::disk::ext4_live::MappedFile>, ApplyError> {
@@ -1453,13 +1472,24 @@ fn allocate_ext4_in_place(
     if let Some(record) = &plan.root_record {
         removes.push(record.path.clone());
     }
-    for c in &step.copies {
+    // A copied overlay or home is persistence, made anew under its own name.
+    let copied: Vec<LiveFile> = host_copies.iter().map(HostCopy::live_file).collect();
+    for c in step
+        .copies
+        .iter()
+        .filter(|c| !copied.iter().any(|f| f.path.eq_ignore_ascii_case(&c.dest)))
+    {
         removes.push(ext4_live::staged_path(&c.dest));
         files.push(LiveFile {
             path: ext4_live::staged_path(&c.dest),
             size: c.size,
             written: true,
+            from_host: None,
         });
+    }
+    for f in copied {
+        removes.push(f.path.clone());
+        files.push(f);
     }
     let mut add = |path: &str, size: u64, written: bool| {
         removes.push(path.to_string());
@@ -1467,11 +1497,9 @@ fn allocate_ext4_in_place(
             path: path.to_string(),
             size,
             written,
+            from_host: None,
         });
     };
-    for (path, image) in &prepared.copied {
-        add(path, image.len, true);
-    }
     if let (Some(o), Some(_)) = (&plan.overlay, &prepared.overlay) {
         add(
             &o.path,
@@ -1557,11 +1585,18 @@ fn finish_ext4_live(
         }
         _ => None,
     };
-    let placed: Vec<String> = if step.in_place {
-        step.copies.iter().map(|c| c.dest.clone()).collect()
-    } else {
-        Vec::new()
-    };
+    let placed: Vec<String> = step
+        .copies
+        .iter()
+        .filter(|c| {
+            let staged = ext4_live::staged_path(&c.dest);
+            step.in_place
+                && runs
+                    .iter()
+                    .any(|(f, _)| f.path.eq_ignore_ascii_case(&staged))
+        })
+        .map(|c| c.dest.clone())
+        .collect();
     ext4_live::finish_in_place(
         by_fd,
         file,
@@ -1660,4 +1695,93 @@ fn write_manifest_ext4(
     let ranges = recorder.into_written();
     file.sync_all().map_err(ApplyError::io(step_name))?;
     Ok(ranges)
+}
+
+/// A copied overlay or home made a sparse host file: only its used parts (whole
+/// blocks of the source) hold data; the rest are holes.
+struct HostCopy {
+    dest: String,
+    size: u64,
+    file: tempfile::NamedTempFile,
+    /// Bytes of data it holds, and their sha256 in order (as `write_regions` hashes).
+    written: u64,
+    sha256: String,
+}
+
+impl HostCopy {
+    fn live_file(&self) -> crate::disk::ext4_live::LiveFile {
+        crate::disk::ext4_live::LiveFile {
+            path: self.dest.clone(),
+            size: self.size,
+            written: false,
+            from_host: Some(self.file.path().to_path_buf()),
+        }
+    }
+
+    fn report(&self) -> WrittenFile {
+        WrittenFile {
+            path: self.dest.clone(),
+            size: self.size,
+            written: self.written,
+            sha256: self.sha256.clone(),
+            verified: false,
+        }
+    }
+}
+
+/// Takes the copied overlay and home out of `prepared` as sparse host files.
+fn materialise_copied(prepared: &mut Prepared) -> Result<Vec<HostCopy>, ApplyError> {
+    use crate::io::StreamHash;
+    let block = crate::disk::ext4_live::BLOCK;
+    let mut out = Vec::new();
+    for (dest, mut image) in std::mem::take(&mut prepared.copied) {
+        let what = format!("copying {dest} from the source stick");
+        let mut file = tempfile::NamedTempFile::new().map_err(ApplyError::io(what.clone()))?;
+        file.as_file()
+            .set_len(image.len)
+            .map_err(ApplyError::io(what.clone()))?;
+        let mut whole = crate::io::Sha256Hash::default();
+        let mut written = 0u64;
+        let mut buf = vec![0u8; 4 << 20];
+        // Whole blocks: a block of the partition holds the source's bytes or none.
+        let regions: RangeSet = image
+            .regions
+            .iter()
+            .map(|r| r.start / block * block..(r.end.div_ceil(block) * block).min(image.len))
+            .collect();
+        for r in regions.iter() {
+            image
+                .content
+                .seek(SeekFrom::Start(r.start))
+                .map_err(ApplyError::io(what.clone()))?;
+            file.as_file_mut()
+                .seek(SeekFrom::Start(r.start))
+                .map_err(ApplyError::io(what.clone()))?;
+            let mut left = r.end - r.start;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                image
+                    .content
+                    .read_exact(&mut buf[..n])
+                    .map_err(ApplyError::io(what.clone()))?;
+                file.as_file_mut()
+                    .write_all(&buf[..n])
+                    .map_err(ApplyError::io(what.clone()))?;
+                whole.update(&buf[..n]);
+                written += n as u64;
+                left -= n as u64;
+            }
+        }
+        file.as_file_mut()
+            .flush()
+            .map_err(ApplyError::io(what.clone()))?;
+        out.push(HostCopy {
+            dest,
+            size: image.len,
+            file,
+            written,
+            sha256: hex(&whole.finish()),
+        });
+    }
+    Ok(out)
 }

@@ -490,9 +490,9 @@ pub enum PlanError {
     )]
     Ext4InPlaceUnsupported(String),
     #[error(
-        "the stick's ext4 live partition {partition} was not cleanly unmounted (its journal holds changes not yet written home): a rewrite beside them could be undone when they are replayed; replay the journal first (`livestick overlay status STICK` says how), then write again"
+        "the stick's ext4 live partition {partition} was not cleanly unmounted (its journal holds changes not yet written home): a rewrite beside them could be undone when they are replayed; replay the journal first ({hint}), then write again"
     )]
-    Ext4NeedsReplay { partition: u32 },
+    Ext4NeedsReplay { partition: u32, hint: String },
     #[error(
         "--partition-size-mb {asked_mib} is more than the target holds for the ext4 live partition: {max_mib} MiB are left after the partition table and the {fat_mib} MiB FAT boot partition; choose at most {max_mib}, or leave the option out to use the whole disk"
     )]
@@ -802,6 +802,13 @@ pub fn plan_write(
             }
         };
     let fs_uuid = fat::format_volume_id(volume_id);
+    // dracut names the overlay after the live device: the ext4 partition on that layout.
+    let ext4_uuid = ext4_why.is_some().then(|| match &in_place_ext4 {
+        Some(l) => l.uuid.clone(),
+        None => crate::disk::ext4_live::uuid_for(volume_id)
+            .hyphenated()
+            .to_string(),
+    });
     let dir = &opts.live_dir;
     if existing.is_some() && opts.partition_size.is_some() {
         return Err(PlanError::PartitionSizeNeedsFormat);
@@ -898,7 +905,11 @@ pub fn plan_write(
                 "overlay",
                 "overlay-size-mb",
             ))?;
-        let dest = layout::overlay_path(dir, &label, &fs_uuid);
+        let dest = layout::overlay_path(
+            dir,
+            in_place_ext4.as_ref().map_or(&label, |l| &l.label),
+            ext4_uuid.as_deref().unwrap_or(&fs_uuid),
+        );
         add_iso(&mut copies, &src.path, dest.clone(), src.size);
         copied_overlay = Some(dest);
     }
@@ -967,12 +978,6 @@ pub fn plan_write(
         }
     }
     // dracut names the overlay by the label and UUID of the device it is on.
-    let ext4_uuid = ext4_why.is_some().then(|| match &in_place_ext4 {
-        Some(l) => l.uuid.clone(),
-        None => crate::disk::ext4_live::uuid_for(volume_id)
-            .hyphenated()
-            .to_string(),
-    });
     let overlay_label = in_place_ext4.as_ref().map_or(&label, |l| &l.label);
     let overlay_path =
         layout::overlay_path(dir, overlay_label, ext4_uuid.as_deref().unwrap_or(&fs_uuid));
@@ -1705,6 +1710,10 @@ fn place_in_place(
     if live.needs_recovery {
         return Err(PlanError::Ext4NeedsReplay {
             partition: live.number,
+            hint: live
+                .replay_hint
+                .clone()
+                .unwrap_or_else(|| "`livestick overlay status STICK` says how".into()),
         });
     }
     let made_anew = [
@@ -2600,6 +2609,7 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
             label: "OLDLIVE".into(),
             free_bytes: free,
             needs_recovery: false,
+            replay_hint: None,
             files: live_files,
         });
         fs
@@ -2655,7 +2665,7 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
         }
         assert!(matches!(
             plan_existing(&nested(), dirty, &opts()),
-            Err(PlanError::Ext4NeedsReplay { partition: 2 })
+            Err(PlanError::Ext4NeedsReplay { partition: 2, .. })
         ));
         let relabel = WriteOptions {
             label: Some("OTHER".into()),

@@ -220,7 +220,9 @@ fn copied_persistence(
     inputs: &PrepareInputs<'_>,
 ) -> Result<Vec<(String, SparseImage)>, PrepareError> {
     let mut out = Vec::new();
-    for copy in &plan.copies {
+    // On the ext4 layout the live directory's copies go to partition 2.
+    let ext4_copies = plan.ext4_live.iter().flat_map(|e| e.copies.iter());
+    for copy in plan.copies.iter().chain(ext4_copies) {
         let CopySource::Iso { path } = &copy.source else {
             continue;
         };

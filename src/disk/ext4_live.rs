@@ -80,6 +80,54 @@ pub struct LiveFile {
     /// livestick writes bytes into it (its extents are marked written). `false`
     /// leaves it unwritten: it reads as zeros (a fresh dm-snapshot store).
     pub written: bool,
+    /// A sparse host file holding the file's content where it has any (a copied
+    /// overlay's used parts, a copied home's blocks in use): debugfs writes its
+    /// data and leaves its holes as holes, which are then allocated unwritten
+    /// (reading as zeros). Nothing is written where the source had nothing.
+    pub from_host: Option<PathBuf>,
+}
+
+/// The debugfs lines that make `f`: empty or from its host file, given all its
+/// blocks (unwritten where it has no data yet), and sized.
+fn make_script(f: &LiveFile) -> String {
+    let rel = f.path.trim_start_matches('/');
+    let mut script = match &f.from_host {
+        Some(host) => format!("write {} {rel}\n", host.display()),
+        None => format!("write /dev/null {rel}\n"),
+    };
+    let blocks = f.size.div_ceil(BLOCK);
+    if blocks > 0 {
+        script.push_str(&format!("fallocate {rel} 0 {}\n", blocks - 1));
+    }
+    script.push_str(&format!("sif {rel} size {}\n", f.size));
+    script
+}
+
+/// Whether `map` (the file at `path` on the partition `fs_io`) reads as its host
+/// file `host` does: debugfs wrote it, so it is checked before it is trusted.
+fn same_as_host<F: Read + Seek + ?Sized>(
+    fs: &Ext4Fs,
+    fs_io: &mut F,
+    map: &ext4_fs::FileMap,
+    host: &Path,
+) -> Result<bool, Ext4LiveError> {
+    let mut theirs = File::open(host).map_err(io_err(format!("reading {}", host.display())))?;
+    let mut ours = ext4_fs::Ext4File::new(fs_io, 0, fs.block_size, map);
+    let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut left = map.size;
+    while left > 0 {
+        let n = left.min(a.len() as u64) as usize;
+        ours.read_exact(&mut a[..n])
+            .map_err(io_err("reading a copied file back"))?;
+        theirs
+            .read_exact(&mut b[..n])
+            .map_err(io_err(format!("reading {}", host.display())))?;
+        if a[..n] != b[..n] {
+            return Ok(false);
+        }
+        left -= n as u64;
+    }
+    Ok(true)
 }
 
 /// A file of the live partition with its byte runs in the partition.
@@ -256,13 +304,7 @@ pub fn build(
                 dirs.push(d);
             }
         }
-        let rel = f.path.trim_start_matches('/');
-        script.push_str(&format!("write /dev/null {rel}\n"));
-        let blocks = f.size.div_ceil(BLOCK);
-        if blocks > 0 {
-            script.push_str(&format!("fallocate {rel} 0 {}\n", blocks - 1));
-        }
-        script.push_str(&format!("sif {rel} size {}\n", f.size));
+        script.push_str(&make_script(f));
     }
     let log = debugfs(&path, &script)?;
     let mut image = std::fs::OpenOptions::new()
@@ -289,8 +331,12 @@ pub fn build(
         if f.written {
             ext4_fs::mark_initialised(&fs, &mut image, map.inode)?;
         }
-        for &(at, n) in &runs {
-            contents.insert(at..at + on_disk(n));
+        // A file debugfs wrote from the host is metadata here: its data blocks are
+        // the image's data, copied with the rest; its unwritten blocks are holes.
+        if f.from_host.is_none() {
+            for &(at, n) in &runs {
+                contents.insert(at..at + on_disk(n));
+            }
         }
         mapped.push((f.clone(), runs));
     }
@@ -534,6 +580,9 @@ pub struct ExistingLive {
     /// The journal holds changes not yet written home: changing the file system
     /// beside them could be undone by their replay.
     pub needs_recovery: bool,
+    /// How the user replays that journal ([`replay_hint`]), set by the caller that
+    /// knows the device's path.
+    pub replay_hint: Option<String>,
     /// Every file of the live directory (absolute path inside the partition, size).
     pub files: Vec<(String, u64)>,
 }
@@ -558,6 +607,7 @@ pub fn existing_live<R: Read + Write + Seek>(
         label: layout.label,
         free_bytes: layout.free_bytes,
         needs_recovery: p.fs.needs_recovery,
+        replay_hint: None,
         files: layout
             .files
             .into_iter()
@@ -616,13 +666,7 @@ pub fn allocate_in_place(
         }
     }
     for f in files {
-        let rel = f.path.trim_start_matches('/');
-        script.push_str(&format!("write /dev/null {rel}\n"));
-        let blocks = f.size.div_ceil(BLOCK);
-        if blocks > 0 {
-            script.push_str(&format!("fallocate {rel} 0 {}\n", blocks - 1));
-        }
-        script.push_str(&format!("sif {rel} size {}\n", f.size));
+        script.push_str(&make_script(f));
     }
     let log = if script.is_empty() {
         String::new()
@@ -657,6 +701,13 @@ pub fn allocate_in_place(
             })?;
         if f.written {
             ext4_fs::mark_initialised(&fs, &mut window, map.inode)?;
+        }
+        if let Some(host) = &f.from_host
+            && !same_as_host(&fs, &mut window, &map, host)?
+        {
+            return Err(Ext4LiveError::InPlace {
+                detail: format!("{} does not read back as copied", f.path),
+            });
         }
         mapped.push((f.clone(), runs));
     }
@@ -821,11 +872,13 @@ mod tests {
                 path: "/LiveOS/squashfs.img".into(),
                 size: 10_000_000,
                 written: true,
+                from_host: None,
             },
             LiveFile {
                 path: "/LiveOS/overlay-LIVE-x".into(),
                 size: 300 << 20,
                 written: false,
+                from_host: None,
             },
         ];
         let built = build(512 << 20, "LIVE", uuid_for(7), &files, None).expect("build");

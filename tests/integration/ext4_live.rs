@@ -348,6 +348,25 @@ fn an_existing_fat_stick_is_refused_with_figures_and_format_named() {
     assert_eq!(sha256_file(&image), sum, "the stick changed");
 }
 
+/// The UUID of the ext4 file system at `offset` of `image`, as blkid reads it.
+fn ext4_uuid(image: &Path, offset: u64) -> String {
+    support::run(
+        "blkid",
+        &[
+            "-p",
+            "-o",
+            "value",
+            "-s",
+            "UUID",
+            "--offset",
+            &offset.to_string(),
+            image.to_str().unwrap(),
+        ],
+    )
+    .trim()
+    .to_string()
+}
+
 /// The `--json write` report or plan of `args`.
 fn write_json(args: &[&str]) -> serde_json::Value {
     let mut full = vec!["--json", "write"];
@@ -412,23 +431,7 @@ fn an_ext4_stick_is_rewritten_in_place_keeping_home_and_the_overlay_of_the_same_
     ]);
     let parts = partitions(&image);
     let (p1, p2) = (parts[0].0, parts[1].0);
-    let uuid = parts[1].2["uuid"].as_str().map(str::to_string);
-    let uuid = uuid.unwrap_or_else(|| {
-        let blkid = support::run(
-            "blkid",
-            &[
-                "-p",
-                "-o",
-                "value",
-                "-s",
-                "UUID",
-                "--offset",
-                &p2.to_string(),
-                img,
-            ],
-        );
-        blkid.trim().to_string()
-    });
+    let uuid = ext4_uuid(&image, p2);
     let overlay = format!("/LiveOS/overlay-LIVE-{uuid}");
     // The root record sits beside the root image, inside the ext4 partition.
     let from_iso = dir.path().join("iso-squashfs.img");
@@ -561,4 +564,102 @@ fn an_ext4_stick_is_rewritten_in_place_keeping_home_and_the_overlay_of_the_same_
     assert_eq!(report["kept_overlay"]["reset"], true, "{report}");
     assert!(!debugfs(&image, p2, "ls /LiveOS").contains("home.img"));
     e2fsck_clean(&image, p2);
+}
+
+#[test]
+fn copy_overlay_and_home_onto_the_ext4_layout_copy_their_used_parts_only() {
+    use livestick::disk::extent_file::ExtentFile;
+    let dir = tmp();
+    let iso = synthetic_iso("fedora-classic.iso");
+    // The source: a FAT stick after some boots (three overlay chunks changed, a
+    // file in home).
+    let old = dir.path().join("old.img");
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        old.to_str().unwrap(),
+        "--size",
+        "512M",
+        "--yes",
+        "--overlay-size-mb",
+        "128",
+        "--home-size-mb",
+        "64",
+        "--unencrypted-home",
+        "--volume-id",
+        "0A0A0A0A",
+    ]));
+    {
+        let mut stick = livestick::disk::stick::Stick::open(&old, true).expect("opens");
+        let extents = stick
+            .file_extents("/LiveOS/overlay-LIVE-0A0A-0A0A")
+            .expect("the overlay");
+        let mut cow = ExtentFile::new(stick.file_mut(), &extents);
+        let len = cow.len();
+        assert_eq!(
+            crate::support::dm_snapshot::boot_and_change(&mut cow, len),
+            3
+        );
+    }
+    let start = support::part_start(&old);
+    let home = dir.path().join("home.img");
+    support::fat_copy_out(&old, start, "/LiveOS/home.img", &home);
+    let note = dir.path().join("note.txt");
+    std::fs::write(&note, "carried\n").unwrap();
+    support::debugfs_w(&home, &format!("write {} note.txt\n", note.display()));
+    support::fat_put(&old, start, &home, "/LiveOS/home.img");
+
+    // Onto the ext4 layout, over stale random bytes.
+    let new = used_stick(dir.path(), 1 << 30, 400 << 20);
+    let report = write_json(&[
+        old.to_str().unwrap(),
+        new.to_str().unwrap(),
+        "--ext4",
+        "--yes",
+        "--copy-overlay",
+        "--copy-home",
+    ]);
+    // Whole files would be 192 MiB; their used parts are a few MiB.
+    let written = report["written_bytes"].as_u64().expect("written_bytes");
+    assert!(written < 48 << 20, "wrote {written} bytes: {report}");
+    assert_eq!(report["verified_bytes"], report["written_bytes"]);
+    let parts = partitions(&new);
+    let p2 = parts[1].0;
+    e2fsck_clean(&new, p2);
+    let ls = debugfs(&new, p2, "ls /LiveOS");
+    // Named for the ext4 partition, the live device dracut looks on.
+    let overlay = format!("/LiveOS/overlay-LIVE-{}", ext4_uuid(&new, p2));
+    assert!(ls.contains(&overlay[8..]), "{overlay} on ext4: {ls}");
+    // The overlay's store as the kernel will read it: the same three changes; the
+    // parts never copied stay unwritten extents (zeros, whatever the stick held).
+    let status = with_live_file(&new, &overlay, |cow, len| {
+        livestick::persist::snapshot::status(
+            cow,
+            len,
+            livestick::persist::snapshot::LIVEOS_CHUNK_SECTORS,
+            None,
+        )
+        .expect("a store")
+    });
+    assert_eq!(status.exceptions, 3, "{status:?}");
+    assert!(status.problems.is_empty(), "{status:?}");
+    let extents = debugfs(&new, p2, &format!("ex {overlay}"));
+    assert!(extents.contains("Uninit"), "{extents}");
+    // home.img: its file, and a clean ext4.
+    let copied = dir.path().join("copied-home.img");
+    debugfs(
+        &new,
+        p2,
+        &format!("dump /LiveOS/home.img {}", copied.display()),
+    );
+    assert_eq!(
+        support::run("debugfs", &["-R", "cat note.txt", copied.to_str().unwrap()]),
+        "carried\n"
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&copied)
+        .output()
+        .expect("e2fsck");
+    assert!(fsck.status.success(), "{fsck:?}");
 }
