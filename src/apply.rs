@@ -1544,6 +1544,13 @@ fn finish_ext4_live(
     written: &[WrittenFile],
 ) -> Result<(), ApplyError> {
     use crate::disk::ext4_live;
+    // `LIVESTICK_FAILPOINT=ext4-staged`: the state a stop leaves between writing the
+    // staged copies and putting them in place, for the tests.
+    if step.in_place && std::env::var("LIVESTICK_FAILPOINT").as_deref() == Ok("ext4-staged") {
+        return Err(ApplyError::io("putting the new root image in place")(
+            io::Error::other("stopped at failpoint `ext4-staged` (LIVESTICK_FAILPOINT)"),
+        ));
+    }
     if step.in_place
         && let Some(kept) = plan.kept_overlay.as_ref().filter(|k| k.reset)
     {

@@ -3168,10 +3168,15 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
         assert_eq!(fat.len, e.fat_len);
         assert_eq!(e.start, fat.start + fat.len);
         assert!(e.start + e.len <= 12 * GIB);
-        // The live directory moved off the FAT, with the root record.
+        // The live directory moved off the FAT; the root record goes beside the root
+        // image, inside the ext4 partition (apply writes it there).
         assert!(plan.copies.iter().all(|c| !c.dest.starts_with("/LiveOS/")));
         assert!(e.copies.iter().any(|c| c.dest == "/LiveOS/squashfs.img"));
-        assert!(plan.root_record.is_none());
+        assert!(
+            plan.root_record
+                .as_ref()
+                .is_some_and(|r| r.path == "/LiveOS/.livestick")
+        );
         // dracut names the overlay by the ext4 label and UUID.
         let overlay = plan.overlay.as_ref().expect("overlay");
         assert_eq!(overlay.path, format!("/LiveOS/overlay-LIVE-{}", e.uuid));

@@ -863,6 +863,59 @@ mod tests {
     }
 
     #[test]
+    fn swapping_two_entries_puts_the_staged_file_in_place_and_e2fsck_agrees() {
+        if find_program(&DEBUGFS).is_err() {
+            return;
+        }
+        let file = |path: &str, size: u64| LiveFile {
+            path: path.into(),
+            size,
+            written: true,
+            from_host: None,
+        };
+        let mut built = build(
+            64 << 20,
+            "LIVE",
+            uuid_for(9),
+            &[
+                file("/LiveOS/squashfs.img", 3 << 20),
+                file(&staged_path("/LiveOS/squashfs.img"), 5 << 20),
+            ],
+            None,
+        )
+        .expect("build");
+        let fs = Ext4Fs::open(&mut built.image).expect("open");
+        let size_of = |image: &mut File, path: &str| {
+            fs.file(image, path)
+                .expect("read")
+                .map(|m| (m.inode, m.size))
+        };
+        let old = size_of(&mut built.image, "/LiveOS/squashfs.img").expect("old");
+        let new = size_of(&mut built.image, "/LiveOS/squashfs.img.new").expect("new");
+        ext4_fs::swap_entries(
+            &fs,
+            &mut built.image,
+            "/LiveOS",
+            "squashfs.img",
+            "squashfs.img.new",
+        )
+        .expect("swap");
+        built.image.sync_all().expect("sync");
+        assert_eq!(size_of(&mut built.image, "/LiveOS/squashfs.img"), Some(new));
+        assert_eq!(
+            size_of(&mut built.image, "/LiveOS/squashfs.img.new"),
+            Some(old)
+        );
+        // The directory block's checksum was recomputed: e2fsck finds nothing.
+        let out = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(built._dir.path().join("live.ext4"))
+            .output()
+            .expect("e2fsck");
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    #[test]
     fn built_partition_maps_its_files_and_leaves_the_overlay_unwritten() {
         if find_program(&DEBUGFS).is_err() {
             return;

@@ -475,6 +475,28 @@ fn an_ext4_stick_is_rewritten_in_place_keeping_home_and_the_overlay_of_the_same_
         "{plan}"
     );
     assert_eq!(plan["format"]["new"], false, "{plan}");
+    // Stopped between writing the new image and swapping it in: the old image
+    // and its overlay are whole, the staged copy waits beside them, the ext4 clean.
+    let root_inode = debugfs(&image, p2, "stat /LiveOS/squashfs.img");
+    let stopped = Command::new(support::bin())
+        .args(["write", iso, img, "--yes"])
+        .env("LIVESTICK_FAILPOINT", "ext4-staged")
+        .output()
+        .expect("run livestick");
+    assert_eq!(stopped.status.code(), Some(4), "{stopped:?}");
+    e2fsck_clean(&image, p2);
+    assert_eq!(
+        debugfs(&image, p2, "stat /LiveOS/squashfs.img")
+            .lines()
+            .next(),
+        root_inode.lines().next()
+    );
+    assert!(debugfs(&image, p2, "ls /LiveOS").contains("squashfs.img.new"));
+    assert_eq!(
+        dumped_sha256(&image, p2, &overlay, dir.path()),
+        overlay_before
+    );
+    // Run again: done.
     let report = write_json(&[iso, img, "--yes"]);
     assert_eq!(report["kept_overlay"]["reset"], false, "{report}");
     assert_eq!(
