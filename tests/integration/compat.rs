@@ -423,7 +423,18 @@ fn row_format_fstype_and_blocksize() {
         &["--format", "ext4", "ISO", "IMG"],
         &["ISO", "IMG", "--format", "--ext4"],
     );
-    refused(&["--format", "1024,ext4"], "drop the size");
+    // The size of livecd-iso-to-disk's live partition: livestick's ext4 one.
+    same_mapping(
+        &["--format", "1024,ext4", "ISO", "IMG"],
+        &[
+            "ISO",
+            "IMG",
+            "--format",
+            "--ext4",
+            "--partition-size-mb",
+            "1024",
+        ],
+    );
     refused(&["--format", "ext3"], "give ext4");
     refused(&["--format", "1024,btrfs"], "give ext4");
     refused(&["--format", ",vfat,4096"], "cluster size");
