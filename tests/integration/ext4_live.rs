@@ -586,6 +586,31 @@ fn an_ext4_stick_is_rewritten_in_place_keeping_home_and_the_overlay_of_the_same_
     assert_eq!(report["kept_overlay"]["reset"], true, "{report}");
     assert!(!debugfs(&image, p2, "ls /LiveOS").contains("home.img"));
     e2fsck_clean(&image, p2);
+
+    // New persistence sizes follow what a FAT stick does: a new overlay size makes
+    // it anew, a swap and a home are added, an existing home is never replaced
+    // silently (exit 2, the stick unchanged).
+    write_json(&[
+        other,
+        img,
+        "--yes",
+        "--overlay-size-mb",
+        "96",
+        "--swap-size-mb",
+        "8",
+        "--home-size-mb",
+        "16",
+        "--unencrypted-home",
+    ]);
+    e2fsck_clean(&image, p2);
+    let stat = debugfs(&image, p2, &format!("stat {overlay}"));
+    assert!(stat.contains(&format!("Size: {}", 96 << 20)), "{stat}");
+    let ls = debugfs(&image, p2, "ls -l /LiveOS");
+    assert!(ls.contains("swap.img") && ls.contains("home.img"), "{ls}");
+    let before = sha256_file(&image);
+    let again = livestick(&["write", other, img, "--yes", "--home-size-mb", "16"]);
+    assert_eq!(again.status.code(), Some(2), "{again:?}");
+    assert_eq!(sha256_file(&image), before, "the stick changed");
 }
 
 #[test]
