@@ -709,3 +709,122 @@ fn wait_for_writes_the_image_to_each_stick_as_it_appears() {
     );
     assert_fedora_layout(&backing, dir.path());
 }
+
+/// What `inspect` says of a raw image, checked against its schema.
+fn inspect_raw(image: &Path) -> serde_json::Value {
+    let out = livestick(&["--json", "inspect", s(image)]);
+    let doc = crate::support::schema::valid_document(ok_bytes(&out), "inspect-raw");
+    assert_eq!(doc["schema"], 1, "{doc}");
+    doc
+}
+
+fn ok_bytes(out: &Output) -> &[u8] {
+    assert!(
+        out.status.success(),
+        "livestick failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    &out.stdout
+}
+
+/// Issue 15: `inspect` describes a raw disk image, plain or compressed, as `sfdisk`
+/// and `blkid` see the plain one: the GPT's partitions (start, size, type, name,
+/// PARTUUID), each file system's type, label and UUID, the sizes, and the block map
+/// beside it; as text too.
+#[test]
+fn inspect_describes_a_raw_image_as_sfdisk_and_blkid_see_it() {
+    let dir = tmp();
+    let plain = source(dir.path(), "disk.raw");
+    let xz = source(dir.path(), "disk.raw.xz");
+    let zst = source(dir.path(), "disk.raw.zst");
+    let table = sfdisk(&fixture().join("disk.raw"));
+    let expected = table["partitiontable"]["partitions"].as_array().unwrap();
+    for image in [&plain, &xz, &zst] {
+        let doc = inspect_raw(image);
+        assert_eq!(doc["source"], s(image));
+        assert_eq!(doc["source_kind"], "raw-image");
+        assert_eq!(doc["table"], "gpt", "{doc}");
+        assert_eq!(doc["image_bytes"], IMAGE_SIZE, "{doc}");
+        assert_eq!(doc["file_bytes"], std::fs::metadata(image).unwrap().len());
+        let compression = match image.extension().and_then(|e| e.to_str()) {
+            Some("xz") => serde_json::json!("xz"),
+            Some("zst") => serde_json::json!("zstd"),
+            _ => serde_json::Value::Null,
+        };
+        assert_eq!(doc["compression"], compression, "{doc}");
+        assert!(doc["bmap"].is_null(), "no map beside it yet: {doc}");
+        let parts = doc["partitions"].as_array().unwrap();
+        assert_eq!(parts.len(), expected.len(), "{doc}");
+        for (got, want) in parts.iter().zip(expected) {
+            let start = want["start"].as_u64().unwrap() * 512;
+            assert_eq!(got["start_bytes"], start, "{got}");
+            assert_eq!(got["size_bytes"], want["size"].as_u64().unwrap() * 512);
+            assert_eq!(
+                got["type_id"].as_str().unwrap(),
+                want["type"].as_str().unwrap().to_ascii_lowercase()
+            );
+            assert_eq!(got["name"], want["name"], "{got}");
+            assert_eq!(
+                got["part_uuid"].as_str().unwrap(),
+                want["uuid"].as_str().unwrap().to_ascii_lowercase()
+            );
+            let raw = fixture().join("disk.raw");
+            let fs = &got["filesystem"];
+            assert_eq!(fs["fs_type"], blkid_value(&raw, start, "TYPE"), "{got}");
+            assert_eq!(fs["label"], blkid_value(&raw, start, "LABEL"), "{got}");
+            assert_eq!(
+                fs["uuid"].as_str().unwrap().to_ascii_lowercase(),
+                blkid_value(&raw, start, "UUID").to_ascii_lowercase(),
+                "{got}"
+            );
+        }
+    }
+
+    // The block map beside the image (as `write` finds it) is described.
+    std::fs::copy(
+        fixture().join("disk.raw.bmap"),
+        dir.path().join("disk.raw.bmap"),
+    )
+    .unwrap();
+    for image in [&plain, &xz] {
+        let doc = inspect_raw(image);
+        let bmap = &doc["bmap"];
+        assert_eq!(bmap["path"], s(&dir.path().join("disk.raw.bmap")), "{doc}");
+        assert_eq!(bmap["image_bytes"], IMAGE_SIZE);
+        let mapped = bmap["mapped_bytes"].as_u64().unwrap();
+        assert!(mapped > 3 * MIB && mapped < IMAGE_SIZE, "{bmap}");
+    }
+
+    let text = ok(&livestick(&["inspect", s(&xz)]));
+    for line in [
+        "kind: raw disk image",
+        "compression: xz",
+        "partition table: GPT",
+        "partition 1: 16 MiB at 1 MiB, EFI system, named \"EFI\"",
+        "labelled \"root\"",
+        "block map: ",
+    ] {
+        assert!(text.contains(line), "{line:?} in:\n{text}");
+    }
+}
+
+/// A compressed raw image cut before its last partition's superblock is refused
+/// naming the file and the step, exit 2 (`inspect` unpacks only that far, so a cut
+/// past it is `write`'s to find).
+#[test]
+fn inspect_of_a_truncated_raw_image_names_it() {
+    let dir = tmp();
+    for name in ["disk.raw.xz", "disk.raw.zst"] {
+        let image = source(dir.path(), name);
+        let bytes = std::fs::read(&image).unwrap();
+        // About the first 9 to 18 MiB of the image: the root partition is at 33 MiB.
+        std::fs::write(&image, &bytes[..2000]).unwrap();
+        let out = livestick(&["inspect", s(&image)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(
+            stderr.contains(name) && stderr.contains("decompressing"),
+            "{stderr}"
+        );
+    }
+}
