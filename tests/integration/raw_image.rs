@@ -828,3 +828,91 @@ fn inspect_of_a_truncated_raw_image_names_it() {
         );
     }
 }
+
+/// Issue 15: `--noverify` with a raw image skips the image's own checks, the block
+/// map's per-range checksums (as it skips a live ISO's implanted MD5): a byte
+/// changed in a mapped range, refused without it, is written with it, and the plan
+/// and report say the checksums were not checked. The map still decides what is
+/// written and the read-back still runs. Without a map the plan says nothing was
+/// skipped; a published CHECKSUM is checked all the same.
+#[test]
+fn noverify_skips_only_the_block_maps_checksums() {
+    let dir = tmp();
+    let src = source(dir.path(), "disk.raw");
+    let map = source(dir.path(), "disk.raw.bmap");
+    let mut image = std::fs::read(&src).unwrap();
+    let at = (67584 * 512 + 1024 + 100) as usize; // the root file system's superblock
+    image[at] ^= 0xFF;
+    std::fs::write(&src, &image).unwrap();
+
+    let target = used_target(dir.path(), "stick.img", 100 * MIB);
+    let out = write(&[s(&src), s(&target)]);
+    assert_eq!(out.status.code(), Some(2), "checked without --noverify");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not match"));
+
+    let plan: serde_json::Value = serde_json::from_str(&ok(&write(&[
+        s(&src),
+        s(&target),
+        "--noverify",
+        "--dry-run",
+    ])))
+    .unwrap();
+    let notes = plan["notes"].to_string();
+    assert!(
+        notes.contains("NOT checked") && notes.contains("--noverify"),
+        "{notes}"
+    );
+    let target = used_target(dir.path(), "stick.img", 100 * MIB);
+    let r = report(&write(&[s(&src), s(&target), "--noverify"]));
+    assert_eq!(r["bmap"], s(&map));
+    assert_eq!(
+        r["verified_bytes"], r["written_bytes"],
+        "the read-back still ran"
+    );
+    assert_eq!(
+        read_range(&target, at as u64, 1),
+        [image[at]],
+        "the image as given"
+    );
+    let target = used_target(dir.path(), "stick.img", 100 * MIB);
+    let text = ok(&livestick(&["write", s(&src), s(&target), "--noverify"]));
+    assert!(text.contains("checksums not checked: --noverify"), "{text}");
+
+    // No map: nothing to skip, and the plan says so.
+    std::fs::remove_file(&map).unwrap();
+    let plan: serde_json::Value = serde_json::from_str(&ok(&write(&[
+        s(&src),
+        s(&target),
+        "--noverify",
+        "--dry-run",
+    ])))
+    .unwrap();
+    assert!(
+        plan["notes"].to_string().contains("nothing was skipped"),
+        "{plan}"
+    );
+
+    // A published CHECKSUM that does not describe the image: refused, --noverify or not.
+    let checksum = dir.path().join("disk-CHECKSUM");
+    std::fs::write(
+        &checksum,
+        crate::signed_checksum::checksum_text(
+            &[("disk.raw", &"ab".repeat(32))],
+            crate::signed_checksum::SignedBy::Nobody,
+        ),
+    )
+    .unwrap();
+    let old = sha256_file(&target);
+    let out = write(&[
+        s(&src),
+        s(&target),
+        "--noverify",
+        "--checksum",
+        s(&checksum),
+        "--allow-unsigned",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("does not match its checksum"), "{err}");
+    assert_eq!(sha256_file(&target), old, "the target is unchanged");
+}
