@@ -36,7 +36,7 @@ delete $files{lib};    # declares the modules and imports nothing
 # The layers, top first, by the module's first path segment.
 my @layers = (
     [ front   => qw(main cli commands) ],
-    [ plan    => qw(plan prepare write_facts apply batch live_source manifest restore raw_write write_report) ],
+    [ plan    => qw(plan prepare write_facts apply batch live_source manifest restore raw_inspect raw_write write_report) ],
     [ persist => qw(persist) ],
     [ formats => qw(disk source boot squash) ],
     [ io      => qw(io) ],

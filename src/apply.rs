@@ -820,10 +820,6 @@ fn apply_tagged(
                 };
                 written.push((copy.dest.clone(), copy.size, sum));
             }
-            if let Some(step) = &plan.root_record {
-                tags.set(format!("recording {} in {}", step.root_image, step.path));
-                write_root_record(&fs, step, &written)?;
-            }
             // Persistence files start empty (replacing any old file of that name);
             // their clusters are allocated below, once fatfs has let go of the FAT.
             for (path, _) in &persistent {
@@ -1103,45 +1099,6 @@ fn apply_tagged(
         checksum: None,
         repaired: plan.repaired.clone(),
     })
-}
-
-/// Records the root image just written beside it (`live_source::compare_root`
-/// reads it on the next write). Its bytes are checked on read-back with the
-/// other metadata.
-fn write_root_record<F: Read + Write + Seek>(
-    fs: &fat::FatFs<'_, F>,
-    step: &crate::plan::RootRecordStep,
-    written: &[(String, u64, WrittenDigest)],
-) -> Result<(), ApplyError> {
-    let Some((_, size, digest)) = written
-        .iter()
-        .find(|(path, _, _)| path.eq_ignore_ascii_case(&step.root_image))
-    else {
-        return Ok(());
-    };
-    let what = format!("recording {} in {}", step.root_image, step.path);
-    let mut image = fs
-        .root_dir()
-        .open_file(step.root_image.trim_start_matches('/'))
-        .map_err(ApplyError::io(what.clone()))?;
-    let ends =
-        crate::live_source::ends_sha256(&mut image, *size).map_err(ApplyError::io(what.clone()))?;
-    let record = crate::live_source::RootRecord {
-        size: *size,
-        sha256: hex(&digest.sha256),
-        ends_sha256: ends,
-        iso_md5: step.iso_md5.clone(),
-    }
-    .render();
-    fat::write_file(
-        fs,
-        &step.path,
-        &mut record.as_bytes(),
-        record.len() as u64,
-        |_| {},
-    )
-    .map_err(ApplyError::fat(what))?;
-    Ok(())
 }
 
 /// On an existing stick: MBR boot code into the first 440 bytes, keeping the
@@ -1574,7 +1531,7 @@ fn finish_ext4_live(
                 })
                 .map(|(_, r)| r.iter().map(|&(at, n)| (step.start + at, n)).collect())
                 .unwrap_or_default();
-            let ends = crate::live_source::ends_sha256(
+            let ends = crate::source::checksum::ends_sha256(
                 &mut ExtentFile::new(&mut *file, &image_runs),
                 image.size,
             )

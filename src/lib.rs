@@ -21,6 +21,7 @@ pub mod persist;
 pub mod plan;
 pub mod prepare;
 pub mod progress;
+pub mod raw_inspect;
 pub mod raw_write;
 pub mod restore;
 pub mod size;

@@ -8,10 +8,8 @@
 //! neither imports the other.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek};
 use std::path::Path;
-
-use sha2::{Digest, Sha256};
 
 use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat::{self, FatEntry};
@@ -158,6 +156,26 @@ pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
                 };
                 parse_menu_file(menu_path, is_grub, &bytes, &mut menus, &mut menu_errors);
             }
+            let walk_err = |source| StickError::Fat {
+                path: path.to_path_buf(),
+                source,
+            };
+            let efi_entries = fat::walk_files(fs, "/EFI").map_err(walk_err)?;
+            if menus.is_empty() {
+                // As on an ISO (`source::live`): a distribution's signed GRUB reads
+                // its menu from its own directory, which a stick copied unchanged.
+                let mut vendor: Vec<&FatEntry> = efi_entries
+                    .iter()
+                    .filter(|e| live::is_vendor_grub_cfg(&e.path))
+                    .collect();
+                vendor.sort_by(|a, b| a.path.cmp(&b.path));
+                for entry in vendor {
+                    let Ok(bytes) = fat::read_file(fs, &entry.path) else {
+                        continue;
+                    };
+                    parse_menu_file(&entry.path, true, &bytes, &mut menus, &mut menu_errors);
+                }
+            }
             let live_files = fat::list_dir(fs, &format!("/{LIVE_DIR}"))
                 .into_iter()
                 .filter(|e| !e.is_dir)
@@ -167,12 +185,7 @@ pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
                     size: e.size,
                 })
                 .collect();
-            let walk_err = |source| StickError::Fat {
-                path: path.to_path_buf(),
-                source,
-            };
-            let efi_files = fat::walk_files(fs, "/EFI")
-                .map_err(walk_err)?
+            let efi_files = efi_entries
                 .into_iter()
                 .map(|e| FileInfo {
                     path: e.path,
@@ -324,16 +337,16 @@ impl StickSource {
     }
 }
 
-/// Bytes at each end of the root image that [`ends_sha256`] covers.
-const ENDS_BYTES: u64 = 64 * 1024;
-
-/// What [`layout::ROOT_RECORD`] holds: the root image as it was written.
+/// The root image as it was written, which [`compare_root`] reads: from the
+/// manifest (`manifest::root_record`), or from [`layout::ROOT_RECORD`] on a stick
+/// written before the manifest carried it (this type's text form, no longer written
+/// to a FAT stick).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RootRecord {
     pub size: u64,
     /// sha256 of the whole image, computed while it was written.
     pub sha256: String,
-    /// [`ends_sha256`] of the image as written: ties the record to this copy.
+    /// `checksum::ends_sha256` of the image as written: ties the record to this copy.
     pub ends_sha256: String,
     /// The implanted MD5 the ISO claimed, when it was written from one.
     pub iso_md5: Option<String>,
@@ -368,22 +381,6 @@ impl RootRecord {
             iso_md5: value("iso_md5"),
         })
     }
-}
-
-/// sha256 of the first and last 64 KiB of a `len`-byte image: a squashfs
-/// superblock (build time, sizes, table offsets) and its tables at the end, or an
-/// EROFS superblock. Any rebuilt image differs there.
-pub fn ends_sha256<R: Read + Seek>(r: &mut R, len: u64) -> io::Result<String> {
-    let mut hasher = Sha256::new();
-    let head = len.min(ENDS_BYTES);
-    let tail_start = len.saturating_sub(ENDS_BYTES).max(head);
-    for (start, end) in [(0, head), (tail_start, len)] {
-        r.seek(SeekFrom::Start(start))?;
-        let mut buf = vec![0u8; (end - start) as usize];
-        r.read_exact(&mut buf)?;
-        hasher.update(&buf);
-    }
-    Ok(crate::source::checksum::hex(&hasher.finalize()))
 }
 
 /// Whether the root image in `/<live_dir>/` of the stick at `target` is the one
@@ -474,35 +471,71 @@ fn read_stick_root(
     size: u64,
 ) -> Result<StickRoot, String> {
     let mut stick = Stick::open(target, false).map_err(|e| e.to_string())?;
+    // The manifest carries the record; a stick written before it did has only
+    // `.livestick`, which is read then.
     let record_path = format!("/{live_dir}/{}", layout::ROOT_RECORD);
     let record = stick
         .with_fs(|fs| {
-            Ok(fat::exists(fs, &record_path)
-                .then(|| fat::read_file(fs, &record_path).ok())
-                .flatten())
+            let in_manifest = crate::manifest::read(fs)
+                .and_then(|(_, manifest)| root_record_in(&manifest, on_stick));
+            Ok(in_manifest.or_else(|| {
+                fat::exists(fs, &record_path)
+                    .then(|| fat::read_file(fs, &record_path).ok())
+                    .flatten()
+                    .and_then(|bytes| RootRecord::parse(&String::from_utf8_lossy(&bytes)))
+            }))
         })
-        .map_err(|e| e.to_string())?
-        .and_then(|bytes| RootRecord::parse(&String::from_utf8_lossy(&bytes)));
-    // On the ext4 live layout the image and its record are in the ext4 partition.
+        .map_err(|e| e.to_string())?;
+    // On the ext4 live layout the image and its record are in the ext4 partition
+    // (the manifest on the FAT lists the image without a record).
     let (record, extents) = match stick.file_extents(on_stick) {
         Ok(extents) => (record, extents),
         Err(e) => {
             match crate::disk::ext4_live::root_on_ext4(stick.file_mut(), live_dir, &record_path) {
                 Ok(Some((runs, bytes))) => (
-                    bytes.and_then(|b| RootRecord::parse(&String::from_utf8_lossy(&b))),
+                    bytes
+                        .and_then(|b| RootRecord::parse(&String::from_utf8_lossy(&b)))
+                        .or(record),
                     runs,
                 ),
                 _ => return Err(e.to_string()),
             }
         }
     };
-    let ends_sha256 = ends_sha256(&mut ExtentFile::new(stick.file_mut(), &extents), size)
-        .map_err(|e| e.to_string())?;
+    let ends_sha256 = crate::source::checksum::ends_sha256(
+        &mut ExtentFile::new(stick.file_mut(), &extents),
+        size,
+    )
+    .map_err(|e| e.to_string())?;
     Ok(StickRoot {
         record,
         ends_sha256,
         stick,
         extents,
+    })
+}
+
+/// The manifest's record of the root image at `path` (`/LiveOS/squashfs.img`) as
+/// `write` copied it, for [`compare_root`]: its size,
+/// sha256 and ends' hash, and the implanted MD5 of the ISO its live directory was
+/// written from. `None` when the manifest does not list it with its ends' hash (a
+/// merged image, a manifest of an older livestick).
+fn root_record_in(manifest: &crate::manifest::Manifest, path: &str) -> Option<RootRecord> {
+    let file = manifest
+        .files
+        .iter()
+        .find(|f| f.path.eq_ignore_ascii_case(path))?;
+    let live_dir = path.trim_start_matches('/').split('/').next()?;
+    let iso_md5 = manifest
+        .images
+        .iter()
+        .find(|i| i.live_dir.trim_matches('/').eq_ignore_ascii_case(live_dir))
+        .and_then(|i| i.source.implanted_md5.clone());
+    Some(RootRecord {
+        size: file.size,
+        sha256: file.sha256.clone(),
+        ends_sha256: file.ends_sha256.clone()?,
+        iso_md5,
     })
 }
 
@@ -560,22 +593,5 @@ mod tests {
             RootRecord::parse("size=1\nsha256=xyz\nends_sha256=xyz\n"),
             None
         );
-    }
-
-    #[test]
-    fn ends_hash_covers_both_ends_only() {
-        let mut image = vec![0u8; 256 * 1024];
-        let base = ends_sha256(&mut io::Cursor::new(&image), image.len() as u64).unwrap();
-        image[128 * 1024] = 1;
-        let middle = ends_sha256(&mut io::Cursor::new(&image), image.len() as u64).unwrap();
-        assert_eq!(base, middle, "the middle is not read");
-        let last = image.len() - 1;
-        image[last] = 1;
-        let tail = ends_sha256(&mut io::Cursor::new(&image), image.len() as u64).unwrap();
-        assert_ne!(base, tail);
-        // Shorter than both ends together: each byte once.
-        let small = [7u8; 1000];
-        let sum = ends_sha256(&mut io::Cursor::new(&small), 1000).unwrap();
-        assert_eq!(sum, crate::source::checksum::hex(&Sha256::digest(small)));
     }
 }

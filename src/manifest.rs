@@ -12,9 +12,11 @@
 //! leave alone) through [`updated`], `overlay merge` through [`record_replacement`],
 //! `home resize` through [`record_persistence_size`]; after a write, each rewrite goes
 //! through [`rewrite_on_stick`], which never leaves a torn manifest.
-//! `LiveOS/.livestick` (`live_source::RootRecord`) stays beside it: it answers one
-//! cheap question before planning (is the root image the one this ISO has?) with the
-//! first and last 64 KiB hash this manifest does not need.
+//! It also carries the root record (`ends_sha256` on the root image's entry, read by
+//! `live_source::compare_root`) that answers one cheap question before planning: is the root
+//! image the one this ISO has? Sticks written before it did have it in
+//! `LiveOS/.livestick` (`live_source::RootRecord`), which is read there and removed
+//! by the next write that copies the root image.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
@@ -29,6 +31,9 @@ use crate::disk::fat::{self, FatFs};
 use crate::disk::partition::PartitionError;
 use crate::disk::stick::{Stick, StickError};
 use crate::disk::target;
+use crate::persist::merge::located::{Companion, NewRoot};
+use crate::persist::merge::replace;
+
 use crate::plan::Plan;
 use crate::source::checksum::hex;
 use crate::source::signed_checksum::utc_text;
@@ -100,6 +105,12 @@ pub struct FileRecord {
     /// 4 GiB), read there by its extents; absent for a file on the FAT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filesystem: Option<String>,
+    /// For the root image as `write` copied it: the sha256 of its first and last
+    /// 64 KiB (`checksum::ends_sha256`), which ties this record to the copy on the
+    /// stick cheaply (the same-ISO rewrite reads 128 KiB, not the image). Absent for
+    /// every other file and for a merged image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ends_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,6 +283,7 @@ pub fn record_of_write<'a>(
             iso_path: iso_path_of(path),
             kind: if is_config(path) { "config" } else { "copied" }.to_string(),
             filesystem: None,
+            ends_sha256: None,
         })
         .collect();
     let mut persistence = Vec::new();
@@ -457,6 +469,26 @@ pub fn write_after_apply_with_ext4<'a, F: Read + Write + Seek>(
             .find(|(path, _)| path.eq_ignore_ascii_case(p))
             .map(|(_, size)| size)
     };
+    // The root image's record (what `.livestick` held before): its ends' hash, read
+    // back through the file system that just wrote it. On the ext4 layout the record
+    // stays beside the image in the ext4 partition.
+    if let Some(step) = &plan.root_record
+        && let Some(entry) = record
+            .files
+            .iter_mut()
+            .find(|f| f.path.eq_ignore_ascii_case(&step.root_image) && f.filesystem.is_none())
+    {
+        let read_err = |source| fat::FatError::File {
+            path: step.root_image.clone(),
+            source,
+        };
+        let mut image = fs
+            .root_dir()
+            .open_file(step.root_image.trim_start_matches('/'))
+            .map_err(read_err)?;
+        entry.ends_sha256 =
+            Some(crate::source::checksum::ends_sha256(&mut image, entry.size).map_err(read_err)?);
+    }
     if let Some(home) = &plan.kept_home
         && let Some(size) = on_stick(home)
     {
@@ -482,6 +514,7 @@ pub fn record_replacement(manifest: &mut Manifest, path: &str, size: u64, sha256
             .iter()
             .find(|f| f.path.eq_ignore_ascii_case(path))
             .and_then(|f| f.filesystem.clone()),
+        ends_sha256: None,
     };
     match manifest
         .files
@@ -530,37 +563,16 @@ pub fn rewrite_on_stick(
     stick: &mut Stick,
     change: impl FnOnce(&mut Manifest),
 ) -> Result<bool, ManifestError> {
-    let path = stick.path.clone();
-    let fat_err = |source| StickError::Fat {
-        path: path.clone(),
-        source,
-    };
-    let staged = stick
-        .with_fs(|fs| {
-            let Some((at, mut manifest)) = read(fs) else {
-                return Ok(None);
-            };
-            change(&mut manifest);
-            manifest.updated_at = now_utc();
-            manifest.livestick_version = env!("CARGO_PKG_VERSION").to_string();
-            let text = render(&manifest);
-            let staged = format!("{at}.new");
-            fat::remove_all(fs, &staged).map_err(fat_err)?;
-            fat::write_file(fs, &staged, &mut text.as_bytes(), text.len() as u64, |_| {})
-                .map_err(fat_err)?;
-            Ok(Some((at, staged)))
-        })
-        .map_err(ManifestError::Stick)?;
-    // with_fs synced the staged copy when it closed the file system.
-    let Some((at, staged)) = staged else {
+    let Some(staged) = stage_on_stick(stick, change)? else {
         return Ok(false);
     };
     failpoint("manifest-staged")?;
-    crate::persist::merge::replace::swap_on_stick(stick, &at, &staged)
+    replace::swap_on_stick(stick, &staged.target, &staged.staged)
         .map_err(ManifestError::Replace)?;
     let part = stick.partition.start;
+    let path = stick.path.clone();
     let replace_err = |e| ManifestError::Replace(e);
-    if crate::persist::merge::replace::detach_shared_leftover(stick.file_mut(), part, &staged)
+    if replace::detach_shared_leftover(stick.file_mut(), part, &staged.staged)
         .map_err(|e| replace_err(e.into()))?
         .is_some()
     {
@@ -573,9 +585,77 @@ pub fn rewrite_on_stick(
             })?;
     }
     stick
-        .with_fs(|fs| fat::remove_all(fs, &staged).map_err(fat_err))
+        .with_fs(|fs| {
+            fat::remove_all(fs, &staged.staged).map_err(|source| StickError::Fat {
+                path: path.clone(),
+                source,
+            })
+        })
         .map_err(ManifestError::Stick)?;
     Ok(true)
+}
+
+/// The first half of [`rewrite_on_stick`]: the manifest changed by `change` written
+/// in full under `<manifest>.new` and synced (a leftover of that name replaced),
+/// the manifest itself untouched. `Ok(None)` when the stick has no readable one.
+pub fn stage_on_stick(
+    stick: &mut Stick,
+    change: impl FnOnce(&mut Manifest),
+) -> Result<Option<Companion>, ManifestError> {
+    let path = stick.path.clone();
+    let fat_err = |source| StickError::Fat {
+        path: path.clone(),
+        source,
+    };
+    // with_fs syncs the staged copy when it closes the file system.
+    stick
+        .with_fs(|fs| {
+            let Some((at, mut manifest)) = read(fs) else {
+                return Ok(None);
+            };
+            change(&mut manifest);
+            manifest.updated_at = now_utc();
+            manifest.livestick_version = env!("CARGO_PKG_VERSION").to_string();
+            let text = render(&manifest);
+            let staged = format!("{at}.new");
+            fat::remove_all(fs, &staged).map_err(fat_err)?;
+            fat::write_file(fs, &staged, &mut text.as_bytes(), text.len() as u64, |_| {})
+                .map_err(fat_err)?;
+            Ok(Some(Companion { target: at, staged }))
+        })
+        .map_err(ManifestError::Stick)
+}
+
+/// `overlay merge`'s `located::StageCompanion`: the manifest naming the new root
+/// image, staged on the stick so that the merge swaps it in with the image (and the
+/// repair every command runs first finishes that after a stop in between).
+pub fn stage_root_replacement(
+    stick: &mut Stick,
+    root: &NewRoot<'_>,
+) -> Result<Option<Companion>, String> {
+    stage_on_stick(stick, |m| {
+        record_replacement(m, root.path, root.size, root.sha256)
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Before `verify` reads a stick: the leftovers of a stopped replacement are
+/// repaired first, as every command that changes a stick does (opened for writing
+/// only when there are some), so that a merge stopped between swapping in its root
+/// image and its manifest reads as the finished merge. The live directory is the
+/// manifest's. Returns what was repaired, for stderr; a stick that cannot be
+/// repaired is read as it is, and `verify` reports what it finds.
+pub fn repair_before_verify(path: &Path) -> Vec<String> {
+    let live_dir = Stick::open(path, false)
+        .ok()
+        .and_then(|mut stick| stick.with_fs(|fs| Ok(find(fs))).ok().flatten())
+        .and_then(|at| {
+            at.trim_start_matches('/')
+                .split_once('/')
+                .map(|(dir, _)| dir.to_string())
+        })
+        .unwrap_or_else(|| "LiveOS".to_string());
+    replace::repair_stick(path, &live_dir).unwrap_or_default()
 }
 
 /// `LIVESTICK_FAILPOINT=manifest-staged` stops a manifest rewrite after the new copy
@@ -1413,6 +1493,7 @@ mod tests {
             iso_path: Some(path.into()),
             kind: "copied".into(),
             filesystem: None,
+            ends_sha256: None,
         }
     }
 

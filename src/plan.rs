@@ -982,8 +982,10 @@ pub fn plan_write(
     let overlay_path =
         layout::overlay_path(dir, overlay_label, ext4_uuid.as_deref().unwrap_or(&fs_uuid));
     let home_path = format!("/{dir}/home.img");
-    // Rewritten by every write that copies the root image, so it never outlives it.
-    let record_path = format!("/{dir}/{}", layout::ROOT_RECORD);
+    // The manifest, rewritten by every write that copies the root image, carries the
+    // root record; a `.livestick` of an older livestick is then deleted with the
+    // other old live files.
+    let record_path = format!("/{dir}/{}", layout::MANIFEST);
     let root_image = format!("/{dir}/{}", layout::SQUASHFS);
     let root_record = copies
         .iter()
@@ -2786,9 +2788,11 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
         // The root image is still copied, and its record written beside it, not deleted.
         assert!(dests(&plan).contains(&"/LiveOS/squashfs.img".to_string()));
         let record = plan.root_record.as_ref().expect("a record");
-        assert_eq!(record.path, "/LiveOS/.livestick");
+        assert_eq!(record.path, "/LiveOS/livestick.json");
         assert_eq!(record.root_image, "/LiveOS/squashfs.img");
-        assert!(!plan.deletes.iter().any(|d| d.ends_with(".livestick")));
+        // The old stick's `.livestick` goes: the manifest carries the record now.
+        assert!(plan.deletes.iter().any(|d| d == "/LiveOS/.livestick"));
+        assert!(!plan.deletes.iter().any(|d| d.ends_with("livestick.json")));
         let json = serde_json::to_value(&plan).expect("serialises");
         assert_eq!(json["kept_overlay"]["reset"], false);
         assert!(

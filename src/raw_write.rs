@@ -147,6 +147,9 @@ pub struct RawSource {
     /// Why it is written raw (for the plan).
     pub why: String,
     pub bmap: Option<(PathBuf, Bmap)>,
+    /// `--noverify`: the block map's checksums are not checked (see
+    /// [`RawSource::skip_range_checksums`]).
+    pub range_checksums_skipped: bool,
 }
 
 /// How far the image's start is read to tell what it is: past the ISO 9660
@@ -268,7 +271,26 @@ impl RawSource {
                 Some((p, map))
             }
         };
-        Ok(RawSource { image, why, bmap })
+        Ok(RawSource {
+            image,
+            why,
+            bmap,
+            range_checksums_skipped: false,
+        })
+    }
+
+    /// `--noverify` for a raw image: what it skips for a live ISO is the image's
+    /// check of itself (the implanted MD5); a raw image's own check is its block
+    /// map's per-range checksums, so those are not checked. The map still decides
+    /// what is written and the stream must still be the size it states; a published
+    /// CHECKSUM is still checked, and the read-back is `--no-verify-write`'s.
+    pub fn skip_range_checksums(&mut self) {
+        if let Some((_, map)) = &mut self.bmap {
+            for range in &mut map.ranges {
+                range.checksum = None;
+            }
+        }
+        self.range_checksums_skipped = true;
     }
 
     /// The image size as known before streaming, and whether exactly.
@@ -554,15 +576,24 @@ pub fn plan_raw(
     }
     match &bmap {
         Some(b) => notes.push(format!(
-            "block map {}: only its {} mapped ranges ({}) are written, each checked against its {} while streaming; the unmapped blocks keep the target's old bytes, as bmaptool leaves them (the image's file systems do not use them)",
+            "block map {}: only its {} mapped ranges ({}) are written, {}; the unmapped blocks keep the target's old bytes, as bmaptool leaves them (the image's file systems do not use them)",
             b.path.display(),
             b.ranges,
             human(b.mapped_bytes),
-            b.checksum
+            if source.range_checksums_skipped {
+                format!("NOT checked against their {} checksums (--noverify)", b.checksum)
+            } else {
+                format!("each checked against its {} while streaming", b.checksum)
+            }
         )),
         None => notes.push(
             "no block map: every byte of the image is written, holes as zeros (a target is never blank, so what a hole means must be written)".into(),
         ),
+    }
+    if source.range_checksums_skipped && bmap.is_none() {
+        notes.push(
+            "--noverify skips a raw image's own checksums, those of its block map, and this image has none: nothing was skipped (a published CHECKSUM is still checked; --no-verify-write skips the read-back)".into(),
+        );
     }
     notes.push(format!(
         "the first {} (partition table, boot code) is zeroed first and written last, after the rest is written and read back, so a failed write leaves nothing bootable",
@@ -918,6 +949,7 @@ mod tests {
             },
             why: "test".into(),
             bmap: None,
+            range_checksums_skipped: false,
         }
     }
 

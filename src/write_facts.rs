@@ -15,8 +15,9 @@ use crate::boot::cmdline::DracutNames;
 use crate::disk::target::{TargetKind, TargetProbe};
 use crate::error::{Classify, ErrorKind};
 use crate::plan::{ExistingFs, FormatMode, WriteOptions};
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressMode};
 use crate::source::checksum::{self, ChecksumError};
+use crate::source::compressed::{self, DecompressError};
 use crate::source::initrd;
 use crate::source::live::{self, LiveError, LiveImage};
 use crate::source::signed_checksum::{self, ChecksumReport, SignedChecksumError, SourceCheck};
@@ -51,6 +52,8 @@ pub enum FactsError {
     #[error(transparent)]
     Published(#[from] SignedChecksumError),
     #[error(transparent)]
+    Unpack(#[from] DecompressError),
+    #[error(transparent)]
     Io(#[from] io::Error),
 }
 
@@ -65,6 +68,7 @@ impl Classify for FactsError {
             FactsError::Iso(e) => e.kind(),
             FactsError::Checksum { source, .. } => source.kind(),
             FactsError::Published(e) => e.kind(),
+            FactsError::Unpack(e) => e.kind(),
             FactsError::Io(_) => ErrorKind::Io,
         }
     }
@@ -75,6 +79,7 @@ impl Classify for FactsError {
             FactsError::Iso(e) => e.hint(),
             FactsError::Checksum { source, .. } => source.hint(),
             FactsError::Published(e) => e.hint(),
+            FactsError::Unpack(e) => e.hint(),
             _ => self.kind().hint(),
         }
     }
@@ -264,11 +269,33 @@ pub fn verify_iso(live: &LiveImage, progress: &Progress) -> Result<Option<String
     Ok(Some(md5.md5_hex()))
 }
 
+/// Opens the source the user gave, unpacking a compressed one. When its published
+/// checksum is still to be compared (`check`, and a CHECKSUM was found), that
+/// checksum describes the compressed file: its sha256 is taken from the bytes the
+/// decompressor reads, and compared as soon as the stream ends, before the
+/// unpacked ISO is inspected or any target probed, so the compressed file is read
+/// once. A plain source is left to [`check_source`], which shares its read with
+/// the implanted MD5.
+pub fn unpack_source(
+    given: &Path,
+    published: &mut SourceCheck,
+    check: bool,
+    mode: ProgressMode,
+) -> Result<compressed::Source, FactsError> {
+    let pending = check
+        && matches!(published, SourceCheck::Checked(report) if report.actual_sha256.is_none());
+    let source = compressed::open_hashing(given, mode, pending)?;
+    if let (SourceCheck::Checked(report), Some(digest)) = (published, source.compressed_sha256()) {
+        signed_checksum::finish_compare(given, report, digest)?;
+    }
+    Ok(source)
+}
+
 /// Every check a write makes of its source before any target is probed: the
 /// published checksum's sha256 of the file the user gave (when one was found and
 /// the image not read yet) and, unless `--noverify`, the ISO's implanted MD5. When
 /// both cover the same file they share one read of it; a compressed source's
-/// CHECKSUM describes the compressed file, so that is read on its own. Returns the
+/// CHECKSUM was compared by [`unpack_source`] while it was unpacked. Returns the
 /// implanted MD5 that passed, if any.
 pub fn check_source(
     given: &Path,

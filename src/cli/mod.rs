@@ -209,7 +209,7 @@ pub struct ManArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// The live ISO image
+    /// The live ISO, a live stick used as a source, or a raw disk image (plain or compressed)
     pub iso: PathBuf,
 }
 
@@ -346,6 +346,7 @@ const CLASSIFIERS: &[Classifier] = &[
     classifier::<crate::write_facts::FactsError>,
     classifier::<crate::live_source::NamedLiveError>,
     classifier::<crate::raw_write::RawWriteError>,
+    classifier::<crate::raw_inspect::RawInspectError>,
     classifier::<crate::raw_write::run::RawRunError>,
     classifier::<crate::size::SizeError>,
     classifier::<crate::source::checksum::ChecksumError>,

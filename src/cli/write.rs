@@ -151,7 +151,8 @@ pub struct WriteArgs {
     pub bmap: Option<PathBuf>,
 
     /// Source check: do not check the ISO against the MD5 implanted in it
-    /// (checkisomd5's check of the download, before anything is written).
+    /// (checkisomd5's check of the download, before anything is written); for a
+    /// raw image, do not check its block map's per-range checksums.
     /// Not the read-back (see --no-verify-write), and not a CHECKSUM file given
     /// or found beside the image, which is still checked
     #[arg(long, help_heading = VERIFY)]

@@ -14,6 +14,16 @@ pub fn run(args: &InspectArgs, json: bool) -> anyhow::Result<()> {
     } else {
         ProgressMode::Bar
     };
+    // A disk image `write` would write as it is: described as one.
+    if let Some(why) = crate::raw_write::detect(&args.iso, false)? {
+        let description = crate::raw_inspect::describe(&args.iso, why)?;
+        if json {
+            crate::outln!("{}", serde_json::to_string_pretty(&description)?);
+        } else {
+            crate::out!("{description}");
+        }
+        return Ok(());
+    }
     let unpacked = compressed::open(&args.iso, mode)?;
     let mut image = live_source::inspect(unpacked.path())?;
     // A compressed ISO is read from its unpacked copy; the user named the original.

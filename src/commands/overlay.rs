@@ -747,23 +747,14 @@ fn record_grown_size(place: &mut Place, new_bytes: u64) {
 
 fn run_merge_plan(plan: &merge::MergePlan, json: bool, path: &Path) -> anyhow::Result<()> {
     let mut phases = Phases::new(progress(json, path));
+    // The stick's manifest names the new root image: staged before the swap and
+    // swapped in with the image, so that `verify` stays true whenever it stops.
+    let mut plan = plan.clone();
+    plan.stage_companion = Some(crate::manifest::stage_root_replacement);
+    let plan = &plan;
     let done = merge::execute_merge(plan, &mut |p, d, t| phases.update(p, d, t));
     phases.bar.finish();
     let done = done?;
-    // The stick's manifest names the new root image, so that `verify` stays true.
-    if let Some(stick) = &plan.stick
-        && let Err(e) = crate::manifest::record_replacement_on_stick(
-            &stick.stick,
-            &stick.squashfs,
-            done.new_squashfs_bytes,
-            &done.new_squashfs_sha256,
-        )
-    {
-        eprintln!(
-            "warning: the merge is complete, but the stick's manifest could not be updated ({e}); `livestick verify` will report {} as changed",
-            stick.squashfs
-        );
-    }
     print_report(
         &Merged {
             plan,

@@ -65,6 +65,9 @@ fn images_json<S: serde::Serializer>(
 
 pub fn run(a: &VerifyArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     let passphrase = deep_passphrase(a)?;
+    for line in manifest::repair_before_verify(&a.target) {
+        eprintln!("livestick verify: repaired: {line}");
+    }
     let mut v = manifest::open_for_verify(&a.target)?;
     let show = a.target.display().to_string();
     let mode = if json {

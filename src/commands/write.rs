@@ -22,7 +22,7 @@ use crate::prepare;
 use crate::progress::{Progress, ProgressMode};
 use crate::size::{MIB, parse_size};
 use crate::source::signed_checksum::SourceCheck;
-use crate::source::{acquire, compressed, live};
+use crate::source::{acquire, live};
 use crate::write_facts;
 use crate::write_report::WriteReport;
 
@@ -345,7 +345,12 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         .targets
         .first()
         .ok_or_else(|| BadInput("give a target stick or image file".into()))?;
-    let unpacked = compressed::open(&args.iso, progress_mode(json, quiet))?;
+    let unpacked = write_facts::unpack_source(
+        &args.iso,
+        &mut source_check,
+        !args.dry_run,
+        progress_mode(json, quiet),
+    )?;
     let live = crate::live_source::inspect_named(unpacked.path(), &args.iso)?;
     // Checked before any target is probed.
     let md5 = if args.dry_run {
@@ -421,7 +426,12 @@ fn run_batch(
     if !json && !quiet {
         eprintln!("{}", source_check.summary());
     }
-    let unpacked = compressed::open(&args.iso, progress_mode(json, quiet))?;
+    let unpacked = write_facts::unpack_source(
+        &args.iso,
+        source_check,
+        !args.dry_run,
+        progress_mode(json, quiet),
+    )?;
     let live = crate::live_source::inspect_named(unpacked.path(), &args.iso)?;
     let opts = options_from(args, &live)?;
     if let Some(n) = args.wait_for {

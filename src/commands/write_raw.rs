@@ -73,7 +73,7 @@ fn confirm(probe: &TargetProbe, args: &WriteArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_report(report: &RawReport) {
+fn print_report(report: &RawReport, checksums_checked: bool) {
     crate::outln!(
         "Wrote the raw image {} ({}) to {}",
         report.source.display(),
@@ -86,7 +86,14 @@ fn print_report(report: &RawReport) {
         report
             .bmap
             .as_ref()
-            .map(|b| format!(" (mapped ranges of {}, each checksum matched)", b.display()))
+            .map(|b| if checksums_checked {
+                format!(" (mapped ranges of {}, each checksum matched)", b.display())
+            } else {
+                format!(
+                    " (mapped ranges of {}, checksums not checked: --noverify)",
+                    b.display()
+                )
+            })
             .unwrap_or_default(),
         if report.verified {
             format!("{} read back and verified", human(report.bytes_verified))
@@ -104,7 +111,10 @@ pub fn run(args: &WriteArgs, why: String, json: bool, quiet: bool) -> anyhow::Re
     if let Some(option) = live_only_options(args).first() {
         return Err(raw_write::refuse_option(option, &args.iso).into());
     }
-    let source = RawSource::open(&args.iso, why, args.bmap.as_deref())?;
+    let mut source = RawSource::open(&args.iso, why, args.bmap.as_deref())?;
+    if args.noverify {
+        source.skip_range_checksums();
+    }
     if let Some(n) = args.wait_for {
         return run_wait_for(args, &source, n, json, quiet);
     }
@@ -143,7 +153,7 @@ pub fn run(args: &WriteArgs, why: String, json: bool, quiet: bool) -> anyhow::Re
         let value = raw_write::with_schema(&report)?;
         crate::outln!("{}", serde_json::to_string_pretty(&value)?);
     } else if !quiet {
-        print_report(&report);
+        print_report(&report, !source.range_checksums_skipped);
     }
     Ok(())
 }

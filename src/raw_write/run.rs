@@ -378,6 +378,7 @@ mod tests {
             },
             why: "test".into(),
             bmap: None,
+            range_checksums_skipped: false,
         }
     }
 

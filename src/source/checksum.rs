@@ -309,6 +309,26 @@ fn parse_md5(value: &str) -> Option<[u8; 16]> {
 }
 
 /// Lowercase hex of `bytes`.
+/// Bytes at each end of a root image that [`ends_sha256`] covers.
+const ENDS_BYTES: u64 = 64 * 1024;
+
+/// sha256 of the first and last 64 KiB of a `len`-byte image: a squashfs
+/// superblock (build time, sizes, table offsets) and its tables at the end, or an
+/// EROFS superblock. Any rebuilt image differs there.
+pub fn ends_sha256<R: Read + Seek>(r: &mut R, len: u64) -> io::Result<String> {
+    use sha2::Digest as _;
+    let mut hasher = Sha256::new();
+    let head = len.min(ENDS_BYTES);
+    let tail_start = len.saturating_sub(ENDS_BYTES).max(head);
+    for (start, end) in [(0, head), (tail_start, len)] {
+        r.seek(SeekFrom::Start(start))?;
+        let mut buf = vec![0u8; (end - start) as usize];
+        r.read_exact(&mut buf)?;
+        hasher.update(&buf);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes
@@ -377,6 +397,23 @@ pub fn sha256_reader<R: Read>(reader: R) -> io::Result<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ends_hash_covers_both_ends_only() {
+        let mut image = vec![0u8; 256 * 1024];
+        let base = ends_sha256(&mut io::Cursor::new(&image), image.len() as u64).unwrap();
+        image[128 * 1024] = 1;
+        let middle = ends_sha256(&mut io::Cursor::new(&image), image.len() as u64).unwrap();
+        assert_eq!(base, middle, "the middle is not read");
+        let last = image.len() - 1;
+        image[last] = 1;
+        let tail = ends_sha256(&mut io::Cursor::new(&image), image.len() as u64).unwrap();
+        assert_ne!(base, tail);
+        // Shorter than both ends together: each byte once.
+        let small = [7u8; 1000];
+        let sum = ends_sha256(&mut io::Cursor::new(&small), 1000).unwrap();
+        assert_eq!(sum, hex(&sha2::Sha256::digest(small)));
+    }
     use std::io::Cursor;
 
     const SAMPLE: &str = "ISO MD5SUM = 2958866ec24f63bb12a1e12b14e74614;SKIPSECTORS = 15;\

@@ -16,9 +16,10 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::error::{Classify, ErrorKind, open_failure_hint, open_failure_kind};
@@ -204,12 +205,22 @@ struct Unpacked {
     dir: PathBuf,
     size: u64,
     stated: StatedSize,
+    /// The sha256 of the compressed file, taken from the bytes the decompressor
+    /// read when the caller asked for it (a published CHECKSUM describes the
+    /// compressed file, and reading it a second time would double the cost).
+    sha256: Option<[u8; 32]>,
 }
 
 impl Source {
     /// Where the (plain) ISO is read from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The sha256 of the compressed file as it was read while unpacking, when
+    /// [`open_hashing`] asked for it; `None` for a plain source.
+    pub fn compressed_sha256(&self) -> Option<[u8; 32]> {
+        self.unpacked.as_ref()?.sha256
     }
 
     /// What the plan should say about the unpacking, for a compressed source.
@@ -249,6 +260,28 @@ pub fn open(path: &Path, mode: ProgressMode) -> Result<Source, DecompressError> 
 
 /// [`open`] with the temporary directory given.
 pub fn open_in(path: &Path, dir: &Path, mode: ProgressMode) -> Result<Source, DecompressError> {
+    open_in_hashing(path, dir, mode, false)
+}
+
+/// [`open`], and with `sha256` the compressed file's sha256 taken from the same
+/// read that unpacks it ([`Source::compressed_sha256`]): every byte the
+/// decompressor takes is hashed on its way in, and what it leaves unread at the
+/// end of the stream is read and hashed too, so the digest covers the whole file.
+pub fn open_hashing(
+    path: &Path,
+    mode: ProgressMode,
+    sha256: bool,
+) -> Result<Source, DecompressError> {
+    open_in_hashing(path, &std::env::temp_dir(), mode, sha256)
+}
+
+/// [`open_hashing`] with the temporary directory given.
+pub fn open_in_hashing(
+    path: &Path,
+    dir: &Path,
+    mode: ProgressMode,
+    sha256: bool,
+) -> Result<Source, DecompressError> {
     let plain = || Source {
         path: path.to_path_buf(),
         unpacked: None,
@@ -292,10 +325,10 @@ pub fn open_in(path: &Path, dir: &Path, mode: ProgressMode) -> Result<Source, De
     let out = tempfile::tempfile_in(dir).map_err(temp_err)?;
     let progress = Progress::for_source(mode, "iso");
     progress.phase("unpack", compressed_len);
-    let unpacked = unpack(path, dir, format, file, &out, &progress);
+    let unpacked = unpack(path, dir, format, file, &out, &progress, sha256);
     // Cleared on failure too, so the error is not printed under a stale bar.
     progress.finish();
-    let size = unpacked?;
+    let (size, digest) = unpacked?;
     let (reopened, proc_path) = inheritable_reader(&out).map_err(temp_err)?;
     Ok(Source {
         path: proc_path,
@@ -306,6 +339,7 @@ pub fn open_in(path: &Path, dir: &Path, mode: ProgressMode) -> Result<Source, De
             dir: dir.to_path_buf(),
             size,
             stated,
+            sha256: digest,
         }),
     })
 }
@@ -369,8 +403,27 @@ const CD001_AT: usize = 16 * 2048 + 1;
 /// Zero blocks this large (and aligned) become holes.
 const HOLE_BLOCK: usize = 4096;
 
-/// Decompresses `file` into `out`, checking on the way that it is an ISO;
-/// returns the unpacked size.
+/// A reader that feeds every byte it passes on to a sha256 shared with its owner,
+/// who still holds the hash after the decoder (which owns this reader) is done.
+struct Sha256Tee<R> {
+    inner: R,
+    hasher: Arc<Mutex<Sha256>>,
+}
+
+impl<R: Read> Read for Sha256Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Decompresses `file` (read from its start) into `out`, checking on the way
+/// that it is an ISO; returns the unpacked size and, with `sha256`, the
+/// compressed file's sha256 from the same read.
 fn unpack(
     path: &Path,
     dir: &Path,
@@ -378,8 +431,25 @@ fn unpack(
     file: File,
     out: &File,
     progress: &Progress,
-) -> Result<u64, DecompressError> {
-    let (counting, taken, failed) = Counting::new(file);
+    sha256: bool,
+) -> Result<(u64, Option<[u8; 32]>), DecompressError> {
+    let read_err = |source| DecompressError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    // A duplicate descriptor shares the file offset: after the decoder stops, it
+    // goes on reading exactly where the decoder's reads ended.
+    let rest = if sha256 {
+        Some(file.try_clone().map_err(read_err)?)
+    } else {
+        None
+    };
+    let hasher = Arc::new(Mutex::new(Sha256::new()));
+    let tee = Sha256Tee {
+        inner: file,
+        hasher: Arc::clone(&hasher),
+    };
+    let (counting, taken, failed) = Counting::new(tee);
     let reader = BufReader::with_capacity(1 << 20, counting);
     let mut decoder = decoder(format, reader).map_err(|source| DecompressError::Read {
         path: path.to_path_buf(),
@@ -457,7 +527,22 @@ fn unpack(
             dir: dir.to_path_buf(),
             source,
         })?;
-    Ok(written)
+    drop(decoder);
+    let Some(mut rest) = rest else {
+        return Ok((written, None));
+    };
+    let mut tee = Sha256Tee {
+        inner: &mut rest,
+        hasher: Arc::clone(&hasher),
+    };
+    io::copy(&mut tee, &mut io::sink()).map_err(read_err)?;
+    drop(tee);
+    let digest = hasher
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+        .finalize();
+    Ok((written, Some(digest.into())))
 }
 
 /// A decoder of `format` over `reader`: every stream (member, frame) of a
@@ -731,6 +816,25 @@ mod tests {
         let source = open_in(&plain, dir.path(), ProgressMode::Quiet).unwrap();
         assert_eq!(source.path(), plain);
         assert!(source.note().is_none());
+    }
+
+    #[test]
+    fn the_compressed_files_sha256_comes_from_the_read_that_unpacks_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let iso = fake_iso();
+        for format in ALL {
+            let bytes = compressed(format, &iso);
+            let path = file_with(dir.path(), "image.iso.x", &bytes);
+            let source = open_in_hashing(&path, dir.path(), ProgressMode::Quiet, true).unwrap();
+            let expected: [u8; 32] = Sha256::digest(&bytes).into();
+            assert_eq!(source.compressed_sha256(), Some(expected), "{format:?}");
+            assert_eq!(std::fs::read(source.path()).unwrap(), iso, "{format:?}");
+            let unhashed = open_in(&path, dir.path(), ProgressMode::Quiet).unwrap();
+            assert_eq!(unhashed.compressed_sha256(), None, "{format:?}");
+        }
+        let plain = file_with(dir.path(), "plain.iso", &iso);
+        let source = open_in_hashing(&plain, dir.path(), ProgressMode::Quiet, true).unwrap();
+        assert_eq!(source.compressed_sha256(), None);
     }
 
     #[test]

@@ -344,7 +344,7 @@ fn vendor_grub_menus(
 }
 
 /// `/EFI/<vendor>/grub.cfg`, one level below EFI/, any case, EFI/BOOT excluded.
-fn is_vendor_grub_cfg(path: &str) -> bool {
+pub fn is_vendor_grub_cfg(path: &str) -> bool {
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     matches!(parts.as_slice(), [efi, vendor, name]
         if efi.eq_ignore_ascii_case("EFI")

@@ -30,8 +30,8 @@ fn compress(program: &str, args: &[&str], iso: &Path, dest: &Path) {
 
 /// The plain fixture and its compressed copies, one per compressor, made once
 /// per test run beside the fixture (a rename makes each appear whole, for a
-/// second test process running at the same time).
-fn copies() -> (PathBuf, Vec<PathBuf>) {
+/// second test process running at the same time). Shared with `signed_checksum`.
+pub fn copies() -> (PathBuf, Vec<PathBuf>) {
     static COPIES: OnceLock<Vec<PathBuf>> = OnceLock::new();
     let iso = synthetic_iso("fedora-classic.iso");
     let copies = COPIES.get_or_init(|| {

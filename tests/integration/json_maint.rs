@@ -587,8 +587,9 @@ fn maintenance_errors_follow_the_error_schema() {
 
 /// Every schema of this part, so that a new field or a renamed one must be written
 /// into its schema (and so into docs/json-maintenance.md) before a test passes.
-const MAINTENANCE_SCHEMAS: [&str; 12] = [
+const MAINTENANCE_SCHEMAS: [&str; 13] = [
     "inspect",
+    "inspect-raw",
     "devices",
     "doctor",
     "overlay-status",

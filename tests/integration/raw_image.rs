@@ -709,3 +709,210 @@ fn wait_for_writes_the_image_to_each_stick_as_it_appears() {
     );
     assert_fedora_layout(&backing, dir.path());
 }
+
+/// What `inspect` says of a raw image, checked against its schema.
+fn inspect_raw(image: &Path) -> serde_json::Value {
+    let out = livestick(&["--json", "inspect", s(image)]);
+    let doc = crate::support::schema::valid_document(ok_bytes(&out), "inspect-raw");
+    assert_eq!(doc["schema"], 1, "{doc}");
+    doc
+}
+
+fn ok_bytes(out: &Output) -> &[u8] {
+    assert!(
+        out.status.success(),
+        "livestick failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    &out.stdout
+}
+
+/// Issue 15: `inspect` describes a raw disk image, plain or compressed, as `sfdisk`
+/// and `blkid` see the plain one: the GPT's partitions (start, size, type, name,
+/// PARTUUID), each file system's type, label and UUID, the sizes, and the block map
+/// beside it; as text too.
+#[test]
+fn inspect_describes_a_raw_image_as_sfdisk_and_blkid_see_it() {
+    let dir = tmp();
+    let plain = source(dir.path(), "disk.raw");
+    let xz = source(dir.path(), "disk.raw.xz");
+    let zst = source(dir.path(), "disk.raw.zst");
+    let table = sfdisk(&fixture().join("disk.raw"));
+    let expected = table["partitiontable"]["partitions"].as_array().unwrap();
+    for image in [&plain, &xz, &zst] {
+        let doc = inspect_raw(image);
+        assert_eq!(doc["source"], s(image));
+        assert_eq!(doc["source_kind"], "raw-image");
+        assert_eq!(doc["table"], "gpt", "{doc}");
+        assert_eq!(doc["image_bytes"], IMAGE_SIZE, "{doc}");
+        assert_eq!(doc["file_bytes"], std::fs::metadata(image).unwrap().len());
+        let compression = match image.extension().and_then(|e| e.to_str()) {
+            Some("xz") => serde_json::json!("xz"),
+            Some("zst") => serde_json::json!("zstd"),
+            _ => serde_json::Value::Null,
+        };
+        assert_eq!(doc["compression"], compression, "{doc}");
+        assert!(doc["bmap"].is_null(), "no map beside it yet: {doc}");
+        let parts = doc["partitions"].as_array().unwrap();
+        assert_eq!(parts.len(), expected.len(), "{doc}");
+        for (got, want) in parts.iter().zip(expected) {
+            let start = want["start"].as_u64().unwrap() * 512;
+            assert_eq!(got["start_bytes"], start, "{got}");
+            assert_eq!(got["size_bytes"], want["size"].as_u64().unwrap() * 512);
+            assert_eq!(
+                got["type_id"].as_str().unwrap(),
+                want["type"].as_str().unwrap().to_ascii_lowercase()
+            );
+            assert_eq!(got["name"], want["name"], "{got}");
+            assert_eq!(
+                got["part_uuid"].as_str().unwrap(),
+                want["uuid"].as_str().unwrap().to_ascii_lowercase()
+            );
+            let raw = fixture().join("disk.raw");
+            let fs = &got["filesystem"];
+            assert_eq!(fs["fs_type"], blkid_value(&raw, start, "TYPE"), "{got}");
+            assert_eq!(fs["label"], blkid_value(&raw, start, "LABEL"), "{got}");
+            assert_eq!(
+                fs["uuid"].as_str().unwrap().to_ascii_lowercase(),
+                blkid_value(&raw, start, "UUID").to_ascii_lowercase(),
+                "{got}"
+            );
+        }
+    }
+
+    // The block map beside the image (as `write` finds it) is described.
+    std::fs::copy(
+        fixture().join("disk.raw.bmap"),
+        dir.path().join("disk.raw.bmap"),
+    )
+    .unwrap();
+    for image in [&plain, &xz] {
+        let doc = inspect_raw(image);
+        let bmap = &doc["bmap"];
+        assert_eq!(bmap["path"], s(&dir.path().join("disk.raw.bmap")), "{doc}");
+        assert_eq!(bmap["image_bytes"], IMAGE_SIZE);
+        let mapped = bmap["mapped_bytes"].as_u64().unwrap();
+        assert!(mapped > 3 * MIB && mapped < IMAGE_SIZE, "{bmap}");
+    }
+
+    let text = ok(&livestick(&["inspect", s(&xz)]));
+    for line in [
+        "kind: raw disk image",
+        "compression: xz",
+        "partition table: GPT",
+        "partition 1: 16 MiB at 1 MiB, EFI system, named \"EFI\"",
+        "labelled \"root\"",
+        "block map: ",
+    ] {
+        assert!(text.contains(line), "{line:?} in:\n{text}");
+    }
+}
+
+/// A compressed raw image cut before its last partition's superblock is refused
+/// naming the file and the step, exit 2 (`inspect` unpacks only that far, so a cut
+/// past it is `write`'s to find).
+#[test]
+fn inspect_of_a_truncated_raw_image_names_it() {
+    let dir = tmp();
+    for name in ["disk.raw.xz", "disk.raw.zst"] {
+        let image = source(dir.path(), name);
+        let bytes = std::fs::read(&image).unwrap();
+        // About the first 9 to 18 MiB of the image: the root partition is at 33 MiB.
+        std::fs::write(&image, &bytes[..2000]).unwrap();
+        let out = livestick(&["inspect", s(&image)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(
+            stderr.contains(name) && stderr.contains("decompressing"),
+            "{stderr}"
+        );
+    }
+}
+
+/// Issue 15: `--noverify` with a raw image skips the image's own checks, the block
+/// map's per-range checksums (as it skips a live ISO's implanted MD5): a byte
+/// changed in a mapped range, refused without it, is written with it, and the plan
+/// and report say the checksums were not checked. The map still decides what is
+/// written and the read-back still runs. Without a map the plan says nothing was
+/// skipped; a published CHECKSUM is checked all the same.
+#[test]
+fn noverify_skips_only_the_block_maps_checksums() {
+    let dir = tmp();
+    let src = source(dir.path(), "disk.raw");
+    let map = source(dir.path(), "disk.raw.bmap");
+    let mut image = std::fs::read(&src).unwrap();
+    let at = (67584 * 512 + 1024 + 100) as usize; // the root file system's superblock
+    image[at] ^= 0xFF;
+    std::fs::write(&src, &image).unwrap();
+
+    let target = used_target(dir.path(), "stick.img", 100 * MIB);
+    let out = write(&[s(&src), s(&target)]);
+    assert_eq!(out.status.code(), Some(2), "checked without --noverify");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not match"));
+
+    let plan: serde_json::Value = serde_json::from_str(&ok(&write(&[
+        s(&src),
+        s(&target),
+        "--noverify",
+        "--dry-run",
+    ])))
+    .unwrap();
+    let notes = plan["notes"].to_string();
+    assert!(
+        notes.contains("NOT checked") && notes.contains("--noverify"),
+        "{notes}"
+    );
+    let target = used_target(dir.path(), "stick.img", 100 * MIB);
+    let r = report(&write(&[s(&src), s(&target), "--noverify"]));
+    assert_eq!(r["bmap"], s(&map));
+    assert_eq!(
+        r["verified_bytes"], r["written_bytes"],
+        "the read-back still ran"
+    );
+    assert_eq!(
+        read_range(&target, at as u64, 1),
+        [image[at]],
+        "the image as given"
+    );
+    let target = used_target(dir.path(), "stick.img", 100 * MIB);
+    let text = ok(&livestick(&["write", s(&src), s(&target), "--noverify"]));
+    assert!(text.contains("checksums not checked: --noverify"), "{text}");
+
+    // No map: nothing to skip, and the plan says so.
+    std::fs::remove_file(&map).unwrap();
+    let plan: serde_json::Value = serde_json::from_str(&ok(&write(&[
+        s(&src),
+        s(&target),
+        "--noverify",
+        "--dry-run",
+    ])))
+    .unwrap();
+    assert!(
+        plan["notes"].to_string().contains("nothing was skipped"),
+        "{plan}"
+    );
+
+    // A published CHECKSUM that does not describe the image: refused, --noverify or not.
+    let checksum = dir.path().join("disk-CHECKSUM");
+    std::fs::write(
+        &checksum,
+        crate::signed_checksum::checksum_text(
+            &[("disk.raw", &"ab".repeat(32))],
+            crate::signed_checksum::SignedBy::Nobody,
+        ),
+    )
+    .unwrap();
+    let old = sha256_file(&target);
+    let out = write(&[
+        s(&src),
+        s(&target),
+        "--noverify",
+        "--checksum",
+        s(&checksum),
+        "--allow-unsigned",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("does not match its checksum"), "{err}");
+    assert_eq!(sha256_file(&target), old, "the target is unchanged");
+}

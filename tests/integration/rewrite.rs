@@ -35,6 +35,35 @@ fn kept(value: &serde_json::Value) -> &serde_json::Value {
     &value["kept_overlay"]
 }
 
+/// The manifest's entry for the root image, and the implanted MD5 it records.
+fn root_record_in_manifest(image: &Path, start: u64) -> (serde_json::Value, serde_json::Value) {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fat_read(image, start, "/LiveOS/livestick.json"))
+            .expect("the manifest is JSON");
+    let record = manifest["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .find(|f| f["path"] == "/LiveOS/squashfs.img")
+        .cloned()
+        .expect("the root image is listed");
+    (
+        record,
+        manifest["images"][0]["source"]["implanted_md5"].clone(),
+    )
+}
+
+/// sha256 of the first and last 64 KiB of an image larger than 128 KiB: what the
+/// root record ties itself to the copy on the stick with.
+fn ends_sha256(image: &[u8]) -> String {
+    use sha2::Digest;
+    assert!(image.len() > 128 * 1024);
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(&image[..64 * 1024]);
+    hasher.update(&image[image.len() - 64 * 1024..]);
+    crate::support::dm_snapshot::hex(&hasher.finalize())
+}
+
 #[test]
 fn same_root_image_keeps_the_overlay_and_a_changed_one_empties_it() {
     let classic = synthetic_iso("fedora-classic.iso");
@@ -53,15 +82,21 @@ fn same_root_image_keeps_the_overlay_and_a_changed_one_empties_it() {
         "3333CCCC",
     ]);
     let start = part_start(&image);
-    // The record beside the root image names what was written.
+    // The manifest's record of the root image names what was written.
     let from_iso = dir.path().join("iso-squashfs.img");
     iso_extract(&classic, "/LiveOS/squashfs.img", &from_iso);
-    let record = String::from_utf8(fat_read(&image, start, "/LiveOS/.livestick")).unwrap();
-    assert!(
-        record.contains(&format!("sha256={}\n", sha256_file(&from_iso))),
+    let (record, iso_md5) = root_record_in_manifest(&image, start);
+    assert_eq!(
+        record["sha256"],
+        sha256_file(&from_iso).as_str(),
         "{record}"
     );
-    assert!(record.contains("iso_md5="), "{record}");
+    assert_eq!(
+        record["ends_sha256"],
+        ends_sha256(&std::fs::read(&from_iso).unwrap()).as_str(),
+        "{record}"
+    );
+    assert!(iso_md5.is_string(), "{iso_md5}");
 
     let changed = boot_and_write(&image);
     assert_eq!(changed, 3);
@@ -84,19 +119,9 @@ fn same_root_image_keeps_the_overlay_and_a_changed_one_empties_it() {
         "the overlay changed"
     );
 
-    // Without the record the stick's image is hashed: the same, so still kept.
-    let out = std::process::Command::new("mdel")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .arg("-i")
-        .arg(format!("{img}@@{start}"))
-        .arg("::/LiveOS/.livestick")
-        .output()
-        .expect("mtools installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Without the record (no manifest) the stick's image is hashed: the same, so
+    // still kept.
+    fat_delete(&image, start, "/LiveOS/livestick.json");
     let plan = json_of(&[iso, img, "--dry-run"]);
     let why = kept(&plan)["why"].as_str().unwrap();
     assert_eq!(kept(&plan)["reset"], false, "{plan}");
@@ -217,4 +242,91 @@ fn overlayfs_overlay_is_kept_or_made_anew() {
     assert!(!listing.contains("note.txt"), "{listing}");
     let top = run("debugfs", &["-R", "ls -l /", overlay.to_str().unwrap()]);
     assert!(top.contains("ovlwork"), "{top}");
+}
+
+/// Issue 15: the manifest carries the root record and `.livestick` is no longer
+/// written. A stick of an older livestick (a manifest without the record, or none,
+/// and `LiveOS/.livestick` beside the image) is still recognised by that file: the
+/// same ISO keeps its overlay after 128 KiB read, and the write that follows moves
+/// the record into the manifest and deletes the old file.
+#[test]
+fn an_old_stick_with_only_its_livestick_record_keeps_its_overlay() {
+    let classic = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let image = dir.path().join("stick.img");
+    let (iso, img) = (classic.to_str().unwrap(), image.to_str().unwrap());
+    json_of(&[
+        iso,
+        img,
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "16",
+        "--volume-id",
+        "3333CCCC",
+    ]);
+    let start = part_start(&image);
+    let listing = fat_ls(&image, start, "/LiveOS").to_lowercase();
+    assert!(!listing.contains(".livestick"), "{listing}");
+    let (record, iso_md5) = root_record_in_manifest(&image, start);
+    let md5 = iso_md5.as_str().expect("the fixture has an implanted MD5");
+    boot_and_write(&image);
+    let overlay_before = fat_read(&image, start, OVERLAY);
+
+    // Made old: the record as the older livestick wrote it, and no manifest.
+    let root = fat_read(&image, start, "/LiveOS/squashfs.img");
+    let old_record = dir.path().join("livestick-record");
+    std::fs::write(
+        &old_record,
+        format!(
+            "# livestick: the root image this live directory's overlay was written for\n\
+             size={}\nsha256={}\nends_sha256={}\niso_md5={md5}\n",
+            root.len(),
+            record["sha256"].as_str().unwrap(),
+            ends_sha256(&root)
+        ),
+    )
+    .unwrap();
+    fat_put(&image, start, &old_record, "/LiveOS/.livestick");
+    fat_delete(&image, start, "/LiveOS/livestick.json");
+
+    let plan = json_of(&[iso, img, "--dry-run"]);
+    assert_eq!(kept(&plan)["reset"], false, "{plan}");
+    let why = kept(&plan)["why"].as_str().unwrap();
+    assert!(
+        why.contains("written from this ISO (implanted MD5"),
+        "the old record was read: {why}"
+    );
+    assert!(
+        plan["deletes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d == "/LiveOS/.livestick"),
+        "{plan}"
+    );
+    let report = json_of(&[iso, img]);
+    assert_eq!(kept(&report)["reset"], false, "{report}");
+    assert_eq!(fat_read(&image, start, OVERLAY), overlay_before);
+    let listing = fat_ls(&image, start, "/LiveOS").to_lowercase();
+    assert!(!listing.contains(".livestick"), "{listing}");
+    let (record_now, _) = root_record_in_manifest(&image, start);
+    assert_eq!(record_now["ends_sha256"], ends_sha256(&root).as_str());
+
+    // A broken old record (another image's ends) is not trusted: the image is hashed.
+    fat_delete(&image, start, "/LiveOS/livestick.json");
+    std::fs::write(
+        &old_record,
+        format!(
+            "size={}\nsha256={}\nends_sha256={}\niso_md5={md5}\n",
+            root.len(),
+            record["sha256"].as_str().unwrap(),
+            "0".repeat(64)
+        ),
+    )
+    .unwrap();
+    fat_put(&image, start, &old_record, "/LiveOS/.livestick");
+    let plan = json_of(&[iso, img, "--dry-run"]);
+    let why = kept(&plan)["why"].as_str().unwrap();
+    assert!(why.contains("same size and sha256"), "{why}");
 }

@@ -236,16 +236,29 @@ struct Scene {
     dir: tempfile::TempDir,
     iso: PathBuf,
     target: PathBuf,
+    /// The target's sha256 before any write, which a refusal must leave.
+    target_before: String,
 }
 
 impl Scene {
     fn new() -> Scene {
+        Scene::with_source(&synthetic_iso("fedora-classic.iso"), ISO_NAME)
+    }
+
+    /// The scene with `source` linked under `name`.
+    fn with_source(source: &Path, name: &str) -> Scene {
         let dir = tmp();
-        let iso = dir.path().join(ISO_NAME);
-        std::os::unix::fs::symlink(synthetic_iso("fedora-classic.iso"), &iso).unwrap();
+        let iso = dir.path().join(name);
+        std::os::unix::fs::symlink(source, &iso).unwrap();
         let target = dir.path().join("stick.img");
         fill_random(&target, 2 << 20);
-        Scene { dir, iso, target }
+        let target_before = sha256_file(&target);
+        Scene {
+            dir,
+            iso,
+            target,
+            target_before,
+        }
     }
 
     /// The ISO as a copy with its last byte changed (inside the volume's padding,
@@ -289,12 +302,11 @@ fn iso_sha256() -> String {
 
 /// A refused write: exit 2, the message names the cause, the target is as it was.
 fn refused(scene: &Scene, out: &Output, needle: &str) {
-    let before = sha256_file(&scene.target);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
     assert_eq!(
-        before,
+        scene.target_before,
         sha256_file(&scene.target),
         "the target changed although the check refused"
     );
@@ -559,6 +571,26 @@ fn livestick_reading(args: &[&str]) -> (Option<i32>, String, u64) {
     (out.status.code(), stderr, rchar)
 }
 
+/// The bytes a successful write of the scene's source reads (`rchar`), with the
+/// good keyring.
+fn write_reading(scene: &Scene, keys: &Keys) -> u64 {
+    let args = [
+        "--json",
+        "write",
+        scene.iso.to_str().unwrap(),
+        scene.target.to_str().unwrap(),
+        "--size",
+        "64M",
+        "--volume-id",
+        "1234ABCD",
+        "--keyring",
+        keys.good.to_str().unwrap(),
+    ];
+    let (code, stderr, rchar) = livestick_reading(&args);
+    assert_eq!(code, Some(0), "{stderr}");
+    rchar
+}
+
 /// Issue 15 part 3: a local ISO with a CHECKSUM is read once for both the sha256
 /// and the implanted MD5. The same write with and without a CHECKSUM reads about
 /// the same bytes; checked separately, the CHECKSUM would cost a whole ISO more.
@@ -568,32 +600,14 @@ fn the_checksum_and_the_implanted_md5_share_one_read_of_the_iso() {
     let iso_len = std::fs::metadata(synthetic_iso("fedora-classic.iso"))
         .unwrap()
         .len();
-    let write_reading = |scene: &Scene, extra: &[&str]| {
-        let mut args = vec![
-            "--json",
-            "write",
-            scene.iso.to_str().unwrap(),
-            scene.target.to_str().unwrap(),
-            "--size",
-            "64M",
-            "--volume-id",
-            "1234ABCD",
-            "--keyring",
-            keys.good.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let (code, stderr, rchar) = livestick_reading(&args);
-        assert_eq!(code, Some(0), "{stderr}");
-        rchar
-    };
     let plain = Scene::new();
-    let without = write_reading(&plain, &[]);
+    let without = write_reading(&plain, keys);
     let checked = Scene::new();
     checked.checksum(
         CHECKSUM_NAME,
         &checksum_text(&[(ISO_NAME, &iso_sha256())], SignedBy::Good),
     );
-    let with = write_reading(&checked, &[]);
+    let with = write_reading(&checked, keys);
     assert!(
         without > iso_len,
         "the write reads the ISO at least once ({without} bytes read, ISO {iso_len})"
@@ -765,4 +779,84 @@ fn a_batch_refuses_a_tampered_image_before_probing_its_targets() {
     ]);
     refused(&scene, &out, "does not match its checksum");
     assert_eq!(sha256_file(&second), before, "the second target changed");
+}
+
+/// The fixture's zstd copy under Fedora's name, and its sha256.
+fn compressed_scene() -> (Scene, String) {
+    const ZST_NAME: &str = "Fedora-Test-Live-42-1.1.x86_64.iso.zst";
+    let (_, copies) = crate::compressed::copies();
+    let zst = copies
+        .iter()
+        .find(|p| p.extension().is_some_and(|e| e == "zst"))
+        .expect("a zstd copy");
+    (Scene::with_source(zst, ZST_NAME), sha256_file(zst))
+}
+
+/// Issue 15 part 1: a compressed ISO's CHECKSUM (which describes the compressed
+/// file) is hashed from the bytes the decompressor reads, so the compressed file is
+/// read once: the same write with and without a CHECKSUM reads about the same
+/// bytes; checked on its own, the CHECKSUM would cost the compressed file again.
+#[test]
+fn a_compressed_iso_and_its_checksum_share_one_read() {
+    let keys = keys();
+    let (plain, sha) = compressed_scene();
+    let name = plain.iso.file_name().unwrap().to_str().unwrap().to_string();
+    let compressed_len = std::fs::metadata(&plain.iso).unwrap().len();
+    let without = write_reading(&plain, keys);
+    let (checked, _) = compressed_scene();
+    checked.checksum(
+        CHECKSUM_NAME,
+        &checksum_text(&[(&name, &sha)], SignedBy::Good),
+    );
+    let with = write_reading(&checked, keys);
+    assert!(
+        without > compressed_len,
+        "the write reads the compressed ISO at least once ({without} bytes read, file {compressed_len})"
+    );
+    assert!(
+        with < without + compressed_len / 4,
+        "a CHECKSUM cost a second read of the compressed ISO: {with} bytes read with it, {without} without (file {compressed_len})"
+    );
+    // Both checks ran: the compressed file's sha256 matched, the unpacked ISO's MD5 passed.
+    let json = report(&checked.write(&["--keyring", keys.good.to_str().unwrap()]));
+    assert_eq!(json["checksum"]["matched"], true, "{json}");
+    assert_eq!(json["checksum"]["actual_sha256"], sha.as_str());
+    assert!(json["iso_md5"].is_string(), "{json}");
+}
+
+/// A compressed ISO that unpacks cleanly but is not the one its CHECKSUM names is
+/// refused when the stream ends, before the target is touched, with `--noverify`
+/// too; a stream the decompressor rejects is refused for that, also with a CHECKSUM.
+#[test]
+fn a_compressed_iso_its_checksum_does_not_describe_is_refused_before_the_target() {
+    let keys = keys();
+    let keyring = keys.good.to_str().unwrap();
+    let (scene, _) = compressed_scene();
+    let name = scene.iso.file_name().unwrap().to_str().unwrap().to_string();
+    let other = "ab".repeat(32);
+    let file = scene.checksum(
+        CHECKSUM_NAME,
+        &checksum_text(&[(&name, &other)], SignedBy::Good),
+    );
+    for extra in [&[][..], &["--noverify"][..]] {
+        let mut args = vec!["--checksum", file.to_str().unwrap(), "--keyring", keyring];
+        args.extend_from_slice(extra);
+        refused(&scene, &scene.write(&args), "does not match its checksum");
+    }
+    // A byte flipped mid-stream: the decompressor's error, not the checksum's.
+    let (bad, _) = compressed_scene();
+    let mut bytes = std::fs::read(&bad.iso).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::remove_file(&bad.iso).unwrap();
+    std::fs::write(&bad.iso, &bytes).unwrap();
+    let sha = {
+        use sha2::Digest;
+        hex(&sha2::Sha256::digest(&bytes))
+    };
+    bad.checksum(
+        CHECKSUM_NAME,
+        &checksum_text(&[(&name, &sha)], SignedBy::Good),
+    );
+    refused(&bad, &bad.write(&["--keyring", keyring]), "decompressing ");
 }

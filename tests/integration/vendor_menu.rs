@@ -89,3 +89,65 @@ fn an_iso_without_any_menu_names_where_it_looked() {
         "{stderr}"
     );
 }
+
+/// A stick written from such an ISO, used in turn as a source (issue 15): its
+/// vendor menu is read from the stick's FAT as from the ISO, listed by `inspect`,
+/// and rendered again for the new stick with the new stick's UUID.
+#[test]
+fn a_stick_with_only_a_vendor_grub_menu_is_a_source() {
+    let dir = tmp();
+    let iso = vendor_only_iso(dir.path());
+    let first = dir.path().join("first.img");
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        first.to_str().unwrap(),
+        "--size",
+        "128M",
+        "--yes",
+        "--quiet",
+    ]));
+    // As another tool leaves it: the vendor's menu is the stick's only one.
+    let first_start = part_start(&first);
+    for (dir, menu) in [("/EFI/BOOT", "grub.cfg"), ("/boot/grub2", "grub.cfg")] {
+        if fat_ls(&first, first_start, dir)
+            .to_lowercase()
+            .contains(menu)
+        {
+            fat_delete(&first, first_start, &format!("{dir}/{menu}"));
+        }
+    }
+    let listing = fat_ls(&first, first_start, "/EFI/BOOT").to_lowercase();
+    assert!(!listing.contains("grub.cfg"), "{listing}");
+
+    let inspected = livestick(&["--json", "inspect", first.to_str().unwrap()]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&inspected)).unwrap();
+    assert!(
+        json.to_string().contains("/EFI/vendor/grub.cfg"),
+        "the stick's vendor menu is not listed: {json}"
+    );
+
+    let second = dir.path().join("second.img");
+    ok(&livestick(&[
+        "write",
+        first.to_str().unwrap(),
+        second.to_str().unwrap(),
+        "--size",
+        "128M",
+        "--yes",
+        "--quiet",
+    ]));
+    let start = part_start(&second);
+    let cfg = String::from_utf8(fat_read(&second, start, "/EFI/vendor/grub.cfg")).unwrap();
+    let uuid = blkid_value(&second, start, "UUID");
+    assert!(
+        cfg.contains(&format!("root=live:UUID={uuid}")),
+        "the vendor menu was not rendered for the second stick ({uuid}):\n{cfg}"
+    );
+    assert!(cfg.contains("/images/pxeboot/vmlinuz"), "{cfg}");
+    assert_eq!(
+        fat_read(&second, start, "/images/pxeboot/vmlinuz"),
+        b"kernel",
+        "the kernel the menu names was copied"
+    );
+}

@@ -585,12 +585,15 @@ fn home_resize_records_the_new_size_and_verify_stays_intact() {
     assert!(!ls.contains("livestick.json.new"), "{ls}");
 }
 
-/// The manifest rewrite after `overlay merge` is atomic: stopped after the new copy
-/// is written and before the swap (`LIVESTICK_FAILPOINT=manifest-staged`), the stick
-/// keeps the old manifest whole, so `verify` reads it (exit 4: the merged root image
-/// differs from the record; exit 2 would mean an unreadable manifest), and the next
-/// rewrite (`home resize`) clears the leftover. An uninterrupted merge records the
-/// new root image and verifies intact.
+/// `overlay merge` swaps the stick's manifest in with the new root image (issue 15):
+/// the manifest naming the new image is staged before the image's swap, under an
+/// intent (`LiveOS/.livestick-follow`). Stopped with both staged
+/// (`LIVESTICK_FAILPOINT=manifest-staged`), after the image's swap and before the
+/// manifest's (`root-swapped`), or inside a two-sector swap (`swap-half`), the next
+/// `verify` repairs the stick first (rolling back or finishing) and reports it
+/// intact, with the manifest recording the root image the stick now holds and no
+/// leftover names; a later rewrite (`home resize`) still works. An uninterrupted
+/// merge records the new root image and verifies intact.
 #[test]
 fn a_merge_stopped_while_rewriting_the_manifest_leaves_a_readable_one() {
     if !require(
@@ -636,7 +639,7 @@ fn a_merge_stopped_while_rewriting_the_manifest_leaves_a_readable_one() {
         debugfs_w(
             &format!("{}?offset={}", t.image.display(), ext[0].0),
             &format!(
-                "mkdir /overlayfs/etc\nwrite {} /overlayfs/etc/{name}\n",
+                "mkdir /overlayfs/{name}\nwrite {} /overlayfs/{name}/{name}\n",
                 payload.display()
             ),
         );
@@ -663,29 +666,51 @@ fn a_merge_stopped_while_rewriting_the_manifest_leaves_a_readable_one() {
             .unwrap()
     };
 
-    boot("first");
-    let manifest_before = fat_read(&t.image, t.part, MANIFEST);
-    let out = merge(Some("manifest-staged"));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "the merge itself completed: {err}"
-    );
-    assert!(err.contains("manifest could not be updated"), "{err}");
-    assert_eq!(
-        fat_read(&t.image, t.part, MANIFEST),
-        manifest_before,
-        "the old manifest is whole"
-    );
-    let (out, r) = verify_json(&[t.s()]);
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "read, and the merge shows: {r:#}"
-    );
-    assert_eq!(state_of(&r, "/LiveOS/squashfs.img")["state"], "changed");
-    fsck_fat(&t.image, t.part, part_len(&t.image), t.dir.path());
+    let leftovers = || {
+        let ls = fat_ls(&t.image, t.part, "/LiveOS").to_lowercase();
+        // A staged root image of a stopped merge is the next merge's to remove.
+        assert!(
+            !ls.contains("livestick.json.new") && !ls.contains(".livestick-follow"),
+            "leftovers after the repair: {ls}"
+        );
+    };
+    for (round, step) in ["manifest-staged", "root-swapped", "swap-half"]
+        .into_iter()
+        .enumerate()
+    {
+        boot(&format!("stopped-{round}"));
+        let root_before = sq_sha();
+        let out = merge(Some(step));
+        let err = String::from_utf8_lossy(&out.stderr);
+        if step == "swap-half" && out.status.success() {
+            // Both swaps fitted in one directory sector each: nothing to stop.
+            assert!(!err.contains("failpoint"), "{err}");
+        } else {
+            assert_ne!(out.status.code(), Some(0), "{step}: {err}");
+            assert!(err.contains(step), "{step}: {err}");
+        }
+        let root_now = sq_sha();
+        if step == "manifest-staged" {
+            assert_eq!(root_now, root_before, "nothing was swapped");
+        } else {
+            assert_ne!(root_now, root_before, "{step}: the new image is in place");
+        }
+        let out = livestick(&["--json", "verify", t.s()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{step}: verify JSON ({e}): {err}"));
+        assert_eq!(out.status.code(), Some(0), "{step}: {r:#}\n{err}");
+        assert_eq!(state_of(&r, "/LiveOS/squashfs.img")["state"], "intact");
+        let expected_line = match step {
+            "manifest-staged" => "rolled back",
+            "root-swapped" => "completed",
+            _ => "",
+        };
+        assert!(err.contains(expected_line), "{step}: {err}");
+        assert_eq!(sq_record(&t.manifest())["sha256"], sq_sha().as_str());
+        leftovers();
+        fsck_fat(&t.image, t.part, part_len(&t.image), t.dir.path());
+    }
 
     // The next rewrite puts a new manifest in place and clears the leftover.
     ok(&livestick(&[

@@ -173,3 +173,26 @@ pub fn staged_path(squashfs: &Path) -> PathBuf {
     name.push(".new");
     squashfs.with_file_name(name)
 }
+
+/// The new root image a merge is about to swap in, as a file that must change with
+/// it sees it.
+pub struct NewRoot<'a> {
+    /// `/LiveOS/squashfs.img`
+    pub path: &'a str,
+    pub size: u64,
+    pub sha256: &'a str,
+}
+
+/// A file whose new copy is staged beside it (`staged`) and must be swapped in
+/// together with the root image: the stick's manifest, which names the image's
+/// sha256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Companion {
+    pub target: String,
+    pub staged: String,
+}
+
+/// Stages the companion of a new root image on the open stick, synced (`Ok(None)`
+/// when the stick has none, e.g. no manifest). A function the command passes down
+/// in the plan: the manifest is a module above this layer.
+pub type StageCompanion = fn(&mut Stick, &NewRoot<'_>) -> Result<Option<Companion>, String>;

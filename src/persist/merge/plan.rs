@@ -67,6 +67,11 @@ pub struct MergePlan {
     /// Stop with an error right after this step (crash tests); from `LIVESTICK_FAILPOINT`.
     #[serde(skip)]
     pub failpoint: Option<String>,
+    /// On a stick: stages the stick's manifest for the new root image, so that it is
+    /// swapped in with the image (`located::StageCompanion`); set by the command,
+    /// since the manifest lives above this layer.
+    #[serde(skip)]
+    pub stage_companion: Option<super::located::StageCompanion>,
     /// Set when the overlay is an OverlayFS one (ext4 with overlayfs/ + ovlwork/).
     pub ovl: Option<OvlPlan>,
     /// EROFS: go on even though fsck.erofs cannot extract xattrs (`--allow-xattr-loss`).
@@ -361,6 +366,7 @@ fn plan_snapshot(
         notes,
         steps,
         failpoint: facts.failpoint.clone(),
+        stage_companion: None,
         ovl: None,
         allow_xattr_loss: false,
     })
@@ -670,6 +676,7 @@ fn plan_overlayfs(
         notes,
         steps,
         failpoint: facts.failpoint.clone(),
+        stage_companion: None,
         ovl: Some(OvlPlan {
             layout,
             upper_entries: entries,

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use super::error::{MergeError, io_at};
 use super::fold::fold_chunks;
-use super::located::{StickPlace, check_space, staged_path, stick_extents};
+use super::located::{Companion, NewRoot, StickPlace, check_space, staged_path, stick_extents};
 use super::overlayfs::tree::ApplyReport;
 use super::plan::{MergePlan, failpoint};
 use crate::disk::extent_file::ExtentFile;
@@ -310,7 +310,28 @@ fn stick_replace(
     }
     failpoint(plan, "fold")?;
 
-    report.swap = Some(swap_on_stick(&mut stick, &place.squashfs, &staged)?);
+    let companion = match plan.stage_companion {
+        Some(stage) => {
+            let root = NewRoot {
+                path: &place.squashfs,
+                size: new_len,
+                sha256: &want,
+            };
+            stage(&mut stick, &root).map_err(|why| MergeError::Io {
+                path: PathBuf::from(format!("{}:{}", place.stick.display(), place.squashfs)),
+                source: std::io::Error::other(format!(
+                    "staging the stick's manifest for the new root image failed ({why}); nothing was swapped: the stick still holds the old image, and `livestick verify` reports it intact"
+                )),
+            })?
+        }
+        None => None,
+    };
+    report.swap = Some(match &companion {
+        Some(companion) => {
+            swap_with_companion(plan, &mut stick, &place.squashfs, &staged, companion)?
+        }
+        None => swap_on_stick(&mut stick, &place.squashfs, &staged)?,
+    });
     // The staged name now holds the old image; free its clusters (unless another
     // name still uses them).
     if let Some(note) = detach_shared_leftover(stick.file_mut(), part, &staged)? {
@@ -341,6 +362,120 @@ fn staging_failed(staged: &str, source: StickError) -> MergeError {
         staged: staged.trim_start_matches('/').to_string(),
         source,
     }
+}
+
+/// The intent file of a replacement with a companion, in the live directory from
+/// before the root image's swap until after the companion's.
+pub const FOLLOW_NAME: &str = ".livestick-follow";
+
+const FOLLOW_MAGIC: &str = "livestick follow 1";
+
+/// What a replacement with a companion is about to do: once `first` names
+/// `first_new` (the new root image's entry fields), `target` must name `new` (its
+/// staged copy's). Written and synced before the first swap, removed after the
+/// second, so that [`repair_leftovers`] finishes the second (or drops the staged copy
+/// when the first never happened) whenever the two were stopped in between.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Follow {
+    pub first: String,
+    pub first_new: Vec<u8>,
+    pub target: String,
+    pub staged: String,
+    pub new: Vec<u8>,
+}
+
+impl Follow {
+    pub fn to_text(&self) -> String {
+        format!(
+            "{FOLLOW_MAGIC}\nfirst {}\nfirst_new {}\ntarget {}\nstaged {}\nnew {}\n",
+            self.first,
+            hex(&self.first_new),
+            self.target,
+            self.staged,
+            hex(&self.new)
+        )
+    }
+
+    /// `None` for anything but what [`Follow::to_text`] writes (a torn or foreign file).
+    pub fn parse(text: &str) -> Option<Follow> {
+        let mut lines = text.lines();
+        if lines.next()? != FOLLOW_MAGIC {
+            return None;
+        }
+        let mut field = |key: &str| {
+            lines
+                .next()
+                .and_then(|l| l.strip_prefix(key))
+                .and_then(|l| l.strip_prefix(' '))
+                .map(str::to_string)
+        };
+        let first = field("first")?;
+        let first_new = unhex(&field("first_new")?)?;
+        let target = field("target")?;
+        let staged = field("staged")?;
+        let new = unhex(&field("new")?)?;
+        (!first_new.is_empty() && first_new.len() == new.len()).then_some(Follow {
+            first,
+            first_new,
+            target,
+            staged,
+            new,
+        })
+    }
+}
+
+/// Swaps the verified new root image in and then its companion, under a [`Follow`]
+/// intent, so that no stop leaves the stick's manifest naming the other image once
+/// the next command has repaired the stick. Failpoints: `manifest-staged` (intent
+/// written, nothing swapped) and `root-swapped` (the image swapped, not the manifest).
+fn swap_with_companion(
+    plan: &MergePlan,
+    stick: &mut Stick,
+    target: &str,
+    staged: &str,
+    companion: &Companion,
+) -> Result<SwapReport, MergeError> {
+    let part = stick.partition.start;
+    let path = stick.path.clone();
+    let follow = Follow {
+        first: target.to_string(),
+        first_new: fat_raw::content_fields(stick.file_mut(), part, staged)?,
+        target: companion.target.clone(),
+        staged: companion.staged.clone(),
+        new: fat_raw::content_fields(stick.file_mut(), part, &companion.staged)?,
+    };
+    let follow_path = format!("{}/{FOLLOW_NAME}", parent_dir(target));
+    let text = follow.to_text();
+    let fat_err = |source| StickError::Fat {
+        path: path.clone(),
+        source,
+    };
+    // with_fs syncs the stick when it closes the filesystem.
+    stick.with_fs(|fs| {
+        fat::write_file(
+            fs,
+            &follow_path,
+            &mut text.as_bytes(),
+            text.len() as u64,
+            |_| {},
+        )
+        .map(|_| ())
+        .map_err(fat_err)
+    })?;
+    failpoint(plan, "manifest-staged")?;
+    let report = swap_on_stick(stick, target, staged)?;
+    failpoint(plan, "root-swapped")?;
+    swap_on_stick(stick, &companion.target, &companion.staged)?;
+    // The staged name now holds the old copy.
+    detach_shared_leftover(stick.file_mut(), part, &companion.staged)?;
+    stick.file_mut().sync_all().map_err(io_at(&path))?;
+    crate::disk::fat_alloc::remove_file(stick.file_mut(), part, &companion.staged)
+        .map_err(ReplaceError::from)?;
+    stick.file_mut().sync_all().map_err(io_at(&path))?;
+    crate::disk::fat_alloc::remove_file(stick.file_mut(), part, &follow_path)
+        .map_err(ReplaceError::from)?;
+    stick.file_mut().sync_all().map_err(io_at(&path))?;
+    Ok(report)
 }
 
 /// Makes a leftover name on a stick (`X.new` of a stopped replacement) safe to remove:
@@ -599,11 +734,13 @@ fn leftovers_found<D: Read + Seek>(
     part: u64,
     live_dir: &str,
 ) -> Result<bool, SwapError> {
-    let intent_path = format!("/{}/{INTENT_NAME}", live_dir.trim_matches('/'));
-    match fat_raw::find_entry(dev, part, &intent_path) {
-        Ok(_) => return Ok(true),
-        Err(SwapError::NotFound(_) | SwapError::IsDir(_)) => {}
-        Err(e) => return Err(e),
+    for name in [INTENT_NAME, FOLLOW_NAME] {
+        let intent_path = format!("/{}/{name}", live_dir.trim_matches('/'));
+        match fat_raw::find_entry(dev, part, &intent_path) {
+            Ok(_) => return Ok(true),
+            Err(SwapError::NotFound(_) | SwapError::IsDir(_)) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(fat_raw::shared_chains_under(dev, part, live_dir)?
         .iter()
@@ -650,6 +787,30 @@ pub fn repair_leftovers<D: Read + Write + Seek>(
             });
             sync(dev).map_err(sync_err)?;
             crate::disk::fat_alloc::remove_file(dev, part, &intent_path)?;
+            sync(dev).map_err(sync_err)?;
+        }
+        Err(SwapError::NotFound(_) | SwapError::IsDir(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    // A companion's intent after the replacement's: by now the root image is either
+    // the new one or the old one for good.
+    let follow_path = format!("/{live}/{FOLLOW_NAME}");
+    match fat_raw::file_extents(dev, part, &follow_path) {
+        Ok(extents) => {
+            reclaim = true;
+            let mut text = Vec::new();
+            ExtentFile::new(&mut *dev, &extents)
+                .read_to_end(&mut text)
+                .map_err(sync_err)?;
+            let text = String::from_utf8_lossy(&text);
+            repaired.push(match Follow::parse(&text) {
+                Some(follow) => settle_follow(dev, part, &follow, sync)?,
+                None => format!(
+                    "{follow_path} was torn (a merge stopped before it swapped anything): removed"
+                ),
+            });
+            sync(dev).map_err(sync_err)?;
+            crate::disk::fat_alloc::remove_file(dev, part, &follow_path)?;
             sync(dev).map_err(sync_err)?;
         }
         Err(SwapError::NotFound(_) | SwapError::IsDir(_)) => {}
@@ -721,6 +882,62 @@ fn settle_intent<D: Read + Write + Seek>(
     })
 }
 
+/// Finishes or drops the companion swap `follow` describes; what was done.
+fn settle_follow<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    follow: &Follow,
+    sync: &mut dyn FnMut(&mut D) -> std::io::Result<()>,
+) -> Result<String, ReplaceError> {
+    let fields = |dev: &mut D, path: &str| match fat_raw::content_fields(dev, part, path) {
+        Ok(f) => Ok(Some(f)),
+        Err(SwapError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e),
+    };
+    let sync_err = |source| ReplaceError::Io {
+        path: PathBuf::from(&follow.target),
+        source,
+    };
+    let root = fields(dev, &follow.first)?;
+    let target = fields(dev, &follow.target)?;
+    let staged = fields(dev, &follow.staged)?;
+    let (r, t, s) = (&follow.first, &follow.target, &follow.staged);
+    let root_swapped = root.as_deref() == Some(&follow.first_new[..]);
+    let line = match (root_swapped, target, staged) {
+        (true, Some(tf), Some(sf)) if tf != follow.new && sf == follow.new => {
+            // One sector write names the new copy; the old one's clusters are then
+            // lost (freed below), and the staged name lets go of the chain it shares.
+            fat_raw::set_content_fields(dev, part, t, &follow.new)?;
+            sync(dev).map_err(sync_err)?;
+            fat_raw::detach(dev, part, s)?;
+            sync(dev).map_err(sync_err)?;
+            crate::disk::fat_alloc::remove_file(dev, part, s)?;
+            format!(
+                "a merge stopped after it swapped in the new {r} and before {t}: completed ({t} now describes the new image)"
+            )
+        }
+        (true, Some(tf), staged) if tf == follow.new => {
+            if staged.is_some() {
+                detach_shared_leftover(dev, part, s)?;
+                sync(dev).map_err(sync_err)?;
+                crate::disk::fat_alloc::remove_file(dev, part, s)?;
+            }
+            format!("the merge that replaced {r} had finished; its intent file was removed")
+        }
+        (false, _, Some(sf)) if sf == follow.new => {
+            crate::disk::fat_alloc::remove_file(dev, part, s)?;
+            format!(
+                "a merge stopped before it swapped in a new {r}: rolled back ({r} and {t} are unchanged, the staged {s} was removed)"
+            )
+        }
+        _ => format!(
+            "a merge left an intent that no longer matches {r}, {t} and {s}: nothing was changed but the intent file"
+        ),
+    };
+    sync(dev).map_err(sync_err)?;
+    Ok(line)
+}
+
 /// [`repair_leftovers`] on the stick at `path`, opened for writing only when
 /// [`needs_repair`] finds something (so a read-only command on a healthy stick stays
 /// read-only). A mounted stick is left alone (its dirty mark is the kernel's, and its
@@ -766,6 +983,23 @@ pub fn repairs_needed(path: &Path, live_dir: &str) -> Result<Vec<String>, Replac
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_follow_intent_reads_back_as_written_and_a_torn_one_not_at_all() {
+        let follow = Follow {
+            first: "/LiveOS/squashfs.img".into(),
+            first_new: (0..19).collect(),
+            target: "/LiveOS/livestick.json".into(),
+            staged: "/LiveOS/livestick.json.new".into(),
+            new: (50..69).collect(),
+        };
+        let text = follow.to_text();
+        assert_eq!(Follow::parse(&text), Some(follow));
+        for cut in [0, 10, text.len() / 2, text.len() - 3] {
+            assert_eq!(Follow::parse(&text[..cut]), None, "{cut}");
+        }
+        assert_eq!(Follow::parse(&text.replace("follow", "replace")), None);
+    }
 
     #[test]
     fn an_intent_reads_back_as_written_and_a_torn_one_not_at_all() {

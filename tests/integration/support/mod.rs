@@ -583,3 +583,39 @@ pub fn luks_decrypt_to(container: &Path, out: &Path, passphrase: &[u8]) {
     let mut plain = std::fs::File::create(out).expect("create the plaintext file");
     std::io::copy(&mut volume, &mut plain).expect("decrypt");
 }
+
+/// One tag (`UUID`, `TYPE`, `LABEL`) of the file system at `offset` in `image`, as
+/// libblkid's low-level probe reads it (`blkid -p --offset`), not livestick.
+pub fn blkid_value(image: &Path, offset: u64, tag: &str) -> String {
+    run(
+        "blkid",
+        &[
+            "-p",
+            "--offset",
+            &offset.to_string(),
+            "-s",
+            tag,
+            "-o",
+            "value",
+            image.to_str().expect("a UTF-8 path"),
+        ],
+    )
+    .trim()
+    .to_string()
+}
+
+/// Deletes `path` from the FAT at `start` in `image`, with mtools (not livestick).
+pub fn fat_delete(image: &Path, start: u64, path: &str) {
+    let out = std::process::Command::new("mdel")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{start}", image.display()))
+        .arg(format!("::{path}"))
+        .output()
+        .expect("mtools installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
