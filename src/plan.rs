@@ -984,8 +984,13 @@ pub fn plan_write(
     let home_path = format!("/{dir}/home.img");
     // The manifest, rewritten by every write that copies the root image, carries the
     // root record; a `.livestick` of an older livestick is then deleted with the
-    // other old live files.
-    let record_path = format!("/{dir}/{}", layout::MANIFEST);
+    // other old live files. On the ext4 layout the image is in the ext4 partition
+    // and its record stays beside it there (the manifest on the FAT lists it).
+    let record_path = if ext4_uuid.is_some() {
+        format!("/{dir}/{}", layout::ROOT_RECORD)
+    } else {
+        format!("/{dir}/{}", layout::MANIFEST)
+    };
     let root_image = format!("/{dir}/{}", layout::SQUASHFS);
     let root_record = copies
         .iter()
