@@ -12,6 +12,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::disk::devices::{DevNum, Host, Transport};
+use crate::disk::opened;
 use crate::disk::partition;
 use crate::io::{IoAt, io_at};
 use crate::size::human;
@@ -194,6 +195,10 @@ pub enum TargetError {
         "{0} changed after it was checked (replaced, renamed over or relinked); nothing was written — check what the path names and run the command again"
     )]
     Replaced(PathBuf),
+    #[error(
+        "{0} could not be opened for writing when this command opened it (write-protected, in use, or not yours to write), so it is only read; run the command as a user who may write it (root, or the disk group), with the stick unmounted"
+    )]
+    OpenedReadOnly(PathBuf),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -237,6 +242,9 @@ impl From<IoAt> for TargetError {
 ///
 /// A path [`pin`]ned earlier in this process must still name what it named then.
 pub fn probe(path: &Path) -> Result<TargetProbe, TargetError> {
+    if let Some(probe) = opened_probe(path) {
+        return Ok(probe);
+    }
     let probe = probe_unpinned(path)?;
     check_pinned(path, probe.node)?;
     Ok(probe)
@@ -257,6 +265,9 @@ static PINNED: std::sync::Mutex<Vec<(PathBuf, Node)>> = std::sync::Mutex::new(Ve
 /// same path in this process refuses anything else with [`TargetError::Replaced`].
 /// Called at a command's first look at its target.
 pub fn pin(path: &Path) -> Result<(), TargetError> {
+    if opened::id_of(path).is_some() {
+        return Ok(());
+    }
     let node = match fs::metadata(path) {
         Ok(meta) => Node::of(&meta),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -293,6 +304,9 @@ fn after_probe_failpoint(path: &Path) {
 /// is must be decided on what was pinned, or a stick swapped for a file would be
 /// refused as "not an overlay" rather than as replaced).
 pub fn check_unchanged(path: &Path) -> Result<(), TargetError> {
+    if opened::id_of(path).is_some() {
+        return Ok(());
+    }
     let node = match fs::metadata(path) {
         Ok(meta) => Some(Node::of(&meta)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -305,6 +319,9 @@ pub fn check_unchanged(path: &Path) -> Result<(), TargetError> {
 /// to something else: the handle is what the work goes through, so it is the
 /// handle that must be the pinned file, whatever the path names by now.
 pub fn check_opened(path: &Path, file: &File) -> Result<(), TargetError> {
+    if opened::id_of(path).is_some() {
+        return Ok(());
+    }
     let meta = file.metadata().map_err(io_at(path))?;
     check_pinned(path, Some(Node::of(&meta)))
 }
@@ -341,6 +358,180 @@ fn after_create_failpoint(path: &Path) {
             "livestick: failpoint after-create: renaming over {}: {e}",
             path.display()
         );
+    }
+}
+
+/// How a command uses its target, decided before its one open ([`open_target`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// A dry run of a change: refused by the safety checks of a change, as the real
+    /// run would be (a plan is never shown for a refused device), then opened
+    /// read-only.
+    DryRun,
+    /// Changes it: the safety checks of maintenance ([`check_maintenance`]), then
+    /// read-write, with `O_EXCL` for a block device.
+    Change,
+    /// Reads, and repairs the leftovers of a stopped replacement when it may
+    /// (`overlay status`, `home info`): opened as for [`Use::Change`] when the safety
+    /// checks pass and the open succeeds, read-only otherwise (a mounted or
+    /// write-protected stick is looked at, never repaired).
+    Look,
+}
+
+/// The probe of each target open in [`opened`], by its id there: what every later
+/// look at the target's path is answered with.
+static PROBES: std::sync::Mutex<Vec<(u64, TargetProbe)>> = std::sync::Mutex::new(Vec::new());
+
+fn probes() -> std::sync::MutexGuard<'static, Vec<(u64, TargetProbe)>> {
+    PROBES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Keeps a command's target open (see [`open_target`] and [`opened`]) until dropped,
+/// which closes it: every use of its path until then goes through its handle.
+#[must_use = "the target is closed when this is dropped"]
+#[derive(Debug)]
+pub struct Opened(Option<u64>);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        if let Some(id) = self.0 {
+            probes().retain(|(i, _)| *i != id);
+            opened::close(id);
+        }
+    }
+}
+
+/// Opens the target at `path` once for the whole command, as `usage` says, right
+/// after the safety checks. A path that is missing, names a directory (an OverlayFS
+/// directory overlay) or anything else that is neither a file nor a block device is
+/// left alone: nothing is opened, and the command's own look explains. Opening a
+/// path opened already changes nothing.
+///
+/// `LIVESTICK_FAILPOINT=after-probe` fires at the first look (`pin`), before the
+/// open, which then refuses the file swapped in; `after-check` fires right after the
+/// open, and the command works on the file it opened.
+pub fn open_target(path: &Path, usage: Use) -> Result<Opened, TargetError> {
+    if opened::id_of(path).is_some() {
+        return Ok(Opened(None));
+    }
+    // A path that cannot be looked at is not pinned; the command's own look says why.
+    let _ = pin(path);
+    let probe = match probe(path) {
+        Ok(p) if p.exists => p,
+        Err(e @ TargetError::Replaced(_)) => return Err(e),
+        // Missing, a directory, neither a file nor a device: nothing to open, and
+        // the command's own look explains it in its terms.
+        _ => return Ok(Opened(None)),
+    };
+    let checked = check_maintenance(&probe);
+    let (file, writable) = match (usage, checked) {
+        (Use::Look, Err(_)) => (checked_open(&probe, false)?, false),
+        (Use::Change | Use::DryRun, Err(e)) => return Err(e),
+        (Use::DryRun, Ok(())) => (checked_open(&probe, false)?, false),
+        (Use::Change, Ok(())) => (checked_open(&probe, true)?, true),
+        (Use::Look, Ok(())) => match checked_open(&probe, true) {
+            Ok(file) => (file, true),
+            Err(TargetError::Replaced(p)) => return Err(TargetError::Replaced(p)),
+            Err(_) => (checked_open(&probe, false)?, false),
+        },
+    };
+    let opened = register(path, probe, file, writable);
+    if writable {
+        after_check_failpoint(path);
+    }
+    Ok(opened)
+}
+
+/// Opens an existing target for `write` (after `check_safe` and the identity
+/// checks): read-write, `O_EXCL` for a block device, or read-only for a dry run. A
+/// new image file is not opened here: [`CreatedImage`] creates it.
+pub fn open_write_target(
+    given: &Path,
+    probe: &TargetProbe,
+    dry_run: bool,
+) -> Result<Opened, TargetError> {
+    if !probe.exists || opened::id_of(given).is_some() {
+        return Ok(Opened(None));
+    }
+    let file = checked_open(probe, !dry_run)?;
+    let opened = register(given, probe.clone(), file, !dry_run);
+    if !dry_run {
+        after_check_failpoint(given);
+    }
+    Ok(opened)
+}
+
+/// Opens `probe`'s target by its path, checked to be what was probed.
+fn checked_open(probe: &TargetProbe, writable: bool) -> Result<File, TargetError> {
+    let path = &probe.path;
+    let file = match (writable, probe.kind) {
+        (false, _) => File::open(path).map_err(io_at(path))?,
+        (true, TargetKind::BlockDevice) => open_exclusive(path)?,
+        (true, TargetKind::ImageFile) => OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_at(path))?,
+    };
+    checked(probe, file)
+}
+
+fn register(given: &Path, probe: TargetProbe, file: File, writable: bool) -> Opened {
+    let mut names = vec![given.to_path_buf()];
+    if probe.path != given {
+        names.push(probe.path.clone());
+    }
+    let id = opened::register(names, file, writable);
+    probes().push((id, probe));
+    Opened(Some(id))
+}
+
+/// The probe of the open target `path` names.
+fn opened_probe(path: &Path) -> Option<TargetProbe> {
+    let opened_id = opened::id_of(path)?;
+    probes()
+        .iter()
+        .find(|(id, _)| *id == opened_id)
+        .map(|(_, p)| p.clone())
+}
+
+/// The open target's handle, reopened, refused for writing when it was opened
+/// read-only.
+fn opened_handle(path: &Path, writable: bool) -> Option<Result<File, TargetError>> {
+    let found = opened::find(path, writable)?;
+    Some(match found.file {
+        Err(e) => Err(io_at(path)(e).into()),
+        Ok(_) if writable && !found.writable => {
+            Err(TargetError::OpenedReadOnly(path.to_path_buf()))
+        }
+        Ok(file) => Ok(file),
+    })
+}
+
+/// `path` opened for reading (and writing): a clone of the command's handle when
+/// `path` names its open target, else the path opened now (a source, a work file, a
+/// target of a command that reads it only by path).
+pub fn open_path(path: &Path, writable: bool) -> Result<File, TargetError> {
+    if let Some(handle) = opened_handle(path, writable) {
+        return handle;
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|e| io_at(path)(e).into())
+}
+
+pub use crate::disk::opened::{inheritable_path, tool_path};
+
+/// Records that the open target at `path` was grown to `size` bytes (an image file a
+/// write makes larger), so that later looks see its size.
+fn note_grown(path: &Path, size: u64) {
+    let Some(opened_id) = opened::id_of(path) else {
+        return;
+    };
+    if let Some((_, probe)) = probes().iter_mut().find(|(id, _)| *id == opened_id) {
+        probe.size = probe.size.max(size);
     }
 }
 
@@ -382,19 +573,19 @@ fn probe_unpinned(path: &Path) -> Result<TargetProbe, TargetError> {
     let host = Host::live();
     let facts = host.facts(dev);
     let system = system_findings(&host, dev, &canonical);
-    let (size, logical, physical) = match File::open(&canonical) {
-        Ok(file) => device_geometry(&file, &canonical)?,
-        // An empty card reader: probing succeeds, check_safe explains.
-        Err(e) if e.raw_os_error() == Some(libc::ENOMEDIUM) => (0, 512, 512),
-        // A device closed to us (an ordinary user, a sandbox, an LSM) is
-        // still known to sysfs: the safety checks judge it from there, so a
-        // refusal names the real reason and is not hidden behind "permission
-        // denied" (which the open for writing reports, if it comes to that).
-        Err(_) if facts.is_some() => facts
-            .as_ref()
-            .map(|f| (f.size, f.logical_sector_size, f.physical_sector_size))
-            .unwrap_or((0, 512, 512)),
-        Err(e) => return Err(io_at(path)(e).into()),
+    // Geometry from sysfs, which knows every device the kernel does: the probe is the
+    // look before the safety checks, and a command opens its target once, after them
+    // (`open_target`). An empty card reader has size 0 there, which check_safe
+    // explains; a device closed to us (an ordinary user, a sandbox, an LSM) is judged
+    // from there too, so a refusal names the real reason rather than "permission
+    // denied" (which the open reports, if it comes to that).
+    let (size, logical, physical) = match &facts {
+        Some(f) => (f.size, f.logical_sector_size, f.physical_sector_size),
+        None => match File::open(&canonical) {
+            Ok(file) => device_geometry(&file, &canonical)?,
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEDIUM) => (0, 512, 512),
+            Err(e) => return Err(io_at(path)(e).into()),
+        },
     };
     let whole = facts
         .as_ref()
@@ -623,6 +814,15 @@ pub fn planned_size(probe: &TargetProbe, requested: Option<u64>) -> Result<u64, 
 /// versions), which [`check_safe`] does by major:minor first.
 pub fn open_for_write(probe: &TargetProbe, size: u64) -> Result<File, TargetError> {
     let path = &probe.path;
+    if let Some(handle) = opened_handle(path, true) {
+        let file = handle?;
+        if probe.kind == TargetKind::ImageFile && file.metadata().map_err(io_at(path))?.len() < size
+        {
+            file.set_len(size).map_err(io_at(path))?;
+            note_grown(path, size);
+        }
+        return Ok(file);
+    }
     match probe.kind {
         TargetKind::ImageFile => {
             // A new image is created with O_EXCL, which never follows a
@@ -719,6 +919,9 @@ pub fn check_maintenance(probe: &TargetProbe) -> Result<(), TargetError> {
 /// mounted stick changes nothing).
 pub fn open_existing(probe: &TargetProbe, writable: bool) -> Result<File, TargetError> {
     let path = &probe.path;
+    if let Some(handle) = opened_handle(path, writable) {
+        return handle;
+    }
     if !writable {
         return checked(probe, File::open(path).map_err(io_at(path))?);
     }
@@ -734,17 +937,6 @@ pub fn open_existing(probe: &TargetProbe, writable: bool) -> Result<File, Target
     let file = checked(probe, file)?;
     after_check_failpoint(path);
     Ok(file)
-}
-
-/// `/proc/self/fd/N` of `file`: the path by which a program livestick runs (the
-/// `syslinux` installer, e2fsprogs) reaches exactly this open target, whatever the
-/// target's own path names by now. The descriptor is made inheritable for that; in
-/// the child, `/proc/self/fd/N` names the descriptor it inherited.
-pub fn inheritable_path(file: &File) -> io::Result<PathBuf> {
-    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-    use std::os::fd::AsRawFd;
-    fcntl(file.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).map_err(io::Error::from)?;
-    Ok(PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())))
 }
 
 /// An image file created for a write that has not completed. Only the file
