@@ -250,14 +250,13 @@ pub fn probe(path: &Path) -> Result<TargetProbe, TargetError> {
     Ok(probe)
 }
 
-/// What each pinned path named when it was pinned. A command reaches its target
-/// several times by path: a first look to learn what it is (a stick, a bare
-/// overlay, a directory), the repair of leftovers (read-only, then for writing only
-/// when there is something to repair), then the work itself, each through its own
-/// open, since a read-only handle cannot be turned into a writable `O_EXCL` one and
-/// `fatfs` borrows the file it reads. Every such open probes afresh, so pinning the
-/// first look's identity makes a path swapped in between (renamed over, relinked)
-/// refused, as one open would never notice. One process runs one command.
+/// What each pinned path named when it was pinned. A command looks at its target
+/// (what it is, the safety checks) before its one open ([`open_target`]), and a
+/// command that opens nothing (a new image, created with `O_EXCL`; a directory
+/// overlay) looks at it by path more than once: pinning the first look's identity
+/// makes a path swapped in between (renamed over, relinked) refused, by the open or by
+/// the next look. After the open, the path is never looked at again (see
+/// [`opened`]).
 static PINNED: std::sync::Mutex<Vec<(PathBuf, Node)>> = std::sync::Mutex::new(Vec::new());
 
 /// Pins what `path` names now (nothing, for a path that does not exist yet: the
@@ -387,16 +386,20 @@ fn probes() -> std::sync::MutexGuard<'static, Vec<(u64, TargetProbe)>> {
 }
 
 /// Keeps a command's target open (see [`open_target`] and [`opened`]) until dropped,
-/// which closes it: every use of its path until then goes through its handle.
+/// which closes it and forgets its pin: every use of its path until then goes
+/// through its handle, and the command is done after.
 #[must_use = "the target is closed when this is dropped"]
 #[derive(Debug)]
-pub struct Opened(Option<u64>);
+pub struct Opened(Option<(u64, Vec<PathBuf>)>);
 
 impl Drop for Opened {
     fn drop(&mut self) {
-        if let Some(id) = self.0 {
-            probes().retain(|(i, _)| *i != id);
-            opened::close(id);
+        if let Some((id, names)) = &self.0 {
+            probes().retain(|(i, _)| i != id);
+            opened::close(*id);
+            if let Ok(mut pinned) = PINNED.lock() {
+                pinned.retain(|(p, _)| !names.contains(p));
+            }
         }
     }
 }
@@ -481,9 +484,9 @@ fn register(given: &Path, probe: TargetProbe, file: File, writable: bool) -> Ope
     if probe.path != given {
         names.push(probe.path.clone());
     }
-    let id = opened::register(names, file, writable);
+    let id = opened::register(names.clone(), file, writable);
     probes().push((id, probe));
-    Opened(Some(id))
+    Opened(Some((id, names)))
 }
 
 /// The probe of the open target `path` names.
@@ -1063,6 +1066,51 @@ mod tests {
             probe(Path::new("/dev/livestick-no-such-device")),
             Err(TargetError::MissingDevice(_))
         ));
+    }
+
+    /// After its one open, a command's target is reached through that handle:
+    /// another file renamed over the path is neither read, written nor probed, every
+    /// use starts at byte 0 of its own (no shared offset), a dry run's handle refuses
+    /// writing, and once the guard is dropped the path is the path again.
+    #[test]
+    fn an_opened_target_is_reached_through_its_handle_until_closed() {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("stick.img");
+        fs::write(&image, vec![1u8; 4096]).unwrap();
+        let guard = open_target(&image, Use::Change).unwrap();
+        let other = dir.path().join("other.img");
+        fs::write(&other, vec![7u8; 8192]).unwrap();
+        fs::rename(&other, &image).unwrap();
+
+        let mut first = open_path(&image, true).unwrap();
+        let mut head = [0u8; 16];
+        first.read_exact(&mut head).unwrap();
+        assert_eq!(head, [1u8; 16]);
+        first.write_all(&[2u8; 16]).unwrap();
+        // A second use reads from byte 0, whatever the first did to its offset.
+        let mut second = open_path(&image, false).unwrap();
+        let mut got = vec![0u8; 32];
+        second.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..16], &[1u8; 16]);
+        assert_eq!(&got[16..], &[2u8; 16]);
+        assert_eq!(probe(&image).unwrap().size, 4096);
+        check_unchanged(&image).unwrap();
+        assert!(tool_path(&image).starts_with("/proc/self/fd/"));
+        drop((first, second, guard));
+
+        assert_eq!(fs::read(&image).unwrap(), vec![7u8; 8192]);
+        assert_eq!(tool_path(&image), image);
+        let dry = open_target(&image, Use::DryRun).unwrap();
+        assert!(matches!(
+            open_path(&image, true),
+            Err(TargetError::OpenedReadOnly(_))
+        ));
+        assert_eq!(
+            open_path(&image, false).unwrap().metadata().unwrap().len(),
+            8192
+        );
+        drop(dry);
     }
 
     #[test]
