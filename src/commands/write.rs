@@ -154,8 +154,7 @@ pub fn make_plan(
     Option<syslinux::SyslinuxFiles>,
     target::Opened,
 )> {
-    // Pinned: the repair of leftovers, the read of the stick and the write each open
-    // the path again, and must all find what is probed here (`target::pin`).
+    // Pinned: the one open below must find what is probed here (`target::pin`).
     target::pin(target_path)?;
     let probe = target::probe(target_path)?;
     let requested = match &args.size {

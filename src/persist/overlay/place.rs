@@ -58,10 +58,10 @@ pub fn refuse_disk(path: &Path) -> Result<(), OverlayError> {
     use std::os::unix::fs::FileTypeExt;
     // A stick swapped for another disk since the first look is refused as replaced.
     crate::disk::target::check_unchanged(path).map_err(StickError::from)?;
-    let meta = std::fs::metadata(path).map_err(cannot_open(path))?;
+    let mut f = open_path(path, false)?;
+    let meta = f.metadata().map_err(cannot_open(path))?;
     let mut looks_like_disk = meta.file_type().is_block_device();
     if meta.is_file() && meta.len() >= 512 {
-        let mut f = open_path(path, false)?;
         let mut sector = [0u8; 512];
         f.read_exact(&mut sector)?;
         // An overlay's chunk 0 is a 16-byte header and zeros; a disk has an MBR signature.
