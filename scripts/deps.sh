@@ -29,6 +29,8 @@ packages=(
   exfatprogs
   # benches/stick.sh: GNU time (CPU and peak RSS of each case in its VM)
   time
+  # tests/integration/opened_once.rs counts the opens of a target with strace -f
+  strace
   # the help-example test runs every `| jq FILTER` example; packaging/build.sh
   # builds the RPM with rpmbuild (Debian's rpm) and checks the .deb's man page
   jq rpm man-db

@@ -360,6 +360,8 @@ fn offset_args(offset: u64) -> Vec<std::ffi::OsString> {
 
 /// Lists the image that starts `offset` bytes into `file`.
 pub fn list_at(file: &Path, offset: u64) -> Result<Vec<SquashEntry>, SquashError> {
+    // A stick the command opened is read through its handle (`/proc/self/fd/N`).
+    let file = &crate::disk::opened::tool_path(file);
     let off = offset_args(offset);
     let mut args: Vec<&std::ffi::OsStr> = off.iter().map(|a| a.as_os_str()).collect();
     args.extend([
@@ -414,6 +416,7 @@ pub fn extract(image: &Path, dest: &Path) -> Result<(), SquashError> {
 /// Extracts the image that starts `offset` bytes into `file` into `dest` (which must
 /// not exist yet): everything, or only the paths in `only`.
 pub fn extract_at(file: &Path, offset: u64, dest: &Path, only: &[&str]) -> Result<(), SquashError> {
+    let file = &crate::disk::opened::tool_path(file);
     let off = offset_args(offset);
     let mut args: Vec<&std::ffi::OsStr> = off.iter().map(|a| a.as_os_str()).collect();
     args.extend([

@@ -22,6 +22,15 @@ use crate::progress::{Progress, ProgressMode};
 use crate::size::MIB;
 
 pub fn run(cmd: HomeCommand, json: bool) -> anyhow::Result<()> {
+    // The one open of the target (issue 13), a stick or a bare home.img: every step
+    // below reaches it through this handle, whatever the path names by then. `info`
+    // repairs the leftovers of a stopped replacement on a stick when it may.
+    let (path, usage) = match &cmd {
+        HomeCommand::Info(a) => (&a.target, target::Use::Look),
+        HomeCommand::Resize(a) if a.dry_run => (&a.target, target::Use::DryRun),
+        HomeCommand::Resize(a) => (&a.target, target::Use::Change),
+    };
+    let _opened = target::open_target(path, usage)?;
     match cmd {
         HomeCommand::Info(a) => info(&a, json),
         HomeCommand::Resize(a) => resize(&a, json),
@@ -186,7 +195,7 @@ fn resize(a: &ResizeArgs, json: bool) -> anyhow::Result<()> {
     // Size limits first: a bad size is reported without asking for a passphrase.
     let current = match &h {
         Some(h) => h.size,
-        None => std::fs::metadata(&a.target)?.len(),
+        None => target::probe(&a.target)?.size,
     };
     home_stick::check_new_size(current, a.size_mb)?;
     let grows = a.size_mb * MIB != current;

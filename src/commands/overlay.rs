@@ -56,6 +56,24 @@ fn note_repaired(lines: &[String]) {
 }
 
 pub fn run(cmd: OverlayCommand, json: bool) -> anyhow::Result<()> {
+    let changes = |dry_run: bool| {
+        if dry_run {
+            target::Use::DryRun
+        } else {
+            target::Use::Change
+        }
+    };
+    let (path, usage) = match &cmd {
+        // `status` repairs the leftovers of a stopped replacement when it may.
+        OverlayCommand::Status(a) => (&a.target, target::Use::Look),
+        OverlayCommand::Merge(a) => (&a.target, changes(a.dry_run)),
+        OverlayCommand::Reset(a) => (&a.target, changes(a.dry_run)),
+        OverlayCommand::Recover(a) => (&a.target, changes(a.dry_run)),
+        OverlayCommand::Grow(a) => (&a.target, changes(a.dry_run)),
+    };
+    // The one open of the target (issue 13): every step below reaches it through
+    // this handle, whatever the path names by then.
+    let _opened = target::open_target(path, usage)?;
     match cmd {
         OverlayCommand::Status(a) => status(&a, json),
         OverlayCommand::Merge(a) => merge_cmd(&a, json),

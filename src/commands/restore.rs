@@ -25,6 +25,9 @@ pub fn run(a: &RestoreArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     }
     // The rules of `write`, before anything is opened for writing (dry runs too).
     target::check_safe(&probe, a.force)?;
+    // The one open of the stick (issue 13): the inspection, the saved home and the
+    // write all go through this handle.
+    let _opened = target::open_write_target(&a.target, &probe, a.dry_run)?;
     let found = restore::inspect(&probe)?;
     let (save_home_exists, save_home_on_stick, save_home_free) = match &a.save_home {
         Some(file) => (

@@ -141,15 +141,20 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
     })
 }
 
-/// Builds the plan for one target; every input check happens here.
+/// Builds the plan for one target; every input check happens here. The target stays
+/// open (its one open) while the returned [`target::Opened`] is held.
 pub fn make_plan(
     args: &WriteArgs,
     target_path: &Path,
     opts: &WriteOptions,
     live: &live::LiveImage,
-) -> anyhow::Result<(Plan, target::TargetProbe, Option<syslinux::SyslinuxFiles>)> {
-    // Pinned: the repair of leftovers, the read of the stick and the write each open
-    // the path again, and must all find what is probed here (`target::pin`).
+) -> anyhow::Result<(
+    Plan,
+    target::TargetProbe,
+    Option<syslinux::SyslinuxFiles>,
+    target::Opened,
+)> {
+    // Pinned: the one open below must find what is probed here (`target::pin`).
     target::pin(target_path)?;
     let probe = target::probe(target_path)?;
     let requested = match &args.size {
@@ -159,6 +164,9 @@ pub fn make_plan(
     let target_size = target::planned_size(&probe, requested)?;
     // A dry run too: a plan is never shown for a target `write` would refuse.
     target::check_safe(&probe, args.force)?;
+    // The one open of an existing target (issue 13): the leftover repair, the read of
+    // the stick, the write and SYSLINUX all go through this handle.
+    let opened = target::open_write_target(target_path, &probe, args.dry_run)?;
     let (existing, repaired) =
         write_facts::existing_stick(target_path, &probe, opts, live, !args.dry_run, |line| {
             eprintln!("livestick write: repaired: {line}")
@@ -173,7 +181,7 @@ pub fn make_plan(
         Some(&syslinux_files.modules_dir),
     )?;
     plan.repaired = repaired;
-    Ok((plan, probe, Some(syslinux_files)))
+    Ok((plan, probe, Some(syslinux_files), opened))
 }
 
 fn passphrase_source(args: &WriteArgs) -> PassphraseSource {
@@ -368,7 +376,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         md5
     };
     let opts = options_from(args, &live)?;
-    let (mut plan, probe, syslinux_files) = make_plan(args, target, &opts, &live)?;
+    let (mut plan, probe, syslinux_files, _opened) = make_plan(args, target, &opts, &live)?;
     plan.notes.extend(unpacked.note());
     plan.notes.push(source_check.summary());
     plan.source = args.iso.clone();
@@ -449,6 +457,8 @@ fn run_batch(
     };
     // A dry run prints one document of plans, not the events of a batch that runs.
     let mut batch = Batch::start(json && !args.dry_run, &args.iso, &args.targets);
+    // Each target's one open, held until the batch is done.
+    let mut held_open = Vec::new();
     for target in &args.targets {
         // Each target gets its own volume id (and so its own overlay name).
         let mut own = opts.clone();
@@ -458,7 +468,8 @@ fn run_batch(
             rand::random()
         };
         match make_plan(args, target, &own, &live) {
-            Ok((mut plan, probe, syslinux)) => {
+            Ok((mut plan, probe, syslinux, opened)) => {
+                held_open.push(opened);
                 plan.notes.extend(unpacked.note());
                 plan.notes.push(source_check.summary());
                 plan.source = args.iso.clone();
@@ -573,7 +584,7 @@ fn run_wait_for(
             let mut own = opts.clone();
             own.volume_id = rand::random();
             identity::check_distinct(&args.iso, &[device.to_path_buf()])?;
-            let (plan, probe, syslinux_files) = make_plan(args, device, &own, live)?;
+            let (plan, probe, syslinux_files, _opened) = make_plan(args, device, &own, live)?;
             let mut source = apply::open_source(live)?;
             write_one(
                 args,

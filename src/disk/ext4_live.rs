@@ -382,14 +382,21 @@ pub fn grow_file(
             detail: format!("debugfs cannot name a device whose path has a '?': {shown}"),
         });
     }
-    let spec = PathBuf::from(format!("{shown}?offset={}", partition.start));
+    // debugfs reaches the command's opened target as `/proc/self/fd/N`.
+    let tool_path = crate::disk::opened::tool_path(device);
+    let spec = PathBuf::from(format!(
+        "{}?offset={}",
+        tool_path.display(),
+        partition.start
+    ));
     let rel = path.trim_start_matches('/');
     if new_size > old_size {
         let last = new_size.div_ceil(BLOCK);
         // From block 0: a hole anywhere (a file written sparse by another tool)
         // becomes an unwritten extent too, so that livestick can write into it.
         let log = debugfs(&spec, &format!("fallocate {rel} 0 {}\n", last - 1))?;
-        let mut f = File::open(device).map_err(io_err(format!("opening {shown}")))?;
+        let mut f = crate::disk::opened::open_path(device, false)
+            .map_err(io_err(format!("opening {shown}")))?;
         let mut window = crate::io::PartitionWindow::new(&mut f, partition.start, partition.len);
         let fs = Ext4Fs::open(&mut window)?;
         let mut map = fs

@@ -9,6 +9,7 @@ pub mod fat;
 pub mod fat_alloc;
 pub mod fat_raw;
 pub mod identity;
+pub mod opened;
 pub mod partition;
 pub mod sparse;
 pub mod stick;

@@ -116,7 +116,7 @@ pub fn looks_like_stick(path: &Path) -> bool {
     if probe.kind == TargetKind::BlockDevice {
         return true;
     }
-    let Ok(mut file) = File::open(path) else {
+    let Ok(mut file) = target::open_path(path, false) else {
         return false;
     };
     partition::find_fat_partition(&mut file, probe.size).is_ok()

@@ -12,6 +12,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::disk::devices::{DevNum, Host, Transport};
+use crate::disk::opened;
 use crate::disk::partition;
 use crate::io::{IoAt, io_at};
 use crate::size::human;
@@ -194,6 +195,10 @@ pub enum TargetError {
         "{0} changed after it was checked (replaced, renamed over or relinked); nothing was written — check what the path names and run the command again"
     )]
     Replaced(PathBuf),
+    #[error(
+        "{0} could not be opened for writing when this command opened it (write-protected, in use, or not yours to write), so it is only read; run the command as a user who may write it (root, or the disk group), with the stick unmounted"
+    )]
+    OpenedReadOnly(PathBuf),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -237,19 +242,21 @@ impl From<IoAt> for TargetError {
 ///
 /// A path [`pin`]ned earlier in this process must still name what it named then.
 pub fn probe(path: &Path) -> Result<TargetProbe, TargetError> {
+    if let Some(probe) = opened_probe(path) {
+        return Ok(probe);
+    }
     let probe = probe_unpinned(path)?;
     check_pinned(path, probe.node)?;
     Ok(probe)
 }
 
-/// What each pinned path named when it was pinned. A command reaches its target
-/// several times by path: a first look to learn what it is (a stick, a bare
-/// overlay, a directory), the repair of leftovers (read-only, then for writing only
-/// when there is something to repair), then the work itself, each through its own
-/// open, since a read-only handle cannot be turned into a writable `O_EXCL` one and
-/// `fatfs` borrows the file it reads. Every such open probes afresh, so pinning the
-/// first look's identity makes a path swapped in between (renamed over, relinked)
-/// refused, as one open would never notice. One process runs one command.
+/// What each pinned path named when it was pinned. A command looks at its target
+/// (what it is, the safety checks) before its one open ([`open_target`]), and a
+/// command that opens nothing (a new image, created with `O_EXCL`; a directory
+/// overlay) looks at it by path more than once: pinning the first look's identity
+/// makes a path swapped in between (renamed over, relinked) refused, by the open or by
+/// the next look. After the open, the path is never looked at again (see
+/// [`opened`]).
 static PINNED: std::sync::Mutex<Vec<(PathBuf, Node)>> = std::sync::Mutex::new(Vec::new());
 
 /// Pins what `path` names now (nothing, for a path that does not exist yet: the
@@ -257,6 +264,9 @@ static PINNED: std::sync::Mutex<Vec<(PathBuf, Node)>> = std::sync::Mutex::new(Ve
 /// same path in this process refuses anything else with [`TargetError::Replaced`].
 /// Called at a command's first look at its target.
 pub fn pin(path: &Path) -> Result<(), TargetError> {
+    if opened::id_of(path).is_some() {
+        return Ok(());
+    }
     let node = match fs::metadata(path) {
         Ok(meta) => Node::of(&meta),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -293,6 +303,9 @@ fn after_probe_failpoint(path: &Path) {
 /// is must be decided on what was pinned, or a stick swapped for a file would be
 /// refused as "not an overlay" rather than as replaced).
 pub fn check_unchanged(path: &Path) -> Result<(), TargetError> {
+    if opened::id_of(path).is_some() {
+        return Ok(());
+    }
     let node = match fs::metadata(path) {
         Ok(meta) => Some(Node::of(&meta)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -305,6 +318,9 @@ pub fn check_unchanged(path: &Path) -> Result<(), TargetError> {
 /// to something else: the handle is what the work goes through, so it is the
 /// handle that must be the pinned file, whatever the path names by now.
 pub fn check_opened(path: &Path, file: &File) -> Result<(), TargetError> {
+    if opened::id_of(path).is_some() {
+        return Ok(());
+    }
     let meta = file.metadata().map_err(io_at(path))?;
     check_pinned(path, Some(Node::of(&meta)))
 }
@@ -341,6 +357,184 @@ fn after_create_failpoint(path: &Path) {
             "livestick: failpoint after-create: renaming over {}: {e}",
             path.display()
         );
+    }
+}
+
+/// How a command uses its target, decided before its one open ([`open_target`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// A dry run of a change: refused by the safety checks of a change, as the real
+    /// run would be (a plan is never shown for a refused device), then opened
+    /// read-only.
+    DryRun,
+    /// Changes it: the safety checks of maintenance ([`check_maintenance`]), then
+    /// read-write, with `O_EXCL` for a block device.
+    Change,
+    /// Reads, and repairs the leftovers of a stopped replacement when it may
+    /// (`overlay status`, `home info`): opened as for [`Use::Change`] when the safety
+    /// checks pass and the open succeeds, read-only otherwise (a mounted or
+    /// write-protected stick is looked at, never repaired).
+    Look,
+}
+
+/// The probe of each target open in [`opened`], by its id there: what every later
+/// look at the target's path is answered with.
+static PROBES: std::sync::Mutex<Vec<(u64, TargetProbe)>> = std::sync::Mutex::new(Vec::new());
+
+fn probes() -> std::sync::MutexGuard<'static, Vec<(u64, TargetProbe)>> {
+    PROBES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Keeps a command's target open (see [`open_target`] and [`opened`]) until dropped,
+/// which closes it and forgets its pin: every use of its path until then goes
+/// through its handle, and the command is done after.
+#[must_use = "the target is closed when this is dropped"]
+#[derive(Debug)]
+pub struct Opened(Option<(u64, Vec<PathBuf>)>);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        if let Some((id, names)) = &self.0 {
+            probes().retain(|(i, _)| i != id);
+            opened::close(*id);
+            if let Ok(mut pinned) = PINNED.lock() {
+                pinned.retain(|(p, _)| !names.contains(p));
+            }
+        }
+    }
+}
+
+/// Opens the target at `path` once for the whole command, as `usage` says, right
+/// after the safety checks. A path that is missing, names a directory (an OverlayFS
+/// directory overlay) or anything else that is neither a file nor a block device is
+/// left alone: nothing is opened, and the command's own look explains. Opening a
+/// path opened already changes nothing.
+///
+/// `LIVESTICK_FAILPOINT=after-probe` fires at the first look (`pin`), before the
+/// open, which then refuses the file swapped in; `after-check` fires right after the
+/// open, and the command works on the file it opened.
+pub fn open_target(path: &Path, usage: Use) -> Result<Opened, TargetError> {
+    if opened::id_of(path).is_some() {
+        return Ok(Opened(None));
+    }
+    // A path that cannot be looked at is not pinned; the command's own look says why.
+    let _ = pin(path);
+    let probe = match probe(path) {
+        Ok(p) if p.exists => p,
+        Err(e @ TargetError::Replaced(_)) => return Err(e),
+        // Missing, a directory, neither a file nor a device: nothing to open, and
+        // the command's own look explains it in its terms.
+        _ => return Ok(Opened(None)),
+    };
+    let checked = check_maintenance(&probe);
+    let (file, writable) = match (usage, checked) {
+        (Use::Look, Err(_)) => (checked_open(&probe, false)?, false),
+        (Use::Change | Use::DryRun, Err(e)) => return Err(e),
+        (Use::DryRun, Ok(())) => (checked_open(&probe, false)?, false),
+        (Use::Change, Ok(())) => (checked_open(&probe, true)?, true),
+        (Use::Look, Ok(())) => match checked_open(&probe, true) {
+            Ok(file) => (file, true),
+            Err(TargetError::Replaced(p)) => return Err(TargetError::Replaced(p)),
+            Err(_) => (checked_open(&probe, false)?, false),
+        },
+    };
+    let opened = register(path, probe, file, writable);
+    if writable {
+        after_check_failpoint(path);
+    }
+    Ok(opened)
+}
+
+/// Opens an existing target for `write` (after `check_safe` and the identity
+/// checks): read-write, `O_EXCL` for a block device, or read-only for a dry run. A
+/// new image file is not opened here: [`CreatedImage`] creates it.
+pub fn open_write_target(
+    given: &Path,
+    probe: &TargetProbe,
+    dry_run: bool,
+) -> Result<Opened, TargetError> {
+    if !probe.exists || opened::id_of(given).is_some() {
+        return Ok(Opened(None));
+    }
+    let file = checked_open(probe, !dry_run)?;
+    let opened = register(given, probe.clone(), file, !dry_run);
+    if !dry_run {
+        after_check_failpoint(given);
+    }
+    Ok(opened)
+}
+
+/// Opens `probe`'s target by its path, checked to be what was probed.
+fn checked_open(probe: &TargetProbe, writable: bool) -> Result<File, TargetError> {
+    let path = &probe.path;
+    let file = match (writable, probe.kind) {
+        (false, _) => File::open(path).map_err(io_at(path))?,
+        (true, TargetKind::BlockDevice) => open_exclusive(path)?,
+        (true, TargetKind::ImageFile) => OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_at(path))?,
+    };
+    checked(probe, file)
+}
+
+fn register(given: &Path, probe: TargetProbe, file: File, writable: bool) -> Opened {
+    let mut names = vec![given.to_path_buf()];
+    if probe.path != given {
+        names.push(probe.path.clone());
+    }
+    let id = opened::register(names.clone(), file, writable);
+    probes().push((id, probe));
+    Opened(Some((id, names)))
+}
+
+/// The probe of the open target `path` names.
+fn opened_probe(path: &Path) -> Option<TargetProbe> {
+    let opened_id = opened::id_of(path)?;
+    probes()
+        .iter()
+        .find(|(id, _)| *id == opened_id)
+        .map(|(_, p)| p.clone())
+}
+
+/// The open target's handle, reopened, refused for writing when it was opened
+/// read-only.
+fn opened_handle(path: &Path, writable: bool) -> Option<Result<File, TargetError>> {
+    let found = opened::find(path, writable)?;
+    Some(match found.file {
+        Err(e) => Err(io_at(path)(e).into()),
+        Ok(_) if writable && !found.writable => {
+            Err(TargetError::OpenedReadOnly(path.to_path_buf()))
+        }
+        Ok(file) => Ok(file),
+    })
+}
+
+/// `path` opened for reading (and writing): a clone of the command's handle when
+/// `path` names its open target, else the path opened now (a source, a work file, a
+/// target of a command that reads it only by path).
+pub fn open_path(path: &Path, writable: bool) -> Result<File, TargetError> {
+    if let Some(handle) = opened_handle(path, writable) {
+        return handle;
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|e| io_at(path)(e).into())
+}
+
+pub use crate::disk::opened::{inheritable_path, tool_path};
+
+/// Records that the open target at `path` was grown to `size` bytes (an image file a
+/// write makes larger), so that later looks see its size.
+fn note_grown(path: &Path, size: u64) {
+    let Some(opened_id) = opened::id_of(path) else {
+        return;
+    };
+    if let Some((_, probe)) = probes().iter_mut().find(|(id, _)| *id == opened_id) {
+        probe.size = probe.size.max(size);
     }
 }
 
@@ -382,19 +576,19 @@ fn probe_unpinned(path: &Path) -> Result<TargetProbe, TargetError> {
     let host = Host::live();
     let facts = host.facts(dev);
     let system = system_findings(&host, dev, &canonical);
-    let (size, logical, physical) = match File::open(&canonical) {
-        Ok(file) => device_geometry(&file, &canonical)?,
-        // An empty card reader: probing succeeds, check_safe explains.
-        Err(e) if e.raw_os_error() == Some(libc::ENOMEDIUM) => (0, 512, 512),
-        // A device closed to us (an ordinary user, a sandbox, an LSM) is
-        // still known to sysfs: the safety checks judge it from there, so a
-        // refusal names the real reason and is not hidden behind "permission
-        // denied" (which the open for writing reports, if it comes to that).
-        Err(_) if facts.is_some() => facts
-            .as_ref()
-            .map(|f| (f.size, f.logical_sector_size, f.physical_sector_size))
-            .unwrap_or((0, 512, 512)),
-        Err(e) => return Err(io_at(path)(e).into()),
+    // Geometry from sysfs, which knows every device the kernel does: the probe is the
+    // look before the safety checks, and a command opens its target once, after them
+    // (`open_target`). An empty card reader has size 0 there, which check_safe
+    // explains; a device closed to us (an ordinary user, a sandbox, an LSM) is judged
+    // from there too, so a refusal names the real reason rather than "permission
+    // denied" (which the open reports, if it comes to that).
+    let (size, logical, physical) = match &facts {
+        Some(f) => (f.size, f.logical_sector_size, f.physical_sector_size),
+        None => match File::open(&canonical) {
+            Ok(file) => device_geometry(&file, &canonical)?,
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEDIUM) => (0, 512, 512),
+            Err(e) => return Err(io_at(path)(e).into()),
+        },
     };
     let whole = facts
         .as_ref()
@@ -623,6 +817,15 @@ pub fn planned_size(probe: &TargetProbe, requested: Option<u64>) -> Result<u64, 
 /// versions), which [`check_safe`] does by major:minor first.
 pub fn open_for_write(probe: &TargetProbe, size: u64) -> Result<File, TargetError> {
     let path = &probe.path;
+    if let Some(handle) = opened_handle(path, true) {
+        let file = handle?;
+        if probe.kind == TargetKind::ImageFile && file.metadata().map_err(io_at(path))?.len() < size
+        {
+            file.set_len(size).map_err(io_at(path))?;
+            note_grown(path, size);
+        }
+        return Ok(file);
+    }
     match probe.kind {
         TargetKind::ImageFile => {
             // A new image is created with O_EXCL, which never follows a
@@ -719,6 +922,9 @@ pub fn check_maintenance(probe: &TargetProbe) -> Result<(), TargetError> {
 /// mounted stick changes nothing).
 pub fn open_existing(probe: &TargetProbe, writable: bool) -> Result<File, TargetError> {
     let path = &probe.path;
+    if let Some(handle) = opened_handle(path, writable) {
+        return handle;
+    }
     if !writable {
         return checked(probe, File::open(path).map_err(io_at(path))?);
     }
@@ -734,17 +940,6 @@ pub fn open_existing(probe: &TargetProbe, writable: bool) -> Result<File, Target
     let file = checked(probe, file)?;
     after_check_failpoint(path);
     Ok(file)
-}
-
-/// `/proc/self/fd/N` of `file`: the path by which a program livestick runs (the
-/// `syslinux` installer, e2fsprogs) reaches exactly this open target, whatever the
-/// target's own path names by now. The descriptor is made inheritable for that; in
-/// the child, `/proc/self/fd/N` names the descriptor it inherited.
-pub fn inheritable_path(file: &File) -> io::Result<PathBuf> {
-    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-    use std::os::fd::AsRawFd;
-    fcntl(file.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).map_err(io::Error::from)?;
-    Ok(PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())))
 }
 
 /// An image file created for a write that has not completed. Only the file
@@ -871,6 +1066,51 @@ mod tests {
             probe(Path::new("/dev/livestick-no-such-device")),
             Err(TargetError::MissingDevice(_))
         ));
+    }
+
+    /// After its one open, a command's target is reached through that handle:
+    /// another file renamed over the path is neither read, written nor probed, every
+    /// use starts at byte 0 of its own (no shared offset), a dry run's handle refuses
+    /// writing, and once the guard is dropped the path is the path again.
+    #[test]
+    fn an_opened_target_is_reached_through_its_handle_until_closed() {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("stick.img");
+        fs::write(&image, vec![1u8; 4096]).unwrap();
+        let guard = open_target(&image, Use::Change).unwrap();
+        let other = dir.path().join("other.img");
+        fs::write(&other, vec![7u8; 8192]).unwrap();
+        fs::rename(&other, &image).unwrap();
+
+        let mut first = open_path(&image, true).unwrap();
+        let mut head = [0u8; 16];
+        first.read_exact(&mut head).unwrap();
+        assert_eq!(head, [1u8; 16]);
+        first.write_all(&[2u8; 16]).unwrap();
+        // A second use reads from byte 0, whatever the first did to its offset.
+        let mut second = open_path(&image, false).unwrap();
+        let mut got = vec![0u8; 32];
+        second.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..16], &[1u8; 16]);
+        assert_eq!(&got[16..], &[2u8; 16]);
+        assert_eq!(probe(&image).unwrap().size, 4096);
+        check_unchanged(&image).unwrap();
+        assert!(tool_path(&image).starts_with("/proc/self/fd/"));
+        drop((first, second, guard));
+
+        assert_eq!(fs::read(&image).unwrap(), vec![7u8; 8192]);
+        assert_eq!(tool_path(&image), image);
+        let dry = open_target(&image, Use::DryRun).unwrap();
+        assert!(matches!(
+            open_path(&image, true),
+            Err(TargetError::OpenedReadOnly(_))
+        ));
+        assert_eq!(
+            open_path(&image, false).unwrap().metadata().unwrap().len(),
+            8192
+        );
+        drop(dry);
     }
 
     #[test]

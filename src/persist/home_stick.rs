@@ -361,13 +361,13 @@ fn report_from<R: Read + Seek>(
 
 /// Whether `path` holds a plain or an encrypted home (or neither).
 pub fn kind_of_file(path: &Path) -> Result<Option<HomeKind>, HomeStickError> {
-    let mut f = File::open(path).map_err(io_at(path))?;
+    let mut f = crate::disk::target::open_path(path, false).map_err(StickError::from)?;
     Ok(home::detect_home_kind(&mut f).map_err(io_at(path))?)
 }
 
 /// `home info` on a bare home.img file.
 pub fn file_report(path: &Path, passphrase: Option<&[u8]>) -> Result<HomeReport, HomeStickError> {
-    let f = File::open(path).map_err(io_at(path))?;
+    let f = crate::disk::target::open_path(path, false).map_err(StickError::from)?;
     report_from(f, path, None, passphrase)
 }
 
@@ -640,7 +640,10 @@ pub fn plan_file_resize(
     workdir: &Path,
 ) -> Result<ResizePlan, HomeStickError> {
     crate::disk::target::pin(path).map_err(StickError::from)?;
-    let current = std::fs::metadata(path).map_err(io_at(path))?.len();
+    // The size of the file opened, whatever the path names by now.
+    let current = crate::disk::target::probe(path)
+        .map_err(StickError::from)?
+        .size;
     let new = check_new_size(current, requested_mib)?;
     let unchanged = new == current;
     // In place, and nothing decrypted goes to a disk: no work-directory space.
@@ -880,7 +883,7 @@ pub fn ext4_live_report(
     passphrase: Option<&[u8]>,
 ) -> Result<Option<HomeReport>, HomeStickError> {
     use crate::disk::ext4_fs;
-    let mut f = File::open(path).map_err(io_at(path))?;
+    let mut f = crate::disk::target::open_path(path, false).map_err(StickError::from)?;
     let Ok(Some(p)) = ext4_fs::find_live_partition(&mut f, live_dir) else {
         return Ok(None);
     };
@@ -935,7 +938,7 @@ pub fn open_ext4_live_home(
 ) -> Result<Option<Ext4LiveHome>, HomeStickError> {
     use crate::disk::ext4_fs;
     {
-        let mut look = File::open(path).map_err(io_at(path))?;
+        let mut look = crate::disk::target::open_path(path, false).map_err(StickError::from)?;
         if !matches!(
             ext4_fs::find_live_partition(&mut look, live_dir),
             Ok(Some(_))

@@ -472,7 +472,8 @@ pub fn in_place_spec(device: &Path, offset: u64) -> Option<OsString> {
     if device.as_os_str().to_string_lossy().contains('?') {
         return None;
     }
-    let mut s = device.as_os_str().to_os_string();
+    // The command's opened target as `/proc/self/fd/N`, never its path again.
+    let mut s = crate::disk::target::tool_path(device).into_os_string();
     s.push(format!("?offset={offset}"));
     Some(s)
 }

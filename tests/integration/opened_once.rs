@@ -1,9 +1,11 @@
-//! A target is what it was when the command first looked at it (issue 13, "targets
-//! opened once"): `LIVESTICK_FAILPOINT=after-probe` renames another file over the
-//! target right after that first look (`disk::target::pin`), as another process
-//! could; every later open then finds a different file and refuses it, so the file
-//! swapped in is never written. Without the pin, each open probes afresh and the
-//! swapped-in stick would be changed.
+//! Targets opened once (issue 13): every command opens its target once, right after
+//! its safety checks (`disk::target::open_target`, `open_write_target`), and
+//! everything after goes through that handle. Proven two ways: `strace -f` counts
+//! every open of the target's path by livestick and the programs it runs (one), and
+//! failpoints rename another file over the path — `after-probe` between the first
+//! look and the open (the open refuses it: exit 3, nothing written), `after-check`
+//! right after the open (the command completes on the file it opened and never
+//! touches the one at the path).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -13,21 +15,28 @@ use crate::support::*;
 
 /// A stick with a 32 MiB overlay and a plain 16 MiB home.
 fn stick(dir: &Path, name: &str) -> PathBuf {
-    let iso = synthetic_iso("fedora-classic.iso");
+    stick_of("fedora-classic.iso", dir, name, &["--size", "256M"])
+}
+
+/// A stick of `iso` with a 32 MiB overlay and a plain 16 MiB home, written with
+/// `extra` options.
+fn stick_of(iso: &str, dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let iso = synthetic_iso(iso);
     let img = dir.join(name);
-    ok(&livestick(&[
+    let mut args = vec![
         "write",
         iso.to_str().unwrap(),
         img.to_str().unwrap(),
-        "--size",
-        "256M",
         "--overlay-size-mb",
         "32",
         "--home-size-mb",
         "16",
         "--unencrypted-home",
         "--yes",
-    ]));
+        "-q",
+    ];
+    args.extend_from_slice(extra);
+    ok(&livestick(&args));
     img
 }
 
@@ -265,5 +274,316 @@ fn a_stick_swapped_after_the_checked_open_of_a_write_is_never_written() {
     assert!(
         listing.to_ascii_lowercase().contains("ldlinux"),
         "no SYSLINUX on the stick written: {listing}"
+    );
+}
+
+/// Every open (attempted or not) of `target` by `livestick args` and every program it
+/// runs, as `strace -f` saw them, with the command's output.
+fn opens_of(target: &str, args: &[&str]) -> (Output, Vec<String>) {
+    let scratch = tempfile::tempdir().unwrap();
+    let trace = scratch.path().join("trace");
+    let out = Command::new(tool("strace"))
+        .args(["-f", "-qq", "-e", "trace=open,openat,creat", "-o"])
+        .arg(&trace)
+        .arg(bin())
+        .args(args)
+        .output()
+        .expect("strace runs");
+    let quoted = format!("\"{target}\"");
+    let opens = std::fs::read_to_string(&trace)
+        .expect("strace's trace")
+        .lines()
+        .filter(|line| line.contains(&quoted))
+        .map(str::to_string)
+        .collect();
+    (out, opens)
+}
+
+/// `livestick args` succeeds (or, with `may_refuse`, refuses with exit 2, as a verb the
+/// layout does not support yet does) and opens `target` exactly once, successfully.
+fn assert_opened_once(target: &str, args: &[&str], may_refuse: bool) {
+    let (out, opens) = opens_of(target, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let refused = may_refuse && out.status.code() == Some(2);
+    assert!(out.status.success() || refused, "{args:?}: {err}");
+    assert_eq!(
+        opens.len(),
+        1,
+        "{args:?} opened {target} other than once:\n{}\n{err}",
+        opens.join("\n")
+    );
+    assert!(
+        !opens[0].contains("= -1"),
+        "{args:?}: the one open failed: {}",
+        opens[0]
+    );
+}
+
+/// The verbs of `overlay` and `home` a stick of either layout takes, each opening the
+/// stick once; `merge` may be refused by a layout that cannot merge yet, and on a
+/// dm-snapshot overlay emptied by `reset` it has nothing to merge.
+fn maintenance_verbs(t: &str, merge_may_refuse: bool) {
+    for (args, may_refuse) in [
+        (vec!["overlay", "status", t], false),
+        (vec!["overlay", "grow", t, "--add-mb", "8", "--yes"], false),
+        (vec!["overlay", "recover", t, "--dry-run"], false),
+        (vec!["overlay", "reset", t, "--yes"], false),
+        (vec!["overlay", "merge", t, "--dry-run"], merge_may_refuse),
+        (vec!["overlay", "merge", t, "--yes"], merge_may_refuse),
+        (vec!["home", "info", t], false),
+        (
+            vec!["home", "resize", t, "--size-mb", "24", "--dry-run"],
+            false,
+        ),
+        (vec!["home", "resize", t, "--size-mb", "24", "--yes"], false),
+    ] {
+        assert_opened_once(t, &args, may_refuse);
+    }
+}
+
+#[test]
+fn every_command_opens_a_fat_stick_image_once() {
+    if !require(
+        have("strace") && have("mcopy") && have("resize2fs"),
+        "strace, mtools, e2fsprogs",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let iso = synthetic_iso("fedora-classic.iso");
+    let target = stick(dir.path(), "target.img");
+    let t = target.to_str().unwrap();
+    maintenance_verbs(t, false);
+    // `recover --repair` of the dm-snapshot overlay reads the root image in
+    // squashfs.img on the stick (unsquashfs, through the handle).
+    assert_opened_once(t, &["overlay", "recover", t, "--repair", "--yes"], false);
+    let i = iso.to_str().unwrap();
+    assert_opened_once(t, &["write", i, t, "--dry-run"], false);
+    assert_opened_once(t, &["write", i, t, "--yes"], false);
+    let part = part_start(&target);
+    let len = std::fs::metadata(&target).unwrap().len() - part;
+    fsck_fat(&target, part, len, dir.path());
+}
+
+/// A merge that has something to merge: a file put into the OverlayFS overlay of a
+/// stick; extraction, the debugfs reads and the staging all go through the handle.
+#[test]
+fn a_merge_with_changes_opens_its_stick_once() {
+    if !require(
+        have("strace") && have("mcopy") && have("debugfs") && have("mksquashfs"),
+        "strace, mtools, e2fsprogs, squashfs-tools",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let target = stick_of(
+        "fedora-grub.iso",
+        dir.path(),
+        "ovl.img",
+        &["--size", "300M", "--overlayfs"],
+    );
+    put_into_overlayfs_overlay(&target, "note.txt", b"merged\n", dir.path());
+    let t = target.to_str().unwrap();
+    assert_opened_once(t, &["overlay", "merge", t, "--dry-run"], false);
+    let (out, opens) = opens_of(t, &["--json", "overlay", "merge", t, "--yes"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(opens.len(), 1, "{}\n{err}", opens.join("\n"));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(doc["overlayfs"]["created"], 1, "{doc}");
+    let part = part_start(&target);
+    let len = std::fs::metadata(&target).unwrap().len() - part;
+    fsck_fat(&target, part, len, dir.path());
+}
+
+#[test]
+fn every_command_opens_an_ext4_layout_stick_once() {
+    if !require(
+        have("strace") && have("debugfs") && have("resize2fs"),
+        "strace, e2fsprogs",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let target = stick_of(
+        "fedora-classic.iso",
+        dir.path(),
+        "ext4.img",
+        &["--size", "1G", "--ext4"],
+    );
+    let t = target.to_str().unwrap();
+    // `merge` on this layout is refused today (issue 12); opened once all the same.
+    maintenance_verbs(t, true);
+    let iso = synthetic_iso("fedora-classic.iso");
+    let i = iso.to_str().unwrap();
+    assert_opened_once(t, &["write", i, t, "--dry-run"], false);
+    assert_opened_once(t, &["write", i, t, "--format", "--ext4", "--yes"], false);
+    let p2 = &sfdisk(&target)["partitiontable"]["partitions"][1]["start"];
+    let spec = format!("{}?offset={}", t, p2.as_u64().expect("partition 2") * 512);
+    let check = Command::new(tool("e2fsck"))
+        .args(["-fn", &spec])
+        .output()
+        .expect("e2fsck runs");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+/// On a loop device (a block device, opened with `O_EXCL`): `write` onto the stick it
+/// holds and the maintenance verbs open `/dev/loopN` once each.
+#[test]
+fn every_command_opens_a_loop_device_once() {
+    if !require(is_root(), "root (loop devices)")
+        || !require(
+            have("strace") && have("mcopy") && have("resize2fs"),
+            "strace, mtools, e2fsprogs",
+        )
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let iso = synthetic_iso("fedora-classic.iso");
+    let image = stick(dir.path(), "loop.img");
+    let Some(dev) = loop_device(&[], &image) else {
+        return;
+    };
+    let t = dev.0.as_str();
+    let i = iso.to_str().unwrap();
+    // A loop device is not removable: `write` needs --force.
+    assert_opened_once(t, &["write", i, t, "--force", "--yes"], false);
+    maintenance_verbs(t, false);
+    drop(dev);
+    let part = part_start(&image);
+    let len = std::fs::metadata(&image).unwrap().len() - part;
+    fsck_fat(&image, part, len, dir.path());
+}
+
+/// `LIVESTICK_FAILPOINT=after-check` renames a decoy over the stick right after the
+/// command's one open: each verb completes on the stick it opened (its report is of
+/// that stick, its change made there), and the decoy at the path is byte for byte
+/// what it was. Before, each later open by path reached the decoy and was refused.
+#[test]
+fn a_stick_swapped_after_its_one_open_is_worked_on_through_the_handle() {
+    if !require(
+        have("mcopy") && have("fsck.fat") && have("resize2fs"),
+        "mtools, dosfstools, e2fsprogs",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = stick(dir.path(), "base.img");
+    let other = stick(dir.path(), "other.img");
+    let json_of = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&ok(&livestick(args))).expect("JSON")
+    };
+    let cases: [Vec<&str>; 7] = [
+        vec!["overlay", "status"],
+        vec!["overlay", "grow", "--add-mb", "8", "--yes"],
+        vec!["overlay", "reset", "--yes"],
+        vec!["overlay", "recover", "--repair", "--yes"],
+        vec!["overlay", "merge", "--yes"],
+        vec!["home", "info"],
+        vec!["home", "resize", "--size-mb", "24", "--yes"],
+    ];
+    for verb in cases {
+        let target = dir.path().join("target.img");
+        std::fs::copy(&base, &target).unwrap();
+        // The original is renamed over: this link is how the test reads it after.
+        let original = dir.path().join("original-link.img");
+        let _ = std::fs::remove_file(&original);
+        std::fs::hard_link(&target, &original).unwrap();
+        let o = original.to_str().unwrap();
+        let status_before = json_of(&["--json", "overlay", "status", o]);
+        let decoy = dir.path().join("decoy.img");
+        std::fs::copy(&other, &decoy).unwrap();
+        let decoy_bytes = std::fs::read(&decoy).unwrap();
+        let mut args = vec!["--json"];
+        args.extend_from_slice(&verb[..verb.len().min(2)]);
+        args.push(target.to_str().unwrap());
+        args.extend_from_slice(&verb[2..]);
+        let out = Command::new(bin())
+            .args(&args)
+            .env("LIVESTICK_FAILPOINT", "after-check")
+            .env("LIVESTICK_FAILPOINT_SWAP", &decoy)
+            .output()
+            .expect("livestick runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{verb:?}: {err}");
+        assert!(
+            !decoy.exists(),
+            "{verb:?}: the failpoint never swapped: {err}"
+        );
+        assert!(
+            std::fs::read(&target).unwrap() == decoy_bytes,
+            "{verb:?}: the file renamed over the stick after its one open was touched: {err}"
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let status_after = json_of(&["--json", "overlay", "status", o]);
+        match verb[1] {
+            // The report is of the stick opened: its overlay, by its label and UUID.
+            "status" => assert_eq!(
+                doc["expected_overlay"], status_before["expected_overlay"],
+                "{doc}"
+            ),
+            "grow" => assert_eq!(
+                status_after["size_bytes"].as_u64(),
+                status_before["size_bytes"].as_u64().map(|b| b + (8 << 20)),
+                "{status_after}"
+            ),
+            "resize" => {
+                let home = json_of(&["--json", "home", "info", o]);
+                assert_eq!(home["size_bytes"], serde_json::json!(24 << 20), "{home}");
+            }
+            _ => {}
+        }
+        let part = part_start(&original);
+        let len = std::fs::metadata(&original).unwrap().len() - part;
+        fsck_fat(&original, part, len, dir.path());
+    }
+}
+
+/// `restore` (its dry run, and the real one saving home.img first) opens the stick
+/// once, and so does a raw disk image written over it.
+#[test]
+fn restore_and_a_raw_write_open_the_stick_once() {
+    if !require(
+        have("strace") && have("mcopy") && have("sfdisk"),
+        "strace, mtools, fdisk",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let target = stick(dir.path(), "target.img");
+    let t = target.to_str().unwrap();
+    let saved = dir.path().join("saved-home.img");
+    assert_opened_once(t, &["restore", t, "--dry-run"], false);
+    let save = saved.to_str().unwrap();
+    assert_opened_once(t, &["restore", t, "--save-home", save, "--yes"], false);
+    assert_eq!(std::fs::metadata(&saved).unwrap().len(), 16 << 20);
+    // A raw image: a GPT and no live system, written as it is.
+    let raw = dir.path().join("disk.raw");
+    std::fs::File::create(&raw)
+        .and_then(|f| f.set_len(8 << 20))
+        .unwrap();
+    let mut sfdisk = Command::new("sfdisk")
+        .args(["-q", raw.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("sfdisk runs");
+    use std::io::Write;
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: gpt\nsize=4MiB, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n")
+        .unwrap();
+    assert!(sfdisk.wait().unwrap().success(), "sfdisk failed");
+    assert_opened_once(t, &["write", raw.to_str().unwrap(), t, "--yes"], false);
+    assert_eq!(
+        read_at(&target, 0, 8 << 20),
+        std::fs::read(&raw).unwrap(),
+        "the raw image is on the stick"
     );
 }

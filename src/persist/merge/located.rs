@@ -1,7 +1,7 @@
 //! Where the files of a merge are: a [`Located`] file (a plain file, or extents on a
 //! stick read in place) and the free-space helpers every step checks before it writes.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -45,11 +45,9 @@ impl Located {
 
     /// Opens it for reading (and writing).
     pub fn open(&self, write: bool) -> Result<ExtentFile<File>, MergeError> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(write)
-            .open(&self.device)
-            .map_err(io_at(&self.device))?;
+        // A stick through the command's handle of it, never by its path again.
+        let f = crate::disk::target::open_path(&self.device, write)
+            .map_err(crate::disk::stick::StickError::from)?;
         Ok(ExtentFile::new(f, &self.extents))
     }
 

@@ -5,7 +5,7 @@
 //! `disk::stick` and `disk::ext4_fs`; this module only chooses the overlay on it and
 //! says what room it has.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -58,10 +58,10 @@ pub fn refuse_disk(path: &Path) -> Result<(), OverlayError> {
     use std::os::unix::fs::FileTypeExt;
     // A stick swapped for another disk since the first look is refused as replaced.
     crate::disk::target::check_unchanged(path).map_err(StickError::from)?;
-    let meta = std::fs::metadata(path).map_err(cannot_open(path))?;
+    let mut f = open_path(path, false)?;
+    let meta = f.metadata().map_err(cannot_open(path))?;
     let mut looks_like_disk = meta.file_type().is_block_device();
     if meta.is_file() && meta.len() >= 512 {
-        let mut f = File::open(path).map_err(cannot_open(path))?;
         let mut sector = [0u8; 512];
         f.read_exact(&mut sector)?;
         // An overlay's chunk 0 is a 16-byte header and zeros; a disk has an MBR signature.
@@ -74,6 +74,15 @@ pub fn refuse_disk(path: &Path) -> Result<(), OverlayError> {
         )));
     }
     Ok(())
+}
+
+/// `path` opened through the command's handle of its target (`target::open_path`);
+/// a path the user named that cannot be opened is [`cannot_open`]'s error.
+fn open_path(path: &Path, writable: bool) -> Result<File, OverlayError> {
+    crate::disk::target::open_path(path, writable).map_err(|e| match e {
+        TargetError::Io { path, source } => cannot_open(&path)(source),
+        e => StickError::from(e).into(),
+    })
 }
 
 /// The error for a path the user named that cannot be opened: missing or
@@ -97,11 +106,7 @@ pub struct Bare {
 
 impl Bare {
     pub fn open(path: &Path, writable: bool) -> Result<Bare, OverlayError> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(cannot_open(path))?;
+        let mut file = open_path(path, writable)?;
         // What was pinned at the first look, whatever the path names by now.
         crate::disk::target::check_opened(path, &file).map_err(StickError::from)?;
         let len = snapshot::stream_len(&mut file)?;
@@ -681,7 +686,7 @@ pub fn ext4_live_overlay(
     use crate::disk::ext4_fs;
     let live = |e: ext4_fs::Ext4FsError| OverlayError::BadInput(format!("{}: {e}", path.display()));
     {
-        let mut look = File::open(path).map_err(cannot_open(path))?;
+        let mut look = open_path(path, false)?;
         if ext4_fs::find_live_partition(&mut look, &sel.live_dir)
             .map_err(live)?
             .is_none()
@@ -765,7 +770,7 @@ pub fn ext4_live_overlay(
 /// A maintenance verb other than `status` on a stick with the ext4 live layout:
 /// refused by name rather than "not a live stick".
 fn refuse_ext4_live(path: &Path, live_dir: &str) -> Result<(), OverlayError> {
-    let Ok(mut file) = File::open(path) else {
+    let Ok(mut file) = crate::disk::target::open_path(path, false) else {
         return Ok(());
     };
     if let Ok(Some(p)) = crate::disk::ext4_fs::find_live_partition(&mut file, live_dir) {

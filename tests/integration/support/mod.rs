@@ -619,3 +619,23 @@ pub fn fat_delete(image: &Path, start: u64, path: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Puts a file `name` holding `content` into the upper directory of the OverlayFS
+/// overlay a stick's live system uses (found by `overlay status`), as the live
+/// system would write it: the overlay file copied out with mtools, the file added
+/// with `debugfs -w`, the overlay copied back.
+pub fn put_into_overlayfs_overlay(stick: &Path, name: &str, content: &[u8], scratch: &Path) {
+    let status = livestick(&["--json", "overlay", "status", stick.to_str().unwrap()]);
+    let status: serde_json::Value = serde_json::from_str(&ok(&status)).expect("status JSON");
+    let on_fat = status["expected_overlay"].as_str().expect("an overlay");
+    let part = part_start(stick);
+    let copy = scratch.join("overlay-copy.img");
+    fat_copy_out(stick, part, on_fat, &copy);
+    let file = scratch.join(name);
+    std::fs::write(&file, content).unwrap();
+    debugfs_w(
+        &copy,
+        &format!("write {} overlayfs/{name}\n", file.display()),
+    );
+    fat_put(stick, part, &copy, on_fat);
+}

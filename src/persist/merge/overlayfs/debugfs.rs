@@ -30,7 +30,7 @@ pub(super) struct Section {
 
 impl Debugfs {
     pub fn new(image: &Path, offset: u64) -> Debugfs {
-        let mut spec = image.as_os_str().to_owned();
+        let mut spec = crate::disk::target::tool_path(image).into_os_string();
         if offset != 0 {
             spec.push(format!("?offset={offset}"));
         }
