@@ -490,14 +490,25 @@ pub struct ResizePlan {
 
 /// Checks a requested size against the FAT limit and the current size.
 pub fn check_new_size(current: u64, requested_mib: u64) -> Result<u64, HomeStickError> {
-    let current_mib = current.div_ceil(MIB);
     if requested_mib > FAT_MAX_FILE_MIB {
         return Err(HomeStickError::TooLarge {
             requested_mib,
-            current_mib,
+            current_mib: current.div_ceil(MIB),
         });
     }
-    let new = requested_mib * MIB;
+    check_growth(current, requested_mib)
+}
+
+/// Checks a requested size against the current size only: on the ext4 live
+/// partition a file has no 4 GiB limit, the partition's free space is the bound.
+pub fn check_growth(current: u64, requested_mib: u64) -> Result<u64, HomeStickError> {
+    let current_mib = current.div_ceil(MIB);
+    let new = requested_mib
+        .checked_mul(MIB)
+        .ok_or(HomeStickError::TooLarge {
+            requested_mib,
+            current_mib,
+        })?;
     if new < current {
         return Err(HomeStickError::Shrink {
             current_mib,
@@ -1024,7 +1035,7 @@ pub fn plan_ext4_live_resize(
     requested_mib: u64,
     workdir: &Path,
 ) -> Result<ResizePlan, HomeStickError> {
-    let new = check_new_size(h.size(), requested_mib)?;
+    let new = check_growth(h.size(), requested_mib)?;
     let unchanged = new == h.size();
     let block = h.partition.fs.block_size;
     let needed = new.div_ceil(block) * block - h.size().div_ceil(block) * block;
@@ -1040,7 +1051,7 @@ pub fn plan_ext4_live_resize(
             needed_mib: needed.div_ceil(MIB),
             free,
             free_mib: free / MIB,
-            max_mib: ((h.size() + free) / MIB).min(FAT_MAX_FILE_MIB),
+            max_mib: (h.size() + free) / MIB,
         });
     }
     let mut memory_need = 0;
@@ -1166,6 +1177,11 @@ mod tests {
         );
         let e = check_new_size(32 * MIB, 4096).unwrap_err().to_string();
         assert!(e.contains("4096 MiB") && e.contains("4095"), "{e}");
+        // On the ext4 live partition the FAT limit does not apply; shrinking still
+        // does not.
+        assert_eq!(check_growth(32 * MIB, 6000).unwrap(), 6000 * MIB);
+        let e = check_growth(32 * MIB, 16).unwrap_err().to_string();
+        assert!(e.contains("only grows"), "{e}");
     }
 
     #[test]

@@ -100,9 +100,21 @@ impl Ext4Stick {
 }
 
 fn ext4_stick(iso: &str, size: u64, extra: &[&str]) -> Ext4Stick {
+    ext4_stick_over(iso, size, extra, true)
+}
+
+/// A stick of the ext4 live layout written over random bytes (`random`), or over
+/// a sparse file when it must be larger than random bytes are quick to make.
+fn ext4_stick_over(iso: &str, size: u64, extra: &[&str], random: bool) -> Ext4Stick {
     let dir = tmp();
     let image = dir.path().join("stick.img");
-    fill_random(&image, size);
+    if random {
+        fill_random(&image, size);
+    } else {
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(size))
+            .expect("sparse stick image");
+    }
     let iso = synthetic_iso(iso);
     let mut args = vec![
         "write",
@@ -514,4 +526,119 @@ fn luks_home_on_ext4_grows_in_place() {
         .parse()
         .unwrap();
     assert!(blocks * 4096 > 60 << 20, "{blocks} blocks");
+}
+
+/// The size of the ext4 inside home.img, read by debugfs where the file's
+/// first extent lies on the stick (the superblock is in its first block).
+fn home_fs_bytes(t: &Ext4Stick) -> u64 {
+    let ex = debugfs(&t.image, t.part, "ex /LiveOS/home.img");
+    // "Level Entries Logical Physical Length Flags": the leaf (two ranges, where an
+    // index node has one block) starting at file block 0.
+    let physical: u64 = ex
+        .lines()
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            if cols.iter().filter(|c| **c == "-").count() != 2 {
+                return None;
+            }
+            let at = cols.iter().position(|c| *c == "-")?;
+            (cols.get(at.checked_sub(1)?)? == &"0")
+                .then(|| cols.get(at + 2)?.parse().ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("no first extent in {ex}"));
+    // -c: only the superblock and descriptors are read, which lie in that first
+    // extent; the bitmaps further on need the file's other extents.
+    let out = Command::new("debugfs")
+        .args(["-c", "-R", "stats"])
+        .arg(format!(
+            "{}?offset={}",
+            t.image.display(),
+            t.part + physical * 4096
+        ))
+        .output()
+        .expect("run debugfs");
+    let stats = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {stats}"))
+    };
+    let (blocks, bsize) = (field("Block count:"), field("Block size:"));
+    blocks * bsize
+}
+
+#[test]
+fn home_on_ext4_grows_past_fat_file_limit() {
+    let t = ext4_stick_over(
+        "fedora-classic.iso",
+        6 << 30,
+        &["--home-size-mb", "64", "--unencrypted-home"],
+        false,
+    );
+    let work = t._dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let out = ok(&livestick(&[
+        "home",
+        "resize",
+        t.s(),
+        "--size-mb",
+        "4200",
+        "--workdir",
+        work.to_str().unwrap(),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("resize JSON");
+    assert_eq!(v["plan"]["new_bytes"], 4200u64 << 20, "{v}");
+    t.check_partition();
+    let stat = debugfs(&t.image, t.part, "stat /LiveOS/home.img");
+    assert!(stat.contains(&format!("Size: {}", 4200u64 << 20)), "{stat}");
+    assert_eq!(home_fs_bytes(&t), 4200 << 20);
+
+    // The partition's free space is the bound, said with its figures.
+    let sum = crate::support::sha256_file(&t.image);
+    let out = livestick(&["home", "resize", t.s(), "--size-mb", "9000"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ext4 partition 2") && err.contains("free") && !err.contains("FAT32"),
+        "{err}"
+    );
+    assert_eq!(crate::support::sha256_file(&t.image), sum);
+}
+
+#[test]
+fn luks_home_on_ext4_plans_past_fat_file_limit() {
+    const PASS: &str = "correct horse battery staple\n";
+    let dir = tmp();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, PASS).unwrap();
+    let t = ext4_stick_over(
+        "fedora-classic.iso",
+        6 << 30,
+        &[
+            "--home-size-mb",
+            "64",
+            "--passphrase-file",
+            pw.to_str().unwrap(),
+        ],
+        false,
+    );
+    let sum = crate::support::sha256_file(&t.image);
+    let out = ok(&livestick(&[
+        "home",
+        "resize",
+        t.s(),
+        "--size-mb",
+        "4200",
+        "--passphrase-file",
+        pw.to_str().unwrap(),
+        "--dry-run",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("resize plan JSON");
+    assert_eq!(v["plan"]["new_bytes"], 4200u64 << 20, "{v}");
+    assert_eq!(crate::support::sha256_file(&t.image), sum);
 }
