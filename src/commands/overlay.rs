@@ -480,6 +480,7 @@ fn recover(a: &RecoverArgs, json: bool) -> anyhow::Result<()> {
             let origin = match (origin_sectors(&a.origin)?, &mut place) {
                 (Some(s), _) => Some(s),
                 (None, Place::Stick(t)) => t.root_image_bytes().map(|b| b / SECTOR_BYTES),
+                (None, Place::Ext4(o)) => o.root_image_bytes().map(|b| b / SECTOR_BYTES),
                 (None, _) => None,
             };
             let root = match &a.origin.origin {

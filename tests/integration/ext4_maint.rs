@@ -642,3 +642,80 @@ fn luks_home_on_ext4_plans_past_fat_file_limit() {
     assert_eq!(v["plan"]["new_bytes"], 4200u64 << 20, "{v}");
     assert_eq!(crate::support::sha256_file(&t.image), sum);
 }
+
+/// The root image inside the stick's squashfs.img (LiveOS/rootfs.img), read out
+/// with debugfs and unsquashfs.
+fn root_image_of(t: &Ext4Stick, name: &str) -> PathBuf {
+    let sq = t.dump("/LiveOS/squashfs.img", &format!("{name}.squashfs"));
+    let dir = t._dir.path().join(name);
+    let out = Command::new("unsquashfs")
+        .args(["-no-xattrs", "-d"])
+        .arg(&dir)
+        .arg(&sq)
+        .arg("LiveOS/rootfs.img")
+        .output()
+        .expect("run unsquashfs");
+    assert!(out.status.success(), "{out:?}");
+    dir.join("LiveOS/rootfs.img")
+}
+
+/// What a boot does to the dm-snapshot overlay of `t`, written in place as the
+/// kernel writes it: each `(offset, bytes)` of `changes` written over the root
+/// image `origin` lands in the store as an exception.
+fn boot_writes(t: &Ext4Stick, origin: &Path, changes: &[(u64, Vec<u8>)]) {
+    let mut dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&t.image)
+        .unwrap();
+    let part = find_live_partition(&mut dev, "LiveOS").unwrap().unwrap();
+    let map = {
+        let mut window = livestick::io::PartitionWindow::new(&mut dev, part.start, part.len);
+        part.fs.file(&mut window, &t.overlay).unwrap().unwrap()
+    };
+    let mut cow = Ext4FileRw::new(&mut dev, &part, &map);
+    let len = cow.len();
+    if let Opened::Uninitialised { .. } = snapshot::open_store(&mut cow, len).unwrap() {
+        snapshot::create_new_store(&mut cow, len, 8).unwrap();
+    }
+    let Opened::Valid(store) = snapshot::open_store(&mut cow, len).unwrap() else {
+        panic!("store not valid")
+    };
+    let origin_bytes = std::fs::metadata(origin).unwrap().len();
+    let mut w = CowWriter::new(*store, origin_bytes).unwrap();
+    let mut o = std::fs::File::open(origin).unwrap();
+    for (at, data) in changes {
+        w.write_at(&mut o, &mut cow, *at, data).unwrap();
+    }
+    cow.flush().unwrap();
+    cow.sync_data().unwrap();
+}
+
+#[test]
+fn dm_snapshot_repair_on_ext4_reads_the_root_image_on_the_stick() {
+    let t = ext4_stick("fedora-classic.iso", 1 << 30, &[]);
+    let root = root_image_of(&t, "before");
+    // The live system rewrote the first chunk (the superblock's) with what it held.
+    let mut first = vec![0u8; 4096];
+    std::io::Read::read_exact(&mut std::fs::File::open(&root).unwrap(), &mut first).unwrap();
+    boot_writes(&t, &root, &[(0, first)]);
+    let work = t._dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    // No --origin: the root image is the one in the stick's squashfs.img.
+    let out = ok(&livestick(&[
+        "overlay",
+        "recover",
+        t.s(),
+        "--repair",
+        "--workdir",
+        work.to_str().unwrap(),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("recover JSON");
+    let repair = &v["repair"];
+    assert!(repair["fsck_exit_code"].as_i64().unwrap() <= 1, "{v}");
+    // e2fsck -f -y records its check in the superblock: that chunk is folded in.
+    assert!(repair["chunks_folded"].as_u64().unwrap() >= 1, "{v}");
+    t.check_partition();
+    assert_eq!(dumped_state(&t).0, "valid");
+}

@@ -649,6 +649,65 @@ impl Ext4LiveOverlay {
         Ok(())
     }
 
+    /// The map of a file of the partition by its path ("/LiveOS/squashfs.img").
+    pub fn file_map(&mut self, path: &str) -> Result<crate::disk::ext4_fs::FileMap, OverlayError> {
+        let device = self.device.clone();
+        let (start, len) = (self.partition.start, self.partition.len);
+        let mut window = crate::io::PartitionWindow::new(&mut self.file, start, len);
+        self.partition
+            .fs
+            .file(&mut window, path)
+            .map_err(|e| OverlayError::BadInput(format!("{}: {e}", device.display())))?
+            .ok_or_else(|| {
+                OverlayError::BadInput(format!(
+                    "{} has no {path} on its ext4 live partition {}",
+                    device.display(),
+                    self.partition.number
+                ))
+            })
+    }
+
+    pub fn squashfs_path(&self) -> String {
+        format!("/{}/squashfs.img", self.live_dir)
+    }
+
+    /// squashfs.img where its bytes lie on the device, for the tools that read it
+    /// there (unsquashfs at an offset). livestick marks every extent of a root image
+    /// it writes written; one still unwritten reads as zeros through ext4 but as
+    /// stale bytes here, so it is refused rather than misread.
+    pub fn squashfs_located(&mut self) -> Result<Located, OverlayError> {
+        let path = self.squashfs_path();
+        let map = self.file_map(&path)?;
+        if map.has_unwritten() {
+            return Err(OverlayError::Refused(format!(
+                "{}:{path} has unwritten (allocated, never written) blocks, so it cannot be read in place; write the ISO onto the stick again",
+                self.device.display()
+            )));
+        }
+        let runs = map
+            .byte_runs(self.partition.fs.block_size, &path)
+            .map_err(|e| OverlayError::BadInput(format!("{}: {e}", self.device.display())))?;
+        Ok(Located {
+            device: self.device.clone(),
+            extents: runs
+                .into_iter()
+                .map(|(at, len)| (self.partition.start + at, len))
+                .collect(),
+        })
+    }
+
+    /// Size of the root image inside squashfs.img (for range checks), when unsquashfs
+    /// is installed and the image is one run on the partition.
+    pub fn root_image_bytes(&mut self) -> Option<u64> {
+        let at = self.squashfs_located().ok()?;
+        let off = at.contiguous_at()?;
+        let listing = crate::squash::list_at(&at.device, off).ok()?;
+        ROOT_IMAGES
+            .iter()
+            .find_map(|n| listing.iter().find(|e| e.is_file && e.path == *n))
+            .map(|e| e.size)
+    }
+
     /// What `status` says about the overlay's name and the partition's journal.
     pub fn name_notes(&self) -> Vec<String> {
         let mut notes = Vec::new();
