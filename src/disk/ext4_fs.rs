@@ -36,6 +36,10 @@ pub enum Ext4FsError {
         "{path} has a hole at byte {at}; livestick writes only into files that are fully allocated"
     )]
     Hole { path: String, at: u64 },
+    #[error(
+        "{dir}/{a} and {dir}/{b} are not in one block of their directory, so they cannot be exchanged in one write; nothing was changed"
+    )]
+    NotInOneBlock { dir: String, a: String, b: String },
 }
 
 impl crate::error::Classify for Ext4FsError {
@@ -461,6 +465,121 @@ impl Ext4Fs {
         let s = ext4::crc32c(seed, &inode.number.to_le_bytes());
         ext4::crc32c(s, &inode.generation.to_le_bytes())
     }
+}
+
+/// The 12-byte entry that ends a directory block under `metadata_csum`: inode 0,
+/// `rec_len` 12, name length 0, file type 0xDE, then the block's crc32c.
+const DIR_TAIL_BYTES: usize = 12;
+const DIR_TAIL_FILE_TYPE: u8 = 0xDE;
+
+/// Where one directory entry is inside its block.
+struct EntryAt {
+    offset: usize,
+    inode: u32,
+    file_type: u8,
+}
+
+/// The entries of one directory block by name.
+fn entries_of_block(block: &[u8]) -> Vec<(String, EntryAt)> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at + 8 <= block.len() {
+        let ino = u32_at(block, at);
+        let rec_len = usize::from(u16_at(block, at + 4));
+        let name_len = usize::from(block[at + 6]);
+        if rec_len < 8 || at + rec_len > block.len() {
+            break;
+        }
+        if ino != 0 && at + 8 + name_len <= block.len() {
+            let name = String::from_utf8_lossy(&block[at + 8..at + 8 + name_len]).into_owned();
+            out.push((
+                name,
+                EntryAt {
+                    offset: at,
+                    inode: ino,
+                    file_type: block[at + 7],
+                },
+            ));
+        }
+        at += rec_len;
+    }
+    out
+}
+
+/// Exchanges what the names `a` and `b` of directory `dir` ("/LiveOS") point at,
+/// in one write of the one directory block that holds both, its checksum tail
+/// recomputed: afterwards `a` names `b`'s inode and `b` names `a`'s. A device takes
+/// a block write whole or not at all as far as any later reader sees a directory
+/// block (the checksum refuses a torn one), so at every moment each name is one
+/// whole file. Refused, with nothing written, when the two entries are in
+/// different blocks (a directory of hundreds of entries).
+pub fn exchange_entries<F: Read + Write + Seek + ?Sized>(
+    fs: &Ext4Fs,
+    f: &mut F,
+    dir: &str,
+    a: &str,
+    b: &str,
+) -> Result<(), Ext4FsError> {
+    let inode = fs
+        .lookup(f, dir)?
+        .filter(Inode::is_dir)
+        .ok_or_else(|| Ext4FsError::Damaged(format!("{dir} is not a directory")))?;
+    let bs = fs.block_size as usize;
+    let (mut seen_a, mut seen_b) = (false, false);
+    for e in fs.extents(f, &inode)? {
+        if e.unwritten {
+            continue;
+        }
+        for n in e.physical..e.physical + e.len {
+            let mut block = vec![0u8; bs];
+            read_exact_at(f, n * fs.block_size, &mut block)?;
+            let entries = entries_of_block(&block);
+            let find = |name: &str| entries.iter().find(|(n, _)| n == name).map(|(_, e)| e);
+            match (find(a), find(b)) {
+                (Some(x), Some(y)) => {
+                    let (xo, yo) = (x.offset, y.offset);
+                    let (xi, yi, xt, yt) = (x.inode, y.inode, x.file_type, y.file_type);
+                    block[xo..xo + 4].copy_from_slice(&yi.to_le_bytes());
+                    block[yo..yo + 4].copy_from_slice(&xi.to_le_bytes());
+                    // The file type is the inode's: it travels with the number.
+                    block[xo + 7] = yt;
+                    block[yo + 7] = xt;
+                    if let Some(seed) = fs.csum_seed {
+                        let tail = bs - DIR_TAIL_BYTES;
+                        if u32_at(&block, tail) != 0
+                            || usize::from(u16_at(&block, tail + 4)) != DIR_TAIL_BYTES
+                            || block[tail + 7] != DIR_TAIL_FILE_TYPE
+                        {
+                            return Err(Ext4FsError::Damaged(format!(
+                                "block {n} of {dir} has no checksum tail"
+                            )));
+                        }
+                        let sum = ext4::crc32c(fs.inode_seed(seed, &inode), &block[..tail]);
+                        block[bs - 4..].copy_from_slice(&sum.to_le_bytes());
+                    }
+                    f.seek(SeekFrom::Start(n * fs.block_size))?;
+                    f.write_all(&block)?;
+                    f.flush()?;
+                    return Ok(());
+                }
+                (x, y) => {
+                    seen_a |= x.is_some();
+                    seen_b |= y.is_some();
+                }
+            }
+        }
+    }
+    if seen_a && seen_b {
+        return Err(Ext4FsError::NotInOneBlock {
+            dir: dir.to_string(),
+            a: a.to_string(),
+            b: b.to_string(),
+        });
+    }
+    Err(Ext4FsError::Damaged(format!(
+        "{dir} has no entry {}",
+        if seen_a { b } else { a }
+    )))
 }
 
 /// A file inside ext4, read in place by its extents: what a mounted ext4 would
@@ -1330,6 +1449,56 @@ mod tests {
         let dump = dir.path().join("big.dump");
         debugfs_out(&path, &format!("dump big {}", dump.display()));
         assert!(std::fs::read(&dump).expect("dumped") == expected);
+    }
+
+    #[test]
+    fn exchanging_two_entries_keeps_e2fsck_clean_and_swaps_the_files() {
+        if !have("debugfs") || !have("mke2fs") {
+            return;
+        }
+        let old = tempfile::NamedTempFile::new().expect("tmp");
+        std::fs::write(old.path(), b"the old image\n").expect("write");
+        let new = tempfile::NamedTempFile::new().expect("tmp");
+        std::fs::write(new.path(), b"the new image, longer\n").expect("write");
+        let script = format!(
+            "mkdir LiveOS\nwrite {} LiveOS/squashfs.img\nwrite /dev/null LiveOS/overlay\nwrite {} LiveOS/squashfs.img.new\n",
+            old.path().display(),
+            new.path().display()
+        );
+        let (_d, path) = image(64, &script);
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open");
+        let fs = Ext4Fs::open(&mut f).expect("ext4");
+        exchange_entries(&fs, &mut f, "/LiveOS", "squashfs.img", "squashfs.img.new")
+            .expect("exchange");
+        drop(f);
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&path)
+            .output()
+            .expect("e2fsck");
+        assert!(fsck.status.success(), "{fsck:?}");
+        assert_eq!(
+            debugfs_out(&path, "cat LiveOS/squashfs.img"),
+            "the new image, longer\n"
+        );
+        assert_eq!(
+            debugfs_out(&path, "cat LiveOS/squashfs.img.new"),
+            "the old image\n"
+        );
+        let mut f = std::fs::File::open(&path).expect("open");
+        let e = exchange_entries(
+            &fs,
+            &mut ReadOnly(&mut f),
+            "/LiveOS",
+            "squashfs.img",
+            "nothing",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no entry nothing"), "{e}");
     }
 
     #[test]
