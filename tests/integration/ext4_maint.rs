@@ -115,7 +115,11 @@ fn ext4_stick_over(iso: &str, size: u64, extra: &[&str], random: bool) -> Ext4St
             .and_then(|f| f.set_len(size))
             .expect("sparse stick image");
     }
-    let iso = synthetic_iso(iso);
+    let iso = if iso.starts_with("boot-") {
+        crate::support::fixtures::boot_iso(iso)
+    } else {
+        synthetic_iso(iso)
+    };
     let mut args = vec![
         "write",
         iso.to_str().unwrap(),
@@ -718,4 +722,210 @@ fn dm_snapshot_repair_on_ext4_reads_the_root_image_on_the_stick() {
     assert!(repair["chunks_folded"].as_u64().unwrap() >= 1, "{v}");
     t.check_partition();
     assert_eq!(dumped_state(&t).0, "valid");
+}
+
+/// Runs livestick with `LIVESTICK_FAILPOINT=step`.
+fn livestick_stopped_at(step: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_livestick"))
+        .args(args)
+        .env("LIVESTICK_FAILPOINT", step)
+        .output()
+        .expect("run livestick")
+}
+
+/// The names in /LiveOS of the ext4 partition, as debugfs lists them.
+fn live_names(t: &Ext4Stick) -> Vec<String> {
+    debugfs(&t.image, t.part, "ls -l /LiveOS")
+        .lines()
+        .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+        .collect()
+}
+
+fn squashfs_sum(t: &Ext4Stick) -> String {
+    crate::support::sha256_file(&t.dump("/LiveOS/squashfs.img", "sq.sum"))
+}
+
+#[test]
+fn dm_snapshot_merge_on_ext4_swaps_in_one_block_and_repairs_a_stop() {
+    let t = ext4_stick("fedora-classic.iso", 1 << 30, &[]);
+    let before = root_image_of(&t, "before");
+    // What the live system did: a new file in the root file system. The chunks it
+    // changed are what it wrote through the overlay.
+    let after = t._dir.path().join("after.img");
+    std::fs::copy(&before, &after).unwrap();
+    let payload = t._dir.path().join("payload");
+    std::fs::write(&payload, vec![0x42u8; 300_000]).unwrap();
+    debugfs_w(
+        after.to_str().unwrap(),
+        &format!("write {} payload\n", payload.display()),
+    );
+    let (old, new) = (
+        std::fs::read(&before).unwrap(),
+        std::fs::read(&after).unwrap(),
+    );
+    let changes: Vec<(u64, Vec<u8>)> = old
+        .chunks(4096)
+        .zip(new.chunks(4096))
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, (_, y))| ((i * 4096) as u64, y.to_vec()))
+        .collect();
+    assert!(!changes.is_empty());
+    boot_writes(&t, &before, &changes);
+    let old_sum = squashfs_sum(&t);
+    let work = t._dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let merge = |step: Option<&str>| {
+        let args = [
+            "overlay",
+            "merge",
+            t.s(),
+            "--yes",
+            "--no-fsck",
+            "--workdir",
+            work.to_str().unwrap(),
+            "--json",
+        ];
+        match step {
+            Some(s) => livestick_stopped_at(s, &args),
+            None => livestick(&args),
+        }
+    };
+
+    // A dry run plans on the partition and changes nothing.
+    let sum = crate::support::sha256_file(&t.image);
+    let out = ok(&livestick(&[
+        "overlay",
+        "merge",
+        t.s(),
+        "--dry-run",
+        "--json",
+        "--workdir",
+        work.to_str().unwrap(),
+    ]));
+    let plan: serde_json::Value = serde_json::from_str(&out).expect("plan JSON");
+    assert_eq!(plan["exceptions"], changes.len(), "{plan}");
+    assert!(
+        plan["target_dir"]
+            .as_str()
+            .unwrap()
+            .contains("ext4 partition 2"),
+        "{plan}"
+    );
+    assert_eq!(crate::support::sha256_file(&t.image), sum);
+
+    // Each crash window leaves one whole squashfs.img (old before the exchange, new
+    // after) and a partition e2fsck finds clean; the next run repairs the leftover.
+    for (step, swapped) in [
+        ("stage", false),
+        ("verify", false),
+        ("fold", false),
+        ("swap-half", true),
+    ] {
+        let out = merge(Some(step));
+        assert!(!out.status.success(), "{step}: {out:?}");
+        t.check_partition();
+        assert_eq!(squashfs_sum(&t) != old_sum, swapped, "{step}");
+        assert!(
+            live_names(&t).contains(&"squashfs.img.new".to_string()),
+            "{step}: {:?}",
+            live_names(&t)
+        );
+        if swapped {
+            // The old image is the leftover: the overlay still holds the changes,
+            // which the new image holds too.
+            assert_eq!(
+                crate::support::sha256_file(&t.dump("/LiveOS/squashfs.img.new", "left")),
+                old_sum,
+                "{step}"
+            );
+            break;
+        }
+    }
+    let out = ok(&merge(None));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("merge JSON");
+    let repaired = v["repaired"].to_string();
+    assert!(repaired.contains("squashfs.img.new"), "{v}");
+    assert_eq!(v["overlay_reset"], true, "{v}");
+    t.check_partition();
+    assert!(
+        !live_names(&t).iter().any(|n| n.ends_with(".new")),
+        "{:?}",
+        live_names(&t)
+    );
+    // The new root image holds the file, read by unsquashfs and debugfs.
+    let merged = root_image_of(&t, "merged");
+    assert_eq!(debugfs_cat(&merged, "payload").len(), 300_000);
+    let ex = debugfs(&t.image, t.part, "ex /LiveOS/squashfs.img");
+    assert!(
+        !ex.contains("Uninit"),
+        "the new image's extents are written:\n{ex}"
+    );
+    assert_eq!(dumped_state(&t).0, "uninitialised");
+    assert_eq!(t.status()["state"], "uninitialised");
+}
+
+#[test]
+fn overlayfs_merge_on_ext4_builds_the_flat_root_and_empties_the_overlay() {
+    // A flat root gets an OverlayFS overlay by itself.
+    let t = ext4_stick("boot-flat.iso", 1 << 30, &[]);
+    assert_eq!(t.status()["kind"], "overlayfs", "{}", t.status());
+    // What the live system did: a file in the upper dir. The overlay is changed on
+    // a copy by debugfs and put back in its place.
+    let ov = t.dump_overlay();
+    let payload = t._dir.path().join("payload");
+    std::fs::write(&payload, b"merged from the ext4 layout\n").unwrap();
+    debugfs_w(
+        ov.to_str().unwrap(),
+        &format!("write {} overlayfs/merged-note\n", payload.display()),
+    );
+    let part = format!("{}?offset={}", t.image.display(), t.part);
+    let rel = t.overlay.trim_start_matches('/');
+    debugfs_w(&part, &format!("rm {rel}\nwrite {} {rel}\n", ov.display()));
+    t.check_partition();
+    assert!(upper_listing(&t).contains("merged-note"));
+
+    let work = t._dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let out = ok(&livestick(&[
+        "overlay",
+        "merge",
+        t.s(),
+        "--yes",
+        "--workdir",
+        work.to_str().unwrap(),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("merge JSON");
+    assert_eq!(v["overlay_reset"], true, "{v}");
+    t.check_partition();
+    let sq = t.dump("/LiveOS/squashfs.img", "merged.squashfs");
+    let x = t._dir.path().join("merged-tree");
+    let unsq = Command::new("unsquashfs")
+        .args(["-no-xattrs", "-d"])
+        .arg(&x)
+        .arg(&sq)
+        .output()
+        .expect("unsquashfs");
+    assert!(unsq.status.success(), "{unsq:?}");
+    assert_eq!(
+        std::fs::read_to_string(x.join("merged-note")).unwrap(),
+        "merged from the ext4 layout\n"
+    );
+    // The overlay is a fresh, empty file system.
+    let fresh = t.dump_overlay();
+    e2fsck_clean(fresh.to_str().unwrap());
+    let upper = upper_listing(&t);
+    assert!(!upper.contains("merged-note"), "{upper}");
+}
+
+/// The upper directory of the stick's OverlayFS overlay, listed by debugfs.
+fn upper_listing(t: &Ext4Stick) -> String {
+    let ov = t.dump_overlay();
+    let out = Command::new("debugfs")
+        .args(["-R", "ls -l overlayfs"])
+        .arg(&ov)
+        .output()
+        .expect("debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

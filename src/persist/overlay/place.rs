@@ -829,7 +829,7 @@ fn refuse_ext4_live(path: &Path, live_dir: &str) -> Result<(), OverlayError> {
     };
     if let Ok(Some(p)) = crate::disk::ext4_fs::find_live_partition(&mut file, live_dir) {
         return Err(OverlayError::Refused(format!(
-            "{} keeps its live system on ext4 partition {} (the layout for persistence over 4 GiB): `livestick overlay status`, reset, grow and recover work on its overlay, but merge does not work on this layout yet",
+            "{} keeps its live system on ext4 partition {} (the layout for persistence over 4 GiB), not on its FAT: name the stick itself to `livestick overlay` (status, merge, reset, grow, recover), which finds the overlay there",
             path.display(),
             p.number
         )));
