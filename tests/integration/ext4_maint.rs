@@ -814,6 +814,42 @@ fn dm_snapshot_merge_on_ext4_swaps_in_one_block_and_repairs_a_stop() {
     );
     assert_eq!(crate::support::sha256_file(&t.image), sum);
 
+    // Too little room on the partition for the new image beside the old one:
+    // refused before anything is built, with the figures.
+    let stats = debugfs(&t.image, t.part, "stats");
+    let free: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Free blocks:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no free blocks in {stats}"));
+    let part = format!("{}?offset={}", t.image.display(), t.part);
+    debugfs_w(
+        &part,
+        &format!(
+            "write /dev/null filler\nfallocate filler 0 {}\n",
+            free - 1000
+        ),
+    );
+    let out = livestick(&[
+        "overlay",
+        "merge",
+        t.s(),
+        "--yes",
+        "--workdir",
+        work.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not enough space")
+            && err.contains("ext4 partition 2")
+            && err.contains("bytes needed"),
+        "{err}"
+    );
+    debugfs_w(&part, "rm filler\n");
+    t.check_partition();
+    assert_eq!(squashfs_sum(&t), old_sum);
+
     // Each crash window leaves one whole squashfs.img (old before the exchange, new
     // after) and a partition e2fsck finds clean; the next run repairs the leftover.
     for (step, swapped) in [
