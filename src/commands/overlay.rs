@@ -153,6 +153,10 @@ fn open_stick_place(path: &Path, sel: &StickSel, access: Access) -> anyhow::Resu
     }
     ext4_leftovers(path, sel, access)?;
     if let Some(o) = place::ext4_live_overlay(path, &selection(sel), writable).map_err(lift)? {
+        for line in &o.repaired {
+            eprintln!("livestick overlay: repaired: {line}");
+        }
+        note_repaired(&o.repaired);
         return Ok(Place::Ext4(Box::new(o)));
     }
     Ok(Place::Stick(Box::new(open_stick(
@@ -191,9 +195,15 @@ fn ext4_merge_plan(a: &MergeArgs) -> anyhow::Result<Option<(merge::MergePlan, St
     };
     let (overlay, show, unreplayed) = (o.overlay.clone(), o.show(), o.partition.fs.needs_recovery);
     drop(o);
-    if unreplayed {
-        // Refused as every other change on the partition is, with the same advice.
-        place::ext4_live_overlay(&a.target, &selection(&a.sel), true).map_err(lift)?;
+    if unreplayed && !a.dry_run {
+        // Replayed first, as before every other change on the partition.
+        let o = place::ext4_live_overlay(&a.target, &selection(&a.sel), true).map_err(lift)?;
+        if let Some(o) = o {
+            for line in &o.repaired {
+                eprintln!("livestick overlay: repaired: {line}");
+            }
+            note_repaired(&o.repaired);
+        }
     }
     ext4_leftovers(&a.target, &a.sel, change(a.dry_run))?;
     let req = merge::Ext4MergeRequest {

@@ -950,6 +950,31 @@ pub fn replay_journal<F: Read + Write + Seek + ?Sized>(
     Ok(done)
 }
 
+/// Replays the journal of the ext4 live `partition` on the whole device `dev`
+/// ([`replay_journal`]), syncs, and reads the partition again. Returns it with the
+/// line that says what was done (for stderr and JSON `repaired`).
+pub fn replay_partition<F: Read + Write + Seek + crate::io::SyncData>(
+    dev: &mut F,
+    partition: &LivePartition,
+) -> Result<(LivePartition, String), Ext4FsError> {
+    let mut window = crate::io::PartitionWindow::new(&mut *dev, partition.start, partition.len);
+    let done = replay_journal(&partition.fs, &mut window)?;
+    window.flush()?;
+    drop(window);
+    dev.sync_data()?;
+    let mut window = crate::io::PartitionWindow::new(&mut *dev, partition.start, partition.len);
+    let fs = Ext4Fs::open(&mut window)?;
+    let mut fresh = partition.clone();
+    fresh.fs = fs;
+    Ok((
+        fresh,
+        format!(
+            "ext4 partition {} was not cleanly unmounted: its journal was replayed ({} blocks of {} committed transactions written home, {} revoked ones left out), as mounting it would",
+            partition.number, done.blocks, done.transactions, done.revoked
+        ),
+    ))
+}
+
 /// A file inside ext4, read in place by its extents: what a mounted ext4 would
 /// return, holes and unwritten extents as zeros, whatever the blocks hold.
 /// `base` is where the file system starts in `inner` (a partition's offset on

@@ -957,20 +957,24 @@ pub fn open_ext4_live_home(
     let probe = crate::disk::target::probe(path).map_err(StickError::from)?;
     let mut file =
         crate::disk::target::open_existing(&probe, writable).map_err(StickError::from)?;
-    let Some(partition) =
+    let Some(mut partition) =
         ext4_fs::find_live_partition(&mut file, live_dir).map_err(ext4_err(path))?
     else {
         return Ok(None);
     };
     if writable && partition.fs.needs_recovery {
-        return Err(HomeStickError::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(format!(
-                "the ext4 live partition {} was not cleanly unmounted: its journal holds changes not yet written home, which a change beside them could lose or undo. To replay it, {} (or boot the stick and shut the live system down cleanly), then try again",
-                partition.number,
-                crate::disk::ext4_live::replay_hint(path, partition.number)
-            )),
-        });
+        // What the kernel would do on mounting it, before any change beside it.
+        let (replayed, line) =
+            ext4_fs::replay_partition(&mut file, &partition).map_err(|e| HomeStickError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "the ext4 live partition {} was not cleanly unmounted and livestick cannot replay its journal ({e}); to replay it, {} (or boot the stick and shut the live system down cleanly), then try again",
+                    partition.number,
+                    crate::disk::ext4_live::replay_hint(path, partition.number)
+                )),
+            })?;
+        eprintln!("livestick home: repaired: {line}");
+        partition = replayed;
     }
     let home = format!("/{live_dir}/home.img");
     let map = {

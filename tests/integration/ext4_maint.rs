@@ -965,3 +965,48 @@ fn upper_listing(t: &Ext4Stick) -> String {
         .expect("debugfs");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+#[test]
+fn a_journal_left_to_replay_is_replayed_before_a_change() {
+    let t = ext4_stick("fedora-classic.iso", 1 << 30, &[]);
+    // A committed transaction left in the journal, as a live system powered off
+    // with the partition mounted leaves one (debugfs writes it: jo, jw, jc).
+    let data = t._dir.path().join("logged");
+    let logged: Vec<u8> = (0..4096u32).map(|i| (i * 31 + 7) as u8).collect();
+    std::fs::write(&data, &logged).unwrap();
+    let stats = debugfs(&t.image, t.part, "stats");
+    let blocks: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Block count:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no block count in {stats}"));
+    // A free block near the end, away from everything written.
+    let target = blocks - 10;
+    let part = format!("{}?offset={}", t.image.display(), t.part);
+    debugfs_w(
+        &part,
+        &format!("jo -c\njw -b {target} {}\njc\n", data.display()),
+    );
+    // `status` only looks, and says the journal is still to be replayed.
+    let looked = livestick(&["overlay", "status", t.s()]);
+    let said = String::from_utf8_lossy(&looked.stderr);
+    assert!(said.contains("not cleanly unmounted"), "{looked:?}");
+
+    let out = ok(&livestick(&["overlay", "reset", t.s(), "--yes", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("reset JSON");
+    assert!(
+        v["repaired"]
+            .to_string()
+            .contains("journal was replayed (1 blocks of 1"),
+        "{v}"
+    );
+    t.check_partition();
+    let mut got = vec![0u8; 4096];
+    let mut f = std::fs::File::open(&t.image).unwrap();
+    f.seek(SeekFrom::Start(t.part + target * 4096)).unwrap();
+    std::io::Read::read_exact(&mut f, &mut got).unwrap();
+    assert!(got == logged, "the logged block was written home");
+    let looked = livestick(&["overlay", "status", t.s()]);
+    let said = String::from_utf8_lossy(&looked.stderr);
+    assert!(!said.contains("not cleanly"), "{looked:?}");
+}

@@ -165,7 +165,7 @@ pub fn inspect_ext4(req: &Ext4ToInspect<'_>) -> Result<MergeFacts, MergeError> {
         })?;
     if partition.fs.needs_recovery {
         return Err(fail(format!(
-            "ext4 live partition {} was not cleanly unmounted: its journal holds changes not yet written home, which a merge beside them could lose or undo. To replay it, {} (or boot the stick and shut the live system down cleanly), then try again",
+            "ext4 live partition {} was not cleanly unmounted: its journal holds changes not yet written home, which the merge must see. `livestick overlay merge` without --dry-run replays it first; or {}",
             partition.number,
             crate::disk::ext4_live::replay_hint(device, partition.number)
         )));

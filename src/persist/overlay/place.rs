@@ -553,6 +553,8 @@ pub struct Ext4LiveOverlay {
     pub expected: String,
     pub map: crate::disk::ext4_fs::FileMap,
     pub live_dir: String,
+    /// What opening it repaired (a journal replayed), for stderr and JSON.
+    pub repaired: Vec<String>,
     file: File,
     writable: bool,
 }
@@ -719,9 +721,8 @@ impl Ext4LiveOverlay {
         }
         if self.partition.fs.needs_recovery {
             notes.push(format!(
-                "ext4 partition {} was not cleanly unmounted: what its journal still holds is not read here, so this may be out of date; to replay it, {}",
-                self.partition.number,
-                crate::disk::ext4_live::replay_hint(&self.device, self.partition.number)
+                "ext4 partition {} was not cleanly unmounted: what its journal still holds is not read here, so this may be out of date; the next change (reset, grow, recover, merge, home resize) replays it first",
+                self.partition.number
             ));
         }
         notes
@@ -751,17 +752,24 @@ pub fn ext4_live_overlay(
     let probe = crate::disk::target::probe(path).map_err(StickError::from)?;
     let mut file =
         crate::disk::target::open_existing(&probe, writable).map_err(StickError::from)?;
-    let Some(partition) = ext4_fs::find_live_partition(&mut file, &sel.live_dir).map_err(live)?
+    let Some(mut partition) =
+        ext4_fs::find_live_partition(&mut file, &sel.live_dir).map_err(live)?
     else {
         return Ok(None);
     };
+    let mut repaired = Vec::new();
     if writable && partition.fs.needs_recovery {
-        return Err(OverlayError::Refused(format!(
-            "the ext4 live partition {} of {} was not cleanly unmounted: its journal holds changes not yet written home, which a change beside them could lose or undo. To replay it, {} (or boot the stick and shut the live system down cleanly), then try again",
-            partition.number,
-            path.display(),
-            crate::disk::ext4_live::replay_hint(path, partition.number)
-        )));
+        // What the kernel would do on mounting it, before any change beside it.
+        let (replayed, line) = ext4_fs::replay_partition(&mut file, &partition).map_err(|e| {
+            OverlayError::Refused(format!(
+                "the ext4 live partition {} of {} was not cleanly unmounted and livestick cannot replay its journal ({e}); to replay it, {} (or boot the stick and shut the live system down cleanly), then try again",
+                partition.number,
+                path.display(),
+                crate::disk::ext4_live::replay_hint(path, partition.number)
+            ))
+        })?;
+        partition = replayed;
+        repaired.push(line);
     }
     let fs = partition.fs.clone();
     let mut window = crate::io::PartitionWindow::new(&mut file, partition.start, partition.len);
@@ -816,6 +824,7 @@ pub fn ext4_live_overlay(
         expected,
         map,
         live_dir: sel.live_dir.clone(),
+        repaired,
         file,
         writable,
     }))
