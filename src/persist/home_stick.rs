@@ -922,6 +922,8 @@ pub struct Ext4LiveHome {
     /// "/LiveOS/home.img".
     pub home: String,
     pub map: crate::disk::ext4_fs::FileMap,
+    /// What opening it repaired (the partition's journal replayed), for the report.
+    pub repaired: Vec<String>,
     file: File,
 }
 
@@ -962,6 +964,7 @@ pub fn open_ext4_live_home(
     else {
         return Ok(None);
     };
+    let mut repaired = Vec::new();
     if writable && partition.fs.needs_recovery {
         // What the kernel would do on mounting it, before any change beside it.
         let (replayed, line) =
@@ -973,8 +976,8 @@ pub fn open_ext4_live_home(
                     crate::disk::ext4_live::replay_hint(path, partition.number)
                 )),
             })?;
-        eprintln!("livestick home: repaired: {line}");
         partition = replayed;
+        repaired.push(line);
     }
     let home = format!("/{live_dir}/home.img");
     let map = {
@@ -995,6 +998,7 @@ pub fn open_ext4_live_home(
         partition,
         home,
         map,
+        repaired,
         file,
     }))
 }
@@ -1026,6 +1030,7 @@ impl Ext4LiveHome {
         let free = self.free_bytes();
         let mut rep = report_from(self.io(), &device, Some(home), passphrase)?;
         rep.stick_free_bytes = Some(free);
+        rep.repaired = self.repaired.clone();
         Ok(rep)
     }
 }

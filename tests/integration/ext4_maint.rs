@@ -968,7 +968,11 @@ fn upper_listing(t: &Ext4Stick) -> String {
 
 #[test]
 fn a_journal_left_to_replay_is_replayed_before_a_change() {
-    let t = ext4_stick("fedora-classic.iso", 1 << 30, &[]);
+    let t = ext4_stick(
+        "fedora-classic.iso",
+        1 << 30,
+        &["--home-size-mb", "64", "--unencrypted-home"],
+    );
     // A committed transaction left in the journal, as a live system powered off
     // with the partition mounted leaves one (debugfs writes it: jo, jw, jc).
     let data = t._dir.path().join("logged");
@@ -1009,4 +1013,28 @@ fn a_journal_left_to_replay_is_replayed_before_a_change() {
     let looked = livestick(&["overlay", "status", t.s()]);
     let said = String::from_utf8_lossy(&looked.stderr);
     assert!(!said.contains("not cleanly"), "{looked:?}");
+
+    // `home resize` replays it too, and its report says so.
+    debugfs_w(
+        &part,
+        &format!("jo -c\njw -b {} {}\njc\n", target - 1, data.display()),
+    );
+    let work = t._dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let out = ok(&livestick(&[
+        "home",
+        "resize",
+        t.s(),
+        "--size-mb",
+        "80",
+        "--workdir",
+        work.to_str().unwrap(),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("resize JSON");
+    assert!(
+        v["repaired"].to_string().contains("journal was replayed"),
+        "{v}"
+    );
+    t.check_partition();
 }
