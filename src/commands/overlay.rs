@@ -153,10 +153,7 @@ fn open_stick_place(path: &Path, sel: &StickSel, access: Access) -> anyhow::Resu
     }
     ext4_leftovers(path, sel, access)?;
     if let Some(o) = place::ext4_live_overlay(path, &selection(sel), writable).map_err(lift)? {
-        for line in &o.repaired {
-            eprintln!("livestick overlay: repaired: {line}");
-        }
-        note_repaired(&o.repaired);
+        say_repaired(&o.repaired);
         return Ok(Place::Ext4(Box::new(o)));
     }
     Ok(Place::Stick(Box::new(open_stick(
@@ -172,17 +169,22 @@ fn ext4_leftovers(path: &Path, sel: &StickSel, access: Access) -> anyhow::Result
     }
     let write = access == Access::Write;
     let lines = merge::ext4_replace::repair_ext4_stick(path, &sel.live_dir, write)?;
-    for line in &lines {
-        if write {
-            eprintln!("livestick overlay: repaired: {line}");
-        } else {
+    if write {
+        say_repaired(&lines);
+    } else {
+        for line in &lines {
             eprintln!("livestick overlay: the real run first repairs: {line}");
         }
     }
-    if write {
-        note_repaired(&lines);
-    }
     Ok(())
+}
+
+/// What opening a stick repaired: on stderr now, in the report's `repaired` later.
+fn say_repaired(lines: &[String]) {
+    for line in lines {
+        eprintln!("livestick overlay: repaired: {line}");
+    }
+    note_repaired(lines);
 }
 
 /// The plan of a merge on a stick whose live directory is on its ext4 partition;
@@ -199,10 +201,7 @@ fn ext4_merge_plan(a: &MergeArgs) -> anyhow::Result<Option<(merge::MergePlan, St
         // Replayed first, as before every other change on the partition.
         let o = place::ext4_live_overlay(&a.target, &selection(&a.sel), true).map_err(lift)?;
         if let Some(o) = o {
-            for line in &o.repaired {
-                eprintln!("livestick overlay: repaired: {line}");
-            }
-            note_repaired(&o.repaired);
+            say_repaired(&o.repaired);
         }
     }
     ext4_leftovers(&a.target, &a.sel, change(a.dry_run))?;
