@@ -266,7 +266,7 @@ fn ext4_live_resize(
             h.home
         ))),
     };
-    home_stick::check_new_size(h.size(), a.size_mb)?;
+    home_stick::check_growth(h.size(), a.size_mb)?;
     let grows = a.size_mb * MIB != h.size();
     let pass = resize_passphrase(a, encrypted && grows)?;
     let pass = pass.as_deref().map(|p| &p[..]);

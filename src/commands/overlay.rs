@@ -169,12 +169,69 @@ fn open_stick_place(path: &Path, sel: &StickSel, access: Access) -> anyhow::Resu
     if access != Access::Look {
         target::check_maintenance(&target::probe(path)?)?;
     }
+    ext4_leftovers(path, sel, access)?;
     if let Some(o) = place::ext4_live_overlay(path, &selection(sel), writable).map_err(lift)? {
+        say_repaired(&o.repaired);
         return Ok(Place::Ext4(Box::new(o)));
     }
     Ok(Place::Stick(Box::new(open_stick(
         path, sel, access, false,
     )?)))
+}
+
+/// Leftovers of a stopped merge on an ext4 live partition, repaired before a change
+/// (said only, for a dry run) and reported like those of a FAT stick.
+fn ext4_leftovers(path: &Path, sel: &StickSel, access: Access) -> anyhow::Result<()> {
+    if matches!(access, Access::Look | Access::ReadForChange) {
+        return Ok(());
+    }
+    let write = access == Access::Write;
+    let lines = merge::ext4_replace::repair_ext4_stick(path, &sel.live_dir, write)?;
+    if write {
+        say_repaired(&lines);
+    } else {
+        for line in &lines {
+            eprintln!("livestick overlay: the real run first repairs: {line}");
+        }
+    }
+    Ok(())
+}
+
+/// What opening a stick repaired: on stderr now, in the report's `repaired` later.
+fn say_repaired(lines: &[String]) {
+    for line in lines {
+        eprintln!("livestick overlay: repaired: {line}");
+    }
+    note_repaired(lines);
+}
+
+/// The plan of a merge on a stick whose live directory is on its ext4 partition;
+/// `None` for a FAT stick.
+fn ext4_merge_plan(a: &MergeArgs) -> anyhow::Result<Option<(merge::MergePlan, String)>> {
+    target::check_maintenance(&target::probe(&a.target)?)?;
+    let Some(o) = place::ext4_live_overlay(&a.target, &selection(&a.sel), false).map_err(lift)?
+    else {
+        return Ok(None);
+    };
+    let (overlay, show, unreplayed) = (o.overlay.clone(), o.show(), o.partition.fs.needs_recovery);
+    drop(o);
+    if unreplayed && !a.dry_run {
+        // Replayed first, as before every other change on the partition.
+        let o = place::ext4_live_overlay(&a.target, &selection(&a.sel), true).map_err(lift)?;
+        if let Some(o) = o {
+            say_repaired(&o.repaired);
+        }
+    }
+    ext4_leftovers(&a.target, &a.sel, change(a.dry_run))?;
+    let req = merge::Ext4MergeRequest {
+        stick: a.target.clone(),
+        live_dir: a.sel.live_dir.clone(),
+        overlay,
+        workdir: a.workdir.clone(),
+        fsck: !a.no_fsck,
+        compress: a.compress,
+    };
+    Ok(Some((merge::plan_ext4_merge(&req)?, show)))
 }
 
 /// `Write`, or `DryRun`.
@@ -398,19 +455,24 @@ fn stick_merge(a: &MergeArgs, json: bool) -> anyhow::Result<()> {
             "--origin and --squashfs are for bare files; on a stick the squashfs.img and overlay are found on it".into()
         ));
     }
-    let (overlay, show) = {
-        let t = open_stick(&a.target, &a.sel, Access::ReadForChange, false)?;
-        (t.overlay.clone(), t.show())
+    let (mut plan, show) = match ext4_merge_plan(a)? {
+        Some(planned) => planned,
+        None => {
+            let (overlay, show) = {
+                let t = open_stick(&a.target, &a.sel, Access::ReadForChange, false)?;
+                (t.overlay.clone(), t.show())
+            };
+            let req = StickMergeRequest {
+                stick: a.target.clone(),
+                live_dir: a.sel.live_dir.clone(),
+                overlay,
+                workdir: a.workdir.clone(),
+                fsck: !a.no_fsck,
+                compress: a.compress,
+            };
+            (merge::plan_stick_merge(&req)?, show)
+        }
     };
-    let req = StickMergeRequest {
-        stick: a.target.clone(),
-        live_dir: a.sel.live_dir.clone(),
-        overlay,
-        workdir: a.workdir.clone(),
-        fsck: !a.no_fsck,
-        compress: a.compress,
-    };
-    let mut plan = merge::plan_stick_merge(&req)?;
     plan.allow_xattr_loss = a.allow_xattr_loss;
     if a.dry_run || plan.nothing_to_merge {
         return print_report(&MergeDryRun(&plan), json, &a.target);
@@ -498,6 +560,7 @@ fn recover(a: &RecoverArgs, json: bool) -> anyhow::Result<()> {
             let origin = match (origin_sectors(&a.origin)?, &mut place) {
                 (Some(s), _) => Some(s),
                 (None, Place::Stick(t)) => t.root_image_bytes().map(|b| b / SECTOR_BYTES),
+                (None, Place::Ext4(o)) => o.root_image_bytes().map(|b| b / SECTOR_BYTES),
                 (None, _) => None,
             };
             let root = match &a.origin.origin {

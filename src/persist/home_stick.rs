@@ -490,14 +490,25 @@ pub struct ResizePlan {
 
 /// Checks a requested size against the FAT limit and the current size.
 pub fn check_new_size(current: u64, requested_mib: u64) -> Result<u64, HomeStickError> {
-    let current_mib = current.div_ceil(MIB);
     if requested_mib > FAT_MAX_FILE_MIB {
         return Err(HomeStickError::TooLarge {
             requested_mib,
-            current_mib,
+            current_mib: current.div_ceil(MIB),
         });
     }
-    let new = requested_mib * MIB;
+    check_growth(current, requested_mib)
+}
+
+/// Checks a requested size against the current size only: on the ext4 live
+/// partition a file has no 4 GiB limit, the partition's free space is the bound.
+pub fn check_growth(current: u64, requested_mib: u64) -> Result<u64, HomeStickError> {
+    let current_mib = current.div_ceil(MIB);
+    let new = requested_mib
+        .checked_mul(MIB)
+        .ok_or(HomeStickError::TooLarge {
+            requested_mib,
+            current_mib,
+        })?;
     if new < current {
         return Err(HomeStickError::Shrink {
             current_mib,
@@ -914,6 +925,8 @@ pub struct Ext4LiveHome {
     /// "/LiveOS/home.img".
     pub home: String,
     pub map: crate::disk::ext4_fs::FileMap,
+    /// What opening it repaired (the partition's journal replayed), for the report.
+    pub repaired: Vec<String>,
     file: File,
 }
 
@@ -949,20 +962,25 @@ pub fn open_ext4_live_home(
     let probe = crate::disk::target::probe(path).map_err(StickError::from)?;
     let mut file =
         crate::disk::target::open_existing(&probe, writable).map_err(StickError::from)?;
-    let Some(partition) =
+    let Some(mut partition) =
         ext4_fs::find_live_partition(&mut file, live_dir).map_err(ext4_err(path))?
     else {
         return Ok(None);
     };
+    let mut repaired = Vec::new();
     if writable && partition.fs.needs_recovery {
-        return Err(HomeStickError::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(format!(
-                "the ext4 live partition {} was not cleanly unmounted: its journal holds changes not yet written home, which a change beside them could lose or undo. To replay it, {} (or boot the stick and shut the live system down cleanly), then try again",
-                partition.number,
-                crate::disk::ext4_live::replay_hint(path, partition.number)
-            )),
-        });
+        // What the kernel would do on mounting it, before any change beside it.
+        let (replayed, line) =
+            ext4_fs::replay_partition(&mut file, &partition).map_err(|e| HomeStickError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "the ext4 live partition {} was not cleanly unmounted and livestick cannot replay its journal ({e}); to replay it, {} (or boot the stick and shut the live system down cleanly), then try again",
+                    partition.number,
+                    crate::disk::ext4_live::replay_hint(path, partition.number)
+                )),
+            })?;
+        partition = replayed;
+        repaired.push(line);
     }
     let home = format!("/{live_dir}/home.img");
     let map = {
@@ -983,6 +1001,7 @@ pub fn open_ext4_live_home(
         partition,
         home,
         map,
+        repaired,
         file,
     }))
 }
@@ -1014,6 +1033,7 @@ impl Ext4LiveHome {
         let free = self.free_bytes();
         let mut rep = report_from(self.io(), &device, Some(home), passphrase)?;
         rep.stick_free_bytes = Some(free);
+        rep.repaired = self.repaired.clone();
         Ok(rep)
     }
 }
@@ -1027,7 +1047,7 @@ pub fn plan_ext4_live_resize(
     requested_mib: u64,
     workdir: &Path,
 ) -> Result<ResizePlan, HomeStickError> {
-    let new = check_new_size(h.size(), requested_mib)?;
+    let new = check_growth(h.size(), requested_mib)?;
     let unchanged = new == h.size();
     let block = h.partition.fs.block_size;
     let needed = new.div_ceil(block) * block - h.size().div_ceil(block) * block;
@@ -1043,7 +1063,7 @@ pub fn plan_ext4_live_resize(
             needed_mib: needed.div_ceil(MIB),
             free,
             free_mib: free / MIB,
-            max_mib: ((h.size() + free) / MIB).min(FAT_MAX_FILE_MIB),
+            max_mib: (h.size() + free) / MIB,
         });
     }
     let mut memory_need = 0;
@@ -1169,6 +1189,11 @@ mod tests {
         );
         let e = check_new_size(32 * MIB, 4096).unwrap_err().to_string();
         assert!(e.contains("4096 MiB") && e.contains("4095"), "{e}");
+        // On the ext4 live partition the FAT limit does not apply; shrinking still
+        // does not.
+        assert_eq!(check_growth(32 * MIB, 6000).unwrap(), 6000 * MIB);
+        let e = check_growth(32 * MIB, 16).unwrap_err().to_string();
+        assert!(e.contains("only grows"), "{e}");
     }
 
     #[test]

@@ -100,10 +100,26 @@ impl Ext4Stick {
 }
 
 fn ext4_stick(iso: &str, size: u64, extra: &[&str]) -> Ext4Stick {
+    ext4_stick_over(iso, size, extra, true)
+}
+
+/// A stick of the ext4 live layout written over random bytes (`random`), or over
+/// a sparse file when it must be larger than random bytes are quick to make.
+fn ext4_stick_over(iso: &str, size: u64, extra: &[&str], random: bool) -> Ext4Stick {
     let dir = tmp();
     let image = dir.path().join("stick.img");
-    fill_random(&image, size);
-    let iso = synthetic_iso(iso);
+    if random {
+        fill_random(&image, size);
+    } else {
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(size))
+            .expect("sparse stick image");
+    }
+    let iso = if iso.starts_with("boot-") {
+        crate::support::fixtures::boot_iso(iso)
+    } else {
+        synthetic_iso(iso)
+    };
     let mut args = vec![
         "write",
         iso.to_str().unwrap(),
@@ -514,4 +530,511 @@ fn luks_home_on_ext4_grows_in_place() {
         .parse()
         .unwrap();
     assert!(blocks * 4096 > 60 << 20, "{blocks} blocks");
+}
+
+/// The size of the ext4 inside home.img, read by debugfs where the file's
+/// first extent lies on the stick (the superblock is in its first block).
+fn home_fs_bytes(t: &Ext4Stick) -> u64 {
+    let ex = debugfs(&t.image, t.part, "ex /LiveOS/home.img");
+    // "Level Entries Logical Physical Length Flags": the leaf (two ranges, where an
+    // index node has one block) starting at file block 0.
+    let physical: u64 = ex
+        .lines()
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            if cols.iter().filter(|c| **c == "-").count() != 2 {
+                return None;
+            }
+            let at = cols.iter().position(|c| *c == "-")?;
+            (cols.get(at.checked_sub(1)?)? == &"0")
+                .then(|| cols.get(at + 2)?.parse().ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("no first extent in {ex}"));
+    // -c: only the superblock and descriptors are read, which lie in that first
+    // extent; the bitmaps further on need the file's other extents.
+    let out = Command::new("debugfs")
+        .args(["-c", "-R", "stats"])
+        .arg(format!(
+            "{}?offset={}",
+            t.image.display(),
+            t.part + physical * 4096
+        ))
+        .output()
+        .expect("run debugfs");
+    let stats = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {stats}"))
+    };
+    let (blocks, bsize) = (field("Block count:"), field("Block size:"));
+    blocks * bsize
+}
+
+#[test]
+fn home_on_ext4_grows_past_fat_file_limit() {
+    let t = ext4_stick_over(
+        "fedora-classic.iso",
+        6 << 30,
+        &["--home-size-mb", "64", "--unencrypted-home"],
+        false,
+    );
+    let work = t._dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let out = ok(&livestick(&[
+        "home",
+        "resize",
+        t.s(),
+        "--size-mb",
+        "4200",
+        "--workdir",
+        work.to_str().unwrap(),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("resize JSON");
+    assert_eq!(v["plan"]["new_bytes"], 4200u64 << 20, "{v}");
+    t.check_partition();
+    let stat = debugfs(&t.image, t.part, "stat /LiveOS/home.img");
+    assert!(stat.contains(&format!("Size: {}", 4200u64 << 20)), "{stat}");
+    assert_eq!(home_fs_bytes(&t), 4200 << 20);
+
+    // The partition's free space is the bound, said with its figures.
+    let sum = crate::support::sha256_file(&t.image);
+    let out = livestick(&["home", "resize", t.s(), "--size-mb", "9000"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ext4 partition 2") && err.contains("free") && !err.contains("FAT32"),
+        "{err}"
+    );
+    assert_eq!(crate::support::sha256_file(&t.image), sum);
+}
+
+#[test]
+fn luks_home_on_ext4_plans_past_fat_file_limit() {
+    const PASS: &str = "correct horse battery staple\n";
+    let dir = tmp();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, PASS).unwrap();
+    let t = ext4_stick_over(
+        "fedora-classic.iso",
+        6 << 30,
+        &[
+            "--home-size-mb",
+            "64",
+            "--passphrase-file",
+            pw.to_str().unwrap(),
+        ],
+        false,
+    );
+    let sum = crate::support::sha256_file(&t.image);
+    let out = ok(&livestick(&[
+        "home",
+        "resize",
+        t.s(),
+        "--size-mb",
+        "4200",
+        "--passphrase-file",
+        pw.to_str().unwrap(),
+        "--dry-run",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("resize plan JSON");
+    assert_eq!(v["plan"]["new_bytes"], 4200u64 << 20, "{v}");
+    assert_eq!(crate::support::sha256_file(&t.image), sum);
+}
+
+/// The root image inside the stick's squashfs.img (LiveOS/rootfs.img), read out
+/// with debugfs and unsquashfs.
+fn root_image_of(t: &Ext4Stick, name: &str) -> PathBuf {
+    let sq = t.dump("/LiveOS/squashfs.img", &format!("{name}.squashfs"));
+    let dir = t._dir.path().join(name);
+    let out = Command::new("unsquashfs")
+        .args(["-no-xattrs", "-d"])
+        .arg(&dir)
+        .arg(&sq)
+        .arg("LiveOS/rootfs.img")
+        .output()
+        .expect("run unsquashfs");
+    assert!(out.status.success(), "{out:?}");
+    dir.join("LiveOS/rootfs.img")
+}
+
+/// What a boot does to the dm-snapshot overlay of `t`, written in place as the
+/// kernel writes it: each `(offset, bytes)` of `changes` written over the root
+/// image `origin` lands in the store as an exception.
+fn boot_writes(t: &Ext4Stick, origin: &Path, changes: &[(u64, Vec<u8>)]) {
+    let mut dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&t.image)
+        .unwrap();
+    let part = find_live_partition(&mut dev, "LiveOS").unwrap().unwrap();
+    let map = {
+        let mut window = livestick::io::PartitionWindow::new(&mut dev, part.start, part.len);
+        part.fs.file(&mut window, &t.overlay).unwrap().unwrap()
+    };
+    let mut cow = Ext4FileRw::new(&mut dev, &part, &map);
+    let len = cow.len();
+    if let Opened::Uninitialised { .. } = snapshot::open_store(&mut cow, len).unwrap() {
+        snapshot::create_new_store(&mut cow, len, 8).unwrap();
+    }
+    let Opened::Valid(store) = snapshot::open_store(&mut cow, len).unwrap() else {
+        panic!("store not valid")
+    };
+    let origin_bytes = std::fs::metadata(origin).unwrap().len();
+    let mut w = CowWriter::new(*store, origin_bytes).unwrap();
+    let mut o = std::fs::File::open(origin).unwrap();
+    for (at, data) in changes {
+        w.write_at(&mut o, &mut cow, *at, data).unwrap();
+    }
+    cow.flush().unwrap();
+    cow.sync_data().unwrap();
+}
+
+#[test]
+fn dm_snapshot_repair_on_ext4_reads_the_root_image_on_the_stick() {
+    let t = ext4_stick("fedora-classic.iso", 1 << 30, &[]);
+    let root = root_image_of(&t, "before");
+    // The live system rewrote the first chunk (the superblock's) with what it held.
+    let mut first = vec![0u8; 4096];
+    std::io::Read::read_exact(&mut std::fs::File::open(&root).unwrap(), &mut first).unwrap();
+    boot_writes(&t, &root, &[(0, first)]);
+    let work = t._dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    // No --origin: the root image is the one in the stick's squashfs.img.
+    let out = ok(&livestick(&[
+        "overlay",
+        "recover",
+        t.s(),
+        "--repair",
+        "--workdir",
+        work.to_str().unwrap(),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("recover JSON");
+    let repair = &v["repair"];
+    assert!(repair["fsck_exit_code"].as_i64().unwrap() <= 1, "{v}");
+    // e2fsck -f -y records its check in the superblock: that chunk is folded in.
+    assert!(repair["chunks_folded"].as_u64().unwrap() >= 1, "{v}");
+    t.check_partition();
+    assert_eq!(dumped_state(&t).0, "valid");
+}
+
+/// Runs livestick with `LIVESTICK_FAILPOINT=step`.
+fn livestick_stopped_at(step: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_livestick"))
+        .args(args)
+        .env("LIVESTICK_FAILPOINT", step)
+        .output()
+        .expect("run livestick")
+}
+
+/// The names in /LiveOS of the ext4 partition, as debugfs lists them.
+fn live_names(t: &Ext4Stick) -> Vec<String> {
+    debugfs(&t.image, t.part, "ls -l /LiveOS")
+        .lines()
+        .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+        .collect()
+}
+
+fn squashfs_sum(t: &Ext4Stick) -> String {
+    crate::support::sha256_file(&t.dump("/LiveOS/squashfs.img", "sq.sum"))
+}
+
+#[test]
+fn dm_snapshot_merge_on_ext4_swaps_in_one_block_and_repairs_a_stop() {
+    let t = ext4_stick("fedora-classic.iso", 1 << 30, &[]);
+    let before = root_image_of(&t, "before");
+    // What the live system did: a new file in the root file system. The chunks it
+    // changed are what it wrote through the overlay.
+    let after = t._dir.path().join("after.img");
+    std::fs::copy(&before, &after).unwrap();
+    let payload = t._dir.path().join("payload");
+    std::fs::write(&payload, vec![0x42u8; 300_000]).unwrap();
+    debugfs_w(
+        after.to_str().unwrap(),
+        &format!("write {} payload\n", payload.display()),
+    );
+    let (old, new) = (
+        std::fs::read(&before).unwrap(),
+        std::fs::read(&after).unwrap(),
+    );
+    let changes: Vec<(u64, Vec<u8>)> = old
+        .chunks(4096)
+        .zip(new.chunks(4096))
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, (_, y))| ((i * 4096) as u64, y.to_vec()))
+        .collect();
+    assert!(!changes.is_empty());
+    boot_writes(&t, &before, &changes);
+    let old_sum = squashfs_sum(&t);
+    let work = t._dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let merge = |step: Option<&str>| {
+        let args = [
+            "overlay",
+            "merge",
+            t.s(),
+            "--yes",
+            "--no-fsck",
+            "--workdir",
+            work.to_str().unwrap(),
+            "--json",
+        ];
+        match step {
+            Some(s) => livestick_stopped_at(s, &args),
+            None => livestick(&args),
+        }
+    };
+
+    // A dry run plans on the partition and changes nothing.
+    let sum = crate::support::sha256_file(&t.image);
+    let out = ok(&livestick(&[
+        "overlay",
+        "merge",
+        t.s(),
+        "--dry-run",
+        "--json",
+        "--workdir",
+        work.to_str().unwrap(),
+    ]));
+    let plan: serde_json::Value = serde_json::from_str(&out).expect("plan JSON");
+    assert_eq!(plan["exceptions"], changes.len(), "{plan}");
+    assert!(
+        plan["target_dir"]
+            .as_str()
+            .unwrap()
+            .contains("ext4 partition 2"),
+        "{plan}"
+    );
+    assert_eq!(crate::support::sha256_file(&t.image), sum);
+
+    // Too little room on the partition for the new image beside the old one:
+    // refused before anything is built, with the figures.
+    let stats = debugfs(&t.image, t.part, "stats");
+    let free: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Free blocks:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no free blocks in {stats}"));
+    let part = format!("{}?offset={}", t.image.display(), t.part);
+    debugfs_w(
+        &part,
+        &format!(
+            "write /dev/null filler\nfallocate filler 0 {}\n",
+            free - 1000
+        ),
+    );
+    let out = livestick(&[
+        "overlay",
+        "merge",
+        t.s(),
+        "--yes",
+        "--workdir",
+        work.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not enough space")
+            && err.contains("ext4 partition 2")
+            && err.contains("bytes needed"),
+        "{err}"
+    );
+    debugfs_w(&part, "rm filler\n");
+    t.check_partition();
+    assert_eq!(squashfs_sum(&t), old_sum);
+
+    // Each crash window leaves one whole squashfs.img (old before the exchange, new
+    // after) and a partition e2fsck finds clean; the next run repairs the leftover.
+    for (step, swapped) in [
+        ("stage", false),
+        ("verify", false),
+        ("fold", false),
+        ("swap-half", true),
+    ] {
+        let out = merge(Some(step));
+        assert!(!out.status.success(), "{step}: {out:?}");
+        t.check_partition();
+        assert_eq!(squashfs_sum(&t) != old_sum, swapped, "{step}");
+        assert!(
+            live_names(&t).contains(&"squashfs.img.new".to_string()),
+            "{step}: {:?}",
+            live_names(&t)
+        );
+        if swapped {
+            // The old image is the leftover: the overlay still holds the changes,
+            // which the new image holds too.
+            assert_eq!(
+                crate::support::sha256_file(&t.dump("/LiveOS/squashfs.img.new", "left")),
+                old_sum,
+                "{step}"
+            );
+            break;
+        }
+    }
+    let out = ok(&merge(None));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("merge JSON");
+    let repaired = v["repaired"].to_string();
+    assert!(repaired.contains("squashfs.img.new"), "{v}");
+    assert_eq!(v["overlay_reset"], true, "{v}");
+    t.check_partition();
+    assert!(
+        !live_names(&t).iter().any(|n| n.ends_with(".new")),
+        "{:?}",
+        live_names(&t)
+    );
+    // The new root image holds the file, read by unsquashfs and debugfs.
+    let merged = root_image_of(&t, "merged");
+    assert_eq!(debugfs_cat(&merged, "payload").len(), 300_000);
+    let ex = debugfs(&t.image, t.part, "ex /LiveOS/squashfs.img");
+    assert!(
+        !ex.contains("Uninit"),
+        "the new image's extents are written:\n{ex}"
+    );
+    assert_eq!(dumped_state(&t).0, "uninitialised");
+    assert_eq!(t.status()["state"], "uninitialised");
+}
+
+#[test]
+fn overlayfs_merge_on_ext4_builds_the_flat_root_and_empties_the_overlay() {
+    // A flat root gets an OverlayFS overlay by itself.
+    let t = ext4_stick("boot-flat.iso", 1 << 30, &[]);
+    assert_eq!(t.status()["kind"], "overlayfs", "{}", t.status());
+    // What the live system did: a file in the upper dir. The overlay is changed on
+    // a copy by debugfs and put back in its place.
+    let ov = t.dump_overlay();
+    let payload = t._dir.path().join("payload");
+    std::fs::write(&payload, b"merged from the ext4 layout\n").unwrap();
+    debugfs_w(
+        ov.to_str().unwrap(),
+        &format!("write {} overlayfs/merged-note\n", payload.display()),
+    );
+    let part = format!("{}?offset={}", t.image.display(), t.part);
+    let rel = t.overlay.trim_start_matches('/');
+    debugfs_w(&part, &format!("rm {rel}\nwrite {} {rel}\n", ov.display()));
+    t.check_partition();
+    assert!(upper_listing(&t).contains("merged-note"));
+
+    let work = t._dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let out = ok(&livestick(&[
+        "overlay",
+        "merge",
+        t.s(),
+        "--yes",
+        "--workdir",
+        work.to_str().unwrap(),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("merge JSON");
+    assert_eq!(v["overlay_reset"], true, "{v}");
+    t.check_partition();
+    let sq = t.dump("/LiveOS/squashfs.img", "merged.squashfs");
+    let x = t._dir.path().join("merged-tree");
+    let unsq = Command::new("unsquashfs")
+        .args(["-no-xattrs", "-d"])
+        .arg(&x)
+        .arg(&sq)
+        .output()
+        .expect("unsquashfs");
+    assert!(unsq.status.success(), "{unsq:?}");
+    assert_eq!(
+        std::fs::read_to_string(x.join("merged-note")).unwrap(),
+        "merged from the ext4 layout\n"
+    );
+    // The overlay is a fresh, empty file system.
+    let fresh = t.dump_overlay();
+    e2fsck_clean(fresh.to_str().unwrap());
+    let upper = upper_listing(&t);
+    assert!(!upper.contains("merged-note"), "{upper}");
+}
+
+/// The upper directory of the stick's OverlayFS overlay, listed by debugfs.
+fn upper_listing(t: &Ext4Stick) -> String {
+    let ov = t.dump_overlay();
+    let out = Command::new("debugfs")
+        .args(["-R", "ls -l overlayfs"])
+        .arg(&ov)
+        .output()
+        .expect("debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_journal_left_to_replay_is_replayed_before_a_change() {
+    let t = ext4_stick(
+        "fedora-classic.iso",
+        1 << 30,
+        &["--home-size-mb", "64", "--unencrypted-home"],
+    );
+    // A committed transaction left in the journal, as a live system powered off
+    // with the partition mounted leaves one (debugfs writes it: jo, jw, jc).
+    let data = t._dir.path().join("logged");
+    let logged: Vec<u8> = (0..4096u32).map(|i| (i * 31 + 7) as u8).collect();
+    std::fs::write(&data, &logged).unwrap();
+    let stats = debugfs(&t.image, t.part, "stats");
+    let blocks: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Block count:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no block count in {stats}"));
+    // A free block near the end, away from everything written.
+    let target = blocks - 10;
+    let part = format!("{}?offset={}", t.image.display(), t.part);
+    debugfs_w(
+        &part,
+        &format!("jo -c\njw -b {target} {}\njc\n", data.display()),
+    );
+    // `status` only looks, and says the journal is still to be replayed.
+    let looked = livestick(&["overlay", "status", t.s()]);
+    let said = String::from_utf8_lossy(&looked.stderr);
+    assert!(said.contains("not cleanly unmounted"), "{looked:?}");
+
+    let out = ok(&livestick(&["overlay", "reset", t.s(), "--yes", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("reset JSON");
+    assert!(
+        v["repaired"]
+            .to_string()
+            .contains("journal was replayed (1 blocks of 1"),
+        "{v}"
+    );
+    t.check_partition();
+    let mut got = vec![0u8; 4096];
+    let mut f = std::fs::File::open(&t.image).unwrap();
+    f.seek(SeekFrom::Start(t.part + target * 4096)).unwrap();
+    std::io::Read::read_exact(&mut f, &mut got).unwrap();
+    assert!(got == logged, "the logged block was written home");
+    let looked = livestick(&["overlay", "status", t.s()]);
+    let said = String::from_utf8_lossy(&looked.stderr);
+    assert!(!said.contains("not cleanly"), "{looked:?}");
+
+    // `home resize` replays it too, and its report says so.
+    debugfs_w(
+        &part,
+        &format!("jo -c\njw -b {} {}\njc\n", target - 1, data.display()),
+    );
+    let work = t._dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let out = ok(&livestick(&[
+        "home",
+        "resize",
+        t.s(),
+        "--size-mb",
+        "80",
+        "--workdir",
+        work.to_str().unwrap(),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("resize JSON");
+    assert!(
+        v["repaired"].to_string().contains("journal was replayed"),
+        "{v}"
+    );
+    t.check_partition();
 }

@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::error::{MergeError, io_at};
+use super::ext4_replace::replace_in_place;
 use super::fold::fold_chunks;
 use super::located::{Located, check_space, free_bytes, with_readable_squashfs};
 use super::plan::{MergePlan, failpoint};
-use super::replace::{MergeReport, replace};
+use super::replace::MergeReport;
 use crate::io::SyncData;
 use crate::persist::snapshot::{self, LIVEOS_CHUNK_SECTORS, Opened};
 use crate::persist::workdir::{changed_chunks, chunk_fingerprints};
@@ -118,7 +119,7 @@ pub(super) fn run_steps(
         repaired: Vec::new(),
         overlayfs: None,
     };
-    replace(
+    replace_in_place(
         plan,
         &built,
         &root,

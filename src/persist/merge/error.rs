@@ -81,6 +81,10 @@ pub enum MergeError {
         "planning the merge needs {0}, which was not inspected (facts not made by merge::inspect)"
     )]
     Unread(&'static str),
+    /// On the ext4 live partition: what went wrong there (a map that cannot be
+    /// read, debugfs failing, a refusal), with the device.
+    #[error("{device}: {what}")]
+    Ext4 { device: PathBuf, what: String },
     #[error("stopped at failpoint after step `{0}` (LIVESTICK_FAILPOINT)")]
     Failpoint(&'static str),
     /// A failed write of the staged image surfaces at a sync, as an error of the

@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::io;
 use std::path::PathBuf;
 
-use super::located::{Located, StickPlace};
+use super::located::{Ext4Place, Located, StickPlace};
 use crate::disk::ext4::Ext4Info;
 use crate::persist::erofs::ErofsInfo;
 use crate::persist::snapshot::{Opened, StatusReport};
@@ -55,6 +55,8 @@ pub struct Place {
     pub target_free: u64,
     /// A directory overlay (on an ext4 stick), read through an ext4 copy.
     pub overlay_dir: Option<PathBuf>,
+    /// Set for a merge on a stick's ext4 live partition.
+    pub ext4: Option<Ext4Place>,
 }
 
 /// The programs found on this system, by name.

@@ -70,6 +70,7 @@ pub fn inspect_files(req: &FilesToInspect<'_>) -> Result<MergeFacts, MergeError>
             target_free: free_bytes(&target_dir)?,
             target_dir,
             overlay_dir: Some(req.overlay.to_path_buf()),
+            ext4: None,
         };
         return inspect_place(place, req.workdir, req.fsck);
     }
@@ -82,6 +83,7 @@ pub fn inspect_files(req: &FilesToInspect<'_>) -> Result<MergeFacts, MergeError>
         target_free: free_bytes(&target_dir)?,
         target_dir,
         overlay_dir: None,
+        ext4: None,
     };
     inspect_place(place, req.workdir, req.fsck)
 }
@@ -124,8 +126,158 @@ pub fn inspect_stick(req: &StickToInspect<'_>) -> Result<MergeFacts, MergeError>
         target_dir: show(&format!("/{}", req.live_dir)),
         target_free: info.free_bytes,
         overlay_dir: None,
+        ext4: None,
     };
     inspect_place(place, req.workdir, req.fsck)
+}
+
+/// A stick with the ext4 live layout, for [`inspect_ext4`].
+pub struct Ext4ToInspect<'a> {
+    pub stick: &'a Path,
+    pub live_dir: &'a str,
+    /// `/LiveOS/overlay-LABEL-UUID`, inside the ext4 file system
+    pub overlay: &'a str,
+    pub workdir: &'a Path,
+    pub fsck: bool,
+}
+
+/// Inspects a stick whose live directory is on its ext4 partition: squashfs.img
+/// is read in place through its extents (every one written: livestick marks a root
+/// image's extents written), the overlay through a sparse copy in the work dir of
+/// its written extents only, since an unwritten extent reads as zeros through ext4
+/// but holds stale bytes on the stick. Refused while the partition's journal needs
+/// replaying.
+pub fn inspect_ext4(req: &Ext4ToInspect<'_>) -> Result<MergeFacts, MergeError> {
+    use crate::disk::ext4_fs;
+    let device = req.stick;
+    let fail = |what: String| MergeError::Ext4 {
+        device: device.to_path_buf(),
+        what,
+    };
+    let mut dev = fs::File::open(device).map_err(io_at(device))?;
+    let partition = ext4_fs::find_live_partition(&mut dev, req.live_dir)
+        .map_err(|e| fail(e.to_string()))?
+        .ok_or_else(|| {
+            fail(format!(
+                "no ext4 partition holds /{}/squashfs.img",
+                req.live_dir
+            ))
+        })?;
+    if partition.fs.needs_recovery {
+        return Err(fail(format!(
+            "ext4 live partition {} was not cleanly unmounted: its journal holds changes not yet written home, which the merge must see. `livestick overlay merge` without --dry-run replays it first; or {}",
+            partition.number,
+            crate::disk::ext4_live::replay_hint(device, partition.number)
+        )));
+    }
+    let squashfs = format!("/{}/squashfs.img", req.live_dir);
+    let bs = partition.fs.block_size;
+    let (sq_map, ov_map) = {
+        let mut window = crate::io::PartitionWindow::new(&mut dev, partition.start, partition.len);
+        let mut map = |path: &str| {
+            partition
+                .fs
+                .file(&mut window, path)
+                .map_err(|e| fail(e.to_string()))?
+                .ok_or_else(|| fail(format!("no {path} on ext4 partition {}", partition.number)))
+        };
+        (map(&squashfs)?, map(req.overlay)?)
+    };
+    if sq_map.has_unwritten() {
+        return Err(fail(format!(
+            "{squashfs} has unwritten (allocated, never written) blocks, so it cannot be read in place; write the ISO onto the stick again"
+        )));
+    }
+    let sq_extents = sq_map
+        .byte_runs(bs, &squashfs)
+        .map_err(|e| fail(e.to_string()))?
+        .into_iter()
+        .map(|(at, len)| (partition.start + at, len))
+        .collect();
+    let scratch = tempfile::Builder::new()
+        .prefix("livestick-ext4-merge-")
+        .tempdir_in(req.workdir)
+        .map_err(io_at(req.workdir))?;
+    let written: u64 = ov_map
+        .extents
+        .iter()
+        .filter(|e| !e.unwritten)
+        .map(|e| e.len * bs)
+        .sum();
+    super::located::check_space(
+        "the overlay's written blocks, copied to be read",
+        req.workdir,
+        written,
+        free_bytes(req.workdir)?,
+    )?;
+    let copy = scratch.path().join("overlay.img");
+    copy_written(&mut dev, &partition, &ov_map, &copy)?;
+    let show = |p: &str| PathBuf::from(format!("{}:{p}", device.display()));
+    let free = (partition.fs.free_blocks * bs).saturating_sub(super::ext4_replace::STAGE_MARGIN);
+    let place = Place {
+        squashfs: show(&squashfs),
+        squashfs_at: Located {
+            device: device.to_path_buf(),
+            extents: sq_extents,
+        },
+        overlay: show(req.overlay),
+        overlay_at: Located::plain(&copy)?,
+        stick: None,
+        target_dir: PathBuf::from(format!(
+            "{} (ext4 partition {}):/{}",
+            device.display(),
+            partition.number,
+            req.live_dir
+        )),
+        target_free: free,
+        overlay_dir: None,
+        ext4: Some(super::located::Ext4Place {
+            device: device.to_path_buf(),
+            partition,
+            live_dir: req.live_dir.to_string(),
+            squashfs,
+            overlay: req.overlay.to_string(),
+            scratch: std::sync::Arc::new(scratch),
+        }),
+    };
+    inspect_place(place, req.workdir, req.fsck)
+}
+
+/// Copies the written extents of a file on the ext4 live partition into a sparse
+/// file `to` of the file's size: what ext4 reads, without reading (or writing) the
+/// unwritten blocks at all.
+fn copy_written(
+    dev: &mut fs::File,
+    partition: &crate::disk::ext4_fs::LivePartition,
+    map: &crate::disk::ext4_fs::FileMap,
+    to: &Path,
+) -> Result<(), MergeError> {
+    use std::io::{Seek, SeekFrom, Write};
+    let bs = partition.fs.block_size;
+    let mut out = fs::File::create(to).map_err(io_at(to))?;
+    let mut buf = vec![0u8; 1 << 20];
+    for e in map.extents.iter().filter(|e| !e.unwritten) {
+        let start = e.logical * bs;
+        if start >= map.size {
+            continue;
+        }
+        let len = (e.len * bs).min(map.size - start);
+        let from = partition.start + e.physical * bs;
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            dev.seek(SeekFrom::Start(from + done))
+                .and_then(|_| std::io::Read::read_exact(dev, &mut buf[..n]))
+                .map_err(io_at(to))?;
+            out.seek(SeekFrom::Start(start + done))
+                .and_then(|_| out.write_all(&buf[..n]))
+                .map_err(io_at(to))?;
+            done += n as u64;
+        }
+    }
+    out.set_len(map.size).map_err(io_at(to))?;
+    out.sync_all().map_err(io_at(to))?;
+    Ok(())
 }
 
 /// Which of [`ToolsFound::CANDIDATES`] are installed.
@@ -155,7 +307,9 @@ fn inspect_place(place: Place, workdir: &Path, fsck: bool) -> Result<MergeFacts,
         (OverlayFacts::Snapshot(Box::new(f)), complete)
     };
     Ok(MergeFacts {
-        workdir_shares_target_fs: place.stick.is_none() && same_fs(workdir, &place.target_dir),
+        workdir_shares_target_fs: place.stick.is_none()
+            && place.ext4.is_none()
+            && same_fs(workdir, &place.target_dir),
         workdir_free: complete.then(|| workdir::free_bytes(workdir)),
         place,
         workdir: workdir.to_path_buf(),

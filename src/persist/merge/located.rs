@@ -27,6 +27,23 @@ pub struct StickPlace {
     pub cluster_bytes: u64,
 }
 
+/// Where on a stick's ext4 live partition the files of a merge are (the layout for
+/// persistence over 4 GiB): read and written in place through their ext4 extents.
+#[derive(Debug, Clone)]
+pub struct Ext4Place {
+    pub device: PathBuf,
+    pub partition: crate::disk::ext4_fs::LivePartition,
+    pub live_dir: String,
+    /// `/LiveOS/squashfs.img`
+    pub squashfs: String,
+    /// `/LiveOS/overlay-LABEL-UUID`
+    pub overlay: String,
+    /// Holds the work copy of the overlay the merge reads (`overlay_at`): its
+    /// unwritten extents read as zeros there, as ext4 reads them, where the raw
+    /// blocks on the stick hold whatever they held. Removed with the last plan.
+    pub scratch: std::sync::Arc<tempfile::TempDir>,
+}
+
 /// Bytes of a file reached through a device (or a plain file) and extents in it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Located {

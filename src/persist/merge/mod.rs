@@ -35,6 +35,7 @@ use std::path::PathBuf;
 
 pub mod dm;
 pub mod error;
+pub mod ext4_replace;
 pub mod facts;
 pub mod fold;
 pub mod inspect;
@@ -73,6 +74,39 @@ pub struct StickMergeRequest {
     pub workdir: PathBuf,
     pub fsck: bool,
     pub compress: Option<Compressor>,
+}
+
+/// A merge on a stick whose live directory is on its ext4 partition (the layout
+/// for persistence over 4 GiB).
+#[derive(Debug, Clone)]
+pub struct Ext4MergeRequest {
+    pub stick: PathBuf,
+    pub live_dir: String,
+    /// Path of the overlay inside the ext4 file system (`/LiveOS/overlay-LABEL-UUID`).
+    pub overlay: String,
+    pub workdir: PathBuf,
+    pub fsck: bool,
+    pub compress: Option<Compressor>,
+}
+
+/// Plans a merge on the ext4 live layout: squashfs.img and the overlay are read in
+/// place through their ext4 extents (the overlay's written ones copied to the work
+/// dir); nothing on the stick is changed.
+pub fn plan_ext4_merge(req: &Ext4MergeRequest) -> Result<MergePlan, MergeError> {
+    let facts = inspect::inspect_ext4(&inspect::Ext4ToInspect {
+        stick: &req.stick,
+        live_dir: &req.live_dir,
+        overlay: &req.overlay,
+        workdir: &req.workdir,
+        fsck: req.fsck,
+    })?;
+    plan::plan(
+        &facts,
+        &MergeOptions {
+            fsck: req.fsck,
+            compress: req.compress,
+        },
+    )
 }
 
 impl MergeRequest {

@@ -12,7 +12,7 @@ use super::error::MergeError;
 use super::facts::{
     ErofsFacts, ImageFacts, Listing, MergeFacts, OverlayFacts, OvlFacts, SnapshotFacts,
 };
-use super::located::{Located, StickPlace, check_space, staged_path};
+use super::located::{Ext4Place, Located, StickPlace, check_space, staged_path};
 use super::overlayfs::error::OvlError;
 use crate::disk::ext4::Ext4Info;
 use crate::persist::erofs::{self, ErofsInfo};
@@ -53,6 +53,10 @@ pub struct MergePlan {
     pub exceptions: u64,
     /// Set for a merge on a stick; `None` for a pair of plain files.
     pub stick: Option<StickPlace>,
+    /// Set for a merge on a stick's ext4 live partition (`stick` is `None` then):
+    /// the JSON names the place through `target_dir` and the paths.
+    #[serde(skip)]
+    pub ext4: Option<Ext4Place>,
     pub workdir: PathBuf,
     pub workdir_needed_bytes: u64,
     pub workdir_free_bytes: u64,
@@ -185,9 +189,23 @@ fn check_merge_space(
 
 /// The name the new image is staged under, next to the old one.
 fn staged_name(facts: &MergeFacts) -> String {
-    match &facts.place.stick {
-        Some(s) => format!("{}.new", s.squashfs),
-        None => staged_path(&facts.place.squashfs).display().to_string(),
+    match (&facts.place.stick, &facts.place.ext4) {
+        (Some(s), _) => format!("{}.new", s.squashfs),
+        (None, Some(e)) => format!("{}.new", e.squashfs),
+        (None, None) => staged_path(&facts.place.squashfs).display().to_string(),
+    }
+}
+
+/// How the staged image takes the old one's name on a stick.
+fn swap_step(facts: &MergeFacts, staged: &str) -> String {
+    if facts.place.ext4.is_some() {
+        format!(
+            "exchange the inodes of {staged} and squashfs.img in their directory block (one block write), free the old image"
+        )
+    } else {
+        format!(
+            "swap the directory entries of {staged} and squashfs.img (one sector write), remove the old image"
+        )
     }
 }
 
@@ -292,7 +310,7 @@ fn plan_snapshot(
         .saturating_add(fragmented_copy);
     let workdir_free = workdir_free(facts)?;
     let nothing_to_merge = exceptions == 0;
-    let on_stick = place.stick.is_some();
+    let on_stick = place.stick.is_some() || place.ext4.is_some();
     // On a stick the staged image sits next to the old one until the swap. Its exact
     // size is checked again before it is written; here the old size is the estimate
     // (recompressed images rarely grow by much).
@@ -334,9 +352,7 @@ fn plan_snapshot(
         "write the chunks e2fsck changed into the overlay too (old image + overlay = new image)"
             .to_string(),
         if on_stick {
-            format!(
-                "swap the directory entries of {staged} and squashfs.img (one sector write), remove the old image"
-            )
+            swap_step(facts, &staged)
         } else {
             format!("rename it over {}", place.squashfs.display())
         },
@@ -354,6 +370,7 @@ fn plan_snapshot(
         overlay_status,
         exceptions,
         stick: place.stick.clone(),
+        ext4: place.ext4.clone(),
         workdir: facts.workdir.clone(),
         workdir_needed_bytes: workdir_needed,
         workdir_free_bytes: workdir_free,
@@ -588,7 +605,7 @@ fn plan_overlayfs(
         .saturating_add(overlay_copy);
     let workdir_free = workdir_free(facts)?;
     let nothing_to_merge = entries == 0;
-    let on_stick = place.stick.is_some();
+    let on_stick = place.stick.is_some() || place.ext4.is_some();
     let target_needed = if on_stick {
         squashfs_bytes
     } else {
@@ -640,9 +657,7 @@ fn plan_overlayfs(
         "read it back and compare sha256".to_string(),
         "nothing to fold (OverlayFS works on files: the old overlay over the new image shows the same tree)".to_string(),
         if on_stick {
-            format!(
-                "swap the directory entries of {staged} and squashfs.img (one sector write), remove the old image"
-            )
+            swap_step(facts, &staged)
         } else {
             format!("rename it over {}", place.squashfs.display())
         },
@@ -664,6 +679,7 @@ fn plan_overlayfs(
         overlay_status: upper.status.clone(),
         exceptions: entries,
         stick: place.stick.clone(),
+        ext4: place.ext4.clone(),
         workdir: facts.workdir.clone(),
         workdir_needed_bytes: workdir_needed,
         workdir_free_bytes: workdir_free,
@@ -744,6 +760,7 @@ mod tests {
             target_dir: PathBuf::from("/media/LiveOS"),
             target_free: 100 * GIB,
             overlay_dir: None,
+            ext4: None,
         }
     }
 
@@ -768,6 +785,7 @@ mod tests {
             target_dir: PathBuf::from("/dev/sdz:/LiveOS"),
             target_free: 3 * GIB,
             overlay_dir: None,
+            ext4: None,
         }
     }
 

@@ -77,7 +77,7 @@ fn copy_hashed(
 }
 
 /// sha256 of everything `r` yields.
-fn sha256_reader(
+pub(super) fn sha256_reader(
     r: &mut dyn Read,
     what: &Path,
     total: u64,
@@ -136,7 +136,11 @@ pub(crate) fn replace(
 }
 
 /// Empties the overlay after the swap.
-fn reset_after_swap<F>(ov: &mut F, len: u64, fresh_overlay: Option<&Path>) -> Result<(), MergeError>
+pub(super) fn reset_after_swap<F>(
+    ov: &mut F,
+    len: u64,
+    fresh_overlay: Option<&Path>,
+) -> Result<(), MergeError>
 where
     F: Read + Write + Seek + SyncData,
 {
@@ -193,7 +197,7 @@ fn dir_replace(
 
 /// Drops the page cache of the stick so a read-back comes from the medium, not from
 /// the memory the write went through.
-fn drop_cache(f: &File) {
+pub(super) fn drop_cache(f: &File) {
     use std::os::fd::AsRawFd;
     let _ = nix::fcntl::posix_fadvise(
         f.as_raw_fd(),

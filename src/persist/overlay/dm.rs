@@ -278,13 +278,14 @@ pub fn repair(
             ))
         }
         Place::Bare(_) => None,
-        Place::Ext4(_) if *root == RootImage::OnStick => {
-            return Err(OverlayError::Refused(
-                "--repair of an overlay on the ext4 live partition needs the root image: pass --origin IMAGE (the squashfs.img's LiveOS/rootfs.img, extracted)"
-                    .to_string(),
-            ));
+        // squashfs.img on the ext4 partition is read in place like the FAT's.
+        Place::Ext4(o) => {
+            let sq = o.squashfs_path();
+            Some((
+                o.squashfs_located()?,
+                std::path::PathBuf::from(format!("{}:{sq}", o.device.display())),
+            ))
         }
-        Place::Ext4(_) => None,
     };
     let scratch = tempfile::Builder::new()
         .prefix("livestick-repair-")

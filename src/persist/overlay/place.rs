@@ -558,6 +558,8 @@ pub struct Ext4LiveOverlay {
     pub expected: String,
     pub map: crate::disk::ext4_fs::FileMap,
     pub live_dir: String,
+    /// What opening it repaired (a journal replayed), for stderr and JSON.
+    pub repaired: Vec<String>,
     file: File,
     writable: bool,
 }
@@ -654,6 +656,65 @@ impl Ext4LiveOverlay {
         Ok(())
     }
 
+    /// The map of a file of the partition by its path ("/LiveOS/squashfs.img").
+    pub fn file_map(&mut self, path: &str) -> Result<crate::disk::ext4_fs::FileMap, OverlayError> {
+        let device = self.device.clone();
+        let (start, len) = (self.partition.start, self.partition.len);
+        let mut window = crate::io::PartitionWindow::new(&mut self.file, start, len);
+        self.partition
+            .fs
+            .file(&mut window, path)
+            .map_err(|e| OverlayError::BadInput(format!("{}: {e}", device.display())))?
+            .ok_or_else(|| {
+                OverlayError::BadInput(format!(
+                    "{} has no {path} on its ext4 live partition {}",
+                    device.display(),
+                    self.partition.number
+                ))
+            })
+    }
+
+    pub fn squashfs_path(&self) -> String {
+        format!("/{}/squashfs.img", self.live_dir)
+    }
+
+    /// squashfs.img where its bytes lie on the device, for the tools that read it
+    /// there (unsquashfs at an offset). livestick marks every extent of a root image
+    /// it writes written; one still unwritten reads as zeros through ext4 but as
+    /// stale bytes here, so it is refused rather than misread.
+    pub fn squashfs_located(&mut self) -> Result<Located, OverlayError> {
+        let path = self.squashfs_path();
+        let map = self.file_map(&path)?;
+        if map.has_unwritten() {
+            return Err(OverlayError::Refused(format!(
+                "{}:{path} has unwritten (allocated, never written) blocks, so it cannot be read in place; write the ISO onto the stick again",
+                self.device.display()
+            )));
+        }
+        let runs = map
+            .byte_runs(self.partition.fs.block_size, &path)
+            .map_err(|e| OverlayError::BadInput(format!("{}: {e}", self.device.display())))?;
+        Ok(Located {
+            device: self.device.clone(),
+            extents: runs
+                .into_iter()
+                .map(|(at, len)| (self.partition.start + at, len))
+                .collect(),
+        })
+    }
+
+    /// Size of the root image inside squashfs.img (for range checks), when unsquashfs
+    /// is installed and the image is one run on the partition.
+    pub fn root_image_bytes(&mut self) -> Option<u64> {
+        let at = self.squashfs_located().ok()?;
+        let off = at.contiguous_at()?;
+        let listing = crate::squash::list_at(&at.device, off).ok()?;
+        ROOT_IMAGES
+            .iter()
+            .find_map(|n| listing.iter().find(|e| e.is_file && e.path == *n))
+            .map(|e| e.size)
+    }
+
     /// What `status` says about the overlay's name and the partition's journal.
     pub fn name_notes(&self) -> Vec<String> {
         let mut notes = Vec::new();
@@ -665,9 +726,8 @@ impl Ext4LiveOverlay {
         }
         if self.partition.fs.needs_recovery {
             notes.push(format!(
-                "ext4 partition {} was not cleanly unmounted: what its journal still holds is not read here, so this may be out of date; to replay it, {}",
-                self.partition.number,
-                crate::disk::ext4_live::replay_hint(&self.device, self.partition.number)
+                "ext4 partition {} was not cleanly unmounted: what its journal still holds is not read here, so this may be out of date; the next change (reset, grow, recover, merge, home resize) replays it first",
+                self.partition.number
             ));
         }
         notes
@@ -697,17 +757,24 @@ pub fn ext4_live_overlay(
     let probe = crate::disk::target::probe(path).map_err(StickError::from)?;
     let mut file =
         crate::disk::target::open_existing(&probe, writable).map_err(StickError::from)?;
-    let Some(partition) = ext4_fs::find_live_partition(&mut file, &sel.live_dir).map_err(live)?
+    let Some(mut partition) =
+        ext4_fs::find_live_partition(&mut file, &sel.live_dir).map_err(live)?
     else {
         return Ok(None);
     };
+    let mut repaired = Vec::new();
     if writable && partition.fs.needs_recovery {
-        return Err(OverlayError::Refused(format!(
-            "the ext4 live partition {} of {} was not cleanly unmounted: its journal holds changes not yet written home, which a change beside them could lose or undo. To replay it, {} (or boot the stick and shut the live system down cleanly), then try again",
-            partition.number,
-            path.display(),
-            crate::disk::ext4_live::replay_hint(path, partition.number)
-        )));
+        // What the kernel would do on mounting it, before any change beside it.
+        let (replayed, line) = ext4_fs::replay_partition(&mut file, &partition).map_err(|e| {
+            OverlayError::Refused(format!(
+                "the ext4 live partition {} of {} was not cleanly unmounted and livestick cannot replay its journal ({e}); to replay it, {} (or boot the stick and shut the live system down cleanly), then try again",
+                partition.number,
+                path.display(),
+                crate::disk::ext4_live::replay_hint(path, partition.number)
+            ))
+        })?;
+        partition = replayed;
+        repaired.push(line);
     }
     let fs = partition.fs.clone();
     let mut window = crate::io::PartitionWindow::new(&mut file, partition.start, partition.len);
@@ -762,6 +829,7 @@ pub fn ext4_live_overlay(
         expected,
         map,
         live_dir: sel.live_dir.clone(),
+        repaired,
         file,
         writable,
     }))
@@ -775,7 +843,7 @@ fn refuse_ext4_live(path: &Path, live_dir: &str) -> Result<(), OverlayError> {
     };
     if let Ok(Some(p)) = crate::disk::ext4_fs::find_live_partition(&mut file, live_dir) {
         return Err(OverlayError::Refused(format!(
-            "{} keeps its live system on ext4 partition {} (the layout for persistence over 4 GiB): `livestick overlay status`, reset, grow and recover work on its overlay, but merge does not work on this layout yet",
+            "{} keeps its live system on ext4 partition {} (the layout for persistence over 4 GiB), not on its FAT: name the stick itself to `livestick overlay` (status, merge, reset, grow, recover), which finds the overlay there",
             path.display(),
             p.number
         )));

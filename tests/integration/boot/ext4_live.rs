@@ -195,13 +195,80 @@ fn write_big(iso: &Path) -> (Stick, u64) {
 /// A dm-snapshot overlay on the ext4 layout, reset and then grown by livestick in
 /// place (through its extents, the new blocks unwritten): after the reset `/`
 /// starts empty while `/home` keeps its marker, the kernel sees the grown store,
-/// and `/` persists again on the next boot; then the same ISO is written again
-/// without `--format` and `/` and `/home` persist across that rewrite.
+/// and `/` persists again on the next boot.
 #[test]
 fn overlay_reset_and_grown_on_ext4_persists() {
     if !boot_env_ready(&[Firmware::Bios]) {
         return;
     }
+    let (stick, p2) = maintenance_stick();
+    let s = |p: &Path| p.display().to_string();
+    let boot = |n: u32| maintenance_boot(&stick, &format!("ext4-maint-{n}"));
+    let r = boot(0);
+    r.expect("root_marker", "absent");
+    r.expect("home_marker", "absent");
+
+    // The test init powers off with the live partition mounted: its journal still
+    // holds the kernel's changes (among them the overlay's extents it marked
+    // written). The first change replays it in place, as mounting it would, and
+    // says so.
+    let out = livestick(&["overlay", "reset", &s(&stick.image), "--yes", "--json"]);
+    assert!(out.status.success(), "reset: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("reset JSON");
+    assert!(
+        v["repaired"].to_string().contains("journal was replayed"),
+        "{v}"
+    );
+    e2fsck_clean(&stick.image, p2);
+    let out = livestick(&["overlay", "grow", &s(&stick.image), "--add-mb", "256"]);
+    assert!(out.status.success(), "grow: {out:?}");
+    e2fsck_clean(&stick.image, p2);
+    let status = livestick(&["overlay", "status", &s(&stick.image), "--json"]);
+    let status: serde_json::Value =
+        serde_json::from_slice(&status.stdout).expect("overlay status JSON");
+    let sectors = status["total_sectors"].as_u64().expect("total_sectors");
+    assert!(sectors * 512 > 500 << 20, "{status}");
+
+    let r = boot(1);
+    r.expect("root_marker", "absent");
+    r.expect("root_count", "0");
+    r.expect("home_marker", "present");
+    let used = r.get("overlay_used");
+    assert!(
+        used.ends_with(&format!("/{sectors}")),
+        "overlay_used {used}, expected …/{sectors}\n{}",
+        tail_of_file(&r.log, 40)
+    );
+    let r = boot(2);
+    r.expect("root_marker", "present");
+    r.expect("root_count", "1");
+    r.expect("home_marker", "present");
+
+    // The same ISO written again without --format (issue 12 part 5 on this
+    // layout): the write replays the journal boot 2 left, writes the root image
+    // beside the old one and swaps it in, and keeps the overlay and home: `/` and
+    // `/home` persist across the rewrite.
+    let iso = boot_iso("boot-classic.iso");
+    let out = livestick(&["--json", "write", &s(&iso), &s(&stick.image), "--yes"]);
+    assert!(out.status.success(), "rewrite: {out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(report["kept_overlay"]["reset"], false, "{report}");
+    assert!(
+        report["repaired"].to_string().contains("journal was replayed"),
+        "{report}"
+    );
+    e2fsck_clean(&stick.image, p2);
+    let r = boot(3);
+    r.expect("root_marker", "present");
+    r.expect("root_count", "2");
+    r.expect("home_marker", "present");
+    e2fsck_clean(&stick.image, p2);
+}
+
+/// A 2 GiB stick of the ext4 live layout (its first 512 MiB stale random bytes)
+/// written from boot-classic.iso with a 256 MiB dm-snapshot overlay and a 64 MiB
+/// plain home, for the maintenance boots; with partition 2's offset.
+fn maintenance_stick() -> (Stick, u64) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir for the stick");
     let image = dir.path().join("stick.img");
     {
@@ -233,135 +300,67 @@ fn overlay_reset_and_grown_on_ext4_persists() {
     ]);
     assert!(out.status.success(), "write: {out:?}");
     let (p2, _) = partition_2(&image);
-    let stick = Stick { dir, image };
-    let boot = |n: u32| {
-        let r = boot_with(
-            Boot::stick(&stick.image, Firmware::Bios, &format!("ext4-maint-{n}"))
-                .timeout(std::time::Duration::from_secs(400)),
-        );
-        for (k, v) in [
-            ("overlay", "dm-snapshot"),
-            ("overlay_persistent", "yes"),
-            ("overlay_state", "valid"),
-            ("live_fs", "ext4"),
-            ("home", "mounted"),
-        ] {
-            r.expect(k, v);
-        }
-        r
-    };
-    let r = boot(0);
-    r.expect("root_marker", "absent");
-    r.expect("home_marker", "absent");
+    (Stick { dir, image }, p2)
+}
 
-    // The test init powers off with the live partition mounted: its journal still
-    // holds the kernel's changes. Maintenance refuses that and says how to replay
-    // it; here as a user without root would: the partition copied out, e2fsck -p
-    // on the copy (it cannot replay at an offset of a file), the copy put back.
-    let refused = Command::new(crate::support::bin())
-        .args(["overlay", "reset", &s(&stick.image), "--yes"])
-        .output()
-        .expect("run livestick");
-    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        err.contains("journal") && err.contains("e2fsck -p") && err.contains("losetup -P"),
-        "{err}"
+/// A BIOS boot of a [`maintenance_stick`]: its dm-snapshot overlay in use on the
+/// ext4 live partition, its home mounted.
+fn maintenance_boot(stick: &Stick, name: &str) -> super::harness::BootResult {
+    let r = boot_with(
+        Boot::stick(&stick.image, Firmware::Bios, name)
+            .timeout(std::time::Duration::from_secs(400)),
     );
-    replay_journal(&stick, p2);
-    for args in [
-        &["overlay", "reset", &s(&stick.image), "--yes"][..],
-        &["overlay", "grow", &s(&stick.image), "--add-mb", "256"][..],
+    for (k, v) in [
+        ("overlay", "dm-snapshot"),
+        ("overlay_persistent", "yes"),
+        ("overlay_state", "valid"),
+        ("live_fs", "ext4"),
+        ("home", "mounted"),
     ] {
-        let out = livestick(args);
-        assert!(out.status.success(), "{args:?}: {out:?}");
+        r.expect(k, v);
     }
+    r
+}
+
+#[test]
+fn merged_on_ext4_boots_with_the_change_and_an_empty_overlay() {
+    if !boot_env_ready(&[Firmware::Bios]) {
+        return;
+    }
+    let (stick, p2) = maintenance_stick();
+    let s = |p: &Path| p.display().to_string();
+    let r = maintenance_boot(&stick, "ext4-merge-0");
+    r.expect("root_marker", "absent");
+
+    // The merge replays the journal the boot left (the overlay's extents the
+    // kernel marked written are in it), then merges what the boot wrote.
+    let work = stick.dir.path().join("work");
+    std::fs::create_dir(&work).expect("work dir");
+    let out = livestick(&[
+        "overlay",
+        "merge",
+        &s(&stick.image),
+        "--yes",
+        "--workdir",
+        &s(&work),
+        "--json",
+    ]);
+    assert!(out.status.success(), "merge: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("merge JSON");
+    assert!(
+        v["repaired"].to_string().contains("journal was replayed"),
+        "{v}"
+    );
+    assert!(v["exceptions_applied"].as_u64().unwrap_or(0) > 0, "{v}");
     e2fsck_clean(&stick.image, p2);
     let status = livestick(&["overlay", "status", &s(&stick.image), "--json"]);
     let status: serde_json::Value =
         serde_json::from_slice(&status.stdout).expect("overlay status JSON");
-    let sectors = status["total_sectors"].as_u64().expect("total_sectors");
-    assert!(sectors * 512 > 500 << 20, "{status}");
+    assert_eq!(status["state"], "uninitialised", "{status}");
 
-    let r = boot(1);
-    r.expect("root_marker", "absent");
-    r.expect("root_count", "0");
-    r.expect("home_marker", "present");
-    let used = r.get("overlay_used");
-    assert!(
-        used.ends_with(&format!("/{sectors}")),
-        "overlay_used {used}, expected …/{sectors}\n{}",
-        tail_of_file(&r.log, 40)
-    );
-    let r = boot(2);
+    // Boot 1's marker now comes from the new squashfs.img, under an empty overlay.
+    let r = maintenance_boot(&stick, "ext4-merge-1");
     r.expect("root_marker", "present");
     r.expect("root_count", "1");
     r.expect("home_marker", "present");
-    e2fsck_clean(&stick.image, p2);
-
-    // The same ISO written again without --format (issue 12 part 5 on this
-    // layout): refused while the journal holds the last boot's changes, then the
-    // root image is written beside the old one and swapped in, the overlay and
-    // home kept: `/` and `/home` persist across the rewrite.
-    let refused = Command::new(crate::support::bin())
-        .args(["write", &s(&iso), &s(&stick.image), "--yes"])
-        .output()
-        .expect("run livestick");
-    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("losetup -P"),
-        "{refused:?}"
-    );
-    replay_journal(&stick, p2);
-    let out = livestick(&["--json", "write", &s(&iso), &s(&stick.image), "--yes"]);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
-    assert_eq!(report["kept_overlay"]["reset"], false, "{report}");
-    e2fsck_clean(&stick.image, p2);
-    let r = boot(3);
-    r.expect("root_marker", "present");
-    r.expect("root_count", "2");
-    r.expect("home_marker", "present");
-}
-
-/// Replays the journal of the live partition at `p2` as a user without root
-/// would: the partition copied out, `e2fsck -p` on the copy (e2fsprogs cannot
-/// replay at an offset of a file), the copy put back. The test init powers off
-/// with the partition mounted, so every boot leaves a journal to replay.
-fn replay_journal(stick: &Stick, p2: u64) {
-    let part = stick.dir.path().join("p2.img");
-    let (_, p2_len) = partition_2(&stick.image);
-    let dd = |args: &[String]| {
-        let st = Command::new("dd")
-            .args(args)
-            .arg("status=none")
-            .status()
-            .expect("run dd");
-        assert!(st.success(), "dd {args:?}");
-    };
-    dd(&[
-        format!("if={}", stick.image.display()),
-        format!("of={}", part.display()),
-        "bs=4M".into(),
-        format!("skip={p2}"),
-        format!("count={p2_len}"),
-        "iflag=skip_bytes,count_bytes".into(),
-        "conv=sparse".into(),
-    ]);
-    let replay = Command::new("e2fsck")
-        .arg("-p")
-        .arg(&part)
-        .status()
-        .expect("run e2fsck");
-    assert!(
-        matches!(replay.code(), Some(0 | 1)),
-        "e2fsck -p: {replay:?}"
-    );
-    dd(&[
-        format!("if={}", part.display()),
-        format!("of={}", stick.image.display()),
-        "bs=4M".into(),
-        format!("seek={p2}"),
-        "oflag=seek_bytes".into(),
-        "conv=notrunc".into(),
-    ]);
 }

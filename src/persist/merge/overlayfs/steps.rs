@@ -14,10 +14,11 @@ use super::upper::{UpperTree, overlay_debugfs, read_upper_details, walk_upper};
 use crate::persist::erofs::{self, ErofsError};
 use crate::persist::merge::dm::run_e2fsck;
 use crate::persist::merge::error::{MergeError, io_at};
+use crate::persist::merge::ext4_replace::replace_in_place;
 use crate::persist::merge::located::{Located, with_readable_squashfs};
 use crate::persist::merge::overlayfs::dir::image_from_dir;
 use crate::persist::merge::plan::{Layout, MergePlan, OvlPlan, failpoint, failpoints};
-use crate::persist::merge::replace::{MergeReport, replace};
+use crate::persist::merge::replace::MergeReport;
 use crate::persist::overlay::store::{build_fresh_overlay, empty_overlay_dir};
 use crate::squash;
 
@@ -190,7 +191,7 @@ pub(crate) fn run_steps(
         repaired: Vec::new(),
         overlayfs: Some(applied),
     };
-    replace(
+    replace_in_place(
         plan,
         &built,
         &root,
