@@ -209,6 +209,17 @@ fn is_live_stick(path: &Path) -> bool {
             .is_ok_and(|info| info.squashfs.is_some())
 }
 
+/// A stick of the ext4 live layout (a FAT boot partition, `LiveOS/` on an ext4
+/// partition): `inspect` describes it as a live stick, not as a disk image.
+pub fn is_ext4_live_stick(path: &Path) -> bool {
+    crate::disk::opened::open_path(path, false).is_ok_and(|mut f| {
+        matches!(
+            crate::disk::ext4_fs::find_live_partition(&mut f, "LiveOS"),
+            Ok(Some(_))
+        )
+    })
+}
+
 /// Where bmaptool's convention puts a map: `IMAGE.bmap`, or the image's name
 /// without its compression suffix plus `.bmap` (`disk.raw.xz` → `disk.raw.bmap`).
 pub fn bmap_beside(path: &Path) -> Option<PathBuf> {

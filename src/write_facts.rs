@@ -145,18 +145,16 @@ pub fn existing_stick(
                 // On the ext4 layout: the journal a powered-off live system left, then
                 // a stopped merge's staged image. A replay that cannot run leaves the
                 // journal flagged, and the plan refuses with the figures and the way out.
-                let ext4 = crate::persist::merge::ext4_replace::replay_ext4_journal(
-                    target_path,
-                    live_dir,
-                )
-                .and_then(|mut lines| {
-                    lines.extend(crate::persist::merge::ext4_replace::repair_ext4_stick(
-                        target_path,
-                        live_dir,
-                        true,
-                    )?);
-                    Ok(lines)
-                });
+                let ext4 =
+                    crate::persist::merge::ext4_replace::replay_ext4_journal(target_path, live_dir)
+                        .and_then(|mut lines| {
+                            lines.extend(crate::persist::merge::ext4_replace::repair_ext4_stick(
+                                target_path,
+                                live_dir,
+                                true,
+                            )?);
+                            Ok(lines)
+                        });
                 for line in ext4.unwrap_or_default() {
                     on_repaired(&line);
                     repaired.push(line);

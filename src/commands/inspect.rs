@@ -15,7 +15,9 @@ pub fn run(args: &InspectArgs, json: bool) -> anyhow::Result<()> {
         ProgressMode::Bar
     };
     // A disk image `write` would write as it is: described as one.
-    if let Some(why) = crate::raw_write::detect(&args.iso, false)? {
+    if let Some(why) = crate::raw_write::detect(&args.iso, false)?
+        && !crate::raw_write::is_ext4_live_stick(&args.iso)
+    {
         let description = crate::raw_inspect::describe(&args.iso, why)?;
         if json {
             crate::outln!("{}", serde_json::to_string_pretty(&description)?);

@@ -836,6 +836,23 @@ fn run_merge_plan(plan: &merge::MergePlan, json: bool, path: &Path) -> anyhow::R
     let done = merge::execute_merge(plan, &mut |p, d, t| phases.update(p, d, t));
     phases.bar.finish();
     let done = done?;
+    // On the ext4 layout the manifest (on the FAT) lists the root image inside
+    // ext4: it names the new one once it is in place. A stop in between leaves
+    // `verify` reporting the image changed until the next write.
+    if let Some(ext4) = &plan.ext4
+        && !plan.nothing_to_merge
+        && let Err(e) = crate::manifest::record_replacement_on_stick(
+            &ext4.device,
+            &ext4.squashfs,
+            done.new_squashfs_bytes,
+            &done.new_squashfs_sha256,
+        )
+    {
+        eprintln!(
+            "warning: the merge is done, but the stick's manifest could not name the new root image ({e}); `livestick verify` will report {} as changed until the stick is written again",
+            ext4.squashfs
+        );
+    }
     print_report(
         &Merged {
             plan,

@@ -220,15 +220,10 @@ fn six_gib_overlay_goes_on_an_ext4_partition_costing_its_metadata() {
         "{status}"
     );
 
-    // A merge (not built for this layout) is refused by name, the stick unchanged.
+    // A merge of the new, empty store has nothing to do and changes nothing.
     let sum = sha256_file(&image);
     let merge = livestick(&["overlay", "merge", image.to_str().unwrap(), "--yes"]);
-    assert!(!merge.status.success());
-    let err = String::from_utf8_lossy(&merge.stderr);
-    assert!(
-        err.contains("ext4 partition 2") && err.contains("status"),
-        "{err}"
-    );
+    assert!(merge.status.success(), "{merge:?}");
     assert_eq!(sha256_file(&image), sum);
 }
 

@@ -899,6 +899,18 @@ fn dm_snapshot_merge_on_ext4_swaps_in_one_block_and_repairs_a_stop() {
     );
     assert_eq!(dumped_state(&t).0, "uninitialised");
     assert_eq!(t.status()["state"], "uninitialised");
+    // The manifest names the merged image: `verify` reads it inside ext4, intact.
+    let out = livestick(&["--json", "verify", t.s()]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("verify JSON");
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    let root = report["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .find(|f| f["path"] == "/LiveOS/squashfs.img")
+        .cloned()
+        .expect("the root image is listed");
+    assert_eq!(root["state"], "intact", "{report:#}");
 }
 
 #[test]

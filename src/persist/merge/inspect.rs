@@ -154,7 +154,7 @@ pub fn inspect_ext4(req: &Ext4ToInspect<'_>) -> Result<MergeFacts, MergeError> {
         device: device.to_path_buf(),
         what,
     };
-    let mut dev = fs::File::open(device).map_err(io_at(device))?;
+    let mut dev = crate::disk::opened::open_path(device, false).map_err(io_at(device))?;
     let partition = ext4_fs::find_live_partition(&mut dev, req.live_dir)
         .map_err(|e| fail(e.to_string()))?
         .ok_or_else(|| {

@@ -254,7 +254,9 @@ fn overlay_reset_and_grown_on_ext4_persists() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
     assert_eq!(report["kept_overlay"]["reset"], false, "{report}");
     assert!(
-        report["repaired"].to_string().contains("journal was replayed"),
+        report["repaired"]
+            .to_string()
+            .contains("journal was replayed"),
         "{report}"
     );
     e2fsck_clean(&stick.image, p2);
