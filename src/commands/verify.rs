@@ -65,6 +65,9 @@ fn images_json<S: serde::Serializer>(
 
 pub fn run(a: &VerifyArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     let passphrase = deep_passphrase(a)?;
+    // Opened once, through the safety checks of a change when they pass (verify
+    // repairs a stopped replacement first), read-only otherwise.
+    let _opened = crate::disk::target::open_target(&a.target, crate::disk::target::Use::Look)?;
     for line in manifest::repair_before_verify(&a.target) {
         eprintln!("livestick verify: repaired: {line}");
     }

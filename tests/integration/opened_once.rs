@@ -360,6 +360,9 @@ fn every_command_opens_a_fat_stick_image_once() {
     let i = iso.to_str().unwrap();
     assert_opened_once(t, &["write", i, t, "--dry-run"], false);
     assert_opened_once(t, &["write", i, t, "--yes"], false);
+    // `verify` repairs a stopped replacement first, then reads every file back.
+    assert_opened_once(t, &["verify", t], false);
+    assert_opened_once(t, &["verify", t, "--deep"], false);
     let part = part_start(&target);
     let len = std::fs::metadata(&target).unwrap().len() - part;
     fsck_fat(&target, part, len, dir.path());
