@@ -203,10 +203,13 @@ pub fn detect(path: &Path, dd: bool) -> Result<Option<String>, RawWriteError> {
 /// with `LiveOS/squashfs.img`. A disk image with an EFI FAT partition and no
 /// live system is not one.
 fn is_live_stick(path: &Path) -> bool {
+    // Only a FAT that reads well and plainly holds no live system makes a disk
+    // image: a damaged stick must be reported as such (live path), as a damaged
+    // live ISO is.
     stick::looks_like_stick(path)
         && stick::Stick::open(path, false)
             .and_then(|mut s| s.info("LiveOS"))
-            .is_ok_and(|info| info.squashfs.is_some())
+            .map_or(true, |info| info.squashfs.is_some())
 }
 
 /// A stick of the ext4 live layout (a FAT boot partition, `LiveOS/` on an ext4
