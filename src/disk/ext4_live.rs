@@ -749,7 +749,7 @@ pub fn finish_in_place(
             if fs.lookup(&mut window, path)?.is_some() {
                 let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
                 let staged_name = staged.rsplit_once('/').map_or(staged.as_str(), |(_, n)| n);
-                ext4_fs::swap_entries(&fs, &mut window, dir, name, staged_name)?;
+                ext4_fs::exchange_entries(&fs, &mut window, dir, name, staged_name)?;
                 window
                     .flush()
                     .map_err(io_err(format!("putting {path} in place")))?;
@@ -899,7 +899,7 @@ mod tests {
         };
         let old = size_of(&mut built.image, "/LiveOS/squashfs.img").expect("old");
         let new = size_of(&mut built.image, "/LiveOS/squashfs.img.new").expect("new");
-        ext4_fs::swap_entries(
+        ext4_fs::exchange_entries(
             &fs,
             &mut built.image,
             "/LiveOS",
