@@ -386,22 +386,12 @@ impl Ext4Fs {
         // entry spanning the block (or `.`/`..` in the first), so they are skipped.
         let bs = self.block_size as usize;
         for block in data.chunks(bs) {
-            let mut at = 0usize;
-            while at + 8 <= block.len() {
-                let ino = u32_at(block, at);
-                let rec_len = usize::from(u16_at(block, at + 4));
-                let name_len = usize::from(block[at + 6]);
-                if rec_len < 8 || at + rec_len > block.len() {
-                    break;
-                }
-                if ino != 0 && at + 8 + name_len <= block.len() {
-                    let name = String::from_utf8_lossy(&block[at + 8..at + 8 + name_len]);
-                    if name != "." && name != ".." {
-                        out.push((name.into_owned(), ino));
-                    }
-                }
-                at += rec_len;
-            }
+            out.extend(
+                entries_of_block(block)
+                    .into_iter()
+                    .filter(|(name, _)| name != "." && name != "..")
+                    .map(|(name, entry)| (name, entry.inode)),
+            );
         }
         Ok(out)
     }

@@ -87,6 +87,32 @@ pub struct LiveFile {
     pub from_host: Option<PathBuf>,
 }
 
+/// `f` as debugfs made it (its `log` says why when it did not): its block map and
+/// byte runs, its extents marked written when livestick writes its bytes.
+fn map_created<F: Read + Write + Seek>(
+    fs: &Ext4Fs,
+    io: &mut F,
+    f: &LiveFile,
+    log: &str,
+) -> Result<(ext4_fs::FileMap, Vec<(u64, u64)>), Ext4LiveError> {
+    let Some(map) = fs.file(io, &f.path)? else {
+        return Err(Ext4LiveError::Allocate {
+            path: f.path.clone(),
+            detail: format!("debugfs did not create it: {}", last_lines(log)),
+        });
+    };
+    let runs = map
+        .byte_runs(BLOCK, &f.path)
+        .map_err(|e| Ext4LiveError::Allocate {
+            path: f.path.clone(),
+            detail: format!("{e}: {}", last_lines(log)),
+        })?;
+    if f.written {
+        ext4_fs::mark_initialised(fs, io, map.inode)?;
+    }
+    Ok((map, runs))
+}
+
 /// The debugfs lines that make `f`: empty or from its host file, given all its
 /// blocks (unwritten where it has no data yet), and sized.
 fn make_script(f: &LiveFile) -> String {
@@ -316,21 +342,7 @@ pub fn build(
     let mut mapped = Vec::new();
     let mut contents = RangeSet::new();
     for f in files {
-        let Some(map) = fs.file(&mut image, &f.path)? else {
-            return Err(Ext4LiveError::Allocate {
-                path: f.path.clone(),
-                detail: format!("debugfs did not create it: {}", last_lines(&log)),
-            });
-        };
-        let runs = map
-            .byte_runs(BLOCK, &f.path)
-            .map_err(|e| Ext4LiveError::Allocate {
-                path: f.path.clone(),
-                detail: format!("{e}: {}", last_lines(&log)),
-            })?;
-        if f.written {
-            ext4_fs::mark_initialised(&fs, &mut image, map.inode)?;
-        }
+        let (_, runs) = map_created(&fs, &mut image, f, &log)?;
         // A file debugfs wrote from the host is metadata here: its data blocks are
         // the image's data, copied with the rest; its unwritten blocks are holes.
         if f.from_host.is_none() {
@@ -694,21 +706,7 @@ pub fn allocate_in_place(
     }
     let mut mapped = Vec::new();
     for f in files {
-        let Some(map) = fs.file(&mut window, &f.path)? else {
-            return Err(Ext4LiveError::Allocate {
-                path: f.path.clone(),
-                detail: format!("debugfs did not create it: {}", last_lines(&log)),
-            });
-        };
-        let runs = map
-            .byte_runs(BLOCK, &f.path)
-            .map_err(|e| Ext4LiveError::Allocate {
-                path: f.path.clone(),
-                detail: format!("{e}: {}", last_lines(&log)),
-            })?;
-        if f.written {
-            ext4_fs::mark_initialised(&fs, &mut window, map.inode)?;
-        }
+        let (map, runs) = map_created(&fs, &mut window, f, &log)?;
         if let Some(host) = &f.from_host
             && !same_as_host(&fs, &mut window, &map, host)?
         {

@@ -97,6 +97,22 @@ fn remap(
     Ok((fresh, map))
 }
 
+/// [`remap`] of the overlay, which must still be there: each step that changed the
+/// partition is followed by a fresh look before the overlay is written again.
+fn remap_overlay(
+    dev: &mut File,
+    device: &Path,
+    partition: &LivePartition,
+    overlay: &str,
+) -> Result<(LivePartition, FileMap), MergeError> {
+    let (partition, map) = remap(dev, device, partition, overlay)?;
+    let map = map.ok_or_else(|| MergeError::Ext4 {
+        device: device.to_path_buf(),
+        what: format!("{overlay} is gone"),
+    })?;
+    Ok((partition, map))
+}
+
 /// Runs a `debugfs -w` script on the partition in place (`DEVICE?offset=N`);
 /// debugfs reports a failed command only as text, so callers check its effect.
 fn debugfs_w(device: &Path, partition: &LivePartition, script: &str) -> Result<String, MergeError> {
@@ -299,11 +315,7 @@ fn ext4_replace(
     dev.sync_all().map_err(io_at(device))?;
     failpoint(plan, "verify")?;
 
-    let (partition, overlay) = remap(&mut dev, device, &partition, &place.overlay)?;
-    let overlay = overlay.ok_or_else(|| MergeError::Ext4 {
-        device: device.to_path_buf(),
-        what: format!("{} is gone", place.overlay),
-    })?;
+    let (partition, overlay) = remap_overlay(&mut dev, device, &partition, &place.overlay)?;
     {
         let mut ov = Ext4FileRw::new(&mut dev, &partition, &overlay);
         let ov_len = ov.len();
@@ -336,11 +348,7 @@ fn ext4_replace(
     dev.sync_all().map_err(io_at(device))?;
     failpoint(plan, "swap")?;
 
-    let (partition, overlay) = remap(&mut dev, device, &partition, &place.overlay)?;
-    let overlay = overlay.ok_or_else(|| MergeError::Ext4 {
-        device: device.to_path_buf(),
-        what: format!("{} is gone", place.overlay),
-    })?;
+    let (partition, overlay) = remap_overlay(&mut dev, device, &partition, &place.overlay)?;
     {
         let mut ov = Ext4FileRw::new(&mut dev, &partition, &overlay);
         let ov_len = ov.len();
