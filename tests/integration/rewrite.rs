@@ -21,6 +21,25 @@ fn json_of(args: &[&str]) -> serde_json::Value {
 
 /// What a boot leaves in the dm-snapshot store: the kernel initialises it, then
 /// the live system changes three chunks of its root. Returns the changed chunks.
+/// A 256 MiB stick written from `classic` with a 16 MiB overlay and a fixed volume
+/// id: its scratch directory, the image, and the FAT partition's start.
+fn classic_stick(classic: &Path) -> (tempfile::TempDir, std::path::PathBuf, u64) {
+    let dir = tmp();
+    let image = dir.path().join("stick.img");
+    json_of(&[
+        classic.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--overlay-size-mb",
+        "16",
+        "--volume-id",
+        "3333CCCC",
+    ]);
+    let start = part_start(&image);
+    (dir, image, start)
+}
+
 fn boot_and_write(image: &Path) -> u64 {
     let mut stick = Stick::open(image, true).expect("opens the stick");
     let extents = stick
@@ -68,20 +87,8 @@ fn ends_sha256(image: &[u8]) -> String {
 fn same_root_image_keeps_the_overlay_and_a_changed_one_empties_it() {
     let classic = synthetic_iso("fedora-classic.iso");
     let grub = synthetic_iso("fedora-grub.iso");
-    let dir = tmp();
-    let image = dir.path().join("stick.img");
+    let (dir, image, start) = classic_stick(&classic);
     let (iso, img) = (classic.to_str().unwrap(), image.to_str().unwrap());
-    json_of(&[
-        iso,
-        img,
-        "--size",
-        "256M",
-        "--overlay-size-mb",
-        "16",
-        "--volume-id",
-        "3333CCCC",
-    ]);
-    let start = part_start(&image);
     // The manifest's record of the root image names what was written.
     let from_iso = dir.path().join("iso-squashfs.img");
     iso_extract(&classic, "/LiveOS/squashfs.img", &from_iso);
@@ -252,20 +259,8 @@ fn overlayfs_overlay_is_kept_or_made_anew() {
 #[test]
 fn an_old_stick_with_only_its_livestick_record_keeps_its_overlay() {
     let classic = synthetic_iso("fedora-classic.iso");
-    let dir = tmp();
-    let image = dir.path().join("stick.img");
+    let (dir, image, start) = classic_stick(&classic);
     let (iso, img) = (classic.to_str().unwrap(), image.to_str().unwrap());
-    json_of(&[
-        iso,
-        img,
-        "--size",
-        "256M",
-        "--overlay-size-mb",
-        "16",
-        "--volume-id",
-        "3333CCCC",
-    ]);
-    let start = part_start(&image);
     let listing = fat_ls(&image, start, "/LiveOS").to_lowercase();
     assert!(!listing.contains(".livestick"), "{listing}");
     let (record, iso_md5) = root_record_in_manifest(&image, start);
