@@ -62,14 +62,15 @@ iso_path() { # lab | big | PATH
 # A live-shaped ISO whose squashfs.img is incompressible: the copy cost is
 # real (as in benches/write-throughput.sh). Cached by size.
 big_iso() {
-    local iso=$WORK/big-$BIG_MIB.iso r=$WORK/big-root
+    local iso=$WORK/live-big-$BIG_MIB.iso r=$WORK/big-root
     if [[ ! -f $iso ]]; then
         rm -rf "$r"
         mkdir -p "$r/LiveOS" "$r/isolinux" "$r/EFI/BOOT"
         { printf 'hsqs'; head -c $((BIG_MIB * 1024 * 1024 - 4)) /dev/urandom; } >"$r/LiveOS/squashfs.img"
         head -c 8M /dev/urandom >"$r/isolinux/vmlinuz"
         head -c 32M /dev/urandom >"$r/isolinux/initrd.img"
-        cp "$r/isolinux/vmlinuz" "$r/isolinux/initrd.img" "$r/EFI/BOOT/"
+        # One kernel and initrd, as Fedora's ISOs have them (hard links, or one
+        # directory that both menus name): copies would be bytes dd must write too.
         printf 'EFI' >"$r/EFI/BOOT/BOOTX64.EFI"
         cat >"$r/isolinux/isolinux.cfg" <<'CFG'
 default linux

@@ -787,7 +787,7 @@ pub fn plan_write(
                     }
                     layout.len = size / MIB * MIB;
                 }
-                let cluster = fat::cluster_size_for(layout.len)? as u64;
+                let cluster = fat::live_cluster_size_for(layout.len)? as u64;
                 let available = fat32_data_bytes(layout.len, cluster);
                 (
                     Some(layout.clone()),
@@ -1216,7 +1216,7 @@ pub fn plan_write(
                     .clone()
                     .ok_or(PlanError::NeedsExisting("the ext4 layout"))?
             };
-            let cluster = fat::cluster_size_for(fat.len)? as u64;
+            let cluster = fat::live_cluster_size_for(fat.len)? as u64;
             (
                 Some(fat),
                 e.fat_len,

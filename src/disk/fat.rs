@@ -76,14 +76,28 @@ pub fn parse_volume_id(text: &str) -> Option<u32> {
 }
 
 /// Cluster size as Windows and mkfs.fat choose it, shrunk where the partition
-/// is small so FAT32 keeps its minimum cluster count.
+/// is small so FAT32 keeps its minimum cluster count. For a stick given back to
+/// plain use (`restore`), which will hold many small files.
 pub fn cluster_size_for(len: u64) -> Result<u32, FatError> {
-    let mut cluster: u64 = match len {
+    let cluster: u64 = match len {
         l if l <= 8 << 30 => 4096,
         l if l <= 16 << 30 => 8192,
         l if l <= 32 << 30 => 16384,
         _ => 32768,
     };
+    shrink_to_fat32(len, cluster)
+}
+
+/// Cluster size of a live stick's FAT: 32 KiB, shrunk where the partition is small
+/// so FAT32 keeps its minimum cluster count. A live stick holds a few large files
+/// (the root image, overlay, home), so large clusters waste little, while both FATs
+/// are written in full (stale bytes there would read as cluster chains): on a 16 GiB
+/// stick 8 KiB clusters make 16 MiB of FAT to write and read back, 32 KiB make 4.
+pub fn live_cluster_size_for(len: u64) -> Result<u32, FatError> {
+    shrink_to_fat32(len, 32768)
+}
+
+fn shrink_to_fat32(len: u64, mut cluster: u64) -> Result<u32, FatError> {
     while cluster > 512 && len / cluster < FAT32_MIN_CLUSTERS + 1024 {
         cluster /= 2;
     }
@@ -101,9 +115,24 @@ pub fn format<F: Read + Write + Seek>(
     volume_id: u32,
     hidden_sectors: u32,
 ) -> Result<(), FatError> {
+    format_with_clusters(
+        window,
+        label,
+        volume_id,
+        hidden_sectors,
+        cluster_size_for(window.len())?,
+    )
+}
+
+fn format_with_clusters<F: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+    label: &str,
+    volume_id: u32,
+    hidden_sectors: u32,
+    cluster: u32,
+) -> Result<(), FatError> {
     validate_label(label)?;
     let len = window.len();
-    let cluster = cluster_size_for(len)?;
     let mut label_bytes = [b' '; 11];
     label_bytes[..label.len()].copy_from_slice(label.as_bytes());
     let options = fatfs::FormatVolumeOptions::new()
@@ -127,10 +156,10 @@ pub fn format<F: Read + Write + Seek>(
     Ok(())
 }
 
-/// Formats the window as FAT32 like [`format`], but in memory first: the reserved
-/// sectors and both FATs then stay in the window's cache and reach the device once,
-/// at the next flush, instead of being written, read back and written again. Only
-/// the root directory's cluster is written now.
+/// Formats the window as a live stick's FAT32 ([`live_cluster_size_for`]), in
+/// memory first: the reserved sectors and both FATs then stay in the window's cache
+/// and reach the device once, at the next flush, instead of being written, read
+/// back and written again. Only the root directory's cluster is written now.
 pub fn format_cached<F: Read + Write + Seek>(
     window: &mut PartitionWindow<F>,
     label: &str,
@@ -141,7 +170,8 @@ pub fn format_cached<F: Read + Write + Seek>(
     let mut staged = crate::io::MemDevice::new(len);
     {
         let mut mem = PartitionWindow::new(&mut staged, 0, len);
-        format(&mut mem, label, volume_id, hidden_sectors)?;
+        let cluster = live_cluster_size_for(len)?;
+        format_with_clusters(&mut mem, label, volume_id, hidden_sectors, cluster)?;
         mem.flush()?;
     }
     let meta = {
@@ -924,6 +954,12 @@ mod tests {
         assert_eq!(cluster_size_for(64 << 20).unwrap(), 512);
         assert_eq!(cluster_size_for(64 << 30).unwrap(), 32768);
         assert!(cluster_size_for(16 << 20).is_err());
+        assert_eq!(live_cluster_size_for(16 << 30).unwrap(), 32768);
+        assert_eq!(live_cluster_size_for(4 << 30).unwrap(), 32768);
+        // 2 GiB of 32 KiB clusters is too few for FAT32: halved until it is not.
+        assert_eq!(live_cluster_size_for(2 << 30).unwrap(), 16384);
+        assert_eq!(live_cluster_size_for(64 << 20).unwrap(), 512);
+        assert!(live_cluster_size_for(16 << 20).is_err());
     }
 
     #[test]
