@@ -310,6 +310,68 @@ pub struct Prepared {
     /// the parts their formats use are written (`--copy-overlay`, `--copy-home`).
     pub copied: Vec<(String, SparseImage)>,
     pub syslinux: Option<SyslinuxFiles>,
+    /// The new FAT32 filesystem with SYSLINUX installed, made before the target is
+    /// opened ([`stage_boot_fat`]); `None` where the write formats nothing or boots
+    /// no BIOS.
+    pub boot_fat: Option<StagedFat>,
+}
+
+/// A new FAT32 filesystem made in an unlinked sparse file, with SYSLINUX already
+/// installed in it: the installer and the mtools it runs read and write there, not
+/// on the stick, and run while the persistence images are built instead of after
+/// the copy.
+pub struct StagedFat {
+    file: File,
+    /// What the staging wrote: the reserved sectors, both FATs, the root and
+    /// `/syslinux` directories and SYSLINUX's loader files.
+    written: Vec<std::ops::Range<u64>>,
+}
+
+/// Makes the FAT32 filesystem `plan` formats, with SYSLINUX installed in
+/// `/syslinux`, in `workdir` (see [`StagedFat`]). `None` where the plan formats
+/// nothing or boots no BIOS: SYSLINUX is then installed on the stick at the end.
+pub fn stage_boot_fat(
+    plan: &Plan,
+    files: &SyslinuxFiles,
+    workdir: &Path,
+) -> Result<Option<StagedFat>, ApplyError> {
+    if plan.format.is_none() || !plan.bios {
+        return Ok(None);
+    }
+    let step = "making the FAT32 filesystem and its SYSLINUX boot sector";
+    let path = workdir.join("boot-fat.img");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(ApplyError::io(step))?;
+    // Unlinked once the installer is done: nothing is left behind, whatever happens.
+    let staged = (|| -> Result<(), ApplyError> {
+        file.set_len(plan.partition_len)
+            .map_err(ApplyError::io(step))?;
+        let hidden = u32::try_from(plan.partition_start / partition::SECTOR).unwrap_or(u32::MAX);
+        {
+            let mut window = PartitionWindow::new(&mut file, 0, plan.partition_len);
+            fat::format_live(&mut window, &plan.label, plan.volume_id, hidden)
+                .map_err(ApplyError::fat(step))?;
+            let fs = fat::open(&mut window).map_err(ApplyError::fat(step))?;
+            fat::create_dir_all(&fs, "/syslinux").map_err(ApplyError::fat(step))?;
+            fs.unmount().map_err(ApplyError::io(step))?;
+            window.flush().map_err(ApplyError::io(step))?;
+        }
+        syslinux::install(files, &path, 0, "/syslinux")?;
+        let mut window = PartitionWindow::new(&mut file, 0, plan.partition_len);
+        fat::sync_backup_boot_sector(&mut window).map_err(ApplyError::fat(step))?;
+        window.flush().map_err(ApplyError::io(step))?;
+        Ok(())
+    })();
+    let removed = std::fs::remove_file(&path).map_err(ApplyError::io(step));
+    staged?;
+    removed?;
+    let written = crate::disk::sparse::data_regions(&file).map_err(ApplyError::io(step))?;
+    Ok(Some(StagedFat { file, written }))
 }
 
 /// A byte range and the read-back check value of what was written there.
@@ -631,7 +693,9 @@ fn apply_tagged(
         overlay,
         copied,
         syslinux: syslinux_files,
+        boot_fat,
     } = prepared;
+    let syslinux_staged = boot_fat.is_some();
     // Persistence files: allocated, with only their data regions written.
     let mut persistent: Vec<(String, SparseImage)> = [
         (plan.overlay.as_ref().map(|o| o.path.clone()), overlay),
@@ -708,8 +772,13 @@ fn apply_tagged(
         if plan.format.is_some() {
             let hidden = u32::try_from(start / partition::SECTOR).unwrap_or(u32::MAX);
             tags.set("formatting the FAT32 filesystem");
-            fat::format_cached(&mut window, &plan.label, plan.volume_id, hidden)
-                .map_err(ApplyError::fat("formatting the FAT32 filesystem"))?;
+            match boot_fat {
+                Some(mut staged) => {
+                    fat::load_staged(&mut window, &mut staged.file, &staged.written)
+                }
+                None => fat::format_cached(&mut window, &plan.label, plan.volume_id, hidden),
+            }
+            .map_err(ApplyError::fat("formatting the FAT32 filesystem"))?;
         }
         if let Some(label) = &plan.relabel {
             tags.set(format!("relabelling the filesystem to {label}"));
@@ -963,6 +1032,7 @@ fn apply_tagged(
         )?);
     }
     if plan.bios
+        && !syslinux_staged
         && let Some(files) = &syslinux_files
     {
         progress.note("installing SYSLINUX");

@@ -951,6 +951,13 @@ pub fn plan_write(
     if opts.bios {
         match syslinux_modules {
             Some(modules) => {
+                // The installer puts its own loader there, made before the copy: an
+                // ISO's file of that name would replace it with another version's.
+                copies.retain(|c| {
+                    !["/syslinux/ldlinux.sys", "/syslinux/ldlinux.c32"]
+                        .iter()
+                        .any(|loader| c.dest.eq_ignore_ascii_case(loader))
+                });
                 for module in crate::boot::syslinux::MENU_MODULES {
                     let path = modules.join(module);
                     let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);

@@ -81,6 +81,12 @@ pub enum PrepareError {
         #[source]
         source: Ext4Error,
     },
+    /// Making the new FAT with SYSLINUX in it, before the stick is touched.
+    #[error("preparing the new filesystem (the stick is untouched)")]
+    BootFat {
+        #[source]
+        source: ApplyError,
+    },
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -98,6 +104,7 @@ impl Classify for PrepareError {
                 source.kind()
             }
             PrepareError::OpenFile { .. } | PrepareError::Io(_) => ErrorKind::Io,
+            PrepareError::BootFat { source } => source.kind(),
         }
     }
 
@@ -151,6 +158,7 @@ pub fn prepare(
         overlay: None,
         copied: copied_persistence(plan, inputs)?,
         syslinux: None,
+        boot_fat: None,
     };
     if let Some(home_step) = &plan.home {
         let encryption = match home_step.encryption {
@@ -348,7 +356,22 @@ pub fn write_target(
     progress: &Progress,
 ) -> Result<ApplyReport, WriteError> {
     std::fs::create_dir_all(workdir)?;
-    let mut prepared = prepare(plan, inputs, workdir)?;
+    // The new FAT with SYSLINUX in it is made while the images are built: under an
+    // emulated CPU each program the installer runs costs a fraction of a second.
+    let (prepared, boot_fat) = std::thread::scope(|scope| {
+        let staging = scope.spawn(|| match &syslinux {
+            Some(files) => apply::stage_boot_fat(plan, files, workdir),
+            None => Ok(None),
+        });
+        let prepared = prepare(plan, inputs, workdir);
+        let boot_fat = match staging.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        (prepared, boot_fat)
+    });
+    let mut prepared = prepared?;
+    prepared.boot_fat = boot_fat.map_err(|source| PrepareError::BootFat { source })?;
     prepared.syslinux = syslinux;
     let created = CreatedImage::create(probe)?;
     let probe = match &created {

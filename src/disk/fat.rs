@@ -2,6 +2,7 @@
 //! [`PartitionWindow`]: no mount, no loop device, no root for image files.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
 
 use thiserror::Error;
 
@@ -156,10 +157,21 @@ fn format_with_clusters<F: Read + Write + Seek>(
     Ok(())
 }
 
-/// Formats the window as a live stick's FAT32 ([`live_cluster_size_for`]), in
-/// memory first: the reserved sectors and both FATs then stay in the window's cache
-/// and reach the device once, at the next flush, instead of being written, read
-/// back and written again. Only the root directory's cluster is written now.
+/// Formats the window as a live stick's FAT32 ([`live_cluster_size_for`]).
+pub fn format_live<F: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+    label: &str,
+    volume_id: u32,
+    hidden_sectors: u32,
+) -> Result<(), FatError> {
+    let cluster = live_cluster_size_for(window.len())?;
+    format_with_clusters(window, label, volume_id, hidden_sectors, cluster)
+}
+
+/// Formats the window as a live stick's FAT32 ([`format_live`]), in memory first:
+/// the reserved sectors and both FATs then stay in the window's cache and reach the
+/// device once, at the next flush, instead of being written, read back and written
+/// again. Only the root directory's cluster is written now.
 pub fn format_cached<F: Read + Write + Seek>(
     window: &mut PartitionWindow<F>,
     label: &str,
@@ -170,24 +182,43 @@ pub fn format_cached<F: Read + Write + Seek>(
     let mut staged = crate::io::MemDevice::new(len);
     {
         let mut mem = PartitionWindow::new(&mut staged, 0, len);
-        let cluster = live_cluster_size_for(len)?;
-        format_with_clusters(&mut mem, label, volume_id, hidden_sectors, cluster)?;
+        format_live(&mut mem, label, volume_id, hidden_sectors)?;
         mem.flush()?;
     }
+    let written: Vec<Range<u64>> = staged
+        .written()
+        .map(|(at, bytes)| at..at + bytes.len() as u64)
+        .collect();
+    load_staged(window, &mut staged, &written)
+}
+
+/// Takes a FAT filesystem made elsewhere (`staged`, as long as the window, of which
+/// `written` are the byte ranges that hold anything) into the window: its reserved
+/// sectors and FATs into the window's cache, where they reach the device once, at
+/// the next flush; what lies past them is written through the window now.
+pub fn load_staged<F: Read + Write + Seek, S: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+    staged: &mut S,
+    written: &[Range<u64>],
+) -> Result<(), FatError> {
+    let len = window.len();
     let meta = {
-        let mut mem = PartitionWindow::new(&mut staged, 0, len);
-        metadata_len(&mut mem)?
+        let mut view = PartitionWindow::new(&mut *staged, 0, len);
+        metadata_len(&mut view)?
     };
     staged.seek(SeekFrom::Start(0))?;
-    window.preload_prefix_from(&mut staged, meta)?;
-    for (at, bytes) in staged.written() {
-        let end = at + bytes.len() as u64;
-        if end <= meta {
-            continue;
+    window.preload_prefix_from(&mut *staged, meta)?;
+    let mut buf = vec![0u8; 1 << 20];
+    for range in written {
+        let mut at = range.start.max(meta);
+        while at < range.end {
+            let n = ((range.end - at) as usize).min(buf.len());
+            staged.seek(SeekFrom::Start(at))?;
+            staged.read_exact(&mut buf[..n])?;
+            window.seek(SeekFrom::Start(at))?;
+            window.write_all(&buf[..n])?;
+            at += n as u64;
         }
-        let skip = meta.saturating_sub(at) as usize;
-        window.seek(SeekFrom::Start(at + skip as u64))?;
-        window.write_all(&bytes[skip..])?;
     }
     Ok(())
 }

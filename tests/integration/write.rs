@@ -728,3 +728,41 @@ fn an_unreadable_dracut_version_is_noted_in_the_plan() {
     );
     assert!(!image.exists(), "dry run created the target");
 }
+
+/// SYSLINUX is installed into the new filesystem before the stick is opened: an
+/// installer that fails leaves the stick as it was (here, a used one: random bytes),
+/// and the error says so.
+#[test]
+fn a_failing_syslinux_installer_leaves_the_stick_untouched() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let fakes = dir.path().join("bin");
+    std::fs::create_dir(&fakes).unwrap();
+    let fake = fakes.join("syslinux");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'syslinux: broken on purpose' >&2\nexit 1\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let stick = dir.path().join("used.img");
+    fill_random(&stick, 256 * MIB);
+    let before = sha256_file(&stick);
+    let path = format!(
+        "{}:{}",
+        fakes.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = output_of(
+        std::process::Command::new(bin())
+            .args(["write", iso.to_str().unwrap(), stick.to_str().unwrap()])
+            .args(["--yes", "--force", "--overlay-size-mb", "32"])
+            .env("PATH", path),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the write succeeded: {stderr}");
+    assert!(stderr.contains("the stick is untouched"), "{stderr}");
+    assert!(stderr.contains("broken on purpose"), "{stderr}");
+    assert_eq!(sha256_file(&stick), before, "the stick changed");
+}
