@@ -352,8 +352,11 @@ pub fn stage_boot_fat(
         file.set_len(plan.partition_len)
             .map_err(ApplyError::io(step))?;
         let hidden = u32::try_from(plan.partition_start / partition::SECTOR).unwrap_or(u32::MAX);
+        // Made in memory and written out in large writes: fatfs formats sector by
+        // sector, each a system call.
+        let mut made = crate::io::MemDevice::new(plan.partition_len);
         {
-            let mut window = PartitionWindow::new(&mut file, 0, plan.partition_len);
+            let mut window = PartitionWindow::new(&mut made, 0, plan.partition_len);
             fat::format_live(&mut window, &plan.label, plan.volume_id, hidden)
                 .map_err(ApplyError::fat(step))?;
             let fs = fat::open(&mut window).map_err(ApplyError::fat(step))?;
@@ -361,6 +364,11 @@ pub fn stage_boot_fat(
             fs.unmount().map_err(ApplyError::io(step))?;
             window.flush().map_err(ApplyError::io(step))?;
         }
+        for (at, bytes) in made.written() {
+            use std::os::unix::fs::FileExt;
+            file.write_all_at(bytes, at).map_err(ApplyError::io(step))?;
+        }
+        drop(made);
         syslinux::install(files, &path, 0, "/syslinux")?;
         let mut window = PartitionWindow::new(&mut file, 0, plan.partition_len);
         fat::sync_backup_boot_sector(&mut window).map_err(ApplyError::fat(step))?;

@@ -693,8 +693,19 @@ impl<'a> BoundedDirty<'a> {
     pub fn verifying(file: &'a mut std::fs::File, limit: u64) -> io::Result<Self> {
         let pos = file.stream_position()?;
         let writer_file = file.try_clone()?;
-        let reader_file = file.try_clone()?;
-        let writer = DirtyWriter::start(writer_file, limit, Some(reader_file));
+        // A stick is read back past the page cache; an image file (no limit) has only
+        // the cache to read, and often a file system without O_DIRECT.
+        let reader = match (limit > 0).then(|| reopen_direct(file)).flatten() {
+            Some(direct) => Reader {
+                file: direct,
+                direct: true,
+            },
+            None => Reader {
+                file: file.try_clone()?,
+                direct: false,
+            },
+        };
+        let writer = DirtyWriter::start(writer_file, limit, Some(reader));
         Ok(BoundedDirty {
             file,
             pos,
@@ -760,7 +771,7 @@ impl<'a> BoundedDirty<'a> {
 }
 
 impl DirtyWriter {
-    fn start(file: std::fs::File, limit: u64, reader: Option<std::fs::File>) -> DirtyWriter {
+    fn start(file: std::fs::File, limit: u64, reader: Option<Reader>) -> DirtyWriter {
         // One batch queued while the writer works on another: enough to keep the
         // stick busy, little enough to keep memory small.
         let (queue, rx) = std::sync::mpsc::sync_channel::<DirtyMessage>(1);
@@ -944,6 +955,73 @@ const KEEP_BYTES: usize = 64 << 10;
 const CACHE_PAGE: u64 = 4096;
 /// Read-back request size.
 const READ_BACK_CHUNK: usize = 2 << 20;
+/// Offsets, lengths and buffers of reads past the page cache (O_DIRECT) are multiples
+/// of this: the logical block size of any stick (512 or 4096).
+const DIRECT_ALIGN: usize = 4096;
+
+/// What the read-back reads with.
+struct Reader {
+    file: std::fs::File,
+    /// Opened with O_DIRECT: reads come from the device, never from the page cache,
+    /// which the writer keeps filling; nothing needs dropping from it first.
+    direct: bool,
+}
+
+/// A second open file description of `file` that reads past the page cache. Through
+/// `/proc/self/fd`, so it is the inode already opened, not whatever the target's path
+/// names now. `None` where O_DIRECT is not supported.
+fn reopen_direct(file: &std::fs::File) -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .ok()
+}
+
+/// A read-back buffer: [`READ_BACK_CHUNK`] bytes plus a block either side, aligned
+/// for O_DIRECT.
+struct ReadBuffer {
+    raw: Vec<u8>,
+    start: usize,
+}
+
+impl ReadBuffer {
+    fn new() -> Self {
+        let raw = vec![0u8; READ_BACK_CHUNK + 3 * DIRECT_ALIGN];
+        let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
+        ReadBuffer { raw, start }
+    }
+
+    /// The `n` bytes (at most [`READ_BACK_CHUNK`]) at `at` of the reader's file. A
+    /// direct reader reads the aligned blocks that hold them.
+    fn read(&mut self, reader: &Reader, at: u64, n: usize) -> io::Result<&[u8]> {
+        use std::os::unix::fs::FileExt;
+        let buf = &mut self.raw[self.start..self.start + READ_BACK_CHUNK + 2 * DIRECT_ALIGN];
+        if !reader.direct {
+            reader.file.read_exact_at(&mut buf[..n], at)?;
+            return Ok(&buf[..n]);
+        }
+        let align = DIRECT_ALIGN as u64;
+        let from = at / align * align;
+        let to = (at + n as u64).div_ceil(align) * align;
+        let want = (to - from) as usize;
+        let skip = (at - from) as usize;
+        let mut got = 0;
+        // The last block of a device whose size is no multiple of the alignment reads
+        // short: enough once it covers the bytes asked for.
+        while got < skip + n {
+            match reader.file.read_at(&mut buf[got..want], from + got as u64) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(k) => got += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(&buf[skip..skip + n])
+    }
+}
 
 /// What was read back while writing (see [`BoundedDirty::verifying`]).
 #[derive(Debug, Clone)]
@@ -1254,15 +1332,15 @@ struct ReadBacker {
 }
 
 impl ReadBacker {
-    fn start(file: std::fs::File) -> ReadBacker {
+    fn start(reader: Reader) -> ReadBacker {
         let shared = std::sync::Arc::new(ReadBackShared::default());
         // One batch waiting while another is read: reading is faster than writing.
         let (queue, rx) = std::sync::mpsc::sync_channel::<Batch>(1);
         let theirs = shared.clone();
         let thread = std::thread::spawn(move || {
-            let mut buf = vec![0u8; READ_BACK_CHUNK];
+            let mut buf = ReadBuffer::new();
             for batch in rx {
-                let result = read_back_batch(&file, &batch, &mut buf);
+                let result = read_back_batch(&reader, &batch, &mut buf);
                 let Ok(mut state) = theirs.state.lock() else {
                     return;
                 };
@@ -1301,12 +1379,15 @@ impl ReadBacker {
     /// The first write of the batch being written that the target does not hold, read
     /// back now (after a failed sync); `None` when all match or the reads fail too.
     fn first_lost(&mut self, file: &std::fs::File) -> Option<Range<u64>> {
+        let reader = Reader {
+            file: file.try_clone().ok()?,
+            direct: false,
+        };
         let batch = Batch {
             id: u64::MAX,
             entries: std::mem::take(&mut self.batch),
         };
-        let mut buf = vec![0u8; READ_BACK_CHUNK];
-        let lost = read_back_batch(file, &batch, &mut buf)
+        let lost = read_back_batch(&reader, &batch, &mut ReadBuffer::new())
             .ok()
             .flatten()
             .map(|m| m.range);
@@ -1408,32 +1489,34 @@ impl ReadBacker {
     }
 }
 
-/// Drops the batch's pages from the cache and reads every entry back: `None` when all
-/// match, else the first that does not. A page the next batch has dirtied again (it
-/// shares a page with this one) stays in the cache, so the few bytes of this batch in
-/// it are read from the cache, not from the stick.
+/// Reads every entry of the batch back: `None` when all match, else the first that
+/// does not. A direct reader reads from the stick itself. Otherwise the batch's pages
+/// are dropped from the cache first; a page the next batch has dirtied again (it
+/// shares a page with this one) stays there, so the few bytes of this batch in it are
+/// read from the cache, not from the stick.
 fn read_back_batch(
-    file: &std::fs::File,
+    reader: &Reader,
     batch: &Batch,
-    buf: &mut [u8],
+    buf: &mut ReadBuffer,
 ) -> io::Result<Option<ReadBackMismatch>> {
-    use std::os::unix::fs::FileExt;
-    let pages: RangeSet = batch.entries.iter().map(|e| pages_of(&e.range())).collect();
-    for r in pages.iter() {
-        drop_cached(file, &r);
+    if !reader.direct {
+        let pages: RangeSet = batch.entries.iter().map(|e| pages_of(&e.range())).collect();
+        for r in pages.iter() {
+            drop_cached(&reader.file, &r);
+        }
     }
     for e in &batch.entries {
         let mut actual = CheckHash::default();
         let mut differs = false;
         let mut at = e.at;
         while at < e.at + e.len {
-            let n = ((e.at + e.len - at) as usize).min(buf.len());
-            file.read_exact_at(&mut buf[..n], at)?;
+            let n = ((e.at + e.len - at) as usize).min(READ_BACK_CHUNK);
+            let read = buf.read(reader, at, n)?;
             if let Expected::Bytes(kept) = &e.expected {
                 let from = (at - e.at) as usize;
-                differs |= kept[from..from + n] != buf[..n];
+                differs |= kept[from..from + n] != *read;
             }
-            actual.update(&buf[..n]);
+            actual.update(read);
             at += n as u64;
         }
         let actual = actual.finish();
