@@ -311,34 +311,113 @@ pub struct Prepared {
     pub copied: Vec<(String, SparseImage)>,
     pub syslinux: Option<SyslinuxFiles>,
     /// The new FAT32 filesystem with SYSLINUX installed, made before the target is
-    /// opened ([`stage_boot_fat`]); `None` where the write formats nothing or boots
-    /// no BIOS.
+    /// opened ([`BootFatStages::stage`]); `None` where the write formats nothing or
+    /// boots no BIOS.
     pub boot_fat: Option<StagedFat>,
 }
 
-/// A new FAT32 filesystem made in an unlinked sparse file, with SYSLINUX already
-/// installed in it: the installer and the mtools it runs read and write there, not
-/// on the stick, and run while the persistence images are built instead of after
-/// the copy.
+/// A new FAT32 filesystem with SYSLINUX already installed in it, made before the
+/// stick is opened ([`BootFatStages::stage`]): the installer and the mtools it runs
+/// read and write a sparse file, not the stick, while the persistence images are
+/// built; a failing installer leaves the stick untouched.
 pub struct StagedFat {
-    file: File,
-    /// What the staging wrote: the reserved sectors, both FATs, the root and
-    /// `/syslinux` directories and SYSLINUX's loader files.
-    written: Vec<std::ops::Range<u64>>,
+    image: std::sync::Arc<StagedImage>,
+    /// This stick's volume ID, patched over the one the image was made with.
+    volume_id: u32,
 }
 
-/// Makes the FAT32 filesystem `plan` formats, with SYSLINUX installed in
-/// `/syslinux`, in `workdir` (see [`StagedFat`]). `None` where the plan formats
-/// nothing or boots no BIOS: SYSLINUX is then installed on the stick at the end.
-pub fn stage_boot_fat(
+/// What staging wrote: the reserved sectors, both FATs, the root and `/syslinux`
+/// directories and SYSLINUX's loader files, as (offset, bytes) in the partition.
+struct StagedImage {
+    len: u64,
+    regions: Vec<(u64, Vec<u8>)>,
+}
+
+/// FAT32 volume ID (`BS_VolID`) in a FAT32 boot sector and in its backup.
+const FAT32_VOLUME_ID: u64 = 0x43;
+
+impl StagedFat {
+    /// The staged filesystem as a device of its own with this stick's volume ID, and
+    /// the ranges that hold anything.
+    fn device(&self) -> io::Result<(crate::io::MemDevice, Vec<std::ops::Range<u64>>)> {
+        let mut device = crate::io::MemDevice::new(self.image.len);
+        let mut ranges = Vec::new();
+        for (at, bytes) in &self.image.regions {
+            device.seek(SeekFrom::Start(*at))?;
+            device.write_all(bytes)?;
+            ranges.push(*at..*at + bytes.len() as u64);
+        }
+        let mut boot = [0u8; 512];
+        device.seek(SeekFrom::Start(0))?;
+        device.read_exact(&mut boot)?;
+        let backup = u64::from(u16::from_le_bytes([boot[0x32], boot[0x33]]));
+        for sector in [0, backup] {
+            device.seek(SeekFrom::Start(sector * 512 + FAT32_VOLUME_ID))?;
+            device.write_all(&self.volume_id.to_le_bytes())?;
+        }
+        Ok((device, ranges))
+    }
+}
+
+/// The staged filesystems of one `write` command: made once for each partition size
+/// and label, and shared by the sticks of a batch that have them (only the volume ID
+/// differs, and is patched per stick). Under an emulated CPU each program the
+/// installer runs costs a fraction of a second, times every stick.
+#[derive(Default)]
+pub struct BootFatStages {
+    made: std::sync::Mutex<std::collections::HashMap<StageKey, StageSlot>>,
+}
+
+type StageKey = (u64, u64, String);
+type StageSlot = std::sync::Arc<std::sync::OnceLock<Result<std::sync::Arc<StagedImage>, String>>>;
+
+const STAGE_STEP: &str = "making the FAT32 filesystem and its SYSLINUX boot sector";
+
+impl BootFatStages {
+    /// The FAT32 filesystem `plan` formats, with SYSLINUX installed in `/syslinux`
+    /// (made in `workdir` unless a stick of this command already made it). `None`
+    /// where the plan formats nothing or boots no BIOS: SYSLINUX is then installed on
+    /// the stick at the end.
+    pub fn stage(
+        &self,
+        plan: &Plan,
+        files: &SyslinuxFiles,
+        workdir: &Path,
+    ) -> Result<Option<StagedFat>, ApplyError> {
+        if plan.format.is_none() || !plan.bios {
+            return Ok(None);
+        }
+        let key = (plan.partition_start, plan.partition_len, plan.label.clone());
+        let slot = match self.made.lock() {
+            Ok(mut made) => made.entry(key).or_default().clone(),
+            Err(_) => {
+                return Err(ApplyError::io(STAGE_STEP)(io::Error::other(
+                    "a staging failed",
+                )));
+            }
+        };
+        match slot.get_or_init(|| {
+            stage_image(plan, files, workdir)
+                .map(std::sync::Arc::new)
+                .map_err(|e| e.to_string())
+        }) {
+            Ok(image) => Ok(Some(StagedFat {
+                image: image.clone(),
+                volume_id: plan.volume_id,
+            })),
+            Err(text) => Err(ApplyError::io(STAGE_STEP)(io::Error::other(text.clone()))),
+        }
+    }
+}
+
+/// Formats `plan`'s FAT32 filesystem in an unlinked sparse file, installs SYSLINUX
+/// into it and reads back what both wrote.
+fn stage_image(
     plan: &Plan,
     files: &SyslinuxFiles,
     workdir: &Path,
-) -> Result<Option<StagedFat>, ApplyError> {
-    if plan.format.is_none() || !plan.bios {
-        return Ok(None);
-    }
-    let step = "making the FAT32 filesystem and its SYSLINUX boot sector";
+) -> Result<StagedImage, ApplyError> {
+    let step = STAGE_STEP;
     let path = workdir.join("boot-fat.img");
     let mut file = std::fs::OpenOptions::new()
         .read(true)
@@ -378,8 +457,16 @@ pub fn stage_boot_fat(
     let removed = std::fs::remove_file(&path).map_err(ApplyError::io(step));
     staged?;
     removed?;
-    let written = crate::disk::sparse::data_regions(&file).map_err(ApplyError::io(step))?;
-    Ok(Some(StagedFat { file, written }))
+    let mut regions = Vec::new();
+    for range in crate::disk::sparse::data_regions(&file).map_err(ApplyError::io(step))? {
+        let bytes = crate::io::read_at(&mut file, range.start, (range.end - range.start) as usize)
+            .map_err(ApplyError::io(step))?;
+        regions.push((range.start, bytes));
+    }
+    Ok(StagedImage {
+        len: plan.partition_len,
+        regions,
+    })
 }
 
 /// A byte range and the read-back check value of what was written there.
@@ -781,8 +868,11 @@ fn apply_tagged(
             let hidden = u32::try_from(start / partition::SECTOR).unwrap_or(u32::MAX);
             tags.set("formatting the FAT32 filesystem");
             match boot_fat {
-                Some(mut staged) => {
-                    fat::load_staged(&mut window, &mut staged.file, &staged.written)
+                Some(staged) => {
+                    let (mut device, ranges) = staged
+                        .device()
+                        .map_err(ApplyError::io("formatting the FAT32 filesystem"))?;
+                    fat::load_staged(&mut window, &mut device, &ranges)
                 }
                 None => fat::format_cached(&mut window, &plan.label, plan.volume_id, hidden),
             }

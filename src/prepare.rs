@@ -38,6 +38,8 @@ pub struct PrepareInputs<'a> {
     /// Read once for every target of a batch; needed when the plan encrypts a home.
     pub passphrase: Option<&'a Zeroizing<Vec<u8>>>,
     pub luks: LuksParams,
+    /// The new filesystems with SYSLINUX in them, shared by the sticks of one command.
+    pub boot_fats: &'a apply::BootFatStages,
 }
 
 #[derive(Debug, Error)]
@@ -360,7 +362,7 @@ pub fn write_target(
     // emulated CPU each program the installer runs costs a fraction of a second.
     let (prepared, boot_fat) = std::thread::scope(|scope| {
         let staging = scope.spawn(|| match &syslinux {
-            Some(files) => apply::stage_boot_fat(plan, files, workdir),
+            Some(files) => inputs.boot_fats.stage(plan, files, workdir),
             None => Ok(None),
         });
         let prepared = prepare(plan, inputs, workdir);

@@ -258,6 +258,7 @@ fn write_one(
     probe: &target::TargetProbe,
     syslinux_files: Option<syslinux::SyslinuxFiles>,
     passphrase: Option<&Zeroizing<Vec<u8>>>,
+    boot_fats: &apply::BootFatStages,
     workdir: &Path,
     source: &mut dyn apply::IsoSource,
     progress: &Progress,
@@ -266,6 +267,7 @@ fn write_one(
         copy_overlay: args.copy_overlay,
         copy_home: args.copy_home,
         passphrase,
+        boot_fats,
         luks: prepare::luks_params(
             args.luks_pbkdf.as_deref(),
             args.luks_iter_time,
@@ -403,6 +405,7 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         &probe,
         syslinux_files,
         passphrase.as_ref(),
+        &apply::BootFatStages::default(),
         workdir.path(),
         source.as_mut(),
         &progress,
@@ -508,6 +511,7 @@ fn run_batch(
         .prefix("livestick-")
         .tempdir()
         .context("creating a temporary directory")?;
+    let boot_fats = apply::BootFatStages::default();
     batch.write_all(
         &live,
         progress_mode(json, quiet),
@@ -520,6 +524,7 @@ fn run_batch(
                 &p.probe,
                 p.syslinux.clone(),
                 passphrase.as_ref(),
+                &boot_fats,
                 workdir,
                 source,
                 progress,
@@ -570,6 +575,7 @@ fn run_wait_for(
         .prefix("livestick-")
         .tempdir()
         .context("creating a temporary directory")?;
+    let boot_fats = apply::BootFatStages::default();
     let batch = Batch::wait_for(
         json,
         quiet,
@@ -592,6 +598,7 @@ fn run_wait_for(
                 &probe,
                 syslinux_files,
                 passphrase.as_ref(),
+                &boot_fats,
                 workdir,
                 source.as_mut(),
                 progress,

@@ -80,6 +80,34 @@ fn a_batch_writes_every_good_target_and_reports_the_bad_one() {
     };
     assert_ne!(uuid(&cfg_a), uuid(&cfg_b));
     let start = MIB;
+    // The sticks share one staged filesystem with SYSLINUX in it; each carries its
+    // own volume ID, in the boot sector blkid reads and in its backup, and the loader.
+    for (img, cfg) in [(&a, &cfg_a), (&b, &cfg_b)] {
+        let probed = run(
+            "blkid",
+            &[
+                "-p",
+                "-o",
+                "value",
+                "-s",
+                "UUID",
+                "--offset",
+                &start.to_string(),
+                img.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(probed.trim(), uuid(cfg), "{}", img.display());
+        let primary = read_at(img, start + 0x43, 4);
+        let backup = read_at(img, start + 6 * 512 + 0x43, 4);
+        assert_eq!(primary, backup, "{}", img.display());
+        assert!(
+            fat_ls(img, start, "syslinux")
+                .to_lowercase()
+                .contains("ldlinux"),
+            "{}",
+            img.display()
+        );
+    }
     let iso_sq = dir.path().join("sq");
     iso_extract(&iso, "/LiveOS/squashfs.img", &iso_sq);
     for img in [&a, &b] {
