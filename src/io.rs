@@ -685,8 +685,9 @@ impl<'a> BoundedDirty<'a> {
 
     /// Like [`BoundedDirty::new`], and every write is read back while the next ones are
     /// written: each batch, once synced (every `limit` bytes; with `limit` 0, an image
-    /// file, every [`READ_BACK_BATCH`] bytes without syncing), is dropped from the page
-    /// cache and read back on a third thread, compared with what was written. The
+    /// file, every [`READ_BACK_BATCH`] bytes without syncing), is read back on a third
+    /// thread (from a stick past the page cache, from an image file after dropping its
+    /// pages) and compared byte for byte with what was written, kept until then. The
     /// writer never writes a byte that is still being read back, so what is read
     /// is exactly what that batch left. [`BoundedDirty::finish_read_back`] says what was
     /// verified and the first mismatch.
@@ -947,10 +948,6 @@ impl Drop for BoundedDirty<'_> {
 
 /// Bytes of one read-back batch where nothing syncs (an image file).
 pub const READ_BACK_BATCH: u64 = 8 << 20;
-/// Writes up to this size are kept as bytes until read back, so a rewrite in the same
-/// batch (a FAT page, a directory cluster) updates them; larger ones keep only their
-/// check value, and a rewrite of those ends the batch first.
-const KEEP_BYTES: usize = 64 << 10;
 /// The page cache works in pages: a read-back drops and reads whole pages.
 const CACHE_PAGE: u64 = 4096;
 /// Read-back request size.
@@ -1089,20 +1086,17 @@ impl Corrupter {
     }
 }
 
-enum Expected {
-    Bytes(Vec<u8>),
-    Check(u64),
-}
-
+/// A write of the batch: the bytes the target should hold there, kept until read
+/// back. Comparing costs less than hashing on both sides, most of all under an
+/// emulated CPU; the batch is small (a few times [`READ_BACK_BATCH`] in flight).
 struct Entry {
     at: u64,
-    len: u64,
-    expected: Expected,
+    bytes: Vec<u8>,
 }
 
 impl Entry {
     fn range(&self) -> Range<u64> {
-        self.at..self.at + self.len
+        self.at..self.at + self.bytes.len() as u64
     }
 }
 
@@ -1187,14 +1181,6 @@ impl WriterLoop {
     fn write(&mut self, at: u64, bytes: Vec<u8>) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let range = at..at + bytes.len() as u64;
-        if self
-            .read_back
-            .as_ref()
-            .is_some_and(|rb| rb.rewrites_checked(&range))
-        {
-            // Its check value would no longer describe the target: read it back first.
-            self.end_batch()?;
-        }
         if let Some(rb) = &mut self.read_back {
             rb.before_write(&range)?;
         }
@@ -1395,15 +1381,6 @@ impl ReadBacker {
         lost
     }
 
-    /// Whether `range` overwrites a write of this batch known only by its check value.
-    fn rewrites_checked(&self, range: &Range<u64>) -> bool {
-        self.batch.iter().any(|e| {
-            matches!(e.expected, Expected::Check(_))
-                && e.at < range.end
-                && range.start < e.at + e.len
-        })
-    }
-
     /// Waits until no byte of `range` is being read back, then forgets that it was
     /// verified: its new content is read back with this batch. Bytes, not pages: a
     /// FAT32 data area is seldom page-aligned, so consecutive batches of one file share
@@ -1427,28 +1404,18 @@ impl ReadBacker {
 
     fn add(&mut self, at: u64, bytes: Vec<u8>) {
         let range = at..at + bytes.len() as u64;
-        // Earlier writes of this batch kept as bytes take the new content where it
-        // overlaps them, so each entry describes what the target holds at the end.
+        // Earlier writes of this batch take the new content where it overlaps them,
+        // so each entry describes what the target holds at the end.
         for e in &mut self.batch {
-            if let Expected::Bytes(kept) = &mut e.expected {
-                let lo = range.start.max(e.at);
-                let hi = range.end.min(e.at + e.len);
-                if lo < hi {
-                    kept[(lo - e.at) as usize..(hi - e.at) as usize]
-                        .copy_from_slice(&bytes[(lo - at) as usize..(hi - at) as usize]);
-                }
+            let lo = range.start.max(e.at);
+            let hi = range.end.min(e.range().end);
+            if lo < hi {
+                e.bytes[(lo - e.at) as usize..(hi - e.at) as usize]
+                    .copy_from_slice(&bytes[(lo - at) as usize..(hi - at) as usize]);
             }
         }
         self.batch_bytes += bytes.len() as u64;
-        let len = bytes.len() as u64;
-        let expected = if bytes.len() <= KEEP_BYTES {
-            Expected::Bytes(bytes)
-        } else {
-            let mut check = CheckHash::default();
-            check.update(&bytes);
-            Expected::Check(check.finish())
-        };
-        self.batch.push(Entry { at, len, expected });
+        self.batch.push(Entry { at, bytes });
     }
 
     fn send_batch(&mut self) -> io::Result<()> {
@@ -1506,37 +1473,36 @@ fn read_back_batch(
         }
     }
     for e in &batch.entries {
-        let mut actual = CheckHash::default();
-        let mut differs = false;
         let mut at = e.at;
-        while at < e.at + e.len {
-            let n = ((e.at + e.len - at) as usize).min(READ_BACK_CHUNK);
-            let read = buf.read(reader, at, n)?;
-            if let Expected::Bytes(kept) = &e.expected {
-                let from = (at - e.at) as usize;
-                differs |= kept[from..from + n] != *read;
+        while at < e.range().end {
+            let n = ((e.range().end - at) as usize).min(READ_BACK_CHUNK);
+            let from = (at - e.at) as usize;
+            if buf.read(reader, at, n)? != &e.bytes[from..from + n] {
+                return Ok(Some(mismatch_of(reader, e, buf)?));
             }
-            actual.update(read);
             at += n as u64;
-        }
-        let actual = actual.finish();
-        let expected = match &e.expected {
-            Expected::Check(check) => *check,
-            Expected::Bytes(kept) => {
-                let mut check = CheckHash::default();
-                check.update(kept);
-                check.finish()
-            }
-        };
-        if differs || actual != expected {
-            return Ok(Some(ReadBackMismatch {
-                range: e.range(),
-                expected,
-                actual,
-            }));
         }
     }
     Ok(None)
+}
+
+/// The check values of what `e` should hold and of what the target holds, for the
+/// report of a mismatch.
+fn mismatch_of(reader: &Reader, e: &Entry, buf: &mut ReadBuffer) -> io::Result<ReadBackMismatch> {
+    let mut expected = CheckHash::default();
+    expected.update(&e.bytes);
+    let mut actual = CheckHash::default();
+    let mut at = e.at;
+    while at < e.range().end {
+        let n = ((e.range().end - at) as usize).min(READ_BACK_CHUNK);
+        actual.update(buf.read(reader, at, n)?);
+        at += n as u64;
+    }
+    Ok(ReadBackMismatch {
+        range: e.range(),
+        expected: expected.finish(),
+        actual: actual.finish(),
+    })
 }
 
 /// Byte ranges, kept sorted and merged: what a write touched, what a check covered.
@@ -1842,9 +1808,11 @@ impl StreamHash for Sha256Hash {
     }
 }
 
-/// xxh3-64: what read-back verification compares. It detects any corruption a bus or
-/// a stick produces (it is not meant against an adversary, who would need to control
-/// the stick anyway) and costs a fraction of sha256 on CPUs without SHA instructions.
+/// xxh3-64: the check value a read-back reports for a range that differs, and what a
+/// read-back of ranges no longer in memory compares ([`check_ranges`]). It detects
+/// any corruption a bus or a stick produces (it is not meant against an adversary, who
+/// would need to control the stick anyway) and costs a fraction of sha256 on CPUs
+/// without SHA instructions.
 pub struct CheckHash(xxhash_rust::xxh3::Xxh3);
 
 impl Default for CheckHash {
@@ -2114,7 +2082,7 @@ mod tests {
                     .corrupt_next_write(within, min_len)
                     .unwrap();
             }
-            // Large data writes (kept as check values), several batches of them.
+            // Large data writes, several batches of them.
             for i in 0..24u8 {
                 dirty.seek(SeekFrom::Start(u64::from(i) << 20)).unwrap();
                 dirty.write_all(&vec![i; 1 << 20]).unwrap();
@@ -2224,7 +2192,7 @@ mod tests {
     #[test]
     fn verifying_writer_reports_a_byte_corrupted_after_its_write() {
         for limit in [0, 3 << 20] {
-            // A data write (kept as its check value), a small one (kept as bytes).
+            // A large data write and a small one.
             for (within, min_len, value) in [
                 ((10 << 20) + 5..(11 << 20), 1 << 20, 10u8),
                 ((36 << 20)..(36 << 20) + 8, 1, 77),
