@@ -28,6 +28,8 @@
 #                       ~8 GiB per stick, several minutes at 30 MB/s)
 #   CASES               subset/order of the cases above
 #   BIG_MIB             squashfs size of the big ISO (512)
+#   VM_MEM              guest MiB (2048 + 4x the ISO: write_zst unpacks into
+#                       /tmp, a tmpfs of half the RAM)
 #   LUKS_ITER_MS        PBKDF2 time for write_luks (100)
 #   BENCH_DIR           work directory (target/bench-stick): ISOs, the four
 #                       16 GiB sparse stick images (removed at the end),
@@ -130,7 +132,9 @@ for want in "$@"; do
     [[ -n ${CASES:-} ]] && append+=" guest.CASES=${CASES// /,}"
     log=$WORK/console-$name.log
     rc=0
-    VM_APPEND=$append benches/vm/run.sh "$INITRD" "$log" "${VM_ARGS[@]}" || rc=$?
+    # The guest's /tmp is RAM: write_zst keeps the .iso.zst and what it unpacks there.
+    mem=${VM_MEM:-$((2048 + 4 * $(stat -c %s "$iso") / 1048576))}
+    VM_MEM=$mem VM_APPEND=$append benches/vm/run.sh "$INITRD" "$log" "${VM_ARGS[@]}" || rc=$?
     if ((rc)); then
         echo "stick: the VM for $name failed (status $rc); console in $log" >&2
         failed=1
