@@ -1962,6 +1962,37 @@ mod tests {
     use super::*;
     use std::io::Cursor;
 
+    /// A direct reader reads the aligned blocks that hold the bytes asked for, whatever
+    /// their offset and length, up to a file end that is no multiple of the alignment.
+    #[test]
+    fn a_direct_read_returns_exactly_the_bytes_asked_for() {
+        // Beside the sources: a disk file system with O_DIRECT (a tmpfs /tmp may not).
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("device");
+        let len = 3 * DIRECT_ALIGN + 1000;
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let direct = reopen_direct(&file).expect("O_DIRECT on the build directory's file system");
+        let reader = Reader {
+            file: direct,
+            direct: true,
+        };
+        let mut buf = ReadBuffer::new();
+        for (at, n) in [
+            (0, len),
+            (1, 10),
+            (DIRECT_ALIGN - 3, 6),
+            (DIRECT_ALIGN, DIRECT_ALIGN),
+            (2 * DIRECT_ALIGN + 17, DIRECT_ALIGN + 983),
+            (len - 1, 1),
+        ] {
+            let read = buf.read(&reader, at as u64, n).unwrap();
+            assert_eq!(read, &bytes[at..at + n], "{at}+{n}");
+        }
+        assert!(buf.read(&reader, len as u64 - 1, 2).is_err());
+    }
+
     #[test]
     fn window_reads_and_writes_only_inside() {
         let mut disk = Cursor::new(vec![0u8; 4096]);
