@@ -49,6 +49,9 @@ pub enum ApplyError {
     },
     #[error("installing SYSLINUX: {0}")]
     Syslinux(#[from] syslinux::SyslinuxError),
+    /// Staging the new filesystem failed for another stick of the same command.
+    #[error("{0}")]
+    StagedElsewhere(String),
     #[error("reading {path} from the ISO: {reason}")]
     Source { path: String, reason: String },
     #[error("{step}: {source}")]
@@ -396,16 +399,25 @@ impl BootFatStages {
                 )));
             }
         };
-        match slot.get_or_init(|| {
-            stage_image(plan, files, workdir)
-                .map(std::sync::Arc::new)
-                .map_err(|e| e.to_string())
-        }) {
+        // The stick that makes the staging gets its error whole; the others its text.
+        let mut failed_here = None;
+        let made = slot.get_or_init(|| match stage_image(plan, files, workdir) {
+            Ok(image) => Ok(std::sync::Arc::new(image)),
+            Err(e) => {
+                let text = e.to_string();
+                failed_here = Some(e);
+                Err(text)
+            }
+        });
+        if let Some(e) = failed_here {
+            return Err(e);
+        }
+        match made {
             Ok(image) => Ok(Some(StagedFat {
                 image: image.clone(),
                 volume_id: plan.volume_id,
             })),
-            Err(text) => Err(ApplyError::io(STAGE_STEP)(io::Error::other(text.clone()))),
+            Err(text) => Err(ApplyError::StagedElsewhere(text.clone())),
         }
     }
 }
@@ -443,6 +455,11 @@ fn stage_image(
             fs.unmount().map_err(ApplyError::io(step))?;
             window.flush().map_err(ApplyError::io(step))?;
         }
+        // The installer's mtools would start after fatfs's hint and leave a hole.
+        fat_alloc::forget_next_free(&mut made, 0).map_err(|source| ApplyError::Alloc {
+            step: step.into(),
+            source,
+        })?;
         for (at, bytes) in made.written() {
             use std::os::unix::fs::FileExt;
             file.write_all_at(bytes, at).map_err(ApplyError::io(step))?;

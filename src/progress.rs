@@ -110,6 +110,19 @@ impl Progress {
     /// Starts a phase of `total` bytes (`copy`, `verify`, `md5`).
     pub fn phase(&self, name: &str, total: u64) {
         match self.mode {
+            // A phase with nothing to count (a read-back that the writing already did)
+            // gets no bar: one with a total of 0 would show a meaningless 100 %.
+            ProgressMode::Bar if total == 0 => {
+                let Ok(mut current) = self.bar.lock() else {
+                    return;
+                };
+                if let Some(old) = current.take() {
+                    old.finish_and_clear();
+                    if let Some(multi) = &self.multi {
+                        multi.remove(&old);
+                    }
+                }
+            }
             ProgressMode::Bar => {
                 let bar = self.new_bar(name, total);
                 let Ok(mut current) = self.bar.lock() else {

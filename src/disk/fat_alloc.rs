@@ -277,6 +277,25 @@ pub fn reclaim_lost<D: Read + Write + Seek>(dev: &mut D, part: u64) -> Result<u6
     Ok(lost.len() as u64)
 }
 
+/// Sets FSInfo's next-free hint (FAT32) to "unknown", so that the next driver to
+/// allocate searches from the first cluster. Drivers read the hint differently (fatfs
+/// writes the next free cluster, mtools takes it as the last one allocated and starts
+/// after it): one that started past a free cluster would leave it a hole for good.
+pub fn forget_next_free<D: Read + Write + Seek>(dev: &mut D, part: u64) -> Result<(), AllocError> {
+    let g = fat_raw::geometry(dev, part)?;
+    let Some(at) = g.fsinfo else {
+        return Ok(());
+    };
+    let mut sector = [0u8; 512];
+    dev.seek(SeekFrom::Start(at))?;
+    dev.read_exact(&mut sector)?;
+    if &sector[0..4] == b"RRaA" && &sector[484..488] == b"rrAa" {
+        dev.seek(SeekFrom::Start(at + 492))?;
+        dev.write_all(&u32::MAX.to_le_bytes())?;
+    }
+    Ok(())
+}
+
 /// Puts the true free cluster count into FSInfo (FAT32), after clusters were freed.
 fn recount_fsinfo<D: Read + Write + Seek>(dev: &mut D, g: &Geo) -> io::Result<()> {
     let Some(at) = g.fsinfo else {

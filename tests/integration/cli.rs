@@ -414,9 +414,12 @@ fn write_with_file_limit(iso: &Path, target: &Path, extra: &[&str], limit: u64) 
 fn a_failed_write_removes_the_image_it_created_and_never_an_existing_one() {
     let iso = synthetic_iso("fedora-classic.iso");
     let dir = tempfile::tempdir().unwrap();
-    // A new image: it fails while the image is being sized and filled.
+    // A new image: it fails while the image is being sized and filled. The limit lets
+    // the new filesystem be staged (a sparse file as long as the partition, which
+    // starts 1 MiB into the image) but not the 1 GiB image be made.
+    let limit = (1 << 30) - (512 << 10);
     let new = dir.path().join("new.img");
-    let out = write_with_file_limit(&iso, &new, &["--size", "1G"], 4 << 20);
+    let out = write_with_file_limit(&iso, &new, &["--size", "1G"], limit);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(
@@ -430,8 +433,12 @@ fn a_failed_write_removes_the_image_it_created_and_never_an_existing_one() {
         .unwrap()
         .set_len(1 << 30)
         .unwrap();
-    let out = write_with_file_limit(&iso, &existing, &[], 4 << 20);
+    let out = write_with_file_limit(&iso, &existing, &[], limit);
     assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("did not complete"),
+        "{out:?}"
+    );
     assert_eq!(std::fs::metadata(&existing).unwrap().len(), 1 << 30);
     // A real ENOSPC, on a small tmpfs (root only).
     if !require(is_root(), "root (mounting a tmpfs)") {

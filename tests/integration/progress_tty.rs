@@ -142,7 +142,13 @@ fn a_terminal_sees_one_true_bar_per_phase() {
             order.push(&f.phase);
         }
     }
-    assert_eq!(order, ["md5", "write", "verify"], "{frames:?}");
+    // What is written is read back while it is written; a verify bar is drawn only
+    // for bytes left to read back after that (none here: on a new stick SYSLINUX is
+    // in the staged filesystem, written and read back with the rest).
+    assert!(
+        order == ["md5", "write"] || order == ["md5", "write", "verify"],
+        "{frames:?}"
+    );
     // The report follows the cleared bars.
     assert!(raw.contains("read back and verified"), "{raw}");
 }
