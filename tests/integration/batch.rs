@@ -83,20 +83,12 @@ fn a_batch_writes_every_good_target_and_reports_the_bad_one() {
     // The sticks share one staged filesystem with SYSLINUX in it; each carries its
     // own volume ID, in the boot sector blkid reads and in its backup, and the loader.
     for (img, cfg) in [(&a, &cfg_a), (&b, &cfg_b)] {
-        let probed = run(
-            "blkid",
-            &[
-                "-p",
-                "-o",
-                "value",
-                "-s",
-                "UUID",
-                "--offset",
-                &start.to_string(),
-                img.to_str().unwrap(),
-            ],
+        assert_eq!(
+            blkid_value(img, start, "UUID"),
+            uuid(cfg),
+            "{}",
+            img.display()
         );
-        assert_eq!(probed.trim(), uuid(cfg), "{}", img.display());
         let primary = read_at(img, start + 0x43, 4);
         let backup = read_at(img, start + 6 * 512 + 0x43, 4);
         assert_eq!(primary, backup, "{}", img.display());

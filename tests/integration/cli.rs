@@ -727,18 +727,10 @@ fn every_command_exits_with_each_code_it_documents() {
 
     // 4: an external program that fails (a stand-in first on PATH).
     let tools = dir.path().join("failing-tools");
-    std::fs::create_dir(&tools).unwrap();
     for name in ["unsquashfs", "mksquashfs", "e2fsck", "resize2fs"] {
-        let path = tools.join(name);
-        std::fs::write(&path, "#!/bin/sh\nexit 8\n").unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        stand_in(&tools, name, "#!/bin/sh\nexit 8\n");
     }
-    let path = format!(
-        "{}:{}",
-        tools.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = path_first(&tools);
     let failing: &[(&str, &Path)] = &[("PATH", Path::new(&path))];
     let workdir = dir.path().join("work");
     std::fs::create_dir(&workdir).unwrap();
@@ -776,12 +768,7 @@ fn every_command_exits_with_each_code_it_documents() {
     assert_eq!(report["exit_code"], 4);
     assert_eq!(report["overall"], "damaged");
     // restore: mkfs.exfat that fails (a stand-in first on PATH).
-    let mkfs = tools.join("mkfs.exfat");
-    std::fs::write(&mkfs, "#!/bin/sh\nexit 1\n").unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&mkfs, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    stand_in(&tools, "mkfs.exfat", "#!/bin/sh\nexit 1\n");
     exits_with(
         &[
             "restore",

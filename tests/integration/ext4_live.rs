@@ -345,21 +345,7 @@ fn an_existing_fat_stick_is_refused_with_figures_and_format_named() {
 
 /// The UUID of the ext4 file system at `offset` of `image`, as blkid reads it.
 fn ext4_uuid(image: &Path, offset: u64) -> String {
-    support::run(
-        "blkid",
-        &[
-            "-p",
-            "-o",
-            "value",
-            "-s",
-            "UUID",
-            "--offset",
-            &offset.to_string(),
-            image.to_str().unwrap(),
-        ],
-    )
-    .trim()
-    .to_string()
+    support::blkid_value(image, offset, "UUID")
 }
 
 /// The `--json write` report or plan of `args`.

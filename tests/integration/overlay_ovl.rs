@@ -421,23 +421,13 @@ fn a_failing_tar2sqfs_leaves_the_stick_unchanged() {
     let t = write_stick(flat_iso());
     flat_boot(&t);
     let before = std::fs::read(&t.img).unwrap();
-    let bin = t.dir.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let fake = bin.join("tar2sqfs");
-    std::fs::write(
-        &fake,
+    let bin_dir = t.dir.path().join("bin");
+    stand_in(
+        &bin_dir,
+        "tar2sqfs",
         "#!/bin/sh\nhead -c 1024 >/dev/null\necho 'tar2sqfs: out of space (simulated)' >&2\nexit 1\n",
-    )
-    .unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
     );
+    let path = path_first(&bin_dir);
     let out = std::process::Command::new(crate::support::bin())
         .env("PATH", path)
         .args([

@@ -736,24 +736,16 @@ fn an_unreadable_dracut_version_is_noted_in_the_plan() {
 fn a_failing_syslinux_installer_leaves_the_stick_untouched() {
     let iso = synthetic_iso("fedora-classic.iso");
     let dir = tmp();
-    let fakes = dir.path().join("bin");
-    std::fs::create_dir(&fakes).unwrap();
-    let fake = fakes.join("syslinux");
-    std::fs::write(
-        &fake,
+    let bin_dir = dir.path().join("bin");
+    stand_in(
+        &bin_dir,
+        "syslinux",
         "#!/bin/sh\necho 'syslinux: broken on purpose' >&2\nexit 1\n",
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
+    let path = path_first(&bin_dir);
     let stick = dir.path().join("used.img");
     fill_random(&stick, 256 * MIB);
     let before = sha256_file(&stick);
-    let path = format!(
-        "{}:{}",
-        fakes.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
     let out = output_of(
         std::process::Command::new(bin())
             .args(["write", iso.to_str().unwrap(), stick.to_str().unwrap()])

@@ -604,6 +604,26 @@ pub fn blkid_value(image: &Path, offset: u64, tag: &str) -> String {
     .to_string()
 }
 
+/// A stand-in for the program `name` in `dir` (made if missing): a shell `script`,
+/// executable. Livestick runs it with [`path_first`]`(dir)` as its `PATH`.
+pub fn stand_in(dir: &Path, name: &str, script: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).expect("make the stand-ins' directory");
+    let path = dir.join(name);
+    std::fs::write(&path, script).expect("write the stand-in");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+        .expect("make the stand-in executable");
+}
+
+/// This process's `PATH` with `dir` first.
+pub fn path_first(dir: &Path) -> String {
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
 /// Deletes `path` from the FAT at `start` in `image`, with mtools (not livestick).
 pub fn fat_delete(image: &Path, start: u64, path: &str) {
     let out = std::process::Command::new("mdel")
