@@ -336,13 +336,10 @@ struct StagedImage {
     regions: Vec<(u64, Vec<u8>)>,
 }
 
-/// FAT32 volume ID (`BS_VolID`) in a FAT32 boot sector and in its backup.
-const FAT32_VOLUME_ID: u64 = 0x43;
-
 impl StagedFat {
     /// The staged filesystem as a device of its own with this stick's volume ID, and
     /// the ranges that hold anything.
-    fn device(&self) -> io::Result<(crate::io::MemDevice, Vec<std::ops::Range<u64>>)> {
+    fn device(&self) -> Result<(crate::io::MemDevice, Vec<std::ops::Range<u64>>), FatError> {
         let mut device = crate::io::MemDevice::new(self.image.len);
         let mut ranges = Vec::new();
         for (at, bytes) in &self.image.regions {
@@ -350,14 +347,10 @@ impl StagedFat {
             device.write_all(bytes)?;
             ranges.push(*at..*at + bytes.len() as u64);
         }
-        let mut boot = [0u8; 512];
-        device.seek(SeekFrom::Start(0))?;
-        device.read_exact(&mut boot)?;
-        let backup = u64::from(u16::from_le_bytes([boot[0x32], boot[0x33]]));
-        for sector in [0, backup] {
-            device.seek(SeekFrom::Start(sector * 512 + FAT32_VOLUME_ID))?;
-            device.write_all(&self.volume_id.to_le_bytes())?;
-        }
+        fat::set_volume_id(
+            &mut PartitionWindow::new(&mut device, 0, self.image.len),
+            self.volume_id,
+        )?;
         Ok((device, ranges))
     }
 }
@@ -885,12 +878,9 @@ fn apply_tagged(
             let hidden = u32::try_from(start / partition::SECTOR).unwrap_or(u32::MAX);
             tags.set("formatting the FAT32 filesystem");
             match boot_fat {
-                Some(staged) => {
-                    let (mut device, ranges) = staged
-                        .device()
-                        .map_err(ApplyError::io("formatting the FAT32 filesystem"))?;
+                Some(staged) => staged.device().and_then(|(mut device, ranges)| {
                     fat::load_staged(&mut window, &mut device, &ranges)
-                }
+                }),
                 None => fat::format_cached(&mut window, &plan.label, plan.volume_id, hidden),
             }
             .map_err(ApplyError::fat("formatting the FAT32 filesystem"))?;

@@ -1473,17 +1473,22 @@ fn read_back_batch(
         }
     }
     for e in &batch.entries {
-        let mut at = e.at;
-        while at < e.range().end {
-            let n = ((e.range().end - at) as usize).min(READ_BACK_CHUNK);
+        for (at, n) in read_back_chunks(e.range()) {
             let from = (at - e.at) as usize;
             if buf.read(reader, at, n)? != &e.bytes[from..from + n] {
                 return Ok(Some(mismatch_of(reader, e, buf)?));
             }
-            at += n as u64;
         }
     }
     Ok(None)
+}
+
+/// `range` as (offset, length) requests of at most [`READ_BACK_CHUNK`] bytes.
+fn read_back_chunks(range: Range<u64>) -> impl Iterator<Item = (u64, usize)> {
+    range
+        .clone()
+        .step_by(READ_BACK_CHUNK)
+        .map(move |at| (at, (range.end - at).min(READ_BACK_CHUNK as u64) as usize))
 }
 
 /// The check values of what `e` should hold and of what the target holds, for the
@@ -1492,11 +1497,8 @@ fn mismatch_of(reader: &Reader, e: &Entry, buf: &mut ReadBuffer) -> io::Result<R
     let mut expected = CheckHash::default();
     expected.update(&e.bytes);
     let mut actual = CheckHash::default();
-    let mut at = e.at;
-    while at < e.range().end {
-        let n = ((e.range().end - at) as usize).min(READ_BACK_CHUNK);
+    for (at, n) in read_back_chunks(e.range()) {
         actual.update(buf.read(reader, at, n)?);
-        at += n as u64;
     }
     Ok(ReadBackMismatch {
         range: e.range(),

@@ -112,17 +112,7 @@ impl Progress {
         match self.mode {
             // A phase with nothing to count (a read-back that the writing already did)
             // gets no bar: one with a total of 0 would show a meaningless 100 %.
-            ProgressMode::Bar if total == 0 => {
-                let Ok(mut current) = self.bar.lock() else {
-                    return;
-                };
-                if let Some(old) = current.take() {
-                    old.finish_and_clear();
-                    if let Some(multi) = &self.multi {
-                        multi.remove(&old);
-                    }
-                }
-            }
+            ProgressMode::Bar if total == 0 => self.finish(),
             ProgressMode::Bar => {
                 let bar = self.new_bar(name, total);
                 let Ok(mut current) = self.bar.lock() else {

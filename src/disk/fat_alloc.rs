@@ -283,28 +283,28 @@ pub fn reclaim_lost<D: Read + Write + Seek>(dev: &mut D, part: u64) -> Result<u6
 /// after it): one that started past a free cluster would leave it a hole for good.
 pub fn forget_next_free<D: Read + Write + Seek>(dev: &mut D, part: u64) -> Result<(), AllocError> {
     let g = fat_raw::geometry(dev, part)?;
-    let Some(at) = g.fsinfo else {
-        return Ok(());
-    };
-    let mut sector = [0u8; 512];
-    dev.seek(SeekFrom::Start(at))?;
-    dev.read_exact(&mut sector)?;
-    if &sector[0..4] == b"RRaA" && &sector[484..488] == b"rrAa" {
+    if let Some((at, _)) = fsinfo(dev, &g)? {
         dev.seek(SeekFrom::Start(at + 492))?;
         dev.write_all(&u32::MAX.to_le_bytes())?;
     }
     Ok(())
 }
 
-/// Puts the true free cluster count into FSInfo (FAT32), after clusters were freed.
-fn recount_fsinfo<D: Read + Write + Seek>(dev: &mut D, g: &Geo) -> io::Result<()> {
+/// Where the FSInfo sector is and what it holds (FAT32, with both signatures).
+fn fsinfo<D: Read + Seek>(dev: &mut D, g: &Geo) -> io::Result<Option<(u64, [u8; 512])>> {
     let Some(at) = g.fsinfo else {
-        return Ok(());
+        return Ok(None);
     };
     let mut sector = [0u8; 512];
     dev.seek(SeekFrom::Start(at))?;
     dev.read_exact(&mut sector)?;
-    if &sector[0..4] == b"RRaA" && &sector[484..488] == b"rrAa" {
+    let signed = &sector[0..4] == b"RRaA" && &sector[484..488] == b"rrAa";
+    Ok(signed.then_some((at, sector)))
+}
+
+/// Puts the true free cluster count into FSInfo (FAT32), after clusters were freed.
+fn recount_fsinfo<D: Read + Write + Seek>(dev: &mut D, g: &Geo) -> io::Result<()> {
+    if let Some((at, _)) = fsinfo(dev, g)? {
         let free = u32::try_from(count_free(dev, g)?).unwrap_or(u32::MAX);
         dev.seek(SeekFrom::Start(at + 488))?;
         dev.write_all(&free.to_le_bytes())?;
@@ -484,15 +484,12 @@ fn write_chain<D: Read + Write + Seek>(dev: &mut D, g: &Geo, clusters: &[u32]) -
 
 /// FSInfo's free count and next-free hint, when the volume keeps them.
 fn update_fsinfo<D: Read + Write + Seek>(dev: &mut D, g: &Geo, clusters: &[u32]) -> io::Result<()> {
-    let (Some(at), Some(&last)) = (g.fsinfo, clusters.last()) else {
+    let Some(&last) = clusters.last() else {
         return Ok(());
     };
-    let mut sector = [0u8; 512];
-    dev.seek(SeekFrom::Start(at))?;
-    dev.read_exact(&mut sector)?;
-    if &sector[0..4] != b"RRaA" || &sector[484..488] != b"rrAa" {
+    let Some((at, mut sector)) = fsinfo(dev, g)? else {
         return Ok(());
-    }
+    };
     let free = u32_at(&sector, 488);
     // 0xffffffff means "unknown"; it stays unknown rather than becoming a wrong number.
     let free = if free == u32::MAX {
