@@ -511,13 +511,7 @@ fn an_ext4_stick_is_rewritten_in_place_keeping_home_and_the_overlay_of_the_same_
     // verify reads the root image inside the ext4 partition: intact.
     let verified = ok(&livestick(&["--json", "verify", img]));
     let verified: serde_json::Value = serde_json::from_str(&verified).expect("JSON");
-    let root = verified["files"]
-        .as_array()
-        .expect("files")
-        .iter()
-        .find(|f| f["path"] == "/LiveOS/squashfs.img")
-        .cloned()
-        .expect("the manifest lists the ext4 root image");
+    let root = support::listed_entry(&verified, "/LiveOS/squashfs.img");
     assert_eq!(root["state"], "intact", "{verified}");
 
     // The root image replaced behind the record's back (as `overlay merge` does): a

@@ -8,7 +8,7 @@ use std::io::{Cursor, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::support::{fill_random, livestick, synthetic_iso, tmp};
+use crate::support::{fill_random, listed_entry, livestick, synthetic_iso, tmp};
 use livestick::disk::ext4_fs::{Ext4FileRw, find_live_partition};
 use livestick::io::SyncData;
 use livestick::persist::snapshot::{self, CowWriter, Opened};
@@ -903,13 +903,7 @@ fn dm_snapshot_merge_on_ext4_swaps_in_one_block_and_repairs_a_stop() {
     let out = livestick(&["--json", "verify", t.s()]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("verify JSON");
     assert_eq!(out.status.code(), Some(0), "{report:#}");
-    let root = report["files"]
-        .as_array()
-        .expect("files")
-        .iter()
-        .find(|f| f["path"] == "/LiveOS/squashfs.img")
-        .cloned()
-        .expect("the root image is listed");
+    let root = listed_entry(&report, "/LiveOS/squashfs.img");
     assert_eq!(root["state"], "intact", "{report:#}");
 }
 

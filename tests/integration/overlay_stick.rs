@@ -239,12 +239,7 @@ fn merge_on_a_stick_replaces_squashfs_and_resets_the_overlay() {
     // The manifest names the new image, so `verify` finds the stick intact.
     let manifest: serde_json::Value =
         serde_json::from_slice(&fat_read(&t.img, t.part, "LiveOS/livestick.json")).unwrap();
-    let entry = manifest["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["path"] == "/LiveOS/squashfs.img")
-        .unwrap();
+    let entry = listed_entry(&manifest, "/LiveOS/squashfs.img");
     assert_eq!(entry["kind"], "merged");
     assert_eq!(entry["size"], new_sq.len());
     assert_eq!(

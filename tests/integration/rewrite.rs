@@ -59,13 +59,7 @@ fn root_record_in_manifest(image: &Path, start: u64) -> (serde_json::Value, serd
     let manifest: serde_json::Value =
         serde_json::from_slice(&fat_read(image, start, "/LiveOS/livestick.json"))
             .expect("the manifest is JSON");
-    let record = manifest["files"]
-        .as_array()
-        .expect("files")
-        .iter()
-        .find(|f| f["path"] == "/LiveOS/squashfs.img")
-        .cloned()
-        .expect("the root image is listed");
+    let record = listed_entry(&manifest, "/LiveOS/squashfs.img");
     (
         record,
         manifest["images"][0]["source"]["implanted_md5"].clone(),

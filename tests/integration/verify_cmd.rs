@@ -57,15 +57,6 @@ fn verify_json(args: &[&str]) -> (Output, serde_json::Value) {
     (out, value)
 }
 
-fn state_of<'a>(report: &'a serde_json::Value, path: &str) -> &'a serde_json::Value {
-    report["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["path"] == path)
-        .unwrap_or_else(|| panic!("{path} is not in the report: {report:#}"))
-}
-
 /// Where `needle` (a block of a file, unique in the image) sits in `image`.
 fn offset_of(image: &Path, needle: &[u8]) -> u64 {
     let bytes = std::fs::read(image).unwrap();
@@ -257,11 +248,11 @@ fn a_changed_byte_in_squashfs_img_is_found_and_exits_4() {
     assert_eq!(r["overall"], "damaged");
     assert_eq!(r["exit_code"], 4);
     assert_eq!(r["changed"], 1);
-    let sq = state_of(&r, "/LiveOS/squashfs.img");
+    let sq = listed_entry(&r, "/LiveOS/squashfs.img");
     assert_eq!(sq["state"], "changed");
     assert_ne!(sq["sha256"], sq["recorded_sha256"]);
     assert_eq!(
-        state_of(&r, "/EFI/BOOT/grub.cfg")["state"],
+        listed_entry(&r, "/EFI/BOOT/grub.cfg")["state"],
         "intact",
         "only the damaged file is named"
     );
@@ -297,7 +288,7 @@ fn a_truncated_file_and_a_deleted_one_are_changed_and_missing() {
     assert!(mdel.status.success());
     let (out, r) = verify_json(&[t.s()]);
     assert_eq!(out.status.code(), Some(4));
-    let truncated = state_of(&r, "/isolinux/vmlinuz");
+    let truncated = listed_entry(&r, "/isolinux/vmlinuz");
     assert_eq!(truncated["state"], "changed");
     assert_eq!(truncated["size_bytes"], len / 2);
     assert_eq!(truncated["recorded_size_bytes"], len);
@@ -305,7 +296,7 @@ fn a_truncated_file_and_a_deleted_one_are_changed_and_missing() {
         truncated["detail"].as_str().unwrap().contains("truncated"),
         "{truncated:#}"
     );
-    assert_eq!(state_of(&r, "/syslinux/menu.c32")["state"], "missing");
+    assert_eq!(listed_entry(&r, "/syslinux/menu.c32")["state"], "missing");
     assert_eq!(
         (r["changed"].as_u64(), r["missing"].as_u64()),
         (Some(1), Some(1))
@@ -429,14 +420,7 @@ fn rewrites_keep_the_manifest_true_and_never_delete_it() {
         "--quiet",
     ]));
     let third = t.manifest();
-    let sq = |m: &serde_json::Value| {
-        m["files"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["path"] == "/LiveOS/squashfs.img")
-            .cloned()
-    };
+    let sq = |m: &serde_json::Value| listed(m, "/LiveOS/squashfs.img");
     assert_eq!(sq(&third), sq(&first), "{third:#}");
     let (out, r) = verify_json(&[t.s()]);
     assert_eq!(out.status.code(), Some(0), "{r:#}");
@@ -520,7 +504,7 @@ fn verify_reads_a_loop_device_with_the_page_cache_dropped() {
     flip_byte(&t.image, at + 7);
     let (out, r) = verify_json(&[&dev.0]);
     assert_eq!(out.status.code(), Some(4), "{r:#}");
-    assert_eq!(state_of(&r, "/LiveOS/squashfs.img")["state"], "changed");
+    assert_eq!(listed_entry(&r, "/LiveOS/squashfs.img")["state"], "changed");
 }
 
 fn part_len(image: &Path) -> u64 {
@@ -656,15 +640,7 @@ fn a_merge_stopped_while_rewriting_the_manifest_leaves_a_readable_one() {
     let sq_sha = || {
         crate::support::dm_snapshot::sha256_hex(&fat_read(&t.image, t.part, "LiveOS/squashfs.img"))
     };
-    let sq_record = |m: &serde_json::Value| {
-        m["files"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["path"] == "/LiveOS/squashfs.img")
-            .cloned()
-            .unwrap()
-    };
+    let sq_record = |m: &serde_json::Value| listed_entry(m, "/LiveOS/squashfs.img");
 
     let leftovers = || {
         let ls = fat_ls(&t.image, t.part, "/LiveOS").to_lowercase();
@@ -700,7 +676,7 @@ fn a_merge_stopped_while_rewriting_the_manifest_leaves_a_readable_one() {
         let r: serde_json::Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("{step}: verify JSON ({e}): {err}"));
         assert_eq!(out.status.code(), Some(0), "{step}: {r:#}\n{err}");
-        assert_eq!(state_of(&r, "/LiveOS/squashfs.img")["state"], "intact");
+        assert_eq!(listed_entry(&r, "/LiveOS/squashfs.img")["state"], "intact");
         let expected_line = match step {
             "manifest-staged" => "rolled back",
             "root-swapped" => "completed",
@@ -916,13 +892,7 @@ fn on_the_ext4_layout_verify_reads_the_root_image_inside_ext4_and_finds_a_flippe
     );
     // The manifest stays on the FAT and lists the ext4 partition's root image.
     let m = t.manifest();
-    let root = m["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["path"] == "/LiveOS/squashfs.img")
-        .cloned()
-        .unwrap_or_else(|| panic!("the root image is listed: {m:#}"));
+    let root = listed_entry(&m, "/LiveOS/squashfs.img");
     assert_eq!(root["filesystem"], "ext4", "{m:#}");
     let from_iso = t.dir.path().join("iso-squashfs.img");
     iso_extract(
@@ -935,7 +905,7 @@ fn on_the_ext4_layout_verify_reads_the_root_image_inside_ext4_and_finds_a_flippe
     let (out, r) = verify_json(&["--deep", t.s()]);
     assert_eq!(out.status.code(), Some(0), "{r:#}");
     assert_eq!(r["overall"], "intact", "{r:#}");
-    assert_eq!(state_of(&r, "/LiveOS/squashfs.img")["state"], "intact");
+    assert_eq!(listed_entry(&r, "/LiveOS/squashfs.img")["state"], "intact");
     // The overlay and home inside ext4, checked in place.
     let persistence = r["persistence"].as_array().expect("persistence");
     assert_eq!(persistence.len(), 2, "{r:#}");
@@ -952,8 +922,8 @@ fn on_the_ext4_layout_verify_reads_the_root_image_inside_ext4_and_finds_a_flippe
     let (out, r) = verify_json(&[t.s()]);
     assert_eq!(out.status.code(), Some(4), "{r:#}");
     assert_eq!(r["changed"], 1, "{r:#}");
-    let sq = state_of(&r, "/LiveOS/squashfs.img");
+    let sq = listed_entry(&r, "/LiveOS/squashfs.img");
     assert_eq!(sq["state"], "changed");
     assert_ne!(sq["sha256"], sq["recorded_sha256"]);
-    assert_eq!(state_of(&r, "/EFI/BOOT/grub.cfg")["state"], "intact");
+    assert_eq!(listed_entry(&r, "/EFI/BOOT/grub.cfg")["state"], "intact");
 }

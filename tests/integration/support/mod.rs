@@ -624,6 +624,20 @@ pub fn path_first(dir: &Path) -> String {
     )
 }
 
+/// The entry for `path` in the `files` of a stick manifest or a `verify` report.
+pub fn listed(doc: &serde_json::Value, path: &str) -> Option<serde_json::Value> {
+    doc["files"]
+        .as_array()?
+        .iter()
+        .find(|f| f["path"] == path)
+        .cloned()
+}
+
+/// [`listed`], which must be there: a panic names the document otherwise.
+pub fn listed_entry(doc: &serde_json::Value, path: &str) -> serde_json::Value {
+    listed(doc, path).unwrap_or_else(|| panic!("{path} is not listed: {doc:#}"))
+}
+
 /// Deletes `path` from the FAT at `start` in `image`, with mtools (not livestick).
 pub fn fat_delete(image: &Path, start: u64, path: &str) {
     let out = std::process::Command::new("mdel")
