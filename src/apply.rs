@@ -52,6 +52,13 @@ pub enum ApplyError {
     /// Staging the new filesystem failed for another stick of the same command.
     #[error("{0}")]
     StagedElsewhere(String),
+    /// An image made while the ISO's files were written could not be made.
+    #[error("{what}")]
+    Preparing {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("reading {path} from the ISO: {reason}")]
     Source { path: String, reason: String },
     #[error("{step}: {source}")]
@@ -300,8 +307,12 @@ impl SparseImage {
     }
 }
 
-/// Inputs prepared before the target is touched (they can fail on their own).
-pub struct Prepared {
+/// Inputs of a write that are not the ISO's files. What is cheap, and whatever can be
+/// refused for bad input, is made before the target is touched; what takes programs
+/// (mke2fs, the SYSLINUX installer) may still be in the making when `apply` starts
+/// ([`Pending`]): the ISO's files are on their way to the stick meanwhile, and each
+/// is waited for where it is first needed.
+pub struct Prepared<'a> {
     /// The home image, exactly `plan.home.size` bytes (plain ext4 or LUKS).
     pub home: Option<SparseImage>,
     /// The swap image, exactly `plan.swap.size` bytes.
@@ -313,10 +324,52 @@ pub struct Prepared {
     /// the parts their formats use are written (`--copy-overlay`, `--copy-home`).
     pub copied: Vec<(String, SparseImage)>,
     pub syslinux: Option<SyslinuxFiles>,
-    /// The new FAT32 filesystem with SYSLINUX installed, made before the target is
-    /// opened ([`BootFatStages::stage`]); `None` where the write formats nothing or
-    /// boots no BIOS.
-    pub boot_fat: Option<StagedFat>,
+    /// The home image and an OverlayFS overlay, when they are still being made.
+    pub later_images: Option<Pending<'a, LaterImages>>,
+    /// The new FAT32 filesystem with SYSLINUX installed in it, made beside the stick
+    /// ([`BootFatStages::stage`]); `None` where the write formats nothing or boots no
+    /// BIOS.
+    pub boot_fat: Option<Pending<'a, StagedFat>>,
+}
+
+/// The images [`Prepared::later_images`] brings: each replaces the field of its name.
+#[derive(Default)]
+pub struct LaterImages {
+    pub home: Option<SparseImage>,
+    pub overlay: Option<SparseImage>,
+}
+
+/// Something made on another thread while `apply` writes, asked for where it is needed.
+pub struct Pending<'a, T>(Box<dyn FnOnce() -> Result<T, ApplyError> + 'a>);
+
+impl<'a, T: 'a> Pending<'a, T> {
+    pub fn ready(value: T) -> Self {
+        Pending(Box::new(move || Ok(value)))
+    }
+
+    pub fn later(wait: impl FnOnce() -> Result<T, ApplyError> + 'a) -> Self {
+        Pending(Box::new(wait))
+    }
+
+    fn wait(self) -> Result<T, ApplyError> {
+        (self.0)()
+    }
+}
+
+impl Prepared<'_> {
+    /// Waits for the images still being made and puts them in their fields.
+    fn take_later_images(&mut self) -> Result<(), ApplyError> {
+        if let Some(pending) = self.later_images.take() {
+            let later = pending.wait()?;
+            if later.home.is_some() {
+                self.home = later.home;
+            }
+            if later.overlay.is_some() {
+                self.overlay = later.overlay;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A new FAT32 filesystem with SYSLINUX already installed in it, made before the
@@ -353,6 +406,133 @@ impl StagedFat {
         )?;
         Ok((device, ranges))
     }
+}
+
+/// SYSLINUX's loader files, made by its installer in the staged filesystem.
+const LOADER_FILES: [&str; 2] = ["/syslinux/ldlinux.sys", "/syslinux/ldlinux.c32"];
+
+/// Room for the loader files: the last clusters of the filesystem that 4 MiB takes.
+/// On the stick they are set aside while the ISO's files are written from the start;
+/// in the staged filesystem every other free cluster is set aside, so the installer
+/// puts the loader files there. ldlinux.sys names the sectors it lies in, so it must
+/// land on the stick in the same clusters: the room is where both agree, and what
+/// the loader leaves of it is free space at the end, as if it had not been set aside.
+fn loader_room<D: Read + Seek>(device: &mut D) -> Result<std::ops::Range<u32>, AllocError> {
+    fat_alloc::last_clusters(device, 0, 4 << 20)
+}
+
+/// One loader file as the installer left it in the staged filesystem.
+struct LoaderFile {
+    path: &'static str,
+    attributes: u8,
+    clusters: Vec<u32>,
+    bytes: Vec<u8>,
+}
+
+/// The loader files of a staged filesystem, each checked to lie in [`loader_room`].
+fn staged_loader_files<D: Read + Seek>(device: &mut D) -> Result<Vec<LoaderFile>, ApplyError> {
+    let step = "reading SYSLINUX's loader from the staged filesystem";
+    let fail = |source: SwapError| ApplyError::Layout {
+        step: step.into(),
+        source,
+    };
+    let room = loader_room(device).map_err(|source| ApplyError::Alloc {
+        step: step.into(),
+        source,
+    })?;
+    let mut files = Vec::new();
+    for path in LOADER_FILES {
+        let (entry, attributes, clusters) =
+            fat_raw::file_clusters(device, 0, path).map_err(fail)?;
+        if let Some(outside) = clusters.iter().find(|c| !room.contains(c)) {
+            return Err(ApplyError::io(step)(io::Error::other(format!(
+                "the SYSLINUX installer put {path} in cluster {outside}, outside the clusters {room:?} set aside for it"
+            ))));
+        }
+        let mut bytes = Vec::with_capacity(entry.size as usize);
+        for (at, len) in fat_raw::file_extents(device, 0, path).map_err(fail)? {
+            bytes.extend(
+                crate::io::read_at(device, at, len as usize).map_err(ApplyError::io(step))?,
+            );
+        }
+        files.push(LoaderFile {
+            path,
+            attributes,
+            clusters,
+            bytes,
+        });
+    }
+    Ok(files)
+}
+
+/// FAT32's BIOS parameter block in the boot sector: the filesystem's, not SYSLINUX's.
+const BPB: std::ops::Range<usize> = 0x0b..0x5a;
+
+/// Puts SYSLINUX, as the installer made it in `staged`, into the filesystem in
+/// `window`, whose room for it ([`loader_room`]) was set aside when it was formatted
+/// and whose files were written since: the loader files in the clusters the
+/// installer chose (for the empty entries made for them), with its attributes, and
+/// its boot sector code around this filesystem's parameters, in both boot sectors.
+/// The room's other clusters become free.
+fn adopt_staged_loader<D: Read + Write + Seek>(
+    window: &mut PartitionWindow<D>,
+    staged: &StagedFat,
+) -> Result<(), ApplyError> {
+    let step = "installing SYSLINUX's loader";
+    let (mut device, _) = staged.device().map_err(ApplyError::fat(step))?;
+    let files = staged_loader_files(&mut device)?;
+    let alloc = |source: AllocError| ApplyError::Alloc {
+        step: step.into(),
+        source,
+    };
+    let layout = |source: SwapError| ApplyError::Layout {
+        step: step.into(),
+        source,
+    };
+    let mine = fat_raw::geometry(window, 0).map_err(layout)?;
+    let theirs = fat_raw::geometry(&mut device, 0).map_err(layout)?;
+    if (mine.cluster_bytes, mine.fat_offset, mine.data_offset)
+        != (theirs.cluster_bytes, theirs.fat_offset, theirs.data_offset)
+    {
+        return Err(ApplyError::io(step)(io::Error::other(
+            "the staged filesystem's layout differs from the stick's",
+        )));
+    }
+    let room = loader_room(window).map_err(alloc)?;
+    fat_alloc::release(window, 0, room).map_err(alloc)?;
+    for file in &files {
+        let extents = fat_alloc::place(
+            window,
+            0,
+            file.path,
+            &file.clusters,
+            file.bytes.len() as u64,
+        )
+        .map_err(alloc)?;
+        let mut content = ExtentFile::new(&mut *window, &extents);
+        content
+            .write_all(&file.bytes)
+            .map_err(ApplyError::io(step))?;
+        let entry = fat_raw::find_entry(window, 0, file.path).map_err(layout)?;
+        fat_raw::set_attributes(window, &entry, file.attributes).map_err(ApplyError::io(step))?;
+    }
+    let mut boot = crate::io::read_at(&mut device, 0, 512).map_err(ApplyError::io(step))?;
+    let own = crate::io::read_at(window, 0, 512).map_err(ApplyError::io(step))?;
+    if boot.len() != 512 || own.len() != 512 {
+        return Err(ApplyError::io(step)(io::Error::from(
+            io::ErrorKind::UnexpectedEof,
+        )));
+    }
+    boot[BPB].copy_from_slice(&own[BPB]);
+    window
+        .seek(SeekFrom::Start(0))
+        .map_err(ApplyError::io(step))?;
+    window.write_all(&boot).map_err(ApplyError::io(step))?;
+    fat::sync_backup_boot_sector(window).map_err(ApplyError::fat(step))?;
+    // Placing the loader moved FSInfo's next-free hint past it, to the end: a FAT
+    // driver would start the next file there and wrap around.
+    fat_alloc::forget_next_free(window, 0).map_err(alloc)?;
+    Ok(())
 }
 
 /// The staged filesystems of one `write` command: made once for each partition size
@@ -448,11 +628,15 @@ fn stage_image(
             fs.unmount().map_err(ApplyError::io(step))?;
             window.flush().map_err(ApplyError::io(step))?;
         }
-        // The installer's mtools would start after fatfs's hint and leave a hole.
-        fat_alloc::forget_next_free(&mut made, 0).map_err(|source| ApplyError::Alloc {
+        let alloc = |source| ApplyError::Alloc {
             step: step.into(),
             source,
-        })?;
+        };
+        // The installer's loader goes where the stick keeps room for it.
+        let room = loader_room(&mut made).map_err(alloc)?;
+        fat_alloc::reserve_all_but(&mut made, 0, room).map_err(alloc)?;
+        // mtools would start after fatfs's hint rather than look for the room.
+        fat_alloc::forget_next_free(&mut made, 0).map_err(alloc)?;
         for (at, bytes) in made.written() {
             use std::os::unix::fs::FileExt;
             file.write_all_at(bytes, at).map_err(ApplyError::io(step))?;
@@ -462,6 +646,8 @@ fn stage_image(
         let mut window = PartitionWindow::new(&mut file, 0, plan.partition_len);
         fat::sync_backup_boot_sector(&mut window).map_err(ApplyError::fat(step))?;
         window.flush().map_err(ApplyError::io(step))?;
+        // Found here, beside the stick, rather than when the stick is half written.
+        staged_loader_files(&mut window)?;
         Ok(())
     })();
     let removed = std::fs::remove_file(&path).map_err(ApplyError::io(step));
@@ -477,6 +663,30 @@ fn stage_image(
         len: plan.partition_len,
         regions,
     })
+}
+
+/// The persistence images of `plan` with their paths, overlay first, each with the
+/// wipes of old signatures it needs; taken out of `prepared`.
+fn persistent_images(plan: &Plan, prepared: &mut Prepared<'_>) -> Vec<(String, SparseImage)> {
+    [
+        (
+            plan.overlay.as_ref().map(|o| o.path.clone()),
+            prepared.overlay.take(),
+        ),
+        (
+            plan.home.as_ref().map(|h| h.path.clone()),
+            prepared.home.take(),
+        ),
+        (
+            plan.swap.as_ref().map(|s| s.path.clone()),
+            prepared.swap.take(),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(path, image)| Some((path?, image?)))
+    .chain(std::mem::take(&mut prepared.copied))
+    .map(|(path, image)| (path, image.with_signature_wipes()))
+    .collect()
 }
 
 /// A byte range and the read-back check value of what was written there.
@@ -686,7 +896,7 @@ pub fn apply(
     plan: &Plan,
     probe: &TargetProbe,
     source: &mut dyn IsoSource,
-    prepared: Prepared,
+    prepared: Prepared<'_>,
     options: &ApplyOptions,
     progress: &Progress,
 ) -> Result<ApplyReport, ApplyError> {
@@ -758,7 +968,7 @@ fn apply_tagged(
     plan: &Plan,
     probe: &TargetProbe,
     source: &mut dyn IsoSource,
-    prepared: Prepared,
+    prepared: Prepared<'_>,
     options: &ApplyOptions,
     progress: &Progress,
     tags: &StepTags,
@@ -769,6 +979,10 @@ fn apply_tagged(
     // A copied overlay or home goes into the ext4 partition as a sparse host file
     // debugfs writes: its used parts only, the rest unwritten.
     let mut prepared = prepared;
+    // The ext4 layout builds its partition from every image before it opens the stick.
+    if plan.ext4_live.is_some() {
+        prepared.take_later_images()?;
+    }
     let host_copies = match &plan.ext4_live {
         Some(_) => materialise_copied(&mut prepared)?,
         None => Vec::new(),
@@ -792,36 +1006,30 @@ fn apply_tagged(
         }
         _ => Vec::new(),
     };
-    let Prepared {
-        home,
-        swap,
-        overlay,
-        copied,
-        syslinux: syslinux_files,
-        boot_fat,
-    } = prepared;
+    let syslinux_files = prepared.syslinux.take();
+    let boot_fat = prepared.boot_fat.take();
     let syslinux_staged = boot_fat.is_some();
-    // Persistence files: allocated, with only their data regions written.
-    let mut persistent: Vec<(String, SparseImage)> = [
-        (plan.overlay.as_ref().map(|o| o.path.clone()), overlay),
-        (plan.home.as_ref().map(|h| h.path.clone()), home),
-        (plan.swap.as_ref().map(|s| s.path.clone()), swap),
+    // Persistence files, by path: made empty with the ISO's files, then given their
+    // clusters, with only their data regions written, once their images are made.
+    let persistent_paths: Vec<String> = [
+        plan.overlay.as_ref().map(|o| o.path.clone()),
+        plan.home.as_ref().map(|h| h.path.clone()),
+        plan.swap.as_ref().map(|s| s.path.clone()),
     ]
     .into_iter()
-    .filter_map(|(path, image)| Some((path?, image?)))
-    .chain(copied)
-    .map(|(path, image)| (path, image.with_signature_wipes()))
+    .flatten()
+    .chain(prepared.copied.iter().map(|(path, _)| path.clone()))
     .collect();
     // On the ext4 layout they live in partition 2, written after the FAT.
-    let mut ext4_persistent = match plan.ext4_live {
-        Some(_) => std::mem::take(&mut persistent),
-        None => Vec::new(),
+    let (persistent_paths, mut ext4_persistent) = match plan.ext4_live {
+        Some(_) => (Vec::new(), persistent_images(plan, &mut prepared)),
+        None => (persistent_paths, Vec::new()),
     };
     let mut ext4_files: Vec<WrittenFile> = Vec::new();
     let is_allocated = |dest: &str| {
-        persistent
+        persistent_paths
             .iter()
-            .any(|(path, _)| path.eq_ignore_ascii_case(dest))
+            .any(|path| path.eq_ignore_ascii_case(dest))
     };
     let copied_bytes: u64 = plan
         .copies
@@ -877,13 +1085,18 @@ fn apply_tagged(
         if plan.format.is_some() {
             let hidden = u32::try_from(start / partition::SECTOR).unwrap_or(u32::MAX);
             tags.set("formatting the FAT32 filesystem");
-            match boot_fat {
-                Some(staged) => staged.device().and_then(|(mut device, ranges)| {
-                    fat::load_staged(&mut window, &mut device, &ranges)
-                }),
-                None => fat::format_cached(&mut window, &plan.label, plan.volume_id, hidden),
+            fat::format_cached(&mut window, &plan.label, plan.volume_id, hidden)
+                .map_err(ApplyError::fat("formatting the FAT32 filesystem"))?;
+            if syslinux_staged {
+                // Kept free of the ISO's files for the loader being staged meanwhile.
+                let step = "setting aside room for SYSLINUX's loader";
+                let alloc = |source| ApplyError::Alloc {
+                    step: step.into(),
+                    source,
+                };
+                let room = loader_room(&mut window).map_err(alloc)?;
+                fat_alloc::reserve(&mut window, 0, room).map_err(alloc)?;
             }
-            .map_err(ApplyError::fat("formatting the FAT32 filesystem"))?;
         }
         if let Some(label) = &plan.relabel {
             tags.set(format!("relabelling the filesystem to {label}"));
@@ -891,7 +1104,17 @@ fn apply_tagged(
                 "relabelling the filesystem to {label}"
             )))?;
         }
-        let persist_total: u64 = persistent.iter().map(|(_, i)| i.regions.total()).sum();
+        // What is known now (the ext4 layout counts its own below); the images still
+        // being made, and the wipes of old signatures, add theirs when they come.
+        let persist_total: u64 = match plan.ext4_live {
+            Some(_) => 0,
+            None => [&prepared.overlay, &prepared.home, &prepared.swap]
+                .into_iter()
+                .flatten()
+                .chain(prepared.copied.iter().map(|(_, image)| image))
+                .map(|image| image.regions.total())
+                .sum(),
+        };
         // A leftover whose chain another file still names (`home.img.new` of a
         // replacement stopped between its two directory writes) is detached from it
         // first, so deleting it frees nothing that file uses.
@@ -996,7 +1219,13 @@ fn apply_tagged(
             }
             // Persistence files start empty (replacing any old file of that name);
             // their clusters are allocated below, once fatfs has let go of the FAT.
-            for (path, _) in &persistent {
+            // So do the loader files, which go where the staging put them.
+            let loader_paths = LOADER_FILES.iter().filter(|_| syslinux_staged);
+            for path in persistent_paths
+                .iter()
+                .map(String::as_str)
+                .chain(loader_paths.copied())
+            {
                 tags.set(format!("creating {path}"));
                 fat::write_file(&fs, path, &mut io::empty(), 0, |_| {})
                     .map_err(ApplyError::fat(format!("creating {path}")))?;
@@ -1040,6 +1269,24 @@ fn apply_tagged(
         window
             .flush()
             .map_err(ApplyError::io("flushing the FAT filesystem"))?;
+        // Before the persistence files: the room it does not use is theirs too.
+        if let Some(pending) = boot_fat {
+            tags.set("waiting for SYSLINUX's staged filesystem");
+            let staged = pending.wait()?;
+            tags.set("installing SYSLINUX's loader");
+            adopt_staged_loader(&mut window, &staged)?;
+        }
+        let mut persistent = match plan.ext4_live {
+            Some(_) => Vec::new(),
+            None => {
+                tags.set("waiting for the persistence images");
+                prepared.take_later_images()?;
+                let images = persistent_images(plan, &mut prepared);
+                let total: u64 = images.iter().map(|(_, i)| i.regions.total()).sum();
+                progress.grow(total.saturating_sub(persist_total));
+                images
+            }
+        };
         for (path, image) in &mut persistent {
             let step = format!("allocating {path}");
             tags.set(step.as_str());
@@ -1424,7 +1671,7 @@ fn existing_of<F: Read + Write + Seek>(
 /// extents are marked written, since its bytes are written into them.
 fn build_ext4_live(
     plan: &Plan,
-    prepared: &Prepared,
+    prepared: &Prepared<'_>,
     host_copies: &[HostCopy],
 ) -> Result<Option<crate::disk::ext4_live::BuiltLive>, ApplyError> {
     use crate::disk::ext4_live::{self, LiveFile};
@@ -1592,7 +1839,7 @@ fn write_live_files<F: Read + Write + Seek>(
 fn allocate_ext4_in_place(
     plan: &Plan,
     step: &crate::plan::Ext4LiveStep,
-    prepared: &Prepared,
+    prepared: &Prepared<'_>,
     host_copies: &[HostCopy],
     by_fd: &Path,
     file: &mut File,
@@ -1869,7 +2116,7 @@ impl HostCopy {
 }
 
 /// Takes the copied overlay and home out of `prepared` as sparse host files.
-fn materialise_copied(prepared: &mut Prepared) -> Result<Vec<HostCopy>, ApplyError> {
+fn materialise_copied(prepared: &mut Prepared<'_>) -> Result<Vec<HostCopy>, ApplyError> {
     use crate::io::StreamHash;
     let block = crate::disk::ext4_live::BLOCK;
     let mut out = Vec::new();

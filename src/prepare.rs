@@ -1,8 +1,9 @@
 //! The prepare stage of a write: what is not copied from the ISO is built
-//! here, in a temporary directory, before `apply` writes anything: the home
-//! image (ext4, LUKS2 streamed on the fly), the OverlayFS overlay image, a new
-//! dm-snapshot store, the swap header, and the overlay and home a write
-//! carries over from a source stick. Each comes out as a [`SparseImage`] that
+//! here, in a temporary directory: the home image (ext4, LUKS2 streamed on the
+//! fly), the OverlayFS overlay image, a new dm-snapshot store, the swap header,
+//! and the overlay and home a write carries over from a source stick. What can
+//! be refused is checked before `apply` touches the stick; what takes programs
+//! is built while `apply` writes the ISO's files. Each comes out as a [`SparseImage`] that
 //! names the only regions its format needs written ("persistence is
 //! allocated, not written", docs/design.md).
 
@@ -13,7 +14,10 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
-use crate::apply::{self, ApplyError, ApplyOptions, ApplyReport, IsoSource, Prepared, SparseImage};
+use crate::apply::{
+    self, ApplyError, ApplyOptions, ApplyReport, IsoSource, LaterImages, Pending, Prepared,
+    SparseImage,
+};
 use crate::boot::cmdline::OverlayBoot;
 use crate::boot::syslinux::SyslinuxFiles;
 use crate::disk::ext4::{self, Ext4Error, Ext4Options};
@@ -83,12 +87,6 @@ pub enum PrepareError {
         #[source]
         source: Ext4Error,
     },
-    /// Making the new FAT with SYSLINUX in it, before the stick is touched.
-    #[error("preparing the new filesystem (the stick is untouched)")]
-    BootFat {
-        #[source]
-        source: ApplyError,
-    },
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -106,7 +104,6 @@ impl Classify for PrepareError {
                 source.kind()
             }
             PrepareError::OpenFile { .. } | PrepareError::Io(_) => ErrorKind::Io,
-            PrepareError::BootFat { source } => source.kind(),
         }
     }
 
@@ -148,58 +145,30 @@ pub fn luks_params(
     params
 }
 
-/// Builds every image `plan` needs besides the ISO's files, in `workdir`.
-pub fn prepare(
+/// What a write needs besides the ISO's files and is made before the stick is
+/// touched: everything that can be refused as bad input, and what is cheap (a new
+/// dm-snapshot store, the swap header, the overlay and home carried over). The home
+/// image and an OverlayFS overlay are left to [`build_images`].
+pub fn prepare_now(
     plan: &Plan,
     inputs: &PrepareInputs<'_>,
-    workdir: &Path,
-) -> Result<Prepared, PrepareError> {
+) -> Result<Prepared<'static>, PrepareError> {
     let mut prepared = Prepared {
         home: None,
         swap: None,
         overlay: None,
         copied: copied_persistence(plan, inputs)?,
         syslinux: None,
+        later_images: None,
         boot_fat: None,
     };
     if let Some(home_step) = &plan.home {
-        let encryption = match home_step.encryption {
-            HomeEncryption::None => home::HomeEncryption::None,
-            HomeEncryption::Luks => {
-                let passphrase = inputs
-                    .passphrase
-                    .cloned()
-                    .ok_or(PrepareError::NoPassphrase)?;
-                home::HomeEncryption::Luks {
-                    passphrase,
-                    params: inputs.luks.clone(),
-                }
-            }
-        };
-        let image = home::build_home_image(workdir, home_step.size, encryption)
+        home::check_build_input(home_step.size, &home_encryption(home_step, inputs)?)
             .map_err(|source| PrepareError::Home { source })?;
-        let regions = image.data_regions();
-        prepared.home = Some(SparseImage::new(Box::new(image), home_step.size, regions));
     }
     if let Some(overlay) = &plan.overlay
-        && overlay.kind == OverlayBoot::OverlayFs
+        && overlay.kind != OverlayBoot::OverlayFs
     {
-        // dracut mounts this file as ext4 and uses overlayfs/ as the upper and
-        // ovlwork/ as the work directory.
-        let root = workdir.join("overlay-root");
-        std::fs::create_dir_all(root.join("overlayfs"))?;
-        std::fs::create_dir_all(root.join("ovlwork"))?;
-        let path = workdir.join("overlay.img");
-        let opts = Ext4Options {
-            root_dir: Some(root),
-            ..Ext4Options::default()
-        };
-        ext4::make_ext4_image(&path, overlay.size, "", &opts)
-            .map_err(|source| PrepareError::Overlay { source })?;
-        let image = File::open(&path)?;
-        let regions = crate::disk::sparse::data_regions(&image)?;
-        prepared.overlay = Some(SparseImage::new(Box::new(image), overlay.size, regions));
-    } else if let Some(overlay) = &plan.overlay {
         // A new dm-snapshot store is a zeroed header: finding it, the kernel writes
         // the header and zeroes each exception area itself before using it.
         prepared.overlay = Some(SparseImage::zeros(
@@ -219,6 +188,64 @@ pub fn prepare(
         ));
     }
     Ok(prepared)
+}
+
+/// How the plan's new home is protected, with the passphrase it needs.
+fn home_encryption(
+    home_step: &crate::plan::HomeStep,
+    inputs: &PrepareInputs<'_>,
+) -> Result<home::HomeEncryption, PrepareError> {
+    Ok(match home_step.encryption {
+        HomeEncryption::None => home::HomeEncryption::None,
+        HomeEncryption::Luks => {
+            let passphrase = inputs
+                .passphrase
+                .cloned()
+                .ok_or(PrepareError::NoPassphrase)?;
+            home::HomeEncryption::Luks {
+                passphrase,
+                params: inputs.luks.clone(),
+            }
+        }
+    })
+}
+
+/// The images that take programs to make (mke2fs; LUKS's key derivation): the home
+/// image and an OverlayFS overlay, in `workdir`. Their inputs were checked by
+/// [`prepare_now`].
+pub fn build_images(
+    plan: &Plan,
+    inputs: &PrepareInputs<'_>,
+    workdir: &Path,
+) -> Result<LaterImages, PrepareError> {
+    let mut images = LaterImages::default();
+    if let Some(home_step) = &plan.home {
+        let encryption = home_encryption(home_step, inputs)?;
+        let image = home::build_home_image(workdir, home_step.size, encryption)
+            .map_err(|source| PrepareError::Home { source })?;
+        let regions = image.data_regions();
+        images.home = Some(SparseImage::new(Box::new(image), home_step.size, regions));
+    }
+    if let Some(overlay) = &plan.overlay
+        && overlay.kind == OverlayBoot::OverlayFs
+    {
+        // dracut mounts this file as ext4 and uses overlayfs/ as the upper and
+        // ovlwork/ as the work directory.
+        let root = workdir.join("overlay-root");
+        std::fs::create_dir_all(root.join("overlayfs"))?;
+        std::fs::create_dir_all(root.join("ovlwork"))?;
+        let path = workdir.join("overlay.img");
+        let opts = Ext4Options {
+            root_dir: Some(root),
+            ..Ext4Options::default()
+        };
+        ext4::make_ext4_image(&path, overlay.size, "", &opts)
+            .map_err(|source| PrepareError::Overlay { source })?;
+        let image = File::open(&path)?;
+        let regions = crate::disk::sparse::data_regions(&image)?;
+        images.overlay = Some(SparseImage::new(Box::new(image), overlay.size, regions));
+    }
+    Ok(images)
 }
 
 /// The overlay and home a write carries over from a source stick, each read in place
@@ -358,30 +385,42 @@ pub fn write_target(
     progress: &Progress,
 ) -> Result<ApplyReport, WriteError> {
     std::fs::create_dir_all(workdir)?;
-    // The new FAT with SYSLINUX in it is made while the images are built: under an
-    // emulated CPU each program the installer runs costs a fraction of a second.
-    let (prepared, boot_fat) = std::thread::scope(|scope| {
-        let staging = scope.spawn(|| match &syslinux {
-            Some(files) => inputs.boot_fats.stage(plan, files, workdir),
-            None => Ok(None),
-        });
-        let prepared = prepare(plan, inputs, workdir);
-        let boot_fat = match staging.join() {
-            Ok(result) => result,
-            Err(panic) => std::panic::resume_unwind(panic),
-        };
-        (prepared, boot_fat)
-    });
-    let mut prepared = prepared?;
-    prepared.boot_fat = boot_fat.map_err(|source| PrepareError::BootFat { source })?;
-    prepared.syslinux = syslinux;
+    let now = prepare_now(plan, inputs)?;
     let created = CreatedImage::create(probe)?;
     let probe = match &created {
         // apply opens what is now an existing file, the one made just above.
         Some(image) => &image.probe(probe),
         None => probe,
     };
-    let result = apply::apply(plan, probe, source, prepared, options, progress);
+    // The new FAT with SYSLINUX in it and the home image are made while the ISO's
+    // files are written: under an emulated CPU each program they run costs a
+    // fraction of a second, and the stick can take data meanwhile.
+    let staged_files = syslinux.clone();
+    let result = std::thread::scope(|scope| {
+        let mut prepared: Prepared<'_> = now;
+        let staging = match &staged_files {
+            Some(files) if plan.format.is_some() && plan.bios => {
+                Some(scope.spawn(|| inputs.boot_fats.stage(plan, files, workdir)))
+            }
+            _ => None,
+        };
+        let images = scope.spawn(|| build_images(plan, inputs, workdir));
+        prepared.later_images = Some(Pending::later(move || {
+            joined(images).map_err(|e| ApplyError::Preparing {
+                what: "making the persistence images".into(),
+                source: Box::new(e),
+            })
+        }));
+        prepared.boot_fat = staging.map(|staging| {
+            Pending::later(move || {
+                joined(staging)?.ok_or_else(|| {
+                    ApplyError::StagedElsewhere("the new filesystem was not staged".into())
+                })
+            })
+        });
+        prepared.syslinux = syslinux;
+        apply::apply(plan, probe, source, prepared, options, progress)
+    });
     match (result, created) {
         (Ok(report), _) => Ok(report),
         (Err(e), Some(image)) => Err(remove_new_image(image, e)),
@@ -389,6 +428,14 @@ pub fn write_target(
             path: probe.path.clone(),
             source,
         }),
+    }
+}
+
+/// What a thread of [`write_target`] made; its panic goes on here.
+fn joined<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    match handle.join() {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
     }
 }
 

@@ -187,6 +187,22 @@ impl Progress {
         }
     }
 
+    /// Adds `bytes` to the current phase's total: work that became known during it.
+    pub fn grow(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        match self.mode {
+            ProgressMode::Bar => self.with_bar(|bar| bar.inc_length(bytes)),
+            ProgressMode::Json => {
+                if let Ok(mut t) = self.ticks.lock() {
+                    t.1 += bytes;
+                }
+            }
+            ProgressMode::Lines | ProgressMode::Quiet => {}
+        }
+    }
+
     /// A line of text that should not tear the bar: shown beside the current
     /// phase's bar (in a batch, beside the device's name), gone with the phase.
     pub fn note(&self, text: &str) {

@@ -61,17 +61,7 @@ pub fn allocate<D: Read + Write + Seek>(
     path: &str,
     size: u64,
 ) -> Result<Vec<(u64, u64)>, AllocError> {
-    if size > u64::from(u32::MAX) {
-        return Err(AllocError::TooLarge {
-            path: path.to_string(),
-            size,
-        });
-    }
-    let g = fat_raw::geometry(dev, part)?;
-    let entry = fat_raw::find_entry(dev, part, path)?;
-    if entry.first_cluster != 0 || entry.size != 0 {
-        return Err(AllocError::NotEmpty(path.to_string()));
-    }
+    let (g, entry) = empty_entry(dev, part, path, size)?;
     let needed = size.div_ceil(g.cluster_bytes);
     let clusters = if needed == 0 {
         Vec::new()
@@ -86,8 +76,69 @@ pub fn allocate<D: Read + Write + Seek>(
         }
         free
     };
-    write_chain(dev, &g, &clusters)?;
-    update_fsinfo(dev, &g, &clusters)?;
+    give_chain(dev, &g, entry, &clusters, size)
+}
+
+/// Gives the empty file `path` exactly `clusters` (free ones, in file order) for its
+/// `size` bytes: a file whose place was decided elsewhere, such as SYSLINUX's loader,
+/// whose boot sector names the sectors it lies in. Returns its data extents.
+pub fn place<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    path: &str,
+    clusters: &[u32],
+    size: u64,
+) -> Result<Vec<(u64, u64)>, AllocError> {
+    let (g, entry) = empty_entry(dev, part, path, size)?;
+    if clusters.len() as u64 != size.div_ceil(g.cluster_bytes) {
+        return Err(AllocError::Fat(SwapError::Unsupported(format!(
+            "{path}: {} clusters cannot hold exactly {size} bytes",
+            clusters.len()
+        ))));
+    }
+    let limit = cluster_limit(&g);
+    for &c in clusters {
+        if !(2..limit).contains(&c) || fat_raw::next_cluster(dev, &g, c)? != 0 {
+            return Err(AllocError::Fat(SwapError::Unsupported(format!(
+                "{path}: cluster {c} is not free"
+            ))));
+        }
+    }
+    give_chain(dev, &g, entry, clusters, size)
+}
+
+/// The geometry and the entry of `path`, which must be an empty file; `size` must fit FAT.
+fn empty_entry<D: Read + Seek>(
+    dev: &mut D,
+    part: u64,
+    path: &str,
+    size: u64,
+) -> Result<(Geo, fat_raw::EntryLoc), AllocError> {
+    if size > u64::from(u32::MAX) {
+        return Err(AllocError::TooLarge {
+            path: path.to_string(),
+            size,
+        });
+    }
+    let g = fat_raw::geometry(dev, part)?;
+    let entry = fat_raw::find_entry(dev, part, path)?;
+    if entry.first_cluster != 0 || entry.size != 0 {
+        return Err(AllocError::NotEmpty(path.to_string()));
+    }
+    Ok((g, entry))
+}
+
+/// Links `clusters` into a chain in every FAT, updates FSInfo, then points the entry
+/// at the chain with its size.
+fn give_chain<D: Read + Write + Seek>(
+    dev: &mut D,
+    g: &Geo,
+    entry: fat_raw::EntryLoc,
+    clusters: &[u32],
+    size: u64,
+) -> Result<Vec<(u64, u64)>, AllocError> {
+    write_chain(dev, g, clusters)?;
+    update_fsinfo(dev, g, clusters)?;
     // The entry last: until now nothing points at the new chain.
     let first = clusters.first().copied().unwrap_or(0);
     let mut fields = [0u8; 12];
@@ -100,7 +151,134 @@ pub fn allocate<D: Read + Write + Seek>(
     dev.seek(SeekFrom::Start(entry.offset + 26))?;
     dev.write_all(&fields[6..12])?;
     dev.flush()?;
-    Ok(extents(&g, &clusters, size))
+    Ok(extents(g, clusters, size))
+}
+
+/// FAT32's bad-cluster mark: every FAT driver's allocator passes over it.
+const FAT32_BAD: u32 = 0x0fff_fff7;
+
+/// Sets the free clusters `clusters` aside (FAT32 only) so that no FAT driver
+/// allocates them until [`release`]: room kept for files placed later with
+/// [`place`]. They are marked bad, which `fsck.fat` would report if the
+/// filesystem were left so; the caller releases them before it is done.
+pub fn reserve<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    clusters: std::ops::Range<u32>,
+) -> Result<(), AllocError> {
+    let g = fat_raw::geometry(dev, part)?;
+    if !g.fat32 || clusters.start < 2 || clusters.end > cluster_limit(&g) {
+        return Err(AllocError::Fat(SwapError::Unsupported(format!(
+            "clusters {clusters:?} cannot be set aside on this filesystem"
+        ))));
+    }
+    let width = entry_width(&g);
+    let count = u64::from(clusters.end - clusters.start);
+    let mut bytes = vec![0u8; (count * width) as usize];
+    let at = u64::from(clusters.start) * width;
+    dev.seek(SeekFrom::Start(g.fat_offset + at))?;
+    dev.read_exact(&mut bytes)?;
+    if bytes.chunks_exact(4).any(|e| entry_value(&g, e) != 0) {
+        return Err(AllocError::Fat(SwapError::Unsupported(format!(
+            "clusters {clusters:?} are not all free"
+        ))));
+    }
+    for e in bytes.chunks_exact_mut(4) {
+        let reserved = u32_at(e, 0) & !FAT32_EOC;
+        put_u32(e, 0, reserved | FAT32_BAD);
+    }
+    for copy in 0..g.fats {
+        dev.seek(SeekFrom::Start(g.fat_offset + copy * g.fat_bytes + at))?;
+        dev.write_all(&bytes)?;
+    }
+    recount_fsinfo(dev, &g)?;
+    dev.flush()?;
+    Ok(())
+}
+
+/// The last clusters of the filesystem that `bytes` take: room at the end, where
+/// setting it aside leaves no hole among the files written from the start.
+pub fn last_clusters<D: Read + Seek>(
+    dev: &mut D,
+    part: u64,
+    bytes: u64,
+) -> Result<std::ops::Range<u32>, AllocError> {
+    let g = fat_raw::geometry(dev, part)?;
+    let limit = cluster_limit(&g);
+    let count = u32::try_from(bytes.div_ceil(g.cluster_bytes)).unwrap_or(u32::MAX);
+    Ok(limit.saturating_sub(count).max(2)..limit)
+}
+
+/// Sets aside every free cluster outside `keep` (as [`reserve`] does), so that the
+/// next files written by any FAT driver land in `keep`: where a file made in a
+/// scratch copy of a filesystem must lie to be taken over by the real one.
+pub fn reserve_all_but<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    keep: std::ops::Range<u32>,
+) -> Result<(), AllocError> {
+    let g = fat_raw::geometry(dev, part)?;
+    if !g.fat32 {
+        return Err(AllocError::Fat(SwapError::Unsupported(
+            "clusters can be set aside on FAT32 only".into(),
+        )));
+    }
+    let limit = u64::from(cluster_limit(&g));
+    let mut cluster = 2u64;
+    let mut buf = vec![0u8; FAT_CHUNK as usize];
+    while cluster < limit {
+        let count = ((limit - cluster) * 4).min(FAT_CHUNK) / 4;
+        let bytes = (count * 4) as usize;
+        dev.seek(SeekFrom::Start(g.fat_offset + cluster * 4))?;
+        dev.read_exact(&mut buf[..bytes])?;
+        for (i, e) in buf[..bytes].chunks_exact_mut(4).enumerate() {
+            let c = (cluster + i as u64) as u32;
+            if entry_value(&g, e) == 0 && !keep.contains(&c) {
+                let reserved = u32_at(e, 0) & !FAT32_EOC;
+                put_u32(e, 0, reserved | FAT32_BAD);
+            }
+        }
+        for copy in 0..g.fats {
+            dev.seek(SeekFrom::Start(
+                g.fat_offset + copy * g.fat_bytes + cluster * 4,
+            ))?;
+            dev.write_all(&buf[..bytes])?;
+        }
+        cluster += count;
+    }
+    recount_fsinfo(dev, &g)?;
+    dev.flush()?;
+    Ok(())
+}
+
+/// Frees what [`reserve`] set aside in `clusters` and is still marked so.
+pub fn release<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    clusters: std::ops::Range<u32>,
+) -> Result<(), AllocError> {
+    let g = fat_raw::geometry(dev, part)?;
+    let width = entry_width(&g);
+    let marked: std::collections::HashSet<u32> = {
+        let count = u64::from(clusters.end.saturating_sub(clusters.start));
+        let mut bytes = vec![0u8; (count * width) as usize];
+        dev.seek(SeekFrom::Start(
+            g.fat_offset + u64::from(clusters.start) * width,
+        ))?;
+        dev.read_exact(&mut bytes)?;
+        bytes
+            .chunks_exact(width as usize)
+            .enumerate()
+            .filter(|(_, e)| g.fat32 && entry_value(&g, e) == FAT32_BAD)
+            .map(|(i, _)| clusters.start + i as u32)
+            .collect()
+    };
+    if !marked.is_empty() {
+        free_clusters_in_fat(dev, &g, |c| marked.contains(&c))?;
+    }
+    recount_fsinfo(dev, &g)?;
+    dev.flush()?;
+    Ok(())
 }
 
 /// Makes the file at `path` `new_size` bytes long by appending clusters to its chain
@@ -579,6 +757,72 @@ mod tests {
         fat::repair_fatfs_quirks(&mut window).unwrap();
         let fs = fat::open(&mut window).unwrap();
         assert_eq!(fat::free_bytes(&fs).unwrap(), before);
+    }
+
+    #[test]
+    fn set_aside_clusters_are_passed_over_then_placed_where_asked_and_freed() {
+        let mut disk = stick_with_empty(&[], 0);
+        let part = 1 << 20;
+        let room = 10..10 + 16;
+        reserve(&mut disk, part, room.clone()).unwrap();
+        // Set aside twice, or over a used cluster: refused.
+        assert!(reserve(&mut disk, part, room.clone()).is_err());
+        let cluster = fat_raw::geometry(&mut disk, part).unwrap().cluster_bytes;
+        let data = vec![9u8; (3 * cluster) as usize];
+        {
+            let mut window = PartitionWindow::new(&mut disk, part, 79 << 20);
+            let fs = fat::open(&mut window).unwrap();
+            fat::write_file(&fs, "/big.bin", &mut &data[..], data.len() as u64, |_| {}).unwrap();
+            fat::write_file(&fs, "/syslinux/ldlinux.sys", &mut &[][..], 0, |_| {}).unwrap();
+            fs.unmount().unwrap();
+            window.flush().unwrap();
+        }
+        let (_, _, big) = fat_raw::file_clusters(&mut disk, part, "/big.bin").unwrap();
+        assert!(big.iter().all(|c| !room.contains(c)), "{big:?}");
+        // Placing into the set-aside room before it is released: refused.
+        let loader = b"loader bytes".repeat(1000);
+        let size = loader.len() as u64;
+        let wanted: Vec<u32> = (12..12 + size.div_ceil(cluster) as u32).collect();
+        assert!(place(&mut disk, part, "/syslinux/ldlinux.sys", &wanted, size).is_err());
+        release(&mut disk, part, room.clone()).unwrap();
+        // Too few clusters for the size: refused.
+        assert!(place(&mut disk, part, "/syslinux/ldlinux.sys", &wanted[..1], size).is_err());
+        let extents = place(&mut disk, part, "/syslinux/ldlinux.sys", &wanted, size).unwrap();
+        let mut content = crate::disk::extent_file::ExtentFile::new(&mut disk, &extents);
+        content.write_all(&loader).unwrap();
+        drop(content);
+        let (entry, _, placed) =
+            fat_raw::file_clusters(&mut disk, part, "/syslinux/ldlinux.sys").unwrap();
+        assert_eq!(placed, wanted);
+        fat_raw::set_attributes(&mut disk, &entry, 0x07).unwrap();
+        assert_eq!(
+            fat_raw::file_clusters(&mut disk, part, "/syslinux/ldlinux.sys")
+                .unwrap()
+                .1,
+            0x07
+        );
+        let mut window = PartitionWindow::new(&mut disk, part, 79 << 20);
+        let fs = fat::open(&mut window).unwrap();
+        assert_eq!(
+            fat::read_file(&fs, "/syslinux/ldlinux.sys").unwrap(),
+            loader
+        );
+        // The room's other clusters are free again, and FSInfo says so.
+        let free = fat::free_bytes(&fs).unwrap();
+        drop(fs);
+        fat::repair_fatfs_quirks(&mut window).unwrap();
+        let fs = fat::open(&mut window).unwrap();
+        assert_eq!(fat::free_bytes(&fs).unwrap(), free);
+        drop(fs);
+        drop(window);
+        let g = fat_raw::geometry(&mut disk, part).unwrap();
+        let mut marked = 0;
+        scan_fat(&mut disk, &g, |_, v| {
+            marked += u32::from(v == FAT32_BAD);
+            true
+        })
+        .unwrap();
+        assert_eq!(marked, 0);
     }
 
     #[test]

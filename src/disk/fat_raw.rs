@@ -337,6 +337,43 @@ pub fn file_extents<D: Read + Seek>(
     Ok(extents)
 }
 
+/// The file at `path`: its entry, its attribute byte and its clusters in file order
+/// (as many as its size needs).
+pub fn file_clusters<D: Read + Seek>(
+    dev: &mut D,
+    part: u64,
+    path: &str,
+) -> Result<(EntryLoc, u8, Vec<u32>), SwapError> {
+    let g = geometry(dev, part)?;
+    let entry = find_entry(dev, part, path)?;
+    let mut attributes = [0u8; 1];
+    dev.seek(SeekFrom::Start(entry.offset + 11))?;
+    dev.read_exact(&mut attributes)?;
+    let needed = u64::from(entry.size).div_ceil(g.cluster_bytes);
+    let mut clusters = Vec::new();
+    let mut c = entry.first_cluster;
+    while (clusters.len() as u64) < needed && (2..g.max_cluster).contains(&c) {
+        clusters.push(c);
+        c = next_cluster(dev, &g, c)?;
+    }
+    if (clusters.len() as u64) < needed {
+        return Err(SwapError::Unsupported(format!(
+            "{path}: its cluster chain is shorter than its size"
+        )));
+    }
+    Ok((entry, attributes[0], clusters))
+}
+
+/// Sets the attribute byte (read-only, hidden, system, ...) of `entry`.
+pub fn set_attributes<D: Write + Seek>(
+    dev: &mut D,
+    entry: &EntryLoc,
+    attributes: u8,
+) -> io::Result<()> {
+    dev.seek(SeekFrom::Start(entry.offset + 11))?;
+    dev.write_all(&[attributes])
+}
+
 /// The bytes of a short entry that say what the file is: times, dates, first cluster
 /// (both halves) and size. Name (0..11), attributes (11) and case flags (12) stay.
 const CONTENT_FIELDS: std::ops::Range<usize> = 13..32;

@@ -254,6 +254,25 @@ impl Seek for HomeImage {
     }
 }
 
+/// What [`build_home_image`] refuses as bad input (the size, an empty passphrase),
+/// checked on its own: a write asks this before it touches the stick and builds the
+/// image while it writes.
+pub fn check_build_input(size: u64, encryption: &HomeEncryption) -> Result<(), HomeError> {
+    let encrypted = matches!(encryption, HomeEncryption::Luks { .. });
+    match check_size_bytes(size, encrypted) {
+        // FAT's file limit is the write plan's to apply: on the ext4 live layout
+        // home.img may be larger.
+        Ok(_) | Err(HomeError::TooLarge { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    if let HomeEncryption::Luks { passphrase, .. } = encryption
+        && passphrase.is_empty()
+    {
+        return Err(HomeError::EmptyPassphrase);
+    }
+    Ok(())
+}
+
 /// Build home.img of exactly `size` bytes (whole MiB, at most 4095 MiB):
 /// ext4 labelled `HOME`, inside LUKS2 when asked. Temporary files go to
 /// `workdir`; the plaintext one is sparse (only ext4 metadata is written).
@@ -262,18 +281,8 @@ pub fn build_home_image(
     size: u64,
     encryption: HomeEncryption,
 ) -> Result<HomeImage, HomeError> {
+    check_build_input(size, &encryption)?;
     let encrypted = matches!(encryption, HomeEncryption::Luks { .. });
-    match check_size_bytes(size, encrypted) {
-        // FAT's file limit is the write plan's to apply: on the ext4 live layout
-        // home.img may be larger.
-        Ok(_) | Err(HomeError::TooLarge { .. }) => {}
-        Err(e) => return Err(e),
-    }
-    if let HomeEncryption::Luks { passphrase, .. } = &encryption
-        && passphrase.is_empty()
-    {
-        return Err(HomeError::EmptyPassphrase);
-    }
     let fs_size = if encrypted {
         size - luks::DATA_OFFSET
     } else {

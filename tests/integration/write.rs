@@ -729,11 +729,12 @@ fn an_unreadable_dracut_version_is_noted_in_the_plan() {
     assert!(!image.exists(), "dry run created the target");
 }
 
-/// SYSLINUX is installed into the new filesystem before the stick is opened: an
-/// installer that fails leaves the stick as it was (here, a used one: random bytes),
-/// and the error says so.
+/// SYSLINUX is installed into a staged copy of the new filesystem while the ISO's
+/// files are written: an installer that fails stops the write before the partition
+/// table is written, so the stick (here a used one: random bytes) boots nothing, and
+/// the error says what failed and that the stick is incomplete.
 #[test]
-fn a_failing_syslinux_installer_leaves_the_stick_untouched() {
+fn a_failing_syslinux_installer_leaves_a_stick_that_boots_nothing() {
     let iso = synthetic_iso("fedora-classic.iso");
     let dir = tmp();
     let bin_dir = dir.path().join("bin");
@@ -745,7 +746,6 @@ fn a_failing_syslinux_installer_leaves_the_stick_untouched() {
     let path = path_first(&bin_dir);
     let stick = dir.path().join("used.img");
     fill_random(&stick, 256 * MIB);
-    let before = sha256_file(&stick);
     let out = output_of(
         std::process::Command::new(bin())
             .args(["write", iso.to_str().unwrap(), stick.to_str().unwrap()])
@@ -753,8 +753,19 @@ fn a_failing_syslinux_installer_leaves_the_stick_untouched() {
             .env("PATH", path),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the write succeeded: {stderr}");
-    assert!(stderr.contains("the stick is untouched"), "{stderr}");
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(stderr.contains("broken on purpose"), "{stderr}");
-    assert_eq!(sha256_file(&stick), before, "the stick changed");
+    assert!(stderr.contains("will not boot"), "{stderr}");
+    let mut mbr = [0u8; 512];
+    std::io::Read::read_exact(&mut std::fs::File::open(&stick).unwrap(), &mut mbr).unwrap();
+    assert_ne!(
+        &mbr[510..512],
+        &[0x55, 0xaa],
+        "a partition table was written"
+    );
+    let table = std::process::Command::new("sfdisk")
+        .args(["--json", stick.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!table.status.success(), "sfdisk found a table: {table:?}");
 }
