@@ -413,10 +413,10 @@ const LOADER_FILES: [&str; 2] = ["/syslinux/ldlinux.sys", "/syslinux/ldlinux.c32
 
 /// Room for the loader files: the last clusters of the filesystem that 4 MiB takes.
 /// On the stick they are set aside while the ISO's files are written from the start;
-/// in the staged filesystem every other free cluster is set aside, so the installer
-/// puts the loader files there. ldlinux.sys names the sectors it lies in, so it must
-/// land on the stick in the same clusters: the room is where both agree, and what
-/// the loader leaves of it is free space at the end, as if it had not been set aside.
+/// in the staged filesystem the installer's next file is made to start there.
+/// ldlinux.sys names the sectors it lies in, so it must land on the stick in the same
+/// clusters: the room is where both agree, and what the loader leaves of it is free
+/// space at the end, as if it had not been set aside.
 fn loader_room<D: Read + Seek>(device: &mut D) -> Result<std::ops::Range<u32>, AllocError> {
     fat_alloc::last_clusters(device, 0, 4 << 20)
 }
@@ -634,9 +634,7 @@ fn stage_image(
         };
         // The installer's loader goes where the stick keeps room for it.
         let room = loader_room(&mut made).map_err(alloc)?;
-        fat_alloc::reserve_all_but(&mut made, 0, room).map_err(alloc)?;
-        // mtools would start after fatfs's hint rather than look for the room.
-        fat_alloc::forget_next_free(&mut made, 0).map_err(alloc)?;
+        fat_alloc::start_next_file_at(&mut made, 0, room.start).map_err(alloc)?;
         for (at, bytes) in made.written() {
             use std::os::unix::fs::FileExt;
             file.write_all_at(bytes, at).map_err(ApplyError::io(step))?;

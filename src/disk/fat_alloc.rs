@@ -209,48 +209,6 @@ pub fn last_clusters<D: Read + Seek>(
     Ok(limit.saturating_sub(count).max(2)..limit)
 }
 
-/// Sets aside every free cluster outside `keep` (as [`reserve`] does), so that the
-/// next files written by any FAT driver land in `keep`: where a file made in a
-/// scratch copy of a filesystem must lie to be taken over by the real one.
-pub fn reserve_all_but<D: Read + Write + Seek>(
-    dev: &mut D,
-    part: u64,
-    keep: std::ops::Range<u32>,
-) -> Result<(), AllocError> {
-    let g = fat_raw::geometry(dev, part)?;
-    if !g.fat32 {
-        return Err(AllocError::Fat(SwapError::Unsupported(
-            "clusters can be set aside on FAT32 only".into(),
-        )));
-    }
-    let limit = u64::from(cluster_limit(&g));
-    let mut cluster = 2u64;
-    let mut buf = vec![0u8; FAT_CHUNK as usize];
-    while cluster < limit {
-        let count = ((limit - cluster) * 4).min(FAT_CHUNK) / 4;
-        let bytes = (count * 4) as usize;
-        dev.seek(SeekFrom::Start(g.fat_offset + cluster * 4))?;
-        dev.read_exact(&mut buf[..bytes])?;
-        for (i, e) in buf[..bytes].chunks_exact_mut(4).enumerate() {
-            let c = (cluster + i as u64) as u32;
-            if entry_value(&g, e) == 0 && !keep.contains(&c) {
-                let reserved = u32_at(e, 0) & !FAT32_EOC;
-                put_u32(e, 0, reserved | FAT32_BAD);
-            }
-        }
-        for copy in 0..g.fats {
-            dev.seek(SeekFrom::Start(
-                g.fat_offset + copy * g.fat_bytes + cluster * 4,
-            ))?;
-            dev.write_all(&buf[..bytes])?;
-        }
-        cluster += count;
-    }
-    recount_fsinfo(dev, &g)?;
-    dev.flush()?;
-    Ok(())
-}
-
 /// Frees what [`reserve`] set aside in `clusters` and is still marked so.
 pub fn release<D: Read + Write + Seek>(
     dev: &mut D,
@@ -453,6 +411,27 @@ pub fn reclaim_lost<D: Read + Write + Seek>(dev: &mut D, part: u64) -> Result<u6
     recount_fsinfo(dev, &g)?;
     dev.flush()?;
     Ok(lost.len() as u64)
+}
+
+/// Makes the next file any FAT driver writes start at cluster `first` (FAT32, with
+/// `first - 1` free): FSInfo's next-free hint names the cluster before it, which
+/// mtools takes as the last one allocated, and that cluster is set aside
+/// ([`reserve`]), so a driver that takes the hint as the next free cluster passes
+/// over it to `first` as well. No scan over the clusters before it.
+pub fn start_next_file_at<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    first: u32,
+) -> Result<(), AllocError> {
+    let before = first.saturating_sub(1);
+    reserve(dev, part, before..first)?;
+    let g = fat_raw::geometry(dev, part)?;
+    if let Some((at, _)) = fsinfo(dev, &g)? {
+        dev.seek(SeekFrom::Start(at + 492))?;
+        dev.write_all(&before.to_le_bytes())?;
+    }
+    dev.flush()?;
+    Ok(())
 }
 
 /// Sets FSInfo's next-free hint (FAT32) to "unknown", so that the next driver to
@@ -823,6 +802,22 @@ mod tests {
         })
         .unwrap();
         assert_eq!(marked, 0);
+    }
+
+    #[test]
+    fn the_next_file_starts_where_it_is_told_to() {
+        let mut disk = stick_with_empty(&[], 0);
+        let part = 1 << 20;
+        let first = fat_raw::geometry(&mut disk, part).unwrap().max_cluster - 40;
+        start_next_file_at(&mut disk, part, first).unwrap();
+        let mut window = PartitionWindow::new(&mut disk, part, 79 << 20);
+        let fs = fat::open(&mut window).unwrap();
+        fat::write_file(&fs, "/next.bin", &mut &b"next"[..], 4, |_| {}).unwrap();
+        fs.unmount().unwrap();
+        window.flush().unwrap();
+        drop(window);
+        let (_, _, clusters) = fat_raw::file_clusters(&mut disk, part, "/next.bin").unwrap();
+        assert_eq!(clusters, vec![first]);
     }
 
     #[test]
