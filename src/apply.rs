@@ -1059,7 +1059,18 @@ fn apply_tagged(
         let failpoint = TestCorruption::from_env(&bounded);
         let mut recorder =
             WriteRecorder::new(&mut bounded).map_err(ApplyError::io("opening the target"))?;
-        if plan.format.is_some() {
+        let hidden = u32::try_from(start / partition::SECTOR).unwrap_or(u32::MAX);
+        let new_fat = match plan.format {
+            Some(_) => {
+                tags.set("formatting the FAT32 filesystem");
+                Some(
+                    fat::MadeFat::live(len, &plan.label, plan.volume_id, hidden)
+                        .map_err(ApplyError::fat("formatting the FAT32 filesystem"))?,
+                )
+            }
+            None => None,
+        };
+        if let Some(made) = &new_fat {
             tags.set("clearing the old partition table");
             partition::wipe_tables(&mut recorder, plan.target.size).map_err(|source| {
                 ApplyError::Partition {
@@ -1072,18 +1083,24 @@ fn apply_tagged(
             let mut spots: RangeSet = wipe::signature_spots(plan.target.size)
                 .into_iter()
                 .collect();
+            // Not where the new FAT's reserved sectors and tables go: they are written
+            // whole.
             for r in wipe::signature_spots(len) {
-                spots.insert(start + r.start..start + r.end);
+                let from = r.start.max(made.metadata_len());
+                if from < r.end {
+                    spots.insert(start + from..start + r.end);
+                }
             }
             tags.set("wiping old signatures");
             zero_ranges(&mut recorder, spots.iter())
                 .map_err(ApplyError::io("wiping old signatures"))?;
         }
         let mut window = PartitionWindow::new(&mut recorder, start, len);
-        if plan.format.is_some() {
-            let hidden = u32::try_from(start / partition::SECTOR).unwrap_or(u32::MAX);
+        if let Some(made) = new_fat {
+            // Nothing mounts it before the table is written: its FAT goes out once.
+            window.hold_metadata();
             tags.set("formatting the FAT32 filesystem");
-            fat::format_cached(&mut window, &plan.label, plan.volume_id, hidden)
+            made.load(&mut window)
                 .map_err(ApplyError::fat("formatting the FAT32 filesystem"))?;
             if syslinux_staged {
                 // Kept free of the ISO's files for the loader being staged meanwhile.
@@ -1317,7 +1334,7 @@ fn apply_tagged(
         fat::repair_fatfs_quirks(&mut window)
             .map_err(ApplyError::fat("finishing the FAT filesystem"))?;
         window
-            .flush()
+            .release_metadata()
             .map_err(ApplyError::io("flushing the FAT filesystem"))?;
         drop(window);
         if let (Some(step), Some(built)) = (&plan.ext4_live, ext4_built.as_mut()) {

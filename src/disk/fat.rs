@@ -168,28 +168,55 @@ pub fn format_live<F: Read + Write + Seek>(
     format_with_clusters(window, label, volume_id, hidden_sectors, cluster)
 }
 
-/// Formats the window as a live stick's FAT32 ([`format_live`]), in memory first:
-/// the reserved sectors and both FATs then stay in the window's cache and reach the
-/// device once, at the next flush, instead of being written, read back and written
-/// again. Only the root directory's cluster is written now.
-pub fn format_cached<F: Read + Write + Seek>(
-    window: &mut PartitionWindow<F>,
-    label: &str,
-    volume_id: u32,
-    hidden_sectors: u32,
-) -> Result<(), FatError> {
-    let len = window.len();
-    let mut staged = crate::io::MemDevice::new(len);
-    {
-        let mut mem = PartitionWindow::new(&mut staged, 0, len);
-        format_live(&mut mem, label, volume_id, hidden_sectors)?;
-        mem.flush()?;
+/// A live stick's FAT32 ([`format_live`]) made in memory, to be loaded into a window
+/// ([`MadeFat::load`]) once the caller knows what its metadata will cover: the
+/// reserved sectors and both FATs then stay in the window's cache and reach the
+/// device once, at its next flush, instead of being written, read back and written
+/// again. Only the root directory's cluster is written when it is loaded.
+pub struct MadeFat {
+    device: crate::io::MemDevice,
+    written: Vec<Range<u64>>,
+    metadata_len: u64,
+}
+
+impl MadeFat {
+    pub fn live(
+        len: u64,
+        label: &str,
+        volume_id: u32,
+        hidden_sectors: u32,
+    ) -> Result<MadeFat, FatError> {
+        let mut device = crate::io::MemDevice::new(len);
+        let metadata_len = {
+            let mut mem = PartitionWindow::new(&mut device, 0, len);
+            format_live(&mut mem, label, volume_id, hidden_sectors)?;
+            mem.flush()?;
+            metadata_len(&mut mem)?
+        };
+        let written = device
+            .written()
+            .map(|(at, bytes)| at..at + bytes.len() as u64)
+            .collect();
+        Ok(MadeFat {
+            device,
+            written,
+            metadata_len,
+        })
     }
-    let written: Vec<Range<u64>> = staged
-        .written()
-        .map(|(at, bytes)| at..at + bytes.len() as u64)
-        .collect();
-    load_staged(window, &mut staged, &written)
+
+    /// Bytes from the start of the partition to the first data cluster: the reserved
+    /// sectors and both FATs, which [`MadeFat::load`] has written whole by the
+    /// window's next flush.
+    pub fn metadata_len(&self) -> u64 {
+        self.metadata_len
+    }
+
+    pub fn load<F: Read + Write + Seek>(
+        mut self,
+        window: &mut PartitionWindow<F>,
+    ) -> Result<(), FatError> {
+        load_staged(window, &mut self.device, &self.written)
+    }
 }
 
 /// Takes a FAT filesystem made elsewhere (`staged`, as long as the window, of which
