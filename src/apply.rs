@@ -1097,8 +1097,6 @@ fn apply_tagged(
         }
         let mut window = PartitionWindow::new(&mut recorder, start, len);
         if let Some(made) = new_fat {
-            // Nothing mounts it before the table is written: its FAT goes out once.
-            window.hold_metadata();
             tags.set("formatting the FAT32 filesystem");
             made.load(&mut window)
                 .map_err(ApplyError::fat("formatting the FAT32 filesystem"))?;
@@ -1334,7 +1332,7 @@ fn apply_tagged(
         fat::repair_fatfs_quirks(&mut window)
             .map_err(ApplyError::fat("finishing the FAT filesystem"))?;
         window
-            .release_metadata()
+            .flush()
             .map_err(ApplyError::io("flushing the FAT filesystem"))?;
         drop(window);
         if let (Some(step), Some(built)) = (&plan.ext4_live, ext4_built.as_mut()) {

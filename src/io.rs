@@ -280,8 +280,6 @@ pub struct PartitionWindow<F> {
     wbuf_at: u64,
     rbuf: Vec<u8>,
     rbuf_at: u64,
-    /// Set by [`PartitionWindow::hold_metadata`]: `flush` leaves the cached metadata.
-    hold_metadata: bool,
 }
 
 impl<F: Read + Write + Seek> PartitionWindow<F> {
@@ -297,24 +295,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
             wbuf_at: 0,
             rbuf: Vec::new(),
             rbuf_at: 0,
-            hold_metadata: false,
         }
-    }
-
-    /// From now on `flush` writes the window's buffered data but keeps the cached
-    /// metadata (the FAT) until [`PartitionWindow::release_metadata`]: for a new
-    /// filesystem that nothing can mount before its partition table is written, whose
-    /// FAT pages would otherwise reach the stick once per allocation (a fresh FAT in
-    /// full at the first flush, then every page a later chain changes, again).
-    pub fn hold_metadata(&mut self) {
-        self.hold_metadata = true;
-    }
-
-    /// Writes the cached metadata held since [`PartitionWindow::hold_metadata`], and
-    /// flushes as before from now on.
-    pub fn release_metadata(&mut self) -> io::Result<()> {
-        self.hold_metadata = false;
-        self.flush_all()
     }
 
     pub fn len(&self) -> u64 {
@@ -337,7 +318,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
             // Already held (see `preload_prefix`): the memory copy is the newer one.
             return Ok(());
         }
-        self.flush_all()?;
+        self.flush()?;
         let len = bytes as usize;
         let mut meta = SparsePages::zeros(len);
         self.inner.seek(SeekFrom::Start(self.start))?;
@@ -360,7 +341,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
     /// metadata then reaches the stick once instead of being written, read back into
     /// the cache and written again.
     pub fn preload_prefix(&mut self, bytes: Vec<u8>) -> io::Result<()> {
-        self.flush_all()?;
+        self.flush()?;
         let n = bytes.len();
         if n as u64 > self.len {
             return Err(self.out_of_window("preload", 0, n));
@@ -377,7 +358,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
     /// [`PartitionWindow::preload_prefix`] with the first `len` bytes of `src`, read in
     /// pieces (a whole FAT in one buffer would double its memory for a moment).
     pub fn preload_prefix_from<R: Read>(&mut self, src: &mut R, len: u64) -> io::Result<()> {
-        self.flush_all()?;
+        self.flush()?;
         let n = usize::try_from(len)
             .ok()
             .filter(|&n| n as u64 <= self.len)
@@ -399,7 +380,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
 
     /// Flushes and returns the underlying device or file.
     pub fn into_inner(mut self) -> io::Result<F> {
-        self.flush_all()?;
+        self.flush()?;
         Ok(self.inner)
     }
 
@@ -530,17 +511,6 @@ impl<F: Read + Write + Seek> Write for PartitionWindow<F> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if self.hold_metadata {
-            self.flush_writes()?;
-            return self.inner.flush();
-        }
-        self.flush_all()
-    }
-}
-
-impl<F: Read + Write + Seek> PartitionWindow<F> {
-    /// Writes buffered data and every dirty metadata page, held or not.
-    fn flush_all(&mut self) -> io::Result<()> {
         self.flush_writes()?;
         let pages = std::mem::take(&mut self.meta_dirty);
         let mut pages = pages.into_iter().peekable();
