@@ -1060,17 +1060,14 @@ fn apply_tagged(
         let mut recorder =
             WriteRecorder::new(&mut bounded).map_err(ApplyError::io("opening the target"))?;
         let hidden = u32::try_from(start / partition::SECTOR).unwrap_or(u32::MAX);
-        let new_fat = match plan.format {
-            Some(_) => {
-                tags.set("formatting the FAT32 filesystem");
-                Some(
-                    fat::MadeFat::live(len, &plan.label, plan.volume_id, hidden)
-                        .map_err(ApplyError::fat("formatting the FAT32 filesystem"))?,
-                )
-            }
-            None => None,
-        };
-        if let Some(made) = &new_fat {
+        // Made in memory while the old tables and signatures are wiped: the stick
+        // takes those writes meanwhile.
+        let new_fat = plan.format.as_ref().map(|_| {
+            let label = plan.label.clone();
+            let volume_id = plan.volume_id;
+            std::thread::spawn(move || fat::MadeFat::live(len, &label, volume_id, hidden))
+        });
+        if new_fat.is_some() {
             tags.set("clearing the old partition table");
             partition::wipe_tables(&mut recorder, plan.target.size).map_err(|source| {
                 ApplyError::Partition {
@@ -1079,14 +1076,14 @@ fn apply_tagged(
                 }
             })?;
             // Old signatures at either end of the disk and of the new partition would
-            // make udev and blkid see a RAID member or another filesystem.
+            // make udev and blkid see a RAID member or another filesystem. Not where
+            // the new FAT's reserved sectors and tables go: they are written whole.
+            let fat_floor = fat::live_metadata_floor(len);
             let mut spots: RangeSet = wipe::signature_spots(plan.target.size)
                 .into_iter()
                 .collect();
-            // Not where the new FAT's reserved sectors and tables go: they are written
-            // whole.
             for r in wipe::signature_spots(len) {
-                let from = r.start.max(made.metadata_len());
+                let from = r.start.max(fat_floor);
                 if from < r.end {
                     spots.insert(start + from..start + r.end);
                 }
@@ -1095,6 +1092,13 @@ fn apply_tagged(
             zero_ranges(&mut recorder, spots.iter())
                 .map_err(ApplyError::io("wiping old signatures"))?;
         }
+        let new_fat = match new_fat.map(|made| made.join()) {
+            Some(Ok(made)) => {
+                Some(made.map_err(ApplyError::fat("formatting the FAT32 filesystem"))?)
+            }
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => None,
+        };
         let mut window = PartitionWindow::new(&mut recorder, start, len);
         if let Some(made) = new_fat {
             tags.set("formatting the FAT32 filesystem");

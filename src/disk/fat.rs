@@ -168,6 +168,14 @@ pub fn format_live<F: Read + Write + Seek>(
     format_with_clusters(window, label, volume_id, hidden_sectors, cluster)
 }
 
+/// A floor under [`MadeFat::metadata_len`] for a live FAT32 of `len` bytes, known
+/// without formatting: two FATs of four bytes per cluster must cover the clusters
+/// that the rest holds, so `meta >= 8 * (len - meta) / cluster`.
+pub fn live_metadata_floor(len: u64) -> u64 {
+    let cluster = live_cluster_size_for(len).map_or(512, u64::from);
+    (u128::from(len) * 8 / (u128::from(cluster) + 8)) as u64
+}
+
 /// A live stick's FAT32 ([`format_live`]) made in memory, to be loaded into a window
 /// ([`MadeFat::load`]) once the caller knows what its metadata will cover: the
 /// reserved sectors and both FATs then stay in the window's cache and reach the
@@ -1007,6 +1015,18 @@ pub fn sync_backup_boot_sector<F: Read + Write + Seek>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_metadata_floor_is_never_above_what_the_format_makes() {
+        for mib in [80u64, 300, 1024, 2048, 7 * 1024 + 3, 16 * 1024, 64 * 1024] {
+            let len = mib << 20;
+            let made = MadeFat::live(len, "LIVE", 0x1234_5678, 2048).unwrap();
+            let floor = live_metadata_floor(len);
+            assert!(floor <= made.metadata_len(), "{mib} MiB: {floor}");
+            // And close to it: it is what lets the wipes skip the FATs.
+            assert!(floor * 10 >= made.metadata_len() * 9, "{mib} MiB: {floor}");
+        }
+    }
 
     #[test]
     fn labels_and_ids() {
