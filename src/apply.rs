@@ -343,10 +343,6 @@ pub struct LaterImages {
 pub struct Pending<'a, T>(Box<dyn FnOnce() -> Result<T, ApplyError> + 'a>);
 
 impl<'a, T: 'a> Pending<'a, T> {
-    pub fn ready(value: T) -> Self {
-        Pending(Box::new(move || Ok(value)))
-    }
-
     pub fn later(wait: impl FnOnce() -> Result<T, ApplyError> + 'a) -> Self {
         Pending(Box::new(wait))
     }
@@ -372,14 +368,13 @@ impl Prepared<'_> {
     }
 }
 
-/// A new FAT32 filesystem with SYSLINUX already installed in it, made before the
-/// stick is opened ([`BootFatStages::stage`]): the installer and the mtools it runs
-/// read and write a sparse file, not the stick, while the persistence images are
-/// built; a failing installer leaves the stick untouched.
+/// A twin of the new FAT32 filesystem with SYSLINUX installed in it
+/// ([`BootFatStages::stage`]): the installer and the mtools it runs read and write a
+/// sparse file, not the stick, while the ISO's files are written; the loader is then
+/// taken over ([`adopt_staged_loader`]) with the stick's own boot parameters, volume
+/// ID included.
 pub struct StagedFat {
     image: std::sync::Arc<StagedImage>,
-    /// This stick's volume ID, patched over the one the image was made with.
-    volume_id: u32,
 }
 
 /// What staging wrote: the reserved sectors, both FATs, the root and `/syslinux`
@@ -390,21 +385,14 @@ struct StagedImage {
 }
 
 impl StagedFat {
-    /// The staged filesystem as a device of its own with this stick's volume ID, and
-    /// the ranges that hold anything.
-    fn device(&self) -> Result<(crate::io::MemDevice, Vec<std::ops::Range<u64>>), FatError> {
+    /// The staged filesystem as a device of its own.
+    fn device(&self) -> io::Result<crate::io::MemDevice> {
         let mut device = crate::io::MemDevice::new(self.image.len);
-        let mut ranges = Vec::new();
         for (at, bytes) in &self.image.regions {
             device.seek(SeekFrom::Start(*at))?;
             device.write_all(bytes)?;
-            ranges.push(*at..*at + bytes.len() as u64);
         }
-        fat::set_volume_id(
-            &mut PartitionWindow::new(&mut device, 0, self.image.len),
-            self.volume_id,
-        )?;
-        Ok((device, ranges))
+        Ok(device)
     }
 }
 
@@ -440,6 +428,7 @@ fn staged_loader_files<D: Read + Seek>(device: &mut D) -> Result<Vec<LoaderFile>
         step: step.into(),
         source,
     })?;
+    let geometry = fat_raw::geometry(device, 0).map_err(fail)?;
     let mut files = Vec::new();
     for path in LOADER_FILES {
         let (entry, attributes, clusters) =
@@ -449,8 +438,9 @@ fn staged_loader_files<D: Read + Seek>(device: &mut D) -> Result<Vec<LoaderFile>
                 "the SYSLINUX installer put {path} in cluster {outside}, outside the clusters {room:?} set aside for it"
             ))));
         }
+        let size = u64::from(entry.size);
         let mut bytes = Vec::with_capacity(entry.size as usize);
-        for (at, len) in fat_raw::file_extents(device, 0, path).map_err(fail)? {
+        for (at, len) in fat_raw::cluster_extents(&geometry, &clusters, size) {
             bytes.extend(
                 crate::io::read_at(device, at, len as usize).map_err(ApplyError::io(step))?,
             );
@@ -479,7 +469,7 @@ fn adopt_staged_loader<D: Read + Write + Seek>(
     staged: &StagedFat,
 ) -> Result<(), ApplyError> {
     let step = "installing SYSLINUX's loader";
-    let (mut device, _) = staged.device().map_err(ApplyError::fat(step))?;
+    let mut device = staged.device().map_err(ApplyError::io(step))?;
     let files = staged_loader_files(&mut device)?;
     let alloc = |source: AllocError| ApplyError::Alloc {
         step: step.into(),
@@ -537,8 +527,9 @@ fn adopt_staged_loader<D: Read + Write + Seek>(
 
 /// The staged filesystems of one `write` command: made once for each partition size
 /// and label, and shared by the sticks of a batch that have them (only the volume ID
-/// differs, and is patched per stick). Under an emulated CPU each program the
-/// installer runs costs a fraction of a second, times every stick.
+/// differs, and each stick keeps its own boot parameters when it takes the loader
+/// over). Under an emulated CPU each program the installer runs costs a fraction of a
+/// second, times every stick.
 #[derive(Default)]
 pub struct BootFatStages {
     made: std::sync::Mutex<std::collections::HashMap<StageKey, StageSlot>>,
@@ -588,7 +579,6 @@ impl BootFatStages {
         match made {
             Ok(image) => Ok(Some(StagedFat {
                 image: image.clone(),
-                volume_id: plan.volume_id,
             })),
             Err(text) => Err(ApplyError::StagedElsewhere(text.clone())),
         }

@@ -983,20 +983,6 @@ pub fn set_label<F: Read + Write + Seek>(
 
 /// Makes the FAT32 backup boot sector equal the primary again after a boot
 /// loader installer rewrote only the primary.
-/// Sets the FAT32 volume ID (`BS_VolID`, what `root=live:UUID=` names) in the boot
-/// sector and its backup.
-pub fn set_volume_id<F: Read + Write + Seek>(
-    window: &mut PartitionWindow<F>,
-    volume_id: u32,
-) -> Result<(), FatError> {
-    window.seek(SeekFrom::Start(FAT32_VOLUME_ID))?;
-    window.write_all(&volume_id.to_le_bytes())?;
-    sync_backup_boot_sector(window)
-}
-
-/// Offset of `BS_VolID` in a FAT32 boot sector.
-const FAT32_VOLUME_ID: u64 = 0x43;
-
 pub fn sync_backup_boot_sector<F: Read + Write + Seek>(
     window: &mut PartitionWindow<F>,
 ) -> Result<(), FatError> {

@@ -151,7 +151,7 @@ fn give_chain<D: Read + Write + Seek>(
     dev.seek(SeekFrom::Start(entry.offset + 26))?;
     dev.write_all(&fields[6..12])?;
     dev.flush()?;
-    Ok(extents(g, clusters, size))
+    Ok(fat_raw::cluster_extents(g, clusters, size))
 }
 
 /// FAT32's bad-cluster mark: every FAT driver's allocator passes over it.
@@ -172,12 +172,7 @@ pub fn reserve<D: Read + Write + Seek>(
             "clusters {clusters:?} cannot be set aside on this filesystem"
         ))));
     }
-    let width = entry_width(&g);
-    let count = u64::from(clusters.end - clusters.start);
-    let mut bytes = vec![0u8; (count * width) as usize];
-    let at = u64::from(clusters.start) * width;
-    dev.seek(SeekFrom::Start(g.fat_offset + at))?;
-    dev.read_exact(&mut bytes)?;
+    let mut bytes = read_entries(dev, &g, &clusters)?;
     if bytes.chunks_exact(4).any(|e| entry_value(&g, e) != 0) {
         return Err(AllocError::Fat(SwapError::Unsupported(format!(
             "clusters {clusters:?} are not all free"
@@ -187,10 +182,7 @@ pub fn reserve<D: Read + Write + Seek>(
         let reserved = u32_at(e, 0) & !FAT32_EOC;
         put_u32(e, 0, reserved | FAT32_BAD);
     }
-    for copy in 0..g.fats {
-        dev.seek(SeekFrom::Start(g.fat_offset + copy * g.fat_bytes + at))?;
-        dev.write_all(&bytes)?;
-    }
+    write_entries(dev, &g, clusters.start, &bytes)?;
     recount_fsinfo(dev, &g)?;
     dev.flush()?;
     Ok(())
@@ -216,23 +208,20 @@ pub fn release<D: Read + Write + Seek>(
     clusters: std::ops::Range<u32>,
 ) -> Result<(), AllocError> {
     let g = fat_raw::geometry(dev, part)?;
-    let width = entry_width(&g);
-    let marked: std::collections::HashSet<u32> = {
-        let count = u64::from(clusters.end.saturating_sub(clusters.start));
-        let mut bytes = vec![0u8; (count * width) as usize];
-        dev.seek(SeekFrom::Start(
-            g.fat_offset + u64::from(clusters.start) * width,
-        ))?;
-        dev.read_exact(&mut bytes)?;
-        bytes
-            .chunks_exact(width as usize)
-            .enumerate()
-            .filter(|(_, e)| g.fat32 && entry_value(&g, e) == FAT32_BAD)
-            .map(|(i, _)| clusters.start + i as u32)
-            .collect()
-    };
-    if !marked.is_empty() {
-        free_clusters_in_fat(dev, &g, |c| marked.contains(&c))?;
+    if g.fat32 {
+        let mut bytes = read_entries(dev, &g, &clusters)?;
+        let mut changed = false;
+        for e in bytes.chunks_exact_mut(4) {
+            if entry_value(&g, e) == FAT32_BAD {
+                // The top four bits are reserved and stay.
+                let reserved = u32_at(e, 0) & !FAT32_EOC;
+                put_u32(e, 0, reserved);
+                changed = true;
+            }
+        }
+        if changed {
+            write_entries(dev, &g, clusters.start, &bytes)?;
+        }
     }
     recount_fsinfo(dev, &g)?;
     dev.flush()?;
@@ -323,7 +312,7 @@ pub fn extend_with<D: Read + Write + Seek>(
     write_chain(dev, &g, &tail)?;
     update_fsinfo(dev, &g, &fresh)?;
     chain.extend_from_slice(&fresh);
-    let all = extents(&g, &chain, new_size);
+    let all = fat_raw::cluster_extents(&g, &chain, new_size);
     prepare(dev, &all)?;
     // The size last: until it changes, the file is the old one plus lost clusters.
     dev.seek(SeekFrom::Start(entry.offset + 28))?;
@@ -425,11 +414,7 @@ pub fn start_next_file_at<D: Read + Write + Seek>(
 ) -> Result<(), AllocError> {
     let before = first.saturating_sub(1);
     reserve(dev, part, before..first)?;
-    let g = fat_raw::geometry(dev, part)?;
-    if let Some((at, _)) = fsinfo(dev, &g)? {
-        dev.seek(SeekFrom::Start(at + 492))?;
-        dev.write_all(&before.to_le_bytes())?;
-    }
+    set_next_free_hint(dev, part, before)?;
     dev.flush()?;
     Ok(())
 }
@@ -439,10 +424,19 @@ pub fn start_next_file_at<D: Read + Write + Seek>(
 /// writes the next free cluster, mtools takes it as the last one allocated and starts
 /// after it): one that started past a free cluster would leave it a hole for good.
 pub fn forget_next_free<D: Read + Write + Seek>(dev: &mut D, part: u64) -> Result<(), AllocError> {
+    set_next_free_hint(dev, part, u32::MAX)
+}
+
+/// Writes `hint` as FSInfo's next-free cluster, when the volume keeps FSInfo.
+fn set_next_free_hint<D: Read + Write + Seek>(
+    dev: &mut D,
+    part: u64,
+    hint: u32,
+) -> Result<(), AllocError> {
     let g = fat_raw::geometry(dev, part)?;
     if let Some((at, _)) = fsinfo(dev, &g)? {
         dev.seek(SeekFrom::Start(at + 492))?;
-        dev.write_all(&u32::MAX.to_le_bytes())?;
+        dev.write_all(&hint.to_le_bytes())?;
     }
     Ok(())
 }
@@ -498,12 +492,7 @@ fn free_clusters_in_fat<D: Read + Write + Seek>(
             }
         }
         if changed {
-            for copy in 0..g.fats {
-                dev.seek(SeekFrom::Start(
-                    g.fat_offset + copy * g.fat_bytes + cluster * width,
-                ))?;
-                dev.write_all(&buf[..bytes])?;
-            }
+            write_entries(dev, g, cluster as u32, &buf[..bytes])?;
         }
         cluster += count;
     }
@@ -526,6 +515,37 @@ fn entry_value(g: &Geo, bytes: &[u8]) -> u32 {
     } else {
         u32::from(u16_at(bytes, 0))
     }
+}
+
+/// The entries of `clusters` in the first FAT, as stored.
+fn read_entries<D: Read + Seek>(
+    dev: &mut D,
+    g: &Geo,
+    clusters: &std::ops::Range<u32>,
+) -> io::Result<Vec<u8>> {
+    let width = entry_width(g);
+    let count = u64::from(clusters.end.saturating_sub(clusters.start));
+    let mut bytes = vec![0u8; (count * width) as usize];
+    dev.seek(SeekFrom::Start(
+        g.fat_offset + u64::from(clusters.start) * width,
+    ))?;
+    dev.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Writes `bytes` as the entries from cluster `first` on, in every FAT copy.
+fn write_entries<D: Write + Seek>(
+    dev: &mut D,
+    g: &Geo,
+    first: u32,
+    bytes: &[u8],
+) -> io::Result<()> {
+    let at = u64::from(first) * entry_width(g);
+    for copy in 0..g.fats {
+        dev.seek(SeekFrom::Start(g.fat_offset + copy * g.fat_bytes + at))?;
+        dev.write_all(bytes)?;
+    }
+    Ok(())
 }
 
 /// Calls `visit(cluster, value)` for every cluster from 2 on, reading the first FAT
@@ -628,12 +648,7 @@ fn write_chain<D: Read + Write + Seek>(dev: &mut D, g: &Geo, clusters: &[u32]) -
                 put_u16(e, 0, next as u16);
             }
         }
-        for copy in 0..g.fats {
-            dev.seek(SeekFrom::Start(
-                g.fat_offset + copy * g.fat_bytes + first * width as u64,
-            ))?;
-            dev.write_all(&bytes)?;
-        }
+        write_entries(dev, g, clusters[i], &bytes)?;
         i = j;
     }
     Ok(())
@@ -659,21 +674,6 @@ fn update_fsinfo<D: Read + Write + Seek>(dev: &mut D, g: &Geo, clusters: &[u32])
     dev.seek(SeekFrom::Start(at + 488))?;
     dev.write_all(&sector[488..496])?;
     Ok(())
-}
-
-fn extents(g: &Geo, clusters: &[u32], size: u64) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut left = size;
-    for &c in clusters {
-        let at = g.data_offset + u64::from(c - 2) * g.cluster_bytes;
-        let len = left.min(g.cluster_bytes);
-        match out.last_mut() {
-            Some((o, l)) if *o + *l == at => *l += len,
-            _ => out.push((at, len)),
-        }
-        left -= len;
-    }
-    out
 }
 
 #[cfg(test)]

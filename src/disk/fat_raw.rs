@@ -312,33 +312,29 @@ pub fn file_extents<D: Read + Seek>(
     path: &str,
 ) -> Result<Vec<(u64, u64)>, SwapError> {
     let g = geometry(dev, part)?;
-    let entry = find_entry(dev, part, path)?;
-    let mut extents: Vec<(u64, u64)> = Vec::new();
-    let mut remaining = u64::from(entry.size);
-    let mut c = entry.first_cluster;
-    let mut steps = 0u32;
-    // Bounded by the cluster count, so a looping chain cannot hang us.
-    while remaining > 0 && (2..g.max_cluster).contains(&c) && steps < g.max_cluster {
-        steps += 1;
+    let (entry, _, clusters) = file_clusters(dev, part, path)?;
+    Ok(cluster_extents(&g, &clusters, u64::from(entry.size)))
+}
+
+/// The data extents of `size` bytes held by `clusters` in file order, as `(device
+/// offset, length)`, contiguous clusters merged.
+pub(crate) fn cluster_extents(g: &Geo, clusters: &[u32], size: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut left = size;
+    for &c in clusters {
         let at = g.data_offset + u64::from(c - 2) * g.cluster_bytes;
-        let len = remaining.min(g.cluster_bytes);
-        match extents.last_mut() {
+        let len = left.min(g.cluster_bytes);
+        match out.last_mut() {
             Some((o, l)) if *o + *l == at => *l += len,
-            _ => extents.push((at, len)),
+            _ => out.push((at, len)),
         }
-        remaining -= len;
-        c = next_cluster(dev, &g, c)?;
+        left -= len;
     }
-    if remaining > 0 {
-        return Err(SwapError::Unsupported(format!(
-            "{path}: its cluster chain is shorter than its size"
-        )));
-    }
-    Ok(extents)
+    out
 }
 
 /// The file at `path`: its entry, its attribute byte and its clusters in file order
-/// (as many as its size needs).
+/// (as many as its size needs, so a looping chain cannot hang us).
 pub fn file_clusters<D: Read + Seek>(
     dev: &mut D,
     part: u64,
