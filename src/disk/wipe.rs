@@ -34,21 +34,31 @@
 //!   2 MiB (VMFS filesystem; bcachefs second superblock; LUKS2 secondary
 //!   header; UDF anchor at sector 512 of 4 KiB), 4 MiB (LUKS2 secondary
 //!   header, the last offset libblkid tries).
-//! * **The tail, the last 2 MiB**, zeroed whole. Every prober that reads
-//!   relative to the end reaches less than that (the region need not be a
-//!   multiple of 512 bytes; the probers round its end down to a sector or
-//!   to 4/64/256 KiB, which costs at most that much more):
-//!   Promise FastTrack (13 sector offsets up to 3087 sectors, about 1.51 MiB,
-//!   before the end), bcachefs third superblock (1 MiB before the end), ZFS
-//!   labels L2 and L3 (512/256 KiB before the 256 KiB-aligned end), md 0.90
-//!   (64 KiB before the 64 KiB-aligned end), md 1.0 (8 KiB before the 4
-//!   KiB-aligned end), DDF (last sector and 257 sectors before the end),
-//!   HighPoint 45x (11 sectors), Intel ISW (2 sectors, of 512 or 4096 bytes),
-//!   NVIDIA (2 sectors), Adaptec, JMicron, LSI, Silicon Image and VIA (last
-//!   sector), nilfs2 backup superblock (8 sectors), DRBD (4 KiB), and the GPT
-//!   backup header in the last sector.
+//! * **Spots near the end**, each read relative to the end of the region
+//!   (rounded out to 4 KiB relative to its start, as the probers round the
+//!   end down to a sector or to 4/64/256 KiB; the region need not be a
+//!   multiple of 512 bytes):
+//!   - the last 64 KiB whole: GPT backup header (last sector of 512 or 4096
+//!     bytes), Adaptec, JMicron, LSI, Silicon Image, VIA (last sector), Intel
+//!     ISW (2 sectors of 512 or 4096 bytes), NVIDIA (2 sectors), HighPoint 45x
+//!     (11 sectors), nilfs2 backup superblock (8 sectors), DRBD (4 KiB), md
+//!     1.0 (8 KiB before the 4 KiB-aligned end), DDF's last-sector header,
+//!     Promise FastTrack at 16 and 63 sectors;
+//!   - md 0.90: 4 KiB, 64 KiB before the 64 KiB-aligned end;
+//!   - DDF's other header, 257 sectors before the end;
+//!   - Promise FastTrack's other sector offsets (255 ... 3087 sectors, the
+//!     farthest about 1.51 MiB before the end);
+//!   - bcachefs's superblock 1 MiB before the end (util-linux 2.40 on);
+//!   - ZFS labels L2 and L3 (512 and 256 KiB before the 256 KiB-aligned end):
+//!     the nvlist header 16 KiB into each (what util-linux 2.39 on reads) and
+//!     the 128 KiB uberblock array in the second half of each (older libblkid,
+//!     Debian 12's 2.38 among them, counts uberblock magics there).
 //!
-//! A region shorter than head plus tail is zeroed whole.
+//!   Zeroing the last 2 MiB whole would cover them all too, at 4-5 times the
+//!   bytes; each persistence file, the partition and the disk pay it on a
+//!   slow stick.
+//!
+//! A region of at most [`WHOLE_UP_TO`] bytes is zeroed whole.
 //!
 //! Left out, on purpose: copies libblkid never reads, such as btrfs mirror
 //! superblocks (64 MiB, 256 GiB), ext and xfs backup superblocks, the NTFS
@@ -70,16 +80,41 @@ const MIB: u64 = 1024 * KIB;
 /// Zeroed whole at the start of every region.
 pub const HEAD: u64 = MIB;
 /// Zeroed whole at the end of every region.
-pub const TAIL: u64 = 2 * MIB;
+pub const TAIL: u64 = 64 * KIB;
 /// Offsets past the head that libblkid reads a header at, each zeroed for
 /// [`SPOT_LEN`] bytes.
 pub const FAR_SPOTS: [u64; 3] = [MIB, 2 * MIB, 4 * MIB];
 /// Bytes zeroed at each of [`FAR_SPOTS`]: one LUKS2 binary header, one block.
 pub const SPOT_LEN: u64 = 4 * KIB;
+/// Regions up to this long are zeroed whole (every end-relative offset fits
+/// in a longer one).
+pub const WHOLE_UP_TO: u64 = 2 * MIB;
+/// Promise FastTrack's metadata, in sectors before the end (libblkid's
+/// `promise_raid.c`).
+const PROMISE_SECTORS: [u64; 13] = [
+    63, 255, 256, 16, 399, 591, 675, 735, 911, 974, 991, 951, 3087,
+];
+/// Granularity of the spots near the end: a spot a page long, not a sector,
+/// never makes the page cache read the rest of the page from the stick.
+const BLOCK: u64 = 4 * KIB;
+/// ZFS vdev label size; labels L2 and L3 end at the 256 KiB-aligned end.
+const ZFS_LABEL: u64 = 256 * KIB;
+/// The most the spots near the end can add up to: [`TAIL`], md 0.90, DDF,
+/// the Promise offsets and bcachefs at two blocks each when unaligned, and two
+/// ZFS labels' nvlist headers and uberblock arrays.
+pub const MAX_TAIL_BYTES: u64 =
+    TAIL + BLOCK + (2 + 2 * PROMISE_SECTORS.len() as u64 + 2) * BLOCK + 2 * (BLOCK + 128 * KIB);
 /// The most [`signature_spots`] ever asks to zero in one region.
-pub const MAX_WIPE_BYTES: u64 = HEAD + TAIL + FAR_SPOTS.len() as u64 * SPOT_LEN;
+pub const MAX_WIPE_BYTES: u64 = {
+    let spread = HEAD + FAR_SPOTS.len() as u64 * SPOT_LEN + MAX_TAIL_BYTES;
+    if spread > WHOLE_UP_TO {
+        spread
+    } else {
+        WHOLE_UP_TO
+    }
+};
 // The budget: every persistence file and the partition pay this on a slow stick.
-const _: () = assert!(MAX_WIPE_BYTES <= 3 * MIB + 16 * KIB);
+const _: () = assert!(HEAD + FAR_SPOTS.len() as u64 * SPOT_LEN + MAX_TAIL_BYTES <= 3 * MIB / 2);
 
 /// Byte ranges, relative to the start of a region `len` bytes long, that must be
 /// zeroed so that libblkid finds no stale signature in it (merged, sorted, within
@@ -88,18 +123,42 @@ pub fn signature_spots(len: u64) -> Vec<Range<u64>> {
     if len == 0 {
         return Vec::new();
     }
-    if len <= HEAD + TAIL {
+    if len <= WHOLE_UP_TO {
         return std::iter::once(0..len).collect();
     }
-    let mut spots = Vec::with_capacity(FAR_SPOTS.len() + 2);
+    let mut spots = Vec::with_capacity(FAR_SPOTS.len() + 24);
     spots.push(0..HEAD);
     spots.extend(
         FAR_SPOTS
             .iter()
             .map(|&at| at..at.saturating_add(SPOT_LEN).min(len)),
     );
-    spots.push(len - TAIL..len);
+    spots.extend(end_spots(len));
     merge(spots, len)
+}
+
+/// The spots read relative to the end of a region longer than [`WHOLE_UP_TO`]
+/// (so that none of the subtractions below can wrap): see the module
+/// documentation for whose each is.
+fn end_spots(len: u64) -> Vec<Range<u64>> {
+    let blocks = |at: u64, n: u64| at / BLOCK * BLOCK..(at + n).div_ceil(BLOCK) * BLOCK;
+    let sector_from_end = |n: u64| ((len >> 9) - n) << 9;
+    let mut spots = vec![len - TAIL..len];
+    let md090 = (len & !(64 * KIB - 1)) - 64 * KIB;
+    spots.push(blocks(md090, 4 * KIB));
+    spots.push(blocks(sector_from_end(257), 512));
+    spots.extend(
+        PROMISE_SECTORS
+            .iter()
+            .map(|&s| blocks(sector_from_end(s), 512)),
+    );
+    spots.push(blocks(len - MIB, 4 * KIB));
+    let labels_end = len - len % ZFS_LABEL;
+    for label in [labels_end - 2 * ZFS_LABEL, labels_end - ZFS_LABEL] {
+        spots.push(blocks(label + 16 * KIB, 4 * KIB));
+        spots.push(label + ZFS_LABEL / 2..label + ZFS_LABEL);
+    }
+    spots
 }
 
 /// Zeroes [`signature_spots`]`(len)` of the region `[start, start+len)` of `dev`;
@@ -180,9 +239,11 @@ mod tests {
             511,
             4096,
             MIB,
-            HEAD + TAIL - 1,
-            HEAD + TAIL,
-            HEAD + TAIL + 1,
+            WHOLE_UP_TO - 1,
+            WHOLE_UP_TO,
+            WHOLE_UP_TO + 1,
+            WHOLE_UP_TO + 511,
+            3 * MIB + 7,
             4 * MIB + 100,
             5 * MIB,
             6 * MIB + 4097,
@@ -195,11 +256,14 @@ mod tests {
         for len in sizes {
             check_shape(len);
         }
+        for len in (WHOLE_UP_TO + 1..WHOLE_UP_TO + 2 * 256 * KIB).step_by(4093) {
+            check_shape(len);
+        }
     }
 
     #[test]
     fn small_regions_are_zeroed_whole() {
-        for len in [1, 4096, 3 * MIB] {
+        for len in [1, 4096, WHOLE_UP_TO] {
             assert_eq!(
                 signature_spots(len),
                 std::iter::once(0..len).collect::<Vec<_>>()
@@ -209,52 +273,82 @@ mod tests {
     }
 
     #[test]
-    fn spots_of_a_4gib_and_a_256mib_region() {
+    fn spots_of_a_4gib_region() {
         let g4 = 1u64 << 32;
-        assert_eq!(
-            signature_spots(g4),
-            vec![
-                0..MIB + 4 * KIB,
-                2 * MIB..2 * MIB + 4 * KIB,
-                4 * MIB..4 * MIB + 4 * KIB,
-                g4 - 2 * MIB..g4,
-            ]
-        );
-        assert_eq!(total(&signature_spots(g4)), MAX_WIPE_BYTES);
-        let m256 = 256 * MIB;
-        assert_eq!(total(&signature_spots(m256)), MAX_WIPE_BYTES);
-        // The tail swallows the 4 MiB spot of a region barely past 5 MiB.
-        let odd = 5 * MIB + 3;
-        assert_eq!(
-            signature_spots(odd),
-            vec![
-                0..MIB + 4 * KIB,
-                2 * MIB..2 * MIB + 4 * KIB,
-                odd - 2 * MIB..odd
-            ]
-        );
+        let from_end = |at: u64, n: u64| g4 - at..g4 - at + n;
+        let sector = |s: u64| from_end(s * 512 / BLOCK * BLOCK + BLOCK, BLOCK);
+        let mut want = vec![
+            0..MIB + 4 * KIB,
+            2 * MIB..2 * MIB + 4 * KIB,
+            4 * MIB..4 * MIB + 4 * KIB,
+            // bcachefs
+            from_end(MIB, 4 * KIB),
+            // ZFS L2 and L3: nvlist header, uberblocks
+            from_end(512 * KIB - 16 * KIB, 4 * KIB),
+            from_end(384 * KIB, 128 * KIB),
+            from_end(256 * KIB - 16 * KIB, 4 * KIB),
+            from_end(128 * KIB, 128 * KIB),
+            // md 0.90 right before the last 64 KiB, then the last 64 KiB
+            from_end(128 * KIB, 4 * KIB),
+            from_end(64 * KIB, 64 * KIB),
+        ];
+        // Promise and DDF, by sector before the end; 16 and 63 are in the last 64 KiB.
+        want.extend([3087, 991, 974, 951, 911, 735, 675, 591, 399, 257, 256].map(sector));
+        let want = merge(want, g4);
+        assert_eq!(signature_spots(g4), want);
+        // 1 MiB of head, 12 KiB of far spots, 304 KiB near the end (the last 2 MiB
+        // whole would be 2048 KiB); L3's uberblocks take in md 0.90, 255-257 sectors.
+        assert_eq!(total(&want), 1328 * KIB, "{want:?}");
+    }
+
+    /// Where each end-relative prober reads, (offset, length), for a region `len` long.
+    fn end_relative_reads(len: u64) -> Vec<(u64, u64)> {
+        let sector = |n: u64| ((len >> 9) - n) << 9;
+        let labels_end = len - len % (256 * KIB);
+        let mut reads = vec![
+            // GPT backup header (512- and 4096-byte sectors), one-sector RAIDs.
+            (sector(1), 512),
+            (((len >> 12) - 1) << 12, 4096),
+            // ISW (512/4096), NVIDIA, HighPoint 45x, nilfs2 backup, DRBD.
+            (sector(2), 512),
+            (((len >> 12) - 2) << 12, 4096),
+            (sector(11), 512),
+            (sector(8), 1024),
+            (len - 4 * KIB, 4 * KIB),
+            // md 1.0 and 0.90, DDF.
+            ((len & !(4 * KIB - 1)) - 8 * KIB, 4 * KIB),
+            ((len & !(64 * KIB - 1)) - 64 * KIB, 4 * KIB),
+            (sector(257), 512),
+            // bcachefs's magic.
+            (len - MIB + 24, 16),
+        ];
+        reads.extend(PROMISE_SECTORS.map(|s| (sector(s), 24)));
+        for label in [labels_end - 512 * KIB, labels_end - 256 * KIB] {
+            reads.push((label + 16 * KIB, 16));
+            reads.push((label + 128 * KIB, 128 * KIB));
+        }
+        reads
     }
 
     #[test]
-    fn every_end_relative_probe_falls_in_the_tail() {
-        // The farthest-from-the-end read of each end-relative prober, for
-        // awkward (unaligned) sizes; see the module documentation.
+    fn every_end_relative_probe_is_covered() {
+        // Awkward (unaligned) sizes too: see the module documentation.
         for len in [
+            WHOLE_UP_TO + 1,
+            WHOLE_UP_TO + 4095,
+            3 * MIB + 7,
             64 * MIB,
             64 * MIB + 511,
             256 * MIB - 1,
             (1 << 32) - 1,
             100 * MIB + 12345,
         ] {
-            let tail_start = len - TAIL;
-            let promise = ((len >> 9) - 3087) << 9;
-            let zfs_l2 = len - 4 * 256 * KIB - len % (256 * KIB) + 2 * 256 * KIB + 16 * KIB;
-            let md090 = (len & !(64 * KIB - 1)) - 64 * KIB;
-            let md10 = (len & !(4 * KIB - 1)) - 8 * KIB;
-            let bcachefs = len - MIB;
-            let ddf = (len / 512 - 257) * 512;
-            for at in [promise, zfs_l2, md090, md10, bcachefs, ddf] {
-                assert!(at >= tail_start, "{at} before the tail of {len}");
+            let spots = signature_spots(len);
+            for (at, n) in end_relative_reads(len) {
+                assert!(
+                    spots.iter().any(|r| r.start <= at && at + n <= r.end),
+                    "{at}+{n} not zeroed in a region of {len}: {spots:?}"
+                );
             }
         }
     }

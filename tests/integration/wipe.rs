@@ -117,7 +117,7 @@ fn tmp() -> tempfile::TempDir {
 fn spots_are_sorted_merged_bounded_and_cheap() {
     for len in SIZES
         .into_iter()
-        .chain([0, 1, 3 * MIB, 3 * MIB + 1, 1 << 32])
+        .chain([0, 1, 2 * MIB, 2 * MIB + 1, 3 * MIB + 1, 1 << 32])
     {
         let spots = signature_spots(len);
         for r in &spots {
@@ -129,8 +129,9 @@ fn spots_are_sorted_merged_bounded_and_cheap() {
         let total: u64 = spots.iter().map(|r| r.end - r.start).sum();
         assert!(total <= len.min(MAX_WIPE_BYTES), "{total} for {len}");
     }
-    // The budget: a little over 3 MiB per file or partition.
-    const { assert!(MAX_WIPE_BYTES <= 3 * MIB + 16 * 1024) };
+    // The budget: 2 MiB per file or partition (a region that short is zeroed whole;
+    // a longer one costs its first MiB and about 300 KiB more).
+    const { assert!(MAX_WIPE_BYTES <= 2 * MIB) };
 }
 
 #[test]
@@ -297,7 +298,7 @@ fn nvidia() -> Vec<u8> {
 
 /// Magic placed by hand where libblkid looks, for signatures no installed tool
 /// writes to a plain file: (case, expected TYPE, offset, bytes).
-fn planted(len: u64) -> Vec<(&'static str, &'static str, u64, Vec<u8>)> {
+fn planted(len: u64) -> Vec<(String, &'static str, u64, Vec<u8>)> {
     let sector = |from_end: u64| ((len >> 9) - from_end) << 9;
     let md090 = (len & !0xffff) - 0x10000;
     let md10 = (len & !0xfff) - 0x2000;
@@ -306,22 +307,29 @@ fn planted(len: u64) -> Vec<(&'static str, &'static str, u64, Vec<u8>)> {
         md0.extend_from_slice(&w.to_le_bytes());
     }
     let promise = b"Promise Technology, Inc.".to_vec();
+    // DDF: the signature and a primary LBA of 0 (nothing else to check).
+    let mut ddf = vec![0u8; 512];
+    ddf[0..4].copy_from_slice(&0xde11_de11u32.to_be_bytes());
+    // ZFS labels L2 and L3 (512 and 256 KiB before the 256 KiB-aligned end): Debian
+    // 12's libblkid (2.38) takes four uberblock magics in one label's array as a pool.
+    let labels_end = len - len % (256 << 10);
+    let uberblocks = |label: u64| {
+        let mut ub = vec![0u8; 4 << 10];
+        for i in 0..4 {
+            ub[i << 10..(i << 10) + 8].copy_from_slice(&0x00ba_b10cu64.to_le_bytes());
+        }
+        (label + (128 << 10), ub)
+    };
+    let (zfs2, ub2) = uberblocks(labels_end - (512 << 10));
+    let (zfs3, ub3) = uberblocks(labels_end - (256 << 10));
     vec![
+        ("ddf-far", "ddf_raid_member", sector(257), ddf.clone()),
+        ("ddf-near", "ddf_raid_member", sector(1), ddf),
+        ("zfs-l2", "zfs_member", zfs2, ub2),
+        ("zfs-l3", "zfs_member", zfs3, ub3),
         ("md090", "linux_raid_member", md090, md0),
         ("md10", "linux_raid_member", md10, md1(md10)),
         ("md12", "linux_raid_member", 4096, md1(4096)),
-        (
-            "promise-far",
-            "promise_fasttrack_raid_member",
-            sector(3087),
-            promise.clone(),
-        ),
-        (
-            "promise-near",
-            "promise_fasttrack_raid_member",
-            sector(63),
-            promise,
-        ),
         (
             "isw",
             "isw_raid_member",
@@ -338,6 +346,23 @@ fn planted(len: u64) -> Vec<(&'static str, &'static str, u64, Vec<u8>)> {
         ),
         ("vmfs", "VMFS", 2 * MIB, vec![0x5e, 0xf1, 0xab, 0x2f]),
     ]
+    .into_iter()
+    .map(|(case, ty, off, bytes)| (case.to_string(), ty, off, bytes))
+    // Promise FastTrack at each of the sector offsets libblkid tries.
+    .chain(
+        [
+            63, 255, 256, 16, 399, 591, 675, 735, 911, 974, 991, 951, 3087,
+        ]
+        .map(|s| {
+            (
+                format!("promise-{s}"),
+                "promise_fasttrack_raid_member",
+                sector(s),
+                promise.clone(),
+            )
+        }),
+    )
+    .collect()
 }
 
 #[test]
@@ -348,7 +373,7 @@ fn hand_placed_raid_and_far_magics_are_wiped() {
     let dir = tmp();
     for len in SIZES {
         for (case, ty, off, bytes) in planted(len) {
-            let p = fresh(dir.path(), len, case);
+            let p = fresh(dir.path(), len, &case);
             write_at(&p, off, &bytes);
             check(&p, ty);
         }
