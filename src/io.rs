@@ -23,6 +23,13 @@ const META_PAGE: usize = 4096;
 const WRITE_COALESCE: usize = 2 << 20;
 /// Sequential reads are served from a read-ahead buffer of this size.
 const READ_AHEAD: usize = 1 << 20;
+/// A read that starts nowhere near the last one (a directory cluster, as fatfs reads
+/// each directory 32 bytes at a time) fills this much: a MiB there would read file
+/// data no one asked for, from the stick when it has left the page cache.
+const READ_AROUND: usize = 64 << 10;
+/// Read buffers a window keeps (fatfs moves between a few directories while it
+/// creates files: each keeps its buffer instead of reading it again every time).
+const READ_BUFFERS: usize = 8;
 
 /// An I/O error and the file or device it happened on. Each module's error
 /// type converts it into its own `Io { path, source }` variant with `From`
@@ -278,8 +285,90 @@ pub struct PartitionWindow<F> {
     meta_dirty: std::collections::BTreeSet<usize>,
     wbuf: Vec<u8>,
     wbuf_at: u64,
-    rbuf: Vec<u8>,
-    rbuf_at: u64,
+    /// Bytes read past the prefix, kept equal to what the window wrote over them:
+    /// a device behind a writer thread (`BoundedDirty`) is read only once every
+    /// queued write has landed, so each read of the device stalls the pipeline.
+    reads: ReadBuffers,
+}
+
+/// Up to [`READ_BUFFERS`] runs of bytes read from the device, least recently used
+/// first out. Writes through the window patch every run they touch, so a run
+/// never holds bytes older than the device's.
+#[derive(Default)]
+struct ReadBuffers {
+    runs: Vec<ReadRun>,
+    clock: u64,
+}
+
+struct ReadRun {
+    at: u64,
+    bytes: Vec<u8>,
+    used: u64,
+}
+
+impl ReadBuffers {
+    fn clear(&mut self) {
+        self.runs.clear();
+    }
+
+    /// Copies into `out` what a run holds from `pos` on; the count, 0 when none does.
+    fn read(&mut self, pos: u64, out: &mut [u8]) -> usize {
+        self.clock += 1;
+        let clock = self.clock;
+        let Some(run) = self
+            .runs
+            .iter_mut()
+            .find(|r| pos >= r.at && pos < r.at + r.bytes.len() as u64)
+        else {
+            return 0;
+        };
+        run.used = clock;
+        let off = (pos - run.at) as usize;
+        let n = out.len().min(run.bytes.len() - off);
+        out[..n].copy_from_slice(&run.bytes[off..off + n]);
+        n
+    }
+
+    /// Whether a read at `pos` continues a run (a stream).
+    fn continues(&self, pos: u64) -> bool {
+        self.runs.iter().any(|r| r.at + r.bytes.len() as u64 == pos)
+    }
+
+    /// Keeps `bytes` read at `at`; a run it continues (a stream) is replaced,
+    /// otherwise the least recently used run when all are taken.
+    fn insert(&mut self, at: u64, bytes: Vec<u8>) {
+        self.clock += 1;
+        let run = ReadRun {
+            at,
+            bytes,
+            used: self.clock,
+        };
+        if let Some(i) = self
+            .runs
+            .iter()
+            .position(|r| r.at + r.bytes.len() as u64 == at)
+        {
+            self.runs[i] = run;
+        } else if self.runs.len() < READ_BUFFERS {
+            self.runs.push(run);
+        } else if let Some(oldest) = self.runs.iter_mut().min_by_key(|r| r.used) {
+            *oldest = run;
+        }
+    }
+
+    /// Writes `data` at `pos` into every run it overlaps.
+    fn patch(&mut self, pos: u64, data: &[u8]) {
+        let end = pos + data.len() as u64;
+        for run in &mut self.runs {
+            let run_end = run.at + run.bytes.len() as u64;
+            let lo = pos.max(run.at);
+            let hi = end.min(run_end);
+            if lo < hi {
+                run.bytes[(lo - run.at) as usize..(hi - run.at) as usize]
+                    .copy_from_slice(&data[(lo - pos) as usize..(hi - pos) as usize]);
+            }
+        }
+    }
 }
 
 impl<F: Read + Write + Seek> PartitionWindow<F> {
@@ -293,8 +382,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
             meta_dirty: std::collections::BTreeSet::new(),
             wbuf: Vec::new(),
             wbuf_at: 0,
-            rbuf: Vec::new(),
-            rbuf_at: 0,
+            reads: ReadBuffers::default(),
         }
     }
 
@@ -332,7 +420,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
         }
         self.meta = meta;
         self.meta_dirty.clear();
-        self.rbuf.clear();
+        self.reads.clear();
         Ok(())
     }
 
@@ -351,7 +439,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
         drop(bytes);
         self.meta = meta;
         self.meta_dirty = (0..n.div_ceil(META_PAGE)).collect();
-        self.rbuf.clear();
+        self.reads.clear();
         Ok(())
     }
 
@@ -374,7 +462,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
         }
         self.meta = meta;
         self.meta_dirty = (0..n.div_ceil(META_PAGE)).collect();
-        self.rbuf.clear();
+        self.reads.clear();
         Ok(())
     }
 
@@ -433,31 +521,38 @@ impl<F: Read + Write + Seek> Read for PartitionWindow<F> {
             {
                 self.flush_writes()?;
             }
-            let in_rbuf = pos >= self.rbuf_at && pos < self.rbuf_at + self.rbuf.len() as u64;
-            if in_rbuf {
-                let off = (pos - self.rbuf_at) as usize;
-                let n = want.min(self.rbuf.len() - off);
-                buf[..n].copy_from_slice(&self.rbuf[off..off + n]);
-                n
+            let held = self.reads.read(pos, &mut buf[..want]);
+            if held > 0 {
+                held
             } else if want >= READ_AHEAD {
                 self.inner.seek(SeekFrom::Start(self.start + pos))?;
                 self.inner.read(&mut buf[..want])?
             } else {
-                let fill = READ_AHEAD.min((self.len - pos) as usize);
-                self.rbuf.resize(fill, 0);
-                self.inner.seek(SeekFrom::Start(self.start + pos))?;
+                // A stream reads on in large pieces; anything else reads around the
+                // block it needs.
+                let (from, fill) = if self.reads.continues(pos) {
+                    (pos, READ_AHEAD)
+                } else {
+                    (pos - pos % META_PAGE as u64, READ_AROUND)
+                };
+                let fill = fill.min((self.len - from) as usize);
+                let mut run = vec![0u8; fill];
+                self.inner.seek(SeekFrom::Start(self.start + from))?;
                 let mut got = 0;
                 while got < fill {
-                    let r = self.inner.read(&mut self.rbuf[got..])?;
+                    let r = self.inner.read(&mut run[got..])?;
                     if r == 0 {
                         break;
                     }
                     got += r;
                 }
-                self.rbuf.truncate(got);
-                self.rbuf_at = pos;
-                let n = want.min(got);
-                buf[..n].copy_from_slice(&self.rbuf[..n]);
+                run.truncate(got);
+                let skip = (pos - from) as usize;
+                let n = want.min(got.saturating_sub(skip));
+                buf[..n].copy_from_slice(&run[skip..skip + n]);
+                if got > skip {
+                    self.reads.insert(from, run);
+                }
                 n
             }
         };
@@ -483,13 +578,7 @@ impl<F: Read + Write + Seek> Write for PartitionWindow<F> {
                 .extend(at / META_PAGE..(at + n).div_ceil(META_PAGE));
             n
         } else {
-            let end = pos + buf.len() as u64;
-            if !self.rbuf.is_empty()
-                && pos < self.rbuf_at + self.rbuf.len() as u64
-                && end > self.rbuf_at
-            {
-                self.rbuf.clear();
-            }
+            self.reads.patch(pos, buf);
             let appends = !self.wbuf.is_empty() && pos == self.wbuf_at + self.wbuf.len() as u64;
             if !appends || self.wbuf.len() + buf.len() > WRITE_COALESCE {
                 self.flush_writes()?;
@@ -2035,6 +2124,125 @@ mod tests {
         let bytes = disk.into_inner();
         assert_eq!(&bytes[612..621], b"fat entry");
         assert_eq!(bytes[512 + 8192 + 150], 1);
+    }
+
+    /// A device that counts the reads it serves.
+    struct CountedReads<'a> {
+        inner: Cursor<&'a mut Vec<u8>>,
+        reads: usize,
+        bytes: usize,
+    }
+
+    impl Read for CountedReads<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.reads += 1;
+            self.bytes += n;
+            Ok(n)
+        }
+    }
+
+    impl Write for CountedReads<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.inner.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Seek for CountedReads<'_> {
+        fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+            self.inner.seek(to)
+        }
+    }
+
+    #[test]
+    fn directories_read_between_writes_are_read_from_the_device_once() {
+        let mut bytes: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 253) as u8).collect();
+        let original = bytes.clone();
+        let mut dev = CountedReads {
+            inner: Cursor::new(&mut bytes),
+            reads: 0,
+            bytes: 0,
+        };
+        let dirs = [40_960u64, 1 << 20, 5 << 20];
+        {
+            let mut w = PartitionWindow::new(&mut dev, 4096, (8 << 20) - 4096);
+            for round in 0..20u8 {
+                for (i, &dir) in dirs.iter().enumerate() {
+                    // fatfs looks through the directory entry by entry ...
+                    let mut entry = [0u8; 32];
+                    for k in 0..=u64::from(round) {
+                        w.seek(SeekFrom::Start(dir + 32 * k)).unwrap();
+                        w.read_exact(&mut entry).unwrap();
+                    }
+                    // ... adds one, then writes a file's data elsewhere.
+                    w.seek(SeekFrom::Start(dir + 32 * u64::from(round)))
+                        .unwrap();
+                    w.write_all(&[round; 32]).unwrap();
+                    w.seek(SeekFrom::Start(
+                        (6 << 20) + u64::from(round) * 3 * 4096 + i as u64 * 4096,
+                    ))
+                    .unwrap();
+                    w.write_all(&[0xee; 4096]).unwrap();
+                    // What was written is what is read, before and after a flush.
+                    w.seek(SeekFrom::Start(dir + 32 * u64::from(round)))
+                        .unwrap();
+                    w.read_exact(&mut entry).unwrap();
+                    assert_eq!(entry, [round; 32]);
+                }
+                if round % 5 == 4 {
+                    w.flush().unwrap();
+                }
+            }
+            w.flush().unwrap();
+        }
+        // One read around each directory, not one per visit.
+        assert_eq!(dev.reads, dirs.len(), "{} bytes", dev.bytes);
+        assert_eq!(dev.bytes, dirs.len() * READ_AROUND);
+        for (i, &dir) in dirs.iter().enumerate() {
+            let at = (4096 + dir) as usize;
+            for round in 0..20usize {
+                assert!(
+                    bytes[at + 32 * round..at + 32 * round + 32]
+                        .iter()
+                        .all(|&b| b == round as u8)
+                );
+            }
+            let data = 4096 + (6 << 20) + i * 4096;
+            assert!(bytes[data..data + 4096].iter().all(|&b| b == 0xee));
+        }
+        assert_eq!(bytes[..4096], original[..4096]);
+    }
+
+    #[test]
+    fn a_stream_of_small_reads_reads_ahead_in_large_pieces() {
+        let mut bytes: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let expect = bytes[512..].to_vec();
+        let mut dev = CountedReads {
+            inner: Cursor::new(&mut bytes),
+            reads: 0,
+            bytes: 0,
+        };
+        let mut w = PartitionWindow::new(&mut dev, 512, (8 << 20) - 512);
+        let mut all = Vec::new();
+        let mut cluster = vec![0u8; 32 << 10];
+        loop {
+            let n = w.read(&mut cluster).unwrap();
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&cluster[..n]);
+        }
+        assert_eq!(all, expect);
+        drop(w);
+        // The first read reads around its block; the stream goes on a MiB at a time.
+        assert!(
+            dev.reads <= 2 + (8 << 20) / READ_AHEAD,
+            "{} reads",
+            dev.reads
+        );
     }
 
     #[test]
