@@ -1147,6 +1147,8 @@ fn apply_tagged(
             }
             None => start..start,
         };
+        // fatfs flushes after each file; the stick's queue need not run dry each time.
+        window.hold_device_flush(true);
         {
             tags.set("opening the FAT filesystem");
             let fs =
@@ -1273,6 +1275,7 @@ fn apply_tagged(
             corrupt.arm_every("corrupt-meta", fat_area.clone())?;
         }
         tags.set("flushing the FAT filesystem");
+        window.hold_device_flush(false);
         window
             .flush()
             .map_err(ApplyError::io("flushing the FAT filesystem"))?;

@@ -289,6 +289,9 @@ pub struct PartitionWindow<F> {
     /// a device behind a writer thread (`BoundedDirty`) is read only once every
     /// queued write has landed, so each read of the device stalls the pipeline.
     reads: ReadBuffers,
+    /// Whether [`Write::flush`] also flushes `inner` (see
+    /// [`PartitionWindow::hold_device_flush`]).
+    flush_device: bool,
 }
 
 /// Up to [`READ_BUFFERS`] runs of bytes read from the device, least recently used
@@ -383,6 +386,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
             wbuf: Vec::new(),
             wbuf_at: 0,
             reads: ReadBuffers::default(),
+            flush_device: true,
         }
     }
 
@@ -466,8 +470,18 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
         Ok(())
     }
 
+    /// While held, [`Write::flush`] hands everything the window holds to `inner`
+    /// but does not flush `inner`. fatfs flushes after every file it writes; a
+    /// stick's writer (`BoundedDirty`) answers a flush only once its queue is
+    /// empty, which left the bus idle while the next file was opened and read.
+    /// The writes stay in order either way; the caller flushes once it lets go.
+    pub fn hold_device_flush(&mut self, hold: bool) {
+        self.flush_device = !hold;
+    }
+
     /// Flushes and returns the underlying device or file.
     pub fn into_inner(mut self) -> io::Result<F> {
+        self.flush_device = true;
         self.flush()?;
         Ok(self.inner)
     }
@@ -623,7 +637,11 @@ impl<F: Read + Write + Seek> Write for PartitionWindow<F> {
                 at += n;
             }
         }
-        self.inner.flush()
+        if self.flush_device {
+            self.inner.flush()
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -2131,6 +2149,7 @@ mod tests {
         inner: Cursor<&'a mut Vec<u8>>,
         reads: usize,
         bytes: usize,
+        flushes: usize,
     }
 
     impl Read for CountedReads<'_> {
@@ -2147,6 +2166,7 @@ mod tests {
             self.inner.write(buf)
         }
         fn flush(&mut self) -> io::Result<()> {
+            self.flushes += 1;
             Ok(())
         }
     }
@@ -2165,6 +2185,7 @@ mod tests {
             inner: Cursor::new(&mut bytes),
             reads: 0,
             bytes: 0,
+            flushes: 0,
         };
         let dirs = [40_960u64, 1 << 20, 5 << 20];
         {
@@ -2217,6 +2238,38 @@ mod tests {
     }
 
     #[test]
+    fn a_held_flush_writes_everything_but_leaves_the_device_unflushed() {
+        let mut bytes = vec![0u8; 1 << 20];
+        let mut dev = CountedReads {
+            inner: Cursor::new(&mut bytes),
+            reads: 0,
+            bytes: 0,
+            flushes: 0,
+        };
+        {
+            let mut w = PartitionWindow::new(&mut dev, 4096, (1 << 20) - 4096);
+            w.hold_device_flush(true);
+            w.cache_prefix(8192).unwrap();
+            w.write_all(b"fat").unwrap();
+            w.seek(SeekFrom::Start(65536)).unwrap();
+            w.write_all(b"file").unwrap();
+            w.flush().unwrap();
+            assert_eq!(w.get_mut().flushes, 0);
+            assert_eq!(&w.get_mut().inner.get_ref()[4096..4099], b"fat");
+            assert_eq!(
+                &w.get_mut().inner.get_ref()[4096 + 65536..4096 + 65540],
+                b"file"
+            );
+            w.hold_device_flush(false);
+            w.flush().unwrap();
+            assert_eq!(w.get_mut().flushes, 1);
+            w.hold_device_flush(true);
+            w.into_inner().unwrap();
+        }
+        assert_eq!(dev.flushes, 2);
+    }
+
+    #[test]
     fn a_stream_of_small_reads_reads_ahead_in_large_pieces() {
         let mut bytes: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
         let expect = bytes[512..].to_vec();
@@ -2224,6 +2277,7 @@ mod tests {
             inner: Cursor::new(&mut bytes),
             reads: 0,
             bytes: 0,
+            flushes: 0,
         };
         let mut w = PartitionWindow::new(&mut dev, 512, (8 << 20) - 512);
         let mut all = Vec::new();
