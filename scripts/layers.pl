@@ -38,7 +38,7 @@ my @layers = (
     [ front   => qw(main cli commands) ],
     [ plan    => qw(plan prepare write_facts apply batch live_source manifest restore raw_inspect raw_write write_report) ],
     [ persist => qw(persist) ],
-    [ formats => qw(disk source boot squash) ],
+    [ formats => qw(disk source boot squash squash_dir) ],
     [ io      => qw(io) ],
     [ leaves  => qw(size tools progress layout error bytes) ],
 );

@@ -27,6 +27,7 @@ pub mod restore;
 pub mod size;
 pub mod source;
 pub mod squash;
+pub mod squash_dir;
 pub mod tools;
 pub mod write_facts;
 pub mod write_report;

@@ -471,9 +471,35 @@ pub(crate) fn classify_root(
     (root, compressor)
 }
 
+/// Whether the squashfs at `offset` in the ISO holds a nested root filesystem
+/// image: looked up in its directory tree (`squash_dir`), or, where that cannot
+/// read it (an LZO image, or one it finds damaged), by `unsquashfs`.
+pub(crate) fn list_nested_root(iso_path: &Path, offset: u64) -> RootKind {
+    use std::os::unix::fs::FileExt;
+    let looked_up = std::fs::File::open(iso_path)
+        .map_err(crate::squash_dir::DirError::Io)
+        .and_then(|file| {
+            let mut image = crate::squash_dir::SquashDirs::open(move |at, buf: &mut [u8]| {
+                file.read_exact_at(buf, offset + at)
+            })?;
+            for candidate in NESTED_ROOT_IMAGES {
+                if image.lookup(candidate)?.is_some() {
+                    return Ok(RootKind::Nested {
+                        image: candidate.to_string(),
+                    });
+                }
+            }
+            Ok(RootKind::Flat)
+        });
+    looked_up.unwrap_or_else(|_| list_nested_root_with_unsquashfs(iso_path, offset))
+}
+
+/// Where a live ISO's squashfs keeps a nested root image, in the order dracut tries.
+const NESTED_ROOT_IMAGES: [&str; 2] = ["LiveOS/rootfs.img", "LiveOS/ext3fs.img"];
+
 /// Asks `unsquashfs` (reading the ISO in place at the image's offset) whether
 /// the squashfs holds a nested root filesystem image.
-pub(crate) fn list_nested_root(iso_path: &Path, offset: u64) -> RootKind {
+fn list_nested_root_with_unsquashfs(iso_path: &Path, offset: u64) -> RootKind {
     let exe = match crate::tools::find_program(&crate::tools::UNSQUASHFS) {
         Ok(exe) => exe,
         Err(missing) => {
@@ -505,7 +531,7 @@ pub(crate) fn list_nested_root(iso_path: &Path, offset: u64) -> RootKind {
         }
     };
     let listing = String::from_utf8_lossy(&output.stdout);
-    for candidate in ["LiveOS/rootfs.img", "LiveOS/ext3fs.img"] {
+    for candidate in NESTED_ROOT_IMAGES {
         if listing
             .lines()
             .any(|l| l.trim_end() == format!("squashfs-root/{candidate}"))
