@@ -309,6 +309,12 @@ struct ReadRun {
     used: u64,
 }
 
+impl ReadRun {
+    fn end(&self) -> u64 {
+        self.at + self.bytes.len() as u64
+    }
+}
+
 impl ReadBuffers {
     fn clear(&mut self) {
         self.runs.clear();
@@ -321,7 +327,7 @@ impl ReadBuffers {
         let Some(run) = self
             .runs
             .iter_mut()
-            .find(|r| pos >= r.at && pos < r.at + r.bytes.len() as u64)
+            .find(|r| (r.at..r.end()).contains(&pos))
         else {
             return 0;
         };
@@ -334,7 +340,7 @@ impl ReadBuffers {
 
     /// Whether a read at `pos` continues a run (a stream).
     fn continues(&self, pos: u64) -> bool {
-        self.runs.iter().any(|r| r.at + r.bytes.len() as u64 == pos)
+        self.runs.iter().any(|r| r.end() == pos)
     }
 
     /// Keeps `bytes` read at `at`; a run it continues (a stream) is replaced,
@@ -346,11 +352,7 @@ impl ReadBuffers {
             bytes,
             used: self.clock,
         };
-        if let Some(i) = self
-            .runs
-            .iter()
-            .position(|r| r.at + r.bytes.len() as u64 == at)
-        {
+        if let Some(i) = self.runs.iter().position(|r| r.end() == at) {
             self.runs[i] = run;
         } else if self.runs.len() < READ_BUFFERS {
             self.runs.push(run);
@@ -363,9 +365,8 @@ impl ReadBuffers {
     fn patch(&mut self, pos: u64, data: &[u8]) {
         let end = pos + data.len() as u64;
         for run in &mut self.runs {
-            let run_end = run.at + run.bytes.len() as u64;
             let lo = pos.max(run.at);
-            let hi = end.min(run_end);
+            let hi = end.min(run.end());
             if lo < hi {
                 run.bytes[(lo - run.at) as usize..(hi - run.at) as usize]
                     .copy_from_slice(&data[(lo - pos) as usize..(hi - pos) as usize]);
@@ -552,14 +553,7 @@ impl<F: Read + Write + Seek> Read for PartitionWindow<F> {
                 let fill = fill.min((self.len - from) as usize);
                 let mut run = vec![0u8; fill];
                 self.inner.seek(SeekFrom::Start(self.start + from))?;
-                let mut got = 0;
-                while got < fill {
-                    let r = self.inner.read(&mut run[got..])?;
-                    if r == 0 {
-                        break;
-                    }
-                    got += r;
-                }
+                let got = read_full(&mut self.inner, &mut run)?;
                 run.truncate(got);
                 let skip = (pos - from) as usize;
                 let n = want.min(got.saturating_sub(skip));
@@ -803,7 +797,10 @@ impl<'a> BoundedDirty<'a> {
         let writer_file = file.try_clone()?;
         // A stick is read back past the page cache; an image file (no limit) has only
         // the cache to read, and often a file system without O_DIRECT.
-        let reader = match (limit > 0).then(|| reopen_direct(file)).flatten() {
+        let reader = match (limit > 0)
+            .then(|| reopen_direct(file, Access::Read))
+            .flatten()
+        {
             Some(direct) => Reader {
                 file: direct,
                 direct: true,
@@ -888,8 +885,10 @@ impl DirtyWriter {
         let read_back = reader.map(ReadBacker::start);
         let shared = read_back.as_ref().map(|r| r.shared.clone());
         let thread = std::thread::spawn(move || {
-            // A stick takes whole blocks past the page cache (see `DirectWrites`).
-            let direct = (limit > 0).then(|| DirectWrites::open(&file)).flatten();
+            // A stick takes whole blocks past the page cache (see `WriterLoop::direct`).
+            let direct = (limit > 0)
+                .then(|| reopen_direct(&file, Access::Write))
+                .flatten();
             let mut worker = WriterLoop {
                 direct,
                 file,
@@ -1077,14 +1076,22 @@ struct Reader {
     direct: bool,
 }
 
-/// A second open file description of `file` that reads past the page cache. Through
+/// What a second open file description of a target is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+}
+
+/// A second open file description of `file` that reads or writes past the page cache. Through
 /// `/proc/self/fd`, so it is the inode already opened, not whatever the target's path
 /// names now. `None` where O_DIRECT is not supported.
-fn reopen_direct(file: &std::fs::File) -> Option<std::fs::File> {
+fn reopen_direct(file: &std::fs::File, access: Access) -> Option<std::fs::File> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
-        .read(true)
+        .read(access == Access::Read)
+        .write(access == Access::Write)
         .custom_flags(libc::O_DIRECT)
         .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .ok()
@@ -1263,20 +1270,6 @@ fn drop_cached(file: &std::fs::File, range: &Range<u64>) {
     );
 }
 
-/// Writes to a stick past the page cache (O_DIRECT), through an aligned buffer
-/// the writer thread reuses. Through the page cache every page written to a stick is
-/// allocated (and zeroed, on kernels that zero every allocation), copied into,
-/// written back and dropped again: under an emulated CPU a quarter of a write's CPU
-/// time, and the bus waited for it. The read-back reads past the cache anyway.
-struct DirectWrites {
-    file: std::fs::File,
-    buffer: Vec<u8>,
-    start: usize,
-}
-
-/// Bytes of one direct write request from the bounce buffer.
-const DIRECT_CHUNK: usize = 1 << 20;
-
 /// The bytes of one write on their way to the writer thread (and kept for the
 /// read-back), placed so that the bytes bound for each 4 KiB block of the device
 /// start on a 4 KiB boundary in memory: a stick's whole blocks go to O_DIRECT from
@@ -1312,51 +1305,17 @@ impl std::ops::DerefMut for WriteBytes {
     }
 }
 
-impl DirectWrites {
-    /// A second open file description of the writer's file, for writing past the
-    /// page cache; `None` where O_DIRECT is not supported.
-    fn open(file: &std::fs::File) -> Option<DirectWrites> {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            .ok()?;
-        let buffer = vec![0u8; DIRECT_CHUNK + DIRECT_ALIGN];
-        let start = buffer.as_ptr().align_offset(DIRECT_ALIGN);
-        Some(DirectWrites {
-            file,
-            buffer,
-            start,
-        })
-    }
-
-    /// Writes `bytes` (whole blocks) at `at` (a block boundary): straight from
-    /// them when they are aligned in memory, else through the aligned buffer.
-    fn write(&mut self, bytes: &[u8], at: u64) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        if (bytes.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
-            return self.file.write_all_at(bytes, at);
-        }
-        let mut done = 0;
-        while done < bytes.len() {
-            let n = (bytes.len() - done).min(DIRECT_CHUNK);
-            let aligned = &mut self.buffer[self.start..self.start + n];
-            aligned.copy_from_slice(&bytes[done..done + n]);
-            self.file.write_all_at(aligned, at + done as u64)?;
-            done += n;
-        }
-        Ok(())
-    }
-}
-
 /// The writer thread's state: the current read-back batch grows with each write and
 /// goes to the read-back thread once synced.
 struct WriterLoop {
     file: std::fs::File,
-    /// Where the aligned part of each write goes on a stick.
-    direct: Option<DirectWrites>,
+    /// Where the whole 4 KiB blocks of each write go on a stick: past the page cache
+    /// (O_DIRECT), straight from the write's [`WriteBytes`]. Through the page cache
+    /// every page written to a stick is allocated (and zeroed, on kernels that zero
+    /// every allocation), copied into, written back and dropped again: under an
+    /// emulated CPU a quarter of a write's CPU time, and the bus waited for it. The
+    /// read-back reads past the cache anyway.
+    direct: Option<std::fs::File>,
     limit: u64,
     since_sync: u64,
     read_back: Option<ReadBacker>,
@@ -1418,46 +1377,47 @@ impl WriterLoop {
     }
 
     /// Writes `bytes` at `at`: whole blocks past the page cache when the stick
-    /// takes them so, the partial blocks at either end through it.
+    /// takes them so, the partial blocks at either end through it. `bytes` is laid
+    /// out by [`WriteBytes::copy_of`], so the whole blocks start page-aligned.
     fn write_at(&mut self, bytes: &[u8], at: u64) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let end = at + bytes.len() as u64;
+        let block = DIRECT_ALIGN as u64;
         let (lo, hi) = match &self.direct {
             Some(_) => {
-                let lo = at.next_multiple_of(DIRECT_ALIGN as u64).min(end);
-                (
-                    lo,
-                    (end / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64).max(lo),
-                )
+                let lo = at.next_multiple_of(block).min(end);
+                (lo, (end / block * block).max(lo))
             }
             None => (end, end),
         };
-        for part in [at..lo, hi..end] {
-            if part.is_empty() {
-                continue;
-            }
-            let slice = &bytes[(part.start - at) as usize..(part.end - at) as usize];
-            self.file.write_all_at(slice, part.start)?;
-            if self.limit > 0 {
-                // DONTNEED starts writeback of these dirty pages without waiting for
-                // it: the stick works while this thread goes on.
-                drop_cached(&self.file, &part);
-            }
-        }
-        if lo < hi
-            && let Some(direct) = &mut self.direct
-        {
-            let slice = &bytes[(lo - at) as usize..(hi - at) as usize];
-            match direct.write(slice, lo) {
+        let part = |r: Range<u64>| &bytes[(r.start - at) as usize..(r.end - at) as usize];
+        self.write_cached(part(at..lo), at)?;
+        self.write_cached(part(hi..end), hi)?;
+        if let (true, Some(direct)) = (lo < hi, &self.direct) {
+            match direct.write_all_at(part(lo..hi), lo) {
                 Ok(()) => {}
                 // A stick whose blocks are larger than a page: through the cache.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     self.direct = None;
-                    self.file.write_all_at(slice, lo)?;
-                    drop_cached(&self.file, &(lo..hi));
+                    self.write_cached(part(lo..hi), lo)?;
                 }
                 Err(e) => return Err(e),
             }
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` at `at` through the page cache; on a stick, starts their
+    /// writeback (DONTNEED, without waiting for it: the stick works while this
+    /// thread goes on).
+    fn write_cached(&self, bytes: &[u8], at: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all_at(bytes, at)?;
+        if self.limit > 0 {
+            drop_cached(&self.file, &(at..at + bytes.len() as u64));
         }
         Ok(())
     }
@@ -2217,7 +2177,8 @@ mod tests {
         let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(&path, &bytes).unwrap();
         let file = std::fs::File::open(&path).unwrap();
-        let direct = reopen_direct(&file).expect("O_DIRECT on the build directory's file system");
+        let direct = reopen_direct(&file, Access::Read)
+            .expect("O_DIRECT on the build directory's file system");
         let reader = Reader {
             file: direct,
             direct: true,
@@ -2287,6 +2248,17 @@ mod tests {
         flushes: usize,
     }
 
+    impl<'a> CountedReads<'a> {
+        fn new(bytes: &'a mut Vec<u8>) -> Self {
+            CountedReads {
+                inner: Cursor::new(bytes),
+                reads: 0,
+                bytes: 0,
+                flushes: 0,
+            }
+        }
+    }
+
     impl Read for CountedReads<'_> {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             let n = self.inner.read(buf)?;
@@ -2316,12 +2288,7 @@ mod tests {
     fn directories_read_between_writes_are_read_from_the_device_once() {
         let mut bytes: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 253) as u8).collect();
         let original = bytes.clone();
-        let mut dev = CountedReads {
-            inner: Cursor::new(&mut bytes),
-            reads: 0,
-            bytes: 0,
-            flushes: 0,
-        };
+        let mut dev = CountedReads::new(&mut bytes);
         let dirs = [40_960u64, 1 << 20, 5 << 20];
         {
             let mut w = PartitionWindow::new(&mut dev, 4096, (8 << 20) - 4096);
@@ -2375,12 +2342,7 @@ mod tests {
     #[test]
     fn a_held_flush_writes_everything_but_leaves_the_device_unflushed() {
         let mut bytes = vec![0u8; 1 << 20];
-        let mut dev = CountedReads {
-            inner: Cursor::new(&mut bytes),
-            reads: 0,
-            bytes: 0,
-            flushes: 0,
-        };
+        let mut dev = CountedReads::new(&mut bytes);
         {
             let mut w = PartitionWindow::new(&mut dev, 4096, (1 << 20) - 4096);
             w.hold_device_flush(true);
@@ -2408,12 +2370,7 @@ mod tests {
     fn a_stream_of_small_reads_reads_ahead_in_large_pieces() {
         let mut bytes: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
         let expect = bytes[512..].to_vec();
-        let mut dev = CountedReads {
-            inner: Cursor::new(&mut bytes),
-            reads: 0,
-            bytes: 0,
-            flushes: 0,
-        };
+        let mut dev = CountedReads::new(&mut bytes);
         let mut w = PartitionWindow::new(&mut dev, 512, (8 << 20) - 512);
         let mut all = Vec::new();
         let mut cluster = vec![0u8; 32 << 10];
@@ -2559,7 +2516,7 @@ mod tests {
             .open(&path)
             .unwrap();
         assert!(
-            DirectWrites::open(&file).is_some(),
+            reopen_direct(&file, Access::Write).is_some(),
             "O_DIRECT on the build directory"
         );
         let mut expect = vec![0xa5u8; 12 << 20];

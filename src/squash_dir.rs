@@ -295,13 +295,35 @@ mod tests {
     use std::path::Path;
     use std::process::Command;
 
-    fn open_file(
-        path: &Path,
-        offset: u64,
-    ) -> SquashDirs<impl FnMut(u64, &mut [u8]) -> io::Result<()>> {
+    type Opened<R> = Result<SquashDirs<R>, DirError>;
+
+    /// The image at `offset` in the file at `path`.
+    fn open_file(path: &Path, offset: u64) -> Opened<impl FnMut(u64, &mut [u8]) -> io::Result<()>> {
         use std::os::unix::fs::FileExt;
         let file = std::fs::File::open(path).unwrap();
-        SquashDirs::open(move |at, buf: &mut [u8]| file.read_exact_at(buf, offset + at)).unwrap()
+        SquashDirs::open(move |at, buf: &mut [u8]| file.read_exact_at(buf, offset + at))
+    }
+
+    /// The image held in `bytes`.
+    fn open_bytes(bytes: &[u8]) -> Opened<impl FnMut(u64, &mut [u8]) -> io::Result<()> + '_> {
+        SquashDirs::open(move |pos: u64, buf: &mut [u8]| {
+            let pos = pos as usize;
+            let src = bytes
+                .get(pos..pos + buf.len())
+                .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+            buf.copy_from_slice(src);
+            Ok(())
+        })
+    }
+
+    /// Whether the test can make images; in CI it must.
+    fn have_mksquashfs() -> bool {
+        let have = Command::new("mksquashfs").arg("-version").output().is_ok();
+        assert!(
+            have || std::env::var_os("CI").is_none(),
+            "mksquashfs is missing"
+        );
+        have
     }
 
     fn mksquashfs(tree: &Path, out: &Path, comp: &str) -> bool {
@@ -339,8 +361,7 @@ mod tests {
 
     #[test]
     fn lookups_agree_with_what_mksquashfs_stored() {
-        if Command::new("mksquashfs").arg("-version").output().is_err() {
-            assert!(std::env::var_os("CI").is_none(), "mksquashfs is missing");
+        if !have_mksquashfs() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -358,7 +379,7 @@ mod tests {
             let mut bytes = vec![0xa5u8; 6144];
             bytes.extend(std::fs::read(&img).unwrap());
             std::fs::write(&iso, &bytes).unwrap();
-            let mut sq = open_file(&iso, 6144);
+            let mut sq = open_file(&iso, 6144).unwrap();
             assert_eq!(
                 sq.lookup("LiveOS/rootfs.img").unwrap(),
                 Some(Found::File),
@@ -377,7 +398,7 @@ mod tests {
             assert_eq!(sq.lookup("usr/lib/os-release/x").unwrap(), None);
 
             assert!(mksquashfs(&flat, &img, comp));
-            let mut sq = open_file(&img, 0);
+            let mut sq = open_file(&img, 0).unwrap();
             assert_eq!(sq.lookup("LiveOS/rootfs.img").unwrap(), None, "{comp}");
             assert_eq!(
                 sq.lookup("LiveOS/rootfs.img.d").unwrap(),
@@ -387,17 +408,13 @@ mod tests {
         }
         // LZO is left to unsquashfs.
         if mksquashfs(&nested, &img, "lzo") {
-            use std::os::unix::fs::FileExt;
-            let file = std::fs::File::open(&img).unwrap();
-            let opened = SquashDirs::open(move |at, buf: &mut [u8]| file.read_exact_at(buf, at));
-            assert!(matches!(opened, Err(DirError::Compressor(_))));
+            assert!(matches!(open_file(&img, 0), Err(DirError::Compressor(_))));
         }
     }
 
     #[test]
     fn damaged_images_are_errors_not_loops() {
-        if Command::new("mksquashfs").arg("-version").output().is_err() {
-            assert!(std::env::var_os("CI").is_none(), "mksquashfs is missing");
+        if !have_mksquashfs() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -412,23 +429,11 @@ mod tests {
         for at in (inode_table..good.len().min(dir_table + 4096)).step_by(97) {
             let mut bad = good.clone();
             bad[at] ^= 0x5a;
-            let mut sq = SquashDirs::open(|pos: u64, buf: &mut [u8]| {
-                let pos = pos as usize;
-                let src = bad
-                    .get(pos..pos + buf.len())
-                    .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
-                buf.copy_from_slice(src);
-                Ok(())
-            })
-            .unwrap();
+            let mut sq = open_bytes(&bad).unwrap();
             let _ = sq.lookup("LiveOS/rootfs.img");
         }
         let mut not = good.clone();
         not[0] = b'x';
-        let opened = SquashDirs::open(|pos: u64, buf: &mut [u8]| {
-            buf.copy_from_slice(&not[pos as usize..pos as usize + buf.len()]);
-            Ok(())
-        });
-        assert!(matches!(opened, Err(DirError::NotSquashfs)));
+        assert!(matches!(open_bytes(&not), Err(DirError::NotSquashfs)));
     }
 }
