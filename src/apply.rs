@@ -192,6 +192,18 @@ pub trait IsoSource {
     /// A reader of the ISO file at `path`, `size` bytes long.
     fn open(&mut self, path: &str, size: u64) -> Result<Box<dyn Read + '_>, ApplyError>;
 
+    /// The same file as [`IsoSource::open`], read through a buffer the source
+    /// lends: a source that holds the bytes already (a batch's broadcast) lends
+    /// its own, and the writer takes them from there without a copy.
+    fn open_buffered(
+        &mut self,
+        path: &str,
+        size: u64,
+    ) -> Result<Box<dyn io::BufRead + '_>, ApplyError> {
+        let reader = self.open(path, size)?;
+        Ok(Box::new(io::BufReader::with_capacity(1 << 20, reader)))
+    }
+
     /// Whether the source gives the sha256 of each file it was read to the end
     /// ([`IsoSource::digest_of_last`]), so the writer need not hash it again.
     fn hashes_files(&self) -> bool {
@@ -1189,16 +1201,10 @@ fn apply_tagged(
                 tags.set(step.as_str());
                 let sum = match &copy.source {
                     CopySource::Iso { path } if source.hashes_files() => {
-                        let mut reader = source.open(path, copy.size)?;
-                        let hasher = crate::io::NoHash;
-                        fat::write_file_with(
-                            &fs,
-                            &copy.dest,
-                            &mut reader,
-                            copy.size,
-                            hasher,
-                            |n| progress.inc(n),
-                        )
+                        let mut reader = source.open_buffered(path, copy.size)?;
+                        fat::write_file_buffered(&fs, &copy.dest, &mut reader, copy.size, |n| {
+                            progress.inc(n)
+                        })
                         .map_err(ApplyError::fat(step.clone()))?;
                         drop(reader);
                         let sha256 = source.digest_of_last().ok_or_else(|| {

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::fmt::Display;
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -129,19 +129,16 @@ struct ChannelReader<'a> {
     done: bool,
 }
 
-impl Read for ChannelReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl ChannelReader<'_> {
+    /// Waits for the next chunk unless bytes of the current one are left; false at
+    /// the file's end.
+    fn refill(&mut self) -> io::Result<bool> {
         loop {
             if self.done {
-                return Ok(0);
+                return Ok(false);
             }
-            if let Some(chunk) = &self.current
-                && self.offset < chunk.len()
-            {
-                let n = buf.len().min(chunk.len() - self.offset);
-                buf[..n].copy_from_slice(&chunk[self.offset..self.offset + n]);
-                self.offset += n;
-                return Ok(n);
+            if self.current.as_ref().is_some_and(|c| self.offset < c.len()) {
+                return Ok(true);
             }
             match self.rx.recv() {
                 Ok(Chunk::Data(d)) => {
@@ -151,6 +148,7 @@ impl Read for ChannelReader<'_> {
                 Ok(Chunk::End(digest)) => {
                     *self.digest = Some(digest);
                     self.done = true;
+                    self.current = None;
                 }
                 Ok(Chunk::Failed(msg)) => return Err(io::Error::other(msg)),
                 Err(_) => {
@@ -163,19 +161,47 @@ impl Read for ChannelReader<'_> {
     }
 }
 
-impl IsoSource for BroadcastSource {
-    fn open(&mut self, path: &str, _size: u64) -> Result<Box<dyn Read + '_>, ApplyError> {
+impl Read for ChannelReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let lent = self.fill_buf()?;
+        let n = buf.len().min(lent.len());
+        buf[..n].copy_from_slice(&lent[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+/// Lends the broadcast chunk itself: every target writes from the one copy the
+/// broadcaster read.
+impl BufRead for ChannelReader<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if !self.refill()? {
+            return Ok(&[]);
+        }
+        Ok(self
+            .current
+            .as_deref()
+            .map_or(&[][..], |chunk| &chunk[self.offset..]))
+    }
+
+    fn consume(&mut self, amount: usize) {
+        self.offset += amount;
+    }
+}
+
+impl BroadcastSource {
+    fn reader(&mut self, path: &str) -> Result<ChannelReader<'_>, ApplyError> {
         match self.expected.pop_front() {
-            Some(p) if p == path => Ok(Box::new(ChannelReader {
-                rx: &self.rx,
-                digest: {
-                    self.last_digest = None;
-                    &mut self.last_digest
-                },
-                current: None,
-                offset: 0,
-                done: false,
-            })),
+            Some(p) if p == path => {
+                self.last_digest = None;
+                Ok(ChannelReader {
+                    rx: &self.rx,
+                    digest: &mut self.last_digest,
+                    current: None,
+                    offset: 0,
+                    done: false,
+                })
+            }
             other => Err(ApplyError::Source {
                 path: path.to_string(),
                 reason: format!(
@@ -184,6 +210,20 @@ impl IsoSource for BroadcastSource {
                 ),
             }),
         }
+    }
+}
+
+impl IsoSource for BroadcastSource {
+    fn open(&mut self, path: &str, _size: u64) -> Result<Box<dyn Read + '_>, ApplyError> {
+        Ok(Box::new(self.reader(path)?))
+    }
+
+    fn open_buffered(
+        &mut self,
+        path: &str,
+        _size: u64,
+    ) -> Result<Box<dyn io::BufRead + '_>, ApplyError> {
+        Ok(Box::new(self.reader(path)?))
     }
 
     fn hashes_files(&self) -> bool {
@@ -764,6 +804,93 @@ mod tests {
             err.to_string(),
             "every target failed: /dev/sd0: full; /dev/sd1: gone"
         );
+    }
+
+    /// An ISO source of in-memory files.
+    struct MemorySource(Vec<(String, Vec<u8>)>);
+
+    impl IsoSource for MemorySource {
+        fn open(&mut self, path: &str, _size: u64) -> Result<Box<dyn Read + '_>, ApplyError> {
+            let (_, bytes) =
+                self.0
+                    .iter()
+                    .find(|(p, _)| p == path)
+                    .ok_or_else(|| ApplyError::Source {
+                        path: path.to_string(),
+                        reason: "no such file".into(),
+                    })?;
+            Ok(Box::new(&bytes[..]))
+        }
+    }
+
+    #[test]
+    fn every_target_gets_each_file_whole_with_its_sha256_lent_or_copied() {
+        use sha2::Digest;
+        // Larger than a chunk, and not a multiple of it; an empty file; a small one.
+        let big: Vec<u8> = (0..CHUNK * 2 + 12345)
+            .map(|i| (i * 31 % 253) as u8)
+            .collect();
+        let files = vec![
+            ("/LiveOS/squashfs.img".to_string(), big),
+            ("/empty".to_string(), Vec::new()),
+            (
+                "/isolinux/isolinux.cfg".to_string(),
+                b"default linux\n".to_vec(),
+            ),
+        ];
+        let list = files
+            .iter()
+            .map(|(p, b)| (p.clone(), b.len() as u64))
+            .collect();
+        let (reader, mut targets) = broadcast(Box::new(MemorySource(files.clone())), list, 2);
+        std::thread::scope(|s| {
+            for (t, target) in targets.iter_mut().enumerate() {
+                let files = &files;
+                s.spawn(move || {
+                    for (path, bytes) in files {
+                        let mut got = Vec::new();
+                        if t == 0 {
+                            let mut lent = target.open_buffered(path, bytes.len() as u64).unwrap();
+                            loop {
+                                let chunk = lent.fill_buf().unwrap();
+                                if chunk.is_empty() {
+                                    break;
+                                }
+                                // Taken in uneven bites, as a writer may.
+                                let n = chunk.len().min(100_003);
+                                got.extend_from_slice(&chunk[..n]);
+                                lent.consume(n);
+                            }
+                        } else {
+                            target
+                                .open(path, bytes.len() as u64)
+                                .unwrap()
+                                .read_to_end(&mut got)
+                                .unwrap();
+                        }
+                        assert!(got == *bytes, "{path} differs for target {t}");
+                        let want: [u8; 32] = sha2::Sha256::digest(bytes).into();
+                        assert_eq!(target.digest_of_last(), Some(want), "{path}");
+                    }
+                });
+            }
+        });
+        reader.join().unwrap();
+    }
+
+    #[test]
+    fn a_target_asking_for_a_file_out_of_order_is_refused() {
+        let files = vec![
+            ("/a".to_string(), vec![1u8; 10]),
+            ("/b".to_string(), vec![2u8; 10]),
+        ];
+        let list = files
+            .iter()
+            .map(|(p, b)| (p.clone(), b.len() as u64))
+            .collect();
+        let (_reader, mut targets) = broadcast(Box::new(MemorySource(files)), list, 1);
+        let err = targets[0].open_buffered("/b", 10).err().unwrap();
+        assert!(err.to_string().contains("expected /a"), "{err}");
     }
 
     #[test]

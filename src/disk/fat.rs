@@ -548,24 +548,10 @@ pub fn write_file_with<F: Read + Write + Seek, R: Read + ?Sized, H: crate::io::S
     hasher: H,
     mut progress: impl FnMut(u64),
 ) -> Result<H::Out, FatError> {
-    if size_hint > FAT_MAX_FILE {
-        return Err(FatError::FileTooLarge {
-            path: path.to_string(),
-            size: size_hint,
-        });
-    }
-    create_dir_all(fs, parent_of(path))?;
-    let err = |source| FatError::File {
-        path: path.to_string(),
-        source,
-    };
-    let mut file = fs
-        .root_dir()
-        .create_file(path.trim_start_matches('/'))
-        .map_err(err)?;
-    file.truncate().map_err(err)?;
+    let mut file = create_truncated(fs, path, size_hint)?;
     let (digest, _) = crate::io::hash_while(
         hasher,
+        size_hint,
         |buf| crate::io::read_full(reader, buf),
         |chunk| {
             file.write_all(chunk)?;
@@ -573,9 +559,56 @@ pub fn write_file_with<F: Read + Write + Seek, R: Read + ?Sized, H: crate::io::S
             Ok(())
         },
     )
-    .map_err(err)?;
-    file.flush().map_err(err)?;
+    .map_err(file_err(path))?;
+    file.flush().map_err(file_err(path))?;
     Ok(digest)
+}
+
+/// [`write_file`] from a reader that lends its own buffer, for bytes whose digest
+/// their source computes (a batch hashes each ISO file once for all its targets):
+/// no digest here, and no copy of the bytes on their way to the filesystem.
+pub fn write_file_buffered<F: Read + Write + Seek, R: io::BufRead + ?Sized>(
+    fs: &FatFs<'_, F>,
+    path: &str,
+    reader: &mut R,
+    size_hint: u64,
+    mut progress: impl FnMut(u64),
+) -> Result<(), FatError> {
+    let mut file = create_truncated(fs, path, size_hint)?;
+    loop {
+        let chunk = match reader.fill_buf() {
+            Ok([]) => break,
+            Ok(chunk) => chunk,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(file_err(path)(e)),
+        };
+        let n = chunk.len();
+        file.write_all(chunk).map_err(file_err(path))?;
+        reader.consume(n);
+        progress(n as u64);
+    }
+    file.flush().map_err(file_err(path))
+}
+
+/// The file at `path`, created (with its directories) or emptied.
+fn create_truncated<'a, 'w, F: Read + Write + Seek>(
+    fs: &'a FatFs<'w, F>,
+    path: &str,
+    size_hint: u64,
+) -> Result<fatfs::File<'a, &'w mut PartitionWindow<F>>, FatError> {
+    if size_hint > FAT_MAX_FILE {
+        return Err(FatError::FileTooLarge {
+            path: path.to_string(),
+            size: size_hint,
+        });
+    }
+    create_dir_all(fs, parent_of(path))?;
+    let mut file = fs
+        .root_dir()
+        .create_file(path.trim_start_matches('/'))
+        .map_err(file_err(path))?;
+    file.truncate().map_err(file_err(path))?;
+    Ok(file)
 }
 
 /// Wraps an I/O error with the path it happened on.
