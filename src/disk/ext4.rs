@@ -8,12 +8,12 @@
 
 use crate::io::io_at;
 use std::fs::OpenOptions;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use crate::tools::{DEBUGFS, DUMPE2FS, E2FSCK, MKE2FS, RESIZE2FS, Tool, ToolMissing, find_program};
+use crate::tools::{DUMPE2FS, E2FSCK, MKE2FS, RESIZE2FS, Tool, ToolMissing, find_program};
 
 /// Errors from creating, checking, resizing or inspecting an ext4 image.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +179,6 @@ pub fn make_ext4_image(
         return Err(Ext4Error::RequiredFeature(f.clone()));
     }
     find_program(&MKE2FS)?;
-    find_program(&DEBUGFS)?;
     let f = OpenOptions::new()
         .create(true)
         .write(true)
@@ -225,59 +224,17 @@ pub fn make_ext4_image(
     args.push(format!("{}k", size / 1024).into());
     let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     run(MKE2FS, &refs, path)?;
-    checksum_journal(path)?;
     // Never 0, and below 2^31 so that no comparison of transaction IDs, in
     // any implementation, sits near a wrap.
     let sequence = rand::random::<u32>() % 0x7FFF_FFFE + 1;
-    set_journal_sequence(path, sequence)?;
-    let header = run(DUMPE2FS, &["-h".as_ref(), path.as_os_str()], path)?;
-    let shown = dumpe2fs_field(&header, "Journal sequence")
-        .and_then(|v| u32::from_str_radix(v.trim_start_matches("0x"), 16).ok());
-    if !journal_is_checksummed(&header) || shown != Some(sequence) {
-        return Err(Ext4Error::Journal {
-            path: path.to_path_buf(),
-            detail: format!(
-                "dumpe2fs shows no checksum v3 or sequence {shown:?} instead of {sequence}"
-            ),
-        });
-    }
-    Ok(())
+    edit_journal_superblock(path, |sb, is64| {
+        checksum_v3(sb, is64);
+        set_sequence(sb, sequence);
+    })
 }
 
 /// Features [`make_ext4_image`] cannot do without: see its documentation.
 const REQUIRED_FEATURES: [&str; 2] = ["has_journal", "metadata_csum"];
-
-/// Turn on checksum v3 in the journal superblock of the fresh image at
-/// `path`: debugfs opens the journal with checksums and closes it, which
-/// writes the superblock back with the flag and its own checksum. debugfs
-/// reports errors only as text, so the caller checks the result with
-/// dumpe2fs.
-fn checksum_journal(path: &Path) -> Result<(), Ext4Error> {
-    let exe = find_program(&DEBUGFS)?;
-    let mut child = Command::new(&exe)
-        .args(["-w".as_ref(), "-f".as_ref(), "-".as_ref(), path.as_os_str()])
-        .env("LC_ALL", "C")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(io_at(&exe))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(b"journal_open -c\njournal_close\n")
-            .map_err(io_at(&exe))?;
-    }
-    let out = child.wait_with_output().map_err(io_at(&exe))?;
-    if !out.status.success() {
-        return Err(Ext4Error::Failed {
-            tool: DEBUGFS.name,
-            path: path.to_path_buf(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
-}
 
 /// The value of `name:` in dumpe2fs output.
 fn dumpe2fs_field<'a>(out: &'a str, name: &str) -> Option<&'a str> {
@@ -289,7 +246,7 @@ fn dumpe2fs_field<'a>(out: &'a str, name: &str) -> Option<&'a str> {
 /// The jbd2 journal superblock's magic number (big-endian, like all its fields).
 const JBD2_MAGIC: u32 = 0xC03B_3998;
 /// Incompatible journal features that put a checksum in the superblock (v2, v3).
-const JBD2_CSUM_V2_V3: u32 = 0x08 | 0x10;
+const JBD2_CSUM_V2_V3: u32 = JBD2_CSUM_V2 | JBD2_CSUM_V3;
 /// `s_checksum_type` for crc32c, the only one v2/v3 use.
 const JBD2_CRC32C: u8 = 4;
 
@@ -322,72 +279,112 @@ fn be32(b: &[u8], at: usize) -> u32 {
 /// [`make_ext4_image`] uses it to make stale transactions of an older journal
 /// out of sequence; it is public so tests can stage old journals.
 pub fn set_journal_sequence(path: &Path, sequence: u32) -> Result<(), Ext4Error> {
+    edit_journal_superblock(path, |sb, _| set_sequence(sb, sequence))
+}
+
+/// The inode of an ext4 file system's internal journal.
+const JOURNAL_INODE: u32 = 8;
+/// Journal compatible feature: the v1 commit-block checksum.
+const JBD2_COMPAT_CHECKSUM: u32 = 0x01;
+/// Journal incompatible features: 64-bit block numbers, checksum v2 and v3.
+const JBD2_64BIT: u32 = 0x02;
+const JBD2_CSUM_V2: u32 = 0x08;
+const JBD2_CSUM_V3: u32 = 0x10;
+
+/// Checksum v3 from the first transaction, as debugfs's `journal_open -c` turns it on
+/// over a `metadata_csum` file system (mke2fs 1.47 leaves the journal superblock
+/// without it, and the kernel adds it only at the first mount): v3 replaces the older
+/// checksums, crc32c, and 64-bit tags on a 64-bit file system.
+/// `tests/ext4_sparse.rs` compares the result with debugfs's, byte for byte.
+fn checksum_v3(sb: &mut [u8; 1024], is64: bool) {
+    let compat = be32(sb, 0x24) & !JBD2_COMPAT_CHECKSUM;
+    let incompat =
+        (be32(sb, 0x28) & !JBD2_CSUM_V2) | JBD2_CSUM_V3 | if is64 { JBD2_64BIT } else { 0 };
+    sb[0x24..0x28].copy_from_slice(&compat.to_be_bytes());
+    sb[0x28..0x2C].copy_from_slice(&incompat.to_be_bytes());
+    sb[0x50] = JBD2_CRC32C;
+}
+
+fn set_sequence(sb: &mut [u8; 1024], sequence: u32) {
+    sb[0x18..0x1C].copy_from_slice(&sequence.to_be_bytes());
+}
+
+/// The journal superblock's checksum: crc32c over its 1024 bytes with the checksum
+/// field zeroed, starting from !0.
+fn journal_checksum(sb: &[u8; 1024]) -> u32 {
+    let mut copy = *sb;
+    copy[0xFC..0x100].fill(0);
+    crc32c(!0, &copy)
+}
+
+fn journal_is_checksummed(sb: &[u8; 1024]) -> bool {
+    be32(sb, 4) == 4 && be32(sb, 0x28) & JBD2_CSUM_V2_V3 != 0
+}
+
+/// Reads the journal superblock of the ext4 image at `path` (block 0 of the
+/// journal inode, found through its extents), lets `edit` change it, checksums it
+/// and writes it back. Refused unless it is a journal superblock of an empty
+/// journal (`s_start` 0) whose checksum, when it has one, verifies as it was.
+/// `edit` also learns whether the file system is 64-bit.
+fn edit_journal_superblock(
+    path: &Path,
+    edit: impl FnOnce(&mut [u8; 1024], bool),
+) -> Result<(), Ext4Error> {
     let bad = |detail: String| Ext4Error::Journal {
         path: path.to_path_buf(),
         detail,
     };
-    // Where journal block 0 (its superblock) lies: debugfs maps the journal inode.
-    let map = run(
-        DEBUGFS,
-        &["-R".as_ref(), "bmap <8> 0".as_ref(), path.as_os_str()],
-        path,
-    )?;
-    let block: u64 = map
-        .trim()
-        .parse()
-        .map_err(|_| bad(format!("debugfs bmap printed {:?}", map.trim())))?;
-    let block_size = ext4_info(path)?.block_size;
-    let at = block
-        .checked_mul(block_size)
-        .ok_or_else(|| bad(format!("journal block {block} is out of range")))?;
-    let f = OpenOptions::new()
+    let mut f = OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .map_err(io_at(path))?;
+    let mut raw = vec![0u8; SUPERBLOCK_BYTES];
+    f.read_exact_at(&mut raw, SUPERBLOCK_OFFSET)
+        .map_err(io_at(path))?;
+    let is64 = Superblock::parse(&raw)?.feature_incompat & INCOMPAT_64BIT != 0;
+    let fs = crate::disk::ext4_fs::Ext4Fs::open(&mut f).map_err(|e| bad(e.to_string()))?;
+    let journal = fs
+        .inode(&mut f, JOURNAL_INODE)
+        .and_then(|inode| fs.extents(&mut f, &inode))
+        .map_err(|e| bad(format!("the journal inode: {e}")))?;
+    let block = journal
+        .iter()
+        .find(|e| e.logical == 0 && e.len > 0)
+        .map(|e| e.physical)
+        .ok_or_else(|| bad("the journal inode maps no block 0".into()))?;
+    let at = block
+        .checked_mul(fs.block_size)
+        .ok_or_else(|| bad(format!("journal block {block} is out of range")))?;
     let mut sb = [0u8; 1024];
     f.read_exact_at(&mut sb, at).map_err(io_at(path))?;
     // Header: magic, block type (3, 4: superblock v1, v2); then s_sequence at
-    // 0x18, s_start at 0x1C, s_feature_incompat at 0x28, s_checksum_type at
-    // 0x50, s_checksum at 0xFC.
+    // 0x18, s_start at 0x1C, s_feature_compat at 0x24, s_feature_incompat at 0x28,
+    // s_checksum_type at 0x50, s_checksum at 0xFC.
     if be32(&sb, 0) != JBD2_MAGIC || !matches!(be32(&sb, 4), 3 | 4) {
         return Err(bad(format!("no journal superblock at block {block}")));
     }
     if be32(&sb, 0x1C) != 0 {
         return Err(bad("the journal is not empty".into()));
     }
-    let checksummed = be32(&sb, 4) == 4 && be32(&sb, 0x28) & JBD2_CSUM_V2_V3 != 0;
-    let checksum = |sb: &[u8; 1024]| {
-        let mut copy = *sb;
-        copy[0xFC..0x100].fill(0);
-        crc32c(!0, &copy)
-    };
-    if checksummed {
+    if journal_is_checksummed(&sb) {
         if sb[0x50] != JBD2_CRC32C {
             return Err(bad(format!("journal checksum type {}", sb[0x50])));
         }
-        if checksum(&sb) != be32(&sb, 0xFC) {
+        if journal_checksum(&sb) != be32(&sb, 0xFC) {
             return Err(bad(
                 "the journal superblock's checksum does not verify".into()
             ));
         }
     }
-    sb[0x18..0x1C].copy_from_slice(&sequence.to_be_bytes());
-    if checksummed {
-        let c = checksum(&sb);
+    edit(&mut sb, is64);
+    if journal_is_checksummed(&sb) {
+        let c = journal_checksum(&sb);
         sb[0xFC..0x100].copy_from_slice(&c.to_be_bytes());
     }
     f.write_all_at(&sb, at).map_err(io_at(path))?;
     f.sync_all().map_err(io_at(path))?;
     Ok(())
-}
-
-/// Whether `dumpe2fs -h` output shows a checksummed (v3) journal.
-fn journal_is_checksummed(header: &str) -> bool {
-    header.lines().any(|l| {
-        l.strip_prefix("Journal features:")
-            .is_some_and(|f| f.split_whitespace().any(|f| f == "journal_checksum_v3"))
-    })
 }
 
 /// The byte ranges of the ext4 file system at `offset` in `image` that its block
@@ -772,19 +769,6 @@ mod tests {
                 Err(Ext4Error::RequiredFeature(_))
             ));
         }
-    }
-
-    #[test]
-    fn reads_the_journal_checksum_flag() {
-        assert!(journal_is_checksummed(
-            "Journal inode:            8\nJournal features:         journal_64bit journal_checksum_v3\n"
-        ));
-        assert!(!journal_is_checksummed(
-            "Journal features:         (none)\n"
-        ));
-        assert!(!journal_is_checksummed(
-            "Filesystem features: has_journal\n"
-        ));
     }
 
     #[test]

@@ -611,3 +611,85 @@ fn set_journal_sequence_refuses_a_journal_in_use() {
         Err(Ext4Error::Journal { .. })
     ));
 }
+
+/// The journal superblock (1024 bytes) of the ext4 image at `path`, found the
+/// way e2fsprogs finds it.
+fn journal_superblock(path: &Path, block_size: u64) -> Vec<u8> {
+    let block: u64 = e2_ok("debugfs", &["-R", "bmap <8> 0", p(path)])
+        .trim()
+        .parse()
+        .unwrap();
+    let mut sb = vec![0u8; 1024];
+    File::open(path)
+        .unwrap()
+        .read_exact_at(&mut sb, block * block_size)
+        .unwrap();
+    sb
+}
+
+/// livestick turns the journal's checksums on itself, as debugfs's
+/// `journal_open -c` would: the same journal superblock, byte for byte, from
+/// mke2fs with the same UUID, then debugfs, then the same first sequence.
+#[test]
+fn the_journal_is_checksummed_exactly_as_debugfs_does_it() {
+    if !have_e2fsprogs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (block_size, features, size) in [
+        (4096u64, "64bit", SIZE),
+        (4096, "^64bit", SIZE),
+        (1024, "64bit", SIZE),
+        (1024, "^64bit", 256 * MIB),
+    ] {
+        let uuid = uuid::Uuid::new_v4();
+        let ours = dir.path().join("ours.img");
+        let theirs = dir.path().join("theirs.img");
+        let opts = Ext4Options {
+            block_size: Some(block_size as u32),
+            reserved_percent: Some(0),
+            uuid: Some(uuid),
+            features: vec![features.into()],
+            ..Ext4Options::default()
+        };
+        make_ext4_image(&ours, size, "HOME", &opts).unwrap();
+        File::create(&theirs).unwrap().set_len(size).unwrap();
+        e2_ok(
+            "mke2fs",
+            &[
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-L",
+                "HOME",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0",
+                "-O",
+                &format!("has_journal,metadata_csum,{features}"),
+                "-U",
+                &uuid.hyphenated().to_string(),
+                "-b",
+                &block_size.to_string(),
+                "-m",
+                "0",
+                p(&theirs),
+                &format!("{}k", size / 1024),
+            ],
+        );
+        debugfs_script(&theirs, "journal_open -c\njournal_close\n");
+        set_journal_sequence(&theirs, journal_sequence(&ours)).unwrap();
+        let case = format!("{block_size} {features}");
+        assert!(
+            field(&ours, "Journal features").contains("journal_checksum_v3"),
+            "{case}"
+        );
+        assert_eq!(
+            journal_superblock(&ours, block_size),
+            journal_superblock(&theirs, block_size),
+            "{case}"
+        );
+        let fsck = e2("e2fsck", &["-fn", p(&ours)]);
+        assert!(fsck.status.success(), "{case}: {}", text(&fsck));
+    }
+}
