@@ -143,17 +143,20 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
 
 /// Builds the plan for one target; every input check happens here. The target stays
 /// open (its one open) while the returned [`target::Opened`] is held.
+/// A target's plan, with what was learnt making it and the target's one open.
+pub type Planned = (
+    Plan,
+    target::TargetProbe,
+    Option<syslinux::SyslinuxFiles>,
+    target::Opened,
+);
+
 pub fn make_plan(
     args: &WriteArgs,
     target_path: &Path,
     opts: &WriteOptions,
     live: &live::LiveImage,
-) -> anyhow::Result<(
-    Plan,
-    target::TargetProbe,
-    Option<syslinux::SyslinuxFiles>,
-    target::Opened,
-)> {
+) -> anyhow::Result<Planned> {
     // Pinned: the one open below must find what is probed here (`target::pin`).
     target::pin(target_path)?;
     let probe = target::probe(target_path)?;
@@ -462,15 +465,8 @@ fn run_batch(
     let mut batch = Batch::start(json && !args.dry_run, &args.iso, &args.targets);
     // Each target's one open, held until the batch is done.
     let mut held_open = Vec::new();
-    for target in &args.targets {
-        // Each target gets its own volume id (and so its own overlay name).
-        let mut own = opts.clone();
-        own.volume_id = if args.volume_id.is_some() {
-            opts.volume_id.wrapping_add(batch.planned_count() as u32)
-        } else {
-            rand::random()
-        };
-        match make_plan(args, target, &own, &live) {
+    let mut take =
+        |batch: &mut Batch, target: &PathBuf, planned: anyhow::Result<Planned>| match planned {
             Ok((mut plan, probe, syslinux, opened)) => {
                 held_open.push(opened);
                 plan.notes.extend(unpacked.note());
@@ -484,6 +480,40 @@ fn run_batch(
                 });
             }
             Err(e) => batch.plan_failed(target, e),
+        };
+    if args.volume_id.is_some() {
+        // Numbered in turn: each target that plans takes the next volume id.
+        for target in &args.targets {
+            let mut own = opts.clone();
+            own.volume_id = opts.volume_id.wrapping_add(batch.planned_count() as u32);
+            let planned = make_plan(args, target, &own, &live);
+            take(&mut batch, target, planned);
+        }
+    } else {
+        // Side by side: each probes and reads its own stick (a few tenths of a
+        // second each on a slow CPU), and the batch starts writing once all are done.
+        let planned: Vec<_> = std::thread::scope(|scope| {
+            let planning: Vec<_> = args
+                .targets
+                .iter()
+                .map(|target| {
+                    let mut own = opts.clone();
+                    // Each target gets its own volume id (and so its own overlay name).
+                    own.volume_id = rand::random();
+                    let live = &live;
+                    scope.spawn(move || make_plan(args, target, &own, live))
+                })
+                .collect();
+            planning
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        });
+        for (target, planned) in args.targets.iter().zip(planned) {
+            take(&mut batch, target, planned);
         }
     }
     if args.dry_run {
