@@ -310,14 +310,14 @@ fn check_chains<D: Read + Seek>(dev: &mut D) -> Result<(), FatError> {
         // Not a layout fat_raw understands: fatfs decides, and refuses it.
         Err(_) => return Ok(()),
     };
-    let mut chains = Chains::read(dev, g)?;
+    let mut chains = Chains::new(g);
     let root = if g.fat32 { Some(g.root_cluster) } else { None };
     let mut pending = vec![(String::new(), root)];
     while let Some((path, first)) = pending.pop() {
         let runs = match first {
             None => vec![g.root_region],
             Some(first) => chains
-                .follow(&path_or_root(&path), first, None)?
+                .follow(dev, &path_or_root(&path), first, None)?
                 .into_iter()
                 .map(|c| {
                     (
@@ -351,7 +351,7 @@ fn check_chains<D: Read + Seek>(dev: &mut D) -> Result<(), FatError> {
                 } else {
                     let needed = u64::from(u32_at(e, 28)).div_ceil(g.cluster_bytes);
                     if needed > 0 {
-                        chains.follow(&child, first, Some(needed))?;
+                        chains.follow(dev, &child, first, Some(needed))?;
                     }
                 }
             }
@@ -379,17 +379,22 @@ fn short_name(e: &[u8]) -> String {
     }
 }
 
-/// The first FAT copy (the one fatfs reads) and the clusters already reached.
+/// The first FAT copy (the one fatfs reads), read where chains lead, and the
+/// clusters already reached. Read whole, the FAT of a 16 GiB stick is 16 MiB, most
+/// of it free clusters nobody follows: on a fresh filesystem the walk reads one page.
 struct Chains {
     g: fat_raw::Geo,
-    fat: Vec<u8>,
+    /// [`FAT_PAGE`] pieces of the FAT by index, as read.
+    pages: std::collections::HashMap<u64, Vec<u8>>,
     /// One past the highest cluster that both the boot sector and the FAT's size allow.
     limit: u32,
     seen: Vec<u64>,
 }
 
+const FAT_PAGE: u64 = 64 << 10;
+
 impl Chains {
-    fn read<D: Read + Seek>(dev: &mut D, g: fat_raw::Geo) -> io::Result<Chains> {
+    fn new(g: fat_raw::Geo) -> Chains {
         // FAT12 packs two entries in three bytes.
         let entries_in_fat = if g.fat12 {
             g.fat_bytes * 2 / 3
@@ -401,27 +406,53 @@ impl Chains {
         let limit = g
             .max_cluster
             .min(u32::try_from(entries_in_fat).unwrap_or(u32::MAX));
-        let mut fat = vec![0u8; g.fat_bytes as usize];
-        dev.seek(SeekFrom::Start(g.fat_offset))?;
-        dev.read_exact(&mut fat)?;
-        Ok(Chains {
+        Chains {
             g,
-            fat,
+            pages: std::collections::HashMap::new(),
             limit,
             seen: vec![0; (limit as usize).div_ceil(64)],
-        })
+        }
     }
 
-    fn next(&self, c: u32) -> u32 {
-        let c = c as usize;
-        if self.g.fat32 {
-            u32_at(&self.fat, c * 4) & 0x0fff_ffff
+    /// The [`FAT_PAGE`] piece of the FAT numbered `index`, read on first use.
+    fn page<D: Read + Seek>(&mut self, dev: &mut D, index: u64) -> io::Result<&[u8]> {
+        if !self.pages.contains_key(&index) {
+            let start = index * FAT_PAGE;
+            let mut page = vec![0u8; FAT_PAGE.min(self.g.fat_bytes - start) as usize];
+            dev.seek(SeekFrom::Start(self.g.fat_offset + start))?;
+            dev.read_exact(&mut page)?;
+            self.pages.insert(index, page);
+        }
+        Ok(&self.pages[&index])
+    }
+
+    /// `n` (2 or 4) little-endian bytes of the FAT at `at`, as a number. Only a
+    /// FAT12 entry can straddle two pages.
+    fn entry_bytes<D: Read + Seek>(&mut self, dev: &mut D, at: u64, n: u64) -> io::Result<u32> {
+        let mut bytes = [0u8; 4];
+        let within = (at % FAT_PAGE) as usize;
+        let page = self.page(dev, at / FAT_PAGE)?;
+        if let Some(whole) = page.get(within..within + n as usize) {
+            bytes[..n as usize].copy_from_slice(whole);
+            return Ok(u32::from_le_bytes(bytes));
+        }
+        for (i, byte) in bytes.iter_mut().take(n as usize).enumerate() {
+            let at = at + i as u64;
+            *byte = self.page(dev, at / FAT_PAGE)?[(at % FAT_PAGE) as usize];
+        }
+        Ok(u32::from_le_bytes(bytes))
+    }
+
+    fn next<D: Read + Seek>(&mut self, dev: &mut D, c: u32) -> io::Result<u32> {
+        let c = u64::from(c);
+        Ok(if self.g.fat32 {
+            self.entry_bytes(dev, c * 4, 4)? & 0x0fff_ffff
         } else if self.g.fat12 {
-            let pair = u32::from(u16_at(&self.fat, c + c / 2));
+            let pair = self.entry_bytes(dev, c + c / 2, 2)?;
             if c % 2 == 1 { pair >> 4 } else { pair & 0xfff }
         } else {
-            u32::from(u16_at(&self.fat, c * 2))
-        }
+            self.entry_bytes(dev, c * 2, 2)?
+        })
     }
 
     fn is_end(&self, value: u32) -> bool {
@@ -444,8 +475,9 @@ impl Chains {
     }
 
     /// The chain from `first`: to its end, or its first `needed` clusters.
-    fn follow(
+    fn follow<D: Read + Seek>(
         &mut self,
+        dev: &mut D,
         path: &str,
         first: u32,
         needed: Option<u64>,
@@ -465,7 +497,7 @@ impl Chains {
                 )));
             }
             chain.push(c);
-            let next = self.next(c);
+            let next = self.next(dev, c)?;
             if self.is_end(next) {
                 if let Some(needed) = needed
                     && (chain.len() as u64) < needed
@@ -1202,6 +1234,81 @@ mod tests {
         set_next(&mut disk, root, root);
         let why = damage(&mut disk);
         assert!(why.starts_with("/: "), "{why}");
+    }
+
+    #[test]
+    fn a_loop_far_into_a_long_chain_is_found_on_a_later_page_of_the_fat() {
+        // 40000 clusters: its chain runs across three pages of the FAT.
+        let clusters = 40_000u32;
+        let mut disk = volume_with(&[(IMG, clusters as usize * 512)]);
+        let first = fat_raw::find_entry(&mut disk, 0, IMG)
+            .unwrap()
+            .first_cluster;
+        assert!(u64::from(first + clusters) * 4 > 2 * FAT_PAGE);
+        let mut w = PartitionWindow::new(&mut disk, 0, 64 << 20);
+        assert!(open(&mut w).is_ok(), "the whole chain is sound");
+        drop(w);
+        set_next(&mut disk, first + clusters - 2, first + 35_000);
+        let why = damage(&mut disk);
+        assert!(
+            why.contains(&format!("cluster {}", first + 35_000)),
+            "{why}"
+        );
+        assert!(why.contains("a second time"), "{why}");
+    }
+
+    /// A FAT16 volume made by mkfs.fat, with a file of 300 clusters written by fatfs.
+    #[test]
+    fn fat16_chains_are_followed_and_a_loop_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fat16.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        let made = ["/usr/sbin/mkfs.fat", "/sbin/mkfs.fat", "mkfs.fat"]
+            .iter()
+            .find_map(|mkfs| {
+                std::process::Command::new(mkfs)
+                    .args(["-F", "16", "-s", "1"])
+                    .arg(&img)
+                    .output()
+                    .ok()
+            });
+        let Some(out) = made else {
+            assert!(
+                std::env::var("CI").is_err(),
+                "mkfs.fat (dosfstools) is missing"
+            );
+            return;
+        };
+        assert!(out.status.success(), "{out:?}");
+        let mut disk = std::io::Cursor::new(std::fs::read(&img).unwrap());
+        {
+            let mut w = PartitionWindow::new(&mut disk, 0, 32 << 20);
+            let fs = open(&mut w).unwrap();
+            let data = vec![7u8; 300 * 512];
+            write_file(&fs, "/big.bin", &mut &data[..], data.len() as u64, |_| {}).unwrap();
+            fs.unmount().unwrap();
+            w.flush().unwrap();
+        }
+        let g = fat_raw::geometry_any(&mut disk, 0).unwrap();
+        assert!(!g.fat32 && !g.fat12);
+        let first = fat_raw::find_entry(&mut disk, 0, "/big.bin")
+            .unwrap()
+            .first_cluster;
+        let mut w = PartitionWindow::new(&mut disk, 0, 32 << 20);
+        assert!(open(&mut w).is_ok());
+        drop(w);
+        for copy in 0..g.fats {
+            let at = (g.fat_offset + copy * g.fat_bytes + u64::from(first + 250) * 2) as usize;
+            disk.get_mut()[at..at + 2].copy_from_slice(&((first + 10) as u16).to_le_bytes());
+        }
+        let mut w = PartitionWindow::new(&mut disk, 0, 32 << 20);
+        match open(&mut w) {
+            Err(FatError::Damaged(why)) => assert!(why.contains("a second time"), "{why}"),
+            other => panic!("opened: {:?}", other.map(|_| ())),
+        }
     }
 
     #[test]
