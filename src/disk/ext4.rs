@@ -136,8 +136,9 @@ impl From<crate::io::IoAt> for Ext4Error {
 ///     filesystem fails its checksum, and recovery (the kernel's and
 ///     e2fsck's alike) takes a stale commit older than the last good one as
 ///     the end of the log. mke2fs 1.47 leaves the journal superblock without
-///     the checksum flag (the kernel adds it at mount), so debugfs's
-///     `journal_open -c` sets it now: checksummed from the first transaction.
+///     the checksum flag (the kernel adds it at mount), so it is set here, as
+///     debugfs's `journal_open -c` sets it ([`checksum_v3`]): checksummed from
+///     the first transaction.
 ///   - A random first sequence number (mke2fs starts every journal at 1, so
 ///     an old journal's transaction IDs line up with the new one's). This
 ///     covers what the checksums cannot: a caller-chosen `opts.uuid` equal to
