@@ -137,7 +137,7 @@ impl From<crate::io::IoAt> for Ext4Error {
 ///     e2fsck's alike) takes a stale commit older than the last good one as
 ///     the end of the log. mke2fs 1.47 leaves the journal superblock without
 ///     the checksum flag (the kernel adds it at mount), so it is set here, as
-///     debugfs's `journal_open -c` sets it ([`checksum_v3`]): checksummed from
+///     debugfs's `journal_open -c` sets it (`checksum_v3`): checksummed from
 ///     the first transaction.
 ///   - A random first sequence number (mke2fs starts every journal at 1, so
 ///     an old journal's transaction IDs line up with the new one's). This
