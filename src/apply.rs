@@ -214,6 +214,20 @@ pub trait IsoSource {
     fn digest_of_last(&mut self) -> Option<[u8; 32]> {
         None
     }
+
+    /// Where the bytes of the ISO file at `path` lie in a file of the host, for a
+    /// reader that reads them itself (a batch's, past the page cache); `None` when
+    /// the source has no such file (a stick, a source unpacked in memory).
+    fn file_extents(&mut self, _path: &str) -> Option<FileExtents> {
+        None
+    }
+}
+
+/// The bytes of one ISO file as byte extents of a host file.
+pub struct FileExtents {
+    pub file: File,
+    /// `(offset, length)` in file order.
+    pub extents: Vec<(u64, u64)>,
 }
 
 /// Reads the ISO directly.
@@ -245,6 +259,15 @@ impl IsoSource for DirectIsoSource {
                 reason: "no longer on the ISO (did the file change?)".into(),
             })?;
         Ok(Box::new(self.iso.open_file(&entry)))
+    }
+
+    fn file_extents(&mut self, path: &str) -> Option<FileExtents> {
+        let entry = self.iso.lookup(path).ok().flatten()?;
+        let file = self.iso.get_ref().get_ref().try_clone().ok()?;
+        Some(FileExtents {
+            file,
+            extents: entry.extents.iter().map(|e| (e.offset, e.len)).collect(),
+        })
     }
 }
 

@@ -27,11 +27,25 @@ use crate::source::live::LiveImage;
 
 const CHUNK: usize = 4 << 20;
 /// Chunks buffered per target: enough to ride out a slow moment of one
-/// stick without holding much memory (8 × 4 MiB per target).
-const DEPTH: usize = 8;
+/// stick without holding much memory (4 × 4 MiB, shared by every target).
+const DEPTH: usize = 4;
+
+/// Bytes of a chunk buffer that every target reads, shared, not copied.
+#[derive(Clone)]
+struct Lent {
+    buffer: Arc<Vec<u8>>,
+    range: std::ops::Range<usize>,
+}
+
+impl std::ops::Deref for Lent {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buffer[self.range.clone()]
+    }
+}
 
 enum Chunk {
-    Data(Arc<Vec<u8>>),
+    Data(Lent),
     /// The file's end, with the sha256 of its bytes: hashed once here rather than
     /// once per target (on a CPU without SHA instructions, such as QEMU's TCG, four
     /// targets hashing the same bytes made a batch CPU-bound).
@@ -76,9 +90,10 @@ pub fn broadcast(
                 }
             }
         };
+        let mut buffers = ChunkBuffers::default();
         for (path, size) in files {
             let mut digest = crate::io::Sha256Hash::default();
-            let mut reader = match source.open(&path, size) {
+            let mut reader = match FileChunks::open(source.as_mut(), &path, size) {
                 Ok(r) => r,
                 Err(e) => {
                     let msg = e.to_string();
@@ -87,32 +102,23 @@ pub fn broadcast(
                 }
             };
             loop {
-                let mut buf = vec![0u8; CHUNK];
-                let mut filled = 0;
-                while filled < CHUNK {
-                    match reader.read(&mut buf[filled..]) {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            let msg = format!("reading {path} from the ISO: {e}");
-                            drop(reader);
-                            send_all(&mut senders, &|| Chunk::Failed(msg.clone()));
-                            return;
-                        }
+                let lent = match reader.next(&mut buffers) {
+                    Ok(Some(lent)) => lent,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let msg = format!("reading {path} from the ISO: {e}");
+                        drop(reader);
+                        send_all(&mut senders, &|| Chunk::Failed(msg.clone()));
+                        return;
                     }
-                }
-                if filled == 0 {
-                    break;
-                }
-                buf.truncate(filled);
-                let data = Arc::new(buf);
-                send_all(&mut senders, &|| Chunk::Data(Arc::clone(&data)));
+                };
+                send_all(&mut senders, &|| Chunk::Data(lent.clone()));
                 if senders.iter().all(Option::is_none) {
                     return;
                 }
                 // While the targets write this chunk.
-                crate::io::StreamHash::update(&mut digest, &data);
+                crate::io::StreamHash::update(&mut digest, &lent);
+                buffers.lent(lent.buffer);
             }
             let digest = crate::io::StreamHash::finish(digest);
             send_all(&mut senders, &|| Chunk::End(digest));
@@ -121,10 +127,156 @@ pub fn broadcast(
     (handle, sources)
 }
 
+/// Buffers no target holds any more, kept for the next chunks.
+const IDLE_CHUNKS: usize = 2;
+
+/// Chunk buffers the broadcaster read into, used again once every target is done
+/// with them: each new one would be fresh pages, faulted in and zeroed.
+#[derive(Default)]
+struct ChunkBuffers {
+    /// Buffers lent out, oldest first.
+    out: VecDeque<Arc<Vec<u8>>>,
+}
+
+impl ChunkBuffers {
+    /// A buffer of at least `len` bytes.
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        let returned = self.out.iter().position(|b| Arc::strong_count(b) == 1);
+        let mut buffer = returned
+            .and_then(|i| self.out.remove(i))
+            .and_then(|b| Arc::try_unwrap(b).ok())
+            .unwrap_or_default();
+        if buffer.len() < len {
+            buffer.resize(len, 0);
+        }
+        buffer
+    }
+
+    fn lent(&mut self, buffer: Arc<Vec<u8>>) {
+        // Buffers every target is done with wait here for the next chunks; more
+        // than a couple would only hold memory.
+        let mut idle = 0;
+        self.out.retain(|b| {
+            let done = Arc::strong_count(b) == 1;
+            idle += usize::from(done);
+            !done || idle <= IDLE_CHUNKS
+        });
+        self.out.push_back(buffer);
+    }
+}
+
+/// One ISO file's bytes in chunks: from the host file past the page cache where the
+/// source says where they lie (each page read through the cache is allocated, zeroed
+/// and copied once more), through the source's reader otherwise.
+enum FileChunks<'a> {
+    Extents {
+        /// Past the page cache, until a read refuses it (then `None`: through it).
+        direct: Option<std::fs::File>,
+        file: std::fs::File,
+        extents: VecDeque<(u64, u64)>,
+    },
+    Reader(Box<dyn Read + 'a>),
+}
+
+impl<'a> FileChunks<'a> {
+    fn open(
+        source: &'a mut (dyn IsoSource + Send),
+        path: &str,
+        size: u64,
+    ) -> Result<FileChunks<'a>, crate::apply::ApplyError> {
+        if let Some(found) = source.file_extents(path)
+            && found.extents.iter().map(|e| e.1).sum::<u64>() == size
+        {
+            return Ok(FileChunks::Extents {
+                direct: crate::io::reopen_direct_read(&found.file),
+                file: found.file,
+                extents: found.extents.into_iter().filter(|e| e.1 > 0).collect(),
+            });
+        }
+        Ok(FileChunks::Reader(source.open(path, size)?))
+    }
+
+    /// The next chunk, `None` at the file's end.
+    fn next(&mut self, buffers: &mut ChunkBuffers) -> io::Result<Option<Lent>> {
+        match self {
+            FileChunks::Reader(reader) => {
+                let mut buffer = buffers.take(CHUNK);
+                let filled = crate::io::read_full(reader, &mut buffer[..CHUNK])?;
+                Ok((filled > 0).then(|| Lent {
+                    buffer: Arc::new(buffer),
+                    range: 0..filled,
+                }))
+            }
+            FileChunks::Extents {
+                direct,
+                file,
+                extents,
+            } => {
+                let Some((at, left)) = extents.front_mut() else {
+                    return Ok(None);
+                };
+                let n = (*left).min(CHUNK as u64) as usize;
+                let align = crate::io::DIRECT_IO_ALIGN as u64;
+                let from = *at / align * align;
+                let skip = (*at - from) as usize;
+                let want = (skip + n).next_multiple_of(align as usize);
+                let mut buffer = buffers.take(CHUNK + 3 * align as usize);
+                let base = buffer.as_ptr().align_offset(align as usize);
+                let read =
+                    |f: &std::fs::File, buf: &mut [u8]| read_at_least(f, buf, from, skip + n);
+                let window = &mut buffer[base..base + want];
+                match direct.as_ref().map(|d| read(d, window)) {
+                    Some(Ok(())) => {}
+                    // A device or file system that takes no O_DIRECT read here.
+                    Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        *direct = None;
+                        read(file, window)?;
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => read(file, window)?,
+                }
+                *at += n as u64;
+                *left -= n as u64;
+                if *left == 0 {
+                    extents.pop_front();
+                }
+                Ok(Some(Lent {
+                    buffer: Arc::new(buffer),
+                    range: base + skip..base + skip + n,
+                }))
+            }
+        }
+    }
+}
+
+/// Reads into `buf` from `at` until at least `need` bytes are in: the aligned read
+/// of a file's last block ends short at the end of the ISO.
+fn read_at_least(file: &std::fs::File, buf: &mut [u8], at: u64, need: usize) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut got = 0;
+    while got < need {
+        match file.read_at(&mut buf[got..], at + got as u64) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "the ISO image ends at byte {}, inside a file",
+                        at + got as u64
+                    ),
+                ));
+            }
+            Ok(k) => got += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 struct ChannelReader<'a> {
     rx: &'a Receiver<Chunk>,
     digest: &'a mut Option<[u8; 32]>,
-    current: Option<Arc<Vec<u8>>>,
+    current: Option<Lent>,
     offset: usize,
     done: bool,
 }
@@ -875,6 +1027,109 @@ mod tests {
                 });
             }
         });
+        reader.join().unwrap();
+    }
+
+    /// Files as extents of one host file, as an ISO's are.
+    struct ExtentSource {
+        host: std::path::PathBuf,
+        files: Vec<(String, Vec<(u64, u64)>)>,
+    }
+
+    impl IsoSource for ExtentSource {
+        fn open(&mut self, path: &str, _size: u64) -> Result<Box<dyn Read + '_>, ApplyError> {
+            Err(ApplyError::Source {
+                path: path.to_string(),
+                reason: "read through file_extents only".into(),
+            })
+        }
+
+        fn file_extents(&mut self, path: &str) -> Option<crate::apply::FileExtents> {
+            let (_, extents) = self.files.iter().find(|(p, _)| p == path)?;
+            Some(crate::apply::FileExtents {
+                file: std::fs::File::open(&self.host).ok()?,
+                extents: extents.clone(),
+            })
+        }
+    }
+
+    #[test]
+    fn files_read_by_their_extents_reach_every_target_whole() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("iso");
+        // Ends on a 2 KiB sector, not on a 4 KiB block: the last aligned read is short.
+        let bytes: Vec<u8> = (0..(26 << 20) + 2048)
+            .map(|i| (i * 13 % 251) as u8)
+            .collect();
+        std::fs::write(&host, &bytes).unwrap();
+        let files = vec![
+            // More than a chunk, from an odd sector.
+            ("/a".to_string(), vec![(2048, (5 << 20) + 100)]),
+            // Two extents, the second to the end of the host file.
+            (
+                "/b".to_string(),
+                vec![((10 << 20) + 2048, 3000), (20 << 20, (6 << 20) + 2048)],
+            ),
+            ("/empty".to_string(), vec![]),
+        ];
+        let expected: Vec<Vec<u8>> = files
+            .iter()
+            .map(|(_, extents)| {
+                extents
+                    .iter()
+                    .flat_map(|&(at, len)| bytes[at as usize..(at + len) as usize].to_vec())
+                    .collect()
+            })
+            .collect();
+        let list = files
+            .iter()
+            .zip(&expected)
+            .map(|((p, _), e)| (p.clone(), e.len() as u64))
+            .collect();
+        let source = ExtentSource {
+            host: host.clone(),
+            files: files.clone(),
+        };
+        let (reader, mut targets) = broadcast(Box::new(source), list, 3);
+        std::thread::scope(|s| {
+            for target in targets.iter_mut() {
+                let (files, expected) = (&files, &expected);
+                s.spawn(move || {
+                    for ((path, _), want) in files.iter().zip(expected) {
+                        let mut got = Vec::new();
+                        target
+                            .open_buffered(path, want.len() as u64)
+                            .unwrap()
+                            .read_to_end(&mut got)
+                            .unwrap();
+                        assert!(got == *want, "{path} differs");
+                        let digest: [u8; 32] = sha2::Sha256::digest(want).into();
+                        assert_eq!(target.digest_of_last(), Some(digest), "{path}");
+                    }
+                });
+            }
+        });
+        reader.join().unwrap();
+    }
+
+    #[test]
+    fn an_extent_past_the_end_of_the_iso_fails_every_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("iso");
+        std::fs::write(&host, vec![1u8; 1 << 20]).unwrap();
+        let files = vec![("/cut".to_string(), vec![(4096, 2 << 20)])];
+        let list = vec![("/cut".to_string(), 2 << 20)];
+        let source = ExtentSource { host, files };
+        let (reader, mut targets) = broadcast(Box::new(source), list, 2);
+        for target in &mut targets {
+            let err = target
+                .open_buffered("/cut", 2 << 20)
+                .unwrap()
+                .read_to_end(&mut Vec::new())
+                .unwrap_err();
+            assert!(err.to_string().contains("ends at byte"), "{err}");
+        }
         reader.join().unwrap();
     }
 

@@ -1109,6 +1109,16 @@ fn reopen_direct(file: &std::fs::File, access: Access) -> Option<std::fs::File> 
         .ok()
 }
 
+/// A second open file description of `file` that reads past the page cache, where
+/// the file system or device allows it.
+pub(crate) fn reopen_direct_read(file: &std::fs::File) -> Option<std::fs::File> {
+    reopen_direct(file, Access::Read)
+}
+
+/// The alignment of buffers, offsets and lengths that O_DIRECT reads and writes need
+/// on every device livestick meets (logical blocks of 512 or 4096 bytes).
+pub(crate) const DIRECT_IO_ALIGN: usize = DIRECT_ALIGN;
+
 /// A read-back buffer: [`READ_BACK_CHUNK`] bytes plus a block either side, aligned
 /// for O_DIRECT.
 struct ReadBuffer {

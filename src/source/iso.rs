@@ -486,6 +486,11 @@ impl<R: Read + Seek> IsoImage<R> {
     }
 
     /// A reader over the file's bytes, following its extents.
+    /// The reader the image is read through.
+    pub fn get_ref(&self) -> &R {
+        &self.reader
+    }
+
     pub fn open_file(&mut self, entry: &IsoEntry) -> IsoFileReader<'_, R> {
         let extents = if entry.is_dir {
             Vec::new()
