@@ -29,6 +29,9 @@ const CHUNK: usize = 4 << 20;
 /// Chunks buffered per target: enough to ride out a slow moment of one
 /// stick without holding much memory (4 × 4 MiB, shared by every target).
 const DEPTH: usize = 4;
+/// Chunks buffered for a lone target: it has no other stick to wait for, and a
+/// single write stays small (peak RSS under 64 MiB).
+const DEPTH_ALONE: usize = 2;
 
 /// Bytes of a chunk buffer that every target reads, shared, not copied.
 #[derive(Clone)]
@@ -53,6 +56,34 @@ enum Chunk {
     Failed(String),
 }
 
+/// One target's reader of the ISO files `plan` copies: a broadcast to one target,
+/// for the reads past the page cache and the bytes lent in place. Call
+/// [`ReaderOfOne::finish`] once the write is done.
+pub fn reader_of_one(source: Box<dyn IsoSource + Send>, plan: &Plan) -> ReaderOfOne {
+    let (handle, mut sources) = broadcast(source, iso_files_of(plan), 1);
+    ReaderOfOne {
+        handle,
+        source: sources.pop(),
+    }
+}
+
+pub struct ReaderOfOne {
+    handle: JoinHandle<()>,
+    source: Option<BroadcastSource>,
+}
+
+impl ReaderOfOne {
+    pub fn source(&mut self) -> Option<&mut BroadcastSource> {
+        self.source.as_mut()
+    }
+
+    /// Stops the reader (a write that failed leaves files unread) and waits for it.
+    pub fn finish(mut self) {
+        drop(self.source.take());
+        let _ = self.handle.join();
+    }
+}
+
 /// The receiving side for one target.
 pub struct BroadcastSource {
     rx: Receiver<Chunk>,
@@ -71,7 +102,7 @@ pub fn broadcast(
     let mut senders: Vec<Option<SyncSender<Chunk>>> = Vec::new();
     let mut sources = Vec::new();
     for _ in 0..targets {
-        let (tx, rx) = sync_channel(DEPTH);
+        let (tx, rx) = sync_channel(if targets == 1 { DEPTH_ALONE } else { DEPTH });
         senders.push(Some(tx));
         sources.push(BroadcastSource {
             rx,
@@ -903,7 +934,7 @@ pub fn emit(json: bool, value: serde_json::Value) {
 }
 
 /// The ISO files a plan copies, in its order: what a broadcast reads.
-fn iso_files_of(plan: &Plan) -> Vec<(String, u64)> {
+pub fn iso_files_of(plan: &Plan) -> Vec<(String, u64)> {
     // The ext4 live partition's copies are read after the FAT's, in plan order.
     let ext4_copies = plan.ext4_live.iter().flat_map(|e| e.copies.iter());
     plan.copies

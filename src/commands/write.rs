@@ -401,18 +401,23 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         .prefix("livestick-")
         .tempdir()
         .context("creating a temporary directory")?;
-    let mut source = apply::open_source(&live)?;
-    let mut report = write_one(
-        args,
-        &plan,
-        &probe,
-        syslinux_files,
-        passphrase.as_ref(),
-        &apply::BootFatStages::default(),
-        workdir.path(),
-        source.as_mut(),
-        &progress,
-    )?;
+    let mut reader = crate::batch::reader_of_one(apply::open_source(&live)?, &plan);
+    let written = match reader.source() {
+        Some(source) => write_one(
+            args,
+            &plan,
+            &probe,
+            syslinux_files,
+            passphrase.as_ref(),
+            &apply::BootFatStages::default(),
+            workdir.path(),
+            source,
+            &progress,
+        ),
+        None => Err(anyhow::anyhow!("the ISO reader did not start")),
+    };
+    reader.finish();
+    let mut report = written?;
     if json {
         report.iso_md5 = md5.clone();
         report.checksum = Some(source_check.clone());
@@ -621,19 +626,23 @@ fn run_wait_for(
             own.volume_id = rand::random();
             identity::check_distinct(&args.iso, &[device.to_path_buf()])?;
             let (plan, probe, syslinux_files, _opened) = make_plan(args, device, &own, live)?;
-            let mut source = apply::open_source(live)?;
-            write_one(
-                args,
-                &plan,
-                &probe,
-                syslinux_files,
-                passphrase.as_ref(),
-                &boot_fats,
-                workdir,
-                source.as_mut(),
-                progress,
-            )
-            .map(|report| with_checksum(report, source_check))
+            let mut reader = crate::batch::reader_of_one(apply::open_source(live)?, &plan);
+            let written = match reader.source() {
+                Some(source) => write_one(
+                    args,
+                    &plan,
+                    &probe,
+                    syslinux_files,
+                    passphrase.as_ref(),
+                    &boot_fats,
+                    workdir,
+                    source,
+                    progress,
+                ),
+                None => Err(anyhow::anyhow!("the ISO reader did not start")),
+            };
+            reader.finish();
+            written.map(|report| with_checksum(report, source_check))
         },
     )?;
     Ok(batch.finish(quiet)?)
