@@ -283,8 +283,6 @@ pub fn set_journal_sequence(path: &Path, sequence: u32) -> Result<(), Ext4Error>
     edit_journal_superblock(path, |sb, _| set_sequence(sb, sequence))
 }
 
-/// The inode of an ext4 file system's internal journal.
-const JOURNAL_INODE: u32 = 8;
 /// Journal compatible feature: the v1 commit-block checksum.
 const JBD2_COMPAT_CHECKSUM: u32 = 0x01;
 /// Journal incompatible features: 64-bit block numbers, checksum v2 and v3.
@@ -322,6 +320,45 @@ fn journal_is_checksummed(sb: &[u8; 1024]) -> bool {
     be32(sb, 4) == 4 && be32(sb, 0x28) & JBD2_CSUM_V2_V3 != 0
 }
 
+/// Where block 0 of the journal lies: from the copy of the journal inode's extent
+/// tree that mke2fs keeps in the superblock (`s_jnl_blocks`), following index
+/// blocks down to the leaf that maps it.
+fn journal_block_zero(f: &std::fs::File, sb: &[u8], block_size: u64) -> Result<u64, String> {
+    /// `s_jnl_backup_type`: the backup holds the inode's `i_block`.
+    const JNL_BACKUP_BLOCKS: u8 = 1;
+    const EXTENT_MAGIC: u16 = 0xF30A;
+    let le16 = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
+    let le32 = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    if sb[0xFD] != JNL_BACKUP_BLOCKS {
+        return Err("the superblock keeps no copy of the journal inode's blocks".into());
+    }
+    let mut node = sb[0x10C..0x10C + 60].to_vec();
+    // A tree deeper than a few levels is damage, not a journal.
+    for _ in 0..5 {
+        let entries = usize::from(le16(&node, 2));
+        if le16(&node, 0) != EXTENT_MAGIC || entries == 0 || 12 + 12 * entries > node.len() {
+            return Err("the journal inode's extent tree is damaged".into());
+        }
+        let entry = |i: usize| 12 + 12 * i;
+        if le16(&node, 6) == 0 {
+            // Leaves: (first logical block, length, physical start high and low).
+            return (0..entries)
+                .map(entry)
+                .find(|&e| le32(&node, e) == 0 && le16(&node, e + 4) > 0)
+                .map(|e| u64::from(le16(&node, e + 6)) << 32 | u64::from(le32(&node, e + 8)))
+                .ok_or_else(|| "the journal inode maps no block 0".to_string());
+        }
+        // Indexes, in logical order: the first covers block 0.
+        let leaf =
+            u64::from(le32(&node, entry(0) + 4)) | u64::from(le16(&node, entry(0) + 8)) << 32;
+        let mut next = vec![0u8; block_size as usize];
+        f.read_exact_at(&mut next, leaf * block_size)
+            .map_err(|e| format!("reading the journal's extent block {leaf}: {e}"))?;
+        node = next;
+    }
+    Err("the journal inode's extent tree is too deep".into())
+}
+
 /// Reads the journal superblock of the ext4 image at `path` (block 0 of the
 /// journal inode, found through its extents), lets `edit` change it, checksums it
 /// and writes it back. Refused unless it is a journal superblock of an empty
@@ -335,7 +372,7 @@ fn edit_journal_superblock(
         path: path.to_path_buf(),
         detail,
     };
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
@@ -343,19 +380,11 @@ fn edit_journal_superblock(
     let mut raw = vec![0u8; SUPERBLOCK_BYTES];
     f.read_exact_at(&mut raw, SUPERBLOCK_OFFSET)
         .map_err(io_at(path))?;
-    let is64 = Superblock::parse(&raw)?.feature_incompat & INCOMPAT_64BIT != 0;
-    let fs = crate::disk::ext4_fs::Ext4Fs::open(&mut f).map_err(|e| bad(e.to_string()))?;
-    let journal = fs
-        .inode(&mut f, JOURNAL_INODE)
-        .and_then(|inode| fs.extents(&mut f, &inode))
-        .map_err(|e| bad(format!("the journal inode: {e}")))?;
-    let block = journal
-        .iter()
-        .find(|e| e.logical == 0 && e.len > 0)
-        .map(|e| e.physical)
-        .ok_or_else(|| bad("the journal inode maps no block 0".into()))?;
+    let parsed = Superblock::parse(&raw)?;
+    let is64 = parsed.feature_incompat & INCOMPAT_64BIT != 0;
+    let block = journal_block_zero(&f, &raw, parsed.block_size).map_err(|detail| bad(detail))?;
     let at = block
-        .checked_mul(fs.block_size)
+        .checked_mul(parsed.block_size)
         .ok_or_else(|| bad(format!("journal block {block} is out of range")))?;
     let mut sb = [0u8; 1024];
     f.read_exact_at(&mut sb, at).map_err(io_at(path))?;

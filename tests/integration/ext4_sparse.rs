@@ -693,3 +693,44 @@ fn the_journal_is_checksummed_exactly_as_debugfs_does_it() {
         assert!(fsck.status.success(), "{case}: {}", text(&fsck));
     }
 }
+
+/// A journal of 256 MiB in 1 KiB blocks takes more extents than its inode holds:
+/// its superblock is found through an extent index block.
+#[test]
+fn a_journal_behind_an_extent_index_block_is_found() {
+    if !have_e2fsprogs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("deep.img");
+    File::create(&img).unwrap().set_len(2 * GIB).unwrap();
+    e2_ok(
+        "mke2fs",
+        &[
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-b",
+            "1024",
+            "-J",
+            "size=256",
+            "-O",
+            "has_journal,metadata_csum",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+            p(&img),
+        ],
+    );
+    // The superblock's copy of the journal inode's extent root: depth 1.
+    let mut root = [0u8; 12];
+    File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut root, 1024 + 0x10C)
+        .unwrap();
+    assert_eq!(u16::from_le_bytes([root[6], root[7]]), 1, "{root:?}");
+    set_journal_sequence(&img, 0x1234_5678).unwrap();
+    assert_eq!(field(&img, "Journal sequence"), "0x12345678");
+    let fsck = e2("e2fsck", &["-fn", p(&img)]);
+    assert!(fsck.status.success(), "{}", text(&fsck));
+}
