@@ -382,7 +382,7 @@ fn edit_journal_superblock(
         .map_err(io_at(path))?;
     let parsed = Superblock::parse(&raw)?;
     let is64 = parsed.feature_incompat & INCOMPAT_64BIT != 0;
-    let block = journal_block_zero(&f, &raw, parsed.block_size).map_err(|detail| bad(detail))?;
+    let block = journal_block_zero(&f, &raw, parsed.block_size).map_err(&bad)?;
     let at = block
         .checked_mul(parsed.block_size)
         .ok_or_else(|| bad(format!("journal block {block} is out of range")))?;
