@@ -219,7 +219,7 @@ impl<'a> FileChunks<'a> {
             && found.extents.iter().map(|e| e.1).sum::<u64>() == size
         {
             return Ok(FileChunks::Extents {
-                direct: crate::io::reopen_direct_read(&found.file),
+                direct: crate::io::reopen_direct(&found.file, crate::io::Access::Read),
                 file: found.file,
                 extents: found.extents.into_iter().filter(|e| e.1 > 0).collect(),
             });
@@ -247,61 +247,36 @@ impl<'a> FileChunks<'a> {
                     return Ok(None);
                 };
                 let n = (*left).min(CHUNK as u64) as usize;
-                let align = crate::io::DIRECT_IO_ALIGN as u64;
-                let from = *at / align * align;
-                let skip = (*at - from) as usize;
-                let want = (skip + n).next_multiple_of(align as usize);
-                let mut buffer = buffers.take(CHUNK + 3 * align as usize);
-                let base = buffer.as_ptr().align_offset(align as usize);
-                let read =
-                    |f: &std::fs::File, buf: &mut [u8]| read_at_least(f, buf, from, skip + n);
-                let window = &mut buffer[base..base + want];
-                match direct.as_ref().map(|d| read(d, window)) {
-                    Some(Ok(())) => {}
+                let align = crate::io::DIRECT_ALIGN;
+                let mut buffer = buffers.take(CHUNK + 3 * align);
+                let base = buffer.as_ptr().align_offset(align);
+                let window = &mut buffer[base..];
+                let read = |f: &std::fs::File, window: &mut [u8]| {
+                    crate::io::read_aligned_at(f, window, *at, n)
+                };
+                let skip = match direct.as_ref().map(|d| read(d, window)) {
+                    Some(Ok(skip)) => skip,
                     // A device or file system that takes no O_DIRECT read here.
                     Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
                         *direct = None;
-                        read(file, window)?;
+                        read(file, window)?
                     }
                     Some(Err(e)) => return Err(e),
                     None => read(file, window)?,
-                }
+                };
                 *at += n as u64;
                 *left -= n as u64;
                 if *left == 0 {
                     extents.pop_front();
                 }
+                let start = base + skip;
                 Ok(Some(Lent {
                     buffer: Arc::new(buffer),
-                    range: base + skip..base + skip + n,
+                    range: start..start + n,
                 }))
             }
         }
     }
-}
-
-/// Reads into `buf` from `at` until at least `need` bytes are in: the aligned read
-/// of a file's last block ends short at the end of the ISO.
-fn read_at_least(file: &std::fs::File, buf: &mut [u8], at: u64, need: usize) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mut got = 0;
-    while got < need {
-        match file.read_at(&mut buf[got..], at + got as u64) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "the ISO image ends at byte {}, inside a file",
-                        at + got as u64
-                    ),
-                ));
-            }
-            Ok(k) => got += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 struct ChannelReader<'a> {
@@ -1008,7 +983,6 @@ mod tests {
 
     #[test]
     fn every_target_gets_each_file_whole_with_its_sha256_lent_or_copied() {
-        use sha2::Digest;
         // Larger than a chunk, and not a multiple of it; an empty file; a small one.
         let big: Vec<u8> = (0..CHUNK * 2 + 12345)
             .map(|i| (i * 31 % 253) as u8)
@@ -1026,31 +1000,46 @@ mod tests {
             .map(|(p, b)| (p.clone(), b.len() as u64))
             .collect();
         let (reader, mut targets) = broadcast(Box::new(MemorySource(files.clone())), list, 2);
+        each_target_reads_all(&mut targets, &files, |t, target, path, len| {
+            let mut got = Vec::new();
+            if t == 0 {
+                let mut lent = target.open_buffered(path, len).unwrap();
+                loop {
+                    let chunk = lent.fill_buf().unwrap();
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    // Taken in uneven bites, as a writer may.
+                    let n = chunk.len().min(100_003);
+                    got.extend_from_slice(&chunk[..n]);
+                    lent.consume(n);
+                }
+            } else {
+                target
+                    .open(path, len)
+                    .unwrap()
+                    .read_to_end(&mut got)
+                    .unwrap();
+            }
+            got
+        });
+        reader.join().unwrap();
+    }
+
+    /// Each target, on a thread of its own, reads every file in turn with `read`
+    /// (which gets the target's index), and must get its bytes and their sha256.
+    fn each_target_reads_all(
+        targets: &mut [BroadcastSource],
+        files: &[(String, Vec<u8>)],
+        read: impl Fn(usize, &mut BroadcastSource, &str, u64) -> Vec<u8> + Sync,
+    ) {
+        use sha2::Digest;
         std::thread::scope(|s| {
             for (t, target) in targets.iter_mut().enumerate() {
-                let files = &files;
+                let read = &read;
                 s.spawn(move || {
                     for (path, bytes) in files {
-                        let mut got = Vec::new();
-                        if t == 0 {
-                            let mut lent = target.open_buffered(path, bytes.len() as u64).unwrap();
-                            loop {
-                                let chunk = lent.fill_buf().unwrap();
-                                if chunk.is_empty() {
-                                    break;
-                                }
-                                // Taken in uneven bites, as a writer may.
-                                let n = chunk.len().min(100_003);
-                                got.extend_from_slice(&chunk[..n]);
-                                lent.consume(n);
-                            }
-                        } else {
-                            target
-                                .open(path, bytes.len() as u64)
-                                .unwrap()
-                                .read_to_end(&mut got)
-                                .unwrap();
-                        }
+                        let got = read(t, target, path, bytes.len() as u64);
                         assert!(got == *bytes, "{path} differs for target {t}");
                         let want: [u8; 32] = sha2::Sha256::digest(bytes).into();
                         assert_eq!(target.digest_of_last(), Some(want), "{path}");
@@ -1058,7 +1047,6 @@ mod tests {
                 });
             }
         });
-        reader.join().unwrap();
     }
 
     /// Files as extents of one host file, as an ISO's are.
@@ -1086,8 +1074,8 @@ mod tests {
 
     #[test]
     fn files_read_by_their_extents_reach_every_target_whole() {
-        use sha2::Digest;
-        let dir = tempfile::tempdir().unwrap();
+        // Beside the sources: a disk file system with O_DIRECT (a tmpfs /tmp may not).
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let host = dir.path().join("iso");
         // Ends on a 2 KiB sector, not on a 4 KiB block: the last aligned read is short.
         let bytes: Vec<u8> = (0..(26 << 20) + 2048)
@@ -1104,49 +1092,37 @@ mod tests {
             ),
             ("/empty".to_string(), vec![]),
         ];
-        let expected: Vec<Vec<u8>> = files
+        let expected: Vec<(String, Vec<u8>)> = files
             .iter()
-            .map(|(_, extents)| {
-                extents
+            .map(|(path, extents)| {
+                let content = extents
                     .iter()
                     .flat_map(|&(at, len)| bytes[at as usize..(at + len) as usize].to_vec())
-                    .collect()
+                    .collect();
+                (path.clone(), content)
             })
             .collect();
-        let list = files
+        let list = expected
             .iter()
-            .zip(&expected)
-            .map(|((p, _), e)| (p.clone(), e.len() as u64))
+            .map(|(p, e)| (p.clone(), e.len() as u64))
             .collect();
-        let source = ExtentSource {
-            host: host.clone(),
-            files: files.clone(),
-        };
+        let source = ExtentSource { host, files };
         let (reader, mut targets) = broadcast(Box::new(source), list, 3);
-        std::thread::scope(|s| {
-            for target in targets.iter_mut() {
-                let (files, expected) = (&files, &expected);
-                s.spawn(move || {
-                    for ((path, _), want) in files.iter().zip(expected) {
-                        let mut got = Vec::new();
-                        target
-                            .open_buffered(path, want.len() as u64)
-                            .unwrap()
-                            .read_to_end(&mut got)
-                            .unwrap();
-                        assert!(got == *want, "{path} differs");
-                        let digest: [u8; 32] = sha2::Sha256::digest(want).into();
-                        assert_eq!(target.digest_of_last(), Some(digest), "{path}");
-                    }
-                });
-            }
+        each_target_reads_all(&mut targets, &expected, |_, target, path, len| {
+            let mut got = Vec::new();
+            target
+                .open_buffered(path, len)
+                .unwrap()
+                .read_to_end(&mut got)
+                .unwrap();
+            got
         });
         reader.join().unwrap();
     }
 
     #[test]
     fn an_extent_past_the_end_of_the_iso_fails_every_target() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let host = dir.path().join("iso");
         std::fs::write(&host, vec![1u8; 1 << 20]).unwrap();
         let files = vec![("/cut".to_string(), vec![(4096, 2 << 20)])];

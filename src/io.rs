@@ -1078,7 +1078,7 @@ const CACHE_PAGE: u64 = 4096;
 const READ_BACK_CHUNK: usize = 2 << 20;
 /// Offsets, lengths and buffers of reads past the page cache (O_DIRECT) are multiples
 /// of this: the logical block size of any stick (512 or 4096).
-const DIRECT_ALIGN: usize = 4096;
+pub(crate) const DIRECT_ALIGN: usize = 4096;
 
 /// What the read-back reads with.
 struct Reader {
@@ -1090,7 +1090,7 @@ struct Reader {
 
 /// What a second open file description of a target is for.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Access {
+pub(crate) enum Access {
     Read,
     Write,
 }
@@ -1098,7 +1098,7 @@ enum Access {
 /// A second open file description of `file` that reads or writes past the page cache. Through
 /// `/proc/self/fd`, so it is the inode already opened, not whatever the target's path
 /// names now. `None` where O_DIRECT is not supported.
-fn reopen_direct(file: &std::fs::File, access: Access) -> Option<std::fs::File> {
+pub(crate) fn reopen_direct(file: &std::fs::File, access: Access) -> Option<std::fs::File> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
@@ -1109,15 +1109,41 @@ fn reopen_direct(file: &std::fs::File, access: Access) -> Option<std::fs::File> 
         .ok()
 }
 
-/// A second open file description of `file` that reads past the page cache, where
-/// the file system or device allows it.
-pub(crate) fn reopen_direct_read(file: &std::fs::File) -> Option<std::fs::File> {
-    reopen_direct(file, Access::Read)
+/// Reads the `n` bytes at `at` of `file` as whole [`DIRECT_ALIGN`] blocks, as a file
+/// opened with O_DIRECT must be read, into `buf`, which starts on such a boundary
+/// and holds `n` bytes plus a block either side. Returns where in `buf` the bytes
+/// asked for start. The last block of a device or file whose size is no multiple of
+/// the alignment reads short: enough once it covers the bytes asked for.
+pub(crate) fn read_aligned_at(
+    file: &std::fs::File,
+    buf: &mut [u8],
+    at: u64,
+    n: usize,
+) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let align = DIRECT_ALIGN as u64;
+    let from = at / align * align;
+    let want = ((at + n as u64).div_ceil(align) * align - from) as usize;
+    let skip = (at - from) as usize;
+    let mut got = 0;
+    while got < skip + n {
+        match file.read_at(&mut buf[got..want], from + got as u64) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "it ends at byte {}, before the {n} bytes asked for at {at}",
+                        from + got as u64
+                    ),
+                ));
+            }
+            Ok(k) => got += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(skip)
 }
-
-/// The alignment of buffers, offsets and lengths that O_DIRECT reads and writes need
-/// on every device livestick meets (logical blocks of 512 or 4096 bytes).
-pub(crate) const DIRECT_IO_ALIGN: usize = DIRECT_ALIGN;
 
 /// A read-back buffer: [`READ_BACK_CHUNK`] bytes plus a block either side, aligned
 /// for O_DIRECT.
@@ -1142,22 +1168,7 @@ impl ReadBuffer {
             reader.file.read_exact_at(&mut buf[..n], at)?;
             return Ok(&buf[..n]);
         }
-        let align = DIRECT_ALIGN as u64;
-        let from = at / align * align;
-        let to = (at + n as u64).div_ceil(align) * align;
-        let want = (to - from) as usize;
-        let skip = (at - from) as usize;
-        let mut got = 0;
-        // The last block of a device whose size is no multiple of the alignment reads
-        // short: enough once it covers the bytes asked for.
-        while got < skip + n {
-            match reader.file.read_at(&mut buf[got..want], from + got as u64) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(k) => got += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let skip = read_aligned_at(&reader.file, buf, at, n)?;
         Ok(&buf[skip..skip + n])
     }
 }
