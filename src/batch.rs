@@ -56,32 +56,21 @@ enum Chunk {
     Failed(String),
 }
 
-/// One target's reader of the ISO files `plan` copies: a broadcast to one target,
-/// for the reads past the page cache and the bytes lent in place. Call
-/// [`ReaderOfOne::finish`] once the write is done.
-pub fn reader_of_one(source: Box<dyn IsoSource + Send>, plan: &Plan) -> ReaderOfOne {
+/// Runs `write` with a reader of the ISO files `plan` copies that is a broadcast to
+/// one target: the reads past the page cache and the bytes lent in place, as in a
+/// batch. The reader stops once `write` returns (a write that failed leaves files
+/// unread) and is waited for.
+pub fn with_reader_of_one<T, E>(
+    source: Box<dyn IsoSource + Send>,
+    plan: &Plan,
+    write: impl FnOnce(&mut dyn IsoSource) -> Result<T, E>,
+) -> Result<T, E> {
     let (handle, mut sources) = broadcast(source, iso_files_of(plan), 1);
-    ReaderOfOne {
-        handle,
-        source: sources.pop(),
-    }
-}
-
-pub struct ReaderOfOne {
-    handle: JoinHandle<()>,
-    source: Option<BroadcastSource>,
-}
-
-impl ReaderOfOne {
-    pub fn source(&mut self) -> Option<&mut BroadcastSource> {
-        self.source.as_mut()
-    }
-
-    /// Stops the reader (a write that failed leaves files unread) and waits for it.
-    pub fn finish(mut self) {
-        drop(self.source.take());
-        let _ = self.handle.join();
-    }
+    // `broadcast` makes one source per target asked for.
+    let written = write(&mut sources[0]);
+    drop(sources);
+    let _ = handle.join();
+    written
 }
 
 /// The receiving side for one target.

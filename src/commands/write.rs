@@ -141,8 +141,6 @@ fn options_from(args: &WriteArgs, live: &live::LiveImage) -> anyhow::Result<Writ
     })
 }
 
-/// Builds the plan for one target; every input check happens here. The target stays
-/// open (its one open) while the returned [`target::Opened`] is held.
 /// A target's plan, with what was learnt making it and the target's one open.
 pub type Planned = (
     Plan,
@@ -151,6 +149,8 @@ pub type Planned = (
     target::Opened,
 );
 
+/// Builds the plan for one target; every input check happens here. The target stays
+/// open (its one open) while the returned [`target::Opened`] is held.
 pub fn make_plan(
     args: &WriteArgs,
     target_path: &Path,
@@ -401,9 +401,8 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         .prefix("livestick-")
         .tempdir()
         .context("creating a temporary directory")?;
-    let mut reader = crate::batch::reader_of_one(apply::open_source(&live)?, &plan);
-    let written = match reader.source() {
-        Some(source) => write_one(
+    let written = crate::batch::with_reader_of_one(apply::open_source(&live)?, &plan, |source| {
+        write_one(
             args,
             &plan,
             &probe,
@@ -413,10 +412,8 @@ pub fn run(args: &WriteArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
             workdir.path(),
             source,
             &progress,
-        ),
-        None => Err(anyhow::anyhow!("the ISO reader did not start")),
-    };
-    reader.finish();
+        )
+    });
     let mut report = written?;
     if json {
         report.iso_md5 = md5.clone();
@@ -626,22 +623,20 @@ fn run_wait_for(
             own.volume_id = rand::random();
             identity::check_distinct(&args.iso, &[device.to_path_buf()])?;
             let (plan, probe, syslinux_files, _opened) = make_plan(args, device, &own, live)?;
-            let mut reader = crate::batch::reader_of_one(apply::open_source(live)?, &plan);
-            let written = match reader.source() {
-                Some(source) => write_one(
-                    args,
-                    &plan,
-                    &probe,
-                    syslinux_files,
-                    passphrase.as_ref(),
-                    &boot_fats,
-                    workdir,
-                    source,
-                    progress,
-                ),
-                None => Err(anyhow::anyhow!("the ISO reader did not start")),
-            };
-            reader.finish();
+            let written =
+                crate::batch::with_reader_of_one(apply::open_source(live)?, &plan, |source| {
+                    write_one(
+                        args,
+                        &plan,
+                        &probe,
+                        syslinux_files,
+                        passphrase.as_ref(),
+                        &boot_fats,
+                        workdir,
+                        source,
+                        progress,
+                    )
+                });
             written.map(|report| with_checksum(report, source_check))
         },
     )?;

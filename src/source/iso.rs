@@ -485,12 +485,12 @@ impl<R: Read + Seek> IsoImage<R> {
         Ok(out)
     }
 
-    /// A reader over the file's bytes, following its extents.
     /// The reader the image is read through.
     pub fn get_ref(&self) -> &R {
         &self.reader
     }
 
+    /// A reader over the file's bytes, following its extents.
     pub fn open_file(&mut self, entry: &IsoEntry) -> IsoFileReader<'_, R> {
         let extents = if entry.is_dir {
             Vec::new()
