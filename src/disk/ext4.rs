@@ -327,30 +327,29 @@ fn journal_block_zero(f: &std::fs::File, sb: &[u8], block_size: u64) -> Result<u
     /// `s_jnl_backup_type`: the backup holds the inode's `i_block`.
     const JNL_BACKUP_BLOCKS: u8 = 1;
     const EXTENT_MAGIC: u16 = 0xF30A;
-    let le16 = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
-    let le32 = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    use crate::bytes::{u16_at, u32_at};
     if sb[0xFD] != JNL_BACKUP_BLOCKS {
         return Err("the superblock keeps no copy of the journal inode's blocks".into());
     }
     let mut node = sb[0x10C..0x10C + 60].to_vec();
     // A tree deeper than a few levels is damage, not a journal.
     for _ in 0..5 {
-        let entries = usize::from(le16(&node, 2));
-        if le16(&node, 0) != EXTENT_MAGIC || entries == 0 || 12 + 12 * entries > node.len() {
+        let entries = usize::from(u16_at(&node, 2));
+        if u16_at(&node, 0) != EXTENT_MAGIC || entries == 0 || 12 + 12 * entries > node.len() {
             return Err("the journal inode's extent tree is damaged".into());
         }
         let entry = |i: usize| 12 + 12 * i;
-        if le16(&node, 6) == 0 {
+        if u16_at(&node, 6) == 0 {
             // Leaves: (first logical block, length, physical start high and low).
             return (0..entries)
                 .map(entry)
-                .find(|&e| le32(&node, e) == 0 && le16(&node, e + 4) > 0)
-                .map(|e| u64::from(le16(&node, e + 6)) << 32 | u64::from(le32(&node, e + 8)))
+                .find(|&e| u32_at(&node, e) == 0 && u16_at(&node, e + 4) > 0)
+                .map(|e| u64::from(u16_at(&node, e + 6)) << 32 | u64::from(u32_at(&node, e + 8)))
                 .ok_or_else(|| "the journal inode maps no block 0".to_string());
         }
         // Indexes, in logical order: the first covers block 0.
         let leaf =
-            u64::from(le32(&node, entry(0) + 4)) | u64::from(le16(&node, entry(0) + 8)) << 32;
+            u64::from(u32_at(&node, entry(0) + 4)) | u64::from(u16_at(&node, entry(0) + 8)) << 32;
         let mut next = vec![0u8; block_size as usize];
         f.read_exact_at(&mut next, leaf * block_size)
             .map_err(|e| format!("reading the journal's extent block {leaf}: {e}"))?;

@@ -426,20 +426,21 @@ impl Chains {
         Ok(&self.pages[&index])
     }
 
-    /// `n` (2 or 4) little-endian bytes of the FAT at `at`, as a number. Only a
-    /// FAT12 entry can straddle two pages.
+    /// `n` (2 or 4) little-endian bytes of the FAT at `at`, as a number. No entry
+    /// straddles two pages: FAT16 and FAT32 entries are aligned to their size, and a
+    /// FAT12 FAT (4084 clusters at most) fits in one page; an entry that ends past the
+    /// FAT is damage.
     fn entry_bytes<D: Read + Seek>(&mut self, dev: &mut D, at: u64, n: u64) -> io::Result<u32> {
-        let mut bytes = [0u8; 4];
         let within = (at % FAT_PAGE) as usize;
         let page = self.page(dev, at / FAT_PAGE)?;
-        if let Some(whole) = page.get(within..within + n as usize) {
-            bytes[..n as usize].copy_from_slice(whole);
-            return Ok(u32::from_le_bytes(bytes));
-        }
-        for (i, byte) in bytes.iter_mut().take(n as usize).enumerate() {
-            let at = at + i as u64;
-            *byte = self.page(dev, at / FAT_PAGE)?[(at % FAT_PAGE) as usize];
-        }
+        let entry = page.get(within..within + n as usize).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a FAT entry at byte {at} of the FAT runs past its end"),
+            )
+        })?;
+        let mut bytes = [0u8; 4];
+        bytes[..n as usize].copy_from_slice(entry);
         Ok(u32::from_le_bytes(bytes))
     }
 

@@ -333,26 +333,25 @@ fn block(image: &Path, n: u64) -> Vec<u8> {
 /// An image like home.img straight from mke2fs: its journal starts at
 /// sequence 1, as every mke2fs journal does.
 fn mke2fs_home_like(path: &Path, features: &str) {
-    File::create(path).unwrap().set_len(SIZE).unwrap();
-    e2_ok(
-        "mke2fs",
-        &[
-            "-q",
-            "-F",
-            "-t",
-            "ext4",
-            "-b",
-            "4096",
-            "-m",
-            "0",
-            "-O",
-            features,
-            "-E",
-            "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0",
-            p(path),
-            "65536k",
-        ],
-    );
+    mke2fs_lazy(path, SIZE, &["-b", "4096", "-m", "0", "-O", features]);
+}
+
+/// mke2fs on a new sparse file of `size` bytes with the lazy inode tables and journal
+/// livestick asks for, root owned by root, and `args` before the file.
+fn mke2fs_lazy(path: &Path, size: u64, args: &[&str]) {
+    File::create(path).unwrap().set_len(size).unwrap();
+    let size_k = format!("{}k", size / 1024);
+    let mut all = vec![
+        "-q",
+        "-F",
+        "-t",
+        "ext4",
+        "-E",
+        "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0",
+    ];
+    all.extend_from_slice(args);
+    all.extend([p(path), size_k.as_str()]);
+    e2_ok("mke2fs", &all);
 }
 
 /// home.img as livestick makes it, with a chosen UUID or a random one.
@@ -653,28 +652,23 @@ fn the_journal_is_checksummed_exactly_as_debugfs_does_it() {
             ..Ext4Options::default()
         };
         make_ext4_image(&ours, size, "HOME", &opts).unwrap();
-        File::create(&theirs).unwrap().set_len(size).unwrap();
-        e2_ok(
-            "mke2fs",
+        let uuid = uuid.hyphenated().to_string();
+        let block_size_text = block_size.to_string();
+        let features = format!("has_journal,metadata_csum,{features}");
+        mke2fs_lazy(
+            &theirs,
+            size,
             &[
-                "-q",
-                "-F",
-                "-t",
-                "ext4",
                 "-L",
                 "HOME",
-                "-E",
-                "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0",
                 "-O",
-                &format!("has_journal,metadata_csum,{features}"),
+                &features,
                 "-U",
-                &uuid.hyphenated().to_string(),
+                &uuid,
                 "-b",
-                &block_size.to_string(),
+                &block_size_text,
                 "-m",
                 "0",
-                p(&theirs),
-                &format!("{}k", size / 1024),
             ],
         );
         debugfs_script(&theirs, "journal_open -c\njournal_close\n");
@@ -703,23 +697,16 @@ fn a_journal_behind_an_extent_index_block_is_found() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("deep.img");
-    File::create(&img).unwrap().set_len(2 * GIB).unwrap();
-    e2_ok(
-        "mke2fs",
+    mke2fs_lazy(
+        &img,
+        2 * GIB,
         &[
-            "-q",
-            "-F",
-            "-t",
-            "ext4",
             "-b",
             "1024",
             "-J",
             "size=256",
             "-O",
             "has_journal,metadata_csum",
-            "-E",
-            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-            p(&img),
         ],
     );
     // The superblock's copy of the journal inode's extent root: depth 1.
