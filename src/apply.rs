@@ -1224,7 +1224,10 @@ fn apply_tagged(
                 tags.set(step.as_str());
                 let sum = match &copy.source {
                     CopySource::Iso { path } if source.hashes_files() => {
-                        let mut reader = source.open_buffered(path, copy.size)?;
+                        let mut reader = crate::io::Exactly::new(
+                            source.open_buffered(path, copy.size)?,
+                            copy.size,
+                        );
                         fat::write_file_buffered(&fs, &copy.dest, &mut reader, copy.size, |n| {
                             progress.inc(n)
                         })
@@ -1238,15 +1241,17 @@ fn apply_tagged(
                         WrittenDigest { sha256 }
                     }
                     CopySource::Iso { path } => {
-                        let mut reader = source.open(path, copy.size)?;
+                        let mut reader =
+                            crate::io::Exactly::new(source.open(path, copy.size)?, copy.size);
                         fat::write_file_hashed(&fs, &copy.dest, &mut reader, copy.size, |n| {
                             progress.inc(n)
                         })
                         .map_err(ApplyError::fat(step))?
                     }
                     CopySource::Host { path } => {
-                        let mut host = File::open(path)
+                        let host = File::open(path)
                             .map_err(ApplyError::io(format!("reading {}", path.display())))?;
+                        let mut host = crate::io::Exactly::new(host, copy.size);
                         fat::write_file_hashed(&fs, &copy.dest, &mut host, copy.size, |n| {
                             progress.inc(n)
                         })
@@ -1831,12 +1836,13 @@ fn write_live_files<F: Read + Write + Seek>(
         }) else {
             continue;
         };
-        let mut reader: Box<dyn Read + '_> = match &copy.source {
+        let reader: Box<dyn Read + '_> = match &copy.source {
             CopySource::Iso { path } => source.open(path, copy.size)?,
             CopySource::Host { path } => Box::new(
                 File::open(path).map_err(ApplyError::io(format!("reading {}", path.display())))?,
             ),
         };
+        let mut reader = crate::io::Exactly::new(reader, copy.size);
         let mut target_file = ExtentFile::new(&mut *part, runs);
         let mut whole = crate::io::Sha256Hash::default();
         let mut buf = vec![0u8; 4 << 20];
@@ -1856,6 +1862,11 @@ fn write_live_files<F: Read + Write + Seek>(
             progress.inc(n as u64);
             left -= n as u64;
         }
+        // The planned end must be the source's end too.
+        reader.read(&mut [0u8; 1]).map_err(ApplyError::io(format!(
+            "reading {} from the source",
+            copy.dest
+        )))?;
         target_file
             .flush()
             .map_err(ApplyError::io(format!("writing {}", copy.dest)))?;

@@ -68,6 +68,98 @@ pub fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usiz
     Ok(got)
 }
 
+/// A reader that must give exactly the `len` bytes a plan counted on: space on
+/// the stick, the manifest's sizes and the read-back all rest on that count.
+/// A source that changed since it was planned (an ISO rewritten, an
+/// `--updates` file edited during the write) would otherwise go through as
+/// a truncated file or one that overruns the space set aside for it, and the
+/// manifest would record a size that was never written. An early end and a
+/// byte past the end are both errors that say what happened.
+pub struct Exactly<R> {
+    inner: R,
+    len: u64,
+    left: u64,
+}
+
+impl<R> Exactly<R> {
+    pub fn new(inner: R, len: u64) -> Self {
+        Exactly {
+            inner,
+            len,
+            left: len,
+        }
+    }
+
+    fn ended_early(len: u64, left: u64) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "the source ended after {} of the {} bytes planned for it (it changed after \
+                 the write was planned); write again from a source that does not change",
+                len - left,
+                len
+            ),
+        )
+    }
+
+    fn longer(len: u64) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the source holds more than the {} bytes planned for it (it changed after the \
+                 write was planned, or its size is not known in advance); write again from a \
+                 plain file that does not change",
+                len
+            ),
+        )
+    }
+}
+
+impl<R: Read> Read for Exactly<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            // The planned end: it must be the source's end too.
+            let mut probe = [0u8; 1];
+            return match read_full(&mut self.inner, &mut probe)? {
+                0 => Ok(0),
+                _ => Err(Self::longer(self.len)),
+            };
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        match self.inner.read(&mut buf[..want])? {
+            0 => Err(Self::ended_early(self.len, self.left)),
+            n => {
+                self.left -= n as u64;
+                Ok(n)
+            }
+        }
+    }
+}
+
+impl<R: io::BufRead> io::BufRead for Exactly<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        let (len, left) = (self.len, self.left);
+        let chunk = self.inner.fill_buf()?;
+        match (chunk.len(), left) {
+            (0, 0) => Ok(chunk),
+            (0, _) => Err(Self::ended_early(len, left)),
+            (_, 0) => Err(Self::longer(len)),
+            (n, left) => Ok(&chunk[..n.min(usize::try_from(left).unwrap_or(usize::MAX))]),
+        }
+    }
+
+    fn consume(&mut self, amount: usize) {
+        let amount = amount.min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        self.left -= amount as u64;
+        self.inner.consume(amount);
+    }
+}
+
 /// `Read + Seek` as one trait, for readers passed as trait objects.
 pub trait ReadSeek: Read + Seek {}
 
@@ -2243,6 +2335,63 @@ pub fn copy_with_progress<R: Read + ?Sized, W: Write + ?Sized>(
 mod tests {
     use super::*;
     use std::io::Cursor;
+
+    /// A source of exactly the planned size goes through whole, read by `read` or
+    /// borrowed by `fill_buf`; one that ends early or goes on past the plan is
+    /// an error saying which, never a shorter or longer file.
+    #[test]
+    fn a_source_must_hold_exactly_the_planned_bytes() {
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+        let mut whole = Vec::new();
+        Exactly::new(&bytes[..], 10_000)
+            .read_to_end(&mut whole)
+            .unwrap();
+        assert_eq!(whole, bytes);
+
+        // Borrowed through a small buffer: every chunk within the plan.
+        let mut borrowed = Vec::new();
+        let mut reader = Exactly::new(io::BufReader::with_capacity(3000, &bytes[..]), 10_000);
+        loop {
+            let chunk = io::BufRead::fill_buf(&mut reader).unwrap();
+            if chunk.is_empty() {
+                break;
+            }
+            let n = chunk.len();
+            borrowed.extend_from_slice(chunk);
+            io::BufRead::consume(&mut reader, n);
+        }
+        assert_eq!(borrowed, bytes);
+
+        let short = Exactly::new(&bytes[..9_000], 10_000)
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert_eq!(short.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(
+            short.to_string().contains("after 9000 of the 10000 bytes"),
+            "{short}"
+        );
+        let long = Exactly::new(&bytes[..], 9_999)
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert_eq!(long.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            long.to_string().contains("more than the 9999 bytes"),
+            "{long}"
+        );
+
+        // The same through fill_buf: the planned bytes are lent, then the error.
+        let mut reader = Exactly::new(&bytes[..], 9_999);
+        assert_eq!(io::BufRead::fill_buf(&mut reader).unwrap().len(), 9_999);
+        io::BufRead::consume(&mut reader, 9_999);
+        let long = io::BufRead::fill_buf(&mut reader).unwrap_err();
+        assert_eq!(long.kind(), io::ErrorKind::InvalidData);
+        let mut reader = Exactly::new(&bytes[..5], 6);
+        io::BufRead::consume(&mut reader, 5);
+        let short = io::BufRead::fill_buf(&mut reader).unwrap_err();
+        assert_eq!(short.kind(), io::ErrorKind::UnexpectedEof);
+        // An empty file planned empty is fine.
+        assert_eq!(Exactly::new(&[][..], 0).read(&mut [0u8; 4]).unwrap(), 0);
+    }
 
     /// A direct reader reads the aligned blocks that hold the bytes asked for, whatever
     /// their offset and length, up to a file end that is no multiple of the alignment.

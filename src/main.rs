@@ -163,8 +163,15 @@ fn finish(result: anyhow::Result<()>, program: &str, step: &str, json: bool) -> 
     } else {
         eprintln!("{program}: error: {err}");
     }
+    // Most layers quote their cause in their own message: a cause the line
+    // above already holds would only repeat it (`--json` keeps every link).
+    let mut above = err.to_string();
     for cause in &causes {
+        if above.contains(cause.as_str()) {
+            continue;
+        }
         eprintln!("  caused by: {cause}");
+        above.clone_from(cause);
     }
     eprintln!("  hint: {hint}");
     code

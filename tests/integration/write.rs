@@ -769,3 +769,45 @@ fn a_failing_syslinux_installer_leaves_a_stick_that_boots_nothing() {
         .unwrap();
     assert!(!table.status.success(), "sfdisk found a table: {table:?}");
 }
+
+/// A file whose bytes are not the size planned for it (here one of /proc, which
+/// reports 0 bytes and holds more; as a file edited during the write would) is
+/// never written short or long: exit 4 naming the file and the planned size,
+/// the stick left booting nothing, and each cause said once.
+#[test]
+fn a_source_file_that_is_not_its_planned_size_stops_the_write() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let stick = dir.path().join("used.img");
+    fill_random(&stick, 256 * MIB);
+    let out = livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        stick.to_str().unwrap(),
+        "--yes",
+        "--force",
+        "--updates",
+        "/proc/self/status",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("will not boot"), "{stderr}");
+    assert!(stderr.contains("writing /LiveOS/updates.img"), "{stderr}");
+    assert!(
+        stderr.contains("holds more than the 0 bytes planned for it"),
+        "{stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    for pair in lines.windows(2) {
+        if let Some(cause) = pair[1].strip_prefix("  caused by: ") {
+            assert!(!pair[0].contains(cause), "said twice: {stderr}");
+        }
+    }
+    let mut mbr = [0u8; 512];
+    std::io::Read::read_exact(&mut std::fs::File::open(&stick).unwrap(), &mut mbr).unwrap();
+    assert_ne!(
+        &mbr[510..512],
+        &[0x55, 0xaa],
+        "a partition table was written"
+    );
+}
