@@ -320,36 +320,103 @@ fn journal_is_checksummed(sb: &[u8; 1024]) -> bool {
     be32(sb, 4) == 4 && be32(sb, 0x28) & JBD2_CSUM_V2_V3 != 0
 }
 
+/// An extent tree node's magic number (its header's first field).
+pub(crate) const EXTENT_MAGIC: u16 = 0xF30A;
+/// A leaf entry longer than this is unwritten, its length `ee_len - 32768`.
+pub(crate) const UNINIT_LEN: u16 = 32768;
+
+/// One run of a file's blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// First file block.
+    pub logical: u64,
+    /// First file-system block.
+    pub physical: u64,
+    pub len: u64,
+    /// Allocated but unwritten: reads as zeros whatever the blocks hold.
+    pub unwritten: bool,
+}
+
+/// What one node of an extent tree holds: the runs of blocks it maps (a leaf),
+/// or the blocks of the nodes below it, in logical order (an index).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ExtentNode {
+    Leaves(Vec<Extent>),
+    Index(Vec<u64>),
+}
+
+/// Parses one extent tree node: the 60 bytes of an inode's `i_block` (or the
+/// superblock's copy of the journal's), or a tree block. The one reader of the
+/// format, for the journal lookup here and for `disk::ext4_fs`'s walks.
+pub(crate) fn parse_extent_node(node: &[u8]) -> Result<ExtentNode, &'static str> {
+    use crate::bytes::{u16_at, u32_at};
+    if node.len() < 12 || u16_at(node, 0) != EXTENT_MAGIC {
+        return Err("bad extent tree header");
+    }
+    let entries = usize::from(u16_at(node, 2));
+    if 12 + 12 * entries > node.len() {
+        return Err("extent node overflows its block");
+    }
+    let entry = |i: usize| &node[12 + 12 * i..24 + 12 * i];
+    let wide = |lo: u32, hi: u16| u64::from(lo) | u64::from(hi) << 32;
+    Ok(if u16_at(node, 6) == 0 {
+        // (first logical block, length, physical start high and low)
+        ExtentNode::Leaves(
+            (0..entries)
+                .map(entry)
+                .map(|e| {
+                    let raw_len = u16_at(e, 4);
+                    let unwritten = raw_len > UNINIT_LEN;
+                    Extent {
+                        logical: u64::from(u32_at(e, 0)),
+                        physical: wide(u32_at(e, 8), u16_at(e, 6)),
+                        len: u64::from(if unwritten {
+                            raw_len - UNINIT_LEN
+                        } else {
+                            raw_len
+                        }),
+                        unwritten,
+                    }
+                })
+                .collect(),
+        )
+    } else {
+        // (first logical block, child block low and high)
+        ExtentNode::Index(
+            (0..entries)
+                .map(entry)
+                .map(|e| wide(u32_at(e, 4), u16_at(e, 8)))
+                .collect(),
+        )
+    })
+}
+
 /// Where block 0 of the journal lies: from the copy of the journal inode's extent
 /// tree that mke2fs keeps in the superblock (`s_jnl_blocks`), following index
 /// blocks down to the leaf that maps it.
 fn journal_block_zero(f: &std::fs::File, sb: &[u8], block_size: u64) -> Result<u64, String> {
     /// `s_jnl_backup_type`: the backup holds the inode's `i_block`.
     const JNL_BACKUP_BLOCKS: u8 = 1;
-    const EXTENT_MAGIC: u16 = 0xF30A;
-    use crate::bytes::{u16_at, u32_at};
     if sb[0xFD] != JNL_BACKUP_BLOCKS {
         return Err("the superblock keeps no copy of the journal inode's blocks".into());
     }
     let mut node = sb[0x10C..0x10C + 60].to_vec();
     // A tree deeper than a few levels is damage, not a journal.
     for _ in 0..5 {
-        let entries = usize::from(u16_at(&node, 2));
-        if u16_at(&node, 0) != EXTENT_MAGIC || entries == 0 || 12 + 12 * entries > node.len() {
-            return Err("the journal inode's extent tree is damaged".into());
-        }
-        let entry = |i: usize| 12 + 12 * i;
-        if u16_at(&node, 6) == 0 {
-            // Leaves: (first logical block, length, physical start high and low).
-            return (0..entries)
-                .map(entry)
-                .find(|&e| u32_at(&node, e) == 0 && u16_at(&node, e + 4) > 0)
-                .map(|e| u64::from(u16_at(&node, e + 6)) << 32 | u64::from(u32_at(&node, e + 8)))
-                .ok_or_else(|| "the journal inode maps no block 0".to_string());
-        }
-        // Indexes, in logical order: the first covers block 0.
-        let leaf =
-            u64::from(u32_at(&node, entry(0) + 4)) | u64::from(u16_at(&node, entry(0) + 8)) << 32;
+        let damaged = |why: &str| format!("the journal inode's extent tree is damaged: {why}");
+        let leaf = match parse_extent_node(&node).map_err(damaged)? {
+            ExtentNode::Leaves(extents) => {
+                return extents
+                    .iter()
+                    .find(|e| e.logical == 0 && e.len > 0)
+                    .map(|e| e.physical)
+                    .ok_or_else(|| "the journal inode maps no block 0".to_string());
+            }
+            // In logical order: the first covers block 0.
+            ExtentNode::Index(children) => *children
+                .first()
+                .ok_or_else(|| damaged("an index node with no entries"))?,
+        };
         let mut next = vec![0u8; block_size as usize];
         f.read_exact_at(&mut next, leaf * block_size)
             .map_err(|e| format!("reading the journal's extent block {leaf}: {e}"))?;
@@ -737,6 +804,72 @@ fn parse_dumpe2fs(out: &str) -> Result<Ext4Info, Ext4Error> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A node of `depth` with 12-byte `entries`, in `room` bytes.
+    fn node(depth: u16, entries: &[[u8; 12]], room: usize) -> Vec<u8> {
+        let mut n = vec![0u8; room];
+        n[0..2].copy_from_slice(&EXTENT_MAGIC.to_le_bytes());
+        n[2..4].copy_from_slice(&(entries.len() as u16).to_le_bytes());
+        n[6..8].copy_from_slice(&depth.to_le_bytes());
+        for (i, e) in entries.iter().enumerate() {
+            n[12 + 12 * i..24 + 12 * i].copy_from_slice(e);
+        }
+        n
+    }
+
+    fn leaf(logical: u32, len: u16, physical: u64) -> [u8; 12] {
+        let mut e = [0u8; 12];
+        e[0..4].copy_from_slice(&logical.to_le_bytes());
+        e[4..6].copy_from_slice(&len.to_le_bytes());
+        e[6..8].copy_from_slice(&((physical >> 32) as u16).to_le_bytes());
+        e[8..12].copy_from_slice(&(physical as u32).to_le_bytes());
+        e
+    }
+
+    #[test]
+    fn extent_nodes_give_their_runs_or_children() {
+        let leaves = node(
+            0,
+            &[leaf(0, 8, 0x1_0000_0010), leaf(8, UNINIT_LEN + 3, 99)],
+            60,
+        );
+        assert_eq!(
+            parse_extent_node(&leaves).unwrap(),
+            ExtentNode::Leaves(vec![
+                Extent {
+                    logical: 0,
+                    physical: 0x1_0000_0010,
+                    len: 8,
+                    unwritten: false
+                },
+                Extent {
+                    logical: 8,
+                    physical: 99,
+                    len: 3,
+                    unwritten: true
+                },
+            ])
+        );
+        // Index entries: first logical block, child low 32 bits, child high 16.
+        let mut index = [0u8; 12];
+        index[4..8].copy_from_slice(&7u32.to_le_bytes());
+        index[8..10].copy_from_slice(&2u16.to_le_bytes());
+        assert_eq!(
+            parse_extent_node(&node(1, &[index], 60)).unwrap(),
+            ExtentNode::Index(vec![(2 << 32) | 7])
+        );
+        let mut stale = leaves.clone();
+        stale[0] ^= 1;
+        assert_eq!(parse_extent_node(&stale), Err("bad extent tree header"));
+        // Five entries do not fit the 60 bytes of an inode's i_block.
+        assert_eq!(
+            parse_extent_node(&node(0, &[leaf(0, 1, 1); 5], 72)[..60]),
+            Err("extent node overflows its block")
+        );
+        assert!(parse_extent_node(&leaves[..8]).is_err());
+    }
+
     #[test]
     fn used_regions_are_the_complement_of_the_free_lists() {
         let text = "Block count:              100\nBlock size:               1024\nFirst block:              1\n  Free blocks: 10-19, 30\n  Free blocks: 50-99\n";

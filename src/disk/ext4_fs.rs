@@ -20,7 +20,10 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use thiserror::Error;
 
 use crate::bytes::{u16_at, u32_at};
-use crate::disk::ext4::{self, SUPERBLOCK_BYTES, SUPERBLOCK_OFFSET};
+pub use crate::disk::ext4::Extent;
+use crate::disk::ext4::{
+    self, EXTENT_MAGIC, ExtentNode, SUPERBLOCK_BYTES, SUPERBLOCK_OFFSET, UNINIT_LEN,
+};
 
 #[derive(Debug, Error)]
 pub enum Ext4FsError {
@@ -57,9 +60,6 @@ const INCOMPAT_64BIT: u32 = 0x80;
 const INCOMPAT_CSUM_SEED: u32 = 0x2000;
 const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
 const INODE_FLAG_EXTENTS: u32 = 0x0008_0000;
-const EXTENT_MAGIC: u16 = 0xF30A;
-/// An extent longer than this is unwritten, its length `ee_len - 32768`.
-const UNINIT_LEN: u16 = 32768;
 const ROOT_INODE: u32 = 2;
 const DIR_MODE: u16 = 0x4000;
 const TYPE_MASK: u16 = 0xF000;
@@ -84,18 +84,6 @@ pub struct Ext4Fs {
     is64: bool,
     /// `metadata_csum`: the seed every checksum starts from.
     csum_seed: Option<u32>,
-}
-
-/// One run of a file's blocks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Extent {
-    /// First file block.
-    pub logical: u64,
-    /// First file-system block.
-    pub physical: u64,
-    pub len: u64,
-    /// Allocated but unwritten: reads as zeros whatever the blocks hold.
-    pub unwritten: bool,
 }
 
 /// An inode's facts livestick uses.
@@ -298,42 +286,23 @@ impl Ext4Fs {
         out: &mut Vec<Extent>,
         tree_blocks: &mut Vec<(u64, Vec<u8>)>,
     ) -> Result<(), Ext4FsError> {
-        if level > 5 || node.len() < 12 || u16_at(node, 0) != EXTENT_MAGIC {
-            return Err(Ext4FsError::Damaged("bad extent tree header".into()));
+        if level > 5 {
+            return Err(Ext4FsError::Damaged("extent tree too deep".into()));
         }
-        let entries = usize::from(u16_at(node, 2));
-        let depth = u16_at(node, 6);
-        if 12 + entries * 12 > node.len() {
-            return Err(Ext4FsError::Damaged(
-                "extent node overflows its block".into(),
-            ));
-        }
-        for i in 0..entries {
-            let e = &node[12 + i * 12..24 + i * 12];
-            if depth == 0 {
-                let raw_len = u16_at(e, 4);
-                let (len, unwritten) = if raw_len > UNINIT_LEN {
-                    (raw_len - UNINIT_LEN, true)
-                } else {
-                    (raw_len, false)
-                };
-                out.push(Extent {
-                    logical: u64::from(u32_at(e, 0)),
-                    physical: u64_of(u32_at(e, 8), u32::from(u16_at(e, 6))),
-                    len: u64::from(len),
-                    unwritten,
-                });
-            } else {
-                let child = u64_of(u32_at(e, 4), u32::from(u16_at(e, 8)));
-                if child == 0 || child >= self.block_count {
-                    return Err(Ext4FsError::Damaged(format!(
-                        "extent index points at block {child}"
-                    )));
+        match ext4::parse_extent_node(node).map_err(|why| Ext4FsError::Damaged(why.into()))? {
+            ExtentNode::Leaves(leaves) => out.extend(leaves),
+            ExtentNode::Index(children) => {
+                for child in children {
+                    if child == 0 || child >= self.block_count {
+                        return Err(Ext4FsError::Damaged(format!(
+                            "extent index points at block {child}"
+                        )));
+                    }
+                    let mut block = vec![0u8; self.block_size as usize];
+                    read_exact_at(r, child * self.block_size, &mut block)?;
+                    self.walk(r, &block, level + 1, out, tree_blocks)?;
+                    tree_blocks.push((child, block));
                 }
-                let mut block = vec![0u8; self.block_size as usize];
-                read_exact_at(r, child * self.block_size, &mut block)?;
-                self.walk(r, &block, level + 1, out, tree_blocks)?;
-                tree_blocks.push((child, block));
             }
         }
         Ok(())
