@@ -880,8 +880,6 @@ mod tests {
         assert!(parse_used_regions("garbage", 1).is_none());
     }
 
-    use super::*;
-
     #[test]
     fn parses_dumpe2fs_header() {
         let out = "dumpe2fs 1.47.0 (5-Feb-2023)\nFilesystem volume name:   HOME\n\
