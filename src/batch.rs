@@ -36,7 +36,7 @@ const DEPTH_ALONE: usize = 2;
 /// Bytes of a chunk buffer that every target reads, shared, not copied.
 #[derive(Clone)]
 struct Lent {
-    buffer: Arc<Vec<u8>>,
+    buffer: Arc<crate::io::PooledBuffer>,
     range: std::ops::Range<usize>,
 }
 
@@ -110,7 +110,9 @@ pub fn broadcast(
                 }
             }
         };
-        let mut buffers = ChunkBuffers::default();
+        // Used again once every target is done with them: each new one would be
+        // fresh pages, faulted in and zeroed.
+        let buffers = crate::io::BufferPool::new(CHUNK_ROOM, IDLE_CHUNKS);
         for (path, size) in files {
             let mut digest = crate::io::Sha256Hash::default();
             let mut reader = match FileChunks::open(source.as_mut(), &path, size) {
@@ -122,7 +124,7 @@ pub fn broadcast(
                 }
             };
             loop {
-                let lent = match reader.next(&mut buffers) {
+                let lent = match reader.next(&buffers) {
                     Ok(Some(lent)) => lent,
                     Ok(None) => break,
                     Err(e) => {
@@ -138,7 +140,6 @@ pub fn broadcast(
                 }
                 // While the targets write this chunk.
                 crate::io::StreamHash::update(&mut digest, &lent);
-                buffers.lent(lent.buffer);
             }
             let digest = crate::io::StreamHash::finish(digest);
             send_all(&mut senders, &|| Chunk::End(digest));
@@ -147,43 +148,12 @@ pub fn broadcast(
     (handle, sources)
 }
 
-/// Buffers no target holds any more, kept for the next chunks.
+/// Buffers no target holds any more, kept for the next chunks; more than a
+/// couple would only hold memory.
 const IDLE_CHUNKS: usize = 2;
-
-/// Chunk buffers the broadcaster read into, used again once every target is done
-/// with them: each new one would be fresh pages, faulted in and zeroed.
-#[derive(Default)]
-struct ChunkBuffers {
-    /// Buffers lent out, oldest first.
-    out: VecDeque<Arc<Vec<u8>>>,
-}
-
-impl ChunkBuffers {
-    /// A buffer of at least `len` bytes.
-    fn take(&mut self, len: usize) -> Vec<u8> {
-        let returned = self.out.iter().position(|b| Arc::strong_count(b) == 1);
-        let mut buffer = returned
-            .and_then(|i| self.out.remove(i))
-            .and_then(|b| Arc::try_unwrap(b).ok())
-            .unwrap_or_default();
-        if buffer.len() < len {
-            buffer.resize(len, 0);
-        }
-        buffer
-    }
-
-    fn lent(&mut self, buffer: Arc<Vec<u8>>) {
-        // Buffers every target is done with wait here for the next chunks; more
-        // than a couple would only hold memory.
-        let mut idle = 0;
-        self.out.retain(|b| {
-            let done = Arc::strong_count(b) == 1;
-            idle += usize::from(done);
-            !done || idle <= IDLE_CHUNKS
-        });
-        self.out.push_back(buffer);
-    }
-}
+/// A chunk buffer's room: a chunk, and where it is read past the page cache,
+/// the aligned blocks around it.
+const CHUNK_ROOM: usize = CHUNK + 3 * crate::io::DIRECT_ALIGN;
 
 /// One ISO file's bytes in chunks: from the host file past the page cache where the
 /// source says where they lie (each page read through the cache is allocated, zeroed
@@ -217,10 +187,14 @@ impl<'a> FileChunks<'a> {
     }
 
     /// The next chunk, `None` at the file's end.
-    fn next(&mut self, buffers: &mut ChunkBuffers) -> io::Result<Option<Lent>> {
+    fn next(&mut self, buffers: &Arc<crate::io::BufferPool>) -> io::Result<Option<Lent>> {
+        let mut buffer = buffers.take();
+        if buffer.len() < CHUNK_ROOM {
+            // Only a new buffer: one used before keeps its length.
+            buffer.resize(CHUNK_ROOM, 0);
+        }
         match self {
             FileChunks::Reader(reader) => {
-                let mut buffer = buffers.take(CHUNK);
                 let filled = crate::io::read_full(reader, &mut buffer[..CHUNK])?;
                 Ok((filled > 0).then(|| Lent {
                     buffer: Arc::new(buffer),
@@ -237,7 +211,6 @@ impl<'a> FileChunks<'a> {
                 };
                 let n = (*left).min(CHUNK as u64) as usize;
                 let align = crate::io::DIRECT_ALIGN;
-                let mut buffer = buffers.take(CHUNK + 3 * align);
                 let base = buffer.as_ptr().align_offset(align);
                 let window = &mut buffer[base..];
                 let read = |f: &std::fs::File, window: &mut [u8]| {

@@ -1055,7 +1055,7 @@ impl DirtyWriter {
             failed,
             read_back: shared,
             tags: None,
-            buffers: std::sync::Arc::default(),
+            buffers: BufferPool::new(POOLED_CAPACITY, POOL_KEEP),
         }
     }
 
@@ -1400,45 +1400,98 @@ fn drop_cached(file: &std::fs::File, range: &Range<u64>) {
 /// start on a 4 KiB boundary in memory: a stick's whole blocks go to O_DIRECT from
 /// here, with no second copy.
 struct WriteBytes {
-    raw: Vec<u8>,
+    raw: PooledBuffer,
     start: usize,
-    /// Where a large buffer goes back to once this write is read back.
-    pool: Option<std::sync::Arc<BufferPool>>,
 }
 
 /// Writes from this size up to [`POOLED_CAPACITY`] take their buffer from a
 /// [`BufferPool`]; smaller ones are left to the allocator, which keeps small blocks.
 const POOLED_MIN: usize = 256 << 10;
-/// Every pooled buffer holds the largest write the partition window gathers, with
-/// room to align it.
+/// Every pooled write buffer holds the largest write the partition window
+/// gathers, with room to align it.
 const POOLED_CAPACITY: usize = WRITE_COALESCE + 2 * DIRECT_ALIGN;
-/// Buffers a pool keeps: past that, they go back to the allocator.
+/// Write buffers a pool keeps: past that, they go back to the allocator.
 const POOL_KEEP: usize = 6;
 
-/// Write buffers used again instead of freed. Each fresh large allocation comes
-/// from the kernel as new pages: a fault and a zeroed page for every 4 KiB written,
+/// Large buffers used again instead of freed. Each fresh large allocation comes
+/// from the kernel as new pages: a fault and a zeroed page for every 4 KiB filled,
 /// a tenth of a batch's CPU time under an emulated CPU (perf in the VM bench).
-#[derive(Default)]
-struct BufferPool {
+/// A buffer goes back when its last holder drops it, from whichever thread that
+/// is (the writer's, the read-back's, the last stick's of a batch).
+pub(crate) struct BufferPool {
     free: std::sync::Mutex<Vec<Vec<u8>>>,
+    /// The room of every buffer handed out.
+    capacity: usize,
+    /// Idle buffers kept: past that, they go back to the allocator.
+    keep: usize,
 }
 
 impl BufferPool {
-    fn take(&self) -> Vec<u8> {
-        let reused = self.free.lock().ok().and_then(|mut free| free.pop());
-        reused.unwrap_or_else(|| Vec::with_capacity(POOLED_CAPACITY))
+    pub(crate) fn new(capacity: usize, keep: usize) -> std::sync::Arc<BufferPool> {
+        std::sync::Arc::new(BufferPool {
+            free: std::sync::Mutex::default(),
+            capacity,
+            keep,
+        })
     }
 
-    fn give_back(&self, mut buffer: Vec<u8>) {
-        if buffer.capacity() < POOLED_CAPACITY {
+    /// A buffer with room for the pool's capacity. Its length and bytes are what
+    /// its last user left: set them before reading (filling a buffer that is long
+    /// enough already costs nothing, zeroing it again would).
+    pub(crate) fn take(self: &std::sync::Arc<Self>) -> PooledBuffer {
+        let reused = self.free.lock().ok().and_then(|mut free| free.pop());
+        PooledBuffer {
+            bytes: reused.unwrap_or_else(|| Vec::with_capacity(self.capacity)),
+            home: Some(std::sync::Arc::clone(self)),
+        }
+    }
+
+    fn give_back(&self, buffer: Vec<u8>) {
+        if buffer.capacity() < self.capacity {
             return;
         }
         if let Ok(mut free) = self.free.lock()
-            && free.len() < POOL_KEEP
+            && free.len() < self.keep
         {
-            buffer.clear();
             free.push(buffer);
         }
+    }
+}
+
+/// A buffer from a [`BufferPool`], back there when dropped; or one of the
+/// allocator's, for sizes the pool does not serve.
+pub(crate) struct PooledBuffer {
+    bytes: Vec<u8>,
+    home: Option<std::sync::Arc<BufferPool>>,
+}
+
+impl PooledBuffer {
+    fn unpooled(capacity: usize) -> PooledBuffer {
+        PooledBuffer {
+            bytes: Vec::with_capacity(capacity),
+            home: None,
+        }
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if let Some(home) = self.home.take() {
+            home.give_back(std::mem::take(&mut self.bytes));
+        }
+    }
+}
+
+impl std::ops::Deref for PooledBuffer {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.bytes
+    }
+}
+
+impl std::ops::DerefMut for PooledBuffer {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.bytes
     }
 }
 
@@ -1447,25 +1500,18 @@ impl WriteBytes {
     /// buffer from `pool`.
     fn copy_of(data: &[u8], at: u64, pool: &std::sync::Arc<BufferPool>) -> WriteBytes {
         let needed = data.len() + 2 * DIRECT_ALIGN;
-        let (mut raw, pool) = if (POOLED_MIN..=POOLED_CAPACITY).contains(&needed) {
-            (pool.take(), Some(std::sync::Arc::clone(pool)))
+        let mut raw = if (POOLED_MIN..=pool.capacity).contains(&needed) {
+            pool.take()
         } else {
-            (Vec::with_capacity(needed), None)
+            PooledBuffer::unpooled(needed)
         };
+        raw.clear();
         let misaligned = raw.as_ptr() as usize % DIRECT_ALIGN;
         let start =
             (DIRECT_ALIGN - misaligned) % DIRECT_ALIGN + (at % DIRECT_ALIGN as u64) as usize;
         raw.resize(start, 0);
         raw.extend_from_slice(data);
-        WriteBytes { raw, start, pool }
-    }
-}
-
-impl Drop for WriteBytes {
-    fn drop(&mut self) {
-        if let Some(pool) = self.pool.take() {
-            pool.give_back(std::mem::take(&mut self.raw));
-        }
+        WriteBytes { raw, start }
     }
 }
 
@@ -2511,9 +2557,39 @@ mod tests {
         }
     }
 
+    /// A buffer shared by several holders (a batch's targets) goes back to its pool
+    /// when the last one lets go, on whatever thread, as it was: the next user
+    /// need not fill it again to have the length it needs.
+    #[test]
+    fn a_shared_buffer_comes_back_from_its_last_holder_as_it_was() {
+        let pool = BufferPool::new(1 << 20, 2);
+        let mut buffer = pool.take();
+        buffer.resize(1 << 20, 7);
+        let address = buffer.as_ptr();
+        let shared = std::sync::Arc::new(buffer);
+        let holders: Vec<_> = (0..3).map(|_| std::sync::Arc::clone(&shared)).collect();
+        drop(shared);
+        let threads: Vec<_> = holders
+            .into_iter()
+            .map(|h| std::thread::spawn(move || drop(h)))
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let again = pool.take();
+        assert_eq!(again.as_ptr(), address);
+        assert_eq!(again.len(), 1 << 20);
+        assert!(again.iter().all(|&b| b == 7));
+        // New buffers have the room asked for; the pool keeps two idle at most.
+        let taken: Vec<_> = (0..4).map(|_| pool.take()).collect();
+        assert!(taken.iter().all(|b| b.capacity() >= 1 << 20));
+        drop((again, taken));
+        assert_eq!(pool.free.lock().unwrap().len(), 2);
+    }
+
     #[test]
     fn pooled_write_buffers_are_used_again_aligned_and_hold_only_the_new_bytes() {
-        let pool = std::sync::Arc::new(BufferPool::default());
+        let pool = BufferPool::new(POOLED_CAPACITY, POOL_KEEP);
         let first = vec![0xeeu8; WRITE_COALESCE];
         let at = 3 * 4096 + 512;
         let bytes = WriteBytes::copy_of(&first, at, &pool);
