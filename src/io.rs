@@ -596,6 +596,18 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
         self.meta.len() as u64
     }
 
+    /// Copies into `bytes`, read from the device at `at`, what the gathered
+    /// writes (not yet on the device) hold over them.
+    fn overlay_gathered(&self, at: u64, bytes: &mut [u8]) {
+        let lo = at.max(self.wbuf_at);
+        let hi = (at + bytes.len() as u64).min(self.wbuf_at + self.wbuf.len() as u64);
+        if lo < hi {
+            let (to, from) = ((lo - at) as usize, (lo - self.wbuf_at) as usize);
+            let n = (hi - lo) as usize;
+            bytes[to..to + n].copy_from_slice(&self.wbuf[from..from + n]);
+        }
+    }
+
     fn flush_writes(&mut self) -> io::Result<()> {
         if !self.wbuf.is_empty() {
             self.inner
@@ -656,6 +668,9 @@ impl<F: Read + Write + Seek> Read for PartitionWindow<F> {
                 self.inner.seek(SeekFrom::Start(self.start + from))?;
                 let got = read_full(&mut self.inner, &mut run)?;
                 run.truncate(got);
+                // The run reaches past the bytes asked for: where it meets writes
+                // still gathered here, those are newer than the device's bytes.
+                self.overlay_gathered(from, &mut run);
                 let skip = (pos - from) as usize;
                 let n = want.min(got.saturating_sub(skip));
                 buf[..n].copy_from_slice(&run[skip..skip + n]);
@@ -2555,6 +2570,30 @@ mod tests {
         fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
             self.inner.seek(to)
         }
+    }
+
+    /// A read fills a run around the bytes it asks for; where that run meets bytes
+    /// written through the window and still gathered (not yet on the device), it
+    /// holds the written bytes, so a later read served from it is never older than
+    /// the write.
+    #[test]
+    fn a_read_around_a_gathered_write_sees_the_write() {
+        let mut device = Cursor::new(vec![0x11u8; 256 << 10]);
+        let mut window = PartitionWindow::new(&mut device, 0, 256 << 10);
+        window.seek(SeekFrom::Start(3086)).unwrap();
+        window.write_all(&[0xAB, 0xCD]).unwrap();
+        // Away from the write: the window reads 64 KiB around it from the device.
+        let mut first = [0u8; 512];
+        window.seek(SeekFrom::Start(0)).unwrap();
+        window.read_exact(&mut first).unwrap();
+        assert!(first.iter().all(|&b| b == 0x11));
+        let mut later = [0u8; 4];
+        window.seek(SeekFrom::Start(3085)).unwrap();
+        window.read_exact(&mut later).unwrap();
+        assert_eq!(later, [0x11, 0xAB, 0xCD, 0x11]);
+        window.flush().unwrap();
+        drop(window);
+        assert_eq!(&device.get_ref()[3085..3089], &[0x11, 0xAB, 0xCD, 0x11]);
     }
 
     /// A buffer shared by several holders (a batch's targets) goes back to its pool
