@@ -144,6 +144,7 @@ fn format_with_clusters<F: Read + Write + Seek>(
         .volume_label(label_bytes);
     window.seek(SeekFrom::Start(0))?;
     fatfs::format_volume(&mut *window, options)?;
+    align_data_region(window, len)?;
     // fatfs writes 0 hidden sectors; patch the boot sector and its FAT32 backup.
     let mut sector = [0u8; 512];
     window.seek(SeekFrom::Start(0))?;
@@ -154,6 +155,78 @@ fn format_with_clusters<F: Read + Write + Seek>(
         window.write_all(&hidden_sectors.to_le_bytes())?;
     }
     window.flush()?;
+    Ok(())
+}
+
+/// Moves the FATs and the root directory's cluster of a volume fatfs has just
+/// formatted so that the data region starts on a cluster boundary, as mkfs.fat
+/// lays it out. fatfs 0.3.6 always reserves 8 sectors, so the first cluster lands
+/// wherever the FATs end: on a 16 GiB stick 3 KiB past a 4 KiB boundary. Every
+/// cluster then straddles two of the stick's pages, so each 4 KiB the live system
+/// writes into the overlay or home (a dm-snapshot chunk, an ext4 block) costs the
+/// stick's controller two partial page writes, and the partial blocks at either
+/// end of each file reach it through the page cache instead of in whole blocks.
+/// The reserved sectors grow by what the alignment needs (fewer than a cluster's
+/// sectors, zeroed); the cluster count drops by at most one, whose FAT entry is
+/// then marked in use as fatfs marks every entry past the last cluster.
+fn align_data_region<F: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+    len: u64,
+) -> Result<(), FatError> {
+    const SECTOR: u64 = 512;
+    let mut boot = [0u8; 512];
+    window.seek(SeekFrom::Start(0))?;
+    window.read_exact(&mut boot)?;
+    let reserved = u64::from(u16_at(&boot, 14));
+    let per_cluster = u64::from(boot[13]);
+    let fats = u64::from(boot[16]);
+    let fat_sectors = u64::from(u32_at(&boot, 36));
+    let total = u64::from(u32_at(&boot, 32));
+    let backup = u64::from(u16_at(&boot, 0x32));
+    if u16_at(&boot, 11) != SECTOR as u16 || per_cluster == 0 || fat_sectors == 0 {
+        return Err(FatError::Damaged(
+            "fatfs made a FAT32 boot sector livestick does not expect".into(),
+        ));
+    }
+    let meta = reserved + fats * fat_sectors;
+    let pad = (per_cluster - meta % per_cluster) % per_cluster;
+    if pad == 0 {
+        return Ok(());
+    }
+    let clusters_before = total.saturating_sub(meta) / per_cluster;
+    let clusters = total.saturating_sub(meta + pad) / per_cluster;
+    let new_reserved = u16::try_from(reserved + pad).map_err(|_| FatError::TooSmall(len))?;
+    if clusters < FAT32_MIN_CLUSTERS {
+        return Err(FatError::TooSmall(len));
+    }
+    // The FATs and the root cluster move `pad` sectors on: copied from the end
+    // backwards, as the two places overlap.
+    let moved = (fats * fat_sectors + per_cluster) * SECTOR;
+    let (from, shift) = (reserved * SECTOR, pad * SECTOR);
+    let mut piece = vec![0u8; 64 << 10];
+    let mut end = moved;
+    while end > 0 {
+        let n = end.min(piece.len() as u64);
+        end -= n;
+        let buf = &mut piece[..n as usize];
+        window.seek(SeekFrom::Start(from + end))?;
+        window.read_exact(buf)?;
+        window.seek(SeekFrom::Start(from + shift + end))?;
+        window.write_all(buf)?;
+    }
+    window.seek(SeekFrom::Start(from))?;
+    window.write_all(&vec![0u8; shift as usize])?;
+    for fat in 0..fats {
+        let base = (u64::from(new_reserved) + fat * fat_sectors) * SECTOR;
+        for lost in clusters + 2..clusters_before + 2 {
+            window.seek(SeekFrom::Start(base + 4 * lost))?;
+            window.write_all(&0x0FFF_FFFFu32.to_le_bytes())?;
+        }
+    }
+    for at in [0, backup * SECTOR] {
+        window.seek(SeekFrom::Start(at + 14))?;
+        window.write_all(&new_reserved.to_le_bytes())?;
+    }
     Ok(())
 }
 
@@ -1104,6 +1177,70 @@ mod tests {
         assert_eq!(live_cluster_size_for(2 << 30).unwrap(), 16384);
         assert_eq!(live_cluster_size_for(64 << 20).unwrap(), 512);
         assert!(live_cluster_size_for(16 << 20).is_err());
+    }
+
+    /// Whatever the partition's size, the first data cluster starts on a cluster
+    /// boundary (as mkfs.fat lays a FAT out), over stale bytes the reserved sectors
+    /// added for it hold zeros, a cluster lost to them is marked in use, and the
+    /// volume works: its label, a file written and read back.
+    #[test]
+    fn the_data_region_starts_on_a_cluster_boundary() {
+        // 64 MiB (512-byte clusters) up to a 16 GiB stick's partition, and a size
+        // that needs no padding at all once aligned already.
+        for len in [
+            64 << 20,
+            (80 << 20) + 4096,
+            1 << 30,
+            (16u64 << 30) - (1 << 20),
+        ] {
+            let mut device = crate::io::MemDevice::new(len);
+            // Stale bytes where the FATs, the root cluster and the padding land.
+            device
+                .write_all(&vec![0xA5u8; (6 << 20).min(len as usize)])
+                .unwrap();
+            let mut window = PartitionWindow::new(&mut device, 0, len);
+            format_live(&mut window, "LIVE", 7, 2048).unwrap();
+            let mut boot = [0u8; 512];
+            window.seek(SeekFrom::Start(0)).unwrap();
+            window.read_exact(&mut boot).unwrap();
+            let reserved = u64::from(u16_at(&boot, 14));
+            let per_cluster = u64::from(boot[13]);
+            let fat_sectors = u64::from(u32_at(&boot, 36));
+            let meta = reserved + 2 * fat_sectors;
+            assert_eq!(meta % per_cluster, 0, "{len}: data at sector {meta}");
+            assert_eq!(metadata_len(&mut window).unwrap(), meta * 512);
+            let mut backup = [0u8; 512];
+            window.seek(SeekFrom::Start(6 * 512)).unwrap();
+            window.read_exact(&mut backup).unwrap();
+            assert_eq!(backup[..90], boot[..90], "{len}: the backup boot sector");
+            let padding =
+                crate::io::read_at(&mut window, 8 * 512, (reserved as usize - 8) * 512).unwrap();
+            assert!(padding.iter().all(|&b| b == 0), "{len}: stale padding");
+            let clusters = (len / 512 - meta) / per_cluster;
+            for fat in 0..2 {
+                let at = (reserved + fat * fat_sectors) * 512;
+                let head = crate::io::read_at(&mut window, at, 12).unwrap();
+                assert_eq!(u32_at(&head, 8), 0x0FFF_FFFF, "{len}: root's entry");
+                // The entry past the last cluster: fatfs marks every such entry in use.
+                let past = crate::io::read_at(&mut window, at + 4 * (clusters + 2), 4).unwrap();
+                assert_eq!(
+                    u32_at(&past, 0),
+                    0x0FFF_FFFF,
+                    "{len}: past the last cluster"
+                );
+            }
+            window.flush().unwrap();
+            let fs = open(&mut window).unwrap();
+            assert_eq!(
+                fs.read_volume_label_from_root_dir().unwrap().unwrap(),
+                "LIVE"
+            );
+            assert_eq!(fs.stats().unwrap().total_clusters() as u64, clusters);
+            let data: Vec<u8> = (0..100_000u32).map(|i| (i % 241) as u8).collect();
+            write_file(&fs, "/LiveOS/squashfs.img", &mut &data[..], 100_000, |_| {}).unwrap();
+            assert!(read_file(&fs, "/LiveOS/squashfs.img").unwrap() == data);
+            assert_eq!(fs.root_dir().iter().count(), 1, "{len}: stale root entries");
+        }
     }
 
     #[test]
