@@ -1107,6 +1107,9 @@ fn apply_tagged(
             let mut spots: RangeSet = wipe::signature_spots(plan.target.size)
                 .into_iter()
                 .collect();
+            for zeroed in partition::table_ranges(plan.target.size) {
+                spots.remove(zeroed);
+            }
             for r in wipe::signature_spots(len) {
                 let from = r.start.max(fat_floor);
                 if from < r.end {
@@ -1129,6 +1132,10 @@ fn apply_tagged(
             tags.set("formatting the FAT32 filesystem");
             made.load(&mut window)
                 .map_err(ApplyError::fat("formatting the FAT32 filesystem"))?;
+            // A new FAT goes to the stick once, whole, after every file's chain
+            // is in it: nothing reads it from the stick before, and the stick
+            // boots nothing until its partition table is written last.
+            window.hold_metadata(true);
             if syslinux_staged {
                 // Kept free of the ISO's files for the loader being staged meanwhile.
                 let step = "setting aside room for SYSLINUX's loader";
@@ -1362,6 +1369,7 @@ fn apply_tagged(
         tags.set("finishing the FAT filesystem");
         fat::repair_fatfs_quirks(&mut window)
             .map_err(ApplyError::fat("finishing the FAT filesystem"))?;
+        window.hold_metadata(false);
         window
             .flush()
             .map_err(ApplyError::io("flushing the FAT filesystem"))?;

@@ -393,6 +393,9 @@ pub struct PartitionWindow<F> {
     /// Whether [`Write::flush`] also flushes `inner` (see
     /// [`PartitionWindow::hold_device_flush`]).
     flush_device: bool,
+    /// Whether [`Write::flush`] keeps the cached prefix's changed pages (see
+    /// [`PartitionWindow::hold_metadata`]).
+    hold_meta: bool,
 }
 
 /// Up to [`READ_BUFFERS`] runs of bytes read from the device, least recently used
@@ -489,6 +492,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
             wbuf_at: 0,
             reads: ReadBuffers::default(),
             flush_device: true,
+            hold_meta: false,
         }
     }
 
@@ -581,9 +585,21 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
         self.flush_device = !hold;
     }
 
+    /// While held, [`Write::flush`] keeps the changed pages of the cached prefix
+    /// (reserved sectors and FATs) here instead of writing them: each page then
+    /// reaches the device once, at the first flush after it is let go, however
+    /// often fatfs and the cluster allocator change it before. For a new FAT,
+    /// which nothing reads from the device until the write is done: writing its
+    /// pages each time (zeros first, every file's chain later) wrote a 16 GiB
+    /// stick's FAT pages twice over for its persistence files alone.
+    pub fn hold_metadata(&mut self, hold: bool) {
+        self.hold_meta = hold;
+    }
+
     /// Flushes and returns the underlying device or file.
     pub fn into_inner(mut self) -> io::Result<F> {
         self.flush_device = true;
+        self.hold_meta = false;
         self.flush()?;
         Ok(self.inner)
     }
@@ -725,7 +741,11 @@ impl<F: Read + Write + Seek> Write for PartitionWindow<F> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.flush_writes()?;
-        let pages = std::mem::take(&mut self.meta_dirty);
+        let pages = if self.hold_meta {
+            Default::default()
+        } else {
+            std::mem::take(&mut self.meta_dirty)
+        };
         let mut pages = pages.into_iter().peekable();
         while let Some(first) = pages.next() {
             // Consecutive pages go out as one write.
@@ -2570,6 +2590,47 @@ mod tests {
         fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
             self.inner.seek(to)
         }
+    }
+
+    /// Held, the cached prefix's changed pages stay in the window through every
+    /// flush (reads see them) and reach the device once, when let go; data past the
+    /// prefix goes out as always.
+    #[test]
+    fn held_metadata_reaches_the_device_once_when_let_go() {
+        let mut device = Cursor::new(vec![0x11u8; 64 << 10]);
+        let mut window = PartitionWindow::new(&mut device, 0, 64 << 10);
+        window.preload_prefix(vec![0u8; 16 << 10]).unwrap();
+        window.flush().unwrap();
+        window.hold_metadata(true);
+        for value in [1u8, 2, 3] {
+            window.seek(SeekFrom::Start(4096)).unwrap();
+            window.write_all(&[value; 8]).unwrap();
+            window.seek(SeekFrom::Start(32 << 10)).unwrap();
+            window.write_all(&[value; 8]).unwrap();
+            window.flush().unwrap();
+            let mut back = [0u8; 8];
+            window.seek(SeekFrom::Start(4096)).unwrap();
+            window.read_exact(&mut back).unwrap();
+            assert_eq!(back, [value; 8]);
+        }
+        let device_now = |w: &mut PartitionWindow<&mut Cursor<Vec<u8>>>, at: usize| {
+            w.get_mut().get_ref()[at..at + 8].to_vec()
+        };
+        assert_eq!(
+            device_now(&mut window, 4096),
+            [0u8; 8],
+            "written while held"
+        );
+        assert_eq!(device_now(&mut window, 32 << 10), [3u8; 8]);
+        window.hold_metadata(false);
+        window.flush().unwrap();
+        assert_eq!(device_now(&mut window, 4096), [3u8; 8]);
+        // Dropped by into_inner while held: still written.
+        window.hold_metadata(true);
+        window.seek(SeekFrom::Start(8192)).unwrap();
+        window.write_all(&[9u8; 8]).unwrap();
+        let device = window.into_inner().unwrap();
+        assert_eq!(device.get_ref()[8192..8200], [9u8; 8]);
     }
 
     /// A read fills a run around the bytes it asks for; where that run meets bytes

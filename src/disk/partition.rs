@@ -188,14 +188,24 @@ pub fn write_table<D: Read + Write + Seek + std::fmt::Debug>(
 /// write is interrupted has no table at all rather than a stale one.
 pub fn wipe_tables<D: Write + Seek>(disk: &mut D, disk_size: u64) -> Result<(), PartitionError> {
     let zeros = vec![0u8; (ALIGN as usize).min(disk_size as usize)];
-    disk.seek(SeekFrom::Start(0))?;
-    disk.write_all(&zeros)?;
-    if disk_size > ALIGN + GPT_TAIL {
-        disk.seek(SeekFrom::Start(disk_size - GPT_TAIL))?;
-        disk.write_all(&zeros[..GPT_TAIL as usize])?;
+    for range in table_ranges(disk_size) {
+        disk.seek(SeekFrom::Start(range.start))?;
+        disk.write_all(&zeros[..(range.end - range.start) as usize])?;
     }
     disk.flush()?;
     Ok(())
+}
+
+/// Where [`wipe_tables`] zeroes: the first MiB (the MBR, a GPT's header and
+/// entries, and whatever sits before the first partition) and, on a disk large
+/// enough, a GPT backup's place at the end. A caller zeroing more (stale
+/// signatures) leaves these out instead of writing them twice.
+pub fn table_ranges(disk_size: u64) -> Vec<std::ops::Range<u64>> {
+    let mut ranges = vec![0..ALIGN.min(disk_size)];
+    if disk_size > ALIGN + GPT_TAIL {
+        ranges.push(disk_size - GPT_TAIL..disk_size);
+    }
+    ranges
 }
 
 // ---------------------------------------------------------------------------
