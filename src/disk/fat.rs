@@ -199,21 +199,10 @@ fn align_data_region<F: Read + Write + Seek>(
     if clusters < FAT32_MIN_CLUSTERS {
         return Err(FatError::TooSmall(len));
     }
-    // The FATs and the root cluster move `pad` sectors on: copied from the end
-    // backwards, as the two places overlap.
+    // The FATs and the root cluster move `pad` sectors on.
     let moved = (fats * fat_sectors + per_cluster) * SECTOR;
     let (from, shift) = (reserved * SECTOR, pad * SECTOR);
-    let mut piece = vec![0u8; 64 << 10];
-    let mut end = moved;
-    while end > 0 {
-        let n = end.min(piece.len() as u64);
-        end -= n;
-        let buf = &mut piece[..n as usize];
-        window.seek(SeekFrom::Start(from + end))?;
-        window.read_exact(buf)?;
-        window.seek(SeekFrom::Start(from + shift + end))?;
-        window.write_all(buf)?;
-    }
+    window.copy_within(from, moved, from + shift)?;
     window.seek(SeekFrom::Start(from))?;
     window.write_all(&vec![0u8; shift as usize])?;
     for fat in 0..fats {
