@@ -1175,7 +1175,7 @@ mod tests {
     #[test]
     fn the_data_region_starts_on_a_cluster_boundary() {
         // 64 MiB (512-byte clusters) up to a 16 GiB stick's partition, and a size
-        // that needs no padding at all once aligned already.
+        // that is no multiple of any cluster.
         for len in [
             64 << 20,
             (80 << 20) + 4096,
