@@ -1403,34 +1403,14 @@ fn edit_leaves<F: Read + Write + Seek + ?Sized>(
 
 /// The leaf entries of an extent node, `None` for an index node or no node.
 fn leaf_entries(node: &[u8]) -> Result<Option<Vec<Extent>>, Ext4FsError> {
+    // Anything with another magic, or an index node however damaged, is no leaf.
     if node.len() < 12 || u16_at(node, 0) != EXTENT_MAGIC || u16_at(node, 6) != 0 {
         return Ok(None);
     }
-    let entries = usize::from(u16_at(node, 2));
-    if 12 + entries * 12 > node.len() {
-        return Err(Ext4FsError::Damaged(
-            "extent node overflows its block".into(),
-        ));
+    match ext4::parse_extent_node(node).map_err(|why| Ext4FsError::Damaged(why.into()))? {
+        ExtentNode::Leaves(leaves) => Ok(Some(leaves)),
+        ExtentNode::Index(_) => Ok(None),
     }
-    Ok(Some(
-        (0..entries)
-            .map(|i| {
-                let e = &node[12 + i * 12..24 + i * 12];
-                let raw_len = u16_at(e, 4);
-                let unwritten = raw_len > UNINIT_LEN;
-                Extent {
-                    logical: u64::from(u32_at(e, 0)),
-                    physical: u64_of(u32_at(e, 8), u32::from(u16_at(e, 6))),
-                    len: u64::from(if unwritten {
-                        raw_len - UNINIT_LEN
-                    } else {
-                        raw_len
-                    }),
-                    unwritten,
-                }
-            })
-            .collect(),
-    ))
 }
 
 /// `e` cut at the edges of `written`: the parts inside written, the rest unwritten.
