@@ -1854,27 +1854,20 @@ fn write_live_files<F: Read + Write + Seek>(
         let mut target_file = ExtentFile::new(&mut *part, runs);
         let mut whole = crate::io::Sha256Hash::default();
         let mut buf = vec![0u8; 4 << 20];
-        let mut left = copy.size;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            reader
-                .read_exact(&mut buf[..n])
-                .map_err(ApplyError::io(format!(
-                    "reading {} from the source",
-                    copy.dest
-                )))?;
+        // To the source's end, which `Exactly` holds to the planned size.
+        loop {
+            let n = crate::io::read_full(&mut reader, &mut buf).map_err(ApplyError::io(
+                format!("reading {} from the source", copy.dest),
+            ))?;
+            if n == 0 {
+                break;
+            }
             target_file
                 .write_all(&buf[..n])
                 .map_err(ApplyError::io(format!("writing {}", copy.dest)))?;
             whole.update(&buf[..n]);
             progress.inc(n as u64);
-            left -= n as u64;
         }
-        // The planned end must be the source's end too.
-        reader.read(&mut [0u8; 1]).map_err(ApplyError::io(format!(
-            "reading {} from the source",
-            copy.dest
-        )))?;
         target_file
             .flush()
             .map_err(ApplyError::io(format!("writing {}", copy.dest)))?;

@@ -90,6 +90,11 @@ impl<R> Exactly<R> {
         }
     }
 
+    /// `n`, or fewer: what is left of the plan.
+    fn within_plan(left: u64, n: usize) -> usize {
+        n.min(usize::try_from(left).unwrap_or(usize::MAX))
+    }
+
     fn ended_early(len: u64, left: u64) -> io::Error {
         io::Error::new(
             io::ErrorKind::UnexpectedEof,
@@ -128,9 +133,7 @@ impl<R: Read> Read for Exactly<R> {
                 _ => Err(Self::longer(self.len)),
             };
         }
-        let want = buf
-            .len()
-            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let want = Self::within_plan(self.left, buf.len());
         match self.inner.read(&mut buf[..want])? {
             0 => Err(Self::ended_early(self.len, self.left)),
             n => {
@@ -149,12 +152,12 @@ impl<R: io::BufRead> io::BufRead for Exactly<R> {
             (0, 0) => Ok(chunk),
             (0, _) => Err(Self::ended_early(len, left)),
             (_, 0) => Err(Self::longer(len)),
-            (n, left) => Ok(&chunk[..n.min(usize::try_from(left).unwrap_or(usize::MAX))]),
+            (n, left) => Ok(&chunk[..Self::within_plan(left, n)]),
         }
     }
 
     fn consume(&mut self, amount: usize) {
-        let amount = amount.min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let amount = Self::within_plan(self.left, amount);
         self.left -= amount as u64;
         self.inner.consume(amount);
     }
