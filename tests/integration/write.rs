@@ -14,6 +14,11 @@ struct Written {
 }
 
 fn write_ok(iso: &Path, extra: &[&str]) -> Written {
+    write_ok_sized(iso, "256M", extra)
+}
+
+/// [`write_ok`] to an image file of `size`.
+fn write_ok_sized(iso: &Path, size: &str, extra: &[&str]) -> Written {
     let dir = tmp();
     let image = dir.path().join("stick.img");
     let mut args = vec![
@@ -22,7 +27,7 @@ fn write_ok(iso: &Path, extra: &[&str]) -> Written {
         iso.to_str().unwrap(),
         image.to_str().unwrap(),
         "--size",
-        "256M",
+        size,
         "--volume-id",
         "1234ABCD",
     ];
@@ -821,25 +826,9 @@ fn a_source_file_that_is_not_its_planned_size_stops_the_write() {
 fn the_fat_data_region_starts_on_a_cluster_boundary() {
     let iso = synthetic_iso("fedora-classic.iso");
     for size in ["300M", "1G", "2051M"] {
-        let dir = tmp();
-        let image = dir.path().join("stick.img");
-        let out = livestick(&[
-            "write",
-            iso.to_str().unwrap(),
-            image.to_str().unwrap(),
-            "--size",
-            size,
-            "--yes",
-            "--overlay-size-mb",
-            "64",
-        ]);
-        assert!(
-            out.status.success(),
-            "{size}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let (_, start, len) = first_partition(&image);
-        let boot = read_at(&image, start, 512);
+        let w = write_ok_sized(&iso, size, &["--yes", "--overlay-size-mb", "64"]);
+        let (_, start, len) = first_partition(&w.image);
+        let boot = read_at(&w.image, start, 512);
         let u16_at = |at: usize| u64::from(u16::from_le_bytes([boot[at], boot[at + 1]]));
         let fat_sectors = u64::from(u32::from_le_bytes(boot[36..40].try_into().unwrap()));
         let (reserved, per_cluster, fats) = (u16_at(14), u64::from(boot[13]), u64::from(boot[16]));
@@ -854,6 +843,6 @@ fn the_fat_data_region_starts_on_a_cluster_boundary() {
             0,
             "{size}: not on a 4 KiB page"
         );
-        fsck_fat(&image, start, len, dir.path());
+        fsck_fat(&w.image, start, len, w._dir.path());
     }
 }
