@@ -250,16 +250,39 @@ pub struct MadeFat {
 }
 
 impl MadeFat {
+    /// A live stick's FAT32, as [`format_live`] makes it.
     pub fn live(
         len: u64,
         label: &str,
         volume_id: u32,
         hidden_sectors: u32,
     ) -> Result<MadeFat, FatError> {
+        let cluster = live_cluster_size_for(len)?;
+        Self::with_clusters(len, label, volume_id, hidden_sectors, cluster)
+    }
+
+    /// Plain storage's FAT32, as [`format`] makes it.
+    pub fn plain(
+        len: u64,
+        label: &str,
+        volume_id: u32,
+        hidden_sectors: u32,
+    ) -> Result<MadeFat, FatError> {
+        let cluster = cluster_size_for(len)?;
+        Self::with_clusters(len, label, volume_id, hidden_sectors, cluster)
+    }
+
+    fn with_clusters(
+        len: u64,
+        label: &str,
+        volume_id: u32,
+        hidden_sectors: u32,
+        cluster: u32,
+    ) -> Result<MadeFat, FatError> {
         let mut device = crate::io::MemDevice::new(len);
         let metadata_len = {
             let mut mem = PartitionWindow::new(&mut device, 0, len);
-            format_live(&mut mem, label, volume_id, hidden_sectors)?;
+            format_with_clusters(&mut mem, label, volume_id, hidden_sectors, cluster)?;
             mem.flush()?;
             metadata_len(&mut mem)?
         };
