@@ -785,11 +785,7 @@ fn chains_of<'p>(
     paths: impl IntoIterator<Item = &'p str>,
 ) -> Result<Vec<Vec<(u64, u64)>>, ApplyError> {
     let mut window = PartitionWindow::new(file, start, len);
-    let meta =
-        fat::metadata_len(&mut window).map_err(ApplyError::io("reading the FAT boot sector"))?;
-    window
-        .cache_prefix(meta)
-        .map_err(ApplyError::io("reading the FAT"))?;
+    fat::cache_metadata(&mut window).map_err(ApplyError::fat("reading the FAT"))?;
     paths
         .into_iter()
         .map(|path| {
@@ -1464,8 +1460,10 @@ fn apply_tagged(
     }
     before_verify.extend(&after_write);
 
-    let mut bytes_written = before_verify.total();
-    let mut bytes_verified = 0u64;
+    // Every range written, and every range read back, each counted once however
+    // often it was written (the table goes where the old tables were zeroed).
+    let mut written_ranges = before_verify.clone();
+    let mut verified_ranges = RangeSet::new();
     let verified = options.verify_write;
     if options.verify_write {
         // Everything the write phase wrote was read back while it was written, each
@@ -1486,7 +1484,8 @@ fn apply_tagged(
                 "the FAT, directories and boot sectors",
             )?;
         }
-        bytes_verified = while_writing.total() + rest.total();
+        verified_ranges.extend(&while_writing);
+        verified_ranges.extend(&rest);
     }
 
     // Boot-critical bytes last.
@@ -1518,10 +1517,10 @@ fn apply_tagged(
     let last = recorder.into_written();
     file.sync_all()
         .map_err(ApplyError::io("syncing the target"))?;
-    bytes_written += last.total();
+    written_ranges.extend(&last);
     if options.verify_write && !last.is_empty() {
         read_back_ranges(&mut file, probe.kind, &last, "the partition table")?;
-        bytes_verified += last.total();
+        verified_ranges.extend(&last);
     }
     if probe.kind == TargetKind::BlockDevice
         && let Err(warning) = target::reread_partitions(&file)
@@ -1565,8 +1564,8 @@ fn apply_tagged(
         bios: plan.bios,
         uefi: plan.uefi,
         verified,
-        bytes_written,
-        bytes_verified,
+        bytes_written: written_ranges.total(),
+        bytes_verified: verified_ranges.total(),
         warnings,
         iso_check: plan.iso_check,
         iso_md5: None,

@@ -519,7 +519,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
             // Already held (see `preload_prefix`): the memory copy is the newer one.
             return Ok(());
         }
-        self.flush()?;
+        self.flush_before_replacing_prefix()?;
         let len = bytes as usize;
         let mut meta = SparsePages::zeros(len);
         self.inner.seek(SeekFrom::Start(self.start))?;
@@ -574,7 +574,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
     /// metadata then reaches the stick once instead of being written, read back into
     /// the cache and written again.
     pub fn preload_prefix(&mut self, bytes: Vec<u8>) -> io::Result<()> {
-        self.flush()?;
+        self.flush_before_replacing_prefix()?;
         let n = bytes.len();
         if n as u64 > self.len {
             return Err(self.out_of_window("preload", 0, n));
@@ -591,7 +591,7 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
     /// [`PartitionWindow::preload_prefix`] with the first `len` bytes of `src`, read in
     /// pieces (a whole FAT in one buffer would double its memory for a moment).
     pub fn preload_prefix_from<R: Read>(&mut self, src: &mut R, len: u64) -> io::Result<()> {
-        self.flush()?;
+        self.flush_before_replacing_prefix()?;
         let n = usize::try_from(len)
             .ok()
             .filter(|&n| n as u64 <= self.len)
@@ -609,6 +609,15 @@ impl<F: Read + Write + Seek> PartitionWindow<F> {
         self.meta_dirty = (0..n.div_ceil(META_PAGE)).collect();
         self.reads.clear();
         Ok(())
+    }
+
+    /// A flush that writes held prefix pages too: the prefix they belong to is about
+    /// to be replaced, and a held page left behind would be lost with it.
+    fn flush_before_replacing_prefix(&mut self) -> io::Result<()> {
+        let held = std::mem::replace(&mut self.hold_meta, false);
+        let flushed = self.flush();
+        self.hold_meta = held;
+        flushed
     }
 
     /// While held, [`Write::flush`] hands everything the window holds to `inner`
@@ -2695,6 +2704,32 @@ mod tests {
         window.write_all(&[9u8; 8]).unwrap();
         let device = window.into_inner().unwrap();
         assert_eq!(device.get_ref()[8192..8200], [9u8; 8]);
+    }
+
+    /// Held prefix pages are written, not dropped, when the prefix is replaced
+    /// (another length cached, or a new one preloaded).
+    #[test]
+    fn held_metadata_is_written_before_its_prefix_is_replaced() {
+        type Window<'a> = PartitionWindow<&'a mut Cursor<Vec<u8>>>;
+        let replacements: [fn(&mut Window<'_>); 3] = [
+            |w| w.cache_prefix(32 << 10).unwrap(),
+            |w| w.preload_prefix(vec![0u8; 8 << 10]).unwrap(),
+            |w| {
+                w.preload_prefix_from(&mut &[0u8; 8 << 10][..], 8 << 10)
+                    .unwrap()
+            },
+        ];
+        for replace in replacements {
+            let mut device = Cursor::new(vec![0x11u8; 64 << 10]);
+            let mut window = PartitionWindow::new(&mut device, 0, 64 << 10);
+            window.preload_prefix(vec![0u8; 16 << 10]).unwrap();
+            window.hold_metadata(true);
+            window.seek(SeekFrom::Start(4096)).unwrap();
+            window.write_all(&[7u8; 8]).unwrap();
+            replace(&mut window);
+            let on_device = window.get_mut().get_ref()[4096..4104].to_vec();
+            assert_eq!(on_device, [7u8; 8]);
+        }
     }
 
     /// A read fills a run around the bytes it asks for; where that run meets bytes

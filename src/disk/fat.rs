@@ -362,10 +362,12 @@ pub fn metadata_len<F: Read + Write + Seek>(window: &mut PartitionWindow<F>) -> 
     Ok((reserved + fats * fat_size) * bytes_per_sector)
 }
 
-/// Opens the FAT filesystem in the window, holding its FAT region in memory.
-pub fn open<F: Read + Write + Seek>(
+/// Reads the reserved sectors and FATs into the window's cache, once their size in
+/// the boot sector is believable: a damaged boot sector could otherwise make the
+/// cache read the whole partition into memory.
+pub fn cache_metadata<F: Read + Write + Seek>(
     window: &mut PartitionWindow<F>,
-) -> Result<FatFs<'_, F>, FatError> {
+) -> Result<u64, FatError> {
     let meta = metadata_len(window).map_err(FatError::NotFat)?;
     if meta == 0 || meta > window.len() || meta > 256 << 20 {
         return Err(FatError::NotFat(io::Error::new(
@@ -374,6 +376,14 @@ pub fn open<F: Read + Write + Seek>(
         )));
     }
     window.cache_prefix(meta)?;
+    Ok(meta)
+}
+
+/// Opens the FAT filesystem in the window, holding its FAT region in memory.
+pub fn open<F: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+) -> Result<FatFs<'_, F>, FatError> {
+    cache_metadata(window)?;
     check_chains(window)?;
     window.seek(SeekFrom::Start(0))?;
     fatfs::FileSystem::new(window, fatfs::FsOptions::new()).map_err(FatError::NotFat)
@@ -1335,6 +1345,65 @@ mod tests {
     }
 
     const IMG: &str = "/LiveOS/squashfs.img";
+
+    /// Reads and writes through to `inner`, counting the bytes read.
+    struct ReadCounter<'a, D> {
+        inner: &'a mut D,
+        read: u64,
+    }
+
+    impl<D: Read> Read for ReadCounter<'_, D> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read += n as u64;
+            Ok(n)
+        }
+    }
+
+    impl<D: Write> Write for ReadCounter<'_, D> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.inner.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.inner.flush()
+        }
+    }
+
+    impl<D: Seek> Seek for ReadCounter<'_, D> {
+        fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+            self.inner.seek(pos)
+        }
+    }
+
+    /// A damaged boot sector (a failing stick's, found when a read-back mismatch is
+    /// named) must not make the FAT cache read the partition into memory.
+    #[test]
+    fn a_boot_sector_claiming_huge_tables_is_refused_before_they_are_read() {
+        let len = 1u64 << 30;
+        let mut device = crate::io::MemDevice::new(len);
+        {
+            let mut window = PartitionWindow::new(&mut device, 0, len);
+            MadeFat::live(len, "LIVE", 1, 2048)
+                .unwrap()
+                .load(&mut window)
+                .unwrap();
+            window.flush().unwrap();
+        }
+        // FATs past the partition's end; FATs of 600 MiB inside it.
+        for fat_sectors in [u32::MAX / 4, (600u32 << 20) / 512 / 2] {
+            device.seek(SeekFrom::Start(36)).unwrap();
+            device.write_all(&fat_sectors.to_le_bytes()).unwrap();
+            let mut counter = ReadCounter {
+                inner: &mut device,
+                read: 0,
+            };
+            let mut window = PartitionWindow::new(&mut counter, 0, len);
+            let refused = cache_metadata(&mut window);
+            assert!(matches!(refused, Err(FatError::NotFat(_))), "{refused:?}");
+            drop(window);
+            assert!(counter.read <= 64 << 10, "{fat_sectors}: {}", counter.read);
+        }
+    }
 
     #[test]
     fn a_file_whose_chain_loops_is_refused_before_fatfs_reads_it() {
