@@ -1612,6 +1612,9 @@ pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, App
         }) => return Ok(None),
         Err(source) => return Err(ApplyError::Stick(source)),
     };
+    stick
+        .refuse_a_volume_past_its_partition()
+        .map_err(ApplyError::Stick)?;
     let part = stick.partition.clone();
     let ext4 = existing_ext4(stick.file_mut(), path)?;
     let existing = stick.with_fs(|fs| existing_of(fs, &part, path, ext4))?;
@@ -1635,6 +1638,9 @@ pub fn read_existing_repaired(
         }) => return Ok((None, Vec::new())),
         Err(source) => return Err(ApplyError::Stick(source)),
     };
+    stick
+        .refuse_a_volume_past_its_partition()
+        .map_err(ApplyError::Stick)?;
     let part = stick.partition.clone();
     let ext4 = existing_ext4(stick.file_mut(), path)?;
     let mut view = fat_raw::MemoryWrites::new(stick.file_mut());

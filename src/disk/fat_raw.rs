@@ -143,6 +143,14 @@ pub(crate) fn geometry_any<D: Read + Seek>(dev: &mut D, part: u64) -> Result<Geo
     })
 }
 
+/// Where the FAT volume at `part` ends by its boot sector: past its last cluster, or
+/// past its tables where those reach further.
+pub(crate) fn volume_end<D: Read + Seek>(dev: &mut D, part: u64) -> Result<u64, SwapError> {
+    let g = geometry_any(dev, part)?;
+    let clusters_end = g.data_offset + u64::from(g.max_cluster.saturating_sub(2)) * g.cluster_bytes;
+    Ok(clusters_end.max(g.fat_offset + g.fats * g.fat_bytes))
+}
+
 pub(crate) fn next_cluster<D: Read + Seek>(dev: &mut D, g: &Geo, c: u32) -> io::Result<u32> {
     if g.fat32 {
         dev.seek(SeekFrom::Start(g.fat_offset + u64::from(c) * 4))?;

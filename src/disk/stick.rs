@@ -137,12 +137,41 @@ impl Stick {
                 source,
             }
         })?;
-        Ok(Stick {
+        let mut stick = Stick {
             path: path.to_path_buf(),
             probe,
             partition,
             file,
             writable,
+        };
+        if writable {
+            stick.refuse_a_volume_past_its_partition()?;
+        }
+        Ok(stick)
+    }
+
+    /// The maintenance commands and a write without `--format` change clusters by
+    /// their place on the device, which the boot sector gives; a volume that claims
+    /// more than its partition (a partition shrunk under it, a damaged boot sector)
+    /// would have them write into whatever follows. Refused before anything is
+    /// written. A layout livestick does not read is left to its other checks.
+    pub fn refuse_a_volume_past_its_partition(&mut self) -> Result<(), StickError> {
+        let partition = &self.partition;
+        let partition_end = partition.start + partition.len;
+        let refusal = match crate::disk::fat_raw::volume_end(&mut self.file, partition.start) {
+            Ok(end) if end > partition_end => FatError::Damaged(format!(
+                "it reaches {} bytes past the end of partition {} ({} bytes): \
+                 the partition was made smaller than its filesystem",
+                end - partition_end,
+                partition.number,
+                partition.len
+            )),
+            Err(crate::disk::fat_raw::SwapError::Io(e)) => FatError::Io(e),
+            _ => return Ok(()),
+        };
+        Err(StickError::Fat {
+            path: self.path.clone(),
+            source: refusal,
         })
     }
 

@@ -124,3 +124,70 @@ fn read(f: &mut File, at: u64, len: usize) -> Vec<u8> {
     f.read_exact(&mut buf).unwrap();
     buf
 }
+
+/// A partition made smaller than its FAT (by a partitioning tool, or a damaged boot
+/// sector): the maintenance commands and a write without `--format` change clusters
+/// by their place on the device, so they would write past the partition's end into
+/// whatever follows it. Refused, the stick unchanged.
+#[test]
+fn a_filesystem_larger_than_its_partition_is_refused_unchanged() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("stick.img");
+    let out = livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--size",
+        "300M",
+        "--overlay-size-mb",
+        "20",
+        "--yes",
+        "--quiet",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut shrink = std::process::Command::new(tool("sfdisk"))
+        .args(["--no-reread", "--no-tell-kernel", "-q"])
+        .arg(&image)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk");
+    use std::io::Write as _;
+    shrink
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"start=2048, size=409600, type=c, bootable\n")
+        .unwrap();
+    assert!(shrink.wait().unwrap().success());
+    let before = sha256_file(&image);
+    let s = image.to_str().unwrap();
+    for args in [
+        vec!["overlay", "grow", s, "--add-mb", "200", "--yes"],
+        vec![
+            "write",
+            iso.to_str().unwrap(),
+            s,
+            "--noformat",
+            "--overlay-size-mb",
+            "30",
+            "--yes",
+            "--force",
+        ],
+    ] {
+        let out = livestick(&args);
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} went ahead");
+        assert!(
+            text.contains("made smaller than its filesystem"),
+            "{args:?}: {text}"
+        );
+        assert_eq!(sha256_file(&image), before, "{args:?} changed the stick");
+    }
+}
