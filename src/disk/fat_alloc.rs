@@ -608,7 +608,7 @@ fn free_clusters<D: Read + Seek>(dev: &mut D, g: &Geo, needed: u64) -> io::Resul
     Ok(scattered)
 }
 
-fn count_free<D: Read + Seek>(dev: &mut D, g: &Geo) -> io::Result<u64> {
+pub(crate) fn count_free<D: Read + Seek>(dev: &mut D, g: &Geo) -> io::Result<u64> {
     let mut free = 0u64;
     scan_fat(dev, g, |_, v| {
         free += u64::from(v == 0);

@@ -191,3 +191,86 @@ fn a_filesystem_larger_than_its_partition_is_refused_unchanged() {
         assert_eq!(sha256_file(&image), before, "{args:?} changed the stick");
     }
 }
+
+/// FSInfo's free-cluster count as a stick pulled out before its system updated it
+/// leaves it: too high. The plan counts the FAT instead, so a write that does not
+/// fit is refused before anything is written (believing the count, it deleted the
+/// old files and then found no room); one that fits leaves a right count.
+#[test]
+fn a_stale_free_count_is_not_believed() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("stick.img");
+    File::create(&image).unwrap().set_len(400 << 20).unwrap();
+    let mut table = std::process::Command::new(tool("sfdisk"))
+        .args(["--no-reread", "--no-tell-kernel", "-q"])
+        .arg(&image)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk");
+    table
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"start=2048, type=c, bootable\n")
+        .unwrap();
+    assert!(table.wait().unwrap().success());
+    let made = std::process::Command::new(tool("mkfs.fat"))
+        .args(["-F", "32", "--offset", "2048", "-n", "LIVE"])
+        .arg(&image)
+        .arg(((399 << 20) / 1024).to_string())
+        .output()
+        .expect("mkfs.fat");
+    assert!(made.status.success(), "{made:?}");
+    let filler = dir.path().join("filler.bin");
+    File::create(&filler).unwrap().set_len(250 << 20).unwrap();
+    let copied = std::process::Command::new(tool("mcopy"))
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{}", image.display(), 1 << 20))
+        .arg(&filler)
+        .arg("::/filler.bin")
+        .output()
+        .expect("mcopy");
+    assert!(copied.status.success(), "{copied:?}");
+    // The FSInfo sector's free count (offset 488) said 90000 clusters, about 350 MiB.
+    let start = 1u64 << 20;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
+    let bpb = read(&mut f, start, 512);
+    let fsinfo = start + u64::from(u16::from_le_bytes([bpb[48], bpb[49]])) * 512;
+    f.seek(SeekFrom::Start(fsinfo + 488)).unwrap();
+    f.write_all(&90_000u32.to_le_bytes()).unwrap();
+    drop(f);
+
+    let before = sha256_file(&image);
+    let write = |overlay_mb: &str| {
+        livestick(&[
+            "write",
+            iso.to_str().unwrap(),
+            image.to_str().unwrap(),
+            "--noformat",
+            "--overlay-size-mb",
+            overlay_mb,
+            "--yes",
+            "--force",
+        ])
+    };
+    let refused = write("140");
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{text}");
+    assert!(text.contains("too small"), "{text}");
+    assert_eq!(
+        sha256_file(&image),
+        before,
+        "a refused write changed the stick"
+    );
+
+    ok(&write("40"));
+    let len = (400u64 << 20) - start;
+    fsck_fat(&image, start, len, dir.path());
+}
