@@ -163,15 +163,31 @@ pub(crate) fn next_cluster<D: Read + Seek>(dev: &mut D, g: &Geo, c: u32) -> io::
     }
 }
 
+/// The most bytes of entries a FAT directory can hold: 65536 of 32 bytes.
+const MAX_DIR_BYTES: u64 = 65536 * 32;
+
 /// The byte runs (device offsets) of a directory: a cluster chain, or FAT16's fixed root.
 fn dir_runs<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<(u64, u64)>> {
     if first == 0 {
         return Ok(vec![g.root_region]);
     }
+    // A directory holds at most 65536 entries (2 MiB); a chain that loops or runs
+    // on past that is damage, refused before its entries are read over and over.
+    let most = (MAX_DIR_BYTES.div_ceil(g.cluster_bytes.max(1))) as usize;
     let mut runs = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut c = first;
-    // Bounded by the cluster count, so a looping chain cannot hang us.
-    while (2..g.max_cluster).contains(&c) && runs.len() < g.max_cluster as usize {
+    while (2..g.max_cluster).contains(&c) {
+        if !seen.insert(c) || runs.len() == most {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the cluster chain of a directory (from cluster {first}) loops or runs past \
+                     the 65536 entries a directory can hold: the FAT filesystem is damaged; run \
+                     `fsck.fat -a` on the partition, or rewrite the stick with --format"
+                ),
+            ));
+        }
         runs.push((
             g.data_offset + u64::from(c - 2) * g.cluster_bytes,
             g.cluster_bytes,
@@ -885,6 +901,62 @@ impl<D: Read + Seek> Seek for MemoryWrites<D> {
 mod tests {
     use super::*;
     use std::io::Cursor;
+
+    /// A root directory whose cluster chain loops, or runs past the 65536 entries a
+    /// directory can hold, is refused as damage instead of read over and over (a
+    /// loop made a dry run read gigabytes before the chain check refused it).
+    #[test]
+    fn a_directory_chain_that_loops_or_runs_on_is_refused() {
+        let len = 64u64 << 20;
+        let fresh = || {
+            let mut dev = crate::io::MemDevice::new(len);
+            let mut window = crate::io::PartitionWindow::new(&mut dev, 0, len);
+            crate::disk::fat::MadeFat::plain(len, "LIVE", 1, 0)
+                .unwrap()
+                .load(&mut window)
+                .unwrap();
+            window.flush().unwrap();
+            drop(window);
+            dev
+        };
+        let link = |dev: &mut crate::io::MemDevice, g: &Geo, from: u32, to: u32| {
+            for copy in 0..g.fats {
+                let at = g.fat_offset + copy * g.fat_bytes + u64::from(from) * 4;
+                dev.seek(SeekFrom::Start(at)).unwrap();
+                dev.write_all(&to.to_le_bytes()).unwrap();
+            }
+        };
+        let refused = |dev: &mut crate::io::MemDevice| match find_entry(dev, 0, "/LiveOS/home.img")
+        {
+            Err(SwapError::Io(e)) => {
+                assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+                assert!(e.to_string().contains("damaged"), "{e}");
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("found a file in a damaged directory"),
+        };
+
+        let mut dev = fresh();
+        let g = geometry(&mut dev, 0).unwrap();
+        assert_eq!(g.cluster_bytes, 512);
+        link(&mut dev, &g, g.root_cluster, g.root_cluster);
+        refused(&mut dev);
+
+        // 4097 clusters of 512 bytes: one past a directory's 2 MiB.
+        let mut dev = fresh();
+        let root = g.root_cluster;
+        for c in root..root + 4096 {
+            link(&mut dev, &g, c, c + 1);
+        }
+        link(&mut dev, &g, root + 4096, 0x0fff_ffff);
+        refused(&mut dev);
+        // 4096 of them are a directory, if a full one.
+        link(&mut dev, &g, root + 4095, 0x0fff_ffff);
+        assert!(matches!(
+            find_entry(&mut dev, 0, "/LiveOS/home.img"),
+            Err(SwapError::NotFound(_))
+        ));
+    }
 
     #[test]
     fn memory_writes_are_read_back_and_never_reach_the_device() {
