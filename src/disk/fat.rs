@@ -425,11 +425,11 @@ pub fn open<F: Read + Write + Seek>(
 /// it follows any: fatfs 0.3.6 walks chains unchecked, so a directory whose
 /// chain loops lists forever, a file's loop reads the same clusters over again,
 /// and a chain that leaves the data area reads whatever lies there. Every
-/// directory's chain is followed to its end and every file's as far as its size
-/// needs; each cluster must lie in the data area and be reached only once (a
-/// second visit is a loop, or two entries sharing clusters). A chain longer than
-/// its file's size is accepted: fatfs never reads past the size, and an
-/// interrupted grow (`fat_alloc::grow` writes the size last) leaves exactly that.
+/// chain is followed to its end; each cluster must lie in the data area and be
+/// reached only once (a second visit is a loop, or two entries sharing clusters),
+/// and a file's chain must be as long as its size needs. A chain longer than its
+/// file's size is accepted (an interrupted grow, which writes the size last, leaves
+/// exactly that) as long as its tail is no other entry's.
 fn check_chains<D: Read + Seek>(dev: &mut D) -> Result<(), FatError> {
     let g = match fat_raw::geometry_any(dev, 0) {
         Ok(g) => g,
@@ -602,7 +602,10 @@ impl Chains {
         fresh
     }
 
-    /// The chain from `first`: to its end, or its first `needed` clusters.
+    /// The chain from `first` to its end, which must come no sooner than `needed`
+    /// clusters. Past what a file's size needs, too: fatfs never reads there, but
+    /// growing the file appends to the chain's end, so a tail that leads into
+    /// another file's clusters would give it that file's bytes.
     fn follow<D: Read + Seek>(
         &mut self,
         dev: &mut D,
@@ -612,7 +615,7 @@ impl Chains {
     ) -> Result<Vec<u32>, FatError> {
         let mut chain = Vec::new();
         let mut c = first;
-        while needed != Some(chain.len() as u64) {
+        loop {
             if !(2..self.limit).contains(&c) {
                 return Err(FatError::Damaged(format!(
                     "{path}: its cluster chain reaches cluster {c}, outside the data area"
@@ -1560,6 +1563,23 @@ mod tests {
             Err(FatError::Damaged(why)) => assert!(why.contains("a second time"), "{why}"),
             other => panic!("opened: {:?}", other.map(|_| ())),
         }
+    }
+
+    /// Past what its size needs, a chain that leads into another file's clusters is
+    /// damage too: growing the file appends at the chain's end and would hand it the
+    /// other file's bytes (found by review: a grown overlay took over home.img).
+    #[test]
+    fn a_tail_past_the_size_into_another_file_is_refused() {
+        let mut disk = volume_with(&[(IMG, 2 * 512), ("/LiveOS/home.img", 2 * 512)]);
+        let img = fat_raw::find_entry(&mut disk, 0, IMG).unwrap();
+        let home = fat_raw::find_entry(&mut disk, 0, "/LiveOS/home.img")
+            .unwrap()
+            .first_cluster;
+        let at = img.offset as usize + 28;
+        disk.get_mut()[at..at + 4].copy_from_slice(&512u32.to_le_bytes());
+        set_next(&mut disk, img.first_cluster + 1, home);
+        let why = damage(&mut disk);
+        assert!(why.contains("a second time"), "{why}");
     }
 
     #[test]
