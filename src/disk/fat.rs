@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use thiserror::Error;
 
-use crate::bytes::{read_u32, u16_at, u32_at};
+use crate::bytes::{u16_at, u32_at};
 use crate::disk::fat_raw;
 use crate::io::PartitionWindow;
 
@@ -949,59 +949,24 @@ pub fn free_bytes<F: Read + Write + Seek>(fs: &FatFs<'_, F>) -> Result<u64, FatE
     Ok(stats.free_clusters() as u64 * stats.cluster_size() as u64)
 }
 
-/// Geometry of a FAT32 filesystem, from its boot sector.
-#[derive(Debug, Clone, Copy)]
-struct Fat32Geometry {
-    bytes_per_sector: u64,
-    cluster_bytes: u64,
-    fat_offset: u64,
-    fat_bytes: u64,
-    fats: u64,
-    data_offset: u64,
-    root_cluster: u32,
-    fsinfo_sector: u64,
-    clusters: u32,
-}
-
-fn geometry<F: Read + Write + Seek>(window: &mut PartitionWindow<F>) -> io::Result<Fat32Geometry> {
-    let mut bpb = [0u8; 512];
-    window.seek(SeekFrom::Start(0))?;
-    window.read_exact(&mut bpb)?;
-    let bytes_per_sector = u16_at(&bpb, 11) as u64;
-    let sectors_per_cluster = bpb[13] as u64;
-    let reserved = u16_at(&bpb, 14) as u64;
-    let fats = bpb[16] as u64;
-    let fat_sectors = u32_at(&bpb, 36) as u64;
-    let total = u32_at(&bpb, 32) as u64;
-    if bytes_per_sector == 0 || sectors_per_cluster == 0 || fat_sectors == 0 {
-        return Err(io::Error::new(
+/// The layout of the FAT16 or FAT32 volume in the window (fat_raw's reading of the
+/// boot sector, which knows both; FAT12 cannot hold a live system).
+fn raw_geometry<F: Read + Write + Seek>(
+    window: &mut PartitionWindow<F>,
+) -> Result<fat_raw::Geo, FatError> {
+    fat_raw::geometry(window, 0).map_err(|e| match e {
+        fat_raw::SwapError::Io(e) => FatError::Io(e),
+        other => FatError::NotFat(io::Error::new(
             io::ErrorKind::InvalidData,
-            "not a FAT32 boot sector",
-        ));
-    }
-    let data_offset = (reserved + fats * fat_sectors) * bytes_per_sector;
-    let clusters =
-        (total.saturating_sub(reserved + fats * fat_sectors) / sectors_per_cluster) as u32;
-    Ok(Fat32Geometry {
-        bytes_per_sector,
-        cluster_bytes: sectors_per_cluster * bytes_per_sector,
-        fat_offset: reserved * bytes_per_sector,
-        fat_bytes: fat_sectors * bytes_per_sector,
-        fats,
-        data_offset,
-        root_cluster: u32_at(&bpb, 44),
-        fsinfo_sector: u16_at(&bpb, 48) as u64,
-        clusters,
+            other.to_string(),
+        )),
     })
 }
 
-fn read_fat_entry<F: Read + Write + Seek>(
-    window: &mut PartitionWindow<F>,
-    g: &Fat32Geometry,
-    cluster: u32,
-) -> io::Result<u32> {
-    window.seek(SeekFrom::Start(g.fat_offset + cluster as u64 * 4))?;
-    Ok(read_u32(window)? & 0x0fff_ffff)
+/// The first cluster of the root directory for [`fat_raw::dir_runs`]: FAT32's
+/// chain, or 0 for FAT16's fixed region.
+fn root_first(g: &fat_raw::Geo) -> u32 {
+    if g.fat32 { g.root_cluster } else { 0 }
 }
 
 /// Corrects what `fatfs` 0.3.6 gets wrong, so `fsck.fat` finds the volume clean:
@@ -1011,16 +976,15 @@ fn read_fat_entry<F: Read + Write + Seek>(
 pub fn repair_fatfs_quirks<F: Read + Write + Seek>(
     window: &mut PartitionWindow<F>,
 ) -> Result<(), FatError> {
-    let g = geometry(window)?;
-    let cluster_offset = |c: u32| g.data_offset + (c as u64 - 2) * g.cluster_bytes;
-    let max_cluster = g.clusters + 2;
+    let g = raw_geometry(window)?;
+    let cluster_offset = |c: u32| g.data_offset + u64::from(c - 2) * g.cluster_bytes;
     // Walk every directory from the root; bounded by the cluster count so a
-    // damaged chain cannot loop forever.
-    let mut pending = vec![(g.root_cluster, true, false)];
+    // damaged tree cannot send it round for ever.
+    let mut pending = vec![(root_first(&g), true, false)];
     let mut visited = 0u32;
     while let Some((first, is_root, parent_is_root)) = pending.pop() {
         visited += 1;
-        if visited > max_cluster {
+        if visited > g.max_cluster {
             break;
         }
         if !is_root {
@@ -1053,57 +1017,54 @@ pub fn repair_fatfs_quirks<F: Read + Write + Seek>(
             }
         }
         // Collect subdirectories of this directory.
-        let mut cluster = first;
-        let mut steps = 0;
-        let mut buf = vec![0u8; g.cluster_bytes as usize];
-        'chain: while (2..max_cluster).contains(&cluster) && steps < max_cluster {
-            steps += 1;
-            window.seek(SeekFrom::Start(cluster_offset(cluster)))?;
+        'runs: for (at, len) in fat_raw::dir_runs(window, &g, first)? {
+            let mut buf = vec![0u8; len as usize];
+            window.seek(SeekFrom::Start(at))?;
             window.read_exact(&mut buf)?;
             for entry in buf.chunks_exact(32) {
                 if entry[0] == 0 {
-                    break 'chain;
+                    break 'runs;
                 }
                 let attr = entry[11];
                 if entry[0] == 0xe5 || attr == 0x0f || attr & 0x10 == 0 || entry[0] == b'.' {
                     continue;
                 }
-                let hi = u32::from(u16_at(entry, 20));
-                let lo = u32::from(u16_at(entry, 26));
-                let child = hi << 16 | lo;
-                if (2..max_cluster).contains(&child) {
+                let hi = if g.fat32 {
+                    u32::from(u16_at(entry, 20))
+                } else {
+                    0
+                };
+                let child = hi << 16 | u32::from(u16_at(entry, 26));
+                if (2..g.max_cluster).contains(&child) {
                     pending.push((child, false, is_root));
                 }
             }
-            cluster = read_fat_entry(window, &g, cluster)?;
         }
     }
-    // FSInfo: free cluster count and next-free hint.
-    let mut free = 0u32;
-    let mut first_free = 0xffff_ffffu32;
-    let mut fat = vec![0u8; g.fat_bytes.min((max_cluster as u64) * 4) as usize];
-    window.seek(SeekFrom::Start(g.fat_offset))?;
-    window.read_exact(&mut fat)?;
-    for (i, e) in fat.chunks_exact(4).enumerate().skip(2) {
-        if u32_at(e, 0) & 0x0fff_ffff == 0 {
-            free += 1;
-            if first_free == 0xffff_ffff {
-                first_free = i as u32;
+    // FSInfo (FAT32 only): free cluster count and next-free hint.
+    if let Some(fsinfo) = g.fsinfo {
+        let mut free = 0u32;
+        let mut first_free = 0xffff_ffffu32;
+        let mut fat = vec![0u8; g.fat_bytes.min(u64::from(g.max_cluster) * 4) as usize];
+        window.seek(SeekFrom::Start(g.fat_offset))?;
+        window.read_exact(&mut fat)?;
+        for (i, e) in fat.chunks_exact(4).enumerate().skip(2) {
+            if u32_at(e, 0) & 0x0fff_ffff == 0 {
+                free += 1;
+                if first_free == 0xffff_ffff {
+                    first_free = i as u32;
+                }
             }
         }
-    }
-    if g.fsinfo_sector != 0 && g.fsinfo_sector != 0xffff {
-        let at = g.fsinfo_sector * g.bytes_per_sector;
         let mut sig = [0u8; 4];
-        window.seek(SeekFrom::Start(at))?;
+        window.seek(SeekFrom::Start(fsinfo))?;
         window.read_exact(&mut sig)?;
         if &sig == b"RRaA" {
-            window.seek(SeekFrom::Start(at + 488))?;
+            window.seek(SeekFrom::Start(fsinfo + 488))?;
             window.write_all(&free.to_le_bytes())?;
             window.write_all(&first_free.to_le_bytes())?;
         }
     }
-    let _ = g.fats;
     window.flush()?;
     Ok(())
 }
@@ -1140,38 +1101,39 @@ pub fn set_label<F: Read + Write + Seek>(
     validate_label(label)?;
     let mut padded = [b' '; 11];
     padded[..label.len()].copy_from_slice(label.as_bytes());
-    let g = geometry(window)?;
-    let mut sector = [0u8; 512];
-    window.seek(SeekFrom::Start(0))?;
-    window.read_exact(&mut sector)?;
-    let backup = u16_at(&sector, 0x32) as u64;
-    for at in [0, backup * 512] {
-        if at == 0 || (backup != 0 && backup != 0xffff) {
-            window.seek(SeekFrom::Start(at + 0x47))?;
-            window.write_all(&padded)?;
+    let g = raw_geometry(window)?;
+    // The boot sector's label field: FAT32's, and its backup's; FAT16's sits earlier
+    // (where FAT32 keeps the backup's sector number) and has no backup.
+    let mut places = vec![0u64];
+    if g.fat32 {
+        let mut sector = [0u8; 512];
+        window.seek(SeekFrom::Start(0))?;
+        window.read_exact(&mut sector)?;
+        let backup = u64::from(u16_at(&sector, 0x32));
+        if backup != 0 && backup != 0xffff {
+            places.push(backup * 512);
         }
     }
+    let field = if g.fat32 { 0x47 } else { 0x2b };
+    for at in places {
+        window.seek(SeekFrom::Start(at + field))?;
+        window.write_all(&padded)?;
+    }
     // The root directory's volume-label entry, if it has one.
-    let max_cluster = g.clusters + 2;
-    let mut cluster = g.root_cluster;
-    let mut buf = vec![0u8; g.cluster_bytes as usize];
-    let mut steps = 0;
-    'chain: while (2..max_cluster).contains(&cluster) && steps < max_cluster {
-        steps += 1;
-        let at = g.data_offset + (cluster as u64 - 2) * g.cluster_bytes;
+    'runs: for (at, len) in fat_raw::dir_runs(window, &g, root_first(&g))? {
+        let mut buf = vec![0u8; len as usize];
         window.seek(SeekFrom::Start(at))?;
         window.read_exact(&mut buf)?;
         for (i, e) in buf.chunks_exact(32).enumerate() {
             if e[0] == 0 {
-                break 'chain;
+                break 'runs;
             }
             if e[0] != 0xe5 && e[11] & 0x0f == 0x08 {
                 window.seek(SeekFrom::Start(at + i as u64 * 32))?;
                 window.write_all(&padded)?;
-                break 'chain;
+                break 'runs;
             }
         }
-        cluster = read_fat_entry(window, &g, cluster)?;
     }
     window.flush()?;
     Ok(())

@@ -167,7 +167,11 @@ pub(crate) fn next_cluster<D: Read + Seek>(dev: &mut D, g: &Geo, c: u32) -> io::
 const MAX_DIR_BYTES: u64 = 65536 * 32;
 
 /// The byte runs (device offsets) of a directory: a cluster chain, or FAT16's fixed root.
-fn dir_runs<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<(u64, u64)>> {
+pub(crate) fn dir_runs<D: Read + Seek>(
+    dev: &mut D,
+    g: &Geo,
+    first: u32,
+) -> io::Result<Vec<(u64, u64)>> {
     if first == 0 {
         return Ok(vec![g.root_region]);
     }

@@ -28,6 +28,7 @@ mod erofs_xattr;
 mod ext4_live;
 mod ext4_maint;
 mod ext4_sparse;
+mod fat16_stick;
 mod fat_damage;
 mod faults;
 mod fixture_iso;
