@@ -22,17 +22,16 @@
 //!   ext2/3/4 (1 KiB), xfs and its external log (first 256 KiB), btrfs primary
 //!   superblock (64 KiB), swap and swsuspend (the last bytes of the first page,
 //!   for pages of 4 to 64 KiB), iso9660 and the UDF volume recognition
-//!   sequence (32 KiB onwards), UDF anchors at sector 256/512 for blocks up to
-//!   1 KiB, LVM1/LVM2 (sectors 0-3), bcache (4 KiB), squashfs, cramfs, romfs,
-//!   erofs, f2fs (1 and 5 KiB), nilfs2 primary, reiserfs (8/64 KiB), jfs,
+//!   sequence (32 KiB to about 288 KiB: libblkid reads UDF's anchors only once it
+//!   finds one there), LVM1/LVM2 (sectors 0-3), bcache (4 KiB), squashfs, cramfs,
+//!   romfs, erofs, f2fs (1 KiB), nilfs2 primary, reiserfs (8/64 KiB), jfs,
 //!   hfs/hfs+, ntfs, exfat, vfat, ufs (0/8/64/256 KiB), zfs labels L0 and L1
 //!   (nvlists at 16 KiB and 272 KiB), stratis, vdo, bitlocker, refs, apfs,
 //!   gfs, ocfs, highpoint 37x, and the rest of the fixed-offset magics, the
 //!   farthest of which short of 1 MiB is at 512 KiB.
 //! * **Spots past the head**, 4 KiB each (one header, one block):
-//!   1 MiB (VMFS volume; UDF anchor at sector 256 of 4 KiB / 512 of 2 KiB),
-//!   2 MiB (VMFS filesystem; bcachefs second superblock; LUKS2 secondary
-//!   header; UDF anchor at sector 512 of 4 KiB), 4 MiB (LUKS2 secondary
+//!   1 MiB (VMFS volume), 2 MiB (VMFS filesystem; bcachefs second superblock,
+//!   util-linux 2.40 on; LUKS2 secondary header), 4 MiB (LUKS2 secondary
 //!   header, the last offset libblkid tries).
 //! * **Spots near the end**, each read relative to the end of the region
 //!   (rounded out to 4 KiB relative to its start, as the probers round the
@@ -50,9 +49,10 @@
 //!     farthest about 1.51 MiB before the end);
 //!   - bcachefs's superblock 1 MiB before the end (util-linux 2.40 on);
 //!   - ZFS labels L2 and L3 (512 and 256 KiB before the 256 KiB-aligned end):
-//!     the nvlist header 16 KiB into each (what util-linux 2.39 on reads) and
-//!     the 128 KiB uberblock array in the second half of each (older libblkid,
-//!     Debian 12's 2.38 among them, counts uberblock magics there).
+//!     the nvlist header 16 KiB into each (what util-linux 2.41 on reads) and
+//!     the 128 KiB uberblock array in the second half of each (up to 2.40,
+//!     Debian 12's 2.38 and Fedora's 2.40 among them, libblkid counts uberblock
+//!     magics there).
 //!
 //!   Zeroing the last 2 MiB whole would cover them all too, at 4-5 times the
 //!   bytes; each persistence file, the partition and the disk pay it on a
