@@ -1259,6 +1259,19 @@ struct Reader {
     direct: bool,
 }
 
+impl Reader {
+    /// Reads through the page cache from now on (O_DIRECT cleared on the open file).
+    fn read_through_cache(&mut self) -> io::Result<()> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+        fcntl(fd, FcntlArg::F_SETFL(flags - OFlag::O_DIRECT))?;
+        self.direct = false;
+        Ok(())
+    }
+}
+
 /// What a second open file description of a target is for.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Access {
@@ -1828,12 +1841,24 @@ impl ReadBacker {
         let (queue, rx) = std::sync::mpsc::sync_channel::<Batch>(1);
         let theirs = shared.clone();
         let thread = std::thread::spawn(move || {
+            let mut reader = reader;
             let mut buf = ReadBuffer::new();
             for batch in rx {
-                let result = read_back_batch(&reader, &batch, &mut buf);
-                let Ok(mut state) = theirs.state.lock() else {
-                    return;
+                let result = match read_back_batch(&reader, &batch, &mut buf) {
+                    // A stick that refuses direct reads of 4 KiB blocks (larger
+                    // logical blocks, an odd bridge): read through the page cache,
+                    // its pages dropped first, as from an image file.
+                    Err(e) if reader.direct && e.raw_os_error() == Some(libc::EINVAL) => reader
+                        .read_through_cache()
+                        .and_then(|()| read_back_batch(&reader, &batch, &mut buf)),
+                    other => other,
                 };
+                // A panic elsewhere with the lock held must not leave the writer
+                // waiting for this batch for ever.
+                let mut state = theirs
+                    .state
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 match result {
                     Ok(None) => {
                         for e in &batch.entries {
@@ -2516,6 +2541,32 @@ mod tests {
         assert_eq!(short.kind(), io::ErrorKind::UnexpectedEof);
         // An empty file planned empty is fine.
         assert_eq!(Exactly::new(&[][..], 0).read(&mut [0u8; 4]).unwrap(), 0);
+    }
+
+    /// A reader a stick refuses direct reads from goes on through the page cache:
+    /// the same open file, O_DIRECT cleared, reads any offset and length.
+    #[test]
+    fn a_direct_reader_can_go_on_through_the_cache() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("device");
+        let bytes: Vec<u8> = (0..3 * DIRECT_ALIGN).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let mut reader = Reader {
+            file: reopen_direct(&file, Access::Read)
+                .expect("O_DIRECT on the build directory's file system"),
+            direct: true,
+        };
+        let mut odd = [0u8; 10];
+        let refused = reader.file.read_exact_at(&mut odd, 3).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::EINVAL), "{refused}");
+        reader.read_through_cache().unwrap();
+        assert!(!reader.direct);
+        reader.file.read_exact_at(&mut odd, 3).unwrap();
+        assert_eq!(odd, bytes[3..13]);
+        let mut buf = ReadBuffer::new();
+        assert_eq!(buf.read(&reader, 5, 100).unwrap(), &bytes[5..105]);
     }
 
     /// A direct reader reads the aligned blocks that hold the bytes asked for, whatever
