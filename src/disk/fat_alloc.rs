@@ -140,16 +140,18 @@ fn give_chain<D: Read + Write + Seek>(
     write_chain(dev, g, clusters)?;
     update_fsinfo(dev, g, clusters)?;
     // The entry last: until now nothing points at the new chain.
+    // Bytes 20..32 of the entry in one write (one sector): both halves of the first
+    // cluster and the size change together, or not at all. Bytes 22..26 (time and
+    // date) stay as fatfs wrote them.
     let first = clusters.first().copied().unwrap_or(0);
     let mut fields = [0u8; 12];
-    put_u16(&mut fields, 0, (first >> 16) as u16);
-    // Bytes 22..26 of the entry (time and date) stay as fatfs wrote them.
     dev.seek(SeekFrom::Start(entry.offset + 20))?;
-    dev.write_all(&fields[0..2])?;
+    dev.read_exact(&mut fields)?;
+    put_u16(&mut fields, 0, (first >> 16) as u16);
     put_u16(&mut fields, 6, first as u16);
     put_u32(&mut fields, 8, size as u32);
-    dev.seek(SeekFrom::Start(entry.offset + 26))?;
-    dev.write_all(&fields[6..12])?;
+    dev.seek(SeekFrom::Start(entry.offset + 20))?;
+    dev.write_all(&fields)?;
     dev.flush()?;
     Ok(fat_raw::cluster_extents(g, clusters, size))
 }
@@ -670,7 +672,13 @@ fn update_fsinfo<D: Read + Write + Seek>(dev: &mut D, g: &Geo, clusters: &[u32])
         free.saturating_sub(clusters.len() as u32)
     };
     put_u32(&mut sector, 488, free);
-    put_u32(&mut sector, 492, last + 1);
+    // The hint must name a cluster of the volume; past the last one it is "unknown".
+    let hint = if last + 1 < g.max_cluster {
+        last + 1
+    } else {
+        u32::MAX
+    };
+    put_u32(&mut sector, 492, hint);
     dev.seek(SeekFrom::Start(at + 488))?;
     dev.write_all(&sector[488..496])?;
     Ok(())
@@ -736,6 +744,27 @@ mod tests {
         fat::repair_fatfs_quirks(&mut window).unwrap();
         let fs = fat::open(&mut window).unwrap();
         assert_eq!(fat::free_bytes(&fs).unwrap(), before);
+    }
+
+    /// A file that takes the volume's last clusters leaves FSInfo's next-free hint
+    /// "unknown", not a cluster past the volume; its entry names the chain and size.
+    #[test]
+    fn a_chain_to_the_last_cluster_leaves_a_next_free_hint_inside_the_volume() {
+        let path = "/LiveOS/home.img";
+        let mut disk = stick_with_empty(&[path], 0);
+        let part = 1 << 20;
+        let g = fat_raw::geometry(&mut disk, part).unwrap();
+        let free = count_free(&mut disk, &g).unwrap();
+        allocate(&mut disk, part, path, free * g.cluster_bytes).unwrap();
+        assert_eq!(count_free(&mut disk, &g).unwrap(), 0);
+        let (at, sector) = fsinfo(&mut disk, &g).unwrap().unwrap();
+        assert!(at > part);
+        assert_eq!(u32_at(&sector, 488), 0);
+        let hint = u32_at(&sector, 492);
+        assert!(hint == u32::MAX || hint < g.max_cluster, "{hint}");
+        let entry = fat_raw::find_entry(&mut disk, part, path).unwrap();
+        assert_eq!(u64::from(entry.size), free * g.cluster_bytes);
+        assert!((2..g.max_cluster).contains(&entry.first_cluster));
     }
 
     #[test]
