@@ -628,6 +628,9 @@ fn dm_recover(
         None => None,
     };
     let plan = dm::plan_recover(check, facts.as_ref().zip(a.add_mb)).map_err(lift)?;
+    if a.repair {
+        dm::repair_preflight(&mut place, &root, &a.workdir).map_err(lift)?;
+    }
     if a.dry_run {
         return print_report(
             &Recovered {
@@ -650,6 +653,7 @@ fn dm_recover(
         } else {
             dm::apply_grow(&mut place, g, &mut |_, _, _| {}).map_err(lift)?;
         }
+        record_grown_size(&mut place, plan.new_bytes(len));
     }
     let new_len = plan.new_bytes(len);
     let report =
@@ -724,6 +728,9 @@ fn ovlfs_recover(a: &RecoverArgs, mut place: Place, json: bool) -> anyhow::Resul
     with_bar(json, &device, |p| {
         ovlfs::apply_change(&mut place, &a.workdir, &a.target, plan.steps(), &mut out, p)
     })?;
+    if let Some(grow) = &plan.grow {
+        record_grown_size(&mut place, grow.new_bytes);
+    }
     print_report(
         &OvlfsOutcome {
             outcome: &out,
@@ -871,6 +878,13 @@ fn merge_plumbing(
     dry_run: bool,
     json: bool,
 ) -> anyhow::Result<()> {
+    if let Some(out) = output {
+        // The output is created (emptied) before the inputs are read: naming one of
+        // them would destroy it.
+        for input in [overlay, origin] {
+            crate::disk::identity::check_distinct(input, &[out.to_path_buf()])?;
+        }
+    }
     let in_place = output.is_none() && !dry_run;
     let mut bare = Bare::open(overlay, in_place).map_err(lift)?;
     let Some(plan) =

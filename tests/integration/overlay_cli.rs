@@ -63,6 +63,68 @@ fn merge_plumbing_in_place_and_to_output() {
     assert_eq!(dm_status(&ov), "32/4096 32");
 }
 
+/// `--output` naming the origin or the overlay itself is refused before anything is
+/// opened: the output is created first, which would empty that input.
+#[test]
+fn merge_to_an_output_that_is_an_input_is_refused_unchanged() {
+    let d = tempfile::tempdir().unwrap();
+    let cow = load_zst(&fixtures().join("p16-merge/cow-before-merge.img.zst"));
+    let origin = make_origin(32777, 2);
+    let ov = write(d.path(), "ov", &cow);
+    let org = write(d.path(), "origin.img", &origin);
+    // Another spelling of the origin's path.
+    let org_again = d.path().join(".").join("origin.img");
+    for out in [org.as_str(), ov.as_str(), org_again.to_str().unwrap()] {
+        let refused = overlay(&["merge", &ov, "--origin", &org, "--output", out]).unwrap_err();
+        assert!(
+            refused.to_string().contains("would destroy"),
+            "{out}: {refused:#}"
+        );
+        assert_eq!(
+            std::fs::read(&org).unwrap(),
+            origin,
+            "{out}: origin changed"
+        );
+        assert_eq!(std::fs::read(&ov).unwrap(), cow, "{out}: overlay changed");
+    }
+}
+
+/// `recover --repair` checks that the repair can run (its work dir here) before it
+/// grows the overlay or marks it valid: a failed repair must not leave the store
+/// recovered but unchecked.
+#[test]
+fn recover_with_a_repair_that_cannot_run_changes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let cow = load_zst(&fixtures().join("p8-full-invalid/cow-after-run.img.zst"));
+    let ov = write(d.path(), "ov", &cow);
+    let org = write(d.path(), "origin.img", &make_origin(16384, 8));
+    let missing = d.path().join("no-such-dir");
+    for add in [None, Some("1")] {
+        let mut args = vec![
+            "recover",
+            ov.as_str(),
+            "--origin",
+            org.as_str(),
+            "--repair",
+            "--workdir",
+            missing.to_str().unwrap(),
+        ];
+        if let Some(mb) = add {
+            args.extend(["--add-mb", mb]);
+        }
+        let refused = overlay(&args).unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("no-such-dir"),
+            "{args:?}: {refused:#}"
+        );
+        assert_eq!(
+            std::fs::read(&ov).unwrap(),
+            cow,
+            "{args:?} changed the overlay"
+        );
+    }
+}
+
 #[test]
 fn merge_refuses_an_invalid_overlay_and_recover_fixes_it() {
     let d = tempfile::tempdir().unwrap();

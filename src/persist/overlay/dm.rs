@@ -258,6 +258,44 @@ pub enum RootImage {
     OnStick,
 }
 
+/// What [`repair`] needs, checked before a recover changes anything (grows the
+/// overlay, marks it valid): its programs, the root image to check against, and a
+/// scratch directory under `workdir`. A repair that could not run must not leave a
+/// stick recovered but unchecked.
+pub fn repair_preflight(
+    place: &mut Place,
+    root: &RootImage,
+    workdir: &Path,
+) -> Result<(), OverlayError> {
+    crate::tools::find_program(&crate::tools::E2FSCK)
+        .map_err(crate::persist::merge::MergeError::from)?;
+    if !matches!(root, RootImage::File(_)) {
+        crate::tools::find_program(&crate::tools::UNSQUASHFS)
+            .map_err(crate::persist::merge::MergeError::from)?;
+    }
+    match (&mut *place, root) {
+        (Place::Bare(_), RootImage::OnStick) => {
+            return Err(OverlayError::Refused(
+                "a bare overlay file has no stick to find squashfs.img on; pass --origin or --squashfs"
+                    .to_string(),
+            ));
+        }
+        (Place::Stick(t), _) => {
+            let sq = t.squashfs_path();
+            Located::on_stick(&mut t.stick, &sq)?;
+        }
+        (Place::Ext4(o), _) => {
+            o.squashfs_located()?;
+        }
+        (Place::Bare(_), _) => {}
+    }
+    tempfile::Builder::new()
+        .prefix("livestick-repair-")
+        .tempdir_in(workdir)
+        .explain(|| format!("work dir {}", workdir.display()))?;
+    Ok(())
+}
+
 /// Runs `e2fsck -f -y` on the file system seen through the overlay and writes what it
 /// repaired into the overlay, in a scratch dir under `workdir`.
 pub fn repair(
