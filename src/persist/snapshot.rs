@@ -122,6 +122,10 @@ pub enum SnapshotError {
         index: u64,
     },
     #[error(
+        "metadata area {area} entry {index}: the store lists more exceptions than the overlay has chunks ({chunks}); its metadata is damaged"
+    )]
+    MoreExceptionsThanChunks { area: u64, index: u64, chunks: u64 },
+    #[error(
         "the overlay is marked Invalid (the kernel invalidated it, usually because it ran full); recover it first"
     )]
     Invalid,
@@ -448,6 +452,16 @@ pub fn read_store<R: Read + Seek>(
                 if new_chunk == 0 {
                     end_found = true;
                     break;
+                }
+                // Each exception has a chunk of its own: more of them than chunks is
+                // damage, refused before a crafted area of millions of entries is
+                // gathered in memory.
+                if exceptions.len() as u64 >= geometry.chunks() {
+                    return Err(SnapshotError::MoreExceptionsThanChunks {
+                        area,
+                        index,
+                        chunks: geometry.chunks(),
+                    });
                 }
                 exceptions.push(Exception {
                     old_chunk: u64_at(entry, 0),
@@ -852,12 +866,21 @@ pub fn format_new_overlay<W: Write + Seek>(w: &mut W, size: u64) -> Result<(), S
 }
 
 /// Empties a store the way dracut's `rd.live.overlay.reset` does: zero the first 64 KiB.
-/// The kernel re-initialises chunks 0 and 1 on the next activation.
+/// The kernel re-initialises chunks 0 and 1 on the next activation. The header's sector
+/// goes first, on its own and synced: a stick may commit one request's sectors in any
+/// order, and a valid header over a half-zeroed exception area would give the live
+/// system its root with only some of the old changes. With the magic gone, the kernel
+/// starts a new store whatever the rest holds.
 pub fn reset_store<W: Write + Seek + SyncData>(
     w: &mut W,
     cow_bytes: u64,
 ) -> Result<(), SnapshotError> {
-    write_zeros(w, 0, new_store_range(cow_bytes).end)?;
+    let end = new_store_range(cow_bytes).end;
+    let header = end.min(SECTOR_BYTES);
+    write_zeros(w, 0, header)?;
+    w.flush()?;
+    w.sync_data()?;
+    write_zeros(w, header, end - header)?;
     w.flush()?;
     w.sync_data()?;
     Ok(())
@@ -1490,6 +1513,66 @@ impl crate::disk::devices::OverlayProbe for DevicesProbe {
 
 #[cfg(test)]
 mod tests {
+
+    /// Records each write's range and where the syncs fall among them.
+    struct SyncedWrites {
+        inner: Cursor<Vec<u8>>,
+        writes: Vec<(u64, u64)>,
+        syncs: Vec<usize>,
+    }
+
+    impl Write for SyncedWrites {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let at = self.inner.position();
+            let n = self.inner.write(buf)?;
+            self.writes.push((at, at + n as u64));
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Seek for SyncedWrites {
+        fn seek(&mut self, p: SeekFrom) -> io::Result<u64> {
+            self.inner.seek(p)
+        }
+    }
+
+    impl SyncData for SyncedWrites {
+        fn sync_data(&mut self) -> io::Result<()> {
+            self.syncs.push(self.writes.len());
+            Ok(())
+        }
+    }
+
+    /// A reset zeroes the header's sector and syncs it before the exception area:
+    /// a stop between them leaves a store the kernel starts anew, never a valid
+    /// header over a half-emptied area.
+    #[test]
+    fn a_reset_kills_the_header_first_and_on_its_own() {
+        let len = 8u64 << 20;
+        let mut w = SyncedWrites {
+            inner: Cursor::new(vec![0xa5u8; len as usize]),
+            writes: Vec::new(),
+            syncs: Vec::new(),
+        };
+        reset_store(&mut w, len).unwrap();
+        let first_sync = w.syncs[0];
+        assert!(first_sync > 0);
+        assert!(
+            w.writes[..first_sync]
+                .iter()
+                .all(|&(_, end)| end <= SECTOR_BYTES),
+            "{:?}",
+            &w.writes[..first_sync]
+        );
+        assert_eq!(w.syncs.last(), Some(&w.writes.len()), "the rest synced too");
+        let end = new_store_range(len).end as usize;
+        let bytes = w.inner.into_inner();
+        assert!(bytes[..end].iter().all(|&b| b == 0));
+        assert!(bytes[end..].iter().all(|&b| b == 0xa5));
+    }
     #[test]
     fn a_grow_zeroes_the_first_area_beyond_the_old_store() {
         // 4 KiB chunks: 256 exceptions per area, areas at chunks 1, 258, 515, …
@@ -1562,6 +1645,37 @@ mod tests {
         let r = status(&mut cow, 1 << 20, 8, None).unwrap();
         assert_eq!(r.dm_status, "80008/2048 16");
         assert!(!r.problems.is_empty());
+    }
+
+    /// A metadata area listing more exceptions than the overlay has chunks is refused
+    /// as it is read, before they are gathered (a crafted area with a huge chunk size
+    /// could list tens of millions).
+    #[test]
+    fn more_exceptions_than_chunks_are_refused_while_reading() {
+        let len = 32usize << 10;
+        let entries: Vec<(u64, u64)> = (0..10).map(|i| (i, 2)).collect();
+        let mut cow = cow_with(Header::fresh(8), &entries, len);
+        let refused = read_store(&mut cow, Header::fresh(8), len as u64).unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                SnapshotError::MoreExceptionsThanChunks {
+                    area: 0,
+                    index: 8,
+                    chunks: 8
+                }
+            ),
+            "{refused}"
+        );
+        // As many as fit are read (and judged by validate, as before).
+        let mut cow = cow_with(Header::fresh(8), &entries[..5], len);
+        assert_eq!(
+            read_store(&mut cow, Header::fresh(8), len as u64)
+                .unwrap()
+                .exceptions
+                .len(),
+            5
+        );
     }
 
     #[test]
