@@ -1127,11 +1127,16 @@ pub fn resize_on_ext4_live(
         path: device.clone(),
         source: std::io::Error::other(e.to_string()),
     };
-    if plan.encrypted {
+    // Where the file system starts inside home.img: its superblock and group
+    // descriptors (the first MiB of it) go back last, after a sync of the rest.
+    let fs_start = if plan.encrypted {
         // A wrong passphrase fails here, before the stick is touched.
         let pass = passphrase.ok_or(HomeError::PassphraseNeeded("resize it"))?;
-        crate::persist::luks::open_luks2(h.io(), pass).map_err(HomeError::from)?;
-    }
+        let volume = crate::persist::luks::open_luks2(h.io(), pass).map_err(HomeError::from)?;
+        volume.info().data_offset
+    } else {
+        0
+    };
     let tmp = private_dir(&plan.workdir)?;
     let show = format!("{}:{}", device.display(), h.home);
     let len = h.size();
@@ -1167,8 +1172,10 @@ pub fn resize_on_ext4_live(
         stick: device.clone(),
         home: h.home.trim_start_matches('/').to_string(),
     })?;
-    copy.write_back(&mut h.io(), &mut |d, n| progress("write back", d, n))
-        .map_err(maint)?;
+    copy.write_back_holding(&mut h.io(), fs_start..fs_start + (1 << 20), &mut |d, n| {
+        progress("write back", d, n)
+    })
+    .map_err(maint)?;
     drop(copy);
     drop(tmp);
     h.report(passphrase)

@@ -592,6 +592,21 @@ impl WorkCopy {
         ov: &mut W,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<WriteBack, OvlMaintError> {
+        self.write_back_holding(ov, SUPERBLOCK, progress)
+    }
+
+    /// [`WorkCopy::write_back`] with `held` (bytes of the file) written last instead
+    /// of the superblock alone: the bytes that make the file system the new one, so
+    /// that until they land, after a sync of everything else, it is the old one. For
+    /// a LUKS container that is the encrypted start of its data, where the inner
+    /// superblock and group descriptors are; the container's own first KiB is the
+    /// LUKS header, which a grow does not change.
+    pub fn write_back_holding<W: Read + Write + Seek + SyncData>(
+        &self,
+        ov: &mut W,
+        held: std::ops::Range<u64>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<WriteBack, OvlMaintError> {
         let mut changed = workdir::changed_chunks(self.path(), WRITE_BACK_CHUNK, &self.baseline)?;
         changed.extend(&self.forced);
         changed.sort_unstable();
@@ -619,24 +634,19 @@ impl WorkCopy {
         let total = changed.len() as u64 * WRITE_BACK_CHUNK;
         let mut report = WriteBack::default();
         let mut buf = vec![0u8; WRITE_BACK_CHUNK as usize];
-        let mut superblock: Option<Vec<u8>> = None;
+        // What falls in `held`, by offset: written last.
+        let mut last: Vec<(u64, Vec<u8>)> = Vec::new();
         progress(0, total);
         for (i, &c) in changed.iter().enumerate() {
             let at = c * WRITE_BACK_CHUNK;
             let n = WRITE_BACK_CHUNK.min(len - at.min(len)) as usize;
             copy.seek(SeekFrom::Start(at)).map_err(werr())?;
             copy.read_exact(&mut buf[..n]).map_err(werr())?;
-            // Split off the primary superblock: it is written last.
             let end = at + n as u64;
-            let pieces: Vec<(u64, u64)> = if at < SUPERBLOCK.end && SUPERBLOCK.start < end {
-                superblock = Some(
-                    buf[(SUPERBLOCK.start - at) as usize..(SUPERBLOCK.end.min(end) - at) as usize]
-                        .to_vec(),
-                );
-                vec![
-                    (at, SUPERBLOCK.start.max(at)),
-                    (SUPERBLOCK.end.min(end), end),
-                ]
+            let pieces: Vec<(u64, u64)> = if at < held.end && held.start < end {
+                let (lo, hi) = (held.start.max(at), held.end.min(end));
+                last.push((lo, buf[(lo - at) as usize..(hi - at) as usize].to_vec()));
+                vec![(at, lo), (hi, end)]
             } else {
                 vec![(at, end)]
             };
@@ -651,9 +661,11 @@ impl WorkCopy {
         }
         ov.flush().map_err(werr())?;
         ov.sync_data().map_err(werr())?;
-        if let Some(sb) = &superblock {
-            ov.seek(SeekFrom::Start(SUPERBLOCK.start)).map_err(werr())?;
-            ov.write_all(sb).map_err(werr())?;
+        if !last.is_empty() {
+            for (at, bytes) in &last {
+                ov.seek(SeekFrom::Start(*at)).map_err(werr())?;
+                ov.write_all(bytes).map_err(werr())?;
+            }
             ov.flush().map_err(werr())?;
             ov.sync_data().map_err(werr())?;
         }
@@ -1112,5 +1124,48 @@ o.img: UNEXPECTED INCONSISTENCY; RUN fsck MANUALLY.
             rec.writes
         );
         assert_eq!(rec.syncs, [rec.writes.len() - 1, rec.writes.len()]);
+    }
+
+    /// A held range across chunks (an encrypted home's first MiB of data, where its
+    /// superblock and group descriptors are) goes back after a sync of the rest, and
+    /// the container's own first KiB is no longer special.
+    #[test]
+    fn write_back_holding_writes_the_held_range_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let orig = vec![0u8; 64 << 10];
+        let mut src = Cursor::new(orig.clone());
+        let mut copy =
+            WorkCopy::create(&mut src, orig.len() as u64, dir.path(), "o", &mut |_, _| {}).unwrap();
+        copy.mark_baseline().unwrap();
+        let mut want = orig.clone();
+        // Changed: the container's "superblock" place, two chunks inside the held
+        // range (one straddling its start), one after it.
+        want[1024] = 1;
+        want[8190..8194].copy_from_slice(&[2, 2, 2, 2]);
+        want[20000] = 3;
+        want[40000] = 4;
+        std::fs::write(copy.path(), &want).unwrap();
+        let mut rec = Recorder {
+            inner: Cursor::new(orig.clone()),
+            writes: Vec::new(),
+            syncs: Vec::new(),
+        };
+        let held = 8192..24576;
+        copy.write_back_holding(&mut rec, held.clone(), &mut |_, _| {})
+            .unwrap();
+        assert_eq!(rec.inner.get_ref(), &want);
+        let first_sync = rec.syncs[0];
+        let inside = |&(o, n): &(u64, usize)| o < held.end && held.start < o + n as u64;
+        assert!(
+            !rec.writes[..first_sync].iter().any(inside),
+            "{:?}",
+            rec.writes
+        );
+        assert!(
+            rec.writes[first_sync..].iter().all(inside),
+            "{:?}",
+            rec.writes
+        );
+        assert_eq!(rec.syncs, [first_sync, rec.writes.len()]);
     }
 }
