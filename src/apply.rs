@@ -1659,9 +1659,7 @@ pub fn read_existing_repaired(
         path: path.to_path_buf(),
         source,
     };
-    fat::cache_metadata(&mut window).map_err(fat_err)?;
-    fat::correct_free_count(&mut window).map_err(fat_err)?;
-    let fs = fat::open(&mut window).map_err(fat_err)?;
+    let fs = fat::open_in_use(&mut window).map_err(fat_err)?;
     Ok((Some(existing_of(&fs, &part, path, ext4)?), repaired))
 }
 

@@ -379,36 +379,23 @@ pub fn cache_metadata<F: Read + Write + Seek>(
     Ok(meta)
 }
 
-/// Makes FSInfo's free-cluster count that of the FAT, in the window (written at its
-/// next flush). fatfs 0.3.6 takes the count as it finds it, and a stick pulled out
-/// before its system updated it keeps a stale one: a write planned on it could find,
-/// after the old system was already deleted, that its files do not fit. For a volume
-/// that has been in use; one livestick has just made counts right.
-pub fn correct_free_count<F: Read + Write + Seek>(
+/// [`open`] for a volume that has been in use, with FSInfo's free-cluster count made
+/// that of the FAT first (in the window: written at its next flush, and only if the
+/// window is flushed). fatfs 0.3.6 takes the count as it finds it, and a stick pulled
+/// out before its system updated it keeps a stale one: a write planned on it could
+/// find, after the old system was already deleted, that its files do not fit. A
+/// volume livestick has just made counts right and is opened with [`open`].
+pub fn open_in_use<F: Read + Write + Seek>(
     window: &mut PartitionWindow<F>,
-) -> Result<(), FatError> {
-    let g = match fat_raw::geometry_any(window, 0) {
-        Ok(g) => g,
+) -> Result<FatFs<'_, F>, FatError> {
+    cache_metadata(window)?;
+    match fat_raw::geometry_any(window, 0) {
+        Ok(g) => crate::disk::fat_alloc::recount_fsinfo(window, &g)?,
         Err(fat_raw::SwapError::Io(e)) => return Err(FatError::Io(e)),
-        // Not a layout fat_raw reads: fat::open decides.
-        Err(_) => return Ok(()),
-    };
-    let Some(fsinfo) = g.fsinfo else {
-        return Ok(());
-    };
-    let mut sector = [0u8; 512];
-    window.seek(SeekFrom::Start(fsinfo))?;
-    window.read_exact(&mut sector)?;
-    if &sector[..4] != b"RRaA" || &sector[484..488] != b"rrAa" {
-        return Ok(());
+        // Not a layout fat_raw reads: open decides.
+        Err(_) => {}
     }
-    let free = crate::disk::fat_alloc::count_free(window, &g)?;
-    let free = u32::try_from(free).unwrap_or(u32::MAX);
-    if u32_at(&sector, 488) != free {
-        window.seek(SeekFrom::Start(fsinfo + 488))?;
-        window.write_all(&free.to_le_bytes())?;
-    }
-    Ok(())
+    open(window)
 }
 
 /// Opens the FAT filesystem in the window, holding its FAT region in memory.

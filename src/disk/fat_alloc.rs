@@ -455,12 +455,15 @@ fn fsinfo<D: Read + Seek>(dev: &mut D, g: &Geo) -> io::Result<Option<(u64, [u8; 
     Ok(signed.then_some((at, sector)))
 }
 
-/// Puts the true free cluster count into FSInfo (FAT32), after clusters were freed.
-fn recount_fsinfo<D: Read + Write + Seek>(dev: &mut D, g: &Geo) -> io::Result<()> {
-    if let Some((at, _)) = fsinfo(dev, g)? {
+/// Puts the true free cluster count into FSInfo (FAT32), after clusters were freed
+/// or where the count may be stale. A count already right is left unwritten.
+pub(crate) fn recount_fsinfo<D: Read + Write + Seek>(dev: &mut D, g: &Geo) -> io::Result<()> {
+    if let Some((at, sector)) = fsinfo(dev, g)? {
         let free = u32::try_from(count_free(dev, g)?).unwrap_or(u32::MAX);
-        dev.seek(SeekFrom::Start(at + 488))?;
-        dev.write_all(&free.to_le_bytes())?;
+        if u32_at(&sector, 488) != free {
+            dev.seek(SeekFrom::Start(at + 488))?;
+            dev.write_all(&free.to_le_bytes())?;
+        }
     }
     Ok(())
 }
@@ -610,7 +613,7 @@ fn free_clusters<D: Read + Seek>(dev: &mut D, g: &Geo, needed: u64) -> io::Resul
     Ok(scattered)
 }
 
-pub(crate) fn count_free<D: Read + Seek>(dev: &mut D, g: &Geo) -> io::Result<u64> {
+fn count_free<D: Read + Seek>(dev: &mut D, g: &Geo) -> io::Result<u64> {
     let mut free = 0u64;
     scan_fat(dev, g, |_, v| {
         free += u64::from(v == 0);

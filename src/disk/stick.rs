@@ -192,11 +192,9 @@ impl Stick {
         };
         let (start, len) = (self.partition.start, self.partition.len);
         let mut window = PartitionWindow::new(&mut self.file, start, len);
-        // Read-only, the corrected count stays in memory: the window is not flushed.
-        fat::cache_metadata(&mut window).map_err(fat_err)?;
-        fat::correct_free_count(&mut window).map_err(fat_err)?;
         let result = {
-            let fs = fat::open(&mut window).map_err(fat_err)?;
+            // Read-only, a recounted FSInfo stays in memory: the window is not flushed.
+            let fs = fat::open_in_use(&mut window).map_err(fat_err)?;
             let result = f(&fs);
             if self.writable {
                 fs.unmount().map_err(io_at(&path))?;
