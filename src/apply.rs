@@ -1099,19 +1099,12 @@ fn apply_tagged(
             // Old signatures at either end of the disk and of the new partition would
             // make udev and blkid see a RAID member or another filesystem. Not where
             // the new FAT's reserved sectors and tables go: they are written whole.
-            let fat_floor = fat::live_metadata_floor(len);
-            let mut spots: RangeSet = wipe::signature_spots(plan.target.size)
-                .into_iter()
-                .collect();
-            for zeroed in partition::table_ranges(plan.target.size) {
-                spots.remove(zeroed);
-            }
-            for r in wipe::signature_spots(len) {
-                let from = r.start.max(fat_floor);
-                if from < r.end {
-                    spots.insert(start + from..start + r.end);
-                }
-            }
+            let spots = wipe::disk_and_partition_spots(
+                plan.target.size,
+                start,
+                len,
+                fat::live_metadata_floor(len),
+            );
             tags.set("wiping old signatures");
             zero_ranges(&mut recorder, spots.iter())
                 .map_err(ApplyError::io("wiping old signatures"))?;

@@ -22,7 +22,7 @@ use crate::disk::partition::{self, SECTOR, TableKind};
 use crate::disk::stick::Stick;
 use crate::disk::target::{self, TargetError, TargetKind, TargetProbe};
 use crate::disk::wipe;
-use crate::io::{PartitionWindow, RangeSet, WriteRecorder, check_ranges, zero_ranges};
+use crate::io::{PartitionWindow, WriteRecorder, check_ranges, zero_ranges};
 use crate::size::human;
 use crate::source::checksum::hex;
 use crate::tools::Tool;
@@ -644,18 +644,9 @@ pub fn apply(plan: &RestorePlan, probe: &TargetProbe) -> Result<RestoreReport, R
             step: format!("clearing the old partition tables of {show}"),
             source: io::Error::other(e.to_string()),
         })?;
-        let mut spots: RangeSet = wipe::signature_spots(plan.size).into_iter().collect();
-        for zeroed in partition::table_ranges(plan.size) {
-            spots.remove(zeroed);
-        }
         // Not where the new FAT's reserved sectors and tables go: they are written whole.
         let metadata_len = made.as_ref().map_or(0, fat::MadeFat::metadata_len);
-        for r in wipe::signature_spots(len) {
-            let from = r.start.max(metadata_len);
-            if from < r.end {
-                spots.insert(start + from..start + r.end);
-            }
-        }
+        let spots = wipe::disk_and_partition_spots(plan.size, start, len, metadata_len);
         zero_ranges(&mut recorder, spots.iter())
             .map_err(io_err(format!("wiping old signatures on {show}")))?;
         let mut window = PartitionWindow::new(&mut recorder, start, len);

@@ -74,6 +74,9 @@
 use std::io::{self, Seek, SeekFrom, Write};
 use std::ops::Range;
 
+use crate::disk::partition;
+use crate::io::RangeSet;
+
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
@@ -135,6 +138,30 @@ pub fn signature_spots(len: u64) -> Vec<Range<u64>> {
     );
     spots.extend(end_spots(len));
     merge(spots, len)
+}
+
+/// Where a stick written anew is zeroed against stale signatures: the spots of the
+/// whole disk but the ranges [`partition::table_ranges`] (zeroed just before), and
+/// the spots of the partition at `part_start` of `part_len` bytes from
+/// `written_from` on (what lies below is written whole: a new FAT's reserved sectors
+/// and tables). Device offsets.
+pub fn disk_and_partition_spots(
+    disk_size: u64,
+    part_start: u64,
+    part_len: u64,
+    written_from: u64,
+) -> RangeSet {
+    let mut spots: RangeSet = signature_spots(disk_size).into_iter().collect();
+    for zeroed in partition::table_ranges(disk_size) {
+        spots.remove(zeroed);
+    }
+    for r in signature_spots(part_len) {
+        let from = r.start.max(written_from);
+        if from < r.end {
+            spots.insert(part_start + from..part_start + r.end);
+        }
+    }
+    spots
 }
 
 /// The spots read relative to the end of a region longer than [`WHOLE_UP_TO`]
