@@ -1595,8 +1595,10 @@ fn write_boot_code<D: Read + Write + Seek>(
     file.flush()
 }
 
-/// Reads what an existing stick's FAT partition holds, for planning without `--format`.
-pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, ApplyError> {
+/// The stick a write without `--format` will change, opened read-only to plan on;
+/// `None` when it has no partition table. A volume past its partition is refused here,
+/// before the plan, as the maintenance commands refuse it.
+fn existing_stick(path: &Path) -> Result<Option<Stick>, ApplyError> {
     let mut stick = match Stick::open(path, false) {
         Ok(stick) => stick,
         Err(StickError::Partition {
@@ -1608,6 +1610,14 @@ pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, App
     stick
         .refuse_a_volume_past_its_partition()
         .map_err(ApplyError::Stick)?;
+    Ok(Some(stick))
+}
+
+/// Reads what an existing stick's FAT partition holds, for planning without `--format`.
+pub fn read_existing(path: &Path) -> Result<Option<crate::plan::ExistingFs>, ApplyError> {
+    let Some(mut stick) = existing_stick(path)? else {
+        return Ok(None);
+    };
     let part = stick.partition.clone();
     let ext4 = existing_ext4(stick.file_mut(), path)?;
     let existing = stick.with_fs(|fs| existing_of(fs, &part, path, ext4))?;
@@ -1623,17 +1633,9 @@ pub fn read_existing_repaired(
     path: &Path,
     live_dir: &str,
 ) -> Result<(Option<crate::plan::ExistingFs>, Vec<String>), ApplyError> {
-    let mut stick = match Stick::open(path, false) {
-        Ok(stick) => stick,
-        Err(StickError::Partition {
-            source: PartitionError::NoTable,
-            ..
-        }) => return Ok((None, Vec::new())),
-        Err(source) => return Err(ApplyError::Stick(source)),
+    let Some(mut stick) = existing_stick(path)? else {
+        return Ok((None, Vec::new()));
     };
-    stick
-        .refuse_a_volume_past_its_partition()
-        .map_err(ApplyError::Stick)?;
     let part = stick.partition.clone();
     let ext4 = existing_ext4(stick.file_mut(), path)?;
     let mut view = fat_raw::MemoryWrites::new(stick.file_mut());
