@@ -5,9 +5,6 @@
 //! put a new label where neither blkid nor dracut looks, so the overlay named after
 //! it was never found.
 
-use std::fs::File;
-use std::io::Write;
-
 use crate::support::*;
 
 #[test]
@@ -15,30 +12,12 @@ fn a_fat16_stick_is_written_without_format_and_relabelled() {
     let iso = synthetic_iso("fedora-classic.iso");
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("stick.img");
-    File::create(&image).unwrap().set_len(400 << 20).unwrap();
-    let mut table = std::process::Command::new(tool("sfdisk"))
-        .args(["--no-reread", "--no-tell-kernel", "-q"])
-        .arg(&image)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("sfdisk");
-    table
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"start=2048, type=e, bootable\n")
-        .unwrap();
-    assert!(table.wait().unwrap().success());
-    let made = std::process::Command::new(tool("mkfs.fat"))
-        .args([
-            "-F", "16", "--offset", "2048", "-n", "OLD", "-i", "0A0B0C0D",
-        ])
-        .arg(&image)
-        .arg(((399 << 20) / 1024).to_string())
-        .output()
-        .expect("mkfs.fat");
-    assert!(made.status.success(), "{made:?}");
+    stick_made_by_mkfs_fat(
+        &image,
+        400,
+        "e",
+        &["-F", "16", "-n", "OLD", "-i", "0A0B0C0D"],
+    );
     let start = 1u64 << 20;
     assert_eq!(blkid_value(&image, start, "VERSION"), "FAT16");
 

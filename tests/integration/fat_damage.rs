@@ -150,22 +150,7 @@ fn a_filesystem_larger_than_its_partition_is_refused_unchanged() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut shrink = std::process::Command::new(tool("sfdisk"))
-        .args(["--no-reread", "--no-tell-kernel", "-q"])
-        .arg(&image)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("sfdisk");
-    use std::io::Write as _;
-    shrink
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"start=2048, size=409600, type=c, bootable\n")
-        .unwrap();
-    assert!(shrink.wait().unwrap().success());
+    sfdisk_script(&image, "start=2048, size=409600, type=c, bootable\n");
     let before = sha256_file(&image);
     let s = image.to_str().unwrap();
     for args in [
@@ -201,28 +186,7 @@ fn a_stale_free_count_is_not_believed() {
     let iso = synthetic_iso("fedora-classic.iso");
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("stick.img");
-    File::create(&image).unwrap().set_len(400 << 20).unwrap();
-    let mut table = std::process::Command::new(tool("sfdisk"))
-        .args(["--no-reread", "--no-tell-kernel", "-q"])
-        .arg(&image)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("sfdisk");
-    table
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"start=2048, type=c, bootable\n")
-        .unwrap();
-    assert!(table.wait().unwrap().success());
-    let made = std::process::Command::new(tool("mkfs.fat"))
-        .args(["-F", "32", "--offset", "2048", "-n", "LIVE"])
-        .arg(&image)
-        .arg(((399 << 20) / 1024).to_string())
-        .output()
-        .expect("mkfs.fat");
-    assert!(made.status.success(), "{made:?}");
+    stick_made_by_mkfs_fat(&image, 400, "c", &["-F", "32", "-n", "LIVE"]);
     let filler = dir.path().join("filler.bin");
     File::create(&filler).unwrap().set_len(250 << 20).unwrap();
     let copied = std::process::Command::new(tool("mcopy"))

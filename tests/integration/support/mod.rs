@@ -192,6 +192,45 @@ pub fn fat_ls(image: &Path, offset: u64, dir: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Writes `image`'s partition table from an sfdisk `script` (as `sfdisk IMAGE < script`).
+pub fn sfdisk_script(image: &Path, script: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new(tool("sfdisk"))
+        .args(["--no-reread", "--no-tell-kernel", "-q"])
+        .arg(image)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk");
+    child
+        .stdin
+        .take()
+        .expect("sfdisk's stdin")
+        .write_all(script.as_bytes())
+        .expect("feed sfdisk");
+    assert!(child.wait().expect("sfdisk").success(), "sfdisk: {script}");
+}
+
+/// A stick image of `mib` MiB with one bootable partition from 1 MiB to the end, of
+/// MBR type `kind`, formatted by mkfs.fat with `mkfs_args` (`-F 16`, a label, …), as
+/// other tools leave sticks.
+pub fn stick_made_by_mkfs_fat(image: &Path, mib: u64, kind: &str, mkfs_args: &[&str]) {
+    std::fs::File::create(image)
+        .expect("the image")
+        .set_len(mib << 20)
+        .expect("the image's size");
+    sfdisk_script(image, &format!("start=2048, type={kind}, bootable\n"));
+    let made = Command::new(tool("mkfs.fat"))
+        .args(mkfs_args)
+        .args(["--offset", "2048"])
+        .arg(image)
+        .arg(((mib - 1) * 1024).to_string())
+        .output()
+        .expect("mkfs.fat");
+    assert!(made.status.success(), "{made:?}");
+}
+
 /// sfdisk's JSON view of the image.
 pub fn sfdisk(image: &Path) -> serde_json::Value {
     serde_json::from_str(&run("sfdisk", &["--json", image.to_str().unwrap()])).expect("sfdisk json")
