@@ -184,6 +184,60 @@ pub trait SyncData {
     fn sync_data(&mut self) -> io::Result<()>;
 }
 
+/// A device in memory that records each write (offset, length) and where the syncs
+/// fall among them: for tests of the order in which changes reach a stick.
+#[cfg(test)]
+pub(crate) struct SyncRecorder {
+    pub(crate) inner: io::Cursor<Vec<u8>>,
+    pub(crate) writes: Vec<(u64, usize)>,
+    /// How many writes came before each sync.
+    pub(crate) syncs: Vec<usize>,
+}
+
+#[cfg(test)]
+impl SyncRecorder {
+    pub(crate) fn new(bytes: Vec<u8>) -> Self {
+        SyncRecorder {
+            inner: io::Cursor::new(bytes),
+            writes: Vec::new(),
+            syncs: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Read for SyncRecorder {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(b)
+    }
+}
+
+#[cfg(test)]
+impl Write for SyncRecorder {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.writes.push((self.inner.position(), b.len()));
+        self.inner.write(b)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Seek for SyncRecorder {
+    fn seek(&mut self, p: SeekFrom) -> io::Result<u64> {
+        self.inner.seek(p)
+    }
+}
+
+#[cfg(test)]
+impl SyncData for SyncRecorder {
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.syncs.push(self.writes.len());
+        Ok(())
+    }
+}
+
 impl SyncData for std::fs::File {
     fn sync_data(&mut self) -> io::Result<()> {
         std::fs::File::sync_data(self)

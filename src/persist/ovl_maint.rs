@@ -1048,37 +1048,7 @@ o.img: UNEXPECTED INCONSISTENCY; RUN fsck MANUALLY.
         assert!(in_place_spec(Path::new("/tmp/a?b.img"), 0).is_none());
     }
 
-    /// Records the offsets written, to check the superblock goes last.
-    struct Recorder {
-        inner: Cursor<Vec<u8>>,
-        writes: Vec<(u64, usize)>,
-        syncs: Vec<usize>,
-    }
-    impl Read for Recorder {
-        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
-            self.inner.read(b)
-        }
-    }
-    impl Write for Recorder {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.writes.push((self.inner.position(), b.len()));
-            self.inner.write(b)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-    impl Seek for Recorder {
-        fn seek(&mut self, p: SeekFrom) -> io::Result<u64> {
-            self.inner.seek(p)
-        }
-    }
-    impl SyncData for Recorder {
-        fn sync_data(&mut self) -> io::Result<()> {
-            self.syncs.push(self.writes.len());
-            Ok(())
-        }
-    }
+    use crate::io::SyncRecorder as Recorder;
 
     #[test]
     fn write_back_writes_changed_chunks_superblock_last() {

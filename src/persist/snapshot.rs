@@ -1514,56 +1514,20 @@ impl crate::disk::devices::OverlayProbe for DevicesProbe {
 #[cfg(test)]
 mod tests {
 
-    /// Records each write's range and where the syncs fall among them.
-    struct SyncedWrites {
-        inner: Cursor<Vec<u8>>,
-        writes: Vec<(u64, u64)>,
-        syncs: Vec<usize>,
-    }
-
-    impl Write for SyncedWrites {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            let at = self.inner.position();
-            let n = self.inner.write(buf)?;
-            self.writes.push((at, at + n as u64));
-            Ok(n)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Seek for SyncedWrites {
-        fn seek(&mut self, p: SeekFrom) -> io::Result<u64> {
-            self.inner.seek(p)
-        }
-    }
-
-    impl SyncData for SyncedWrites {
-        fn sync_data(&mut self) -> io::Result<()> {
-            self.syncs.push(self.writes.len());
-            Ok(())
-        }
-    }
-
     /// A reset zeroes the header's sector and syncs it before the exception area:
     /// a stop between them leaves a store the kernel starts anew, never a valid
     /// header over a half-emptied area.
     #[test]
     fn a_reset_kills_the_header_first_and_on_its_own() {
         let len = 8u64 << 20;
-        let mut w = SyncedWrites {
-            inner: Cursor::new(vec![0xa5u8; len as usize]),
-            writes: Vec::new(),
-            syncs: Vec::new(),
-        };
+        let mut w = crate::io::SyncRecorder::new(vec![0xa5u8; len as usize]);
         reset_store(&mut w, len).unwrap();
         let first_sync = w.syncs[0];
         assert!(first_sync > 0);
         assert!(
             w.writes[..first_sync]
                 .iter()
-                .all(|&(_, end)| end <= SECTOR_BYTES),
+                .all(|&(at, n)| at + n as u64 <= SECTOR_BYTES),
             "{:?}",
             &w.writes[..first_sync]
         );
