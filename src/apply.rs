@@ -1019,11 +1019,12 @@ fn apply_tagged(
         None => None,
     };
     let in_place = plan.ext4_live.as_ref().filter(|step| step.in_place);
-    let in_place_files = match (in_place, &by_fd) {
+    // What debugfs and the extent edits write here is read back with the rest.
+    let (in_place_files, allocated_in_place) = match (in_place, &by_fd) {
         (Some(step), Some(by_fd)) => {
             allocate_ext4_in_place(plan, step, &prepared, &host_copies, by_fd, &mut file)?
         }
-        _ => Vec::new(),
+        _ => (Vec::new(), RangeSet::new()),
     };
     let syslinux_files = prepared.syslinux.take();
     let boot_fat = prepared.boot_fat.take();
@@ -1390,6 +1391,7 @@ fn apply_tagged(
             ext4_files.extend(host_copies.iter().map(HostCopy::report));
         }
         before_verify = recorder.into_written();
+        before_verify.extend(&allocated_in_place);
         read_back = bounded
             .finish_read_back()
             .map_err(ApplyError::io("reading back what was written"))?;
@@ -1414,7 +1416,14 @@ fn apply_tagged(
             None => in_place_files.clone(),
         };
         tags.set("finishing the ext4 live partition");
-        finish_ext4_live(plan, step, by_fd, &mut file, &runs, &ext4_files)?;
+        after_write.extend(&finish_ext4_live(
+            plan,
+            step,
+            by_fd,
+            &mut file,
+            &runs,
+            &ext4_files,
+        )?);
         tags.set("writing the stick manifest");
         after_write.extend(&write_manifest_ext4(
             plan,
@@ -1894,7 +1903,7 @@ fn allocate_ext4_in_place(
     host_copies: &[HostCopy],
     by_fd: &Path,
     file: &mut File,
-) -> Result<Vec<crate::disk::ext4_live::MappedFile>, ApplyError> {
+) -> Result<(Vec<crate::disk::ext4_live::MappedFile>, RangeSet), ApplyError> {
     use crate::disk::ext4_live::{self, LiveFile};
     let mut files: Vec<LiveFile> = Vec::new();
     let mut removes: Vec<String> = step.deletes.clone();
@@ -1964,7 +1973,8 @@ fn allocate_ext4_in_place(
 /// back: a kept overlay the plan empties is emptied (before the new root image
 /// is in place, so a stop never leaves old changes over a new root), the staged
 /// copies take their places (in place), and the root record is written beside
-/// the root image.
+/// the root image. Returns the byte ranges written, debugfs's included, for the
+/// read-back that follows.
 fn finish_ext4_live(
     plan: &Plan,
     step: &crate::plan::Ext4LiveStep,
@@ -1972,7 +1982,7 @@ fn finish_ext4_live(
     file: &mut File,
     runs: &[crate::disk::ext4_live::MappedFile],
     written: &[WrittenFile],
-) -> Result<(), ApplyError> {
+) -> Result<RangeSet, ApplyError> {
     use crate::disk::ext4_live;
     // `LIVESTICK_FAILPOINT=ext4-staged`: the state a stop leaves between writing the
     // staged copies and putting them in place, for the tests.
@@ -1981,10 +1991,11 @@ fn finish_ext4_live(
             io::Error::other("stopped at failpoint `ext4-staged` (LIVESTICK_FAILPOINT)"),
         ));
     }
+    let mut wrote = RangeSet::new();
     if step.in_place
         && let Some(kept) = plan.kept_overlay.as_ref().filter(|k| k.reset)
     {
-        empty_ext4_overlay(plan, step, file, &kept.to)?;
+        wrote.extend(&empty_ext4_overlay(plan, step, file, &kept.to)?);
     }
     let root_image = format!("/{}/{}", plan.live_dir, crate::layout::SQUASHFS);
     let record = match (
@@ -2034,17 +2045,18 @@ fn finish_ext4_live(
         })
         .map(|c| c.dest.clone())
         .collect();
-    ext4_live::finish_in_place(
+    wrote.extend(&ext4_live::finish_in_place(
         by_fd,
         file,
         (step.start, step.len),
         &placed,
         record.as_ref().map(|(p, t)| (p.as_str(), t.as_str())),
-    )?;
-    Ok(())
+    )?);
+    Ok(wrote)
 }
 
-/// Empties the overlay `path` of the ext4 partition in place, through its extents:
+/// Empties the overlay `path` of the ext4 partition in place, through its extents
+/// (returns the byte ranges written):
 /// a dm-snapshot store by its zeroed header (zeros into unwritten extents are
 /// skipped), an OverlayFS overlay by a fresh ext4 written over it.
 fn empty_ext4_overlay(
@@ -2052,7 +2064,7 @@ fn empty_ext4_overlay(
     step: &crate::plan::Ext4LiveStep,
     file: &mut File,
     path: &str,
-) -> Result<(), ApplyError> {
+) -> Result<RangeSet, ApplyError> {
     use crate::disk::ext4_fs;
     use crate::io::SyncData;
     let what = format!("emptying the overlay {path}");
@@ -2070,7 +2082,8 @@ fn empty_ext4_overlay(
             .ok_or_else(|| err("it is not on the ext4 partition".into()))?
     };
     let len = map.size;
-    let mut rw = ext4_fs::Ext4FileRw::new(&mut *file, &partition, &map);
+    let mut recorder = WriteRecorder::new(&mut *file).map_err(ApplyError::io(what.clone()))?;
+    let mut rw = ext4_fs::Ext4FileRw::new(&mut recorder, &partition, &map);
     // Emptied into the kind the menus now name (a flat root needs OverlayFS, a
     // nested one dm-snapshot), whatever kind the old ISO's overlay was.
     if step.overlay_kind == crate::boot::cmdline::OverlayBoot::OverlayFs {
@@ -2080,7 +2093,8 @@ fn empty_ext4_overlay(
         crate::persist::snapshot::reset_store(&mut rw, len).map_err(|e| err(e.to_string()))?;
     }
     rw.sync_data().map_err(ApplyError::io(what.clone()))?;
-    Ok(())
+    drop(rw);
+    Ok(recorder.into_written())
 }
 
 /// Writes the manifest on the FAT of an ext4-layout stick once both partitions

@@ -251,14 +251,24 @@ pub fn on_disk(size: u64) -> u64 {
 }
 
 fn debugfs(image: &Path, script: &str) -> Result<String, Ext4LiveError> {
+    debugfs_recording(image, script, None)
+}
+
+/// [`debugfs`], keeping an undo record at `undo` (a path that must not exist yet)
+/// when one is given.
+fn debugfs_recording(
+    image: &Path,
+    script: &str,
+    undo: Option<&Path>,
+) -> Result<String, Ext4LiveError> {
     let exe = find_program(&DEBUGFS).map_err(Ext4Error::from)?;
-    let mut child = Command::new(&exe)
-        .args([
-            "-w".as_ref(),
-            "-f".as_ref(),
-            "-".as_ref(),
-            image.as_os_str(),
-        ])
+    let mut command = Command::new(&exe);
+    command.arg("-w");
+    if let Some(undo) = undo {
+        command.arg("-z").arg(undo);
+    }
+    let mut child = command
+        .args(["-f".as_ref(), "-".as_ref(), image.as_os_str()])
         .env("LC_ALL", "C")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -285,6 +295,49 @@ fn debugfs(image: &Path, script: &str) -> Result<String, Ext4LiveError> {
         });
     }
     Ok(text)
+}
+
+/// debugfs on the live partition of `dev` in place (reached through `by_fd`),
+/// with the byte ranges of `dev` it wrote, read from its undo record: a write
+/// reads them back as it reads back its own.
+fn debugfs_in_place(
+    by_fd: &Path,
+    dev: &mut File,
+    partition: (u64, u64),
+    script: &str,
+) -> Result<(String, RangeSet), Ext4LiveError> {
+    let (start, len) = partition;
+    let dir = tempfile::tempdir().map_err(io_err("making room for debugfs's undo record"))?;
+    let undo = dir.path().join("undo");
+    let log = debugfs_recording(&in_place_spec(by_fd, start), script, Some(&undo))?;
+    // The undo record's notice says how to take the change back; nobody should.
+    let log: String = log
+        .lines()
+        .filter(|l| {
+            !l.starts_with("Overwriting existing filesystem")
+                && !l.trim_start().starts_with("e2undo ")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mut written = RangeSet::new();
+    let mut record = File::open(&undo).map_err(io_err("reading debugfs's undo record"))?;
+    let recorded = record
+        .metadata()
+        .map_err(io_err("reading debugfs's undo record"))?
+        .len();
+    if recorded > 0 {
+        let mut window = crate::io::PartitionWindow::new(&mut *dev, start, len);
+        let ranges =
+            crate::disk::e2undo::written_ranges(&mut record, &mut window).map_err(|e| {
+                Ext4LiveError::InPlace {
+                    detail: format!("debugfs's record of what it wrote: {e}"),
+                }
+            })?;
+        for r in ranges {
+            written.insert(start + r.start.min(len)..start + r.end.min(len));
+        }
+    }
+    Ok((log, written))
 }
 
 /// Builds the live partition's file system (`len` bytes, `label`, `uuid`) in a
@@ -662,7 +715,7 @@ pub fn allocate_in_place(
     removes: &[String],
     renames: &[(String, String)],
     files: &[LiveFile],
-) -> Result<Vec<MappedFile>, Ext4LiveError> {
+) -> Result<(Vec<MappedFile>, RangeSet), Ext4LiveError> {
     let (start, len) = partition;
     let mut script = String::new();
     {
@@ -687,12 +740,14 @@ pub fn allocate_in_place(
     for f in files {
         script.push_str(&make_script(f));
     }
-    let log = if script.is_empty() {
-        String::new()
+    let (log, mut written) = if script.is_empty() {
+        (String::new(), RangeSet::new())
     } else {
-        debugfs(&in_place_spec(by_fd, start), &script)?
+        debugfs_in_place(by_fd, dev, partition, &script)?
     };
-    let mut window = crate::io::PartitionWindow::new(&mut *dev, start, len);
+    let mut recorder = crate::io::WriteRecorder::new(&mut *dev)
+        .map_err(io_err("opening the ext4 live partition"))?;
+    let mut window = crate::io::PartitionWindow::new(&mut recorder, start, len);
     let fs = Ext4Fs::open(&mut window)?;
     for path in removes
         .iter()
@@ -719,26 +774,32 @@ pub fn allocate_in_place(
     window
         .flush()
         .map_err(io_err("writing the ext4 live partition"))?;
+    drop(window);
+    written.extend(recorder.written());
     dev.sync_all()
         .map_err(io_err("syncing the ext4 live partition"))?;
-    Ok(mapped)
+    Ok((mapped, written))
 }
 
 /// The last step of a rewrite in place, once the staged files are written and read
 /// back: each staged copy takes its place (the two directory entries swapped, the
 /// old file then removed; a file new to the stick is renamed), and `record` (path,
 /// text), the root record, is written last, since it vouches for the root image.
+/// Returns the byte ranges of `dev` written (debugfs's included).
 pub fn finish_in_place(
     by_fd: &Path,
     dev: &mut File,
     partition: (u64, u64),
     placed: &[String],
     record: Option<(&str, &str)>,
-) -> Result<(), Ext4LiveError> {
+) -> Result<RangeSet, Ext4LiveError> {
     let (start, len) = partition;
     let mut script = String::new();
+    let mut written = RangeSet::new();
     {
-        let mut window = crate::io::PartitionWindow::new(&mut *dev, start, len);
+        let mut recorder = crate::io::WriteRecorder::new(&mut *dev)
+            .map_err(io_err("opening the ext4 live partition"))?;
+        let mut window = crate::io::PartitionWindow::new(&mut recorder, start, len);
         let fs = Ext4Fs::open(&mut window)?;
         for path in placed {
             let staged = staged_path(path);
@@ -754,6 +815,7 @@ pub fn finish_in_place(
                 // The swap is on the stick before the old file is freed.
                 window
                     .get_mut()
+                    .get_mut()
                     .sync_all()
                     .map_err(io_err(format!("putting {path} in place")))?;
                 script.push_str(&format!("rm {staged_rel}\n"));
@@ -761,6 +823,8 @@ pub fn finish_in_place(
                 script.push_str(&format!("ln {staged_rel} {rel}\nunlink {staged_rel}\n"));
             }
         }
+        drop(window);
+        written.extend(recorder.written());
     }
     let host = tempfile::NamedTempFile::new().map_err(io_err("staging the root record"))?;
     if let Some((path, text)) = record {
@@ -774,7 +838,9 @@ pub fn finish_in_place(
     let log = if script.is_empty() {
         String::new()
     } else {
-        debugfs(&in_place_spec(by_fd, start), &script)?
+        let (log, by_debugfs) = debugfs_in_place(by_fd, dev, partition, &script)?;
+        written.extend(&by_debugfs);
+        log
     };
     dev.sync_all()
         .map_err(io_err("syncing the ext4 live partition"))?;
@@ -797,7 +863,7 @@ pub fn finish_in_place(
             });
         }
     }
-    Ok(())
+    Ok(written)
 }
 
 /// A file of the live partition on `dev`, opened for reading as a mounted ext4
@@ -956,6 +1022,100 @@ mod tests {
                 let set: RangeSet = [at..at + n].into_iter().collect();
                 assert!(built.metadata.intersection(&set).is_empty());
             }
+        }
+    }
+
+    /// Every byte of the disk that differs between `before` and `after` lies in
+    /// `ranges`, and `ranges` are few bytes (metadata, not whole files).
+    fn assert_changes_recorded(before: &[u8], after: &[u8], ranges: &RangeSet, what: &str) {
+        let missed: Vec<usize> = (0..before.len())
+            .filter(|&i| before[i] != after[i])
+            .filter(|&i| !ranges.iter().any(|r| r.contains(&(i as u64))))
+            .take(8)
+            .collect();
+        assert!(
+            missed.is_empty(),
+            "{what}: changed but not reported: {missed:?}"
+        );
+        assert!(
+            (0..before.len()).any(|i| before[i] != after[i]),
+            "{what} changed nothing"
+        );
+        assert!(ranges.total() < 1 << 20, "{what}: {} bytes", ranges.total());
+    }
+
+    #[test]
+    fn the_in_place_steps_report_every_byte_they_and_debugfs_write() {
+        let file = |path: &str, size: u64| LiveFile {
+            path: path.into(),
+            size,
+            written: true,
+            from_host: None,
+        };
+        let mut built = build(
+            64 << 20,
+            "LIVE",
+            uuid_for(11),
+            &[
+                file("/LiveOS/squashfs.img", 3 << 20),
+                file("/LiveOS/old-record", 100),
+            ],
+            None,
+        )
+        .expect("build");
+        let mut partition = Vec::new();
+        built.image.seek(SeekFrom::Start(0)).expect("seek");
+        built
+            .image
+            .read_to_end(&mut partition)
+            .expect("read the partition");
+        // The partition at 1 MiB of a disk whose other bytes are stale.
+        let start = 1u64 << 20;
+        let mut disk: Vec<u8> = (0..start as usize).map(|i| (i * 7 % 251) as u8).collect();
+        disk.extend_from_slice(&partition);
+        disk.extend((0..start as usize).map(|i| (i * 13 % 251) as u8));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("disk");
+        std::fs::write(&path, &disk).expect("write the disk");
+        let mut dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open the disk");
+        let part = (start, partition.len() as u64);
+
+        let before = std::fs::read(&path).expect("read");
+        let (mapped, allocated) = allocate_in_place(
+            &path,
+            &mut dev,
+            part,
+            &["/LiveOS/old-record".to_string()],
+            &[],
+            &[file(&staged_path("/LiveOS/squashfs.img"), 5 << 20)],
+        )
+        .expect("allocate in place");
+        assert_eq!(mapped.len(), 1);
+        let after = std::fs::read(&path).expect("read");
+        assert_changes_recorded(&before, &after, &allocated, "allocating in place");
+
+        let before = after;
+        let finished = finish_in_place(
+            &path,
+            &mut dev,
+            part,
+            &["/LiveOS/squashfs.img".to_string()],
+            Some(("/LiveOS/root-record", "size 5242880\n")),
+        )
+        .expect("finish in place");
+        let after = std::fs::read(&path).expect("read");
+        assert_changes_recorded(&before, &after, &finished, "finishing in place");
+        // Nothing outside the partition.
+        for ranges in [&allocated, &finished] {
+            assert!(
+                ranges
+                    .iter()
+                    .all(|r| r.start >= start && r.end <= start + part.1)
+            );
         }
     }
 }

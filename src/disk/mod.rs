@@ -1,6 +1,7 @@
 //! Targets (image files and block devices), partition tables and filesystems.
 pub mod devices;
 pub mod devices_text;
+pub mod e2undo;
 pub mod ext4;
 pub mod ext4_fs;
 pub mod ext4_live;
