@@ -494,12 +494,32 @@ pub fn used_regions(
 ) -> Result<Vec<std::ops::Range<u64>>, Ext4Error> {
     let spec = format!("{}?offset={offset}", image.display());
     let text = run(DUMPE2FS, &[std::ffi::OsStr::new(&spec)], image)?;
+    if !bitmaps_are_whole(&text) {
+        return Ok(vec![0..len]);
+    }
     parse_used_regions(&text, len).ok_or_else(|| Ext4Error::Failed {
         tool: DUMPE2FS.name,
         path: image.to_path_buf(),
         status: "unexpected output".into(),
         stderr: "no block size, block count or free block list".into(),
     })
+}
+
+/// Whether the block bitmaps dumpe2fs listed (`text`) name every block in use. Not
+/// when the journal still holds updates to replay (a stick pulled while mounted:
+/// a file's data is written, its blocks marked used only in the journal) or the
+/// file system was left with errors: a copy of the used blocks alone would lose
+/// that file, so it copies the whole file system.
+fn bitmaps_are_whole(text: &str) -> bool {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let recovering = field("Filesystem features:")
+        .is_some_and(|f| f.split_whitespace().any(|f| f == "needs_recovery"));
+    let clean = field("Filesystem state:") == Some("clean");
+    !recovering && clean
 }
 
 /// Used ranges from dumpe2fs's per-group "Free blocks: a-b, c" lists.
@@ -868,6 +888,20 @@ mod tests {
             Err("extent node overflows its block")
         );
         assert!(parse_extent_node(&leaves[..8]).is_err());
+    }
+
+    #[test]
+    fn bitmaps_are_trusted_only_on_a_clean_file_system_with_nothing_to_replay() {
+        let header = |features: &str, state: &str| {
+            format!(
+                "Filesystem volume name:   HOME\nFilesystem features:      has_journal {features} extent\nFilesystem state:         {state}\nBlock size:               4096\n"
+            )
+        };
+        assert!(bitmaps_are_whole(&header("ext_attr", "clean")));
+        assert!(!bitmaps_are_whole(&header("needs_recovery", "clean")));
+        assert!(!bitmaps_are_whole(&header("ext_attr", "not clean")));
+        assert!(!bitmaps_are_whole(&header("ext_attr", "clean with errors")));
+        assert!(!bitmaps_are_whole("garbage"));
     }
 
     #[test]

@@ -614,6 +614,125 @@ fn another_stick_as_source_carries_overlay_and_home_over() {
     }
 }
 
+/// `home` (an ext4 image) as a stick pulled while mounted leaves it: a new file's
+/// data is in its blocks, but the bitmaps, inode and directory that say so are
+/// only in the journal (written there with debugfs's journal commands), with
+/// `needs_recovery` set. Returns the file's bytes.
+fn leave_a_file_in_the_journal_only(home: &Path, dir: &Path) -> Vec<u8> {
+    let block: usize = run("dumpe2fs", &["-h", home.to_str().unwrap()])
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("a block size");
+    let before = std::fs::read(home).unwrap();
+    let data: Vec<u8> = (0..65536u32).map(|i| (i * 31 % 253) as u8).collect();
+    let host = dir.join("f.bin");
+    std::fs::write(&host, &data).unwrap();
+    run(
+        "debugfs",
+        &[
+            "-w",
+            "-R",
+            &format!("write {} f", host.display()),
+            home.to_str().unwrap(),
+        ],
+    );
+    let mut after = std::fs::read(home).unwrap();
+    let file_blocks: Vec<usize> = run("debugfs", &["-R", "blocks f", home.to_str().unwrap()])
+        .split_whitespace()
+        .map(|b| b.parse().unwrap())
+        .collect();
+    let metadata: Vec<usize> = (0..before.len() / block)
+        .filter(|b| before[b * block..(b + 1) * block] != after[b * block..(b + 1) * block])
+        .filter(|b| !file_blocks.contains(b))
+        .collect();
+    assert!(metadata.len() >= 3, "{metadata:?}");
+    let journaled = dir.join("meta.bin");
+    let mut meta = Vec::new();
+    for &b in &metadata {
+        meta.extend_from_slice(&after[b * block..(b + 1) * block]);
+        after[b * block..(b + 1) * block].copy_from_slice(&before[b * block..(b + 1) * block]);
+    }
+    std::fs::write(&journaled, meta).unwrap();
+    std::fs::write(home, &after).unwrap();
+    let list: Vec<String> = metadata.iter().map(ToString::to_string).collect();
+    let script = dir.join("journal.cmds");
+    std::fs::write(
+        &script,
+        format!("jo\njw -b {} {}\njc\n", list.join(","), journaled.display()),
+    )
+    .unwrap();
+    run(
+        "debugfs",
+        &["-w", "-f", script.to_str().unwrap(), home.to_str().unwrap()],
+    );
+    let header = run("dumpe2fs", &["-h", home.to_str().unwrap()]);
+    assert!(header.contains("needs_recovery"), "{header}");
+    data
+}
+
+fn e2fsck_and_read(home: &Path, path: &str, dir: &Path) -> Vec<u8> {
+    let out = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(home)
+        .output()
+        .unwrap();
+    assert!(out.status.code().is_some_and(|c| c <= 1), "{out:?}");
+    let dumped = dir.join("dumped");
+    let _ = std::fs::remove_file(&dumped);
+    run(
+        "debugfs",
+        &[
+            "-R",
+            &format!("dump {path} {}", dumped.display()),
+            home.to_str().unwrap(),
+        ],
+    );
+    std::fs::read(&dumped).unwrap_or_default()
+}
+
+#[test]
+fn a_home_with_a_journal_to_replay_is_copied_whole() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let old = new_stick(dir.path(), "old.img");
+    ok(write(&[
+        iso.to_str().unwrap(),
+        old.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--home-size-mb",
+        "32",
+        "--unencrypted-home",
+    ]));
+    let start = part_start(&old);
+    let home = dir.path().join("home.img");
+    fat_copy_out(&old, start, "/LiveOS/home.img", &home);
+    let data = leave_a_file_in_the_journal_only(&home, dir.path());
+    // Control: replaying the journal is what keeps the file.
+    let control = dir.path().join("control.img");
+    std::fs::copy(&home, &control).unwrap();
+    assert_eq!(e2fsck_and_read(&control, "f", dir.path()), data);
+    fat_put(&old, start, &home, "/LiveOS/home.img");
+
+    let new = new_stick(dir.path(), "new.img");
+    ok(write(&[
+        old.to_str().unwrap(),
+        new.to_str().unwrap(),
+        "--size",
+        "256M",
+        "--copy-home",
+    ]));
+    let copied = dir.path().join("copied.img");
+    fat_copy_out(&new, part_start(&new), "/LiveOS/home.img", &copied);
+    assert_eq!(
+        std::fs::read(&copied).unwrap(),
+        std::fs::read(&home).unwrap(),
+        "a home with a journal to replay is copied whole"
+    );
+    assert_eq!(e2fsck_and_read(&copied, "f", dir.path()), data);
+}
+
 #[test]
 fn multi_adds_a_second_image_with_a_chained_menu() {
     let first = synthetic_iso("fedora-classic.iso");
