@@ -573,6 +573,35 @@ pub fn check_ext4_image(path: &Path) -> Result<(), Ext4Error> {
     Ok(())
 }
 
+/// Check the file system in `path` without changing a byte (`e2fsck -f -n`). A
+/// refusal is [`Ext4Error::Failed`] with what e2fsck found (it reports on stdout
+/// with `-n`), last lines first kept.
+pub fn check_ext4_image_read_only(path: &Path) -> Result<(), Ext4Error> {
+    let exe = find_program(&E2FSCK)?;
+    let out = Command::new(&exe)
+        .args(["-f".as_ref(), "-n".as_ref(), path.as_os_str()])
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|source| Ext4Error::Io {
+            path: exe.clone(),
+            source,
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Err(Ext4Error::Failed {
+        tool: E2FSCK.name,
+        path: path.to_path_buf(),
+        status: out.status.to_string(),
+        stderr: said.trim().to_string(),
+    })
+}
+
 /// Grow the ext4 filesystem in the regular file `path` to `new_size` bytes,
 /// extending the file first. Shrinking is refused.
 pub fn grow_ext4_image(path: &Path, new_size: u64) -> Result<(), Ext4Error> {
@@ -590,6 +619,9 @@ pub fn grow_ext4_image(path: &Path, new_size: u64) -> Result<(), Ext4Error> {
         });
     }
     find_program(&RESIZE2FS)?;
+    // Checked before the file grows: a file system e2fsck refuses leaves the
+    // file as it was.
+    check_ext4_image(path)?;
     let f = OpenOptions::new()
         .write(true)
         .open(path)
@@ -599,7 +631,6 @@ pub fn grow_ext4_image(path: &Path, new_size: u64) -> Result<(), Ext4Error> {
         f.set_len(new_size).map_err(io_at(path))?;
     }
     drop(f);
-    check_ext4_image(path)?;
     let size_arg = format!("{}K", new_size / 1024);
     run(RESIZE2FS, &[path.as_os_str(), size_arg.as_ref()], path)?;
     Ok(())

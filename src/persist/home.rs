@@ -95,6 +95,22 @@ pub enum HomeError {
         "cannot create the in-memory copy of the encrypted home (memfd_create): {0}; livestick never decrypts a home onto a disk, so it needs a Linux kernel with memfd (3.17 or later) and /proc mounted"
     )]
     Memfd(io::Error),
+    #[error(
+        "{path} is shorter than the file system in it ({room} of {fs_size} bytes): it was cut short, and what lay past its end is gone; nothing was changed. Growing it would hide the loss from e2fsck: copy it off and run `e2fsck -f` on the copy to see what is left"
+    )]
+    CutShort {
+        path: PathBuf,
+        room: u64,
+        fs_size: u64,
+    },
+    #[error(
+        "{path}'s LUKS2 data segment has a fixed size (not `dynamic`), so it cannot grow with the file; nothing was changed. Open it with cryptsetup and grow it with `cryptsetup resize` and `resize2fs` instead"
+    )]
+    FixedSegment { path: PathBuf },
+    #[error(
+        "{path} holds a damaged file system that `e2fsck -p` does not repair on its own ({detail}); nothing was changed. Copy it off, run `e2fsck -f` on the copy and put the repaired copy back, then resize it"
+    )]
+    Damaged { path: PathBuf, detail: String },
     #[error(transparent)]
     Luks(#[from] LuksError),
     #[error(transparent)]
@@ -120,7 +136,10 @@ impl crate::error::Classify for HomeError {
             | HomeError::PassphraseMismatch
             | HomeError::NoTerminal(_)
             | HomeError::PassphraseNeeded(_)
-            | HomeError::UnknownFormat { .. } => ErrorKind::BadInput,
+            | HomeError::UnknownFormat { .. }
+            | HomeError::CutShort { .. }
+            | HomeError::FixedSegment { .. }
+            | HomeError::Damaged { .. } => ErrorKind::BadInput,
             HomeError::PassphraseFile { source, .. } | HomeError::Io { source, .. } => {
                 crate::error::open_failure_kind(source)
             }
@@ -585,13 +604,16 @@ fn staging_fits(need: u64, available: u64, source_note: &'static str) -> Result<
 /// Grow the home.img file at `path` (a regular file, not inside FAT) to
 /// `new_size` bytes, in place, and the ext4 filesystem with it.
 ///
-/// Plain: `e2fsck -f -p` then `resize2fs` on the file. LUKS: the plaintext is
+/// Plain: `e2fsck -f -p` (repairing what it safely can: `home resize` of the
+/// user's own file checks read-only first, see [`OnDamage`]) then `resize2fs` on
+/// the file. LUKS: the plaintext is
 /// decrypted into memory only, an anonymous memfd that no file system names and
 /// that vanishes with the process however it ends (a SIGKILL included), after a
 /// check that it fits ([`check_staging_memory`]). e2fsck and resize2fs work on it
 /// through `/proc/self/fd/N`. Then the container is extended and only the blocks
-/// that changed, plus the new space, are encrypted back. The block holding the
-/// primary superblock is written last, after a sync, so an interruption leaves the
+/// that changed, plus the new space, are encrypted back. The first MiB (superblock,
+/// group descriptors, bitmaps) goes last, after a sync, and the block holding the
+/// primary superblock after a sync of the rest of it, so an interruption leaves the
 /// old superblock describing the old size. The memfd is not locked in memory
 /// (`mlock` of GiBs exceeds the usual `RLIMIT_MEMLOCK`), so under memory pressure
 /// its pages can reach swap; README.md says so.
@@ -605,7 +627,13 @@ pub fn home_resize(
         .write(true)
         .open(path)
         .map_err(io_at(path))?;
-    drop(home_resize_opened(f, path, new_size, passphrase)?);
+    drop(home_resize_opened(
+        f,
+        path,
+        new_size,
+        passphrase,
+        OnDamage::Repair,
+    )?);
     home_info(path, passphrase)
 }
 
@@ -618,6 +646,7 @@ pub fn home_resize_opened(
     path: &Path,
     new_size: u64,
     passphrase: Option<&[u8]>,
+    damage: OnDamage,
 ) -> Result<File, HomeError> {
     let current = f.metadata().map_err(io_at(path))?.len();
     let kind = detect_home_kind(&mut f).map_err(io_at(path))?;
@@ -636,8 +665,13 @@ pub fn home_resize_opened(
     }
     match kind {
         Some(HomeKind::Plain) => {
+            let fs = Ext4Info::read_from(&mut f)?;
+            refuse_cut_short(path, current, fs.size_bytes)?;
             let by_fd = crate::disk::target::inheritable_path(&f).map_err(io_at(path))?;
-            ext4::grow_ext4_image(&by_fd, new_size)?;
+            if damage == OnDamage::LeaveUnchanged {
+                ext4::check_ext4_image_read_only(&by_fd).map_err(|e| damaged(e, path))?;
+            }
+            ext4::grow_ext4_image(&by_fd, new_size).map_err(|e| damaged(e, path))?;
             Ok(f)
         }
         Some(HomeKind::Luks2) => {
@@ -648,6 +682,50 @@ pub fn home_resize_opened(
             path: path.to_path_buf(),
             detail: "no LUKS header and no ext4 superblock".into(),
         }),
+    }
+}
+
+/// What a resize may do to a plain home's file system before it grows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnDamage {
+    /// The user's own file: checked read-only first, so that a file system e2fsck
+    /// would have to repair is refused with not a byte changed.
+    LeaveUnchanged,
+    /// A working copy: `e2fsck -p` repairs what it safely can (a journal to replay
+    /// after a stick was pulled) before the grow.
+    Repair,
+}
+
+/// A home whose file system reaches past the room it has (`room` bytes: the file,
+/// or a LUKS container's data area) lost its end; growing it would make the lost
+/// part look like new, empty space.
+fn refuse_cut_short(path: &Path, room: u64, fs_size: u64) -> Result<(), HomeError> {
+    if fs_size > room {
+        return Err(HomeError::CutShort {
+            path: path.to_path_buf(),
+            room,
+            fs_size,
+        });
+    }
+    Ok(())
+}
+
+/// e2fsck's refusal before a resize, as what it is: a damaged home, named by the
+/// user's path (e2fsck saw `/proc/self/fd/N` or the in-memory copy).
+fn damaged(e: Ext4Error, path: &Path) -> HomeError {
+    match e {
+        Ext4Error::Failed { tool, stderr, .. } if tool == crate::tools::E2FSCK.name => {
+            let lines: Vec<&str> = stderr
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            HomeError::Damaged {
+                path: path.to_path_buf(),
+                detail: lines[lines.len().saturating_sub(3)..].join(" / "),
+            }
+        }
+        e => HomeError::Ext4(e),
     }
 }
 
@@ -664,6 +742,9 @@ pub fn memory_stage() -> Result<(File, PathBuf), HomeError> {
     Ok((File::from(fd), path))
 }
 
+/// The ext4 block that holds the primary superblock (home.img's ext4 has 4 KiB blocks).
+const SUPERBLOCK_BLOCK: usize = 4096;
+
 fn grow_luks_home(f: File, path: &Path, new_size: u64, pass: &[u8]) -> Result<File, HomeError> {
     const CHUNK: usize = 1024 * 1024;
     // Unlock first: a wrong passphrase must fail before anything changes.
@@ -671,6 +752,12 @@ fn grow_luks_home(f: File, path: &Path, new_size: u64, pass: &[u8]) -> Result<Fi
     let data_offset = vol.info().data_offset;
     let old_plain = vol.len();
     let new_plain = new_size - data_offset;
+    refuse_cut_short(path, old_plain, Ext4Info::read_from(&mut vol)?.size_bytes)?;
+    if !vol.grows_with_the_file() {
+        return Err(HomeError::FixedSegment {
+            path: path.to_path_buf(),
+        });
+    }
     // Then the memory check, also before anything changes or is decrypted.
     check_staging_memory(luks_staging_bytes(old_plain, new_plain))?;
 
@@ -691,12 +778,12 @@ fn grow_luks_home(f: File, path: &Path, new_size: u64, pass: &[u8]) -> Result<Fi
         }
         t.set_len(old_plain).map_err(io_at(&tpath))?;
     }
-    ext4::grow_ext4_image(&tpath, new_plain)?;
+    ext4::grow_ext4_image(&tpath, new_plain).map_err(|e| damaged(e, path))?;
 
-    // Extend the container, then write back what differs.
-    let file = vol.into_inner();
-    file.set_len(new_size).map_err(io_at(path))?;
-    let mut vol = luks::open_luks2(file, pass)?;
+    // Extend the container, then write back what differs (the key stays: no
+    // second unlock and its KDF).
+    vol.get_ref().set_len(new_size).map_err(io_at(path))?;
+    vol.refresh_len().map_err(io_at(path))?;
     t.seek(SeekFrom::Start(0)).map_err(io_at(&tpath))?;
     let mut new = Zeroizing::new(vec![0u8; CHUNK]);
     let mut old = Zeroizing::new(vec![0u8; CHUNK]);
@@ -720,16 +807,26 @@ fn grow_luks_home(f: File, path: &Path, new_size: u64, pass: &[u8]) -> Result<Fi
         }
         off += n as u64;
     }
-    let file = vol.into_inner();
-    file.sync_all().map_err(io_at(path))?;
-    let mut vol = luks::open_luks2(file, pass)?;
+    vol.flush().map_err(io_at(path))?;
+    vol.get_ref().sync_all().map_err(io_at(path))?;
     if let Some(n) = first {
         t.seek(SeekFrom::Start(0)).map_err(io_at(&tpath))?;
         t.read_exact(&mut new[..n]).map_err(io_at(&tpath))?;
-        vol.seek(SeekFrom::Start(0)).map_err(io_at(path))?;
-        vol.write_all(&new[..n]).map_err(io_at(path))?;
+        // The group descriptors and bitmaps of the first MiB, synced, then the
+        // block with the superblock alone: until it lands the file system is the
+        // old one, whichever of the rest has landed.
+        let superblock_block = SUPERBLOCK_BLOCK.min(n);
+        for part in [superblock_block..n, 0..superblock_block] {
+            if part.is_empty() {
+                continue;
+            }
+            vol.seek(SeekFrom::Start(part.start as u64))
+                .map_err(io_at(path))?;
+            vol.write_all(&new[part]).map_err(io_at(path))?;
+            vol.flush().map_err(io_at(path))?;
+            vol.get_ref().sync_all().map_err(io_at(path))?;
+        }
     }
-    vol.flush().map_err(io_at(path))?;
     let file = vol.into_inner();
     file.sync_all().map_err(io_at(path))?;
     Ok(file)

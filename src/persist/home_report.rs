@@ -68,6 +68,16 @@ impl Display for HomeText<'_> {
                 )?;
                 let free = rep.fs_free_bytes.unwrap_or(0);
                 writeln!(f, "free:        {} ({} bytes)", human(free), free)?;
+                let room = rep
+                    .file_size
+                    .saturating_sub(rep.luks.as_ref().map_or(0, |l| l.data_offset));
+                if fs.size_bytes > room {
+                    writeln!(
+                        f,
+                        "warning:     the file system is larger than the room it has ({} of {} bytes): home.img was cut short and its end is lost; `home resize` refuses it",
+                        room, fs.size_bytes
+                    )?;
+                }
             }
             None => writeln!(
                 f,

@@ -708,7 +708,13 @@ pub fn resize_file(
     let mut file =
         crate::disk::target::open_existing(&probe, !plan.unchanged).map_err(StickError::from)?;
     if !plan.unchanged {
-        file = home::home_resize_opened(file, &plan.target, plan.new_bytes, passphrase)?;
+        file = home::home_resize_opened(
+            file,
+            &plan.target,
+            plan.new_bytes,
+            passphrase,
+            home::OnDamage::LeaveUnchanged,
+        )?;
     }
     report_from(&file, &plan.target, None, passphrase)
 }

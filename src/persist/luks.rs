@@ -1161,6 +1161,8 @@ pub struct LuksVolume<R> {
     cipher: XtsCipher,
     data_offset: u64,
     len: u64,
+    /// The data segment's size is `dynamic`: it ends where the file ends.
+    dynamic: bool,
     sector_size: u64,
     iv_tweak: u64,
     pos: u64,
@@ -1416,6 +1418,7 @@ pub fn open_luks2_with_limits<R: Read + Seek>(
     }
     // The IV counts on from `iv_tweak` and wraps at 2^64 like dm-crypt's plain64.
     let iv_tweak = json_u64(&seg["iv_tweak"], "segment iv_tweak")?;
+    let dynamic = seg["size"].as_str() == Some("dynamic");
     let len = match &seg["size"] {
         Value::String(s) if s == "dynamic" => device_len - data_offset,
         v => {
@@ -1496,6 +1499,7 @@ pub fn open_luks2_with_limits<R: Read + Seek>(
                     cipher,
                     data_offset,
                     len,
+                    dynamic,
                     sector_size,
                     iv_tweak,
                     pos: 0,
@@ -1749,11 +1753,26 @@ impl<R> LuksVolume<R> {
         self.inner
     }
 
-    /// Re-read the data segment size from the device after the container file grew.
+    /// The container underneath (to sync or extend it without unlocking again).
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    /// Whether the data segment grows with the file (`size: dynamic`, as
+    /// cryptsetup makes it unless told a size).
+    pub fn grows_with_the_file(&self) -> bool {
+        self.dynamic
+    }
+
+    /// Re-read the data segment size from the device after the container file
+    /// grew; a segment of fixed size keeps it.
     pub fn refresh_len(&mut self) -> io::Result<()>
     where
         R: Seek,
     {
+        if !self.dynamic {
+            return Ok(());
+        }
         let dev = self.inner.seek(SeekFrom::End(0))?;
         self.len = dev.saturating_sub(self.data_offset) / self.sector_size * self.sector_size;
         Ok(())

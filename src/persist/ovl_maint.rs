@@ -661,13 +661,38 @@ impl WorkCopy {
         }
         ov.flush().map_err(werr())?;
         ov.sync_data().map_err(werr())?;
-        if !last.is_empty() {
+        // The held range's first 4 KiB (the block with the superblock, for a file
+        // system that starts there) after a sync of the rest of it: until that
+        // block lands the old superblock describes the old file system, whichever
+        // of its new group descriptors and bitmaps have landed.
+        let first_block = held.start..held.start.saturating_add(4096).min(held.end);
+        for in_first_block in [false, true] {
+            let mut wrote = false;
             for (at, bytes) in &last {
-                ov.seek(SeekFrom::Start(*at)).map_err(werr())?;
-                ov.write_all(bytes).map_err(werr())?;
+                let end = at + bytes.len() as u64;
+                let (lo, hi) = (first_block.start.max(*at), first_block.end.min(end));
+                let pieces = if lo < hi {
+                    if in_first_block {
+                        vec![(lo, hi)]
+                    } else {
+                        vec![(*at, lo), (hi, end)]
+                    }
+                } else if in_first_block {
+                    Vec::new()
+                } else {
+                    vec![(*at, end)]
+                };
+                for (from, to) in pieces.into_iter().filter(|(f, t)| f < t) {
+                    ov.seek(SeekFrom::Start(from)).map_err(werr())?;
+                    ov.write_all(&bytes[(from - at) as usize..(to - at) as usize])
+                        .map_err(werr())?;
+                    wrote = true;
+                }
             }
-            ov.flush().map_err(werr())?;
-            ov.sync_data().map_err(werr())?;
+            if wrote {
+                ov.flush().map_err(werr())?;
+                ov.sync_data().map_err(werr())?;
+            }
         }
         // Read back what was written: the stick must now equal the copy.
         let mut back = vec![0u8; WRITE_BACK_CHUNK as usize];
@@ -1124,18 +1149,39 @@ o.img: UNEXPECTED INCONSISTENCY; RUN fsck MANUALLY.
         copy.write_back_holding(&mut rec, held.clone(), &mut |_, _| {})
             .unwrap();
         assert_eq!(rec.inner.get_ref(), &want);
-        let first_sync = rec.syncs[0];
-        let inside = |&(o, n): &(u64, usize)| o < held.end && held.start < o + n as u64;
+        let [first_sync, second_sync, last_sync] = rec.syncs[..] else {
+            panic!("three syncs: {:?}", rec.syncs);
+        };
+        let within = |r: std::ops::Range<u64>| {
+            move |&(o, n): &(u64, usize)| o < r.end && r.start < o + n as u64
+        };
+        let first_block = held.start..held.start + 4096;
         assert!(
-            !rec.writes[..first_sync].iter().any(inside),
+            !rec.writes[..first_sync].iter().any(within(held.clone())),
+            "{:?}",
+            rec.writes
+        );
+        // The rest of the held range, then its first block alone, each synced.
+        let rest = &rec.writes[first_sync..second_sync];
+        assert!(
+            !rest.is_empty() && rest.iter().all(within(held.clone())),
             "{:?}",
             rec.writes
         );
         assert!(
-            rec.writes[first_sync..].iter().all(inside),
+            !rest.iter().any(within(first_block.clone())),
             "{:?}",
             rec.writes
         );
-        assert_eq!(rec.syncs, [first_sync, rec.writes.len()]);
+        let last = &rec.writes[second_sync..];
+        assert!(
+            !last.is_empty()
+                && last
+                    .iter()
+                    .all(|&(o, n)| o >= first_block.start && o + n as u64 <= first_block.end),
+            "{:?}",
+            rec.writes
+        );
+        assert_eq!(last_sync, rec.writes.len());
     }
 }

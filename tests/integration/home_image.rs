@@ -256,6 +256,111 @@ fn grow_plain_home_keeps_files() {
     );
 }
 
+/// `home resize` of a bare file through the command, with its exit code and stderr.
+fn resize_command(path: &Path, mib: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let mut args = vec![
+        "home",
+        "resize",
+        path.to_str().unwrap(),
+        "--size-mb",
+        mib,
+        "--yes",
+    ];
+    args.extend_from_slice(extra);
+    let out = crate::support::livestick(&args);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_damaged_home_is_refused_as_bad_input_and_left_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("home.img");
+    save(
+        build_home_image(dir.path(), 32 * MIB, HomeEncryption::None).unwrap(),
+        &path,
+    );
+    let src = dir.path().join("a");
+    fs::write(&src, vec![7u8; 20000]).unwrap();
+    debugfs(&path, true, &format!("write {} a", src.display()));
+    debugfs(&path, true, &format!("write {} b", src.display()));
+    // b's one extent pointed at a's blocks: a block claimed twice, which
+    // `e2fsck -p` leaves to a person.
+    let a_start = debugfs(&path, false, "bmap a 0");
+    debugfs(&path, true, &format!("sif b block[5] {}", a_start.trim()));
+    let before = fs::read(&path).unwrap();
+
+    let (code, err) = resize_command(&path, "64", &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(path.to_str().unwrap()),
+        "named by its path: {err}"
+    );
+    assert!(!err.contains("/proc/self/fd"), "{err}");
+    assert!(
+        err.contains("e2fsck -f") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert!(
+        fs::read(&path).unwrap() == before,
+        "the refused home changed"
+    );
+}
+
+#[test]
+fn a_home_cut_short_is_refused_and_info_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.img");
+    save(
+        build_home_image(dir.path(), 32 * MIB, HomeEncryption::None).unwrap(),
+        &plain,
+    );
+    let encrypted = dir.path().join("luks.img");
+    save(
+        build_home_image(dir.path(), 40 * MIB, luks(PASS)).unwrap(),
+        &encrypted,
+    );
+    let pass = dir.path().join("pass");
+    fs::write(&pass, PASS).unwrap();
+    for (path, extra) in [
+        (&plain, vec![]),
+        (
+            &encrypted,
+            vec!["--passphrase-file", pass.to_str().unwrap()],
+        ),
+    ] {
+        // The end of the file lost, as a copy cut short leaves it.
+        let len = fs::metadata(path).unwrap().len();
+        File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(len - 4 * MIB)
+            .unwrap();
+        let before = fs::read(path).unwrap();
+
+        let mut info = vec!["home", "info", path.to_str().unwrap()];
+        info.extend_from_slice(&extra);
+        let out = crate::support::livestick(&info);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{out:?}");
+        assert!(text.contains("cut short"), "{text}");
+
+        let (code, err) = resize_command(path, "48", &extra);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(
+            err.contains("cut short") && err.contains("nothing was changed"),
+            "{err}"
+        );
+        assert!(
+            fs::read(path).unwrap() == before,
+            "the refused home changed"
+        );
+    }
+}
+
 #[test]
 fn grow_luks_home_keeps_files_and_stays_openable() {
     let dir = tempfile::tempdir().unwrap();
