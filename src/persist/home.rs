@@ -63,7 +63,7 @@ pub enum HomeError {
         source: io::Error,
     },
     #[error(
-        "the passphrase is empty: an encrypted home needs a non-empty passphrase (or use --unencrypted-home)"
+        "the passphrase is empty: an encrypted home needs a non-empty passphrase (when writing a stick, --unencrypted-home makes a plain home instead)"
     )]
     EmptyPassphrase,
     #[error("the two passphrases differ; run again and type the same passphrase twice")]
@@ -149,7 +149,31 @@ impl crate::error::Classify for HomeError {
             _ => ErrorKind::Io,
         }
     }
+
+    fn hint(&self) -> &'static str {
+        use crate::error::ErrorKind;
+        match (self, self.kind()) {
+            // Sizes and passphrases, given to `write` and to `home resize` alike.
+            (
+                HomeError::NotWholeMib { .. }
+                | HomeError::TooSmall { .. }
+                | HomeError::TooLarge { .. }
+                | HomeError::EmptyPassphrase
+                | HomeError::PassphraseMismatch
+                | HomeError::NoTerminal(_)
+                | HomeError::PassphraseFile { .. },
+                ErrorKind::BadInput,
+            ) => "nothing was changed; fix the option or file named above and run again",
+            (_, ErrorKind::BadInput) => BAD_HOME_HINT,
+            (HomeError::Luks(e), _) => crate::error::Classify::hint(e),
+            (_, kind) => kind.hint(),
+        }
+    }
 }
+
+/// What to do about a home.img refused as it is.
+pub const BAD_HOME_HINT: &str =
+    "nothing was changed; `livestick home info TARGET` shows what livestick sees in the home";
 
 impl From<IoAt> for HomeError {
     fn from(IoAt { path, source }: IoAt) -> Self {
@@ -453,6 +477,10 @@ pub fn detect_home_kind<R: Read + Seek>(r: &mut R) -> io::Result<Option<HomeKind
     r.seek(SeekFrom::Start(ext4::MAGIC_OFFSET))?;
     if read_exact_or_eof(r, &mut magic)? && ext4::is_magic(&magic) {
         return Ok(Some(HomeKind::Plain));
+    }
+    // A damaged primary LUKS2 header: the container opens from its secondary.
+    if luks::luks2_header_offset(r)?.is_some() {
+        return Ok(Some(HomeKind::Luks2));
     }
     Ok(None)
 }

@@ -171,6 +171,7 @@ impl crate::error::Classify for HomeStickError {
             HomeStickError::Stick(e) => crate::error::Classify::hint(e),
             HomeStickError::Home(e) => crate::error::Classify::hint(e),
             HomeStickError::Replace(e) => crate::error::Classify::hint(e),
+            HomeStickError::NotHome(_) => crate::persist::home::BAD_HOME_HINT,
             _ => self.kind().hint(),
         }
     }
@@ -202,12 +203,17 @@ pub struct LuksSummary {
 /// Parse the primary LUKS2 header and its JSON area. Checksums are not verified:
 /// this is only for display; opening the container (which checks them) is separate.
 pub fn luks_summary<R: Read + Seek>(r: &mut R) -> Result<LuksSummary, LuksError> {
-    let mut bin = [0u8; 4096];
-    r.seek(SeekFrom::Start(0))?;
-    r.read_exact(&mut bin)?;
-    if &bin[..6] != b"LUKS\xba\xbe" || bin[6..8] != [0, 2] {
-        return Err(LuksError::NotLuks2("no LUKS2 header magic".into()));
+    if crate::persist::luks::is_luks1(r)? {
+        return Err(LuksError::NotLuks2(
+            crate::persist::luks::LUKS1_ADVICE.into(),
+        ));
     }
+    // The primary header, or the secondary where the primary is damaged.
+    let at = crate::persist::luks::luks2_header_offset(r)?
+        .ok_or_else(|| LuksError::NotLuks2("no LUKS2 header magic".into()))?;
+    let mut bin = [0u8; 4096];
+    r.seek(SeekFrom::Start(at))?;
+    r.read_exact(&mut bin)?;
     let hdr_size = u64::from_be_bytes(bin[8..16].try_into().unwrap_or_default());
     // LUKS2 allows header areas of 16 KiB to 4 MiB.
     if !(16384..=4 << 20).contains(&hdr_size) {

@@ -73,6 +73,36 @@ const VALID_HEADER_SIZES: [u64; 9] = [
     0x4000, 0x8000, 0x10000, 0x20000, 0x40000, 0x80000, 0x100000, 0x200000, 0x400000,
 ];
 
+/// Where a LUKS2 header copy starts whose magic is found: the primary at 0, else
+/// the first secondary (a primary overwritten or damaged leaves the container
+/// openable from it). `None` when neither is there.
+pub fn luks2_header_offset<R: Read + Seek>(r: &mut R) -> io::Result<Option<u64>> {
+    for (magic, offsets) in [
+        (MAGIC_PRIMARY, &[0u64][..]),
+        (MAGIC_SECONDARY, &VALID_HEADER_SIZES[..]),
+    ] {
+        for &off in offsets {
+            let mut head = [0u8; 8];
+            r.seek(SeekFrom::Start(off))?;
+            if read_full(r, &mut head)? == 8 && &head[..6] == magic && head[6..8] == [0, 2] {
+                return Ok(Some(off));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Whether `r` starts with a LUKS1 header (the same magic as LUKS2's, version 1).
+pub fn is_luks1<R: Read + Seek>(r: &mut R) -> io::Result<bool> {
+    let mut head = [0u8; 8];
+    r.seek(SeekFrom::Start(0))?;
+    Ok(read_full(r, &mut head)? == 8 && &head[..6] == MAGIC_PRIMARY && head[6..8] == [0, 1])
+}
+
+/// What to say of a LUKS1 container where a LUKS2 one is needed.
+pub const LUKS1_ADVICE: &str =
+    "this is a LUKS1 container; convert it with `cryptsetup convert --type luks2` and run again";
+
 /// cryptsetup's minimum and default costs (libcryptsetup `crypt_pbkdf_get_limits`
 /// and `DEFAULT_LUKS2_*` in its configure defaults).
 pub const DEFAULT_ITER_TIME_MS: u32 = 2000;
@@ -1305,14 +1335,8 @@ fn read_metadata<R: Read + Seek>(r: &mut R) -> Result<ParsedHeader, LuksError> {
         let mut magic = [0u8; 6];
         r.seek(SeekFrom::Start(0))?;
         let n = read_full(r, &mut magic)?;
-        if n == 6 && &magic == MAGIC_PRIMARY && r.seek(SeekFrom::Start(6)).is_ok() {
-            let mut v = [0u8; 2];
-            if read_full(r, &mut v)? == 2 && u16::from_be_bytes(v) == 1 {
-                return Err(LuksError::NotLuks2(
-                    "this is a LUKS1 container; convert it with `cryptsetup convert --type luks2`"
-                        .into(),
-                ));
-            }
+        if n == 6 && &magic == MAGIC_PRIMARY && is_luks1(r)? {
+            return Err(LuksError::NotLuks2(LUKS1_ADVICE.into()));
         }
     }
     let mut secondary = Err(String::from("no secondary header found"));

@@ -362,6 +362,83 @@ fn a_home_cut_short_is_refused_and_info_warns() {
 }
 
 #[test]
+fn a_luks1_home_and_a_damaged_primary_header_get_their_own_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let pass = dir.path().join("pass");
+    fs::write(&pass, PASS).unwrap();
+    let pass_args = ["--passphrase-file", pass.to_str().unwrap()];
+    let info = |path: &Path, extra: &[&str]| {
+        let mut args = vec!["home", "info", path.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        crate::support::livestick(&args)
+    };
+
+    // LUKS1, as older livecd-iso-to-disk made it: say so, and how to convert.
+    let luks1 = dir.path().join("luks1.img");
+    File::create(&luks1).unwrap().set_len(40 * MIB).unwrap();
+    let cryptsetup = tool("cryptsetup").expect("cryptsetup is needed for this test");
+    let out = run(
+        &cryptsetup,
+        &[
+            "luksFormat",
+            "--batch-mode",
+            "--type",
+            "luks1",
+            "--pbkdf",
+            "pbkdf2",
+            "--iter-time",
+            "10",
+            "--key-file",
+            pass.to_str().unwrap(),
+            luks1.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    for extra in [&[][..], &pass_args[..]] {
+        let out = info(&luks1, extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("LUKS1") && err.contains("cryptsetup convert"),
+            "{err}"
+        );
+        assert!(!err.contains("inspect ISO"), "a hint about ISOs: {err}");
+    }
+
+    // A LUKS2 home whose primary header was overwritten opens from its secondary.
+    let luks2 = dir.path().join("luks2.img");
+    save(
+        build_home_image(dir.path(), 40 * MIB, luks(PASS)).unwrap(),
+        &luks2,
+    );
+    let mut f = File::options().write(true).open(&luks2).unwrap();
+    f.write_all(&[0u8; 4096]).unwrap();
+    drop(f);
+    for extra in [&[][..], &pass_args[..]] {
+        let out = info(&luks2, extra);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            text.contains("encrypted:   yes, LUKS2") || text.contains("locked"),
+            "{text}"
+        );
+    }
+    let text = String::from_utf8_lossy(&info(&luks2, &pass_args).stdout).into_owned();
+    assert!(text.contains("fs:          ext4"), "{text}");
+
+    // Not a home at all: the hint points at `home info`, not at ISOs.
+    let junk = dir.path().join("junk.img");
+    fs::write(&junk, vec![0x5a; 1 << 20]).unwrap();
+    let out = info(&junk, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("home info") && !err.contains("inspect ISO"),
+        "{err}"
+    );
+}
+
+#[test]
 fn grow_luks_home_keeps_files_and_stays_openable() {
     let dir = tempfile::tempdir().unwrap();
     // A plaintext home with a file in it, encrypted into a 48 MiB container.
