@@ -746,12 +746,59 @@ fn af_sectors_len(key_len: usize, stripes: usize) -> usize {
     (key_len * stripes).div_ceil(KEYSLOT_SECTOR) * KEYSLOT_SECTOR
 }
 
+/// Keys derived while unlocking, by the sha256 of what went into the KDF: a
+/// command that opens one container several times (a check of the passphrase,
+/// the grow, the report after it) pays the KDF (seconds, and with argon2id a GiB
+/// of memory) once. The keys stay in this process's memory only, as the opened
+/// volumes' keys do; a few at most.
+static DERIVED: std::sync::Mutex<Vec<DerivedKey>> = std::sync::Mutex::new(Vec::new());
+/// The sha256 of a KDF's inputs, and the key it gave.
+type DerivedKey = ([u8; 32], Zeroizing<Vec<u8>>);
+const DERIVED_KEPT: usize = 8;
+
+#[cfg(test)]
+thread_local! {
+    /// KDF runs on this thread, for the tests.
+    static KDF_RUNS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// [`derive_key`], remembered in [`DERIVED`].
+fn derive_key_remembered(
+    passphrase: &[u8],
+    salt: &[u8],
+    kdf: &KdfCost,
+    out_len: usize,
+) -> Result<Zeroizing<Vec<u8>>, LuksError> {
+    let mut h = Sha256::new();
+    for part in [passphrase, salt, format!("{kdf:?}/{out_len}").as_bytes()] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    let id: [u8; 32] = h.finalize().into();
+    // A poisoned lock only means another thread panicked: derive again.
+    if let Ok(kept) = DERIVED.lock()
+        && let Some((_, key)) = kept.iter().find(|(k, _)| *k == id)
+    {
+        return Ok(key.clone());
+    }
+    let key = derive_key(passphrase, salt, kdf, out_len)?;
+    if let Ok(mut kept) = DERIVED.lock() {
+        if kept.len() >= DERIVED_KEPT {
+            kept.remove(0);
+        }
+        kept.push((id, key.clone()));
+    }
+    Ok(key)
+}
+
 fn derive_key(
     passphrase: &[u8],
     salt: &[u8],
     kdf: &KdfCost,
     out_len: usize,
 ) -> Result<Zeroizing<Vec<u8>>, LuksError> {
+    #[cfg(test)]
+    KDF_RUNS.with(|n| n.set(n.get() + 1));
     let mut out = Zeroizing::new(vec![0u8; out_len]);
     match *kdf {
         KdfCost::Pbkdf2 { iterations } => {
@@ -1736,7 +1783,7 @@ fn try_keyslot<R: Read + Seek>(
         });
     }
 
-    let slot_key = derive_key(passphrase, &salt, &cost, area_key_size)?;
+    let slot_key = derive_key_remembered(passphrase, &salt, &cost, area_key_size)?;
     let mut material = Zeroizing::new(vec![0u8; mat_len]);
     r.seek(SeekFrom::Start(area_offset))?;
     if read_full(r, &mut material)? < mat_len {
@@ -2046,6 +2093,32 @@ mod tests {
             open_luks2(Cursor::new(bytes), b""),
             Err(LuksError::EmptyPassphrase)
         ));
+    }
+
+    #[test]
+    fn a_container_opened_again_with_the_same_passphrase_runs_the_kdf_once() {
+        let plain = vec![0u8; 8192];
+        let mut out = Cursor::new(Vec::new());
+        format_luks2(&mut plain.as_slice(), 8192, &mut out, b"once", &cheap()).unwrap();
+        let bytes = out.into_inner();
+        let runs = || KDF_RUNS.with(std::cell::Cell::get);
+        let before = runs();
+        open_luks2(Cursor::new(bytes.clone()), b"once").unwrap();
+        assert_eq!(runs() - before, 1);
+        open_luks2(Cursor::new(bytes.clone()), b"once").unwrap();
+        assert_eq!(runs() - before, 1, "the second open derives nothing");
+        // Another passphrase is derived (and refused), never matched to the kept key.
+        assert!(matches!(
+            open_luks2(Cursor::new(bytes.clone()), b"twice"),
+            Err(LuksError::WrongPassphrase)
+        ));
+        assert_eq!(runs() - before, 2);
+        // A keyslot changed under the same passphrase (a new salt) is derived anew.
+        let mut again = Cursor::new(Vec::new());
+        format_luks2(&mut plain.as_slice(), 8192, &mut again, b"once", &cheap()).unwrap();
+        let before = runs();
+        open_luks2(Cursor::new(again.into_inner()), b"once").unwrap();
+        assert_eq!(runs() - before, 1);
     }
 
     #[test]
