@@ -619,8 +619,14 @@ pub fn stage_on_stick(
             let text = render(&manifest);
             let staged = format!("{at}.new");
             fat::remove_all(fs, &staged).map_err(fat_err)?;
-            fat::write_file(fs, &staged, &mut text.as_bytes(), text.len() as u64, |_| {})
-                .map_err(fat_err)?;
+            if let Err(e) =
+                fat::write_file(fs, &staged, &mut text.as_bytes(), text.len() as u64, |_| {})
+            {
+                // A stick with no room left (ENOSPC) keeps no empty or partial copy:
+                // the manifest stays as it was, and nothing is left to explain.
+                let _ = fat::remove_all(fs, &staged);
+                return Err(fat_err(e));
+            }
             Ok(Some(Companion { target: at, staged }))
         })
         .map_err(ManifestError::Stick)

@@ -846,3 +846,58 @@ fn multi_adds_a_second_image_with_a_chained_menu() {
         * 512;
     fsck_fat(&image, start, len, dir.path());
 }
+
+/// Free bytes of the FAT at `start` of `image`, as mtools' `minfo` counts them.
+fn fat_free_bytes(image: &Path, start: u64) -> u64 {
+    let info = run(
+        "minfo",
+        &["-i", &format!("{}@@{start}", image.display()), "::"],
+    );
+    let field = |name: &str| -> u64 {
+        info.split(name)
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {info}"))
+    };
+    field("free clusters=") * field("cluster size:") * 512
+}
+
+#[test]
+fn a_manifest_update_on_a_full_stick_leaves_no_staged_copy() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let stick = new_stick(dir.path(), "full.img");
+    ok(write(&[
+        iso.to_str().unwrap(),
+        stick.to_str().unwrap(),
+        "--size",
+        "128M",
+        "--overlay-size-mb",
+        "16",
+    ]));
+    let start = part_start(&stick);
+    // Fill the stick but for the 1 MiB the grow takes: the manifest's new copy
+    // then finds no room.
+    let filler = dir.path().join("filler");
+    let free = fat_free_bytes(&stick, start);
+    std::fs::File::create(&filler)
+        .unwrap()
+        .set_len(free - (1 << 20))
+        .unwrap();
+    fat_put(&stick, start, &filler, "/filler");
+    assert_eq!(fat_free_bytes(&stick, start), 1 << 20);
+
+    let out = livestick(&["overlay", "grow", stick.to_str().unwrap(), "--add-mb", "1"]);
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("manifest could not be updated"), "{stderr}");
+    let listing = fat_ls(&stick, start, "/LiveOS").to_lowercase();
+    assert!(listing.contains("livestick.json"), "{listing}");
+    assert!(!listing.contains("livestick.json.new"), "{listing}");
+    let len = sfdisk(&stick)["partitiontable"]["partitions"][0]["size"]
+        .as_u64()
+        .unwrap()
+        * 512;
+    fsck_fat(&stick, start, len, dir.path());
+}
