@@ -282,13 +282,24 @@ pub fn extend_with<D: Read + Write + Seek>(
         }
         chain.push(next);
     }
-    let have = chain.len() as u64;
-    let needed = new_size.div_ceil(g.cluster_bytes);
-    if needed < have || u64::from(entry.size) > new_size {
+    let needed = new_size.div_ceil(g.cluster_bytes).max(1);
+    if u64::from(entry.size) > new_size {
         return Err(AllocError::NotEmpty(format!(
             "{path} is already larger than {new_size} bytes"
         )));
     }
+    if needed < chain.len() as u64 {
+        // A grow stopped before it set the size left clusters past the file's end:
+        // the chain is cut where the new size ends (the end mark first, so that a
+        // stop here leaves lost clusters, never a cross-link) and the rest freed.
+        let excess: std::collections::HashSet<u32> =
+            chain[needed as usize..].iter().copied().collect();
+        write_chain(dev, &g, &chain[needed as usize - 1..needed as usize])?;
+        free_clusters_in_fat(dev, &g, |c| excess.contains(&c))?;
+        recount_fsinfo(dev, &g)?;
+        chain.truncate(needed as usize);
+    }
+    let have = chain.len() as u64;
     let added = needed - have;
     let last = chain[chain.len() - 1];
     let fresh = if added == 0 {
@@ -949,5 +960,61 @@ mod tests {
             extend(&mut disk, 1 << 20, "/LiveOS/overlay", 1 << 20),
             Err(AllocError::NotEmpty(_))
         ));
+    }
+
+    /// The clusters of `path`'s chain, followed from its entry.
+    fn chain_length(disk: &mut std::fs::File, path: &str) -> u64 {
+        let g = fat_raw::geometry(disk, 1 << 20).unwrap();
+        let mut c = fat_raw::find_entry(disk, 1 << 20, path).unwrap().first_cluster;
+        let mut n = 0;
+        while (2..g.max_cluster).contains(&c) {
+            n += 1;
+            c = fat_raw::next_cluster(disk, &g, c).unwrap();
+        }
+        n
+    }
+
+    #[test]
+    fn a_grow_after_a_stopped_grow_gives_the_file_exactly_its_new_size() {
+        let path = "/LiveOS/overlay";
+        let mut disk = stick_with_empty(&[path], 1 << 20);
+        allocate(&mut disk, 1 << 20, path, 3 << 20).unwrap();
+        let g = fat_raw::geometry(&mut disk, 1 << 20).unwrap();
+        let clusters = |bytes: u64| bytes.div_ceil(g.cluster_bytes);
+        let free_at_start = count_free(&mut disk, &g).unwrap();
+        // A grow to 9 MiB stopped after linking its clusters, before the size.
+        let stopped = extend_with(&mut disk, 1 << 20, path, 9 << 20, |_, _| {
+            Err(io::Error::other("stopped"))
+        });
+        assert!(stopped.is_err());
+        assert_eq!(chain_length(&mut disk, path), clusters(9 << 20));
+        assert_eq!(fat_raw::find_entry(&mut disk, 1 << 20, path).unwrap().size, 3 << 20);
+
+        // A smaller grow than the stopped one: the chain is cut to it, the rest freed.
+        let all = extend(&mut disk, 1 << 20, path, 5 << 20).unwrap();
+        assert_eq!(all.iter().map(|e| e.1).sum::<u64>(), 5 << 20);
+        assert_eq!(chain_length(&mut disk, path), clusters(5 << 20));
+        assert_eq!(
+            count_free(&mut disk, &g).unwrap(),
+            free_at_start - clusters(2 << 20)
+        );
+        // And a larger one after another stop adds only what is missing.
+        let _ = extend_with(&mut disk, 1 << 20, path, 8 << 20, |_, _| {
+            Err(io::Error::other("stopped"))
+        });
+        let all = extend(&mut disk, 1 << 20, path, 11 << 20).unwrap();
+        assert_eq!(all.iter().map(|e| e.1).sum::<u64>(), 11 << 20);
+        assert_eq!(chain_length(&mut disk, path), clusters(11 << 20));
+        assert_eq!(
+            count_free(&mut disk, &g).unwrap(),
+            free_at_start - clusters(8 << 20)
+        );
+        // FSInfo agrees with the FAT.
+        let mut window = PartitionWindow::new(&mut disk, 1 << 20, 79 << 20);
+        let fs = fat::open(&mut window).unwrap();
+        assert_eq!(
+            fat::free_bytes(&fs).unwrap(),
+            (free_at_start - clusters(8 << 20)) * g.cluster_bytes
+        );
     }
 }
