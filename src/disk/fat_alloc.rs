@@ -965,7 +965,9 @@ mod tests {
     /// The clusters of `path`'s chain, followed from its entry.
     fn chain_length(disk: &mut std::fs::File, path: &str) -> u64 {
         let g = fat_raw::geometry(disk, 1 << 20).unwrap();
-        let mut c = fat_raw::find_entry(disk, 1 << 20, path).unwrap().first_cluster;
+        let mut c = fat_raw::find_entry(disk, 1 << 20, path)
+            .unwrap()
+            .first_cluster;
         let mut n = 0;
         while (2..g.max_cluster).contains(&c) {
             n += 1;
@@ -988,7 +990,10 @@ mod tests {
         });
         assert!(stopped.is_err());
         assert_eq!(chain_length(&mut disk, path), clusters(9 << 20));
-        assert_eq!(fat_raw::find_entry(&mut disk, 1 << 20, path).unwrap().size, 3 << 20);
+        assert_eq!(
+            fat_raw::find_entry(&mut disk, 1 << 20, path).unwrap().size,
+            3 << 20
+        );
 
         // A smaller grow than the stopped one: the chain is cut to it, the rest freed.
         let all = extend(&mut disk, 1 << 20, path, 5 << 20).unwrap();

@@ -216,7 +216,9 @@ struct DirEntry {
 /// The live entries of the directory at `first` (no deleted ones, no volume label).
 fn read_dir<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<DirEntry>> {
     let mut out = Vec::new();
-    let mut lfn: Vec<(u8, [u16; 13])> = Vec::new();
+    // Each long-name slot: its sequence number, its 13 UTF-16 units and the
+    // checksum of the short name it belongs to.
+    let mut lfn: Vec<(u8, [u16; 13], u8)> = Vec::new();
     let mut lfn_slots: Vec<u64> = Vec::new();
     for (at, len) in dir_runs(dev, g, first)? {
         let mut buf = vec![0u8; len as usize];
@@ -239,7 +241,7 @@ fn read_dir<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<
                 {
                     units[k] = u16_at(e, o);
                 }
-                lfn.push((e[0] & 0x1f, units));
+                lfn.push((e[0] & 0x1f, units, e[13]));
                 lfn_slots.push(at + i as u64 * 32);
                 continue;
             }
@@ -249,10 +251,22 @@ fn read_dir<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<
                 lfn_slots.clear();
                 continue;
             }
-            lfn.sort_by_key(|(seq, _)| *seq);
+            lfn.sort_by_key(|(seq, _, _)| *seq);
+            // Long-name slots name this entry only when they carry its short
+            // name's checksum and count 1, 2, …: stale slots before an entry
+            // written without a long name (or left by another tool) are not its.
+            let sum = short_name_checksum(&e[..11]);
+            let belongs = lfn
+                .iter()
+                .enumerate()
+                .all(|(i, (seq, _, check))| usize::from(*seq) == i + 1 && *check == sum);
+            if !belongs {
+                lfn.clear();
+                lfn_slots.clear();
+            }
             let long: Vec<u16> = lfn
                 .iter()
-                .flat_map(|(_, u)| u.iter().copied())
+                .flat_map(|(_, u, _)| u.iter().copied())
                 .take_while(|&u| u != 0 && u != 0xffff)
                 .collect();
             lfn.clear();
@@ -282,6 +296,13 @@ fn read_dir<D: Read + Seek>(dev: &mut D, g: &Geo, first: u32) -> io::Result<Vec<
         }
     }
     Ok(out)
+}
+
+/// The checksum of an 11-byte short name that its long-name slots carry.
+fn short_name_checksum(short: &[u8]) -> u8 {
+    short
+        .iter()
+        .fold(0u8, |sum, &b| sum.rotate_right(1).wrapping_add(b))
 }
 
 /// Finds `name` (long or short name, any case) in the directory at `first`.
@@ -905,6 +926,52 @@ impl<D: Read + Seek> Seek for MemoryWrites<D> {
 mod tests {
     use super::*;
     use std::io::Cursor;
+
+    #[test]
+    fn a_long_name_belongs_to_the_entry_whose_checksum_it_carries() {
+        // The checksum of "README  TXT", as the FAT specification computes it.
+        assert_eq!(short_name_checksum(b"README  TXT"), 0x73);
+        let len = 64u64 << 20;
+        let mut dev = crate::io::MemDevice::new(len);
+        let path = "/LiveOS/overlay-LIVE-1234-ABCD";
+        {
+            let mut window = crate::io::PartitionWindow::new(&mut dev, 0, len);
+            crate::disk::fat::MadeFat::plain(len, "LIVE", 1, 0)
+                .unwrap()
+                .load(&mut window)
+                .unwrap();
+            let fs = crate::disk::fat::open(&mut window).unwrap();
+            crate::disk::fat::write_file(&fs, path, &mut &b"x"[..], 1, |_| {}).unwrap();
+            fs.unmount().unwrap();
+            window.flush().unwrap();
+        }
+        let entry = find_entry(&mut dev, 0, path).unwrap();
+        assert_eq!(entry.size, 1);
+        // A long-name slot whose checksum is not its short entry's (stale, or
+        // left by another tool) does not name it: the file is found by its short
+        // name only.
+        let g = geometry(&mut dev, 0).unwrap();
+        let mut slot = [0u8; 32];
+        dev.seek(SeekFrom::Start(entry.offset - 32)).unwrap();
+        dev.read_exact(&mut slot).unwrap();
+        assert_eq!(
+            slot[11], 0x0f,
+            "the slot before the entry is a long-name slot"
+        );
+        slot[13] = slot[13].wrapping_add(1);
+        dev.seek(SeekFrom::Start(entry.offset - 32)).unwrap();
+        dev.write_all(&slot).unwrap();
+        assert!(find_entry(&mut dev, 0, path).is_err());
+        let live = find_in_dir(&mut dev, &g, g.root_cluster, "LiveOS")
+            .unwrap()
+            .expect("LiveOS");
+        let names: Vec<String> = read_dir(&mut dev, &g, live.loc.first_cluster)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert!(names.iter().any(|n| n.starts_with("OVERLA")), "{names:?}");
+    }
 
     /// A root directory whose cluster chain loops, or runs past the 65536 entries a
     /// directory can hold, is refused as damage instead of read over and over (a
