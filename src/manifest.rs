@@ -1054,7 +1054,41 @@ impl Verifiable {
                     }
                     Err(PersistProblem::Refused(e)) => return Err(e),
                 }
+                // A file cut short (or grown behind the manifest's back) is not the
+                // one written, whatever its format still says.
+                if let Some(recorded) = recorded_size.filter(|&r| r != size) {
+                    check.ok = false;
+                    check.status = format!(
+                        "{} bytes, but {recorded} were written ({}); {}",
+                        size,
+                        if size < recorded {
+                            "cut short: what lay past its end is gone"
+                        } else {
+                            "changed since"
+                        },
+                        check.status
+                    );
+                }
                 check
+            });
+        }
+        // What the manifest records and the stick no longer has.
+        for record in &self.manifest.persistence {
+            if checks
+                .iter()
+                .any(|c| c.path.eq_ignore_ascii_case(&record.path))
+            {
+                continue;
+            }
+            checks.push(PersistCheck {
+                path: record.path.clone(),
+                kind: record.kind.clone(),
+                size: 0,
+                recorded_size: Some(record.size),
+                status: "missing: the manifest records it, the stick does not have it".into(),
+                used: None,
+                ok: false,
+                deep: None,
             });
         }
         Ok(checks)

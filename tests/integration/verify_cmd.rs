@@ -304,6 +304,59 @@ fn a_truncated_file_and_a_deleted_one_are_changed_and_missing() {
 }
 
 #[test]
+fn a_persistence_file_cut_short_or_deleted_is_a_problem() {
+    let t = written(
+        "fedora-classic.iso",
+        &[
+            "--overlay-size-mb",
+            "32",
+            "--home-size-mb",
+            "16",
+            "--unencrypted-home",
+        ],
+    );
+    let home = t.dir.path().join("home.img");
+    fat_copy_out(&t.image, t.part, "LiveOS/home.img", &home);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&home)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    fat_put(&t.image, t.part, &home, "LiveOS/home.img");
+    let (out, r) = verify_json(&[t.s()]);
+    assert_eq!(out.status.code(), Some(4), "{r:#}");
+    let cut = persistence_of(&r, "home");
+    assert_eq!(cut["ok"], false, "{cut:#}");
+    assert_eq!(cut["recorded_size_bytes"], 16 << 20);
+    assert!(
+        cut["status"].as_str().unwrap().contains("cut short"),
+        "{cut:#}"
+    );
+
+    let overlay = persistence_of(&r, "overlay")["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mdel = std::process::Command::new(tool("mdel"))
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{}", t.image.display(), t.part))
+        .arg(format!("::{overlay}"))
+        .output()
+        .unwrap();
+    assert!(mdel.status.success(), "{mdel:?}");
+    let (out, r) = verify_json(&[t.s()]);
+    assert_eq!(out.status.code(), Some(4), "{r:#}");
+    let gone = persistence_of(&r, "overlay");
+    assert_eq!(gone["ok"], false, "{gone:#}");
+    assert!(
+        gone["status"].as_str().unwrap().contains("missing"),
+        "{gone:#}"
+    );
+}
+
+#[test]
 fn a_stick_without_a_manifest_is_bad_input_with_a_clear_message() {
     // Written by livestick, manifest removed (an older livestick wrote none).
     let t = written("fedora-classic.iso", &[]);
