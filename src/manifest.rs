@@ -648,11 +648,14 @@ pub fn stage_root_replacement(
 /// Before `verify` reads a stick: the leftovers of a stopped replacement are
 /// repaired first, as every command that changes a stick does (opened for writing
 /// only when there are some), so that a merge stopped between swapping in its root
-/// image and its manifest reads as the finished merge. The live directory is the
-/// manifest's. Returns what was repaired, for stderr; a stick that cannot be
-/// repaired is read as it is, and `verify` reports what it finds.
+/// image and its manifest reads as the finished merge. Nothing else is written: a
+/// volume only marked not cleanly closed or holding lost clusters, or a stick
+/// with no manifest, is read as it is. The live directory is the manifest's.
+/// Returns what was repaired, for stderr; a stick that cannot be repaired is read
+/// as it is, and `verify` reports what it finds.
 pub fn repair_before_verify(path: &Path) -> Vec<String> {
-    let live_dir = Stick::open(path, false)
+    // No manifest: nothing livestick stopped, and verify refuses the stick anyway.
+    let Some(live_dir) = Stick::open(path, false)
         .ok()
         .and_then(|mut stick| stick.with_fs(|fs| Ok(find(fs))).ok().flatten())
         .and_then(|at| {
@@ -660,8 +663,10 @@ pub fn repair_before_verify(path: &Path) -> Vec<String> {
                 .split_once('/')
                 .map(|(dir, _)| dir.to_string())
         })
-        .unwrap_or_else(|| "LiveOS".to_string());
-    replace::repair_stick(path, &live_dir).unwrap_or_default()
+    else {
+        return Vec::new();
+    };
+    replace::finish_stopped_replacement(path, &live_dir).unwrap_or_default()
 }
 
 /// `LIVESTICK_FAILPOINT=manifest-staged` stops a manifest rewrite after the new copy

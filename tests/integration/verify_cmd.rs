@@ -356,6 +356,69 @@ fn a_persistence_file_cut_short_or_deleted_is_a_problem() {
     );
 }
 
+/// Marks the FAT32 volume at `part` not cleanly closed (the boot sector's status
+/// byte) and leaves one lost cluster (allocated, no file), as a stick pulled while
+/// mounted can be.
+fn leave_dirty_with_a_lost_cluster(image: &Path, part: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let mut boot = [0u8; 512];
+    f.seek(SeekFrom::Start(part)).unwrap();
+    f.read_exact(&mut boot).unwrap();
+    let bps = u64::from(u16::from_le_bytes([boot[11], boot[12]]));
+    let reserved = u64::from(u16::from_le_bytes([boot[14], boot[15]]));
+    let fats = u64::from(boot[16]);
+    let fat_bytes = u64::from(u32::from_le_bytes(boot[36..40].try_into().unwrap())) * bps;
+    let fat = part + reserved * bps;
+    let mut table = vec![0u8; fat_bytes as usize];
+    f.seek(SeekFrom::Start(fat)).unwrap();
+    f.read_exact(&mut table).unwrap();
+    // A free cluster well inside the volume.
+    let free = (table.len() / 8..table.len() / 4)
+        .step_by(4)
+        .find(|&at| table[at..at + 4] == [0, 0, 0, 0])
+        .expect("a free cluster") as u64;
+    for copy in 0..fats {
+        f.seek(SeekFrom::Start(fat + copy * fat_bytes + free))
+            .unwrap();
+        f.write_all(&0x0fff_ffffu32.to_le_bytes()).unwrap();
+    }
+    f.seek(SeekFrom::Start(part + 0x41)).unwrap();
+    f.write_all(&[boot[0x41] | 1]).unwrap();
+}
+
+#[test]
+fn verify_writes_nothing_to_a_stick_that_is_only_dirty() {
+    for with_manifest in [true, false] {
+        let t = written("fedora-classic.iso", &[]);
+        if !with_manifest {
+            let mdel = std::process::Command::new(tool("mdel"))
+                .env("MTOOLS_SKIP_CHECK", "1")
+                .arg("-i")
+                .arg(format!("{}@@{}", t.image.display(), t.part))
+                .arg(format!("::{MANIFEST}"))
+                .output()
+                .unwrap();
+            assert!(mdel.status.success(), "{mdel:?}");
+        }
+        leave_dirty_with_a_lost_cluster(&t.image, t.part);
+        let before = std::fs::read(&t.image).unwrap();
+        let out = livestick(&["verify", t.s()]);
+        let expected = if with_manifest { 0 } else { 2 };
+        assert_eq!(out.status.code(), Some(expected), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("repaired"), "{stderr}");
+        assert!(
+            std::fs::read(&t.image).unwrap() == before,
+            "verify changed the stick (manifest: {with_manifest})"
+        );
+    }
+}
+
 #[test]
 fn a_stick_without_a_manifest_is_bad_input_with_a_clear_message() {
     // Written by livestick, manifest removed (an older livestick wrote none).

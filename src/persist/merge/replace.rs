@@ -948,6 +948,24 @@ fn settle_follow<D: Read + Write + Seek>(
 /// FAT is the kernel's to change); so is one that only carries the dirty mark when it
 /// cannot be opened for writing, since reading it is safe.
 pub fn repair_stick(path: &Path, live_dir: &str) -> Result<Vec<String>, ReplaceError> {
+    repair_stick_when(path, live_dir, true)
+}
+
+/// [`repair_stick`] only when a stopped replacement left something behind: a
+/// volume that is merely not cleanly closed, or has lost clusters, is left as it
+/// is (for `verify`, which otherwise only looks, and leaves those to fsck).
+pub fn finish_stopped_replacement(
+    path: &Path,
+    live_dir: &str,
+) -> Result<Vec<String>, ReplaceError> {
+    repair_stick_when(path, live_dir, false)
+}
+
+fn repair_stick_when(
+    path: &Path,
+    live_dir: &str,
+    also_when_dirty: bool,
+) -> Result<Vec<String>, ReplaceError> {
     let leftovers = {
         let mut ro = Stick::open(path, false)?;
         if !ro.probe.busy.is_empty() {
@@ -955,7 +973,7 @@ pub fn repair_stick(path: &Path, live_dir: &str) -> Result<Vec<String>, ReplaceE
         }
         let part = ro.partition.start;
         let leftovers = leftovers_found(ro.file_mut(), part, live_dir)?;
-        if !leftovers && !fat_raw::is_dirty(ro.file_mut(), part)? {
+        if !leftovers && !(also_when_dirty && fat_raw::is_dirty(ro.file_mut(), part)?) {
             return Ok(Vec::new());
         }
         leftovers
