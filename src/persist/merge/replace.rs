@@ -973,7 +973,8 @@ fn repair_stick_when(
         }
         let part = ro.partition.start;
         let leftovers = leftovers_found(ro.file_mut(), part, live_dir)?;
-        if !leftovers && !(also_when_dirty && fat_raw::is_dirty(ro.file_mut(), part)?) {
+        let dirty = also_when_dirty && fat_raw::is_dirty(ro.file_mut(), part)?;
+        if !leftovers && !dirty {
             return Ok(Vec::new());
         }
         leftovers
