@@ -1482,6 +1482,17 @@ pub fn check_iso(
             }
         }
     };
+    // The boot files outside every live directory (kernels and menus at the root)
+    // are the first image's: `--multi` puts a later image's files in its own.
+    let all_dirs: Vec<String> = manifest
+        .images
+        .iter()
+        .map(|i| format!("/{}/", i.live_dir.trim_matches('/')).to_ascii_lowercase())
+        .collect();
+    let chose_the_first = match (image, manifest.images.first()) {
+        (Some(chosen), Some(first)) => chosen.live_dir.eq_ignore_ascii_case(&first.live_dir),
+        _ => true,
+    };
     let mut files_matching = 0;
     let mut files_differing = Vec::new();
     for f in &manifest.files {
@@ -1490,6 +1501,9 @@ pub fn check_iso(
         };
         let lower = f.path.to_ascii_lowercase();
         if other_dirs.iter().any(|d| lower.starts_with(d)) {
+            continue;
+        }
+        if !chose_the_first && !all_dirs.iter().any(|d| lower.starts_with(d)) {
             continue;
         }
         let entry = image_iso.lookup(iso_path).ok().flatten();

@@ -599,6 +599,14 @@ fn a_multi_image_stick_lists_both_images() {
     assert!(paths.contains(&"/F2/squashfs.img"), "{paths:?}");
     let (out, r) = verify_json(&[t.s()]);
     assert_eq!(out.status.code(), Some(0), "{r:#}");
+    // Each ISO against its own image: the first image's boot files at the root
+    // are not compared with the second ISO, and match the first.
+    let first = synthetic_iso("fedora-classic.iso");
+    for iso in [&second, &first] {
+        let (out, r) = verify_json(&[t.s(), "--iso", iso.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(0), "{}: {r:#}", iso.display());
+        assert_eq!(r["iso"]["files_differing"], serde_json::json!([]), "{r:#}");
+    }
 }
 
 #[test]
