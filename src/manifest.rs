@@ -654,18 +654,18 @@ pub fn stage_root_replacement(
 /// Returns what was repaired, for stderr; a stick that cannot be repaired is read
 /// as it is, and `verify` reports what it finds.
 pub fn repair_before_verify(path: &Path) -> Vec<String> {
-    // No manifest: nothing livestick stopped, and verify refuses the stick anyway.
-    let Some(live_dir) = Stick::open(path, false)
-        .ok()
-        .and_then(|mut stick| stick.with_fs(|fs| Ok(find(fs))).ok().flatten())
-        .and_then(|at| {
-            at.trim_start_matches('/')
+    // A stick read without a manifest: nothing livestick stopped, and verify
+    // refuses it anyway. One that cannot be read as it is (a swap stopped half-way
+    // shares a chain between two names) is repaired in the default live directory.
+    let live_dir =
+        match Stick::open(path, false).and_then(|mut stick| stick.with_fs(|fs| Ok(find(fs)))) {
+            Ok(None) => return Vec::new(),
+            Ok(Some(at)) => at
+                .trim_start_matches('/')
                 .split_once('/')
-                .map(|(dir, _)| dir.to_string())
-        })
-    else {
-        return Vec::new();
-    };
+                .map_or_else(|| "LiveOS".to_string(), |(dir, _)| dir.to_string()),
+            Err(_) => "LiveOS".to_string(),
+        };
     replace::finish_stopped_replacement(path, &live_dir).unwrap_or_default()
 }
 
