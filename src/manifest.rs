@@ -798,6 +798,9 @@ pub fn open_for_verify(path: &Path) -> Result<Verifiable, ManifestError> {
             return Err(damaged(reason));
         }
     };
+    if let Some(reason) = what_a_write_always_records_is_missing(&manifest) {
+        return Err(damaged(reason));
+    }
     let mut files: Vec<(String, u64)> = files.into_iter().map(|e| (e.path, e.size)).collect();
     let (mut ext4, mut ext4_files) = (None, Vec::new());
     let live_dir = manifest.images.first().map_or("LiveOS".to_string(), |i| {
@@ -823,6 +826,34 @@ pub fn open_for_verify(path: &Path) -> Result<Verifiable, ManifestError> {
         ext4,
         ext4_files,
     })
+}
+
+/// Why `manifest` cannot be one a write made: every write records its image and
+/// that image's root file system (`squashfs.img`, or an older ISO's `rootfs.img`),
+/// so a manifest without them was emptied or cut, and would check nothing.
+fn what_a_write_always_records_is_missing(manifest: &Manifest) -> Option<String> {
+    if manifest.images.is_empty() {
+        return Some("it records no image".into());
+    }
+    for image in &manifest.images {
+        let dir = image.live_dir.trim_matches('/').to_ascii_lowercase();
+        let has_root = manifest.files.iter().any(|f| {
+            let lower = f.path.trim_start_matches('/').to_ascii_lowercase();
+            lower.strip_prefix(&format!("{dir}/")).is_some_and(|name| {
+                name == crate::layout::SQUASHFS
+                    || crate::layout::ROOT_IMAGES
+                        .iter()
+                        .any(|r| r.rsplit('/').next() == Some(name))
+            })
+        });
+        if !has_root {
+            return Some(format!(
+                "it lists no root image of /{}/ (squashfs.img), which every write records",
+                image.live_dir.trim_matches('/')
+            ));
+        }
+    }
+    None
 }
 
 impl Verifiable {

@@ -490,6 +490,27 @@ fn a_stick_without_a_manifest_is_bad_input_with_a_clear_message() {
     let out = livestick(&["verify", t.s()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be read"));
+
+    // A manifest emptied of its files or images would check nothing: damaged too.
+    let t = written("fedora-classic.iso", &[]);
+    for emptied in ["files", "images"] {
+        let mut m = t.manifest();
+        m[emptied] = serde_json::json!([]);
+        let edited = t.dir.path().join("livestick.json");
+        std::fs::write(&edited, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        fat_put(&t.image, t.part, &edited, MANIFEST);
+        let out = livestick(&["verify", t.s()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{emptied}: {err}");
+        assert!(
+            err.contains("cannot be read") || err.contains("damaged"),
+            "{err}"
+        );
+        assert!(
+            err.contains("root image") || err.contains("no image"),
+            "{err}"
+        );
+    }
 }
 
 #[test]
