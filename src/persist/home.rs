@@ -742,7 +742,14 @@ fn refuse_cut_short(path: &Path, room: u64, fs_size: u64) -> Result<(), HomeErro
 /// user's path (e2fsck saw `/proc/self/fd/N` or the in-memory copy).
 fn damaged(e: Ext4Error, path: &Path) -> HomeError {
     match e {
-        Ext4Error::Failed { tool, stderr, .. } if tool == crate::tools::E2FSCK.name => {
+        // e2fsck's 4: errors left uncorrected. Any other failure is the program's
+        // (8 operational, 16 usage, 128 a missing library) and stays I/O.
+        Ext4Error::Failed {
+            tool,
+            stderr,
+            status,
+            ..
+        } if tool == crate::tools::E2FSCK.name && status == "exit status: 4" => {
             let lines: Vec<&str> = stderr
                 .lines()
                 .map(str::trim)
