@@ -78,17 +78,19 @@ pub struct Ext4Options {
     pub features: Vec<String>,
 }
 
-fn run(tool: Tool, args: &[&std::ffi::OsStr], path: &Path) -> Result<String, Ext4Error> {
+/// `tool` run with `args` to its end, whatever its exit status.
+fn output(tool: Tool, args: &[&std::ffi::OsStr]) -> Result<std::process::Output, Ext4Error> {
     let exe = find_program(&tool)?;
-    let out = Command::new(&exe)
+    Command::new(&exe)
         .args(args)
         // Stable, parseable output whatever the user's locale.
         .env("LC_ALL", "C")
         .output()
-        .map_err(|source| Ext4Error::Io {
-            path: exe.clone(),
-            source,
-        })?;
+        .map_err(|source| Ext4Error::Io { path: exe, source })
+}
+
+fn run(tool: Tool, args: &[&std::ffi::OsStr], path: &Path) -> Result<String, Ext4Error> {
+    let out = output(tool, args)?;
     // e2fsck -p exits 1 when it fixed something, which is a success here.
     let ok = out.status.success() || (tool == E2FSCK && out.status.code() == Some(1));
     if !ok {
@@ -577,15 +579,7 @@ pub fn check_ext4_image(path: &Path) -> Result<(), Ext4Error> {
 /// refusal is [`Ext4Error::Failed`] with what e2fsck found (it reports on stdout
 /// with `-n`), last lines first kept.
 pub fn check_ext4_image_read_only(path: &Path) -> Result<(), Ext4Error> {
-    let exe = find_program(&E2FSCK)?;
-    let out = Command::new(&exe)
-        .args(["-f".as_ref(), "-n".as_ref(), path.as_os_str()])
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(|source| Ext4Error::Io {
-            path: exe.clone(),
-            source,
-        })?;
+    let out = output(E2FSCK, &["-f".as_ref(), "-n".as_ref(), path.as_os_str()])?;
     if out.status.success() {
         return Ok(());
     }

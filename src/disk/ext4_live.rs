@@ -933,17 +933,21 @@ mod tests {
         assert!(overhead(8 << 30) < (8u64 << 30) / 20);
     }
 
+    /// A file of `size` bytes the build writes (not left unwritten).
+    fn file(path: &str, size: u64) -> LiveFile {
+        LiveFile {
+            path: path.into(),
+            size,
+            written: true,
+            from_host: None,
+        }
+    }
+
     #[test]
     fn swapping_two_entries_puts_the_staged_file_in_place_and_e2fsck_agrees() {
         if find_program(&DEBUGFS).is_err() {
             return;
         }
-        let file = |path: &str, size: u64| LiveFile {
-            path: path.into(),
-            size,
-            written: true,
-            from_host: None,
-        };
         let mut built = build(
             64 << 20,
             "LIVE",
@@ -1046,12 +1050,6 @@ mod tests {
 
     #[test]
     fn the_in_place_steps_report_every_byte_they_and_debugfs_write() {
-        let file = |path: &str, size: u64| LiveFile {
-            path: path.into(),
-            size,
-            written: true,
-            from_host: None,
-        };
         let mut built = build(
             64 << 20,
             "LIVE",

@@ -88,9 +88,6 @@ fn a_block_device_is_read_back_while_it_is_written() {
     assert!(written > 12 * MIB, "{written}");
     assert_eq!(report["verified_bytes"].as_u64(), Some(written));
     let start = part_start(&image);
-    let len = sfdisk(&image)["partitiontable"]["partitions"][0]["size"]
-        .as_u64()
-        .unwrap()
-        * 512;
+    let len = part_len(&image);
     fsck_fat(&image, start, len, dir.path());
 }

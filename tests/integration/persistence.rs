@@ -840,10 +840,7 @@ fn multi_adds_a_second_image_with_a_chained_menu() {
         per_install > 0 && per_install <= 3,
         "entries duplicated:\n{grub}"
     );
-    let len = sfdisk(&image)["partitiontable"]["partitions"][0]["size"]
-        .as_u64()
-        .unwrap()
-        * 512;
+    let len = part_len(&image);
     fsck_fat(&image, start, len, dir.path());
 }
 
@@ -895,9 +892,6 @@ fn a_manifest_update_on_a_full_stick_leaves_no_staged_copy() {
     let listing = fat_ls(&stick, start, "/LiveOS").to_lowercase();
     assert!(listing.contains("livestick.json"), "{listing}");
     assert!(!listing.contains("livestick.json.new"), "{listing}");
-    let len = sfdisk(&stick)["partitiontable"]["partitions"][0]["size"]
-        .as_u64()
-        .unwrap()
-        * 512;
+    let len = part_len(&stick);
     fsck_fat(&stick, start, len, dir.path());
 }

@@ -29,13 +29,6 @@ fn write_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("write --json prints its report")
 }
 
-fn part_len(image: &Path) -> u64 {
-    sfdisk(image)["partitiontable"]["partitions"][0]["size"]
-        .as_u64()
-        .unwrap()
-        * 512
-}
-
 /// The device extents of `path` in the FAT partition of `image`.
 fn extents(image: &Path, path: &str) -> Vec<(u64, u64)> {
     let mut f = File::open(image).unwrap();

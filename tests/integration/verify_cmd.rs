@@ -652,13 +652,6 @@ fn verify_reads_a_loop_device_with_the_page_cache_dropped() {
     assert_eq!(listed_entry(&r, "/LiveOS/squashfs.img")["state"], "changed");
 }
 
-fn part_len(image: &Path) -> u64 {
-    sfdisk(image)["partitiontable"]["partitions"][0]["size"]
-        .as_u64()
-        .unwrap()
-        * 512
-}
-
 fn home_record(manifest: &serde_json::Value) -> serde_json::Value {
     persistence_of(manifest, "home")
 }

@@ -536,6 +536,14 @@ pub fn part_start(image: &Path) -> u64 {
         * 512
 }
 
+/// Byte length of the first partition of `image`, from sfdisk.
+pub fn part_len(image: &Path) -> u64 {
+    sfdisk(image)["partitiontable"]["partitions"][0]["size"]
+        .as_u64()
+        .expect("a partition")
+        * 512
+}
+
 /// `len` bytes of `file` at `at`.
 pub fn read_at(file: &Path, at: u64, len: usize) -> Vec<u8> {
     use std::io::{Read, Seek, SeekFrom};
