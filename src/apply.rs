@@ -490,9 +490,6 @@ fn staged_loader_files<D: Read + Seek>(device: &mut D) -> Result<Vec<LoaderFile>
     Ok(files)
 }
 
-/// FAT32's BIOS parameter block in the boot sector: the filesystem's, not SYSLINUX's.
-const BPB: std::ops::Range<usize> = 0x0b..0x5a;
-
 /// Puts SYSLINUX, as the installer made it in `staged`, into the filesystem in
 /// `window`, whose room for it ([`loader_room`]) was set aside when it was formatted
 /// and whose files were written since: the loader files in the clusters the
@@ -548,7 +545,7 @@ fn adopt_staged_loader<D: Read + Write + Seek>(
             io::ErrorKind::UnexpectedEof,
         )));
     }
-    boot[BPB].copy_from_slice(&own[BPB]);
+    boot[fat::BOOT_SECTOR_PARAMETERS].copy_from_slice(&own[fat::BOOT_SECTOR_PARAMETERS]);
     window
         .seek(SeekFrom::Start(0))
         .map_err(ApplyError::io(step))?;
@@ -1027,8 +1024,15 @@ fn apply_tagged(
         _ => (Vec::new(), RangeSet::new()),
     };
     let syslinux_files = prepared.syslinux.take();
-    let boot_fat = prepared.boot_fat.take();
+    let mut boot_fat = prepared.boot_fat.take();
     let syslinux_staged = boot_fat.is_some();
+    let mbr_code = syslinux_files
+        .as_ref()
+        .filter(|_| plan.bios)
+        .map(|files| mbr_boot_code(files, plan.table));
+    // The staged loader, once waited for: the manifest records it, then it goes in.
+    let mut staged: Option<StagedFat> = None;
+    let mut boot_written: Option<crate::manifest::BootWritten> = None;
     // Persistence files, by path: made empty with the ISO's files, then given their
     // clusters, with only their data regions written, once their images are made.
     let persistent_paths: Vec<String> = [
@@ -1284,6 +1288,16 @@ fn apply_tagged(
                 .map_err(ApplyError::fat(step))?;
                 written.push((config.dest.clone(), bytes.len() as u64, sum));
             }
+            // The staging ran beside the copies and is done by now; its loader and
+            // boot sector are what the stick gets, so the manifest records them.
+            if let Some(pending) = boot_fat.take() {
+                tags.set("waiting for SYSLINUX's staged filesystem");
+                let made = pending.wait()?;
+                if let Some(code) = &mbr_code {
+                    boot_written = Some(staged_boot_written(&made, code)?);
+                }
+                staged = Some(made);
+            }
             // After every file it lists, so that it names exactly what was written
             // (on the ext4 layout, once the ext4 partition's files are: below).
             if plan.ext4_live.is_none() {
@@ -1294,6 +1308,7 @@ fn apply_tagged(
                     written
                         .iter()
                         .map(|(path, size, sum)| (path.as_str(), *size, hex(&sum.sha256))),
+                    boot_written.as_ref(),
                 )
                 .map_err(ApplyError::fat("writing the stick manifest"))?;
             }
@@ -1311,11 +1326,9 @@ fn apply_tagged(
             .flush()
             .map_err(ApplyError::io("flushing the FAT filesystem"))?;
         // Before the persistence files: the room it does not use is theirs too.
-        if let Some(pending) = boot_fat {
-            tags.set("waiting for SYSLINUX's staged filesystem");
-            let staged = pending.wait()?;
+        if let Some(staged) = &staged {
             tags.set("installing SYSLINUX's loader");
-            adopt_staged_loader(&mut window, &staged)?;
+            adopt_staged_loader(&mut window, staged)?;
         }
         let mut persistent = match plan.ext4_live {
             Some(_) => Vec::new(),
@@ -1431,6 +1444,7 @@ fn apply_tagged(
             &mut file,
             &written,
             &ext4_files,
+            boot_written.as_ref(),
         )?);
     }
     if plan.bios
@@ -1448,6 +1462,10 @@ fn apply_tagged(
         let mut window = PartitionWindow::new(&mut recorder, start, len);
         fat::sync_backup_boot_sector(&mut window)
             .map_err(ApplyError::fat("updating the backup boot sector"))?;
+        if let Some(code) = &mbr_code {
+            tags.set("recording the boot code in the stick manifest");
+            record_installed_boot(&mut window, code)?;
+        }
         drop(window);
         after_write.extend(recorder.written());
         // What the installer wrote: the boot sector and its loader files.
@@ -1491,11 +1509,7 @@ fn apply_tagged(
     }
 
     // Boot-critical bytes last.
-    let boot_code = syslinux_files.as_ref().map(|s| match plan.table {
-        TableKind::Mbr => s.mbr,
-        TableKind::Gpt => s.gptmbr,
-    });
-    let boot_code = if plan.bios { boot_code } else { None };
+    let boot_code = mbr_code;
     let mut recorder =
         WriteRecorder::new(&mut file).map_err(ApplyError::io("opening the target"))?;
     match &plan.format {
@@ -1574,6 +1588,72 @@ fn apply_tagged(
         checksum: None,
         repaired: plan.repaired.clone(),
     })
+}
+
+/// The MBR boot code for a table: SYSLINUX's `mbr.bin`, or `gptmbr.bin` for GPT.
+fn mbr_boot_code(files: &SyslinuxFiles, table: TableKind) -> [u8; 440] {
+    match table {
+        TableKind::Mbr => files.mbr,
+        TableKind::Gpt => files.gptmbr,
+    }
+}
+
+/// What the stick gets from a staged loader, for the manifest: the loader files as
+/// the staging made them (they are placed unchanged) and its boot sector's code
+/// (only the parameter block is the stick's own).
+fn staged_boot_written(
+    staged: &StagedFat,
+    mbr_code: &[u8; 440],
+) -> Result<crate::manifest::BootWritten, ApplyError> {
+    let step = "reading SYSLINUX's loader from the staged filesystem";
+    let mut device = staged.device().map_err(ApplyError::io(step))?;
+    let loader_files = staged_loader_files(&mut device)?
+        .into_iter()
+        .map(|f| {
+            let sha256 = hex(&<sha2::Sha256 as sha2::Digest>::digest(&f.bytes));
+            (f.path.to_string(), f.bytes.len() as u64, sha256)
+        })
+        .collect();
+    let sector = crate::io::read_at(&mut device, 0, 512).map_err(ApplyError::io(step))?;
+    Ok(crate::manifest::BootWritten {
+        loader_files,
+        record: crate::manifest::BootRecord {
+            mbr_code_sha256: crate::manifest::mbr_code_sha256(mbr_code),
+            boot_sector_code_sha256: crate::manifest::boot_sector_code_sha256(&sector),
+        },
+    })
+}
+
+/// After SYSLINUX's installer ran on the stick itself (one this write did not
+/// format): its loader files and boot sector, read back through `window`, go into
+/// the manifest written before it ran.
+fn record_installed_boot<D: Read + Write + Seek>(
+    window: &mut PartitionWindow<D>,
+    mbr_code: &[u8; 440],
+) -> Result<(), ApplyError> {
+    let step = "recording the boot code in the stick manifest";
+    let sector = crate::io::read_at(window, 0, 512).map_err(ApplyError::io(step))?;
+    {
+        let fs = fat::open(&mut *window).map_err(ApplyError::fat(step))?;
+        let mut loader_files = Vec::new();
+        for path in LOADER_FILES {
+            let bytes = fat::read_file(&fs, path).map_err(ApplyError::fat(step))?;
+            let sha256 = hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            loader_files.push((path.to_string(), bytes.len() as u64, sha256));
+        }
+        let boot = crate::manifest::BootWritten {
+            loader_files,
+            record: crate::manifest::BootRecord {
+                mbr_code_sha256: crate::manifest::mbr_code_sha256(mbr_code),
+                boot_sector_code_sha256: crate::manifest::boot_sector_code_sha256(&sector),
+            },
+        };
+        crate::manifest::record_boot(&fs, &boot).map_err(ApplyError::fat(step))?;
+        fs.unmount().map_err(ApplyError::io(step))?;
+    }
+    window.flush().map_err(ApplyError::io(step))?;
+    fat::repair_fatfs_quirks(window).map_err(ApplyError::fat(step))?;
+    window.flush().map_err(ApplyError::io(step))
 }
 
 /// On an existing stick: MBR boot code into the first 440 bytes, keeping the
@@ -2106,6 +2186,7 @@ fn write_manifest_ext4(
     file: &mut File,
     written: &[(String, u64, WrittenDigest)],
     ext4_written: &[WrittenFile],
+    boot: Option<&crate::manifest::BootWritten>,
 ) -> Result<RangeSet, ApplyError> {
     let step_name = "writing the stick manifest";
     let copies: Vec<(String, u64, String)> = ext4_written
@@ -2135,6 +2216,7 @@ fn write_manifest_ext4(
                     .map(|(path, size, sum)| (path.as_str(), *size, hex(&sum.sha256))),
                 &copies,
                 &now,
+                boot,
             )
             .map_err(ApplyError::fat(step_name))?;
             fs.unmount().map_err(ApplyError::io(step_name))?;

@@ -57,6 +57,53 @@ pub struct Manifest {
     pub files: Vec<FileRecord>,
     /// Overlay, home and swap as written: names and sizes, never hashes.
     pub persistence: Vec<PersistRecord>,
+    /// The BIOS boot code outside every file, as the last write with BIOS boot put
+    /// it there. Absent when no write installed it (UEFI only), and on sticks
+    /// written before livestick recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootRecord>,
+}
+
+/// The boot code a write put where no file is, hashed as written, so that `verify`
+/// reads it back like the files: a stick whose loader's first sectors were
+/// overwritten boots nothing on BIOS while every file still reads intact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootRecord {
+    /// sha256 of the MBR boot code: the disk's first 440 bytes (SYSLINUX's
+    /// `mbr.bin`, or `gptmbr.bin` on a GPT stick).
+    pub mbr_code_sha256: String,
+    /// sha256 of the FAT partition's boot sector without its parameter block
+    /// ([`fat::BOOT_SECTOR_PARAMETERS`]): SYSLINUX's code, which finds
+    /// `ldlinux.sys`. The parameters (label, serial) are the file system's and may
+    /// change by design.
+    pub boot_sector_code_sha256: String,
+}
+
+/// What a write installed for BIOS boot beside the files it copied: SYSLINUX's
+/// loader files (path, size, sha256), recorded as files of kind `loader`, and the
+/// boot code outside them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootWritten {
+    pub loader_files: Vec<(String, u64, String)>,
+    pub record: BootRecord,
+}
+
+/// The sha256 [`BootRecord::mbr_code_sha256`] holds, of the disk's first sector.
+pub fn mbr_code_sha256(first_sector: &[u8]) -> String {
+    hex(&Sha256::digest(
+        &first_sector[..first_sector.len().min(440)],
+    ))
+}
+
+/// The sha256 [`BootRecord::boot_sector_code_sha256`] holds, of a partition's
+/// boot sector (512 bytes).
+pub fn boot_sector_code_sha256(sector: &[u8]) -> String {
+    let sector = &sector[..sector.len().min(512)];
+    let params = fat::BOOT_SECTOR_PARAMETERS;
+    let mut hasher = Sha256::new();
+    hasher.update(&sector[..params.start.min(sector.len())]);
+    hasher.update(sector.get(params.end..).unwrap_or_default());
+    hex(&hasher.finalize())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,13 +298,16 @@ pub struct WriteRecord {
     pub layout: LayoutRecord,
     pub files: Vec<FileRecord>,
     pub persistence: Vec<PersistRecord>,
+    pub boot: Option<BootRecord>,
 }
 
 /// The record of `plan` once written: `written` holds each file's path, size and
-/// sha256 as `apply` hashed it while writing.
+/// sha256 as `apply` hashed it while writing; `boot` what it installed for BIOS
+/// boot, when it is known by then.
 pub fn record_of_write<'a>(
     plan: &Plan,
     written: impl IntoIterator<Item = (&'a str, u64, String)>,
+    boot: Option<&BootWritten>,
     now: &str,
 ) -> WriteRecord {
     let iso_path_of = |dest: &str| {
@@ -274,7 +324,7 @@ pub fn record_of_write<'a>(
             .iter()
             .any(|c| c.dest.eq_ignore_ascii_case(dest))
     };
-    let files = written
+    let mut files: Vec<FileRecord> = written
         .into_iter()
         .map(|(path, size, sha256)| FileRecord {
             path: path.to_string(),
@@ -286,6 +336,9 @@ pub fn record_of_write<'a>(
             ends_sha256: None,
         })
         .collect();
+    if let Some(boot) = boot {
+        files.extend(boot.loader_files.iter().map(loader_record));
+    }
     let mut persistence = Vec::new();
     if let Some(o) = &plan.overlay {
         persistence.push(persist(&o.path, "overlay", o.size));
@@ -327,6 +380,19 @@ pub fn record_of_write<'a>(
         },
         files,
         persistence,
+        boot: boot.map(|b| b.record.clone()),
+    }
+}
+
+fn loader_record((path, size, sha256): &(String, u64, String)) -> FileRecord {
+    FileRecord {
+        path: path.clone(),
+        size: *size,
+        sha256: sha256.clone(),
+        iso_path: None,
+        kind: "loader".to_string(),
+        filesystem: None,
+        ends_sha256: None,
     }
 }
 
@@ -353,7 +419,10 @@ pub fn updated(
     let mut files = write.files;
     let mut persistence = write.persistence;
     let mut images = vec![write.image];
+    // A write without BIOS boot leaves the boot code where it was.
+    let mut boot = write.boot;
     if let Some(old) = previous {
+        boot = boot.or(old.boot);
         let kept: Vec<FileRecord> = old
             .files
             .into_iter()
@@ -387,6 +456,7 @@ pub fn updated(
         layout: write.layout,
         files,
         persistence,
+        boot,
     }
 }
 
@@ -419,8 +489,9 @@ pub fn write_after_apply<'a, F: Read + Write + Seek>(
     fs: &FatFs<'_, F>,
     plan: &Plan,
     written: impl IntoIterator<Item = (&'a str, u64, String)>,
+    boot: Option<&BootWritten>,
 ) -> Result<String, fat::FatError> {
-    write_after_apply_with_ext4(fs, plan, written, &[], &[])
+    write_after_apply_with_ext4(fs, plan, written, &[], &[], boot)
 }
 
 /// [`write_after_apply`] on the ext4 live layout: the manifest stays on the FAT
@@ -435,6 +506,7 @@ pub fn write_after_apply_with_ext4<'a, F: Read + Write + Seek>(
     written: impl IntoIterator<Item = (&'a str, u64, String)>,
     ext4_written: &'a [(String, u64, String)],
     ext4_now: &[(String, u64)],
+    boot: Option<&BootWritten>,
 ) -> Result<String, fat::FatError> {
     let now = now_utc();
     let mut record = record_of_write(
@@ -444,6 +516,7 @@ pub fn write_after_apply_with_ext4<'a, F: Read + Write + Seek>(
                 .iter()
                 .map(|(path, size, sum)| (path.as_str(), *size, sum.clone())),
         ),
+        boot,
         &now,
     );
     for f in &mut record.files {
@@ -498,6 +571,29 @@ pub fn write_after_apply_with_ext4<'a, F: Read + Write + Seek>(
     let text = render(&manifest);
     fat::write_file(fs, &path, &mut text.as_bytes(), text.len() as u64, |_| {})?;
     Ok(path)
+}
+
+/// After a write whose BIOS boot was installed once its manifest was written (on a
+/// stick it did not format, SYSLINUX's installer runs last): the manifest on `fs`
+/// gets the loader files and boot code as installed. `Ok(false)` when `fs` has no
+/// readable manifest.
+pub fn record_boot<F: Read + Write + Seek>(
+    fs: &FatFs<'_, F>,
+    boot: &BootWritten,
+) -> Result<bool, fat::FatError> {
+    let Some((path, mut manifest)) = read(fs) else {
+        return Ok(false);
+    };
+    let loaders: Vec<FileRecord> = boot.loader_files.iter().map(loader_record).collect();
+    manifest
+        .files
+        .retain(|f| !loaders.iter().any(|l| l.path.eq_ignore_ascii_case(&f.path)));
+    manifest.files.extend(loaders);
+    manifest.boot = Some(boot.record.clone());
+    manifest.updated_at = now_utc();
+    let text = render(&manifest);
+    fat::write_file(fs, &path, &mut text.as_bytes(), text.len() as u64, |_| {})?;
+    Ok(true)
 }
 
 /// After `overlay merge` swapped in a new root image: its entry now names the new
@@ -709,6 +805,19 @@ pub struct FileCheck {
     /// sha256 read from the stick now (`None` when missing or of another size).
     pub sha256: Option<String>,
     /// Why it is changed or missing, for people (JSON `null` when intact).
+    pub detail: Option<String>,
+}
+
+/// What `verify` found for one piece of boot code outside every file.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootCheck {
+    /// `MBR boot code` or `partition boot sector`.
+    pub area: String,
+    /// `intact` or `changed`.
+    pub state: FileState,
+    pub recorded_sha256: String,
+    pub sha256: String,
+    /// Why it matters when changed, for people (JSON `null` when intact).
     pub detail: Option<String>,
 }
 
@@ -986,6 +1095,55 @@ impl Verifiable {
             left -= want as u64;
         }
         Ok(hex(&hasher.finalize()))
+    }
+
+    /// Reads the boot code the manifest records back from the stick: the MBR's and
+    /// the partition boot sector's. `None` when the manifest records none (a UEFI-only
+    /// stick, or one written before livestick recorded it). Read after
+    /// [`Self::check_files`], so past the page cache it dropped.
+    pub fn check_boot(&mut self) -> Result<Option<Vec<BootCheck>>, ManifestError> {
+        let Some(record) = self.manifest.boot.clone() else {
+            return Ok(None);
+        };
+        let partition = self.stick.partition.start;
+        let shown = self.stick.path.display().to_string();
+        let read = |file: &mut File, at: u64, what: &str| {
+            crate::io::read_at(file, at, 512).map_err(|source| ManifestError::Io {
+                step: format!("reading the {what} of {shown}"),
+                source,
+            })
+        };
+        let mbr = read(self.stick.file_mut(), 0, "MBR")?;
+        let sector = read(self.stick.file_mut(), partition, "partition boot sector")?;
+        let check = |area: &str, recorded: &str, now: String, what_breaks: &str| {
+            let intact = now == recorded;
+            BootCheck {
+                area: area.to_string(),
+                state: if intact {
+                    FileState::Intact
+                } else {
+                    FileState::Changed
+                },
+                recorded_sha256: recorded.to_string(),
+                sha256: now,
+                detail: (!intact)
+                    .then(|| format!("its bytes differ from what was written: {what_breaks}")),
+            }
+        };
+        Ok(Some(vec![
+            check(
+                "MBR boot code",
+                &record.mbr_code_sha256,
+                mbr_code_sha256(&mbr),
+                "BIOS cannot start the stick's boot loader",
+            ),
+            check(
+                "partition boot sector",
+                &record.boot_sector_code_sha256,
+                boot_sector_code_sha256(&sector),
+                "BIOS cannot find ldlinux.sys",
+            ),
+        ]))
     }
 
     /// The device or image being verified.
@@ -1609,7 +1767,68 @@ mod tests {
             },
             files,
             persistence: vec![persist("/LiveOS/home.img", "home", 1 << 28)],
+            boot: None,
         }
+    }
+
+    #[test]
+    fn the_boot_code_record_is_the_last_bios_writes_and_survives_a_uefi_only_rewrite() {
+        let boot = |n: u8| BootRecord {
+            mbr_code_sha256: mbr_code_sha256(&[n; 512]),
+            boot_sector_code_sha256: boot_sector_code_sha256(&[n; 512]),
+        };
+        let mut first = write_of("LiveOS", vec![file("/LiveOS/squashfs.img", 10)]);
+        first.boot = Some(boot(1));
+        let first = updated(None, first, |_| None, "t1");
+        let on_stick = |p: &str| (p == "/LiveOS/squashfs.img").then_some(10);
+        let uefi_only = updated(
+            Some(first.clone()),
+            write_of("LiveOS", vec![]),
+            on_stick,
+            "t2",
+        );
+        assert_eq!(uefi_only.boot, Some(boot(1)), "left where it was");
+        let mut bios = write_of("LiveOS", vec![]);
+        bios.boot = Some(boot(2));
+        assert_eq!(
+            updated(Some(first), bios, on_stick, "t3").boot,
+            Some(boot(2))
+        );
+        let text = render(&uefi_only);
+        assert!(text.contains("boot_sector_code_sha256"));
+        assert_eq!(parse(text.as_bytes()).unwrap(), uefi_only);
+        // A manifest from before the record reads as one without it.
+        let older = text.replace("\"boot\"", "\"unknown_field\"");
+        assert_eq!(parse(older.as_bytes()).unwrap().boot, None);
+    }
+
+    #[test]
+    fn the_boot_sector_hash_covers_the_code_and_not_the_file_systems_parameters() {
+        let mut sector = [0x5au8; 512];
+        let sum = boot_sector_code_sha256(&sector);
+        sector[0x47] = b'X'; // the volume label, in the parameter block
+        sector[0x43] ^= 0xff; // the serial
+        assert_eq!(boot_sector_code_sha256(&sector), sum);
+        for code_byte in [0, 2, 0x0a, 0x5a, 0x100, 0x1fe] {
+            let mut changed = sector;
+            changed[code_byte] ^= 1;
+            assert_ne!(
+                boot_sector_code_sha256(&changed),
+                sum,
+                "byte {code_byte:#x}"
+            );
+        }
+        let mut mbr = [0u8; 512];
+        let code = mbr_code_sha256(&mbr);
+        mbr[446] = 0x80; // the partition table is not code
+        assert_eq!(mbr_code_sha256(&mbr), code);
+        mbr[439] = 1;
+        assert_ne!(mbr_code_sha256(&mbr), code);
+        assert_ne!(
+            mbr_code_sha256(&[0u8; 100]),
+            mbr_code_sha256(&[0u8; 512]),
+            "a short read is not the code"
+        );
     }
 
     #[test]

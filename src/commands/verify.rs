@@ -8,7 +8,7 @@ use std::io::IsTerminal;
 use serde::Serialize;
 
 use crate::cli::verify::VerifyArgs;
-use crate::manifest::{self, FileCheck, FileState, IsoCheck, NotIntact, PersistCheck};
+use crate::manifest::{self, BootCheck, FileCheck, FileState, IsoCheck, NotIntact, PersistCheck};
 use crate::progress::{Progress, ProgressMode};
 use crate::size::human;
 
@@ -32,6 +32,9 @@ struct VerifyReport<'a> {
     changed: usize,
     missing: usize,
     files: &'a [FileCheck],
+    /// The MBR boot code and the partition boot sector, read back; null when the
+    /// manifest records none (UEFI only, or written by an older livestick).
+    boot: Option<&'a [BootCheck]>,
     persistence: &'a [PersistCheck],
     /// `--iso`'s findings; null without `--iso`.
     iso: Option<&'a IsoCheck>,
@@ -84,6 +87,7 @@ pub fn run(a: &VerifyArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     let total: u64 = v.manifest.files.iter().map(|f| f.size).sum();
     progress.phase("verify", total);
     let files = v.check_files(|n| progress.inc(n))?;
+    let boot = v.check_boot()?;
     let persistence = v.check_persistence(a.deep, passphrase.as_deref().map(|p| &p[..]))?;
     let iso = match &a.iso {
         Some(iso) => {
@@ -104,7 +108,14 @@ pub fn run(a: &VerifyArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     );
     let persist_bad = persistence.iter().filter(|p| !p.ok).count();
     let iso_bad = iso.as_ref().is_some_and(|i| !i.ok());
-    let all_good = changed == 0 && missing == 0 && persist_bad == 0 && !iso_bad;
+    let boot_bad: Vec<&str> = boot
+        .iter()
+        .flatten()
+        .filter(|b| b.state != FileState::Intact)
+        .map(|b| b.area.as_str())
+        .collect();
+    let all_good =
+        changed == 0 && missing == 0 && persist_bad == 0 && !iso_bad && boot_bad.is_empty();
     let report = VerifyReport {
         schema: VERIFY_SCHEMA,
         target: show.clone(),
@@ -122,6 +133,7 @@ pub fn run(a: &VerifyArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         changed,
         missing,
         files: &files,
+        boot: boot.as_deref(),
         persistence: &persistence,
         iso: iso.as_ref(),
     };
@@ -140,6 +152,9 @@ pub fn run(a: &VerifyArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
             if changed == 1 { "" } else { "s" },
             files.len()
         ));
+    }
+    if !boot_bad.is_empty() {
+        parts.push(format!("the {} changed", boot_bad.join(" and the ")));
     }
     if persist_bad > 0 {
         parts.push(format!(
@@ -208,6 +223,21 @@ fn print_text(r: &VerifyReport<'_>) {
             Some(d) => crate::outln!("  {state}  {}  ({d})", f.path),
             None => crate::outln!("  {state}  {}", f.path),
         }
+    }
+    match r.boot {
+        Some(areas) => {
+            for b in areas {
+                match &b.state {
+                    FileState::Intact => crate::outln!("  intact   {}", b.area),
+                    _ => crate::outln!(
+                        "  CHANGED  {}  ({})",
+                        b.area,
+                        b.detail.as_deref().unwrap_or("its bytes differ")
+                    ),
+                }
+            }
+        }
+        None => crate::outln!("  (no BIOS boot code recorded: not checked)"),
     }
     if !r.persistence.is_empty() {
         crate::outln!();

@@ -1126,6 +1126,11 @@ pub fn set_label<F: Read + Write + Seek>(
     Ok(())
 }
 
+/// FAT32's BIOS parameter block in the boot sector (OEM name excluded): the
+/// filesystem's own description (geometry, serial, label). A boot loader's code lies
+/// around it: the jump before, the rest after.
+pub const BOOT_SECTOR_PARAMETERS: std::ops::Range<usize> = 0x0b..0x5a;
+
 /// Makes the FAT32 backup boot sector equal the primary again after a boot
 /// loader installer rewrote only the primary.
 pub fn sync_backup_boot_sector<F: Read + Write + Seek>(

@@ -1065,3 +1065,137 @@ fn on_the_ext4_layout_verify_reads_the_root_image_inside_ext4_and_finds_a_flippe
     assert_ne!(sq["sha256"], sq["recorded_sha256"]);
     assert_eq!(listed_entry(&r, "/EFI/BOOT/grub.cfg")["state"], "intact");
 }
+
+/// sha256 of `bytes`, with sha256sum (not livestick's hasher).
+fn sha256_of_bytes(dir: &Path, bytes: &[u8]) -> String {
+    let scratch = dir.join("bytes");
+    std::fs::write(&scratch, bytes).unwrap();
+    sha256_file(&scratch)
+}
+
+fn read_bytes(image: &Path, at: u64, len: usize) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(image).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+/// The manifest's BIOS boot record checked against the stick's bytes, hashed by
+/// sha256sum: the MBR's first 440 bytes, the boot sector less bytes 11..90, and the
+/// loader files as mtools reads them.
+fn assert_boot_record_matches_the_stick(t: &Stick) {
+    let m = t.manifest();
+    let boot = &m["boot"];
+    assert_eq!(
+        boot["mbr_code_sha256"],
+        sha256_of_bytes(t.dir.path(), &read_bytes(&t.image, 0, 440)),
+        "{m:#}"
+    );
+    let sector = read_bytes(&t.image, t.part, 512);
+    let code = [&sector[..11], &sector[90..]].concat();
+    assert_eq!(
+        boot["boot_sector_code_sha256"],
+        sha256_of_bytes(t.dir.path(), &code),
+        "{m:#}"
+    );
+    for loader in ["/syslinux/ldlinux.sys", "/syslinux/ldlinux.c32"] {
+        let entry = listed_entry(&m, loader);
+        assert_eq!(entry["kind"], "loader", "{entry:#}");
+        assert_eq!(
+            entry["sha256"],
+            sha256_of_bytes(t.dir.path(), &fat_read(&t.image, t.part, loader)),
+            "{loader}"
+        );
+    }
+}
+
+fn boot_area<'a>(report: &'a serde_json::Value, area: &str) -> &'a serde_json::Value {
+    report["boot"]
+        .as_array()
+        .and_then(|areas| areas.iter().find(|a| a["area"] == area))
+        .unwrap_or_else(|| panic!("no boot area {area}: {report:#}"))
+}
+
+#[test]
+fn bios_boot_code_and_loader_are_recorded_and_a_changed_byte_in_them_is_found() {
+    let t = written("fedora-classic.iso", &[]);
+    assert_boot_record_matches_the_stick(&t);
+    let (out, r) = verify_json(&[t.s()]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+    for area in ["MBR boot code", "partition boot sector"] {
+        assert_eq!(boot_area(&r, area)["state"], "intact", "{r:#}");
+    }
+    assert_eq!(listed_entry(&r, "/syslinux/ldlinux.sys")["state"], "intact");
+
+    // A new label changes the file system's parameters, not the boot code. (Written
+    // directly: mlabel through mtools' `@@offset` damages the FAT it rewrites.)
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&t.image)
+            .unwrap();
+        f.seek(SeekFrom::Start(t.part + 0x47)).unwrap();
+        f.write_all(b"RELABELLED ").unwrap();
+        f.sync_all().unwrap();
+    }
+    let (out, r) = verify_json(&[t.s()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a relabelled stick is intact: {r:#}"
+    );
+
+    // One byte of each, changed and put back in turn.
+    let ldlinux = fat_read(&t.image, t.part, "syslinux/ldlinux.sys");
+    let block = &ldlinux[ldlinux.len() / 2 / 512 * 512..][..512];
+    let in_loader = offset_of(&t.image, block) + 7;
+    for (at, what) in [
+        (0x100, "MBR boot code"),
+        (t.part + 0x100, "partition boot sector"),
+        (in_loader, "/syslinux/ldlinux.sys"),
+    ] {
+        flip_byte(&t.image, at);
+        let (out, r) = verify_json(&[t.s()]);
+        assert_eq!(out.status.code(), Some(4), "{what}: {r:#}");
+        assert_eq!(r["overall"], "damaged");
+        if what.starts_with('/') {
+            assert_eq!(listed_entry(&r, what)["state"], "changed", "{r:#}");
+            assert_eq!(r["changed"], 1);
+        } else {
+            let area = boot_area(&r, what);
+            assert_eq!(area["state"], "changed", "{r:#}");
+            assert_ne!(area["sha256"], area["recorded_sha256"]);
+            assert_eq!(r["changed"], 0, "no file changed: {r:#}");
+            let out = livestick(&["verify", t.s()]);
+            assert_eq!(out.status.code(), Some(4));
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains(&format!("CHANGED  {what}")), "{text}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains(&format!("the {what} changed")), "{err}");
+        }
+        flip_byte(&t.image, at);
+    }
+    let (out, r) = verify_json(&[t.s()]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+
+    // Re-provisioned without a new table, SYSLINUX's installer runs on the stick
+    // itself after the manifest is written: the manifest is brought up to date.
+    let iso = synthetic_iso("fedora-classic.iso");
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        t.s(),
+        "--yes",
+        "--quiet",
+    ]));
+    assert_boot_record_matches_the_stick(&t);
+    let (out, r) = verify_json(&[t.s()]);
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+    flip_byte(&t.image, t.part + 0x100);
+    let (out, r) = verify_json(&[t.s()]);
+    assert_eq!(out.status.code(), Some(4), "{r:#}");
+    assert_eq!(boot_area(&r, "partition boot sector")["state"], "changed");
+}
