@@ -944,6 +944,24 @@ fn what_a_write_always_records_is_missing(manifest: &Manifest) -> Option<String>
     if manifest.images.is_empty() {
         return Some("it records no image".into());
     }
+    // A write lists each file once: a second entry would be checked and counted twice,
+    // and one of the two cannot be what was written.
+    for (i, f) in manifest.files.iter().enumerate() {
+        if manifest.files[..i]
+            .iter()
+            .any(|g| g.path.eq_ignore_ascii_case(&f.path))
+        {
+            return Some(format!("it lists {} twice", f.path));
+        }
+    }
+    for (i, p) in manifest.persistence.iter().enumerate() {
+        if manifest.persistence[..i]
+            .iter()
+            .any(|q| q.path.eq_ignore_ascii_case(&p.path))
+        {
+            return Some(format!("it lists {} twice", p.path));
+        }
+    }
     for image in &manifest.images {
         let dir = image.live_dir.trim_matches('/').to_ascii_lowercase();
         let has_root = manifest.files.iter().any(|f| {

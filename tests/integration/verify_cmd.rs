@@ -511,6 +511,26 @@ fn a_stick_without_a_manifest_is_bad_input_with_a_clear_message() {
             "{err}"
         );
     }
+    // A file or persistence record listed twice would be checked and counted twice.
+    for list in ["files", "persistence"] {
+        let t = written(
+            "fedora-classic.iso",
+            &["--home-size-mb", "16", "--unencrypted-home"],
+        );
+        let mut m = t.manifest();
+        let first = m[list][0].clone();
+        m[list].as_array_mut().unwrap().push(first.clone());
+        let edited = t.dir.path().join("livestick.json");
+        std::fs::write(&edited, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        fat_put(&t.image, t.part, &edited, MANIFEST);
+        let out = livestick(&["verify", t.s()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{list}: {err}");
+        assert!(
+            err.contains(&format!("lists {} twice", first["path"].as_str().unwrap())),
+            "{err}"
+        );
+    }
 }
 
 #[test]
