@@ -201,8 +201,14 @@ fn confirm_target(
     probe: &target::TargetProbe,
     args: &WriteArgs,
 ) -> anyhow::Result<()> {
+    // A new table takes every home on the stick with it: asked about as --delete-home
+    // is, an image file included (it has no other question).
+    let homes_lost = homes_a_format_loses(plan, probe);
     if probe.kind == TargetKind::BlockDevice {
         let mut question = target::confirm_text(probe);
+        if !homes_lost.is_empty() {
+            question = format!("{homes_lost} is lost with everything in it. {question}");
+        }
         if let Some(kept) = plan.kept_overlay.as_ref().filter(|k| k.reset) {
             question = format!(
                 "The overlay {} is emptied, its {} lost ({}). {question}",
@@ -214,6 +220,21 @@ fn confirm_target(
         if !super::confirm(&question, args.yes)? {
             bail!(BadInput("not confirmed; nothing was written".into()));
         }
+    }
+    if probe.kind == TargetKind::ImageFile
+        && !homes_lost.is_empty()
+        && !super::confirm(
+            &format!(
+                "Formatting {} deletes {homes_lost} with everything in it. Go on?",
+                probe.path.display()
+            ),
+            args.yes,
+        )?
+    {
+        bail!(BadInput(format!(
+            "not formatted, nothing was written: {} holds {homes_lost}, which a new partition table deletes; write without --format to keep it (re-provisioning keeps home.img), or add --yes to format anyway",
+            probe.path.display()
+        )));
     }
     if let Some(home) = plan.deletes.iter().find(|d| d.ends_with("/home.img"))
         && !super::confirm(
@@ -227,6 +248,28 @@ fn confirm_target(
         bail!(BadInput("home.img not deleted; nothing was written".into()));
     }
     Ok(())
+}
+
+/// The homes (`home.img` in any live directory, with their sizes) on a target that
+/// `plan` formats, for the confirmation; empty when there is none or the target
+/// holds no readable stick.
+fn homes_a_format_loses(plan: &Plan, probe: &target::TargetProbe) -> String {
+    if plan.format.is_none() || !probe.exists || probe.size == 0 {
+        return String::new();
+    }
+    let Ok(Some(old)) = apply::read_existing(&probe.path) else {
+        return String::new();
+    };
+    old.files
+        .iter()
+        .filter(|(path, _)| {
+            path.rsplit('/')
+                .next()
+                .is_some_and(|name| name.eq_ignore_ascii_case(crate::layout::HOME))
+        })
+        .map(|(path, size)| format!("{path} ({})", crate::size::human(*size)))
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 fn progress_mode(json: bool, quiet: bool) -> ProgressMode {

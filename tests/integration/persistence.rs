@@ -394,6 +394,50 @@ fn delete_home_replaces_it_and_an_existing_home_is_not_overwritten_silently() {
 }
 
 #[test]
+fn format_over_a_stick_with_a_home_asks_first_and_names_the_home() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let image = new_stick(dir.path(), "formatted.img");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    ok(write(&[
+        &s(&iso),
+        &s(&image),
+        "--size",
+        "256M",
+        "--home-size-mb",
+        "16",
+        "--unencrypted-home",
+    ]));
+    let before = std::fs::read(&image).unwrap();
+    // No terminal to ask on (stdin is not one) and no --yes: refused, untouched.
+    let out = write(&[&s(&iso), &s(&image), "--format"]);
+    let err = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("/LiveOS/home.img (16 MiB)"), "{err}");
+    assert!(err.contains("--yes"), "{err}");
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "nothing was written"
+    );
+    // With --yes the new table goes down, home and all.
+    ok(write(&[&s(&iso), &s(&image), "--format", "--yes"]));
+    let home = std::process::Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{}", s(&image), part_start(&image)))
+        .arg("::/LiveOS/home.img")
+        .output()
+        .unwrap();
+    assert!(!home.status.success(), "home.img is gone");
+    // A stick without a home is formatted as before, no question.
+    ok(write(&[&s(&iso), &s(&image), "--format"]));
+}
+
+#[test]
 fn persistence_bad_input() {
     let iso = synthetic_iso("fedora-classic.iso");
     let dir = tmp();
