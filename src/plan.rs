@@ -583,6 +583,27 @@ fn with_prefix(menu: &crate::boot::menu::BootMenu, prefix: &str) -> crate::boot:
     menu
 }
 
+/// The live directories of an existing stick: the top-level directories that hold a
+/// root image (`squashfs.img`, or an older ISO's `rootfs.img`).
+fn live_dirs_of(fs: &ExistingFs) -> Vec<String> {
+    let mut dirs: Vec<String> = Vec::new();
+    for (path, _) in &fs.files {
+        let Some((dir, name)) = path.trim_start_matches('/').split_once('/') else {
+            continue;
+        };
+        let root_image = name.eq_ignore_ascii_case(crate::layout::SQUASHFS)
+            || crate::layout::ROOT_IMAGES.iter().any(|r| {
+                r.rsplit('/')
+                    .next()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(name))
+            });
+        if root_image && !dirs.iter().any(|d| d.eq_ignore_ascii_case(dir)) {
+            dirs.push(dir.to_string());
+        }
+    }
+    dirs
+}
+
 /// An additional image's own SYSLINUX menu: modules come from /syslinux (where
 /// ldlinux is), and one entry leads back to the main menu.
 fn multi_syslinux_own(rendered: &str) -> String {
@@ -832,8 +853,17 @@ pub fn plan_write(
         && existing
             .as_ref()
             .is_some_and(|fs| fs.syslinux_cfg.is_some() || fs.grub_cfg.is_some());
-    if multi && dir.eq_ignore_ascii_case(&live.live_dir) {
-        return Err(PlanError::MultiSameDir(dir.clone()));
+    // Not the directory of an image already there (wherever its --livedir put it):
+    // the new image would replace its root image under its menu entries and kernel.
+    if multi
+        && let Some(taken) = existing
+            .as_ref()
+            .map(live_dirs_of)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|taken| taken.eq_ignore_ascii_case(dir))
+    {
+        return Err(PlanError::MultiSameDir(taken));
     }
     // Boot files of an additional image live under its directory, so two
     // images' kernels never collide.
@@ -3046,6 +3076,26 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
             plan_existing(&nested(), stick(), &same),
             Err(PlanError::MultiSameDir(d)) if d == "LiveOS"
         ));
+
+        // A first image in a directory of its own (--livedir My_Live): that one is
+        // taken, whatever the case; the default LiveOS is free.
+        let mut moved = stick();
+        for (path, _) in &mut moved.files {
+            if let Some(rest) = path.strip_prefix("/LiveOS/") {
+                *path = format!("/My_Live/{rest}");
+            }
+        }
+        let clash = WriteOptions {
+            multi: true,
+            live_dir: "my_live".into(),
+            ..opts()
+        };
+        assert!(matches!(
+            plan_existing(&nested(), moved.clone(), &clash),
+            Err(PlanError::MultiSameDir(d)) if d == "My_Live"
+        ));
+        let plan = plan_existing(&nested(), moved, &same).expect("LiveOS is free");
+        assert!(dests(&plan).contains(&"/LiveOS/squashfs.img".to_string()));
     }
 
     #[test]
