@@ -1657,7 +1657,8 @@ fn record_installed_boot<D: Read + Write + Seek>(
 }
 
 /// On an existing stick: MBR boot code into the first 440 bytes, keeping the
-/// table, and (MBR) the boot flag on our partition.
+/// table, and the mark BIOS boots by on our partition: the boot flag (MBR) or the
+/// legacy BIOS bootable attribute (GPT).
 fn write_boot_code<D: Read + Write + Seek>(
     file: &mut D,
     code: &[u8; 440],
@@ -1680,6 +1681,11 @@ fn write_boot_code<D: Read + Write + Seek>(
         }
         file.seek(SeekFrom::Start(446))?;
         file.write_all(&table)?;
+    }
+    if plan.table == TableKind::Gpt {
+        // gptmbr.bin boots only the partition marked legacy BIOS bootable.
+        partition::set_gpt_legacy_bios_bootable(file, plan.partition_start)
+            .map_err(|e| io::Error::other(e.to_string()))?;
     }
     file.flush()
 }

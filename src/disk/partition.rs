@@ -184,6 +184,85 @@ pub fn write_table<D: Read + Write + Seek + std::fmt::Debug>(
     Ok(())
 }
 
+/// Sets "legacy BIOS bootable" (attribute bit 2, which `gptmbr.bin` boots by) on the
+/// GPT entry of the partition starting at byte `start`, in the primary table and in
+/// the backup, with their CRCs. Every other entry, and the order of all of them,
+/// stays as it is (a table rewritten whole would renumber a foreign table's
+/// partitions). `Ok(false)` when every readable table already had it: nothing is
+/// written then.
+pub fn set_gpt_legacy_bios_bootable<D: Read + Write + Seek>(
+    disk: &mut D,
+    start: u64,
+) -> Result<bool, PartitionError> {
+    let primary = read_at(disk, SECTOR, SECTOR as usize)?;
+    if primary.len() < GPT_HEADER_LEN || &primary[0..8] != GPT_SIGNATURE {
+        return Err(PartitionError::Gpt(
+            "the primary GPT header is missing: the table cannot be mended in place".into(),
+        ));
+    }
+    let backup_lba = u64_at(&primary, 32);
+    let mut changed = false;
+    for lba in [1, backup_lba] {
+        let mut header = read_at(disk, lba.saturating_mul(SECTOR), SECTOR as usize)?;
+        if header.len() < GPT_HEADER_LEN || &header[0..8] != GPT_SIGNATURE {
+            // A missing backup is left missing: firmware reads the primary.
+            continue;
+        }
+        let Some(layout) = GptHeader::parse(&header).filter(GptHeader::entry_size_is_valid) else {
+            continue;
+        };
+        let header_len = (u32_at(&header, 12) as usize).clamp(GPT_HEADER_LEN, header.len());
+        let array_at = layout.entries_lba.saturating_mul(SECTOR);
+        let array_len = layout.count as usize * layout.entry_size as usize;
+        let mut entries = read_at(disk, array_at, array_len)?;
+        if entries.len() != array_len {
+            continue;
+        }
+        let Some(entry) = entries
+            .chunks_exact_mut(layout.entry_size as usize)
+            .find(|e| {
+                e[0..16].iter().any(|&b| b != 0) && u64_at(e, 32).saturating_mul(SECTOR) == start
+            })
+        else {
+            return Err(PartitionError::Gpt(format!(
+                "no GPT entry starts at byte {start}: the table does not hold the stick's partition"
+            )));
+        };
+        let flags = u64_at(entry, 48);
+        if flags & GPT_LEGACY_BIOS_BOOTABLE != 0 {
+            continue;
+        }
+        entry[48..56].copy_from_slice(&(flags | GPT_LEGACY_BIOS_BOOTABLE).to_le_bytes());
+        header[88..92].copy_from_slice(&crc32_ieee(&entries).to_le_bytes());
+        header[16..20].fill(0);
+        let sum = crc32_ieee(&header[..header_len]);
+        header[16..20].copy_from_slice(&sum.to_le_bytes());
+        disk.seek(SeekFrom::Start(array_at))?;
+        disk.write_all(&entries)?;
+        disk.seek(SeekFrom::Start(lba * SECTOR))?;
+        disk.write_all(&header)?;
+        changed = true;
+    }
+    disk.flush()?;
+    Ok(changed)
+}
+
+/// CRC-32 (IEEE 802.3, reflected), as GPT checksums its headers and entry arrays.
+fn crc32_ieee(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
 /// Erases the partition tables at both ends of the disk, so that a stick whose
 /// write is interrupted has no table at all rather than a stale one.
 pub fn wipe_tables<D: Write + Seek>(disk: &mut D, disk_size: u64) -> Result<(), PartitionError> {
@@ -587,6 +666,12 @@ fn find_gpt_fat<D: Read + Seek>(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn crc32_ieee_check_value() {
+        assert_eq!(crc32_ieee(b"123456789"), 0xcbf4_3926);
+    }
+
     use super::*;
 
     fn disk(size: u64) -> std::fs::File {

@@ -534,6 +534,45 @@ fn row_reset_mbr() {
     );
 }
 
+/// What `sfdisk --json` says of partition 1: its attributes (empty when none).
+fn first_partition_attrs(image: &Path) -> String {
+    let table: serde_json::Value =
+        serde_json::from_str(&run("sfdisk", &["--json", image.to_str().unwrap()])).unwrap();
+    table["partitiontable"]["partitions"][0]["attrs"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn row_reset_mbr_on_gpt_marks_the_partition_legacy_bios_bootable_again() {
+    let dir = tmp();
+    let img = blank(dir.path(), "gpt.img");
+    let s = img.to_str().unwrap();
+    let out = compat_run(&[
+        "--format",
+        "--efi",
+        "--noverify",
+        iso().to_str().unwrap(),
+        s,
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(first_partition_attrs(&img), "LegacyBIOSBootable");
+    // Cleared by another tool: gptmbr.bin then finds nothing to boot.
+    run("sfdisk", &["-q", "--part-attrs", s, "1", ""]);
+    assert_eq!(first_partition_attrs(&img), "");
+    let out = compat_run(&["--reset-mbr", "--noverify", iso().to_str().unwrap(), s]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(first_partition_attrs(&img), "LegacyBIOSBootable");
+    let verified = run("sfdisk", &["--verify", s]);
+    assert!(verified.contains("No errors detected"), "{verified}");
+    // The backup table too: with the primary header gone, sfdisk reads the backup.
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[512..1024].fill(0);
+    std::fs::write(&img, &bytes).unwrap();
+    assert_eq!(first_partition_attrs(&img), "LegacyBIOSBootable");
+}
+
 #[test]
 fn row_force() {
     same_mapping(
