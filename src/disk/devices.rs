@@ -390,6 +390,40 @@ impl Host {
         out
     }
 
+    /// What uses the loop devices attached to the file whose device and inode
+    /// numbers are `file`: their mounts, swap and holders (a loop device attached
+    /// and idle is no finding). Only on the running system, where backing files
+    /// can be looked at.
+    pub fn busy_loops_of_file(&self, file: (u64, u64)) -> Vec<String> {
+        use std::os::unix::fs::MetadataExt;
+        if !self.live {
+            return Vec::new();
+        }
+        let Ok(rd) = fs::read_dir(self.sys.join("class/block")) else {
+            return Vec::new();
+        };
+        let mut loops: Vec<Node> = rd
+            .flatten()
+            .filter_map(|entry| self.node_at(&entry.path()))
+            .filter(|node| {
+                read_attr(&node.dir, "loop/backing_file")
+                    .and_then(|b| fs::metadata(b.trim_end_matches(" (deleted)")).ok())
+                    .is_some_and(|m| m.is_file() && (m.dev(), m.ino()) == file)
+            })
+            .collect();
+        loops.sort_by(|a, b| a.name.cmp(&b.name));
+        loops
+            .iter()
+            .flat_map(|node| {
+                self.busy_findings(node.dev)
+                    .into_iter()
+                    .map(move |finding| {
+                        format!("the file is attached to /dev/{}, and {finding}", node.name)
+                    })
+            })
+            .collect()
+    }
+
     /// Everything that uses the device or one of its partitions — mounts, swap,
     /// holders (followed recursively: dm, LVM, md, bcache) and loop devices
     /// stacked on it — one finding per line, matched by major:minor only.

@@ -222,6 +222,9 @@ impl crate::error::Classify for TargetError {
     fn hint(&self) -> &'static str {
         match self {
             TargetError::Io { source, .. } => crate::error::open_failure_hint(source),
+            TargetError::Busy { .. } => {
+                "nothing was written; no option overrides this: unmount it (umount), stop swapping on it (swapoff) or stop what holds it, and detach a loop device over it (losetup -d), then run the command again"
+            }
             _ => self.kind().hint(),
         }
     }
@@ -565,6 +568,8 @@ fn probe_unpinned(path: &Path) -> Result<TargetProbe, TargetError> {
     if meta.is_file() {
         return Ok(TargetProbe {
             node: Some(Node::of(&meta)),
+            // An image file is in use through a loop device mounted or swapped on.
+            busy: Host::live().busy_loops_of_file((meta.dev(), meta.ino())),
             ..TargetProbe::image(path, meta.len(), true)
         });
     }
@@ -706,7 +711,7 @@ fn system_findings(host: &Host, dev: DevNum, path: &Path) -> Vec<String> {
 /// 4Kn sectors and a too-small capacity are refused whatever the flags.
 pub fn check_safe(probe: &TargetProbe, force: bool) -> Result<(), TargetError> {
     if probe.kind != TargetKind::BlockDevice {
-        return Ok(());
+        return refuse_busy_image(probe);
     }
     let path = || probe.path.clone();
     if !probe.system.is_empty() {
@@ -750,6 +755,18 @@ pub fn check_safe(probe: &TargetProbe, force: bool) -> Result<(), TargetError> {
         });
     }
     Ok(())
+}
+
+/// An image file behind a loop device that is mounted, swapped on or held is in
+/// use as that device is: refused the same way (no `--force` overrides it).
+fn refuse_busy_image(probe: &TargetProbe) -> Result<(), TargetError> {
+    if probe.busy.is_empty() {
+        return Ok(());
+    }
+    Err(TargetError::Busy {
+        path: probe.path.clone(),
+        findings: probe.busy.clone(),
+    })
 }
 
 /// The confirmation question for erasing a target: names the model, size and
@@ -896,7 +913,7 @@ fn open_exclusive(path: &Path) -> Result<File, TargetError> {
 /// runs call it too, so that a plan is never shown for a refused device.
 pub fn check_maintenance(probe: &TargetProbe) -> Result<(), TargetError> {
     if probe.kind != TargetKind::BlockDevice {
-        return Ok(());
+        return refuse_busy_image(probe);
     }
     if !probe.system.is_empty() {
         return Err(TargetError::SystemDisk {

@@ -668,3 +668,45 @@ fn the_system_disk_is_refused_by_every_command_that_would_change_it() {
         assert!(stderr.contains("holds the running system"), "{stderr}");
     }
 }
+
+#[test]
+fn an_image_file_behind_a_loop_device_in_use_is_refused_and_left_unchanged() {
+    if !require(is_root(), "root (loop devices, swapon)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = sparse(dir.path(), "swapped.img", 64 * MIB);
+    let Some(dev) = loop_over(&[], &image) else {
+        return;
+    };
+    run("mkswap", &["-q", &dev.0]);
+    let on = Command::new("swapon")
+        .arg(&dev.0)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !on {
+        eprintln!("SKIPPED: swapon is not permitted here");
+        return;
+    }
+    let off = SwapOff(dev.0.clone());
+    let before = std::fs::read(&image).unwrap();
+    let file = image.to_str().unwrap();
+    let iso = crate::support::fixtures::synthetic_iso("fedora-classic.iso");
+    for args in [
+        vec!["restore", file, "--yes"],
+        vec!["write", iso.to_str().unwrap(), file, "--format", "--yes"],
+    ] {
+        let out = livestick(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("attached to {}", dev.0)) && err.contains("used as swap"),
+            "{err}"
+        );
+        assert!(err.contains("swapoff"), "the hint says what to do: {err}");
+        assert!(std::fs::read(&image).unwrap() == before, "{args:?} wrote");
+    }
+    // Attached but idle, as the tests' own sticks are: written as any file.
+    drop(off);
+    ok(&livestick(&["restore", file, "--yes", "--quiet"]));
+}
