@@ -90,7 +90,29 @@ pub enum PartitionError {
 
 impl crate::error::Classify for PartitionError {
     fn kind(&self) -> crate::error::ErrorKind {
-        crate::error::ErrorKind::Io
+        match self {
+            // What the target holds, not a failing device: the user picked a disk
+            // that is no stick (yet).
+            PartitionError::DiskTooSmall { .. }
+            | PartitionError::NoTable
+            | PartitionError::NoFatPartition
+            | PartitionError::OutsideDisk { .. } => crate::error::ErrorKind::BadInput,
+            _ => crate::error::ErrorKind::Io,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            PartitionError::NoTable
+            | PartitionError::NoFatPartition
+            | PartitionError::OutsideDisk { .. } => {
+                "nothing was written; --format makes a new partition table and FAT32 file system (it erases the whole target), or pick the stick you meant"
+            }
+            PartitionError::DiskTooSmall { .. } => {
+                "nothing was written; use a bigger stick or image (--size for an image file)"
+            }
+            _ => self.kind().hint(),
+        }
     }
 }
 

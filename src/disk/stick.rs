@@ -43,6 +43,7 @@ impl crate::error::Classify for StickError {
         match self {
             StickError::Io { source, .. } => crate::error::open_failure_kind(source),
             StickError::Target(e) => crate::error::Classify::kind(e),
+            StickError::Partition { source, .. } => crate::error::Classify::kind(source),
             _ => crate::error::ErrorKind::Io,
         }
     }
@@ -51,6 +52,7 @@ impl crate::error::Classify for StickError {
         match self {
             StickError::Io { source, .. } => crate::error::open_failure_hint(source),
             StickError::Target(e) => crate::error::Classify::hint(e),
+            StickError::Partition { source, .. } => crate::error::Classify::hint(source),
             _ => self.kind().hint(),
         }
     }

@@ -485,6 +485,42 @@ fn bad_inputs_have_clear_errors() {
         e.contains("no FAT partition") || e.contains("partition"),
         "{e}"
     );
+    // A write without --format to such a target: its input, not a failing device.
+    let iso = synthetic_iso("fedora-classic.iso");
+    std::fs::File::options()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let table = std::process::Command::new("sfdisk")
+        .args(["-q", disk.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"start=2048, type=83\n")?;
+            child.wait()
+        })
+        .unwrap();
+    assert!(table.success());
+    let out = livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        disk.to_str().unwrap(),
+        "--yes",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("no FAT partition") && err.contains("--format"),
+        "{err}"
+    );
+    assert!(!err.contains("dmesg"), "{err}");
 
     if !require(tools_ok(), "squashfs-tools, e2fsprogs, mtools, dosfstools") {
         return;
