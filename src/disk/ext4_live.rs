@@ -126,7 +126,22 @@ fn make_script(f: &LiveFile) -> String {
         script.push_str(&format!("fallocate {rel} 0 {}\n", blocks - 1));
     }
     script.push_str(&format!("sif {rel} size {}\n", f.size));
+    script.push_str(&mode_line(rel));
     script
+}
+
+/// The debugfs line that gives a file of the ext4 live partition its permissions:
+/// debugfs `write` copies its source's (`/dev/null`'s 0666), and dracut mounts this
+/// partition read-write on the live system. Persistence (overlay, home, swap) is
+/// the owner's alone, 0600; everything else reads for all and writes for root,
+/// 0644.
+pub fn mode_line(rel: &str) -> String {
+    let name = rel.rsplit('/').next().unwrap_or(rel);
+    let private = crate::layout::is_overlay_name(name)
+        || name.eq_ignore_ascii_case(crate::layout::HOME)
+        || name.eq_ignore_ascii_case(crate::layout::SWAP);
+    let mode = if private { 0o100600 } else { 0o100644 };
+    format!("sif {rel} mode 0{mode:o}\n")
 }
 
 /// Whether `map` (the file at `path` on the partition `fs_io`) reads as its host

@@ -189,6 +189,11 @@ fn six_gib_overlay_goes_on_an_ext4_partition_costing_its_metadata() {
     let home = debugfs(&image, *p2, "stat /LiveOS/home.img");
     assert!(home.contains("Size: 67108864"), "{home}");
     assert!(!debugfs(&image, *p2, "ex /LiveOS/squashfs.img").contains("Uninit"));
+    // dracut mounts this partition read-write: persistence is the owner's alone.
+    assert!(stat.contains("Mode:  0600"), "{stat}");
+    assert!(home.contains("Mode:  0600"), "{home}");
+    let root = debugfs(&image, *p2, "stat /LiveOS/squashfs.img");
+    assert!(root.contains("Mode:  0644"), "{root}");
 
     // The root image is the ISO's, byte for byte.
     let ours = dir.path().join("squashfs.ours");

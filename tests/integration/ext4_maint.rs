@@ -897,6 +897,8 @@ fn dm_snapshot_merge_on_ext4_swaps_in_one_block_and_repairs_a_stop() {
         !ex.contains("Uninit"),
         "the new image's extents are written:\n{ex}"
     );
+    let mode = debugfs(&t.image, t.part, "stat /LiveOS/squashfs.img");
+    assert!(mode.contains("Mode:  0644"), "not writable by all: {mode}");
     assert_eq!(dumped_state(&t).0, "uninitialised");
     assert_eq!(t.status()["state"], "uninitialised");
     // The manifest names the merged image: `verify` reads it inside ext4, intact.

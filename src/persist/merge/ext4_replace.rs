@@ -246,7 +246,14 @@ fn ext4_replace(
 
     // Stage: blocks given (unwritten), the bytes streamed straight into them.
     let rel = staged.trim_start_matches('/');
-    debugfs_w(device, &partition, &format!("write /dev/null {rel}\n"))?;
+    debugfs_w(
+        device,
+        &partition,
+        &format!(
+            "write /dev/null {rel}\n{}",
+            crate::disk::ext4_live::mode_line(rel)
+        ),
+    )?;
     if new_len > 0 {
         crate::disk::ext4_live::grow_file(device, &partition, &staged, 0, new_len).map_err(
             |e| MergeError::Ext4 {
