@@ -246,7 +246,9 @@ fn change(dry_run: bool) -> Access {
 /// A bare overlay file, after refusing a disk that is not a live stick.
 fn open_bare(path: &Path, writable: bool) -> anyhow::Result<Bare> {
     place::refuse_disk(path).map_err(lift)?;
-    Bare::open(path, writable).map_err(lift)
+    let mut bare = Bare::open(path, writable).map_err(lift)?;
+    bare.refuse_not_an_overlay().map_err(lift)?;
+    Ok(bare)
 }
 
 fn origin_sectors(o: &OriginArgs) -> anyhow::Result<Option<u64>> {
@@ -822,11 +824,27 @@ fn ovlfs_grow(a: &GrowArgs, mut place: Place, json: bool) -> anyhow::Result<()> 
 
 /// The stick's manifest records the overlay's new size, so that `verify` stays true.
 fn record_grown_size(place: &mut Place, new_bytes: u64) {
-    let Place::Stick(t) = place else { return };
-    let overlay = t.overlay.clone();
-    if let Err(e) = crate::manifest::rewrite_on_stick(&mut t.stick, |m| {
-        crate::manifest::record_persistence_size(m, &overlay, "overlay", new_bytes)
-    }) {
+    let record = |m: &mut crate::manifest::Manifest, overlay: &str| {
+        crate::manifest::record_persistence_size(m, overlay, "overlay", new_bytes)
+    };
+    let done = match place {
+        Place::Stick(t) => {
+            let overlay = t.overlay.clone();
+            crate::manifest::rewrite_on_stick(&mut t.stick, |m| record(m, &overlay))
+        }
+        // On the ext4 layout the manifest is on the stick's FAT, which lists the
+        // overlay inside ext4.
+        Place::Ext4(o) => {
+            let overlay = o.overlay.clone();
+            crate::disk::stick::Stick::open(&o.device, true)
+                .map_err(crate::manifest::ManifestError::Stick)
+                .and_then(|mut stick| {
+                    crate::manifest::rewrite_on_stick(&mut stick, |m| record(m, &overlay))
+                })
+        }
+        Place::Bare(_) => return,
+    };
+    if let Err(e) = done {
         eprintln!(
             "warning: the overlay was grown, but the stick's manifest could not be updated ({e}); `livestick verify` will report the old size"
         );

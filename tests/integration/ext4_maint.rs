@@ -1046,3 +1046,65 @@ fn a_journal_left_to_replay_is_replayed_before_a_change() {
     );
     t.check_partition();
 }
+
+#[test]
+fn overlay_file_on_the_ext4_layout_names_only_an_overlay() {
+    let t = ext4_stick(
+        "fedora-classic.iso",
+        1 << 30,
+        &["--home-size-mb", "16", "--unencrypted-home"],
+    );
+    let home_before = debugfs(&t.image, t.part, "stat /LiveOS/home.img");
+    for other in ["home.img", "squashfs.img", "nothing-here"] {
+        for verb in [
+            &["reset", "--yes"][..],
+            &["status"][..],
+            &["grow", "--add-mb", "8", "--yes"][..],
+        ] {
+            let mut args = vec!["overlay", verb[0], t.s(), "--overlay-file", other];
+            args.extend_from_slice(&verb[1..]);
+            let out = livestick(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+            assert!(
+                err.contains(&format!("has no overlay /LiveOS/{other}"))
+                    && err.contains(&t.overlay),
+                "names what is there: {err}"
+            );
+        }
+    }
+    assert_eq!(
+        debugfs(&t.image, t.part, "stat /LiveOS/home.img"),
+        home_before,
+        "the home is untouched"
+    );
+    t.check_partition();
+    // Its own name still works; a grow is recorded in the manifest (on the FAT),
+    // so that verify agrees with the new size.
+    let name = t.overlay.rsplit('/').next().unwrap().to_string();
+    ok(&livestick(&[
+        "overlay",
+        "status",
+        t.s(),
+        "--overlay-file",
+        &name,
+    ]));
+    let before = t.overlay_size();
+    ok(&livestick(&[
+        "overlay",
+        "grow",
+        t.s(),
+        "--add-mb",
+        "8",
+        "--yes",
+    ]));
+    assert_eq!(t.overlay_size(), before + (8 << 20));
+    let out = livestick(&["verify", t.s()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

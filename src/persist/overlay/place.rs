@@ -133,6 +133,29 @@ impl Bare {
         Ok(())
     }
 
+    /// Refuses a file that is no overlay, before a verb reads it as one (and a reset
+    /// destroys it). A bare file is taken for an overlay when its name says so
+    /// (`overlay-…`, as dracut names them; a damaged one is still reset or recovered
+    /// by that name) or its content does: a dm-snapshot header (`SnAp`), the zeroed
+    /// header of a new store that no other format claims, or an ext4 with
+    /// `/overlayfs`. A home.img, a root image, an ISO or a text file is refused.
+    pub fn refuse_not_an_overlay(&mut self) -> Result<(), OverlayError> {
+        let named = self
+            .path
+            .file_name()
+            .is_some_and(|n| crate::layout::is_overlay_name(&n.to_string_lossy()));
+        if named {
+            return Ok(());
+        }
+        let Some(found) = not_an_overlay(&mut self.file)? else {
+            return Ok(());
+        };
+        Err(OverlayError::BadInput(format!(
+            "{} is not an overlay: {found}; name the overlay file (LiveOS/overlay-LABEL-UUID) or the stick (a copy of an overlay keeps working under a name that starts with overlay-)",
+            self.show()
+        )))
+    }
+
     /// What the file holds, by its first bytes.
     pub fn kind(&mut self) -> Kind {
         if store::is_ext4(&mut self.file) {
@@ -150,6 +173,46 @@ impl Bare {
         self.len = new_bytes;
         Ok(())
     }
+}
+
+/// What `file` holds instead of an overlay, or `None` when its content is one
+/// (see [`Bare::refuse_not_an_overlay`]).
+fn not_an_overlay<R: Read + Seek>(file: &mut R) -> Result<Option<String>, OverlayError> {
+    if store::is_ext4(file) {
+        let has_upper = crate::disk::ext4_fs::Ext4Fs::open(file)
+            .and_then(|fs| fs.lookup(file, &format!("/{}", store::UPPER_DIR)))
+            .is_ok_and(|upper| upper.is_some_and(|i| i.is_dir()));
+        return Ok((!has_upper).then(|| {
+            format!(
+                "it holds an ext4 file system without /{} (a home.img?)",
+                store::UPPER_DIR
+            )
+        }));
+    }
+    let head = crate::io::read_at(file, 0, 16)?;
+    if head.len() < 16 {
+        // Too short for any header: the verbs' own checks say so.
+        return Ok(None);
+    }
+    match u32::from_le_bytes([head[0], head[1], head[2], head[3]]) {
+        snapshot::SNAP_MAGIC => return Ok(None),
+        0 => {}
+        _ => {
+            return Ok(Some(
+                "it starts with neither a dm-snapshot header nor the zeros of a new one".into(),
+            ));
+        }
+    }
+    // Zeros where a store's header goes, yet another format's signature further in.
+    let iso = crate::io::read_at(file, 0x8001, 5)?;
+    if iso == b"CD001" {
+        return Ok(Some("it is an ISO 9660 image".into()));
+    }
+    let swap = crate::io::read_at(file, 4086, 10)?;
+    if swap == b"SWAPSPACE2" || swap == b"SWAP-SPACE" {
+        return Ok(Some("it is a swap area".into()));
+    }
+    Ok(None)
 }
 
 /// The kind of a bare overlay file, read without opening it for writing.
@@ -794,7 +857,25 @@ pub fn ext4_live_overlay(
         .map(|name| format!("/{}/{name}", sel.live_dir))
         .collect();
     let overlay = match &sel.overlay_file {
-        Some(name) => format!("/{}/{}", sel.live_dir, name.trim_start_matches('/')),
+        // Only an overlay by name, as on the FAT: never home.img or the root image.
+        Some(name) => {
+            let want = format!("/{}/{}", sel.live_dir, name.trim_start_matches('/'));
+            overlays
+                .iter()
+                .find(|o| o.eq_ignore_ascii_case(&want) || o.eq_ignore_ascii_case(name))
+                .cloned()
+                .ok_or_else(|| {
+                    OverlayError::Refused(format!(
+                        "{} has no overlay {want} on its ext4 live partition; overlays present: {}",
+                        path.display(),
+                        if overlays.is_empty() {
+                            "none".to_string()
+                        } else {
+                            overlays.join(", ")
+                        }
+                    ))
+                })?
+        }
         None if overlays.contains(&expected) => expected.clone(),
         None if overlays.len() == 1 => overlays[0].clone(),
         None => {
@@ -849,4 +930,73 @@ fn refuse_ext4_live(path: &Path, live_dir: &str) -> Result<(), OverlayError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bare_of(dir: &Path, name: &str, bytes: &[u8]) -> Bare {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        Bare::open(&path, false).unwrap()
+    }
+
+    fn refusal(bare: &mut Bare) -> String {
+        match bare.refuse_not_an_overlay() {
+            Ok(()) => panic!("{} was taken for an overlay", bare.show()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn only_an_overlay_by_content_or_by_name_is_taken_for_one() {
+        let dir = tempfile::tempdir().unwrap();
+        // A new store (zeros) and an initialised one, under any name.
+        let mut zeros = bare_of(dir.path(), "copy.img", &vec![0u8; 1 << 20]);
+        zeros.refuse_not_an_overlay().unwrap();
+        let mut header = vec![0u8; 1 << 20];
+        header[..4].copy_from_slice(&snapshot::SNAP_MAGIC.to_le_bytes());
+        bare_of(dir.path(), "snap.img", &header)
+            .refuse_not_an_overlay()
+            .unwrap();
+        // Zeros at the start but another format further in.
+        let mut iso = vec![0u8; 1 << 20];
+        iso[0x8001..0x8006].copy_from_slice(b"CD001");
+        assert!(refusal(&mut bare_of(dir.path(), "t.iso", &iso)).contains("ISO 9660"));
+        let mut swap = vec![0u8; 1 << 20];
+        swap[4086..4096].copy_from_slice(b"SWAPSPACE2");
+        assert!(refusal(&mut bare_of(dir.path(), "swap.img", &swap)).contains("swap"));
+        let text = b"hello, these are notes, not an overlay\n".repeat(8);
+        assert!(refusal(&mut bare_of(dir.path(), "notes.txt", &text)).contains("neither"));
+        // A damaged overlay is still one by its name, so that it can be reset.
+        bare_of(dir.path(), "overlay-LIVE-1234-5678", &text)
+            .refuse_not_an_overlay()
+            .unwrap();
+    }
+
+    #[test]
+    fn an_ext4_is_an_overlay_only_with_its_upper_dir() {
+        if crate::tools::find_program(&crate::tools::MKE2FS).is_err() {
+            assert!(std::env::var_os("CI").is_none(), "CI has e2fsprogs");
+            eprintln!("SKIPPED: no mke2fs");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home.img");
+        crate::disk::ext4::make_ext4_image(
+            &home,
+            8 << 20,
+            "home",
+            &crate::disk::ext4::Ext4Options::default(),
+        )
+        .unwrap();
+        let mut bare = Bare::open(&home, false).unwrap();
+        assert!(refusal(&mut bare).contains("without /overlayfs"));
+        let fresh = store::build_fresh_overlay(dir.path(), 8 << 20, None).unwrap();
+        Bare::open(&fresh, false)
+            .unwrap()
+            .refuse_not_an_overlay()
+            .unwrap();
+    }
 }
