@@ -95,6 +95,32 @@ pub enum OvlMaintError {
     Verify { overlay: String, offset: u64 },
 }
 
+impl crate::error::Classify for OvlMaintError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            OvlMaintError::CannotGrow { .. }
+            | OvlMaintError::FsLargerThanFile { .. }
+            | OvlMaintError::NoRoom { .. } => crate::error::ErrorKind::BadInput,
+            _ => crate::error::ErrorKind::Io,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            OvlMaintError::CannotGrow { .. } => {
+                "nothing was changed; ask for a size larger than the overlay (--add-mb N, or a larger --size-mb)"
+            }
+            OvlMaintError::NoRoom { .. } => {
+                "nothing was changed; free space in the work dir, or pass --workdir DIR on a file system with room"
+            }
+            OvlMaintError::FsLargerThanFile { .. } => {
+                "nothing was changed; save what you need from the overlay, then `livestick overlay reset` starts it afresh"
+            }
+            _ => self.kind().hint(),
+        }
+    }
+}
+
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> OvlMaintError {
     let what = what.into();
     move |source| OvlMaintError::Io { what, source }

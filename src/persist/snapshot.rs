@@ -155,6 +155,32 @@ pub enum SnapshotError {
     },
 }
 
+impl crate::error::Classify for SnapshotError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            // A failing read or write; everything else is what the store (or the
+            // request) is: the user's input.
+            SnapshotError::Io(_) => crate::error::ErrorKind::Io,
+            _ => crate::error::ErrorKind::BadInput,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            SnapshotError::CannotGrow { .. } => {
+                "nothing was changed; ask for a size larger than the overlay (--add-mb N, or a larger --size-mb)"
+            }
+            SnapshotError::Invalid => {
+                "nothing was changed; `livestick overlay recover` makes an Invalid overlay usable again (see its --help)"
+            }
+            SnapshotError::Io(_) => crate::error::ErrorKind::Io.hint(),
+            _ => {
+                "nothing was changed; `livestick overlay status` shows what the overlay holds, `livestick overlay recover` repairs a damaged one, `livestick overlay reset` starts it afresh (its changes are lost)"
+            }
+        }
+    }
+}
+
 /// The 16 meaningful bytes of chunk 0, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Header {

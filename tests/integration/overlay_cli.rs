@@ -131,7 +131,16 @@ fn merge_refuses_an_invalid_overlay_and_recover_fixes_it() {
     let cow = load_zst(&fixtures().join("p8-full-invalid/cow-after-run.img.zst"));
     let ov = write(d.path(), "ov", &cow);
     let org = write(d.path(), "origin.img", &make_origin(16384, 8));
-    assert!(overlay(&["merge", &ov, "--origin", &org]).is_err());
+    let invalid = overlay(&["merge", &ov, "--origin", &org]).unwrap_err();
+    assert_eq!(
+        kind(&invalid),
+        livestick::error::ErrorKind::BadInput,
+        "{invalid:#}"
+    );
+    assert!(
+        format!("{invalid:#}").contains("overlay recover"),
+        "says what to do: {invalid:#}"
+    );
     assert_eq!(std::fs::read(&ov).unwrap(), cow);
 
     overlay(&["recover", &ov, "--origin", &org, "--dry-run"]).unwrap();
@@ -175,9 +184,11 @@ fn grow_reset_and_status() {
         dm_status(&ov),
         format!("1104/{} 16", ((256 << 20) - 4096) / 512)
     );
-    assert!(
-        overlay(&["grow", &ov, "--size-mb", "10"]).is_err(),
-        "no shrinking"
+    let shrink = overlay(&["grow", &ov, "--size-mb", "10"]).unwrap_err();
+    assert_eq!(
+        kind(&shrink),
+        livestick::error::ErrorKind::BadInput,
+        "no shrinking, and it is the request that is wrong: {shrink:#}"
     );
     assert!(overlay(&["grow", &ov]).is_err(), "an amount is required");
 

@@ -99,6 +99,52 @@ pub enum MergeError {
     },
 }
 
+impl crate::error::Classify for MergeError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            MergeError::Stick(e) => e.kind(),
+            MergeError::Swap(e) => e.kind(),
+            MergeError::Snapshot(e) => e.kind(),
+            MergeError::Ovl(e) => e.kind(),
+            // A --workdir that is not there, or that the user may not write.
+            MergeError::Io { source, .. } => crate::error::open_failure_kind(source),
+            MergeError::NoSpace { .. }
+            | MergeError::NoRootImage { .. }
+            | MergeError::Erofs(_)
+            | MergeError::OverlayInvalid
+            | MergeError::OverlayCorrupt(_)
+            | MergeError::FoldNoRoom { .. } => ErrorKind::BadInput,
+            _ => ErrorKind::Io,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            MergeError::Stick(e) => e.hint(),
+            MergeError::Swap(e) => e.hint(),
+            MergeError::Snapshot(e) => e.hint(),
+            MergeError::Ovl(e) => e.hint(),
+            MergeError::Io { source, .. } => crate::error::open_failure_hint(source),
+            MergeError::NoSpace { .. } => {
+                "nothing was changed; free space where it is short (delete files from the stick, or from the work dir), or pass --workdir DIR on a file system with room"
+            }
+            MergeError::OverlayInvalid => {
+                "nothing was changed; `livestick overlay recover` makes the overlay usable again, then merge"
+            }
+            MergeError::FoldNoRoom { .. } => {
+                "nothing was changed; `livestick overlay grow --add-mb N` gives the overlay room, then merge again"
+            }
+            MergeError::NoRootImage { .. }
+            | MergeError::Erofs(_)
+            | MergeError::OverlayCorrupt(_) => {
+                "nothing was changed; `livestick overlay status` shows what the overlay and root image are"
+            }
+            _ => self.kind().hint(),
+        }
+    }
+}
+
 /// Merge code names I/O errors through the crate's one helper.
 pub(crate) use crate::io::io_at;
 

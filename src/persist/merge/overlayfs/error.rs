@@ -70,6 +70,29 @@ pub enum OvlError {
 /// The OverlayFS merge names I/O errors through the crate's one helper.
 pub(crate) use crate::io::io_at;
 
+impl crate::error::Classify for OvlError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            OvlError::NoUpper(_)
+            | OvlError::BadName { .. }
+            | OvlError::Unsupported { .. }
+            | OvlError::DirNeedsRoot(_) => crate::error::ErrorKind::BadInput,
+            OvlError::Io { source, .. } => crate::error::open_failure_kind(source),
+            _ => crate::error::ErrorKind::Io,
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self {
+            OvlError::Io { source, .. } => crate::error::open_failure_hint(source),
+            OvlError::NoUpper(_) | OvlError::BadName { .. } | OvlError::Unsupported { .. } => {
+                "nothing was changed; the message says what the overlay holds that a merge cannot take"
+            }
+            _ => self.kind().hint(),
+        }
+    }
+}
+
 impl From<crate::io::IoAt> for OvlError {
     fn from(crate::io::IoAt { path, source }: crate::io::IoAt) -> Self {
         OvlError::Io { path, source }
