@@ -1350,7 +1350,7 @@ impl Verifiable {
                 check.used = Some(used);
                 check.ok = status.state != "invalid" && status.problems.is_empty();
                 check.status = format!(
-                    "dm-snapshot overlay: {}, {} chunks changed ({:.1}% used){}",
+                    "dm-snapshot overlay: {}, {} chunks changed ({:.1}% used){}{}",
                     status.state,
                     status.exceptions,
                     status.percent_used,
@@ -1358,6 +1358,13 @@ impl Verifiable {
                         String::new()
                     } else {
                         format!("; problems: {}", status.problems.join("; "))
+                    },
+                    // The stick is not failing: the overlay ran full. Rewriting it
+                    // would throw the changes away; recover keeps them.
+                    if status.state == "invalid" {
+                        "; the kernel marked it Invalid (it ran full): `livestick overlay recover STICK` makes it usable again and keeps its changes"
+                    } else {
+                        ""
                     }
                 );
                 if deep {

@@ -1219,3 +1219,26 @@ fn bios_boot_code_and_loader_are_recorded_and_a_changed_byte_in_them_is_found() 
     assert_eq!(out.status.code(), Some(4), "{r:#}");
     assert_eq!(boot_area(&r, "partition boot sector")["state"], "changed");
 }
+
+#[test]
+fn an_invalid_overlay_is_a_problem_that_names_recover_not_a_rewrite() {
+    let t = written("fedora-classic.iso", &["--overlay-size-mb", "16"]);
+    let overlay = t.manifest()["persistence"][0]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // What the kernel leaves when the store runs full, put where the overlay is.
+    let cow = crate::support::dm_snapshot::load_zst(
+        &crate::support::dm_snapshot::fixtures().join("p8-full-invalid/cow-after-run.img.zst"),
+    );
+    let invalid = t.dir.path().join("invalid.cow");
+    std::fs::write(&invalid, &cow).unwrap();
+    fat_put(&t.image, t.part, &invalid, overlay.trim_start_matches('/'));
+    let out = livestick(&["verify", t.s()]);
+    assert_eq!(out.status.code(), Some(4));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("invalid") && text.contains("livestick overlay recover"),
+        "{text}"
+    );
+}
