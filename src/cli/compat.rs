@@ -987,6 +987,24 @@ impl CompatArgs {
         Ok(())
     }
 
+    /// Whether an asked size of exactly 4096 MiB becomes 4095 (FAT32's largest
+    /// whole-MiB file): not when the persistence goes on ext4, asked for
+    /// (`--format ext4`) or chosen by livestick because another size is over the
+    /// FAT32 limit.
+    fn clamps_4096(&self) -> bool {
+        let ext4_format =
+            !self.skipcopy && self.format.as_ref().and_then(|f| f.fstype) == Some(FsType::Ext4);
+        let over_fat = [
+            self.overlay.as_ref().map(|s| s.mb),
+            self.home.as_ref().map(|s| s.mb),
+            self.swap_size_mb,
+        ]
+        .into_iter()
+        .flatten()
+        .any(|mb| mb > 4096);
+        !ext4_format && !over_fat
+    }
+
     /// Notes for the user about what the mapping changed.
     pub fn notices(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -998,7 +1016,7 @@ impl CompatArgs {
             ("--home-size-mb", self.home.as_ref().map(|s| s.mb)),
             ("--swap-size-mb", self.swap_size_mb),
         ] {
-            if mb == Some(4096) {
+            if mb == Some(4096) && self.clamps_4096() {
                 out.push(format!(
                     "{name} 4096 is made 4095 MiB, the largest whole-MiB file FAT32 holds"
                 ));
@@ -1059,7 +1077,14 @@ impl CompatArgs {
         };
         // livecd-iso-to-disk's ext4 layout: the live directory on an ext4 partition.
         let ext4 = format && self.format.as_ref().and_then(|f| f.fstype) == Some(FsType::Ext4);
-        let clamp = |mb: u64| if mb == 4096 && !ext4 { FAT_MAX_MIB } else { mb };
+        let clamps = self.clamps_4096();
+        let clamp = |mb: u64| {
+            if mb == 4096 && clamps {
+                FAT_MAX_MIB
+            } else {
+                mb
+            }
+        };
         let mut extra = self.extra_kernel_args.join(" ");
         if self.overlayfs == Some(OverlayFsMode::Temp) {
             if !extra.is_empty() {
@@ -1552,6 +1577,25 @@ mod tests {
         assert_eq!(w.home_size_mb, Some(64));
         assert_eq!(w.timeout, Some(crate::boot::render::WAIT_FOREVER));
         assert_eq!(w.extra_kernel_args.as_deref(), Some("console=ttyS0"));
+        // Another size over FAT32's limit puts persistence on ext4: 4096 stays 4096.
+        let big = run(&[
+            "--overlay-size-mb",
+            "4096",
+            "--home-size-mb",
+            "5000",
+            "x.iso",
+            "s.img",
+        ]);
+        assert!(
+            big.notices().iter().all(|n| !n.contains("4095")),
+            "{:?}",
+            big.notices()
+        );
+        let w = big.to_write_args(&whole("s.img")).unwrap();
+        assert_eq!(
+            (w.overlay_size_mb, w.home_size_mb),
+            (Some(4096), Some(5000))
+        );
         // --efi without --format keeps whatever table the stick has.
         let w = run(&["--efi", "x.iso", "s.img"])
             .to_write_args(&whole("s.img"))
