@@ -583,14 +583,27 @@ fn with_prefix(menu: &crate::boot::menu::BootMenu, prefix: &str) -> crate::boot:
     menu
 }
 
-/// The live directories of an existing stick: the top-level directories that hold a
-/// root image (`squashfs.img`, or an older ISO's `rootfs.img`).
+/// The live directories of an existing stick's first image (the one its top-level
+/// menus boot): top-level directories that hold a root image (`squashfs.img`, or an
+/// older ISO's `rootfs.img`) and no boot files of their own. An image `--multi`
+/// added keeps its kernel and menus under its directory, and installing it again
+/// there replaces it.
 fn live_dirs_of(fs: &ExistingFs) -> Vec<String> {
+    let nested = |dir: &str| {
+        fs.files.iter().any(|(p, _)| {
+            p.trim_start_matches('/')
+                .split_once('/')
+                .is_some_and(|(d, rest)| d.eq_ignore_ascii_case(dir) && rest.contains('/'))
+        })
+    };
     let mut dirs: Vec<String> = Vec::new();
     for (path, _) in &fs.files {
         let Some((dir, name)) = path.trim_start_matches('/').split_once('/') else {
             continue;
         };
+        if nested(dir) {
+            continue;
+        }
         let root_image = name.eq_ignore_ascii_case(crate::layout::SQUASHFS)
             || crate::layout::ROOT_IMAGES.iter().any(|r| {
                 r.rsplit('/')
@@ -3096,6 +3109,20 @@ menuentry 'Test this media & start Fedora-Test-Live 42' --class fedora {\n\
         ));
         let plan = plan_existing(&nested(), moved, &same).expect("LiveOS is free");
         assert!(dests(&plan).contains(&"/LiveOS/squashfs.img".to_string()));
+
+        // An image --multi added (its kernel under its directory) is installed again
+        // in place.
+        let mut added = stick();
+        added.files.extend([
+            ("/Second/squashfs.img".to_string(), 1400 * MIB),
+            ("/Second/isolinux/vmlinuz".to_string(), 13 * MIB),
+        ]);
+        let again = WriteOptions {
+            multi: true,
+            live_dir: "Second".into(),
+            ..opts()
+        };
+        plan_existing(&nested(), added, &again).expect("the added image is replaced");
     }
 
     #[test]
