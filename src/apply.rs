@@ -1617,10 +1617,7 @@ fn staged_boot_written(
     let sector = crate::io::read_at(&mut device, 0, 512).map_err(ApplyError::io(step))?;
     Ok(crate::manifest::BootWritten {
         loader_files,
-        record: crate::manifest::BootRecord {
-            mbr_code_sha256: crate::manifest::mbr_code_sha256(mbr_code),
-            boot_sector_code_sha256: crate::manifest::boot_sector_code_sha256(&sector),
-        },
+        record: crate::manifest::BootRecord::of(mbr_code, &sector),
     })
 }
 
@@ -1643,10 +1640,7 @@ fn record_installed_boot<D: Read + Write + Seek>(
         }
         let boot = crate::manifest::BootWritten {
             loader_files,
-            record: crate::manifest::BootRecord {
-                mbr_code_sha256: crate::manifest::mbr_code_sha256(mbr_code),
-                boot_sector_code_sha256: crate::manifest::boot_sector_code_sha256(&sector),
-            },
+            record: crate::manifest::BootRecord::of(mbr_code, &sector),
         };
         crate::manifest::record_boot(&fs, &boot).map_err(ApplyError::fat(step))?;
         fs.unmount().map_err(ApplyError::io(step))?;

@@ -32,6 +32,17 @@ pub fn overlay_path(live_dir: &str, label: &str, fs_uuid: &str) -> String {
     )
 }
 
+/// Whether a file name in a live directory is a root image's: `squashfs.img`, or an
+/// older ISO's `rootfs.img`/`ext3fs.img` (any case, as FAT names compare).
+pub fn is_root_image_name(name: &str) -> bool {
+    name.eq_ignore_ascii_case(SQUASHFS)
+        || ROOT_IMAGES.iter().any(|r| {
+            r.rsplit('/')
+                .next()
+                .is_some_and(|n| n.eq_ignore_ascii_case(name))
+        })
+}
+
 /// Whether a file name in the live directory is an overlay (any label, any case).
 pub fn is_overlay_name(name: &str) -> bool {
     name.to_ascii_lowercase().starts_with(OVERLAY_PREFIX)

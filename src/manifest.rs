@@ -88,6 +88,17 @@ pub struct BootWritten {
     pub record: BootRecord,
 }
 
+impl BootRecord {
+    /// The record of `mbr_code` (the 440 bytes of code) and of the partition boot
+    /// sector `boot_sector` as written.
+    pub fn of(mbr_code: &[u8], boot_sector: &[u8]) -> BootRecord {
+        BootRecord {
+            mbr_code_sha256: mbr_code_sha256(mbr_code),
+            boot_sector_code_sha256: boot_sector_code_sha256(boot_sector),
+        }
+    }
+}
+
 /// The sha256 [`BootRecord::mbr_code_sha256`] holds, of the disk's first sector.
 pub fn mbr_code_sha256(first_sector: &[u8]) -> String {
     hex(&Sha256::digest(
@@ -937,6 +948,19 @@ pub fn open_for_verify(path: &Path) -> Result<Verifiable, ManifestError> {
     })
 }
 
+/// The first path of `paths` that an earlier one names already (FAT compares
+/// names without case).
+fn listed_twice<'a>(paths: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let mut seen: Vec<&str> = Vec::new();
+    for path in paths {
+        if seen.iter().any(|s| s.eq_ignore_ascii_case(path)) {
+            return Some(path);
+        }
+        seen.push(path);
+    }
+    None
+}
+
 /// Why `manifest` cannot be one a write made: every write records its image and
 /// that image's root file system (`squashfs.img`, or an older ISO's `rootfs.img`),
 /// so a manifest without them was emptied or cut, and would check nothing.
@@ -946,32 +970,18 @@ fn what_a_write_always_records_is_missing(manifest: &Manifest) -> Option<String>
     }
     // A write lists each file once: a second entry would be checked and counted twice,
     // and one of the two cannot be what was written.
-    for (i, f) in manifest.files.iter().enumerate() {
-        if manifest.files[..i]
-            .iter()
-            .any(|g| g.path.eq_ignore_ascii_case(&f.path))
-        {
-            return Some(format!("it lists {} twice", f.path));
-        }
-    }
-    for (i, p) in manifest.persistence.iter().enumerate() {
-        if manifest.persistence[..i]
-            .iter()
-            .any(|q| q.path.eq_ignore_ascii_case(&p.path))
-        {
-            return Some(format!("it lists {} twice", p.path));
-        }
+    let files = manifest.files.iter().map(|f| f.path.as_str());
+    let persistence = manifest.persistence.iter().map(|p| p.path.as_str());
+    if let Some(twice) = listed_twice(files).or_else(|| listed_twice(persistence)) {
+        return Some(format!("it lists {twice} twice"));
     }
     for image in &manifest.images {
         let dir = image.live_dir.trim_matches('/').to_ascii_lowercase();
         let has_root = manifest.files.iter().any(|f| {
             let lower = f.path.trim_start_matches('/').to_ascii_lowercase();
-            lower.strip_prefix(&format!("{dir}/")).is_some_and(|name| {
-                name == crate::layout::SQUASHFS
-                    || crate::layout::ROOT_IMAGES
-                        .iter()
-                        .any(|r| r.rsplit('/').next() == Some(name))
-            })
+            lower
+                .strip_prefix(&format!("{dir}/"))
+                .is_some_and(crate::layout::is_root_image_name)
         });
         if !has_root {
             return Some(format!(
@@ -1798,10 +1808,7 @@ mod tests {
 
     #[test]
     fn the_boot_code_record_is_the_last_bios_writes_and_survives_a_uefi_only_rewrite() {
-        let boot = |n: u8| BootRecord {
-            mbr_code_sha256: mbr_code_sha256(&[n; 512]),
-            boot_sector_code_sha256: boot_sector_code_sha256(&[n; 512]),
-        };
+        let boot = |n: u8| BootRecord::of(&[n; 512], &[n; 512]);
         let mut first = write_of("LiveOS", vec![file("/LiveOS/squashfs.img", 10)]);
         first.boot = Some(boot(1));
         let first = updated(None, first, |_| None, "t1");

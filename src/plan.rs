@@ -604,13 +604,9 @@ fn live_dirs_of(fs: &ExistingFs) -> Vec<String> {
         if nested(dir) {
             continue;
         }
-        let root_image = name.eq_ignore_ascii_case(crate::layout::SQUASHFS)
-            || crate::layout::ROOT_IMAGES.iter().any(|r| {
-                r.rsplit('/')
-                    .next()
-                    .is_some_and(|n| n.eq_ignore_ascii_case(name))
-            });
-        if root_image && !dirs.iter().any(|d| d.eq_ignore_ascii_case(dir)) {
+        if crate::layout::is_root_image_name(name)
+            && !dirs.iter().any(|d| d.eq_ignore_ascii_case(dir))
+        {
             dirs.push(dir.to_string());
         }
     }

@@ -493,21 +493,7 @@ fn bad_inputs_have_clear_errors() {
         .unwrap()
         .set_len(64 << 20)
         .unwrap();
-    let table = std::process::Command::new("sfdisk")
-        .args(["-q", disk.to_str().unwrap()])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(b"start=2048, type=83\n")?;
-            child.wait()
-        })
-        .unwrap();
-    assert!(table.success());
+    sfdisk_script(&disk, "start=2048, type=83\n");
     let out = livestick(&[
         "write",
         iso.to_str().unwrap(),

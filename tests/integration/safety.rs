@@ -34,6 +34,24 @@ impl Drop for SwapOff {
     }
 }
 
+/// A loop device over `image`, made swap and swapped on (off again when the guard
+/// drops); `None` where loop devices or swapon are not to be had here.
+fn swap_on_a_loop_over(image: &Path) -> Option<(Loop, SwapOff)> {
+    let dev = loop_over(&[], image)?;
+    run("mkswap", &["-q", &dev.0]);
+    let on = Command::new("swapon")
+        .arg(&dev.0)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !on {
+        // Containers often forbid swapon; the rule is unit-tested over fixtures.
+        eprintln!("SKIPPED: swapon is not permitted here");
+        return None;
+    }
+    let off = SwapOff(dev.0.clone());
+    Some((dev, off))
+}
+
 #[test]
 fn a_loop_device_passes_with_force_only_and_the_question_names_it() {
     if !require(is_root(), "root (loop devices)") {
@@ -106,20 +124,9 @@ fn a_loop_device_used_as_swap_is_refused() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = sparse(dir.path(), "swap.img", 64 * MIB);
-    let Some(dev) = loop_over(&[], &image) else {
+    let Some((dev, _off)) = swap_on_a_loop_over(&image) else {
         return;
     };
-    run("mkswap", &["-q", &dev.0]);
-    let on = Command::new("swapon")
-        .arg(&dev.0)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !on {
-        // Containers often forbid swapon; the rule is unit-tested over fixtures.
-        eprintln!("SKIPPED: swapon is not permitted here");
-        return;
-    }
-    let _off = SwapOff(dev.0.clone());
     let err = refusal(&dev.0, true);
     assert!(
         matches!(&err, TargetError::Busy { findings, .. } if findings == &vec![format!("{} is used as swap", dev.0)]),
@@ -676,19 +683,9 @@ fn an_image_file_behind_a_loop_device_in_use_is_refused_and_left_unchanged() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = sparse(dir.path(), "swapped.img", 64 * MIB);
-    let Some(dev) = loop_over(&[], &image) else {
+    let Some((dev, off)) = swap_on_a_loop_over(&image) else {
         return;
     };
-    run("mkswap", &["-q", &dev.0]);
-    let on = Command::new("swapon")
-        .arg(&dev.0)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !on {
-        eprintln!("SKIPPED: swapon is not permitted here");
-        return;
-    }
-    let off = SwapOff(dev.0.clone());
     let before = std::fs::read(&image).unwrap();
     let file = image.to_str().unwrap();
     let iso = crate::support::fixtures::synthetic_iso("fedora-classic.iso");

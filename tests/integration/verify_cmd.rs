@@ -20,6 +20,13 @@ impl Stick {
         self.image.to_str().unwrap()
     }
 
+    /// Replaces the stick's manifest with `m`, through mtools.
+    fn put_manifest(&self, m: &serde_json::Value) {
+        let edited = self.dir.path().join("livestick.json");
+        std::fs::write(&edited, serde_json::to_vec_pretty(m).unwrap()).unwrap();
+        fat_put(&self.image, self.part, &edited, MANIFEST);
+    }
+
     fn manifest(&self) -> serde_json::Value {
         serde_json::from_slice(&fat_read(&self.image, self.part, MANIFEST))
             .expect("the manifest is JSON")
@@ -496,9 +503,7 @@ fn a_stick_without_a_manifest_is_bad_input_with_a_clear_message() {
     for emptied in ["files", "images"] {
         let mut m = t.manifest();
         m[emptied] = serde_json::json!([]);
-        let edited = t.dir.path().join("livestick.json");
-        std::fs::write(&edited, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
-        fat_put(&t.image, t.part, &edited, MANIFEST);
+        t.put_manifest(&m);
         let out = livestick(&["verify", t.s()]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{emptied}: {err}");
@@ -520,9 +525,7 @@ fn a_stick_without_a_manifest_is_bad_input_with_a_clear_message() {
         let mut m = t.manifest();
         let first = m[list][0].clone();
         m[list].as_array_mut().unwrap().push(first.clone());
-        let edited = t.dir.path().join("livestick.json");
-        std::fs::write(&edited, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
-        fat_put(&t.image, t.part, &edited, MANIFEST);
+        t.put_manifest(&m);
         let out = livestick(&["verify", t.s()]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{list}: {err}");
