@@ -15,6 +15,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::disk::ext4_fs;
+use crate::disk::ext4_live;
 use crate::disk::extent_file::ExtentFile;
 use crate::disk::fat::{self, FatError};
 use crate::disk::identity::{Identity, IdentityError};
@@ -95,6 +97,14 @@ pub enum RestoreError {
     )]
     NoHome { stick: PathBuf, found: String },
     #[error(
+        "--save-home {file}: the stick has {count} homes ({homes}) and {file} is not a directory — give --save-home an existing directory, and each home is saved in it as <live dir>-home.img"
+    )]
+    SeveralHomes {
+        file: PathBuf,
+        count: usize,
+        homes: String,
+    },
+    #[error(
         "--save-home {file}: not enough space there ({free} free, home.img is {size}); name a file on a disk with more room"
     )]
     SaveHomeNoRoom {
@@ -141,6 +151,7 @@ impl crate::error::Classify for RestoreError {
             | RestoreError::NoMkfsExfat
             | RestoreError::SaveHomeExists { .. }
             | RestoreError::NoHome { .. }
+            | RestoreError::SeveralHomes { .. }
             | RestoreError::SaveHomeNoRoom { .. } => ErrorKind::BadInput,
             RestoreError::SaveHomeOnStick { .. } => ErrorKind::Refused,
             RestoreError::Io { source, .. } => crate::error::open_failure_kind(source),
@@ -187,13 +198,43 @@ pub struct Found {
     pub live: bool,
     /// livestick's manifest is on it.
     pub manifest: bool,
-    /// `/<dir>/home.img` and its size.
+    /// The first of `homes`: `/<dir>/home.img` and its size.
     #[serde(serialize_with = "json::file_or_null")]
     pub home: Option<(String, u64)>,
+    /// Every live directory's home.img: a `--multi` stick has one for each, and the
+    /// ext4 live layout keeps them in its ext4 partition.
+    pub homes: Vec<FoundHome>,
     /// Other persistence files (overlays, swap) with their sizes.
     #[serde(serialize_with = "json::files")]
     pub persistence: Vec<(String, u64)>,
 }
+
+/// A home.img on the stick, and the file system it is in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FoundHome {
+    pub path: String,
+    #[serde(rename = "size_bytes")]
+    pub size: u64,
+    /// The 1-based partition holding it.
+    pub partition: u32,
+    /// `vfat`, or `ext4` for the ext4 live layout's partition.
+    pub filesystem: HomeFs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HomeFs {
+    Vfat,
+    Ext4,
+}
+
+/// The homes `--save-home` copies off, each with the file it goes to.
+#[derive(Debug, Clone, Default)]
+pub struct SaveHomes(pub Vec<(FoundHome, PathBuf)>);
+
+/// The copies `--save-home` made.
+#[derive(Debug, Clone, Default)]
+pub struct SavedHomes(pub Vec<SavedHome>);
 
 /// The JSON words of restore's plan and report (docs/json.md): a file on the stick
 /// is `{"path", "size_bytes"}`, not a pair.
@@ -219,18 +260,38 @@ mod json {
             .serialize(s)
     }
 
-    pub fn save_home<S: Serializer>(
-        save: &Option<(String, std::path::PathBuf)>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        save.as_ref()
-            .map(|(path, file)| json!({"path": path, "file": file}))
-            .serialize(s)
+    /// `save_home` (the first, or null, as before `--multi` sticks were covered)
+    /// and `save_homes` (all).
+    impl Serialize for super::SaveHomes {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            let each: Vec<_> = self
+                .0
+                .iter()
+                .map(|(home, file)| json!({"path": home.path, "file": file}))
+                .collect();
+            let mut map = s.serialize_map(Some(2))?;
+            map.serialize_entry("save_home", &each.first())?;
+            map.serialize_entry("save_homes", &each)?;
+            map.end()
+        }
+    }
+
+    /// `saved_home` (the first, or null) and `saved_homes` (all).
+    impl Serialize for super::SavedHomes {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            let mut map = s.serialize_map(Some(2))?;
+            map.serialize_entry("saved_home", &self.0.first())?;
+            map.serialize_entry("saved_homes", &self.0)?;
+            map.end()
+        }
     }
 }
 
 /// Reads what the stick holds: its table, and on a FAT partition the live
-/// directories, home.img and the manifest. Reading only: nothing is refused here.
+/// directories, home.img and the manifest; on the ext4 live layout the live
+/// directories of its ext4 partition. Reading only: nothing is refused here.
 pub fn inspect(probe: &TargetProbe) -> Result<Found, RestoreError> {
     let path = &probe.path;
     let mut file = target::open_existing(probe, false)?;
@@ -238,8 +299,24 @@ pub fn inspect(probe: &TargetProbe) -> Result<Found, RestoreError> {
         "reading the partition table of {}",
         path.display()
     )))?;
+    // A damaged ext4 is not a live partition here: the restore erases it either way.
+    let on_ext4 = ext4_fs::find_any_live_partition(&mut file)
+        .ok()
+        .flatten()
+        .and_then(|(p, dirs)| {
+            let mut files = Vec::new();
+            for dir in &dirs {
+                let (layout, _) = ext4_live::layout_of(&mut file, dir, 0).ok()??;
+                files.extend(layout.files.into_iter().map(|f| (f.path, f.size_bytes)));
+            }
+            Some((p.number, p.fs.label.clone(), dirs, files))
+        });
+    // A file system over the whole disk, or an ISO written to it with dd (whose
+    // hybrid MBR is a table too): what the user would otherwise lose unnamed.
+    let whole_disk = crate::disk::devices::peek_filesystem(&mut file, 0, probe.size)
+        .filter(|fs| table.is_none() || fs.fs_type == "iso9660");
     drop(file);
-    let table_text = match &table {
+    let mut table_text = match &table {
         None => "no partition table".to_string(),
         Some((kind, entries)) => format!(
             "{kind} partition table with {} partition{}",
@@ -247,69 +324,184 @@ pub fn inspect(probe: &TargetProbe) -> Result<Found, RestoreError> {
             if entries.len() == 1 { "" } else { "s" }
         ),
     };
+    if let Some(fs) = whole_disk {
+        let what = match fs.fs_type.as_str() {
+            "crypto_LUKS" => "a LUKS encrypted volume".to_string(),
+            "iso9660" => "an ISO 9660 image written to it whole".to_string(),
+            "swap" => "a swap area".to_string(),
+            "vfat" => "a FAT file system".to_string(),
+            "squashfs" => "a squashfs image".to_string(),
+            "ntfs" => "an NTFS file system".to_string(),
+            other if other.starts_with("ext") => format!("an {other} file system"),
+            other => format!("a {other} file system"),
+        };
+        let label = fs
+            .label
+            .map(|l| format!(" labelled {l:?}"))
+            .unwrap_or_default();
+        table_text = format!("{table_text}; the whole disk holds {what}{label}");
+    }
     let mut found = Found {
         description: table_text.clone(),
         live: false,
         manifest: false,
         home: None,
+        homes: Vec::new(),
         persistence: Vec::new(),
     };
-    let Ok(mut stick) = Stick::open(path, false) else {
-        return Ok(found);
-    };
-    let listing = stick.with_fs(|fs| {
-        let label = fs.volume_label().trim_end().to_string();
-        let files = fat::walk_files(fs, "").unwrap_or_default();
-        Ok((label, files, crate::manifest::find(fs).is_some()))
+    let fat = Stick::open(path, false).ok().and_then(|mut stick| {
+        let partition = stick.partition.number;
+        stick
+            .with_fs(|fs| {
+                let label = fs.volume_label().trim_end().to_string();
+                let files = fat::walk_files(fs, "").unwrap_or_default();
+                Ok((label, files, crate::manifest::find(fs).is_some()))
+            })
+            .ok()
+            .map(|(label, files, manifest)| (partition, label, files, manifest))
     });
-    let Ok((label, files, manifest)) = listing else {
-        return Ok(found);
+    let fat_files: Vec<(String, u64)> = fat
+        .as_ref()
+        .map(|(_, _, files, _)| files.iter().map(|f| (f.path.clone(), f.size)).collect())
+        .unwrap_or_default();
+    let fat_live_dirs = live_dirs_of(&fat_files);
+    if let Some((partition, _, _, _)) = &fat {
+        add_live_files(
+            &mut found,
+            &fat_files,
+            &fat_live_dirs,
+            *partition,
+            HomeFs::Vfat,
+        );
+    }
+    if let Some((partition, _, dirs, files)) = &on_ext4 {
+        let dirs: Vec<String> = dirs.iter().map(|d| format!("/{d}")).collect();
+        add_live_files(&mut found, files, &dirs, *partition, HomeFs::Ext4);
+    }
+    found.home = found.homes.first().map(|h| (h.path.clone(), h.size));
+    found.manifest = fat.as_ref().is_some_and(|(_, _, _, manifest)| *manifest);
+    found.live = !fat_live_dirs.is_empty() || on_ext4.is_some();
+    let by = if found.manifest {
+        " written by livestick"
+    } else {
+        ""
     };
-    let live_dirs: Vec<String> = files
+    found.description = match (&fat, &on_ext4) {
+        (Some((_, label, _, _)), None) if found.live => format!(
+            "a live stick{by} ({table_text}, FAT label {label:?}, live image in {})",
+            fat_live_dirs.join(", ")
+        ),
+        (fat, Some((partition, ext4_label, dirs, _))) => format!(
+            "a live stick{by} ({table_text}{}, live image in {} on ext4 partition {partition} labelled {ext4_label:?})",
+            fat.as_ref()
+                .map(|(_, label, _, _)| format!(", boot files on FAT label {label:?}"))
+                .unwrap_or_default(),
+            dirs.iter()
+                .map(|d| format!("/{d}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        (Some((_, label, files, _)), None) => {
+            let used: u64 = files.iter().map(|f| f.size).sum();
+            format!(
+                "not a live stick: {table_text}, a FAT file system labelled {label:?} holding {} file{} ({})",
+                files.len(),
+                if files.len() == 1 { "" } else { "s" },
+                human(used)
+            )
+        }
+        (None, None) => table_text,
+    };
+    Ok(found)
+}
+
+/// The live directories among a file system's files: those holding a root image
+/// (squashfs.img, or an older ISO's rootfs.img/ext3fs.img).
+fn live_dirs_of(files: &[(String, u64)]) -> Vec<String> {
+    let mut dirs: Vec<String> = files
         .iter()
-        .filter_map(|f| {
-            let (dir, name) = f.path.rsplit_once('/')?;
-            (name.eq_ignore_ascii_case(crate::layout::SQUASHFS) && !dir.is_empty())
-                .then(|| dir.to_string())
+        .filter_map(|(path, _)| {
+            let (dir, name) = path.rsplit_once('/')?;
+            (crate::layout::is_root_image_name(name) && !dir.is_empty()).then(|| dir.to_string())
         })
         .collect();
-    for f in &files {
-        let Some((dir, name)) = f.path.rsplit_once('/') else {
+    dirs.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
+    dirs
+}
+
+/// Adds the homes and the other persistence files of `live_dirs` to `found`.
+fn add_live_files(
+    found: &mut Found,
+    files: &[(String, u64)],
+    live_dirs: &[String],
+    partition: u32,
+    filesystem: HomeFs,
+) {
+    for (path, size) in files {
+        let Some((dir, name)) = path.rsplit_once('/') else {
             continue;
         };
         if !live_dirs.iter().any(|d| d.eq_ignore_ascii_case(dir)) {
             continue;
         }
         if name.eq_ignore_ascii_case(crate::layout::HOME) {
-            found.home.get_or_insert((f.path.clone(), f.size));
+            found.homes.push(FoundHome {
+                path: path.clone(),
+                size: *size,
+                partition,
+                filesystem,
+            });
         } else if crate::layout::is_overlay_name(name)
             || name.eq_ignore_ascii_case(crate::layout::SWAP)
         {
-            found.persistence.push((f.path.clone(), f.size));
+            found.persistence.push((path.clone(), *size));
         }
     }
-    found.manifest = manifest;
-    found.live = !live_dirs.is_empty();
-    let used: u64 = files.iter().map(|f| f.size).sum();
-    found.description = if found.live {
-        format!(
-            "a live stick{} ({table_text}, FAT label {label:?}, live image in {})",
-            if manifest {
-                " written by livestick"
-            } else {
-                ""
-            },
-            live_dirs.join(", ")
-        )
-    } else {
-        format!(
-            "not a live stick: {table_text}, a FAT file system labelled {label:?} holding {} file{} ({})",
-            files.len(),
-            if files.len() == 1 { "" } else { "s" },
-            human(used)
-        )
-    };
-    Ok(found)
+}
+
+/// Where `--save-home PATH` puts each home of the stick: PATH itself for a stick
+/// with one home; with PATH an existing directory (`is_dir`), each home in it as
+/// `<live dir>-home.img`. A stick with several homes needs the directory.
+pub fn save_destinations(
+    stick: &Path,
+    found: &Found,
+    to: &Path,
+    is_dir: bool,
+) -> Result<Vec<(FoundHome, PathBuf)>, RestoreError> {
+    match (found.homes.as_slice(), is_dir) {
+        ([], _) => Err(RestoreError::NoHome {
+            stick: stick.to_path_buf(),
+            found: found.description.clone(),
+        }),
+        ([one], false) => Ok(vec![(one.clone(), to.to_path_buf())]),
+        (homes, false) => Err(RestoreError::SeveralHomes {
+            file: to.to_path_buf(),
+            count: homes.len(),
+            homes: homes
+                .iter()
+                .map(|h| h.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+        (homes, true) => {
+            let mut out: Vec<(FoundHome, PathBuf)> = Vec::new();
+            for home in homes {
+                let dir = home
+                    .path
+                    .rsplit_once('/')
+                    .map_or("", |(dir, _)| dir)
+                    .trim_matches('/')
+                    .replace('/', "-");
+                let mut name = to.join(format!("{dir}-home.img"));
+                // The same live directory on the FAT and on the ext4 partition.
+                if out.iter().any(|(_, taken)| taken == &name) {
+                    name = to.join(format!("{dir}-p{}-home.img", home.partition));
+                }
+                out.push((home.clone(), name));
+            }
+            Ok(out)
+        }
+    }
 }
 
 /// What the user asked for.
@@ -320,11 +512,13 @@ pub struct RestoreOptions {
     pub save_home: Option<PathBuf>,
     /// Whether `mkfs.exfat` is installed (asked by the caller, so the plan stays pure).
     pub mkfs_exfat: bool,
-    /// `--save-home`'s file exists already.
-    pub save_home_exists: bool,
-    /// Why `--save-home`'s file is on the stick, if it is.
+    /// `--save-home` names an existing directory: each home is saved in it.
+    pub save_home_is_dir: bool,
+    /// The files [`save_destinations`] names that exist already.
+    pub save_home_taken: Vec<PathBuf>,
+    /// Why `--save-home`'s files would be on the stick, if they would.
     pub save_home_on_stick: Option<String>,
-    /// Free bytes where `--save-home`'s file goes.
+    /// Free bytes where `--save-home`'s files go.
     pub save_home_free: Option<u64>,
     pub volume_id: u32,
 }
@@ -347,9 +541,9 @@ pub struct RestorePlan {
     pub fs_uuid: Option<String>,
     #[serde(skip)]
     pub volume_id: u32,
-    /// home.img's path on the stick and the file it is saved to.
-    #[serde(serialize_with = "json::save_home")]
-    pub save_home: Option<(String, PathBuf)>,
+    /// Each home.img to save and the file it is saved to.
+    #[serde(flatten)]
+    pub save_homes: SaveHomes,
     /// What the restore erases, for the confirmation.
     pub lost: Vec<String>,
 }
@@ -401,8 +595,8 @@ pub fn plan(
             fs: opts.fs,
         });
     }
-    let save_home = match &opts.save_home {
-        None => None,
+    let save_homes = match &opts.save_home {
+        None => Vec::new(),
         Some(file) => {
             if let Some(why) = &opts.save_home_on_stick {
                 return Err(RestoreError::SaveHomeOnStick {
@@ -410,39 +604,47 @@ pub fn plan(
                     why: why.clone(),
                 });
             }
-            if opts.save_home_exists {
-                return Err(RestoreError::SaveHomeExists { file: file.clone() });
-            }
-            let Some((home, size)) = &found.home else {
-                return Err(RestoreError::NoHome {
-                    stick: probe.path.clone(),
-                    found: found.description.clone(),
+            let saves = save_destinations(&probe.path, &found, file, opts.save_home_is_dir)?;
+            if let Some((_, taken)) = saves
+                .iter()
+                .find(|(_, to)| opts.save_home_taken.contains(to))
+            {
+                return Err(RestoreError::SaveHomeExists {
+                    file: taken.clone(),
                 });
-            };
+            }
+            let size: u64 = saves.iter().map(|(home, _)| home.size).sum();
             if let Some(free) = opts.save_home_free
-                && free < *size
+                && free < size
             {
                 return Err(RestoreError::SaveHomeNoRoom {
                     file: file.clone(),
                     free: human(free),
-                    size: human(*size),
+                    size: human(size),
                 });
             }
-            Some((home.clone(), file.clone()))
+            saves
         }
     };
     let mut lost = Vec::new();
-    match (&found.home, &save_home) {
-        (Some((home, size)), None) => lost.push(format!(
-            "{home} ({}), the persistent home with every user file in it",
-            human(*size)
-        )),
-        (Some((home, size)), Some((_, to))) => lost.push(format!(
-            "{home} ({}) on the stick; a copy is saved to {} first",
-            human(*size),
-            to.display()
-        )),
-        (None, _) => {}
+    for home in &found.homes {
+        let on = match home.filesystem {
+            HomeFs::Vfat => String::new(),
+            HomeFs::Ext4 => format!(" in ext4 partition {}", home.partition),
+        };
+        lost.push(match save_homes.iter().find(|(saved, _)| saved == home) {
+            None => format!(
+                "{}{on} ({}), a persistent home with every user file in it",
+                home.path,
+                human(home.size)
+            ),
+            Some((_, to)) => format!(
+                "{}{on} ({}) on the stick; a copy is saved to {} first",
+                home.path,
+                human(home.size),
+                to.display()
+            ),
+        });
     }
     for (path, size) in &found.persistence {
         lost.push(format!("{path} ({})", human(*size)));
@@ -463,7 +665,7 @@ pub fn plan(
         label: opts.label.clone(),
         fs_uuid: (opts.fs == PlainFs::Fat32).then(|| fat::format_volume_id(opts.volume_id)),
         volume_id: opts.volume_id,
-        save_home,
+        save_homes: SaveHomes(save_homes),
         lost,
     })
 }
@@ -491,28 +693,27 @@ pub struct SavedHome {
     pub sha256: String,
 }
 
-/// Copies home.img off the stick into a new file (never over an existing one),
+/// Copies a home.img off the stick into a new file (never over an existing one),
 /// syncs it, reads it back from the disk and compares its sha256 with the one
 /// computed while reading the stick. The stick is not changed.
 pub fn save_home(
     probe: &TargetProbe,
-    home: &str,
+    home: &FoundHome,
     to: &Path,
     mut progress: impl FnMut(u64),
 ) -> Result<SavedHome, RestoreError> {
-    let mut stick = Stick::open(&probe.path, false).map_err(|e| RestoreError::Io {
-        step: format!("opening {}", probe.path.display()),
-        source: io::Error::other(e.to_string()),
-    })?;
-    let extents = stick.file_extents(home).map_err(|e| RestoreError::Io {
-        step: format!("finding {home} on {}", probe.path.display()),
-        source: io::Error::other(e.to_string()),
-    })?;
-    let size: u64 = extents.iter().map(|e| e.1).sum();
+    let finding = || format!("finding {} on {}", home.path, probe.path.display());
+    let not_found = || RestoreError::Io {
+        step: finding(),
+        source: io::Error::new(io::ErrorKind::NotFound, "it is no longer there"),
+    };
+    use std::os::unix::fs::OpenOptionsExt;
+    // A home holds private files: the copy is its owner's alone.
     let mut out = OpenOptions::new()
         .write(true)
         .read(true)
         .create_new(true)
+        .mode(0o600)
         .open(to)
         .map_err(|e| match e.kind() {
             io::ErrorKind::AlreadyExists => RestoreError::SaveHomeExists {
@@ -520,28 +721,60 @@ pub fn save_home(
             },
             _ => io_err(format!("creating {}", to.display()))(e),
         })?;
-    let result =
-        copy_hashed(&mut stick, &extents, &mut out, to, &mut progress).and_then(|expected| {
-            out.sync_all()
-                .map_err(io_err(format!("syncing {}", to.display())))?;
-            drop_cache(&out);
-            let actual = crate::source::checksum::sha256_reader(
-                File::open(to).map_err(io_err(format!("reading back {}", to.display())))?,
-            )
-            .map_err(io_err(format!("reading back {}", to.display())))?;
-            let (expected, actual) = (hex(&expected), hex(&actual));
-            if expected != actual {
-                return Err(RestoreError::SaveHomeMismatch {
-                    file: to.to_path_buf(),
-                    expected,
-                    actual,
-                });
-            }
-            Ok(expected)
-        });
+    let copied = match home.filesystem {
+        HomeFs::Vfat => Stick::open(&probe.path, false)
+            .and_then(|mut stick| {
+                let extents = stick.file_extents(&home.path)?;
+                Ok((stick, extents))
+            })
+            .map_err(|e| RestoreError::Io {
+                step: finding(),
+                source: io::Error::other(e.to_string()),
+            })
+            .and_then(|(mut stick, extents)| {
+                let size: u64 = extents.iter().map(|e| e.1).sum();
+                let reader = ExtentFile::new(stick.file_mut(), &extents);
+                copy_hashed(reader, size, &probe.path, &mut out, to, &mut progress)
+            }),
+        HomeFs::Ext4 => {
+            let mut dev = target::open_existing(probe, false)?;
+            let found = ext4_fs::find_any_live_partition(&mut dev)
+                .and_then(|p| {
+                    let Some((p, _)) = p else { return Ok(None) };
+                    let mut window = PartitionWindow::new(&mut dev, p.start, p.len);
+                    Ok(p.fs.file(&mut window, &home.path)?.map(|map| (p, map)))
+                })
+                .map_err(|e| RestoreError::Io {
+                    step: finding(),
+                    source: io::Error::other(e.to_string()),
+                })?;
+            let (p, map) = found.ok_or_else(not_found)?;
+            let reader = ext4_fs::Ext4File::new(&mut dev, p.start, p.fs.block_size, &map);
+            let size = reader.len();
+            copy_hashed(reader, size, &probe.path, &mut out, to, &mut progress)
+        }
+    };
+    let result = copied.and_then(|(expected, size)| {
+        out.sync_all()
+            .map_err(io_err(format!("syncing {}", to.display())))?;
+        drop_cache(&out);
+        let actual = crate::source::checksum::sha256_reader(
+            File::open(to).map_err(io_err(format!("reading back {}", to.display())))?,
+        )
+        .map_err(io_err(format!("reading back {}", to.display())))?;
+        let (expected, actual) = (hex(&expected), hex(&actual));
+        if expected != actual {
+            return Err(RestoreError::SaveHomeMismatch {
+                file: to.to_path_buf(),
+                expected,
+                actual,
+            });
+        }
+        Ok((expected, size))
+    });
     match result {
-        Ok(sha256) => Ok(SavedHome {
-            from: home.to_string(),
+        Ok((sha256, size)) => Ok(SavedHome {
+            from: home.path.clone(),
             to: to.to_path_buf(),
             size,
             sha256,
@@ -554,16 +787,15 @@ pub fn save_home(
     }
 }
 
+/// Copies `size` bytes of `reader` into `out`; their sha256 and the size.
 fn copy_hashed(
-    stick: &mut Stick,
-    extents: &[(u64, u64)],
+    mut reader: impl Read,
+    size: u64,
+    device: &Path,
     out: &mut File,
     to: &Path,
     progress: &mut impl FnMut(u64),
-) -> Result<[u8; 32], RestoreError> {
-    let size: u64 = extents.iter().map(|e| e.1).sum();
-    let device = stick.path.clone();
-    let mut reader = ExtentFile::new(stick.file_mut(), extents);
+) -> Result<([u8; 32], u64), RestoreError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 4 << 20];
     let mut left = size;
@@ -579,7 +811,7 @@ fn copy_hashed(
         progress(want as u64);
         left -= want as u64;
     }
-    Ok(hasher.finalize().into())
+    Ok((hasher.finalize().into(), size))
 }
 
 fn drop_cache(file: &File) {
@@ -604,7 +836,8 @@ pub struct RestoreReport {
     pub fs: PlainFs,
     pub label: String,
     pub fs_uuid: Option<String>,
-    pub saved_home: Option<SavedHome>,
+    #[serde(flatten)]
+    pub saved_homes: SavedHomes,
     /// Distinct bytes written, and of those read back and matched.
     #[serde(rename = "written_bytes")]
     pub bytes_written: u64,
@@ -693,7 +926,7 @@ pub fn apply(plan: &RestorePlan, probe: &TargetProbe) -> Result<RestoreReport, R
         fs: plan.fs,
         label: plan.label.clone(),
         fs_uuid: plan.fs_uuid.clone(),
-        saved_home: None,
+        saved_homes: SavedHomes::default(),
         bytes_written: total,
         bytes_verified: total,
         warnings,
@@ -787,12 +1020,23 @@ mod tests {
         p
     }
 
+    fn home_in(dir: &str, size: u64) -> FoundHome {
+        FoundHome {
+            path: format!("/{dir}/home.img"),
+            size,
+            partition: 1,
+            filesystem: HomeFs::Vfat,
+        }
+    }
+
     fn found(home: Option<u64>) -> Found {
+        let homes: Vec<FoundHome> = home.map(|s| home_in("LiveOS", s)).into_iter().collect();
         Found {
             description: "a live stick".into(),
             live: true,
             manifest: true,
             home: home.map(|s| ("/LiveOS/home.img".to_string(), s)),
+            homes,
             persistence: vec![("/LiveOS/overlay-LIVE-1234-ABCD".into(), 512 << 20)],
         }
     }
@@ -803,7 +1047,8 @@ mod tests {
             fs: PlainFs::Fat32,
             save_home: None,
             mkfs_exfat: false,
-            save_home_exists: false,
+            save_home_is_dir: false,
+            save_home_taken: Vec::new(),
             save_home_on_stick: None,
             save_home_free: None,
             volume_id: 0x1234_abcd,
@@ -934,7 +1179,7 @@ mod tests {
             ..opts()
         };
         let exists = RestoreOptions {
-            save_home_exists: true,
+            save_home_taken: vec![to.clone()],
             ..base.clone()
         };
         assert!(matches!(
@@ -962,7 +1207,76 @@ mod tests {
             Err(RestoreError::SaveHomeNoRoom { .. })
         ));
         let ok = plan(&probe(8 << 30), found(Some(1 << 30)), &base).unwrap();
-        assert_eq!(ok.save_home, Some(("/LiveOS/home.img".into(), to)));
+        assert_eq!(ok.save_homes.0, vec![(home_in("LiveOS", 1 << 30), to)]);
         assert!(ok.lost[0].contains("a copy is saved"), "{:?}", ok.lost);
+        let json = serde_json::to_value(&ok).unwrap();
+        assert_eq!(json["save_home"]["path"], "/LiveOS/home.img");
+        assert_eq!(json["save_homes"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn a_stick_with_several_homes_names_each_and_saves_them_into_a_directory() {
+        let mut two = found(Some(1 << 30));
+        two.homes.push(FoundHome {
+            path: "/Other/home.img".into(),
+            size: 2 << 30,
+            partition: 2,
+            filesystem: HomeFs::Ext4,
+        });
+        let p = plan(&probe(8 << 30), two.clone(), &opts()).unwrap();
+        assert!(
+            p.lost[0].starts_with("/LiveOS/home.img (1 GiB)"),
+            "{:?}",
+            p.lost
+        );
+        assert!(
+            p.lost[1].starts_with("/Other/home.img in ext4 partition 2 (2 GiB)"),
+            "{:?}",
+            p.lost
+        );
+
+        // One file cannot hold two homes: bad input naming both and the way out.
+        let file = RestoreOptions {
+            save_home: Some("/backup/home.img".into()),
+            ..opts()
+        };
+        let e = plan(&probe(8 << 30), two.clone(), &file).unwrap_err();
+        assert!(matches!(e, RestoreError::SeveralHomes { count: 2, .. }));
+        let text = e.to_string();
+        assert!(text.contains("/LiveOS/home.img, /Other/home.img"), "{text}");
+        assert!(text.contains("existing directory"), "{text}");
+
+        let dir = RestoreOptions {
+            save_home: Some("/backup".into()),
+            save_home_is_dir: true,
+            ..opts()
+        };
+        let p = plan(&probe(8 << 30), two.clone(), &dir).unwrap();
+        let files: Vec<&Path> = p.save_homes.0.iter().map(|(_, to)| to.as_path()).collect();
+        assert_eq!(
+            files,
+            [
+                Path::new("/backup/LiveOS-home.img"),
+                Path::new("/backup/Other-home.img")
+            ]
+        );
+        assert!(p.lost.iter().take(2).all(|l| l.contains("a copy is saved")));
+        // Either copy existing already, or too little room for both, refuses.
+        let taken = RestoreOptions {
+            save_home_taken: vec!["/backup/Other-home.img".into()],
+            ..dir.clone()
+        };
+        assert!(matches!(
+            plan(&probe(8 << 30), two.clone(), &taken),
+            Err(RestoreError::SaveHomeExists { file }) if file == Path::new("/backup/Other-home.img")
+        ));
+        let small = RestoreOptions {
+            save_home_free: Some(2 << 30),
+            ..dir
+        };
+        assert!(matches!(
+            plan(&probe(8 << 30), two, &small),
+            Err(RestoreError::SaveHomeNoRoom { .. })
+        ));
     }
 }

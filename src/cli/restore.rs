@@ -23,8 +23,10 @@ pub struct RestoreArgs {
     /// File system of the one partition
     #[arg(long = "fs", value_enum, default_value = "fat32", value_name = "FS")]
     pub fs: RestoreFs,
-    /// First copy LiveOS/home.img to FILE (a new file, not on the stick), checked by sha256
-    #[arg(long, value_name = "FILE")]
+    /// First copy LiveOS/home.img to FILE (a new file, not on the stick), checked by
+    /// sha256; with an existing directory, every home of the stick (a --multi stick
+    /// has several) goes into it as <live dir>-home.img
+    #[arg(long, value_name = "FILE|DIR")]
     pub save_home: Option<PathBuf>,
     /// Erase without asking (scripts)
     #[arg(long, short = 'y')]

@@ -29,13 +29,27 @@ pub fn run(a: &RestoreArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
     // write all go through this handle.
     let _opened = target::open_write_target(&a.target, &probe, a.dry_run)?;
     let found = restore::inspect(&probe)?;
-    let (save_home_exists, save_home_on_stick, save_home_free) = match &a.save_home {
-        Some(file) => (
-            std::fs::symlink_metadata(file).is_ok(),
-            restore::on_the_stick(file, &a.target)?,
-            free_bytes_for(file),
-        ),
-        None => (false, None, None),
+    let save_home_is_dir = a.save_home.as_ref().is_some_and(|file| file.is_dir());
+    let (save_home_taken, save_home_on_stick, save_home_free) = match &a.save_home {
+        Some(file) => {
+            // Where the copies go; a stick they cannot go to is the plan's to refuse.
+            let saves = restore::save_destinations(&a.target, &found, file, save_home_is_dir)
+                .unwrap_or_default();
+            let taken = saves
+                .iter()
+                .map(|(_, to)| to.clone())
+                .filter(|to| std::fs::symlink_metadata(to).is_ok())
+                .collect();
+            let first = saves
+                .first()
+                .map_or_else(|| file.clone(), |(_, to)| to.clone());
+            (
+                taken,
+                restore::on_the_stick(&first, &a.target)?,
+                free_bytes_for(&first),
+            )
+        }
+        None => (Vec::new(), None, None),
     };
     let fs = match a.fs {
         RestoreFs::Fat32 => PlainFs::Fat32,
@@ -46,7 +60,8 @@ pub fn run(a: &RestoreArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         fs,
         save_home: a.save_home.clone(),
         mkfs_exfat: crate::tools::find_program(&restore::MKFS_EXFAT).is_ok(),
-        save_home_exists,
+        save_home_is_dir,
+        save_home_taken,
         save_home_on_stick,
         save_home_free,
         volume_id: rand::random(),
@@ -74,26 +89,44 @@ pub fn run(a: &RestoreArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
         ProgressMode::Bar
     };
     let progress = Progress::new(mode, a.target.display().to_string());
-    let saved = match &plan.save_home {
-        Some((home, to)) => {
-            let size = plan.found.home.as_ref().map(|h| h.1).unwrap_or(0);
-            progress.phase("save-home", size);
-            Some(restore::save_home(&probe, home, to, |n| progress.inc(n))?)
+    let mut saved = Vec::new();
+    let saves = &plan.save_homes.0;
+    if !saves.is_empty() {
+        progress.phase("save-home", saves.iter().map(|(home, _)| home.size).sum());
+    }
+    for (home, to) in saves {
+        let copy = restore::save_home(&probe, home, to, |n| progress.inc(n));
+        match copy {
+            Ok(copy) => saved.push(copy),
+            Err(e) => {
+                // The copies made before stay: each is complete and checked.
+                for done in &saved {
+                    progress.note(&format!(
+                        "{} was saved to {} before this failed; the stick was not touched",
+                        done.from,
+                        done.to.display()
+                    ));
+                }
+                return Err(e.into());
+            }
         }
-        None => None,
-    };
+    }
     progress.phase("restore", 0);
     let mut report = restore::apply(&plan, &probe)?;
     progress.finish();
-    report.saved_home = saved;
+    report.saved_homes = restore::SavedHomes(saved);
     if json {
         crate::outln!("{}", serde_json::to_string_pretty(&with_schema(&report)?)?);
+        return Ok(());
+    }
+    // --quiet: errors only, as `write` prints them.
+    if quiet {
         return Ok(());
     }
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
-    if let Some(s) = &report.saved_home {
+    for s in &report.saved_homes.0 {
         crate::outln!(
             "saved:       {} → {} ({}, sha256 {})",
             s.from,
@@ -167,8 +200,12 @@ fn print_plan(plan: &RestorePlan, json: bool) -> anyhow::Result<()> {
         plan.partition_len,
         plan.label
     );
-    if let Some((home, to)) = &plan.save_home {
-        crate::outln!("save first:  {home} → {} (checked by sha256)", to.display());
+    for (home, to) in &plan.save_homes.0 {
+        crate::outln!(
+            "save first:  {} → {} (checked by sha256)",
+            home.path,
+            to.display()
+        );
     }
     for l in &plan.lost {
         crate::outln!("lost:        {l}");

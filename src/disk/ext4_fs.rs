@@ -1262,6 +1262,48 @@ pub fn find_live_partition<R: Read + Seek>(
     dev: &mut R,
     live_dir: &str,
 ) -> Result<Option<LivePartition>, Ext4FsError> {
+    let path = format!("/{live_dir}/squashfs.img");
+    first_ext4_partition(dev, |fs, window| Ok(fs.lookup(window, &path)?.is_some()))
+}
+
+/// Finds, on a whole device, the first ext4 partition with live directories (one
+/// below the root holding a root image: squashfs.img, rootfs.img, ext3fs.img), and
+/// their names; `None` when there is none. For a stick whose live directory is not
+/// known (`restore`).
+pub fn find_any_live_partition<R: Read + Seek>(
+    dev: &mut R,
+) -> Result<Option<(LivePartition, Vec<String>)>, Ext4FsError> {
+    let mut dirs = Vec::new();
+    Ok(first_ext4_partition(dev, |fs, window| {
+        dirs.clear();
+        let root = fs.inode(window, ROOT_INODE)?;
+        for (name, number) in fs.read_dir(window, &root)? {
+            let inode = fs.inode(window, number)?;
+            if !inode.is_dir() || name == "lost+found" {
+                continue;
+            }
+            let holds_root = fs
+                .read_dir(window, &inode)?
+                .iter()
+                .any(|(file, _)| crate::layout::is_root_image_name(file));
+            if holds_root {
+                dirs.push(name);
+            }
+        }
+        dirs.sort();
+        Ok(!dirs.is_empty())
+    })?
+    .map(|p| (p, std::mem::take(&mut dirs))))
+}
+
+/// The first ext4 partition of a whole device that `holds` accepts.
+fn first_ext4_partition<R: Read + Seek>(
+    dev: &mut R,
+    mut holds: impl FnMut(
+        &Ext4Fs,
+        &mut crate::io::PartitionWindow<ReadOnly<&mut R>>,
+    ) -> Result<bool, Ext4FsError>,
+) -> Result<Option<LivePartition>, Ext4FsError> {
     let disk_size = dev.seek(SeekFrom::End(0))?;
     let Ok(Some((_, entries))) =
         crate::disk::partition::read_table(dev, disk_size, crate::disk::partition::SECTOR)
@@ -1273,8 +1315,7 @@ pub fn find_live_partition<R: Read + Seek>(
         let Ok(fs) = Ext4Fs::open(&mut window) else {
             continue;
         };
-        let path = format!("/{live_dir}/squashfs.img");
-        if fs.lookup(&mut window, &path)?.is_some() {
+        if holds(&fs, &mut window)? {
             return Ok(Some(LivePartition {
                 number: e.number,
                 start: e.start,

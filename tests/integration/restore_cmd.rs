@@ -109,6 +109,12 @@ fn a_live_stick_becomes_one_plain_fat32_partition() {
     assert_eq!(report["label"], "PHOTOS");
     assert_eq!(report["written_bytes"], report["verified_bytes"]);
     assert_plain(&stick, "PHOTOS", dir.path());
+
+    // --quiet: errors only, nothing on either stream for a restore that worked.
+    let out = livestick(&["restore", s, "--label", "QUIET", "--yes", "--quiet"]);
+    assert_eq!(ok(&out), "");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    assert_plain(&stick, "QUIET", dir.path());
 }
 
 #[test]
@@ -175,6 +181,193 @@ fn save_home_copies_home_img_off_first_and_checks_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("the file exists"));
     assert_eq!(sha256_file(&stick), before);
     assert_eq!(sha256_file(&saved), want);
+}
+
+#[test]
+fn every_home_of_a_multi_stick_is_named_and_saved_into_a_directory() {
+    let dir = tmp();
+    let stick = live_stick(dir.path(), &[]);
+    let s = stick.to_str().unwrap();
+    let second = synthetic_iso("fedora-grub.iso");
+    ok(&livestick(&[
+        "write",
+        second.to_str().unwrap(),
+        s,
+        "--multi",
+        "--livedir",
+        "Grub",
+        "--overlay-size-mb",
+        "8",
+        "--home-size-mb",
+        "24",
+        "--unencrypted-home",
+        "--yes",
+        "--quiet",
+    ]));
+    let start = part_start(&stick);
+    let mut want = Vec::new();
+    for (dir_name, path) in [("LiveOS", "LiveOS/home.img"), ("Grub", "Grub/home.img")] {
+        let copy = dir.path().join(format!("mtools-{dir_name}.img"));
+        fat_copy_out(&stick, start, path, &copy);
+        want.push(sha256_file(&copy));
+    }
+
+    // The plan names both homes as lost.
+    let plan = crate::support::schema::valid_document(
+        ok(&livestick(&["--json", "restore", s, "--dry-run"])).as_bytes(),
+        "restore-plan",
+    );
+    let homes: Vec<(&str, u64)> = plan["found"]["homes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["path"].as_str().unwrap(),
+                h["size_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        homes,
+        [("/LiveOS/home.img", 32 << 20), ("/Grub/home.img", 24 << 20)]
+    );
+    let lost = plan["lost"].to_string();
+    assert!(
+        lost.contains("/LiveOS/home.img") && lost.contains("/Grub/home.img"),
+        "{lost}"
+    );
+
+    // One file for two homes: bad input naming both, the stick unchanged.
+    let before = sha256_file(&stick);
+    let one_file = dir.path().join("home-copy.img");
+    let out = livestick(&[
+        "restore",
+        s,
+        "--save-home",
+        one_file.to_str().unwrap(),
+        "--yes",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/LiveOS/home.img, /Grub/home.img") && err.contains("existing directory"),
+        "{err}"
+    );
+    assert_eq!(sha256_file(&stick), before);
+    assert!(!one_file.exists());
+
+    // A directory takes each, checked against mtools' copies, readable only by
+    // their owner (a home holds private files).
+    let saves = dir.path().join("saves").tap_mkdir();
+    let report = crate::support::schema::valid_document(
+        ok(&livestick(&[
+            "--json",
+            "restore",
+            s,
+            "--save-home",
+            saves.to_str().unwrap(),
+            "--yes",
+        ]))
+        .as_bytes(),
+        "restore",
+    );
+    for (name, want) in ["LiveOS-home.img", "Grub-home.img"].iter().zip(&want) {
+        let saved = saves.join(name);
+        assert_eq!(&sha256_file(&saved), want, "{name}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&saved).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+        e2fsck_clean(&saved);
+    }
+    let saved = report["saved_homes"].as_array().unwrap();
+    assert_eq!(saved.len(), 2);
+    assert_eq!(saved[1]["from"], "/Grub/home.img");
+    assert_eq!(saved[1]["sha256"], want[1].as_str());
+    assert_eq!(report["saved_home"], saved[0]);
+    assert_plain(&stick, "USB", dir.path());
+}
+
+#[test]
+fn the_ext4_layouts_home_is_named_and_saved() {
+    let dir = tmp();
+    // Persistence over FAT32's 4 GiB limit: the live directory on ext4 partition 2.
+    let stick = dir.path().join("stick.img");
+    fill_random(&stick, 64 << 20);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&stick)
+        .unwrap()
+        .set_len(8 << 30)
+        .unwrap();
+    let iso = synthetic_iso("fedora-classic.iso");
+    let s = stick.to_str().unwrap();
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        s,
+        "--format",
+        "--overlay-size-mb",
+        "5000",
+        "--home-size-mb",
+        "48",
+        "--unencrypted-home",
+        "--yes",
+        "--quiet",
+    ]));
+    let p2 = sfdisk(&stick)["partitiontable"]["partitions"][1]["start"]
+        .as_u64()
+        .unwrap()
+        * 512;
+    // debugfs's copy of the home, through the partition's offset.
+    let dumped = dir.path().join("debugfs-home.img");
+    sh(
+        "debugfs",
+        &[
+            "-R",
+            &format!("dump /LiveOS/home.img {}", dumped.display()),
+            &format!("{s}?offset={p2}"),
+        ],
+    );
+    let want = sha256_file(&dumped);
+
+    let plan = crate::support::schema::valid_document(
+        ok(&livestick(&["--json", "restore", s, "--dry-run"])).as_bytes(),
+        "restore-plan",
+    );
+    let home = &plan["found"]["homes"][0];
+    assert_eq!(home["path"], "/LiveOS/home.img", "{plan:#}");
+    assert_eq!(home["filesystem"], "ext4");
+    assert_eq!(home["partition"], 2);
+    assert_eq!(plan["found"]["live"], true);
+    let description = plan["found"]["description"].as_str().unwrap();
+    assert!(description.contains("ext4 partition 2"), "{description}");
+    let lost = plan["lost"].to_string();
+    assert!(
+        lost.contains("/LiveOS/home.img in ext4 partition 2"),
+        "{lost}"
+    );
+    assert!(lost.contains("/LiveOS/overlay-"), "{lost}");
+
+    let saved = dir.path().join("saved-home.img");
+    ok(&livestick(&[
+        "restore",
+        s,
+        "--save-home",
+        saved.to_str().unwrap(),
+        "--yes",
+    ]));
+    assert_eq!(sha256_file(&saved), want);
+    e2fsck_clean(&saved);
+    // Restored (the full check of a plain stick is the tests' above; copying out an
+    // 8 GiB partition for fsck.fat would cost this one half a minute).
+    let parts = sfdisk(&stick)["partitiontable"]["partitions"].clone();
+    assert_eq!(parts.as_array().map(Vec::len), Some(1), "{parts:#}");
+    let blkid = sh("blkid", &["-p", "--offset", "1048576", s]);
+    assert!(
+        blkid.contains("TYPE=\"vfat\"") && blkid.contains("LABEL=\"USB\""),
+        "{blkid}"
+    );
 }
 
 #[test]
@@ -250,6 +443,42 @@ fn any_stick_is_restored_and_restore_says_what_it_found() {
         "says what it found: {err}"
     );
     assert_plain(&stick, "USB", dir.path());
+
+    // A file system or swap over the whole disk is named, not only "no table".
+    for (what, make) in [
+        (
+            "an ext4 file system labelled \"DATA\"",
+            ["mkfs.ext4", "-q", "-F", "-L", "DATA"].as_slice(),
+        ),
+        (
+            "a swap area labelled \"SWAP\"",
+            ["mkswap", "-L", "SWAP"].as_slice(),
+        ),
+    ] {
+        let whole = sparse(dir.path(), "whole.img", 64 << 20);
+        let (tool_name, args) = make.split_first().unwrap();
+        let mut args = args.to_vec();
+        args.push(whole.to_str().unwrap());
+        sh(tool_name, &args);
+        let plan: serde_json::Value = serde_json::from_str(&ok(&livestick(&[
+            "--json",
+            "restore",
+            whole.to_str().unwrap(),
+            "--dry-run",
+        ])))
+        .unwrap();
+        let found = plan["found"]["description"].as_str().unwrap();
+        assert_eq!(
+            found,
+            format!("no partition table; the whole disk holds {what}")
+        );
+        let lost = plan["lost"].as_array().unwrap();
+        assert!(
+            lost.iter().any(|l| l.as_str().unwrap().contains(what)),
+            "{plan:#}"
+        );
+        std::fs::remove_file(&whole).unwrap();
+    }
 
     // A label FAT cannot hold: bad input before anything is written.
     let out = livestick(&[
