@@ -335,6 +335,35 @@ impl fmt::Display for OverlayBoot {
     }
 }
 
+/// Whether a menu entry's arguments mount the live root with an OverlayFS overlay:
+/// `rd.live.overlay.overlayfs` (dracut ≤ 059, dracut-ng < 110) or `rd.overlay`
+/// (dracut-ng ≥ 110, a boolean or a device), unless set false as dracut's
+/// `getargbool` reads it (`0`, `no`, `off`).
+pub fn boots_overlayfs(args: &KernelArgs) -> bool {
+    let on = |key: &str| {
+        args.get_arg(key).is_some_and(|a| {
+            !matches!(
+                a.value.as_deref().map(str::to_ascii_lowercase).as_deref(),
+                Some("0" | "no" | "off" | "false")
+            )
+        })
+    };
+    on("rd.live.overlay.overlayfs") || on("rd.overlay")
+}
+
+/// The live directory a menu entry boots (`rd.live.dir=`, the older `live_dir=`,
+/// else dracut's default `LiveOS`), and whether the entry boots a live root at all.
+pub fn live_dir_booted(args: &KernelArgs) -> Option<&str> {
+    let live =
+        args.contains("rd.live.image") || args.get("root").is_some_and(|r| r.starts_with("live:"));
+    live.then(|| {
+        args.get("rd.live.dir")
+            .or_else(|| args.get("live_dir"))
+            .unwrap_or(DEFAULT_LIVE_DIR)
+            .trim_matches('/')
+    })
+}
+
 /// Which spelling of the overlay arguments the ISO's initrd understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum DracutNames {
@@ -622,6 +651,32 @@ mod tests {
         assert_eq!(
             r.to_string(),
             "root=live:UUID=ABCD-1234 rw rd.live.image rd.live.overlay=UUID=ABCD-1234 rd.live.ram quiet"
+        );
+    }
+
+    #[test]
+    fn a_menu_line_says_whether_it_boots_overlayfs_and_which_live_dir() {
+        let line = |l: &str| KernelArgs::parse(l);
+        let classic = line(
+            "append initrd=initrd.img root=live:UUID=1 rd.live.image rd.live.overlay=UUID=1 rd.live.overlay.overlayfs",
+        );
+        assert!(boots_overlayfs(&classic));
+        assert_eq!(live_dir_booted(&classic), Some("LiveOS"));
+        let renamed =
+            line("linux /vmlinuz root=live:UUID=1 rd.live.dir=/Grub/ rd.overlay=UUID=1:auto");
+        assert!(boots_overlayfs(&renamed));
+        assert_eq!(live_dir_booted(&renamed), Some("Grub"));
+        let dm = line("append root=live:UUID=1 rd.live.image rd.live.overlay=UUID=1");
+        assert!(!boots_overlayfs(&dm));
+        assert!(!boots_overlayfs(&line(
+            "append root=live:UUID=1 rd.live.overlay.overlayfs=0"
+        )));
+        assert!(!boots_overlayfs(&line(
+            "linux /vmlinuz root=live:UUID=1 rd.overlay=no"
+        )));
+        assert_eq!(
+            live_dir_booted(&line("menu label Boot from local drive")),
+            None
         );
     }
 

@@ -145,6 +145,10 @@ pub struct Super {
     pub errors_recorded: bool,
     /// `s_error_count`: errors the kernel counted since the last check.
     pub error_count: u32,
+    /// The primary superblock is unreadable; these facts come from the backup at
+    /// this byte offset (e2fsck finds it too, and a repair rewrites the primary).
+    #[serde(skip)]
+    pub backup_at: Option<u64>,
 }
 
 impl Super {
@@ -160,9 +164,47 @@ impl Super {
         Ok(Super::from(&Superblock::parse(sb)?))
     }
 
+    /// The primary superblock, or when that is unreadable the first backup that
+    /// mke2fs put at the start of block group 1 (for 1, 2 or 4 KiB blocks) and
+    /// that says it is one; the primary's error when there is none.
+    pub fn read_or_backup<R: Read + Seek>(r: &mut R) -> Result<Super, OvlMaintError> {
+        let primary = match Super::read_from(r) {
+            Ok(sb) => return Ok(sb),
+            Err(e) => e,
+        };
+        for block in [1024u64, 2048, 4096] {
+            // Group 1 starts after 8 × block_size blocks; 1 KiB blocks start at 1.
+            let first_block = if block == 1024 { 1 } else { 0 };
+            let at = (8 * block + first_block) * block;
+            let mut sb = vec![0u8; ext4::SUPERBLOCK_BYTES];
+            if r.seek(SeekFrom::Start(at))
+                .and_then(|_| r.read_exact(&mut sb))
+                .is_err()
+            {
+                continue;
+            }
+            let group = crate::bytes::u16_at(&sb, 0x5a);
+            match Superblock::parse(&sb) {
+                Ok(found) if found.block_size == block && group == 1 => {
+                    return Ok(Super {
+                        backup_at: Some(at),
+                        ..Super::from(&found)
+                    });
+                }
+                _ => continue,
+            }
+        }
+        Err(primary)
+    }
+
     /// Findings from the superblock alone, in words.
     pub fn findings(&self) -> Vec<String> {
         let mut v = Vec::new();
+        if let Some(at) = self.backup_at {
+            v.push(format!(
+                "the primary superblock is damaged: read from its backup at byte {at} (--repair rewrites it from there)"
+            ));
+        }
         if self.needs_recovery {
             v.push(
                 "the journal was not replayed: the live system was not shut down cleanly (a read-only check skips the journal; --repair replays it)".to_string(),
@@ -192,6 +234,7 @@ impl From<&Superblock> for Super {
             orphans: sb.has_orphans(),
             errors_recorded: sb.errors_recorded(),
             error_count: sb.error_count,
+            backup_at: None,
         }
     }
 }

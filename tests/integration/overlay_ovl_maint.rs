@@ -732,3 +732,52 @@ fn an_interrupted_grow_is_usable_and_finished_by_grow() {
     assert!(text.contains("/49152 blocks"), "{text}");
     t.check_boot_files(&ov);
 }
+
+/// An OverlayFS overlay whose primary superblock is gone is still OverlayFS: the
+/// stick's menus say so (`rd.live.overlay.overlayfs`). Read as a new dm-snapshot
+/// store instead, status said "empty" and a reset made it a snapshot store the
+/// live system cannot mount. e2fsck finds the backup superblock and repairs it.
+#[test]
+fn an_overlay_with_its_superblock_gone_stays_overlayfs_and_recovers() {
+    if !ready() {
+        return;
+    }
+    let t = stick();
+    t.boot();
+    {
+        let mut s = Stick::open(&t.img, true).unwrap();
+        let ext = s.file_extents(&t.overlay).unwrap();
+        let mut f = ExtentFile::new(s.file_mut(), &ext);
+        f.seek(SeekFrom::Start(1024)).unwrap();
+        f.write_all(&[0u8; 1024]).unwrap();
+        f.flush().unwrap();
+    }
+    let (code, text) = e2fsck_n(&t.overlay_copy());
+    assert_ne!(code, 0, "the damage is real: {text}");
+    let sha = t.sha();
+
+    let status = t.status();
+    assert_eq!(status["kind"], "overlayfs", "{status:#}");
+    let dry = ok(&as_nobody(&["overlay", "reset", t.s(), "--dry-run"]));
+    assert!(dry.contains("ext4 with overlayfs/ and ovlwork/"), "{dry}");
+    assert_eq!(t.sha(), sha);
+
+    let report = ok(&as_nobody(&["overlay", "recover", t.s()]));
+    assert!(report.contains("--repair"), "{report}");
+    assert_eq!(t.sha(), sha);
+    let out = json(&as_nobody(&[
+        "overlay",
+        "recover",
+        t.s(),
+        "--repair",
+        "--workdir",
+        &t.work(),
+        "--json",
+    ]));
+    assert_eq!(out["check_after"]["clean"], true, "{out}");
+    let ov = t.overlay_copy();
+    let (code, text) = e2fsck_n(&ov);
+    assert_eq!(code, 0, "{text}");
+    t.check_boot_files(&ov);
+    assert_eq!(t.status()["kind"], "overlayfs");
+}

@@ -81,7 +81,7 @@ pub fn apply_reset<F: OverlayIo>(f: &mut F, len: u64, show: &str) -> Result<(), 
 
 /// The superblock facts every plan of this kind starts from.
 pub fn inspect<R: Read + Seek>(f: &mut R, show: &str) -> Result<Super, OverlayError> {
-    Super::read_from(f).explain(|| show.to_string())
+    Super::read_or_backup(f).explain(|| show.to_string())
 }
 
 /// --origin, --origin-size and --squashfs describe the root image a dm-snapshot
@@ -472,7 +472,7 @@ fn run_tools(
             FsckMode::Repair => "repair",
         };
         progress(phase, 0, 1);
-        let sb = Super::read_from(&mut Bare::open(image, false)?.file)?;
+        let sb = Super::read_or_backup(&mut Bare::open(image, false)?.file)?;
         let r = ovl_maint::fsck(image.as_os_str(), &show, mode, &sb)?;
         progress(phase, 1, 1);
         Ok(r)
@@ -537,6 +537,7 @@ mod tests {
             orphans: false,
             errors_recorded: false,
             error_count: 0,
+            backup_at: None,
         }
     }
 

@@ -228,6 +228,49 @@ pub struct Selection {
     pub overlay_file: Option<String>,
 }
 
+/// The stick's boot menus, where each live entry says how its overlay is mounted.
+const MENUS: [&str; 5] = [
+    "/syslinux/syslinux.cfg",
+    "/isolinux/isolinux.cfg",
+    "/syslinux/extlinux.conf",
+    "/EFI/BOOT/grub.cfg",
+    "/boot/grub2/grub.cfg",
+];
+
+/// Whether the stick's menus boot `live_dir` with an OverlayFS overlay. That is the
+/// overlay's kind even when its own ext4 superblock is too damaged to say so: read
+/// as a new dm-snapshot store instead, a reset would make it one and the stick
+/// would boot without its overlay.
+fn menus_boot_overlayfs(stick: &mut Stick, live_dir: &str) -> bool {
+    use crate::boot::cmdline::{KernelArgs, boots_overlayfs, live_dir_booted};
+    let menus = stick
+        .with_fs(|fs| {
+            Ok(MENUS
+                .iter()
+                .filter(|path| crate::disk::fat::exists(fs, path))
+                .filter_map(|path| crate::disk::fat::read_file(fs, path).ok())
+                .collect::<Vec<_>>())
+        })
+        .unwrap_or_default();
+    let live_dir = live_dir.trim_matches('/');
+    menus.iter().any(|menu| {
+        String::from_utf8_lossy(menu).lines().any(|line| {
+            let args = KernelArgs::parse(line);
+            live_dir_booted(&args).is_some_and(|d| d.eq_ignore_ascii_case(live_dir))
+                && boots_overlayfs(&args)
+        })
+    })
+}
+
+/// Whether the overlay starts with a dm-snapshot header the kernel would load: then
+/// it is one, whatever the menus say.
+fn is_dm_store<R: Read + Seek>(r: &mut R) -> bool {
+    matches!(
+        snapshot::read_header(r),
+        Ok(snapshot::HeaderState::Initialised(_))
+    )
+}
+
 /// A stick opened for overlay maintenance, with the overlay chosen.
 pub struct StickOverlay {
     pub stick: Stick,
@@ -282,7 +325,10 @@ impl StickOverlay {
             kind: Kind::DmSnapshot,
             info,
         };
-        if store::is_ext4(&mut t.io()?) {
+        let dm_header = is_dm_store(&mut t.io()?);
+        if store::is_ext4(&mut t.io()?)
+            || (!dm_header && menus_boot_overlayfs(&mut t.stick, &sel.live_dir))
+        {
             t.kind = Kind::Overlayfs;
         }
         Ok(t)
@@ -623,6 +669,9 @@ pub struct Ext4LiveOverlay {
     pub live_dir: String,
     /// What opening it repaired (a journal replayed), for stderr and JSON.
     pub repaired: Vec<String>,
+    /// The menus on the boot partition mount this live directory's overlay as
+    /// OverlayFS ([`menus_boot_overlayfs`]).
+    menus_boot_overlayfs: bool,
     file: File,
     writable: bool,
 }
@@ -655,7 +704,8 @@ impl Ext4LiveOverlay {
     }
 
     pub fn kind(&mut self) -> Kind {
-        if store::is_ext4(&mut self.io()) {
+        let by_menus = self.menus_boot_overlayfs && !is_dm_store(&mut self.io());
+        if by_menus || store::is_ext4(&mut self.io()) {
             Kind::Overlayfs
         } else {
             Kind::DmSnapshot
@@ -817,6 +867,8 @@ pub fn ext4_live_overlay(
             return Ok(None);
         }
     }
+    let menus_overlayfs = Stick::open(path, false)
+        .is_ok_and(|mut boot| menus_boot_overlayfs(&mut boot, &sel.live_dir));
     let probe = crate::disk::target::probe(path).map_err(StickError::from)?;
     let mut file =
         crate::disk::target::open_existing(&probe, writable).map_err(StickError::from)?;
@@ -911,6 +963,7 @@ pub fn ext4_live_overlay(
         map,
         live_dir: sel.live_dir.clone(),
         repaired,
+        menus_boot_overlayfs: menus_overlayfs,
         file,
         writable,
     }))
