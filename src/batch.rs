@@ -128,7 +128,7 @@ pub fn broadcast(
                     Ok(Some(lent)) => lent,
                     Ok(None) => break,
                     Err(e) => {
-                        let msg = format!("reading {path} from the ISO: {e}");
+                        let msg = format!("reading {path}: {e}");
                         drop(reader);
                         send_all(&mut senders, &|| Chunk::Failed(msg.clone()));
                         return;
@@ -741,26 +741,36 @@ impl Batch {
             };
             (target.as_path(), end)
         });
-        let mut details = report_ends(json, quiet, ends.collect());
-        let mut total = total;
-        if let Some(e) = timed_out {
-            let DeviceError::WaitTimedOut { wanted, found, .. } = &e else {
-                return Err(BatchError::NothingPlugged(e));
-            };
-            if found.is_empty() {
-                return Err(BatchError::NothingPlugged(e));
-            }
-            let failed = details.len() + wanted.saturating_sub(found.len());
-            total = total.max(*wanted);
-            details.push(e.to_string());
-            return Err(BatchError::Partial(PartialBatchFailure {
-                failed,
-                total,
-                details,
-            }));
-        }
-        verdict(details, total)
+        let details = report_ends(json, quiet, ends.collect());
+        verdict_after_wait(details, total, timed_out)
     }
+}
+
+/// [`verdict`] for `--wait-for`, whose wait may have timed out (`timed_out`): no
+/// stick at all is its own error; fewer than wanted make the batch partial, the
+/// sticks not plugged in counting as failed.
+pub fn verdict_after_wait(
+    mut details: Vec<String>,
+    total: usize,
+    timed_out: Option<DeviceError>,
+) -> Result<(), BatchError> {
+    let Some(e) = timed_out else {
+        return verdict(details, total);
+    };
+    let DeviceError::WaitTimedOut { wanted, found, .. } = &e else {
+        return Err(BatchError::NothingPlugged(e));
+    };
+    if found.is_empty() {
+        return Err(BatchError::NothingPlugged(e));
+    }
+    let failed = details.len() + wanted.saturating_sub(found.len());
+    let total = total.max(*wanted);
+    details.push(e.to_string());
+    Err(BatchError::Partial(PartialBatchFailure {
+        failed,
+        total,
+        details,
+    }))
 }
 
 /// How one target of a batch (live or raw) ended, as its report shows it.

@@ -112,6 +112,17 @@ pub enum RawWriteError {
     },
     #[error("{0}")]
     Stream(String),
+    /// Bad input found while the image streamed: by then the target's first MiB
+    /// was zeroed and part of the image written, so unlike other bad input it did
+    /// not leave the target as it was.
+    #[error(
+        "{why}; {} was already being written: its first MiB is zeroed, so it boots nothing until it is written again", .target.display()
+    )]
+    StoppedMidWrite {
+        target: PathBuf,
+        // Not a `source`: its words are in this message already.
+        why: Box<RawWriteError>,
+    },
 }
 
 impl Classify for RawWriteError {
@@ -125,6 +136,9 @@ impl Classify for RawWriteError {
             | RawWriteError::TooSmall { .. }
             | RawWriteError::PersistenceRefused { .. }
             | RawWriteError::BmapForLiveIso { .. } => ErrorKind::BadInput,
+            // Still the input's fault (exit 2), though the target was changed:
+            // the message and hint say so.
+            RawWriteError::StoppedMidWrite { why, .. } => why.kind(),
             RawWriteError::Write { .. }
             | RawWriteError::ReadBack { .. }
             | RawWriteError::Stream(_) => ErrorKind::Io,
@@ -135,6 +149,9 @@ impl Classify for RawWriteError {
         match self {
             RawWriteError::Source(e) => e.hint(),
             RawWriteError::Target(e) => e.hint(),
+            RawWriteError::StoppedMidWrite { .. } => {
+                "the target was changed and boots nothing; fix what the message names (the image, its block map, or a larger stick), then write it again"
+            }
             _ => self.kind().hint(),
         }
     }
@@ -738,13 +755,25 @@ pub fn write_target(
         None => probe.clone(),
     };
     let result = write_opened(plan, &opened, stream, digest, verify, progress);
-    if result.is_err()
-        && let Some(image) = created
-    {
-        // A new image file that a failed write leaves boots nothing.
-        let _ = image.remove();
+    match (result, created) {
+        // A new image file that a failed write leaves boots nothing: it goes, and
+        // the target is as it was (not there).
+        (Err(e), Some(image)) => {
+            let _ = image.remove();
+            Err(e)
+        }
+        // Bad input seen once the stream had begun, on a target that existed:
+        // that target is changed now, which its message must say.
+        (Err(e), None)
+            if e.kind() == ErrorKind::BadInput && !matches!(e, RawWriteError::Target(_)) =>
+        {
+            Err(RawWriteError::StoppedMidWrite {
+                target: probe.path.clone(),
+                why: Box::new(e),
+            })
+        }
+        (result, _) => result,
     }
-    result
 }
 
 fn write_opened(

@@ -36,8 +36,19 @@ fn live_only_options(args: &WriteArgs) -> Vec<&'static str> {
         (args.total_timeout.is_some(), "--total-timeout"),
         (args.label.is_some(), "--label"),
         (args.partition_size_mb.is_some(), "--partition-size-mb"),
-        (args.gpt || args.table == TableArg::Gpt, "--gpt"),
+        (args.gpt, "--gpt"),
+        (args.table == TableArg::Gpt && !args.gpt, "--table gpt"),
         (args.livedir != "LiveOS", "--livedir"),
+        (args.ext4, "--ext4"),
+        (args.unencrypted_home, "--unencrypted-home"),
+        (args.luks_pbkdf.is_some(), "--luks-pbkdf"),
+        (args.luks_iter_time.is_some(), "--luks-iter-time"),
+        (args.luks_pbkdf_memory.is_some(), "--luks-pbkdf-memory"),
+        (args.volume_id.is_some(), "--volume-id"),
+        (
+            args.dracut_names != crate::cli::write::DracutNamesArg::Auto,
+            "--dracut-names",
+        ),
     ]
     .into_iter()
     .filter_map(|(given, name)| given.then_some(name))
@@ -205,6 +216,15 @@ fn run_wait_for(
         ));
     }
     let mode = progress_mode(json, quiet);
-    RawBatch::wait_for(json, quiet, mode, source, options(args), n)?.finish(quiet)?;
+    RawBatch::wait_for(
+        json,
+        quiet,
+        mode,
+        source,
+        options(args),
+        n,
+        args.wait_timeout,
+    )?
+    .finish(quiet)?;
     Ok(())
 }

@@ -41,11 +41,18 @@ pub enum RawRunError {
     Batch(#[from] BatchError),
     #[error(transparent)]
     Partial(#[from] PartialBatchFailure),
+    /// The image was found bad while it streamed to every target.
+    #[error(
+        "{0}; no target was made bootable (each target's first MiB is zeroed, so it boots nothing until it is written again)"
+    )]
+    BadImage(String),
 }
 
 impl RawRunError {
-    fn wrapped(&self) -> &dyn Classify {
-        match self {
+    /// The error a transparent variant wraps; `None` for one with its own words.
+    fn wrapped(&self) -> Option<&dyn Classify> {
+        Some(match self {
+            RawRunError::BadImage(_) => return None,
             RawRunError::Target(e) => e,
             RawRunError::BadInput(e) => e,
             RawRunError::Write(e) => e,
@@ -54,19 +61,22 @@ impl RawRunError {
             RawRunError::Device(e) => e,
             RawRunError::Batch(e) => e,
             RawRunError::Partial(e) => e,
-        }
+        })
     }
 }
 
 impl Classify for RawRunError {
-    // Every variant is transparent, which hides the wrapped error from the
-    // chain walk: answer with its kind and hint.
+    // Every variant but one is transparent, which hides the wrapped error from
+    // the chain walk: answer with its kind and hint.
     fn kind(&self) -> ErrorKind {
-        self.wrapped().kind()
+        self.wrapped().map_or(ErrorKind::BadInput, |e| e.kind())
     }
 
     fn hint(&self) -> &'static str {
-        self.wrapped().hint()
+        self.wrapped().map_or(
+            "the targets were changed and boot nothing; fix or replace the image, then write them again",
+            |e| e.hint(),
+        )
     }
 }
 
@@ -128,6 +138,8 @@ pub struct RawBatch<'a> {
     planned: Vec<(RawPlan, TargetProbe)>,
     /// The image itself was bad, and every target stopped because of it.
     bad_image: Option<String>,
+    /// `--wait-for`'s `--wait-timeout` passed before every stick came.
+    timed_out: Option<DeviceError>,
 }
 
 impl<'a> RawBatch<'a> {
@@ -168,6 +180,7 @@ impl<'a> RawBatch<'a> {
             outcomes: Vec::new(),
             planned: Vec::new(),
             bad_image: None,
+            timed_out: None,
         }
     }
 
@@ -202,7 +215,17 @@ impl<'a> RawBatch<'a> {
             self.planned.len(),
         );
         let multi = indicatif::MultiProgress::new();
-        let results: Vec<(PathBuf, Result<RawReport, String>)> = std::thread::scope(|scope| {
+        // The k-th planned target is the k-th target still without an outcome: its
+        // result goes there, under the path the user gave (a symlink such as
+        // /dev/disk/by-id/… stays that, though its probe names the device).
+        let slots: Vec<usize> = self
+            .outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, o))| o.is_none())
+            .map(|(i, _)| i)
+            .collect();
+        let results: Vec<Result<RawReport, String>> = std::thread::scope(|scope| {
             let handles: Vec<_> = self
                 .planned
                 .iter()
@@ -227,32 +250,39 @@ impl<'a> RawBatch<'a> {
                         // Dropping the receiver lets the reader go on without this target.
                         drop(from);
                         progress.finish();
-                        (probe.path.clone(), result.map_err(|e| with_causes(&e)))
+                        result.map_err(|e| with_causes(&e))
                     })
                 })
                 .collect();
             handles
                 .into_iter()
                 .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        (PathBuf::from("?"), Err("writer thread panicked".into()))
-                    })
+                    h.join()
+                        .unwrap_or_else(|_| Err("its writer thread panicked".into()))
                 })
                 .collect()
         });
         let _ = reader.join();
-        for (target_path, result) in results {
+        for (k, result) in results.into_iter().enumerate() {
+            let Some((target_path, slot)) = slots.get(k).and_then(|&i| self.outcomes.get_mut(i))
+            else {
+                continue;
+            };
+            let result = result.map(|mut report| {
+                report.target = target_path.clone();
+                report
+            });
             match &result {
                 Ok(r) => emit(json, done_event(r)),
-                Err(e) => emit(json, events::failed(&target_path, "write", e)),
+                Err(e) => emit(json, events::failed(target_path, "write", e)),
             }
-            if let Some(slot) = self
-                .outcomes
-                .iter_mut()
-                .find(|(t, o)| t == &target_path && o.is_none())
-            {
-                slot.1 = Some(result);
-            }
+            *slot = Some(result);
+        }
+        // A planned target without a result was not written as far as anyone knows.
+        for (target_path, slot) in self.outcomes.iter_mut().filter(|(_, o)| o.is_none()) {
+            let e = "no result came back from its writer: treat it as not written".to_string();
+            emit(json, events::failed(target_path, "write", &e));
+            *slot = Some(Err(e));
         }
         let bad_image = failure.lock().ok().and_then(|f| f.clone());
         if let Some(f) = bad_image.filter(|f| f.kind == ErrorKind::BadInput)
@@ -272,18 +302,27 @@ impl<'a> RawBatch<'a> {
         source: &'a RawSource,
         options: RawOptions<'a>,
         n: usize,
+        timeout: Option<std::time::Duration>,
     ) -> Result<RawBatch<'a>, RawRunError> {
         emit(
             json,
             events::start(options.image, "raw-image", None, Some(n)),
         );
         if !json && !quiet {
-            eprintln!("Waiting for {n} stick(s) to be plugged in…");
+            match timeout {
+                Some(limit) => eprintln!(
+                    "Waiting up to {} s for {n} stick(s) to be plugged in…",
+                    limit.as_secs()
+                ),
+                None => eprintln!(
+                    "Waiting for {n} stick(s) to be plugged in (no time limit: --wait-timeout sets one)…"
+                ),
+            }
         }
         let multi = indicatif::MultiProgress::new();
         let outcomes = std::sync::Mutex::new(Vec::new());
         let wait_result = std::thread::scope(|scope| {
-            devices::wait_for_new_devices(n, None, options.force, |device| {
+            devices::wait_for_new_devices(n, timeout, options.force, |device| {
                 let progress = Progress::in_multi(mode, &multi, device.display().to_string());
                 let outcomes = &outcomes;
                 emit(json, events::plugged(&device));
@@ -316,7 +355,14 @@ impl<'a> RawBatch<'a> {
         });
         let mut batch = RawBatch::empty(json, source, options);
         batch.outcomes = outcomes.into_inner().unwrap_or_default();
-        wait_result?;
+        match wait_result {
+            // The sticks that did come were written: they are reported, and the
+            // shortfall makes the batch partial.
+            Err(e @ DeviceError::WaitTimedOut { .. }) => batch.timed_out = Some(e),
+            other => {
+                other?;
+            }
+        }
         Ok(batch)
     }
 
@@ -350,12 +396,9 @@ impl<'a> RawBatch<'a> {
         if let Some(message) = self.bad_image {
             // Every target stopped because the image is bad: that is the error
             // (bad input), not an I/O failure of each stick.
-            return Err(BadInput(format!(
-                "{message}; no target was made bootable (each target's first MiB is zeroed)"
-            ))
-            .into());
+            return Err(RawRunError::BadImage(message));
         }
-        crate::batch::verdict(details, total).map_err(|e| match e {
+        crate::batch::verdict_after_wait(details, total, self.timed_out).map_err(|e| match e {
             BatchError::Partial(p) => RawRunError::Partial(p),
             other => other.into(),
         })
@@ -440,8 +483,9 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::BadInput);
         assert_eq!(
             err.to_string(),
-            "the xz stream is corrupt; no target was made bootable (each target's first MiB is zeroed)"
+            "the xz stream is corrupt; no target was made bootable (each target's first MiB is zeroed, so it boots nothing until it is written again)"
         );
+        assert!(err.hint().contains("changed"), "{}", err.hint());
         assert!(finished(&src, vec![None, None], None).is_ok());
     }
 

@@ -377,18 +377,119 @@ fn persistence_options_are_refused_with_the_reason() {
         &["--home-size-mb", "100", "--unencrypted-home"],
         &["--swap-size-mb", "64"],
         &["--label", "LIVE"],
+        // Options for the live layout, given with a raw image: refused, not dropped.
+        &["--ext4"],
+        &["--unencrypted-home"],
+        &["--luks-pbkdf", "pbkdf2"],
+        &["--volume-id", "1234ABCD"],
+        &["--dracut-names", "renamed"],
+        &["--table", "gpt"],
     ] {
         let mut args = vec![s(&src), s(&target)];
         args.extend_from_slice(extra);
         let out = write(&args);
         assert_eq!(out.status.code(), Some(2), "{extra:?}");
         let err = String::from_utf8_lossy(&out.stderr);
+        // Named as it was typed (`--table gpt`, not a `--gpt` nobody gave).
+        let typed = extra.join(" ");
+        let named = if extra[0] == "--table" {
+            typed.as_str()
+        } else {
+            extra[0]
+        };
         assert!(
-            err.contains(extra[0]) && err.contains("raw disk image"),
+            err.contains(named) && err.contains("raw disk image"),
             "{err}"
         );
     }
     assert_eq!(sha256_file(&target), old);
+}
+
+/// Targets named through symlinks (as /dev/disk/by-id/… names them): each result is
+/// reported under the name given. A failed write was reported as "planned" and the
+/// batch exited 0, because the result was looked up by the device's own name.
+#[test]
+fn a_batch_through_symlinks_reports_each_failure_under_the_name_given() {
+    if !require(is_root(), "root (loop devices)") {
+        return;
+    }
+    let dir = tmp();
+    let a = used_target(dir.path(), "a.img", 100 * MIB);
+    let b = used_target(dir.path(), "b.img", 100 * MIB);
+    let (Some(la), Some(lb)) = (loop_device(&[], &a), loop_device(&[], &b)) else {
+        return;
+    };
+    let (sa, sb) = (dir.path().join("by-id-a"), dir.path().join("by-id-b"));
+    std::os::unix::fs::symlink(&la.0, &sa).unwrap();
+    std::os::unix::fs::symlink(&lb.0, &sb).unwrap();
+
+    // A mapped block that does not match its map: each write stops mid-stream.
+    let src = source(dir.path(), "disk.raw");
+    source(dir.path(), "disk.raw.bmap");
+    let mut image = std::fs::read(&src).unwrap();
+    image[(67584 * 512 + 1024 + 100) as usize] ^= 0xFF;
+    std::fs::write(&src, &image).unwrap();
+    let out = write(&[s(&src), s(&sa), s(&sb), "--yes", "--force"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}{err}");
+    assert!(err.contains("boot nothing"), "{err}");
+    let report: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["event"] == "report")
+        .expect("a report event");
+    for (row, given) in report["targets"].as_array().unwrap().iter().zip([&sa, &sb]) {
+        assert_eq!(row["target"], s(given), "{report}");
+        assert_eq!(row["ok"], false, "{report}");
+        assert_eq!(row["dry_run"], false, "{report}");
+    }
+
+    // Written: each `done` event and report row under the name given, verified.
+    let good = dir.path().join("good.raw");
+    std::fs::copy(fixture().join("disk.raw"), &good).unwrap();
+    let out = write(&[s(&good), s(&sa), s(&sb), "--yes", "--force"]);
+    let text = ok(&out);
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let done: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "done")
+        .map(|e| e["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(done.len(), 2, "{text}");
+    assert!(done.contains(&s(&sa)) && done.contains(&s(&sb)), "{text}");
+    let report = events.iter().find(|e| e["event"] == "report").unwrap();
+    for row in report["targets"].as_array().unwrap() {
+        assert_eq!(row["ok"], true, "{report}");
+        assert_eq!(row["verified"], true, "{report}");
+    }
+}
+
+/// `--wait-for` with a raw image keeps to `--wait-timeout` (it waited forever).
+#[test]
+fn a_raw_wait_for_gives_up_after_its_timeout() {
+    let dir = tmp();
+    let src = source(dir.path(), "disk.raw.xz");
+    let started = std::time::Instant::now();
+    let out = livestick(&[
+        "write",
+        s(&src),
+        "--wait-for",
+        "1",
+        "--wait-timeout",
+        "2s",
+        "--yes",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("Waiting up to 2 s") && err.contains("but 0 appeared"),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(120));
 }
 
 /// Zeroed first MiB and no partition table: what a failure mid-stream leaves.
@@ -429,6 +530,12 @@ fn a_broken_stream_leaves_nothing_bootable_and_names_the_source() {
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(err.contains(s(src)) && err.contains(words), "{err}");
         assert!(err.contains("decompressing"), "names the step: {err}");
+        // Not "nothing was written": the target was changed, and is unbootable.
+        assert!(
+            err.contains("boots nothing until it is written again")
+                && !err.contains("nothing was written"),
+            "{err}"
+        );
         assert_not_bootable(&target);
     }
     // A batch: the same error, still bad input, for every target.
@@ -493,6 +600,10 @@ fn a_bmap_that_does_not_fit_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
         err.contains(s(&src)) && err.contains(s(&map)) && err.contains("does not match"),
+        "{err}"
+    );
+    assert!(
+        err.contains("was already being written") && !err.contains("hint: nothing was written"),
         "{err}"
     );
     assert_not_bootable(&target);
