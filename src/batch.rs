@@ -438,14 +438,31 @@ pub struct PlannedTarget {
 
 enum Outcome {
     Done(Box<ApplyReport>),
-    Failed(String),
+    Failed(Failure),
+}
+
+/// Why one target of a batch was not written, and the kind of that failure (which
+/// decides the exit code when every target failed alike).
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub text: String,
+    pub kind: ErrorKind,
+}
+
+impl Failure {
+    pub fn new(text: impl Into<String>, kind: ErrorKind) -> Failure {
+        Failure {
+            text: text.into(),
+            kind,
+        }
+    }
 }
 
 /// How a batch ended when not every target was written.
 #[derive(Debug, Error)]
 pub enum BatchError {
     #[error("every target failed: {details}")]
-    EveryTargetFailed { details: String },
+    EveryTargetFailed { details: String, kind: ErrorKind },
     #[error(transparent)]
     Partial(PartialBatchFailure),
     /// `--wait-timeout` passed before any stick was plugged in.
@@ -456,7 +473,7 @@ pub enum BatchError {
 impl Classify for BatchError {
     fn kind(&self) -> ErrorKind {
         match self {
-            BatchError::EveryTargetFailed { .. } => ErrorKind::Io,
+            BatchError::EveryTargetFailed { kind, .. } => *kind,
             BatchError::Partial(e) => e.kind(),
             BatchError::NothingPlugged(e) => e.kind(),
         }
@@ -516,11 +533,13 @@ impl Batch {
     }
 
     /// A target that could not be planned is reported and left out.
-    pub fn plan_failed(&mut self, target: &Path, error: impl Display) {
+    pub fn plan_failed(&mut self, target: &Path, error: impl Display, kind: ErrorKind) {
         let msg = format!("{error:#}");
         self.emit(events::failed(target, "plan", &msg));
-        self.outcomes
-            .push((target.to_path_buf(), Some(Outcome::Failed(msg))));
+        self.outcomes.push((
+            target.to_path_buf(),
+            Some(Outcome::Failed(Failure::new(msg, kind))),
+        ));
     }
 
     /// The targets that could not be planned, with why (a dry run lists them).
@@ -528,7 +547,7 @@ impl Batch {
         self.outcomes
             .iter()
             .filter_map(|(target, outcome)| match outcome {
-                Some(Outcome::Failed(e)) => Some((target.as_path(), e.as_str())),
+                Some(Outcome::Failed(e)) => Some((target.as_path(), e.text.as_str())),
                 _ => None,
             })
             .collect()
@@ -549,6 +568,7 @@ impl Batch {
         md5: Option<&str>,
         write: impl Fn(&PlannedTarget, &mut dyn IsoSource, &Path, &Progress) -> Result<ApplyReport, E>
         + Sync,
+        kind_of: impl Fn(&E) -> ErrorKind + Sync,
     ) -> Result<(), ApplyError> {
         let iso_files: Vec<(String, u64)> = self
             .planned
@@ -583,6 +603,7 @@ impl Batch {
 
         let multi = indicatif::MultiProgress::new();
         let write = &write;
+        let kind_of = &kind_of;
         let results: Vec<(PathBuf, Outcome)> = std::thread::scope(|scope| {
             let mut handles = Vec::new();
             for (i, planned) in self.planned.iter().enumerate() {
@@ -601,7 +622,7 @@ impl Batch {
                             r.iso_md5 = md5.map(str::to_string);
                             Outcome::Done(Box::new(r))
                         }
-                        Err(e) => Outcome::Failed(format!("{e:#}")),
+                        Err(e) => Outcome::Failed(Failure::new(format!("{e:#}"), kind_of(&e))),
                     };
                     (planned.target.clone(), outcome)
                 }));
@@ -612,7 +633,7 @@ impl Batch {
                     h.join().unwrap_or_else(|_| {
                         (
                             PathBuf::from("?"),
-                            Outcome::Failed("writer thread panicked".into()),
+                            Outcome::Failed(Failure::new("writer thread panicked", ErrorKind::Io)),
                         )
                     })
                 })
@@ -624,7 +645,7 @@ impl Batch {
         for (target, outcome) in results {
             match &outcome {
                 Outcome::Done(r) => self.emit(done_event(r)),
-                Outcome::Failed(e) => self.emit(events::failed(&target, "write", e)),
+                Outcome::Failed(e) => self.emit(events::failed(&target, "write", &e.text)),
             }
             if let Some(slot) = self
                 .outcomes
@@ -654,6 +675,7 @@ impl Batch {
         workdir: &Path,
         md5: Option<&str>,
         write: impl Fn(&Path, &Path, &Progress) -> Result<ApplyReport, E> + Sync,
+        kind_of: impl Fn(&E) -> ErrorKind + Sync,
     ) -> Result<Batch, DeviceError> {
         emit(json, events::start(iso, "live-iso", None, Some(n)));
         if !json && !quiet {
@@ -670,6 +692,7 @@ impl Batch {
         let multi = indicatif::MultiProgress::new();
         let outcomes = std::sync::Mutex::new(Vec::<(PathBuf, Option<Outcome>)>::new());
         let write = &write;
+        let kind_of = &kind_of;
         let wait_result = std::thread::scope(|scope| {
             let mut index = 0usize;
             crate::disk::devices::wait_for_new_devices(n, timeout, include_fixed, |device| {
@@ -690,7 +713,7 @@ impl Batch {
                         Err(e) => {
                             let msg = format!("{e:#}");
                             emit(json, events::failed(&device, "write", &msg));
-                            Outcome::Failed(msg)
+                            Outcome::Failed(Failure::new(msg, kind_of(&e)))
                         }
                     };
                     if let Ok(mut all) = outcomes.lock() {
@@ -750,7 +773,7 @@ impl Batch {
 /// stick at all is its own error; fewer than wanted make the batch partial, the
 /// sticks not plugged in counting as failed.
 pub fn verdict_after_wait(
-    mut details: Vec<String>,
+    mut details: Vec<(String, ErrorKind)>,
     total: usize,
     timed_out: Option<DeviceError>,
 ) -> Result<(), BatchError> {
@@ -765,11 +788,11 @@ pub fn verdict_after_wait(
     }
     let failed = details.len() + wanted.saturating_sub(found.len());
     let total = total.max(*wanted);
-    details.push(e.to_string());
+    details.push((e.to_string(), e.kind()));
     Err(BatchError::Partial(PartialBatchFailure {
         failed,
         total,
-        details,
+        details: details.into_iter().map(|(line, _)| line).collect(),
     }))
 }
 
@@ -780,7 +803,7 @@ pub enum TargetEnd<'a> {
         row: events::Row<'a>,
         detail: String,
     },
-    Failed(&'a str),
+    Failed(&'a Failure),
     /// Planned by a dry run.
     Planned,
 }
@@ -792,16 +815,20 @@ pub fn verified_word(verified: bool) -> &'static str {
 
 /// Prints a batch's report: the `report` event with `--json`, else a table unless
 /// `quiet`. Returns one line per failed target, for [`verdict`].
-pub fn report_ends(json: bool, quiet: bool, ends: Vec<(&Path, TargetEnd<'_>)>) -> Vec<String> {
+pub fn report_ends(
+    json: bool,
+    quiet: bool,
+    ends: Vec<(&Path, TargetEnd<'_>)>,
+) -> Vec<(String, ErrorKind)> {
     let mut details = Vec::new();
     let mut rows = Vec::new();
     for (target, end) in &ends {
         let row = match end {
             TargetEnd::Done { row, .. } => *row,
             TargetEnd::Failed(e) => {
-                details.push(format!("{}: {e}", target.display()));
+                details.push((format!("{}: {}", target.display(), e.text), e.kind));
                 events::Row {
-                    error: Some(e),
+                    error: Some(&e.text),
                     ..Default::default()
                 }
             }
@@ -819,7 +846,7 @@ pub fn report_ends(json: bool, quiet: bool, ends: Vec<(&Path, TargetEnd<'_>)>) -
         for (target, end) in &ends {
             let (result, detail) = match end {
                 TargetEnd::Done { detail, .. } => ("ok", detail.as_str()),
-                TargetEnd::Failed(e) => ("FAILED", e.lines().next().unwrap_or("")),
+                TargetEnd::Failed(e) => ("FAILED", e.text.lines().next().unwrap_or("")),
                 TargetEnd::Planned => ("planned", ""),
             };
             crate::outln!("{:<32} {:<8} {}", target.display(), result, detail);
@@ -829,20 +856,31 @@ pub fn report_ends(json: bool, quiet: bool, ends: Vec<(&Path, TargetEnd<'_>)>) -
 }
 
 /// How a batch of `total` targets ended, from one line per failed target: all
-/// written, some (partial, 5) or every one failed (4). Live and raw batches alike.
-pub fn verdict(details: Vec<String>, total: usize) -> Result<(), BatchError> {
+/// written, some (partial, 5) or every one failed: then with the failures' own
+/// kind when they share one (every target too small is bad input, 2), else I/O
+/// (4). Live and raw batches alike.
+pub fn verdict(details: Vec<(String, ErrorKind)>, total: usize) -> Result<(), BatchError> {
     let failed = details.len();
     if failed == 0 {
         Ok(())
     } else if failed == total {
+        let kind = match details.first() {
+            Some((_, first)) if details.iter().all(|(_, k)| k == first) => *first,
+            _ => ErrorKind::Io,
+        };
         Err(BatchError::EveryTargetFailed {
-            details: details.join("; "),
+            details: details
+                .into_iter()
+                .map(|(line, _)| line)
+                .collect::<Vec<_>>()
+                .join("; "),
+            kind,
         })
     } else {
         Err(BatchError::Partial(PartialBatchFailure {
             failed,
             total,
-            details,
+            details: details.into_iter().map(|(line, _)| line).collect(),
         }))
     }
 }
@@ -903,7 +941,7 @@ mod tests {
         for (i, o) in outcomes.into_iter().enumerate() {
             batch.outcomes.push((
                 PathBuf::from(format!("/dev/sd{i}")),
-                o.map(|e| Outcome::Failed(e.to_string())),
+                o.map(|e| Outcome::Failed(Failure::new(e, ErrorKind::Io))),
             ));
         }
         batch
@@ -922,6 +960,36 @@ mod tests {
             }
             other => panic!("expected a partial failure, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn every_target_failing_alike_exits_with_that_failures_kind() {
+        let line = |t: &str, kind| (format!("{t}: too small"), kind);
+        let all_small = verdict(
+            vec![
+                line("/dev/sda", ErrorKind::BadInput),
+                line("/dev/sdb", ErrorKind::BadInput),
+            ],
+            2,
+        )
+        .expect_err("all failed");
+        assert_eq!(all_small.kind(), ErrorKind::BadInput);
+        assert_eq!(
+            all_small.to_string(),
+            "every target failed: /dev/sda: too small; /dev/sdb: too small"
+        );
+        let refused = verdict(vec![line("/dev/sda", ErrorKind::Refused)], 1).unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Refused);
+        // Different kinds: no one of them speaks for the batch.
+        let mixed = verdict(
+            vec![
+                line("/dev/sda", ErrorKind::BadInput),
+                line("/dev/sdb", ErrorKind::Refused),
+            ],
+            2,
+        )
+        .unwrap_err();
+        assert_eq!(mixed.kind(), ErrorKind::Io);
     }
 
     #[test]

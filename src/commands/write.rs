@@ -524,7 +524,10 @@ fn run_batch(
                     syslinux,
                 });
             }
-            Err(e) => batch.plan_failed(target, e),
+            Err(e) => {
+                let kind = crate::cli::error_kind(&e);
+                batch.plan_failed(target, e, kind)
+            }
         };
     if args.volume_id.is_some() {
         // Numbered in turn: each target that plans takes the next volume id.
@@ -606,6 +609,7 @@ fn run_batch(
             )
             .map(|report| with_checksum(report, source_check))
         },
+        crate::cli::error_kind,
     )?;
     Ok(batch.finish(quiet)?)
 }
@@ -682,6 +686,7 @@ fn run_wait_for(
                 });
             written.map(|report| with_checksum(report, source_check))
         },
+        crate::cli::error_kind,
     )?;
     Ok(batch.finish(quiet)?)
 }

@@ -13,7 +13,7 @@ use thiserror::Error;
 
 use super::{RawPlan, RawReport, RawSource, RawWriteError, StreamSource};
 use crate::apply::{ApplyError, IsoSource};
-use crate::batch::{BatchError, TargetEnd, emit, events, report_ends, verified_word};
+use crate::batch::{BatchError, Failure, TargetEnd, emit, events, report_ends, verified_word};
 use crate::disk::devices::{self, DeviceError};
 use crate::disk::identity::{self, IdentityError};
 use crate::disk::target::{self, TargetError, TargetProbe};
@@ -126,7 +126,12 @@ fn done_event(report: &RawReport) -> serde_json::Value {
     )
 }
 
-type Outcome = Option<Result<RawReport, String>>;
+type Outcome = Option<Result<RawReport, Failure>>;
+
+/// A batch error's words (with its causes) and kind.
+fn failure_of(e: &RawRunError) -> Failure {
+    Failure::new(with_causes(e), e.kind())
+}
 
 /// Several targets of one raw image: what became of each (in the order the
 /// user named them, or plugged them in) and the events a script follows.
@@ -163,8 +168,8 @@ impl<'a> RawBatch<'a> {
                     batch.outcomes.push((target_path.clone(), None));
                 }
                 Err(e) => {
-                    let msg = with_causes(&e);
-                    emit(json, events::failed(target_path, "plan", &msg));
+                    let msg = failure_of(&e);
+                    emit(json, events::failed(target_path, "plan", &msg.text));
                     batch.outcomes.push((target_path.clone(), Some(Err(msg))));
                 }
             }
@@ -190,7 +195,7 @@ impl<'a> RawBatch<'a> {
         self.outcomes
             .iter()
             .filter_map(|(target, outcome)| match outcome {
-                Some(Err(e)) => Some((target.as_path(), e.as_str())),
+                Some(Err(e)) => Some((target.as_path(), e.text.as_str())),
                 _ => None,
             })
             .collect()
@@ -225,7 +230,7 @@ impl<'a> RawBatch<'a> {
             .filter(|(_, (_, o))| o.is_none())
             .map(|(i, _)| i)
             .collect();
-        let results: Vec<Result<RawReport, String>> = std::thread::scope(|scope| {
+        let results: Vec<Result<RawReport, Failure>> = std::thread::scope(|scope| {
             let handles: Vec<_> = self
                 .planned
                 .iter()
@@ -250,15 +255,16 @@ impl<'a> RawBatch<'a> {
                         // Dropping the receiver lets the reader go on without this target.
                         drop(from);
                         progress.finish();
-                        result.map_err(|e| with_causes(&e))
+                        result.map_err(|e| failure_of(&e))
                     })
                 })
                 .collect();
             handles
                 .into_iter()
                 .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("its writer thread panicked".into()))
+                    h.join().unwrap_or_else(|_| {
+                        Err(Failure::new("its writer thread panicked", ErrorKind::Io))
+                    })
                 })
                 .collect()
         });
@@ -274,14 +280,17 @@ impl<'a> RawBatch<'a> {
             });
             match &result {
                 Ok(r) => emit(json, done_event(r)),
-                Err(e) => emit(json, events::failed(target_path, "write", e)),
+                Err(e) => emit(json, events::failed(target_path, "write", &e.text)),
             }
             *slot = Some(result);
         }
         // A planned target without a result was not written as far as anyone knows.
         for (target_path, slot) in self.outcomes.iter_mut().filter(|(_, o)| o.is_none()) {
-            let e = "no result came back from its writer: treat it as not written".to_string();
-            emit(json, events::failed(target_path, "write", &e));
+            let e = Failure::new(
+                "no result came back from its writer: treat it as not written",
+                ErrorKind::Io,
+            );
+            emit(json, events::failed(target_path, "write", &e.text));
             *slot = Some(Err(e));
         }
         let bad_image = failure.lock().ok().and_then(|f| f.clone());
@@ -342,10 +351,10 @@ impl<'a> RawBatch<'a> {
                         )?)
                     })();
                     progress.finish();
-                    let result = result.map_err(|e| with_causes(&e));
+                    let result = result.map_err(|e| failure_of(&e));
                     match &result {
                         Ok(r) => emit(json, done_event(r)),
-                        Err(e) => emit(json, events::failed(&device, "write", e)),
+                        Err(e) => emit(json, events::failed(&device, "write", &e.text)),
                     }
                     if let Ok(mut all) = outcomes.lock() {
                         all.push((device, Some(result)));
@@ -443,7 +452,7 @@ mod tests {
         for (i, o) in outcomes.into_iter().enumerate() {
             batch.outcomes.push((
                 PathBuf::from(format!("/dev/sd{i}")),
-                o.map(|e| Err(e.to_string())),
+                o.map(|e| Err(Failure::new(e, ErrorKind::Io))),
             ));
         }
         batch.bad_image = bad_image.map(str::to_string);

@@ -357,6 +357,39 @@ fn ndjson_events_match_the_recorded_session() {
     );
 }
 
+/// Every target failing for the same reason exits with that reason's code, as a
+/// single target would (docs/ndjson-events.md): two image files too small for the
+/// ISO are bad input (2), not an I/O failure (4) whose hint sends one to dmesg.
+#[test]
+fn every_target_failing_alike_exits_with_its_own_code() {
+    let iso = synthetic_iso("fedora-classic.iso");
+    let dir = tmp();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    let one = livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        a.to_str().unwrap(),
+        "--size",
+        "1M",
+        "--yes",
+    ]);
+    assert_eq!(one.status.code(), Some(2));
+    let both = livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--size",
+        "1M",
+        "--yes",
+    ]);
+    let err = String::from_utf8_lossy(&both.stderr);
+    assert_eq!(both.status.code(), Some(2), "{err}");
+    assert!(err.contains("every target failed"), "{err}");
+    assert!(!err.contains("dmesg"), "{err}");
+    assert!(!a.exists() && !b.exists());
+}
+
 /// `--wait-timeout`: nobody plugs anything in, so the wait ends after the
 /// duration with exit 2 naming what was awaited (before, it waited forever).
 #[test]
