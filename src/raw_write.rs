@@ -90,7 +90,7 @@ pub enum RawWriteError {
         why: &'static str,
         image: PathBuf,
     },
-    #[error("--bmap {}: the source {} is a live ISO, which livestick writes file by file; add --dd to write it as a raw image with that map", .bmap.display(), .image.display())]
+    #[error("--bmap {}: the source {} is no partitioned disk image, which is what a block map goes with (a live ISO is written file by file); add --dd to write it byte for byte with that map", .bmap.display(), .image.display())]
     BmapForLiveIso { bmap: PathBuf, image: PathBuf },
     #[error(transparent)]
     Target(#[from] TargetError),

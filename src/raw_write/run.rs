@@ -112,7 +112,12 @@ fn with_causes(error: &dyn StdError) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(e) = cause {
-        text.push_str(&format!(": {e}"));
+        // A message that quotes its cause already (`writing … failed at byte N:
+        // No space left on device`) does not get it twice.
+        let words = e.to_string();
+        if !text.contains(&words) {
+            text.push_str(&format!(": {words}"));
+        }
         cause = e.source();
     }
     text
@@ -496,6 +501,21 @@ mod tests {
         );
         assert!(err.hint().contains("changed"), "{}", err.hint());
         assert!(finished(&src, vec![None, None], None).is_ok());
+    }
+
+    #[test]
+    fn a_cause_the_message_quotes_is_not_repeated() {
+        let full = RawRunError::Write(RawWriteError::Write {
+            target: PathBuf::from("/dev/sdz"),
+            at: 4096,
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        });
+        let text = with_causes(&full);
+        assert_eq!(text.matches("No space left on device").count(), 1, "{text}");
+        assert!(
+            text.starts_with("writing /dev/sdz failed at byte 4096"),
+            "{text}"
+        );
     }
 
     #[test]
