@@ -781,3 +781,25 @@ fn an_overlay_with_its_superblock_gone_stays_overlayfs_and_recovers() {
     t.check_boot_files(&ov);
     assert_eq!(t.status()["kind"], "overlayfs");
 }
+
+/// A reset says what the live system left in the upper dir, not the ext4's own
+/// used blocks (its journal and tables, which an empty overlay has too).
+#[test]
+fn a_reset_counts_what_the_upper_dir_holds() {
+    if !ready() {
+        return;
+    }
+    let t = stick();
+    let dry = ok(&as_nobody(&["overlay", "reset", t.s(), "--dry-run"]));
+    assert!(
+        dry.contains("discarding nothing: its OverlayFS upper dir is empty"),
+        "{dry}"
+    );
+    t.boot();
+    // /overlayfs/etc, etc/hostname, /overlayfs/home, home/big: 3 MiB and 21 bytes.
+    let dry = ok(&as_nobody(&["overlay", "reset", t.s(), "--dry-run"]));
+    assert!(
+        dry.contains("4 entries (3.0 MiB in files) in its OverlayFS upper dir"),
+        "{dry}"
+    );
+}

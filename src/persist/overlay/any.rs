@@ -44,7 +44,9 @@ impl Overlay {
             }
             Overlay::Ovlfs(place) => {
                 let show = place.show();
-                ovlfs::plan_reset(&show, store::overlay_info(&mut place.io()?).as_ref())
+                let info = store::overlay_info(&mut place.io()?);
+                let upper = store::upper_contents(&mut place.io()?);
+                ovlfs::plan_reset(&show, info.as_ref(), upper)
             }
             Overlay::Dir(path) => {
                 let (used, entries) = dir::inspect_reset(path)?;

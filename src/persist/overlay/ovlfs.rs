@@ -58,16 +58,25 @@ pub fn usage_on_stick(sb: Option<&Superblock>, len: u64) -> Usage {
 }
 
 /// Decides a reset: a new empty ext4 with overlayfs/ and ovlwork/, same size, UUID and
-/// label, written over the old one in place.
-pub fn plan_reset(show: &str, info: Option<&Ext4Info>) -> ResetPlan {
+/// label, written over the old one in place. `upper` is what its upper dir holds
+/// ([`store::upper_contents`]): that is what the reset discards.
+pub fn plan_reset(show: &str, info: Option<&Ext4Info>, upper: Option<(u64, u64)>) -> ResetPlan {
     ResetPlan {
         overlay: show.to_string(),
-        discards: match info {
-            Some(i) => format!(
-                "{} of files in its OverlayFS upper dir",
+        discards: match (upper, info) {
+            (Some((_, 0)), _) => {
+                "nothing: its OverlayFS upper dir is empty (the live system changed nothing)"
+                    .to_string()
+            }
+            (Some((bytes, entries)), _) => format!(
+                "{entries} entries ({} in files) in its OverlayFS upper dir",
+                human(bytes)
+            ),
+            (None, Some(i)) => format!(
+                "{} used in its ext4, whose upper dir cannot be read",
                 human(i.used_bytes)
             ),
-            None => "an OverlayFS overlay whose superblock cannot be read".to_string(),
+            (None, None) => "an OverlayFS overlay whose superblock cannot be read".to_string(),
         },
         would: format!("would reset {show} (a new empty ext4 with overlayfs/ and ovlwork/)"),
         kind: Some(Kind::Overlayfs),
@@ -690,7 +699,7 @@ mod tests {
 
     #[test]
     fn reset_and_usage() {
-        let plan = plan_reset("o", None);
+        let plan = plan_reset("o", None, None);
         assert_eq!(plan.kind, Some(Kind::Overlayfs));
         assert_eq!(
             plan.discards,

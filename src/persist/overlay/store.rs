@@ -53,6 +53,41 @@ pub fn overlay_info<R: Read + Seek>(r: &mut R) -> Option<Ext4Info> {
     Ext4Info::read_from(r).ok()
 }
 
+/// What the live system left in an OverlayFS overlay's upper dir: `(bytes of its
+/// files, entries)`, entries counting files, directories, links and whiteouts
+/// alike; `None` when its ext4 or the upper dir cannot be read. Not the file
+/// system's used blocks: those include its journal and tables, which an empty
+/// overlay has too.
+pub fn upper_contents<R: Read + Seek>(r: &mut R) -> Option<(u64, u64)> {
+    use crate::disk::ext4_fs::Ext4Fs;
+    // A damaged directory tree could name a directory twice: each is walked once,
+    // and a tree past any real overlay's size is not walked to its end.
+    const MOST_ENTRIES: u64 = 10_000_000;
+    let fs = Ext4Fs::open(r).ok()?;
+    let upper = fs.lookup(r, &format!("/{UPPER_DIR}")).ok()??;
+    let (mut bytes, mut entries) = (0u64, 0u64);
+    let mut seen = std::collections::HashSet::from([upper.number]);
+    let mut dirs = vec![upper];
+    while let Some(dir) = dirs.pop() {
+        for (_, number) in fs.read_dir(r, &dir).ok()? {
+            if !seen.insert(number) {
+                continue;
+            }
+            entries += 1;
+            if entries > MOST_ENTRIES {
+                return None;
+            }
+            let inode = fs.inode(r, number).ok()?;
+            if inode.is_dir() {
+                dirs.push(inode);
+            } else {
+                bytes += inode.size;
+            }
+        }
+    }
+    Some((bytes, entries))
+}
+
 /// A status report in the dm-snapshot shape, for plans and JSON that carry one.
 pub fn status_report(info: Option<&Ext4Info>, len: u64, entries: u64) -> StatusReport {
     let (used, total) = info.map_or((0, len), |i| (i.used_bytes, i.size_bytes));
