@@ -1328,14 +1328,13 @@ impl Verifiable {
         let in_place = at
             .filter(|_| !device.as_os_str().to_string_lossy().contains('?'))
             .map(|offset| format!("{}?offset={offset}", device.display()));
-        let fsck = |what: &str| match &in_place {
+        // e2fsck reads a file in place only when it is one run on the device; one in
+        // pieces (fragmented on the FAT, or any file of the ext4 live layout) is
+        // checked on a copy.
+        let size = check.size;
+        let fsck = |file: &mut Box<dyn ReadSeek + '_>| match &in_place {
             Some(spec) => e2fsck_read_only(spec),
-            None => DeepCheck {
-                clean: None,
-                detail: format!(
-                    "not checked: {what} is fragmented on the stick, and e2fsck reads a file in place only when it is one run"
-                ),
-            },
+            None => e2fsck_on_copy(file, size),
         };
         match check.kind.as_str() {
             "overlay" if store::is_ext4(&mut file) => {
@@ -1348,7 +1347,7 @@ impl Verifiable {
                     crate::size::human(info.size_bytes)
                 );
                 if deep {
-                    check.deep = Some(fsck("the overlay"));
+                    check.deep = Some(fsck(&mut file));
                 }
             }
             "overlay" => {
@@ -1402,7 +1401,7 @@ impl Verifiable {
                         crate::size::human(info.size_bytes)
                     );
                     if deep {
-                        check.deep = Some(fsck("home.img"));
+                        check.deep = Some(fsck(&mut file));
                     }
                 }
                 Some(home::HomeKind::Luks2) => match (deep, passphrase) {
@@ -1535,6 +1534,47 @@ fn luks_deep_check<R: Read + Seek>(
     }
     let check = e2fsck_read_only(&staged_path.to_string_lossy());
     Ok(UnlockedCheck { fs, check })
+}
+
+/// `e2fsck -f -n` on a copy of `file` (`size` bytes) in a temporary file, for a
+/// file that is not one run on the stick. Zeros stay holes in the copy.
+fn e2fsck_on_copy(file: &mut dyn ReadSeek, size: u64) -> DeepCheck {
+    let copy = (|| -> io::Result<tempfile::NamedTempFile> {
+        let mut copy = tempfile::Builder::new()
+            .prefix("livestick-verify-")
+            .tempfile()?;
+        let mut buf = vec![0u8; 1 << 20];
+        file.seek(io::SeekFrom::Start(0))?;
+        let mut at = 0u64;
+        while at < size {
+            let n = (size - at).min(buf.len() as u64) as usize;
+            file.read_exact(&mut buf[..n])?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                let out = copy.as_file_mut();
+                out.seek(io::SeekFrom::Start(at))?;
+                out.write_all(&buf[..n])?;
+            }
+            at += n as u64;
+        }
+        copy.as_file().set_len(size)?;
+        Ok(copy)
+    })();
+    match copy {
+        Ok(copy) => {
+            let mut check = e2fsck_read_only(&copy.path().to_string_lossy());
+            check.detail = format!(
+                "{} (on a copy: the file lies in pieces on the stick)",
+                check.detail
+            );
+            check
+        }
+        Err(e) => DeepCheck {
+            clean: None,
+            detail: format!(
+                "not checked: the file lies in pieces on the stick, and copying it to a temporary file (TMPDIR) for e2fsck failed: {e}"
+            ),
+        },
+    }
 }
 
 /// `e2fsck -f -n` on `spec`: changes nothing, whatever it finds.

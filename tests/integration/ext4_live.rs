@@ -690,3 +690,80 @@ fn copy_overlay_and_home_onto_the_ext4_layout_copy_their_used_parts_only() {
         .expect("e2fsck");
     assert!(fsck.status.success(), "{fsck:?}");
 }
+
+/// `verify --deep` runs e2fsck on the ext4 layout's overlay and home too. A file
+/// that lies in pieces in the ext4 partition (past a block group's backup
+/// superblock) is checked on a copy; before, it was never checked at all.
+#[test]
+fn verify_deep_checks_the_ext4_layouts_overlay_and_home_even_in_pieces() {
+    let dir = tmp();
+    let image = used_stick(dir.path(), 1 << 30, 64 << 20);
+    let iso = synthetic_iso("fedora-classic.iso");
+    let s = image.to_str().unwrap();
+    ok(&livestick(&[
+        "write",
+        iso.to_str().unwrap(),
+        s,
+        "--ext4",
+        "--overlayfs",
+        "--overlay-size-mb",
+        "300",
+        "--home-size-mb",
+        "32",
+        "--unencrypted-home",
+        "--yes",
+    ]));
+    let deep = |expect_ok: bool| -> serde_json::Value {
+        let out = livestick(&["--json", "verify", s, "--deep"]);
+        assert_eq!(out.status.success(), expect_ok, "{out:?}");
+        serde_json::from_slice(&out.stdout).expect("a JSON report")
+    };
+    let report = deep(true);
+    let persistence = report["persistence"].as_array().unwrap();
+    assert_eq!(persistence.len(), 2, "{report:#}");
+    for p in persistence {
+        assert_eq!(p["deep"]["clean"], true, "{p:#}");
+    }
+    let overlay = persistence.iter().find(|p| p["kind"] == "overlay").unwrap();
+    assert!(
+        overlay["deep"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("on a copy"),
+        "{overlay:#}"
+    );
+
+    // Damage inside the overlay's ext4 (its free inode count, through the
+    // partition): found on the copy.
+    let p2 = partitions(&image)[1].0;
+    let path = overlay["path"].as_str().unwrap();
+    let extents = debugfs(&image, p2, &format!("ex {path}"));
+    let first_block: u64 = extents
+        .lines()
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            // "0/ 1   1/  3     0 - 32767 34816 - 67583  32768"
+            let dash = cols.iter().rposition(|c| *c == "-")?;
+            cols.get(dash - 1)?.parse().ok()
+        })
+        .expect("an extent");
+    let free_inodes_at = p2 + first_block * 4096 + 1024 + 0x10;
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        f.seek(SeekFrom::Start(free_inodes_at)).unwrap();
+        f.write_all(&7u32.to_le_bytes()).unwrap();
+    }
+    let report = deep(false);
+    let overlay = report["persistence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["kind"] == "overlay")
+        .unwrap()
+        .clone();
+    assert_eq!(overlay["deep"]["clean"], false, "{overlay:#}");
+}
