@@ -492,10 +492,13 @@ pub fn save_destinations(
                     .map_or("", |(dir, _)| dir)
                     .trim_matches('/')
                     .replace('/', "-");
+                // Two homes whose names flatten alike (`/a/b` and `/a-b`, or one live
+                // directory on both the FAT and the ext4 partition) get numbered.
                 let mut name = to.join(format!("{dir}-home.img"));
-                // The same live directory on the FAT and on the ext4 partition.
-                if out.iter().any(|(_, taken)| taken == &name) {
-                    name = to.join(format!("{dir}-p{}-home.img", home.partition));
+                let mut n = 1;
+                while out.iter().any(|(_, taken)| taken == &name) {
+                    n += 1;
+                    name = to.join(format!("{dir}-{n}-home.img"));
                 }
                 out.push((home.clone(), name));
             }
@@ -1212,6 +1215,25 @@ mod tests {
         let json = serde_json::to_value(&ok).unwrap();
         assert_eq!(json["save_home"]["path"], "/LiveOS/home.img");
         assert_eq!(json["save_homes"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn homes_whose_names_flatten_alike_get_distinct_files() {
+        let mut found = found(None);
+        found.homes = ["a-b-2", "a/b", "a-b"]
+            .iter()
+            .map(|d| home_in(d, 1 << 20))
+            .collect();
+        let saves = save_destinations(Path::new("s.img"), &found, Path::new("/b"), true).unwrap();
+        let files: Vec<&Path> = saves.iter().map(|(_, to)| to.as_path()).collect();
+        assert_eq!(
+            files,
+            [
+                Path::new("/b/a-b-2-home.img"),
+                Path::new("/b/a-b-home.img"),
+                Path::new("/b/a-b-3-home.img")
+            ]
+        );
     }
 
     #[test]

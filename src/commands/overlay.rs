@@ -385,8 +385,14 @@ fn stick_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
     let show = t.show();
     let len = t.overlay_bytes;
     if t.kind == Kind::Overlayfs {
-        let sb = Superblock::read_from(&mut t.io().map_err(lift)?).ok();
-        let usage = ovlfs::usage_on_stick(sb.as_ref(), len);
+        let target = a.target.display().to_string();
+        let usage = match ovlfs::usage_when_damaged(&mut t.io().map_err(lift)?, len, &target) {
+            Some(damaged) => damaged,
+            None => {
+                let sb = Superblock::read_from(&mut t.io().map_err(lift)?).ok();
+                ovlfs::usage_on_stick(sb.as_ref(), len)
+            }
+        };
         return print_report(
             &StickStatus {
                 overlay: &t,
@@ -784,6 +790,13 @@ fn ovlfs_grow(a: &GrowArgs, mut place: Place, json: bool) -> anyhow::Result<()> 
     let show = place.show();
     let len = place.bytes();
     let sb = ovlfs::inspect(&mut place.io().map_err(lift)?, &show).map_err(lift)?;
+    if let Some(at) = sb.backup_at {
+        // e2fsck -p and resize2fs would stop on the damaged primary superblock.
+        bail!(BadInput(format!(
+            "{show}: its primary ext4 superblock is damaged (it was read from the backup at byte {at}), so nothing was changed; `livestick overlay recover {} --repair --add-mb N` repairs it (e2fsck rewrites it from the backup), then grows it",
+            a.target.display()
+        )));
+    }
     let request = GrowRequest::from_options(a.size_mb, a.add_mb).map_err(lift)?;
     let room = place.room();
     let plan = ovlfs::plan_grow(&show, len, &sb, request, room.as_ref()).map_err(lift)?;

@@ -100,12 +100,15 @@ pub fn run(a: &RestoreArgs, json: bool, quiet: bool) -> anyhow::Result<()> {
             Ok(copy) => saved.push(copy),
             Err(e) => {
                 // The copies made before stay: each is complete and checked.
+                // Said whatever the progress mode: the user needs to know what
+                // is in the save directory now.
+                progress.finish();
                 for done in &saved {
-                    progress.note(&format!(
-                        "{} was saved to {} before this failed; the stick was not touched",
+                    eprintln!(
+                        "livestick restore: {} was saved to {} (complete, checked by sha256) before this failed; the stick was not changed",
                         done.from,
                         done.to.display()
-                    ));
+                    );
                 }
                 return Err(e.into());
             }

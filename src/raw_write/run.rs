@@ -43,7 +43,7 @@ pub enum RawRunError {
     Partial(#[from] PartialBatchFailure),
     /// The image was found bad while it streamed to every target.
     #[error(
-        "{0}; no target was made bootable (each target's first MiB is zeroed, so it boots nothing until it is written again)"
+        "{0}; no target was made bootable: a target that was there before has its first MiB zeroed (it boots nothing until it is written again), a new image file was removed"
     )]
     BadImage(String),
 }
@@ -74,7 +74,7 @@ impl Classify for RawRunError {
 
     fn hint(&self) -> &'static str {
         self.wrapped().map_or(
-            "the targets were changed and boot nothing; fix or replace the image, then write them again",
+            "fix or replace the image, then write the targets again",
             |e| e.hint(),
         )
     }
@@ -497,9 +497,13 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::BadInput);
         assert_eq!(
             err.to_string(),
-            "the xz stream is corrupt; no target was made bootable (each target's first MiB is zeroed, so it boots nothing until it is written again)"
+            "the xz stream is corrupt; no target was made bootable: a target that was there before has its first MiB zeroed (it boots nothing until it is written again), a new image file was removed"
         );
-        assert!(err.hint().contains("changed"), "{}", err.hint());
+        assert!(
+            !err.hint().contains("nothing was written"),
+            "{}",
+            err.hint()
+        );
         assert!(finished(&src, vec![None, None], None).is_ok());
     }
 

@@ -758,6 +758,25 @@ fn an_overlay_with_its_superblock_gone_stays_overlayfs_and_recovers() {
 
     let status = t.status();
     assert_eq!(status["kind"], "overlayfs", "{status:#}");
+    // Not "100 % used": the figures come from the backup, with what is wrong.
+    let problems = status["problems"].to_string();
+    assert!(
+        problems.contains("primary ext4 superblock is damaged") && problems.contains("--repair"),
+        "{status:#}"
+    );
+    assert!(
+        status["percent_used"].as_f64().unwrap() < 100.0,
+        "{status:#}"
+    );
+    // A grow cannot run resize2fs on it: bad input naming the way out, unchanged.
+    let out = as_nobody(&["overlay", "grow", t.s(), "--add-mb", "16", "--yes"]);
+    let e = failed(&out);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("overlay recover") && e.contains("--repair --add-mb"),
+        "{e}"
+    );
+    assert_eq!(t.sha(), sha);
     let dry = ok(&as_nobody(&["overlay", "reset", t.s(), "--dry-run"]));
     assert!(dry.contains("ext4 with overlayfs/ and ovlwork/"), "{dry}");
     assert_eq!(t.sha(), sha);

@@ -433,7 +433,7 @@ fn a_batch_through_symlinks_reports_each_failure_under_the_name_given() {
     let text = String::from_utf8_lossy(&out.stdout);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{text}{err}");
-    assert!(err.contains("boot nothing"), "{err}");
+    assert!(err.contains("boots nothing"), "{err}");
     let report: serde_json::Value = text
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())

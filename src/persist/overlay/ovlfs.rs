@@ -26,6 +26,45 @@ pub struct Usage {
     pub used_bytes: Option<u64>,
     pub bytes_free: u64,
     pub percent_used: f64,
+    /// What is wrong with it, when its primary superblock cannot be read.
+    pub problems: Vec<String>,
+}
+
+/// The usage of an overlay whose primary superblock is unreadable, from its backup
+/// when there is one, with what is wrong and what to do; `None` when the primary
+/// is readable (the usual reading applies).
+pub fn usage_when_damaged<R: Read + Seek>(r: &mut R, len: u64, target: &str) -> Option<Usage> {
+    if Superblock::read_from(r).is_ok() {
+        return None;
+    }
+    let repair = format!(
+        "`livestick overlay recover {target}` checks it; with --repair e2fsck rewrites the primary superblock from its backup"
+    );
+    Some(match Super::read_or_backup(r) {
+        Ok(sb) => {
+            let used = sb.fs_bytes.saturating_sub(sb.free_bytes);
+            Usage {
+                size_bytes: len,
+                used_bytes: Some(used),
+                bytes_free: sb.free_bytes,
+                percent_used: if sb.fs_bytes == 0 {
+                    0.0
+                } else {
+                    (used as f64 * 10000.0 / sb.fs_bytes as f64).round() / 100.0
+                },
+                problems: vec![format!(
+                    "its primary ext4 superblock is damaged; these figures are from the backup at byte {}; {repair}",
+                    sb.backup_at.unwrap_or_default()
+                )],
+            }
+        }
+        Err(_) => Usage {
+            problems: vec![format!(
+                "its ext4 superblock and the backup of block group 1 cannot be read, so its usage is unknown; {repair}"
+            )],
+            ..usage_on_stick(None, len)
+        },
+    })
 }
 
 /// Usage of a bare overlay file from its superblock facts (unreadable: nothing used).
@@ -36,6 +75,7 @@ pub fn usage_of_bare(info: Option<&Ext4Info>, len: u64) -> Usage {
         used_bytes: info.map(|i| i.used_bytes),
         bytes_free: report.bytes_free,
         percent_used: report.percent_used,
+        problems: Vec::new(),
     }
 }
 
@@ -54,6 +94,7 @@ pub fn usage_on_stick(sb: Option<&Superblock>, len: u64) -> Usage {
         used_bytes: Some(used),
         bytes_free: free,
         percent_used,
+        problems: Vec::new(),
     }
 }
 

@@ -75,6 +75,7 @@ fn status_document(
         Usage::Ovlfs(u) => serde_json::json!({
             "size_bytes": u.size_bytes, "used_bytes": u.used_bytes,
             "free_bytes": u.bytes_free, "percent_used": u.percent_used,
+            "problems": (!u.problems.is_empty()).then_some(&u.problems),
         }),
         Usage::Dir(st) => serde_json::json!({
             "upper_entries": st.upper_entries, "used_bytes": st.used_bytes,
@@ -171,7 +172,11 @@ fn ovlfs_usage(f: &mut Formatter<'_>, usage: &ovlfs::Usage) -> fmt::Result {
         "used:           {:.2} % ({} free)",
         usage.percent_used,
         human(usage.bytes_free)
-    )
+    )?;
+    for problem in &usage.problems {
+        writeln!(f, "problem:        {problem}")?;
+    }
+    Ok(())
 }
 
 /// The status of an OverlayFS directory overlay.
@@ -772,6 +777,7 @@ mod tests {
             used_bytes: Some(25 << 20),
             bytes_free: 75 << 20,
             percent_used: 25.0,
+            problems: Vec::new(),
         };
         let status = BareOvlfsStatus {
             path: Path::new("overlay.img"),
@@ -799,6 +805,7 @@ mod tests {
             used_bytes: None,
             bytes_free: 75 << 20,
             percent_used: 25.0,
+            problems: Vec::new(),
         };
         let upper = dir::Status {
             upper_entries: 2,
