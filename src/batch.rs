@@ -679,15 +679,7 @@ impl Batch {
     ) -> Result<Batch, DeviceError> {
         emit(json, events::start(iso, "live-iso", None, Some(n)));
         if !json && !quiet {
-            match timeout {
-                Some(limit) => eprintln!(
-                    "Waiting up to {} s for {n} stick(s) to be plugged in…",
-                    limit.as_secs()
-                ),
-                None => eprintln!(
-                    "Waiting for {n} stick(s) to be plugged in (no time limit: --wait-timeout sets one)…"
-                ),
-            }
+            say_waiting(n, timeout);
         }
         let multi = indicatif::MultiProgress::new();
         let outcomes = std::sync::Mutex::new(Vec::<(PathBuf, Option<Outcome>)>::new());
@@ -766,6 +758,19 @@ impl Batch {
         });
         let details = report_ends(json, quiet, ends.collect());
         verdict_after_wait(details, total, timed_out)
+    }
+}
+
+/// What `--wait-for` says on stderr while it waits (live and raw batches alike).
+pub fn say_waiting(n: usize, timeout: Option<std::time::Duration>) {
+    match timeout {
+        Some(limit) => eprintln!(
+            "Waiting up to {} s for {n} stick(s) to be plugged in…",
+            limit.as_secs()
+        ),
+        None => eprintln!(
+            "Waiting for {n} stick(s) to be plugged in (no time limit: --wait-timeout sets one)…"
+        ),
     }
 }
 

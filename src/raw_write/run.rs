@@ -323,15 +323,7 @@ impl<'a> RawBatch<'a> {
             events::start(options.image, "raw-image", None, Some(n)),
         );
         if !json && !quiet {
-            match timeout {
-                Some(limit) => eprintln!(
-                    "Waiting up to {} s for {n} stick(s) to be plugged in…",
-                    limit.as_secs()
-                ),
-                None => eprintln!(
-                    "Waiting for {n} stick(s) to be plugged in (no time limit: --wait-timeout sets one)…"
-                ),
-            }
+            crate::batch::say_waiting(n, timeout);
         }
         let multi = indicatif::MultiProgress::new();
         let outcomes = std::sync::Mutex::new(Vec::new());
