@@ -217,6 +217,18 @@ impl T {
     fn sha(&self) -> String {
         sha256_file(&self.img)
     }
+    /// `overlay recover --repair --json` as an ordinary user, through a work copy.
+    fn recover_repair(&self) -> Value {
+        json(&as_nobody(&[
+            "overlay",
+            "recover",
+            self.s(),
+            "--repair",
+            "--workdir",
+            &self.work(),
+            "--json",
+        ]))
+    }
     fn status(&self) -> Value {
         json(&livestick(&["overlay", "status", self.s(), "--json"]))
     }
@@ -454,15 +466,7 @@ fn recover_on_a_clean_overlay_says_clean_and_changes_nothing() {
     assert!(out["check"]["problems"].as_array().unwrap().is_empty());
     assert_eq!(t.sha(), sha);
     // --repair on a clean overlay: nothing to repair, nothing written.
-    let out = json(&as_nobody(&[
-        "overlay",
-        "recover",
-        t.s(),
-        "--repair",
-        "--workdir",
-        &t.work(),
-        "--json",
-    ]));
+    let out = t.recover_repair();
     assert_eq!(out["check"]["clean"], true);
     assert!(out["repair"].is_null());
     assert_eq!(out["write_back"]["chunks_written"], 0);
@@ -622,15 +626,7 @@ fn fragmented_overlay_grows_and_recovers_through_a_work_copy() {
         "{out}"
     );
     assert_eq!(t.sha(), sha);
-    let out = json(&as_nobody(&[
-        "overlay",
-        "recover",
-        t.s(),
-        "--repair",
-        "--workdir",
-        &t.work(),
-        "--json",
-    ]));
+    let out = t.recover_repair();
     assert_eq!(out["check_after"]["clean"], true, "{out}");
     let ov = t.overlay_copy();
     assert_eq!(e2fsck_n(&ov).0, 0);
@@ -784,15 +780,7 @@ fn an_overlay_with_its_superblock_gone_stays_overlayfs_and_recovers() {
     let report = ok(&as_nobody(&["overlay", "recover", t.s()]));
     assert!(report.contains("--repair"), "{report}");
     assert_eq!(t.sha(), sha);
-    let out = json(&as_nobody(&[
-        "overlay",
-        "recover",
-        t.s(),
-        "--repair",
-        "--workdir",
-        &t.work(),
-        "--json",
-    ]));
+    let out = t.recover_repair();
     assert_eq!(out["check_after"]["clean"], true, "{out}");
     let ov = t.overlay_copy();
     let (code, text) = e2fsck_n(&ov);
