@@ -254,11 +254,18 @@ pub fn bmap_beside(path: &Path) -> Option<PathBuf> {
 }
 
 impl RawSource {
-    /// Inspects the image and its block map (`bmap`, else one beside it), and
-    /// checks that they agree as far as can be told before streaming.
-    pub fn open(path: &Path, why: String, bmap: Option<&Path>) -> Result<RawSource, RawWriteError> {
+    /// Inspects the image and its block map (`bmap`, else with `look_beside` one
+    /// beside it), and checks that they agree as far as can be told before streaming.
+    pub fn open(
+        path: &Path,
+        why: String,
+        bmap: Option<&Path>,
+        look_beside: bool,
+    ) -> Result<RawSource, RawWriteError> {
         let image = RawImage::open(path)?;
-        let bmap_path = bmap.map(Path::to_path_buf).or_else(|| bmap_beside(path));
+        let bmap_path = bmap
+            .map(Path::to_path_buf)
+            .or_else(|| look_beside.then(|| bmap_beside(path)).flatten());
         let bmap = match bmap_path {
             None => None,
             Some(p) => {

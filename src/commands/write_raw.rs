@@ -122,7 +122,10 @@ pub fn run(args: &WriteArgs, why: String, json: bool, quiet: bool) -> anyhow::Re
     if let Some(option) = live_only_options(args).first() {
         return Err(raw_write::refuse_option(option, &args.iso).into());
     }
-    let mut source = RawSource::open(&args.iso, why, args.bmap.as_deref())?;
+    // `--dd` writes every byte, as dd would: a map found beside the image would
+    // leave its unmapped ranges holding the stick's old bytes. One given with
+    // --bmap is followed.
+    let mut source = RawSource::open(&args.iso, why, args.bmap.as_deref(), !args.dd)?;
     if args.noverify {
         source.skip_range_checksums();
     }

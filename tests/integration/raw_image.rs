@@ -468,6 +468,27 @@ fn a_batch_through_symlinks_reports_each_failure_under_the_name_given() {
     }
 }
 
+/// `--dd` writes every byte of the image, as dd would: a `.bmap` beside it is not
+/// followed (its unmapped ranges would keep the stick's old bytes); one named with
+/// `--bmap` is.
+#[test]
+fn dd_writes_every_byte_even_with_a_bmap_beside_the_image() {
+    let dir = tmp();
+    let src = source(dir.path(), "disk.raw");
+    source(dir.path(), "disk.raw.bmap");
+    let want = std::fs::read(&src).unwrap();
+    let target = used_target(dir.path(), "stick.img", 100 * MIB);
+    let r = report(&write(&[s(&src), s(&target), "--dd"]));
+    assert_eq!(r["bmap"], serde_json::Value::Null, "{r}");
+    assert_eq!(read_range(&target, 0, IMAGE_SIZE), want);
+    // Named with --bmap: followed (only the mapped ranges are written).
+    let target = used_target(dir.path(), "stick2.img", 100 * MIB);
+    let map = dir.path().join("disk.raw.bmap");
+    let r = report(&write(&[s(&src), s(&target), "--dd", "--bmap", s(&map)]));
+    assert_eq!(r["bmap"], s(&map), "{r}");
+    assert!(r["written_bytes"].as_u64().unwrap() < IMAGE_SIZE, "{r}");
+}
+
 /// `--wait-for` with a raw image keeps to `--wait-timeout` (it waited forever).
 #[test]
 fn a_raw_wait_for_gives_up_after_its_timeout() {
