@@ -146,7 +146,7 @@ pub struct WriteArgs {
     #[arg(long, help_heading = SOURCE)]
     pub dd: bool,
     /// bmaptool block map of a raw image (default: IMAGE.bmap beside it, if
-    /// present): only its mapped ranges are written, each checked
+    /// present, except with --dd): only its mapped ranges are written, each checked
     #[arg(long, value_name = "FILE", help_heading = VERIFY)]
     pub bmap: Option<PathBuf>,
 
