@@ -141,13 +141,7 @@ pub fn inspect_stick(path: &Path) -> Result<LiveImage, LiveError> {
         .with_fs(|fs| {
             let mut menus = Vec::new();
             let mut menu_errors = Vec::new();
-            for (menu_path, is_grub) in [
-                ("/syslinux/syslinux.cfg", false),
-                ("/isolinux/isolinux.cfg", false),
-                ("/syslinux/extlinux.conf", false),
-                ("/EFI/BOOT/grub.cfg", true),
-                ("/boot/grub2/grub.cfg", true),
-            ] {
+            for (menu_path, is_grub) in crate::boot::menu::STICK_MENUS {
                 if !fat::exists(fs, menu_path) {
                     continue;
                 }

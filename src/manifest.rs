@@ -1511,22 +1511,9 @@ fn luks_deep_check<R: Read + Seek>(
         Ok(stage) => stage,
         Err(e) => return Ok(not_checked(e.to_string())),
     };
-    let copied = (|| -> io::Result<()> {
-        let mut buf = zeroize::Zeroizing::new(vec![0u8; 1 << 20]);
-        vol.seek(io::SeekFrom::Start(0))?;
-        let mut at = 0u64;
-        while at < plain {
-            let n = (plain - at).min(buf.len() as u64) as usize;
-            vol.read_exact(&mut buf[..n])?;
-            // Zeros stay holes: they cost no memory.
-            if buf[..n].iter().any(|&b| b != 0) {
-                staged.seek(io::SeekFrom::Start(at))?;
-                staged.write_all(&buf[..n])?;
-            }
-            at += n as u64;
-        }
-        staged.set_len(plain)
-    })();
+    // Zeros stay holes: they cost no memory.
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; 1 << 20]);
+    let copied = copy_keeping_holes(&mut vol, &mut staged, plain, &mut buf);
     if let Err(e) = copied {
         return Ok(not_checked(format!(
             "decrypting it into memory failed: {e}"
@@ -1536,6 +1523,28 @@ fn luks_deep_check<R: Read + Seek>(
     Ok(UnlockedCheck { fs, check })
 }
 
+/// Copies the first `size` bytes of `from` into `to` through `buf`, leaving each
+/// buffer of zeros a hole in `to`, which ends `size` long.
+fn copy_keeping_holes<R: Read + Seek + ?Sized>(
+    from: &mut R,
+    to: &mut File,
+    size: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    from.seek(io::SeekFrom::Start(0))?;
+    let mut at = 0u64;
+    while at < size {
+        let n = (size - at).min(buf.len() as u64) as usize;
+        from.read_exact(&mut buf[..n])?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            to.seek(io::SeekFrom::Start(at))?;
+            to.write_all(&buf[..n])?;
+        }
+        at += n as u64;
+    }
+    to.set_len(size)
+}
+
 /// `e2fsck -f -n` on a copy of `file` (`size` bytes) in a temporary file, for a
 /// file that is not one run on the stick. Zeros stay holes in the copy.
 fn e2fsck_on_copy(file: &mut dyn ReadSeek, size: u64) -> DeepCheck {
@@ -1543,20 +1552,7 @@ fn e2fsck_on_copy(file: &mut dyn ReadSeek, size: u64) -> DeepCheck {
         let mut copy = tempfile::Builder::new()
             .prefix("livestick-verify-")
             .tempfile()?;
-        let mut buf = vec![0u8; 1 << 20];
-        file.seek(io::SeekFrom::Start(0))?;
-        let mut at = 0u64;
-        while at < size {
-            let n = (size - at).min(buf.len() as u64) as usize;
-            file.read_exact(&mut buf[..n])?;
-            if buf[..n].iter().any(|&b| b != 0) {
-                let out = copy.as_file_mut();
-                out.seek(io::SeekFrom::Start(at))?;
-                out.write_all(&buf[..n])?;
-            }
-            at += n as u64;
-        }
-        copy.as_file().set_len(size)?;
+        copy_keeping_holes(file, copy.as_file_mut(), size, &mut vec![0u8; 1 << 20])?;
         Ok(copy)
     })();
     match copy {

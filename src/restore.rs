@@ -738,6 +738,7 @@ pub fn save_home(
                 let size: u64 = extents.iter().map(|e| e.1).sum();
                 let reader = ExtentFile::new(stick.file_mut(), &extents);
                 copy_hashed(reader, size, &probe.path, &mut out, to, &mut progress)
+                    .map(|sha256| (sha256, size))
             }),
         HomeFs::Ext4 => {
             let mut dev = target::open_existing(probe, false)?;
@@ -755,6 +756,7 @@ pub fn save_home(
             let reader = ext4_fs::Ext4File::new(&mut dev, p.start, p.fs.block_size, &map);
             let size = reader.len();
             copy_hashed(reader, size, &probe.path, &mut out, to, &mut progress)
+                .map(|sha256| (sha256, size))
         }
     };
     let result = copied.and_then(|(expected, size)| {
@@ -790,7 +792,7 @@ pub fn save_home(
     }
 }
 
-/// Copies `size` bytes of `reader` into `out`; their sha256 and the size.
+/// Copies `size` bytes of `reader` into `out`; their sha256.
 fn copy_hashed(
     mut reader: impl Read,
     size: u64,
@@ -798,7 +800,7 @@ fn copy_hashed(
     out: &mut File,
     to: &Path,
     progress: &mut impl FnMut(u64),
-) -> Result<([u8; 32], u64), RestoreError> {
+) -> Result<[u8; 32], RestoreError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 4 << 20];
     let mut left = size;
@@ -814,7 +816,7 @@ fn copy_hashed(
         progress(want as u64);
         left -= want as u64;
     }
-    Ok((hasher.finalize().into(), size))
+    Ok(hasher.finalize().into())
 }
 
 fn drop_cache(file: &File) {

@@ -10,6 +10,16 @@ use thiserror::Error;
 
 use super::cmdline::KernelArgs;
 
+/// The menu files a live stick's FAT may hold, each with whether GRUB reads it
+/// (else SYSLINUX): where a stick's entries, and their kernel arguments, are.
+pub const STICK_MENUS: [(&str, bool); 5] = [
+    ("/syslinux/syslinux.cfg", false),
+    ("/isolinux/isolinux.cfg", false),
+    ("/syslinux/extlinux.conf", false),
+    ("/EFI/BOOT/grub.cfg", true),
+    ("/boot/grub2/grub.cfg", true),
+];
+
 /// Which syntax a menu was read from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -13,7 +13,6 @@ use anyhow::{Context, bail};
 use crate::cli::overlay::{
     GrowArgs, MergeArgs, OriginArgs, OverlayCommand, RecoverArgs, ResetArgs, StatusArgs, StickSel,
 };
-use crate::disk::ext4::Superblock;
 use crate::disk::target;
 use crate::error::{BadInput, BadInputBecause};
 use crate::persist::merge::{self, MergeRequest, StickMergeRequest};
@@ -386,13 +385,7 @@ fn stick_status(a: &StatusArgs, json: bool) -> anyhow::Result<()> {
     let len = t.overlay_bytes;
     if t.kind == Kind::Overlayfs {
         let target = a.target.display().to_string();
-        let usage = match ovlfs::usage_when_damaged(&mut t.io().map_err(lift)?, len, &target) {
-            Some(damaged) => damaged,
-            None => {
-                let sb = Superblock::read_from(&mut t.io().map_err(lift)?).ok();
-                ovlfs::usage_on_stick(sb.as_ref(), len)
-            }
-        };
+        let usage = ovlfs::usage_on_stick_of(&mut t.io().map_err(lift)?, len, &target);
         return print_report(
             &StickStatus {
                 overlay: &t,

@@ -30,41 +30,31 @@ pub struct Usage {
     pub problems: Vec<String>,
 }
 
-/// The usage of an overlay whose primary superblock is unreadable, from its backup
-/// when there is one, with what is wrong and what to do; `None` when the primary
-/// is readable (the usual reading applies).
-pub fn usage_when_damaged<R: Read + Seek>(r: &mut R, len: u64, target: &str) -> Option<Usage> {
-    if Superblock::read_from(r).is_ok() {
-        return None;
+/// The usage of an overlay on a stick from its superblock; when the primary is
+/// unreadable, from the backup of block group 1 if there is one, with what is
+/// wrong and what to do (`target` is the stick as the user named it).
+pub fn usage_on_stick_of<R: Read + Seek>(r: &mut R, len: u64, target: &str) -> Usage {
+    if let Ok(sb) = Superblock::read_from(r) {
+        return usage_on_stick(Some(&sb), len);
     }
     let repair = format!(
         "`livestick overlay recover {target}` checks it; with --repair e2fsck rewrites the primary superblock from its backup"
     );
-    Some(match Super::read_or_backup(r) {
-        Ok(sb) => {
-            let used = sb.fs_bytes.saturating_sub(sb.free_bytes);
-            Usage {
-                size_bytes: len,
-                used_bytes: Some(used),
-                bytes_free: sb.free_bytes,
-                percent_used: if sb.fs_bytes == 0 {
-                    0.0
-                } else {
-                    (used as f64 * 10000.0 / sb.fs_bytes as f64).round() / 100.0
-                },
-                problems: vec![format!(
-                    "its primary ext4 superblock is damaged; these figures are from the backup at byte {}; {repair}",
-                    sb.backup_at.unwrap_or_default()
-                )],
-            }
-        }
+    match Super::read_or_backup(r) {
+        Ok(sb) => Usage {
+            problems: vec![format!(
+                "its primary ext4 superblock is damaged; these figures are from the backup at byte {}; {repair}",
+                sb.backup_at.unwrap_or_default()
+            )],
+            ..usage_of(sb.free_bytes, sb.fs_bytes, len)
+        },
         Err(_) => Usage {
             problems: vec![format!(
                 "its ext4 superblock and the backup of block group 1 cannot be read, so its usage is unknown; {repair}"
             )],
             ..usage_on_stick(None, len)
         },
-    })
+    }
 }
 
 /// Usage of a bare overlay file from its superblock facts (unreadable: nothing used).
@@ -83,6 +73,11 @@ pub fn usage_of_bare(info: Option<&Ext4Info>, len: u64) -> Usage {
 /// none free, so nobody is told there is room that may not be there).
 pub fn usage_on_stick(sb: Option<&Superblock>, len: u64) -> Usage {
     let (free, total) = sb.map_or((0, len), |s| (s.free_bytes(), s.size_bytes()));
+    usage_of(free, total, len)
+}
+
+/// Usage of a `len`-byte overlay whose ext4 of `total` bytes has `free` free.
+fn usage_of(free: u64, total: u64, len: u64) -> Usage {
     let used = total.saturating_sub(free);
     let percent_used = if total == 0 {
         0.0

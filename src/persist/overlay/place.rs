@@ -228,15 +228,6 @@ pub struct Selection {
     pub overlay_file: Option<String>,
 }
 
-/// The stick's boot menus, where each live entry says how its overlay is mounted.
-const MENUS: [&str; 5] = [
-    "/syslinux/syslinux.cfg",
-    "/isolinux/isolinux.cfg",
-    "/syslinux/extlinux.conf",
-    "/EFI/BOOT/grub.cfg",
-    "/boot/grub2/grub.cfg",
-];
-
 /// Whether the stick's menus boot `live_dir` with an OverlayFS overlay. That is the
 /// overlay's kind even when its own ext4 superblock is too damaged to say so: read
 /// as a new dm-snapshot store instead, a reset would make it one and the stick
@@ -245,10 +236,10 @@ fn menus_boot_overlayfs(stick: &mut Stick, live_dir: &str) -> bool {
     use crate::boot::cmdline::{KernelArgs, boots_overlayfs, live_dir_booted};
     let menus = stick
         .with_fs(|fs| {
-            Ok(MENUS
+            Ok(crate::boot::menu::STICK_MENUS
                 .iter()
-                .filter(|path| crate::disk::fat::exists(fs, path))
-                .filter_map(|path| crate::disk::fat::read_file(fs, path).ok())
+                .filter(|(path, _)| crate::disk::fat::exists(fs, path))
+                .filter_map(|(path, _)| crate::disk::fat::read_file(fs, path).ok())
                 .collect::<Vec<_>>())
         })
         .unwrap_or_default();
@@ -325,12 +316,16 @@ impl StickOverlay {
             kind: Kind::DmSnapshot,
             info,
         };
-        let dm_header = is_dm_store(&mut t.io()?);
-        if store::is_ext4(&mut t.io()?)
-            || (!dm_header && menus_boot_overlayfs(&mut t.stick, &sel.live_dir))
-        {
-            t.kind = Kind::Overlayfs;
-        }
+        // Its own content first; the menus only for one that says neither.
+        t.kind = if store::is_ext4(&mut t.io()?) {
+            Kind::Overlayfs
+        } else if is_dm_store(&mut t.io()?) {
+            Kind::DmSnapshot
+        } else if menus_boot_overlayfs(&mut t.stick, &sel.live_dir) {
+            Kind::Overlayfs
+        } else {
+            Kind::DmSnapshot
+        };
         Ok(t)
     }
 
@@ -704,8 +699,9 @@ impl Ext4LiveOverlay {
     }
 
     pub fn kind(&mut self) -> Kind {
-        let by_menus = self.menus_boot_overlayfs && !is_dm_store(&mut self.io());
-        if by_menus || store::is_ext4(&mut self.io()) {
+        if store::is_ext4(&mut self.io())
+            || (self.menus_boot_overlayfs && !is_dm_store(&mut self.io()))
+        {
             Kind::Overlayfs
         } else {
             Kind::DmSnapshot
